@@ -1,0 +1,18 @@
+"""The `firmware` console script."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from cidboot.cli import run_main
+
+DESCRIPTION = "The L0 network-boot stage: DHCP, TFTP, measure, derive DICE CDI_1, hand over."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main("firmware", DESCRIPTION, "firmware.commands", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""imagebuilder: turns flow.yaml into content-addressed image layers and a signed manifest."""
