@@ -6,7 +6,6 @@ cd "$(dirname "$0")/.."
 
 TOOLS_DIR="${CIDBOOT_TOOLS:-$HOME/.cache/cidboot/bin}"
 KUBO_VERSION="v0.41.0"
-CONFORMANCE_VERSION="v0.10.0"
 
 pkgs=$(grep -v '^#' .ci/apt-packages.txt | xargs)
 missing=""
@@ -21,6 +20,8 @@ for svc in tftpd-hpa dnsmasq; do (systemctl stop "$svc" || service "$svc" stop) 
 
 python3 -m pip install -q --disable-pip-version-check -e '.[dev]'
 
+# Go tools (Kubo, the real IPFS node the interop tests and benches run against).
+# (ipfs/gateway-conformance is not served by the Go module proxy reachable here: see docs/gateway.md.)
 # Go tools: `go install mod@version` asks the proxy for the version list (deprecation check),
 # which this proxy refuses; building from the downloaded module gives the same pinned binary.
 build_go_tool() { # module version package-subdir binary
@@ -29,9 +30,11 @@ build_go_tool() { # module version package-subdir binary
   mkdir -p "$TOOLS_DIR"
   echo "building $mod@$ver (once; cached in $TOOLS_DIR)" >&2
   local dir
-  dir=$(go mod download -json "$mod@$ver" | python3 -c 'import json,sys;print(json.load(sys.stdin)["Dir"])')
+  dir=$(go mod download -json "$mod@$ver" | python3 -c 'import json,sys
+m = json.load(sys.stdin)
+if "Dir" not in m: sys.exit("cannot download " + m["Path"] + "@" + m["Version"] + ": " + m.get("Error", "?"))
+print(m["Dir"])')
   (cd "$dir" && go build -buildvcs=false -trimpath -o "$TOOLS_DIR/$bin" "./$sub")
   echo "$mod@$ver" > "$TOOLS_DIR/$bin.version"
 }
 build_go_tool github.com/ipfs/kubo "$KUBO_VERSION" cmd/ipfs ipfs
-build_go_tool github.com/ipfs/gateway-conformance "$CONFORMANCE_VERSION" cmd/gateway-conformance gateway-conformance
