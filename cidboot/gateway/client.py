@@ -1,0 +1,210 @@
+"""Verifying fetch client: get a whole DAG by CID from untrusted trustless gateways.
+
+Trust comes only from the CID: every block is hashed and checked before it is stored, and
+only blocks reachable from the root being fetched are accepted. Gateways are tried in order;
+one that sends a wrong or unrequested block is dropped for the rest of the fetch, one that
+stalls (no bytes for `timeout` seconds) or fails is skipped until the next round. Blocks land
+in a local `Blockstore`, so an interrupted fetch resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from cidboot import dag
+from cidboot.blockstore import Blockstore
+from cidboot.car import CarReader
+from cidboot.cid import CID
+from cidboot.errors import CidbootError, FormatError, VerificationError
+from cidboot.unixfs.exporter import export_file
+
+log = logging.getLogger("cidboot.gateway.client")
+
+
+class GatewayError(CidbootError):
+    """One gateway failed one request (HTTP error, timeout, cut stream)."""
+
+
+class BadGateway(VerificationError):
+    """A gateway sent bytes that do not verify or that were not asked for."""
+
+
+class AllGatewaysFailed(CidbootError):
+    """No gateway could deliver the DAG; the message lists each gateway and why."""
+
+
+@dataclass
+class FetchResult:
+    root: CID
+    blocks_fetched: int = 0
+    bytes_fetched: int = 0
+    blocks_present: int = 0  # already in the local store (resumed)
+    dropped: dict[str, str] = field(default_factory=dict)  # gateway -> why it was dropped
+    errors: list[str] = field(default_factory=list)
+
+
+def _connect(base: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    u = urlsplit(base)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise GatewayError(f"gateway URL must be http(s)://host[:port][/prefix], got {base!r}")
+    cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+    return cls(u.hostname, u.port, timeout=timeout), u.path.rstrip("/")
+
+
+class _Session:
+    """One fetch of one root: the wanted set, the dropped gateways, the counters."""
+
+    def __init__(self, root: CID, gateways: list[str], store: Blockstore, timeout: float) -> None:
+        self.root, self.gateways, self.store, self.timeout = root, gateways, store, timeout
+        self.result = FetchResult(root)
+
+    def missing(self) -> list[CID]:
+        """Walk what is local; return the frontier of CIDs not yet present (in DAG order)."""
+        out: list[CID] = []
+        seen: set[bytes] = set()
+        stack = [self.root]
+        present = 0
+        while stack:
+            cid = stack.pop()
+            key = cid.multihash.encode()
+            if key in seen:
+                continue
+            seen.add(key)
+            if not self.store.has(cid):
+                out.append(cid)
+                continue
+            present += 1
+            stack.extend(reversed(dag.links(cid, self.store.get(cid))))
+        self.result.blocks_present = present
+        return out
+
+    def _request(self, gw: str, target: str, accept: str) -> http.client.HTTPResponse:
+        conn, prefix = _connect(gw, self.timeout)
+        try:
+            conn.request("GET", prefix + target, headers={"Accept": accept, "User-Agent": "cidboot"})
+            resp = conn.getresponse()
+        except OSError as e:
+            conn.close()
+            raise GatewayError(f"{gw}: {type(e).__name__}: {e}") from None
+        if resp.status != 200:
+            body = resp.read(200).decode(errors="replace").strip()
+            conn.close()
+            raise GatewayError(f"{gw}{target}: HTTP {resp.status} {body}")
+        return resp
+
+    def fetch_car(self, gw: str, sub_root: CID) -> None:
+        """Fetch the subtree under `sub_root` as one CAR, accepting only blocks it links to."""
+        resp = self._request(gw, f"/ipfs/{sub_root}?format=car&dag-scope=all", "application/vnd.ipld.car")
+        wanted: set[bytes] = {sub_root.multihash.encode()}
+        try:
+            reader = CarReader(resp, verify=False)
+            for cid, data in reader:
+                key = cid.multihash.encode()
+                if key not in wanted:
+                    raise BadGateway(f"{gw} sent block {cid}, which is not linked from what was fetched")
+                try:
+                    cid.verify(data)
+                except VerificationError as e:
+                    raise BadGateway(f"{gw} sent a block that does not match its CID: {e}") from None
+                self.store.put(cid, data)
+                self.result.blocks_fetched += 1
+                self.result.bytes_fetched += len(data)
+                for link in dag.links(cid, data):
+                    wanted.add(link.multihash.encode())
+        except (OSError, http.client.HTTPException) as e:
+            raise GatewayError(f"{gw}: stream broke or stalled: {type(e).__name__}: {e}") from None
+        except FormatError as e:
+            if isinstance(e, VerificationError):
+                raise
+            raise GatewayError(f"{gw}: bad CAR stream: {e}") from None
+        finally:
+            resp.close()
+
+    def fetch_raw(self, gw: str, cid: CID) -> bytes:
+        resp = self._request(gw, f"/ipfs/{cid}?format=raw", "application/vnd.ipld.raw")
+        try:
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise GatewayError(f"{gw}: read of {cid} broke or stalled: {e}") from None
+        finally:
+            resp.close()
+        try:
+            cid.verify(data)
+        except VerificationError as e:
+            raise BadGateway(f"{gw} sent a block that does not match its CID: {e}") from None
+        self.store.put(cid, data)
+        self.result.blocks_fetched += 1
+        self.result.bytes_fetched += len(data)
+        return data
+
+
+def fetch(
+    root: CID | str,
+    gateways: list[str],
+    store: Blockstore,
+    *,
+    timeout: float = 10.0,
+    rounds: int = 3,
+    backoff: float = 0.5,
+) -> FetchResult:
+    """Fetch the whole DAG under `root` into `store`, verifying every block.
+
+    Each round walks what is already local and asks the gateways (in order) for each missing
+    subtree as a CAR, falling back to single raw blocks when a gateway cannot do CARs.
+    """
+    root = CID.parse(root)
+    if not gateways:
+        raise AllGatewaysFailed(f"no gateways given to fetch {root}")
+    s = _Session(root, list(gateways), store, timeout)
+    last: dict[str, str] = {}
+    for rnd in range(rounds):
+        frontier = s.missing()
+        if not frontier:
+            return s.result
+        progressed = False
+        for sub in frontier:
+            if store.has(sub):
+                continue
+            for gw in s.gateways:
+                if gw in s.result.dropped:
+                    continue
+                try:
+                    try:
+                        s.fetch_car(gw, sub)
+                    except GatewayError as e:
+                        if not store.has(sub) and " 406 " not in str(e) and " 400 " not in str(e):
+                            raise
+                        if not store.has(sub):
+                            s.fetch_raw(gw, sub)
+                    progressed = True
+                    break
+                except BadGateway as e:
+                    s.result.dropped[gw] = str(e)
+                    log.warning("dropping gateway %s for this fetch: %s", gw, e)
+                except GatewayError as e:
+                    last[gw] = str(e)
+                    s.result.errors.append(str(e))
+                    log.info("gateway %s failed, trying the next: %s", gw, e)
+                    if store.has(sub):
+                        progressed = True  # partial CAR: the next round resumes below it
+                        break
+        if not s.missing():
+            return s.result
+        if not progressed and all(g in s.result.dropped for g in s.gateways):
+            break
+        time.sleep(backoff * (2**rnd))
+    reasons = {**last, **s.result.dropped}
+    detail = "; ".join(f"{g}: {reasons.get(g, 'no answer')}" for g in s.gateways)
+    raise AllGatewaysFailed(f"could not fetch {root} ({len(s.missing())} subtrees missing): {detail}")
+
+
+def fetch_bytes(root: CID | str, gateways: list[str], store: Blockstore, **kw: float) -> Iterator[bytes]:
+    """Fetch a UnixFS file (verified, into `store`) and yield its bytes."""
+    root = CID.parse(root)
+    fetch(root, gateways, store, **kw)
+    return export_file(root, store.get)

@@ -1,0 +1,301 @@
+"""Trustless gateway server (IPFS Trustless Gateway spec) over a `Blockstore`.
+
+Serves `GET`/`HEAD /ipfs/{cid}[/path]` as raw blocks or CARv1 streams; never deserialised
+content. CAR responses are streamed block by block with chunked transfer encoding, so memory
+stays bounded whatever the DAG size; each request runs on its own thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from cidboot import dag, dagpb
+from cidboot.blockstore import BlockNotFound, Blockstore
+from cidboot.car import encode_header, encode_section
+from cidboot.cid import CID, DAG_PB, RAW
+from cidboot.errors import CidbootError, NotFoundError, VerificationError
+from cidboot.gateway.request import CAR_TYPE, RAW_TYPE, BadRequest, GatewayRequest, NotAcceptable, parse
+from cidboot.unixfs import data as ufsdata
+from cidboot.unixfs.exporter import iter_file_blocks, list_dir
+
+log = logging.getLogger("cidboot.gateway")
+
+IMMUTABLE = "public, max-age=29030400, immutable"
+Route = Callable[[], tuple[int, str, bytes]]
+
+
+@dataclass
+class GatewayMetrics:
+    """Counters the boot server exports on /metrics."""
+
+    requests: int = 0
+    bytes_sent: int = 0
+    errors: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, status: int, nbytes: int) -> None:
+        with self.lock:
+            self.requests += 1
+            self.bytes_sent += nbytes
+            self.by_status[status] = self.by_status.get(status, 0) + 1
+            if status >= 400:
+                self.errors += 1
+
+
+class _AbortStream(Exception):
+    """A block went missing after the 200 was sent: the stream must be cut, not completed."""
+
+
+class GatewayServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, store: Blockstore, address: tuple[str, int], extra_routes: Mapping[str, Route] | None = None):
+        self.store = store
+        self.metrics = GatewayMetrics()
+        self.extra_routes = dict(extra_routes or {})
+        super().__init__(address, _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}" if isinstance(host, str) else f"http://{host.decode()}:{port}"
+
+
+def serve_gateway(
+    store: Blockstore, host: str, port: int, *, extra_routes: Mapping[str, Route] | None = None
+) -> GatewayServer:
+    """Bind a gateway (port 0 picks a free one); call `.serve_forever()` to run it."""
+    return GatewayServer(store, (host, port), extra_routes)
+
+
+def _is_unixfs_file(cid: CID, block: bytes) -> bool:
+    if cid.codec == RAW:
+        return True
+    if cid.codec != DAG_PB:
+        return False
+    try:
+        t = ufsdata.UnixFSData.decode(dagpb.decode(block).data).type
+    except CidbootError:
+        return False
+    return t in (ufsdata.FILE, ufsdata.RAW)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: GatewayServer
+    protocol_version = "HTTP/1.1"
+    server_version = "cidboot-gateway"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _send_error(self, status: int, message: str) -> None:
+        body = (message + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self.server.metrics.record(status, len(body))
+        log.info("gateway %s %s -> %d: %s", self.command, self.path, status, message,
+                 extra={"status": status, "path": self.path})
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_HEAD(self) -> None:
+        self._handle()
+
+    def _handle(self) -> None:
+        route = self.server.extra_routes.get(self.path.split("?")[0])
+        if route is not None:
+            status, ctype, body = route()
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            self.server.metrics.record(status, len(body))
+            return
+        if not self.path.startswith("/ipfs/"):
+            self._send_error(404, "not found: this gateway serves /ipfs/{cid} only")
+            return
+        try:
+            req = parse(self.path, self.headers.get("Accept", ""))
+        except BadRequest as e:
+            self._send_error(400, str(e))
+            return
+        except NotAcceptable as e:
+            self._send_error(406, str(e))
+            return
+        try:
+            terminal, path_blocks = self._resolve(req)
+        except (BlockNotFound, NotFoundError) as e:
+            self._send_error(404, str(e))
+            return
+        except VerificationError as e:
+            log.error("store corruption: %s", e)
+            self._send_error(500, f"block failed verification in the store: {e}")
+            return
+        except CidbootError as e:
+            self._send_error(400, f"cannot resolve path: {e}")
+            return
+        if req.format == "raw":
+            self._send_raw(req, terminal)
+        else:
+            self._send_car(req, terminal, path_blocks)
+
+    def _resolve(self, req: GatewayRequest) -> tuple[CID, list[tuple[CID, bytes]]]:
+        store = self.server.store
+        cid = req.cid
+        blocks: list[tuple[CID, bytes]] = []
+        for name in req.path:
+            block = store.get(cid)
+            blocks.append((cid, block))
+            for entry in list_dir(cid, store.get):
+                if entry.name == name:
+                    cid = entry.cid
+                    break
+            else:
+                raise NotFoundError(f"no link named {name!r} under {cid}")
+        return cid, blocks
+
+    def _common_headers(self, req: GatewayRequest, terminal: CID) -> None:
+        path = "/ipfs/" + str(req.cid) + "".join("/" + p for p in req.path)
+        self.send_header("X-Ipfs-Path", path)
+        self.send_header("X-Ipfs-Roots", str(terminal) if not req.path else f"{req.cid},{terminal}")
+        self.send_header("Cache-Control", IMMUTABLE)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Vary", "Accept")
+
+    def _send_raw(self, req: GatewayRequest, cid: CID) -> None:
+        try:
+            block = self.server.store.get(cid)
+        except BlockNotFound as e:
+            self._send_error(404, str(e))
+            return
+        etag = f'"{cid}.raw"'
+        if self.headers.get("If-None-Match") in (etag, "*"):
+            self.send_response(304)
+            self.send_header("ETag", etag)
+            self.end_headers()
+            self.server.metrics.record(304, 0)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", RAW_TYPE)
+        self.send_header("Content-Length", str(len(block)))
+        self.send_header("ETag", etag)
+        self.send_header("Content-Disposition", f'attachment; filename="{cid}.bin"')
+        self._common_headers(req, cid)
+        self.end_headers()
+        sent = 0
+        if self.command != "HEAD":
+            self.wfile.write(block)
+            sent = len(block)
+        self.server.metrics.record(200, sent)
+
+    def _car_blocks(self, req: GatewayRequest, terminal: CID, path_blocks: list[tuple[CID, bytes]]) -> Iterator[tuple[CID, bytes]]:
+        get = self.server.store.get
+        yield from path_blocks
+        if req.dag_scope == "all":
+            yield from dag.walk(terminal, get, skip_dups=False)
+            return
+        block = get(terminal)
+        if req.dag_scope == "block":
+            yield terminal, block
+            return
+        # entity
+        if _is_unixfs_file(terminal, block):
+            start, end = 0, None
+            if req.entity_bytes is not None:
+                from cidboot.unixfs.exporter import file_size
+
+                size = file_size(terminal, get)
+                lo, hi = req.entity_bytes
+                start = max(size + lo, 0) if lo < 0 else lo
+                end = size if hi is None else (max(size + hi, 0) + 1 if hi < 0 else min(hi, size - 1) + 1)
+                if start >= size:
+                    yield terminal, block
+                    return
+            for cid, blk, _ in iter_file_blocks(terminal, get, start, end):
+                yield cid, blk
+            return
+        yield terminal, block
+        if terminal.codec == DAG_PB:
+            try:
+                node = dagpb.decode(block)
+                ufs = ufsdata.UnixFSData.decode(node.data)
+            except CidbootError:
+                return
+            if ufs.type == ufsdata.HAMT_SHARD:
+                # the shard's internal nodes belong to the directory entity; entries do not
+                width = len(f"{(ufs.fanout or 256) - 1:X}")
+                stack = [lk.cid for lk in node.links if len(lk.name or "") == width]
+                while stack:
+                    c = stack.pop(0)
+                    b = get(c)
+                    yield c, b
+                    stack.extend(lk.cid for lk in dagpb.decode(b).links if len(lk.name or "") == width)
+
+    def _send_car(self, req: GatewayRequest, terminal: CID, path_blocks: list[tuple[CID, bytes]]) -> None:
+        params = f"{req.dag_scope}.{req.entity_bytes}.{req.car_dups}"
+        etag = f'W/"{req.cid}.car.{hashlib.sha256((self.path.split("?")[0] + params).encode()).hexdigest()[:16]}"'
+        if self.headers.get("If-None-Match") in (etag, "*"):
+            self.send_response(304)
+            self.send_header("ETag", etag)
+            self.end_headers()
+            self.server.metrics.record(304, 0)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", f"{CAR_TYPE}; version=1; order=dfs; dups={'y' if req.car_dups else 'n'}")
+        self.send_header("ETag", etag)
+        self.send_header("Content-Disposition", f'attachment; filename="{req.cid}.car"')
+        self.send_header("Accept-Ranges", "none")
+        self._common_headers(req, terminal)
+        if self.command == "HEAD":
+            self.end_headers()
+            self.server.metrics.record(200, 0)
+            return
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        sent = 0
+        seen: set[bytes] = set()
+        try:
+            sent += self._chunk(encode_header([req.cid]))
+            for cid, block in self._car_blocks(req, terminal, path_blocks):
+                key = cid.multihash.encode()
+                if not req.car_dups:
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                if cid.is_identity:
+                    continue
+                sent += self._chunk(encode_section(cid, block))
+            self.wfile.write(b"0\r\n\r\n")
+        except (BlockNotFound, VerificationError, _AbortStream) as e:
+            # Headers are gone: the only honest signal left is a cut stream (no final chunk).
+            log.warning("CAR stream for %s cut: %s", req.cid, e)
+            self.server.metrics.record(200, sent)
+            with self.server.metrics.lock:
+                self.server.metrics.errors += 1
+            self.close_connection = True
+            return
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        self.server.metrics.record(200, sent)
+
+    def _chunk(self, data: bytes) -> int:
+        self.wfile.write(b"%x\r\n" % len(data) + data + b"\r\n")
+        return len(data)
+
