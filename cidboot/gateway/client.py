@@ -203,8 +203,8 @@ def fetch(
     raise AllGatewaysFailed(f"could not fetch {root} ({len(s.missing())} subtrees missing): {detail}")
 
 
-def fetch_bytes(root: CID | str, gateways: list[str], store: Blockstore, **kw: float) -> Iterator[bytes]:
+def fetch_bytes(root: CID | str, gateways: list[str], store: Blockstore, *, timeout: float = 10.0) -> Iterator[bytes]:
     """Fetch a UnixFS file (verified, into `store`) and yield its bytes."""
     root = CID.parse(root)
-    fetch(root, gateways, store, **kw)
+    fetch(root, gateways, store, timeout=timeout)
     return export_file(root, store.get)

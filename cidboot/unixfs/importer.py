@@ -35,7 +35,8 @@ class BlockSink(Protocol):
 class ImportOptions:
     cid_version: int = 0
     chunk_size: int = DEFAULT_CHUNK
-    raw_leaves: bool | None = None  # None: Kubo's default (on for CIDv1, off for CIDv0)
+    raw_leaves: bool | None = None  # None: Kubo's default (on for CIDv1, off for CIDv0); with
+    # CIDv0 and raw leaves, the leaves are CIDv1 raw blocks under CIDv0 dag-pb parents, as in Kubo
     hidden: bool = False  # include dotfiles when importing a directory (Kubo: --hidden)
 
     def __post_init__(self) -> None:
@@ -43,9 +44,6 @@ class ImportOptions:
             raise UnixFSError(f"cid version must be 0 or 1, got {self.cid_version}")
         if not 1 <= self.chunk_size <= MAX_CHUNK:
             raise UnixFSError(f"chunk size must be 1..{MAX_CHUNK} bytes, got {self.chunk_size}")
-        if self.cid_version == 0 and self.raw_leaves:
-            # Kubo upgrades to CIDv1 when raw leaves are asked for with CIDv0.
-            object.__setattr__(self, "cid_version", 1)
 
     @property
     def use_raw_leaves(self) -> bool:
