@@ -69,10 +69,25 @@ def setup_logging(verbose: int = 0, quiet: bool = False, log_json: bool = False)
     root.setLevel(level)
 
 
-def add_common_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
-    p.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress output")
-    p.add_argument("--log-json", action="store_true", help="log one JSON object per line on stderr")
+def add_common_flags(p: argparse.ArgumentParser, *, sub: bool = False) -> None:
+    """-v/-q/--log-json, accepted before or after the subcommand (a subcommand's copy has no
+    default, so it only overrides what the top level parsed when given)."""
+    d = argparse.SUPPRESS if sub else None
+    p.add_argument("-v", "--verbose", action="count", default=d if sub else 0, help="more log output (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", default=d if sub else False,
+                   help="only errors; no progress output")
+    p.add_argument("--log-json", action="store_true", default=d if sub else False,
+                   help="log one JSON object per line on stderr")
+
+
+def _subparsers(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    out = []
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                out.append(child)
+                out.extend(_subparsers(child))
+    return out
 
 
 def build_parser(prog: str, description: str, commands_package: str) -> argparse.ArgumentParser:
@@ -85,6 +100,8 @@ def build_parser(prog: str, description: str, commands_package: str) -> argparse
             continue
         mod = importlib.import_module(f"{commands_package}.{info.name}")
         mod.register(sub)
+    for child in _subparsers(parser):
+        add_common_flags(child, sub=True)
     return parser
 
 
@@ -97,14 +114,18 @@ def run_main(prog: str, description: str, commands_package: str, argv: Sequence[
     setup_logging(args.verbose, args.quiet, args.log_json)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        return EXIT_OK
     except CidbootError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return EXIT_OK
 
 
 def print_json(obj: Any) -> None:

@@ -43,7 +43,7 @@ class FetchResult:
     root: CID
     blocks_fetched: int = 0
     bytes_fetched: int = 0
-    blocks_present: int = 0  # already in the local store (resumed)
+    blocks_present: int = 0  # already in the local store when the fetch started (resumed)
     dropped: dict[str, str] = field(default_factory=dict)  # gateway -> why it was dropped
     errors: list[str] = field(default_factory=list)
 
@@ -62,6 +62,7 @@ class _Session:
     def __init__(self, root: CID, gateways: list[str], store: Blockstore, timeout: float) -> None:
         self.root, self.gateways, self.store, self.timeout = root, gateways, store, timeout
         self.result = FetchResult(root)
+        self.last_present = 0
 
     def missing(self) -> list[CID]:
         """Walk what is local; return the frontier of CIDs not yet present (in DAG order)."""
@@ -80,7 +81,7 @@ class _Session:
                 continue
             present += 1
             stack.extend(reversed(dag.links(cid, self.store.get(cid))))
-        self.result.blocks_present = present
+        self.last_present = present
         return out
 
     def _request(self, gw: str, target: str, accept: str) -> http.client.HTTPResponse:
@@ -164,6 +165,8 @@ def fetch(
     last: dict[str, str] = {}
     for rnd in range(rounds):
         frontier = s.missing()
+        if rnd == 0:
+            s.result.blocks_present = s.last_present
         if not frontier:
             return s.result
         progressed = False

@@ -169,6 +169,8 @@ class _Handler(BaseHTTPRequestHandler):
                     break
             else:
                 raise NotFoundError(f"no link named {name!r} under {cid}")
+        if not store.has(cid):
+            raise BlockNotFound(f"block {cid} is not in this gateway's store")
         return cid, blocks
 
     def _common_headers(self, req: GatewayRequest, terminal: CID) -> None:

@@ -1,0 +1,65 @@
+"""Gateways on loopback for the tests: ours over a store, and misbehaving ones."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from cidboot.blockstore import Blockstore
+from cidboot.gateway.server import GatewayServer, serve_gateway
+
+
+@contextmanager
+def running_gateway(store: Blockstore) -> Iterator[GatewayServer]:
+    gw = serve_gateway(store, "127.0.0.1", 0)
+    t = threading.Thread(target=gw.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield gw
+    finally:
+        gw.shutdown()
+        gw.server_close()
+
+
+@contextmanager
+def proxy_gateway(upstream: str, mangle: Callable[[str, bytes], bytes | None]) -> Iterator[str]:
+    """A gateway that forwards to `upstream` and lets `mangle(path, body)` change the body;
+    returning None means stall (send headers, then nothing) until the client gives up."""
+    import urllib.request
+
+    stop = threading.Event()
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            req = urllib.request.Request(upstream + self.path, headers={"Accept": self.headers.get("Accept", "")})
+            with urllib.request.urlopen(req) as r:
+                body, ctype = r.read(), r.headers["Content-Type"]
+            out = mangle(self.path, body)
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.end_headers()
+            if out is None:
+                self.wfile.write(body[:50])
+                self.wfile.flush()
+                stop.wait(30)
+                return
+            self.wfile.write(out)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        stop.set()
+        srv.shutdown()
+        srv.server_close()
+        time.sleep(0.05)
