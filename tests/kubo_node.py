@@ -72,7 +72,7 @@ def start_kubo(workdir: Path) -> tuple[KuboNode, subprocess.Popen[bytes]]:
     }
     for key, value in settings.items():
         subprocess.run([binary, "config", "--json", key, value], env=env, check=True, capture_output=True)
-    log = open(workdir / "kubo.log", "wb")  # noqa: SIM115 - lives as long as the daemon
+    log = open(workdir / "kubo.log", "wb")
     proc = subprocess.Popen([binary, "daemon"], env=env, stdout=log, stderr=subprocess.STDOUT)
     node = KuboNode(binary, repo, f"http://127.0.0.1:{api}", f"http://127.0.0.1:{gw}")
     deadline = time.monotonic() + 60

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cidboot.blockstore import SHARDING, Blockstore, BlockNotFound, BlockstoreError, default_store_path
+from cidboot.blockstore import SHARDING, BlockNotFound, Blockstore, BlockstoreError, default_store_path
 from cidboot.cid import CID, DAG_CBOR, RAW, CIDMismatch
 from cidboot.dagcbor import encode
 from cidboot.unixfs import import_bytes

@@ -20,7 +20,7 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("gateway", help="serve the block store as an IPFS trustless gateway",
                        description="Serve GET/HEAD /ipfs/{cid} (raw blocks and CARs) from the block store.")
     p.add_argument("--store", type=Path, help="block store directory (default: $CIDBOOT_STORE)")

@@ -12,7 +12,7 @@ from cidboot.unixfs import ImportOptions, import_path
 from cidboot.unixfs.importer import BlockSink
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("add", help="import a file or directory tree (Kubo-identical CIDs)",
                        description="Import PATH as UnixFS, exactly as `ipfs add` would; print the root CID last.")
     p.add_argument("path", type=Path)

@@ -13,7 +13,7 @@ from cidboot.cid import CID
 from cidboot.cli import print_json
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("car", help="export or import CARv1 files", description="Export or import CARv1 archives.")
     csub = p.add_subparsers(dest="car_command", metavar="SUBCOMMAND", required=True)
     e = csub.add_parser("export", help="write the DAG under CID to a CAR file")
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run_export(args: argparse.Namespace) -> int:
     root = CID.parse(args.cid)
     store = Blockstore(args.store)
-    out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")  # noqa: SIM115
+    out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")
     try:
         w = CarWriter(out, [root])
         for cid, block in dag.walk(root, store.get):
@@ -47,7 +47,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     store = Blockstore(args.store)
-    src = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+    src = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
     try:
         reader = CarReader(src)
         n = 0

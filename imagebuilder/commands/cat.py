@@ -11,7 +11,7 @@ from cidboot.cid import CID
 from cidboot.unixfs import export_file, resolve_path
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("cat", help="print a file's bytes, verified against its CID",
                        description="Write the file CID[/path] to stdout. With --gateway, missing blocks are "
                        "fetched from the given trustless gateways (in order, with fallback), each verified.")
