@@ -135,10 +135,9 @@ class _Session:
         finally:
             resp.close()
         try:
-            cid.verify(data)
+            self.store.put(cid, data)  # hashes the block; nothing unverified is stored
         except VerificationError as e:
             raise BadGateway(f"{gw} sent a block that does not match its CID: {e}") from None
-        self.store.put(cid, data)
         self.result.blocks_fetched += 1
         self.result.bytes_fetched += len(data)
         return data
@@ -161,6 +160,11 @@ def fetch(
     root = CID.parse(root)
     if not gateways:
         raise AllGatewaysFailed(f"no gateways given to fetch {root}")
+    with store.deferred_sync():
+        return _fetch(root, gateways, store, timeout, rounds, backoff)
+
+
+def _fetch(root: CID, gateways: list[str], store: Blockstore, timeout: float, rounds: int, backoff: float) -> FetchResult:
     s = _Session(root, list(gateways), store, timeout)
     last: dict[str, str] = {}
     for rnd in range(rounds):

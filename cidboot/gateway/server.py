@@ -211,7 +211,7 @@ class _Handler(BaseHTTPRequestHandler):
         get = self.server.store.get
         yield from path_blocks
         if req.dag_scope == "all":
-            yield from dag.walk(terminal, get, skip_dups=False)
+            yield from dag.walk(terminal, get, skip_dups=not req.car_dups)
             return
         block = get(terminal)
         if req.dag_scope == "block":
