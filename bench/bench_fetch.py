@@ -4,6 +4,7 @@ fetching from Kubo's gateway; plus the client's peak RSS for 16 MiB and 256 MiB.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,8 +85,8 @@ def main() -> int:
                     "our_gw/kubo_gw": round(kubo_s / ours_s, 3),
                     "client_peak_rss_MiB": round(max(ours_rss, kubo_rss) / 1024, 1),
                 })
-                for p in (work / f"c1-{mib}", work / f"c2-{mib}"):
-                    subprocess.run(["rm", "-rf", str(p)], check=True)
+                for tmp in (work / f"c1-{mib}", work / f"c2-{mib}"):
+                    shutil.rmtree(tmp)
         finally:
             for p in procs:
                 p.terminate()
