@@ -1,0 +1,276 @@
+"""COSE_Sign1 and COSE_Sign (RFC 9052) with EdDSA (Ed25519), ES256 and ES384.
+
+Everything signed in cidboot (DICE certificates, manifests, EAT evidence, provenance nodes)
+goes through here. Parsing is strict: a message must be exactly the COSE structure, with a
+protected header that is a byte string holding a map, no label in both header buckets, no
+unknown critical headers and no trailing bytes; anything else is a `CoseFormatError`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
+from cidboot.errors import FormatError, VerificationError
+
+ALG_EDDSA = -8
+ALG_ES256 = -7
+ALG_ES384 = -35
+HDR_ALG = 1
+HDR_CRIT = 2
+HDR_CONTENT_TYPE = 3
+HDR_KID = 4
+TAG_SIGN1 = 18
+TAG_SIGN = 98
+MAX_MESSAGE = 1 << 20
+
+PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
+
+_EC = {ALG_ES256: (ec.SECP256R1, hashes.SHA256, 32), ALG_ES384: (ec.SECP384R1, hashes.SHA384, 48)}
+_KNOWN_HEADERS = {HDR_ALG, HDR_CRIT, HDR_CONTENT_TYPE, HDR_KID}
+
+
+class CoseFormatError(FormatError):
+    """Bytes are not a well-formed COSE message of the expected kind."""
+
+
+class CoseSignatureError(VerificationError):
+    """A COSE signature does not verify (or its algorithm does not match the key)."""
+
+
+def alg_for_key(key: PrivateKey | PublicKey) -> int:
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
+        return ALG_EDDSA
+    if isinstance(key.curve, ec.SECP256R1):
+        return ALG_ES256
+    if isinstance(key.curve, ec.SECP384R1):
+        return ALG_ES384
+    raise CoseFormatError(f"unsupported key curve {key.curve.name}")
+
+
+def cbor_loads_exact(data: bytes, what: str) -> Any:
+    """Decode one CBOR item that must fill `data` exactly; any decoder failure is a CoseFormatError."""
+    if not isinstance(data, bytes | bytearray):
+        raise CoseFormatError(f"{what}: expected bytes, got {type(data).__name__}")
+    if len(data) > MAX_MESSAGE:
+        raise CoseFormatError(f"{what}: {len(data)} bytes exceeds {MAX_MESSAGE}")
+    fp = io.BytesIO(bytes(data))
+    try:
+        obj = cbor2.CBORDecoder(fp).decode()
+    except Exception as e:
+        raise CoseFormatError(f"{what}: not valid CBOR: {type(e).__name__}: {e}") from None
+    if fp.tell() != len(data):
+        raise CoseFormatError(f"{what}: {len(data) - fp.tell()} trailing bytes")
+    return obj
+
+
+def raw_signature(key: PrivateKey, data: bytes) -> bytes:
+    """Sign `data`; ECDSA signatures are returned as fixed-size r||s, as COSE wants."""
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(data)
+    _, h, size = _EC[alg_for_key(key)]
+    r, s = decode_dss_signature(key.sign(data, ec.ECDSA(h())))
+    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+
+def verify_raw_signature(key: PublicKey, alg: int, signature: bytes, data: bytes) -> None:
+    if alg != alg_for_key(key):
+        raise CoseSignatureError(f"algorithm {alg} does not match the key ({alg_for_key(key)})")
+    try:
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, data)
+            return
+        _, h, size = _EC[alg]
+        if len(signature) != 2 * size:
+            raise CoseSignatureError(f"ECDSA signature must be {2 * size} bytes, got {len(signature)}")
+        r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+        key.verify(encode_dss_signature(r, s), data, ec.ECDSA(h()))
+    except InvalidSignature:
+        raise CoseSignatureError("signature does not verify") from None
+
+
+def _sig_structure(context: str, body_protected: bytes, sign_protected: bytes | None, aad: bytes, payload: bytes) -> bytes:
+    items: list[Any] = [context, body_protected]
+    if sign_protected is not None:
+        items.append(sign_protected)
+    items += [aad, payload]
+    return cbor2.dumps(items)
+
+
+def _encode_protected(h: dict[int, Any]) -> bytes:
+    return cbor2.dumps(h) if h else b""
+
+
+def _check_headers(protected: Any, unprotected: Any, where: str) -> None:
+    if not isinstance(protected, Mapping) or not isinstance(unprotected, Mapping):
+        raise CoseFormatError(f"{where}: headers must be maps")
+    both = set(protected) & set(unprotected)
+    if both:
+        raise CoseFormatError(f"{where}: header labels {sorted(both)} in both protected and unprotected")
+    crit = protected.get(HDR_CRIT)
+    if crit is not None:
+        if not isinstance(crit, list) or not crit:
+            raise CoseFormatError(f"{where}: crit must be a non-empty array")
+        unknown = [c for c in crit if c not in _KNOWN_HEADERS]
+        if unknown:
+            raise CoseFormatError(f"{where}: unknown critical headers {unknown}")
+    if HDR_CRIT in unprotected:
+        raise CoseFormatError(f"{where}: crit must be protected")
+
+
+def _decode_protected(raw: Any, where: str) -> dict[int, Any]:
+    if not isinstance(raw, bytes):
+        raise CoseFormatError(f"{where}: protected header must be a byte string")
+    if raw == b"":
+        return {}
+    h = cbor_loads_exact(raw, f"{where} protected header")
+    if not isinstance(h, dict):
+        raise CoseFormatError(f"{where}: protected header must encode a map")
+    return h
+
+
+# -- COSE_Sign1 -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sign1:
+    protected: dict[int, Any]
+    protected_raw: bytes
+    unprotected: dict[int, Any]
+    payload: bytes | None
+    signature: bytes
+
+    @property
+    def alg(self) -> int | None:
+        return self.protected.get(HDR_ALG)
+
+    @property
+    def kid(self) -> bytes | None:
+        kid = self.protected.get(HDR_KID, self.unprotected.get(HDR_KID))
+        return kid if isinstance(kid, bytes) else None
+
+
+def sign1(
+    payload: bytes, key: PrivateKey, *, kid: bytes | None = None, protected: dict[int, Any] | None = None,
+    unprotected: dict[int, Any] | None = None, external_aad: bytes = b"", tagged: bool = True,
+) -> bytes:
+    prot: dict[int, Any] = {HDR_ALG: alg_for_key(key), **(protected or {})}
+    if kid is not None:
+        prot[HDR_KID] = kid
+    prot_raw = _encode_protected(prot)
+    sig = raw_signature(key, _sig_structure("Signature1", prot_raw, None, external_aad, payload))
+    msg = [prot_raw, dict(unprotected or {}), payload, sig]
+    return cbor2.dumps(cbor2.CBORTag(TAG_SIGN1, msg) if tagged else msg)
+
+
+def decode_sign1(data: bytes) -> Sign1:
+    obj = cbor_loads_exact(data, "COSE_Sign1")
+    if isinstance(obj, cbor2.CBORTag):
+        if obj.tag != TAG_SIGN1:
+            raise CoseFormatError(f"COSE_Sign1: wrong tag {obj.tag} (expected 18)")
+        obj = obj.value
+    if not isinstance(obj, list | tuple) or len(obj) != 4:  # cbor2 gives tuples inside tags
+        raise CoseFormatError("COSE_Sign1: must be an array of 4 items")
+    prot_raw, unprot, payload, sig = obj
+    prot = _decode_protected(prot_raw, "COSE_Sign1")
+    _check_headers(prot, unprot, "COSE_Sign1")
+    if payload is not None and not isinstance(payload, bytes):
+        raise CoseFormatError("COSE_Sign1: payload must be a byte string or nil")
+    if not isinstance(sig, bytes):
+        raise CoseFormatError("COSE_Sign1: signature must be a byte string")
+    if not isinstance(prot.get(HDR_ALG), int):
+        raise CoseFormatError("COSE_Sign1: protected header has no integer alg")
+    return Sign1(prot, prot_raw, dict(unprot), payload, sig)
+
+
+def verify1(msg: bytes | Sign1, public_key: PublicKey, *, external_aad: bytes = b"",
+            detached_payload: bytes | None = None) -> Sign1:
+    s = msg if isinstance(msg, Sign1) else decode_sign1(msg)
+    payload = s.payload if s.payload is not None else detached_payload
+    if payload is None:
+        raise CoseFormatError("COSE_Sign1: detached payload not supplied")
+    verify_raw_signature(public_key, s.alg or 0, s.signature,
+                         _sig_structure("Signature1", s.protected_raw, None, external_aad, payload))
+    return s
+
+
+# -- COSE_Sign (several signers over one payload) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Signature:
+    protected: dict[int, Any]
+    protected_raw: bytes
+    unprotected: dict[int, Any]
+    signature: bytes
+
+    @property
+    def alg(self) -> int | None:
+        return self.protected.get(HDR_ALG)
+
+    @property
+    def kid(self) -> bytes | None:
+        kid = self.protected.get(HDR_KID, self.unprotected.get(HDR_KID))
+        return kid if isinstance(kid, bytes) else None
+
+
+@dataclass(frozen=True)
+class SignMulti:
+    protected: dict[int, Any]
+    protected_raw: bytes
+    unprotected: dict[int, Any]
+    payload: bytes
+    signatures: list[Signature]
+
+
+def sign_multi(payload: bytes, signers: list[tuple[PrivateKey, bytes]], *, protected: dict[int, Any] | None = None) -> bytes:
+    body_raw = _encode_protected(dict(protected or {}))
+    sigs = []
+    for key, kid in signers:
+        sp = _encode_protected({HDR_ALG: alg_for_key(key), HDR_KID: kid})
+        sig = raw_signature(key, _sig_structure("Signature", body_raw, sp, b"", payload))
+        sigs.append([sp, {}, sig])
+    return cbor2.dumps(cbor2.CBORTag(TAG_SIGN, [body_raw, {}, payload, sigs]))
+
+
+def decode_sign(data: bytes) -> SignMulti:
+    obj = cbor_loads_exact(data, "COSE_Sign")
+    if isinstance(obj, cbor2.CBORTag):
+        if obj.tag != TAG_SIGN:
+            raise CoseFormatError(f"COSE_Sign: wrong tag {obj.tag} (expected 98)")
+        obj = obj.value
+    if not isinstance(obj, list | tuple) or len(obj) != 4:  # cbor2 gives tuples inside tags
+        raise CoseFormatError("COSE_Sign: must be an array of 4 items")
+    prot_raw, unprot, payload, sigs = obj
+    prot = _decode_protected(prot_raw, "COSE_Sign")
+    _check_headers(prot, unprot, "COSE_Sign")
+    if not isinstance(payload, bytes):
+        raise CoseFormatError("COSE_Sign: payload must be a byte string")
+    if not isinstance(sigs, list | tuple) or not sigs:
+        raise CoseFormatError("COSE_Sign: signatures must be a non-empty array")
+    out = []
+    for i, s in enumerate(sigs):
+        where = f"COSE_Sign signature {i}"
+        if not isinstance(s, list | tuple) or len(s) != 3:
+            raise CoseFormatError(f"{where}: must be an array of 3 items")
+        sp_raw, sunprot, sig = s
+        sp = _decode_protected(sp_raw, where)
+        _check_headers(sp, sunprot, where)
+        if not isinstance(sig, bytes) or not isinstance(sp.get(HDR_ALG), int):
+            raise CoseFormatError(f"{where}: needs a byte-string signature and an integer alg")
+        out.append(Signature(sp, sp_raw, dict(sunprot), sig))
+    return SignMulti(prot, prot_raw, dict(unprot), payload, out)
+
+
+def verify_signature(msg: SignMulti, sig: Signature, public_key: PublicKey) -> None:
+    verify_raw_signature(public_key, sig.alg or 0, sig.signature,
+                         _sig_structure("Signature", msg.protected_raw, sig.protected_raw, b"", msg.payload))
