@@ -228,18 +228,19 @@ class SignMulti:
     protected: dict[int, Any]
     protected_raw: bytes
     unprotected: dict[int, Any]
-    payload: bytes
+    payload: bytes | None  # None when detached (the manifest keeps its payload beside it)
     signatures: list[Signature]
 
 
-def sign_multi(payload: bytes, signers: list[tuple[PrivateKey, bytes]], *, protected: dict[int, Any] | None = None) -> bytes:
+def sign_multi(payload: bytes, signers: list[tuple[PrivateKey, bytes]], *, protected: dict[int, Any] | None = None,
+               detached: bool = False) -> bytes:
     body_raw = _encode_protected(dict(protected or {}))
     sigs = []
     for key, kid in signers:
         sp = _encode_protected({HDR_ALG: alg_for_key(key), HDR_KID: kid})
         sig = raw_signature(key, _sig_structure("Signature", body_raw, sp, b"", payload))
         sigs.append([sp, {}, sig])
-    return cbor2.dumps(cbor2.CBORTag(TAG_SIGN, [body_raw, {}, payload, sigs]))
+    return cbor2.dumps(cbor2.CBORTag(TAG_SIGN, [body_raw, {}, None if detached else payload, sigs]))
 
 
 def decode_sign(data: bytes) -> SignMulti:
@@ -253,8 +254,8 @@ def decode_sign(data: bytes) -> SignMulti:
     prot_raw, unprot, payload, sigs = obj
     prot = _decode_protected(prot_raw, "COSE_Sign")
     _check_headers(prot, unprot, "COSE_Sign")
-    if not isinstance(payload, bytes):
-        raise CoseFormatError("COSE_Sign: payload must be a byte string")
+    if payload is not None and not isinstance(payload, bytes):
+        raise CoseFormatError("COSE_Sign: payload must be a byte string or nil")
     if not isinstance(sigs, list | tuple) or not sigs:
         raise CoseFormatError("COSE_Sign: signatures must be a non-empty array")
     out = []
@@ -271,6 +272,9 @@ def decode_sign(data: bytes) -> SignMulti:
     return SignMulti(prot, prot_raw, dict(unprot), payload, out)
 
 
-def verify_signature(msg: SignMulti, sig: Signature, public_key: PublicKey) -> None:
+def verify_signature(msg: SignMulti, sig: Signature, public_key: PublicKey, *, detached_payload: bytes | None = None) -> None:
+    payload = msg.payload if msg.payload is not None else detached_payload
+    if payload is None:
+        raise CoseFormatError("COSE_Sign: detached payload not supplied")
     verify_raw_signature(public_key, sig.alg or 0, sig.signature,
-                         _sig_structure("Signature", msg.protected_raw, sig.protected_raw, b"", msg.payload))
+                         _sig_structure("Signature", msg.protected_raw, sig.protected_raw, b"", payload))
