@@ -8,9 +8,12 @@ from pathlib import Path
 import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cidboot import dagcbor
 from cidboot.cid import CID, RAW
+from cidboot.errors import FormatError
 from cidboot.manifest import (
     ExpiredError,
     Layer,
@@ -170,3 +173,18 @@ def test_tampered_envelope_block(tmp_path: Path) -> None:
 def test_malformed_envelopes(block: bytes, why: str) -> None:
     with pytest.raises(ManifestFormatError, match=why):
         SignedManifest.decode(block)
+
+
+GOOD_ENVELOPE = sign_manifest(manifest(), KEYS[:2]).encode()
+
+
+@given(st.data())
+@settings(max_examples=400, deadline=None)
+def test_decoder_fuzz_only_documented_errors(data: st.DataObject) -> None:
+    buf = bytearray(GOOD_ENVELOPE)
+    for _ in range(data.draw(st.integers(1, 3))):
+        buf[data.draw(st.integers(0, len(buf) - 1))] = data.draw(st.integers(0, 255))
+    try:
+        SignedManifest.decode(bytes(buf[: data.draw(st.integers(1, len(buf)))]))
+    except FormatError:
+        pass

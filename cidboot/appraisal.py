@@ -1,0 +1,181 @@
+"""Appraisal of EAT evidence into an EAR-like result (affirming / warning / contraindicated / none).
+
+Every check is recorded with its own status and reason, and the overall status is the worst
+of them, so a verifier's answer always says *why*. Checks: evidence format, nonce (replay),
+DICE chain, registered device root, evidence signature by the chain's leaf key, debug mode,
+measured boot, measurements against the signed manifest's reference values, manifest CID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cidboot import cose
+from cidboot.cid import CID
+from cidboot.cose import PublicKey
+from cidboot.cose_key import decode_public_key, encode_public_key_bytes, raw_public_bytes
+from cidboot.dice.chain import VerifiedChain, verify_chain
+from cidboot.dice.derive import DiceMode, derive_id
+from cidboot.eat import Evidence, parse_evidence
+from cidboot.errors import FormatError, VerificationError
+from cidboot.manifest.model import Manifest
+from cidboot.measure import image_code_hash
+
+AFFIRMING, WARNING, CONTRAINDICATED, NONE = "affirming", "warning", "contraindicated", "none"
+_RANK = {AFFIRMING: 0, NONE: 1, WARNING: 2, CONTRAINDICATED: 3}
+LAYER_ORDER = ("firmware", "bootstrap", "image")
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str
+    reason: str
+
+    def to_obj(self) -> dict[str, str]:
+        return {"check": self.name, "status": self.status, "reason": self.reason}
+
+
+@dataclass
+class AppraisalResult:
+    checks: list[CheckResult] = field(default_factory=list)
+    device_id: str | None = None
+    measurements: dict[str, str] = field(default_factory=dict)
+    manifest_cid: str | None = None
+    role: str | None = None
+    leaf_public_key: PublicKey | None = None
+
+    @property
+    def status(self) -> str:
+        if not self.checks:
+            return NONE
+        return max((c.status for c in self.checks), key=lambda s: _RANK[s])
+
+    @property
+    def affirming(self) -> bool:
+        return self.status == AFFIRMING
+
+    def add(self, name: str, status: str, reason: str) -> None:
+        self.checks.append(CheckResult(name, status, reason))
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"status": self.status, "device_id": self.device_id, "manifest_cid": self.manifest_cid,
+                "role": self.role, "measurements": self.measurements, "checks": [c.to_obj() for c in self.checks]}
+
+
+@dataclass
+class DeviceRoots:
+    """Registered device root public keys (the "factory" list), by DICE ID of the root key."""
+
+    keys: dict[str, PublicKey] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)
+
+    def add(self, key: PublicKey, name: str = "") -> str:
+        did = derive_id(raw_public_bytes(key)).hex()
+        self.keys[did] = key
+        self.names[did] = name
+        return did
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> DeviceRoots:
+        try:
+            doc = json.loads(Path(path).read_text())
+            out = cls()
+            for d in doc["devices"]:
+                out.add(decode_public_key(bytes.fromhex(d["key"])), d.get("name", ""))
+            return out
+        except (OSError, ValueError, KeyError, TypeError, FormatError) as e:
+            raise FormatError(f"{path}: not a device roots file: {e}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        devices = [{"id": did, "name": self.names.get(did, ""), "key": encode_public_key_bytes(k).hex()}
+                   for did, k in sorted(self.keys.items())]
+        Path(path).write_text(json.dumps({"devices": devices}, indent=1) + "\n")
+
+
+def _check_measurements(res: AppraisalResult, ev: Evidence, chain: VerifiedChain, manifest: Manifest | None,
+                        manifest_cid: CID | None) -> None:
+    entries = chain.entries
+    by_layer = {name: entries[i] for i, name in enumerate(LAYER_ORDER) if i < len(entries)}
+    res.measurements = {k: v.code_hash.hex() for k, v in by_layer.items()}
+    for name, cert in by_layer.items():
+        claimed = ev.measurements.get(name)
+        if claimed is not None and claimed != cert.code_hash:
+            res.add("measurements", CONTRAINDICATED, f"{name}: evidence claims a measurement its DICE chain does not carry")
+            return
+    if manifest is None:
+        res.add("measurements", WARNING, "no manifest given: measurements not compared with reference values")
+        return
+    expected = dict(manifest.measurements)
+    expected.setdefault("image", image_code_hash(manifest))
+    for name, cert in by_layer.items():
+        ref = expected.get(name)
+        if ref is None:
+            continue
+        if cert.code_hash != ref:
+            res.add("measurements", CONTRAINDICATED,
+                    f"{name} measurement {cert.code_hash.hex()[:16]}... differs from the manifest's {ref.hex()[:16]}...")
+            return
+    if "image" in by_layer and manifest_cid is not None:
+        if by_layer["image"].config != hashlib.sha512(bytes(manifest_cid)).digest():
+            res.add("measurements", CONTRAINDICATED, "image layer was configured with a different manifest")
+            return
+    res.add("measurements", AFFIRMING, f"{', '.join(by_layer) or 'no layers'} match the signed manifest")
+
+
+def appraise(evidence: bytes, *, expected_nonce: bytes, roots: DeviceRoots, manifest: Manifest | None = None,
+             manifest_cid: CID | None = None, allow_unmeasured: bool = False) -> AppraisalResult:
+    res = AppraisalResult()
+    try:
+        ev = parse_evidence(evidence)
+    except FormatError as e:
+        res.add("format", CONTRAINDICATED, str(e))
+        return res
+    res.add("format", AFFIRMING, "well-formed EAT")
+    res.role = ev.role
+    res.manifest_cid = str(ev.manifest_cid) if ev.manifest_cid else None
+    if hmac.compare_digest(ev.nonce, expected_nonce):
+        res.add("nonce", AFFIRMING, "matches this challenge")
+    else:
+        res.add("nonce", CONTRAINDICATED, "nonce does not match the challenge: replayed or stale evidence")
+    try:
+        chain = verify_chain(ev.chain, allow_debug=True)
+    except VerificationError as e:
+        res.add("dice-chain", CONTRAINDICATED, f"broken DICE chain: {e}")
+        return res
+    res.add("dice-chain", AFFIRMING, f"{len(chain.entries)} certificate(s) verify to the root key")
+    res.device_id = chain.root_id
+    if chain.root_id in roots.keys and raw_public_bytes(roots.keys[chain.root_id]) == raw_public_bytes(chain.root_public_key):
+        res.add("device", AFFIRMING, f"registered device {roots.names.get(chain.root_id) or chain.root_id}")
+    else:
+        res.add("device", CONTRAINDICATED, f"unknown device: root {chain.root_id} is not registered")
+    try:
+        cose.verify1(ev.sign1, chain.leaf_public_key)
+        res.add("signature", AFFIRMING, "signed by the DICE leaf key")
+        res.leaf_public_key = chain.leaf_public_key
+    except VerificationError as e:
+        res.add("signature", CONTRAINDICATED, f"evidence not signed by the chain's leaf key: {e}")
+    debug = [i + 1 for i, e in enumerate(chain.entries) if e.mode == DiceMode.DEBUG]
+    if debug:
+        res.add("debug-mode", CONTRAINDICATED, f"layer(s) {debug} booted in debug mode")
+    else:
+        res.add("debug-mode", AFFIRMING, "no layer in debug mode")
+    measured = ev.boot_mode == "measured" and len(chain.entries) >= len(LAYER_ORDER)
+    if measured:
+        res.add("measured-boot", AFFIRMING, "firmware, bootstrap and image were each measured")
+    else:
+        why = f"boot mode {ev.boot_mode}, {len(chain.entries)} measured layer(s)"
+        res.add("measured-boot", WARNING if allow_unmeasured else CONTRAINDICATED, f"unmeasured boot: {why}")
+    _check_measurements(res, ev, chain, manifest, manifest_cid)
+    if manifest_cid is not None:
+        if ev.manifest_cid is not None and ev.manifest_cid.multihash == manifest_cid.multihash:
+            res.add("manifest", AFFIRMING, f"booted manifest {manifest_cid}")
+        else:
+            res.add("manifest", CONTRAINDICATED, f"booted manifest {ev.manifest_cid}, expected {manifest_cid}")
+    return res

@@ -1,0 +1,62 @@
+"""`imagebuilder verify MANIFEST_CID|FILE`: check a signed manifest offline, printing every check."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from cidboot.blockstore import Blockstore
+from cidboot.cid import CID
+from cidboot.cli import print_json
+from cidboot.errors import CidbootError, FormatError
+from cidboot.keys import load_root
+from cidboot.manifest import Check, SignedManifest, TrustState, check_layer, verify_manifest
+from cidboot.unixfs import export_file
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("verify", help="verify a signed manifest (signatures, expiry, rollback, layers)",
+                       description=__doc__)
+    p.add_argument("manifest", help="manifest CID (read from the store) or a file holding the signed block")
+    p.add_argument("--root", required=True, type=Path, help="root-of-trust file (the trust anchor)")
+    p.add_argument("--state", type=Path, help="trust state file: remembers versions and rotations (rollback protection)")
+    p.add_argument("--store", type=Path, help="block store (default: $CIDBOOT_STORE)")
+    p.add_argument("--no-layers", action="store_true", help="do not check that layers are present with listed sizes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    store = Blockstore(args.store)
+    if Path(args.manifest).exists():
+        block = Path(args.manifest).read_bytes()
+    else:
+        try:
+            cid = CID.parse(args.manifest)
+        except FormatError:
+            raise CidbootError(f"{args.manifest}: neither a file nor a CID") from None
+        block = store.get(cid)
+    checks: list[Check] = []
+    ok = True
+    try:
+        signed = SignedManifest.decode(block)
+        checks.append(Check("format", True, f"signed manifest {signed.manifest.name} v{signed.manifest.version}"))
+        anchor = load_root(args.root)
+        state = TrustState.load(args.state, anchor) if args.state else TrustState(anchor)
+        checks += verify_manifest(signed, state, now=int(time.time()), persist=bool(args.state))
+        if not args.no_layers:
+            for layer in signed.manifest.layers:
+                size = sum(len(b) for b in export_file(layer.cid, store.get))
+                check_layer(signed.manifest, layer.cid, size)
+                checks.append(Check(f"layer {layer.role}", True, f"{layer.cid} present, {size} <= {layer.size} bytes"))
+    except CidbootError as e:
+        ok = False
+        checks.append(Check(type(e).__name__, False, str(e)))
+    if args.json:
+        print_json({"ok": ok, "checks": [c.to_obj() for c in checks]})
+    else:
+        for c in checks:
+            print(f"{'✓' if c.ok else '✗'} {c.name}: {c.detail}")
+    return 0 if ok else 1
+
