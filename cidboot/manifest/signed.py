@@ -9,6 +9,7 @@ The block's CID is the manifest CID the bootstrap is told to boot.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,15 +73,15 @@ class SignedManifest:
         return cls(Manifest.from_obj(obj["manifest"]), obj["signatures"], tuple(rots))
 
 
-def _sign(payload: bytes, keys: list[PrivateKey]) -> bytes:
+def _sign(payload: bytes, keys: Sequence[PrivateKey]) -> bytes:
     return cose.sign_multi(payload, [(k, key_id(k.public_key())) for k in keys], detached=True)
 
 
-def sign_manifest(manifest: Manifest, keys: list[PrivateKey], rotations: tuple[SignedRoot, ...] = ()) -> SignedManifest:
+def sign_manifest(manifest: Manifest, keys: Sequence[PrivateKey], rotations: tuple[SignedRoot, ...] = ()) -> SignedManifest:
     return SignedManifest(manifest, _sign(manifest.encode(), keys), rotations)
 
 
-def sign_root(new_root: RootOfTrust, old_root_keys: list[PrivateKey], new_root_keys: list[PrivateKey] | None = None) -> SignedRoot:
+def sign_root(new_root: RootOfTrust, old_root_keys: Sequence[PrivateKey], new_root_keys: Sequence[PrivateKey] | None = None) -> SignedRoot:
     """Rotate: the new root is signed by the old root's keys (and, as TUF asks, its own)."""
     payload = dagcbor.encode(new_root.to_obj())
     return SignedRoot(new_root, _sign(payload, [*old_root_keys, *(new_root_keys or [])]))
