@@ -9,7 +9,7 @@ setup: ## install Debian packages, Python deps and the pinned Go tools (Kubo, ga
 	bash .ci/setup.sh
 
 demo: setup ## run the hello flow end to end on the embedded defaults
-	$(PYTHON) -m qemu.harness demo --out out/demo
+	$(PYTHON) -m examples.demo --out out/demo
 
 test: setup lint ## the whole test suite, as CI runs it
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
@@ -19,7 +19,7 @@ bench: setup ## benchmarks; figures land in out/bench/*.json
 
 lint:
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m mypy cidboot imagebuilder bootstrap agent firmware bench
+	$(PYTHON) -m mypy cidboot imagebuilder bootstrap agent firmware bench examples
 
 clean:
 	rm -rf out build *.egg-info
