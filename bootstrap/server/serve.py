@@ -1,0 +1,106 @@
+"""`bootstrap serve`: DHCP (or ProxyDHCP), TFTP and the HTTP gateway in one process.
+
+The TFTP root holds the static boot files (iPXE binaries, the bootstrap kernel and initrd);
+two things are generated per request: `boot.ipxe` (the iPXE script that boots the bootstrap
+with this device's config) and `bootconfig/<mac>.json` (the device's boot config from
+devices.yaml). The gateway serves the block store and adds `/metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bootstrap.server.devices import Devices
+from bootstrap.server.dhcp_server import DhcpConfig, DhcpServer
+from bootstrap.server.leases import LeaseDB
+from bootstrap.server.metrics import Metrics
+from bootstrap.server.tftp_server import TftpServer
+from cidboot.blockstore import Blockstore
+from cidboot.bootconfig import BootConfig
+from cidboot.cid import CID
+from cidboot.gateway.server import GatewayServer, serve_gateway
+
+log = logging.getLogger("bootstrap.serve")
+
+IPXE_SCRIPT = """#!ipxe
+echo cidboot: booting the bootstrap for ${{mac}}
+kernel tftp://{ip}/bootstrap/vmlinuz cidboot.config=tftp://{ip}/bootconfig/${{mac:hexhyp}}.json console=ttyS0
+initrd tftp://{ip}/bootstrap/initrd.img
+boot
+"""
+
+
+@dataclass
+class ServeConfig:
+    interface: str
+    server_ip: str
+    store: Path
+    manifest: CID
+    tftp_root: Path
+    dhcp_range: tuple[str, str] | None = None  # None: ProxyDHCP
+    http_port: int = 8080
+    tftp_port: int = 69
+    devices: Devices | None = None
+    trust_anchor: dict[str, Any] | None = None
+    state_dir: Path | None = None
+
+
+class BootServer:
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.devices = cfg.devices or Devices.empty()
+        leases = None
+        if cfg.dhcp_range:
+            lease_file = (cfg.state_dir / "leases.json") if cfg.state_dir else None
+            leases = LeaseDB(*cfg.dhcp_range, path=lease_file)
+        self.leases = leases
+        self.dhcp = DhcpServer(DhcpConfig(cfg.interface, cfg.server_ip, leases=leases, devices=self.devices), self.metrics)
+        self.tftp = TftpServer(cfg.tftp_root, "0.0.0.0", cfg.tftp_port, metrics=self.metrics, generator=self.generate)
+        self.gateway: GatewayServer = serve_gateway(Blockstore(cfg.store), "0.0.0.0", cfg.http_port,
+                                                    extra_routes={"/metrics": self.render_metrics})
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.cfg.server_ip}:{self.gateway.server_address[1]}"
+
+    def render_metrics(self) -> tuple[int, str, bytes]:
+        g = self.gateway.metrics
+        self.metrics.gauge("http_requests_total", g.requests)
+        self.metrics.gauge("http_bytes_total", g.bytes_sent)
+        self.metrics.gauge("http_errors_total", g.errors)
+        if self.leases is not None:
+            self.metrics.gauge("dhcp_leases_active", self.leases.active())
+        return 200, "text/plain; version=0.0.4", self.metrics.render().encode()
+
+    def generate(self, name: str, peer: tuple[str, int]) -> bytes | None:
+        if name == "boot.ipxe":
+            return IPXE_SCRIPT.format(ip=self.cfg.server_ip).encode()
+        if name.startswith("bootconfig/") and name.endswith(".json"):
+            mac = name[len("bootconfig/") : -len(".json")].replace("-", ":").lower()
+            pol = self.devices.lookup(mac, None)
+            if not pol.allow:
+                return None
+            manifest = CID.parse(pol.manifest) if pol.manifest else self.cfg.manifest
+            return BootConfig(manifest, (self.gateway_url,), self.cfg.trust_anchor or {}, pol.role).encode()
+        return None
+
+    def start(self) -> None:
+        for target in (self.dhcp.serve_forever, self.tftp.serve_forever, self.gateway.serve_forever):
+            t = threading.Thread(target=target, daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("boot server up", extra={"interface": self.cfg.interface, "ip": self.cfg.server_ip,
+                                          "mode": "dhcp" if self.cfg.dhcp_range else "proxydhcp",
+                                          "tftp_port": self.tftp.port, "http": self.gateway_url})
+
+    def stop(self) -> None:
+        self.dhcp.shutdown()
+        self.tftp.shutdown()
+        self.gateway.shutdown()
+        self.gateway.server_close()

@@ -1,0 +1,59 @@
+"""The per-device boot config the boot server generates and the firmware/bootstrap read.
+
+Canonical JSON (sorted keys, no spaces) so it can be measured: which manifest to boot, which
+gateways to fetch it from (in order), the trust anchor, the device's role and what to do when
+verification fails.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from cidboot.cid import CID
+from cidboot.errors import FormatError
+
+ON_FAILURE = ("poweroff", "retry")
+
+
+class BootConfigError(FormatError):
+    """A boot config is malformed (the message names the field)."""
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    manifest: CID
+    gateways: tuple[str, ...]
+    trust_anchor: dict[str, Any] = field(default_factory=dict)  # root-of-trust file content
+    role: str = "default"
+    on_failure: str = "poweroff"
+    version: int = 1
+
+    def encode(self) -> bytes:
+        doc = {"version": self.version, "manifest": str(self.manifest), "gateways": list(self.gateways),
+               "trust_anchor": self.trust_anchor, "role": self.role, "on_failure": self.on_failure}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> BootConfig:
+        try:
+            doc = json.loads(raw)
+        except ValueError as e:
+            raise BootConfigError(f"boot config is not JSON: {e}") from None
+        if not isinstance(doc, dict) or doc.get("version") != 1:
+            raise BootConfigError("boot config must be a JSON object with version 1")
+        extra = set(doc) - {"version", "manifest", "gateways", "trust_anchor", "role", "on_failure"}
+        if extra:
+            raise BootConfigError(f"boot config: unknown keys {sorted(extra)}")
+        gws = doc.get("gateways")
+        if not isinstance(gws, list) or not gws or not all(isinstance(g, str) and g.startswith("http") for g in gws):
+            raise BootConfigError("boot config: gateways must be a non-empty list of http(s) URLs")
+        if doc.get("on_failure", "poweroff") not in ON_FAILURE:
+            raise BootConfigError(f"boot config: on_failure must be one of {ON_FAILURE}")
+        try:
+            manifest = CID.parse(doc["manifest"])
+        except (KeyError, FormatError) as e:
+            raise BootConfigError(f"boot config: manifest: {e}") from None
+        return cls(manifest, tuple(gws), doc.get("trust_anchor") or {}, str(doc.get("role", "default")),
+                   doc.get("on_failure", "poweroff"))

@@ -1,0 +1,199 @@
+"""DHCP/BOOTP packets with the PXE options (RFC 2131, 2132, 4578), parsed strictly.
+
+Shared by the boot server and the L0 firmware's client. Parsing is our own, byte by byte, so
+that every malformed packet gets a precise reason (truncated option, wrong length, too many
+options...); building replies uses scapy's BOOTP/DHCP layers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass, field
+
+from cidboot.errors import FormatError
+
+MAGIC = b"\x63\x82\x53\x63"
+BOOTP_HEADER = 236
+MAX_OPTIONS = 96  # a real client sends a few dozen; more is an attack on our parser
+
+DISCOVER, OFFER, REQUEST, DECLINE, ACK, NAK, RELEASE, INFORM = range(1, 9)
+MSG_NAMES = {DISCOVER: "DISCOVER", OFFER: "OFFER", REQUEST: "REQUEST", DECLINE: "DECLINE", ACK: "ACK",
+             NAK: "NAK", RELEASE: "RELEASE", INFORM: "INFORM"}
+
+OPT_REQUESTED_IP, OPT_MSG_TYPE, OPT_SERVER_ID, OPT_PARAMS = 50, 53, 54, 55
+OPT_VENDOR_CLASS, OPT_CLIENT_ID, OPT_USER_CLASS = 60, 61, 77
+OPT_CLIENT_ARCH, OPT_CLIENT_NDI, OPT_CLIENT_UUID = 93, 94, 97
+OPT_HOSTNAME, OPT_OVERLOAD = 12, 52
+
+# RFC 4578 client system architecture types -> what we call them
+ARCH_X86_BIOS, ARCH_X86_64_UEFI_BC, ARCH_X86_64_UEFI, ARCH_ARM64_UEFI = 0, 7, 9, 11
+ARCH_NAMES = {0: "x86-bios", 6: "x86-uefi", 7: "x86_64-uefi", 9: "x86_64-uefi", 10: "arm32-uefi", 11: "arm64-uefi"}
+
+_FIXED_LEN = {OPT_MSG_TYPE: 1, OPT_REQUESTED_IP: 4, OPT_SERVER_ID: 4, OPT_CLIENT_NDI: 3, OPT_CLIENT_UUID: 17, 51: 4}
+
+
+class DhcpFormatError(FormatError):
+    """A DHCP packet is malformed (the message says which field or option)."""
+
+
+@dataclass
+class DhcpPacket:
+    op: int
+    xid: int
+    secs: int
+    flags: int
+    ciaddr: str
+    yiaddr: str
+    siaddr: str
+    giaddr: str
+    mac: str
+    sname: bytes
+    file: bytes
+    options: dict[int, bytes] = field(default_factory=dict)
+
+    @property
+    def msg_type(self) -> int:
+        return self.options[OPT_MSG_TYPE][0]
+
+    @property
+    def msg_name(self) -> str:
+        return MSG_NAMES.get(self.msg_type, str(self.msg_type))
+
+    @property
+    def vendor_class(self) -> str:
+        return self.options.get(OPT_VENDOR_CLASS, b"").decode("ascii", "replace")
+
+    @property
+    def is_pxe(self) -> bool:
+        return self.vendor_class.startswith("PXEClient")
+
+    @property
+    def is_ipxe(self) -> bool:
+        """iPXE says so in its user class; chaining it again would loop forever."""
+        return b"iPXE" in self.options.get(OPT_USER_CLASS, b"")
+
+    @property
+    def client_arch(self) -> int | None:
+        raw = self.options.get(OPT_CLIENT_ARCH)
+        return struct.unpack(">H", raw[:2])[0] if raw else None
+
+    @property
+    def client_uuid(self) -> str | None:
+        raw = self.options.get(OPT_CLIENT_UUID)
+        if not raw:
+            return None
+        u = raw[1:].hex()
+        return f"{u[:8]}-{u[8:12]}-{u[12:16]}-{u[16:20]}-{u[20:]}"
+
+    @property
+    def requested_ip(self) -> str | None:
+        raw = self.options.get(OPT_REQUESTED_IP)
+        return str(ipaddress.IPv4Address(raw)) if raw else None
+
+    @property
+    def server_id(self) -> str | None:
+        raw = self.options.get(OPT_SERVER_ID)
+        return str(ipaddress.IPv4Address(raw)) if raw else None
+
+
+def _check_option(code: int, value: bytes) -> None:
+    want = _FIXED_LEN.get(code)
+    if want is not None and len(value) != want:
+        raise DhcpFormatError(f"option {code} must be {want} bytes, got {len(value)}")
+    if code == OPT_MSG_TYPE and not 1 <= value[0] <= 8:
+        raise DhcpFormatError(f"option 53: unknown message type {value[0]}")
+    if code == OPT_CLIENT_ARCH and (not value or len(value) % 2):
+        raise DhcpFormatError(f"option 93 must be a non-empty list of 16-bit types, got {len(value)} bytes")
+    if code == OPT_CLIENT_UUID and value[0] != 0:
+        raise DhcpFormatError(f"option 97: unknown UUID type {value[0]}")
+    if code == OPT_OVERLOAD:
+        raise DhcpFormatError("option 52 (overload into sname/file) is not supported")
+
+
+def parse(data: bytes) -> DhcpPacket:
+    """Parse a BOOTP/DHCP packet; every defect raises DhcpFormatError with its reason."""
+    if len(data) < BOOTP_HEADER + len(MAGIC):
+        raise DhcpFormatError(f"truncated: {len(data)} bytes, a DHCP packet has at least {BOOTP_HEADER + 4}")
+    op, htype, hlen, _hops, xid, secs, flags = struct.unpack(">BBBBIHH", data[:12])
+    if op not in (1, 2):
+        raise DhcpFormatError(f"op {op} is neither BOOTREQUEST nor BOOTREPLY")
+    if htype != 1 or hlen != 6:
+        raise DhcpFormatError(f"only Ethernet clients are served (htype {htype}, hlen {hlen})")
+    ips = [str(ipaddress.IPv4Address(data[i : i + 4])) for i in (12, 16, 20, 24)]
+    mac = data[28:34].hex(":")
+    if data[BOOTP_HEADER : BOOTP_HEADER + 4] != MAGIC:
+        raise DhcpFormatError("no DHCP magic cookie: a plain BOOTP packet is not served")
+    options: dict[int, bytes] = {}
+    pos, end, count = BOOTP_HEADER + 4, len(data), 0
+    while pos < end:
+        code = data[pos]
+        if code == 0:
+            pos += 1
+            continue
+        if code == 255:
+            break
+        if pos + 1 >= end:
+            raise DhcpFormatError(f"option {code}: truncated before its length byte")
+        length = data[pos + 1]
+        if pos + 2 + length > end:
+            raise DhcpFormatError(f"option {code}: length {length} runs past the end of the packet")
+        value = data[pos + 2 : pos + 2 + length]
+        if length == 0 and code in _FIXED_LEN | {OPT_CLIENT_ARCH: 0, OPT_VENDOR_CLASS: 0}:
+            raise DhcpFormatError(f"option {code}: empty")
+        count += 1
+        if count > MAX_OPTIONS:
+            raise DhcpFormatError(f"more than {MAX_OPTIONS} options")
+        _check_option(code, value)
+        # RFC 3396: a repeated option is concatenated
+        options[code] = options.get(code, b"") + value
+        pos += 2 + length
+    else:
+        raise DhcpFormatError("options not terminated by an end option (255)")
+    if OPT_MSG_TYPE not in options:
+        raise DhcpFormatError("no option 53: not a DHCP message")
+    return DhcpPacket(op, xid, secs, flags, ips[0], ips[1], ips[2], ips[3], mac,
+                      data[44:108].rstrip(b"\0"), data[108:236].rstrip(b"\0"), options)
+
+
+def build_reply(req: DhcpPacket, msg_type: int, *, server_ip: str, yiaddr: str = "0.0.0.0", siaddr: str | None = None,
+                boot_file: str = "", netmask: str | None = None, lease_seconds: int | None = None,
+                pxe: bool = False) -> bytes:
+    """A BOOTREPLY for `req` (scapy builds it)."""
+    from scapy.layers.dhcp import BOOTP, DHCP
+
+    opts: list[tuple[str, object] | str] = [("message-type", msg_type), ("server_id", server_ip)]
+    if lease_seconds is not None:
+        opts.append(("lease_time", lease_seconds))
+    if netmask:
+        opts.append(("subnet_mask", netmask))
+    if pxe:
+        opts.append(("vendor_class_id", b"PXEClient"))
+        if OPT_CLIENT_UUID in req.options:
+            opts.append((OPT_CLIENT_UUID, req.options[OPT_CLIENT_UUID]))  # type: ignore[arg-type]
+    if boot_file:
+        opts.append(("boot-file-name", boot_file.encode()))
+    opts.append("end")
+    pkt = BOOTP(op=2, xid=req.xid, flags=req.flags, ciaddr=req.ciaddr if msg_type == ACK else "0.0.0.0",
+                yiaddr=yiaddr, siaddr=siaddr or "0.0.0.0", giaddr=req.giaddr,
+                chaddr=bytes.fromhex(req.mac.replace(":", "")) + b"\0" * 10, file=boot_file.encode()) / DHCP(options=opts)
+    return bytes(pkt)
+
+
+def build_request(mac: str, msg_type: int, *, xid: int, vendor_class: bytes = b"PXEClient:Arch:00000:UNDI:002001",
+                  arch: int | None = ARCH_X86_BIOS, requested_ip: str | None = None, server_id: str | None = None,
+                  user_class: bytes | None = None) -> bytes:
+    """A client's DISCOVER/REQUEST (for the firmware stage, tests and the load benchmark)."""
+    from scapy.layers.dhcp import BOOTP, DHCP
+
+    opts: list[tuple[object, object] | str] = [("message-type", msg_type), ("vendor_class_id", vendor_class)]
+    if arch is not None:
+        opts.append((OPT_CLIENT_ARCH, struct.pack(">H", arch)))
+    if requested_ip:
+        opts.append(("requested_addr", requested_ip))
+    if server_id:
+        opts.append(("server_id", server_id))
+    if user_class:
+        opts.append((OPT_USER_CLASS, user_class))
+    opts.append("end")
+    return bytes(BOOTP(op=1, xid=xid, flags=0x8000, chaddr=bytes.fromhex(mac.replace(":", "")) + b"\0" * 10) / DHCP(options=opts))

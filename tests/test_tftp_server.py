@@ -1,0 +1,127 @@
+"""The TFTP server on loopback: options, RFC 7440 windows, refusals, concurrency."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from bootstrap.server.tftp_server import TftpServer
+
+DATA = os.urandom(300_000)
+
+
+@pytest.fixture()
+def server(tmp_path: Path) -> Iterator[TftpServer]:
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "f.bin").write_bytes(DATA)
+    (tmp_path / "root" / "empty").write_bytes(b"")
+    (tmp_path / "root" / "exact").write_bytes(b"z" * 1024)
+    (tmp_path / "root" / "out").symlink_to("/etc/hostname")
+    srv = TftpServer(tmp_path / "root", "127.0.0.1", 0, generator=lambda n, p: b"generated" if n == "gen" else None)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv
+    srv.shutdown()
+
+
+def rrq(name: str, **opts: str) -> bytes:
+    body = name.encode() + b"\0octet\0" + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in opts.items())
+    return b"\x00\x01" + body
+
+
+def fetch(srv: TftpServer, name: str, **opts: str) -> tuple[bytes, dict[str, str], int]:
+    """A small RFC 7440-aware client: returns (data, OACK options, packets received)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    s.sendto(rrq(name, **opts), ("127.0.0.1", srv.port))
+    bs = int(opts["blksize"]) if opts.get("blksize", "").isdigit() else 512
+    win = int(opts["windowsize"]) if opts.get("windowsize", "").isdigit() else 1
+    out, oack, expect, got, n_pkts = bytearray(), {}, 1, 0, 0
+    while True:
+        pkt, peer = s.recvfrom(70000)
+        n_pkts += 1
+        op = struct.unpack(">H", pkt[:2])[0]
+        if op == 5:
+            raise RuntimeError(f"TFTP error {struct.unpack('>H', pkt[2:4])[0]}: {pkt[4:-1].decode(errors='replace')}")
+        if op == 6:
+            parts = pkt[2:].split(b"\0")[:-1]
+            oack = {parts[i].decode(): parts[i + 1].decode() for i in range(0, len(parts), 2)}
+            s.sendto(b"\x00\x04\x00\x00", peer)
+            continue
+        block = struct.unpack(">H", pkt[2:4])[0]
+        if block == expect % 65536:
+            out += pkt[4:]
+            got += 1
+            expect += 1
+            if len(pkt) - 4 < bs:
+                s.sendto(b"\x00\x04" + pkt[2:4], peer)
+                return bytes(out), oack, n_pkts
+            if got % win == 0:
+                s.sendto(b"\x00\x04" + pkt[2:4], peer)
+
+
+@pytest.mark.parametrize("opts", [{}, {"blksize": "1468"}, {"blksize": "1468", "windowsize": "8"}, {"windowsize": "16", "tsize": "0"}])
+def test_transfers_with_options(server: TftpServer, opts: dict[str, str]) -> None:
+    data, oack, _ = fetch(server, "f.bin", **opts)
+    assert data == DATA
+    for k in ("blksize", "windowsize"):
+        if k in opts:
+            assert oack[k] == opts[k]
+    if "tsize" in opts:
+        assert oack["tsize"] == str(len(DATA))
+
+
+def test_edge_sizes_and_generated(server: TftpServer) -> None:
+    assert fetch(server, "empty")[0] == b""
+    assert fetch(server, "exact")[0] == b"z" * 1024  # a multiple of blksize ends with an empty block
+    assert fetch(server, "gen")[0] == b"generated"
+    assert fetch(server, "/f.bin", blksize="8192")[0] == DATA
+
+
+@pytest.mark.parametrize(
+    "name, opts, err",
+    [
+        ("../etc/passwd", {}, "TFTP error 2"),
+        ("a/../../x", {}, "TFTP error 2"),
+        ("out", {}, "TFTP error 2"),
+        ("nope", {}, "TFTP error 1"),
+        ("f.bin", {"blksize": "0"}, "TFTP error 8"),
+        ("f.bin", {"blksize": "65536"}, "TFTP error 8"),
+        ("f.bin", {"windowsize": "0"}, "TFTP error 8"),
+        ("f.bin", {"timeout": "999"}, "TFTP error 8"),
+        ("f.bin", {"blksize": "many"}, "TFTP error 8"),
+    ],
+)
+def test_refusals(server: TftpServer, name: str, opts: dict[str, str], err: str) -> None:
+    with pytest.raises(RuntimeError, match=err):
+        fetch(server, name, **opts)
+    assert fetch(server, "exact")[0] == b"z" * 1024  # and the server keeps serving
+
+
+@pytest.mark.parametrize("pkt, code", [(b"\x00\x02up\x00octet\x00", 2), (b"\x00\x09junk", 4), (b"\x00\x04\x00\x01", 4), (b"\x01", 4)])
+def test_writes_and_unknown_opcodes(server: TftpServer, pkt: bytes, code: int) -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    s.sendto(pkt, ("127.0.0.1", server.port))
+    reply, _ = s.recvfrom(1000)
+    assert reply[:2] == b"\x00\x05" and struct.unpack(">H", reply[2:4])[0] == code
+
+
+def test_many_concurrent_transfers(server: TftpServer) -> None:
+    with ThreadPoolExecutor(32) as ex:
+        results = list(ex.map(lambda i: fetch(server, "f.bin", blksize="1468", windowsize=str(1 + i % 4))[0], range(64)))
+    assert all(r == DATA for r in results)
+
+
+def test_tftp_hpa_client(server: TftpServer, tmp_path: Path) -> None:
+    out = tmp_path / "got"
+    r = subprocess.run(["tftp", "127.0.0.1", str(server.port), "-m", "binary", "-c", "get", "f.bin", str(out)], capture_output=True, timeout=60)
+    assert r.returncode == 0 and out.read_bytes() == DATA
