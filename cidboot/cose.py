@@ -63,6 +63,9 @@ def cbor_loads_exact(data: bytes, what: str) -> Any:
         raise CoseFormatError(f"{what}: expected bytes, got {type(data).__name__}")
     if len(data) > MAX_MESSAGE:
         raise CoseFormatError(f"{what}: {len(data)} bytes exceeds {MAX_MESSAGE}")
+    end = _scan_item(bytes(data), 0, 0, what)
+    if end != len(data):
+        raise CoseFormatError(f"{what}: {len(data) - end} trailing bytes")
     fp = io.BytesIO(bytes(data))
     try:
         obj = cbor2.CBORDecoder(fp).decode()
@@ -71,6 +74,66 @@ def cbor_loads_exact(data: bytes, what: str) -> Any:
     if fp.tell() != len(data):
         raise CoseFormatError(f"{what}: {len(data) - fp.tell()} trailing bytes")
     return obj
+
+
+MAX_DEPTH = 32
+_MIN_FOR_AI = {24: 24, 25: 1 << 8, 26: 1 << 16, 27: 1 << 32}
+
+
+def _scan_head(buf: bytes, pos: int, what: str) -> tuple[int, int, int, int]:
+    """Read one CBOR head: (major type, additional info, argument, next position).
+
+    Rejects what cbor2 tolerates but a signed format must not: indefinite lengths, reserved
+    additional info and integers/lengths not in their shortest form (RFC 8949 section 4.2.1).
+    """
+    if pos >= len(buf):
+        raise CoseFormatError(f"{what}: not valid CBOR: truncated at byte {pos}")
+    major, ai = buf[pos] >> 5, buf[pos] & 0x1F
+    pos += 1
+    if ai < 24:
+        return major, ai, ai, pos
+    if ai == 31:
+        raise CoseFormatError(f"{what}: not valid CBOR: indefinite-length item at byte {pos - 1}")
+    if ai > 27:
+        raise CoseFormatError(f"{what}: not valid CBOR: reserved additional information {ai} at byte {pos - 1}")
+    n = 1 << (ai - 24)
+    if pos + n > len(buf):
+        raise CoseFormatError(f"{what}: not valid CBOR: truncated at byte {pos}")
+    arg = int.from_bytes(buf[pos:pos + n], "big")
+    if major != 7 and arg < _MIN_FOR_AI[ai]:
+        raise CoseFormatError(f"{what}: not valid CBOR: non-shortest encoding of {arg} at byte {pos - 1}")
+    if major == 7 and ai == 24 and arg < 32:
+        raise CoseFormatError(f"{what}: not valid CBOR: badly encoded simple value at byte {pos - 1}")
+    return major, ai, arg, pos + n
+
+
+def _scan_item(buf: bytes, pos: int, depth: int, what: str) -> int:
+    """Check one well-formed, deterministic-headed CBOR item at pos (maps without repeated keys);
+    return where it ends. cbor2 then decodes the same bytes into Python values."""
+    if depth > MAX_DEPTH:
+        raise CoseFormatError(f"{what}: not valid CBOR: nested deeper than {MAX_DEPTH}")
+    major, _, arg, pos = _scan_head(buf, pos, what)
+    if major in (2, 3):
+        if pos + arg > len(buf):
+            raise CoseFormatError(f"{what}: not valid CBOR: truncated string at byte {pos}")
+        return pos + arg
+    if major == 4:
+        for _ in range(arg):
+            pos = _scan_item(buf, pos, depth + 1, what)
+        return pos
+    if major == 5:
+        keys: set[bytes] = set()
+        for _ in range(arg):
+            start = pos
+            pos = _scan_item(buf, pos, depth + 1, what)
+            if buf[start:pos] in keys:
+                raise CoseFormatError(f"{what}: not valid CBOR: duplicate map key at byte {start}")
+            keys.add(buf[start:pos])
+            pos = _scan_item(buf, pos, depth + 1, what)
+        return pos
+    if major == 6:
+        return _scan_item(buf, pos, depth + 1, what)
+    return pos  # unsigned/negative integers and simple values/floats: the head is the item
 
 
 def raw_signature(key: PrivateKey, data: bytes) -> bytes:
@@ -107,7 +170,7 @@ def _sig_structure(context: str, body_protected: bytes, sign_protected: bytes | 
 
 
 def _encode_protected(h: dict[int, Any]) -> bytes:
-    return cbor2.dumps(h) if h else b""
+    return cbor2.dumps(h, canonical=True) if h else b""
 
 
 def _check_headers(protected: Any, unprotected: Any, where: str) -> None:
@@ -138,6 +201,17 @@ def _decode_protected(raw: Any, where: str) -> dict[int, Any]:
     return h
 
 
+def _signer_headers(key: PrivateKey, kid: bytes | None, protected: Mapping[int, Any] | None) -> dict[int, Any]:
+    """The protected header a signer writes: alg from the key (a conflicting alg is refused), kid."""
+    alg = alg_for_key(key)
+    prot: dict[int, Any] = {HDR_ALG: alg, **(protected or {})}
+    if prot[HDR_ALG] != alg:
+        raise CoseFormatError(f"protected alg {prot[HDR_ALG]} does not match the signing key ({alg})")
+    if kid is not None:
+        prot[HDR_KID] = kid
+    return prot
+
+
 # -- COSE_Sign1 -------------------------------------------------------------------------
 
 
@@ -163,13 +237,12 @@ def sign1(
     payload: bytes, key: PrivateKey, *, kid: bytes | None = None, protected: dict[int, Any] | None = None,
     unprotected: dict[int, Any] | None = None, external_aad: bytes = b"", tagged: bool = True,
 ) -> bytes:
-    prot: dict[int, Any] = {HDR_ALG: alg_for_key(key), **(protected or {})}
-    if kid is not None:
-        prot[HDR_KID] = kid
+    prot = _signer_headers(key, kid, protected)
+    _check_headers(prot, unprotected or {}, "COSE_Sign1")
     prot_raw = _encode_protected(prot)
     sig = raw_signature(key, _sig_structure("Signature1", prot_raw, None, external_aad, payload))
     msg = [prot_raw, dict(unprotected or {}), payload, sig]
-    return cbor2.dumps(cbor2.CBORTag(TAG_SIGN1, msg) if tagged else msg)
+    return cbor2.dumps(cbor2.CBORTag(TAG_SIGN1, msg) if tagged else msg, canonical=True)
 
 
 def decode_sign1(data: bytes) -> Sign1:
@@ -237,10 +310,10 @@ def sign_multi(payload: bytes, signers: list[tuple[PrivateKey, bytes]], *, prote
     body_raw = _encode_protected(dict(protected or {}))
     sigs = []
     for key, kid in signers:
-        sp = _encode_protected({HDR_ALG: alg_for_key(key), HDR_KID: kid})
+        sp = _encode_protected(_signer_headers(key, kid, None))
         sig = raw_signature(key, _sig_structure("Signature", body_raw, sp, b"", payload))
         sigs.append([sp, {}, sig])
-    return cbor2.dumps(cbor2.CBORTag(TAG_SIGN, [body_raw, {}, None if detached else payload, sigs]))
+    return cbor2.dumps(cbor2.CBORTag(TAG_SIGN, [body_raw, {}, None if detached else payload, sigs]), canonical=True)
 
 
 def decode_sign(data: bytes) -> SignMulti:

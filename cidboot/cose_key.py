@@ -25,7 +25,7 @@ from cidboot.cose import (
     cbor_loads_exact,
 )
 
-KTY, ALG, KEY_OPS, CRV, X, Y = 1, 3, 4, -1, -2, -3
+KTY, ALG, KEY_OPS, CRV, X, Y, D = 1, 3, 4, -1, -2, -3, -4
 KTY_OKP, KTY_EC2 = 1, 2
 CRV_P256, CRV_P384, CRV_ED25519 = 1, 2, 6
 OP_VERIFY = 2
@@ -59,6 +59,11 @@ def decode_public_key(obj: Mapping[int, Any] | bytes) -> PublicKey:
         raise CoseFormatError("COSE_Key must be a map")
     kty, crv, x = m.get(KTY), m.get(CRV), m.get(X)
     alg = m.get(ALG)
+    if D in m:
+        raise CoseFormatError("COSE_Key: carries private key material (d); only public keys are accepted")
+    ops = m.get(KEY_OPS)
+    if ops is not None and (not isinstance(ops, list | tuple) or OP_VERIFY not in ops):
+        raise CoseFormatError(f"COSE_Key: key_ops {ops!r} does not allow verify")
     if not isinstance(x, bytes):
         raise CoseFormatError("COSE_Key: x must be a byte string")
     if kty == KTY_OKP:
@@ -84,4 +89,6 @@ def decode_public_key(obj: Mapping[int, Any] | bytes) -> PublicKey:
 
 
 def key_id(pub: PublicKey) -> bytes:
+    """SHA-256 of the key's COSE_Key bytes as `encode_public_key_bytes` writes them (fixed field
+    order), so one public key has one id everywhere: manifests name their signers by it."""
     return hashlib.sha256(encode_public_key_bytes(pub)).digest()

@@ -10,7 +10,7 @@ from cidboot import cose
 from cidboot.cose import CoseFormatError, CoseSignatureError
 from cidboot.cose_key import decode_public_key, encode_public_key, encode_public_key_bytes, key_id
 
-KEYS = {
+KEYS: dict[str, cose.PrivateKey] = {
     "ed25519": ed25519.Ed25519PrivateKey.generate(),
     "es256": ec.generate_private_key(ec.SECP256R1()),
     "es384": ec.generate_private_key(ec.SECP384R1()),
@@ -100,5 +100,67 @@ def test_cose_key_round_trip(name: str) -> None:
     ],
 )
 def test_bad_cose_keys(m: object, why: str) -> None:
+    with pytest.raises(CoseFormatError, match=why):
+        decode_public_key(cbor2.dumps(m))
+
+
+@pytest.mark.parametrize(
+    "data, why",
+    [
+        (bytes.fromhex("d2 9f 40 a0 40 40 ff".replace(" ", "")), "indefinite-length"),
+        (bytes.fromhex("d2 84 44 a1 18 01 27 a0 40 40".replace(" ", "")), "non-shortest"),
+        (bytes.fromhex("d2 84 45 a2 01 27 01 26 a0 40 40".replace(" ", "")), "duplicate map key"),
+        (bytes.fromhex("d2 84 40 a2 04 40 04 41 00 40 40".replace(" ", "")), "duplicate map key"),
+        (bytes.fromhex("d8 12 84 40 a0 40 40"), "non-shortest"),
+        (b"\x81" * 40 + b"\x00", "nested deeper"),
+        (bytes.fromhex("d2 84 40 a0 5a 00 01 00 00"), "truncated"),
+        (bytes.fromhex("d2 84 40 a0 f8 00 40"), "simple value"),
+        (bytes.fromhex("d2 84 40 a0 40 5c"), "reserved"),
+    ],
+)
+def test_strict_cbor_encoding(data: bytes, why: str) -> None:
+    """cbor2 would accept all of these; a signed format must not (one meaning per message)."""
+    with pytest.raises(CoseFormatError, match=why):
+        cose.decode_sign1(data)
+
+
+def test_protected_header_is_deterministic_and_alg_conflict_refused() -> None:
+    key = KEYS["ed25519"]
+    msg = cose.sign1(b"x", key, kid=b"k", protected={cose.HDR_CONTENT_TYPE: 60})
+    assert cose.decode_sign1(msg).protected_raw == cbor2.dumps({1: -8, 3: 60, 4: b"k"})
+    with pytest.raises(CoseFormatError, match="does not match the signing key"):
+        cose.sign1(b"x", key, protected={cose.HDR_ALG: cose.ALG_ES256})
+    with pytest.raises(CoseFormatError, match="in both"):
+        cose.sign1(b"x", key, kid=b"k", unprotected={cose.HDR_KID: b"k"})
+
+
+def test_detached_payload() -> None:
+    key = KEYS["es256"]
+    msg = cose.decode_sign(cose.sign_multi(b"body", [(key, b"a")], detached=True))
+    assert msg.payload is None
+    cose.verify_signature(msg, msg.signatures[0], key.public_key(), detached_payload=b"body")
+    with pytest.raises(CoseSignatureError):
+        cose.verify_signature(msg, msg.signatures[0], key.public_key(), detached_payload=b"bodY")
+    with pytest.raises(CoseFormatError, match="detached payload"):
+        cose.verify_signature(msg, msg.signatures[0], key.public_key())
+
+
+def test_ecdsa_signature_is_raw_r_s() -> None:
+    for name, size in (("es256", 64), ("es384", 96)):
+        s = cose.decode_sign1(cose.sign1(b"x", KEYS[name]))
+        assert len(s.signature) == size
+        with pytest.raises(CoseSignatureError, match=f"must be {size} bytes"):
+            cose.verify1(cose.Sign1(s.protected, s.protected_raw, s.unprotected, s.payload, s.signature[1:]),
+                         KEYS[name].public_key())
+
+
+@pytest.mark.parametrize(
+    "m, why",
+    [
+        ({1: 1, -1: 6, -2: bytes(32), -4: bytes(32)}, "private key material"),
+        ({1: 1, 4: [1], -1: 6, -2: bytes(32)}, "does not allow verify"),
+    ],
+)
+def test_cose_key_refuses_private_or_non_verify_keys(m: object, why: str) -> None:
     with pytest.raises(CoseFormatError, match=why):
         decode_public_key(cbor2.dumps(m))

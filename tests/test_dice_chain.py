@@ -5,6 +5,7 @@ from __future__ import annotations
 import cbor2
 import pytest
 
+from cidboot import cose
 from cidboot.dice import (
     DiceChainError,
     DiceInputs,
@@ -16,6 +17,7 @@ from cidboot.dice import (
     main_flow,
     verify_chain,
 )
+from cidboot.dice.cert import ISS, KEY_USAGE, SUB
 from cidboot.dice.chain import HandoverError, append_to_chain
 
 UDS = bytes(range(32))
@@ -88,3 +90,29 @@ def test_handover_round_trip_and_bad() -> None:
     for bad in (cbor2.dumps({1: b"x", 2: b"y", 3: [1]}), cbor2.dumps({1: leaf}), b"\x01\x02"):
         with pytest.raises(HandoverError):
             decode_handover(bad)
+
+
+def resigned(field: int, value: object) -> bytes:
+    """A two-layer chain whose second certificate has `field` replaced and is then properly
+    re-signed by layer 1's key, so only the rule about `field` can catch it."""
+    root = key_from_cdi(UDS).public_key()
+    a1, s1, c1 = main_flow(UDS, UDS, DiceInputs(code_hash=bytes([1]) * 64))
+    _, _, c2 = main_flow(a1, s1, DiceInputs(code_hash=bytes([2]) * 64))
+    claims = cbor2.loads(cbor2.loads(c2)[2])
+    claims[field] = value
+    return encode_chain(root, [c1, cose.sign1(cbor2.dumps(claims), key_from_cdi(a1), tagged=False)])
+
+
+@pytest.mark.parametrize("field, value, why", [
+    (ISS, "00" * 20, "chain entry 2: issuer 00.* does not match subject .* of entry 1"),
+    (SUB, "7f" * 20, "chain entry 2: subject 7f.* is not the ID of its public key"),
+    (KEY_USAGE, b"\x01", "chain entry 2: key usage"),
+])
+def test_properly_signed_but_wrong_fields_named(field: int, value: object, why: str) -> None:
+    with pytest.raises(DiceChainError, match=why):
+        verify_chain(resigned(field, value))
+
+
+def test_resigned_control_verifies() -> None:
+    """The re-signing helper itself yields a valid chain when the field keeps its value."""
+    assert len(verify_chain(resigned(KEY_USAGE, b"\x20")).entries) == 2

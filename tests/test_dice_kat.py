@@ -10,7 +10,19 @@ from pathlib import Path
 import pytest
 
 from cidboot import cose
-from cidboot.dice import DiceInputs, key_from_cdi, main_flow, parse_certificate
+from cidboot.cose_key import raw_public_bytes
+from cidboot.dice import (
+    DiceConfigType,
+    DiceInputError,
+    DiceInputs,
+    derive_cdi_private_key_seed,
+    derive_id,
+    key_from_cdi,
+    main_flow,
+    parse_certificate,
+    root_public_key_from_uds,
+    uds_keypair,
+)
 
 VECTORS = json.loads((Path(__file__).parent / "vectors/dice/known_test_values.json").read_text())["values"]
 
@@ -78,3 +90,35 @@ def test_certificate_parses_back() -> None:
     assert c.code_hash == inputs.code_hash and c.code_descriptor == inputs.code_descriptor
     assert c.config == hashlib.sha512(fake("config_desc", 40)).digest()
     assert c.profile_name == "android.18" and c.mode == 0
+
+
+@pytest.mark.parametrize("alg, cert_name", [("ed25519", "kExpectedCborEd25519Cert_ZeroInput"),
+                                            ("p256", "kExpectedCborP256Cert_ZeroInput"),
+                                            ("p384", "kExpectedCborP384Cert_ZeroInput")])
+def test_uds_key_is_the_issuer_of_open_dices_first_certificate(alg: str, cert_name: str) -> None:
+    """With the all-zero UDS as the first current CDI, open-dice's certificate is issued and
+    signed by the UDS key pair: its issuer is that key's ID and the signature verifies with it."""
+    expected = bytes.fromhex(VECTORS[cert_name])
+    root = root_public_key_from_uds(bytes(32), alg)
+    cose.verify1(expected, root)
+    assert parse_certificate(expected).issuer == derive_id(raw_public_bytes(root)).hex()
+    assert raw_public_bytes(uds_keypair(bytes(32), alg).public_key()) == raw_public_bytes(root)
+    with pytest.raises(cose.CoseSignatureError):
+        cose.verify1(expected, root_public_key_from_uds(bytes([1]) * 32, alg))
+
+
+def test_bad_inputs_are_refused() -> None:
+    with pytest.raises(DiceInputError, match="UDS must be 32 bytes"):
+        uds_keypair(bytes(16))
+    with pytest.raises(DiceInputError, match="CDI_Attest must be 32 bytes"):
+        derive_cdi_private_key_seed(bytes(31))
+    with pytest.raises(DiceInputError, match="code_hash must be 64 bytes"):
+        DiceInputs(code_hash=bytes(32))
+    with pytest.raises(DiceInputError, match="inline config"):
+        DiceInputs(config_value=bytes(3))
+    with pytest.raises(DiceInputError, match="unknown DICE key algorithm"):
+        main_flow(bytes(32), bytes(32), DiceInputs(), key_alg="rsa")
+    with pytest.raises(DiceInputError, match="CDIs must be 32 bytes"):
+        main_flow(bytes(31), bytes(32), DiceInputs())
+    assert DiceInputs(config_value=None, config_descriptor=b"d").config_type is DiceConfigType.DESCRIPTOR
+    assert DiceInputs().config_type is DiceConfigType.INLINE

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cidboot.cose import PrivateKey
+from cidboot.cose import PrivateKey, PublicKey
 from cidboot.cose_key import raw_public_bytes
 from cidboot.errors import FormatError
 
@@ -51,6 +51,13 @@ class DiceMode(IntEnum):
     MAINTENANCE = 3
 
 
+class DiceConfigType(IntEnum):
+    """How a layer's configuration enters the CDI: 64 inline bytes, or a descriptor's SHA-512."""
+
+    INLINE = 0
+    DESCRIPTOR = 1
+
+
 @dataclass(frozen=True)
 class DiceInputs:
     """One layer's DICE input values (open-dice's DiceInputValues)."""
@@ -81,6 +88,10 @@ class DiceInputs:
     def config_is_descriptor(self) -> bool:
         return self.config_descriptor is not None
 
+    @property
+    def config_type(self) -> DiceConfigType:
+        return DiceConfigType.DESCRIPTOR if self.config_descriptor is not None else DiceConfigType.INLINE
+
     def config_input(self) -> bytes:
         if self.config_descriptor is not None:
             return hashlib.sha512(self.config_descriptor).digest()
@@ -103,6 +114,13 @@ def next_cdis(cdi_attest: bytes, cdi_seal: bytes, inputs: DiceInputs) -> tuple[b
 
 def private_key_seed(cdi_attest: bytes) -> bytes:
     return kdf(SEED_SIZE, cdi_attest, ASYM_SALT, b"Key Pair")
+
+
+def derive_cdi_private_key_seed(cdi_attest: bytes) -> bytes:
+    """open-dice's DiceDeriveCdiPrivateKeySeed: the 32-byte seed every key algorithm starts from."""
+    if len(cdi_attest) != CDI_SIZE:
+        raise DiceInputError(f"CDI_Attest must be {CDI_SIZE} bytes, got {len(cdi_attest)}")
+    return private_key_seed(cdi_attest)
 
 
 def _hmac(k: bytes, *parts: bytes) -> bytes:
@@ -155,3 +173,19 @@ def key_from_cdi(cdi_attest: bytes, alg: str = "ed25519") -> PrivateKey:
 
 def id_of_key(key: PrivateKey) -> bytes:
     return derive_id(raw_public_bytes(key.public_key()))
+
+
+def uds_keypair(uds: bytes, alg: str = "ed25519") -> PrivateKey:
+    """The key pair the DICE engine derives from the UDS.
+
+    In open-dice the UDS is the "current CDI" of the first main flow, so the first certificate
+    is signed with the key derived from the UDS exactly as from any CDI_Attest; its public key
+    is the root of the chain (Android's UDS_Pub).
+    """
+    if len(uds) != CDI_SIZE:
+        raise DiceInputError(f"UDS must be {CDI_SIZE} bytes, got {len(uds)}")
+    return key_from_cdi(uds, alg)
+
+
+def root_public_key_from_uds(uds: bytes, alg: str = "ed25519") -> PublicKey:
+    return uds_keypair(uds, alg).public_key()
