@@ -83,7 +83,8 @@ def main() -> int:
                     "ours_from_kubo_gw_MBps": round(mb / kubo_s, 1),
                     "ours/plain": round(plain / ours_s, 3),
                     "our_gw/kubo_gw": round(kubo_s / ours_s, 3),
-                    "client_peak_rss_MiB": round(max(ours_rss, kubo_rss) / 1024, 1),
+                    "client_rss_MiB_our_gw": round(ours_rss / 1024, 1),
+                    "client_rss_MiB_kubo_gw": round(kubo_rss / 1024, 1),
                 })
                 for tmp in (work / f"c1-{mib}", work / f"c2-{mib}"):
                     shutil.rmtree(tmp)

@@ -63,3 +63,40 @@ def proxy_gateway(upstream: str, mangle: Callable[[str, bytes], bytes | None]) -
         srv.shutdown()
         srv.server_close()
         time.sleep(0.05)
+
+
+@contextmanager
+def raw_only_gateway(upstream: str) -> Iterator[str]:
+    """A gateway that answers 406 to every CAR request and forwards `?format=raw`: the kind
+    of block-only server the client must fall back to per-block fetches for."""
+    import urllib.request
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            if "format=raw" not in self.path:
+                self.send_response(406)
+                self.send_header("Content-Type", "text/plain")
+                self.end_headers()
+                self.wfile.write(b"only raw blocks here\n")
+                return
+            with urllib.request.urlopen(upstream + self.path) as r:
+                body = r.read()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/vnd.ipld.raw")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()

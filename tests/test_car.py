@@ -88,3 +88,36 @@ def test_header_length_zero_or_huge() -> None:
         read_all(b"\x00")
     with pytest.raises(CarError, match="out of range"):
         read_all(varint.encode(10**9))
+
+
+def carv2(inner: bytes, padding: int = 5, trailer: bytes = b"INDEX-BYTES-NOT-A-SECTION") -> bytes:
+    """A CARv2 by its spec: pragma, 40-byte header (characteristics, data offset, data size,
+    index offset, little-endian), padding, the inner CARv1, then an index we do not read."""
+    from cidboot.car import CARV2_PRAGMA
+
+    data_offset = len(CARV2_PRAGMA) + 40 + padding
+    index_offset = data_offset + len(inner)
+    header = bytes(16) + b"".join(n.to_bytes(8, "little") for n in (data_offset, len(inner), index_offset))
+    return CARV2_PRAGMA + header + bytes(padding) + inner + trailer
+
+
+def test_carv2_is_unwrapped_to_its_inner_carv1() -> None:
+    roots, blocks = read_all(carv2(car_bytes()))
+    assert roots == [CA] and blocks == [(CA, A), (CB, B)]
+
+
+def test_carv2_truncated_or_pointing_backwards_is_refused() -> None:
+    whole = carv2(car_bytes())
+    with pytest.raises(CarError, match="truncated"):
+        read_all(whole[: len(whole) - 30])  # cut inside the inner CARv1's last section
+    bad = bytearray(whole)
+    bad[11 + 16 : 11 + 24] = (3).to_bytes(8, "little")  # data offset inside the header
+    with pytest.raises(CarError, match="points inside the header"):
+        read_all(bytes(bad))
+
+
+def test_trailing_garbage_after_last_section_is_refused() -> None:
+    with pytest.raises(CarError):
+        read_all(car_bytes() + b"\x05abc")  # a section that claims 5 bytes but has 3
+    with pytest.raises(CarError, match="bad CID"):
+        read_all(car_bytes() + b"\x03abc")  # a complete section whose CID is garbage

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,9 @@ import pytest
 from cidboot.blockstore import Blockstore
 from cidboot.car import CarReader, CarWriter
 from cidboot.cid import CID, RAW
-from cidboot.gateway.client import AllGatewaysFailed, fetch
+from cidboot.gateway.client import AllGatewaysFailed, GatewayError, fetch, fetch_bytes
 from cidboot.unixfs import ImportOptions, export_file, import_bytes
-from tests.gateway_fixtures import proxy_gateway, running_gateway
+from tests.gateway_fixtures import proxy_gateway, raw_only_gateway, running_gateway
 
 DATA = random.Random(11).randbytes(700_000)
 
@@ -90,6 +91,10 @@ def test_interrupted_fetch_resumes_without_refetching(origin: tuple[Blockstore, 
         local.put(leaf, store.get(leaf))
     with running_gateway(store) as gw:
         res = fetch(root, [gw.url], local)
+        deadline = time.monotonic() + 5  # the server counts just after it writes: let it catch up
+        while gw.metrics.requests < 9 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
         assert gw.metrics.requests == 9  # one subtree request per missing leaf, none for what is local
     assert res.blocks_present == 6 and res.blocks_fetched == 9
     assert b"".join(export_file(root, local.get)) == DATA
@@ -112,3 +117,21 @@ def test_missing_root_everywhere(tmp_path: Path) -> None:
 def test_bad_gateway_url(tmp_path: Path) -> None:
     with pytest.raises(AllGatewaysFailed, match="must be http"):
         fetch(CID.of(b"a", RAW), ["ftp://x"], Blockstore(tmp_path / "l"), rounds=1)
+
+
+def test_block_only_gateway_is_fetched_per_block(origin: tuple[Blockstore, CID], tmp_path: Path) -> None:
+    store, root = origin
+    with running_gateway(store) as gw, raw_only_gateway(gw.url) as raw_gw:
+        res = fetch(root, [raw_gw], tmp_path / "local")  # a directory: a store is opened in it
+    assert res.blocks_fetched == 15 and not res.dropped
+    assert b"".join(export_file(root, Blockstore(tmp_path / "local").get)) == DATA
+
+
+def test_fetch_bytes_and_retries(origin: tuple[Blockstore, CID], tmp_path: Path) -> None:
+    store, root = origin
+    with running_gateway(store) as gw:
+        assert b"".join(fetch_bytes(root, [gw.url], Blockstore(tmp_path / "l"))) == DATA
+        with pytest.raises(GatewayError, match="at least 1"):
+            fetch(root, [gw.url], tmp_path / "m", retries=0)
+    with pytest.raises(AllGatewaysFailed, match="127.0.0.1:9"):
+        fetch(root, ["http://127.0.0.1:9"], tmp_path / "n", retries=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 from cidboot import dag
 from cidboot.blockstore import Blockstore
 from cidboot.car import CarReader
-from cidboot.cid import CID
+from cidboot.cid import CID, RAW
 from cidboot.errors import CidbootError, FormatError, VerificationError
 from cidboot.unixfs.exporter import export_file
 
@@ -80,7 +81,8 @@ class _Session:
                 out.append(cid)
                 continue
             present += 1
-            stack.extend(reversed(dag.links(cid, self.store.get(cid))))
+            if cid.codec != RAW:  # raw blocks link nowhere: no need to read them back
+                stack.extend(reversed(dag.links(cid, self.store.get(cid))))
         self.last_present = present
         return out
 
@@ -109,10 +111,9 @@ class _Session:
                 if key not in wanted:
                     raise BadGateway(f"{gw} sent block {cid}, which is not linked from what was fetched")
                 try:
-                    cid.verify(data)
+                    self.store.put(cid, data)  # hashes the block first: nothing unverified is stored
                 except VerificationError as e:
                     raise BadGateway(f"{gw} sent a block that does not match its CID: {e}") from None
-                self.store.put(cid, data)
                 self.result.blocks_fetched += 1
                 self.result.bytes_fetched += len(data)
                 for link in dag.links(cid, data):
@@ -146,18 +147,27 @@ class _Session:
 def fetch(
     root: CID | str,
     gateways: list[str],
-    store: Blockstore,
+    dest: Blockstore | str | os.PathLike[str],
     *,
     timeout: float = 10.0,
+    retries: int | None = None,
     rounds: int = 3,
     backoff: float = 0.5,
 ) -> FetchResult:
-    """Fetch the whole DAG under `root` into `store`, verifying every block.
+    """Fetch the whole DAG under `root` into `dest` (a Blockstore, or a directory to open one
+    in), verifying every block.
 
     Each round walks what is already local and asks the gateways (in order) for each missing
-    subtree as a CAR, falling back to single raw blocks when a gateway cannot do CARs.
+    subtree as a CAR, falling back to single raw blocks when a gateway cannot do CARs. Rounds
+    repeat while they make progress; `retries` (alias `rounds`) passes that get nothing are
+    allowed, with exponential `backoff` between them, before AllGatewaysFailed.
     """
     root = CID.parse(root)
+    store = dest if isinstance(dest, Blockstore) else Blockstore(dest)
+    if retries is not None:
+        rounds = retries
+    if rounds < 1:
+        raise GatewayError(f"retries must be at least 1, got {rounds}")
     if not gateways:
         raise AllGatewaysFailed(f"no gateways given to fetch {root}")
     with store.deferred_sync():
@@ -167,14 +177,17 @@ def fetch(
 def _fetch(root: CID, gateways: list[str], store: Blockstore, timeout: float, rounds: int, backoff: float) -> FetchResult:
     s = _Session(root, list(gateways), store, timeout)
     last: dict[str, str] = {}
-    for rnd in range(rounds):
+    failed_rounds = 0
+    first = True
+    while True:
         frontier = s.missing()
-        if rnd == 0:
+        if first:
             s.result.blocks_present = s.last_present
+            first = False
         if not frontier:
             return s.result
         progressed = False
-        for sub in frontier:
+        for sub in frontier:  # grows while iterating: children of blocks fetched one by one
             if store.has(sub):
                 continue
             for gw in s.gateways:
@@ -186,8 +199,8 @@ def _fetch(root: CID, gateways: list[str], store: Blockstore, timeout: float, ro
                     except GatewayError as e:
                         if not store.has(sub) and " 406 " not in str(e) and " 400 " not in str(e):
                             raise
-                        if not store.has(sub):
-                            s.fetch_raw(gw, sub)
+                        if not store.has(sub):  # a block-only gateway: one block at a time
+                            frontier.extend(dag.links(sub, s.fetch_raw(gw, sub)))
                     progressed = True
                     break
                 except BadGateway as e:
@@ -200,18 +213,23 @@ def _fetch(root: CID, gateways: list[str], store: Blockstore, timeout: float, ro
                     if store.has(sub):
                         progressed = True  # partial CAR: the next round resumes below it
                         break
-        if not s.missing():
-            return s.result
-        if not progressed and all(g in s.result.dropped for g in s.gateways):
+        if progressed:
+            continue  # only rounds that got nothing count as retries, and only they wait
+        failed_rounds += 1
+        if failed_rounds >= rounds or all(g in s.result.dropped for g in s.gateways):
             break
-        time.sleep(backoff * (2**rnd))
+        time.sleep(backoff * (2 ** (failed_rounds - 1)))
     reasons = {**last, **s.result.dropped}
     detail = "; ".join(f"{g}: {reasons.get(g, 'no answer')}" for g in s.gateways)
     raise AllGatewaysFailed(f"could not fetch {root} ({len(s.missing())} subtrees missing): {detail}")
 
 
-def fetch_bytes(root: CID | str, gateways: list[str], store: Blockstore, *, timeout: float = 10.0) -> Iterator[bytes]:
-    """Fetch a UnixFS file (verified, into `store`) and yield its bytes."""
+def fetch_bytes(
+    root: CID | str, gateways: list[str], store: Blockstore | None = None, *, timeout: float = 10.0
+) -> Iterator[bytes]:
+    """Fetch a UnixFS file (verified, into `store`, by default the default store) and yield
+    its bytes. The blocks land in a store first so a re-run resumes instead of starting over."""
     root = CID.parse(root)
+    store = store if store is not None else Blockstore()
     fetch(root, gateways, store, timeout=timeout)
     return export_file(root, store.get)

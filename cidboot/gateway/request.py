@@ -33,6 +33,7 @@ class GatewayRequest:
     entity_bytes: tuple[int, int | None] | None = None  # (from, to inclusive) as given; negatives allowed
     car_dups: bool = False
     car_order: str = "dfs"
+    filename: str | None = None  # ?filename= names the attachment in Content-Disposition
 
 
 def _parse_entity_bytes(value: str) -> tuple[int, int | None]:
@@ -96,6 +97,11 @@ def parse(target: str, accept: str = "") -> GatewayRequest:
             raise NotAcceptable("ask for application/vnd.ipld.raw or application/vnd.ipld.car (Accept or ?format=)")
     if params.get("version", "1") != "1":
         raise NotAcceptable(f"CAR version {params['version']} is not supported (only 1)")
+    # IPIP-0523: the car-order / car-dups query parameters win over the Accept parameters
+    if "car-order" in q:
+        params["order"] = q["car-order"][0]
+    if "car-dups" in q:
+        params["dups"] = q["car-dups"][0]
     order = params.get("order", "dfs")
     if order not in ("dfs", "unk"):
         raise NotAcceptable(f"CAR order {order} is not supported")
@@ -107,5 +113,8 @@ def parse(target: str, accept: str = "") -> GatewayRequest:
         raise BadRequest(f"dag-scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     eb = q.get("entity-bytes", [None])[0]
     entity_bytes = _parse_entity_bytes(eb) if eb is not None else None
+    filename = q.get("filename", [None])[0]
+    if filename is not None and (not filename or any(c in filename for c in '"\\/\r\n') or not (filename.isascii() and filename.isprintable())):
+        raise BadRequest(f"filename must be a plain printable ASCII name without quotes or slashes, got {filename!r}")
     assert fmt is not None
-    return GatewayRequest(cid, path, fmt, scope, entity_bytes, dups == "y", "dfs")
+    return GatewayRequest(cid, path, fmt, scope, entity_bytes, dups == "y", "dfs", filename)

@@ -19,9 +19,10 @@ from cidboot.blockstore import BlockNotFound, Blockstore
 from cidboot.car import encode_header, encode_section
 from cidboot.cid import CID, DAG_PB, RAW
 from cidboot.errors import CidbootError, NotFoundError, VerificationError
+from cidboot.gateway.pathing import Resolved, resolve
 from cidboot.gateway.request import CAR_TYPE, RAW_TYPE, BadRequest, GatewayRequest, NotAcceptable, parse
 from cidboot.unixfs import data as ufsdata
-from cidboot.unixfs.exporter import iter_file_blocks, list_dir
+from cidboot.unixfs.exporter import file_size, iter_file_blocks
 
 log = logging.getLogger("cidboot.gateway")
 
@@ -87,6 +88,25 @@ def _is_unixfs_file(cid: CID, block: bytes) -> bool:
     return t in (ufsdata.FILE, ufsdata.RAW)
 
 
+def _single_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+    """The one byte range of a `Range: bytes=...` header as (first, last), "unsatisfiable", or
+    None to answer with the whole block (no header, a malformed one, or several ranges: HTTP
+    lets a server ignore Range, and a raw block is small)."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    lo, sep, hi = header[6:].strip().partition("-")
+    if not sep or not (lo.isdigit() or hi.isdigit()) or (lo and not lo.isdigit()) or (hi and not hi.isdigit()):
+        return None
+    if not lo:  # suffix: the last N bytes
+        n = int(hi)
+        return (max(size - n, 0), size - 1) if n and size else "unsatisfiable"
+    first = int(lo)
+    last = size - 1 if not hi else min(int(hi), size - 1)
+    if first >= size or (hi and int(hi) < first):
+        return "unsatisfiable" if first >= size else None
+    return first, last
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: GatewayServer
     protocol_version = "HTTP/1.1"
@@ -140,7 +160,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(406, str(e))
             return
         try:
-            terminal, path_blocks = self._resolve(req)
+            res = self._resolve(req)
         except (BlockNotFound, NotFoundError) as e:
             self._send_error(404, str(e))
             return
@@ -152,36 +172,27 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(400, f"cannot resolve path: {e}")
             return
         if req.format == "raw":
-            self._send_raw(req, terminal)
+            self._send_raw(req, res)
         else:
-            self._send_car(req, terminal, path_blocks)
+            self._send_car(req, res)
 
-    def _resolve(self, req: GatewayRequest) -> tuple[CID, list[tuple[CID, bytes]]]:
+    def _resolve(self, req: GatewayRequest) -> Resolved:
         store = self.server.store
-        cid = req.cid
-        blocks: list[tuple[CID, bytes]] = []
-        for name in req.path:
-            block = store.get(cid)
-            blocks.append((cid, block))
-            for entry in list_dir(cid, store.get):
-                if entry.name == name:
-                    cid = entry.cid
-                    break
-            else:
-                raise NotFoundError(f"no link named {name!r} under {cid}")
-        if not store.has(cid):
-            raise BlockNotFound(f"block {cid} is not in this gateway's store")
-        return cid, blocks
+        r = resolve(req.cid, req.path, store.get)
+        if not store.has(r.terminal):
+            raise BlockNotFound(f"block {r.terminal} is not in this gateway's store")
+        return r
 
-    def _common_headers(self, req: GatewayRequest, terminal: CID) -> None:
+    def _common_headers(self, req: GatewayRequest, res: Resolved) -> None:
         path = "/ipfs/" + str(req.cid) + "".join("/" + p for p in req.path)
         self.send_header("X-Ipfs-Path", path)
-        self.send_header("X-Ipfs-Roots", str(terminal) if not req.path else f"{req.cid},{terminal}")
+        self.send_header("X-Ipfs-Roots", ",".join(str(c) for c in res.roots))
         self.send_header("Cache-Control", IMMUTABLE)
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Vary", "Accept")
 
-    def _send_raw(self, req: GatewayRequest, cid: CID) -> None:
+    def _send_raw(self, req: GatewayRequest, res: Resolved) -> None:
+        cid = res.terminal
         try:
             block = self.server.store.get(cid)
         except BlockNotFound as e:
@@ -194,18 +205,33 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.server.metrics.record(304, 0)
             return
-        self.send_response(200)
+        span = _single_range(self.headers.get("Range"), len(block))
+        if span == "unsatisfiable":
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(block)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.server.metrics.record(416, 0)
+            return
+        body = block
+        if isinstance(span, tuple):
+            body = block[span[0] : span[1] + 1]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {span[0]}-{span[1]}/{len(block)}")
+        else:
+            self.send_response(200)
         self.send_header("Content-Type", RAW_TYPE)
-        self.send_header("Content-Length", str(len(block)))
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", etag)
-        self.send_header("Content-Disposition", f'attachment; filename="{cid}.bin"')
-        self._common_headers(req, cid)
+        self.send_header("Content-Disposition", f'attachment; filename="{req.filename or f"{cid}.bin"}"')
+        self._common_headers(req, res)
         self.end_headers()
         sent = 0
         if self.command != "HEAD":
-            self.wfile.write(block)
-            sent = len(block)
-        self.server.metrics.record(200, sent)
+            self.wfile.write(body)
+            sent = len(body)
+        self.server.metrics.record(206 if isinstance(span, tuple) else 200, sent)
 
     def _car_blocks(self, req: GatewayRequest, terminal: CID, path_blocks: list[tuple[CID, bytes]]) -> Iterator[tuple[CID, bytes]]:
         get = self.server.store.get
@@ -221,8 +247,6 @@ class _Handler(BaseHTTPRequestHandler):
         if _is_unixfs_file(terminal, block):
             start, end = 0, None
             if req.entity_bytes is not None:
-                from cidboot.unixfs.exporter import file_size
-
                 size = file_size(terminal, get)
                 lo, hi = req.entity_bytes
                 start = max(size + lo, 0) if lo < 0 else lo
@@ -241,16 +265,17 @@ class _Handler(BaseHTTPRequestHandler):
             except CidbootError:
                 return
             if ufs.type == ufsdata.HAMT_SHARD:
-                # the shard's internal nodes belong to the directory entity; entries do not
+                # the shard's internal nodes belong to the directory entity; entries do not.
+                # Depth-first, links in order, like every other CAR this gateway writes.
                 width = len(f"{(ufs.fanout or 256) - 1:X}")
-                stack = [lk.cid for lk in node.links if len(lk.name or "") == width]
+                stack = [lk.cid for lk in reversed(node.links) if len(lk.name or "") == width]
                 while stack:
-                    c = stack.pop(0)
+                    c = stack.pop()
                     b = get(c)
                     yield c, b
-                    stack.extend(lk.cid for lk in dagpb.decode(b).links if len(lk.name or "") == width)
+                    stack.extend(lk.cid for lk in reversed(dagpb.decode(b).links) if len(lk.name or "") == width)
 
-    def _send_car(self, req: GatewayRequest, terminal: CID, path_blocks: list[tuple[CID, bytes]]) -> None:
+    def _send_car(self, req: GatewayRequest, res: Resolved) -> None:
         params = f"{req.dag_scope}.{req.entity_bytes}.{req.car_dups}"
         etag = f'W/"{req.cid}.car.{hashlib.sha256((self.path.split("?")[0] + params).encode()).hexdigest()[:16]}"'
         if self.headers.get("If-None-Match") in (etag, "*"):
@@ -262,9 +287,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", f"{CAR_TYPE}; version=1; order=dfs; dups={'y' if req.car_dups else 'n'}")
         self.send_header("ETag", etag)
-        self.send_header("Content-Disposition", f'attachment; filename="{req.cid}.car"')
+        self.send_header("Content-Disposition", f'attachment; filename="{req.filename or f"{req.cid}.car"}"')
         self.send_header("Accept-Ranges", "none")
-        self._common_headers(req, terminal)
+        self._common_headers(req, res)
         if self.command == "HEAD":
             self.end_headers()
             self.server.metrics.record(200, 0)
@@ -275,7 +300,7 @@ class _Handler(BaseHTTPRequestHandler):
         seen: set[bytes] = set()
         try:
             sent += self._chunk(encode_header([req.cid]))
-            for cid, block in self._car_blocks(req, terminal, path_blocks):
+            for cid, block in self._car_blocks(req, res.terminal, res.path_blocks):
                 key = cid.multihash.encode()
                 if not req.car_dups:
                     if key in seen:
