@@ -122,3 +122,46 @@ def test_tftp_refusals_over_the_wire(tmp_path: Path) -> None:
         assert m['cidboot_tftp_errors_total{code="2"}'] >= 3 and m['cidboot_tftp_errors_total{code="1"}'] >= 1
         ok = srv.net.run(["curl", "-sf", "-o", "/dev/null", "tftp://10.77.0.1/boot.ipxe"], timeout=30)
         assert ok.returncode == 0
+
+
+PROXY_CLIENT = r'''
+import json, socket
+from cidboot import dhcp
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+s.bind(("0.0.0.0", 68))
+s.settimeout(3)
+def ask(pkt, dst):
+    s.sendto(pkt, dst)
+    try:
+        rep = dhcp.parse(s.recv(4096))
+    except TimeoutError:
+        return None
+    return {"type": rep.msg_name, "yiaddr": rep.yiaddr, "siaddr": rep.siaddr, "file": rep.file.decode(),
+            "vendor": rep.vendor_class}
+mac = "52:54:00:00:40:11"
+out = {
+    "plain": ask(dhcp.build_request("52:54:00:00:00:99", dhcp.DISCOVER, xid=7, vendor_class=b"udhcp 1.36", arch=None),
+                 ("255.255.255.255", 67)),
+    "offer": ask(dhcp.build_request(mac, dhcp.DISCOVER, xid=8, arch=dhcp.ARCH_X86_64_UEFI), ("255.255.255.255", 67)),
+    "ack4011": ask(dhcp.build_request(mac, dhcp.REQUEST, xid=9, arch=dhcp.ARCH_ARM64_UEFI), ("10.77.0.1", 4011)),
+}
+print(json.dumps(out))
+'''
+
+
+def test_proxy_dhcp_answers_pxe_clients_only_with_boot_info_and_on_port_4011(tmp_path: Path) -> None:
+    import json
+
+    with running_boot_server(tmp_path, taps=0, extra=["--proxy-dhcp"]) as srv:
+        host = srv.net.add_host("10.77.0.150")  # the site's DHCP server gave it this address
+        run = subprocess.run(srv.net.host_cmd(host, [sys.executable, "-c", PROXY_CLIENT]), capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        out = json.loads(run.stdout)
+        assert out["plain"] is None  # not a PXE client: left to the site's DHCP server
+        assert out["offer"] == {"type": "OFFER", "yiaddr": "0.0.0.0", "siaddr": "10.77.0.1", "file": "ipxe.efi",
+                                "vendor": "PXEClient"}
+        assert out["ack4011"] == {"type": "ACK", "yiaddr": "0.0.0.0", "siaddr": "10.77.0.1", "file": "ipxe-arm64.efi",
+                                  "vendor": "PXEClient"}
+        assert srv.metrics().get("cidboot_dhcp_leases_active") is None  # no pool in proxy mode
