@@ -150,11 +150,12 @@ def appraise(evidence: bytes, *, expected_nonce: bytes, roots: DeviceRoots, mani
         res.add("dice-chain", CONTRAINDICATED, f"broken DICE chain: {e}")
         return res
     res.add("dice-chain", AFFIRMING, f"{len(chain.entries)} certificate(s) verify to the root key")
-    res.device_id = chain.root_id
-    if chain.root_id in roots.keys and raw_public_bytes(roots.keys[chain.root_id]) == raw_public_bytes(chain.root_public_key):
-        res.add("device", AFFIRMING, f"registered device {roots.names.get(chain.root_id) or chain.root_id}")
+    rid = chain.root_id  # derived from the root key by HKDF: compute once
+    res.device_id = rid
+    if rid in roots.keys and raw_public_bytes(roots.keys[rid]) == raw_public_bytes(chain.root_public_key):
+        res.add("device", AFFIRMING, f"registered device {roots.names.get(rid) or rid}")
     else:
-        res.add("device", CONTRAINDICATED, f"unknown device: root {chain.root_id} is not registered")
+        res.add("device", CONTRAINDICATED, f"unknown device: root {rid} is not registered")
     try:
         cose.verify1(ev.sign1, chain.leaf_public_key)
         res.add("signature", AFFIRMING, "signed by the DICE leaf key")

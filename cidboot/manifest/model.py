@@ -148,7 +148,7 @@ class Manifest:
             _only(lyr, {"cid", "size", "role"}, lw)
             layers.append(Layer(_req(lyr, "cid", CID, lw), _req(lyr, "size", int, lw), _req(lyr, "role", str, lw)))
         ops = d.get("operations", {})
-        if not isinstance(ops, dict) or not all(isinstance(v, CID) for v in ops.values()):
+        if not isinstance(ops, dict) or not all(isinstance(k, str) and isinstance(v, CID) for k, v in ops.items()):
             raise ManifestFormatError("manifest: operations must map names to CIDs")
         flow = d.get("flow")
         if flow is not None and not isinstance(flow, CID):
@@ -157,16 +157,21 @@ class Manifest:
         if not isinstance(meas, dict) or not all(isinstance(v, bytes) for v in meas.values()):
             raise ManifestFormatError("manifest: measurements must map layer names to bytes")
         placement = d.get("placement", {})
-        if not isinstance(placement, dict) or not all(isinstance(v, list) for v in placement.values()):
+        if not isinstance(placement, dict) or not all(
+            isinstance(v, list) and all(isinstance(op, str) for op in v) for v in placement.values()
+        ):
             raise ManifestFormatError("manifest: placement must map roles to operation lists")
         policies = d.get("policies", [])
-        if not isinstance(policies, list):
-            raise ManifestFormatError("manifest: policies must be a list")
+        if not isinstance(policies, list) or not all(isinstance(p, dict) for p in policies):
+            raise ManifestFormatError("manifest: policies must be a list of maps")
+        cmdline = d.get("cmdline", "")
+        if not isinstance(cmdline, str):
+            raise ManifestFormatError("manifest: cmdline must be a string")
         return cls(
             name=_req(d, "name", str, w), version=_req(d, "version", int, w), expires=_req(d, "expires", int, w),
             layers=tuple(layers), root=RootOfTrust.from_obj(_req(d, "root", dict, w), "manifest root"),
             measurements=meas, flow=flow, operations=ops, placement=placement, policies=policies,
-            cmdline=d.get("cmdline", ""),
+            cmdline=cmdline,
         )
 
     def layer(self, cid: CID) -> Layer | None:

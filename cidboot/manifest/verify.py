@@ -66,10 +66,15 @@ class TrustState:
             return cls(anchor, {}, p)
         except ValueError as e:
             raise ManifestFormatError(f"{p}: damaged trust state: {e}") from None
-        root = RootOfTrust(tuple(bytes.fromhex(k) for k in obj["root"]["keys"]), obj["root"]["threshold"], obj["root"]["version"])
+        try:
+            r = obj["root"]
+            root = RootOfTrust(tuple(bytes.fromhex(k) for k in r["keys"]), r["threshold"], r["version"])
+            highest = {str(k): int(v) for k, v in obj.get("highest", {}).items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ManifestFormatError(f"{p}: damaged trust state: {type(e).__name__}: {e}") from None
         if root.version < anchor.version:
             root = anchor
-        return cls(root, {k: int(v) for k, v in obj.get("highest", {}).items()}, p)
+        return cls(root, highest, p)
 
     def save(self) -> None:
         if self.path is None:
