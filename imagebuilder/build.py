@@ -1,0 +1,245 @@
+"""`imagebuilder build`: flow.yaml + flow.lock -> layers -> signed manifest, by CID.
+
+Everything is produced in memory and checked first; only a complete, signed result is
+written to the chosen destination (block store, Kubo or CAR), so a bad flow or a missing pin
+writes nothing. Layers are cached by input hash (see cache.py), so an unchanged rebuild only
+re-hashes its inputs.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cidboot import dagcbor, keys
+from cidboot.cid import CID, DAG_CBOR
+from cidboot.errors import CidbootError
+from cidboot.manifest import Layer, Manifest, RootOfTrust, sign_manifest
+from cidboot.measure import code_hash_of_blobs
+from cidboot.unixfs import import_bytes
+from imagebuilder import flowfile, initramfs, pyimports
+from imagebuilder.cache import BuildCache, key
+from imagebuilder.cpio import archive_bytes, compress, source_date_epoch
+from imagebuilder.debpkg import read_deb
+from imagebuilder.flowfile import FlowFile
+from imagebuilder.layers import ROLES, UNIXFS, BuiltLayer, layer_cid
+from imagebuilder.lock import Lock, cache_dir, fetch_deb, fetch_wheel, lock_path, wheel_name
+
+REPO = Path(__file__).resolve().parent.parent
+COMPONENT = {"image": "agent", "bootstrap": "bootstrap", "firmware": "firmware"}
+
+
+class BuildError(CidbootError):
+    """The image cannot be built from this flow and lock."""
+
+
+@dataclass
+class BuildResult:
+    manifest_cid: CID
+    manifest: Manifest
+    layers: list[BuiltLayer]
+    blocks: dict[CID, bytes] = field(default_factory=dict)
+    flow_cid: CID | None = None
+    operations: dict[str, CID] = field(default_factory=dict)
+    unresolved_imports: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "manifest": str(self.manifest_cid),
+            "flow": str(self.flow_cid),
+            "layers": [{"role": lyr.role, "cid": str(lyr.cid), "size": lyr.size, "cached": lyr.cached}
+                       for lyr in self.layers],
+            "operations": {k: str(v) for k, v in sorted(self.operations.items())},
+            "blocks": len(self.blocks),
+            "bytes": sum(len(b) for b in self.blocks.values()),
+        }
+
+
+class _Collect:
+    """In-memory block sink: nothing reaches a store until the whole build succeeded."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[CID, bytes] = {}
+
+    def put(self, cid: CID, data: bytes) -> None:
+        self.blocks[cid] = data
+
+
+def _sources_digest(paths: list[Path]) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(paths)}
+
+
+def _py_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _expires(ff: FlowFile) -> int:
+    try:
+        return calendar.timegm(time.strptime(ff.data["trust"]["expires"], "%Y-%m-%d"))
+    except ValueError:
+        raise flowfile.FlowFileError([ff.error(("trust", "expires"), "not a valid date (YYYY-MM-DD)")]) from None
+
+
+def _kernel_from_deb(deb: Path) -> bytes:
+    images = [f for f in read_deb(deb) if f.kind == "file" and f.path.startswith("boot/vmlinuz-")]
+    if len(images) != 1:
+        raise BuildError(f"{deb.name}: expected one boot/vmlinuz-* file, found {len(images)}")
+    return images[0].data
+
+
+def _module_entries(deb: Path, names: list[str]) -> list[initramfs.Entry]:
+    """The named kernel modules and their depends= closure, flat in /lib/modules, plus
+    /etc/cidboot/modules listing them in load order (read by cidboot.pid1 at boot)."""
+    import tempfile
+
+    from cidboot import pid1
+
+    kos = {f.path.rsplit("/", 1)[-1]: f.data for f in read_deb(deb) if f.kind == "file" and f.path.endswith(".ko")}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in kos.items():
+            Path(tmp, name).write_bytes(data)
+        index = pid1.module_index(tmp)
+        try:
+            order = pid1.load_order(names, index)
+        except pid1.ModuleNotFound as e:
+            raise BuildError(f"{deb.name}: {e}") from None
+        entries = [initramfs.Entry.file(f"lib/modules/{n}.ko", index[n].read_bytes()) for n in order]
+    return entries + [initramfs.Entry.file("etc/cidboot/modules", ("\n".join(order) + "\n").encode())]
+
+
+def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = None,
+          cache_root: Path | None = None) -> BuildResult:
+    """Build the flow into layers and a signed manifest (blocks returned, not yet stored)."""
+    say = progress or (lambda _msg: None)
+    ff = flowfile.load(flow_path)
+    lpath = lock_path(ff.path)
+    lock = Lock.load(lpath)
+    flowfile.check_lock(ff, {k: asdict(v) for k, v in lock.debs.items()}, {k: asdict(v) for k, v in lock.wheels.items()})
+    hint = f"the lock {lpath} is stale: run `imagebuilder lock {ff.path}` to refresh it"
+    cache = BuildCache(cache_root or Path(os.environ.get("CIDBOOT_BUILD_CACHE") or cache_dir() / "layers"))
+    image = ff.data["image"]
+    comp = image.get("compression", "xz")
+    epoch = source_date_epoch()
+    signers = [keys.load_private_key(ff.dir / k) for k in ff.data["trust"]["keys"]]
+    threshold = int(ff.data["trust"]["threshold"])
+    root = RootOfTrust.from_public_keys([k.public_key() for k in signers], threshold)
+
+    built: dict[str, BuiltLayer] = {}
+
+    def layer(role: str, inputs: object, make: Callable[[], bytes]) -> None:
+        k = key(role, {"inputs": inputs, "compression": comp, "epoch": epoch})
+        data = cache.get(k)
+        cached = data is not None
+        if data is None:
+            say(f"building {role} layer")
+            data = make()
+            cache.put(k, data)
+        built[role] = BuiltLayer(role, data, layer_cid(data), cached)
+
+    # kernel
+    kspec = image["kernel"]
+    if "path" in kspec:
+        kfile = ff.dir / kspec["path"]
+        layer("kernel", hashlib.sha256(kfile.read_bytes()).hexdigest(), kfile.read_bytes)
+    else:
+        kpin = lock.debs[kspec["package"]]
+        layer("kernel", asdict(kpin), lambda: _kernel_from_deb(fetch_deb(kpin, hint)))
+
+    # python code: the component, cidboot and the operations, analysed against the Debian stdlib
+    component = COMPONENT[ff.target]
+    code_files = _py_files(REPO / "cidboot") + _py_files(REPO / component)
+    op_modules = sorted({op["implementation"].split(":", 1)[0] for op in ff.data["dataflow"]["operations"].values()})
+    op_files = sorted({flowfile.implementation_file(ff, op["implementation"])
+                       for op in ff.data["dataflow"]["operations"].values()})
+    rt_names = sorted(((image.get("python") or {}).get("runtime") or {}).get("packages", []))
+    rt_pins = [asdict(lock.debs[n]) for n in rt_names]
+    extra = list((image.get("python") or {}).get("modules", []))
+    wheel_pins = [asdict(lock.wheels[wheel_name(n)]) for n in sorted((image.get("python") or {}).get("wheels", []))]
+    wheel_roots: list[Path] = []
+    code_digest = _sources_digest(code_files)
+    ops_digest = _sources_digest(op_files)
+    graph_cache: list[pyimports.ImportGraph] = []
+    sysroot_cache: list[Path] = []
+
+    def sysroot() -> Path:
+        if not sysroot_cache:
+            if not rt_names:
+                raise BuildError(f"{ff.path}: image.python.runtime.packages is empty; the stage needs an interpreter")
+            say("unpacking pinned runtime packages")
+            debs = [fetch_deb(lock.debs[n], hint) for n in rt_names]
+            sysroot_cache.append(initramfs.stage_sysroot(debs, cache_dir() / "sysroots"))
+        return sysroot_cache[0]
+
+    def graph() -> pyimports.ImportGraph:
+        if not graph_cache:
+            sr = sysroot()
+            for w in wheel_pins:
+                wheel_roots.append(initramfs.unpack_wheel(fetch_wheel(lock.wheels[w["name"]], hint),
+                                                          cache_dir() / "wheels-unpacked"))
+            roots = [REPO, ff.dir, sr / initramfs.STDLIB, sr / initramfs.STDLIB / "lib-dynload", *wheel_roots]
+            entries = [".".join(p.relative_to(REPO).with_suffix("").parts) for p in _py_files(REPO / component)]
+            entries = [e.removesuffix(".__init__") for e in entries] + ["cidboot.pid1"] + op_modules
+            say("analysing imports")
+            graph_cache.append(pyimports.analyse(entries, roots, extra))
+        return graph_cache[0]
+
+    kmods = sorted(kspec.get("modules", []))
+
+    def runtime() -> bytes:
+        entries = initramfs.runtime_entries(sysroot(), graph(), wheel_roots=wheel_roots)
+        if kmods:
+            entries += _module_entries(fetch_deb(lock.debs[kspec["package"]], hint), kmods)
+        return compress(archive_bytes(entries, epoch), comp)
+
+    layer("runtime", {"debs": rt_pins, "wheels": wheel_pins, "code": code_digest, "ops": ops_digest, "extra": extra,
+                      "kmods": kmods, "kernel": asdict(lock.debs[kspec["package"]]) if kmods else None}, runtime)
+    layer("agent", {"code": code_digest, "component": component},
+          lambda: compress(archive_bytes(initramfs.init_entries(component)
+                                         + initramfs.code_entries(graph(), REPO, initramfs.APP), epoch), comp))
+    layer("operations", ops_digest,
+          lambda: compress(archive_bytes(initramfs.code_entries(graph(), ff.dir, initramfs.OPS), epoch), comp))
+    files = {dest: ff.dir / src for dest, src in (image.get("files") or {}).items()}
+    flow_doc = {k: ff.data[k] for k in ("name", "version", "dataflow", "placement", "policies") if k in ff.data}
+    flow_json = json.dumps(flow_doc, sort_keys=True, indent=1).encode()
+    layer("config", {"flow": hashlib.sha256(flow_json).hexdigest(), "files": _sources_digest(list(files.values())),
+                     "dests": sorted(files)},
+          lambda: compress(archive_bytes([initramfs.Entry.file("etc/cidboot/flow.json", flow_json)]
+                                         + initramfs.data_entries(files), epoch), comp))
+
+    sink = _Collect()
+    layers = [built[r] for r in ROLES]
+    for lyr in layers:
+        say(f"hashing {lyr.role} layer ({lyr.size} bytes)")
+        import_bytes(lyr.data, sink, UNIXFS)
+    flow_block = dagcbor.encode(ff.data["dataflow"])
+    flow_cid = CID.of(flow_block, DAG_CBOR)
+    sink.put(flow_cid, flow_block)
+    operations: dict[str, CID] = {}
+    for name, op in sorted(ff.data["dataflow"]["operations"].items()):
+        operations[name] = import_bytes(flowfile.implementation_file(ff, op["implementation"]).read_bytes(), sink,
+                                        UNIXFS).cid
+    initrd = b"".join(lyr.data for lyr in layers[1:])
+    measurements = {ff.target: code_hash_of_blobs([layers[0].data, initrd])}
+    manifest = Manifest(
+        name=ff.name, version=int(ff.data["version"]), expires=_expires(ff),
+        layers=tuple(Layer(lyr.cid, lyr.size, lyr.role) for lyr in layers), root=root,
+        measurements=measurements, flow=flow_cid, operations=operations,
+        placement={k: list(v) for k, v in sorted((ff.data.get("placement") or {}).items())},
+        policies=list(ff.data.get("policies") or []), cmdline=str(image.get("cmdline", "")))
+    signed = sign_manifest(manifest, signers[:threshold])
+    block = signed.encode()
+    mcid = CID.of(block, DAG_CBOR)
+    sink.put(mcid, block)
+    unresolved: list[str] = []
+    if graph_cache:  # names whose parent module was found are attributes (`from x import y`), not modules
+        found = graph_cache[0].modules
+        unresolved = sorted(n for n in graph_cache[0].unresolved if n.rpartition(".")[0] not in found
+                            and not any(u != n and n.startswith(u + ".") for u in graph_cache[0].unresolved))
+    return BuildResult(mcid, manifest, layers, sink.blocks, flow_cid, operations, unresolved)
+

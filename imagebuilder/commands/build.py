@@ -1,0 +1,73 @@
+"""`imagebuilder build flow.yaml`: layers + signed manifest; prints the manifest CID last."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from cidboot.blockstore import Blockstore, default_store_path
+from cidboot.car import CarWriter
+from cidboot.cli import print_json
+from imagebuilder.build import BuildResult, build
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("build", help="build a flow into layers and a signed manifest",
+                       description="Build FLOW (flow.yaml, pinned by flow.lock beside it) into content-addressed "
+                                   "layers and a signed workload manifest; print the manifest CID as the last line.")
+    p.add_argument("flow", type=Path)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--store", type=Path, help=f"block store directory (default: $CIDBOOT_STORE or {default_store_path()})")
+    where.add_argument("--kubo", metavar="URL", help="publish to a Kubo node's RPC, e.g. http://127.0.0.1:5001")
+    where.add_argument("--car", type=Path, metavar="FILE", help="write every block to a CARv1 file (root: the manifest)")
+    p.add_argument("--json", action="store_true", help="every CID and size as JSON")
+    p.set_defaults(func=run)
+
+
+def _write(res: BuildResult, args: argparse.Namespace) -> None:
+    blocks = sorted(res.blocks.items(), key=lambda kv: bytes(kv[0]))
+    if args.car:
+        args.car.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=args.car.parent, prefix=".car-")
+        with open(fd, "wb") as f:
+            w = CarWriter(f, [res.manifest_cid])
+            for cid, data in blocks:
+                w.write(cid, data)
+        Path(tmp).replace(args.car)
+    elif args.kubo:
+        from cidboot.kubo import KuboClient
+
+        kubo = KuboClient(args.kubo)
+        for cid, data in blocks:
+            kubo.put(cid, data)
+        kubo.pin(res.manifest_cid)
+    else:
+        store = Blockstore(args.store)
+        with store.deferred_sync():
+            for cid, data in blocks:
+                store.put(cid, data)
+        store.pin(res.manifest_cid)
+
+
+def run(args: argparse.Namespace) -> int:
+    quiet = args.quiet or args.json
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"imagebuilder: {msg}", file=sys.stderr, flush=True)
+
+    res = build(args.flow, progress=say)
+    _write(res, args)
+    if args.json:
+        print_json(res.to_json())
+        return 0
+    if not args.quiet:
+        for lyr in res.layers:
+            print(f"{lyr.role:<11} {lyr.cid} {lyr.size:>10}{'  (cached)' if lyr.cached else ''}")
+        if res.unresolved_imports:
+            say(f"imports not in the image (built in to the interpreter or optional): "
+                f"{', '.join(res.unresolved_imports)}")
+    print(res.manifest_cid)
+    return 0

@@ -1,0 +1,94 @@
+"""`imagebuilder inspect CID`: what an image holds, read back from the store (no network).
+
+Shows the manifest's layers and sizes, measurements, the flow graph (operations and the
+definitions that connect them), placement, policies and every file in the archive layers:
+that list is the image's attack surface.
+"""
+
+from __future__ import annotations
+
+import argparse
+import stat
+from pathlib import Path
+from typing import Any
+
+from cidboot import dagcbor
+from cidboot.blockstore import Blockstore, default_store_path
+from cidboot.cid import CID
+from cidboot.cli import print_json
+from cidboot.manifest import SignedManifest
+from cidboot.unixfs.exporter import export_file
+from imagebuilder.cpio import decompress, read_newc
+from imagebuilder.flowfile import operation_edges
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("inspect", help="show an image's layers, measurements, flow graph and file list",
+                       description="Read manifest CID from the block store and show its layers, sizes, "
+                                   "measurements, flow graph and the files of each layer (the attack surface).")
+    p.add_argument("cid", type=CID.parse)
+    p.add_argument("--store", type=Path, help=f"block store directory (default: $CIDBOOT_STORE or {default_store_path()})")
+    p.add_argument("--no-files", action="store_true", help="skip the per-layer file lists")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def _kind(mode: int) -> str:
+    return "d" if stat.S_ISDIR(mode) else "l" if stat.S_ISLNK(mode) else "c" if stat.S_ISCHR(mode) else "-"
+
+
+def describe(store: Blockstore, cid: CID, files: bool = True) -> dict[str, Any]:
+    m = SignedManifest.decode(store.get(cid)).manifest
+    layers = []
+    for lyr in m.layers:
+        entry: dict[str, Any] = {"role": lyr.role, "cid": str(lyr.cid), "size": lyr.size}
+        if files and lyr.role != "kernel":
+            data = b"".join(export_file(lyr.cid, store.get))
+            entry["files"] = [{"path": f.path, "kind": _kind(f.mode), "mode": oct(stat.S_IMODE(f.mode)),
+                               "size": f.size, **({"target": f.target} if f.target else {})}
+                              for f in read_newc(decompress(data))]
+        layers.append(entry)
+    flow: dict[str, Any] = {}
+    if m.flow is not None and store.has(m.flow):
+        df = dagcbor.decode(store.get(m.flow))
+        flow = {"operations": {n: {"inputs": op.get("inputs", {}), "outputs": op.get("outputs", {}),
+                                   "implementation": op["implementation"]} for n, op in df["operations"].items()},
+                "edges": sorted([a, b] for a, bs in operation_edges(df).items() for b in bs)}
+    return {"manifest": str(cid), "name": m.name, "version": m.version, "expires": m.expires,
+            "cmdline": m.cmdline, "layers": layers,
+            "measurements": {k: v.hex() for k, v in sorted(m.measurements.items())},
+            "flow_cid": str(m.flow) if m.flow else None, "flow": flow,
+            "operations": {k: str(v) for k, v in sorted(m.operations.items())},
+            "placement": m.placement, "policies": m.policies,
+            "root": {"threshold": m.root.threshold, "keys": len(m.root.keys)}}
+
+
+def run(args: argparse.Namespace) -> int:
+    d = describe(Blockstore(args.store), args.cid, files=not args.no_files)
+    if args.json:
+        print_json(d)
+        return 0
+    print(f"manifest {d['manifest']}  {d['name']} v{d['version']}  expires {d['expires']}")
+    print(f"cmdline  {d['cmdline']}")
+    print(f"signers  {d['root']['threshold']} of {d['root']['keys']} root keys")
+    for k, v in d["measurements"].items():
+        print(f"measure  {k}: {v}")
+    print("layers")
+    for lyr in d["layers"]:
+        n = f"  {len(lyr['files'])} files" if "files" in lyr else ""
+        print(f"  {lyr['role']:<11} {lyr['cid']} {lyr['size']:>10}{n}")
+    if d["flow"]:
+        print(f"flow {d['flow_cid']}")
+        for name, op in sorted(d["flow"]["operations"].items()):
+            print(f"  {name} = {op['implementation']}  {op['inputs']} -> {op['outputs']}  code {d['operations'].get(name)}")
+        for a, b in d["flow"]["edges"]:
+            print(f"  {a} -> {b}")
+    for role, ops in sorted(d["placement"].items()):
+        print(f"placement {role}: {', '.join(ops)}")
+    for pol in d["policies"]:
+        print(f"policy {pol}")
+    for lyr in d["layers"]:
+        for f in lyr.get("files", []):
+            tgt = f" -> {f['target']}" if "target" in f else ""
+            print(f"{lyr['role']:<11} {f['kind']}{f['mode'][2:]:>4} {f['size']:>9} /{f['path']}{tgt}")
+    return 0

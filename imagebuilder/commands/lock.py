@@ -1,0 +1,42 @@
+"""`imagebuilder lock flow.yaml`: resolve and record exact pins in flow.lock beside the flow."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cidboot.cli import print_json
+from imagebuilder import flowfile
+from imagebuilder.lock import lock_path, make_lock
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("lock", help="pin the flow's Debian packages and wheels in flow.lock",
+                       description="Resolve every Debian package (apt-cache show + apt-get download) and wheel "
+                                   "(pip download --only-binary :all: --no-deps) the flow names, and write name, "
+                                   "version and SHA-256 of each to flow.lock beside it (sorted JSON).")
+    p.add_argument("flow", type=Path)
+    p.add_argument("--json", action="store_true", help="print the lock as JSON instead of a summary")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    ff = flowfile.load(args.flow, require_keys=False)
+    quiet = args.quiet or args.json
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"imagebuilder: pinned {msg}", file=sys.stderr, flush=True)
+
+    lock = make_lock(ff, say)
+    out = lock_path(ff.path)
+    text = lock.to_json()
+    out.write_text(text)
+    if args.json:
+        import json
+
+        print_json(json.loads(text))
+    else:
+        print(out)
+    return 0

@@ -1,0 +1,180 @@
+"""Assemble a stage's root file system as cpio entries: no shell, no busybox, Python as /init.
+
+The parts are produced separately so each can become its own layer: the runtime (interpreter,
+the stdlib modules the stage imports with their bytecode, extension modules, and the shared
+libraries they reach), the project code (cidboot plus the stage's component), the operations
+and the config. Linux unpacks concatenated compressed cpio archives in order into one rootfs,
+so the layers together form the initramfs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from imagebuilder import elfdeps
+from imagebuilder.cpio import Entry
+from imagebuilder.debpkg import read_deb
+from imagebuilder.pycompile import compile_source, pyc_path
+from imagebuilder.pyimports import ImportGraph
+
+PYTHON = "/usr/bin/python3.11"
+STDLIB = "usr/lib/python3.11"
+APP = "opt/cidboot"  # project code and wheels
+OPS = "opt/cidboot/ops"
+
+
+def stage_sysroot(debs: Iterable[Path], root_base: Path) -> Path:
+    """Unpack pinned .debs into a directory named for their hashes (reused while unchanged)."""
+    debs = sorted(debs)
+    key = hashlib.sha256("\n".join(p.name for p in debs).encode()).hexdigest()[:20]
+    root = root_base / key
+    if (root / ".complete").exists():
+        return root
+    tmp = root.with_name(root.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    for deb in debs:
+        for f in read_deb(deb):
+            dest = tmp / f.path
+            if f.kind == "dir":
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.is_symlink() or dest.exists():
+                dest.unlink()
+            if f.kind == "symlink":
+                dest.symlink_to(f.target)
+            else:
+                dest.write_bytes(f.data)
+                dest.chmod(f.mode & 0o755 | 0o600)
+    (tmp / ".complete").touch()
+    if root.exists():
+        import shutil
+
+        shutil.rmtree(root)
+    tmp.rename(root)
+    return root
+
+
+def python_entries(files: dict[str, bytes]) -> list[Entry]:
+    """Sources plus unchecked-hash bytecode for each image path -> source."""
+    out = []
+    for path, src in sorted(files.items()):
+        out.append(Entry.file(path, src))
+        out.append(Entry.file(pyc_path(path), compile_source(src, path)))
+    return out
+
+
+def unpack_wheel(wheel: Path, base: Path) -> Path:
+    """A wheel's files in a directory named for its content hash (a wheel is a zip, never run)."""
+    import zipfile
+
+    root = base / hashlib.sha256(wheel.read_bytes()).hexdigest()[:20]
+    if (root / ".complete").exists():
+        return root
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            name = os.path.normpath(info.filename)
+            if name.startswith(("/", "..")) or info.is_dir():
+                continue
+            dest = root / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(z.read(info))
+    (root / ".complete").touch()
+    return root
+
+
+def runtime_entries(sysroot: Path, graph: ImportGraph, arch: str = "amd64",
+                    wheel_roots: Iterable[Path] = ()) -> list[Entry]:
+    """The interpreter, the imported stdlib and wheel modules and every library they reach."""
+    stdlib_root = sysroot / STDLIB
+    py: dict[str, bytes] = {}
+    elves = [PYTHON]
+    wheel_elves: list[Entry] = []
+    wroots = list(wheel_roots)
+    for path in graph.files():
+        wroot = next((w for w in wroots if path.is_relative_to(w)), None)
+        if wroot is not None:  # wheel code goes to /opt/cidboot/lib
+            dest = f"{APP}/lib/{path.relative_to(wroot)}"
+            if path.suffix == ".py":
+                py[dest] = path.read_bytes()
+            else:
+                wheel_elves.append(Entry.file(dest, path.read_bytes(), 0o755))
+            continue
+        try:
+            rel = path.relative_to(sysroot)
+        except ValueError:
+            continue  # not a runtime file (project code, ops)
+        if path.suffix == ".py":
+            py[str(rel)] = path.read_bytes()
+        else:
+            elves.append("/" + str(rel))
+    # wheel extensions: their libraries must be in the Debian tree too (manylinux: libc and friends)
+    tree = elfdeps.MemTree()
+    for e in wheel_elves:
+        tree.files["/" + e.path] = e.data
+    # the interpreter locates its prefix by the landmark os.py, which analysis already included
+    assert (stdlib_root / "os.py").is_file()
+    closure = elfdeps.closure(_Overlay(tree, elfdeps.DirTree(sysroot)), elves + sorted(tree.files), arch)
+    out = python_entries(py) + wheel_elves
+    shipped = {"/" + e.path for e in wheel_elves}
+    closure.files = [f for f in closure.files if f not in shipped]
+    for f in closure.files:
+        host = sysroot / f.lstrip("/")
+        out.append(Entry.file(f.lstrip("/"), host.read_bytes(), 0o755))
+    for link, target in closure.links.items():
+        out.append(Entry.symlink(link.lstrip("/"), target))
+    return out
+
+
+class _Overlay:
+    """Wheel extension modules (in memory) over the unpacked Debian tree."""
+
+    def __init__(self, top: elfdeps.MemTree, base: elfdeps.DirTree) -> None:
+        self.top, self.base = top, base
+
+    def read(self, path: str) -> bytes | None:
+        return self.top.read(path) if path in self.top.files else self.base.read(path)
+
+    def readlink(self, path: str) -> str | None:
+        return self.base.readlink(path)
+
+
+def code_entries(graph: ImportGraph, src_root: Path, dest: str) -> list[Entry]:
+    """Project modules of the graph that live under `src_root`, placed under `dest`."""
+    files: dict[str, bytes] = {}
+    for path in graph.files():
+        try:
+            rel = path.relative_to(src_root)
+        except ValueError:
+            continue
+        if path.suffix == ".py":
+            files[f"{dest}/{rel}"] = path.read_bytes()
+    return python_entries(files)
+
+
+def data_entries(files: dict[str, Path]) -> list[Entry]:
+    """Extra files from the flow: image path -> file beside the flow."""
+    return [Entry.file(dest, src.read_bytes(), stat.S_IMODE(os.stat(src).st_mode) & 0o755 | 0o444)
+            for dest, src in sorted(files.items())]
+
+
+def init_entries(entry_module: str) -> list[Entry]:
+    """/init: the interpreter in isolated mode, PID-1 duties from cidboot.pid1, then the stage."""
+    script = (f"#!{PYTHON} -IS\n"
+              f'"""PID 1 of this stage: set up /dev, /proc, /sys, then run {entry_module}."""\n'
+              f"import sys\n"
+              f"sys.path[:0] = ['/{APP}', '/{APP}/lib', '/{OPS}']\n"
+              f"from cidboot.pid1 import run_stage\n"
+              f"run_stage({entry_module!r})\n")
+    return [Entry.file("init", script.encode(), 0o755), Entry.directory("dev"), Entry.directory("proc"),
+            Entry.directory("sys"), Entry.directory("tmp", 0o1777), Entry.chardev("dev/console", 5, 1),
+            # CPython seeds its hash before /init runs; early in boot getrandom() would block, so it
+            # falls back to /dev/urandom, which must exist before devtmpfs is mounted
+            Entry.chardev("dev/urandom", 1, 9, 0o444), Entry.chardev("dev/null", 1, 3, 0o666)]

@@ -1,0 +1,40 @@
+"""Layers: the image's parts as separate UnixFS files, so an unchanged part keeps its CID.
+
+Order and roles are fixed: kernel (the bare bzImage, so stages can kexec it), runtime
+(interpreter + stdlib subset + libraries), agent (project code and /init), operations (the
+flow's implementation modules) and config (the flow itself and extra files). The last four
+are compressed newc archives that the kernel unpacks, concatenated, as one initramfs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cidboot.cid import CID
+from cidboot.unixfs import ImportOptions, import_bytes
+from cidboot.unixfs.importer import BlockSink
+
+ROLES = ("kernel", "runtime", "agent", "operations", "config")
+UNIXFS = ImportOptions(cid_version=1)  # CIDv1, raw leaves, 256 KiB chunks
+
+
+@dataclass(frozen=True)
+class BuiltLayer:
+    role: str
+    data: bytes
+    cid: CID
+    cached: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+def layer_cid(data: bytes) -> CID:
+    """The layer's UnixFS CID without storing anything."""
+    return import_bytes(data, None, UNIXFS).cid
+
+
+def publish(data: bytes, sink: BlockSink) -> CID:
+    """Write the layer's UnixFS blocks to a sink (block store, Kubo, CAR)."""
+    return import_bytes(data, sink, UNIXFS).cid

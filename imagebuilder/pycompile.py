@@ -1,0 +1,53 @@
+"""Reproducible bytecode for the target interpreter (Debian python3.11 3.11.2).
+
+Debian's packages ship no .pyc, and compiling at every boot roughly doubles start-up under
+emulation, so the image carries bytecode compiled at build time with the unchecked-hash
+invalidation mode (PEP 552): no source mtimes in the files, and the interpreter never
+re-checks them on a read-only root. Bytecode is only valid for the same magic number, so
+the host compiler must match the target's (3.11.x all use 3495).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import py_compile
+import tempfile
+from pathlib import Path
+
+from cidboot.errors import CidbootError
+
+TARGET_VERSION = "3.11"
+TARGET_MAGIC = (3495).to_bytes(2, "little") + b"\r\n"
+CACHE_TAG = "cpython-311"
+
+
+class BytecodeMismatchError(CidbootError):
+    """The build host's compiler emits bytecode the target interpreter cannot load."""
+
+
+def check_magic() -> None:
+    if importlib.util.MAGIC_NUMBER != TARGET_MAGIC:
+        raise BytecodeMismatchError(
+            f"host Python magic {importlib.util.MAGIC_NUMBER!r} differs from the target's {TARGET_MAGIC!r} "
+            f"(Python {TARGET_VERSION}); run the image builder with a Python {TARGET_VERSION} interpreter")
+
+
+def pyc_path(image_path: str) -> str:
+    """Where the interpreter looks for a module's bytecode: dir/__pycache__/mod.cpython-311.pyc."""
+    d, _, f = image_path.rpartition("/")
+    return f"{d}/__pycache__/{f[:-3]}.{CACHE_TAG}.pyc"
+
+
+def compile_source(source: bytes, image_path: str) -> bytes:
+    """Bytecode for `source` as if it lived at `image_path` in the image (that path goes in
+    tracebacks, not the build directory)."""
+    check_magic()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "m.py")
+        src.write_bytes(source)
+        out = Path(tmp, "m.pyc")
+        os.utime(src, (0, 0))
+        py_compile.compile(str(src), cfile=str(out), dfile="/" + image_path.lstrip("/"), doraise=True,
+                           optimize=0, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        return out.read_bytes()

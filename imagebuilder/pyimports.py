@@ -1,0 +1,125 @@
+"""Static import analysis: which modules a stage's entry points can import, found in the
+target's own stdlib tree (Debian's libpython3.11-stdlib), never in the build host's.
+
+An image ships only the stdlib modules its code actually imports. Imports are read with `ast`
+(never executed), following `import x`, `from x import y` (y may be a submodule) and relative
+imports, through the staged tree's search roots. Imports that are in no root are either
+interpreter built-ins or optional (guarded by try/except); they are reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cidboot.errors import FormatError
+
+# what the interpreter itself imports before the entry module runs (with -I -S)
+STARTUP = ("encodings", "encodings.aliases", "encodings.utf_8", "encodings.latin_1", "encodings.ascii",
+           "codecs", "io", "abc", "os", "stat", "posixpath", "genericpath", "_collections_abc")
+
+
+# development-only stdlib parts, reached statically through debugging helpers (heapq's and
+# typing's self-tests import doctest -> pdb -> readline); never shipped in an appliance
+EXCLUDED = frozenset({"doctest", "pdb", "unittest", "test", "pydoc", "pydoc_data", "tkinter", "idlelib", "lib2to3",
+                      "distutils", "ensurepip", "venv", "turtle", "turtledemo", "_testcapi", "_testinternalcapi",
+                      "webbrowser", "readline", "rlcompleter", "bdb", "cmd", "code", "codeop", "tracemalloc",
+                      "_aix_support", "_osx_support", "_bootsubprocess"})
+
+
+def _is_main_guard(node: ast.AST) -> bool:
+    """`if __name__ == "__main__":`: code that only runs as a script, not on import."""
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
+            and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in node.test.comparators))
+
+
+class ImportAnalysisError(FormatError):
+    """A module that must be analysed cannot be parsed."""
+
+
+@dataclass
+class ImportGraph:
+    """Modules found (name -> file), and names found nowhere (built-in or optional)."""
+
+    modules: dict[str, Path] = field(default_factory=dict)
+    unresolved: set[str] = field(default_factory=set)
+    excluded: set[str] = field(default_factory=set)
+
+    def files(self) -> list[Path]:
+        return sorted(set(self.modules.values()))
+
+
+def find_module(name: str, roots: list[Path]) -> Path | None:
+    """The file defining `name` in the first root that has it (package, module or extension)."""
+    rel = Path(*name.split("."))
+    for root in roots:
+        pkg = root / rel / "__init__.py"
+        if pkg.is_file():
+            return pkg
+        mod = root / rel.with_suffix(".py")
+        if mod.is_file():
+            return mod
+        parent = root / rel.parent
+        if parent.is_dir():
+            for ext in (sorted(parent.glob(rel.name + ".cpython-311-*.so")) + sorted(parent.glob(rel.name + ".abi3.so"))
+                        + sorted(parent.glob(rel.name + ".so"))):
+                return ext
+    return None
+
+
+def _imports(tree: ast.AST, name: str, is_pkg: bool) -> list[str]:
+    out: list[str] = []
+    pkg = name if is_pkg else name.rpartition(".")[0]
+    stack = [tree]
+    nodes: list[ast.AST] = []
+    while stack:
+        n = stack.pop()
+        nodes.append(n)
+        stack.extend(c for c in ast.iter_child_nodes(n) if not _is_main_guard(c))
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            out.extend(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = pkg.split(".") if pkg else []
+                base_parts = parts[:len(parts) - (node.level - 1)] if node.level > 1 else parts
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if base:
+                out.append(base)
+                out.extend(f"{base}.{a.name}" for a in node.names if a.name != "*")
+    return out
+
+
+def analyse(entries: Iterable[str], roots: list[Path], extra: Iterable[str] = ()) -> ImportGraph:
+    """The import closure of the entry modules (plus interpreter start-up modules)."""
+    g = ImportGraph()
+    queue = [*STARTUP, *extra, *entries]
+    while queue:
+        name = queue.pop()
+        if name in g.modules or name in g.unresolved:
+            continue
+        if name.split(".")[0] in EXCLUDED:
+            g.excluded.add(name)
+            continue
+        # importing a.b.c imports a and a.b first
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            queue.append(".".join(parts[:i]))
+        path = find_module(name, roots)
+        if path is None:
+            g.unresolved.add(name)
+            continue
+        g.modules[name] = path
+        if path.suffix != ".py":
+            continue
+        try:
+            tree = ast.parse(path.read_bytes(), str(path))
+        except SyntaxError as e:
+            raise ImportAnalysisError(f"{path}:{e.lineno}: cannot parse: {e.msg}") from None
+        queue.extend(_imports(tree, name, path.name == "__init__.py"))
+    return g
