@@ -245,19 +245,26 @@ def sign1(
     return cbor2.dumps(cbor2.CBORTag(TAG_SIGN1, msg) if tagged else msg, canonical=True)
 
 
-def decode_sign1(data: bytes) -> Sign1:
-    obj = cbor_loads_exact(data, "COSE_Sign1")
+def _decode_envelope(data: bytes, what: str, tag: int) -> tuple[dict[int, Any], bytes, Any, bytes | None, Any]:
+    """The part COSE_Sign1 and COSE_Sign share: optional tag, 4-item array, protected and
+    unprotected headers, payload. Returns (protected, protected_raw, unprotected, payload, 4th item)."""
+    obj = cbor_loads_exact(data, what)
     if isinstance(obj, cbor2.CBORTag):
-        if obj.tag != TAG_SIGN1:
-            raise CoseFormatError(f"COSE_Sign1: wrong tag {obj.tag} (expected 18)")
+        if obj.tag != tag:
+            raise CoseFormatError(f"{what}: wrong tag {obj.tag} (expected {tag})")
         obj = obj.value
     if not isinstance(obj, list | tuple) or len(obj) != 4:  # cbor2 gives tuples inside tags
-        raise CoseFormatError("COSE_Sign1: must be an array of 4 items")
-    prot_raw, unprot, payload, sig = obj
-    prot = _decode_protected(prot_raw, "COSE_Sign1")
-    _check_headers(prot, unprot, "COSE_Sign1")
+        raise CoseFormatError(f"{what}: must be an array of 4 items")
+    prot_raw, unprot, payload, last = obj
+    prot = _decode_protected(prot_raw, what)
+    _check_headers(prot, unprot, what)
     if payload is not None and not isinstance(payload, bytes):
-        raise CoseFormatError("COSE_Sign1: payload must be a byte string or nil")
+        raise CoseFormatError(f"{what}: payload must be a byte string or nil")
+    return prot, prot_raw, unprot, payload, last
+
+
+def decode_sign1(data: bytes) -> Sign1:
+    prot, prot_raw, unprot, payload, sig = _decode_envelope(data, "COSE_Sign1", TAG_SIGN1)
     if not isinstance(sig, bytes):
         raise CoseFormatError("COSE_Sign1: signature must be a byte string")
     if not isinstance(prot.get(HDR_ALG), int):
@@ -317,18 +324,7 @@ def sign_multi(payload: bytes, signers: list[tuple[PrivateKey, bytes]], *, prote
 
 
 def decode_sign(data: bytes) -> SignMulti:
-    obj = cbor_loads_exact(data, "COSE_Sign")
-    if isinstance(obj, cbor2.CBORTag):
-        if obj.tag != TAG_SIGN:
-            raise CoseFormatError(f"COSE_Sign: wrong tag {obj.tag} (expected 98)")
-        obj = obj.value
-    if not isinstance(obj, list | tuple) or len(obj) != 4:  # cbor2 gives tuples inside tags
-        raise CoseFormatError("COSE_Sign: must be an array of 4 items")
-    prot_raw, unprot, payload, sigs = obj
-    prot = _decode_protected(prot_raw, "COSE_Sign")
-    _check_headers(prot, unprot, "COSE_Sign")
-    if payload is not None and not isinstance(payload, bytes):
-        raise CoseFormatError("COSE_Sign: payload must be a byte string or nil")
+    prot, prot_raw, unprot, payload, sigs = _decode_envelope(data, "COSE_Sign", TAG_SIGN)
     if not isinstance(sigs, list | tuple) or not sigs:
         raise CoseFormatError("COSE_Sign: signatures must be a non-empty array")
     out = []

@@ -199,11 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(404, str(e))
             return
         etag = f'"{cid}.raw"'
-        if self.headers.get("If-None-Match") in (etag, "*"):
-            self.send_response(304)
-            self.send_header("ETag", etag)
-            self.end_headers()
-            self.server.metrics.record(304, 0)
+        if self._not_modified(etag):
             return
         span = _single_range(self.headers.get("Range"), len(block))
         if span == "unsatisfiable":
@@ -275,14 +271,20 @@ class _Handler(BaseHTTPRequestHandler):
                     yield c, b
                     stack.extend(lk.cid for lk in reversed(dagpb.decode(b).links) if len(lk.name or "") == width)
 
+    def _not_modified(self, etag: str) -> bool:
+        """Answer 304 when the client already holds this response (blocks never change)."""
+        if self.headers.get("If-None-Match") not in (etag, "*"):
+            return False
+        self.send_response(304)
+        self.send_header("ETag", etag)
+        self.end_headers()
+        self.server.metrics.record(304, 0)
+        return True
+
     def _send_car(self, req: GatewayRequest, res: Resolved) -> None:
         params = f"{req.dag_scope}.{req.entity_bytes}.{req.car_dups}"
         etag = f'W/"{req.cid}.car.{hashlib.sha256((self.path.split("?")[0] + params).encode()).hexdigest()[:16]}"'
-        if self.headers.get("If-None-Match") in (etag, "*"):
-            self.send_response(304)
-            self.send_header("ETag", etag)
-            self.end_headers()
-            self.server.metrics.record(304, 0)
+        if self._not_modified(etag):
             return
         self.send_response(200)
         self.send_header("Content-Type", f"{CAR_TYPE}; version=1; order=dfs; dups={'y' if req.car_dups else 'n'}")
