@@ -76,7 +76,13 @@ def reap() -> list[tuple[int, int]]:
 
 
 def power_off(reason: str = "", *, restart: bool = False) -> None:
-    """Print the reason on the console, sync, and power off (or restart) with reboot(2)."""
+    """Print the reason on the console, sync, and power off (or restart) with reboot(2).
+
+    Only ever as PID 1 (the stage's /init inside a guest or board): anywhere else this would
+    power off the host, so it refuses.
+    """
+    if os.getpid() != 1:
+        raise Pid1Error(f"refusing to power off: not PID 1 (reason was: {reason or 'none'})")
     if reason:
         try:
             with open("/dev/console", "w") as con:
@@ -162,6 +168,8 @@ def load_modules(names: Iterable[str], root: str | Path = MODULE_DIR) -> list[st
 
 def run_stage(module: str) -> None:
     """Entry of /init: PID-1 set-up, then `module`'s main(); power off on any fatal error."""
+    if os.getpid() != 1:
+        raise Pid1Error("run_stage is the /init of a boot image and must run as PID 1")
     try:
         mount_basics()
         signal.signal(signal.SIGCHLD, lambda *_: reap())

@@ -55,3 +55,15 @@ def test_missing_dependency_is_named(modules: dict[str, Path]) -> None:
 def test_not_a_module() -> None:
     with pytest.raises(pid1.Pid1Error, match="not a kernel module"):
         pid1.modinfo(b"hello")
+
+
+def test_refuses_to_act_outside_pid1() -> None:
+    """Called on a host (not as /init), nothing is mounted and nothing powers off."""
+    import pytest
+
+    from cidboot import pid1
+
+    with pytest.raises(pid1.Pid1Error, match="not PID 1"):
+        pid1.power_off("test")
+    with pytest.raises(pid1.Pid1Error, match="must run as PID 1"):
+        pid1.run_stage("agent")
