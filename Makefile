@@ -19,7 +19,7 @@ bench: setup ## benchmarks; figures land in out/bench/*.json
 
 lint:
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m mypy cidboot imagebuilder bootstrap agent firmware bench examples
+	$(PYTHON) -m mypy cidboot imagebuilder bootstrap agent firmware qemu/harness bench examples
 
 clean:
 	rm -rf out build *.egg-info
