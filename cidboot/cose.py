@@ -215,13 +215,11 @@ def _signer_headers(key: PrivateKey, kid: bytes | None, protected: Mapping[int, 
 # -- COSE_Sign1 -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Sign1:
+class _HeaderAccess:
+    """alg and kid as a verifier reads them (kid may sit in either header bucket)."""
+
     protected: dict[int, Any]
-    protected_raw: bytes
     unprotected: dict[int, Any]
-    payload: bytes | None
-    signature: bytes
 
     @property
     def alg(self) -> int | None:
@@ -231,6 +229,15 @@ class Sign1:
     def kid(self) -> bytes | None:
         kid = self.protected.get(HDR_KID, self.unprotected.get(HDR_KID))
         return kid if isinstance(kid, bytes) else None
+
+
+@dataclass(frozen=True)
+class Sign1(_HeaderAccess):
+    protected: dict[int, Any]
+    protected_raw: bytes
+    unprotected: dict[int, Any]
+    payload: bytes | None
+    signature: bytes
 
 
 def sign1(
@@ -287,20 +294,11 @@ def verify1(msg: bytes | Sign1, public_key: PublicKey, *, external_aad: bytes = 
 
 
 @dataclass(frozen=True)
-class Signature:
+class Signature(_HeaderAccess):
     protected: dict[int, Any]
     protected_raw: bytes
     unprotected: dict[int, Any]
     signature: bytes
-
-    @property
-    def alg(self) -> int | None:
-        return self.protected.get(HDR_ALG)
-
-    @property
-    def kid(self) -> bytes | None:
-        kid = self.protected.get(HDR_KID, self.unprotected.get(HDR_KID))
-        return kid if isinstance(kid, bytes) else None
 
 
 @dataclass(frozen=True)
