@@ -25,6 +25,22 @@ def running_gateway(store: Blockstore) -> Iterator[GatewayServer]:
 
 
 @contextmanager
+def _serving(handler: type[BaseHTTPRequestHandler], on_stop: Callable[[], None] | None = None) -> Iterator[str]:
+    """Run a throwaway HTTP server on loopback for the duration of the block; yield its URL."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        if on_stop is not None:
+            on_stop()  # release handlers that are deliberately stalling
+        srv.shutdown()
+        srv.server_close()
+        time.sleep(0.05)
+
+
+@contextmanager
 def proxy_gateway(upstream: str, mangle: Callable[[str, bytes], bytes | None]) -> Iterator[str]:
     """A gateway that forwards to `upstream` and lets `mangle(path, body)` change the body;
     returning None means stall (send headers, then nothing) until the client gives up."""
@@ -53,16 +69,8 @@ def proxy_gateway(upstream: str, mangle: Callable[[str, bytes], bytes | None]) -
                 return
             self.wfile.write(out)
 
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        stop.set()
-        srv.shutdown()
-        srv.server_close()
-        time.sleep(0.05)
+    with _serving(H, on_stop=stop.set) as url:
+        yield url
 
 
 @contextmanager
@@ -92,11 +100,5 @@ def raw_only_gateway(upstream: str) -> Iterator[str]:
             self.end_headers()
             self.wfile.write(body)
 
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with _serving(H) as url:
+        yield url
