@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 
 from bootstrap.server.devices import Devices, DevicesFileError
-from bootstrap.server.leases import LeaseDB
+from bootstrap.server.leases import LeaseDB, LeaseError
 from cidboot import dhcp
 from cidboot.dhcp import DhcpFormatError
 
@@ -104,3 +105,21 @@ def test_arch_field_layout() -> None:
     raw = dhcp.build_request(MAC, dhcp.DISCOVER, xid=1, arch=dhcp.ARCH_ARM64_UEFI)
     i = raw.index(b"\x5d\x02")
     assert struct.unpack(">H", raw[i + 2 : i + 4])[0] == 11
+
+
+def test_reserved_address_goes_to_its_mac_only(tmp_path: Path) -> None:
+    p = tmp_path / "devices.yaml"
+    p.write_text('devices:\n  - {mac: "52:54:00:00:00:aa", role: sensor, ip: 10.0.0.12}\n'
+                 '  - {mac: "52:54:00:00:00:bb", role: aggregator}\n')
+    devices = Devices.load(p)
+    assert devices.lookup("52:54:00:00:00:AA", None).ip == "10.0.0.12"
+    db = LeaseDB("10.0.0.10", "10.0.0.14", reservations=devices.reservations())
+    others = [db.offer(f"52:54:00:00:01:{i:02x}") for i in range(5)]
+    assert "10.0.0.12" not in others and None in others  # the pool minus the reservation
+    assert db.offer("52:54:00:00:00:aa") == "10.0.0.12"
+    assert db.bind("52:54:00:00:00:aa", "10.0.0.12")
+    p.write_text('devices:\n  - {uuid: "4c4c4544-0000-1000-8000-000000000001", ip: 10.0.0.12}\n')
+    with pytest.raises(DevicesFileError, match="a fixed ip needs a mac"):
+        Devices.load(p)
+    with pytest.raises(LeaseError, match="not-an-ip"):
+        LeaseDB("10.0.0.10", "10.0.0.14", reservations={"52:54:00:00:00:aa": "not-an-ip"})

@@ -32,7 +32,8 @@ class Lease:
 
 class LeaseDB:
     def __init__(self, first: str, last: str, *, lease_seconds: int = 3600, path: Path | None = None,
-                 new_per_second: float = 50.0, per_mac_per_second: float = 5.0) -> None:
+                 new_per_second: float = 50.0, per_mac_per_second: float = 5.0,
+                 reservations: dict[str, str] | None = None) -> None:
         try:
             lo, hi = ipaddress.IPv4Address(first), ipaddress.IPv4Address(last)
         except ValueError as e:
@@ -40,6 +41,7 @@ class LeaseDB:
         if hi < lo or int(hi) - int(lo) > 65535:
             raise LeaseError(f"DHCP range {first}-{last} is empty or larger than 65536 addresses")
         self.pool = [str(ipaddress.IPv4Address(i)) for i in range(int(lo), int(hi) + 1)]
+        self.reservations = self._check_reservations(reservations or {})
         self.lease_seconds, self.path = lease_seconds, path
         self.by_mac: dict[str, Lease] = {}
         self._lock = threading.Lock()
@@ -48,6 +50,20 @@ class LeaseDB:
         self._mac_seen: dict[str, tuple[float, float]] = {}  # mac -> (tokens, last time)
         if path and path.exists():
             self._load(path)
+
+    @staticmethod
+    def _check_reservations(res: dict[str, str]) -> dict[str, str]:
+        """MAC -> fixed address (devices.yaml `ip:`): peers find each other at known addresses."""
+        out: dict[str, str] = {}
+        for mac, ip in res.items():
+            try:
+                ipaddress.IPv4Address(ip)
+            except ValueError as e:
+                raise LeaseError(f"reservation for {mac}: {e}") from None
+            if ip in out.values():
+                raise LeaseError(f"reservation for {mac}: {ip} is reserved twice")
+            out[mac.lower()] = ip
+        return out
 
     def _load(self, path: Path) -> None:
         try:
@@ -86,6 +102,9 @@ class LeaseDB:
         now = time.time()
         with self._lock:
             lease = self.by_mac.get(mac)
+            fixed = self.reservations.get(mac)
+            if fixed and (not lease or lease.ip != fixed):
+                lease = self.by_mac[mac] = Lease(mac, fixed, now + 60)
             if lease:
                 lease.expires = max(lease.expires, now + 60)
                 return lease.ip
@@ -94,7 +113,7 @@ class LeaseDB:
             self._new_t = mono
             if self._new_tokens < 1:
                 return None
-            used = {lease.ip for lease in self.by_mac.values() if lease.expires > now}
+            used = {lease.ip for lease in self.by_mac.values() if lease.expires > now} | set(self.reservations.values())
             candidates = ([requested] if requested in self.pool and requested not in used else []) + self.pool
             for ip in candidates:
                 if ip not in used:

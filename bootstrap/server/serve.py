@@ -57,7 +57,7 @@ class BootServer:
         leases = None
         if cfg.dhcp_range:
             lease_file = (cfg.state_dir / "leases.json") if cfg.state_dir else None
-            leases = LeaseDB(*cfg.dhcp_range, path=lease_file)
+            leases = LeaseDB(*cfg.dhcp_range, path=lease_file, reservations=self.devices.reservations())
         self.leases = leases
         self.dhcp = DhcpServer(DhcpConfig(cfg.interface, cfg.server_ip, leases=leases, devices=self.devices), self.metrics)
         self.tftp = TftpServer(cfg.tftp_root, "0.0.0.0", cfg.tftp_port, metrics=self.metrics, generator=self.generate)
