@@ -2,7 +2,10 @@
 
 Canonical JSON (sorted keys, no spaces) so it can be measured: which manifest to boot, which
 gateways to fetch it from (in order), the trust anchor, the device's role and what to do when
-verification fails.
+verification fails. Optional: `peers` ({role: [agent base URL]}, how an agent finds the devices
+its inputs go to) and `device_registry` (CID of the signed device registry, cidboot.registry).
+They are left out of the encoding when unset, so older configs keep their exact bytes (and
+measurement).
 """
 
 from __future__ import annotations
@@ -29,10 +32,16 @@ class BootConfig:
     role: str = "default"
     on_failure: str = "poweroff"
     version: int = 1
+    peers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    device_registry: CID | None = None
 
     def encode(self) -> bytes:
         doc = {"version": self.version, "manifest": str(self.manifest), "gateways": list(self.gateways),
                "trust_anchor": self.trust_anchor, "role": self.role, "on_failure": self.on_failure}
+        if self.peers:
+            doc["peers"] = {r: list(u) for r, u in self.peers.items()}
+        if self.device_registry is not None:
+            doc["device_registry"] = str(self.device_registry)
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -43,7 +52,8 @@ class BootConfig:
             raise BootConfigError(f"boot config is not JSON: {e}") from None
         if not isinstance(doc, dict) or doc.get("version") != 1:
             raise BootConfigError("boot config must be a JSON object with version 1")
-        extra = set(doc) - {"version", "manifest", "gateways", "trust_anchor", "role", "on_failure"}
+        extra = set(doc) - {"version", "manifest", "gateways", "trust_anchor", "role", "on_failure", "peers",
+                                 "device_registry"}
         if extra:
             raise BootConfigError(f"boot config: unknown keys {sorted(extra)}")
         gws = doc.get("gateways")
@@ -56,4 +66,27 @@ class BootConfig:
         except (KeyError, FormatError) as e:
             raise BootConfigError(f"boot config: manifest: {e}") from None
         return cls(manifest, tuple(gws), doc.get("trust_anchor") or {}, str(doc.get("role", "default")),
-                   doc.get("on_failure", "poweroff"))
+                   doc.get("on_failure", "poweroff"), peers=_peers(doc.get("peers", {})),
+                   device_registry=_registry(doc.get("device_registry")))
+
+
+def _peers(raw: Any) -> dict[str, tuple[str, ...]]:
+    if not isinstance(raw, dict):
+        raise BootConfigError("boot config: peers must map roles to lists of http(s) URLs")
+    out: dict[str, tuple[str, ...]] = {}
+    for role, urls in raw.items():
+        if not role or not isinstance(urls, list) or not all(isinstance(u, str) and u.startswith("http") for u in urls):
+            raise BootConfigError(f"boot config: peers[{role!r}] must be a list of http(s) URLs")
+        out[role] = tuple(urls)
+    return out
+
+
+def _registry(raw: Any) -> CID | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise BootConfigError("boot config: device_registry must be a CID string")
+    try:
+        return CID.parse(raw)
+    except FormatError as e:
+        raise BootConfigError(f"boot config: device_registry: {e}") from None

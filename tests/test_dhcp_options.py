@@ -123,3 +123,26 @@ def test_reserved_address_goes_to_its_mac_only(tmp_path: Path) -> None:
         Devices.load(p)
     with pytest.raises(LeaseError, match="not-an-ip"):
         LeaseDB("10.0.0.10", "10.0.0.14", reservations={"52:54:00:00:00:aa": "not-an-ip"})
+
+
+def test_boot_config_names_the_peers_with_fixed_addresses(tmp_path: Path) -> None:
+    from bootstrap.server.serve import BootServer
+    from cidboot.bootconfig import BootConfig
+    from cidboot.cid import CID
+
+    p = tmp_path / "devices.yaml"
+    p.write_text('devices:\n  - {mac: "52:54:00:00:00:aa", role: sensor, ip: 10.0.0.12}\n'
+                 '  - {mac: "52:54:00:00:00:bb", role: aggregator, ip: 10.0.0.13}\n'
+                 '  - {mac: "52:54:00:00:00:cc", role: aggregator}\n')
+    server = BootServer.__new__(BootServer)  # only the boot-config generator, no sockets
+    server.devices = Devices.load(p)
+
+    class Cfg:
+        agent_port = 8000
+    server.cfg = Cfg()  # type: ignore[assignment]
+    assert server.peers("52:54:00:00:00:aa") == {"aggregator": ("http://10.0.0.13:8000",)}
+    assert server.peers("52:54:00:00:00:cc") == {"aggregator": ("http://10.0.0.13:8000",),
+                                                 "sensor": ("http://10.0.0.12:8000",)}
+    cid = CID.parse("bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy")
+    raw = BootConfig(cid, ("http://10.0.0.1:8080",), peers=server.peers("52:54:00:00:00:aa")).encode()
+    assert BootConfig.decode(raw).peers == {"aggregator": ("http://10.0.0.13:8000",)}

@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--trust-anchor", type=Path, help="root-of-trust file put into every boot config")
     p.add_argument("--state-dir", type=Path, help="where leases are persisted")
+    p.add_argument("--agent-port", type=int, default=8000,
+                   help="port of the agents' API, for the peer URLs in boot configs (devices.yaml `ip:`)")
+    p.add_argument("--device-registry", metavar="CID", help="signed device registry put into every boot config")
     p.set_defaults(func=run)
 
 
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         args.state_dir.mkdir(parents=True, exist_ok=True)
     cfg = ServeConfig(args.interface, _interface_ip(args.interface), args.store, CID.parse(args.manifest), args.tftp_root,
                       dhcp_range, args.http_port, args.tftp_port, Devices.load(args.devices) if args.devices else None,
-                      anchor, args.state_dir)
+                      anchor, args.state_dir, args.agent_port,
+                      CID.parse(args.device_registry) if args.device_registry else None)
     server = BootServer(cfg)
     server.start()
     print(f"serving on {args.interface} ({cfg.server_ip}): {'DHCP ' + args.dhcp_range if dhcp_range else 'ProxyDHCP'}, "

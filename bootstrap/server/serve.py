@@ -47,6 +47,8 @@ class ServeConfig:
     devices: Devices | None = None
     trust_anchor: dict[str, Any] | None = None
     state_dir: Path | None = None
+    agent_port: int = 8000
+    device_registry: CID | None = None
 
 
 class BootServer:
@@ -87,8 +89,18 @@ class BootServer:
             if not pol.allow:
                 return None
             manifest = CID.parse(pol.manifest) if pol.manifest else self.cfg.manifest
-            return BootConfig(manifest, (self.gateway_url,), self.cfg.trust_anchor or {}, pol.role).encode()
+            return BootConfig(manifest, (self.gateway_url,), self.cfg.trust_anchor or {}, pol.role,
+                              peers=self.peers(mac), device_registry=self.cfg.device_registry).encode()
         return None
+
+    def peers(self, mac: str) -> dict[str, tuple[str, ...]]:
+        """role -> agent URLs of the other devices with fixed addresses in devices.yaml: where an
+        agent sends the inputs its flow hands to another role (it attests them before sending)."""
+        out: dict[str, list[str]] = {}
+        for other, pol in sorted(self.devices.by_mac.items()):
+            if other != mac and pol.ip and pol.allow:
+                out.setdefault(pol.role, []).append(f"http://{pol.ip}:{self.cfg.agent_port}")
+        return {role: tuple(urls) for role, urls in out.items()}
 
     def start(self) -> None:
         for target in (self.dhcp.serve_forever, self.tftp.serve_forever, self.gateway.serve_forever):

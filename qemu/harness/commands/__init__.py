@@ -1,0 +1,1 @@
+"""Subcommands of `python -m qemu.harness` (one module each, see cidboot.cli)."""

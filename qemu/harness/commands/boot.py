@@ -1,0 +1,94 @@
+"""`python -m qemu.harness boot FLOW --devices N`: build, boot, appraise, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from cidboot.cli import print_json
+from qemu.harness import accel
+from qemu.harness.deploy import Deployment, prepare
+from qemu.harness.lab import lab
+
+log = logging.getLogger("qemu.harness")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("boot", help="boot a flow on N QEMU devices and appraise them",
+                       description="Build the firmware, the bootstrap (trusting the flow's signers) and the flow; "
+                                   "start the boot server in a network namespace; power on N devices; wait for "
+                                   "their agents; attest each with a fresh nonce; write report.json.")
+    add_boot_args(p)
+    p.set_defaults(func=run)
+
+
+def add_boot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("flow", type=Path, help="flow.yaml of the workload")
+    p.add_argument("--devices", type=int, default=None, help="number of devices (default: one per placement role)")
+    p.add_argument("--out", type=Path, default=Path("out/harness"), help="report, consoles and device state")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (images, store, keys) after the run")
+    p.add_argument("--legacy", action="store_true", help="boot from the NIC's iPXE ROM without our firmware")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for every agent (default 600)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def say(msg: str) -> None:
+    print(f"==> {msg}", file=sys.stderr, flush=True)
+
+
+def boot(args: argparse.Namespace) -> dict[str, Any]:
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    say(f"building firmware, bootstrap and {args.flow} (cached layers are reused)")
+    dep: Deployment = prepare(args.flow, out / "work", say=say)
+    roles = dep.roles
+    n = args.devices or len(roles)
+    device_roles = [roles[i % len(roles)] for i in range(n)]
+    say(f"manifest {dep.workload.manifest}; {n} device(s): {', '.join(device_roles)}")
+    mode = accel.choose(dep.firmware.kernel)
+    with lab(dep, out / "lab", device_roles) as lb:
+        for role in device_roles:
+            lb.add_device(role, legacy=args.legacy, accel=mode)
+        say(f"powering on ({mode}); consoles in {out / 'lab' / 'devices'}")
+        lb.power_on()
+        lb.wait_ready(args.timeout)
+        say("attesting every device with a fresh nonce")
+        report = lb.report(allow_unmeasured=False)
+    report["accel"] = mode
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if not args.keep:
+        shutil.rmtree(out / "work" / "store", ignore_errors=True)
+    return report
+
+
+def summary(report: dict[str, Any]) -> str:
+    lines = [f"manifest {report['manifest_cid']} ({report['flow']}, {report['accel']})"]
+    for d in report["devices"]:
+        st = d["boot_timeline"]["stage_seconds"]
+        stages = "  ".join(f"{k} {v:.1f}s" for k, v in st.items())
+        lines.append(f"{d['name']} [{d['role']}, {d['boot']}] {d['outcome']}: appraisal {d['appraisal']['status']}"
+                     f"  {stages}")
+        if d["reason"]:
+            lines.append(f"    {d['reason']}")
+        for r in d["appraisal"]["reasons"]:
+            if not r.startswith("affirming"):
+                lines.append(f"    {r}")
+        if isinstance(d["flow_results"], dict):
+            res = d["flow_results"].get("results", d["flow_results"])
+            lines.append(f"    results: {json.dumps(res, sort_keys=True)[:300]}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = boot(args)
+    if args.json:
+        print_json(report)
+    else:
+        print(summary(report))
+        print(f"report: {args.out / 'report.json'}")
+    return 0 if all(d["appraisal"]["status"] == "affirming" for d in report["devices"]) else 1

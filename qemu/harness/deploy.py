@@ -1,0 +1,149 @@
+"""Build everything a boot needs from one workload flow: firmware, bootstrap, workload.
+
+The order matters and is the trust model in miniature: the firmware and bootstrap are built
+first so their code hashes can go into the workload manifest as reference measurements; the
+bootstrap is built with the workload's root of trust as its built-in trust anchor (so each
+deployment's bootstrap trusts that deployment's signers only). Builds run the real
+`imagebuilder build` CLI into one block store; flows are copied into the work dir so keys and
+the trust anchor never land in the source tree. Keys are generated once per work dir and
+reused, so rebuilding the same flow in the same work dir gives the same CIDs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cidboot import keys
+from cidboot.blockstore import Blockstore
+from cidboot.cid import CID
+from cidboot.manifest import RootOfTrust, SignedManifest
+from cidboot.unixfs.exporter import export_file
+
+REPO = Path(__file__).resolve().parents[2]
+FIRMWARE_FLOW = REPO / "firmware" / "image" / "flow.yaml"
+BOOTSTRAP_FLOW = REPO / "bootstrap" / "image" / "flow.yaml"
+
+
+class DeployError(RuntimeError):
+    """A build step failed (the message carries imagebuilder's error)."""
+
+
+@dataclass
+class Built:
+    manifest: CID
+    kernel: Path
+    initrd: Path
+    measurements: dict[str, str]
+    result: dict[str, Any]
+
+
+@dataclass
+class Deployment:
+    work: Path
+    store: Path
+    flow_dir: Path
+    flow: dict[str, Any]
+    firmware: Built
+    bootstrap: Built
+    workload: Built
+    signer_keys: list[Path] = field(default_factory=list)
+
+    @property
+    def roles(self) -> list[str]:
+        return sorted((self.flow.get("placement") or {"default": []}).keys())
+
+    def root_of_trust(self) -> RootOfTrust:
+        return _root_of(self.flow_dir, self.flow)
+
+
+def _copy_flow(src: Path, dst: Path) -> Path:
+    """Copy a flow dir (not its keys or caches) and generate any trust key it names but lacks."""
+    if dst.exists():
+        shutil.rmtree(dst / "__pycache__", ignore_errors=True)
+        for p in src.iterdir():  # refresh sources, keep the generated keys
+            if p.name in ("keys", "__pycache__"):
+                continue
+            if p.is_dir():
+                shutil.copytree(p, dst / p.name, dirs_exist_ok=True)
+            else:
+                shutil.copy2(p, dst / p.name)
+    else:
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "keys"))
+        if (src / "keys").is_dir():
+            shutil.copytree(src / "keys", dst / "keys")
+    doc = yaml.safe_load((dst / "flow.yaml").read_text())
+    for rel in doc["trust"]["keys"]:
+        key = dst / rel
+        if not key.exists():
+            keys.write_keypair(keys.generate(), key.with_suffix(""))
+    return dst / "flow.yaml"
+
+
+def _root_of(flow_dir: Path, doc: dict[str, Any]) -> RootOfTrust:
+    pubs = [keys.load_private_key(flow_dir / k).public_key() for k in doc["trust"]["keys"]]
+    return RootOfTrust.from_public_keys(pubs, int(doc["trust"]["threshold"]))
+
+
+def build(flow: Path, store: Path, *, references: dict[str, str] | None = None, env: dict[str, str] | None = None,
+          say: Callable[[str], None] = lambda _m: None) -> Built:
+    """`imagebuilder build` into `store`, then export the kernel and the concatenated initrd."""
+    refs = [a for name, hexval in sorted((references or {}).items()) for a in ("--reference", f"{name}={hexval}")]
+    say(f"building {flow}")
+    proc = subprocess.run([sys.executable, "-m", "imagebuilder", "build", str(flow), "--store", str(store), "--json",
+                           *refs], capture_output=True, text=True, cwd=REPO, env=env)
+    if proc.returncode != 0:
+        raise DeployError(f"imagebuilder build {flow} failed:\n{proc.stderr.strip()}")
+    result = json.loads(proc.stdout)
+    mcid = CID.parse(result["manifest"])
+    bs = Blockstore(store)
+    bs.pin(mcid)
+    m = SignedManifest.decode(bs.get(mcid)).manifest
+    parts = {lyr.role: b"".join(export_file(lyr.cid, bs.get)) for lyr in m.layers}
+    out = flow.parent / "built"
+    out.mkdir(exist_ok=True)
+    kernel, initrd = out / "vmlinuz", out / "initrd.img"
+    kernel.write_bytes(parts["kernel"])
+    initrd.write_bytes(b"".join(parts[lyr.role] for lyr in m.layers if lyr.role != "kernel"))
+    return Built(mcid, kernel, initrd, {k: v.hex() for k, v in m.measurements.items()}, result)
+
+
+def prepare(flow: Path, work: Path, *, anchor: RootOfTrust | None = None, env: dict[str, str] | None = None,
+            say: Callable[[str], None] = lambda _m: None) -> Deployment:
+    """Firmware, bootstrap (trusting `anchor`, default: the workload's own root) and workload."""
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / "store"
+    wl_flow = _copy_flow(flow.parent, work / "workload")
+    wl_doc = yaml.safe_load(wl_flow.read_text())
+    fw = build(_copy_flow(FIRMWARE_FLOW.parent, work / "firmware"), store, env=env, say=say)
+    bs_flow = _copy_flow(BOOTSTRAP_FLOW.parent, work / "bootstrap")
+    keys.write_root(anchor or _root_of(wl_flow.parent, wl_doc), bs_flow.parent / "trust-anchor.json")
+    bs = build(bs_flow, store, env=env, say=say)
+    refs = {"firmware": fw.measurements["firmware"], "bootstrap": bs.measurements["bootstrap"]}
+    wl = build(wl_flow, store, references=refs, env=env, say=say)
+    return Deployment(work, store, wl_flow.parent, wl_doc, fw, bs, wl,
+                      [wl_flow.parent / k for k in wl_doc["trust"]["keys"]])
+
+
+def rebuild_workload(dep: Deployment, *, version: int | None = None, sign_with: list[Path] | None = None,
+                     env: dict[str, str] | None = None) -> Built:
+    """Another build of the workload (new version and/or other signing keys) into the same store,
+    with the same reference measurements: for rollback and unknown-signer scenarios."""
+    doc = dict(dep.flow)
+    if version is not None:
+        doc["version"] = version
+    if sign_with is not None:
+        doc["trust"] = {**doc["trust"], "keys": [str(p) for p in sign_with], "threshold": 1}
+    variant = dep.work / f"workload-v{doc['version']}-{len(list(dep.work.glob('workload-v*')))}"
+    shutil.copytree(dep.flow_dir, variant, ignore=shutil.ignore_patterns("__pycache__", "built"))
+    (variant / "flow.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    refs = {"firmware": dep.firmware.measurements["firmware"], "bootstrap": dep.bootstrap.measurements["bootstrap"]}
+    return build(variant / "flow.yaml", dep.store, references=refs, env=env)

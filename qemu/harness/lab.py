@@ -1,0 +1,199 @@
+"""A boot lab: the real boot server in a throwaway network namespace and N QEMU devices on it.
+
+Each device is a QEMU guest on a tap of the namespace's bridge. Measured devices boot the
+firmware image from "flash" (-kernel/-initrd) with CDI_0 from the harness's DICE engine on
+fw_cfg; legacy devices boot from the NIC's iPXE ROM straight into the bootstrap (unmeasured).
+Devices get fixed addresses by MAC (devices.yaml `ip:`) so peers can be told where the others
+are. The verifier side (`agent attest`) runs inside the namespace too: nothing leaves it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.harness import dice_engine, timeline
+from qemu.harness.deploy import Deployment
+from qemu.harness.netns import BootNetwork, boot_network
+from qemu.harness.vm import Guest, GuestError, GuestSpec
+
+AGENT_PORT = 8000
+READY_RX = r"cidboot-stage: agent ready url=(?P<url>\S+)|cidboot: (?P<kind>refused|fatal): (?P<reason>.*)"
+
+
+def device_mac(i: int) -> str:
+    return f"52:54:00:c1:d0:{i + 1:02x}"
+
+
+def device_ip(i: int) -> str:
+    return f"10.77.0.{10 + i}"
+
+
+@dataclass
+class Device:
+    index: int
+    name: str
+    role: str
+    state: dice_engine.DeviceState
+    guest: Guest
+    legacy: bool = False
+    url: str | None = None
+    outcome: str = "pending"  # ready | refused | fatal | timeout
+    reason: str = ""
+
+    def timeline(self) -> timeline.Timeline:
+        return timeline.parse(self.guest.console.lines)
+
+
+@dataclass
+class Lab:
+    dep: Deployment
+    net: BootNetwork
+    out: Path
+    server: subprocess.Popen[str]
+    devices: list[Device] = field(default_factory=list)
+
+    @property
+    def roots_file(self) -> Path:
+        return self.out / "device-roots.json"
+
+    def add_device(self, role: str, *, legacy: bool = False, accel: str = "tcg", name: str | None = None) -> Device:
+        i = len(self.devices)
+        name = name or f"device-{i}"
+        state = dice_engine.device(self.out / "devices", name)
+        fw_cfg: dict[str, Path] = {}
+        if not legacy:
+            fw = self.dep.firmware
+            fw_cfg[dice_engine.FW_CFG_NAME] = dice_engine.provision(state, fw.kernel.read_bytes(), fw.initrd.read_bytes())
+        dice_engine.register([state], self.roots_file)
+        spec = GuestSpec(name, kernel=None if legacy else self.dep.firmware.kernel,
+                         initrd=None if legacy else self.dep.firmware.initrd,
+                         append=str(self.dep.firmware.result.get("cmdline") or "console=ttyS0 quiet panic=-1"),
+                         fw_cfg=fw_cfg, tap=self.net.taps[i], mac=device_mac(i), network_boot=legacy,
+                         disk=state.nvram, accel=accel)
+        dev = Device(i, name, role, state, Guest(spec, state.dir / "run", self.net), legacy)
+        self.devices.append(dev)
+        return dev
+
+    def power_on(self) -> None:
+        for dev in self.devices:
+            if dev.guest.proc is None:
+                dev.guest.start()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until every device's agent is ready, or it refused/died, or time runs out."""
+        deadline = time.monotonic() + timeout
+        for dev in self.devices:
+            try:
+                _line, m = dev.guest.wait_for_console(READY_RX, max(1.0, deadline - time.monotonic()))
+            except GuestError as e:
+                dev.outcome, dev.reason = "timeout", str(e).split("; console tail", 1)[0]
+                continue
+            if m["url"]:
+                dev.outcome, dev.url = "ready", m["url"]
+            else:
+                dev.outcome, dev.reason = m["kind"], m["reason"].strip()
+
+    def attest(self, dev: Device, *, allow_unmeasured: bool = False) -> dict[str, Any]:
+        """`agent attest` from inside the namespace: a fresh nonce, appraisal against the factory's
+        roots and the signed manifest."""
+        if not dev.url:
+            return {"status": "none", "checks": [], "reason": f"device not ready: {dev.outcome} {dev.reason}"}
+        argv = [sys.executable, "-m", "agent", "attest", dev.url, "--roots", str(self.roots_file),
+                "--manifest", str(self.dep.workload.manifest), "--store", str(self.dep.store), "--json"]
+        if allow_unmeasured:
+            argv.append("--allow-unmeasured")
+        proc = self.net.run(argv, capture_output=True, text=True, timeout=120)
+        try:
+            return dict(json.loads(proc.stdout))
+        except ValueError:
+            return {"status": "none", "checks": [], "reason": f"agent attest failed: {proc.stderr.strip()[-500:]}"}
+
+    def results(self, dev: Device) -> Any:
+        if not dev.url:
+            return None
+        proc = self.net.run(["curl", "-sf", "--max-time", "30", f"{dev.url}/results"], capture_output=True, text=True,
+                            timeout=60)
+        try:
+            return json.loads(proc.stdout)
+        except ValueError:
+            return {"error": f"GET /results failed ({proc.returncode})"}
+
+    def report(self, *, allow_unmeasured: bool = False) -> dict[str, Any]:
+        devices = []
+        for dev in self.devices:
+            appraisal = self.attest(dev, allow_unmeasured=allow_unmeasured)
+            tl = dev.timeline()
+            devices.append({
+                "name": dev.name, "role": dev.role, "mac": dev.guest.spec.mac, "boot": "legacy-ipxe" if dev.legacy else "measured",
+                "outcome": dev.outcome, "reason": dev.reason, "url": dev.url,
+                "appraisal": {"status": appraisal.get("status"), "reasons": [
+                    f"{c.get('status')}: {c.get('check')}: {c.get('reason')}" for c in appraisal.get("checks", [])]
+                    or [appraisal.get("reason", "")]},
+                "measurements": appraisal.get("measurements", {}),
+                "flow_results": self.results(dev),
+                "boot_timeline": tl.to_obj(),
+                "console": str(dev.guest.dir / "console.log"),
+            })
+        return {"manifest_cid": str(self.dep.workload.manifest), "flow": self.dep.flow.get("name"),
+                "reference_measurements": {**self.dep.workload.measurements}, "devices": devices}
+
+
+def _devices_yaml(path: Path, roles: list[str]) -> None:
+    lines = ["deny_unknown: true", "devices:"]
+    lines += [f'  - {{mac: "{device_mac(i)}", role: {r}, ip: {device_ip(i)}}}' for i, r in enumerate(roles)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@contextmanager
+def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = None, loss_percent: int = 0,
+        server_args: list[str] | None = None) -> Iterator[Lab]:
+    """Boot network + `bootstrap serve` for devices with these roles (one tap each)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tftp = out / "tftp"
+    (tftp / "bootstrap").mkdir(parents=True, exist_ok=True)
+    (tftp / "bootstrap" / "vmlinuz").write_bytes(dep.bootstrap.kernel.read_bytes())
+    (tftp / "bootstrap" / "initrd.img").write_bytes(dep.bootstrap.initrd.read_bytes())
+    _devices_yaml(out / "devices.yaml", roles)
+    with ExitStack() as stack:
+        net = stack.enter_context(boot_network(taps=len(roles)))
+        log = open(out / "boot-server.log", "w")
+        stack.callback(log.close)
+        server = net.popen([sys.executable, "-m", "bootstrap", "--log-json", "-v", "serve", "--interface", "br0",
+                            "--dhcp-range", "10.77.0.100-10.77.0.199", "--store", str(dep.store),
+                            "--manifest", manifest or str(dep.workload.manifest), "--devices", str(out / "devices.yaml"),
+                            "--tftp-root", str(tftp), "--state-dir", str(out / "server-state"),
+                            "--agent-port", str(AGENT_PORT), *(server_args or [])],
+                           stdout=subprocess.PIPE, stderr=log, text=True)
+        stack.callback(_stop, server)
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        if "serving on" not in line:
+            raise RuntimeError(f"boot server did not start: {(out / 'boot-server.log').read_text()[-1500:]}")
+        if loss_percent:
+            from qemu.harness.netloss import add_loss
+
+            for tap in net.taps:
+                add_loss(net.cmd([]), tap, loss_percent)
+        lb = Lab(dep, net, out, server)
+        try:
+            yield lb
+        finally:
+            for dev in lb.devices:
+                dev.guest.stop()
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,288 @@
+"""One QEMU guest: started paused, powered on over QMP, its serial console timestamped.
+
+The guest starts with `-S` and the harness sends QMP `cont`: that instant is power-on, so every
+console line's timestamp ("[  3.214] ...") is seconds since power-on, which is what the boot
+benchmark and report need. QMP (python-qemu-qmp, asyncio) runs on a private event loop in a
+thread so tests and the CLI can stay synchronous. Guests run inside the boot network's
+namespace, on a tap of its bridge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from qemu.harness.netns import BootNetwork
+
+QEMU = "qemu-system-x86_64"
+
+
+class GuestError(RuntimeError):
+    """QEMU could not start, or a wait ran out (the message says which and why)."""
+
+
+@dataclass
+class GuestSpec:
+    name: str
+    kernel: Path | None = None  # None with network_boot: the NIC's iPXE ROM boots it
+    initrd: Path | None = None
+    append: str = "console=ttyS0"
+    fw_cfg: dict[str, Path] = field(default_factory=dict)
+    tap: str | None = None
+    mac: str = "52:54:00:12:34:56"
+    network_boot: bool = False
+    disk: Path | None = None  # raw file as virtio-blk (the bootstrap's NVRAM)
+    memory_mib: int = 1024
+    accel: str = "tcg"
+
+    def argv(self, qmp_socket: Path) -> list[str]:
+        a = [QEMU, "-machine", "q35", "-accel", self.accel, "-m", str(self.memory_mib), "-smp", "1",
+             "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot", "-S",
+             "-qmp", f"unix:{qmp_socket},server=on,wait=off", "-name", self.name]
+        if self.accel == "kvm":
+            a += ["-cpu", "host"]
+        if self.kernel is not None:
+            a += ["-kernel", str(self.kernel), "-append", self.append]
+            if self.initrd is not None:
+                a += ["-initrd", str(self.initrd)]
+        for name, path in sorted(self.fw_cfg.items()):
+            a += ["-fw_cfg", f"name={name},file={path}"]
+        if self.tap:
+            a += ["-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
+                  "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}"]
+        else:
+            a += ["-nic", "none"]
+        if self.network_boot:
+            a += ["-boot", "n"]
+        if self.disk is not None:
+            a += ["-drive", f"file={self.disk},format=raw,if=virtio"]
+        return a
+
+
+@dataclass
+class ConsoleLine:
+    t: float  # seconds since power-on
+    text: str
+
+
+class Console:
+    """Collects a guest's serial output into timestamped lines, a log file and a raw copy."""
+
+    def __init__(self, log: Path, raw: Path) -> None:
+        self.lines: list[ConsoleLine] = []
+        self.t0: float | None = None
+        self._log, self._raw = open(log, "w"), open(raw, "wb")
+        self._partial = b""
+        self._cond = threading.Condition()
+
+    def now(self) -> float:
+        return 0.0 if self.t0 is None else time.monotonic() - self.t0
+
+    def feed(self, chunk: bytes) -> None:
+        self._raw.write(chunk)
+        self._raw.flush()
+        data = self._partial + chunk.replace(b"\r", b"")
+        *done, self._partial = data.split(b"\n")
+        with self._cond:
+            for raw_line in done:
+                line = ConsoleLine(round(self.now(), 3), raw_line.decode(errors="replace"))
+                self.lines.append(line)
+                self._log.write(f"[{line.t:8.3f}] {line.text}\n")
+            self._log.flush()
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        if self._partial:
+            self.feed(b"\n")
+        self._log.close()
+        self._raw.close()
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float, *, start: int = 0,
+                 alive: Any = None) -> tuple[ConsoleLine, re.Match[str]]:
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        i = start
+        with self._cond:
+            while True:
+                while i < len(self.lines):
+                    m = rx.search(self.lines[i].text)
+                    if m:
+                        return self.lines[i], m
+                    i += 1
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise GuestError(f"no console line matching {rx.pattern!r} within {timeout:.0f} s")
+                if alive is not None and not alive():
+                    raise GuestError(f"guest stopped before a console line matched {rx.pattern!r}")
+                self._cond.wait(min(left, 0.5))
+
+    def text(self) -> str:
+        with self._cond:
+            return "\n".join(f"[{ln.t:8.3f}] {ln.text}" for ln in self.lines)
+
+
+class _Loop:
+    """A private asyncio loop in a daemon thread, for the asyncio-only QMP client."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 30) -> Any:
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class Guest:
+    """A running guest. Use as a context manager: the QEMU process never outlives it."""
+
+    def __init__(self, spec: GuestSpec, state_dir: Path, net: BootNetwork | None = None) -> None:
+        self.spec, self.dir, self.net = spec, state_dir, net
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.qmp_socket = state_dir / "qmp.sock"
+        self.console = Console(state_dir / "console.log", state_dir / "console.raw")
+        self.events: list[tuple[float, str, dict[str, Any]]] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._loop: _Loop | None = None
+        self._qmp: QMPClient | None = None
+        self._reader: threading.Thread | None = None
+        self._events_task: asyncio.Task[None] | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self) -> Guest:
+        """Start QEMU paused, connect QMP, then power on (`cont`)."""
+        self.qmp_socket.unlink(missing_ok=True)
+        argv = self.spec.argv(self.qmp_socket)
+        (self.dir / "qemu.argv.json").write_text(json.dumps(argv) + "\n")
+        cmd: Sequence[str] = self.net.cmd(argv) if self.net else argv
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=open(self.dir / "qemu.stderr", "wb"))
+        self._reader = threading.Thread(target=self._read_console, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + 20
+        while not self.qmp_socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise GuestError(f"{self.spec.name}: QEMU did not start: "
+                                 f"{(self.dir / 'qemu.stderr').read_text(errors='replace')[-800:]}")
+            time.sleep(0.05)
+        self._loop = _Loop()
+        self._qmp = QMPClient(self.spec.name)
+        self._loop.run(self._connect())
+        self.console.t0 = time.monotonic()
+        self.qmp("cont")
+        return self
+
+    async def _connect(self) -> None:
+        assert self._qmp is not None
+        await self._qmp.connect(str(self.qmp_socket))
+        self._events_task = asyncio.get_running_loop().create_task(self._collect_events())
+
+    async def _disconnect(self) -> None:
+        if self._events_task is not None:
+            self._events_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._events_task
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):  # best effort on a dead socket
+                await self._qmp.disconnect()
+
+    async def _collect_events(self) -> None:
+        assert self._qmp is not None
+        with self._qmp.listener() as listener:
+            async for ev in listener:
+                raw = ev.get("data")
+                data: dict[str, Any] = dict(raw) if isinstance(raw, dict) else {}
+                self.events.append((self.console.now(), str(ev["event"]), data))
+
+    def _read_console(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            self.console.feed(chunk)
+
+    def qmp(self, command: str, **args: Any) -> Any:
+        if self._qmp is None or self._loop is None:
+            raise GuestError(f"{self.spec.name}: not started")
+        return self._loop.run(self._qmp.execute(command, args or None))
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def reset(self) -> None:
+        self.qmp("system_reset")
+
+    def stop(self, timeout: float = 10) -> int | None:
+        """Power off: QMP `quit`, then kill if QEMU does not go."""
+        if self.proc is None:
+            return None
+        if self.running:
+            with contextlib.suppress(Exception):  # QMP may already be gone; killing is the fallback
+                self.qmp("quit")
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._reader:
+            self._reader.join(5)
+        if self._loop:
+            with contextlib.suppress(Exception):
+                self._loop.run(self._disconnect(), timeout=5)
+            self._loop.stop()
+        self.console.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> Guest:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- waiting ------------------------------------------------------------------------------
+    def wait_for_console(self, pattern: str, timeout: float, start: int = 0) -> tuple[ConsoleLine, re.Match[str]]:
+        try:
+            return self.console.wait_for(pattern, timeout, start=start, alive=lambda: self.running)
+        except GuestError as e:
+            raise GuestError(f"{self.spec.name}: {e}; console tail:\n{self.console.text()[-2500:]}") from None
+
+    def wait_for_exit(self, timeout: float) -> int:
+        """Wait for the guest to power off (QEMU exits: -no-reboot turns resets into exits too)."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise GuestError(f"{self.spec.name}: still running after {timeout:.0f} s; console tail:\n"
+                             f"{self.console.text()[-2500:]}") from None
+
+    def wait_for_event(self, name: str, timeout: float) -> tuple[float, dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for t, ev, data in list(self.events):
+                if ev == name:
+                    return t, data
+            if not self.running:
+                break
+            time.sleep(0.1)
+        raise GuestError(f"{self.spec.name}: no QMP event {name} within {timeout:.0f} s")
