@@ -2,7 +2,8 @@
 
 Shared by the boot server and the L0 firmware's client. Parsing is our own, byte by byte, so
 that every malformed packet gets a precise reason (truncated option, wrong length, too many
-options...); building replies uses scapy's BOOTP/DHCP layers.
+options...); building replies uses scapy's BOOTP/DHCP layers (server side only); client
+requests are encoded by hand (`encode_request`) so the guests never import scapy.
 """
 
 from __future__ import annotations
@@ -180,20 +181,66 @@ def build_reply(req: DhcpPacket, msg_type: int, *, server_ip: str, yiaddr: str =
     return bytes(pkt)
 
 
+OPT_SUBNET_MASK, OPT_ROUTER, OPT_LEASE_TIME, OPT_MAX_SIZE = 1, 3, 51, 57
+OPT_TFTP_SERVER, OPT_BOOTFILE = 66, 67
+DEFAULT_PARAMS = bytes([OPT_SUBNET_MASK, OPT_ROUTER, OPT_LEASE_TIME, OPT_SERVER_ID, OPT_VENDOR_CLASS,
+                        OPT_TFTP_SERVER, OPT_BOOTFILE])
+
+
+def _opt(code: int, value: bytes) -> bytes:
+    if not 0 < len(value) <= 255:
+        raise DhcpFormatError(f"option {code}: value of {len(value)} bytes cannot be encoded")
+    return bytes([code, len(value)]) + value
+
+
+def encode_request(mac: str, msg_type: int, *, xid: int, vendor_class: bytes | None = b"PXEClient:Arch:00000:UNDI:002001",
+                   arch: int | None = ARCH_X86_BIOS, requested_ip: str | None = None, server_id: str | None = None,
+                   user_class: bytes | None = None, ciaddr: str = "0.0.0.0", broadcast: bool = True, secs: int = 0,
+                   params: bytes | None = DEFAULT_PARAMS, uuid: bytes | None = None) -> bytes:
+    """A client's BOOTREQUEST (DISCOVER, REQUEST, ...), byte by byte without scapy: the guests'
+    DHCP client runs under TCG, where importing scapy alone takes many seconds.
+
+    `user_class` goes into option 77 as given (iPXE sends its name raw, not RFC 3004 framed);
+    `uuid` (16 bytes) becomes option 97 (type 0). The packet is padded to the 300-byte BOOTP
+    minimum that some servers and relays insist on.
+    """
+    try:
+        chaddr = bytes.fromhex(mac.replace(":", "").replace("-", ""))
+    except ValueError:
+        raise DhcpFormatError(f"not a MAC address: {mac!r}") from None
+    if len(chaddr) != 6:
+        raise DhcpFormatError(f"not a MAC address: {mac!r}")
+    if not 1 <= msg_type <= 8:
+        raise DhcpFormatError(f"unknown message type {msg_type}")
+    head = struct.pack(">BBBBIHH", 1, 1, 6, 0, xid & 0xFFFFFFFF, secs & 0xFFFF, 0x8000 if broadcast else 0)
+    head += ipaddress.IPv4Address(ciaddr).packed + bytes(12) + chaddr + bytes(10) + bytes(64 + 128)
+    opts = [_opt(OPT_MSG_TYPE, bytes([msg_type]))]
+    if requested_ip:
+        opts.append(_opt(OPT_REQUESTED_IP, ipaddress.IPv4Address(requested_ip).packed))
+    if server_id:
+        opts.append(_opt(OPT_SERVER_ID, ipaddress.IPv4Address(server_id).packed))
+    opts.append(_opt(OPT_MAX_SIZE, struct.pack(">H", 1500)))
+    if params:
+        opts.append(_opt(OPT_PARAMS, params))
+    if vendor_class:
+        opts.append(_opt(OPT_VENDOR_CLASS, vendor_class))
+    if arch is not None:
+        opts.append(_opt(OPT_CLIENT_ARCH, struct.pack(">H", arch)))
+        opts.append(_opt(OPT_CLIENT_NDI, b"\x01\x02\x01"))  # UNDI 2.1, as PXE ROMs send it
+    if uuid is not None:
+        if len(uuid) != 16:
+            raise DhcpFormatError(f"client UUID must be 16 bytes, got {len(uuid)}")
+        opts.append(_opt(OPT_CLIENT_UUID, b"\0" + uuid))
+    if user_class:
+        opts.append(_opt(OPT_USER_CLASS, user_class))
+    pkt = head + MAGIC + b"".join(opts) + b"\xff"
+    return pkt + bytes(max(0, 300 - len(pkt)))
+
+
 def build_request(mac: str, msg_type: int, *, xid: int, vendor_class: bytes = b"PXEClient:Arch:00000:UNDI:002001",
                   arch: int | None = ARCH_X86_BIOS, requested_ip: str | None = None, server_id: str | None = None,
                   user_class: bytes | None = None) -> bytes:
-    """A client's DISCOVER/REQUEST (for the firmware stage, tests and the load benchmark)."""
-    from scapy.layers.dhcp import BOOTP, DHCP
-
-    opts: list[tuple[object, object] | str] = [("message-type", msg_type), ("vendor_class_id", vendor_class)]
-    if arch is not None:
-        opts.append((OPT_CLIENT_ARCH, struct.pack(">H", arch)))
-    if requested_ip:
-        opts.append(("requested_addr", requested_ip))
-    if server_id:
-        opts.append(("server_id", server_id))
-    if user_class:
-        opts.append((OPT_USER_CLASS, user_class))
-    opts.append("end")
-    return bytes(BOOTP(op=1, xid=xid, flags=0x8000, chaddr=bytes.fromhex(mac.replace(":", "")) + b"\0" * 10) / DHCP(options=opts))
+    """A client's DISCOVER/REQUEST (tests and the load benchmark); kept for its callers, now
+    built by `encode_request` (no scapy)."""
+    return encode_request(mac, msg_type, xid=xid, vendor_class=vendor_class, arch=arch, requested_ip=requested_ip,
+                          server_id=server_id, user_class=user_class)

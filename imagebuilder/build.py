@@ -14,14 +14,14 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from cidboot import dagcbor, keys
 from cidboot.cid import CID, DAG_CBOR
 from cidboot.errors import CidbootError
 from cidboot.manifest import Layer, Manifest, RootOfTrust, sign_manifest
-from cidboot.measure import code_hash_of_blobs
+from cidboot.measure import code_hash_of_blobs, image_code_hash
 from cidboot.unixfs import import_bytes
 from imagebuilder import flowfile, initramfs, pyimports
 from imagebuilder.cache import BuildCache, key
@@ -33,6 +33,7 @@ from imagebuilder.lock import Lock, cache_dir, fetch_deb, fetch_wheel, lock_path
 
 REPO = Path(__file__).resolve().parent.parent
 COMPONENT = {"image": "agent", "bootstrap": "bootstrap", "firmware": "firmware"}
+REFERENCE_NAMES = ("firmware", "bootstrap")  # stages measured from their kernel + initrd (cidboot.measure)
 
 
 class BuildError(CidbootError):
@@ -113,11 +114,41 @@ def _module_entries(deb: Path, names: list[str]) -> list[initramfs.Entry]:
     return entries + [initramfs.Entry.file("etc/cidboot/modules", ("\n".join(order) + "\n").encode())]
 
 
+def parse_reference(spec: str) -> tuple[str, bytes]:
+    """`NAME=HEX` (NAME firmware|bootstrap, HEX the 64-byte SHA-512 code hash) -> (name, hash)."""
+    name, sep, value = spec.partition("=")
+    if not sep or name not in REFERENCE_NAMES:
+        raise BuildError(f"--reference {spec!r}: expected NAME=HEX with NAME one of {', '.join(REFERENCE_NAMES)}")
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise BuildError(f"--reference {name}: {value!r} is not hex") from None
+    if len(raw) != 64:
+        raise BuildError(f"--reference {name}: a code hash is 64 bytes (128 hex digits), got {len(raw)}")
+    return name, raw
+
+
+def _check_references(target: str, references: dict[str, bytes]) -> dict[str, bytes]:
+    for name, value in references.items():
+        if name not in REFERENCE_NAMES or len(value) != 64:
+            raise BuildError(f"reference {name!r}: expected one of {', '.join(REFERENCE_NAMES)} with a 64-byte hash")
+        if name == target:
+            raise BuildError(f"reference {name!r}: a {target} build measures itself; it takes no reference for {name}")
+    return dict(references)
+
+
 def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = None,
-          cache_root: Path | None = None) -> BuildResult:
-    """Build the flow into layers and a signed manifest (blocks returned, not yet stored)."""
+          cache_root: Path | None = None, references: dict[str, bytes] | None = None) -> BuildResult:
+    """Build the flow into layers and a signed manifest (blocks returned, not yet stored).
+
+    `references` are the reference measurements of the stages below this image (firmware,
+    bootstrap: their code hashes, as `imagebuilder build --reference NAME=HEX` gives them); a
+    firmware/bootstrap build records its own code hash, an image build the DICE image-layer
+    code hash (cidboot.measure.image_code_hash: the layer CIDs, not their bytes).
+    """
     say = progress or (lambda _msg: None)
     ff = flowfile.load(flow_path)
+    refs = _check_references(ff.target, references or {})
     lpath = lock_path(ff.path)
     lock = Lock.load(lpath)
     flowfile.check_lock(ff, {k: asdict(v) for k, v in lock.debs.items()}, {k: asdict(v) for k, v in lock.wheels.items()})
@@ -224,14 +255,17 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     for name, op in sorted(ff.data["dataflow"]["operations"].items()):
         operations[name] = import_bytes(flowfile.implementation_file(ff, op["implementation"]).read_bytes(), sink,
                                         UNIXFS).cid
-    initrd = b"".join(lyr.data for lyr in layers[1:])
-    measurements = {ff.target: code_hash_of_blobs([layers[0].data, initrd])}
+    measurements = dict(sorted(refs.items()))
+    if ff.target in REFERENCE_NAMES:  # measured by the stage below as code_hash_of_blobs([kernel, initrd])
+        measurements[ff.target] = code_hash_of_blobs([layers[0].data, b"".join(lyr.data for lyr in layers[1:])])
     manifest = Manifest(
         name=ff.name, version=int(ff.data["version"]), expires=_expires(ff),
         layers=tuple(Layer(lyr.cid, lyr.size, lyr.role) for lyr in layers), root=root,
         measurements=measurements, flow=flow_cid, operations=operations,
         placement={k: list(v) for k, v in sorted((ff.data.get("placement") or {}).items())},
         policies=list(ff.data.get("policies") or []), cmdline=str(image.get("cmdline", "")))
+    if ff.target == "image":  # the bootstrap measures an image by its layer CIDs (cidboot.measure.image_inputs)
+        manifest = replace(manifest, measurements={**measurements, "image": image_code_hash(manifest)})
     signed = sign_manifest(manifest, signers[:threshold])
     block = signed.encode()
     mcid = CID.of(block, DAG_CBOR)

@@ -3,7 +3,8 @@
 Full mode hands out addresses from the lease pool; proxy mode (next to an existing DHCP
 server) only answers PXE clients, with boot information and no address, on port 67 and on
 port 4011. PXE ROMs get the boot file for their architecture; iPXE (user class "iPXE") gets
-its per-device script instead, so it does not chain-load itself forever. Malformed packets are
+its per-device script instead, so it does not chain-load itself forever; so does the cidboot L0
+firmware (user class "cidboot-firmware"), which interprets the script's kernel/initrd lines. Malformed packets are
 logged and counted, never fatal.
 """
 
@@ -29,6 +30,7 @@ DEFAULT_BOOT_FILES = {
     dhcp.ARCH_X86_64_UEFI: "ipxe.efi",
     dhcp.ARCH_ARM64_UEFI: "ipxe-arm64.efi",
 }
+FIRMWARE_USER_CLASS = b"cidboot-firmware"
 
 
 @dataclass
@@ -146,7 +148,9 @@ class DhcpServer:
             log.warning("cannot send DHCP reply to %s: %s", dest, e)
 
     def boot_file(self, req: dhcp.DhcpPacket) -> str:
-        if req.is_ipxe:
+        # iPXE and the cidboot L0 firmware (user class "cidboot-firmware") both read the script:
+        # the firmware interprets its kernel/initrd lines itself (docs/boot-chain.md)
+        if req.is_ipxe or req.options.get(dhcp.OPT_USER_CLASS) == FIRMWARE_USER_CLASS:
             return self.cfg.ipxe_script
         arch = req.client_arch if req.client_arch is not None else dhcp.ARCH_X86_BIOS
         return self.cfg.boot_files.get(arch, self.cfg.boot_files.get(dhcp.ARCH_X86_BIOS, ""))

@@ -10,7 +10,7 @@ from pathlib import Path
 from cidboot.blockstore import Blockstore, default_store_path
 from cidboot.car import CarWriter
 from cidboot.cli import print_json
-from imagebuilder.build import BuildResult, build
+from imagebuilder.build import BuildError, BuildResult, build, parse_reference
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     where.add_argument("--kubo", metavar="URL", help="publish to a Kubo node's RPC, e.g. http://127.0.0.1:5001")
     where.add_argument("--car", type=Path, metavar="FILE", help="write every block to a CARv1 file (root: the manifest)")
     p.add_argument("--json", action="store_true", help="every CID and size as JSON")
+    p.add_argument("--reference", action="append", default=[], metavar="NAME=HEX",
+                   help="reference measurement of a stage below this image (NAME firmware or bootstrap, HEX its "
+                        "128-hex-digit code hash, e.g. from a firmware/bootstrap build's manifest); repeatable")
     p.set_defaults(func=run)
 
 
@@ -58,7 +61,13 @@ def run(args: argparse.Namespace) -> int:
         if not quiet:
             print(f"imagebuilder: {msg}", file=sys.stderr, flush=True)
 
-    res = build(args.flow, progress=say)
+    references: dict[str, bytes] = {}
+    for spec in args.reference:
+        name, value = parse_reference(spec)
+        if name in references and references[name] != value:
+            raise BuildError(f"--reference {name} given twice with different values")
+        references[name] = value
+    res = build(args.flow, progress=say, references=references)
     _write(res, args)
     if args.json:
         print_json(res.to_json())

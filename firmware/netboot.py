@@ -1,0 +1,203 @@
+"""The firmware's network boot client: NIC + DHCP with PXE options, TFTP (tftpy), and the part of
+iPXE's script language that boot.ipxe uses, so iPXE and this firmware boot the same files from
+one script (docs/boot-chain.md).
+
+Each step is a function of its own, testable on the host in a network namespace against the
+real boot server (tests/test_firmware_netboot.py).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from cidboot import dhcp, dhcp_client, netif
+from cidboot.errors import CidbootError, FormatError
+
+USER_CLASS = b"cidboot-firmware"  # the boot server answers it with boot.ipxe (bootstrap/server/dhcp_server.py)
+VENDOR_CLASS = b"PXEClient:Arch:00007:UNDI:003016"
+BLKSIZE = 1468  # fits a 1500-byte MTU: 1468 + 4 (TFTP) + 8 (UDP) + 20 (IP)
+
+
+class NetbootError(CidbootError):
+    """The network boot could not fetch what it needs (names the step and the file)."""
+
+
+class ScriptError(FormatError):
+    """boot.ipxe uses something this firmware does not interpret (names the line)."""
+
+
+@dataclass(frozen=True)
+class Network:
+    ifname: str
+    mac: str
+    lease: dhcp_client.Lease
+
+
+def network_up(ifname: str | None = None, *, log: Callable[[str], None] = lambda _m: None,
+               carrier_timeout: float = 15.0, **dhcp_kw: object) -> Network:
+    """Bring up the boot NIC, get a lease as a PXE client (user class "cidboot-firmware") and
+    configure the address. `dhcp_kw` goes to cidboot.dhcp_client.acquire (attempts, timeout...)."""
+    name, mac = netif.bring_up(ifname, carrier_timeout=carrier_timeout)
+    lease = dhcp_client.acquire(name, mac, vendor_class=VENDOR_CLASS, arch=dhcp.ARCH_X86_64_UEFI_BC,
+                                user_class=USER_CLASS, log=log, **dhcp_kw)  # type: ignore[arg-type]
+    netif.configure(name, lease.ip, lease.prefixlen, router=lease.router)
+    return Network(name, mac, lease)
+
+
+def tftp_get(server: str, path: str, *, port: int = 69, blksize: int = BLKSIZE, timeout: float = 0.3,
+             retries: int = 12, attempts: int = 3) -> bytes:
+    """One file over TFTP (RFC 1350 + blksize 2348), in memory.
+
+    TFTP is lock-step and the client drives recovery: tftpy re-sends its last ACK after `timeout`
+    s without data, up to `retries` times per block. A boot LAN answers in milliseconds, so the
+    timeout is short (with 20 % loss both ways about a third of the blocks need one); a transfer
+    that still fails is started again, `attempts` times.
+    """
+    import tftpy
+
+    logging.getLogger("tftpy").setLevel(logging.ERROR)  # per-packet retry warnings would flood the console
+    last: Exception | None = None
+    for _ in range(attempts):
+        buf = io.BytesIO()
+        try:
+            tftpy.TftpClient(server, port, options={"blksize": blksize}).download(
+                path.lstrip("/"), buf, timeout=timeout, retries=retries)
+            return buf.getvalue()
+        except tftpy.TftpException as e:
+            last = e
+            if "File not found" in str(e) or "Access violation" in str(e):
+                break
+        except OSError as e:
+            last = e
+    raise NetbootError(f"TFTP tftp://{server}/{path.lstrip('/')}: {last}")
+
+
+def tftp_url(url: str) -> tuple[str, int, str]:
+    """(host, port, path) of a tftp:// URL; anything else is refused (we only boot over TFTP)."""
+    u = urlsplit(url)
+    if u.scheme != "tftp" or not u.hostname or not u.path.strip("/"):
+        raise ScriptError(f"only tftp://HOST/PATH URLs are supported, got {url!r}")
+    return u.hostname, u.port or 69, u.path.lstrip("/")
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """What boot.ipxe tells us to boot: the kernel URL and its arguments, the initrd URLs in order."""
+
+    kernel: str
+    cmdline: str
+    initrds: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def config_url(self) -> str | None:
+        """The boot config named on the command line (cidboot.config=URL), if any."""
+        for arg in self.cmdline.split():
+            if arg.startswith("cidboot.config="):
+                return arg.split("=", 1)[1]
+        return None
+
+
+_VAR = re.compile(r"\$\{([^}]*)\}")
+
+
+def expand(text: str, variables: dict[str, str]) -> str:
+    """iPXE ${...} expansion for the settings we know; an unknown one is an error, never ''."""
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in variables:
+            raise ScriptError(f"unknown iPXE setting ${{{name}}}")
+        return variables[name]
+
+    return _VAR.sub(sub, text)
+
+
+def ipxe_variables(mac: str, ip: str = "", next_server: str = "") -> dict[str, str]:
+    mac = mac.lower()
+    out = {"mac": mac, "mac:hexhyp": mac.replace(":", "-"), "mac:hex": mac, "ip": ip, "next-server": next_server}
+    out.update({f"net0/{k}": v for k, v in list(out.items())})
+    return out
+
+
+def parse_script(script: str, variables: dict[str, str]) -> BootSpec:
+    """Interpret boot.ipxe: `kernel URL ARGS...`, `initrd URL` (repeatable), `boot`; `echo`,
+    comments and blank lines are skipped. Anything else is refused: a script we would half
+    understand could boot something other than what iPXE boots."""
+    lines = script.splitlines()
+    if not lines or not lines[0].strip().startswith("#!ipxe"):
+        raise ScriptError("not an iPXE script (no #!ipxe first line)")
+    kernel, cmdline, initrds = None, "", []
+    for n, line in enumerate(lines[1:], start=2):
+        words = line.split(None, 1)
+        if not words or words[0].startswith("#") or words[0] in ("echo", "boot"):
+            continue
+        cmd, rest = words[0], words[1] if len(words) > 1 else ""
+        if cmd in ("kernel", "chain", "imgexec"):
+            parts = expand(rest, variables).split(None, 1)
+            if not parts or parts[0].startswith("-"):
+                raise ScriptError(f"line {n}: {cmd} needs a URL (options are not supported)")
+            if kernel is not None:
+                raise ScriptError(f"line {n}: a second kernel")
+            kernel, cmdline = parts[0], parts[1] if len(parts) > 1 else ""
+        elif cmd in ("initrd", "module"):
+            url = expand(rest, variables).strip()
+            if not url or url.startswith("-") or " " in url:
+                raise ScriptError(f"line {n}: initrd takes exactly one URL")
+            initrds.append(url)
+        else:
+            raise ScriptError(f"line {n}: unsupported iPXE command {cmd!r}")
+    if kernel is None:
+        raise ScriptError("the script names no kernel")
+    for url in (kernel, *initrds):
+        tftp_url(url)
+    return BootSpec(kernel, cmdline.strip(), tuple(initrds))
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """Everything fetched for the next stage, as bytes, with the time each took."""
+
+    script: bytes
+    spec: BootSpec
+    kernel: bytes
+    initrd: bytes
+    bootconfig: bytes
+    timings: dict[str, float] = field(default_factory=dict, compare=False)
+
+
+def fetch_boot(net: Network, *, boot_file: str | None = None, **tftp_kw: object) -> Fetched:
+    """Fetch the script the DHCP server named, then its kernel, initrds and boot config."""
+    server = net.lease.next_server
+    name = boot_file or net.lease.boot_file
+    if not name:
+        raise NetbootError("the DHCP server named no boot file")
+    if not name.endswith(".ipxe"):
+        raise NetbootError(f"boot file {name!r} is not an iPXE script: the server does not know the firmware's "
+                           f"user class {USER_CLASS.decode()!r}")
+    t: dict[str, float] = {}
+
+    def get(what: str, url_or_path: str) -> bytes:
+        host, port, path = tftp_url(url_or_path) if "://" in url_or_path else (server, 69, url_or_path)
+        t0 = time.monotonic()
+        data = tftp_get(host, path, port=port, **tftp_kw)  # type: ignore[arg-type]
+        t[what] = t.get(what, 0.0) + time.monotonic() - t0
+        return data
+
+    script = get("script", name)
+    try:
+        text = script.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ScriptError(f"{name}: not UTF-8 text") from None
+    spec = parse_script(text, ipxe_variables(net.mac, net.lease.ip, server))
+    kernel = get("kernel", spec.kernel)
+    initrd = b"".join(get("initrd", u) for u in spec.initrds)
+    if spec.config_url is None:
+        raise NetbootError("the kernel command line names no boot config (cidboot.config=tftp://...)")
+    bootconfig = get("bootconfig", spec.config_url)
+    return Fetched(script, spec, kernel, initrd, bootconfig, t)

@@ -1,0 +1,144 @@
+"""The L0 firmware stage, run by /init as PID 1 (docs/boot-chain.md):
+
+1. read CDI_0 + the chain [root, cert L0] from the DICE engine (QEMU fw_cfg `opt/cidboot/dice`);
+   without it, refuse and power off: an unmeasured L0 must not pretend to measure anything;
+2. NIC up, DHCP as a PXE client (user class "cidboot-firmware"), TFTP: boot.ipxe, then the
+   kernel, initrd(s) and boot config it names;
+3. measure L1: code_hash = code_hash_of_blobs([kernel, initrd]), config descriptor = the boot
+   config bytes, mode NORMAL; DICE main flow -> CDI_1 and the L1 certificate;
+4. append the hand-off (cidboot.handoff) to the initrd, wipe CDI_0, kexec into L1.
+
+Every failure prints one clear console line and powers off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cidboot import pid1
+from cidboot.handoff import Handoff
+from firmware.netboot import Fetched, Network, fetch_boot, network_up
+
+FW_CFG_HANDOVER = "/sys/firmware/qemu_fw_cfg/by_name/opt/cidboot/dice/raw"
+
+
+class Refused(Exception):
+    """A check failed: print `cidboot: refused: <msg>` and power off."""
+
+
+def say(line: str) -> None:
+    """A console protocol line (docs/boot-chain.md): stdout of PID 1 is the console."""
+    print(line, flush=True)
+
+
+def wipe(secret: bytes | bytearray) -> None:
+    """Overwrite a secret in place. bytes are immutable to Python, not to memory: CPython keeps
+    their content inline, so the buffer is zeroed through ctypes. Only for private objects
+    (never interned: CDIs are 32-byte values made by HKDF or cbor2)."""
+    if isinstance(secret, bytearray):
+        secret[:] = bytes(len(secret))
+    elif len(secret) > 1:
+        ctypes.memset(ctypes.c_char_p(secret), 0, len(secret))
+
+
+def read_engine_handover(path: str | Path = FW_CFG_HANDOVER) -> bytearray | None:
+    """The engine's encoded handover (CBOR {1: CDI_Attest_0, 2: CDI_Seal_0, 3: chain}), or None."""
+    try:
+        return bytearray(Path(path).read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+@dataclass
+class Measured:
+    code_hash: bytes
+    handoff: Handoff
+
+
+def measure_and_derive(engine: bytes | bytearray, fetched: Fetched) -> Measured:
+    """L1's DICE inputs from what was fetched, the DICE main flow from CDI_0, and the hand-off for
+    L1 (CDI_1 and the chain [root, cert L0, cert L1]). Wipes the decoded CDI_0 copies."""
+    from cidboot.dice import (
+        DiceInputs,
+        DiceMode,
+        append_to_chain,
+        decode_handover,
+        encode_handover,
+        main_flow,
+    )
+    from cidboot.dice.chain import HandoverError
+    from cidboot.measure import code_hash_of_blobs
+
+    raw = bytes(engine)
+    try:
+        h = decode_handover(raw)
+    except HandoverError as e:
+        raise Refused(f"DICE handover from the engine: {e}") from None
+    finally:
+        wipe(raw)
+    code_hash = code_hash_of_blobs([fetched.kernel, fetched.initrd])
+    inputs = DiceInputs(code_hash=code_hash, config_value=None, config_descriptor=fetched.bootconfig,
+                        mode=DiceMode.NORMAL)
+    try:
+        a1, s1, cert = main_flow(h.cdi_attest, h.cdi_seal, inputs)
+    finally:
+        wipe(h.cdi_attest)
+        wipe(h.cdi_seal)
+    chain = append_to_chain(h.chain, cert)
+    dice = encode_handover(a1, s1, chain)
+    wipe(a1)
+    wipe(s1)
+    boot = {"boot_mode": "measured", "bootconfig": fetched.bootconfig.decode("utf-8", "replace")}
+    return Measured(code_hash, Handoff(dice=dice, boot=boot))
+
+
+def run(fw_cfg: str | Path = FW_CFG_HANDOVER, *, kexec: bool = True) -> Measured:
+    """All steps; returns instead of kexec-ing when kexec=False (for tests). Raises Refused or
+    any CidbootError/OSError on failure (main() turns them into console lines)."""
+    t0 = time.monotonic()
+    engine = read_engine_handover(fw_cfg)
+    if engine is None:
+        raise Refused("no DICE handover from the engine")
+    say("cidboot-stage: firmware start")
+    timings: dict[str, float] = {}
+    try:
+        t = time.monotonic()
+        net: Network = network_up(log=lambda m: print(f"cidboot: firmware: {m}", file=sys.stderr, flush=True))
+        timings["net+dhcp"] = time.monotonic() - t
+        t = time.monotonic()
+        fetched = fetch_boot(net)
+        timings["tftp"] = time.monotonic() - t
+        t = time.monotonic()
+        m = measure_and_derive(engine, fetched)
+        timings["measure+derive"] = time.monotonic() - t
+    finally:
+        wipe(engine)
+    detail = " ".join(f"{k}={v:.2f}s" for k, v in timings.items())
+    files = " ".join(f"{k}={v:.2f}s" for k, v in fetched.timings.items())
+    print(f"cidboot: firmware: ip={net.lease.ip} kernel={len(fetched.kernel)}B initrd={len(fetched.initrd)}B "
+          f"{detail} ({files}) total={time.monotonic() - t0:.2f}s", flush=True)
+    say(f"cidboot-stage: firmware handover code={m.code_hash.hex()[:16]}")
+    if kexec:
+        from cidboot.kexec import kexec_boot
+
+        initrd = m.handoff.append_to(fetched.initrd)
+        kexec_boot(fetched.kernel, initrd, fetched.spec.cmdline)
+    return m
+
+
+def main(fw_cfg: str | Path = FW_CFG_HANDOVER) -> None:
+    """Entry as PID 1: run, and on any failure print why and power off (never return to /init)."""
+    try:
+        run(fw_cfg)
+        reason = "kexec returned"
+    except Refused as e:
+        say(f"cidboot: refused: {e}")
+        pid1.power_off()
+        return
+    except Exception as e:  # PID 1: report every failure on the console, then power off
+        reason = f"firmware: {type(e).__name__}: {e}"
+    pid1.power_off(reason)
