@@ -20,6 +20,9 @@ from cidboot.errors import FormatError
 STARTUP = ("encodings", "encodings.aliases", "encodings.utf_8", "encodings.latin_1", "encodings.ascii",
            "codecs", "io", "abc", "os", "stat", "posixpath", "genericpath", "_collections_abc")
 
+# modules that import others by name at run time, invisible to the AST: socket resolves str
+# host names through the "idna" codec (LookupError: unknown encoding: idna without it)
+IMPLIED = {"socket": ("encodings.idna",)}
 
 # development-only stdlib parts, reached statically through debugging helpers (heapq's and
 # typing's self-tests import doctest -> pdb -> readline); never shipped in an appliance
@@ -115,6 +118,7 @@ def analyse(entries: Iterable[str], roots: list[Path], extra: Iterable[str] = ()
             g.unresolved.add(name)
             continue
         g.modules[name] = path
+        queue.extend(IMPLIED.get(name, ()))
         if path.suffix != ".py":
             continue
         try:

@@ -76,6 +76,28 @@ class TrustState:
             root = anchor
         return cls(root, highest, p)
 
+    def to_bytes(self) -> bytes:
+        """The state as canonical JSON bytes (sorted keys, no spaces): the same fields `save`
+        writes, for stores that are not files (the bootstrap's raw NVRAM block device)."""
+        doc = {"root": {"keys": [k.hex() for k in self.root.keys], "threshold": self.root.threshold,
+                        "version": self.root.version}, "highest": dict(sorted(self.highest.items()))}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, anchor: RootOfTrust, where: str = "trust state") -> TrustState:
+        """Inverse of `to_bytes` (also reads what `save` writes). Damage raises ManifestFormatError
+        naming `where`, never a silent reset; a stored root older than `anchor` is replaced by it."""
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+            r = obj["root"]
+            root = RootOfTrust(tuple(bytes.fromhex(k) for k in r["keys"]), r["threshold"], r["version"])
+            highest = {str(k): int(v) for k, v in obj.get("highest", {}).items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ManifestFormatError(f"{where}: damaged trust state: {type(e).__name__}: {e}") from None
+        if root.version < anchor.version:
+            root = anchor
+        return cls(root, highest, None)
+
     def save(self) -> None:
         if self.path is None:
             return

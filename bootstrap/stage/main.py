@@ -1,0 +1,200 @@
+"""The L1 bootstrap stage as PID 1 (docs/boot-chain.md):
+
+1. read the hand-off (cidboot.handoff.load erases dice.cbor at once). With one, the boot is
+   measured: CDI_1 + chain from the firmware, the boot config in boot.json. Without one (a plain
+   iPXE ROM booted us) the boot is unmeasured: the boot config comes over TFTP from the
+   `cidboot.config=tftp://...` on the command line, and CDI_1 is random and ephemeral with a
+   one-entry chain, so the image still has an identity whose evidence says "unmeasured";
+2. NIC up + DHCP (user class "cidboot-bootstrap");
+3. fetch + verify + measure (bootstrap.stage.verify.prepare), rollback state on NVRAM;
+4. zero the CDI_1 copies and kexec into the image with the hand-off appended to its initrd.
+
+Any failure prints `cidboot: refused: <check>: <detail>` and powers off, or, when the boot
+config says on_failure=retry, tries again after a pause. Nothing unverified is kexec'ed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bootstrap.stage.nvram import DEFAULT_DEVICE, Nvram
+from bootstrap.stage.verify import TRUST_ANCHOR, BootPlan, Refused, load_anchor, prepare, wipe
+from cidboot import pid1
+from cidboot.bootconfig import BootConfig, BootConfigError
+from cidboot.errors import CidbootError
+
+USER_CLASS = b"cidboot-bootstrap"
+RETRY_PAUSE = 10.0  # seconds between attempts when the boot config says on_failure=retry
+STORE_DIR = "/run/cidboot/store"  # rootfs is RAM: verified blocks live here until the kexec
+# docs/boot-chain.md: dice.cbor is absent for unmeasured boots, and cidboot.handoff enforces it;
+# so the ephemeral identity of an unmeasured boot stays here until that contract carries it.
+UNMEASURED_CARRIES_DICE = False
+
+
+def say(line: str) -> None:
+    """A console protocol line (docs/boot-chain.md): stdout of PID 1 is the console."""
+    print(line, flush=True)
+
+
+def log(msg: str) -> None:
+    print(f"cidboot: bootstrap: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Start:
+    """What the previous stage (or iPXE) gave us."""
+
+    boot_mode: str
+    dice: bytearray | None  # the encoded CDI_1 handover; ephemeral for unmeasured boots
+    bootconfig: bytes | None  # None: fetch it over TFTP once the network is up
+    ip: str | None = None  # set once the network is up, so a retry does not redo DHCP
+
+
+def ephemeral_dice() -> bytearray:
+    """A random CDI_1 and the one-entry chain [its own public key]: an identity with no
+    measurement behind it, for unmeasured boots."""
+    from cidboot.dice import CDI_SIZE, encode_chain, encode_handover, key_from_cdi
+
+    attest, seal = os.urandom(CDI_SIZE), os.urandom(CDI_SIZE)
+    out = bytearray(encode_handover(attest, seal, encode_chain(key_from_cdi(attest).public_key(), [])))
+    wipe(attest)
+    wipe(seal)
+    return out
+
+
+def read_start(root: str | Path = "/") -> Start:
+    from cidboot.handoff import HandoffError, HandoffNotFound, load
+
+    try:
+        h = load(root)
+    except HandoffNotFound:
+        return Start("unmeasured", ephemeral_dice(), None)
+    except HandoffError as e:
+        raise Refused("handoff", str(e)) from None
+    cfg = h.boot.get("bootconfig")
+    if not isinstance(cfg, str):
+        raise Refused("handoff", "boot.json carries no boot config")
+    if h.boot["boot_mode"] == "unmeasured":
+        return Start("unmeasured", ephemeral_dice(), cfg.encode())
+    dice = bytearray(h.dice or b"")
+    if h.dice is not None:
+        wipe(h.dice)  # the loaded copy; `dice` is the one main() zeroes before kexec
+    return Start("measured", dice, cfg.encode())
+
+
+def config_url(cmdline: str) -> str | None:
+    for arg in cmdline.split():
+        if arg.startswith("cidboot.config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def network_up() -> str:
+    """NIC up, DHCP lease, address configured; returns the address (for the log)."""
+    from cidboot import dhcp_client, netif
+
+    name, mac = netif.bring_up(carrier_timeout=15.0)
+    # not a PXE client any more (no vendor class/arch): the server need not offer a boot file
+    lease = dhcp_client.acquire(name, mac, vendor_class=None, arch=None, user_class=USER_CLASS, log=log)
+    netif.configure(name, lease.ip, lease.prefixlen, router=lease.router)
+    return lease.ip
+
+
+def fetch_bootconfig(cmdline_path: str | Path = "/proc/cmdline") -> bytes:
+    from bootstrap.stage.tftp_get import TftpError, tftp_get_url
+
+    url = config_url(Path(cmdline_path).read_text())
+    if url is None:
+        raise Refused("bootconfig", "no hand-off and no cidboot.config=tftp://... on the kernel command line")
+    try:
+        return tftp_get_url(url)
+    except TftpError as e:
+        raise Refused("bootconfig", str(e)) from None
+
+
+def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, store_dir: str | Path,
+            cmdline_path: str | Path, network: bool = True, now: int | None = None) -> tuple[BootPlan, BootConfig]:
+    """One try: network, boot config, prepare. Raises Refused (or any CidbootError/OSError)."""
+    from cidboot.blockstore import Blockstore
+
+    anchor = load_anchor(anchor_path)
+    if network and start.ip is None:
+        start.ip = network_up()
+        log(f"ip={start.ip}")
+    raw = start.bootconfig if start.bootconfig is not None else fetch_bootconfig(cmdline_path)
+    start.bootconfig = raw  # a retry does not fetch it again
+    try:
+        cfg = BootConfig.decode(raw)
+    except BootConfigError as e:
+        raise Refused("bootconfig", str(e)) from None
+    carry = start.boot_mode == "measured" or UNMEASURED_CARRIES_DICE
+    dice = bytes(start.dice) if start.dice is not None else None
+    try:
+        plan = prepare(cfg, raw, dice, boot_mode=start.boot_mode, anchor=anchor, nvram=Nvram(nvram_path),
+                       store=Blockstore(store_dir), now=now, carry_dice=carry)
+    finally:
+        if dice is not None:
+            wipe(dice)  # this copy of CDI_1; start.dice stays for a retry until main wipes it
+    return plan, cfg
+
+
+def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvram_path: str | Path = DEFAULT_DEVICE,
+         store_dir: str | Path = STORE_DIR, cmdline_path: str | Path = "/proc/cmdline") -> None:
+    """Entry as PID 1: never returns to /init except by powering off."""
+    t0 = time.monotonic()
+    try:
+        start = read_start(root)
+    except Exception as e:  # fail closed with the console line, whatever broke
+        say(f"cidboot: refused: {describe(e)}")
+        pid1.power_off()
+        return
+    say(f"cidboot-stage: bootstrap start mode={start.boot_mode}")
+    while True:
+        try:
+            plan, _ = attempt(start, anchor_path=anchor_path, nvram_path=nvram_path, store_dir=store_dir,
+                              cmdline_path=cmdline_path)
+        except Exception as e:  # any failure is a refusal: nothing unverified is kexec'ed
+            say(f"cidboot: refused: {describe(e)}")
+            if start.bootconfig is not None and _on_failure(start.bootconfig) == "retry":
+                log(f"retrying in {RETRY_PAUSE:.0f} s (on_failure=retry)")
+                time.sleep(RETRY_PAUSE)
+                continue
+            if start.dice is not None:
+                wipe(start.dice)
+            pid1.power_off()
+            return
+        break
+    timings = " ".join(f"{k}={v:.2f}s" for k, v in plan.timings.items())
+    log(f"manifest={plan.manifest_cid} {plan.manifest.name} v{plan.manifest.version} kernel={len(plan.kernel)}B "
+        f"initrd={len(plan.initrd)}B {timings} total={time.monotonic() - t0:.2f}s")
+    say(f"cidboot-stage: bootstrap handover manifest={plan.manifest_cid}")
+    if start.dice is not None:
+        wipe(start.dice)  # CDI_1: the image gets only CDI_2, inside the hand-off
+    from cidboot.kexec import kexec_boot
+
+    try:
+        kexec_boot(plan.kernel, plan.handoff.append_to(plan.initrd), plan.cmdline)
+        reason = "kexec returned"
+    except CidbootError as e:
+        reason = f"bootstrap: {e}"
+    pid1.power_off(reason)
+
+
+def describe(e: Exception) -> str:
+    """`<check>: <detail>` for the console line: a Refused says it itself; NIC and DHCP failures
+    are the "network" check; anything else the stage could not do is "bootstrap"."""
+    if isinstance(e, Refused):
+        return str(e)
+    check = "network" if type(e).__module__ in ("cidboot.netif", "cidboot.dhcp_client") else "bootstrap"
+    return f"{check}: {type(e).__name__}: {e}"
+
+
+def _on_failure(raw: bytes) -> str:
+    try:
+        return BootConfig.decode(raw).on_failure
+    except BootConfigError:
+        return "poweroff"

@@ -1,0 +1,303 @@
+"""Fetch, verify and measure the image a boot config names: the bootstrap's whole decision.
+
+Order matters, so that nothing big is fetched before it is known to be wanted and nothing
+unverified is ever handed on:
+
+1. the manifest block alone (`?format=raw`, hashed against its CID), gateways in order;
+2. the signed manifest against the trust anchor built into this image (threshold, expiry) and
+   the rollback state from NVRAM (cidboot.manifest.verify_manifest, not yet persisted);
+3. each layer: its root block first, so a declared size above the manifest's bound is refused
+   before the rest is fetched (check_layer), then the DAG through cidboot.gateway.client.fetch
+   (every block hashed; a lying gateway is dropped, the next one tried), then the exact bytes
+   checked again;
+4. measure (cidboot.measure.image_inputs) and derive CDI_2 + the L2 certificate from CDI_1;
+5. persist the new rollback state, and return a `BootPlan`; kexec is the caller's last step.
+
+Every failure is a `Refused(check, detail)` whose detail names the CID, printed by main as
+`cidboot: refused: <check>: <detail>`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import http.client
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bootstrap.stage.nvram import Nvram, NvramError
+from cidboot import cose
+from cidboot.blockstore import Blockstore
+from cidboot.bootconfig import BootConfig
+from cidboot.cid import CID, DAG_CBOR
+from cidboot.errors import CidbootError, FormatError, VerificationError
+from cidboot.handoff import Handoff
+from cidboot.manifest import (
+    ExpiredError,
+    Manifest,
+    ManifestVerificationError,
+    RollbackError,
+    RootOfTrust,
+    SignedManifest,
+    TrustState,
+    check_layer,
+    verify_manifest,
+    verify_threshold,
+)
+from cidboot.manifest.signed import MAX_ENVELOPE
+
+TRUST_ANCHOR = "/etc/cidboot/trust-anchor.json"
+
+
+class Refused(Exception):
+    """A check failed. `check` names it (e.g. "layer bafy...", "rollback"), `detail` says why."""
+
+    def __init__(self, check: str, detail: str) -> None:
+        super().__init__(f"{check}: {detail}")
+        self.check, self.detail = check, detail
+
+
+def wipe(secret: bytes | bytearray) -> None:
+    """Overwrite a secret in place (bytes through ctypes: CPython stores their content inline).
+    Only for private objects such as CDIs made by HKDF or cbor2, never interned constants."""
+    if isinstance(secret, bytearray):
+        secret[:] = bytes(len(secret))
+    elif len(secret) > 1:
+        ctypes.memset(ctypes.c_char_p(secret), 0, len(secret))
+
+
+@dataclass
+class BootPlan:
+    """What to kexec: verified kernel and initrd, the manifest's command line, and the hand-off
+    (CDI_2 + chain [.., cert L2] for a measured boot) to append to the initrd."""
+
+    manifest_cid: CID
+    manifest: Manifest
+    signers: list[bytes]
+    kernel: bytes
+    initrd: bytes
+    cmdline: str
+    handoff: Handoff
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def load_anchor(path: str | Path = TRUST_ANCHOR) -> RootOfTrust:
+    from cidboot.keys import KeyFileError, load_root
+
+    try:
+        return load_root(path)
+    except (KeyFileError, FormatError) as e:
+        raise Refused("trust anchor", str(e)) from None
+
+
+def fetch_block(cid: CID, gateways: list[str] | tuple[str, ...], store: Blockstore, *, timeout: float = 10.0,
+                max_size: int = MAX_ENVELOPE, rounds: int = 3, backoff: float = 0.5) -> bytes:
+    """One block by CID (`?format=raw`), gateways in order; only bytes that hash to `cid` are
+    accepted. Gateways that only failed (not lied) get `rounds` passes with doubling `backoff`
+    between them: a boot LAN hiccup should not cost a whole boot. Raises Refused naming the CID
+    and what each gateway did."""
+    if store.has(cid):
+        return store.get(cid)
+    liars: set[str] = set()
+    for n in range(rounds):
+        if n:
+            time.sleep(backoff * 2 ** (n - 1))
+        data, why = _fetch_block_once(cid, [g for g in gateways if g not in liars], store, timeout, max_size, liars)
+        if data is not None:
+            return data
+        if len(liars) == len(gateways):
+            break
+    kind = "hash mismatch" if liars else "unavailable"
+    raise Refused(f"block {cid}", f"{kind}: " + "; ".join(why))
+
+
+def _fetch_block_once(cid: CID, gateways: list[str], store: Blockstore, timeout: float, max_size: int,
+                      liars: set[str]) -> tuple[bytes | None, list[str]]:
+    why = [f"{g}: sent bytes that do not match the CID" for g in sorted(liars)]
+    for gw in gateways:
+        u = urlsplit(gw)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            why.append(f"{gw}: not an http(s) URL")
+            continue
+        cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        conn = cls(u.hostname, u.port, timeout=timeout)
+        try:
+            conn.request("GET", f"{u.path.rstrip('/')}/ipfs/{cid}?format=raw",
+                         headers={"Accept": "application/vnd.ipld.raw", "User-Agent": "cidboot-bootstrap"})
+            resp = conn.getresponse()
+            if resp.status != 200:
+                why.append(f"{gw}: HTTP {resp.status}")
+                continue
+            data = resp.read(max_size + 1)
+        except (OSError, http.client.HTTPException) as e:
+            why.append(f"{gw}: {type(e).__name__}: {e}")
+            continue
+        finally:
+            conn.close()
+        if len(data) > max_size:
+            why.append(f"{gw}: more than {max_size} bytes")
+            continue
+        try:
+            store.put(cid, data)
+        except VerificationError:
+            liars.add(gw)
+            why.append(f"{gw}: sent bytes that do not match the CID")
+            continue
+        return data, why
+    return None, why
+
+
+def verify_signed(cid: CID, raw: bytes, state: TrustState, *, now: int | None = None) -> tuple[SignedManifest, list[bytes]]:
+    """Decode and verify the signed manifest against `state` (not persisted); returns it and the
+    key ids (bytes) of the trusted keys whose signatures verified."""
+    what = f"manifest {cid}"
+    if cid.codec != DAG_CBOR:
+        raise Refused(what, "is not a DAG-CBOR block")
+    try:
+        signed = SignedManifest.decode(raw)
+    except FormatError as e:
+        raise Refused(what, f"malformed: {e}") from None
+    m = signed.manifest
+    seen = state.highest.get(m.name)
+    try:
+        verify_manifest(signed, state, now=now, persist=False)
+    except RollbackError:
+        raise Refused("rollback", f"manifest {cid} ({m.name}) version {m.version} < {seen} already booted") from None
+    except ExpiredError:
+        now_s = int(time.time()) if now is None else now
+        raise Refused("expiry", f"manifest {cid} ({m.name} v{m.version}) expired at {_utc(m.expires)}, "
+                                f"now {_utc(now_s)}") from None
+    except ManifestVerificationError as e:
+        untrusted = _untrusted_kids(signed, state.root)
+        if untrusted:
+            kids = ", ".join(untrusted)
+            raise Refused(what, f"signed by unknown key {kids} (not in the trust anchor): {e}") from None
+        raise Refused(what, str(e)) from None
+    signers = verify_threshold(signed.signatures, signed.payload(), state.root, what)
+    return signed, [bytes.fromhex(k) for k in signers]
+
+
+def _utc(t: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _untrusted_kids(signed: SignedManifest, root: RootOfTrust) -> list[str]:
+    """Key ids (hex) of signatures by keys the trusted root does not hold."""
+    try:
+        msg = cose.decode_sign(signed.signatures)
+    except FormatError:
+        return []
+    trusted = root.public_keys()
+    return [s.kid.hex() for s in msg.signatures if s.kid is not None and s.kid not in trusted]
+
+
+def fetch_layer(manifest: Manifest, cid: CID, gateways: list[str] | tuple[str, ...], store: Blockstore, *,
+                timeout: float = 10.0) -> bytes:
+    """One layer's verified bytes: root block, size bound, whole DAG, exact size."""
+    from cidboot.gateway.client import AllGatewaysFailed, fetch
+    from cidboot.unixfs.exporter import export_file, file_size
+
+    what = f"layer {cid}"
+    try:
+        fetch_block(cid, gateways, store, timeout=timeout, max_size=4 * 1024 * 1024)
+    except Refused as e:
+        raise Refused(what, e.detail) from None
+    try:
+        check_layer(manifest, cid, file_size(cid, store.get))
+    except ManifestVerificationError as e:
+        raise Refused(what, str(e)) from None
+    except (FormatError, KeyError) as e:
+        raise Refused(what, f"not a UnixFS file: {e}") from None
+    try:
+        fetch(cid, list(gateways), store, timeout=timeout)
+    except AllGatewaysFailed as e:
+        kind = "hash mismatch" if "does not match its CID" in str(e) else "unavailable"
+        raise Refused(what, f"{kind}: {e}") from None
+    try:
+        data = b"".join(export_file(cid, store.get))
+        check_layer(manifest, cid, len(data))
+    except ManifestVerificationError as e:
+        raise Refused(what, str(e)) from None
+    except (FormatError, KeyError) as e:
+        raise Refused(what, f"not a UnixFS file: {e}") from None
+    layer = manifest.layer(cid)
+    if layer is not None and len(data) != layer.size:
+        raise Refused(what, f"is {len(data)} bytes, the manifest lists {layer.size}")
+    return data
+
+
+def measure(dice: bytes, manifest_cid: CID, manifest: Manifest, signers: list[bytes]) -> bytes:
+    """CDI_1 handover -> CDI_2 handover: DICE main flow over the image's inputs, the L2
+    certificate appended to the chain. Wipes the decoded CDI_1 copies."""
+    from cidboot.dice import append_to_chain, decode_handover, encode_handover, main_flow
+    from cidboot.dice.chain import HandoverError
+    from cidboot.measure import image_inputs
+
+    try:
+        h = decode_handover(dice)
+    except HandoverError as e:
+        raise Refused("dice", f"hand-off from the previous stage: {e}") from None
+    try:
+        a2, s2, cert = main_flow(h.cdi_attest, h.cdi_seal, image_inputs(manifest_cid, manifest, signers))
+    finally:
+        wipe(h.cdi_attest)
+        wipe(h.cdi_seal)
+    out = encode_handover(a2, s2, append_to_chain(h.chain, cert))
+    wipe(a2)
+    wipe(s2)
+    return out
+
+
+def assemble(manifest: Manifest, blobs: dict[str, bytes], manifest_cid: CID) -> tuple[bytes, bytes]:
+    """(kernel, initrd): the one kernel layer, and the other layers concatenated in manifest order
+    (the kernel unpacks concatenated cpio archives, docs/images.md)."""
+    kernels = [lyr for lyr in manifest.layers if lyr.role == "kernel"]
+    if len(kernels) != 1:
+        raise Refused(f"manifest {manifest_cid}", f"has {len(kernels)} kernel layers, needs exactly one")
+    initrd = b"".join(blobs[str(lyr.cid)] for lyr in manifest.layers if lyr.role != "kernel")
+    return blobs[str(kernels[0].cid)], initrd
+
+
+def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, boot_mode: str, anchor: RootOfTrust,
+            nvram: Nvram, store: Blockstore, now: int | None = None, timeout: float = 10.0,
+            carry_dice: bool = True) -> BootPlan:
+    """Steps 1-5 of the module docstring. `dice` is the handover holding CDI_1 (from the firmware,
+    or an ephemeral one for an unmeasured boot); `carry_dice=False` leaves dice.cbor out of the
+    hand-off (the unmeasured contract, docs/boot-chain.md)."""
+    t: dict[str, float] = {}
+    cid = config.manifest
+    gws = config.gateways
+    t0 = time.monotonic()
+    try:
+        state = nvram.load_state(anchor)
+    except NvramError as e:
+        raise Refused("nvram", f"{e} (booting manifest {cid} would lose rollback protection)") from None
+    try:
+        raw = fetch_block(cid, gws, store, timeout=timeout)
+    except Refused as e:
+        raise Refused(f"manifest {cid}", e.detail) from None
+    signed, signers = verify_signed(cid, raw, state, now=now)
+    m = signed.manifest
+    t["manifest"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    blobs = {str(lyr.cid): fetch_layer(m, lyr.cid, gws, store, timeout=timeout) for lyr in m.layers}
+    kernel, initrd = assemble(m, blobs, cid)
+    t["layers"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    # an unmeasured hand-off carries no dice.cbor (docs/boot-chain.md): measuring would be wasted work
+    next_dice = measure(dice, cid, m, signers) if dice is not None and carry_dice else None
+    t["measure"] = time.monotonic() - t0
+    try:
+        nvram.save_state(state)
+    except NvramError as e:
+        raise Refused("nvram", f"{e} (manifest {cid} not booted)") from None
+    boot: dict[str, Any] = {"boot_mode": boot_mode, "bootconfig": bootconfig_raw.decode("utf-8", "replace"),
+                            "manifest": str(cid)}
+    handoff = Handoff(dice=next_dice, boot=boot)
+    try:
+        handoff.validate()
+    except CidbootError as e:
+        raise Refused("handoff", f"for manifest {cid}: {e}") from None
+    return BootPlan(cid, m, signers, kernel, initrd, m.cmdline, handoff, t)
