@@ -243,12 +243,15 @@ class Sign1(_HeaderAccess):
 def sign1(
     payload: bytes, key: PrivateKey, *, kid: bytes | None = None, protected: dict[int, Any] | None = None,
     unprotected: dict[int, Any] | None = None, external_aad: bytes = b"", tagged: bool = True,
+    detached: bool = False,
 ) -> bytes:
+    """COSE_Sign1 over `payload`; `detached` leaves the payload out (nil), for containers that
+    carry it beside the signature (provenance nodes, whose payload is itself DAG-CBOR)."""
     prot = _signer_headers(key, kid, protected)
     _check_headers(prot, unprotected or {}, "COSE_Sign1")
     prot_raw = _encode_protected(prot)
     sig = raw_signature(key, _sig_structure("Signature1", prot_raw, None, external_aad, payload))
-    msg = [prot_raw, dict(unprotected or {}), payload, sig]
+    msg = [prot_raw, dict(unprotected or {}), None if detached else payload, sig]
     return cbor2.dumps(cbor2.CBORTag(TAG_SIGN1, msg) if tagged else msg, canonical=True)
 
 

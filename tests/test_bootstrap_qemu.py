@@ -77,36 +77,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
             "build_s": time.monotonic() - t}
 
 
-# A gateway that lies: forwards to the boot server's and flips the last byte of every response
-# for one CID (argv: upstream, listen address, port, CID). Runs inside the test namespace.
-LYING_GATEWAY = """
-import sys, urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-upstream, addr, port, bad = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
-    def log_message(self, *a):
-        pass
-    def do_GET(self):
-        req = urllib.request.Request(upstream + self.path, headers={"Accept": self.headers.get("Accept", "")})
-        try:
-            with urllib.request.urlopen(req) as r:
-                body, ctype = r.read(), r.headers["Content-Type"]
-        except urllib.error.HTTPError as e:
-            self.send_error(e.code)
-            return
-        if bad in self.path and body:
-            body = body[:-1] + bytes([body[-1] ^ 0xFF])
-        self.send_response(200)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-srv = ThreadingHTTPServer((addr, port), H)
-print("listening", flush=True)
-srv.serve_forever()
-"""
-LIAR = "http://10.77.0.1:8081"
+LIAR = "http://10.77.0.1:8081"  # tests/tampering_gateway.py, started in the namespace when asked
 
 
 def _boot(tmp: Path, images: dict[str, object], bootconfig: bytes, *, timeout: float = 420,
@@ -132,9 +103,10 @@ def _boot(tmp: Path, images: dict[str, object], bootconfig: bytes, *, timeout: f
     with running_boot_server(tmp) as srv:
         liar = None
         if lie_about is not None:
-            liar = srv.net.popen([sys.executable, "-c", LYING_GATEWAY, GATEWAY, "10.77.0.1", "8081", lie_about],
-                                 stdout=subprocess.PIPE, text=True)
-            assert liar.stdout is not None and liar.stdout.readline().strip() == "listening"
+            liar = srv.net.popen([sys.executable, "-m", "tests.tampering_gateway", "--upstream", GATEWAY,
+                                  "--listen", LIAR.removeprefix("http://"), "--tamper", lie_about],
+                                 stdout=subprocess.PIPE, text=True, cwd=REPO)
+            assert liar.stdout is not None and "tampering gateway" in liar.stdout.readline()
         lines: list[tuple[float, str]] = []
         t0 = time.monotonic()
         qemu = srv.net.popen(["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "1024", "-nographic",

@@ -371,3 +371,23 @@ def test_console_check_names_and_config_url() -> None:
     assert stage_main.describe(OSError("boom")) == "bootstrap: OSError: boom"
     assert stage_main.config_url("quiet cidboot.config=tftp://10.0.0.1/b.json x=1") == "tftp://10.0.0.1/b.json"
     assert stage_main.config_url("quiet") is None
+
+
+def test_main_fails_closed_on_an_unexpected_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A bug or an exception nobody anticipated is still a console refusal and a power-off, and
+    the CDI_1 copy is zeroed: nothing is kexec'ed."""
+    cid = CID.parse("bafyreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy")
+    kw, calls = _main_env(tmp_path, monkeypatch, BootConfig(cid, ("http://127.0.0.1:1",)).encode())
+    seen: list[bytearray] = []
+
+    def boom(start: stage_main.Start, **_: object) -> None:
+        seen.append(start.dice or bytearray())
+        raise ValueError("unexpected")
+
+    monkeypatch.setattr(stage_main, "attempt", boom)
+    stage_main.main(**kw)  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "cidboot: refused: bootstrap: ValueError: unexpected\n" in out
+    assert calls == [("power_off", "")]
+    assert seen and seen[0] == bytearray(len(seen[0]))  # CDI_1 handover zeroed before power-off

@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--state-dir", type=Path, help="where leases are persisted")
     p.add_argument("--agent-port", type=int, default=8000,
                    help="port of the agents' API, for the peer URLs in boot configs (devices.yaml `ip:`)")
+    p.add_argument("--gateway", action="append", default=[], metavar="URL",
+                   help="gateway URL boot configs list for devices, in order (repeatable; default: this server's own; "
+                        "'self' stands for it)")
     p.add_argument("--device-registry", metavar="CID", help="signed device registry put into every boot config")
     p.set_defaults(func=run)
 
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = ServeConfig(args.interface, _interface_ip(args.interface), args.store, CID.parse(args.manifest), args.tftp_root,
                       dhcp_range, args.http_port, args.tftp_port, Devices.load(args.devices) if args.devices else None,
                       anchor, args.state_dir, args.agent_port,
-                      CID.parse(args.device_registry) if args.device_registry else None)
+                      CID.parse(args.device_registry) if args.device_registry else None, tuple(args.gateway))
     server = BootServer(cfg)
     server.start()
     print(f"serving on {args.interface} ({cfg.server_ip}): {'DHCP ' + args.dhcp_range if dhcp_range else 'ProxyDHCP'}, "

@@ -49,6 +49,7 @@ class ServeConfig:
     state_dir: Path | None = None
     agent_port: int = 8000
     device_registry: CID | None = None
+    gateways: tuple[str, ...] = ()  # what boot configs list; empty: this server's own ("self")
 
 
 class BootServer:
@@ -89,7 +90,8 @@ class BootServer:
             if not pol.allow:
                 return None
             manifest = CID.parse(pol.manifest) if pol.manifest else self.cfg.manifest
-            return BootConfig(manifest, (self.gateway_url,), self.cfg.trust_anchor or {}, pol.role,
+            gateways = tuple(self.gateway_url if g == "self" else g for g in self.cfg.gateways) or (self.gateway_url,)
+            return BootConfig(manifest, gateways, self.cfg.trust_anchor or {}, pol.role,
                               peers=self.peers(mac), device_registry=self.cfg.device_registry).encode()
         return None
 

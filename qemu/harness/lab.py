@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cidboot import keys
+from cidboot.blockstore import Blockstore
+from cidboot.cid import CID, DAG_CBOR
+from cidboot.registry import sign_registry
 from qemu.harness import dice_engine, timeline
 from qemu.harness.deploy import Deployment
 from qemu.harness.netns import BootNetwork, boot_network
@@ -58,21 +62,22 @@ class Lab:
     net: BootNetwork
     out: Path
     server: subprocess.Popen[str]
+    states: list[dice_engine.DeviceState]
     devices: list[Device] = field(default_factory=list)
 
     @property
     def roots_file(self) -> Path:
         return self.out / "device-roots.json"
 
-    def add_device(self, role: str, *, legacy: bool = False, accel: str = "tcg", name: str | None = None) -> Device:
+    def add_device(self, role: str, *, legacy: bool = False, accel: str = "tcg") -> Device:
+        """The next of the devices the lab was made for (its state, UDS and registry entry exist)."""
         i = len(self.devices)
-        name = name or f"device-{i}"
-        state = dice_engine.device(self.out / "devices", name)
+        state = self.states[i]
+        name = state.name
         fw_cfg: dict[str, Path] = {}
         if not legacy:
             fw = self.dep.firmware
             fw_cfg[dice_engine.FW_CFG_NAME] = dice_engine.provision(state, fw.kernel.read_bytes(), fw.initrd.read_bytes())
-        dice_engine.register([state], self.roots_file)
         spec = GuestSpec(name, kernel=None if legacy else self.dep.firmware.kernel,
                          initrd=None if legacy else self.dep.firmware.initrd,
                          append=str(self.dep.firmware.result.get("cmdline") or "console=ttyS0 quiet panic=-1"),
@@ -152,11 +157,22 @@ def _devices_yaml(path: Path, roles: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _factory(dep: Deployment, out: Path, names: list[str]) -> tuple[list[dice_engine.DeviceState], CID]:
+    """Device states (UDS, NVRAM), their root keys in the verifiers' roots file, and the device
+    registry signed by the workload's signers, in the store, for the agents to find peers by."""
+    states = [dice_engine.device(out / "devices", n) for n in names]
+    roots = dice_engine.register(states, out / "device-roots.json")
+    signers = [keys.load_private_key(p) for p in dep.signer_keys]
+    block = sign_registry(roots, signers)
+    return states, Blockstore(dep.store).put_block(block, DAG_CBOR)
+
+
 @contextmanager
 def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = None, loss_percent: int = 0,
-        server_args: list[str] | None = None) -> Iterator[Lab]:
+        server_args: list[str] | None = None, names: list[str] | None = None) -> Iterator[Lab]:
     """Boot network + `bootstrap serve` for devices with these roles (one tap each)."""
     out.mkdir(parents=True, exist_ok=True)
+    states, registry = _factory(dep, out, names or [f"device-{i}" for i in range(len(roles))])
     tftp = out / "tftp"
     (tftp / "bootstrap").mkdir(parents=True, exist_ok=True)
     (tftp / "bootstrap" / "vmlinuz").write_bytes(dep.bootstrap.kernel.read_bytes())
@@ -170,7 +186,8 @@ def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = 
                             "--dhcp-range", "10.77.0.100-10.77.0.199", "--store", str(dep.store),
                             "--manifest", manifest or str(dep.workload.manifest), "--devices", str(out / "devices.yaml"),
                             "--tftp-root", str(tftp), "--state-dir", str(out / "server-state"),
-                            "--agent-port", str(AGENT_PORT), *(server_args or [])],
+                            "--agent-port", str(AGENT_PORT), "--device-registry", str(registry),
+                            *(server_args or [])],
                            stdout=subprocess.PIPE, stderr=log, text=True)
         stack.callback(_stop, server)
         assert server.stdout is not None
@@ -182,7 +199,7 @@ def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = 
 
             for tap in net.taps:
                 add_loss(net.cmd([]), tap, loss_percent)
-        lb = Lab(dep, net, out, server)
+        lb = Lab(dep, net, out, server, states)
         try:
             yield lb
         finally:

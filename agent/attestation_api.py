@@ -1,0 +1,318 @@
+"""The device-side HTTP API: attestation evidence, results and the agent's blocks.
+
+Runs on the L2 image, so it uses only the stdlib HTTP server (plus cbor2 and cryptography
+through cidboot). One `AgentServer` carries a small route table so the verifier
+(agent.verifier) and the peer protocol (agent.peers) mount their endpoints on the same
+port. Every bad request gets a 4xx with a one-line reason and the server keeps serving.
+
+    GET /attestation?nonce=HEX   EAT evidence for this nonce (application/eat+cwt)
+    GET /results                 JSON: the results this agent produced, with provenance CIDs,
+                                 and the head CID of its audit log
+    GET /ipfs/{cid}[?format=raw] one raw block from the agent's store (trustless-gateway subset)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from cidboot.blockstore import Blockstore
+from cidboot.cid import CID
+from cidboot.cose import PrivateKey
+from cidboot.cose_key import raw_public_bytes
+from cidboot.dice.chain import verify_chain
+from cidboot.dice.derive import key_from_cdi
+from cidboot.dice.software import DerivedIdentity
+from cidboot.eat import NONCE_MAX, NONCE_MIN, build_evidence, ueid_for
+from cidboot.errors import CidbootError, FormatError, NotFoundError
+from cidboot.gateway.request import RAW_TYPE
+
+log = logging.getLogger("agent.api")
+
+EAT_TYPE = "application/eat+cwt"
+CBOR_TYPE = "application/cbor"
+JSON_TYPE = "application/json"
+MAX_BODY = 8 * 1024 * 1024  # bytes: input blocks of one exchange; more is refused unread
+LAYERS = ("firmware", "bootstrap", "image")
+
+
+class HttpError(CidbootError):
+    """Raised by a route to answer `status` with a precise reason (and an optional JSON body)."""
+
+    def __init__(self, status: int, message: str, obj: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.obj = status, obj
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: Mapping[str, str]
+    body: bytes
+    client: str
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    content_type: str
+    body: bytes
+
+    @classmethod
+    def json(cls, obj: Any, status: int = 200) -> Response:
+        return cls(status, JSON_TYPE, (json.dumps(obj, sort_keys=True, default=str) + "\n").encode())
+
+
+Handler = Callable[[Request], Response]
+
+
+@dataclass(frozen=True)
+class Route:
+    """`path` matches exactly, or as a prefix when it ends with "/" (the rest is an argument)."""
+
+    method: str
+    path: str
+    handler: Handler
+
+    def matches(self, path: str) -> bool:
+        if self.path.endswith("/"):
+            return path.startswith(self.path) and len(path) > len(self.path)
+        return path == self.path
+
+
+def nonce_from_hex(value: str | None, what: str = "nonce") -> bytes:
+    """A challenge nonce from hex text, with the reason it is refused (missing, not hex, length)."""
+    if value is None or value == "":
+        raise HttpError(400, f"{what} missing: give ?{what}=HEX ({NONCE_MIN} to {NONCE_MAX} bytes)")
+    try:
+        nonce = bytes.fromhex(value)
+    except ValueError:
+        raise HttpError(400, f"{what} is not hex: {value[:80]!r}") from None
+    if not NONCE_MIN <= len(nonce) <= NONCE_MAX:
+        raise HttpError(400, f"{what} must be {NONCE_MIN} to {NONCE_MAX} bytes, got {len(nonce)}")
+    return nonce
+
+
+@dataclass
+class Attester:
+    """What this agent signs evidence with: its DICE alias key and chain, and the claims it makes.
+
+    The measurements claimed are read back from the chain's certificates, so the evidence never
+    claims what the chain does not carry."""
+
+    leaf_key: PrivateKey
+    chain: bytes
+    ueid: bytes
+    manifest_cid: CID | None = None
+    boot_mode: str = "measured"
+    role: str | None = None
+    measurements: dict[str, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def from_chain(cls, leaf_key: PrivateKey, chain: bytes, *, manifest_cid: CID | None, boot_mode: str = "measured",
+                   role: str | None = None) -> Attester:
+        vc = verify_chain(chain, allow_debug=True)  # appraisal judges debug mode; we only read it
+        meas = {LAYERS[i]: e.code_hash for i, e in enumerate(vc.entries[:len(LAYERS)])}
+        return cls(leaf_key, chain, ueid_for(raw_public_bytes(vc.root_public_key)), manifest_cid, boot_mode, role, meas)
+
+    @classmethod
+    def from_cdi(cls, cdi_attest: bytes, chain: bytes, **kw: Any) -> Attester:
+        """The device case: the alias key derived from CDI_2 as the DICE profile defines it."""
+        return cls.from_chain(key_from_cdi(cdi_attest), chain, **kw)
+
+    @classmethod
+    def from_derived(cls, ident: DerivedIdentity, **kw: Any) -> Attester:
+        """A software identity (cidboot.dice.software.derive_layers), for development and tests."""
+        return cls.from_chain(ident.leaf_key, ident.chain, **kw)
+
+    @property
+    def public_key_raw(self) -> bytes:
+        return raw_public_bytes(self.leaf_key.public_key())
+
+    def evidence(self, nonce: bytes) -> bytes:
+        return build_evidence(nonce=nonce, leaf_key=self.leaf_key, chain=self.chain, ueid=self.ueid,
+                              measurements=self.measurements, manifest_cid=self.manifest_cid,
+                              boot_mode=self.boot_mode, role=self.role)
+
+
+@dataclass(frozen=True)
+class Result:
+    definition: str
+    value: Any
+    provenance: CID | None = None
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"definition": self.definition, "value": self.value,
+                "provenance": str(self.provenance) if self.provenance else None}
+
+
+class ResultLog:
+    """The results this agent produced, in order (thread-safe: the flow appends, HTTP reads)."""
+
+    def __init__(self) -> None:
+        self._items: list[Result] = []
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+
+    def add(self, result: Result) -> None:
+        with self._changed:
+            self._items.append(result)
+            self._changed.notify_all()
+
+    def all(self) -> list[Result]:
+        with self._lock:
+            return list(self._items)
+
+    def wait_for(self, definition: str, timeout: float) -> Result | None:
+        """Block until a result for `definition` exists (tests and the CLI wait on outputs)."""
+        with self._changed:
+            self._changed.wait_for(lambda: any(r.definition == definition for r in self._items), timeout)
+            return next((r for r in self._items if r.definition == definition), None)
+
+
+class AgentServer(ThreadingHTTPServer):
+    """The agent's one HTTP port: the attestation API plus any routes mounted with `mount`."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], *, attester: Attester | None, store: Blockstore | None = None,
+                 results: ResultLog | None = None) -> None:
+        self.attester, self.store = attester, store
+        self.results = results if results is not None else ResultLog()
+        self.audit_head: Callable[[], CID | None] = lambda: None  # the audit log's head, shown on /results
+        self.routes: list[Route] = []
+        if attester is not None:
+            self.mount(Route("GET", "/attestation", self._attestation))
+        self.mount(Route("GET", "/results", self._results))
+        if store is not None:
+            self.mount(Route("GET", "/ipfs/", self._ipfs))
+        super().__init__(address, _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = host if isinstance(host, str) else host.decode()
+        return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+
+    def mount(self, *routes: Route) -> None:
+        self.routes.extend(routes)
+
+    def start(self) -> threading.Thread:
+        """Serve on a daemon thread (the caller keeps the main thread for the flow)."""
+        t = threading.Thread(target=self.serve_forever, name="agent-http", daemon=True)
+        t.start()
+        return t
+
+    def dispatch(self, req: Request) -> Response:
+        known = [r for r in self.routes if r.matches(req.path)]
+        for r in known:
+            if r.method == req.method:
+                return r.handler(req)
+        if known:
+            raise HttpError(405, f"{req.method} not allowed on {req.path}; use {', '.join(sorted({r.method for r in known}))}")
+        raise HttpError(404, f"not found: {req.path}")
+
+    # -- the attestation API ------------------------------------------------------------------
+    def _attestation(self, req: Request) -> Response:
+        vals = req.query.get("nonce")
+        if vals is not None and len(vals) > 1:
+            raise HttpError(400, "nonce given more than once")
+        nonce = nonce_from_hex(vals[0] if vals else None)
+        assert self.attester is not None
+        return Response(200, EAT_TYPE, self.attester.evidence(nonce))
+
+    def _results(self, req: Request) -> Response:
+        head = self.audit_head()
+        return Response.json({"results": [r.to_obj() for r in self.results.all()], "audit": str(head) if head else None})
+
+    def _ipfs(self, req: Request) -> Response:
+        rest = req.path[len("/ipfs/"):]
+        if "/" in rest.strip("/"):
+            raise HttpError(400, "this agent serves whole blocks only: /ipfs/{cid}, no paths")
+        fmt = req.query.get("format", [""])[0]
+        accept = req.headers.get("Accept", "")
+        if fmt not in ("", "raw") or (not fmt and accept and RAW_TYPE not in accept and "*/*" not in accept):
+            raise HttpError(406, "this agent serves raw blocks only (format=raw, application/vnd.ipld.raw)")
+        try:
+            cid = CID.parse(rest.strip("/"))
+        except FormatError as e:
+            raise HttpError(400, f"not a CID: {e}") from None
+        assert self.store is not None
+        try:
+            return Response(200, RAW_TYPE, self.store.get(cid))
+        except NotFoundError:
+            raise HttpError(404, f"block {cid} not in this agent's store") from None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: AgentServer
+    protocol_version = "HTTP/1.1"
+    server_version = "cidboot-agent"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def _handle(self) -> None:
+        try:
+            resp = self.server.dispatch(self._request())
+        except HttpError as e:
+            obj = dict(e.obj) if e.obj is not None else None
+            resp = (Response.json({**obj, "error": str(e)}, e.status) if obj is not None else
+                    Response(e.status, "text/plain; charset=utf-8", (str(e) + "\n").encode()))
+            log.info("%s %s -> %d: %s", self.command, self.path, e.status, e)
+        except CidbootError as e:
+            resp = Response(400, "text/plain; charset=utf-8", (f"{e}\n").encode())
+        except Exception as e:  # a bug must cost one request, not the server
+            log.exception("internal error on %s %s", self.command, self.path)
+            resp = Response(500, "text/plain; charset=utf-8", f"internal error: {type(e).__name__}\n".encode())
+        self.send_response(resp.status)
+        self.send_header("Content-Type", resp.content_type)
+        self.send_header("Content-Length", str(len(resp.body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(resp.body)
+
+    def _request(self) -> Request:
+        u = urlsplit(self.path)
+        try:
+            query = parse_qs(u.query, keep_blank_values=True, strict_parsing=False, max_num_fields=32)
+        except ValueError as e:
+            raise HttpError(400, f"bad query string: {e}") from None
+        body = b""
+        if self.command == "POST":
+            length = self.headers.get("Content-Length")
+            if length is None:
+                self.close_connection = True
+                raise HttpError(411, "Content-Length required")
+            try:
+                n = int(length)
+            except ValueError:
+                self.close_connection = True
+                raise HttpError(400, f"bad Content-Length {length!r}") from None
+            if not 0 <= n <= MAX_BODY:
+                self.close_connection = True
+                raise HttpError(413, f"body of {n} bytes exceeds {MAX_BODY}")
+            body = self.rfile.read(n)
+        return Request(self.command, u.path, query, dict(self.headers.items()), body, self.client_address[0])
+
+
+def serve_api(attester: Attester | None, host: str = "0.0.0.0", port: int = 8000, *, store: Blockstore | None = None,
+              results: ResultLog | None = None) -> AgentServer:
+    """Bind the agent API (port 0 picks a free one); `.start()` or `.serve_forever()` runs it."""
+    return AgentServer((host, port), attester=attester, store=store, results=results)

@@ -1,0 +1,87 @@
+"""`agent attest URL`: challenge an agent with a fresh nonce and appraise its evidence locally."""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from agent.commands.verify_evidence import SYMBOL
+from cidboot.appraisal import DeviceRoots, appraise
+from cidboot.blockstore import Blockstore
+from cidboot.cid import CID
+from cidboot.cli import print_json
+from cidboot.errors import CidbootError
+from cidboot.manifest import Manifest, SignedManifest
+
+NONCE_BYTES = 32
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("attest", help="challenge an agent (GET /attestation) and appraise its evidence",
+                       description=__doc__)
+    p.add_argument("url", help="the agent's base URL, e.g. http://10.0.0.5:8000")
+    p.add_argument("--roots", type=Path, help="registered device roots (JSON); without it every device is unknown")
+    p.add_argument("--manifest", help="CID of the signed manifest the agent should run")
+    p.add_argument("--store", type=Path, help="block store holding the manifest (default: $CIDBOOT_STORE)")
+    p.add_argument("--manifest-file", type=Path, metavar="F",
+                   help="the signed manifest block as a file (its CID is computed from it); instead of --manifest")
+    p.add_argument("--allow-unmeasured", action="store_true", help="unmeasured boots give a warning, not a refusal")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the agent (default 10)")
+    p.add_argument("--json", action="store_true", help="print the appraisal result as JSON")
+    p.set_defaults(func=run)
+
+
+def get_evidence(url: str, nonce: bytes, timeout: float) -> bytes:
+    u = urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise CidbootError(f"URL must be http(s)://HOST[:PORT], got {url!r}")
+    cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+    conn = cls(u.hostname, u.port, timeout=timeout)
+    try:
+        conn.request("GET", f"{u.path.rstrip('/')}/attestation?nonce={nonce.hex()}", headers={"Accept": "application/eat+cwt"})
+        resp = conn.getresponse()
+        body = resp.read()
+    except (OSError, http.client.HTTPException) as e:
+        raise CidbootError(f"{url}: {type(e).__name__}: {e}") from None
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise CidbootError(f"{url}/attestation: HTTP {resp.status}: {body[:200].decode(errors='replace').strip()}")
+    return body
+
+
+def load_manifest(args: argparse.Namespace) -> tuple[Manifest | None, CID | None]:
+    """The manifest to compare measurements with: by CID from a store, or a block file whose
+    CID is its hash (either way the bytes are exactly what the CID names)."""
+    if args.store is not None and args.manifest is None:
+        raise CidbootError("--store needs --manifest")
+    if args.manifest and args.manifest_file:
+        raise CidbootError("give --manifest CID or --manifest-file F, not both")
+    if args.manifest_file:
+        try:
+            signed = SignedManifest.decode(args.manifest_file.read_bytes())
+        except OSError as e:
+            raise CidbootError(f"--manifest-file: {e}") from None
+        return signed.manifest, signed.cid
+    if args.manifest:
+        mcid = CID.parse(args.manifest)
+        return SignedManifest.decode(Blockstore(args.store).get(mcid)).manifest, mcid
+    return None, None
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest, mcid = load_manifest(args)
+    roots = DeviceRoots.load(args.roots) if args.roots else DeviceRoots()
+    nonce = os.urandom(NONCE_BYTES)
+    res = appraise(get_evidence(args.url, nonce, args.timeout), expected_nonce=nonce, roots=roots, manifest=manifest,
+                   manifest_cid=mcid, allow_unmeasured=args.allow_unmeasured)
+    if args.json:
+        print_json(res.to_obj())
+    else:
+        for c in res.checks:
+            print(f"{SYMBOL[c.status]} {c.name}: {c.reason}")
+        print(f"status: {res.status}")
+    return 0 if res.affirming else 1

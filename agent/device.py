@@ -1,0 +1,344 @@
+"""The L2 agent as PID 1 (docs/boot-chain.md): from the bootstrap's hand-off to a serving,
+attesting agent running its role's part of the flow.
+
+1. `cidboot-stage: agent start`; read the hand-off (cidboot.handoff.load erases dice.cbor at
+   once): CDI_2 + chain for a measured boot; none for an unmeasured one, which then gets an
+   ephemeral identity whose evidence says so (verifiers refuse it by default);
+2. NIC up + DHCP (user class "cidboot-agent");
+3. fetch through the boot config's gateways, verifying each block: the signed manifest (its
+   signatures checked again against the boot config's trust anchor), its flow, the signed
+   device registry (cidboot.registry, under the manifest's root of trust);
+4. the attestation API on port 8000 with the peer endpoints; `cidboot-stage: agent ready url=...`;
+5. this role's part of the flow with the orchestrator, inputs exchanged with attested peers;
+   each result printed as `cidboot: result <definition>=<json>`; then serve forever.
+
+Everything above step 5 is `boot_agent`, callable on a host with a handoff directory as
+`root` and `network=False`, which is how the tests run it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+from agent.attestation_api import AgentServer, Attester, HttpError, Result, serve_api
+from agent.attested import AttestedAgents
+from agent.audit import AuditLog
+from agent.peers import PeerClient, PeerError, PeerRefused, PeerService, mount_peers, reasons
+from agent.publish import PublishTarget, publish
+from agent.verifier import Verifier
+from cidboot import dagcbor
+from cidboot.appraisal import AppraisalResult, DeviceRoots
+from cidboot.blockstore import Blockstore
+from cidboot.bootconfig import BootConfig
+from cidboot.cid import CID
+from cidboot.cose_key import decode_public_key, raw_public_bytes
+from cidboot.dice import CDI_SIZE, decode_handover, encode_chain, key_from_cdi
+from cidboot.errors import CidbootError, FormatError, VerificationError
+from cidboot.flow import DataFlow
+from cidboot.handoff import Handoff, HandoffNotFound, load
+from cidboot.manifest import RootOfTrust, SignedManifest, verify_threshold
+from cidboot.manifest.signed import MAX_ENVELOPE
+
+USER_CLASS = b"cidboot-agent"
+PORT = 8000
+STORE_DIR = "run/cidboot/agent-store"  # rootfs is RAM: results, provenance and fetched blocks
+OPS_DIR = "opt/cidboot/ops"  # imagebuilder.initramfs.OPS: the flow's operation modules
+PEER_PATIENCE = 120.0  # seconds a sender keeps trying a peer that is still booting
+
+
+class AgentBootError(CidbootError):
+    """The agent cannot start: the message names the step (handoff, manifest, registry...)."""
+
+
+def say(line: str, out: TextIO | None = None) -> None:
+    """A console protocol line; PID 1's stdout is the console."""
+    print(line, file=out or sys.stdout, flush=True)
+
+
+def fetch_block(cid: CID, gateways: Sequence[str], store: Blockstore, *, timeout: float = 10.0,
+                max_size: int = MAX_ENVELOPE) -> bytes:
+    """One block by CID through the gateways in order (`?format=raw`); only bytes that hash to
+    `cid` are kept. (The bootstrap has the same helper; a shared one in cidboot.gateway.client
+    would serve both.)"""
+    if store.has(cid):
+        return store.get(cid)
+    why = []
+    for gw in gateways:
+        u = urlsplit(gw)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            why.append(f"{gw}: not an http(s) URL")
+            continue
+        cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        conn = cls(u.hostname, u.port, timeout=timeout)
+        try:
+            conn.request("GET", f"{u.path.rstrip('/')}/ipfs/{cid}?format=raw",
+                         headers={"Accept": "application/vnd.ipld.raw", "User-Agent": "cidboot-agent"})
+            resp = conn.getresponse()
+            data = resp.read(max_size + 1)
+            if resp.status != 200:
+                why.append(f"{gw}: HTTP {resp.status}")
+                continue
+        except (OSError, http.client.HTTPException) as e:
+            why.append(f"{gw}: {type(e).__name__}: {e}")
+            continue
+        finally:
+            conn.close()
+        if len(data) > max_size:
+            why.append(f"{gw}: more than {max_size} bytes")
+            continue
+        try:
+            store.put(cid, data)
+        except VerificationError:
+            why.append(f"{gw}: sent bytes that do not hash to the CID")
+            continue
+        return data
+    raise AgentBootError(f"could not fetch {cid}: {'; '.join(why) or 'no gateways'}")
+
+
+def ephemeral_attester(**kw: Any) -> Attester:
+    """An unmeasured boot has no CDI: a random one with the one-entry chain [its own key], so
+    the agent can still answer challenges, and its evidence says it is unmeasured."""
+    cdi = os.urandom(CDI_SIZE)
+    key = key_from_cdi(cdi)
+    return Attester.from_chain(key, encode_chain(key.public_key(), []), **kw)
+
+
+def read_handoff(root: str | os.PathLike[str]) -> tuple[Handoff, BootConfig, CID]:
+    try:
+        h = load(root)
+    except HandoffNotFound as e:
+        raise AgentBootError(f"handoff: {e}: the agent must be started by the bootstrap") from None
+    raw = h.boot.get("bootconfig")
+    if isinstance(raw, dict):
+        raw = json.dumps(raw)
+    if not isinstance(raw, str):
+        raise AgentBootError("handoff: boot.json carries no boot config")
+    cfg = BootConfig.decode(raw.encode())
+    mcid = h.boot.get("manifest")
+    try:
+        return h, cfg, CID.parse(mcid) if isinstance(mcid, str) else cfg.manifest
+    except FormatError as e:
+        raise AgentBootError(f"handoff: manifest CID: {e}") from None
+
+
+def network_up(log: Callable[[str], None]) -> str:
+    """NIC up, DHCP lease (user class cidboot-agent), address configured; returns the address."""
+    from cidboot import dhcp_client, netif
+
+    name, mac = netif.bring_up(carrier_timeout=15.0)
+    lease = dhcp_client.acquire(name, mac, vendor_class=None, arch=None, user_class=USER_CLASS, log=log)
+    netif.configure(name, lease.ip, lease.prefixlen, router=lease.router)
+    return lease.ip
+
+
+@dataclass
+class BootedAgent:
+    """Everything the running agent holds once it serves; the flow step uses it."""
+
+    handoff: Handoff
+    config: BootConfig
+    manifest_cid: CID
+    signed: SignedManifest
+    roots: DeviceRoots
+    store: Blockstore
+    attester: Attester
+    server: AgentServer
+    verifier: Verifier
+    peers: PeerClient
+    service: PeerService
+    ip: str
+    root: Path
+    attested: AttestedAgents
+    audit: AuditLog
+    console: TextIO | None = None
+    publish_to: PublishTarget | None = None  # results' provenance DAGs go to Kubo too
+    orchestrator: Any = None  # agent.orchestrator.Orchestrator once the flow runs
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.ip}:{self.server.server_address[1]}"
+
+    def record(self, result: Result) -> None:
+        """Keep a result (served on /results), print its console line, publish its provenance."""
+        self.server.results.add(result)
+        say(f"cidboot: result {result.definition}={json.dumps(result.value, sort_keys=True, default=str)}", self.console)
+        if self.publish_to is not None and result.provenance is not None:
+            publish(self.store, [result.provenance], self.publish_to)
+
+    async def send(self, role: str, blocks: list[tuple[CID, bytes]]) -> None:
+        """The orchestrator's `send`: to every agent of `role` after mutual attestation. A peer
+        that cannot be reached or is not affirming gets nothing; that is recorded in the audit
+        log and on the console, and the flow goes on (it never crashes PID 1)."""
+        try:
+            for res in await self.peers.asend(role, blocks):
+                self.audit.record("accepted", f"sent {len(blocks)} block(s) to {role} device {res.device_id}",
+                                  inputs=[c for c, _ in blocks[:1]])
+        except (PeerRefused, PeerError) as e:
+            self.audit.record("refused", f"not sent to {role}: {e}", inputs=[c for c, _ in blocks[:1]])
+            say(f"cidboot: refused: peer: {e}", self.console)
+
+
+def load_manifest(cid: CID, cfg: BootConfig, store: Blockstore) -> SignedManifest:
+    """The bootstrap verified it fully (rollback, expiry) before measuring it into CDI_2; the
+    agent re-checks the signatures against the same anchor, because it acts on the content."""
+    signed = SignedManifest.decode(fetch_block(cid, cfg.gateways, store))
+    root = signed.manifest.root
+    if cfg.trust_anchor:
+        try:
+            a = cfg.trust_anchor
+            anchor = RootOfTrust(tuple(bytes.fromhex(k) for k in a["keys"]), int(a["threshold"]), int(a.get("version", 1)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise AgentBootError(f"boot config trust anchor: {type(e).__name__}: {e}") from None
+        if root != anchor and not any(r.root == root for r in signed.rotations):
+            raise AgentBootError(f"manifest {cid}: its root is neither the trust anchor nor rotated to from it")
+    verify_threshold(signed.signatures, signed.payload(), root, f"manifest {cid}")
+    return signed
+
+
+def load_registry(cfg: BootConfig, signed: SignedManifest, store: Blockstore, root: Path) -> DeviceRoots:
+    """The signed registry named by the boot config, else a local device-roots.json (development);
+    with neither, no peer can be affirmed and none is sent anything."""
+    if cfg.device_registry is not None:
+        from cidboot.registry import verify_registry
+
+        return verify_registry(fetch_block(cfg.device_registry, cfg.gateways, store), signed.manifest.root)
+    local = root / "etc/cidboot/device-roots.json"
+    return DeviceRoots.load(local) if local.is_file() else DeviceRoots()
+
+
+def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host: str = "0.0.0.0", port: int = PORT,
+               console: TextIO | None = None, allow_unmeasured_peers: bool = False,
+               peer_patience: float = PEER_PATIENCE) -> BootedAgent:
+    """Steps 1-4 of the module docstring; returns with the API serving on a daemon thread."""
+    base = Path(root)
+    say("cidboot-stage: agent start", console)
+    h, cfg, mcid = read_handoff(base)
+    if h.dice is not None:
+        ho = decode_handover(h.dice)
+        attester = Attester.from_cdi(ho.cdi_attest, ho.chain, manifest_cid=mcid, boot_mode="measured", role=cfg.role)
+    else:
+        attester = ephemeral_attester(manifest_cid=mcid, boot_mode="unmeasured", role=cfg.role)
+    ip = network_up(lambda m: print(f"cidboot: agent: {m}", file=sys.stderr, flush=True)) if network else host
+    store = Blockstore(base / STORE_DIR)
+    signed = load_manifest(mcid, cfg, store)
+    if signed.manifest.flow is not None:
+        fetch_block(signed.manifest.flow, cfg.gateways, store)  # the flow is one DAG-CBOR block
+    roots = load_registry(cfg, signed, store, base)
+    verifier = Verifier(roots, signed.manifest, mcid, allow_unmeasured=allow_unmeasured_peers)
+    server = serve_api(attester, host, port, store=store)
+    peers = PeerClient(attester, verifier, {r: list(u) for r, u in cfg.peers.items()}, patience=peer_patience)
+    attested, audit = AttestedAgents(), AuditLog(attester.leaf_key, store)
+    agent = BootedAgent(h, cfg, mcid, signed, roots, store, attester, server, verifier, peers,
+                        PeerService(attester, verifier, _not_ready), ip, base, attested, audit, console)
+    agent.service.register = _register(attested)
+    agent.service.refused = lambda client, res: audit.record(
+        "refused", f"inputs from peer {client} ({res.role or 'no role'}, device {res.device_id}): "
+                   f"{reasons(res.to_obj())}")
+    server.audit_head = lambda: audit.head
+    mount_peers(server, agent.service)
+    server.start()
+    say(f"cidboot-stage: agent ready url={agent.url}", console)
+    return agent
+
+
+def _register(attested: AttestedAgents) -> Callable[[AppraisalResult], None]:
+    def register(res: AppraisalResult) -> None:
+        try:
+            attested.add(res)
+        except VerificationError as e:  # affirming but no role claimed: not a producer we can place
+            raise HttpError(403, str(e)) from None
+    return register
+
+
+def _not_ready(blocks: Any, sender: AppraisalResult) -> None:
+    """Inputs that arrive before the orchestrator runs: the sender retries (PeerUnavailable)."""
+    raise HttpError(503, "this agent's flow has not started yet: retry")
+
+
+FlowStep = Callable[[BootedAgent], Any]
+
+
+def flow_context(agent: BootedAgent) -> tuple[Any, DataFlow]:
+    """The orchestrator's FlowContext from the signed manifest: its flow block, placement and
+    policies; the alias key; own measurements and the manifest's reference values; the flow
+    authority = the manifest's root-of-trust keys."""
+    from agent.identity import references
+    from agent.orchestrator import FlowContext
+
+    m = agent.signed.manifest
+    assert m.flow is not None
+    try:
+        flow = DataFlow.from_obj(dagcbor.decode(agent.store.get(m.flow)))
+    except CidbootError as e:
+        raise AgentBootError(f"flow {m.flow}: {e}") from None
+    authority = frozenset(raw_public_bytes(decode_public_key(k)) for k in m.root.keys)
+    ctx = FlowContext(flow, m.flow, agent.config.role, agent.attester.leaf_key, placement=m.placement,
+                      policies=m.policies, measurements=agent.attester.measurements,
+                      references=references(m, agent.attester.measurements), authority_keys=authority)
+    return ctx, flow
+
+
+def run_flow(agent: BootedAgent, *, remote_wait: float = 300.0) -> list[Any]:
+    """This role's part of the flow with agent.orchestrator: its operations from the image's ops
+    directory, outputs for other roles sent to attested peers, peers' inputs accepted from the
+    peer endpoints, each result recorded (console line, /results, publishing)."""
+    from agent.orchestrator import Orchestrator, load_operations
+
+    if agent.signed.manifest.flow is None:
+        say("cidboot: agent: the manifest names no flow: serving attestation only", agent.console)
+        return []
+    ctx, flow = flow_context(agent)
+    local = [op for op in flow.operations if ctx.local(op)]
+    ops = load_operations(flow, agent.root / OPS_DIR, names=local)
+    orch = Orchestrator(ctx, ops, agent.store, attested=agent.attested, audit=agent.audit, send=agent.send,
+                        remote_wait=remote_wait,
+                        on_result=lambda r: agent.record(Result(r.definition, r.value, r.cid)))
+
+    agent.orchestrator = orch
+
+    async def go() -> list[Any]:
+        loop = asyncio.get_running_loop()
+
+        def accept(blocks: list[tuple[CID, bytes]], sender: AppraisalResult) -> Any:
+            # peers' inputs are handed to this loop, never run beside it on the HTTP thread
+            return asyncio.run_coroutine_threadsafe(_on_loop(orch.accept, blocks, sender), loop).result(60)
+
+        agent.service.accept = accept
+        try:
+            return await orch.run()
+        finally:
+            agent.service.accept = orch.accept  # after the run: the orchestrator is idle, call it directly
+
+    results = asyncio.run(go())
+    say(f"cidboot: agent: flow done: {len(results)} result(s), audit {agent.audit.head}", agent.console)
+    return results
+
+
+async def _on_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def main(root: str | os.PathLike[str] = "/", *, network: bool = True, port: int = PORT,
+         flow: FlowStep | None = run_flow, serve: bool = True) -> BootedAgent:
+    """The PID-1 entry (agent/__main__.py). Errors print `cidboot: fatal: ...` and propagate, so
+    cidboot.pid1.run_stage powers off."""
+    try:
+        agent = boot_agent(root, network=network, port=port)
+        if flow is not None:
+            flow(agent)
+    except CidbootError as e:
+        say(f"cidboot: fatal: {e}")
+        raise
+    if serve:
+        threading.Event().wait()  # the HTTP thread serves; PID 1 must not exit
+    return agent

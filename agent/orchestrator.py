@@ -1,0 +1,352 @@
+"""The dataflow orchestrator (asyncio), with DFFML's semantics and provenance gating.
+
+- An operation is dispatched for every *complete input set*: one input per parameter, each
+  from an origin the flow connects to that parameter, plus a True input for each condition.
+- Each unique input set (by input CIDs) runs once.
+- Stages run in order: processing until nothing more can run, then cleanup, then output.
+- `expand` turns a list output into one input per item.
+- A `lock: true` definition is used by one operation at a time.
+- Only operations placed on this agent's role run here. Outputs that operations of other roles
+  consume go to `send(role, blocks)` (agent.peers, after mutual attestation), with their
+  provenance closure so the receiver can validate the parents; inputs from peers arrive
+  through `accept(blocks, sender)`.
+- Before a run, every input is validated (agent.validate) and the policies are evaluated
+  (agent.policy); every decision goes to the audit log. Outputs are signed provenance nodes
+  (cidboot.provenance) signed with the agent's DICE alias key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import itertools
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.attested import AttestedAgents
+from agent.audit import AuditLog, BlockSink
+from agent.policy import RunContext, veto_reason
+from agent.validate import ProvenanceError, Validator
+from cidboot.appraisal import AppraisalResult
+from cidboot.cid import CID
+from cidboot.cose import PrivateKey
+from cidboot.cose_key import raw_public_bytes
+from cidboot.errors import CidbootError, FormatError
+from cidboot.flow import SEED, STAGES, DataFlow, Operation
+from cidboot.provenance import InputNode, decode, make_input
+
+Block = tuple[CID, bytes]
+Send = Callable[[str, list[Block]], Awaitable[Any] | Any]
+
+
+class OperationFailed(CidbootError):
+    """An operation raised or returned something that is not {output: value}."""
+
+
+@dataclass(frozen=True)
+class Result:
+    definition: str
+    value: Any
+    cid: CID
+    operation: str
+
+
+@dataclass
+class FlowContext:
+    """What the agent knows about the flow it runs and about itself."""
+
+    flow: DataFlow
+    flow_cid: CID
+    role: str
+    key: PrivateKey  # the DICE alias key
+    placement: Mapping[str, list[str]] = field(default_factory=dict)
+    policies: Sequence[Mapping[str, Any]] = ()
+    measurements: Mapping[str, bytes] = field(default_factory=dict)  # own, from the DICE chain
+    references: Mapping[str, bytes] = field(default_factory=dict)  # the manifest's
+    authority_keys: frozenset[bytes] = frozenset()
+
+    def local(self, op: str) -> bool:
+        return not self.placement or op in self.placement.get(self.role, [])
+
+    def roles_of(self, op: str) -> list[str]:
+        return sorted(r for r, ops in self.placement.items() if op in ops)
+
+
+def load_operations(flow: DataFlow, ops_dir: str | Path, names: Sequence[str] | None = None) -> dict[str, Callable[..., Any]]:
+    """Import each operation's `module:function` from the module file in ops_dir (only those
+    named, if given). Modules are loaded by path under a name private to ops_dir, so two flows'
+    `ops` modules never shadow each other in one process."""
+    d = Path(ops_dir)
+    tag = hashlib.sha256(str(d.resolve()).encode()).hexdigest()[:12]
+    out = {}
+    for op in flow.operations.values():
+        if names is not None and op.name not in names:
+            continue
+        mod, _, fn = op.implementation.partition(":")
+        name = f"cidboot_ops_{tag}.{mod}"
+        try:
+            module = sys.modules.get(name)
+            if module is None:
+                spec = importlib.util.spec_from_file_location(name, d / (mod.replace(".", "/") + ".py"))
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"no module file for {mod}")
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                sys.modules[name] = module
+            out[op.name] = getattr(module, fn)
+        except (ImportError, AttributeError, OSError) as e:
+            raise FormatError(f"operation {op.name}: cannot load {op.implementation} from {d}: {e}") from None
+    return out
+
+
+class Orchestrator:
+    def __init__(self, ctx: FlowContext, ops: Mapping[str, Callable[..., Any]], store: BlockSink, *,
+                 attested: AttestedAgents | None = None, audit: AuditLog | None = None, send: Send | None = None,
+                 validate: bool = True, remote_wait: float = 300.0,
+                 on_result: Callable[[Result], None] | None = None) -> None:
+        self.ctx, self.ops, self.store = ctx, ops, store
+        self.attested = attested or AttestedAgents()
+        self.attested.add_self(raw_public_bytes(ctx.key.public_key()), ctx.role)
+        self.audit = audit or AuditLog(ctx.key, store)
+        self.send, self.validate_inputs, self.remote_wait = send, validate, remote_wait
+        self.on_result = on_result
+        self.validator = Validator(ctx.flow, ctx.flow_cid, ctx.placement, self.attested, store.get, ctx.authority_keys)
+        self.network: dict[CID, InputNode] = {}  # inputs available to local operations
+        self.refused: dict[CID, str] = {}
+        self.ran: set[tuple[str, tuple[CID, ...]]] = set()
+        self.results: list[Result] = []
+        self._arrived: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def _put(self, cid: CID, block: bytes) -> None:
+        has = getattr(self.store, "has", None)
+        if has is None or not has(cid):
+            self.store.put(cid, block)
+
+    def _consumed_here(self, node: InputNode) -> bool:
+        origin = SEED if node.is_seed else (str(node.operation), str(node.output))
+        return any(self.ctx.local(op) and self.ctx.flow.allows(op, param, origin)
+                   for op, param in self.ctx.flow.consumers_of(node.definition))
+
+    def _admit(self, node: InputNode) -> bool:
+        if node.cid in self.network:
+            return True
+        if node.cid in self.refused:
+            return False
+        if self.validate_inputs:
+            try:
+                self.validator.validate(node.cid)
+            except ProvenanceError as e:
+                self._refuse(node.cid, f"{type(e).__name__}: {e}")
+                return False
+            except CidbootError as e:  # ForgedSignature and friends
+                self._refuse(node.cid, f"{type(e).__name__}: {e}")
+                return False
+        self.network[node.cid] = node
+        return True
+
+    def _refuse(self, cid: CID, reason: str) -> None:
+        self.refused[cid] = reason
+        self.audit.record("refused", reason, inputs=[cid])
+
+    def accept(self, blocks: Sequence[Block], sender: AppraisalResult | None = None) -> list[CID]:
+        """Inputs from a peer (already attested by agent.peers; validated again here). Safe to call
+        from another thread: it hands over to the orchestrator's loop when one runs."""
+        if self._loop is not None and self._loop.is_running():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not self._loop:
+                fut = asyncio.run_coroutine_threadsafe(self._accept_async(list(blocks), sender), self._loop)
+                return fut.result(60)
+        return self._accept(list(blocks), sender)
+
+    async def _accept_async(self, blocks: list[Block], sender: AppraisalResult | None) -> list[CID]:
+        return self._accept(blocks, sender)
+
+    def _accept(self, blocks: list[Block], sender: AppraisalResult | None) -> list[CID]:
+        admitted = []
+        who = f"from {sender.role} {sender.device_id}" if sender is not None else "from a peer"
+        for cid, block in blocks:
+            try:
+                self._put(cid, block)
+            except CidbootError as e:
+                self._refuse(cid, f"TamperedInput: block {cid} {who}: {e}")
+        for cid, block in blocks:
+            if cid in self.refused:
+                continue
+            try:
+                node = decode(block, cid)
+            except CidbootError:
+                continue  # not a provenance node (e.g. other blocks of the closure): nothing to run
+            if not any(self.ctx.local(op) for op, _p in self.ctx.flow.consumers_of(node.definition)):
+                continue  # an ancestor in the closure (validated as a parent when it matters)
+            if not self._admit(node):
+                continue
+            if not self._consumed_here(node):
+                del self.network[cid]
+                origin = "a seed" if node.is_seed else f"{node.operation}.{node.output}"
+                self._refuse(cid, f"UnknownOperation: input {cid} {who}: {origin} feeds no operation of this role")
+                continue
+            admitted.append(cid)
+            self.audit.record("accepted", f"input {node.definition} {who}", inputs=[cid])
+        if self._arrived is not None:
+            self._arrived.set()
+        return admitted
+
+    def _seed(self) -> None:
+        for s in self.ctx.flow.seed:
+            cid, block = make_input(value=s.value, definition=s.definition, flow=self.ctx.flow_cid,
+                                    parents=[self.ctx.flow_cid], key=self.ctx.key)
+            self._put(cid, block)
+            node = decode(block, cid)
+            if self._consumed_here(node):
+                self._admit(node)
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def _candidates(self, op: Operation, param: str, definition: str, *, condition: bool = False) -> list[InputNode]:
+        out = []
+        for node in self.network.values():
+            if node.definition != definition:
+                continue
+            origin = SEED if node.is_seed else (str(node.operation), str(node.output))
+            if not self.ctx.flow.allows(op.name, param, origin):
+                continue
+            if condition and node.value is not True:
+                continue
+            out.append(node)
+        return sorted(out, key=lambda n: bytes(n.cid))
+
+    def _input_sets(self, op: Operation) -> list[dict[str, InputNode]]:
+        params = sorted(op.inputs) + [f"?{c}" for c in op.conditions]
+        pools = [self._candidates(op, p, op.inputs[p]) if not p.startswith("?")
+                 else self._candidates(op, p[1:], p[1:], condition=True) for p in params]
+        sets = []
+        for combo in itertools.product(*pools):
+            chosen = dict(zip(params, combo, strict=True))
+            key = (op.name, tuple(n.cid for n in combo))
+            if key not in self.ran:
+                sets.append(chosen)
+        return sets
+
+    def _waiting_for_remote(self, stage: str) -> bool:
+        """A local operation of this stage lacks an input only another role can produce."""
+        for op in self.ctx.flow.operations.values():
+            if op.stage != stage or not self.ctx.local(op.name):
+                continue
+            for p, d in op.inputs.items():
+                remote = [o for o in self.ctx.flow.connections.get(op.name, {}).get(p, [])
+                          if o != SEED and not self.ctx.local(o[0])]
+                if remote and not self._candidates(op, p, d):
+                    return True
+        return False
+
+    async def _run_stage(self, stage: str) -> bool:
+        todo = []
+        for op in sorted(self.ctx.flow.operations.values(), key=lambda o: o.name):
+            if op.stage == stage and self.ctx.local(op.name):
+                for chosen in self._input_sets(op):
+                    self.ran.add((op.name, tuple(n.cid for n in chosen.values())))
+                    todo.append((op, chosen))
+        if todo:
+            await asyncio.gather(*(self._run_one(op, chosen) for op, chosen in todo))
+        return bool(todo)
+
+    async def _run_one(self, op: Operation, chosen: dict[str, InputNode]) -> None:
+        cids = [n.cid for n in chosen.values()]
+        roles = []
+        for n in chosen.values():
+            a = self.attested.get(raw_public_bytes(n.producer_key()))
+            roles.append(SEED if n.is_seed else (a.role if a else "?"))
+        why = veto_reason(self.ctx.policies, RunContext(op.name, [n.definition for n in chosen.values()], roles,
+                                                        self.ctx.measurements, self.ctx.references))
+        if why:
+            self.audit.record("veto", why, operation=op.name, inputs=cids)
+            return
+        fn = self.ops.get(op.name)
+        if fn is None:
+            raise OperationFailed(f"operation {op.name}: no implementation loaded")
+        kwargs = {p: chosen[p].value for p in op.inputs}
+        locks = [self._locks.setdefault(d, asyncio.Lock()) for d in sorted({op.inputs[p] for p in op.inputs})
+                 if self.ctx.flow.definitions[d].lock]
+        async with contextlib.AsyncExitStack() as stack:
+            for lk in locks:
+                await stack.enter_async_context(lk)
+            self.audit.record("run", f"{op.name} on {len(cids)} validated input(s)", operation=op.name, inputs=cids)
+            try:
+                out = await fn(**kwargs) if inspect.iscoroutinefunction(fn) else await asyncio.to_thread(fn, **kwargs)
+            except Exception as e:  # an operation's own failure: recorded, the flow goes on
+                self.audit.record("refused", f"{op.name} raised {type(e).__name__}: {e}", operation=op.name, inputs=cids)
+                return
+        if not isinstance(out, Mapping) or not set(out) <= set(op.outputs):
+            self.audit.record("refused", f"{op.name} returned {type(out).__name__} without its outputs "
+                              f"{sorted(op.outputs)}", operation=op.name, inputs=cids)
+            return
+        for name, value in sorted(out.items()):
+            values = value if name in op.expand and isinstance(value, list) else [value]
+            for v in values:
+                await self._emit(op, name, v, cids)
+
+    async def _emit(self, op: Operation, output: str, value: Any, parents: list[CID]) -> None:
+        definition = op.outputs[output]
+        cid, block = make_input(value=value, definition=definition, flow=self.ctx.flow_cid, parents=parents,
+                                key=self.ctx.key, operation=op.name, output=output)
+        self._put(cid, block)
+        node = decode(block, cid)
+        result = Result(definition, value, cid, op.name)
+        self.results.append(result)
+        self.audit.record("result", f"{op.name}.{output} -> {definition}", operation=op.name, inputs=[cid])
+        if self.on_result is not None:
+            self.on_result(result)
+        if self._consumed_here(node):
+            self.network[cid] = node  # our own output: signed by us, parents already validated
+        remote_roles = sorted({r for c, p in self.ctx.flow.consumers_of(definition) if not self.ctx.local(c)
+                               and self.ctx.flow.allows(c, p, (op.name, output)) for r in self.ctx.roles_of(c)})
+        if remote_roles and self.send is not None:
+            closure = self.closure(cid)
+            for role in remote_roles:
+                res = self.send(role, closure)
+                if inspect.isawaitable(res):
+                    await res
+
+    def closure(self, cid: CID) -> list[Block]:
+        """The node and all its provenance ancestors (not the flow block): what a peer needs."""
+        out: dict[CID, bytes] = {}
+        stack = [cid]
+        while stack:
+            c = stack.pop()
+            if c in out or c == self.ctx.flow_cid:
+                continue
+            block = self.store.get(c)
+            out[c] = block
+            stack.extend(decode(block, c).parents)
+        return list(out.items())
+
+    async def run(self) -> list[Result]:
+        """Seed, then each stage until nothing more runs (waiting for peers' inputs when a local
+        operation needs them), and return this agent's results."""
+        self._loop = asyncio.get_running_loop()
+        self._arrived = asyncio.Event()
+        self._seed()
+        deadline = self._loop.time() + self.remote_wait
+        for stage in STAGES:
+            while True:
+                if await self._run_stage(stage):
+                    continue
+                if self._waiting_for_remote(stage) and self._loop.time() < deadline:
+                    self._arrived.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._arrived.wait(), max(0.1, deadline - self._loop.time()))
+                    continue
+                break
+        return self.results

@@ -1,0 +1,141 @@
+"""Provenance validation: may this input be used? Checked before an operation runs.
+
+For an input node (cidboot.provenance), in this order, each failure its own exception type:
+1. the block hashes to its CID and parses;                  -> TamperedInput
+2. it is signed by the producer key it names;               -> ForgedSignature
+3. it belongs to this flow (flow CID);                      -> WrongFlow
+4. a seed's (definition, value) is one of the flow's seeds, signed by the flow authority or
+   an attested agent;                                       -> UnknownSeed / UnattestedProducer
+   an operation's output: the operation exists, outputs this definition, and is placed on
+   the role its producer was attested in;                   -> UnknownOperation
+   the producer is an attested agent (agent.attested: affirming appraisal = DICE chain to a
+   registered device, measurements equal to the manifest's reference values);
+                                                            -> UnattestedProducer
+5. every parent validates, recursively;                     -> TamperedParent (naming the path)
+Results are memoised by CID: a DAG shared by many inputs is checked once.
+Policies are per run, not per input: agent.policy, raised here as PolicyVeto.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from agent.attested import AttestedAgents
+from cidboot.cid import CID
+from cidboot.cose_key import raw_public_bytes
+from cidboot.errors import FormatError, VerificationError
+from cidboot.flow import DataFlow
+from cidboot.provenance import ForgedSignature, InputNode, decode, verify_signature
+
+__all__ = ["ForgedSignature", "MissingInput", "PolicyVeto", "ProvenanceError", "TamperedInput", "TamperedParent",
+           "UnattestedProducer", "UnknownOperation", "UnknownSeed", "Validator", "WrongFlow"]
+
+
+class ProvenanceError(VerificationError):
+    """An input's provenance does not validate (subclasses say which check)."""
+
+
+class TamperedInput(ProvenanceError):
+    """The block does not hash to its CID, or is not a provenance node."""
+
+
+class WrongFlow(ProvenanceError):
+    """The input belongs to another flow."""
+
+
+class UnknownSeed(ProvenanceError):
+    """A seed the flow does not declare."""
+
+
+class UnknownOperation(ProvenanceError):
+    """Produced by an operation not in the flow, not outputting this definition, or not placed
+    on the producer's role."""
+
+
+class UnattestedProducer(ProvenanceError):
+    """The producer is neither the flow authority nor an agent attested affirming."""
+
+
+class TamperedParent(ProvenanceError):
+    """A parent (or an ancestor) does not validate."""
+
+
+class MissingInput(ProvenanceError):
+    """A parent block is not available."""
+
+
+class PolicyVeto(ProvenanceError):
+    """A manifest policy vetoes the operation."""
+
+
+@dataclass
+class Validator:
+    flow: DataFlow
+    flow_cid: CID
+    placement: Mapping[str, list[str]]
+    attested: AttestedAgents
+    get_block: Callable[[CID], bytes]
+    authority_keys: frozenset[bytes] = frozenset()  # raw public keys of the flow authority
+    memo: dict[CID, InputNode] = field(default_factory=dict)
+
+    def validate(self, cid: CID) -> InputNode:
+        """Check `cid` and all its ancestors (iteratively: provenance chains can be thousands deep)."""
+        node = self.memo.get(cid)
+        if node is not None:
+            return node
+        checked: dict[CID, InputNode] = {}
+        stack: list[tuple[CID, CID | None]] = [(cid, None)]
+        while stack:
+            c, child = stack.pop()
+            if c in self.memo or c in checked:
+                continue
+            try:
+                n = self._check(c)
+            except VerificationError as e:  # ForgedSignature comes from cidboot.provenance
+                if child is None:
+                    raise
+                raise TamperedParent(f"input {cid}: ancestor {c} (a parent of {child}): {e}") from None
+            checked[c] = n
+            if not n.is_seed:
+                stack.extend((p, c) for p in n.parents)
+        self.memo.update(checked)
+        return checked[cid]
+
+    def _check(self, cid: CID) -> InputNode:
+        """Everything about one node except its parents."""
+        try:
+            block = self.get_block(cid)
+        except (KeyError, FileNotFoundError, LookupError, FormatError) as e:
+            raise MissingInput(f"input {cid}: block not available: {e}") from None
+        try:
+            node = decode(block, cid)
+        except VerificationError as e:
+            raise TamperedInput(f"input {cid}: {e}") from None
+        except FormatError as e:
+            raise TamperedInput(f"input {cid}: {e}") from None
+        verify_signature(node)
+        if node.flow != self.flow_cid:
+            raise WrongFlow(f"input {cid}: belongs to flow {node.flow}, not {self.flow_cid}")
+        producer = raw_public_bytes(node.producer_key())
+        agent = self.attested.get(producer)
+        if node.is_seed:
+            if not any(s.definition == node.definition and s.value == node.value for s in self.flow.seed):
+                raise UnknownSeed(f"input {cid}: seed {node.definition}={node.value!r} is not in the flow")
+            if producer not in self.authority_keys and agent is None:
+                raise UnattestedProducer(f"input {cid}: seed signed by a key that is neither the flow authority "
+                                         "nor an attested agent")
+            if list(node.parents) != [self.flow_cid]:
+                raise TamperedParent(f"input {cid}: a seed's only parent is the flow")
+            return node
+        op = self.flow.operations.get(str(node.operation))
+        if op is None:
+            raise UnknownOperation(f"input {cid}: produced by operation {node.operation!r}, which is not in the flow")
+        if op.outputs.get(str(node.output)) != node.definition:
+            raise UnknownOperation(f"input {cid}: {op.name} has no output {node.output!r} of {node.definition}")
+        if agent is None:
+            raise UnattestedProducer(f"input {cid}: produced by an agent that is not attested affirming")
+        if self.placement and op.name not in self.placement.get(agent.role, []):
+            raise UnknownOperation(f"input {cid}: {op.name} is not placed on role {agent.role!r}, "
+                                   "the role its producer was attested in")
+        return node
