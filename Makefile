@@ -3,13 +3,16 @@ PYTHON ?= python3
 export CIDBOOT_TOOLS ?= $(HOME)/.cache/cidboot/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo demo-software test bench lint clean
 
 setup: ## install Debian packages, Python deps and the pinned Go tools (Kubo, gateway-conformance)
 	bash .ci/setup.sh
 
-demo: setup ## run the hello flow end to end on the embedded defaults
-	$(PYTHON) -m examples.demo --out out/demo
+demo: setup ## boot the hello flow on a QEMU device from power-on, appraise it: out/demo/report.json
+	$(PYTHON) -m qemu.harness demo --out out/demo
+
+demo-software: setup ## the same pipeline without QEMU (DICE layers derived in one process)
+	$(PYTHON) -m examples.demo --out out/demo-software
 
 test: setup lint ## the whole test suite, as CI runs it
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
