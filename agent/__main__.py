@@ -4,11 +4,14 @@ module through cidboot.pid1.run_stage), the device agent (agent.device.main)."""
 import os
 import sys
 
-if os.getpid() == 1 and len(sys.argv) <= 1:
-    from agent.device import main as device_main
+from agent.device import is_device_boot
 
-    device_main()
-else:
-    from agent.cli import main
+if __name__ == "__main__":
+    if is_device_boot(os.getpid(), sys.argv):
+        from agent.device import main as device_main
 
-    sys.exit(main())
+        device_main()
+    else:
+        from agent.cli import main
+
+        sys.exit(main())

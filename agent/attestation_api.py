@@ -8,7 +8,10 @@ port. Every bad request gets a 4xx with a one-line reason and the server keeps s
     GET /attestation?nonce=HEX   EAT evidence for this nonce (application/eat+cwt)
     GET /results                 JSON: the results this agent produced, with provenance CIDs,
                                  and the head CID of its audit log
-    GET /ipfs/{cid}[?format=raw] one raw block from the agent's store (trustless-gateway subset)
+    GET /ipfs/{cid}[?format=raw|car]  the agent's blocks (results, provenance, audit log, fetched
+                                 manifest and flow) as an IPFS trustless gateway: this is
+                                 cidboot.gateway.server's handler, so a result's whole provenance
+                                 DAG comes as one CAR (`?format=car`), verified by the client
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,8 +33,10 @@ from cidboot.dice.chain import verify_chain
 from cidboot.dice.derive import key_from_cdi
 from cidboot.dice.software import DerivedIdentity
 from cidboot.eat import NONCE_MAX, NONCE_MIN, build_evidence, ueid_for
-from cidboot.errors import CidbootError, FormatError, NotFoundError
-from cidboot.gateway.request import RAW_TYPE
+from cidboot.errors import CidbootError
+from cidboot.gateway.server import GatewayMetrics
+from cidboot.gateway.server import Route as GatewayRoute
+from cidboot.gateway.server import _Handler as _GatewayHandler  # /ipfs/ is served by the gateway's own code
 
 log = logging.getLogger("agent.api")
 
@@ -190,11 +195,11 @@ class AgentServer(ThreadingHTTPServer):
         self.results = results if results is not None else ResultLog()
         self.audit_head: Callable[[], CID | None] = lambda: None  # the audit log's head, shown on /results
         self.routes: list[Route] = []
+        self.metrics = GatewayMetrics()  # what the gateway handler expects of its server
+        self.extra_routes: dict[str, GatewayRoute] = {}
         if attester is not None:
             self.mount(Route("GET", "/attestation", self._attestation))
         self.mount(Route("GET", "/results", self._results))
-        if store is not None:
-            self.mount(Route("GET", "/ipfs/", self._ipfs))
         super().__init__(address, _Handler)
 
     @property
@@ -234,27 +239,11 @@ class AgentServer(ThreadingHTTPServer):
         head = self.audit_head()
         return Response.json({"results": [r.to_obj() for r in self.results.all()], "audit": str(head) if head else None})
 
-    def _ipfs(self, req: Request) -> Response:
-        rest = req.path[len("/ipfs/"):]
-        if "/" in rest.strip("/"):
-            raise HttpError(400, "this agent serves whole blocks only: /ipfs/{cid}, no paths")
-        fmt = req.query.get("format", [""])[0]
-        accept = req.headers.get("Accept", "")
-        if fmt not in ("", "raw") or (not fmt and accept and RAW_TYPE not in accept and "*/*" not in accept):
-            raise HttpError(406, "this agent serves raw blocks only (format=raw, application/vnd.ipld.raw)")
-        try:
-            cid = CID.parse(rest.strip("/"))
-        except FormatError as e:
-            raise HttpError(400, f"not a CID: {e}") from None
-        assert self.store is not None
-        try:
-            return Response(200, RAW_TYPE, self.store.get(cid))
-        except NotFoundError:
-            raise HttpError(404, f"block {cid} not in this agent's store") from None
 
+class _Handler(_GatewayHandler):
+    """The agent's routes; `/ipfs/` (GET, HEAD) goes to the trustless gateway's handler."""
 
-class _Handler(BaseHTTPRequestHandler):
-    server: AgentServer
+    server: AgentServer  # type: ignore[assignment]  # has the gateway server's store/metrics/extra_routes
     protocol_version = "HTTP/1.1"
     server_version = "cidboot-agent"
     sys_version = ""
@@ -262,13 +251,25 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         log.debug("%s " + format, self.address_string(), *args)
 
+    def _gateway(self) -> bool:
+        return self.server.store is not None and self.path.startswith("/ipfs/")
+
     def do_GET(self) -> None:
-        self._handle()
+        if self._gateway():
+            super()._handle()
+        else:
+            self._agent()
+
+    def do_HEAD(self) -> None:
+        if self._gateway():
+            super()._handle()
+        else:
+            self._agent()
 
     def do_POST(self) -> None:
-        self._handle()
+        self._agent()
 
-    def _handle(self) -> None:
+    def _agent(self) -> None:
         try:
             resp = self.server.dispatch(self._request())
         except HttpError as e:
@@ -286,7 +287,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(resp.body)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
-        self.wfile.write(resp.body)
+        if self.command != "HEAD":
+            self.wfile.write(resp.body)
 
     def _request(self) -> Request:
         u = urlsplit(self.path)

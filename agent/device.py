@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from agent.attestation_api import AgentServer, Attester, HttpError, Result, serve_api
 from agent.attested import AttestedAgents
-from agent.audit import AuditLog
+from agent.audit import AuditLog, Entry
 from agent.peers import PeerClient, PeerError, PeerRefused, PeerService, mount_peers, reasons
 from agent.publish import PublishTarget, publish
 from agent.verifier import Verifier
@@ -41,6 +41,7 @@ from cidboot.appraisal import AppraisalResult, DeviceRoots
 from cidboot.blockstore import Blockstore
 from cidboot.bootconfig import BootConfig
 from cidboot.cid import CID
+from cidboot.cose import PrivateKey
 from cidboot.cose_key import decode_public_key, raw_public_bytes
 from cidboot.dice import CDI_SIZE, decode_handover, encode_chain, key_from_cdi
 from cidboot.errors import CidbootError, FormatError, VerificationError
@@ -54,6 +55,11 @@ PORT = 8000
 STORE_DIR = "run/cidboot/agent-store"  # rootfs is RAM: results, provenance and fetched blocks
 OPS_DIR = "opt/cidboot/ops"  # imagebuilder.initramfs.OPS: the flow's operation modules
 PEER_PATIENCE = 120.0  # seconds a sender keeps trying a peer that is still booting
+
+
+def is_device_boot(pid: int, argv: Sequence[str]) -> bool:
+    """PID 1 with no arguments is the image's /init starting the agent; anything else is the CLI."""
+    return pid == 1 and len(argv) <= 1
 
 
 class AgentBootError(CidbootError):
@@ -181,7 +187,8 @@ class BootedAgent:
         log and on the console, and the flow goes on (it never crashes PID 1)."""
         try:
             for res in await self.peers.asend(role, blocks):
-                self.audit.record("accepted", f"sent {len(blocks)} block(s) to {role} device {res.device_id}",
+                self.audit.record("accepted", f"{role} device {res.device_id} (attested affirming) accepted "
+                                  f"{len(blocks)} block(s) from us",
                                   inputs=[c for c, _ in blocks[:1]])
         except (PeerRefused, PeerError) as e:
             self.audit.record("refused", f"not sent to {role}: {e}", inputs=[c for c, _ in blocks[:1]])
@@ -237,7 +244,7 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
     verifier = Verifier(roots, signed.manifest, mcid, allow_unmeasured=allow_unmeasured_peers)
     server = serve_api(attester, host, port, store=store)
     peers = PeerClient(attester, verifier, {r: list(u) for r, u in cfg.peers.items()}, patience=peer_patience)
-    attested, audit = AttestedAgents(), AuditLog(attester.leaf_key, store)
+    attested, audit = AttestedAgents(), ConsoleAudit(attester.leaf_key, store, console)
     agent = BootedAgent(h, cfg, mcid, signed, roots, store, attester, server, verifier, peers,
                         PeerService(attester, verifier, _not_ready), ip, base, attested, audit, console)
     agent.service.register = _register(attested)
@@ -249,6 +256,22 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
     server.start()
     say(f"cidboot-stage: agent ready url={agent.url}", console)
     return agent
+
+
+class ConsoleAudit(AuditLog):
+    """The audit log, also printing each refusal and veto on the console (`cidboot: audit: ...`),
+    so a device's refusals are visible in the boot log without fetching the log."""
+
+    def __init__(self, key: PrivateKey, store: Blockstore, console: TextIO | None) -> None:
+        super().__init__(key, store)
+        self.console = console
+
+    def record(self, decision: str, reason: str, *, operation: str | None = None,
+               inputs: list[CID] | None = None) -> Entry:
+        entry = super().record(decision, reason, operation=operation, inputs=inputs)
+        if decision in ("refused", "veto"):
+            say(f"cidboot: audit: {decision}: {reason}", self.console)
+        return entry
 
 
 def _register(attested: AttestedAgents) -> Callable[[AppraisalResult], None]:
@@ -320,6 +343,8 @@ def run_flow(agent: BootedAgent, *, remote_wait: float = 300.0) -> list[Any]:
             agent.service.accept = orch.accept  # after the run: the orchestrator is idle, call it directly
 
     results = asyncio.run(go())
+    if agent.publish_to is not None and agent.audit.head is not None:
+        publish(agent.store, [agent.audit.head], agent.publish_to)  # results went one by one (record)
     say(f"cidboot: agent: flow done: {len(results)} result(s), audit {agent.audit.head}", agent.console)
     return results
 
@@ -328,16 +353,16 @@ async def _on_loop(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def main(root: str | os.PathLike[str] = "/", *, network: bool = True, port: int = PORT,
-         flow: FlowStep | None = run_flow, serve: bool = True) -> BootedAgent:
+def main(root: str | os.PathLike[str] = "/", *, network: bool = True, host: str = "0.0.0.0", port: int = PORT,
+         flow: FlowStep | None = run_flow, serve: bool = True, console: TextIO | None = None) -> BootedAgent:
     """The PID-1 entry (agent/__main__.py). Errors print `cidboot: fatal: ...` and propagate, so
     cidboot.pid1.run_stage powers off."""
     try:
-        agent = boot_agent(root, network=network, port=port)
+        agent = boot_agent(root, network=network, host=host, port=port, console=console)
         if flow is not None:
             flow(agent)
     except CidbootError as e:
-        say(f"cidboot: fatal: {e}")
+        say(f"cidboot: fatal: {e}", console)
         raise
     if serve:
         threading.Event().wait()  # the HTTP thread serves; PID 1 must not exit

@@ -14,7 +14,8 @@ released image on a registered device. The sender S and the receiver R:
        must hash to its CID), so evidence cannot be lifted onto other inputs in transit.
        R spends session ID (single use, 60 s), appraises EAT(S, Nb); not affirming -> 403 with
        the appraisal's reasons, and nothing is accepted. Affirming: R registers S (alias key ->
-       role, appraisal) and hands the blocks to `accept`.
+       role, appraisal) and hands the blocks to `accept`; 200 {"received": n, "admitted": [CID]
+       (what `accept` returned, or null), "status": "affirming"}.
 
 Blocks are opaque here: what they mean (signed provenance nodes) is the orchestrator's
 business, and it validates them again (agent.validate). Discovery is static: the boot
@@ -176,8 +177,11 @@ class PeerService:
         if inspect.isawaitable(out):
             if self.loop is None:
                 raise HttpError(500, "accept is async but no event loop was given")
-            asyncio.run_coroutine_threadsafe(_awaited(out), self.loop).result(TIMEOUT)
-        return Response.json({"accepted": len(blocks), "status": res.status})
+            out = asyncio.run_coroutine_threadsafe(_awaited(out), self.loop).result(TIMEOUT)
+        # the orchestrator answers with the inputs it admitted (validated, consumed here): say so,
+        # so a sender's operator sees "received 3, admitted 0" rather than a bare OK
+        admitted = [str(c) for c in out] if isinstance(out, list) else None
+        return Response.json({"received": len(blocks), "admitted": admitted, "status": res.status})
 
 
 async def _awaited(x: Any) -> Any:

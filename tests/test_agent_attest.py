@@ -135,10 +135,13 @@ def test_other_malformed_requests(running: list[AgentServer], tmp_path: Path) ->
     srv = start(running, serve_api(make_device().attester, "127.0.0.1", 0, store=store))
     assert request(srv.url, "GET", "/nope")[0] == 404
     assert request(srv.url, "POST", "/attestation", b"")[0] == 405
-    assert request(srv.url, "GET", "/ipfs/notacid")[0] == 400
-    assert request(srv.url, "GET", f"/ipfs/{CID.of(b'absent', RAW)}")[0] == 404
-    assert request(srv.url, "GET", f"/ipfs/{cid}?format=car")[0] == 406
+    assert request(srv.url, "GET", "/ipfs/notacid?format=raw")[0] == 400
+    assert request(srv.url, "GET", f"/ipfs/{CID.of(b'absent', RAW)}?format=raw")[0] == 404
+    assert request(srv.url, "GET", f"/ipfs/{cid}?format=tar")[0] in (400, 406)
     assert request(srv.url, "GET", f"/ipfs/{cid}?format=raw") == (200, "application/vnd.ipld.raw", b"hello block")
+    status, ctype, car = request(srv.url, "GET", f"/ipfs/{cid}?format=car")  # the gateway's own handler
+    assert status == 200 and ctype.startswith("application/vnd.ipld.car") and b"hello block" in car
+    assert request(srv.url, "GET", "/attestation?nonce=" + "00" * 8)[0] == 200  # still serving
 
 
 def test_results_with_provenance(running: list[AgentServer]) -> None:
@@ -242,3 +245,19 @@ def test_cli_serve_then_attest(tmp_path: Path) -> None:
     finally:
         serve.terminate()
         serve.wait(10)
+
+
+def test_cli_attest_via_remote_verifier(running: list[AgentServer], capsys: pytest.CaptureFixture[str]) -> None:
+    """The verifier issues the nonce and appraises; the CLI only carries nonce and evidence."""
+    from agent.cli import main
+
+    dev = make_device()
+    srv = start(running, serve_api(dev.attester, "127.0.0.1", 0))
+    good = start(running, serve_verifier(verifier_for(dev)))
+    bad = start(running, serve_verifier(verifier_for(make_device())))
+    assert main(["attest", srv.url, "--verifier", good.url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == AFFIRMING
+    assert main(["attest", srv.url, "--verifier", bad.url]) == 1
+    assert "✗ device: unknown device" in capsys.readouterr().out
+    assert main(["attest", srv.url, "--verifier", good.url, "--roots", "x.json"]) == 1
+    assert "verifier's own roots" in capsys.readouterr().err

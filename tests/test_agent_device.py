@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,7 +86,7 @@ def test_measured_boot_affirming(tmp_path: Path, gateway: tuple[GatewayServer, B
     res = appraise(ev, expected_nonce=nonce, roots=agent.roots, manifest=MANIFEST, manifest_cid=SIGNED.cid)
     assert res.status == AFFIRMING, res.to_obj()
     assert res.role == "worker" and set(agent.roots.keys) == {res.device_id}
-    assert request(agent.url, "GET", f"/ipfs/{SIGNED.cid}")[2] == SIGNED.encode()  # fetched blocks are served
+    assert request(agent.url, "GET", f"/ipfs/{SIGNED.cid}?format=raw")[2] == SIGNED.encode()  # fetched blocks are served
 
 
 def test_unmeasured_boot_not_affirming(tmp_path: Path, gateway: tuple[GatewayServer, Blockstore],
@@ -188,3 +189,109 @@ def test_device_path_imports_only_the_minimal_image() -> None:
             "print(' '.join(bad))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == ""
+
+
+# -- examples/two-device across two in-process agents ------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples/two-device"
+EXPECTED_TOTAL = sum((i * 7) % 10 for i in range(5))
+
+
+def two_device_manifest(store: Blockstore) -> Any:
+    import time
+
+    import yaml
+
+    from cidboot import dagcbor
+    from cidboot.cid import CID, DAG_CBOR
+    from cidboot.manifest import Manifest, sign_manifest
+    from tests.test_agent_attest import BS, FW
+
+    doc = yaml.safe_load((EXAMPLE / "flow.yaml").read_text())
+    flow_block = dagcbor.encode(doc["dataflow"])
+    flow_cid = CID.of(flow_block, DAG_CBOR)
+    store.put(flow_cid, flow_block)
+    m = Manifest("two-device", 1, int(time.time()) + 3600, MANIFEST.layers, MANIFEST.root,
+                 {"firmware": FW, "bootstrap": BS}, flow=flow_cid, placement=doc["placement"])
+    signed = sign_manifest(m, [SIGNER])
+    store.put(signed.cid, signed.encode())
+    return signed
+
+
+def device_root(root: Path, dev: Device, cfg: BootConfig, signed: Any) -> Path:
+    dice = encode_handover(dev.ident.cdi_attest, dev.ident.cdi_seal, dev.ident.chain)
+    boot = {"boot_mode": "measured", "bootconfig": cfg.encode().decode(), "manifest": str(signed.cid)}
+    (root / "run/cidboot").mkdir(parents=True)
+    (root / "run/cidboot/boot.json").write_text(json.dumps(boot))
+    (root / "run/cidboot/dice.cbor").write_bytes(dice)
+    (root / "opt/cidboot/ops").mkdir(parents=True)
+    (root / "opt/cidboot/ops/ops.py").write_bytes((EXAMPLE / "ops.py").read_bytes())
+    return root
+
+
+def run_two_devices(tmp_path: Path, gw: GatewayServer, store: Blockstore, agents: list[BootedAgent], *,
+                    register_sensor: bool) -> tuple[BootedAgent, BootedAgent, str, str]:
+    import threading
+
+    from agent.device import run_flow
+
+    signed = two_device_manifest(store)
+    sensor, aggregator = make_device("sensor", signed=signed), make_device("aggregator", signed=signed)
+    roots = DeviceRoots()
+    for d in ([sensor, aggregator] if register_sensor else [aggregator]):
+        roots.add(d.ident.root_public_key, d.attester.role or "")
+    block = sign_registry(roots, [SIGNER])
+    store.put(registry_cid(block), block)
+    reg = registry_cid(block)
+    out_a, out_s = io.StringIO(), io.StringIO()
+    cfg_a = BootConfig(signed.cid, (gw.url,), ANCHOR, "aggregator", device_registry=reg)
+    agg = boot_agent(device_root(tmp_path / "aggregator", aggregator, cfg_a, signed), network=False, host="127.0.0.1",
+                     port=0, console=out_a)
+    agents.append(agg)
+    cfg_s = BootConfig(signed.cid, (gw.url,), ANCHOR, "sensor", peers={"aggregator": (agg.url,)}, device_registry=reg)
+    sen = boot_agent(device_root(tmp_path / "sensor", sensor, cfg_s, signed), network=False, host="127.0.0.1",
+                     port=0, console=out_s, peer_patience=10)
+    agents.append(sen)
+    t = threading.Thread(target=run_flow, args=(agg,), kwargs={"remote_wait": 10 if register_sensor else 3}, daemon=True)
+    t.start()
+    run_flow(sen, remote_wait=5)
+    t.join(30)
+    assert not t.is_alive()
+    return sen, agg, out_s.getvalue(), out_a.getvalue()
+
+
+def test_two_device_flow_with_mutual_attestation(tmp_path: Path, gateway: tuple[GatewayServer, Blockstore],
+                                                  agents: list[BootedAgent]) -> None:
+    gw, store = gateway
+    sen, agg, out_s, out_a = run_two_devices(tmp_path, gw, store, agents, register_sensor=True)
+    assert "cidboot: result readings=[0, 7, 4, 1, 8]" in out_s.splitlines()
+    assert f"cidboot: result total={EXPECTED_TOTAL}" in out_a.splitlines()
+    results = json.loads(request(agg.url, "GET", "/results")[2])["results"]
+    [total] = [r for r in results if r["definition"] == "total"]
+    assert total["value"] == EXPECTED_TOTAL and total["provenance"]
+    # the aggregator registered the sensor from an affirming appraisal, and vice versa nothing else
+    roles = {a.role for a in agg.attested.by_key.values()}
+    assert roles == {"aggregator", "sensor"}
+
+
+def test_two_device_unregistered_sensor_gets_nothing_through(tmp_path: Path, gateway: tuple[GatewayServer, Blockstore],
+                                                             agents: list[BootedAgent]) -> None:
+    gw, store = gateway
+    sen, agg, out_s, out_a = run_two_devices(tmp_path, gw, store, agents, register_sensor=False)
+    assert any(line.startswith("cidboot: refused: peer:") and "unknown device" in line for line in out_s.splitlines())
+    assert not any(line.startswith("cidboot: result total=") for line in out_a.splitlines())
+    assert {a.role for a in agg.attested.by_key.values()} == {"aggregator"}  # itself only
+
+
+def test_main_fatal_line_and_pid1_dispatch(tmp_path: Path) -> None:
+    from agent.device import is_device_boot, main
+
+    out = io.StringIO()
+    with pytest.raises(AgentBootError):
+        main(tmp_path, network=False, host="127.0.0.1", port=0, serve=False, console=out)
+    assert out.getvalue().splitlines() == ["cidboot-stage: agent start",
+                                           f"cidboot: fatal: handoff: no hand-off: {tmp_path}/run/cidboot/boot.json "
+                                           "does not exist: the agent must be started by the bootstrap"]
+    assert is_device_boot(1, ["/usr/lib/agent/__main__.py"]) and not is_device_boot(1, ["agent", "attest"])
+    assert not is_device_boot(1234, ["agent"])

@@ -120,7 +120,8 @@ def test_replayed_exchange_refused(receivers: list[Receiver]) -> None:
     url = r.server.url
     sess = json.loads(request(url, "POST", "/peer/session", json.dumps({"nonce": os.urandom(16).hex()}).encode())[2])
     body = encode_exchange(s.attester.evidence(binding_nonce(bytes.fromhex(sess["nonce"]), BLOCKS)), BLOCKS)
-    assert request(url, "POST", f"/peer/inputs/{sess['session']}", body)[0] == 200
+    status, _, ok = request(url, "POST", f"/peer/inputs/{sess['session']}", body)
+    assert status == 200 and json.loads(ok) == {"received": 1, "admitted": None, "status": "affirming"}
     status, _, resp = request(url, "POST", f"/peer/inputs/{sess['session']}", body)
     assert status == 409 and json.loads(resp)["status"] == "contraindicated"
     assert len(r.got) == 1
@@ -169,3 +170,33 @@ def test_two_device_ops_over_attested_transport(receivers: list[Receiver]) -> No
     node = dagcbor.decode(blocks[0][1])
     assert sender.role == "sensor" and node["definition"] == "readings"
     assert ops.summarise(node["value"])["total"] == sum((i * 7) % 10 for i in range(5))
+
+
+def test_not_ready_receiver_is_retried_with_fresh_sessions(receivers: list[Receiver]) -> None:
+    """A receiver whose flow has not started answers 503; the sender retries (new nonces, new
+    session) within its patience, and a refusal is never retried."""
+    from agent.attestation_api import HttpError
+    from agent.peers import PeerUnavailable
+
+    s, a = make_device("sensor"), make_device("aggregator")
+    client, r = pair(receivers, sender=s, receiver=a, receiver_trusts=[s, a], sender_trusts=[s, a])
+    calls: list[int] = []
+
+    def accept(blocks: list[Block], sender: AppraisalResult) -> list[CID]:
+        calls.append(1)
+        if len(calls) < 3:
+            raise HttpError(503, "this agent's flow has not started yet: retry")
+        return [c for c, _ in blocks]
+
+    r.service.accept = accept
+    client.patience = 10.0
+    [res] = client.send("aggregator", BLOCKS)
+    assert res.affirming and len(calls) == 3
+    calls.clear()
+    client.patience = 0.0
+    with pytest.raises(PeerUnavailable, match="not ready"):
+        client.send("aggregator", BLOCKS)
+    assert len(calls) == 1
+    client.peers = {"aggregator": ["http://127.0.0.1:1"]}
+    with pytest.raises(PeerUnavailable, match="127.0.0.1:1"):
+        client.send("aggregator", BLOCKS)

@@ -18,10 +18,11 @@ import pytest
 import yaml
 
 from agent.device import BootedAgent, boot_agent, run_flow
-from cidboot import dagcbor
+from cidboot import dagcbor, provenance
 from cidboot.appraisal import DeviceRoots
 from cidboot.blockstore import Blockstore
 from cidboot.bootconfig import BootConfig
+from cidboot.car import CarReader
 from cidboot.cid import CID, DAG_CBOR, RAW
 from cidboot.dice import encode_handover
 from cidboot.gateway.server import GatewayServer, serve_gateway
@@ -106,6 +107,8 @@ def test_two_device_flow_mutually_attested(tmp_path: Path, net: tuple[GatewaySer
     assert [(r.definition, r.value) for r in results] == [("total", TOTAL)]
     assert f"cidboot: result total={TOTAL}\n" in agg_out
     assert "cidboot: result readings=[0, 7, 4, 1, 8]\n" in sen_out and "refused" not in sen_out
+    [sent] = sen.audit.find("accepted")
+    assert sent.reason.startswith("aggregator device ") and "accepted 2 block(s) from us" in sent.reason  # readings + its seed
     # the sensor was attested affirming and registered as a producer in its role
     [entry] = [e for k, e in agg.attested.by_key.items() if e.appraisal is not None]
     assert entry.role == "sensor" and entry.appraisal is not None and entry.appraisal.affirming
@@ -118,6 +121,11 @@ def test_two_device_flow_mutually_attested(tmp_path: Path, net: tuple[GatewaySer
     status, ctype, block = request(agg.url, "GET", f"/ipfs/{res['provenance']}?format=raw")
     assert status == 200 and CID.parse(res["provenance"]).verify(block) is None
     assert request(agg.url, "GET", f"/ipfs/{doc['audit']}?format=raw")[0] == 200
+    # the whole provenance DAG in one CAR (every block verified by the reader): total <- readings <- seed
+    status, ctype, car = request(agg.url, "GET", f"/ipfs/{res['provenance']}?format=car")
+    assert status == 200
+    nodes = [provenance.decode(b, c) for c, b in CarReader(io.BytesIO(car)) if c != FLOW_CID]
+    assert sorted(n.definition for n in nodes) == ["count", "readings", "total"]
 
 
 @pytest.mark.parametrize("case", ["unregistered", "unmeasured"])
@@ -126,6 +134,7 @@ def test_unattested_sensor_gets_nothing_accepted(tmp_path: Path, net: tuple[Gate
     agg, agg_out, results, sen, sen_out = run_pair(tmp_path, net, sensor_registered=case != "unregistered",
                                                    sensor_measured=case != "unmeasured", wait=2.0)
     assert results == [] and "cidboot: result total" not in agg_out
+    assert "cidboot: audit: refused: inputs from peer 127.0.0.1 (sensor" in agg_out
     assert "cidboot: refused: peer: " in sen_out and "refused our inputs" in sen_out
     [refusal] = agg.audit.find("refused")
     assert ("unknown device" if case == "unregistered" else "unmeasured boot") in refusal.reason

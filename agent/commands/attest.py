@@ -1,15 +1,19 @@
-"""`agent attest URL`: challenge an agent with a fresh nonce and appraise its evidence locally."""
+"""`agent attest URL`: challenge an agent with a fresh nonce and appraise its evidence locally,
+or, with `--verifier VURL`, let a remote verifier (agent/verifier.py) issue the nonce and
+appraise: the verifier's session nonce goes to the agent, the evidence back to the verifier."""
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import json
 import os
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from agent.commands.verify_evidence import SYMBOL
-from cidboot.appraisal import DeviceRoots, appraise
+from cidboot.appraisal import AFFIRMING, DeviceRoots, appraise
 from cidboot.blockstore import Blockstore
 from cidboot.cid import CID
 from cidboot.cli import print_json
@@ -29,28 +33,57 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--manifest-file", type=Path, metavar="F",
                    help="the signed manifest block as a file (its CID is computed from it); instead of --manifest")
     p.add_argument("--allow-unmeasured", action="store_true", help="unmeasured boots give a warning, not a refusal")
+    p.add_argument("--verifier", metavar="VURL",
+                   help="appraise on this verifier (POST /attestation/session) instead of locally")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the agent (default 10)")
     p.add_argument("--json", action="store_true", help="print the appraisal result as JSON")
     p.set_defaults(func=run)
 
 
-def get_evidence(url: str, nonce: bytes, timeout: float) -> bytes:
+def _http(method: str, url: str, path: str, timeout: float, body: bytes | None = None,
+          ctype: str = "application/eat+cwt") -> tuple[int, bytes]:
     u = urlsplit(url)
     if u.scheme not in ("http", "https") or not u.hostname:
         raise CidbootError(f"URL must be http(s)://HOST[:PORT], got {url!r}")
     cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
     conn = cls(u.hostname, u.port, timeout=timeout)
     try:
-        conn.request("GET", f"{u.path.rstrip('/')}/attestation?nonce={nonce.hex()}", headers={"Accept": "application/eat+cwt"})
+        conn.request(method, f"{u.path.rstrip('/')}{path}", body=body, headers={"Accept": ctype, "Content-Type": ctype})
         resp = conn.getresponse()
-        body = resp.read()
+        return resp.status, resp.read()
     except (OSError, http.client.HTTPException) as e:
         raise CidbootError(f"{url}: {type(e).__name__}: {e}") from None
     finally:
         conn.close()
-    if resp.status != 200:
-        raise CidbootError(f"{url}/attestation: HTTP {resp.status}: {body[:200].decode(errors='replace').strip()}")
+
+
+def get_evidence(url: str, nonce: bytes, timeout: float) -> bytes:
+    status, body = _http("GET", url, f"/attestation?nonce={nonce.hex()}", timeout)
+    if status != 200:
+        raise CidbootError(f"{url}/attestation: HTTP {status}: {body[:200].decode(errors='replace').strip()}")
     return body
+
+
+def via_verifier(url: str, verifier: str, timeout: float) -> dict[str, Any]:
+    """Session from the verifier, evidence from the agent for its nonce, appraisal from the verifier."""
+    status, body = _http("POST", verifier, "/attestation/session", timeout, b"", "application/json")
+    try:
+        if status != 201:
+            raise ValueError(f"HTTP {status}: {body[:200].decode(errors='replace').strip()}")
+        sess = json.loads(body)
+        session, nonce = str(sess["session"]), bytes.fromhex(sess["nonce"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CidbootError(f"{verifier}/attestation/session: {e}") from None
+    evidence = get_evidence(url, nonce, timeout)
+    status, body = _http("POST", verifier, f"/attestation/session/{session}", timeout, evidence)
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict) or "status" not in obj:
+        raise CidbootError(f"{verifier}/attestation/session/{session}: HTTP {status}: "
+                           f"{body[:200].decode(errors='replace').strip()}")
+    return obj
 
 
 def load_manifest(args: argparse.Namespace) -> tuple[Manifest | None, CID | None]:
@@ -73,6 +106,18 @@ def load_manifest(args: argparse.Namespace) -> tuple[Manifest | None, CID | None
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.verifier:
+        if args.roots or args.manifest or args.manifest_file or args.allow_unmeasured:
+            raise CidbootError("--verifier appraises with the verifier's own roots and manifest: "
+                               "drop --roots/--manifest/--manifest-file/--allow-unmeasured")
+        obj = via_verifier(args.url, args.verifier, args.timeout)
+        if args.json:
+            print_json(obj)
+        else:
+            for c in obj.get("checks", []):
+                print(f"{SYMBOL.get(c.get('status'), '?')} {c.get('check')}: {c.get('reason')}")
+            print(f"status: {obj['status']}")
+        return 0 if obj["status"] == AFFIRMING else 1
     manifest, mcid = load_manifest(args)
     roots = DeviceRoots.load(args.roots) if args.roots else DeviceRoots()
     nonce = os.urandom(NONCE_BYTES)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 from pathlib import Path
 
 from agent.attestation_api import Attester, serve_api
+from agent.identity import uds as identity_uds
 from agent.verifier import Verifier
 from cidboot.appraisal import DeviceRoots
 from cidboot.blockstore import Blockstore
@@ -42,15 +42,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def software_identity(directory: Path, signed: SignedManifest | None, mcid: CID | None) -> DerivedIdentity:
-    directory.mkdir(parents=True, exist_ok=True)
-    uds_path = directory / "uds"
-    if not uds_path.exists():
-        fd = os.open(uds_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(32))
-    uds = uds_path.read_bytes()
+    """The same DIR/uds as `agent run --identity DIR` (agent.identity), so one development
+    device serves and runs flows under one root key. Unlike agent.identity.development, the
+    firmware/bootstrap layers take the manifest's reference values: `serve` exists to be
+    attested against that manifest."""
+    uds = identity_uds(directory)
     if len(uds) != 32:
-        raise CidbootError(f"{uds_path}: a UDS is 32 bytes, found {len(uds)}")
+        raise CidbootError(f"{directory / 'uds'}: a UDS is 32 bytes, found {len(uds)}")
     ref = signed.manifest.measurements if signed else {}
     layers = [DiceInputs(code_hash=ref.get(n, hashlib.sha512(b"software " + n.encode()).digest()))
               for n in ("firmware", "bootstrap")]

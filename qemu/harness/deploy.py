@@ -140,10 +140,14 @@ def rebuild_workload(dep: Deployment, *, version: int | None = None, sign_with: 
     doc = dict(dep.flow)
     if version is not None:
         doc["version"] = version
-    if sign_with is not None:
-        doc["trust"] = {**doc["trust"], "keys": [str(p) for p in sign_with], "threshold": 1}
     variant = dep.work / f"workload-v{doc['version']}-{len(list(dep.work.glob('workload-v*')))}"
     shutil.copytree(dep.flow_dir, variant, ignore=shutil.ignore_patterns("__pycache__", "built"))
+    if sign_with is not None:  # flow files name keys relative to the flow: copy them in
+        names = []
+        for i, key in enumerate(sign_with):
+            shutil.copy(key, variant / "keys" / f"other-{i}.pem")
+            names.append(f"keys/other-{i}.pem")
+        doc["trust"] = {**doc["trust"], "keys": names, "threshold": 1}
     (variant / "flow.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     refs = {"firmware": dep.firmware.measurements["firmware"], "bootstrap": dep.bootstrap.measurements["bootstrap"]}
     return build(variant / "flow.yaml", dep.store, references=refs, env=env)
