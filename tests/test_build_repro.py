@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -139,7 +140,9 @@ def test_image_boots_with_python_as_init(hello: Path, tmp_path: Path, warm_cache
     assert "Kernel panic" not in console, console[-3000:]
     assert "cidboot: fatal:" in console and "boot.json" in console, console[-3000:]
     # the flow's kernel modules were loaded by /init with finit_module, dependencies first
-    loaded = next(line for line in console.splitlines() if line.startswith("cidboot: loaded ")).split()[2:]
+    m = re.search(r"cidboot: loaded ([a-z0-9_ ]+)", console)
+    assert m, console[-3000:]
+    loaded = m[1].split()
     assert {"virtio_net", "virtio_pci", "virtio", "virtio_ring", "failover", "net_failover"} <= set(loaded)
     assert loaded.index("virtio") < loaded.index("virtio_net") and loaded.index("failover") < loaded.index("net_failover")
     assert "reboot: Power down" in console
