@@ -4,20 +4,28 @@ as a hash chain of signed DAG-CBOR entries in the block store.
 Each entry links the previous one by CID and is signed by the agent's alias key (COSE_Sign1,
 detached over the DAG-CBOR of the entry), so the head CID commits to the whole history and
 nobody without the key can rewrite it. The head is served by the agent and published with
-its results.
+its results. The store is anything with put/get (cidboot.blockstore.Blockstore on an agent,
+MemoryBlocks in tests and benchmarks).
+
+    entry = {"entry": {"seq": int, "decision": "run"|"veto"|"refused"|"accepted"|"result",
+                       "operation": str | null, "inputs": [CID...], "reason": str, "prev": CID | null},
+             "sig": COSE_Sign1 (untagged, detached payload = DAG-CBOR of "entry")}
+
+Public API: AuditLog(key, store).record(decision, reason, operation=None, inputs=None) -> Entry;
+.head (CID | None); .entries; .find(decision, operation=None); verify_log(head, get, public_key).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cidboot import cose, dagcbor
 from cidboot.cid import CID, DAG_CBOR
 from cidboot.cose import PrivateKey, PublicKey
-from cidboot.errors import VerificationError
+from cidboot.errors import CidbootError, VerificationError
 
 DECISIONS = ("run", "veto", "refused", "accepted", "result")
 
@@ -80,20 +88,40 @@ class AuditLog:
         return [e for e in self.entries if e.decision == decision and (operation is None or e.operation == operation)]
 
 
-def verify_log(head: CID, get: Any, key: PublicKey) -> Iterator[dict[str, Any]]:
-    """Walk the chain from `head` back to the first entry, checking every link and signature."""
+class AuditLogError(VerificationError):
+    """The audit log does not verify: a link, a signature, an entry's shape or its sequence."""
+
+
+ENTRY_KEYS = frozenset({"seq", "decision", "operation", "inputs", "reason", "prev"})
+
+
+def verify_log(head: CID, get: Callable[[CID], bytes], key: PublicKey) -> Iterator[dict[str, Any]]:
+    """Walk the chain from `head` back to entry 0, yielding each entry (newest first) after
+    checking its CID, shape, signature (by `key`, the agent's alias key) and sequence number.
+    Raises AuditLogError naming the entry."""
     cid: CID | None = head
     expect = None
     while cid is not None:
-        block = get(cid)
-        cid.verify(block)
-        doc = dagcbor.decode(block)
+        try:
+            block = get(cid)
+            cid.verify(block)
+            doc = dagcbor.decode(block)
+        except (CidbootError, KeyError, OSError) as e:
+            raise AuditLogError(f"audit log: entry {cid}: {e}") from None
+        if not isinstance(doc, dict) or set(doc) != {"entry", "sig"} or not isinstance(doc["entry"], dict) \
+                or set(doc["entry"]) != ENTRY_KEYS or not isinstance(doc["sig"], bytes):
+            raise AuditLogError(f"audit log: entry {cid}: not {{entry: {sorted(ENTRY_KEYS)}, sig}}")
         body = doc["entry"]
-        cose.verify1(doc["sig"], key, detached_payload=dagcbor.encode(body))
-        if expect is not None and body["seq"] != expect:
-            raise VerificationError(f"audit log: entry {cid} has seq {body['seq']}, expected {expect}")
+        try:
+            cose.verify1(doc["sig"], key, detached_payload=dagcbor.encode(body))
+        except CidbootError as e:
+            raise AuditLogError(f"audit log: entry {cid}: signature: {e}") from None
+        if not isinstance(body["seq"], int) or (expect is not None and body["seq"] != expect):
+            raise AuditLogError(f"audit log: entry {cid} has seq {body['seq']!r}, expected {expect}")
+        if body["prev"] is not None and not isinstance(body["prev"], CID):
+            raise AuditLogError(f"audit log: entry {cid}: prev must be a CID link or null")
         yield body
         expect = body["seq"] - 1
         cid = body["prev"]
     if expect not in (None, -1):
-        raise VerificationError("audit log: the chain ends before entry 0")
+        raise AuditLogError("audit log: the chain ends before entry 0")

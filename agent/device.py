@@ -19,7 +19,6 @@ Everything above step 5 is `boot_agent`, callable on a host with a handoff direc
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import os
 import sys
@@ -28,7 +27,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
 from agent.attestation_api import AgentServer, Attester, HttpError, Result, serve_api
 from agent.attested import AttestedAgents
@@ -46,6 +44,7 @@ from cidboot.cose_key import decode_public_key, raw_public_bytes
 from cidboot.dice import CDI_SIZE, decode_handover, encode_chain, key_from_cdi
 from cidboot.errors import CidbootError, FormatError, VerificationError
 from cidboot.flow import DataFlow
+from cidboot.gateway import client as gateway_client
 from cidboot.handoff import Handoff, HandoffNotFound, load
 from cidboot.manifest import RootOfTrust, SignedManifest, verify_threshold
 from cidboot.manifest.signed import MAX_ENVELOPE
@@ -73,42 +72,12 @@ def say(line: str, out: TextIO | None = None) -> None:
 
 def fetch_block(cid: CID, gateways: Sequence[str], store: Blockstore, *, timeout: float = 10.0,
                 max_size: int = MAX_ENVELOPE) -> bytes:
-    """One block by CID through the gateways in order (`?format=raw`); only bytes that hash to
-    `cid` are kept. (The bootstrap has the same helper; a shared one in cidboot.gateway.client
-    would serve both.)"""
-    if store.has(cid):
-        return store.get(cid)
-    why = []
-    for gw in gateways:
-        u = urlsplit(gw)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            why.append(f"{gw}: not an http(s) URL")
-            continue
-        cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-        conn = cls(u.hostname, u.port, timeout=timeout)
-        try:
-            conn.request("GET", f"{u.path.rstrip('/')}/ipfs/{cid}?format=raw",
-                         headers={"Accept": "application/vnd.ipld.raw", "User-Agent": "cidboot-agent"})
-            resp = conn.getresponse()
-            data = resp.read(max_size + 1)
-            if resp.status != 200:
-                why.append(f"{gw}: HTTP {resp.status}")
-                continue
-        except (OSError, http.client.HTTPException) as e:
-            why.append(f"{gw}: {type(e).__name__}: {e}")
-            continue
-        finally:
-            conn.close()
-        if len(data) > max_size:
-            why.append(f"{gw}: more than {max_size} bytes")
-            continue
-        try:
-            store.put(cid, data)
-        except VerificationError:
-            why.append(f"{gw}: sent bytes that do not hash to the CID")
-            continue
-        return data
-    raise AgentBootError(f"could not fetch {cid}: {'; '.join(why) or 'no gateways'}")
+    """cidboot.gateway.client.fetch_block, its failure as the agent's boot error."""
+    try:
+        return gateway_client.fetch_block(cid, tuple(gateways), store, timeout=timeout, max_size=max_size,
+                                          user_agent="cidboot-agent")
+    except gateway_client.BlockUnavailable as e:
+        raise AgentBootError(f"could not fetch {cid}: {e}") from None
 
 
 def ephemeral_attester(**kw: Any) -> Attester:

@@ -5,7 +5,9 @@
 - Each unique input set (by input CIDs) runs once.
 - Stages run in order: processing until nothing more can run, then cleanup, then output.
 - `expand` turns a list output into one input per item.
-- A `lock: true` definition is used by one operation at a time.
+- Definitions are locked to parameters: an input feeds a parameter only if its definition is
+  the parameter's (and its origin is one the flow connects there). A `lock: true` definition
+  is, as in DFFML, also used by one operation at a time.
 - Only operations placed on this agent's role run here. Outputs that operations of other roles
   consume go to `send(role, blocks)` (agent.peers, after mutual attestation), with their
   provenance closure so the receiver can validate the parents; inputs from peers arrive
@@ -13,6 +15,22 @@
 - Before a run, every input is validated (agent.validate) and the policies are evaluated
   (agent.policy); every decision goes to the audit log. Outputs are signed provenance nodes
   (cidboot.provenance) signed with the agent's DICE alias key.
+
+Public API (what agent.device / agent.peers call):
+
+    ctx = FlowContext(flow, flow_cid, role, alias_key, placement={role: [op...]}, policies=[...],
+                      measurements={layer: bytes}, references={layer: bytes},
+                      authority_keys=frozenset({raw_pub}), seed_key=None)
+    ops = load_operations(flow, ops_dir, names=None)          # {op: callable}, "module:function"
+    orch = Orchestrator(ctx, ops, store, attested=AttestedAgents(), audit=None, send=None,
+                        validate=True, remote_wait=300.0, on_result=None)
+    results = await orch.run()            # [Result(definition, value, cid, operation)]
+    orch.accept([(cid, block), ...], sender_appraisal) -> [admitted input CIDs]   # thread-safe
+    orch.closure(cid) -> [(cid, block)]   # a node and its provenance ancestors
+    orch.stop()                           # stop waiting for peers
+    orch.audit.head                       # CID of the newest audit entry
+
+`send(role, blocks)` may be sync or async; blocks are the output's node plus its ancestry.
 """
 
 from __future__ import annotations
@@ -32,8 +50,8 @@ from typing import Any
 
 from agent.attested import AttestedAgents
 from agent.audit import AuditLog, BlockSink
-from agent.policy import RunContext, veto_reason
-from agent.validate import ProvenanceError, Validator
+from agent.policy import RunContext
+from agent.validate import PolicyVeto, ProvenanceError, Validator, check_policies
 from cidboot.appraisal import AppraisalResult
 from cidboot.cid import CID
 from cidboot.cose import PrivateKey
@@ -70,7 +88,8 @@ class FlowContext:
     policies: Sequence[Mapping[str, Any]] = ()
     measurements: Mapping[str, bytes] = field(default_factory=dict)  # own, from the DICE chain
     references: Mapping[str, bytes] = field(default_factory=dict)  # the manifest's
-    authority_keys: frozenset[bytes] = frozenset()
+    authority_keys: frozenset[bytes] = frozenset()  # raw public keys that may sign seeds
+    seed_key: PrivateKey | None = None  # signs this agent's seed inputs; None: the alias key
 
     def local(self, op: str) -> bool:
         return not self.placement or op in self.placement.get(self.role, [])
@@ -118,13 +137,24 @@ class Orchestrator:
         self.send, self.validate_inputs, self.remote_wait = send, validate, remote_wait
         self.on_result = on_result
         self.validator = Validator(ctx.flow, ctx.flow_cid, ctx.placement, self.attested, store.get, ctx.authority_keys)
-        self.network: dict[CID, InputNode] = {}  # inputs available to local operations
+        self.network: dict[CID, InputNode] = {}  # validated inputs available to local operations
+        self._by_def: dict[str, dict[CID, InputNode]] = {}  # the same, by definition (dispatch looks up by it)
+        self._order: dict[CID, bytes] = {}  # sort key per input: runs (and so audit logs) are deterministic
+        # dispatch re-examines only operations that got a new input since they were last examined
+        self._consumers: dict[str, set[str]] = {}
+        for op in ctx.flow.operations.values():
+            if ctx.local(op.name):
+                for d in [*op.inputs.values(), *op.conditions]:
+                    self._consumers.setdefault(d, set()).add(op.name)
+        self._dirty: set[str] = {op for op in ctx.flow.operations if ctx.local(op)}
         self.refused: dict[CID, str] = {}
         self.ran: set[tuple[str, tuple[CID, ...]]] = set()
         self.results: list[Result] = []
         self._arrived: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._locks: dict[str, asyncio.Lock] = {}
+        self.waiting = False  # True while blocked on inputs only another role can produce
+        self._stopped = False
 
     # -- inputs ---------------------------------------------------------------------------------
     def _put(self, cid: CID, block: bytes) -> None:
@@ -152,6 +182,9 @@ class Orchestrator:
                 self._refuse(node.cid, f"{type(e).__name__}: {e}")
                 return False
         self.network[node.cid] = node
+        self._by_def.setdefault(node.definition, {})[node.cid] = node
+        self._order[node.cid] = bytes(node.cid)
+        self._dirty |= self._consumers.get(node.definition, set())
         return True
 
     def _refuse(self, cid: CID, reason: str) -> None:
@@ -195,6 +228,7 @@ class Orchestrator:
                 continue
             if not self._consumed_here(node):
                 del self.network[cid]
+                del self._by_def[node.definition][cid]
                 origin = "a seed" if node.is_seed else f"{node.operation}.{node.output}"
                 self._refuse(cid, f"UnknownOperation: input {cid} {who}: {origin} feeds no operation of this role")
                 continue
@@ -207,7 +241,7 @@ class Orchestrator:
     def _seed(self) -> None:
         for s in self.ctx.flow.seed:
             cid, block = make_input(value=s.value, definition=s.definition, flow=self.ctx.flow_cid,
-                                    parents=[self.ctx.flow_cid], key=self.ctx.key)
+                                    parents=[self.ctx.flow_cid], key=self.ctx.seed_key or self.ctx.key)
             self._put(cid, block)
             node = decode(block, cid)
             if self._consumed_here(node):
@@ -216,16 +250,14 @@ class Orchestrator:
     # -- dispatch -------------------------------------------------------------------------------
     def _candidates(self, op: Operation, param: str, definition: str, *, condition: bool = False) -> list[InputNode]:
         out = []
-        for node in self.network.values():
-            if node.definition != definition:
-                continue
+        for node in self._by_def.get(definition, {}).values():
             origin = SEED if node.is_seed else (str(node.operation), str(node.output))
             if not self.ctx.flow.allows(op.name, param, origin):
                 continue
             if condition and node.value is not True:
                 continue
             out.append(node)
-        return sorted(out, key=lambda n: bytes(n.cid))
+        return sorted(out, key=lambda n: self._order[n.cid])
 
     def _input_sets(self, op: Operation) -> list[dict[str, InputNode]]:
         params = sorted(op.inputs) + [f"?{c}" for c in op.conditions]
@@ -253,11 +285,13 @@ class Orchestrator:
 
     async def _run_stage(self, stage: str) -> bool:
         todo = []
-        for op in sorted(self.ctx.flow.operations.values(), key=lambda o: o.name):
-            if op.stage == stage and self.ctx.local(op.name):
-                for chosen in self._input_sets(op):
-                    self.ran.add((op.name, tuple(n.cid for n in chosen.values())))
-                    todo.append((op, chosen))
+        ops = self.ctx.flow.operations
+        now = sorted(name for name in self._dirty if ops[name].stage == stage)
+        self._dirty.difference_update(now)
+        for op in (ops[name] for name in now):
+            for chosen in self._input_sets(op):
+                self.ran.add((op.name, tuple(n.cid for n in chosen.values())))
+                todo.append((op, chosen))
         if todo:
             await asyncio.gather(*(self._run_one(op, chosen) for op, chosen in todo))
         return bool(todo)
@@ -268,10 +302,11 @@ class Orchestrator:
         for n in chosen.values():
             a = self.attested.get(raw_public_bytes(n.producer_key()))
             roles.append(SEED if n.is_seed else (a.role if a else "?"))
-        why = veto_reason(self.ctx.policies, RunContext(op.name, [n.definition for n in chosen.values()], roles,
-                                                        self.ctx.measurements, self.ctx.references))
-        if why:
-            self.audit.record("veto", why, operation=op.name, inputs=cids)
+        try:
+            check_policies(self.ctx.policies, RunContext(op.name, [n.definition for n in chosen.values()], roles,
+                                                         self.ctx.measurements, self.ctx.references))
+        except PolicyVeto as e:
+            self.audit.record("veto", str(e), operation=op.name, inputs=cids)
             return
         fn = self.ops.get(op.name)
         if fn is None:
@@ -309,7 +344,9 @@ class Orchestrator:
         if self.on_result is not None:
             self.on_result(result)
         if self._consumed_here(node):
-            self.network[cid] = node  # our own output: signed by us, parents already validated
+            # validated like any input (memoised: its parents were validated before the run), so
+            # "an operation runs only if every input validates" holds for our own outputs too
+            self._admit(node)
         remote_roles = sorted({r for c, p in self.ctx.flow.consumers_of(definition) if not self.ctx.local(c)
                                and self.ctx.flow.allows(c, p, (op.name, output)) for r in self.ctx.roles_of(c)})
         if remote_roles and self.send is not None:
@@ -343,10 +380,24 @@ class Orchestrator:
             while True:
                 if await self._run_stage(stage):
                     continue
-                if self._waiting_for_remote(stage) and self._loop.time() < deadline:
+                if not self._stopped and self._waiting_for_remote(stage) and self._loop.time() < deadline:
                     self._arrived.clear()
+                    self.waiting = True
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._arrived.wait(), max(0.1, deadline - self._loop.time()))
+                    self.waiting = False
                     continue
                 break
         return self.results
+
+    @property
+    def idle(self) -> bool:
+        """Blocked on peers' inputs with none arrived since (nothing to do until one does)."""
+        return self.waiting and self._arrived is not None and not self._arrived.is_set()
+
+    def stop(self) -> None:
+        """Stop waiting for peers' inputs: the run finishes what it can and returns (used when
+        every role runs in one process and none of them can make progress any more)."""
+        self._stopped = True
+        if self._arrived is not None:
+            self._arrived.set()

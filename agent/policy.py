@@ -3,10 +3,14 @@
     {name: only-measured-images-greet, veto: {operation: hello}, unless: {measurement: image}}
 
 `veto` selects runs (all given keys must match): `operation` (name), `definition` (one of the
-inputs has it), `producer` (one input was produced on that role; "seed" for the authority).
-`unless` lifts the veto: `measurement: LAYER` holds when this agent's own DICE chain measured
-LAYER and the value equals the reference the signed manifest carries for it. A policy that
-does not parse is itself a veto of everything (fail closed), with the reason.
+inputs has it), `producer` (one input was produced on that role; "seed" for the authority),
+`measurement: LAYER` (this agent's own LAYER measurement differs from the manifest's reference
+value for it, or either is missing). `unless` lifts the veto: `measurement: LAYER` holds when
+this agent's own DICE chain measured LAYER and the value equals the reference the signed
+manifest carries for it, or, with `equals: HEX` (sha512 hex, the schema's form), equals that
+value instead. The shape is imagebuilder/schema/flow.schema.json's `policies`. A policy that
+does not parse is itself a veto of everything (fail closed), with the reason: a typo in a
+security rule must never turn it off.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-VETO_KEYS = frozenset({"operation", "definition", "producer"})
-UNLESS_KEYS = frozenset({"measurement"})
+VETO_KEYS = frozenset({"operation", "definition", "producer", "measurement"})
+UNLESS_KEYS = frozenset({"measurement", "equals"})
 
 
 @dataclass(frozen=True)
@@ -33,26 +37,52 @@ def _matches(veto: Mapping[str, Any], ctx: RunContext) -> bool:
         return False
     if "definition" in veto and veto["definition"] not in ctx.definitions:
         return False
-    return not ("producer" in veto and veto["producer"] not in ctx.producer_roles)
+    if "producer" in veto and veto["producer"] not in ctx.producer_roles:
+        return False
+    return not ("measurement" in veto and _measured_as(ctx, str(veto["measurement"]), None))
+
+
+def _measured_as(ctx: RunContext, layer: str, equals: str | None) -> bool:
+    own = ctx.measurements.get(layer)
+    ref = bytes.fromhex(equals) if equals is not None else ctx.references.get(layer)
+    return own is not None and ref is not None and own == ref
 
 
 def _lifted(unless: Mapping[str, Any], ctx: RunContext) -> bool:
     layer = unless.get("measurement")
     if layer is None:
         return False
-    own, ref = ctx.measurements.get(str(layer)), ctx.references.get(str(layer))
-    return own is not None and ref is not None and own == ref
+    return _measured_as(ctx, str(layer), unless.get("equals"))
+
+
+def _malformed(p: Any) -> bool:
+    if not isinstance(p, Mapping) or set(p) - {"name", "veto", "unless"}:
+        return True
+    veto, unless = p.get("veto"), p.get("unless", {})
+    if not isinstance(veto, Mapping) or not veto or set(veto) - VETO_KEYS or not all(isinstance(v, str) for v in veto.values()):
+        return True
+    if not isinstance(unless, Mapping) or set(unless) - UNLESS_KEYS or ("equals" in unless and "measurement" not in unless):
+        return True
+    eq = unless.get("equals")
+    if eq is not None and not (isinstance(eq, str) and len(eq) == 128 and all(c in "0123456789abcdef" for c in eq)):
+        return True
+    return not all(isinstance(v, str) for v in unless.values())
 
 
 def veto_reason(policies: Sequence[Mapping[str, Any]], ctx: RunContext) -> str | None:
     """The first policy that vetoes this run, as a reason; None when every policy passes."""
     for i, p in enumerate(policies):
         name = p.get("name", f"policy {i}") if isinstance(p, Mapping) else f"policy {i}"
-        veto, unless = (p.get("veto"), p.get("unless", {})) if isinstance(p, Mapping) else (None, None)
-        if not isinstance(veto, Mapping) or not veto or set(veto) - VETO_KEYS or not isinstance(unless, Mapping) \
-                or set(unless) - UNLESS_KEYS:
-            return f"policy {name}: malformed (veto keys {sorted(VETO_KEYS)}, unless keys {sorted(UNLESS_KEYS)})"
+        if _malformed(p):
+            return (f"policy {name}: malformed, so it vetoes everything (veto: a non-empty map of "
+                    f"{sorted(VETO_KEYS)}; unless: {sorted(UNLESS_KEYS)}, equals a sha512 hex)")
+        veto, unless = p["veto"], p.get("unless", {})
         if _matches(veto, ctx) and not _lifted(unless, ctx):
-            why = f" and {unless['measurement']} is not measured as the manifest says" if unless else ""
+            why = ""
+            if "measurement" in veto:
+                why = f": {veto['measurement']} is not measured as the manifest says"
+            if unless:
+                what = f"{unless['equals'][:16]}..." if "equals" in unless else "the manifest says"
+                why += f" and {unless['measurement']} is not measured as {what}"
             return f"policy {name} vetoes {ctx.operation}{why}"
     return None

@@ -13,15 +13,24 @@ For an input node (cidboot.provenance), in this order, each failure its own exce
                                                             -> UnattestedProducer
 5. every parent validates, recursively;                     -> TamperedParent (naming the path)
 Results are memoised by CID: a DAG shared by many inputs is checked once.
-Policies are per run, not per input: agent.policy, raised here as PolicyVeto.
+Policies are per run, not per input: `check_policies` raises PolicyVeto with agent.policy's reason.
+
+Public API:
+    v = Validator(flow, flow_cid, placement, attested, get_block, authority_keys=frozenset())
+    v.validate(cid) -> InputNode          # raises one ProvenanceError subclass (or ForgedSignature)
+    check_policies(policies, run_context) # raises PolicyVeto
+Every exception is a cidboot.errors.VerificationError, so callers that only care "valid or not"
+catch that; the orchestrator records type name and message in the audit log.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.attested import AttestedAgents
+from agent.policy import RunContext, veto_reason
 from cidboot.cid import CID
 from cidboot.cose_key import raw_public_bytes
 from cidboot.errors import FormatError, VerificationError
@@ -29,7 +38,7 @@ from cidboot.flow import DataFlow
 from cidboot.provenance import ForgedSignature, InputNode, decode, verify_signature
 
 __all__ = ["ForgedSignature", "MissingInput", "PolicyVeto", "ProvenanceError", "TamperedInput", "TamperedParent",
-           "UnattestedProducer", "UnknownOperation", "UnknownSeed", "Validator", "WrongFlow"]
+           "UnattestedProducer", "UnknownOperation", "UnknownSeed", "Validator", "WrongFlow", "check_policies"]
 
 
 class ProvenanceError(VerificationError):
@@ -139,3 +148,10 @@ class Validator:
             raise UnknownOperation(f"input {cid}: {op.name} is not placed on role {agent.role!r}, "
                                    "the role its producer was attested in")
         return node
+
+
+def check_policies(policies: Sequence[Mapping[str, Any]], ctx: RunContext) -> None:
+    """Raise PolicyVeto when a policy vetoes this run (a malformed policy vetoes everything)."""
+    why = veto_reason(policies, ctx)
+    if why is not None:
+        raise PolicyVeto(why)

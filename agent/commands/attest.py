@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from agent.commands.verify_evidence import SYMBOL
+from agent.commands.verify_evidence import SYMBOL, print_appraisal
 from cidboot.appraisal import AFFIRMING, DeviceRoots, appraise
 from cidboot.blockstore import Blockstore
 from cidboot.cid import CID
@@ -123,10 +123,4 @@ def run(args: argparse.Namespace) -> int:
     nonce = os.urandom(NONCE_BYTES)
     res = appraise(get_evidence(args.url, nonce, args.timeout), expected_nonce=nonce, roots=roots, manifest=manifest,
                    manifest_cid=mcid, allow_unmeasured=args.allow_unmeasured)
-    if args.json:
-        print_json(res.to_obj())
-    else:
-        for c in res.checks:
-            print(f"{SYMBOL[c.status]} {c.name}: {c.reason}")
-        print(f"status: {res.status}")
-    return 0 if res.affirming else 1
+    return print_appraisal(res, as_json=args.json)

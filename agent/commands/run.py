@@ -1,9 +1,19 @@
 """`agent run FLOW.yaml|MANIFEST_CID --identity DIR`: run a flow off-device, for development.
 
 The same orchestrator, validation, policies and audit log as on a device, with a software DICE
-identity (agent.identity) instead of CDI_2. Every role runs here (or only `--role`). Results,
-their provenance nodes and the audit log go to the block store, so `imagebuilder cat`, the
-gateway and `car export` can read them by CID.
+identity (agent.identity) instead of CDI_2. Every role of the placement runs here, each as its
+own development agent (its own alias key, registered in one AttestedAgents registry from its
+self-attestation), and outputs travel between them through the orchestrators' `send`/`accept`,
+exactly as between devices but without HTTP; `--role` runs one role alone. Seeds are signed by
+the flow authority: the first `trust.keys` entry beside a flow.yaml, else DIR/authority.pem
+(made on first use); with a manifest, seeds are signed by the agent's alias key and the
+manifest's root keys are the authority. Results, their provenance nodes and the audit logs go
+to the block store (pinned), so `imagebuilder cat`, the gateway and `car export` read them by CID.
+
+`--json` prints {"results": {definition: value}, "result_cids": {definition: cid},
+"audit_head": {role: cid}, "flow": cid, "refused": [...], "vetoed": [...]}; a definition
+produced more than once (expand, several input sets) maps to the list of its values/CIDs.
+Exit status 1 when an input was refused or an operation vetoed (the reasons go to stderr).
 """
 
 from __future__ import annotations
@@ -12,19 +22,27 @@ import argparse
 import asyncio
 import sys
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent import identity
+from agent.attested import AttestedAgents
 from agent.audit import AuditLog
-from agent.orchestrator import FlowContext, Orchestrator, load_operations
-from cidboot import dagcbor
+from agent.orchestrator import Block, FlowContext, Orchestrator, load_operations
+from cidboot import dagcbor, keys
+from cidboot.appraisal import AppraisalResult
 from cidboot.blockstore import Blockstore, default_store_path
 from cidboot.cid import CID, DAG_CBOR
-from cidboot.cli import print_json
+from cidboot.cli import EXIT_ERROR, EXIT_OK, print_json
+from cidboot.cose import PrivateKey
+from cidboot.cose_key import decode_public_key, raw_public_bytes
 from cidboot.errors import CidbootError, FormatError
 from cidboot.flow import DataFlow
 from cidboot.manifest import Manifest, SignedManifest
+
+LOCAL = "local"  # the role name when a flow has no placement: everything runs on one agent
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,72 +53,161 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--store", type=Path, help="block store (default: the user's cidboot store)")
     p.add_argument("--role", help="run only the operations placed on this role (default: every role)")
     p.add_argument("--no-validate", action="store_true", help="skip provenance validation (benchmarks only)")
-    p.add_argument("--json", action="store_true", help="results, their CIDs and the audit head as JSON")
+    p.add_argument("--json", action="store_true", help="results, their CIDs and the audit heads as JSON")
     p.set_defaults(func=run)
 
 
-def _from_yaml(path: Path, store: Blockstore) -> tuple[dict[str, Any], CID, Path, Manifest | None, CID | None]:
-    import yaml
+@dataclass
+class Loaded:
+    """A flow to run, from either source."""
+
+    dataflow: Any  # the flow block's content
+    flow_cid: CID
+    ops_dir: Path
+    placement: dict[str, list[str]]
+    policies: list[Mapping[str, Any]]
+    seed_key: PrivateKey | None
+    authority: frozenset[bytes]
+    manifest: Manifest | None = None
+    manifest_cid: CID | None = None
+
+
+def _from_yaml(path: Path, store: Blockstore, ident_dir: Path) -> Loaded:
+    import yaml  # only here: the device image does not carry PyYAML
 
     try:
         doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise FormatError(f"{path}: not YAML: {e}") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise FormatError(f"{path}: cannot read the flow: {e}") from None
     if not isinstance(doc, dict) or "dataflow" not in doc:
         raise FormatError(f"{path}: no dataflow section")
+    trust_keys = [path.parent / k for k in (doc.get("trust") or {}).get("keys") or []]
+    seed_key = keys.load_private_key(trust_keys[0]) if trust_keys and trust_keys[0].exists() \
+        else identity.authority_key(ident_dir)
     flow_cid = store.put_block(dagcbor.encode(doc["dataflow"]), DAG_CBOR)
-    return doc, flow_cid, path.parent, None, None
+    return Loaded(doc["dataflow"], flow_cid, path.parent, dict(doc.get("placement") or {}),
+                  list(doc.get("policies") or []), seed_key, frozenset({raw_public_bytes(seed_key.public_key())}))
 
 
-def _from_manifest(cid: CID, store: Blockstore, tmp: Path) -> tuple[dict[str, Any], CID, Path, Manifest, CID]:
+def _from_manifest(cid: CID, store: Blockstore, tmp: Path) -> Loaded:
     from cidboot.unixfs import export_file
 
     m = SignedManifest.decode(store.get(cid)).manifest
     if m.flow is None:
         raise FormatError(f"manifest {cid} names no flow")
     dataflow = dagcbor.decode(store.get(m.flow))
-    for name, op in dataflow["operations"].items():  # each operation's module file, by CID
-        module = str(op["implementation"]).split(":", 1)[0]
-        (tmp / f"{module.replace('.', '/')}.py").write_bytes(b"".join(export_file(m.operations[name], store.get)))
-    return {"dataflow": dataflow, "placement": m.placement, "policies": m.policies}, m.flow, tmp, m, cid
+    flow = DataFlow.from_obj(dataflow)
+    for name, op in flow.operations.items():  # each operation's module file, by its CID
+        if name not in m.operations:
+            raise FormatError(f"manifest {cid}: no implementation CID for operation {name}")
+        module = op.implementation.split(":", 1)[0]
+        target = tmp / f"{module.replace('.', '/')}.py"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"".join(export_file(m.operations[name], store.get)))
+    authority = frozenset(raw_public_bytes(decode_public_key(k)) for k in m.root.keys)
+    return Loaded(dataflow, m.flow, tmp, dict(m.placement), list(m.policies), None, authority, m, cid)
+
+
+def _load(args: argparse.Namespace, store: Blockstore, tmp: Path) -> Loaded:
+    path = Path(args.flow)
+    if path.exists():
+        return _from_yaml(path, store, args.identity)
+    try:
+        cid = CID.parse(args.flow)
+    except FormatError:
+        raise CidbootError(f"{args.flow}: neither a flow file nor a manifest CID") from None
+    return _from_manifest(cid, store, tmp)
+
+
+async def run_roles(orchs: dict[str, Orchestrator]) -> None:
+    """Run every role's orchestrator in this loop; when all that are still running wait only
+    for each other's inputs, none can progress any more: stop them (they finish and return)."""
+    tasks = {role: asyncio.create_task(o.run()) for role, o in orchs.items()}
+    while not all(t.done() for t in tasks.values()):
+        await asyncio.sleep(0.005)
+        live = [orchs[r] for r, t in tasks.items() if not t.done()]
+        if live and all(o.idle for o in live):
+            for o in live:
+                o.stop()
+    for t in tasks.values():
+        t.result()  # re-raise an orchestrator's own failure
+
+
+def build(loaded: Loaded, store: Blockstore, ident_dir: Path, only_role: str | None,
+          validate: bool) -> dict[str, Orchestrator]:
+    """One orchestrator per role (or `only_role`), each with its own development identity."""
+    flow = DataFlow.from_obj(loaded.dataflow)
+    placement = loaded.placement
+    roles = [only_role] if only_role else (sorted(placement) or [LOCAL])
+    if only_role and placement and only_role not in placement:
+        raise CidbootError(f"--role {only_role}: the placement has roles {sorted(placement)}")
+    orchs: dict[str, Orchestrator] = {}
+    appraisals: dict[str, AppraisalResult] = {}
+    registries: dict[str, AttestedAgents] = {}
+    for role in roles:
+        ident = identity.development(ident_dir, loaded.manifest_cid, loaded.manifest,
+                                     role=None if role == LOCAL else role)
+        refs = identity.references(loaded.manifest, ident.measurements)
+        appraisals[role] = identity.self_attestation(ident, role, refs, loaded.manifest_cid)
+        registries[role] = attested = AttestedAgents()
+        ctx = FlowContext(flow, loaded.flow_cid, role, ident.key, placement, loaded.policies, ident.measurements,
+                          refs, authority_keys=loaded.authority, seed_key=loaded.seed_key)
+        local = [op for op in flow.operations if ctx.local(op)]
+        orchs[role] = Orchestrator(ctx, load_operations(flow, loaded.ops_dir, names=local), store, attested=attested,
+                                   audit=AuditLog(ident.key, store), validate=validate,
+                                   remote_wait=0 if only_role else 600.0)
+
+    for role in roles:  # what agent.peers does after mutual attestation: only affirming peers count
+        for peer, appraisal in appraisals.items():
+            if peer != role and appraisal.affirming:
+                registries[role].add(appraisal)
+    for role, o in orchs.items():
+        def send(to: str, blocks: list[Block], sender: str = role) -> None:
+            if to in orchs:
+                orchs[to].accept(blocks, appraisals[sender])
+        o.send = send
+    return orchs
+
+
+def _collect(orchs: dict[str, Orchestrator]) -> dict[str, Any]:
+    values: dict[str, list[Any]] = {}
+    cids: dict[str, list[str]] = {}
+    for o in orchs.values():
+        for r in o.results:
+            values.setdefault(r.definition, []).append(r.value)
+            cids.setdefault(r.definition, []).append(str(r.cid))
+    return {
+        "results": {d: v[0] if len(v) == 1 else v for d, v in values.items()},
+        "result_cids": {d: c[0] if len(c) == 1 else c for d, c in cids.items()},
+        "audit_head": {role: str(o.audit.head) if o.audit.head else None for role, o in orchs.items()},
+        "refused": [{"role": role, "reason": e.reason} for role, o in orchs.items() for e in o.audit.find("refused")],
+        "vetoed": [{"role": role, "operation": e.operation, "reason": e.reason}
+                   for role, o in orchs.items() for e in o.audit.find("veto")],
+    }
 
 
 def run(args: argparse.Namespace) -> int:
     store = Blockstore(args.store or default_store_path())
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.flow)
-        if path.exists():
-            doc, flow_cid, ops_dir, manifest, mcid = _from_yaml(path, store)
-        else:
-            try:
-                cid = CID.parse(args.flow)
-            except FormatError:
-                raise CidbootError(f"{args.flow}: neither a flow file nor a manifest CID") from None
-            doc, flow_cid, ops_dir, manifest, mcid = _from_manifest(cid, store, Path(tmp))
-        flow = DataFlow.from_obj(doc["dataflow"])
-        placement = dict(doc.get("placement") or {})
-        ident = identity.development(args.identity, mcid, manifest)
-        roles = [args.role] if args.role else ["all"]
-        results: list[dict[str, Any]] = []
-        heads = {}
-        for role in roles:
-            ctx = FlowContext(flow, flow_cid, role, ident.key, placement if args.role else {},
-                              list(doc.get("policies") or []), ident.measurements,
-                              identity.references(manifest, ident.measurements))
-            orch = Orchestrator(ctx, load_operations(flow, ops_dir), store, audit=AuditLog(ident.key, store),
-                                validate=not args.no_validate, remote_wait=0)
-            for res in asyncio.run(orch.run()):
-                results.append({"definition": res.definition, "value": res.value, "cid": str(res.cid),
-                                "operation": res.operation, "role": role})
-            heads[role] = str(orch.audit.head)
-            for e in orch.audit.entries:
-                if e.decision in ("veto", "refused"):
-                    print(f"agent: {e.decision}: {e.reason}", file=sys.stderr)
+        loaded = _load(args, store, Path(tmp))
+        orchs = build(loaded, store, args.identity, args.role, not args.no_validate)
+        asyncio.run(run_roles(orchs))
+    out = _collect(orchs)
+    out["flow"] = str(loaded.flow_cid)
+    for o in orchs.values():
+        for r in o.results:
+            store.pin(r.cid)
+        if o.audit.head is not None:
+            store.pin(o.audit.head)
+    for item in out["refused"] + out["vetoed"]:
+        print(f"agent: {item['role']}: {'veto' if 'operation' in item else 'refused'}: {item['reason']}",
+              file=sys.stderr)
     if args.json:
-        print_json({"results": results, "audit_head": heads, "flow": str(flow_cid)})
+        print_json(out)
     else:
-        for r in results:
-            print(f"{r['definition']} = {r['value']!r}  ({r['cid']})")
-        for role, head in heads.items():
+        for o in orchs.values():
+            for r in o.results:
+                print(f"{r.definition} = {r.value!r}  ({r.cid})")
+        for role, head in out["audit_head"].items():
             print(f"audit log ({role}): {head}")
-    return 0
+    return EXIT_ERROR if out["refused"] or out["vetoed"] else EXIT_OK

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cidboot.appraisal import DeviceRoots, appraise
+from cidboot.appraisal import AppraisalResult, DeviceRoots, appraise
 from cidboot.blockstore import Blockstore
 from cidboot.cid import CID
 from cidboot.cli import print_json
@@ -36,7 +36,12 @@ def run(args: argparse.Namespace) -> int:
     signed = SignedManifest.decode(Blockstore(args.store).get(mcid))
     res = appraise(args.file.read_bytes(), expected_nonce=nonce, roots=DeviceRoots.load(args.roots),
                    manifest=signed.manifest, manifest_cid=mcid, allow_unmeasured=args.allow_unmeasured)
-    if args.json:
+    return print_appraisal(res, as_json=args.json)
+
+
+def print_appraisal(res: AppraisalResult, *, as_json: bool) -> int:
+    """Every check with its reason (or the result as JSON); exit 0 only when affirming."""
+    if as_json:
         print_json(res.to_obj())
     else:
         for c in res.checks:

@@ -20,19 +20,18 @@ Every failure is a `Refused(check, detail)` whose detail names the CID, printed 
 from __future__ import annotations
 
 import ctypes
-import http.client
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from bootstrap.stage.nvram import Nvram, NvramError
 from cidboot import cose
 from cidboot.blockstore import Blockstore
 from cidboot.bootconfig import BootConfig
 from cidboot.cid import CID, DAG_CBOR
-from cidboot.errors import CidbootError, FormatError, VerificationError
+from cidboot.errors import CidbootError, FormatError
+from cidboot.gateway import client as gateway_client
 from cidboot.handoff import Handoff
 from cidboot.manifest import (
     ExpiredError,
@@ -94,59 +93,12 @@ def load_anchor(path: str | Path = TRUST_ANCHOR) -> RootOfTrust:
 
 def fetch_block(cid: CID, gateways: list[str] | tuple[str, ...], store: Blockstore, *, timeout: float = 10.0,
                 max_size: int = MAX_ENVELOPE, rounds: int = 3, backoff: float = 0.5) -> bytes:
-    """One block by CID (`?format=raw`), gateways in order; only bytes that hash to `cid` are
-    accepted. Gateways that only failed (not lied) get `rounds` passes with doubling `backoff`
-    between them: a boot LAN hiccup should not cost a whole boot. Raises Refused naming the CID
-    and what each gateway did."""
-    if store.has(cid):
-        return store.get(cid)
-    liars: set[str] = set()
-    for n in range(rounds):
-        if n:
-            time.sleep(backoff * 2 ** (n - 1))
-        data, why = _fetch_block_once(cid, [g for g in gateways if g not in liars], store, timeout, max_size, liars)
-        if data is not None:
-            return data
-        if len(liars) == len(gateways):
-            break
-    kind = "hash mismatch" if liars else "unavailable"
-    raise Refused(f"block {cid}", f"{kind}: " + "; ".join(why))
-
-
-def _fetch_block_once(cid: CID, gateways: list[str], store: Blockstore, timeout: float, max_size: int,
-                      liars: set[str]) -> tuple[bytes | None, list[str]]:
-    why = [f"{g}: sent bytes that do not match the CID" for g in sorted(liars)]
-    for gw in gateways:
-        u = urlsplit(gw)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            why.append(f"{gw}: not an http(s) URL")
-            continue
-        cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-        conn = cls(u.hostname, u.port, timeout=timeout)
-        try:
-            conn.request("GET", f"{u.path.rstrip('/')}/ipfs/{cid}?format=raw",
-                         headers={"Accept": "application/vnd.ipld.raw", "User-Agent": "cidboot-bootstrap"})
-            resp = conn.getresponse()
-            if resp.status != 200:
-                why.append(f"{gw}: HTTP {resp.status}")
-                continue
-            data = resp.read(max_size + 1)
-        except (OSError, http.client.HTTPException) as e:
-            why.append(f"{gw}: {type(e).__name__}: {e}")
-            continue
-        finally:
-            conn.close()
-        if len(data) > max_size:
-            why.append(f"{gw}: more than {max_size} bytes")
-            continue
-        try:
-            store.put(cid, data)
-        except VerificationError:
-            liars.add(gw)
-            why.append(f"{gw}: sent bytes that do not match the CID")
-            continue
-        return data, why
-    return None, why
+    """cidboot.gateway.client.fetch_block, its failure as a refusal naming the CID."""
+    try:
+        return gateway_client.fetch_block(cid, gateways, store, timeout=timeout, max_size=max_size, rounds=rounds,
+                                          backoff=backoff, user_agent="cidboot-bootstrap")
+    except gateway_client.BlockUnavailable as e:
+        raise Refused(f"block {cid}", str(e)) from None
 
 
 def verify_signed(cid: CID, raw: bytes, state: TrustState, *, now: int | None = None) -> tuple[SignedManifest, list[bytes]]:

@@ -233,3 +233,69 @@ def fetch_bytes(
     store = store if store is not None else Blockstore()
     fetch(root, gateways, store, timeout=timeout)
     return export_file(root, store.get)
+
+
+class BlockUnavailable(AllGatewaysFailed):
+    """No gateway delivered one block; `liars` says whether any sent bytes that do not match."""
+
+    def __init__(self, cid: CID, reasons: list[str], lied: bool) -> None:
+        self.cid, self.reasons, self.lied = cid, reasons, lied
+        super().__init__(f"{'hash mismatch' if lied else 'unavailable'}: " + "; ".join(reasons or ["no gateways"]))
+
+
+def fetch_block(cid: CID, gateways: list[str] | tuple[str, ...], store: Blockstore, *, timeout: float = 10.0,
+                max_size: int = 1 << 22, rounds: int = 3, backoff: float = 0.5, user_agent: str = "cidboot") -> bytes:
+    """One block by CID (`?format=raw`), gateways in order; only bytes that hash to `cid` are
+    kept (in `store`). For the small blocks a boot stage reads alone before anything else (the
+    manifest, the flow, the device registry). A gateway that lied is dropped; ones that only
+    failed get `rounds` passes with doubling `backoff` between them, so a LAN hiccup does not
+    cost a whole boot. Raises BlockUnavailable naming what each gateway did."""
+    if store.has(cid):
+        return store.get(cid)
+    liars: set[str] = set()
+    why: list[str] = []
+    for n in range(rounds):
+        if n:
+            time.sleep(backoff * 2 ** (n - 1))
+        data, why = _fetch_block_once(cid, [g for g in gateways if g not in liars], store, timeout, max_size, liars,
+                                      user_agent)
+        if data is not None:
+            return data
+        if len(liars) == len(gateways):
+            break
+    raise BlockUnavailable(cid, why, bool(liars))
+
+
+def _fetch_block_once(cid: CID, gateways: list[str], store: Blockstore, timeout: float, max_size: int,
+                      liars: set[str], user_agent: str) -> tuple[bytes | None, list[str]]:
+    why = [f"{g}: sent bytes that do not match the CID" for g in sorted(liars)]
+    for gw in gateways:
+        try:
+            conn, prefix = _connect(gw, timeout)
+        except GatewayError as e:
+            why.append(str(e))
+            continue
+        try:
+            conn.request("GET", f"{prefix}/ipfs/{cid}?format=raw",
+                         headers={"Accept": "application/vnd.ipld.raw", "User-Agent": user_agent})
+            resp = conn.getresponse()
+            if resp.status != 200:
+                why.append(f"{gw}: HTTP {resp.status}")
+                continue
+            data = resp.read(max_size + 1)
+        except (OSError, http.client.HTTPException) as e:
+            why.append(f"{gw}: {type(e).__name__}: {e}")
+            continue
+        finally:
+            conn.close()
+        if len(data) > max_size:
+            why.append(f"{gw}: more than {max_size} bytes")
+            continue
+        try:
+            store.put(cid, data)
+        except VerificationError:
+            liars.add(gw)
+            why.append(f"{gw}: sent bytes that do not match the CID")
+            continue
+        return data, why
+    return None, why
