@@ -1,6 +1,6 @@
-"""The firmware's network boot client: NIC + DHCP with PXE options, TFTP (tftpy), and the part of
-iPXE's script language that boot.ipxe uses, so iPXE and this firmware boot the same files from
-one script (docs/boot-chain.md).
+"""The firmware's network boot client: NIC + DHCP with PXE options, TFTP (cidboot.tftp_client,
+with RFC 7440 windowsize), and the part of iPXE's script language that boot.ipxe uses, so iPXE
+and this firmware boot the same files from one script (docs/boot-chain.md).
 
 Each step is a function of its own, testable on the host in a network namespace against the
 real boot server (tests/test_firmware_netboot.py).
@@ -8,20 +8,19 @@ real boot server (tests/test_firmware_netboot.py).
 
 from __future__ import annotations
 
-import io
-import logging
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from cidboot import dhcp, dhcp_client, netif
+from cidboot import dhcp, dhcp_client, netif, tftp_client
 from cidboot.errors import CidbootError, FormatError
 
 USER_CLASS = b"cidboot-firmware"  # the boot server answers it with boot.ipxe (bootstrap/server/dhcp_server.py)
 VENDOR_CLASS = b"PXEClient:Arch:00007:UNDI:003016"
 BLKSIZE = 1468  # fits a 1500-byte MTU: 1468 + 4 (TFTP) + 8 (UDP) + 20 (IP)
+WINDOWSIZE = 16  # RFC 7440; under 20 % loss larger windows mostly resend the tail of a broken window
 
 
 class NetbootError(CidbootError):
@@ -47,35 +46,45 @@ def network_up(ifname: str | None = None, *, log: Callable[[str], None] = lambda
     lease = dhcp_client.acquire(name, mac, vendor_class=VENDOR_CLASS, arch=dhcp.ARCH_X86_64_UEFI_BC,
                                 user_class=USER_CLASS, log=log, **dhcp_kw)  # type: ignore[arg-type]
     netif.configure(name, lease.ip, lease.prefixlen, router=lease.router)
+    _fast_arp(name)
     return Network(name, mac, lease)
 
 
-def tftp_get(server: str, path: str, *, port: int = 69, blksize: int = BLKSIZE, timeout: float = 0.3,
-             retries: int = 12, attempts: int = 3) -> bytes:
-    """One file over TFTP (RFC 1350 + blksize 2348), in memory.
+ARP_RETRANS_MS = 100
 
-    TFTP is lock-step and the client drives recovery: tftpy re-sends its last ACK after `timeout`
-    s without data, up to `retries` times per block. A boot LAN answers in milliseconds, so the
-    timeout is short (with 20 % loss both ways about a third of the blocks need one); a transfer
-    that still fails is started again, `attempts` times.
+
+def _fast_arp(ifname: str) -> None:
+    """Re-send ARP requests every 100 ms instead of the kernel's 1 s: the first TFTP request waits
+    for the server's MAC, and on a lossy boot network a lost ARP packet otherwise costs a second
+    (or several) before the first file even starts. Only the boot NIC, only until the hand-off."""
+    try:
+        with open(f"/proc/sys/net/ipv4/neigh/{ifname}/retrans_time_ms", "w") as f:
+            f.write(str(ARP_RETRANS_MS))
+    except OSError:
+        pass  # no procfs: the kernel default still works, only slower under loss
+
+
+def tftp_get(server: str, path: str, *, port: int = 69, blksize: int = BLKSIZE, windowsize: int = WINDOWSIZE,
+             timeout: float = 0.3, retries: int = 10, attempts: int = 3,
+             progress: tftp_client.Progress | None = None, stats: dict[str, int] | None = None) -> bytes:
+    """One file over TFTP (RFC 1350 + blksize 2348, tsize 2349, windowsize 7440), in memory.
+
+    cidboot.tftp_client drives recovery: it ACKs a gap at once so the server restarts its window
+    there, and re-sends its last ACK after an adaptive timeout (from `timeout` s, following the
+    round trip), `retries` times in a row. A transfer that still times out is started again,
+    `attempts` times; a server's ERROR (no such file...) is final.
     """
-    import tftpy
-
-    logging.getLogger("tftpy").setLevel(logging.ERROR)  # per-packet retry warnings would flood the console
+    name = path.lstrip("/")
     last: Exception | None = None
     for _ in range(attempts):
-        buf = io.BytesIO()
         try:
-            tftpy.TftpClient(server, port, options={"blksize": blksize}).download(
-                path.lstrip("/"), buf, timeout=timeout, retries=retries)
-            return buf.getvalue()
-        except tftpy.TftpException as e:
+            return tftp_client.get(server, name, port=port, blksize=blksize, windowsize=windowsize,
+                                   timeout=timeout, retries=retries, progress=progress, stats=stats)
+        except tftp_client.TftpServerError as e:
+            raise NetbootError(f"TFTP {e}") from e
+        except (tftp_client.TftpError, OSError) as e:
             last = e
-            if "File not found" in str(e) or "Access violation" in str(e):
-                break
-        except OSError as e:
-            last = e
-    raise NetbootError(f"TFTP tftp://{server}/{path.lstrip('/')}: {last}")
+    raise NetbootError(f"TFTP tftp://{server}/{name}: {last}")
 
 
 def tftp_url(url: str) -> tuple[str, int, str]:
@@ -181,12 +190,21 @@ def fetch_boot(net: Network, *, boot_file: str | None = None, **tftp_kw: object)
         raise NetbootError(f"boot file {name!r} is not an iPXE script: the server does not know the firmware's "
                            f"user class {USER_CLASS.decode()!r}")
     t: dict[str, float] = {}
+    srtt: dict[tuple[str, int], float] = {}  # round trip measured per server, seconds
 
     def get(what: str, url_or_path: str) -> bytes:
         host, port, path = tftp_url(url_or_path) if "://" in url_or_path else (server, 69, url_or_path)
+        kw = dict(tftp_kw)
+        if "timeout" not in kw and (host, port) in srtt:
+            # the first timeout of a later file follows the round trip measured on earlier ones: under
+            # loss a lost request then costs milliseconds, not the 0.3 s the first one allows
+            kw["timeout"] = min(0.3, max(0.02, 4 * srtt[host, port]))
+        stats: dict[str, int] = {}
         t0 = time.monotonic()
-        data = tftp_get(host, path, port=port, **tftp_kw)  # type: ignore[arg-type]
+        data = tftp_get(host, path, port=port, stats=stats, **kw)  # type: ignore[arg-type]
         t[what] = t.get(what, 0.0) + time.monotonic() - t0
+        if stats.get("srtt_us"):
+            srtt[host, port] = stats["srtt_us"] / 1e6
         return data
 
     script = get("script", name)

@@ -201,6 +201,17 @@ def test_bootstrap_refuses_a_tampered_layer_and_powers_off(images: dict[str, obj
     print(f"\ntampered layer refused at {_at(lines, 'cidboot: refused'):.2f} s since QEMU start")
 
 
+def test_bootstrap_refuses_a_corrupted_nvram(images: dict[str, object], tmp_path: Path) -> None:
+    """Damaged rollback state on the virtio-blk disk is refused with a clear message, never reset."""
+    cid = str(images["manifest"])
+    junk = b"CIDBNVR\0" + bytes(40) + b"scribbled"
+    (tmp_path / "nvram.img").write_bytes(junk + bytes((1 << 20) - len(junk)))
+    console, _ = _boot(tmp_path, images, BootConfig(CID.parse(cid), (GATEWAY,)).encode(), timeout=300)
+    assert re.search(rf"cidboot: refused: nvram: /dev/vda: .*manifest {cid}", console), console[-3000:]
+    assert "cidboot-stage: bootstrap handover" not in console
+    assert (tmp_path / "nvram.img").read_bytes()[:len(junk)] == junk  # left as found
+
+
 def test_ipxe_boots_the_bootstrap_unmeasured_into_hello(images: dict[str, object], tmp_path: Path) -> None:
     """A plain iPXE ROM (QEMU's, PXE over the boot server) boots the bootstrap: no hand-off, so the
     boot config comes over TFTP from the command line boot.ipxe gives, and the boot is unmeasured."""

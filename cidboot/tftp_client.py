@@ -1,0 +1,376 @@
+"""A stdlib-only TFTP read client: RFC 1350 (RRQ, octet), options RFC 2347 with blksize (2348),
+tsize and timeout (2349), and RFC 7440 windowsize. It runs inside the minimal guest images, so it
+imports nothing outside the standard library and cidboot.errors.
+
+Recovery is driven by the receiver, which is what makes a lossy boot network bearable:
+
+- it ACKs the last in-order block at the end of each window, and at once when a block arrives
+  ahead of the one it expects (a gap), so a go-back-N server (ours, RFC 7440) restarts the window
+  from there without waiting for its own timeout. One such ACK per gap: the rest of the damaged
+  window is still in flight and must not trigger more (each would make the server resend a window);
+- blocks it already has (a window the server re-sent) are ignored, never ACKed: ACKing them is the
+  sorcerer's-apprentice loop in which every window goes out twice;
+- its retransmission timeout adapts to the measured round trip (Jacobson/Karels, starting at
+  `timeout`, floor MIN_RTO), doubles on each timeout in a row up to MAX_RTO; after `retries`
+  timeouts in a row without progress the transfer fails, naming the file, block and retries.
+
+Options the server does not answer fall back to RFC 1350 (512-byte lock-step); an ERROR 8
+(options refused) is answered by one plain retry. A malformed packet (short, wrong opcode, block
+outside the window, oversized, from another port) is ignored, never trusted; when a transfer
+then fails, the last one is named in the error.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+from cidboot.errors import CidbootError
+
+RRQ, WRQ, DATA, ACK, ERROR, OACK = 1, 2, 3, 4, 5, 6
+ERR_UNKNOWN_TID, ERR_OPTIONS = 5, 8
+DEFAULT_BLKSIZE = 512
+BLKSIZE_RANGE = (8, 65464)  # RFC 2348
+WINDOW_RANGE = (1, 65535)  # RFC 7440
+MIN_RTO = 0.01  # a boot LAN answers in under a millisecond; a spurious timeout costs one re-sent window
+MAX_RTO = 1.0  # the timeout we ask the server for: waiting longer than it would gain nothing
+# A server without windowsize may ignore duplicate ACKs (RFC 1350 forbids answering them: the
+# sorcerer's apprentice) and re-arm its own timer on every packet, so ACKs re-sent faster than its
+# retransmission timer (1 s asked) would starve it. Against such a server: this floor, and a
+# duplicate DATA (our ACK was lost) is ACKed again at once.
+PLAIN_MIN_RTO = 1.5
+FINAL_ACKS = 3  # the last ACK is sent this many times instead of lingering for a re-sent last block
+
+Progress = Callable[[int, int | None], None]  # (bytes so far, tsize if the server gave one)
+
+
+class TftpError(CidbootError):
+    """A TFTP read failed; the message names the file (tftp://server/name) and why."""
+
+    def __init__(self, message: str, *, filename: str = "", block: int | None = None) -> None:
+        super().__init__(message)
+        self.filename = filename
+        self.block = block
+
+
+class TftpServerError(TftpError):
+    """The server sent an ERROR packet: `code` and `server_message` are its content."""
+
+    def __init__(self, message: str, *, filename: str, code: int, server_message: str) -> None:
+        super().__init__(message, filename=filename)
+        self.code = code
+        self.server_message = server_message
+
+
+class TftpTimeoutError(TftpError):
+    """No progress after every retry."""
+
+
+class TftpProtocolError(TftpError):
+    """The server broke the protocol in a way the transfer cannot survive (bad OACK, wrong size)."""
+
+
+def _options(opts: dict[str, str]) -> bytes:
+    return b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in opts.items())
+
+
+def parse_oack(payload: bytes) -> dict[str, str]:
+    """OACK body (after the opcode) -> {lowercase name: value}; FormatError-free: ValueError on junk."""
+    if not payload.endswith(b"\0"):
+        raise ValueError("OACK not NUL-terminated")
+    parts = payload[:-1].split(b"\0")
+    if len(parts) % 2:
+        raise ValueError("OACK has an option without a value")
+    out: dict[str, str] = {}
+    for i in range(0, len(parts), 2):
+        name, value = parts[i].decode("ascii").lower(), parts[i + 1].decode("ascii")
+        if not name or name in out:
+            raise ValueError(f"OACK option {name!r} empty or repeated")
+        out[name] = value
+    return out
+
+
+class _Rto:
+    """Retransmission timeout from measured round trips (RFC 6298 arithmetic), with backoff."""
+
+    def __init__(self, initial: float, floor: float = MIN_RTO, cap: float = MAX_RTO) -> None:
+        self.floor, self.cap = min(floor, initial), max(cap, initial)
+        self.value = initial
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+
+    def plain(self) -> None:
+        """The server has no windowsize: never re-send faster than its own timer."""
+        self.floor = max(self.floor, PLAIN_MIN_RTO)
+        self.cap = max(self.cap, 2 * self.floor)
+        self.value = max(self.value, self.floor)
+
+    def sample(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        self.restore()
+
+    def backoff(self) -> None:
+        self.value = min(self.cap, self.value * 2)
+
+    def restore(self) -> None:
+        """Undo the backoff once the path works again (progress after a timeout)."""
+        if self.srtt is not None:
+            self.value = min(self.cap, max(self.floor, self.srtt + 4 * self.rttvar))
+
+
+def get(server: str, filename: str, *, port: int = 69, blksize: int = 1468, windowsize: int = 16,
+        timeout: float = 0.3, retries: int = 10, progress: Progress | None = None,
+        max_size: int | None = None, options: bool = True, min_timeout: float = MIN_RTO,
+        stats: dict[str, int] | None = None) -> bytes:
+    """Read `filename` from `server` into memory.
+
+    `blksize` and `windowsize` are what we ask for (the OACK decides; no OACK means 512 and 1);
+    `timeout` is the first retransmission timeout in seconds (it then follows the measured round
+    trip, never below `min_timeout`), `retries` the timeouts in a row without progress before
+    giving up. The server's own timeout option is set to its minimum (1 s): this client drives
+    recovery. `progress(bytes, tsize)` is called at every window and at the end. `options=False`
+    sends a plain RFC 1350 request. `stats`, if given, is filled with counters (timeouts, gap_acks,
+    window_acks, ignored...) and `srtt_us`, the smoothed round trip measured (0 if none): a good
+    `timeout` for the next transfer from the same server is a few times that. Raises TftpError
+    (TftpServerError for an ERROR packet).
+    """
+    if not BLKSIZE_RANGE[0] <= blksize <= BLKSIZE_RANGE[1]:
+        raise ValueError(f"blksize {blksize} outside {BLKSIZE_RANGE}")
+    if not WINDOW_RANGE[0] <= windowsize <= WINDOW_RANGE[1]:
+        raise ValueError(f"windowsize {windowsize} outside {WINDOW_RANGE}")
+    where = f"tftp://{server}{'' if port == 69 else f':{port}'}/{filename}"
+    try:
+        return _Transfer(server, filename, where, port, blksize, windowsize, timeout, min_timeout, retries,
+                         progress, max_size, stats).run(options)
+    except _RetryPlain:
+        return _Transfer(server, filename, where, port, DEFAULT_BLKSIZE, 1, timeout, min_timeout, retries,
+                         progress, max_size, stats).run(False)
+
+
+class _RetryPlain(Exception):
+    """The server refused our options with ERROR 8 before the transfer began: ask again without."""
+
+
+def num_abs(num: int, expect: int) -> int:
+    """The absolute block number of 16-bit `num` at or after `expect`."""
+    return expect + (num - expect) % 65536
+
+
+class _Transfer:
+    def __init__(self, server: str, filename: str, where: str, port: int, blksize: int, windowsize: int,
+                 timeout: float, min_timeout: float, retries: int, progress: Progress | None,
+                 max_size: int | None, stats: dict[str, int] | None) -> None:
+        self.filename, self.where = filename, where
+        self.want_bs, self.want_win = blksize, windowsize
+        self.retries, self.progress, self.max_size = retries, progress, max_size
+        self.rto = _Rto(timeout, min_timeout)
+        try:
+            self.dest = (socket.gethostbyname(server), port)
+        except OSError as e:
+            raise TftpError(f"{where}: cannot resolve {server!r}: {e}", filename=filename) from None
+        self.last_bad = ""  # the last malformed packet ignored, for the error message
+        self.stats = stats if stats is not None else {}
+        for k in ("timeouts", "gap_acks", "window_acks", "behind", "ahead_ignored", "malformed"):
+            self.stats.setdefault(k, 0)
+
+    def _count(self, what: str) -> None:
+        self.stats[what] += 1
+
+    def _fail(self, cls: type[TftpError], why: str, block: int | None = None) -> TftpError:
+        return cls(f"{self.where}: {why}", filename=self.filename, block=block)
+
+    def _bad(self, why: str) -> None:
+        self.last_bad = why
+        self._count("malformed")
+
+    def run(self, with_options: bool) -> bytes:
+        opts: dict[str, str] = {}
+        if with_options:
+            opts = {"tsize": "0", "timeout": "1"}
+            if self.want_bs != DEFAULT_BLKSIZE:
+                opts["blksize"] = str(self.want_bs)
+            opts["windowsize"] = str(self.want_win)  # even 1: an RFC 7440 server answers dup ACKs
+        rrq = struct.pack(">H", RRQ) + self.filename.encode() + b"\0octet\0" + _options(opts)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            except OSError:
+                pass
+            s.bind(("", 0))
+            return self._loop(s, rrq, opts)
+
+    def _loop(self, s: socket.socket, rrq: bytes, opts: dict[str, str]) -> bytes:
+        bs, win = DEFAULT_BLKSIZE, 1
+        tsize: int | None = None
+        peer: tuple[str, int] | None = None
+        started = False  # an OACK or DATA has been accepted
+        chunks: list[bytes] = []
+        got = 0  # bytes received
+        expect = 1  # absolute number of the next block we need
+        since_ack = 0  # in-order blocks since our last ACK (the server's window is counted from it)
+        recovering = False  # a gap ACK went out since the last in-order block
+        last_ahead = 0  # the last block seen ahead of `expect` since then
+        misses = 0  # timeouts in a row without progress
+        # For an RTT sample: when our last ACK went out, cleared by anything but the in-order answer
+        # arriving first (Karn: never across a retransmission, nor a block the server re-sent late).
+        ack_sent_at: float | None = None
+
+        def ack(n: int) -> None:
+            nonlocal since_ack, ack_sent_at
+            assert peer is not None
+            s.sendto(struct.pack(">HH", ACK, n % 65536), peer)
+            since_ack, ack_sent_at = 0, time.monotonic()
+
+        s.sendto(rrq, self.dest)
+        ack_sent_at = time.monotonic()
+        while True:
+            s.settimeout(self.rto.value)
+            try:
+                pkt, src = s.recvfrom(65536 + 4)
+            except TimeoutError:
+                misses += 1
+                if misses > self.retries:
+                    what = f"no DATA for block {expect}" if started else "no answer to the read request"
+                    extra = f"; last malformed packet ignored: {self.last_bad}" if self.last_bad else ""
+                    raise self._fail(TftpTimeoutError, f"{what} after {self.retries} retries "
+                                     f"(timeout reached {self.rto.value:.2f} s){extra}", expect) from None
+                self.rto.backoff()
+                self._count("timeouts")
+                if started:
+                    ack(expect - 1)  # the server restarts its window after the last in-order block
+                else:
+                    s.sendto(rrq, self.dest)
+                recovering, ack_sent_at = False, None  # Karn: no RTT sample across a retransmission
+                continue
+            if src[0] != self.dest[0]:
+                self._bad(f"packet from another host {src[0]}")
+                continue
+            if peer is not None and src != peer:
+                # another transfer ID (e.g. a second answer to a re-sent RRQ): RFC 1350 says ERROR 5
+                if pkt[:2] != struct.pack(">H", ERROR):
+                    s.sendto(struct.pack(">HH", ERROR, ERR_UNKNOWN_TID) + b"unknown transfer ID\0", src)
+                continue
+            if len(pkt) < 4:
+                self._bad(f"{len(pkt)}-byte packet")
+                continue
+            op, num = struct.unpack_from(">HH", pkt)
+            if op == ERROR:
+                msg = pkt[4:].split(b"\0", 1)[0].decode("utf-8", "replace")
+                if num == ERR_OPTIONS and opts and not started:
+                    raise _RetryPlain
+                raise TftpServerError(f"{self.where}: server error {num}: {msg}", filename=self.filename,
+                                      code=num, server_message=msg)
+            if op == OACK:
+                if started:
+                    if peer == src and expect == 1:
+                        ack(0)  # our ACK of the OACK was lost
+                    continue
+                if not opts:
+                    self._bad("OACK to a request without options")
+                    continue
+                peer = src
+                try:
+                    bs, win, tsize = self._accept_oack(pkt[2:], opts)
+                except ValueError as e:
+                    s.sendto(struct.pack(">HH", ERROR, ERR_OPTIONS) + str(e).encode()[:200] + b"\0", src)
+                    raise self._fail(TftpProtocolError, f"unacceptable OACK: {e}") from None
+                started, misses = True, 0
+                if "windowsize" not in opts or "windowsize" not in parse_oack(pkt[2:]):
+                    self.rto.plain()
+                if ack_sent_at is not None:
+                    self.rto.sample(time.monotonic() - ack_sent_at)
+                ack(0)
+                continue
+            if op != DATA:
+                self._bad(f"opcode {op}")
+                continue
+            data = memoryview(pkt)[4:]
+            if len(data) > bs:
+                self._bad(f"DATA block {num} of {len(data)} bytes, blksize {bs}")
+                continue
+            if not started:  # DATA without OACK: the server ignored our options (RFC 1350 defaults)
+                peer, started = src, True
+                self.rto.plain()
+            ahead = (num - expect) % 65536
+            if ahead:
+                ack_sent_at = None
+                if ahead < win and (not recovering or num_abs(num, expect) <= last_ahead):
+                    # a gap: ACK the last in-order block at once. Once per server window: the rest of
+                    # this one is still in flight; but a block numbered at or below the last one seen
+                    # ahead means the server restarted its window and lost `expect` again.
+                    recovering, last_ahead = True, num_abs(num, expect)
+                    ack(expect - 1)
+                    self._count("gap_acks")
+                elif ahead < win:
+                    last_ahead = num_abs(num, expect)
+                    self._count("ahead_ignored")
+                elif ahead < 65536 - win * 2:
+                    self._bad(f"DATA block {num} outside the window (expecting {expect % 65536})")
+                else:
+                    ack_sent_at = None
+                    self._count("behind")
+                    if self.rto.floor >= PLAIN_MIN_RTO and ahead == 65535:
+                        ack(expect - 1)  # lock-step server re-sent the last block: our ACK was lost
+                continue  # behind: a window we already have, re-sent; never ACKed (see above)
+            # the block we need
+            if ack_sent_at is not None:
+                self.rto.sample(time.monotonic() - ack_sent_at)
+                ack_sent_at = None
+            chunks.append(bytes(data))
+            got += len(data)
+            if tsize is not None and got > tsize:
+                raise self._fail(TftpProtocolError, f"more than the announced tsize {tsize} bytes", expect)
+            if self.max_size is not None and got > self.max_size:
+                raise self._fail(TftpProtocolError, f"more than {self.max_size} bytes", expect)
+            if misses:
+                self.rto.restore()
+            misses, recovering = 0, False
+            since_ack += 1
+            if len(data) < bs:  # the last block
+                self.stats["srtt_us"] = int((self.rto.srtt or 0.0) * 1e6)
+                for _ in range(FINAL_ACKS):
+                    s.sendto(struct.pack(">HH", ACK, expect % 65536), src)
+                if tsize is not None and got != tsize:
+                    raise self._fail(TftpProtocolError, f"got {got} bytes, the server announced tsize {tsize}")
+                if self.progress:
+                    self.progress(got, tsize)
+                return b"".join(chunks)
+            if since_ack >= win:
+                ack(expect)
+                self._count("window_acks")
+                if self.progress:
+                    self.progress(got, tsize)
+            expect += 1
+
+    def _accept_oack(self, payload: bytes, asked: dict[str, str]) -> tuple[int, int, int | None]:
+        got = parse_oack(payload)
+        unknown = set(got) - set(asked)
+        if unknown:
+            raise ValueError(f"options we did not ask for: {', '.join(sorted(unknown))}")
+        bs, win, tsize = DEFAULT_BLKSIZE, 1, None
+        try:
+            if "blksize" in got:
+                bs = int(got["blksize"])
+                if not BLKSIZE_RANGE[0] <= bs <= self.want_bs:
+                    raise ValueError(f"blksize {bs} not in {BLKSIZE_RANGE[0]}..{self.want_bs}")
+            if "windowsize" in got:
+                win = int(got["windowsize"])
+                if not WINDOW_RANGE[0] <= win <= self.want_win:
+                    raise ValueError(f"windowsize {win} not in 1..{self.want_win}")
+            if "tsize" in got:
+                tsize = int(got["tsize"])
+                if tsize < 0:
+                    raise ValueError(f"tsize {tsize}")
+                if self.max_size is not None and tsize > self.max_size:
+                    raise ValueError(f"tsize {tsize} is more than {self.max_size} bytes")
+            if "timeout" in got:
+                int(got["timeout"])
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        return bs, win, tsize
