@@ -51,14 +51,14 @@ from typing import Any
 from agent.attested import AttestedAgents
 from agent.audit import AuditLog, BlockSink
 from agent.policy import RunContext
-from agent.validate import PolicyVeto, ProvenanceError, Validator, check_policies
+from agent.validate import PolicyVeto, Validator, check_policies
 from cidboot.appraisal import AppraisalResult
 from cidboot.cid import CID
 from cidboot.cose import PrivateKey
 from cidboot.cose_key import raw_public_bytes
 from cidboot.errors import CidbootError, FormatError
 from cidboot.flow import SEED, STAGES, DataFlow, Operation
-from cidboot.provenance import InputNode, decode, make_input
+from cidboot.provenance import InputNode, ProvenanceFormatError, decode, make_input
 
 Block = tuple[CID, bytes]
 Send = Callable[[str, list[Block]], Awaitable[Any] | Any]
@@ -147,6 +147,8 @@ class Orchestrator:
                 for d in [*op.inputs.values(), *op.conditions]:
                     self._consumers.setdefault(d, set()).add(op.name)
         self._dirty: set[str] = {op for op in ctx.flow.operations if ctx.local(op)}
+        self._passive: set[CID] = set()  # peers' blocks that feed nothing here (ancestors): seen, stored
+        self._parents: dict[CID, tuple[CID, ...]] = {}  # of nodes decoded or made here: closures without decoding
         self.refused: dict[CID, str] = {}
         self.ran: set[tuple[str, tuple[CID, ...]]] = set()
         self.results: list[Result] = []
@@ -174,11 +176,8 @@ class Orchestrator:
             return False
         if self.validate_inputs:
             try:
-                self.validator.validate(node.cid)
-            except ProvenanceError as e:
-                self._refuse(node.cid, f"{type(e).__name__}: {e}")
-                return False
-            except CidbootError as e:  # ForgedSignature and friends
+                self.validator.validate(node.cid, node)
+            except CidbootError as e:  # a ProvenanceError, ForgedSignature (cidboot.provenance), ...
                 self._refuse(node.cid, f"{type(e).__name__}: {e}")
                 return False
         self.network[node.cid] = node
@@ -216,13 +215,19 @@ class Orchestrator:
             except CidbootError as e:
                 self._refuse(cid, f"TamperedInput: block {cid} {who}: {e}")
         for cid, block in blocks:
-            if cid in self.refused:
+            if cid in self.refused or cid in self._passive:
+                continue
+            if cid in self.network:  # sent again (a retry, or an ancestor of a later input): known and valid
+                admitted.append(cid)
                 continue
             try:
                 node = decode(block, cid)
             except CidbootError:
+                self._passive.add(cid)
                 continue  # not a provenance node (e.g. other blocks of the closure): nothing to run
+            self._parents[cid] = node.parents
             if not any(self.ctx.local(op) for op, _p in self.ctx.flow.consumers_of(node.definition)):
+                self._passive.add(cid)
                 continue  # an ancestor in the closure (validated as a parent when it matters)
             if not self._admit(node):
                 continue
@@ -328,9 +333,15 @@ class Orchestrator:
                               f"{sorted(op.outputs)}", operation=op.name, inputs=cids)
             return
         for name, value in sorted(out.items()):
-            values = value if name in op.expand and isinstance(value, list) else [value]
-            for v in values:
-                await self._emit(op, name, v, cids)
+            if name in op.expand and not isinstance(value, list):
+                self.audit.record("refused", f"{op.name}.{name} is expanded but returned {type(value).__name__}, "
+                                  "not a list", operation=op.name, inputs=cids)
+                continue
+            for v in value if name in op.expand else [value]:
+                try:
+                    await self._emit(op, name, v, cids)
+                except ProvenanceFormatError as e:  # e.g. a set or a NaN: it cannot become a provenance node
+                    self.audit.record("refused", f"{op.name}.{name}: {e}", operation=op.name, inputs=cids)
 
     async def _emit(self, op: Operation, output: str, value: Any, parents: list[CID]) -> None:
         definition = op.outputs[output]
@@ -338,6 +349,7 @@ class Orchestrator:
                                 key=self.ctx.key, operation=op.name, output=output)
         self._put(cid, block)
         node = decode(block, cid)
+        self._parents[cid] = node.parents
         result = Result(definition, value, cid, op.name)
         self.results.append(result)
         self.audit.record("result", f"{op.name}.{output} -> {definition}", operation=op.name, inputs=[cid])
@@ -366,7 +378,10 @@ class Orchestrator:
                 continue
             block = self.store.get(c)
             out[c] = block
-            stack.extend(decode(block, c).parents)
+            parents = self._parents.get(c)
+            if parents is None:
+                parents = self._parents[c] = decode(block, c).parents
+            stack.extend(parents)
         return list(out.items())
 
     async def run(self) -> list[Result]:

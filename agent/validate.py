@@ -31,6 +31,7 @@ from typing import Any
 
 from agent.attested import AttestedAgents
 from agent.policy import RunContext, veto_reason
+from cidboot import dagcbor
 from cidboot.cid import CID
 from cidboot.cose_key import raw_public_bytes
 from cidboot.errors import FormatError, VerificationError
@@ -88,11 +89,12 @@ class Validator:
     authority_keys: frozenset[bytes] = frozenset()  # raw public keys of the flow authority
     memo: dict[CID, InputNode] = field(default_factory=dict)
 
-    def validate(self, cid: CID) -> InputNode:
-        """Check `cid` and all its ancestors (iteratively: provenance chains can be thousands deep)."""
-        node = self.memo.get(cid)
-        if node is not None:
-            return node
+    def validate(self, cid: CID, node: InputNode | None = None) -> InputNode:
+        """Check `cid` and all its ancestors (iteratively: provenance chains can be thousands deep).
+        `node`: the caller already decoded the block against `cid` (saves one fetch and decode)."""
+        done = self.memo.get(cid)
+        if done is not None:
+            return done
         checked: dict[CID, InputNode] = {}
         stack: list[tuple[CID, CID | None]] = [(cid, None)]
         while stack:
@@ -100,7 +102,7 @@ class Validator:
             if c in self.memo or c in checked:
                 continue
             try:
-                n = self._check(c)
+                n = self._check(c, node if c == cid else None)
             except VerificationError as e:  # ForgedSignature comes from cidboot.provenance
                 if child is None:
                     raise
@@ -108,28 +110,40 @@ class Validator:
             checked[c] = n
             if not n.is_seed:
                 stack.extend((p, c) for p in n.parents)
+        for c, n in checked.items():  # parents exist and validate: now, are they an input set?
+            if not n.is_seed:
+                try:
+                    self._check_input_set(n, checked)
+                except ProvenanceError as e:
+                    if c == cid:
+                        raise
+                    raise TamperedParent(f"input {cid}: ancestor {c}: {e}") from None
         self.memo.update(checked)
         return checked[cid]
 
-    def _check(self, cid: CID) -> InputNode:
-        """Everything about one node except its parents."""
+    def _load(self, cid: CID) -> InputNode:
         try:
             block = self.get_block(cid)
-        except (KeyError, FileNotFoundError, LookupError, FormatError) as e:
+        except VerificationError as e:  # a store that checks CIDs on read found other bytes
+            raise TamperedInput(f"input {cid}: {e}") from None
+        except (LookupError, OSError, FormatError) as e:
             raise MissingInput(f"input {cid}: block not available: {e}") from None
         try:
-            node = decode(block, cid)
-        except VerificationError as e:
+            return decode(block, cid)
+        except (VerificationError, FormatError) as e:
             raise TamperedInput(f"input {cid}: {e}") from None
-        except FormatError as e:
-            raise TamperedInput(f"input {cid}: {e}") from None
+
+    def _check(self, cid: CID, known: InputNode | None = None) -> InputNode:
+        """Everything about one node except its parents."""
+        node = known if known is not None and known.cid == cid else self._load(cid)
         verify_signature(node)
         if node.flow != self.flow_cid:
             raise WrongFlow(f"input {cid}: belongs to flow {node.flow}, not {self.flow_cid}")
         producer = raw_public_bytes(node.producer_key())
         agent = self.attested.get(producer)
         if node.is_seed:
-            if not any(s.definition == node.definition and s.value == node.value for s in self.flow.seed):
+            value = dagcbor.encode(node.value)  # by encoding: 1 is not true, 2.0 is not 2
+            if not any(s.definition == node.definition and dagcbor.encode(s.value) == value for s in self.flow.seed):
                 raise UnknownSeed(f"input {cid}: seed {node.definition}={node.value!r} is not in the flow")
             if producer not in self.authority_keys and agent is None:
                 raise UnattestedProducer(f"input {cid}: seed signed by a key that is neither the flow authority "
@@ -148,6 +162,26 @@ class Validator:
             raise UnknownOperation(f"input {cid}: {op.name} is not placed on role {agent.role!r}, "
                                    "the role its producer was attested in")
         return node
+
+
+    def _check_input_set(self, n: InputNode, checked: Mapping[CID, InputNode]) -> None:
+        """The parents of an operation's output are one complete input set of that operation, in
+        the orchestrator's order (parameters sorted by name, then conditions): one per parameter,
+        of its definition, from an origin the flow connects there; a condition's is True. Without
+        this an attested producer could claim an output with no inputs, or from the wrong ones."""
+        op = self.flow.operations[str(n.operation)]
+        params = [(p, op.inputs[p], False) for p in sorted(op.inputs)] + [(c, c, True) for c in op.conditions]
+        if len(n.parents) != len(params):
+            raise TamperedParent(f"input {n.cid}: {op.name} takes {len(params)} input(s), the node names "
+                                 f"{len(n.parents)} parent(s)")
+        for (param, definition, condition), pcid in zip(params, n.parents, strict=True):
+            p = checked.get(pcid) or self.memo[pcid]
+            origin = "seed" if p.is_seed else (str(p.operation), str(p.output))
+            if p.definition != definition or not self.flow.allows(op.name, param, origin):
+                raise TamperedParent(f"input {n.cid}: parent {pcid} ({p.definition} from {p.origin}) cannot feed "
+                                     f"{op.name}.{param}")
+            if condition and p.value is not True:
+                raise TamperedParent(f"input {n.cid}: condition {param} of {op.name} was not true")
 
 
 def check_policies(policies: Sequence[Mapping[str, Any]], ctx: RunContext) -> None:

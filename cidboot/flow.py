@@ -5,8 +5,27 @@ manifest's `flow` CID names) and a flow exported by DFFML (`dffml dataflow creat
 JSON/YAML export). The orchestrator, the provenance validator and the policies all read it.
 
 Connections say where each parameter may take its inputs from: `"seed"` or an
-(operation, output) pair. Without an explicit `flow`, auto-flow applies as in DFFML: a
-parameter is fed by the seed and by every operation that outputs its definition.
+(operation, output) pair. Without an explicit `flow` (or for a parameter it leaves out),
+auto-flow applies exactly as DFFML's DataFlow.auto_flow: a parameter is fed by every operation
+that outputs its definition, and by the seed when no operation does. Conditions are connected
+the same way; an explicit `conditions` list (DFFML: one flat list of origins per operation)
+feeds each condition whose definition the origin produces ("seed" feeds them all).
+
+DFFML exports come in two shapes and both load: linked (the `dffml dataflow create` default:
+top-level `definitions`, operations naming definitions by name, `"linked": true`) and
+unlinked (`-not-linked`: each operation input/output/condition and each seed's `definition`
+an inline {name, primitive, ...}). DFFML keeps implementations out of the export (it finds
+them by entry point); here operation NAME is implemented by `MODULE:NAME` (`module`, default
+"ops"). An alternate-definition origin ({"seed": [defs]}) is accepted only when it names the
+parameter's own definition: definitions are locked to parameters.
+
+Public API:
+    DataFlow.from_obj(dataflow_section) -> DataFlow           # flow.yaml / manifest flow block
+    DataFlow.from_dffml(export, module="ops") -> DataFlow     # DFFML DataFlow.export()
+    flow.allows(op, param_or_condition, origin) -> bool       # origin: "seed" | (op, output)
+    flow.consumers_of(definition) / producers_of(definition)
+    flow.cid                                                  # CID of the block it was read from
+Malformed input raises FlowFormatError (a cidboot FormatError) naming the dotted key.
 """
 
 from __future__ import annotations
@@ -22,9 +41,11 @@ from cidboot.errors import FormatError
 STAGES = ("processing", "cleanup", "output")
 SEED = "seed"
 Origin = str | tuple[str, str]  # "seed" or (operation, output)
-# keys DFFML writes into an export that cidboot has no use for (configs, implementations...)
-DFFML_EXTRAS = frozenset({"configs", "forward", "by_origin", "implementations", "linked", "instance_name", "retry",
-                          "validator", "spec", "subspec", "links", "lock", "name"})
+# keys DFFML (0.4) writes that cidboot has no use for; everything else unknown is an error
+DFFML_TOP = frozenset({"definitions", "operations", "seed", "flow", "linked", "configs", "forward"})
+DFFML_OP = frozenset({"name", "inputs", "outputs", "conditions", "stage", "expand", "retry", "instance_name",
+                      "validator"})
+DFFML_DEF = frozenset({"name", "primitive", "lock", "spec", "subspec", "validate", "default", "links"})
 
 
 class FlowFormatError(FormatError):
@@ -63,6 +84,7 @@ class DataFlow:
     connections: dict[str, dict[str, list[Origin]]] = field(default_factory=dict)  # op -> param -> origins
     condition_sources: dict[str, dict[str, list[Origin]]] = field(default_factory=dict)
     source: Any = None  # the document it was read from (its CID is the flow CID)
+    _consumers: dict[str, list[tuple[str, str]]] | None = field(default=None, repr=False, compare=False)
 
     # -- reading ------------------------------------------------------------------------------
     @classmethod
@@ -74,8 +96,10 @@ class DataFlow:
         for name, spec in _map(d.get("definitions"), "dataflow.definitions").items():
             s = _map(spec, f"dataflow.definitions.{name}")
             _only(s, {"primitive", "lock"}, f"dataflow.definitions.{name}")
-            defs[name] = Definition(name, _str(s.get("primitive"), f"dataflow.definitions.{name}.primitive"),
-                                    bool(s.get("lock", False)))
+            lock = s.get("lock", False)
+            if not isinstance(lock, bool):
+                raise FlowFormatError(f"dataflow.definitions.{name}.lock: must be true or false")
+            defs[name] = Definition(name, _str(s.get("primitive"), f"dataflow.definitions.{name}.primitive"), lock)
         ops = {name: _operation(name, spec, f"dataflow.operations.{name}", set())
                for name, spec in _map(d.get("operations"), "dataflow.operations").items()}
         seeds = [_seed(s, f"dataflow.seed[{i}]") for i, s in enumerate(_list(d.get("seed", []), "dataflow.seed"))]
@@ -84,22 +108,38 @@ class DataFlow:
         return flow
 
     @classmethod
-    def from_dffml(cls, doc: Any) -> DataFlow:
-        """A DFFML DataFlow export: definitions/operations keyed by name, `seed` as a list of
-        {definition, value}, `flow` as {op: {inputs: {param: ["seed" | {op: output}]}}}."""
+    def from_dffml(cls, doc: Any, module: str = "ops") -> DataFlow:
+        """A DFFML DataFlow export (linked or not): see the module docstring."""
         d = _map(doc, "DFFML dataflow")
-        _only(d, {"definitions", "operations", "seed", "flow"} | DFFML_EXTRAS, "DFFML dataflow")
-        defs = {}
-        for name, spec in _map(d.get("definitions"), "definitions").items():
-            s = _map(spec, f"definitions.{name}")
-            defs[name] = Definition(name, _str(s.get("primitive"), f"definitions.{name}.primitive"),
-                                    bool(s.get("lock", False)))
+        _only(d, DFFML_TOP, "DFFML dataflow")
+        defs: dict[str, Definition] = {}
+        for name, spec in _map(d.get("definitions", {}), "definitions").items():
+            defs[name] = _dffml_definition(spec, f"definitions.{name}", name)
         ops = {}
-        for name, spec in _map(d.get("operations"), "operations").items():
-            s = dict(_map(spec, f"operations.{name}"))
-            s.setdefault("implementation", f"{s.get('name', name)}:{s.get('name', name)}")
-            ops[name] = _operation(name, s, f"operations.{name}", DFFML_EXTRAS)
-        seeds = [_seed(s, f"seed[{i}]", DFFML_EXTRAS) for i, s in enumerate(_list(d.get("seed", []), "seed"))]
+        for inst, spec in _map(d.get("operations"), "operations").items():
+            where = f"operations.{inst}"
+            s = _map(spec, where)
+            _only(s, DFFML_OP, where)
+            fn = _str(s.get("name", inst), f"{where}.name")
+            converted = {
+                "implementation": f"{module}:{fn}",
+                "inputs": {p: _dffml_ref(v, defs, f"{where}.inputs.{p}")
+                           for p, v in _map(s.get("inputs", {}), f"{where}.inputs").items()},
+                "outputs": {o: _dffml_ref(v, defs, f"{where}.outputs.{o}")
+                            for o, v in _map(s.get("outputs", {}), f"{where}.outputs").items()},
+                "conditions": [_dffml_ref(c, defs, f"{where}.conditions[{i}]")
+                               for i, c in enumerate(_list(s.get("conditions") or [], f"{where}.conditions"))],
+                "stage": s.get("stage", "processing"), "expand": s.get("expand") or []}
+            ops[inst] = _operation(inst, converted, where, set())
+        seeds = []
+        for i, raw in enumerate(_list(d.get("seed", []), "seed")):
+            item = _map(raw, f"seed[{i}]")
+            _only(item, {"definition", "value", "origin"}, f"seed[{i}]")
+            if item.get("origin", SEED) != SEED:
+                raise FlowFormatError(f"seed[{i}].origin: a seed's origin is \"seed\", got {item['origin']!r}")
+            if "value" not in item:
+                raise FlowFormatError(f"seed[{i}]: missing value")
+            seeds.append(Seed(_dffml_ref(item.get("definition"), defs, f"seed[{i}].definition"), item["value"]))
         flow = cls(defs, ops, seeds, source=doc)
         flow._connect(d.get("flow"), "flow")
         return flow
@@ -130,13 +170,18 @@ class DataFlow:
                     raise FlowFormatError(f"{where}.{opname}.inputs.{param}: not a parameter of {opname}")
                 self.connections[opname][param] = [self._origin(o, op.inputs[param], f"{where}.{opname}.inputs.{param}")
                                                    for o in _list(origins, f"{where}.{opname}.inputs.{param}")]
-            conds = s.get("conditions", [])
-            self.condition_sources[opname] = {}
-            for i, o in enumerate(_list(conds, f"{where}.{opname}.conditions")):
-                origin = self._origin(o, None, f"{where}.{opname}.conditions[{i}]")
-                if i >= len(op.conditions):
-                    raise FlowFormatError(f"{where}.{opname}.conditions[{i}]: {opname} declares no such condition")
-                self.condition_sources[opname].setdefault(op.conditions[i], []).append(origin)
+            if "conditions" in s:
+                self.condition_sources[opname] = {c: [] for c in op.conditions}
+            for i, o in enumerate(_list(s.get("conditions", []), f"{where}.{opname}.conditions")):
+                cw = f"{where}.{opname}.conditions[{i}]"
+                origin = self._origin(o, None, cw)
+                fed = [c for c in op.conditions
+                       if origin == SEED or self.operations[origin[0]].outputs[origin[1]] == c]
+                if not fed:
+                    raise FlowFormatError(f"{cw}: {_show(origin)} feeds none of {opname}'s conditions "
+                                          f"{list(op.conditions)}")
+                for c in fed:
+                    self.condition_sources[opname][c].append(origin)
         for op in self.operations.values():  # parameters the explicit flow leaves out: auto-flow
             self.connections.setdefault(op.name, {})
             for p, dname in op.inputs.items():
@@ -146,13 +191,24 @@ class DataFlow:
                 self.condition_sources[op.name].setdefault(c, self._auto(c))
 
     def _auto(self, definition: str) -> list[Origin]:
-        out: list[Origin] = [SEED]
-        out += [(op.name, o) for op in sorted(self.operations.values(), key=lambda x: x.name)
-                for o, d in sorted(op.outputs.items()) if d == definition]
-        return out
+        """DFFML's auto_flow: every producer of the definition, else the seed."""
+        out: list[Origin] = [(op.name, o) for op in sorted(self.operations.values(), key=lambda x: x.name)
+                             for o, d in sorted(op.outputs.items()) if d == definition]
+        return out or [SEED]
 
     def _origin(self, raw: Any, definition: str | None, where: str) -> Origin:
-        if raw == SEED or (isinstance(raw, Mapping) and set(raw) == {SEED}):  # DFFML also writes {"seed": [defs]}
+        if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], Mapping):
+            raw = raw[0]  # DFFML also accepts [{origin}] for {origin}
+        if isinstance(raw, Mapping) and len(raw) == 1 and isinstance(next(iter(raw.values())), list):
+            (key, alternates), = raw.items()  # DFFML alternate definitions: {"seed": ["package"]}
+            if key != SEED:
+                raise FlowFormatError(f"{where}: alternate definitions only come from the seed, got {raw!r}")
+            bad = [a for a in alternates if a != definition]
+            if definition is None or bad:
+                raise FlowFormatError(f"{where}: alternate definitions {bad or alternates} differ from the "
+                                      f"parameter's {definition!r} (definitions are locked to parameters)")
+            return SEED
+        if raw == SEED:
             return SEED
         if isinstance(raw, Mapping) and len(raw) == 1:
             (opname, output), = raw.items()
@@ -170,9 +226,16 @@ class DataFlow:
 
     def consumers_of(self, definition: str) -> list[tuple[str, str]]:
         """(operation, parameter) pairs that take this definition (as input or condition)."""
-        out = [(op.name, p) for op in self.operations.values() for p, d in op.inputs.items() if d == definition]
-        out += [(op.name, c) for op in self.operations.values() for c in op.conditions if c == definition]
-        return out
+        if self._consumers is None:  # asked for every input the orchestrator sees: index once
+            index: dict[str, list[tuple[str, str]]] = {}
+            for op in self.operations.values():
+                for p, d in op.inputs.items():
+                    index.setdefault(d, []).append((op.name, p))
+            for op in self.operations.values():
+                for c in op.conditions:
+                    index.setdefault(c, []).append((op.name, c))
+            self._consumers = index
+        return list(self._consumers.get(definition, []))
 
     def allows(self, op: str, param: str, origin: Origin) -> bool:
         srcs = self.connections.get(op, {}).get(param)
@@ -199,6 +262,35 @@ class DataFlow:
     def cid(self) -> CID:
         """The flow CID: of the block it was read from (manifest `flow`), else of to_obj()."""
         return CID.of(dagcbor.encode(self.source if self.source is not None else self.to_obj()), DAG_CBOR)
+
+
+def _show(origin: Origin) -> str:
+    return SEED if origin == SEED else f"{origin[0]}.{origin[1]}"
+
+
+def _dffml_definition(spec: Any, where: str, name: str | None = None) -> Definition:
+    s = _map(spec, where)
+    _only(s, DFFML_DEF, where)
+    dname = _str(s.get("name", name), f"{where}.name")
+    if name is not None and dname != name:
+        raise FlowFormatError(f"{where}.name: {dname!r} under the key {name!r}")
+    lock = s.get("lock", False)
+    if not isinstance(lock, bool):
+        raise FlowFormatError(f"{where}.lock: must be true or false")
+    return Definition(dname, _str(s.get("primitive"), f"{where}.primitive"), lock)
+
+
+def _dffml_ref(raw: Any, defs: dict[str, Definition], where: str) -> str:
+    """A definition by name (linked export) or inline (unlinked), registered in `defs`."""
+    if isinstance(raw, str):
+        if raw not in defs:
+            raise FlowFormatError(f"{where}: undefined definition {raw!r}")
+        return raw
+    d = _dffml_definition(raw, where)
+    if d.name in defs and defs[d.name] != d:
+        raise FlowFormatError(f"{where}: definition {d.name!r} conflicts with an earlier one ({defs[d.name]})")
+    defs[d.name] = d
+    return d.name
 
 
 def _map(v: Any, where: str) -> Mapping[str, Any]:

@@ -143,9 +143,8 @@ def test_condition_false_means_no_run() -> None:
 
 
 def test_dffml_export_loads() -> None:
-    # tests/vectors/dffml/shouldi.json follows DataFlow.export() of DFFML 0.4 (its README's
-    # "dataflow create" output): definitions and operations keyed by name, seed as a list,
-    # flow as {op: {inputs: {param: ["seed" | {op: output}]}}}
+    # tests/vectors/dffml/shouldi.json is DFFML 0.4's own DataFlow.export(linked=True) (the
+    # `dffml dataflow create` output), written by tests/vectors/dffml/generate.py
     flow = DataFlow.from_dffml(json.loads((VECTORS / "shouldi.json").read_text()))
     assert set(flow.operations) == {"pypi_latest_package_version", "pypi_package_json", "safety_check"}
     assert flow.allows("safety_check", "version", ("pypi_latest_package_version", "version"))
@@ -280,7 +279,7 @@ def test_a_seed_the_flow_does_not_declare_is_refused() -> None:
 
 @pytest.mark.parametrize("block, match", [
     (b"\xa0", "exactly 'input' and 'sig'"),
-    (dagcbor.encode({"input": {"value": 1}, "sig": b""}), "must have exactly value"),
+    (dagcbor.encode({"input": {"value": 1}, "sig": b""}), r"input: missing \['definition', 'flow'"),
     (b"\xff\xff", "provenance node"),
 ])
 def test_malformed_nodes_are_refused_precisely(block: bytes, match: str) -> None:
@@ -293,3 +292,49 @@ def test_validation_can_be_switched_off_for_the_benchmark() -> None:
     o.validate_inputs = False
     blocks, _ = sensor_output(fcid, keys.generate())
     assert run_with(o, blocks, None) == [("total", 20)]
+
+
+def test_definitions_are_locked_to_parameters() -> None:
+    """An input claiming another definition than its origin outputs is refused, and one whose
+    definition no parameter takes is never used."""
+    _doc, flow, fcid = example("two-device")
+    key = keys.generate()
+    attested = AttestedAgents()
+    attested.add(affirmed(key, "sensor"))
+    ran: list[Any] = []
+    o = orchestrator(flow, fcid, {"sample": lambda count: ran.append(count) or {"readings": []},
+                                  "summarise": lambda readings: ran.append(readings) or {"total": 0}},
+                     attested=attested)
+    o.ctx.flow.seed = []  # only the forged inputs below
+    seed_cid, seed = make_input(value=5, definition="count", flow=fcid, parents=[fcid], key=key)
+    wrong, block = make_input(value=3, definition="count", flow=fcid, parents=[seed_cid], key=key,
+                              operation="sample", output="readings")  # sample.readings is a `readings`
+    o.accept([(seed_cid, seed), (wrong, block)], None)
+    assert any(e.inputs == [wrong] and "UnknownOperation" in e.reason and "has no output 'readings' of count"
+               in e.reason for e in o.audit.find("refused"))
+    assert wrong not in o.network
+
+
+def test_operation_failures_are_recorded_and_the_flow_goes_on() -> None:
+    flow = DataFlow.from_obj({
+        "definitions": {"n": {"primitive": "int"}, "x": {"primitive": "any"}, "items": {"primitive": "int"}},
+        "operations": {"boom": {"implementation": "m:boom", "inputs": {"n": "n"}, "outputs": {"x": "x"}},
+                       "nan": {"implementation": "m:nan", "inputs": {"n": "n"}, "outputs": {"x": "x"}},
+                       "wrong": {"implementation": "m:wrong", "inputs": {"n": "n"}, "outputs": {"x": "x"}},
+                       "notlist": {"implementation": "m:notlist", "inputs": {"n": "n"},
+                                   "outputs": {"items": "items"}, "expand": ["items"]},
+                       "fine": {"implementation": "m:fine", "inputs": {"n": "n"}, "outputs": {"x": "x"}}},
+        "seed": [{"definition": "n", "value": 1}]})
+
+    def boom(n: int) -> dict[str, Any]:
+        raise RuntimeError("sensor unplugged")
+
+    ops = {"boom": boom, "nan": lambda n: {"x": float("nan")}, "wrong": lambda n: {"y": 1},
+           "notlist": lambda n: {"items": 7}, "fine": lambda n: {"x": {"ok": [n]}}}
+    o = orchestrator(flow, flow.cid, ops)
+    assert [(r.definition, r.value) for r in asyncio.run(o.run())] == [("x", {"ok": [1]})]
+    reasons = {e.operation: e.reason for e in o.audit.find("refused")}
+    assert reasons["boom"] == "boom raised RuntimeError: sensor unplugged"
+    assert "nan.x: x value nan: not DAG-CBOR data: NaN and Infinity are not allowed" in reasons["nan"]
+    assert "wrong returned dict without its outputs ['x']" in reasons["wrong"]
+    assert reasons["notlist"] == "notlist.items is expanded but returned int, not a list"

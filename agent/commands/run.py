@@ -2,9 +2,10 @@
 
 The same orchestrator, validation, policies and audit log as on a device, with a software DICE
 identity (agent.identity) instead of CDI_2. Every role of the placement runs here, each as its
-own development agent (its own alias key, registered in one AttestedAgents registry from its
-self-attestation), and outputs travel between them through the orchestrators' `send`/`accept`,
-exactly as between devices but without HTTP; `--role` runs one role alone. Seeds are signed by
+own development agent (its own alias key; each registers the others in its own AttestedAgents
+only if their self-attestation is affirming, as agent.peers does after mutual attestation),
+and outputs travel between them through the orchestrators' `send`/`accept`, exactly as
+between devices but without HTTP; `--role` runs one role alone. Seeds are signed by
 the flow authority: the first `trust.keys` entry beside a flow.yaml, else DIR/authority.pem
 (made on first use); with a manifest, seeds are signed by the agent's alias key and the
 manifest's root keys are the authority. Results, their provenance nodes and the audit logs go
