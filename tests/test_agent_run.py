@@ -4,6 +4,8 @@ own development agent; results, provenance and audit logs in the block store."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from cidboot.cose_key import encode_public_key_bytes
 from cidboot.manifest import Layer, Manifest, RootOfTrust, sign_manifest
 from cidboot.provenance import decode_input, verify_signature
 from cidboot.unixfs.importer import import_bytes
+from tests.kubo_node import KuboNode
 
 REPO = Path(__file__).resolve().parent.parent
 READINGS = [(i * 7) % 10 for i in range(5)]
@@ -140,3 +143,24 @@ def test_identity_keygen_from_cdi_and_self_attestation(tmp_path: Path) -> None:
     other = derive_layers(b"\x06" * 32, layers)
     with pytest.raises(VerificationError, match="not the DICE chain's leaf"):
         identity.from_cdi(other.cdi_attest, d.chain)
+
+
+@pytest.mark.kubo
+def test_results_are_published_to_a_real_kubo_node(kubo: KuboNode, tmp_path: Path) -> None:
+    """`agent run --publish kubo=URL`: the result's provenance DAG (value, parents, the flow) and the
+    audit log reach the Kubo node, pinned, and Kubo serves the same bytes by CID."""
+    proc = subprocess.run([sys.executable, "-m", "agent", "run", str(REPO / "examples/hello/flow.yaml"), "--identity",
+                           str(tmp_path / "id"), "--store", str(tmp_path / "store"), "--json",
+                           "--publish", f"kubo={kubo.api_url}"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["published"]["blocks"] >= 4  # result + seed + flow + audit entries
+    assert out["results"] == {"greeting": "hello, world"}
+    cid = out["result_cids"]["greeting"]
+    got = kubo.ipfs_bytes("block", "get", cid)
+    assert Blockstore(tmp_path / "store").get(CID.parse(cid)) == got
+    pins = kubo.ipfs("pin", "ls", "--type=recursive")
+    assert cid in pins and next(iter(out["audit_head"].values())) in pins
+    node = decode_input(got)
+    assert node.value == "hello, world"
+    assert kubo.ipfs_bytes("block", "get", str(node.flow))  # the whole DAG went, down to the flow

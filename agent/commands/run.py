@@ -55,6 +55,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--role", help="run only the operations placed on this role (default: every role)")
     p.add_argument("--no-validate", action="store_true", help="skip provenance validation (benchmarks only)")
     p.add_argument("--json", action="store_true", help="results, their CIDs and the audit heads as JSON")
+    p.add_argument("--publish", metavar="kubo=URL",
+                   help="also copy each result's provenance DAG and the audit logs to a Kubo node and pin them")
     p.set_defaults(func=run)
 
 
@@ -200,6 +202,12 @@ def run(args: argparse.Namespace) -> int:
             store.pin(r.cid)
         if o.audit.head is not None:
             store.pin(o.audit.head)
+    if args.publish:
+        from agent.publish import PublishTarget, publish
+
+        roots = [r.cid for o in orchs.values() for r in o.results]
+        roots += [o.audit.head for o in orchs.values() if o.audit.head is not None]
+        out["published"] = {"to": args.publish, "blocks": publish(store, roots, PublishTarget.parse(args.publish))}
     for item in out["refused"] + out["vetoed"]:
         print(f"agent: {item['role']}: {'veto' if 'operation' in item else 'refused'}: {item['reason']}",
               file=sys.stderr)
