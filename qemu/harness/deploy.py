@@ -103,17 +103,22 @@ def build(flow: Path, store: Path, *, references: dict[str, str] | None = None, 
     if proc.returncode != 0:
         raise DeployError(f"imagebuilder build {flow} failed:\n{proc.stderr.strip()}")
     result = json.loads(proc.stdout)
-    mcid = CID.parse(result["manifest"])
+    return export(store, CID.parse(result["manifest"]), flow.parent / "built", result)
+
+
+def export(store: Path, mcid: CID, out: Path, result: dict[str, Any] | None = None) -> Built:
+    """The manifest's kernel layer and its other layers concatenated (the initrd), as files."""
     bs = Blockstore(store)
     bs.pin(mcid)
     m = SignedManifest.decode(bs.get(mcid)).manifest
     parts = {lyr.role: b"".join(export_file(lyr.cid, bs.get)) for lyr in m.layers}
-    out = flow.parent / "built"
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     kernel, initrd = out / "vmlinuz", out / "initrd.img"
     kernel.write_bytes(parts["kernel"])
     initrd.write_bytes(b"".join(parts[lyr.role] for lyr in m.layers if lyr.role != "kernel"))
-    return Built(mcid, kernel, initrd, {k: v.hex() for k, v in m.measurements.items()}, result)
+    info = result or {"manifest": str(mcid), "layers": [{"role": lyr.role, "cid": str(lyr.cid)} for lyr in m.layers],
+                      "cmdline": m.cmdline}
+    return Built(mcid, kernel, initrd, {k: v.hex() for k, v in m.measurements.items()}, info)
 
 
 def prepare(flow: Path, work: Path, *, anchor: RootOfTrust | None = None, env: dict[str, str] | None = None,
@@ -131,6 +136,22 @@ def prepare(flow: Path, work: Path, *, anchor: RootOfTrust | None = None, env: d
     wl = build(wl_flow, store, references=refs, env=env, say=say)
     return Deployment(work, store, wl_flow.parent, wl_doc, fw, bs, wl,
                       [wl_flow.parent / k for k in wl_doc["trust"]["keys"]])
+
+
+def prepare_manifest(mcid: CID, store: Path, work: Path, *, signer_keys: list[Path] | None = None,
+                     env: dict[str, str] | None = None, say: Callable[[str], None] = lambda _m: None) -> Deployment:
+    """Boot an already published manifest (in `store`): firmware and a bootstrap trusting the
+    manifest's own root are built beside it. Without `signer_keys` (the manifest's signing keys)
+    no device registry can be signed, so agents cannot attest peers: fine for one-role flows."""
+    work.mkdir(parents=True, exist_ok=True)
+    m = SignedManifest.decode(Blockstore(store).get(mcid)).manifest
+    fw = build(_copy_flow(FIRMWARE_FLOW.parent, work / "firmware"), store, env=env, say=say)
+    bs_flow = _copy_flow(BOOTSTRAP_FLOW.parent, work / "bootstrap")
+    keys.write_root(m.root, bs_flow.parent / "trust-anchor.json")
+    bs = build(bs_flow, store, env=env, say=say)
+    wl = export(store, mcid, work / "workload" / "built")
+    doc = {"name": m.name, "version": m.version, "placement": m.placement}
+    return Deployment(work, store, work / "workload", doc, fw, bs, wl, list(signer_keys or []))
 
 
 def rebuild_workload(dep: Deployment, *, version: int | None = None, sign_with: list[Path] | None = None,

@@ -157,11 +157,13 @@ def _devices_yaml(path: Path, roles: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _factory(dep: Deployment, out: Path, names: list[str]) -> tuple[list[dice_engine.DeviceState], CID]:
+def _factory(dep: Deployment, out: Path, names: list[str]) -> tuple[list[dice_engine.DeviceState], CID | None]:
     """Device states (UDS, NVRAM), their root keys in the verifiers' roots file, and the device
     registry signed by the workload's signers, in the store, for the agents to find peers by."""
     states = [dice_engine.device(out / "devices", n) for n in names]
     roots = dice_engine.register(states, out / "device-roots.json")
+    if not dep.signer_keys:
+        return states, None
     signers = [keys.load_private_key(p) for p in dep.signer_keys]
     block = sign_registry(roots, signers)
     return states, Blockstore(dep.store).put_block(block, DAG_CBOR)
@@ -186,8 +188,8 @@ def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = 
                             "--dhcp-range", "10.77.0.100-10.77.0.199", "--store", str(dep.store),
                             "--manifest", manifest or str(dep.workload.manifest), "--devices", str(out / "devices.yaml"),
                             "--tftp-root", str(tftp), "--state-dir", str(out / "server-state"),
-                            "--agent-port", str(AGENT_PORT), "--device-registry", str(registry),
-                            *(server_args or [])],
+                            "--agent-port", str(AGENT_PORT),
+                            *(["--device-registry", str(registry)] if registry else []), *(server_args or [])],
                            stdout=subprocess.PIPE, stderr=log, text=True)
         stack.callback(_stop, server)
         assert server.stdout is not None

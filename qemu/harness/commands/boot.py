@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cidboot.cid import CID
 from cidboot.cli import print_json
+from cidboot.errors import CidbootError, FormatError
 from qemu.harness import accel
-from qemu.harness.deploy import Deployment, prepare
+from qemu.harness.deploy import Deployment, prepare, prepare_manifest
 from qemu.harness.lab import lab
 
 log = logging.getLogger("qemu.harness")
@@ -28,7 +30,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def add_boot_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("flow", type=Path, help="flow.yaml of the workload")
+    p.add_argument("flow", help="flow.yaml of the workload, or the CID of a signed manifest in --store")
+    p.add_argument("--store", type=Path, help="with a manifest CID: the block store that holds it")
+    p.add_argument("--keys", type=Path, nargs="*", default=[],
+                   help="with a manifest CID: its signing keys (PEM), to sign the device registry peers need")
     p.add_argument("--devices", type=int, default=None, help="number of devices (default: one per placement role)")
     p.add_argument("--out", type=Path, default=Path("out/harness"), help="report, consoles and device state")
     p.add_argument("--keep", action="store_true", help="keep the work dir (images, store, keys) after the run")
@@ -44,8 +49,18 @@ def say(msg: str) -> None:
 def boot(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    say(f"building firmware, bootstrap and {args.flow} (cached layers are reused)")
-    dep: Deployment = prepare(args.flow, out / "work", say=say)
+    if Path(args.flow).is_file():
+        say(f"building firmware, bootstrap and {args.flow} (cached layers are reused)")
+        dep: Deployment = prepare(Path(args.flow), out / "work", say=say)
+    else:
+        try:
+            mcid = CID.parse(args.flow)
+        except FormatError:
+            raise CidbootError(f"{args.flow}: neither a flow file nor a manifest CID") from None
+        if args.store is None:
+            raise CidbootError("booting a manifest CID needs --store (the block store that holds it)")
+        say(f"building firmware and a bootstrap that trusts manifest {mcid}'s root")
+        dep = prepare_manifest(mcid, args.store, out / "work", signer_keys=args.keys, say=say)
     roles = dep.roles
     n = args.devices or len(roles)
     device_roles = [roles[i % len(roles)] for i in range(n)]
@@ -61,7 +76,7 @@ def boot(args: argparse.Namespace) -> dict[str, Any]:
         report = lb.report(allow_unmeasured=False)
     report["accel"] = mode
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    if not args.keep:
+    if not args.keep and Path(args.flow).is_file():  # never delete a store the user gave
         shutil.rmtree(out / "work" / "store", ignore_errors=True)
     return report
 
