@@ -1,5 +1,7 @@
 """The harness's QEMU driver on a real kernel: paused start, power-on over QMP, timestamped
-console, QMP commands and events, exit on power-off; and the console timeline parser."""
+console, QMP commands and events (SHUTDOWN, POWERDOWN, reset), exit on power-off, a PXE boot
+through QEMU's iPXE ROM from the real boot server inside a namespace; and the console
+timeline parser."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.bench_boot import MARKER, busybox_initramfs, reference_boot
 from imagebuilder.debpkg import read_deb
 from imagebuilder.lock import Lock, fetch_deb
 from qemu.harness import accel, timeline
@@ -52,6 +55,64 @@ def test_waiting_for_a_line_that_never_comes_says_so(kernel: Path, tmp_path: Pat
         assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.qemu
+def test_guest_power_off_is_a_shutdown_event_and_the_console_log_reads_back(kernel: Path, tmp_path: Path) -> None:
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(busybox_initramfs())
+    g = Guest.create("busybox", tmp_path / "g", kernel=kernel, initrd=initrd, append="console=ttyS0 panic=-1",
+                     memory_mib=256)
+    with g:
+        line, _ = g.wait_for_console(MARKER, 120)
+        t, data = g.wait_for_event("SHUTDOWN", 60)  # busybox `poweroff -f` is an ACPI S5 power-off
+        assert data == {"guest": True, "reason": "guest-shutdown"} and t >= line.t
+        assert g.wait_for_exit(30) == 0
+    lines = timeline.read_log((tmp_path / "g" / "console.log").read_text())
+    assert [ln.t for ln in lines if ln.text == MARKER] == [line.t]
+    assert all(a.t <= b.t for a, b in zip(lines, lines[1:], strict=False))  # since power-on, monotonic
+
+
+@pytest.mark.qemu
+def test_powerdown_button_and_reset_over_qmp(kernel: Path, tmp_path: Path) -> None:
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(busybox_initramfs("/bin/busybox echo up\nwhile :; do /bin/busybox sleep 1; done\n"))
+    with Guest.create("buttons", tmp_path / "g", kernel=kernel, initrd=initrd, memory_mib=256) as g:
+        g.wait_for_console(r"^up$", 120)
+        g.system_powerdown()  # no acpid in this init: the press is seen (event) but ignored
+        g.wait_for_event("POWERDOWN", 10)
+        assert g.running
+        g.system_reset()  # -no-reboot: a reset ends QEMU, so a dying stage cannot loop
+        _t, data = g.wait_for_event("SHUTDOWN", 30)
+        assert data["reason"] == "host-qmp-system-reset"
+        g.wait_for_exit(30)
+
+
+@pytest.mark.qemu
+@pytest.mark.netns
+def test_pxe_boot_through_ipxe_from_the_real_boot_server_in_a_namespace(kernel: Path, tmp_path: Path) -> None:
+    ref = reference_boot(kernel, tmp_path, timeout=240)  # with qemu.harness.ra answering iPXE's IPv6 RS
+    assert 0 < ref["ipxe_first_line_s"] < ref["ipxe_configured_s"] < ref["kernel_start_s"] < ref["to_marker_s"]
+    assert ref["to_marker_s"] <= ref["powered_off_s"]
+    assert ref["ipxe_configured_s"] < 10  # no ~16 s wait for an IPv6 router
+    console = (tmp_path / "ref-guest" / "console.log").read_text()
+    assert "cidboot: booting the bootstrap for 52:54:00:c1:d0:01" in console
+    argv = (tmp_path / "ref-guest" / "qemu.argv.json").read_text()
+    assert '"-boot", "n"' in argv and "ifname=tap0" in argv
+
+
+def test_keyword_guest_argv() -> None:
+    g = Guest.create("k", Path("/nonexistent/state"), kernel=Path("/k"), initrd=Path("/i"),
+                     fw_cfg={"opt/cidboot/dice": Path("/h.cbor")}, nic=("tap3", "52:54:00:00:00:07"),
+                     disk=Path("/nv.img"), memory_mib=512, no_reboot=False)
+    argv = g.spec.argv(Path("/s/qmp.sock"))
+    joined = " ".join(argv)
+    assert "-no-reboot" not in argv and "-S" in argv and argv[argv.index("-m") + 1] == "512"
+    assert "-fw_cfg name=opt/cidboot/dice,file=/h.cbor" in joined
+    assert "tap,id=n0,ifname=tap3,script=no,downscript=no" in joined and "mac=52:54:00:00:00:07" in joined
+    assert "file=/nv.img,format=raw,if=virtio" in joined and "-cpu" not in argv
+    kvm = GuestSpec("k", kernel=Path("/k"), accel="kvm").argv(Path("/s"))
+    assert kvm[kvm.index("-cpu") + 1] == "host" and "-no-reboot" in kvm
+
+
 def test_kvm_is_only_used_when_forced_or_proven(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CIDBOOT_ACCEL", "tcg")
     assert accel.choose(None) == "tcg"
@@ -60,6 +121,19 @@ def test_kvm_is_only_used_when_forced_or_proven(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("CIDBOOT_ACCEL", "fast")
     with pytest.raises(ValueError, match="tcg, kvm or auto"):
         accel.choose(None)
+    monkeypatch.setenv("CIDBOOT_ACCEL", "auto")  # the probe's verdict is cached per host, QEMU, kernel
+    monkeypatch.setattr(accel, "CACHE", tmp_path / "kvm-probe.json")
+    calls: list[Path] = []
+
+    def fake_probe(kernel: Path, timeout: float = 30) -> accel.Probe:
+        calls.append(kernel)
+        return accel.Probe(False, "QEMU: failed to set MSR", 0.1)
+
+    monkeypatch.setattr(accel, "probe_kvm", fake_probe)
+    k = tmp_path / "vmlinuz"
+    k.write_bytes(b"kernel")
+    assert accel.choose(k) == "tcg" and accel.choose(k) == "tcg" and calls == [k]
+    assert "failed to set MSR" in (tmp_path / "kvm-probe.json").read_text()
 
 
 def test_timeline_from_console_markers() -> None:

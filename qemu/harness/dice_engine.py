@@ -64,8 +64,13 @@ def device(state_root: Path, name: str) -> DeviceState:
     return d
 
 
+def measure_flash(kernel: bytes, initrd: bytes) -> bytes:
+    """The engine's measurement of the firmware in "flash": the L0 code hash (docs/boot-chain.md)."""
+    return code_hash_of_blobs([kernel, initrd])
+
+
 def firmware_inputs(kernel: bytes, initrd: bytes) -> DiceInputs:
-    return DiceInputs(code_hash=code_hash_of_blobs([kernel, initrd]), mode=DiceMode.NORMAL)
+    return DiceInputs(code_hash=measure_flash(kernel, initrd), mode=DiceMode.NORMAL)
 
 
 def provision(dev: DeviceState, kernel: bytes, initrd: bytes) -> Path:

@@ -26,6 +26,7 @@ from cidboot.registry import sign_registry
 from qemu.harness import dice_engine, timeline
 from qemu.harness.deploy import Deployment
 from qemu.harness.netns import BootNetwork, boot_network
+from qemu.harness.ra import router_advertiser
 from qemu.harness.vm import Guest, GuestError, GuestSpec
 
 AGENT_PORT = 8000
@@ -182,6 +183,7 @@ def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = 
     _devices_yaml(out / "devices.yaml", roles)
     with ExitStack() as stack:
         net = stack.enter_context(boot_network(taps=len(roles)))
+        stack.enter_context(router_advertiser(net))  # else iPXE (--legacy) waits ~16 s for an IPv6 router
         log = open(out / "boot-server.log", "w")
         stack.callback(log.close)
         server = net.popen([sys.executable, "-m", "bootstrap", "--log-json", "-v", "serve", "--interface", "br0",

@@ -16,6 +16,7 @@ from qemu.harness.vm import ConsoleLine
 STAGE_RX = re.compile(r"cidboot-stage: (?P<stage>[a-z0-9_-]+) (?P<event>[a-z0-9_-]+)(?P<rest>.*)$")
 PROBLEM_RX = re.compile(r"cidboot: (?P<kind>refused|fatal): (?P<reason>.*)$")
 FIELD_RX = re.compile(r"(\w+)=(\S+)")
+LOG_RX = re.compile(r"^\[\s*(?P<t>\d+(?:\.\d+)?)\] ?(?P<text>.*)$")
 
 
 @dataclass
@@ -36,6 +37,20 @@ class Timeline:
     def to_obj(self) -> dict[str, object]:
         return {"events": self.events, "stage_seconds": self.stage_seconds(),
                 "problems": [{"t": t, "kind": k, "reason": r} for t, k, r in self.problems]}
+
+
+def read_log(text: str) -> list[ConsoleLine]:
+    """The lines of a recorded console.log ("[   3.214] text"), for timelines after the fact.
+    Lines without a stamp (none are written so, but a hand-made sample may have them) keep the
+    previous line's time."""
+    out: list[ConsoleLine] = []
+    for raw in text.splitlines():
+        m = LOG_RX.match(raw)
+        if m:
+            out.append(ConsoleLine(float(m["t"]), m["text"]))
+        elif raw:
+            out.append(ConsoleLine(out[-1].t if out else 0.0, raw))
+    return out
 
 
 def parse(lines: Iterable[ConsoleLine]) -> Timeline:

@@ -47,13 +47,22 @@ class GuestSpec:
     disk: Path | None = None  # raw file as virtio-blk (the bootstrap's NVRAM)
     memory_mib: int = 1024
     accel: str = "tcg"
+    cpu: str | None = None  # default: "host" under KVM (what the accel probe tries), QEMU's own under TCG
+    # A guest reset ends QEMU instead of rebooting: our stages reset only when they die (panic=-1),
+    # and a dead guest must end the wait rather than loop. kexec is not a reset (the kernel jumps
+    # to the next one in place), so hand-overs are unaffected; tests/test_firmware_qemu.py kexecs
+    # under -no-reboot.
+    no_reboot: bool = True
 
     def argv(self, qmp_socket: Path) -> list[str]:
         a = [QEMU, "-machine", "q35", "-accel", self.accel, "-m", str(self.memory_mib), "-smp", "1",
-             "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot", "-S",
+             "-nographic", "-serial", "stdio", "-monitor", "none", "-S",
              "-qmp", f"unix:{qmp_socket},server=on,wait=off", "-name", self.name]
-        if self.accel == "kvm":
-            a += ["-cpu", "host"]
+        if self.no_reboot:
+            a.append("-no-reboot")
+        cpu = self.cpu or ("host" if self.accel == "kvm" else None)
+        if cpu:
+            a += ["-cpu", cpu]
         if self.kernel is not None:
             a += ["-kernel", str(self.kernel), "-append", self.append]
             if self.initrd is not None:
@@ -154,6 +163,19 @@ class _Loop:
 class Guest:
     """A running guest. Use as a context manager: the QEMU process never outlives it."""
 
+    @classmethod
+    def create(cls, name: str, state_dir: Path, *, kernel: Path | None = None, initrd: Path | None = None,
+               append: str = "console=ttyS0", fw_cfg: dict[str, Path] | None = None,
+               nic: tuple[str, str] | None = None, boot_from_network: bool = False, disk: Path | None = None,
+               memory_mib: int = 1024, accel: str = "tcg", cpu: str | None = None, no_reboot: bool = True,
+               net: BootNetwork | None = None) -> Guest:
+        """Keyword form: `nic` is (tap ifname, MAC); with `net` QEMU runs inside that namespace."""
+        spec = GuestSpec(name, kernel=kernel, initrd=initrd, append=append, fw_cfg=dict(fw_cfg or {}),
+                         tap=nic[0] if nic else None, mac=nic[1] if nic else GuestSpec.mac,
+                         network_boot=boot_from_network, disk=disk, memory_mib=memory_mib, accel=accel, cpu=cpu,
+                         no_reboot=no_reboot)
+        return cls(spec, state_dir, net)
+
     def __init__(self, spec: GuestSpec, state_dir: Path, net: BootNetwork | None = None) -> None:
         self.spec, self.dir, self.net = spec, state_dir, net
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -230,20 +252,40 @@ class Guest:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def reset(self) -> None:
+    def power_on(self) -> Guest:
+        """Same as start(): QEMU is started paused and `cont` is the power button."""
+        return self.start()
+
+    def system_reset(self) -> None:
+        """The reset button (with -no-reboot QEMU then exits, as for a guest-initiated reset)."""
         self.qmp("system_reset")
+
+    reset = system_reset
+
+    def system_powerdown(self) -> None:
+        """An ACPI power-button press: the guest decides what to do (a POWERDOWN event is emitted)."""
+        self.qmp("system_powerdown")
+
+    def quit(self) -> None:
+        """Pull the plug through QMP; QEMU exits at once."""
+        with contextlib.suppress(Exception):  # the reply may be lost as QEMU goes
+            self.qmp("quit")
+
+    def kill(self) -> None:
+        """Pull the plug from outside: SIGKILL to QEMU, for when QMP no longer answers."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
 
     def stop(self, timeout: float = 10) -> int | None:
         """Power off: QMP `quit`, then kill if QEMU does not go."""
         if self.proc is None:
             return None
         if self.running:
-            with contextlib.suppress(Exception):  # QMP may already be gone; killing is the fallback
-                self.qmp("quit")
+            self.quit()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self.kill()
                 self.proc.wait()
         if self._reader:
             self._reader.join(5)

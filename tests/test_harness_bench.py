@@ -1,0 +1,83 @@
+"""The boot benchmark's path from a harness report to its table, JSON and SVG, on a recorded
+console (the guest stages are not needed: the console protocol of docs/boot-chain.md is)."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import bench_boot
+from qemu.harness import timeline
+
+SAMPLE_CONSOLE = """\
+[   0.053] SeaBIOS (version 1.16.2-debian-1.16.2-1)
+[   0.402] [    0.000000] Linux version 6.1.0-56-cloud-amd64
+[   2.611] cidboot-stage: firmware start
+[   9.874] cidboot-stage: firmware handover code=0123456789abcdef
+[  10.310] [    0.000000] Linux version 6.1.0-56-cloud-amd64
+[  12.950] cidboot-stage: bootstrap start mode=measured
+[  21.402] cidboot-stage: bootstrap handover manifest=bafyreiexample
+[  24.118] cidboot-stage: agent start
+[  26.500] cidboot-stage: agent ready url=http://10.77.0.10:8000
+[  27.020] cidboot: result greeting="hello, world"
+"""
+
+
+def sample_report(console: str) -> dict[str, Any]:
+    tl = timeline.parse(timeline.read_log(console))
+    return {"accel": "tcg", "devices": [{"name": "device-0", "appraisal": {"status": "affirming", "reasons": []},
+                                         "boot_timeline": tl.to_obj()}]}
+
+
+def test_stage_times_from_a_recorded_console() -> None:
+    report = sample_report(SAMPLE_CONSOLE)
+    assert report["devices"][0]["boot_timeline"]["events"]["agent"] == {"start": 24.118, "ready": 26.5}
+    assert bench_boot.stages_from_report(report) == {"firmware": 9.874, "bootstrap": 11.528, "image": 5.098}
+
+
+def test_each_stage_splits_into_its_boot_and_its_work() -> None:
+    phases = bench_boot.phases_from_report(sample_report(SAMPLE_CONSOLE))
+    assert phases == [("firmware boot", 0.0, 2.611), ("firmware", 2.611, 7.263),
+                      ("bootstrap boot", 9.874, 3.076), ("bootstrap", 12.95, 8.452),
+                      ("image boot", 21.402, 2.716), ("image", 24.118, 2.382)]
+    rows, bars = bench_boot.summarize(20.0, bench_boot.stages_from_report(sample_report(SAMPLE_CONSOLE)), None, phases)
+    assert bars[-1] == ("boot | work", phases) and rows[-1] == {"boot": "ours: image work", "seconds": 2.38}
+
+
+def test_rows_and_svg(tmp_path: Path) -> None:
+    rows, bars = bench_boot.summarize(20.0, bench_boot.stages_from_report(sample_report(SAMPLE_CONSOLE)))
+    assert rows[0] == {"boot": "plain iPXE + busybox (reference)", "seconds": 20.0}
+    assert rows[-1]["seconds"] == 26.5 and rows[-1]["ratio_vs_reference"] == 1.32
+    bench_boot.svg_timeline(bars, tmp_path / "t.svg")
+    svg = ET.parse(tmp_path / "t.svg").getroot()  # well-formed
+    titles = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}title")]
+    assert titles == ["reference: 20.00 s", "firmware: 9.87 s", "bootstrap: 11.53 s", "image: 5.10 s"]
+    only_ref, ref_bars = bench_boot.summarize(20.0, {})  # a run whose chain did not come up
+    assert len(only_ref) == 1 and len(ref_bars) == 1
+
+
+def test_main_with_a_report_writes_json_and_svg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(sample_report(SAMPLE_CONSOLE)))
+    monkeypatch.setattr(bench_boot, "pinned_kernel", lambda dest: dest)
+    runs = iter([21.0, 19.0, 22.0])
+    monkeypatch.setattr(bench_boot, "reference_boot",
+                        lambda kernel, work, accel="tcg": {"to_marker_s": next(runs), "accel": accel})
+    assert bench_boot.main(["--out", str(tmp_path / "out"), "--report", str(report), "--quick"]) == 0
+    doc = json.loads((tmp_path / "out" / "bench_boot.json").read_text())
+    assert doc["rows"][0]["seconds"] == 21.0  # the median of three reference boots
+    assert doc["notes"]["accel"] == "tcg" and doc["notes"]["appraisal"] == "affirming"
+    assert (tmp_path / "out" / "boot_timeline.svg").read_text().startswith("<svg")
+
+
+def test_busybox_initramfs_is_reproducible_and_has_a_console() -> None:
+    from imagebuilder.cpio import decompress, read_newc
+
+    data = bench_boot.busybox_initramfs()
+    assert data == bench_boot.busybox_initramfs()
+    names = {m.path for m in read_newc(decompress(data))}
+    assert {"init", "bin/busybox", "dev/console"} <= names
