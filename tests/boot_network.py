@@ -70,3 +70,31 @@ def running_boot_server(tmp: Path, taps: int = 1, extra: list[str] | None = None
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def boot_until(tmp: Path, net: BootNetwork | None, *, until: str, timeout: float, kernel: bytes | None = None,
+               initrd: bytes | None = None, append: str = "console=ttyS0 quiet panic=-1",
+               fw_cfg: dict[str, Path] | None = None, disk: Path | None = None, mac: str = "52:54:00:12:34:56",
+               memory_mib: int = 1024, boot_from_network: bool = False) -> tuple[str, list[tuple[float, str]]]:
+    """Boot one guest on tap0 of `net` (no NIC without one; qemu.harness.vm) and stop it as soon as a console line
+    matches `until` (or it powers off): a test never waits for its own timeout on success.
+    Returns the console text and (seconds since power-on, line) pairs; `tmp/guest/console.log` keeps it."""
+    from qemu.harness.vm import Guest, GuestError
+
+    files = {}
+    for name, blob in (("vmlinuz", kernel), ("initrd", initrd)):
+        if blob is not None:
+            (tmp / name).write_bytes(blob)
+            files[name] = tmp / name
+    guest = Guest.create("dut", tmp / "guest", kernel=files.get("vmlinuz"), initrd=files.get("initrd"), append=append,
+                         fw_cfg=fw_cfg, nic=("tap0", mac) if net else None, disk=disk, memory_mib=memory_mib,
+                         boot_from_network=boot_from_network, net=net)
+    with guest:
+        try:
+            guest.wait_for_console(until, timeout)
+        except GuestError as e:
+            if guest.running:  # not a power-off before the marker: the test fails with the console tail
+                raise
+            del e
+    lines = [(ln.t, ln.text) for ln in guest.console.lines]
+    return "\n".join(text for _, text in lines), lines

@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -77,12 +76,13 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
             "build_s": time.monotonic() - t}
 
 
+POWER_DOWN = r"reboot: Power down"
 LIAR = "http://10.77.0.1:8081"  # tests/tampering_gateway.py, started in the namespace when asked
 
 
-def _boot(tmp: Path, images: dict[str, object], bootconfig: bytes, *, timeout: float = 420,
+def _boot(tmp: Path, images: dict[str, object], bootconfig: bytes, *, until: str, timeout: float = 420,
           lie_about: str | None = None) -> tuple[str, list[tuple[float, str]]]:
-    from tests.boot_network import running_boot_server
+    from tests.boot_network import boot_until, running_boot_server
 
     kernel, initrd = images["kernel"], images["initrd"]
     assert isinstance(kernel, bytes) and isinstance(initrd, bytes)
@@ -92,8 +92,6 @@ def _boot(tmp: Path, images: dict[str, object], bootconfig: bytes, *, timeout: f
     ident = derive_layers(UDS, [fw, l1])
     handoff = Handoff(encode_handover(ident.cdi_attest, ident.cdi_seal, ident.chain),
                       {"boot_mode": "measured", "bootconfig": bootconfig.decode()})
-    (tmp / "vmlinuz").write_bytes(kernel)
-    (tmp / "initrd").write_bytes(handoff.append_to(initrd))
     nvram = tmp / "nvram.img"
     if not nvram.exists():
         nvram.write_bytes(bytes(1 << 20))
@@ -107,36 +105,13 @@ def _boot(tmp: Path, images: dict[str, object], bootconfig: bytes, *, timeout: f
                                   "--listen", LIAR.removeprefix("http://"), "--tamper", lie_about],
                                  stdout=subprocess.PIPE, text=True, cwd=REPO)
             assert liar.stdout is not None and "tampering gateway" in liar.stdout.readline()
-        lines: list[tuple[float, str]] = []
-        t0 = time.monotonic()
-        qemu = srv.net.popen(["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "1024", "-nographic",
-                              "-no-reboot", "-kernel", str(tmp / "vmlinuz"), "-initrd", str(tmp / "initrd"),
-                              "-append", "console=ttyS0 quiet panic=-1",
-                              "-drive", f"file={nvram},format=raw,if=virtio",
-                              "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-                              "-device", f"virtio-net-pci,netdev=n0,mac={MAC}"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-        def pump() -> None:
-            assert qemu.stdout is not None
-            for raw in qemu.stdout:
-                lines.append((time.monotonic() - t0, raw.decode(errors="replace").rstrip("\r\n")))
-
-        th = threading.Thread(target=pump, daemon=True)
-        th.start()
         try:
-            qemu.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
+            console, lines = boot_until(tmp, srv.net, until=until, timeout=timeout, kernel=kernel,
+                                        initrd=handoff.append_to(initrd), disk=nvram, mac=MAC)
         finally:
-            qemu.kill()
-            qemu.wait()
-            th.join(5)
             if liar is not None:
                 liar.kill()
                 liar.wait()
-    console = "\n".join(line for _, line in lines)
-    (tmp / "console.log").write_text("\n".join(f"{t:7.2f} {line}" for t, line in lines))
     return console, lines
 
 
@@ -147,7 +122,7 @@ def _at(lines: list[tuple[float, str]], pattern: str) -> float | None:
 def test_bootstrap_verifies_measures_and_kexecs_into_hello(images: dict[str, object], tmp_path: Path) -> None:
     cid = str(images["manifest"])
     cfg = BootConfig(CID.parse(cid), (GATEWAY,)).encode()
-    console, lines = _boot(tmp_path, images, cfg)
+    console, lines = _boot(tmp_path, images, cfg, until=r"cidboot-stage: agent start|cidboot: refused")
     tail = console[-4000:]
     assert "cidboot-stage: bootstrap start mode=measured" in console, tail
     assert f"cidboot-stage: bootstrap handover manifest={cid}" in console, tail
@@ -160,10 +135,9 @@ def test_bootstrap_verifies_measures_and_kexecs_into_hello(images: dict[str, obj
         "bootstrap start": _at(lines, r"cidboot-stage: bootstrap start"),
         "bootstrap handover": _at(lines, r"cidboot-stage: bootstrap handover"),
         "hello agent start": _at(lines, r"cidboot-stage: agent start"),
-        "power down": _at(lines, r"reboot: Power down"),
-    }
+            }
     detail = next((line for _, line in lines if line.startswith("cidboot: bootstrap: manifest=")), "")
-    print(f"\nimages built in {images['build_s']:.1f} s; console marks (s since QEMU start): "
+    print(f"\nimages built in {images['build_s']:.1f} s; console marks (s since power-on): "
           + ", ".join(f"{k} {v:.2f}" for k, v in marks.items() if v is not None) + f"\n{detail}")
     assert marks["hello agent start"] is not None, tail  # kexec worked: hello's own /init ran its stage
 
@@ -180,7 +154,7 @@ def _anchor_of(images: dict[str, object]) -> RootOfTrust:
 
 def test_bootstrap_refuses_an_unknown_manifest_and_powers_off(images: dict[str, object], tmp_path: Path) -> None:
     missing = "bafyreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
-    console, _ = _boot(tmp_path, images, BootConfig(CID.parse(missing), (GATEWAY,)).encode(), timeout=300)
+    console, _ = _boot(tmp_path, images, BootConfig(CID.parse(missing), (GATEWAY,)).encode(), until=POWER_DOWN, timeout=300)
     assert re.search(rf"cidboot: refused: manifest {missing}: unavailable", console), console[-3000:]
     assert "cidboot-stage: bootstrap handover" not in console
     assert "reboot: Power down" in console and "Kernel panic" not in console
@@ -192,7 +166,7 @@ def test_bootstrap_refuses_a_tampered_layer_and_powers_off(images: dict[str, obj
     cid = str(images["manifest"])
     m = _manifest_of(images)
     bad = str(m.layers[-1].cid)
-    console, lines = _boot(tmp_path, images, BootConfig(CID.parse(cid), (LIAR,)).encode(), timeout=300,
+    console, lines = _boot(tmp_path, images, BootConfig(CID.parse(cid), (LIAR,)).encode(), until=POWER_DOWN, timeout=300,
                            lie_about=bad)
     assert re.search(rf"cidboot: refused: layer {bad}: hash mismatch", console), console[-3000:]
     assert "cidboot-stage: bootstrap handover" not in console and "cidboot-stage: agent start" not in console
@@ -206,7 +180,7 @@ def test_bootstrap_refuses_a_corrupted_nvram(images: dict[str, object], tmp_path
     cid = str(images["manifest"])
     junk = b"CIDBNVR\0" + bytes(40) + b"scribbled"
     (tmp_path / "nvram.img").write_bytes(junk + bytes((1 << 20) - len(junk)))
-    console, _ = _boot(tmp_path, images, BootConfig(CID.parse(cid), (GATEWAY,)).encode(), timeout=300)
+    console, _ = _boot(tmp_path, images, BootConfig(CID.parse(cid), (GATEWAY,)).encode(), until=POWER_DOWN, timeout=300)
     assert re.search(rf"cidboot: refused: nvram: /dev/vda: .*manifest {cid}", console), console[-3000:]
     assert "cidboot-stage: bootstrap handover" not in console
     assert (tmp_path / "nvram.img").read_bytes()[:len(junk)] == junk  # left as found
@@ -216,6 +190,7 @@ def test_ipxe_boots_the_bootstrap_unmeasured_into_hello(images: dict[str, object
     """A plain iPXE ROM (QEMU's, PXE over the boot server) boots the bootstrap: no hand-off, so the
     boot config comes over TFTP from the command line boot.ipxe gives, and the boot is unmeasured."""
     from qemu.harness.netns import boot_network
+    from tests.boot_network import boot_until
 
     kernel, initrd, store = images["kernel"], images["initrd"], images["store"]
     assert isinstance(kernel, bytes) and isinstance(initrd, bytes) and isinstance(store, Path)
@@ -226,7 +201,6 @@ def test_ipxe_boots_the_bootstrap_unmeasured_into_hello(images: dict[str, object
     (tftp / "bootstrap/initrd.img").write_bytes(initrd)
     nvram = tmp_path / "nvram.img"
     nvram.write_bytes(bytes(1 << 20))
-    lines: list[tuple[float, str]] = []
     with boot_network(taps=1) as net:
         with open(tmp_path / "server.log", "w") as logf:
             srv = net.popen([sys.executable, "-m", "bootstrap", "serve", "--interface", "br0", "--dhcp-range",
@@ -234,39 +208,14 @@ def test_ipxe_boots_the_bootstrap_unmeasured_into_hello(images: dict[str, object
                              "--state-dir", str(tmp_path / "state")], stdout=subprocess.PIPE, stderr=logf, text=True)
         try:
             assert srv.stdout is not None and "serving on br0" in srv.stdout.readline()
-            t0 = time.monotonic()
-            qemu = net.popen(["qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-nographic", "-no-reboot",
-                              "-boot", "n", "-drive", f"file={nvram},format=raw,if=virtio",
-                              "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-                              "-device", f"virtio-net-pci,netdev=n0,mac={MAC}"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-            def pump() -> None:
-                assert qemu.stdout is not None
-                for raw in qemu.stdout:
-                    line = raw.decode(errors="replace").rstrip("\r\n")
-                    lines.append((time.monotonic() - t0, line))
-                    if "cidboot-stage: agent start" in line or "cidboot: refused" in line:
-                        qemu.kill()
-
-            th = threading.Thread(target=pump, daemon=True)
-            th.start()
-            try:
-                qemu.wait(600)
-            except subprocess.TimeoutExpired:
-                pass
-            finally:
-                qemu.kill()
-                qemu.wait()
-                th.join(5)
+            console, lines = boot_until(tmp_path, net, until=r"cidboot-stage: agent start|cidboot: refused",
+                                        timeout=600, disk=nvram, mac=MAC, boot_from_network=True)
         finally:
             srv.terminate()
             try:
                 srv.wait(10)
             except subprocess.TimeoutExpired:
                 srv.kill()
-    console = "\n".join(line for _, line in lines)
-    (tmp_path / "console.log").write_text("\n".join(f"{t:7.2f} {line}" for t, line in lines))
     tail = console[-4000:]
     assert "cidboot-stage: bootstrap start mode=unmeasured" in console, tail
     assert f"cidboot-stage: bootstrap handover manifest={cid}" in console, tail
@@ -275,6 +224,6 @@ def test_ipxe_boots_the_bootstrap_unmeasured_into_hello(images: dict[str, object
              "bootstrap start": _at(lines, r"cidboot-stage: bootstrap start"),
              "bootstrap handover": _at(lines, r"cidboot-stage: bootstrap handover"),
              "hello agent start": _at(lines, r"cidboot-stage: agent start")}
-    print("\niPXE (unmeasured) console marks (s since QEMU start): "
+    print("\niPXE (unmeasured) console marks (s since power-on): "
           + ", ".join(f"{k} {v:.2f}" for k, v in marks.items() if v is not None))
     assert Nvram(nvram).load_state(_anchor_of(images)).highest == {"hello": 1}

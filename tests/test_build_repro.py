@@ -124,25 +124,22 @@ def test_image_boots_with_python_as_init(hello: Path, tmp_path: Path, warm_cache
     flow's kernel modules; the agent, started without the bootstrap's hand-off, refuses with its
     reason on the console and cidboot.pid1 powers off (no panic)."""
     from cidboot.cid import CID
+    from tests.boot_network import boot_until
 
     store = tmp_path / "store"
     res = _build(hello, warm_cache, "--store", str(store))
     bs = Blockstore(store)
     m = SignedManifest.decode(bs.get(CID.parse(str(res["manifest"])))).manifest
     parts = {lyr.role: b"".join(export_file(lyr.cid, bs.get)) for lyr in m.layers}
-    (tmp_path / "vmlinuz").write_bytes(parts["kernel"])
-    (tmp_path / "initrd").write_bytes(b"".join(parts[r] for r in ("runtime", "agent", "operations", "config")))
-    proc = subprocess.run(["qemu-system-x86_64", "-machine", "q35", "-m", "512", "-nographic", "-no-reboot",
-                           "-net", "none", "-kernel", str(tmp_path / "vmlinuz"), "-initrd", str(tmp_path / "initrd"),
-                           "-append", f"{m.cmdline} panic=-1"],
-                          capture_output=True, timeout=180)
-    console = proc.stdout.decode(errors="replace")
+    console, _ = boot_until(tmp_path, None, until=r"reboot: Power down", timeout=180, kernel=parts["kernel"],
+                            initrd=b"".join(parts[r] for r in ("runtime", "agent", "operations", "config")),
+                            append=f"{m.cmdline} panic=-1", memory_mib=512)
     assert "Kernel panic" not in console, console[-3000:]
     assert "cidboot: fatal:" in console and "boot.json" in console, console[-3000:]
     # the flow's kernel modules were loaded by /init with finit_module, dependencies first
-    m = re.search(r"cidboot: loaded ([a-z0-9_ ]+)", console)
-    assert m, console[-3000:]
-    loaded = m[1].split()
+    mods = re.search(r"cidboot: loaded ([a-z0-9_ ]+)", console)
+    assert mods, console[-3000:]
+    loaded = mods[1].split()
     assert {"virtio_net", "virtio_pci", "virtio", "virtio_ring", "failover", "net_failover"} <= set(loaded)
     assert loaded.index("virtio") < loaded.index("virtio_net") and loaded.index("failover") < loaded.index("net_failover")
     assert "reboot: Power down" in console

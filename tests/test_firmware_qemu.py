@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -73,45 +72,18 @@ def firmware_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, byt
 
 def _boot(tmp: Path, kernel: bytes, initrd: bytes, handover: bytes | None, *, timeout: float = 300,
           until: str = "reboot: Power down") -> tuple[str, list[tuple[float, str]]]:
-    """Boot the firmware on tap0 of a fresh boot network; returns the console and (t, line) pairs."""
-    from tests.boot_network import running_boot_server
+    """Boot the firmware on tap0 of a fresh boot network until `until` appears on the console."""
+    from tests.boot_network import boot_until, running_boot_server
 
-    (tmp / "vmlinuz").write_bytes(kernel)
-    (tmp / "initrd").write_bytes(initrd)
-    fw_cfg = []
+    fw_cfg = {}
     if handover is not None:
         (tmp / "handover.cbor").write_bytes(handover)
-        fw_cfg = ["-fw_cfg", f"name=opt/cidboot/dice,file={tmp / 'handover.cbor'}"]
+        fw_cfg = {"opt/cidboot/dice": tmp / "handover.cbor"}
     with running_boot_server(tmp) as srv:
         (srv.tftp_root / "bootstrap" / "vmlinuz").write_bytes(kernel)
         (srv.tftp_root / "bootstrap" / "initrd.img").write_bytes(stand_in_initrd())
-        lines: list[tuple[float, str]] = []
-        t0 = time.monotonic()
-        qemu = srv.net.popen(["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "768", "-nographic",
-                              "-no-reboot", "-kernel", str(tmp / "vmlinuz"), "-initrd", str(tmp / "initrd"),
-                              "-append", "console=ttyS0 quiet panic=-1", *fw_cfg,
-                              "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-                              "-device", f"virtio-net-pci,netdev=n0,mac={MAC}"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-        def pump() -> None:
-            assert qemu.stdout is not None
-            for raw in qemu.stdout:
-                lines.append((time.monotonic() - t0, raw.decode(errors="replace").rstrip("\r\n")))
-
-        th = threading.Thread(target=pump, daemon=True)
-        th.start()
-        try:
-            qemu.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            qemu.kill()
-            qemu.wait()
-            th.join(5)
-    console = "\n".join(line for _, line in lines)
-    (tmp / "console.log").write_text("\n".join(f"{t:7.2f} {line}" for t, line in lines))
-    return console, lines
+        return boot_until(tmp, srv.net, until=until, timeout=timeout, kernel=kernel, initrd=initrd, fw_cfg=fw_cfg,
+                          mac=MAC, memory_mib=768)
 
 
 def _at(lines: list[tuple[float, str]], pattern: str, after: float = 0.0) -> float | None:
@@ -141,7 +113,7 @@ def test_firmware_boots_fetches_measures_and_kexecs(firmware_image: tuple[bytes,
         "power down": _at(lines, r"reboot: Power down"),
     }
     detail = next((line for _, line in lines if line.startswith("cidboot: firmware: ip=")), "")
-    print(f"\nfirmware image build {build_s:.1f} s; console marks (s since QEMU start): "
+    print(f"\nfirmware image build {build_s:.1f} s; console marks (s since power-on): "
           + ", ".join(f"{k} {v:.2f}" for k, v in marks.items() if v is not None) + f"\n{detail}")
 
 
