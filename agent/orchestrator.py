@@ -56,6 +56,7 @@ from cidboot.appraisal import AppraisalResult
 from cidboot.cid import CID
 from cidboot.cose import PrivateKey
 from cidboot.cose_key import raw_public_bytes
+from cidboot.dataflow.checks import PolicyScope, value_problem
 from cidboot.errors import CidbootError, FormatError
 from cidboot.flow import SEED, STAGES, DataFlow, Operation
 from cidboot.provenance import InputNode, ProvenanceFormatError, decode, make_input
@@ -309,7 +310,8 @@ class Orchestrator:
             roles.append(SEED if n.is_seed else (a.role if a else "?"))
         try:
             check_policies(self.ctx.policies, RunContext(op.name, [n.definition for n in chosen.values()], roles,
-                                                         self.ctx.measurements, self.ctx.references))
+                                                         self.ctx.measurements, self.ctx.references,
+                                                         PolicyScope.of(self.ctx.flow, self.ctx.placement)))
         except PolicyVeto as e:
             self.audit.record("veto", str(e), operation=op.name, inputs=cids)
             return
@@ -338,6 +340,11 @@ class Orchestrator:
                                   "not a list", operation=op.name, inputs=cids)
                 continue
             for v in value if name in op.expand else [value]:
+                # an output is a value of its definition, or it never becomes an input anywhere
+                wrong = value_problem(self.ctx.flow.definitions[op.outputs[name]], v)
+                if wrong is not None:
+                    self.audit.record("refused", f"{op.name}.{name}: {wrong}", operation=op.name, inputs=cids)
+                    continue
                 try:
                     await self._emit(op, name, v, cids)
                 except ProvenanceFormatError as e:  # e.g. a set or a NaN: it cannot become a provenance node

@@ -3,14 +3,21 @@
     {name: only-measured-images-greet, veto: {operation: hello}, unless: {measurement: image}}
 
 `veto` selects runs (all given keys must match): `operation` (name), `definition` (one of the
-inputs has it), `producer` (one input was produced on that role; "seed" for the authority),
-`measurement: LAYER` (this agent's own LAYER measurement differs from the manifest's reference
-value for it, or either is missing). `unless` lifts the veto: `measurement: LAYER` holds when
-this agent's own DICE chain measured LAYER and the value equals the reference the signed
-manifest carries for it, or, with `equals: HEX` (sha512 hex, the schema's form), equals that
-value instead. The shape is imagebuilder/schema/flow.schema.json's `policies`. A policy that
-does not parse is itself a veto of everything (fail closed), with the reason: a typo in a
-security rule must never turn it off.
+inputs has it), `producer` (one input was produced on that role of the placement, or "seed"
+for the flow authority's seeds), `measurement: LAYER` (this agent's own LAYER measurement
+differs from the manifest's reference value for it, or either is missing). `unless` lifts the
+veto: `measurement: LAYER` holds when this agent's own DICE chain measured LAYER and the value
+equals the reference the signed manifest carries for it, or, with `equals: HEX` (sha512 hex,
+the schema's form), equals that value instead.
+
+What a well-formed policy is, is decided by one function, `cidboot.dataflow.checks.policy_problems`,
+which `imagebuilder lock|build` and `agent run` also validate with, so what the builder
+signs is exactly what is enforced here. A policy with a problem is itself a veto of
+everything (fail closed), with the reason: a typo in a security rule must never turn it off.
+Given the flow's `scope` (its operations, definitions and placement roles, which the
+orchestrator always passes), that includes a rule naming an operation, definition or
+producer that does not exist (it could never match: `producer: hello`, an operation, is not a
+role); without a scope only the shape is checked.
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-VETO_KEYS = frozenset({"operation", "definition", "producer", "measurement"})
-UNLESS_KEYS = frozenset({"measurement", "equals"})
+from cidboot.dataflow.checks import UNLESS_KEYS, VETO_KEYS, PolicyScope, policy_problems
+
+__all__ = ["UNLESS_KEYS", "VETO_KEYS", "PolicyScope", "RunContext", "veto_reason"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,7 @@ class RunContext:
     producer_roles: Sequence[str]  # "seed" for authority inputs
     measurements: Mapping[str, bytes]  # this agent's own (from its DICE chain)
     references: Mapping[str, bytes]  # the manifest's reference values
+    scope: PolicyScope | None = None  # the flow's names: policies naming anything else veto everything
 
 
 def _matches(veto: Mapping[str, Any], ctx: RunContext) -> bool:
@@ -55,27 +64,14 @@ def _lifted(unless: Mapping[str, Any], ctx: RunContext) -> bool:
     return _measured_as(ctx, str(layer), unless.get("equals"))
 
 
-def _malformed(p: Any) -> bool:
-    if not isinstance(p, Mapping) or set(p) - {"name", "veto", "unless"}:
-        return True
-    veto, unless = p.get("veto"), p.get("unless", {})
-    if not isinstance(veto, Mapping) or not veto or set(veto) - VETO_KEYS or not all(isinstance(v, str) for v in veto.values()):
-        return True
-    if not isinstance(unless, Mapping) or set(unless) - UNLESS_KEYS or ("equals" in unless and "measurement" not in unless):
-        return True
-    eq = unless.get("equals")
-    if eq is not None and not (isinstance(eq, str) and len(eq) == 128 and all(c in "0123456789abcdef" for c in eq)):
-        return True
-    return not all(isinstance(v, str) for v in unless.values())
-
-
 def veto_reason(policies: Sequence[Mapping[str, Any]], ctx: RunContext) -> str | None:
     """The first policy that vetoes this run, as a reason; None when every policy passes."""
     for i, p in enumerate(policies):
         name = p.get("name", f"policy {i}") if isinstance(p, Mapping) else f"policy {i}"
-        if _malformed(p):
-            return (f"policy {name}: malformed, so it vetoes everything (veto: a non-empty map of "
-                    f"{sorted(VETO_KEYS)}; unless: {sorted(UNLESS_KEYS)}, equals a sha512 hex)")
+        problems = policy_problems(p, ("policies", i), ctx.scope)
+        if problems:
+            return (f"policy {name}: malformed, so it vetoes everything ({'; '.join(map(str, problems))}; "
+                    f"veto: a non-empty map of {sorted(VETO_KEYS)}; unless: {sorted(UNLESS_KEYS)}, equals a sha512 hex)")
         veto, unless = p["veto"], p.get("unless", {})
         if _matches(veto, ctx) and not _lifted(unless, ctx):
             why = ""

@@ -26,6 +26,10 @@ Public API:
     flow.consumers_of(definition) / producers_of(definition)
     flow.cid                                                  # CID of the block it was read from
 Malformed input raises FlowFormatError (a cidboot FormatError) naming the dotted key.
+
+This is the one model: `cidboot.dataflow.checks` validates a flow (cycles through these very
+connections, seeds, implementations, placement, policies) for every tool that reads one, so
+nothing computes auto-flow or the operation graph a second way.
 """
 
 from __future__ import annotations

@@ -1,46 +1,44 @@
-"""Load and check flow.yaml: schema validation and semantic checks, each error at file:line:column.
+"""Load flow.yaml: its schema, its image sections, and the shared flow checks, each problem at file:line:column.
 
 A flow file is what users write first, and a build must never start from a flow that cannot
 run, so every problem is reported before anything reaches a store, in the form
 `flow.yaml:12:7: dataflow.operations.hello.inputs.name: undefined definition 'nme'`.
-Positions come from PyYAML's composer nodes (the value's position; for an unknown key, the
-key's); duplicate keys, which PyYAML would silently merge, are errors too.
+This module owns only what is the builder's: the JSON schema, the image and trust sections
+and the lock. What the flow means (auto-flow, cycles, seeds, implementations, placement,
+policies) is checked by `cidboot.dataflow.checks`, the same validator `agent run` and the
+harness call, so the builder never signs a flow the agent reads another way; each of its
+problems is mapped here to the YAML position it came from (`cidboot.dataflow.source`).
 """
 
 from __future__ import annotations
 
-import ast
 import json
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
 
-from cidboot.errors import FormatError
+from cidboot.dataflow import checks
+from cidboot.dataflow.checks import FlowError, Path_, Problem, find_cycle, operation_edges
+from cidboot.dataflow.source import Located, parse_yaml
 
-Path_ = tuple[str | int, ...]
-
-
-class FlowFileError(FormatError):
-    """The flow file is malformed or inconsistent; `problems` lists every finding."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
+__all__ = ["FlowFile", "FlowFileError", "check_lock", "find_cycle", "implementation_file", "load", "operation_edges",
+           "parse", "schema"]
 
 
-@dataclass
-class FlowFile:
+class FlowFileError(FlowError):
+    """The flow file is malformed or inconsistent; `problems` lists every finding as
+    `file:line:col: dotted.key: message`, `details` the Problems (code, path) behind them."""
+
+    def __init__(self, problems: list[str], details: Sequence[Problem] = ()) -> None:
+        super().__init__(list(details), problems)
+
+
+class FlowFile(Located):
     """A checked flow file: the plain data plus where each value was written."""
-
-    path: Path
-    data: dict[str, Any]
-    marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
-    key_marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def dir(self) -> Path:
@@ -54,18 +52,9 @@ class FlowFile:
     def target(self) -> str:
         return str(self.data.get("target", "image"))
 
-    def where(self, at: Path_, key: bool = False) -> str:
-        """`file:line:column: dotted.key` for a data path (nearest known ancestor if needed)."""
-        table = self.key_marks if key and at in self.key_marks else self.marks
-        p = at
-        while p not in table and p:
-            p = p[:-1]
-        line, col = table.get(p, (1, 1))
-        dotted = ".".join(str(x) for x in at) or "<root>"
-        return f"{self.path}:{line}:{col}: {dotted}"
-
-    def error(self, at: Path_, message: str, key: bool = False) -> str:
-        return f"{self.where(at, key)}: {message}"
+    def fail(self, problems: list[Problem]) -> FlowFileError:
+        e = super().fail(problems)
+        return FlowFileError(e.problems, e.details)
 
 
 @cache
@@ -74,51 +63,13 @@ def schema() -> dict[str, Any]:
     return dict(json.loads(text))
 
 
-def _to_data(loader: yaml.SafeLoader, node: yaml.Node, at: Path_, ff: FlowFile, problems: list[str]) -> Any:
-    ff.marks[at] = (node.start_mark.line + 1, node.start_mark.column + 1)
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, Any] = {}
-        for knode, vnode in node.value:
-            key = loader.construct_object(knode, deep=True)
-            if not isinstance(key, str):
-                key = str(key)  # the schema then rejects it by name where names are constrained
-            kat = (*at, key)
-            if key in out:
-                line, col = knode.start_mark.line + 1, knode.start_mark.column + 1
-                problems.append(f"{ff.path}:{line}:{col}: {'.'.join(map(str, kat))}: duplicate key")
-                continue
-            ff.key_marks[kat] = (knode.start_mark.line + 1, knode.start_mark.column + 1)
-            out[key] = _to_data(loader, vnode, kat, ff, problems)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_to_data(loader, v, (*at, i), ff, problems) for i, v in enumerate(node.value)]
-    return loader.construct_object(node, deep=True)
-
-
 def parse(text: str, path: Path) -> FlowFile:
     """YAML text to a FlowFile with positions; YAML syntax errors keep their own position."""
-    ff = FlowFile(path, {})
-    problems: list[str] = []
-    loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()
-        if node is None:
-            raise FlowFileError([f"{path}:1:1: <root>: empty flow file"])
-        data = _to_data(loader, node, (), ff, problems)
-    except yaml.MarkedYAMLError as e:
-        m = e.problem_mark or e.context_mark
-        pos = f"{m.line + 1}:{m.column + 1}" if m else "1:1"
-        raise FlowFileError([f"{path}:{pos}: <yaml>: {e.problem or e.context}"]) from None
-    except yaml.YAMLError as e:
-        raise FlowFileError([f"{path}:1:1: <yaml>: {e}"]) from None
-    finally:
-        loader.dispose()
-    if problems:
-        raise FlowFileError(problems)
-    if not isinstance(data, dict):
-        raise FlowFileError([f"{path}:1:1: <root>: a flow file is a mapping, got {type(data).__name__}"])
-    ff.data = data
-    return ff
+        doc = parse_yaml(text, path)
+    except FlowError as e:
+        raise FlowFileError(e.problems, e.details) from None
+    return FlowFile(doc.path, doc.data, doc.marks, doc.key_marks)
 
 
 def _schema_problems(ff: FlowFile) -> list[str]:
@@ -148,144 +99,29 @@ def _schema_problems(ff: FlowFile) -> list[str]:
     return [m for _, m in sorted(out)]
 
 
-def _function_names(module_file: Path) -> set[str]:
-    tree = ast.parse(module_file.read_text(), str(module_file))
-    return {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
-
-
 def implementation_file(ff: FlowFile, implementation: str) -> Path:
     """Where the operation's module lives: `pkg.mod:fn` is `pkg/mod.py` beside the flow file."""
     module = implementation.split(":", 1)[0]
     return ff.dir / (module.replace(".", "/") + ".py")
 
 
-def operation_edges(df: dict[str, Any]) -> dict[str, set[str]]:
-    """op -> ops it feeds. Explicit `flow` origins win; otherwise auto-flow by definition."""
-    ops: dict[str, Any] = df.get("operations", {})
-    producers: dict[str, set[str]] = {}
-    for name, op in ops.items():
-        for d in (op.get("outputs") or {}).values():
-            producers.setdefault(d, set()).add(name)
-    edges: dict[str, set[str]] = {n: set() for n in ops}
-    flow = df.get("flow")
-    for name, op in ops.items():
-        if flow is not None and name in flow:
-            spec = flow[name]
-            for origins in list((spec.get("inputs") or {}).values()) + [spec.get("conditions") or []]:
-                for o in origins:
-                    if isinstance(o, dict):
-                        for src in o:
-                            if src in edges:
-                                edges[src].add(name)
-        else:
-            for d in list((op.get("inputs") or {}).values()) + list(op.get("conditions") or []):
-                for src in producers.get(d, ()):
-                    edges[src].add(name)
-    return edges
-
-
-def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
-    """One cycle as a path [a, b, ..., a], or None; deterministic (sorted) search."""
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(n: str) -> list[str] | None:
-        state[n] = 1
-        stack.append(n)
-        for m in sorted(edges.get(n, ())):
-            if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
-            if m not in state:
-                found = visit(m)
-                if found:
-                    return found
-        stack.pop()
-        state[n] = 2
-        return None
-
-    for n in sorted(edges):
-        if n not in state:
-            found = visit(n)
-            if found:
-                return found
-    return None
-
-
-def _semantic_problems(ff: FlowFile, require_keys: bool = True) -> list[str]:
-    p: list[str] = []
-    df = ff.data["dataflow"]
-    defs = set(df["definitions"])
-    ops: dict[str, Any] = df["operations"]
-    base: Path_ = ("dataflow", "operations")
-    for name, op in ops.items():
-        for section in ("inputs", "outputs"):
-            for k, d in (op.get(section) or {}).items():
-                if d not in defs:
-                    p.append(ff.error((*base, name, section, k), f"undefined definition {d!r}"))
-        for i, d in enumerate(op.get("conditions") or []):
-            if d not in defs:
-                p.append(ff.error((*base, name, "conditions", i), f"undefined definition {d!r}"))
-        impl = op["implementation"]
-        f = implementation_file(ff, impl)
-        at = (*base, name, "implementation")
-        if not f.is_file():
-            p.append(ff.error(at, f"missing implementation: module file {f.relative_to(ff.dir)} not found beside the flow"))
-        else:
-            try:
-                fns = _function_names(f)
-            except SyntaxError as e:
-                p.append(ff.error(at, f"missing implementation: {f.name}:{e.lineno}: {e.msg}"))
-                continue
-            fn = impl.split(":", 1)[1]
-            if fn not in fns:
-                p.append(ff.error(at, f"missing implementation: {f.relative_to(ff.dir)} defines no function {fn!r}"))
-    for i, s in enumerate(df.get("seed") or []):
-        if s["definition"] not in defs:
-            p.append(ff.error(("dataflow", "seed", i, "definition"), f"undefined definition {s['definition']!r}"))
-    for name, spec in (df.get("flow") or {}).items():
-        if name not in ops:
-            p.append(ff.error(("dataflow", "flow", name), f"flow names unknown operation {name!r}", key=True))
-            continue
-        for k, origins in (spec.get("inputs") or {}).items():
-            if k not in (ops[name].get("inputs") or {}):
-                p.append(ff.error(("dataflow", "flow", name, "inputs", k), f"operation {name!r} has no input {k!r}", key=True))
-            for j, o in enumerate(origins):
-                if isinstance(o, dict):
-                    for src, out in o.items():
-                        oat: Path_ = ("dataflow", "flow", name, "inputs", k, j, src)
-                        if src not in ops:
-                            p.append(ff.error(oat, f"unknown operation {src!r}"))
-                        elif out not in (ops[src].get("outputs") or {}):
-                            p.append(ff.error(oat, f"operation {src!r} has no output {out!r}"))
-    cycle = find_cycle(operation_edges(df))
-    if cycle:
-        p.append(ff.error(("dataflow", "operations", cycle[0]), f"cycle: {' -> '.join(cycle)}", key=True))
-    placed: set[str] = set()
-    for role, names in (ff.data.get("placement") or {}).items():
-        for i, n in enumerate(names):
-            if n not in ops:
-                p.append(ff.error(("placement", role, i), f"unknown operation {n!r}"))
-            placed.add(n)
-    for i, pol in enumerate(ff.data.get("policies") or []):
-        veto = pol["veto"]
-        for k in ("operation", "producer"):
-            if k in veto and veto[k] not in ops:
-                p.append(ff.error(("policies", i, "veto", k), f"unknown operation {veto[k]!r}"))
-        if "definition" in veto and veto["definition"] not in defs:
-            p.append(ff.error(("policies", i, "veto", "definition"), f"undefined definition {veto['definition']!r}"))
+def _image_problems(ff: FlowFile, require_keys: bool) -> list[Problem]:
+    """The builder's own sections: trust keys and threshold, kernel and extra files."""
+    p: list[Problem] = []
     trust = ff.data["trust"]
     if trust["threshold"] > len(trust["keys"]):
-        p.append(ff.error(("trust", "threshold"), f"threshold {trust['threshold']} exceeds the {len(trust['keys'])} key(s)"))
+        p.append(Problem("threshold", ("trust", "threshold"),
+                         f"threshold {trust['threshold']} exceeds the {len(trust['keys'])} key(s)"))
     for i, k in enumerate(trust["keys"] if require_keys else []):
         if not (ff.dir / k).is_file():
-            p.append(ff.error(("trust", "keys", i), f"signing key {k} not found beside the flow"))
+            p.append(Problem("missing-file", ("trust", "keys", i), f"signing key {k} not found beside the flow"))
     image = ff.data["image"]
     kpath = image["kernel"].get("path")
     if kpath and not (ff.dir / kpath).is_file():
-        p.append(ff.error(("image", "kernel", "path"), f"kernel file {kpath} not found beside the flow"))
+        p.append(Problem("missing-file", ("image", "kernel", "path"), f"kernel file {kpath} not found beside the flow"))
     for dest, src in (image.get("files") or {}).items():
         if not (ff.dir / src).is_file():
-            p.append(ff.error(("image", "files", dest), f"file {src} not found beside the flow"))
+            p.append(Problem("missing-file", ("image", "files", dest), f"file {src} not found beside the flow"))
     return p
 
 
@@ -298,12 +134,13 @@ def load(path: str | Path, *, require_keys: bool = True) -> FlowFile:
     except OSError as e:
         raise FlowFileError([f"{path}: cannot read: {e.strerror}"]) from None
     ff = parse(text, path)
-    problems = _schema_problems(ff)
+    lines = _schema_problems(ff)
+    if lines:
+        raise FlowFileError(lines)
+    _flow, problems = checks.check(ff.data, modules=checks.modules_beside(ff.dir), file_keys=True)
+    problems += _image_problems(ff, require_keys)
     if problems:
-        raise FlowFileError(problems)
-    problems = _semantic_problems(ff, require_keys)
-    if problems:
-        raise FlowFileError(problems)
+        raise ff.fail(problems)
     return ff
 
 

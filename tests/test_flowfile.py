@@ -89,6 +89,10 @@ def test_two_operation_cycle(tmp_path: Path) -> None:
         keys.write_keypair(keys.generate(), d / f"keys/signer-{i}")
     flow = _edit(d / "flow.yaml", "    sample: {inputs: {count: [seed]}}",
                  "    sample: {inputs: {count: [{summarise: total}]}}")
+    # summarise.total is a `total`: the agent refuses to feed it to a `count` parameter, and so does the builder
+    assert _errors(flow) == ["F:34:43: dataflow.flow.sample.inputs.count.0.summarise: "
+                             "summarise.total is a total, not a count (definitions are locked to parameters)"]
+    _edit(flow, "      outputs: {total: total}", "      outputs: {total: count}")
     assert _errors(flow) == ["F:22:5: dataflow.operations.sample: cycle: sample -> summarise -> sample"]
 
 

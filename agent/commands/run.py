@@ -39,6 +39,8 @@ from cidboot.cid import CID, DAG_CBOR
 from cidboot.cli import EXIT_ERROR, EXIT_OK, print_json
 from cidboot.cose import PrivateKey
 from cidboot.cose_key import decode_public_key, raw_public_bytes
+from cidboot.dataflow import checks
+from cidboot.dataflow.source import load_yaml
 from cidboot.errors import CidbootError, FormatError
 from cidboot.flow import DataFlow
 from cidboot.manifest import Manifest, SignedManifest
@@ -76,14 +78,13 @@ class Loaded:
 
 
 def _from_yaml(path: Path, store: Blockstore, ident_dir: Path) -> Loaded:
-    import yaml  # only here: the device image does not carry PyYAML
-
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise FormatError(f"{path}: cannot read the flow: {e}") from None
-    if not isinstance(doc, dict) or "dataflow" not in doc:
-        raise FormatError(f"{path}: no dataflow section")
+    # the checks imagebuilder lock/build run, with the same file:line:col messages: a flow
+    # that would not be signed does not run here either (PyYAML is imported only by load_yaml)
+    src = load_yaml(path)
+    _flow, problems = checks.check(src.data, modules=checks.modules_beside(path.parent), file_keys=True)
+    if problems:
+        raise src.fail(problems)
+    doc = src.data
     trust_keys = [path.parent / k for k in (doc.get("trust") or {}).get("keys") or []]
     seed_key = keys.load_private_key(trust_keys[0]) if trust_keys and trust_keys[0].exists() \
         else identity.authority_key(ident_dir)
@@ -107,6 +108,9 @@ def _from_manifest(cid: CID, store: Blockstore, tmp: Path) -> Loaded:
         target = tmp / f"{module.replace('.', '/')}.py"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(b"".join(export_file(m.operations[name], store.get)))
+    # a signed flow is checked like a flow file: a signature says who wrote it, not that it runs
+    checks.checked({"dataflow": dataflow, "placement": m.placement, "policies": m.policies},
+                   modules=checks.modules_beside(tmp), origin=f"manifest {cid}")
     authority = frozenset(raw_public_bytes(decode_public_key(k)) for k in m.root.keys)
     return Loaded(dataflow, m.flow, tmp, dict(m.placement), list(m.policies), None, authority, m, cid)
 

@@ -1,6 +1,7 @@
 """`imagebuilder inspect CID`: what an image holds, read back from the store (no network).
 
-Shows the manifest's layers and sizes, measurements, the flow graph (operations and the
+Refuses (exit 1, the same messages as `imagebuilder build` and `agent run`) a manifest whose
+flow does not pass cidboot.dataflow.checks. Shows the manifest's layers and sizes, measurements, the flow graph (operations and the
 definitions that connect them), placement, policies and every file in the archive layers:
 that list is the image's attack surface.
 """
@@ -16,10 +17,10 @@ from cidboot import dagcbor
 from cidboot.blockstore import Blockstore, default_store_path
 from cidboot.cid import CID
 from cidboot.cli import print_json
+from cidboot.dataflow import checks
 from cidboot.manifest import SignedManifest
 from cidboot.unixfs.exporter import export_file
 from imagebuilder.cpio import decompress, read_newc
-from imagebuilder.flowfile import operation_edges
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -39,6 +40,18 @@ def _kind(mode: int) -> str:
 
 def describe(store: Blockstore, cid: CID, files: bool = True) -> dict[str, Any]:
     m = SignedManifest.decode(store.get(cid)).manifest
+    flow: dict[str, Any] = {}
+    if m.flow is not None and store.has(m.flow):
+        df = dagcbor.decode(store.get(m.flow))
+        # the checks lock, build and `agent run` apply: a signed flow the agent would read
+        # another way (or not run at all) is refused here too, with the same message
+        model = checks.checked({"dataflow": df, "placement": m.placement, "policies": m.policies},
+                               modules=checks.modules_by_cid(df, m.operations,
+                                                             lambda c: b"".join(export_file(c, store.get))),
+                               origin=f"manifest {cid}")
+        flow = {"operations": {n: {"inputs": dict(op.inputs), "outputs": dict(op.outputs),
+                                   "implementation": op.implementation} for n, op in model.operations.items()},
+                "edges": sorted([a, b] for a, bs in checks.operation_edges(model).items() for b in bs)}
     layers = []
     for lyr in m.layers:
         entry: dict[str, Any] = {"role": lyr.role, "cid": str(lyr.cid), "size": lyr.size}
@@ -48,12 +61,6 @@ def describe(store: Blockstore, cid: CID, files: bool = True) -> dict[str, Any]:
                                "size": f.size, **({"target": f.target} if f.target else {})}
                               for f in read_newc(decompress(data))]
         layers.append(entry)
-    flow: dict[str, Any] = {}
-    if m.flow is not None and store.has(m.flow):
-        df = dagcbor.decode(store.get(m.flow))
-        flow = {"operations": {n: {"inputs": op.get("inputs", {}), "outputs": op.get("outputs", {}),
-                                   "implementation": op["implementation"]} for n, op in df["operations"].items()},
-                "edges": sorted([a, b] for a, bs in operation_edges(df).items() for b in bs)}
     return {"manifest": str(cid), "name": m.name, "version": m.version, "expires": m.expires,
             "cmdline": m.cmdline, "layers": layers,
             "measurements": {k: v.hex() for k, v in sorted(m.measurements.items())},

@@ -22,10 +22,13 @@ from typing import Any
 
 import yaml
 
-from cidboot import keys
+from cidboot import dagcbor, keys
 from cidboot.blockstore import Blockstore
 from cidboot.cid import CID
-from cidboot.manifest import RootOfTrust, SignedManifest
+from cidboot.dataflow import checks
+from cidboot.dataflow.checks import FlowError
+from cidboot.dataflow.source import load_yaml
+from cidboot.manifest import Manifest, RootOfTrust, SignedManifest
 from cidboot.unixfs.exporter import export_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,6 +96,31 @@ def _root_of(flow_dir: Path, doc: dict[str, Any]) -> RootOfTrust:
     return RootOfTrust.from_public_keys(pubs, int(doc["trust"]["threshold"]))
 
 
+def check_flow(flow: Path) -> None:
+    """The flow checks `imagebuilder build` and `agent run` apply (cidboot.dataflow.checks), before
+    minutes go into firmware and bootstrap builds; the same `file:line:col` messages."""
+    try:
+        src = load_yaml(flow)
+        _model, problems = checks.check(src.data, modules=checks.modules_beside(flow.parent), file_keys=True)
+        if problems:
+            raise src.fail(problems)
+    except FlowError as e:
+        raise DeployError(f"flow {flow} does not validate:\n{e}") from e
+
+
+def check_manifest_flow(bs: Blockstore, mcid: CID, m: Manifest) -> None:
+    """A published manifest's flow, checked like a flow file (a signature is not validity)."""
+    if m.flow is None:
+        raise DeployError(f"manifest {mcid} names no flow")
+    df = dagcbor.decode(bs.get(m.flow))
+    try:
+        checks.checked({"dataflow": df, "placement": m.placement, "policies": m.policies},
+                       modules=checks.modules_by_cid(df, m.operations, lambda c: b"".join(export_file(c, bs.get))),
+                       origin=f"manifest {mcid}")
+    except FlowError as e:
+        raise DeployError(f"manifest {mcid}: its flow does not validate:\n{e}") from e
+
+
 def build(flow: Path, store: Path, *, references: dict[str, str] | None = None, env: dict[str, str] | None = None,
           say: Callable[[str], None] = lambda _m: None) -> Built:
     """`imagebuilder build` into `store`, then export the kernel and the concatenated initrd."""
@@ -126,6 +154,7 @@ def prepare(flow: Path, work: Path, *, anchor: RootOfTrust | None = None, env: d
     """Firmware, bootstrap (trusting `anchor`, default: the workload's own root) and workload."""
     work.mkdir(parents=True, exist_ok=True)
     store = work / "store"
+    check_flow(flow)
     wl_flow = _copy_flow(flow.parent, work / "workload")
     wl_doc = yaml.safe_load(wl_flow.read_text())
     fw = build(_copy_flow(FIRMWARE_FLOW.parent, work / "firmware"), store, env=env, say=say)
@@ -145,6 +174,7 @@ def prepare_manifest(mcid: CID, store: Path, work: Path, *, signer_keys: list[Pa
     no device registry can be signed, so agents cannot attest peers: fine for one-role flows."""
     work.mkdir(parents=True, exist_ok=True)
     m = SignedManifest.decode(Blockstore(store).get(mcid)).manifest
+    check_manifest_flow(Blockstore(store), mcid, m)
     fw = build(_copy_flow(FIRMWARE_FLOW.parent, work / "firmware"), store, env=env, say=say)
     bs_flow = _copy_flow(BOOTSTRAP_FLOW.parent, work / "bootstrap")
     keys.write_root(m.root, bs_flow.parent / "trust-anchor.json")
