@@ -9,6 +9,7 @@ manifest in the signed registry, else the name pinned in its trust state) and on
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -234,3 +235,33 @@ def test_unmeasured_boot_is_looked_up_by_the_boot_config_role(tmp_path: Path) ->
             _boot(tmp_path, debug.cid, gw, registry=reg, role="worker", mode="unmeasured")
         assert e.value.check == "manifest name"
         _boot(tmp_path, hello.cid, gw, registry=reg, role="worker", mode="unmeasured")
+
+
+def test_imagebuilder_verify_refuses_another_name_and_same_version_other_cid(tmp_path: Path) -> None:
+    """`imagebuilder verify --state` applies the device's rules: the pinned (or --name) manifest
+    name, and one CID per version."""
+    from tests.test_trust_cli import cli
+
+    env = {"CIDBOOT_STORE": str(tmp_path / "store")}
+    cli("imagebuilder", "keygen", "-o", str(tmp_path / "a"), env=env)
+    cli("imagebuilder", "root", str(tmp_path / "a.pub"), "--threshold", "1", "-o", str(tmp_path / "root.json"), env=env)
+
+    def sign(name: str, version: int, cmdline: str = "") -> str:
+        (tmp_path / "m.yaml").write_text(f"name: {name}\nversion: {version}\nexpires: +1d\nroot: root.json\n"
+                                         f"layers: []\ncmdline: '{cmdline}'\n")
+        r = cli("imagebuilder", "sign", str(tmp_path / "m.yaml"), f"--key={tmp_path}/a.pem", env=env)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    def verify(cid: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return cli("imagebuilder", "verify", cid, "--root", str(tmp_path / "root.json"), "--state",
+                   str(tmp_path / "state.json"), *extra, env=env)
+
+    hello = sign("hello", 2)
+    assert verify(hello).returncode == 0
+    other = verify(sign("debug-shell", 9))
+    assert other.returncode == 1 and "✗ ManifestNameError" in other.stdout, other.stdout
+    same = verify(sign("hello", 2, "init=/bin/sh"))
+    assert same.returncode == 1 and "✗ VersionConflictError" in same.stdout, same.stdout
+    named = verify(hello, "--name", "sensor")
+    assert named.returncode == 1 and "this device boots only 'sensor'" in named.stdout
