@@ -265,3 +265,15 @@ def test_imagebuilder_verify_refuses_another_name_and_same_version_other_cid(tmp
     assert same.returncode == 1 and "✗ VersionConflictError" in same.stdout, same.stdout
     named = verify(hello, "--name", "sensor")
     assert named.returncode == 1 and "this device boots only 'sensor'" in named.stdout
+
+
+def test_registry_lookup_imports_nothing_the_bootstrap_image_lacks() -> None:
+    """The bootstrap now reaches cidboot.registry (lazily): it must stay within stdlib + cbor2 +
+    cryptography, like the rest of the stage."""
+    import re
+    import sys
+
+    code = "import sys, bootstrap.stage.verify, cidboot.registry; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    top = set(re.findall(r"'([^']+)'", out))
+    assert not top & {"yaml", "scapy", "tftpy", "ipfshttpclient", "pyroute2", "jsonschema", "elftools"}, top
