@@ -6,6 +6,13 @@ verification fails. Optional: `peers` ({role: [agent base URL]}, how an agent fi
 its inputs go to) and `device_registry` (CID of the signed device registry, cidboot.registry).
 They are left out of the encoding when unset, so older configs keep their exact bytes (and
 measurement).
+
+The boot config is measured (the firmware puts it into L1's DICE config) but not signed: whoever
+serves it (the boot server, or anyone on the TFTP path) chooses `manifest` and `role`. So it never
+decides on its own which manifest name a device may boot: with `device_registry` the bootstrap
+takes that name from the signed registry (and, on a measured boot, checks `role` against the
+device's registered role); without it, the name pinned in the device's NVRAM applies
+(docs/trust.md, "What a device may boot").
 """
 
 from __future__ import annotations

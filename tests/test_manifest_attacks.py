@@ -56,7 +56,7 @@ def roundtrip(sm: SignedManifest) -> SignedManifest:
 def test_legitimate_manifest_verifies_and_round_trips(tmp_path: Path) -> None:
     sm = roundtrip(sign_manifest(manifest(), KEYS[:2]))
     checks = verify_manifest(sm, state(tmp_path))
-    assert [c.name for c in checks] == ["root", "signatures", "expiry", "rollback"]
+    assert [c.name for c in checks] == ["root", "signatures", "expiry", "name", "rollback"]
     assert sm.cid == roundtrip(sm).cid
 
 

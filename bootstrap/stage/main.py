@@ -133,12 +133,15 @@ def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, st
         raise Refused("bootconfig", str(e)) from None
     carry = start.boot_mode == "measured" or UNMEASURED_CARRIES_DICE
     dice = bytes(start.dice) if start.dice is not None else None
+    nvram = Nvram(nvram_path)
     try:
-        plan = prepare(cfg, raw, dice, boot_mode=start.boot_mode, anchor=anchor, nvram=Nvram(nvram_path),
+        plan = prepare(cfg, raw, dice, boot_mode=start.boot_mode, anchor=anchor, nvram=nvram,
                        store=Blockstore(store_dir), now=now, carry_dice=carry)
     finally:
         if dice is not None:
             wipe(dice)  # this copy of CDI_1; start.dice stays for a retry until main wipes it
+        for note in nvram.notes:  # a damaged slot beside a valid one (a torn write): boot, but say so
+            log(f"nvram: {note}")
     return plan, cfg
 
 

@@ -5,7 +5,10 @@ unverified is ever handed on:
 
 1. the manifest block alone (`?format=raw`, hashed against its CID), gateways in order;
 2. the signed manifest against the trust anchor built into this image (threshold, expiry) and
-   the rollback state from NVRAM (cidboot.manifest.verify_manifest, not yet persisted);
+   the rollback state from NVRAM (cidboot.manifest.verify_manifest, not yet persisted): the
+   manifest must have the name this device may boot (its role's manifest in the signed device
+   registry when the boot config names one, else the name pinned in NVRAM), a version no lower
+   than the highest accepted, and at that same version the same CID (docs/trust.md);
 3. each layer: its root block first, so a declared size above the manifest's bound is refused
    before the rest is fetched (check_layer), then the DAG through cidboot.gateway.client.fetch
    (every block hashed; a lying gateway is dropped, the next one tried), then the exact bytes
@@ -36,12 +39,16 @@ from cidboot.handoff import Handoff
 from cidboot.manifest import (
     ExpiredError,
     Manifest,
+    ManifestNameError,
     ManifestVerificationError,
+    RegistryRollbackError,
     RollbackError,
     RootOfTrust,
     SignedManifest,
     TrustState,
+    VersionConflictError,
     check_layer,
+    rotated_root,
     verify_manifest,
     verify_threshold,
 )
@@ -101,9 +108,11 @@ def fetch_block(cid: CID, gateways: list[str] | tuple[str, ...], store: Blocksto
         raise Refused(f"block {cid}", str(e)) from None
 
 
-def verify_signed(cid: CID, raw: bytes, state: TrustState, *, now: int | None = None) -> tuple[SignedManifest, list[bytes]]:
+def verify_signed(cid: CID, raw: bytes, state: TrustState, *, now: int | None = None,
+                  expected_name: str | None = None) -> tuple[SignedManifest, list[bytes]]:
     """Decode and verify the signed manifest against `state` (not persisted); returns it and the
-    key ids (bytes) of the trusted keys whose signatures verified."""
+    key ids (bytes) of the trusted keys whose signatures verified. `expected_name`: the manifest
+    name the signed device registry gives this device (None: the name pinned in `state`)."""
     what = f"manifest {cid}"
     if cid.codec != DAG_CBOR:
         raise Refused(what, "is not a DAG-CBOR block")
@@ -114,7 +123,11 @@ def verify_signed(cid: CID, raw: bytes, state: TrustState, *, now: int | None = 
     m = signed.manifest
     seen = state.highest.get(m.name)
     try:
-        verify_manifest(signed, state, now=now, persist=False)
+        verify_manifest(signed, state, now=now, persist=False, cid=cid, expected_name=expected_name)
+    except ManifestNameError as e:
+        raise Refused("manifest name", str(e)) from None
+    except VersionConflictError as e:
+        raise Refused("rollback", str(e)) from None
     except RollbackError:
         raise Refused("rollback", f"manifest {cid} ({m.name}) version {m.version} < {seen} already booted") from None
     except ExpiredError:
@@ -129,6 +142,67 @@ def verify_signed(cid: CID, raw: bytes, state: TrustState, *, now: int | None = 
         raise Refused(what, str(e)) from None
     signers = verify_threshold(signed.signatures, signed.payload(), state.root, what)
     return signed, [bytes.fromhex(k) for k in signers]
+
+
+@dataclass(frozen=True)
+class AllowedName:
+    """The manifest name the signed device registry lets this device boot, and that registry's
+    version (recorded in NVRAM once the boot is accepted, so an older registry cannot be replayed)."""
+
+    name: str
+    registry: CID
+    version: int
+
+
+def allowed_name(config: BootConfig, cid: CID, raw: bytes, state: TrustState, dice: bytes | None, *, boot_mode: str,
+                 store: Blockstore, timeout: float = 10.0) -> AllowedName | None:
+    """With `device_registry` in the boot config: fetch it, verify it under the root the manifest
+    establishes (after any rotation it carries), and look this device up: by the DICE ID of its
+    chain's root key on a measured boot (its registered role must equal the boot config's), by the
+    boot config's role on an unmeasured one (no identity to look up). None without a registry:
+    the name pinned in NVRAM then applies (docs/trust.md, "What a device may boot")."""
+    from cidboot.registry import MAX_REGISTRY, RegistryRoleError, verify_signed_registry
+
+    if config.device_registry is None:
+        return None
+    rcid = config.device_registry
+    try:
+        signed = SignedManifest.decode(raw)
+        root, _ = rotated_root(signed, state.root)
+    except FormatError as e:
+        raise Refused(f"manifest {cid}", f"malformed: {e}") from None
+    except ManifestVerificationError as e:
+        raise Refused(f"manifest {cid}", str(e)) from None
+    try:
+        block = fetch_block(rcid, config.gateways, store, timeout=timeout, max_size=MAX_REGISTRY)
+    except Refused as e:
+        raise Refused("registry", f"device registry {rcid}: {e.detail}") from None
+    try:
+        reg = verify_signed_registry(block, root)
+        device = _device_id(dice) if boot_mode == "measured" else None
+        name = reg.manifest_for(config.role, device)
+    except (CidbootError, ValueError) as e:
+        kind = "" if isinstance(e, RegistryRoleError) else f"{type(e).__name__}: "
+        raise Refused("registry", f"device registry {rcid}: {kind}{e}") from None
+    return AllowedName(name, rcid, reg.version)
+
+
+def _device_id(dice: bytes | None) -> str:
+    """The DICE ID (hex) of the root key of the chain the firmware handed over: the device's
+    identity, as the registry lists it."""
+    from cidboot.cose_key import decode_public_key, raw_public_bytes
+    from cidboot.dice import decode_handover
+    from cidboot.dice.derive import derive_id
+
+    if dice is None:
+        raise Refused("registry", "a measured boot without a DICE hand-off cannot be looked up in the device registry")
+    h = decode_handover(dice)
+    wipe(h.cdi_attest)
+    wipe(h.cdi_seal)
+    items = cose.cbor_loads_exact(h.chain, "DICE chain")
+    if not isinstance(items, list) or not items:
+        raise Refused("registry", "the DICE chain from the firmware is empty")
+    return derive_id(raw_public_bytes(decode_public_key(items[0]))).hex()
 
 
 def _utc(t: int) -> str:
@@ -230,7 +304,13 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
         raw = fetch_block(cid, gws, store, timeout=timeout)
     except Refused as e:
         raise Refused(f"manifest {cid}", e.detail) from None
-    signed, signers = verify_signed(cid, raw, state, now=now)
+    allowed = allowed_name(config, cid, raw, state, dice, boot_mode=boot_mode, store=store, timeout=timeout)
+    signed, signers = verify_signed(cid, raw, state, now=now, expected_name=allowed.name if allowed else None)
+    if allowed is not None:
+        try:
+            state.accept_registry(allowed.version, f"device registry {allowed.registry}")
+        except RegistryRollbackError as e:
+            raise Refused("registry", str(e)) from None
     m = signed.manifest
     t["manifest"] = time.monotonic() - t0
     t0 = time.monotonic()

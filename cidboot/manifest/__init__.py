@@ -3,21 +3,32 @@
 from cidboot.manifest.errors import (
     ExpiredError,
     LayerNotListedError,
+    ManifestNameError,
     ManifestVerificationError,
+    RegistryRollbackError,
     RollbackError,
     RootMismatchError,
     RootRotationError,
     SignatureError,
     SizeLimitError,
     ThresholdError,
+    VersionConflictError,
 )
 from cidboot.manifest.model import Layer, Manifest, ManifestFormatError, RootOfTrust
 from cidboot.manifest.signed import SignedManifest, SignedRoot, sign_manifest, sign_root
-from cidboot.manifest.verify import Check, TrustState, check_layer, verify_manifest, verify_threshold
+from cidboot.manifest.verify import (
+    Check,
+    TrustState,
+    check_layer,
+    rotated_root,
+    verify_manifest,
+    verify_threshold,
+)
 
 __all__ = [
-    "Check", "ExpiredError", "Layer", "LayerNotListedError", "Manifest", "ManifestFormatError",
-    "ManifestVerificationError", "RollbackError", "RootMismatchError", "RootOfTrust", "RootRotationError",
+    "Check", "ExpiredError", "Layer", "LayerNotListedError", "Manifest", "ManifestFormatError", "ManifestNameError",
+    "ManifestVerificationError", "RegistryRollbackError", "RollbackError", "RootMismatchError", "RootOfTrust", "RootRotationError",
     "SignatureError", "SignedManifest", "SignedRoot", "SizeLimitError", "ThresholdError", "TrustState",
-    "check_layer", "sign_manifest", "sign_root", "verify_manifest", "verify_threshold",
+    "VersionConflictError", "check_layer", "rotated_root", "sign_manifest", "sign_root", "verify_manifest",
+    "verify_threshold",
 ]

@@ -38,3 +38,17 @@ class LayerNotListedError(ManifestVerificationError):
 
 class SizeLimitError(ManifestVerificationError):
     """Data is larger than the signed manifest allows (endless-data attack)."""
+
+
+class ManifestNameError(ManifestVerificationError):
+    """The manifest is signed and current but has another name than the one this device may boot
+    (its role's manifest in the signed registry, or the name pinned in its trust state)."""
+
+
+class VersionConflictError(ManifestVerificationError):
+    """Another manifest (another CID) was already accepted under this name and version: one
+    version names one signed block, so the same version with different content is refused."""
+
+
+class RegistryRollbackError(ManifestVerificationError):
+    """The device registry's version is below the highest one already accepted."""

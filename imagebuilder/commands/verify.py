@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("manifest", help="manifest CID (read from the store) or a file holding the signed block")
     p.add_argument("--root", required=True, type=Path, help="root-of-trust file (the trust anchor)")
     p.add_argument("--state", type=Path, help="trust state file: remembers versions and rotations (rollback protection)")
+    p.add_argument("--name", help="the manifest name the device may boot (its role's name in the signed device "
+                                  "registry); default: the name pinned in --state, if any")
     p.add_argument("--store", type=Path, help="block store (default: $CIDBOOT_STORE)")
     p.add_argument("--no-layers", action="store_true", help="do not check that layers are present with listed sizes")
     p.add_argument("--json", action="store_true")
@@ -44,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
         checks.append(Check("format", True, f"signed manifest {signed.manifest.name} v{signed.manifest.version}"))
         anchor = load_root(args.root)
         state = TrustState.load(args.state, anchor) if args.state else TrustState(anchor)
-        checks += verify_manifest(signed, state, now=int(time.time()), persist=bool(args.state))
+        checks += verify_manifest(signed, state, now=int(time.time()), persist=bool(args.state),
+                                  cid=None if Path(args.manifest).exists() else CID.parse(args.manifest),
+                                  expected_name=args.name)
         if not args.no_layers:
             for layer in signed.manifest.layers:
                 size = sum(len(b) for b in export_file(layer.cid, store.get))
