@@ -157,7 +157,7 @@ def appraise(evidence: bytes, *, expected_nonce: bytes, roots: DeviceRoots, mani
     else:
         res.add("device", CONTRAINDICATED, f"unknown device: root {rid} is not registered")
     try:
-        cose.verify1(ev.sign1, chain.leaf_public_key)
+        cose.verify1_attached(ev.sign1, chain.leaf_public_key)
         res.add("signature", AFFIRMING, "signed by the DICE leaf key")
         res.leaf_public_key = chain.leaf_public_key
     except VerificationError as e:
