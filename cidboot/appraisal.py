@@ -99,6 +99,23 @@ class DeviceRoots:
         Path(path).write_text(json.dumps({"devices": devices}, indent=1) + "\n")
 
 
+def reference_values(manifest: Manifest) -> dict[str, bytes | None]:
+    """The reference value the signed manifest pins for each measured layer (None: unpinned).
+
+    The image layer is always pinned: its code hash is derived from the manifest's own layer
+    CIDs (cidboot.measure.image_code_hash). Firmware and bootstrap are pinned only by the
+    manifest's `measurements` (`imagebuilder build --reference NAME=HEX`)."""
+    out: dict[str, bytes | None] = {name: manifest.measurements.get(name) for name in LAYER_ORDER}
+    if out["image"] is None:
+        out["image"] = image_code_hash(manifest)
+    return out
+
+
+def unpinned_layers(manifest: Manifest) -> list[str]:
+    """Measured layers the manifest gives no reference value for: appraisal cannot affirm them."""
+    return [name for name, ref in reference_values(manifest).items() if ref is None]
+
+
 def _check_measurements(res: AppraisalResult, ev: Evidence, chain: VerifiedChain, manifest: Manifest | None,
                         manifest_cid: CID | None) -> None:
     entries = chain.entries
@@ -112,13 +129,11 @@ def _check_measurements(res: AppraisalResult, ev: Evidence, chain: VerifiedChain
     if manifest is None:
         res.add("measurements", WARNING, "no manifest given: measurements not compared with reference values")
         return
-    expected = dict(manifest.measurements)
-    expected.setdefault("image", image_code_hash(manifest))
+    expected = {**manifest.measurements, **{k: v for k, v in reference_values(manifest).items() if v is not None}}
+    unpinned = [name for name in by_layer if expected.get(name) is None]
     for name, cert in by_layer.items():
         ref = expected.get(name)
-        if ref is None:
-            continue
-        if cert.code_hash != ref:
+        if ref is not None and cert.code_hash != ref:
             res.add("measurements", CONTRAINDICATED,
                     f"{name} measurement {cert.code_hash.hex()[:16]}... differs from the manifest's {ref.hex()[:16]}...")
             return
@@ -126,7 +141,17 @@ def _check_measurements(res: AppraisalResult, ev: Evidence, chain: VerifiedChain
         if by_layer["image"].config != hashlib.sha512(bytes(manifest_cid)).digest():
             res.add("measurements", CONTRAINDICATED, "image layer was configured with a different manifest")
             return
-    res.add("measurements", AFFIRMING, f"{', '.join(by_layer) or 'no layers'} match the signed manifest")
+    pinned = [name for name in by_layer if name not in unpinned]
+    if not by_layer:
+        res.add("measurements", WARNING, "no measured layer: nothing compared with the signed manifest")
+    elif unpinned:
+        # fail closed: a layer the manifest gives no reference value for was measured but not
+        # checked, so whatever firmware or bootstrap ran there is not vouched for
+        res.add("measurements", WARNING,
+                f"unpinned layer(s) {', '.join(unpinned)}: the signed manifest has no reference value, "
+                f"any code is accepted there; {', '.join(pinned) or 'no layer'} match the signed manifest")
+    else:
+        res.add("measurements", AFFIRMING, f"{', '.join(pinned)} match the signed manifest")
 
 
 def appraise(evidence: bytes, *, expected_nonce: bytes, roots: DeviceRoots, manifest: Manifest | None = None,
