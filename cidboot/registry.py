@@ -4,11 +4,14 @@
 gets its registry by CID (boot config `device_registry`), so the registry must carry its own
 authority. It is one DAG-CBOR block, like the signed manifest:
 
-    {"registry": {"devices": [{"id": hex, "name": str, "key": COSE_Key bytes}, ...]},
+    {"registry": {"devices": [{"id": hex, "name": str, "role": str | null, "key": COSE_Key bytes}, ...]},
      "signatures": COSE_Sign with detached payload = canonical encoding of "registry"}
 
 signed by a threshold of the manifest's root-of-trust keys (the same `verify_threshold` the
 manifest uses), so whoever may release software may also enrol devices, and nobody less.
+A device's role is the registry's to say, not the device's: appraisal compares the role claimed
+in evidence with it (issue 11 #7). An entry without "role" (older registries) has no role, so
+a device claiming one is not affirmed.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ class RegistryVerificationError(VerificationError):
 
 def registry_obj(roots: DeviceRoots) -> dict[str, Any]:
     """The signed content: devices sorted by id, so the same roots always give the same bytes."""
-    return {"devices": [{"id": did, "name": roots.names.get(did, ""), "key": encode_public_key_bytes(k)}
-                        for did, k in sorted(roots.keys.items())]}
+    return {"devices": [{"id": did, "name": roots.names.get(did, ""), "role": roots.roles.get(did),
+                         "key": encode_public_key_bytes(k)} for did, k in sorted(roots.keys.items())]}
 
 
 def sign_registry(roots: DeviceRoots, keys: Sequence[PrivateKey]) -> bytes:
@@ -63,10 +66,13 @@ def _devices(obj: Any) -> DeviceRoots:
     out = DeviceRoots()
     for i, d in enumerate(obj["devices"]):
         where = f"device registry entry {i}"
-        if not isinstance(d, dict) or set(d) != {"id", "name", "key"}:
-            raise RegistryFormatError(f"{where}: must be {{id, name, key}}")
+        if not isinstance(d, dict) or set(d) not in ({"id", "name", "key"}, {"id", "name", "role", "key"}):
+            raise RegistryFormatError(f"{where}: must be {{id, name, role, key}}")
         if not isinstance(d["id"], str) or not isinstance(d["name"], str) or not isinstance(d["key"], bytes):
             raise RegistryFormatError(f"{where}: id and name must be text, key an encoded COSE_Key")
+        role = d.get("role")
+        if role is not None and (not isinstance(role, str) or not role):
+            raise RegistryFormatError(f"{where}: role must be non-empty text or null")
         try:
             key = decode_public_key(d["key"])
         except FormatError as e:
@@ -76,7 +82,7 @@ def _devices(obj: Any) -> DeviceRoots:
             raise RegistryFormatError(f"{where}: id {d['id']} is not the DICE ID {did} of its key")
         if did in out.keys:
             raise RegistryFormatError(f"{where}: device {did} listed twice")
-        out.add(key, d["name"])
+        out.add(key, d["name"], role)
     return out
 
 

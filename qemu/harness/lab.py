@@ -158,11 +158,12 @@ def _devices_yaml(path: Path, roles: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _factory(dep: Deployment, out: Path, names: list[str]) -> tuple[list[dice_engine.DeviceState], CID | None]:
+def _factory(dep: Deployment, out: Path, names: list[str],
+             roles: list[str]) -> tuple[list[dice_engine.DeviceState], CID | None]:
     """Device states (UDS, NVRAM), their root keys in the verifiers' roots file, and the device
     registry signed by the workload's signers, in the store, for the agents to find peers by."""
     states = [dice_engine.device(out / "devices", n) for n in names]
-    roots = dice_engine.register(states, out / "device-roots.json")
+    roots = dice_engine.register(states, out / "device-roots.json", roles)
     if not dep.signer_keys:
         return states, None
     signers = [keys.load_private_key(p) for p in dep.signer_keys]
@@ -175,7 +176,7 @@ def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = 
         server_args: list[str] | None = None, names: list[str] | None = None) -> Iterator[Lab]:
     """Boot network + `bootstrap serve` for devices with these roles (one tap each)."""
     out.mkdir(parents=True, exist_ok=True)
-    states, registry = _factory(dep, out, names or [f"device-{i}" for i in range(len(roles))])
+    states, registry = _factory(dep, out, names or [f"device-{i}" for i in range(len(roles))], roles)
     tftp = out / "tftp"
     (tftp / "bootstrap").mkdir(parents=True, exist_ok=True)
     (tftp / "bootstrap" / "vmlinuz").write_bytes(dep.bootstrap.kernel.read_bytes())
