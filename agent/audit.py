@@ -113,7 +113,7 @@ def verify_log(head: CID, get: Callable[[CID], bytes], key: PublicKey) -> Iterat
             raise AuditLogError(f"audit log: entry {cid}: not {{entry: {sorted(ENTRY_KEYS)}, sig}}")
         body = doc["entry"]
         try:
-            cose.verify1(doc["sig"], key, detached_payload=dagcbor.encode(body))
+            cose.verify1_detached(doc["sig"], key, dagcbor.encode(body))
         except CidbootError as e:
             raise AuditLogError(f"audit log: entry {cid}: signature: {e}") from None
         if not isinstance(body["seq"], int) or (expect is not None and body["seq"] != expect):

@@ -218,7 +218,7 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
                         PeerService(attester, verifier, _not_ready), ip, base, attested, audit, console)
     agent.service.register = _register(attested)
     agent.service.refused = lambda client, res: audit.record(
-        "refused", f"inputs from peer {client} ({res.role or 'no role'}, device {res.device_id}): "
+        "refused", f"inputs from peer {client} ({res.role or (f'claims {res.claimed_role}' if res.claimed_role else 'no role')}, device {res.device_id}): "
                    f"{reasons(res.to_obj())}")
     server.audit_head = lambda: audit.head
     mount_peers(server, agent.service)

@@ -1,7 +1,15 @@
 """COSE_Sign1 and COSE_Sign (RFC 9052) with EdDSA (Ed25519), ES256 and ES384.
 
 Everything signed in cidboot (DICE certificates, manifests, EAT evidence, provenance nodes)
-goes through here. Parsing is strict: a message must be exactly the COSE structure, with a
+goes through here.
+
+Verification has one entry point per payload placement and no other, so a caller cannot get
+it wrong: `verify1_detached(msg, key, payload)` / `verify_signature_detached(...)` require a
+nil payload slot and verify over exactly the bytes the caller re-derived;
+`verify1_attached(msg, key)` / `verify_signature_attached(...)` require a carried payload and
+return the bytes the signature covers. (The old single `verify1(..., detached_payload=)` used
+a carried payload when there was one, so any published signature could be moved onto
+attacker content by copying its signed bytes into the payload slot.) Parsing is strict: a message must be exactly the COSE structure, with a
 protected header that is a byte string holding a map, no label in both header buckets, no
 unknown critical headers and no trailing bytes; anything else is a `CoseFormatError`.
 """
@@ -45,6 +53,15 @@ class CoseFormatError(FormatError):
 
 class CoseSignatureError(VerificationError):
     """A COSE signature does not verify (or its algorithm does not match the key)."""
+
+
+class CosePayloadSlotError(CoseSignatureError):
+    """The message's payload slot is not what the verifier expects: a payload carried where the
+    caller re-derives a detached one (the signature would cover the carried bytes, not the
+    caller's: the forgery of issue 11 #1), or nil where the payload must be attached.
+
+    A VerificationError, not a FormatError: every caller that refuses a bad signature refuses it.
+    """
 
 
 def alg_for_key(key: PrivateKey | PublicKey) -> int:
@@ -282,15 +299,35 @@ def decode_sign1(data: bytes) -> Sign1:
     return Sign1(prot, prot_raw, dict(unprot), payload, sig)
 
 
-def verify1(msg: bytes | Sign1, public_key: PublicKey, *, external_aad: bytes = b"",
-            detached_payload: bytes | None = None) -> Sign1:
+def _detached_bytes(payload: bytes, what: str) -> bytes:
+    if not isinstance(payload, bytes | bytearray):
+        raise CosePayloadSlotError(f"{what}: the expected detached payload must be bytes, "
+                                   f"got {type(payload).__name__}")
+    return bytes(payload)
+
+
+def verify1_detached(msg: bytes | Sign1, public_key: PublicKey, payload: bytes, *,
+                     external_aad: bytes = b"") -> Sign1:
+    """Verify a COSE_Sign1 whose payload is detached over exactly `payload`, the bytes the
+    caller re-derived. A message that carries a payload is refused (CosePayloadSlotError)."""
     s = msg if isinstance(msg, Sign1) else decode_sign1(msg)
-    payload = s.payload if s.payload is not None else detached_payload
-    if payload is None:
-        raise CoseFormatError("COSE_Sign1: detached payload not supplied")
+    payload = _detached_bytes(payload, "COSE_Sign1")
+    if s.payload is not None:
+        raise CosePayloadSlotError("COSE_Sign1: carries a payload where a detached one (nil) is required")
     verify_raw_signature(public_key, s.alg or 0, s.signature,
                          _sig_structure("Signature1", s.protected_raw, None, external_aad, payload))
     return s
+
+
+def verify1_attached(msg: bytes | Sign1, public_key: PublicKey, *, external_aad: bytes = b"") -> bytes:
+    """Verify a COSE_Sign1 that carries its payload; return that payload (the only bytes the
+    signature vouches for). A nil payload is refused (CosePayloadSlotError)."""
+    s = msg if isinstance(msg, Sign1) else decode_sign1(msg)
+    if s.payload is None:
+        raise CosePayloadSlotError("COSE_Sign1: payload is nil where an attached payload is required")
+    verify_raw_signature(public_key, s.alg or 0, s.signature,
+                         _sig_structure("Signature1", s.protected_raw, None, external_aad, s.payload))
+    return s.payload
 
 
 # -- COSE_Sign (several signers over one payload) -----------------------------------------
@@ -342,9 +379,20 @@ def decode_sign(data: bytes) -> SignMulti:
     return SignMulti(prot, prot_raw, dict(unprot), payload, out)
 
 
-def verify_signature(msg: SignMulti, sig: Signature, public_key: PublicKey, *, detached_payload: bytes | None = None) -> None:
-    payload = msg.payload if msg.payload is not None else detached_payload
-    if payload is None:
-        raise CoseFormatError("COSE_Sign: detached payload not supplied")
+def verify_signature_detached(msg: SignMulti, sig: Signature, public_key: PublicKey, payload: bytes) -> None:
+    """Verify one signer of a COSE_Sign with a detached payload over exactly `payload`, the
+    bytes the caller re-derived. A message that carries a payload is refused."""
+    payload = _detached_bytes(payload, "COSE_Sign")
+    if msg.payload is not None:
+        raise CosePayloadSlotError("COSE_Sign: carries a payload where a detached one (nil) is required")
     verify_raw_signature(public_key, sig.alg or 0, sig.signature,
                          _sig_structure("Signature", msg.protected_raw, sig.protected_raw, b"", payload))
+
+
+def verify_signature_attached(msg: SignMulti, sig: Signature, public_key: PublicKey) -> bytes:
+    """Verify one signer of a COSE_Sign that carries its payload; return that payload."""
+    if msg.payload is None:
+        raise CosePayloadSlotError("COSE_Sign: payload is nil where an attached payload is required")
+    verify_raw_signature(public_key, sig.alg or 0, sig.signature,
+                         _sig_structure("Signature", msg.protected_raw, sig.protected_raw, b"", msg.payload))
+    return msg.payload

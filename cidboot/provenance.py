@@ -144,7 +144,7 @@ decode_input = decode  # the name the issue uses
 def verify_signature(node: InputNode) -> None:
     """Raise ForgedSignature unless the node's COSE_Sign1 verifies with its own producer key."""
     try:
-        cose.verify1(node.sig, node.producer_key(), detached_payload=node.payload)
+        cose.verify1_detached(node.sig, node.producer_key(), node.payload)
     except FormatError as e:
         raise ForgedSignature(f"input {node.cid}: signature envelope: {e}") from None
     except VerificationError as e:

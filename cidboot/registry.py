@@ -16,6 +16,10 @@ before they existed keep their bytes (and CID). They are what lets a device know
 source, which manifest it may boot (docs/trust.md, "What a device may boot"): its role, and the
 manifest name that role boots. `version` only grows; the bootstrap refuses a registry older than
 one it already accepted (a replayed registry could otherwise hand a device an old role).
+
+A device's role is the registry's to say, not the device's: appraisal compares the role claimed
+in evidence with it (`DeviceRoots.roles`, fail-closed #7). An entry without "role" (older
+registries) has no role, so a device claiming one is not affirmed.
 """
 
 from __future__ import annotations
@@ -54,10 +58,14 @@ class RegistryRoleError(VerificationError):
 class Registry:
     """A verified registry: device roots, each device's role and the manifest name each role boots."""
 
-    roots: DeviceRoots
-    roles: dict[str, str] = field(default_factory=dict)  # device id (hex) -> role
+    roots: DeviceRoots  # keys, names and roles: the one place a device's role is kept
     manifests: dict[str, str] = field(default_factory=dict)  # role -> manifest name
     version: int = 0
+
+    @property
+    def roles(self) -> dict[str, str]:
+        """Device id (hex) -> registered role, for the devices that have one."""
+        return {did: r for did, r in self.roots.roles.items() if r}
 
     def manifest_for(self, role: str, device_id: str | None) -> str:
         """The manifest name the device may boot. A measured device (`device_id`, from its DICE
@@ -78,19 +86,16 @@ class Registry:
         return name
 
 
-def registry_obj(roots: DeviceRoots, roles: Mapping[str, str] | None = None, manifests: Mapping[str, str] | None = None,
+def registry_obj(roots: DeviceRoots, manifests: Mapping[str, str] | None = None,
                  version: int | None = None) -> dict[str, Any]:
     """The signed content: devices sorted by id, so the same roots always give the same bytes.
-    Optional parts are left out when not given (older registries keep their bytes)."""
-    roles = roles or {}
-    unknown = sorted(set(roles) - set(roots.keys))
-    if unknown:
-        raise RegistryFormatError(f"device registry: roles given for unregistered devices {unknown}")
+    Optional parts (a device's role, manifests, version) are left out when unset, so registries
+    signed before they existed keep their bytes."""
     devices = []
     for did, k in sorted(roots.keys.items()):
         d: dict[str, Any] = {"id": did, "name": roots.names.get(did, ""), "key": encode_public_key_bytes(k)}
-        if did in roles:
-            d["role"] = roles[did]
+        if roots.roles.get(did):
+            d["role"] = roots.roles[did]
         devices.append(d)
     obj: dict[str, Any] = {"devices": devices}
     if manifests:
@@ -101,13 +106,14 @@ def registry_obj(roots: DeviceRoots, roles: Mapping[str, str] | None = None, man
     return obj
 
 
-def sign_registry(roots: DeviceRoots, keys: Sequence[PrivateKey], *, roles: Mapping[str, str] | None = None,
-                  manifests: Mapping[str, str] | None = None, version: int | None = None) -> bytes:
+def sign_registry(roots: DeviceRoots, keys: Sequence[PrivateKey], *, manifests: Mapping[str, str] | None = None,
+                  version: int | None = None) -> bytes:
     """The registry block, signed by each of `keys` (give at least the root's threshold).
-    `roles`: device id -> role; `manifests`: role -> the manifest name that role boots."""
+    Roles come from `roots` (`DeviceRoots.add(key, name, role)`); `manifests`: role -> the
+    manifest name that role boots."""
     if not keys:
         raise RegistryFormatError("device registry: no signing keys given")
-    obj = registry_obj(roots, roles, manifests, version)
+    obj = registry_obj(roots, manifests, version)
     payload = dagcbor.encode(obj)
     sigs = cose.sign_multi(payload, [(k, key_id(k.public_key())) for k in keys], detached=True)
     return dagcbor.encode({"registry": obj, "signatures": sigs})
@@ -133,7 +139,6 @@ def _parse(obj: Any) -> Registry:
         raise RegistryFormatError("device registry: content must be {devices: [...], manifests?, version?}")
     _check_extras(obj)
     out = DeviceRoots()
-    roles: dict[str, str] = {}
     for i, d in enumerate(obj["devices"]):
         where = f"device registry entry {i}"
         if not isinstance(d, dict) or not {"id", "name", "key"} <= set(d) or set(d) - {"id", "name", "key", "role"}:
@@ -151,10 +156,8 @@ def _parse(obj: Any) -> Registry:
             raise RegistryFormatError(f"{where}: id {d['id']} is not the DICE ID {did} of its key")
         if did in out.keys:
             raise RegistryFormatError(f"{where}: device {did} listed twice")
-        out.add(key, d["name"])
-        if "role" in d:
-            roles[did] = d["role"]
-    return Registry(out, roles, dict(obj.get("manifests", {})), int(obj.get("version", 0)))
+        out.add(key, d["name"], d.get("role"))
+    return Registry(out, dict(obj.get("manifests", {})), int(obj.get("version", 0)))
 
 
 def verify_registry(block: bytes, root: RootOfTrust) -> DeviceRoots:

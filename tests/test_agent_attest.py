@@ -50,7 +50,7 @@ def make_device(role: str = "worker", *, debug: bool = False, boot_mode: str = "
 def roots_of(*devs: Device) -> DeviceRoots:
     r = DeviceRoots()
     for d in devs:
-        r.add(d.ident.root_public_key, d.attester.role or "")
+        r.add(d.ident.root_public_key, d.attester.role or "", d.attester.role)
     return r
 
 

@@ -63,7 +63,7 @@ def boot(tmp_path: Path, gw: GatewayServer, dev: Device | None, reg_devs: list[D
          agents: list[BootedAgent], role: str = "worker") -> tuple[BootedAgent, str]:
     roots = DeviceRoots()
     for d in reg_devs:
-        roots.add(d.ident.root_public_key)
+        roots.add(d.ident.root_public_key, d.attester.role or "", d.attester.role)
     block = sign_registry(roots, [SIGNER])
     store.put(registry_cid(block), block)
     cfg = BootConfig(SIGNED.cid, (gw.url,), ANCHOR, role, device_registry=registry_cid(block))
@@ -240,7 +240,7 @@ def run_two_devices(tmp_path: Path, gw: GatewayServer, store: Blockstore, agents
     sensor, aggregator = make_device("sensor", signed=signed), make_device("aggregator", signed=signed)
     roots = DeviceRoots()
     for d in ([sensor, aggregator] if register_sensor else [aggregator]):
-        roots.add(d.ident.root_public_key, d.attester.role or "")
+        roots.add(d.ident.root_public_key, d.attester.role or "", d.attester.role)
     block = sign_registry(roots, [SIGNER])
     store.put(registry_cid(block), block)
     reg = registry_cid(block)

@@ -60,7 +60,7 @@ def net(tmp_path: Path) -> Iterator[tuple[GatewayServer, Blockstore, list[Booted
 def registry(store: Blockstore, *devs: Device) -> CID:
     roots = DeviceRoots()
     for d in devs:
-        roots.add(d.ident.root_public_key, d.attester.role or "")
+        roots.add(d.ident.root_public_key, d.attester.role or "", d.attester.role)
     block = sign_registry(roots, [SIGNER])
     store.put(registry_cid(block), block)
     return registry_cid(block)
@@ -134,7 +134,7 @@ def test_unattested_sensor_gets_nothing_accepted(tmp_path: Path, net: tuple[Gate
     agg, agg_out, results, sen, sen_out = run_pair(tmp_path, net, sensor_registered=case != "unregistered",
                                                    sensor_measured=case != "unmeasured", wait=2.0)
     assert results == [] and "cidboot: result total" not in agg_out
-    assert "cidboot: audit: refused: inputs from peer 127.0.0.1 (sensor" in agg_out
+    assert "cidboot: audit: refused: inputs from peer 127.0.0.1 (claims sensor" in agg_out  # unregistered: no role
     assert "cidboot: refused: peer: " in sen_out and "refused our inputs" in sen_out
     [refusal] = agg.audit.find("refused")
     assert ("unknown device" if case == "unregistered" else "unmeasured boot") in refusal.reason

@@ -21,22 +21,23 @@ KEYS: dict[str, cose.PrivateKey] = {
 def test_sign1_round_trip_and_tamper(name: str) -> None:
     key = KEYS[name]
     msg = cose.sign1(b"payload", key, kid=b"k1", external_aad=b"aad")
-    s = cose.verify1(msg, key.public_key(), external_aad=b"aad")
+    assert cose.verify1_attached(msg, key.public_key(), external_aad=b"aad") == b"payload"
+    s = cose.decode_sign1(msg)
     assert s.payload == b"payload" and s.kid == b"k1" and s.alg == cose.alg_for_key(key)
     with pytest.raises(CoseSignatureError):
-        cose.verify1(msg, key.public_key(), external_aad=b"other")
+        cose.verify1_attached(msg, key.public_key(), external_aad=b"other")
     arr = list(cbor2.loads(msg).value)
     arr[2] = b"payloaD"
     with pytest.raises(CoseSignatureError):
-        cose.verify1(cbor2.dumps(cbor2.CBORTag(18, arr)), key.public_key())
+        cose.verify1_attached(cbor2.dumps(cbor2.CBORTag(18, arr)), key.public_key())
 
 
 def test_wrong_key_type_is_refused() -> None:
     msg = cose.sign1(b"x", KEYS["ed25519"])
     with pytest.raises(CoseSignatureError, match="does not match the key"):
-        cose.verify1(msg, KEYS["es256"].public_key())
+        cose.verify1_attached(msg, KEYS["es256"].public_key())
     with pytest.raises(CoseSignatureError):
-        cose.verify1(msg, ed25519.Ed25519PrivateKey.generate().public_key())
+        cose.verify1_attached(msg, ed25519.Ed25519PrivateKey.generate().public_key())
 
 
 @pytest.mark.parametrize(
@@ -71,10 +72,10 @@ def test_multi_signer() -> None:
     signers = [(KEYS["ed25519"], b"a"), (KEYS["es256"], b"b")]
     msg = cose.decode_sign(cose.sign_multi(b"manifest", signers))
     assert [s.kid for s in msg.signatures] == [b"a", b"b"]
-    cose.verify_signature(msg, msg.signatures[0], KEYS["ed25519"].public_key())
-    cose.verify_signature(msg, msg.signatures[1], KEYS["es256"].public_key())
+    assert cose.verify_signature_attached(msg, msg.signatures[0], KEYS["ed25519"].public_key()) == b"manifest"
+    cose.verify_signature_attached(msg, msg.signatures[1], KEYS["es256"].public_key())
     with pytest.raises(CoseSignatureError):
-        cose.verify_signature(msg, msg.signatures[0], KEYS["es256"].public_key())
+        cose.verify_signature_attached(msg, msg.signatures[0], KEYS["es256"].public_key())
     with pytest.raises(CoseFormatError, match="non-empty"):
         cose.decode_sign(cbor2.dumps(cbor2.CBORTag(98, [b"", {}, b"p", []])))
 
@@ -138,11 +139,11 @@ def test_detached_payload() -> None:
     key = KEYS["es256"]
     msg = cose.decode_sign(cose.sign_multi(b"body", [(key, b"a")], detached=True))
     assert msg.payload is None
-    cose.verify_signature(msg, msg.signatures[0], key.public_key(), detached_payload=b"body")
+    cose.verify_signature_detached(msg, msg.signatures[0], key.public_key(), b"body")
     with pytest.raises(CoseSignatureError):
-        cose.verify_signature(msg, msg.signatures[0], key.public_key(), detached_payload=b"bodY")
-    with pytest.raises(CoseFormatError, match="detached payload"):
-        cose.verify_signature(msg, msg.signatures[0], key.public_key())
+        cose.verify_signature_detached(msg, msg.signatures[0], key.public_key(), b"bodY")
+    with pytest.raises(cose.CosePayloadSlotError, match="attached payload is required"):
+        cose.verify_signature_attached(msg, msg.signatures[0], key.public_key())
 
 
 def test_ecdsa_signature_is_raw_r_s() -> None:
@@ -150,7 +151,7 @@ def test_ecdsa_signature_is_raw_r_s() -> None:
         s = cose.decode_sign1(cose.sign1(b"x", KEYS[name]))
         assert len(s.signature) == size
         with pytest.raises(CoseSignatureError, match=f"must be {size} bytes"):
-            cose.verify1(cose.Sign1(s.protected, s.protected_raw, s.unprotected, s.payload, s.signature[1:]),
+            cose.verify1_attached(cose.Sign1(s.protected, s.protected_raw, s.unprotected, s.payload, s.signature[1:]),
                          KEYS[name].public_key())
 
 

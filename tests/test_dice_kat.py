@@ -78,9 +78,9 @@ def test_ecdsa_all_but_signature(alg: str, sig_size: int, name: str) -> None:
     assert next_attest.hex() == VECTORS[f"kExpectedCdiAttest_{name}"]
     assert len(cert) == len(expected)
     assert cert[:-sig_size] == expected[:-sig_size]
-    cose.verify1(cert, key_from_cdi(attest, alg).public_key())
+    cose.verify1_attached(cert, key_from_cdi(attest, alg).public_key())
     # and open-dice's own certificate verifies with the key we derived: same key, same algorithm
-    cose.verify1(expected, key_from_cdi(attest, alg).public_key())
+    cose.verify1_attached(expected, key_from_cdi(attest, alg).public_key())
 
 
 def test_certificate_parses_back() -> None:
@@ -100,11 +100,11 @@ def test_uds_key_is_the_issuer_of_open_dices_first_certificate(alg: str, cert_na
     signed by the UDS key pair: its issuer is that key's ID and the signature verifies with it."""
     expected = bytes.fromhex(VECTORS[cert_name])
     root = root_public_key_from_uds(bytes(32), alg)
-    cose.verify1(expected, root)
+    cose.verify1_attached(expected, root)
     assert parse_certificate(expected).issuer == derive_id(raw_public_bytes(root)).hex()
     assert raw_public_bytes(uds_keypair(bytes(32), alg).public_key()) == raw_public_bytes(root)
     with pytest.raises(cose.CoseSignatureError):
-        cose.verify1(expected, root_public_key_from_uds(bytes([1]) * 32, alg))
+        cose.verify1_attached(expected, root_public_key_from_uds(bytes([1]) * 32, alg))
 
 
 def test_bad_inputs_are_refused() -> None:

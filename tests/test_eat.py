@@ -42,7 +42,7 @@ def evidence(dev: DerivedIdentity, nonce: bytes, boot_mode: str = "measured") ->
 def roots_for(*devs: DerivedIdentity) -> DeviceRoots:
     r = DeviceRoots()
     for d in devs:
-        r.add(d.root_public_key, "dev")
+        r.add(d.root_public_key, "dev", "worker")
     return r
 
 
@@ -55,7 +55,8 @@ def test_affirming() -> None:
     dev, nonce = device(), os.urandom(32)
     status, checks = run(evidence(dev, nonce), nonce, roots_for(dev))
     assert status == AFFIRMING, checks
-    assert set(checks) == {"format", "nonce", "dice-chain", "device", "signature", "debug-mode", "measured-boot", "measurements", "manifest"}
+    assert set(checks) == {"format", "nonce", "dice-chain", "device", "role", "signature", "debug-mode", "measured-boot",
+                           "measurements", "manifest"}
 
 
 def test_replay_wrong_nonce() -> None:

@@ -116,8 +116,8 @@ def _publish(store: Blockstore, layers: tuple[Layer, ...], name: str, version: i
 def _registry(store: Blockstore, role: str | None, manifests: dict[str, str], version: int | None = None) -> CID:
     """A registry holding the test device (the DICE root key of UDS) with `role`."""
     roots = DeviceRoots()
-    did = roots.add(root_public_key_from_uds(UDS), "device-0")
-    block = sign_registry(roots, [K1], roles={did: role} if role else None, manifests=manifests, version=version)
+    roots.add(root_public_key_from_uds(UDS), "device-0", role)
+    block = sign_registry(roots, [K1], manifests=manifests, version=version)
     return store.put_block(block, DAG_CBOR)
 
 

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--role", default="default", help="role claimed in evidence")
     p.add_argument("--manifest", help="CID of the signed manifest to simulate booting")
     p.add_argument("--store", type=Path, help="block store (manifest; served on /ipfs/)")
-    p.add_argument("--register", type=Path, metavar="FILE", help="add this identity's root to a device-roots file")
+    p.add_argument("--register", type=Path, metavar="FILE", help="add this identity's root and --role to a device-roots file")
     p.add_argument("--verifier", action="store_true", help="also serve POST /attestation/session[/ID]")
     p.add_argument("--roots", type=Path, help="device roots the verifier trusts (with --verifier)")
     p.add_argument("--allow-unmeasured", action="store_true", help="verifier: unmeasured boots give a warning")
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     ident = software_identity(args.identity, signed, mcid)
     if args.register:
         roots = DeviceRoots.load(args.register) if args.register.exists() else DeviceRoots()
-        did = roots.add(ident.root_public_key, args.role)
+        did = roots.add(ident.root_public_key, args.role, role=args.role)  # the registry is the role's authority
         roots.save(args.register)
         print(f"registered device {did} in {args.register}")
     attester = Attester.from_derived(ident, manifest_cid=mcid, boot_mode="measured" if signed else "unmeasured",

@@ -85,7 +85,7 @@ def verify_chain(chain: bytes, *, allow_debug: bool = False, expected_profile: s
         except FormatError as e:
             raise DiceChainError(f"{where}: {e}") from None
         try:
-            cose.verify1(cert.sign1, prev_key)
+            cose.verify1_attached(cert.sign1, prev_key)
         except (VerificationError, CoseFormatError) as e:
             raise DiceChainError(f"{where}: not signed by the key of entry {i - 1}: {e}") from None
         if cert.issuer != prev_subject:

@@ -145,6 +145,8 @@ def verify_threshold(signatures: bytes, payload: bytes, root: RootOfTrust, what:
         msg = cose.decode_sign(signatures)
     except FormatError as e:
         raise SignatureError(f"{what}: malformed signatures: {e}") from None
+    if msg.payload is not None:  # the signatures must cover `payload`, re-derived, never carried bytes
+        raise SignatureError(f"{what}: the COSE_Sign carries a payload; only a detached (nil) payload is accepted")
     trusted = root.public_keys()
     good: set[bytes] = set()
     for sig in msg.signatures:
@@ -152,7 +154,7 @@ def verify_threshold(signatures: bytes, payload: bytes, root: RootOfTrust, what:
         if kid is None or kid not in trusted or kid in good:
             continue  # unknown keys are ignored; one key counts once
         try:
-            cose.verify_signature(msg, sig, trusted[kid], detached_payload=payload)
+            cose.verify_signature_detached(msg, sig, trusted[kid], payload)
         except VerificationError:
             continue
         good.add(kid)
@@ -175,7 +177,7 @@ def rotated_root(signed: SignedManifest, root: RootOfTrust) -> tuple[RootOfTrust
         try:
             verify_threshold(rot.signatures, rot.payload(), root, f"rotation to root v{rot.root.version} (old root)")
             verify_threshold(rot.signatures, rot.payload(), rot.root, f"rotation to root v{rot.root.version} (new root)")
-        except ThresholdError as e:
+        except (ThresholdError, SignatureError) as e:  # too few, or a malformed or payload-carrying COSE_Sign
             raise RootRotationError(str(e)) from None
         checks.append(Check("root-rotation", True, f"root v{root.version} -> v{rot.root.version}"))
         root = rot.root

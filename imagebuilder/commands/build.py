@@ -11,6 +11,7 @@ from cidboot.blockstore import Blockstore, default_store_path
 from cidboot.car import CarWriter
 from cidboot.cli import print_json
 from imagebuilder.build import BuildError, BuildResult, build, parse_reference
+from imagebuilder.commands.inspect import unpinned as unpinned_layers
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -69,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
         references[name] = value
     res = build(args.flow, progress=say, references=references)
     _write(res, args)
+    unpinned = unpinned_layers(res.manifest)
+    if unpinned:  # always, even with --quiet/--json: devices booting this image cannot be affirmed
+        print(f"imagebuilder: WARNING: no reference value for {', '.join(unpinned)}: the manifest does not pin "
+              f"the stage(s) below the image, so any {' or '.join(unpinned)} is accepted and appraisal of a device "
+              f"booting {res.manifest_cid} is at best 'warning'. Pass "
+              f"{' '.join(f'--reference {n}=HEX' for n in unpinned)} (the code hash from that stage's build).",
+              file=sys.stderr, flush=True)
     if args.json:
         print_json(res.to_json())
         return 0

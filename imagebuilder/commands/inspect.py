@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from cidboot import dagcbor
+from cidboot.appraisal import LAYER_ORDER, reference_values
 from cidboot.blockstore import Blockstore, default_store_path
 from cidboot.cid import CID
 from cidboot.cli import print_json
 from cidboot.dataflow import checks
-from cidboot.manifest import SignedManifest
+from cidboot.manifest import Manifest, SignedManifest
 from cidboot.unixfs.exporter import export_file
 from imagebuilder.cpio import decompress, read_newc
 
@@ -36,6 +37,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _kind(mode: int) -> str:
     return "d" if stat.S_ISDIR(mode) else "l" if stat.S_ISLNK(mode) else "c" if stat.S_ISCHR(mode) else "-"
+
+
+def pinning(m: Manifest) -> dict[str, bool]:
+    """For a workload image: which measured layers the manifest pins with a reference value
+    (cidboot.appraisal.reference_values, what appraisal compares); empty for a firmware or
+    bootstrap build's manifest, which records its own code hash and nothing below it."""
+    if "image" not in m.measurements and len(m.measurements) == 1 and set(m.measurements) <= set(LAYER_ORDER):
+        return {}
+    return {name: ref is not None for name, ref in reference_values(m).items()}
+
+
+def unpinned(m: Manifest) -> list[str]:
+    return [name for name, ok in pinning(m).items() if not ok]
 
 
 def describe(store: Blockstore, cid: CID, files: bool = True) -> dict[str, Any]:
@@ -64,6 +78,7 @@ def describe(store: Blockstore, cid: CID, files: bool = True) -> dict[str, Any]:
     return {"manifest": str(cid), "name": m.name, "version": m.version, "expires": m.expires,
             "cmdline": m.cmdline, "layers": layers,
             "measurements": {k: v.hex() for k, v in sorted(m.measurements.items())},
+            "pinned": pinning(m),
             "flow_cid": str(m.flow) if m.flow else None, "flow": flow,
             "operations": {k: str(v) for k, v in sorted(m.operations.items())},
             "placement": m.placement, "policies": m.policies,
@@ -80,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"signers  {d['root']['threshold']} of {d['root']['keys']} root keys")
     for k, v in d["measurements"].items():
         print(f"measure  {k}: {v}")
+    for k, ok in d["pinned"].items():
+        print(f"pinned   {k}: {'yes' if ok else 'NO: no reference value, any ' + k + ' is accepted (appraisal: warning)'}")
     print("layers")
     for lyr in d["layers"]:
         n = f"  {len(lyr['files'])} files" if "files" in lyr else ""

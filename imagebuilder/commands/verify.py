@@ -13,6 +13,7 @@ from cidboot.errors import CidbootError, FormatError
 from cidboot.keys import load_root
 from cidboot.manifest import Check, SignedManifest, TrustState, check_layer, verify_manifest
 from cidboot.unixfs import export_file
+from imagebuilder.commands.inspect import pinning
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,10 +58,18 @@ def run(args: argparse.Namespace) -> int:
     except CidbootError as e:
         ok = False
         checks.append(Check(type(e).__name__, False, str(e)))
+    pinned = pinning(signed.manifest) if ok else {}
+    loose = [name for name, p in pinned.items() if not p]
+    warnings = [f"unpinned: no reference value for {', '.join(loose)}: any {' or '.join(loose)} is accepted, "
+                f"appraisal of devices booting it is at best 'warning'"] if loose else []
     if args.json:
-        print_json({"ok": ok, "checks": [c.to_obj() for c in checks]})
+        print_json({"ok": ok, "checks": [c.to_obj() for c in checks], "pinned": pinned, "warnings": warnings})
     else:
         for c in checks:
             print(f"{'✓' if c.ok else '✗'} {c.name}: {c.detail}")
+        for name, p in pinned.items():
+            print(f"{'✓' if p else '!'} pinned {name}: {'reference value in the manifest' if p else 'NO reference value'}")
+        for w in warnings:
+            print(f"! {w}")
     return 0 if ok else 1
 

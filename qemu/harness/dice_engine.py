@@ -84,10 +84,11 @@ def provision(dev: DeviceState, kernel: bytes, initrd: bytes) -> Path:
     return dev.handover
 
 
-def register(devices: list[DeviceState], roots_file: Path) -> DeviceRoots:
-    """The factory: every device's root public key into a roots file for verifiers."""
+def register(devices: list[DeviceState], roots_file: Path, roles: list[str] | None = None) -> DeviceRoots:
+    """The factory: every device's root public key (and its role, roles[i]: appraisal compares
+    the role a device claims with it) into a roots file for verifiers."""
     roots = DeviceRoots.load(roots_file) if roots_file.exists() else DeviceRoots()
-    for dev in devices:
-        roots.add(root_public_key_from_uds(dev.uds()), dev.name)
+    for i, dev in enumerate(devices):
+        roots.add(root_public_key_from_uds(dev.uds()), dev.name, roles[i] if roles and i < len(roles) else None)
     roots.save(roots_file)
     return roots

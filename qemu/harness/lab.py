@@ -22,8 +22,6 @@ from typing import Any
 from cidboot import keys
 from cidboot.blockstore import Blockstore
 from cidboot.cid import CID, DAG_CBOR
-from cidboot.cose_key import raw_public_bytes
-from cidboot.dice.derive import derive_id, root_public_key_from_uds
 from cidboot.manifest import SignedManifest
 from cidboot.registry import sign_registry
 from qemu.harness import dice_engine, timeline
@@ -161,19 +159,19 @@ def _devices_yaml(path: Path, roles: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _factory(dep: Deployment, out: Path, names: list[str], roles: list[str]) -> tuple[list[dice_engine.DeviceState], CID | None]:
+def _factory(dep: Deployment, out: Path, names: list[str],
+             roles: list[str]) -> tuple[list[dice_engine.DeviceState], CID | None]:
     """Device states (UDS, NVRAM), their root keys in the verifiers' roots file, and the device
     registry signed by the workload's signers, in the store, for the agents to find peers by and
     for the bootstraps to know what they may boot: each device's role, and for every role the
     workload's manifest name (docs/trust.md, "What a device may boot")."""
     states = [dice_engine.device(out / "devices", n) for n in names]
-    roots = dice_engine.register(states, out / "device-roots.json")
+    roots = dice_engine.register(states, out / "device-roots.json", roles)
     if not dep.signer_keys:
         return states, None
     signers = [keys.load_private_key(p) for p in dep.signer_keys]
     name = SignedManifest.decode(Blockstore(dep.store).get(dep.workload.manifest)).manifest.name
-    ids = [derive_id(raw_public_bytes(root_public_key_from_uds(st.uds()))).hex() for st in states]
-    block = sign_registry(roots, signers, roles=dict(zip(ids, roles, strict=True)), manifests={r: name for r in roles})
+    block = sign_registry(roots, signers, manifests={r: name for r in roles})
     return states, Blockstore(dep.store).put_block(block, DAG_CBOR)
 
 
