@@ -117,7 +117,7 @@ def _imagebuilder_verify(m: Manifest, sig: bytes) -> None:
     d = Path(tempfile.mkdtemp(prefix="cose-matrix-"))
     keys.write_root(ROOT, d / "root.json")
     (d / "m.cbor").write_bytes(SignedManifest(m, sig).encode())
-    args = argparse.Namespace(manifest=str(d / "m.cbor"), root=d / "root.json", state=None, store=d / "store",
+    args = argparse.Namespace(manifest=str(d / "m.cbor"), root=d / "root.json", state=None, name=None, store=d / "store",
                               no_layers=True, json=True)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
