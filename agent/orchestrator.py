@@ -144,6 +144,7 @@ class Orchestrator:
         self._from_pending: set[CID] = set()  # pending blocks the validation of one input read
         self._quota: int | None = None  # single refusals still audited in this `accept` (None: no limit)
         self._quieted = 0
+        self._kept: set[CID] = set()  # peers' blocks stored after they validated
         self._accept_lock = threading.RLock()
         self.attested = attested or AttestedAgents()
         self.attested.add_self(raw_public_bytes(ctx.key.public_key()), ctx.role)
@@ -263,19 +264,25 @@ class Orchestrator:
                                f"more than {self.accept_blocks} blocks or {self.accept_bytes} bytes in one exchange, "
                                "nothing stored")
             return []
+        has = getattr(self.store, "has", None)
         nodes: dict[CID, InputNode] = {}
-        junk: list[CID] = []
+        known: list[CID] = []  # admitted before (a retry, or an ancestor of a later input)
+        junk: dict[CID, int] = {}
         for cid, block in blocks:
-            if cid in nodes:
+            if cid in nodes or cid in junk:
                 continue
+            if cid in self.network:
+                known.append(cid)
+                continue
+            if cid in self.validator.memo or cid in self._kept:
+                continue  # validated and stored before (a closure resends its ancestors each hop)
             try:
                 nodes[cid] = decode(block, cid)  # checks the block against its CID
             except CidbootError:
-                junk.append(cid)
+                junk[cid] = len(block)
         if junk:
-            self._refuse_batch(junk, f"TamperedInput: {len(junk)} block(s) {who} are not provenance nodes of "
-                               f"their CID ({sum(len(b) for c, b in blocks if c in set(junk))} bytes): not stored")
-        has = getattr(self.store, "has", None)
+            self._refuse_batch(list(junk), f"TamperedInput: {len(junk)} block(s) {who} are not provenance nodes of "
+                               f"their CID ({sum(junk.values())} bytes): not stored")
         self._pending = {c: b for c, b in blocks if c in nodes and (has is None or not has(c))}
         new = sum(len(b) for b in self._pending.values())
         if self.peer_bytes + new > self.peer_budget:
@@ -283,19 +290,17 @@ class Orchestrator:
                                f"{who} exceed what this agent keeps from peers ({self.peer_bytes} of "
                                f"{self.peer_budget} bytes used): nothing stored")
             return []
-        admitted = []
+        admitted = known
         for cid, node in nodes.items():
             if cid in self.refused:
-                continue
-            if cid in self.network:  # sent again (a retry, or an ancestor of a later input): known and valid
-                admitted.append(cid)
                 continue
             if not any(self.ctx.local(op) for op, _p in self.ctx.flow.consumers_of(node.definition)):
                 continue  # an ancestor in the closure: stored only if an admitted input's validation reads it
             self._from_pending = set()
             if not self._admit(node):
                 continue
-            read = self._from_pending | {cid}
+            # validation off (benchmarks): nothing was read, so keep every node of the exchange
+            read = (self._from_pending if self.validate_inputs else set(self._pending)) | {cid}
             if not self._consumed_here(node):
                 del self.network[cid]
                 del self._by_def[node.definition][cid]
@@ -317,6 +322,7 @@ class Orchestrator:
         self._put(cid, block)
         self.peer_bytes += len(block)
         self._parents[cid] = node.parents
+        self._kept.add(cid)
 
     def _seed(self) -> None:
         for s in self.ctx.flow.seed:
