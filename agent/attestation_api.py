@@ -12,6 +12,13 @@ port. Every bad request gets a 4xx with a one-line reason and the server keeps s
                                  manifest and flow) as an IPFS trustless gateway: this is
                                  cidboot.gateway.server's handler, so a result's whole provenance
                                  DAG comes as one CAR (`?format=car`), verified by the client
+    GET /metrics                 Prometheus text: requests, responses by status, internal errors
+
+Evidence for a caller's nonce authorises nothing by itself: anyone may ask any agent for it
+(that is what a challenge is), so the peer protocol (agent.peers) never takes evidence as
+proof that its holder sent something; the sender's alias key signs what it sends. A request
+that hits a bug costs that request only: 500 with the exception's type name, logged with its
+traceback, counted (`cidboot_agent_internal_errors_total`).
 """
 
 from __future__ import annotations
@@ -200,6 +207,7 @@ class AgentServer(ThreadingHTTPServer):
         if attester is not None:
             self.mount(Route("GET", "/attestation", self._attestation))
         self.mount(Route("GET", "/results", self._results))
+        self.mount(Route("GET", "/metrics", self._metrics))
         super().__init__(address, _Handler)
 
     @property
@@ -239,6 +247,16 @@ class AgentServer(ThreadingHTTPServer):
         head = self.audit_head()
         return Response.json({"results": [r.to_obj() for r in self.results.all()], "audit": str(head) if head else None})
 
+    def _metrics(self, req: Request) -> Response:
+        """Prometheus text: responses by status; `internal_errors` are the requests a bug cost (500)."""
+        m = self.metrics
+        with m.lock:
+            by_status, requests, sent = dict(m.by_status), m.requests, m.bytes_sent
+        lines = [f"cidboot_agent_requests_total {requests}", f"cidboot_agent_bytes_sent_total {sent}",
+                 f"cidboot_agent_internal_errors_total {by_status.get(500, 0)}"]
+        lines += [f'cidboot_agent_responses_total{{status="{k}"}} {v}' for k, v in sorted(by_status.items())]
+        return Response(200, "text/plain; version=0.0.4", ("\n".join(lines) + "\n").encode())
+
 
 class _Handler(_GatewayHandler):
     """The agent's routes; `/ipfs/` (GET, HEAD) goes to the trustless gateway's handler."""
@@ -254,22 +272,45 @@ class _Handler(_GatewayHandler):
     def _gateway(self) -> bool:
         return self.server.store is not None and self.path.startswith("/ipfs/")
 
+    _responded = False  # a status line went out for the current request (then a 500 cannot follow)
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._responded = True
+        super().send_response(code, message)
+
     def do_GET(self) -> None:
         if self._gateway():
-            super()._handle()
+            self._guarded_gateway()
         else:
             self._agent()
 
     def do_HEAD(self) -> None:
         if self._gateway():
-            super()._handle()
+            self._guarded_gateway()
         else:
             self._agent()
+
+    def _guarded_gateway(self) -> None:
+        """The gateway's handler, with the agent's rule: a bug costs one request (500, logged,
+        counted), never the connection thread's silent death or the server."""
+        self._responded = False
+        try:
+            super()._handle()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:
+            log.exception("internal error on %s %s", self.command, self.path)
+            if self._responded:  # part of a response is out: the connection cannot carry a 500
+                self.close_connection = True
+                self.server.metrics.record(500, 0)
+                return
+            self._send_error(500, f"internal error: {type(e).__name__}")
 
     def do_POST(self) -> None:
         self._agent()
 
     def _agent(self) -> None:
+        self._responded = False
         try:
             resp = self.server.dispatch(self._request())
         except HttpError as e:
@@ -279,16 +320,21 @@ class _Handler(_GatewayHandler):
             log.info("%s %s -> %d: %s", self.command, self.path, e.status, e)
         except CidbootError as e:
             resp = Response(400, "text/plain; charset=utf-8", (f"{e}\n").encode())
-        except Exception as e:  # a bug must cost one request, not the server
+        except Exception as e:  # a bug must cost one request, not the server (RecursionError, MemoryError...)
             log.exception("internal error on %s %s", self.command, self.path)
             resp = Response(500, "text/plain; charset=utf-8", f"internal error: {type(e).__name__}\n".encode())
-        self.send_response(resp.status)
-        self.send_header("Content-Type", resp.content_type)
-        self.send_header("Content-Length", str(len(resp.body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(resp.body)
+            self.close_connection = True  # the body may not have been read: do not parse it as a request
+        self.server.metrics.record(resp.status, len(resp.body) if self.command != "HEAD" else 0)
+        try:
+            self.send_response(resp.status)
+            self.send_header("Content-Type", resp.content_type)
+            self.send_header("Content-Length", str(len(resp.body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(resp.body)
+        except OSError:  # the client went away: nothing to answer
+            self.close_connection = True
 
     def _request(self) -> Request:
         u = urlsplit(self.path)

@@ -220,6 +220,7 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
     agent.service.refused = lambda client, res: audit.record(
         "refused", f"inputs from peer {client} ({res.role or (f'claims {res.claimed_role}' if res.claimed_role else 'no role')}, device {res.device_id}): "
                    f"{reasons(res.to_obj())}")
+    agent.service.refused_request = lambda client, reason: audit.record("refused", f"inputs from peer {client}: {reason}")
     server.audit_head = lambda: audit.head
     mount_peers(server, agent.service)
     server.start()

@@ -26,6 +26,7 @@ Public API (what agent.device / agent.peers call):
                         validate=True, remote_wait=300.0, on_result=None)
     results = await orch.run()            # [Result(definition, value, cid, operation)]
     orch.accept([(cid, block), ...], sender_appraisal) -> [admitted input CIDs]   # thread-safe
+                                          # validated first; only what validated is stored
     orch.closure(cid) -> [(cid, block)]   # a node and its provenance ancestors
     orch.stop()                           # stop waiting for peers
     orch.audit.head                       # CID of the newest audit entry
@@ -43,6 +44,7 @@ import importlib.util
 import inspect
 import itertools
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +65,10 @@ from cidboot.provenance import InputNode, ProvenanceFormatError, decode, make_in
 
 Block = tuple[CID, bytes]
 Send = Callable[[str, list[Block]], Awaitable[Any] | Any]
+ACCEPT_BLOCKS = 4096  # blocks in one `accept` (agent.peers.MAX_BLOCKS)
+ACCEPT_BYTES = 4 << 20  # bytes in one `accept` (agent.peers.MAX_BYTES)
+PEER_BUDGET = 64 << 20  # bytes of peers' blocks this orchestrator keeps in its store, in all
+REFUSALS_PER_ACCEPT = 16  # audit entries for single refused inputs per `accept`; the rest summarised
 
 
 class OperationFailed(CidbootError):
@@ -130,14 +136,23 @@ class Orchestrator:
     def __init__(self, ctx: FlowContext, ops: Mapping[str, Callable[..., Any]], store: BlockSink, *,
                  attested: AttestedAgents | None = None, audit: AuditLog | None = None, send: Send | None = None,
                  validate: bool = True, remote_wait: float = 300.0,
-                 on_result: Callable[[Result], None] | None = None) -> None:
+                 on_result: Callable[[Result], None] | None = None, accept_blocks: int = ACCEPT_BLOCKS,
+                 accept_bytes: int = ACCEPT_BYTES, peer_budget: int = PEER_BUDGET) -> None:
         self.ctx, self.ops, self.store = ctx, ops, store
+        self.accept_blocks, self.accept_bytes, self.peer_budget = accept_blocks, accept_bytes, peer_budget
+        self.peer_bytes = 0  # bytes of peers' blocks stored so far (against peer_budget)
+        self._pending: dict[CID, bytes] = {}  # the batch `accept` is validating: read before the store
+        self._from_pending: set[CID] = set()  # pending blocks the validation of one input read
+        self._quota: int | None = None  # single refusals still audited in this `accept` (None: no limit)
+        self._quieted = 0
+        self._kept: set[CID] = set()  # peers' blocks stored after they validated
+        self._accept_lock = threading.RLock()
         self.attested = attested or AttestedAgents()
         self.attested.add_self(raw_public_bytes(ctx.key.public_key()), ctx.role)
         self.audit = audit or AuditLog(ctx.key, store)
         self.send, self.validate_inputs, self.remote_wait = send, validate, remote_wait
         self.on_result = on_result
-        self.validator = Validator(ctx.flow, ctx.flow_cid, ctx.placement, self.attested, store.get, ctx.authority_keys)
+        self.validator = Validator(ctx.flow, ctx.flow_cid, ctx.placement, self.attested, self._get, ctx.authority_keys)
         self.network: dict[CID, InputNode] = {}  # validated inputs available to local operations
         self._by_def: dict[str, dict[CID, InputNode]] = {}  # the same, by definition (dispatch looks up by it)
         self._order: dict[CID, bytes] = {}  # sort key per input: runs (and so audit logs) are deterministic
@@ -148,7 +163,6 @@ class Orchestrator:
                 for d in [*op.inputs.values(), *op.conditions]:
                     self._consumers.setdefault(d, set()).add(op.name)
         self._dirty: set[str] = {op for op in ctx.flow.operations if ctx.local(op)}
-        self._passive: set[CID] = set()  # peers' blocks that feed nothing here (ancestors): seen, stored
         self._parents: dict[CID, tuple[CID, ...]] = {}  # of nodes decoded or made here: closures without decoding
         self.refused: dict[CID, str] = {}
         self.ran: set[tuple[str, tuple[CID, ...]]] = set()
@@ -164,6 +178,14 @@ class Orchestrator:
         has = getattr(self.store, "has", None)
         if has is None or not has(cid):
             self.store.put(cid, block)
+
+    def _get(self, cid: CID) -> bytes:
+        """The validator's block source: the batch being accepted (not stored yet), then the store."""
+        block = self._pending.get(cid)
+        if block is not None:
+            self._from_pending.add(cid)
+            return block
+        return self.store.get(cid)
 
     def _consumed_here(self, node: InputNode) -> bool:
         origin = SEED if node.is_seed else (str(node.operation), str(node.output))
@@ -189,7 +211,16 @@ class Orchestrator:
 
     def _refuse(self, cid: CID, reason: str) -> None:
         self.refused[cid] = reason
+        if self._quota is not None:
+            if self._quota <= 0:
+                self._quieted += 1
+                return
+            self._quota -= 1
         self.audit.record("refused", reason, inputs=[cid])
+
+    def _refuse_batch(self, cids: Sequence[CID], reason: str) -> None:
+        """One audit entry for many blocks (a flood must not become as many signed entries)."""
+        self.audit.record("refused", reason, inputs=list(cids[:REFUSALS_PER_ACCEPT]))
 
     def accept(self, blocks: Sequence[Block], sender: AppraisalResult | None = None) -> list[CID]:
         """Inputs from a peer (already attested by agent.peers; validated again here). Safe to call
@@ -208,41 +239,91 @@ class Orchestrator:
         return self._accept(blocks, sender)
 
     def _accept(self, blocks: list[Block], sender: AppraisalResult | None) -> list[CID]:
-        admitted = []
-        who = f"from {sender.role} {sender.device_id}" if sender is not None else "from a peer"
-        for cid, block in blocks:
+        """Validate first, store only what validated (issue 11 #4): every block must be a
+        provenance node of its CID; an input this role consumes is validated with its ancestors
+        read from the batch, and only then are it and the ancestors its validation read stored.
+        Blocks no admitted input needed are dropped. Bounded per call (accept_blocks,
+        accept_bytes) and in all (peer_budget); every refusal is audited, floods as one entry."""
+        with self._accept_lock:
             try:
-                self._put(cid, block)
-            except CidbootError as e:
-                self._refuse(cid, f"TamperedInput: block {cid} {who}: {e}")
-        for cid, block in blocks:
-            if cid in self.refused or cid in self._passive:
-                continue
-            if cid in self.network:  # sent again (a retry, or an ancestor of a later input): known and valid
-                admitted.append(cid)
-                continue
-            try:
-                node = decode(block, cid)
-            except CidbootError:
-                self._passive.add(cid)
-                continue  # not a provenance node (e.g. other blocks of the closure): nothing to run
-            self._parents[cid] = node.parents
-            if not any(self.ctx.local(op) for op, _p in self.ctx.flow.consumers_of(node.definition)):
-                self._passive.add(cid)
-                continue  # an ancestor in the closure (validated as a parent when it matters)
-            if not self._admit(node):
-                continue
-            if not self._consumed_here(node):
-                del self.network[cid]
-                del self._by_def[node.definition][cid]
-                origin = "a seed" if node.is_seed else f"{node.operation}.{node.output}"
-                self._refuse(cid, f"UnknownOperation: input {cid} {who}: {origin} feeds no operation of this role")
-                continue
-            admitted.append(cid)
-            self.audit.record("accepted", f"input {node.definition} {who}", inputs=[cid])
+                self._quota, self._quieted = REFUSALS_PER_ACCEPT, 0
+                admitted = self._accept_batch(blocks, f"from {sender.role} {sender.device_id}" if sender is not None
+                                              else "from a peer")
+            finally:
+                self._pending, self._from_pending, self._quota = {}, set(), None
+            if self._quieted:
+                self.audit.record("refused", f"{self._quieted} more input(s) refused in the same exchange "
+                                  "(reasons not recorded one by one)")
         if self._arrived is not None:
             self._arrived.set()
         return admitted
+
+    def _accept_batch(self, blocks: list[Block], who: str) -> list[CID]:
+        total = sum(len(b) for _, b in blocks)
+        if len(blocks) > self.accept_blocks or total > self.accept_bytes:
+            self._refuse_batch([c for c, _ in blocks], f"PeerLimit: {len(blocks)} block(s) of {total} bytes {who}: "
+                               f"more than {self.accept_blocks} blocks or {self.accept_bytes} bytes in one exchange, "
+                               "nothing stored")
+            return []
+        has = getattr(self.store, "has", None)
+        nodes: dict[CID, InputNode] = {}
+        known: list[CID] = []  # admitted before (a retry, or an ancestor of a later input)
+        junk: dict[CID, int] = {}
+        for cid, block in blocks:
+            if cid in nodes or cid in junk:
+                continue
+            if cid in self.network:
+                known.append(cid)
+                continue
+            if cid in self.validator.memo or cid in self._kept:
+                continue  # validated and stored before (a closure resends its ancestors each hop)
+            try:
+                nodes[cid] = decode(block, cid)  # checks the block against its CID
+            except CidbootError:
+                junk[cid] = len(block)
+        if junk:
+            self._refuse_batch(list(junk), f"TamperedInput: {len(junk)} block(s) {who} are not provenance nodes of "
+                               f"their CID ({sum(junk.values())} bytes): not stored")
+        self._pending = {c: b for c, b in blocks if c in nodes and (has is None or not has(c))}
+        new = sum(len(b) for b in self._pending.values())
+        if self.peer_bytes + new > self.peer_budget:
+            self._refuse_batch(list(self._pending), f"PeerLimit: {len(self._pending)} new block(s) of {new} bytes "
+                               f"{who} exceed what this agent keeps from peers ({self.peer_bytes} of "
+                               f"{self.peer_budget} bytes used): nothing stored")
+            return []
+        admitted = known
+        for cid, node in nodes.items():
+            if cid in self.refused:
+                continue
+            if not any(self.ctx.local(op) for op, _p in self.ctx.flow.consumers_of(node.definition)):
+                continue  # an ancestor in the closure: stored only if an admitted input's validation reads it
+            self._from_pending = set()
+            if not self._admit(node):
+                continue
+            # validation off (benchmarks): nothing was read, so keep every node of the exchange
+            read = (self._from_pending if self.validate_inputs else set(self._pending)) | {cid}
+            if not self._consumed_here(node):
+                del self.network[cid]
+                del self._by_def[node.definition][cid]
+                for c in read:  # validated but not kept: the validator must not vouch for blocks not stored
+                    self.validator.memo.pop(c, None)
+                origin = "a seed" if node.is_seed else f"{node.operation}.{node.output}"
+                self._refuse(cid, f"UnknownOperation: input {cid} {who}: {origin} feeds no operation of this role")
+                continue
+            for c in sorted(read, key=bytes):  # validated: now it may be kept
+                self._store_peer(c, nodes[c])
+            admitted.append(cid)
+            self.audit.record("accepted", f"input {node.definition} {who}", inputs=[cid])
+        return admitted
+
+    def _store_peer(self, cid: CID, node: InputNode) -> None:
+        block = self._pending.pop(cid, None)
+        if block is None:
+            return  # already in the store
+        self._put(cid, block)
+        self.peer_bytes += len(block)
+        self._parents[cid] = node.parents
+        self._kept.add(cid)
 
     def _seed(self) -> None:
         for s in self.ctx.flow.seed:
@@ -422,4 +503,7 @@ class Orchestrator:
         every role runs in one process and none of them can make progress any more)."""
         self._stopped = True
         if self._arrived is not None:
-            self._arrived.set()
+            if self._loop is not None and self._loop.is_running():
+                self._loop.call_soon_threadsafe(self._arrived.set)  # from another thread: wake the loop
+            else:
+                self._arrived.set()

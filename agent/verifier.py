@@ -7,14 +7,27 @@ A session's nonce can be used once and only within `ttl` seconds: whatever happe
 first evidence posted to it, the session is spent, so captured evidence cannot be replayed
 (409, contraindicated) and a slow attester cannot stretch a challenge (410). `Challenges` is
 shared with agent.peers, whose receivers challenge senders the same way.
+
+Sessions are stateless (issue 11 #12): the ID *is* the nonce and its expiry, authenticated by
+an HMAC under a key that lives only in this process. Issuing a challenge stores nothing, so no
+number of unauthenticated `POST /attestation/session` can evict a pending one (a table of open
+sessions, bounded or per client, can always be filled or spread over many addresses). The only
+state is the set of spent sessions, needed for single use: it grows only when a session is
+*used*, each entry is dropped when its session expires, and when it is full (`MAX_SPENT` uses
+within one ttl) a use is refused with 503 (retry) rather than an entry forgotten early, so a
+replay is never accepted. A restart changes the key, which invalidates every outstanding
+session (404), also fail closed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
-import secrets
+import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,7 +38,10 @@ from cidboot.manifest.model import Manifest
 
 NONCE_BYTES = 32
 TTL = 60.0
-MAX_SESSIONS = 4096  # outstanding challenges; the oldest are dropped first
+MAX_SPENT = 65536  # sessions used within one ttl; beyond that a use is refused (503), never forgotten
+TAG_BYTES = 16  # HMAC-SHA-256 truncated: forging a session takes 2^128 guesses
+_SESSION_BYTES = NONCE_BYTES + 8 + TAG_BYTES
+_DOMAIN = b"cidboot-attestation-session\x00"
 
 
 def refusal(check: str, reason: str) -> dict[str, object]:
@@ -45,47 +61,74 @@ class Challenge:
 
 @dataclass
 class Challenges:
-    """Outstanding single-use nonces. `take` hands a nonce out once, then forgets it (but
-    remembers that it was used, so a replay is told apart from an unknown session)."""
+    """Single-use, expiring challenges with no per-challenge state until one is used.
+
+    `new` returns a session whose ID is hex(nonce || expiry in ms || HMAC(key, nonce || expiry)):
+    only this process can make one, so a client cannot choose its nonce (and bring evidence it
+    captured earlier). `take` checks the MAC and expiry and spends the session: a second `take`
+    is a replay (409). See the module docstring for why this and not a table of open sessions."""
 
     ttl: float = TTL
     clock: Callable[[], float] = time.time
-    _open: dict[str, Challenge] = field(default_factory=dict)
-    _spent: dict[str, float] = field(default_factory=dict)
+    max_spent: int = MAX_SPENT
+    _key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
+    _spent: OrderedDict[bytes, float] = field(default_factory=OrderedDict)  # tag -> expiry, in order of use
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def _tag(self, nonce: bytes, expires_ms: int) -> bytes:
+        msg = _DOMAIN + nonce + struct.pack(">Q", expires_ms)
+        return hmac.new(self._key, msg, hashlib.sha256).digest()[:TAG_BYTES]
+
     def new(self) -> Challenge:
-        now = self.clock()
-        c = Challenge(secrets.token_hex(16), os.urandom(NONCE_BYTES), now + self.ttl)
-        with self._lock:
-            self._expire(now)
-            while len(self._open) >= MAX_SESSIONS:
-                self._open.pop(next(iter(self._open)))
-            self._open[c.session] = c
-        return c
+        nonce = os.urandom(NONCE_BYTES)
+        expires_ms = int((self.clock() + self.ttl) * 1000)
+        session = (nonce + struct.pack(">Q", expires_ms) + self._tag(nonce, expires_ms)).hex()
+        return Challenge(session, nonce, expires_ms / 1000)
 
     def take(self, session: str) -> bytes:
-        """The session's nonce, spending it; HttpError 409 (used), 410 (expired) or 404 (unknown)."""
+        """The session's nonce, spending it; HttpError 409 (used), 410 (expired), 404 (not one
+        of ours) or 503 (too many sessions used within one ttl: retry)."""
+        try:
+            raw = bytes.fromhex(session)
+        except ValueError:
+            raw = b""
+        if len(raw) != _SESSION_BYTES:
+            raise HttpError(404, f"no such session {session[:80]}", refusal("session", "unknown session"))
+        nonce, exp, tag = raw[:NONCE_BYTES], raw[NONCE_BYTES:NONCE_BYTES + 8], raw[NONCE_BYTES + 8:]
+        expires_ms = struct.unpack(">Q", exp)[0]
+        if not hmac.compare_digest(tag, self._tag(nonce, expires_ms)):
+            raise HttpError(404, f"no such session {session[:80]}: not issued by this process",
+                            refusal("session", "unknown session"))
         now = self.clock()
+        expires = expires_ms / 1000
         with self._lock:
-            c = self._open.pop(session, None)
-            if c is None:
-                if session in self._spent:
-                    raise HttpError(409, f"session {session} was already used: replayed evidence",
-                                    refusal("session", "session already used: replayed evidence"))
-                raise HttpError(404, f"no such session {session}", refusal("session", "unknown session"))
-            self._spent[session] = c.expires
-            if c.expires <= now:
-                raise HttpError(410, f"session {session} expired {now - c.expires:.0f} s ago",
-                                refusal("session", "challenge expired"))
             self._expire(now)
-            return c.nonce
+            if tag in self._spent:
+                raise HttpError(409, f"session {session[:16]}... was already used: replayed evidence",
+                                refusal("session", "session already used: replayed evidence"))
+            if expires <= now:  # no need to remember it: it can never be taken again
+                raise HttpError(410, f"session {session[:16]}... expired {now - expires:.0f} s ago",
+                                refusal("session", "challenge expired"))
+            if len(self._spent) >= self.max_spent:
+                raise HttpError(503, f"more than {self.max_spent} sessions used in the last {self.ttl:.0f} s: retry",
+                                refusal("session", "verifier busy: retry"))
+            self._spent[tag] = expires
+            return nonce
+
+    @property
+    def spent(self) -> int:
+        """Sessions used and not yet expired (what the replay check remembers)."""
+        with self._lock:
+            return len(self._spent)
 
     def _expire(self, now: float) -> None:
-        for s in [s for s, c in self._open.items() if c.expires <= now]:
-            self._spent[s] = self._open.pop(s).expires
-        for s in [s for s, exp in self._spent.items() if exp + self.ttl <= now]:
-            del self._spent[s]  # a spent id is kept one more ttl: ids are random, never reissued
+        # every session has the same ttl, so use order is nearly expiry order: drop from the front
+        # while expired, and let an odd out-of-order entry wait for its neighbours (bounded anyway)
+        while self._spent:
+            tag, exp = next(iter(self._spent.items()))
+            if exp > now:
+                break
+            del self._spent[tag]
 
 
 @dataclass

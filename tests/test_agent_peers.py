@@ -19,9 +19,9 @@ from agent.peers import (
     PeerClient,
     PeerRefused,
     PeerService,
-    binding_nonce,
     encode_exchange,
     mount_peers,
+    sign_exchange,
 )
 from cidboot import dagcbor
 from cidboot.appraisal import AppraisalResult
@@ -59,6 +59,20 @@ def pair(receivers: list[Receiver], *, sender: Device, receiver: Device,
     receivers.append(r)
     client = PeerClient(sender.attester, verifier_for(*sender_trusts), {"aggregator": [r.server.url]})
     return client, r
+
+
+def open_session(url: str) -> dict[str, Any]:
+    status, _, body = request(url, "POST", "/peer/session", json.dumps({"nonce": os.urandom(16).hex()}).encode())
+    assert status == 201, body
+    doc: dict[str, Any] = json.loads(body)
+    return doc
+
+
+def exchange(dev: Device, sess: dict[str, Any], blocks: list[Block]) -> bytes:
+    """Step 3's body as the sender's PeerClient makes it: evidence on Nr, blocks signed."""
+    nonce = bytes.fromhex(sess["nonce"])
+    ev = dev.attester.evidence(nonce)
+    return encode_exchange(ev, sign_exchange(dev.attester.leaf_key, sess["session"], nonce, ev, blocks), blocks)
 
 
 def test_mutual_attestation_delivers(receivers: list[Receiver]) -> None:
@@ -101,16 +115,16 @@ def test_non_affirming_sender_refused(receivers: list[Receiver], kind: str) -> N
     assert client_addr == "127.0.0.1" and res.status == "contraindicated"
 
 
-def test_evidence_bound_to_the_blocks(receivers: list[Receiver]) -> None:
-    """Evidence made for one set of blocks cannot carry another (a relay swapping the inputs)."""
+def test_signature_bound_to_the_blocks(receivers: list[Receiver]) -> None:
+    """A signature made for one set of blocks cannot carry another (a relay swapping the inputs)."""
     s, a = make_device("sensor"), make_device("aggregator")
     _, r = pair(receivers, sender=s, receiver=a, receiver_trusts=[s, a], sender_trusts=[s, a])
-    sess = json.loads(request(r.server.url, "POST", "/peer/session", json.dumps({"nonce": os.urandom(16).hex()}).encode())[2])
+    sess = open_session(r.server.url)
     other = dagcbor.encode({"definition": "readings", "value": [9, 9, 9]})
-    ev = s.attester.evidence(binding_nonce(bytes.fromhex(sess["nonce"]), BLOCKS))
-    status, _, resp = request(r.server.url, "POST", f"/peer/inputs/{sess['session']}",
-                              encode_exchange(ev, [(CID.of(other, DAG_CBOR), other)]))
-    assert status == 403 and "nonce" in json.loads(resp)["error"]
+    body = cbor2.loads(exchange(s, sess, BLOCKS))
+    body["blocks"] = [[bytes(CID.of(other, DAG_CBOR)), other]]
+    status, _, resp = request(r.server.url, "POST", f"/peer/inputs/{sess['session']}", cbor2.dumps(body))
+    assert status == 403 and "sender-signature" in json.loads(resp)["error"]
     assert r.got == [] and len(r.refusals) == 1
 
 
@@ -118,15 +132,15 @@ def test_replayed_exchange_refused(receivers: list[Receiver]) -> None:
     s, a = make_device("sensor"), make_device("aggregator")
     _, r = pair(receivers, sender=s, receiver=a, receiver_trusts=[s, a], sender_trusts=[s, a])
     url = r.server.url
-    sess = json.loads(request(url, "POST", "/peer/session", json.dumps({"nonce": os.urandom(16).hex()}).encode())[2])
-    body = encode_exchange(s.attester.evidence(binding_nonce(bytes.fromhex(sess["nonce"]), BLOCKS)), BLOCKS)
+    sess = open_session(url)
+    body = exchange(s, sess, BLOCKS)
     status, _, ok = request(url, "POST", f"/peer/inputs/{sess['session']}", body)
     assert status == 200 and json.loads(ok) == {"received": 1, "admitted": None, "status": "affirming"}
     status, _, resp = request(url, "POST", f"/peer/inputs/{sess['session']}", body)
     assert status == 409 and json.loads(resp)["status"] == "contraindicated"
     assert len(r.got) == 1
-    # evidence bound to another session's nonce: not affirming
-    sess2 = json.loads(request(url, "POST", "/peer/session", json.dumps({"nonce": os.urandom(16).hex()}).encode())[2])
+    # evidence and signature made for another session: not affirming
+    sess2 = open_session(url)
     status, _, resp = request(url, "POST", f"/peer/inputs/{sess2['session']}", body)
     assert status == 403 and "nonce" in json.loads(resp)["error"] and len(r.got) == 1
 
@@ -136,9 +150,10 @@ def test_replayed_exchange_refused(receivers: list[Receiver]) -> None:
     ("/peer/session", b"{", "not JSON"),
     ("/peer/session", b'{"nonce": "ab"}', "8 to 64 bytes"),
     ("/peer/inputs/x", b"\xff\xff", "not CBOR"),
-    ("/peer/inputs/x", cbor2.dumps({"evidence": b""}), "{evidence, blocks}"),
-    ("/peer/inputs/x", cbor2.dumps({"evidence": b"", "blocks": [[b"x", b"y"]]}), "block 0"),
-    ("/peer/inputs/x", cbor2.dumps({"evidence": b"", "blocks": [[bytes(BLOCKS[0][0]), b"other"]]}), "does not match"),
+    ("/peer/inputs/x", cbor2.dumps({"evidence": b"", "blocks": []}), "{evidence, signature, blocks}"),
+    ("/peer/inputs/x", cbor2.dumps({"evidence": b"", "signature": b"", "blocks": [[b"x", b"y"]]}), "block 0"),
+    ("/peer/inputs/x", cbor2.dumps({"evidence": b"", "signature": b"",
+                                    "blocks": [[bytes(BLOCKS[0][0]), b"other"]]}), "does not match"),
 ])
 def test_malformed_peer_requests(receivers: list[Receiver], path: str, body: bytes, msg: str) -> None:
     a = make_device("aggregator")
