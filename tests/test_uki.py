@@ -170,3 +170,21 @@ def test_missing_stub_names_the_debian_package(tmp_path: Path) -> None:
 def test_layers_without_the_kernel_first_are_refused() -> None:
     with pytest.raises(BuildError, match="kernel layer first"):
         build_uki("x", 1, CMDLINE, _layers()[1:])
+
+
+def test_uefi_guest_boots_ovmf_with_a_private_vars_copy_and_no_ipxe_rom(tmp_path: Path) -> None:
+    """The harness's firmware="uefi": OVMF code read-only, VARS writable and per guest, the NIC
+    first in the boot order with no option ROM (so it is OVMF's PXE, not iPXE, that boots)."""
+    from qemu.harness.vm import OVMF_CODE, GuestError, GuestSpec
+
+    spec = GuestSpec("g", firmware="uefi", uefi_vars=tmp_path / "VARS.fd", user_tftp=tmp_path,
+                     bootfile="bootstrap-x86_64.efi", network_boot=True)
+    argv = " ".join(spec.argv(tmp_path / "qmp.sock"))
+    assert f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}" in argv
+    assert f"if=pflash,format=raw,unit=1,file={tmp_path / 'VARS.fd'}" in argv
+    assert f"user,id=n0,tftp={tmp_path},bootfile=bootstrap-x86_64.efi" in argv
+    assert "romfile=,bootindex=0" in argv and "-boot n" not in argv
+    with pytest.raises(GuestError, match="firmware"):
+        GuestSpec("g", firmware="coreboot").argv(tmp_path / "qmp.sock")
+    with pytest.raises(GuestError, match="OVMF_VARS"):
+        GuestSpec("g", firmware="uefi").argv(tmp_path / "qmp.sock")
