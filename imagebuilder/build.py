@@ -50,7 +50,7 @@ class BuildResult:
     flow_cid: CID | None = None
     operations: dict[str, CID] = field(default_factory=dict)
     unresolved_imports: list[str] = field(default_factory=list)
-    uki: BuiltUki | None = None  # `build(..., uki=True)`: the bootstrap as one UEFI PE file
+    uki: BuiltUki | None = None  # `build(..., make_uki=True)`: the bootstrap as one UEFI PE file
 
     def to_json(self) -> dict[str, object]:
         return {
