@@ -23,13 +23,14 @@ from cidboot.errors import CidbootError
 from cidboot.manifest import Layer, Manifest, RootOfTrust, sign_manifest
 from cidboot.measure import code_hash_of_blobs, image_code_hash
 from cidboot.unixfs import import_bytes
-from imagebuilder import flowfile, initramfs, pyimports
+from imagebuilder import flowfile, initramfs, pyimports, uki
 from imagebuilder.cache import BuildCache, key
 from imagebuilder.cpio import archive_bytes, compress, source_date_epoch
 from imagebuilder.debpkg import read_deb
 from imagebuilder.flowfile import FlowFile
 from imagebuilder.layers import ROLES, UNIXFS, BuiltLayer, layer_cid
 from imagebuilder.lock import Lock, cache_dir, fetch_deb, fetch_wheel, lock_path, wheel_name
+from imagebuilder.uki import BuiltUki
 
 REPO = Path(__file__).resolve().parent.parent
 COMPONENT = {"image": "agent", "bootstrap": "bootstrap", "firmware": "firmware"}
@@ -49,6 +50,7 @@ class BuildResult:
     flow_cid: CID | None = None
     operations: dict[str, CID] = field(default_factory=dict)
     unresolved_imports: list[str] = field(default_factory=list)
+    uki: BuiltUki | None = None  # `build(..., make_uki=True)`: the bootstrap as one UEFI PE file
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -59,6 +61,8 @@ class BuildResult:
             "operations": {k: str(v) for k, v in sorted(self.operations.items())},
             "blocks": len(self.blocks),
             "bytes": sum(len(b) for b in self.blocks.values()),
+            **({"uki": {"name": self.uki.name, "cid": str(self.uki.cid), "size": self.uki.size,
+                        "stub": str(self.uki.stub)}} if self.uki else {}),
         }
 
 
@@ -137,18 +141,40 @@ def _check_references(target: str, references: dict[str, bytes]) -> dict[str, by
     return dict(references)
 
 
+def build_uki(name: str, version: int, cmdline: str, layers: list[BuiltLayer], arch: str = "amd64",
+              stub: Path | None = None) -> BuiltUki:
+    """The stage as a UKI: its kernel layer as .linux, the other layers concatenated in manifest
+    order as .initrd (the same initramfs iPXE and the firmware load, so the same code hash), the
+    manifest's cmdline and an os-release naming the flow. Deterministic: no clock, no paths."""
+    try:
+        stub_file = stub or uki.stub_path(arch)
+    except uki.StubMissing as e:
+        raise BuildError(str(e)) from None
+    roles = [lyr.role for lyr in layers]
+    if roles[:1] != ["kernel"]:
+        raise BuildError(f"a UKI needs the kernel layer first, got layers {roles}")
+    data = uki.build_uki(stub_file.read_bytes(), layers[0].data, b"".join(lyr.data for lyr in layers[1:]),
+                         cmdline, uki.os_release(name, version), arch)
+    return BuiltUki(uki.file_name("bootstrap", arch), data, layer_cid(data), stub_file)
+
+
 def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = None,
-          cache_root: Path | None = None, references: dict[str, bytes] | None = None) -> BuildResult:
+          cache_root: Path | None = None, references: dict[str, bytes] | None = None,
+          make_uki: bool = False) -> BuildResult:
     """Build the flow into layers and a signed manifest (blocks returned, not yet stored).
 
     `references` are the reference measurements of the stages below this image (firmware,
     bootstrap: their code hashes, as `imagebuilder build --reference NAME=HEX` gives them); a
     firmware/bootstrap build records its own code hash, an image build the DICE image-layer
     code hash (cidboot.measure.image_code_hash: the layer CIDs, not their bytes).
+    `make_uki` (bootstrap flows only) also assembles the bootstrap as a UKI (see build_uki) and
+    puts its UnixFS blocks beside the layers'.
     """
     say = progress or (lambda _msg: None)
     ff = flowfile.load(flow_path)
     refs = _check_references(ff.target, references or {})
+    if make_uki and ff.target != "bootstrap":
+        raise BuildError(f"{ff.path}: a UKI is built for the bootstrap flow (target: bootstrap), not target {ff.target}")
     lpath = lock_path(ff.path)
     lock = Lock.load(lpath)
     flowfile.check_lock(ff, {k: asdict(v) for k, v in lock.debs.items()}, {k: asdict(v) for k, v in lock.wheels.items()})
@@ -275,5 +301,10 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         found = graph_cache[0].modules
         unresolved = sorted(n for n in graph_cache[0].unresolved if n.rpartition(".")[0] not in found
                             and not any(u != n and n.startswith(u + ".") for u in graph_cache[0].unresolved))
-    return BuildResult(mcid, manifest, layers, sink.blocks, flow_cid, operations, unresolved)
+    built_uki = None
+    if make_uki:
+        say("assembling the UKI")
+        built_uki = build_uki(ff.name, int(ff.data["version"]), manifest.cmdline, layers, str(ff.data.get("arch", "amd64")))
+        import_bytes(built_uki.data, sink, UNIXFS)
+    return BuildResult(mcid, manifest, layers, sink.blocks, flow_cid, operations, unresolved, built_uki)
 

@@ -27,6 +27,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--reference", action="append", default=[], metavar="NAME=HEX",
                    help="reference measurement of a stage below this image (NAME firmware or bootstrap, HEX its "
                         "128-hex-digit code hash, e.g. from a firmware/bootstrap build's manifest); repeatable")
+    p.add_argument("--uki", metavar="FILE",
+                   help="bootstrap flows: also assemble the bootstrap as a Unified Kernel Image (systemd-boot-efi's "
+                        "stub + kernel + initrd + cmdline + os-release; UEFI firmware loads it directly by PXE or "
+                        "HTTP Boot), write it to FILE (a directory, or a name ending in /: into it as "
+                        "bootstrap-x86_64.efi) and add its blocks "
+                        "to the destination, pinned")
     p.set_defaults(func=run)
 
 
@@ -47,12 +53,28 @@ def _write(res: BuildResult, args: argparse.Namespace) -> None:
         for cid, data in blocks:
             kubo.put(cid, data)
         kubo.pin(res.manifest_cid)
+        if res.uki:
+            kubo.pin(res.uki.cid)
     else:
         store = Blockstore(args.store)
         with store.deferred_sync():
             for cid, data in blocks:
                 store.put(cid, data)
         store.pin(res.manifest_cid)
+        if res.uki:
+            store.pin(res.uki.cid)
+
+
+def _write_uki(res: BuildResult, dest: str) -> Path:
+    """The UKI file, written whole or not at all (temp file + rename)."""
+    assert res.uki is not None
+    path = Path(dest) / res.uki.name if dest.endswith("/") or Path(dest).is_dir() else Path(dest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".uki-")
+    with open(fd, "wb") as f:
+        f.write(res.uki.data)
+    Path(tmp).replace(path)
+    return path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         if name in references and references[name] != value:
             raise BuildError(f"--reference {name} given twice with different values")
         references[name] = value
-    res = build(args.flow, progress=say, references=references)
+    res = build(args.flow, progress=say, references=references, make_uki=args.uki is not None)
     _write(res, args)
     unpinned = unpinned_layers(res.manifest)
     if unpinned:  # always, even with --quiet/--json: devices booting this image cannot be affirmed
@@ -77,12 +99,19 @@ def run(args: argparse.Namespace) -> int:
               f"booting {res.manifest_cid} is at best 'warning'. Pass "
               f"{' '.join(f'--reference {n}=HEX' for n in unpinned)} (the code hash from that stage's build).",
               file=sys.stderr, flush=True)
+    uki_file = _write_uki(res, args.uki) if res.uki else None
     if args.json:
-        print_json(res.to_json())
+        out = res.to_json()
+        if res.uki is not None:
+            out["uki"] = {"name": res.uki.name, "cid": str(res.uki.cid), "size": res.uki.size,
+                          "stub": str(res.uki.stub), "file": str(uki_file)}
+        print_json(out)
         return 0
     if not args.quiet:
         for lyr in res.layers:
             print(f"{lyr.role:<11} {lyr.cid} {lyr.size:>10}{'  (cached)' if lyr.cached else ''}")
+        if res.uki:
+            print(f"{'uki':<11} {res.uki.cid} {res.uki.size:>10}  {uki_file}")
         if res.unresolved_imports:
             say(f"imports not in the image (built in to the interpreter or optional): "
                 f"{', '.join(res.unresolved_imports)}")

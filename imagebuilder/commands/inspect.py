@@ -4,6 +4,9 @@ Refuses (exit 1, the same messages as `imagebuilder build` and `agent run`) a ma
 flow does not pass cidboot.dataflow.checks. Shows the manifest's layers and sizes, measurements, the flow graph (operations and the
 definitions that connect them), placement, policies and every file in the archive layers:
 that list is the image's attack surface.
+
+Given a UKI instead (its CID in the store, or the .efi file itself), lists its PE sections
+(.linux, .initrd, .cmdline, .osrel and the stub's own) with the SHA-256 of each.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from typing import Any
 from cidboot import dagcbor
 from cidboot.appraisal import LAYER_ORDER, reference_values
 from cidboot.blockstore import Blockstore, default_store_path
-from cidboot.cid import CID
+from cidboot.cid import CID, DAG_CBOR
 from cidboot.cli import print_json
 from cidboot.dataflow import checks
 from cidboot.manifest import Manifest, SignedManifest
 from cidboot.unixfs.exporter import export_file
+from imagebuilder import uki
 from imagebuilder.cpio import decompress, read_newc
 
 
@@ -28,11 +32,40 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("inspect", help="show an image's layers, measurements, flow graph and file list",
                        description="Read manifest CID from the block store and show its layers, sizes, "
                                    "measurements, flow graph and the files of each layer (the attack surface).")
-    p.add_argument("cid", type=CID.parse)
+    p.add_argument("cid", type=_cid_or_file, metavar="CID|FILE",
+                   help="a manifest CID, or a UKI's CID or .efi file (then its PE sections are listed)")
     p.add_argument("--store", type=Path, help=f"block store directory (default: $CIDBOOT_STORE or {default_store_path()})")
     p.add_argument("--no-files", action="store_true", help="skip the per-layer file lists")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
+
+
+def _cid_or_file(value: str) -> CID | Path:
+    """An existing file is a UKI to read; anything else must parse as a CID."""
+    if Path(value).is_file():
+        return Path(value)
+    try:
+        return CID.parse(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a file nor a CID ({e})") from None
+
+
+def describe_uki(data: bytes, name: str) -> dict[str, Any]:
+    """A UKI's sections and hashes (imagebuilder.uki.describe), UkiError when it is no PE image."""
+    return {"uki": name, **uki.describe(data, name)}
+
+
+def _print_uki(d: dict[str, Any]) -> None:
+    print(f"uki      {d['uki']}  {d['size']} bytes  sha256 {d['sha256']}")
+    print(f"machine  {d['machine']}  checksum {'ok' if d['checksum_ok'] else 'WRONG'}"
+          f"{'' if d['unified'] else '  (no .linux/.initrd: not a UKI)'}")
+    if d["cmdline"] is not None:
+        print(f"cmdline  {d['cmdline']}")
+    for line in (d["osrel"] or "").splitlines():
+        print(f"osrel    {line}")
+    print("sections")
+    for s in d["sections"]:
+        print(f"  {s['name']:<9} vma {s['vma']:>10} {s['size']:>10}  sha256 {s['sha256']}")
 
 
 def _kind(mode: int) -> str:
@@ -86,6 +119,17 @@ def describe(store: Blockstore, cid: CID, files: bool = True) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if isinstance(args.cid, Path) or args.cid.codec != DAG_CBOR:  # not a manifest: a UKI (file or UnixFS)
+        if isinstance(args.cid, Path):
+            data, name = args.cid.read_bytes(), str(args.cid)
+        else:
+            data, name = b"".join(export_file(args.cid, Blockstore(args.store).get)), str(args.cid)
+        u = describe_uki(data, name)
+        if args.json:
+            print_json(u)
+        else:
+            _print_uki(u)
+        return 0
     d = describe(Blockstore(args.store), args.cid, files=not args.no_files)
     if args.json:
         print_json(d)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -28,6 +29,11 @@ from qemu.qmp import QMPClient
 from qemu.harness.netns import BootNetwork
 
 QEMU = "qemu-system-x86_64"
+# firmware="uefi": Debian's ovmf (x86_64, no Secure Boot enforcement); the code is read-only, the
+# variable store a per-guest copy of the template (a guest may write boot entries into it)
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
+FIRMWARES = ("bios", "uefi")
 
 
 class GuestError(RuntimeError):
@@ -53,6 +59,14 @@ class GuestSpec:
     # to the next one in place), so hand-overs are unaffected; tests/test_firmware_qemu.py kexecs
     # under -no-reboot.
     no_reboot: bool = True
+    # "bios": QEMU's SeaBIOS (with the NIC's iPXE ROM for network boot); "uefi": OVMF, whose own
+    # network stack (VirtioNetDxe, PXE, HTTP Boot) boots the NIC: no iPXE option ROM is loaded.
+    firmware: str = "bios"
+    uefi_vars: Path | None = None  # the writable OVMF_VARS copy (Guest.start makes one in its state dir)
+    # A user-mode NIC instead of a tap: QEMU's own DHCP and TFTP (`tftp=DIR,bootfile=NAME`), no
+    # namespace needed; for firmware boots that need nothing but a file.
+    user_tftp: Path | None = None
+    bootfile: str | None = None
 
     def argv(self, qmp_socket: Path) -> list[str]:
         a = [QEMU, "-machine", "q35", "-accel", self.accel, "-m", str(self.memory_mib), "-smp", "1",
@@ -60,6 +74,14 @@ class GuestSpec:
              "-qmp", f"unix:{qmp_socket},server=on,wait=off", "-name", self.name]
         if self.no_reboot:
             a.append("-no-reboot")
+        if self.firmware not in FIRMWARES:
+            raise GuestError(f"{self.name}: firmware {self.firmware!r} is not one of {', '.join(FIRMWARES)}")
+        uefi = self.firmware == "uefi"
+        if uefi:
+            if self.uefi_vars is None:
+                raise GuestError(f"{self.name}: firmware uefi needs its OVMF_VARS copy (uefi_vars)")
+            a += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                  "-drive", f"if=pflash,format=raw,unit=1,file={self.uefi_vars}"]
         cpu = self.cpu or ("host" if self.accel == "kvm" else None)
         if cpu:
             a += ["-cpu", cpu]
@@ -69,12 +91,21 @@ class GuestSpec:
                 a += ["-initrd", str(self.initrd)]
         for name, path in sorted(self.fw_cfg.items()):
             a += ["-fw_cfg", f"name={name},file={path}"]
+        # under UEFI the NIC is the first boot entry (bootindex) and carries no iPXE ROM (romfile=)
+        nic_opts = f",mac={self.mac}"
+        if uefi:
+            nic_opts += ",romfile=" + (",bootindex=0" if self.network_boot else "")
+        if self.tap and self.user_tftp:
+            raise GuestError(f"{self.name}: a tap NIC and a user-mode TFTP NIC are exclusive")
         if self.tap:
             a += ["-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
-                  "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}"]
+                  "-device", f"virtio-net-pci,netdev=n0{nic_opts}"]
+        elif self.user_tftp:
+            user = f"user,id=n0,tftp={self.user_tftp}" + (f",bootfile={self.bootfile}" if self.bootfile else "")
+            a += ["-netdev", user, "-device", f"virtio-net-pci,netdev=n0{nic_opts}"]
         else:
             a += ["-nic", "none"]
-        if self.network_boot:
+        if self.network_boot and not uefi:
             a += ["-boot", "n"]
         if self.disk is not None:
             a += ["-drive", f"file={self.disk},format=raw,if=virtio"]
@@ -168,12 +199,15 @@ class Guest:
                append: str = "console=ttyS0", fw_cfg: dict[str, Path] | None = None,
                nic: tuple[str, str] | None = None, boot_from_network: bool = False, disk: Path | None = None,
                memory_mib: int = 1024, accel: str = "tcg", cpu: str | None = None, no_reboot: bool = True,
-               net: BootNetwork | None = None) -> Guest:
-        """Keyword form: `nic` is (tap ifname, MAC); with `net` QEMU runs inside that namespace."""
+               net: BootNetwork | None = None, firmware: str = "bios", user_tftp: Path | None = None,
+               bootfile: str | None = None) -> Guest:
+        """Keyword form: `nic` is (tap ifname, MAC); with `net` QEMU runs inside that namespace;
+        `firmware` "bios" or "uefi" (OVMF); `user_tftp` + `bootfile`: a user-mode NIC whose
+        DHCP offers `bootfile` from QEMU's TFTP server serving that directory."""
         spec = GuestSpec(name, kernel=kernel, initrd=initrd, append=append, fw_cfg=dict(fw_cfg or {}),
                          tap=nic[0] if nic else None, mac=nic[1] if nic else GuestSpec.mac,
                          network_boot=boot_from_network, disk=disk, memory_mib=memory_mib, accel=accel, cpu=cpu,
-                         no_reboot=no_reboot)
+                         no_reboot=no_reboot, firmware=firmware, user_tftp=user_tftp, bootfile=bootfile)
         return cls(spec, state_dir, net)
 
     def __init__(self, spec: GuestSpec, state_dir: Path, net: BootNetwork | None = None) -> None:
@@ -192,6 +226,11 @@ class Guest:
     def start(self) -> Guest:
         """Start QEMU paused, connect QMP, then power on (`cont`)."""
         self.qmp_socket.unlink(missing_ok=True)
+        if self.spec.firmware == "uefi" and self.spec.uefi_vars is None:
+            if not OVMF_CODE.is_file() or not OVMF_VARS.is_file():
+                raise GuestError(f"{self.spec.name}: {OVMF_CODE} / {OVMF_VARS} missing: install Debian's ovmf package")
+            self.spec.uefi_vars = self.dir / "OVMF_VARS.fd"
+            shutil.copyfile(OVMF_VARS, self.spec.uefi_vars)  # fresh variables: every boot starts from power-on state
         argv = self.spec.argv(self.qmp_socket)
         (self.dir / "qemu.argv.json").write_text(json.dumps(argv) + "\n")
         cmd: Sequence[str] = self.net.cmd(argv) if self.net else argv
