@@ -41,6 +41,7 @@ from cidboot.bootconfig import BootConfig
 from cidboot.cid import CID
 from cidboot.cose import PrivateKey
 from cidboot.cose_key import decode_public_key, raw_public_bytes
+from cidboot.dataflow import checks
 from cidboot.dice import CDI_SIZE, decode_handover, encode_chain, key_from_cdi
 from cidboot.errors import CidbootError, FormatError, VerificationError
 from cidboot.flow import DataFlow
@@ -270,8 +271,9 @@ def flow_context(agent: BootedAgent) -> tuple[Any, DataFlow]:
 
     m = agent.signed.manifest
     assert m.flow is not None
-    try:
-        flow = DataFlow.from_obj(dagcbor.decode(agent.store.get(m.flow)))
+    try:  # the same checks imagebuilder ran before signing (cidboot.dataflow.checks): one reading of a flow
+        doc = {"dataflow": dagcbor.decode(agent.store.get(m.flow)), "placement": m.placement, "policies": m.policies}
+        flow = checks.checked(doc, modules=checks.modules_beside(agent.root / OPS_DIR), origin=f"flow {m.flow}")
     except CidbootError as e:
         raise AgentBootError(f"flow {m.flow}: {e}") from None
     authority = frozenset(raw_public_bytes(decode_public_key(k)) for k in m.root.keys)
