@@ -2,7 +2,8 @@
 
 Serves `GET`/`HEAD /ipfs/{cid}[/path]` as raw blocks or CARv1 streams; never deserialised
 content. CAR responses are streamed block by block with chunked transfer encoding, so memory
-stays bounded whatever the DAG size; each request runs on its own thread.
+stays bounded whatever the DAG size. The HTTP front (backlog, worker bound, timeouts, body
+limit, one send per small response) is `cidboot.httpd`'s bounded server.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from cidboot import dag, dagpb
 from cidboot.blockstore import BlockNotFound, Blockstore
@@ -21,6 +21,7 @@ from cidboot.cid import CID, DAG_PB, RAW
 from cidboot.errors import CidbootError, NotFoundError, VerificationError
 from cidboot.gateway.pathing import Resolved, resolve
 from cidboot.gateway.request import CAR_TYPE, RAW_TYPE, BadRequest, GatewayRequest, NotAcceptable, parse
+from cidboot.httpd import BoundedHandler, BoundedHTTPServer, Limits
 from cidboot.unixfs import data as ufsdata
 from cidboot.unixfs.exporter import file_size, iter_file_blocks
 
@@ -53,15 +54,13 @@ class _AbortStream(Exception):
     """A block went missing after the 200 was sent: the stream must be cut, not completed."""
 
 
-class GatewayServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, store: Blockstore, address: tuple[str, int], extra_routes: Mapping[str, Route] | None = None):
+class GatewayServer(BoundedHTTPServer):
+    def __init__(self, store: Blockstore, address: tuple[str, int], extra_routes: Mapping[str, Route] | None = None,
+                 limits: Limits | None = None):
         self.store = store
         self.metrics = GatewayMetrics()
         self.extra_routes = dict(extra_routes or {})
-        super().__init__(address, _Handler)
+        super().__init__(address, _Handler, limits)
 
     @property
     def url(self) -> str:
@@ -70,10 +69,11 @@ class GatewayServer(ThreadingHTTPServer):
 
 
 def serve_gateway(
-    store: Blockstore, host: str, port: int, *, extra_routes: Mapping[str, Route] | None = None
+    store: Blockstore, host: str, port: int, *, extra_routes: Mapping[str, Route] | None = None,
+    limits: Limits | None = None,
 ) -> GatewayServer:
     """Bind a gateway (port 0 picks a free one); call `.serve_forever()` to run it."""
-    return GatewayServer(store, (host, port), extra_routes)
+    return GatewayServer(store, (host, port), extra_routes, limits)
 
 
 def _is_unixfs_file(cid: CID, block: bytes) -> bool:
@@ -107,7 +107,7 @@ def _single_range(header: str | None, size: int) -> tuple[int, int] | str | None
     return first, last
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(BoundedHandler):
     server: GatewayServer
     protocol_version = "HTTP/1.1"
     server_version = "cidboot-gateway"
