@@ -28,7 +28,6 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -44,6 +43,7 @@ from cidboot.errors import CidbootError
 from cidboot.gateway.server import GatewayMetrics
 from cidboot.gateway.server import Route as GatewayRoute
 from cidboot.gateway.server import _Handler as _GatewayHandler  # /ipfs/ is served by the gateway's own code
+from cidboot.httpd import BoundedHTTPServer, Limits
 
 log = logging.getLogger("agent.api")
 
@@ -190,14 +190,14 @@ class ResultLog:
             return next((r for r in self._items if r.definition == definition), None)
 
 
-class AgentServer(ThreadingHTTPServer):
-    """The agent's one HTTP port: the attestation API plus any routes mounted with `mount`."""
+class AgentServer(BoundedHTTPServer):
+    """The agent's one HTTP port: the attestation API plus any routes mounted with `mount`.
 
-    daemon_threads = True
-    allow_reuse_address = True
+    `cidboot.httpd` bounds it: a body above MAX_BODY is refused unread (413) and all bodies held
+    at once share `Limits.body_budget`, so 30 clients posting 8 MiB cannot make 240 MiB."""
 
     def __init__(self, address: tuple[str, int], *, attester: Attester | None, store: Blockstore | None = None,
-                 results: ResultLog | None = None) -> None:
+                 results: ResultLog | None = None, limits: Limits | None = None) -> None:
         self.attester, self.store = attester, store
         self.results = results if results is not None else ResultLog()
         self.audit_head: Callable[[], CID | None] = lambda: None  # the audit log's head, shown on /results
@@ -208,7 +208,7 @@ class AgentServer(ThreadingHTTPServer):
             self.mount(Route("GET", "/attestation", self._attestation))
         self.mount(Route("GET", "/results", self._results))
         self.mount(Route("GET", "/metrics", self._metrics))
-        super().__init__(address, _Handler)
+        super().__init__(address, _Handler, limits or Limits(max_body=MAX_BODY, body_budget=4 * MAX_BODY))
 
     @property
     def url(self) -> str:

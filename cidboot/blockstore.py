@@ -3,12 +3,16 @@
 Blocks are keyed by multihash (as Kubo's are, so a CIDv0 and a CIDv1 of the same bytes share
 one file) under `blocks/<next-to-last two chars>/<BASE32 KEY>.data`, with a `SHARDING` file
 naming the scheme. Writes are atomic (temp file, fsync, rename), every read is verified
-against the CID asked for, and pins (recursive, by root) survive `gc`.
+against the CID asked for, a damaged copy is replaced by the next `put` of good bytes, and pins
+(recursive, by root) survive `gc`. The pin set is read, changed and written under an exclusive
+`flock` on `pins.lock`, so processes sharing a store (the CLI, `bootstrap serve`, an agent)
+neither lose each other's pins nor collect blocks a pin being added protects.
 """
 
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import tempfile
@@ -61,7 +65,8 @@ class Blockstore:
         else:
             self._atomic_write(shard, (SHARDING + "\n").encode())
         self._pins_file = self.path / "pins.json"
-        self._lock = threading.Lock()
+        self._pins_lock_file = self.path / "pins.lock"
+        self._lock = threading.RLock()
 
     @contextmanager
     def deferred_sync(self) -> Iterator[None]:
@@ -81,7 +86,8 @@ class Blockstore:
         key = _key(cid.multihash)
         return self.blocks_dir / key[-3:-1] / f"{key}.data"
 
-    def _atomic_write(self, path: Path, data: bytes) -> None:
+    def _atomic_write(self, path: Path, data: bytes, *, durable: bool = False) -> None:
+        """Temp file + rename; fsynced unless inside deferred_sync() (always when `durable`)."""
         if path.parent not in self._dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(path.parent)
@@ -89,7 +95,7 @@ class Blockstore:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-                if not self._deferred:
+                if durable or not self._deferred:
                     f.flush()
                     os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -109,8 +115,12 @@ class Blockstore:
         if cid.is_identity:
             return
         path = self._file(cid)
-        if not path.exists():
-            self._atomic_write(path, data)
+        try:
+            if path.read_bytes() == data:
+                return  # already there, intact
+        except FileNotFoundError:
+            pass
+        self._atomic_write(path, data)  # absent, or a damaged copy that reads would refuse: replace it
 
     def put_block(self, data: bytes, codec: int = RAW, version: int = 1) -> CID:
         cid = CID.of(data, codec, version)
@@ -165,17 +175,29 @@ class Blockstore:
 
     def _save_pins(self, pins: list[CID]) -> None:
         body = json.dumps(sorted({str(p) for p in pins}), indent=1) + "\n"
-        self._atomic_write(self._pins_file, body.encode())
+        self._atomic_write(self._pins_file, body.encode(), durable=True)
+
+    @contextmanager
+    def _pins_locked(self) -> Iterator[None]:
+        """Exclusive hold on the pin set, against other threads (RLock) and other processes
+        (flock on pins.lock): every read-modify-write of pins.json, and gc, runs inside it."""
+        with self._lock:
+            fd = os.open(self._pins_lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
 
     def pin(self, root: CID) -> None:
         """Pin `root` recursively; every block under it must be present."""
-        for _ in dag.walk(root, self.get):
-            pass
-        with self._lock:
+        with self._pins_locked():  # gc cannot run between the check and the pin
+            for _ in dag.walk(root, self.get):
+                pass
             self._save_pins([*self.pins(), root])
 
     def unpin(self, root: CID) -> None:
-        with self._lock:
+        with self._pins_locked():
             pins = self.pins()
             if root not in pins:
                 raise NotFoundError(f"{root} is not pinned")
@@ -183,7 +205,7 @@ class Blockstore:
 
     def gc(self) -> int:
         """Delete every block not reachable from a pin; return how many were removed."""
-        with self._lock:
+        with self._pins_locked():
             keep: set[bytes] = set()
             for root in self.pins():
                 for cid, _ in dag.walk(root, self.get):

@@ -77,6 +77,9 @@ class BootServer:
         self.metrics.gauge("http_requests_total", g.requests)
         self.metrics.gauge("http_bytes_total", g.bytes_sent)
         self.metrics.gauge("http_errors_total", g.errors)
+        st = self.gateway.stats  # the bounded HTTP front (cidboot.httpd)
+        for name in ("connections", "busy_rejected", "timeouts", "bodies_refused", "internal_errors", "client_gone"):
+            self.metrics.gauge(f"http_{name}_total", getattr(st, name))
         if self.leases is not None:
             self.metrics.gauge("dhcp_leases_active", self.leases.active())
         return 200, "text/plain; version=0.0.4", self.metrics.render().encode()

@@ -2,7 +2,8 @@
 
 Serves `GET`/`HEAD /ipfs/{cid}[/path]` as raw blocks or CARv1 streams; never deserialised
 content. CAR responses are streamed block by block with chunked transfer encoding, so memory
-stays bounded whatever the DAG size; each request runs on its own thread.
+stays bounded whatever the DAG size. The HTTP front (backlog, worker bound, timeouts, body
+limit, one send per small response) is `cidboot.httpd`'s bounded server.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, field, replace
 
 from cidboot import dag, dagpb
 from cidboot.blockstore import BlockNotFound, Blockstore
@@ -21,12 +21,19 @@ from cidboot.cid import CID, DAG_PB, RAW
 from cidboot.errors import CidbootError, NotFoundError, VerificationError
 from cidboot.gateway.pathing import Resolved, resolve
 from cidboot.gateway.request import CAR_TYPE, RAW_TYPE, BadRequest, GatewayRequest, NotAcceptable, parse
+from cidboot.httpd import BoundedHandler, BoundedHTTPServer, Limits
 from cidboot.unixfs import data as ufsdata
 from cidboot.unixfs.exporter import file_size, iter_file_blocks
 
 log = logging.getLogger("cidboot.gateway")
 
 IMMUTABLE = "public, max-age=29030400, immutable"
+#: A `dups=y` CAR repeats a block each time the DAG reaches it again: a diamond-shaped DAG of 41
+#: blocks is 2^41 visits. Beyond these budgets of repeats (per request) a CAR is served with
+#: dups=n instead (the Content-Type says so, as the spec allows), or, where the repeats cannot
+#: be counted ahead (entity-bytes ranges, HAMT shards), the stream is cut.
+MAX_DUP_VISITS = 8192
+MAX_DUP_BYTES = 64 * 1024 * 1024
 Route = Callable[[], tuple[int, str, bytes]]
 
 
@@ -49,19 +56,39 @@ class GatewayMetrics:
                 self.errors += 1
 
 
+class _BlockCache:
+    """A request's reads of the store, remembered up to `limit` bytes: a walk that comes back to
+    the same blocks (duplicates, up to the budgets) reads and hashes each once."""
+
+    def __init__(self, get: Callable[[CID], bytes], limit: int = 16 * 1024 * 1024) -> None:
+        self._get, self._limit, self._used = get, limit, 0
+        self._blocks: dict[bytes, bytes] = {}
+
+    def __call__(self, cid: CID) -> bytes:
+        key = cid.multihash.encode()
+        block = self._blocks.get(key)
+        if block is None:
+            block = self._get(cid)
+            while self._blocks and self._used + len(block) > self._limit:  # oldest first
+                self._used -= len(self._blocks.pop(next(iter(self._blocks))))
+            if len(block) <= self._limit:
+                self._blocks[key] = block
+                self._used += len(block)
+        return block
+
+
 class _AbortStream(Exception):
-    """A block went missing after the 200 was sent: the stream must be cut, not completed."""
+    """A block went missing, or the walk went over its budget, after the 200 was sent: the
+    stream must be cut, not completed."""
 
 
-class GatewayServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, store: Blockstore, address: tuple[str, int], extra_routes: Mapping[str, Route] | None = None):
+class GatewayServer(BoundedHTTPServer):
+    def __init__(self, store: Blockstore, address: tuple[str, int], extra_routes: Mapping[str, Route] | None = None,
+                 limits: Limits | None = None):
         self.store = store
         self.metrics = GatewayMetrics()
         self.extra_routes = dict(extra_routes or {})
-        super().__init__(address, _Handler)
+        super().__init__(address, _Handler, limits)
 
     @property
     def url(self) -> str:
@@ -70,10 +97,11 @@ class GatewayServer(ThreadingHTTPServer):
 
 
 def serve_gateway(
-    store: Blockstore, host: str, port: int, *, extra_routes: Mapping[str, Route] | None = None
+    store: Blockstore, host: str, port: int, *, extra_routes: Mapping[str, Route] | None = None,
+    limits: Limits | None = None,
 ) -> GatewayServer:
     """Bind a gateway (port 0 picks a free one); call `.serve_forever()` to run it."""
-    return GatewayServer(store, (host, port), extra_routes)
+    return GatewayServer(store, (host, port), extra_routes, limits)
 
 
 def _is_unixfs_file(cid: CID, block: bytes) -> bool:
@@ -107,7 +135,7 @@ def _single_range(header: str | None, size: int) -> tuple[int, int] | str | None
     return first, last
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(BoundedHandler):
     server: GatewayServer
     protocol_version = "HTTP/1.1"
     server_version = "cidboot-gateway"
@@ -230,7 +258,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.metrics.record(206 if isinstance(span, tuple) else 200, sent)
 
     def _car_blocks(self, req: GatewayRequest, terminal: CID, path_blocks: list[tuple[CID, bytes]]) -> Iterator[tuple[CID, bytes]]:
-        get = self.server.store.get
+        get = _BlockCache(self.server.store.get)
         yield from path_blocks
         if req.dag_scope == "all":
             yield from dag.walk(terminal, get, skip_dups=not req.car_dups)
@@ -241,6 +269,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         # entity
         if _is_unixfs_file(terminal, block):
+            if req.entity_bytes is None:  # the whole file is its whole DAG: same order, each block once
+                yield from dag.walk(terminal, get, skip_dups=not req.car_dups)
+                return
             start, end = 0, None
             if req.entity_bytes is not None:
                 size = file_size(terminal, get)
@@ -281,7 +312,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.metrics.record(304, 0)
         return True
 
+    def _dups_within_budget(self, req: GatewayRequest, terminal: CID) -> bool:
+        """Whether a `dups=y` CAR of this request stays within the duplicate budgets, measured
+        before the 200 without walking the duplicates (dag.walk_cost). Where the walk's shape
+        is not the terminal's whole DAG (block scope, ranges, directories) the stream's own
+        counters bound it instead."""
+        if req.dag_scope == "block" or req.entity_bytes is not None:
+            return True
+        get = self.server.store.get
+        if req.dag_scope == "entity" and not _is_unixfs_file(terminal, get(terminal)):
+            return True
+        cost = dag.walk_cost(terminal, get)
+        if cost.duplicate_visits <= MAX_DUP_VISITS and cost.duplicate_bytes <= MAX_DUP_BYTES:
+            return True
+        log.warning("dups=y for %s would repeat %d blocks (%d bytes): serving dups=n", terminal,
+                    cost.duplicate_visits, cost.duplicate_bytes)
+        return False
+
     def _send_car(self, req: GatewayRequest, res: Resolved) -> None:
+        if req.car_dups and not self._dups_within_budget(req, res.terminal):
+            req = replace(req, car_dups=False)
         params = f"{req.dag_scope}.{req.entity_bytes}.{req.car_dups}"
         etag = f'W/"{req.cid}.car.{hashlib.sha256((self.path.split("?")[0] + params).encode()).hexdigest()[:16]}"'
         if self._not_modified(etag):
@@ -300,14 +350,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         sent = 0
         seen: set[bytes] = set()
+        repeats = repeat_bytes = 0
         try:
             sent += self._chunk(encode_header([req.cid]))
             for cid, block in self._car_blocks(req, res.terminal, res.path_blocks):
                 key = cid.multihash.encode()
-                if not req.car_dups:
-                    if key in seen:
+                if key in seen:
+                    # a repeat, emitted (dups=y) or skipped: either way the walk is bounded
+                    repeats += 1
+                    repeat_bytes += len(block)
+                    if repeats > MAX_DUP_VISITS or repeat_bytes > MAX_DUP_BYTES:
+                        raise _AbortStream(f"walk repeats more than {MAX_DUP_VISITS} blocks / {MAX_DUP_BYTES} bytes")
+                    if not req.car_dups:
                         continue
-                    seen.add(key)
+                seen.add(key)
                 if cid.is_identity:
                     continue
                 sent += self._chunk(encode_section(cid, block))
