@@ -239,7 +239,7 @@ def fetch_layer(manifest: Manifest, cid: CID, gateways: list[str] | tuple[str, .
     try:
         fetch(cid, list(gateways), store, timeout=timeout)
     except AllGatewaysFailed as e:
-        kind = "hash mismatch" if "does not match its CID" in str(e) else "unavailable"
+        kind = "hash mismatch" if e.lied else "unavailable"
         raise Refused(what, f"{kind}: {e}") from None
     try:
         data = b"".join(export_file(cid, store.get))
