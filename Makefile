@@ -2,8 +2,9 @@
 PYTHON ?= python3
 export CIDBOOT_TOOLS ?= $(HOME)/.cache/cidboot/bin
 PYTEST_ARGS ?=
+UNIT_ARGS ?= -q
 
-.PHONY: setup demo demo-software test bench lint clean
+.PHONY: setup demo demo-software check test test-unit test-integration test-e2e bench lint clean
 
 setup: ## install Debian packages, Python deps and the pinned Go tools (Kubo, gateway-conformance)
 	bash .ci/setup.sh
@@ -14,15 +15,26 @@ demo: setup ## boot the hello flow on a QEMU device from power-on, appraise it: 
 demo-software: setup ## the same pipeline without QEMU (DICE layers derived in one process)
 	$(PYTHON) -m examples.demo --out out/demo-software
 
-test: setup lint ## the whole test suite, as CI runs it
+check: lint test-unit ## the fast loop: ruff + mypy + the unit tier (no root, network, QEMU, Kubo or downloads)
+
+test: setup lint ## the whole test suite, as CI runs it: unit, then integration, then e2e (QEMU)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-unit: ## tests/unit only
+	$(PYTHON) -m pytest tests/unit $(UNIT_ARGS) $(PYTEST_ARGS)
+
+test-integration: setup ## tests/integration: network namespaces (root), Kubo, image builds
+	$(PYTHON) -m pytest tests/integration $(PYTEST_ARGS)
+
+test-e2e: setup ## tests/e2e: QEMU guests from power-on
+	$(PYTHON) -m pytest tests/e2e $(PYTEST_ARGS)
 
 bench: setup ## benchmarks; figures land in out/bench/*.json
 	$(PYTHON) -m bench.run_all --out out/bench
 
 lint:
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m mypy cidboot imagebuilder bootstrap agent firmware qemu/harness bench examples
+	$(PYTHON) -m mypy cidboot imagebuilder bootstrap agent firmware qemu/harness bench examples tests
 
 clean:
 	rm -rf out build *.egg-info

@@ -1,5 +1,5 @@
 """`python -m agent`: the CLI, or, as PID 1 with no arguments (the image's /init runs this
-module through cidboot.pid1.run_stage), the device agent (agent.device.main)."""
+module through cidboot.stage.pid1.run_stage), the device agent (agent.device.main)."""
 
 import os
 import sys

@@ -10,7 +10,7 @@ port. Every bad request gets a 4xx with a one-line reason and the server keeps s
                                  and the head CID of its audit log
     GET /ipfs/{cid}[?format=raw|car]  the agent's blocks (results, provenance, audit log, fetched
                                  manifest and flow) as an IPFS trustless gateway: this is
-                                 cidboot.gateway.server's handler, so a result's whole provenance
+                                 cidboot.store.gateway.server's handler, so a result's whole provenance
                                  DAG comes as one CAR (`?format=car`), verified by the client
     GET /metrics                 Prometheus text: requests, responses by status, internal errors
 
@@ -31,19 +31,21 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from cidboot.blockstore import Blockstore
-from cidboot.cid import CID
-from cidboot.cose import PrivateKey
-from cidboot.cose_key import raw_public_bytes
-from cidboot.dice.chain import verify_chain
-from cidboot.dice.derive import key_from_cdi
-from cidboot.dice.software import DerivedIdentity
-from cidboot.eat import NONCE_MAX, NONCE_MIN, build_evidence, ueid_for
 from cidboot.errors import CidbootError
-from cidboot.gateway.server import GatewayMetrics
-from cidboot.gateway.server import Route as GatewayRoute
-from cidboot.gateway.server import _Handler as _GatewayHandler  # /ipfs/ is served by the gateway's own code
 from cidboot.httpd import BoundedHTTPServer, Limits
+from cidboot.ipld.cid import CID
+from cidboot.store.blockstore import Blockstore
+from cidboot.store.gateway.server import GatewayMetrics
+from cidboot.store.gateway.server import Route as GatewayRoute
+from cidboot.store.gateway.server import (
+    _Handler as _GatewayHandler,  # /ipfs/ is served by the gateway's own code
+)
+from cidboot.trust.cose import PrivateKey
+from cidboot.trust.cose_key import raw_public_bytes
+from cidboot.trust.dice.chain import verify_chain
+from cidboot.trust.dice.derive import key_from_cdi
+from cidboot.trust.dice.software import DerivedIdentity
+from cidboot.trust.eat import NONCE_MAX, NONCE_MIN, build_evidence, ueid_for
 
 log = logging.getLogger("agent.api")
 
@@ -142,7 +144,7 @@ class Attester:
 
     @classmethod
     def from_derived(cls, ident: DerivedIdentity, **kw: Any) -> Attester:
-        """A software identity (cidboot.dice.software.derive_layers), for development and tests."""
+        """A software identity (cidboot.trust.dice.software.derive_layers), for development and tests."""
         return cls.from_chain(ident.leaf_key, ident.chain, **kw)
 
     @property

@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from cidboot.appraisal import AppraisalResult
-from cidboot.cose_key import raw_public_bytes
 from cidboot.errors import VerificationError
+from cidboot.trust.appraisal import AppraisalResult
+from cidboot.trust.cose_key import raw_public_bytes
 
 
 @dataclass(frozen=True)

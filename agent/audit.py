@@ -4,7 +4,7 @@ as a hash chain of signed DAG-CBOR entries in the block store.
 Each entry links the previous one by CID and is signed by the agent's alias key (COSE_Sign1,
 detached over the DAG-CBOR of the entry), so the head CID commits to the whole history and
 nobody without the key can rewrite it. The head is served by the agent and published with
-its results. The store is anything with put/get (cidboot.blockstore.Blockstore on an agent,
+its results. The store is anything with put/get (cidboot.store.blockstore.Blockstore on an agent,
 MemoryBlocks in tests and benchmarks).
 
     entry = {"entry": {"seq": int, "decision": "run"|"veto"|"refused"|"accepted"|"result",
@@ -22,10 +22,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cidboot import cose, dagcbor
-from cidboot.cid import CID, DAG_CBOR
-from cidboot.cose import PrivateKey, PublicKey
 from cidboot.errors import CidbootError, VerificationError
+from cidboot.ipld import dagcbor
+from cidboot.ipld.cid import CID, DAG_CBOR
+from cidboot.trust import cose
+from cidboot.trust.cose import PrivateKey, PublicKey
 
 DECISIONS = ("run", "veto", "refused", "accepted", "result")
 

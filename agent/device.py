@@ -1,13 +1,13 @@
 """The L2 agent as PID 1 (docs/boot-chain.md): from the bootstrap's hand-off to a serving,
 attesting agent running its role's part of the flow.
 
-1. `cidboot-stage: agent start`; read the hand-off (cidboot.handoff.load erases dice.cbor at
+1. `cidboot-stage: agent start`; read the hand-off (cidboot.stage.handoff.load erases dice.cbor at
    once): CDI_2 + chain for a measured boot; none for an unmeasured one, which then gets an
    ephemeral identity whose evidence says so (verifiers refuse it by default);
 2. NIC up + DHCP (user class "cidboot-agent");
 3. fetch through the boot config's gateways, verifying each block: the signed manifest (its
    signatures checked again against the boot config's trust anchor), its flow, the signed
-   device registry (cidboot.registry, under the manifest's root of trust);
+   device registry (cidboot.trust.registry, under the manifest's root of trust);
 4. the attestation API on port 8000 with the peer endpoints; `cidboot-stage: agent ready url=...`;
 5. this role's part of the flow with the orchestrator, inputs exchanged with attested peers;
    each result printed as `cidboot: result <definition>=<json>`; then serve forever.
@@ -34,21 +34,22 @@ from agent.audit import AuditLog, Entry
 from agent.peers import PeerClient, PeerError, PeerRefused, PeerService, mount_peers, reasons
 from agent.publish import PublishTarget, publish
 from agent.verifier import Verifier
-from cidboot import dagcbor
-from cidboot.appraisal import AppraisalResult, DeviceRoots
-from cidboot.blockstore import Blockstore
-from cidboot.bootconfig import BootConfig
-from cidboot.cid import CID
-from cidboot.cose import PrivateKey
-from cidboot.cose_key import decode_public_key, raw_public_bytes
 from cidboot.dataflow import checks
-from cidboot.dice import CDI_SIZE, decode_handover, encode_chain, key_from_cdi
+from cidboot.dataflow.model import DataFlow
 from cidboot.errors import CidbootError, FormatError, VerificationError
-from cidboot.flow import DataFlow
-from cidboot.gateway import client as gateway_client
-from cidboot.handoff import Handoff, HandoffNotFound, load
-from cidboot.manifest import RootOfTrust, SignedManifest, verify_threshold
-from cidboot.manifest.signed import MAX_ENVELOPE
+from cidboot.ipld import dagcbor
+from cidboot.ipld.cid import CID
+from cidboot.netboot.bootconfig import BootConfig
+from cidboot.stage.console import say
+from cidboot.stage.handoff import Handoff, HandoffNotFound, load
+from cidboot.store.blockstore import Blockstore
+from cidboot.store.gateway import client as gateway_client
+from cidboot.trust.appraisal import AppraisalResult, DeviceRoots
+from cidboot.trust.cose import PrivateKey
+from cidboot.trust.cose_key import decode_public_key, raw_public_bytes
+from cidboot.trust.dice import CDI_SIZE, decode_handover, encode_chain, key_from_cdi
+from cidboot.trust.manifest import RootOfTrust, SignedManifest, verify_threshold
+from cidboot.trust.manifest.signed import MAX_ENVELOPE
 
 USER_CLASS = b"cidboot-agent"
 PORT = 8000
@@ -66,14 +67,9 @@ class AgentBootError(CidbootError):
     """The agent cannot start: the message names the step (handoff, manifest, registry...)."""
 
 
-def say(line: str, out: TextIO | None = None) -> None:
-    """A console protocol line; PID 1's stdout is the console."""
-    print(line, file=out or sys.stdout, flush=True)
-
-
 def fetch_block(cid: CID, gateways: Sequence[str], store: Blockstore, *, timeout: float = 10.0,
                 max_size: int = MAX_ENVELOPE) -> bytes:
-    """cidboot.gateway.client.fetch_block, its failure as the agent's boot error."""
+    """cidboot.store.gateway.client.fetch_block, its failure as the agent's boot error."""
     try:
         return gateway_client.fetch_block(cid, tuple(gateways), store, timeout=timeout, max_size=max_size,
                                           user_agent="cidboot-agent")
@@ -109,7 +105,7 @@ def read_handoff(root: str | os.PathLike[str]) -> tuple[Handoff, BootConfig, CID
 
 def network_up(log: Callable[[str], None]) -> str:
     """NIC up, DHCP lease (user class cidboot-agent), address configured; returns the address."""
-    from cidboot import dhcp_client, netif
+    from cidboot.netboot import dhcp_client, netif
 
     name, mac = netif.bring_up(carrier_timeout=15.0)
     lease = dhcp_client.acquire(name, mac, vendor_class=None, arch=None, user_class=USER_CLASS, log=log)
@@ -186,7 +182,7 @@ def load_registry(cfg: BootConfig, signed: SignedManifest, store: Blockstore, ro
     """The signed registry named by the boot config, else a local device-roots.json (development);
     with neither, no peer can be affirmed and none is sent anything."""
     if cfg.device_registry is not None:
-        from cidboot.registry import verify_registry
+        from cidboot.trust.registry import verify_registry
 
         return verify_registry(fetch_block(cfg.device_registry, cfg.gateways, store), signed.manifest.root)
     local = root / "etc/cidboot/device-roots.json"
@@ -328,7 +324,7 @@ async def _on_loop(fn: Callable[..., Any], *args: Any) -> Any:
 def main(root: str | os.PathLike[str] = "/", *, network: bool = True, host: str = "0.0.0.0", port: int = PORT,
          flow: FlowStep | None = run_flow, serve: bool = True, console: TextIO | None = None) -> BootedAgent:
     """The PID-1 entry (agent/__main__.py). Errors print `cidboot: fatal: ...` and propagate, so
-    cidboot.pid1.run_stage powers off."""
+    cidboot.stage.pid1.run_stage powers off."""
     try:
         agent = boot_agent(root, network=network, host=host, port=port, console=console)
         if flow is not None:

@@ -31,17 +31,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cidboot import keys
-from cidboot.appraisal import AFFIRMING, CONTRAINDICATED, WARNING, AppraisalResult
-from cidboot.cid import CID
-from cidboot.cose import PrivateKey, PublicKey
-from cidboot.cose_key import raw_public_bytes
-from cidboot.dice.chain import DiceChainError, verify_chain
-from cidboot.dice.derive import DiceInputs, DiceMode, key_from_cdi, root_public_key_from_uds
-from cidboot.dice.software import derive_layers
 from cidboot.errors import CidbootError
-from cidboot.manifest import Manifest
-from cidboot.measure import image_code_hash, image_inputs
+from cidboot.ipld.cid import CID
+from cidboot.trust import keys
+from cidboot.trust.appraisal import AFFIRMING, CONTRAINDICATED, WARNING, AppraisalResult
+from cidboot.trust.cose import PrivateKey, PublicKey
+from cidboot.trust.cose_key import raw_public_bytes
+from cidboot.trust.dice.chain import DiceChainError, verify_chain
+from cidboot.trust.dice.derive import DiceInputs, DiceMode, key_from_cdi, root_public_key_from_uds
+from cidboot.trust.dice.software import derive_layers
+from cidboot.trust.manifest import Manifest
+from cidboot.trust.measure import image_code_hash, image_inputs
 
 DEV_FIRMWARE = hashlib.sha512(b"cidboot development firmware").digest()
 DEV_BOOTSTRAP = hashlib.sha512(b"cidboot development bootstrap").digest()

@@ -14,7 +14,7 @@
   through `accept(blocks, sender)`.
 - Before a run, every input is validated (agent.validate) and the policies are evaluated
   (agent.policy); every decision goes to the audit log. Outputs are signed provenance nodes
-  (cidboot.provenance) signed with the agent's DICE alias key.
+  (cidboot.dataflow.provenance) signed with the agent's DICE alias key.
 
 Public API (what agent.device / agent.peers call):
 
@@ -54,14 +54,14 @@ from agent.attested import AttestedAgents
 from agent.audit import AuditLog, BlockSink
 from agent.policy import RunContext
 from agent.validate import PolicyVeto, Validator, check_policies
-from cidboot.appraisal import AppraisalResult
-from cidboot.cid import CID
-from cidboot.cose import PrivateKey
-from cidboot.cose_key import raw_public_bytes
 from cidboot.dataflow.checks import PolicyScope, value_problem
+from cidboot.dataflow.model import SEED, STAGES, DataFlow, Operation
+from cidboot.dataflow.provenance import InputNode, ProvenanceFormatError, decode, make_input
 from cidboot.errors import CidbootError, FormatError
-from cidboot.flow import SEED, STAGES, DataFlow, Operation
-from cidboot.provenance import InputNode, ProvenanceFormatError, decode, make_input
+from cidboot.ipld.cid import CID
+from cidboot.trust.appraisal import AppraisalResult
+from cidboot.trust.cose import PrivateKey
+from cidboot.trust.cose_key import raw_public_bytes
 
 Block = tuple[CID, bytes]
 Send = Callable[[str, list[Block]], Awaitable[Any] | Any]
@@ -200,7 +200,7 @@ class Orchestrator:
         if self.validate_inputs:
             try:
                 self.validator.validate(node.cid, node)
-            except CidbootError as e:  # a ProvenanceError, ForgedSignature (cidboot.provenance), ...
+            except CidbootError as e:  # a ProvenanceError, ForgedSignature (cidboot.dataflow.provenance), ...
                 self._refuse(node.cid, f"{type(e).__name__}: {e}")
                 return False
         self.network[node.cid] = node

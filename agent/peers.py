@@ -69,11 +69,11 @@ from agent.attestation_api import (
     nonce_from_hex,
 )
 from agent.verifier import Challenges, Verifier
-from cidboot import cose
-from cidboot.appraisal import AFFIRMING, CONTRAINDICATED, AppraisalResult
-from cidboot.cid import CID
-from cidboot.cose import PrivateKey
 from cidboot.errors import CidbootError, FormatError, VerificationError
+from cidboot.ipld.cid import CID
+from cidboot.trust import cose
+from cidboot.trust.appraisal import AFFIRMING, CONTRAINDICATED, AppraisalResult
+from cidboot.trust.cose import PrivateKey
 
 log = logging.getLogger("agent.peers")
 
@@ -85,7 +85,7 @@ RefusedRequest = Callable[[str, str], Any]  # (client address, reason): refused 
 TIMEOUT = 10.0
 STATEMENT = b"cidboot-peer-inputs/2\x00"
 MAX_BLOCKS = 4096  # blocks in one exchange (a provenance closure is one node per ancestor)
-MAX_BLOCK = 1 << 20  # bytes of one block: cidboot.provenance.MAX_NODE
+MAX_BLOCK = 1 << 20  # bytes of one block: cidboot.dataflow.provenance.MAX_NODE
 MAX_BYTES = 4 << 20  # bytes of all blocks of one exchange
 MAX_CONCURRENT = 4  # exchanges decoded and appraised at once; 503 beyond (the sender retries)
 AUDIT_PER_CLIENT, AUDIT_TOTAL, AUDIT_WINDOW = 16, 128, 60.0  # audited refusals per window

@@ -2,7 +2,7 @@
 
 Results, their provenance and audit blocks live in the agent's Blockstore first (served on
 /ipfs/ at once); publishing copies each result's whole provenance DAG to a Kubo node and pins
-its root, so the graph outlives the device. cidboot.kubo (ipfshttpclient) is imported only
+its root, so the graph outlives the device. cidboot.store.kubo (ipfshttpclient) is imported only
 when publishing is asked for: the device image does not carry it.
 """
 
@@ -12,10 +12,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cidboot.blockstore import Blockstore
-from cidboot.cid import CID
-from cidboot.dag import walk
 from cidboot.errors import FormatError
+from cidboot.ipld.cid import CID
+from cidboot.ipld.dag import walk
+from cidboot.store.blockstore import Blockstore
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class PublishTarget:
 def publish(store: Blockstore, roots: Iterable[CID], target: PublishTarget, *, client: Any = None) -> int:
     """Copy every block under each root to the target and pin the roots; returns blocks sent."""
     if client is None:
-        from cidboot.kubo import KuboClient
+        from cidboot.store.kubo import KuboClient
 
         client = KuboClient(target.url)
     sent = 0

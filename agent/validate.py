@@ -1,6 +1,6 @@
 """Provenance validation: may this input be used? Checked before an operation runs.
 
-For an input node (cidboot.provenance), in this order, each failure its own exception type:
+For an input node (cidboot.dataflow.provenance), in this order, each failure its own exception type:
 1. the block hashes to its CID and parses;                  -> TamperedInput
 2. it is signed by the producer key it names;               -> ForgedSignature
 3. it belongs to this flow (flow CID);                      -> WrongFlow
@@ -31,12 +31,12 @@ from typing import Any
 
 from agent.attested import AttestedAgents
 from agent.policy import RunContext, veto_reason
-from cidboot import dagcbor
-from cidboot.cid import CID
-from cidboot.cose_key import raw_public_bytes
+from cidboot.dataflow.model import DataFlow
+from cidboot.dataflow.provenance import ForgedSignature, InputNode, decode, verify_signature
 from cidboot.errors import FormatError, VerificationError
-from cidboot.flow import DataFlow
-from cidboot.provenance import ForgedSignature, InputNode, decode, verify_signature
+from cidboot.ipld import dagcbor
+from cidboot.ipld.cid import CID
+from cidboot.trust.cose_key import raw_public_bytes
 
 __all__ = ["ForgedSignature", "MissingInput", "PolicyVeto", "ProvenanceError", "TamperedInput", "TamperedParent",
            "UnattestedProducer", "UnknownOperation", "UnknownSeed", "Validator", "WrongFlow", "check_policies"]
@@ -103,7 +103,7 @@ class Validator:
                 continue
             try:
                 n = self._check(c, node if c == cid else None)
-            except VerificationError as e:  # ForgedSignature comes from cidboot.provenance
+            except VerificationError as e:  # ForgedSignature comes from cidboot.dataflow.provenance
                 if child is None:
                     raise
                 raise TamperedParent(f"input {cid}: ancestor {c} (a parent of {child}): {e}") from None

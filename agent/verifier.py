@@ -32,9 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.attestation_api import AgentServer, HttpError, Request, Response, Route
-from cidboot.appraisal import CONTRAINDICATED, AppraisalResult, DeviceRoots, appraise
-from cidboot.cid import CID
-from cidboot.manifest.model import Manifest
+from cidboot.ipld.cid import CID
+from cidboot.trust.appraisal import CONTRAINDICATED, AppraisalResult, DeviceRoots, appraise
+from cidboot.trust.manifest.model import Manifest
 
 NONCE_BYTES = 32
 TTL = 60.0

@@ -26,9 +26,9 @@ from agent.audit import MemoryBlocks
 from agent.orchestrator import FlowContext, Orchestrator
 from agent.validate import Validator
 from bench.common import parse_args, write_results
-from cidboot import keys
-from cidboot.flow import DataFlow
-from cidboot.provenance import make_input
+from cidboot.dataflow.model import DataFlow
+from cidboot.dataflow.provenance import make_input
+from cidboot.trust import keys
 
 N_OPS = 200
 DAG_NODES = 1000
@@ -66,7 +66,7 @@ def run_two_agents(flow: DataFlow, validate: bool) -> float:
     placement = {"a": [o for i, o in enumerate(sorted(flow.operations)) if i % 2 == 0],
                  "b": [o for i, o in enumerate(sorted(flow.operations)) if i % 2 == 1]}
     ka, kb = keys.generate(), keys.generate()
-    from cidboot.cose_key import raw_public_bytes
+    from cidboot.trust.cose_key import raw_public_bytes
 
     orchs: dict[str, Orchestrator] = {}
     for role, key in (("a", ka), ("b", kb)):
@@ -109,7 +109,7 @@ def dag_validation(n: int) -> dict[str, float]:
         store.put(cid, block)
         cids.append(cid)
     attested = AttestedAgents()
-    from cidboot.cose_key import raw_public_bytes
+    from cidboot.trust.cose_key import raw_public_bytes
 
     attested.add_self(raw_public_bytes(key.public_key()), "bench")
     v = Validator(flow, flow.cid, {}, attested, store.get)

@@ -74,8 +74,8 @@ def reference_boot(kernel: Path, work: Path, *, accel: str = "tcg", timeout: flo
 
     With `ipv6_router` an empty router advertisement answers iPXE's IPv6 solicitations (see
     qemu/harness/ra.py); without, iPXE waits ~16 s for a router before it fetches anything."""
-    from cidboot.blockstore import Blockstore
-    from cidboot.cid import RAW
+    from cidboot.ipld.cid import RAW
+    from cidboot.store.blockstore import Blockstore
     from qemu.harness.lab import device_mac
     from qemu.harness.netns import boot_network
     from qemu.harness.ra import router_advertiser

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench.common import parse_args, write_results
-from cidboot import keys
+from cidboot.trust import keys
 from imagebuilder import flowfile
 from imagebuilder.cpio import decompress
 from imagebuilder.lock import lock_path, make_lock

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from bench.common import parse_args, write_results
-from cidboot import cose
-from cidboot.dice import DiceInputs, encode_chain, key_from_cdi, main_flow, verify_chain
+from cidboot.trust import cose
+from cidboot.trust.dice import DiceInputs, encode_chain, key_from_cdi, main_flow, verify_chain
 
 
 def rate(fn: Callable[[], object], seconds: float = 0.5) -> float:

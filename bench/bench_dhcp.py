@@ -3,7 +3,7 @@ dnsmasq run by hand, with the same load client.
 
 Both servers run in a network namespace this bench creates, one after the other on the same
 bridge; the load client runs in a second namespace. It builds its packets with scapy before
-the clock starts (cidboot.dhcp.build_request; the REQUEST's address is patched in), keeps
+the clock starts (cidboot.netboot.dhcp.build_request; the REQUEST's address is patched in), keeps
 --inflight exchanges going at once, resends a DISCOVER after 1 s without an answer, and
 counts an exchange as done at its ACK (a NAK restarts it at DISCOVER, as a real client would). Our server runs with its per-MAC and new-lease rate
 limits lifted (by default it allows 50 new leases/s, on purpose), once with its lease file
@@ -32,7 +32,7 @@ PLACEHOLDER = "1.2.3.4"
 
 def client_main(n: int, inflight: int, server_ip: str) -> int:
     """Child mode (inside the client namespace): run the load, print a JSON summary."""
-    from cidboot import dhcp
+    from cidboot.netboot import dhcp
 
     # scattered (but fixed) MACs like a real fleet's: sequential ones make dnsmasq's hashed
     # address choice collide among clients in flight

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from bench.bench_import import make_file
 from bench.common import parse_args, write_results
-from cidboot.blockstore import Blockstore
-from cidboot.kubo import KuboClient
-from cidboot.unixfs import ImportOptions, import_file
-from tests.kubo_node import free_port, start_kubo
+from cidboot.ipld.unixfs import ImportOptions, import_file
+from cidboot.store.blockstore import Blockstore
+from cidboot.store.kubo import KuboClient
+from tests.support.kubo_node import free_port, start_kubo
 
 MIB = 1024 * 1024
 
@@ -24,8 +24,8 @@ MIB = 1024 * 1024
 def client_child(cid: str, gateway: str, store: Path) -> tuple[float, int]:
     code = (
         "import resource,time\n"
-        "from cidboot.blockstore import Blockstore\n"
-        "from cidboot.gateway.client import fetch\n"
+        "from cidboot.store.blockstore import Blockstore\n"
+        "from cidboot.store.gateway.client import fetch\n"
         "t=time.perf_counter()\n"
         f"fetch({cid!r}, [{gateway!r}], Blockstore({str(store)!r}))\n"
         "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
@@ -94,7 +94,7 @@ def main() -> int:
                 p.wait(10)
     write_results(args.out, "fetch", rows, {
         "plain_http": "curl of the same file from python -m http.server on loopback (no hashing, no store)",
-        "ours": "cidboot.gateway.client.fetch: CAR stream, every block verified and written atomically to a store",
+        "ours": "cidboot.store.gateway.client.fetch: CAR stream, every block verified and written atomically to a store",
     })
     return 0
 

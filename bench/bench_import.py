@@ -24,7 +24,7 @@ def make_file(path: Path, size: int) -> None:
 def rss_child(path: Path, cid_version: int) -> tuple[float, int, str]:
     code = (
         "import resource,sys,time\n"
-        "from cidboot.unixfs import ImportOptions, import_file\n"
+        "from cidboot.ipld.unixfs import ImportOptions, import_file\n"
         "t=time.perf_counter()\n"
         f"r=import_file({str(path)!r}, None, ImportOptions(cid_version={cid_version}))\n"
         "print(r.cid, time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"

@@ -33,7 +33,7 @@ def _client(i: int, server_ip: str, want: str, windowsize: int, addr_lock: threa
     from pyroute2 import IPRoute
 
     from bench.tftp_client import get
-    from cidboot import dhcp
+    from cidboot.netboot import dhcp
 
     t0 = time.perf_counter()
     mac = f"02:50:58:00:{i >> 8 & 255:02x}:{i & 255:02x}"
@@ -110,7 +110,7 @@ def main() -> int:
         return client_main(int(a[0]), a[1], a[2], int(a[3]), int(a[4]))
     args = parse_args(__doc__ or "", [("--clients", {"type": int, "default": 200}), ("--size-mib", {"type": int, "default": 4}),
                                       ("--windowsize", {"type": int, "default": 8})])
-    from tests.boot_network import running_boot_server
+    from tests.support.boot_network import running_boot_server
 
     blob = os.urandom(args.size_mib * MIB)
     want = hashlib.sha256(blob).hexdigest()

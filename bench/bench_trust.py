@@ -12,15 +12,15 @@ from collections.abc import Callable
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from bench.common import parse_args, write_results
-from cidboot import cose
-from cidboot.appraisal import DeviceRoots, appraise
-from cidboot.cid import CID, RAW
-from cidboot.cose_key import key_id
-from cidboot.dice.derive import DiceInputs
-from cidboot.dice.software import derive_layers
-from cidboot.eat import build_evidence
-from cidboot.manifest import Layer, Manifest, RootOfTrust, TrustState, sign_manifest, verify_manifest
-from cidboot.measure import image_inputs
+from cidboot.ipld.cid import CID, RAW
+from cidboot.trust import cose
+from cidboot.trust.appraisal import DeviceRoots, appraise
+from cidboot.trust.cose_key import key_id
+from cidboot.trust.dice.derive import DiceInputs
+from cidboot.trust.dice.software import derive_layers
+from cidboot.trust.eat import build_evidence
+from cidboot.trust.manifest import Layer, Manifest, RootOfTrust, TrustState, sign_manifest, verify_manifest
+from cidboot.trust.measure import image_inputs
 
 
 def rate(fn: Callable[[], object], seconds: float = 1.0) -> tuple[float, float]:

@@ -5,7 +5,7 @@ What runs for real: content addressing into the embedded block store, the trustl
 signing and verification (threshold, expiry, rollback state), the Open Profile for DICE
 derivation of firmware -> bootstrap -> image, EAT evidence and appraisal.
 What is not yet wired (issue 6): booting QEMU guests over PXE; here the device's three DICE
-layers are derived in software by `cidboot.dice.software`, the same derivation the stages run.
+layers are derived in software by `cidboot.trust.dice.software`, the same derivation the stages run.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ import sys
 import time
 from pathlib import Path
 
-from cidboot.appraisal import DeviceRoots, appraise
-from cidboot.blockstore import Blockstore
-from cidboot.cid import DAG_CBOR
-from cidboot.cose_key import key_id, raw_public_bytes
-from cidboot.dice.derive import DiceInputs, DiceMode
-from cidboot.dice.software import derive_layers
-from cidboot.eat import build_evidence, ueid_for
-from cidboot.gateway.client import fetch
-from cidboot.keys import generate
-from cidboot.manifest import (
+from cidboot.ipld.cid import DAG_CBOR
+from cidboot.ipld.unixfs import ImportOptions, export_file, import_path
+from cidboot.store.blockstore import Blockstore
+from cidboot.store.gateway.client import fetch
+from cidboot.trust.appraisal import DeviceRoots, appraise
+from cidboot.trust.cose_key import key_id, raw_public_bytes
+from cidboot.trust.dice.derive import DiceInputs, DiceMode
+from cidboot.trust.dice.software import derive_layers
+from cidboot.trust.eat import build_evidence, ueid_for
+from cidboot.trust.keys import generate
+from cidboot.trust.manifest import (
     Layer,
     Manifest,
     RootOfTrust,
@@ -38,8 +39,7 @@ from cidboot.manifest import (
     sign_manifest,
     verify_manifest,
 )
-from cidboot.measure import code_hash_of_blobs, image_inputs
-from cidboot.unixfs import ImportOptions, export_file, import_path
+from cidboot.trust.measure import code_hash_of_blobs, image_inputs
 
 HERE = Path(__file__).parent
 

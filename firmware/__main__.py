@@ -1,5 +1,5 @@
 """firmware: the L0 stage. As PID 1 with no arguments (the image's /init runs this module through
-cidboot.pid1.run_stage) it boots (firmware.stage.main); otherwise it is the `firmware` CLI."""
+cidboot.stage.pid1.run_stage) it boots (firmware.stage.main); otherwise it is the `firmware` CLI."""
 import os
 import sys
 

@@ -1,9 +1,9 @@
-"""The firmware's network boot client: NIC + DHCP with PXE options, TFTP (cidboot.tftp_client,
+"""The firmware's network boot client: NIC + DHCP with PXE options, TFTP (cidboot.netboot.tftp_client,
 with RFC 7440 windowsize), and the part of iPXE's script language that boot.ipxe uses, so iPXE
 and this firmware boot the same files from one script (docs/boot-chain.md).
 
 Each step is a function of its own, testable on the host in a network namespace against the
-real boot server (tests/test_firmware_netboot.py).
+real boot server (tests/unit/test_firmware_netboot.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from cidboot import dhcp, dhcp_client, netif, tftp_client
 from cidboot.errors import CidbootError, FormatError
+from cidboot.netboot import dhcp, dhcp_client, netif, tftp_client
 
 USER_CLASS = b"cidboot-firmware"  # the boot server answers it with boot.ipxe (bootstrap/server/dhcp_server.py)
 VENDOR_CLASS = b"PXEClient:Arch:00007:UNDI:003016"
@@ -41,7 +41,7 @@ class Network:
 def network_up(ifname: str | None = None, *, log: Callable[[str], None] = lambda _m: None,
                carrier_timeout: float = 15.0, **dhcp_kw: object) -> Network:
     """Bring up the boot NIC, get a lease as a PXE client (user class "cidboot-firmware") and
-    configure the address. `dhcp_kw` goes to cidboot.dhcp_client.acquire (attempts, timeout...)."""
+    configure the address. `dhcp_kw` goes to cidboot.netboot.dhcp_client.acquire (attempts, timeout...)."""
     name, mac = netif.bring_up(ifname, carrier_timeout=carrier_timeout)
     lease = dhcp_client.acquire(name, mac, vendor_class=VENDOR_CLASS, arch=dhcp.ARCH_X86_64_UEFI_BC,
                                 user_class=USER_CLASS, log=log, **dhcp_kw)  # type: ignore[arg-type]
@@ -69,7 +69,7 @@ def tftp_get(server: str, path: str, *, port: int = 69, blksize: int = BLKSIZE, 
              progress: tftp_client.Progress | None = None, stats: dict[str, int] | None = None) -> bytes:
     """One file over TFTP (RFC 1350 + blksize 2348, tsize 2349, windowsize 7440), in memory.
 
-    cidboot.tftp_client drives recovery: it ACKs a gap at once so the server restarts its window
+    cidboot.netboot.tftp_client drives recovery: it ACKs a gap at once so the server restarts its window
     there, and re-sends its last ACK after an adaptive timeout (from `timeout` s, following the
     round trip), `retries` times in a row. A transfer that still times out is started again,
     `attempts` times; a server's ERROR (no such file...) is final.

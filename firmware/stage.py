@@ -6,43 +6,27 @@
    kernel, initrd(s) and boot config it names;
 3. measure L1: code_hash = code_hash_of_blobs([kernel, initrd]), config descriptor = the boot
    config bytes, mode NORMAL; DICE main flow -> CDI_1 and the L1 certificate;
-4. append the hand-off (cidboot.handoff) to the initrd, wipe CDI_0, kexec into L1.
+4. append the hand-off (cidboot.stage.handoff) to the initrd, wipe CDI_0, kexec into L1.
 
 Every failure prints one clear console line and powers off.
 """
 
 from __future__ import annotations
 
-import ctypes
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cidboot import pid1
-from cidboot.handoff import Handoff
+from cidboot.stage import pid1
+from cidboot.stage.console import StageRefused, say, wipe
+from cidboot.stage.handoff import Handoff
 from firmware.netboot import Fetched, Network, fetch_boot, network_up
 
 FW_CFG_HANDOVER = "/sys/firmware/qemu_fw_cfg/by_name/opt/cidboot/dice/raw"
 
 
-class Refused(Exception):
-    """A check failed: print `cidboot: refused: <msg>` and power off."""
-
-
-def say(line: str) -> None:
-    """A console protocol line (docs/boot-chain.md): stdout of PID 1 is the console."""
-    print(line, flush=True)
-
-
-def wipe(secret: bytes | bytearray) -> None:
-    """Overwrite a secret in place. bytes are immutable to Python, not to memory: CPython keeps
-    their content inline, so the buffer is zeroed through ctypes. Only for private objects
-    (never interned: CDIs are 32-byte values made by HKDF or cbor2)."""
-    if isinstance(secret, bytearray):
-        secret[:] = bytes(len(secret))
-    elif len(secret) > 1:
-        ctypes.memset(ctypes.c_char_p(secret), 0, len(secret))
+Refused = StageRefused  # a check failed: `cidboot: refused: <why>`, then power off
 
 
 def read_engine_handover(path: str | Path = FW_CFG_HANDOVER) -> bytearray | None:
@@ -62,7 +46,7 @@ class Measured:
 def measure_and_derive(engine: bytes | bytearray, fetched: Fetched) -> Measured:
     """L1's DICE inputs from what was fetched, the DICE main flow from CDI_0, and the hand-off for
     L1 (CDI_1 and the chain [root, cert L0, cert L1]). Wipes the decoded CDI_0 copies."""
-    from cidboot.dice import (
+    from cidboot.trust.dice import (
         DiceInputs,
         DiceMode,
         append_to_chain,
@@ -70,8 +54,8 @@ def measure_and_derive(engine: bytes | bytearray, fetched: Fetched) -> Measured:
         encode_handover,
         main_flow,
     )
-    from cidboot.dice.chain import HandoverError
-    from cidboot.measure import code_hash_of_blobs
+    from cidboot.trust.dice.chain import HandoverError
+    from cidboot.trust.measure import code_hash_of_blobs
 
     raw = bytes(engine)
     try:
@@ -123,7 +107,7 @@ def run(fw_cfg: str | Path = FW_CFG_HANDOVER, *, kexec: bool = True) -> Measured
           f"{detail} ({files}) total={time.monotonic() - t0:.2f}s", flush=True)
     say(f"cidboot-stage: firmware handover code={m.code_hash.hex()[:16]}")
     if kexec:
-        from cidboot.kexec import kexec_boot
+        from cidboot.stage.kexec import kexec_boot
 
         initrd = m.handoff.append_to(fetched.initrd)
         kexec_boot(fetched.kernel, initrd, fetched.spec.cmdline)

@@ -17,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from cidboot import dagcbor, keys
-from cidboot.cid import CID, DAG_CBOR
 from cidboot.errors import CidbootError
-from cidboot.manifest import Layer, Manifest, RootOfTrust, sign_manifest
-from cidboot.measure import code_hash_of_blobs, image_code_hash
-from cidboot.unixfs import import_bytes
+from cidboot.ipld import dagcbor
+from cidboot.ipld.cid import CID, DAG_CBOR
+from cidboot.ipld.unixfs import import_bytes
+from cidboot.trust import keys
+from cidboot.trust.manifest import Layer, Manifest, RootOfTrust, sign_manifest
+from cidboot.trust.measure import code_hash_of_blobs, image_code_hash
 from imagebuilder import flowfile, initramfs, pyimports, uki
 from imagebuilder.cache import BuildCache, key
 from imagebuilder.cpio import archive_bytes, compress, source_date_epoch
@@ -34,7 +35,7 @@ from imagebuilder.uki import BuiltUki
 
 REPO = Path(__file__).resolve().parent.parent
 COMPONENT = {"image": "agent", "bootstrap": "bootstrap", "firmware": "firmware"}
-REFERENCE_NAMES = ("firmware", "bootstrap")  # stages measured from their kernel + initrd (cidboot.measure)
+REFERENCE_NAMES = ("firmware", "bootstrap")  # stages measured from their kernel + initrd (cidboot.trust.measure)
 
 
 class BuildError(CidbootError):
@@ -100,19 +101,19 @@ def _kernel_from_deb(deb: Path) -> bytes:
 
 def _module_entries(deb: Path, names: list[str]) -> list[initramfs.Entry]:
     """The named kernel modules and their depends= closure, flat in /lib/modules, plus
-    /etc/cidboot/modules listing them in load order (read by cidboot.pid1 at boot)."""
+    /etc/cidboot/modules listing them in load order (read by cidboot.stage.pid1 at boot)."""
     import tempfile
 
-    from cidboot import pid1
+    from imagebuilder import kmod
 
     kos = {f.path.rsplit("/", 1)[-1]: f.data for f in read_deb(deb) if f.kind == "file" and f.path.endswith(".ko")}
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in kos.items():
             Path(tmp, name).write_bytes(data)
-        index = pid1.module_index(tmp)
+        index = kmod.module_index(tmp)
         try:
-            order = pid1.load_order(names, index)
-        except pid1.ModuleNotFound as e:
+            order = kmod.load_order(names, index)
+        except kmod.ModuleNotFound as e:
             raise BuildError(f"{deb.name}: {e}") from None
         entries = [initramfs.Entry.file(f"lib/modules/{n}.ko", index[n].read_bytes()) for n in order]
     return entries + [initramfs.Entry.file("etc/cidboot/modules", ("\n".join(order) + "\n").encode())]
@@ -166,7 +167,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     `references` are the reference measurements of the stages below this image (firmware,
     bootstrap: their code hashes, as `imagebuilder build --reference NAME=HEX` gives them); a
     firmware/bootstrap build records its own code hash, an image build the DICE image-layer
-    code hash (cidboot.measure.image_code_hash: the layer CIDs, not their bytes).
+    code hash (cidboot.trust.measure.image_code_hash: the layer CIDs, not their bytes).
     `make_uki` (bootstrap flows only) also assembles the bootstrap as a UKI (see build_uki) and
     puts its UnixFS blocks beside the layers'.
     """
@@ -241,7 +242,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
                                                           cache_dir() / "wheels-unpacked"))
             roots = [REPO, ff.dir, sr / initramfs.STDLIB, sr / initramfs.STDLIB / "lib-dynload", *wheel_roots]
             entries = [".".join(p.relative_to(REPO).with_suffix("").parts) for p in _py_files(REPO / component)]
-            entries = [e.removesuffix(".__init__") for e in entries] + ["cidboot.pid1"] + op_modules
+            entries = [e.removesuffix(".__init__") for e in entries] + ["cidboot.stage.pid1"] + op_modules
             say("analysing imports")
             graph_cache.append(pyimports.analyse(entries, roots, extra))
         return graph_cache[0]
@@ -290,7 +291,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         measurements=measurements, flow=flow_cid, operations=operations,
         placement={k: list(v) for k, v in sorted((ff.data.get("placement") or {}).items())},
         policies=list(ff.data.get("policies") or []), cmdline=str(image.get("cmdline", "")))
-    if ff.target == "image":  # the bootstrap measures an image by its layer CIDs (cidboot.measure.image_inputs)
+    if ff.target == "image":  # the bootstrap measures an image by its layer CIDs (cidboot.trust.measure.image_inputs)
         manifest = replace(manifest, measurements={**measurements, "image": image_code_hash(manifest)})
     signed = sign_manifest(manifest, signers[:threshold])
     block = signed.encode()

@@ -1,6 +1,6 @@
 """Compression of the reproducible newc archives, plus the archive format re-exported.
 
-The newc writer and reader live in cidboot.cpio (the boot stages use them for the hand-off
+The newc writer and reader live in cidboot.stage.cpio (the boot stages use them for the hand-off
 archive); this module adds what only the builder needs: compressors run with fixed settings so
 equal input gives equal output (gzip without a name or timestamp; xz with the CRC32 check the
 kernel's decompressor requires; zstd through the `zstd` program).
@@ -13,7 +13,7 @@ import io
 import lzma
 import subprocess
 
-from cidboot.cpio import (
+from cidboot.stage.cpio import (
     MAGIC,
     TRAILER,
     CpioError,

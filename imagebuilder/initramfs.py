@@ -166,12 +166,12 @@ def data_entries(files: dict[str, Path]) -> list[Entry]:
 
 
 def init_entries(entry_module: str) -> list[Entry]:
-    """/init: the interpreter in isolated mode, PID-1 duties from cidboot.pid1, then the stage."""
+    """/init: the interpreter in isolated mode, PID-1 duties from cidboot.stage.pid1, then the stage."""
     script = (f"#!{PYTHON} -IS\n"
               f'"""PID 1 of this stage: set up /dev, /proc, /sys, then run {entry_module}."""\n'
               f"import sys\n"
               f"sys.path[:0] = ['/{APP}', '/{APP}/lib', '/{OPS}']\n"
-              f"from cidboot.pid1 import run_stage\n"
+              f"from cidboot.stage.pid1 import run_stage\n"
               f"run_stage({entry_module!r})\n")
     return [Entry.file("init", script.encode(), 0o755), Entry.directory("dev"), Entry.directory("proc"),
             Entry.directory("sys"), Entry.directory("tmp", 0o1777), Entry.chardev("dev/console", 5, 1),

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cidboot.cid import CID
-from cidboot.unixfs import ImportOptions, import_bytes
-from cidboot.unixfs.importer import BlockSink
+from cidboot.ipld.cid import CID
+from cidboot.ipld.unixfs import ImportOptions, import_bytes
+from cidboot.ipld.unixfs.importer import BlockSink
 
 ROLES = ("kernel", "runtime", "agent", "operations", "config")
 UNIXFS = ImportOptions(cid_version=1)  # CIDv1, raw leaves, 256 KiB chunks

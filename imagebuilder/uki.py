@@ -29,8 +29,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from cidboot.cid import CID
 from cidboot.errors import CidbootError, FormatError
+from cidboot.ipld.cid import CID
 
 STUB_DIR = Path("/usr/lib/systemd/boot/efi")
 STUB_PACKAGE = "systemd-boot-efi"

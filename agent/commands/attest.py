@@ -13,12 +13,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.commands.verify_evidence import SYMBOL, print_appraisal
-from cidboot.appraisal import AFFIRMING, DeviceRoots, appraise
-from cidboot.blockstore import Blockstore
-from cidboot.cid import CID
 from cidboot.cli import print_json
 from cidboot.errors import CidbootError
-from cidboot.manifest import Manifest, SignedManifest
+from cidboot.ipld.cid import CID
+from cidboot.store.blockstore import Blockstore
+from cidboot.trust.appraisal import AFFIRMING, DeviceRoots, appraise
+from cidboot.trust.manifest import Manifest, SignedManifest
 
 NONCE_BYTES = 32
 

@@ -32,18 +32,19 @@ from agent import identity
 from agent.attested import AttestedAgents
 from agent.audit import AuditLog
 from agent.orchestrator import Block, FlowContext, Orchestrator, load_operations
-from cidboot import dagcbor, keys
-from cidboot.appraisal import AppraisalResult
-from cidboot.blockstore import Blockstore, default_store_path
-from cidboot.cid import CID, DAG_CBOR
 from cidboot.cli import EXIT_ERROR, EXIT_OK, print_json
-from cidboot.cose import PrivateKey
-from cidboot.cose_key import decode_public_key, raw_public_bytes
 from cidboot.dataflow import checks
+from cidboot.dataflow.model import DataFlow
 from cidboot.dataflow.source import load_yaml
 from cidboot.errors import CidbootError, FormatError
-from cidboot.flow import DataFlow
-from cidboot.manifest import Manifest, SignedManifest
+from cidboot.ipld import dagcbor
+from cidboot.ipld.cid import CID, DAG_CBOR
+from cidboot.store.blockstore import Blockstore, default_store_path
+from cidboot.trust import keys
+from cidboot.trust.appraisal import AppraisalResult
+from cidboot.trust.cose import PrivateKey
+from cidboot.trust.cose_key import decode_public_key, raw_public_bytes
+from cidboot.trust.manifest import Manifest, SignedManifest
 
 LOCAL = "local"  # the role name when a flow has no placement: everything runs on one agent
 
@@ -94,7 +95,7 @@ def _from_yaml(path: Path, store: Blockstore, ident_dir: Path) -> Loaded:
 
 
 def _from_manifest(cid: CID, store: Blockstore, tmp: Path) -> Loaded:
-    from cidboot.unixfs import export_file
+    from cidboot.ipld.unixfs import export_file
 
     m = SignedManifest.decode(store.get(cid)).manifest
     if m.flow is None:

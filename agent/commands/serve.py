@@ -16,14 +16,14 @@ from pathlib import Path
 from agent.attestation_api import Attester, serve_api
 from agent.identity import uds as identity_uds
 from agent.verifier import Verifier
-from cidboot.appraisal import DeviceRoots
-from cidboot.blockstore import Blockstore
-from cidboot.cid import CID
-from cidboot.dice.derive import DiceInputs
-from cidboot.dice.software import DerivedIdentity, derive_layers
 from cidboot.errors import CidbootError
-from cidboot.manifest import SignedManifest, verify_threshold
-from cidboot.measure import image_inputs
+from cidboot.ipld.cid import CID
+from cidboot.store.blockstore import Blockstore
+from cidboot.trust.appraisal import DeviceRoots
+from cidboot.trust.dice.derive import DiceInputs
+from cidboot.trust.dice.software import DerivedIdentity, derive_layers
+from cidboot.trust.manifest import SignedManifest, verify_threshold
+from cidboot.trust.measure import image_inputs
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

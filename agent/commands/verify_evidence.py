@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cidboot.appraisal import AppraisalResult, DeviceRoots, appraise
-from cidboot.blockstore import Blockstore
-from cidboot.cid import CID
 from cidboot.cli import print_json
 from cidboot.errors import CidbootError
-from cidboot.manifest import SignedManifest
+from cidboot.ipld.cid import CID
+from cidboot.store.blockstore import Blockstore
+from cidboot.trust.appraisal import AppraisalResult, DeviceRoots, appraise
+from cidboot.trust.manifest import SignedManifest
 
 SYMBOL = {"affirming": "✓", "warning": "!", "contraindicated": "✗", "none": "?"}
 

@@ -6,9 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from cidboot.blockstore import Blockstore
 from cidboot.errors import FormatError
-from cidboot.gateway.server import serve_gateway
+from cidboot.store.blockstore import Blockstore
+from cidboot.store.gateway.server import serve_gateway
 
 log = logging.getLogger("bootstrap.gateway")
 

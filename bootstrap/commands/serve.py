@@ -10,8 +10,8 @@ from pathlib import Path
 
 from bootstrap.server.devices import Devices
 from bootstrap.server.serve import BootServer, ServeConfig
-from cidboot.cid import CID
 from cidboot.errors import CidbootError
+from cidboot.ipld.cid import CID
 
 
 def _interface_ip(ifname: str) -> str:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from bootstrap.server.devices import Devices
 from bootstrap.server.leases import LeaseDB
 from bootstrap.server.metrics import Metrics
-from cidboot import dhcp
 from cidboot.errors import FormatError
+from cidboot.netboot import dhcp
 
 log = logging.getLogger("bootstrap.dhcp")
 

@@ -19,10 +19,10 @@ from bootstrap.server.dhcp_server import DhcpConfig, DhcpServer
 from bootstrap.server.leases import LeaseDB
 from bootstrap.server.metrics import Metrics
 from bootstrap.server.tftp_server import TftpServer
-from cidboot.blockstore import Blockstore
-from cidboot.bootconfig import BootConfig
-from cidboot.cid import CID
-from cidboot.gateway.server import GatewayServer, serve_gateway
+from cidboot.ipld.cid import CID
+from cidboot.netboot.bootconfig import BootConfig
+from cidboot.store.blockstore import Blockstore
+from cidboot.store.gateway.server import GatewayServer, serve_gateway
 
 log = logging.getLogger("bootstrap.serve")
 

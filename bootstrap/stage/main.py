@@ -1,6 +1,6 @@
 """The L1 bootstrap stage as PID 1 (docs/boot-chain.md):
 
-1. read the hand-off (cidboot.handoff.load erases dice.cbor at once). With one, the boot is
+1. read the hand-off (cidboot.stage.handoff.load erases dice.cbor at once). With one, the boot is
    measured: CDI_1 + chain from the firmware, the boot config in boot.json. Without one (a plain
    iPXE ROM booted us) the boot is unmeasured: the boot config comes over TFTP from the
    `cidboot.config=tftp://...` on the command line, and CDI_1 is random and ephemeral with a
@@ -23,21 +23,17 @@ from pathlib import Path
 
 from bootstrap.stage.nvram import DEFAULT_DEVICE, Nvram
 from bootstrap.stage.verify import TRUST_ANCHOR, BootPlan, Refused, load_anchor, prepare, wipe
-from cidboot import pid1
-from cidboot.bootconfig import BootConfig, BootConfigError
 from cidboot.errors import CidbootError
+from cidboot.netboot.bootconfig import BootConfig, BootConfigError
+from cidboot.stage import pid1
+from cidboot.stage.console import say
 
 USER_CLASS = b"cidboot-bootstrap"
 RETRY_PAUSE = 10.0  # seconds between attempts when the boot config says on_failure=retry
 STORE_DIR = "/run/cidboot/store"  # rootfs is RAM: verified blocks live here until the kexec
-# docs/boot-chain.md: dice.cbor is absent for unmeasured boots, and cidboot.handoff enforces it;
+# docs/boot-chain.md: dice.cbor is absent for unmeasured boots, and cidboot.stage.handoff enforces it;
 # so the ephemeral identity of an unmeasured boot stays here until that contract carries it.
 UNMEASURED_CARRIES_DICE = False
-
-
-def say(line: str) -> None:
-    """A console protocol line (docs/boot-chain.md): stdout of PID 1 is the console."""
-    print(line, flush=True)
 
 
 def log(msg: str) -> None:
@@ -57,7 +53,7 @@ class Start:
 def ephemeral_dice() -> bytearray:
     """A random CDI_1 and the one-entry chain [its own public key]: an identity with no
     measurement behind it, for unmeasured boots."""
-    from cidboot.dice import CDI_SIZE, encode_chain, encode_handover, key_from_cdi
+    from cidboot.trust.dice import CDI_SIZE, encode_chain, encode_handover, key_from_cdi
 
     attest, seal = os.urandom(CDI_SIZE), os.urandom(CDI_SIZE)
     out = bytearray(encode_handover(attest, seal, encode_chain(key_from_cdi(attest).public_key(), [])))
@@ -67,7 +63,7 @@ def ephemeral_dice() -> bytearray:
 
 
 def read_start(root: str | Path = "/") -> Start:
-    from cidboot.handoff import HandoffError, HandoffNotFound, load
+    from cidboot.stage.handoff import HandoffError, HandoffNotFound, load
 
     try:
         h = load(root)
@@ -95,7 +91,7 @@ def config_url(cmdline: str) -> str | None:
 
 def network_up() -> str:
     """NIC up, DHCP lease, address configured; returns the address (for the log)."""
-    from cidboot import dhcp_client, netif
+    from cidboot.netboot import dhcp_client, netif
 
     name, mac = netif.bring_up(carrier_timeout=15.0)
     # not a PXE client any more (no vendor class/arch): the server need not offer a boot file
@@ -119,7 +115,7 @@ def fetch_bootconfig(cmdline_path: str | Path = "/proc/cmdline") -> bytes:
 def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, store_dir: str | Path,
             cmdline_path: str | Path, network: bool = True, now: int | None = None) -> tuple[BootPlan, BootConfig]:
     """One try: network, boot config, prepare. Raises Refused (or any CidbootError/OSError)."""
-    from cidboot.blockstore import Blockstore
+    from cidboot.store.blockstore import Blockstore
 
     anchor = load_anchor(anchor_path)
     if network and start.ip is None:
@@ -177,7 +173,7 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
     say(f"cidboot-stage: bootstrap handover manifest={plan.manifest_cid}")
     if start.dice is not None:
         wipe(start.dice)  # CDI_1: the image gets only CDI_2, inside the hand-off
-    from cidboot.kexec import kexec_boot
+    from cidboot.stage.kexec import kexec_boot
 
     try:
         kexec_boot(plan.kernel, plan.handoff.append_to(plan.initrd), plan.cmdline)
@@ -192,7 +188,7 @@ def describe(e: Exception) -> str:
     are the "network" check; anything else the stage could not do is "bootstrap"."""
     if isinstance(e, Refused):
         return str(e)
-    check = "network" if type(e).__module__ in ("cidboot.netif", "cidboot.dhcp_client") else "bootstrap"
+    check = "network" if type(e).__module__ in ("cidboot.netboot.netif", "cidboot.netboot.dhcp_client") else "bootstrap"
     return f"{check}: {type(e).__name__}: {e}"
 
 

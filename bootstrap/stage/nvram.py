@@ -1,4 +1,4 @@
-"""Rollback state (cidboot.manifest.TrustState) persisted on a raw block device, in two slots.
+"""Rollback state (cidboot.trust.manifest.TrustState) persisted on a raw block device, in two slots.
 
 Rollback protection needs the highest manifest version accepted to survive power-off, and the
 bootstrap has no file system to keep it in: under QEMU the harness gives each device a 1 MiB raw
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cidboot.errors import CidbootError, FormatError
-from cidboot.manifest import RootOfTrust, TrustState
+from cidboot.trust.manifest import RootOfTrust, TrustState
 
 DEFAULT_DEVICE = "/dev/vda"
 MAGIC = b"CIDBNVR\0"

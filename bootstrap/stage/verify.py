@@ -5,15 +5,15 @@ unverified is ever handed on:
 
 1. the manifest block alone (`?format=raw`, hashed against its CID), gateways in order;
 2. the signed manifest against the trust anchor built into this image (threshold, expiry) and
-   the rollback state from NVRAM (cidboot.manifest.verify_manifest, not yet persisted): the
+   the rollback state from NVRAM (cidboot.trust.manifest.verify_manifest, not yet persisted): the
    manifest must have the name this device may boot (its role's manifest in the signed device
    registry when the boot config names one, else the name pinned in NVRAM), a version no lower
    than the highest accepted, and at that same version the same CID (docs/trust.md);
 3. each layer: its root block first, so a declared size above the manifest's bound is refused
-   before the rest is fetched (check_layer), then the DAG through cidboot.gateway.client.fetch
+   before the rest is fetched (check_layer), then the DAG through cidboot.store.gateway.client.fetch
    (every block hashed; a lying gateway is dropped, the next one tried), then the exact bytes
    checked again;
-4. measure (cidboot.measure.image_inputs) and derive CDI_2 + the L2 certificate from CDI_1;
+4. measure (cidboot.trust.measure.image_inputs) and derive CDI_2 + the L2 certificate from CDI_1;
 5. persist the new rollback state, and return a `BootPlan`; kexec is the caller's last step.
 
 Every failure is a `Refused(check, detail)` whose detail names the CID, printed by main as
@@ -22,21 +22,21 @@ Every failure is a `Refused(check, detail)` whose detail names the CID, printed 
 
 from __future__ import annotations
 
-import ctypes
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bootstrap.stage.nvram import Nvram, NvramError
-from cidboot import cose
-from cidboot.blockstore import Blockstore
-from cidboot.bootconfig import BootConfig
-from cidboot.cid import CID, DAG_CBOR
 from cidboot.errors import CidbootError, FormatError
-from cidboot.gateway import client as gateway_client
-from cidboot.handoff import Handoff
-from cidboot.manifest import (
+from cidboot.ipld.cid import CID, DAG_CBOR
+from cidboot.netboot.bootconfig import BootConfig
+from cidboot.stage.console import StageRefused, wipe
+from cidboot.stage.handoff import Handoff
+from cidboot.store.blockstore import Blockstore
+from cidboot.store.gateway import client as gateway_client
+from cidboot.trust import cose
+from cidboot.trust.manifest import (
     ExpiredError,
     Manifest,
     ManifestNameError,
@@ -52,26 +52,12 @@ from cidboot.manifest import (
     verify_manifest,
     verify_threshold,
 )
-from cidboot.manifest.signed import MAX_ENVELOPE
+from cidboot.trust.manifest.signed import MAX_ENVELOPE
 
 TRUST_ANCHOR = "/etc/cidboot/trust-anchor.json"
 
 
-class Refused(Exception):
-    """A check failed. `check` names it (e.g. "layer bafy...", "rollback"), `detail` says why."""
-
-    def __init__(self, check: str, detail: str) -> None:
-        super().__init__(f"{check}: {detail}")
-        self.check, self.detail = check, detail
-
-
-def wipe(secret: bytes | bytearray) -> None:
-    """Overwrite a secret in place (bytes through ctypes: CPython stores their content inline).
-    Only for private objects such as CDIs made by HKDF or cbor2, never interned constants."""
-    if isinstance(secret, bytearray):
-        secret[:] = bytes(len(secret))
-    elif len(secret) > 1:
-        ctypes.memset(ctypes.c_char_p(secret), 0, len(secret))
+Refused = StageRefused  # check names what failed (e.g. "layer bafy...", "rollback"), detail says why
 
 
 @dataclass
@@ -90,7 +76,7 @@ class BootPlan:
 
 
 def load_anchor(path: str | Path = TRUST_ANCHOR) -> RootOfTrust:
-    from cidboot.keys import KeyFileError, load_root
+    from cidboot.trust.keys import KeyFileError, load_root
 
     try:
         return load_root(path)
@@ -100,7 +86,7 @@ def load_anchor(path: str | Path = TRUST_ANCHOR) -> RootOfTrust:
 
 def fetch_block(cid: CID, gateways: list[str] | tuple[str, ...], store: Blockstore, *, timeout: float = 10.0,
                 max_size: int = MAX_ENVELOPE, rounds: int = 3, backoff: float = 0.5) -> bytes:
-    """cidboot.gateway.client.fetch_block, its failure as a refusal naming the CID."""
+    """cidboot.store.gateway.client.fetch_block, its failure as a refusal naming the CID."""
     try:
         return gateway_client.fetch_block(cid, gateways, store, timeout=timeout, max_size=max_size, rounds=rounds,
                                           backoff=backoff, user_agent="cidboot-bootstrap")
@@ -161,7 +147,7 @@ def allowed_name(config: BootConfig, cid: CID, raw: bytes, state: TrustState, di
     chain's root key on a measured boot (its registered role must equal the boot config's), by the
     boot config's role on an unmeasured one (no identity to look up). None without a registry:
     the name pinned in NVRAM then applies (docs/trust.md, "What a device may boot")."""
-    from cidboot.registry import MAX_REGISTRY, RegistryRoleError, verify_signed_registry
+    from cidboot.trust.registry import MAX_REGISTRY, RegistryRoleError, verify_signed_registry
 
     if config.device_registry is None:
         return None
@@ -190,9 +176,9 @@ def allowed_name(config: BootConfig, cid: CID, raw: bytes, state: TrustState, di
 def _device_id(dice: bytes | None) -> str:
     """The DICE ID (hex) of the root key of the chain the firmware handed over: the device's
     identity, as the registry lists it."""
-    from cidboot.cose_key import decode_public_key, raw_public_bytes
-    from cidboot.dice import decode_handover
-    from cidboot.dice.derive import derive_id
+    from cidboot.trust.cose_key import decode_public_key, raw_public_bytes
+    from cidboot.trust.dice import decode_handover
+    from cidboot.trust.dice.derive import derive_id
 
     if dice is None:
         raise Refused("registry", "a measured boot without a DICE hand-off cannot be looked up in the device registry")
@@ -222,8 +208,8 @@ def _untrusted_kids(signed: SignedManifest, root: RootOfTrust) -> list[str]:
 def fetch_layer(manifest: Manifest, cid: CID, gateways: list[str] | tuple[str, ...], store: Blockstore, *,
                 timeout: float = 10.0) -> bytes:
     """One layer's verified bytes: root block, size bound, whole DAG, exact size."""
-    from cidboot.gateway.client import AllGatewaysFailed, fetch
-    from cidboot.unixfs.exporter import export_file, file_size
+    from cidboot.ipld.unixfs.exporter import export_file, file_size
+    from cidboot.store.gateway.client import AllGatewaysFailed, fetch
 
     what = f"layer {cid}"
     try:
@@ -257,9 +243,9 @@ def fetch_layer(manifest: Manifest, cid: CID, gateways: list[str] | tuple[str, .
 def measure(dice: bytes, manifest_cid: CID, manifest: Manifest, signers: list[bytes]) -> bytes:
     """CDI_1 handover -> CDI_2 handover: DICE main flow over the image's inputs, the L2
     certificate appended to the chain. Wipes the decoded CDI_1 copies."""
-    from cidboot.dice import append_to_chain, decode_handover, encode_handover, main_flow
-    from cidboot.dice.chain import HandoverError
-    from cidboot.measure import image_inputs
+    from cidboot.trust.dice import append_to_chain, decode_handover, encode_handover, main_flow
+    from cidboot.trust.dice.chain import HandoverError
+    from cidboot.trust.measure import image_inputs
 
     try:
         h = decode_handover(dice)

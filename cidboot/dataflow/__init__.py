@@ -1,6 +1,6 @@
 """The one dataflow model, its checks and (later) provenance.
 
-Owns what a flow *means*: the model (today `cidboot/flow.py`, moving here as `model.py`),
+Owns what a flow *means*: the model (today `cidboot/dataflow/model.py`, moving here as `model.py`),
 auto-flow, and the semantic checks (`checks.py`) that `imagebuilder lock|build|inspect`,
 `agent run`, the agent on a device and the QEMU harness all call, so a flow is read one way
 everywhere: a flow the builder signs is a flow the agent runs, and the reverse. `source.py`

@@ -1,7 +1,7 @@
 """The semantic checks of a flow: one validator for every tool that reads one.
 
 `imagebuilder lock|build|inspect`, `agent run` (flow.yaml or signed manifest) and the QEMU
-harness all call `check()`, which reads the flow through the one model (`cidboot.flow.DataFlow`,
+harness all call `check()`, which reads the flow through the one model (`cidboot.dataflow.model.DataFlow`,
 so auto-flow is connected exactly as the orchestrator connects it) and returns every problem
 at once. Each `Problem` carries a `code` (what kind of failure, for code to branch on), a
 `path` into the flow document (`("dataflow", "operations", "a")`, for a YAML front end to turn
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cidboot.dataflow.model import SEED, STAGES, DataFlow, Definition, FlowFormatError, Operation
 from cidboot.errors import CidbootError, FormatError
-from cidboot.flow import SEED, STAGES, DataFlow, Definition, FlowFormatError, Operation
 
 Path_ = tuple[str | int, ...]
 

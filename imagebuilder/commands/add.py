@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cidboot.blockstore import Blockstore, default_store_path
 from cidboot.cli import Progress, print_json
 from cidboot.errors import CidbootError
-from cidboot.unixfs import ImportOptions, import_path
-from cidboot.unixfs.importer import BlockSink
+from cidboot.ipld.unixfs import ImportOptions, import_path
+from cidboot.ipld.unixfs.importer import BlockSink
+from cidboot.store.blockstore import Blockstore, default_store_path
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     store = kubo = None
     if not args.only_hash:
         if args.kubo:
-            from cidboot.kubo import KuboClient
+            from cidboot.store.kubo import KuboClient
 
             sink = kubo = KuboClient(args.kubo)
         else:

@@ -7,9 +7,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cidboot.blockstore import Blockstore, default_store_path
-from cidboot.car import CarWriter
 from cidboot.cli import print_json
+from cidboot.ipld.car import CarWriter
+from cidboot.store.blockstore import Blockstore, default_store_path
 from imagebuilder.build import BuildError, BuildResult, build, parse_reference
 from imagebuilder.commands.inspect import unpinned as unpinned_layers
 
@@ -47,7 +47,7 @@ def _write(res: BuildResult, args: argparse.Namespace) -> None:
                 w.write(cid, data)
         Path(tmp).replace(args.car)
     elif args.kubo:
-        from cidboot.kubo import KuboClient
+        from cidboot.store.kubo import KuboClient
 
         kubo = KuboClient(args.kubo)
         for cid, data in blocks:

@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from cidboot import dag
-from cidboot.blockstore import Blockstore
-from cidboot.car import CarReader, CarWriter
-from cidboot.cid import CID
 from cidboot.cli import print_json
+from cidboot.ipld import dag
+from cidboot.ipld.car import CarReader, CarWriter
+from cidboot.ipld.cid import CID
+from cidboot.store.blockstore import Blockstore
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from cidboot.blockstore import Blockstore
-from cidboot.cid import CID
-from cidboot.unixfs import export_file, resolve_path
+from cidboot.ipld.cid import CID
+from cidboot.ipld.unixfs import export_file, resolve_path
+from cidboot.store.blockstore import Blockstore
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     root = CID.parse(root_s)
     store = Blockstore(args.store)
     if args.gateway:
-        from cidboot.gateway.client import fetch
+        from cidboot.store.gateway.client import fetch
 
         fetch(root, args.gateway, store, timeout=args.timeout)
     target = resolve_path(root, path, store.get) if path else root

@@ -16,14 +16,14 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from cidboot import dagcbor
-from cidboot.appraisal import LAYER_ORDER, reference_values
-from cidboot.blockstore import Blockstore, default_store_path
-from cidboot.cid import CID, DAG_CBOR
 from cidboot.cli import print_json
 from cidboot.dataflow import checks
-from cidboot.manifest import Manifest, SignedManifest
-from cidboot.unixfs.exporter import export_file
+from cidboot.ipld import dagcbor
+from cidboot.ipld.cid import CID, DAG_CBOR
+from cidboot.ipld.unixfs.exporter import export_file
+from cidboot.store.blockstore import Blockstore, default_store_path
+from cidboot.trust.appraisal import LAYER_ORDER, reference_values
+from cidboot.trust.manifest import Manifest, SignedManifest
 from imagebuilder import uki
 from imagebuilder.cpio import decompress, read_newc
 
@@ -74,7 +74,7 @@ def _kind(mode: int) -> str:
 
 def pinning(m: Manifest) -> dict[str, bool]:
     """For a workload image: which measured layers the manifest pins with a reference value
-    (cidboot.appraisal.reference_values, what appraisal compares); empty for a firmware or
+    (cidboot.trust.appraisal.reference_values, what appraisal compares); empty for a firmware or
     bootstrap build's manifest, which records its own code hash and nothing below it."""
     if "image" not in m.measurements and len(m.measurements) == 1 and set(m.measurements) <= set(LAYER_ORDER):
         return {}

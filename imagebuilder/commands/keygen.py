@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 
 from cidboot.cli import print_json
-from cidboot.cose_key import key_id
-from cidboot.keys import ALGS, generate, load_public_key, write_keypair, write_root
-from cidboot.manifest.model import RootOfTrust
+from cidboot.trust.cose_key import key_id
+from cidboot.trust.keys import ALGS, generate, load_public_key, write_keypair, write_root
+from cidboot.trust.manifest.model import RootOfTrust
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -10,11 +10,11 @@ from typing import Any
 
 import yaml
 
-from cidboot.blockstore import Blockstore
-from cidboot.cid import CID, DAG_CBOR
 from cidboot.errors import FormatError
-from cidboot.keys import load_private_key, load_root
-from cidboot.manifest import Layer, Manifest, sign_manifest
+from cidboot.ipld.cid import CID, DAG_CBOR
+from cidboot.store.blockstore import Blockstore
+from cidboot.trust.keys import load_private_key, load_root
+from cidboot.trust.manifest import Layer, Manifest, sign_manifest
 
 
 class ManifestSpecError(FormatError):

@@ -6,13 +6,13 @@ import argparse
 import time
 from pathlib import Path
 
-from cidboot.blockstore import Blockstore
-from cidboot.cid import CID
 from cidboot.cli import print_json
 from cidboot.errors import CidbootError, FormatError
-from cidboot.keys import load_root
-from cidboot.manifest import Check, SignedManifest, TrustState, check_layer, verify_manifest
-from cidboot.unixfs import export_file
+from cidboot.ipld.cid import CID
+from cidboot.ipld.unixfs import export_file
+from cidboot.store.blockstore import Blockstore
+from cidboot.trust.keys import load_root
+from cidboot.trust.manifest import Check, SignedManifest, TrustState, check_layer, verify_manifest
 from imagebuilder.commands.inspect import pinning
 
 

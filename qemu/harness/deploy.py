@@ -22,14 +22,15 @@ from typing import Any
 
 import yaml
 
-from cidboot import dagcbor, keys
-from cidboot.blockstore import Blockstore
-from cidboot.cid import CID
 from cidboot.dataflow import checks
 from cidboot.dataflow.checks import FlowError
 from cidboot.dataflow.source import load_yaml
-from cidboot.manifest import Manifest, RootOfTrust, SignedManifest
-from cidboot.unixfs.exporter import export_file
+from cidboot.ipld import dagcbor
+from cidboot.ipld.cid import CID
+from cidboot.ipld.unixfs.exporter import export_file
+from cidboot.store.blockstore import Blockstore
+from cidboot.trust import keys
+from cidboot.trust.manifest import Manifest, RootOfTrust, SignedManifest
 
 REPO = Path(__file__).resolve().parents[2]
 FIRMWARE_FLOW = REPO / "firmware" / "image" / "flow.yaml"

@@ -5,7 +5,7 @@ code (L0) and hands it CDI_0; a factory records each device's root public key so
 can recognise it. Under QEMU the harness plays both parts: each device has a state dir with a
 persistent random UDS (0600) and a 1 MiB NVRAM disk; `provision` measures the firmware it is
 about to load as "flash", runs the Open Profile for DICE main flow for L0 exactly as
-`cidboot.dice.software.derive_layers` does, and writes the handover for `-fw_cfg`.
+`cidboot.trust.dice.software.derive_layers` does, and writes the handover for `-fw_cfg`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cidboot.appraisal import DeviceRoots
-from cidboot.dice import main_flow
-from cidboot.dice.chain import encode_chain, encode_handover
-from cidboot.dice.derive import DiceInputs, DiceMode, root_public_key_from_uds
-from cidboot.measure import code_hash_of_blobs
+from cidboot.trust.appraisal import DeviceRoots
+from cidboot.trust.dice import main_flow
+from cidboot.trust.dice.chain import encode_chain, encode_handover
+from cidboot.trust.dice.derive import DiceInputs, DiceMode, root_public_key_from_uds
+from cidboot.trust.measure import code_hash_of_blobs
 
 FW_CFG_NAME = "opt/cidboot/dice"
 UDS_SIZE = 32

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cidboot import keys
-from cidboot.blockstore import Blockstore
-from cidboot.cid import CID, DAG_CBOR
-from cidboot.manifest import SignedManifest
-from cidboot.registry import sign_registry
+from cidboot.ipld.cid import CID, DAG_CBOR
+from cidboot.store.blockstore import Blockstore
+from cidboot.trust import keys
+from cidboot.trust.manifest import SignedManifest
+from cidboot.trust.registry import sign_registry
 from qemu.harness import dice_engine, timeline
 from qemu.harness.deploy import Deployment
 from qemu.harness.netns import BootNetwork, boot_network

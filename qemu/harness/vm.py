@@ -56,7 +56,7 @@ class GuestSpec:
     cpu: str | None = None  # default: "host" under KVM (what the accel probe tries), QEMU's own under TCG
     # A guest reset ends QEMU instead of rebooting: our stages reset only when they die (panic=-1),
     # and a dead guest must end the wait rather than loop. kexec is not a reset (the kernel jumps
-    # to the next one in place), so hand-overs are unaffected; tests/test_firmware_qemu.py kexecs
+    # to the next one in place), so hand-overs are unaffected; tests/e2e/test_firmware_qemu.py kexecs
     # under -no-reboot.
     no_reboot: bool = True
     # "bios": QEMU's SeaBIOS (with the NIC's iPXE ROM for network boot); "uefi": OVMF, whose own

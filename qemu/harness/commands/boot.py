@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cidboot.cid import CID
 from cidboot.cli import print_json
 from cidboot.errors import CidbootError, FormatError
+from cidboot.ipld.cid import CID
 from qemu.harness import accel
 from qemu.harness.deploy import Deployment, prepare, prepare_manifest
 from qemu.harness.lab import lab

@@ -1,0 +1,145 @@
+"""CARv1 (Content Addressable aRchive): streaming read and write.
+
+A CAR is a DAG-CBOR header `{version: 1, roots: [CID...]}` followed by varint-framed
+`(CID, block)` sections. The reader verifies every block against its CID before handing it
+out, so a CAR from anywhere can be imported without trusting its source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from cidboot.errors import FormatError
+from cidboot.ipld import dagcbor, varint
+from cidboot.ipld.cid import CID, CIDError
+
+MAX_HEADER = 1024 * 1024
+DEFAULT_MAX_BLOCK = 4 * 1024 * 1024
+CARV2_PRAGMA = bytes.fromhex("0aa16776657273696f6e02")
+
+
+class CarError(FormatError):
+    """A CAR stream is malformed (the message names the section and byte offset)."""
+
+
+class CarWriter:
+    def __init__(self, stream: BinaryIO, roots: list[CID]) -> None:
+        self.stream = stream
+        header = dagcbor.encode({"roots": list(roots), "version": 1})
+        stream.write(varint.encode(len(header)) + header)
+        self.bytes_written = len(varint.encode(len(header))) + len(header)
+        self.blocks = 0
+
+    def write(self, cid: CID, data: bytes) -> None:
+        raw = bytes(cid)
+        head = varint.encode(len(raw) + len(data))
+        self.stream.write(head + raw)
+        self.stream.write(data)
+        self.bytes_written += len(head) + len(raw) + len(data)
+        self.blocks += 1
+
+    # lets a CarWriter be a BlockSink for the UnixFS importer
+    put = write
+
+
+def encode_header(roots: list[CID]) -> bytes:
+    header = dagcbor.encode({"roots": list(roots), "version": 1})
+    return varint.encode(len(header)) + header
+
+
+def encode_section(cid: CID, data: bytes) -> bytes:
+    raw = bytes(cid)
+    return varint.encode(len(raw) + len(data)) + raw + data
+
+
+class CarReader:
+    """Iterate `(cid, block)` over a CARv1 stream (a CARv2 is unwrapped to its inner CARv1)."""
+
+    def __init__(self, stream: BinaryIO, *, verify: bool = True, max_block_size: int = DEFAULT_MAX_BLOCK) -> None:
+        self.stream, self.verify, self.max_block_size = stream, verify, max_block_size
+        self.offset = 0
+        self._remaining: int | None = None
+        self.roots = self._read_header()
+
+    def _read(self, n: int, what: str) -> bytes:
+        data = self.stream.read(n)
+        if len(data) != n:
+            raise CarError(f"truncated {what} at byte {self.offset}: wanted {n} bytes, got {len(data)}")
+        self.offset += n
+        return data
+
+    def _varint(self, what: str) -> int | None:
+        raw = bytearray()
+        while True:
+            if self._remaining is not None and self.offset >= self._remaining:
+                if raw:
+                    raise CarError(f"truncated {what} varint at byte {self.offset}")
+                return None
+            c = self.stream.read(1)
+            if not c:
+                if raw:
+                    raise CarError(f"truncated {what} varint at byte {self.offset}")
+                return None
+            self.offset += 1
+            raw += c
+            if not c[0] & 0x80:
+                try:
+                    return varint.decode(raw)[0]
+                except FormatError as e:
+                    raise CarError(f"bad {what} varint at byte {self.offset - len(raw)}: {e}") from None
+            if len(raw) >= varint.MAX_BYTES:
+                raise CarError(f"{what} varint too long at byte {self.offset - len(raw)}")
+
+    def _read_header(self) -> list[CID]:
+        n = self._varint("header length")
+        if n is None:
+            raise CarError("empty CAR: no header")
+        if n == 0 or n > MAX_HEADER:
+            raise CarError(f"CAR header length {n} out of range 1..{MAX_HEADER}")
+        raw = self._read(n, "header")
+        if varint.encode(n) + raw == CARV2_PRAGMA:
+            return self._unwrap_v2()
+        try:
+            header = dagcbor.decode(raw)
+        except FormatError as e:
+            raise CarError(f"CAR header is not DAG-CBOR: {e}") from None
+        if not isinstance(header, dict) or set(header) != {"roots", "version"}:
+            raise CarError(f"CAR header must be a map of exactly roots and version, got {header!r:.80}")
+        if header["version"] != 1:
+            raise CarError(f"unsupported CAR version {header['version']!r}")
+        roots = header["roots"]
+        if not isinstance(roots, list) or not roots or not all(isinstance(r, CID) for r in roots):
+            raise CarError("CAR header roots must be a non-empty list of CIDs")
+        return roots
+
+    def _unwrap_v2(self) -> list[CID]:
+        hdr = self._read(40, "CARv2 header")
+        data_offset = int.from_bytes(hdr[16:24], "little")
+        data_size = int.from_bytes(hdr[24:32], "little")
+        skip = data_offset - self.offset
+        if skip < 0:
+            raise CarError(f"CARv2 data offset {data_offset} points inside the header")
+        self._read(skip, "CARv2 padding")
+        base = self.offset
+        roots = self._read_header()
+        self._remaining = base + data_size
+        return roots
+
+    def __iter__(self) -> Iterator[tuple[CID, bytes]]:
+        while True:
+            start = self.offset
+            n = self._varint("section length")
+            if n is None:
+                return
+            if n == 0 or n > self.max_block_size + 128:
+                raise CarError(f"section at byte {start}: length {n} out of range")
+            section = self._read(n, f"section at byte {start}")
+            try:
+                cid, off = CID.read(section)
+            except CIDError as e:
+                raise CarError(f"section at byte {start}: bad CID: {e}") from None
+            data = section[off:]
+            if self.verify:
+                cid.verify(data)
+            yield cid, data

@@ -1,0 +1,78 @@
+"""The UnixFS `Data` protobuf message carried in a dag-pb node's Data field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cidboot.errors import FormatError
+from cidboot.ipld import protobuf as pb
+
+RAW, DIRECTORY, FILE, METADATA, SYMLINK, HAMT_SHARD = 0, 1, 2, 3, 4, 5
+TYPE_NAMES = {RAW: "raw", DIRECTORY: "directory", FILE: "file", METADATA: "metadata",
+              SYMLINK: "symlink", HAMT_SHARD: "hamt-shard"}
+
+
+class UnixFSError(FormatError):
+    """A dag-pb node's Data is not a valid UnixFS message, or the DAG is not a valid UnixFS shape."""
+
+
+@dataclass(slots=True)
+class UnixFSData:
+    type: int
+    data: bytes | None = None
+    filesize: int | None = None
+    blocksizes: list[int] = field(default_factory=list)
+    hash_type: int | None = None
+    fanout: int | None = None
+    mode: int | None = None
+
+    def encode(self) -> bytes:
+        out = pb.field_varint(1, self.type)
+        if self.data is not None:
+            out += pb.field_bytes(2, self.data)
+        if self.filesize is not None:
+            out += pb.field_varint(3, self.filesize)
+        for bs in self.blocksizes:
+            out += pb.field_varint(4, bs)
+        if self.hash_type is not None:
+            out += pb.field_varint(5, self.hash_type)
+        if self.fanout is not None:
+            out += pb.field_varint(6, self.fanout)
+        if self.mode is not None:
+            out += pb.field_varint(7, self.mode)
+        return out
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> UnixFSData:
+        if raw is None:
+            raise UnixFSError("dag-pb node has no Data, so it is not a UnixFS node")
+        out = cls(type=-1)
+        for fno, wt, val in pb.iter_fields(raw, UnixFSError, "UnixFS Data"):
+            if fno == 1 and wt == pb.VARINT:
+                out.type = int(val)
+            elif fno == 2 and wt == pb.LEN:
+                out.data = bytes(val)
+            elif fno == 3 and wt == pb.VARINT:
+                out.filesize = int(val)
+            elif fno == 4 and wt == pb.VARINT:
+                out.blocksizes.append(int(val))
+            elif fno == 4 and wt == pb.LEN:  # packed encoding, accepted on read
+                from cidboot.ipld import varint
+
+                buf, pos = bytes(val), 0
+                while pos < len(buf):
+                    v, pos = varint.decode(buf, pos)
+                    out.blocksizes.append(v)
+            elif fno == 5 and wt == pb.VARINT:
+                out.hash_type = int(val)
+            elif fno == 6 and wt == pb.VARINT:
+                out.fanout = int(val)
+            elif fno == 7 and wt == pb.VARINT:
+                out.mode = int(val)
+            elif fno == 8 and wt == pb.LEN:
+                pass  # mtime: read and ignored (we never write it: builds are reproducible)
+            else:
+                raise UnixFSError(f"UnixFS Data: unexpected field {fno} (wire type {wt})")
+        if out.type not in TYPE_NAMES:
+            raise UnixFSError(f"UnixFS Data: missing or unknown Type {out.type}")
+        return out

@@ -1,0 +1,185 @@
+"""Reproducible newc cpio archives (the Linux initramfs format): writer and reader.
+
+Shared by the image builder (layers) and the boot stages (the hand-off archive a stage appends
+to the next stage's initrd, see cidboot.stage.handoff). An initramfs's bytes are hashed into a layer
+CID and into the device's measurements, so the archive must depend only on the files given:
+paths are sorted, every entry gets the same mtime (SOURCE_DATE_EPOCH, default 0), uid/gid 0 and
+inode numbers assigned in path order. Compression lives in imagebuilder.cpio (the stages never
+compress, and must not import subprocess-driven compressors).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from cidboot.errors import FormatError
+
+MAGIC = b"070701"
+TRAILER = "TRAILER!!!"
+
+
+class CpioError(FormatError):
+    """An entry cannot go into an archive (bad path, duplicate, wrong kind)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One archive member. `path` is relative ("usr/bin/python3"); kind comes from `mode`."""
+
+    path: str
+    mode: int
+    data: bytes = b""
+
+    @classmethod
+    def file(cls, path: str, data: bytes, perm: int = 0o644) -> Entry:
+        return cls(path, stat.S_IFREG | perm, data)
+
+    @classmethod
+    def directory(cls, path: str, perm: int = 0o755) -> Entry:
+        return cls(path, stat.S_IFDIR | perm)
+
+    @classmethod
+    def symlink(cls, path: str, target: str) -> Entry:
+        return cls(path, stat.S_IFLNK | 0o777, target.encode())
+
+    @classmethod
+    def chardev(cls, path: str, major: int, minor: int, perm: int = 0o600) -> Entry:
+        # data carries "major:minor" so an Entry stays a plain value
+        return cls(path, stat.S_IFCHR | perm, f"{major}:{minor}".encode())
+
+
+def normalize_path(path: str) -> str:
+    """The canonical relative form of an archive path; rejects anything that could escape."""
+    if not path or "\0" in path:
+        raise CpioError(f"invalid archive path {path!r}")
+    p = posixpath.normpath(path.lstrip("/"))
+    if p in (".", "") or p.startswith("../") or p == "..":
+        raise CpioError(f"archive path {path!r} escapes the archive root")
+    return p
+
+
+def _complete(entries: Iterable[Entry]) -> list[Entry]:
+    """Sorted entries with every missing parent directory added (0755)."""
+    by_path: dict[str, Entry] = {}
+    for e in entries:
+        p = normalize_path(e.path)
+        if p in by_path:
+            raise CpioError(f"duplicate archive path {p!r}")
+        if not (stat.S_ISREG(e.mode) or stat.S_ISDIR(e.mode) or stat.S_ISLNK(e.mode) or stat.S_ISCHR(e.mode)):
+            raise CpioError(f"{p}: unsupported file type {oct(e.mode)}")
+        by_path[p] = Entry(p, e.mode, e.data)
+    for p in list(by_path):
+        parent = posixpath.dirname(p)
+        while parent:
+            existing = by_path.get(parent)
+            if existing is None:
+                by_path[parent] = Entry.directory(parent)
+            elif not stat.S_ISDIR(existing.mode):
+                raise CpioError(f"{p}: parent {parent!r} is not a directory")
+            parent = posixpath.dirname(parent)
+    # sorting by path components keeps every directory before its contents
+    return [by_path[k] for k in sorted(by_path, key=lambda s: s.split("/"))]
+
+
+def _header(ino: int, mode: int, nlink: int, mtime: int, size: int, rdev: tuple[int, int], name: bytes) -> bytes:
+    fields = (ino, mode, 0, 0, nlink, mtime, size, 0, 0, rdev[0], rdev[1], len(name) + 1, 0)
+    return MAGIC + b"".join(b"%08X" % f for f in fields)
+
+
+def _pad(n: int) -> bytes:
+    return b"\0" * (-n % 4)
+
+
+def write_newc(entries: Iterable[Entry], out: BinaryIO, mtime: int | None = None) -> int:
+    """Write a newc archive of `entries` (order does not matter) to `out`; returns bytes written."""
+    if mtime is None:
+        mtime = source_date_epoch()
+    total = 0
+
+    def emit(b: bytes) -> None:
+        nonlocal total
+        out.write(b)
+        total += len(b)
+
+    for ino, e in enumerate(_complete(entries), start=1):
+        name = e.path.encode()
+        rdev = (0, 0)
+        data = e.data
+        if stat.S_ISCHR(e.mode):
+            major, minor = (int(x) for x in e.data.decode().split(":"))
+            rdev, data = (major, minor), b""
+        elif stat.S_ISDIR(e.mode):
+            data = b""
+        nlink = 2 if stat.S_ISDIR(e.mode) else 1
+        hdr = _header(ino, e.mode, nlink, mtime, len(data), rdev, name) + name + b"\0"
+        emit(hdr + _pad(len(hdr)))
+        emit(data + _pad(len(data)))
+    hdr = _header(0, 0, 1, 0, 0, (0, 0), TRAILER.encode()) + TRAILER.encode() + b"\0"
+    emit(hdr + _pad(len(hdr)))
+    return total
+
+
+def archive_bytes(entries: Iterable[Entry], mtime: int | None = None) -> bytes:
+    buf = io.BytesIO()
+    write_newc(entries, buf, mtime)
+    return buf.getvalue()
+
+
+def source_date_epoch() -> int:
+    """SOURCE_DATE_EPOCH from the environment (reproducible-builds.org), default 0."""
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "0")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise CpioError(f"SOURCE_DATE_EPOCH must be an integer, got {raw!r}") from None
+    if not 0 <= value < 2**32:
+        raise CpioError(f"SOURCE_DATE_EPOCH out of range: {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member read back from an archive (for `inspect`: the image's attack surface)."""
+
+    path: str
+    mode: int
+    size: int
+    target: str = ""
+
+
+def iter_newc(data: bytes) -> Iterator[tuple[Member, bytes]]:
+    """Each member of one newc archive with its data (file content or link target), in archive
+    order, up to the trailer; anything malformed raises CpioError with the offset."""
+    off = 0
+    while True:
+        hdr = data[off:off + 110]
+        if len(hdr) < 110 or hdr[:6] != MAGIC:
+            raise CpioError(f"not a newc header at offset {off}")
+        try:
+            f = [int(hdr[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
+        except ValueError:
+            raise CpioError(f"bad hex field in the header at offset {off}") from None
+        mode, size, namesize = f[1], f[6], f[11]
+        name_end = off + 110 + namesize
+        if namesize < 1 or name_end > len(data):
+            raise CpioError(f"name runs past the end at offset {off}")
+        name = data[off + 110:name_end - 1].decode(errors="replace")
+        body = name_end + (-name_end % 4)
+        if body + size > len(data):
+            raise CpioError(f"{name}: data runs past the end at offset {body}")
+        if name == TRAILER:
+            return
+        content = data[body:body + size]
+        yield Member(name, mode, size, content.decode(errors="replace") if stat.S_ISLNK(mode) else ""), content
+        off = body + size + (-(body + size) % 4)
+
+
+def read_newc(data: bytes) -> list[Member]:
+    """Members of a newc archive; rejects anything malformed with the offset."""
+    return [m for m, _ in iter_newc(data)]

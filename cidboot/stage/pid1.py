@@ -1,0 +1,119 @@
+"""PID-1 duties shared by the three stages' /init (firmware, bootstrap, image agent).
+
+There is no shell or busybox in the images, so Python itself is init: it mounts devtmpfs
+first (CPython needs /dev/urandom at start-up and fails with "failed to get random numbers"
+otherwise; /init runs with -I -S so nothing before this needs randomness), then proc and
+sys; it reaps orphaned children (init inherits them); it loads kernel modules with
+finit_module(2) in the order the image builder resolved from each module's `depends=`
+(imagebuilder/kmod.py; /etc/cidboot/modules), since there is no modprobe; and on any fatal error it prints the reason to the
+console and powers off, because a PID 1 that exits panics the kernel and hides the cause.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from cidboot.errors import CidbootError
+from cidboot.stage import syscalls
+
+MODULE_DIR = "/lib/modules"
+MODULE_LIST = "/etc/cidboot/modules"
+MOUNTS = (("devtmpfs", "/dev", "devtmpfs"), ("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"))
+
+
+class Pid1Error(CidbootError):
+    """A PID-1 duty (mount, module load) failed."""
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    """mount(2); an already mounted target is fine (EBUSY)."""
+    os.makedirs(target, exist_ok=True)
+    rc = syscalls.libc().mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags),
+                       data.encode() or None)
+    if rc != 0:
+        err = ctypes.get_errno()
+        if err != errno.EBUSY:
+            raise Pid1Error(f"mount {fstype} on {target}: {os.strerror(err)}")
+
+
+def mount_basics() -> None:
+    """devtmpfs first (Python needs /dev/urandom), then proc and sys."""
+    for source, target, fstype in MOUNTS:
+        mount(source, target, fstype)
+
+
+def reap() -> list[tuple[int, int]]:
+    """Collect every exited child (orphans are re-parented to PID 1); returns (pid, status)."""
+    out: list[tuple[int, int]] = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return out
+        if pid == 0:
+            return out
+        out.append((pid, status))
+
+
+def power_off(reason: str = "", *, restart: bool = False) -> None:
+    """Print the reason on the console, sync, and power off (or restart) with reboot(2).
+
+    Only ever as PID 1 (the stage's /init inside a guest or board): anywhere else this would
+    power off the host, so it refuses.
+    """
+    if os.getpid() != 1:
+        raise Pid1Error(f"refusing to power off: not PID 1 (reason was: {reason or 'none'})")
+    if reason:
+        try:
+            with open("/dev/console", "w") as con:
+                con.write(f"\ncidboot: fatal: {reason}\n")
+        except OSError:
+            sys.stderr.write(f"\ncidboot: fatal: {reason}\n")
+    os.sync()
+    try:
+        syscalls.reboot(syscalls.LINUX_REBOOT_CMD_RESTART if restart else syscalls.LINUX_REBOOT_CMD_POWER_OFF)
+    except syscalls.SyscallError as e:
+        raise Pid1Error(str(e)) from None
+
+
+def finit_module(path: Path) -> None:
+    """Load one module; EEXIST (already loaded or built in) is fine."""
+    libc = syscalls.libc()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        rc = libc.syscall(syscalls.number("finit_module"), fd, b"", 0)
+    finally:
+        os.close(fd)
+    if rc != 0 and ctypes.get_errno() != errno.EEXIST:
+        raise Pid1Error(f"finit_module {path.name}: {os.strerror(ctypes.get_errno())}")
+
+
+def run_stage(module: str) -> None:
+    """Entry of /init: PID-1 set-up, then `module`'s main(); power off on any fatal error."""
+    if os.getpid() != 1:
+        raise Pid1Error("run_stage is the /init of a boot image and must run as PID 1")
+    try:
+        mount_basics()
+        signal.signal(signal.SIGCHLD, lambda *_: reap())
+        listed = Path(MODULE_LIST)
+        if listed.is_file():  # the image builder resolved depends= already: load in the listed order
+            names = [n for n in listed.read_text().split() if n]
+            for n in names:
+                finit_module(Path(MODULE_DIR, f"{n}.ko"))
+            print(f"cidboot: loaded {' '.join(names)}", file=sys.stderr, flush=True)
+        import runpy
+
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        power_off("stage exited")
+    except SystemExit as e:
+        power_off(f"stage exited with status {e.code}")
+    except BaseException as e:  # PID 1 must never just die: report, then power off
+        traceback.print_exc()
+        power_off(f"{type(e).__name__}: {e}")

@@ -1,0 +1,50 @@
+"""The few Linux system calls the stages make through libc, with their numbers per machine.
+
+CPython's `os` has no reboot(2), finit_module(2) or kexec_file_load(2), so the stages call them
+through ctypes. The numbers and magic constants live here once; callers name the call, this
+module finds its number for the running machine (x86_64, aarch64) or says it cannot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+from cidboot.errors import CidbootError
+
+SYSCALLS = {
+    "reboot": {"x86_64": 169, "aarch64": 142},
+    "finit_module": {"x86_64": 313, "aarch64": 273},
+    "kexec_file_load": {"x86_64": 320, "aarch64": 294},
+}
+LINUX_REBOOT_MAGIC1 = 0xFEE1DEAD
+LINUX_REBOOT_MAGIC2 = 672274793
+LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
+LINUX_REBOOT_CMD_RESTART = 0x01234567
+LINUX_REBOOT_CMD_KEXEC = 0x45584543
+
+
+class SyscallError(CidbootError):
+    """A system call failed or does not exist on this machine (the message has the errno's meaning)."""
+
+
+def libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def number(name: str) -> int:
+    """The syscall number of `name` on the running machine."""
+    machine = os.uname().machine
+    table = SYSCALLS[name]
+    if machine not in table:
+        raise SyscallError(f"{name}: unsupported machine {machine}")
+    return table[machine]
+
+
+def reboot(cmd: int) -> None:
+    """reboot(2) with the magic numbers; returns only by raising (the kernel refused)."""
+    libc().syscall(ctypes.c_long(number("reboot")), ctypes.c_uint(LINUX_REBOOT_MAGIC1),
+                   ctypes.c_uint(LINUX_REBOOT_MAGIC2), ctypes.c_uint(cmd), None)
+    err = ctypes.get_errno()
+    raise SyscallError(f"reboot(2): {os.strerror(err)} (errno {err})")

@@ -1,0 +1,458 @@
+"""Verifying fetch client: get a whole DAG by CID from untrusted trustless gateways.
+
+Trust comes only from the CID: every block is hashed and checked before it is stored, and
+only blocks reachable from the root being fetched are accepted. Gateways are tried in order;
+one that sends a wrong or unrequested block is dropped for the rest of the fetch, one that
+stalls (no bytes for `timeout` seconds) or fails is skipped until the next round. Blocks land
+in a local `Blockstore`, so an interrupted fetch resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from cidboot.errors import CidbootError, VerificationError
+from cidboot.ipld import dag
+from cidboot.ipld.car import CarReader
+from cidboot.ipld.cid import CID
+from cidboot.ipld.unixfs.exporter import export_file
+from cidboot.store.blockstore import MAX_BLOCK, Blockstore
+
+log = logging.getLogger("cidboot.store.gateway.client")
+
+#: HTTP statuses that mean "this gateway does not do CARs", so its raw blocks are tried instead
+CAR_REFUSED = (400, 406, 501)
+
+
+class GatewayError(CidbootError):
+    """One gateway failed one request (HTTP error, timeout, cut stream, too much data).
+
+    `gateway` is the gateway's URL ("" when none is involved), `status` the HTTP status when
+    the gateway answered one; code reacts to these, never to the message text."""
+
+    def __init__(self, message: str, *, gateway: str = "", status: int | None = None) -> None:
+        super().__init__(f"{gateway}: {message}" if gateway else message)
+        self.gateway, self.status = gateway, status
+
+
+class GatewayTimeout(GatewayError):
+    """The gateway did not deliver one block within the per-block deadline (however it dripped)."""
+
+
+class ResponseTooLarge(GatewayError):
+    """The gateway sent (or announced) more bytes than the CID asked for can have."""
+
+
+class BadGateway(VerificationError):
+    """A gateway sent bytes that do not verify or that were not asked for."""
+
+    def __init__(self, message: str, *, gateway: str = "") -> None:
+        super().__init__(f"{gateway} {message}" if gateway else message)
+        self.gateway = gateway
+
+
+class AllGatewaysFailed(CidbootError):
+    """No gateway could deliver the DAG; the message lists each gateway and why, `causes` holds
+    the last error of each gateway (GatewayError or BadGateway) for code to look at."""
+
+    def __init__(self, message: str, causes: list[CidbootError] | None = None) -> None:
+        super().__init__(message)
+        self.causes: list[CidbootError] = list(causes or [])
+
+    @property
+    def lied(self) -> bool:
+        """Whether any gateway sent bytes that do not match what was asked for."""
+        return any(isinstance(c, BadGateway) for c in self.causes)
+
+
+@dataclass
+class FetchResult:
+    root: CID
+    blocks_fetched: int = 0
+    bytes_fetched: int = 0
+    blocks_present: int = 0  # already in the local store when the fetch started (resumed)
+    dropped: dict[str, str] = field(default_factory=dict)  # gateway -> why it was dropped
+    errors: list[str] = field(default_factory=list)
+
+
+def block_size_limit(cid: CID, max_size: int = MAX_BLOCK) -> int:
+    """The most bytes a gateway may send for `cid`: what an identity CID carries, else the block
+    size limit (no store accepts more, and a gateway may not make us read more)."""
+    if cid.is_identity:
+        return len(cid.multihash.digest)
+    return min(max_size, MAX_BLOCK)
+
+
+def _connect(base: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    u = urlsplit(base)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise GatewayError(f"gateway URL must be http(s)://host[:port][/prefix], got {base!r}", gateway=base)
+    cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+    return cls(u.hostname, u.port, timeout=timeout), u.path.rstrip("/")
+
+
+class _Watchdog:
+    """A wall-clock deadline on one connection: when it passes, the socket is shut down, so a
+    read blocked on a gateway that drips a byte just inside the per-read timeout returns.
+
+    `arm(seconds)` (re)starts the deadline: once per block, so a CAR of many blocks may take as
+    long as it needs while each block must arrive within `seconds`."""
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None  # set once connected (the connection forgets it
+        self.expired = False  # when it hands an HTTP/1.0 body to the response)
+        self._deadline: float | None = None
+        self._stop = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="gateway-deadline", daemon=True)
+        self._thread.start()
+
+    def arm(self, seconds: float) -> None:
+        with self._cond:
+            self._deadline = time.monotonic() + seconds
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stop:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                left = self._deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self.expired = True
+                sock = self.sock
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                return
+
+
+class _Request:
+    """One GET to one gateway under a watchdog; every failure is a GatewayError with `status`."""
+
+    def __init__(self, gw: str, target: str, accept: str, timeout: float, user_agent: str) -> None:
+        self.gw, self.target, self.timeout = gw, target, timeout
+        self.conn, prefix = _connect(gw, timeout)
+        self.watchdog = _Watchdog()
+        self.watchdog.arm(timeout)
+        try:
+            self.conn.connect()
+            self.watchdog.sock = self.conn.sock
+            if self.watchdog.expired:
+                raise TimeoutError("connect took the whole deadline")
+            self.conn.request("GET", prefix + target, headers={"Accept": accept, "User-Agent": user_agent})
+            self.resp = self.conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            raise self.failure(e) from None
+        if self.resp.status != 200:
+            try:
+                body = self.resp.read(200).decode(errors="replace").strip()
+            except (OSError, http.client.HTTPException):
+                body = ""
+            status = self.resp.status
+            self.close()
+            raise GatewayError(f"{target}: HTTP {status} {body}", gateway=gw, status=status)
+
+    def failure(self, e: BaseException) -> GatewayError:
+        """What went wrong, typed: the deadline, or the transport."""
+        if self.watchdog.expired:
+            return GatewayTimeout(f"{self.target}: stalled: no block within {self.timeout} s (deadline per block)",
+                                  gateway=self.gw)
+        return GatewayError(f"{self.target}: {type(e).__name__}: {e}", gateway=self.gw)
+
+    def read_block(self, limit: int) -> bytes:
+        """The whole body, at most `limit` bytes (more, announced or sent, is ResponseTooLarge)."""
+        length = self.resp.getheader("Content-Length")
+        if length is not None and length.strip().isdigit() and int(length) > limit:
+            raise ResponseTooLarge(f"{self.target}: announces {int(length)} bytes, the CID allows at most {limit}",
+                                   gateway=self.gw)
+        try:
+            data = self.resp.read(limit + 1)
+        except (OSError, http.client.HTTPException) as e:
+            raise self.failure(e) from None
+        if self.watchdog.expired:
+            raise self.failure(TimeoutError())
+        if len(data) > limit:
+            raise ResponseTooLarge(f"{self.target}: more than {limit} bytes, the most the CID allows",
+                                   gateway=self.gw)
+        return data
+
+    def close(self) -> None:
+        self.watchdog.close()
+        self.conn.close()
+
+
+def _store_verified(store: Blockstore, gw: str, cid: CID, data: bytes) -> None:
+    """Put `data` under `cid` (the store hashes it first): a mismatch is the gateway lying."""
+    try:
+        store.put(cid, data)
+    except VerificationError as e:
+        raise BadGateway(f"sent a block that does not match its CID: {e}", gateway=gw) from None
+    except CidbootError as e:
+        raise GatewayError(f"block {cid} refused by the store: {e}", gateway=gw) from None
+
+
+def _intact(store: Blockstore, cid: CID) -> bytes | None:
+    """The local copy of `cid` if present and verifying; a damaged copy counts as missing (the
+    fetch that follows overwrites it)."""
+    if not store.has(cid):
+        return None
+    try:
+        return store.get(cid)
+    except VerificationError:
+        log.warning("local copy of %s is damaged: fetching it again", cid)
+        return None
+    except FileNotFoundError:
+        return None
+
+
+class _Session:
+    """One fetch of one root: the wanted set, the dropped gateways, the counters."""
+
+    def __init__(self, root: CID, gateways: list[str], store: Blockstore, timeout: float) -> None:
+        self.root, self.gateways, self.store, self.timeout = root, gateways, store, timeout
+        self.result = FetchResult(root)
+        self.last_present = 0
+
+    def missing(self) -> list[CID]:
+        """Walk what is local (verifying it); return the frontier of CIDs not yet present or
+        damaged (in DAG order)."""
+        out: list[CID] = []
+        seen: set[bytes] = set()
+        stack = [self.root]
+        present = 0
+        while stack:
+            cid = stack.pop()
+            key = cid.multihash.encode()
+            if key in seen:
+                continue
+            seen.add(key)
+            block = _intact(self.store, cid)
+            if block is None:
+                out.append(cid)
+                continue
+            present += 1
+            stack.extend(reversed(dag.links(cid, block)))
+        self.last_present = present
+        return out
+
+    def fetch_car(self, gw: str, sub_root: CID) -> None:
+        """Fetch the subtree under `sub_root` as one CAR, accepting only blocks it links to,
+        each new, each within the block size limit and the per-block deadline."""
+        req = _Request(gw, f"/ipfs/{sub_root}?format=car&dag-scope=all", "application/vnd.ipld.car",
+                       self.timeout, "cidboot")
+        wanted: set[bytes] = {sub_root.multihash.encode()}
+        got: set[bytes] = set()
+        try:
+            reader = CarReader(req.resp, verify=False, max_block_size=MAX_BLOCK)
+            for cid, data in reader:
+                key = cid.multihash.encode()
+                if key not in wanted:
+                    raise BadGateway(f"sent block {cid}, which is not linked from what was fetched", gateway=gw)
+                if key in got:
+                    raise GatewayError(f"sent block {cid} twice in one CAR", gateway=gw)
+                got.add(key)
+                _store_verified(self.store, gw, cid, data)  # nothing unverified is stored
+                self.result.blocks_fetched += 1
+                self.result.bytes_fetched += len(data)
+                for link in dag.links(cid, data):
+                    wanted.add(link.multihash.encode())
+                req.watchdog.arm(self.timeout)  # the next block gets its own deadline
+            if req.watchdog.expired:
+                raise req.failure(TimeoutError())
+        except (OSError, http.client.HTTPException) as e:
+            raise req.failure(e) from None
+        except (BadGateway, GatewayError):
+            raise
+        except CidbootError as e:
+            if req.watchdog.expired:
+                raise req.failure(e) from None
+            raise GatewayError(f"bad CAR stream: {type(e).__name__}: {e}", gateway=gw) from None
+        finally:
+            req.close()
+
+    def fetch_raw(self, gw: str, cid: CID) -> bytes:
+        data = _get_block(gw, cid, self.store, self.timeout, MAX_BLOCK, "cidboot")
+        self.result.blocks_fetched += 1
+        self.result.bytes_fetched += len(data)
+        return data
+
+
+def _get_block(gw: str, cid: CID, store: Blockstore, timeout: float, max_size: int, user_agent: str) -> bytes:
+    """One block as `?format=raw` from one gateway, bounded in size and wall-clock time, verified
+    and stored. Raises GatewayError (any failure) or BadGateway (bytes that do not match)."""
+    req = _Request(gw, f"/ipfs/{cid}?format=raw", "application/vnd.ipld.raw", timeout, user_agent)
+    try:
+        data = req.read_block(block_size_limit(cid, max_size))
+    finally:
+        req.close()
+    _store_verified(store, gw, cid, data)
+    return data
+
+
+def fetch(
+    root: CID | str,
+    gateways: list[str],
+    dest: Blockstore | str | os.PathLike[str],
+    *,
+    timeout: float = 10.0,
+    retries: int | None = None,
+    rounds: int = 3,
+    backoff: float = 0.5,
+) -> FetchResult:
+    """Fetch the whole DAG under `root` into `dest` (a Blockstore, or a directory to open one
+    in), verifying every block.
+
+    Each round walks what is already local and asks the gateways (in order) for each missing
+    subtree as a CAR, falling back to single raw blocks when a gateway cannot do CARs. Rounds
+    repeat while they make progress; `retries` (alias `rounds`) passes that get nothing are
+    allowed, with exponential `backoff` between them, before AllGatewaysFailed.
+    """
+    root = CID.parse(root)
+    store = dest if isinstance(dest, Blockstore) else Blockstore(dest)
+    if retries is not None:
+        rounds = retries
+    if rounds < 1:
+        raise GatewayError(f"retries must be at least 1, got {rounds}")
+    if not gateways:
+        raise AllGatewaysFailed(f"no gateways given to fetch {root}")
+    with store.deferred_sync():
+        return _fetch(root, gateways, store, timeout, rounds, backoff)
+
+
+def _fetch(root: CID, gateways: list[str], store: Blockstore, timeout: float, rounds: int, backoff: float) -> FetchResult:
+    s = _Session(root, list(gateways), store, timeout)
+    last: dict[str, CidbootError] = {}
+    failed_rounds = 0
+    first = True
+    while True:
+        frontier = s.missing()
+        if first:
+            s.result.blocks_present = s.last_present
+            first = False
+        if not frontier:
+            return s.result
+        progressed = False
+        for sub in frontier:  # grows while iterating: children of blocks fetched one by one
+            if _intact(store, sub) is not None:
+                continue
+            for gw in s.gateways:
+                if gw in s.result.dropped:
+                    continue
+                try:
+                    frontier.extend(_fetch_subtree(s, gw, sub))
+                    progressed = True
+                    break
+                except BadGateway as e:
+                    last[gw] = e
+                    s.result.dropped[gw] = str(e)
+                    log.warning("dropping gateway %s for this fetch: %s", gw, e)
+                except GatewayError as e:  # every other failure: the next gateway
+                    last[gw] = e
+                    s.result.errors.append(str(e))
+                    log.info("gateway %s failed, trying the next: %s", gw, e)
+                    if _intact(store, sub) is not None:
+                        progressed = True  # partial CAR: the next round resumes below it
+                        break
+        if progressed:
+            continue  # only rounds that got nothing count as retries, and only they wait
+        failed_rounds += 1
+        if failed_rounds >= rounds or all(g in s.result.dropped for g in s.gateways):
+            break
+        time.sleep(backoff * (2 ** (failed_rounds - 1)))
+    detail = "; ".join(str(last[g]) if g in last else f"{g}: no answer" for g in s.gateways)
+    raise AllGatewaysFailed(f"could not fetch {root} ({len(s.missing())} subtrees missing): {detail}",
+                            [last[g] for g in s.gateways if g in last])
+
+
+def _fetch_subtree(s: _Session, gw: str, sub: CID) -> list[CID]:
+    """`sub`'s subtree from `gw` as a CAR; from a gateway that does not do CARs (its status says
+    so), the block alone: then its links are returned for the caller to fetch one by one.
+    Anything that goes wrong is a GatewayError or a BadGateway, never something else."""
+    try:
+        try:
+            s.fetch_car(gw, sub)
+            return []
+        except GatewayError as e:
+            if _intact(s.store, sub) is not None or e.status not in CAR_REFUSED:
+                raise
+        return dag.links(sub, s.fetch_raw(gw, sub))  # a block-only gateway: one block at a time
+    except (GatewayError, BadGateway):
+        raise
+    except (CidbootError, OSError, http.client.HTTPException) as e:
+        raise GatewayError(f"{type(e).__name__}: {e}", gateway=gw) from None
+
+
+def fetch_bytes(
+    root: CID | str, gateways: list[str], store: Blockstore | None = None, *, timeout: float = 10.0
+) -> Iterator[bytes]:
+    """Fetch a UnixFS file (verified, into `store`, by default the default store) and yield
+    its bytes. The blocks land in a store first so a re-run resumes instead of starting over."""
+    root = CID.parse(root)
+    store = store if store is not None else Blockstore()
+    fetch(root, gateways, store, timeout=timeout)
+    return export_file(root, store.get)
+
+
+class BlockUnavailable(AllGatewaysFailed):
+    """No gateway delivered one block; `causes` says what each did, `lied` whether any sent
+    bytes that do not match (`reasons` is the same as text)."""
+
+    def __init__(self, cid: CID, causes: list[CidbootError]) -> None:
+        self.cid = cid
+        self.reasons = [str(c) for c in causes]
+        super().__init__(f"{'hash mismatch' if any(isinstance(c, BadGateway) for c in causes) else 'unavailable'}: "
+                         + "; ".join(self.reasons or ["no gateways"]), causes)
+
+
+def fetch_block(cid: CID, gateways: list[str] | tuple[str, ...], store: Blockstore, *, timeout: float = 10.0,
+                max_size: int = 1 << 22, rounds: int = 3, backoff: float = 0.5, user_agent: str = "cidboot") -> bytes:
+    """One block by CID (`?format=raw`), gateways in order; only bytes that hash to `cid` are
+    kept (in `store`). For the small blocks a boot stage reads alone before anything else (the
+    manifest, the flow, the device registry). `timeout` is a wall-clock deadline per gateway
+    request, and no gateway can make us read more than `max_size` bytes (nor more than the
+    CID allows). A gateway that lied is dropped; any other failure moves on to the next
+    gateway, and all get `rounds` passes with doubling `backoff` between them, so a LAN hiccup
+    does not cost a whole boot. A damaged local copy is fetched again (and overwritten).
+    Raises BlockUnavailable naming what each gateway did."""
+    local = _intact(store, cid)
+    if local is not None:
+        return local
+    liars: dict[str, BadGateway] = {}
+    causes: list[CidbootError] = []
+    for n in range(rounds):
+        if n:
+            time.sleep(backoff * 2 ** (n - 1))
+        causes = list(liars.values())
+        for gw in gateways:
+            if gw in liars:
+                continue
+            try:
+                return _get_block(gw, cid, store, timeout, max_size, user_agent)
+            except BadGateway as e:
+                liars[gw] = e
+                causes.append(e)
+            except GatewayError as e:
+                causes.append(e)
+        if len(liars) == len(gateways):
+            break
+    raise BlockUnavailable(cid, causes)

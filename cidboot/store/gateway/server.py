@@ -1,0 +1,386 @@
+"""Trustless gateway server (IPFS Trustless Gateway spec) over a `Blockstore`.
+
+Serves `GET`/`HEAD /ipfs/{cid}[/path]` as raw blocks or CARv1 streams; never deserialised
+content. CAR responses are streamed block by block with chunked transfer encoding, so memory
+stays bounded whatever the DAG size. The HTTP front (backlog, worker bound, timeouts, body
+limit, one send per small response) is `cidboot.httpd`'s bounded server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+
+from cidboot.errors import CidbootError, NotFoundError, VerificationError
+from cidboot.httpd import BoundedHandler, BoundedHTTPServer, Limits
+from cidboot.ipld import dag, dagpb
+from cidboot.ipld.car import encode_header, encode_section
+from cidboot.ipld.cid import CID, DAG_PB, RAW
+from cidboot.ipld.unixfs import data as ufsdata
+from cidboot.ipld.unixfs.exporter import file_size, iter_file_blocks
+from cidboot.store.blockstore import BlockNotFound, Blockstore
+from cidboot.store.gateway.pathing import Resolved, resolve
+from cidboot.store.gateway.request import CAR_TYPE, RAW_TYPE, BadRequest, GatewayRequest, NotAcceptable, parse
+
+log = logging.getLogger("cidboot.store.gateway")
+
+IMMUTABLE = "public, max-age=29030400, immutable"
+#: A `dups=y` CAR repeats a block each time the DAG reaches it again: a diamond-shaped DAG of 41
+#: blocks is 2^41 visits. Beyond these budgets of repeats (per request) a CAR is served with
+#: dups=n instead (the Content-Type says so, as the spec allows), or, where the repeats cannot
+#: be counted ahead (entity-bytes ranges, HAMT shards), the stream is cut.
+MAX_DUP_VISITS = 8192
+MAX_DUP_BYTES = 64 * 1024 * 1024
+Route = Callable[[], tuple[int, str, bytes]]
+
+
+@dataclass
+class GatewayMetrics:
+    """Counters the boot server exports on /metrics."""
+
+    requests: int = 0
+    bytes_sent: int = 0
+    errors: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, status: int, nbytes: int) -> None:
+        with self.lock:
+            self.requests += 1
+            self.bytes_sent += nbytes
+            self.by_status[status] = self.by_status.get(status, 0) + 1
+            if status >= 400:
+                self.errors += 1
+
+
+class _BlockCache:
+    """A request's reads of the store, remembered up to `limit` bytes: a walk that comes back to
+    the same blocks (duplicates, up to the budgets) reads and hashes each once."""
+
+    def __init__(self, get: Callable[[CID], bytes], limit: int = 16 * 1024 * 1024) -> None:
+        self._get, self._limit, self._used = get, limit, 0
+        self._blocks: dict[bytes, bytes] = {}
+
+    def __call__(self, cid: CID) -> bytes:
+        key = cid.multihash.encode()
+        block = self._blocks.get(key)
+        if block is None:
+            block = self._get(cid)
+            while self._blocks and self._used + len(block) > self._limit:  # oldest first
+                self._used -= len(self._blocks.pop(next(iter(self._blocks))))
+            if len(block) <= self._limit:
+                self._blocks[key] = block
+                self._used += len(block)
+        return block
+
+
+class _AbortStream(Exception):
+    """A block went missing, or the walk went over its budget, after the 200 was sent: the
+    stream must be cut, not completed."""
+
+
+class GatewayServer(BoundedHTTPServer):
+    def __init__(self, store: Blockstore, address: tuple[str, int], extra_routes: Mapping[str, Route] | None = None,
+                 limits: Limits | None = None):
+        self.store = store
+        self.metrics = GatewayMetrics()
+        self.extra_routes = dict(extra_routes or {})
+        super().__init__(address, _Handler, limits)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}" if isinstance(host, str) else f"http://{host.decode()}:{port}"
+
+
+def serve_gateway(
+    store: Blockstore, host: str, port: int, *, extra_routes: Mapping[str, Route] | None = None,
+    limits: Limits | None = None,
+) -> GatewayServer:
+    """Bind a gateway (port 0 picks a free one); call `.serve_forever()` to run it."""
+    return GatewayServer(store, (host, port), extra_routes, limits)
+
+
+def _is_unixfs_file(cid: CID, block: bytes) -> bool:
+    if cid.codec == RAW:
+        return True
+    if cid.codec != DAG_PB:
+        return False
+    try:
+        t = ufsdata.UnixFSData.decode(dagpb.decode(block).data).type
+    except CidbootError:
+        return False
+    return t in (ufsdata.FILE, ufsdata.RAW)
+
+
+def _single_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+    """The one byte range of a `Range: bytes=...` header as (first, last), "unsatisfiable", or
+    None to answer with the whole block (no header, a malformed one, or several ranges: HTTP
+    lets a server ignore Range, and a raw block is small)."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    lo, sep, hi = header[6:].strip().partition("-")
+    if not sep or not (lo.isdigit() or hi.isdigit()) or (lo and not lo.isdigit()) or (hi and not hi.isdigit()):
+        return None
+    if not lo:  # suffix: the last N bytes
+        n = int(hi)
+        return (max(size - n, 0), size - 1) if n and size else "unsatisfiable"
+    first = int(lo)
+    last = size - 1 if not hi else min(int(hi), size - 1)
+    if first >= size or (hi and int(hi) < first):
+        return "unsatisfiable" if first >= size else None
+    return first, last
+
+
+class _Handler(BoundedHandler):
+    server: GatewayServer
+    protocol_version = "HTTP/1.1"
+    server_version = "cidboot-gateway"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _send_error(self, status: int, message: str) -> None:
+        body = (message + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self.server.metrics.record(status, len(body))
+        log.info("gateway %s %s -> %d: %s", self.command, self.path, status, message,
+                 extra={"status": status, "path": self.path})
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_HEAD(self) -> None:
+        self._handle()
+
+    def _handle(self) -> None:
+        route = self.server.extra_routes.get(self.path.split("?")[0])
+        if route is not None:
+            status, ctype, body = route()
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            self.server.metrics.record(status, len(body))
+            return
+        if not self.path.startswith("/ipfs/"):
+            self._send_error(404, "not found: this gateway serves /ipfs/{cid} only")
+            return
+        try:
+            req = parse(self.path, self.headers.get("Accept", ""))
+        except BadRequest as e:
+            self._send_error(400, str(e))
+            return
+        except NotAcceptable as e:
+            self._send_error(406, str(e))
+            return
+        try:
+            res = self._resolve(req)
+        except (BlockNotFound, NotFoundError) as e:
+            self._send_error(404, str(e))
+            return
+        except VerificationError as e:
+            log.error("store corruption: %s", e)
+            self._send_error(500, f"block failed verification in the store: {e}")
+            return
+        except CidbootError as e:
+            self._send_error(400, f"cannot resolve path: {e}")
+            return
+        if req.format == "raw":
+            self._send_raw(req, res)
+        else:
+            self._send_car(req, res)
+
+    def _resolve(self, req: GatewayRequest) -> Resolved:
+        store = self.server.store
+        r = resolve(req.cid, req.path, store.get)
+        if not store.has(r.terminal):
+            raise BlockNotFound(f"block {r.terminal} is not in this gateway's store")
+        return r
+
+    def _common_headers(self, req: GatewayRequest, res: Resolved) -> None:
+        path = "/ipfs/" + str(req.cid) + "".join("/" + p for p in req.path)
+        self.send_header("X-Ipfs-Path", path)
+        self.send_header("X-Ipfs-Roots", ",".join(str(c) for c in res.roots))
+        self.send_header("Cache-Control", IMMUTABLE)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Vary", "Accept")
+
+    def _send_raw(self, req: GatewayRequest, res: Resolved) -> None:
+        cid = res.terminal
+        try:
+            block = self.server.store.get(cid)
+        except BlockNotFound as e:
+            self._send_error(404, str(e))
+            return
+        etag = f'"{cid}.raw"'
+        if self._not_modified(etag):
+            return
+        span = _single_range(self.headers.get("Range"), len(block))
+        if span == "unsatisfiable":
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(block)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.server.metrics.record(416, 0)
+            return
+        body = block
+        if isinstance(span, tuple):
+            body = block[span[0] : span[1] + 1]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {span[0]}-{span[1]}/{len(block)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Type", RAW_TYPE)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
+        self.send_header("Content-Disposition", f'attachment; filename="{req.filename or f"{cid}.bin"}"')
+        self._common_headers(req, res)
+        self.end_headers()
+        sent = 0
+        if self.command != "HEAD":
+            self.wfile.write(body)
+            sent = len(body)
+        self.server.metrics.record(206 if isinstance(span, tuple) else 200, sent)
+
+    def _car_blocks(self, req: GatewayRequest, terminal: CID, path_blocks: list[tuple[CID, bytes]]) -> Iterator[tuple[CID, bytes]]:
+        get = _BlockCache(self.server.store.get)
+        yield from path_blocks
+        if req.dag_scope == "all":
+            yield from dag.walk(terminal, get, skip_dups=not req.car_dups)
+            return
+        block = get(terminal)
+        if req.dag_scope == "block":
+            yield terminal, block
+            return
+        # entity
+        if _is_unixfs_file(terminal, block):
+            if req.entity_bytes is None:  # the whole file is its whole DAG: same order, each block once
+                yield from dag.walk(terminal, get, skip_dups=not req.car_dups)
+                return
+            start, end = 0, None
+            if req.entity_bytes is not None:
+                size = file_size(terminal, get)
+                lo, hi = req.entity_bytes
+                start = max(size + lo, 0) if lo < 0 else lo
+                end = size if hi is None else (max(size + hi, 0) + 1 if hi < 0 else min(hi, size - 1) + 1)
+                if start >= size:
+                    yield terminal, block
+                    return
+            for cid, blk, _ in iter_file_blocks(terminal, get, start, end):
+                yield cid, blk
+            return
+        yield terminal, block
+        if terminal.codec == DAG_PB:
+            try:
+                node = dagpb.decode(block)
+                ufs = ufsdata.UnixFSData.decode(node.data)
+            except CidbootError:
+                return
+            if ufs.type == ufsdata.HAMT_SHARD:
+                # the shard's internal nodes belong to the directory entity; entries do not.
+                # Depth-first, links in order, like every other CAR this gateway writes.
+                width = len(f"{(ufs.fanout or 256) - 1:X}")
+                stack = [lk.cid for lk in reversed(node.links) if len(lk.name or "") == width]
+                while stack:
+                    c = stack.pop()
+                    b = get(c)
+                    yield c, b
+                    stack.extend(lk.cid for lk in reversed(dagpb.decode(b).links) if len(lk.name or "") == width)
+
+    def _not_modified(self, etag: str) -> bool:
+        """Answer 304 when the client already holds this response (blocks never change)."""
+        if self.headers.get("If-None-Match") not in (etag, "*"):
+            return False
+        self.send_response(304)
+        self.send_header("ETag", etag)
+        self.end_headers()
+        self.server.metrics.record(304, 0)
+        return True
+
+    def _dups_within_budget(self, req: GatewayRequest, terminal: CID) -> bool:
+        """Whether a `dups=y` CAR of this request stays within the duplicate budgets, measured
+        before the 200 without walking the duplicates (dag.walk_cost). Where the walk's shape
+        is not the terminal's whole DAG (block scope, ranges, directories) the stream's own
+        counters bound it instead."""
+        if req.dag_scope == "block" or req.entity_bytes is not None:
+            return True
+        get = self.server.store.get
+        if req.dag_scope == "entity" and not _is_unixfs_file(terminal, get(terminal)):
+            return True
+        cost = dag.walk_cost(terminal, get)
+        if cost.duplicate_visits <= MAX_DUP_VISITS and cost.duplicate_bytes <= MAX_DUP_BYTES:
+            return True
+        log.warning("dups=y for %s would repeat %d blocks (%d bytes): serving dups=n", terminal,
+                    cost.duplicate_visits, cost.duplicate_bytes)
+        return False
+
+    def _send_car(self, req: GatewayRequest, res: Resolved) -> None:
+        if req.car_dups and not self._dups_within_budget(req, res.terminal):
+            req = replace(req, car_dups=False)
+        params = f"{req.dag_scope}.{req.entity_bytes}.{req.car_dups}"
+        etag = f'W/"{req.cid}.car.{hashlib.sha256((self.path.split("?")[0] + params).encode()).hexdigest()[:16]}"'
+        if self._not_modified(etag):
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", f"{CAR_TYPE}; version=1; order=dfs; dups={'y' if req.car_dups else 'n'}")
+        self.send_header("ETag", etag)
+        self.send_header("Content-Disposition", f'attachment; filename="{req.filename or f"{req.cid}.car"}"')
+        self.send_header("Accept-Ranges", "none")
+        self._common_headers(req, res)
+        if self.command == "HEAD":
+            self.end_headers()
+            self.server.metrics.record(200, 0)
+            return
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        sent = 0
+        seen: set[bytes] = set()
+        repeats = repeat_bytes = 0
+        try:
+            sent += self._chunk(encode_header([req.cid]))
+            for cid, block in self._car_blocks(req, res.terminal, res.path_blocks):
+                key = cid.multihash.encode()
+                if key in seen:
+                    # a repeat, emitted (dups=y) or skipped: either way the walk is bounded
+                    repeats += 1
+                    repeat_bytes += len(block)
+                    if repeats > MAX_DUP_VISITS or repeat_bytes > MAX_DUP_BYTES:
+                        raise _AbortStream(f"walk repeats more than {MAX_DUP_VISITS} blocks / {MAX_DUP_BYTES} bytes")
+                    if not req.car_dups:
+                        continue
+                seen.add(key)
+                if cid.is_identity:
+                    continue
+                sent += self._chunk(encode_section(cid, block))
+            self.wfile.write(b"0\r\n\r\n")
+        except (BlockNotFound, VerificationError, _AbortStream) as e:
+            # Headers are gone: the only honest signal left is a cut stream (no final chunk).
+            log.warning("CAR stream for %s cut: %s", req.cid, e)
+            self.server.metrics.record(200, sent)
+            with self.server.metrics.lock:
+                self.server.metrics.errors += 1
+            self.close_connection = True
+            return
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        self.server.metrics.record(200, sent)
+
+    def _chunk(self, data: bytes) -> int:
+        self.wfile.write(b"%x\r\n" % len(data) + data + b"\r\n")
+        return len(data)
+

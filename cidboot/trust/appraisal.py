@@ -1,0 +1,236 @@
+"""Appraisal of EAT evidence into an EAR-like result (affirming / warning / contraindicated / none).
+
+Every check is recorded with its own status and reason, and the overall status is the worst
+of them, so a verifier's answer always says *why*. Checks: evidence format, nonce (replay),
+DICE chain, registered device root, role (the evidence's claim against the registry), evidence signature by the chain's leaf key, debug mode,
+measured boot, measurements against the signed manifest's reference values, manifest CID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cidboot.errors import FormatError, VerificationError
+from cidboot.ipld.cid import CID
+from cidboot.trust import cose
+from cidboot.trust.cose import PublicKey
+from cidboot.trust.cose_key import decode_public_key, encode_public_key_bytes, raw_public_bytes
+from cidboot.trust.dice.chain import VerifiedChain, verify_chain
+from cidboot.trust.dice.derive import DiceMode, derive_id
+from cidboot.trust.eat import Evidence, parse_evidence
+from cidboot.trust.manifest.model import Manifest
+from cidboot.trust.measure import image_code_hash
+
+AFFIRMING, WARNING, CONTRAINDICATED, NONE = "affirming", "warning", "contraindicated", "none"
+_RANK = {AFFIRMING: 0, NONE: 1, WARNING: 2, CONTRAINDICATED: 3}
+LAYER_ORDER = ("firmware", "bootstrap", "image")
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str
+    reason: str
+
+    def to_obj(self) -> dict[str, str]:
+        return {"check": self.name, "status": self.status, "reason": self.reason}
+
+
+@dataclass
+class AppraisalResult:
+    checks: list[CheckResult] = field(default_factory=list)
+    device_id: str | None = None
+    measurements: dict[str, str] = field(default_factory=dict)
+    manifest_cid: str | None = None
+    role: str | None = None  # the device registry's role for the device (None unless registered)
+    claimed_role: str | None = None  # what the evidence claims: diagnostics only, never authority
+    leaf_public_key: PublicKey | None = None
+
+    @property
+    def status(self) -> str:
+        if not self.checks:
+            return NONE
+        return max((c.status for c in self.checks), key=lambda s: _RANK[s])
+
+    @property
+    def affirming(self) -> bool:
+        return self.status == AFFIRMING
+
+    def add(self, name: str, status: str, reason: str) -> None:
+        self.checks.append(CheckResult(name, status, reason))
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"status": self.status, "device_id": self.device_id, "manifest_cid": self.manifest_cid,
+                "role": self.role, "claimed_role": self.claimed_role, "measurements": self.measurements, "checks": [c.to_obj() for c in self.checks]}
+
+
+@dataclass
+class DeviceRoots:
+    """Registered device root public keys (the "factory" list), by DICE ID of the root key, with
+    each device's name and role. The role is the authority on what a device is: evidence only
+    *claims* a role, and appraisal compares the claim with this (issue 11 #7)."""
+
+    keys: dict[str, PublicKey] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)
+    roles: dict[str, str | None] = field(default_factory=dict)
+
+    def add(self, key: PublicKey, name: str = "", role: str | None = None) -> str:
+        did = derive_id(raw_public_bytes(key)).hex()
+        self.keys[did] = key
+        self.names[did] = name
+        self.roles[did] = role or None
+        return did
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> DeviceRoots:
+        try:
+            doc = json.loads(Path(path).read_text())
+            out = cls()
+            for d in doc["devices"]:
+                role = d.get("role")
+                if role is not None and not isinstance(role, str):
+                    raise TypeError(f"device {d.get('id')}: role must be text or null")
+                out.add(decode_public_key(bytes.fromhex(d["key"])), d.get("name", ""), role)
+            return out
+        except (OSError, ValueError, KeyError, TypeError, FormatError) as e:
+            raise FormatError(f"{path}: not a device roots file: {e}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        devices = [{"id": did, "name": self.names.get(did, ""), "role": self.roles.get(did),
+                    "key": encode_public_key_bytes(k).hex()} for did, k in sorted(self.keys.items())]
+        Path(path).write_text(json.dumps({"devices": devices}, indent=1) + "\n")
+
+
+def _check_role(res: AppraisalResult, claimed: str | None, rid: str, roots: DeviceRoots, registered: bool) -> None:
+    """The role comes from the registry; the evidence's role claim must agree with it.
+
+    A mismatch is contraindicated: a device registered as a sensor that claims "aggregator"
+    would otherwise be sent (and trusted with) an aggregator's inputs. `res.role` is the
+    registered role, never the claim."""
+    if not registered:
+        res.role = None
+        res.add("role", CONTRAINDICATED, f"unregistered device: no registered role to compare the claimed role "
+                                         f"{claimed!r} with")
+        return
+    want = roots.roles.get(rid)
+    res.role = want
+    if claimed == want:
+        res.add("role", AFFIRMING, f"role {want!r} as registered" if want else "no role claimed or registered")
+    else:
+        res.add("role", CONTRAINDICATED, f"evidence claims role {claimed!r}, the device registry assigns {want!r}")
+
+
+def reference_values(manifest: Manifest) -> dict[str, bytes | None]:
+    """The reference value the signed manifest pins for each measured layer (None: unpinned).
+
+    The image layer is always pinned: its code hash is derived from the manifest's own layer
+    CIDs (cidboot.trust.measure.image_code_hash). Firmware and bootstrap are pinned only by the
+    manifest's `measurements` (`imagebuilder build --reference NAME=HEX`)."""
+    out: dict[str, bytes | None] = {name: manifest.measurements.get(name) for name in LAYER_ORDER}
+    if out["image"] is None:
+        out["image"] = image_code_hash(manifest)
+    return out
+
+
+def unpinned_layers(manifest: Manifest) -> list[str]:
+    """Measured layers the manifest gives no reference value for: appraisal cannot affirm them."""
+    return [name for name, ref in reference_values(manifest).items() if ref is None]
+
+
+def _check_measurements(res: AppraisalResult, ev: Evidence, chain: VerifiedChain, manifest: Manifest | None,
+                        manifest_cid: CID | None) -> None:
+    entries = chain.entries
+    by_layer = {name: entries[i] for i, name in enumerate(LAYER_ORDER) if i < len(entries)}
+    res.measurements = {k: v.code_hash.hex() for k, v in by_layer.items()}
+    for name, cert in by_layer.items():
+        claimed = ev.measurements.get(name)
+        if claimed is not None and claimed != cert.code_hash:
+            res.add("measurements", CONTRAINDICATED, f"{name}: evidence claims a measurement its DICE chain does not carry")
+            return
+    if manifest is None:
+        res.add("measurements", WARNING, "no manifest given: measurements not compared with reference values")
+        return
+    expected = {**manifest.measurements, **{k: v for k, v in reference_values(manifest).items() if v is not None}}
+    unpinned = [name for name in by_layer if expected.get(name) is None]
+    for name, cert in by_layer.items():
+        ref = expected.get(name)
+        if ref is not None and cert.code_hash != ref:
+            res.add("measurements", CONTRAINDICATED,
+                    f"{name} measurement {cert.code_hash.hex()[:16]}... differs from the manifest's {ref.hex()[:16]}...")
+            return
+    if "image" in by_layer and manifest_cid is not None:
+        if by_layer["image"].config != hashlib.sha512(bytes(manifest_cid)).digest():
+            res.add("measurements", CONTRAINDICATED, "image layer was configured with a different manifest")
+            return
+    pinned = [name for name in by_layer if name not in unpinned]
+    if not by_layer:
+        res.add("measurements", WARNING, "no measured layer: nothing compared with the signed manifest")
+    elif unpinned:
+        # fail closed: a layer the manifest gives no reference value for was measured but not
+        # checked, so whatever firmware or bootstrap ran there is not vouched for
+        res.add("measurements", WARNING,
+                f"unpinned layer(s) {', '.join(unpinned)}: the signed manifest has no reference value, "
+                f"any code is accepted there; {', '.join(pinned) or 'no layer'} match the signed manifest")
+    else:
+        res.add("measurements", AFFIRMING, f"{', '.join(pinned)} match the signed manifest")
+
+
+def appraise(evidence: bytes, *, expected_nonce: bytes, roots: DeviceRoots, manifest: Manifest | None = None,
+             manifest_cid: CID | None = None, allow_unmeasured: bool = False) -> AppraisalResult:
+    res = AppraisalResult()
+    try:
+        ev = parse_evidence(evidence)
+    except FormatError as e:
+        res.add("format", CONTRAINDICATED, str(e))
+        return res
+    res.add("format", AFFIRMING, "well-formed EAT")
+    res.claimed_role = ev.role
+    res.manifest_cid = str(ev.manifest_cid) if ev.manifest_cid else None
+    if hmac.compare_digest(ev.nonce, expected_nonce):
+        res.add("nonce", AFFIRMING, "matches this challenge")
+    else:
+        res.add("nonce", CONTRAINDICATED, "nonce does not match the challenge: replayed or stale evidence")
+    try:
+        chain = verify_chain(ev.chain, allow_debug=True)
+    except VerificationError as e:
+        res.add("dice-chain", CONTRAINDICATED, f"broken DICE chain: {e}")
+        return res
+    res.add("dice-chain", AFFIRMING, f"{len(chain.entries)} certificate(s) verify to the root key")
+    rid = chain.root_id  # derived from the root key by HKDF: compute once
+    res.device_id = rid
+    registered = rid in roots.keys and raw_public_bytes(roots.keys[rid]) == raw_public_bytes(chain.root_public_key)
+    if registered:
+        res.add("device", AFFIRMING, f"registered device {roots.names.get(rid) or rid}")
+    else:
+        res.add("device", CONTRAINDICATED, f"unknown device: root {rid} is not registered")
+    _check_role(res, ev.role, rid, roots, registered)
+    try:
+        cose.verify1_attached(ev.sign1, chain.leaf_public_key)
+        res.add("signature", AFFIRMING, "signed by the DICE leaf key")
+        res.leaf_public_key = chain.leaf_public_key
+    except VerificationError as e:
+        res.add("signature", CONTRAINDICATED, f"evidence not signed by the chain's leaf key: {e}")
+    debug = [i + 1 for i, e in enumerate(chain.entries) if e.mode == DiceMode.DEBUG]
+    if debug:
+        res.add("debug-mode", CONTRAINDICATED, f"layer(s) {debug} booted in debug mode")
+    else:
+        res.add("debug-mode", AFFIRMING, "no layer in debug mode")
+    measured = ev.boot_mode == "measured" and len(chain.entries) >= len(LAYER_ORDER)
+    if measured:
+        res.add("measured-boot", AFFIRMING, "firmware, bootstrap and image were each measured")
+    else:
+        why = f"boot mode {ev.boot_mode}, {len(chain.entries)} measured layer(s)"
+        res.add("measured-boot", WARNING if allow_unmeasured else CONTRAINDICATED, f"unmeasured boot: {why}")
+    _check_measurements(res, ev, chain, manifest, manifest_cid)
+    if manifest_cid is not None:
+        if ev.manifest_cid is not None and ev.manifest_cid.multihash == manifest_cid.multihash:
+            res.add("manifest", AFFIRMING, f"booted manifest {manifest_cid}")
+        else:
+            res.add("manifest", CONTRAINDICATED, f"booted manifest {ev.manifest_cid}, expected {manifest_cid}")
+    return res

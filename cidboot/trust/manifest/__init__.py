@@ -1,0 +1,34 @@
+"""Signed workload manifests: the model, signing, and verification with TUF-grade protections."""
+
+from cidboot.trust.manifest.errors import (
+    ExpiredError,
+    LayerNotListedError,
+    ManifestNameError,
+    ManifestVerificationError,
+    RegistryRollbackError,
+    RollbackError,
+    RootMismatchError,
+    RootRotationError,
+    SignatureError,
+    SizeLimitError,
+    ThresholdError,
+    VersionConflictError,
+)
+from cidboot.trust.manifest.model import Layer, Manifest, ManifestFormatError, RootOfTrust
+from cidboot.trust.manifest.signed import SignedManifest, SignedRoot, sign_manifest, sign_root
+from cidboot.trust.manifest.verify import (
+    Check,
+    TrustState,
+    check_layer,
+    rotated_root,
+    verify_manifest,
+    verify_threshold,
+)
+
+__all__ = [
+    "Check", "ExpiredError", "Layer", "LayerNotListedError", "Manifest", "ManifestFormatError", "ManifestNameError",
+    "ManifestVerificationError", "RegistryRollbackError", "RollbackError", "RootMismatchError", "RootOfTrust", "RootRotationError",
+    "SignatureError", "SignedManifest", "SignedRoot", "SizeLimitError", "ThresholdError", "TrustState",
+    "VersionConflictError", "check_layer", "rotated_root", "sign_manifest", "sign_root", "verify_manifest",
+    "verify_threshold",
+]

@@ -1,0 +1,181 @@
+"""The workload manifest and the root of trust, as typed objects with one canonical encoding.
+
+The manifest is what a device boots: layer CIDs and sizes, reference measurements, the flow
+and operation implementations, placement and policies, under a version (no rollback) and an
+expiry (no freeze). It is DAG-CBOR, so its layer, flow and operation CIDs are real IPLD links:
+pinning, CAR export and the gateway's `dag-scope=all` carry the whole image with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cidboot.errors import FormatError
+from cidboot.ipld import dagcbor
+from cidboot.ipld.cid import CID
+from cidboot.trust.cose import PublicKey
+from cidboot.trust.cose_key import decode_public_key, encode_public_key_bytes, key_id
+
+MAX_VERSION = 2**53  # JSON-safe; a larger version would freeze out every later manifest
+LAYER_ROLES = ("kernel", "runtime", "agent", "operations", "config", "initrd", "other")
+MEASURED_LAYERS = ("firmware", "bootstrap", "image")
+
+
+class ManifestFormatError(FormatError):
+    """A manifest, root or envelope does not have the required shape (the message names the field)."""
+
+
+def _req(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in d:
+        raise ManifestFormatError(f"{where}: missing {key!r}")
+    v = d[key]
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        raise ManifestFormatError(f"{where}: {key!r} has the wrong type ({type(v).__name__})")
+    return v
+
+
+def _only(d: dict[str, Any], allowed: set[str], where: str) -> None:
+    extra = sorted(set(d) - allowed)
+    if extra:
+        raise ManifestFormatError(f"{where}: unknown keys {extra}")
+
+
+@dataclass(frozen=True)
+class RootOfTrust:
+    """Keys and how many of them must sign; `version` increases by one with each rotation."""
+
+    keys: tuple[bytes, ...]  # encoded COSE_Keys
+    threshold: int
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise ManifestFormatError("root of trust: no keys")
+        if not 1 <= self.threshold <= len(set(self.keys)):
+            raise ManifestFormatError(f"root of trust: threshold {self.threshold} must be 1..{len(set(self.keys))}")
+        if self.version < 1:
+            raise ManifestFormatError("root of trust: version must be >= 1")
+        for k in self.keys:
+            decode_public_key(k)
+
+    @classmethod
+    def from_public_keys(cls, keys: list[PublicKey], threshold: int, version: int = 1) -> RootOfTrust:
+        return cls(tuple(encode_public_key_bytes(k) for k in keys), threshold, version)
+
+    def public_keys(self) -> dict[bytes, PublicKey]:
+        """key id -> key (a key listed twice is one key)."""
+        out = {}
+        for raw in self.keys:
+            pub = decode_public_key(raw)
+            out[key_id(pub)] = pub
+        return out
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"keys": list(self.keys), "threshold": self.threshold, "version": self.version}
+
+    @classmethod
+    def from_obj(cls, d: Any, where: str = "root") -> RootOfTrust:
+        if not isinstance(d, dict):
+            raise ManifestFormatError(f"{where}: must be a map")
+        _only(d, {"keys", "threshold", "version"}, where)
+        keys = _req(d, "keys", list, where)
+        if not all(isinstance(k, bytes) for k in keys):
+            raise ManifestFormatError(f"{where}: keys must be encoded COSE_Keys")
+        return cls(tuple(keys), _req(d, "threshold", int, where), _req(d, "version", int, where))
+
+
+@dataclass(frozen=True)
+class Layer:
+    cid: CID
+    size: int
+    role: str
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"cid": self.cid, "size": self.size, "role": self.role}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: int
+    expires: int  # unix seconds
+    layers: tuple[Layer, ...]
+    root: RootOfTrust
+    measurements: dict[str, bytes] = field(default_factory=dict)  # firmware/bootstrap/image -> SHA-512
+    flow: CID | None = None
+    operations: dict[str, CID] = field(default_factory=dict)
+    placement: dict[str, list[str]] = field(default_factory=dict)
+    policies: list[dict[str, Any]] = field(default_factory=list)
+    cmdline: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ManifestFormatError("manifest: empty name")
+        if not 0 <= self.version <= MAX_VERSION:
+            raise ManifestFormatError(f"manifest: version must be 0..{MAX_VERSION}")
+        for layer in self.layers:
+            if layer.size < 0 or layer.role not in LAYER_ROLES:
+                raise ManifestFormatError(f"manifest: layer {layer.cid}: bad size or role {layer.role!r}")
+        for k, v in self.measurements.items():
+            if k not in MEASURED_LAYERS or len(v) != 64:
+                raise ManifestFormatError(f"manifest: measurement {k!r} must be a 64-byte SHA-512 of a known layer")
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "version": self.version, "expires": self.expires,
+            "layers": [lyr.to_obj() for lyr in self.layers], "root": self.root.to_obj(),
+            "measurements": dict(self.measurements), "flow": self.flow, "operations": dict(self.operations),
+            "placement": {k: list(v) for k, v in self.placement.items()}, "policies": list(self.policies),
+            "cmdline": self.cmdline,
+        }
+
+    def encode(self) -> bytes:
+        return dagcbor.encode(self.to_obj())
+
+    @classmethod
+    def from_obj(cls, d: Any) -> Manifest:
+        w = "manifest"
+        if not isinstance(d, dict):
+            raise ManifestFormatError("manifest: must be a map")
+        _only(d, {"name", "version", "expires", "layers", "root", "measurements", "flow", "operations",
+                  "placement", "policies", "cmdline"}, w)
+        layers = []
+        for i, lyr in enumerate(_req(d, "layers", list, w)):
+            lw = f"manifest layer {i}"
+            if not isinstance(lyr, dict):
+                raise ManifestFormatError(f"{lw}: must be a map")
+            _only(lyr, {"cid", "size", "role"}, lw)
+            layers.append(Layer(_req(lyr, "cid", CID, lw), _req(lyr, "size", int, lw), _req(lyr, "role", str, lw)))
+        ops = d.get("operations", {})
+        if not isinstance(ops, dict) or not all(isinstance(k, str) and isinstance(v, CID) for k, v in ops.items()):
+            raise ManifestFormatError("manifest: operations must map names to CIDs")
+        flow = d.get("flow")
+        if flow is not None and not isinstance(flow, CID):
+            raise ManifestFormatError("manifest: flow must be a CID")
+        meas = d.get("measurements", {})
+        if not isinstance(meas, dict) or not all(isinstance(v, bytes) for v in meas.values()):
+            raise ManifestFormatError("manifest: measurements must map layer names to bytes")
+        placement = d.get("placement", {})
+        if not isinstance(placement, dict) or not all(
+            isinstance(v, list) and all(isinstance(op, str) for op in v) for v in placement.values()
+        ):
+            raise ManifestFormatError("manifest: placement must map roles to operation lists")
+        policies = d.get("policies", [])
+        if not isinstance(policies, list) or not all(isinstance(p, dict) for p in policies):
+            raise ManifestFormatError("manifest: policies must be a list of maps")
+        cmdline = d.get("cmdline", "")
+        if not isinstance(cmdline, str):
+            raise ManifestFormatError("manifest: cmdline must be a string")
+        return cls(
+            name=_req(d, "name", str, w), version=_req(d, "version", int, w), expires=_req(d, "expires", int, w),
+            layers=tuple(layers), root=RootOfTrust.from_obj(_req(d, "root", dict, w), "manifest root"),
+            measurements=meas, flow=flow, operations=ops, placement=placement, policies=policies,
+            cmdline=cmdline,
+        )
+
+    def layer(self, cid: CID) -> Layer | None:
+        for lyr in self.layers:
+            if lyr.cid.multihash == cid.multihash:
+                return lyr
+        return None

@@ -1,0 +1,40 @@
+"""How each boot stage is measured into its DICE inputs: defined once, used by the stages
+that measure (firmware, bootstrap) and by the verifiers that compare.
+
+- firmware and bootstrap: `code_hash` = SHA-512 over the SHA-512 of each part in order
+  (kernel, initrd, boot config...), so parts can be hashed as they stream in;
+- image (L2): code = SHA-512 of the image layer CIDs in manifest order, config = the manifest
+  CID as the configuration descriptor (its SHA-512 enters the CDI), authority = SHA-512 of the
+  sorted key ids that signed the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+from cidboot.ipld.cid import CID
+from cidboot.trust.dice.derive import DiceInputs, DiceMode
+from cidboot.trust.manifest.model import Manifest
+
+
+def code_hash_of_parts(part_hashes: Iterable[bytes]) -> bytes:
+    return hashlib.sha512(b"".join(part_hashes)).digest()
+
+
+def code_hash_of_blobs(blobs: Iterable[bytes]) -> bytes:
+    return code_hash_of_parts(hashlib.sha512(b).digest() for b in blobs)
+
+
+def image_code_hash(manifest: Manifest) -> bytes:
+    return hashlib.sha512(b"".join(bytes(layer.cid) for layer in manifest.layers)).digest()
+
+
+def authority_hash(signer_key_ids: Iterable[bytes]) -> bytes:
+    return hashlib.sha512(b"".join(sorted(signer_key_ids))).digest()
+
+
+def image_inputs(manifest_cid: CID, manifest: Manifest, signer_key_ids: Iterable[bytes], *,
+                 mode: DiceMode = DiceMode.NORMAL, profile_name: str | None = None) -> DiceInputs:
+    return DiceInputs(code_hash=image_code_hash(manifest), config_value=None, config_descriptor=bytes(manifest_cid),
+                      authority_hash=authority_hash(signer_key_ids), mode=mode, profile_name=profile_name)

@@ -1,0 +1,186 @@
+"""The signed device registry: which device roots a fleet's verifiers and peers trust.
+
+`device-roots.json` (cidboot.trust.appraisal.DeviceRoots) is a local file; a booted agent instead
+gets its registry by CID (boot config `device_registry`), so the registry must carry its own
+authority. It is one DAG-CBOR block, like the signed manifest:
+
+    {"registry": {"devices": [{"id": hex, "name": str, "key": COSE_Key bytes, "role"?: str}, ...],
+                  "manifests"?: {role: manifest name}, "version"?: int},
+     "signatures": COSE_Sign with detached payload = canonical encoding of "registry"}
+
+signed by a threshold of the manifest's root-of-trust keys (the same `verify_threshold` the
+manifest uses), so whoever may release software may also enrol devices, and nobody less.
+
+`role`, `manifests` and `version` are optional and left out when unset, so registries signed
+before they existed keep their bytes (and CID). They are what lets a device know, from a signed
+source, which manifest it may boot (docs/trust.md, "What a device may boot"): its role, and the
+manifest name that role boots. `version` only grows; the bootstrap refuses a registry older than
+one it already accepted (a replayed registry could otherwise hand a device an old role).
+
+A device's role is the registry's to say, not the device's: appraisal compares the role claimed
+in evidence with it (`DeviceRoots.roles`, fail-closed #7). An entry without "role" (older
+registries) has no role, so a device claiming one is not affirmed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cidboot.errors import FormatError, VerificationError
+from cidboot.ipld import dagcbor
+from cidboot.ipld.cid import CID, DAG_CBOR
+from cidboot.trust import cose
+from cidboot.trust.appraisal import DeviceRoots
+from cidboot.trust.cose import PrivateKey
+from cidboot.trust.cose_key import decode_public_key, encode_public_key_bytes, key_id, raw_public_bytes
+from cidboot.trust.dice.derive import derive_id
+from cidboot.trust.manifest.model import MAX_VERSION, RootOfTrust
+from cidboot.trust.manifest.verify import verify_threshold
+
+MAX_REGISTRY = 1024 * 1024  # bytes; a registry of ~10k devices, refused unread beyond that
+
+
+class RegistryFormatError(FormatError):
+    """The registry block is malformed (the message names the entry and field)."""
+
+
+class RegistryVerificationError(VerificationError):
+    """The registry is well formed but not signed by a threshold of the root of trust."""
+
+
+class RegistryRoleError(VerificationError):
+    """The registry does not say which manifest this device may boot: the device is not
+    registered, has no role, its role differs from the boot config's, or the role has no manifest."""
+
+
+@dataclass(frozen=True)
+class Registry:
+    """A verified registry: device roots, each device's role and the manifest name each role boots."""
+
+    roots: DeviceRoots  # keys, names and roles: the one place a device's role is kept
+    manifests: dict[str, str] = field(default_factory=dict)  # role -> manifest name
+    version: int = 0
+
+    @property
+    def roles(self) -> dict[str, str]:
+        """Device id (hex) -> registered role, for the devices that have one."""
+        return {did: r for did, r in self.roots.roles.items() if r}
+
+    def manifest_for(self, role: str, device_id: str | None) -> str:
+        """The manifest name the device may boot. A measured device (`device_id`, from its DICE
+        chain) is looked up by id and its registered role must equal the boot config's `role`,
+        which is not signed; an unmeasured one has no identity, so only `role` is looked up."""
+        if device_id is not None:
+            if device_id not in self.roots.keys:
+                raise RegistryRoleError(f"device {device_id} is not in the device registry")
+            registered = self.roles.get(device_id)
+            if registered is None:
+                raise RegistryRoleError(f"device {device_id} has no role in the device registry")
+            if registered != role:
+                raise RegistryRoleError(f"device {device_id} is registered as role {registered!r}, "
+                                        f"the boot config says {role!r}")
+        name = self.manifests.get(role)
+        if name is None:
+            raise RegistryRoleError(f"the device registry names no manifest for role {role!r}")
+        return name
+
+
+def registry_obj(roots: DeviceRoots, manifests: Mapping[str, str] | None = None,
+                 version: int | None = None) -> dict[str, Any]:
+    """The signed content: devices sorted by id, so the same roots always give the same bytes.
+    Optional parts (a device's role, manifests, version) are left out when unset, so registries
+    signed before they existed keep their bytes."""
+    devices = []
+    for did, k in sorted(roots.keys.items()):
+        d: dict[str, Any] = {"id": did, "name": roots.names.get(did, ""), "key": encode_public_key_bytes(k)}
+        if roots.roles.get(did):
+            d["role"] = roots.roles[did]
+        devices.append(d)
+    obj: dict[str, Any] = {"devices": devices}
+    if manifests:
+        obj["manifests"] = dict(sorted(manifests.items()))
+    if version is not None:
+        obj["version"] = version
+    _check_extras(obj)
+    return obj
+
+
+def sign_registry(roots: DeviceRoots, keys: Sequence[PrivateKey], *, manifests: Mapping[str, str] | None = None,
+                  version: int | None = None) -> bytes:
+    """The registry block, signed by each of `keys` (give at least the root's threshold).
+    Roles come from `roots` (`DeviceRoots.add(key, name, role)`); `manifests`: role -> the
+    manifest name that role boots."""
+    if not keys:
+        raise RegistryFormatError("device registry: no signing keys given")
+    obj = registry_obj(roots, manifests, version)
+    payload = dagcbor.encode(obj)
+    sigs = cose.sign_multi(payload, [(k, key_id(k.public_key())) for k in keys], detached=True)
+    return dagcbor.encode({"registry": obj, "signatures": sigs})
+
+
+def registry_cid(block: bytes) -> CID:
+    return CID.of(block, DAG_CBOR)
+
+
+def _check_extras(obj: dict[str, Any]) -> None:
+    """`manifests` maps non-empty roles to non-empty names; `version` is 0..MAX_VERSION."""
+    m = obj.get("manifests", {})
+    if not isinstance(m, dict) or not all(isinstance(r, str) and r and isinstance(n, str) and n for r, n in m.items()):
+        raise RegistryFormatError("device registry: manifests must map roles to manifest names (non-empty text)")
+    v = obj.get("version", 0)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_VERSION:
+        raise RegistryFormatError(f"device registry: version must be an integer 0..{MAX_VERSION}")
+
+
+def _parse(obj: Any) -> Registry:
+    if not isinstance(obj, dict) or "devices" not in obj or set(obj) - {"devices", "manifests", "version"} \
+            or not isinstance(obj["devices"], list):
+        raise RegistryFormatError("device registry: content must be {devices: [...], manifests?, version?}")
+    _check_extras(obj)
+    out = DeviceRoots()
+    for i, d in enumerate(obj["devices"]):
+        where = f"device registry entry {i}"
+        if not isinstance(d, dict) or not {"id", "name", "key"} <= set(d) or set(d) - {"id", "name", "key", "role"}:
+            raise RegistryFormatError(f"{where}: must be {{id, name, key, role?}}")
+        if not isinstance(d["id"], str) or not isinstance(d["name"], str) or not isinstance(d["key"], bytes):
+            raise RegistryFormatError(f"{where}: id and name must be text, key an encoded COSE_Key")
+        if "role" in d and (not isinstance(d["role"], str) or not d["role"]):
+            raise RegistryFormatError(f"{where}: role must be non-empty text")
+        try:
+            key = decode_public_key(d["key"])
+        except FormatError as e:
+            raise RegistryFormatError(f"{where}: key: {e}") from None
+        did = derive_id(raw_public_bytes(key)).hex()
+        if d["id"] != did:
+            raise RegistryFormatError(f"{where}: id {d['id']} is not the DICE ID {did} of its key")
+        if did in out.keys:
+            raise RegistryFormatError(f"{where}: device {did} listed twice")
+        out.add(key, d["name"], d.get("role"))
+    return Registry(out, dict(obj.get("manifests", {})), int(obj.get("version", 0)))
+
+
+def verify_registry(block: bytes, root: RootOfTrust) -> DeviceRoots:
+    """Decode `block` and check its signatures against `root`; return the registered roots.
+
+    Raises RegistryFormatError (malformed) or RegistryVerificationError (below threshold)."""
+    return verify_signed_registry(block, root).roots
+
+
+def verify_signed_registry(block: bytes, root: RootOfTrust) -> Registry:
+    """`verify_registry`, returning the whole registry: roots, roles, manifests, version."""
+    if len(block) > MAX_REGISTRY:
+        raise RegistryFormatError(f"device registry of {len(block)} bytes exceeds {MAX_REGISTRY}")
+    try:
+        env = dagcbor.decode(block)
+    except FormatError as e:
+        raise RegistryFormatError(f"device registry: not DAG-CBOR: {e}") from None
+    if not isinstance(env, dict) or set(env) != {"registry", "signatures"} or not isinstance(env["signatures"], bytes):
+        raise RegistryFormatError("device registry: block must be {registry, signatures}")
+    reg = _parse(env["registry"])
+    try:
+        verify_threshold(env["signatures"], dagcbor.encode(env["registry"]), root, "device registry")
+    except VerificationError as e:
+        raise RegistryVerificationError(str(e)) from None
+    return reg

@@ -1,0 +1,1 @@
+"""e2e-tier tests (tests/conftest.py says what each tier may use)."""

@@ -1,0 +1,121 @@
+"""Reproducible builds from the real pinned Debian packages: same flow -> same manifest CID;
+one changed operation -> only the operations layer and the manifest change; stale pins fail
+clearly and write nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cidboot.ipld.car import CarReader
+from cidboot.ipld.unixfs.exporter import export_file
+from cidboot.store.blockstore import Blockstore
+from cidboot.trust import keys
+from cidboot.trust.manifest import SignedManifest
+from imagebuilder import flowfile
+from imagebuilder.lock import lock_path, make_lock
+
+pytestmark = pytest.mark.build  # downloads pinned packages / builds images
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def warm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A layer cache shared by the tests of this module (the first build fills it)."""
+    return tmp_path_factory.mktemp("layer-cache")
+
+
+@pytest.fixture(scope="module")
+def hello(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("flow") / "hello"
+    shutil.copytree(REPO / "examples/hello", d, ignore=shutil.ignore_patterns("keys", "flow.lock", "__pycache__"))
+    keys.write_keypair(keys.generate(), d / "keys/signer-1")
+    ff = flowfile.load(d / "flow.yaml")
+    lock_path(ff.path).write_text(make_lock(ff).to_json())  # apt-get download into ~/.cache/cidboot (reused)
+    return d / "flow.yaml"
+
+
+def _build(flow: Path, cache: Path, *out: str) -> dict[str, object]:
+    env = {**os.environ, "CIDBOOT_BUILD_CACHE": str(cache)}
+    proc = subprocess.run([sys.executable, "-m", "imagebuilder", "build", str(flow), "--json", *out],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
+def _roles(res: dict[str, object]) -> dict[str, str]:
+    layers = res["layers"]
+    assert isinstance(layers, list)
+    return {lyr["role"]: lyr["cid"] for lyr in layers}
+
+
+def test_same_flow_twice_same_manifest_then_one_op_changes_one_layer(hello: Path, tmp_path: Path,
+                                                                    warm_cache: Path) -> None:
+    store = tmp_path / "store"
+    a = _build(hello, warm_cache, "--store", str(store))
+    b = _build(hello, tmp_path / "cache-b", "--car", str(tmp_path / "out.car"))
+    assert a["manifest"] == b["manifest"]
+    assert _roles(a) == _roles(b)
+    assert list(_roles(a)) == ["kernel", "runtime", "agent", "operations", "config"]
+    assert not any(lyr["cached"] for lyr in b["layers"])  # type: ignore[attr-defined]
+
+    # the store holds a verifiable manifest naming exactly these layers, and every layer's bytes
+    bs = Blockstore(store)
+    from cidboot.ipld.cid import CID
+
+    signed = SignedManifest.decode(bs.get(CID.parse(str(a["manifest"]))))
+    assert {str(lyr.cid): lyr.role for lyr in signed.manifest.layers} == {v: k for k, v in _roles(a).items()}
+    ops_layer = next(lyr for lyr in signed.manifest.layers if lyr.role == "operations")
+    assert len(b"".join(export_file(ops_layer.cid, bs.get))) == ops_layer.size
+    assert signed.manifest.placement == {"device": ["hello"]}
+
+    # the CAR holds the same blocks, rooted at the manifest
+    with open(tmp_path / "out.car", "rb") as f:
+        r = CarReader(f)
+        blocks = dict(r)
+        assert [str(c) for c in r.roots] == [a["manifest"]]
+    assert len(blocks) == a["blocks"]
+
+    # a warm rebuild reuses every layer
+    warm = _build(hello, warm_cache, "--store", str(store))
+    assert warm["manifest"] == a["manifest"]
+    assert all(lyr["cached"] for lyr in warm["layers"])  # type: ignore[attr-defined]
+
+    # change one operation's code: only the operations layer (and the manifest) change
+    ops = hello.parent / "ops.py"
+    original = ops.read_text()
+    try:
+        ops.write_text(original.replace('f"hello, {name}"', 'f"hi, {name}"'))
+        c = _build(hello, warm_cache, "--store", str(store))
+    finally:
+        ops.write_text(original)
+    changed = {k for k in _roles(a) if _roles(a)[k] != _roles(c)[k]}
+    assert changed == {"operations"}
+    assert c["manifest"] != a["manifest"]
+    assert c["operations"] != a["operations"]
+
+
+def test_stale_pin_fails_with_refresh_hint_and_writes_nothing(hello: Path, tmp_path: Path) -> None:
+    d = tmp_path / "stale"
+    shutil.copytree(hello.parent, d)
+    lock = json.loads((d / "flow.lock").read_text())
+    lock["debs"]["linux-image-6.1.0-56-cloud-amd64"]["version"] = "6.1.0-gone"
+    lock["debs"]["linux-image-6.1.0-56-cloud-amd64"]["filename"] = "gone.deb"
+    (d / "flow.lock").write_text(json.dumps(lock))
+    store = tmp_path / "store"
+    env = {**os.environ, "CIDBOOT_BUILD_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "imagebuilder", "build", str(d / "flow.yaml"), "--store", str(store)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 1
+    assert "pinned linux-image-6.1.0-56-cloud-amd64 6.1.0-gone is not served by the configured apt mirrors" in proc.stderr
+    assert f"run `imagebuilder lock {d / 'flow.yaml'}` to refresh it" in proc.stderr
+    assert not store.exists()
+
+

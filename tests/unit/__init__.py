@@ -1,0 +1,1 @@
+"""unit-tier tests (tests/conftest.py says what each tier may use)."""

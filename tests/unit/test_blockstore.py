@@ -1,0 +1,98 @@
+"""The embedded block store: flatfs layout, atomic writes, verify on read, pins and gc."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from cidboot.ipld.cid import CID, DAG_CBOR, RAW, CIDMismatch
+from cidboot.ipld.dagcbor import encode
+from cidboot.ipld.unixfs import import_bytes
+from cidboot.store.blockstore import SHARDING, BlockNotFound, Blockstore, BlockstoreError, default_store_path
+
+
+def test_layout_matches_kubo_flatfs(tmp_path: Path) -> None:
+    s = Blockstore(tmp_path)
+    cid = s.put_block(b"hello", RAW)
+    # Kubo's key for a sha2-256 block is base32 of the multihash ("CIQ..."), sharded by the
+    # next-to-last two characters.
+    files = list((tmp_path / "blocks").rglob("*.data"))
+    assert len(files) == 1
+    key = files[0].stem
+    assert key.startswith("CIQ") and files[0].parent.name == key[-3:-1]
+    assert (tmp_path / "blocks" / "SHARDING").read_text().strip() == SHARDING
+    assert s.get(cid) == b"hello"
+
+
+def test_v0_and_v1_share_a_block(tmp_path: Path) -> None:
+    s = Blockstore(tmp_path)
+    r = import_bytes(b"x" * 10, s)
+    assert r.cid.version == 0
+    assert s.get(r.cid.to_v1()) == s.get(r.cid)
+
+
+def test_put_refuses_wrong_bytes(tmp_path: Path) -> None:
+    s = Blockstore(tmp_path)
+    with pytest.raises(CIDMismatch):
+        s.put(CID.of(b"a", RAW), b"b")
+    assert not s.has(CID.of(b"a", RAW))
+
+
+def test_corruption_detected_on_read(tmp_path: Path) -> None:
+    s = Blockstore(tmp_path)
+    cid = s.put_block(b"precious", RAW)
+    (f,) = (tmp_path / "blocks").rglob("*.data")
+    f.write_bytes(b"tampered")
+    with pytest.raises(CIDMismatch, match=str(cid)):
+        s.get(cid)
+
+
+def test_missing_block(tmp_path: Path) -> None:
+    with pytest.raises(BlockNotFound, match="not in the store"):
+        Blockstore(tmp_path).get(CID.of(b"nope", RAW))
+
+
+def test_no_temp_files_left(tmp_path: Path) -> None:
+    s = Blockstore(tmp_path)
+    for i in range(20):
+        s.put_block(bytes([i]) * 100, RAW)
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_pins_and_gc(tmp_path: Path) -> None:
+    s = Blockstore(tmp_path)
+    kept = import_bytes(random.Random(5).randbytes(1_000_000), s)  # multi-block file, no repeated chunks
+    node = s.put_block(encode({"file": kept.cid}), DAG_CBOR)
+    junk = s.put_block(b"junk", RAW)
+    s.pin(node)
+    assert s.pins() == [node]
+    assert s.gc() == 1
+    assert not s.has(junk) and s.has(kept.cid) and s.has(node)
+    s.unpin(node)
+    assert s.gc() == kept.blocks + 1
+    assert list(s.multihashes()) == []
+
+
+def test_pin_requires_whole_dag(tmp_path: Path) -> None:
+    s = Blockstore(tmp_path)
+    node = s.put_block(encode({"missing": CID.of(b"elsewhere", RAW)}), DAG_CBOR)
+    with pytest.raises(BlockNotFound):
+        s.pin(node)
+    assert s.pins() == []
+
+
+def test_foreign_sharding_refused(tmp_path: Path) -> None:
+    (tmp_path / "blocks").mkdir()
+    (tmp_path / "blocks" / "SHARDING").write_text("/repo/flatfs/shard/v1/prefix/2\n")
+    with pytest.raises(BlockstoreError, match="unsupported sharding"):
+        Blockstore(tmp_path)
+
+
+def test_default_store_path_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CIDBOOT_STORE", str(tmp_path / "s"))
+    assert default_store_path() == tmp_path / "s"
+    monkeypatch.delenv("CIDBOOT_STORE")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_store_path() == tmp_path / "xdg" / "cidboot" / "store"

@@ -1,0 +1,52 @@
+"""BootConfig: the optional peers and device_registry keys, strict decoding, old configs unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cidboot.ipld.cid import CID, DAG_CBOR, RAW
+from cidboot.netboot.bootconfig import BootConfig, BootConfigError
+
+M = CID.of(b"manifest", DAG_CBOR)
+R = CID.of(b"registry", DAG_CBOR)
+
+
+def doc(**kw: object) -> bytes:
+    d: dict[str, object] = {"version": 1, "manifest": str(M), "gateways": ["http://10.0.0.1:8080"]}
+    d.update(kw)
+    return json.dumps(d).encode()
+
+
+def test_old_config_bytes_unchanged() -> None:
+    cfg = BootConfig(M, ("http://10.0.0.1:8080",), {}, "worker")
+    raw = cfg.encode()
+    assert b"peers" not in raw and b"device_registry" not in raw
+    assert BootConfig.decode(raw) == cfg
+    assert raw == json.dumps({"gateways": ["http://10.0.0.1:8080"], "manifest": str(M), "on_failure": "poweroff",
+                              "role": "worker", "trust_anchor": {}, "version": 1}, separators=(",", ":")).encode()
+
+
+def test_peers_and_registry_round_trip() -> None:
+    cfg = BootConfig(M, ("http://gw",), role="sensor", peers={"aggregator": ("http://10.0.0.3:8000",)}, device_registry=R)
+    back = BootConfig.decode(cfg.encode())
+    assert back == cfg and back.peers == {"aggregator": ("http://10.0.0.3:8000",)} and back.device_registry == R
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"peers": ["http://x"]}, "peers must map roles"),
+    ({"peers": {"a": "http://x"}}, r"peers\['a'\] must be a list"),
+    ({"peers": {"a": ["ftp://x"]}}, r"peers\['a'\]"),
+    ({"peers": {"": ["http://x"]}}, r"peers\[''\]"),
+    ({"device_registry": 5}, "device_registry must be a CID string"),
+    ({"device_registry": "notacid"}, "device_registry: "),
+    ({"peer": {}}, "unknown keys"),
+])
+def test_strict(kw: dict[str, object], msg: str) -> None:
+    with pytest.raises(BootConfigError, match=msg):
+        BootConfig.decode(doc(**kw))
+
+
+def test_registry_any_codec() -> None:
+    assert BootConfig.decode(doc(device_registry=str(CID.of(b"r", RAW)))).device_registry == CID.of(b"r", RAW)

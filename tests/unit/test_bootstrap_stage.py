@@ -1,0 +1,393 @@
+"""The L1 bootstrap stage on the host (bootstrap.stage): a small fake image (blobs imported with
+cidboot.ipld.unixfs, manifest signed with cidboot.trust.manifest.sign_manifest) served by real gateways on
+loopback; DICE CDI_1 from a software derivation standing in for the firmware; rollback state
+in an NVRAM file kept between runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bootstrap.stage import main as stage_main
+from bootstrap.stage.nvram import Nvram
+from bootstrap.stage.tftp_get import TftpError, tftp_get
+from bootstrap.stage.verify import BootPlan, Refused, prepare
+from cidboot.ipld.cid import CID
+from cidboot.ipld.unixfs.importer import ImportOptions, import_bytes
+from cidboot.netboot.bootconfig import BootConfig
+from cidboot.store.blockstore import Blockstore
+from cidboot.trust import keys
+from cidboot.trust.cose import PrivateKey
+from cidboot.trust.cose_key import key_id
+from cidboot.trust.dice import DiceInputs, DiceMode, decode_handover, encode_handover, verify_chain
+from cidboot.trust.dice.software import derive_layers
+from cidboot.trust.manifest import Layer, Manifest, RootOfTrust, SignedManifest, sign_manifest
+from cidboot.trust.measure import image_inputs
+from tests.support.gateway_fixtures import proxy_gateway, running_gateway
+
+UDS = bytes(range(32))
+K1 = keys.generate()
+EVIL = keys.generate()
+ANCHOR = RootOfTrust.from_public_keys([K1.public_key()], 1)
+BLOBS = {"kernel": os.urandom(5000), "runtime": os.urandom(3000), "agent": os.urandom(2100), "config": b"cfg" * 100}
+OPTS = ImportOptions(cid_version=1, chunk_size=1024)
+
+
+def _store(tmp: Path) -> tuple[Blockstore, tuple[Layer, ...]]:
+    store = Blockstore(tmp / "server-store")
+    layers = tuple(Layer(import_bytes(data, store, OPTS).cid, len(data), role) for role, data in BLOBS.items())
+    return store, layers
+
+
+def _publish(store: Blockstore, layers: tuple[Layer, ...], *, version: int = 1, signer: PrivateKey = K1,
+             root: RootOfTrust = ANCHOR, expires: int | None = None) -> SignedManifest:
+    m = Manifest("hello", version, expires if expires is not None else int(time.time()) + 3600, layers, root,
+                 cmdline="console=ttyS0 quiet")
+    signed = sign_manifest(m, [signer])
+    store.put(signed.cid, signed.encode())
+    return signed
+
+
+def _firmware(config_raw: bytes) -> tuple[list[DiceInputs], bytes]:
+    """What the firmware would hand over: CDI_1 and [root, cert L0, cert L1]."""
+    inputs = [DiceInputs(code_hash=hashlib.sha512(b"firmware").digest(), mode=DiceMode.NORMAL),
+              DiceInputs(code_hash=hashlib.sha512(b"bootstrap").digest(), config_value=None,
+                         config_descriptor=config_raw, mode=DiceMode.NORMAL)]
+    ident = derive_layers(UDS, inputs)
+    return inputs, encode_handover(ident.cdi_attest, ident.cdi_seal, ident.chain)
+
+
+def _url(gw: object) -> str:
+    return f"http://127.0.0.1:{gw.server_address[1]}"  # type: ignore[attr-defined]
+
+
+def _run(tmp: Path, cid: CID, gateways: list[str], *, nvram: Path | None = None) -> tuple[BootPlan, list[DiceInputs]]:
+    cfg = BootConfig(cid, tuple(gateways))
+    raw = cfg.encode()
+    inputs, dice = _firmware(raw)
+    nv = nvram or _nvram(tmp)
+    plan = prepare(cfg, raw, dice, boot_mode="measured", anchor=ANCHOR, nvram=Nvram(nv),
+                   store=Blockstore(tmp / f"dev-store-{time.monotonic_ns()}"), timeout=3)
+    return plan, inputs
+
+
+def _nvram(tmp: Path) -> Path:
+    p = tmp / "nvram.img"
+    if not p.exists():
+        p.write_bytes(bytes(1 << 20))
+    return p
+
+
+def test_good_image_gives_a_plan_whose_chain_matches_the_software_derivation(tmp_path: Path) -> None:
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers)
+    with running_gateway(store) as gw:
+        plan, inputs = _run(tmp_path, signed.cid, [_url(gw)])
+    assert plan.kernel == BLOBS["kernel"]
+    assert plan.initrd == BLOBS["runtime"] + BLOBS["agent"] + BLOBS["config"]
+    assert plan.cmdline == "console=ttyS0 quiet"
+    assert plan.signers == [key_id(K1.public_key())]
+    h = plan.handoff
+    assert h.boot["boot_mode"] == "measured" and h.boot["manifest"] == str(signed.cid)
+    assert BootConfig.decode(h.boot["bootconfig"].encode()).manifest == signed.cid
+    assert h.dice is not None
+    got = decode_handover(h.dice)
+    want = derive_layers(UDS, [*inputs, image_inputs(signed.cid, signed.manifest, [key_id(K1.public_key())])])
+    assert (got.cdi_attest, got.cdi_seal, got.chain) == (want.cdi_attest, want.cdi_seal, want.chain)
+    chain = verify_chain(got.chain)
+    assert len(chain.entries) == 3
+    assert h.to_cpio()  # a valid hand-off for the image
+    # the accepted version is now in NVRAM
+    assert Nvram(_nvram(tmp_path)).load_state(ANCHOR).highest == {"hello": 1}
+
+
+def test_tampered_layer_is_refused_naming_its_cid(tmp_path: Path) -> None:
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers)
+    bad = layers[1].cid
+
+    def mangle(path: str, body: bytes) -> bytes:
+        return body[:-1] + bytes([body[-1] ^ 0xFF]) if str(bad) in path else body
+
+    with running_gateway(store) as gw, proxy_gateway(_url(gw), mangle) as lying:
+        with pytest.raises(Refused) as e:
+            _run(tmp_path, signed.cid, [lying])
+    assert e.value.check == f"layer {bad}"
+    assert str(e.value).startswith(f"layer {bad}: hash mismatch")
+    assert Nvram(_nvram(tmp_path)).read() is None  # nothing accepted, nothing persisted
+
+
+def test_first_gateway_down_or_lying_falls_back_to_the_second(tmp_path: Path) -> None:
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers)
+
+    def mangle(path: str, body: bytes) -> bytes:  # lies about every block, the manifest included
+        return body[:-1] + bytes([body[-1] ^ 1])
+
+    with running_gateway(store) as gw, proxy_gateway(_url(gw), mangle) as lying:
+        plan, _ = _run(tmp_path, signed.cid, ["http://127.0.0.1:1", _url(gw)])
+        assert plan.kernel == BLOBS["kernel"]
+        plan, _ = _run(tmp_path, signed.cid, [lying, _url(gw)])
+        assert plan.initrd == BLOBS["runtime"] + BLOBS["agent"] + BLOBS["config"]
+
+
+@pytest.mark.parametrize("claimed_root", ["anchor", "own"])
+def test_unknown_signing_key_is_refused(tmp_path: Path, claimed_root: str) -> None:
+    store, layers = _store(tmp_path)
+    root = ANCHOR if claimed_root == "anchor" else RootOfTrust.from_public_keys([EVIL.public_key()], 1)
+    signed = _publish(store, layers, signer=EVIL, root=root)
+    with running_gateway(store) as gw, pytest.raises(Refused) as e:
+        _run(tmp_path, signed.cid, [_url(gw)])
+    kid = key_id(EVIL.public_key()).hex()
+    assert str(e.value).startswith(f"manifest {signed.cid}: signed by unknown key {kid} (not in the trust anchor)")
+
+
+def test_rollback_is_refused_across_runs(tmp_path: Path) -> None:
+    store, layers = _store(tmp_path)
+    v2 = _publish(store, layers, version=2)
+    v1 = _publish(store, layers, version=1)
+    nv = _nvram(tmp_path)
+    with running_gateway(store) as gw:
+        _run(tmp_path, v2.cid, [_url(gw)], nvram=nv)
+        with pytest.raises(Refused) as e:
+            _run(tmp_path, v1.cid, [_url(gw)], nvram=nv)
+        assert str(e.value) == f"rollback: manifest {v1.cid} (hello) version 1 < 2 already booted"
+        _run(tmp_path, v2.cid, [_url(gw)], nvram=nv)  # the same version again is fine
+
+
+def test_expired_manifest_is_refused(tmp_path: Path) -> None:
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers, expires=int(time.time()) - 10)
+    with running_gateway(store) as gw, pytest.raises(Refused) as e:
+        _run(tmp_path, signed.cid, [_url(gw)])
+    assert e.value.check == "expiry" and str(signed.cid) in e.value.detail
+
+
+def test_corrupted_nvram_is_refused_clearly(tmp_path: Path) -> None:
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers)
+    nv = _nvram(tmp_path)
+    with running_gateway(store) as gw:
+        _run(tmp_path, signed.cid, [_url(gw)], nvram=nv)
+        raw = bytearray(nv.read_bytes())
+        raw[60] ^= 0x20
+        nv.write_bytes(bytes(raw))
+        with pytest.raises(Refused) as e:
+            _run(tmp_path, signed.cid, [_url(gw)], nvram=nv)
+    assert e.value.check == "nvram"
+    assert "checksum mismatch" in e.value.detail and str(signed.cid) in e.value.detail
+
+
+def test_manifest_unavailable_everywhere_is_refused(tmp_path: Path) -> None:
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers)
+    with pytest.raises(Refused, match=rf"manifest {signed.cid}: unavailable"):
+        _run(tmp_path, signed.cid, ["http://127.0.0.1:1"])
+
+
+@contextmanager
+def _tftp_server(root: Path) -> Iterator[int]:
+    import socket
+
+    import tftpy
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = tftpy.TftpServer(str(root))
+    t = threading.Thread(target=srv.listen, args=("127.0.0.1", port), daemon=True)
+    t.start()
+    time.sleep(0.3)
+    try:
+        yield port
+    finally:
+        srv.stop(now=True)
+        t.join(1)  # a daemon thread; tftpy may sit out its session timeout after the last ACK
+
+
+def test_tftp_get(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(os.urandom(1300))
+    (tmp_path / "b.bin").write_bytes(os.urandom(1024))  # a multiple of 512: ends with an empty block
+    with _tftp_server(tmp_path) as port:
+        assert tftp_get("127.0.0.1", "a.bin", port=port) == (tmp_path / "a.bin").read_bytes()
+        assert tftp_get("127.0.0.1", "b.bin", port=port) == (tmp_path / "b.bin").read_bytes()
+        with pytest.raises(TftpError, match="server error 1"):
+            tftp_get("127.0.0.1", "missing.bin", port=port)
+    with pytest.raises(TftpError, match="no answer"):
+        tftp_get("127.0.0.1", "a.bin", port=port, timeout=0.1, retries=2)
+
+
+def test_unmeasured_boot_fetches_its_config_over_tftp(tmp_path: Path) -> None:
+    """No hand-off (iPXE booted us): boot config over TFTP from the command line, an ephemeral
+    identity, boot_mode unmeasured in the hand-off."""
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers)
+    guest = tmp_path / "guest"
+    guest.mkdir()
+    start = stage_main.read_start(guest)
+    assert start.boot_mode == "unmeasured" and start.bootconfig is None and start.dice is not None
+    assert len(verify_chain(decode_handover(bytes(start.dice)).chain).entries) == 0  # one-entry chain
+    tftp_root = tmp_path / "tftp"
+    (tftp_root / "bootconfig").mkdir(parents=True)
+    anchor = tmp_path / "trust-anchor.json"
+    keys.write_root(ANCHOR, anchor)
+    with running_gateway(store) as gw, _tftp_server(tftp_root) as port:
+        (tftp_root / "bootconfig/52-54-00-12-34-56.json").write_bytes(BootConfig(signed.cid, (_url(gw),)).encode())
+        cmdline = tmp_path / "cmdline"
+        cmdline.write_text(f"cidboot.config=tftp://127.0.0.1:{port}/bootconfig/52-54-00-12-34-56.json console=ttyS0\n")
+        plan, cfg = stage_main.attempt(start, anchor_path=anchor, nvram_path=_nvram(tmp_path),
+                                       store_dir=tmp_path / "dev-store", cmdline_path=cmdline, network=False)
+    assert cfg.manifest == signed.cid
+    assert plan.handoff.boot["boot_mode"] == "unmeasured" and plan.handoff.dice is None
+    assert plan.kernel == BLOBS["kernel"]
+
+
+def test_measured_start_reads_and_erases_the_handoff(tmp_path: Path) -> None:
+    from cidboot.stage.handoff import Handoff
+
+    cfg_raw = BootConfig(CID.parse("bafyreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"), ("http://x",)).encode()
+    _, dice = _firmware(cfg_raw)
+    arch = Handoff(dice, {"boot_mode": "measured", "bootconfig": cfg_raw.decode()}).to_cpio()
+    import stat
+
+    from cidboot.stage.cpio import iter_newc
+
+    for member, data in iter_newc(arch):
+        p = tmp_path / member.path
+        if stat.S_ISDIR(member.mode):
+            p.mkdir(parents=True, exist_ok=True)
+        elif stat.S_ISREG(member.mode):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+    start = stage_main.read_start(tmp_path)
+    assert start.boot_mode == "measured" and start.bootconfig == cfg_raw and bytes(start.dice or b"") == dice
+    assert not (tmp_path / "run/cidboot/dice.cbor").exists()
+
+
+def test_stage_imports_nothing_the_image_lacks() -> None:
+    """The bootstrap image carries stdlib + cbor2 + cryptography only: no PyYAML, scapy, tftpy,
+    ipfshttpclient, pyroute2 or jsonschema may be reached from the stage's entry."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bootstrap.stage.main, bootstrap.stage.tftp_get, cidboot.stage.kexec, cidboot.netboot.netif, "
+            "cidboot.netboot.dhcp_client, cidboot.store.gateway.client, cidboot.ipld.unixfs.exporter; "
+            "print(sorted({m.split('.')[0] for m in sys.modules}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    top = set(re.findall(r"'([^']+)'", out))
+    assert not top & {"yaml", "scapy", "tftpy", "ipfshttpclient", "pyroute2", "jsonschema", "elftools"}, top
+
+
+class _Stop(Exception):
+    pass
+
+
+def _main_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cfg_raw: bytes) -> tuple[dict[str, object], list[tuple[Any, ...]]]:
+    """A measured hand-off under a fake root, and main()'s PID-1 actions (network, kexec, power
+    off) replaced by recorders."""
+    from cidboot.stage import kexec
+    from cidboot.stage.handoff import Handoff, canonical_json
+
+    _, dice = _firmware(cfg_raw)
+    guest = tmp_path / "guest"
+    (guest / "run/cidboot").mkdir(parents=True)
+    h = Handoff(dice, {"boot_mode": "measured", "bootconfig": cfg_raw.decode()})
+    (guest / "run/cidboot/dice.cbor").write_bytes(dice)
+    h.validate()
+    (guest / "run/cidboot/boot.json").write_bytes(canonical_json(h.boot))
+    anchor = tmp_path / "trust-anchor.json"
+    keys.write_root(ANCHOR, anchor)
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(stage_main, "network_up", lambda: "10.0.0.2")
+    monkeypatch.setattr(stage_main.pid1, "power_off", lambda reason="": calls.append(("power_off", reason)))
+    monkeypatch.setattr(kexec, "kexec_boot", lambda k, i, c: calls.append(("kexec", k, i, c)))
+    kw: dict[str, object] = {"root": guest, "anchor_path": anchor, "nvram_path": _nvram(tmp_path),
+                             "store_dir": tmp_path / "dev-store", "cmdline_path": tmp_path / "no-cmdline"}
+    return kw, calls
+
+
+def test_main_kexecs_verified_image_with_handoff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers)
+    with running_gateway(store) as gw:
+        kw, calls = _main_env(tmp_path, monkeypatch, BootConfig(signed.cid, (_url(gw),)).encode())
+        stage_main.main(**kw)  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "cidboot-stage: bootstrap start mode=measured\n" in out
+    assert f"cidboot-stage: bootstrap handover manifest={signed.cid}\n" in out
+    assert len(calls) == 2 and calls[0][0] == "kexec", calls
+    _, kernel, initrd, cmdline = calls[0]
+    assert kernel == BLOBS["kernel"] and cmdline == "console=ttyS0 quiet"
+    body = BLOBS["runtime"] + BLOBS["agent"] + BLOBS["config"]
+    assert initrd.startswith(body) and b"run/cidboot/dice.cbor" in initrd[len(body):]
+    assert calls[1] == ("power_off", "kexec returned")  # only reached because kexec is faked here
+
+
+def test_main_refuses_then_powers_off_or_retries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers, signer=EVIL)
+    with running_gateway(store) as gw:
+        kw, calls = _main_env(tmp_path, monkeypatch, BootConfig(signed.cid, (_url(gw),)).encode())
+        stage_main.main(**kw)  # type: ignore[arg-type]
+        out = capsys.readouterr().out
+        assert f"cidboot: refused: manifest {signed.cid}: signed by unknown key " in out
+        assert calls == [("power_off", "")]
+        assert "handover" not in out
+
+        sleeps: list[float] = []
+
+        def sleep(s: float) -> None:
+            sleeps.append(s)
+            if len(sleeps) == 2:
+                raise _Stop
+
+        monkeypatch.setattr(stage_main.time, "sleep", sleep)
+        kw, calls = _main_env(tmp_path / "r", monkeypatch,
+                              BootConfig(signed.cid, (_url(gw),), on_failure="retry").encode())
+        with pytest.raises(_Stop):
+            stage_main.main(**kw)  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert out.count("cidboot: refused: manifest") == 2 and sleeps == [stage_main.RETRY_PAUSE] * 2
+    assert calls == []
+
+
+def test_console_check_names_and_config_url() -> None:
+    from cidboot.netboot.dhcp_client import DhcpClientError
+
+    assert stage_main.describe(Refused("layer bafyx", "hash mismatch")) == "layer bafyx: hash mismatch"
+    assert stage_main.describe(DhcpClientError("no OFFER")) == "network: DhcpClientError: no OFFER"
+    assert stage_main.describe(OSError("boom")) == "bootstrap: OSError: boom"
+    assert stage_main.config_url("quiet cidboot.config=tftp://10.0.0.1/b.json x=1") == "tftp://10.0.0.1/b.json"
+    assert stage_main.config_url("quiet") is None
+
+
+def test_main_fails_closed_on_an_unexpected_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A bug or an exception nobody anticipated is still a console refusal and a power-off, and
+    the CDI_1 copy is zeroed: nothing is kexec'ed."""
+    cid = CID.parse("bafyreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy")
+    kw, calls = _main_env(tmp_path, monkeypatch, BootConfig(cid, ("http://127.0.0.1:1",)).encode())
+    seen: list[bytearray] = []
+
+    def boom(start: stage_main.Start, **_: object) -> None:
+        seen.append(start.dice or bytearray())
+        raise ValueError("unexpected")
+
+    monkeypatch.setattr(stage_main, "attempt", boom)
+    stage_main.main(**kw)  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "cidboot: refused: bootstrap: ValueError: unexpected\n" in out
+    assert calls == [("power_off", "")]
+    assert seen and seen[0] == bytearray(len(seen[0]))  # CDI_1 handover zeroed before power-off

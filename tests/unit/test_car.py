@@ -1,0 +1,123 @@
+"""CARv1 read/write, and refusal of truncated, garbled or lying CARs."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from cidboot.ipld import dagcbor, varint
+from cidboot.ipld.car import CarError, CarReader, CarWriter, encode_header, encode_section
+from cidboot.ipld.cid import CID, RAW, CIDMismatch
+
+A, B = b"block a", b"block b"
+CA, CB = CID.of(A, RAW), CID.of(B, RAW)
+
+
+def car_bytes(roots: list[CID] = [CA], blocks: list[tuple[CID, bytes]] = [(CA, A), (CB, B)]) -> bytes:  # noqa: B006
+    buf = io.BytesIO()
+    w = CarWriter(buf, roots)
+    for c, d in blocks:
+        w.write(c, d)
+    return buf.getvalue()
+
+
+def read_all(data: bytes) -> tuple[list[CID], list[tuple[CID, bytes]]]:
+    r = CarReader(io.BytesIO(data))
+    return r.roots, list(r)
+
+
+def test_round_trip() -> None:
+    roots, blocks = read_all(car_bytes())
+    assert roots == [CA] and blocks == [(CA, A), (CB, B)]
+
+
+def test_known_header_bytes() -> None:
+    # {"roots": [CA], "version": 1} in DAG-CBOR, length-prefixed: the spec's header shape.
+    hdr = encode_header([CA])
+    n, off = varint.decode(hdr)
+    assert dagcbor.decode(hdr[off:]) == {"roots": [CA], "version": 1} and n == len(hdr) - off
+
+
+@pytest.mark.parametrize("cut", [1, 5, 20, 60, -1, -len(B) - 3])
+def test_truncated_car_is_refused(cut: int) -> None:
+    data = car_bytes()[:cut]
+    with pytest.raises(CarError, match="truncated|empty|header"):
+        read_all(data)
+
+
+def test_block_that_does_not_match_its_cid() -> None:
+    bad = encode_header([CA]) + encode_section(CA, b"not block a")
+    with pytest.raises(CIDMismatch, match=str(CA)):
+        read_all(bad)
+
+
+@pytest.mark.parametrize(
+    "header, why",
+    [
+        ({"roots": [CA], "version": 2}, "unsupported CAR version"),
+        ({"roots": [], "version": 1}, "non-empty list"),
+        ({"roots": ["x"], "version": 1}, "non-empty list"),
+        ({"version": 1}, "exactly roots and version"),
+        ({"roots": [CA], "version": 1, "x": 1}, "exactly roots and version"),
+    ],
+)
+def test_bad_headers(header: dict, why: str) -> None:
+    raw = dagcbor.encode(header)
+    with pytest.raises(CarError, match=why):
+        read_all(varint.encode(len(raw)) + raw)
+
+
+def test_header_not_dagcbor() -> None:
+    with pytest.raises(CarError, match="not DAG-CBOR"):
+        read_all(b"\x03\xa1\x61\x61")
+
+
+def test_absurd_section_length() -> None:
+    with pytest.raises(CarError, match="out of range"):
+        read_all(encode_header([CA]) + varint.encode(2**40))
+
+
+def test_garbled_cid_in_section() -> None:
+    with pytest.raises(CarError, match="bad CID"):
+        read_all(encode_header([CA]) + varint.encode(5) + b"\x01\xff\xff\xff\x01")
+
+
+def test_header_length_zero_or_huge() -> None:
+    with pytest.raises(CarError, match="out of range"):
+        read_all(b"\x00")
+    with pytest.raises(CarError, match="out of range"):
+        read_all(varint.encode(10**9))
+
+
+def carv2(inner: bytes, padding: int = 5, trailer: bytes = b"INDEX-BYTES-NOT-A-SECTION") -> bytes:
+    """A CARv2 by its spec: pragma, 40-byte header (characteristics, data offset, data size,
+    index offset, little-endian), padding, the inner CARv1, then an index we do not read."""
+    from cidboot.ipld.car import CARV2_PRAGMA
+
+    data_offset = len(CARV2_PRAGMA) + 40 + padding
+    index_offset = data_offset + len(inner)
+    header = bytes(16) + b"".join(n.to_bytes(8, "little") for n in (data_offset, len(inner), index_offset))
+    return CARV2_PRAGMA + header + bytes(padding) + inner + trailer
+
+
+def test_carv2_is_unwrapped_to_its_inner_carv1() -> None:
+    roots, blocks = read_all(carv2(car_bytes()))
+    assert roots == [CA] and blocks == [(CA, A), (CB, B)]
+
+
+def test_carv2_truncated_or_pointing_backwards_is_refused() -> None:
+    whole = carv2(car_bytes())
+    with pytest.raises(CarError, match="truncated"):
+        read_all(whole[: len(whole) - 30])  # cut inside the inner CARv1's last section
+    bad = bytearray(whole)
+    bad[11 + 16 : 11 + 24] = (3).to_bytes(8, "little")  # data offset inside the header
+    with pytest.raises(CarError, match="points inside the header"):
+        read_all(bytes(bad))
+
+
+def test_trailing_garbage_after_last_section_is_refused() -> None:
+    with pytest.raises(CarError):
+        read_all(car_bytes() + b"\x05abc")  # a section that claims 5 bytes but has 3
+    with pytest.raises(CarError, match="bad CID"):
+        read_all(car_bytes() + b"\x03abc")  # a complete section whose CID is garbage

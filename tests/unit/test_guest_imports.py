@@ -1,0 +1,79 @@
+"""The guest/host import boundary (docs/adr/0002): what runs inside a boot stage imports no host tool.
+
+The minimal images carry only the modules their stage imports, and scapy, pyroute2, tftpy and
+ipfshttpclient are not among them: an import of one in guest code is a boot that dies with
+ModuleNotFoundError on the device, far from the change that caused it. Two checks: every import
+statement in guest code (including lazy ones inside functions), and a real import of each stage's
+entry point with those modules made unimportable.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HOST_ONLY = {"scapy", "pyroute2", "tftpy", "ipfshttpclient", "qemu", "yaml", "jsonschema", "elftools"}
+# packages whose every module may run in a guest stage
+GUEST_PACKAGES = ["cidboot/ipld", "cidboot/trust", "cidboot/netboot", "cidboot/stage", "bootstrap/stage", "firmware"]
+# host-only modules of cidboot that guest code must not reach either
+HOST_ONLY_CIDBOOT = {"cidboot.store.kubo"}
+STAGE_ENTRY_POINTS = ["firmware.stage", "bootstrap.stage.main", "agent.device"]
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def _guest_files() -> list[Path]:
+    files = [f for pkg in GUEST_PACKAGES for f in sorted((REPO / pkg).rglob("*.py"))]
+    assert files, "no guest code found: GUEST_PACKAGES is out of date"
+    return files
+
+
+def test_guest_code_imports_no_host_tool() -> None:
+    problems = []
+    for f in _guest_files():
+        for line, mod in _imports(f):
+            top = mod.split(".")[0]
+            if top in HOST_ONLY or any(mod == h or mod.startswith(h + ".") for h in HOST_ONLY_CIDBOOT):
+                problems.append(f"{f.relative_to(REPO)}:{line}: imports {mod}")
+    assert not problems, "guest code imports host-only modules:\n" + "\n".join(problems)
+
+
+def test_the_import_check_sees_a_violation(tmp_path: Path) -> None:
+    """The checker itself: a lazy import inside a function is found."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from scapy.all import Ether\n    import pyroute2\n")
+    assert [m for _, m in _imports(bad)] == ["scapy.all", "pyroute2"]
+
+
+BLOCKER = """
+import importlib.abc, sys
+BLOCKED = set(sys.argv[2].split(","))
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"host-only module {name} imported by guest code")
+sys.meta_path.insert(0, Block())
+import importlib
+importlib.import_module(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("entry", STAGE_ENTRY_POINTS)
+def test_stage_entry_point_imports_without_host_tools(entry: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", BLOCKER, entry, ",".join(sorted(HOST_ONLY))],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
