@@ -99,6 +99,7 @@ class DhcpPacket:
 
 
 def _check_option(code: int, value: bytes) -> None:
+    """Check one option's value, after RFC 3396 concatenation of its fragments."""
     want = _FIXED_LEN.get(code)
     if want is not None and len(value) != want:
         raise DhcpFormatError(f"option {code} must be {want} bytes, got {len(value)}")
@@ -113,7 +114,14 @@ def _check_option(code: int, value: bytes) -> None:
 
 
 def parse(data: bytes) -> DhcpPacket:
-    """Parse a BOOTP/DHCP packet; every defect raises DhcpFormatError with its reason."""
+    """Parse a BOOTP/DHCP packet; every defect raises DhcpFormatError with its reason.
+
+    A repeated option is concatenated (RFC 3396) only where that can apply: a fixed-length
+    option (message type, requested address, server identifier, lease time, UUID, NDI) fits in
+    one option and is never split, so a second copy is an ambiguity we refuse rather than guess
+    (two server identifiers once made the server crash on an 8-byte address). Every option is
+    checked after concatenation, so the properties below never see a malformed value.
+    """
     if len(data) < BOOTP_HEADER + len(MAGIC):
         raise DhcpFormatError(f"truncated: {len(data)} bytes, a DHCP packet has at least {BOOTP_HEADER + 4}")
     op, htype, hlen, _hops, xid, secs, flags = struct.unpack(">BBBBIHH", data[:12])
@@ -145,12 +153,18 @@ def parse(data: bytes) -> DhcpPacket:
         count += 1
         if count > MAX_OPTIONS:
             raise DhcpFormatError(f"more than {MAX_OPTIONS} options")
-        _check_option(code, value)
-        # RFC 3396: a repeated option is concatenated
+        if code in options and code in _FIXED_LEN:
+            raise DhcpFormatError(f"option {code} repeated: a {_FIXED_LEN[code]}-byte option is never split "
+                                  "(RFC 3396 concatenation does not apply)")
+        if code == OPT_OVERLOAD:
+            _check_option(code, value)
+        # RFC 3396: a repeated (variable-length) option is concatenated
         options[code] = options.get(code, b"") + value
         pos += 2 + length
     else:
         raise DhcpFormatError("options not terminated by an end option (255)")
+    for code, value in options.items():
+        _check_option(code, value)
     if OPT_MSG_TYPE not in options:
         raise DhcpFormatError("no option 53: not a DHCP message")
     return DhcpPacket(op, xid, secs, flags, ips[0], ips[1], ips[2], ips[3], mac,
