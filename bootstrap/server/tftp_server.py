@@ -1,9 +1,9 @@
 """Read-only TFTP server for PXE: RFC 1350 with options (RFC 2347), blksize (2348), tsize and
 timeout (2349) and windowsize (7440).
 
-tftpy parses the request port's packets; the transfer engine is ours because tftpy 0.8.7 has
-no windowsize, resolves paths without following symlinks, and cannot encode an ERROR with code
-0 (it once killed the server on its first "server busy"). Each transfer runs on its own socket
+Packets are read and written by cidboot.tftp, the one strict TFTP codec (the guests' client
+uses it too; tftpy's encoder, used here before, could not encode an ERROR with code 0 and once
+killed the server on its first "server busy"). Each transfer runs on its own socket
 (its TID) and thread, so one slow or hostile client never holds up the others. Paths are
 confined to the root after resolving symlinks; `..`, writes and unknown opcodes are refused
 with a TFTP error packet and logged.
@@ -28,25 +28,30 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from tftpy.TftpPacketFactory import TftpPacketFactory
-from tftpy.TftpPacketTypes import TftpPacketRRQ, TftpPacketWRQ
-
 from bootstrap.server.metrics import Metrics
+from cidboot import tftp
+from cidboot.tftp import (
+    BLKSIZE_RANGE,
+    DEFAULT_BLKSIZE,
+    ERR_ACCESS,
+    ERR_ILLEGAL_OP,
+    ERR_NOT_FOUND,
+    ERR_OPTIONS,
+    ERR_UNDEFINED,
+    ERR_UNKNOWN_TID,
+    TIMEOUT_RANGE,
+    WINDOW_RANGE,
+    TftpFormatError,
+)
 
 log = logging.getLogger("bootstrap.tftp")
 
-ERR_UNDEFINED, ERR_NOT_FOUND, ERR_ACCESS, ERR_ILLEGAL_OP, ERR_UNKNOWN_TID, ERR_OPTIONS = 0, 1, 2, 4, 5, 8
-BLKSIZE_RANGE = (8, 65464)  # RFC 2348
-WINDOW_RANGE = (1, 65535)  # RFC 7440
-TIMEOUT_RANGE = (1, 255)  # RFC 2349
-DEFAULT_BLKSIZE = 512
 DEFAULT_TIMEOUT = 2.0
 MAX_WINDOW = 64  # blocks in flight per transfer; more only feeds a stalled or hostile client
 MAX_TIMEOUT = 10  # seconds: the largest timeout option we honour
@@ -73,19 +78,6 @@ class TransferOptions:
     windowsize: int = 1
     timeout: float = DEFAULT_TIMEOUT
     tsize: bool = False
-
-
-def _err(code: int, msg: str) -> bytes:
-    """An ERROR packet with our message, whatever the code (0 included)."""
-    return struct.pack(">HH", 5, code) + msg.encode("ascii", "replace")[:200] + b"\0"
-
-
-def _dat(block: int, data: bytes) -> bytes:
-    return struct.pack(">HH", 3, block % 65536) + data
-
-
-def _oack(options: dict[str, str]) -> bytes:
-    return b"\0\6" + b"".join(k.encode("ascii") + b"\0" + v.encode("ascii") + b"\0" for k, v in options.items())
 
 
 def negotiate(options: dict[str, str], *, max_window: int = MAX_WINDOW,
@@ -198,16 +190,16 @@ class TftpServer:
     def handle_request(self, data: bytes, peer: tuple[str, int]) -> None:
         """One datagram on the request port: refuse it, or start a transfer on its own thread."""
         try:
-            pkt = TftpPacketFactory().parse(data)
-        except Exception as e:
-            self._refuse(peer, ERR_ILLEGAL_OP, f"malformed or unknown TFTP packet: {e}")
+            pkt = tftp.parse(data)
+        except TftpFormatError as e:
+            self._refuse(peer, ERR_ILLEGAL_OP, f"malformed TFTP packet: {e}")
             return
-        if isinstance(pkt, TftpPacketWRQ):
+        if isinstance(pkt, tftp.Request) and pkt.opcode == tftp.WRQ:
             self._refuse(peer, ERR_ACCESS, "this server is read-only")
-        elif isinstance(pkt, TftpPacketRRQ):
+        elif isinstance(pkt, tftp.Request):
             self._start(pkt, peer)
         else:
-            self._refuse(peer, ERR_ILLEGAL_OP, f"unexpected {type(pkt).__name__} on the request port")
+            self._refuse(peer, ERR_ILLEGAL_OP, f"unexpected {type(pkt).__name__.upper()} on the request port")
 
     def _take_slot(self, client: str) -> str | None:
         """Reserve a transfer slot for `client`; None if taken, else why not."""
@@ -227,7 +219,7 @@ class TftpServer:
             else:
                 self._active.pop(client, None)
 
-    def _start(self, req: TftpPacketRRQ, peer: tuple[str, int]) -> None:
+    def _start(self, req: tftp.Request, peer: tuple[str, int]) -> None:
         busy = self._take_slot(peer[0])
         if busy is not None:
             self.metrics.inc("tftp_busy_total")
@@ -235,7 +227,7 @@ class TftpServer:
             return
         try:
             try:
-                opts, oack = negotiate(req.options or {}, max_window=self.max_window, max_timeout=self.max_timeout)
+                opts, oack = negotiate(req.options, max_window=self.max_window, max_timeout=self.max_timeout)
                 src = self.open(req.filename, peer)
             except TftpRequestError as e:
                 self._refuse(peer, e.code, f"{req.filename}: {e}")
@@ -250,7 +242,7 @@ class TftpServer:
         self.metrics.inc("tftp_errors_total", code=str(code))
         log.warning("TFTP %s:%d refused: %s", peer[0], peer[1], msg, extra={"peer": peer[0], "error": msg})
         try:
-            self.sock.sendto(_err(code, msg), peer)
+            self.sock.sendto(tftp.error(code, msg), peer)
         except OSError:
             pass
 
@@ -286,7 +278,7 @@ class TftpServer:
                 oack["tsize"] = str(src.size)
             s.settimeout(opts.timeout)
             if oack:
-                self._send_oack(s, peer, _oack(oack))
+                self._send_oack(s, peer, tftp.oack(oack))
             sent = self._send_file(s, peer, src, opts)
             self.metrics.inc("tftp_transfers_total")
             self.metrics.inc("tftp_bytes_total", sent)
@@ -315,12 +307,16 @@ class TftpServer:
             except TimeoutError:
                 return None
             if src != peer:
-                s.sendto(_err(ERR_UNKNOWN_TID, "unknown transfer ID"), src)
+                s.sendto(tftp.error(ERR_UNKNOWN_TID, "unknown transfer ID"), src)
                 continue
-            if len(data) >= 4 and data[:2] == b"\0\4":
-                return int(struct.unpack(">H", data[2:4])[0])
-            if len(data) >= 4 and data[:2] == b"\0\5":
-                raise _GiveUp(f"client aborted with error {struct.unpack('>H', data[2:4])[0]}")
+            try:
+                pkt = tftp.parse(data)
+            except TftpFormatError:
+                continue
+            if isinstance(pkt, tftp.Ack):
+                return pkt.block
+            if isinstance(pkt, tftp.Error):
+                raise _GiveUp(f"client aborted with error {pkt.code}: {pkt.message[:80]}")
 
     def _timed_out(self, timeouts: int, peer: tuple[str, int]) -> None:
         if timeouts > self.retries:
@@ -360,10 +356,10 @@ class TftpServer:
                     budget -= 1
                     if budget < 0:
                         self.metrics.inc("tftp_errors_total", code="retransmit_budget")
-                        s.sendto(_err(ERR_UNDEFINED, "too many retransmissions"), peer)
+                        s.sendto(tftp.error(ERR_UNDEFINED, "too many retransmissions"), peer)
                         raise _GiveUp("retransmission budget spent")
                     self.metrics.inc("tftp_retransmitted_blocks_total")
-                s.sendto(_dat(n, data), peer)
+                s.sendto(tftp.data(n, data), peer)
                 highest = max(highest, n)
                 if len(data) < bs:
                     last, final, final_len = n, n, len(data)
