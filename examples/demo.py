@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                                 DiceInputs(code_hash=bs_hash, mode=DiceMode.NORMAL),
                                 image_inputs(mcid, got.manifest, signer_ids)])
     roots = DeviceRoots()
-    device_id = roots.add(ident.root_public_key, "demo-device-1")
+    device_id = roots.add(ident.root_public_key, "demo-device-1", role="hello")  # the registry says what it is
     roots.save(out / "device-roots.json")
 
     step("verifier: challenge with a fresh nonce and appraise the evidence")

@@ -5,7 +5,8 @@ server) only answers PXE clients, with boot information and no address, on port 
 port 4011. PXE ROMs get the boot file for their architecture; iPXE (user class "iPXE") gets
 its per-device script instead, so it does not chain-load itself forever; so does the cidboot L0
 firmware (user class "cidboot-firmware"), which interprets the script's kernel/initrd lines. Malformed packets are
-logged and counted, never fatal.
+logged and counted, never fatal; so is any exception a request raises in the handler (it is
+dropped, logged with its traceback and counted in /metrics, and the loop keeps serving).
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ class DhcpConfig:
 
 
 class DhcpServer:
-    def __init__(self, cfg: DhcpConfig, metrics: Metrics) -> None:
+    def __init__(self, cfg: DhcpConfig, metrics: Metrics, *, bind: bool = True) -> None:
+        """`bind=False` opens no sockets: tests and fuzzers drive `handle()` (or set `socks`)."""
         self.cfg, self.metrics = cfg, metrics
         self.socks: list[socket.socket] = []
         self._stop = threading.Event()
-        ports = [67] if cfg.leases is not None else [67, 4011]
+        ports = ([67] if cfg.leases is not None else [67, 4011]) if bind else []
         for port in ports:
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -70,7 +72,10 @@ class DhcpServer:
                     data, addr = s.recvfrom(4096)
                 except OSError:
                     continue
-                self.handle(s, data, addr)
+                try:
+                    self.handle(s, data, addr)
+                except Exception as e:  # one request never stops DHCP for everyone
+                    self.metrics.request_failed("dhcp", e, addr[0], log)
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -2,12 +2,19 @@
 
 Bounded on purpose: a flood of DISCOVERs from random MACs (starvation) can take at most the
 pool, and no MAC or the whole server can allocate faster than the configured rates.
+
+Durable on purpose: the lease file is replaced atomically (temporary file, fsync, rename, fsync
+of the directory), so a crash leaves the old or the new file, never a torn one; and a damaged
+file (empty, truncated, not our format) never stops the server from starting: it is logged,
+moved aside as `leases.json.damaged-<time>` for inspection, and the server starts with no
+leases (clients keep their addresses by asking again: REQUEST/INIT-REBOOT).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -16,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cidboot.errors import FormatError
+
+log = logging.getLogger("bootstrap.leases")
+TMP_PREFIX = ".leases-"
 
 
 class LeaseError(FormatError):
@@ -48,8 +58,12 @@ class LeaseDB:
         self._new_rate, self._mac_rate = new_per_second, per_mac_per_second
         self._new_tokens, self._new_t = new_per_second, time.monotonic()
         self._mac_seen: dict[str, tuple[float, float]] = {}  # mac -> (tokens, last time)
-        if path and path.exists():
-            self._load(path)
+        self.recovered: Path | None = None  # where a damaged lease file was moved on start
+        if path:
+            for stale in path.parent.glob(TMP_PREFIX + "*"):  # a save interrupted by a crash
+                stale.unlink(missing_ok=True)
+            if path.exists():
+                self._load(path)
 
     @staticmethod
     def _check_reservations(res: dict[str, str]) -> dict[str, str]:
@@ -66,21 +80,68 @@ class LeaseDB:
         return out
 
     def _load(self, path: Path) -> None:
+        """Read the lease file; a damaged one is moved aside and we start with no leases."""
         try:
-            for d in json.loads(path.read_text()):
-                if d["ip"] in self.pool:
-                    self.by_mac[d["mac"]] = Lease(d["mac"], d["ip"], float(d["expires"]), bool(d["bound"]))
-        except (ValueError, KeyError, TypeError) as e:
-            raise LeaseError(f"{path}: damaged lease file: {e}") from None
+            leases = self._parse(path.read_bytes())
+        except LeaseError as e:
+            aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+            os.replace(path, aside)
+            self.recovered = aside
+            log.error("damaged lease file %s (%s): moved to %s, starting with no leases", path, e, aside,
+                      extra={"path": str(path), "error": str(e), "moved_to": str(aside)})
+            return
+        for lease in leases:
+            if lease.ip in self.pool:  # the range may have changed since
+                self.by_mac[lease.mac] = lease
+
+    @staticmethod
+    def _parse(raw: bytes) -> list[Lease]:
+        """The leases in a lease file, or LeaseError saying what is wrong with it."""
+        if not raw.strip():
+            raise LeaseError("empty")
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise LeaseError(f"not JSON: {e}") from None
+        if not isinstance(doc, list):
+            raise LeaseError(f"a list of leases expected, got {type(doc).__name__}")
+        out = []
+        for i, d in enumerate(doc):
+            if not isinstance(d, dict) or set(d) != {"mac", "ip", "expires", "bound"}:
+                raise LeaseError(f"lease {i}: not a map of mac, ip, expires, bound")
+            mac, ip, expires, bound = d["mac"], d["ip"], d["expires"], d["bound"]
+            if not isinstance(mac, str) or not isinstance(ip, str) or not isinstance(bound, bool) \
+                    or isinstance(expires, bool) or not isinstance(expires, (int, float)):
+                raise LeaseError(f"lease {i}: wrong types")
+            try:
+                ipaddress.IPv4Address(ip)
+            except ValueError as e:
+                raise LeaseError(f"lease {i}: {e}") from None
+            out.append(Lease(mac, ip, float(expires), bound))
+        return out
 
     def save(self) -> None:
+        """Replace the lease file atomically and durably: the old or the new one survives a crash."""
         if not self.path:
             return
-        doc = [vars(lease) for lease in sorted(self.by_mac.values(), key=lambda x: x.ip)]
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".leases-")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(doc, separators=(",", ":")))  # dumps: the C encoder (dump with a file is pure Python)
-        os.replace(tmp, self.path)
+        with self._lock:
+            doc = [vars(lease).copy() for lease in sorted(self.by_mac.values(), key=lambda x: x.ip)]
+        raw = json.dumps(doc, separators=(",", ":")).encode()  # dumps: the C encoder
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=TMP_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)  # the rename itself is durable
+        finally:
+            os.close(dfd)
 
     def allow(self, mac: str) -> bool:
         """Per-MAC token bucket: a client that floats more than the rate is ignored for a while."""

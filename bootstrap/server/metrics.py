@@ -1,7 +1,13 @@
-"""Counters for /metrics, in the Prometheus text format."""
+"""Counters for /metrics, in the Prometheus text format.
+
+`request_failed` is what every server loop calls when one request raised something it did not
+expect: the request is dropped, the failure logged (with its traceback and the peer) and counted
+as `cidboot_request_exceptions_total{server=...,exception=...}`, and the loop goes on serving.
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 
@@ -19,6 +25,12 @@ class Metrics:
     def gauge(self, name: str, value: float) -> None:
         with self._lock:
             self._gauges[name] = value
+
+    def request_failed(self, server: str, exc: BaseException, peer: str, log: logging.Logger) -> None:
+        """One request of `server` raised `exc`: log it (structured, with traceback) and count it."""
+        self.inc("request_exceptions_total", server=server, exception=type(exc).__name__)
+        log.error("%s: request from %s failed: %s: %s", server, peer, type(exc).__name__, exc, exc_info=exc,
+                  extra={"peer": peer, "server": server, "exception": type(exc).__name__, "error": str(exc)})
 
     def get(self, name: str, **labels: str) -> float:
         return self._c.get((name, tuple(sorted(labels.items()))), 0)

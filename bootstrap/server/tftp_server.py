@@ -1,11 +1,26 @@
 """Read-only TFTP server for PXE: RFC 1350 with options (RFC 2347), blksize (2348), tsize and
 timeout (2349) and windowsize (7440).
 
-tftpy provides the wire format (its packet classes parse and encode every TFTP packet); the
-transfer engine is ours because tftpy 0.8.7 has no windowsize and resolves paths without
-following symlinks. Each transfer runs on its own socket (its TID) and thread, so one slow or
-hostile client never holds up the others. Paths are confined to the root after resolving
-symlinks; `..`, writes and unknown opcodes are refused with a TFTP error packet and logged.
+Packets are read and written by cidboot.netboot.tftp, the one strict TFTP codec (the guests' client
+uses it too; tftpy's encoder, used here before, could not encode an ERROR with code 0 and once
+killed the server on its first "server busy"). Each transfer runs on its own socket
+(its TID) and thread, so one slow or hostile client never holds up the others. Paths are
+confined to the root after resolving symlinks; `..`, writes and unknown opcodes are refused
+with a TFTP error packet and logged.
+
+Every resource a client can ask for is bounded (docs/boot-server.md, "Limits"):
+- transfers: `max_transfers` in all and `max_per_client` per client address; beyond that the
+  client gets ERROR 0 "server busy" and the server goes on serving;
+- the timeout option: values above `max_timeout` are declined (left out of the OACK, RFC 2347),
+  so a client cannot make a stalled transfer hold its slot for 255 s x retries;
+- windowsize: negotiated down to `max_window` blocks and 1 MiB in the OACK (RFC 7440 allows it);
+  blocks are read from the file when sent, never a window held in memory;
+- retransmissions: a stalled client gets `retries` timeouts; duplicate ACKs (the client's "I
+  lost the next block") make at most 2 early resends until the transfer progresses,
+  later ones are ignored (Sorcerer's Apprentice, RFC 1123 4.2.3.1); and every transfer has a
+  budget of re-sent blocks (`resend_factor` times its size plus `retries` windows): spent, the
+  transfer ends with an ERROR, so 4-byte ACKs cannot make the server send without bound.
+Any exception one request raises is logged, counted in /metrics and survived.
 """
 
 from __future__ import annotations
@@ -19,31 +34,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from tftpy.TftpPacketFactory import TftpPacketFactory
-from tftpy.TftpPacketTypes import (
-    TftpPacketACK,
-    TftpPacketDAT,
-    TftpPacketERR,
-    TftpPacketOACK,
-    TftpPacketRRQ,
-    TftpPacketWRQ,
-)
-
 from bootstrap.server.metrics import Metrics
+from cidboot.netboot import tftp
+from cidboot.netboot.tftp import (
+    BLKSIZE_RANGE,
+    DEFAULT_BLKSIZE,
+    ERR_ACCESS,
+    ERR_ILLEGAL_OP,
+    ERR_NOT_FOUND,
+    ERR_OPTIONS,
+    ERR_UNDEFINED,
+    ERR_UNKNOWN_TID,
+    TIMEOUT_RANGE,
+    WINDOW_RANGE,
+    TftpFormatError,
+)
 
 log = logging.getLogger("bootstrap.tftp")
 
-ERR_UNDEFINED, ERR_NOT_FOUND, ERR_ACCESS, ERR_ILLEGAL_OP, ERR_UNKNOWN_TID, ERR_OPTIONS = 0, 1, 2, 4, 5, 8
-BLKSIZE_RANGE = (8, 65464)  # RFC 2348
-WINDOW_RANGE = (1, 65535)  # RFC 7440
-TIMEOUT_RANGE = (1, 255)  # RFC 2349
-DEFAULT_BLKSIZE = 512
+DEFAULT_TIMEOUT = 2.0
+MAX_WINDOW = 64  # blocks in flight per transfer; more only feeds a stalled or hostile client
+MAX_TIMEOUT = 10  # seconds: the largest timeout option we honour
+MAX_WINDOW_BYTES = 1 << 20  # and at most this many bytes in flight (windowsize x blksize)
+RESEND_FACTOR = 8  # a transfer may re-send this many times its blocks (plus `retries` windows), no more
+MAX_DUP_RESENDS = 2  # early resends on duplicate ACKs until the transfer progresses; then the timeout decides
+MAX_PER_CLIENT = 8  # concurrent transfers per client address (a PXE client needs one)
 
 # A file source for generated content (per-device boot configs): name -> bytes or None.
 Generator = Callable[[str, tuple[str, int]], bytes | None]
 
 
 class TftpRequestError(Exception):
+    """A request we refuse; `code` is the TFTP error code sent back."""
+
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
@@ -53,19 +76,19 @@ class TftpRequestError(Exception):
 class TransferOptions:
     blksize: int = DEFAULT_BLKSIZE
     windowsize: int = 1
-    timeout: float = 2.0
+    timeout: float = DEFAULT_TIMEOUT
     tsize: bool = False
 
 
-def _err(code: int, msg: str) -> bytes:
-    p = TftpPacketERR()
-    p.errorcode = code
-    p.errmsg = msg.encode("ascii", "replace")[:200] if code == ERR_UNDEFINED else None
-    return bytes(p.encode().buffer)
+def negotiate(options: dict[str, str], *, max_window: int = MAX_WINDOW,
+              max_timeout: int = MAX_TIMEOUT) -> tuple[TransferOptions, dict[str, str]]:
+    """Accepted options and the OACK to send; values outside their RFC range are an error (code 8).
 
-
-def negotiate(options: dict[str, str]) -> tuple[TransferOptions, dict[str, str]]:
-    """Accepted options and the OACK to send; absurd values are an error (code 8)."""
+    windowsize is negotiated down to `max_window` blocks and `MAX_WINDOW_BYTES` (the OACK says
+    so); a timeout above
+    `max_timeout` is declined (RFC 2349 lets the server only echo the client's value or leave the
+    option out), so the transfer keeps our default timeout.
+    """
     t = TransferOptions()
     oack: dict[str, str] = {}
     for raw_name, value in options.items():
@@ -78,21 +101,62 @@ def negotiate(options: dict[str, str]) -> tuple[TransferOptions, dict[str, str]]
             lo, hi = {"blksize": BLKSIZE_RANGE, "windowsize": WINDOW_RANGE, "timeout": TIMEOUT_RANGE}[name]
             if not lo <= n <= hi:
                 raise TftpRequestError(ERR_OPTIONS, f"option {name}={n} outside {lo}..{hi}")
-            setattr(t, name, float(n) if name == "timeout" else n)
+            if name == "timeout":
+                if n > max_timeout:
+                    continue  # declined: not in the OACK, our default applies
+                t.timeout = float(n)
+            elif name == "windowsize":
+                t.windowsize = min(n, max_window)
+            else:
+                t.blksize = n
             oack[name] = str(n)
         elif name == "tsize":
             t.tsize = True
+    t.windowsize = min(t.windowsize, max(1, MAX_WINDOW_BYTES // t.blksize))
+    if "windowsize" in oack:
+        oack["windowsize"] = str(t.windowsize)  # RFC 7440: the server may answer a smaller window
     return t, oack
+
+
+@dataclass
+class _Source:
+    """What one transfer sends: an open file (read block by block when sent) or generated bytes."""
+
+    file: BinaryIO | None
+    content: bytes | None
+    size: int
+
+    def block(self, n: int, bs: int) -> bytes:
+        """Block `n` (counting from 1, no wrap-around) of `bs` bytes; short at the end."""
+        off = (n - 1) * bs
+        if self.content is not None:
+            return self.content[off : off + bs]
+        assert self.file is not None
+        self.file.seek(off)
+        return self.file.read(bs)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class _GiveUp(Exception):
+    """The transfer ends (client gone, aborted, or over its retransmission budget)."""
 
 
 class TftpServer:
     def __init__(self, root: Path, host: str = "0.0.0.0", port: int = 69, *, metrics: Metrics | None = None,
-                 generator: Generator | None = None, max_transfers: int = 512, retries: int = 5) -> None:
+                 generator: Generator | None = None, max_transfers: int = 512, max_per_client: int = MAX_PER_CLIENT,
+                 retries: int = 5, resend_factor: int = RESEND_FACTOR, max_window: int = MAX_WINDOW,
+                 max_timeout: int = MAX_TIMEOUT) -> None:
         self.root = Path(os.path.realpath(root))
         self.metrics = metrics or Metrics()
         self.generator = generator
-        self.retries = retries
-        self._slots = threading.BoundedSemaphore(max_transfers)
+        self.retries, self.resend_factor = retries, resend_factor
+        self.max_transfers, self.max_per_client = max_transfers, max_per_client
+        self.max_window, self.max_timeout = max_window, max_timeout
+        self._active: dict[str, int] = {}  # client address -> transfers running
+        self._lock = threading.Lock()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
@@ -102,7 +166,6 @@ class TftpServer:
 
     def serve_forever(self) -> None:
         self.sock.settimeout(0.5)
-        factory = TftpPacketFactory()
         while not self._stop.is_set():
             try:
                 data, peer = self.sock.recvfrom(65536)
@@ -111,33 +174,79 @@ class TftpServer:
             except OSError:
                 return
             try:
-                pkt = factory.parse(data)
-            except Exception as e:
-                self._refuse(peer, ERR_ILLEGAL_OP, f"malformed or unknown TFTP packet: {e}")
-                continue
-            if isinstance(pkt, TftpPacketWRQ):
-                self._refuse(peer, ERR_ACCESS, "this server is read-only")
-            elif isinstance(pkt, TftpPacketRRQ):
-                if not self._slots.acquire(blocking=False):
-                    self._refuse(peer, ERR_UNDEFINED, "server busy, try again")
-                    continue
-                threading.Thread(target=self._transfer, args=(pkt, peer), daemon=True).start()
-            else:
-                self._refuse(peer, ERR_ILLEGAL_OP, f"unexpected {type(pkt).__name__} on the request port")
+                self.handle_request(data, peer)
+            except Exception as e:  # one request never stops TFTP for everyone
+                self.metrics.request_failed("tftp", e, peer[0], log)
 
     def shutdown(self) -> None:
         self._stop.set()
         self.sock.close()
 
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return sum(self._active.values())
+
+    def handle_request(self, data: bytes, peer: tuple[str, int]) -> None:
+        """One datagram on the request port: refuse it, or start a transfer on its own thread."""
+        try:
+            pkt = tftp.parse(data)
+        except TftpFormatError as e:
+            self._refuse(peer, ERR_ILLEGAL_OP, f"malformed TFTP packet: {e}")
+            return
+        if isinstance(pkt, tftp.Request) and pkt.opcode == tftp.WRQ:
+            self._refuse(peer, ERR_ACCESS, "this server is read-only")
+        elif isinstance(pkt, tftp.Request):
+            self._start(pkt, peer)
+        else:
+            self._refuse(peer, ERR_ILLEGAL_OP, f"unexpected {type(pkt).__name__.upper()} on the request port")
+
+    def _take_slot(self, client: str) -> str | None:
+        """Reserve a transfer slot for `client`; None if taken, else why not."""
+        with self._lock:
+            if self._active.get(client, 0) >= self.max_per_client:
+                return f"server busy: {self.max_per_client} transfers already running for {client}"
+            if sum(self._active.values()) >= self.max_transfers:
+                return "server busy, try again"
+            self._active[client] = self._active.get(client, 0) + 1
+            return None
+
+    def _free_slot(self, client: str) -> None:
+        with self._lock:
+            left = self._active.get(client, 0) - 1
+            if left > 0:
+                self._active[client] = left
+            else:
+                self._active.pop(client, None)
+
+    def _start(self, req: tftp.Request, peer: tuple[str, int]) -> None:
+        busy = self._take_slot(peer[0])
+        if busy is not None:
+            self.metrics.inc("tftp_busy_total")
+            self._refuse(peer, ERR_UNDEFINED, busy)
+            return
+        try:
+            try:
+                opts, oack = negotiate(req.options, max_window=self.max_window, max_timeout=self.max_timeout)
+                src = self.open(req.filename, peer)
+            except TftpRequestError as e:
+                self._refuse(peer, e.code, f"{req.filename}: {e}")
+                self._free_slot(peer[0])
+                return
+            threading.Thread(target=self._transfer, args=(req.filename, src, opts, oack, peer), daemon=True).start()
+        except BaseException:
+            self._free_slot(peer[0])
+            raise
+
     def _refuse(self, peer: tuple[str, int], code: int, msg: str) -> None:
         self.metrics.inc("tftp_errors_total", code=str(code))
         log.warning("TFTP %s:%d refused: %s", peer[0], peer[1], msg, extra={"peer": peer[0], "error": msg})
         try:
-            self.sock.sendto(_err(code, msg), peer)
+            self.sock.sendto(tftp.error(code, msg), peer)
         except OSError:
             pass
 
-    def open(self, name: str, peer: tuple[str, int]) -> tuple[BinaryIO | None, bytes | None, int]:
+    def open(self, name: str, peer: tuple[str, int]) -> _Source:
         """Resolve a requested name inside the root (or from the generator)."""
         if "\0" in name or any(part == ".." for part in name.replace("\\", "/").split("/")):
             raise TftpRequestError(ERR_ACCESS, f"path {name!r} leaves the TFTP root")
@@ -145,114 +254,133 @@ class TftpServer:
         if self.generator is not None:
             content = self.generator(rel, peer)
             if content is not None:
-                return None, content, len(content)
-        path = os.path.realpath(self.root / rel)
+                return _Source(None, content, len(content))
+        try:
+            path = os.path.realpath(self.root / rel)
+        except (OSError, ValueError) as e:
+            raise TftpRequestError(ERR_ACCESS, f"path {name!r}: {e}") from None
         if path != str(self.root) and not path.startswith(str(self.root) + os.sep):
             raise TftpRequestError(ERR_ACCESS, f"path {name!r} resolves outside the TFTP root")
         if not os.path.isfile(path):
             raise TftpRequestError(ERR_NOT_FOUND, f"{name}: no such file")
-        f = open(path, "rb")
-        return f, None, os.fstat(f.fileno()).st_size
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise TftpRequestError(ERR_ACCESS, f"{name}: {e.strerror}") from None
+        return _Source(f, None, os.fstat(f.fileno()).st_size)
 
-    def _transfer(self, req: TftpPacketRRQ, peer: tuple[str, int]) -> None:
+    def _transfer(self, name: str, src: _Source, opts: TransferOptions, oack: dict[str, str],
+                  peer: tuple[str, int]) -> None:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        f: BinaryIO | None = None
         try:
             s.bind((self.host if self.host != "0.0.0.0" else "", 0))
-            try:
-                opts, oack = negotiate(req.options or {})
-                f, content, size = self.open(req.filename, peer)
-            except TftpRequestError as e:
-                self.metrics.inc("tftp_errors_total", code=str(e.code))
-                log.warning("TFTP %s from %s refused: %s", req.filename, peer[0], e, extra={"peer": peer[0], "file": req.filename})
-                s.sendto(_err(e.code, str(e)), peer)
-                return
             if opts.tsize:
-                oack["tsize"] = str(size)
+                oack["tsize"] = str(src.size)
             s.settimeout(opts.timeout)
             if oack:
-                p = TftpPacketOACK()
-                p.options = oack
-                if self._send_until_ack(s, peer, [bytes(p.encode().buffer)], 0) != 0:
-                    return  # client gone, or it did not accept our options
-            sent = self._send_file(s, peer, f, content, opts)
-            if sent is not None:
-                self.metrics.inc("tftp_transfers_total")
-                self.metrics.inc("tftp_bytes_total", sent)
-                log.info("TFTP sent %s (%d bytes) to %s", req.filename, sent, peer[0],
-                         extra={"peer": peer[0], "file": req.filename, "bytes": sent, "blksize": opts.blksize,
-                                "windowsize": opts.windowsize})
+                self._send_oack(s, peer, tftp.oack(oack))
+            sent = self._send_file(s, peer, src, opts)
+            self.metrics.inc("tftp_transfers_total")
+            self.metrics.inc("tftp_bytes_total", sent)
+            log.info("TFTP sent %s (%d bytes) to %s", name, sent, peer[0],
+                     extra={"peer": peer[0], "file": name, "bytes": sent, "blksize": opts.blksize,
+                            "windowsize": opts.windowsize})
+        except _GiveUp as e:
+            log.warning("TFTP transfer of %s to %s ended: %s", name, peer[0], e,
+                        extra={"peer": peer[0], "file": name, "error": str(e)})
         except OSError as e:
             self.metrics.inc("tftp_errors_total", code="io")
-            log.warning("TFTP transfer to %s failed: %s", peer[0], e)
+            log.warning("TFTP transfer to %s failed: %s", peer[0], e, extra={"peer": peer[0], "file": name, "error": str(e)})
+        except Exception as e:  # a bug in one transfer is counted, never silent
+            self.metrics.request_failed("tftp", e, peer[0], log)
         finally:
-            if f is not None:
-                f.close()
+            src.close()
             s.close()
-            self._slots.release()
+            self._free_slot(peer[0])
 
-    def _send_until_ack(self, s: socket.socket, peer: tuple[str, int], packets: list[bytes], last_block: int) -> int | None:
-        """Send `packets` (a window ending in block `last_block`), wait for an ACK; return the
-        acknowledged block number (the window is resent on timeout), or None if the client is gone."""
-        for _ in range(self.retries + 1):
-            for pkt in packets:
-                s.sendto(pkt, peer)
-            while True:
-                try:
-                    data, src = s.recvfrom(65536)
-                except TimeoutError:
-                    break
-                if src != peer:
-                    s.sendto(_err(ERR_UNKNOWN_TID, "unknown transfer ID"), src)
-                    continue
-                try:
-                    pkt = TftpPacketFactory().parse(data)
-                except Exception:
-                    continue
-                if isinstance(pkt, TftpPacketERR):
-                    log.info("TFTP client %s aborted: error %s", peer[0], pkt.errorcode)
-                    return None
-                if isinstance(pkt, TftpPacketACK):
-                    return int(pkt.blocknumber)
-        log.warning("TFTP client %s stopped answering", peer[0])
-        self.metrics.inc("tftp_errors_total", code="timeout")
-        return None
-
-    def _send_file(self, s: socket.socket, peer: tuple[str, int], f: BinaryIO | None, content: bytes | None,
-                   opts: TransferOptions) -> int | None:
-        bs, win = opts.blksize, opts.windowsize
-
-        def block(n: int) -> bytes:  # n counts from 1, without wrap-around
-            off = (n - 1) * bs
-            if content is not None:
-                return content[off : off + bs]
-            assert f is not None
-            f.seek(off)
-            return f.read(bs)
-
-        base, total, done = 1, 0, False  # base: first block of the current window
-        while not done:
-            window, last_len = [], bs
-            for n in range(base, base + win):
-                data = block(n)
-                p = TftpPacketDAT()
-                p.blocknumber, p.data = n % 65536, data
-                window.append(bytes(p.encode().buffer))
-                last_len = len(data)
-                if last_len < bs:
-                    break
-            acked = self._send_until_ack(s, peer, window, base + len(window) - 1)
-            if acked is None:
+    def _recv_ack(self, s: socket.socket, peer: tuple[str, int]) -> int | None:
+        """The next ACK's block number from `peer`, or None on timeout. Packets from other
+        addresses get ERROR 5; an ERROR from the client ends the transfer; anything else is ignored."""
+        while True:
+            try:
+                data, src = s.recvfrom(65536)
+            except TimeoutError:
                 return None
-            # map the 16-bit ACK back into this window; an ACK for an earlier block resends from there
-            last = base + len(window) - 1
-            for n in range(last, base - 2, -1):
-                if n % 65536 == acked:
+            if src != peer:
+                s.sendto(tftp.error(ERR_UNKNOWN_TID, "unknown transfer ID"), src)
+                continue
+            try:
+                pkt = tftp.parse(data)
+            except TftpFormatError:
+                continue
+            if isinstance(pkt, tftp.Ack):
+                return pkt.block
+            if isinstance(pkt, tftp.Error):
+                raise _GiveUp(f"client aborted with error {pkt.code}: {pkt.message[:80]}")
+
+    def _timed_out(self, timeouts: int, peer: tuple[str, int]) -> None:
+        if timeouts > self.retries:
+            self.metrics.inc("tftp_errors_total", code="timeout")
+            raise _GiveUp(f"client stopped answering ({self.retries} retries)")
+
+    def _send_oack(self, s: socket.socket, peer: tuple[str, int], pkt: bytes) -> None:
+        """Send the OACK until the client acknowledges it (ACK 0)."""
+        timeouts = 0
+        s.sendto(pkt, peer)
+        while True:
+            acked = self._recv_ack(s, peer)
+            if acked == 0:
+                return
+            if acked is None:
+                timeouts += 1
+                self._timed_out(timeouts, peer)
+                s.sendto(pkt, peer)
+
+    def _send_file(self, s: socket.socket, peer: tuple[str, int], src: _Source, opts: TransferOptions) -> int:
+        """Send the file in windows (RFC 7440); return the bytes sent (without retransmissions).
+
+        Resends happen on a timeout (at most `retries` in a row), on an ACK inside the window
+        (the client lost what follows it), and on a duplicate ACK of the window's predecessor
+        (at most MAX_DUP_RESENDS without progress); all of them draw on one budget of re-sent blocks.
+        """
+        bs, win = opts.blksize, opts.windowsize
+        nblocks = src.size // bs + 1
+        budget = self.resend_factor * nblocks + self.retries * win  # re-sent blocks this transfer may spend
+        base, highest, timeouts, dup_resends = 1, 0, 0, 0
+        while True:
+            last = base + win - 1
+            final, final_len = None, 0  # the short block that ends the file, if it is in this window
+            for n in range(base, base + win):
+                data = src.block(n, bs)
+                if n <= highest:
+                    budget -= 1
+                    if budget < 0:
+                        self.metrics.inc("tftp_errors_total", code="retransmit_budget")
+                        s.sendto(tftp.error(ERR_UNDEFINED, "too many retransmissions"), peer)
+                        raise _GiveUp("retransmission budget spent")
+                    self.metrics.inc("tftp_retransmitted_blocks_total")
+                s.sendto(tftp.data(n, data), peer)
+                highest = max(highest, n)
+                if len(data) < bs:
+                    last, final, final_len = n, n, len(data)
                     break
-            else:
-                continue  # stray ACK: resend the window
-            if n == last and last_len < bs:
-                done = True
-            total = n * bs if not done else (n - 1) * bs + last_len
-            base = n + 1
-        return total
+            while True:
+                acked = self._recv_ack(s, peer)
+                if acked is None:
+                    timeouts += 1
+                    self._timed_out(timeouts, peer)
+                    break  # resend the window
+                # map the 16-bit ACK into [base - 1, last]
+                k = next((m for m in range(last, base - 2, -1) if m % 65536 == acked), None)
+                if k is None:
+                    continue  # stray ACK (an old window's): ignored
+                if k == base - 1:
+                    if dup_resends >= MAX_DUP_RESENDS:
+                        continue  # no more early resends without progress: the timeout decides
+                    dup_resends += 1
+                    break
+                timeouts, dup_resends = 0, 0
+                if k == final:
+                    return (k - 1) * bs + final_len
+                base = k + 1
+                break

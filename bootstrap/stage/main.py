@@ -30,6 +30,7 @@ from cidboot.stage.console import say
 
 USER_CLASS = b"cidboot-bootstrap"
 RETRY_PAUSE = 10.0  # seconds between attempts when the boot config says on_failure=retry
+MAX_BOOTCONFIG = 1 << 20  # a boot config is a few hundred bytes; anything bigger over TFTP is not what we asked for
 STORE_DIR = "/run/cidboot/store"  # rootfs is RAM: verified blocks live here until the kexec
 # docs/boot-chain.md: dice.cbor is absent for unmeasured boots, and cidboot.stage.handoff enforces it;
 # so the ephemeral identity of an unmeasured boot stays here until that contract carries it.
@@ -101,13 +102,13 @@ def network_up() -> str:
 
 
 def fetch_bootconfig(cmdline_path: str | Path = "/proc/cmdline") -> bytes:
-    from bootstrap.stage.tftp_get import TftpError, tftp_get_url
+    from cidboot.netboot.tftp_client import TftpError, get_url
 
     url = config_url(Path(cmdline_path).read_text())
     if url is None:
         raise Refused("bootconfig", "no hand-off and no cidboot.config=tftp://... on the kernel command line")
     try:
-        return tftp_get_url(url)
+        return get_url(url, max_size=MAX_BOOTCONFIG)
     except TftpError as e:
         raise Refused("bootconfig", str(e)) from None
 

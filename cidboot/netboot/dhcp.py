@@ -2,8 +2,9 @@
 
 Shared by the boot server and the L0 firmware's client. Parsing is our own, byte by byte, so
 that every malformed packet gets a precise reason (truncated option, wrong length, too many
-options...); building replies uses scapy's BOOTP/DHCP layers (server side only); client
-requests are encoded by hand (`encode_request`) so the guests never import scapy.
+options...). Encoding is ours too, for both sides: `encode_request` (clients: the firmware, the
+bootstrap, the agent, tests and benches) and `build_reply` (the boot server), so one module holds
+the wire format and the guests never import scapy (which stays a test and load-generation tool).
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class DhcpPacket:
 
 
 def _check_option(code: int, value: bytes) -> None:
+    """Check one option's value, after RFC 3396 concatenation of its fragments."""
     want = _FIXED_LEN.get(code)
     if want is not None and len(value) != want:
         raise DhcpFormatError(f"option {code} must be {want} bytes, got {len(value)}")
@@ -113,7 +115,14 @@ def _check_option(code: int, value: bytes) -> None:
 
 
 def parse(data: bytes) -> DhcpPacket:
-    """Parse a BOOTP/DHCP packet; every defect raises DhcpFormatError with its reason."""
+    """Parse a BOOTP/DHCP packet; every defect raises DhcpFormatError with its reason.
+
+    A repeated option is concatenated (RFC 3396) only where that can apply: a fixed-length
+    option (message type, requested address, server identifier, lease time, UUID, NDI) fits in
+    one option and is never split, so a second copy is an ambiguity we refuse rather than guess
+    (two server identifiers once made the server crash on an 8-byte address). Every option is
+    checked after concatenation, so the properties below never see a malformed value.
+    """
     if len(data) < BOOTP_HEADER + len(MAGIC):
         raise DhcpFormatError(f"truncated: {len(data)} bytes, a DHCP packet has at least {BOOTP_HEADER + 4}")
     op, htype, hlen, _hops, xid, secs, flags = struct.unpack(">BBBBIHH", data[:12])
@@ -145,40 +154,22 @@ def parse(data: bytes) -> DhcpPacket:
         count += 1
         if count > MAX_OPTIONS:
             raise DhcpFormatError(f"more than {MAX_OPTIONS} options")
-        _check_option(code, value)
-        # RFC 3396: a repeated option is concatenated
+        if code in options and code in _FIXED_LEN:
+            raise DhcpFormatError(f"option {code} repeated: a {_FIXED_LEN[code]}-byte option is never split "
+                                  "(RFC 3396 concatenation does not apply)")
+        if code == OPT_OVERLOAD:
+            _check_option(code, value)
+        # RFC 3396: a repeated (variable-length) option is concatenated
         options[code] = options.get(code, b"") + value
         pos += 2 + length
     else:
         raise DhcpFormatError("options not terminated by an end option (255)")
+    for code, value in options.items():
+        _check_option(code, value)
     if OPT_MSG_TYPE not in options:
         raise DhcpFormatError("no option 53: not a DHCP message")
     return DhcpPacket(op, xid, secs, flags, ips[0], ips[1], ips[2], ips[3], mac,
                       data[44:108].rstrip(b"\0"), data[108:236].rstrip(b"\0"), options)
-
-
-def build_reply(req: DhcpPacket, msg_type: int, *, server_ip: str, yiaddr: str = "0.0.0.0", siaddr: str | None = None,
-                boot_file: str = "", netmask: str | None = None, lease_seconds: int | None = None,
-                pxe: bool = False) -> bytes:
-    """A BOOTREPLY for `req` (scapy builds it)."""
-    from scapy.layers.dhcp import BOOTP, DHCP
-
-    opts: list[tuple[str, object] | str] = [("message-type", msg_type), ("server_id", server_ip)]
-    if lease_seconds is not None:
-        opts.append(("lease_time", lease_seconds))
-    if netmask:
-        opts.append(("subnet_mask", netmask))
-    if pxe:
-        opts.append(("vendor_class_id", b"PXEClient"))
-        if OPT_CLIENT_UUID in req.options:
-            opts.append((OPT_CLIENT_UUID, req.options[OPT_CLIENT_UUID]))  # type: ignore[arg-type]
-    if boot_file:
-        opts.append(("boot-file-name", boot_file.encode()))
-    opts.append("end")
-    pkt = BOOTP(op=2, xid=req.xid, flags=req.flags, ciaddr=req.ciaddr if msg_type == ACK else "0.0.0.0",
-                yiaddr=yiaddr, siaddr=siaddr or "0.0.0.0", giaddr=req.giaddr,
-                chaddr=bytes.fromhex(req.mac.replace(":", "")) + b"\0" * 10, file=boot_file.encode()) / DHCP(options=opts)
-    return bytes(pkt)
 
 
 OPT_SUBNET_MASK, OPT_ROUTER, OPT_LEASE_TIME, OPT_MAX_SIZE = 1, 3, 51, 57
@@ -233,6 +224,49 @@ def encode_request(mac: str, msg_type: int, *, xid: int, vendor_class: bytes | N
         opts.append(_opt(OPT_CLIENT_UUID, b"\0" + uuid))
     if user_class:
         opts.append(_opt(OPT_USER_CLASS, user_class))
+    pkt = head + MAGIC + b"".join(opts) + b"\xff"
+    return pkt + bytes(max(0, 300 - len(pkt)))
+
+
+OPT_RELAY_AGENT = 82
+
+
+def build_reply(req: DhcpPacket, msg_type: int, *, server_ip: str, yiaddr: str = "0.0.0.0", siaddr: str | None = None,
+                boot_file: str = "", netmask: str | None = None, lease_seconds: int | None = None,
+                pxe: bool = False) -> bytes:
+    """A BOOTREPLY for `req`: same xid, flags, giaddr and chaddr; ciaddr echoed in an ACK
+    (RFC 2131 table 3); options in the order 53, 54, 51, 1, 60 + 97 (PXE: RFC 4578 says a PXE
+    server echoes the client's UUID), 67, and the relay agent's option 82 echoed last, as
+    RFC 3046 requires. The boot file also goes into the BOOTP `file` field, which older PXE ROMs
+    read instead of option 67. Padded to the 300-byte BOOTP minimum."""
+    if not 1 <= msg_type <= 8:
+        raise DhcpFormatError(f"unknown message type {msg_type}")
+    name = boot_file.encode()
+    if len(name) > 127:
+        raise DhcpFormatError(f"boot file name of {len(name)} bytes does not fit the BOOTP file field (127)")
+    try:
+        chaddr = bytes.fromhex(req.mac.replace(":", ""))
+        ips = b"".join(ipaddress.IPv4Address(a).packed for a in (
+            req.ciaddr if msg_type == ACK else "0.0.0.0", yiaddr, siaddr or "0.0.0.0", req.giaddr))
+        server = ipaddress.IPv4Address(server_ip).packed
+        mask = ipaddress.IPv4Address(netmask).packed if netmask else None
+    except ValueError as e:
+        raise DhcpFormatError(f"reply: {e}") from None
+    head = struct.pack(">BBBBIHH", 2, 1, 6, 0, req.xid & 0xFFFFFFFF, 0, req.flags & 0xFFFF) + ips
+    head += chaddr.ljust(16, b"\0") + bytes(64) + name.ljust(128, b"\0")
+    opts = [_opt(OPT_MSG_TYPE, bytes([msg_type])), _opt(OPT_SERVER_ID, server)]
+    if lease_seconds is not None:
+        opts.append(_opt(OPT_LEASE_TIME, struct.pack(">I", lease_seconds)))
+    if mask is not None:
+        opts.append(_opt(OPT_SUBNET_MASK, mask))
+    if pxe:
+        opts.append(_opt(OPT_VENDOR_CLASS, b"PXEClient"))
+        if OPT_CLIENT_UUID in req.options:
+            opts.append(_opt(OPT_CLIENT_UUID, req.options[OPT_CLIENT_UUID]))
+    if name:
+        opts.append(_opt(OPT_BOOTFILE, name))
+    if OPT_RELAY_AGENT in req.options:
+        opts.append(_opt(OPT_RELAY_AGENT, req.options[OPT_RELAY_AGENT]))
     pkt = head + MAGIC + b"".join(opts) + b"\xff"
     return pkt + bytes(max(0, 300 - len(pkt)))
 

@@ -1,6 +1,7 @@
 """A stdlib-only TFTP read client: RFC 1350 (RRQ, octet), options RFC 2347 with blksize (2348),
 tsize and timeout (2349), and RFC 7440 windowsize. It runs inside the minimal guest images, so it
-imports nothing outside the standard library and cidboot.errors.
+imports nothing outside the standard library, cidboot.errors and cidboot.netboot.tftp (the one TFTP
+codec, shared with the boot server: every packet is parsed strictly there).
 
 Recovery is driven by the receiver, which is what makes a lossy boot network bearable:
 
@@ -26,14 +27,22 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from cidboot.errors import CidbootError
+from cidboot.netboot import tftp
+from cidboot.netboot.tftp import ACK as ACK
+from cidboot.netboot.tftp import BLKSIZE_RANGE as BLKSIZE_RANGE
+from cidboot.netboot.tftp import DATA as DATA
+from cidboot.netboot.tftp import DEFAULT_BLKSIZE as DEFAULT_BLKSIZE
+from cidboot.netboot.tftp import ERR_OPTIONS as ERR_OPTIONS
+from cidboot.netboot.tftp import ERR_UNKNOWN_TID as ERR_UNKNOWN_TID
+from cidboot.netboot.tftp import ERROR as ERROR
+from cidboot.netboot.tftp import OACK as OACK
+from cidboot.netboot.tftp import RRQ as RRQ
+from cidboot.netboot.tftp import WINDOW_RANGE as WINDOW_RANGE
+from cidboot.netboot.tftp import TftpFormatError
 
-RRQ, WRQ, DATA, ACK, ERROR, OACK = 1, 2, 3, 4, 5, 6
-ERR_UNKNOWN_TID, ERR_OPTIONS = 5, 8
-DEFAULT_BLKSIZE = 512
-BLKSIZE_RANGE = (8, 65464)  # RFC 2348
-WINDOW_RANGE = (1, 65535)  # RFC 7440
 MIN_RTO = 0.01  # a boot LAN answers in under a millisecond; a spurious timeout costs one re-sent window
 MAX_RTO = 1.0  # the timeout we ask the server for: waiting longer than it would gain nothing
 # A server without windowsize may ignore duplicate ACKs (RFC 1350 forbids answering them: the
@@ -72,24 +81,11 @@ class TftpProtocolError(TftpError):
     """The server broke the protocol in a way the transfer cannot survive (bad OACK, wrong size)."""
 
 
-def _options(opts: dict[str, str]) -> bytes:
-    return b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in opts.items())
-
-
 def parse_oack(payload: bytes) -> dict[str, str]:
-    """OACK body (after the opcode) -> {lowercase name: value}; FormatError-free: ValueError on junk."""
-    if not payload.endswith(b"\0"):
-        raise ValueError("OACK not NUL-terminated")
-    parts = payload[:-1].split(b"\0")
-    if len(parts) % 2:
-        raise ValueError("OACK has an option without a value")
-    out: dict[str, str] = {}
-    for i in range(0, len(parts), 2):
-        name, value = parts[i].decode("ascii").lower(), parts[i + 1].decode("ascii")
-        if not name or name in out:
-            raise ValueError(f"OACK option {name!r} empty or repeated")
-        out[name] = value
-    return out
+    """OACK body (after the opcode) -> {lowercase name: value}; TftpFormatError (a ValueError) on junk."""
+    p = tftp.parse(struct.pack(">H", OACK) + payload)
+    assert isinstance(p, tftp.OAck)
+    return p.options
 
 
 class _Rto:
@@ -153,6 +149,25 @@ def get(server: str, filename: str, *, port: int = 69, blksize: int = 1468, wind
                          progress, max_size, stats).run(False)
 
 
+def parse_url(url: str) -> tuple[str, int, str]:
+    """(host, port, path) of tftp://HOST[:PORT]/PATH (the `cidboot.config=` form); anything else
+    is a TftpError."""
+    try:
+        u = urlsplit(url)
+        host, port = u.hostname, u.port or 69
+    except ValueError as e:
+        raise TftpError(f"bad tftp URL {url!r}: {e}") from None
+    if u.scheme != "tftp" or not host or not u.path.strip("/"):
+        raise TftpError(f"only tftp://HOST/PATH URLs are supported, got {url!r}")
+    return host, port, u.path.lstrip("/")
+
+
+def get_url(url: str, **kw: object) -> bytes:
+    """`get` for a tftp://HOST[:PORT]/PATH URL; keyword arguments as for `get`."""
+    host, port, path = parse_url(url)
+    return get(host, path, port=port, **kw)  # type: ignore[arg-type]
+
+
 class _RetryPlain(Exception):
     """The server refused our options with ERROR 8 before the transfer began: ask again without."""
 
@@ -196,7 +211,7 @@ class _Transfer:
             if self.want_bs != DEFAULT_BLKSIZE:
                 opts["blksize"] = str(self.want_bs)
             opts["windowsize"] = str(self.want_win)  # even 1: an RFC 7440 server answers dup ACKs
-        rrq = struct.pack(">H", RRQ) + self.filename.encode() + b"\0octet\0" + _options(opts)
+        rrq = tftp.rrq(self.filename, opts)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             try:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -224,7 +239,7 @@ class _Transfer:
         def ack(n: int) -> None:
             nonlocal since_ack, ack_sent_at
             assert peer is not None
-            s.sendto(struct.pack(">HH", ACK, n % 65536), peer)
+            s.sendto(tftp.ack(n), peer)
             since_ack, ack_sent_at = 0, time.monotonic()
 
         s.sendto(rrq, self.dest)
@@ -254,19 +269,20 @@ class _Transfer:
             if peer is not None and src != peer:
                 # another transfer ID (e.g. a second answer to a re-sent RRQ): RFC 1350 says ERROR 5
                 if pkt[:2] != struct.pack(">H", ERROR):
-                    s.sendto(struct.pack(">HH", ERROR, ERR_UNKNOWN_TID) + b"unknown transfer ID\0", src)
+                    s.sendto(tftp.error(ERR_UNKNOWN_TID, "unknown transfer ID"), src)
                 continue
-            if len(pkt) < 4:
-                self._bad(f"{len(pkt)}-byte packet")
+            try:
+                p = tftp.parse(pkt)
+            except TftpFormatError as e:
+                self._bad(str(e))
                 continue
-            op, num = struct.unpack_from(">HH", pkt)
-            if op == ERROR:
-                msg = pkt[4:].split(b"\0", 1)[0].decode("utf-8", "replace")
+            if isinstance(p, tftp.Error):
+                num, msg = p.code, p.message
                 if num == ERR_OPTIONS and opts and not started:
                     raise _RetryPlain
                 raise TftpServerError(f"{self.where}: server error {num}: {msg}", filename=self.filename,
                                       code=num, server_message=msg)
-            if op == OACK:
+            if isinstance(p, tftp.OAck):
                 if started:
                     if peer == src and expect == 1:
                         ack(0)  # our ACK of the OACK was lost
@@ -276,21 +292,21 @@ class _Transfer:
                     continue
                 peer = src
                 try:
-                    bs, win, tsize = self._accept_oack(pkt[2:], opts)
+                    bs, win, tsize = self._accept_oack(p.options, opts)
                 except ValueError as e:
-                    s.sendto(struct.pack(">HH", ERROR, ERR_OPTIONS) + str(e).encode()[:200] + b"\0", src)
+                    s.sendto(tftp.error(ERR_OPTIONS, str(e)), src)
                     raise self._fail(TftpProtocolError, f"unacceptable OACK: {e}") from None
                 started, misses = True, 0
-                if "windowsize" not in opts or "windowsize" not in parse_oack(pkt[2:]):
+                if "windowsize" not in opts or "windowsize" not in p.options:
                     self.rto.plain()
                 if ack_sent_at is not None:
                     self.rto.sample(time.monotonic() - ack_sent_at)
                 ack(0)
                 continue
-            if op != DATA:
-                self._bad(f"opcode {op}")
+            if not isinstance(p, tftp.Data):
+                self._bad(f"a {type(p).__name__.upper()} from the server")
                 continue
-            data = memoryview(pkt)[4:]
+            num, data = p.block, p.data
             if len(data) > bs:
                 self._bad(f"DATA block {num} of {len(data)} bytes, blksize {bs}")
                 continue
@@ -322,7 +338,7 @@ class _Transfer:
             if ack_sent_at is not None:
                 self.rto.sample(time.monotonic() - ack_sent_at)
                 ack_sent_at = None
-            chunks.append(bytes(data))
+            chunks.append(data)
             got += len(data)
             if tsize is not None and got > tsize:
                 raise self._fail(TftpProtocolError, f"more than the announced tsize {tsize} bytes", expect)
@@ -335,7 +351,7 @@ class _Transfer:
             if len(data) < bs:  # the last block
                 self.stats["srtt_us"] = int((self.rto.srtt or 0.0) * 1e6)
                 for _ in range(FINAL_ACKS):
-                    s.sendto(struct.pack(">HH", ACK, expect % 65536), src)
+                    s.sendto(tftp.ack(expect), src)
                 if tsize is not None and got != tsize:
                     raise self._fail(TftpProtocolError, f"got {got} bytes, the server announced tsize {tsize}")
                 if self.progress:
@@ -348,8 +364,7 @@ class _Transfer:
                     self.progress(got, tsize)
             expect += 1
 
-    def _accept_oack(self, payload: bytes, asked: dict[str, str]) -> tuple[int, int, int | None]:
-        got = parse_oack(payload)
+    def _accept_oack(self, got: dict[str, str], asked: dict[str, str]) -> tuple[int, int, int | None]:
         unknown = set(got) - set(asked)
         if unknown:
             raise ValueError(f"options we did not ask for: {', '.join(sorted(unknown))}")

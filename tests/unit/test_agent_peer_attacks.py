@@ -228,7 +228,9 @@ def test_peer_budget_and_per_exchange_bounds_refuse_before_storing() -> None:
     assert o.accept(good, None) == []
     o.accept_blocks, o.peer_budget = 4096, 10
     assert o.accept(good, None) == []
-    assert not any(o.store.has(c) for c, _ in good)
+    store = o.store
+    assert isinstance(store, MemoryBlocks)
+    assert not any(store.has(c) for c, _ in good)
     assert [e.reason.split(":")[0] for e in o.audit.find("refused")] == ["PeerLimit", "PeerLimit"]
 
 

@@ -20,11 +20,11 @@ import pytest
 
 from bootstrap.stage import main as stage_main
 from bootstrap.stage.nvram import Nvram
-from bootstrap.stage.tftp_get import TftpError, tftp_get
 from bootstrap.stage.verify import BootPlan, Refused, prepare
 from cidboot.ipld.cid import CID
 from cidboot.ipld.unixfs.importer import ImportOptions, import_bytes
 from cidboot.netboot.bootconfig import BootConfig
+from cidboot.netboot.tftp_client import TftpError, get_url
 from cidboot.store.blockstore import Blockstore
 from cidboot.trust import keys
 from cidboot.trust.cose import PrivateKey
@@ -216,15 +216,22 @@ def _tftp_server(root: Path) -> Iterator[int]:
 
 
 def test_tftp_get(tmp_path: Path) -> None:
+    """The bootstrap's boot config comes through cidboot.netboot.tftp_client (the firmware's client), here
+    against another server (tftpy), by URL as the command line gives it."""
     (tmp_path / "a.bin").write_bytes(os.urandom(1300))
     (tmp_path / "b.bin").write_bytes(os.urandom(1024))  # a multiple of 512: ends with an empty block
     with _tftp_server(tmp_path) as port:
-        assert tftp_get("127.0.0.1", "a.bin", port=port) == (tmp_path / "a.bin").read_bytes()
-        assert tftp_get("127.0.0.1", "b.bin", port=port) == (tmp_path / "b.bin").read_bytes()
+        assert get_url(f"tftp://127.0.0.1:{port}/a.bin") == (tmp_path / "a.bin").read_bytes()
+        assert get_url(f"tftp://127.0.0.1:{port}/b.bin", options=False) == (tmp_path / "b.bin").read_bytes()
         with pytest.raises(TftpError, match="server error 1"):
-            tftp_get("127.0.0.1", "missing.bin", port=port)
+            get_url(f"tftp://127.0.0.1:{port}/missing.bin")
+        with pytest.raises(TftpError, match="more than 1000 bytes"):
+            get_url(f"tftp://127.0.0.1:{port}/a.bin", max_size=1000)
     with pytest.raises(TftpError, match="no answer"):
-        tftp_get("127.0.0.1", "a.bin", port=port, timeout=0.1, retries=2)
+        get_url(f"tftp://127.0.0.1:{port}/a.bin", timeout=0.1, retries=2)
+    for bad in ("http://127.0.0.1/a.bin", "tftp://127.0.0.1/", "tftp://127.0.0.1:99999/a"):
+        with pytest.raises(TftpError):
+            get_url(bad)
 
 
 def test_unmeasured_boot_fetches_its_config_over_tftp(tmp_path: Path) -> None:
@@ -280,7 +287,7 @@ def test_stage_imports_nothing_the_image_lacks() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, bootstrap.stage.main, bootstrap.stage.tftp_get, cidboot.stage.kexec, cidboot.netboot.netif, "
+    code = ("import sys, bootstrap.stage.main, cidboot.netboot.tftp_client, cidboot.stage.kexec, cidboot.netboot.netif, "
             "cidboot.netboot.dhcp_client, cidboot.store.gateway.client, cidboot.ipld.unixfs.exporter; "
             "print(sorted({m.split('.')[0] for m in sys.modules}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

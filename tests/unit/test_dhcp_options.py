@@ -146,3 +146,58 @@ def test_boot_config_names_the_peers_with_fixed_addresses(tmp_path: Path) -> Non
     cid = CID.parse("bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy")
     raw = BootConfig(cid, ("http://10.0.0.1:8080",), peers=server.peers("52:54:00:00:00:aa")).encode()
     assert BootConfig.decode(raw).peers == {"aggregator": ("http://10.0.0.13:8000",)}
+
+
+def _scapy_reply(req: dhcp.DhcpPacket, msg_type: int, **kw: object) -> bytes:
+    """The same reply built by scapy's BOOTP/DHCP layers: an independent encoder to compare ours with."""
+    from scapy.layers.dhcp import BOOTP, DHCP
+
+    opts: list[object] = [("message-type", msg_type), ("server_id", kw["server_ip"])]
+    if kw.get("lease_seconds") is not None:
+        opts.append(("lease_time", kw["lease_seconds"]))
+    if kw.get("netmask"):
+        opts.append(("subnet_mask", kw["netmask"]))
+    if kw.get("pxe"):
+        opts.append(("vendor_class_id", b"PXEClient"))
+        if dhcp.OPT_CLIENT_UUID in req.options:
+            opts.append((dhcp.OPT_CLIENT_UUID, req.options[dhcp.OPT_CLIENT_UUID]))
+    if kw.get("boot_file"):
+        opts.append(("boot-file-name", str(kw["boot_file"]).encode()))
+    opts.append("end")
+    pkt = BOOTP(op=2, xid=req.xid, flags=req.flags, ciaddr=req.ciaddr if msg_type == dhcp.ACK else "0.0.0.0",
+                yiaddr=kw.get("yiaddr", "0.0.0.0"), siaddr=kw.get("siaddr") or "0.0.0.0", giaddr=req.giaddr,
+                chaddr=bytes.fromhex(req.mac.replace(":", "")) + b"\0" * 10,
+                file=str(kw.get("boot_file", "")).encode()) / DHCP(options=opts)
+    return bytes(pkt)
+
+
+@pytest.mark.parametrize("msg_type, kw", [
+    (dhcp.OFFER, {"yiaddr": "10.0.0.9", "siaddr": "10.0.0.1", "boot_file": "ipxe.efi", "netmask": "255.255.255.0",
+                  "lease_seconds": 60, "pxe": True}),
+    (dhcp.ACK, {"yiaddr": "10.0.0.9", "siaddr": "10.0.0.1", "boot_file": "boot.ipxe", "lease_seconds": 3600}),
+    (dhcp.ACK, {"siaddr": "10.0.0.1", "boot_file": "x", "pxe": True}),
+    (dhcp.NAK, {}),
+])
+def test_our_reply_encoder_agrees_with_scapys(msg_type: int, kw: dict[str, object]) -> None:
+    uuid = bytes(range(16))
+    req = dhcp.parse(dhcp.encode_request("52:54:00:12:34:56", dhcp.REQUEST, xid=77, uuid=uuid, ciaddr="10.0.0.9"))
+    ours = dhcp.parse(dhcp.build_reply(req, msg_type, server_ip="10.0.0.1", **kw))  # type: ignore[arg-type]
+    theirs = dhcp.parse(_scapy_reply(req, msg_type, server_ip="10.0.0.1", **kw))
+    assert ours == theirs
+
+
+def test_reply_echoes_the_relay_agents_option_82_and_giaddr() -> None:
+    raw = bytearray(dhcp.encode_request("52:54:00:12:34:56", dhcp.DISCOVER, xid=5))
+    raw[24:28] = bytes([10, 88, 0, 1])  # giaddr: a relay on another subnet
+    end = raw.index(b"\xff", 240)
+    agent_info = b"\x01\x04eth1\x02\x03abc"  # circuit id, remote id (RFC 3046)
+    raw[end:end + 1] = bytes([82, len(agent_info)]) + agent_info + b"\xff"
+    req = dhcp.parse(bytes(raw))
+    r = dhcp.parse(dhcp.build_reply(req, dhcp.OFFER, server_ip="10.0.0.1", yiaddr="10.88.0.50"))
+    assert r.giaddr == "10.88.0.1" and r.options[82] == agent_info
+
+
+def test_reply_with_a_boot_file_too_long_for_bootp_is_refused() -> None:
+    req = dhcp.parse(GOOD)
+    with pytest.raises(dhcp.DhcpFormatError, match="does not fit the BOOTP file field"):
+        dhcp.build_reply(req, dhcp.OFFER, server_ip="10.0.0.1", boot_file="x" * 200)

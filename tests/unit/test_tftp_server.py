@@ -25,7 +25,9 @@ def server(tmp_path: Path) -> Iterator[TftpServer]:
     (tmp_path / "root" / "empty").write_bytes(b"")
     (tmp_path / "root" / "exact").write_bytes(b"z" * 1024)
     (tmp_path / "root" / "out").symlink_to("/etc/hostname")
-    srv = TftpServer(tmp_path / "root", "127.0.0.1", 0, generator=lambda n, p: b"generated" if n == "gen" else None)
+    # every test client is 127.0.0.1: allow the 64 (32 at a time) ones of test_many_concurrent_transfers
+    srv = TftpServer(tmp_path / "root", "127.0.0.1", 0, generator=lambda n, p: b"generated" if n == "gen" else None,
+                     max_per_client=64)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     yield srv
