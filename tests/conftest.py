@@ -1,3 +1,3 @@
 """Shared pytest plugins: fixture modules live beside the tests that use them."""
 
-pytest_plugins = ["tests.kubo_node"]
+pytest_plugins = ["tests.kubo_node", "tests.cluster_node"]

@@ -1,0 +1,180 @@
+"""`imagebuilder publish MANIFEST_CID`: copy a signed manifest's whole DAG to IPFS and pin it,
+on one Kubo node (`--kubo URL`) or replicated by an IPFS Cluster (`--cluster URL`).
+
+The DAG (signed manifest, flow, operations, every layer) is read from the local store by
+walking links from the manifest, written as one CARv1 and sent with `dag import` to a Kubo
+node. With `--cluster`, that node is one of the cluster's (its blocks are not pinned there by
+us: the cluster owns the pin), and the root is then pinned through the cluster's REST API
+with the replication factor; the command waits until MIN peers report it pinned and prints
+where. The cluster's Kubo nodes fetch the blocks from the importing node over bitswap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cidboot import dag
+from cidboot.blockstore import Blockstore, default_store_path
+from cidboot.car import CarWriter
+from cidboot.cid import CID, DAG_CBOR
+from cidboot.cli import print_json
+from cidboot.cluster import ClusterClient, PinStatus, Replication
+from cidboot.errors import CidbootError, FormatError, NotFoundError
+from cidboot.manifest import SignedManifest
+
+
+class NotAManifest(FormatError):
+    """The CID to publish is not a signed manifest."""
+
+
+class IncompleteDag(NotFoundError):
+    """A block under the manifest is missing from the local store: publishing it would pin a hole."""
+
+
+@dataclass(frozen=True)
+class CarFile:
+    path: Path
+    blocks: int
+    bytes: int
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "publish", help="copy a manifest's whole DAG to Kubo or an IPFS Cluster and pin it",
+        description="Send the DAG of MANIFEST_CID (manifest, flow, operations, layers) from the local store to a "
+                    "Kubo node as a CAR and pin it there (--kubo), or pin it through an IPFS Cluster with a "
+                    "replication factor and wait until MIN peers hold it (--cluster, plus --kubo: the cluster "
+                    "member's Kubo RPC that receives the CAR).")
+    p.add_argument("manifest", metavar="MANIFEST_CID")
+    p.add_argument("--cluster", metavar="URL", help="IPFS Cluster REST API of any peer, e.g. http://127.0.0.1:9094")
+    p.add_argument("--kubo", metavar="URL",
+                   help="Kubo RPC that receives the CAR, e.g. http://127.0.0.1:5001 (with --cluster: one of the "
+                        "cluster's Kubo nodes)")
+    p.add_argument("--replication", default="2:3", metavar="MIN:MAX",
+                   help="cluster copies: MIN:MAX, N (= N:N) or -1 (every peer); default 2:3")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                   help="seconds to wait for MIN peers to pin (default 300)")
+    p.add_argument("--store", type=Path, help=f"block store (default: $CIDBOOT_STORE or {default_store_path()})")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def write_car(root: CID, store: Blockstore, directory: str | None = None) -> CarFile:
+    """The whole DAG under `root`, each block once, as a CARv1 temp file (caller deletes it)."""
+    fd, tmp = tempfile.mkstemp(prefix="cidboot-publish-", suffix=".car", dir=directory)
+    n = size = 0
+    try:
+        with open(fd, "wb") as f:
+            w = CarWriter(f, [root])
+            for cid, block in dag.walk(root, store.get):
+                if cid.is_identity:
+                    continue
+                w.write(cid, block)
+                n += 1
+                size += len(block)
+    except NotFoundError as e:
+        os.unlink(tmp)
+        raise IncompleteDag(f"cannot publish {root}: {e} (the local store must hold the whole DAG)") from None
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return CarFile(Path(tmp), n, size)
+
+
+def load_manifest(root: CID, store: Blockstore) -> SignedManifest:
+    if root.codec != DAG_CBOR:
+        raise NotAManifest(f"{root} is a {root.codec_name} block, not a signed manifest (DAG-CBOR)")
+    try:
+        block = store.get(root)
+    except NotFoundError:
+        raise IncompleteDag(f"manifest {root} is not in the store {store.path}") from None
+    try:
+        return SignedManifest.decode(block)
+    except FormatError as e:
+        raise NotAManifest(f"{root} is not a signed manifest: {e}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.cluster and not args.kubo:
+        raise CidbootError("publish needs --kubo URL (one node) or --cluster URL --kubo URL (replicated)")
+    if args.cluster and not args.kubo:
+        raise CidbootError(
+            "--cluster needs --kubo URL: the Kubo RPC of one cluster member, which receives the CAR "
+            "(the cluster's REST API pins, its Kubo nodes hold the blocks)"
+        )
+    try:
+        root = CID.parse(args.manifest)
+    except FormatError as e:
+        raise FormatError(f"MANIFEST_CID {args.manifest!r}: {e}") from None
+    replication = Replication.parse(args.replication)
+    quiet = args.quiet or args.json
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"imagebuilder: {msg}", file=sys.stderr, flush=True)
+
+    store = Blockstore(args.store)
+    signed = load_manifest(root, store)
+    cluster = ClusterClient(args.cluster) if args.cluster else None
+    if cluster is not None:  # ask before sending anything: a wrong URL fails in one second, not after the CAR
+        peers = cluster.peers()
+        say(f"cluster at {cluster.url}: {len(peers)} peers, {sum(1 for p in peers if not p.error)} answering")
+
+    from cidboot.kubo import KuboClient  # ipfshttpclient: only when publishing
+
+    t0 = time.monotonic()
+    car = write_car(root, store)
+    try:
+        say(f"sending {car.blocks} blocks ({car.bytes / 2**20:.1f} MiB) of {signed.manifest.name} "
+            f"v{signed.manifest.version} to Kubo at {args.kubo}")
+        kubo = KuboClient(args.kubo)
+        roots = kubo.dag_import(car.path, pin_roots=cluster is None)
+    finally:
+        car.path.unlink()
+    if roots and root not in roots:
+        raise CidbootError(f"Kubo at {args.kubo} imported roots {[str(r) for r in roots]}, not {root}")
+    t_import = time.monotonic() - t0
+    out: dict[str, Any] = {
+        "cid": str(root), "name": signed.manifest.name, "version": signed.manifest.version,
+        "blocks": car.blocks, "bytes": car.bytes, "kubo": args.kubo, "import_seconds": round(t_import, 3),
+    }
+    if cluster is None:
+        if args.json:
+            print_json(out)
+        else:
+            print(root)
+        return 0
+
+    pin = cluster.pin(root, replication, name=f"{signed.manifest.name} v{signed.manifest.version}")
+    say(f"pinned {root} in the cluster ({replication}), allocated to {len(pin.allocations) or 'every'} peers; "
+        f"waiting for {'every live peer' if replication.everywhere else replication.min}")
+    last = [""]
+
+    def progress(st: PinStatus) -> None:
+        line = st.summary()
+        if line != last[0]:
+            last[0] = line
+            say(f"{root}: {line}")
+
+    st = cluster.wait_for(root, replication, timeout=args.timeout, progress=progress)
+    out.update({
+        "cluster": cluster.url, "replication": {"min": replication.min, "max": replication.max},
+        "allocations": list(pin.allocations), "seconds": round(time.monotonic() - t0, 3),
+        "peers": [{"peer": p.peer, "peername": p.peername, "status": p.status, "ipfs_peer_id": p.ipfs_id}
+                  for p in sorted(st.peers.values(), key=lambda p: p.peer)],
+        "pinned": sorted(p.peer for p in st.pinned),
+    })
+    if args.json:
+        print_json(out)
+        return 0
+    for p in sorted(st.peers.values(), key=lambda p: (p.status != "pinned", p.peer)):
+        print(f"{p.status:<10} {p.peer} {p.peername}")
+    print(root)
+    return 0
