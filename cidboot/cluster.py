@@ -18,13 +18,14 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from cidboot.cid import CID
 from cidboot.errors import CidbootError, FormatError, NotFoundError
@@ -176,6 +177,27 @@ class PinStatus:
         ) or "no peer reports this pin"
 
 
+class _Concat:
+    """head + file + tail as one readable body (http.client streams it: a CAR is not read into memory)."""
+
+    def __init__(self, head: bytes, f: BinaryIO, tail: bytes) -> None:
+        self._parts: list[Any] = [head, f, tail]
+
+    def read(self, n: int = -1) -> bytes:
+        while self._parts:
+            part = self._parts[0]
+            if isinstance(part, bytes):
+                self._parts.pop(0)
+                if part:
+                    return part
+                continue
+            data = part.read(1 << 20)  # http.client asks for 8 KiB: larger reads cost less
+            if data:
+                return bytes(data)
+            self._parts.pop(0)
+        return b""
+
+
 def _str(d: dict[str, Any], key: str, where: str, *, required: bool = False) -> str:
     v = d.get(key)
     if v is None and not required:
@@ -277,13 +299,16 @@ class ClusterClient:
         self.url = f"{u.scheme}://{host}{f':{port}' if port else ''}{u.path.rstrip('/')}"
         self.timeout = timeout
 
-    def _request(self, method: str, path: str, query: dict[str, str] | None = None) -> tuple[int, bytes]:
+    def _request(
+        self, method: str, path: str, query: dict[str, str] | None = None, *, body: Any = None,
+        headers: dict[str, str] | None = None, timeout: float | None = None,
+    ) -> tuple[int, bytes]:
         target = self.url + path + (("?" + urllib.parse.urlencode(query)) if query else "")
-        req = urllib.request.Request(target, method=method, headers={"User-Agent": "cidboot"})
+        req = urllib.request.Request(target, data=body, method=method, headers={"User-Agent": "cidboot", **(headers or {})})
         if self._auth:
             req.add_header("Authorization", self._auth)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as r:
                 return r.status, r.read(MAX_BODY + 1)
         except urllib.error.HTTPError as e:
             body = e.read(4096)
@@ -305,8 +330,8 @@ class ClusterClient:
             return PinNotFound(text)  # type: ignore[return-value]
         return ClusterRequestRefused(text, status)
 
-    def _json(self, method: str, path: str, query: dict[str, str] | None = None) -> Any:
-        status, body = self._request(method, path, query)
+    def _json(self, method: str, path: str, query: dict[str, str] | None = None, **kw: Any) -> Any:
+        status, body = self._request(method, path, query, **kw)
         if len(body) > MAX_BODY:
             raise ClusterProtocolError(f"cluster at {self.url}: {path}: answer larger than {MAX_BODY} bytes")
         if status == 204 or not body.strip():
@@ -355,6 +380,34 @@ class ClusterClient:
         if name:
             query["name"] = name
         return parse_pin(self._json("POST", f"/pins/{cid}", query), cid)
+
+    def add_car(
+        self, car_path: str | os.PathLike[str], replication: Replication, *, root: CID | None = None,
+        name: str = "", timeout: float = 600.0,
+    ) -> Pin:
+        """`POST /add?format=car`: the cluster peer reads the CAR (one root), sends every block to
+        the Kubo node of each peer it allocates the pin to, then pins it there. No Kubo RPC is
+        needed on the publisher's side, only this REST API; the answer names the allocations."""
+        size = os.path.getsize(car_path)
+        boundary = "cidboot-" + os.urandom(12).hex()
+        fname = urllib.parse.quote(name or os.path.basename(car_path), safe="")
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{fname}\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        query = {"format": "car", "replication-min": str(replication.min),
+                 "replication-max": str(replication.max), "stream-channels": "false"}
+        if name:
+            query["name"] = name
+        with open(car_path, "rb") as f:
+            body = _Concat(head, f, tail)
+            answer = self._json("POST", "/add", query, body=body, timeout=timeout, headers={
+                "Content-Type": f"multipart/form-data; boundary={boundary}",
+                "Content-Length": str(len(head) + size + len(tail)),
+            })
+        items = answer if isinstance(answer, list) else [answer]
+        if len(items) != 1:
+            raise ClusterProtocolError(f"cluster at {self.url}: /add of one CAR answered {len(items)} items")
+        return parse_pin(items[0], root)
 
     def unpin(self, cid: CID) -> None:
         self._json("DELETE", f"/pins/{cid}")

@@ -36,7 +36,7 @@ from cidboot.manifest import Layer, Manifest, RootOfTrust, sign_manifest
 from cidboot.unixfs import export_file, import_bytes
 from imagebuilder.cli import main as imagebuilder
 from tests.cluster_node import Cluster
-from tests.kubo_node import free_port
+from tests.kubo_node import KuboNode, free_port
 
 KEYS = [ed25519.Ed25519PrivateKey.from_private_bytes(bytes([i]) * 32) for i in (7, 8)]
 CID_A = CID.of(b"a", RAW)
@@ -218,16 +218,18 @@ def test_publish_to_a_cluster_url_answering_garbage_exits_1(
 @pytest.mark.parametrize(("args", "message"), [
     (["--replication", "3:2"], "need 1 <= MIN <= MAX"),
     (["--kubo", "http://127.0.0.1:1", "--replication", "x"], "replication must be MIN:MAX"),
-    ([], "--cluster needs --kubo URL"),
+    (["--no-target"], "publish needs --kubo URL (one Kubo node) or --cluster URL"),
 ])
 def test_publish_bad_arguments_exit_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:
     store = Blockstore(tmp_path / "s")
     cid, _ = make_signed_manifest(store)
-    base = [str(cid), "--cluster", "http://127.0.0.1:1", "--store", str(store.path)]
-    if "--kubo" not in args and args:
-        base += ["--kubo", "http://127.0.0.1:1"]
+    base = [str(cid), "--store", str(store.path)]
+    if args == ["--no-target"]:
+        args = []
+    else:
+        base += ["--cluster", "http://127.0.0.1:1"]
     rc, _, err = _publish(capsys, *base, *args)
     assert rc == 1 and message in err
 
@@ -300,3 +302,36 @@ def test_publish_reaches_two_peers_and_cluster_repins_when_one_is_killed(
     assert not fr.dropped and fr.blocks_fetched == n_blocks
     for layer_cid, data in layers.items():
         assert b"".join(export_file(CID.parse(layer_cid), dest.get)) == data
+
+    # Without --kubo the CAR goes through the REST API (/add?format=car) to the 2 live peers.
+    cid2, layers2 = make_signed_manifest(store, seed=2)
+    rc, out, err = _publish(capsys, str(cid2), "--cluster", entry.rest_url, "--replication", "2:2",
+                            "--store", str(store.path), "--json")
+    assert rc == 0, err
+    res2 = json.loads(out)
+    assert len(res2["pinned"]) == 2 and victim.peer_id not in res2["pinned"]
+    other = next(cluster.by_id(p) for p in res2["pinned"] if p != entry.peer_id)
+    dest2 = Blockstore(tmp_path / "fetched2")
+    fetch(cid2, [other.kubo.gateway_url], dest2)
+    for layer_cid, data in layers2.items():
+        assert b"".join(export_file(CID.parse(layer_cid), dest2.get)) == data
+
+    # More copies than live peers: the cluster's own refusal, quoted, exit 1.
+    rc, out, err = _publish(capsys, str(cid2), "--cluster", entry.rest_url, "--kubo", entry.kubo.api_url,
+                            "--replication", "3:3", "--store", str(store.path))
+    assert rc == 1 and out == ""
+    assert "HTTP 500: not enough peers to allocate" in err, err
+
+
+@pytest.mark.kubo
+def test_publish_to_one_kubo_node_pins_the_whole_dag_there(
+    kubo: KuboNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = Blockstore(tmp_path / "store")
+    cid, layers = make_signed_manifest(store, seed=3)
+    rc, out, err = _publish(capsys, str(cid), "--kubo", kubo.api_url, "--store", str(store.path))
+    assert rc == 0, err
+    assert out.strip() == str(cid)
+    assert str(cid) in kubo.ipfs("pin", "ls", "--type=recursive", str(cid))
+    for layer_cid, data in layers.items():
+        assert kubo.ipfs_bytes("cat", layer_cid) == data

@@ -3,10 +3,13 @@ on one Kubo node (`--kubo URL`) or replicated by an IPFS Cluster (`--cluster URL
 
 The DAG (signed manifest, flow, operations, every layer) is read from the local store by
 walking links from the manifest, written as one CARv1 and sent with `dag import` to a Kubo
-node. With `--cluster`, that node is one of the cluster's (its blocks are not pinned there by
-us: the cluster owns the pin), and the root is then pinned through the cluster's REST API
-with the replication factor; the command waits until MIN peers report it pinned and prints
-where. The cluster's Kubo nodes fetch the blocks from the importing node over bitswap.
+node. With `--cluster URL --kubo URL`, that node is one of the cluster's (its blocks are not
+pinned there by us: the cluster owns the pin), the root is then pinned through the cluster's
+REST API with the replication factor, and the allocated peers' Kubo nodes fetch the blocks
+from it over bitswap. With `--cluster URL` alone, the CAR goes to the cluster's REST API
+(`/add?format=car`), whose peer sends each block to the Kubo node of every peer it allocates
+and pins there: the publisher needs to reach only that one port. Either way the command then
+waits until MIN peers report the pin `pinned` and prints where.
 """
 
 from __future__ import annotations
@@ -50,13 +53,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "publish", help="copy a manifest's whole DAG to Kubo or an IPFS Cluster and pin it",
         description="Send the DAG of MANIFEST_CID (manifest, flow, operations, layers) from the local store to a "
                     "Kubo node as a CAR and pin it there (--kubo), or pin it through an IPFS Cluster with a "
-                    "replication factor and wait until MIN peers hold it (--cluster, plus --kubo: the cluster "
-                    "member's Kubo RPC that receives the CAR).")
+                    "replication factor and wait until MIN peers hold it (--cluster; the CAR goes to --kubo, one "
+                    "cluster member's Kubo RPC, or without --kubo through the cluster's REST API /add).")
     p.add_argument("manifest", metavar="MANIFEST_CID")
     p.add_argument("--cluster", metavar="URL", help="IPFS Cluster REST API of any peer, e.g. http://127.0.0.1:9094")
     p.add_argument("--kubo", metavar="URL",
                    help="Kubo RPC that receives the CAR, e.g. http://127.0.0.1:5001 (with --cluster: one of the "
-                        "cluster's Kubo nodes)")
+                        "cluster's Kubo nodes; without it the CAR goes through the cluster REST API)")
     p.add_argument("--replication", default="2:3", metavar="MIN:MAX",
                    help="cluster copies: MIN:MAX, N (= N:N) or -1 (every peer); default 2:3")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
@@ -103,12 +106,8 @@ def load_manifest(root: CID, store: Blockstore) -> SignedManifest:
 
 def run(args: argparse.Namespace) -> int:
     if not args.cluster and not args.kubo:
-        raise CidbootError("publish needs --kubo URL (one node) or --cluster URL --kubo URL (replicated)")
-    if args.cluster and not args.kubo:
-        raise CidbootError(
-            "--cluster needs --kubo URL: the Kubo RPC of one cluster member, which receives the CAR "
-            "(the cluster's REST API pins, its Kubo nodes hold the blocks)"
-        )
+        raise CidbootError("publish needs --kubo URL (one Kubo node) or --cluster URL (replicated; with --kubo the CAR "
+                           "goes to that cluster member's Kubo, without it through the cluster's REST API)")
     try:
         root = CID.parse(args.manifest)
     except FormatError as e:
@@ -127,19 +126,25 @@ def run(args: argparse.Namespace) -> int:
         peers = cluster.peers()
         say(f"cluster at {cluster.url}: {len(peers)} peers, {sum(1 for p in peers if not p.error)} answering")
 
-    from cidboot.kubo import KuboClient  # ipfshttpclient: only when publishing
-
     t0 = time.monotonic()
+    label = f"{signed.manifest.name} v{signed.manifest.version}"
     car = write_car(root, store)
+    pin = None
     try:
-        say(f"sending {car.blocks} blocks ({car.bytes / 2**20:.1f} MiB) of {signed.manifest.name} "
-            f"v{signed.manifest.version} to Kubo at {args.kubo}")
-        kubo = KuboClient(args.kubo)
-        roots = kubo.dag_import(car.path, pin_roots=cluster is None)
+        if args.kubo:
+            from cidboot.kubo import KuboClient  # ipfshttpclient: only when publishing to Kubo
+
+            say(f"sending {car.blocks} blocks ({car.bytes / 2**20:.1f} MiB) of {label} to Kubo at {args.kubo}")
+            roots = KuboClient(args.kubo).dag_import(car.path, pin_roots=cluster is None)
+            if roots and root not in roots:
+                raise CidbootError(f"Kubo at {args.kubo} imported roots {[str(r) for r in roots]}, not {root}")
+        else:
+            assert cluster is not None
+            say(f"sending {car.blocks} blocks ({car.bytes / 2**20:.1f} MiB) of {label} through the cluster's "
+                f"REST API (/add?format=car: the peer forwards them to the peers it allocates)")
+            pin = cluster.add_car(car.path, replication, root=root, name=label, timeout=args.timeout)
     finally:
         car.path.unlink()
-    if roots and root not in roots:
-        raise CidbootError(f"Kubo at {args.kubo} imported roots {[str(r) for r in roots]}, not {root}")
     t_import = time.monotonic() - t0
     out: dict[str, Any] = {
         "cid": str(root), "name": signed.manifest.name, "version": signed.manifest.version,
@@ -152,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
             print(root)
         return 0
 
-    pin = cluster.pin(root, replication, name=f"{signed.manifest.name} v{signed.manifest.version}")
+    if pin is None:
+        pin = cluster.pin(root, replication, name=label)
     say(f"pinned {root} in the cluster ({replication}), allocated to {len(pin.allocations) or 'every'} peers; "
         f"waiting for {'every live peer' if replication.everywhere else replication.min}")
     last = [""]
