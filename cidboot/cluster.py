@@ -374,11 +374,17 @@ class ClusterClient:
         """Every cluster peer as seen from this one; a peer that is down has `error` set."""
         return [parse_peer(p) for p in self._ndjson("/peers")]
 
-    def pin(self, cid: CID, replication: Replication, *, name: str = "") -> Pin:
-        """Ask the cluster to keep `cid` (recursively) on MIN..MAX peers; returns the allocation."""
+    def pin(self, cid: CID, replication: Replication, *, name: str = "", prefer: list[str] | None = None) -> Pin:
+        """Ask the cluster to keep `cid` (recursively) on MIN..MAX peers; returns the allocation.
+
+        `prefer`: cluster peer IDs to allocate first (the cluster's `user-allocations`), e.g. the
+        peer whose Kubo node already holds the blocks: that copy then costs no transfer.
+        """
         query = {"replication-min": str(replication.min), "replication-max": str(replication.max)}
         if name:
             query["name"] = name
+        if prefer:
+            query["user-allocations"] = ",".join(prefer)
         return parse_pin(self._json("POST", f"/pins/{cid}", query), cid)
 
     def add_car(
@@ -425,18 +431,21 @@ class ClusterClient:
         return parse_status(self._json("POST", f"/pins/{cid}/recover"), cid)
 
     def wait_pinned(
-        self, cid: CID, min_peers: int, *, timeout: float = 300.0, interval: float = 0.5,
+        self, cid: CID, min_peers: int, *, timeout: float = 300.0, interval: float = 1.0,
         progress: Callable[[PinStatus], None] | None = None,
     ) -> PinStatus:
         """Poll the status until at least `min_peers` peers report `pinned`.
 
-        `progress` gets every status polled. Peers in `pin_error` are not a failure by
+        Polls after 50 ms, then twice as long each time up to `interval`: a small image is
+        pinned in well under a second, and a fixed half-second poll was most of its publish
+        time (bench/bench_cluster.py). `progress` gets every status polled. Peers in `pin_error` are not a failure by
         themselves (the cluster retries and may re-allocate); the deadline is, and its error
         quotes each peer's status and error.
         """
         if min_peers < 1:
             raise BadReplication(f"wait for at least 1 peer, not {min_peers}")
         deadline = time.monotonic() + timeout
+        pause = min(0.05, interval)
         while True:
             st = self.status(cid)
             if progress is not None:
@@ -447,7 +456,8 @@ class ClusterClient:
                 raise ReplicationTimeout(
                     f"{cid} reached {len(st.pinned)} of {min_peers} peers in {timeout:.0f} s: {st.describe()}", st
                 )
-            time.sleep(interval)
+            time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
+            pause = min(pause * 2, interval)
 
     def wait_for(
         self, cid: CID, replication: Replication, *, timeout: float = 300.0,

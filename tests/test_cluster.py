@@ -276,8 +276,14 @@ def test_publish_reaches_two_peers_and_cluster_repins_when_one_is_killed(
     res = json.loads(out)
     assert res["cid"] == str(cid) and res["blocks"] == n_blocks
     assert len(res["pinned"]) == 2 and set(res["allocations"]) == set(res["pinned"])
+    assert entry.peer_id in res["pinned"]  # the member that received the CAR is allocated first
     ctl = entry.ctl("status", str(cid))
     assert ctl.count("PINNED") == 2, ctl
+    for seed in (4, 5, 6):  # 1 copy: always on the member that already holds the blocks (no transfer)
+        small, _ = make_signed_manifest(store, seed)
+        rc, out, err = _publish(capsys, str(small), "--cluster", entry.rest_url, "--kubo", entry.kubo.api_url,
+                                "--replication", "1", "--store", str(store.path), "--json")
+        assert rc == 0 and json.loads(out)["pinned"] == [entry.peer_id], err
 
     # Kill an allocated peer other than the one we talk to (SIGKILL: no goodbye to the cluster).
     victim = cluster.by_id(next(p for p in res["pinned"] if p != entry.peer_id))

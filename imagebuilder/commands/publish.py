@@ -19,18 +19,22 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cidboot import dag
 from cidboot.blockstore import Blockstore, default_store_path
 from cidboot.car import CarWriter
 from cidboot.cid import CID, DAG_CBOR
 from cidboot.cli import print_json
-from cidboot.cluster import ClusterClient, PinStatus, Replication
+from cidboot.cluster import ClusterClient, Peer, PinStatus, Replication
 from cidboot.errors import CidbootError, FormatError, NotFoundError
 from cidboot.manifest import SignedManifest
+
+if TYPE_CHECKING:
+    from cidboot.kubo import KuboClient
 
 
 class NotAManifest(FormatError):
@@ -91,6 +95,13 @@ def write_car(root: CID, store: Blockstore, directory: str | None = None) -> Car
     return CarFile(Path(tmp), n, size)
 
 
+def member_of(kubo: KuboClient, peers: list[Peer]) -> list[str]:
+    """The cluster peer(s) whose IPFS node is this Kubo (matched by libp2p peer ID)."""
+    ident = kubo._call(kubo._c.id)  # KuboClient has no id() yet: its own client and error mapping
+    kubo_id = ident.get("ID") if isinstance(ident, Mapping) else None  # ipfshttpclient: a Mapping, not a dict
+    return [p.id for p in peers if kubo_id and p.ipfs_id == kubo_id]
+
+
 def load_manifest(root: CID, store: Blockstore) -> SignedManifest:
     if root.codec != DAG_CBOR:
         raise NotAManifest(f"{root} is a {root.codec_name} block, not a signed manifest (DAG-CBOR)")
@@ -122,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     store = Blockstore(args.store)
     signed = load_manifest(root, store)
     cluster = ClusterClient(args.cluster) if args.cluster else None
+    peers: list[Peer] = []
     if cluster is not None:  # ask before sending anything: a wrong URL fails in one second, not after the CAR
         peers = cluster.peers()
         say(f"cluster at {cluster.url}: {len(peers)} peers, {sum(1 for p in peers if not p.error)} answering")
@@ -130,14 +142,21 @@ def run(args: argparse.Namespace) -> int:
     label = f"{signed.manifest.name} v{signed.manifest.version}"
     car = write_car(root, store)
     pin = None
+    prefer: list[str] = []
     try:
         if args.kubo:
             from cidboot.kubo import KuboClient  # ipfshttpclient: only when publishing to Kubo
 
             say(f"sending {car.blocks} blocks ({car.bytes / 2**20:.1f} MiB) of {label} to Kubo at {args.kubo}")
-            roots = KuboClient(args.kubo).dag_import(car.path, pin_roots=cluster is None)
+            kubo = KuboClient(args.kubo)
+            roots = kubo.dag_import(car.path, pin_roots=cluster is None)
             if roots and root not in roots:
                 raise CidbootError(f"Kubo at {args.kubo} imported roots {[str(r) for r in roots]}, not {root}")
+            if cluster is not None:
+                prefer = member_of(kubo, peers)
+                if not prefer:
+                    say(f"Kubo at {args.kubo} is not the IPFS node of any cluster peer: the allocated peers must "
+                        f"reach it over bitswap to fetch the blocks")
         else:
             assert cluster is not None
             say(f"sending {car.blocks} blocks ({car.bytes / 2**20:.1f} MiB) of {label} through the cluster's "
@@ -157,8 +176,8 @@ def run(args: argparse.Namespace) -> int:
             print(root)
         return 0
 
-    if pin is None:
-        pin = cluster.pin(root, replication, name=label)
+    if pin is None:  # the member that already holds the blocks first: its copy costs no transfer
+        pin = cluster.pin(root, replication, name=label, prefer=prefer)
     say(f"pinned {root} in the cluster ({replication}), allocated to {len(pin.allocations) or 'every'} peers; "
         f"waiting for {'every live peer' if replication.everywhere else replication.min}")
     last = [""]
