@@ -313,7 +313,12 @@ class ClusterClient:
         except urllib.error.HTTPError as e:
             body = e.read(4096)
             raise self._http_error(method, path, e.code, body) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        except http.client.HTTPException as e:  # something answered, but not HTTP
+            raise ClusterProtocolError(
+                f"cluster at {self.url}: {method} {path}: not an HTTP answer ({type(e).__name__}: {e}); is this "
+                f"the cluster REST API (default port 9094)?"
+            ) from None
+        except (urllib.error.URLError, OSError) as e:
             why = getattr(e, "reason", None) or e
             raise ClusterUnreachable(f"cluster at {self.url}: {method} {path}: {why}") from None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import json
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -134,6 +135,25 @@ def test_cluster_answering_html_is_a_protocol_error(fake: Any) -> None:
         ClusterClient(url).peers()
     with pytest.raises(ClusterProtocolError, match="did not answer JSON"):
         ClusterClient(url).id()
+
+
+def test_cluster_url_answering_not_http_is_a_protocol_error() -> None:
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(ClusterProtocolError, match="not an HTTP answer"):
+            ClusterClient(f"http://127.0.0.1:{srv.getsockname()[1]}", timeout=5).peers()
+    finally:
+        t.join(5)
+        srv.close()
 
 
 def test_pin_answer_about_another_cid_is_refused(fake: Any) -> None:
