@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 TOOLS_DIR="${CIDBOOT_TOOLS:-$HOME/.cache/cidboot/bin}"
 KUBO_VERSION="v0.41.0"
+# IPFS Cluster (pinset orchestration over Kubo nodes: docs/scale-out.md).
+CLUSTER_VERSION="v1.1.6"
 
 pkgs=$(grep -v '^#' .ci/apt-packages.txt | xargs)
 missing=""
@@ -38,3 +40,6 @@ print(m["Dir"])')
   echo "$mod@$ver" > "$TOOLS_DIR/$bin.version"
 }
 build_go_tool github.com/ipfs/kubo "$KUBO_VERSION" cmd/ipfs ipfs
+# ipfs-cluster-service and -ctl share one module: the second build reuses the first one's cache.
+build_go_tool github.com/ipfs-cluster/ipfs-cluster "$CLUSTER_VERSION" cmd/ipfs-cluster-service ipfs-cluster-service
+build_go_tool github.com/ipfs-cluster/ipfs-cluster "$CLUSTER_VERSION" cmd/ipfs-cluster-ctl ipfs-cluster-ctl

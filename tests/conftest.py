@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.support.kubo_node"]
+pytest_plugins = ["tests.support.kubo_node", "tests.support.cluster_node"]
 
 TIERS = ("unit", "integration", "e2e")
 HERE = Path(__file__).parent
@@ -35,6 +35,10 @@ def _missing(marker: str) -> str | None:
         tools = os.environ.get("CIDBOOT_TOOLS", os.path.expanduser("~/.cache/cidboot/bin"))
         if not os.access(os.path.join(tools, "ipfs"), os.X_OK):
             return f"needs the pinned Kubo binary in {tools} (`make setup` builds it)"
+    if marker == "cluster":
+        tools = os.environ.get("CIDBOOT_TOOLS", os.path.expanduser("~/.cache/cidboot/bin"))
+        if not all(os.access(os.path.join(tools, b), os.X_OK) for b in ("ipfs-cluster-service", "ipfs-cluster-ctl")):
+            return f"needs the pinned ipfs-cluster-service/-ctl in {tools} (`make setup` builds them)"
     return None
 
 
@@ -47,14 +51,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(getattr(pytest.mark, tier))
         if tier == "e2e":
             item.add_marker(pytest.mark.qemu)
-        heavy = [m for m in ("netns", "qemu", "kubo", "build") if item.get_closest_marker(m)]
+        heavy = [m for m in ("netns", "qemu", "kubo", "cluster", "build") if item.get_closest_marker(m)]
         if tier == "unit" and heavy:
             raise pytest.UsageError(f"{item.nodeid}: marked {', '.join(heavy)}, so it belongs in tests/integration "
                                     "or tests/e2e, not tests/unit")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    for marker in ("netns", "qemu", "kubo"):
+    for marker in ("netns", "qemu", "kubo", "cluster"):
         if item.get_closest_marker(marker) is None:
             continue
         why = _missing(marker)
