@@ -2,7 +2,7 @@
 PYTHON ?= python3
 export CIDBOOT_TOOLS ?= $(HOME)/.cache/cidboot/bin
 PYTEST_ARGS ?=
-UNIT_ARGS ?= -q
+UNIT_ARGS ?= -q -n 4  # the unit tier mostly waits on sockets and subprocesses: 4 workers on 2 cores pay
 
 .PHONY: setup demo demo-software check test test-unit test-integration test-e2e bench lint clean
 
@@ -17,8 +17,9 @@ demo-software: setup ## the same pipeline without QEMU (DICE layers derived in o
 
 check: lint test-unit ## the fast loop: ruff + mypy + the unit tier (no root, network, QEMU, Kubo or downloads)
 
-test: setup lint ## the whole test suite, as CI runs it: unit, then integration, then e2e (QEMU)
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+test: setup lint ## the whole test suite, as CI runs it: unit (parallel), then integration and e2e (one at a time: they share a namespace layout)
+	$(PYTHON) -m pytest tests/unit -n 4 $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests/integration tests/e2e $(PYTEST_ARGS)
 
 test-unit: ## tests/unit only
 	$(PYTHON) -m pytest tests/unit $(UNIT_ARGS) $(PYTEST_ARGS)

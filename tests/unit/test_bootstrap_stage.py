@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -227,8 +228,10 @@ def test_tftp_get(tmp_path: Path) -> None:
             get_url(f"tftp://127.0.0.1:{port}/missing.bin")
         with pytest.raises(TftpError, match="more than 1000 bytes"):
             get_url(f"tftp://127.0.0.1:{port}/a.bin", max_size=1000)
-    with pytest.raises(TftpError, match="no answer"):
-        get_url(f"tftp://127.0.0.1:{port}/a.bin", timeout=0.1, retries=2)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never answers (no port race)
+        silent.bind(("127.0.0.1", 0))
+        with pytest.raises(TftpError, match="no answer"):
+            get_url(f"tftp://127.0.0.1:{silent.getsockname()[1]}/a.bin", timeout=0.1, retries=2)
     for bad in ("http://127.0.0.1/a.bin", "tftp://127.0.0.1/", "tftp://127.0.0.1:99999/a"):
         with pytest.raises(TftpError):
             get_url(bad)
