@@ -27,6 +27,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from cidboot.errors import CidbootError
@@ -177,6 +178,39 @@ def num_abs(num: int, expect: int) -> int:
     return expect + (num - expect) % 65536
 
 
+@dataclass
+class _Receive:
+    """One transfer's receiving state between packets."""
+
+    sock: socket.socket
+    rrq: bytes
+    opts: dict[str, str]
+    bs: int = DEFAULT_BLKSIZE
+    win: int = 1
+    tsize: int | None = None
+    peer: tuple[str, int] | None = None
+    started: bool = False  # an OACK or DATA has been accepted
+    chunks: list[bytes] = field(default_factory=list)
+    got: int = 0  # bytes received
+    expect: int = 1  # absolute number of the next block we need
+    since_ack: int = 0  # in-order blocks since our last ACK (the server's window is counted from it)
+    recovering: bool = False  # a gap ACK went out since the last in-order block
+    last_ahead: int = 0  # the last block seen ahead of `expect` since then
+    misses: int = 0  # timeouts in a row without progress
+    # For an RTT sample: when our last ACK went out, cleared by anything but the in-order answer
+    # arriving first (Karn: never across a retransmission, nor a block the server re-sent late).
+    ack_sent_at: float | None = None
+
+    def ack(self, n: int) -> None:
+        assert self.peer is not None
+        self.sock.sendto(tftp.ack(n), self.peer)
+        self.since_ack, self.ack_sent_at = 0, time.monotonic()
+
+    def send_rrq(self, dest: tuple[str, int]) -> None:
+        self.sock.sendto(self.rrq, dest)
+        self.ack_sent_at = time.monotonic()
+
+
 class _Transfer:
     def __init__(self, server: str, filename: str, where: str, port: int, blksize: int, windowsize: int,
                  timeout: float, min_timeout: float, retries: int, progress: Progress | None,
@@ -221,148 +255,149 @@ class _Transfer:
             return self._loop(s, rrq, opts)
 
     def _loop(self, s: socket.socket, rrq: bytes, opts: dict[str, str]) -> bytes:
-        bs, win = DEFAULT_BLKSIZE, 1
-        tsize: int | None = None
-        peer: tuple[str, int] | None = None
-        started = False  # an OACK or DATA has been accepted
-        chunks: list[bytes] = []
-        got = 0  # bytes received
-        expect = 1  # absolute number of the next block we need
-        since_ack = 0  # in-order blocks since our last ACK (the server's window is counted from it)
-        recovering = False  # a gap ACK went out since the last in-order block
-        last_ahead = 0  # the last block seen ahead of `expect` since then
-        misses = 0  # timeouts in a row without progress
-        # For an RTT sample: when our last ACK went out, cleared by anything but the in-order answer
-        # arriving first (Karn: never across a retransmission, nor a block the server re-sent late).
-        ack_sent_at: float | None = None
-
-        def ack(n: int) -> None:
-            nonlocal since_ack, ack_sent_at
-            assert peer is not None
-            s.sendto(tftp.ack(n), peer)
-            since_ack, ack_sent_at = 0, time.monotonic()
-
-        s.sendto(rrq, self.dest)
-        ack_sent_at = time.monotonic()
+        """Receive until the last block: each packet is screened (`_screen`), then handled by the
+        step for its kind; `_Receive` holds the transfer's state between packets."""
+        st = _Receive(s, rrq, opts)
+        st.send_rrq(self.dest)
         while True:
             s.settimeout(self.rto.value)
             try:
                 pkt, src = s.recvfrom(65536 + 4)
             except TimeoutError:
-                misses += 1
-                if misses > self.retries:
-                    what = f"no DATA for block {expect}" if started else "no answer to the read request"
-                    extra = f"; last malformed packet ignored: {self.last_bad}" if self.last_bad else ""
-                    raise self._fail(TftpTimeoutError, f"{what} after {self.retries} retries "
-                                     f"(timeout reached {self.rto.value:.2f} s){extra}", expect) from None
-                self.rto.backoff()
-                self._count("timeouts")
-                if started:
-                    ack(expect - 1)  # the server restarts its window after the last in-order block
-                else:
-                    s.sendto(rrq, self.dest)
-                recovering, ack_sent_at = False, None  # Karn: no RTT sample across a retransmission
+                self._on_timeout(st)
                 continue
-            if src[0] != self.dest[0]:
-                self._bad(f"packet from another host {src[0]}")
-                continue
-            if peer is not None and src != peer:
-                # another transfer ID (e.g. a second answer to a re-sent RRQ): RFC 1350 says ERROR 5
-                if pkt[:2] != struct.pack(">H", ERROR):
-                    s.sendto(tftp.error(ERR_UNKNOWN_TID, "unknown transfer ID"), src)
-                continue
-            try:
-                p = tftp.parse(pkt)
-            except TftpFormatError as e:
-                self._bad(str(e))
-                continue
+            p = self._screen(st, pkt, src)
             if isinstance(p, tftp.Error):
-                num, msg = p.code, p.message
-                if num == ERR_OPTIONS and opts and not started:
+                if p.code == ERR_OPTIONS and opts and not st.started:
                     raise _RetryPlain
-                raise TftpServerError(f"{self.where}: server error {num}: {msg}", filename=self.filename,
-                                      code=num, server_message=msg)
+                raise TftpServerError(f"{self.where}: server error {p.code}: {p.message}", filename=self.filename,
+                                      code=p.code, server_message=p.message)
             if isinstance(p, tftp.OAck):
-                if started:
-                    if peer == src and expect == 1:
-                        ack(0)  # our ACK of the OACK was lost
-                    continue
-                if not opts:
-                    self._bad("OACK to a request without options")
-                    continue
-                peer = src
-                try:
-                    bs, win, tsize = self._accept_oack(p.options, opts)
-                except ValueError as e:
-                    s.sendto(tftp.error(ERR_OPTIONS, str(e)), src)
-                    raise self._fail(TftpProtocolError, f"unacceptable OACK: {e}") from None
-                started, misses = True, 0
-                if "windowsize" not in opts or "windowsize" not in p.options:
-                    self.rto.plain()
-                if ack_sent_at is not None:
-                    self.rto.sample(time.monotonic() - ack_sent_at)
-                ack(0)
-                continue
-            if not isinstance(p, tftp.Data):
+                self._on_oack(st, p, src)
+            elif isinstance(p, tftp.Data):
+                done = self._on_data(st, p, src)
+                if done is not None:
+                    return done
+            elif p is not None:
                 self._bad(f"a {type(p).__name__.upper()} from the server")
-                continue
-            num, data = p.block, p.data
-            if len(data) > bs:
-                self._bad(f"DATA block {num} of {len(data)} bytes, blksize {bs}")
-                continue
-            if not started:  # DATA without OACK: the server ignored our options (RFC 1350 defaults)
-                peer, started = src, True
-                self.rto.plain()
-            ahead = (num - expect) % 65536
-            if ahead:
-                ack_sent_at = None
-                if ahead < win and (not recovering or num_abs(num, expect) <= last_ahead):
-                    # a gap: ACK the last in-order block at once. Once per server window: the rest of
-                    # this one is still in flight; but a block numbered at or below the last one seen
-                    # ahead means the server restarted its window and lost `expect` again.
-                    recovering, last_ahead = True, num_abs(num, expect)
-                    ack(expect - 1)
-                    self._count("gap_acks")
-                elif ahead < win:
-                    last_ahead = num_abs(num, expect)
-                    self._count("ahead_ignored")
-                elif ahead < 65536 - win * 2:
-                    self._bad(f"DATA block {num} outside the window (expecting {expect % 65536})")
-                else:
-                    ack_sent_at = None
-                    self._count("behind")
-                    if self.rto.floor >= PLAIN_MIN_RTO and ahead == 65535:
-                        ack(expect - 1)  # lock-step server re-sent the last block: our ACK was lost
-                continue  # behind: a window we already have, re-sent; never ACKed (see above)
-            # the block we need
-            if ack_sent_at is not None:
-                self.rto.sample(time.monotonic() - ack_sent_at)
-                ack_sent_at = None
-            chunks.append(data)
-            got += len(data)
-            if tsize is not None and got > tsize:
-                raise self._fail(TftpProtocolError, f"more than the announced tsize {tsize} bytes", expect)
-            if self.max_size is not None and got > self.max_size:
-                raise self._fail(TftpProtocolError, f"more than {self.max_size} bytes", expect)
-            if misses:
-                self.rto.restore()
-            misses, recovering = 0, False
-            since_ack += 1
-            if len(data) < bs:  # the last block
-                self.stats["srtt_us"] = int((self.rto.srtt or 0.0) * 1e6)
-                for _ in range(FINAL_ACKS):
-                    s.sendto(tftp.ack(expect), src)
-                if tsize is not None and got != tsize:
-                    raise self._fail(TftpProtocolError, f"got {got} bytes, the server announced tsize {tsize}")
-                if self.progress:
-                    self.progress(got, tsize)
-                return b"".join(chunks)
-            if since_ack >= win:
-                ack(expect)
-                self._count("window_acks")
-                if self.progress:
-                    self.progress(got, tsize)
-            expect += 1
+
+    def _on_timeout(self, st: _Receive) -> None:
+        st.misses += 1
+        if st.misses > self.retries:
+            what = f"no DATA for block {st.expect}" if st.started else "no answer to the read request"
+            extra = f"; last malformed packet ignored: {self.last_bad}" if self.last_bad else ""
+            raise self._fail(TftpTimeoutError, f"{what} after {self.retries} retries "
+                             f"(timeout reached {self.rto.value:.2f} s){extra}", st.expect) from None
+        self.rto.backoff()
+        self._count("timeouts")
+        if st.started:
+            st.ack(st.expect - 1)  # the server restarts its window after the last in-order block
+        else:
+            st.send_rrq(self.dest)
+        st.recovering, st.ack_sent_at = False, None  # Karn: no RTT sample across a retransmission
+
+    def _screen(self, st: _Receive, pkt: bytes, src: tuple[str, int]) -> tftp.Packet | None:
+        """The parsed packet if it is from our server and transfer ID and well formed, else None
+        (counted; a packet from another transfer ID gets ERROR 5 as RFC 1350 says)."""
+        if src[0] != self.dest[0]:
+            self._bad(f"packet from another host {src[0]}")
+            return None
+        if st.peer is not None and src != st.peer:
+            # another transfer ID (e.g. a second answer to a re-sent RRQ)
+            if pkt[:2] != struct.pack(">H", ERROR):
+                st.sock.sendto(tftp.error(ERR_UNKNOWN_TID, "unknown transfer ID"), src)
+            return None
+        try:
+            return tftp.parse(pkt)
+        except TftpFormatError as e:
+            self._bad(str(e))
+            return None
+
+    def _on_oack(self, st: _Receive, p: tftp.OAck, src: tuple[str, int]) -> None:
+        if st.started:
+            if st.peer == src and st.expect == 1:
+                st.ack(0)  # our ACK of the OACK was lost
+            return
+        if not st.opts:
+            self._bad("OACK to a request without options")
+            return
+        st.peer = src
+        try:
+            st.bs, st.win, st.tsize = self._accept_oack(p.options, st.opts)
+        except ValueError as e:
+            st.sock.sendto(tftp.error(ERR_OPTIONS, str(e)), src)
+            raise self._fail(TftpProtocolError, f"unacceptable OACK: {e}") from None
+        st.started, st.misses = True, 0
+        if "windowsize" not in st.opts or "windowsize" not in p.options:
+            self.rto.plain()
+        if st.ack_sent_at is not None:
+            self.rto.sample(time.monotonic() - st.ack_sent_at)
+        st.ack(0)
+
+    def _on_data(self, st: _Receive, p: tftp.Data, src: tuple[str, int]) -> bytes | None:
+        """A DATA packet: the file when it was the last block, else None."""
+        num, data = p.block, p.data
+        if len(data) > st.bs:
+            self._bad(f"DATA block {num} of {len(data)} bytes, blksize {st.bs}")
+            return None
+        if not st.started:  # DATA without OACK: the server ignored our options (RFC 1350 defaults)
+            st.peer, st.started = src, True
+            self.rto.plain()
+        ahead = (num - st.expect) % 65536
+        if ahead:
+            self._out_of_order(st, num, ahead)
+            return None
+        return self._in_order(st, data, src)
+
+    def _out_of_order(self, st: _Receive, num: int, ahead: int) -> None:
+        st.ack_sent_at = None
+        if ahead < st.win and (not st.recovering or num_abs(num, st.expect) <= st.last_ahead):
+            # a gap: ACK the last in-order block at once. Once per server window: the rest of this
+            # one is still in flight; but a block numbered at or below the last one seen ahead
+            # means the server restarted its window and lost `expect` again.
+            st.recovering, st.last_ahead = True, num_abs(num, st.expect)
+            st.ack(st.expect - 1)
+            self._count("gap_acks")
+        elif ahead < st.win:
+            st.last_ahead = num_abs(num, st.expect)
+            self._count("ahead_ignored")
+        elif ahead < 65536 - st.win * 2:
+            self._bad(f"DATA block {num} outside the window (expecting {st.expect % 65536})")
+        else:  # behind: a window we already have, re-sent; never ACKed (see above)
+            self._count("behind")
+            if self.rto.floor >= PLAIN_MIN_RTO and ahead == 65535:
+                st.ack(st.expect - 1)  # lock-step server re-sent the last block: our ACK was lost
+
+    def _in_order(self, st: _Receive, data: bytes, src: tuple[str, int]) -> bytes | None:
+        if st.ack_sent_at is not None:
+            self.rto.sample(time.monotonic() - st.ack_sent_at)
+            st.ack_sent_at = None
+        st.chunks.append(data)
+        st.got += len(data)
+        if st.tsize is not None and st.got > st.tsize:
+            raise self._fail(TftpProtocolError, f"more than the announced tsize {st.tsize} bytes", st.expect)
+        if self.max_size is not None and st.got > self.max_size:
+            raise self._fail(TftpProtocolError, f"more than {self.max_size} bytes", st.expect)
+        if st.misses:
+            self.rto.restore()
+        st.misses, st.recovering = 0, False
+        st.since_ack += 1
+        if len(data) < st.bs:  # the last block
+            self.stats["srtt_us"] = int((self.rto.srtt or 0.0) * 1e6)
+            for _ in range(FINAL_ACKS):
+                st.sock.sendto(tftp.ack(st.expect), src)
+            if st.tsize is not None and st.got != st.tsize:
+                raise self._fail(TftpProtocolError, f"got {st.got} bytes, the server announced tsize {st.tsize}")
+            if self.progress:
+                self.progress(st.got, st.tsize)
+            return b"".join(st.chunks)
+        if st.since_ack >= st.win:
+            st.ack(st.expect)
+            self._count("window_acks")
+            if self.progress:
+                self.progress(st.got, st.tsize)
+        st.expect += 1
+        return None
 
     def _accept_oack(self, got: dict[str, str], asked: dict[str, str]) -> tuple[int, int, int | None]:
         unknown = set(got) - set(asked)
