@@ -270,17 +270,28 @@ class _Shape:
 
 
 def _shape(doc: Mapping[str, Any], file_keys: bool) -> tuple[list[Problem], set[str], set[str], set[str]]:
-    """Shape and reference problems; also the operation, definition and role names found."""
+    """Shape and reference problems, one checker per section; also the operation, definition
+    and role names found (the later checks and the policy scope use them)."""
     s = _Shape()
     if file_keys:
         s.map(doc, (), FILE_KEYS)
     if "dataflow" not in doc:
         s.add("missing", (), "no dataflow section")
     df = s.map(doc.get("dataflow", {}), ("dataflow",), DATAFLOW_KEYS)
+    for section in ("definitions", "operations"):
+        if section not in df and "dataflow" in doc:
+            s.add("missing", ("dataflow",), f"'{section}' is a required property", key=True)
+    defs = _definitions(s, df)
+    ops = _operations(s, df, defs)
+    _seed(s, df, defs)
+    _connections(s, df, ops)
+    roles = _placement(s, doc, ops)
+    return s.out, set(ops), defs, roles
+
+
+def _definitions(s: _Shape, df: Mapping[str, Any]) -> set[str]:
     defs: set[str] = set()
     raw_defs = s.map(df.get("definitions"), ("dataflow", "definitions")) if "definitions" in df else {}
-    if "definitions" not in df and "dataflow" in doc:
-        s.add("missing", ("dataflow",), "'definitions' is a required property", key=True)
     for dname, spec in raw_defs.items():
         at: Path_ = ("dataflow", "definitions", dname)
         d = s.map(spec, at, DEFINITION_KEYS)
@@ -291,11 +302,13 @@ def _shape(doc: Mapping[str, Any], file_keys: bool) -> tuple[list[Problem], set[
             s.add("primitive", (*at, "primitive"), f"{d['primitive']!r} is not one of {list(PRIMITIVES)}")
         if "lock" in d and not isinstance(d["lock"], bool):
             s.add("type", (*at, "lock"), "must be true or false")
+    return defs
+
+
+def _operations(s: _Shape, df: Mapping[str, Any], defs: set[str]) -> dict[str, Mapping[str, Any]]:
     ops: dict[str, Mapping[str, Any]] = {}
-    if "operations" not in df and "dataflow" in doc:
-        s.add("missing", ("dataflow",), "'operations' is a required property", key=True)
     for oname, spec in (s.map(df.get("operations"), ("dataflow", "operations")) if "operations" in df else {}).items():
-        at = ("dataflow", "operations", oname)
+        at: Path_ = ("dataflow", "operations", oname)
         o = ops[oname] = s.map(spec, at, OPERATION_KEYS)
         impl = o.get("implementation")
         if impl is None:
@@ -303,21 +316,23 @@ def _shape(doc: Mapping[str, Any], file_keys: bool) -> tuple[list[Problem], set[
         elif not isinstance(impl, str) or impl.count(":") != 1 or not all(
                 part and all(p.isidentifier() for p in part.split(".")) for part in impl.split(":")):
             s.add("implementation", (*at, "implementation"), f"{impl!r} is not module:function")
-        for section in ("inputs", "outputs"):
-            for k, d in s.map(o.get(section, {}), (*at, section)).items():
-                if s.name(d, (*at, section, k)) is not None and d not in defs:
-                    s.add("undefined-definition", (*at, section, k), f"undefined definition {d!r}")
-        for i, d in enumerate(s.list(o.get("conditions", []), (*at, "conditions"))):
-            if s.name(d, (*at, "conditions", i)) is not None and d not in defs:
-                s.add("undefined-definition", (*at, "conditions", i), f"undefined definition {d!r}")
+        named = [((*at, sec, k), d) for sec in ("inputs", "outputs") for k, d in s.map(o.get(sec, {}), (*at, sec)).items()]
+        named += [((*at, "conditions", i), d) for i, d in enumerate(s.list(o.get("conditions", []), (*at, "conditions")))]
+        for where, d in named:
+            if s.name(d, where) is not None and d not in defs:
+                s.add("undefined-definition", where, f"undefined definition {d!r}")
         if "stage" in o and o["stage"] not in STAGES:
             s.add("stage", (*at, "stage"), f"{o['stage']!r} is not one of {list(STAGES)}")
         outputs = _submap(o, "outputs")
         for i, e in enumerate(s.list(o.get("expand", []), (*at, "expand"))):
             if e not in outputs:
                 s.add("expand", (*at, "expand", i), f"{e!r} is not an output of {oname}")
+    return ops
+
+
+def _seed(s: _Shape, df: Mapping[str, Any], defs: set[str]) -> None:
     for i, raw in enumerate(s.list(df.get("seed", []), ("dataflow", "seed"))):
-        at = ("dataflow", "seed", i)
+        at: Path_ = ("dataflow", "seed", i)
         seed = s.map(raw, at, SEED_KEYS)
         if "value" not in seed:
             s.add("missing", at, "'value' is a required property")
@@ -326,8 +341,11 @@ def _shape(doc: Mapping[str, Any], file_keys: bool) -> tuple[list[Problem], set[
             s.add("missing", at, "'definition' is a required property")
         elif s.name(sdef, (*at, "definition")) is not None and sdef not in defs:
             s.add("undefined-definition", (*at, "definition"), f"undefined definition {sdef!r}")
+
+
+def _connections(s: _Shape, df: Mapping[str, Any], ops: Mapping[str, Mapping[str, Any]]) -> None:
     for oname, spec in (s.map(df["flow"], ("dataflow", "flow")) if "flow" in df else {}).items():
-        at = ("dataflow", "flow", oname)
+        at: Path_ = ("dataflow", "flow", oname)
         if oname not in ops:
             s.add("unknown-operation", at, f"flow names unknown operation {oname!r}", key=True)
             continue
@@ -342,12 +360,15 @@ def _shape(doc: Mapping[str, Any], file_keys: bool) -> tuple[list[Problem], set[
         conditions = [str(c) for c in raw_conditions] if isinstance(raw_conditions, list) else []
         for j, origin in enumerate(s.list(conn.get("conditions", []), (*at, "conditions"))):
             _origin(s, origin, (*at, "conditions", j), ops, conditions)
+
+
+def _placement(s: _Shape, doc: Mapping[str, Any], ops: Mapping[str, Mapping[str, Any]]) -> set[str]:
     placement = s.map(doc.get("placement") or {}, ("placement",))
     for role, names in placement.items():
         for i, n in enumerate(s.list(names, ("placement", role))):
             if s.name(n, ("placement", role, i)) is not None and n not in ops:
                 s.add("unknown-operation", ("placement", role, i), f"unknown operation {n!r}")
-    return s.out, set(ops), defs, set(placement)
+    return set(placement)
 
 
 def _submap(m: Mapping[str, Any], key: str) -> Mapping[str, Any]:
