@@ -214,15 +214,15 @@ def test_run_all_quick_skips_slow_benches_and_summarises(tmp_path: Path, monkeyp
             return 0
         return 3  # bench_tftp fails
 
-    monkeypatch.setattr(run_all, "discover", lambda: ["bench_boot", "bench_import", "bench_tftp"])
+    monkeypatch.setattr(run_all, "discover", lambda: ["bench_build", "bench_import", "bench_tftp"])
     monkeypatch.setattr(run_all.subprocess, "call", fake_call)
     rc = run_all.main(["--out", str(tmp_path), "--quick"])
     assert rc == 1  # a bench failed
-    assert [c[2] for c in calls] == ["bench.bench_import", "bench.bench_tftp"]  # boot skipped
+    assert [c[2] for c in calls] == ["bench.bench_import", "bench.bench_tftp"]  # build skipped
     assert calls[0][-4:] == ["--size-mib", "64", "--repeat", "1"]
     doc = json.loads((tmp_path / "summary.json").read_text())
     status = {r["name"]: r["status"] for r in doc}
-    assert status["boot: power-on to agent ready vs plain iPXE + busybox"] == "skipped"
+    assert status["bench_build: no result"] == "skipped"
     assert status["TFTP 16 MiB vs tftpd-hpa, blksize 1468, no windowsize"] == "failed"
     assert status["UnixFS import CIDv0 vs ipfs add --only-hash, 256 MiB"] == "ok"
     run = json.loads((tmp_path / "run.json").read_text())
