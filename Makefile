@@ -30,8 +30,8 @@ test-integration: setup ## tests/integration: network namespaces (root), Kubo, i
 test-e2e: setup ## tests/e2e: QEMU guests from power-on
 	$(PYTHON) -m pytest tests/e2e $(PYTEST_ARGS)
 
-bench: setup ## benchmarks; figures land in out/bench/*.json
-	$(PYTHON) -m bench.run_all --out out/bench
+bench: setup ## benchmarks: out/bench/*.json, one table of every ratio vs its goal, out/bench/summary.json (BENCH_ARGS=--quick skips the slow ones)
+	$(PYTHON) -m bench.run_all --out out/bench $(BENCH_ARGS)
 
 lint:
 	$(PYTHON) -m ruff check .

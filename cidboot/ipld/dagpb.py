@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from cidboot.errors import FormatError
 from cidboot.ipld import protobuf as pb
+from cidboot.ipld import varint
 from cidboot.ipld.cid import CID, CIDError
 
 MAX_BLOCK = 4 * 1024 * 1024
@@ -48,6 +49,15 @@ def encode(node: PBNode) -> bytes:
     if node.data is not None:
         out += pb.field_bytes(1, node.data)
     return bytes(out)
+
+
+def data_only_head(data_len: int) -> bytes:
+    """The bytes before Data in a link-less node whose Data is `data_len` bytes long.
+
+    `encode(PBNode([], data)) == data_only_head(len(data)) + data`: an importer can hash a
+    leaf as head + data without assembling the block.
+    """
+    return pb.key(1, pb.LEN) + varint.encode(data_len)
 
 
 def _decode_link(raw: bytes, index: int) -> PBLink:

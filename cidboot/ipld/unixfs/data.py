@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cidboot.errors import FormatError
+from cidboot.ipld import dagpb, varint
 from cidboot.ipld import protobuf as pb
 
 RAW, DIRECTORY, FILE, METADATA, SYMLINK, HAMT_SHARD = 0, 1, 2, 3, 4, 5
@@ -14,6 +15,18 @@ TYPE_NAMES = {RAW: "raw", DIRECTORY: "directory", FILE: "file", METADATA: "metad
 
 class UnixFSError(FormatError):
     """A dag-pb node's Data is not a valid UnixFS message, or the DAG is not a valid UnixFS shape."""
+
+
+def file_leaf_frame(n: int) -> tuple[bytes, bytes]:
+    """(head, tail) such that head + chunk + tail is the dag-pb leaf Kubo makes for an
+    `n`-byte chunk without raw leaves: PBNode{Data: UnixFS{Type: File, Data: chunk, filesize: n}}.
+
+    The chunk itself is never copied into a block: the importer hashes head, chunk and tail
+    in turn. An empty chunk has no Data field, as in Kubo (and `UnixFSData(FILE, None, 0)`).
+    """
+    inner_head = pb.field_varint(1, FILE) + (pb.key(2, pb.LEN) + varint.encode(n) if n else b"")
+    tail = pb.field_varint(3, n)
+    return dagpb.data_only_head(len(inner_head) + n + len(tail)) + inner_head, tail
 
 
 @dataclass(slots=True)
@@ -57,8 +70,6 @@ class UnixFSData:
             elif fno == 4 and wt == pb.VARINT:
                 out.blocksizes.append(int(val))
             elif fno == 4 and wt == pb.LEN:  # packed encoding, accepted on read
-                from cidboot.ipld import varint
-
                 buf, pos = bytes(val), 0
                 while pos < len(buf):
                     v, pos = varint.decode(buf, pos)

@@ -10,6 +10,7 @@ sizes in `blocksizes`. Memory stays bounded: one chunk plus at most 174 links pe
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -20,7 +21,8 @@ from typing import BinaryIO, Protocol
 
 from cidboot.ipld import dagpb
 from cidboot.ipld.cid import CID, DAG_PB, RAW
-from cidboot.ipld.unixfs.data import DIRECTORY, FILE, SYMLINK, UnixFSData, UnixFSError
+from cidboot.ipld.multihash import SHA2_256, Multihash
+from cidboot.ipld.unixfs.data import DIRECTORY, FILE, SYMLINK, UnixFSData, UnixFSError, file_leaf_frame
 
 DEFAULT_CHUNK = 256 * 1024
 MAX_LINKS = 174
@@ -87,6 +89,8 @@ class _Builder:
     def __init__(self, sink: BlockSink | None, opts: ImportOptions, progress: Callable[[int], None] | None):
         self.sink, self.opts, self.progress = sink, opts, progress
         self.blocks = 0
+        self.pb_version = opts.cid_version  # dag-pb nodes: CIDv0 in the v0 profile
+        self._full_frame: tuple[bytes, bytes] | None = None
 
     def emit(self, data: bytes, codec: int) -> CID:
         cid = CID.of(data, codec, 0 if (codec == DAG_PB and self.opts.cid_version == 0) else 1)
@@ -95,13 +99,36 @@ class _Builder:
         self.blocks += 1
         return cid
 
-    def leaf(self, chunk: bytes) -> _Node:
+    def leaf(self, chunk: bytes | memoryview) -> _Node:
+        """One leaf, hashed where the chunk lies: no block is assembled unless a sink wants it.
+
+        `chunk` may be a view of the reader's reused buffer; it is hashed (and, for a sink,
+        copied) before the next read overwrites it.
+        """
+        n = len(chunk)
         if self.progress:
-            self.progress(len(chunk))
+            self.progress(n)
+        self.blocks += 1
         if self.opts.use_raw_leaves:
-            return _Node(self.emit(chunk, RAW), len(chunk), len(chunk))
-        block = dagpb.encode(dagpb.PBNode([], UnixFSData(FILE, chunk or None, len(chunk)).encode()))
-        return _Node(self.emit(block, DAG_PB), len(chunk), len(block))
+            cid = CID(1, RAW, Multihash(SHA2_256, hashlib.sha256(chunk).digest()))
+            if self.sink is not None:
+                self.sink.put(cid, bytes(chunk))
+            return _Node(cid, n, n)
+        head, tail = self._frame(n)
+        h = hashlib.sha256(head)
+        h.update(chunk)
+        h.update(tail)
+        cid = CID(self.pb_version, DAG_PB, Multihash(SHA2_256, h.digest()))
+        if self.sink is not None:
+            self.sink.put(cid, b"".join((head, chunk, tail)))
+        return _Node(cid, n, len(head) + n + len(tail))
+
+    def _frame(self, n: int) -> tuple[bytes, bytes]:
+        if n == self.opts.chunk_size:  # every chunk but the last: framed once per import
+            if self._full_frame is None:
+                self._full_frame = file_leaf_frame(n)
+            return self._full_frame
+        return file_leaf_frame(n)
 
     def parent(self, children: list[_Node]) -> _Node:
         total = sum(c.filesize for c in children)
@@ -110,44 +137,73 @@ class _Builder:
         block = dagpb.encode(dagpb.PBNode(links, data))
         return _Node(self.emit(block, DAG_PB), total, len(block) + sum(c.tsize for c in children))
 
-    def file(self, chunks: Iterator[bytes]) -> _Node:
-        first = next(chunks, None)
-        root = self.leaf(first if first is not None else b"")
-        pending = next(chunks, None)
+    def file(self, stream: BinaryIO) -> _Node:
+        """Import one file's bytes from `stream` as Kubo's balanced layout."""
+        leaves = self._leaves(stream)
+        root = next(leaves)  # an empty file is one empty leaf
+        pending = next(leaves, None)
         depth = 1
         while pending is not None:
             children = [root]
-            pending = self._fill(children, depth, pending, chunks)
+            pending = self._fill(children, depth, pending, leaves)
             root = self.parent(children)
             depth += 1
         return root
 
-    def _fill(self, children: list[_Node], depth: int, pending: bytes | None, chunks: Iterator[bytes]) -> bytes | None:
-        """Fill `children` (a node at `depth`) up to MAX_LINKS; return the next unused chunk."""
+    def _fill(self, children: list[_Node], depth: int, pending: _Node | None, leaves: Iterator[_Node]) -> _Node | None:
+        """Fill `children` (a node at `depth`) up to MAX_LINKS; return the next unused leaf."""
         while len(children) < MAX_LINKS and pending is not None:
             if depth == 1:
-                children.append(self.leaf(pending))
-                pending = next(chunks, None)
+                children.append(pending)
+                pending = next(leaves, None)
             else:
                 sub: list[_Node] = []
-                pending = self._fill(sub, depth - 1, pending, chunks)
+                pending = self._fill(sub, depth - 1, pending, leaves)
                 children.append(self.parent(sub))
         return pending
 
+    def _leaves(self, stream: BinaryIO) -> Iterator[_Node]:
+        """Yield the file's leaves in order, at least one (an empty file has one empty leaf).
 
-def _chunks(stream: BinaryIO, size: int) -> Iterator[bytes]:
-    while True:
-        buf = bytearray()
-        while len(buf) < size:
-            part = stream.read(size - len(buf))
-            if not part:
-                break
-            buf += part
-        if not buf:
-            return
-        yield bytes(buf)
-        if len(buf) < size:
-            return
+        Every chunk is read into the same buffer and hashed from it, so the import allocates
+        nothing per chunk (large allocations are fresh zeroed pages each time, which cost as
+        much as hashing them); a leaf is made before the next read, so the buffer is free again.
+        """
+        size = self.opts.chunk_size
+        buf = bytearray(size)
+        view = memoryview(buf)
+        readinto = getattr(stream, "readinto", None)
+        first = True
+        while True:
+            n = _read_full(stream, readinto, view, size)
+            if n == 0 and not first:
+                return
+            first = False
+            yield self.leaf(view[:n])
+            if n < size:
+                return
+
+
+def _read_full(stream: BinaryIO, readinto: Callable[[memoryview], int | None] | None, view: memoryview, size: int) -> int:
+    """Fill view[:size] from `stream`; fewer bytes only at the end of the stream."""
+    n = 0
+    while n < size:
+        if readinto is not None:
+            got = readinto(view[n:size])
+            if got is None:  # a non-blocking stream with nothing ready: not the end of the file
+                raise UnixFSError("cannot import from a non-blocking stream (read returned no data yet)")
+        else:
+            part = stream.read(size - n)
+            if part is None:
+                raise UnixFSError("cannot import from a non-blocking stream (read returned no data yet)")
+            got = len(part)
+            if got > size - n:
+                raise UnixFSError(f"stream returned {got} bytes when {size - n} were asked for")
+            view[n : n + got] = part
+        if not got:
+            break
+        n += got
+    return n
 
 
 def import_file(
@@ -160,10 +216,10 @@ def import_file(
     opts = opts or ImportOptions()
     b = _Builder(sink, opts, progress)
     if isinstance(source, str | os.PathLike):
-        with open(source, "rb") as f:
-            node = b.file(_chunks(f, opts.chunk_size))
+        with open(source, "rb", buffering=0) as f:  # unbuffered: readinto lands in our buffer
+            node = b.file(f)
     else:
-        node = b.file(_chunks(source, opts.chunk_size))
+        node = b.file(source)
     return ImportResult(node.cid, node.filesize, b.blocks, node.tsize)
 
 
@@ -207,8 +263,8 @@ def import_path(
                 kids.append((child.name, walk(child, f"{rel}/{child.name}" if rel else child.name)))
             node = _dir_node(b, kids)
         elif stat.S_ISREG(st.st_mode):
-            with open(p, "rb") as f:
-                node = b.file(_chunks(f, opts.chunk_size))
+            with open(p, "rb", buffering=0) as f:
+                node = b.file(f)
         else:
             raise UnixFSError(f"{p}: cannot import a special file")
         listing.append((rel, node.cid))

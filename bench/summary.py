@@ -1,0 +1,410 @@
+"""One table of every ratio `make bench` measured, and out/bench/summary.json to compare runs.
+
+Each bench writes out/bench/<name>.json in its own shape; the declarations here (one small
+function per bench, `BENCHES`) map that JSON to summary rows:
+
+    {name, ours, reference, unit, ratio, goal, met, bench, status, spread?, moonshot?, note?}
+
+`ratio` is always ours / reference in `unit` (for a rate higher is better, for seconds lower
+is better, and `goal` says which: ">= 1.0", "<= 1.5"). Goals come from issue 13's table (and
+the few a bench states itself, named in `note`); a figure with no goal has goal and met null,
+never a pass. A goal figure the bench did not produce is a row with status "missing" (or
+"failed", "stale", "skipped") and met null, so a run that lost a bench cannot look better
+than one that measured it. The declarations sit here, not in the bench scripts, so building
+the summary imports nothing heavy (QEMU harness, Kubo fixtures) and works on old JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+Doc = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Goal:
+    """`ratio op value`, e.g. Goal(">=", 1.0): the ratio must be at least 1.0."""
+
+    op: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.op not in (">=", "<="):
+            raise ValueError(f"goal operator must be >= or <=, got {self.op!r}")
+
+    def met(self, ratio: float | None) -> bool | None:
+        if ratio is None or not math.isfinite(ratio):
+            return None  # nothing measured: neither a pass nor a fail
+        return ratio >= self.value if self.op == ">=" else ratio <= self.value
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.value:g}"
+
+
+AT_LEAST_1 = Goal(">=", 1.0)
+FLAT = Goal("<=", 1.1)  # "flat" peak RSS: the big file's peak within 10% of the small file's
+WITHIN_BUDGET = Goal("<=", 1.0)  # a bench's own absolute goal: ours / budget at most 1
+
+
+@dataclass
+class Row:
+    name: str
+    ours: float | None
+    reference: float | None
+    unit: str
+    ratio: float | None
+    goal: str | None
+    met: bool | None
+    bench: str
+    status: str = "ok"  # ok | missing | failed | stale | skipped | undeclared | unreadable
+    spread: list[float] | None = None  # [min, max] of the bench's repeated ratios, when it has them
+    moonshot: str | None = None
+    moonshot_met: bool | None = None
+    note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items()
+                if v is not None or k in ("ours", "reference", "ratio", "goal", "met")}
+
+
+def figure(bench: str, name: str, ours: float | None, reference: float | None, unit: str, *,
+           goal: Goal | None = None, moonshot: Goal | None = None, ratio: float | None = None,
+           spread: Iterable[float] | None = None, note: str | None = None) -> Row:
+    """A measured row; `ratio` defaults to ours / reference (give the bench's own when it is
+    more precise than its rounded figures)."""
+    if ratio is None and ours is not None and reference:
+        ratio = ours / reference
+    if ratio is not None:
+        ratio = round(float(ratio), 3)
+    return Row(name, ours, reference, unit, ratio, str(goal) if goal else None, goal.met(ratio) if goal else None,
+               bench, spread=[float(x) for x in spread] if spread is not None else None,
+               moonshot=str(moonshot) if moonshot else None,
+               moonshot_met=moonshot.met(ratio) if moonshot else None, note=note)
+
+
+def absent(bench: str, name: str, unit: str, status: str, why: str, *, goal: Goal | None = None,
+           moonshot: Goal | None = None) -> Row:
+    """A figure that should be there and is not: goal kept, met null."""
+    return Row(name, None, None, unit, None, str(goal) if goal else None, None, bench, status=status,
+               moonshot=str(moonshot) if moonshot else None, note=why)
+
+
+# -- one declaration per bench ------------------------------------------------------------
+
+
+def _largest(rows: list[Doc], key: str) -> int | None:
+    sizes = [r[key] for r in rows if isinstance(r.get(key), int | float)]
+    return max(sizes) if sizes else None
+
+
+def _import(doc: Doc) -> list[Row]:
+    rows, b = doc["rows"], "bench_import"
+    big = _largest(rows, "file_MiB")
+    out: list[Row] = []
+    goals = {0: AT_LEAST_1, 1: Goal(">=", 1.3)}
+    for version, goal in goals.items():
+        name = "UnixFS import CIDv{} vs ipfs add --only-hash, {} MiB"
+        mine = [r for r in rows if r.get("cid_version") == version]
+        if not mine:
+            out.append(absent(b, name.format(version, "256"), "MB/s", "missing",
+                              f"import.json has no CIDv{version} row", goal=goal))
+        for r in sorted(mine, key=lambda r: r["file_MiB"]):
+            spread = [r["ratio_min"], r["ratio_max"]] if "ratio_min" in r and "ratio_max" in r else None
+            # the goal is judged where Kubo's ~0.1 s process start is amortised: the largest file
+            row = figure(b, name.format(version, r["file_MiB"]), r["ours_MBps"], r["kubo_MBps"], "MB/s",
+                         goal=goal if r["file_MiB"] == big else None, ratio=r.get("ours/kubo"), spread=spread)
+            if not r.get("same_cid", True):  # a faster wrong answer is no figure at all
+                row.status, row.met, row.note = "failed", None, "our CID differs from Kubo's"
+            out.append(row)
+    small = min((r["file_MiB"] for r in rows), default=None)
+    if big is not None and small is not None and big != small:
+        rss = {s: max(r["ours_peak_rss_MiB"] for r in rows if r["file_MiB"] == s) for s in (small, big)}
+        out.append(figure(b, f"import peak RSS, {big} MiB vs {small} MiB", rss[big], rss[small], "MiB", goal=FLAT))
+    else:
+        out.append(absent(b, "import peak RSS, 256 MiB vs 16 MiB", "MiB", "missing", "needs two file sizes", goal=FLAT))
+    return out
+
+
+def _fetch(doc: Doc) -> list[Row]:
+    rows, b = doc["rows"], "bench_fetch"
+    big, small = _largest(rows, "file_MiB"), min((r["file_MiB"] for r in rows), default=None)
+    out: list[Row] = []
+    plain_goal, dag_goal = Goal(">=", 0.5), AT_LEAST_1
+    for r in sorted(rows, key=lambda r: r["file_MiB"]):
+        mib = r["file_MiB"]
+        is_big = mib == big
+        out.append(figure(b, f"verified fetch into the store vs plain HTTP download, {mib} MiB",
+                          r["ours_from_our_gw_MBps"], r["plain_http_MBps"], "MB/s", ratio=r.get("ours/plain"),
+                          goal=plain_goal if is_big else None, moonshot=Goal(">=", 0.9) if is_big else None))
+        if "ours_from_kubo_gw_MBps" in r:
+            out.append(figure(b, f"verified fetch from our gateway vs from Kubo's gateway, {mib} MiB",
+                              r["ours_from_our_gw_MBps"], r["ours_from_kubo_gw_MBps"], "MB/s",
+                              ratio=r.get("our_gw/kubo_gw")))
+        dag = next((k for k in r if "dag_import" in k and k.endswith("MBps")), None)
+        if dag is not None:
+            out.append(figure(b, f"verified fetch vs ipfs dag import of the same CAR, {mib} MiB",
+                              r["ours_from_our_gw_MBps"], r[dag], "MB/s", goal=dag_goal if is_big else None))
+        elif is_big:
+            out.append(absent(b, f"verified fetch vs ipfs dag import of the same CAR, {mib} MiB", "MB/s", "missing",
+                              "fetch.json has no *dag_import*_MBps figure", goal=dag_goal))
+    if big is not None and small is not None and big != small:
+        rss = {r["file_MiB"]: r["client_rss_MiB_our_gw"] for r in rows}
+        out.append(figure(b, f"fetch client peak RSS, {big} MiB vs {small} MiB", rss[big], rss[small], "MiB", goal=FLAT))
+    else:
+        out.append(absent(b, "fetch client peak RSS, 256 MiB vs 16 MiB", "MiB", "missing", "needs two file sizes",
+                          goal=FLAT))
+    if not rows:
+        out.insert(0, absent(b, "verified fetch into the store vs plain HTTP download, 256 MiB", "MB/s", "missing",
+                             "fetch.json has no rows", goal=plain_goal))
+    return out
+
+
+def _tftp(doc: Doc) -> list[Row]:
+    rows, b = doc["rows"], "bench_tftp"
+    size = doc.get("notes", {}).get("size_mib", "?")
+    out: list[Row] = []
+    seen = set()
+    for r in rows:
+        bs, win = r["blksize"], r.get("windowsize", 1)
+        lock_step = win == 1
+        if lock_step:
+            seen.add(bs)
+        what = "no windowsize" if lock_step else f"windowsize {win} (tftpd-hpa: none)"
+        out.append(figure(b, f"TFTP {size} MiB vs tftpd-hpa, blksize {bs}, {what}", r["ours_MiB_s"],
+                          r["tftpd-hpa_MiB_s"], "MiB/s", ratio=r.get("ours/hpa"), goal=AT_LEAST_1 if lock_step else None))
+    for bs in (512, 1468):  # issue 13: at least tftpd-hpa at both, without windowsize
+        if bs not in seen:
+            out.append(absent(b, f"TFTP {size} MiB vs tftpd-hpa, blksize {bs}, no windowsize", "MiB/s", "missing",
+                              "bench_tftp.json has no such row", goal=AT_LEAST_1))
+    return out
+
+
+def _dhcp(doc: Doc) -> list[Row]:
+    rows, b = doc["rows"], "bench_dhcp"
+    ref = next((r for r in rows if str(r["server"]).startswith("dnsmasq")), None)
+    out: list[Row] = []
+    goal, moon = Goal(">=", 0.8), AT_LEAST_1
+    persisted = 0
+    for r in rows:
+        label = str(r["server"])
+        if not label.startswith("ours") or ref is None:
+            continue
+        in_memory = "memory" in label
+        persisted += not in_memory
+        out.append(figure(b, f"DHCP exchanges/s vs dnsmasq (leases persisted), {label}", r["exchanges_s"],
+                          ref["exchanges_s"], "exchanges/s", ratio=r.get("vs_dnsmasq"),
+                          goal=None if in_memory else goal, moonshot=None if in_memory else moon,
+                          note=f"{r['failed']} failed" if r.get("failed") else None))
+    if not persisted:
+        out.append(absent(b, "DHCP exchanges/s vs dnsmasq (leases persisted)", "exchanges/s", "missing",
+                          "no dnsmasq row or no persisted-leases row of ours", goal=goal, moonshot=moon))
+    return out
+
+
+def _boot(doc: Doc) -> list[Row]:
+    rows, b = doc["rows"], "bench_boot"
+    accel = doc.get("notes", {}).get("accel", "?")
+    ref = next((r for r in rows if "reference" in str(r.get("boot", ""))), None)
+    goal, moon = Goal("<=", 1.5), Goal("<=", 1.0)
+    out = [figure(b, f"boot ({accel}) {r['boot']} vs plain iPXE + busybox", r["seconds"], ref["seconds"] if ref else None,
+                  "s", ratio=r.get("ratio_vs_reference"), goal=goal, moonshot=moon)
+           for r in rows if r.get("ratio_vs_reference") is not None]
+    if not out:
+        out.append(absent(b, "boot: power-on to agent ready vs plain iPXE + busybox", "s", "missing",
+                          "bench_boot.json has no ratio_vs_reference row (reference or our boot missing)",
+                          goal=goal, moonshot=moon))
+    return out
+
+
+def _build(doc: Doc) -> list[Row]:
+    b = "bench_build"
+    out = []
+    for r in doc["rows"]:
+        if r.get("ratio") is None:
+            continue
+        fig = str(r["figure"])
+        unit = "s" if fig.endswith(" s") else "MiB" if fig.endswith("MiB") else ""
+        out.append(figure(b, f"build {r['target']}: {fig.removesuffix(' ' + unit)} vs {r['reference']}",
+                          r["value"], r["ref"], unit, ratio=r["ratio"]))
+        if r["target"] == "bootstrap" and fig == "initramfs compressed MiB":
+            out.append(figure(b, "build bootstrap: initramfs compressed vs 8 MiB budget", r["value"], 8.0, "MiB",
+                              goal=WITHIN_BUDGET, note="goal from bench_build"))
+        if r["target"] == "bootstrap" and fig == "warm build s":
+            out.append(figure(b, "build bootstrap: warm rebuild vs 2 s budget", r["value"], 2.0, "s",
+                              goal=WITHIN_BUDGET, note="goal from bench_build"))
+    return out
+
+
+def _cose(doc: Doc) -> list[Row]:
+    return [figure("bench_cose", f"COSE {r['operation']} vs {r['reference']}", r["ops_per_s"], r["ref_ops_per_s"], "ops/s")
+            for r in doc["rows"]]
+
+
+def _trust(doc: Doc) -> list[Row]:
+    rows, b = doc["rows"], "bench_trust"
+    bare = next((r for r in rows if "reference" in r["operation"]), None)
+    out = []
+    for r in rows:
+        if r is bare:
+            continue
+        out.append(figure(b, f"trust {r['operation']} vs bare Ed25519 verify", r["ops_per_s"],
+                          bare["ops_per_s"] if bare else None, "ops/s"))
+        if "appraisal" in r["operation"]:
+            out.append(figure(b, "trust appraisal, 3-layer DICE chain vs 1000 us budget", r["us_per_op"], 1000.0, "us",
+                              goal=WITHIN_BUDGET, note="goal from bench_trust"))
+    return out
+
+
+def _agent(doc: Doc) -> list[Row]:
+    rows, b = doc["rows"], "bench_agent"
+    by_case = {r["case"]: r for r in rows}
+    out = []
+    for r in rows:
+        case = str(r["case"])
+        if case.endswith("validation on") and r.get("ratio_vs_off") is not None:
+            off = by_case.get(case.removesuffix("on") + "off")
+            out.append(figure(b, f"agent {case.removesuffix(', validation on')}: validation on vs off",
+                              r["per_op_ms"], off["per_op_ms"] if off else None, "ms/op", ratio=r["ratio_vs_off"],
+                              goal=Goal("<=", 2.0), note="goal from bench_agent: validation adds < 2x"))
+        elif case.startswith("DFFML") and r.get("ratio_vs_off"):
+            ours = r["per_op_ms"] / r["ratio_vs_off"]  # our validation-off time per op, as the bench divided
+            out.append(figure(b, f"agent (validation off) vs {case}", ours, r["per_op_ms"], "ms/op"))
+    return out
+
+
+def _pxe200(doc: Doc) -> list[Row]:
+    out = []
+    for r in doc["rows"]:
+        ratio = r.get("total_vs_alone")
+        if ratio and str(r["run"]) != "1 client alone":
+            out.append(figure("bench_pxe200", f"PXE {r['run']} vs 1 client alone (total s)", r["total_s"],
+                              r["total_s"] / ratio, "s", ratio=ratio,
+                              note=f"{r['failures']} failures" if r.get("failures") else None))
+    return out
+
+
+def _cluster(doc: Doc) -> list[Row]:
+    return [figure("bench_cluster", f"cluster {r['case']} vs ipfs dag import, 1 node", r["MBps"], r["ref_MBps"], "MB/s",
+                   ratio=r["ratio"], spread=None)
+            for r in doc["rows"] if r.get("ratio") is not None and "(reference)" not in str(r["case"])]
+
+
+@dataclass(frozen=True)
+class Bench:
+    stem: str  # bench/<stem>.py
+    result: str  # out/bench/<result>.json
+    rows: Callable[[Doc], list[Row]]
+    goals: tuple[tuple[str, str, Goal], ...] = field(default=())  # (name, unit, goal): rows when the JSON is not there
+
+
+BENCHES: dict[str, Bench] = {b.stem: b for b in [
+    Bench("bench_agent", "bench_agent", _agent),
+    Bench("bench_boot", "bench_boot", _boot, (("boot: power-on to agent ready vs plain iPXE + busybox", "s", Goal("<=", 1.5)),)),
+    Bench("bench_build", "build", _build),
+    Bench("bench_cluster", "bench_cluster", _cluster),
+    Bench("bench_cose", "cose", _cose),
+    Bench("bench_dhcp", "bench_dhcp", _dhcp, (("DHCP exchanges/s vs dnsmasq (leases persisted)", "exchanges/s", Goal(">=", 0.8)),)),
+    Bench("bench_fetch", "fetch", _fetch, (
+        ("verified fetch into the store vs plain HTTP download, 256 MiB", "MB/s", Goal(">=", 0.5)),
+        ("verified fetch vs ipfs dag import of the same CAR, 256 MiB", "MB/s", AT_LEAST_1),
+        ("fetch client peak RSS, 256 MiB vs 16 MiB", "MiB", FLAT))),
+    Bench("bench_import", "import", _import, (
+        ("UnixFS import CIDv0 vs ipfs add --only-hash, 256 MiB", "MB/s", AT_LEAST_1),
+        ("UnixFS import CIDv1 vs ipfs add --only-hash, 256 MiB", "MB/s", Goal(">=", 1.3)),
+        ("import peak RSS, 256 MiB vs 16 MiB", "MiB", FLAT))),
+    Bench("bench_pxe200", "bench_pxe200", _pxe200),
+    Bench("bench_tftp", "bench_tftp", _tftp, (
+        ("TFTP 16 MiB vs tftpd-hpa, blksize 512, no windowsize", "MiB/s", AT_LEAST_1),
+        ("TFTP 16 MiB vs tftpd-hpa, blksize 1468, no windowsize", "MiB/s", AT_LEAST_1))),
+    Bench("bench_trust", "trust", _trust),
+]}
+
+
+def _goal_rows(bench: Bench, status: str, why: str) -> list[Row]:
+    if not bench.goals:
+        return [absent(bench.stem, f"{bench.stem}: no result", "", status, why)]
+    return [absent(bench.stem, name, unit, status, why, goal=goal) for name, unit, goal in bench.goals]
+
+
+def build(out_dir: Path, expected: Iterable[str], *, failed: Iterable[str] = (), skipped: dict[str, str] | None = None,
+          since: float | None = None) -> list[Row]:
+    """Summary rows for the benches in `expected` (stems), from the JSON files in `out_dir`.
+
+    `failed`: benches whose process exited non-zero in this run; `skipped`: stem -> why it was
+    not run (e.g. --quick); `since`: results older than this (epoch seconds) are stale. Any
+    other JSON in out_dir with no declaration is listed as undeclared.
+    """
+    skipped = skipped or {}
+    failed = set(failed)
+    rows: list[Row] = []
+    claimed = {"summary", "run"}  # run_all's own files
+    for stem in expected:
+        bench = BENCHES.get(stem)
+        if bench is None:
+            rows.append(absent(stem, f"{stem}: no summary declaration in bench/summary.py", "", "undeclared",
+                               "add a Bench(...) to BENCHES"))
+            claimed.add(stem)
+            continue
+        claimed.add(bench.result)
+        path = out_dir / f"{bench.result}.json"
+        if stem in skipped:
+            rows += _goal_rows(bench, "skipped", skipped[stem])
+            continue
+        if stem in failed:
+            rows += _goal_rows(bench, "failed", f"{stem} exited non-zero in this run")
+            continue
+        if not path.exists():
+            rows += _goal_rows(bench, "missing", f"no {path.name}")
+            continue
+        try:
+            doc = json.loads(path.read_text())
+            got = bench.rows(doc)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
+            rows += _goal_rows(bench, "unreadable", f"{path.name}: {type(e).__name__}: {e}")
+            continue
+        if since is not None and path.stat().st_mtime < since:
+            for r in got:
+                r.status, r.met, r.moonshot_met = "stale", None, None
+                r.note = f"{path.name} is older than this run" + (f"; {r.note}" if r.note else "")
+        rows += got
+    for path in sorted(out_dir.glob("*.json")):
+        if path.stem not in claimed and path.stem not in {b.result for b in BENCHES.values()}:
+            rows.append(absent(path.stem, f"{path.name}: no summary declaration in bench/summary.py", "", "undeclared",
+                               "add a Bench(...) to BENCHES"))
+    return rows
+
+
+def write(rows: list[Row], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def table(rows: list[Row]) -> str:
+    """The one table `make bench` prints: every figure, its ratio, goal and verdict."""
+    head = ["figure", "ours", "reference", "unit", "ratio", "spread", "goal", "met"]
+    lines = [head]
+    for r in rows:
+        met = {True: "yes", False: "NO", None: "-"}[r.met]
+        if r.status != "ok":
+            met = r.status.upper()
+        spread = f"{r.spread[0]:.2f}-{r.spread[1]:.2f}" if r.spread else ""
+        lines.append([r.name, _num(r.ours), _num(r.reference), r.unit, _num(r.ratio), spread, r.goal or "", met])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    goals = [r for r in rows if r.goal]
+    n_met = sum(r.met is True for r in goals)
+    text.append(f"goals met: {n_met} of {len(goals)}"
+                + (f" ({sum(r.met is None for r in goals)} not measured)" if any(r.met is None for r in goals) else ""))
+    return "\n".join(text)
