@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bootstrap.server.devices import Devices
 from bootstrap.server.serve import BootServer, ServeConfig
+from cidboot.cli import UsageError
 from cidboot.errors import CidbootError
 from cidboot.ipld.cid import CID
 
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             ipaddress.IPv4Address(first)
             ipaddress.IPv4Address(last)
         except ValueError:
-            raise CidbootError(f"--dhcp-range must be FIRST-LAST IPv4 addresses, got {args.dhcp_range!r}") from None
+            raise UsageError(f"--dhcp-range must be FIRST-LAST IPv4 addresses, got {args.dhcp_range!r}") from None
         dhcp_range = (first, last)
     anchor = None
     if args.trust_anchor:
