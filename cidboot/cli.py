@@ -241,6 +241,15 @@ def _run(prog: str, description: str, commands_package: str, argv: list[str]) ->
         return 130
 
 
+def human_bytes(n: int) -> str:
+    """1536 -> "1.5 KiB" (sizes freed, cache sizes)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    size, i = float(n), 0
+    while size >= 1024 and i < len(units) - 1:
+        size, i = size / 1024, i + 1
+    return f"{n} B" if i == 0 else f"{size:.1f} {units[i]}"
+
+
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
