@@ -15,7 +15,7 @@ import hashlib
 from pathlib import Path
 
 from cidboot.cli import print_json
-from cidboot.measure import code_hash_of_blobs
+from cidboot.trust.measure import code_hash_of_blobs
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

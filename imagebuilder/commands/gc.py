@@ -14,12 +14,12 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from cidboot import dag
-from cidboot.blockstore import Blockstore
-from cidboot.cid import CID, RAW
 from cidboot.cli import human_bytes, print_json
 from cidboot.errors import NotFoundError
-from cidboot.multihash import Multihash
+from cidboot.ipld import dag
+from cidboot.ipld.cid import CID, RAW
+from cidboot.ipld.multihash import Multihash
+from cidboot.store.blockstore import Blockstore
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from cidboot.measure import code_hash_of_blobs
+from cidboot.trust.measure import code_hash_of_blobs
 from firmware.cli import main
 from imagebuilder.build import parse_reference
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_help_lists_real_subcommands() -> None:

@@ -19,13 +19,13 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.cli import main as agent_main
 from cidboot import __version__
-from cidboot.blockstore import Blockstore
-from cidboot.cid import CID, RAW
 from cidboot.cli import JsonLines
-from cidboot.manifest import Layer, Manifest, RootOfTrust, sign_manifest
+from cidboot.ipld.cid import CID, RAW
+from cidboot.store.blockstore import Blockstore
+from cidboot.trust.manifest import Layer, Manifest, RootOfTrust, sign_manifest
 from imagebuilder.cli import main as ib_main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CLIS = [("imagebuilder", "imagebuilder"), ("bootstrap", "bootstrap"), ("agent", "agent"), ("firmware", "firmware"),
         ("qemu.harness", "python -m qemu.harness")]
 

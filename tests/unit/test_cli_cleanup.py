@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cidboot import dagcbor
-from cidboot.blockstore import Blockstore
-from cidboot.cid import CID, DAG_CBOR, RAW
-from cidboot.unixfs.importer import import_bytes
+from cidboot.ipld import dagcbor
+from cidboot.ipld.cid import CID, DAG_CBOR, RAW
+from cidboot.ipld.unixfs.importer import import_bytes
+from cidboot.store.blockstore import Blockstore
 from imagebuilder.cache import BuildCache
 from imagebuilder.cli import main
 
@@ -59,13 +59,13 @@ def test_gc_with_a_pin_whose_dag_is_incomplete_removes_nothing(tmp_path: Path,
 
 
 def _reachable(store: Blockstore, root: CID, mh: object) -> bool:
-    from cidboot import dag
+    from cidboot.ipld import dag
 
     return any(c.multihash == mh for c, _ in dag.walk(root, store.get))
 
 
 def _export(store: Blockstore, cid: CID) -> list[bytes]:
-    from cidboot.unixfs import export_file
+    from cidboot.ipld.unixfs import export_file
 
     return list(export_file(cid, store.get))
 
