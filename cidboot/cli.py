@@ -12,8 +12,8 @@ Conventions applied here once: `--help` and `--version` everywhere, `-v/--verbos
 (repeatable), `-q/--quiet`, `--log-json` for one JSON object per stderr line (log records and
 everything a command prints on stderr: progress, refusals, errors), errors as one line on
 stderr (`prog: error: ...`, the traceback before it under `-v`), exit 0 ok, 1 on a cidboot
-error (bad input, failed verification), 2 on usage errors (argparse's and `UsageError`),
-130 on Ctrl-C.
+error (bad input, failed verification) or an unexpected exception (`internal error: ...`), 2 on
+usage errors (argparse's and `UsageError`), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -239,6 +239,9 @@ def _run(prog: str, description: str, commands_package: str, argv: list[str]) ->
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: still one line (JSON under --log-json), the traceback under -v
+        hint = "" if args.verbose else " (run with -v for the traceback)"
+        return fail(f"internal error: {type(e).__name__}: {e}{hint}", EXIT_ERROR)
 
 
 def human_bytes(n: int) -> str:

@@ -136,3 +136,22 @@ def test_gateway_bind_failure_names_the_address_and_cause(tmp_path: Path) -> Non
     bad = run("bootstrap", "gateway", "--listen", "nonsense", "--store", str(tmp_path))
     assert bad.returncode == 2 and "--listen must be HOST:PORT" in bad.stderr
     Blockstore(tmp_path)  # the store argument was a real directory all along
+
+
+def test_an_unexpected_exception_is_one_error_line_and_a_traceback_under_v(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug must not dump a bare traceback into --log-json output; -v still shows it."""
+    import imagebuilder.commands.gc as gc_cmd
+
+    def boom(*_a: object, **_k: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gc_cmd, "collect", boom)
+    assert ib_main(["gc", "--store", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == "imagebuilder: error: internal error: RuntimeError: boom (run with -v for the traceback)\n"
+    assert ib_main(["gc", "--store", str(tmp_path), "-v"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1] == "imagebuilder: error: internal error: RuntimeError: boom"
+    assert ib_main(["gc", "--store", str(tmp_path), "--log-json"]) == 1
+    assert json.loads(capsys.readouterr().err)["msg"].startswith("internal error: RuntimeError: boom")
