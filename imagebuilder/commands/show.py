@@ -100,9 +100,21 @@ def _key(raw: bytes) -> dict[str, Any]:
     return {"key_id": key_id(pub).hex(), "type": type(pub).__name__.removeprefix("_").replace("PublicKey", "")}
 
 
+ALGS = {-8: "EdDSA", -7: "ES256", -35: "ES384", -36: "ES512"}
+
+
+def _alg(alg: int | None) -> str | int | None:
+    return ALGS.get(alg, alg) if alg is not None else None
+
+
 def _signers(sign_multi: bytes) -> list[dict[str, Any]]:
+    """Who signed (key id, algorithm); whether they may is `imagebuilder verify`'s question."""
     msg = cose.decode_sign(sign_multi)
-    return [{"kid": (s.kid or b"").hex(), "alg": s.alg} for s in msg.signatures]
+    return [{"kid": (s.kid or b"").hex(), "alg": _alg(s.alg)} for s in msg.signatures]
+
+
+def _root(root: Any) -> dict[str, Any]:
+    return {"version": root.version, "threshold": root.threshold, "keys": [_key(k) for k in root.keys]}
 
 
 def _manifest(m: Any) -> dict[str, Any]:
@@ -112,8 +124,7 @@ def _manifest(m: Any) -> dict[str, Any]:
     return {
         "name": man.name, "version": man.version, "expires": iso(man.expires), "cmdline": man.cmdline,
         "layers": [{"role": lyr.role, "cid": str(lyr.cid), "size": lyr.size} for lyr in man.layers],
-        "root": {"version": man.root.version, "threshold": man.root.threshold,
-                 "keys": [k.hex() for k in man.root.keys]},
+        "root": _root(man.root),
         "measurements": {k: v.hex() for k, v in sorted(man.measurements.items())},
         "flow": str(man.flow) if man.flow else None,
         "operations": {k: str(v) for k, v in sorted(man.operations.items())},
@@ -126,9 +137,7 @@ def _signed_manifest(doc: dict[str, Any], block: bytes) -> dict[str, Any]:
 
     sm = SignedManifest.decode(block)
     return {"manifest": _manifest(doc["manifest"]), "signatures": _signers(sm.signatures),
-            "rotations": [{"root": {"version": r.root.version, "threshold": r.root.threshold,
-                                    "keys": [k.hex() for k in r.root.keys]},
-                           "signatures": _signers(r.signatures)} for r in sm.rotations]}
+            "rotations": [{"root": _root(r.root), "signatures": _signers(r.signatures)} for r in sm.rotations]}
 
 
 def _provenance(cid: CID, block: bytes) -> dict[str, Any]:
@@ -150,7 +159,7 @@ def _audit(doc: dict[str, Any]) -> dict[str, Any]:
     s1 = cose.decode_sign1(doc["sig"])
     return {"seq": body.get("seq"), "decision": body.get("decision"), "operation": body.get("operation"),
             "reason": body.get("reason"), "inputs": plain(body.get("inputs")), "prev": plain(body.get("prev")),
-            "signature": {"alg": s1.alg, "kid": (s1.kid or b"").hex() or None,
+            "signature": {"alg": _alg(s1.alg), "kid": (s1.kid or b"").hex() or None,
                           "note": "checked against the agent's alias key by `verify_log`, not here"}}
 
 
@@ -200,7 +209,7 @@ def _eat(block: bytes) -> tuple[dict[str, Any], list[tuple[str, CID]]]:
     out = {"nonce": ev.nonce.hex(), "ueid": ev.ueid.hex(), "iat": iso(ev.iat), "boot_mode": ev.boot_mode,
            "role": ev.role, "manifest": str(ev.manifest_cid) if ev.manifest_cid else None,
            "measurements": {k: v.hex() for k, v in sorted(ev.measurements.items())},
-           "signature": {"alg": ev.sign1.alg, "note": "by the chain's leaf key; `agent verify-evidence` appraises it"},
+           "signature": {"alg": _alg(ev.sign1.alg), "note": "by the chain's leaf key; `agent verify-evidence` appraises it"},
            "dice_chain": _chain(cose.cbor_loads_exact(ev.chain, "DICE chain"))}
     return out, [("manifest", ev.manifest_cid)] if ev.manifest_cid else []
 
@@ -371,6 +380,8 @@ def _outline(v: Any, write: Callable[[str], None], indent: int, label: str | Non
 def _scalar(v: Any) -> str:
     if v is None:
         return "null"
+    if v == "":
+        return '""'
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, dict | list):
