@@ -56,10 +56,11 @@ class ListenError(CidbootError):
     """A server cannot bind its address: names the address and the likely cause."""
 
 
-def listen_error(e: OSError, host: str, port: int, what: str = "listen") -> ListenError:
-    """Turn a bind(2) failure into a message a user can act on: which HOST:PORT, and why it
-    usually happens (the bare "Address already in use" names neither)."""
-    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def listen_error(e: OSError, host: str, port: int, what: str = "listen", *, where: str | None = None) -> ListenError:
+    """Turn a bind(2) failure into a message a user can act on: which HOST:PORT (or `where`,
+    for a server with several), and why it usually happens (the bare "Address already in use"
+    names neither)."""
+    addr = where or (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     hints = {
         errno.EADDRINUSE: "another process is listening there (an earlier server still running?); "
                           "stop it, or pick another port (port 0 picks a free one)",

@@ -155,3 +155,15 @@ def test_an_unexpected_exception_is_one_error_line_and_a_traceback_under_v(
     assert "Traceback" in err and err.splitlines()[-1] == "imagebuilder: error: internal error: RuntimeError: boom"
     assert ib_main(["gc", "--store", str(tmp_path), "--log-json"]) == 1
     assert json.loads(capsys.readouterr().err)["msg"].startswith("internal error: RuntimeError: boom")
+
+
+def test_listen_error_names_where_and_why() -> None:
+    import errno
+
+    from cidboot.cli import listen_error
+
+    e = OSError(errno.EADDRINUSE, "Address already in use")
+    assert str(listen_error(e, "::1", 8080)).startswith("cannot listen on [::1]:8080: Address already in use: another")
+    several = listen_error(e, "10.0.0.1", 8080, "serve", where="10.0.0.1 (one of UDP 67/4011 for DHCP, ...)")
+    assert str(several).startswith("cannot serve on 10.0.0.1 (one of UDP 67/4011")
+    assert "CAP_NET_BIND_SERVICE" in str(listen_error(OSError(errno.EACCES, "Permission denied"), "0.0.0.0", 80))
