@@ -214,6 +214,8 @@ def _run(prog: str, description: str, commands_package: str, argv: list[str]) ->
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors: argparse's own exit codes
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if args.log_json and not isinstance(sys.stderr, JsonLines):  # given abbreviated (--log-j)
+        sys.stderr = JsonLines(prog, sys.stderr)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
