@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 from cidboot.cli import run_main
 
-DESCRIPTION = "The L0 network-boot stage: DHCP, TFTP, measure, derive DICE CDI_1, hand over."
+DESCRIPTION = ("The L0 network-boot stage: DHCP, TFTP, measure, derive DICE CDI_1, hand over. "
+               "`firmware run` is the stage itself (PID 1 of the firmware image only); "
+               "`firmware measure` prints what it would measure, for reference values.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

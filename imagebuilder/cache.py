@@ -11,6 +11,10 @@ import functools
 import hashlib
 import json
 import os
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +51,75 @@ class BuildCache:
         root.mkdir(parents=True, exist_ok=True)
 
     def get(self, k: str) -> bytes | None:
+        """The layer, or None. A hit refreshes the entry's mtime, so `prune --older-than`
+        removes what no build used lately, not what was built long ago and used daily; an
+        entry pruned while we look is a miss, not an error."""
         p = self.root / k
-        return p.read_bytes() if p.is_file() else None
+        try:
+            data = p.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        try:
+            os.utime(p)
+        except OSError:
+            pass
+        return data
 
     def put(self, k: str, data: bytes) -> None:
         tmp = self.root / f".{k}.{os.getpid()}"
         tmp.write_bytes(data)
         tmp.replace(self.root / k)
+
+
+KINDS = ("layers", "sysroots", "debs", "wheels", "wheels-unpacked")  # under cache_dir(): all rebuildable
+
+
+@dataclass
+class Pruned:
+    entries: int = 0
+    bytes: int = 0
+    kept: int = 0
+    kept_bytes: int = 0
+    removed: list[str] = field(default_factory=list)
+
+
+def entry_size(p: Path) -> int:
+    """Bytes of a cache entry: a file, or a directory tree (sysroots, unpacked wheels)."""
+    try:
+        if p.is_symlink() or not p.is_dir():
+            return p.lstat().st_size
+        return sum(f.lstat().st_size for f in p.rglob("*") if f.is_file() or f.is_symlink())
+    except FileNotFoundError:
+        return 0
+
+
+def prune(dirs: Iterable[Path], older_than: float | None = None, *, now: float | None = None,
+          dry_run: bool = False) -> Pruned:
+    """Remove every top-level entry of `dirs` (all, or those whose mtime is more than
+    `older_than` seconds ago); return how many and how many bytes. Everything in the cache is
+    rebuilt or re-downloaded (and re-verified against flow.lock) on the next build, so pruning
+    costs time, never correctness."""
+    now = time.time() if now is None else now
+    out = Pruned()
+    for d in dirs:
+        if not d.is_dir():
+            continue
+        for p in sorted(d.iterdir()):
+            try:
+                mtime = p.lstat().st_mtime
+            except FileNotFoundError:
+                continue
+            size = entry_size(p)
+            if older_than is not None and now - mtime <= older_than:
+                out.kept += 1
+                out.kept_bytes += size
+                continue
+            if not dry_run:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+            out.entries += 1
+            out.bytes += size
+            out.removed.append(str(p))
+    return out

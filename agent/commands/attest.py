@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.commands.verify_evidence import SYMBOL, print_appraisal
-from cidboot.cli import print_json
+from cidboot.cli import UsageError, print_json
 from cidboot.errors import CidbootError
 from cidboot.ipld.cid import CID
 from cidboot.store.blockstore import Blockstore
@@ -90,9 +90,9 @@ def load_manifest(args: argparse.Namespace) -> tuple[Manifest | None, CID | None
     """The manifest to compare measurements with: by CID from a store, or a block file whose
     CID is its hash (either way the bytes are exactly what the CID names)."""
     if args.store is not None and args.manifest is None:
-        raise CidbootError("--store needs --manifest")
+        raise UsageError("--store needs --manifest")
     if args.manifest and args.manifest_file:
-        raise CidbootError("give --manifest CID or --manifest-file F, not both")
+        raise UsageError("give --manifest CID or --manifest-file F, not both")
     if args.manifest_file:
         try:
             signed = SignedManifest.decode(args.manifest_file.read_bytes())
@@ -108,7 +108,7 @@ def load_manifest(args: argparse.Namespace) -> tuple[Manifest | None, CID | None
 def run(args: argparse.Namespace) -> int:
     if args.verifier:
         if args.roots or args.manifest or args.manifest_file or args.allow_unmeasured:
-            raise CidbootError("--verifier appraises with the verifier's own roots and manifest: "
+            raise UsageError("--verifier appraises with the verifier's own roots and manifest: "
                                "drop --roots/--manifest/--manifest-file/--allow-unmeasured")
         obj = via_verifier(args.url, args.verifier, args.timeout)
         if args.json:

@@ -32,7 +32,7 @@ from agent import identity
 from agent.attested import AttestedAgents
 from agent.audit import AuditLog
 from agent.orchestrator import Block, FlowContext, Orchestrator, load_operations
-from cidboot.cli import EXIT_ERROR, EXIT_OK, print_json
+from cidboot.cli import EXIT_ERROR, EXIT_OK, UsageError, print_json
 from cidboot.dataflow import checks
 from cidboot.dataflow.model import DataFlow
 from cidboot.dataflow.source import load_yaml
@@ -146,9 +146,10 @@ def build(loaded: Loaded, store: Blockstore, ident_dir: Path, only_role: str | N
     """One orchestrator per role (or `only_role`), each with its own development identity."""
     flow = DataFlow.from_obj(loaded.dataflow)
     placement = loaded.placement
-    roles = [only_role] if only_role else (sorted(placement) or [LOCAL])
-    if only_role and placement and only_role not in placement:
-        raise CidbootError(f"--role {only_role}: the placement has roles {sorted(placement)}")
+    known = sorted(placement) or [LOCAL]
+    if only_role and only_role not in known:
+        raise UsageError(f"--role {only_role}: the flow's roles are {', '.join(known)}")
+    roles = [only_role] if only_role else known
     orchs: dict[str, Orchestrator] = {}
     appraisals: dict[str, AppraisalResult] = {}
     registries: dict[str, AttestedAgents] = {}

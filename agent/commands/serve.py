@@ -16,6 +16,7 @@ from pathlib import Path
 from agent.attestation_api import Attester, serve_api
 from agent.identity import uds as identity_uds
 from agent.verifier import Verifier
+from cidboot.cli import UsageError
 from cidboot.errors import CidbootError
 from cidboot.ipld.cid import CID
 from cidboot.store.blockstore import Blockstore
@@ -60,7 +61,7 @@ def software_identity(directory: Path, signed: SignedManifest | None, mcid: CID 
 
 def run(args: argparse.Namespace) -> int:
     if args.roots and not args.verifier:
-        raise CidbootError("--roots is for --verifier")
+        raise UsageError("--roots is for --verifier")
     store = Blockstore(args.store) if args.store or args.manifest else None
     signed = mcid = None
     if args.manifest:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cidboot.cli import print_json
-from cidboot.errors import CidbootError
+from cidboot.cli import UsageError, print_json
 from cidboot.ipld.cid import CID
 from cidboot.store.blockstore import Blockstore
 from cidboot.trust.appraisal import AppraisalResult, DeviceRoots, appraise
@@ -31,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         nonce = bytes.fromhex(args.nonce)
     except ValueError:
-        raise CidbootError(f"--nonce must be hex, got {args.nonce!r}") from None
+        raise UsageError(f"--nonce must be hex, got {args.nonce!r}") from None
     mcid = CID.parse(args.manifest)
     signed = SignedManifest.decode(Blockstore(args.store).get(mcid))
     res = appraise(args.file.read_bytes(), expected_nonce=nonce, roots=DeviceRoots.load(args.roots),

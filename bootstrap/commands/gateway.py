@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from cidboot.errors import FormatError
+from cidboot.cli import UsageError, listen_error
 from cidboot.store.blockstore import Blockstore
 from cidboot.store.gateway.server import serve_gateway
 
@@ -16,7 +16,7 @@ log = logging.getLogger("bootstrap.gateway")
 def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise FormatError(f"--listen must be HOST:PORT, got {value!r}")
+        raise UsageError(f"--listen must be HOST:PORT, got {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -30,7 +30,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
-    server = serve_gateway(Blockstore(args.store), host, port)
+    try:
+        server = serve_gateway(Blockstore(args.store), host, port)
+    except OSError as e:
+        raise listen_error(e, host, port) from None
     # The bound address goes to stdout so scripts (and tests) can use port 0.
     print(f"gateway listening on {server.url}", flush=True)
     log.info("gateway listening", extra={"url": server.url, "store": str(server.store.path)})

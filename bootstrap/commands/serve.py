@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bootstrap.server.devices import Devices
 from bootstrap.server.serve import BootServer, ServeConfig
+from cidboot.cli import UsageError, listen_error
 from cidboot.errors import CidbootError
 from cidboot.ipld.cid import CID
 
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             ipaddress.IPv4Address(first)
             ipaddress.IPv4Address(last)
         except ValueError:
-            raise CidbootError(f"--dhcp-range must be FIRST-LAST IPv4 addresses, got {args.dhcp_range!r}") from None
+            raise UsageError(f"--dhcp-range must be FIRST-LAST IPv4 addresses, got {args.dhcp_range!r}") from None
         dhcp_range = (first, last)
     anchor = None
     if args.trust_anchor:
@@ -70,7 +71,12 @@ def run(args: argparse.Namespace) -> int:
                       dhcp_range, args.http_port, args.tftp_port, Devices.load(args.devices) if args.devices else None,
                       anchor, args.state_dir, args.agent_port,
                       CID.parse(args.device_registry) if args.device_registry else None, tuple(args.gateway))
-    server = BootServer(cfg)
+    try:
+        server = BootServer(cfg)
+    except OSError as e:  # a bind: the error does not say which of the three servers' ports
+        where = (f"{cfg.server_ip} (one of UDP 67/4011 for DHCP, UDP {args.tftp_port} for TFTP, "
+                 f"TCP {args.http_port} for HTTP)")
+        raise listen_error(e, cfg.server_ip, args.http_port, "serve", where=where) from None
     server.start()
     print(f"serving on {args.interface} ({cfg.server_ip}): {'DHCP ' + args.dhcp_range if dhcp_range else 'ProxyDHCP'}, "
           f"TFTP :{server.tftp.port}, HTTP {server.gateway_url}", flush=True)

@@ -23,7 +23,7 @@ from cidboot.ipld.cid import CID, DAG_CBOR
 from cidboot.ipld.unixfs.exporter import export_file
 from cidboot.store.blockstore import Blockstore, default_store_path
 from cidboot.trust.appraisal import LAYER_ORDER, reference_values
-from cidboot.trust.manifest import Manifest, SignedManifest
+from cidboot.trust.manifest import Manifest, ManifestFormatError, SignedManifest
 from imagebuilder import uki
 from imagebuilder.cpio import decompress, read_newc
 
@@ -68,6 +68,22 @@ def _print_uki(d: dict[str, Any]) -> None:
         print(f"  {s['name']:<9} vma {s['vma']:>10} {s['size']:>10}  sha256 {s['sha256']}")
 
 
+def not_a(what: str, cid: CID, block: bytes, why: str) -> ManifestFormatError:
+    """What the block is instead, and where to read it: `imagebuilder show` decodes any block
+    (a provenance node or EAT otherwise fails deep in a decoder: "271 trailing bytes")."""
+    from imagebuilder.commands.show import decode_block
+
+    return ManifestFormatError(f"{cid} is not {what} (it is a {decode_block(cid, block).kind}: {why}): "
+                               f"use `imagebuilder show {cid}` to decode it")
+
+
+def manifest_or_hint(cid: CID, block: bytes) -> Manifest:
+    try:
+        return SignedManifest.decode(block).manifest
+    except ManifestFormatError as e:
+        raise not_a("a signed manifest", cid, block, str(e)) from None
+
+
 def _kind(mode: int) -> str:
     return "d" if stat.S_ISDIR(mode) else "l" if stat.S_ISLNK(mode) else "c" if stat.S_ISCHR(mode) else "-"
 
@@ -86,7 +102,7 @@ def unpinned(m: Manifest) -> list[str]:
 
 
 def describe(store: Blockstore, cid: CID, files: bool = True) -> dict[str, Any]:
-    m = SignedManifest.decode(store.get(cid)).manifest
+    m = manifest_or_hint(cid, store.get(cid))
     flow: dict[str, Any] = {}
     if m.flow is not None and store.has(m.flow):
         df = dagcbor.decode(store.get(m.flow))
@@ -124,7 +140,12 @@ def run(args: argparse.Namespace) -> int:
             data, name = args.cid.read_bytes(), str(args.cid)
         else:
             data, name = b"".join(export_file(args.cid, Blockstore(args.store).get)), str(args.cid)
-        u = describe_uki(data, name)
+        try:
+            u = describe_uki(data, name)
+        except uki.UkiError as e:
+            if isinstance(args.cid, Path):
+                raise
+            raise not_a("a manifest or a UKI", args.cid, Blockstore(args.store).get(args.cid), str(e)) from None
         if args.json:
             print_json(u)
         else:

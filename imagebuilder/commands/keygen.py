@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cidboot.cli import print_json
+from cidboot.cli import UsageError, print_json
 from cidboot.trust.cose_key import key_id
 from cidboot.trust.keys import ALGS, generate, load_public_key, write_keypair, write_root
 from cidboot.trust.manifest.model import RootOfTrust
@@ -14,7 +14,8 @@ from cidboot.trust.manifest.model import RootOfTrust
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("keygen", help="generate a manifest signing key",
                        description="Write OUT.pem (private, mode 0600) and OUT.pub (COSE_Key); print the key id.")
-    p.add_argument("-o", "--output", required=True, help="path stem for OUT.pem and OUT.pub")
+    p.add_argument("-o", "--output", help="path stem for OUT.pem and OUT.pub")
+    p.add_argument("stem", nargs="?", help="the same as -o (either one)")
     p.add_argument("--alg", choices=ALGS, default="ed25519")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_keygen)
@@ -28,6 +29,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_keygen(args: argparse.Namespace) -> int:
+    if args.stem and args.output and args.stem != args.output:
+        raise UsageError(f"two outputs given: -o {args.output} and {args.stem}")
+    args.output = args.output or args.stem
+    if not args.output:
+        raise UsageError("where to write the key: -o STEM (writes STEM.pem and STEM.pub)")
     key = generate(args.alg)
     priv, pub = write_keypair(key, args.output)
     kid = key_id(key.public_key()).hex()

@@ -40,13 +40,15 @@ def run(args: argparse.Namespace) -> int:
         except FormatError:
             raise CidbootError(f"{args.manifest}: neither a file nor a CID") from None
         block = store.get(cid)
+    # The trust anchor and state are the verifier's own inputs, not checks of the manifest: a
+    # missing or damaged file is an error (stderr, exit 1), not a failed check on stdout.
+    anchor = load_root(args.root)
+    state = TrustState.load(args.state, anchor) if args.state else TrustState(anchor)
     checks: list[Check] = []
     ok = True
     try:
         signed = SignedManifest.decode(block)
         checks.append(Check("format", True, f"signed manifest {signed.manifest.name} v{signed.manifest.version}"))
-        anchor = load_root(args.root)
-        state = TrustState.load(args.state, anchor) if args.state else TrustState(anchor)
         checks += verify_manifest(signed, state, now=int(time.time()), persist=bool(args.state),
                                   cid=None if Path(args.manifest).exists() else CID.parse(args.manifest),
                                   expected_name=args.name)

@@ -218,7 +218,7 @@ def test_cli_attest(running: list[AgentServer], tmp_path: Path, capsys: pytest.C
     (tmp_path / "m.cbor").write_bytes(SIGNED.encode())
     assert main(["attest", srv.url, "--manifest-file", str(tmp_path / "m.cbor"), "--roots", str(tmp_path / "roots.json")]) == 0
     assert capsys.readouterr().out.rstrip().endswith("status: affirming")
-    assert main(["attest", *base, "--manifest-file", str(tmp_path / "m.cbor")]) == 1
+    assert main(["attest", *base, "--manifest-file", str(tmp_path / "m.cbor")]) == 2  # --manifest and --manifest-file: a usage error
     assert "not both" in capsys.readouterr().err
 
 
@@ -259,5 +259,5 @@ def test_cli_attest_via_remote_verifier(running: list[AgentServer], capsys: pyte
     assert json.loads(capsys.readouterr().out)["status"] == AFFIRMING
     assert main(["attest", srv.url, "--verifier", bad.url]) == 1
     assert "✗ device: unknown device" in capsys.readouterr().out
-    assert main(["attest", srv.url, "--verifier", good.url, "--roots", "x.json"]) == 1
+    assert main(["attest", srv.url, "--verifier", good.url, "--roots", "x.json"]) == 2  # --roots with --verifier: a usage error
     assert "verifier's own roots" in capsys.readouterr().err
