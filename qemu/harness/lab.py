@@ -82,7 +82,7 @@ class Lab:
             fw_cfg[dice_engine.FW_CFG_NAME] = dice_engine.provision(state, fw.kernel.read_bytes(), fw.initrd.read_bytes())
         spec = GuestSpec(name, kernel=None if legacy else self.dep.firmware.kernel,
                          initrd=None if legacy else self.dep.firmware.initrd,
-                         append=str(self.dep.firmware.result.get("cmdline") or "console=ttyS0 quiet panic=-1"),
+                         append=str(self.dep.firmware.result.get("cmdline") or "console=ttyS0 quiet panic=-1 no_timer_check"),
                          fw_cfg=fw_cfg, tap=self.net.taps[i], mac=device_mac(i), network_boot=legacy,
                          disk=state.nvram, accel=accel)
         dev = Device(i, name, role, state, Guest(spec, state.dir / "run", self.net), legacy)

@@ -73,7 +73,7 @@ def running_boot_server(tmp: Path, taps: int = 1, extra: list[str] | None = None
 
 
 def boot_until(tmp: Path, net: BootNetwork | None, *, until: str, timeout: float, kernel: bytes | None = None,
-               initrd: bytes | None = None, append: str = "console=ttyS0 quiet panic=-1",
+               initrd: bytes | None = None, append: str = "console=ttyS0 quiet panic=-1 no_timer_check",
                fw_cfg: dict[str, Path] | None = None, disk: Path | None = None, mac: str = "52:54:00:12:34:56",
                memory_mib: int = 1024, boot_from_network: bool = False) -> tuple[str, list[tuple[float, str]]]:
     """Boot one guest on tap0 of `net` (no NIC without one; qemu.harness.vm) and stop it as soon as a console line
