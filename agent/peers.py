@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import http.client
 import inspect
 import json
 import logging
@@ -54,10 +53,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import cbor2
 
+from agent import httpclient
 from agent.attestation_api import (
     CBOR_TYPE,
     AgentServer,
@@ -228,19 +227,13 @@ class AuditBudget:
 
 
 def _http(method: str, url: str, path: str, body: bytes | None, ctype: str, timeout: float) -> tuple[int, bytes]:
-    u = urlsplit(url)
-    if u.scheme not in ("http", "https") or not u.hostname:
-        raise PeerError(f"peer URL must be http(s)://HOST[:PORT], got {url!r}")
-    cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-    conn = cls(u.hostname, u.port, timeout=timeout)
+    """agent.httpclient.request, its failures as peer errors (PeerUnavailable is retried)."""
     try:
-        conn.request(method, u.path.rstrip("/") + path, body=body, headers={"Content-Type": ctype, "User-Agent": "cidboot-agent"})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    except (OSError, http.client.HTTPException) as e:
-        raise PeerUnavailable(f"{url}: {type(e).__name__}: {e}") from None
-    finally:
-        conn.close()
+        return httpclient.request(method, url, path, body=body, ctype=ctype, timeout=timeout)
+    except httpclient.BadAgentURL as e:
+        raise PeerError(f"peer {e}") from None
+    except httpclient.AgentUnreachable as e:
+        raise PeerUnavailable(str(e)) from None
 
 
 @dataclass

@@ -5,13 +5,12 @@ appraise: the verifier's session nonce goes to the agent, the evidence back to t
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from agent import httpclient
 from agent.commands.verify_evidence import SYMBOL, print_appraisal
 from cidboot.cli import UsageError, print_json
 from cidboot.errors import CidbootError
@@ -42,19 +41,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _http(method: str, url: str, path: str, timeout: float, body: bytes | None = None,
           ctype: str = "application/eat+cwt") -> tuple[int, bytes]:
-    u = urlsplit(url)
-    if u.scheme not in ("http", "https") or not u.hostname:
-        raise CidbootError(f"URL must be http(s)://HOST[:PORT], got {url!r}")
-    cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-    conn = cls(u.hostname, u.port, timeout=timeout)
-    try:
-        conn.request(method, f"{u.path.rstrip('/')}{path}", body=body, headers={"Accept": ctype, "Content-Type": ctype})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    except (OSError, http.client.HTTPException) as e:
-        raise CidbootError(f"{url}: {type(e).__name__}: {e}") from None
-    finally:
-        conn.close()
+    return httpclient.request(method, url, path, body=body, ctype=ctype, accept=ctype, timeout=timeout)
 
 
 def get_evidence(url: str, nonce: bytes, timeout: float) -> bytes:

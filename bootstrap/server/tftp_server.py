@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from bootstrap.server.metrics import Metrics
+from cidboot.errors import CidbootError
 from cidboot.netboot import tftp
 from cidboot.netboot.tftp import (
     BLKSIZE_RANGE,
@@ -64,7 +65,7 @@ MAX_PER_CLIENT = 8  # concurrent transfers per client address (a PXE client need
 Generator = Callable[[str, tuple[str, int]], bytes | None]
 
 
-class TftpRequestError(Exception):
+class TftpRequestError(CidbootError):
     """A request we refuse; `code` is the TFTP error code sent back."""
 
     def __init__(self, code: int, message: str) -> None:

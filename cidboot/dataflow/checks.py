@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from cidboot.dataflow.model import SEED, STAGES, DataFlow, Definition, FlowFormatError, Operation
-from cidboot.errors import CidbootError, FormatError
+from cidboot.errors import CidbootError, FormatError, NotFoundError
 
 Path_ = tuple[str | int, ...]
 
@@ -98,7 +98,7 @@ def raise_for(problems: Sequence[Problem], origin: str) -> None:
 
 
 # -- implementations ---------------------------------------------------------------------------
-class ModuleMissing(LookupError):
+class ModuleMissing(NotFoundError):
     """The operation's module cannot be read (the message says why)."""
 
 

@@ -25,6 +25,7 @@ import yaml
 from cidboot.dataflow import checks
 from cidboot.dataflow.checks import FlowError
 from cidboot.dataflow.source import load_yaml
+from cidboot.errors import CidbootError
 from cidboot.ipld import dagcbor
 from cidboot.ipld.cid import CID
 from cidboot.ipld.unixfs.exporter import export_file
@@ -37,7 +38,7 @@ FIRMWARE_FLOW = REPO / "firmware" / "image" / "flow.yaml"
 BOOTSTRAP_FLOW = REPO / "bootstrap" / "image" / "flow.yaml"
 
 
-class DeployError(RuntimeError):
+class DeployError(CidbootError):
     """A build step failed (the message carries imagebuilder's error)."""
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
+from cidboot.errors import CidbootError
 from qemu.harness.netns import BootNetwork
 
 QEMU = "qemu-system-x86_64"
@@ -36,7 +37,7 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
 FIRMWARES = ("bios", "uefi")
 
 
-class GuestError(RuntimeError):
+class GuestError(CidbootError):
     """QEMU could not start, or a wait ran out (the message says which and why)."""
 
 
