@@ -202,6 +202,17 @@ class BoundedHandler(BaseHTTPRequestHandler):
             pass
 
     # -- one request ---------------------------------------------------------------------
+    default_request_version = "HTTP/1.0"
+
+    def parse_request(self) -> bool:
+        """The stdlib's, minus HTTP/0.9: a two-word request line ("GET /x") would be answered
+        with a bare body and no status line, which no client of ours can tell from garbage."""
+        ok = super().parse_request()  # with default_request_version HTTP/1.0: errors get a status line
+        if ok and len(self.requestline.split()) == 2:
+            self.send_error(400, "HTTP/0.9 requests are not supported")
+            return False
+        return ok
+
     def handle_one_request(self) -> None:
         lim = self.server.limits
         self._pending, self._sent_any, self.body = b"", False, b""
