@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,9 +20,18 @@ from cidboot.trust import keys
 from cidboot.trust.manifest import Layer, Manifest, RootOfTrust
 from cidboot.trust.tpm import eventlog, quote
 from cidboot.trust.tpm.appraise import TpmEnrolment, TpmReferences, appraise_tpm
-from cidboot.trust.tpm.errors import (AkNotEnrolledError, NonceMismatchError, PcrDigestMismatchError,
-                                      QuoteSignatureError, ReferenceMismatchError)
-from cidboot.trust.tpm.eventlog import EV_EFI_BOOT_SERVICES_APPLICATION, EV_EFI_PLATFORM_FIRMWARE_BLOB, EV_SEPARATOR
+from cidboot.trust.tpm.errors import (
+    AkNotEnrolledError,
+    NonceMismatchError,
+    PcrDigestMismatchError,
+    QuoteSignatureError,
+    ReferenceMismatchError,
+)
+from cidboot.trust.tpm.eventlog import (
+    EV_EFI_BOOT_SERVICES_APPLICATION,
+    EV_EFI_PLATFORM_FIRMWARE_BLOB,
+    EV_SEPARATOR,
+)
 from cidboot.trust.tpm.reference import BOOTSTRAP_PCR, bootstrap_events, uki_digest
 from tests.support.swtpm import AkFiles, Swtpm, make_pe
 
