@@ -70,7 +70,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Any:
         pcrs = eventlog.parse(log).replay()
         enrol = TpmEnrolment(frozenset({quote.parse_public(ak.public.read_bytes()).name,
                                         quote.parse_public(ak_ec.public.read_bytes()).name}), {0: pcrs[0]})
-        refs = TpmReferences(uki_digest(uki), expected)
+        refs = TpmReferences([uki_digest(uki)], bootstrap_events=expected)
         yield {"tpm": tpm, "other": other, "ak": ak, "ak_ec": ak_ec, "stranger": stranger, "log": log,
                "enrol": enrol, "refs": refs, "events": events}
 
@@ -89,7 +89,8 @@ def test_fresh_quote_from_swtpm_with_replaying_log_is_accepted(booted: Any, whic
     dt = (time.perf_counter() - t) * 1000
     assert result.quote.extra_data == nonce
     assert result.checks == ("ak enrolled", "quote signature", "nonce fresh", "event log replays to quoted PCRs",
-                             "firmware PCRs match enrolment", "UKI digest (PCR 4)", "manifest and layer events")
+                             "firmware PCRs match enrolment", "UKI and kernel digests (PCR 4)",
+                             "manifest and layer events")
     # the replay agrees with what the TPM itself reports for the bootstrap PCR
     out = booted["tpm"].pcr_read([BOOTSTRAP_PCR]).decode()
     assert result.pcrs[BOOTSTRAP_PCR].hex().upper() in out.upper()
@@ -146,7 +147,7 @@ def test_uki_other_than_the_manifests_is_named(booted: Any) -> None:
     """The TPM measured our UKI, the verifier's references name another: the PCR 4 event is named."""
     nonce = os.urandom(32)
     attest, sig = booted["tpm"].quote(booted["ak"], nonce, PCRS, out="refs")
-    refs = TpmReferences(hashlib.sha256(b"the manifest's UKI").digest(), booted["refs"].bootstrap_events)
-    with pytest.raises(ReferenceMismatchError, match="PCR 4 event"):
+    refs = TpmReferences([hashlib.sha256(b"the manifest's UKI").digest()], bootstrap_events=booted["refs"].bootstrap_events)
+    with pytest.raises(ReferenceMismatchError, match="PCR 4 application 0"):
         appraise_tpm(attest=attest, signature=sig, ak_public=booted["ak"].public.read_bytes(), event_log=booted["log"],
                      nonce=nonce, enrolment=booted["enrol"], references=refs)

@@ -54,9 +54,14 @@ class AkFiles:
 class Swtpm:
     """A manufactured swtpm in socket mode; `with Swtpm(dir) as tpm:` starts and stops it."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *, qemu: bool = False) -> None:
+        """`qemu=True`: a TPM for a QEMU guest (GuestSpec.tpm = `ctrl_socket`): a Unix control socket
+        only, QEMU passes the data channel and the firmware sends TPM2_Startup; else a TPM on
+        loopback TCP for tpm2-tools, started (TPM2_Startup(CLEAR)) by swtpm itself."""
         self.base = base.resolve()
         self.state = self.base / "state"
+        self.qemu = qemu
+        self.ctrl_socket = self.base / "swtpm.sock"
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -82,21 +87,29 @@ class Swtpm:
     def start(self) -> Swtpm:
         if not (self.state / "tpm2-00.permall").exists():
             self.manufacture()
-        self.port = _free_port_pair()
-        self.proc = subprocess.Popen(
-            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}",
-             "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-             "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
-             "--flags", "not-need-init,startup-clear", "--log", f"file={self.base / 'swtpm.log'}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.base / "swtpm.stderr", "wb"))
+        argv = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}", "--log", f"file={self.base / 'swtpm.log'}"]
+        if self.qemu:
+            self.ctrl_socket.unlink(missing_ok=True)
+            argv += ["--ctrl", f"type=unixio,path={self.ctrl_socket}"]
+        else:
+            self.port = _free_port_pair()
+            argv += ["--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                     "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1", "--flags", "not-need-init,startup-clear"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.base / "swtpm.stderr", "wb"))
         deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
-                break
+        while not self._listening():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"swtpm did not start: {(self.base / 'swtpm.stderr').read_text(errors='replace')}")
             time.sleep(0.05)
         return self
+
+    def _listening(self) -> bool:
+        if self.qemu:
+            return self.ctrl_socket.exists()
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
+            return True
+        return False
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -173,7 +173,7 @@ def _booted(kind: str = "rsapss") -> tuple[SoftTpm, TpmReferences, TpmEnrolment]
     data = bootstrap_event_data(CID.of(b"m", RAW), [CID.of(b"l0", RAW), CID.of(b"l1", RAW)])
     for d in data:
         tpm.measure(BOOTSTRAP_PCR, 0x0D, hashlib.sha256(d).digest(), d)
-    refs = TpmReferences(uki, [ExpectedEvent(BOOTSTRAP_PCR, 0x0D, hashlib.sha256(d).digest(), d, d.decode())
+    refs = TpmReferences([uki], bootstrap_events=[ExpectedEvent(BOOTSTRAP_PCR, 0x0D, hashlib.sha256(d).digest(), d, d.decode())
                                for d in data])
     fw = eventlog.parse(eventlog.build(tpm.events)).replay()[0]
     return tpm, refs, TpmEnrolment(frozenset({tpm.name}), {0: fw})
@@ -215,8 +215,29 @@ def test_firmware_differing_from_enrolment_names_the_pcr() -> None:
 
 def test_uki_changed_names_pcr4_event() -> None:
     tpm, refs, enrol = _booted()
-    with pytest.raises(ReferenceMismatchError, match="PCR 4 event 1"):
-        _run(tpm, TpmReferences(hashlib.sha256(b"another uki").digest(), refs.bootstrap_events), enrol)
+    with pytest.raises(ReferenceMismatchError, match="PCR 4 application 0 \\(event 1\\)"):
+        _run(tpm, TpmReferences([hashlib.sha256(b"another uki").digest()], bootstrap_events=refs.bootstrap_events), enrol)
+
+
+def test_extra_application_in_pcr4_is_named() -> None:
+    """A second EFI application (a shim, a chain-loaded loader) that no reference explains."""
+    tpm, refs, enrol = _booted()
+    tpm.measure(4, EV_EFI_BOOT_SERVICES_APPLICATION, hashlib.sha256(b"shim").digest())
+    with pytest.raises(ReferenceMismatchError, match="PCR 4 application 1 .*not in the references"):
+        _run(tpm, refs, enrol)
+
+
+def test_pcr4_event_that_is_not_an_application_or_action_is_named() -> None:
+    tpm, refs, enrol = _booted()
+    tpm.measure(4, 0x0D, hashlib.sha256(b"hidden").digest(), b"innocent")
+    with pytest.raises(ReferenceMismatchError, match="neither an application"):
+        _run(tpm, refs, enrol)
+
+
+def test_no_reference_applications_never_passes() -> None:
+    tpm, refs, enrol = _booted()
+    with pytest.raises(ReferenceMismatchError, match="no reference"):
+        _run(tpm, TpmReferences([], bootstrap_events=refs.bootstrap_events), enrol)
 
 
 def test_layer_swapped_names_the_bootstrap_event() -> None:
@@ -224,9 +245,9 @@ def test_layer_swapped_names_the_bootstrap_event() -> None:
     want = list(refs.bootstrap_events)
     want[2] = ExpectedEvent(BOOTSTRAP_PCR, 0x0D, hashlib.sha256(b"x").digest(), b"x", "cidboot layer 1 other")
     with pytest.raises(ReferenceMismatchError, match="PCR 15 event 2: expected 'cidboot layer 1 other'"):
-        _run(tpm, TpmReferences(refs.uki_digest, want), enrol)
+        _run(tpm, TpmReferences(refs.applications, bootstrap_events=want), enrol)
     with pytest.raises(ReferenceMismatchError, match="unexpected extra event"):
-        _run(tpm, TpmReferences(refs.uki_digest, list(refs.bootstrap_events)[:2]), enrol)
+        _run(tpm, TpmReferences(refs.applications, bootstrap_events=list(refs.bootstrap_events)[:2]), enrol)
 
 
 def test_quote_not_covering_bootstrap_pcr_is_refused() -> None:

@@ -100,3 +100,26 @@ def authenticode_digest(image: bytes, algorithm: str = "sha256") -> bytes:
             raise PeFormatError(f"PE image: Certificate Table size {cert_size:#x} is larger than the unhashed tail")
         h.update(image[hashed:len(image) - cert_size])
     return h.digest()
+
+
+def sections(image: bytes) -> list[tuple[str, bytes]]:
+    """(name, initialised bytes) of each section in header order, cut at VirtualSize when that is
+    smaller than SizeOfRawData (the file alignment padding is not part of the section): what
+    systemd's stub measures of a UKI's sections, and where it finds .linux."""
+    if image[:2] != b"MZ":
+        raise PeFormatError("PE image: no MZ header")
+    pe = _u32(image, 0x3C, "e_lfanew")
+    if image[pe:pe + 4] != b"PE\x00\x00":
+        raise PeFormatError(f"PE image: no PE signature at e_lfanew {pe:#x}")
+    n, opt_size = _u16(image, pe + 6, "NumberOfSections"), _u16(image, pe + 20, "SizeOfOptionalHeader")
+    table = pe + 24 + opt_size
+    if table + 40 * n > len(image):
+        raise PeFormatError(f"PE image: {n} section headers run past the end of the file")
+    out = []
+    for i in range(n):
+        name, vsize, _, raw_size, raw_ptr = struct.unpack_from("<8sIIII", image, table + 40 * i)
+        if raw_ptr + raw_size > len(image):
+            raise PeFormatError(f"PE image: section {i} runs past the end of the file")
+        size = min(vsize, raw_size) if vsize else raw_size
+        out.append((name.rstrip(b"\x00").decode("ascii", "replace"), image[raw_ptr:raw_ptr + size]))
+    return out
