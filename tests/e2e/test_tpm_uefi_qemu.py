@@ -1,55 +1,91 @@
-"""A measured UEFI boot with a real (software) TPM: OVMF + swtpm (tpm-tis) PXE-boot a UKI that
-imagebuilder.uki assembled from Debian's systemd stub and the bootstrap's Debian kernel, with a
-probe initramfs (busybox) that prints the firmware's event log
-(/sys/kernel/security/tpm0/binary_bios_measurements, base64) and the TPM's SHA-256 PCRs 0..15 as
-the kernel reads them from the TPM (/sys/class/tpm/tpm0/pcr-sha256/N).
+"""A measured UEFI boot with a real (software) TPM, appraised end to end.
 
-What it proves, on what OVMF really measured: our parser takes OVMF's log, its replay equals the
-TPM's PCRs, and the PCR 4 EV_EFI_BOOT_SERVICES_APPLICATION event of the UKI is our Authenticode hash
-of the UKI's bytes (`reference.uki_digest`). The probe UKI stands in for the bootstrap UKI: same
-stub, same kernel, same assembly code; only the initramfs differs (the bootstrap does not print
-its event log).
+Factory: a fresh swtpm is manufactured (EK certificate from a local CA) and, over tpm2-tools'
+`tpm2_send`, asked for the primary AK of a fixed template in the endorsement hierarchy: a primary
+key is derived from the TPM's seed, so its name is the device's AK name for life; it is enrolled.
+
+Boot: OVMF + that swtpm (tpm-tis) PXE-boot a UKI that imagebuilder.uki assembled from Debian's
+systemd stub and the bootstrap's Debian kernel, with a probe initramfs (busybox, no TPM tools)
+that recreates the AK and quotes PCRs 0-7, 9, 11 over the verifier's fresh nonce with raw TPM
+commands on /dev/tpm0, then prints the quote, the AK's public area, the firmware's event log
+(/sys/kernel/security/tpm0/binary_bios_measurements) and the PCRs as the kernel reads them.
+
+Appraisal, on what OVMF, the stub and the TPM really did: the quote verifies with the enrolled AK
+over our nonce, OVMF's log replays to the quoted PCRs (and to the kernel's reads), PCR 4 holds our
+Authenticode hashes of the UKI and of its .linux, PCR 11 the stub's section events as derived from
+the UKI's bytes; another nonce, another AK, another UKI are refused. The probe UKI stands in for
+the bootstrap UKI (same stub, same kernel, same assembly code; the bootstrap does not quote yet).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from cidboot.stage.cpio import Entry, archive_bytes
-from cidboot.trust.tpm import eventlog
-from cidboot.trust.tpm.appraise import TpmReferences, check_references
-from cidboot.trust.tpm.errors import ReferenceMismatchError
+from cidboot.trust.tpm import eventlog, quote
+from cidboot.trust.tpm.appraise import TpmEnrolment, TpmReferences, appraise_tpm
+from cidboot.trust.tpm.errors import (
+    AkNotEnrolledError,
+    NonceMismatchError,
+    PcrDigestMismatchError,
+    ReferenceMismatchError,
+)
 from cidboot.trust.tpm.eventlog import EV_EFI_BOOT_SERVICES_APPLICATION
 from cidboot.trust.tpm.pe import authenticode_digest
 from cidboot.trust.tpm.reference import uki_digest
 from imagebuilder import uki
 from qemu.harness.vm import Guest
-from tests.support.swtpm import Swtpm
+from tests.support.swtpm import (
+    Swtpm,
+    create_primary_ak_command,
+    parse_create_primary_response,
+    parse_quote_response,
+    quote_command,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.tpm]
 DEBS = Path.home() / ".cache/cidboot/debs"
 CMDLINE = "console=ttyS0 panic=-1 quiet"
 
+QUOTED = [0, 1, 2, 3, 4, 5, 6, 7, 9, 11]
 INIT = """#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys
-/bin/busybox mount -t proc proc /proc
-/bin/busybox mount -t sysfs sysfs /sys
-/bin/busybox mount -t securityfs securityfs /sys/kernel/security
-echo "probe: tpm $(/bin/busybox cat /sys/class/tpm/tpm0/tpm_version_major 2>&1)"
-echo "TPMLOG-BEGIN"
-/bin/busybox base64 /sys/kernel/security/tpm0/binary_bios_measurements
-echo "TPMLOG-END"
+/bin/busybox --install -s /bin
+export PATH=/bin
+mkdir -p /proc /sys /dev /tmp
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t securityfs securityfs /sys/kernel/security
+echo "probe: tpm $(cat /sys/class/tpm/tpm0/tpm_version_major 2>&1)"
+tpm() {  # one command file to /dev/tpm0, its response to a file; TPM_RC_RETRY (0x922) is retried
+  for try in 1 2 3 4 5 6 7 8; do
+    exec 3<>/dev/tpm0
+    cat "$1" >&3
+    dd bs=4096 count=1 <&3 >"$2" 2>/dev/null
+    exec 3>&-
+    [ "$(dd if="$2" bs=1 skip=6 count=4 2>/dev/null | od -An -tx1 | tr -d ' \\n')" = "00000922" ] || break
+  done
+}
+dump() { echo "$1-BEGIN"; base64 "$2"; echo "$1-END"; }
+tpm /ak.cmd /tmp/ak.resp
+{ cat /quote.head; dd if=/tmp/ak.resp bs=1 skip=10 count=4 2>/dev/null; cat /quote.tail; } >/tmp/quote.cmd
+tpm /tmp/quote.cmd /tmp/quote.resp
+dump AK /tmp/ak.resp
+dump QUOTE /tmp/quote.resp
+dump TPMLOG /sys/kernel/security/tpm0/binary_bios_measurements
 for i in 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do
-  echo "PCR $i $(/bin/busybox cat /sys/class/tpm/tpm0/pcr-sha256/$i)"
+  echo "PCR $i $(cat /sys/class/tpm/tpm0/pcr-sha256/$i)"
 done
 echo "probe: done"
-/bin/busybox poweroff -f
+poweroff -f
 """
 
 
@@ -62,10 +98,29 @@ def _kernel(tmp: Path) -> bytes:
     return next((out / "boot").glob("vmlinuz-*")).read_bytes()
 
 
-def test_ovmf_measures_the_uki_as_our_authenticode_hash_and_the_log_replays_to_the_tpm(tmp_path: Path) -> None:
+def _factory_ak(base: Path) -> bytes:
+    """Manufacture the device's swtpm and learn its AK name (what enrolment records)."""
+    with Swtpm(base) as tpm:
+        for _ in range(8):
+            resp = tpm.send(create_primary_ak_command())
+            if resp[6:10] != bytes.fromhex("00000922"):  # TPM_RC_RETRY
+                break
+        return quote.parse_public(parse_create_primary_response(resp)[1]).name
+
+
+def _section(text: list[str], name: str) -> bytes:
+    b, e = text.index(f"{name}-BEGIN"), text.index(f"{name}-END")
+    return base64.b64decode("".join(text[b + 1:e]))
+
+
+def test_ovmf_swtpm_boot_of_a_uki_is_appraised_from_a_real_quote_and_event_log(tmp_path: Path) -> None:
+    enrolled_ak = _factory_ak(tmp_path / "swtpm")
+    nonce = os.urandom(32)  # the verifier's challenge (a real device gets it over the network)
+    head, tail = quote_command(b"", nonce, QUOTED)
     busybox = shutil.which("busybox") or "/bin/busybox"
     initrd = archive_bytes([Entry.directory("bin"), Entry.file("bin/busybox", Path(busybox).read_bytes(), 0o755),
-                            Entry.file("init", INIT.encode(), 0o755), Entry.directory("dev")])
+                            Entry.file("init", INIT.encode(), 0o755), Entry.file("ak.cmd", create_primary_ak_command()),
+                            Entry.file("quote.head", head), Entry.file("quote.tail", tail)])
     kernel = _kernel(tmp_path)
     image = uki.build_uki(uki.stub_path("amd64").read_bytes(), kernel, initrd, CMDLINE, uki.os_release("tpm-probe", 1))
     tftp = tmp_path / "tftp"
@@ -76,29 +131,48 @@ def test_ovmf_measures_the_uki_as_our_authenticode_hash_and_the_log_replays_to_t
                          boot_from_network=True, tpm=tpm.ctrl_socket) as g:
         g.wait_for_console(r"probe: tpm 2", 600)
         done, _ = g.wait_for_console(r"probe: done", 120)
-        t_done = done.t
         g.wait_for_exit(60)
         text = [ln.text.strip() for ln in g.console.lines]
-    b, e = text.index("TPMLOG-BEGIN"), text.index("TPMLOG-END")
-    raw = base64.b64decode("".join(text[b + 1:e]))
-    tpm_pcrs = {int(t.split()[1]): bytes.fromhex(t.split()[2]) for t in text if t.startswith("PCR ")}
+    raw = _section(text, "TPMLOG")
     (tmp_path / "ovmf-eventlog.bin").write_bytes(raw)  # for inspection: tpm2_eventlog ovmf-eventlog.bin
-    log = eventlog.parse(raw)
-    pcrs = log.replay()
-    for i in range(8):  # the firmware's PCRs (8..15 also carry the kernel's own measurements, e.g. IMA's PCR 10)
-        assert pcrs[i] == tpm_pcrs[i], f"PCR {i}: replay {pcrs[i].hex()} != TPM {tpm_pcrs[i].hex()}"
-    apps = [ev for ev in log.events if ev.pcr == 4 and ev.event_type == EV_EFI_BOOT_SERVICES_APPLICATION]
-    assert [ev.sha256 for ev in apps] == [uki_digest(image), authenticode_digest(kernel)]
-    # every reference derivable from the UKI's bytes holds on what OVMF and the stub really measured
+    _, ak_public = parse_create_primary_response(_section(text, "AK"))
+    attest, signature = parse_quote_response(_section(text, "QUOTE"))
+    kernel_pcrs = {int(t.split()[1]): bytes.fromhex(t.split()[2]) for t in text if t.startswith("PCR ")}
+
+    # the whole appraisal: enrolled AK, signature, nonce, replay = quoted PCRs, PCR 4 and 11 references
     refs = TpmReferences.for_uki(image)
-    assert check_references(log, refs) == ["UKI and kernel digests (PCR 4)", "UKI sections (PCR 11)"]
-    assert pcrs[11] == tpm_pcrs[11]  # nothing but the stub extends PCR 11 here
-    initrd_tag = [ev for ev in log.events if ev.pcr == 9 and b"Linux initrd" in ev.data]
+    enrolment = TpmEnrolment(frozenset({enrolled_ak}))
+    t = time.perf_counter()
+    result = appraise_tpm(attest=attest, signature=signature, ak_public=ak_public, event_log=raw, nonce=nonce,
+                          enrolment=enrolment, references=refs, required_pcrs=QUOTED)
+    dt = (time.perf_counter() - t) * 1000
+    assert result.checks == ("ak enrolled", "quote signature", "nonce fresh", "event log replays to quoted PCRs",
+                             "UKI and kernel digests (PCR 4)", "UKI sections (PCR 11)")
+    assert quote.parse_public(ak_public).name == enrolled_ak  # the same primary AK the factory saw
+    for i in QUOTED:  # and the kernel's own PCR reads agree
+        assert result.pcrs[i] == kernel_pcrs[i], f"PCR {i}"
+    apps = [ev for ev in result.log.events if ev.pcr == 4 and ev.event_type == EV_EFI_BOOT_SERVICES_APPLICATION]
+    assert [ev.sha256 for ev in apps] == [uki_digest(image), authenticode_digest(kernel)]
+    initrd_tag = [ev for ev in result.log.events if ev.pcr == 9 and b"Linux initrd" in ev.data]
     assert [ev.sha256 for ev in initrd_tag] == [hashlib.sha256(initrd).digest()]  # the kernel's EFI stub, PCR 9
+
+    def again(**kw: object) -> object:
+        args: dict[str, object] = dict(attest=attest, signature=signature, ak_public=ak_public, event_log=raw,
+                                       nonce=nonce, enrolment=enrolment, references=refs, required_pcrs=QUOTED)
+        return appraise_tpm(**{**args, **kw})  # type: ignore[arg-type]
+
+    with pytest.raises(NonceMismatchError):  # this quote replayed to a later challenge
+        again(nonce=os.urandom(32))
+    with pytest.raises(AkNotEnrolledError):  # a device whose AK is not this one
+        again(enrolment=TpmEnrolment(frozenset({b"\x00\x0b" + bytes(32)})))
+    log_events = eventlog.parse(raw).events
+    with pytest.raises(PcrDigestMismatchError):  # OVMF's log without its last event
+        again(event_log=raw[:log_events[-1].offset])
     # a UKI changed by one byte (another cmdline) is named, at the UKI's PCR 4 event
     other = uki.build_uki(uki.stub_path("amd64").read_bytes(), kernel, initrd, CMDLINE + " ", uki.os_release("tpm-probe", 1))
     with pytest.raises(ReferenceMismatchError, match="PCR 4 application 0"):
-        check_references(log, TpmReferences.for_uki(other))
-    print(f"\nOVMF + swtpm: {len(raw)}-byte log, {len(log.events)} events; PCR 0..7 and 11 replay = the TPM's; "
-          f"PCR 4 = UKI {apps[0].sha256.hex()[:16]}.. then kernel {apps[1].sha256.hex()[:16]}..; "
-          f"PCR 11 = {len(refs.stub_events)} stub events as derived; power-on to probe output {t_done:.1f} s")
+        again(references=TpmReferences.for_uki(other))
+    print(f"\nOVMF + swtpm: quote over PCRs {QUOTED} by the enrolled primary AK {enrolled_ak.hex()[:20]}.. verified; "
+          f"{len(raw)}-byte log, {len(result.log.events)} events, replays to the quoted PCRs; PCR 4 = UKI "
+          f"{apps[0].sha256.hex()[:16]}.. then kernel {apps[1].sha256.hex()[:16]}..; PCR 11 = {len(refs.stub_events)} "
+          f"stub events as derived; appraisal {dt:.2f} ms; power-on to probe output {done.t:.1f} s")

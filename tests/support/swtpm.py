@@ -153,6 +153,14 @@ class Swtpm:
         self.tool("tpm2_flushcontext", "-t")
         return f
 
+    def send(self, command: bytes) -> bytes:
+        """One raw TPM command (tpm2_send); the raw response."""
+        env = {**os.environ, "TPM2TOOLS_TCTI": self.tcti}
+        proc = subprocess.run(["tpm2_send"], input=command, cwd=self.base, env=env, capture_output=True, timeout=120)
+        if proc.returncode:
+            raise RuntimeError(f"tpm2_send: exit {proc.returncode}: {proc.stderr.decode(errors='replace')}")
+        return proc.stdout
+
     def extend(self, pcr: int, sha256: bytes) -> None:
         self.tool("tpm2_pcrextend", f"{pcr}:sha256={sha256.hex()}")
 
@@ -200,3 +208,59 @@ def make_pe(sections: list[tuple[str, bytes]], *, pe32plus: bool = True, trailer
     coff = struct.pack("<HHIIIHH", 0x8664, len(sections), 0, 0, 0, opt_size, 0x22)
     head = b"MZ" + bytes(0x3A) + struct.pack("<I", pe_off) + bytes(pe_off - 0x40) + b"PE\0\0" + coff + opt + table
     return head + bytes(headers - len(head)) + body + trailer + cert_table
+
+
+# -- raw TPM 2.0 commands, for a guest that has /dev/tpm0 and a shell but no tpm2-tools -------------
+# (TPM 2.0 Library Part 3: TPM2_CreatePrimary, TPM2_Quote; one password session with empty auth)
+_PW_SESSION = bytes.fromhex("40000009" "0000" "00" "0000")  # TPM_RS_PW, no nonce, no attributes, empty auth
+# an RSA-2048 restricted signing key, RSASSA/SHA-256: a deterministic AK from the endorsement seed
+AK_TEMPLATE = bytes.fromhex("0001" "000b" "00050072" "0000" "0010" "0014" "000b" "0800" "00000000" "0000")
+
+
+def _command(tag: int, cc: int, body: bytes) -> bytes:
+    import struct
+    return struct.pack(">HII", tag, 10 + len(body), cc) + body
+
+
+def create_primary_ak_command() -> bytes:
+    """TPM2_CreatePrimary(TPM_RH_ENDORSEMENT, AK_TEMPLATE): the same AK each time on the same TPM,
+    so a factory can learn its name before the device ever boots (tpm2_send) and the device can
+    recreate it without tools."""
+    import struct
+    body = (struct.pack(">I", 0x4000000B) + struct.pack(">I", len(_PW_SESSION)) + _PW_SESSION
+            + bytes.fromhex("0004" "0000" "0000") + struct.pack(">H", len(AK_TEMPLATE)) + AK_TEMPLATE
+            + bytes.fromhex("0000" "00000000"))
+    return _command(0x8002, 0x131, body)
+
+
+def quote_command(handle: bytes, nonce: bytes, pcrs: list[int]) -> tuple[bytes, bytes]:
+    """TPM2_Quote by `handle` over sha256:`pcrs` with `nonce`, as (the 10-byte header, the rest
+    after the handle): a guest splices the handle CreatePrimary returned in between."""
+    import struct
+    bits = bytearray(3)
+    for i in pcrs:
+        bits[i // 8] |= 1 << (i % 8)
+    rest = (struct.pack(">I", len(_PW_SESSION)) + _PW_SESSION + struct.pack(">H", len(nonce)) + nonce
+            + bytes.fromhex("0010") + struct.pack(">IHB", 1, 0x000B, 3) + bytes(bits))
+    whole = _command(0x8002, 0x158, (handle or bytes(4)) + rest)
+    return whole[:10], rest
+
+
+def parse_create_primary_response(resp: bytes) -> tuple[bytes, bytes]:
+    """(object handle, TPM2B_PUBLIC) from a TPM2_CreatePrimary response."""
+    import struct
+    tag, size, rc = struct.unpack_from(">HII", resp)
+    if rc or size != len(resp):
+        raise RuntimeError(f"TPM2_CreatePrimary: rc {rc:#x}, {size} != {len(resp)} bytes")
+    (n,) = struct.unpack_from(">H", resp, 18)
+    return resp[10:14], resp[18:20 + n]
+
+
+def parse_quote_response(resp: bytes) -> tuple[bytes, bytes]:
+    """(TPMS_ATTEST, TPMT_SIGNATURE) from a TPM2_Quote response with one password session."""
+    import struct
+    tag, size, rc, params = struct.unpack_from(">HIII", resp)
+    if rc or size != len(resp):
+        raise RuntimeError(f"TPM2_Quote: rc {rc:#x}, {size} != {len(resp)} bytes")
+    (n,) = struct.unpack_from(">H", resp, 14)
+    return resp[16:16 + n], resp[16 + n:14 + params]
