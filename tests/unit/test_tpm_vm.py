@@ -18,4 +18,4 @@ def test_tpm_option_adds_an_emulator_tpm_tis(tmp_path: Path) -> None:
 
 def test_no_tpm_without_the_option(tmp_path: Path) -> None:
     argv = GuestSpec("g", firmware="uefi", uefi_vars=tmp_path / "VARS.fd").argv(tmp_path / "qmp.sock")
-    assert "-tpmdev" not in argv and not any("tpm" in a for a in argv)
+    assert "-tpmdev" not in argv and not any("tpm-tis" in a or "chrtpm" in a for a in argv)
