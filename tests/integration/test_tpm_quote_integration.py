@@ -63,15 +63,16 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Any:
     with Swtpm(base / "device") as tpm, Swtpm(base / "other") as other:
         ak = tpm.create_ak()
         ak_ec = tpm.create_ak("ak-ecc", key_alg="ecc", scheme="ecdsa")
+        ak_pss = tpm.create_ak("ak-pss", key_alg="rsa", scheme="rsapss")
         stranger = other.create_ak()
         for pcr, _, digest, _ in events:
             tpm.extend(pcr, digest)
         log = eventlog.build(events)
         pcrs = eventlog.parse(log).replay()
-        enrol = TpmEnrolment(frozenset({quote.parse_public(ak.public.read_bytes()).name,
-                                        quote.parse_public(ak_ec.public.read_bytes()).name}), {0: pcrs[0]})
+        enrol = TpmEnrolment(frozenset(quote.parse_public(a.public.read_bytes()).name for a in (ak, ak_ec, ak_pss)),
+                             {0: pcrs[0]})
         refs = TpmReferences([uki_digest(uki)], bootstrap_events=expected)
-        yield {"tpm": tpm, "other": other, "ak": ak, "ak_ec": ak_ec, "stranger": stranger, "log": log,
+        yield {"tpm": tpm, "other": other, "ak": ak, "ak_ec": ak_ec, "ak_pss": ak_pss, "stranger": stranger, "log": log,
                "enrol": enrol, "refs": refs, "events": events}
 
 
@@ -80,7 +81,7 @@ def _appraise(b: Any, ak: AkFiles, attest: bytes, sig: bytes, nonce: bytes, log:
                         nonce=nonce, enrolment=b["enrol"], references=b["refs"])
 
 
-@pytest.mark.parametrize("which", ["ak", "ak_ec"])
+@pytest.mark.parametrize("which", ["ak", "ak_ec", "ak_pss"])
 def test_fresh_quote_from_swtpm_with_replaying_log_is_accepted(booted: Any, which: str) -> None:
     nonce = os.urandom(32)
     attest, sig = booted["tpm"].quote(booted[which], nonce, PCRS, out=f"fresh-{which}")

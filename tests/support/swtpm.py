@@ -49,6 +49,7 @@ class AkFiles:
     public: Path  # TPM2B_PUBLIC (tpm2_createak -u)
     pem: Path  # the public key as PEM (tpm2_readpublic -f pem)
     name: Path  # the AK's TPM name (tpm2_createak -n)
+    scheme: str = "rsassa"  # its signing scheme (tpm2_quote --scheme)
 
 
 class Swtpm:
@@ -145,7 +146,7 @@ class Swtpm:
         d.mkdir(exist_ok=True)
         ek = d / "ek.ctx"
         self.tool("tpm2_createek", "-c", ek, "-G", "rsa", "-u", d / "ek.pub")
-        f = AkFiles(d / "ak.ctx", d / "ak.pub", d / "ak.pem", d / "ak.name")
+        f = AkFiles(d / "ak.ctx", d / "ak.pub", d / "ak.pem", d / "ak.name", scheme)
         self.tool("tpm2_createak", "-C", ek, "-c", f.ctx, "-G", key_alg, "-g", "sha256", "-s", scheme,
                   "-u", f.public, "-n", f.name, "-r", d / "ak.priv")
         self.tool("tpm2_flushcontext", "-t")  # swtpm has three transient slots: EK and AK are still loaded
@@ -168,7 +169,7 @@ class Swtpm:
         """(TPMS_ATTEST, TPMT_SIGNATURE) of a quote over sha256:`pcrs` with `nonce` as qualifying data."""
         msg, sig = self.base / f"{out}.msg", self.base / f"{out}.sig"
         self.tool("tpm2_quote", "-c", ak.ctx, "-l", "sha256:" + ",".join(map(str, pcrs)), "-q", nonce.hex(),
-                  "-m", msg, "-s", sig, "-g", "sha256")
+                  "-m", msg, "-s", sig, "-g", "sha256", "--scheme", ak.scheme)
         self.tool("tpm2_flushcontext", "-t")
         return msg.read_bytes(), sig.read_bytes()
 
