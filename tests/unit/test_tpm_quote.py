@@ -190,6 +190,18 @@ def test_soft_tpm_boot_is_affirmed() -> None:
     assert "manifest and layer events" in _run(*_booted())
 
 
+def test_enrolment_without_firmware_baseline_is_not_affirming() -> None:
+    """Nothing to compare the firmware PCRs with: verified, but a warning, never affirming."""
+    tpm, refs, enrol = _booted()
+    a, s = tpm.quote(NONCE, [0, 4, BOOTSTRAP_PCR])
+    result = appraise_tpm(attest=a, signature=s, ak_public=tpm.public, event_log=eventlog.build(tpm.events),
+                          nonce=NONCE, enrolment=TpmEnrolment(enrol.ak_names), references=refs)
+    assert not result.affirming and "firmware" in result.warnings[0]
+    full = appraise_tpm(attest=a, signature=s, ak_public=tpm.public, event_log=eventlog.build(tpm.events),
+                        nonce=NONCE, enrolment=enrol, references=refs)
+    assert full.affirming
+
+
 def test_replayed_quote_old_nonce_is_refused() -> None:
     with pytest.raises(NonceMismatchError):
         _run(*_booted(), nonce=os.urandom(32))

@@ -68,10 +68,18 @@ class TpmReferences:
 
 @dataclass(frozen=True)
 class TpmAppraisal:
+    """What passed (`checks`) and what was not compared at all (`warnings`): evidence with a
+    warning verified but is not affirming, as for a DICE layer without a reference value."""
+
     quote: Quote
     log: EventLog
     pcrs: Mapping[int, bytes]
     checks: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def affirming(self) -> bool:
+        return not self.warnings
 
 
 def appraise_tpm(*, attest: bytes, signature: bytes, ak_public: bytes, event_log: bytes, nonce: bytes,
@@ -95,10 +103,13 @@ def appraise_tpm(*, attest: bytes, signature: bytes, ak_public: bytes, event_log
         if pcrs[i] != enrolment.firmware_pcrs[i]:
             raise ReferenceMismatchError(f"PCR {i}: firmware measurements {pcrs[i].hex()} differ from the enrolled "
                                          f"baseline {enrolment.firmware_pcrs[i].hex()}")
+    warnings = []
     if enrolment.firmware_pcrs:
         checks.append("firmware PCRs match enrolment")
+    else:
+        warnings.append("no firmware PCR baseline enrolled: any firmware is accepted")
     checks += check_references(log, references)
-    return TpmAppraisal(quote, log, pcrs, tuple(checks))
+    return TpmAppraisal(quote, log, pcrs, tuple(checks), tuple(warnings))
 
 
 def check_references(log: EventLog, references: TpmReferences) -> list[str]:
