@@ -129,6 +129,17 @@ def test_signature_of_another_scheme_than_the_key_is_refused() -> None:
                            nonce=NONCE, enrolled={tpm.name})
 
 
+def test_signature_with_another_hash_or_sha1_is_refused() -> None:
+    """The AK's public area fixes its scheme and hash: a SHA-1 (or any other) signature is not its."""
+    tpm = SoftTpm("rsassa")
+    a, _ = tpm.quote(NONCE, [0])
+    assert isinstance(tpm.key, rsa.RSAPrivateKey)
+    sha1 = struct.pack(">HH", quote.TPM_ALG_RSASSA, eventlog.ALG_SHA1) + _tpm2b(
+        tpm.key.sign(a, padding.PKCS1v15(), hashes.SHA1()))
+    with pytest.raises(QuoteSignatureError, match="SHA-1"):
+        quote.verify_quote(a, sha1, quote.parse_public(tpm.public), nonce=NONCE, enrolled={tpm.name})
+
+
 def test_empty_nonce_never_passes() -> None:
     tpm = SoftTpm("rsassa")
     a, s = tpm.quote(b"", [0])

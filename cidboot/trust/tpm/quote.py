@@ -217,6 +217,10 @@ def parse_public(data: bytes, *, tpm2b: bool = True) -> AttestationKey:
 
 
 def _verify_signature(quote_bytes: bytes, sig: Signature, ak: AttestationKey) -> None:
+    # a restricted key signs only with the scheme and hash fixed in its public area; SHA-1 is refused
+    if (sig.scheme, sig.hash_alg) != (ak.scheme, ak.scheme_hash) or sig.hash_alg == ALG_SHA1:
+        raise QuoteSignatureError(f"signature scheme {sig.scheme:#06x}/{sig.hash_alg:#06x} is not the AK's "
+                                  f"{ak.scheme:#06x}/{ak.scheme_hash:#06x}, or uses SHA-1")
     h = _HASHES[sig.hash_alg]()
     try:
         if isinstance(ak.public_key, rsa.RSAPublicKey):
