@@ -2,7 +2,7 @@
 
 - `tests/unit/`: no root, no network, no QEMU, no Kubo, no downloads. `make check` runs these.
 - `tests/integration/`: network namespaces (root), a real Kubo node, image builds that download
-  pinned Debian packages and wheels.
+  pinned Debian packages and wheels, a real software TPM (swtpm + tpm2-tools, marker `tpm`).
 - `tests/e2e/`: QEMU guests from power-on.
 - `tests/support/`: helpers the tests and the benches share (not collected).
 
@@ -39,6 +39,9 @@ def _missing(marker: str) -> str | None:
         tools = os.environ.get("CIDBOOT_TOOLS", os.path.expanduser("~/.cache/cidboot/bin"))
         if not all(os.access(os.path.join(tools, b), os.X_OK) for b in ("ipfs-cluster-service", "ipfs-cluster-ctl")):
             return f"needs the pinned ipfs-cluster-service/-ctl in {tools} (`make setup` builds them)"
+    if marker == "tpm":
+        from tests.support.swtpm import missing
+        return missing()
     return None
 
 
@@ -51,14 +54,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(getattr(pytest.mark, tier))
         if tier == "e2e":
             item.add_marker(pytest.mark.qemu)
-        heavy = [m for m in ("netns", "qemu", "kubo", "cluster", "build") if item.get_closest_marker(m)]
+        heavy = [m for m in ("netns", "qemu", "kubo", "cluster", "build", "tpm") if item.get_closest_marker(m)]
         if tier == "unit" and heavy:
             raise pytest.UsageError(f"{item.nodeid}: marked {', '.join(heavy)}, so it belongs in tests/integration "
                                     "or tests/e2e, not tests/unit")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    for marker in ("netns", "qemu", "kubo", "cluster"):
+    for marker in ("netns", "qemu", "kubo", "cluster", "tpm"):
         if item.get_closest_marker(marker) is None:
             continue
         why = _missing(marker)

@@ -68,6 +68,9 @@ class GuestSpec:
     # namespace needed; for firmware boots that need nothing but a file.
     user_tftp: Path | None = None
     bootfile: str | None = None
+    # A TPM 2.0: the control socket of an swtpm started with `--ctrl type=unixio,path=...` (QEMU's
+    # emulator backend passes it the data channel); a tpm-tis device, which OVMF finds and measures into
+    tpm: Path | None = None
 
     def argv(self, qmp_socket: Path) -> list[str]:
         a = [QEMU, "-machine", "q35", "-accel", self.accel, "-m", str(self.memory_mib), "-smp", "1",
@@ -110,6 +113,9 @@ class GuestSpec:
             a += ["-boot", "n"]
         if self.disk is not None:
             a += ["-drive", f"file={self.disk},format=raw,if=virtio"]
+        if self.tpm is not None:
+            a += ["-chardev", f"socket,id=chrtpm,path={self.tpm}", "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+                  "-device", "tpm-tis,tpmdev=tpm0"]
         return a
 
 
@@ -201,14 +207,15 @@ class Guest:
                nic: tuple[str, str] | None = None, boot_from_network: bool = False, disk: Path | None = None,
                memory_mib: int = 1024, accel: str = "tcg", cpu: str | None = None, no_reboot: bool = True,
                net: BootNetwork | None = None, firmware: str = "bios", user_tftp: Path | None = None,
-               bootfile: str | None = None) -> Guest:
+               bootfile: str | None = None, tpm: Path | None = None) -> Guest:
         """Keyword form: `nic` is (tap ifname, MAC); with `net` QEMU runs inside that namespace;
         `firmware` "bios" or "uefi" (OVMF); `user_tftp` + `bootfile`: a user-mode NIC whose
-        DHCP offers `bootfile` from QEMU's TFTP server serving that directory."""
+        DHCP offers `bootfile` from QEMU's TFTP server serving that directory; `tpm`: an swtpm's
+        control socket, exposed as a tpm-tis TPM 2.0."""
         spec = GuestSpec(name, kernel=kernel, initrd=initrd, append=append, fw_cfg=dict(fw_cfg or {}),
                          tap=nic[0] if nic else None, mac=nic[1] if nic else GuestSpec.mac,
                          network_boot=boot_from_network, disk=disk, memory_mib=memory_mib, accel=accel, cpu=cpu,
-                         no_reboot=no_reboot, firmware=firmware, user_tftp=user_tftp, bootfile=bootfile)
+                         no_reboot=no_reboot, firmware=firmware, user_tftp=user_tftp, bootfile=bootfile, tpm=tpm)
         return cls(spec, state_dir, net)
 
     def __init__(self, spec: GuestSpec, state_dir: Path, net: BootNetwork | None = None) -> None:

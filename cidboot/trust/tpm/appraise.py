@@ -1,0 +1,166 @@
+"""Appraisal of TPM evidence: a quote, the AK that made it, and the UEFI event log, against the
+device's enrolment (AK names, firmware PCR baseline) and reference values derived from the signed
+manifest. Each check raises its own error type; `appraise_tpm` returns the named checks it passed
+so the caller can print the same checks list as for DICE evidence.
+
+Order matters and is fail-closed: nothing from the log is believed before the quote verifies
+(enrolled AK, signature, fresh nonce), and nothing in the log is believed before its replay equals
+the quoted PCRs; only then are individual events compared with the references.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from cidboot.ipld.cid import CID
+from cidboot.trust.manifest.model import Manifest
+from cidboot.trust.tpm import eventlog
+from cidboot.trust.tpm.errors import ReferenceMismatchError
+from cidboot.trust.tpm.eventlog import (
+    EV_EFI_ACTION,
+    EV_EFI_BOOT_SERVICES_APPLICATION,
+    EV_NO_ACTION,
+    EV_SEPARATOR,
+    Event,
+    EventLog,
+)
+from cidboot.trust.tpm.quote import AttestationKey, Quote, check_pcrs, parse_public, verify_quote
+from cidboot.trust.tpm.reference import (
+    BOOTSTRAP_PCR,
+    STUB_PCR,
+    UKI_PCR,
+    ExpectedEvent,
+    bootstrap_events,
+    uki_applications,
+    uki_pcr11_events,
+)
+
+FIRMWARE_PCRS = (0, 1, 2, 3, 5, 6, 7)  # platform code and configuration, boot manager data, Secure Boot policy
+
+
+@dataclass(frozen=True)
+class TpmEnrolment:
+    """What the factory step recorded for one device: its AK names (tpm2_createak -n, after
+    make/activate credential against the EK certificate) and the firmware PCRs of a known-good boot."""
+
+    ak_names: frozenset[bytes]
+    firmware_pcrs: Mapping[int, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TpmReferences:
+    """Reference values for one boot, derived from what was signed (see reference.py): the PCR 4
+    applications in order (the UKI, then its kernel), systemd's stub PCR 11 events, and the
+    bootstrap's manifest and layer events."""
+
+    applications: Sequence[bytes]
+    stub_events: Sequence[ExpectedEvent] = ()
+    bootstrap_events: Sequence[ExpectedEvent] = ()
+
+    @classmethod
+    def for_uki(cls, uki: bytes, manifest_cid: CID | None = None, manifest: Manifest | None = None) -> TpmReferences:
+        """Everything derivable from the UKI's bytes (fetched by its CID) and the signed manifest."""
+        boot = bootstrap_events(manifest_cid, manifest) if manifest_cid is not None and manifest is not None else []
+        return cls(uki_applications(uki), uki_pcr11_events(uki), boot)
+
+
+@dataclass(frozen=True)
+class TpmAppraisal:
+    """What passed (`checks`) and what was not compared at all (`warnings`): evidence with a
+    warning verified but is not affirming, as for a DICE layer without a reference value."""
+
+    quote: Quote
+    log: EventLog
+    pcrs: Mapping[int, bytes]
+    checks: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def affirming(self) -> bool:
+        return not self.warnings
+
+
+def appraise_tpm(*, attest: bytes, signature: bytes, ak_public: bytes, event_log: bytes, nonce: bytes,
+                 enrolment: TpmEnrolment, references: TpmReferences,
+                 required_pcrs: Collection[int] | None = None) -> TpmAppraisal:
+    """Verify TPM evidence; raises the precise TpmVerificationError / TpmFormatError subclass of
+    the first check that fails. `required_pcrs` defaults to the firmware PCRs that were enrolled,
+    PCR 4, and BOOTSTRAP_PCR when bootstrap events are expected."""
+    checks = []
+    ak: AttestationKey = parse_public(ak_public)
+    quote = verify_quote(attest, signature, ak, nonce=nonce, enrolled=enrolment.ak_names)
+    checks += ["ak enrolled", "quote signature", "nonce fresh"]
+    log = eventlog.parse(event_log)
+    pcrs = log.replay()
+    required = set(required_pcrs) if required_pcrs is not None else (
+        set(enrolment.firmware_pcrs) | {UKI_PCR} | ({STUB_PCR} if references.stub_events else set())
+        | ({BOOTSTRAP_PCR} if references.bootstrap_events else set()))
+    check_pcrs(quote, pcrs, required)
+    checks.append("event log replays to quoted PCRs")
+    for i in sorted(enrolment.firmware_pcrs):
+        if pcrs[i] != enrolment.firmware_pcrs[i]:
+            raise ReferenceMismatchError(f"PCR {i}: firmware measurements {pcrs[i].hex()} differ from the enrolled "
+                                         f"baseline {enrolment.firmware_pcrs[i].hex()}")
+    warnings = []
+    if enrolment.firmware_pcrs:
+        checks.append("firmware PCRs match enrolment")
+    else:
+        warnings.append("no firmware PCR baseline enrolled: any firmware is accepted")
+    checks += check_references(log, references)
+    return TpmAppraisal(quote, log, pcrs, tuple(checks), tuple(warnings))
+
+
+def check_references(log: EventLog, references: TpmReferences) -> list[str]:
+    """Compare a log's events with the references (only meaningful once the log is known to replay
+    to quoted PCRs); raises ReferenceMismatchError naming the PCR and event, else the checks passed."""
+    if not references.applications:
+        raise ReferenceMismatchError(f"PCR {UKI_PCR}: no reference application digests to compare with")
+    checks = []
+    _check_pcr4(log, list(references.applications))
+    checks.append("UKI and kernel digests (PCR 4)")
+    if references.stub_events:
+        _match(log, STUB_PCR, list(references.stub_events))
+        checks.append("UKI sections (PCR 11)")
+    if references.bootstrap_events:
+        _match(log, BOOTSTRAP_PCR, list(references.bootstrap_events))
+        checks.append("manifest and layer events")
+    return checks
+
+
+def _check_pcr4(log: EventLog, applications: list[bytes]) -> None:
+    """PCR 4 holds the boot manager's actions and separator, each the hash of its data, and the
+    applications started, which must be exactly the expected ones in order: a digest no reference
+    explains (an extra loader, a shim, a changed UKI) is named."""
+    apps: list[Event] = []
+    for ev in log.events:
+        if ev.pcr != UKI_PCR or ev.event_type == EV_NO_ACTION:
+            continue
+        if ev.event_type == EV_EFI_BOOT_SERVICES_APPLICATION:
+            apps.append(ev)
+        elif ev.event_type == EV_SEPARATOR and ev.data == bytes(4) and ev.sha256 == hashlib.sha256(ev.data).digest():
+            pass
+        elif ev.event_type == EV_EFI_ACTION and ev.sha256 == hashlib.sha256(ev.data).digest():
+            pass
+        else:
+            raise ReferenceMismatchError(f"PCR {UKI_PCR} event {ev.index}: type {ev.event_type:#x} digest "
+                                         f"{ev.sha256.hex()} is neither an application nor a self-describing action")
+    for k in range(max(len(apps), len(applications))):
+        got, want = (apps[k] if k < len(apps) else None), (applications[k] if k < len(applications) else None)
+        if got is None or want is None or got.sha256 != want:
+            raise ReferenceMismatchError(
+                f"PCR {UKI_PCR} application {k}" + (f" (event {got.index}): {got.sha256.hex()}" if got else ": missing")
+                + (f", expected {want.hex()} ({'the UKI' if k == 0 else 'its kernel' if k == 1 else '?'})" if want
+                   else ", not in the references"))
+
+
+def _match(log: EventLog, pcr: int, want: list[ExpectedEvent]) -> None:
+    """The PCR's extending events are exactly `want`, in order (type and digest)."""
+    got = [ev for ev in log.events if ev.pcr == pcr and ev.event_type != EV_NO_ACTION]
+    for k in range(max(len(got), len(want))):
+        g, w = (got[k] if k < len(got) else None), (want[k] if k < len(want) else None)
+        if g is None or w is None or g.event_type != w.event_type or g.sha256 != w.digest:
+            raise ReferenceMismatchError(
+                f"PCR {pcr} event {k}: " + (f"expected {w.what!r}" if w else "unexpected extra event")
+                + (f", the log has {g.data[:80]!r} ({g.sha256.hex()})" if g else ", the log ends"))

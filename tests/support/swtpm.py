@@ -1,0 +1,267 @@
+"""A real software TPM 2.0 for tests: `swtpm` in socket mode on loopback, manufactured by
+`swtpm_setup --tpm2 --create-ek-cert` with a local CA of its own (under the state dir, not the
+machine-wide /var/lib/swtpm-localca), driven with `tpm2-tools` over the swtpm TCTI.
+
+Used by tests/integration/test_tpm_quote_integration.py and bench/bench_trust.py. The TPM is the
+"factory-fresh" device: `create_ak()` makes an EK and an AK under it (the enrolment a real server
+gets from tpm2_createek / tpm2_createak), `quote()` signs the SHA-256 PCRs over a nonce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+TOOLS = ("swtpm", "swtpm_setup", "tpm2_quote", "tpm2_createak", "tpm2_pcrextend")
+
+
+def missing() -> str | None:
+    """Why a swtpm test cannot run here (None: it can)."""
+    absent = [t for t in TOOLS if shutil.which(t) is None]
+    if absent:
+        return f"needs {', '.join(absent)} (Debian swtpm, swtpm-tools, tpm2-tools: .ci/apt-packages.txt)"
+    return None
+
+
+def _free_port_pair() -> int:
+    """A port P with P and P+1 free on loopback (the swtpm TCTI talks to P, its control channel to P+1)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port >= 65535:
+            continue
+        with contextlib.suppress(OSError), socket.socket() as s2:
+            s2.bind(("127.0.0.1", port + 1))
+            return port
+    raise RuntimeError("no free loopback port pair for swtpm")
+
+
+@dataclass
+class AkFiles:
+    ctx: Path  # the loaded AK's context (tpm2_quote -c)
+    public: Path  # TPM2B_PUBLIC (tpm2_createak -u)
+    pem: Path  # the public key as PEM (tpm2_readpublic -f pem)
+    name: Path  # the AK's TPM name (tpm2_createak -n)
+    scheme: str = "rsassa"  # its signing scheme (tpm2_quote --scheme)
+
+
+class Swtpm:
+    """A manufactured swtpm in socket mode; `with Swtpm(dir) as tpm:` starts and stops it."""
+
+    def __init__(self, base: Path, *, qemu: bool = False) -> None:
+        """`qemu=True`: a TPM for a QEMU guest (GuestSpec.tpm = `ctrl_socket`): a Unix control socket
+        only, QEMU passes the data channel and the firmware sends TPM2_Startup; else a TPM on
+        loopback TCP for tpm2-tools, started (TPM2_Startup(CLEAR)) by swtpm itself."""
+        self.base = base.resolve()
+        self.state = self.base / "state"
+        self.qemu = qemu
+        self.ctrl_socket = self.base / "swtpm.sock"
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # -- manufacture and life cycle ------------------------------------------------------------
+    def manufacture(self) -> None:
+        """swtpm_setup with an EK certificate signed by a local CA kept under the base dir."""
+        ca = self.base / "localca"
+        ca.mkdir(parents=True, exist_ok=True)
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.base / "swtpm-localca.conf").write_text(
+            f"statedir = {ca}\nsigningkey = {ca}/signkey.pem\nissuercert = {ca}/issuercert.pem\n"
+            f"certserial = {ca}/certserial\n")
+        (self.base / "swtpm-localca.options").write_text(
+            "--platform-manufacturer cidboot\n--platform-version 2.1\n--platform-model QEMU\n")
+        (self.base / "swtpm_setup.conf").write_text(
+            f"create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = {self.base}/swtpm-localca.conf\n"
+            f"create_certs_tool_options = {self.base}/swtpm-localca.options\nactive_pcr_banks = sha256\n")
+        subprocess.run(["swtpm_setup", "--tpm2", "--tpmstate", str(self.state), "--create-ek-cert",
+                        "--config", str(self.base / "swtpm_setup.conf"), "--pcr-banks", "sha256",
+                        "--overwrite", "--logfile", str(self.base / "swtpm_setup.log")],
+                       check=True, capture_output=True, timeout=120)
+
+    def start(self) -> Swtpm:
+        if not (self.state / "tpm2-00.permall").exists():
+            self.manufacture()
+        argv = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}", "--log", f"file={self.base / 'swtpm.log'}"]
+        if self.qemu:
+            self.ctrl_socket.unlink(missing_ok=True)
+            argv += ["--ctrl", f"type=unixio,path={self.ctrl_socket}"]
+        else:
+            self.port = _free_port_pair()
+            argv += ["--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                     "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1", "--flags", "not-need-init,startup-clear"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.base / "swtpm.stderr", "wb"))
+        deadline = time.monotonic() + 20
+        while not self._listening():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"swtpm did not start: {(self.base / 'swtpm.stderr').read_text(errors='replace')}")
+            time.sleep(0.05)
+        return self
+
+    def _listening(self) -> bool:
+        if self.qemu:
+            return self.ctrl_socket.exists()
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
+            return True
+        return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Swtpm:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- tpm2-tools -----------------------------------------------------------------------------
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:host=127.0.0.1,port={self.port}"
+
+    def tool(self, *argv: str | Path) -> bytes:
+        """Run one tpm2-tools command against this TPM (in the base dir); its stdout."""
+        env = {**os.environ, "TPM2TOOLS_TCTI": self.tcti}
+        proc = subprocess.run([str(a) for a in argv], cwd=self.base, env=env, capture_output=True, timeout=120)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(map(str, argv))}: exit {proc.returncode}: {proc.stderr.decode(errors='replace')}")
+        return proc.stdout
+
+    def create_ak(self, name: str = "ak", *, key_alg: str = "rsa", scheme: str = "rsassa") -> AkFiles:
+        """An EK (tpm2_createek) and an AK under it (tpm2_createak), the AK's public part as TPM2B_PUBLIC and PEM."""
+        d = self.base / name
+        d.mkdir(exist_ok=True)
+        ek = d / "ek.ctx"
+        self.tool("tpm2_createek", "-c", ek, "-G", "rsa", "-u", d / "ek.pub")
+        f = AkFiles(d / "ak.ctx", d / "ak.pub", d / "ak.pem", d / "ak.name", scheme)
+        self.tool("tpm2_createak", "-C", ek, "-c", f.ctx, "-G", key_alg, "-g", "sha256", "-s", scheme,
+                  "-u", f.public, "-n", f.name, "-r", d / "ak.priv")
+        self.tool("tpm2_flushcontext", "-t")  # swtpm has three transient slots: EK and AK are still loaded
+        self.tool("tpm2_readpublic", "-c", f.ctx, "-f", "pem", "-o", f.pem)
+        self.tool("tpm2_flushcontext", "-t")
+        return f
+
+    def send(self, command: bytes) -> bytes:
+        """One raw TPM command (tpm2_send); the raw response."""
+        env = {**os.environ, "TPM2TOOLS_TCTI": self.tcti}
+        proc = subprocess.run(["tpm2_send"], input=command, cwd=self.base, env=env, capture_output=True, timeout=120)
+        if proc.returncode:
+            raise RuntimeError(f"tpm2_send: exit {proc.returncode}: {proc.stderr.decode(errors='replace')}")
+        return proc.stdout
+
+    def extend(self, pcr: int, sha256: bytes) -> None:
+        self.tool("tpm2_pcrextend", f"{pcr}:sha256={sha256.hex()}")
+
+    def quote(self, ak: AkFiles, nonce: bytes, pcrs: list[int], out: str = "quote") -> tuple[bytes, bytes]:
+        """(TPMS_ATTEST, TPMT_SIGNATURE) of a quote over sha256:`pcrs` with `nonce` as qualifying data."""
+        msg, sig = self.base / f"{out}.msg", self.base / f"{out}.sig"
+        self.tool("tpm2_quote", "-c", ak.ctx, "-l", "sha256:" + ",".join(map(str, pcrs)), "-q", nonce.hex(),
+                  "-m", msg, "-s", sig, "-g", "sha256", "--scheme", ak.scheme)
+        self.tool("tpm2_flushcontext", "-t")
+        return msg.read_bytes(), sig.read_bytes()
+
+    def pcr_read(self, pcrs: list[int]) -> bytes:
+        return self.tool("tpm2_pcrread", "sha256:" + ",".join(map(str, pcrs)))
+
+
+def make_pe(sections: list[tuple[str, bytes]], *, pe32plus: bool = True, trailer: bytes = b"",
+            cert_table: bytes = b"", file_align: int = 0x200) -> bytes:
+    """A minimal but well-formed PE image with these sections (for Authenticode tests): DOS stub,
+    COFF header, optional header with 16 data directories, section table; `trailer` is data after
+    the last section (hashed), `cert_table` an attribute certificate table at the end (not hashed)."""
+    import struct
+    align = lambda n: -(-n // file_align) * file_align  # noqa: E731
+    opt_size = (112 if pe32plus else 96) + 16 * 8
+    pe_off = 0x80
+    headers = align(pe_off + 24 + opt_size + 40 * len(sections))
+    body, table, raw = b"", b"", headers
+    for i, (name, data) in enumerate(sections):
+        padded = data + bytes(align(len(data)) - len(data))
+        table += struct.pack("<8sIIIIIIHHI", name.encode()[:8], len(data), 0x1000 * (i + 1), len(padded), raw,
+                             0, 0, 0, 0, 0x40000040)
+        body += padded
+        raw += len(padded)
+    image_end = headers + len(body) + len(trailer)
+    dd = [(0, 0)] * 16
+    if cert_table:
+        dd[4] = (image_end, len(cert_table))
+    magic = 0x20B if pe32plus else 0x10B
+    opt = struct.pack("<HBBIIIII", magic, 14, 0, len(body), 0, 0, 0x1000, 0x1000)
+    opt += struct.pack("<Q", 0x140000000) if pe32plus else struct.pack("<II", 0, 0x400000)
+    opt += struct.pack("<IIHHHHHHIIIIHH", 0x1000, file_align, 0, 0, 0, 0, 0, 0, 0,
+                       0x1000 * (len(sections) + 1), headers, 0x1234, 10, 0)
+    opt += struct.pack("<QQQQ", 0, 0, 0, 0) if pe32plus else struct.pack("<IIII", 0, 0, 0, 0)
+    opt += struct.pack("<II", 0, 16) + b"".join(struct.pack("<II", a, s) for a, s in dd)
+    assert len(opt) == opt_size
+    coff = struct.pack("<HHIIIHH", 0x8664, len(sections), 0, 0, 0, opt_size, 0x22)
+    head = b"MZ" + bytes(0x3A) + struct.pack("<I", pe_off) + bytes(pe_off - 0x40) + b"PE\0\0" + coff + opt + table
+    return head + bytes(headers - len(head)) + body + trailer + cert_table
+
+
+# -- raw TPM 2.0 commands, for a guest that has /dev/tpm0 and a shell but no tpm2-tools -------------
+# (TPM 2.0 Library Part 3: TPM2_CreatePrimary, TPM2_Quote; one password session with empty auth)
+_PW_SESSION = bytes.fromhex("40000009" "0000" "00" "0000")  # TPM_RS_PW, no nonce, no attributes, empty auth
+# an RSA-2048 restricted signing key, RSASSA/SHA-256: a deterministic AK from the endorsement seed
+AK_TEMPLATE = bytes.fromhex("0001" "000b" "00050072" "0000" "0010" "0014" "000b" "0800" "00000000" "0000")
+
+
+def _command(tag: int, cc: int, body: bytes) -> bytes:
+    import struct
+    return struct.pack(">HII", tag, 10 + len(body), cc) + body
+
+
+def create_primary_ak_command() -> bytes:
+    """TPM2_CreatePrimary(TPM_RH_ENDORSEMENT, AK_TEMPLATE): the same AK each time on the same TPM,
+    so a factory can learn its name before the device ever boots (tpm2_send) and the device can
+    recreate it without tools."""
+    import struct
+    body = (struct.pack(">I", 0x4000000B) + struct.pack(">I", len(_PW_SESSION)) + _PW_SESSION
+            + bytes.fromhex("0004" "0000" "0000") + struct.pack(">H", len(AK_TEMPLATE)) + AK_TEMPLATE
+            + bytes.fromhex("0000" "00000000"))
+    return _command(0x8002, 0x131, body)
+
+
+def quote_command(handle: bytes, nonce: bytes, pcrs: list[int]) -> tuple[bytes, bytes]:
+    """TPM2_Quote by `handle` over sha256:`pcrs` with `nonce`, as (the 10-byte header, the rest
+    after the handle): a guest splices the handle CreatePrimary returned in between."""
+    import struct
+    bits = bytearray(3)
+    for i in pcrs:
+        bits[i // 8] |= 1 << (i % 8)
+    rest = (struct.pack(">I", len(_PW_SESSION)) + _PW_SESSION + struct.pack(">H", len(nonce)) + nonce
+            + bytes.fromhex("0010") + struct.pack(">IHB", 1, 0x000B, 3) + bytes(bits))
+    whole = _command(0x8002, 0x158, (handle or bytes(4)) + rest)
+    return whole[:10], rest
+
+
+def parse_create_primary_response(resp: bytes) -> tuple[bytes, bytes]:
+    """(object handle, TPM2B_PUBLIC) from a TPM2_CreatePrimary response."""
+    import struct
+    tag, size, rc = struct.unpack_from(">HII", resp)
+    if rc or size != len(resp):
+        raise RuntimeError(f"TPM2_CreatePrimary: rc {rc:#x}, {size} != {len(resp)} bytes")
+    (n,) = struct.unpack_from(">H", resp, 18)
+    return resp[10:14], resp[18:20 + n]
+
+
+def parse_quote_response(resp: bytes) -> tuple[bytes, bytes]:
+    """(TPMS_ATTEST, TPMT_SIGNATURE) from a TPM2_Quote response with one password session."""
+    import struct
+    tag, size, rc, params = struct.unpack_from(">HIII", resp)
+    if rc or size != len(resp):
+        raise RuntimeError(f"TPM2_Quote: rc {rc:#x}, {size} != {len(resp)} bytes")
+    (n,) = struct.unpack_from(">H", resp, 14)
+    return resp[16:16 + n], resp[16 + n:14 + params]
