@@ -35,7 +35,7 @@ from imagebuilder.cpio import Entry, archive_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER = "cidboot-bench: busybox init reached"
-KERNEL_PKG = "linux-image-6.1.0-56-cloud-amd64"  # the kernel firmware, bootstrap and hello all pin
+KERNEL_PKG = "linux-image-cloud-amd64"  # the kernel firmware, bootstrap and hello all pin
 COLORS = {"firmware": "#4e79a7", "bootstrap": "#f28e2b", "image": "#59a14f", "reference": "#9c9c9c",
           "firmware boot": "#a0cbe8", "bootstrap boot": "#ffbe7d", "image boot": "#8cd17d"}
 STAGES = ("firmware", "bootstrap", "image")
@@ -62,7 +62,7 @@ def pinned_kernel(dest: Path) -> Path:
     from imagebuilder.lock import Lock, fetch_deb
 
     if not dest.exists():
-        deb = fetch_deb(Lock.load(REPO / "examples/hello/flow.lock").debs[KERNEL_PKG], "refresh examples/hello/flow.lock")
+        deb = fetch_deb(Lock.load(REPO / "examples/hello/flow.lock").pin(KERNEL_PKG), "refresh examples/hello/flow.lock")
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(next(f.data for f in read_deb(deb) if f.path.startswith("boot/vmlinuz-")))
     return dest

@@ -30,7 +30,7 @@ from imagebuilder.cpio import archive_bytes, compress, source_date_epoch
 from imagebuilder.debpkg import read_deb
 from imagebuilder.flowfile import FlowFile
 from imagebuilder.layers import ROLES, UNIXFS, BuiltLayer, layer_cid
-from imagebuilder.lock import Lock, cache_dir, fetch_deb, fetch_wheel, lock_path, wheel_name
+from imagebuilder.lock import Lock, cache_dir, fetch_deb, fetch_wheel, lock_path, update_hint, wheel_name
 from imagebuilder.uki import BuiltUki
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,8 +178,8 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         raise BuildError(f"{ff.path}: a UKI is built for the bootstrap flow (target: bootstrap), not target {ff.target}")
     lpath = lock_path(ff.path)
     lock = Lock.load(lpath)
-    flowfile.check_lock(ff, {k: asdict(v) for k, v in lock.debs.items()}, {k: asdict(v) for k, v in lock.wheels.items()})
-    hint = f"the lock {lpath} is stale: run `imagebuilder lock {ff.path}` to refresh it"
+    flowfile.check_lock(ff, lock.named(), {k: asdict(v) for k, v in lock.wheels.items()})
+    hint = f"the lock {lpath} is stale: {update_hint(ff)}"
     cache = BuildCache(cache_root or Path(os.environ.get("CIDBOOT_BUILD_CACHE") or cache_dir() / "layers"))
     image = ff.data["image"]
     comp = image.get("compression", "xz")
@@ -206,7 +206,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         kfile = ff.dir / kspec["path"]
         layer("kernel", hashlib.sha256(kfile.read_bytes()).hexdigest(), kfile.read_bytes)
     else:
-        kpin = lock.debs[kspec["package"]]
+        kpin = lock.pin(kspec["package"])  # a metapackage: the concrete package it was locked to
         layer("kernel", asdict(kpin), lambda: _kernel_from_deb(fetch_deb(kpin, hint)))
 
     # python code: the component, cidboot and the operations, analysed against the Debian stdlib
@@ -252,11 +252,11 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     def runtime() -> bytes:
         entries = initramfs.runtime_entries(sysroot(), graph(), wheel_roots=wheel_roots)
         if kmods:
-            entries += _module_entries(fetch_deb(lock.debs[kspec["package"]], hint), kmods)
+            entries += _module_entries(fetch_deb(lock.pin(kspec["package"]), hint), kmods)
         return compress(archive_bytes(entries, epoch), comp)
 
     layer("runtime", {"debs": rt_pins, "wheels": wheel_pins, "code": code_digest, "ops": ops_digest, "extra": extra,
-                      "kmods": kmods, "kernel": asdict(lock.debs[kspec["package"]]) if kmods else None}, runtime)
+                      "kmods": kmods, "kernel": asdict(lock.pin(kspec["package"])) if kmods else None}, runtime)
     layer("agent", {"code": code_digest, "component": component},
           lambda: compress(archive_bytes(initramfs.init_entries(component)
                                          + initramfs.code_entries(graph(), REPO, initramfs.APP), epoch), comp))

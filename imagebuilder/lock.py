@@ -6,6 +6,17 @@ Images must come from pinned sources, never from whatever the build host has ins
 uses only these pins: an artifact is taken from the cache when its hash matches, else fetched
 again by exact version and checked; one that is no longer served is an error that says how to
 refresh the lock (as LinuxKit pins image digests).
+
+A flow names its kernel by Debian's metapackage (`linux-image-cloud-amd64`), not by the ABI
+package it depends on (`linux-image-6.1.0-56-cloud-amd64`): Debian's security archive serves
+one ABI at a time, so a flow that named the ABI package would stop locking the day the next one
+lands. `lock` follows the metapackage's Depends to the concrete package and pins both (`meta`
+maps the metapackage's own pin to the concrete package's name, `debs` holds the concrete pin),
+so a build from the lock is exactly as reproducible as one that named the ABI package.
+
+`lock` keeps every existing pin the mirror still serves (same version, same SHA-256 in the apt
+index) and re-resolves only the others; `lock --update` re-resolves every pin to what the mirror
+serves now.
 """
 
 from __future__ import annotations
@@ -13,13 +24,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cidboot.errors import CidbootError, FormatError, VerificationError
+from imagebuilder import flowfile
 from imagebuilder.debpkg import parse_stanza
 from imagebuilder.flowfile import FlowFile
 
@@ -59,15 +73,39 @@ class WheelPin:
     sha256: str
 
 
+@dataclass(frozen=True)
+class MetaPin(DebPin):
+    """A metapackage's own pin (its tiny .deb, for the record) and the concrete package its
+    Depends named when the lock was made: `resolves_to` is a key of Lock.debs. Builds use the
+    concrete pin only, so a metapackage never makes a build depend on what the mirror serves now."""
+
+    resolves_to: str
+
+
 @dataclass
 class Lock:
     debs: dict[str, DebPin]
     wheels: dict[str, WheelPin]
+    meta: dict[str, MetaPin] = field(default_factory=dict)
+
+    def pin(self, name: str) -> DebPin:
+        """The concrete pin for a package a flow names: a metapackage resolves to the package
+        it was locked to (so `lib/modules/<abi>/` and `boot/vmlinuz-<abi>` follow that package)."""
+        if name in self.meta:
+            return self.debs[self.meta[name].resolves_to]
+        return self.debs[name]
+
+    def named(self) -> dict[str, dict[str, Any]]:
+        """Every name a flow may use (concrete packages and metapackages), as plain dicts, for
+        flowfile.check_lock: a metapackage is checked against its own version."""
+        return {**{k: asdict(v) for k, v in self.debs.items()}, **{k: asdict(v) for k, v in self.meta.items()}}
 
     def to_json(self) -> str:
-        doc = {"lock_version": LOCK_VERSION,
-               "debs": {k: asdict(v) for k, v in sorted(self.debs.items())},
-               "wheels": {k: asdict(v) for k, v in sorted(self.wheels.items())}}
+        doc: dict[str, Any] = {"lock_version": LOCK_VERSION,
+                               "debs": {k: asdict(v) for k, v in sorted(self.debs.items())},
+                               "wheels": {k: asdict(v) for k, v in sorted(self.wheels.items())}}
+        if self.meta:  # absent when the flow names no metapackage (older locks stay byte-identical)
+            doc["meta"] = {k: asdict(v) for k, v in sorted(self.meta.items())}
         return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -83,9 +121,13 @@ class Lock:
                 raise LockFormatError(f"{path}: lock_version {doc['lock_version']} unsupported (want {LOCK_VERSION})")
             debs = {k: DebPin(**v) for k, v in doc["debs"].items()}
             wheels = {k: WheelPin(**v) for k, v in doc["wheels"].items()}
-        except (KeyError, TypeError) as e:
+            meta = {k: MetaPin(**v) for k, v in doc.get("meta", {}).items()}
+        except (KeyError, TypeError, AttributeError) as e:
             raise LockFormatError(f"{path}: malformed lock entry: {e}") from None
-        return cls(debs, wheels)
+        for k, m in meta.items():
+            if m.resolves_to not in debs:
+                raise LockFormatError(f"{path}: metapackage {k} resolves to {m.resolves_to}, which the lock does not pin")
+        return cls(debs, wheels, meta)
 
 
 def lock_path(flow_path: Path) -> Path:
@@ -109,20 +151,102 @@ def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
 
 
-def resolve_deb(name: str, version: str | None = None) -> DebPin:
-    """The candidate (or the given version) of a package, from the apt index."""
+def _stanzas(text: str) -> list[dict[str, str]]:
+    """Every stanza of `apt-cache show` output (blank-line separated)."""
+    return [f for f in (parse_stanza(chunk) for chunk in re.split(r"\n\s*\n", text)) if f]
+
+
+def _show(name: str, version: str | None = None) -> dict[str, str]:
     spec = f"{name}={version}" if version else name
     proc = _run(["apt-cache", "show", "--no-all-versions", spec])
-    if proc.returncode != 0 or not proc.stdout.strip():
+    found = _stanzas(proc.stdout) if proc.returncode == 0 else []
+    if not found:
         raise LockError(f"Debian package {spec} is not known to apt ({proc.stderr.strip() or 'no such package'}); "
                         "check the name or run `apt-get update`")
-    f = parse_stanza(proc.stdout)
+    return found[0]
+
+
+def _pin_of(f: dict[str, str], spec: str) -> DebPin:
     try:
         # the name `apt-get download` saves it under (epoch colon escaped), not the pool's
         local = f"{f['Package']}_{f['Version'].replace(':', '%3a')}_{f['Architecture']}.deb"
         return DebPin(f["Package"], f["Version"], f["Architecture"], f["SHA256"], int(f["Size"]), local)
-    except KeyError as e:
-        raise LockError(f"apt-cache show {spec}: no {e} field") from None
+    except (KeyError, ValueError) as e:
+        raise LockError(f"apt-cache show {spec}: no valid {e} field") from None
+
+
+def resolve_deb(name: str, version: str | None = None) -> DebPin:
+    """The candidate (or the given version) of a package, from the apt index."""
+    return _pin_of(_show(name, version), f"{name}={version}" if version else name)
+
+
+_DEP = re.compile(r"^\s*([a-z0-9][a-z0-9+.-]*)(?::[a-z0-9-]+)?\s*(?:\(\s*([<>=]+)\s*([^)\s]+)\s*\))?")
+
+
+def kernel_depends(depends: str) -> list[tuple[str, str | None]]:
+    """The `linux-image-*` packages a Depends field names (first alternative of each clause),
+    with the exact version when the relation is `=`: what a kernel metapackage points at."""
+    out: list[tuple[str, str | None]] = []
+    for clause in depends.split(","):
+        m = _DEP.match(clause.split("|")[0])
+        if m and m.group(1).startswith("linux-image-"):
+            out.append((m.group(1), m.group(3) if m.group(2) == "=" else None))
+    return out
+
+
+MAX_META_DEPTH = 3  # linux-image-cloud-amd64 -> linux-image-6.1.0-56-cloud-amd64 is one step
+
+
+def resolve_kernel(name: str, version: str | None = None) -> tuple[list[MetaPin], DebPin]:
+    """A kernel package a flow names, followed through metapackages to the concrete package.
+
+    A package whose Depends names exactly one `linux-image-*` package is a metapackage: the
+    dependency (at the `=` version it names, else the candidate) is resolved in its place. The
+    concrete package is the first with no such dependency; the build checks it carries a
+    `boot/vmlinuz-*`. Two candidates in one Depends are ambiguous and refused, not guessed."""
+    metas: list[MetaPin] = []
+    spec_name, spec_version = name, version
+    for _ in range(MAX_META_DEPTH + 1):
+        f = _show(spec_name, spec_version)
+        spec = f"{spec_name}={spec_version}" if spec_version else spec_name
+        pin = _pin_of(f, spec)
+        deps = kernel_depends(f.get("Depends", ""))
+        if not deps:
+            return metas, pin
+        if len(deps) > 1:
+            raise LockError(f"kernel metapackage {spec} depends on {len(deps)} kernel packages "
+                            f"({', '.join(d for d, _ in deps)}); name one of them in image.kernel.package")
+        metas.append(MetaPin(**asdict(pin), resolves_to=deps[0][0]))
+        spec_name, spec_version = deps[0]
+    raise LockError(f"kernel package {name}: more than {MAX_META_DEPTH} metapackages deep "
+                    f"({' -> '.join(m.name for m in metas)}); name the concrete package")
+
+
+SERVED, MISMATCH, GONE = "served", "mismatch", "gone"
+
+
+def index_status(pins: Iterable[DebPin]) -> dict[DebPin, str]:
+    """Each pin's standing in the apt index, in one `apt-cache show` call: SERVED (its name and
+    version listed with its SHA-256), MISMATCH (listed with another hash: Debian rebuilt it or
+    something is wrong; never silently re-pinned) or GONE (the version is not listed any more)."""
+    want = set(pins)
+    if not want:
+        return {}
+    proc = _run(["apt-cache", "show", "--no-all-versions", *sorted({f"{p.name}={p.version}" for p in want})])
+    listed: dict[tuple[str, str], set[str]] = {}
+    for f in _stanzas(proc.stdout):
+        listed.setdefault((f.get("Package", ""), f.get("Version", "")), set()).add(f.get("SHA256", ""))
+    out = {}
+    for p in want:
+        hashes = listed.get((p.name, p.version))
+        out[p] = GONE if hashes is None else SERVED if p.sha256 in hashes else MISMATCH
+    return out
+
+
+def cached(pin: DebPin) -> bool:
+    """The pinned .deb is in the cache with its pinned hash (a build needs no mirror for it)."""
+    path = cache_dir() / "debs" / pin.filename
+    return path.is_file() and sha256_file(path) == pin.sha256
 
 
 def fetch_deb(pin: DebPin, refresh_hint: str) -> Path:
@@ -190,21 +314,140 @@ def flow_debs(ff: FlowFile) -> dict[str, str | None]:
     return out
 
 
-def make_lock(ff: FlowFile, progress: Any = None) -> Lock:
-    """Resolve every pin of a flow now (downloads each artifact once to record its hash)."""
+def flow_kernel(ff: FlowFile) -> str | None:
+    """The kernel package the flow names (a metapackage or a concrete package), if any."""
+    return ff.data["image"]["kernel"].get("package")
+
+
+def update_hint(ff: FlowFile) -> str:
+    return f"run `imagebuilder lock --update {ff.path}` to re-resolve its pins to what the mirror serves now"
+
+
+def _previous_chain(prev: Lock, name: str, version: str | None) -> list[DebPin] | None:
+    """The pins the previous lock holds for a name (metapackage chain + concrete), if they
+    still answer what the flow asks (same version when it asks one)."""
+    chain: list[DebPin] = []
+    cur = name
+    while cur in prev.meta and len(chain) <= MAX_META_DEPTH:
+        chain.append(prev.meta[cur])
+        cur = prev.meta[cur].resolves_to
+    if cur not in prev.debs:
+        return None
+    chain.append(prev.debs[cur])
+    if version is not None and chain[0].version != version:
+        return None
+    return chain
+
+
+def make_lock(ff: FlowFile, progress: Callable[[str], None] | None = None, *, previous: Lock | None = None,
+              update: bool = False) -> Lock:
+    """Resolve the pins of a flow (downloads each newly resolved artifact once to record its hash).
+
+    With `previous` (the lock beside the flow) and not `update`, a pin the mirror still serves
+    (same version and SHA-256 in the apt index; a cached wheel with its hash) is kept, so
+    re-locking moves only what must move; with `update` every pin is resolved anew."""
     hint = f"run `imagebuilder lock {ff.path}` again"
+    say = progress or (lambda _m: None)
+    kernel = flow_kernel(ff)
+    wanted = flow_debs(ff)
+    keep: dict[str, list[DebPin]] = {}
+    if previous is not None and not update:
+        for name, version in wanted.items():
+            chain = _previous_chain(previous, name, version)
+            if chain is not None and (name == kernel or len(chain) == 1):
+                keep[name] = chain
+        status = index_status(p for chain in keep.values() for p in chain)
+        for p, st in sorted(status.items(), key=lambda kv: kv[0].name):
+            if st == MISMATCH:
+                raise PinMismatchError(f"the apt index lists {p.name} {p.version} with another SHA-256 than the lock's "
+                                       f"{p.sha256}: if Debian rebuilt it, `imagebuilder lock --update {ff.path}` "
+                                       "re-pins it")
+        keep = {n: c for n, c in keep.items() if all(status[p] == SERVED for p in c)}
     debs: dict[str, DebPin] = {}
-    for name, version in sorted(flow_debs(ff).items()):
-        pin = resolve_deb(name, version)
-        fetch_deb(pin, hint)
-        debs[name] = pin
-        if progress:
-            progress(f"{name} {pin.version}")
+    meta: dict[str, MetaPin] = {}
+    for name, version in sorted(wanted.items()):
+        if name in keep:
+            metas = [p for p in keep[name][:-1] if isinstance(p, MetaPin)]
+            pin = keep[name][-1]
+            verb = "kept"
+        else:
+            metas, pin = resolve_kernel(name, version) if name == kernel else ([], resolve_deb(name, version))
+            fetch_deb(pin, hint)
+            verb = "pinned"
+        chain_names = [m.name for m in metas]
+        for m in metas:
+            meta[m.name] = m
+        debs[pin.name] = pin
+        say(f"{verb} {' -> '.join([*chain_names, pin.name])} {pin.version}")
     wheels: dict[str, WheelPin] = {}
     for spec in sorted((ff.data["image"].get("python") or {}).get("wheels", [])):
         name, _, version = spec.partition("==")
+        old = previous.wheels.get(wheel_name(spec)) if previous is not None and not update else None
+        if old is not None and (not version or old.version == version):
+            try:
+                fetch_wheel(old, hint)  # the cache when its hash matches, else the index by exact version
+                wheels[old.name] = old
+                say(f"kept {old.name} {old.version}")
+                continue
+            except (LockError, PinMismatchError):
+                pass
         wpin, _ = resolve_wheel(name, version or None)
         wheels[wpin.name] = wpin
-        if progress:
-            progress(f"{wpin.name} {wpin.version}")
-    return Lock(debs, wheels)
+        say(f"pinned {wpin.name} {wpin.version}")
+    return Lock(debs, wheels, meta)
+
+
+def changes(old: Lock | None, new: Lock) -> list[str]:
+    """What moved between two locks, one short entry per name a flow uses, e.g.
+    `linux-image-cloud-amd64 6.1.192-2 (linux-image-6.1.0-56-cloud-amd64 6.1.192-2) -> 6.1.200-1
+    (linux-image-6.1.0-57-cloud-amd64 6.1.200-1)`; a metapackage's line carries its concrete pin."""
+    def view(lock: Lock | None) -> dict[str, tuple[str, str]]:
+        """name -> (what to print, identity): the identity includes every hash behind the name."""
+        if lock is None:
+            return {}
+        targets = {m.resolves_to for m in lock.meta.values()}
+        out = {k: (p.version, f"{p.version} {p.sha256}") for k, p in lock.debs.items() if k not in targets}
+        for k, m in lock.meta.items():
+            c = lock.pin(k)
+            shown = f"{m.version} ({c.name} {c.version})"
+            out[k] = (shown, f"{shown} {m.sha256} {c.sha256}")
+        out |= {f"wheel {k}": (w.version, f"{w.version} {w.sha256}") for k, w in lock.wheels.items()}
+        return out
+
+    a, b = view(old), view(new)
+    old_debs = old.debs if old is not None else {}
+    moved = []
+    for k in sorted(a.keys() | b.keys()):
+        if k not in b:
+            if k in new.debs and new.debs[k] == old_debs.get(k):
+                continue  # still pinned, now reached through a metapackage (reported with it)
+            moved.append(f"{k} {a[k][0]} removed")
+        elif k not in a:
+            c = new.pin(k)
+            moved.append(f"{k} {b[k][0]} added" + (", unchanged" if k in new.meta and old_debs.get(c.name) == c else ""))
+        elif a[k][1] != b[k][1]:
+            moved.append(f"{k} {a[k][0]} -> {b[k][0]}" + (" (SHA-256 changed)" if a[k][0] == b[k][0] else ""))
+    return moved
+
+
+def unavailable(lock: Lock, names: Iterable[str]) -> list[DebPin]:
+    """The concrete pins a build of these names needs that are neither in the cache (with their
+    hash) nor listed by the apt index any more: a build from this lock would fail on them."""
+    need = sorted({lock.pin(n) for n in names if n in lock.debs or n in lock.meta}, key=lambda p: p.name)
+    uncached = [p for p in need if not cached(p)]
+    status = index_status(uncached)
+    return [p for p in uncached if status[p] == GONE]  # a MISMATCH is the build's to refuse, never re-pinned
+
+
+def relock_if_unavailable(flow_path: Path, progress: Callable[[str], None] | None = None) -> list[str]:
+    """Re-lock `flow_path`'s lock in place when a pin it needs is neither cached nor served
+    (pins still served are kept); return what moved, [] when nothing had to. For copies of a
+    flow (the QEMU harness's work dir), never the committed lock: the caller says it did."""
+    ff = flowfile.load(flow_path, require_keys=False)
+    lpath = lock_path(ff.path)
+    lock = Lock.load(lpath)
+    if not unavailable(lock, flow_debs(ff)):
+        return []
+    new = make_lock(ff, progress, previous=lock)
+    lpath.write_text(new.to_json())
+    return changes(lock, new)

@@ -32,10 +32,12 @@ from cidboot.ipld.unixfs.exporter import export_file
 from cidboot.store.blockstore import Blockstore
 from cidboot.trust import keys
 from cidboot.trust.manifest import Manifest, RootOfTrust, SignedManifest
+from imagebuilder.lock import lock_path, relock_if_unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 FIRMWARE_FLOW = REPO / "firmware" / "image" / "flow.yaml"
 BOOTSTRAP_FLOW = REPO / "bootstrap" / "image" / "flow.yaml"
+COMMITTED_FLOW_DIRS = (FIRMWARE_FLOW.parent, BOOTSTRAP_FLOW.parent)
 
 
 class DeployError(CidbootError):
@@ -123,10 +125,33 @@ def check_manifest_flow(bs: Blockstore, mcid: CID, m: Manifest) -> None:
         raise DeployError(f"manifest {mcid}: its flow does not validate:\n{e}") from e
 
 
+def relock_copy(flow: Path) -> list[str]:
+    """Re-lock a work-dir copy of a flow whose pins are no longer obtainable; print what moved.
+    A committed flow (firmware/image, bootstrap/image, examples/*) is left alone: its build fails
+    with the `imagebuilder lock --update` hint instead."""
+    if flow.resolve().parent in COMMITTED_FLOW_DIRS or flow.resolve().parent.parent == REPO / "examples":
+        return []
+    try:
+        moved = relock_if_unavailable(flow)
+    except CidbootError as e:
+        raise DeployError(f"{flow}: its lock names packages the mirror no longer serves and re-locking failed: {e}") from e
+    if moved:
+        print(f"harness: {flow.parent.name}: pinned packages no longer served; re-locked this run's copy "
+              f"({lock_path(flow)}; the committed lock is unchanged, `imagebuilder lock --update` refreshes it): "
+              f"{'; '.join(moved)}", file=sys.stderr, flush=True)
+    return moved
+
+
 def build(flow: Path, store: Path, *, references: dict[str, str] | None = None, env: dict[str, str] | None = None,
           say: Callable[[str], None] = lambda _m: None) -> Built:
-    """`imagebuilder build` into `store`, then export the kernel and the concatenated initrd."""
+    """`imagebuilder build` into `store`, then export the kernel and the concatenated initrd.
+
+    `flow` is a copy in the work dir (see _copy_flow): when a pin its lock needs is neither
+    cached nor served by the apt mirror any more (Debian's security archive drops the previous
+    kernel ABI when a new one lands), the copy is re-locked first and one line says which pins
+    moved, so `make demo` works on a fresh machine; the committed lock is never rewritten."""
     refs = [a for name, hexval in sorted((references or {}).items()) for a in ("--reference", f"{name}={hexval}")]
+    relock_copy(flow)
     say(f"building {flow}")
     proc = subprocess.run([sys.executable, "-m", "imagebuilder", "build", str(flow), "--store", str(store), "--json",
                            *refs], capture_output=True, text=True, cwd=REPO, env=env)

@@ -17,12 +17,12 @@ from qemu.harness import timeline
 from qemu.harness.vm import Guest, GuestError, GuestSpec
 
 REPO = Path(__file__).resolve().parents[2]
-KERNEL_PKG = "linux-image-6.1.0-56-cloud-amd64"
+KERNEL_PKG = "linux-image-cloud-amd64"
 
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pin = Lock.load(REPO / "examples/hello/flow.lock").debs[KERNEL_PKG]
+    pin = Lock.load(REPO / "examples/hello/flow.lock").pin(KERNEL_PKG)
     deb = fetch_deb(pin, "refresh examples/hello/flow.lock")
     out = tmp_path_factory.mktemp("kernel") / "vmlinuz"
     out.write_bytes(next(f.data for f in read_deb(deb) if f.path.startswith("boot/vmlinuz-")))

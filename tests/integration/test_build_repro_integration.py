@@ -106,16 +106,18 @@ def test_stale_pin_fails_with_refresh_hint_and_writes_nothing(hello: Path, tmp_p
     d = tmp_path / "stale"
     shutil.copytree(hello.parent, d)
     lock = json.loads((d / "flow.lock").read_text())
-    lock["debs"]["linux-image-6.1.0-56-cloud-amd64"]["version"] = "6.1.0-gone"
-    lock["debs"]["linux-image-6.1.0-56-cloud-amd64"]["filename"] = "gone.deb"
+    abi = lock["meta"]["linux-image-cloud-amd64"]["resolves_to"]  # the flow names the metapackage
+    lock["debs"][abi]["version"] = "6.1.0-gone"
+    lock["debs"][abi]["filename"] = "gone.deb"
     (d / "flow.lock").write_text(json.dumps(lock))
     store = tmp_path / "store"
     env = {**os.environ, "CIDBOOT_BUILD_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "imagebuilder", "build", str(d / "flow.yaml"), "--store", str(store)],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert proc.returncode == 1
-    assert "pinned linux-image-6.1.0-56-cloud-amd64 6.1.0-gone is not served by the configured apt mirrors" in proc.stderr
-    assert f"run `imagebuilder lock {d / 'flow.yaml'}` to refresh it" in proc.stderr
+    assert f"pinned {abi} 6.1.0-gone is not served by the configured apt mirrors" in proc.stderr
+    assert (f"the lock {d / 'flow.lock'} is stale: run `imagebuilder lock --update {d / 'flow.yaml'}` "
+            "to re-resolve its pins to what the mirror serves now") in proc.stderr
     assert not store.exists()
 
 

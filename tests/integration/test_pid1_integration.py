@@ -9,17 +9,17 @@ import pytest
 
 from imagebuilder import kmod
 from imagebuilder.debpkg import read_deb
-from imagebuilder.lock import cache_dir, fetch_deb, resolve_deb
+from imagebuilder.lock import cache_dir, fetch_deb, resolve_kernel
 
 pytestmark = pytest.mark.build  # downloads pinned packages / builds images
 
-KERNEL = "linux-image-6.1.0-56-cloud-amd64"
+KERNEL = "linux-image-cloud-amd64"  # the metapackage: whatever ABI the mirror serves today
 
 
 @pytest.fixture(scope="module")
 def modules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The kernel's virtio/failover/fw_cfg modules, from the .deb (downloaded once into the cache)."""
-    deb = fetch_deb(resolve_deb(KERNEL), "apt-get update")
+    deb = fetch_deb(resolve_kernel(KERNEL)[1], "apt-get update")
     assert deb.parent == cache_dir() / "debs"
     d = tmp_path_factory.mktemp("ko")
     wanted = ("virtio_net.ko", "net_failover.ko", "failover.ko", "virtio.ko", "virtio_ring.ko", "qemu_fw_cfg.ko")

@@ -142,9 +142,9 @@ def test_absolute_path_rejected(hello: Path) -> None:
 
 
 def test_unknown_kernel_package_in_lock(hello: Path) -> None:
-    ff = flowfile.load(_edit(hello, "linux-image-6.1.0-56-cloud-amd64", "linux-image-9.9.9-cloud-amd64"))
+    ff = flowfile.load(_edit(hello, "linux-image-cloud-amd64", "linux-image-9.9.9-cloud-amd64"))
     with pytest.raises(FlowFileError) as exc:
-        flowfile.check_lock(ff, {"linux-image-6.1.0-56-cloud-amd64": {"version": "6.1.192-2"}}, {})
+        flowfile.check_lock(ff, {"linux-image-cloud-amd64": {"version": "6.1.192-2"}}, {})
     assert exc.value.problems[0] == (
         f"{hello}:8:14: image.kernel.package: unknown kernel package 'linux-image-9.9.9-cloud-amd64': "
         f"not in the lock (run `imagebuilder lock {hello}`)")
@@ -182,7 +182,7 @@ def test_cli_build_with_unknown_kernel_package_writes_nothing(hello: Path, tmp_p
     import subprocess
     import sys
 
-    _edit(hello, "linux-image-6.1.0-56-cloud-amd64", "linux-image-0.0.0-nope-amd64")
+    _edit(hello, "linux-image-cloud-amd64", "linux-image-0.0.0-nope-amd64")
     (hello.parent / "flow.lock").write_text(json.dumps({"lock_version": 1, "debs": {}, "wheels": {}}))
     store = tmp_path / "store"
     proc = subprocess.run([sys.executable, "-m", "imagebuilder", "build", str(hello), "--store", str(store)],
