@@ -261,3 +261,31 @@ def test_fleet_api_unknown_device_and_bad_cid(tmp_path: Path) -> None:
         assert _get(gw.url, "/api/provenance/notacid")[0] == 400
         assert _get(gw.url, "/api/nosuch")[0] == 404
         assert _get(gw.url, "/api/devices/nosuch/appraise", "POST")[0] == 404
+
+
+def test_live_stream_sends_an_update_when_an_event_arrives(tmp_path: Path) -> None:
+    with fleet_server(tmp_path, registered(UDS_A)) as (_fleet, gw):
+        host, port = gw.url.removeprefix("http://").split(":")
+        c = http.client.HTTPConnection(host, int(port), timeout=10)
+        c.request("GET", "/api/stream")
+        r = c.getresponse()
+        assert r.status == 200 and r.getheader("Content-Type") == "text/event-stream"
+        assert r.readline() == b"retry: 2000\n"
+        r.readline()
+        assert events.post(gw.url, events.encode_event(event("bootstrap", "start"), stage_identity(UDS_A, "bootstrap")))
+        line = r.readline()
+        assert line.startswith(b"data: ")
+        msg = json.loads(line[6:])
+        assert msg["type"] == "event" and msg["mac"] == "52:54:00:00:00:01" and msg["trust"] == VERIFIED
+        c.close()
+
+
+def test_ready_device_without_agent_is_appraised_contraindicated_not_skipped(tmp_path: Path) -> None:
+    """The appraisal is the server's own: an agent that announced itself ready and does not
+    answer the challenge is not affirming (fail closed), and the reason says why."""
+    with fleet_server(tmp_path, registered(UDS_A)) as (fleet, gw):
+        body = events.encode_event(event("agent", "ready", port="9"), stage_identity(UDS_A, "agent"))
+        assert events.post(gw.url, body)
+        status, a = _get(gw.url, "/api/devices/52:54:00:00:00:01/appraise", "POST")
+        assert status == 200 and a["status"] == "contraindicated"
+        assert "no evidence" in a["checks"][0]["reason"]  # type: ignore[index]

@@ -155,12 +155,13 @@ function drawGraph(g) {
     if (text !== undefined) e.textContent = text;
     return e;
   };
-  const svg = mk("svg", { width: 20 + (maxDepth + 1) * (W + GX), height: 20 + rows * (H + GY), "data-root": g.root });
+  const svg = mk("svg", { width: 20 + (maxDepth + 1) * (W + GX), height: 20 + rows * (H + GY) + H, "data-root": g.root });
   for (const e of g.edges) {
     const a = pos.get(e.from), b = pos.get(e.to);
     if (!a || !b) continue;
     const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2;
-    svg.append(mk("path", { d: `M${x1},${y1} C${x1 + GX / 2},${y1} ${x2 - GX / 2},${y2} ${x2},${y2}`,
+    const dip = x2 - x1 > W + GX ? H * 0.9 : 0;  // an edge that skips a column bends around the boxes between
+    svg.append(mk("path", { d: `M${x1},${y1} C${x1 + GX},${y1 + dip} ${x2 - GX},${y2 + dip} ${x2},${y2}`,
       class: "edge", "data-from": e.from, "data-to": e.to }));
   }
   for (const n of g.nodes) {
