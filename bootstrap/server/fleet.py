@@ -238,7 +238,9 @@ class FleetStore:
                            (mac, now, v.trust, "", ""))
                 n = db.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
                 if n > self.max_devices:
-                    for old in db.execute("SELECT mac FROM devices ORDER BY last_seen ASC LIMIT ?",
+                    # unverified rows go first: a flood of unsigned or forged MACs cannot push out the fleet
+                    for old in db.execute("SELECT mac FROM devices ORDER BY (trust = 'verified') ASC, last_seen ASC "
+                                          "LIMIT ?",
                                           (n - self.max_devices,)).fetchall():
                         db.execute("DELETE FROM events WHERE mac=?", (old["mac"],))
                         db.execute("DELETE FROM devices WHERE mac=?", (old["mac"],))
