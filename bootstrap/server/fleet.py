@@ -65,6 +65,9 @@ KIND_RX = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 MAC_RX = re.compile(r"^(?:[0-9a-f]{2}:){5}[0-9a-f]{2}$")
 CID_RX = re.compile(r"\b(baf[a-z2-7]{50,})\b")
 VERIFIED, UNSIGNED, REJECTED = "verified", "unsigned", "rejected"
+#: the page runs only its own script and talks only to this server: device-supplied text that
+#: slipped into markup could still not run or load anything
+CSP = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:"
 WEB = Path(__file__).parent / "web"
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
           "/app.css": ("app.css", "text/css; charset=utf-8")}
@@ -509,7 +512,10 @@ class Fleet:
         results = [{"definition": e["detail"].get("definition"), "value": e["detail"].get("value"),
                     "cid": e["detail"].get("cid")} for e in ev if e["kind"] == "result" and e["trust"] != REJECTED]
         last = next((e for e in reversed(ev) if e["trust"] != REJECTED), None)
-        return {**d, "role": d.get("role") or self.role_for(d["mac"]), "ready": self.ready(d),
+        # the role the registry gives (appraisal), else devices.yaml's, else what the device claims
+        registered = (d.get("appraisal") or {}).get("registered_role")
+        return {**d, "role": registered or self.role_for(d["mac"]) or d.get("role"), "claimed_role": d.get("role"),
+                "ready": self.ready(d),
                 "last_event": f"{last['stage']} {last['kind']}" if last else None,
                 "results": results, "problems": problems, "rejected": rejected}
 
@@ -531,7 +537,7 @@ class Fleet:
     def _route(self, h: BoundedHandler, method: str, path: str, q: dict[str, list[str]]) -> None:
         if path in STATIC and method in ("GET", "HEAD"):
             name, ctype = STATIC[path]
-            _send(h, 200, ctype, (WEB / name).read_bytes(), extra=(("Cache-Control", "no-cache"),))
+            _send(h, 200, ctype, (WEB / name).read_bytes(), extra=(("Cache-Control", "no-cache"), ("Content-Security-Policy", CSP)))
             return
         if method == "OPTIONS":
             _send(h, 204, "text/plain", b"", extra=(("Allow", "GET, HEAD, POST, OPTIONS"),))

@@ -299,3 +299,18 @@ def test_a_flood_of_unsigned_macs_does_not_evict_verified_devices() -> None:
         st.record(_verdict(mac=f"52:54:00:00:01:{i:02x}"), "10.6.6.6", now=100.0 + i)
     macs = [d["mac"] for d in st.devices()]
     assert "52:54:00:00:00:aa" in macs and len(macs) == 3
+
+
+def test_bootstrap_image_analysis_leaves_out_the_fleet_servers_sqlite3() -> None:
+    """The bootstrap image ships bootstrap/ whole (the CLI beside the stage); its runtime has no
+    libsqlite3, so the build failed ("libsqlite3.so.0 ... not found") until sqlite3 was host-only."""
+    import sysconfig
+
+    from imagebuilder import pyimports
+
+    repo = Path(__file__).resolve().parents[2]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    g = pyimports.analyse(["bootstrap.server.fleet"], [repo, stdlib, stdlib / "lib-dynload"])
+    assert "bootstrap.server.fleet" in g.modules
+    assert not any(m.split(".")[0] in ("sqlite3", "_sqlite3") for m in g.modules)
+    assert "sqlite3" in g.excluded
