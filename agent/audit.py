@@ -7,7 +7,7 @@ nobody without the key can rewrite it. The head is served by the agent and publi
 its results. The store is anything with put/get (cidboot.store.blockstore.Blockstore on an agent,
 MemoryBlocks in tests and benchmarks).
 
-    entry = {"entry": {"seq": int, "decision": "run"|"veto"|"refused"|"accepted"|"result",
+    entry = {"entry": {"seq": int, "decision": "run"|"veto"|"refused"|"accepted"|"result"|"error",
                        "operation": str | null, "inputs": [CID...], "reason": str, "prev": CID | null},
              "sig": COSE_Sign1 (untagged, detached payload = DAG-CBOR of "entry")}
 
@@ -28,7 +28,7 @@ from cidboot.ipld.cid import CID, DAG_CBOR
 from cidboot.trust import cose
 from cidboot.trust.cose import PrivateKey, PublicKey
 
-DECISIONS = ("run", "veto", "refused", "accepted", "result")
+DECISIONS = ("run", "veto", "refused", "accepted", "result", "error")  # error: an operation failed (raised)
 
 
 class BlockSink(Protocol):

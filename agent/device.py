@@ -40,6 +40,7 @@ from cidboot.errors import CidbootError, FormatError, VerificationError
 from cidboot.ipld import dagcbor
 from cidboot.ipld.cid import CID
 from cidboot.netboot.bootconfig import BootConfig
+from cidboot.stage import events
 from cidboot.stage.console import say
 from cidboot.stage.handoff import Handoff, HandoffNotFound, load
 from cidboot.store.blockstore import Blockstore
@@ -144,6 +145,7 @@ class BootedAgent:
         """Keep a result (served on /results), print its console line, publish its provenance."""
         self.server.results.add(result)
         say(f"cidboot: result {result.definition}={json.dumps(result.value, sort_keys=True, default=str)}", self.console)
+        events.emit("agent", "result", definition=result.definition, value=json.dumps(result.value, sort_keys=True, default=str), cid=result.provenance)
         if self.publish_to is not None and result.provenance is not None:
             publish(self.store, [result.provenance], self.publish_to)
 
@@ -159,6 +161,7 @@ class BootedAgent:
         except (PeerRefused, PeerError) as e:
             self.audit.record("refused", f"not sent to {role}: {e}", inputs=[c for c, _ in blocks[:1]])
             say(f"cidboot: refused: peer: {e}", self.console)
+            events.emit("agent", "refused", reason=f"peer: {e}", check="peer", cid=blocks[0][0] if blocks else None)
 
 
 def load_manifest(cid: CID, cfg: BootConfig, store: Blockstore) -> SignedManifest:
@@ -195,6 +198,7 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
     """Steps 1-4 of the module docstring; returns with the API serving on a daemon thread."""
     base = Path(root)
     say("cidboot-stage: agent start", console)
+    events.emit("agent", "start")
     h, cfg, mcid = read_handoff(base)
     if h.dice is not None:
         ho = decode_handover(h.dice)
@@ -222,6 +226,7 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
     mount_peers(server, agent.service)
     server.start()
     say(f"cidboot-stage: agent ready url={agent.url}", console)
+    events.emit("agent", "ready", identity=events.Identity(attester.leaf_key, attester.chain) if h.dice is not None else None, bootconfig=cfg, url=agent.url, port=server.server_address[1], manifest=mcid, role=cfg.role)
     return agent
 
 
@@ -236,8 +241,9 @@ class ConsoleAudit(AuditLog):
     def record(self, decision: str, reason: str, *, operation: str | None = None,
                inputs: list[CID] | None = None) -> Entry:
         entry = super().record(decision, reason, operation=operation, inputs=inputs)
-        if decision in ("refused", "veto"):
+        if decision in ("refused", "veto", "error"):
             say(f"cidboot: audit: {decision}: {reason}", self.console)
+            events.emit("agent", decision, reason=reason, operation=operation, cid=inputs[0] if inputs else None, entry=entry.cid)
         return entry
 
 
@@ -331,6 +337,7 @@ def main(root: str | os.PathLike[str] = "/", *, network: bool = True, host: str 
             flow(agent)
     except CidbootError as e:
         say(f"cidboot: fatal: {e}", console)
+        events.emit("agent", "fatal", reason=str(e))
         raise
     if serve:
         threading.Event().wait()  # the HTTP thread serves; PID 1 must not exit

@@ -43,6 +43,7 @@ import importlib
 import importlib.util
 import inspect
 import itertools
+import logging
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -62,6 +63,8 @@ from cidboot.ipld.cid import CID
 from cidboot.trust.appraisal import AppraisalResult
 from cidboot.trust.cose import PrivateKey
 from cidboot.trust.cose_key import raw_public_bytes
+
+log = logging.getLogger("agent.orchestrator")
 
 Block = tuple[CID, bytes]
 Send = Callable[[str, list[Block]], Awaitable[Any] | Any]
@@ -408,16 +411,20 @@ class Orchestrator:
             self.audit.record("run", f"{op.name} on {len(cids)} validated input(s)", operation=op.name, inputs=cids)
             try:
                 out = await fn(**kwargs) if inspect.iscoroutinefunction(fn) else await asyncio.to_thread(fn, **kwargs)
-            except Exception as e:  # an operation's own failure: recorded, the flow goes on
-                self.audit.record("refused", f"{op.name} raised {type(e).__name__}: {e}", operation=op.name, inputs=cids)
+            except Exception as e:  # an operation's own failure: an error, not a refusal; the flow goes on
+                log.info("operation %s raised", op.name, exc_info=True)  # the traceback, under -v
+                self.audit.record("error", f"{op.name} raised {type(e).__name__}: {e}{_where(e)}", operation=op.name,
+                                  inputs=cids)
                 return
+        # an operation that does not return what it declares failed (an error); an output that is
+        # not a value of its definition is refused by the flow's checks (below)
         if not isinstance(out, Mapping) or not set(out) <= set(op.outputs):
-            self.audit.record("refused", f"{op.name} returned {type(out).__name__} without its outputs "
+            self.audit.record("error", f"{op.name} returned {type(out).__name__} without its outputs "
                               f"{sorted(op.outputs)}", operation=op.name, inputs=cids)
             return
         for name, value in sorted(out.items()):
             if name in op.expand and not isinstance(value, list):
-                self.audit.record("refused", f"{op.name}.{name} is expanded but returned {type(value).__name__}, "
+                self.audit.record("error", f"{op.name}.{name} is expanded but returned {type(value).__name__}, "
                                   "not a list", operation=op.name, inputs=cids)
                 continue
             for v in value if name in op.expand else [value]:
@@ -429,7 +436,7 @@ class Orchestrator:
                 try:
                     await self._emit(op, name, v, cids)
                 except ProvenanceFormatError as e:  # e.g. a set or a NaN: it cannot become a provenance node
-                    self.audit.record("refused", f"{op.name}.{name}: {e}", operation=op.name, inputs=cids)
+                    self.audit.record("error", f"{op.name}.{name}: {e}", operation=op.name, inputs=cids)
 
     async def _emit(self, op: Operation, output: str, value: Any, parents: list[CID]) -> None:
         definition = op.outputs[output]
@@ -507,3 +514,15 @@ class Orchestrator:
                 self._loop.call_soon_threadsafe(self._arrived.set)  # from another thread: wake the loop
             else:
                 self._arrived.set()
+
+
+def _where(e: BaseException) -> str:
+    """Where an operation raised (its innermost frame), for the one-line audit reason; the whole
+    traceback goes to the log under -v."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return ""
+    code = tb.tb_frame.f_code
+    return f" (at {Path(code.co_filename).name}:{tb.tb_lineno} in {code.co_name})"

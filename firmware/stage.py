@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cidboot.stage import pid1
+from cidboot.stage import events, pid1
 from cidboot.stage.console import StageRefused, say, wipe
 from cidboot.stage.handoff import Handoff
 from firmware.netboot import Fetched, Network, fetch_boot, network_up
@@ -88,6 +88,7 @@ def run(fw_cfg: str | Path = FW_CFG_HANDOVER, *, kexec: bool = True) -> Measured
     if engine is None:
         raise Refused("no DICE handover from the engine")
     say("cidboot-stage: firmware start")
+    events.emit("firmware", "start", dice=engine)
     timings: dict[str, float] = {}
     try:
         t = time.monotonic()
@@ -106,6 +107,7 @@ def run(fw_cfg: str | Path = FW_CFG_HANDOVER, *, kexec: bool = True) -> Measured
     print(f"cidboot: firmware: ip={net.lease.ip} kernel={len(fetched.kernel)}B initrd={len(fetched.initrd)}B "
           f"{detail} ({files}) total={time.monotonic() - t0:.2f}s", flush=True)
     say(f"cidboot-stage: firmware handover code={m.code_hash.hex()[:16]}")
+    events.emit("firmware", "handover", bootconfig=fetched.bootconfig, code=m.code_hash.hex(), ip=net.lease.ip)
     if kexec:
         from cidboot.stage.kexec import kexec_boot
 
@@ -121,8 +123,10 @@ def main(fw_cfg: str | Path = FW_CFG_HANDOVER) -> None:
         reason = "kexec returned"
     except Refused as e:
         say(f"cidboot: refused: {e}")
+        events.emit("firmware", "refused", reason=str(e))
         pid1.power_off()
         return
     except Exception as e:  # PID 1: report every failure on the console, then power off
         reason = f"firmware: {type(e).__name__}: {e}"
+    events.emit("firmware", "fatal", reason=reason)
     pid1.power_off(reason)

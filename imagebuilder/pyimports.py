@@ -29,7 +29,10 @@ IMPLIED = {"socket": ("encodings.idna",)}
 EXCLUDED = frozenset({"doctest", "pdb", "unittest", "test", "pydoc", "pydoc_data", "tkinter", "idlelib", "lib2to3",
                       "distutils", "ensurepip", "venv", "turtle", "turtledemo", "_testcapi", "_testinternalcapi",
                       "webbrowser", "readline", "rlcompleter", "bdb", "cmd", "code", "codeop", "tracemalloc",
-                      "_aix_support", "_osx_support", "_bootsubprocess"})
+                      "_aix_support", "_osx_support", "_bootsubprocess",
+                      # host-only: the boot server's fleet state (bootstrap.server.fleet) is SQLite; the
+                      # bootstrap image ships bootstrap/ whole but never serves, and carries no libsqlite3
+                      "sqlite3", "_sqlite3"})
 
 
 def _is_main_guard(node: ast.AST) -> bool:

@@ -12,9 +12,10 @@ manifest's root keys are the authority. Results, their provenance nodes and the 
 to the block store (pinned), so `imagebuilder cat`, the gateway and `car export` read them by CID.
 
 `--json` prints {"results": {definition: value}, "result_cids": {definition: cid},
-"audit_head": {role: cid}, "flow": cid, "refused": [...], "vetoed": [...]}; a definition
+"audit_head": {role: cid}, "flow": cid, "refused": [...], "vetoed": [...], "errors": [...]}; a definition
 produced more than once (expand, several input sets) maps to the list of its values/CIDs.
-Exit status 1 when an input was refused or an operation vetoed (the reasons go to stderr).
+Exit status 1 when an input was refused, an operation vetoed or failed (the reasons go to stderr; an
+operation's traceback with -v).
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ def _collect(orchs: dict[str, Orchestrator]) -> dict[str, Any]:
         "refused": [{"role": role, "reason": e.reason} for role, o in orchs.items() for e in o.audit.find("refused")],
         "vetoed": [{"role": role, "operation": e.operation, "reason": e.reason}
                    for role, o in orchs.items() for e in o.audit.find("veto")],
+        "errors": [{"role": role, "operation": e.operation, "reason": e.reason}
+                   for role, o in orchs.items() for e in o.audit.find("error")],
     }
 
 
@@ -214,9 +217,9 @@ def run(args: argparse.Namespace) -> int:
         roots = [r.cid for o in orchs.values() for r in o.results]
         roots += [o.audit.head for o in orchs.values() if o.audit.head is not None]
         out["published"] = {"to": args.publish, "blocks": publish(store, roots, PublishTarget.parse(args.publish))}
-    for item in out["refused"] + out["vetoed"]:
-        print(f"agent: {item['role']}: {'veto' if 'operation' in item else 'refused'}: {item['reason']}",
-              file=sys.stderr)
+    for kind, items in (("refused", out["refused"]), ("veto", out["vetoed"]), ("error", out["errors"])):
+        for item in items:
+            print(f"agent: {item['role']}: {kind}: {item['reason']}", file=sys.stderr)
     if args.json:
         print_json(out)
     else:
@@ -225,4 +228,4 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{r.definition} = {r.value!r}  ({r.cid})")
         for role, head in out["audit_head"].items():
             print(f"audit log ({role}): {head}")
-    return EXIT_ERROR if out["refused"] or out["vetoed"] else EXIT_OK
+    return EXIT_ERROR if out["refused"] or out["vetoed"] or out["errors"] else EXIT_OK

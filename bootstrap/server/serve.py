@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bootstrap.server import fleet
 from bootstrap.server.devices import Devices
 from bootstrap.server.dhcp_server import DhcpConfig, DhcpServer
 from bootstrap.server.leases import LeaseDB
@@ -64,8 +65,10 @@ class BootServer:
         self.leases = leases
         self.dhcp = DhcpServer(DhcpConfig(cfg.interface, cfg.server_ip, leases=leases, devices=self.devices), self.metrics)
         self.tftp = TftpServer(cfg.tftp_root, "0.0.0.0", cfg.tftp_port, metrics=self.metrics, generator=self.generate)
-        self.gateway: GatewayServer = serve_gateway(Blockstore(cfg.store), "0.0.0.0", cfg.http_port,
-                                                    extra_routes={"/metrics": self.render_metrics})
+        store = Blockstore(cfg.store)
+        self.fleet = fleet.from_serve_config(cfg, store, self.devices)  # the web view and /api/ (docs/boot-server.md)
+        self.gateway: GatewayServer = serve_gateway(store, "0.0.0.0", cfg.http_port,
+                                                    extra_routes={"/metrics": self.render_metrics}, app=self.fleet)
         self._threads: list[threading.Thread] = []
 
     @property
@@ -112,11 +115,13 @@ class BootServer:
             t = threading.Thread(target=target, daemon=True)
             t.start()
             self._threads.append(t)
+        self.fleet.start()
         log.info("boot server up", extra={"interface": self.cfg.interface, "ip": self.cfg.server_ip,
                                           "mode": "dhcp" if self.cfg.dhcp_range else "proxydhcp",
                                           "tftp_port": self.tftp.port, "http": self.gateway_url})
 
     def stop(self) -> None:
+        self.fleet.stop()
         self.dhcp.shutdown()
         self.tftp.shutdown()
         self.gateway.shutdown()

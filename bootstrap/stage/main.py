@@ -25,7 +25,7 @@ from bootstrap.stage.nvram import DEFAULT_DEVICE, Nvram
 from bootstrap.stage.verify import TRUST_ANCHOR, BootPlan, Refused, load_anchor, prepare, wipe
 from cidboot.errors import CidbootError
 from cidboot.netboot.bootconfig import BootConfig, BootConfigError
-from cidboot.stage import pid1
+from cidboot.stage import events, pid1
 from cidboot.stage.console import say
 
 USER_CLASS = b"cidboot-bootstrap"
@@ -150,15 +150,18 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
         start = read_start(root)
     except Exception as e:  # fail closed with the console line, whatever broke
         say(f"cidboot: refused: {describe(e)}")
+        events.emit("bootstrap", "refused", reason=describe(e), check=getattr(e, "check", None))
         pid1.power_off()
         return
     say(f"cidboot-stage: bootstrap start mode={start.boot_mode}")
+    events.emit("bootstrap", "start", dice=start.dice if start.boot_mode == "measured" else None, bootconfig=start.bootconfig, mode=start.boot_mode)
     while True:
         try:
             plan, _ = attempt(start, anchor_path=anchor_path, nvram_path=nvram_path, store_dir=store_dir,
                               cmdline_path=cmdline_path)
         except Exception as e:  # any failure is a refusal: nothing unverified is kexec'ed
             say(f"cidboot: refused: {describe(e)}")
+            events.emit("bootstrap", "refused", bootconfig=start.bootconfig, reason=describe(e), check=getattr(e, "check", None))
             if start.bootconfig is not None and _on_failure(start.bootconfig) == "retry":
                 log(f"retrying in {RETRY_PAUSE:.0f} s (on_failure=retry)")
                 time.sleep(RETRY_PAUSE)
@@ -172,6 +175,7 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
     log(f"manifest={plan.manifest_cid} {plan.manifest.name} v{plan.manifest.version} kernel={len(plan.kernel)}B "
         f"initrd={len(plan.initrd)}B {timings} total={time.monotonic() - t0:.2f}s")
     say(f"cidboot-stage: bootstrap handover manifest={plan.manifest_cid}")
+    events.emit("bootstrap", "handover", manifest=plan.manifest_cid, name=plan.manifest.name, version=plan.manifest.version)
     if start.dice is not None:
         wipe(start.dice)  # CDI_1: the image gets only CDI_2, inside the hand-off
     from cidboot.stage.kexec import kexec_boot
@@ -181,6 +185,7 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
         reason = "kexec returned"
     except CidbootError as e:
         reason = f"bootstrap: {e}"
+    events.emit("bootstrap", "fatal", reason=reason)
     pid1.power_off(reason)
 
 

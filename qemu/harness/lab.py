@@ -24,7 +24,7 @@ from cidboot.store.blockstore import Blockstore
 from cidboot.trust import keys
 from cidboot.trust.manifest import SignedManifest
 from cidboot.trust.registry import sign_registry
-from qemu.harness import dice_engine, timeline
+from qemu.harness import dice_engine, problems, timeline
 from qemu.harness.deploy import Deployment
 from qemu.harness.netns import BootNetwork, boot_network
 from qemu.harness.ra import router_advertiser
@@ -133,11 +133,31 @@ class Lab:
         except ValueError:
             return {"error": f"GET /results failed ({proc.returncode})"}
 
+    def block(self, dev: Device, cid: CID) -> bytes:
+        """One block from the device's agent (`/ipfs/{cid}?format=raw`), checked against its CID."""
+        proc = self.net.run(["curl", "-sf", "--max-time", "10", f"{dev.url}/ipfs/{cid}?format=raw"],
+                            capture_output=True, timeout=30)
+        if proc.returncode != 0:
+            raise KeyError(f"{cid}: GET /ipfs/ failed ({proc.returncode})")
+        cid.verify(proc.stdout)
+        return bytes(proc.stdout)
+
+    def problems(self, dev: Device, results: Any) -> list[dict[str, Any]]:
+        """Vetoes, refusals and errors from the device's audit log, with the inputs concerned."""
+        head = results.get("audit") if isinstance(results, dict) else None
+        if not dev.url or not isinstance(head, str):
+            return []
+        try:
+            return problems.audit_problems(CID.parse(head), lambda c: self.block(dev, c))
+        except Exception as e:  # a report is still written without them
+            return [{"decision": "unreadable", "reason": f"audit log {head}: {type(e).__name__}: {e}"}]
+
     def report(self, *, allow_unmeasured: bool = False) -> dict[str, Any]:
         devices = []
         for dev in self.devices:
             appraisal = self.attest(dev, allow_unmeasured=allow_unmeasured)
             tl = dev.timeline()
+            flow_results = self.results(dev)
             devices.append({
                 "name": dev.name, "role": dev.role, "mac": dev.guest.spec.mac, "boot": "legacy-ipxe" if dev.legacy else "measured",
                 "outcome": dev.outcome, "reason": dev.reason, "url": dev.url,
@@ -145,7 +165,8 @@ class Lab:
                     f"{c.get('status')}: {c.get('check')}: {c.get('reason')}" for c in appraisal.get("checks", [])]
                     or [appraisal.get("reason", "")]},
                 "measurements": appraisal.get("measurements", {}),
-                "flow_results": self.results(dev),
+                "flow_results": flow_results,
+                "problems": self.problems(dev, flow_results),
                 "boot_timeline": tl.to_obj(),
                 "console": str(dev.guest.dir / "console.log"),
             })

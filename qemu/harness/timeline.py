@@ -2,7 +2,8 @@
 
 Stage durations are derived from the markers each stage prints: firmware runs from power-on
 to its handover, the bootstrap from there to its handover, the image from there to
-`agent ready`. Refusals and fatal errors are collected with their times.
+`agent ready`. Refusals, fatal errors and the agent's audit lines (`cidboot: audit: veto|refused|error:`)
+are collected with their times.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from qemu.harness.vm import ConsoleLine
 
 STAGE_RX = re.compile(r"cidboot-stage: (?P<stage>[a-z0-9_-]+) (?P<event>[a-z0-9_-]+)(?P<rest>.*)$")
-PROBLEM_RX = re.compile(r"cidboot: (?P<kind>refused|fatal): (?P<reason>.*)$")
+PROBLEM_RX = re.compile(r"cidboot: (?:audit: )?(?P<kind>refused|fatal|veto|error): (?P<reason>.*)$")
 FIELD_RX = re.compile(r"(\w+)=(\S+)")
 LOG_RX = re.compile(r"^\[\s*(?P<t>\d+(?:\.\d+)?)\] ?(?P<text>.*)$")
 

@@ -346,8 +346,33 @@ def test_operation_failures_are_recorded_and_the_flow_goes_on() -> None:
            "notlist": lambda n: {"items": 7}, "fine": lambda n: {"x": {"ok": [n]}}}
     o = orchestrator(flow, flow.cid, ops)
     assert [(r.definition, r.value) for r in asyncio.run(o.run())] == [("x", {"ok": [1]})]
-    reasons = {e.operation: e.reason for e in o.audit.find("refused")}
-    assert reasons["boom"] == "boom raised RuntimeError: sensor unplugged"
+    reasons = {e.operation: e.reason for e in o.audit.find("error")}
+    assert reasons["boom"].startswith("boom raised RuntimeError: sensor unplugged (at test_agent_flow.py:")
     assert "nan.x: x value nan: not DAG-CBOR data: NaN and Infinity are not allowed" in reasons["nan"]
     assert "wrong returned dict without its outputs ['x']" in reasons["wrong"]
     assert reasons["notlist"] == "notlist.items is expanded but returned int, not a list"
+    assert o.audit.find("refused") == []  # an operation's failure is not a security refusal
+
+
+def test_operation_that_raises_is_reported_as_error_not_refused_with_traceback_under_verbose(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 16 #4: an exception in an operation is `error:` in the audit log (not `refused:`, the
+    word for security refusals), names where it raised, and the traceback is logged at INFO (-v)."""
+    import logging
+
+    flow = DataFlow.from_obj({
+        "definitions": {"n": {"primitive": "int"}, "x": {"primitive": "any"}},
+        "operations": {"boom": {"implementation": "m:boom", "inputs": {"n": "n"}, "outputs": {"x": "x"}}},
+        "seed": [{"definition": "n", "value": 1}]})
+
+    def boom(n: int) -> dict[str, Any]:
+        return {"x": 1 // (n - 1)}
+
+    o = orchestrator(flow, flow.cid, {"boom": boom})
+    caplog.set_level(logging.INFO, logger="agent.orchestrator")
+    assert asyncio.run(o.run()) == []
+    (e,) = o.audit.find("error")
+    assert e.operation == "boom" and "ZeroDivisionError" in e.reason and "in boom" in e.reason
+    assert o.audit.find("refused") == []
+    (rec,) = [r for r in caplog.records if r.name == "agent.orchestrator"]
+    assert rec.levelno == logging.INFO and rec.exc_info is not None and rec.exc_info[0] is ZeroDivisionError

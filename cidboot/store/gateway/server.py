@@ -35,6 +35,21 @@ IMMUTABLE = "public, max-age=29030400, immutable"
 MAX_DUP_VISITS = 8192
 MAX_DUP_BYTES = 64 * 1024 * 1024
 Route = Callable[[], tuple[int, str, bytes]]
+#: An application mounted beside /ipfs/ (the boot server's fleet view): called with the handler
+#: for every request outside /ipfs/ (any method); returns True when it answered.
+App = Callable[["BoundedHandler"], bool]
+
+#: Browsers (a web UI, verified-fetch) read this gateway cross-origin. The path gateway spec says
+#: nothing beyond 412; these are the headers the reference gateway (boxo, Kubo) sends: anyone may
+#: read (the content is public and verifiable), with the headers a verifying client needs.
+CORS_HEADERS = (
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS"),
+    ("Access-Control-Allow-Headers", "Content-Type, Range, User-Agent, X-Requested-With, Cache-Control, If-None-Match"),
+    ("Access-Control-Expose-Headers", "Content-Length, Content-Range, Content-Type, ETag, X-Ipfs-Path, X-Ipfs-Roots, "
+                                      "X-Content-Type-Options"),
+)
+PREFLIGHT_MAX_AGE = 86400
 
 
 @dataclass
@@ -84,10 +99,11 @@ class _AbortStream(Exception):
 
 class GatewayServer(BoundedHTTPServer):
     def __init__(self, store: Blockstore, address: tuple[str, int], extra_routes: Mapping[str, Route] | None = None,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, app: App | None = None):
         self.store = store
         self.metrics = GatewayMetrics()
         self.extra_routes = dict(extra_routes or {})
+        self.app = app
         super().__init__(address, _Handler, limits)
 
     @property
@@ -98,10 +114,11 @@ class GatewayServer(BoundedHTTPServer):
 
 def serve_gateway(
     store: Blockstore, host: str, port: int, *, extra_routes: Mapping[str, Route] | None = None,
-    limits: Limits | None = None,
+    limits: Limits | None = None, app: App | None = None,
 ) -> GatewayServer:
-    """Bind a gateway (port 0 picks a free one); call `.serve_forever()` to run it."""
-    return GatewayServer(store, (host, port), extra_routes, limits)
+    """Bind a gateway (port 0 picks a free one); call `.serve_forever()` to run it. `app` answers
+    every request outside /ipfs/ it wants (the boot server mounts its fleet API and web view)."""
+    return GatewayServer(store, (host, port), extra_routes, limits, app)
 
 
 def _is_unixfs_file(cid: CID, block: bytes) -> bool:
@@ -158,13 +175,53 @@ class _Handler(BoundedHandler):
         log.info("gateway %s %s -> %d: %s", self.command, self.path, status, message,
                  extra={"status": status, "path": self.path})
 
+    def end_headers(self) -> None:
+        if getattr(self, "path", "").startswith("/ipfs/"):  # every /ipfs/ answer, errors included: a browser must read why
+            for name, value in CORS_HEADERS:
+                self.send_header(name, value)
+        super().end_headers()
+
     def do_GET(self) -> None:
         self._handle()
 
     def do_HEAD(self) -> None:
         self._handle()
 
+    def do_POST(self) -> None:
+        if not self._app():
+            self._send_error(405 if self.path.startswith("/ipfs/") else 404,
+                             f"{self.command} {self.path.split('?')[0]}: this gateway is read-only")
+
+    def do_OPTIONS(self) -> None:
+        """CORS preflight (and plain OPTIONS): what a browser may do with /ipfs/, no body."""
+        if not self.path.startswith("/ipfs/") and self._app():
+            return
+        self.send_response(204)
+        self.send_header("Allow", "GET, HEAD, OPTIONS")
+        self.send_header("Access-Control-Max-Age", str(PREFLIGHT_MAX_AGE))
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.server.metrics.record(204, 0)
+
+    def _app(self) -> bool:
+        app = getattr(self.server, "app", None)  # servers reusing this handler (the agent) may have none
+        return app is not None and not self.path.startswith("/ipfs/") and app(self)
+
+    def _only_if_cached(self) -> bool:
+        return "only-if-cached" in self.headers.get("Cache-Control", "").lower()
+
+    def _precondition_failed(self, why: str) -> None:
+        """`Cache-Control: only-if-cached` and the block is not here: 412, no payload (path
+        gateway spec, "412 Precondition Failed"), so a client probing gateways moves on."""
+        self.send_response(412)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.server.metrics.record(412, 0)
+        log.info("gateway %s %s -> 412: %s", self.command, self.path, why, extra={"status": 412, "path": self.path})
+
     def _handle(self) -> None:
+        if self._app():
+            return
         route = self.server.extra_routes.get(self.path.split("?")[0])
         if route is not None:
             status, ctype, body = route()
@@ -187,9 +244,15 @@ class _Handler(BoundedHandler):
         except NotAcceptable as e:
             self._send_error(406, str(e))
             return
+        if self._only_if_cached() and not self.server.store.has(req.cid):
+            self._precondition_failed(f"root block {req.cid} not in the store (only-if-cached)")
+            return
         try:
             res = self._resolve(req)
         except (BlockNotFound, NotFoundError) as e:
+            if self._only_if_cached() and isinstance(e, BlockNotFound):
+                self._precondition_failed(f"{e} (only-if-cached)")
+                return
             self._send_error(404, str(e))
             return
         except VerificationError as e:

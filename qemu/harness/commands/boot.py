@@ -16,6 +16,7 @@ from cidboot.ipld.cid import CID
 from qemu.harness import accel
 from qemu.harness.deploy import Deployment, prepare, prepare_manifest
 from qemu.harness.lab import lab
+from qemu.harness.problems import problem_line
 
 log = logging.getLogger("qemu.harness")
 
@@ -93,6 +94,11 @@ def summary(report: dict[str, Any]) -> str:
         for r in d["appraisal"]["reasons"]:
             if not r.startswith("affirming"):
                 lines.append(f"    {r}")
+        for p in d.get("problems") or []:  # vetoes, refusals, errors: from the audit log, with their inputs
+            lines.append(f"    {problem_line(p)}")
+        if not d.get("problems"):  # no audit log to read (no agent): what the console said
+            for p in d["boot_timeline"].get("problems", []):
+                lines.append(f"    {p['kind']}: {p['reason']}")
         if isinstance(d["flow_results"], dict):
             res = d["flow_results"].get("results", d["flow_results"])
             lines.append(f"    results: {json.dumps(res, sort_keys=True)[:300]}")

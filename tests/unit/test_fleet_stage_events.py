@@ -1,0 +1,78 @@
+"""The real bootstrap stage (bootstrap.stage.main, PID-1 actions recorded) reports to the boot
+server: a tampered layer is refused, and the refusal shows up in /api/devices with the reason and
+the layer's CID, signed with the bootstrap's own DICE key, with no serial console involved."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bootstrap.server.fleet import Fleet, FleetStore
+from bootstrap.stage import main as stage_main
+from cidboot.netboot.bootconfig import BootConfig
+from cidboot.store.blockstore import Blockstore
+from cidboot.store.gateway.server import GatewayServer, serve_gateway
+from cidboot.trust.appraisal import DeviceRoots
+from cidboot.trust.dice import decode_handover
+from cidboot.trust.dice.chain import verify_chain
+from tests.support.gateway_fixtures import proxy_gateway, running_gateway
+from tests.unit.test_bootstrap_stage import _firmware, _main_env, _publish, _store, _url
+
+
+@pytest.fixture
+def boot_server(tmp_path: Path) -> Iterator[tuple[Fleet, GatewayServer, DeviceRoots]]:
+    roots = DeviceRoots()
+    fleet = Fleet(FleetStore(tmp_path / "fleet.sqlite"), Blockstore(tmp_path / "fleet-blocks"), lambda: roots)
+    gw = serve_gateway(Blockstore(tmp_path / "boot-store"), "127.0.0.1", 0, app=fleet)
+    threading.Thread(target=gw.serve_forever, daemon=True).start()
+    try:
+        yield fleet, gw, roots
+    finally:
+        gw.shutdown()
+        gw.server_close()
+
+
+def _devices(url: str) -> list[dict[str, Any]]:
+    host, port = url.removeprefix("http://").split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=10)
+    c.request("GET", "/api/devices")
+    out = json.loads(c.getresponse().read())["devices"]
+    c.close()
+    return list(out)
+
+
+def test_tampered_layer_refusal_reaches_the_boot_server_with_reason_and_cid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, boot_server: tuple[Fleet, GatewayServer, DeviceRoots]) -> None:
+    _fleet, server, roots = boot_server
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers)
+    bad = layers[1].cid
+
+    def mangle(path: str, body: bytes) -> bytes:
+        return body[:-1] + bytes([body[-1] ^ 0xFF]) if str(bad) in path else body
+
+    monkeypatch.setenv("CIDBOOT_EVENTS", server.url)  # the boot server (the gateway here is another process's)
+    with running_gateway(store) as gw, proxy_gateway(_url(gw), mangle) as lying:
+        raw = BootConfig(signed.cid, (lying,)).encode()
+        _, dice = _firmware(raw)
+        roots.add(verify_chain(decode_handover(dice).chain).root_public_key, "dev", "default")
+        kw, calls = _main_env(tmp_path, monkeypatch, raw)
+        stage_main.main(**kw)  # type: ignore[arg-type]
+    assert calls == [("power_off", "")]
+    deadline = time.monotonic() + 10
+    while True:
+        devs = _devices(server.url)
+        if (devs and devs[0]["problems"]) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    (d,) = devs
+    assert d["trust"] == "verified" and d["stage"] == "bootstrap" and d["kind"] == "refused"
+    (p,) = d["problems"]
+    assert p["kind"] == "refused" and p["cid"] == str(bad) and f"layer {bad}: hash mismatch" in p["reason"]
