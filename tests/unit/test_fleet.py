@@ -117,7 +117,8 @@ def test_unsigned_event_for_the_mac_of_a_signing_device_is_rejected() -> None:
 @pytest.mark.parametrize("body", [b"", b"\xff", dagcbor.encode([1]), dagcbor.encode({"event": b"\x01"}),
                                   dagcbor.encode({"sign1": b"x", "chain": b"y"}),
                                   dagcbor.encode({"event": dagcbor.encode({**event(), "stage": "nosuch"})}),
-                                  dagcbor.encode({"event": dagcbor.encode({**event(), "mac": "nope"})})])
+                                  dagcbor.encode({"event": dagcbor.encode({**event(), "mac": "nope"})})],
+                         ids=["empty", "not-cbor", "array", "event-not-map", "sign1-chain-only", "bad-stage", "bad-mac"])
 def test_malformed_event_body_is_a_format_error(body: bytes) -> None:
     with pytest.raises(EventFormatError):
         verify_event(body, registered(UDS_A))
