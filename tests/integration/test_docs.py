@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 import tomllib
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def _wrappers(bindir: Path) -> None:
     for name, target in scripts.items():
         module, func = target.split(":")
         path = bindir / name
-        path.write_text(f"#!/usr/bin/env python3\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
+        path.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
                         f"from {module} import {func}\nsys.exit({func}())\n")
         path.chmod(0o755)
 
@@ -78,7 +79,6 @@ def _env(root: Path) -> dict[str, str]:
     env["PATH"] = f"{root / '.bin'}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env["XDG_DATA_HOME"] = str(root / ".xdg-data")
-    env["CIDBOOT_DOCTEST_REPO"] = str(REPO)
     return env
 
 
@@ -86,9 +86,13 @@ def _run_shell(session: Session, block: Block) -> str:
     state, cwd = session.root / ".state.sh", session.root / ".cwd"
     script = (f"set -a\n[ -f {state} ] && . {state}\ncd \"$(cat {cwd})\"\nset -e -o pipefail\n"
               f"{block.setup}{block.script()}\nset +e\nexport -p > {state}\npwd > {cwd}\n")
-    proc = subprocess.run(["bash", "-c", script], cwd=session.root / "work", env=_env(session.root),
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=BLOCK_TIMEOUT)
+    try:
+        proc = subprocess.run(["bash", "-c", script], cwd=session.root / "work", env=_env(session.root),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=BLOCK_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"{block.where}: still running after {BLOCK_TIMEOUT} s (a server? mark it "
+                             f"`<!-- doc-test: skip (reason) -->`)\n--- output ---\n{e.output or ''}") from None
     out = proc.stdout
     if proc.returncode != 0:
         raise AssertionError(f"{block.where}: exit {proc.returncode}\n--- block ---\n{block.script()}"
