@@ -48,7 +48,10 @@ def say(msg: str) -> None:
 
 
 def boot(args: argparse.Namespace) -> dict[str, Any]:
-    out: Path = args.out
+    out: Path = args.out.resolve()  # builds run with cwd = the repo: a relative --out would not be found
+    if Path(args.flow).is_file() and Path(args.flow).resolve().parent in (out, *out.parents):
+        raise CidbootError(f"--out {args.out} is inside the flow's directory, which is copied into the "
+                           "image (with --out in it, forever): choose a directory outside it")
     out.mkdir(parents=True, exist_ok=True)
     if Path(args.flow).is_file():
         say(f"building firmware, bootstrap and {args.flow} (cached layers are reused)")
@@ -61,7 +64,7 @@ def boot(args: argparse.Namespace) -> dict[str, Any]:
         if args.store is None:
             raise CidbootError("booting a manifest CID needs --store (the block store that holds it)")
         say(f"building firmware and a bootstrap that trusts manifest {mcid}'s root")
-        dep = prepare_manifest(mcid, args.store, out / "work", signer_keys=args.keys, say=say)
+        dep = prepare_manifest(mcid, args.store.resolve(), out / "work", signer_keys=args.keys, say=say)
     roles = dep.roles
     n = args.devices or len(roles)
     device_roles = [roles[i % len(roles)] for i in range(n)]
