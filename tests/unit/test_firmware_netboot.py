@@ -107,5 +107,5 @@ def test_boot_server_gives_the_firmware_user_class_the_script() -> None:
 
     assert file_for(netboot.USER_CLASS) == "boot.ipxe"
     assert file_for(b"iPXE") == "boot.ipxe"
-    assert file_for(None) == "ipxe.efi"  # a plain PXE ROM still chain-loads iPXE
-    assert file_for(b"cidboot-firmware-x") == "ipxe.efi"
+    assert file_for(None) == "bootstrap-x86_64.efi"  # a plain UEFI PXE ROM loads the bootstrap UKI, no iPXE
+    assert file_for(b"cidboot-firmware-x") == "bootstrap-x86_64.efi"
