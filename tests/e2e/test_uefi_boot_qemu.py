@@ -1,0 +1,52 @@
+"""Real UEFI firmware from power-on (issue 14): OVMF (Debian's ovmf, TCG) boots the hello flow by
+its own PXE and by UEFI HTTP Boot, loading the bootstrap UKI from `bootstrap serve` with no iPXE
+anywhere; the UKI's bootstrap finds its boot config from the DHCP reply (its command line is fixed
+at build time), verifies and kexecs the workload, whose agent gives the right result. Without a
+TPM these boots are unmeasured, and the verifier says so: never affirming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qemu.harness.deploy import Deployment, prepare
+from qemu.harness.lab import lab
+
+pytestmark = [pytest.mark.qemu, pytest.mark.netns]
+REPO = Path(__file__).resolve().parents[2]
+BOOT_TIMEOUT = 900
+
+
+@pytest.fixture(scope="module")
+def hello(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
+    return prepare(REPO / "examples/hello/flow.yaml", tmp_path_factory.mktemp("hello-uefi"))
+
+
+@pytest.mark.parametrize("firmware", ["uefi-pxe", "uefi-http"])
+def test_ovmf_boots_hello_to_a_ready_agent_appraised_unmeasured(hello: Deployment, tmp_path: Path, firmware: str) -> None:
+    with lab(hello, tmp_path, ["device"]) as lb:
+        dev = lb.add_device("device", firmware=firmware)
+        lb.power_on()
+        lb.wait_ready(BOOT_TIMEOUT)
+        text = dev.guest.console.text()
+        assert dev.outcome == "ready", f"{dev.outcome}: {dev.reason}\n{text[-3000:]}"
+        line, _ = dev.guest.wait_for_console(r"cidboot: result greeting=", 300)
+        report = lb.report()
+        server_log = (tmp_path / "boot-server.log").read_text()
+    d = report["devices"][0]
+    assert (d["firmware"], d["arch"], d["boot"]) == (firmware, "x86_64", "unmeasured")
+    assert "cidboot-stage: firmware" not in text  # no L0, no iPXE: OVMF loaded the UKI
+    assert "iPXE" not in text
+    assert "cidboot-stage: bootstrap start mode=unmeasured" in text
+    assert "bootconfig=tftp://10.77.0.1/bootconfig/" in text  # found through the DHCP reply
+    assert "hello, world" in json.dumps(d["flow_results"])
+    assert d["appraisal"]["status"] != "affirming"
+    assert any("unmeasured" in r for r in d["appraisal"]["reasons"]), d["appraisal"]
+    if firmware == "uefi-http":
+        assert "HTTPClient" in server_log or "x86_64-uefi-http" in server_log or "/boot/bootstrap-x86_64.efi" in text \
+            or "HTTP" in text
+    ready = next(ln.t for ln in dev.guest.console.lines if "agent ready" in ln.text)
+    print(f"\n{firmware}: power-on to agent ready {ready:.1f} s, result at {line.t:.1f} s (TCG); "
+          f"stages {d['boot_timeline']['stage_seconds']}")
