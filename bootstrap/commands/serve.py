@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
         anchor = json.loads(args.trust_anchor.read_text())
     if args.state_dir:
         args.state_dir.mkdir(parents=True, exist_ok=True)
-    cache = (args.state_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cidboot" / "serve") \
+    cache = Path(os.environ["CIDBOOT_BOOTFILES_CACHE"]) if os.environ.get("CIDBOOT_BOOTFILES_CACHE") else \
+        (args.state_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cidboot" / "serve") \
         / "bootfiles"
     files = boot_files(args, cache)
     cfg = ServeConfig(args.interface, ip, args.store, CID.parse(args.manifest), args.tftp_root,
