@@ -93,7 +93,9 @@ def summary(report: dict[str, Any]) -> str:
     for d in report["devices"]:
         st = d["boot_timeline"]["stage_seconds"]
         stages = "  ".join(f"{k} {v:.1f}s" for k, v in st.items())
-        lines.append(f"{d['name']} [{d['role']}, {d.get('firmware', '?')} {d.get('arch', '')}, {d['boot']}] {d['outcome']}: appraisal {d['appraisal']['status']}"
+        how = ", ".join([d["role"], *([f"{d['firmware']} {d.get('arch', '')}".strip()] if d.get("firmware") else []),
+                         d["boot"]])
+        lines.append(f"{d['name']} [{how}] {d['outcome']}: appraisal {d['appraisal']['status']}"
                      f"  {stages}")
         if d["reason"]:
             lines.append(f"    {d['reason']}")
