@@ -83,7 +83,10 @@ class DhcpServer:
         self.cfg, self.metrics = cfg, metrics
         self.socks: list[socket.socket] = []
         self._stop = threading.Event()
-        ports = ([67] if cfg.leases is not None else [67, 4011]) if bind else []
+        # 4011 in both modes: a UEFI PXE client (edk2's PxeBcDxe) given a full DHCP offer with
+        # "PXEClient" and a boot file (a "BINL" offer) asks the server again on port 4011 for the
+        # boot file, and reports "PXE-E16: No valid offer received" when nobody answers there
+        ports = [67, 4011] if bind else []
         for port in ports:
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -161,7 +164,12 @@ class DhcpServer:
             return
         vendor = b"HTTPClient" if req.is_http_boot else b"PXEClient"
         on_4011 = sock.getsockname()[1] == 4011
-        if req.msg_type == dhcp.DISCOVER and not on_4011:
+        if on_4011:  # PXE boot server discovery (PXE 2.1): boot information only, never an address
+            if req.msg_type not in (dhcp.REQUEST, dhcp.INFORM):
+                return
+            reply = dhcp.build_reply(req, dhcp.ACK, server_ip=self.cfg.server_ip, siaddr=self.cfg.server_ip,
+                                     boot_file=boot_file, pxe=True, vendor_class=vendor)
+        elif req.msg_type == dhcp.DISCOVER:
             if leases is None:
                 reply = dhcp.build_reply(req, dhcp.OFFER, server_ip=self.cfg.server_ip, siaddr=self.cfg.server_ip,
                                          boot_file=boot_file, pxe=True, vendor_class=vendor)
@@ -176,7 +184,7 @@ class DhcpServer:
                                          pxe=netboot, vendor_class=vendor, router=router)
         elif req.msg_type in (dhcp.REQUEST, dhcp.INFORM):
             if leases is None:
-                if req.server_id not in (None, self.cfg.server_ip) and not on_4011:
+                if req.server_id not in (None, self.cfg.server_ip):
                     return
                 reply = dhcp.build_reply(req, dhcp.ACK, server_ip=self.cfg.server_ip, siaddr=self.cfg.server_ip,
                                          boot_file=boot_file, pxe=True, vendor_class=vendor)

@@ -44,9 +44,14 @@ def test_ovmf_boots_hello_to_a_ready_agent_appraised_unmeasured(hello: Deploymen
     assert "hello, world" in json.dumps(d["flow_results"])
     assert d["appraisal"]["status"] != "affirming"
     assert any("unmeasured" in r for r in d["appraisal"]["reasons"]), d["appraisal"]
-    if firmware == "uefi-http":
-        assert "HTTPClient" in server_log or "x86_64-uefi-http" in server_log or "/boot/bootstrap-x86_64.efi" in text \
-            or "HTTP" in text
+    if firmware == "uefi-pxe":  # OVMF's PXE loaded it over TFTP (not a fall-through to HTTP Boot)
+        assert "NBP file downloaded successfully" in text, text[-3000:]
+        assert "TFTP sent bootstrap-x86_64.efi" in server_log
+        assert "Start HTTP Boot" not in text
+    else:  # HTTP Boot, PXE off: the DHCP reply named the URL (option 60 HTTPClient)
+        assert "Start PXE" not in text
+        assert "URI: http://10.77.0.1:8080/boot/bootstrap-x86_64.efi" in text
+        assert "HTTPClient:Arch:00016" in server_log
     ready = next(ln.t for ln in dev.guest.console.lines if "agent ready" in ln.text)
     print(f"\n{firmware}: power-on to agent ready {ready:.1f} s, result at {line.t:.1f} s (TCG); "
           f"stages {d['boot_timeline']['stage_seconds']}")

@@ -135,7 +135,12 @@ def test_uki_bootstrap_finds_its_boot_config_from_the_dhcp_reply(tmp_path: Path,
     import cidboot.netboot.tftp_client as tc
 
     asked: list[str] = []
-    monkeypatch.setattr(tc, "get_url", lambda url, max_size: asked.append(url) or b"{}")
+
+    def fake_get(url: str, max_size: int) -> bytes:
+        asked.append(url)
+        return b"{}"
+
+    monkeypatch.setattr(tc, "get_url", fake_get)
     fetch_bootconfig(cmdline, "tftp://10.77.0.1/bootconfig/52-54-00-ab-cd-01.json")
     cmdline.write_text("console=ttyS0 cidboot.config=tftp://10.0.0.9/bootconfig/x.json\n")  # iPXE's: it wins
     fetch_bootconfig(cmdline, "tftp://10.77.0.1/bootconfig/52-54-00-ab-cd-01.json")
@@ -148,3 +153,19 @@ def test_relay_option_82_survives_a_reply_with_http_vendor_class() -> None:
                                       vendor_class=b"HTTPClient"))
     assert rep.options[82] == bytes([1, 1, 9]) and rep.vendor_class == "HTTPClient"
     assert struct.unpack(">H", req.options[dhcp.OPT_CLIENT_ARCH])[0] == 16
+
+
+def test_uefi_pxe_binl_request_on_port_4011_is_answered_in_full_dhcp_mode() -> None:
+    """edk2's PXE takes a full offer with PXEClient + boot file as a "BINL" offer and asks again on
+    port 4011; unanswered, OVMF says "PXE-E16: No valid offer received" (seen under OVMF)."""
+    srv = _server()
+    raw = dhcp.encode_request(MAC, dhcp.REQUEST, xid=11, arch=7, ciaddr="10.77.0.105", broadcast=False,
+                              vendor_class=b"PXEClient:Arch:00007:UNDI:003000")
+    sock = FakeSock(port=4011)
+    srv.handle(sock, raw, ("10.77.0.105", 4011))  # type: ignore[arg-type]
+    [(data, dest)] = sock.sent
+    rep = dhcp.parse(data)
+    assert (rep.msg_type, rep.yiaddr, rep.siaddr, rep.file.decode(), rep.vendor_class) == (
+        dhcp.ACK, "0.0.0.0", "10.77.0.1", "bootstrap-x86_64.efi", "PXEClient")
+    assert dest == ("10.77.0.105", 4011)
+    assert srv.active_leases() == 0  # boot information only: no lease bound on 4011
