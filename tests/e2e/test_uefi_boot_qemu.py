@@ -1,8 +1,10 @@
 """Real UEFI firmware from power-on (issue 14): OVMF (Debian's ovmf, TCG) boots the hello flow by
 its own PXE and by UEFI HTTP Boot, loading the bootstrap UKI from `bootstrap serve` with no iPXE
 anywhere; the UKI's bootstrap finds its boot config from the DHCP reply (its command line is fixed
-at build time), verifies and kexecs the workload, whose agent gives the right result. Without a
-TPM these boots are unmeasured, and the verifier says so: never affirming."""
+at build time), verifies and kexecs the workload, whose agent runs the flow. Without a TPM these
+boots are unmeasured, and both sides say so: the verifier never calls them affirming, and the
+hello flow's own policy (`only-measured-images-greet`: veto `hello` unless the image is measured)
+vetoes the greeting, which is the correct result of an unmeasured boot."""
 
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ def test_ovmf_boots_hello_to_a_ready_agent_appraised_unmeasured(hello: Deploymen
         lb.wait_ready(BOOT_TIMEOUT)
         text = dev.guest.console.text()
         assert dev.outcome == "ready", f"{dev.outcome}: {dev.reason}\n{text[-3000:]}"
-        line, _ = dev.guest.wait_for_console(r"cidboot: result greeting=", 300)
+        line, m = dev.guest.wait_for_console(r"cidboot: agent: flow done: (\d+) result", 300)
+        text = dev.guest.console.text()
         report = lb.report()
         server_log = (tmp_path / "boot-server.log").read_text()
     d = report["devices"][0]
@@ -41,7 +44,8 @@ def test_ovmf_boots_hello_to_a_ready_agent_appraised_unmeasured(hello: Deploymen
     assert "iPXE" not in text
     assert "cidboot-stage: bootstrap start mode=unmeasured" in text
     assert "bootconfig=tftp://10.77.0.1/bootconfig/" in text  # found through the DHCP reply
-    assert "hello, world" in json.dumps(d["flow_results"])
+    assert m[1] == "0" and "hello, world" not in json.dumps(d["flow_results"])
+    assert "veto: policy only-measured-images-greet vetoes hello" in text
     assert d["appraisal"]["status"] != "affirming"
     assert any("unmeasured" in r for r in d["appraisal"]["reasons"]), d["appraisal"]
     if firmware == "uefi-pxe":  # OVMF's PXE loaded it over TFTP (not a fall-through to HTTP Boot)
@@ -53,5 +57,5 @@ def test_ovmf_boots_hello_to_a_ready_agent_appraised_unmeasured(hello: Deploymen
         assert "URI: http://10.77.0.1:8080/boot/bootstrap-x86_64.efi" in text
         assert "HTTPClient:Arch:00016" in server_log
     ready = next(ln.t for ln in dev.guest.console.lines if "agent ready" in ln.text)
-    print(f"\n{firmware}: power-on to agent ready {ready:.1f} s, result at {line.t:.1f} s (TCG); "
+    print(f"\n{firmware}: power-on to agent ready {ready:.1f} s, flow done at {line.t:.1f} s (TCG); "
           f"stages {d['boot_timeline']['stage_seconds']}")
