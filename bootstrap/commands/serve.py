@@ -1,18 +1,28 @@
-"""`bootstrap serve`: the boot server (DHCP or ProxyDHCP, TFTP, HTTP gateway) on one interface."""
+"""`bootstrap serve`: the boot server (DHCP or ProxyDHCP, TFTP, HTTP gateway) on one interface.
+
+Works out of the box for a manifest: the boot files every client architecture needs are made or
+found at start (bootstrap.bootfiles: the bootstrap kernel, initrd and x86_64 UKI built with the
+manifest's root as their trust anchor, cached by CID under the state dir; `undionly.kpxe` from
+Debian's ipxe package); a missing one stops the server with its name and the package to install.
+"""
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
+import os
 import signal
 import threading
 from pathlib import Path
 
+from bootstrap import bootfiles
 from bootstrap.server.devices import Devices
 from bootstrap.server.serve import BootServer, ServeConfig
 from cidboot.cli import UsageError, listen_error
 from cidboot.errors import CidbootError
 from cidboot.ipld.cid import CID
+from cidboot.trust.manifest import RootOfTrust
 
 
 def _interface_ip(ifname: str) -> str:
@@ -31,16 +41,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="serve network boot: DHCP/ProxyDHCP, TFTP, HTTP gateway", description=__doc__)
     p.add_argument("--interface", required=True, help="interface facing the devices")
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--dhcp-range", metavar="FIRST-LAST", help="be the DHCP server for this range")
+    mode.add_argument("--dhcp-range", metavar="FIRST-LAST[/PREFIX]", action="append",
+                      help="be the DHCP server for this range (repeatable, one per subnet: the one holding the "
+                           "interface's address is local, the others are served through DHCP relays; PREFIX "
+                           "default 24)")
     mode.add_argument("--proxy-dhcp", action="store_true", help="only add PXE boot info next to an existing DHCP server")
     p.add_argument("--store", required=True, type=Path, help="block store to serve")
     p.add_argument("--manifest", required=True, help="manifest CID devices boot unless devices.yaml says otherwise")
     p.add_argument("--devices", type=Path, help="devices.yaml: per-MAC/UUID role, manifest, allow/deny")
-    p.add_argument("--tftp-root", type=Path, default=Path("/srv/cidboot/tftp"), help="static boot files")
+    p.add_argument("--tftp-root", type=Path,
+                   help="boot files that override the built ones (same names: undionly.kpxe, bootstrap-x86_64.efi, "
+                        "bootstrap/vmlinuz, bootstrap/initrd.img), and any other files to serve")
     p.add_argument("--tftp-port", type=int, default=69)
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--trust-anchor", type=Path, help="root-of-trust file put into every boot config")
-    p.add_argument("--state-dir", type=Path, help="where leases are persisted")
+    p.add_argument("--state-dir", type=Path,
+                   help="where leases are persisted and built boot files cached (default for the cache: "
+                        "~/.cache/cidboot/serve)")
     p.add_argument("--agent-port", type=int, default=8000,
                    help="port of the agents' API, for the peer URLs in boot configs (devices.yaml `ip:`)")
     p.add_argument("--gateway", action="append", default=[], metavar="URL",
@@ -50,16 +67,52 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    dhcp_range = None
-    if args.dhcp_range:
-        first, sep, last = args.dhcp_range.partition("-")
+def parse_range(text: str) -> tuple[str, str, int]:
+    """FIRST-LAST[/PREFIX] -> (first, last, prefix); both ends in the one subnet."""
+    rng, _, pfx = text.partition("/")
+    first, _, last = rng.partition("-")
+    try:
+        prefix = int(pfx) if pfx else 24
+        net = ipaddress.IPv4Network(f"{first}/{prefix}", strict=False)
+        if ipaddress.IPv4Address(last) not in net:
+            raise ValueError(f"{last} is not in {net}")
+    except ValueError as e:
+        raise UsageError(f"--dhcp-range must be FIRST-LAST[/PREFIX] in one subnet, got {text!r}: {e}") from None
+    return first, last, prefix
+
+
+def boot_files(args: argparse.Namespace, cache: Path) -> dict[str, Path]:
+    """Every boot file the server offers, made or found for the manifest (exits naming a missing one)."""
+    names = ["undionly.kpxe", bootfiles.KERNEL_NAME, bootfiles.INITRD_NAME, bootfiles.UKI_NAMES["x86_64"]]
+    if args.tftp_root and (args.tftp_root / bootfiles.UKI_NAMES["arm64"]).is_file():
+        names.append(bootfiles.UKI_NAMES["arm64"])
+
+    def anchor() -> RootOfTrust:
+        from cidboot.store.blockstore import Blockstore
+        from cidboot.trust.manifest import SignedManifest
+
         try:
-            ipaddress.IPv4Address(first)
-            ipaddress.IPv4Address(last)
-        except ValueError:
-            raise UsageError(f"--dhcp-range must be FIRST-LAST IPv4 addresses, got {args.dhcp_range!r}") from None
-        dhcp_range = (first, last)
+            return SignedManifest.decode(Blockstore(args.store).get(CID.parse(args.manifest))).manifest.root
+        except (CidbootError, OSError) as e:
+            raise CidbootError(f"cannot build the bootstrap: manifest {args.manifest} in {args.store}: {e}") from None
+
+    def say(msg: str) -> None:
+        logging.getLogger("bootstrap.serve").info(msg)
+
+    files = bootfiles.resolve(names, overrides=args.tftp_root, anchor=anchor, cache=cache, say=say)
+    for name, path in files.items():
+        say(f"boot file {name}: {path}")
+    return files
+
+
+def run(args: argparse.Namespace) -> int:
+    ranges = [parse_range(r) for r in args.dhcp_range or []]
+    ip = _interface_ip(args.interface)
+    local = next((r for r in ranges if ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(f"{r[0]}/{r[2]}", strict=False)),
+                 ranges[0] if ranges else None)
+    dhcp_range = (local[0], local[1]) if local else None
+    netmask = str(ipaddress.IPv4Network(f"0.0.0.0/{local[2]}").netmask) if local else "255.255.255.0"
+    relays = tuple(r for r in ranges if r is not local)
     anchor = None
     if args.trust_anchor:
         import json
@@ -67,10 +120,15 @@ def run(args: argparse.Namespace) -> int:
         anchor = json.loads(args.trust_anchor.read_text())
     if args.state_dir:
         args.state_dir.mkdir(parents=True, exist_ok=True)
-    cfg = ServeConfig(args.interface, _interface_ip(args.interface), args.store, CID.parse(args.manifest), args.tftp_root,
+    cache = Path(os.environ["CIDBOOT_BOOTFILES_CACHE"]) if os.environ.get("CIDBOOT_BOOTFILES_CACHE") else \
+        (args.state_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cidboot" / "serve") \
+        / "bootfiles"
+    files = boot_files(args, cache)
+    cfg = ServeConfig(args.interface, ip, args.store, CID.parse(args.manifest), args.tftp_root,
                       dhcp_range, args.http_port, args.tftp_port, Devices.load(args.devices) if args.devices else None,
                       anchor, args.state_dir, args.agent_port,
-                      CID.parse(args.device_registry) if args.device_registry else None, tuple(args.gateway))
+                      CID.parse(args.device_registry) if args.device_registry else None, tuple(args.gateway),
+                      boot_files=files, relay_ranges=relays, netmask=netmask)
     try:
         server = BootServer(cfg)
     except OSError as e:  # a bind: the error does not say which of the three servers' ports
@@ -78,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
                  f"TCP {args.http_port} for HTTP)")
         raise listen_error(e, cfg.server_ip, args.http_port, "serve", where=where) from None
     server.start()
-    print(f"serving on {args.interface} ({cfg.server_ip}): {'DHCP ' + args.dhcp_range if dhcp_range else 'ProxyDHCP'}, "
+    print(f"serving on {args.interface} ({cfg.server_ip}): {'DHCP ' + ' '.join(args.dhcp_range) if dhcp_range else 'ProxyDHCP'}, "
           f"TFTP :{server.tftp.port}, HTTP {server.gateway_url}", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -1,22 +1,27 @@
 """`bootstrap serve`: DHCP (or ProxyDHCP), TFTP and the HTTP gateway in one process.
 
-The TFTP root holds the static boot files (iPXE binaries, the bootstrap kernel and initrd);
-two things are generated per request: `boot.ipxe` (the iPXE script that boots the bootstrap
-with this device's config) and `bootconfig/<mac>.json` (the device's boot config from
-devices.yaml). The gateway serves the block store and adds `/metrics`.
+The boot files (`undionly.kpxe`, the bootstrap kernel and initrd, the bootstrap UKI) come as a
+map of served name -> file (bootstrap.bootfiles makes or finds them for the manifest's root;
+`--tftp-root` overrides any of them and may add others). They are served over TFTP by name and
+over HTTP at `/boot/<name>` (UEFI HTTP Boot). Two things are generated per request: `boot.ipxe`
+(the iPXE script that boots the bootstrap with this device's config) and `bootconfig/<mac>.json`
+(the device's boot config from devices.yaml). The gateway serves the block store and adds
+`/metrics`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bootstrap.server import fleet
 from bootstrap.server.devices import Devices
-from bootstrap.server.dhcp_server import DhcpConfig, DhcpServer
+from bootstrap.server.dhcp_server import DEFAULT_BOOT_FILES, HTTP_BOOT_PREFIX, DhcpConfig, DhcpServer, Pool
 from bootstrap.server.leases import LeaseDB
 from bootstrap.server.metrics import Metrics
 from bootstrap.server.tftp_server import TftpServer
@@ -41,7 +46,7 @@ class ServeConfig:
     server_ip: str
     store: Path
     manifest: CID
-    tftp_root: Path
+    tftp_root: Path | None
     dhcp_range: tuple[str, str] | None = None  # None: ProxyDHCP
     http_port: int = 8080
     tftp_port: int = 69
@@ -51,6 +56,9 @@ class ServeConfig:
     agent_port: int = 8000
     device_registry: CID | None = None
     gateways: tuple[str, ...] = ()  # what boot configs list; empty: this server's own ("self")
+    boot_files: dict[str, Path] = field(default_factory=dict)  # served name -> file (bootstrap.bootfiles)
+    relay_ranges: tuple[tuple[str, str, int], ...] = ()  # (first, last, prefix) of subnets behind relays
+    netmask: str = "255.255.255.0"  # of the local range's subnet
 
 
 class BootServer:
@@ -63,13 +71,41 @@ class BootServer:
             lease_file = (cfg.state_dir / "leases.json") if cfg.state_dir else None
             leases = LeaseDB(*cfg.dhcp_range, path=lease_file, reservations=self.devices.reservations())
         self.leases = leases
-        self.dhcp = DhcpServer(DhcpConfig(cfg.interface, cfg.server_ip, leases=leases, devices=self.devices), self.metrics)
-        self.tftp = TftpServer(cfg.tftp_root, "0.0.0.0", cfg.tftp_port, metrics=self.metrics, generator=self.generate)
+        pools = []
+        for first, last, prefix in cfg.relay_ranges:
+            net = ipaddress.IPv4Network(f"{first}/{prefix}", strict=False)
+            lease_file = (cfg.state_dir / f"leases-{net.network_address}-{prefix}.json") if cfg.state_dir else None
+            res = {m: ip for m, ip in self.devices.reservations().items() if ipaddress.IPv4Address(ip) in net}
+            pools.append(Pool(net, LeaseDB(first, last, path=lease_file, reservations=res)))
+        routes = {"/metrics": self.render_metrics}
+        for name, path in cfg.boot_files.items():
+            routes[f"/{HTTP_BOOT_PREFIX}{name}"] = self._file_route(path)
         store = Blockstore(cfg.store)
         self.fleet = fleet.from_serve_config(cfg, store, self.devices)  # the web view and /api/ (docs/boot-server.md)
-        self.gateway: GatewayServer = serve_gateway(store, "0.0.0.0", cfg.http_port,
-                                                    extra_routes={"/metrics": self.render_metrics}, app=self.fleet)
+        self.gateway: GatewayServer = serve_gateway(store, "0.0.0.0", cfg.http_port, extra_routes=routes, app=self.fleet)
+        # offer a boot file only for the architectures whose file exists (arm64: not built yet)
+        offers = {arch: name for arch, name in DEFAULT_BOOT_FILES.items() if self._has_file(name)}
+        for arch, name in sorted(DEFAULT_BOOT_FILES.items()):
+            if arch not in offers:
+                log.warning("no offers for client architecture %d: no %s%s", arch, name,
+                            " (arm64 images are not built yet)" if "arm64" in name else "",
+                            extra={"arch": arch, "file": name})
+        self.dhcp = DhcpServer(DhcpConfig(cfg.interface, cfg.server_ip, netmask=cfg.netmask, leases=leases,
+                                          devices=self.devices, boot_files=offers, relay_pools=pools,
+                                          http_url=f"http://{cfg.server_ip}:{self.gateway.server_address[1]}"),
+                               self.metrics)
+        self.tftp = TftpServer(cfg.tftp_root or Path("/nonexistent"), "0.0.0.0", cfg.tftp_port, metrics=self.metrics,
+                               generator=self.generate)
         self._threads: list[threading.Thread] = []
+
+    def _has_file(self, name: str) -> bool:
+        return name in self.cfg.boot_files or (self.cfg.tftp_root is not None and (self.cfg.tftp_root / name).is_file())
+
+    @staticmethod
+    def _file_route(path: Path) -> Callable[[], tuple[int, str, bytes]]:
+        def route() -> tuple[int, str, bytes]:
+            return 200, "application/efi" if path.suffix == ".efi" else "application/octet-stream", path.read_bytes()
+        return route
 
     @property
     def gateway_url(self) -> str:
@@ -83,11 +119,13 @@ class BootServer:
         st = self.gateway.stats  # the bounded HTTP front (cidboot.httpd)
         for name in ("connections", "busy_rejected", "timeouts", "bodies_refused", "internal_errors", "client_gone"):
             self.metrics.gauge(f"http_{name}_total", getattr(st, name))
-        if self.leases is not None:
-            self.metrics.gauge("dhcp_leases_active", self.leases.active())
+        if self.leases is not None or self.dhcp.cfg.relay_pools:
+            self.metrics.gauge("dhcp_leases_active", self.dhcp.active_leases())
         return 200, "text/plain; version=0.0.4", self.metrics.render().encode()
 
-    def generate(self, name: str, peer: tuple[str, int]) -> bytes | None:
+    def generate(self, name: str, peer: tuple[str, int]) -> bytes | Path | None:
+        if name in self.cfg.boot_files:  # resolved already: a --tftp-root file overrides the built one
+            return self.cfg.boot_files[name]
         if name == "boot.ipxe":
             return IPXE_SCRIPT.format(ip=self.cfg.server_ip).encode()
         if name.startswith("bootconfig/") and name.endswith(".json"):

@@ -61,8 +61,9 @@ RESEND_FACTOR = 8  # a transfer may re-send this many times its blocks (plus `re
 MAX_DUP_RESENDS = 2  # early resends on duplicate ACKs until the transfer progresses; then the timeout decides
 MAX_PER_CLIENT = 8  # concurrent transfers per client address (a PXE client needs one)
 
-# A file source for generated content (per-device boot configs): name -> bytes or None.
-Generator = Callable[[str, tuple[str, int]], bytes | None]
+# A file source for generated content (per-device boot configs) or for boot files kept outside the
+# root (the boot-file cache): name -> bytes, a file to send, or None (look in the root).
+Generator = Callable[[str, tuple[str, int]], bytes | Path | None]
 
 
 class TftpRequestError(CidbootError):
@@ -254,6 +255,12 @@ class TftpServer:
         rel = name.lstrip("/")
         if self.generator is not None:
             content = self.generator(rel, peer)
+            if isinstance(content, Path):
+                try:
+                    f = open(content, "rb")
+                except OSError as e:
+                    raise TftpRequestError(ERR_NOT_FOUND, f"{name}: {e.strerror}") from None
+                return _Source(f, None, os.fstat(f.fileno()).st_size)
             if content is not None:
                 return _Source(None, content, len(content))
         try:

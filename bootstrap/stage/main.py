@@ -49,6 +49,7 @@ class Start:
     dice: bytearray | None  # the encoded CDI_1 handover; ephemeral for unmeasured boots
     bootconfig: bytes | None  # None: fetch it over TFTP once the network is up
     ip: str | None = None  # set once the network is up, so a retry does not redo DHCP
+    dhcp_config_url: str | None = None  # the boot config the DHCP reply names (for UKIs: no cmdline URL)
 
 
 def ephemeral_dice() -> bytearray:
@@ -90,23 +91,41 @@ def config_url(cmdline: str) -> str | None:
     return None
 
 
-def network_up() -> str:
-    """NIC up, DHCP lease, address configured; returns the address (for the log)."""
+def dhcp_config_url(next_server: str, boot_file: str, mac: str) -> str | None:
+    """The boot config URL a DHCP reply gives the bootstrap: its boot file when that is a
+    `bootconfig/*.json` path, else the well-known tftp://<siaddr>/bootconfig/<mac>.json; None
+    without a next server."""
+    if next_server in ("", "0.0.0.0"):
+        return None
+    path = boot_file.lstrip("/")
+    if not (path.startswith("bootconfig/") and path.endswith(".json") and ".." not in path):
+        path = f"bootconfig/{mac.lower().replace(':', '-')}.json"
+    return f"tftp://{next_server}/{path}"
+
+
+def network_up() -> tuple[str, str | None]:
+    """NIC up, DHCP lease, address configured; returns the address (for the log) and the boot
+    config URL the reply names (dhcp_config_url)."""
     from cidboot.netboot import dhcp_client, netif
 
     name, mac = netif.bring_up(carrier_timeout=15.0)
-    # not a PXE client any more (no vendor class/arch): the server need not offer a boot file
+    # not a PXE client any more (no vendor class/arch): the server answers user class
+    # cidboot-bootstrap with the path of this device's boot config as boot file
     lease = dhcp_client.acquire(name, mac, vendor_class=None, arch=None, user_class=USER_CLASS, log=log)
     netif.configure(name, lease.ip, lease.prefixlen, router=lease.router)
-    return lease.ip
+    return lease.ip, dhcp_config_url(lease.next_server, lease.boot_file, mac)
 
 
-def fetch_bootconfig(cmdline_path: str | Path = "/proc/cmdline") -> bytes:
+def fetch_bootconfig(cmdline_path: str | Path = "/proc/cmdline", dhcp_url: str | None = None) -> bytes:
+    """From `cidboot.config=` on the command line (iPXE puts it there), else from the URL the
+    DHCP reply named (a UKI's command line has none)."""
     from cidboot.netboot.tftp_client import TftpError, get_url
 
-    url = config_url(Path(cmdline_path).read_text())
+    url = config_url(Path(cmdline_path).read_text()) or dhcp_url
     if url is None:
-        raise Refused("bootconfig", "no hand-off and no cidboot.config=tftp://... on the kernel command line")
+        raise Refused("bootconfig", "no hand-off, no cidboot.config=tftp://... on the kernel command line "
+                                    "and no boot server named in the DHCP reply")
+    log(f"bootconfig={url}")
     try:
         return get_url(url, max_size=MAX_BOOTCONFIG)
     except TftpError as e:
@@ -120,9 +139,9 @@ def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, st
 
     anchor = load_anchor(anchor_path)
     if network and start.ip is None:
-        start.ip = network_up()
+        start.ip, start.dhcp_config_url = network_up()
         log(f"ip={start.ip}")
-    raw = start.bootconfig if start.bootconfig is not None else fetch_bootconfig(cmdline_path)
+    raw = start.bootconfig if start.bootconfig is not None else fetch_bootconfig(cmdline_path, start.dhcp_config_url)
     start.bootconfig = raw  # a retry does not fetch it again
     try:
         cfg = BootConfig.decode(raw)

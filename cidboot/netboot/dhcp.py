@@ -30,7 +30,9 @@ OPT_HOSTNAME, OPT_OVERLOAD = 12, 52
 
 # RFC 4578 client system architecture types -> what we call them
 ARCH_X86_BIOS, ARCH_X86_64_UEFI_BC, ARCH_X86_64_UEFI, ARCH_ARM64_UEFI = 0, 7, 9, 11
-ARCH_NAMES = {0: "x86-bios", 6: "x86-uefi", 7: "x86_64-uefi", 9: "x86_64-uefi", 10: "arm32-uefi", 11: "arm64-uefi"}
+ARCH_X86_64_UEFI_HTTP, ARCH_ARM64_UEFI_HTTP = 16, 19  # UEFI HTTP Boot (IANA processor architecture types)
+ARCH_NAMES = {0: "x86-bios", 6: "x86-uefi", 7: "x86_64-uefi", 9: "x86_64-uefi", 10: "arm32-uefi", 11: "arm64-uefi",
+              16: "x86_64-uefi-http", 19: "arm64-uefi-http"}
 
 _FIXED_LEN = {OPT_MSG_TYPE: 1, OPT_REQUESTED_IP: 4, OPT_SERVER_ID: 4, OPT_CLIENT_NDI: 3, OPT_CLIENT_UUID: 17, 51: 4}
 
@@ -69,6 +71,11 @@ class DhcpPacket:
     @property
     def is_pxe(self) -> bool:
         return self.vendor_class.startswith("PXEClient")
+
+    @property
+    def is_http_boot(self) -> bool:
+        """UEFI HTTP Boot clients say "HTTPClient" (UEFI 2.x, 24.7.2) and want a URL as boot file."""
+        return self.vendor_class.startswith("HTTPClient")
 
     @property
     def is_ipxe(self) -> bool:
@@ -233,12 +240,14 @@ OPT_RELAY_AGENT = 82
 
 def build_reply(req: DhcpPacket, msg_type: int, *, server_ip: str, yiaddr: str = "0.0.0.0", siaddr: str | None = None,
                 boot_file: str = "", netmask: str | None = None, lease_seconds: int | None = None,
-                pxe: bool = False) -> bytes:
+                pxe: bool = False, vendor_class: bytes = b"PXEClient", router: str | None = None) -> bytes:
     """A BOOTREPLY for `req`: same xid, flags, giaddr and chaddr; ciaddr echoed in an ACK
     (RFC 2131 table 3); options in the order 53, 54, 51, 1, 60 + 97 (PXE: RFC 4578 says a PXE
     server echoes the client's UUID), 67, and the relay agent's option 82 echoed last, as
     RFC 3046 requires. The boot file also goes into the BOOTP `file` field, which older PXE ROMs
-    read instead of option 67. Padded to the 300-byte BOOTP minimum."""
+    read instead of option 67. `vendor_class` is what a `pxe` reply says in option 60: UEFI HTTP
+    Boot clients need "HTTPClient" there to take the boot file as a URL. `router` (option 3): a
+    client behind a relay reaches the boot server through it. Padded to the 300-byte BOOTP minimum."""
     if not 1 <= msg_type <= 8:
         raise DhcpFormatError(f"unknown message type {msg_type}")
     name = boot_file.encode()
@@ -250,6 +259,7 @@ def build_reply(req: DhcpPacket, msg_type: int, *, server_ip: str, yiaddr: str =
             req.ciaddr if msg_type == ACK else "0.0.0.0", yiaddr, siaddr or "0.0.0.0", req.giaddr))
         server = ipaddress.IPv4Address(server_ip).packed
         mask = ipaddress.IPv4Address(netmask).packed if netmask else None
+        gw = ipaddress.IPv4Address(router).packed if router else None
     except ValueError as e:
         raise DhcpFormatError(f"reply: {e}") from None
     head = struct.pack(">BBBBIHH", 2, 1, 6, 0, req.xid & 0xFFFFFFFF, 0, req.flags & 0xFFFF) + ips
@@ -259,8 +269,10 @@ def build_reply(req: DhcpPacket, msg_type: int, *, server_ip: str, yiaddr: str =
         opts.append(_opt(OPT_LEASE_TIME, struct.pack(">I", lease_seconds)))
     if mask is not None:
         opts.append(_opt(OPT_SUBNET_MASK, mask))
+    if gw is not None:
+        opts.append(_opt(OPT_ROUTER, gw))
     if pxe:
-        opts.append(_opt(OPT_VENDOR_CLASS, b"PXEClient"))
+        opts.append(_opt(OPT_VENDOR_CLASS, vendor_class))
         if OPT_CLIENT_UUID in req.options:
             opts.append(_opt(OPT_CLIENT_UUID, req.options[OPT_CLIENT_UUID]))
     if name:

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from bootstrap.bootfiles import build_bootstrap
 from cidboot.dataflow import checks
 from cidboot.dataflow.checks import FlowError
 from cidboot.dataflow.source import load_yaml
@@ -51,6 +52,7 @@ class Built:
     initrd: Path
     measurements: dict[str, str]
     result: dict[str, Any]
+    uki: dict[str, Path] = field(default_factory=dict)  # the bootstrap's UKIs by UEFI arch name
 
 
 @dataclass
@@ -176,6 +178,14 @@ def export(store: Path, mcid: CID, out: Path, result: dict[str, Any] | None = No
     return Built(mcid, kernel, initrd, {k: v.hex() for k, v in m.measurements.items()}, info)
 
 
+def bootstrap_for(anchor: RootOfTrust, work: Path, *, env: dict[str, str] | None = None,
+                  say: Callable[[str], None] = lambda _m: None) -> Built:
+    """The bootstrap (kernel, initrd, UKI) trusting `anchor`: bootstrap.bootfiles, the code
+    `bootstrap serve` uses too, cached by (anchor, flow.lock, guest code) CID under the work dir."""
+    b = build_bootstrap(anchor, work / "bootfiles", env=env, say=say)
+    return Built(b.manifest, b.kernel, b.initrd, b.measurements, b.result, dict(b.uki))
+
+
 def prepare(flow: Path, work: Path, *, anchor: RootOfTrust | None = None, env: dict[str, str] | None = None,
             say: Callable[[str], None] = lambda _m: None) -> Deployment:
     """Firmware, bootstrap (trusting `anchor`, default: the workload's own root) and workload."""
@@ -185,9 +195,7 @@ def prepare(flow: Path, work: Path, *, anchor: RootOfTrust | None = None, env: d
     wl_flow = _copy_flow(flow.parent, work / "workload")
     wl_doc = yaml.safe_load(wl_flow.read_text())
     fw = build(_copy_flow(FIRMWARE_FLOW.parent, work / "firmware"), store, env=env, say=say)
-    bs_flow = _copy_flow(BOOTSTRAP_FLOW.parent, work / "bootstrap")
-    keys.write_root(anchor or _root_of(wl_flow.parent, wl_doc), bs_flow.parent / "trust-anchor.json")
-    bs = build(bs_flow, store, env=env, say=say)
+    bs = bootstrap_for(anchor or _root_of(wl_flow.parent, wl_doc), work, env=env, say=say)
     refs = {"firmware": fw.measurements["firmware"], "bootstrap": bs.measurements["bootstrap"]}
     wl = build(wl_flow, store, references=refs, env=env, say=say)
     return Deployment(work, store, wl_flow.parent, wl_doc, fw, bs, wl,
@@ -203,9 +211,7 @@ def prepare_manifest(mcid: CID, store: Path, work: Path, *, signer_keys: list[Pa
     m = SignedManifest.decode(Blockstore(store).get(mcid)).manifest
     check_manifest_flow(Blockstore(store), mcid, m)
     fw = build(_copy_flow(FIRMWARE_FLOW.parent, work / "firmware"), store, env=env, say=say)
-    bs_flow = _copy_flow(BOOTSTRAP_FLOW.parent, work / "bootstrap")
-    keys.write_root(m.root, bs_flow.parent / "trust-anchor.json")
-    bs = build(bs_flow, store, env=env, say=say)
+    bs = bootstrap_for(m.root, work, env=env, say=say)
     wl = export(store, mcid, work / "workload" / "built")
     doc = {"name": m.name, "version": m.version, "placement": m.placement}
     return Deployment(work, store, work / "workload", doc, fw, bs, wl, list(signer_keys or []))

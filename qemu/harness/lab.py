@@ -1,8 +1,11 @@
 """A boot lab: the real boot server in a throwaway network namespace and N QEMU devices on it.
 
-Each device is a QEMU guest on a tap of the namespace's bridge. Measured devices boot the
-firmware image from "flash" (-kernel/-initrd) with CDI_0 from the harness's DICE engine on
-fw_cfg; legacy devices boot from the NIC's iPXE ROM straight into the bootstrap (unmeasured).
+Each device is a QEMU guest on a tap of the namespace's bridge, booted by one of FIRMWARES:
+"dice" boots the firmware image from "flash" (-kernel/-initrd) with CDI_0 from the harness's DICE
+engine on fw_cfg (measured); "bios-ipxe" boots SeaBIOS and the NIC's iPXE ROM straight into the
+bootstrap; "uefi-pxe" and "uefi-http" boot OVMF, whose own PXE or HTTP Boot loads the bootstrap
+UKI from the boot server (no iPXE). Without a TPM the last three are unmeasured boots, and the
+verifier appraises them so (never affirming).
 Devices get fixed addresses by MAC (devices.yaml `ip:`) so peers can be told where the others
 are. The verifier side (`agent attest`) runs inside the namespace too: nothing leaves it.
 """
@@ -31,6 +34,7 @@ from qemu.harness.ra import router_advertiser
 from qemu.harness.vm import Guest, GuestError, GuestSpec
 
 AGENT_PORT = 8000
+FIRMWARES = ("dice", "bios-ipxe", "uefi-pxe", "uefi-http")
 READY_RX = r"cidboot-stage: agent ready url=(?P<url>\S+)|cidboot: (?P<kind>refused|fatal): (?P<reason>.*)"
 
 
@@ -49,7 +53,7 @@ class Device:
     role: str
     state: dice_engine.DeviceState
     guest: Guest
-    legacy: bool = False
+    firmware: str = "dice"  # one of FIRMWARES
     url: str | None = None
     outcome: str = "pending"  # ready | refused | fatal | timeout
     reason: str = ""
@@ -71,21 +75,27 @@ class Lab:
     def roots_file(self) -> Path:
         return self.out / "device-roots.json"
 
-    def add_device(self, role: str, *, legacy: bool = False, accel: str = "tcg") -> Device:
-        """The next of the devices the lab was made for (its state, UDS and registry entry exist)."""
+    def add_device(self, role: str, *, legacy: bool = False, accel: str = "tcg", firmware: str | None = None) -> Device:
+        """The next of the devices the lab was made for (its state, UDS and registry entry exist);
+        `firmware` one of FIRMWARES (`legacy=True` is "bios-ipxe")."""
+        kind = firmware or ("bios-ipxe" if legacy else "dice")
+        if kind not in FIRMWARES:
+            raise GuestError(f"firmware {kind!r} is not one of {', '.join(FIRMWARES)}")
         i = len(self.devices)
         state = self.states[i]
         name = state.name
         fw_cfg: dict[str, Path] = {}
-        if not legacy:
+        dice = kind == "dice"
+        if dice:
             fw = self.dep.firmware
             fw_cfg[dice_engine.FW_CFG_NAME] = dice_engine.provision(state, fw.kernel.read_bytes(), fw.initrd.read_bytes())
-        spec = GuestSpec(name, kernel=None if legacy else self.dep.firmware.kernel,
-                         initrd=None if legacy else self.dep.firmware.initrd,
+        spec = GuestSpec(name, kernel=self.dep.firmware.kernel if dice else None,
+                         initrd=self.dep.firmware.initrd if dice else None,
                          append=str(self.dep.firmware.result.get("cmdline") or "console=ttyS0 quiet panic=-1 no_timer_check"),
-                         fw_cfg=fw_cfg, tap=self.net.taps[i], mac=device_mac(i), network_boot=legacy,
-                         disk=state.nvram, accel=accel)
-        dev = Device(i, name, role, state, Guest(spec, state.dir / "run", self.net), legacy)
+                         fw_cfg=fw_cfg, tap=self.net.taps[i], mac=device_mac(i), network_boot=not dice,
+                         disk=state.nvram, accel=accel, firmware="uefi" if kind.startswith("uefi") else "bios",
+                         uefi_http=kind == "uefi-http")
+        dev = Device(i, name, role, state, Guest(spec, state.dir / "run", self.net), kind)
         self.devices.append(dev)
         return dev
 
@@ -159,7 +169,8 @@ class Lab:
             tl = dev.timeline()
             flow_results = self.results(dev)
             devices.append({
-                "name": dev.name, "role": dev.role, "mac": dev.guest.spec.mac, "boot": "legacy-ipxe" if dev.legacy else "measured",
+                "name": dev.name, "role": dev.role, "mac": dev.guest.spec.mac, "boot": "measured" if dev.firmware == "dice" else "unmeasured",
+                "firmware": dev.firmware, "arch": "x86_64",
                 "outcome": dev.outcome, "reason": dev.reason, "url": dev.url,
                 "appraisal": {"status": appraisal.get("status"), "reasons": [
                     f"{c.get('status')}: {c.get('check')}: {c.get('reason')}" for c in appraisal.get("checks", [])]
@@ -202,10 +213,12 @@ def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = 
     """Boot network + `bootstrap serve` for devices with these roles (one tap each)."""
     out.mkdir(parents=True, exist_ok=True)
     states, registry = _factory(dep, out, names or [f"device-{i}" for i in range(len(roles))], roles)
-    tftp = out / "tftp"
+    tftp = out / "tftp"  # the harness built the bootstrap already (bootstrap.bootfiles): the server need not
     (tftp / "bootstrap").mkdir(parents=True, exist_ok=True)
     (tftp / "bootstrap" / "vmlinuz").write_bytes(dep.bootstrap.kernel.read_bytes())
     (tftp / "bootstrap" / "initrd.img").write_bytes(dep.bootstrap.initrd.read_bytes())
+    for uki in dep.bootstrap.uki.values():
+        (tftp / uki.name).write_bytes(uki.read_bytes())
     _devices_yaml(out / "devices.yaml", roles)
     with ExitStack() as stack:
         net = stack.enter_context(boot_network(taps=len(roles)))

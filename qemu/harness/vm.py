@@ -35,6 +35,9 @@ QEMU = "qemu-system-x86_64"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
 FIRMWARES = ("bios", "uefi")
+# OVMF's fw_cfg knobs (OvmfPkg/RUNTIME_CONFIG.md): with PXE off, the NIC's boot options left are
+# UEFI HTTP Boot's, so `uefi_http=True` makes OVMF boot by HTTP as a machine set to HTTP Boot does
+OVMF_NO_PXE = {"opt/org.tianocore/IPv4PXESupport": "no", "opt/org.tianocore/IPv6PXESupport": "no"}
 
 
 class GuestError(CidbootError):
@@ -64,6 +67,7 @@ class GuestSpec:
     # network stack (VirtioNetDxe, PXE, HTTP Boot) boots the NIC: no iPXE option ROM is loaded.
     firmware: str = "bios"
     uefi_vars: Path | None = None  # the writable OVMF_VARS copy (Guest.start makes one in its state dir)
+    uefi_http: bool = False  # UEFI network boot by HTTP Boot only (OVMF's PXE switched off through fw_cfg)
     # A user-mode NIC instead of a tap: QEMU's own DHCP and TFTP (`tftp=DIR,bootfile=NAME`), no
     # namespace needed; for firmware boots that need nothing but a file.
     user_tftp: Path | None = None
@@ -95,6 +99,9 @@ class GuestSpec:
                 a += ["-initrd", str(self.initrd)]
         for name, path in sorted(self.fw_cfg.items()):
             a += ["-fw_cfg", f"name={name},file={path}"]
+        if uefi and self.uefi_http:
+            for name, value in sorted(OVMF_NO_PXE.items()):
+                a += ["-fw_cfg", f"name={name},string={value}"]
         # under UEFI the NIC is the first boot entry (bootindex) and carries no iPXE ROM (romfile=)
         nic_opts = f",mac={self.mac}"
         if uefi:

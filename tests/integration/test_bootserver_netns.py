@@ -145,7 +145,7 @@ out = {
     "plain": ask(dhcp.build_request("52:54:00:00:00:99", dhcp.DISCOVER, xid=7, vendor_class=b"udhcp 1.36", arch=None),
                  ("255.255.255.255", 67)),
     "offer": ask(dhcp.build_request(mac, dhcp.DISCOVER, xid=8, arch=dhcp.ARCH_X86_64_UEFI), ("255.255.255.255", 67)),
-    "ack4011": ask(dhcp.build_request(mac, dhcp.REQUEST, xid=9, arch=dhcp.ARCH_ARM64_UEFI), ("10.77.0.1", 4011)),
+    "ack4011": ask(dhcp.build_request(mac, dhcp.REQUEST, xid=9, arch=dhcp.ARCH_X86_BIOS), ("10.77.0.1", 4011)),
 }
 print(json.dumps(out))
 '''
@@ -160,8 +160,8 @@ def test_proxy_dhcp_answers_pxe_clients_only_with_boot_info_and_on_port_4011(tmp
         assert run.returncode == 0, run.stderr
         out = json.loads(run.stdout)
         assert out["plain"] is None  # not a PXE client: left to the site's DHCP server
-        assert out["offer"] == {"type": "OFFER", "yiaddr": "0.0.0.0", "siaddr": "10.77.0.1", "file": "ipxe.efi",
+        assert out["offer"] == {"type": "OFFER", "yiaddr": "0.0.0.0", "siaddr": "10.77.0.1", "file": "bootstrap-x86_64.efi",
                                 "vendor": "PXEClient"}
-        assert out["ack4011"] == {"type": "ACK", "yiaddr": "0.0.0.0", "siaddr": "10.77.0.1", "file": "ipxe-arm64.efi",
+        assert out["ack4011"] == {"type": "ACK", "yiaddr": "0.0.0.0", "siaddr": "10.77.0.1", "file": "undionly.kpxe",
                                   "vendor": "PXEClient"}
         assert srv.metrics().get("cidboot_dhcp_leases_active") is None  # no pool in proxy mode

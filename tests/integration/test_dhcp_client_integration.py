@@ -64,7 +64,7 @@ def test_netif_configures_address_and_default_route(tmp_path: Path) -> None:
 
     with boot_network(taps=0) as net:
         host = net.add_host()
-        code = ("from cidboot import netif; n, mac = netif.bring_up(); "
+        code = ("from cidboot.netboot import netif; n, mac = netif.bring_up(); "
                 "netif.configure(n, '10.77.0.150', 24, router='10.77.0.1'); "
                 "netif.configure(n, '10.77.0.150', 24, router='10.77.0.1'); print(n, mac)")  # twice: idempotent
         run = subprocess.run(net.host_cmd(host, [sys.executable, "-c", code]), capture_output=True, text=True,

@@ -100,12 +100,12 @@ def test_boot_server_gives_the_firmware_user_class_the_script() -> None:
 
     fake = SimpleNamespace(cfg=DhcpConfig("br0", "10.77.0.1"))
 
-    def file_for(user_class: bytes | None) -> str:
+    def file_for(user_class: bytes | None) -> str | None:
         req = dhcp.parse(dhcp.encode_request(MAC, dhcp.DISCOVER, xid=1, arch=dhcp.ARCH_X86_64_UEFI_BC,
                                              user_class=user_class))
         return DhcpServer.boot_file(fake, req)  # type: ignore[arg-type]
 
     assert file_for(netboot.USER_CLASS) == "boot.ipxe"
     assert file_for(b"iPXE") == "boot.ipxe"
-    assert file_for(None) == "ipxe.efi"  # a plain PXE ROM still chain-loads iPXE
-    assert file_for(b"cidboot-firmware-x") == "ipxe.efi"
+    assert file_for(None) == "bootstrap-x86_64.efi"  # a plain UEFI PXE ROM loads the bootstrap UKI, no iPXE
+    assert file_for(b"cidboot-firmware-x") == "bootstrap-x86_64.efi"

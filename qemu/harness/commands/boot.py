@@ -15,7 +15,7 @@ from cidboot.errors import CidbootError, FormatError
 from cidboot.ipld.cid import CID
 from qemu.harness import accel
 from qemu.harness.deploy import Deployment, prepare, prepare_manifest
-from qemu.harness.lab import lab
+from qemu.harness.lab import FIRMWARES, lab
 from qemu.harness.problems import problem_line
 
 log = logging.getLogger("qemu.harness")
@@ -38,7 +38,12 @@ def add_boot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, default=None, help="number of devices (default: one per placement role)")
     p.add_argument("--out", type=Path, default=Path("out/harness"), help="report, consoles and device state")
     p.add_argument("--keep", action="store_true", help="keep the work dir (images, store, keys) after the run")
-    p.add_argument("--legacy", action="store_true", help="boot from the NIC's iPXE ROM without our firmware")
+    p.add_argument("--firmware", choices=FIRMWARES, default=None,
+                   help="how devices boot (x86_64): dice = our L0 firmware from flash with the harness's DICE "
+                        "engine (measured, the default); bios-ipxe = SeaBIOS + the NIC's iPXE ROM; uefi-pxe / "
+                        "uefi-http = OVMF's own PXE / HTTP Boot loading the bootstrap UKI (no iPXE). The last "
+                        "three are unmeasured (no TPM yet): appraised so, never affirming")
+    p.add_argument("--legacy", action="store_true", help="same as --firmware bios-ipxe")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for every agent (default 600)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -70,15 +75,17 @@ def boot(args: argparse.Namespace) -> dict[str, Any]:
     device_roles = [roles[i % len(roles)] for i in range(n)]
     say(f"manifest {dep.workload.manifest}; {n} device(s): {', '.join(device_roles)}")
     mode = accel.choose(dep.firmware.kernel)
+    firmware = args.firmware or ("bios-ipxe" if args.legacy else "dice")
     with lab(dep, out / "lab", device_roles) as lb:
         for role in device_roles:
-            lb.add_device(role, legacy=args.legacy, accel=mode)
+            lb.add_device(role, firmware=firmware, accel=mode)
         say(f"powering on ({mode}); consoles in {out / 'lab' / 'devices'}")
         lb.power_on()
         lb.wait_ready(args.timeout)
         say("attesting every device with a fresh nonce")
         report = lb.report(allow_unmeasured=False)
     report["accel"] = mode
+    report["firmware"] = firmware
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     if not args.keep and Path(args.flow).is_file():  # never delete a store the user gave
         shutil.rmtree(out / "work" / "store", ignore_errors=True)
@@ -90,7 +97,9 @@ def summary(report: dict[str, Any]) -> str:
     for d in report["devices"]:
         st = d["boot_timeline"]["stage_seconds"]
         stages = "  ".join(f"{k} {v:.1f}s" for k, v in st.items())
-        lines.append(f"{d['name']} [{d['role']}, {d['boot']}] {d['outcome']}: appraisal {d['appraisal']['status']}"
+        how = ", ".join([d["role"], *([f"{d['firmware']} {d.get('arch', '')}".strip()] if d.get("firmware") else []),
+                         d["boot"]])
+        lines.append(f"{d['name']} [{how}] {d['outcome']}: appraisal {d['appraisal']['status']}"
                      f"  {stages}")
         if d["reason"]:
             lines.append(f"    {d['reason']}")

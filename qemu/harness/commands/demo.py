@@ -19,6 +19,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    ns = argparse.Namespace(flow=str(HELLO), store=None, keys=[], devices=1, out=args.out, keep=True, legacy=False, timeout=args.timeout,
+    ns = argparse.Namespace(flow=str(HELLO), store=None, keys=[], devices=1, out=args.out, keep=True, legacy=False, firmware=None, timeout=args.timeout,
                             json=args.json)
     return boot.run(ns)

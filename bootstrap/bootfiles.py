@@ -1,0 +1,201 @@
+"""The boot files a client needs, made or found for one trust anchor, cached by content.
+
+Why here: `bootstrap serve --manifest CID` must work without a hand-assembled TFTP root, and the
+QEMU harness needs the very same bootstrap; both call `build_bootstrap` (the harness does not
+import the server, the server does not import the harness).
+
+- The bootstrap (kernel, initrd, and the x86_64 UKI) is built by the real `imagebuilder build
+  --uki` CLI from bootstrap/image with `anchor` as its built-in trust anchor and a signing key
+  generated for the cache entry. The entry is keyed by the CID of (anchor, flow.yaml, flow.lock,
+  the guest code the image carries): another anchor or another pin is another entry, and an
+  entry is written to a temporary directory and renamed into place, so a crash or a concurrent
+  server never leaves half an entry that a later start would serve.
+- `undionly.kpxe` (BIOS clients chain-load iPXE) comes from Debian's `ipxe` package.
+- arm64 UKIs are not built yet (arm64 images are future work): no arm64 file, no arm64 offer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cidboot.errors import CidbootError
+from cidboot.ipld import dagcbor
+from cidboot.ipld.cid import CID, DAG_CBOR
+from cidboot.trust import keys
+from cidboot.trust.manifest import RootOfTrust
+
+REPO = Path(__file__).resolve().parents[1]
+BOOTSTRAP_IMAGE = REPO / "bootstrap" / "image"
+# the guest code the bootstrap image carries (imagebuilder packs the imported modules): part of the key
+GUEST_SOURCES = (REPO / "cidboot", REPO / "bootstrap" / "stage", BOOTSTRAP_IMAGE)
+
+# served name -> where Debian puts it and the package that provides it
+SYSTEM_FILES: dict[str, tuple[tuple[Path, ...], str]] = {
+    "undionly.kpxe": ((Path("/usr/lib/ipxe/undionly.kpxe"),), "ipxe"),
+}
+UKI_NAMES = {"x86_64": "bootstrap-x86_64.efi", "arm64": "bootstrap-arm64.efi"}
+KERNEL_NAME, INITRD_NAME = "bootstrap/vmlinuz", "bootstrap/initrd.img"
+BUILT_JSON = "built.json"
+
+
+class BootFileError(CidbootError):
+    """A boot file cannot be made or found (the message names the file and what provides it)."""
+
+
+@dataclass
+class BuiltBootstrap:
+    """One cache entry: the bootstrap built for one anchor."""
+
+    dir: Path
+    manifest: CID
+    kernel: Path
+    initrd: Path
+    uki: dict[str, Path]  # UEFI arch name ("x86_64") -> the UKI
+    measurements: dict[str, str]
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def files(self) -> dict[str, Path]:
+        """Served name -> file."""
+        out = {KERNEL_NAME: self.kernel, INITRD_NAME: self.initrd}
+        out.update({UKI_NAMES[a]: p for a, p in self.uki.items()})
+        return out
+
+
+def _anchor_bytes(anchor: RootOfTrust) -> bytes:
+    return json.dumps({"version": anchor.version, "threshold": anchor.threshold,
+                       "keys": [k.hex() for k in anchor.keys]}, sort_keys=True).encode()
+
+
+def _sources_digest() -> bytes:
+    h = hashlib.sha256()
+    for top in GUEST_SOURCES:
+        for p in sorted(top.rglob("*")):
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".yaml", ".lock", ".json") \
+                    and p.name not in ("trust-anchor.json",):
+                h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.digest()
+
+
+def cache_key(anchor: RootOfTrust) -> CID:
+    """The CID naming the cache entry: anchor, flow.yaml, flow.lock and the guest code."""
+    doc = {"anchor": _anchor_bytes(anchor), "flow": (BOOTSTRAP_IMAGE / "flow.yaml").read_bytes(),
+           "lock": (BOOTSTRAP_IMAGE / "flow.lock").read_bytes(), "sources": _sources_digest()}
+    return CID.of(dagcbor.encode(doc), DAG_CBOR)
+
+
+def load_entry(d: Path) -> BuiltBootstrap | None:
+    """A complete cache entry, or None (absent, or a file it names is gone)."""
+    try:
+        doc = json.loads((d / BUILT_JSON).read_text())
+        built = BuiltBootstrap(d, CID.parse(doc["manifest"]), d / doc["kernel"], d / doc["initrd"],
+                               {a: d / p for a, p in doc["uki"].items()}, dict(doc["measurements"]), doc["result"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return built if all(p.is_file() for p in built.files().values()) else None
+
+
+def build_bootstrap(anchor: RootOfTrust, cache: Path, *, env: dict[str, str] | None = None,
+                    say: Callable[[str], None] = lambda _m: None) -> BuiltBootstrap:
+    """The bootstrap trusting `anchor`, from `cache` or built into it (`imagebuilder build --uki`)."""
+    key = cache_key(anchor)
+    entry = cache / str(key)
+    found = load_entry(entry)
+    if found is not None:
+        say(f"bootstrap for this anchor found in {entry}")
+        return found
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".build-"))
+    try:
+        flow = tmp / "flow"
+        shutil.copytree(BOOTSTRAP_IMAGE, flow,
+                        ignore=shutil.ignore_patterns("__pycache__", "keys", "built", "trust-anchor.json"))
+        keys.write_keypair(keys.generate(), flow / "keys" / "signer-1")
+        keys.write_root(anchor, flow / "trust-anchor.json")
+        say(f"building the bootstrap for this anchor into {entry} (imagebuilder build --uki)")
+        proc = subprocess.run([sys.executable, "-m", "imagebuilder", "build", str(flow / "flow.yaml"),
+                               "--store", str(tmp / "store"), "--json", "--uki", f"{tmp / 'uki'}/"],
+                              capture_output=True, text=True, cwd=REPO, env=env)
+        if proc.returncode != 0:
+            raise BootFileError(f"imagebuilder build {BOOTSTRAP_IMAGE / 'flow.yaml'} --uki failed:\n"
+                                f"{proc.stderr.strip()[-3000:]}")
+        result = json.loads(proc.stdout)
+        kernel, initrd, measurements = _export(tmp / "store", CID.parse(result["manifest"]), tmp)
+        uki = tmp / "uki" / UKI_NAMES["x86_64"]
+        if not uki.is_file():
+            raise BootFileError(f"imagebuilder wrote no {uki.name}")
+        doc = {"manifest": result["manifest"], "kernel": kernel.name, "initrd": initrd.name,
+               "uki": {"x86_64": f"uki/{uki.name}"}, "measurements": measurements, "result": result}
+        (tmp / BUILT_JSON).write_text(json.dumps(doc, indent=1) + "\n")
+        try:
+            os.rename(tmp, entry)
+        except OSError:  # another builder won the race: use its entry
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    built = load_entry(entry)
+    if built is None:
+        raise BootFileError(f"cache entry {entry} is incomplete after the build")
+    return built
+
+
+def _export(store: Path, mcid: CID, out: Path) -> tuple[Path, Path, dict[str, str]]:
+    """The manifest's kernel layer and its other layers concatenated (the initrd), as files."""
+    from cidboot.ipld.unixfs.exporter import export_file
+    from cidboot.store.blockstore import Blockstore
+    from cidboot.trust.manifest import SignedManifest
+
+    bs = Blockstore(store)
+    m = SignedManifest.decode(bs.get(mcid)).manifest
+    parts = {lyr.role: b"".join(export_file(lyr.cid, bs.get)) for lyr in m.layers}
+    kernel, initrd = out / "vmlinuz", out / "initrd.img"
+    kernel.write_bytes(parts["kernel"])
+    initrd.write_bytes(b"".join(parts[lyr.role] for lyr in m.layers if lyr.role != "kernel"))
+    return kernel, initrd, {k: v.hex() for k, v in m.measurements.items()}
+
+
+def system_file(name: str) -> Path:
+    """A boot file a Debian package installs; BootFileError names the package when it is missing."""
+    paths, package = SYSTEM_FILES[name]
+    for p in paths:
+        if p.is_file():
+            return p
+    raise BootFileError(f"boot file {name} not found ({', '.join(map(str, paths))}): "
+                        f"install Debian's {package} package (apt-get install {package})")
+
+
+def resolve(names: list[str], *, overrides: Path | None, anchor: Callable[[], RootOfTrust] | None, cache: Path,
+            say: Callable[[str], None] = lambda _m: None) -> dict[str, Path]:
+    """Served name -> file for every name: from `overrides` (a --tftp-root) first, then Debian's
+    packages, then the bootstrap built for `anchor()` (only called when a bootstrap file is missing
+    from the overrides). BootFileError names the first file that cannot be had and its source."""
+    out: dict[str, Path] = {}
+    missing: list[str] = []
+    for name in names:
+        p = overrides / name if overrides is not None else None
+        if p is not None and p.is_file():
+            out[name] = p
+        elif name in SYSTEM_FILES:
+            out[name] = system_file(name)
+        else:
+            missing.append(name)
+    if missing:
+        if anchor is None:
+            raise BootFileError(f"boot file {missing[0]} not found in {overrides} and no manifest to build it for")
+        built = build_bootstrap(anchor(), cache, say=say).files()
+        for name in missing:
+            if name not in built:
+                raise BootFileError(f"boot file {name} is not built by imagebuilder yet"
+                                    + (" (arm64 images are not built yet)" if "arm64" in name else ""))
+            out[name] = built[name]
+    return out
