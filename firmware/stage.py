@@ -125,7 +125,7 @@ def main(fw_cfg: str | Path = FW_CFG_HANDOVER) -> None:
     """Entry as PID 1: run, and on any failure print why and power off (never return to /init)."""
     try:
         run(fw_cfg)
-        reason = "hand-over returned"
+        reason = "kexec returned"  # hand_over returns only if kexec_boot does
     except Refused as e:
         say(f"cidboot: refused: {e}")
         pid1.power_off()

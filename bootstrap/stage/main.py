@@ -193,7 +193,7 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
     # same kernel: switch_root into the image's initramfs; a different one (or forced): kexec
     try:
         hand_over(plan.kernel, plan.initrd, plan.cmdline, plan.handoff, forced=kexec_forced(start.boot), log=log)
-        reason = "hand-over returned"
+        reason = "kexec returned"  # hand_over returns only if kexec_boot does
     except CidbootError as e:
         reason = f"bootstrap: {e}"
     pid1.power_off(reason)

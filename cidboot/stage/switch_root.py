@@ -3,7 +3,9 @@
 
 The rule (`decide`): a stage hands over in the same kernel only when the SHA-512 of the next
 stage's kernel bytes equals the SHA-512 its own image records in /etc/cidboot/kernel.sha512
-(written by the image builder from the kernel layer it built the image with). That file is in
+(written by the image builder from the kernel layer it built the image with), and every kernel
+parameter the next stage's command line asks for is already in effect (/proc/cmdline; `cidboot.*`
+words are for the stages, not the kernel). That file is in
 the stage's initrd, which is inside the stage's own measurement (code_hash_of_blobs([kernel,
 initrd])), so a stage cannot claim to run a kernel its measurement does not show. No file, a
 different hash, `cidboot.handover=kexec` on the kernel command line, or `"handover": "kexec"` in
@@ -105,11 +107,28 @@ def kexec_forced(boot: dict[str, Any] | None = None, cmdline_path: str | os.Path
         return False
 
 
-def decide(kernel: bytes, *, running: bytes | None, forced: bool = False) -> str:
-    """"switch_root" when `kernel` is byte-identical to the running one (by its SHA-512), else "kexec"."""
-    if forced or running is None:
+def kernel_params(cmdline: str) -> set[str]:
+    """The parameters a command line gives the kernel (`cidboot.*` ones are read by the stages)."""
+    return {w for w in cmdline.split() if not w.startswith("cidboot.")}
+
+
+def decide(kernel: bytes, *, running: bytes | None, forced: bool = False, cmdline: str = "",
+           running_cmdline: str | None = "") -> str:
+    """"switch_root" when `kernel` is byte-identical to the running one (by its SHA-512) and every
+    kernel parameter the next stage asks for (`cmdline`) is already in effect (`running_cmdline`,
+    /proc/cmdline): a running kernel cannot take new boot parameters. Else "kexec"."""
+    if forced or running is None or running_cmdline is None:
+        return "kexec"
+    if not kernel_params(cmdline) <= kernel_params(running_cmdline):
         return "kexec"
     return "switch_root" if hmac.compare_digest(hashlib.sha512(kernel).digest(), running) else "kexec"
+
+
+def proc_cmdline(path: str | os.PathLike[str] = "/proc/cmdline") -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
 
 
 # -- reading the initramfs --------------------------------------------------------------------
@@ -127,9 +146,9 @@ def _newc_length(data: bytes | memoryview, off: int) -> int:
         except ValueError:
             raise InitramfsError(f"initramfs: bad hex field in the header at offset {pos}") from None
         name_end = pos + 110 + namesize
-        body = name_end + (-name_end % 4)
-        end = body + size + (-(body + size) % 4)
-        if namesize < 1 or end > len(data) + 3:
+        body = name_end + (-(name_end - off) % 4)  # newc pads to 4 bytes from the archive's start
+        end = body + size + (-(body + size - off) % 4)
+        if namesize < 1 or body + size > len(data):
             raise InitramfsError(f"initramfs: member at offset {pos} runs past the end")
         if bytes(data[pos + 110:name_end - 1]) == TRAILER_NAME:
             return min(end, len(data)) - off
@@ -147,6 +166,8 @@ def segments(data: bytes) -> Iterator[bytes]:
             continue
         head = bytes(view[off:off + 6])
         if head == MAGIC:
+            if off % 4:  # the kernel only looks for an uncompressed archive at a 4-byte boundary
+                raise InitramfsError(f"initramfs: newc archive at offset {off} is not 4-byte aligned")
             n = _newc_length(view, off)
             yield bytes(view[off:off + n])
             off += n
@@ -417,16 +438,20 @@ def switch_root(parsed: Parsed, handoff: Handoff, *, secrets: Iterable[bytearray
 
 
 def hand_over(kernel: bytes, initrd: bytes, cmdline: str, handoff: Handoff, *, secrets: Iterable[bytearray] = (),
-              forced: bool = False, running: bytes | None = None, log: Callable[[str], None] = lambda _m: None) -> None:
+              forced: bool = False, running: bytes | None = None, running_cmdline: str | None = None,
+              log: Callable[[str], None] = lambda _m: None) -> None:
     """Start the next stage (kernel, initrd, cmdline, hand-off) the cheapest sound way: in this
-    kernel when it is the same kernel, by kexec otherwise. Wipes `secrets` either way. Returns
-    only by raising. `running` defaults to this image's /etc/cidboot/kernel.sha512."""
+    kernel when it is the same kernel (`decide`), by kexec otherwise. Wipes `secrets` either way.
+    Returns only by raising. `running` defaults to this image's /etc/cidboot/kernel.sha512,
+    `running_cmdline` to /proc/cmdline."""
     secrets = list(secrets)
     if forced:  # a stage started by kexec cannot see the command line that forced it: tell it
         handoff.boot["handover"] = "kexec"
     if running is None:
         running = running_kernel_sha512()
-    how = decide(kernel, running=running, forced=forced)
+    if running_cmdline is None:
+        running_cmdline = proc_cmdline()
+    how = decide(kernel, running=running, forced=forced, cmdline=cmdline, running_cmdline=running_cmdline)
     if how == "switch_root":
         try:
             parsed = parse_initramfs(initrd)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -70,7 +71,7 @@ def handover_checks(dev: Device) -> dict[str, dict[str, str]]:
     return out
 
 
-def boot(dep: Deployment, out: Path) -> tuple[Device, dict[str, object]]:
+def boot(dep: Deployment, out: Path) -> tuple[Device, dict[str, Any]]:
     with lab(dep, out, ["device"]) as lb:
         dev = lb.add_device("device")
         lb.power_on()
