@@ -44,7 +44,7 @@ import lzma
 import os
 import stat
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from typing import Any
 from cidboot.errors import CidbootError, FormatError
 from cidboot.stage import syscalls
 from cidboot.stage.console import say, wipe
-from cidboot.stage.cpio import MAGIC, CpioError, Member, iter_newc, normalize_path
+from cidboot.stage.cpio import MAGIC, CpioError, Member, normalize_path
 from cidboot.stage.handoff import BOOT_PATH, DICE_PATH, Handoff, canonical_json
 
 RUNNING_KERNEL = "/etc/cidboot/kernel.sha512"
@@ -134,83 +134,83 @@ def proc_cmdline(path: str | os.PathLike[str] = "/proc/cmdline") -> str | None:
 # -- reading the initramfs --------------------------------------------------------------------
 
 
-def _newc_length(data: bytes | memoryview, off: int) -> int:
-    """Length of the newc archive starting at `off` (up to and including its trailer's padding)."""
-    pos = off
+def _archive(buf: memoryview, off: int, out: list[tuple[Member, memoryview]]) -> int:
+    """Parse the newc archive at `off` into `out` (contents are views into `buf`: no copies of
+    the ~40 MB an image holds); returns the offset after its trailer."""
+    start = off
     while True:
-        hdr = bytes(data[pos:pos + 110])
+        hdr = bytes(buf[off:off + 110])
         if len(hdr) < 110 or hdr[:6] != MAGIC:
-            raise InitramfsError(f"initramfs: not a newc header at offset {pos}")
+            raise InitramfsError(f"initramfs: not a newc header at offset {off}")
         try:
-            size, namesize = int(hdr[54:62], 16), int(hdr[94:102], 16)
+            f = [int(hdr[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
         except ValueError:
-            raise InitramfsError(f"initramfs: bad hex field in the header at offset {pos}") from None
-        name_end = pos + 110 + namesize
-        body = name_end + (-(name_end - off) % 4)  # newc pads to 4 bytes from the archive's start
-        end = body + size + (-(body + size - off) % 4)
-        if namesize < 1 or body + size > len(data):
-            raise InitramfsError(f"initramfs: member at offset {pos} runs past the end")
-        if bytes(data[pos + 110:name_end - 1]) == TRAILER_NAME:
-            return min(end, len(data)) - off
-        pos = end
+            raise InitramfsError(f"initramfs: bad hex field in the header at offset {off}") from None
+        mode, size, namesize = f[1], f[6], f[11]
+        name_end = off + 110 + namesize
+        if namesize < 1 or name_end > len(buf):
+            raise InitramfsError(f"initramfs: name runs past the end at offset {off}")
+        name = bytes(buf[off + 110:name_end - 1])
+        body = name_end + (-(name_end - start) % 4)  # newc pads to 4 bytes from the archive's start
+        if body + size > len(buf):
+            raise InitramfsError(f"initramfs: member at offset {off} runs past the end")
+        end = body + size + (-(body + size - start) % 4)
+        if name == TRAILER_NAME:
+            return min(end, len(buf))
+        content = buf[body:body + size]
+        if name == b".":  # `find . | cpio -o` archives start with the root itself
+            off = end
+            continue
+        try:
+            path = normalize_path(name.decode())
+        except (UnicodeDecodeError, CpioError) as e:
+            raise InitramfsError(f"initramfs: member at offset {off}: {e}") from None
+        target = bytes(content).decode(errors="replace") if stat.S_ISLNK(mode) else ""
+        out.append((Member(path, mode, size, target, (f[9], f[10])), content))
+        off = end
 
 
-def segments(data: bytes) -> Iterator[bytes]:
-    """The uncompressed newc archives in an initramfs, in order, as the kernel's unpacker finds
-    them: zero padding skipped, each segment uncompressed or a gzip or xz stream."""
-    view = memoryview(data)
+def _walk(buf: memoryview, out: list[tuple[Member, memoryview]], where: str = "") -> None:
+    """Every archive in `buf`, as the kernel's unpacker finds them: zero padding skipped, each
+    one uncompressed (at a 4-byte boundary), or a gzip or xz stream holding archives itself."""
     off = 0
-    while off < len(data):
-        if data[off] == 0:
+    while off < len(buf):
+        if buf[off] == 0:
             off += 1
             continue
-        head = bytes(view[off:off + 6])
+        head = bytes(buf[off:off + 6])
+        at = f"{where}offset {off}"
         if head == MAGIC:
             if off % 4:  # the kernel only looks for an uncompressed archive at a 4-byte boundary
-                raise InitramfsError(f"initramfs: newc archive at offset {off} is not 4-byte aligned")
-            n = _newc_length(view, off)
-            yield bytes(view[off:off + n])
-            off += n
-        elif head == XZ_MAGIC:
-            d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-            try:
-                out = d.decompress(view[off:])
-            except lzma.LZMAError as e:
-                raise InitramfsError(f"initramfs: xz stream at offset {off}: {e}") from None
-            if not d.eof:
-                raise InitramfsError(f"initramfs: xz stream at offset {off} is truncated")
-            yield from _inner(out, f"xz stream at offset {off}")
-            off = len(data) - len(d.unused_data)
+                raise InitramfsError(f"initramfs: newc archive at {at} is not 4-byte aligned")
+            off = _archive(buf, off, out)
+            continue
+        if head == XZ_MAGIC:
+            d: Any = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+            bad: tuple[type[Exception], ...] = (lzma.LZMAError,)
+            kind = "xz"
         elif head[:2] == GZIP_MAGIC:
-            z = zlib.decompressobj(wbits=31)
-            try:
-                out = z.decompress(view[off:])
-            except zlib.error as e:
-                raise InitramfsError(f"initramfs: gzip stream at offset {off}: {e}") from None
-            if not z.eof:
-                raise InitramfsError(f"initramfs: gzip stream at offset {off} is truncated")
-            yield from _inner(out, f"gzip stream at offset {off}")
-            off = len(data) - len(z.unused_data)
+            d, bad, kind = zlib.decompressobj(wbits=31), (zlib.error,), "gzip"
         else:
             for magic, name in KNOWN_MAGICS.items():
                 if head.startswith(magic):
-                    raise UnsupportedCompression(f"initramfs: {name} at offset {off}: this stage reads gzip and xz")
-            raise InitramfsError(f"initramfs: unknown data at offset {off}: {head.hex()}")
-
-
-def _inner(out: bytes, where: str) -> Iterator[bytes]:
-    """A decompressed stream may itself hold several archives (and padding)."""
-    try:
-        yield from segments(out)
-    except InitramfsError as e:
-        raise InitramfsError(f"{where}: {e}") from None
+                    raise UnsupportedCompression(f"initramfs: {name} at {at}: this stage reads gzip and xz")
+            raise InitramfsError(f"initramfs: unknown data at {at}: {head.hex()}")
+        try:
+            data = d.decompress(buf[off:])
+        except bad as e:
+            raise InitramfsError(f"initramfs: {kind} stream at {at}: {e}") from None
+        if not d.eof:
+            raise InitramfsError(f"initramfs: {kind} stream at {at} is truncated")
+        _walk(memoryview(data), out, f"{kind} stream at {at}: ")
+        off = len(buf) - len(d.unused_data)
 
 
 @dataclass(frozen=True)
 class Parsed:
     """The next stage's root, parsed and checked before anything is torn down."""
 
-    members: list[tuple[Member, bytes]]
+    members: list[tuple[Member, memoryview]]
 
     @property
     def files(self) -> int:
@@ -220,16 +220,8 @@ class Parsed:
 def parse_initramfs(data: bytes) -> Parsed:
     """Every member of every archive in `data`, paths normalised (none may escape the root).
     Raises InitramfsError (UnsupportedCompression for a compression we cannot read)."""
-    members: list[tuple[Member, bytes]] = []
-    for seg in segments(data):
-        try:
-            for m, content in iter_newc(seg):
-                if m.path in (".", ""):
-                    continue
-                p = normalize_path(m.path)
-                members.append((Member(p, m.mode, m.size, m.target, m.rdev), content))
-        except CpioError as e:
-            raise InitramfsError(f"initramfs: {e}") from None
+    members: list[tuple[Member, memoryview]] = []
+    _walk(memoryview(data), members)
     if not members:
         raise InitramfsError("initramfs: no files")
     return Parsed(members)
@@ -272,7 +264,7 @@ def extract(parsed: Parsed, root: str = "/") -> None:
                 os.close(fd)
         elif stat.S_ISLNK(m.mode):
             _remove(path)
-            os.symlink(content.decode(), path)
+            os.symlink(m.target, path)
         elif stat.S_ISCHR(m.mode) or stat.S_ISBLK(m.mode):
             _remove(path)
             os.mknod(path, m.mode, os.makedev(*m.rdev))
