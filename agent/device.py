@@ -91,6 +91,10 @@ def read_handoff(root: str | os.PathLike[str]) -> tuple[Handoff, BootConfig, CID
         h = load(root)
     except HandoffNotFound as e:
         raise AgentBootError(f"handoff: {e}: the agent must be started by the bootstrap") from None
+    if "handover_check" in h.boot:  # a debug build of the bootstrap asked (cidboot.stage.switch_root)
+        from cidboot.stage.switch_root import report_handover_check
+
+        report_handover_check(h.boot, "agent", root=str(root))
     raw = h.boot.get("bootconfig")
     if isinstance(raw, dict):
         raw = json.dumps(raw)

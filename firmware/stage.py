@@ -6,7 +6,9 @@
    kernel, initrd(s) and boot config it names;
 3. measure L1: code_hash = code_hash_of_blobs([kernel, initrd]), config descriptor = the boot
    config bytes, mode NORMAL; DICE main flow -> CDI_1 and the L1 certificate;
-4. append the hand-off (cidboot.stage.handoff) to the initrd, wipe CDI_0, kexec into L1.
+4. wipe CDI_0 and hand over to L1 (cidboot.stage.switch_root.hand_over): in this kernel when the
+   bootstrap's kernel is byte-identical to ours (switch_root into its initramfs, the hand-off
+   as files, qemu_fw_cfg unloaded), else kexec with the hand-off appended to its initrd.
 
 Every failure prints one clear console line and powers off.
 """
@@ -67,6 +69,9 @@ def measure_and_derive(engine: bytes | bytearray, fetched: Fetched) -> Measured:
     code_hash = code_hash_of_blobs([fetched.kernel, fetched.initrd])
     inputs = DiceInputs(code_hash=code_hash, config_value=None, config_descriptor=fetched.bootconfig,
                         mode=DiceMode.NORMAL)
+    from cidboot.stage.switch_root import check_probes, debug_build
+
+    probes = check_probes([h.cdi_attest, h.cdi_seal]) if debug_build() else None  # test builds only
     try:
         a1, s1, cert = main_flow(h.cdi_attest, h.cdi_seal, inputs)
     finally:
@@ -76,7 +81,9 @@ def measure_and_derive(engine: bytes | bytearray, fetched: Fetched) -> Measured:
     dice = encode_handover(a1, s1, chain)
     wipe(a1)
     wipe(s1)
-    boot = {"boot_mode": "measured", "bootconfig": fetched.bootconfig.decode("utf-8", "replace")}
+    boot: dict[str, object] = {"boot_mode": "measured", "bootconfig": fetched.bootconfig.decode("utf-8", "replace")}
+    if probes is not None:
+        boot["handover_check"] = probes
     return Measured(code_hash, Handoff(dice=dice, boot=boot))
 
 
@@ -108,11 +115,11 @@ def run(fw_cfg: str | Path = FW_CFG_HANDOVER, *, kexec: bool = True) -> Measured
           f"{detail} ({files}) total={time.monotonic() - t0:.2f}s", flush=True)
     say(f"cidboot-stage: firmware handover code={m.code_hash.hex()[:16]}")
     events.emit("firmware", "handover", bootconfig=fetched.bootconfig, code=m.code_hash.hex(), ip=net.lease.ip)
-    if kexec:
-        from cidboot.stage.kexec import kexec_boot
+    if kexec:  # same kernel: switch_root into the bootstrap's initramfs; else kexec (cidboot.stage.switch_root)
+        from cidboot.stage.switch_root import hand_over, kexec_forced
 
-        initrd = m.handoff.append_to(fetched.initrd)
-        kexec_boot(fetched.kernel, initrd, fetched.spec.cmdline)
+        hand_over(fetched.kernel, fetched.initrd, fetched.spec.cmdline, m.handoff, forced=kexec_forced(),
+                  log=lambda msg: print(f"cidboot: firmware: {msg}", file=sys.stderr, flush=True))
     return m
 
 
@@ -120,7 +127,7 @@ def main(fw_cfg: str | Path = FW_CFG_HANDOVER) -> None:
     """Entry as PID 1: run, and on any failure print why and power off (never return to /init)."""
     try:
         run(fw_cfg)
-        reason = "kexec returned"
+        reason = "kexec returned"  # hand_over returns only if kexec_boot does
     except Refused as e:
         say(f"cidboot: refused: {e}")
         events.emit("firmware", "refused", reason=str(e))

@@ -35,6 +35,7 @@ from imagebuilder.uki import BuiltUki
 
 REPO = Path(__file__).resolve().parent.parent
 COMPONENT = {"image": "agent", "bootstrap": "bootstrap", "firmware": "firmware"}
+KERNEL_SHA512_PATH = "etc/cidboot/kernel.sha512"  # read by cidboot.stage.switch_root.RUNNING_KERNEL
 REFERENCE_NAMES = ("firmware", "bootstrap")  # stages measured from their kernel + initrd (cidboot.trust.measure)
 
 
@@ -265,9 +266,14 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     files = {dest: ff.dir / src for dest, src in (image.get("files") or {}).items()}
     flow_doc = {k: ff.data[k] for k in ("name", "version", "dataflow", "placement", "policies") if k in ff.data}
     flow_json = json.dumps(flow_doc, sort_keys=True, indent=1).encode()
+    # the SHA-512 of the kernel this image is built to run on: a stage compares it with the next
+    # stage's kernel to hand over without kexec (cidboot.stage.switch_root, docs/boot-chain.md);
+    # it is inside the measured initrd, so a stage cannot claim a kernel its measurement does not show
+    kernel_sha512 = hashlib.sha512(built["kernel"].data).hexdigest()
     layer("config", {"flow": hashlib.sha256(flow_json).hexdigest(), "files": _sources_digest(list(files.values())),
-                     "dests": sorted(files)},
-          lambda: compress(archive_bytes([initramfs.Entry.file("etc/cidboot/flow.json", flow_json)]
+                     "dests": sorted(files), "kernel_sha512": kernel_sha512},
+          lambda: compress(archive_bytes([initramfs.Entry.file("etc/cidboot/flow.json", flow_json),
+                                          initramfs.Entry.file(KERNEL_SHA512_PATH, kernel_sha512.encode() + b"\n")]
                                          + initramfs.data_entries(files), epoch), comp))
 
     sink = _Collect()

@@ -7,7 +7,9 @@
    one-entry chain, so the image still has an identity whose evidence says "unmeasured";
 2. NIC up + DHCP (user class "cidboot-bootstrap");
 3. fetch + verify + measure (bootstrap.stage.verify.prepare), rollback state on NVRAM;
-4. zero the CDI_1 copies and kexec into the image with the hand-off appended to its initrd.
+4. zero the CDI_1 copies and hand over to the image (cidboot.stage.switch_root.hand_over): in this
+   kernel when the image's kernel is byte-identical to ours, else kexec with the hand-off
+   appended to its initrd.
 
 Any failure prints `cidboot: refused: <check>: <detail>` and powers off, or, when the boot
 config says on_failure=retry, tries again after a pause. Nothing unverified is kexec'ed.
@@ -18,8 +20,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bootstrap.stage.nvram import DEFAULT_DEVICE, Nvram
 from bootstrap.stage.verify import TRUST_ANCHOR, BootPlan, Refused, load_anchor, prepare, wipe
@@ -50,6 +53,7 @@ class Start:
     bootconfig: bytes | None  # None: fetch it over TFTP once the network is up
     ip: str | None = None  # set once the network is up, so a retry does not redo DHCP
     dhcp_config_url: str | None = None  # the boot config the DHCP reply names (for UKIs: no cmdline URL)
+    boot: dict[str, Any] = field(default_factory=dict)  # the boot.json received (e.g. "handover": "kexec")
 
 
 def ephemeral_dice() -> bytearray:
@@ -73,15 +77,18 @@ def read_start(root: str | Path = "/") -> Start:
         return Start("unmeasured", ephemeral_dice(), None)
     except HandoffError as e:
         raise Refused("handoff", str(e)) from None
+    from cidboot.stage.switch_root import report_handover_check
+
+    report_handover_check(h.boot, "bootstrap", root=str(root))  # debug builds of the firmware only
     cfg = h.boot.get("bootconfig")
     if not isinstance(cfg, str):
         raise Refused("handoff", "boot.json carries no boot config")
     if h.boot["boot_mode"] == "unmeasured":
-        return Start("unmeasured", ephemeral_dice(), cfg.encode())
+        return Start("unmeasured", ephemeral_dice(), cfg.encode(), boot=h.boot)
     dice = bytearray(h.dice or b"")
     if h.dice is not None:
-        wipe(h.dice)  # the loaded copy; `dice` is the one main() zeroes before kexec
-    return Start("measured", dice, cfg.encode())
+        wipe(h.dice)  # the loaded copy; `dice` is the one main() zeroes before the hand-over
+    return Start("measured", dice, cfg.encode(), boot=h.boot)
 
 
 def config_url(cmdline: str) -> str | None:
@@ -195,13 +202,21 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
         f"initrd={len(plan.initrd)}B {timings} total={time.monotonic() - t0:.2f}s")
     say(f"cidboot-stage: bootstrap handover manifest={plan.manifest_cid}")
     events.emit("bootstrap", "handover", manifest=plan.manifest_cid, name=plan.manifest.name, version=plan.manifest.version)
+    from cidboot.stage.switch_root import check_probes, debug_build, hand_over, kexec_forced
+
+    if debug_build() and start.dice is not None and start.boot_mode == "measured":  # test builds only
+        from cidboot.trust.dice import decode_handover
+
+        h = decode_handover(bytes(start.dice))
+        plan.handoff.boot["handover_check"] = check_probes([h.cdi_attest, h.cdi_seal])
+        wipe(h.cdi_attest)
+        wipe(h.cdi_seal)
     if start.dice is not None:
         wipe(start.dice)  # CDI_1: the image gets only CDI_2, inside the hand-off
-    from cidboot.stage.kexec import kexec_boot
-
+    # same kernel: switch_root into the image's initramfs; a different one (or forced): kexec
     try:
-        kexec_boot(plan.kernel, plan.handoff.append_to(plan.initrd), plan.cmdline)
-        reason = "kexec returned"
+        hand_over(plan.kernel, plan.initrd, plan.cmdline, plan.handoff, forced=kexec_forced(start.boot), log=log)
+        reason = "kexec returned"  # hand_over returns only if kexec_boot does
     except CidbootError as e:
         reason = f"bootstrap: {e}"
     events.emit("bootstrap", "fatal", reason=reason)

@@ -151,6 +151,7 @@ class Member:
     mode: int
     size: int
     target: str = ""
+    rdev: tuple[int, int] = (0, 0)  # (major, minor) of a device node
 
 
 def iter_newc(data: bytes) -> Iterator[tuple[Member, bytes]]:
@@ -176,7 +177,8 @@ def iter_newc(data: bytes) -> Iterator[tuple[Member, bytes]]:
         if name == TRAILER:
             return
         content = data[body:body + size]
-        yield Member(name, mode, size, content.decode(errors="replace") if stat.S_ISLNK(mode) else ""), content
+        yield Member(name, mode, size, content.decode(errors="replace") if stat.S_ISLNK(mode) else "",
+                     (f[9], f[10])), content
         off = body + size + (-(body + size) % 4)
 
 

@@ -1,8 +1,8 @@
 """The stage-to-stage hand-off (docs/boot-chain.md, "Hand-offs"): what one boot stage passes the
-next across kexec.
-
-The sending stage appends an uncompressed newc cpio to the next stage's initrd (the kernel
-unpacks concatenated archives into the same rootfs), holding
+next, two files in the next stage's root. Across kexec the sending stage appends them as an
+uncompressed newc cpio to the next stage's initrd (the kernel unpacks concatenated archives into
+the same rootfs); in a same-kernel hand-over cidboot.stage.switch_root writes them into the new
+root before exec'ing its /init. Either way the next stage's root holds
 
 - `run/cidboot/dice.cbor` (mode 0600): the DICE handover `{1: CDI_Attest, 2: CDI_Seal, 3: chain}`
   with the *next* layer's CDIs; absent for unmeasured boots;
@@ -13,7 +13,7 @@ The receiving stage calls `load()` first thing: it reads both files and overwrit
 `dice.cbor` at once, so the CDIs live on only in that process's memory.
 
     h = Handoff(dice=encode_handover(a1, s1, chain), boot={"boot_mode": "measured", "bootconfig": cfg})
-    initrd = h.append_to(initrd)           # sender, then cidboot.stage.kexec.kexec_boot(kernel, initrd, cmdline)
+    cidboot.stage.switch_root.hand_over(kernel, initrd, cmdline, h)   # sender: switch_root or kexec
     h = cidboot.stage.handoff.load()             # receiver (as PID 1, root "/")
 """
 

@@ -1,7 +1,7 @@
 """The few Linux system calls the stages make through libc, with their numbers per machine.
 
-CPython's `os` has no reboot(2), finit_module(2) or kexec_file_load(2), so the stages call them
-through ctypes. The numbers and magic constants live here once; callers name the call, this
+CPython's `os` has no reboot(2), finit_module(2), delete_module(2), kexec_file_load(2), mount(2)
+or umount2(2), so the stages call them through ctypes. The numbers and magic constants live here once; callers name the call, this
 module finds its number for the running machine (x86_64, aarch64) or says it cannot.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 from cidboot.errors import CidbootError
@@ -17,19 +18,26 @@ SYSCALLS = {
     "reboot": {"x86_64": 169, "aarch64": 142},
     "finit_module": {"x86_64": 313, "aarch64": 273},
     "kexec_file_load": {"x86_64": 320, "aarch64": 294},
+    "delete_module": {"x86_64": 176, "aarch64": 106},
 }
 LINUX_REBOOT_MAGIC1 = 0xFEE1DEAD
 LINUX_REBOOT_MAGIC2 = 672274793
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 LINUX_REBOOT_CMD_RESTART = 0x01234567
 LINUX_REBOOT_CMD_KEXEC = 0x45584543
+MS_MOVE = 0x2000  # mount(2): move an existing mount (switch_root's `mount --move newroot /`)
+MNT_DETACH = 0x2  # umount2(2): lazy unmount, detaches now even if something is still open
+O_NONBLOCK = os.O_NONBLOCK  # delete_module(2): fail with EWOULDBLOCK instead of waiting for users
 
 
 class SyscallError(CidbootError):
     """A system call failed or does not exist on this machine (the message has the errno's meaning)."""
 
 
+@functools.cache
 def libc() -> ctypes.CDLL:
+    """libc, loaded once: find_library may run a helper program, and a stage switching roots
+    must still reach libc after the old root's files are gone (cidboot.stage.switch_root)."""
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -48,3 +56,29 @@ def reboot(cmd: int) -> None:
                    ctypes.c_uint(LINUX_REBOOT_MAGIC2), ctypes.c_uint(cmd), None)
     err = ctypes.get_errno()
     raise SyscallError(f"reboot(2): {os.strerror(err)} (errno {err})")
+
+
+def _errno_error(what: str) -> SyscallError:
+    err = ctypes.get_errno()
+    return SyscallError(f"{what}: {os.strerror(err)} (errno {err})")
+
+
+def mount(source: str, target: str, fstype: str | None = None, flags: int = 0, data: str | None = None) -> None:
+    """mount(2) through libc; raises SyscallError with the errno's meaning."""
+    rc = libc().mount(source.encode(), target.encode(), fstype.encode() if fstype else None, ctypes.c_ulong(flags),
+                      data.encode() if data else None)
+    if rc != 0:
+        raise _errno_error(f"mount {source} on {target}")
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    """umount2(2) through libc; raises SyscallError with the errno's meaning."""
+    if libc().umount2(target.encode(), ctypes.c_int(flags)) != 0:
+        raise _errno_error(f"umount {target}")
+
+
+def delete_module(name: str, flags: int = O_NONBLOCK) -> None:
+    """delete_module(2): unload a kernel module by name; raises SyscallError (ENOENT: not loaded)."""
+    rc = libc().syscall(ctypes.c_long(number("delete_module")), ctypes.c_char_p(name.encode()), ctypes.c_uint(flags))
+    if rc != 0:
+        raise _errno_error(f"delete_module {name}")

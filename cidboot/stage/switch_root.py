@@ -1,0 +1,522 @@
+"""Hand over to the next stage: without a new kernel when it runs on the kernel already running
+(switch_root semantics), with kexec otherwise (docs/boot-chain.md, "Hand-offs"; ADR 0007).
+
+The rule (`decide`): a stage hands over in the same kernel only when the SHA-512 of the next
+stage's kernel bytes equals the SHA-512 its own image records in /etc/cidboot/kernel.sha512
+(written by the image builder from the kernel layer it built the image with), and every kernel
+parameter the next stage's command line asks for is already in effect (/proc/cmdline; `cidboot.*`
+words are for the stages, not the kernel). That file is in
+the stage's initrd, which is inside the stage's own measurement (code_hash_of_blobs([kernel,
+initrd])), so a stage cannot claim to run a kernel its measurement does not show. No file, a
+different hash, `cidboot.handover=kexec` on the kernel command line, or `"handover": "kexec"` in
+the hand-off the stage received: kexec (cidboot.stage.kexec). A knob can only force the kexec
+path, never the same-kernel one, so it needs no measurement.
+
+The same-kernel path, in an order that touches nothing until the next stage's initramfs has
+parsed completely (a malformed archive refuses with the old stage intact; a compression the
+stage cannot read falls back to kexec, which lets the kernel read it):
+
+1. decompress and parse the initramfs (concatenated newc archives, each uncompressed, gzip or
+   xz, zero padding between them; as the kernel's unpacker reads them);
+2. unload `qemu_fw_cfg` (delete_module(2)): the next stage must not reach the DICE engine's CDI_0;
+3. delete the old root's files (not crossing mounts; frees the RAM, as switch_root(8) does) and
+   unmount /proc, /sys, /dev and anything else mounted there;
+4. mount a fresh tmpfs, `mount --move` it onto /, chroot into it, and unpack the archive there
+   (after the chroot, so absolute symlinks in the archive resolve inside the new root);
+5. write the hand-off (run/cidboot/boot.json, run/cidboot/dice.cbor 0600: the same files
+   cidboot.stage.handoff appends as a cpio for kexec), wipe the caller's secrets and our copy;
+6. close every fd above stderr and execve /init: PID 1 stays PID 1 and the old interpreter's
+   memory goes with its address space.
+
+Debug builds only: an image holding /etc/cidboot/handover-check (never in production images; it
+is in the measured initrd, so such a build has its own code hash) adds `handover_check` probes
+(SHA-256 and a 4-byte prefix of each secret the stage held) to boot.json, and the next stage
+prints `cidboot: handover-check: ...` after searching its reachable files for them
+(`report_handover_check`).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import hmac
+import lzma
+import os
+import stat
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cidboot.errors import CidbootError, FormatError
+from cidboot.stage import syscalls
+from cidboot.stage.console import say, wipe
+from cidboot.stage.cpio import MAGIC, CpioError, Member, normalize_path
+from cidboot.stage.handoff import BOOT_PATH, DICE_PATH, Handoff, canonical_json
+
+RUNNING_KERNEL = "/etc/cidboot/kernel.sha512"
+CHECK_FLAG = "/etc/cidboot/handover-check"  # debug/test builds only
+FORCE_ARG = "cidboot.handover=kexec"
+NEW_ROOT = "/newroot"
+INIT = "/init"
+UNLOAD = ("qemu_fw_cfg",)  # what the next stage must not reach (the engine's CDI_0 on fw_cfg)
+TRAILER_NAME = b"TRAILER!!!"
+XZ_MAGIC = b"\xfd7zXZ\x00"
+GZIP_MAGIC = b"\x1f\x8b"
+KNOWN_MAGICS = {b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\x89LZO": "lzo", b"\x02\x21\x4c\x18": "lz4",
+                b"\x5d\x00\x00": "lzma"}
+
+
+class SwitchRootError(CidbootError):
+    """The same-kernel hand-over failed part way (the message names the step)."""
+
+
+class InitramfsError(FormatError):
+    """The next stage's initramfs is not a sequence of newc archives we can read (names the offset)."""
+
+
+class UnsupportedCompression(InitramfsError):
+    """A segment is compressed with something the stage cannot decompress: kexec instead."""
+
+
+# -- the rule ---------------------------------------------------------------------------------
+
+
+def running_kernel_sha512(path: str | os.PathLike[str] = RUNNING_KERNEL) -> bytes | None:
+    """The SHA-512 of the kernel this image was built for (imagebuilder writes it), or None."""
+    try:
+        raw = Path(path).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        value = bytes.fromhex(raw)
+    except ValueError:
+        return None
+    return value if len(value) == 64 else None
+
+
+def kexec_forced(boot: dict[str, Any] | None = None, cmdline_path: str | os.PathLike[str] = "/proc/cmdline") -> bool:
+    """True when the command line says `cidboot.handover=kexec` or the received hand-off says
+    `"handover": "kexec"` (how a forced kexec reaches a stage that was itself kexec'ed)."""
+    if boot is not None and boot.get("handover") == "kexec":
+        return True
+    try:
+        return FORCE_ARG in Path(cmdline_path).read_text().split()
+    except OSError:
+        return False
+
+
+def kernel_params(cmdline: str) -> set[str]:
+    """The parameters a command line gives the kernel (`cidboot.*` ones are read by the stages)."""
+    return {w for w in cmdline.split() if not w.startswith("cidboot.")}
+
+
+def decide(kernel: bytes, *, running: bytes | None, forced: bool = False, cmdline: str = "",
+           running_cmdline: str | None = "") -> str:
+    """"switch_root" when `kernel` is byte-identical to the running one (by its SHA-512) and every
+    kernel parameter the next stage asks for (`cmdline`) is already in effect (`running_cmdline`,
+    /proc/cmdline): a running kernel cannot take new boot parameters. Else "kexec"."""
+    if forced or running is None or running_cmdline is None:
+        return "kexec"
+    if not kernel_params(cmdline) <= kernel_params(running_cmdline):
+        return "kexec"
+    return "switch_root" if hmac.compare_digest(hashlib.sha512(kernel).digest(), running) else "kexec"
+
+
+def proc_cmdline(path: str | os.PathLike[str] = "/proc/cmdline") -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+# -- reading the initramfs --------------------------------------------------------------------
+
+
+def _archive(buf: memoryview, off: int, out: list[tuple[Member, memoryview]]) -> int:
+    """Parse the newc archive at `off` into `out` (contents are views into `buf`: no copies of
+    the ~40 MB an image holds); returns the offset after its trailer."""
+    start = off
+    while True:
+        hdr = bytes(buf[off:off + 110])
+        if len(hdr) < 110 or hdr[:6] != MAGIC:
+            raise InitramfsError(f"initramfs: not a newc header at offset {off}")
+        try:
+            f = [int(hdr[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
+        except ValueError:
+            raise InitramfsError(f"initramfs: bad hex field in the header at offset {off}") from None
+        mode, size, namesize = f[1], f[6], f[11]
+        name_end = off + 110 + namesize
+        if namesize < 1 or name_end > len(buf):
+            raise InitramfsError(f"initramfs: name runs past the end at offset {off}")
+        name = bytes(buf[off + 110:name_end - 1])
+        body = name_end + (-(name_end - start) % 4)  # newc pads to 4 bytes from the archive's start
+        if body + size > len(buf):
+            raise InitramfsError(f"initramfs: member at offset {off} runs past the end")
+        end = body + size + (-(body + size - start) % 4)
+        if name == TRAILER_NAME:
+            return min(end, len(buf))
+        content = buf[body:body + size]
+        if name == b".":  # `find . | cpio -o` archives start with the root itself
+            off = end
+            continue
+        try:
+            path = normalize_path(name.decode())
+        except (UnicodeDecodeError, CpioError) as e:
+            raise InitramfsError(f"initramfs: member at offset {off}: {e}") from None
+        target = bytes(content).decode(errors="replace") if stat.S_ISLNK(mode) else ""
+        out.append((Member(path, mode, size, target, (f[9], f[10])), content))
+        off = end
+
+
+def _walk(buf: memoryview, out: list[tuple[Member, memoryview]], where: str = "") -> None:
+    """Every archive in `buf`, as the kernel's unpacker finds them: zero padding skipped, each
+    one uncompressed (at a 4-byte boundary), or a gzip or xz stream holding archives itself."""
+    off = 0
+    while off < len(buf):
+        if buf[off] == 0:
+            off += 1
+            continue
+        head = bytes(buf[off:off + 6])
+        at = f"{where}offset {off}"
+        if head == MAGIC:
+            if off % 4:  # the kernel only looks for an uncompressed archive at a 4-byte boundary
+                raise InitramfsError(f"initramfs: newc archive at {at} is not 4-byte aligned")
+            off = _archive(buf, off, out)
+            continue
+        if head == XZ_MAGIC:
+            d: Any = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+            bad: tuple[type[Exception], ...] = (lzma.LZMAError,)
+            kind = "xz"
+        elif head[:2] == GZIP_MAGIC:
+            d, bad, kind = zlib.decompressobj(wbits=31), (zlib.error,), "gzip"
+        else:
+            for magic, name in KNOWN_MAGICS.items():
+                if head.startswith(magic):
+                    raise UnsupportedCompression(f"initramfs: {name} at {at}: this stage reads gzip and xz")
+            raise InitramfsError(f"initramfs: unknown data at {at}: {head.hex()}")
+        try:
+            data = d.decompress(buf[off:])
+        except bad as e:
+            raise InitramfsError(f"initramfs: {kind} stream at {at}: {e}") from None
+        if not d.eof:
+            raise InitramfsError(f"initramfs: {kind} stream at {at} is truncated")
+        _walk(memoryview(data), out, f"{kind} stream at {at}: ")
+        off = len(buf) - len(d.unused_data)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """The next stage's root, parsed and checked before anything is torn down."""
+
+    members: list[tuple[Member, memoryview]]
+
+    @property
+    def files(self) -> int:
+        return sum(1 for m, _ in self.members if stat.S_ISREG(m.mode))
+
+
+def parse_initramfs(data: bytes) -> Parsed:
+    """Every member of every archive in `data`, paths normalised (none may escape the root).
+    Raises InitramfsError (UnsupportedCompression for a compression we cannot read)."""
+    members: list[tuple[Member, memoryview]] = []
+    _walk(memoryview(data), members)
+    if not members:
+        raise InitramfsError("initramfs: no files")
+    return Parsed(members)
+
+
+def _remove(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        delete_tree(path, st.st_dev)
+        os.rmdir(path)
+    else:
+        os.unlink(path)
+
+
+def extract(parsed: Parsed, root: str = "/") -> None:
+    """Write the members under `root` as the kernel's unpacker would (a later member replaces an
+    earlier one of the same path). Call it after chroot into the new root: then `root` is "/"
+    and absolute symlinks in the archive resolve inside it."""
+    for m, content in parsed.members:
+        path = os.path.join(root, m.path)
+        perm = stat.S_IMODE(m.mode)
+        if stat.S_ISDIR(m.mode):
+            if not os.path.isdir(path) or os.path.islink(path):
+                _remove(path)
+                os.mkdir(path, perm)
+            os.chmod(path, perm)
+        elif stat.S_ISREG(m.mode):
+            if os.path.islink(path) or os.path.isdir(path):
+                _remove(path)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, perm)
+            try:
+                view = memoryview(content)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchmod(fd, perm)
+            finally:
+                os.close(fd)
+        elif stat.S_ISLNK(m.mode):
+            _remove(path)
+            os.symlink(m.target, path)
+        elif stat.S_ISCHR(m.mode) or stat.S_ISBLK(m.mode):
+            _remove(path)
+            os.mknod(path, m.mode, os.makedev(*m.rdev))
+        else:
+            raise InitramfsError(f"initramfs: {m.path}: unsupported file type {oct(m.mode)}")
+
+
+# -- tearing down the old stage ---------------------------------------------------------------
+
+
+def loaded_modules(proc_modules: str | os.PathLike[str] = "/proc/modules") -> set[str]:
+    try:
+        return {line.split()[0] for line in Path(proc_modules).read_text().splitlines() if line.strip()}
+    except FileNotFoundError:
+        return set()
+
+
+def unload(names: Iterable[str], proc_modules: str | os.PathLike[str] = "/proc/modules") -> list[str]:
+    """delete_module(2) each of `names` that is loaded; returns the ones unloaded. A module that
+    cannot be unloaded refuses the hand-over (the next stage would reach what it guards)."""
+    loaded = loaded_modules(proc_modules)
+    done = []
+    for name in names:
+        if name in loaded:
+            try:
+                syscalls.delete_module(name)
+            except syscalls.SyscallError as e:
+                raise SwitchRootError(f"unload {name}: {e}") from None
+            done.append(name)
+    return done
+
+
+def mounts(path: str | os.PathLike[str] = "/proc/self/mounts") -> list[str]:
+    """Mount points, in mount order (octal escapes of mountinfo decoded)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            out.append(_unescape(parts[1]))
+    return out
+
+
+def _unescape(field: str) -> str:
+    """The kernel writes space, tab, newline and backslash in mount paths as \\ooo octal (done by
+    hand: the "unicode_escape" codec is looked up by name, so images do not carry it)."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def delete_tree(top: str, dev: int) -> None:
+    """Delete everything under `top` on device `dev`, never crossing into another mount (as
+    switch_root(8) frees the initramfs before moving the new root onto /)."""
+    with os.scandir(top) as it:
+        entries = list(it)
+    for e in entries:
+        try:
+            st = e.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if st.st_dev != dev:
+            continue  # a mount point (proc, sys, dev, the new root): left for umount
+        if stat.S_ISDIR(st.st_mode):
+            delete_tree(e.path, dev)
+            try:
+                os.rmdir(e.path)
+            except OSError:
+                pass  # holds a mount point further down
+        else:
+            os.unlink(e.path)
+
+
+def close_fds(keep: int = 2) -> None:
+    """Close every fd above `keep` (stdin/stdout/stderr are the console the next stage uses)."""
+    try:
+        fds = [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(keep + 1, 1024))
+    for fd in fds:
+        if fd > keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# -- the hand-over ----------------------------------------------------------------------------
+
+
+def check_probes(secrets: Iterable[bytes | bytearray]) -> list[dict[str, str]]:
+    """Debug builds: what the next stage searches its files for (never the secret itself)."""
+    return [{"prefix": bytes(s[:4]).hex(), "sha256": hashlib.sha256(bytes(s)).hexdigest()} for s in secrets if s]
+
+
+def debug_build(flag: str | os.PathLike[str] = CHECK_FLAG) -> bool:
+    return Path(flag).is_file()
+
+
+def handoff_files(handoff: Handoff) -> list[tuple[str, bytes, int]]:
+    """(path, bytes, mode) of the hand-off files, as cidboot.stage.handoff.Handoff.to_cpio writes them."""
+    handoff.validate()
+    files = [(BOOT_PATH, canonical_json(handoff.boot), 0o644)]
+    if handoff.dice is not None:
+        files.append((DICE_PATH, handoff.dice, 0o600))
+    return files
+
+
+def switch_root(parsed: Parsed, handoff: Handoff, *, secrets: Iterable[bytearray] = (), new_root: str = NEW_ROOT,
+                unload_modules: Iterable[str] = UNLOAD, init: str = INIT,
+                log: Callable[[str], None] = lambda _m: None) -> None:
+    """Steps 2-6 of the module docstring. Only as PID 1; returns only by raising."""
+    if os.getpid() != 1:
+        raise SwitchRootError("refusing to switch root: not PID 1 (this would take the host's root away)")
+    files = handoff_files(handoff)
+    gone = unload(unload_modules)
+    if gone:
+        log(f"unloaded {' '.join(gone)}")
+    old = [m for m in mounts() if m not in ("/", new_root)]
+    os.makedirs(new_root, exist_ok=True)
+    try:
+        syscalls.mount("tmpfs", new_root, "tmpfs", 0, "mode=0755")
+    except syscalls.SyscallError as e:
+        raise SwitchRootError(f"tmpfs for the new root: {e}") from None
+    gc.collect()  # the old stage's garbage goes now, not as file objects closing fds later
+    # from here the old root is being dismantled: no imports, nothing that opens files in it
+    delete_tree("/", os.lstat("/").st_dev)
+    for target in sorted(old, key=len, reverse=True):
+        try:
+            syscalls.umount2(target, syscalls.MNT_DETACH)
+        except syscalls.SyscallError as e:
+            raise SwitchRootError(str(e)) from None
+    try:
+        os.chdir(new_root)
+        syscalls.mount(".", "/", None, syscalls.MS_MOVE)
+        os.chroot(".")
+        os.chdir("/")
+        extract(parsed)
+        for path, data, mode in files:
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+            try:
+                os.write(fd, data)
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+    except (OSError, syscalls.SyscallError) as e:
+        raise SwitchRootError(f"new root: {e}") from None
+    finally:
+        for s in secrets:
+            wipe(s)
+        if handoff.dice is not None:
+            wipe(handoff.dice)
+        for _p, data, _m in files:
+            wipe(data)
+    close_fds()
+    os.execve(init, [init], {"PATH": "/usr/bin:/bin", "TERM": os.environ.get("TERM", "linux")})
+
+
+def hand_over(kernel: bytes, initrd: bytes, cmdline: str, handoff: Handoff, *, secrets: Iterable[bytearray] = (),
+              forced: bool = False, running: bytes | None = None, running_cmdline: str | None = None,
+              log: Callable[[str], None] = lambda _m: None) -> None:
+    """Start the next stage (kernel, initrd, cmdline, hand-off) the cheapest sound way: in this
+    kernel when it is the same kernel (`decide`), by kexec otherwise. Wipes `secrets` either way.
+    Returns only by raising. `running` defaults to this image's /etc/cidboot/kernel.sha512,
+    `running_cmdline` to /proc/cmdline."""
+    secrets = list(secrets)
+    if forced:  # a stage started by kexec cannot see the command line that forced it: tell it
+        handoff.boot["handover"] = "kexec"
+    if running is None:
+        running = running_kernel_sha512()
+    if running_cmdline is None:
+        running_cmdline = proc_cmdline()
+    how = decide(kernel, running=running, forced=forced, cmdline=cmdline, running_cmdline=running_cmdline)
+    if how == "switch_root":
+        try:
+            parsed = parse_initramfs(initrd)
+        except UnsupportedCompression as e:
+            log(f"{e}; kexec instead")
+            how = "kexec"
+        else:
+            say(f"cidboot-stage: handover switch_root files={parsed.files}")
+            switch_root(parsed, handoff, secrets=secrets, log=log)
+    from cidboot.stage.kexec import kexec_boot
+
+    say("cidboot-stage: handover kexec")
+    with_handoff = handoff.append_to(initrd)
+    if handoff.dice is not None:
+        wipe(handoff.dice)
+    for s in secrets:
+        wipe(s)
+    kexec_boot(kernel, with_handoff, cmdline)
+
+
+# -- debug builds: what the next stage can reach ----------------------------------------------
+
+
+def scan(probes: list[dict[str, str]], root: str = "/") -> tuple[int, int, int]:
+    """Search every regular file under `root` on the root's device (not /proc, /sys, /dev) for
+    each probe; returns (hits, files, bytes)."""
+    want = [(bytes.fromhex(p["prefix"]), p["sha256"]) for p in probes]
+    dev = os.lstat(root).st_dev
+    hits = files = total = 0
+    stack = [root]
+    while stack:
+        top = stack.pop()
+        try:
+            with os.scandir(top) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for e in entries:
+            st = e.stat(follow_symlinks=False)
+            if st.st_dev != dev:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(e.path)
+            elif stat.S_ISREG(st.st_mode):
+                try:
+                    data = Path(e.path).read_bytes()
+                except OSError:
+                    continue
+                files += 1
+                total += len(data)
+                for prefix, digest in want:
+                    i = data.find(prefix)
+                    while i >= 0:
+                        if hashlib.sha256(data[i:i + 32]).hexdigest() == digest:
+                            hits += 1
+                        i = data.find(prefix, i + 1)
+    return hits, files, total
+
+
+def report_handover_check(boot: dict[str, Any], stage: str, *, root: str = "/",
+                          proc_modules: str = "/proc/modules") -> str | None:
+    """When the previous stage was a debug build (boot.json has `handover_check`), print what
+    this stage can reach of it: the hand-off file, qemu_fw_cfg, the previous stage's secrets in
+    any file. Production hand-offs carry no probes and nothing is printed."""
+    probes = boot.get("handover_check")
+    if not isinstance(probes, list):
+        return None
+    hits, files, total = scan(probes, root)
+    dice_gone = not os.path.lexists(os.path.join(root, DICE_PATH))
+    fw_cfg = "loaded" if "qemu_fw_cfg" in loaded_modules(proc_modules) else "absent"
+    fw_sys = "present" if os.path.exists(os.path.join(root, "sys/firmware/qemu_fw_cfg")) else "absent"
+    line = (f"cidboot: handover-check: stage={stage} dice.cbor={'gone' if dice_gone else 'present'} "
+            f"qemu_fw_cfg={fw_cfg} sysfs_fw_cfg={fw_sys} secrets_found={hits} probes={len(probes)} "
+            f"files={files} bytes={total}")
+    say(line)
+    return line

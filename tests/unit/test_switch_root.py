@@ -1,0 +1,295 @@
+"""cidboot.stage.switch_root: the same-kernel rule, reading the next stage's initramfs the way the
+kernel does, the hand-off as files, the kexec fallback, and the debug-build handover check.
+Nothing here switches a root: the PID-1-only steps are refused or replaced by fakes."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import lzma
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cidboot.stage import switch_root as sr
+from cidboot.stage import syscalls
+from cidboot.stage.cpio import Entry, archive_bytes, iter_newc
+from cidboot.stage.handoff import DICE_PATH, Handoff, load
+from cidboot.trust.dice import encode_chain, encode_handover, key_from_cdi
+
+KERNEL = b"MZ fake bzImage " * 64
+OTHER_KERNEL = b"MZ another kernel " * 64
+
+
+def dice() -> bytes:
+    a, s = bytes(range(32)), bytes(range(32, 64))
+    return encode_handover(a, s, encode_chain(key_from_cdi(a).public_key(), []))
+
+
+def handoff() -> Handoff:
+    return Handoff(dice=dice(), boot={"boot_mode": "measured", "bootconfig": "{}"})
+
+
+def layer(entries: list[Entry]) -> bytes:
+    return archive_bytes(entries, mtime=0)
+
+
+def image_initrd() -> bytes:
+    """Like an image: xz layers, a gzip one, an uncompressed one, zero padding between them."""
+    runtime = lzma.compress(layer([Entry.file("usr/bin/python3", b"\x7fELF...", 0o755),
+                                   Entry.symlink("bin", "usr/bin"), Entry.file("etc/x", b"old")]),
+                            format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
+    agent = gzip.compress(layer([Entry.file("init", b"#!/usr/bin/python3 -IS\n", 0o755),
+                                 Entry.directory("tmp", 0o1777)]), mtime=0)
+    config = layer([Entry.file("etc/x", b"new"), Entry.file("etc/cidboot/flow.json", b"{}")])
+    head = runtime + b"\0" * 3 + agent
+    return head + b"\0" * (8 + -len(head) % 4) + config  # an uncompressed archive starts 4-byte aligned
+
+
+# -- the rule -------------------------------------------------------------------------------------
+
+
+def test_same_kernel_bytes_switch_root_and_anything_else_kexecs() -> None:
+    running = hashlib.sha512(KERNEL).digest()
+    assert sr.decide(KERNEL, running=running) == "switch_root"
+    assert sr.decide(OTHER_KERNEL, running=running) == "kexec"
+    assert sr.decide(KERNEL[:-1], running=running) == "kexec"
+
+
+def test_kernel_parameters_the_next_stage_asks_for_must_already_be_in_effect() -> None:
+    running = hashlib.sha512(KERNEL).digest()
+    now = "console=ttyS0 quiet panic=-1 cidboot.handover=auto"
+    assert sr.decide(KERNEL, running=running, cmdline="cidboot.config=tftp://x/y console=ttyS0",
+                     running_cmdline=now) == "switch_root"
+    assert sr.decide(KERNEL, running=running, cmdline="console=ttyS0 init_on_free=1", running_cmdline=now) == "kexec"
+    assert sr.decide(KERNEL, running=running, cmdline="console=ttyS0", running_cmdline=None) == "kexec"
+
+
+def test_a_stage_that_does_not_know_its_kernel_kexecs() -> None:
+    assert sr.decide(KERNEL, running=None) == "kexec"  # fail closed: nothing to compare against
+
+
+def test_forced_kexec_wins_over_a_matching_kernel() -> None:
+    assert sr.decide(KERNEL, running=hashlib.sha512(KERNEL).digest(), forced=True) == "kexec"
+
+
+def test_running_kernel_hash_is_read_from_the_image_and_garbage_means_unknown(tmp_path: Path) -> None:
+    p = tmp_path / "kernel.sha512"
+    assert sr.running_kernel_sha512(p) is None
+    p.write_text(hashlib.sha512(KERNEL).hexdigest() + "\n")
+    assert sr.running_kernel_sha512(p) == hashlib.sha512(KERNEL).digest()
+    p.write_text("zz" * 64)
+    assert sr.running_kernel_sha512(p) is None
+    p.write_text(hashlib.sha256(KERNEL).hexdigest())  # a SHA-256 is not the SHA-512 the rule compares
+    assert sr.running_kernel_sha512(p) is None
+
+
+def test_kexec_is_forced_by_the_command_line_or_by_the_received_handoff(tmp_path: Path) -> None:
+    cmd = tmp_path / "cmdline"
+    cmd.write_text("console=ttyS0 quiet panic=-1\n")
+    assert not sr.kexec_forced(None, cmd)
+    assert sr.kexec_forced({"handover": "kexec"}, cmd)
+    cmd.write_text("console=ttyS0 cidboot.handover=kexec quiet\n")
+    assert sr.kexec_forced({}, cmd)
+    assert not sr.kexec_forced({}, tmp_path / "missing")
+
+
+# -- reading the initramfs ----------------------------------------------------------------------
+
+
+def test_concatenated_compressed_and_padded_archives_are_read_like_the_kernel_does() -> None:
+    parsed = sr.parse_initramfs(image_initrd())
+    paths = [m.path for m, _ in parsed.members]
+    assert paths.count("etc/x") == 2 and paths[-1] == "etc/x"  # the later layer's, which wins
+    assert "init" in paths and "usr/bin/python3" in paths
+    assert parsed.files == 5
+
+
+def test_an_appended_handoff_cpio_is_read_too() -> None:
+    h = handoff()
+    parsed = sr.parse_initramfs(h.append_to(image_initrd()))
+    assert DICE_PATH in [m.path for m, _ in parsed.members]
+
+
+@pytest.mark.parametrize("magic,name", [(b"\x28\xb5\x2f\xfd", "zstd"), (b"BZh91AY", "bzip2")])
+def test_a_compression_the_stage_cannot_read_is_unsupported_not_garbage(magic: bytes, name: str) -> None:
+    with pytest.raises(sr.UnsupportedCompression, match=name):
+        sr.parse_initramfs(layer([Entry.file("a", b"x")]) + magic + b"\0" * 32)
+
+
+def test_truncated_or_garbled_initramfs_is_refused_with_the_offset() -> None:
+    xz = lzma.compress(layer([Entry.file("a", b"x" * 1000)]), format=lzma.FORMAT_XZ)
+    with pytest.raises(sr.InitramfsError, match="offset 0"):
+        sr.parse_initramfs(xz[:-20])
+    with pytest.raises(sr.InitramfsError, match="unknown data at offset 0"):
+        sr.parse_initramfs(b"\x01garbage")
+    arch = layer([Entry.file("a", b"x" * 100)])
+    with pytest.raises(sr.InitramfsError, match="runs past the end"):
+        sr.parse_initramfs(arch[:150])
+    with pytest.raises(sr.InitramfsError, match="no files"):
+        sr.parse_initramfs(b"\0" * 16)
+
+
+def test_an_unaligned_uncompressed_archive_is_refused_as_the_kernel_would() -> None:
+    with pytest.raises(sr.InitramfsError, match="not 4-byte aligned"):
+        sr.parse_initramfs(b"\0" * 2 + layer([Entry.file("a", b"x")]))
+
+
+def test_member_paths_cannot_escape_the_new_root() -> None:
+    good = layer([Entry.file("a", b"x")])
+    evil = good.replace(b"a\0", b"/\0", 1)  # the name "/" normalises to nothing
+    with pytest.raises(sr.InitramfsError):
+        sr.parse_initramfs(evil)
+
+
+def test_device_nodes_keep_their_major_and_minor() -> None:
+    (m,) = [m for m, _ in iter_newc(layer([Entry.chardev("dev/console", 5, 1)])) if m.path == "dev/console"]
+    assert m.rdev == (5, 1)
+
+
+def test_extract_writes_files_links_and_modes_and_later_members_win(tmp_path: Path) -> None:
+    sr.extract(sr.parse_initramfs(image_initrd()), str(tmp_path))
+    assert (tmp_path / "etc/x").read_bytes() == b"new"
+    assert os.readlink(tmp_path / "bin") == "usr/bin"
+    assert stat.S_IMODE((tmp_path / "init").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "tmp").stat().st_mode) == 0o1777
+
+
+# -- the hand-off as files ----------------------------------------------------------------------
+
+
+def test_handoff_files_are_what_the_next_stage_loads_once(tmp_path: Path) -> None:
+    h = handoff()
+    for path, data, mode in sr.handoff_files(h):
+        p = tmp_path / path
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        p.chmod(mode)
+    assert stat.S_IMODE((tmp_path / DICE_PATH).stat().st_mode) == 0o600
+    got = load(tmp_path)
+    assert got.dice == h.dice and got.boot == h.boot
+    assert not (tmp_path / DICE_PATH).exists()  # read once: the CDIs are not left in a file
+
+
+# -- tearing down ---------------------------------------------------------------------------------
+
+
+def test_qemu_fw_cfg_is_unloaded_when_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mods = tmp_path / "modules"
+    mods.write_text("virtio_net 61440 0 - Live 0x0\nqemu_fw_cfg 20480 0 - Live 0x0\n")
+    calls: list[str] = []
+    monkeypatch.setattr(syscalls, "delete_module", lambda name, flags=0: calls.append(name))
+    assert sr.unload(["qemu_fw_cfg"], mods) == ["qemu_fw_cfg"] and calls == ["qemu_fw_cfg"]
+    mods.write_text("virtio_net 61440 0 - Live 0x0\n")
+    assert sr.unload(["qemu_fw_cfg"], mods) == []
+
+
+def test_a_module_that_will_not_unload_refuses_the_handover(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mods = tmp_path / "modules"
+    mods.write_text("qemu_fw_cfg 20480 1 - Live 0x0\n")
+
+    def busy(name: str, flags: int = 0) -> None:
+        raise syscalls.SyscallError("delete_module qemu_fw_cfg: Resource temporarily unavailable (errno 11)")
+
+    monkeypatch.setattr(syscalls, "delete_module", busy)
+    with pytest.raises(sr.SwitchRootError, match="qemu_fw_cfg"):
+        sr.unload(["qemu_fw_cfg"], mods)
+
+
+def test_mount_points_with_escaped_characters_are_decoded(tmp_path: Path) -> None:
+    m = tmp_path / "mounts"
+    m.write_text("rootfs / rootfs rw 0 0\nproc /proc proc rw 0 0\nx /mnt/a\\040b tmpfs rw 0 0\n")
+    assert sr.mounts(m) == ["/", "/proc", "/mnt/a b"]
+
+
+def test_delete_tree_empties_a_directory_on_its_device(tmp_path: Path) -> None:
+    (tmp_path / "a/b").mkdir(parents=True)
+    (tmp_path / "a/b/f").write_bytes(b"x")
+    (tmp_path / "l").symlink_to("/etc")
+    sr.delete_tree(str(tmp_path), os.lstat(tmp_path).st_dev)
+    assert list(tmp_path.iterdir()) == []
+    assert Path("/etc").is_dir()  # a symlink is removed, never followed
+
+
+def test_switch_root_refuses_outside_pid1() -> None:
+    with pytest.raises(sr.SwitchRootError, match="not PID 1"):
+        sr.switch_root(sr.parse_initramfs(image_initrd()), handoff())
+
+
+# -- the hand-over decision end to end (kexec and switch_root replaced by fakes) ----------------
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    import cidboot.stage.kexec as kexec
+
+    monkeypatch.setattr(kexec, "kexec_boot", lambda k, i, c: seen.update(kexec=(k, i, c)))
+    monkeypatch.setattr(sr, "switch_root", lambda parsed, h, **kw: seen.update(switch_root=(parsed, h, kw)))
+    return seen
+
+
+def test_a_different_kernel_kexecs_with_the_handoff_appended_and_secrets_wiped(fakes: dict[str, Any]) -> None:
+    secret = bytearray(b"\x42" * 32)
+    h = handoff()
+    initrd = image_initrd()
+    sr.hand_over(OTHER_KERNEL, initrd, "console=ttyS0", h, secrets=[secret], running=hashlib.sha512(KERNEL).digest(),
+                 running_cmdline="console=ttyS0")
+    k, i, c = fakes["kexec"]
+    assert k == OTHER_KERNEL and c == "console=ttyS0"
+    assert i.startswith(initrd) and DICE_PATH.encode() in i[len(initrd):]
+    assert secret == bytearray(32) and h.dice == bytes(len(h.dice or b""))
+    assert "switch_root" not in fakes
+
+
+def test_the_same_kernel_switches_root_and_does_not_kexec(fakes: dict[str, Any]) -> None:
+    secret = bytearray(b"\x42" * 32)
+    sr.hand_over(KERNEL, image_initrd(), "console=ttyS0", handoff(), secrets=[secret],
+                 running=hashlib.sha512(KERNEL).digest(), running_cmdline="console=ttyS0 quiet")
+    parsed, _h, kw = fakes["switch_root"]
+    assert parsed.files == 5 and kw["secrets"] == [secret]
+    # the fake returned, as a failed switch_root would raise: the fallback is kexec, never nothing
+    assert "kexec" in fakes
+
+
+def test_a_forced_kexec_tells_the_next_stage(fakes: dict[str, Any]) -> None:
+    h = handoff()
+    sr.hand_over(KERNEL, image_initrd(), "", h, running=hashlib.sha512(KERNEL).digest(), running_cmdline="",
+                 forced=True)
+    assert "switch_root" not in fakes and h.boot["handover"] == "kexec"
+
+
+def test_an_unreadable_compression_falls_back_to_kexec(fakes: dict[str, Any]) -> None:
+    zstd = b"\x28\xb5\x2f\xfd" + b"\0" * 64
+    sr.hand_over(KERNEL, zstd, "", handoff(), running=hashlib.sha512(KERNEL).digest(), running_cmdline="")
+    assert "switch_root" not in fakes and fakes["kexec"][0] == KERNEL
+
+
+# -- debug builds: the handover check -------------------------------------------------------------
+
+
+def test_handover_check_finds_a_secret_left_in_a_reachable_file(tmp_path: Path) -> None:
+    secret = os.urandom(32)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/ok").write_bytes(b"nothing here" * 100)
+    boot = {"handover_check": sr.check_probes([secret])}
+    mods = tmp_path / "modules"
+    mods.write_text("virtio_net 1 0 - Live 0x0\n")
+    line = sr.report_handover_check(boot, "bootstrap", root=str(tmp_path), proc_modules=str(mods))
+    assert line is not None and "secrets_found=0" in line and "dice.cbor=gone" in line and "qemu_fw_cfg=absent" in line
+    (tmp_path / "etc/leak").write_bytes(b"junk" + secret + b"junk")
+    line = sr.report_handover_check(boot, "bootstrap", root=str(tmp_path), proc_modules=str(mods))
+    assert line is not None and "secrets_found=1" in line
+
+
+def test_a_production_handoff_prints_no_handover_check(tmp_path: Path) -> None:
+    assert sr.report_handover_check({"boot_mode": "measured"}, "agent", root=str(tmp_path)) is None
+
+
+def test_probes_do_not_carry_the_secret() -> None:
+    secret = os.urandom(32)
+    (probe,) = sr.check_probes([secret])
+    assert bytes.fromhex(probe["prefix"]) == secret[:4] and secret.hex() not in str(probe)
