@@ -12,7 +12,6 @@ console and powers off, because a PID 1 that exits panics the kernel and hides t
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import signal

@@ -8,7 +8,7 @@ module finds its number for the running machine (x86_64, aarch64) or says it can
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 
 from cidboot.errors import CidbootError
@@ -29,8 +29,13 @@ class SyscallError(CidbootError):
     """A system call failed or does not exist on this machine (the message has the errno's meaning)."""
 
 
+@functools.cache
 def libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    """The C library, loaded once. By its soname, not ctypes.util.find_library: that runs
+    `ldconfig -p`, then looks for gcc and ld, in subprocesses, on every call; in a stage image
+    none of them exists, so each call was failed fork+execs under emulation (and imported
+    subprocess and shutil at start-up) only to fall back to this same name."""
+    return ctypes.CDLL("libc.so.6", use_errno=True)
 
 
 def number(name: str) -> int:
