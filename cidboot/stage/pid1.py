@@ -16,7 +16,6 @@ import errno
 import os
 import signal
 import sys
-import traceback
 from pathlib import Path
 
 from cidboot.errors import CidbootError
@@ -116,5 +115,7 @@ def run_stage(module: str) -> None:
     except SystemExit as e:
         power_off(f"stage exited with status {e.code}")
     except BaseException as e:  # PID 1 must never just die: report, then power off
+        import traceback  # only on the way down: linecache, tokenize are not start-up's to pay
+
         traceback.print_exc()
         power_off(f"{type(e).__name__}: {e}")
