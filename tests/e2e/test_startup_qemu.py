@@ -76,16 +76,29 @@ def parse_importtime(lines: list[str]) -> tuple[int, list[tuple[str, int]], list
 
 def boot_once(name: str, kernel: Path, initrd: Path, append: str, work: Path, timeout: float = 300) -> list[Any]:
     """Boot until power-off; the console lines (t since power-on, text)."""
-    from qemu.harness.vm import Guest
+    from qemu.harness.vm import Guest, GuestError
 
-    state = work / name
-    shutil.rmtree(state, ignore_errors=True)
-    from qemu.harness.vm import GuestError
-
-    with Guest.create(name, state, kernel=kernel, initrd=initrd, append=append, memory_mib=1024) as g:
-        with contextlib.suppress(GuestError):  # a stage that never powers off: measure what was printed
-            g.wait_for_console(r"reboot: Power down|Kernel panic", timeout)
-        return list(g.console.lines)
+    for attempt in range(2):  # QMP can refuse the first connection on a loaded host: one more power-on
+        state = work / name
+        shutil.rmtree(state, ignore_errors=True)
+        g = Guest.create(name, state, kernel=kernel, initrd=initrd, append=append, memory_mib=1024)
+        try:
+            g.start()
+        except Exception:
+            with contextlib.suppress(Exception):
+                g.stop()
+            if g.running:
+                g.kill()
+            if attempt:
+                raise
+            continue
+        try:
+            with contextlib.suppress(GuestError):  # a stage that never powers off: measure what was printed
+                g.wait_for_console(r"reboot: Power down|Kernel panic", timeout)
+            return list(g.console.lines)
+        finally:
+            g.stop()
+    raise AssertionError("unreachable")
 
 
 def _first(lines: list[Any], rx: re.Pattern[str]) -> Any | None:
