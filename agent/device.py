@@ -18,7 +18,6 @@ Everything above step 5 is `boot_agent`, callable on a host with a handoff direc
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -293,6 +292,8 @@ def run_flow(agent: BootedAgent, *, remote_wait: float = 300.0) -> list[Any]:
     """This role's part of the flow with agent.orchestrator: its operations from the image's ops
     directory, outputs for other roles sent to attested peers, peers' inputs accepted from the
     peer endpoints, each result recorded (console line, /results, publishing)."""
+    import asyncio  # here, not at the top: the flow runs after `agent ready`, start-up need not wait for it
+
     from agent.orchestrator import Orchestrator, load_operations
 
     if agent.signed.manifest.flow is None:

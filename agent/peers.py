@@ -42,7 +42,6 @@ boot config's `peers` maps a role to the agents' base URLs.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import inspect
 import json
@@ -52,11 +51,15 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cbor2
 
 from agent import httpclient
+
+if TYPE_CHECKING:  # asyncio is imported where used: after `agent ready`, by the flow run
+    import asyncio
+
 from agent.attestation_api import (
     CBOR_TYPE,
     AgentServer,
@@ -313,6 +316,8 @@ class PeerService:
         if inspect.isawaitable(out):
             if self.loop is None:
                 raise HttpError(500, "accept is async but no event loop was given")
+            import asyncio
+
             out = asyncio.run_coroutine_threadsafe(_awaited(out), self.loop).result(TIMEOUT)
         # the orchestrator answers with the inputs it admitted (validated, consumed here): say so,
         # so a sender's operator sees "received 3, admitted 0" rather than a bare OK
@@ -393,6 +398,8 @@ class PeerClient:
 
     async def asend(self, role: str, blocks: Sequence[Block]) -> list[AppraisalResult]:
         """`send` off the event loop, for the orchestrator's async `send` callback."""
+        import asyncio
+
         return await asyncio.to_thread(self.send, role, blocks)
 
 

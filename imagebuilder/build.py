@@ -36,6 +36,13 @@ from imagebuilder.uki import BuiltUki
 REPO = Path(__file__).resolve().parent.parent
 COMPONENT = {"image": "agent", "bootstrap": "bootstrap", "firmware": "firmware"}
 KERNEL_SHA512_PATH = "etc/cidboot/kernel.sha512"  # read by cidboot.stage.switch_root.RUNNING_KERNEL
+# each target's stage entry: /init calls its main() (cidboot.stage.pid1.run_stage), and the image
+# ships the import closure of this module (plus pid1 and the flow's operations), nothing else of the
+# component: no CLI, no boot server, no host tool (tests/unit/test_image_closure.py)
+ENTRY = {"image": "agent.device", "bootstrap": "bootstrap.stage.main", "firmware": "firmware.stage"}
+# host-only project code that stage modules import lazily on paths a device never takes
+# (agent.publish -> Kubo: the device agent never publishes); never shipped, never followed
+HOST_ONLY = ("cidboot.store.kubo",)
 REFERENCE_NAMES = ("firmware", "bootstrap")  # stages measured from their kernel + initrd (cidboot.trust.measure)
 
 
@@ -84,6 +91,12 @@ def _sources_digest(paths: list[Path]) -> dict[str, str]:
 
 def _py_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def stage_entries(target: str, op_modules: list[str]) -> list[str]:
+    """The modules whose import closure an image of `target` ships: PID 1, the stage's entry and
+    the flow's operation modules."""
+    return ["cidboot.stage.pid1", ENTRY[target], *op_modules]
 
 
 def _expires(ff: FlowFile) -> int:
@@ -242,10 +255,8 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
                 wheel_roots.append(initramfs.unpack_wheel(fetch_wheel(lock.wheels[w["name"]], hint),
                                                           cache_dir() / "wheels-unpacked"))
             roots = [REPO, ff.dir, sr / initramfs.STDLIB, sr / initramfs.STDLIB / "lib-dynload", *wheel_roots]
-            entries = [".".join(p.relative_to(REPO).with_suffix("").parts) for p in _py_files(REPO / component)]
-            entries = [e.removesuffix(".__init__") for e in entries] + ["cidboot.stage.pid1"] + op_modules
             say("analysing imports")
-            graph_cache.append(pyimports.analyse(entries, roots, extra))
+            graph_cache.append(pyimports.analyse(stage_entries(ff.target, op_modules), roots, extra, HOST_ONLY))
         return graph_cache[0]
 
     kmods = sorted(kspec.get("modules", []))
@@ -257,9 +268,10 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         return compress(archive_bytes(entries, epoch), comp)
 
     layer("runtime", {"debs": rt_pins, "wheels": wheel_pins, "code": code_digest, "ops": ops_digest, "extra": extra,
+                      "entry": ENTRY[ff.target],
                       "kmods": kmods, "kernel": asdict(lock.pin(kspec["package"])) if kmods else None}, runtime)
-    layer("agent", {"code": code_digest, "component": component},
-          lambda: compress(archive_bytes(initramfs.init_entries(component)
+    layer("agent", {"code": code_digest, "component": component, "entry": ENTRY[ff.target]},
+          lambda: compress(archive_bytes(initramfs.init_entries(ENTRY[ff.target])
                                          + initramfs.code_entries(graph(), REPO, initramfs.APP), epoch), comp))
     layer("operations", ops_digest,
           lambda: compress(archive_bytes(initramfs.code_entries(graph(), ff.dir, initramfs.OPS), epoch), comp))

@@ -165,11 +165,22 @@ def data_entries(files: dict[str, Path]) -> list[Entry]:
             for dest, src in sorted(files.items())]
 
 
+IMPORTTIME_ENV = "cidboot_importtime"  # kernel command line `cidboot_importtime=1`: see init_entries
+
+
 def init_entries(entry_module: str) -> list[Entry]:
-    """/init: the interpreter in isolated mode, PID-1 duties from cidboot.stage.pid1, then the stage."""
+    """/init: the interpreter in isolated mode, PID-1 duties from cidboot.stage.pid1, then the stage.
+
+    Measuring start-up: with `cidboot_importtime=1` on the kernel command line (no dot in the
+    name: the kernel hands dotless `name=value` parameters to init as environment variables and
+    keeps dotted ones for modules), /init re-executes itself once under `-X importtime`, so
+    every import's cost is printed on the console (stderr). The knob only adds output; without
+    it /init runs exactly as before, one interpreter start."""
     script = (f"#!{PYTHON} -IS\n"
               f'"""PID 1 of this stage: set up /dev, /proc, /sys, then run {entry_module}."""\n'
               f"import sys\n"
+              f"if 'importtime' not in sys._xoptions and __import__('posix').environ.get(b'{IMPORTTIME_ENV}') == b'1':\n"
+              f"    __import__('posix').execv('{PYTHON}', ['{PYTHON}', '-IS', '-X', 'importtime', '/init'])\n"
               f"sys.path[:0] = ['/{APP}', '/{APP}/lib', '/{OPS}']\n"
               f"from cidboot.stage.pid1 import run_stage\n"
               f"run_stage({entry_module!r})\n")

@@ -101,15 +101,21 @@ def _imports(tree: ast.AST, name: str, is_pkg: bool) -> list[str]:
     return out
 
 
-def analyse(entries: Iterable[str], roots: list[Path], extra: Iterable[str] = ()) -> ImportGraph:
-    """The import closure of the entry modules (plus interpreter start-up modules)."""
+def analyse(entries: Iterable[str], roots: list[Path], extra: Iterable[str] = (),
+            exclude: Iterable[str] = ()) -> ImportGraph:
+    """The import closure of the entry modules (plus interpreter start-up modules).
+
+    `exclude` names modules (and their submodules) never to follow: host-only code that a stage
+    module imports lazily on a path the device never takes (cidboot.store.kubo from
+    agent.publish); static analysis cannot know the path is dead, the builder does."""
     g = ImportGraph()
     queue = [*STARTUP, *extra, *entries]
+    skip = tuple(exclude)
     while queue:
         name = queue.pop()
-        if name in g.modules or name in g.unresolved:
+        if name in g.modules or name in g.unresolved or name in g.excluded:
             continue
-        if name.split(".")[0] in EXCLUDED:
+        if name.split(".")[0] in EXCLUDED or any(name == x or name.startswith(x + ".") for x in skip):
             g.excluded.add(name)
             continue
         # importing a.b.c imports a and a.b first

@@ -18,7 +18,6 @@ is not guaranteed to be cleared.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 from cidboot.errors import CidbootError

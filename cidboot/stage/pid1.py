@@ -12,12 +12,10 @@ console and powers off, because a PID 1 that exits panics the kernel and hides t
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import signal
 import sys
-import traceback
 from pathlib import Path
 
 from cidboot.errors import CidbootError
@@ -96,7 +94,11 @@ def finit_module(path: Path) -> None:
 
 
 def run_stage(module: str) -> None:
-    """Entry of /init: PID-1 set-up, then `module`'s main(); power off on any fatal error."""
+    """Entry of /init: PID-1 set-up, then `module`'s main(); power off on any fatal error.
+
+    `module` is the stage's own entry (firmware.stage, bootstrap.stage.main, agent.device: the
+    image builder's imagebuilder.build.ENTRY), imported and its main() called: not the
+    package's __main__, whose CLI branch would have to ship too."""
     if os.getpid() != 1:
         raise Pid1Error("run_stage is the /init of a boot image and must run as PID 1")
     try:
@@ -108,12 +110,12 @@ def run_stage(module: str) -> None:
             for n in names:
                 finit_module(Path(MODULE_DIR, f"{n}.ko"))
             print(f"cidboot: loaded {' '.join(names)}", file=sys.stderr, flush=True)
-        import runpy
-
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        __import__(module, fromlist=["main"]).main()
         power_off("stage exited")
     except SystemExit as e:
         power_off(f"stage exited with status {e.code}")
     except BaseException as e:  # PID 1 must never just die: report, then power off
+        import traceback  # only on the way down: linecache, tokenize are not start-up's to pay
+
         traceback.print_exc()
         power_off(f"{type(e).__name__}: {e}")

@@ -8,7 +8,6 @@ module finds its number for the running machine (x86_64, aarch64) or says it can
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import os
 
@@ -36,9 +35,12 @@ class SyscallError(CidbootError):
 
 @functools.cache
 def libc() -> ctypes.CDLL:
-    """libc, loaded once: find_library may run a helper program, and a stage switching roots
-    must still reach libc after the old root's files are gone (cidboot.stage.switch_root)."""
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    """The C library, loaded once. By its soname, not ctypes.util.find_library: that runs
+    `ldconfig -p`, then looks for gcc and ld, in subprocesses, on every call; in a stage image
+    none of them exists, so each call was failed fork+execs under emulation (and imported
+    subprocess and shutil at start-up) only to fall back to this same name. Cached, so a stage
+    switching roots still reaches libc after the old root's files are gone (switch_root)."""
+    return ctypes.CDLL("libc.so.6", use_errno=True)
 
 
 def number(name: str) -> int:

@@ -1,0 +1,93 @@
+"""What a stage image carries: the import closure of its own entry, nothing else of the project.
+
+The closure is computed as `imagebuilder build` does (imagebuilder.build.stage_entries through
+imagebuilder.pyimports.analyse), here over the project tree alone: stdlib and wheel names stay
+unresolved, which is all these checks need (no download). Host-side code (the boot server, the
+CLIs, Kubo's client, the image builder) must not be in any stage image: it was, when the images
+shipped every module of their component. And every shipped module carries bytecode the target
+interpreter loads without reading the source: unchecked-hash .pyc (PEP 552).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import struct
+from pathlib import Path
+
+import pytest
+
+from imagebuilder import build, initramfs, pycompile, pyimports
+
+REPO = Path(__file__).resolve().parents[2]
+OPS = {"firmware": REPO / "firmware" / "image", "bootstrap": REPO / "bootstrap" / "image",
+       "image": REPO / "examples" / "hello"}
+NEEDS = {
+    "firmware": ["cidboot.stage.pid1", "firmware.stage", "firmware.netboot", "cidboot.netboot.dhcp_client",
+                 "cidboot.netboot.tftp_client", "cidboot.stage.kexec", "cidboot.trust.dice", "cidboot.trust.measure",
+                 "cidboot.stage.handoff"],
+    "bootstrap": ["cidboot.stage.pid1", "bootstrap.stage.main", "bootstrap.stage.verify", "bootstrap.stage.nvram",
+                  "cidboot.store.gateway.client", "cidboot.store.blockstore", "cidboot.trust.manifest",
+                  "cidboot.stage.kexec", "cidboot.netboot.dhcp_client", "cidboot.trust.dice"],
+    "image": ["cidboot.stage.pid1", "agent.device", "agent.attestation_api", "agent.orchestrator", "agent.peers",
+              "cidboot.httpd", "cidboot.stage.handoff", "cidboot.dataflow.checks", "ops"],
+}
+HOST_SIDE = ["bootstrap.server", "bootstrap.cli", "bootstrap.commands", "bootstrap.__main__", "firmware.cli",
+             "firmware.commands", "firmware.__main__", "agent.cli", "agent.commands", "agent.__main__",
+             "cidboot.cli", "cidboot.store.kubo", "imagebuilder", "qemu", "bench", "tests", "examples.demo",
+             "scapy", "tftpy", "pyroute2", "ipfshttpclient", "yaml", "elftools"]
+
+
+def closure(target: str) -> pyimports.ImportGraph:
+    return pyimports.analyse(build.stage_entries(target, ["ops"]), [REPO, OPS[target]], exclude=build.HOST_ONLY)
+
+
+@pytest.mark.parametrize("target", sorted(build.ENTRY))
+def test_stage_image_closure_has_its_entry_and_what_it_needs(target: str) -> None:
+    g = closure(target)
+    assert build.ENTRY[target] in g.modules
+    missing = [m for m in NEEDS[target] if m not in g.modules]
+    assert not missing, f"{target}: the closure lacks {missing}"
+
+
+@pytest.mark.parametrize("target", sorted(build.ENTRY))
+def test_stage_image_ships_no_host_side_code(target: str) -> None:
+    """The bootstrap image carried bootstrap/server, the CLIs and their dependencies when an image
+    shipped every module of its component; now only what the stage entry imports."""
+    g = closure(target)
+    found = sorted(n for n in [*g.modules, *g.unresolved]
+                   if any(n == h or n.startswith(h + ".") for h in HOST_SIDE))
+    assert not found, f"{target} image would carry host-side modules: {found}"
+
+
+def test_entries_are_the_stage_mains_not_the_cli_packages() -> None:
+    """/init calls the entry's main() (cidboot.stage.pid1.run_stage): each entry has one, and none
+    is a package __main__ (whose CLI branch would pull the CLI into the image)."""
+    for target, entry in build.ENTRY.items():
+        assert not entry.endswith("__main__") and "." in entry, target
+        tree = (REPO / Path(*entry.split("."))).with_suffix(".py").read_text()
+        assert "\ndef main(" in tree, f"{entry} has no main()"
+
+
+def test_init_calls_the_entry_and_offers_the_importtime_knob() -> None:
+    init = initramfs.init_entries("bootstrap.stage.main")[0]
+    text = init.data.decode()
+    assert init.path == "init" and text.startswith(f"#!{initramfs.PYTHON} -IS\n")
+    assert "run_stage('bootstrap.stage.main')" in text
+    assert f"b'{initramfs.IMPORTTIME_ENV}') == b'1'" in text and "'-X', 'importtime'" in text
+    assert "." not in initramfs.IMPORTTIME_ENV  # dotted parameters never reach init's environment
+    compile(text, "init", "exec")
+
+
+def test_every_shipped_module_has_unchecked_hash_bytecode() -> None:
+    """python_entries pairs each source with its .pyc in __pycache__, hash-based and unchecked
+    (flags == 0b01): the interpreter neither compiles at boot nor stats the source."""
+    if importlib.util.MAGIC_NUMBER != pycompile.TARGET_MAGIC:
+        pytest.skip("host Python is not 3.11: it cannot compile the target's bytecode")
+    files = {"opt/cidboot/cidboot/errors.py": (REPO / "cidboot/errors.py").read_bytes(),
+             "usr/lib/python3.11/fake.py": b"X = 1\n"}
+    entries = {e.path: e.data for e in initramfs.python_entries(files)}
+    for src in files:
+        pyc = entries[pycompile.pyc_path(src)]
+        assert pyc[:4] == pycompile.TARGET_MAGIC
+        assert struct.unpack("<I", pyc[4:8])[0] == 0b01, f"{src}: not unchecked-hash bytecode"
+        assert pyc[8:16] == importlib.util.source_hash(files[src])
