@@ -48,12 +48,6 @@ def _build(flow: Path, cache: Path, *out: str) -> dict[str, object]:
     return dict(json.loads(proc.stdout))
 
 
-def _roles(res: dict[str, object]) -> dict[str, str]:
-    layers = res["layers"]
-    assert isinstance(layers, list)
-    return {lyr["role"]: lyr["cid"] for lyr in layers}
-
-
 @pytest.mark.qemu
 def test_image_boots_with_python_as_init(hello: Path, tmp_path: Path, warm_cache: Path) -> None:
     """Kernel + concatenated layers boot under QEMU (TCG): Python runs as PID 1 and loads the

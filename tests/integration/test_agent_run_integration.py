@@ -6,48 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
-from agent.cli import main
 from cidboot.dataflow.provenance import decode_input
-from cidboot.ipld import dagcbor
-from cidboot.ipld.cid import CID, DAG_CBOR
-from cidboot.ipld.unixfs.importer import import_bytes
+from cidboot.ipld.cid import CID
 from cidboot.store.blockstore import Blockstore
-from cidboot.trust import keys
-from cidboot.trust.cose_key import encode_public_key_bytes
-from cidboot.trust.manifest import Layer, Manifest, RootOfTrust, sign_manifest
 from tests.support.kubo_node import KuboNode
 
 REPO = Path(__file__).resolve().parents[2]
-READINGS = [(i * 7) % 10 for i in range(5)]
-
-
-def agent_run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any], str]:
-    rc = main(["run", *argv, "--json"])
-    out = capsys.readouterr()
-    return rc, json.loads(out.out), out.err
-
-
-def signed_two_device(store: Blockstore, measurements: dict[str, bytes]) -> CID:
-    doc = yaml.safe_load((REPO / "examples/two-device/flow.yaml").read_text())
-    flow_cid = store.put_block(dagcbor.encode(doc["dataflow"]), DAG_CBOR)
-    ops = import_bytes((REPO / "examples/two-device/ops.py").read_bytes(), store).cid
-    signer = keys.generate()
-    root = RootOfTrust((encode_public_key_bytes(signer.public_key()),), 1)
-    layer = import_bytes(b"an image layer", store)
-    m = Manifest("two-device", 1, int(time.time()) + 3600, (Layer(layer.cid, layer.size, "agent"),), root,
-                 measurements, flow=flow_cid, operations={"sample": ops, "summarise": ops},
-                 placement=doc["placement"], policies=[{"name": "measured", "veto": {"operation": "summarise"},
-                                                         "unless": {"measurement": "image"}}])
-    signed = sign_manifest(m, [signer])
-    store.put(signed.cid, signed.encode())
-    return signed.cid
 
 
 @pytest.mark.kubo

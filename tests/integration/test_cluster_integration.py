@@ -1,100 +1,28 @@
-"""IPFS Cluster: the REST client against a fake server (bad answers refused precisely), and
-`imagebuilder publish` against a real 3-peer CRDT cluster on loopback (replication 2, one
-peer killed, the cluster re-pins, the blocks come back verified from a survivor's gateway)."""
+"""IPFS Cluster: `imagebuilder publish` against a real 3-peer CRDT cluster on loopback (replication 2, one
+peer killed, the cluster re-pins, the blocks come back verified from a survivor's gateway). The
+REST client against a fake server is in tests/unit/test_cluster.py."""
 
 from __future__ import annotations
 
-import http.server
 import json
-import random
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from cidboot.ipld.cid import CID, DAG_CBOR, RAW
+from cidboot.ipld.cid import CID
 from cidboot.ipld.dag import walk
-from cidboot.ipld.unixfs import export_file, import_bytes
+from cidboot.ipld.unixfs import export_file
 from cidboot.store.blockstore import Blockstore
 from cidboot.store.cluster import (
     ClusterClient,
 )
 from cidboot.store.gateway.client import fetch
-from cidboot.trust.manifest import Layer, Manifest, RootOfTrust, sign_manifest
 from imagebuilder.cli import main as imagebuilder
 from tests.support.cluster_node import Cluster
 from tests.support.kubo_node import KuboNode
-
-KEYS = [ed25519.Ed25519PrivateKey.from_private_bytes(bytes([i]) * 32) for i in (7, 8)]
-CID_A = CID.of(b"a", RAW)
-
-
-def make_signed_manifest(store: Blockstore, seed: int = 1) -> tuple[CID, dict[str, bytes]]:
-    """A small but complete manifest DAG (two multi-block UnixFS layers, a flow, operations)."""
-    rnd = random.Random(seed)
-    files = {"kernel": rnd.randbytes(700_000), "agent": rnd.randbytes(300_000)}
-    layers = tuple(Layer(import_bytes(data, store).cid, len(data), role) for role, data in files.items())
-    flow = store.put_block(b"flow: hello\n", RAW)
-    ops = {"greet": store.put_block(b"op greet", RAW), "count": store.put_block(b"op count", RAW)}
-    m = Manifest(
-        name="hello", version=1, expires=int(time.time()) + 3600, layers=layers,
-        root=RootOfTrust.from_public_keys([k.public_key() for k in KEYS], threshold=2),
-        flow=flow, operations=ops,
-    )
-    signed = sign_manifest(m, KEYS)
-    cid = store.put_block(signed.encode(), DAG_CBOR)
-    return cid, {str(lyr.cid): files[lyr.role] for lyr in layers}
-
-
-# --- the REST client against a fake cluster -------------------------------------------------
-
-
-Route = Callable[[http.server.BaseHTTPRequestHandler], tuple[int, bytes]]
-
-
-@pytest.fixture
-def fake() -> Iterator[tuple[str, dict[tuple[str, str], Route]]]:
-    """An HTTP server whose answers the test sets per (method, path)."""
-    routes: dict[tuple[str, str], Route] = {}
-
-    class H(http.server.BaseHTTPRequestHandler):
-        def _any(self) -> None:
-            path = self.path.split("?", 1)[0]
-            route = routes.get((self.command, path))
-            status, body = route(self) if route else (404, b'{"code":404,"message":"no route"}')
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = do_DELETE = _any
-
-        def log_message(self, *a: Any) -> None:
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}", routes
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
-def _json(obj: Any, status: int = 200) -> Route:
-    return lambda h: (status, json.dumps(obj).encode())
-
-
-def status_obj(cid: CID, statuses: dict[str, str]) -> dict[str, Any]:
-    return {"cid": str(cid), "name": "x", "allocations": list(statuses), "peer_map": {
-        p: {"peername": p, "status": s, "ipfs_peer_id": "12D3K" + p, "error": "", "attempt_count": 0}
-        for p, s in statuses.items()}}
-
+from tests.unit.test_cluster import make_signed_manifest  # shared with the unit tier
 
 # --- imagebuilder publish: bad input, no cluster needed --------------------------------------
 

@@ -1,6 +1,6 @@
-"""cidboot.netboot.tftp_client: against a scripted fake server on loopback (malformed packets, option
-fallback, errors, gap ACKs), and in a network namespace against the real boot server (sizes,
-tsize, missing file, 20 % loss both ways) and tftpd-hpa (interop without windowsize)."""
+"""cidboot.netboot.tftp_client in a network namespace: against the real boot server (sizes, tsize,
+missing file, 20 % loss both ways) and tftpd-hpa (interop without windowsize). The scripted
+fake-server cases are unit tests (tests/unit/test_tftp_client.py)."""
 
 from __future__ import annotations
 
@@ -8,99 +8,16 @@ import hashlib
 import json
 import os
 import shutil
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cidboot.netboot import tftp_client
-from cidboot.netboot.tftp_client import (
-    DATA,
-    OACK,
-)
-
 REPO = Path(__file__).resolve().parents[2]
-
-
-# --- a scripted fake server on loopback -------------------------------------------------------
-
-
-def data(n: int, payload: bytes) -> bytes:
-    return struct.pack(">HH", DATA, n) + payload
-
-
-def oack(**opts: object) -> bytes:
-    return struct.pack(">H", OACK) + b"".join(f"{k}\0{v}\0".encode() for k, v in opts.items())
-
-
-def parse_rrq(pkt: bytes) -> tuple[str, dict[str, str]]:
-    assert pkt[:2] == b"\x00\x01"
-    parts = pkt[2:].split(b"\0")
-    name, mode, rest = parts[0].decode(), parts[1], parts[2:-1]
-    assert mode == b"octet"
-    return name, {rest[i].decode(): rest[i + 1].decode() for i in range(0, len(rest), 2)}
-
-
-class Fake:
-    """The request port and one transfer socket (its TID); the test plays the server."""
-
-    def __init__(self) -> None:
-        self.req = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.req.bind(("127.0.0.1", 0))
-        self.port = self.req.getsockname()[1]
-        self.tid = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.tid.bind(("127.0.0.1", 0))
-        self.client: tuple[str, int] | None = None
-
-    def rrq(self, timeout: float = 5.0) -> tuple[str, dict[str, str]]:
-        self.req.settimeout(timeout)
-        pkt, self.client = self.req.recvfrom(65536)
-        return parse_rrq(pkt)
-
-    def send(self, pkt: bytes) -> None:
-        assert self.client is not None
-        self.tid.sendto(pkt, self.client)
-
-    def recv(self, timeout: float = 5.0) -> tuple[int, int]:
-        self.tid.settimeout(timeout)
-        pkt, _ = self.tid.recvfrom(65536)
-        return struct.unpack_from(">HH", pkt)
-
-    def close(self) -> None:
-        self.req.close()
-        self.tid.close()
-
-
-@contextmanager
-def client(**kw: Any) -> Iterator[tuple[Fake, dict[str, Any]]]:
-    """A Fake and the client running against it in a thread; box["result"] or box["error"]."""
-    fake = Fake()
-    box: dict[str, Any] = {}
-    kw.setdefault("min_timeout", kw.get("timeout", 0.3))  # no RTT-driven timeouts while the test types
-
-    def run() -> None:
-        try:
-            box["result"] = tftp_client.get("127.0.0.1", kw.pop("name", "f.bin"), port=fake.port, **kw)
-        except Exception as e:  # handed to the test
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    try:
-        yield fake, box
-        t.join(10)
-        assert not t.is_alive()
-    finally:
-        fake.close()
 
 
 # --- against real servers in a network namespace ----------------------------------------------

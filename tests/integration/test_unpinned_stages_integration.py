@@ -14,50 +14,18 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from cidboot.ipld.cid import CID, RAW
+from cidboot.ipld.cid import CID
 from cidboot.trust import keys
-from cidboot.trust.appraisal import DeviceRoots, appraise
-from cidboot.trust.cose_key import key_id, raw_public_bytes
-from cidboot.trust.dice.derive import DiceInputs
-from cidboot.trust.dice.software import DerivedIdentity, derive_layers
-from cidboot.trust.eat import build_evidence, ueid_for
-from cidboot.trust.manifest import Layer, Manifest, RootOfTrust, SignedManifest, sign_manifest
-from cidboot.trust.measure import image_inputs
+from cidboot.trust.manifest import RootOfTrust, SignedManifest
 
 pytestmark = pytest.mark.build  # downloads pinned packages / builds images
 
 REPO = Path(__file__).resolve().parents[2]
-SIGNER = ed25519.Ed25519PrivateKey.generate()
-ROOT = RootOfTrust.from_public_keys([SIGNER.public_key()], 1)
 ATTACKER_FW, ATTACKER_BS = os.urandom(64), os.urandom(64)  # whatever the attacker flashed
-
-
-def _manifest(measurements: dict[str, bytes]) -> SignedManifest:
-    m = Manifest("hello", 1, int(time.time()) + 3600, (Layer(CID.of(b"agent", RAW), 5, "agent"),), ROOT, measurements)
-    return sign_manifest(m, [SIGNER])
-
-
-def _device(signed: SignedManifest) -> DerivedIdentity:
-    return derive_layers(os.urandom(32), [DiceInputs(code_hash=ATTACKER_FW), DiceInputs(code_hash=ATTACKER_BS),
-                                          image_inputs(signed.cid, signed.manifest, [key_id(SIGNER.public_key())])])
-
-
-def _appraise(signed: SignedManifest, dev: DerivedIdentity) -> dict[str, tuple[str, str]]:
-    nonce = os.urandom(16)
-    ev = build_evidence(nonce=nonce, leaf_key=dev.leaf_key, chain=dev.chain,
-                        ueid=ueid_for(raw_public_bytes(dev.root_public_key)), measurements={}, manifest_cid=signed.cid)
-    roots = DeviceRoots()
-    roots.add(dev.root_public_key)
-    res = appraise(ev, expected_nonce=nonce, roots=roots, manifest=signed.manifest, manifest_cid=signed.cid)
-    checks = {c.name: (c.status, c.reason) for c in res.checks}
-    checks["overall"] = (res.status, "")
-    return checks
 
 
 def test_imagebuilder_build_without_reference_warns_and_inspect_verify_show_pinning(tmp_path: Path) -> None:

@@ -49,7 +49,6 @@ def orchestrator(flow: DataFlow, fcid: CID, ops: dict[str, Callable[..., Any]], 
     return Orchestrator(ctx, ops, MemoryBlocks(), **kw)
 
 
-
 def _record(log: list[Any], value: Any, out: dict[str, Any]) -> dict[str, Any]:
     """An operation body for tests: note what it ran on, return its outputs."""
     log.append(value)

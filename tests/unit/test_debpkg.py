@@ -7,12 +7,6 @@ from pathlib import Path
 import pytest
 
 from imagebuilder.debpkg import DebError, ar_members, read_deb
-from imagebuilder.lock import fetch_deb, resolve_deb
-
-
-@pytest.fixture(scope="module")
-def zlib_deb() -> Path:
-    return fetch_deb(resolve_deb("zlib1g"), "apt-get update")
 
 
 def test_not_ar(tmp_path: Path) -> None:

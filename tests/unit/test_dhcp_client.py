@@ -8,22 +8,6 @@ import pytest
 from cidboot.netboot import dhcp
 from cidboot.netboot.dhcp_client import DhcpClientError, lease_from
 
-CLIENT = r'''
-import json, sys, time
-from cidboot.netboot import dhcp_client, netif
-t0 = time.monotonic()
-ifname, mac = netif.bring_up()
-t1 = time.monotonic()
-log = []
-for _ in range(int(sys.argv[1])):
-    lease = dhcp_client.acquire(ifname, mac, user_class=b"cidboot-firmware", log=log.append)
-t2 = time.monotonic()
-netif.configure(ifname, lease.ip, lease.prefixlen, router=lease.router)
-print(json.dumps({"ifname": ifname, "mac": mac, "ip": lease.ip, "prefixlen": lease.prefixlen, "server": lease.server_ip,
-                  "next_server": lease.next_server, "boot_file": lease.boot_file, "up_s": t1 - t0, "dhcp_s": t2 - t1,
-                  "retransmits": sum("retransmit" in m for m in log)}))
-'''
-
 
 def test_encode_request_roundtrips_through_the_strict_parser() -> None:
     raw = dhcp.encode_request("52:54:00:12:34:56", dhcp.REQUEST, xid=0xDEADBEEF, requested_ip="10.0.0.5",

@@ -75,23 +75,6 @@ def test_engine_handover_absent_and_wipe(tmp_path: Path) -> None:
     assert secret == bytes(32)
 
 
-CLIENT = r'''
-import json, sys, time
-from firmware import netboot
-from firmware.stage import measure_and_derive
-t0 = time.monotonic()
-net = netboot.network_up()
-t1 = time.monotonic()
-f = netboot.fetch_boot(net)
-t2 = time.monotonic()
-m = measure_and_derive(bytearray(bytes.fromhex(sys.argv[1])), f)
-print(json.dumps({"ip": net.lease.ip, "boot_file": net.lease.boot_file, "cmdline": f.spec.cmdline,
-                  "kernel": f.kernel.hex(), "initrd": f.initrd.hex(), "bootconfig": f.bootconfig.decode(),
-                  "dice": m.handoff.dice.hex(), "boot": m.handoff.boot, "dhcp_s": t1 - t0, "tftp_s": t2 - t1,
-                  "timings": f.timings}))
-'''
-
-
 def test_boot_server_gives_the_firmware_user_class_the_script() -> None:
     from types import SimpleNamespace
 

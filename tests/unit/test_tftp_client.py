@@ -4,13 +4,9 @@ tsize, missing file, 20 % loss both ways) and tftpd-hpa (interop without windows
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -279,41 +275,5 @@ def test_parse_oack_and_arguments() -> None:
 
 
 # --- against real servers in a network namespace ----------------------------------------------
-
-CLIENT = r'''
-import hashlib, json, sys, time
-from cidboot.netboot import tftp_client
-host, port, bs, win = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-for name in sys.argv[5:]:
-    seen = []
-    t0 = time.monotonic()
-    try:
-        b = tftp_client.get(host, name, port=port, blksize=bs, windowsize=win, progress=lambda n, t: seen.append(t))
-        out = {"name": name, "len": len(b), "sha256": hashlib.sha256(b).hexdigest(), "tsize": seen[-1] if seen else None}
-    except tftp_client.TftpError as e:
-        out = {"name": name, "error": str(e), "type": type(e).__name__}
-    out["secs"] = time.monotonic() - t0
-    print(json.dumps(out), flush=True)
-'''
-
-
-def fetch_all(net: Any, host: str, ip: str, names: list[str], *, port: int = 69, bs: int = 1468, win: int = 16,
-              timeout: float = 300) -> dict[str, dict[str, Any]]:
-    run = subprocess.run(net.host_cmd(host, [sys.executable, "-c", CLIENT, ip, str(port), str(bs), str(win), *names]),
-                         capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert run.returncode == 0, run.stderr
-    return {o["name"]: o for o in map(json.loads, run.stdout.splitlines())}
-
-
-def sha(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
-
-
-def make_files(root: Path, bs: int = 1468, win: int = 16) -> dict[str, bytes]:
-    files = {"empty": b"", "one-block": os.urandom(bs), "one-window": os.urandom(bs * win),
-             "window-plus-1": os.urandom(bs * win + 1), "3mb": os.urandom(3 * 1024 * 1024)}
-    for name, b in files.items():
-        (root / name).write_bytes(b)
-    return files
 
 

@@ -70,7 +70,3 @@ def test_one_unpinned_stage_is_named_and_pinned_stages_still_affirm() -> None:
     assert checks["measurements"][0] == AFFIRMING and checks["overall"][0] == AFFIRMING, checks
 
 
-def _root_of(store: Path, mcid: str) -> RootOfTrust:
-    from cidboot.store.blockstore import Blockstore
-
-    return SignedManifest.decode(Blockstore(store).get(CID.parse(mcid))).manifest.root
