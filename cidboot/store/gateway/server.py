@@ -164,6 +164,7 @@ class _Handler(BoundedHandler):
     # -- plumbing ------------------------------------------------------------------------
     def _send_error(self, status: int, message: str) -> None:
         body = (message + "\n").encode()
+        self.server.metrics.record(status, len(body))  # before it goes out: a client that saw it sees it counted
         self.send_response(status)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
@@ -171,7 +172,6 @@ class _Handler(BoundedHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.server.metrics.record(status, len(body))
         log.info("gateway %s %s -> %d: %s", self.command, self.path, status, message,
                  extra={"status": status, "path": self.path})
 
