@@ -53,6 +53,7 @@ from cidboot.trust.manifest import (
     verify_threshold,
 )
 from cidboot.trust.manifest.signed import MAX_ENVELOPE
+from cidboot.trust.manifest.verify import utc
 
 TRUST_ANCHOR = "/etc/cidboot/trust-anchor.json"
 
@@ -118,8 +119,8 @@ def verify_signed(cid: CID, raw: bytes, state: TrustState, *, now: int | None = 
         raise Refused("rollback", f"manifest {cid} ({m.name}) version {m.version} < {seen} already booted") from None
     except ExpiredError:
         now_s = int(time.time()) if now is None else now
-        raise Refused("expiry", f"manifest {cid} ({m.name} v{m.version}) expired at {_utc(m.expires)}, "
-                                f"now {_utc(now_s)}") from None
+        raise Refused("expiry", f"manifest {cid} ({m.name} v{m.version}) expired at {utc(m.expires)}, "
+                                f"now {utc(now_s)}") from None
     except ManifestVerificationError as e:
         untrusted = _untrusted_kids(signed, state.root)
         if untrusted:
@@ -189,10 +190,6 @@ def _device_id(dice: bytes | None) -> str:
     if not isinstance(items, list) or not items:
         raise Refused("registry", "the DICE chain from the firmware is empty")
     return derive_id(raw_public_bytes(decode_public_key(items[0]))).hex()
-
-
-def _utc(t: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _untrusted_kids(signed: SignedManifest, root: RootOfTrust) -> list[str]:

@@ -205,8 +205,8 @@ def verify_manifest(signed: SignedManifest, state: TrustState, *, now: int | Non
     checks.append(Check("signatures", True, f"{len(signers)} of threshold {root.threshold}: {', '.join(s[:16] for s in signers)}"))
     m = signed.manifest
     if m.expires <= now:
-        raise ExpiredError(f"manifest {m.name} v{m.version} expired at {m.expires} (now {now})")
-    checks.append(Check("expiry", True, f"expires in {m.expires - now} s"))
+        raise ExpiredError(f"manifest {m.name} v{m.version} expired at {utc(m.expires)} (now {utc(now)})")
+    checks.append(Check("expiry", True, f"expires {utc(m.expires)} (in {_span(m.expires - now)})"))
     cid = signed.cid if cid is None else cid
     allowed, source = (expected_name, "the device registry") if expected_name is not None else (state.name, "the trust state")
     if allowed is not None and m.name != allowed:
@@ -243,3 +243,13 @@ def check_layer(manifest: Manifest, cid: CID, size: int) -> Layer:
     if size > layer.size:
         raise SizeLimitError(f"layer {cid} is {size} bytes, the manifest allows {layer.size}")
     return layer
+
+
+def utc(t: int) -> str:
+    """An ISO 8601 UTC time for people (seconds since the epoch stay in the signed data)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _span(seconds: int) -> str:
+    days, rest = divmod(max(seconds, 0), 86400)
+    return f"{days} days" if days >= 2 else f"{rest // 3600 + 24 * days} h" if seconds >= 3600 else f"{seconds} s"
