@@ -6,7 +6,7 @@ UNIT_ARGS ?= -q -n 4  # the unit tier mostly waits on sockets and subprocesses: 
 
 .PHONY: setup demo demo-software check test test-unit test-integration test-e2e bench lint clean
 
-setup: ## install Debian packages, Python deps and the pinned Go tools (Kubo, gateway-conformance)
+setup: ## install Debian packages, Python deps and the pinned Go tools (Kubo, IPFS Cluster)
 	bash .ci/setup.sh
 
 demo: setup ## boot the hello flow on a QEMU device from power-on, appraise it: out/demo/report.json
