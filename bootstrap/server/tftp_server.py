@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,25 +307,37 @@ class TftpServer:
             s.close()
             self._free_slot(peer[0])
 
-    def _recv_ack(self, s: socket.socket, peer: tuple[str, int]) -> int | None:
-        """The next ACK's block number from `peer`, or None on timeout. Packets from other
+    def _recv_ack(self, s: socket.socket, peer: tuple[str, int], deadline: float | None = None) -> int | None:
+        """The next ACK's block number from `peer`, or None once `deadline` (monotonic; default:
+        one transfer timeout from now) has passed. A deadline, not a timeout per packet: a client
+        that keeps re-sending an ACK the caller ignores must not keep the timeout from ever firing
+        (it did: a 20%-loss transfer stalled until the client gave up). Packets from other
         addresses get ERROR 5; an ERROR from the client ends the transfer; anything else is ignored."""
-        while True:
-            try:
-                data, src = s.recvfrom(65536)
-            except TimeoutError:
-                return None
-            if src != peer:
-                s.sendto(tftp.error(ERR_UNKNOWN_TID, "unknown transfer ID"), src)
-                continue
-            try:
-                pkt = tftp.parse(data)
-            except TftpFormatError:
-                continue
-            if isinstance(pkt, tftp.Ack):
-                return pkt.block
-            if isinstance(pkt, tftp.Error):
-                raise _GiveUp(f"client aborted with error {pkt.code}: {pkt.message[:80]}")
+        timeout = s.gettimeout() or 1.0
+        end = time.monotonic() + timeout if deadline is None else deadline
+        try:
+            while True:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                s.settimeout(left)
+                try:
+                    data, src = s.recvfrom(65536)
+                except TimeoutError:
+                    return None
+                if src != peer:
+                    s.sendto(tftp.error(ERR_UNKNOWN_TID, "unknown transfer ID"), src)
+                    continue
+                try:
+                    pkt = tftp.parse(data)
+                except TftpFormatError:
+                    continue
+                if isinstance(pkt, tftp.Ack):
+                    return pkt.block
+                if isinstance(pkt, tftp.Error):
+                    raise _GiveUp(f"client aborted with error {pkt.code}: {pkt.message[:80]}")
+        finally:
+            s.settimeout(timeout)
 
     def _timed_out(self, timeouts: int, peer: tuple[str, int]) -> None:
         if timeouts > self.retries:
@@ -372,8 +385,9 @@ class TftpServer:
                 if len(data) < bs:
                     last, final, final_len = n, n, len(data)
                     break
+            deadline = time.monotonic() + (s.gettimeout() or 1.0)  # ignored ACKs do not move it
             while True:
-                acked = self._recv_ack(s, peer)
+                acked = self._recv_ack(s, peer, deadline)
                 if acked is None:
                     timeouts += 1
                     self._timed_out(timeouts, peer)

@@ -182,3 +182,29 @@ def test_exception_in_one_tftp_request_is_logged_counted_and_survived(server: Tf
         fetch(server, "f.bin")
     assert fetch(server, "f.bin")[0] == DATA
     assert server.metrics.get("request_exceptions_total", server="tftp", exception="RuntimeError") == 1
+
+
+def test_repeated_duplicate_acks_do_not_stop_the_timeout_resend(server: TftpServer) -> None:
+    """A client that lost block 1 keeps re-sending ACK 0 faster than the server's timeout (a
+    windowed client re-ACKs on its own shorter timer). After its two early resends the server
+    ignores those ACKs, but they must not keep its timeout from firing: it resends within about
+    one timeout and the transfer goes on. (Seen as a stall at 20% loss until the client gave up.)"""
+    a = _attacker()
+    a.sendto(rrq("f.bin", windowsize="4", timeout="1"), ("127.0.0.1", server.port))
+    pkt, peer = a.recvfrom(70000)
+    assert _oack(pkt).get("windowsize") == "4"
+    a.sendto(b"\0\4\0\0", peer)  # ACK of the OACK: the first window flows; we "lose" it all
+    a.settimeout(0.05)
+    t0, seen_block1 = time.monotonic(), 0
+    while time.monotonic() - t0 < 4.0 and seen_block1 < 4:
+        a.sendto(b"\0\4\0\0", peer)  # "still waiting for block 1", every 0.25 s
+        end = time.monotonic() + 0.25
+        while time.monotonic() < end:
+            try:
+                data, _ = a.recvfrom(70000)
+            except TimeoutError:
+                continue
+            if data[:4] == b"\0\3\0\1":
+                seen_block1 += 1
+    # the first window + two early resends = 3 copies of block 1; a 4th only comes from the timeout
+    assert seen_block1 >= 4, f"block 1 sent {seen_block1} times in 4 s: the timeout never fired"
