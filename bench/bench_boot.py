@@ -85,6 +85,10 @@ def reference_boot(kernel: Path, work: Path, *, accel: str = "tcg", timeout: flo
     (tftp / "bootstrap").mkdir(parents=True, exist_ok=True)
     shutil.copy(kernel, tftp / "bootstrap" / "vmlinuz")
     (tftp / "bootstrap" / "initrd.img").write_bytes(busybox_initramfs())
+    # the placeholder manifest has no root to build a bootstrap for, so every other boot file the
+    # server offers is supplied too (the QEMU NIC's iPXE ROM asks only for boot.ipxe and bootstrap/)
+    for name in ("undionly.kpxe", "bootstrap-x86_64.efi"):
+        (tftp / name).write_bytes(f"reference boot: placeholder {name}\n".encode())
     store = Blockstore(work / "ref-store")
     placeholder = store.put_block(b"reference boot: no manifest", RAW)
     shutil.rmtree(work / "ref-guest", ignore_errors=True)

@@ -68,6 +68,7 @@ class BuildResult:
             "layers": [{"role": lyr.role, "cid": str(lyr.cid), "size": lyr.size, "cached": lyr.cached}
                        for lyr in self.layers],
             "operations": {k: str(v) for k, v in sorted(self.operations.items())},
+            "cmdline": self.manifest.cmdline,  # what the stage before hands this image's kernel
             "blocks": len(self.blocks),
             "bytes": sum(len(b) for b in self.blocks.values()),
             **({"uki": {"name": self.uki.name, "cid": str(self.uki.cid), "size": self.uki.size,

@@ -134,11 +134,8 @@ def build_stages(work: Path) -> dict[str, tuple[Path, Path, str]]:
     dep = prepare(HELLO, work / "deploy")
     out = {}
     for stage, built in (("firmware", dep.firmware), ("bootstrap", dep.bootstrap), ("image", dep.workload)):
-        from cidboot.store.blockstore import Blockstore
-        from cidboot.trust.manifest import SignedManifest
-
-        m = SignedManifest.decode(Blockstore(dep.store).get(built.manifest)).manifest
-        out[stage] = (built.kernel, built.initrd, m.cmdline or "console=ttyS0 quiet panic=-1")
+        # the build result's cmdline: the bootstrap's manifest lives in the boot-file cache, not dep.store
+        out[stage] = (built.kernel, built.initrd, str(built.result.get("cmdline") or "console=ttyS0 quiet panic=-1"))
     return out
 
 
