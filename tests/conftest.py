@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.support.kubo_node", "tests.support.cluster_node"]
+pytest_plugins = ["tests.support.kubo_node", "tests.support.cluster_node", "tests.support.hello_flow"]
 
 TIERS = ("unit", "integration", "e2e")
 HERE = Path(__file__).parent

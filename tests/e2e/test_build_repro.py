@@ -1,51 +1,17 @@
-"""Reproducible builds from the real pinned Debian packages: same flow -> same manifest CID;
-one changed operation -> only the operations layer and the manifest change; stale pins fail
-clearly and write nothing."""
+"""The hello image built from the real pinned Debian packages boots under QEMU with Python as
+PID 1. The build fixtures are the reproducibility tests' (tests/integration/test_build_repro_integration.py)."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cidboot.ipld.unixfs.exporter import export_file
 from cidboot.store.blockstore import Blockstore
-from cidboot.trust import keys
 from cidboot.trust.manifest import SignedManifest
-from imagebuilder import flowfile
-from imagebuilder.lock import lock_path, make_lock
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def warm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A layer cache shared by the tests of this module (the first build fills it)."""
-    return tmp_path_factory.mktemp("layer-cache")
-
-
-@pytest.fixture(scope="module")
-def hello(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("flow") / "hello"
-    shutil.copytree(REPO / "examples/hello", d, ignore=shutil.ignore_patterns("keys", "flow.lock", "__pycache__"))
-    keys.write_keypair(keys.generate(), d / "keys/signer-1")
-    ff = flowfile.load(d / "flow.yaml")
-    lock_path(ff.path).write_text(make_lock(ff).to_json())  # apt-get download into ~/.cache/cidboot (reused)
-    return d / "flow.yaml"
-
-
-def _build(flow: Path, cache: Path, *out: str) -> dict[str, object]:
-    env = {**os.environ, "CIDBOOT_BUILD_CACHE": str(cache)}
-    proc = subprocess.run([sys.executable, "-m", "imagebuilder", "build", str(flow), "--json", *out],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return dict(json.loads(proc.stdout))
+from tests.support.hello_flow import build_json
 
 
 @pytest.mark.qemu
@@ -57,7 +23,7 @@ def test_image_boots_with_python_as_init(hello: Path, tmp_path: Path, warm_cache
     from tests.support.boot_network import boot_until
 
     store = tmp_path / "store"
-    res = _build(hello, warm_cache, "--store", str(store))
+    res = build_json(hello, warm_cache, "--store", str(store))
     bs = Blockstore(store)
     m = SignedManifest.decode(bs.get(CID.parse(str(res["manifest"])))).manifest
     parts = {lyr.role: b"".join(export_file(lyr.cid, bs.get)) for lyr in m.layers}

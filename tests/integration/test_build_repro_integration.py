@@ -16,38 +16,12 @@ import pytest
 from cidboot.ipld.car import CarReader
 from cidboot.ipld.unixfs.exporter import export_file
 from cidboot.store.blockstore import Blockstore
-from cidboot.trust import keys
 from cidboot.trust.manifest import SignedManifest
-from imagebuilder import flowfile
-from imagebuilder.lock import lock_path, make_lock
+from tests.support.hello_flow import build_json
 
 pytestmark = pytest.mark.build  # downloads pinned packages / builds images
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def warm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A layer cache shared by the tests of this module (the first build fills it)."""
-    return tmp_path_factory.mktemp("layer-cache")
-
-
-@pytest.fixture(scope="module")
-def hello(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("flow") / "hello"
-    shutil.copytree(REPO / "examples/hello", d, ignore=shutil.ignore_patterns("keys", "flow.lock", "__pycache__"))
-    keys.write_keypair(keys.generate(), d / "keys/signer-1")
-    ff = flowfile.load(d / "flow.yaml")
-    lock_path(ff.path).write_text(make_lock(ff).to_json())  # apt-get download into ~/.cache/cidboot (reused)
-    return d / "flow.yaml"
-
-
-def _build(flow: Path, cache: Path, *out: str) -> dict[str, object]:
-    env = {**os.environ, "CIDBOOT_BUILD_CACHE": str(cache)}
-    proc = subprocess.run([sys.executable, "-m", "imagebuilder", "build", str(flow), "--json", *out],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return dict(json.loads(proc.stdout))
 
 
 def _roles(res: dict[str, object]) -> dict[str, str]:
@@ -59,8 +33,8 @@ def _roles(res: dict[str, object]) -> dict[str, str]:
 def test_same_flow_twice_same_manifest_then_one_op_changes_one_layer(hello: Path, tmp_path: Path,
                                                                     warm_cache: Path) -> None:
     store = tmp_path / "store"
-    a = _build(hello, warm_cache, "--store", str(store))
-    b = _build(hello, tmp_path / "cache-b", "--car", str(tmp_path / "out.car"))
+    a = build_json(hello, warm_cache, "--store", str(store))
+    b = build_json(hello, tmp_path / "cache-b", "--car", str(tmp_path / "out.car"))
     assert a["manifest"] == b["manifest"]
     assert _roles(a) == _roles(b)
     assert list(_roles(a)) == ["kernel", "runtime", "agent", "operations", "config"]
@@ -84,7 +58,7 @@ def test_same_flow_twice_same_manifest_then_one_op_changes_one_layer(hello: Path
     assert len(blocks) == a["blocks"]
 
     # a warm rebuild reuses every layer
-    warm = _build(hello, warm_cache, "--store", str(store))
+    warm = build_json(hello, warm_cache, "--store", str(store))
     assert warm["manifest"] == a["manifest"]
     assert all(lyr["cached"] for lyr in warm["layers"])  # type: ignore[attr-defined]
 
@@ -93,7 +67,7 @@ def test_same_flow_twice_same_manifest_then_one_op_changes_one_layer(hello: Path
     original = ops.read_text()
     try:
         ops.write_text(original.replace('f"hello, {name}"', 'f"hi, {name}"'))
-        c = _build(hello, warm_cache, "--store", str(store))
+        c = build_json(hello, warm_cache, "--store", str(store))
     finally:
         ops.write_text(original)
     changed = {k for k in _roles(a) if _roles(a)[k] != _roles(c)[k]}
