@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from cidboot.store.cluster import ClusterClient
-from tests.support.kubo_node import KuboNode, free_port, kubo_binary
+from tests.support.kubo_node import KuboNode, free_port, isolated_config, kubo_binary
 
 PING = 1  # seconds between cluster liveness pings: a dead peer is noticed after ~2 pings
 
@@ -122,21 +122,10 @@ def _start_kubo(workdir: Path, swarm_key: str) -> tuple[KuboNode, subprocess.Pop
     subprocess.run([binary, "init", "--profile", "test", "--empty-repo"], env=env, check=True, capture_output=True)
     (repo / "swarm.key").write_text(swarm_key)
     api, gw = free_port(), free_port()
-    settings = {
-        "Addresses.API": f'"/ip4/127.0.0.1/tcp/{api}"',
-        "Addresses.Gateway": f'"/ip4/127.0.0.1/tcp/{gw}"',
-        "Addresses.Swarm": '["/ip4/127.0.0.1/tcp/0"]',
-        "Bootstrap": "[]",
-        "Discovery.MDNS.Enabled": "false",
-        "Routing.Type": '"none"',
-        "AutoConf.Enabled": "false",
-        "AutoTLS.Enabled": "false",
-        "Swarm.DisableNatPortMap": "true",
-        "Swarm.Transports.Network.QUIC": "false",  # a private network is TCP only
-        "Swarm.Transports.Network.WebTransport": "false",
-        "Swarm.Transports.Network.WebRTCDirect": "false",
-        "Gateway.NoFetch": "true",  # a gateway that serves only what this node holds
-    }
+    settings = {**isolated_config(api, gw),
+                "Swarm.Transports.Network.QUIC": "false",  # a private network is TCP only
+                "Swarm.Transports.Network.WebTransport": "false",
+                "Swarm.Transports.Network.WebRTCDirect": "false"}
     for key, value in settings.items():
         subprocess.run([binary, "config", "--json", key, value], env=env, check=True, capture_output=True)
     log = workdir / "kubo.log"

@@ -28,6 +28,24 @@ def kubo_binary() -> str:
     return path
 
 
+def isolated_config(api: int, gw: int) -> dict[str, str]:
+    """Kubo settings (`ipfs config --json KEY VALUE`) for a node that talks to nothing but
+    loopback: API and gateway on the given ports, no bootstrap peers, no MDNS, no routing, no
+    AutoConf/AutoTLS, no NAT port mapping, a gateway that serves only what the node holds."""
+    return {
+        "Addresses.API": f'"/ip4/127.0.0.1/tcp/{api}"',
+        "Addresses.Gateway": f'"/ip4/127.0.0.1/tcp/{gw}"',
+        "Addresses.Swarm": '["/ip4/127.0.0.1/tcp/0"]',
+        "Bootstrap": "[]",
+        "Discovery.MDNS.Enabled": "false",
+        "Routing.Type": '"none"',
+        "AutoConf.Enabled": "false",
+        "AutoTLS.Enabled": "false",
+        "Swarm.DisableNatPortMap": "true",
+        "Gateway.NoFetch": "true",
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,18 +76,7 @@ def start_kubo(workdir: Path) -> tuple[KuboNode, subprocess.Popen[bytes]]:
     env = {**os.environ, "IPFS_PATH": str(repo)}
     subprocess.run([binary, "init", "--profile", "test", "--empty-repo"], env=env, check=True, capture_output=True)
     api, gw = free_port(), free_port()
-    settings = {
-        "Addresses.API": f'"/ip4/127.0.0.1/tcp/{api}"',
-        "Addresses.Gateway": f'"/ip4/127.0.0.1/tcp/{gw}"',
-        "Addresses.Swarm": '["/ip4/127.0.0.1/tcp/0"]',
-        "Bootstrap": "[]",
-        "Discovery.MDNS.Enabled": "false",
-        "Routing.Type": '"none"',
-        "AutoConf.Enabled": "false",
-        "AutoTLS.Enabled": "false",
-        "Swarm.DisableNatPortMap": "true",
-        "Gateway.NoFetch": "true",
-    }
+    settings = isolated_config(api, gw)
     for key, value in settings.items():
         subprocess.run([binary, "config", "--json", key, value], env=env, check=True, capture_output=True)
     log = open(workdir / "kubo.log", "wb")
