@@ -49,7 +49,7 @@ from cidboot.trust.cose import PrivateKey
 from cidboot.trust.cose_key import decode_public_key, raw_public_bytes
 from cidboot.trust.dice import CDI_SIZE, decode_handover, encode_chain, key_from_cdi
 from cidboot.trust.manifest import RootOfTrust, SignedManifest, verify_threshold
-from cidboot.trust.manifest.signed import MAX_ENVELOPE
+from cidboot.trust.manifest.signed import KIND_MANIFEST, MAX_ENVELOPE
 
 USER_CLASS = b"cidboot-agent"
 PORT = 8000
@@ -180,7 +180,7 @@ def load_manifest(cid: CID, cfg: BootConfig, store: Blockstore) -> SignedManifes
             raise AgentBootError(f"boot config trust anchor: {type(e).__name__}: {e}") from None
         if root != anchor and not any(r.root == root for r in signed.rotations):
             raise AgentBootError(f"manifest {cid}: its root is neither the trust anchor nor rotated to from it")
-    verify_threshold(signed.signatures, signed.payload(), root, f"manifest {cid}")
+    verify_threshold(signed.signatures, signed.payload(), root, f"manifest {cid}", kind=KIND_MANIFEST)
     return signed
 
 

@@ -24,6 +24,7 @@ from cidboot.trust.appraisal import DeviceRoots
 from cidboot.trust.dice.derive import DiceInputs
 from cidboot.trust.dice.software import DerivedIdentity, derive_layers
 from cidboot.trust.manifest import SignedManifest, verify_threshold
+from cidboot.trust.manifest.signed import KIND_MANIFEST
 from cidboot.trust.measure import image_inputs
 
 
@@ -54,7 +55,8 @@ def software_identity(directory: Path, signed: SignedManifest | None, mcid: CID 
     layers = [DiceInputs(code_hash=ref.get(n, hashlib.sha512(b"software " + n.encode()).digest()))
               for n in ("firmware", "bootstrap")]
     if signed is not None and mcid is not None:
-        signers = verify_threshold(signed.signatures, signed.payload(), signed.manifest.root, f"manifest {mcid}")
+        signers = verify_threshold(signed.signatures, signed.payload(), signed.manifest.root, f"manifest {mcid}",
+                                   kind=KIND_MANIFEST)
         layers.append(image_inputs(mcid, signed.manifest, [bytes.fromhex(s) for s in signers]))
     return derive_layers(uds, layers)
 

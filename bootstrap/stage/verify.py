@@ -52,7 +52,7 @@ from cidboot.trust.manifest import (
     verify_manifest,
     verify_threshold,
 )
-from cidboot.trust.manifest.signed import MAX_ENVELOPE
+from cidboot.trust.manifest.signed import KIND_MANIFEST, MAX_ENVELOPE
 from cidboot.trust.manifest.verify import utc
 
 TRUST_ANCHOR = "/etc/cidboot/trust-anchor.json"
@@ -127,7 +127,7 @@ def verify_signed(cid: CID, raw: bytes, state: TrustState, *, now: int | None = 
             kids = ", ".join(untrusted)
             raise Refused(what, f"signed by unknown key {kids} (not in the trust anchor): {e}") from None
         raise Refused(what, str(e)) from None
-    signers = verify_threshold(signed.signatures, signed.payload(), state.root, what)
+    signers = verify_threshold(signed.signatures, signed.payload(), state.root, what, kind=KIND_MANIFEST)
     return signed, [bytes.fromhex(k) for k in signers]
 
 

@@ -37,6 +37,7 @@ from cidboot.trust.cose import PrivateKey
 from cidboot.trust.cose_key import decode_public_key, encode_public_key_bytes, key_id, raw_public_bytes
 from cidboot.trust.dice.derive import derive_id
 from cidboot.trust.manifest.model import MAX_VERSION, RootOfTrust
+from cidboot.trust.manifest.signed import KIND_REGISTRY, sign_kind
 from cidboot.trust.manifest.verify import verify_threshold
 
 MAX_REGISTRY = 1024 * 1024  # bytes; a registry of ~10k devices, refused unread beyond that
@@ -116,7 +117,7 @@ def sign_registry(roots: DeviceRoots, keys: Sequence[PrivateKey], *, manifests: 
         raise RegistryFormatError("device registry: no signing keys given")
     obj = registry_obj(roots, manifests, version)
     payload = dagcbor.encode(obj)
-    sigs = cose.sign_multi(payload, [(k, key_id(k.public_key())) for k in keys], detached=True)
+    sigs = sign_kind(payload, keys, KIND_REGISTRY)
     return dagcbor.encode({"registry": obj, "signatures": sigs})
 
 
@@ -180,7 +181,8 @@ def verify_signed_registry(block: bytes, root: RootOfTrust) -> Registry:
         raise RegistryFormatError("device registry: block must be {registry, signatures}")
     reg = _parse(env["registry"])
     try:
-        verify_threshold(env["signatures"], dagcbor.encode(env["registry"]), root, "device registry")
+        verify_threshold(env["signatures"], dagcbor.encode(env["registry"]), root, "device registry",
+                         kind=KIND_REGISTRY)
     except VerificationError as e:
         raise RegistryVerificationError(str(e)) from None
     return reg

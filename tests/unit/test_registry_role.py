@@ -103,10 +103,10 @@ def test_registry_entry_role_must_be_text_and_old_entries_have_none() -> None:
     key = encode_public_key_bytes(dev.root_public_key)
 
     def block(entry: dict[str, object]) -> bytes:
-        from cidboot.trust import cose
+        from cidboot.trust.manifest import KIND_REGISTRY, sign_kind
 
         obj = {"devices": [entry]}
-        sigs = cose.sign_multi(dagcbor.encode(obj), [(SIGNER, key_id(SIGNER.public_key()))], detached=True)
+        sigs = sign_kind(dagcbor.encode(obj), [SIGNER], KIND_REGISTRY)
         return dagcbor.encode({"registry": obj, "signatures": sigs})
 
     with pytest.raises(RegistryFormatError, match="role must be non-empty text"):

@@ -10,12 +10,22 @@ from cidboot.trust.manifest.errors import (
     RootMismatchError,
     RootRotationError,
     SignatureError,
+    SignatureKindError,
     SizeLimitError,
     ThresholdError,
     VersionConflictError,
 )
 from cidboot.trust.manifest.model import Layer, Manifest, ManifestFormatError, RootOfTrust
-from cidboot.trust.manifest.signed import SignedManifest, SignedRoot, sign_manifest, sign_root
+from cidboot.trust.manifest.signed import (
+    KIND_MANIFEST,
+    KIND_REGISTRY,
+    KIND_ROOT,
+    SignedManifest,
+    SignedRoot,
+    sign_kind,
+    sign_manifest,
+    sign_root,
+)
 from cidboot.trust.manifest.verify import (
     Check,
     TrustState,
@@ -26,6 +36,7 @@ from cidboot.trust.manifest.verify import (
 )
 
 __all__ = [
+    "KIND_MANIFEST", "KIND_REGISTRY", "KIND_ROOT", "SignatureKindError", "sign_kind",
     "Check", "ExpiredError", "Layer", "LayerNotListedError", "Manifest", "ManifestFormatError", "ManifestNameError",
     "ManifestVerificationError", "RegistryRollbackError", "RollbackError", "RootMismatchError", "RootOfTrust", "RootRotationError",
     "SignatureError", "SignedManifest", "SignedRoot", "SizeLimitError", "ThresholdError", "TrustState",

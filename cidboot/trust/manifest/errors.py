@@ -12,6 +12,10 @@ class SignatureError(ManifestVerificationError):
     """A signature is malformed or does not verify (arbitrary-software attack)."""
 
 
+class SignatureKindError(SignatureError):
+    """The signatures were made for another kind of object (their content-type label differs)."""
+
+
 class ThresholdError(ManifestVerificationError):
     """Fewer distinct trusted keys signed than the root's threshold."""
 

@@ -22,6 +22,14 @@ from cidboot.trust.manifest.model import Manifest, ManifestFormatError, RootOfTr
 
 MAX_ENVELOPE = 1024 * 1024  # bytes: a manifest is small; anything bigger is refused unread
 
+# The root keys sign three kinds of object. Each signature says which kind it covers in its
+# protected content-type header (COSE label 3), and a verifier asks for the kind it expects, so
+# a signature made for one kind can never be presented as another's, whatever the decoders
+# accept (domain separation; the strict decoders alone were the only guard before).
+KIND_MANIFEST = "application/vnd.cidboot.manifest+dag-cbor"
+KIND_ROOT = "application/vnd.cidboot.root+dag-cbor"
+KIND_REGISTRY = "application/vnd.cidboot.device-registry+dag-cbor"
+
 
 @dataclass(frozen=True)
 class SignedRoot:
@@ -74,15 +82,17 @@ class SignedManifest:
         return cls(Manifest.from_obj(obj["manifest"]), obj["signatures"], tuple(rots))
 
 
-def _sign(payload: bytes, keys: Sequence[PrivateKey]) -> bytes:
-    return cose.sign_multi(payload, [(k, key_id(k.public_key())) for k in keys], detached=True)
+def sign_kind(payload: bytes, keys: Sequence[PrivateKey], kind: str) -> bytes:
+    """A detached COSE_Sign over `payload` by each of `keys`, labelled with `kind` (KIND_*)."""
+    return cose.sign_multi(payload, [(k, key_id(k.public_key())) for k in keys],
+                           protected={cose.HDR_CONTENT_TYPE: kind}, detached=True)
 
 
 def sign_manifest(manifest: Manifest, keys: Sequence[PrivateKey], rotations: tuple[SignedRoot, ...] = ()) -> SignedManifest:
-    return SignedManifest(manifest, _sign(manifest.encode(), keys), rotations)
+    return SignedManifest(manifest, sign_kind(manifest.encode(), keys, KIND_MANIFEST), rotations)
 
 
 def sign_root(new_root: RootOfTrust, old_root_keys: Sequence[PrivateKey], new_root_keys: Sequence[PrivateKey] | None = None) -> SignedRoot:
     """Rotate: the new root is signed by the old root's keys (and, as TUF asks, its own)."""
     payload = dagcbor.encode(new_root.to_obj())
-    return SignedRoot(new_root, _sign(payload, [*old_root_keys, *(new_root_keys or [])]))
+    return SignedRoot(new_root, sign_kind(payload, [*old_root_keys, *(new_root_keys or [])], KIND_ROOT))

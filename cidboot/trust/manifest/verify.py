@@ -30,12 +30,13 @@ from cidboot.trust.manifest.errors import (
     RootMismatchError,
     RootRotationError,
     SignatureError,
+    SignatureKindError,
     SizeLimitError,
     ThresholdError,
     VersionConflictError,
 )
 from cidboot.trust.manifest.model import Layer, Manifest, ManifestFormatError, RootOfTrust
-from cidboot.trust.manifest.signed import SignedManifest
+from cidboot.trust.manifest.signed import KIND_MANIFEST, KIND_ROOT, SignedManifest
 
 
 @dataclass
@@ -139,14 +140,21 @@ class TrustState:
         self.registry = version
 
 
-def verify_threshold(signatures: bytes, payload: bytes, root: RootOfTrust, what: str) -> list[str]:
-    """Return the key ids (hex) of distinct trusted keys whose signatures verify; raise if too few."""
+def verify_threshold(signatures: bytes, payload: bytes, root: RootOfTrust, what: str, *, kind: str) -> list[str]:
+    """Return the key ids (hex) of distinct trusted keys whose signatures verify; raise if too few.
+
+    `kind` is the content-type label (signed.KIND_*) the signatures must carry: a manifest's
+    signatures never count for a root rotation or a device registry, nor the reverse."""
     try:
         msg = cose.decode_sign(signatures)
     except FormatError as e:
         raise SignatureError(f"{what}: malformed signatures: {e}") from None
     if msg.payload is not None:  # the signatures must cover `payload`, re-derived, never carried bytes
         raise SignatureError(f"{what}: the COSE_Sign carries a payload; only a detached (nil) payload is accepted")
+    label = msg.protected.get(cose.HDR_CONTENT_TYPE)
+    if label != kind:
+        raise SignatureKindError(f"{what}: signatures are labelled {label!r}, not {kind!r}: "
+                                 f"made for another kind of object")
     trusted = root.public_keys()
     good: set[bytes] = set()
     for sig in msg.signatures:
@@ -175,8 +183,10 @@ def rotated_root(signed: SignedManifest, root: RootOfTrust) -> tuple[RootOfTrust
         if rot.root.version != root.version + 1:
             raise RootRotationError(f"rotation {i}: root version {rot.root.version} skips from {root.version}")
         try:
-            verify_threshold(rot.signatures, rot.payload(), root, f"rotation to root v{rot.root.version} (old root)")
-            verify_threshold(rot.signatures, rot.payload(), rot.root, f"rotation to root v{rot.root.version} (new root)")
+            verify_threshold(rot.signatures, rot.payload(), root, f"rotation to root v{rot.root.version} (old root)",
+                             kind=KIND_ROOT)
+            verify_threshold(rot.signatures, rot.payload(), rot.root, f"rotation to root v{rot.root.version} (new root)",
+                             kind=KIND_ROOT)
         except (ThresholdError, SignatureError) as e:  # too few, or a malformed or payload-carrying COSE_Sign
             raise RootRotationError(str(e)) from None
         checks.append(Check("root-rotation", True, f"root v{root.version} -> v{rot.root.version}"))
@@ -201,7 +211,7 @@ def verify_manifest(signed: SignedManifest, state: TrustState, *, now: int | Non
         raise RootMismatchError(f"manifest is under root v{signed.manifest.root.version}, the trusted root is "
                                 f"v{root.version} with other keys: signed by revoked or unknown keys")
     checks.append(Check("root", True, f"manifest names the trusted root v{root.version}"))
-    signers = verify_threshold(signed.signatures, signed.payload(), root, "manifest")
+    signers = verify_threshold(signed.signatures, signed.payload(), root, "manifest", kind=KIND_MANIFEST)
     checks.append(Check("signatures", True, f"{len(signers)} of threshold {root.threshold}: {', '.join(s[:16] for s in signers)}"))
     m = signed.manifest
     if m.expires <= now:
