@@ -31,10 +31,9 @@ from typing import Any
 from cidboot.errors import FormatError, VerificationError
 from cidboot.ipld import dagcbor
 from cidboot.ipld.cid import CID, DAG_CBOR
-from cidboot.trust import cose
 from cidboot.trust.appraisal import DeviceRoots
 from cidboot.trust.cose import PrivateKey
-from cidboot.trust.cose_key import decode_public_key, encode_public_key_bytes, key_id, raw_public_bytes
+from cidboot.trust.cose_key import decode_public_key, encode_public_key_bytes, raw_public_bytes
 from cidboot.trust.dice.derive import derive_id
 from cidboot.trust.manifest.model import MAX_VERSION, RootOfTrust
 from cidboot.trust.manifest.signed import KIND_REGISTRY, sign_kind
