@@ -154,32 +154,57 @@ class Member:
     rdev: tuple[int, int] = (0, 0)  # (major, minor) of a device node
 
 
+@dataclass(frozen=True)
+class Header:
+    """One newc header as read, with where its data lies: the one header parser, for the image
+    builder's `inspect` and for the hand-over's unpacker, which reads archives appended to other
+    archives (so padding counts from the archive's own first byte, `start`)."""
+
+    mode: int
+    size: int
+    rdev: tuple[int, int]
+    name: bytes
+    body: int  # offset of the member's data in the buffer
+    end: int  # offset of the next header (data padded to 4 bytes from `start`)
+
+    @property
+    def is_trailer(self) -> bool:
+        return self.name == TRAILER.encode()
+
+
+def read_header(buf: bytes | memoryview, off: int, start: int = 0) -> Header:
+    """The newc header at `off` of an archive beginning at `start`; anything malformed or running
+    past the buffer raises CpioError naming the offset."""
+    hdr = bytes(buf[off:off + 110])
+    if len(hdr) < 110 or hdr[:6] != MAGIC:
+        raise CpioError(f"not a newc header at offset {off}")
+    try:
+        f = [int(hdr[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
+    except ValueError:
+        raise CpioError(f"bad hex field in the header at offset {off}") from None
+    mode, size, namesize = f[1], f[6], f[11]
+    name_end = off + 110 + namesize
+    if namesize < 1 or name_end > len(buf):
+        raise CpioError(f"name runs past the end at offset {off}")
+    body = name_end + (-(name_end - start) % 4)
+    if body + size > len(buf):
+        raise CpioError(f"member at offset {off} runs past the end")
+    end = body + size + (-(body + size - start) % 4)
+    return Header(mode, size, (f[9], f[10]), bytes(buf[off + 110:name_end - 1]), body, end)
+
+
 def iter_newc(data: bytes) -> Iterator[tuple[Member, bytes]]:
     """Each member of one newc archive with its data (file content or link target), in archive
     order, up to the trailer; anything malformed raises CpioError with the offset."""
     off = 0
     while True:
-        hdr = data[off:off + 110]
-        if len(hdr) < 110 or hdr[:6] != MAGIC:
-            raise CpioError(f"not a newc header at offset {off}")
-        try:
-            f = [int(hdr[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
-        except ValueError:
-            raise CpioError(f"bad hex field in the header at offset {off}") from None
-        mode, size, namesize = f[1], f[6], f[11]
-        name_end = off + 110 + namesize
-        if namesize < 1 or name_end > len(data):
-            raise CpioError(f"name runs past the end at offset {off}")
-        name = data[off + 110:name_end - 1].decode(errors="replace")
-        body = name_end + (-name_end % 4)
-        if body + size > len(data):
-            raise CpioError(f"{name}: data runs past the end at offset {body}")
-        if name == TRAILER:
+        h = read_header(data, off)
+        if h.is_trailer:
             return
-        content = data[body:body + size]
-        yield Member(name, mode, size, content.decode(errors="replace") if stat.S_ISLNK(mode) else "",
-                     (f[9], f[10])), content
-        off = body + size + (-(body + size) % 4)
+        content = data[h.body:h.body + h.size]
+        yield Member(h.name.decode(errors="replace"), h.mode, h.size,
+                     content.decode(errors="replace") if stat.S_ISLNK(h.mode) else "", h.rdev), content
+        off = h.end
 
 
 def read_newc(data: bytes) -> list[Member]:

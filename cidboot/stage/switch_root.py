@@ -52,7 +52,7 @@ from typing import Any
 from cidboot.errors import CidbootError, FormatError
 from cidboot.stage import syscalls
 from cidboot.stage.console import say, wipe
-from cidboot.stage.cpio import MAGIC, CpioError, Member, normalize_path
+from cidboot.stage.cpio import MAGIC, CpioError, Member, normalize_path, read_header
 from cidboot.stage.handoff import BOOT_PATH, DICE_PATH, Handoff, canonical_json
 
 RUNNING_KERNEL = "/etc/cidboot/kernel.sha512"
@@ -61,7 +61,6 @@ FORCE_ARG = "cidboot.handover=kexec"
 NEW_ROOT = "/newroot"
 INIT = "/init"
 UNLOAD = ("qemu_fw_cfg",)  # what the next stage must not reach (the engine's CDI_0 on fw_cfg)
-TRAILER_NAME = b"TRAILER!!!"
 XZ_MAGIC = b"\xfd7zXZ\x00"
 GZIP_MAGIC = b"\x1f\x8b"
 KNOWN_MAGICS = {b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\x89LZO": "lzo", b"\x02\x21\x4c\x18": "lz4",
@@ -139,35 +138,23 @@ def _archive(buf: memoryview, off: int, out: list[tuple[Member, memoryview]]) ->
     the ~40 MB an image holds); returns the offset after its trailer."""
     start = off
     while True:
-        hdr = bytes(buf[off:off + 110])
-        if len(hdr) < 110 or hdr[:6] != MAGIC:
-            raise InitramfsError(f"initramfs: not a newc header at offset {off}")
         try:
-            f = [int(hdr[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
-        except ValueError:
-            raise InitramfsError(f"initramfs: bad hex field in the header at offset {off}") from None
-        mode, size, namesize = f[1], f[6], f[11]
-        name_end = off + 110 + namesize
-        if namesize < 1 or name_end > len(buf):
-            raise InitramfsError(f"initramfs: name runs past the end at offset {off}")
-        name = bytes(buf[off + 110:name_end - 1])
-        body = name_end + (-(name_end - start) % 4)  # newc pads to 4 bytes from the archive's start
-        if body + size > len(buf):
-            raise InitramfsError(f"initramfs: member at offset {off} runs past the end")
-        end = body + size + (-(body + size - start) % 4)
-        if name == TRAILER_NAME:
-            return min(end, len(buf))
-        content = buf[body:body + size]
-        if name == b".":  # `find . | cpio -o` archives start with the root itself
-            off = end
+            h = read_header(buf, off, start)
+        except CpioError as e:
+            raise InitramfsError(f"initramfs: {e}") from None
+        if h.is_trailer:
+            return min(h.end, len(buf))
+        content = buf[h.body:h.body + h.size]
+        if h.name == b".":  # `find . | cpio -o` archives start with the root itself
+            off = h.end
             continue
         try:
-            path = normalize_path(name.decode())
+            path = normalize_path(h.name.decode())
         except (UnicodeDecodeError, CpioError) as e:
             raise InitramfsError(f"initramfs: member at offset {off}: {e}") from None
-        target = bytes(content).decode(errors="replace") if stat.S_ISLNK(mode) else ""
-        out.append((Member(path, mode, size, target, (f[9], f[10])), content))
-        off = end
+        target = bytes(content).decode(errors="replace") if stat.S_ISLNK(h.mode) else ""
+        out.append((Member(path, h.mode, h.size, target, h.rdev), content))
+        off = h.end
 
 
 def _walk(buf: memoryview, out: list[tuple[Member, memoryview]], where: str = "") -> None:
