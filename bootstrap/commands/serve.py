@@ -63,8 +63,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--agent-port", type=int, default=8000,
                    help="port of the agents' API, for the peer URLs in boot configs (devices.yaml `ip:`)")
     p.add_argument("--gateway", action="append", default=[], metavar="URL",
-                   help="gateway URL boot configs list for devices, in order (repeatable; default: this server's own; "
-                        "'self' stands for it)")
+                   help="gateway URL boot configs list for devices, in the order they try them (repeatable; default: "
+                        "this server's own; 'self' stands for it: `--gateway self --gateway URL` puts the site's boot "
+                        "server first and URL as the fall-back)")
     p.add_argument("--upstream", action="append", default=[], metavar="URL",
                    help="gateway to fetch blocks missing from --store from, in order (repeatable: cluster members' "
                         "Kubo gateways, other boot servers); every block is verified against its CID and cached")
@@ -126,6 +127,10 @@ def run(args: argparse.Namespace) -> int:
         cache_max = parse_size(args.cache_size)
     except ValueError as e:
         raise UsageError(f"--cache-size: {e}") from None
+    if args.gateway and "self" not in args.gateway:
+        logging.getLogger("bootstrap.serve").warning(
+            "boot configs will list only %s, not this server: add `--gateway self` (first) for devices to use it",
+            ", ".join(args.gateway))
     for url in args.upstream:
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"--upstream must be an http(s):// gateway URL, got {url!r}")

@@ -74,6 +74,15 @@ def open_store(cfg: ServeConfig) -> Blockstore:
     return CachingStore(cfg.store, cfg.upstreams, max_bytes=cfg.cache_max, timeout=cfg.upstream_timeout)
 
 
+def boot_gateways(listed: tuple[str, ...], own_url: str) -> tuple[str, ...]:
+    """The gateways a boot config lists, in the order devices try them: `--gateway` as given
+    ("self" is this server), or this server alone. For fail-over put the site's boot server
+    first (`--gateway self --gateway http://peer:8080 ...`): the bootstrap asks in order and
+    marks a dead one down for the rest of a fetch. Without "self" the server is not listed at
+    all (a deliberate choice, e.g. to send devices to a gateway under test)."""
+    return tuple(own_url if g == "self" else g for g in listed) or (own_url,)
+
+
 def cache_gauges(store: Blockstore) -> list[tuple[str, float]]:
     """The /metrics gauges of a caching store (none for a plain one): upstream_bytes_total is
     what the site pulled over its uplink, each block once however many devices asked."""
@@ -163,7 +172,7 @@ class BootServer:
             if not pol.allow:
                 return None
             manifest = CID.parse(pol.manifest) if pol.manifest else self.cfg.manifest
-            gateways = tuple(self.gateway_url if g == "self" else g for g in self.cfg.gateways) or (self.gateway_url,)
+            gateways = boot_gateways(self.cfg.gateways, self.gateway_url)
             return BootConfig(manifest, gateways, self.cfg.trust_anchor or {}, pol.role,
                               peers=self.peers(mac), device_registry=self.cfg.device_registry).encode()
         return None
