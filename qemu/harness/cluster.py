@@ -256,7 +256,7 @@ def start_cluster(workdir: Path, k: int, *, gateway_host: str = "127.0.0.1") -> 
     try:
         for i in range(k):
             d = workdir / f"member{i}"
-            d.mkdir()
+            d.mkdir(parents=True)
             kubo, kproc = start_kubo(d, swarm_key=swarm_key, gateway_host=gateway_host)
             cpath = d / "cluster"
             peer_id, rest, swarm = _init_cluster_peer(cpath, i, secret, kubo)
