@@ -209,7 +209,8 @@ class Cluster:
             p.stop()
 
 
-def _init_cluster_peer(path: Path, index: int, secret: str, kubo: KuboNode) -> tuple[str, int, int]:
+def _init_cluster_peer(path: Path, index: int, secret: str, kubo: KuboNode,
+                       rest_host: str = "127.0.0.1") -> tuple[str, int, int]:
     env = {**os.environ, "IPFS_CLUSTER_PATH": str(path)}
     subprocess.run([tool("ipfs-cluster-service"), "init", "--consensus", "crdt", "--force"], env=env,
                    check=True, capture_output=True, timeout=60)
@@ -229,7 +230,7 @@ def _init_cluster_peer(path: Path, index: int, secret: str, kubo: KuboNode) -> t
     c["pubsub"]["flood_publish"] = True
     cfg["consensus"]["crdt"].update({"trusted_peers": ["*"], "rebroadcast_interval": "2s"})
     cfg["consensus"]["crdt"]["batching"] = {"max_batch_size": 0, "max_batch_age": "0s"}
-    cfg["api"]["restapi"]["http_listen_multiaddress"] = f"/ip4/127.0.0.1/tcp/{rest}"
+    cfg["api"]["restapi"]["http_listen_multiaddress"] = f"/ip4/{rest_host}/tcp/{rest}"
     for other in ("ipfsproxy", "pinsvcapi"):  # not used here: keep them off the network
         if other in cfg["api"]:
             cfg["api"][other]["listen_multiaddress" if other == "ipfsproxy" else "http_listen_multiaddress"] = (
@@ -248,8 +249,10 @@ def _init_cluster_peer(path: Path, index: int, secret: str, kubo: KuboNode) -> t
     return peer_id, rest, swarm
 
 
-def start_cluster(workdir: Path, k: int, *, gateway_host: str = "127.0.0.1") -> Cluster:
-    """K members; returns once every peer sees K peers and every Kubo node is connected to the others."""
+def start_cluster(workdir: Path, k: int, *, gateway_host: str = "127.0.0.1", rest_host: str = "127.0.0.1") -> Cluster:
+    """K members; returns once every peer sees K peers and every Kubo node is connected to the others.
+    `gateway_host`/`rest_host` 0.0.0.0 open the Kubo gateways / cluster REST APIs to a lab
+    namespace's devices (which publish their results there); the Kubo RPC stays on loopback."""
     secret = secrets.token_hex(32)
     swarm_key = "/key/swarm/psk/1.0.0/\n/base16/\n" + secrets.token_hex(32) + "\n"
     cluster = Cluster()
@@ -259,7 +262,7 @@ def start_cluster(workdir: Path, k: int, *, gateway_host: str = "127.0.0.1") -> 
             d.mkdir(parents=True)
             kubo, kproc = start_kubo(d, swarm_key=swarm_key, gateway_host=gateway_host)
             cpath = d / "cluster"
-            peer_id, rest, swarm = _init_cluster_peer(cpath, i, secret, kubo)
+            peer_id, rest, swarm = _init_cluster_peer(cpath, i, secret, kubo, rest_host)
             addr = f"/ip4/127.0.0.1/tcp/{swarm}/p2p/{peer_id}"
             cluster.peers.append(ClusterPeer(i, kubo, kproc, cpath, peer_id, f"http://127.0.0.1:{rest}", addr))
         for p in cluster.peers:  # every peer knows every address: no DHT lookup before the first pin

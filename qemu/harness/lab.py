@@ -122,6 +122,12 @@ class Lab:
     def server_of(self, dev: Device) -> BootServer:
         return self.servers[self.site_of[dev.index]]
 
+    def cluster_rest_url(self, peer: int = 0) -> str:
+        """A peer's cluster REST API as devices and boot servers reach it."""
+        if self.cluster is None:
+            raise LabError("this lab has no cluster")
+        return f"http://{CLUSTER_HOST}:{self.cluster.peers[peer].rest_url.rsplit(':', 1)[1]}"
+
     def cluster_gateways(self) -> list[str]:
         return [f"http://{CLUSTER_HOST}:{p.kubo.gateway_port}" for p in (self.cluster.peers if self.cluster else [])]
 
@@ -273,9 +279,12 @@ def _factory(dep: Deployment, out: Path, names: list[str],
 @contextmanager
 def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = None, loss_percent: int = 0,
         server_args: list[str] | None = None, names: list[str] | None = None, cluster: int = 0,
-        boot_servers: int = 1, sites: list[int] | None = None, replication: str = "2:2") -> Iterator[Lab]:
+        boot_servers: int = 1, sites: list[int] | None = None, replication: str = "2:2",
+        publish_results: bool = False) -> Iterator[Lab]:
     """Boot network + `bootstrap serve` for devices with these roles (one tap each); with
-    `cluster`/`boot_servers`, the scale-out lab of the module docstring."""
+    `cluster`/`boot_servers`, the scale-out lab of the module docstring; `publish_results`: the
+    boot servers' configs tell agents to publish results and audit logs to the cluster
+    (`bootstrap serve --publish cluster=URL`, the REST API of peer 0 as devices reach it)."""
     if boot_servers < 1 or cluster < 0:
         raise LabError(f"a lab needs at least one boot server and no negative cluster size "
                        f"(got {boot_servers} boot servers, {cluster} peers)")
@@ -302,11 +311,17 @@ def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = 
         lb = Lab(dep, net, out, None, states, site_of=site_of)  # type: ignore[arg-type]  # server set below
         if cluster:
             with lb.inside():
-                lb.cluster = start_cluster(_fresh(out / "cluster"), cluster, gateway_host="0.0.0.0")
+                lb.cluster = start_cluster(_fresh(out / "cluster"), cluster, gateway_host="0.0.0.0",
+                                           rest_host="0.0.0.0")
                 stack.callback(lb.cluster.stop)
                 lb.published = _publish(lb.cluster, dep.store, mcid, registry, replication)
+        extra = list(server_args or [])
+        if publish_results:
+            if lb.cluster is None:
+                raise LabError("publish_results needs a cluster to publish to")
+            extra += ["--publish", f"cluster={lb.cluster_rest_url()}"]
         for site in site_list:
-            lb.servers.append(_start_server(stack, lb, site, mcid, tftp, registry, multi, server_args or []))
+            lb.servers.append(_start_server(stack, lb, site, mcid, tftp, registry, multi, extra))
         lb.server = lb.servers[0].proc
         if loss_percent:
             from qemu.harness.netloss import add_loss
