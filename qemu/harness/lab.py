@@ -84,6 +84,29 @@ class BootServer:
         return {"site": self.site.index, "url": self.url, "store": str(self.store),
                 "upstreams": list(self.upstreams), "gateways": list(self.gateways)}
 
+    def metrics(self, net: BootNetwork) -> dict[str, float]:
+        """Its /metrics (unlabelled gauges and counters by name, labelled ones summed), read
+        inside the lab: upstream bytes/blocks, coalesced requests, cache size."""
+        proc = net.run(["curl", "-sf", "--max-time", "30", f"{self.url}/metrics"], capture_output=True, text=True,
+                       timeout=60)
+        return parse_metrics(proc.stdout) if proc.returncode == 0 else {}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {name: value}, labelled series of one name summed."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            v = float(value)
+        except ValueError:
+            continue
+        name = name.split("{", 1)[0]
+        out[name] = out.get(name, 0.0) + v
+    return out
+
 
 @dataclass
 class Device:
@@ -244,6 +267,10 @@ class Lab:
             })
         out: dict[str, Any] = {"manifest_cid": str(self.dep.workload.manifest), "flow": self.dep.flow.get("name"),
                                "reference_measurements": {**self.dep.workload.measurements}, "devices": devices}
+        if len(self.servers) > 1 or self.cluster is not None:
+            out["boot_servers"] = [{**srv.describe(), "upstream_metrics": {
+                k: v for k, v in srv.metrics(self.net).items() if "upstream" in k or "cache" in k}}
+                for srv in self.servers]
         if self.cluster is not None:
             out["cluster"] = {"peers": [{"name": f"peer{p.index}", "id": p.peer_id, "alive": p.alive,
                                          "gateway": g} for p, g in zip(self.cluster.peers, self.cluster_gateways(), strict=True)],
