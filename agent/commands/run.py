@@ -59,8 +59,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--role", help="run only the operations placed on this role (default: every role)")
     p.add_argument("--no-validate", action="store_true", help="skip provenance validation (benchmarks only)")
     p.add_argument("--json", action="store_true", help="results, their CIDs and the audit heads as JSON")
-    p.add_argument("--publish", metavar="kubo=URL",
-                   help="also copy each result's provenance DAG and the audit logs to a Kubo node and pin them")
+    p.add_argument("--publish", metavar="kubo=URL|cluster=URL[,replication=MIN:MAX]",
+                   help="also copy each result's provenance DAG and the audit logs to a Kubo node (its RPC API) or "
+                        "an IPFS Cluster (a peer's REST API; pinned MIN:MAX, default 2:3, waiting for MIN peers) "
+                        "and pin them")
     p.set_defaults(func=run)
 
 
@@ -200,6 +202,11 @@ def _collect(orchs: dict[str, Orchestrator]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     store = Blockstore(args.store or default_store_path())
+    target = None
+    if args.publish:  # a bad --publish is refused before the run, not after it
+        from agent.publish import PublishTarget
+
+        target = PublishTarget.parse(args.publish)
     with tempfile.TemporaryDirectory() as tmp:
         loaded = _load(args, store, Path(tmp))
         orchs = build(loaded, store, args.identity, args.role, not args.no_validate)
@@ -211,12 +218,12 @@ def run(args: argparse.Namespace) -> int:
             store.pin(r.cid)
         if o.audit.head is not None:
             store.pin(o.audit.head)
-    if args.publish:
-        from agent.publish import PublishTarget, publish
+    if target is not None:
+        from agent.publish import publish
 
         roots = [r.cid for o in orchs.values() for r in o.results]
         roots += [o.audit.head for o in orchs.values() if o.audit.head is not None]
-        out["published"] = {"to": args.publish, "blocks": publish(store, roots, PublishTarget.parse(args.publish))}
+        out["published"] = {"to": args.publish, "blocks": publish(store, roots, target, label=f"agent run {loaded.flow_cid}")}
     for kind, items in (("refused", out["refused"]), ("veto", out["vetoed"]), ("error", out["errors"])):
         for item in items:
             print(f"agent: {item['role']}: {kind}: {item['reason']}", file=sys.stderr)

@@ -18,10 +18,12 @@ from pathlib import Path
 
 from bootstrap import bootfiles
 from bootstrap.server.devices import Devices
-from bootstrap.server.serve import BootServer, ServeConfig
+from bootstrap.server.serve import BootServer, ServeConfig, open_store
 from cidboot.cli import UsageError, listen_error
 from cidboot.errors import CidbootError
 from cidboot.ipld.cid import CID
+from cidboot.store.blockstore import Blockstore
+from cidboot.store.gateway.upstream import parse_size
 from cidboot.trust.manifest import RootOfTrust
 
 
@@ -61,8 +63,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--agent-port", type=int, default=8000,
                    help="port of the agents' API, for the peer URLs in boot configs (devices.yaml `ip:`)")
     p.add_argument("--gateway", action="append", default=[], metavar="URL",
-                   help="gateway URL boot configs list for devices, in order (repeatable; default: this server's own; "
-                        "'self' stands for it)")
+                   help="gateway URL boot configs list for devices, in the order they try them (repeatable; default: "
+                        "this server's own; 'self' stands for it: `--gateway self --gateway URL` puts the site's boot "
+                        "server first and URL as the fall-back)")
+    p.add_argument("--upstream", action="append", default=[], metavar="URL",
+                   help="gateway to fetch blocks missing from --store from, in order (repeatable: cluster members' "
+                        "Kubo gateways, other boot servers); every block is verified against its CID and cached")
+    p.add_argument("--cache-size", default="8G", metavar="SIZE",
+                   help="with --upstream: most bytes of unpinned blocks kept in --store, least recently used "
+                        "evicted first; pinned DAGs never are (default 8G; K/M/G/T)")
+    p.add_argument("--upstream-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="deadline per block asked of an upstream; one that misses it is skipped for 30 s (default 10)")
     p.add_argument("--device-registry", metavar="CID", help="signed device registry put into every boot config")
     p.set_defaults(func=run)
 
@@ -81,20 +92,25 @@ def parse_range(text: str) -> tuple[str, str, int]:
     return first, last, prefix
 
 
-def boot_files(args: argparse.Namespace, cache: Path) -> dict[str, Path]:
+def manifest_root(store: Blockstore, manifest: str, where: str) -> RootOfTrust:
+    """The root of trust of `manifest`, read through `store` (a caching store fetches the
+    manifest block from its upstreams, verified): the anchor the bootstrap is built for."""
+    from cidboot.trust.manifest import SignedManifest
+
+    try:
+        return SignedManifest.decode(store.get(CID.parse(manifest))).manifest.root
+    except (CidbootError, OSError) as e:
+        raise CidbootError(f"cannot build the bootstrap: manifest {manifest} in {where}: {e}") from None
+
+
+def boot_files(args: argparse.Namespace, cache: Path, store: Blockstore) -> dict[str, Path]:
     """Every boot file the server offers, made or found for the manifest (exits naming a missing one)."""
     names = ["undionly.kpxe", bootfiles.KERNEL_NAME, bootfiles.INITRD_NAME, bootfiles.UKI_NAMES["x86_64"]]
     if args.tftp_root and (args.tftp_root / bootfiles.UKI_NAMES["arm64"]).is_file():
         names.append(bootfiles.UKI_NAMES["arm64"])
 
     def anchor() -> RootOfTrust:
-        from cidboot.store.blockstore import Blockstore
-        from cidboot.trust.manifest import SignedManifest
-
-        try:
-            return SignedManifest.decode(Blockstore(args.store).get(CID.parse(args.manifest))).manifest.root
-        except (CidbootError, OSError) as e:
-            raise CidbootError(f"cannot build the bootstrap: manifest {args.manifest} in {args.store}: {e}") from None
+        return manifest_root(store, args.manifest, f"{args.store} or its upstreams" if args.upstream else str(args.store))
 
     def say(msg: str) -> None:
         logging.getLogger("bootstrap.serve").info(msg)
@@ -107,6 +123,17 @@ def boot_files(args: argparse.Namespace, cache: Path) -> dict[str, Path]:
 
 def run(args: argparse.Namespace) -> int:
     ranges = [parse_range(r) for r in args.dhcp_range or []]
+    try:
+        cache_max = parse_size(args.cache_size)
+    except ValueError as e:
+        raise UsageError(f"--cache-size: {e}") from None
+    if args.gateway and "self" not in args.gateway:
+        logging.getLogger("bootstrap.serve").warning(
+            "boot configs will list only %s, not this server: add `--gateway self` (first) for devices to use it",
+            ", ".join(args.gateway))
+    for url in args.upstream:
+        if not url.startswith(("http://", "https://")):
+            raise UsageError(f"--upstream must be an http(s):// gateway URL, got {url!r}")
     ip = _interface_ip(args.interface)
     local = next((r for r in ranges if ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(f"{r[0]}/{r[2]}", strict=False)),
                  ranges[0] if ranges else None)
@@ -123,14 +150,16 @@ def run(args: argparse.Namespace) -> int:
     cache = Path(os.environ["CIDBOOT_BOOTFILES_CACHE"]) if os.environ.get("CIDBOOT_BOOTFILES_CACHE") else \
         (args.state_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cidboot" / "serve") \
         / "bootfiles"
-    files = boot_files(args, cache)
     cfg = ServeConfig(args.interface, ip, args.store, CID.parse(args.manifest), args.tftp_root,
                       dhcp_range, args.http_port, args.tftp_port, Devices.load(args.devices) if args.devices else None,
                       anchor, args.state_dir, args.agent_port,
                       CID.parse(args.device_registry) if args.device_registry else None, tuple(args.gateway),
-                      boot_files=files, relay_ranges=relays, netmask=netmask)
+                      relay_ranges=relays, netmask=netmask, upstreams=tuple(args.upstream),
+                      cache_max=cache_max, upstream_timeout=args.upstream_timeout)
+    store = open_store(cfg)
+    cfg.boot_files = boot_files(args, cache, store)  # the manifest may come from an upstream
     try:
-        server = BootServer(cfg)
+        server = BootServer(cfg, store)
     except OSError as e:  # a bind: the error does not say which of the three servers' ports
         where = (f"{cfg.server_ip} (one of UDP 67/4011 for DHCP, UDP {args.tftp_port} for TFTP, "
                  f"TCP {args.http_port} for HTTP)")

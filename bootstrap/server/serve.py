@@ -6,7 +6,8 @@ map of served name -> file (bootstrap.bootfiles makes or finds them for the mani
 over HTTP at `/boot/<name>` (UEFI HTTP Boot). Two things are generated per request: `boot.ipxe`
 (the iPXE script that boots the bootstrap with this device's config) and `bootconfig/<mac>.json`
 (the device's boot config from devices.yaml). The gateway serves the block store and adds
-`/metrics`.
+`/metrics`. With upstreams (`--upstream`) the store is a bounded, verifying cache: blocks it
+lacks are fetched from the upstream gateways, so a new site's boot server starts empty.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cidboot.ipld.cid import CID
 from cidboot.netboot.bootconfig import BootConfig
 from cidboot.store.blockstore import Blockstore
 from cidboot.store.gateway.server import GatewayServer, serve_gateway
+from cidboot.store.gateway.upstream import CachingStore
 
 log = logging.getLogger("bootstrap.serve")
 
@@ -59,10 +61,43 @@ class ServeConfig:
     boot_files: dict[str, Path] = field(default_factory=dict)  # served name -> file (bootstrap.bootfiles)
     relay_ranges: tuple[tuple[str, str, int], ...] = ()  # (first, last, prefix) of subnets behind relays
     netmask: str = "255.255.255.0"  # of the local range's subnet
+    upstreams: tuple[str, ...] = ()  # gateways missing blocks are fetched from (verified, cached)
+    cache_max: int | None = None  # bound on unpinned cached bytes with upstreams (None: unbounded)
+    upstream_timeout: float = 10.0  # per upstream block request
+
+
+def open_store(cfg: ServeConfig) -> Blockstore:
+    """The store the gateway serves: the local one, or with `--upstream` a bounded verifying
+    cache in front of the upstream gateways (cidboot.store.gateway.upstream)."""
+    if not cfg.upstreams:
+        return Blockstore(cfg.store)
+    return CachingStore(cfg.store, cfg.upstreams, max_bytes=cfg.cache_max, timeout=cfg.upstream_timeout)
+
+
+def boot_gateways(listed: tuple[str, ...], own_url: str) -> tuple[str, ...]:
+    """The gateways a boot config lists, in the order devices try them: `--gateway` as given
+    ("self" is this server), or this server alone. For fail-over put the site's boot server
+    first (`--gateway self --gateway http://peer:8080 ...`): the bootstrap asks in order and
+    marks a dead one down for the rest of a fetch. Without "self" the server is not listed at
+    all (a deliberate choice, e.g. to send devices to a gateway under test)."""
+    return tuple(own_url if g == "self" else g for g in listed) or (own_url,)
+
+
+def cache_gauges(store: Blockstore) -> list[tuple[str, float]]:
+    """The /metrics gauges of a caching store (none for a plain one): upstream_bytes_total is
+    what the site pulled over its uplink, each block once however many devices asked."""
+    if not isinstance(store, CachingStore):
+        return []
+    u = store.stats
+    return [("upstream_blocks_total", u.blocks), ("upstream_bytes_total", u.bytes),
+            ("upstream_failures_total", u.failures), ("upstream_rejected_total", u.rejected),
+            ("upstream_coalesced_total", u.coalesced), ("upstream_marked_down_total", u.marked_down),
+            ("cache_evictions_total", u.evictions), ("cache_evicted_bytes_total", u.evicted_bytes),
+            ("cache_bytes", store.cached_bytes)]
 
 
 class BootServer:
-    def __init__(self, cfg: ServeConfig) -> None:
+    def __init__(self, cfg: ServeConfig, store: Blockstore | None = None) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
         self.devices = cfg.devices or Devices.empty()
@@ -80,7 +115,8 @@ class BootServer:
         routes = {"/metrics": self.render_metrics}
         for name, path in cfg.boot_files.items():
             routes[f"/{HTTP_BOOT_PREFIX}{name}"] = self._file_route(path)
-        store = Blockstore(cfg.store)
+        store = store if store is not None else open_store(cfg)  # the one the boot files were built from
+        self.store = store
         self.fleet = fleet.from_serve_config(cfg, store, self.devices)  # the web view and /api/ (docs/boot-server.md)
         self.gateway: GatewayServer = serve_gateway(store, "0.0.0.0", cfg.http_port, extra_routes=routes, app=self.fleet)
         # offer a boot file only for the architectures whose file exists (arm64: not built yet)
@@ -119,6 +155,8 @@ class BootServer:
         st = self.gateway.stats  # the bounded HTTP front (cidboot.httpd)
         for name in ("connections", "busy_rejected", "timeouts", "bodies_refused", "internal_errors", "client_gone"):
             self.metrics.gauge(f"http_{name}_total", getattr(st, name))
+        for name, value in cache_gauges(self.store):
+            self.metrics.gauge(name, value)
         if self.leases is not None or self.dhcp.cfg.relay_pools:
             self.metrics.gauge("dhcp_leases_active", self.dhcp.active_leases())
         return 200, "text/plain; version=0.0.4", self.metrics.render().encode()
@@ -134,7 +172,7 @@ class BootServer:
             if not pol.allow:
                 return None
             manifest = CID.parse(pol.manifest) if pol.manifest else self.cfg.manifest
-            gateways = tuple(self.gateway_url if g == "self" else g for g in self.cfg.gateways) or (self.gateway_url,)
+            gateways = boot_gateways(self.cfg.gateways, self.gateway_url)
             return BootConfig(manifest, gateways, self.cfg.trust_anchor or {}, pol.role,
                               peers=self.peers(mac), device_registry=self.cfg.device_registry).encode()
         return None

@@ -19,6 +19,7 @@ from cidboot.store.gateway.client import (
     BlockUnavailable,
     GatewayError,
     GatewayTimeout,
+    GatewayUnreachable,
     ResponseTooLarge,
     fetch,
     fetch_block,
@@ -121,7 +122,7 @@ def test_all_gateways_failed_carries_typed_causes_with_status(tmp_path: Path) ->
         with pytest.raises(AllGatewaysFailed) as e:
             fetch(CID.of(b"absent", RAW), [gw.url, "http://127.0.0.1:9"], Blockstore(tmp_path / "l"), rounds=1)
     causes = e.value.causes
-    assert [type(c) for c in causes] == [GatewayError, GatewayError]
+    assert [type(c) for c in causes] == [GatewayError, GatewayUnreachable]  # a 404 is not a dead gateway
     assert isinstance(causes[0], GatewayError) and causes[0].status == 404 and causes[0].gateway == gw.url
-    assert isinstance(causes[1], GatewayError) and causes[1].status is None
+    assert isinstance(causes[1], GatewayUnreachable) and causes[1].status is None
     assert not e.value.lied

@@ -47,6 +47,11 @@ class GatewayTimeout(GatewayError):
     """The gateway did not deliver one block within the per-block deadline (however it dripped)."""
 
 
+class GatewayUnreachable(GatewayError):
+    """The transport failed (refused, reset, cut before an answer): the gateway is likely down,
+    not merely missing a block, so it is skipped for the rest of the fetch."""
+
+
 class ResponseTooLarge(GatewayError):
     """The gateway sent (or announced) more bytes than the CID asked for can have."""
 
@@ -80,6 +85,7 @@ class FetchResult:
     bytes_fetched: int = 0
     blocks_present: int = 0  # already in the local store when the fetch started (resumed)
     dropped: dict[str, str] = field(default_factory=dict)  # gateway -> why it was dropped
+    down: dict[str, str] = field(default_factory=dict)  # gateway -> why it was marked down (timeout, refused)
     errors: list[str] = field(default_factory=list)
 
 
@@ -177,7 +183,7 @@ class _Request:
         if self.watchdog.expired:
             return GatewayTimeout(f"{self.target}: stalled: no block within {self.timeout} s (deadline per block)",
                                   gateway=self.gw)
-        return GatewayError(f"{self.target}: {type(e).__name__}: {e}", gateway=self.gw)
+        return GatewayUnreachable(f"{self.target}: {type(e).__name__}: {e}", gateway=self.gw)
 
     def read_block(self, limit: int) -> bytes:
         """The whole body, at most `limit` bytes (more, announced or sent, is ResponseTooLarge)."""
@@ -323,7 +329,9 @@ def fetch(
     in), verifying every block.
 
     Each round walks what is already local and asks the gateways (in order) for each missing
-    subtree as a CAR, falling back to single raw blocks when a gateway cannot do CARs. Rounds
+    subtree as a CAR, falling back to single raw blocks when a gateway cannot do CARs. A gateway
+    that times out or cannot be reached is marked down and skipped for the rest of the fetch
+    (until a round gets nothing at all), so one that dies mid-fetch costs one timeout. Rounds
     repeat while they make progress; `retries` (alias `rounds`) passes that get nothing are
     allowed, with exponential `backoff` between them, before AllGatewaysFailed.
     """
@@ -356,7 +364,7 @@ def _fetch(root: CID, gateways: list[str], store: Blockstore, timeout: float, ro
             if _intact(store, sub) is not None:
                 continue
             for gw in s.gateways:
-                if gw in s.result.dropped:
+                if gw in s.result.dropped or gw in s.result.down:
                     continue
                 try:
                     frontier.extend(_fetch_subtree(s, gw, sub))
@@ -370,6 +378,10 @@ def _fetch(root: CID, gateways: list[str], store: Blockstore, timeout: float, ro
                     last[gw] = e
                     s.result.errors.append(str(e))
                     log.info("gateway %s failed, trying the next: %s", gw, e)
+                    if isinstance(e, GatewayTimeout | GatewayUnreachable):
+                        # dead or stalled, not just missing a block: one timeout, not one per block
+                        s.result.down[gw] = str(e)
+                        log.warning("gateway %s marked down for this fetch: %s", gw, e)
                     if _intact(store, sub) is not None:
                         progressed = True  # partial CAR: the next round resumes below it
                         break
@@ -378,6 +390,7 @@ def _fetch(root: CID, gateways: list[str], store: Blockstore, timeout: float, ro
         failed_rounds += 1
         if failed_rounds >= rounds or all(g in s.result.dropped for g in s.gateways):
             break
+        s.result.down.clear()  # a round with nothing fetched: the gateways marked down get another chance
         time.sleep(backoff * (2 ** (failed_rounds - 1)))
     detail = "; ".join(str(last[g]) if g in last else f"{g}: no answer" for g in s.gateways)
     raise AllGatewaysFailed(f"could not fetch {root} ({len(s.missing())} subtrees missing): {detail}",
@@ -438,14 +451,18 @@ def fetch_block(cid: CID, gateways: list[str] | tuple[str, ...], store: Blocksto
     if local is not None:
         return local
     liars: dict[str, BadGateway] = {}
+    down: dict[str, GatewayError] = {}  # timed out or unreachable: skipped while another may answer
     causes: list[CidbootError] = []
     for n in range(rounds):
         if n:
             time.sleep(backoff * 2 ** (n - 1))
-        causes = list(liars.values())
-        for gw in gateways:
-            if gw in liars:
-                continue
+        causes = list(liars.values()) + list(down.values())
+        live = [gw for gw in gateways if gw not in liars and gw not in down]
+        if not live:  # everyone left is down: give them another chance rather than fail at once
+            down.clear()
+            causes = list(liars.values())
+            live = [gw for gw in gateways if gw not in liars]
+        for gw in live:
             try:
                 return _get_block(gw, cid, store, timeout, max_size, user_agent)
             except BadGateway as e:
@@ -453,6 +470,8 @@ def fetch_block(cid: CID, gateways: list[str] | tuple[str, ...], store: Blocksto
                 causes.append(e)
             except GatewayError as e:
                 causes.append(e)
+                if isinstance(e, GatewayTimeout | GatewayUnreachable):
+                    down[gw] = e
         if len(liars) == len(gateways):
             break
     raise BlockUnavailable(cid, causes)

@@ -24,6 +24,7 @@ from cidboot.ipld.unixfs.exporter import file_size, iter_file_blocks
 from cidboot.store.blockstore import BlockNotFound, Blockstore
 from cidboot.store.gateway.pathing import Resolved, resolve
 from cidboot.store.gateway.request import CAR_TYPE, RAW_TYPE, BadRequest, GatewayRequest, NotAcceptable, parse
+from cidboot.store.gateway.upstream import CachingStore, UpstreamUnavailable
 
 log = logging.getLogger("cidboot.store.gateway")
 
@@ -249,6 +250,9 @@ class _Handler(BoundedHandler):
             return
         try:
             res = self._resolve(req)
+        except UpstreamUnavailable as e:
+            self._send_error(502, str(e))  # not "absent": the upstreams failed (or lied) this time
+            return
         except (BlockNotFound, NotFoundError) as e:
             if self._only_if_cached() and isinstance(e, BlockNotFound):
                 self._precondition_failed(f"{e} (only-if-cached)")
@@ -267,11 +271,26 @@ class _Handler(BoundedHandler):
         else:
             self._send_car(req, res)
 
+    def _getter(self) -> Callable[[CID], bytes]:
+        """How this request reads blocks: through the store (a caching store fetches what it
+        lacks from its upstreams), or from local blocks only under `only-if-cached`."""
+        store = self.server.store
+        if self._only_if_cached() and isinstance(store, CachingStore):
+            return store.get_local
+        return store.get
+
     def _resolve(self, req: GatewayRequest) -> Resolved:
         store = self.server.store
-        r = resolve(req.cid, req.path, store.get)
+        r = resolve(req.cid, req.path, self._getter())
         if not store.has(r.terminal):
-            raise BlockNotFound(f"block {r.terminal} is not in this gateway's store")
+            if self._only_if_cached():
+                raise BlockNotFound(f"block {r.terminal} is not in this gateway's store")
+            try:
+                store.get(r.terminal)  # a caching store fetches it from its upstreams (verified)
+            except UpstreamUnavailable:
+                raise
+            except BlockNotFound:
+                raise BlockNotFound(f"block {r.terminal} is not in this gateway's store") from None
         return r
 
     def _common_headers(self, req: GatewayRequest, res: Resolved) -> None:
@@ -321,7 +340,7 @@ class _Handler(BoundedHandler):
         self.server.metrics.record(206 if isinstance(span, tuple) else 200, sent)
 
     def _car_blocks(self, req: GatewayRequest, terminal: CID, path_blocks: list[tuple[CID, bytes]]) -> Iterator[tuple[CID, bytes]]:
-        get = _BlockCache(self.server.store.get)
+        get = _BlockCache(self._getter())
         yield from path_blocks
         if req.dag_scope == "all":
             yield from dag.walk(terminal, get, skip_dups=not req.car_dups)
