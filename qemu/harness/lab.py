@@ -346,7 +346,7 @@ def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = 
         if publish_results:
             if lb.cluster is None:
                 raise LabError("publish_results needs a cluster to publish to")
-            extra += ["--publish", f"cluster={lb.cluster_rest_url()}"]
+            extra += ["--publish", f"cluster={lb.cluster_rest_url()},replication={replication}"]
         for site in site_list:
             lb.servers.append(_start_server(stack, lb, site, mcid, tftp, registry, multi, extra))
         lb.server = lb.servers[0].proc
