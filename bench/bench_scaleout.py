@@ -9,12 +9,12 @@ in a throwaway network namespace; the upstream is an isolated Kubo node (loopbac
 namespace, no bootstrap/MDNS/routing) holding the DAG (`ipfs dag import`). Full QEMU boots of N
 devices are too heavy for a 2-core machine shared with other work (one TCG boot takes the
 better part of a core for ~40 s; 4 at once would measure CPU contention, not the server), so
-the N-device figures use host processes, and `--qemu` adds ONE QEMU figure: the hello flow
+the N-device figures use host processes, plus ONE QEMU figure (`--no-qemu` skips it): the hello flow
 booted by `python -m qemu.harness boot` through a cold boot server fed by a 1-peer cluster vs
 the usual lab whose boot server holds the image.
 
-    python3 -m bench.bench_scaleout                       # N = 1, 2, 4; 32 MiB image
-    python3 -m bench.bench_scaleout --clients 1,2,4,8 --size-mib 64 --qemu
+    python3 -m bench.bench_scaleout                       # N = 1, 2, 4; 32 MiB image; + the QEMU pair
+    python3 -m bench.bench_scaleout --clients 1,2,4,8 --size-mib 64 --no-qemu
 """
 
 from __future__ import annotations
@@ -148,10 +148,10 @@ def host_rows(ns: list[int], size: int) -> tuple[list[dict[str, Any]], dict[str,
         mcid = manifest(origin, size)
         dag_bytes = sum(len(b) for _c, b in walk(mcid, origin.get))
         car = write_car(mcid, origin, d).path
-        with inside(net.name):  # the upstream lives on the namespace's loopback
+        with inside(net.name):  # the upstream lives on the namespace's loopback (its CLI talks to it there)
             kubo, kproc = kubo_impl.start_kubo(work / "kubo")
-        try:
             kubo.ipfs("dag", "import", "--pin-roots", str(car))
+        try:
             for n in ns:
                 run = work / f"n{n}"
                 run.mkdir()
@@ -204,11 +204,11 @@ def main() -> int:
     args = parse_args(__doc__ or "", [
         ("--clients", {"default": "1,2,4", "help": "comma-separated device counts (default 1,2,4: 2 cores)"}),
         ("--size-mib", {"type": int, "default": 32, "help": "image size (random layer bytes)"}),
-        ("--qemu", {"action": "store_true", "help": "add the one-device QEMU figure (two harness boots)"}),
+        ("--no-qemu", {"action": "store_true", "help": "skip the one-device QEMU figure (two harness boots)"}),
     ])
     ns = [int(x) for x in str(args.clients).split(",") if x.strip()]
     rows, facts = host_rows(ns, args.size_mib * MIB)
-    if args.qemu:
+    if not args.no_qemu:
         rows += qemu_row(Path(args.out))
     write_results(args.out, "bench_scaleout", rows, {
         **facts,

@@ -134,6 +134,7 @@ def start_kubo(workdir: Path, *, swarm_key: str | None = None,
                gateway_host: str = "127.0.0.1") -> tuple[KuboNode, subprocess.Popen[bytes]]:
     """A Kubo daemon in `workdir/kubo-repo`; with `swarm_key`, a member of that private network."""
     binary = tool("ipfs")
+    workdir.mkdir(parents=True, exist_ok=True)
     repo = workdir / "kubo-repo"
     env = {**os.environ, "IPFS_PATH": str(repo)}
     if swarm_key:
