@@ -137,7 +137,7 @@ class BootedAgent:
     attested: AttestedAgents
     audit: AuditLog
     console: TextIO | None = None
-    publish_to: PublishTarget | None = None  # results' provenance DAGs go to Kubo too
+    publish_to: PublishTarget | None = None  # results' provenance DAGs and the audit log also go there (boot config)
     orchestrator: Any = None  # agent.orchestrator.Orchestrator once the flow runs
 
     @property
@@ -220,6 +220,11 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
     attested, audit = AttestedAgents(), ConsoleAudit(attester.leaf_key, store, console)
     agent = BootedAgent(h, cfg, mcid, signed, roots, store, attester, server, verifier, peers,
                         PeerService(attester, verifier, _not_ready), ip, base, attested, audit, console)
+    if cfg.publish:  # the boot config says where results go (bootstrap serve --publish)
+        try:
+            agent.publish_to = PublishTarget.parse(cfg.publish)
+        except FormatError as e:
+            raise AgentBootError(f"boot config publish: {e}") from None
     agent.service.register = _register(attested)
     agent.service.refused = lambda client, res: audit.record(
         "refused", f"inputs from peer {client} ({res.role or (f'claims {res.claimed_role}' if res.claimed_role else 'no role')}, device {res.device_id}): "

@@ -294,6 +294,25 @@ def _cluster(doc: Doc) -> list[Row]:
             for r in doc["rows"] if r.get("ratio") is not None and "(reference)" not in str(r["case"])]
 
 
+def _scaleout(doc: Doc) -> list[Row]:
+    b, out = "bench_scaleout", []
+    for r in doc["rows"]:
+        n = r["devices"]
+        if isinstance(n, int):
+            out.append(figure(b, f"{n} device(s) all ready: cold boot server (--upstream) vs warm", r["cold_all_ready_s"],
+                              r["warm_all_ready_s"], "s", ratio=r.get("cold/warm")))
+            out.append(figure(b, f"{n} device(s): bytes pulled from upstream vs image size", r["upstream_MB_cold"],
+                              r["image_MB"], "MB", ratio=r.get("upstream/image"), goal=ONCE))
+        elif r.get("cold/warm") is not None:  # the QEMU row pair: "1 QEMU (cold)" carries the ratio
+            warm = next((w for w in doc["rows"] if w["devices"] == "1 QEMU (warm)"), None)
+            out.append(figure(b, "1 QEMU device power-on to ready: cold boot server (--upstream) vs warm",
+                              r["all_ready_s"], warm["all_ready_s"] if warm else None, "s", ratio=r["cold/warm"]))
+    return out
+
+
+ONCE = Goal("<=", 1.0)  # every block pulled from upstream once, however many devices ask
+
+
 @dataclass(frozen=True)
 class Bench:
     stem: str  # bench/<stem>.py
@@ -318,6 +337,8 @@ BENCHES: dict[str, Bench] = {b.stem: b for b in [
         ("UnixFS import CIDv1 vs ipfs add --only-hash, 256 MiB", "MB/s", Goal(">=", 1.3)),
         ("import peak RSS, 256 MiB vs 16 MiB", "MiB", FLAT))),
     Bench("bench_pxe200", "bench_pxe200", _pxe200),
+    Bench("bench_scaleout", "bench_scaleout", _scaleout, (
+        ("4 device(s): bytes pulled from upstream vs image size", "MB", ONCE),)),
     Bench("bench_tftp", "bench_tftp", _tftp, (
         ("TFTP 16 MiB vs tftpd-hpa, blksize 512, no windowsize", "MiB/s", AT_LEAST_1),
         ("TFTP 16 MiB vs tftpd-hpa, blksize 1468, no windowsize", "MiB/s", AT_LEAST_1))),

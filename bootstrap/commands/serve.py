@@ -75,6 +75,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--upstream-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="deadline per block asked of an upstream; one that misses it is skipped for 30 s (default 10)")
     p.add_argument("--device-registry", metavar="CID", help="signed device registry put into every boot config")
+    p.add_argument("--publish", metavar="cluster=URL[,replication=MIN:MAX]",
+                   help="where agents publish results, provenance and audit logs, put into every boot config: an "
+                        "IPFS Cluster REST API (cluster=URL) or one Kubo RPC (kubo=URL) as devices reach it")
     p.set_defaults(func=run)
 
 
@@ -134,6 +137,14 @@ def run(args: argparse.Namespace) -> int:
     for url in args.upstream:
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"--upstream must be an http(s):// gateway URL, got {url!r}")
+    publish = None
+    if args.publish:
+        from cidboot.netboot.bootconfig import BootConfigError, parse_publish
+
+        try:
+            publish = parse_publish(args.publish)
+        except BootConfigError as e:
+            raise UsageError(f"--publish: {e}") from None
     ip = _interface_ip(args.interface)
     local = next((r for r in ranges if ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(f"{r[0]}/{r[2]}", strict=False)),
                  ranges[0] if ranges else None)
@@ -155,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
                       anchor, args.state_dir, args.agent_port,
                       CID.parse(args.device_registry) if args.device_registry else None, tuple(args.gateway),
                       relay_ranges=relays, netmask=netmask, upstreams=tuple(args.upstream),
-                      cache_max=cache_max, upstream_timeout=args.upstream_timeout)
+                      cache_max=cache_max, upstream_timeout=args.upstream_timeout, publish=publish)
     store = open_store(cfg)
     cfg.boot_files = boot_files(args, cache, store)  # the manifest may come from an upstream
     try:

@@ -64,6 +64,7 @@ class ServeConfig:
     upstreams: tuple[str, ...] = ()  # gateways missing blocks are fetched from (verified, cached)
     cache_max: int | None = None  # bound on unpinned cached bytes with upstreams (None: unbounded)
     upstream_timeout: float = 10.0  # per upstream block request
+    publish: str | None = None  # where agents publish results ("cluster=URL[,replication=..]"): into boot configs
 
 
 def open_store(cfg: ServeConfig) -> Blockstore:
@@ -174,7 +175,8 @@ class BootServer:
             manifest = CID.parse(pol.manifest) if pol.manifest else self.cfg.manifest
             gateways = boot_gateways(self.cfg.gateways, self.gateway_url)
             return BootConfig(manifest, gateways, self.cfg.trust_anchor or {}, pol.role,
-                              peers=self.peers(mac), device_registry=self.cfg.device_registry).encode()
+                              peers=self.peers(mac), device_registry=self.cfg.device_registry,
+                              publish=self.cfg.publish).encode()
         return None
 
     def peers(self, mac: str) -> dict[str, tuple[str, ...]]:

@@ -41,6 +41,11 @@ class BootConfig:
     version: int = 1
     peers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     device_registry: CID | None = None
+    # where the agent publishes results, provenance and audit logs: "kubo=URL" or
+    # "cluster=URL[,replication=MIN:MAX]" (agent.publish parses it). Unsigned like the gateways:
+    # a wrong target costs availability only, since every published block is checked by CID
+    # and every result's provenance is signed.
+    publish: str | None = None
 
     def encode(self) -> bytes:
         doc = {"version": self.version, "manifest": str(self.manifest), "gateways": list(self.gateways),
@@ -49,6 +54,8 @@ class BootConfig:
             doc["peers"] = {r: list(u) for r, u in self.peers.items()}
         if self.device_registry is not None:
             doc["device_registry"] = str(self.device_registry)
+        if self.publish is not None:
+            doc["publish"] = self.publish
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -60,7 +67,7 @@ class BootConfig:
         if not isinstance(doc, dict) or doc.get("version") != 1:
             raise BootConfigError("boot config must be a JSON object with version 1")
         extra = set(doc) - {"version", "manifest", "gateways", "trust_anchor", "role", "on_failure", "peers",
-                                 "device_registry"}
+                                 "device_registry", "publish"}
         if extra:
             raise BootConfigError(f"boot config: unknown keys {sorted(extra)}")
         gws = doc.get("gateways")
@@ -74,7 +81,16 @@ class BootConfig:
             raise BootConfigError(f"boot config: manifest: {e}") from None
         return cls(manifest, tuple(gws), doc.get("trust_anchor") or {}, str(doc.get("role", "default")),
                    doc.get("on_failure", "poweroff"), peers=_peers(doc.get("peers", {})),
-                   device_registry=_registry(doc.get("device_registry")))
+                   device_registry=_registry(doc.get("device_registry")), publish=parse_publish(doc.get("publish")))
+
+
+def parse_publish(raw: Any) -> str | None:
+    if raw is None:
+        return None
+    kind, _, url = raw.partition("=") if isinstance(raw, str) else ("", "", "")
+    if kind not in ("kubo", "cluster") or not url.startswith(("http://", "https://")):
+        raise BootConfigError(f"boot config: publish must be kubo=URL or cluster=URL[,replication=MIN:MAX], got {raw!r}")
+    return str(raw)
 
 
 def _peers(raw: Any) -> dict[str, tuple[str, ...]]:

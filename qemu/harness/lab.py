@@ -8,11 +8,21 @@ UKI from the boot server (no iPXE). Without a TPM the last three are unmeasured 
 verifier appraises them so (never affirming).
 Devices get fixed addresses by MAC (devices.yaml `ip:`) so peers can be told where the others
 are. The verifier side (`agent attest`) runs inside the namespace too: nothing leaves it.
+
+Scale-out labs (docs/scale-out.md): `cluster=K` starts K Kubo + IPFS Cluster peers inside the
+namespace (qemu.harness.cluster: CRDT, private secret and swarm key, no bootstrap/MDNS/routing;
+APIs on the namespace's loopback, gateways on 10.77.0.1), publishes the manifest DAG and the
+device registry to it, and gives every boot server an EMPTY store with `--upstream` to every
+peer's gateway (and lists those gateways after itself in the boot config, for the devices'
+fail-over). `boot_servers=S` gives site s>0 its own LAN (bridge br{s}) and its own `bootstrap
+serve` in its own namespace at 10.77.{s}.1; device i goes to site `sites[i]` (default i % S).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,14 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cidboot.errors import CidbootError
 from cidboot.ipld.cid import CID, DAG_CBOR
 from cidboot.store.blockstore import Blockstore
 from cidboot.trust import keys
 from cidboot.trust.manifest import SignedManifest
 from cidboot.trust.registry import sign_registry
 from qemu.harness import dice_engine, problems, timeline
+from qemu.harness.cluster import Cluster, KuboNode, start_cluster
 from qemu.harness.deploy import Deployment
-from qemu.harness.netns import BootNetwork, boot_network
+from qemu.harness.netns import BootNetwork, Site, boot_network, inside
 from qemu.harness.ra import router_advertiser
 from qemu.harness.vm import Guest, GuestError, GuestSpec
 
@@ -42,8 +54,58 @@ def device_mac(i: int) -> str:
     return f"52:54:00:c1:d0:{i + 1:02x}"
 
 
-def device_ip(i: int) -> str:
-    return f"10.77.0.{10 + i}"
+def device_ip(i: int, site: int = 0) -> str:
+    return f"10.77.{site}.{10 + i}"
+
+
+CLUSTER_HOST = "10.77.0.1"  # the cluster peers' gateways, as devices and boot servers reach them
+
+
+class LabError(CidbootError):
+    """A lab part (boot server, cluster publish) did not come up (the message says which)."""
+
+
+@dataclass
+class BootServer:
+    """One site's `bootstrap serve`: where it runs, its store and where it fetches what it lacks."""
+
+    site: Site
+    store: Path
+    upstreams: tuple[str, ...]
+    gateways: tuple[str, ...]  # what its boot configs list, in order ("self" first)
+    proc: subprocess.Popen[str]
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.site.server_ip}:8080"
+
+    def describe(self) -> dict[str, Any]:
+        return {"site": self.site.index, "url": self.url, "store": str(self.store),
+                "upstreams": list(self.upstreams), "gateways": list(self.gateways)}
+
+    def metrics(self, net: BootNetwork) -> dict[str, float]:
+        """Its /metrics (unlabelled gauges and counters by name, labelled ones summed), read
+        inside the lab: upstream bytes/blocks, coalesced requests, cache size."""
+        proc = net.run(["curl", "-sf", "--max-time", "30", f"{self.url}/metrics"], capture_output=True, text=True,
+                       timeout=60)
+        return parse_metrics(proc.stdout) if proc.returncode == 0 else {}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {name: value}, labelled series of one name summed."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            v = float(value)
+        except ValueError:
+            continue
+        name = name.split("{", 1)[0]
+        out[name] = out.get(name, 0.0) + v
+    return out
 
 
 @dataclass
@@ -70,6 +132,27 @@ class Lab:
     server: subprocess.Popen[str]
     states: list[dice_engine.DeviceState]
     devices: list[Device] = field(default_factory=list)
+    servers: list[BootServer] = field(default_factory=list)
+    site_of: list[int] = field(default_factory=list)  # device index -> site (boot server) index
+    cluster: Cluster | None = None
+    published: dict[str, Any] = field(default_factory=dict)  # `imagebuilder publish --json` of the manifest
+
+    def inside(self) -> Any:
+        """`with lb.inside():` this thread (and what it starts) in the lab's namespace, where the
+        cluster's REST/RPC APIs listen on loopback."""
+        return inside(self.net.name)
+
+    def server_of(self, dev: Device) -> BootServer:
+        return self.servers[self.site_of[dev.index]]
+
+    def cluster_rest_url(self, peer: int = 0) -> str:
+        """A peer's cluster REST API as devices and boot servers reach it."""
+        if self.cluster is None:
+            raise LabError("this lab has no cluster")
+        return f"http://{CLUSTER_HOST}:{self.cluster.peers[peer].rest_url.rsplit(':', 1)[1]}"
+
+    def cluster_gateways(self) -> list[str]:
+        return [f"http://{CLUSTER_HOST}:{p.kubo.gateway_port}" for p in (self.cluster.peers if self.cluster else [])]
 
     @property
     def roots_file(self) -> Path:
@@ -180,14 +263,27 @@ class Lab:
                 "problems": self.problems(dev, flow_results),
                 "boot_timeline": tl.to_obj(),
                 "console": str(dev.guest.dir / "console.log"),
+                **({"boot_server": self.server_of(dev).describe()} if self.servers else {}),
             })
-        return {"manifest_cid": str(self.dep.workload.manifest), "flow": self.dep.flow.get("name"),
-                "reference_measurements": {**self.dep.workload.measurements}, "devices": devices}
+        out: dict[str, Any] = {"manifest_cid": str(self.dep.workload.manifest), "flow": self.dep.flow.get("name"),
+                               "reference_measurements": {**self.dep.workload.measurements}, "devices": devices}
+        if len(self.servers) > 1 or self.cluster is not None:
+            out["boot_servers"] = [{**srv.describe(), "upstream_metrics": {
+                k: v for k, v in srv.metrics(self.net).items() if "upstream" in k or "cache" in k}}
+                for srv in self.servers]
+        if self.cluster is not None:
+            out["cluster"] = {"peers": [{"name": f"peer{p.index}", "id": p.peer_id, "alive": p.alive,
+                                         "gateway": g} for p, g in zip(self.cluster.peers, self.cluster_gateways(), strict=True)],
+                              "published": self.published}
+        return out
 
 
-def _devices_yaml(path: Path, roles: list[str]) -> None:
+def _devices_yaml(path: Path, roles: list[str], sites: list[int] | None = None) -> None:
+    """Every device of every site, with its fixed address: a server answers only the devices on its
+    own LAN (the others' DHCP never reaches it) but tells each agent where its peers are."""
     lines = ["deny_unknown: true", "devices:"]
-    lines += [f'  - {{mac: "{device_mac(i)}", role: {r}, ip: {device_ip(i)}}}' for i, r in enumerate(roles)]
+    lines += [f'  - {{mac: "{device_mac(i)}", role: {r}, ip: {device_ip(i, sites[i] if sites else 0)}}}'
+              for i, r in enumerate(roles)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -209,8 +305,20 @@ def _factory(dep: Deployment, out: Path, names: list[str],
 
 @contextmanager
 def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = None, loss_percent: int = 0,
-        server_args: list[str] | None = None, names: list[str] | None = None) -> Iterator[Lab]:
-    """Boot network + `bootstrap serve` for devices with these roles (one tap each)."""
+        server_args: list[str] | None = None, names: list[str] | None = None, cluster: int = 0,
+        boot_servers: int = 1, sites: list[int] | None = None, replication: str = "2:2",
+        publish_results: bool = False) -> Iterator[Lab]:
+    """Boot network + `bootstrap serve` for devices with these roles (one tap each); with
+    `cluster`/`boot_servers`, the scale-out lab of the module docstring; `publish_results`: the
+    boot servers' configs tell agents to publish results and audit logs to the cluster
+    (`bootstrap serve --publish cluster=URL`, the REST API of peer 0 as devices reach it)."""
+    if boot_servers < 1 or cluster < 0:
+        raise LabError(f"a lab needs at least one boot server and no negative cluster size "
+                       f"(got {boot_servers} boot servers, {cluster} peers)")
+    site_of = list(sites) if sites is not None else [i % boot_servers for i in range(len(roles))]
+    if len(site_of) != len(roles) or any(not 0 <= s < boot_servers for s in site_of):
+        raise LabError(f"sites {site_of} must name one of {boot_servers} boot servers for each of {len(roles)} devices")
+    multi = boot_servers > 1 or cluster > 0
     out.mkdir(parents=True, exist_ok=True)
     states, registry = _factory(dep, out, names or [f"device-{i}" for i in range(len(roles))], roles)
     tftp = out / "tftp"  # the harness built the bootstrap already (bootstrap.bootfiles): the server need not
@@ -219,35 +327,119 @@ def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = 
     (tftp / "bootstrap" / "initrd.img").write_bytes(dep.bootstrap.initrd.read_bytes())
     for uki in dep.bootstrap.uki.values():
         (tftp / uki.name).write_bytes(uki.read_bytes())
-    _devices_yaml(out / "devices.yaml", roles)
+    _devices_yaml(out / "devices.yaml", roles, site_of if multi else None)
+    mcid = manifest or str(dep.workload.manifest)
     with ExitStack() as stack:
-        net = stack.enter_context(boot_network(taps=len(roles)))
+        net = stack.enter_context(boot_network(taps=0))
+        site_list = [Site(0, net.bridge, net.server_ip, None)] + [net.add_site(s) for s in range(1, boot_servers)]
+        for s in site_of:
+            net.add_tap(bridge=site_list[s].bridge)
         stack.enter_context(router_advertiser(net))  # else iPXE (--legacy) waits ~16 s for an IPv6 router
-        log = open(out / "boot-server.log", "w")
-        stack.callback(log.close)
-        server = net.popen([sys.executable, "-m", "bootstrap", "--log-json", "-v", "serve", "--interface", "br0",
-                            "--dhcp-range", "10.77.0.100-10.77.0.199", "--store", str(dep.store),
-                            "--manifest", manifest or str(dep.workload.manifest), "--devices", str(out / "devices.yaml"),
-                            "--tftp-root", str(tftp), "--state-dir", str(out / "server-state"),
-                            "--agent-port", str(AGENT_PORT),
-                            *(["--device-registry", str(registry)] if registry else []), *(server_args or [])],
-                           stdout=subprocess.PIPE, stderr=log, text=True)
-        stack.callback(_stop, server)
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        if "serving on" not in line:
-            raise RuntimeError(f"boot server did not start: {(out / 'boot-server.log').read_text()[-1500:]}")
+        lb = Lab(dep, net, out, None, states, site_of=site_of)  # type: ignore[arg-type]  # server set below
+        if cluster:
+            with lb.inside():
+                lb.cluster = start_cluster(_fresh(out / "cluster"), cluster, gateway_host="0.0.0.0",
+                                           rest_host="0.0.0.0")
+                stack.callback(lb.cluster.stop)
+                lb.published = _publish(lb.cluster, dep.store, mcid, registry, replication)
+        extra = list(server_args or [])
+        if publish_results:
+            if lb.cluster is None:
+                raise LabError("publish_results needs a cluster to publish to")
+            extra += ["--publish", f"cluster={lb.cluster_rest_url()},replication={replication}"]
+        for site in site_list:
+            lb.servers.append(_start_server(stack, lb, site, mcid, tftp, registry, multi, extra))
+        lb.server = lb.servers[0].proc
         if loss_percent:
             from qemu.harness.netloss import add_loss
 
             for tap in net.taps:
                 add_loss(net.cmd([]), tap, loss_percent)
-        lb = Lab(dep, net, out, server, states)
         try:
             yield lb
         finally:
             for dev in lb.devices:
                 dev.guest.stop()
+
+
+def _fresh(d: Path) -> Path:
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    return d
+
+
+def _publish(cluster: Cluster, store: Path, mcid: str, registry: CID | None, replication: str) -> dict[str, Any]:
+    """`imagebuilder publish` of the manifest DAG to the cluster (CAR to peer0's Kubo, pinned with
+    `replication`), then the device registry block pinned the same way: everything a device
+    needs from IPFS. Runs in the caller's namespace (the lab's)."""
+    from cidboot.store.cluster import ClusterClient, Replication
+
+    entry = cluster.peers[0]
+    proc = subprocess.run([sys.executable, "-m", "imagebuilder", "publish", mcid, "--store", str(store),
+                           "--cluster", entry.rest_url, "--kubo", entry.kubo.api_url, "--replication", replication,
+                           "--json"], capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        raise LabError(f"imagebuilder publish {mcid} to the lab cluster failed: {proc.stderr.strip()[-1500:]}")
+    result = dict(json.loads(proc.stdout))
+    if registry is not None:
+        block = Blockstore(store).get(registry)
+        got = _block_put(entry.kubo, block)
+        if got != str(registry):
+            raise LabError(f"Kubo stored the device registry as {got}, not {registry}")
+        client = ClusterClient(entry.rest_url)
+        rep = Replication.parse(replication)
+        client.pin(registry, rep, name="device-registry", prefer=[entry.peer_id])
+        client.wait_pinned(registry, rep.min if not rep.everywhere else len(cluster.peers), timeout=120)
+        result["device_registry"] = str(registry)
+    return result
+
+
+def _block_put(kubo: KuboNode, block: bytes) -> str:
+    """`ipfs block put` of one dag-cbor block (the device registry is no manifest: publish refuses it)."""
+    env = {**os.environ, "IPFS_PATH": str(kubo.repo)}
+    proc = subprocess.run([kubo.binary, "block", "put", "--cid-codec", "dag-cbor", "--mhtype", "sha2-256"],
+                          input=block, env=env, capture_output=True, timeout=60)
+    if proc.returncode:
+        raise LabError(f"ipfs block put: {proc.stderr.decode()}")
+    return proc.stdout.decode().strip()
+
+
+def _start_server(stack: ExitStack, lb: Lab, site: Site, mcid: str, tftp: Path, registry: CID | None, multi: bool,
+                  extra: list[str]) -> BootServer:
+    """One site's `bootstrap serve`: site 0 on br0 in the lab's namespace (as single-server labs
+    always were), site s in its own namespace on eth0. With a cluster: an empty store of its own
+    and every peer's gateway as `--upstream` and, after itself, as a boot-config gateway."""
+    s, out = site.index, lb.out
+    suffix = f"-{s}" if s else ""
+    gws = lb.cluster_gateways()
+    store = lb.dep.store
+    if gws:
+        store = out / f"server{s}-store"
+        store.mkdir(parents=True, exist_ok=True)
+    upstreams = tuple(gws)
+    gateways = ("self", *gws) if gws else ()
+    pfx = "/16" if multi else ""
+    argv = [sys.executable, "-m", "bootstrap", "--log-json", "-v", "serve", "--interface",
+            site.bridge if site.namespace is None else "eth0",
+            "--dhcp-range", f"10.77.{s}.100-10.77.{s}.199{pfx}", "--store", str(store),
+            "--manifest", mcid, "--devices", str(out / "devices.yaml"),
+            "--tftp-root", str(tftp), "--state-dir", str(out / f"server-state{suffix}"),
+            "--agent-port", str(AGENT_PORT),
+            *(["--device-registry", str(registry)] if registry else []),
+            *[a for u in upstreams for a in ("--upstream", u)], *[a for g in gateways for a in ("--gateway", g)],
+            *extra]
+    log_path = out / f"boot-server{suffix}.log"
+    log = open(log_path, "w")
+    stack.callback(log.close)
+    cmd = lb.net.cmd(argv) if site.namespace is None else lb.net.host_cmd(site.namespace, argv)
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    stack.callback(_stop, server)
+    assert server.stdout is not None
+    line = server.stdout.readline()
+    if "serving on" not in line:
+        raise LabError(f"boot server {s} did not start: {log_path.read_text()[-1500:]}")
+    return BootServer(site, store, upstreams, gateways or ("self",), server, log_path)
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:

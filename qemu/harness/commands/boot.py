@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cidboot.cli import print_json
+from cidboot.cli import UsageError, print_json
 from cidboot.errors import CidbootError, FormatError
 from cidboot.ipld.cid import CID
+from cidboot.store.cluster import Replication
 from qemu.harness import accel
 from qemu.harness.deploy import Deployment, prepare, prepare_manifest
 from qemu.harness.lab import FIRMWARES, lab
@@ -45,6 +46,14 @@ def add_boot_args(p: argparse.ArgumentParser) -> None:
                         "three are unmeasured (no TPM yet): appraised so, never affirming")
     p.add_argument("--legacy", action="store_true", help="same as --firmware bios-ipxe")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for every agent (default 600)")
+    p.add_argument("--cluster", type=int, default=0, metavar="K",
+                   help="start K Kubo + IPFS Cluster peers in the lab (CRDT, private secret and swarm key, no public "
+                        "routing), publish the manifest to them, and give every boot server an empty store that "
+                        "fetches through --upstream from the peers' gateways (docs/scale-out.md)")
+    p.add_argument("--boot-servers", type=int, default=1, metavar="S",
+                   help="S boot servers, each on its own site LAN; device i boots from server i %% S (default 1)")
+    p.add_argument("--replication", default="2:2", metavar="MIN:MAX",
+                   help="with --cluster: the pins' replication factor (default 2:2; at most K)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -52,7 +61,24 @@ def say(msg: str) -> None:
     print(f"==> {msg}", file=sys.stderr, flush=True)
 
 
+def scale_out(args: argparse.Namespace) -> tuple[int, int, str]:
+    """(cluster peers, boot servers, replication) from the arguments, checked before any build."""
+    cluster, servers = getattr(args, "cluster", 0), getattr(args, "boot_servers", 1)
+    replication = getattr(args, "replication", "2:2")
+    if cluster < 0 or servers < 1:
+        raise UsageError(f"--cluster must be >= 0 and --boot-servers >= 1 (got {cluster} and {servers})")
+    if cluster:
+        try:
+            rep = Replication.parse(replication)
+        except FormatError as e:
+            raise UsageError(f"--replication: {e}") from None
+        if not rep.everywhere and rep.min > cluster:
+            raise UsageError(f"--replication {replication} needs at least {rep.min} cluster peers, --cluster is {cluster}")
+    return cluster, servers, replication
+
+
 def boot(args: argparse.Namespace) -> dict[str, Any]:
+    cluster, servers, replication = scale_out(args)
     out: Path = args.out.resolve()  # builds run with cwd = the repo: a relative --out would not be found
     if Path(args.flow).is_file() and Path(args.flow).resolve().parent in (out, *out.parents):
         raise CidbootError(f"--out {args.out} is inside the flow's directory, which is copied into the "
@@ -76,7 +102,9 @@ def boot(args: argparse.Namespace) -> dict[str, Any]:
     say(f"manifest {dep.workload.manifest}; {n} device(s): {', '.join(device_roles)}")
     mode = accel.choose(dep.firmware.kernel)
     firmware = args.firmware or ("bios-ipxe" if args.legacy else "dice")
-    with lab(dep, out / "lab", device_roles) as lb:
+    if cluster:
+        say(f"lab: {cluster} cluster peers, {servers} boot server(s) with empty stores and --upstream")
+    with lab(dep, out / "lab", device_roles, cluster=cluster, boot_servers=servers, replication=replication) as lb:
         for role in device_roles:
             lb.add_device(role, firmware=firmware, accel=mode)
         say(f"powering on ({mode}); consoles in {out / 'lab' / 'devices'}")
@@ -101,6 +129,10 @@ def summary(report: dict[str, Any]) -> str:
                          d["boot"]])
         lines.append(f"{d['name']} [{how}] {d['outcome']}: appraisal {d['appraisal']['status']}"
                      f"  {stages}")
+        if d.get("boot_server"):
+            bs = d["boot_server"]
+            lines.append(f"    boot server {bs['site']} {bs['url']}"
+                         + (f", upstreams {' '.join(bs['upstreams'])}" if bs.get("upstreams") else ""))
         if d["reason"]:
             lines.append(f"    {d['reason']}")
         for r in d["appraisal"]["reasons"]:

@@ -20,5 +20,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(flow=str(HELLO), store=None, keys=[], devices=1, out=args.out, keep=True, legacy=False, firmware=None, timeout=args.timeout,
+                            cluster=0, boot_servers=1, replication="2:2",
                             json=args.json)
     return boot.run(ns)
