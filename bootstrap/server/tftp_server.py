@@ -47,7 +47,6 @@ from cidboot.netboot.tftp import (
     ERR_NOT_FOUND,
     ERR_OPTIONS,
     ERR_UNDEFINED,
-    ERR_UNKNOWN_TID,
     TIMEOUT_RANGE,
     WINDOW_RANGE,
     TftpFormatError,
@@ -159,19 +158,24 @@ class _Source:
 
 
 class _Channel:
-    """One transfer's socket (its TID) and client.
+    """One transfer's socket (its TID), connected to the client.
 
-    The socket is blocking with SO_RCVTIMEO for the ACK wait, not a Python socket timeout: with a
-    timeout CPython polls before every sendto and recvfrom and a settimeout is an ioctl, so a
-    lock-step block cost six syscalls; now it costs a sendto and a recvfrom. The receive timeout
-    is only changed when a deadline needs a shorter one (by more than WAIT_SLACK).
+    Connected, as tftpd-hpa's: the kernel drops datagrams from any other address or port before
+    they reach us (RFC 1350 suggests answering them with ERROR 5; we do not, so a spoofed source
+    cannot make a transfer reflect packets at a third party), and each send skips the route
+    lookup and each receive the source address. The socket is blocking with SO_RCVTIMEO for the
+    ACK wait, not a Python socket timeout: with a timeout CPython polls before every send and
+    receive and a settimeout is an ioctl, so a lock-step block cost six syscalls; now it costs
+    a send and a recv. The receive timeout is only changed when a deadline needs a shorter one
+    (by more than WAIT_SLACK).
     """
 
     def __init__(self, sock: socket.socket, peer: tuple[str, int], timeout: float) -> None:
         self.sock, self.peer, self.timeout = sock, peer, timeout
+        sock.connect(peer)
         sock.settimeout(None)
-        send = max(timeout, 0.001)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send))  # a full send buffer ends the transfer
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))  # a full send buffer ends the transfer
+        self.send = sock.send
         self._wait = 0.0
         self._set_wait(timeout)
 
@@ -179,18 +183,14 @@ class _Channel:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
         self._wait = seconds
 
-    def send(self, pkt: bytes) -> None:
-        self.sock.sendto(pkt, self.peer)
-
     def recv_ack(self, deadline: float | None = None) -> int | None:
         """The next ACK's block number from the client, or None once `deadline` (monotonic;
         default: one transfer timeout from now) has passed. A deadline, not a timeout per packet:
         a client that keeps re-sending an ACK the caller ignores must not keep the timeout from
-        ever firing (it did: a 20%-loss transfer stalled until the client gave up). Packets from
-        other addresses get ERROR 5; an ERROR from the client ends the transfer; anything else is
-        ignored."""
+        ever firing (it did: a 20%-loss transfer stalled until the client gave up). An ERROR from
+        the client ends the transfer; anything else is ignored."""
         end = time.monotonic() + self.timeout if deadline is None else deadline
-        peer, sock = self.peer, self.sock
+        recv = self.sock.recv
         while True:
             left = end - time.monotonic()
             if left <= 0:
@@ -198,18 +198,17 @@ class _Channel:
             if self._wait > left + WAIT_SLACK:
                 self._set_wait(left)
             try:
-                data, src = sock.recvfrom(65536)
+                data = recv(65536)
             except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO ran out (EAGAIN)
                 left = end - time.monotonic()
                 if left <= 0:
                     return None
                 self._set_wait(left)  # the wait was shorter than this deadline: wait the rest
                 continue
-            if src == peer and len(data) == 4 and data[0] == 0 and data[1] == tftp.ACK:
+            except ConnectionRefusedError:  # ICMP port unreachable: the client is gone
+                raise _GiveUp("the client's port is closed (ICMP port unreachable)") from None
+            if len(data) == 4 and data[1] == tftp.ACK and data[0] == 0:
                 return (data[2] << 8) | data[3]  # the common case, without building a packet object
-            if src != peer:
-                sock.sendto(tftp.error(ERR_UNKNOWN_TID, "unknown transfer ID"), src)
-                continue
             try:
                 pkt = tftp.parse(data)
             except TftpFormatError:
