@@ -25,6 +25,7 @@ import logging
 import select
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 from bootstrap.server.devices import Devices
@@ -48,6 +49,7 @@ DEFAULT_BOOT_FILES = {
 HTTP_ARCHES = frozenset({dhcp.ARCH_X86_64_UEFI_HTTP, dhcp.ARCH_ARM64_UEFI_HTTP})
 HTTP_BOOT_PREFIX = "boot/"  # where the HTTP side serves boot files: http://<server>:<port>/boot/<name>
 FIRMWARE_USER_CLASS = b"cidboot-firmware"
+BATCH = 64  # datagrams read per socket before the batch's bindings are synced and its replies sent
 BOOTSTRAP_USER_CLASS = b"cidboot-bootstrap"
 
 
@@ -62,6 +64,37 @@ class Pool:
 
     network: ipaddress.IPv4Network
     leases: LeaseDB
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A reply ready to send: the packet, its destination, the request type (for /metrics) and
+    whether it acknowledges a binding (then it is sent only once the lease journal is synced)."""
+
+    packet: bytes
+    dest: tuple[str, int]
+    request: str
+    durable: bool = False
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """Where a request is answered from: its lease pool (None: ProxyDHCP), router and netmask."""
+
+    leases: LeaseDB | None
+    router: str | None
+    netmask: str
+
+
+@dataclass(frozen=True)
+class _Ask:
+    """A request that passed screening, with what every reply to it carries."""
+
+    req: dhcp.DhcpPacket
+    scope: _Scope
+    boot_file: str
+    netboot: bool
+    vendor: bytes
 
 
 @dataclass
@@ -83,6 +116,7 @@ class DhcpServer:
         self.cfg, self.metrics = cfg, metrics
         self.socks: list[socket.socket] = []
         self._stop = threading.Event()
+        self._gauge_at = -1.0  # when the active-leases gauge was last refreshed (monotonic)
         # 4011 in both modes: a UEFI PXE client (edk2's PxeBcDxe) given a full DHCP offer with
         # "PXEClient" and a boot file (a "BINL" offer) asks the server again on port 4011 for the
         # boot file, and reports "PXE-E16: No valid offer received" when nobody answers there
@@ -100,17 +134,32 @@ class DhcpServer:
         return self.cfg.leases is None
 
     def serve_forever(self) -> None:
+        """Answer in batches: read every datagram already queued (up to BATCH), answer each, make
+        the batch's bindings durable with one fsync of each lease journal (group commit), then
+        send the replies. An ACK is never sent before its binding is on disk, and a burst of
+        REQUESTs shares one fsync instead of paying one each."""
         while not self._stop.is_set():
             ready, _, _ = select.select(self.socks, [], [], 0.5)
+            outbox: list[tuple[socket.socket, Reply]] = []
             for s in ready:
-                try:
-                    data, addr = s.recvfrom(4096)
-                except OSError:
-                    continue
-                try:
-                    self.handle(s, data, addr)
-                except Exception as e:  # one request never stops DHCP for everyone
-                    self.metrics.request_failed("dhcp", e, addr[0], log)
+                self._drain(s, outbox)
+            self._commit_and_send(outbox)
+
+    def _drain(self, s: socket.socket, outbox: list[tuple[socket.socket, Reply]]) -> None:
+        """Answer up to BATCH datagrams queued on `s` into `outbox`; one failing request is logged,
+        counted and skipped."""
+        for _ in range(BATCH):
+            try:
+                data, addr = s.recvfrom(4096, socket.MSG_DONTWAIT)
+            except OSError:  # nothing more queued (EAGAIN), or the socket is closed
+                return
+            try:
+                reply = self.respond(s, data, addr)
+            except Exception as e:  # one request never stops DHCP for everyone
+                self.metrics.request_failed("dhcp", e, addr[0], log)
+                continue
+            if reply is not None:
+                outbox.append((s, reply))
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -118,40 +167,74 @@ class DhcpServer:
             s.close()
 
     def handle(self, sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
+        """Answer one datagram now (its binding durable before the reply goes out)."""
+        reply = self.respond(sock, data, addr)
+        if reply is not None:
+            self._commit_and_send([(sock, reply)])
+
+    def respond(self, sock: socket.socket, data: bytes, addr: tuple[str, int]) -> Reply | None:
+        """The reply to one datagram and where it goes, or None (no answer). A binding it makes is
+        written to its lease journal but not yet fsynced: the caller syncs before it sends."""
+        req = self._screen(data, addr)
+        if req is None:
+            return None
+        scope = self._scope(req)
+        if scope is None or not self._admit(req, scope.leases):
+            return None
+        netboot = req.is_pxe or req.is_http_boot
+        boot_file = self._boot_file_or_none(req, netboot)
+        if boot_file is None:
+            return None
+        on_4011 = sock.getsockname()[1] == 4011
+        ask = _Ask(req, scope, boot_file, netboot, b"HTTPClient" if req.is_http_boot else b"PXEClient")
+        answer = self._answer(ask, on_4011)
+        if answer is None:
+            return None
+        packet, durable = answer
+        return Reply(packet, self.destination(req, addr, on_4011), req.msg_name, durable)
+
+    def _screen(self, data: bytes, addr: tuple[str, int]) -> dhcp.DhcpPacket | None:
+        """Parse and count a datagram; None for a malformed one (logged) or a reply (op 2)."""
         try:
             req = dhcp.parse(data)
         except FormatError as e:
             self.metrics.inc("dhcp_errors_total", reason="malformed")
             log.warning("dropped malformed DHCP packet from %s: %s", addr[0], e, extra={"peer": addr[0], "error": str(e)})
-            return
+            return None
         if req.op != 1:
-            return
+            return None
         self.metrics.inc("dhcp_requests_total", type=req.msg_name)
-        relayed = req.giaddr != "0.0.0.0"
-        leases = self.cfg.leases
-        router = None
-        if relayed and not self.proxy:
-            pool = self.pool_for(req.giaddr)
-            if pool is None:
-                self.metrics.inc("dhcp_errors_total", reason="no_range_for_relay")
-                log.warning("no --dhcp-range for relay %s's subnet: ignoring %s from %s", req.giaddr, req.msg_name,
-                         req.mac, extra={"mac": req.mac, "giaddr": req.giaddr})
-                return
-            leases, router, netmask = pool.leases, req.giaddr, str(pool.network.netmask)
-        else:
-            netmask = self.cfg.netmask
+        return req
+
+    def _scope(self, req: dhcp.DhcpPacket) -> _Scope | None:
+        """The pool, router and netmask a request is answered from: a relayed one's from the pool of
+        giaddr's subnet (None, logged, when there is none), a local one's from the local range."""
+        if req.giaddr == "0.0.0.0" or self.proxy:
+            return _Scope(self.cfg.leases, None, self.cfg.netmask)
+        pool = self.pool_for(req.giaddr)
+        if pool is None:
+            self.metrics.inc("dhcp_errors_total", reason="no_range_for_relay")
+            log.warning("no --dhcp-range for relay %s's subnet: ignoring %s from %s", req.giaddr, req.msg_name,
+                        req.mac, extra={"mac": req.mac, "giaddr": req.giaddr})
+            return None
+        return _Scope(pool.leases, req.giaddr, str(pool.network.netmask))
+
+    def _admit(self, req: dhcp.DhcpPacket, leases: LeaseDB | None) -> bool:
+        """Whether to answer this client at all: its rate limit, the device policy, and (as a
+        ProxyDHCP) whether it network-boots; every refusal but the last is logged and counted."""
         if leases is not None and not leases.allow(req.mac):
             self.metrics.inc("dhcp_errors_total", reason="rate_limited")
             log.info("rate limit: ignoring %s from %s", req.msg_name, req.mac, extra={"mac": req.mac})
-            return
-        policy = self.cfg.devices.lookup(req.mac, req.client_uuid)
-        if not policy.allow:
+            return False
+        if not self.cfg.devices.lookup(req.mac, req.client_uuid).allow:
             self.metrics.inc("dhcp_errors_total", reason="denied")
             log.info("device %s denied by policy", req.mac, extra={"mac": req.mac})
-            return
-        netboot = req.is_pxe or req.is_http_boot
-        if self.proxy and not netboot:
-            return  # the site's DHCP server answers everyone else
+            return False
+        return not (self.proxy and not (req.is_pxe or req.is_http_boot))  # the site's DHCP answers the rest
+
+    def _boot_file_or_none(self, req: dhcp.DhcpPacket, netboot: bool) -> str | None:
+        """The boot file to offer ("" for a client that does not network-boot), or None (logged,
+        counted) when the client's architecture has none."""
         boot_file = self.boot_file(req) if netboot or self.is_bootstrap(req) else ""
         if boot_file is None:
             arch = req.client_arch
@@ -161,61 +244,106 @@ class DhcpServer:
                         dhcp.ARCH_NAMES.get(arch, "unknown") if arch is not None else "unknown",
                         " (arm64 images are not built yet)" if arch in (dhcp.ARCH_ARM64_UEFI, dhcp.ARCH_ARM64_UEFI_HTTP)
                         else "", extra={"mac": req.mac, "arch": arch})
-            return
-        vendor = b"HTTPClient" if req.is_http_boot else b"PXEClient"
-        on_4011 = sock.getsockname()[1] == 4011
+        return boot_file
+
+    def _answer(self, ask: _Ask, on_4011: bool) -> tuple[bytes, bool] | None:
+        """The reply packet for a screened request and whether it needs its binding durable first."""
+        t = ask.req.msg_type
         if on_4011:  # PXE boot server discovery (PXE 2.1): boot information only, never an address
-            if req.msg_type not in (dhcp.REQUEST, dhcp.INFORM):
-                return
-            reply = dhcp.build_reply(req, dhcp.ACK, server_ip=self.cfg.server_ip, siaddr=self.cfg.server_ip,
-                                     boot_file=boot_file, pxe=True, vendor_class=vendor)
-        elif req.msg_type == dhcp.DISCOVER:
-            if leases is None:
-                reply = dhcp.build_reply(req, dhcp.OFFER, server_ip=self.cfg.server_ip, siaddr=self.cfg.server_ip,
-                                         boot_file=boot_file, pxe=True, vendor_class=vendor)
-            else:
-                ip = leases.offer(req.mac, req.requested_ip)
-                if ip is None:
-                    self.metrics.inc("dhcp_errors_total", reason="pool_exhausted")
-                    log.warning("no address for %s: pool exhausted or allocation rate exceeded", req.mac)
-                    return
-                reply = dhcp.build_reply(req, dhcp.OFFER, server_ip=self.cfg.server_ip, yiaddr=ip, siaddr=self.cfg.server_ip,
-                                         boot_file=boot_file, netmask=netmask, lease_seconds=leases.lease_seconds,
-                                         pxe=netboot, vendor_class=vendor, router=router)
-        elif req.msg_type in (dhcp.REQUEST, dhcp.INFORM):
-            if leases is None:
-                if req.server_id not in (None, self.cfg.server_ip):
-                    return
-                reply = dhcp.build_reply(req, dhcp.ACK, server_ip=self.cfg.server_ip, siaddr=self.cfg.server_ip,
-                                         boot_file=boot_file, pxe=True, vendor_class=vendor)
-            else:
-                if req.server_id not in (None, self.cfg.server_ip):
-                    leases.release(req.mac)  # the client chose another server
-                    return
-                want = req.requested_ip or req.ciaddr
-                if leases.bind(req.mac, want):
-                    reply = dhcp.build_reply(req, dhcp.ACK, server_ip=self.cfg.server_ip, yiaddr=want, siaddr=self.cfg.server_ip,
-                                             boot_file=boot_file, netmask=netmask, lease_seconds=leases.lease_seconds,
-                                             pxe=netboot, vendor_class=vendor, router=router)
-                    self.metrics.gauge("dhcp_leases_active", self.active_leases())
-                    log.info("lease %s -> %s (%s)%s", want, req.mac,
-                             "iPXE" if req.is_ipxe else req.vendor_class or "dhcp",
-                             f" via relay {req.giaddr}" if relayed else "",
-                             extra={"mac": req.mac, "ip": want, "boot_file": boot_file, "giaddr": req.giaddr})
-                else:
-                    reply = dhcp.build_reply(req, dhcp.NAK, server_ip=self.cfg.server_ip)
-        elif req.msg_type == dhcp.RELEASE and leases is not None:
-            leases.release(req.mac)
-            return
-        else:
-            return
-        dest = self.destination(req, addr, on_4011)
+            return (self._boot_info(ask, dhcp.ACK), False) if t in (dhcp.REQUEST, dhcp.INFORM) else None
+        leases = ask.scope.leases
+        if leases is None:
+            return self._answer_proxy(ask)
+        if t == dhcp.DISCOVER:
+            return self._offer(ask, leases)
+        if t in (dhcp.REQUEST, dhcp.INFORM):
+            return self._ack(ask, leases)
+        if t == dhcp.RELEASE:
+            leases.release(ask.req.mac, sync=False)
+        return None
+
+    def _answer_proxy(self, ask: _Ask) -> tuple[bytes, bool] | None:
+        """ProxyDHCP: boot information for a DISCOVER, and for a REQUEST meant for us."""
+        t = ask.req.msg_type
+        if t == dhcp.DISCOVER:
+            return self._boot_info(ask, dhcp.OFFER), False
+        if t in (dhcp.REQUEST, dhcp.INFORM) and ask.req.server_id in (None, self.cfg.server_ip):
+            return self._boot_info(ask, dhcp.ACK), False
+        return None
+
+    def _boot_info(self, ask: _Ask, msg_type: int) -> bytes:
+        """A reply with boot information and no address (ProxyDHCP, port 4011)."""
+        return dhcp.build_reply(ask.req, msg_type, server_ip=self.cfg.server_ip, siaddr=self.cfg.server_ip,
+                                boot_file=ask.boot_file, pxe=True, vendor_class=ask.vendor)
+
+    def _with_address(self, ask: _Ask, msg_type: int, ip: str, leases: LeaseDB) -> bytes:
+        """An OFFER or ACK of `ip` with its lease time, netmask, router and boot information."""
+        return dhcp.build_reply(ask.req, msg_type, server_ip=self.cfg.server_ip, yiaddr=ip, siaddr=self.cfg.server_ip,
+                                boot_file=ask.boot_file, netmask=ask.scope.netmask, lease_seconds=leases.lease_seconds,
+                                pxe=ask.netboot, vendor_class=ask.vendor, router=ask.scope.router)
+
+    def _offer(self, ask: _Ask, leases: LeaseDB) -> tuple[bytes, bool] | None:
+        ip = leases.offer(ask.req.mac, ask.req.requested_ip)
+        if ip is None:
+            self.metrics.inc("dhcp_errors_total", reason="pool_exhausted")
+            log.warning("no address for %s: pool exhausted or allocation rate exceeded", ask.req.mac)
+            return None
+        return self._with_address(ask, dhcp.OFFER, ip, leases), False
+
+    def _ack(self, ask: _Ask, leases: LeaseDB) -> tuple[bytes, bool] | None:
+        """Bind the address the client asks for (ACK, after the binding is durable) or NAK it; a
+        REQUEST for another server releases what we offered."""
+        req = ask.req
+        if req.server_id not in (None, self.cfg.server_ip):
+            leases.release(req.mac, sync=False)  # the client chose another server
+            return None
+        want = req.requested_ip or req.ciaddr
+        if not leases.bind(req.mac, want, sync=False):
+            return dhcp.build_reply(req, dhcp.NAK, server_ip=self.cfg.server_ip), False
+        self._leases_changed()
+        log.info("lease %s -> %s (%s)%s", want, req.mac, "iPXE" if req.is_ipxe else req.vendor_class or "dhcp",
+                 f" via relay {req.giaddr}" if ask.scope.router else "",
+                 extra={"mac": req.mac, "ip": want, "boot_file": ask.boot_file, "giaddr": req.giaddr})
+        return self._with_address(ask, dhcp.ACK, want, leases), True
+
+    def _leases_changed(self) -> None:
+        """Refresh the active-leases gauge, at most once a second: counting is O(leases), and
+        /metrics (serve.py) counts afresh when it renders."""
+        now = time.monotonic()
+        if now - self._gauge_at >= 1.0:
+            self._gauge_at = now
+            self.metrics.gauge("dhcp_leases_active", self.active_leases())
+
+    def _commit_and_send(self, outbox: list[tuple[socket.socket, Reply]]) -> None:
+        """Make the batch's bindings durable, then send its replies. If the journal cannot be
+        written, the ACKs that needed it are dropped (logged, counted): the clients ask again."""
+        durable = self._sync_leases() if any(reply.durable for _, reply in outbox) else True
+        for sock, reply in outbox:
+            if durable or not reply.durable:
+                self._send(sock, reply)
+
+    def _sync_leases(self) -> bool:
+        """fsync every lease journal written since the last sync; False (logged, counted) if one fails."""
         try:
-            sock.sendto(reply, dest)
-            self.metrics.inc("dhcp_replies_total", request=req.msg_name)
+            for leases in self._all_leases():
+                leases.sync()
+        except OSError as e:
+            self.metrics.inc("dhcp_errors_total", reason="lease_write")
+            log.error("cannot write the lease journal: %s; not acknowledging this batch's bindings", e,
+                      extra={"error": str(e)})
+            return False
+        return True
+
+    def _send(self, sock: socket.socket, reply: Reply) -> None:
+        try:
+            sock.sendto(reply.packet, reply.dest)
+            self.metrics.inc("dhcp_replies_total", request=reply.request)
         except OSError as e:
             self.metrics.inc("dhcp_errors_total", reason="send")
-            log.warning("cannot send DHCP reply to %s: %s", dest, e)
+            log.warning("cannot send DHCP reply to %s: %s", reply.dest, e)
+
+    def _all_leases(self) -> list[LeaseDB]:
+        return [p.leases for p in self.cfg.relay_pools] + ([self.cfg.leases] if self.cfg.leases else [])
 
     @staticmethod
     def destination(req: dhcp.DhcpPacket, addr: tuple[str, int], on_4011: bool) -> tuple[str, int]:
@@ -239,8 +367,7 @@ class DhcpServer:
         return None
 
     def active_leases(self) -> int:
-        pools = [p.leases for p in self.cfg.relay_pools] + ([self.cfg.leases] if self.cfg.leases else [])
-        return sum(p.active() for p in pools)
+        return sum(p.active() for p in self._all_leases())
 
     @staticmethod
     def is_bootstrap(req: dhcp.DhcpPacket) -> bool:
