@@ -15,6 +15,7 @@ import base64
 import fcntl
 import json
 import os
+import queue
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -81,6 +82,19 @@ class Blockstore:
             if not self._deferred:
                 os.sync()
 
+    @contextmanager
+    def writer(self, *, depth: int = 16) -> Iterator[BatchWriter]:
+        """A BatchWriter for many blocks (a fetch, an import): each block is hashed once, in the
+        caller's thread, and written by a background thread while the caller reads the next one.
+        On leaving, the queue drains, the first write error (if any) is raised, and one sync
+        makes the batch durable (deferred_sync). At most `depth` blocks wait in memory."""
+        with self.deferred_sync():
+            w = BatchWriter(self, depth)
+            try:
+                yield w
+            finally:
+                w.close()
+
     # -- paths and atomic writes --------------------------------------------------------
     def _file(self, cid: CID) -> Path:
         key = _key(cid.multihash)
@@ -102,6 +116,31 @@ class Blockstore:
         except BaseException:
             try:
                 os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def _write_block(self, path: Path, data: bytes, tmp: str) -> None:
+        """Atomic write of one block (temp name given by the caller, O_EXCL, rename), no fsync:
+        BatchWriter's path, whose durability is deferred_sync's one sync at the end."""
+        if path.parent not in self._dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(path.parent)
+        tmp_path = os.path.join(path.parent, tmp)
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            with memoryview(data) as view:
+                done = 0
+                while done < len(view):
+                    done += os.write(fd, view[done:])
+            os.close(fd)
+            fd = -1
+            os.replace(tmp_path, path)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            try:
+                os.unlink(tmp_path)
             except FileNotFoundError:
                 pass
             raise
@@ -216,3 +255,124 @@ class Blockstore:
                     self.delete(CID(1, RAW, mh))
                     removed += 1
             return removed
+
+
+class BatchWriter:
+    """Blocks into a Blockstore at the speed of the disk, not of one fsync per block.
+
+    `put` checks the size and the hash (CIDMismatch before anything is queued: nothing
+    unverified reaches the store, and each block is hashed exactly once), then queues the write;
+    one background thread writes each block atomically (temp file + rename, as `put` does, so a
+    crash never leaves a partial block under its name). The queue holds at most `depth` blocks,
+    so memory stays flat however large the batch. A write error stops the writer; the next `put`
+    or `close` raises it. Unlike `Blockstore.put`, a block already present is written again
+    rather than read back and compared: callers batch blocks they found missing or damaged."""
+
+    def __init__(self, store: Blockstore, depth: int = 16) -> None:
+        self.store = store
+        self.blocks = 0
+        self.bytes = 0
+        self._queue: queue.Queue[tuple[Path, bytes] | None] = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._tmp = f".tmp-{os.getpid()}-{id(self):x}-"
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="blockstore-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, cid: CID, data: bytes) -> None:
+        """Verify `data` against `cid` (CIDMismatch, BlockstoreError above MAX_BLOCK) and queue it."""
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise BlockstoreError("BatchWriter.put after close")
+        if len(data) > MAX_BLOCK:
+            raise BlockstoreError(f"block {cid} is {len(data)} bytes, above the {MAX_BLOCK}-byte limit")
+        cid.verify(data)
+        if cid.is_identity:
+            return
+        self.blocks += 1
+        self.bytes += len(data)
+        self._queue.put((self.store._file(cid), data))
+
+    def _run(self) -> None:
+        n = 0
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drain, so a blocked put() wakes up and sees the error
+            path, data = item
+            n += 1
+            try:
+                self.store._write_block(path, data, f"{self._tmp}{n}")
+            except BaseException as e:  # handed to the caller's thread
+                self._error = e
+
+    def close(self) -> None:
+        """Wait for every queued write; raise the first write error."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+class MemoryBlockstore:
+    """Blocks in this process's memory, for a boot stage whose root file system is RAM anyway
+    (the bootstrap): no files, no temp names, no sync. `put` verifies like Blockstore's; `get`
+    does not hash again, since the only way in is `put` and nothing else can write to a dict
+    in this process (verify-on-read guards files another process or the disk can change).
+    The same reading surface as Blockstore (`get`, `has`, `put`, `put_block`, `size`,
+    `delete`, `writer`), so the gateway client and the exporter take either."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[bytes, bytes] = {}
+        self.path = Path("<memory>")
+
+    def put(self, cid: CID, data: bytes) -> None:
+        if len(data) > MAX_BLOCK:
+            raise BlockstoreError(f"block {cid} is {len(data)} bytes, above the {MAX_BLOCK}-byte limit")
+        cid.verify(data)
+        if not cid.is_identity:
+            self._blocks[cid.multihash.encode()] = bytes(data)
+
+    def put_block(self, data: bytes, codec: int = RAW, version: int = 1) -> CID:
+        cid = CID.of(data, codec, version)
+        self.put(cid, data)
+        return cid
+
+    def get(self, cid: CID) -> bytes:
+        if cid.is_identity:
+            return cid.multihash.digest
+        try:
+            return self._blocks[cid.multihash.encode()]
+        except KeyError:
+            raise BlockNotFound(f"block {cid} is not in memory") from None
+
+    def has(self, cid: CID) -> bool:
+        return cid.is_identity or cid.multihash.encode() in self._blocks
+
+    def size(self, cid: CID) -> int:
+        return len(self.get(cid))
+
+    def delete(self, cid: CID) -> None:
+        self._blocks.pop(cid.multihash.encode(), None)
+
+    def clear(self) -> None:
+        """Drop every block (a stage frees a layer's blocks once it holds the layer's bytes)."""
+        self._blocks.clear()
+
+    @contextmanager
+    def writer(self, *, depth: int = 16) -> Iterator[MemoryBlockstore]:
+        """Batching is moot in memory: the store is its own writer (`put` verifies, stores)."""
+        yield self
+
+    @contextmanager
+    def deferred_sync(self) -> Iterator[None]:
+        yield
+
+
+#: what the gateway client fetches into and the exporter reads from
+AnyStore = Blockstore | MemoryBlockstore
