@@ -171,3 +171,35 @@ def test_fetch_into_memory(origin: tuple[Blockstore, CID]) -> None:
         mem = MemoryBlockstore()
         res = fetch(root, [liar, gw.url], mem, backoff=0)
     assert liar in res.dropped and b"".join(export_file(root, mem.get)) == DATA
+
+
+def test_root_fetched_first_then_the_dag_in_one_request(origin: tuple[Blockstore, CID], tmp_path: Path) -> None:
+    """The bootstrap fetches a layer's root alone (to check its declared size), then the DAG:
+    that must be one CAR request for the whole DAG, not one per child of the root."""
+    from cidboot.store.blockstore import MemoryBlockstore
+    from cidboot.store.gateway.client import fetch_block
+
+    store, root = origin
+    paths: list[str] = []
+
+    def record(path: str, body: bytes) -> bytes:
+        paths.append(path)
+        return body
+
+    with running_gateway(store) as gw, proxy_gateway(gw.url, record) as counted:
+        mem = MemoryBlockstore()
+        fetch_block(root, [counted], mem)
+        res = fetch(root, [counted], mem)
+    assert len(paths) == 2 and "format=car" in paths[1], paths
+    assert res.blocks_fetched == 14 and b"".join(export_file(root, mem.get)) == DATA
+
+
+def test_whole_dag_car_from_a_liar_falls_back(origin: tuple[Blockstore, CID], tmp_path: Path) -> None:
+    store, root = origin
+    from cidboot.store.gateway.client import fetch_block
+
+    with running_gateway(store) as gw, proxy_gateway(gw.url, flip_last_block) as liar:
+        local = Blockstore(tmp_path / "local")
+        fetch_block(root, [gw.url], local)
+        res = fetch(root, [liar, gw.url], local, backoff=0)
+    assert liar in res.dropped and b"".join(export_file(root, local.get)) == DATA

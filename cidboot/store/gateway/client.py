@@ -211,6 +211,14 @@ def _store_verified(store: AnyStore | BatchWriter, gw: str, cid: CID, data: byte
         raise GatewayError(f"block {cid} refused by the store: {e}", gateway=gw) from None
 
 
+def _check(gw: str, cid: CID, data: bytes) -> None:
+    """`data` hashes to `cid`, or the gateway lied."""
+    try:
+        cid.verify(data)
+    except VerificationError as e:
+        raise BadGateway(f"sent a block that does not match its CID: {e}", gateway=gw) from None
+
+
 def _intact(store: AnyStore, cid: CID) -> bytes | None:
     """The local copy of `cid` if present and verifying; a damaged copy counts as missing (the
     fetch that follows overwrites it)."""
@@ -273,9 +281,13 @@ class _Session:
 
     def accept(self, gw: str, cid: CID, data: bytes) -> list[CID]:
         """Verify `data` as `cid` (once), queue it for the store, remember its links; return them."""
+        key = cid.multihash.encode()
+        if key in self.known:  # sent again (the root of a whole-DAG CAR): verify it, store nothing new
+            _check(gw, cid, data)
+            return self.known[key]
         _store_verified(self.writer, gw, cid, data)  # nothing unverified is stored
         links = dag.links(cid, data)
-        self.known[cid.multihash.encode()] = links
+        self.known[key] = links
         self.result.blocks_fetched += 1
         self.result.bytes_fetched += len(data)
         return links
@@ -376,6 +388,9 @@ def _fetch(s: _Session, rounds: int, backoff: float) -> FetchResult:
         if first:
             s.result.blocks_present = s.last_present
             first = False
+            if len(frontier) > 1 and s.last_present == 1:
+                _whole_dag(s, last)
+                continue
         if not frontier:
             return s.result
         progressed = False
@@ -409,6 +424,31 @@ def _fetch(s: _Session, rounds: int, backoff: float) -> FetchResult:
     detail = "; ".join(str(last[g]) if g in last else f"{g}: no answer" for g in s.gateways)
     raise AllGatewaysFailed(f"could not fetch {root} ({len(s.missing())} subtrees missing): {detail}",
                             [last[g] for g in s.gateways if g in last])
+
+
+def _whole_dag(s: _Session, last: dict[str, CidbootError]) -> None:
+    """Only the root is local (a boot stage fetched it alone first, to check the size it declares
+    before anything else): ask for the root's CAR, one request for the whole DAG, rather than one
+    CAR per child of the root. The root comes again (one block, verified, not counted); a gateway
+    that lies is dropped, any other failure leaves what arrived for the rounds that follow."""
+    for gw in s.gateways:
+        if gw in s.result.dropped:
+            continue
+        try:
+            s.fetch_car(gw, s.root)
+            return
+        except BadGateway as e:
+            last[gw] = e
+            s.result.dropped[gw] = str(e)
+            log.warning("dropping gateway %s for this fetch: %s", gw, e)
+        except GatewayError as e:
+            last[gw] = e
+            s.result.errors.append(str(e))
+            if e.status in CAR_REFUSED or s.result.blocks_fetched:
+                return  # a block-only gateway, or a partial CAR: the rounds take it from here
+        except (CidbootError, OSError, http.client.HTTPException) as e:
+            last[gw] = GatewayError(f"{type(e).__name__}: {e}", gateway=gw)
+            s.result.errors.append(str(last[gw]))
 
 
 def _fetch_subtree(s: _Session, gw: str, sub: CID) -> list[CID]:
