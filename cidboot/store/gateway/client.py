@@ -491,7 +491,7 @@ class BlockUnavailable(AllGatewaysFailed):
                          + "; ".join(self.reasons or ["no gateways"]), causes)
 
 
-def fetch_block(cid: CID, gateways: list[str] | tuple[str, ...], store: Blockstore, *, timeout: float = 10.0,
+def fetch_block(cid: CID, gateways: list[str] | tuple[str, ...], store: AnyStore, *, timeout: float = 10.0,
                 max_size: int = 1 << 22, rounds: int = 3, backoff: float = 0.5, user_agent: str = "cidboot") -> bytes:
     """One block by CID (`?format=raw`), gateways in order; only bytes that hash to `cid` are
     kept (in `store`). For the small blocks a boot stage reads alone before anything else (the
