@@ -56,6 +56,7 @@ class Blockstore:
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self._dirs: set[Path] = set()  # shard directories known to exist
         self._deferred = 0  # >0 while inside deferred_sync(): fsync once at the end instead
+        self._batch: BatchWriter | None = None  # set while inside writer(): puts are queued to it
         self.path = Path(path) if path is not None else default_store_path()
         self.blocks_dir = self.path / "blocks"
         self.blocks_dir.mkdir(parents=True, exist_ok=True)
@@ -84,15 +85,22 @@ class Blockstore:
 
     @contextmanager
     def writer(self, *, depth: int = 16) -> Iterator[BatchWriter]:
-        """A BatchWriter for many blocks (a fetch, an import): each block is hashed once, in the
-        caller's thread, and written by a background thread while the caller reads the next one.
-        On leaving, the queue drains, the first write error (if any) is raised, and one sync
-        makes the batch durable (deferred_sync). At most `depth` blocks wait in memory."""
+        """Batch many puts (a fetch, an import): while this is open, `put` (from any thread)
+        hashes the block once, in the caller's thread, and queues it for a background thread
+        that writes while the caller reads the next one. Queued blocks already count for `has`
+        and `get` (read your writes). On leaving, the queue drains, the first write error (if
+        any) is raised, and one sync makes the batch durable (deferred_sync). At most `depth`
+        blocks wait in memory. Nested calls share the outer writer."""
+        if self._batch is not None:
+            yield self._batch
+            return
         with self.deferred_sync():
             w = BatchWriter(self, depth)
+            self._batch = w
             try:
                 yield w
             finally:
+                self._batch = None
                 w.close()
 
     # -- paths and atomic writes --------------------------------------------------------
@@ -147,7 +155,12 @@ class Blockstore:
 
     # -- blocks -------------------------------------------------------------------------
     def put(self, cid: CID, data: bytes) -> None:
-        """Store `data` under `cid` after checking it hashes to it (CIDMismatch otherwise)."""
+        """Store `data` under `cid` after checking it hashes to it (CIDMismatch otherwise).
+        Inside writer(), the write is queued to the batch (see there)."""
+        batch = self._batch
+        if batch is not None:
+            batch.put(cid, data)
+            return
         if len(data) > MAX_BLOCK:
             raise BlockstoreError(f"block {cid} is {len(data)} bytes, above the {MAX_BLOCK}-byte limit")
         cid.verify(data)
@@ -170,6 +183,11 @@ class Blockstore:
         """The block's bytes, verified against `cid` (corruption raises CIDMismatch)."""
         if cid.is_identity:
             return cid.multihash.digest
+        batch = self._batch
+        if batch is not None:
+            queued = batch.queued(cid)
+            if queued is not None:
+                return queued  # verified by put a moment ago, still in this process's memory
         try:
             data = self._file(cid).read_bytes()
         except FileNotFoundError:
@@ -178,11 +196,16 @@ class Blockstore:
         return data
 
     def has(self, cid: CID) -> bool:
-        return cid.is_identity or self._file(cid).exists()
+        batch = self._batch
+        return cid.is_identity or (batch is not None and batch.queued(cid) is not None) or self._file(cid).exists()
 
     def size(self, cid: CID) -> int:
         if cid.is_identity:
             return len(cid.multihash.digest)
+        batch = self._batch
+        queued = batch.queued(cid) if batch is not None else None
+        if queued is not None:
+            return len(queued)
         try:
             return self._file(cid).stat().st_size
         except FileNotFoundError:
@@ -272,7 +295,9 @@ class BatchWriter:
         self.store = store
         self.blocks = 0
         self.bytes = 0
-        self._queue: queue.Queue[tuple[Path, bytes] | None] = queue.Queue(maxsize=max(1, depth))
+        self._queue: queue.Queue[tuple[bytes, Path, bytes] | None] = queue.Queue(maxsize=max(1, depth))
+        self._pending: dict[bytes, bytes] = {}  # multihash -> bytes queued, not yet renamed into place
+        self._pending_lock = threading.Lock()
         self._error: BaseException | None = None
         self._tmp = f".tmp-{os.getpid()}-{id(self):x}-"
         self._closed = False
@@ -290,9 +315,17 @@ class BatchWriter:
         cid.verify(data)
         if cid.is_identity:
             return
+        key = cid.multihash.encode()
+        with self._pending_lock:
+            self._pending[key] = data
         self.blocks += 1
         self.bytes += len(data)
-        self._queue.put((self.store._file(cid), data))
+        self._queue.put((key, self.store._file(cid), data))
+
+    def queued(self, cid: CID) -> bytes | None:
+        """The bytes of `cid` if queued and not yet written (verified on put)."""
+        with self._pending_lock:
+            return self._pending.get(cid.multihash.encode())
 
     def _run(self) -> None:
         n = 0
@@ -300,14 +333,16 @@ class BatchWriter:
             item = self._queue.get()
             if item is None:
                 return
-            if self._error is not None:
-                continue  # drain, so a blocked put() wakes up and sees the error
-            path, data = item
-            n += 1
-            try:
-                self.store._write_block(path, data, f"{self._tmp}{n}")
-            except BaseException as e:  # handed to the caller's thread
-                self._error = e
+            key, path, data = item
+            if self._error is None:  # after an error: drain, so a blocked put() wakes up and sees it
+                n += 1
+                try:
+                    self.store._write_block(path, data, f"{self._tmp}{n}")
+                except BaseException as e:  # handed to the caller's thread
+                    self._error = e
+            with self._pending_lock:
+                if self._pending.get(key) is data:
+                    del self._pending[key]
 
     def close(self) -> None:
         """Wait for every queued write; raise the first write error."""

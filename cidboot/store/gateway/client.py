@@ -24,7 +24,7 @@ from cidboot.ipld import dag
 from cidboot.ipld.car import CarReader
 from cidboot.ipld.cid import CID
 from cidboot.ipld.unixfs.exporter import export_file
-from cidboot.store.blockstore import MAX_BLOCK, AnyStore, BatchWriter, Blockstore, MemoryBlockstore
+from cidboot.store.blockstore import MAX_BLOCK, AnyStore, Blockstore, MemoryBlockstore
 
 log = logging.getLogger("cidboot.store.gateway.client")
 
@@ -201,7 +201,7 @@ class _Request:
         self.conn.close()
 
 
-def _store_verified(store: AnyStore | BatchWriter, gw: str, cid: CID, data: bytes) -> None:
+def _store_verified(store: AnyStore, gw: str, cid: CID, data: bytes) -> None:
     """Put `data` under `cid` (the store hashes it first): a mismatch is the gateway lying."""
     try:
         store.put(cid, data)
@@ -239,10 +239,8 @@ class _Session:
     back from the store on a resumed fetch) and its links kept, so later walks of the DAG read
     neither the block nor its hash again."""
 
-    def __init__(self, root: CID, gateways: list[str], store: AnyStore, timeout: float,
-                 writer: BatchWriter | MemoryBlockstore) -> None:
+    def __init__(self, root: CID, gateways: list[str], store: AnyStore, timeout: float) -> None:
         self.root, self.gateways, self.store, self.timeout = root, gateways, store, timeout
-        self.writer = writer
         self.result = FetchResult(root)
         self.last_present = 0
         self.known: dict[bytes, list[CID]] = {}  # multihash -> links, for blocks verified in this fetch
@@ -285,7 +283,7 @@ class _Session:
         if key in self.known:  # sent again (the root of a whole-DAG CAR): verify it, store nothing new
             _check(gw, cid, data)
             return self.known[key]
-        _store_verified(self.writer, gw, cid, data)  # nothing unverified is stored
+        _store_verified(self.store, gw, cid, data)  # nothing unverified is stored (queued by the store's writer)
         links = dag.links(cid, data)
         self.known[key] = links
         self.result.blocks_fetched += 1
@@ -374,12 +372,12 @@ def fetch(
         raise GatewayError(f"retries must be at least 1, got {rounds}")
     if not gateways:
         raise AllGatewaysFailed(f"no gateways given to fetch {root}")
-    with store.writer() as writer:
-        return _fetch(_Session(root, list(gateways), store, timeout, writer), rounds, backoff)
+    with store.writer():
+        return _fetch(root, gateways, store, timeout, rounds, backoff)
 
 
-def _fetch(s: _Session, rounds: int, backoff: float) -> FetchResult:
-    root = s.root
+def _fetch(root: CID, gateways: list[str], store: AnyStore, timeout: float, rounds: int, backoff: float) -> FetchResult:
+    s = _Session(root, list(gateways), store, timeout)
     last: dict[str, CidbootError] = {}
     failed_rounds = 0
     first = True
@@ -395,7 +393,7 @@ def _fetch(s: _Session, rounds: int, backoff: float) -> FetchResult:
             return s.result
         progressed = False
         for sub in frontier:  # grows while iterating: children of blocks fetched one by one
-            if s.intact(sub):
+            if _intact(store, sub) is not None:
                 continue
             for gw in s.gateways:
                 if gw in s.result.dropped:
@@ -412,7 +410,7 @@ def _fetch(s: _Session, rounds: int, backoff: float) -> FetchResult:
                     last[gw] = e
                     s.result.errors.append(str(e))
                     log.info("gateway %s failed, trying the next: %s", gw, e)
-                    if s.intact(sub):
+                    if _intact(store, sub) is not None:
                         progressed = True  # partial CAR: the next round resumes below it
                         break
         if progressed:
