@@ -9,9 +9,15 @@ timestamped serial console, median of --runs.
 Ours: the hello flow through firmware (L0) -> bootstrap (L1) -> image (L2) with DICE,
 manifest and layer verification, from the report.json of `python -m qemu.harness boot`
 (stage times come from the same timestamped console). Both under the same accelerator.
+With `--firmware` naming several kinds (the harness's `--firmware dice|bios-ipxe|uefi-pxe|
+uefi-http`, x86_64), the hello flow boots once per kind. The dice and bios-ipxe boots are compared
+with the plain iPXE reference, the uefi-* boots with a plain UEFI PXE boot in the same run:
+OVMF's own PXE loads a UKI (the same systemd-boot stub our bootstrap UKI uses) of the same kernel
+and busybox initramfs.
 Writes JSON, a table, and an SVG timeline (one bar per stage) to --out.
 
     python3 -m bench.bench_boot                      # boot the hello flow, then the reference
+    python3 -m bench.bench_boot --firmware dice,bios-ipxe,uefi-pxe,uefi-http
     python3 -m bench.bench_boot --report R.json      # stages from an existing harness report
     python3 -m bench.bench_boot --reference-only     # just the plain iPXE boot
 """
@@ -35,6 +41,9 @@ from imagebuilder.cpio import Entry, archive_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER = "cidboot-bench: busybox init reached"
+REF_IPXE = "plain iPXE + busybox (reference)"
+REF_UEFI = "plain UEFI PXE + busybox UKI (reference)"
+UKI_CMDLINE = "console=ttyS0 quiet panic=-1 no_timer_check"  # the hello flow's, as our bootstrap UKI's
 KERNEL_PKG = "linux-image-cloud-amd64"  # the kernel firmware, bootstrap and hello all pin
 COLORS = {"firmware": "#4e79a7", "bootstrap": "#f28e2b", "image": "#59a14f", "reference": "#9c9c9c",
           "firmware boot": "#a0cbe8", "bootstrap boot": "#ffbe7d", "image boot": "#8cd17d"}
@@ -68,9 +77,19 @@ def pinned_kernel(dest: Path) -> Path:
     return dest
 
 
+def busybox_uki(kernel: Path) -> bytes:
+    """The same kernel + busybox initramfs as a UKI on Debian's systemd-boot stub (what OVMF's
+    PXE loads, as it loads our bootstrap UKI)."""
+    from imagebuilder import uki
+
+    return uki.build_uki(uki.stub_path().read_bytes(), kernel.read_bytes(), busybox_initramfs(), UKI_CMDLINE,
+                         uki.os_release("busybox-reference", 1))
+
+
 def reference_boot(kernel: Path, work: Path, *, accel: str = "tcg", timeout: float = 300,
-                   ipv6_router: bool = True) -> dict[str, Any]:
-    """PXE via the NIC's iPXE ROM -> the same kernel + busybox initramfs, timed on the console.
+                   ipv6_router: bool = True, uefi: bool = False) -> dict[str, Any]:
+    """PXE via the NIC's iPXE ROM (or, `uefi`, OVMF's own PXE loading a busybox UKI) -> the same
+    kernel + busybox initramfs, timed on the console.
 
     With `ipv6_router` an empty router advertisement answers iPXE's IPv6 solicitations (see
     qemu/harness/ra.py); without, iPXE waits ~16 s for a router before it fetches anything."""
@@ -89,6 +108,8 @@ def reference_boot(kernel: Path, work: Path, *, accel: str = "tcg", timeout: flo
     # server offers is supplied too (the QEMU NIC's iPXE ROM asks only for boot.ipxe and bootstrap/)
     for name in ("undionly.kpxe", "bootstrap-x86_64.efi"):
         (tftp / name).write_bytes(f"reference boot: placeholder {name}\n".encode())
+    if uefi:
+        (tftp / "bootstrap-x86_64.efi").write_bytes(busybox_uki(kernel))
     store = Blockstore(work / "ref-store")
     placeholder = store.put_block(b"reference boot: no manifest", RAW)
     shutil.rmtree(work / "ref-guest", ignore_errors=True)
@@ -104,19 +125,23 @@ def reference_boot(kernel: Path, work: Path, *, accel: str = "tcg", timeout: flo
             if "serving on" not in server.stdout.readline():
                 raise RuntimeError(f"boot server did not start: {(work / 'ref-server.log').read_text()[-1500:]}")
             g = Guest.create("reference", work / "ref-guest", nic=(net.taps[0], device_mac(0)),
-                             boot_from_network=True, memory_mib=512, accel=accel, net=net)
+                             boot_from_network=True, memory_mib=512, accel=accel, net=net,
+                             firmware="uefi" if uefi else "bios")
             with g:
                 line, _ = g.wait_for_console(MARKER, timeout)
-                dhcp_line, _ = g.wait_for_console(r"^Configuring \(net0 .* ok", 5)
-                kernel_line, _ = g.wait_for_console(r"Linux version", 5)
-                ipxe_line, _ = g.wait_for_console(r"iPXE", 5)
+                found: dict[str, float | None] = {}
+                for key, rx in (() if uefi else (("ipxe_configured_s", r"^Configuring \(net0 .* ok"),
+                                                  ("kernel_start_s", r"Linux version"),
+                                                  ("ipxe_first_line_s", r"iPXE"))):
+                    hit, _ = g.wait_for_console(rx, 5)
+                    found[key] = hit.t
                 off_t, _ = g.wait_for_event("SHUTDOWN", 60)
         finally:
             server.terminate()
             server.wait(10)
-    return {"to_marker_s": line.t, "ipxe_first_line_s": ipxe_line.t, "ipxe_configured_s": dhcp_line.t,
-            "kernel_start_s": kernel_line.t, "ipv6_router": ipv6_router,
-            "powered_off_s": round(off_t, 3), "console": str(work / "ref-guest" / "console.log")}
+    return {"to_marker_s": line.t, **found, "firmware": "uefi-pxe" if uefi else "bios-ipxe",
+            "ipv6_router": ipv6_router, "powered_off_s": round(off_t, 3),
+            "console": str(work / "ref-guest" / "console.log")}
 
 
 def direct_boot(kernel: Path, work: Path, *, accel: str = "tcg") -> dict[str, Any]:
@@ -179,6 +204,30 @@ def svg_timeline(bars: Bars, path: Path) -> None:
     path.write_text("\n".join(out) + "\n")
 
 
+def firmware_rows(boots: dict[str, dict[str, Any]], refs: dict[str, float]) -> tuple[list[dict[str, Any]], Bars]:
+    """One row per firmware kind other than dice: power-on to agent ready (from that boot's
+    report), with its ratio to the plain boot of the same firmware family (`reference` names it)."""
+    rows: list[dict[str, Any]] = []
+    bars: Bars = []
+    for kind, report in boots.items():
+        stages = stages_from_report(report)
+        if not stages:
+            rows.append({"boot": f"ours ({kind}): power-on to agent ready", "seconds": None, "note": "no timeline"})
+            continue
+        total = sum(stages.values())
+        ref_name = REF_UEFI if kind.startswith("uefi") else REF_IPXE
+        ref = refs.get(ref_name)
+        rows.append({"boot": f"ours ({kind}): power-on to agent ready", "seconds": round(total, 2),
+                     "ratio_vs_reference": round(total / ref, 2) if ref else None, "reference": ref_name,
+                     "appraisal": report["devices"][0].get("appraisal", {}).get("status")})
+        segs, t = [], 0.0
+        for k, v in stages.items():
+            segs.append((k, t, v))
+            t += v
+        bars.append((f"ours {kind}", segs))
+    return rows, bars
+
+
 def summarize(ref_s: float | None, stages: dict[str, float], extra: dict[str, float] | None = None,
               phases: list[tuple[str, float, float]] | None = None) -> tuple[list[dict[str, Any]], Bars]:
     """Table rows and SVG bars for the reference time and our per-stage times (either may be
@@ -189,13 +238,13 @@ def summarize(ref_s: float | None, stages: dict[str, float], extra: dict[str, fl
     for label, sec in (extra or {}).items():
         rows.append({"boot": label, "seconds": round(sec, 2)})
     if ref_s is not None:
-        rows.append({"boot": "plain iPXE + busybox (reference)", "seconds": round(ref_s, 2)})
+        rows.append({"boot": REF_IPXE, "seconds": round(ref_s, 2)})
         bars.append(("iPXE+busybox", [("reference", 0.0, ref_s)]))
     if stages:
         total = sum(stages.values())
         rows += [{"boot": f"ours: {k}", "seconds": round(v, 2)} for k, v in stages.items()]
         rows.append({"boot": "ours: power-on to agent ready", "seconds": round(total, 2),
-                     "ratio_vs_reference": round(total / ref_s, 2) if ref_s else None})
+                     "ratio_vs_reference": round(total / ref_s, 2) if ref_s else None, "reference": REF_IPXE})
         segs, t = [], 0.0
         for k, v in stages.items():
             segs.append((k, t, v))
@@ -208,6 +257,16 @@ def summarize(ref_s: float | None, stages: dict[str, float], extra: dict[str, fl
     return rows, bars
 
 
+def harness_boot(firmware: str, out: Path) -> dict[str, Any] | None:
+    """The hello flow, one device, booted by the harness with `firmware`; its report (None if none)."""
+    t0 = time.monotonic()
+    rc = subprocess.call([sys.executable, "-m", "qemu.harness", "boot", str(REPO / "examples/hello/flow.yaml"),
+                          "--devices", "1", "--firmware", firmware, "--out", str(out)], cwd=REPO)
+    print(f"harness boot ({firmware}): exit {rc} after {time.monotonic() - t0:.1f} s", flush=True)
+    path = out / "report.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/bench")
@@ -216,26 +275,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="reference boots (the median is reported)")
     ap.add_argument("--quick", action="store_true",
                     help="skip the context rows (direct -kernel boot; iPXE with no IPv6 router)")
+    ap.add_argument("--firmware", default="dice",
+                    help="comma-separated firmware kinds to boot the hello flow with (dice, bios-ipxe, uefi-pxe, "
+                         "uefi-http; default dice); uefi-* adds the plain UEFI PXE reference")
     args = ap.parse_args(argv)
+    from qemu.harness.lab import FIRMWARES
+
+    kinds = [k.strip() for k in args.firmware.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in FIRMWARES]
+    if bad or not kinds:
+        ap.error(f"--firmware: {', '.join(bad) or 'none given'}: choose from {', '.join(FIRMWARES)}")
     from qemu.harness import accel as accel_mod
 
     out = Path(args.out).resolve()  # the harness runs with cwd=REPO
     work = out / "boot-work"
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] | None = None
+    others: dict[str, dict[str, Any]] = {}  # firmware kind -> its report (kinds other than dice)
     if args.report:
         report = json.loads(args.report.read_text())
     elif not args.reference_only:
-        t0 = time.monotonic()
-        rc = subprocess.call([sys.executable, "-m", "qemu.harness", "boot", str(REPO / "examples/hello/flow.yaml"),
-                              "--devices", "1", "--out", str(work / "ours")], cwd=REPO)
-        print(f"harness boot: exit {rc} after {time.monotonic() - t0:.1f} s", flush=True)
-        if (work / "ours" / "report.json").exists():
-            report = json.loads((work / "ours" / "report.json").read_text())
+        for kind in kinds:
+            got = harness_boot(kind, work / ("ours" if kind == "dice" else f"ours-{kind}"))
+            if kind == "dice":
+                report = got
+            elif got is not None:
+                others[kind] = got
     kernel = pinned_kernel(work / "vmlinuz")
     mode = str(report.get("accel")) if report and report.get("accel") else accel_mod.choose(kernel)
     refs = [reference_boot(kernel, work, accel=mode) for _ in range(max(1, args.runs))]
     ref_s = statistics.median(r["to_marker_s"] for r in refs)
+    uefi_refs = ([reference_boot(kernel, work, accel=mode, uefi=True) for _ in range(max(1, args.runs))]
+                 if any(k.startswith("uefi") for k in kinds) else [])
+    ref_times = {REF_IPXE: ref_s}
+    if uefi_refs:
+        ref_times[REF_UEFI] = statistics.median(r["to_marker_s"] for r in uefi_refs)
     extra: dict[str, float] = {}
     context: dict[str, Any] = {}
     if not args.quick:
@@ -246,9 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     stages = stages_from_report(report) if report else {}
     phases = phases_from_report(report) if report else []
     rows, bars = summarize(ref_s, stages, extra, phases)
+    if uefi_refs:
+        rows.append({"boot": REF_UEFI, "seconds": round(ref_times[REF_UEFI], 2)})
+        bars.append(("UEFI PXE+busybox", [("reference", 0.0, ref_times[REF_UEFI])]))
+    fw_rows, fw_bars = firmware_rows(others, ref_times)
+    rows += fw_rows
+    bars += fw_bars
     svg_timeline(bars, out / "boot_timeline.svg")
     write_results(str(out), "bench_boot", rows, {
-        "accel": mode, "reference_runs": refs, "context_runs": context, "stages": stages,
+        "accel": mode, "reference_runs": refs, "uefi_reference_runs": uefi_refs, "firmware": kinds,
+        "firmware_stages": {k: stages_from_report(r) for k, r in others.items()},
+        "context_runs": context, "stages": stages,
         "phases": [{"phase": n, "start_s": st, "seconds": d} for n, st, d in phases], "goal": "ours / reference as low as verification allows",
         "svg": str(out / "boot_timeline.svg"),
         "appraisal": report["devices"][0]["appraisal"]["status"] if report else None})

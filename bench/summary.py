@@ -209,11 +209,17 @@ def _dhcp(doc: Doc) -> list[Row]:
 def _boot(doc: Doc) -> list[Row]:
     rows, b = doc["rows"], "bench_boot"
     accel = doc.get("notes", {}).get("accel", "?")
-    ref = next((r for r in rows if "reference" in str(r.get("boot", ""))), None)
+    refs = {str(r["boot"]): r for r in rows if "reference" in str(r.get("boot", ""))}
+    first = next(iter(refs.values()), None)
     goal, moon = Goal("<=", 1.5), Goal("<=", 1.0)
-    out = [figure(b, f"boot ({accel}) {r['boot']} vs plain iPXE + busybox", r["seconds"], ref["seconds"] if ref else None,
-                  "s", ratio=r.get("ratio_vs_reference"), goal=goal, moonshot=moon)
-           for r in rows if r.get("ratio_vs_reference") is not None]
+    out = []
+    for r in rows:
+        if r.get("ratio_vs_reference") is None:
+            continue
+        ref = refs.get(str(r.get("reference")), first)  # older files name no reference: the first (iPXE)
+        against = str(ref["boot"]).replace(" (reference)", "") if ref else "plain iPXE + busybox"
+        out.append(figure(b, f"boot ({accel}) {r['boot']} vs {against}", r["seconds"], ref["seconds"] if ref else None,
+                          "s", ratio=r.get("ratio_vs_reference"), goal=goal, moonshot=moon))
     if not out:
         out.append(absent(b, "boot: power-on to agent ready vs plain iPXE + busybox", "s", "missing",
                           "bench_boot.json has no ratio_vs_reference row (reference or our boot missing)",

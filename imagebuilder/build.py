@@ -36,6 +36,7 @@ from imagebuilder.uki import BuiltUki
 REPO = Path(__file__).resolve().parent.parent
 COMPONENT = {"image": "agent", "bootstrap": "bootstrap", "firmware": "firmware"}
 KERNEL_SHA512_PATH = "etc/cidboot/kernel.sha512"  # read by cidboot.stage.switch_root.RUNNING_KERNEL
+KERNEL_CID_PATH = "etc/cidboot/kernel.cid"  # read by bootstrap.stage.verify.RUNNING_KERNEL_CID
 # each target's stage entry: /init calls its main() (cidboot.stage.pid1.run_stage), and the image
 # ships the import closure of this module (plus pid1 and the flow's operations), nothing else of the
 # component: no CLI, no boot server, no host tool (tests/unit/test_image_closure.py)
@@ -282,11 +283,15 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     # the SHA-512 of the kernel this image is built to run on: a stage compares it with the next
     # stage's kernel to hand over without kexec (cidboot.stage.switch_root, docs/boot-chain.md);
     # it is inside the measured initrd, so a stage cannot claim a kernel its measurement does not show
+    # and the kernel layer's CID: the bootstrap does not fetch a next stage's kernel layer with that CID
+    # when it hands over in the same kernel (bootstrap.stage.verify.reuses_running_kernel)
     kernel_sha512 = hashlib.sha512(built["kernel"].data).hexdigest()
+    kernel_cid = str(built["kernel"].cid)
     layer("config", {"flow": hashlib.sha256(flow_json).hexdigest(), "files": _sources_digest(list(files.values())),
-                     "dests": sorted(files), "kernel_sha512": kernel_sha512},
+                     "dests": sorted(files), "kernel_sha512": kernel_sha512, "kernel_cid": kernel_cid},
           lambda: compress(archive_bytes([initramfs.Entry.file("etc/cidboot/flow.json", flow_json),
-                                          initramfs.Entry.file(KERNEL_SHA512_PATH, kernel_sha512.encode() + b"\n")]
+                                          initramfs.Entry.file(KERNEL_SHA512_PATH, kernel_sha512.encode() + b"\n"),
+                                          initramfs.Entry.file(KERNEL_CID_PATH, kernel_cid.encode() + b"\n")]
                                          + initramfs.data_entries(files), epoch), comp))
 
     sink = _Collect()

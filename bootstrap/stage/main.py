@@ -34,7 +34,7 @@ from cidboot.stage.console import say
 USER_CLASS = b"cidboot-bootstrap"
 RETRY_PAUSE = 10.0  # seconds between attempts when the boot config says on_failure=retry
 MAX_BOOTCONFIG = 1 << 20  # a boot config is a few hundred bytes; anything bigger over TFTP is not what we asked for
-STORE_DIR = "/run/cidboot/store"  # rootfs is RAM: verified blocks live here until the kexec
+STORE_DIR = None  # verified blocks stay in this process's memory (MemoryBlockstore); a path: a Blockstore there
 # docs/boot-chain.md: dice.cbor is absent for unmeasured boots, and cidboot.stage.handoff enforces it;
 # so the ephemeral identity of an unmeasured boot stays here until that contract carries it.
 UNMEASURED_CARRIES_DICE = False
@@ -139,10 +139,12 @@ def fetch_bootconfig(cmdline_path: str | Path = "/proc/cmdline", dhcp_url: str |
         raise Refused("bootconfig", str(e)) from None
 
 
-def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, store_dir: str | Path,
+def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, store_dir: str | Path | None,
             cmdline_path: str | Path, network: bool = True, now: int | None = None) -> tuple[BootPlan, BootConfig]:
     """One try: network, boot config, prepare. Raises Refused (or any CidbootError/OSError)."""
-    from cidboot.store.blockstore import Blockstore
+    from bootstrap.stage.verify import running_kernel_cid
+    from cidboot.stage.switch_root import kexec_forced, proc_cmdline
+    from cidboot.store.blockstore import Blockstore, MemoryBlockstore
 
     anchor = load_anchor(anchor_path)
     if network and start.ip is None:
@@ -157,9 +159,12 @@ def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, st
     carry = start.boot_mode == "measured" or UNMEASURED_CARRIES_DICE
     dice = bytes(start.dice) if start.dice is not None else None
     nvram = Nvram(nvram_path)
+    store = MemoryBlockstore() if store_dir is None else Blockstore(store_dir)
+    running = None if kexec_forced(start.boot, cmdline_path) else running_kernel_cid()
     try:
         plan = prepare(cfg, raw, dice, boot_mode=start.boot_mode, anchor=anchor, nvram=nvram,
-                       store=Blockstore(store_dir), now=now, carry_dice=carry)
+                       store=store, now=now, carry_dice=carry, running_kernel=running,
+                       running_cmdline=proc_cmdline(cmdline_path))
     finally:
         if dice is not None:
             wipe(dice)  # this copy of CDI_1; start.dice stays for a retry until main wipes it
@@ -169,7 +174,7 @@ def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, st
 
 
 def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvram_path: str | Path = DEFAULT_DEVICE,
-         store_dir: str | Path = STORE_DIR, cmdline_path: str | Path = "/proc/cmdline") -> None:
+         store_dir: str | Path | None = STORE_DIR, cmdline_path: str | Path = "/proc/cmdline") -> None:
     """Entry as PID 1: never returns to /init except by powering off."""
     t0 = time.monotonic()
     try:
@@ -183,7 +188,7 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
     events.emit("bootstrap", "start", dice=start.dice if start.boot_mode == "measured" else None, bootconfig=start.bootconfig, mode=start.boot_mode)
     while True:
         try:
-            plan, _ = attempt(start, anchor_path=anchor_path, nvram_path=nvram_path, store_dir=store_dir,
+            plan, cfg = attempt(start, anchor_path=anchor_path, nvram_path=nvram_path, store_dir=store_dir,
                               cmdline_path=cmdline_path)
         except Exception as e:  # any failure is a refusal: nothing unverified is kexec'ed
             say(f"cidboot: refused: {describe(e)}")
@@ -198,7 +203,8 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
             return
         break
     timings = " ".join(f"{k}={v:.2f}s" for k, v in plan.timings.items())
-    log(f"manifest={plan.manifest_cid} {plan.manifest.name} v{plan.manifest.version} kernel={len(plan.kernel)}B "
+    kernel_note = f"{len(plan.kernel)}B" if plan.kernel is not None else "running"
+    log(f"manifest={plan.manifest_cid} {plan.manifest.name} v{plan.manifest.version} kernel={kernel_note} "
         f"initrd={len(plan.initrd)}B {timings} total={time.monotonic() - t0:.2f}s")
     say(f"cidboot-stage: bootstrap handover manifest={plan.manifest_cid}")
     events.emit("bootstrap", "handover", manifest=plan.manifest_cid, name=plan.manifest.name, version=plan.manifest.version)
@@ -215,12 +221,35 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
         wipe(start.dice)  # CDI_1: the image gets only CDI_2, inside the hand-off
     # same kernel: switch_root into the image's initramfs; a different one (or forced): kexec
     try:
+        if plan.kernel is None:  # the running kernel (by CID): not fetched, so switch_root needs no hash of it
+            plan.kernel = same_kernel(plan, cfg)
         hand_over(plan.kernel, plan.initrd, plan.cmdline, plan.handoff, forced=kexec_forced(start.boot), log=log)
         reason = "kexec returned"  # hand_over returns only if kexec_boot does
     except CidbootError as e:
         reason = f"bootstrap: {e}"
     events.emit("bootstrap", "fatal", reason=reason)
     pid1.power_off(reason)
+
+
+def same_kernel(plan: BootPlan, cfg: BootConfig) -> bytes:
+    """Hand over in the running kernel, whose bytes were not fetched (verify.reuses_running_kernel).
+    Returns only when the image's initramfs cannot be unpacked here (a compression this stage
+    cannot read): then with the kernel layer's bytes, fetched and verified now, for a kexec."""
+    from bootstrap.stage.verify import fetch_layer
+    from cidboot.stage.switch_root import UnsupportedCompression, parse_initramfs, switch_root
+    from cidboot.store.blockstore import MemoryBlockstore
+
+    try:
+        parsed = parse_initramfs(plan.initrd)
+    except UnsupportedCompression as e:
+        log(f"{e}; kexec instead: fetching the kernel layer")
+    else:
+        say(f"cidboot-stage: handover switch_root files={parsed.files}")
+        switch_root(parsed, plan.handoff, log=log)  # returns only by raising
+    assert plan.kernel_cid is not None
+    kernel = fetch_layer(plan.manifest, plan.kernel_cid, cfg.gateways, MemoryBlockstore())
+    assert kernel is not None
+    return kernel
 
 
 def describe(e: Exception) -> str:

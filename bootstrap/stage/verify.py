@@ -11,8 +11,12 @@ unverified is ever handed on:
    than the highest accepted, and at that same version the same CID (docs/trust.md);
 3. each layer: its root block first, so a declared size above the manifest's bound is refused
    before the rest is fetched (check_layer), then the DAG through cidboot.store.gateway.client.fetch
-   (every block hashed; a lying gateway is dropped, the next one tried), then the exact bytes
-   checked again;
+   as one CAR into RAM (every block hashed once, as it arrives; a lying gateway is dropped, the
+   next one tried), then the exact bytes checked again. The kernel layer stops after its root
+   block when its CID is the running kernel's (/etc/cidboot/kernel.cid, in this image's measured
+   initrd) and the same-kernel hand-over will be taken: those bytes are already running, and
+   what is measured (the manifest, which names the CID) does not change (docs/boot-chain.md,
+   "Not fetching the running kernel");
 4. measure (cidboot.trust.measure.image_inputs) and derive CDI_2 + the L2 certificate from CDI_1;
 5. persist the new rollback state, and return a `BootPlan`; kexec is the caller's last step.
 
@@ -33,7 +37,7 @@ from cidboot.ipld.cid import CID, DAG_CBOR
 from cidboot.netboot.bootconfig import BootConfig
 from cidboot.stage.console import StageRefused, wipe
 from cidboot.stage.handoff import Handoff
-from cidboot.store.blockstore import Blockstore
+from cidboot.store.blockstore import AnyStore, MemoryBlockstore
 from cidboot.store.gateway import client as gateway_client
 from cidboot.trust import cose
 from cidboot.trust.manifest import (
@@ -61,19 +65,46 @@ TRUST_ANCHOR = "/etc/cidboot/trust-anchor.json"
 Refused = StageRefused  # check names what failed (e.g. "layer bafy...", "rollback"), detail says why
 
 
+RUNNING_KERNEL_CID = "/etc/cidboot/kernel.cid"  # the CID of the kernel layer this image was built with
+
+
 @dataclass
 class BootPlan:
-    """What to kexec: verified kernel and initrd, the manifest's command line, and the hand-off
-    (CDI_2 + chain [.., cert L2] for a measured boot) to append to the initrd."""
+    """What to hand over: verified kernel and initrd, the manifest's command line, and the
+    hand-off (CDI_2 + chain [.., cert L2] for a measured boot). `kernel` is None when the
+    manifest's kernel layer is the running kernel (by CID) and the hand-over is same-kernel:
+    its bytes were not fetched (`kernel_cid` names them if a kexec turns out to be needed)."""
 
     manifest_cid: CID
     manifest: Manifest
     signers: list[bytes]
-    kernel: bytes
+    kernel: bytes | None
     initrd: bytes
     cmdline: str
     handoff: Handoff
     timings: dict[str, float] = field(default_factory=dict)
+    kernel_cid: CID | None = None
+
+
+def running_kernel_cid(path: str | Path = RUNNING_KERNEL_CID) -> CID | None:
+    """The kernel layer CID the image builder recorded for this image's kernel, or None."""
+    try:
+        return CID.parse(Path(path).read_text().strip())
+    except (OSError, FormatError, ValueError):
+        return None
+
+
+def reuses_running_kernel(manifest: Manifest, running: CID | None, running_cmdline: str | None) -> bool:
+    """Whether the manifest's kernel layer is the running kernel and the next stage can start in
+    it (cidboot.stage.switch_root.decide's rule, by CID instead of by the fetched bytes' SHA-512):
+    the same CID (multihash compared) and every kernel parameter the manifest asks for in effect."""
+    from cidboot.stage.switch_root import kernel_params
+
+    if running is None or running_cmdline is None:
+        return False
+    kernels = [lyr for lyr in manifest.layers if lyr.role == "kernel"]
+    return (len(kernels) == 1 and kernels[0].cid.multihash == running.multihash
+            and kernel_params(manifest.cmdline) <= kernel_params(running_cmdline))
 
 
 def load_anchor(path: str | Path = TRUST_ANCHOR) -> RootOfTrust:
@@ -85,7 +116,7 @@ def load_anchor(path: str | Path = TRUST_ANCHOR) -> RootOfTrust:
         raise Refused("trust anchor", str(e)) from None
 
 
-def fetch_block(cid: CID, gateways: list[str] | tuple[str, ...], store: Blockstore, *, timeout: float = 10.0,
+def fetch_block(cid: CID, gateways: list[str] | tuple[str, ...], store: AnyStore, *, timeout: float = 10.0,
                 max_size: int = MAX_ENVELOPE, rounds: int = 3, backoff: float = 0.5) -> bytes:
     """cidboot.store.gateway.client.fetch_block, its failure as a refusal naming the CID."""
     try:
@@ -142,7 +173,7 @@ class AllowedName:
 
 
 def allowed_name(config: BootConfig, cid: CID, raw: bytes, state: TrustState, dice: bytes | None, *, boot_mode: str,
-                 store: Blockstore, timeout: float = 10.0) -> AllowedName | None:
+                 store: AnyStore, timeout: float = 10.0) -> AllowedName | None:
     """With `device_registry` in the boot config: fetch it, verify it under the root the manifest
     establishes (after any rotation it carries), and look this device up: by the DICE ID of its
     chain's root key on a measured boot (its registered role must equal the boot config's), by the
@@ -202,9 +233,11 @@ def _untrusted_kids(signed: SignedManifest, root: RootOfTrust) -> list[str]:
     return [s.kid.hex() for s in msg.signatures if s.kid is not None and s.kid not in trusted]
 
 
-def fetch_layer(manifest: Manifest, cid: CID, gateways: list[str] | tuple[str, ...], store: Blockstore, *,
-                timeout: float = 10.0) -> bytes:
-    """One layer's verified bytes: root block, size bound, whole DAG, exact size."""
+def fetch_layer(manifest: Manifest, cid: CID, gateways: list[str] | tuple[str, ...], store: AnyStore, *,
+                timeout: float = 10.0, root_only: bool = False) -> bytes | None:
+    """One layer's verified bytes: root block, size bound, whole DAG, exact size. With
+    `root_only`, stop after the size checks of the root block and return None (the running
+    kernel: its bytes are not needed)."""
     from cidboot.ipld.unixfs.exporter import export_file, file_size
     from cidboot.store.gateway.client import AllGatewaysFailed, fetch
 
@@ -214,11 +247,17 @@ def fetch_layer(manifest: Manifest, cid: CID, gateways: list[str] | tuple[str, .
     except Refused as e:
         raise Refused(what, e.detail) from None
     try:
-        check_layer(manifest, cid, file_size(cid, store.get))
+        declared = file_size(cid, store.get)
+        check_layer(manifest, cid, declared)
     except ManifestVerificationError as e:
         raise Refused(what, str(e)) from None
     except (FormatError, KeyError) as e:
         raise Refused(what, f"not a UnixFS file: {e}") from None
+    if root_only:
+        layer = manifest.layer(cid)
+        if layer is not None and declared != layer.size:
+            raise Refused(what, f"declares {declared} bytes, the manifest lists {layer.size}")
+        return None
     try:
         fetch(cid, list(gateways), store, timeout=timeout)
     except AllGatewaysFailed as e:
@@ -259,22 +298,27 @@ def measure(dice: bytes, manifest_cid: CID, manifest: Manifest, signers: list[by
     return out
 
 
-def assemble(manifest: Manifest, blobs: dict[str, bytes], manifest_cid: CID) -> tuple[bytes, bytes]:
-    """(kernel, initrd): the one kernel layer, and the other layers concatenated in manifest order
-    (the kernel unpacks concatenated cpio archives, docs/images.md)."""
+def assemble(manifest: Manifest, blobs: dict[str, bytes | None], manifest_cid: CID) -> tuple[bytes | None, bytes]:
+    """(kernel, initrd): the one kernel layer (None when not fetched: the running kernel), and the
+    other layers concatenated in manifest order (the kernel unpacks concatenated cpio archives,
+    docs/images.md)."""
     kernels = [lyr for lyr in manifest.layers if lyr.role == "kernel"]
     if len(kernels) != 1:
         raise Refused(f"manifest {manifest_cid}", f"has {len(kernels)} kernel layers, needs exactly one")
-    initrd = b"".join(blobs[str(lyr.cid)] for lyr in manifest.layers if lyr.role != "kernel")
+    parts = [blobs[str(lyr.cid)] for lyr in manifest.layers if lyr.role != "kernel"]
+    initrd = b"".join(p for p in parts if p is not None)
     return blobs[str(kernels[0].cid)], initrd
 
 
 def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, boot_mode: str, anchor: RootOfTrust,
-            nvram: Nvram, store: Blockstore, now: int | None = None, timeout: float = 10.0,
-            carry_dice: bool = True) -> BootPlan:
+            nvram: Nvram, store: AnyStore, now: int | None = None, timeout: float = 10.0,
+            carry_dice: bool = True, running_kernel: CID | None = None,
+            running_cmdline: str | None = None) -> BootPlan:
     """Steps 1-5 of the module docstring. `dice` is the handover holding CDI_1 (from the firmware,
     or an ephemeral one for an unmeasured boot); `carry_dice=False` leaves dice.cbor out of the
-    hand-off (the unmeasured contract, docs/boot-chain.md)."""
+    hand-off (the unmeasured contract, docs/boot-chain.md). `running_kernel` (the running
+    kernel's layer CID; None when a kexec is forced) and `running_cmdline` (/proc/cmdline)
+    let the kernel layer go unfetched when it is the running kernel (reuses_running_kernel)."""
     t: dict[str, float] = {}
     cid = config.manifest
     gws = config.gateways
@@ -297,7 +341,13 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
     m = signed.manifest
     t["manifest"] = time.monotonic() - t0
     t0 = time.monotonic()
-    blobs = {str(lyr.cid): fetch_layer(m, lyr.cid, gws, store, timeout=timeout) for lyr in m.layers}
+    reuse = reuses_running_kernel(m, running_kernel, running_cmdline)
+    blobs: dict[str, bytes | None] = {}
+    for lyr in m.layers:
+        blobs[str(lyr.cid)] = fetch_layer(m, lyr.cid, gws, store, timeout=timeout,
+                                          root_only=reuse and lyr.role == "kernel")
+        if isinstance(store, MemoryBlockstore):
+            store.clear()  # this layer's bytes are in `blobs`: its blocks need not stay in RAM too
     kernel, initrd = assemble(m, blobs, cid)
     t["layers"] = time.monotonic() - t0
     t0 = time.monotonic()
@@ -315,4 +365,5 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
         handoff.validate()
     except CidbootError as e:
         raise Refused("handoff", f"for manifest {cid}: {e}") from None
-    return BootPlan(cid, m, signers, kernel, initrd, m.cmdline, handoff, t)
+    kernel_cid = next(lyr.cid for lyr in m.layers if lyr.role == "kernel")
+    return BootPlan(cid, m, signers, kernel, initrd, m.cmdline, handoff, t, kernel_cid)

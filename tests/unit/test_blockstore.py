@@ -96,3 +96,39 @@ def test_default_store_path_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     monkeypatch.delenv("CIDBOOT_STORE")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     assert default_store_path() == tmp_path / "xdg" / "cidboot" / "store"
+
+
+def test_batch_writer_verifies_before_queueing_and_writes_atomically(tmp_path: Path) -> None:
+    store = Blockstore(tmp_path / "s")
+    good = [bytes([i]) * 1000 for i in range(40)]
+    cids = [CID.of(d, RAW) for d in good]
+    with store.writer(depth=2) as w:
+        for c, d in zip(cids, good, strict=True):
+            w.put(c, d)
+        with pytest.raises(CIDMismatch):
+            w.put(cids[0], b"not it")
+    assert [store.get(c) for c in cids] == good
+    assert not list((tmp_path / "s" / "blocks").rglob(".tmp-*"))
+
+
+def test_batch_writer_raises_a_write_error(tmp_path: Path) -> None:
+    store = Blockstore(tmp_path / "s")
+    data = b"x" * 100
+    cid = CID.of(data, RAW)
+    store._file(cid).parent.mkdir(parents=True)
+    store._file(cid).mkdir()  # a directory where the block file should go: the rename fails
+    with pytest.raises(OSError), store.writer() as w:
+        w.put(cid, data)
+
+
+def test_memory_store_verifies_on_put() -> None:
+    from cidboot.store.blockstore import MemoryBlockstore
+
+    mem = MemoryBlockstore()
+    cid = mem.put_block(b"hello")
+    assert mem.get(cid) == b"hello" and mem.has(cid) and mem.size(cid) == 5
+    with pytest.raises(CIDMismatch):
+        mem.put(CID.of(b"other", RAW), b"hello")
+    mem.clear()
+    with pytest.raises(BlockNotFound):
+        mem.get(cid)

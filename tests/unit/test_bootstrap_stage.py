@@ -401,3 +401,68 @@ def test_main_fails_closed_on_an_unexpected_error(tmp_path: Path, monkeypatch: p
     assert "cidboot: refused: bootstrap: ValueError: unexpected\n" in out
     assert calls == [("power_off", "")]
     assert seen and seen[0] == bytearray(len(seen[0]))  # CDI_1 handover zeroed before power-off
+
+
+def _run_reusing(tmp: Path, cid: CID, gateways: list[str], running: CID | None, running_cmdline: str) -> BootPlan:
+    from cidboot.store.blockstore import MemoryBlockstore
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = BootConfig(cid, tuple(gateways))
+    raw = cfg.encode()
+    _inputs, dice = _firmware(raw)
+    return prepare(cfg, raw, dice, boot_mode="measured", anchor=ANCHOR, nvram=Nvram(_nvram(tmp)),
+                   store=MemoryBlockstore(), timeout=3, running_kernel=running, running_cmdline=running_cmdline)
+
+
+def test_the_running_kernel_layer_is_not_fetched_and_the_measurement_is_the_same(tmp_path: Path) -> None:
+    """Same kernel CID and its parameters in effect: only the kernel layer's root block is
+    fetched (its size checked), the plan has no kernel bytes, and CDI_2 is what a plan with
+    the kernel fetched gets (the measurement covers the manifest, which names the CID)."""
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers)
+    kernel = layers[0].cid
+    paths: list[str] = []
+
+    def record(path: str, body: bytes) -> bytes:
+        paths.append(path)
+        return body
+
+    with running_gateway(store) as gw, proxy_gateway(_url(gw), record) as counted:
+        plan = _run_reusing(tmp_path / "a", signed.cid, [counted], kernel, "console=ttyS0 quiet root=x")
+        kernel_requests = [p for p in paths if str(kernel) in p]
+        full = _run_reusing(tmp_path / "b", signed.cid, [counted], None, "console=ttyS0 quiet")
+    assert plan.kernel is None and plan.kernel_cid == kernel
+    assert kernel_requests == [f"/ipfs/{kernel}?format=raw"]
+    assert plan.initrd == full.initrd and full.kernel == BLOBS["kernel"]
+    assert plan.handoff.dice is not None and full.handoff.dice is not None
+    mine, theirs = decode_handover(plan.handoff.dice), decode_handover(full.handoff.dice)
+    assert (mine.cdi_attest, mine.cdi_seal) == (theirs.cdi_attest, theirs.cdi_seal)
+
+
+def test_the_kernel_is_fetched_when_the_cid_or_the_parameters_differ(tmp_path: Path) -> None:
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers)
+    with running_gateway(store) as gw:
+        other = _run_reusing(tmp_path / "a", signed.cid, [_url(gw)], layers[1].cid, "console=ttyS0 quiet")
+        params = _run_reusing(tmp_path / "b", signed.cid, [_url(gw)], layers[0].cid, "console=ttyS0")
+    assert other.kernel == BLOBS["kernel"] and params.kernel == BLOBS["kernel"]
+
+
+def test_a_running_kernel_layer_whose_declared_size_is_not_the_manifests_is_refused(tmp_path: Path) -> None:
+    store, layers = _store(tmp_path)
+    wrong = (Layer(layers[0].cid, layers[0].size + 1, "kernel"), *layers[1:])
+    signed = _publish(store, wrong)
+    with running_gateway(store) as gw, pytest.raises(Refused, match=str(layers[0].cid)):
+        _run_reusing(tmp_path, signed.cid, [_url(gw)], layers[0].cid, "console=ttyS0 quiet")
+
+
+def test_running_kernel_cid_file(tmp_path: Path) -> None:
+    from bootstrap.stage.verify import running_kernel_cid
+
+    f = tmp_path / "kernel.cid"
+    assert running_kernel_cid(f) is None
+    f.write_text("not a cid\n")
+    assert running_kernel_cid(f) is None
+    cid = CID.of(b"k")
+    f.write_text(f"{cid}\n")
+    assert running_kernel_cid(f) == cid

@@ -135,3 +135,71 @@ def test_fetch_bytes_and_retries(origin: tuple[Blockstore, CID], tmp_path: Path)
             fetch(root, [gw.url], tmp_path / "m", retries=0)
     with pytest.raises(AllGatewaysFailed, match="127.0.0.1:9"):
         fetch(root, ["http://127.0.0.1:9"], tmp_path / "n", retries=1)
+
+
+def test_each_block_is_hashed_once_per_fetch(origin: tuple[Blockstore, CID], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client verifies a block as it arrives and remembers its links: walking the DAG again
+    after the CAR (to find what is still missing) must not read and hash every block again."""
+    import threading
+
+    from cidboot.ipld import multihash
+
+    store, root = origin
+    hashed: list[int] = []
+    real = multihash.Multihash.matches
+
+    def counting(self: multihash.Multihash, data: bytes) -> bool:
+        if threading.current_thread() is threading.main_thread():  # the client's, not the gateway's
+            hashed.append(len(data))
+        return real(self, data)
+
+    with running_gateway(store) as gw:
+        monkeypatch.setattr(multihash.Multihash, "matches", counting)
+        res = fetch(root, [gw.url], Blockstore(tmp_path / "local"))
+        monkeypatch.undo()
+    assert res.blocks_fetched == 15
+    assert len(hashed) == 15, f"{len(hashed)} hashes for 15 blocks"
+
+
+def test_fetch_into_memory(origin: tuple[Blockstore, CID]) -> None:
+    """A boot stage fetches into RAM (MemoryBlockstore): same verification, no files."""
+    from cidboot.store.blockstore import MemoryBlockstore
+
+    store, root = origin
+    with running_gateway(store) as gw, proxy_gateway(gw.url, flip_last_block) as liar:
+        mem = MemoryBlockstore()
+        res = fetch(root, [liar, gw.url], mem, backoff=0)
+    assert liar in res.dropped and b"".join(export_file(root, mem.get)) == DATA
+
+
+def test_root_fetched_first_then_the_dag_in_one_request(origin: tuple[Blockstore, CID], tmp_path: Path) -> None:
+    """The bootstrap fetches a layer's root alone (to check its declared size), then the DAG:
+    that must be one CAR request for the whole DAG, not one per child of the root."""
+    from cidboot.store.blockstore import MemoryBlockstore
+    from cidboot.store.gateway.client import fetch_block
+
+    store, root = origin
+    paths: list[str] = []
+
+    def record(path: str, body: bytes) -> bytes:
+        paths.append(path)
+        return body
+
+    with running_gateway(store) as gw, proxy_gateway(gw.url, record) as counted:
+        mem = MemoryBlockstore()
+        fetch_block(root, [counted], mem)
+        res = fetch(root, [counted], mem)
+    assert len(paths) == 2 and "format=car" in paths[1], paths
+    assert res.blocks_fetched == 14 and b"".join(export_file(root, mem.get)) == DATA
+
+
+def test_whole_dag_car_from_a_liar_falls_back(origin: tuple[Blockstore, CID], tmp_path: Path) -> None:
+    store, root = origin
+    from cidboot.store.gateway.client import fetch_block
+
+    with running_gateway(store) as gw, proxy_gateway(gw.url, flip_last_block) as liar:
+        local = Blockstore(tmp_path / "local")
+        fetch_block(root, [gw.url], local)
+        res = fetch(root, [liar, gw.url], local, backoff=0)
+    assert liar in res.dropped and b"".join(export_file(root, local.get)) == DATA

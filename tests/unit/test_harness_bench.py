@@ -81,3 +81,23 @@ def test_busybox_initramfs_is_reproducible_and_has_a_console() -> None:
     assert data == bench_boot.busybox_initramfs()
     names = {m.path for m in read_newc(decompress(data))}
     assert {"init", "bin/busybox", "dev/console"} <= names
+
+
+def test_each_firmware_kind_is_compared_with_its_own_plain_boot(tmp_path: Path) -> None:
+    """uefi-* boots against the plain UEFI PXE boot, bios-ipxe against plain iPXE; the summary
+    names the reference each figure was divided by."""
+    from bench import summary
+
+    report = sample_report(SAMPLE_CONSOLE)  # 26.5 s power-on to ready
+    refs = {bench_boot.REF_IPXE: 10.0, bench_boot.REF_UEFI: 20.0}
+    rows, bars = bench_boot.firmware_rows({"bios-ipxe": report, "uefi-pxe": report}, refs)
+    by = {r["boot"]: r for r in rows}
+    assert by["ours (bios-ipxe): power-on to agent ready"]["ratio_vs_reference"] == 2.65
+    assert by["ours (uefi-pxe): power-on to agent ready"]["ratio_vs_reference"] == 1.32
+    assert len(bars) == 2
+    doc = {"rows": [{"boot": bench_boot.REF_IPXE, "seconds": 10.0}, {"boot": bench_boot.REF_UEFI, "seconds": 20.0},
+                    *rows], "notes": {"accel": "tcg"}}
+    figs = {f.name: f for f in summary._boot(doc)}
+    uefi = figs["boot (tcg) ours (uefi-pxe): power-on to agent ready vs plain UEFI PXE + busybox UKI"]
+    assert uefi.reference == 20.0 and uefi.ratio == 1.32
+    assert figs["boot (tcg) ours (bios-ipxe): power-on to agent ready vs plain iPXE + busybox"].reference == 10.0

@@ -24,7 +24,7 @@ from cidboot.ipld import dag
 from cidboot.ipld.car import CarReader
 from cidboot.ipld.cid import CID
 from cidboot.ipld.unixfs.exporter import export_file
-from cidboot.store.blockstore import MAX_BLOCK, Blockstore
+from cidboot.store.blockstore import MAX_BLOCK, AnyStore, Blockstore, MemoryBlockstore
 
 log = logging.getLogger("cidboot.store.gateway.client")
 
@@ -207,7 +207,7 @@ class _Request:
         self.conn.close()
 
 
-def _store_verified(store: Blockstore, gw: str, cid: CID, data: bytes) -> None:
+def _store_verified(store: AnyStore, gw: str, cid: CID, data: bytes) -> None:
     """Put `data` under `cid` (the store hashes it first): a mismatch is the gateway lying."""
     try:
         store.put(cid, data)
@@ -217,7 +217,15 @@ def _store_verified(store: Blockstore, gw: str, cid: CID, data: bytes) -> None:
         raise GatewayError(f"block {cid} refused by the store: {e}", gateway=gw) from None
 
 
-def _intact(store: Blockstore, cid: CID) -> bytes | None:
+def _check(gw: str, cid: CID, data: bytes) -> None:
+    """`data` hashes to `cid`, or the gateway lied."""
+    try:
+        cid.verify(data)
+    except VerificationError as e:
+        raise BadGateway(f"sent a block that does not match its CID: {e}", gateway=gw) from None
+
+
+def _intact(store: AnyStore, cid: CID) -> bytes | None:
     """The local copy of `cid` if present and verifying; a damaged copy counts as missing (the
     fetch that follows overwrites it)."""
     if not store.has(cid):
@@ -232,16 +240,31 @@ def _intact(store: Blockstore, cid: CID) -> bytes | None:
 
 
 class _Session:
-    """One fetch of one root: the wanted set, the dropped gateways, the counters."""
+    """One fetch of one root: the wanted set, the dropped gateways, the counters, and what this
+    fetch has already verified: each block is hashed once (as it arrives, or when first read
+    back from the store on a resumed fetch) and its links kept, so later walks of the DAG read
+    neither the block nor its hash again."""
 
-    def __init__(self, root: CID, gateways: list[str], store: Blockstore, timeout: float) -> None:
+    def __init__(self, root: CID, gateways: list[str], store: AnyStore, timeout: float) -> None:
         self.root, self.gateways, self.store, self.timeout = root, gateways, store, timeout
         self.result = FetchResult(root)
         self.last_present = 0
+        self.known: dict[bytes, list[CID]] = {}  # multihash -> links, for blocks verified in this fetch
+
+    def intact(self, cid: CID) -> bool:
+        """Whether `cid` is verified in this fetch or intact in the store."""
+        key = cid.multihash.encode()
+        if key in self.known:
+            return True
+        block = _intact(self.store, cid)
+        if block is None:
+            return False
+        self.known[key] = dag.links(cid, block)
+        return True
 
     def missing(self) -> list[CID]:
-        """Walk what is local (verifying it); return the frontier of CIDs not yet present or
-        damaged (in DAG order)."""
+        """Walk what is local (verifying what this fetch has not yet); return the frontier of
+        CIDs not yet present or damaged (in DAG order)."""
         out: list[CID] = []
         seen: set[bytes] = set()
         stack = [self.root]
@@ -252,14 +275,26 @@ class _Session:
             if key in seen:
                 continue
             seen.add(key)
-            block = _intact(self.store, cid)
-            if block is None:
+            if not self.intact(cid):
                 out.append(cid)
                 continue
             present += 1
-            stack.extend(reversed(dag.links(cid, block)))
+            stack.extend(reversed(self.known[key]))
         self.last_present = present
         return out
+
+    def accept(self, gw: str, cid: CID, data: bytes) -> list[CID]:
+        """Verify `data` as `cid` (once), queue it for the store, remember its links; return them."""
+        key = cid.multihash.encode()
+        if key in self.known:  # sent again (the root of a whole-DAG CAR): verify it, store nothing new
+            _check(gw, cid, data)
+            return self.known[key]
+        _store_verified(self.store, gw, cid, data)  # nothing unverified is stored (queued by the store's writer)
+        links = dag.links(cid, data)
+        self.known[key] = links
+        self.result.blocks_fetched += 1
+        self.result.bytes_fetched += len(data)
+        return links
 
     def fetch_car(self, gw: str, sub_root: CID) -> None:
         """Fetch the subtree under `sub_root` as one CAR, accepting only blocks it links to,
@@ -277,10 +312,7 @@ class _Session:
                 if key in got:
                     raise GatewayError(f"sent block {cid} twice in one CAR", gateway=gw)
                 got.add(key)
-                _store_verified(self.store, gw, cid, data)  # nothing unverified is stored
-                self.result.blocks_fetched += 1
-                self.result.bytes_fetched += len(data)
-                for link in dag.links(cid, data):
+                for link in self.accept(gw, cid, data):
                     wanted.add(link.multihash.encode())
                 req.watchdog.arm(self.timeout)  # the next block gets its own deadline
             if req.watchdog.expired:
@@ -296,14 +328,17 @@ class _Session:
         finally:
             req.close()
 
-    def fetch_raw(self, gw: str, cid: CID) -> bytes:
-        data = _get_block(gw, cid, self.store, self.timeout, MAX_BLOCK, "cidboot")
-        self.result.blocks_fetched += 1
-        self.result.bytes_fetched += len(data)
-        return data
+    def fetch_raw(self, gw: str, cid: CID) -> list[CID]:
+        """`cid` alone from a gateway that does not do CARs; returns its links."""
+        req = _Request(gw, f"/ipfs/{cid}?format=raw", "application/vnd.ipld.raw", self.timeout, "cidboot")
+        try:
+            data = req.read_block(block_size_limit(cid, MAX_BLOCK))
+        finally:
+            req.close()
+        return self.accept(gw, cid, data)
 
 
-def _get_block(gw: str, cid: CID, store: Blockstore, timeout: float, max_size: int, user_agent: str) -> bytes:
+def _get_block(gw: str, cid: CID, store: AnyStore, timeout: float, max_size: int, user_agent: str) -> bytes:
     """One block as `?format=raw` from one gateway, bounded in size and wall-clock time, verified
     and stored. Raises GatewayError (any failure) or BadGateway (bytes that do not match)."""
     req = _Request(gw, f"/ipfs/{cid}?format=raw", "application/vnd.ipld.raw", timeout, user_agent)
@@ -318,7 +353,7 @@ def _get_block(gw: str, cid: CID, store: Blockstore, timeout: float, max_size: i
 def fetch(
     root: CID | str,
     gateways: list[str],
-    dest: Blockstore | str | os.PathLike[str],
+    dest: AnyStore | str | os.PathLike[str],
     *,
     timeout: float = 10.0,
     retries: int | None = None,
@@ -326,7 +361,9 @@ def fetch(
     backoff: float = 0.5,
 ) -> FetchResult:
     """Fetch the whole DAG under `root` into `dest` (a Blockstore, or a directory to open one
-    in), verifying every block.
+    in, or a MemoryBlockstore), verifying every block exactly once: a CAR is read as it
+    streams, each block hashed as it arrives and queued to the store's BatchWriter, which
+    writes while the next block is read; one sync at the end.
 
     Each round walks what is already local and asks the gateways (in order) for each missing
     subtree as a CAR, falling back to single raw blocks when a gateway cannot do CARs. A gateway
@@ -336,18 +373,18 @@ def fetch(
     allowed, with exponential `backoff` between them, before AllGatewaysFailed.
     """
     root = CID.parse(root)
-    store = dest if isinstance(dest, Blockstore) else Blockstore(dest)
+    store = dest if isinstance(dest, (Blockstore, MemoryBlockstore)) else Blockstore(dest)
     if retries is not None:
         rounds = retries
     if rounds < 1:
         raise GatewayError(f"retries must be at least 1, got {rounds}")
     if not gateways:
         raise AllGatewaysFailed(f"no gateways given to fetch {root}")
-    with store.deferred_sync():
+    with store.writer():
         return _fetch(root, gateways, store, timeout, rounds, backoff)
 
 
-def _fetch(root: CID, gateways: list[str], store: Blockstore, timeout: float, rounds: int, backoff: float) -> FetchResult:
+def _fetch(root: CID, gateways: list[str], store: AnyStore, timeout: float, rounds: int, backoff: float) -> FetchResult:
     s = _Session(root, list(gateways), store, timeout)
     last: dict[str, CidbootError] = {}
     failed_rounds = 0
@@ -357,6 +394,9 @@ def _fetch(root: CID, gateways: list[str], store: Blockstore, timeout: float, ro
         if first:
             s.result.blocks_present = s.last_present
             first = False
+            if len(frontier) > 1 and s.last_present == 1:
+                _whole_dag(s, last)
+                continue
         if not frontier:
             return s.result
         progressed = False
@@ -397,6 +437,31 @@ def _fetch(root: CID, gateways: list[str], store: Blockstore, timeout: float, ro
                             [last[g] for g in s.gateways if g in last])
 
 
+def _whole_dag(s: _Session, last: dict[str, CidbootError]) -> None:
+    """Only the root is local (a boot stage fetched it alone first, to check the size it declares
+    before anything else): ask for the root's CAR, one request for the whole DAG, rather than one
+    CAR per child of the root. The root comes again (one block, verified, not counted); a gateway
+    that lies is dropped, any other failure leaves what arrived for the rounds that follow."""
+    for gw in s.gateways:
+        if gw in s.result.dropped:
+            continue
+        try:
+            s.fetch_car(gw, s.root)
+            return
+        except BadGateway as e:
+            last[gw] = e
+            s.result.dropped[gw] = str(e)
+            log.warning("dropping gateway %s for this fetch: %s", gw, e)
+        except GatewayError as e:
+            last[gw] = e
+            s.result.errors.append(str(e))
+            if e.status in CAR_REFUSED or s.result.blocks_fetched:
+                return  # a block-only gateway, or a partial CAR: the rounds take it from here
+        except (CidbootError, OSError, http.client.HTTPException) as e:
+            last[gw] = GatewayError(f"{type(e).__name__}: {e}", gateway=gw)
+            s.result.errors.append(str(last[gw]))
+
+
 def _fetch_subtree(s: _Session, gw: str, sub: CID) -> list[CID]:
     """`sub`'s subtree from `gw` as a CAR; from a gateway that does not do CARs (its status says
     so), the block alone: then its links are returned for the caller to fetch one by one.
@@ -406,9 +471,9 @@ def _fetch_subtree(s: _Session, gw: str, sub: CID) -> list[CID]:
             s.fetch_car(gw, sub)
             return []
         except GatewayError as e:
-            if _intact(s.store, sub) is not None or e.status not in CAR_REFUSED:
+            if s.intact(sub) or e.status not in CAR_REFUSED:
                 raise
-        return dag.links(sub, s.fetch_raw(gw, sub))  # a block-only gateway: one block at a time
+        return s.fetch_raw(gw, sub)  # a block-only gateway: one block at a time
     except (GatewayError, BadGateway):
         raise
     except (CidbootError, OSError, http.client.HTTPException) as e:
@@ -437,7 +502,7 @@ class BlockUnavailable(AllGatewaysFailed):
                          + "; ".join(self.reasons or ["no gateways"]), causes)
 
 
-def fetch_block(cid: CID, gateways: list[str] | tuple[str, ...], store: Blockstore, *, timeout: float = 10.0,
+def fetch_block(cid: CID, gateways: list[str] | tuple[str, ...], store: AnyStore, *, timeout: float = 10.0,
                 max_size: int = 1 << 22, rounds: int = 3, backoff: float = 0.5, user_agent: str = "cidboot") -> bytes:
     """One block by CID (`?format=raw`), gateways in order; only bytes that hash to `cid` are
     kept (in `store`). For the small blocks a boot stage reads alone before anything else (the
