@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from agent.attestation_api import AgentServer, serve_api
-from agent.peers import PeerClient, PeerRefused, PeerService, mount_peers
+from agent.peers import Block, PeerClient, PeerRefused, PeerService, mount_peers
 from agent.verifier import Verifier, serve_verifier
 from cidboot.store.blockstore import Blockstore
 from cidboot.trust import keys
-from cidboot.trust.appraisal import AFFIRMING, CONTRAINDICATED, DeviceRoots, TpmDevice
+from cidboot.trust.appraisal import AFFIRMING, CONTRAINDICATED, AppraisalResult, DeviceRoots, TpmDevice
 from cidboot.trust.cose_key import key_id
 from cidboot.trust.ear import verify_ear
 from tests.support.soft_tpm import SoftTpmDevice, small_uki
@@ -105,7 +105,7 @@ def test_remote_verifier_sessions_accept_tpm_evidence(running: list[AgentServer]
 
 class _Receiver:
     def __init__(self, attester: object, verifier: Verifier) -> None:
-        self.got: list[object] = []
+        self.got: list[tuple[list[Block], AppraisalResult]] = []
         self.server = serve_api(attester, "127.0.0.1", 0)  # type: ignore[arg-type]
         self.service = PeerService(attester, verifier, lambda b, s: self.got.append((b, s)))  # type: ignore[arg-type]
         mount_peers(self.server, self.service)
@@ -128,7 +128,7 @@ def test_peers_mutual_attestation_with_tpm_agents(running: list[AgentServer], tp
                         {"aggregator": [r.server.url]})
     [res] = client.send("aggregator", BLOCKS)
     assert res.affirming and res.role == "aggregator"
-    [(blocks, who)] = r.got  # type: ignore[misc]
+    [(blocks, who)] = r.got
     assert blocks == BLOCKS and who.affirming and who.role == "sensor"
 
 

@@ -125,7 +125,7 @@ def test_one_flipped_byte_in_a_layer_event_is_refused(dev: SoftTpmDevice, field:
     evs = list(dev.boot_events)
     raw = bytearray(getattr(evs[2], field))
     raw[-1] ^= 0x01
-    evs[2] = dataclasses.replace(evs[2], **{field: bytes(raw)})
+    evs[2] = dataclasses.replace(evs[2], **{field: bytes(raw)})  # type: ignore[arg-type]
     out = run(dev, dev.evidence(nonce, events=evs), nonce)
     failed = "tpm.replay" if field == "digest" else "tpm.pcr15-manifest"
     assert out[failed][0] == CONTRAINDICATED, out
