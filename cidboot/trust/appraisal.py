@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,27 @@ from cidboot.trust.dice.derive import DiceMode, derive_id
 from cidboot.trust.eat import Evidence, parse_evidence
 from cidboot.trust.manifest.model import Manifest
 from cidboot.trust.measure import image_code_hash
+from cidboot.trust.tpm.appraise import (
+    AK_ENROLLED,
+    FAIL,
+    FIRMWARE,
+    NONCE_FRESH,
+    PASS,
+    PCR4,
+    PCR11,
+    PCR15,
+    QUOTE_SIGNATURE,
+    REPLAY,
+    WARN,
+    TpmEnrolment,
+    TpmReferences,
+    TpmState,
+    tpm_checks,
+)
+from cidboot.trust.tpm.evidence import TpmEvidence, qualifying_data
+from cidboot.trust.tpm.evidence import device_id as tpm_device_id
+from cidboot.trust.tpm.quote import parse_public
+from cidboot.trust.tpm.reference import bootstrap_events
 
 AFFIRMING, WARNING, CONTRAINDICATED, NONE = "affirming", "warning", "contraindicated", "none"
 _RANK = {AFFIRMING: 0, NONE: 1, WARNING: 2, CONTRAINDICATED: 3}
@@ -70,15 +92,58 @@ class AppraisalResult:
                 "role": self.role, "claimed_role": self.claimed_role, "measurements": self.measurements, "checks": [c.to_obj() for c in self.checks]}
 
 
+@dataclass(frozen=True)
+class TpmDevice:
+    """What enrolment recorded for a TPM-rooted device (docs/tpm.md, "Enrolment"): its AK's
+    TPM2B_PUBLIC (the name is computed from it, never taken on trust), the firmware PCR baseline
+    of a known-good boot (empty: not yet recorded, and then appraisal never affirms) and, for
+    the record, the EK certificate the AK was shown to belong to (DER; None if not kept)."""
+
+    ak_public: bytes
+    firmware_pcrs: Mapping[int, bytes] = field(default_factory=dict)
+    ek_cert: bytes | None = None
+
+    def __post_init__(self) -> None:
+        parse_public(self.ak_public)  # raises PublicKeyFormatError: not an attestation key
+        for i, v in self.firmware_pcrs.items():
+            if type(i) is not int or not 0 <= i < 24 or not isinstance(v, bytes) or len(v) != 32:
+                raise FormatError(f"TPM enrolment: firmware PCR {i!r} must be a PCR 0..23 with a 32-byte SHA-256 value")
+
+    @property
+    def ak_name(self) -> bytes:
+        return parse_public(self.ak_public).name
+
+    def enrolment(self) -> TpmEnrolment:
+        return TpmEnrolment(frozenset({self.ak_name}), dict(self.firmware_pcrs))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ak": self.ak_public.hex(), "ak_name": self.ak_name.hex(),
+                "firmware_pcrs": {str(i): v.hex() for i, v in sorted(self.firmware_pcrs.items())},
+                "ek_cert": self.ek_cert.hex() if self.ek_cert is not None else None}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TpmDevice:
+        if not isinstance(d, Mapping) or set(d) - {"ak", "ak_name", "firmware_pcrs", "ek_cert"}:
+            raise FormatError("tpm must be {ak, ak_name?, firmware_pcrs?, ek_cert?}")
+        dev = cls(bytes.fromhex(d["ak"]), {int(i): bytes.fromhex(v) for i, v in (d.get("firmware_pcrs") or {}).items()},
+                  bytes.fromhex(d["ek_cert"]) if d.get("ek_cert") else None)
+        if "ak_name" in d and d["ak_name"] != dev.ak_name.hex():
+            raise FormatError(f"tpm: ak_name {d['ak_name']} is not the name of the AK given")
+        return dev
+
+
 @dataclass
 class DeviceRoots:
-    """Registered device root public keys (the "factory" list), by DICE ID of the root key, with
-    each device's name and role. The role is the authority on what a device is: evidence only
-    *claims* a role, and appraisal compares the claim with this (issue 11 #7)."""
+    """Registered devices (the "factory" list) with each device's name and role. A DICE device
+    is registered by its root public key (`keys`, by DICE ID of that key); a TPM device by its
+    enrolment (`tpm`, by `tpm.evidence.device_id` of its AK name). The role is the authority on
+    what a device is: evidence only *claims* a role, and appraisal compares the claim with this
+    (issue 11 #7)."""
 
     keys: dict[str, PublicKey] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)
     roles: dict[str, str | None] = field(default_factory=dict)
+    tpm: dict[str, TpmDevice] = field(default_factory=dict)
 
     def add(self, key: PublicKey, name: str = "", role: str | None = None) -> str:
         did = derive_id(raw_public_bytes(key)).hex()
@@ -86,6 +151,17 @@ class DeviceRoots:
         self.names[did] = name
         self.roles[did] = role or None
         return did
+
+    def add_tpm(self, device: TpmDevice, name: str = "", role: str | None = None) -> str:
+        """Enrol a TPM device; returns its id (`tpm.evidence.device_id` of the AK name)."""
+        did = tpm_device_id(device.ak_name)
+        self.tpm[did] = device
+        self.names[did] = name
+        self.roles[did] = role or None
+        return did
+
+    def __contains__(self, did: object) -> bool:
+        return did in self.keys or did in self.tpm
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> DeviceRoots:
@@ -96,14 +172,21 @@ class DeviceRoots:
                 role = d.get("role")
                 if role is not None and not isinstance(role, str):
                     raise TypeError(f"device {d.get('id')}: role must be text or null")
-                out.add(decode_public_key(bytes.fromhex(d["key"])), d.get("name", ""), role)
+                if ("key" in d) == ("tpm" in d):
+                    raise ValueError(f"device {d.get('id')}: give either key (DICE) or tpm (TPM enrolment)")
+                if "tpm" in d:
+                    out.add_tpm(TpmDevice.from_json(d["tpm"]), d.get("name", ""), role)
+                else:
+                    out.add(decode_public_key(bytes.fromhex(d["key"])), d.get("name", ""), role)
             return out
-        except (OSError, ValueError, KeyError, TypeError, FormatError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, FormatError) as e:
             raise FormatError(f"{path}: not a device roots file: {e}") from None
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        devices = [{"id": did, "name": self.names.get(did, ""), "role": self.roles.get(did),
-                    "key": encode_public_key_bytes(k).hex()} for did, k in sorted(self.keys.items())]
+        devices: list[dict[str, Any]] = [{"id": did, "name": self.names.get(did, ""), "role": self.roles.get(did),
+                                          "key": encode_public_key_bytes(k).hex()} for did, k in sorted(self.keys.items())]
+        devices += [{"id": did, "name": self.names.get(did, ""), "role": self.roles.get(did), "tpm": t.to_json()}
+                    for did, t in sorted(self.tpm.items())]
         Path(path).write_text(json.dumps({"devices": devices}, indent=1) + "\n")
 
 
@@ -144,9 +227,12 @@ def unpinned_layers(manifest: Manifest) -> list[str]:
 
 
 def _check_measurements(res: AppraisalResult, ev: Evidence, chain: VerifiedChain, manifest: Manifest | None,
-                        manifest_cid: CID | None) -> None:
+                        manifest_cid: CID | None, layers: tuple[str, ...] = LAYER_ORDER) -> None:
+    """The chain's layers (`layers`: what each certificate measured, in order) against the
+    manifest's reference values. A DICE device's chain measures firmware, bootstrap and image; a
+    TPM device's chain starts at L1 and measures the image only (the TPM measured the rest)."""
     entries = chain.entries
-    by_layer = {name: entries[i] for i, name in enumerate(LAYER_ORDER) if i < len(entries)}
+    by_layer = {name: entries[i] for i, name in enumerate(layers) if i < len(entries)}
     res.measurements = {k: v.code_hash.hex() for k, v in by_layer.items()}
     for name, cert in by_layer.items():
         claimed = ev.measurements.get(name)
@@ -182,20 +268,24 @@ def _check_measurements(res: AppraisalResult, ev: Evidence, chain: VerifiedChain
 
 
 def appraise(evidence: bytes, *, expected_nonce: bytes, roots: DeviceRoots, manifest: Manifest | None = None,
-             manifest_cid: CID | None = None, allow_unmeasured: bool = False) -> AppraisalResult:
+             manifest_cid: CID | None = None, allow_unmeasured: bool = False,
+             tpm_references: TpmReferences | None = None) -> AppraisalResult:
+    """The one appraisal entry point: DICE-rooted or TPM-rooted evidence (the EAT says which),
+    the same checks-list result. `tpm_references`: PCR 4/11 reference values derived from the
+    bootstrap UKI (`TpmReferences.for_uki`); PCR 15's come from `manifest` automatically."""
     res = AppraisalResult()
     try:
         ev = parse_evidence(evidence)
     except FormatError as e:
         res.add("format", CONTRAINDICATED, str(e))
         return res
+    if ev.tpm is not None:
+        return _appraise_tpm(res, ev, ev.tpm, expected_nonce=expected_nonce, roots=roots, manifest=manifest,
+                             manifest_cid=manifest_cid, references=tpm_references)
     res.add("format", AFFIRMING, "well-formed EAT")
     res.claimed_role = ev.role
     res.manifest_cid = str(ev.manifest_cid) if ev.manifest_cid else None
-    if hmac.compare_digest(ev.nonce, expected_nonce):
-        res.add("nonce", AFFIRMING, "matches this challenge")
-    else:
-        res.add("nonce", CONTRAINDICATED, "nonce does not match the challenge: replayed or stale evidence")
+    _check_nonce(res, ev, expected_nonce)
     try:
         chain = verify_chain(ev.chain, allow_debug=True)
     except VerificationError as e:
@@ -210,6 +300,26 @@ def appraise(evidence: bytes, *, expected_nonce: bytes, roots: DeviceRoots, mani
     else:
         res.add("device", CONTRAINDICATED, f"unknown device: root {rid} is not registered")
     _check_role(res, ev.role, rid, roots, registered)
+    _check_signature_and_debug(res, ev, chain)
+    measured = ev.boot_mode == "measured" and len(chain.entries) >= len(LAYER_ORDER)
+    if measured:
+        res.add("measured-boot", AFFIRMING, "firmware, bootstrap and image were each measured")
+    else:
+        why = f"boot mode {ev.boot_mode}, {len(chain.entries)} measured layer(s)"
+        res.add("measured-boot", WARNING if allow_unmeasured else CONTRAINDICATED, f"unmeasured boot: {why}")
+    _check_measurements(res, ev, chain, manifest, manifest_cid)
+    _check_manifest(res, ev, manifest_cid)
+    return res
+
+
+def _check_nonce(res: AppraisalResult, ev: Evidence, expected_nonce: bytes) -> None:
+    if hmac.compare_digest(ev.nonce, expected_nonce):
+        res.add("nonce", AFFIRMING, "matches this challenge")
+    else:
+        res.add("nonce", CONTRAINDICATED, "nonce does not match the challenge: replayed or stale evidence")
+
+
+def _check_signature_and_debug(res: AppraisalResult, ev: Evidence, chain: VerifiedChain) -> None:
     try:
         cose.verify1_attached(ev.sign1, chain.leaf_public_key)
         res.add("signature", AFFIRMING, "signed by the DICE leaf key")
@@ -221,16 +331,85 @@ def appraise(evidence: bytes, *, expected_nonce: bytes, roots: DeviceRoots, mani
         res.add("debug-mode", CONTRAINDICATED, f"layer(s) {debug} booted in debug mode")
     else:
         res.add("debug-mode", AFFIRMING, "no layer in debug mode")
-    measured = ev.boot_mode == "measured" and len(chain.entries) >= len(LAYER_ORDER)
-    if measured:
-        res.add("measured-boot", AFFIRMING, "firmware, bootstrap and image were each measured")
-    else:
-        why = f"boot mode {ev.boot_mode}, {len(chain.entries)} measured layer(s)"
-        res.add("measured-boot", WARNING if allow_unmeasured else CONTRAINDICATED, f"unmeasured boot: {why}")
-    _check_measurements(res, ev, chain, manifest, manifest_cid)
+
+
+def _check_manifest(res: AppraisalResult, ev: Evidence, manifest_cid: CID | None) -> None:
     if manifest_cid is not None:
         if ev.manifest_cid is not None and ev.manifest_cid.multihash == manifest_cid.multihash:
             res.add("manifest", AFFIRMING, f"booted manifest {manifest_cid}")
         else:
             res.add("manifest", CONTRAINDICATED, f"booted manifest {ev.manifest_cid}, expected {manifest_cid}")
+
+
+# TPM appraisal steps (cidboot.trust.tpm.appraise) -> the checks-list names
+TPM_CHECKS = {AK_ENROLLED: "tpm.ak-enrolled", QUOTE_SIGNATURE: "tpm.quote-signature", NONCE_FRESH: "tpm.nonce-binding",
+              REPLAY: "tpm.replay", FIRMWARE: "tpm.firmware", PCR4: "tpm.pcr4-uki", PCR11: "tpm.pcr11-sections",
+              PCR15: "tpm.pcr15-manifest"}
+TPM_LAYERS = ("image",)  # a TPM device's DICE chain starts at L1: its one certificate measures the image
+_OUTCOME = {PASS: AFFIRMING, WARN: WARNING, FAIL: CONTRAINDICATED}
+
+
+def _appraise_tpm(res: AppraisalResult, ev: Evidence, tpm: TpmEvidence, *, expected_nonce: bytes, roots: DeviceRoots,
+                  manifest: Manifest | None, manifest_cid: CID | None,
+                  references: TpmReferences | None) -> AppraisalResult:
+    """TPM-rooted evidence: the quote (AK enrolled, signature, qualifying data = SHA-256(nonce ||
+    L1 key)), the UEFI log plus the bootstrap's events replayed to the quoted PCRs, the firmware
+    baseline, PCR 4/11 against the UKI, PCR 15 against the signed manifest; then the DICE chain
+    from L1 down to the alias key that signed the EAT, and the role from the registry."""
+    res.add("format", AFFIRMING, f"well-formed EAT, TPM-rooted: quote over PCRs {list(tpm.pcrs)}, "
+                                 f"{len(tpm.bootstrap_events)} bootstrap event(s)")
+    _check_nonce(res, ev, expected_nonce)
+    try:
+        chain = verify_chain(ev.chain, allow_debug=True)
+    except VerificationError as e:
+        res.add("dice-chain", CONTRAINDICATED, f"broken DICE chain from L1: {e}")
+        return res
+    res.add("dice-chain", AFFIRMING, f"{len(chain.entries)} certificate(s) verify to L1's key")
+    try:
+        ak_name = parse_public(tpm.ak_public).name
+    except FormatError as e:
+        res.add("tpm.ak-enrolled", CONTRAINDICATED, f"the AK is not a TPM attestation key: {e}")
+        return res
+    did = tpm_device_id(ak_name)
+    res.device_id = did
+    device = roots.tpm.get(did)
+    if device is not None:
+        res.add("device", AFFIRMING, f"enrolled TPM device {roots.names.get(did) or did}")
+    else:
+        res.add("device", CONTRAINDICATED, f"unknown device: AK {ak_name.hex()[:20]}... (device {did}) is not enrolled")
+    _check_role(res, ev.role, did, roots, device is not None)
+    enrolment = device.enrolment() if device is not None else TpmEnrolment(frozenset())
+    refs = references or TpmReferences(())
+    if manifest is not None and manifest_cid is not None:
+        refs = TpmReferences(refs.applications, refs.stub_events, bootstrap_events(manifest_cid, manifest))
+    try:
+        binding = qualifying_data(expected_nonce, chain.root_public_key)
+        log_events = tpm.log_events()
+    except FormatError as e:
+        res.add("tpm.nonce-binding", CONTRAINDICATED, str(e))
+        return res
+    quoted: tuple[int, ...] = ()
+    for c in tpm_checks(attest=tpm.quote, signature=tpm.signature, ak_public=tpm.ak_public, event_log=tpm.uefi_log,
+                        nonce=binding, enrolment=enrolment, references=refs, extra_events=log_events,
+                        uki_known=references is not None, state=(st := TpmState())):
+        reason = c.reason
+        if c.name == NONCE_FRESH and c.outcome == PASS:
+            reason = "the quote's qualifying data is SHA-256(this challenge || L1's key): fresh, and about this chain"
+        if c.name == REPLAY and c.outcome == PASS and st.quote is not None:
+            quoted = tuple(sorted({i for _, idx in st.quote.selection for i in idx}))
+            if quoted != tpm.pcrs:
+                res.add("tpm.replay", CONTRAINDICATED, f"the evidence says PCRs {list(tpm.pcrs)} were quoted, "
+                                                       f"the quote selects {list(quoted)}")
+                return res
+        res.add(TPM_CHECKS[c.name], _OUTCOME[c.outcome], reason)
+    if manifest is None or manifest_cid is None:
+        res.add("tpm.pcr15-manifest", WARNING, "no manifest given: the bootstrap's events are not compared")
+    _check_signature_and_debug(res, ev, chain)
+    if chain.entries:
+        res.add("measured-boot", AFFIRMING, "firmware, UKI and bootstrap measured into the TPM; the image by L1")
+    else:
+        res.add("measured-boot", CONTRAINDICATED, "L1 issued no certificate: the image was not measured")
+    _check_measurements(res, ev, chain, manifest, manifest_cid, TPM_LAYERS)
+    _check_manifest(res, ev, manifest_cid)
     return res
+
