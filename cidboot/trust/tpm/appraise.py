@@ -78,6 +78,22 @@ class TpmReferences:
         return cls(uki_applications(uki), uki_pcr11_events(uki), boot)
 
 
+def own_boot_references(uefi_log: bytes) -> TpmReferences:
+    """PCR 4 and 11 references taken from this device's own firmware log: the applications UEFI
+    started and the stub's section events, as this device booted them.
+
+    For an agent appraising its peers when it has no UKI to derive references from: a fleet boots
+    one bootstrap UKI, and a device whose own UKI were not the good one would not hold its good
+    CDIs (they are bound to PCR 4 and 11), so its peers would refuse it anyway. What this accepts is
+    "the bootstrap I booted", as DICE agents without a manifest accept their own measurements
+    (agent.identity.references). A verifier that has the UKI uses TpmReferences.for_uki instead."""
+    log = eventlog.parse(uefi_log)
+    apps = [ev.sha256 for ev in log.events if ev.pcr == UKI_PCR and ev.event_type == EV_EFI_BOOT_SERVICES_APPLICATION]
+    stub = [ExpectedEvent(STUB_PCR, ev.event_type, ev.sha256, ev.data, f"PCR {STUB_PCR} event {ev.index}")
+            for ev in log.events if ev.pcr == STUB_PCR and ev.event_type != EV_NO_ACTION]
+    return TpmReferences(apps, stub)
+
+
 @dataclass(frozen=True)
 class TpmAppraisal:
     """What passed (`checks`) and what was not compared at all (`warnings`): evidence with a
