@@ -83,10 +83,12 @@ def own_boot_references(uefi_log: bytes) -> TpmReferences:
     started and the stub's section events, as this device booted them.
 
     For an agent appraising its peers when it has no UKI to derive references from: a fleet boots
-    one bootstrap UKI, and a device whose own UKI were not the good one would not hold its good
-    CDIs (they are bound to PCR 4 and 11), so its peers would refuse it anyway. What this accepts is
-    "the bootstrap I booted", as DICE agents without a manifest accept their own measurements
-    (agent.identity.references). A verifier that has the UKI uses TpmReferences.for_uki instead."""
+    one bootstrap UKI, so "the bootstrap I booted" is the reference, as DICE agents without a
+    manifest take their own measurements (agent.identity.references). It is only as good as the
+    appraising agent: if it booted the good UKI, a peer that booted another differs at PCR 4/11 and
+    is refused; if it did not, it is a compromised verifier (whose answers are worthless with any
+    references), and its own evidence is refused by every verifier that has the real UKI
+    (TpmReferences.for_uki, `agent attest --uki`), which is what such verifiers use instead."""
     log = eventlog.parse(uefi_log)
     apps = [ev.sha256 for ev in log.events if ev.pcr == UKI_PCR and ev.event_type == EV_EFI_BOOT_SERVICES_APPLICATION]
     stub = [ExpectedEvent(STUB_PCR, ev.event_type, ev.sha256, ev.data, f"PCR {STUB_PCR} event {ev.index}")
