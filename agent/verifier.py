@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 
 from agent.attestation_api import AgentServer, HttpError, Request, Response, Route
 from cidboot.ipld.cid import CID
-from cidboot.trust.appraisal import CONTRAINDICATED, AppraisalResult, DeviceRoots, appraise
+from cidboot.trust.appraisal import (
+    CONTRAINDICATED,
+    AppraisalResult,
+    DeviceRoots,
+    appraise,
+    with_bootstrap_events,
+)
 from cidboot.trust.manifest.model import Manifest
 from cidboot.trust.tpm.appraise import TpmReferences
 
@@ -147,6 +153,11 @@ class Verifier:
     allow_unmeasured: bool = False
     challenges: Challenges = field(default_factory=Challenges)
     tpm_references: TpmReferences | None = None
+
+    def __post_init__(self) -> None:
+        # the manifest's PCR 15 events, derived once rather than per appraisal
+        if self.tpm_references is not None:
+            self.tpm_references = with_bootstrap_events(self.tpm_references, self.manifest, self.manifest_cid)
 
     def appraise(self, evidence: bytes, nonce: bytes) -> AppraisalResult:
         return appraise(evidence, expected_nonce=nonce, roots=self.roots, manifest=self.manifest,

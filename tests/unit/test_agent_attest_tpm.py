@@ -143,3 +143,9 @@ def test_peers_refuse_a_tpm_agent_whose_baseline_differs(running: list[AgentServ
     with pytest.raises(PeerRefused, match="tpm.firmware"):
         client.send("aggregator", BLOCKS)
     assert r.got == []
+
+
+def test_serve_uki_is_a_verifier_option(tmp_path: Path) -> None:
+    from agent.cli import main
+
+    assert main(["serve", "--identity", str(tmp_path / "id"), "--uki", str(tmp_path / "uki.efi")]) == 2

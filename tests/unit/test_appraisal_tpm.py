@@ -10,6 +10,8 @@ import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cidboot.ipld.cid import CID, RAW
 from cidboot.trust.appraisal import AFFIRMING, CONTRAINDICATED, WARNING, DeviceRoots, TpmDevice, appraise
@@ -193,3 +195,43 @@ def test_extra_bootstrap_event_is_refused(dev: SoftTpmDevice) -> None:
     out = run(d, d.evidence(nonce), nonce)
     assert out["tpm.replay"][0] == AFFIRMING and out["tpm.pcr15-manifest"][0] == CONTRAINDICATED
     assert "unexpected extra event" in out["tpm.pcr15-manifest"][1]
+
+
+_DEV = SoftTpmDevice(SIGNED.cid, MANIFEST, SIGNERS)
+_NONCE = b"\x07" * 32
+_EAT = _DEV.evidence(_NONCE)
+_ROOTS = roots_for(_DEV)
+_REFS = _DEV.references()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, len(_EAT) - 1), st.integers(1, 255), st.integers(0, len(_EAT) - 1))
+def test_fuzz_mutated_tpm_evidence_is_never_affirming_and_never_raises(pos: int, xor: int, cut: int) -> None:
+    """Whatever the bytes, appraisal answers with a result (a verifier keeps serving), and a
+    change anywhere in the signed EAT is never affirming."""
+    data = bytearray(_EAT)
+    data[pos] ^= xor
+    for candidate in (bytes(data), _EAT[:cut]):
+        res = appraise(candidate, expected_nonce=_NONCE, roots=_ROOTS, manifest=MANIFEST, manifest_cid=SIGNED.cid,
+                       tpm_references=_REFS)
+        assert res.status != AFFIRMING
+
+
+def test_own_boot_references_accept_a_peer_of_the_same_uki_only() -> None:
+    """A device without the UKI appraises peers against what it booted itself."""
+    from cidboot.trust.tpm.appraise import own_boot_references
+    from tests.support.soft_tpm import small_uki
+
+    me = SoftTpmDevice(SIGNED.cid, MANIFEST, SIGNERS, uki=small_uki())
+    peer = SoftTpmDevice(SIGNED.cid, MANIFEST, SIGNERS, uki=small_uki())
+    other = SoftTpmDevice(SIGNED.cid, MANIFEST, SIGNERS, uki=small_uki(b"console=ttyS1"))
+    refs = own_boot_references(me.tpm.log())
+    assert list(refs.applications) == list(me.references().applications)
+    nonce = os.urandom(32)
+    roots = roots_for(peer, other)
+    good = appraise(peer.evidence(nonce), expected_nonce=nonce, roots=roots, manifest=MANIFEST,
+                    manifest_cid=SIGNED.cid, tpm_references=refs)
+    assert good.status == AFFIRMING, [c.to_obj() for c in good.checks if c.status != AFFIRMING]
+    bad = appraise(other.evidence(nonce), expected_nonce=nonce, roots=roots, manifest=MANIFEST,
+                   manifest_cid=SIGNED.cid, tpm_references=refs)
+    assert {c.name: c.status for c in bad.checks}["tpm.pcr4-uki"] == CONTRAINDICATED
