@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from cidboot.stage.cpio import Entry, archive_bytes
-from cidboot.trust.tpm import eventlog, quote
+from cidboot.trust.tpm import commands, eventlog, quote
 from cidboot.trust.tpm.appraise import FIRMWARE_PCRS, TpmAppraisal, TpmEnrolment, TpmReferences, appraise_tpm
 from cidboot.trust.tpm.errors import (
     AkNotEnrolledError,
@@ -47,13 +47,7 @@ from cidboot.trust.tpm.pe import authenticode_digest
 from cidboot.trust.tpm.reference import uki_digest
 from imagebuilder import uki
 from qemu.harness.vm import Guest
-from tests.support.swtpm import (
-    Swtpm,
-    create_primary_ak_command,
-    parse_create_primary_response,
-    parse_quote_response,
-    quote_command,
-)
+from tests.support.swtpm import Swtpm
 
 pytestmark = [pytest.mark.qemu, pytest.mark.tpm]
 DEBS = Path.home() / ".cache/cidboot/debs"
@@ -106,10 +100,10 @@ def _factory_ak(base: Path) -> bytes:
     """Manufacture the device's swtpm and learn its AK name (what enrolment records)."""
     with Swtpm(base) as tpm:
         for _ in range(8):
-            resp = tpm.send(create_primary_ak_command())
+            resp = tpm.send(commands.create_primary_ak())
             if resp[6:10] != bytes.fromhex("00000922"):  # TPM_RC_RETRY
                 break
-        return quote.parse_public(parse_create_primary_response(resp)[1]).name
+        return quote.parse_public(commands.parse_create_primary(resp)[1]).name
 
 
 def _section(text: list[str], name: str) -> bytes:
@@ -135,10 +129,11 @@ class Boot:
 def _boot(tmp: Path, name: str, kernel: bytes, tpm_base: Path) -> Boot:
     """Power the device on with a probe UKI quoting over a fresh nonce; collect what it prints."""
     nonce = os.urandom(32)  # the verifier's challenge (a real device gets it over the network)
-    head, tail = quote_command(b"", nonce, QUOTED)
+    whole = commands.quote(0, nonce, QUOTED)  # the guest splices in the handle CreatePrimary returns
+    head, tail = whole[:10], whole[14:]
     busybox = shutil.which("busybox") or "/bin/busybox"
     initrd = archive_bytes([Entry.directory("bin"), Entry.file("bin/busybox", Path(busybox).read_bytes(), 0o755),
-                            Entry.file("init", INIT.encode(), 0o755), Entry.file("ak.cmd", create_primary_ak_command()),
+                            Entry.file("init", INIT.encode(), 0o755), Entry.file("ak.cmd", commands.create_primary_ak()),
                             Entry.file("quote.head", head), Entry.file("quote.tail", tail)])
     image = uki.build_uki(uki.stub_path("amd64").read_bytes(), kernel, initrd, CMDLINE, uki.os_release("tpm-probe", 1))
     tftp = tmp / f"tftp-{name}"
@@ -153,8 +148,8 @@ def _boot(tmp: Path, name: str, kernel: bytes, tpm_base: Path) -> Boot:
         text = [ln.text.strip() for ln in g.console.lines]
     raw = _section(text, "TPMLOG")
     (tmp / f"{name}-eventlog.bin").write_bytes(raw)  # for inspection: tpm2_eventlog NAME-eventlog.bin
-    attest, signature = parse_quote_response(_section(text, "QUOTE"))
-    return Boot(image, initrd, nonce, raw, parse_create_primary_response(_section(text, "AK"))[1], attest, signature,
+    attest, signature = commands.parse_quote(_section(text, "QUOTE"))
+    return Boot(image, initrd, nonce, raw, commands.parse_create_primary(_section(text, "AK"))[1], attest, signature,
                 {int(t.split()[1]): bytes.fromhex(t.split()[2]) for t in text if t.startswith("PCR ")}, done.t)
 
 

@@ -1,0 +1,75 @@
+"""The guest's TPM access (cidboot.trust.tpm.device: raw TPM 2.0 commands, stdlib only) against a
+real TPM: swtpm over its TCP data channel, the same bytes the bootstrap writes to /dev/tpmrm0.
+
+- PCR extend + read agree with an independent computation;
+- the TPM-bound CDI: the same PCRs give the same CDI (across a TPM restart: derived from the
+  owner seed, nothing stored); a changed PCR gives another; and the key of the *good* policy
+  cannot be used once a PCR differs (TPM_RC_POLICY_FAIL), which is what keeps a changed bootstrap
+  from deriving the good CDI even though the key's template is public;
+- enrolment makes the primary AK persistent at AK_HANDLE; a quote by it over
+  SHA-256(nonce || L1 key) verifies with our verifier, and covers the extended PCR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from cidboot.trust.tpm import commands as c
+from cidboot.trust.tpm import quote
+from cidboot.trust.tpm.commands import TpmResponseError
+from cidboot.trust.tpm.device import SocketTransport, Tpm
+from tests.support.swtpm import Swtpm
+
+pytestmark = [pytest.mark.tpm]
+CDI_PCRS = (4, 11, 15)
+
+
+def _tpm(sw: Swtpm) -> Tpm:
+    return Tpm(SocketTransport("127.0.0.1", sw.port))
+
+
+def test_extend_cdi_and_quote_on_a_real_tpm(tmp_path: Path) -> None:
+    with Swtpm(tmp_path / "tpm") as sw, _tpm(sw) as tpm:
+        assert tpm.pcr_values([15]) == {15: bytes(32)}
+        tpm.extend(4, b"a bootstrap UKI")
+        want4 = hashlib.sha256(bytes(32) + hashlib.sha256(b"a bootstrap UKI").digest()).digest()
+        assert tpm.pcr_values(range(24))[4] == want4
+
+        good = tpm.cdi(b"cidboot CDI_Attest", CDI_PCRS)
+        assert len(good) == 32 and good == tpm.cdi(b"cidboot CDI_Attest", CDI_PCRS)
+        assert tpm.cdi(b"cidboot CDI_Seal", CDI_PCRS) != good
+        good_policy = c.policy_pcr_digest(tpm.pcr_values(CDI_PCRS))
+
+        public = tpm.persist_ak()
+        assert tpm.persist_ak() == public  # idempotent
+        tpm.extend(15, b"cidboot manifest bafy...")
+        l1 = os.urandom(32)
+        nonce = os.urandom(32)
+        qualifying = hashlib.sha256(nonce + l1).digest()
+        attest, sig, ak_public = tpm.quote(qualifying, [4, 15])
+        assert ak_public == public
+        ak = quote.parse_public(ak_public)
+        q = quote.verify_quote(attest, sig, ak, nonce=qualifying, enrolled=frozenset({ak.name}))
+        pcrs = tpm.pcr_values([4, 15])
+        assert q.pcr_digest == quote.pcr_digest(q.selection, pcrs)
+
+        # PCR 15 moved on: another CDI, and the good key can no longer be used
+        assert tpm.cdi(b"cidboot CDI_Attest", CDI_PCRS) != good
+        key, _ = c.parse_create_primary(tpm.run(c.create_primary(c.RH_OWNER, c.cdi_key_template(good_policy)), "cp"))
+        session = c.parse_start_session(tpm.run(c.start_policy_session(os.urandom(16)), "sas"))
+        c.ok(tpm.run(c.policy_pcr(session, CDI_PCRS), "PolicyPCR"), "PolicyPCR")
+        with pytest.raises(TpmResponseError) as e:
+            c.parse_hmac(tpm.run(c.hmac(key, session, b"cidboot CDI_Attest"), "TPM2_HMAC"))
+        assert e.value.rc is not None and e.value.rc & 0xFFF in (0x99D, 0x09D)  # TPM_RC_POLICY_FAIL (session 1)
+        tpm.flush(session)
+        tpm.flush(key)
+
+    # a power cycle: PCRs reset, the seed-derived key and the persistent AK are still there
+    with Swtpm(tmp_path / "tpm") as sw, _tpm(sw) as tpm:
+        tpm.extend(4, b"a bootstrap UKI")
+        assert tpm.cdi(b"cidboot CDI_Attest", CDI_PCRS) == good
+        assert tpm.read_public(c.AK_HANDLE) == public
