@@ -73,3 +73,66 @@ def test_extend_cdi_and_quote_on_a_real_tpm(tmp_path: Path) -> None:
         tpm.extend(4, b"a bootstrap UKI")
         assert tpm.cdi(b"cidboot CDI_Attest", CDI_PCRS) == good
         assert tpm.read_public(c.AK_HANDLE) == public
+
+
+def test_bootstrap_tpm_boot_derives_cdi1_from_the_tpm_and_extends_pcr15(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bootstrap.stage.tpm on a real TPM: CDI_1 is the TPM's (same UKI, same CDI_1 after a power
+    cycle; another UKI in PCR 4: another), PCR 15 ends as the replay of exactly the events the
+    verifier derives from the signed manifest, and a second start on a used PCR 15 is refused."""
+    import time
+
+    from bootstrap.stage import tpm as stage_tpm
+    from cidboot.ipld.cid import CID, RAW
+    from cidboot.stage.console import StageRefused
+    from cidboot.trust import keys
+    from cidboot.trust.dice import decode_handover
+    from cidboot.trust.manifest import Layer, Manifest, RootOfTrust
+    from cidboot.trust.tpm.reference import bootstrap_events
+
+    log = tmp_path / "binary_bios_measurements"
+    log.write_bytes((Path(__file__).parents[1] / "vectors/tpm/ovmf-eventlog.bin").read_bytes())
+    k = keys.generate()
+    manifest = Manifest("hello", 1, int(time.time()) + 3600,
+                        tuple(Layer(CID.of(bytes([i]) * 9, RAW), 9, "other") for i in range(2)),
+                        RootOfTrust.from_public_keys([k.public_key()], 1))
+    mcid = CID.of(b"manifest envelope", RAW)
+
+    def boot(uki: bytes) -> tuple[bytes, dict[str, object], Tpm]:
+        sw = Swtpm(tmp_path / "tpm").start()
+        try:
+            tpm = _tpm(sw)
+            monkeypatch.setattr(stage_tpm, "_open", lambda paths: _Borrowed(tpm))
+            tpm.extend(4, uki)  # what UEFI would have measured
+            dice, root = stage_tpm.start(log_path=str(log))
+            boot = stage_tpm.measure(root, mcid, manifest)
+            with pytest.raises(StageRefused, match="already extended"):
+                stage_tpm.measure(root, mcid, manifest)
+            with pytest.raises(StageRefused, match="PCR 15 is"):  # a later stage cannot start over
+                stage_tpm.start(log_path=str(log))
+            want = bytes(32)
+            for e in bootstrap_events(mcid, manifest):
+                want = hashlib.sha256(want + e.digest).digest()
+            assert tpm.pcr_values([15])[15] == want
+            return decode_handover(bytes(dice)).cdi_attest, boot, tpm
+        finally:
+            sw.stop()
+
+    a1, handed, _ = boot(b"good UKI")
+    assert [e["kind"] for e in handed["events"]] == ["manifest", "layer", "layer"]  # type: ignore[index]
+    assert handed["events"][0]["sha256"] == bootstrap_events(mcid, manifest)[0].digest.hex()  # type: ignore[index]
+    a2, _, _ = boot(b"good UKI")
+    a3, _, _ = boot(b"good UKI with one byte changed")
+    assert a1 == a2 and a1 != a3
+
+
+class _Borrowed:
+    """A Tpm the test keeps open across the stage's `with` blocks."""
+
+    def __init__(self, tpm: Tpm) -> None:
+        self.tpm = tpm
+
+    def __enter__(self) -> Tpm:
+        return self.tpm
+
+    def __exit__(self, *exc: object) -> None:
+        pass
