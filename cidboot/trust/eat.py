@@ -3,6 +3,12 @@
 Claims: `eat_nonce` (10, 8 to 64 bytes, binds the evidence to one challenge), `ueid` (256),
 `iat` (6), and cidboot's private claims: per-layer measurements, the manifest CID, the DICE
 chain and whether the boot was measured (an ordinary PXE ROM boot is not).
+
+Two roots of trust, one format. A DICE device's chain starts at its UDS-derived root key
+(boot mode "measured"). A TPM device (boot mode "tpm-measured") also carries the TPM claim
+(-75005, cidboot.trust.tpm.evidence: quote, AK, UEFI log, the bootstrap's PCR 15 events) and its
+DICE chain starts at L1's key, which the quote binds (`qualifying_data`). The claim is present
+exactly when the boot mode is "tpm-measured".
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ from cidboot.errors import FormatError
 from cidboot.ipld.cid import CID
 from cidboot.trust import cose
 from cidboot.trust.cose import CoseFormatError, PrivateKey
+from cidboot.trust.tpm.evidence import TpmEvidence
 
 EAT_NONCE, UEID, IAT = 10, 256, 6
 MEASUREMENTS, MANIFEST_CID, DICE_CHAIN, BOOT_MODE, ROLE = -75000, -75001, -75002, -75003, -75004
+TPM_EVIDENCE = -75005
 NONCE_MIN, NONCE_MAX = 8, 64
-BOOT_MODES = ("measured", "unmeasured")
+TPM_MEASURED = "tpm-measured"
+BOOT_MODES = ("measured", "unmeasured", TPM_MEASURED)
 UEID_RAND = 0x01
 
 
@@ -54,14 +63,19 @@ class Evidence:
     boot_mode: str
     role: str | None
     sign1: cose.Sign1
+    tpm: TpmEvidence | None = None  # present exactly when boot_mode is "tpm-measured"
 
 
 def build_evidence(*, nonce: bytes, leaf_key: PrivateKey, chain: bytes, ueid: bytes, measurements: Mapping[str, bytes],
                    manifest_cid: CID | None, boot_mode: str = "measured", role: str | None = None,
-                   iat: int | None = None) -> bytes:
+                   iat: int | None = None, tpm: TpmEvidence | None = None) -> bytes:
+    """The signed EAT. For a TPM device give `tpm` (and boot_mode "tpm-measured") and a `chain`
+    whose root is L1's key, the key the quote's qualifying data binds."""
     check_nonce(nonce)
     if boot_mode not in BOOT_MODES:
         raise EvidenceFormatError(f"boot mode must be one of {BOOT_MODES}")
+    if (tpm is not None) != (boot_mode == TPM_MEASURED):
+        raise EvidenceFormatError(f"TPM evidence goes with boot mode {TPM_MEASURED!r}, and only with it")
     claims: dict[int, Any] = {
         EAT_NONCE: nonce, UEID: ueid, IAT: int(time.time()) if iat is None else iat,
         MEASUREMENTS: dict(measurements), DICE_CHAIN: cose.cbor_loads_exact(chain, "DICE chain"), BOOT_MODE: boot_mode,
@@ -70,6 +84,8 @@ def build_evidence(*, nonce: bytes, leaf_key: PrivateKey, chain: bytes, ueid: by
         claims[MANIFEST_CID] = str(manifest_cid)
     if role is not None:
         claims[ROLE] = role
+    if tpm is not None:
+        claims[TPM_EVIDENCE] = tpm.to_obj()
     return cose.sign1(cbor2.dumps(claims), leaf_key)
 
 
@@ -113,4 +129,12 @@ def parse_evidence(data: bytes) -> Evidence:
     role = c.get(ROLE)
     if role is not None and not isinstance(role, str):
         raise EvidenceFormatError("evidence: role must be text")
-    return Evidence(nonce, ueid, iat, dict(meas), mcid, cbor2.dumps(list(chain)), str(mode), role, s1)
+    tpm = None
+    if (TPM_EVIDENCE in c) != (mode == TPM_MEASURED):
+        raise EvidenceFormatError(f"evidence: the TPM claim must be present exactly when the boot mode is {TPM_MEASURED!r}")
+    if TPM_EVIDENCE in c:
+        try:
+            tpm = TpmEvidence.from_obj(c[TPM_EVIDENCE])
+        except FormatError as e:
+            raise EvidenceFormatError(f"evidence: {e}") from None
+    return Evidence(nonce, ueid, iat, dict(meas), mcid, cbor2.dumps(list(chain)), str(mode), role, s1, tpm)

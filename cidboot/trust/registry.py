@@ -4,7 +4,10 @@
 gets its registry by CID (boot config `device_registry`), so the registry must carry its own
 authority. It is one DAG-CBOR block, like the signed manifest:
 
-    {"registry": {"devices": [{"id": hex, "name": str, "key": COSE_Key bytes, "role"?: str}, ...],
+    {"registry": {"devices": [{"id": hex, "name": str, "key": COSE_Key bytes, "role"?: str}   (DICE)
+                            | {"id": hex, "name": str, "tpm": {"ak": TPM2B_PUBLIC bytes,    (TPM)
+                                 "firmware": {"<pcr>": SHA-256 bytes, ...}, "ek_cert"?: DER bytes},
+                               "role"?: str}, ...],
                   "manifests"?: {role: manifest name}, "version"?: int},
      "signatures": COSE_Sign with detached payload = canonical encoding of "registry"}
 
@@ -20,6 +23,10 @@ one it already accepted (a replayed registry could otherwise hand a device an ol
 A device's role is the registry's to say, not the device's: appraisal compares the role claimed
 in evidence with it (`DeviceRoots.roles`, fail-closed #7). An entry without "role" (older
 registries) has no role, so a device claiming one is not affirmed.
+
+A TPM device (docs/tpm.md) has no root key: its entry holds its enrolment instead (the AK,
+the firmware PCR baseline, the EK certificate), and its id is `tpm.evidence.device_id` of the
+AK's name. Registries without TPM devices keep their bytes.
 """
 
 from __future__ import annotations
@@ -32,12 +39,13 @@ from cidboot.errors import FormatError, VerificationError
 from cidboot.ipld import dagcbor
 from cidboot.ipld.cid import CID, DAG_CBOR
 from cidboot.trust import cose
-from cidboot.trust.appraisal import DeviceRoots
+from cidboot.trust.appraisal import DeviceRoots, TpmDevice
 from cidboot.trust.cose import PrivateKey
 from cidboot.trust.cose_key import decode_public_key, encode_public_key_bytes, key_id, raw_public_bytes
 from cidboot.trust.dice.derive import derive_id
 from cidboot.trust.manifest.model import MAX_VERSION, RootOfTrust
 from cidboot.trust.manifest.verify import verify_threshold
+from cidboot.trust.tpm.evidence import device_id as tpm_device_id
 
 MAX_REGISTRY = 1024 * 1024  # bytes; a registry of ~10k devices, refused unread beyond that
 
@@ -73,7 +81,7 @@ class Registry:
         chain) is looked up by id and its registered role must equal the boot config's `role`,
         which is not signed; an unmeasured one has no identity, so only `role` is looked up."""
         if device_id is not None:
-            if device_id not in self.roots.keys:
+            if device_id not in self.roots:
                 raise RegistryRoleError(f"device {device_id} is not in the device registry")
             registered = self.roles.get(device_id)
             if registered is None:
@@ -93,8 +101,14 @@ def registry_obj(roots: DeviceRoots, manifests: Mapping[str, str] | None = None,
     Optional parts (a device's role, manifests, version) are left out when unset, so registries
     signed before they existed keep their bytes."""
     devices = []
-    for did, k in sorted(roots.keys.items()):
-        d: dict[str, Any] = {"id": did, "name": roots.names.get(did, ""), "key": encode_public_key_bytes(k)}
+    entries: dict[str, dict[str, Any]] = {did: {"key": encode_public_key_bytes(k)} for did, k in roots.keys.items()}
+    for did, t in roots.tpm.items():
+        tpm: dict[str, Any] = {"ak": t.ak_public, "firmware": {str(i): v for i, v in sorted(t.firmware_pcrs.items())}}
+        if t.ek_cert is not None:
+            tpm["ek_cert"] = t.ek_cert
+        entries[did] = {"tpm": tpm}
+    for did, e in sorted(entries.items()):
+        d: dict[str, Any] = {"id": did, "name": roots.names.get(did, ""), **e}
         if roots.roles.get(did):
             d["role"] = roots.roles[did]
         devices.append(d)
@@ -142,12 +156,23 @@ def _parse(obj: Any) -> Registry:
     out = DeviceRoots()
     for i, d in enumerate(obj["devices"]):
         where = f"device registry entry {i}"
+        if isinstance(d, dict) and "tpm" in d and "key" not in d:
+            if set(d) - {"id", "name", "tpm", "role"} or not {"id", "name"} <= set(d):
+                raise RegistryFormatError(f"{where}: must be {{id, name, tpm, role?}}")
+            _check_entry(d, where)
+            tdev = _parse_tpm(d["tpm"], where)
+            did = tpm_device_id(tdev.ak_name)
+            if d["id"] != did:
+                raise RegistryFormatError(f"{where}: id {d['id']} is not the device id {did} of its AK")
+            if did in out:
+                raise RegistryFormatError(f"{where}: device {did} listed twice")
+            out.add_tpm(tdev, d["name"], d.get("role"))
+            continue
         if not isinstance(d, dict) or not {"id", "name", "key"} <= set(d) or set(d) - {"id", "name", "key", "role"}:
-            raise RegistryFormatError(f"{where}: must be {{id, name, key, role?}}")
-        if not isinstance(d["id"], str) or not isinstance(d["name"], str) or not isinstance(d["key"], bytes):
-            raise RegistryFormatError(f"{where}: id and name must be text, key an encoded COSE_Key")
-        if "role" in d and (not isinstance(d["role"], str) or not d["role"]):
-            raise RegistryFormatError(f"{where}: role must be non-empty text")
+            raise RegistryFormatError(f"{where}: must be {{id, name, key, role?}} or {{id, name, tpm, role?}}")
+        if not isinstance(d["key"], bytes):
+            raise RegistryFormatError(f"{where}: key must be an encoded COSE_Key")
+        _check_entry(d, where)
         try:
             key = decode_public_key(d["key"])
         except FormatError as e:
@@ -155,10 +180,34 @@ def _parse(obj: Any) -> Registry:
         did = derive_id(raw_public_bytes(key)).hex()
         if d["id"] != did:
             raise RegistryFormatError(f"{where}: id {d['id']} is not the DICE ID {did} of its key")
-        if did in out.keys:
+        if did in out:
             raise RegistryFormatError(f"{where}: device {did} listed twice")
         out.add(key, d["name"], d.get("role"))
     return Registry(out, dict(obj.get("manifests", {})), int(obj.get("version", 0)))
+
+
+def _check_entry(d: dict[str, Any], where: str) -> None:
+    if not isinstance(d["id"], str) or not isinstance(d["name"], str):
+        raise RegistryFormatError(f"{where}: id and name must be text")
+    if "role" in d and (not isinstance(d["role"], str) or not d["role"]):
+        raise RegistryFormatError(f"{where}: role must be non-empty text")
+
+
+def _parse_tpm(t: Any, where: str) -> TpmDevice:
+    if not isinstance(t, dict) or not {"ak", "firmware"} <= set(t) or set(t) - {"ak", "firmware", "ek_cert"}:
+        raise RegistryFormatError(f"{where}: tpm must be {{ak, firmware, ek_cert?}}")
+    fw = t["firmware"]
+    if not isinstance(t["ak"], bytes) or not isinstance(fw, dict) or ("ek_cert" in t and not isinstance(t["ek_cert"], bytes)):
+        raise RegistryFormatError(f"{where}: tpm ak and ek_cert must be bytes, firmware a map")
+    pcrs: dict[int, bytes] = {}
+    for k, v in fw.items():
+        if not isinstance(k, str) or not k.isdigit() or str(int(k)) != k or not isinstance(v, bytes):
+            raise RegistryFormatError(f"{where}: tpm firmware must map PCR numbers (text) to digests")
+        pcrs[int(k)] = v
+    try:
+        return TpmDevice(t["ak"], pcrs, t.get("ek_cert"))
+    except FormatError as e:
+        raise RegistryFormatError(f"{where}: tpm: {e}") from None
 
 
 def verify_registry(block: bytes, root: RootOfTrust) -> DeviceRoots:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +33,7 @@ from cidboot.trust.tpm.errors import (
 )
 from cidboot.trust.tpm.eventlog import EV_EFI_BOOT_SERVICES_APPLICATION
 from cidboot.trust.tpm.reference import BOOTSTRAP_PCR, ExpectedEvent, bootstrap_event_data
+from tests.support.soft_tpm import SoftTpm, _tpm2b, attest_bytes, public_area, sign
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "tpm"
 NONCE = b"\x22" * 32
@@ -56,60 +56,6 @@ def test_swtpm_quote_vectors_verify(kind: str) -> None:
         quote.check_pcrs(q, {**_pcrs_of_vectors(), 16: bytes(32)}, [16])
     with pytest.raises(PcrSelectionError):
         quote.check_pcrs(q, _pcrs_of_vectors(), [0, 4, 7])
-
-
-# -- a software TPM: the structures a TPM emits, signed with cryptography keys -----------------------
-def _tpm2b(b: bytes) -> bytes:
-    return struct.pack(">H", len(b)) + b
-
-
-def public_area(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, scheme: int, attrs: int = quote.AK_ATTRS) -> bytes:
-    head = lambda typ: struct.pack(">HHI", typ, eventlog.ALG_SHA256, attrs) + _tpm2b(b"")  # noqa: E731
-    if isinstance(key, rsa.RSAPrivateKey):
-        n = key.public_key().public_numbers().n.to_bytes(key.key_size // 8, "big")
-        return head(quote.TPM_ALG_RSA) + struct.pack(">HHHHI", quote.TPM_ALG_NULL, scheme, eventlog.ALG_SHA256,
-                                                     key.key_size, 0) + _tpm2b(n)
-    nums = key.public_key().public_numbers()
-    return head(quote.TPM_ALG_ECC) + struct.pack(">HHHHH", quote.TPM_ALG_NULL, quote.TPM_ALG_ECDSA,
-                                                 eventlog.ALG_SHA256, quote.TPM_ECC_NIST_P256, quote.TPM_ALG_NULL) \
-        + _tpm2b(nums.x.to_bytes(32, "big")) + _tpm2b(nums.y.to_bytes(32, "big"))
-
-
-def attest_bytes(nonce: bytes, pcrs: dict[int, bytes], select: list[int], *, typ: int = quote.TPM_ST_ATTEST_QUOTE,
-                 alg: int = eventlog.ALG_SHA256) -> bytes:
-    bits = bytearray(3)
-    for i in select:
-        bits[i // 8] |= 1 << (i % 8)
-    digest = hashlib.sha256(b"".join(pcrs[i] for i in sorted(select))).digest()
-    return (struct.pack(">IH", quote.TPM_GENERATED_VALUE, typ) + _tpm2b(b"\x00\x0b" + bytes(32)) + _tpm2b(nonce)
-            + struct.pack(">QIIBQ", 1000, 1, 0, 1, 0x2000) + struct.pack(">IHB", 1, alg, 3) + bytes(bits)
-            + _tpm2b(digest))
-
-
-def sign(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, scheme: int, msg: bytes) -> bytes:
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        r, s = decode_dss_signature(key.sign(msg, ec.ECDSA(hashes.SHA256())))
-        return struct.pack(">HH", scheme, eventlog.ALG_SHA256) + _tpm2b(r.to_bytes(32, "big")) + _tpm2b(s.to_bytes(32, "big"))
-    pad = padding.PKCS1v15() if scheme == quote.TPM_ALG_RSASSA else padding.PSS(padding.MGF1(hashes.SHA256()), 32)
-    return struct.pack(">HH", scheme, eventlog.ALG_SHA256) + _tpm2b(key.sign(msg, pad, hashes.SHA256()))
-
-
-class SoftTpm:
-    def __init__(self, kind: str = "rsapss") -> None:
-        self.scheme = {"rsapss": quote.TPM_ALG_RSAPSS, "rsassa": quote.TPM_ALG_RSASSA, "ecdsa": quote.TPM_ALG_ECDSA}[kind]
-        self.key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = (
-            ec.generate_private_key(ec.SECP256R1()) if kind == "ecdsa" else rsa.generate_private_key(65537, 2048))
-        self.public = _tpm2b(public_area(self.key, self.scheme))
-        self.name = quote.parse_public(self.public).name
-        self.events: list[tuple[int, int, bytes, bytes]] = []
-
-    def measure(self, pcr: int, etype: int, digest: bytes, data: bytes = b"") -> None:
-        self.events.append((pcr, etype, digest, data))
-
-    def quote(self, nonce: bytes, select: list[int]) -> tuple[bytes, bytes]:
-        pcrs = eventlog.parse(eventlog.build(self.events)).replay()
-        a = attest_bytes(nonce, pcrs, select)
-        return a, sign(self.key, self.scheme, a)
 
 
 @pytest.mark.parametrize("kind", ["rsapss", "rsassa", "ecdsa"])
