@@ -81,12 +81,15 @@ def test_bootstrap_tpm_boot_derives_cdi1_from_the_tpm_and_extends_pcr15(tmp_path
     verifier derives from the signed manifest, and a second start on a used PCR 15 is refused."""
     import time
 
+    from agent import tpm as agent_tpm
     from bootstrap.stage import tpm as stage_tpm
     from cidboot.ipld.cid import CID, RAW
     from cidboot.stage.console import StageRefused
     from cidboot.trust import keys
     from cidboot.trust.dice import decode_handover
     from cidboot.trust.manifest import Layer, Manifest, RootOfTrust
+    from cidboot.trust.tpm.errors import NonceMismatchError
+    from cidboot.trust.tpm.evidence import TpmEvidence, qualifying_data
     from cidboot.trust.tpm.reference import bootstrap_events
 
     log = tmp_path / "binary_bios_measurements"
@@ -102,6 +105,7 @@ def test_bootstrap_tpm_boot_derives_cdi1_from_the_tpm_and_extends_pcr15(tmp_path
         try:
             tpm = _tpm(sw)
             monkeypatch.setattr(stage_tpm, "_open", lambda paths: _Borrowed(tpm))
+            monkeypatch.setattr(agent_tpm, "_open", lambda paths: _Borrowed(tpm))
             tpm.extend(4, uki)  # what UEFI would have measured
             dice, root = stage_tpm.start(log_path=str(log))
             boot = stage_tpm.measure(root, mcid, manifest)
@@ -113,7 +117,21 @@ def test_bootstrap_tpm_boot_derives_cdi1_from_the_tpm_and_extends_pcr15(tmp_path
             for e in bootstrap_events(mcid, manifest):
                 want = hashlib.sha256(want + e.digest).digest()
             assert tpm.pcr_values([15])[15] == want
-            return decode_handover(bytes(dice)).cdi_attest, boot, tpm
+            # the agent (L2) quotes over the verifier's nonce bound to L1's key, with the events L1 handed on
+            h = decode_handover(bytes(dice))
+            quoter = agent_tpm.TpmQuoter.from_boot({"tpm": boot}, h.chain)
+            nonce = os.urandom(32)
+            ev = TpmEvidence.decode(quoter.evidence(nonce).encode())
+            ak = quote.parse_public(ev.ak_public)
+            q = quote.verify_quote(ev.quote, ev.signature, ak, nonce=qualifying_data(nonce, quoter.l1_public_key),
+                                   enrolled=frozenset({ak.name}))
+            assert q.pcr_digest == quote.pcr_digest(q.selection, tpm.pcr_values(ev.pcrs))
+            assert [e.digest for e in ev.bootstrap_events] == [e.digest for e in bootstrap_events(mcid, manifest)]
+            assert [e.data for e in ev.log_events()] == [e.data for e in bootstrap_events(mcid, manifest)]
+            with pytest.raises(NonceMismatchError):  # another nonce, or another L1 key, is another quote
+                quote.verify_quote(ev.quote, ev.signature, ak, nonce=qualifying_data(os.urandom(32), quoter.l1_public_key),
+                                   enrolled=frozenset({ak.name}))
+            return h.cdi_attest, boot, tpm
         finally:
             sw.stop()
 
