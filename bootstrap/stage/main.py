@@ -165,7 +165,8 @@ def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, st
     nvram = Nvram(nvram_path)
     try:
         plan = prepare(cfg, raw, dice, boot_mode=start.boot_mode, anchor=anchor, nvram=nvram,
-                       store=Blockstore(store_dir), now=now, carry_dice=carry)
+                       store=Blockstore(store_dir), now=now, carry_dice=carry,
+                       device_id=start.tpm.device_id if start.tpm is not None else None)
     finally:
         if dice is not None:
             wipe(dice)  # this copy of CDI_1; start.dice stays for a retry until main wipes it

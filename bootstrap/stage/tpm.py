@@ -52,6 +52,7 @@ class TpmRoot:
 
     uefi_log: bytes
     banks: tuple[int, ...]
+    device_id: str  # the registry id of this TPM (cidboot.trust.tpm.evidence.device_id of its AK's name)
     device_paths: tuple[str, ...] = device.DEVICES
     extended: bool = False  # PCR 15 holds this boot's events: never extend twice (a retry is refused)
 
@@ -87,6 +88,7 @@ def start(paths: tuple[str, ...] = device.DEVICES, log_path: str = device.EVENT_
                                           "extended it before the bootstrap, whose PCR it is")
             attest = bytearray(tpm.cdi(LABEL_ATTEST, CDI_PCRS))
             seal = bytearray(tpm.cdi(LABEL_SEAL, CDI_PCRS))
+            did = device_id(tpm)
     except (CidbootError, OSError) as e:
         if isinstance(e, StageRefused):
             raise
@@ -97,7 +99,21 @@ def start(paths: tuple[str, ...] = device.DEVICES, log_path: str = device.EVENT_
     finally:
         wipe(attest)
         wipe(seal)
-    return out, TpmRoot(log, banks, paths)
+    return out, TpmRoot(log, banks, did, paths)
+
+
+def device_id(tpm: device.Tpm) -> str:
+    """This device's id in the signed registry: that of its enrolled AK (the persistent one, else
+    the primary AK the same template gives), which is how the factory registered it."""
+    from cidboot.trust.tpm.commands import AK_HANDLE
+    from cidboot.trust.tpm.evidence import device_id as ak_device_id
+    from cidboot.trust.tpm.quote import parse_public
+
+    public = tpm.read_public(AK_HANDLE)
+    if public is None:
+        handle, public = tpm.create_primary_ak()
+        tpm.flush(handle)
+    return ak_device_id(parse_public(public).name)
 
 
 def event_lines(manifest_cid: CID, manifest: Manifest) -> list[tuple[str, CID, bytes]]:

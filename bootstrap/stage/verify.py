@@ -142,11 +142,12 @@ class AllowedName:
 
 
 def allowed_name(config: BootConfig, cid: CID, raw: bytes, state: TrustState, dice: bytes | None, *, boot_mode: str,
-                 store: Blockstore, timeout: float = 10.0) -> AllowedName | None:
+                 store: Blockstore, timeout: float = 10.0, device_id: str | None = None) -> AllowedName | None:
     """With `device_registry` in the boot config: fetch it, verify it under the root the manifest
     establishes (after any rotation it carries), and look this device up: by the DICE ID of its
     chain's root key on a measured boot (its registered role must equal the boot config's), by the
-    boot config's role on an unmeasured one (no identity to look up). None without a registry:
+    boot config's role on an unmeasured one (no identity to look up); `device_id` given (a TPM
+    boot: the id of its enrolled AK, bootstrap.stage.tpm) is used as is. None without a registry:
     the name pinned in NVRAM then applies (docs/trust.md, "What a device may boot")."""
     from cidboot.trust.registry import MAX_REGISTRY, RegistryRoleError, verify_signed_registry
 
@@ -166,7 +167,7 @@ def allowed_name(config: BootConfig, cid: CID, raw: bytes, state: TrustState, di
         raise Refused("registry", f"device registry {rcid}: {e.detail}") from None
     try:
         reg = verify_signed_registry(block, root)
-        device = _device_id(dice) if boot_mode == "measured" else None
+        device = device_id or (_device_id(dice) if boot_mode == "measured" else None)
         name = reg.manifest_for(config.role, device)
     except (CidbootError, ValueError) as e:
         kind = "" if isinstance(e, RegistryRoleError) else f"{type(e).__name__}: "
@@ -271,7 +272,7 @@ def assemble(manifest: Manifest, blobs: dict[str, bytes], manifest_cid: CID) -> 
 
 def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, boot_mode: str, anchor: RootOfTrust,
             nvram: Nvram, store: Blockstore, now: int | None = None, timeout: float = 10.0,
-            carry_dice: bool = True) -> BootPlan:
+            carry_dice: bool = True, device_id: str | None = None) -> BootPlan:
     """Steps 1-5 of the module docstring. `dice` is the handover holding CDI_1 (from the firmware,
     or an ephemeral one for an unmeasured boot); `carry_dice=False` leaves dice.cbor out of the
     hand-off (the unmeasured contract, docs/boot-chain.md)."""
@@ -287,7 +288,8 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
         raw = fetch_block(cid, gws, store, timeout=timeout)
     except Refused as e:
         raise Refused(f"manifest {cid}", e.detail) from None
-    allowed = allowed_name(config, cid, raw, state, dice, boot_mode=boot_mode, store=store, timeout=timeout)
+    allowed = allowed_name(config, cid, raw, state, dice, boot_mode=boot_mode, store=store, timeout=timeout,
+                           device_id=device_id)
     signed, signers = verify_signed(cid, raw, state, now=now, expected_name=allowed.name if allowed else None)
     if allowed is not None:
         try:

@@ -90,6 +90,7 @@ def test_bootstrap_tpm_boot_derives_cdi1_from_the_tpm_and_extends_pcr15(tmp_path
     from cidboot.trust.manifest import Layer, Manifest, RootOfTrust
     from cidboot.trust.tpm.errors import NonceMismatchError
     from cidboot.trust.tpm.evidence import TpmEvidence, qualifying_data
+    from cidboot.trust.tpm.evidence import device_id as tpm_device_id
     from cidboot.trust.tpm.reference import bootstrap_events
 
     log = tmp_path / "binary_bios_measurements"
@@ -126,6 +127,7 @@ def test_bootstrap_tpm_boot_derives_cdi1_from_the_tpm_and_extends_pcr15(tmp_path
             q = quote.verify_quote(ev.quote, ev.signature, ak, nonce=qualifying_data(nonce, quoter.l1_public_key),
                                    enrolled=frozenset({ak.name}))
             assert q.pcr_digest == quote.pcr_digest(q.selection, tpm.pcr_values(ev.pcrs))
+            assert root.device_id == tpm_device_id(ak.name)  # what the bootstrap looks itself up by
             assert [e.digest for e in ev.bootstrap_events] == [e.digest for e in bootstrap_events(mcid, manifest)]
             assert [e.data for e in ev.log_events()] == [e.data for e in bootstrap_events(mcid, manifest)]
             with pytest.raises(NonceMismatchError):  # another nonce, or another L1 key, is another quote
@@ -154,3 +156,18 @@ class _Borrowed:
 
     def __exit__(self, *exc: object) -> None:
         pass
+
+
+def test_factory_enrols_the_persistent_ak_and_a_genuine_ek_certificate(tmp_path: Path) -> None:
+    """qemu.harness.tpm.factory: the AK it enrols is the one a boot quotes with (persistent at
+    AK_HANDLE, the same after a power cycle), and the EK certificate chains to the local CA."""
+    from cryptography import x509
+
+    from qemu.harness.tpm import factory
+
+    enrolled = factory(tmp_path / "tpm")
+    assert x509.load_der_x509_certificate(enrolled.ek_cert or b"").issuer.rfc4514_string()
+    assert factory(tmp_path / "tpm") == enrolled  # idempotent: the factory can be run again
+    with Swtpm(tmp_path / "tpm") as sw, _tpm(sw) as tpm:
+        _, _, ak_public = tpm.quote(os.urandom(32), [0])
+    assert ak_public == enrolled.ak_public

@@ -34,7 +34,8 @@ CC_PCR_READ = 0x17E
 CC_POLICY_PCR = 0x17F
 CC_PCR_EXTEND = 0x182
 CC_FLUSH_CONTEXT = 0x165
-CC_GET_CAPABILITY = 0x17A
+CC_NV_READ = 0x14E
+CC_NV_READ_PUBLIC = 0x169
 ALG_SHA1, ALG_HMAC, ALG_KEYEDHASH, ALG_SHA256, ALG_NULL = 0x0004, 0x0005, 0x0008, 0x000B, 0x0010
 SE_POLICY = 0x01
 RC_SUCCESS = 0
@@ -256,6 +257,31 @@ def parse_hmac(resp: bytes) -> bytes:
     _, params = _params(parse_response(resp, "TPM2_HMAC"), 0, "TPM2_HMAC")
     out, _ = _take2b(params, 0, "TPM2_HMAC outHMAC")
     return out
+
+
+def nv_read_public(index: int) -> bytes:
+    return command(CC_NV_READ_PUBLIC, struct.pack(">I", index))
+
+
+def parse_nv_size(resp: bytes) -> int:
+    """dataSize of the TPMS_NV_PUBLIC in a TPM2_NV_ReadPublic response."""
+    _, p = _params(parse_response(resp, "TPM2_NV_ReadPublic"), 0, "TPM2_NV_ReadPublic")
+    public, _ = _take2b(p, 0, "TPM2_NV_ReadPublic nvPublic")
+    if len(public) < 14:  # nvIndex, nameAlg, attributes, authPolicy (2B), dataSize
+        raise TpmResponseError("TPM2_NV_ReadPublic: nvPublic too short")
+    (n,) = struct.unpack_from(">H", public, 10)
+    return int(struct.unpack_from(">H", public, 12 + n)[0])
+
+
+def nv_read(index: int, size: int, offset: int) -> bytes:
+    """TPM2_NV_Read by the owner (EK certificate indices are owner-readable)."""
+    return command(CC_NV_READ, struct.pack(">II", RH_OWNER, index), struct.pack(">HH", size, offset), auth=_PW_SESSION)
+
+
+def parse_nv_read(resp: bytes) -> bytes:
+    _, p = _params(parse_response(resp, "TPM2_NV_Read"), 0, "TPM2_NV_Read")
+    data, _ = _take2b(p, 0, "TPM2_NV_Read data")
+    return data
 
 
 def ok(resp: bytes, what: str) -> None:

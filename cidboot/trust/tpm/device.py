@@ -168,6 +168,14 @@ class Tpm:
             self.flush(handle)
         return attest, sig, public
 
+    def nv_read(self, index: int, chunk: int = 512) -> bytes:
+        """A whole NV index (e.g. the EK certificate at 0x01C00002), read by the owner in chunks."""
+        size = c.parse_nv_size(self.run(c.nv_read_public(index), "TPM2_NV_ReadPublic"))
+        out = b""
+        while len(out) < size:
+            out += c.parse_nv_read(self.run(c.nv_read(index, min(chunk, size - len(out)), len(out)), "TPM2_NV_Read"))
+        return out
+
     # -- PCRs ----------------------------------------------------------------------------------
     def pcr_values(self, pcrs: Iterable[int]) -> dict[int, bytes]:
         """Current SHA-256 values (one read per 8 PCRs: TPML_DIGEST's maximum)."""

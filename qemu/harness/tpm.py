@@ -1,0 +1,179 @@
+"""The harness as a TPM factory: one manufactured swtpm per device, kept under its state dir
+across boots (like the UDS of a DICE device), and enrolment (docs/tpm.md, "Enrolment").
+
+- `Swtpm(dir)`: `swtpm_setup --tpm2 --create-ek-cert` with a local CA of its own (an EK
+  certificate, as a TPM vendor's), then `swtpm socket` for a QEMU guest (`qemu=True`: a Unix
+  control socket, tpm-tis) or on loopback TCP for the factory's raw commands and tpm2-tools.
+- `factory(dir)`: manufacture, and make the primary AK persistent at AK_HANDLE: the device's
+  enrolled AK (TpmDevice with its TPM2B_PUBLIC and EK certificate) before it ever boots.
+- `firmware_baseline(evidence, nonce, device)`: the factory's known-good boot: the device's
+  evidence for the factory's nonce, its quote verified with the enrolled AK, the firmware log
+  replayed to the quoted PCRs, and PCRs 0-3, 5-7 recorded as the firmware baseline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from cidboot.trust.appraisal import DeviceRoots, TpmDevice
+from cidboot.trust.tpm.appraise import FIRMWARE_PCRS
+from cidboot.trust.tpm.device import SocketTransport, Tpm
+
+TOOLS = ("swtpm", "swtpm_setup")
+EK_CERT_INDEX = 0x01C00002  # TCG EK Credential Profile: the RSA-2048 EK certificate's NV index
+
+
+def missing() -> str | None:
+    """Why a TPM device cannot be made here (None: it can)."""
+    absent = [t for t in TOOLS if shutil.which(t) is None]
+    return f"needs {', '.join(absent)} (Debian swtpm, swtpm-tools: .ci/apt-packages.txt)" if absent else None
+
+
+def _free_port_pair() -> int:
+    """A port P with P and P+1 free on loopback (the swtpm TCTI talks to P, its control channel to P+1)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port >= 65535:
+            continue
+        with contextlib.suppress(OSError), socket.socket() as s2:
+            s2.bind(("127.0.0.1", port + 1))
+            return port
+    raise RuntimeError("no free loopback port pair for swtpm")
+
+
+class Swtpm:
+    """A manufactured swtpm in socket mode; `with Swtpm(dir) as tpm:` starts and stops it."""
+
+    def __init__(self, base: Path, *, qemu: bool = False) -> None:
+        """`qemu=True`: a TPM for a QEMU guest (GuestSpec.tpm = `ctrl_socket`): a Unix control socket
+        only, QEMU passes the data channel and the firmware sends TPM2_Startup; else a TPM on
+        loopback TCP for tpm2-tools, started (TPM2_Startup(CLEAR)) by swtpm itself."""
+        self.base = base.resolve()
+        self.state = self.base / "state"
+        self.qemu = qemu
+        self.ctrl_socket = self.base / "swtpm.sock"
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # -- manufacture and life cycle ------------------------------------------------------------
+    def manufacture(self) -> None:
+        """swtpm_setup with an EK certificate signed by a local CA kept under the base dir."""
+        ca = self.base / "localca"
+        ca.mkdir(parents=True, exist_ok=True)
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.base / "swtpm-localca.conf").write_text(
+            f"statedir = {ca}\nsigningkey = {ca}/signkey.pem\nissuercert = {ca}/issuercert.pem\n"
+            f"certserial = {ca}/certserial\n")
+        (self.base / "swtpm-localca.options").write_text(
+            "--platform-manufacturer cidboot\n--platform-version 2.1\n--platform-model QEMU\n")
+        (self.base / "swtpm_setup.conf").write_text(
+            f"create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = {self.base}/swtpm-localca.conf\n"
+            f"create_certs_tool_options = {self.base}/swtpm-localca.options\nactive_pcr_banks = sha256\n")
+        subprocess.run(["swtpm_setup", "--tpm2", "--tpmstate", str(self.state), "--create-ek-cert",
+                        "--config", str(self.base / "swtpm_setup.conf"), "--pcr-banks", "sha256",
+                        "--overwrite", "--logfile", str(self.base / "swtpm_setup.log")],
+                       check=True, capture_output=True, timeout=120)
+
+    def start(self) -> Swtpm:
+        if not (self.state / "tpm2-00.permall").exists():
+            self.manufacture()
+        argv = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}", "--log", f"file={self.base / 'swtpm.log'}"]
+        if self.qemu:
+            self.ctrl_socket.unlink(missing_ok=True)
+            argv += ["--ctrl", f"type=unixio,path={self.ctrl_socket}"]
+        else:
+            self.port = _free_port_pair()
+            argv += ["--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                     "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1", "--flags", "not-need-init,startup-clear"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.base / "swtpm.stderr", "wb"))
+        deadline = time.monotonic() + 20
+        while not self._listening():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"swtpm did not start: {(self.base / 'swtpm.stderr').read_text(errors='replace')}")
+            time.sleep(0.05)
+        return self
+
+    def _listening(self) -> bool:
+        if self.qemu:
+            return self.ctrl_socket.exists()
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
+            return True
+        return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Swtpm:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _tpm(sw: Swtpm) -> Tpm:
+    return Tpm(SocketTransport("127.0.0.1", sw.port))
+
+
+def factory(base: Path) -> TpmDevice:
+    """Manufacture the device's TPM (once; the state is kept) and enrol it: the AK made
+    persistent at AK_HANDLE, the EK certificate read from its NV index and checked against the
+    local CA that signed it. No firmware baseline yet (`firmware_baseline` after a known-good boot)."""
+    from cryptography import x509
+
+    with Swtpm(base) as sw, _tpm(sw) as tpm:
+        ak_public = tpm.persist_ak()
+        ek_cert = tpm.nv_read(EK_CERT_INDEX)
+    ca = x509.load_pem_x509_certificate((base / "localca" / "issuercert.pem").read_bytes())
+    x509.load_der_x509_certificate(ek_cert).verify_directly_issued_by(ca)  # a genuine (software) TPM
+    return TpmDevice(ak_public, {}, ek_cert)
+
+
+def firmware_baseline(evidence: bytes, nonce: bytes, device: TpmDevice) -> dict[int, bytes]:
+    """The factory's known-good boot: PCRs 0-3, 5-7 from the device's evidence for `nonce`, once
+    its quote verifies with the enrolled AK (qualifying data binding the nonce and the chain's L1
+    key) and the firmware log plus the bootstrap's events replay to the quoted PCRs. Raises the
+    precise TPM verification error otherwise."""
+    from cidboot.trust import cose
+    from cidboot.trust.cose_key import decode_public_key
+    from cidboot.trust.eat import parse_evidence
+    from cidboot.trust.tpm import eventlog, quote
+    from cidboot.trust.tpm.errors import PcrSelectionError
+    from cidboot.trust.tpm.evidence import qualifying_data
+
+    ev = parse_evidence(evidence)
+    if ev.tpm is None:
+        raise PcrSelectionError(f"evidence of boot mode {ev.boot_mode!r} carries no TPM quote")
+    l1 = decode_public_key(cose.cbor_loads_exact(ev.chain, "DICE chain")[0])
+    ak = quote.parse_public(ev.tpm.ak_public)
+    q = quote.verify_quote(ev.tpm.quote, ev.tpm.signature, ak, nonce=qualifying_data(nonce, l1),
+                           enrolled=frozenset({device.ak_name}))
+    log = eventlog.parse(ev.tpm.uefi_log)
+    whole = eventlog.EventLog(log.spec_id, log.events + tuple(ev.tpm.log_events(len(log.events))), log.startup_locality)
+    pcrs = whole.replay()
+    quote.check_pcrs(q, pcrs, FIRMWARE_PCRS)
+    return {i: pcrs[i] for i in FIRMWARE_PCRS}
+
+
+def record_baseline(roots_file: Path, device_id: str, baseline: Mapping[int, bytes]) -> TpmDevice:
+    """Write the firmware baseline into the verifiers' roots file for that TPM device."""
+    roots = DeviceRoots.load(roots_file)
+    old = roots.tpm[device_id]
+    new = TpmDevice(old.ak_public, dict(baseline), old.ek_cert)
+    roots.tpm[device_id] = new
+    roots.save(roots_file)
+    return new
