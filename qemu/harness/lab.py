@@ -5,7 +5,9 @@ Each device is a QEMU guest on a tap of the namespace's bridge, booted by one of
 engine on fw_cfg (measured); "bios-ipxe" boots SeaBIOS and the NIC's iPXE ROM straight into the
 bootstrap; "uefi-pxe" and "uefi-http" boot OVMF, whose own PXE or HTTP Boot loads the bootstrap
 UKI from the boot server (no iPXE). Without a TPM the last three are unmeasured boots, and the
-verifier appraises them so (never affirming).
+verifier appraises them so (never affirming). With `tpm=True` every device has its own swtpm
+(qemu.harness.tpm: state under the device dir, kept across boots, enrolled by the factory) and the
+UEFI boots are TPM-measured (docs/tpm.md); `Lab.enrol` records a known-good boot's firmware PCRs.
 Devices get fixed addresses by MAC (devices.yaml `ip:`) so peers can be told where the others
 are. The verifier side (`agent attest`) runs inside the namespace too: nothing leaves it.
 """
@@ -55,6 +57,7 @@ class Device:
     guest: Guest
     firmware: str = "dice"  # one of FIRMWARES
     url: str | None = None
+    swtpm: Any = None  # qemu.harness.tpm.Swtpm of a TPM device
     outcome: str = "pending"  # ready | refused | fatal | timeout
     reason: str = ""
 
@@ -70,6 +73,7 @@ class Lab:
     server: subprocess.Popen[str]
     states: list[dice_engine.DeviceState]
     devices: list[Device] = field(default_factory=list)
+    tpm: bool = False  # devices have a TPM (qemu.harness.tpm), not a DICE engine
 
     @property
     def roots_file(self) -> Path:
@@ -96,8 +100,36 @@ class Lab:
                          disk=state.nvram, accel=accel, firmware="uefi" if kind.startswith("uefi") else "bios",
                          uefi_http=kind == "uefi-http")
         dev = Device(i, name, role, state, Guest(spec, state.dir / "run", self.net), kind)
+        if self.tpm:
+            from qemu.harness import tpm
+
+            if dice:
+                raise GuestError("a TPM device boots UEFI firmware (uefi-pxe or uefi-http), not the DICE engine")
+            dev.swtpm = tpm.Swtpm(tpm.base(state.dir), qemu=True).start()
+            spec.tpm = dev.swtpm.ctrl_socket
         self.devices.append(dev)
         return dev
+
+    def enrol(self, dev: Device) -> dict[int, bytes]:
+        """The factory's known-good boot of a TPM device: its evidence for a fresh nonce, verified
+        with its enrolled AK, gives the firmware PCR baseline recorded in the roots file."""
+        import os
+
+        from cidboot.trust.appraisal import DeviceRoots
+        from cidboot.trust.tpm.evidence import device_id
+        from qemu.harness import tpm
+
+        roots = DeviceRoots.load(self.roots_file)
+        did = next(d for d in roots.tpm if roots.names.get(d) == dev.name)
+        nonce = os.urandom(32)
+        proc = self.net.run(["curl", "-sf", "--max-time", "60", f"{dev.url}/attestation?nonce={nonce.hex()}"],
+                            capture_output=True, timeout=90)
+        if proc.returncode != 0:
+            raise GuestError(f"{dev.name}: GET /attestation failed ({proc.returncode})")
+        baseline = tpm.firmware_baseline(proc.stdout, nonce, roots.tpm[did])
+        tpm.record_baseline(self.roots_file, did, baseline)
+        assert did == device_id(roots.tpm[did].ak_name)
+        return baseline
 
     def power_on(self) -> None:
         for dev in self.devices:
@@ -169,7 +201,7 @@ class Lab:
             tl = dev.timeline()
             flow_results = self.results(dev)
             devices.append({
-                "name": dev.name, "role": dev.role, "mac": dev.guest.spec.mac, "boot": "measured" if dev.firmware == "dice" else "unmeasured",
+                "name": dev.name, "role": dev.role, "mac": dev.guest.spec.mac, "boot": _boot_kind(dev),
                 "firmware": dev.firmware, "arch": "x86_64",
                 "outcome": dev.outcome, "reason": dev.reason, "url": dev.url,
                 "appraisal": {"status": appraisal.get("status"), "reasons": [
@@ -185,6 +217,10 @@ class Lab:
                 "reference_measurements": {**self.dep.workload.measurements}, "devices": devices}
 
 
+def _boot_kind(dev: Device) -> str:
+    return "measured" if dev.firmware == "dice" else "tpm-measured" if dev.swtpm is not None else "unmeasured"
+
+
 def _devices_yaml(path: Path, roles: list[str]) -> None:
     lines = ["deny_unknown: true", "devices:"]
     lines += [f'  - {{mac: "{device_mac(i)}", role: {r}, ip: {device_ip(i)}}}' for i, r in enumerate(roles)]
@@ -192,13 +228,18 @@ def _devices_yaml(path: Path, roles: list[str]) -> None:
 
 
 def _factory(dep: Deployment, out: Path, names: list[str],
-             roles: list[str]) -> tuple[list[dice_engine.DeviceState], CID | None]:
+             roles: list[str], tpm: bool = False) -> tuple[list[dice_engine.DeviceState], CID | None]:
     """Device states (UDS, NVRAM), their root keys in the verifiers' roots file, and the device
     registry signed by the workload's signers, in the store, for the agents to find peers by and
     for the bootstraps to know what they may boot: each device's role, and for every role the
     workload's manifest name (docs/trust.md, "What a device may boot")."""
     states = [dice_engine.device(out / "devices", n) for n in names]
-    roots = dice_engine.register(states, out / "device-roots.json", roles)
+    if tpm:
+        from qemu.harness import tpm as tpm_factory
+
+        roots = tpm_factory.register([tpm_factory.base(s.dir) for s in states], names, out / "device-roots.json", roles)
+    else:
+        roots = dice_engine.register(states, out / "device-roots.json", roles)
     if not dep.signer_keys:
         return states, None
     signers = [keys.load_private_key(p) for p in dep.signer_keys]
@@ -209,10 +250,10 @@ def _factory(dep: Deployment, out: Path, names: list[str],
 
 @contextmanager
 def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = None, loss_percent: int = 0,
-        server_args: list[str] | None = None, names: list[str] | None = None) -> Iterator[Lab]:
-    """Boot network + `bootstrap serve` for devices with these roles (one tap each)."""
+        server_args: list[str] | None = None, names: list[str] | None = None, tpm: bool = False) -> Iterator[Lab]:
+    """Boot network + `bootstrap serve` for devices with these roles (one tap each); `tpm`: TPM devices."""
     out.mkdir(parents=True, exist_ok=True)
-    states, registry = _factory(dep, out, names or [f"device-{i}" for i in range(len(roles))], roles)
+    states, registry = _factory(dep, out, names or [f"device-{i}" for i in range(len(roles))], roles, tpm)
     tftp = out / "tftp"  # the harness built the bootstrap already (bootstrap.bootfiles): the server need not
     (tftp / "bootstrap").mkdir(parents=True, exist_ok=True)
     (tftp / "bootstrap" / "vmlinuz").write_bytes(dep.bootstrap.kernel.read_bytes())
@@ -242,12 +283,14 @@ def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = 
 
             for tap in net.taps:
                 add_loss(net.cmd([]), tap, loss_percent)
-        lb = Lab(dep, net, out, server, states)
+        lb = Lab(dep, net, out, server, states, tpm=tpm)
         try:
             yield lb
         finally:
             for dev in lb.devices:
                 dev.guest.stop()
+                if dev.swtpm is not None:
+                    dev.swtpm.stop()
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from cidboot.trust.appraisal import DeviceRoots, TpmDevice
 from cidboot.trust.tpm.appraise import FIRMWARE_PCRS
 from cidboot.trust.tpm.device import SocketTransport, Tpm
+from cidboot.trust.tpm.evidence import device_id
 
 TOOLS = ("swtpm", "swtpm_setup")
 EK_CERT_INDEX = 0x01C00002  # TCG EK Credential Profile: the RSA-2048 EK certificate's NV index
@@ -177,3 +178,22 @@ def record_baseline(roots_file: Path, device_id: str, baseline: Mapping[int, byt
     roots.tpm[device_id] = new
     roots.save(roots_file)
     return new
+
+
+def register(bases: list[Path], names: list[str], roots_file: Path, roles: list[str]) -> DeviceRoots:
+    """The factory for TPM devices (dice_engine.register's counterpart): each device's enrolled AK
+    and EK certificate into the verifiers' roots file, under its name and role."""
+    roots = DeviceRoots.load(roots_file) if roots_file.exists() else DeviceRoots()
+    for base, name, role in zip(bases, names, roles, strict=True):
+        dev = factory(base)
+        did = device_id(dev.ak_name)
+        if did in roots.tpm:  # enrolled before (a kept device dir): keep its firmware baseline
+            dev = TpmDevice(dev.ak_public, roots.tpm[did].firmware_pcrs, dev.ek_cert)
+        roots.add_tpm(dev, name, role)
+    roots.save(roots_file)
+    return roots
+
+
+def base(device_dir: Path) -> Path:
+    """Where a device's TPM state lives: beside its NVRAM (and UDS, for a DICE device)."""
+    return device_dir / "tpm"
