@@ -129,15 +129,13 @@ class Attester:
     boot_mode: str = "measured"
     role: str | None = None
     measurements: dict[str, bytes] = field(default_factory=dict)
-    tpm: Any = None  # agent.tpm.TpmQuoter on a TPM-measured boot: a fresh quote per nonce
 
     @classmethod
     def from_chain(cls, leaf_key: PrivateKey, chain: bytes, *, manifest_cid: CID | None, boot_mode: str = "measured",
-                   role: str | None = None, tpm: Any = None) -> Attester:
+                   role: str | None = None) -> Attester:
         vc = verify_chain(chain, allow_debug=True)  # appraisal judges debug mode; we only read it
         meas = {LAYERS[i]: e.code_hash for i, e in enumerate(vc.entries[:len(LAYERS)])}
-        return cls(leaf_key, chain, ueid_for(raw_public_bytes(vc.root_public_key)), manifest_cid, boot_mode, role, meas,
-                   tpm)
+        return cls(leaf_key, chain, ueid_for(raw_public_bytes(vc.root_public_key)), manifest_cid, boot_mode, role, meas)
 
     @classmethod
     def from_cdi(cls, cdi_attest: bytes, chain: bytes, **kw: Any) -> Attester:
@@ -156,8 +154,7 @@ class Attester:
     def evidence(self, nonce: bytes) -> bytes:
         return build_evidence(nonce=nonce, leaf_key=self.leaf_key, chain=self.chain, ueid=self.ueid,
                               measurements=self.measurements, manifest_cid=self.manifest_cid,
-                              boot_mode=self.boot_mode, role=self.role,
-                              tpm=self.tpm.evidence(nonce) if self.tpm is not None else None)
+                              boot_mode=self.boot_mode, role=self.role)
 
 
 @dataclass(frozen=True)

@@ -210,8 +210,11 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
             from agent.tpm import TpmQuoter
 
             quoter = TpmQuoter.from_boot(h.boot, ho.chain)
-        attester = Attester.from_cdi(ho.cdi_attest, ho.chain, manifest_cid=mcid, role=cfg.role, tpm=quoter,
-                                     boot_mode="tpm-measured" if quoter is not None else "measured")
+        if quoter is None:
+            attester = Attester.from_cdi(ho.cdi_attest, ho.chain, manifest_cid=mcid, boot_mode="measured", role=cfg.role)
+        else:
+            attester = Attester.from_cdi(ho.cdi_attest, ho.chain, manifest_cid=mcid, role=cfg.role, tpm=quoter.evidence,
+                                         ueid=quoter.ueid())
     else:
         attester = ephemeral_attester(manifest_cid=mcid, boot_mode="unmeasured", role=cfg.role)
     ip = network_up(lambda m: print(f"cidboot: agent: {m}", file=sys.stderr, flush=True)) if network else host

@@ -54,6 +54,19 @@ class TpmQuoter:
             raise FormatError(f"boot.json tpm: {type(e).__name__}: {e}") from None
         return cls(log, events, l1, paths)
 
+    def ueid(self) -> bytes:
+        """This device's EAT ueid: that of its AK (cidboot.trust.tpm.evidence.ueid), as the verifier's registry has it."""
+        from cidboot.trust.tpm.commands import AK_HANDLE
+        from cidboot.trust.tpm.evidence import ueid
+        from cidboot.trust.tpm.quote import parse_public
+
+        with self.lock, _open(self.paths) as tpm:
+            public = tpm.read_public(AK_HANDLE)
+            if public is None:
+                handle, public = tpm.create_primary_ak()
+                tpm.flush(handle)
+        return ueid(parse_public(public).name)
+
     def evidence(self, nonce: bytes) -> TpmEvidence:
         q = qualifying_data(nonce, self.l1_public_key)
         with self.lock, _open(self.paths) as tpm:

@@ -91,6 +91,7 @@ def test_bootstrap_tpm_boot_derives_cdi1_from_the_tpm_and_extends_pcr15(tmp_path
     from cidboot.trust.tpm.errors import NonceMismatchError
     from cidboot.trust.tpm.evidence import TpmEvidence, qualifying_data
     from cidboot.trust.tpm.evidence import device_id as tpm_device_id
+    from cidboot.trust.tpm.evidence import ueid as tpm_ueid
     from cidboot.trust.tpm.reference import bootstrap_events
 
     log = tmp_path / "binary_bios_measurements"
@@ -128,6 +129,7 @@ def test_bootstrap_tpm_boot_derives_cdi1_from_the_tpm_and_extends_pcr15(tmp_path
                                    enrolled=frozenset({ak.name}))
             assert q.pcr_digest == quote.pcr_digest(q.selection, tpm.pcr_values(ev.pcrs))
             assert root.device_id == tpm_device_id(ak.name)  # what the bootstrap looks itself up by
+            assert quoter.ueid() == tpm_ueid(ak.name)  # what the agent's evidence says it is
             assert [e.digest for e in ev.bootstrap_events] == [e.digest for e in bootstrap_events(mcid, manifest)]
             assert [e.data for e in ev.log_events()] == [e.data for e in bootstrap_events(mcid, manifest)]
             with pytest.raises(NonceMismatchError):  # another nonce, or another L1 key, is another quote
