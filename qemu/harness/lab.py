@@ -159,11 +159,17 @@ class Lab:
                 "--manifest", str(self.dep.workload.manifest), "--store", str(self.dep.store), "--json"]
         if allow_unmeasured:
             argv.append("--allow-unmeasured")
+        if dev.swtpm is not None:  # PCR 4/11 references come from the bootstrap UKI the device was served
+            argv += ["--uki", str(self.served_uki())]
         proc = self.net.run(argv, capture_output=True, text=True, timeout=120)
         try:
             return dict(json.loads(proc.stdout))
         except ValueError:
             return {"status": "none", "checks": [], "reason": f"agent attest failed: {proc.stderr.strip()[-500:]}"}
+
+    def served_uki(self, arch: str = "x86_64") -> Path:
+        """The bootstrap UKI the boot server hands UEFI devices (what their PCR 4 must hold)."""
+        return next(self.out / "tftp" / p.name for p in self.dep.bootstrap.uki.values() if arch in p.name)
 
     def results(self, dev: Device) -> Any:
         if not dev.url:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -31,9 +32,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cbor2
 import pytest
 
 from cidboot.stage.cpio import Entry, archive_bytes
+from cidboot.store.blockstore import Blockstore
+from cidboot.trust.appraisal import DeviceRoots, TpmDevice
+from cidboot.trust.cose_key import decode_public_key, raw_public_bytes
+from cidboot.trust.dice.chain import verify_chain
+from cidboot.trust.eat import Evidence, parse_evidence
+from cidboot.trust.manifest import SignedManifest
 from cidboot.trust.tpm import commands, eventlog, quote
 from cidboot.trust.tpm.appraise import FIRMWARE_PCRS, TpmAppraisal, TpmEnrolment, TpmReferences, appraise_tpm
 from cidboot.trust.tpm.errors import (
@@ -43,15 +51,20 @@ from cidboot.trust.tpm.errors import (
     ReferenceMismatchError,
 )
 from cidboot.trust.tpm.eventlog import EV_EFI_BOOT_SERVICES_APPLICATION
+from cidboot.trust.tpm.evidence import qualifying_data
 from cidboot.trust.tpm.pe import authenticode_digest
 from cidboot.trust.tpm.reference import uki_digest
 from imagebuilder import uki
+from qemu.harness.deploy import Deployment, prepare
+from qemu.harness.lab import Device, Lab, lab
 from qemu.harness.vm import Guest
 from tests.support.swtpm import Swtpm
 
 pytestmark = [pytest.mark.qemu, pytest.mark.tpm]
 DEBS = Path.home() / ".cache/cidboot/debs"
 CMDLINE = "console=ttyS0 panic=-1 quiet"
+REPO = Path(__file__).resolve().parents[2]
+BOOT_TIMEOUT = 900
 
 QUOTED = [0, 1, 2, 3, 4, 5, 6, 7, 9, 11]
 INIT = """#!/bin/busybox sh
@@ -210,3 +223,101 @@ def test_ovmf_swtpm_boots_of_a_uki_are_enrolled_then_appraised_from_real_quotes_
           f"{apps[1].sha256.hex()[:16]}..; appraisal {dt:.2f} ms (references from the {len(b.image) >> 20} MiB UKI: "
           f"{t_refs:.0f} ms, once per UKI); power-on to probe output {first.t_done:.1f} s, "
           f"{b.t_done:.1f} s")
+
+
+def _evidence(lb: Lab, dev: Device) -> tuple[bytes, Evidence]:
+    """The device's evidence for a fresh nonce, fetched from its agent inside the lab's namespace."""
+    nonce = os.urandom(32)
+    proc = lb.net.run(["curl", "-sf", "--max-time", "60", f"{dev.url}/attestation?nonce={nonce.hex()}"],
+                      capture_output=True, timeout=90)
+    assert proc.returncode == 0, f"GET /attestation: {proc.returncode}"
+    return nonce, parse_evidence(proc.stdout)
+
+
+def _appraise_evidence(nonce: bytes, ev: Evidence, device: TpmDevice, uki_bytes: bytes, dep: Deployment) -> TpmAppraisal:
+    """appraise_tpm on the EAT's TPM claim: quote over SHA-256(nonce || L1 key), the UEFI log plus
+    L1's PCR 15 events, references from the served UKI and the signed manifest."""
+    assert ev.tpm is not None
+    manifest = SignedManifest.decode(Blockstore(dep.store).get(dep.workload.manifest)).manifest
+    l1 = decode_public_key(cbor2.loads(ev.chain)[0])
+    return appraise_tpm(attest=ev.tpm.quote, signature=ev.tpm.signature, ak_public=ev.tpm.ak_public,
+                        event_log=_with_bootstrap_events(ev), nonce=qualifying_data(nonce, l1),
+                        enrolment=device.enrolment(),
+                        references=TpmReferences.for_uki(uki_bytes, dep.workload.manifest, manifest))
+
+
+def _with_bootstrap_events(ev: Evidence) -> bytes:
+    """The firmware log with L1's PCR 15 events appended as TCG_PCR_EVENT2 records (a SHA-256-only log: swtpm's)."""
+    import struct
+
+    assert ev.tpm is not None
+    assert eventlog.parse(ev.tpm.uefi_log).spec_id.algorithms == ((eventlog.ALG_SHA256, 32),)
+    recs = [struct.pack("<III", e.pcr, e.event_type, 1) + struct.pack("<H", eventlog.ALG_SHA256) + e.sha256
+            + struct.pack("<I", len(e.data)) + e.data for e in ev.tpm.log_events()]
+    return ev.tpm.uefi_log + b"".join(recs)
+
+
+def test_hello_on_a_tpm_device_is_affirming_and_a_one_byte_changed_bootstrap_is_contraindicated(tmp_path: Path) -> None:
+    """The hello flow over `--firmware uefi-http --tpm`: OVMF measures the bootstrap UKI into the
+    device's swtpm, the bootstrap derives CDI_1 from the TPM and extends PCR 15 with the manifest
+    and layers, the agent quotes. Boot 1 is the factory's known-good boot (enrolment records the
+    firmware baseline), then appraised affirming with a fresh nonce, the flow's result right
+    (measured image: hello greets). Boot 2, same device and TPM, a bootstrap UKI with one byte
+    changed: it boots, but is contraindicated at PCR 4, and its CDI_1/CDI_2 (L1 and L2 keys) differ."""
+    dep = prepare(REPO / "examples/hello/flow.yaml", tmp_path / "work")
+    out = tmp_path / "lab"
+    with lab(dep, out, ["device"], tpm=True) as lb:
+        dev = lb.add_device("device", firmware="uefi-http")
+        lb.power_on()
+        lb.wait_ready(BOOT_TIMEOUT)
+        assert dev.outcome == "ready", f"{dev.outcome}: {dev.reason}\n{dev.guest.console.text()[-3000:]}"
+        line, m = dev.guest.wait_for_console(r"cidboot: agent: flow done: (\d+) result", 300)
+        text = dev.guest.console.text()
+        good_uki = lb.served_uki().read_bytes()
+        baseline = lb.enrol(dev)  # the factory's known-good boot
+        roots = DeviceRoots.load(lb.roots_file)
+        (device,) = roots.tpm.values()
+        assert dict(device.firmware_pcrs) == baseline
+        nonce, ev = _evidence(lb, dev)
+        report = lb.report()
+    assert "cidboot-stage: bootstrap start mode=measured root=tpm" in text
+    assert ev.boot_mode == "tpm-measured" and ev.tpm is not None
+    result = _appraise_evidence(nonce, ev, device, good_uki, dep)
+    assert result.affirming, result.warnings
+    assert result.checks[-1] == "manifest and layer events", result.checks  # PCR 15: what L1 verified
+    with pytest.raises(NonceMismatchError):  # the same quote for another challenge: replayed
+        _appraise_evidence(os.urandom(32), ev, device, good_uki, dep)
+    d = report["devices"][0]
+    assert (d["firmware"], d["boot"]) == ("uefi-http", "tpm-measured")
+    assert d["appraisal"]["status"] == "affirming", d["appraisal"]
+    assert m[1] != "0" and "hello, world" in json.dumps(d["flow_results"]), d["flow_results"]
+    good_l1, good_l2 = _keys(ev)
+    t_ready = next(ln.t for ln in dev.guest.console.lines if "agent ready" in ln.text)
+
+    # boot 2: the bootstrap UKI with one byte of its .osrel changed; same device, same TPM
+    i = good_uki.index(b"\nNAME=cidboot\n") + 6
+    bad_uki = good_uki[:i] + b"C" + good_uki[i + 1:]
+    with lab(dep, out, ["device"], tpm=True) as lb:
+        lb.served_uki().write_bytes(bad_uki)
+        dev = lb.add_device("device", firmware="uefi-http")
+        lb.power_on()
+        lb.wait_ready(BOOT_TIMEOUT)
+        assert dev.outcome == "ready", f"{dev.outcome}: {dev.reason}\n{dev.guest.console.text()[-3000:]}"
+        nonce, bad = _evidence(lb, dev)
+        report = lb.report()
+    with pytest.raises(ReferenceMismatchError, match="PCR 4 application 0"):  # the served, signed UKI is the good one
+        _appraise_evidence(nonce, bad, device, good_uki, dep)
+    d = report["devices"][0]
+    assert d["appraisal"]["status"] == "contraindicated", d["appraisal"]
+    assert any("PCR 4" in r for r in d["appraisal"]["reasons"]), d["appraisal"]
+    bad_l1, bad_l2 = _keys(bad)
+    assert bad_l1 != good_l1 and bad_l2 != good_l2  # another CDI_1, so another CDI_2
+    print(f"\nuefi-http --tpm: power-on to agent ready {t_ready:.1f} s (TCG); firmware baseline PCRs "
+          f"{sorted(baseline)}; PCR 15 events {len(ev.tpm.bootstrap_events) if ev.tpm else 0}; appraisal affirming; "
+          f"one-byte-changed UKI: contraindicated at PCR 4, L1 key {good_l1.hex()[:16]}.. -> {bad_l1.hex()[:16]}..")
+
+
+def _keys(ev: Evidence) -> tuple[bytes, bytes]:
+    """(L1 public key, L2 alias public key) of a TPM device's evidence: functions of CDI_1, CDI_2."""
+    vc = verify_chain(ev.chain, allow_debug=True)
+    return raw_public_bytes(vc.root_public_key), raw_public_bytes(vc.leaf_public_key)
