@@ -27,9 +27,27 @@ from cidboot.trust.dice.derive import DiceMode, derive_id
 from cidboot.trust.eat import Evidence, parse_evidence
 from cidboot.trust.manifest.model import Manifest
 from cidboot.trust.measure import image_code_hash
-from cidboot.trust.tpm.appraise import TpmEnrolment
+from cidboot.trust.tpm.appraise import (
+    AK_ENROLLED,
+    FAIL,
+    FIRMWARE,
+    NONCE_FRESH,
+    PASS,
+    PCR4,
+    PCR11,
+    PCR15,
+    QUOTE_SIGNATURE,
+    REPLAY,
+    WARN,
+    TpmEnrolment,
+    TpmReferences,
+    TpmState,
+    tpm_checks,
+)
+from cidboot.trust.tpm.evidence import TpmEvidence, qualifying_data
 from cidboot.trust.tpm.evidence import device_id as tpm_device_id
 from cidboot.trust.tpm.quote import parse_public
+from cidboot.trust.tpm.reference import bootstrap_events
 
 AFFIRMING, WARNING, CONTRAINDICATED, NONE = "affirming", "warning", "contraindicated", "none"
 _RANK = {AFFIRMING: 0, NONE: 1, WARNING: 2, CONTRAINDICATED: 3}
@@ -209,9 +227,12 @@ def unpinned_layers(manifest: Manifest) -> list[str]:
 
 
 def _check_measurements(res: AppraisalResult, ev: Evidence, chain: VerifiedChain, manifest: Manifest | None,
-                        manifest_cid: CID | None) -> None:
+                        manifest_cid: CID | None, layers: tuple[str, ...] = LAYER_ORDER) -> None:
+    """The chain's layers (`layers`: what each certificate measured, in order) against the
+    manifest's reference values. A DICE device's chain measures firmware, bootstrap and image; a
+    TPM device's chain starts at L1 and measures the image only (the TPM measured the rest)."""
     entries = chain.entries
-    by_layer = {name: entries[i] for i, name in enumerate(LAYER_ORDER) if i < len(entries)}
+    by_layer = {name: entries[i] for i, name in enumerate(layers) if i < len(entries)}
     res.measurements = {k: v.code_hash.hex() for k, v in by_layer.items()}
     for name, cert in by_layer.items():
         claimed = ev.measurements.get(name)
@@ -247,20 +268,24 @@ def _check_measurements(res: AppraisalResult, ev: Evidence, chain: VerifiedChain
 
 
 def appraise(evidence: bytes, *, expected_nonce: bytes, roots: DeviceRoots, manifest: Manifest | None = None,
-             manifest_cid: CID | None = None, allow_unmeasured: bool = False) -> AppraisalResult:
+             manifest_cid: CID | None = None, allow_unmeasured: bool = False,
+             tpm_references: TpmReferences | None = None) -> AppraisalResult:
+    """The one appraisal entry point: DICE-rooted or TPM-rooted evidence (the EAT says which),
+    the same checks-list result. `tpm_references`: PCR 4/11 reference values derived from the
+    bootstrap UKI (`TpmReferences.for_uki`); PCR 15's come from `manifest` automatically."""
     res = AppraisalResult()
     try:
         ev = parse_evidence(evidence)
     except FormatError as e:
         res.add("format", CONTRAINDICATED, str(e))
         return res
+    if ev.tpm is not None:
+        return _appraise_tpm(res, ev, ev.tpm, expected_nonce=expected_nonce, roots=roots, manifest=manifest,
+                             manifest_cid=manifest_cid, references=tpm_references)
     res.add("format", AFFIRMING, "well-formed EAT")
     res.claimed_role = ev.role
     res.manifest_cid = str(ev.manifest_cid) if ev.manifest_cid else None
-    if hmac.compare_digest(ev.nonce, expected_nonce):
-        res.add("nonce", AFFIRMING, "matches this challenge")
-    else:
-        res.add("nonce", CONTRAINDICATED, "nonce does not match the challenge: replayed or stale evidence")
+    _check_nonce(res, ev, expected_nonce)
     try:
         chain = verify_chain(ev.chain, allow_debug=True)
     except VerificationError as e:
@@ -275,6 +300,26 @@ def appraise(evidence: bytes, *, expected_nonce: bytes, roots: DeviceRoots, mani
     else:
         res.add("device", CONTRAINDICATED, f"unknown device: root {rid} is not registered")
     _check_role(res, ev.role, rid, roots, registered)
+    _check_signature_and_debug(res, ev, chain)
+    measured = ev.boot_mode == "measured" and len(chain.entries) >= len(LAYER_ORDER)
+    if measured:
+        res.add("measured-boot", AFFIRMING, "firmware, bootstrap and image were each measured")
+    else:
+        why = f"boot mode {ev.boot_mode}, {len(chain.entries)} measured layer(s)"
+        res.add("measured-boot", WARNING if allow_unmeasured else CONTRAINDICATED, f"unmeasured boot: {why}")
+    _check_measurements(res, ev, chain, manifest, manifest_cid)
+    _check_manifest(res, ev, manifest_cid)
+    return res
+
+
+def _check_nonce(res: AppraisalResult, ev: Evidence, expected_nonce: bytes) -> None:
+    if hmac.compare_digest(ev.nonce, expected_nonce):
+        res.add("nonce", AFFIRMING, "matches this challenge")
+    else:
+        res.add("nonce", CONTRAINDICATED, "nonce does not match the challenge: replayed or stale evidence")
+
+
+def _check_signature_and_debug(res: AppraisalResult, ev: Evidence, chain: VerifiedChain) -> None:
     try:
         cose.verify1_attached(ev.sign1, chain.leaf_public_key)
         res.add("signature", AFFIRMING, "signed by the DICE leaf key")
@@ -286,16 +331,85 @@ def appraise(evidence: bytes, *, expected_nonce: bytes, roots: DeviceRoots, mani
         res.add("debug-mode", CONTRAINDICATED, f"layer(s) {debug} booted in debug mode")
     else:
         res.add("debug-mode", AFFIRMING, "no layer in debug mode")
-    measured = ev.boot_mode == "measured" and len(chain.entries) >= len(LAYER_ORDER)
-    if measured:
-        res.add("measured-boot", AFFIRMING, "firmware, bootstrap and image were each measured")
-    else:
-        why = f"boot mode {ev.boot_mode}, {len(chain.entries)} measured layer(s)"
-        res.add("measured-boot", WARNING if allow_unmeasured else CONTRAINDICATED, f"unmeasured boot: {why}")
-    _check_measurements(res, ev, chain, manifest, manifest_cid)
+
+
+def _check_manifest(res: AppraisalResult, ev: Evidence, manifest_cid: CID | None) -> None:
     if manifest_cid is not None:
         if ev.manifest_cid is not None and ev.manifest_cid.multihash == manifest_cid.multihash:
             res.add("manifest", AFFIRMING, f"booted manifest {manifest_cid}")
         else:
             res.add("manifest", CONTRAINDICATED, f"booted manifest {ev.manifest_cid}, expected {manifest_cid}")
+
+
+# TPM appraisal steps (cidboot.trust.tpm.appraise) -> the checks-list names
+TPM_CHECKS = {AK_ENROLLED: "tpm.ak-enrolled", QUOTE_SIGNATURE: "tpm.quote-signature", NONCE_FRESH: "tpm.nonce-binding",
+              REPLAY: "tpm.replay", FIRMWARE: "tpm.firmware", PCR4: "tpm.pcr4-uki", PCR11: "tpm.pcr11-sections",
+              PCR15: "tpm.pcr15-manifest"}
+TPM_LAYERS = ("image",)  # a TPM device's DICE chain starts at L1: its one certificate measures the image
+_OUTCOME = {PASS: AFFIRMING, WARN: WARNING, FAIL: CONTRAINDICATED}
+
+
+def _appraise_tpm(res: AppraisalResult, ev: Evidence, tpm: TpmEvidence, *, expected_nonce: bytes, roots: DeviceRoots,
+                  manifest: Manifest | None, manifest_cid: CID | None,
+                  references: TpmReferences | None) -> AppraisalResult:
+    """TPM-rooted evidence: the quote (AK enrolled, signature, qualifying data = SHA-256(nonce ||
+    L1 key)), the UEFI log plus the bootstrap's events replayed to the quoted PCRs, the firmware
+    baseline, PCR 4/11 against the UKI, PCR 15 against the signed manifest; then the DICE chain
+    from L1 down to the alias key that signed the EAT, and the role from the registry."""
+    res.add("format", AFFIRMING, f"well-formed EAT, TPM-rooted: quote over PCRs {list(tpm.pcrs)}, "
+                                 f"{len(tpm.bootstrap_events)} bootstrap event(s)")
+    _check_nonce(res, ev, expected_nonce)
+    try:
+        chain = verify_chain(ev.chain, allow_debug=True)
+    except VerificationError as e:
+        res.add("dice-chain", CONTRAINDICATED, f"broken DICE chain from L1: {e}")
+        return res
+    res.add("dice-chain", AFFIRMING, f"{len(chain.entries)} certificate(s) verify to L1's key")
+    try:
+        ak_name = parse_public(tpm.ak_public).name
+    except FormatError as e:
+        res.add("tpm.ak-enrolled", CONTRAINDICATED, f"the AK is not a TPM attestation key: {e}")
+        return res
+    did = tpm_device_id(ak_name)
+    res.device_id = did
+    device = roots.tpm.get(did)
+    if device is not None:
+        res.add("device", AFFIRMING, f"enrolled TPM device {roots.names.get(did) or did}")
+    else:
+        res.add("device", CONTRAINDICATED, f"unknown device: AK {ak_name.hex()[:20]}... (device {did}) is not enrolled")
+    _check_role(res, ev.role, did, roots, device is not None)
+    enrolment = device.enrolment() if device is not None else TpmEnrolment(frozenset())
+    refs = references or TpmReferences(())
+    if manifest is not None and manifest_cid is not None:
+        refs = TpmReferences(refs.applications, refs.stub_events, bootstrap_events(manifest_cid, manifest))
+    try:
+        binding = qualifying_data(expected_nonce, chain.root_public_key)
+        log_events = tpm.log_events()
+    except FormatError as e:
+        res.add("tpm.nonce-binding", CONTRAINDICATED, str(e))
+        return res
+    quoted: tuple[int, ...] = ()
+    for c in tpm_checks(attest=tpm.quote, signature=tpm.signature, ak_public=tpm.ak_public, event_log=tpm.uefi_log,
+                        nonce=binding, enrolment=enrolment, references=refs, extra_events=log_events,
+                        uki_known=references is not None, state=(st := TpmState())):
+        reason = c.reason
+        if c.name == NONCE_FRESH and c.outcome == PASS:
+            reason = "the quote's qualifying data is SHA-256(this challenge || L1's key): fresh, and about this chain"
+        if c.name == REPLAY and c.outcome == PASS and st.quote is not None:
+            quoted = tuple(sorted({i for _, idx in st.quote.selection for i in idx}))
+            if quoted != tpm.pcrs:
+                res.add("tpm.replay", CONTRAINDICATED, f"the evidence says PCRs {list(tpm.pcrs)} were quoted, "
+                                                       f"the quote selects {list(quoted)}")
+                return res
+        res.add(TPM_CHECKS[c.name], _OUTCOME[c.outcome], reason)
+    if manifest is None or manifest_cid is None:
+        res.add("tpm.pcr15-manifest", WARNING, "no manifest given: the bootstrap's events are not compared")
+    _check_signature_and_debug(res, ev, chain)
+    if chain.entries:
+        res.add("measured-boot", AFFIRMING, "firmware, UKI and bootstrap measured into the TPM; the image by L1")
+    else:
+        res.add("measured-boot", CONTRAINDICATED, "L1 issued no certificate: the image was not measured")
+    _check_measurements(res, ev, chain, manifest, manifest_cid, TPM_LAYERS)
+    _check_manifest(res, ev, manifest_cid)
     return res
+

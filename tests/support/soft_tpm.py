@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -73,3 +74,64 @@ class SoftTpm:
 
     def log(self) -> bytes:
         return eventlog.build(self.events)
+
+
+class SoftTpmDevice:
+    """A whole TPM-rooted device in software, for appraisal tests: UEFI measures firmware and the
+    UKI's two applications (PCR 0, 4, 7; a real OVMF log is the integration tests' business), the
+    bootstrap L1 extends PCR 15 with the manifest and its layers (not in the firmware log), and
+    its DICE chain from L1 (key from a CDI standing in for the TPM-bound one) certifies the image
+    whose alias key signs the EAT. `evidence(nonce)` is what `agent attest` would receive."""
+
+    def __init__(self, manifest_cid: Any, manifest: Any, signer_ids: list[bytes], *, kind: str = "ecdsa",
+                 role: str | None = "worker", cdi: bytes | None = None) -> None:
+        import os
+
+        from cidboot.trust.dice.software import derive_layers
+        from cidboot.trust.measure import image_inputs
+        from cidboot.trust.tpm.evidence import measure_manifest
+
+        self.tpm = SoftTpm(kind)
+        self.apps = [hashlib.sha256(b"uki " + os.urandom(8)).digest(), hashlib.sha256(b"kernel").digest()]
+        action = b"Calling EFI Application from Boot Option"
+        self.tpm.measure(0, eventlog.EV_EFI_PLATFORM_FIRMWARE_BLOB, hashlib.sha256(b"OVMF").digest())
+        self.tpm.measure(7, eventlog.EV_EFI_VARIABLE_DRIVER_CONFIG, hashlib.sha256(b"SecureBoot=0").digest())
+        self.tpm.measure(4, eventlog.EV_EFI_ACTION, hashlib.sha256(action).digest(), action)
+        for pcr in (0, 4, 7):
+            self.tpm.measure(pcr, eventlog.EV_SEPARATOR, hashlib.sha256(bytes(4)).digest(), bytes(4))
+        for app in self.apps:
+            self.tpm.measure(4, eventlog.EV_EFI_BOOT_SERVICES_APPLICATION, app)
+        self.boot_events = measure_manifest(manifest_cid, [layer.cid for layer in manifest.layers])
+        self.manifest_cid, self.role = manifest_cid, role
+        self.dice = derive_layers(cdi or os.urandom(32), [image_inputs(manifest_cid, manifest, signer_ids)])
+        self.pcrs = [0, 4, 7, 15]
+
+    def device(self) -> Any:
+        """The enrolment record: AK and the firmware baseline of this (known-good) boot."""
+        from cidboot.trust.appraisal import TpmDevice
+
+        pcrs = eventlog.parse(eventlog.build(self.tpm.events)).replay()
+        return TpmDevice(self.tpm.public, {0: pcrs[0], 7: pcrs[7]})
+
+    def references(self) -> Any:
+        from cidboot.trust.tpm.appraise import TpmReferences
+
+        return TpmReferences(list(self.apps))
+
+    def tpm_evidence(self, quote_nonce: bytes, *, events: Any = None, log: bytes | None = None) -> Any:
+        from cidboot.trust.tpm.evidence import TpmEvidence, qualifying_data
+
+        evs = tuple(self.boot_events if events is None else events)
+        a, s = self.tpm.quote(qualifying_data(quote_nonce, self.dice.root_public_key), self.pcrs,
+                              tuple((e.pcr, e.digest) for e in self.boot_events))
+        return TpmEvidence(a, s, self.tpm.public, self.tpm.log() if log is None else log, evs, tuple(self.pcrs))
+
+    def evidence(self, nonce: bytes, *, quote_nonce: bytes | None = None, events: Any = None,
+                 log: bytes | None = None) -> bytes:
+        from cidboot.trust.eat import TPM_MEASURED, build_evidence
+        from cidboot.trust.tpm.evidence import ueid
+
+        tev = self.tpm_evidence(nonce if quote_nonce is None else quote_nonce, events=events, log=log)
+        return build_evidence(nonce=nonce, leaf_key=self.dice.leaf_key, chain=self.dice.chain, ueid=ueid(self.tpm.name),
+                              measurements={}, manifest_cid=self.manifest_cid, boot_mode=TPM_MEASURED,
+                              role=self.role, tpm=tev)

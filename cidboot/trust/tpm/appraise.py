@@ -11,13 +11,18 @@ the quoted PCRs; only then are individual events compared with the references.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from cidboot.ipld.cid import CID
 from cidboot.trust.manifest.model import Manifest
 from cidboot.trust.tpm import eventlog
-from cidboot.trust.tpm.errors import ReferenceMismatchError
+from cidboot.trust.tpm.errors import (
+    AkNotEnrolledError,
+    ReferenceMismatchError,
+    TpmFormatError,
+    TpmVerificationError,
+)
 from cidboot.trust.tpm.eventlog import (
     EV_EFI_ACTION,
     EV_EFI_BOOT_SERVICES_APPLICATION,
@@ -26,7 +31,14 @@ from cidboot.trust.tpm.eventlog import (
     Event,
     EventLog,
 )
-from cidboot.trust.tpm.quote import AttestationKey, Quote, check_pcrs, parse_public, verify_quote
+from cidboot.trust.tpm.quote import (
+    AttestationKey,
+    Quote,
+    check_nonce,
+    check_pcrs,
+    parse_public,
+    verify_signature,
+)
 from cidboot.trust.tpm.reference import (
     BOOTSTRAP_PCR,
     STUB_PCR,
@@ -82,34 +94,138 @@ class TpmAppraisal:
         return not self.warnings
 
 
+PASS, WARN, FAIL = "pass", "warn", "fail"
+
+
+@dataclass(frozen=True)
+class TpmCheck:
+    """One step of TPM appraisal: `name` (stable: the checks list and EAR mapping use it), its
+    outcome (PASS, WARN: not compared, so not affirming; FAIL: `error` is what was raised)."""
+
+    name: str
+    outcome: str
+    reason: str
+    error: TpmFormatError | TpmVerificationError | None = None
+
+
+AK_ENROLLED, QUOTE_SIGNATURE, NONCE_FRESH, REPLAY = "ak enrolled", "quote signature", "nonce fresh", \
+    "event log replays to quoted PCRs"
+FIRMWARE, PCR4, PCR11, PCR15 = "firmware PCRs match enrolment", "UKI and kernel digests (PCR 4)", \
+    "UKI sections (PCR 11)", "manifest and layer events"
+CHECK_NAMES = (AK_ENROLLED, QUOTE_SIGNATURE, NONCE_FRESH, REPLAY, FIRMWARE, PCR4, PCR11, PCR15)
+
+
 def appraise_tpm(*, attest: bytes, signature: bytes, ak_public: bytes, event_log: bytes, nonce: bytes,
                  enrolment: TpmEnrolment, references: TpmReferences,
-                 required_pcrs: Collection[int] | None = None) -> TpmAppraisal:
+                 required_pcrs: Collection[int] | None = None, extra_events: Sequence[Event] = ()) -> TpmAppraisal:
     """Verify TPM evidence; raises the precise TpmVerificationError / TpmFormatError subclass of
-    the first check that fails. `required_pcrs` defaults to the firmware PCRs that were enrolled,
-    PCR 4, and BOOTSTRAP_PCR when bootstrap events are expected."""
-    checks = []
-    ak: AttestationKey = parse_public(ak_public)
-    quote = verify_quote(attest, signature, ak, nonce=nonce, enrolled=enrolment.ak_names)
-    checks += ["ak enrolled", "quote signature", "nonce fresh"]
-    log = eventlog.parse(event_log)
-    pcrs = log.replay()
-    required = set(required_pcrs) if required_pcrs is not None else (
-        set(enrolment.firmware_pcrs) | {UKI_PCR} | ({STUB_PCR} if references.stub_events else set())
-        | ({BOOTSTRAP_PCR} if references.bootstrap_events else set()))
-    check_pcrs(quote, pcrs, required)
-    checks.append("event log replays to quoted PCRs")
-    for i in sorted(enrolment.firmware_pcrs):
-        if pcrs[i] != enrolment.firmware_pcrs[i]:
-            raise ReferenceMismatchError(f"PCR {i}: firmware measurements {pcrs[i].hex()} differ from the enrolled "
-                                         f"baseline {enrolment.firmware_pcrs[i].hex()}")
-    warnings = []
-    if enrolment.firmware_pcrs:
-        checks.append("firmware PCRs match enrolment")
+    the first check that fails (`tpm_checks` gives every step's outcome instead)."""
+    passed: list[str] = []
+    warnings: list[str] = []
+    state = TpmState()
+    for c in tpm_checks(attest=attest, signature=signature, ak_public=ak_public, event_log=event_log, nonce=nonce,
+                        enrolment=enrolment, references=references, required_pcrs=required_pcrs,
+                        extra_events=extra_events, state=state):
+        if c.error is not None:
+            raise c.error
+        (passed if c.outcome == PASS else warnings).append(c.name if c.outcome == PASS else c.reason)
+    assert state.quote is not None and state.log is not None
+    return TpmAppraisal(state.quote, state.log, state.pcrs, tuple(passed), tuple(warnings))
+
+
+@dataclass
+class TpmState:
+    """What `tpm_checks` learned on the way (the verified quote, the combined log, its replay)."""
+
+    quote: Quote | None = None
+    log: EventLog | None = None
+    pcrs: dict[int, bytes] = field(default_factory=dict)
+
+
+_TpmError = (TpmFormatError, TpmVerificationError)
+
+
+def tpm_checks(*, attest: bytes, signature: bytes, ak_public: bytes, event_log: bytes, nonce: bytes,
+               enrolment: TpmEnrolment, references: TpmReferences, required_pcrs: Collection[int] | None = None,
+               extra_events: Sequence[Event] = (), state: TpmState | None = None,
+               uki_known: bool = True) -> Iterator[TpmCheck]:
+    """Each check in order, as a TpmCheck; stops after the first FAIL (nothing later is believed).
+
+    `nonce` is what extraData must equal (for a TPM-rooted DICE chain: `evidence.qualifying_data`);
+    `extra_events` are events extended after the firmware log was closed (the bootstrap's own,
+    `TpmEvidence.log_events`), replayed after it. `required_pcrs` defaults to the firmware PCRs
+    that were enrolled, PCR 4, and PCR 11 / BOOTSTRAP_PCR when their events are expected.
+    `uki_known=False`: the verifier has no UKI to derive PCR 4/11 references from; those checks
+    are a WARN (never affirming) rather than a FAIL, and PCR 15 is still compared."""
+    st = state if state is not None else TpmState()
+    try:
+        ak: AttestationKey = parse_public(ak_public)
+        if ak.name not in enrolment.ak_names:
+            raise AkNotEnrolledError(f"AK {ak.name.hex()} is not enrolled for this device")
+    except _TpmError as e:
+        yield TpmCheck(AK_ENROLLED, FAIL, str(e), e)
+        return
+    yield TpmCheck(AK_ENROLLED, PASS, f"AK {ak.name.hex()[:20]}... is enrolled")
+    try:
+        q = verify_signature(attest, signature, ak)
+    except _TpmError as e:
+        yield TpmCheck(QUOTE_SIGNATURE, FAIL, str(e), e)
+        return
+    yield TpmCheck(QUOTE_SIGNATURE, PASS, "the quote verifies with the enrolled AK")
+    try:
+        st.quote = check_nonce(q, nonce)
+    except _TpmError as e:
+        yield TpmCheck(NONCE_FRESH, FAIL, str(e), e)
+        return
+    yield TpmCheck(NONCE_FRESH, PASS, "the quote's qualifying data is this challenge's")
+    try:
+        fw = eventlog.parse(event_log)
+        extra = tuple(replace(ev, index=len(fw.events) + k) for k, ev in enumerate(extra_events))
+        log = EventLog(fw.spec_id, fw.events + extra, fw.startup_locality)
+        pcrs = log.replay()
+        required = set(required_pcrs) if required_pcrs is not None else (
+            set(enrolment.firmware_pcrs) | {UKI_PCR} | ({STUB_PCR} if references.stub_events else set())
+            | ({BOOTSTRAP_PCR} if references.bootstrap_events else set()))
+        check_pcrs(q, pcrs, required)
+    except _TpmError as e:
+        yield TpmCheck(REPLAY, FAIL, str(e), e)
+        return
+    st.log, st.pcrs = log, pcrs
+    covered = sorted({i for _, idx in q.selection for i in idx})
+    yield TpmCheck(REPLAY, PASS, f"{len(log.events)} events replay to the quoted PCRs {covered}")
+    if not enrolment.firmware_pcrs:
+        yield TpmCheck(FIRMWARE, WARN, "no firmware PCR baseline enrolled: any firmware is accepted")
     else:
-        warnings.append("no firmware PCR baseline enrolled: any firmware is accepted")
-    checks += check_references(log, references)
-    return TpmAppraisal(quote, log, pcrs, tuple(checks), tuple(warnings))
+        for i in sorted(enrolment.firmware_pcrs):
+            if pcrs[i] != enrolment.firmware_pcrs[i]:
+                err = ReferenceMismatchError(f"PCR {i}: firmware measurements {pcrs[i].hex()} differ from the "
+                                             f"enrolled baseline {enrolment.firmware_pcrs[i].hex()}")
+                yield TpmCheck(FIRMWARE, FAIL, str(err), err)
+                return
+        yield TpmCheck(FIRMWARE, PASS, f"PCRs {sorted(enrolment.firmware_pcrs)} equal the enrolled baseline")
+    steps: list[tuple[str, Callable[[], None], str]] = []
+    if not uki_known:
+        yield TpmCheck(PCR4, WARN, "no UKI given to derive PCR 4 and PCR 11 references from: "
+                                   "the bootstrap and its kernel are not compared")
+    else:
+        steps.append((PCR4, lambda: _check_pcr4(log, list(references.applications)), "the UKI and its kernel, as built"))
+    if uki_known and not references.applications:
+        none = ReferenceMismatchError(f"PCR {UKI_PCR}: no reference application digests to compare with")
+        yield TpmCheck(PCR4, FAIL, str(none), none)
+        return
+    if references.stub_events and uki_known:
+        steps.append((PCR11, lambda: _match(log, STUB_PCR, list(references.stub_events)),
+                      f"{len(references.stub_events)} stub section events"))
+    if references.bootstrap_events:
+        steps.append((PCR15, lambda: _match(log, BOOTSTRAP_PCR, list(references.bootstrap_events), True),
+                      f"the manifest and {len(references.bootstrap_events) - 1} layer(s), in order"))
+    for name, fn, ok in steps:
+        try:
+            fn()
+        except _TpmError as e:
+            yield TpmCheck(name, FAIL, str(e), e)
+            return
+        yield TpmCheck(name, PASS, ok)
 
 
 def check_references(log: EventLog, references: TpmReferences) -> list[str]:
@@ -124,7 +240,7 @@ def check_references(log: EventLog, references: TpmReferences) -> list[str]:
         _match(log, STUB_PCR, list(references.stub_events))
         checks.append("UKI sections (PCR 11)")
     if references.bootstrap_events:
-        _match(log, BOOTSTRAP_PCR, list(references.bootstrap_events))
+        _match(log, BOOTSTRAP_PCR, list(references.bootstrap_events), True)
         checks.append("manifest and layer events")
     return checks
 
@@ -155,12 +271,14 @@ def _check_pcr4(log: EventLog, applications: list[bytes]) -> None:
                    else ", not in the references"))
 
 
-def _match(log: EventLog, pcr: int, want: list[ExpectedEvent]) -> None:
-    """The PCR's extending events are exactly `want`, in order (type and digest)."""
+def _match(log: EventLog, pcr: int, want: list[ExpectedEvent], compare_data: bool = False) -> None:
+    """The PCR's extending events are exactly `want`, in order (type and digest, and with
+    `compare_data` the event data too: for our own events, whose data names the CID)."""
     got = [ev for ev in log.events if ev.pcr == pcr and ev.event_type != EV_NO_ACTION]
     for k in range(max(len(got), len(want))):
         g, w = (got[k] if k < len(got) else None), (want[k] if k < len(want) else None)
-        if g is None or w is None or g.event_type != w.event_type or g.sha256 != w.digest:
+        if g is None or w is None or g.event_type != w.event_type or g.sha256 != w.digest \
+                or (compare_data and w.data is not None and g.data != w.data):
             raise ReferenceMismatchError(
                 f"PCR {pcr} event {k}: " + (f"expected {w.what!r}" if w else "unexpected extra event")
                 + (f", the log has {g.data[:80]!r} ({g.sha256.hex()})" if g else ", the log ends"))

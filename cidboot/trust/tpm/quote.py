@@ -253,8 +253,22 @@ def verify_quote(attest: bytes, signature: bytes, ak: AttestationKey, *, nonce: 
         raise AttestFormatError(f"TPMS_ATTEST: {len(attest)} bytes exceeds the maximum of {MAX_ATTEST}")
     # the signature first: a bit flipped anywhere in the quote is a signature failure, and no field
     # of an unsigned structure is looked at
+    return check_nonce(verify_signature(attest, signature, ak), nonce)
+
+
+def verify_signature(attest: bytes, signature: bytes, ak: AttestationKey) -> Quote:
+    """The AK's signature over the exact TPMS_ATTEST bytes, checked before any field is parsed;
+    then the parsed quote (which says nothing about freshness yet: `check_nonce`)."""
+    if len(attest) > MAX_ATTEST:
+        raise AttestFormatError(f"TPMS_ATTEST: {len(attest)} bytes exceeds the maximum of {MAX_ATTEST}")
     _verify_signature(bytes(attest), parse_signature(signature), ak)
-    q = parse_attest(attest)
+    return parse_attest(attest)
+
+
+def check_nonce(q: Quote, nonce: bytes) -> Quote:
+    """extraData is `nonce` (constant time); an empty nonce never passes."""
+    if not nonce:
+        raise NonceMismatchError("no nonce to compare against: a quote without a challenge proves no freshness")
     if not hmac.compare_digest(q.extra_data, nonce):
         raise NonceMismatchError("the quote's qualifying data is not this challenge's nonce (replayed quote)")
     return q
