@@ -64,14 +64,15 @@ def available(paths: tuple[str, ...] = device.DEVICES, log_path: str = device.EV
 
 
 def _mount_securityfs() -> None:
-    if os.path.exists(device.EVENT_LOG) or not os.path.isdir(SECURITYFS):
+    """The kernel shows the firmware's event log in securityfs, which PID 1 must mount itself."""
+    if os.getpid() != 1 or os.path.exists(device.EVENT_LOG) or not os.path.isdir(SECURITYFS):
         return
     from cidboot.stage import pid1
 
     try:
         pid1.mount("securityfs", SECURITYFS, "securityfs")
-    except OSError:
-        pass  # not PID 1 (tests) or already mounted: available() then says what it sees
+    except (CidbootError, OSError):
+        pass  # no securityfs: available() then sees no event log, and the boot is unmeasured
 
 
 def start(paths: tuple[str, ...] = device.DEVICES, log_path: str = device.EVENT_LOG) -> tuple[bytearray, TpmRoot]:
