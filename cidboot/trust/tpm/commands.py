@@ -270,6 +270,8 @@ def parse_nv_size(resp: bytes) -> int:
     if len(public) < 14:  # nvIndex, nameAlg, attributes, authPolicy (2B), dataSize
         raise TpmResponseError("TPM2_NV_ReadPublic: nvPublic too short")
     (n,) = struct.unpack_from(">H", public, 10)
+    if 14 + n > len(public):
+        raise TpmResponseError(f"TPM2_NV_ReadPublic: an authPolicy of {n} bytes runs past nvPublic")
     return int(struct.unpack_from(">H", public, 12 + n)[0])
 
 
