@@ -159,17 +159,21 @@ class Lab:
                 "--manifest", str(self.dep.workload.manifest), "--store", str(self.dep.store), "--json"]
         if allow_unmeasured:
             argv.append("--allow-unmeasured")
-        if dev.swtpm is not None:  # PCR 4/11 references come from the bootstrap UKI the device was served
-            argv += ["--uki", str(self.served_uki())]
+        if dev.swtpm is not None:  # PCR 4/11 references: the bootstrap UKI as built (not what a device was served)
+            argv += ["--uki", str(self.built_uki())]
         proc = self.net.run(argv, capture_output=True, text=True, timeout=120)
         try:
             return dict(json.loads(proc.stdout))
         except ValueError:
             return {"status": "none", "checks": [], "reason": f"agent attest failed: {proc.stderr.strip()[-500:]}"}
 
+    def built_uki(self, arch: str = "x86_64") -> Path:
+        """The bootstrap UKI as the deployment built it: what a UEFI device's PCR 4 must hold."""
+        return next(p for p in self.dep.bootstrap.uki.values() if arch in p.name)
+
     def served_uki(self, arch: str = "x86_64") -> Path:
-        """The bootstrap UKI the boot server hands UEFI devices (what their PCR 4 must hold)."""
-        return next(self.out / "tftp" / p.name for p in self.dep.bootstrap.uki.values() if arch in p.name)
+        """The copy the boot server hands UEFI devices (a test may change it: the verifier does not use it)."""
+        return self.out / "tftp" / self.built_uki(arch).name
 
     def results(self, dev: Device) -> Any:
         if not dev.url:

@@ -273,7 +273,8 @@ def test_hello_on_a_tpm_device_is_affirming_and_a_one_byte_changed_bootstrap_is_
         assert dev.outcome == "ready", f"{dev.outcome}: {dev.reason}\n{dev.guest.console.text()[-3000:]}"
         line, m = dev.guest.wait_for_console(r"cidboot: agent: flow done: (\d+) result", 300)
         text = dev.guest.console.text()
-        good_uki = lb.served_uki().read_bytes()
+        good_uki = lb.built_uki().read_bytes()
+        assert lb.served_uki().read_bytes() == good_uki
         baseline = lb.enrol(dev)  # the factory's known-good boot
         roots = DeviceRoots.load(lb.roots_file)
         (device,) = roots.tpm.values()
@@ -287,7 +288,7 @@ def test_hello_on_a_tpm_device_is_affirming_and_a_one_byte_changed_bootstrap_is_
     assert result.checks[-1] == "manifest and layer events", result.checks  # PCR 15: what L1 verified
     with pytest.raises(NonceMismatchError):  # the same quote for another challenge: replayed
         _appraise_evidence(os.urandom(32), ev, device, good_uki, dep)
-    d = report["devices"][0]
+    d = good_report = report["devices"][0]
     assert (d["firmware"], d["boot"]) == ("uefi-http", "tpm-measured")
     assert d["appraisal"]["status"] == "affirming", d["appraisal"]
     assert m[1] != "0" and "hello, world" in json.dumps(d["flow_results"]), d["flow_results"]
@@ -312,9 +313,13 @@ def test_hello_on_a_tpm_device_is_affirming_and_a_one_byte_changed_bootstrap_is_
     assert any("PCR 4" in r for r in d["appraisal"]["reasons"]), d["appraisal"]
     bad_l1, bad_l2 = _keys(bad)
     assert bad_l1 != good_l1 and bad_l2 != good_l2  # another CDI_1, so another CDI_2
+    t_ready_bad = next(ln.t for ln in dev.guest.console.lines if "agent ready" in ln.text)
+    print(f"\nappraisal of the good boot: {json.dumps(good_report['appraisal'])[:1500]}")
+    print(f"appraisal of the changed boot: {json.dumps(d['appraisal'])[:1500]}")
     print(f"\nuefi-http --tpm: power-on to agent ready {t_ready:.1f} s (TCG); firmware baseline PCRs "
           f"{sorted(baseline)}; PCR 15 events {len(ev.tpm.bootstrap_events) if ev.tpm else 0}; appraisal affirming; "
-          f"one-byte-changed UKI: contraindicated at PCR 4, L1 key {good_l1.hex()[:16]}.. -> {bad_l1.hex()[:16]}..")
+          f"one-byte-changed UKI: contraindicated at PCR 4, L1 key {good_l1.hex()[:16]}.. -> {bad_l1.hex()[:16]}.., "
+          f"L2 key {good_l2.hex()[:16]}.. -> {bad_l2.hex()[:16]}..; power-on to agent ready {t_ready_bad:.1f} s")
 
 
 def _keys(ev: Evidence) -> tuple[bytes, bytes]:
