@@ -45,7 +45,8 @@ from cidboot.trust.cose_key import raw_public_bytes
 from cidboot.trust.dice.chain import verify_chain
 from cidboot.trust.dice.derive import key_from_cdi
 from cidboot.trust.dice.software import DerivedIdentity
-from cidboot.trust.eat import NONCE_MAX, NONCE_MIN, build_evidence, ueid_for
+from cidboot.trust.eat import NONCE_MAX, NONCE_MIN, TPM_MEASURED, build_evidence, ueid_for
+from cidboot.trust.tpm.evidence import TpmEvidence
 
 log = logging.getLogger("agent.api")
 
@@ -129,13 +130,23 @@ class Attester:
     boot_mode: str = "measured"
     role: str | None = None
     measurements: dict[str, bytes] = field(default_factory=dict)
+    # a TPM-rooted device: nonce -> its TpmEvidence, quoted with qualifying data
+    # cidboot.trust.tpm.evidence.qualifying_data(nonce, L1 key) (the chain's root)
+    tpm: Callable[[bytes], TpmEvidence] | None = None
 
     @classmethod
     def from_chain(cls, leaf_key: PrivateKey, chain: bytes, *, manifest_cid: CID | None, boot_mode: str = "measured",
-                   role: str | None = None) -> Attester:
+                   role: str | None = None, tpm: Callable[[bytes], TpmEvidence] | None = None,
+                   ueid: bytes | None = None) -> Attester:
+        """`tpm` (with the device's `ueid`, tpm.evidence.ueid of its AK name): a TPM-rooted
+        device, whose chain starts at L1 and measures the image only."""
         vc = verify_chain(chain, allow_debug=True)  # appraisal judges debug mode; we only read it
-        meas = {LAYERS[i]: e.code_hash for i, e in enumerate(vc.entries[:len(LAYERS)])}
-        return cls(leaf_key, chain, ueid_for(raw_public_bytes(vc.root_public_key)), manifest_cid, boot_mode, role, meas)
+        layers = ("image",) if tpm is not None else LAYERS
+        meas = {layers[i]: e.code_hash for i, e in enumerate(vc.entries[:len(layers)])}
+        if tpm is not None:
+            boot_mode = TPM_MEASURED
+        return cls(leaf_key, chain, ueid or ueid_for(raw_public_bytes(vc.root_public_key)), manifest_cid, boot_mode,
+                   role, meas, tpm)
 
     @classmethod
     def from_cdi(cls, cdi_attest: bytes, chain: bytes, **kw: Any) -> Attester:
@@ -154,7 +165,8 @@ class Attester:
     def evidence(self, nonce: bytes) -> bytes:
         return build_evidence(nonce=nonce, leaf_key=self.leaf_key, chain=self.chain, ueid=self.ueid,
                               measurements=self.measurements, manifest_cid=self.manifest_cid,
-                              boot_mode=self.boot_mode, role=self.role)
+                              boot_mode=self.boot_mode, role=self.role,
+                              tpm=self.tpm(nonce) if self.tpm is not None else None)
 
 
 @dataclass(frozen=True)

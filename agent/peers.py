@@ -1,7 +1,8 @@
 """Exchanging flow inputs between agents, each side attested to the other with a fresh nonce.
 
-An input crosses devices only between two agents that have just proven, with DICE evidence
-appraised against the registered device roots and the signed manifest, that they run the
+An input crosses devices only between two agents that have just proven, with evidence (DICE- or
+TPM-rooted: `Verifier.appraise` dispatches, and everything after it is the same) appraised
+against the registered device roots and the signed manifest, that they run the
 released image on a registered device, and only from the agent that holds the attested alias
 key. The sender S and the receiver R:
 

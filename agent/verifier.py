@@ -33,8 +33,15 @@ from dataclasses import dataclass, field
 
 from agent.attestation_api import AgentServer, HttpError, Request, Response, Route
 from cidboot.ipld.cid import CID
-from cidboot.trust.appraisal import CONTRAINDICATED, AppraisalResult, DeviceRoots, appraise
+from cidboot.trust.appraisal import (
+    CONTRAINDICATED,
+    AppraisalResult,
+    DeviceRoots,
+    appraise,
+    with_bootstrap_events,
+)
 from cidboot.trust.manifest.model import Manifest
+from cidboot.trust.tpm.appraise import TpmReferences
 
 NONCE_BYTES = 32
 TTL = 60.0
@@ -133,17 +140,29 @@ class Challenges:
 
 @dataclass
 class Verifier:
-    """Appraises evidence against registered device roots and, when given, the signed manifest."""
+    """Appraises evidence against registered device roots and, when given, the signed manifest.
+
+    DICE- and TPM-rooted evidence alike (cidboot.trust.appraisal.appraise dispatches on the EAT):
+    peers and `agent serve --verifier` accept a TPM device exactly as a DICE one. For a TPM
+    device's PCR 4/11 the verifier needs `tpm_references`, derived from the bootstrap UKI
+    (`TpmReferences.for_uki`); without them those checks are a warning (never affirming)."""
 
     roots: DeviceRoots
     manifest: Manifest | None = None
     manifest_cid: CID | None = None
     allow_unmeasured: bool = False
     challenges: Challenges = field(default_factory=Challenges)
+    tpm_references: TpmReferences | None = None
+
+    def __post_init__(self) -> None:
+        # the manifest's PCR 15 events, derived once rather than per appraisal
+        if self.tpm_references is not None:
+            self.tpm_references = with_bootstrap_events(self.tpm_references, self.manifest, self.manifest_cid)
 
     def appraise(self, evidence: bytes, nonce: bytes) -> AppraisalResult:
         return appraise(evidence, expected_nonce=nonce, roots=self.roots, manifest=self.manifest,
-                        manifest_cid=self.manifest_cid, allow_unmeasured=self.allow_unmeasured)
+                        manifest_cid=self.manifest_cid, allow_unmeasured=self.allow_unmeasured,
+                        tpm_references=self.tpm_references)
 
     def routes(self) -> list[Route]:
         return [Route("POST", "/attestation/session", self._new_session),

@@ -1,6 +1,11 @@
 """`agent attest URL`: challenge an agent with a fresh nonce and appraise its evidence locally,
 or, with `--verifier VURL`, let a remote verifier (agent/verifier.py) issue the nonce and
-appraise: the verifier's session nonce goes to the agent, the evidence back to the verifier."""
+appraise: the verifier's session nonce goes to the agent, the evidence back to the verifier.
+
+DICE- and TPM-rooted agents alike (the evidence says which): the same checks list and --json.
+For a TPM device, `--uki FILE` gives the bootstrap UKI the PCR 4/11 references are derived
+from. `--ear --ear-key PEM` prints the result as an EAR (draft-ietf-rats-ear) JWT signed with
+the verifier's key instead of the checks list."""
 
 from __future__ import annotations
 
@@ -16,8 +21,11 @@ from cidboot.cli import UsageError, print_json
 from cidboot.errors import CidbootError
 from cidboot.ipld.cid import CID
 from cidboot.store.blockstore import Blockstore
-from cidboot.trust.appraisal import AFFIRMING, DeviceRoots, appraise
+from cidboot.trust import keys
+from cidboot.trust.appraisal import AFFIRMING, AppraisalResult, DeviceRoots, appraise
+from cidboot.trust.ear import ear_claims, sign_ear
 from cidboot.trust.manifest import Manifest, SignedManifest
+from cidboot.trust.tpm.appraise import TpmReferences
 
 NONCE_BYTES = 32
 
@@ -35,8 +43,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--verifier", metavar="VURL",
                    help="appraise on this verifier (POST /attestation/session) instead of locally")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the agent (default 10)")
+    p.add_argument("--uki", type=Path, metavar="FILE",
+                   help="the bootstrap UKI a TPM device booted: PCR 4 and 11 references are derived from it")
     p.add_argument("--json", action="store_true", help="print the appraisal result as JSON")
+    p.add_argument("--ear", action="store_true",
+                   help="print the result as an EAR (EAT Attestation Result) JWT signed with --ear-key")
+    p.add_argument("--ear-key", type=Path, metavar="PEM", help="the verifier's private key that signs the EAR")
     p.set_defaults(func=run)
+
+
+def tpm_references(uki: Path | None) -> TpmReferences | None:
+    """PCR 4/11 references from the UKI file (its Authenticode and section hashes)."""
+    if uki is None:
+        return None
+    try:
+        return TpmReferences.for_uki(uki.read_bytes())
+    except OSError as e:
+        raise CidbootError(f"--uki: {e}") from None
+
+
+def print_ear(res: AppraisalResult, nonce: bytes, key_path: Path) -> int:
+    print(sign_ear(ear_claims(res, nonce=nonce), keys.load_private_key(key_path)))
+    return 0 if res.affirming else 1
 
 
 def _http(method: str, url: str, path: str, timeout: float, body: bytes | None = None,
@@ -93,10 +121,16 @@ def load_manifest(args: argparse.Namespace) -> tuple[Manifest | None, CID | None
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ear != (args.ear_key is not None):
+        raise UsageError("--ear and --ear-key go together: an EAR is signed with the verifier's key")
+    if args.ear and args.json:
+        raise UsageError("give --ear or --json, not both")
     if args.verifier:
-        if args.roots or args.manifest or args.manifest_file or args.allow_unmeasured:
+        if args.ear:
+            raise UsageError("--ear signs a local appraisal; with --verifier the remote verifier appraises")
+        if args.roots or args.manifest or args.manifest_file or args.allow_unmeasured or args.uki:
             raise UsageError("--verifier appraises with the verifier's own roots and manifest: "
-                               "drop --roots/--manifest/--manifest-file/--allow-unmeasured")
+                               "drop --roots/--manifest/--manifest-file/--allow-unmeasured/--uki")
         obj = via_verifier(args.url, args.verifier, args.timeout)
         if args.json:
             print_json(obj)
@@ -108,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
     manifest, mcid = load_manifest(args)
     roots = DeviceRoots.load(args.roots) if args.roots else DeviceRoots()
     nonce = os.urandom(NONCE_BYTES)
+    refs = tpm_references(args.uki)
     res = appraise(get_evidence(args.url, nonce, args.timeout), expected_nonce=nonce, roots=roots, manifest=manifest,
-                   manifest_cid=mcid, allow_unmeasured=args.allow_unmeasured)
+                   manifest_cid=mcid, allow_unmeasured=args.allow_unmeasured, tpm_references=refs)
+    if args.ear:
+        return print_ear(res, nonce, args.ear_key)
     return print_appraisal(res, as_json=args.json)

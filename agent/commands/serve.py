@@ -14,6 +14,7 @@ import hashlib
 from pathlib import Path
 
 from agent.attestation_api import Attester, serve_api
+from agent.commands.attest import tpm_references
 from agent.identity import uds as identity_uds
 from agent.verifier import Verifier
 from cidboot.cli import UsageError
@@ -37,6 +38,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--verifier", action="store_true", help="also serve POST /attestation/session[/ID]")
     p.add_argument("--roots", type=Path, help="device roots the verifier trusts (with --verifier)")
     p.add_argument("--allow-unmeasured", action="store_true", help="verifier: unmeasured boots give a warning")
+    p.add_argument("--uki", type=Path, metavar="FILE",
+                   help="verifier: the bootstrap UKI TPM devices boot (their PCR 4/11 references)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=run)
@@ -60,8 +63,8 @@ def software_identity(directory: Path, signed: SignedManifest | None, mcid: CID 
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.roots and not args.verifier:
-        raise UsageError("--roots is for --verifier")
+    if (args.roots or args.uki) and not args.verifier:
+        raise UsageError("--roots and --uki are for --verifier")
     store = Blockstore(args.store) if args.store or args.manifest else None
     signed = mcid = None
     if args.manifest:
@@ -79,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     srv = serve_api(attester, args.host, args.port, store=store)
     if args.verifier:
         srv.mount(*Verifier(DeviceRoots.load(args.roots) if args.roots else DeviceRoots(),
-                            signed.manifest if signed else None, mcid, args.allow_unmeasured).routes())
+                            signed.manifest if signed else None, mcid, args.allow_unmeasured,
+                            tpm_references=tpm_references(args.uki)).routes())
     print(f"agent: serving {srv.url}", flush=True)
     try:
         srv.serve_forever()

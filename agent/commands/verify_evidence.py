@@ -10,6 +10,7 @@ from cidboot.ipld.cid import CID
 from cidboot.store.blockstore import Blockstore
 from cidboot.trust.appraisal import AppraisalResult, DeviceRoots, appraise
 from cidboot.trust.manifest import SignedManifest
+from cidboot.trust.tpm.appraise import TpmReferences
 
 SYMBOL = {"affirming": "✓", "warning": "!", "contraindicated": "✗", "none": "?"}
 
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--manifest", required=True, help="CID of the signed manifest the device should run")
     p.add_argument("--store", type=Path, help="block store holding the manifest (default: $CIDBOOT_STORE)")
     p.add_argument("--allow-unmeasured", action="store_true", help="unmeasured (plain PXE) boots give a warning, not a refusal")
+    p.add_argument("--uki", type=Path, metavar="FILE", help="TPM devices: the bootstrap UKI (PCR 4/11 references)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -34,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     mcid = CID.parse(args.manifest)
     signed = SignedManifest.decode(Blockstore(args.store).get(mcid))
     res = appraise(args.file.read_bytes(), expected_nonce=nonce, roots=DeviceRoots.load(args.roots),
-                   manifest=signed.manifest, manifest_cid=mcid, allow_unmeasured=args.allow_unmeasured)
+                   manifest=signed.manifest, manifest_cid=mcid, allow_unmeasured=args.allow_unmeasured,
+                   tpm_references=TpmReferences.for_uki(args.uki.read_bytes()) if args.uki else None)
     return print_appraisal(res, as_json=args.json)
 
 

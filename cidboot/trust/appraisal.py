@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -109,12 +110,16 @@ class TpmDevice:
             if type(i) is not int or not 0 <= i < 24 or not isinstance(v, bytes) or len(v) != 32:
                 raise FormatError(f"TPM enrolment: firmware PCR {i!r} must be a PCR 0..23 with a 32-byte SHA-256 value")
 
-    @property
+    @cached_property
     def ak_name(self) -> bytes:
         return parse_public(self.ak_public).name
 
-    def enrolment(self) -> TpmEnrolment:
+    @cached_property
+    def _enrolment(self) -> TpmEnrolment:
         return TpmEnrolment(frozenset({self.ak_name}), dict(self.firmware_pcrs))
+
+    def enrolment(self) -> TpmEnrolment:
+        return self._enrolment
 
     def to_json(self) -> dict[str, Any]:
         return {"ak": self.ak_public.hex(), "ak_name": self.ak_name.hex(),
@@ -341,6 +346,15 @@ def _check_manifest(res: AppraisalResult, ev: Evidence, manifest_cid: CID | None
             res.add("manifest", CONTRAINDICATED, f"booted manifest {ev.manifest_cid}, expected {manifest_cid}")
 
 
+def with_bootstrap_events(refs: TpmReferences, manifest: Manifest | None, manifest_cid: CID | None) -> TpmReferences:
+    """`refs` plus the PCR 15 events derived from the signed manifest (unless already there: a
+    verifier that appraises many devices against one manifest derives them once, see
+    agent.verifier.Verifier)."""
+    if manifest is None or manifest_cid is None or refs.bootstrap_events:
+        return refs
+    return TpmReferences(refs.applications, refs.stub_events, bootstrap_events(manifest_cid, manifest))
+
+
 # TPM appraisal steps (cidboot.trust.tpm.appraise) -> the checks-list names
 TPM_CHECKS = {AK_ENROLLED: "tpm.ak-enrolled", QUOTE_SIGNATURE: "tpm.quote-signature", NONCE_FRESH: "tpm.nonce-binding",
               REPLAY: "tpm.replay", FIRMWARE: "tpm.firmware", PCR4: "tpm.pcr4-uki", PCR11: "tpm.pcr11-sections",
@@ -379,9 +393,7 @@ def _appraise_tpm(res: AppraisalResult, ev: Evidence, tpm: TpmEvidence, *, expec
         res.add("device", CONTRAINDICATED, f"unknown device: AK {ak_name.hex()[:20]}... (device {did}) is not enrolled")
     _check_role(res, ev.role, did, roots, device is not None)
     enrolment = device.enrolment() if device is not None else TpmEnrolment(frozenset())
-    refs = references or TpmReferences(())
-    if manifest is not None and manifest_cid is not None:
-        refs = TpmReferences(refs.applications, refs.stub_events, bootstrap_events(manifest_cid, manifest))
+    refs = with_bootstrap_events(references or TpmReferences(()), manifest, manifest_cid)
     try:
         binding = qualifying_data(expected_nonce, chain.root_public_key)
         log_events = tpm.log_events()

@@ -84,15 +84,20 @@ class SoftTpmDevice:
     whose alias key signs the EAT. `evidence(nonce)` is what `agent attest` would receive."""
 
     def __init__(self, manifest_cid: Any, manifest: Any, signer_ids: list[bytes], *, kind: str = "ecdsa",
-                 role: str | None = "worker", cdi: bytes | None = None) -> None:
+                 role: str | None = "worker", cdi: bytes | None = None, uki: bytes | None = None) -> None:
+        """`uki`: the bootstrap UKI booted (PCR 4 and the stub's PCR 11 events derived from it);
+        without one, two made-up application digests and no PCR 11."""
         import os
 
         from cidboot.trust.dice.software import derive_layers
         from cidboot.trust.measure import image_inputs
         from cidboot.trust.tpm.evidence import measure_manifest
+        from cidboot.trust.tpm.reference import uki_applications
 
         self.tpm = SoftTpm(kind)
-        self.apps = [hashlib.sha256(b"uki " + os.urandom(8)).digest(), hashlib.sha256(b"kernel").digest()]
+        self.uki = uki
+        self.apps = list(uki_applications(uki)) if uki is not None else [
+            hashlib.sha256(b"uki " + os.urandom(8)).digest(), hashlib.sha256(b"kernel").digest()]
         action = b"Calling EFI Application from Boot Option"
         self.tpm.measure(0, eventlog.EV_EFI_PLATFORM_FIRMWARE_BLOB, hashlib.sha256(b"OVMF").digest())
         self.tpm.measure(7, eventlog.EV_EFI_VARIABLE_DRIVER_CONFIG, hashlib.sha256(b"SecureBoot=0").digest())
@@ -101,10 +106,16 @@ class SoftTpmDevice:
             self.tpm.measure(pcr, eventlog.EV_SEPARATOR, hashlib.sha256(bytes(4)).digest(), bytes(4))
         for app in self.apps:
             self.tpm.measure(4, eventlog.EV_EFI_BOOT_SERVICES_APPLICATION, app)
+        self.pcrs = [0, 4, 7, 15]
+        if uki is not None:
+            from cidboot.trust.tpm.reference import uki_pcr11_events
+
+            for e in uki_pcr11_events(uki):
+                self.tpm.measure(e.pcr, e.event_type, e.digest, e.data or b"")
+            self.pcrs = [0, 4, 7, 11, 15]
         self.boot_events = measure_manifest(manifest_cid, [layer.cid for layer in manifest.layers])
         self.manifest_cid, self.role = manifest_cid, role
         self.dice = derive_layers(cdi or os.urandom(32), [image_inputs(manifest_cid, manifest, signer_ids)])
-        self.pcrs = [0, 4, 7, 15]
 
     def device(self) -> Any:
         """The enrolment record: AK and the firmware baseline of this (known-good) boot."""
@@ -116,7 +127,15 @@ class SoftTpmDevice:
     def references(self) -> Any:
         from cidboot.trust.tpm.appraise import TpmReferences
 
-        return TpmReferences(list(self.apps))
+        return TpmReferences.for_uki(self.uki) if self.uki is not None else TpmReferences(list(self.apps))
+
+    def attester(self) -> Any:
+        """The agent side: an Attester whose evidence carries a fresh quote for each nonce."""
+        from agent.attestation_api import Attester
+        from cidboot.trust.tpm.evidence import ueid
+
+        return Attester.from_chain(self.dice.leaf_key, self.dice.chain, manifest_cid=self.manifest_cid, role=self.role,
+                                   tpm=self.tpm_evidence, ueid=ueid(self.tpm.name))
 
     def tpm_evidence(self, quote_nonce: bytes, *, events: Any = None, log: bytes | None = None) -> Any:
         from cidboot.trust.tpm.evidence import TpmEvidence, qualifying_data
@@ -135,3 +154,12 @@ class SoftTpmDevice:
         return build_evidence(nonce=nonce, leaf_key=self.dice.leaf_key, chain=self.dice.chain, ueid=ueid(self.tpm.name),
                               measurements={}, manifest_cid=self.manifest_cid, boot_mode=TPM_MEASURED,
                               role=self.role, tpm=tev)
+
+
+def small_uki(cmdline: bytes = b"console=ttyS0") -> bytes:
+    """A tiny but well-formed UKI (PE with .osrel .cmdline .linux .initrd; .linux itself a PE),
+    enough to derive PCR 4 and 11 references from."""
+    from tests.support.swtpm import make_pe
+
+    kernel = make_pe([(".text", b"kernel code")])
+    return make_pe([(".osrel", b"ID=cidboot\n"), (".cmdline", cmdline), (".linux", kernel), (".initrd", b"initrd bytes")])

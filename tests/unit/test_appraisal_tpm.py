@@ -10,6 +10,8 @@ import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cidboot.ipld.cid import CID, RAW
 from cidboot.trust.appraisal import AFFIRMING, CONTRAINDICATED, WARNING, DeviceRoots, TpmDevice, appraise
@@ -125,7 +127,7 @@ def test_one_flipped_byte_in_a_layer_event_is_refused(dev: SoftTpmDevice, field:
     evs = list(dev.boot_events)
     raw = bytearray(getattr(evs[2], field))
     raw[-1] ^= 0x01
-    evs[2] = dataclasses.replace(evs[2], **{field: bytes(raw)})
+    evs[2] = dataclasses.replace(evs[2], **{field: bytes(raw)})  # type: ignore[arg-type]
     out = run(dev, dev.evidence(nonce, events=evs), nonce)
     failed = "tpm.replay" if field == "digest" else "tpm.pcr15-manifest"
     assert out[failed][0] == CONTRAINDICATED, out
@@ -193,3 +195,23 @@ def test_extra_bootstrap_event_is_refused(dev: SoftTpmDevice) -> None:
     out = run(d, d.evidence(nonce), nonce)
     assert out["tpm.replay"][0] == AFFIRMING and out["tpm.pcr15-manifest"][0] == CONTRAINDICATED
     assert "unexpected extra event" in out["tpm.pcr15-manifest"][1]
+
+
+_DEV = SoftTpmDevice(SIGNED.cid, MANIFEST, SIGNERS)
+_NONCE = b"\x07" * 32
+_EAT = _DEV.evidence(_NONCE)
+_ROOTS = roots_for(_DEV)
+_REFS = _DEV.references()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, len(_EAT) - 1), st.integers(1, 255), st.integers(0, len(_EAT) - 1))
+def test_fuzz_mutated_tpm_evidence_is_never_affirming_and_never_raises(pos: int, xor: int, cut: int) -> None:
+    """Whatever the bytes, appraisal answers with a result (a verifier keeps serving), and a
+    change anywhere in the signed EAT is never affirming."""
+    data = bytearray(_EAT)
+    data[pos] ^= xor
+    for candidate in (bytes(data), _EAT[:cut]):
+        res = appraise(candidate, expected_nonce=_NONCE, roots=_ROOTS, manifest=MANIFEST, manifest_cid=SIGNED.cid,
+                       tpm_references=_REFS)
+        assert res.status != AFFIRMING

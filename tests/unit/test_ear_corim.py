@@ -23,8 +23,7 @@ from cidboot.trust.cose_key import key_id
 from cidboot.trust.manifest import Layer, Manifest, RootOfTrust, sign_manifest
 from cidboot.trust.measure import code_hash_of_blobs, image_code_hash
 from cidboot.trust.tpm.reference import bootstrap_events, uki_applications, uki_pcr11_events
-from tests.support.soft_tpm import SoftTpmDevice
-from tests.support.swtpm import make_pe
+from tests.support.soft_tpm import SoftTpmDevice, small_uki
 
 SIGNER = ed25519.Ed25519PrivateKey.generate()
 MANIFEST = Manifest("hello", 1, int(time.time()) + 3600,
@@ -139,9 +138,7 @@ def test_fuzz_ear_mutated(pos: int, ch: str) -> None:
 
 # -- CoRIM -------------------------------------------------------------------------------------------
 def _uki() -> bytes:
-    kernel = make_pe([(".text", b"kernel code")])
-    return make_pe([(".osrel", b"ID=cidboot\n"), (".cmdline", b"console=ttyS0"), (".linux", kernel),
-                    (".initrd", b"initrd bytes")])
+    return small_uki()
 
 
 def test_corim_structure_and_values() -> None:

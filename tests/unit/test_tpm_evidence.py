@@ -146,7 +146,9 @@ def test_rides_in_the_eat_beside_the_chain() -> None:
                        boot_mode=TPM_MEASURED)
     # a DICE EAT that carries a TPM claim anyway, or a garbled TPM claim, is malformed
     from cidboot.trust import cose
-    claims = cbor2.loads(cose.decode_sign1(eat).payload)
+    payload = cose.decode_sign1(eat).payload
+    assert payload is not None
+    claims = cbor2.loads(payload)
     for bad in ({**claims, -75003: "measured"}, {**claims, TPM_EVIDENCE: {1: b""}}):
         with pytest.raises(EvidenceFormatError):
             parse_evidence(cose.sign1(cbor2.dumps(bad), l1))
