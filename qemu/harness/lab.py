@@ -116,8 +116,7 @@ class Lab:
         import os
 
         from cidboot.trust.appraisal import DeviceRoots
-        from cidboot.trust.tpm.evidence import device_id
-        from qemu.harness import tpm
+        from cidboot.trust.tpm.enrol import firmware_baseline, record_baseline
 
         roots = DeviceRoots.load(self.roots_file)
         did = next(d for d in roots.tpm if roots.names.get(d) == dev.name)
@@ -126,9 +125,8 @@ class Lab:
                             capture_output=True, timeout=90)
         if proc.returncode != 0:
             raise GuestError(f"{dev.name}: GET /attestation failed ({proc.returncode})")
-        baseline = tpm.firmware_baseline(proc.stdout, nonce, roots.tpm[did])
-        tpm.record_baseline(self.roots_file, did, baseline)
-        assert did == device_id(roots.tpm[did].ak_name)
+        baseline = firmware_baseline(proc.stdout, nonce, roots.tpm[did])
+        record_baseline(self.roots_file, did, baseline)
         return baseline
 
     def power_on(self) -> None:

@@ -6,9 +6,7 @@ across boots (like the UDS of a DICE device), and enrolment (docs/tpm.md, "Enrol
   control socket, tpm-tis) or on loopback TCP for the factory's raw commands and tpm2-tools.
 - `factory(dir)`: manufacture, and make the primary AK persistent at AK_HANDLE: the device's
   enrolled AK (TpmDevice with its TPM2B_PUBLIC and EK certificate) before it ever boots.
-- `firmware_baseline(evidence, nonce, device)`: the factory's known-good boot: the device's
-  evidence for the factory's nonce, its quote verified with the enrolled AK, the firmware log
-  replayed to the quoted PCRs, and PCRs 0-3, 5-7 recorded as the firmware baseline.
+- the firmware baseline of a known-good boot: cidboot.trust.tpm.enrol (`Lab.enrol` calls it).
 """
 
 from __future__ import annotations
@@ -18,16 +16,14 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 from cidboot.trust.appraisal import DeviceRoots, TpmDevice
-from cidboot.trust.tpm.appraise import FIRMWARE_PCRS
 from cidboot.trust.tpm.device import SocketTransport, Tpm
+from cidboot.trust.tpm.enrol import enrol_device
 from cidboot.trust.tpm.evidence import device_id
 
 TOOLS = ("swtpm", "swtpm_setup")
-EK_CERT_INDEX = 0x01C00002  # TCG EK Credential Profile: the RSA-2048 EK certificate's NV index
 
 
 def missing() -> str | None:
@@ -137,47 +133,12 @@ def factory(base: Path) -> TpmDevice:
     from cryptography import x509
 
     with Swtpm(base) as sw, _tpm(sw) as tpm:
-        ak_public = tpm.persist_ak()
-        ek_cert = tpm.nv_read(EK_CERT_INDEX)
+        dev = enrol_device(tpm)
+    if dev.ek_cert is None:
+        raise RuntimeError(f"{base}: the swtpm has no EK certificate (swtpm_setup --create-ek-cert)")
     ca = x509.load_pem_x509_certificate((base / "localca" / "issuercert.pem").read_bytes())
-    x509.load_der_x509_certificate(ek_cert).verify_directly_issued_by(ca)  # a genuine (software) TPM
-    return TpmDevice(ak_public, {}, ek_cert)
-
-
-def firmware_baseline(evidence: bytes, nonce: bytes, device: TpmDevice) -> dict[int, bytes]:
-    """The factory's known-good boot: PCRs 0-3, 5-7 from the device's evidence for `nonce`, once
-    its quote verifies with the enrolled AK (qualifying data binding the nonce and the chain's L1
-    key) and the firmware log plus the bootstrap's events replay to the quoted PCRs. Raises the
-    precise TPM verification error otherwise."""
-    from cidboot.trust import cose
-    from cidboot.trust.cose_key import decode_public_key
-    from cidboot.trust.eat import parse_evidence
-    from cidboot.trust.tpm import eventlog, quote
-    from cidboot.trust.tpm.errors import PcrSelectionError
-    from cidboot.trust.tpm.evidence import qualifying_data
-
-    ev = parse_evidence(evidence)
-    if ev.tpm is None:
-        raise PcrSelectionError(f"evidence of boot mode {ev.boot_mode!r} carries no TPM quote")
-    l1 = decode_public_key(cose.cbor_loads_exact(ev.chain, "DICE chain")[0])
-    ak = quote.parse_public(ev.tpm.ak_public)
-    q = quote.verify_quote(ev.tpm.quote, ev.tpm.signature, ak, nonce=qualifying_data(nonce, l1),
-                           enrolled=frozenset({device.ak_name}))
-    log = eventlog.parse(ev.tpm.uefi_log)
-    whole = eventlog.EventLog(log.spec_id, log.events + tuple(ev.tpm.log_events(len(log.events))), log.startup_locality)
-    pcrs = whole.replay()
-    quote.check_pcrs(q, pcrs, FIRMWARE_PCRS)
-    return {i: pcrs[i] for i in FIRMWARE_PCRS}
-
-
-def record_baseline(roots_file: Path, device_id: str, baseline: Mapping[int, bytes]) -> TpmDevice:
-    """Write the firmware baseline into the verifiers' roots file for that TPM device."""
-    roots = DeviceRoots.load(roots_file)
-    old = roots.tpm[device_id]
-    new = TpmDevice(old.ak_public, dict(baseline), old.ek_cert)
-    roots.tpm[device_id] = new
-    roots.save(roots_file)
-    return new
+    x509.load_der_x509_certificate(dev.ek_cert).verify_directly_issued_by(ca)  # a genuine (software) TPM
+    return dev
 
 
 def register(bases: list[Path], names: list[str], roots_file: Path, roles: list[str]) -> DeviceRoots:

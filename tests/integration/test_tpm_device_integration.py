@@ -173,3 +173,42 @@ def test_factory_enrols_the_persistent_ak_and_a_genuine_ek_certificate(tmp_path:
     with Swtpm(tmp_path / "tpm") as sw, _tpm(sw) as tpm:
         _, _, ak_public = tpm.quote(os.urandom(32), [0])
     assert ak_public == enrolled.ak_public
+
+
+def test_agent_enrol_on_a_real_tpm(tmp_path: Path) -> None:
+    """`agent enrol` (a real server's factory step) over an swtpm's TCP channel: the AK and EK
+    certificate land in the roots file; the EK certificate is checked against the vendor CA
+    (swtpm's local CA: accepted; another CA: refused with a named error)."""
+    import json
+    import subprocess
+    import sys
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from cidboot.trust.appraisal import DeviceRoots
+
+    sw = Swtpm(tmp_path / "tpm").start()
+    try:
+        roots = tmp_path / "roots.json"
+        ca = tmp_path / "tpm/localca/issuercert.pem"
+        argv = [sys.executable, "-m", "agent", "enrol", "--swtpm", f"127.0.0.1:{sw.port}", "--roots", str(roots),
+                "--role", "hello", "--name", "server-1", "--json"]
+        proc = subprocess.run([*argv, "--ek-ca", str(ca)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        dev = DeviceRoots.load(roots).tpm[out["id"]]
+        assert dev.ek_cert and dev.ak_name.hex() == out["ak_name"] and not dev.firmware_pcrs
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "not the vendor")])
+        other = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                 .serial_number(1).not_valid_before(x509.load_pem_x509_certificate(ca.read_bytes()).not_valid_before_utc)
+                 .not_valid_after(x509.load_pem_x509_certificate(ca.read_bytes()).not_valid_after_utc)
+                 .sign(key, hashes.SHA256()))
+        (tmp_path / "other.pem").write_bytes(other.public_bytes(serialization.Encoding.PEM))
+        proc = subprocess.run([*argv, "--ek-ca", str(tmp_path / "other.pem")], capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "EK certificate not issued by" in proc.stderr, proc.stderr
+    finally:
+        sw.stop()
