@@ -58,9 +58,19 @@ class TpmRoot:
 
 
 def available(paths: tuple[str, ...] = device.DEVICES, log_path: str = device.EVENT_LOG) -> bool:
-    """A TPM device node and the firmware's event log: a TPM-measured boot is possible."""
+    """A TPM device node and a crypto-agile firmware event log with a SHA-256 bank: a
+    TPM-measured boot is possible. Without them (no TPM, a TPM 1.2, a SHA-1-only log) the boot
+    is unmeasured, which a verifier never calls affirming: the machine still boots, nothing
+    passes that should not."""
     _mount_securityfs()
-    return device.present(paths) and os.path.exists(log_path)
+    if not device.present(paths) or not os.path.exists(log_path):
+        return False
+    try:
+        device.log_banks(device.event_log(log_path))
+    except CidbootError as e:
+        print(f"cidboot: bootstrap: tpm: {e}: booting unmeasured", flush=True)
+        return False
+    return True
 
 
 def _mount_securityfs() -> None:
