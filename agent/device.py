@@ -205,7 +205,16 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
     h, cfg, mcid = read_handoff(base)
     if h.dice is not None:
         ho = decode_handover(h.dice)
-        attester = Attester.from_cdi(ho.cdi_attest, ho.chain, manifest_cid=mcid, boot_mode="measured", role=cfg.role)
+        quoter = None
+        if "tpm" in h.boot:  # a TPM-measured boot (bootstrap.stage.tpm): evidence carries a fresh quote
+            from agent.tpm import TpmQuoter
+
+            quoter = TpmQuoter.from_boot(h.boot, ho.chain)
+        if quoter is None:
+            attester = Attester.from_cdi(ho.cdi_attest, ho.chain, manifest_cid=mcid, boot_mode="measured", role=cfg.role)
+        else:
+            attester = Attester.from_cdi(ho.cdi_attest, ho.chain, manifest_cid=mcid, role=cfg.role, tpm=quoter.evidence,
+                                         ueid=quoter.ueid())
     else:
         attester = ephemeral_attester(manifest_cid=mcid, boot_mode="unmeasured", role=cfg.role)
     ip = network_up(lambda m: print(f"cidboot: agent: {m}", file=sys.stderr, flush=True)) if network else host

@@ -54,6 +54,7 @@ class Start:
     ip: str | None = None  # set once the network is up, so a retry does not redo DHCP
     dhcp_config_url: str | None = None  # the boot config the DHCP reply names (for UKIs: no cmdline URL)
     boot: dict[str, Any] = field(default_factory=dict)  # the boot.json received (e.g. "handover": "kexec")
+    tpm: Any = None  # bootstrap.stage.tpm.TpmRoot on a TPM-measured boot (UEFI + TPM, no L0)
 
 
 def ephemeral_dice() -> bytearray:
@@ -74,6 +75,11 @@ def read_start(root: str | Path = "/") -> Start:
     try:
         h = load(root)
     except HandoffNotFound:
+        from bootstrap.stage import tpm
+
+        if tpm.available():  # UEFI started us and measured us into the TPM: CDI_1 from the TPM
+            dice, tpm_root = tpm.start()
+            return Start("measured", dice, None, tpm=tpm_root)
         return Start("unmeasured", ephemeral_dice(), None)
     except HandoffError as e:
         raise Refused("handoff", str(e)) from None
@@ -164,12 +170,17 @@ def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, st
     try:
         plan = prepare(cfg, raw, dice, boot_mode=start.boot_mode, anchor=anchor, nvram=nvram,
                        store=store, now=now, carry_dice=carry, running_kernel=running,
-                       running_cmdline=proc_cmdline(cmdline_path))
+                       running_cmdline=proc_cmdline(cmdline_path),
+                       device_id=start.tpm.device_id if start.tpm is not None else None)
     finally:
         if dice is not None:
             wipe(dice)  # this copy of CDI_1; start.dice stays for a retry until main wipes it
         for note in nvram.notes:  # a damaged slot beside a valid one (a torn write): boot, but say so
             log(f"nvram: {note}")
+    if start.tpm is not None:  # last: PCR 15 gets the manifest and layers only once all verified
+        from bootstrap.stage import tpm
+
+        plan.handoff.boot["tpm"] = tpm.measure(start.tpm, plan.manifest_cid, plan.manifest)
     return plan, cfg
 
 
@@ -184,7 +195,7 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
         events.emit("bootstrap", "refused", reason=describe(e), check=getattr(e, "check", None))
         pid1.power_off()
         return
-    say(f"cidboot-stage: bootstrap start mode={start.boot_mode}")
+    say(f"cidboot-stage: bootstrap start mode={start.boot_mode}" + (" root=tpm" if start.tpm is not None else ""))
     events.emit("bootstrap", "start", dice=start.dice if start.boot_mode == "measured" else None, bootconfig=start.bootconfig, mode=start.boot_mode)
     while True:
         try:

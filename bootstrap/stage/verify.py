@@ -173,11 +173,12 @@ class AllowedName:
 
 
 def allowed_name(config: BootConfig, cid: CID, raw: bytes, state: TrustState, dice: bytes | None, *, boot_mode: str,
-                 store: AnyStore, timeout: float = 10.0) -> AllowedName | None:
+                 store: AnyStore, timeout: float = 10.0, device_id: str | None = None) -> AllowedName | None:
     """With `device_registry` in the boot config: fetch it, verify it under the root the manifest
     establishes (after any rotation it carries), and look this device up: by the DICE ID of its
     chain's root key on a measured boot (its registered role must equal the boot config's), by the
-    boot config's role on an unmeasured one (no identity to look up). None without a registry:
+    boot config's role on an unmeasured one (no identity to look up); `device_id` given (a TPM
+    boot: the id of its enrolled AK, bootstrap.stage.tpm) is used as is. None without a registry:
     the name pinned in NVRAM then applies (docs/trust.md, "What a device may boot")."""
     from cidboot.trust.registry import MAX_REGISTRY, RegistryRoleError, verify_signed_registry
 
@@ -197,7 +198,7 @@ def allowed_name(config: BootConfig, cid: CID, raw: bytes, state: TrustState, di
         raise Refused("registry", f"device registry {rcid}: {e.detail}") from None
     try:
         reg = verify_signed_registry(block, root)
-        device = _device_id(dice) if boot_mode == "measured" else None
+        device = device_id or (_device_id(dice) if boot_mode == "measured" else None)
         name = reg.manifest_for(config.role, device)
     except (CidbootError, ValueError) as e:
         kind = "" if isinstance(e, RegistryRoleError) else f"{type(e).__name__}: "
@@ -313,7 +314,7 @@ def assemble(manifest: Manifest, blobs: dict[str, bytes | None], manifest_cid: C
 def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, boot_mode: str, anchor: RootOfTrust,
             nvram: Nvram, store: AnyStore, now: int | None = None, timeout: float = 10.0,
             carry_dice: bool = True, running_kernel: CID | None = None,
-            running_cmdline: str | None = None) -> BootPlan:
+            running_cmdline: str | None = None, device_id: str | None = None) -> BootPlan:
     """Steps 1-5 of the module docstring. `dice` is the handover holding CDI_1 (from the firmware,
     or an ephemeral one for an unmeasured boot); `carry_dice=False` leaves dice.cbor out of the
     hand-off (the unmeasured contract, docs/boot-chain.md). `running_kernel` (the running
@@ -331,7 +332,8 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
         raw = fetch_block(cid, gws, store, timeout=timeout)
     except Refused as e:
         raise Refused(f"manifest {cid}", e.detail) from None
-    allowed = allowed_name(config, cid, raw, state, dice, boot_mode=boot_mode, store=store, timeout=timeout)
+    allowed = allowed_name(config, cid, raw, state, dice, boot_mode=boot_mode, store=store, timeout=timeout,
+                           device_id=device_id)
     signed, signers = verify_signed(cid, raw, state, now=now, expected_name=allowed.name if allowed else None)
     if allowed is not None:
         try:

@@ -5,7 +5,9 @@ Each device is a QEMU guest on a tap of the namespace's bridge, booted by one of
 engine on fw_cfg (measured); "bios-ipxe" boots SeaBIOS and the NIC's iPXE ROM straight into the
 bootstrap; "uefi-pxe" and "uefi-http" boot OVMF, whose own PXE or HTTP Boot loads the bootstrap
 UKI from the boot server (no iPXE). Without a TPM the last three are unmeasured boots, and the
-verifier appraises them so (never affirming).
+verifier appraises them so (never affirming). With `tpm=True` every device has its own swtpm
+(qemu.harness.tpm: state under the device dir, kept across boots, enrolled by the factory) and the
+UEFI boots are TPM-measured (docs/tpm.md); `Lab.enrol` records a known-good boot's firmware PCRs.
 Devices get fixed addresses by MAC (devices.yaml `ip:`) so peers can be told where the others
 are. The verifier side (`agent attest`) runs inside the namespace too: nothing leaves it.
 
@@ -117,6 +119,7 @@ class Device:
     guest: Guest
     firmware: str = "dice"  # one of FIRMWARES
     url: str | None = None
+    swtpm: Any = None  # qemu.harness.tpm.Swtpm of a TPM device
     outcome: str = "pending"  # ready | refused | fatal | timeout
     reason: str = ""
 
@@ -136,6 +139,7 @@ class Lab:
     site_of: list[int] = field(default_factory=list)  # device index -> site (boot server) index
     cluster: Cluster | None = None
     published: dict[str, Any] = field(default_factory=dict)  # `imagebuilder publish --json` of the manifest
+    tpm: bool = False  # devices have a TPM (qemu.harness.tpm), not a DICE engine
 
     def inside(self) -> Any:
         """`with lb.inside():` this thread (and what it starts) in the lab's namespace, where the
@@ -179,8 +183,34 @@ class Lab:
                          disk=state.nvram, accel=accel, firmware="uefi" if kind.startswith("uefi") else "bios",
                          uefi_http=kind == "uefi-http")
         dev = Device(i, name, role, state, Guest(spec, state.dir / "run", self.net), kind)
+        if self.tpm:
+            from qemu.harness import tpm
+
+            if dice:
+                raise GuestError("a TPM device boots UEFI firmware (uefi-pxe or uefi-http), not the DICE engine")
+            dev.swtpm = tpm.Swtpm(tpm.base(state.dir), qemu=True).start()
+            spec.tpm = dev.swtpm.ctrl_socket
         self.devices.append(dev)
         return dev
+
+    def enrol(self, dev: Device) -> dict[int, bytes]:
+        """The factory's known-good boot of a TPM device: its evidence for a fresh nonce, verified
+        with its enrolled AK, gives the firmware PCR baseline recorded in the roots file."""
+        import os
+
+        from cidboot.trust.appraisal import DeviceRoots
+        from cidboot.trust.tpm.enrol import firmware_baseline, record_baseline
+
+        roots = DeviceRoots.load(self.roots_file)
+        did = next(d for d in roots.tpm if roots.names.get(d) == dev.name)
+        nonce = os.urandom(32)
+        proc = self.net.run(["curl", "-sf", "--max-time", "60", f"{dev.url}/attestation?nonce={nonce.hex()}"],
+                            capture_output=True, timeout=90)
+        if proc.returncode != 0:
+            raise GuestError(f"{dev.name}: GET /attestation failed ({proc.returncode})")
+        baseline = firmware_baseline(proc.stdout, nonce, roots.tpm[did])
+        record_baseline(self.roots_file, did, baseline)
+        return baseline
 
     def power_on(self) -> None:
         for dev in self.devices:
@@ -210,11 +240,21 @@ class Lab:
                 "--manifest", str(self.dep.workload.manifest), "--store", str(self.dep.store), "--json"]
         if allow_unmeasured:
             argv.append("--allow-unmeasured")
+        if dev.swtpm is not None:  # PCR 4/11 references: the bootstrap UKI as built (not what a device was served)
+            argv += ["--uki", str(self.built_uki())]
         proc = self.net.run(argv, capture_output=True, text=True, timeout=120)
         try:
             return dict(json.loads(proc.stdout))
         except ValueError:
             return {"status": "none", "checks": [], "reason": f"agent attest failed: {proc.stderr.strip()[-500:]}"}
+
+    def built_uki(self, arch: str = "x86_64") -> Path:
+        """The bootstrap UKI as the deployment built it: what a UEFI device's PCR 4 must hold."""
+        return next(p for p in self.dep.bootstrap.uki.values() if arch in p.name)
+
+    def served_uki(self, arch: str = "x86_64") -> Path:
+        """The copy the boot server hands UEFI devices (a test may change it: the verifier does not use it)."""
+        return self.out / "tftp" / self.built_uki(arch).name
 
     def results(self, dev: Device) -> Any:
         if not dev.url:
@@ -252,7 +292,7 @@ class Lab:
             tl = dev.timeline()
             flow_results = self.results(dev)
             devices.append({
-                "name": dev.name, "role": dev.role, "mac": dev.guest.spec.mac, "boot": "measured" if dev.firmware == "dice" else "unmeasured",
+                "name": dev.name, "role": dev.role, "mac": dev.guest.spec.mac, "boot": _boot_kind(dev),
                 "firmware": dev.firmware, "arch": "x86_64",
                 "outcome": dev.outcome, "reason": dev.reason, "url": dev.url,
                 "appraisal": {"status": appraisal.get("status"), "reasons": [
@@ -278,6 +318,10 @@ class Lab:
         return out
 
 
+def _boot_kind(dev: Device) -> str:
+    return "measured" if dev.firmware == "dice" else "tpm-measured" if dev.swtpm is not None else "unmeasured"
+
+
 def _devices_yaml(path: Path, roles: list[str], sites: list[int] | None = None) -> None:
     """Every device of every site, with its fixed address: a server answers only the devices on its
     own LAN (the others' DHCP never reaches it) but tells each agent where its peers are."""
@@ -288,13 +332,18 @@ def _devices_yaml(path: Path, roles: list[str], sites: list[int] | None = None) 
 
 
 def _factory(dep: Deployment, out: Path, names: list[str],
-             roles: list[str]) -> tuple[list[dice_engine.DeviceState], CID | None]:
+             roles: list[str], tpm: bool = False) -> tuple[list[dice_engine.DeviceState], CID | None]:
     """Device states (UDS, NVRAM), their root keys in the verifiers' roots file, and the device
     registry signed by the workload's signers, in the store, for the agents to find peers by and
     for the bootstraps to know what they may boot: each device's role, and for every role the
     workload's manifest name (docs/trust.md, "What a device may boot")."""
     states = [dice_engine.device(out / "devices", n) for n in names]
-    roots = dice_engine.register(states, out / "device-roots.json", roles)
+    if tpm:
+        from qemu.harness import tpm as tpm_factory
+
+        roots = tpm_factory.register([tpm_factory.base(s.dir) for s in states], names, out / "device-roots.json", roles)
+    else:
+        roots = dice_engine.register(states, out / "device-roots.json", roles)
     if not dep.signer_keys:
         return states, None
     signers = [keys.load_private_key(p) for p in dep.signer_keys]
@@ -307,11 +356,12 @@ def _factory(dep: Deployment, out: Path, names: list[str],
 def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = None, loss_percent: int = 0,
         server_args: list[str] | None = None, names: list[str] | None = None, cluster: int = 0,
         boot_servers: int = 1, sites: list[int] | None = None, replication: str = "2:2",
-        publish_results: bool = False) -> Iterator[Lab]:
+        publish_results: bool = False, tpm: bool = False) -> Iterator[Lab]:
     """Boot network + `bootstrap serve` for devices with these roles (one tap each); with
     `cluster`/`boot_servers`, the scale-out lab of the module docstring; `publish_results`: the
     boot servers' configs tell agents to publish results and audit logs to the cluster
-    (`bootstrap serve --publish cluster=URL`, the REST API of peer 0 as devices reach it)."""
+    (`bootstrap serve --publish cluster=URL`, the REST API of peer 0 as devices reach it); `tpm`: TPM
+    devices (qemu.harness.tpm)."""
     if boot_servers < 1 or cluster < 0:
         raise LabError(f"a lab needs at least one boot server and no negative cluster size "
                        f"(got {boot_servers} boot servers, {cluster} peers)")
@@ -320,7 +370,7 @@ def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = 
         raise LabError(f"sites {site_of} must name one of {boot_servers} boot servers for each of {len(roles)} devices")
     multi = boot_servers > 1 or cluster > 0
     out.mkdir(parents=True, exist_ok=True)
-    states, registry = _factory(dep, out, names or [f"device-{i}" for i in range(len(roles))], roles)
+    states, registry = _factory(dep, out, names or [f"device-{i}" for i in range(len(roles))], roles, tpm)
     tftp = out / "tftp"  # the harness built the bootstrap already (bootstrap.bootfiles): the server need not
     (tftp / "bootstrap").mkdir(parents=True, exist_ok=True)
     (tftp / "bootstrap" / "vmlinuz").write_bytes(dep.bootstrap.kernel.read_bytes())
@@ -335,7 +385,7 @@ def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = 
         for s in site_of:
             net.add_tap(bridge=site_list[s].bridge)
         stack.enter_context(router_advertiser(net))  # else iPXE (--legacy) waits ~16 s for an IPv6 router
-        lb = Lab(dep, net, out, None, states, site_of=site_of)  # type: ignore[arg-type]  # server set below
+        lb = Lab(dep, net, out, None, states, site_of=site_of, tpm=tpm)  # type: ignore[arg-type]  # server set below
         if cluster:
             with lb.inside():
                 lb.cluster = start_cluster(_fresh(out / "cluster"), cluster, gateway_host="0.0.0.0",
@@ -360,6 +410,8 @@ def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = 
         finally:
             for dev in lb.devices:
                 dev.guest.stop()
+                if dev.swtpm is not None:
+                    dev.swtpm.stop()
 
 
 def _fresh(d: Path) -> Path:

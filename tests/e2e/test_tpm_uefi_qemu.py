@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -31,10 +32,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cbor2
 import pytest
 
 from cidboot.stage.cpio import Entry, archive_bytes
-from cidboot.trust.tpm import eventlog, quote
+from cidboot.store.blockstore import Blockstore
+from cidboot.trust.appraisal import DeviceRoots, TpmDevice
+from cidboot.trust.cose_key import decode_public_key, raw_public_bytes
+from cidboot.trust.dice.chain import verify_chain
+from cidboot.trust.eat import Evidence, parse_evidence
+from cidboot.trust.manifest import SignedManifest
+from cidboot.trust.tpm import commands, eventlog, quote
 from cidboot.trust.tpm.appraise import FIRMWARE_PCRS, TpmAppraisal, TpmEnrolment, TpmReferences, appraise_tpm
 from cidboot.trust.tpm.errors import (
     AkNotEnrolledError,
@@ -43,21 +51,20 @@ from cidboot.trust.tpm.errors import (
     ReferenceMismatchError,
 )
 from cidboot.trust.tpm.eventlog import EV_EFI_BOOT_SERVICES_APPLICATION
+from cidboot.trust.tpm.evidence import qualifying_data
 from cidboot.trust.tpm.pe import authenticode_digest
 from cidboot.trust.tpm.reference import uki_digest
 from imagebuilder import uki
+from qemu.harness.deploy import Deployment, prepare
+from qemu.harness.lab import Device, Lab, lab
 from qemu.harness.vm import Guest
-from tests.support.swtpm import (
-    Swtpm,
-    create_primary_ak_command,
-    parse_create_primary_response,
-    parse_quote_response,
-    quote_command,
-)
+from tests.support.swtpm import Swtpm
 
 pytestmark = [pytest.mark.qemu, pytest.mark.tpm]
 DEBS = Path.home() / ".cache/cidboot/debs"
 CMDLINE = "console=ttyS0 panic=-1 quiet"
+REPO = Path(__file__).resolve().parents[2]
+BOOT_TIMEOUT = 900
 
 QUOTED = [0, 1, 2, 3, 4, 5, 6, 7, 9, 11]
 INIT = """#!/bin/busybox sh
@@ -106,10 +113,10 @@ def _factory_ak(base: Path) -> bytes:
     """Manufacture the device's swtpm and learn its AK name (what enrolment records)."""
     with Swtpm(base) as tpm:
         for _ in range(8):
-            resp = tpm.send(create_primary_ak_command())
+            resp = tpm.send(commands.create_primary_ak())
             if resp[6:10] != bytes.fromhex("00000922"):  # TPM_RC_RETRY
                 break
-        return quote.parse_public(parse_create_primary_response(resp)[1]).name
+        return quote.parse_public(commands.parse_create_primary(resp)[1]).name
 
 
 def _section(text: list[str], name: str) -> bytes:
@@ -135,10 +142,11 @@ class Boot:
 def _boot(tmp: Path, name: str, kernel: bytes, tpm_base: Path) -> Boot:
     """Power the device on with a probe UKI quoting over a fresh nonce; collect what it prints."""
     nonce = os.urandom(32)  # the verifier's challenge (a real device gets it over the network)
-    head, tail = quote_command(b"", nonce, QUOTED)
+    whole = commands.quote(0, nonce, QUOTED)  # the guest splices in the handle CreatePrimary returns
+    head, tail = whole[:10], whole[14:]
     busybox = shutil.which("busybox") or "/bin/busybox"
     initrd = archive_bytes([Entry.directory("bin"), Entry.file("bin/busybox", Path(busybox).read_bytes(), 0o755),
-                            Entry.file("init", INIT.encode(), 0o755), Entry.file("ak.cmd", create_primary_ak_command()),
+                            Entry.file("init", INIT.encode(), 0o755), Entry.file("ak.cmd", commands.create_primary_ak()),
                             Entry.file("quote.head", head), Entry.file("quote.tail", tail)])
     image = uki.build_uki(uki.stub_path("amd64").read_bytes(), kernel, initrd, CMDLINE, uki.os_release("tpm-probe", 1))
     tftp = tmp / f"tftp-{name}"
@@ -153,8 +161,8 @@ def _boot(tmp: Path, name: str, kernel: bytes, tpm_base: Path) -> Boot:
         text = [ln.text.strip() for ln in g.console.lines]
     raw = _section(text, "TPMLOG")
     (tmp / f"{name}-eventlog.bin").write_bytes(raw)  # for inspection: tpm2_eventlog NAME-eventlog.bin
-    attest, signature = parse_quote_response(_section(text, "QUOTE"))
-    return Boot(image, initrd, nonce, raw, parse_create_primary_response(_section(text, "AK"))[1], attest, signature,
+    attest, signature = commands.parse_quote(_section(text, "QUOTE"))
+    return Boot(image, initrd, nonce, raw, commands.parse_create_primary(_section(text, "AK"))[1], attest, signature,
                 {int(t.split()[1]): bytes.fromhex(t.split()[2]) for t in text if t.startswith("PCR ")}, done.t)
 
 
@@ -215,3 +223,106 @@ def test_ovmf_swtpm_boots_of_a_uki_are_enrolled_then_appraised_from_real_quotes_
           f"{apps[1].sha256.hex()[:16]}..; appraisal {dt:.2f} ms (references from the {len(b.image) >> 20} MiB UKI: "
           f"{t_refs:.0f} ms, once per UKI); power-on to probe output {first.t_done:.1f} s, "
           f"{b.t_done:.1f} s")
+
+
+def _evidence(lb: Lab, dev: Device) -> tuple[bytes, Evidence]:
+    """The device's evidence for a fresh nonce, fetched from its agent inside the lab's namespace."""
+    nonce = os.urandom(32)
+    proc = lb.net.run(["curl", "-sf", "--max-time", "60", f"{dev.url}/attestation?nonce={nonce.hex()}"],
+                      capture_output=True, timeout=90)
+    assert proc.returncode == 0, f"GET /attestation: {proc.returncode}"
+    return nonce, parse_evidence(proc.stdout)
+
+
+def _appraise_evidence(nonce: bytes, ev: Evidence, device: TpmDevice, uki_bytes: bytes, dep: Deployment) -> TpmAppraisal:
+    """appraise_tpm on the EAT's TPM claim: quote over SHA-256(nonce || L1 key), the UEFI log plus
+    L1's PCR 15 events, references from the served UKI and the signed manifest."""
+    assert ev.tpm is not None
+    manifest = SignedManifest.decode(Blockstore(dep.store).get(dep.workload.manifest)).manifest
+    l1 = decode_public_key(cbor2.loads(ev.chain)[0])
+    return appraise_tpm(attest=ev.tpm.quote, signature=ev.tpm.signature, ak_public=ev.tpm.ak_public,
+                        event_log=_with_bootstrap_events(ev), nonce=qualifying_data(nonce, l1),
+                        enrolment=device.enrolment(),
+                        references=TpmReferences.for_uki(uki_bytes, dep.workload.manifest, manifest))
+
+
+def _with_bootstrap_events(ev: Evidence) -> bytes:
+    """The firmware log with L1's PCR 15 events appended as TCG_PCR_EVENT2 records (a SHA-256-only log: swtpm's)."""
+    import struct
+
+    assert ev.tpm is not None
+    assert eventlog.parse(ev.tpm.uefi_log).spec_id.algorithms == ((eventlog.ALG_SHA256, 32),)
+    recs = [struct.pack("<III", e.pcr, e.event_type, 1) + struct.pack("<H", eventlog.ALG_SHA256) + e.sha256
+            + struct.pack("<I", len(e.data)) + e.data for e in ev.tpm.log_events()]
+    return ev.tpm.uefi_log + b"".join(recs)
+
+
+def test_hello_on_a_tpm_device_is_affirming_and_a_one_byte_changed_bootstrap_is_contraindicated(tmp_path: Path) -> None:
+    """The hello flow over `--firmware uefi-http --tpm`: OVMF measures the bootstrap UKI into the
+    device's swtpm, the bootstrap derives CDI_1 from the TPM and extends PCR 15 with the manifest
+    and layers, the agent quotes. Boot 1 is the factory's known-good boot (enrolment records the
+    firmware baseline), then appraised affirming with a fresh nonce, the flow's result right
+    (measured image: hello greets). Boot 2, same device and TPM, a bootstrap UKI with one byte
+    changed: it boots, but is contraindicated at PCR 4, and its CDI_1/CDI_2 (L1 and L2 keys) differ."""
+    dep = prepare(REPO / "examples/hello/flow.yaml", tmp_path / "work")
+    out = tmp_path / "lab"
+    with lab(dep, out, ["device"], tpm=True) as lb:
+        dev = lb.add_device("device", firmware="uefi-http")
+        lb.power_on()
+        lb.wait_ready(BOOT_TIMEOUT)
+        assert dev.outcome == "ready", f"{dev.outcome}: {dev.reason}\n{dev.guest.console.text()[-3000:]}"
+        line, m = dev.guest.wait_for_console(r"cidboot: agent: flow done: (\d+) result", 300)
+        text = dev.guest.console.text()
+        good_uki = lb.built_uki().read_bytes()
+        assert lb.served_uki().read_bytes() == good_uki
+        baseline = lb.enrol(dev)  # the factory's known-good boot
+        roots = DeviceRoots.load(lb.roots_file)
+        (device,) = roots.tpm.values()
+        assert dict(device.firmware_pcrs) == baseline
+        nonce, ev = _evidence(lb, dev)
+        report = lb.report()
+    assert "cidboot-stage: bootstrap start mode=measured root=tpm" in text
+    assert ev.boot_mode == "tpm-measured" and ev.tpm is not None
+    result = _appraise_evidence(nonce, ev, device, good_uki, dep)
+    assert result.affirming, result.warnings
+    assert result.checks[-1] == "manifest and layer events", result.checks  # PCR 15: what L1 verified
+    with pytest.raises(NonceMismatchError):  # the same quote for another challenge: replayed
+        _appraise_evidence(os.urandom(32), ev, device, good_uki, dep)
+    d = good_report = report["devices"][0]
+    assert (d["firmware"], d["boot"]) == ("uefi-http", "tpm-measured")
+    assert d["appraisal"]["status"] == "affirming", d["appraisal"]
+    assert m[1] != "0" and "hello, world" in json.dumps(d["flow_results"]), d["flow_results"]
+    good_l1, good_l2 = _keys(ev)
+    t_ready = next(ln.t for ln in dev.guest.console.lines if "agent ready" in ln.text)
+
+    # boot 2: the bootstrap UKI with one byte of its .osrel changed; same device, same TPM
+    i = good_uki.index(b"\nNAME=cidboot\n") + 6
+    bad_uki = good_uki[:i] + b"C" + good_uki[i + 1:]
+    with lab(dep, out, ["device"], tpm=True) as lb:
+        lb.served_uki().write_bytes(bad_uki)
+        dev = lb.add_device("device", firmware="uefi-http")
+        lb.power_on()
+        lb.wait_ready(BOOT_TIMEOUT)
+        assert dev.outcome == "ready", f"{dev.outcome}: {dev.reason}\n{dev.guest.console.text()[-3000:]}"
+        nonce, bad = _evidence(lb, dev)
+        report = lb.report()
+    with pytest.raises(ReferenceMismatchError, match="PCR 4 application 0"):  # the served, signed UKI is the good one
+        _appraise_evidence(nonce, bad, device, good_uki, dep)
+    d = report["devices"][0]
+    assert d["appraisal"]["status"] == "contraindicated", d["appraisal"]
+    assert any("PCR 4" in r for r in d["appraisal"]["reasons"]), d["appraisal"]
+    bad_l1, bad_l2 = _keys(bad)
+    assert bad_l1 != good_l1 and bad_l2 != good_l2  # another CDI_1, so another CDI_2
+    t_ready_bad = next(ln.t for ln in dev.guest.console.lines if "agent ready" in ln.text)
+    print(f"\nappraisal of the good boot: {json.dumps(good_report['appraisal'])[:1500]}")
+    print(f"appraisal of the changed boot: {json.dumps(d['appraisal'])[:1500]}")
+    print(f"\nuefi-http --tpm: power-on to agent ready {t_ready:.1f} s (TCG); firmware baseline PCRs "
+          f"{sorted(baseline)}; PCR 15 events {len(ev.tpm.bootstrap_events) if ev.tpm else 0}; appraisal affirming; "
+          f"one-byte-changed UKI: contraindicated at PCR 4, L1 key {good_l1.hex()[:16]}.. -> {bad_l1.hex()[:16]}.., "
+          f"L2 key {good_l2.hex()[:16]}.. -> {bad_l2.hex()[:16]}..; power-on to agent ready {t_ready_bad:.1f} s")
+
+
+def _keys(ev: Evidence) -> tuple[bytes, bytes]:
+    """(L1 public key, L2 alias public key) of a TPM device's evidence: functions of CDI_1, CDI_2."""
+    vc = verify_chain(ev.chain, allow_debug=True)
+    return raw_public_bytes(vc.root_public_key), raw_public_bytes(vc.leaf_public_key)

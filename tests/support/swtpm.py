@@ -2,21 +2,21 @@
 `swtpm_setup --tpm2 --create-ek-cert` with a local CA of its own (under the state dir, not the
 machine-wide /var/lib/swtpm-localca), driven with `tpm2-tools` over the swtpm TCTI.
 
-Used by tests/integration/test_tpm_quote_integration.py and bench/bench_trust.py. The TPM is the
+The swtpm itself (manufacture, start, stop) is the harness's (qemu.harness.tpm.Swtpm); this adds
+tpm2-tools. Used by tests/integration/test_tpm_quote_integration.py and bench/bench_trust.py. The TPM is the
 "factory-fresh" device: `create_ak()` makes an EK and an AK under it (the enrolment a real server
 gets from tpm2_createek / tpm2_createak), `quote()` signs the SHA-256 PCRs over a nonce.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from qemu.harness import tpm as harness_tpm
 
 TOOLS = ("swtpm", "swtpm_setup", "tpm2_quote", "tpm2_createak", "tpm2_pcrextend")
 
@@ -29,20 +29,6 @@ def missing() -> str | None:
     return None
 
 
-def _free_port_pair() -> int:
-    """A port P with P and P+1 free on loopback (the swtpm TCTI talks to P, its control channel to P+1)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port >= 65535:
-            continue
-        with contextlib.suppress(OSError), socket.socket() as s2:
-            s2.bind(("127.0.0.1", port + 1))
-            return port
-    raise RuntimeError("no free loopback port pair for swtpm")
-
-
 @dataclass
 class AkFiles:
     ctx: Path  # the loaded AK's context (tpm2_quote -c)
@@ -52,80 +38,12 @@ class AkFiles:
     scheme: str = "rsassa"  # its signing scheme (tpm2_quote --scheme)
 
 
-class Swtpm:
-    """A manufactured swtpm in socket mode; `with Swtpm(dir) as tpm:` starts and stops it."""
-
-    def __init__(self, base: Path, *, qemu: bool = False) -> None:
-        """`qemu=True`: a TPM for a QEMU guest (GuestSpec.tpm = `ctrl_socket`): a Unix control socket
-        only, QEMU passes the data channel and the firmware sends TPM2_Startup; else a TPM on
-        loopback TCP for tpm2-tools, started (TPM2_Startup(CLEAR)) by swtpm itself."""
-        self.base = base.resolve()
-        self.state = self.base / "state"
-        self.qemu = qemu
-        self.ctrl_socket = self.base / "swtpm.sock"
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    # -- manufacture and life cycle ------------------------------------------------------------
-    def manufacture(self) -> None:
-        """swtpm_setup with an EK certificate signed by a local CA kept under the base dir."""
-        ca = self.base / "localca"
-        ca.mkdir(parents=True, exist_ok=True)
-        self.state.mkdir(parents=True, exist_ok=True)
-        (self.base / "swtpm-localca.conf").write_text(
-            f"statedir = {ca}\nsigningkey = {ca}/signkey.pem\nissuercert = {ca}/issuercert.pem\n"
-            f"certserial = {ca}/certserial\n")
-        (self.base / "swtpm-localca.options").write_text(
-            "--platform-manufacturer cidboot\n--platform-version 2.1\n--platform-model QEMU\n")
-        (self.base / "swtpm_setup.conf").write_text(
-            f"create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = {self.base}/swtpm-localca.conf\n"
-            f"create_certs_tool_options = {self.base}/swtpm-localca.options\nactive_pcr_banks = sha256\n")
-        subprocess.run(["swtpm_setup", "--tpm2", "--tpmstate", str(self.state), "--create-ek-cert",
-                        "--config", str(self.base / "swtpm_setup.conf"), "--pcr-banks", "sha256",
-                        "--overwrite", "--logfile", str(self.base / "swtpm_setup.log")],
-                       check=True, capture_output=True, timeout=120)
-
-    def start(self) -> Swtpm:
-        if not (self.state / "tpm2-00.permall").exists():
-            self.manufacture()
-        argv = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}", "--log", f"file={self.base / 'swtpm.log'}"]
-        if self.qemu:
-            self.ctrl_socket.unlink(missing_ok=True)
-            argv += ["--ctrl", f"type=unixio,path={self.ctrl_socket}"]
-        else:
-            self.port = _free_port_pair()
-            argv += ["--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-                     "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1", "--flags", "not-need-init,startup-clear"]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.base / "swtpm.stderr", "wb"))
-        deadline = time.monotonic() + 20
-        while not self._listening():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"swtpm did not start: {(self.base / 'swtpm.stderr').read_text(errors='replace')}")
-            time.sleep(0.05)
-        return self
-
-    def _listening(self) -> bool:
-        if self.qemu:
-            return self.ctrl_socket.exists()
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
-            return True
-        return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+class Swtpm(harness_tpm.Swtpm):
+    """The harness's swtpm (manufacture, life cycle: qemu.harness.tpm.Swtpm) driven by tpm2-tools."""
 
     def __enter__(self) -> Swtpm:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.start()
+        return self
 
     # -- tpm2-tools -----------------------------------------------------------------------------
     @property
@@ -210,58 +128,3 @@ def make_pe(sections: list[tuple[str, bytes]], *, pe32plus: bool = True, trailer
     head = b"MZ" + bytes(0x3A) + struct.pack("<I", pe_off) + bytes(pe_off - 0x40) + b"PE\0\0" + coff + opt + table
     return head + bytes(headers - len(head)) + body + trailer + cert_table
 
-
-# -- raw TPM 2.0 commands, for a guest that has /dev/tpm0 and a shell but no tpm2-tools -------------
-# (TPM 2.0 Library Part 3: TPM2_CreatePrimary, TPM2_Quote; one password session with empty auth)
-_PW_SESSION = bytes.fromhex("40000009" "0000" "00" "0000")  # TPM_RS_PW, no nonce, no attributes, empty auth
-# an RSA-2048 restricted signing key, RSASSA/SHA-256: a deterministic AK from the endorsement seed
-AK_TEMPLATE = bytes.fromhex("0001" "000b" "00050072" "0000" "0010" "0014" "000b" "0800" "00000000" "0000")
-
-
-def _command(tag: int, cc: int, body: bytes) -> bytes:
-    import struct
-    return struct.pack(">HII", tag, 10 + len(body), cc) + body
-
-
-def create_primary_ak_command() -> bytes:
-    """TPM2_CreatePrimary(TPM_RH_ENDORSEMENT, AK_TEMPLATE): the same AK each time on the same TPM,
-    so a factory can learn its name before the device ever boots (tpm2_send) and the device can
-    recreate it without tools."""
-    import struct
-    body = (struct.pack(">I", 0x4000000B) + struct.pack(">I", len(_PW_SESSION)) + _PW_SESSION
-            + bytes.fromhex("0004" "0000" "0000") + struct.pack(">H", len(AK_TEMPLATE)) + AK_TEMPLATE
-            + bytes.fromhex("0000" "00000000"))
-    return _command(0x8002, 0x131, body)
-
-
-def quote_command(handle: bytes, nonce: bytes, pcrs: list[int]) -> tuple[bytes, bytes]:
-    """TPM2_Quote by `handle` over sha256:`pcrs` with `nonce`, as (the 10-byte header, the rest
-    after the handle): a guest splices the handle CreatePrimary returned in between."""
-    import struct
-    bits = bytearray(3)
-    for i in pcrs:
-        bits[i // 8] |= 1 << (i % 8)
-    rest = (struct.pack(">I", len(_PW_SESSION)) + _PW_SESSION + struct.pack(">H", len(nonce)) + nonce
-            + bytes.fromhex("0010") + struct.pack(">IHB", 1, 0x000B, 3) + bytes(bits))
-    whole = _command(0x8002, 0x158, (handle or bytes(4)) + rest)
-    return whole[:10], rest
-
-
-def parse_create_primary_response(resp: bytes) -> tuple[bytes, bytes]:
-    """(object handle, TPM2B_PUBLIC) from a TPM2_CreatePrimary response."""
-    import struct
-    tag, size, rc = struct.unpack_from(">HII", resp)
-    if rc or size != len(resp):
-        raise RuntimeError(f"TPM2_CreatePrimary: rc {rc:#x}, {size} != {len(resp)} bytes")
-    (n,) = struct.unpack_from(">H", resp, 18)
-    return resp[10:14], resp[18:20 + n]
-
-
-def parse_quote_response(resp: bytes) -> tuple[bytes, bytes]:
-    """(TPMS_ATTEST, TPMT_SIGNATURE) from a TPM2_Quote response with one password session."""
-    import struct
-    tag, size, rc, params = struct.unpack_from(">HIII", resp)
-    if rc or size != len(resp):
-        raise RuntimeError(f"TPM2_Quote: rc {rc:#x}, {size} != {len(resp)} bytes")
-    (n,) = struct.unpack_from(">H", resp, 14)
-    return resp[16:16 + n], resp[16 + n:14 + params]

@@ -466,3 +466,85 @@ def test_running_kernel_cid_file(tmp_path: Path) -> None:
     cid = CID.of(b"k")
     f.write_text(f"{cid}\n")
     assert running_kernel_cid(f) == cid
+
+
+class _FakeTpm:
+    """Just enough TPM for bootstrap.stage.tpm's control flow (the real commands run against
+    swtpm in tests/integration/test_tpm_device_integration.py): PCRs, extend, a PCR-keyed HMAC, an AK."""
+
+    def __init__(self) -> None:
+        import hashlib
+
+        self.pcrs = {i: bytes(32) for i in range(24)}
+        self.pcrs[4] = hashlib.sha256(b"the UKI").digest()
+        self.ak = (Path(__file__).parents[1] / "vectors/tpm/rsassa-ak.pub").read_bytes()
+
+    def __enter__(self) -> _FakeTpm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def pcr_values(self, pcrs: Any) -> dict[int, bytes]:
+        return {i: self.pcrs[i] for i in pcrs}
+
+    def cdi(self, label: bytes, pcrs: Any) -> bytes:
+        import hashlib
+        import hmac
+
+        return hmac.new(b"seed" + b"".join(self.pcrs[i] for i in sorted(pcrs)), label, hashlib.sha256).digest()
+
+    def extend(self, pcr: int, data: bytes, banks: Any) -> dict[int, bytes]:
+        import hashlib
+
+        d = hashlib.sha256(data).digest()
+        self.pcrs[pcr] = hashlib.sha256(self.pcrs[pcr] + d).digest()
+        return {0x000B: d}
+
+    def read_public(self, handle: int) -> bytes:
+        return self.ak
+
+
+def test_a_tpm_boot_derives_cdi1_from_the_tpm_and_hands_on_its_pcr15_events(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hand-off, but a TPM and a firmware event log: read_start says measured with a TPM root
+    (CDI_1 from the TPM, chain [L1 key]); after the image verified, attempt() extends PCR 15 with
+    exactly the manifest's reference events and boot.json carries the log and the events; the
+    hand-off carries CDI_2 (dice.cbor) like any measured boot."""
+    from bootstrap.stage import tpm as stage_tpm
+    from cidboot.trust.tpm.reference import bootstrap_events
+
+    fake = _FakeTpm()
+    log = tmp_path / "binary_bios_measurements"
+    log.write_bytes((Path(__file__).parents[1] / "vectors/tpm/ovmf-eventlog.bin").read_bytes())
+    monkeypatch.setattr(stage_tpm, "_open", lambda paths: fake)
+    monkeypatch.setattr(stage_tpm, "available", lambda: True)
+    real_start = stage_tpm.start
+    monkeypatch.setattr(stage_tpm, "start", lambda: real_start(log_path=str(log)))
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers)
+    guest = tmp_path / "guest"
+    guest.mkdir()
+    start = stage_main.read_start(guest)
+    assert start.boot_mode == "measured" and start.tpm is not None and start.dice is not None
+    chain = decode_handover(bytes(start.dice)).chain
+    assert len(verify_chain(chain).entries) == 0  # [L1 key]: the chain starts at L1
+    anchor = tmp_path / "trust-anchor.json"
+    keys.write_root(ANCHOR, anchor)
+    with running_gateway(store) as gw:
+        start.bootconfig = BootConfig(signed.cid, (_url(gw),)).encode()
+        plan, _ = stage_main.attempt(start, anchor_path=anchor, nvram_path=_nvram(tmp_path),
+                                     store_dir=tmp_path / "dev-store", cmdline_path=tmp_path / "none", network=False)
+    t = plan.handoff.boot["tpm"]
+    want = bootstrap_events(signed.cid, signed.manifest)
+    assert [bytes.fromhex(e["sha256"]) for e in t["events"]] == [e.digest for e in want]
+    assert t["uefi_log"] and plan.handoff.dice is not None
+    import hashlib
+
+    pcr15 = bytes(32)
+    for e in want:
+        pcr15 = hashlib.sha256(pcr15 + e.digest).digest()
+    assert fake.pcrs[15] == pcr15
+    with pytest.raises(stage_main.Refused, match="already extended"):  # a retry cannot extend again
+        stage_main.attempt(start, anchor_path=anchor, nvram_path=_nvram(tmp_path), store_dir=tmp_path / "dev-store",
+                           cmdline_path=tmp_path / "none", network=False)

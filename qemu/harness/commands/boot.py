@@ -45,6 +45,10 @@ def add_boot_args(p: argparse.ArgumentParser) -> None:
                         "uefi-http = OVMF's own PXE / HTTP Boot loading the bootstrap UKI (no iPXE). The last "
                         "three are unmeasured (no TPM yet): appraised so, never affirming")
     p.add_argument("--legacy", action="store_true", help="same as --firmware bios-ipxe")
+    p.add_argument("--tpm", action="store_true",
+                   help="give each device a TPM 2.0 (swtpm, kept under its device dir; needs --firmware uefi-pxe or "
+                        "uefi-http): the boot is TPM-measured. A device's first boot is the factory's known-good "
+                        "boot: its firmware PCRs become the enrolled baseline (docs/tpm.md)")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for every agent (default 600)")
     p.add_argument("--cluster", type=int, default=0, metavar="K",
                    help="start K Kubo + IPFS Cluster peers in the lab (CRDT, private secret and swarm key, no public "
@@ -102,14 +106,20 @@ def boot(args: argparse.Namespace) -> dict[str, Any]:
     say(f"manifest {dep.workload.manifest}; {n} device(s): {', '.join(device_roles)}")
     mode = accel.choose(dep.firmware.kernel)
     firmware = args.firmware or ("bios-ipxe" if args.legacy else "dice")
+    tpm = bool(getattr(args, "tpm", False))
+    if tpm and not firmware.startswith("uefi"):
+        raise CidbootError("--tpm needs --firmware uefi-pxe or uefi-http (UEFI measures the boot into the TPM)")
     if cluster:
         say(f"lab: {cluster} cluster peers, {servers} boot server(s) with empty stores and --upstream")
-    with lab(dep, out / "lab", device_roles, cluster=cluster, boot_servers=servers, replication=replication) as lb:
+    with lab(dep, out / "lab", device_roles, cluster=cluster, boot_servers=servers, replication=replication,
+             tpm=tpm) as lb:
         for role in device_roles:
             lb.add_device(role, firmware=firmware, accel=mode)
         say(f"powering on ({mode}); consoles in {out / 'lab' / 'devices'}")
         lb.power_on()
         lb.wait_ready(args.timeout)
+        if tpm:
+            enrol_first_boots(lb)
         say("attesting every device with a fresh nonce")
         report = lb.report(allow_unmeasured=False)
     report["accel"] = mode
@@ -118,6 +128,18 @@ def boot(args: argparse.Namespace) -> dict[str, Any]:
     if not args.keep and Path(args.flow).is_file():  # never delete a store the user gave
         shutil.rmtree(out / "work" / "store", ignore_errors=True)
     return report
+
+
+def enrol_first_boots(lb: Any) -> None:
+    """A TPM device without a firmware baseline is on its factory boot: record it (docs/tpm.md)."""
+    from cidboot.trust.appraisal import DeviceRoots
+
+    roots = DeviceRoots.load(lb.roots_file)
+    for dev in lb.devices:
+        known = [t for d, t in roots.tpm.items() if roots.names.get(d) == dev.name]
+        if dev.url and known and not known[0].firmware_pcrs:
+            say(f"{dev.name}: factory boot: recording its firmware PCRs as the enrolled baseline")
+            lb.enrol(dev)
 
 
 def summary(report: dict[str, Any]) -> str:
