@@ -9,6 +9,12 @@ from the boot server's own appraisals of each ready device.
   *rejected* and recorded as such (the timeline shows the attempt, the device's state does not
   move). An unsigned one (`{"event"}`) is recorded as *unsigned*, unless it claims a measured
   boot or its MAC belongs to a device that signs its events: then it is rejected too.
+- Replays: a signed event carries `boot`, a session nonce this server issued (`POST
+  /api/events/session`), and `seq`. The first key that signs with a session owns it, and each
+  (session, seq) is accepted once, in increasing order; an event without a session, with one
+  this server does not know (never issued, or forgotten: at most MAX_SESSIONS are kept), with
+  another key's session or with a seq not above the last accepted one is rejected (recorded,
+  moves nothing). So a captured event posted again never counts.
 - Device state in SQLite (stdlib), bounded: the last MAX_EVENTS events per device (a ring) and
   at most MAX_DEVICES devices (the least recently seen go first); it survives restarts.
 - Appraisal: each ready device's agent (`GET /attestation?nonce=`, at the address the events
@@ -60,6 +66,9 @@ NONCE_BYTES = 32
 MAX_SUBSCRIBERS = 32  # live /api/stream clients at once
 KEEPALIVE = 15.0
 MAX_GRAPH_NODES = 256
+MAX_SESSIONS = 4 * MAX_DEVICES  # event sessions kept (the least recently used go first; unused ones before)
+SESSION_BYTES = 16
+EVENTS_PATH = "/api/events"  # where the stages post (the boot config's `events` URL)
 STAGE_LAYERS = {"firmware": 1, "bootstrap": 2, "agent": 3}  # DICE certificates the stage's own key ends
 KIND_RX = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 MAC_RX = re.compile(r"^(?:[0-9a-f]{2}:){5}[0-9a-f]{2}$")
@@ -85,6 +94,7 @@ class Verdict:
     reason: str
     event: dict[str, Any]
     device_id: str | None = None
+    key: str | None = None  # the signing key (hex), for a verified event: whose session it uses
 
 
 def _event_fields(raw: Any) -> dict[str, Any]:
@@ -117,8 +127,12 @@ def _event_fields(raw: Any) -> dict[str, Any]:
     arch = ev.get("arch", "")
     if not isinstance(arch, str) or len(arch) > 32:
         raise EventFormatError("event: arch must be short text")
+    boot = ev.get("boot", "")
+    if not isinstance(boot, str) or len(boot) > 64:
+        raise EventFormatError("event: boot must be a session nonce (short text)")
     return {"stage": ev["stage"], "kind": ev["kind"], "mac": mac, "seq": ev["seq"], "t": ev["t"],
-            "boot_mode": ev["boot_mode"], "arch": arch, "detail": {k: v[:2048] for k, v in detail.items()}}
+            "boot_mode": ev["boot_mode"], "arch": arch, "boot": boot,
+            "detail": {k: v[:2048] for k, v in detail.items()}}
 
 
 def verify_event(body: bytes, roots: DeviceRoots | None, bound: Callable[[str], str | None] = lambda _m: None) -> Verdict:
@@ -170,7 +184,7 @@ def verify_event(body: bytes, roots: DeviceRoots | None, bound: Callable[[str], 
     debug = [i + 1 for i, c in enumerate(chain.entries) if c.mode == DiceMode.DEBUG]
     name = roots.names.get(did) or did[:16]
     return Verdict(VERIFIED, f"signed by {name}'s {ev['stage']} key" + (f" (debug layers {debug})" if debug else ""),
-                   ev, did)
+                   ev, did, raw_public_bytes(chain.leaf_public_key).hex())
 
 
 # -- the SQLite store -------------------------------------------------------------------------
@@ -184,6 +198,8 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, mac TEXT NOT NULL, received REAL, t INTEGER, seq INTEGER, stage TEXT,
     kind TEXT, trust TEXT, trust_reason TEXT, device_id TEXT, source TEXT, detail TEXT);
 CREATE INDEX IF NOT EXISTS events_mac ON events (mac, id);
+CREATE TABLE IF NOT EXISTS sessions (
+    session TEXT PRIMARY KEY, issued REAL, used REAL, key TEXT, seq INTEGER);
 """
 
 
@@ -191,8 +207,8 @@ class FleetStore:
     """Device rows and their event rings in one SQLite file (":memory:" for tests)."""
 
     def __init__(self, path: str | os.PathLike[str], *, max_events: int = MAX_EVENTS,
-                 max_devices: int = MAX_DEVICES) -> None:
-        self.max_events, self.max_devices = max_events, max_devices
+                 max_devices: int = MAX_DEVICES, max_sessions: int = MAX_SESSIONS) -> None:
+        self.max_events, self.max_devices, self.max_sessions = max_events, max_devices, max_sessions
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
@@ -214,6 +230,36 @@ class FleetStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def issue_session(self, *, now: float | None = None) -> str:
+        """A fresh session nonce for one stage's events; the oldest beyond max_sessions go
+        (sessions never used first, so a flood of requests cannot push out those in use)."""
+        s = os.urandom(SESSION_BYTES).hex()
+        with self._tx() as db:
+            db.execute("INSERT INTO sessions (session, issued) VALUES (?, ?)", (s, time.time() if now is None else now))
+            n = db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+            if n > self.max_sessions:
+                db.execute("DELETE FROM sessions WHERE session IN (SELECT session FROM sessions ORDER BY "
+                           "(key IS NOT NULL) ASC, COALESCE(used, issued) ASC LIMIT ?)", (n - self.max_sessions,))
+        return s
+
+    def use_session(self, session: str, key: str, seq: int, *, now: float | None = None) -> str | None:
+        """Accept (session, seq) for `key` once: None when it is fresh (and now used), else why
+        not. An unknown session's reason starts with "unknown session" (the server answers 409:
+        a stage whose session was forgotten asks for a new one)."""
+        if not session:
+            return "replayable: a signed event without a session (boot) from POST /api/events/session"
+        with self._tx() as db:
+            row = db.execute("SELECT key, seq FROM sessions WHERE session=?", (session,)).fetchone()
+            if row is None:
+                return f"unknown session {session[:12]}...: never issued here, or forgotten (a replay of an old event?)"
+            if row["key"] is not None and not hmac.compare_digest(row["key"], key):
+                return f"replay: session {session[:12]}... belongs to another key"
+            if row["seq"] is not None and seq <= row["seq"]:
+                return f"replay: seq {seq} of session {session[:12]}... is not above the last accepted ({row['seq']})"
+            db.execute("UPDATE sessions SET key=?, seq=?, used=? WHERE session=?",
+                       (key, seq, time.time() if now is None else now, session))
+        return None
 
     def bound_id(self, mac: str) -> str | None:
         with self._lock:
@@ -247,8 +293,7 @@ class FleetStore:
                                           (n - self.max_devices,)).fetchall():
                         db.execute("DELETE FROM events WHERE mac=?", (old["mac"],))
                         db.execute("DELETE FROM devices WHERE mac=?", (old["mac"],))
-            if v.trust == REJECTED:
-                db.execute("UPDATE devices SET last_seen=? WHERE mac=?", (now, mac))
+            if v.trust == REJECTED:  # recorded in the ring; the device row does not move
                 return eid
             sets: dict[str, Any] = {"stage": ev["stage"], "kind": ev["kind"], "last_seen": now, "source": source,
                                     "boot_mode": ev["boot_mode"], "trust": v.trust,
@@ -379,6 +424,14 @@ class Fleet:
             v = verify_event(body, self.roots(), self.store.bound_id)
         except EventFormatError as e:
             return 400, {"error": str(e)}
+        status = 201
+        if v.trust == VERIFIED:  # a genuine signature is not enough: it must not be a replay
+            why = self.store.use_session(v.event["boot"], v.key or "", v.event["seq"])
+            if why is not None:
+                v = Verdict(REJECTED, why, v.event, v.device_id, v.key)
+                status = 409 if why.startswith("unknown session") else 403
+        elif v.trust == REJECTED:
+            status = 403
         eid = self.store.record(v, source)
         mac = v.event["mac"] or f"ip:{source}"
         if v.trust == REJECTED:
@@ -386,7 +439,6 @@ class Fleet:
         self.publish("event", mac=mac, id=eid, trust=v.trust)
         if v.trust != REJECTED and v.event["kind"] == "ready":
             self._kick.set()  # appraise it now, not at the next round
-        status = 403 if v.trust == REJECTED else 201
         return status, {"id": eid, "device": mac, "trust": v.trust, "reason": v.reason}
 
     # -- appraisal --
@@ -542,7 +594,10 @@ class Fleet:
         if method == "OPTIONS":
             _send(h, 204, "text/plain", b"", extra=(("Allow", "GET, HEAD, POST, OPTIONS"),))
             return
-        if path == "/api/events" and method == "POST":
+        if path == EVENTS_PATH + "/session" and method == "POST":
+            _json(h, 201, {"session": self.store.issue_session()})
+            return
+        if path == EVENTS_PATH and method == "POST":
             status, obj = self.post_event(h.body, str(h.client_address[0]))
             _json(h, status, obj)
             return

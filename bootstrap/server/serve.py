@@ -5,7 +5,8 @@ map of served name -> file (bootstrap.bootfiles makes or finds them for the mani
 `--tftp-root` overrides any of them and may add others). They are served over TFTP by name and
 over HTTP at `/boot/<name>` (UEFI HTTP Boot). Two things are generated per request: `boot.ipxe`
 (the iPXE script that boots the bootstrap with this device's config) and `bootconfig/<mac>.json`
-(the device's boot config from devices.yaml). The gateway serves the block store and adds
+(the device's boot config from devices.yaml; its `events` URL is this server's /api/events, where
+the stages post their stage events). The gateway serves the block store and adds
 `/metrics`.
 """
 
@@ -136,7 +137,8 @@ class BootServer:
             manifest = CID.parse(pol.manifest) if pol.manifest else self.cfg.manifest
             gateways = tuple(self.gateway_url if g == "self" else g for g in self.cfg.gateways) or (self.gateway_url,)
             return BootConfig(manifest, gateways, self.cfg.trust_anchor or {}, pol.role,
-                              peers=self.peers(mac), device_registry=self.cfg.device_registry).encode()
+                              peers=self.peers(mac), device_registry=self.cfg.device_registry,
+                              events=f"{self.gateway_url}{fleet.EVENTS_PATH}").encode()
         return None
 
     def peers(self, mac: str) -> dict[str, tuple[str, ...]]:

@@ -129,12 +129,16 @@ def fleet_site(tmp_path: Path) -> Iterator[dict[str, Any]]:
     threading.Thread(target=gw.serve_forever, daemon=True).start()
     fleet.start()
 
+    sessions: dict[tuple[str, str], str] = {}
+
     def post(who: str, stage: str, kind: str, seq: int, **detail: Any) -> None:
         n = {"firmware": 1, "bootstrap": 2, "agent": 3}[stage]
         d = derive_layers(devices[who]["uds"], LAYERS[:n])
+        boot = sessions.get((who, stage)) or events.new_session(gw.url) or ""  # one per stage, as a Reporter does
+        sessions[(who, stage)] = boot
         ev = {"v": 1, "stage": stage, "kind": kind, "seq": seq, "t": int(time.time() * 1000), "mac": MACS[who],
-              "boot_mode": "measured", "arch": "x86_64", "detail": {k: str(v) for k, v in detail.items()}}
-        assert events.post(gw.url, events.encode_event(ev, events.Identity(d.leaf_key, d.chain)))
+              "boot_mode": "measured", "arch": "x86_64", "boot": boot, "detail": {k: str(v) for k, v in detail.items()}}
+        assert events.post_status(gw.url, events.encode_event(ev, events.Identity(d.leaf_key, d.chain))) == 201
 
     for role in MACS:
         port = devices[role]["agent"].server_address[1]
