@@ -97,6 +97,7 @@ def _boot(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         say(f"powering on ({mode}); consoles in {out / 'lab' / 'devices'}")
         lb.power_on()
         lb.wait_ready(args.timeout)
+        lb.wait_flow(args.timeout)  # results and vetoes are known only once the flow is done
         say("attesting every device with a fresh nonce")
         report = lb.report(allow_unmeasured=False)
     report["accel"] = mode
