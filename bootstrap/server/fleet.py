@@ -305,7 +305,9 @@ class FleetStore:
             if ev["stage"] == "firmware":
                 sets["firmware"] = "cidboot (measured)" if ev["boot_mode"] == "measured" else "cidboot"
             elif ev["stage"] == "bootstrap" and ev["kind"] == "start" and d.get("mode") == "unmeasured":
-                sets["firmware"] = "iPXE ROM (unmeasured)"
+                # no L0 of ours: the machine's own network boot (what the bootstrap saw: UEFI or not)
+                sets["firmware"] = "UEFI PXE/HTTP Boot (unmeasured)" if d.get("firmware") == "uefi" \
+                    else "PXE ROM (unmeasured)"
             if ev["stage"] == "bootstrap" and ev["kind"] == "start":  # a new boot: the old appraisal is stale
                 sets["appraisal"], sets["appraised"] = None, None
             if ev["kind"] == "ready" and d.get("port", "").isdigit():

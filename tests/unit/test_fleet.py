@@ -456,3 +456,28 @@ def test_a_reporter_whose_session_was_forgotten_gets_a_new_one(tmp_path: Path) -
         evs = fleet.store.events("52:54:00:00:00:08")
         assert [(e["kind"], e["trust"]) for e in evs] == [("start", VERIFIED), ("handover", REJECTED),
                                                           ("handover", VERIFIED)]
+
+
+def test_firmware_kind_of_an_unmeasured_boot_is_what_the_bootstrap_saw() -> None:
+    """The column said "iPXE ROM" for OVMF's own PXE and HTTP Boot too."""
+    st = FleetStore(":memory:")
+    for mac, fw, want in (("52:54:00:00:00:0a", "uefi", "UEFI PXE/HTTP Boot (unmeasured)"),
+                          ("52:54:00:00:00:0b", "bios", "PXE ROM (unmeasured)")):
+        v = _verdict(mac=mac)
+        v.event["detail"] = {"mode": "unmeasured", "firmware": fw}
+        st.record(v, "10.0.0.2")
+        assert st.device(mac)["firmware"] == want  # type: ignore[index]
+
+
+def test_bootstrap_start_event_names_the_firmware_it_was_booted_by(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from bootstrap.stage import main as stage_main
+
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(stage_main.events, "emit", lambda stage, kind, **kw: seen.append({"kind": kind, **kw}))
+    monkeypatch.setattr(stage_main, "read_start", lambda root: stage_main.Start("unmeasured", None, None))
+    monkeypatch.setattr(stage_main, "attempt", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr(stage_main.pid1, "power_off", lambda *a: None)
+    (tmp_path / "sys" / "firmware" / "efi").mkdir(parents=True)
+    stage_main.main(root=tmp_path)
+    assert seen[0]["kind"] == "start" and seen[0]["firmware"] == "uefi"
