@@ -481,3 +481,32 @@ def test_bootstrap_start_event_names_the_firmware_it_was_booted_by(tmp_path: Pat
     (tmp_path / "sys" / "firmware" / "efi").mkdir(parents=True)
     stage_main.main(root=tmp_path)
     assert seen[0]["kind"] == "start" and seen[0]["firmware"] == "uefi"
+
+
+def test_ready_devices_are_appraised_on_a_schedule_each_time_with_a_fresh_nonce(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No one asks: the server challenges a ready agent when it reports ready and again every
+    appraise_every seconds, never reusing a nonce."""
+    import bootstrap.server.fleet as fleet_mod
+    from cidboot.errors import CidbootError
+
+    nonces: list[bytes] = []
+
+    def evidence(url: str, nonce: bytes, timeout: float) -> bytes:
+        nonces.append(nonce)
+        raise CidbootError("no agent here")
+    monkeypatch.setattr(fleet_mod, "get_evidence", evidence)
+    st = FleetStore(":memory:")
+    st.record(Verdict(VERIFIED, "ok", {**_verdict(kind="ready").event, "stage": "agent", "detail": {"port": "8000"}},
+                      "did"), "10.0.0.2")
+    f = Fleet(st, Blockstore(tmp_path / "b"), appraise_every=0.5)
+    f.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(nonces) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        f.stop()
+    assert len(nonces) >= 3 and len(set(nonces)) == len(nonces) and all(len(n) == 32 for n in nonces)
+    d = st.device("52:54:00:00:00:01")
+    assert d is not None and d["appraisal"]["status"] == "contraindicated" and "no evidence" in str(d["appraisal"])
