@@ -21,7 +21,7 @@ from the boot server's own appraisals of each ready device.
   came from) is challenged with a fresh nonce and appraised with cidboot.trust.appraisal against
   the registry and the device's manifest: when it becomes ready, every APPRAISE_EVERY seconds,
   and on demand (`POST /api/devices/<id>/appraise`).
-- The JSON API under /api/ (devices, device, events, results, provenance, node), the live stream
+- The JSON API under /api/ (devices, device, events, events/session, results, provenance, node), the live stream
   `/api/stream` (server-sent events) and the web view at `/` (bootstrap/server/web/).
 """
 
