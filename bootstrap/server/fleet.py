@@ -86,6 +86,10 @@ class EventFormatError(FormatError):
     """A POST /api/events body that is not an event at all (no device can be named): 400."""
 
 
+class NodeUnavailable(CidbootError):
+    """A provenance block is neither cached here nor served by any ready agent: 404."""
+
+
 @dataclass
 class Verdict:
     """What the server makes of one posted event."""
@@ -485,9 +489,12 @@ class Fleet:
 
         agents = [f"http://{d['source']}:{d['agent_port']}" for d in self.store.devices() if self.ready(d)]
         if not agents:
-            raise CidbootError(f"block {cid} is not here and no agent is ready to ask")
-        return gateway_client.fetch_block(cid, agents, self.blocks, timeout=self.agent_timeout, rounds=1,
-                                          user_agent="cidboot-bootserver")
+            raise NodeUnavailable(f"block {cid} is not here and no agent is ready to ask")
+        try:
+            return gateway_client.fetch_block(cid, agents, self.blocks, timeout=self.agent_timeout, rounds=1,
+                                              user_agent="cidboot-bootserver")
+        except gateway_client.BlockUnavailable as e:
+            raise NodeUnavailable(str(e)) from None
 
     def node(self, cid: CID) -> dict[str, Any]:
         """One provenance node, decoded, with its signature checked against its producer."""
@@ -631,8 +638,10 @@ class Fleet:
         elif len(parts) == 2 and parts[0] == "node":
             try:
                 _json(h, 200, self.node(CID.parse(parts[1])))
-            except CidbootError as e:
-                _json(h, 404 if "not here" in str(e) or "could not" in str(e) else 422, {"error": str(e)})
+            except NodeUnavailable as e:
+                _json(h, 404, {"error": str(e)})
+            except CidbootError as e:  # here but not a provenance node (or not a valid one)
+                _json(h, 422, {"error": str(e)})
         else:
             _json(h, 404, {"error": f"no API at {path}"})
 

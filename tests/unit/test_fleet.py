@@ -510,3 +510,16 @@ def test_ready_devices_are_appraised_on_a_schedule_each_time_with_a_fresh_nonce(
     assert len(nonces) >= 3 and len(set(nonces)) == len(nonces) and all(len(n) == 32 for n in nonces)
     d = st.device("52:54:00:00:00:01")
     assert d is not None and d["appraisal"]["status"] == "contraindicated" and "no evidence" in str(d["appraisal"])
+
+
+def test_api_node_is_404_when_no_one_has_the_block_and_422_for_a_block_that_is_no_node(tmp_path: Path) -> None:
+    from cidboot.ipld.cid import CID, DAG_CBOR
+
+    with fleet_server(tmp_path, registered(UDS_A)) as (fleet, gw):
+        missing = CID.of(dagcbor.encode({"x": 1}), DAG_CBOR)
+        status, obj = _get(gw.url, f"/api/node/{missing}")
+        assert status == 404 and "no agent is ready" in obj["error"]
+        block = dagcbor.encode({"not": "a provenance node"})
+        fleet.blocks.put(CID.of(block, DAG_CBOR), block)
+        status, obj = _get(gw.url, f"/api/node/{CID.of(block, DAG_CBOR)}")
+        assert status == 422, obj
