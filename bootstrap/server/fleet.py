@@ -74,6 +74,7 @@ KIND_RX = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 MAC_RX = re.compile(r"^(?:[0-9a-f]{2}:){5}[0-9a-f]{2}$")
 CID_RX = re.compile(r"\b(baf[a-z2-7]{50,})\b")
 VERIFIED, UNSIGNED, REJECTED = "verified", "unsigned", "rejected"
+LIFECYCLE = ("start", "handover", "ready", "refused", "fatal")  # a stage's own progress (the rest: the agent's flow)
 #: the page runs only its own script and talks only to this server: device-supplied text that
 #: slipped into markup could still not run or load anything
 CSP = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:"
@@ -516,10 +517,18 @@ class Fleet:
                 "sig_cose": n.sig.hex(), "raw": f"/ipfs/{cid}?format=raw"}
 
     def _producer_device(self, producer_hex: str) -> str | None:
-        for d in self.store.devices():
+        """Who a producer key is: a device (its agent's attested leaf key), or the flow's signer
+        (a manifest root-of-trust key: seeds are signed by the flow authority)."""
+        devices = self.store.devices()
+        for d in devices:
             a = d.get("appraisal") or {}
             if a.get("leaf_key") == producer_hex:
                 return str(d["mac"])
+        for d in devices:
+            mf = self.manifest_for(d["mac"])
+            if mf is not None and any(raw_public_bytes(k).hex() == producer_hex
+                                      for k in mf[0].root.public_keys().values()):
+                return "flow signer"
         return None
 
     def provenance(self, root: CID, max_nodes: int = MAX_GRAPH_NODES) -> dict[str, Any]:
@@ -573,11 +582,15 @@ class Fleet:
         results = [{"definition": e["detail"].get("definition"), "value": e["detail"].get("value"),
                     "cid": e["detail"].get("cid")} for e in ev if e["kind"] == "result" and e["trust"] != REJECTED]
         last = next((e for e in reversed(ev) if e["trust"] != REJECTED), None)
+        # where the boot is (start / handover / ready / refused / fatal), not the agent's last result or veto:
+        # a running agent that refused a peer's input or vetoed a run is still ready
+        phase = next((e["kind"] for e in reversed(ev) if e["trust"] != REJECTED and e["stage"] == d.get("stage")
+                      and e["kind"] in LIFECYCLE and not (e["stage"] == "agent" and e["kind"] == "refused")), None)
         # the role the registry gives (appraisal), else devices.yaml's, else what the device claims
         registered = (d.get("appraisal") or {}).get("registered_role")
         return {**d, "role": registered or self.role_for(d["mac"]) or d.get("role"), "claimed_role": d.get("role"),
                 "ready": self.ready(d),
-                "last_event": f"{last['stage']} {last['kind']}" if last else None,
+                "last_event": f"{last['stage']} {last['kind']}" if last else None, "phase": phase or d.get("kind"),
                 "results": results, "problems": problems, "rejected": rejected}
 
     # -- HTTP --

@@ -236,6 +236,7 @@ def test_fleet_web_view_in_headless_chromium(fleet_site: dict[str, Any], tmp_pat
         assert dom.find("g", data_cid=cid, data_definition=definition), f"no graph node for {definition}"
     assert dom.find("path", data_from=mid, data_to=res) and dom.find("path", data_from=seed, data_to=mid)
     assert "by average" in text and "producer sensor" in text.replace("producer 52:54:00:fe:00:01", "producer sensor")
+    assert "producer flow signer" in text  # the seed: signed by the flow authority, not by a device
     # every column the issue names, per device
     for role, mac in MACS.items():
         row = dom.row(mac)
@@ -245,7 +246,9 @@ def test_fleet_web_view_in_headless_chromium(fleet_site: dict[str, Any], tmp_pat
         assert row["firmware"] == "cidboot (measured)" and row["device"].endswith("…") and row["events"].startswith("verified")
         assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row["last-event"]), row  # ISO 8601, not a bare local time
     sensor, aggregator = dom.row(MACS["sensor"]), dom.row(MACS["aggregator"])
-    assert sensor["stage"] == "agent result" and "mean = 4.0" in sensor["results"]
+    # the stage column says where the boot is (the agent is ready), the last event what it did last
+    assert sensor["stage"] == aggregator["stage"] == "agent ready" and sensor["last-event"].startswith("agent result")
+    assert aggregator["last-event"].startswith("agent veto") and "mean = 4.0" in sensor["results"]
     assert "agent veto: policy never-negate vetoes negate" in aggregator["problems"]
     assert "affirming" in sensor["appraisal"] and "nonce: affirming: matches this challenge" in sensor["appraisal"]
 

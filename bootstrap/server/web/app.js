@@ -68,11 +68,11 @@ function renderFleet(devices) {
   el("td", { "data-col": "role" }, d.role || (d.appraisal && d.appraisal.registered_role) || ""),
   el("td", { "data-col": "arch" }, d.arch || ""),
   el("td", { "data-col": "firmware" }, d.firmware || ""),
-  el("td", { "data-col": "stage" }, `${d.stage} ${d.kind}`),
+  el("td", { "data-col": "stage" }, `${d.stage} ${d.phase || d.kind}`),
   el("td", { "data-col": "last-event" }, d.last_event || "", el("br"), el("small", {}, when(d.last_seen))),
   el("td", { class: d.trust, "data-col": "events" }, d.trust, " ", d.boot_mode || ""),
   appraisalCell(d), resultsCell(d), problemsCell(d))));
-  $("#updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  $("#updated").textContent = `updated ${when(Date.now() / 1000)}`;
 }
 
 async function refresh() {
@@ -214,3 +214,4 @@ const deviceLink = new URLSearchParams(location.search).get("device");
 if (deviceLink) selectDevice(deviceLink).catch(() => {});
 refresh();
 if (!new URLSearchParams(location.search).has("static")) live();
+else $("#live").textContent = "static (no live updates)";
