@@ -9,13 +9,19 @@ from the boot server's own appraisals of each ready device.
   *rejected* and recorded as such (the timeline shows the attempt, the device's state does not
   move). An unsigned one (`{"event"}`) is recorded as *unsigned*, unless it claims a measured
   boot or its MAC belongs to a device that signs its events: then it is rejected too.
+- Replays: a signed event carries `boot`, a session nonce this server issued (`POST
+  /api/events/session`), and `seq`. The first key that signs with a session owns it, and each
+  (session, seq) is accepted once, in increasing order; an event without a session, with one
+  this server does not know (never issued, or forgotten: at most MAX_SESSIONS are kept), with
+  another key's session or with a seq not above the last accepted one is rejected (recorded,
+  moves nothing). So a captured event posted again never counts.
 - Device state in SQLite (stdlib), bounded: the last MAX_EVENTS events per device (a ring) and
   at most MAX_DEVICES devices (the least recently seen go first); it survives restarts.
 - Appraisal: each ready device's agent (`GET /attestation?nonce=`, at the address the events
   came from) is challenged with a fresh nonce and appraised with cidboot.trust.appraisal against
   the registry and the device's manifest: when it becomes ready, every APPRAISE_EVERY seconds,
   and on demand (`POST /api/devices/<id>/appraise`).
-- The JSON API under /api/ (devices, device, events, results, provenance, node), the live stream
+- The JSON API under /api/ (devices, device, events, events/session, results, provenance, node), the live stream
   `/api/stream` (server-sent events) and the web view at `/` (bootstrap/server/web/).
 """
 
@@ -60,11 +66,15 @@ NONCE_BYTES = 32
 MAX_SUBSCRIBERS = 32  # live /api/stream clients at once
 KEEPALIVE = 15.0
 MAX_GRAPH_NODES = 256
+MAX_SESSIONS = 4 * MAX_DEVICES  # event sessions kept (the least recently used go first; unused ones before)
+SESSION_BYTES = 16
+EVENTS_PATH = "/api/events"  # where the stages post (the boot config's `events` URL)
 STAGE_LAYERS = {"firmware": 1, "bootstrap": 2, "agent": 3}  # DICE certificates the stage's own key ends
 KIND_RX = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 MAC_RX = re.compile(r"^(?:[0-9a-f]{2}:){5}[0-9a-f]{2}$")
 CID_RX = re.compile(r"\b(baf[a-z2-7]{50,})\b")
 VERIFIED, UNSIGNED, REJECTED = "verified", "unsigned", "rejected"
+LIFECYCLE = ("start", "handover", "ready", "refused", "fatal")  # a stage's own progress (the rest: the agent's flow)
 #: the page runs only its own script and talks only to this server: device-supplied text that
 #: slipped into markup could still not run or load anything
 CSP = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:"
@@ -77,6 +87,10 @@ class EventFormatError(FormatError):
     """A POST /api/events body that is not an event at all (no device can be named): 400."""
 
 
+class NodeUnavailable(CidbootError):
+    """A provenance block is neither cached here nor served by any ready agent: 404."""
+
+
 @dataclass
 class Verdict:
     """What the server makes of one posted event."""
@@ -85,6 +99,7 @@ class Verdict:
     reason: str
     event: dict[str, Any]
     device_id: str | None = None
+    key: str | None = None  # the signing key (hex), for a verified event: whose session it uses
 
 
 def _event_fields(raw: Any) -> dict[str, Any]:
@@ -117,8 +132,12 @@ def _event_fields(raw: Any) -> dict[str, Any]:
     arch = ev.get("arch", "")
     if not isinstance(arch, str) or len(arch) > 32:
         raise EventFormatError("event: arch must be short text")
+    boot = ev.get("boot", "")
+    if not isinstance(boot, str) or len(boot) > 64:
+        raise EventFormatError("event: boot must be a session nonce (short text)")
     return {"stage": ev["stage"], "kind": ev["kind"], "mac": mac, "seq": ev["seq"], "t": ev["t"],
-            "boot_mode": ev["boot_mode"], "arch": arch, "detail": {k: v[:2048] for k, v in detail.items()}}
+            "boot_mode": ev["boot_mode"], "arch": arch, "boot": boot,
+            "detail": {k: v[:2048] for k, v in detail.items()}}
 
 
 def verify_event(body: bytes, roots: DeviceRoots | None, bound: Callable[[str], str | None] = lambda _m: None) -> Verdict:
@@ -170,7 +189,7 @@ def verify_event(body: bytes, roots: DeviceRoots | None, bound: Callable[[str], 
     debug = [i + 1 for i, c in enumerate(chain.entries) if c.mode == DiceMode.DEBUG]
     name = roots.names.get(did) or did[:16]
     return Verdict(VERIFIED, f"signed by {name}'s {ev['stage']} key" + (f" (debug layers {debug})" if debug else ""),
-                   ev, did)
+                   ev, did, raw_public_bytes(chain.leaf_public_key).hex())
 
 
 # -- the SQLite store -------------------------------------------------------------------------
@@ -184,6 +203,8 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, mac TEXT NOT NULL, received REAL, t INTEGER, seq INTEGER, stage TEXT,
     kind TEXT, trust TEXT, trust_reason TEXT, device_id TEXT, source TEXT, detail TEXT);
 CREATE INDEX IF NOT EXISTS events_mac ON events (mac, id);
+CREATE TABLE IF NOT EXISTS sessions (
+    session TEXT PRIMARY KEY, issued REAL, used REAL, key TEXT, seq INTEGER);
 """
 
 
@@ -191,8 +212,8 @@ class FleetStore:
     """Device rows and their event rings in one SQLite file (":memory:" for tests)."""
 
     def __init__(self, path: str | os.PathLike[str], *, max_events: int = MAX_EVENTS,
-                 max_devices: int = MAX_DEVICES) -> None:
-        self.max_events, self.max_devices = max_events, max_devices
+                 max_devices: int = MAX_DEVICES, max_sessions: int = MAX_SESSIONS) -> None:
+        self.max_events, self.max_devices, self.max_sessions = max_events, max_devices, max_sessions
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
@@ -214,6 +235,36 @@ class FleetStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def issue_session(self, *, now: float | None = None) -> str:
+        """A fresh session nonce for one stage's events; the oldest beyond max_sessions go
+        (sessions never used first, so a flood of requests cannot push out those in use)."""
+        s = os.urandom(SESSION_BYTES).hex()
+        with self._tx() as db:
+            db.execute("INSERT INTO sessions (session, issued) VALUES (?, ?)", (s, time.time() if now is None else now))
+            n = db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+            if n > self.max_sessions:
+                db.execute("DELETE FROM sessions WHERE session IN (SELECT session FROM sessions ORDER BY "
+                           "(key IS NOT NULL) ASC, COALESCE(used, issued) ASC LIMIT ?)", (n - self.max_sessions,))
+        return s
+
+    def use_session(self, session: str, key: str, seq: int, *, now: float | None = None) -> str | None:
+        """Accept (session, seq) for `key` once: None when it is fresh (and now used), else why
+        not. An unknown session's reason starts with "unknown session" (the server answers 409:
+        a stage whose session was forgotten asks for a new one)."""
+        if not session:
+            return "replayable: a signed event without a session (boot) from POST /api/events/session"
+        with self._tx() as db:
+            row = db.execute("SELECT key, seq FROM sessions WHERE session=?", (session,)).fetchone()
+            if row is None:
+                return f"unknown session {session[:12]}...: never issued here, or forgotten (a replay of an old event?)"
+            if row["key"] is not None and not hmac.compare_digest(row["key"], key):
+                return f"replay: session {session[:12]}... belongs to another key"
+            if row["seq"] is not None and seq <= row["seq"]:
+                return f"replay: seq {seq} of session {session[:12]}... is not above the last accepted ({row['seq']})"
+            db.execute("UPDATE sessions SET key=?, seq=?, used=? WHERE session=?",
+                       (key, seq, time.time() if now is None else now, session))
+        return None
 
     def bound_id(self, mac: str) -> str | None:
         with self._lock:
@@ -247,8 +298,7 @@ class FleetStore:
                                           (n - self.max_devices,)).fetchall():
                         db.execute("DELETE FROM events WHERE mac=?", (old["mac"],))
                         db.execute("DELETE FROM devices WHERE mac=?", (old["mac"],))
-            if v.trust == REJECTED:
-                db.execute("UPDATE devices SET last_seen=? WHERE mac=?", (now, mac))
+            if v.trust == REJECTED:  # recorded in the ring; the device row does not move
                 return eid
             sets: dict[str, Any] = {"stage": ev["stage"], "kind": ev["kind"], "last_seen": now, "source": source,
                                     "boot_mode": ev["boot_mode"], "trust": v.trust,
@@ -260,7 +310,9 @@ class FleetStore:
             if ev["stage"] == "firmware":
                 sets["firmware"] = "cidboot (measured)" if ev["boot_mode"] == "measured" else "cidboot"
             elif ev["stage"] == "bootstrap" and ev["kind"] == "start" and d.get("mode") == "unmeasured":
-                sets["firmware"] = "iPXE ROM (unmeasured)"
+                # no L0 of ours: the machine's own network boot (what the bootstrap saw: UEFI or not)
+                sets["firmware"] = "UEFI PXE/HTTP Boot (unmeasured)" if d.get("firmware") == "uefi" \
+                    else "PXE ROM (unmeasured)"
             if ev["stage"] == "bootstrap" and ev["kind"] == "start":  # a new boot: the old appraisal is stale
                 sets["appraisal"], sets["appraised"] = None, None
             if ev["kind"] == "ready" and d.get("port", "").isdigit():
@@ -379,6 +431,14 @@ class Fleet:
             v = verify_event(body, self.roots(), self.store.bound_id)
         except EventFormatError as e:
             return 400, {"error": str(e)}
+        status = 201
+        if v.trust == VERIFIED:  # a genuine signature is not enough: it must not be a replay
+            why = self.store.use_session(v.event["boot"], v.key or "", v.event["seq"])
+            if why is not None:
+                v = Verdict(REJECTED, why, v.event, v.device_id, v.key)
+                status = 409 if why.startswith("unknown session") else 403
+        elif v.trust == REJECTED:
+            status = 403
         eid = self.store.record(v, source)
         mac = v.event["mac"] or f"ip:{source}"
         if v.trust == REJECTED:
@@ -386,7 +446,6 @@ class Fleet:
         self.publish("event", mac=mac, id=eid, trust=v.trust)
         if v.trust != REJECTED and v.event["kind"] == "ready":
             self._kick.set()  # appraise it now, not at the next round
-        status = 403 if v.trust == REJECTED else 201
         return status, {"id": eid, "device": mac, "trust": v.trust, "reason": v.reason}
 
     # -- appraisal --
@@ -431,9 +490,12 @@ class Fleet:
 
         agents = [f"http://{d['source']}:{d['agent_port']}" for d in self.store.devices() if self.ready(d)]
         if not agents:
-            raise CidbootError(f"block {cid} is not here and no agent is ready to ask")
-        return gateway_client.fetch_block(cid, agents, self.blocks, timeout=self.agent_timeout, rounds=1,
-                                          user_agent="cidboot-bootserver")
+            raise NodeUnavailable(f"block {cid} is not here and no agent is ready to ask")
+        try:
+            return gateway_client.fetch_block(cid, agents, self.blocks, timeout=self.agent_timeout, rounds=1,
+                                              user_agent="cidboot-bootserver")
+        except gateway_client.BlockUnavailable as e:
+            raise NodeUnavailable(str(e)) from None
 
     def node(self, cid: CID) -> dict[str, Any]:
         """One provenance node, decoded, with its signature checked against its producer."""
@@ -455,10 +517,18 @@ class Fleet:
                 "sig_cose": n.sig.hex(), "raw": f"/ipfs/{cid}?format=raw"}
 
     def _producer_device(self, producer_hex: str) -> str | None:
-        for d in self.store.devices():
+        """Who a producer key is: a device (its agent's attested leaf key), or the flow's signer
+        (a manifest root-of-trust key: seeds are signed by the flow authority)."""
+        devices = self.store.devices()
+        for d in devices:
             a = d.get("appraisal") or {}
             if a.get("leaf_key") == producer_hex:
                 return str(d["mac"])
+        for d in devices:
+            mf = self.manifest_for(d["mac"])
+            if mf is not None and any(raw_public_bytes(k).hex() == producer_hex
+                                      for k in mf[0].root.public_keys().values()):
+                return "flow signer"
         return None
 
     def provenance(self, root: CID, max_nodes: int = MAX_GRAPH_NODES) -> dict[str, Any]:
@@ -512,11 +582,15 @@ class Fleet:
         results = [{"definition": e["detail"].get("definition"), "value": e["detail"].get("value"),
                     "cid": e["detail"].get("cid")} for e in ev if e["kind"] == "result" and e["trust"] != REJECTED]
         last = next((e for e in reversed(ev) if e["trust"] != REJECTED), None)
+        # where the boot is (start / handover / ready / refused / fatal), not the agent's last result or veto:
+        # a running agent that refused a peer's input or vetoed a run is still ready
+        phase = next((e["kind"] for e in reversed(ev) if e["trust"] != REJECTED and e["stage"] == d.get("stage")
+                      and e["kind"] in LIFECYCLE and not (e["stage"] == "agent" and e["kind"] == "refused")), None)
         # the role the registry gives (appraisal), else devices.yaml's, else what the device claims
         registered = (d.get("appraisal") or {}).get("registered_role")
         return {**d, "role": registered or self.role_for(d["mac"]) or d.get("role"), "claimed_role": d.get("role"),
                 "ready": self.ready(d),
-                "last_event": f"{last['stage']} {last['kind']}" if last else None,
+                "last_event": f"{last['stage']} {last['kind']}" if last else None, "phase": phase or d.get("kind"),
                 "results": results, "problems": problems, "rejected": rejected}
 
     # -- HTTP --
@@ -542,7 +616,10 @@ class Fleet:
         if method == "OPTIONS":
             _send(h, 204, "text/plain", b"", extra=(("Allow", "GET, HEAD, POST, OPTIONS"),))
             return
-        if path == "/api/events" and method == "POST":
+        if path == EVENTS_PATH + "/session" and method == "POST":
+            _json(h, 201, {"session": self.store.issue_session()})
+            return
+        if path == EVENTS_PATH and method == "POST":
             status, obj = self.post_event(h.body, str(h.client_address[0]))
             _json(h, status, obj)
             return
@@ -574,8 +651,10 @@ class Fleet:
         elif len(parts) == 2 and parts[0] == "node":
             try:
                 _json(h, 200, self.node(CID.parse(parts[1])))
-            except CidbootError as e:
-                _json(h, 404 if "not here" in str(e) or "could not" in str(e) else 422, {"error": str(e)})
+            except NodeUnavailable as e:
+                _json(h, 404, {"error": str(e)})
+            except CidbootError as e:  # here but not a provenance node (or not a valid one)
+                _json(h, 422, {"error": str(e)})
         else:
             _json(h, 404, {"error": f"no API at {path}"})
 

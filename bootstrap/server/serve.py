@@ -5,9 +5,10 @@ map of served name -> file (bootstrap.bootfiles makes or finds them for the mani
 `--tftp-root` overrides any of them and may add others). They are served over TFTP by name and
 over HTTP at `/boot/<name>` (UEFI HTTP Boot). Two things are generated per request: `boot.ipxe`
 (the iPXE script that boots the bootstrap with this device's config) and `bootconfig/<mac>.json`
-(the device's boot config from devices.yaml). The gateway serves the block store and adds
-`/metrics`. With upstreams (`--upstream`) the store is a bounded, verifying cache: blocks it
-lacks are fetched from the upstream gateways, so a new site's boot server starts empty.
+(the device's boot config from devices.yaml; its `events` URL is this server's /api/events, where
+the stages post their stage events). The gateway serves the block store and adds `/metrics`.
+With upstreams (`--upstream`) the store is a bounded, verifying cache: blocks it lacks are
+fetched from the upstream gateways, so a new site's boot server starts empty.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ class BootServer:
             gateways = boot_gateways(self.cfg.gateways, self.gateway_url)
             return BootConfig(manifest, gateways, self.cfg.trust_anchor or {}, pol.role,
                               peers=self.peers(mac), device_registry=self.cfg.device_registry,
-                              publish=self.cfg.publish).encode()
+                              publish=self.cfg.publish, events=f"{self.gateway_url}{fleet.EVENTS_PATH}").encode()
         return None
 
     def peers(self, mac: str) -> dict[str, tuple[str, ...]]:

@@ -196,7 +196,8 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
         pid1.power_off()
         return
     say(f"cidboot-stage: bootstrap start mode={start.boot_mode}" + (" root=tpm" if start.tpm is not None else ""))
-    events.emit("bootstrap", "start", dice=start.dice if start.boot_mode == "measured" else None, bootconfig=start.bootconfig, mode=start.boot_mode)
+    events.emit("bootstrap", "start", dice=start.dice if start.boot_mode == "measured" else None, bootconfig=start.bootconfig, mode=start.boot_mode,
+                firmware="uefi" if Path(root, "sys/firmware/efi").is_dir() else "bios")  # the fleet view's firmware kind
     while True:
         try:
             plan, cfg = attempt(start, anchor_path=anchor_path, nvram_path=nvram_path, store_dir=store_dir,

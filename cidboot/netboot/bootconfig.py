@@ -3,7 +3,9 @@
 Canonical JSON (sorted keys, no spaces) so it can be measured: which manifest to boot, which
 gateways to fetch it from (in order), the trust anchor, the device's role and what to do when
 verification fails. Optional: `peers` ({role: [agent base URL]}, how an agent finds the devices
-its inputs go to) and `device_registry` (CID of the signed device registry, cidboot.trust.registry).
+its inputs go to), `device_registry` (CID of the signed device registry, cidboot.trust.registry)
+and `events` (the URL every stage posts its stage events to, cidboot.stage.events: the boot
+server's `/api/events`; without it the stages post nothing and say so on the console).
 They are left out of the encoding when unset, so older configs keep their exact bytes (and
 measurement).
 
@@ -46,6 +48,7 @@ class BootConfig:
     # a wrong target costs availability only, since every published block is checked by CID
     # and every result's provenance is signed.
     publish: str | None = None
+    events: str | None = None  # where the stages post their stage events (the boot server's /api/events)
 
     def encode(self) -> bytes:
         doc = {"version": self.version, "manifest": str(self.manifest), "gateways": list(self.gateways),
@@ -56,6 +59,8 @@ class BootConfig:
             doc["device_registry"] = str(self.device_registry)
         if self.publish is not None:
             doc["publish"] = self.publish
+        if self.events is not None:
+            doc["events"] = self.events
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -67,7 +72,7 @@ class BootConfig:
         if not isinstance(doc, dict) or doc.get("version") != 1:
             raise BootConfigError("boot config must be a JSON object with version 1")
         extra = set(doc) - {"version", "manifest", "gateways", "trust_anchor", "role", "on_failure", "peers",
-                                 "device_registry", "publish"}
+                                 "device_registry", "publish", "events"}
         if extra:
             raise BootConfigError(f"boot config: unknown keys {sorted(extra)}")
         gws = doc.get("gateways")
@@ -81,7 +86,8 @@ class BootConfig:
             raise BootConfigError(f"boot config: manifest: {e}") from None
         return cls(manifest, tuple(gws), doc.get("trust_anchor") or {}, str(doc.get("role", "default")),
                    doc.get("on_failure", "poweroff"), peers=_peers(doc.get("peers", {})),
-                   device_registry=_registry(doc.get("device_registry")), publish=parse_publish(doc.get("publish")))
+                   device_registry=_registry(doc.get("device_registry")), publish=parse_publish(doc.get("publish")),
+                   events=_events(doc.get("events")))
 
 
 def parse_publish(raw: Any) -> str | None:
@@ -91,6 +97,14 @@ def parse_publish(raw: Any) -> str | None:
     if kind not in ("kubo", "cluster") or not url.startswith(("http://", "https://")):
         raise BootConfigError(f"boot config: publish must be kubo=URL or cluster=URL[,replication=MIN:MAX], got {raw!r}")
     return str(raw)
+
+
+def _events(raw: Any) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not raw.startswith(("http://", "https://")) or len(raw) > 2048:
+        raise BootConfigError("boot config: events must be an http(s) URL (the boot server's /api/events)")
+    return raw
 
 
 def _peers(raw: Any) -> dict[str, tuple[str, ...]]:

@@ -6,7 +6,8 @@ Each stage calls `emit(stage, kind, **detail)` next to its console line (`start`
 is a DAG-CBOR map
 
     {"v": 1, "stage": "firmware"|"bootstrap"|"agent", "kind": str, "mac": "aa:bb:..",
-     "seq": int, "t": unix ms, "boot_mode": "measured"|"unmeasured", "detail": {str: str}}
+     "seq": int, "t": unix ms, "boot_mode": "measured"|"unmeasured", "boot": session,
+     "detail": {str: str}}
 
 posted as `POST /api/events` (application/cbor) to the boot server: on a measured boot as
 `{"sign1": COSE_Sign1 (attached payload = the event), "chain": the stage's DICE chain}`, signed
@@ -15,10 +16,20 @@ bootstrap's from CDI_1, the agent's alias key from CDI_2), so the server can che
 against its device registry and the signature against the chain's leaf; on an unmeasured boot as
 `{"event": bytes}`, which the server records as unsigned.
 
-Where: the boot config's first gateway (the boot server's own unless `--gateway` says
-otherwise), or `cidboot.events=URL` on the kernel command line. The stage learns it when it
-passes `bootconfig=` (raw bytes or a BootConfig); events emitted earlier wait in a bounded queue.
-`CIDBOOT_EVENTS=URL` in the environment overrides both (development runs outside a guest).
+Not replayable: before its first event a stage asks the server for a session (`POST
+/api/events/session`, a fresh random nonce); every event it signs carries it as `boot`, and
+`seq` counts up. The server binds the session to the first key that signs with it and accepts
+each (session, seq) once, in increasing order: a captured event posted again is an old seq or an
+unknown (forgotten) session, rejected and recorded, and moves nothing. A stage whose session the
+server no longer knows (409) asks for a new one and posts the event again, once.
+
+Where: the boot config's `events` URL (`bootstrap serve` puts its own /api/events there), or
+`cidboot.events=URL` on the kernel command line. The stage learns it when it passes
+`bootconfig=` (raw bytes or a BootConfig); events emitted earlier wait in a bounded queue. A
+boot config without `events` means: do not post; the stage says so once on the console
+(`cidboot: events: ...`) and drops its events. `CIDBOOT_EVENTS=URL` in the environment
+overrides both (development runs outside a guest). A URL that does not end in /api/events is
+a server's base URL and gets it appended.
 
 Best effort, never in the boot's way: `emit` only queues; a daemon thread posts with a short
 timeout and retries while the network comes up; the last events before a kexec or power-off
@@ -40,6 +51,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 PATH = "/api/events"
+SESSION_PATH = PATH + "/session"
 CONTENT_TYPE = "application/cbor"
 TIMEOUT = 1.5  # seconds per POST
 FLUSH_WAIT = 2.0  # seconds a final event (before kexec / power-off) waits for the queue to drain
@@ -74,19 +86,27 @@ def _cmdline_url(path: str = "/proc/cmdline") -> str | None:
     return None
 
 
+def endpoint(url: str) -> str:
+    """The events endpoint a URL names: itself when it ends in /api/events, else a server's base
+    URL with /api/events appended (`CIDBOOT_EVENTS`, `cidboot.events=` may give either)."""
+    u = url.rstrip("/")
+    return u if u.endswith(PATH) else u + PATH
+
+
 def server_from_bootconfig(cfg: Any) -> str | None:
-    """The events URL base from a boot config (raw bytes/str or a BootConfig): its first gateway."""
-    gateways: Any
+    """The events URL of a boot config (raw bytes/str or a BootConfig): its `events` field, or
+    None when it has none (then nothing is posted: the gateways are where blocks come from, not
+    necessarily the boot server)."""
+    url: Any
     if isinstance(cfg, bytes | bytearray | str):
         try:
-            gateways = json.loads(bytes(cfg) if not isinstance(cfg, str) else cfg).get("gateways")
+            url = json.loads(bytes(cfg) if not isinstance(cfg, str) else cfg).get("events")
         except (ValueError, AttributeError):
             return None
     else:
-        gateways = getattr(cfg, "gateways", None)
-    if isinstance(gateways, list | tuple) and gateways and isinstance(gateways[0], str) \
-            and gateways[0].startswith(("http://", "https://")):
-        return str(gateways[0]).rstrip("/")
+        url = getattr(cfg, "events", None)
+    if isinstance(url, str) and url.startswith(("http://", "https://")):
+        return endpoint(url)
     return None
 
 
@@ -141,6 +161,9 @@ class Reporter:
     timeout: float = TIMEOUT
     sent: int = 0
     failed: int = 0
+    off: str | None = None  # why this stage posts nothing (said once on the console)
+    session: str | None = None  # the server's nonce for this stage's events (module docstring)
+    _renewed: int = 0  # the seq of the event a new session was fetched for (once per event)
     _queue: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_QUEUE))
     _seq: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition)
@@ -157,8 +180,18 @@ class Reporter:
                 self.mac = mac.lower()
             self._cond.notify_all()
 
+    def disable(self, reason: str) -> None:
+        """Post nothing from now on; say why once on the console (stdout is the console)."""
+        with self._cond:
+            if self.off is None:
+                self.off = reason
+                self._queue.clear()
+                print(f"cidboot: events: not posted: {reason}", flush=True)
+
     def emit(self, stage: str, kind: str, detail: dict[str, Any]) -> None:
         with self._cond:
+            if self.off is not None:
+                return
             self.stage = stage
             self._seq += 1
             self._queue.append({"v": 1, "stage": stage, "kind": kind, "seq": self._seq,
@@ -189,11 +222,22 @@ class Reporter:
                 server, identity = self.server, self.identity
                 mac = self.mac or _mac()
                 ev["mac"], ev["boot_mode"], ev["arch"] = mac, self.boot_mode, os.uname().machine
+                session = self.session
+            status: int | None = None
             try:
-                ok = post(server, encode_event(ev, identity), self.timeout)
+                if session is None:
+                    session = new_session(server, self.timeout)
+                if session is not None:
+                    ev["boot"] = session
+                    status = post_status(server, encode_event(ev, identity), self.timeout)
             except Exception:  # never let reporting disturb the boot
-                ok = False
+                status = None
+            ok = status is not None and status < 500
             with self._cond:
+                self.session = session
+                if status == 409 and self._renewed != ev["seq"]:  # the server forgot our session: once more
+                    self.session, self._renewed = None, ev["seq"]
+                    continue
                 if ok and self._queue and self._queue[0]["seq"] == ev["seq"]:
                     self._queue.popleft()
                     self.sent += 1
@@ -204,23 +248,47 @@ class Reporter:
                     self._cond.wait(RETRY_PAUSE)
 
 
-def post(server: str, body: bytes, timeout: float = TIMEOUT) -> bool:
-    """POST one event body; True once the server answered (any 2xx/4xx: a 4xx is its verdict
-    on the event, retrying would not change it), False to retry (no answer, 5xx)."""
-    u = urlsplit(server)
+def _request(url: str, body: bytes, timeout: float) -> tuple[int, bytes] | None:
+    """POST `body` to `url`: (status, answer), or None without an answer."""
+    u = urlsplit(url)
     if u.scheme not in ("http", "https") or not u.hostname:
-        return True  # not a URL we can ever reach: drop the event instead of retrying forever
+        return 400, b""  # not a URL we can ever reach: drop the event instead of retrying forever
     cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
     conn = cls(u.hostname, u.port, timeout=timeout)
     try:
-        conn.request("POST", u.path.rstrip("/") + PATH, body=body, headers={"Content-Type": CONTENT_TYPE})
+        conn.request("POST", u.path, body=body, headers={"Content-Type": CONTENT_TYPE})
         resp = conn.getresponse()
-        resp.read()
-        return resp.status < 500
+        return resp.status, resp.read(4096)
     except (OSError, http.client.HTTPException):
-        return False
+        return None
     finally:
         conn.close()
+
+
+def post_status(server: str, body: bytes, timeout: float = TIMEOUT) -> int | None:
+    """POST one event body to `server` (an events URL or a server's base URL): the HTTP status,
+    or None without an answer."""
+    got = _request(endpoint(server), body, timeout)
+    return got[0] if got else None
+
+
+def post(server: str, body: bytes, timeout: float = TIMEOUT) -> bool:
+    """POST one event body; True once the server answered (any 2xx/4xx: a 4xx is its verdict
+    on the event, retrying would not change it), False to retry (no answer, 5xx)."""
+    status = post_status(server, body, timeout)
+    return status is not None and status < 500
+
+
+def new_session(server: str, timeout: float = TIMEOUT) -> str | None:
+    """A fresh session nonce from the boot server (`POST /api/events/session`), or None."""
+    got = _request(endpoint(server) + SESSION_PATH[len(PATH):], b"", timeout)
+    if got is None or got[0] != 201:
+        return None
+    try:
+        s = json.loads(got[1]).get("session")
+    except (ValueError, AttributeError):
+        return None
+    return s if isinstance(s, str) and 0 < len(s) <= 64 else None
 
 
 _reporter = Reporter()
@@ -245,8 +313,11 @@ def emit(stage: str, kind: str, *, dice: bytes | bytearray | None = None, identi
                 ident = identity_from_dice(dice)
             except Exception:
                 ident = None
-        server = os.environ.get("CIDBOOT_EVENTS") or _cmdline_url() \
-            or (server_from_bootconfig(bootconfig) if bootconfig is not None else None)
+        server = os.environ.get("CIDBOOT_EVENTS") or _cmdline_url()
+        if server is None and bootconfig is not None:
+            server = server_from_bootconfig(bootconfig)
+            if server is None and r.server is None:
+                r.disable("the boot config names no events URL")
         r.configure(server=server, identity=ident)
         r.emit(stage, kind, detail)
         if kind == "fatal" or (kind in FINAL and stage != "agent"):  # the agent goes on serving after a refusal
@@ -255,5 +326,5 @@ def emit(stage: str, kind: str, *, dice: bytes | bytearray | None = None, identi
         pass
 
 
-__all__ = ["Identity", "Reporter", "emit", "encode_event", "identity_from_dice", "post", "reporter",
-           "server_from_bootconfig", "PATH", "STAGES"]
+__all__ = ["Identity", "Reporter", "emit", "encode_event", "endpoint", "identity_from_dice", "new_session", "post",
+           "post_status", "reporter", "server_from_bootconfig", "PATH", "SESSION_PATH", "STAGES"]

@@ -24,6 +24,7 @@ from cidboot.ipld.unixfs.exporter import export_file
 from cidboot.store.blockstore import Blockstore, default_store_path
 from cidboot.trust.appraisal import LAYER_ORDER, reference_values
 from cidboot.trust.manifest import Manifest, ManifestFormatError, SignedManifest
+from cidboot.trust.manifest.verify import utc
 from imagebuilder import uki
 from imagebuilder.cpio import decompress, read_newc
 
@@ -125,6 +126,7 @@ def describe(store: Blockstore, cid: CID, files: bool = True) -> dict[str, Any]:
                               for f in read_newc(decompress(data))]
         layers.append(entry)
     return {"manifest": str(cid), "name": m.name, "version": m.version, "expires": m.expires,
+            "expires_utc": utc(m.expires),
             "cmdline": m.cmdline, "layers": layers,
             "measurements": {k: v.hex() for k, v in sorted(m.measurements.items())},
             "pinned": pinning(m),
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(d)
         return 0
-    print(f"manifest {d['manifest']}  {d['name']} v{d['version']}  expires {d['expires']}")
+    print(f"manifest {d['manifest']}  {d['name']} v{d['version']}  expires {d['expires_utc']}")
     print(f"cmdline  {d['cmdline']}")
     print(f"signers  {d['root']['threshold']} of {d['root']['keys']} root keys")
     for k, v in d["measurements"].items():
@@ -169,15 +171,35 @@ def run(args: argparse.Namespace) -> int:
     if d["flow"]:
         print(f"flow {d['flow_cid']}")
         for name, op in sorted(d["flow"]["operations"].items()):
-            print(f"  {name} = {op['implementation']}  {op['inputs']} -> {op['outputs']}  code {d['operations'].get(name)}")
+            print(f"  {name} = {op['implementation']}({_pairs(op['inputs'])}) -> {_pairs(op['outputs'])}"
+                  f"  code {d['operations'].get(name)}")
         for a, b in d["flow"]["edges"]:
             print(f"  {a} -> {b}")
     for role, ops in sorted(d["placement"].items()):
         print(f"placement {role}: {', '.join(ops)}")
     for pol in d["policies"]:
-        print(f"policy {pol}")
+        print(f"policy {policy_line(pol)}")
     for lyr in d["layers"]:
         for f in lyr.get("files", []):
             tgt = f" -> {f['target']}" if "target" in f else ""
             print(f"{lyr['role']:<11} {f['kind']}{f['mode'][2:]:>4} {f['size']:>9} /{f['path']}{tgt}")
     return 0
+
+
+def _pairs(m: dict[str, str]) -> str:
+    """`param: definition, ...` (an operation's inputs or outputs, as flow.yaml writes them)."""
+    return ", ".join(f"{k}: {v}" for k, v in m.items())
+
+
+def policy_line(pol: Any) -> str:
+    """`NAME: veto operation=count producer=seed unless measurement=image` for a policy map."""
+    if not isinstance(pol, dict):
+        return str(pol)
+    parts = [f"{pol.get('name', '(unnamed)')}:"]
+    for key in ("veto", "unless"):
+        cond = pol.get(key)
+        if isinstance(cond, dict):
+            parts.append(key + " " + " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                                              for k, v in sorted(cond.items())))
+    parts += [f"{k}={v}" for k, v in sorted(pol.items()) if k not in ("name", "veto", "unless")]
+    return " ".join(parts)

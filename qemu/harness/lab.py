@@ -50,6 +50,8 @@ from qemu.harness.vm import Guest, GuestError, GuestSpec
 AGENT_PORT = 8000
 FIRMWARES = ("dice", "bios-ipxe", "uefi-pxe", "uefi-http")
 READY_RX = r"cidboot-stage: agent ready url=(?P<url>\S+)|cidboot: (?P<kind>refused|fatal): (?P<reason>.*)"
+# the end of an agent's flow (agent/device.py run_flow): after it the results and audit log are final
+DONE_RX = r"cidboot: agent: (?:flow done|the manifest names no flow)|cidboot: (?P<kind>fatal): (?P<reason>.*)"
 
 
 def device_mac(i: int) -> str:
@@ -230,6 +232,24 @@ class Lab:
                 dev.outcome, dev.url = "ready", m["url"]
             else:
                 dev.outcome, dev.reason = m["kind"], m["reason"].strip()
+
+    def wait_flow(self, timeout: float) -> None:
+        """Wait until every ready device's flow is done (`cidboot: agent: flow done`): `agent
+        ready` comes before the flow runs, so a report taken then lists no results and none of
+        the flow's vetoes (seen: `results: []` while the console said `cidboot: result ...`
+        six seconds later). A device whose flow does not end in time keeps outcome ready, with
+        the reason."""
+        deadline = time.monotonic() + timeout
+        for dev in self.devices:
+            if dev.outcome != "ready":
+                continue
+            try:
+                _line, m = dev.guest.wait_for_console(DONE_RX, max(1.0, deadline - time.monotonic()))
+            except GuestError as e:
+                dev.reason = "flow not done: " + str(e).split("; console tail", 1)[0]
+                continue
+            if m["kind"]:
+                dev.reason = f"{m['kind']}: {m['reason'].strip()}"
 
     def attest(self, dev: Device, *, allow_unmeasured: bool = False) -> dict[str, Any]:
         """`agent attest` from inside the namespace: a fresh nonce, appraisal against the factory's

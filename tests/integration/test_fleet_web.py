@@ -17,6 +17,7 @@ import html.parser
 import http.client
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -56,23 +57,54 @@ LAYERS = [DiceInputs(code_hash=FW), DiceInputs(code_hash=BS),
 MACS = {"sensor": "52:54:00:fe:00:01", "aggregator": "52:54:00:fe:00:02"}
 
 
+VOID = {"br", "meta", "link", "img", "input", "hr", "col", "source", "wbr"}
+
+
 class _Dom(html.parser.HTMLParser):
-    """The dumped DOM as a list of (tag, attrs, text-so-far) for attribute queries."""
+    """The dumped DOM: every element's tag, attributes and text (its own and its children's),
+    for attribute queries (`find`) and the text of what they match (`texts`)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.elements: list[tuple[str, dict[str, str]]] = []
+        self.elements: list[tuple[str, dict[str, str], list[str]]] = []
         self.text: list[str] = []
+        self._open: list[tuple[str, list[str]]] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.elements.append((tag, {k: v or "" for k, v in attrs}))
+        buf: list[str] = []
+        self.elements.append((tag, {k: v or "" for k, v in attrs}, buf))
+        if tag not in VOID:
+            self._open.append((tag, buf))
+
+    def handle_endtag(self, tag: str) -> None:
+        while self._open:
+            if self._open.pop()[0] == tag:
+                break
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
+        for _, buf in self._open:
+            buf.append(data)
+
+    def _match(self, tag: str, want: dict[str, str]) -> list[tuple[dict[str, str], list[str]]]:
+        return [(a, b) for t, a, b in self.elements
+                if t == tag and all(a.get(k.replace("_", "-")) == v for k, v in want.items())]
 
     def find(self, tag: str, **want: str) -> list[dict[str, str]]:
-        return [a for t, a in self.elements if t == tag and all(a.get(k.replace("_", "-")) == v
-                                                                  for k, v in want.items())]
+        return [a for a, _ in self._match(tag, want)]
+
+    def texts(self, tag: str, **want: str) -> list[str]:
+        return ["".join(b) for _, b in self._match(tag, want)]
+
+    def row(self, mac: str) -> dict[str, str]:
+        """The fleet table's cells of one device, by column (data-col), as text."""
+        out, inside = {}, False
+        for t, a, b in self.elements:
+            if t == "tr":
+                inside = a.get("data-mac") == mac
+            elif inside and t == "td" and "data-col" in a:
+                out[a["data-col"]] = "".join(b)
+        return out
 
 
 def _chromium(*args: str, tmp: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -129,12 +161,16 @@ def fleet_site(tmp_path: Path) -> Iterator[dict[str, Any]]:
     threading.Thread(target=gw.serve_forever, daemon=True).start()
     fleet.start()
 
+    sessions: dict[tuple[str, str], str] = {}
+
     def post(who: str, stage: str, kind: str, seq: int, **detail: Any) -> None:
         n = {"firmware": 1, "bootstrap": 2, "agent": 3}[stage]
         d = derive_layers(devices[who]["uds"], LAYERS[:n])
+        boot = sessions.get((who, stage)) or events.new_session(gw.url) or ""  # one per stage, as a Reporter does
+        sessions[(who, stage)] = boot
         ev = {"v": 1, "stage": stage, "kind": kind, "seq": seq, "t": int(time.time() * 1000), "mac": MACS[who],
-              "boot_mode": "measured", "arch": "x86_64", "detail": {k: str(v) for k, v in detail.items()}}
-        assert events.post(gw.url, events.encode_event(ev, events.Identity(d.leaf_key, d.chain)))
+              "boot_mode": "measured", "arch": "x86_64", "boot": boot, "detail": {k: str(v) for k, v in detail.items()}}
+        assert events.post_status(gw.url, events.encode_event(ev, events.Identity(d.leaf_key, d.chain))) == 201
 
     for role in MACS:
         port = devices[role]["agent"].server_address[1]
@@ -200,6 +236,39 @@ def test_fleet_web_view_in_headless_chromium(fleet_site: dict[str, Any], tmp_pat
         assert dom.find("g", data_cid=cid, data_definition=definition), f"no graph node for {definition}"
     assert dom.find("path", data_from=mid, data_to=res) and dom.find("path", data_from=seed, data_to=mid)
     assert "by average" in text and "producer sensor" in text.replace("producer 52:54:00:fe:00:01", "producer sensor")
+    assert "producer flow signer" in text  # the seed: signed by the flow authority, not by a device
+    # every column the issue names, per device
+    for role, mac in MACS.items():
+        row = dom.row(mac)
+        assert set(row) == {"device", "mac", "role", "arch", "firmware", "stage", "last-event", "events", "appraisal",
+                            "results", "problems"}, row
+        assert row["mac"] == mac and row["role"] == role and row["arch"] == "x86_64"
+        assert row["firmware"] == "cidboot (measured)" and row["device"].endswith("…") and row["events"].startswith("verified")
+        assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row["last-event"]), row  # ISO 8601, not a bare local time
+    sensor, aggregator = dom.row(MACS["sensor"]), dom.row(MACS["aggregator"])
+    # the stage column says where the boot is (the agent is ready), the last event what it did last
+    assert sensor["stage"] == aggregator["stage"] == "agent ready" and sensor["last-event"].startswith("agent result")
+    assert aggregator["last-event"].startswith("agent veto") and "mean = 4.0" in sensor["results"]
+    assert "agent veto: policy never-negate vetoes negate" in aggregator["problems"]
+    assert "affirming" in sensor["appraisal"] and "nonce: affirming: matches this challenge" in sensor["appraisal"]
+
+    # deep links: a device's boot timeline, and a graph node's signed block (what a click shows)
+    link = f"{url}/?static&device={MACS['sensor']}#prov={res}&node={mid}"
+    proc = _chromium("--dump-dom", link, tmp=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = _Dom()
+    dom.feed(proc.stdout)
+    (tmp_path / "fleet-timeline.html").write_text(proc.stdout)
+    steps = [(a["data-stage"], a["data-kind"], a["data-trust"]) for a in dom.find("li") if "data-stage" in a]
+    assert steps == [("firmware", "start", "verified"), ("firmware", "handover", "verified"),
+                     ("bootstrap", "start", "verified"), ("bootstrap", "handover", "verified"),
+                     ("agent", "start", "verified"), ("agent", "ready", "verified"), ("agent", "result", "verified"),
+                     ("agent", "ready", "rejected")], steps
+    assert any("forged" in t for t in dom.texts("li", data_trust="rejected"))
+    (detail,) = dom.find("pre", id="node-detail")
+    assert detail["data-cid"] == mid and detail["data-signature"] == "verified", detail
+    assert dom.find("a", href=f"/ipfs/{mid}?format=raw")
+    assert "readings = [3,4,5]  by sample  signature verified: signed by its producer" in dom.texts("pre", id="node-detail")[0]
 
     shot = tmp_path / "fleet.png"
     proc = _chromium(f"--screenshot={shot}", "--window-size=1600,1200", f"{url}/?static", tmp=tmp_path)

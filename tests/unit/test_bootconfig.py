@@ -1,4 +1,4 @@
-"""BootConfig: the optional peers and device_registry keys, strict decoding, old configs unchanged."""
+"""BootConfig: the optional peers, device_registry and events keys, strict decoding, old configs unchanged."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def doc(**kw: object) -> bytes:
 def test_old_config_bytes_unchanged() -> None:
     cfg = BootConfig(M, ("http://10.0.0.1:8080",), {}, "worker")
     raw = cfg.encode()
-    assert b"peers" not in raw and b"device_registry" not in raw
+    assert b"peers" not in raw and b"device_registry" not in raw and b"events" not in raw
     assert BootConfig.decode(raw) == cfg
     assert raw == json.dumps({"gateways": ["http://10.0.0.1:8080"], "manifest": str(M), "on_failure": "poweroff",
                               "role": "worker", "trust_anchor": {}, "version": 1}, separators=(",", ":")).encode()
@@ -42,6 +42,8 @@ def test_peers_and_registry_round_trip() -> None:
     ({"device_registry": 5}, "device_registry must be a CID string"),
     ({"device_registry": "notacid"}, "device_registry: "),
     ({"peer": {}}, "unknown keys"),
+    ({"events": "10.0.0.1:8080/api/events"}, "events must be an http"),
+    ({"events": ["http://x"]}, "events must be an http"),
 ])
 def test_strict(kw: dict[str, object], msg: str) -> None:
     with pytest.raises(BootConfigError, match=msg):
@@ -50,3 +52,9 @@ def test_strict(kw: dict[str, object], msg: str) -> None:
 
 def test_registry_any_codec() -> None:
     assert BootConfig.decode(doc(device_registry=str(CID.of(b"r", RAW)))).device_registry == CID.of(b"r", RAW)
+
+
+def test_events_url_round_trips() -> None:
+    cfg = BootConfig(M, ("http://gw",), events="http://10.0.0.1:8080/api/events")
+    assert BootConfig.decode(cfg.encode()) == cfg
+    assert json.loads(cfg.encode())["events"] == "http://10.0.0.1:8080/api/events"

@@ -56,9 +56,9 @@ def registered(*udss: bytes) -> DeviceRoots:
 
 
 def event(stage: str = "agent", kind: str = "ready", mac: str = "52:54:00:00:00:01", seq: int = 1,
-          boot_mode: str = "measured", **detail: str) -> dict[str, object]:
+          boot_mode: str = "measured", boot: str = "", **detail: str) -> dict[str, object]:
     return {"v": 1, "stage": stage, "kind": kind, "seq": seq, "t": int(time.time() * 1000), "mac": mac,
-            "boot_mode": boot_mode, "arch": "x86_64", "detail": detail}
+            "boot_mode": boot_mode, "arch": "x86_64", "boot": boot, "detail": detail}
 
 
 UDS_A, UDS_B = os.urandom(32), os.urandom(32)
@@ -202,7 +202,9 @@ def _get(url: str, path: str, method: str = "GET") -> tuple[int, Any]:
 def test_forged_stage_event_posted_to_the_boot_server_is_rejected_and_recorded(tmp_path: Path) -> None:
     with fleet_server(tmp_path, registered(UDS_A)) as (fleet, gw):
         good = stage_identity(UDS_A, "bootstrap")
-        assert events.post(gw.url, events.encode_event(event("bootstrap", "start"), good))
+        boot = events.new_session(gw.url)
+        assert boot
+        assert events.post_status(gw.url, events.encode_event(event("bootstrap", "start", boot=boot), good)) == 201
         forged = events.Identity(ed25519.Ed25519PrivateKey.generate(), good.chain)
         body = events.encode_event(event("bootstrap", "handover", seq=2, manifest="bafyforged"), forged)
         status, obj = fleet.post_event(body, "127.0.0.1")
@@ -238,14 +240,62 @@ def test_unreachable_boot_server_never_blocks_a_stage() -> None:
     assert time.monotonic() - t < 1.0
 
 
-def test_events_emit_never_raises_on_garbage() -> None:
+def test_events_emit_never_raises_on_garbage(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(events, "_reporter", events.Reporter())
     events.emit("bootstrap", "start", dice=b"not a handover", bootconfig=b"{not json")
 
 
-def test_server_url_comes_from_the_boot_configs_first_gateway() -> None:
+def test_server_url_is_the_boot_configs_events_url_never_a_gateway() -> None:
+    from cidboot.ipld.cid import CID, DAG_CBOR
+    from cidboot.netboot.bootconfig import BootConfig
+
     raw = json.dumps({"version": 1, "gateways": ["http://10.0.0.1:8080/", "http://x"]}).encode()
-    assert events.server_from_bootconfig(raw) == "http://10.0.0.1:8080"
+    assert events.server_from_bootconfig(raw) is None  # a gateway is where blocks come from, not the boot server
+    raw = json.dumps({"version": 1, "gateways": ["http://gw"], "events": "http://10.0.0.1:8080/api/events"}).encode()
+    assert events.server_from_bootconfig(raw) == "http://10.0.0.1:8080/api/events"
+    cfg = BootConfig(CID.of(b"m", DAG_CBOR), ("http://gw",), events="http://10.0.0.2:8080/api/events")
+    assert events.server_from_bootconfig(cfg) == "http://10.0.0.2:8080/api/events"
     assert events.server_from_bootconfig(b"{}") is None
+    assert events.endpoint("http://10.0.0.1:8080/") == "http://10.0.0.1:8080/api/events"  # CIDBOOT_EVENTS: a base URL
+
+
+def test_without_an_events_url_a_stage_posts_nothing_and_says_so_once(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from cidboot.ipld.cid import CID, DAG_CBOR
+    from cidboot.netboot.bootconfig import BootConfig
+
+    r = events.Reporter()
+    monkeypatch.setattr(events, "_reporter", r)
+    monkeypatch.delenv("CIDBOOT_EVENTS", raising=False)
+    monkeypatch.setattr(events, "_cmdline_url", lambda path="/proc/cmdline": None)
+    raw = BootConfig(CID.of(b"m", DAG_CBOR), ("http://10.0.0.1:8080",)).encode()
+    events.emit("bootstrap", "start")  # the boot config is not known yet: queued
+    events.emit("bootstrap", "refused", bootconfig=raw, reason="x")
+    events.emit("bootstrap", "fatal", bootconfig=raw, reason="y")
+    out = capsys.readouterr().out
+    assert out.count("cidboot: events: not posted: the boot config names no events URL") == 1, out
+    assert r.server is None and not r._queue and r._thread is not None  # the queued one is dropped too
+    assert r.flush(0.1)
+
+
+def test_bootstrap_serve_puts_its_own_events_url_in_every_boot_config(tmp_path: Path) -> None:
+    from bootstrap.server.devices import Devices
+    from bootstrap.server.serve import BootServer, ServeConfig
+    from cidboot.ipld.cid import CID, DAG_CBOR
+    from cidboot.netboot.bootconfig import BootConfig
+
+    server = BootServer.__new__(BootServer)  # only the boot-config generator, no sockets
+    server.cfg = ServeConfig("eth0", "10.77.0.1", tmp_path, CID.of(b"m", DAG_CBOR), None,
+                             gateways=("http://mirror:8080",))
+    server.devices = Devices.empty()
+
+    class Gw:
+        server_address = ("0.0.0.0", 8080)
+    server.gateway = Gw()  # type: ignore[assignment]
+    raw = server.generate("bootconfig/52-54-00-00-00-01.json", ("10.77.0.9", 1000))
+    assert isinstance(raw, bytes)
+    cfg = BootConfig.decode(raw)
+    assert cfg.gateways == ("http://mirror:8080",) and cfg.events == "http://10.77.0.1:8080/api/events"
 
 
 def test_identity_from_dice_handover_signs_as_the_stage() -> None:
@@ -274,7 +324,9 @@ def test_live_stream_sends_an_update_when_an_event_arrives(tmp_path: Path) -> No
         assert r.status == 200 and r.getheader("Content-Type") == "text/event-stream"
         assert r.readline() == b"retry: 2000\n"
         r.readline()
-        assert events.post(gw.url, events.encode_event(event("bootstrap", "start"), stage_identity(UDS_A, "bootstrap")))
+        body = events.encode_event(event("bootstrap", "start", boot=events.new_session(gw.url) or ""),
+                                   stage_identity(UDS_A, "bootstrap"))
+        assert events.post_status(gw.url, body) == 201
         line = r.readline()
         assert line.startswith(b"data: ")
         msg = json.loads(line[6:])
@@ -286,8 +338,9 @@ def test_ready_device_without_agent_is_appraised_contraindicated_not_skipped(tmp
     """The appraisal is the server's own: an agent that announced itself ready and does not
     answer the challenge is not affirming (fail closed), and the reason says why."""
     with fleet_server(tmp_path, registered(UDS_A)) as (fleet, gw):
-        body = events.encode_event(event("agent", "ready", port="9"), stage_identity(UDS_A, "agent"))
-        assert events.post(gw.url, body)
+        body = events.encode_event(event("agent", "ready", port="9", boot=events.new_session(gw.url) or ""),
+                                   stage_identity(UDS_A, "agent"))
+        assert events.post_status(gw.url, body) == 201
         status, a = _get(gw.url, "/api/devices/52:54:00:00:00:01/appraise", "POST")
         assert status == 200 and a["status"] == "contraindicated"
         assert "no evidence" in a["checks"][0]["reason"]
@@ -315,3 +368,158 @@ def test_bootstrap_image_analysis_leaves_out_the_fleet_servers_sqlite3() -> None
     assert "bootstrap.server.fleet" in g.modules
     assert not any(m.split(".")[0] in ("sqlite3", "_sqlite3") for m in g.modules)
     assert "sqlite3" in g.excluded
+
+
+# -- replays ------------------------------------------------------------------------------------
+
+@contextmanager
+def _captured(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
+    """The bodies a Reporter really posts (signed on the wire), as an eavesdropper sees them."""
+    seen: list[bytes] = []
+    real = events.post_status
+
+    def tap(server: str, body: bytes, timeout: float = events.TIMEOUT) -> int | None:
+        seen.append(body)
+        return real(server, body, timeout)
+    monkeypatch.setattr(events, "post_status", tap)
+    yield seen
+
+
+def test_a_captured_signed_event_posted_again_is_rejected_recorded_and_moves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old server accepted a replay as verified: replaying the agent's `start` from another
+    address took the device out of `ready` (no appraisal), replaying `ready` pointed the appraisal
+    at the replayer's address (contraindicated: "no evidence")."""
+    mac = "52:54:00:00:00:07"
+    with fleet_server(tmp_path, registered(UDS_A)) as (fleet, gw), _captured(monkeypatch) as wire:
+        r = events.Reporter()
+        r.configure(server=gw.url, identity=stage_identity(UDS_A, "agent"), mac=mac)
+        r.emit("agent", "start", {})
+        r.emit("agent", "ready", {"port": "8000"})
+        assert r.flush(10.0)
+        assert len(wire) == 2
+        fleet.store.set_appraisal(mac, {"status": "affirming", "checks": []}, now=1.0)
+        before = fleet.store.device(mac)
+        assert before is not None and before["kind"] == "ready" and before["trust"] == VERIFIED
+        for body in wire:  # each captured event, posted again from the attacker's address
+            status, obj = fleet.post_event(body, "10.6.6.6")
+            assert status == 403 and obj["trust"] == REJECTED and "replay" in obj["reason"], obj
+        assert fleet.store.device(mac) == before  # stage, kind, source (the appraisal's target), appraisal
+        evs = fleet.store.events(mac)
+        assert [(e["kind"], e["trust"]) for e in evs] == [("start", VERIFIED), ("ready", VERIFIED),
+                                                          ("start", REJECTED), ("ready", REJECTED)]
+        assert evs[-1]["source"] == "10.6.6.6" and "seq 2" in evs[-1]["trust_reason"]
+        fleet.store.close()
+    # and after a restart of the server (the sessions are in the same SQLite file)
+    with fleet_server(tmp_path, registered(UDS_A)) as (fleet, _gw):
+        status, obj = fleet.post_event(wire[1], "10.6.6.6")
+        assert status == 403 and obj["trust"] == REJECTED
+        assert fleet.store.device(mac) == before
+
+
+def test_an_event_with_a_session_the_server_never_issued_or_forgot_is_rejected(tmp_path: Path) -> None:
+    ident = stage_identity(UDS_A, "bootstrap")
+    with fleet_server(tmp_path, registered(UDS_A)) as (fleet, gw):
+        for boot in ("", "00" * 16):
+            status, obj = fleet.post_event(events.encode_event(event("bootstrap", "start", boot=boot), ident), "x")
+            assert obj["trust"] == REJECTED and status == (403 if not boot else 409), obj
+        # another key cannot use a session a key owns
+        s = events.new_session(gw.url) or ""
+        assert fleet.post_event(events.encode_event(event("bootstrap", "start", boot=s), ident), "x")[0] == 201
+        other = stage_identity(UDS_A, "firmware")
+        status, obj = fleet.post_event(events.encode_event(event("firmware", "start", seq=5, boot=s), other), "x")
+        assert status == 403 and "another key" in obj["reason"]
+        assert fleet.store.device("52:54:00:00:00:01")["stage"] == "bootstrap"  # type: ignore[index]
+
+
+def test_sessions_are_bounded_and_unused_ones_go_first() -> None:
+    st = FleetStore(":memory:", max_sessions=3)
+    used = st.issue_session(now=1.0)
+    assert st.use_session(used, "k", 1) is None
+    fresh = [st.issue_session(now=10.0 + i) for i in range(5)]
+    assert st.use_session(used, "k", 2) is None  # still there: the unused ones went first
+    assert st.use_session(fresh[0], "k2", 1) is not None and st.use_session(fresh[-1], "k2", 1) is None
+
+
+def test_a_reporter_whose_session_was_forgotten_gets_a_new_one(tmp_path: Path) -> None:
+    with fleet_server(tmp_path, registered(UDS_A)) as (fleet, gw):
+        r = events.Reporter()
+        r.configure(server=gw.url, identity=stage_identity(UDS_A, "bootstrap"), mac="52:54:00:00:00:08")
+        r.emit("bootstrap", "start", {})
+        assert r.flush(10.0)
+        first = r.session
+        with fleet.store._tx() as db:  # the server forgets every session (bounded, or a new state dir)
+            db.execute("DELETE FROM sessions")
+        r.emit("bootstrap", "handover", {})
+        assert r.flush(10.0)
+        assert r.session and r.session != first
+        evs = fleet.store.events("52:54:00:00:00:08")
+        assert [(e["kind"], e["trust"]) for e in evs] == [("start", VERIFIED), ("handover", REJECTED),
+                                                          ("handover", VERIFIED)]
+
+
+def test_firmware_kind_of_an_unmeasured_boot_is_what_the_bootstrap_saw() -> None:
+    """The column said "iPXE ROM" for OVMF's own PXE and HTTP Boot too."""
+    st = FleetStore(":memory:")
+    for mac, fw, want in (("52:54:00:00:00:0a", "uefi", "UEFI PXE/HTTP Boot (unmeasured)"),
+                          ("52:54:00:00:00:0b", "bios", "PXE ROM (unmeasured)")):
+        v = _verdict(mac=mac)
+        v.event["detail"] = {"mode": "unmeasured", "firmware": fw}
+        st.record(v, "10.0.0.2")
+        assert st.device(mac)["firmware"] == want  # type: ignore[index]
+
+
+def test_bootstrap_start_event_names_the_firmware_it_was_booted_by(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from bootstrap.stage import main as stage_main
+
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(stage_main.events, "emit", lambda stage, kind, **kw: seen.append({"kind": kind, **kw}))
+    monkeypatch.setattr(stage_main, "read_start", lambda root: stage_main.Start("unmeasured", None, None))
+    monkeypatch.setattr(stage_main, "attempt", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr(stage_main.pid1, "power_off", lambda *a: None)
+    (tmp_path / "sys" / "firmware" / "efi").mkdir(parents=True)
+    stage_main.main(root=tmp_path)
+    assert seen[0]["kind"] == "start" and seen[0]["firmware"] == "uefi"
+
+
+def test_ready_devices_are_appraised_on_a_schedule_each_time_with_a_fresh_nonce(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No one asks: the server challenges a ready agent when it reports ready and again every
+    appraise_every seconds, never reusing a nonce."""
+    import bootstrap.server.fleet as fleet_mod
+    from cidboot.errors import CidbootError
+
+    nonces: list[bytes] = []
+
+    def evidence(url: str, nonce: bytes, timeout: float) -> bytes:
+        nonces.append(nonce)
+        raise CidbootError("no agent here")
+    monkeypatch.setattr(fleet_mod, "get_evidence", evidence)
+    st = FleetStore(":memory:")
+    st.record(Verdict(VERIFIED, "ok", {**_verdict(kind="ready").event, "stage": "agent", "detail": {"port": "8000"}},
+                      "did"), "10.0.0.2")
+    f = Fleet(st, Blockstore(tmp_path / "b"), appraise_every=0.5)
+    f.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(nonces) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        f.stop()
+    assert len(nonces) >= 3 and len(set(nonces)) == len(nonces) and all(len(n) == 32 for n in nonces)
+    d = st.device("52:54:00:00:00:01")
+    assert d is not None and d["appraisal"]["status"] == "contraindicated" and "no evidence" in str(d["appraisal"])
+
+
+def test_api_node_is_404_when_no_one_has_the_block_and_422_for_a_block_that_is_no_node(tmp_path: Path) -> None:
+    from cidboot.ipld.cid import CID, DAG_CBOR
+
+    with fleet_server(tmp_path, registered(UDS_A)) as (fleet, gw):
+        missing = CID.of(dagcbor.encode({"x": 1}), DAG_CBOR)
+        status, obj = _get(gw.url, f"/api/node/{missing}")
+        assert status == 404 and "no agent is ready" in obj["error"]
+        block = dagcbor.encode({"not": "a provenance node"})
+        fleet.blocks.put(CID.of(block, DAG_CBOR), block)
+        status, obj = _get(gw.url, f"/api/node/{CID.of(block, DAG_CBOR)}")
+        assert status == 422, obj

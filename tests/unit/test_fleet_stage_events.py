@@ -1,6 +1,7 @@
 """The real bootstrap stage (bootstrap.stage.main, PID-1 actions recorded) reports to the boot
 server: a tampered layer is refused, and the refusal shows up in /api/devices with the reason and
-the layer's CID, signed with the bootstrap's own DICE key, with no serial console involved."""
+the layer's CID, signed with the bootstrap's own DICE key, with no serial console involved; it
+goes to the boot config's `events` URL, not to its gateway."""
 
 from __future__ import annotations
 
@@ -58,9 +59,11 @@ def test_tampered_layer_refusal_reaches_the_boot_server_with_reason_and_cid(
     def mangle(path: str, body: bytes) -> bytes:
         return body[:-1] + bytes([body[-1] ^ 0xFF]) if str(bad) in path else body
 
-    monkeypatch.setenv("CIDBOOT_EVENTS", server.url)  # the boot server (the gateway here is another process's)
+    monkeypatch.setattr(stage_main.events, "_reporter", stage_main.events.Reporter())  # this stage's own
+    monkeypatch.delenv("CIDBOOT_EVENTS", raising=False)
     with running_gateway(store) as gw, proxy_gateway(_url(gw), mangle) as lying:
-        raw = BootConfig(signed.cid, (lying,)).encode()
+        # the boot config's events URL names the boot server (the gateway is another server)
+        raw = BootConfig(signed.cid, (lying,), events=f"{server.url}/api/events").encode()
         _, dice = _firmware(raw)
         roots.add(verify_chain(decode_handover(dice).chain).root_public_key, "dev", "default")
         kw, calls = _main_env(tmp_path, monkeypatch, raw)

@@ -62,3 +62,50 @@ def test_devices_file_is_what_the_boot_server_reads(tmp_path: Path) -> None:
     assert devs.lookup(lab.device_mac(1), None).role == "aggregator"
     assert devs.lookup(lab.device_mac(0), None).ip == lab.device_ip(0)
     assert not devs.lookup("52:54:00:ff:ff:ff", None).allow  # deny_unknown
+
+
+class _Guest:
+    """A guest whose console is the real harness Console, fed by the test."""
+
+    def __init__(self, tmp: Path, name: str) -> None:
+        from qemu.harness.vm import Console
+
+        self.console = Console(tmp / f"{name}.log", tmp / f"{name}.raw")
+        self.running = True
+        self.spec = argparse.Namespace(name=name)
+
+    def wait_for_console(self, pattern: str, timeout: float) -> Any:
+        from qemu.harness.vm import Guest
+
+        return Guest.wait_for_console(self, pattern, timeout)  # type: ignore[arg-type]
+
+
+def test_wait_flow_waits_for_flow_done_after_agent_ready(tmp_path: Path) -> None:
+    """`agent ready` comes before the flow runs: a report taken then said `results: []` and no
+    vetoes while the console printed the result seconds later."""
+    import threading
+
+    from qemu.harness.lab import Device, Lab
+
+    guests = [_Guest(tmp_path, n) for n in ("a", "b", "c")]
+    devs = [Device(i, n, "device", None, g, outcome=o)  # type: ignore[arg-type]
+            for i, (n, g, o) in enumerate(zip("abc", guests, ("ready", "ready", "refused"), strict=True))]
+    for g in guests[:2]:
+        g.console.feed(b"cidboot-stage: agent ready url=http://10.77.0.10:8000\n")
+    lb = Lab(None, None, tmp_path, None, [], devs)  # type: ignore[arg-type]
+    done = threading.Event()
+
+    def later() -> None:
+        guests[0].console.feed(b"cidboot: result greeting=\"hello\"\ncidboot: agent: flow done: 1 result(s), audit x\n")
+        guests[1].console.feed(b"cidboot: fatal: orchestrator: boom\n")
+        done.set()
+    threading.Timer(0.5, later).start()
+    lb.wait_flow(30)
+    assert done.is_set()  # it waited for the lines, not returned at `agent ready`
+    assert devs[0].reason == "" and devs[1].reason == "fatal: orchestrator: boom" and devs[2].outcome == "refused"
+    lb.wait_flow(0.1)  # already done: returns at once, whatever the timeout
+    devs[0].outcome, devs[0].reason = "ready", ""
+    guests[2].console.feed(b"")
+    devs[2].outcome = "ready"
+    lb.wait_flow(1.0)
+    assert devs[2].reason.startswith("flow not done: c: no console line")

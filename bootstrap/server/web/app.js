@@ -20,7 +20,8 @@ function el(tag, attrs, ...children) {
 }
 
 const short = (s, n = 16) => (s && s.length > n ? s.slice(0, n) + "…" : s || "");
-const when = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : "");
+// ISO 8601 UTC to the second: a fleet spans days and time zones, a bare local time does not say which
+const when = (t) => (t ? new Date(t * 1000).toISOString().replace(/\.\d+Z$/, "Z") : "");
 
 async function api(path, opts) {
   const r = await fetch(path, Object.assign({ headers: { Accept: "application/json" } }, opts || {}));
@@ -31,17 +32,17 @@ async function api(path, opts) {
 
 function appraisalCell(d) {
   const a = d.appraisal;
-  if (!a) return el("td", {}, el("span", { class: "status none" }, d.ready ? "pending" : "—"));
+  if (!a) return el("td", { "data-col": "appraisal" }, el("span", { class: "status none" }, d.ready ? "pending" : "—"));
   const checks = el("ul", { class: "checks" },
     (a.checks || []).map((c) => el("li", { class: c.status, "data-check": c.check },
       `${c.check}: ${c.status}: ${c.reason}`)));
   const btn = el("button", { onclick: (ev) => { ev.stopPropagation(); appraise(d.mac); } }, "appraise now");
-  return el("td", { class: "appraisal" },
+  return el("td", { class: "appraisal", "data-col": "appraisal" },
     el("span", { class: `status ${a.status}`, "data-status": a.status }, a.status), " ", when(a.time), " ", btn, checks);
 }
 
 function resultsCell(d) {
-  return el("td", {}, el("ul", { class: "results" }, d.results.map((r) =>
+  return el("td", { "data-col": "results" }, el("ul", { class: "results" }, d.results.map((r) =>
     el("li", {}, `${r.definition} = ${short(r.value, 60)} `,
       r.cid ? el("a", { class: "prov", "data-cid": r.cid, onclick: (ev) => { ev.stopPropagation(); showProvenance(r.cid); } },
         "provenance") : null))));
@@ -53,7 +54,7 @@ function problemsCell(d) {
   for (const r of d.rejected) {
     items.push(el("li", { class: "rejected", "data-kind": "rejected-event" }, `rejected ${r.stage} ${r.kind} event: ${r.reason}`));
   }
-  return el("td", {}, el("ul", { class: "problems" }, items));
+  return el("td", { "data-col": "problems" }, el("ul", { class: "problems" }, items));
 }
 
 function renderFleet(devices) {
@@ -62,16 +63,16 @@ function renderFleet(devices) {
     class: "device" + (state.selected === d.mac ? " selected" : ""), "data-mac": d.mac,
     onclick: () => selectDevice(d.mac),
   },
-  el("td", { class: "mono", title: d.device_id || "" }, d.device_id ? short(d.device_id) : "(no DICE id)"),
-  el("td", { class: "mono" }, d.mac),
-  el("td", {}, d.role || (d.appraisal && d.appraisal.registered_role) || ""),
-  el("td", {}, d.arch || ""),
-  el("td", {}, d.firmware || ""),
-  el("td", {}, `${d.stage} ${d.kind}`),
-  el("td", {}, d.last_event || "", el("br"), el("small", {}, when(d.last_seen))),
-  el("td", { class: d.trust }, d.trust, " ", d.boot_mode || ""),
+  el("td", { class: "mono", title: d.device_id || "", "data-col": "device" }, d.device_id ? short(d.device_id) : "(no DICE id)"),
+  el("td", { class: "mono", "data-col": "mac" }, d.mac),
+  el("td", { "data-col": "role" }, d.role || (d.appraisal && d.appraisal.registered_role) || ""),
+  el("td", { "data-col": "arch" }, d.arch || ""),
+  el("td", { "data-col": "firmware" }, d.firmware || ""),
+  el("td", { "data-col": "stage" }, `${d.stage} ${d.phase || d.kind}`),
+  el("td", { "data-col": "last-event" }, d.last_event || "", el("br"), el("small", {}, when(d.last_seen))),
+  el("td", { class: d.trust, "data-col": "events" }, d.trust, " ", d.boot_mode || ""),
   appraisalCell(d), resultsCell(d), problemsCell(d))));
-  $("#updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  $("#updated").textContent = `updated ${when(Date.now() / 1000)}`;
 }
 
 async function refresh() {
@@ -99,7 +100,8 @@ async function selectDevice(mac, quiet) {
   const d = await api(`/api/devices/${encodeURIComponent(mac)}?limit=200`);
   $("#timeline-section").hidden = false;
   $("#timeline-device").textContent = mac;
-  $("#timeline").replaceChildren(...d.events.map((e) => el("li", { class: e.trust, "data-kind": e.kind },
+  $("#timeline").replaceChildren(...d.events.map((e) => el("li", { class: e.trust, "data-kind": e.kind, "data-stage": e.stage,
+    "data-trust": e.trust },
     `${when(e.received)} ${e.stage} ${e.kind} `,
     el("span", { class: `status ${e.trust}` }, e.trust),
     e.trust === "verified" ? "" : ` (${e.trust_reason})`,
@@ -115,7 +117,7 @@ async function appraise(mac) {
 // -- provenance graph: parents to the left, the result on the right -------------------------
 async function showProvenance(cid) {
   state.provenance = cid;
-  location.hash = `prov=${cid}`;
+  if (!location.hash.includes(`prov=${cid}`)) location.hash = `prov=${cid}`;
   const g = await api(`/api/provenance/${cid}`);
   $("#provenance-section").hidden = false;
   $("#provenance-root").textContent = cid;
@@ -187,9 +189,14 @@ function drawGraph(g) {
 
 async function showNode(cid) {
   const n = await api(`/api/node/${cid}`);
+  if (state.provenance && !location.hash.includes(`node=${cid}`)) location.hash = `prov=${state.provenance}&node=${cid}`;
   const pre = $("#node-detail");
   pre.hidden = false;
-  pre.replaceChildren(el("a", { href: n.raw }, "signed node (raw DAG-CBOR block)"), "\n", JSON.stringify(n, null, 2));
+  pre.dataset.cid = cid;
+  pre.dataset.signature = n.signature ? n.signature.status : "";
+  pre.replaceChildren(el("a", { href: n.raw, class: "raw" }, "signed node (raw DAG-CBOR block)"), "\n",
+    `${n.definition} = ${JSON.stringify(n.value)}  ${n.operation ? "by " + n.operation : "seed"}  signature ${n.signature.status}: ${n.signature.reason}\n`,
+    JSON.stringify(n, null, 2));
 }
 
 function live() {
@@ -199,7 +206,12 @@ function live() {
   es.onerror = () => { $("#live").textContent = "reconnecting"; $("#live").className = "live off"; };
 }
 
+// deep links: /?device=MAC opens that device's timeline, #prov=CID a result's graph, &node=CID one signed node
 const m = /prov=([a-z0-9]+)/.exec(location.hash);
-if (m) showProvenance(m[1]).catch(() => {});
+const nodeLink = /node=([a-z0-9]+)/.exec(location.hash);
+if (m) showProvenance(m[1]).then(() => (nodeLink ? showNode(nodeLink[1]) : null)).catch(() => {});
+const deviceLink = new URLSearchParams(location.search).get("device");
+if (deviceLink) selectDevice(deviceLink).catch(() => {});
 refresh();
 if (!new URLSearchParams(location.search).has("static")) live();
+else $("#live").textContent = "static (no live updates)";

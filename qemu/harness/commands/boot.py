@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from cidboot.cli import UsageError, print_json
 from cidboot.errors import CidbootError, FormatError
 from cidboot.ipld.cid import CID
 from cidboot.store.cluster import Replication
-from qemu.harness import accel
+from qemu.harness import accel, rundir
 from qemu.harness.deploy import Deployment, prepare, prepare_manifest
 from qemu.harness.lab import FIRMWARES, lab
 from qemu.harness.problems import problem_line
@@ -38,7 +37,9 @@ def add_boot_args(p: argparse.ArgumentParser) -> None:
                    help="with a manifest CID: its signing keys (PEM), to sign the device registry peers need")
     p.add_argument("--devices", type=int, default=None, help="number of devices (default: one per placement role)")
     p.add_argument("--out", type=Path, default=Path("out/harness"), help="report, consoles and device state")
-    p.add_argument("--keep", action="store_true", help="keep the work dir (images, store, keys) after the run")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the whole run dir (images, store, keys, device disks and UDSs); without it only "
+                        "report.json, the consoles, the boot server's log and fleet state stay")
     p.add_argument("--firmware", choices=FIRMWARES, default=None,
                    help="how devices boot (x86_64): dice = our L0 firmware from flash with the harness's DICE "
                         "engine (measured, the default); bios-ipxe = SeaBIOS + the NIC's iPXE ROM; uefi-pxe / "
@@ -82,12 +83,27 @@ def scale_out(args: argparse.Namespace) -> tuple[int, int, str]:
 
 
 def boot(args: argparse.Namespace) -> dict[str, Any]:
-    cluster, servers, replication = scale_out(args)
+    scale_out(args)  # a bad --cluster/--replication is a usage error before anything is built
     out: Path = args.out.resolve()  # builds run with cwd = the repo: a relative --out would not be found
     if Path(args.flow).is_file() and Path(args.flow).resolve().parent in (out, *out.parents):
         raise CidbootError(f"--out {args.out} is inside the flow's directory, which is copied into the "
                            "image (with --out in it, forever): choose a directory outside it")
     out.mkdir(parents=True, exist_ok=True)
+    keep = getattr(args, "keep", False)
+    try:
+        report = _boot(args, out)
+    finally:  # a failed run too: its consoles and log stay, its images do not
+        if not keep:
+            cleaned = rundir.clean(out, spare=(args.store,) if getattr(args, "store", None) is not None else ())
+            say(cleaned.line())
+    if not keep:
+        report["run_dir"] = cleaned.to_obj()
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+def _boot(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    cluster, servers, replication = scale_out(args)
     if Path(args.flow).is_file():
         say(f"building firmware, bootstrap and {args.flow} (cached layers are reused)")
         dep: Deployment = prepare(Path(args.flow), out / "work", say=say)
@@ -120,13 +136,11 @@ def boot(args: argparse.Namespace) -> dict[str, Any]:
         lb.wait_ready(args.timeout)
         if tpm:
             enrol_first_boots(lb)
+        lb.wait_flow(args.timeout)  # results and vetoes are known only once the flow is done
         say("attesting every device with a fresh nonce")
         report = lb.report(allow_unmeasured=False)
     report["accel"] = mode
     report["firmware"] = firmware
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    if not args.keep and Path(args.flow).is_file():  # never delete a store the user gave
-        shutil.rmtree(out / "work" / "store", ignore_errors=True)
     return report
 
 
