@@ -30,8 +30,17 @@ from imagebuilder.cpio import archive_bytes, compress, source_date_epoch
 from imagebuilder.debpkg import read_deb
 from imagebuilder.flowfile import FlowFile
 from imagebuilder.layers import ROLES, UNIXFS, BuiltLayer, layer_cid
-from imagebuilder.lock import (Lock, cache_dir, fetch_deb, fetch_wheel, flow_arch, flow_debs, lock_path, update_hint,
-                               wheel_name)
+from imagebuilder.lock import (
+    Lock,
+    cache_dir,
+    fetch_deb,
+    fetch_wheel,
+    flow_arch,
+    flow_debs,
+    lock_path,
+    update_hint,
+    wheel_name,
+)
 from imagebuilder.uki import BuiltUki
 
 REPO = Path(__file__).resolve().parent.parent
