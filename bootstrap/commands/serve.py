@@ -83,9 +83,8 @@ def parse_range(text: str) -> tuple[str, str, int]:
 
 def boot_files(args: argparse.Namespace, cache: Path) -> dict[str, Path]:
     """Every boot file the server offers, made or found for the manifest (exits naming a missing one)."""
-    names = ["undionly.kpxe", bootfiles.KERNEL_NAME, bootfiles.INITRD_NAME, bootfiles.UKI_NAMES["x86_64"]]
-    if args.tftp_root and (args.tftp_root / bootfiles.UKI_NAMES["arm64"]).is_file():
-        names.append(bootfiles.UKI_NAMES["arm64"])
+    names = ["undionly.kpxe", bootfiles.KERNEL_NAME, bootfiles.INITRD_NAME, bootfiles.UKI_NAMES["x86_64"],
+             bootfiles.UKI_NAMES["arm64"]]
 
     def anchor() -> RootOfTrust:
         from cidboot.store.blockstore import Blockstore
