@@ -107,8 +107,8 @@ def cache_key(anchor: RootOfTrust, arch: str = "x86_64") -> CID:
     """The CID naming the cache entry: anchor, the arch's flow file and lock, and the guest code."""
     flow = flow_file(arch)
     lock = flow.with_name("flow.lock") if flow.name == "flow.yaml" else flow.with_suffix(".lock")
-    doc = {"anchor": _anchor_bytes(anchor), "flow": flow.read_bytes(), "lock": lock.read_bytes(),
-           "sources": _sources_digest()}
+    doc: dict[str, bytes | str] = {"anchor": _anchor_bytes(anchor), "flow": flow.read_bytes(),
+                                   "lock": lock.read_bytes(), "sources": _sources_digest()}
     if uefi_arch(arch) != "x86_64":
         doc["arch"] = uefi_arch(arch)
     return CID.of(dagcbor.encode(doc), DAG_CBOR)

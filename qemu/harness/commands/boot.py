@@ -44,6 +44,10 @@ def add_boot_args(p: argparse.ArgumentParser) -> None:
                         "uefi-http = OVMF's own PXE / HTTP Boot loading the bootstrap UKI (no iPXE). The last "
                         "three are unmeasured (no TPM yet): appraised so, never affirming")
     p.add_argument("--legacy", action="store_true", help="same as --firmware bios-ipxe")
+    p.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
+                   help="device architecture (default x86_64). arm64 builds the flow's arm64 twin "
+                        "(flow-arm64.yaml beside it) and boots AAVMF on qemu-system-aarch64 -machine virt "
+                        "(TCG) with --firmware uefi-pxe or uefi-http (default uefi-http)")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for every agent (default 600)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -60,7 +64,7 @@ def boot(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if Path(args.flow).is_file():
         say(f"building firmware, bootstrap and {args.flow} (cached layers are reused)")
-        dep: Deployment = prepare(Path(args.flow), out / "work", say=say)
+        dep: Deployment = prepare(Path(args.flow), out / "work", say=say, arch=getattr(args, "arch", "x86_64"))
     else:
         try:
             mcid = CID.parse(args.flow)
@@ -68,14 +72,16 @@ def boot(args: argparse.Namespace) -> dict[str, Any]:
             raise CidbootError(f"{args.flow}: neither a flow file nor a manifest CID") from None
         if args.store is None:
             raise CidbootError("booting a manifest CID needs --store (the block store that holds it)")
+        if getattr(args, "arch", "x86_64") != "x86_64":
+            raise CidbootError("--arch arm64 boots a flow file (its flow-arm64.yaml), not a manifest CID")
         say(f"building firmware and a bootstrap that trusts manifest {mcid}'s root")
         dep = prepare_manifest(mcid, args.store.resolve(), out / "work", signer_keys=args.keys, say=say)
     roles = dep.roles
     n = args.devices or len(roles)
     device_roles = [roles[i % len(roles)] for i in range(n)]
     say(f"manifest {dep.workload.manifest}; {n} device(s): {', '.join(device_roles)}")
-    mode = accel.choose(dep.firmware.kernel)
-    firmware = args.firmware or ("bios-ipxe" if args.legacy else "dice")
+    mode = accel.choose(dep.firmware.kernel if dep.arch == "x86_64" else None, dep.arch)
+    firmware = args.firmware or ("bios-ipxe" if args.legacy else "dice" if dep.arch == "x86_64" else "uefi-http")
     with lab(dep, out / "lab", device_roles) as lb:
         for role in device_roles:
             lb.add_device(role, firmware=firmware, accel=mode)
@@ -86,6 +92,7 @@ def boot(args: argparse.Namespace) -> dict[str, Any]:
         report = lb.report(allow_unmeasured=False)
     report["accel"] = mode
     report["firmware"] = firmware
+    report["arch"] = dep.arch
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     if not args.keep and Path(args.flow).is_file():  # never delete a store the user gave
         shutil.rmtree(out / "work" / "store", ignore_errors=True)
