@@ -35,6 +35,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -193,14 +194,20 @@ def apt_options(arch: str) -> list[str]:
             "-o", f"Dir::Cache={d / 'cache'}"]
 
 
+APT_LISTS_MAX_AGE = 24 * 3600  # seconds
+
+
 def apt_update(arch: str, *, force: bool = False) -> None:
-    """Fetch `arch`'s package lists into its private state (once, or again with `force`); a no-op
-    for the host's architecture, whose lists are the host's (`apt-get update`)."""
+    """Fetch `arch`'s package lists into its private state (when missing or a day old, or with
+    `force`); a no-op for the host's architecture, whose lists are the host's (`apt-get update`)."""
     opts = apt_options(arch)
     if not opts:
         return
     d = apt_state(arch)
-    if not force and any((d / "lists").glob("*_Packages*")):
+    lists = sorted((d / "lists").glob("*_Packages*"))
+    # the host's lists are refreshed by its `apt-get update`; these by age: Debian's security
+    # archive drops superseded versions, and stale lists would point `apt-get download` at them
+    if not force and lists and time.time() - min(p.stat().st_mtime for p in lists) < APT_LISTS_MAX_AGE:
         return
     for sub in ("lists/partial", "cache/archives/partial"):
         (d / sub).mkdir(parents=True, exist_ok=True)

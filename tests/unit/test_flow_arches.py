@@ -18,10 +18,11 @@ from imagebuilder.lock import DebPin, Lock
 
 REPO = Path(__file__).resolve().parents[2]
 PAIRS = [(REPO / "examples/hello/flow.yaml", REPO / "examples/hello/flow-arm64.yaml"),
+         (REPO / "examples/two-device/flow.yaml", REPO / "examples/two-device/flow-arm64.yaml"),
          (REPO / "bootstrap/image/flow.yaml", REPO / "bootstrap/image/flow-arm64.yaml")]
 
 
-@pytest.mark.parametrize(("amd64", "arm64"), PAIRS, ids=["hello", "bootstrap"])
+@pytest.mark.parametrize(("amd64", "arm64"), PAIRS, ids=["hello", "two-device", "bootstrap"])
 def test_arm64_flow_is_the_same_appliance_as_its_amd64_twin(amd64: Path, arm64: Path) -> None:
     a = flowfile.parse(amd64.read_text(), amd64).data
     b = flowfile.parse(arm64.read_text(), arm64).data
@@ -33,7 +34,7 @@ def test_arm64_flow_is_the_same_appliance_as_its_amd64_twin(amd64: Path, arm64: 
     assert a["image"]["python"] == b["image"]["python"]
 
 
-@pytest.mark.parametrize("flow", [p for _, p in PAIRS], ids=["hello", "bootstrap"])
+@pytest.mark.parametrize("flow", [p for _, p in PAIRS], ids=["hello", "two-device", "bootstrap"])
 def test_arm64_locks_pin_arm64_debs_and_aarch64_wheels(flow: Path) -> None:
     doc = json.loads(flow.with_suffix(".lock").read_text())
     pins = [*doc["debs"].values(), *doc.get("meta", {}).values()]
@@ -73,3 +74,35 @@ def test_arm64_stub_header_padding_of_nops_takes_section_headers() -> None:
     assert uki._aarch64_nops(nops, 0xAA64)
     assert not uki._aarch64_nops(nops, 0x8664)  # only arm64 stubs pad with instructions
     assert not uki._aarch64_nops(uki._AARCH64_NOP * 2 + b"\x01\x00\x00\x00", 0xAA64)
+
+
+def test_private_apt_lists_are_fetched_when_missing_or_a_day_old(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import time
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(lock, "host_arch", lambda: "amd64")
+    calls: list[list[str]] = []
+    lists = tmp_path / "cidboot/apt/arm64/lists"
+
+    def fake(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        (lists / "deb.debian.org_debian_dists_bookworm_main_binary-arm64_Packages").write_text("")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(lock, "_run", fake)
+    lock.apt_update("amd64")  # the host's own: its lists are the host's business
+    assert calls == []
+    lock.apt_update("arm64")
+    assert len(calls) == 1 and calls[0][0] == "apt-get" and calls[0][-1] == "update"
+    lock.apt_update("arm64")  # fresh: not again
+    assert len(calls) == 1
+    old = time.time() - lock.APT_LISTS_MAX_AGE - 60
+    for p in lists.iterdir():
+        os.utime(p, (old, old))
+    lock.apt_update("arm64")
+    assert len(calls) == 2
+    lock.apt_update("arm64", force=True)
+    assert len(calls) == 3
