@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cidboot.ipld.cid import CID
 from cidboot.ipld.unixfs.exporter import export_file
@@ -47,11 +48,14 @@ def _build(flow: Path, store: Path, cache: Path, *extra: str) -> tuple[dict[str,
 
 
 def _copy(src: Path, dst: Path, anchor: bool = False) -> None:
+    """The flow dir with a fresh key for every key its arm64 flow names (and a trust anchor)."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("keys", "trust-anchor.json", "__pycache__", "built"))
-    k = keys.generate()
-    keys.write_keypair(k, dst / "keys/signer-1")
+    names = yaml.safe_load((dst / "flow-arm64.yaml").read_text())["trust"]["keys"]
+    pairs = [keys.generate() for _ in names]
+    for k, name in zip(pairs, names, strict=True):
+        keys.write_keypair(k, (dst / name).with_suffix(""))
     if anchor:
-        keys.write_root(RootOfTrust.from_public_keys([k.public_key()], 1), dst / "trust-anchor.json")
+        keys.write_root(RootOfTrust.from_public_keys([k.public_key() for k in pairs], 1), dst / "trust-anchor.json")
 
 
 def test_arm64_bootstrap_uki_built_twice_from_clean_caches_is_identical(tmp_path: Path) -> None:
