@@ -259,6 +259,9 @@ def rebuild_workload(dep: Deployment, *, version: int | None = None, sign_with: 
             shutil.copy(key, variant / "keys" / f"other-{i}.pem")
             names.append(f"keys/other-{i}.pem")
         doc["trust"] = {**doc["trust"], "keys": names, "threshold": 1}
-    (variant / "flow.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    refs = {"firmware": dep.firmware.measurements["firmware"], "bootstrap": dep.bootstrap.measurements["bootstrap"]}
-    return build(variant / "flow.yaml", dep.store, references=refs, env=env)
+    name = "flow.yaml" if dep.arch == "x86_64" else f"flow-{DEBIAN_ARCH[dep.arch]}.yaml"  # its lock: flow{,-arm64}.lock
+    (variant / name).write_text(yaml.safe_dump(doc, sort_keys=False))
+    refs = {"bootstrap": dep.bootstrap.measurements["bootstrap"]}
+    if dep.arch == "x86_64":
+        refs["firmware"] = dep.firmware.measurements["firmware"]
+    return build(variant / name, dep.store, references=refs, env=env)
