@@ -4,14 +4,16 @@ Why here: `bootstrap serve --manifest CID` must work without a hand-assembled TF
 QEMU harness needs the very same bootstrap; both call `build_bootstrap` (the harness does not
 import the server, the server does not import the harness).
 
-- The bootstrap (kernel, initrd, and the x86_64 UKI) is built by the real `imagebuilder build
-  --uki` CLI from bootstrap/image with `anchor` as its built-in trust anchor and a signing key
-  generated for the cache entry. The entry is keyed by the CID of (anchor, flow.yaml, flow.lock,
-  the guest code the image carries): another anchor or another pin is another entry, and an
-  entry is written to a temporary directory and renamed into place, so a crash or a concurrent
-  server never leaves half an entry that a later start would serve.
+- The bootstrap (kernel, initrd, and the UKI) is built per architecture by the real
+  `imagebuilder build --uki` CLI from bootstrap/image (flow.yaml for x86_64, flow-arm64.yaml for
+  arm64, whose UKI is on Debian's linuxaa64.efi.stub pinned in flow-arm64.lock) with `anchor` as
+  its built-in trust anchor and a signing key generated for the cache entry. The entry is keyed
+  by the CID of (arch, anchor, flow file, lock, the guest code the image carries): another
+  anchor, arch or pin is another entry, and an entry is written to a temporary directory and
+  renamed into place, so a crash or a concurrent server never leaves half an entry that a later
+  start would serve.
 - `undionly.kpxe` (BIOS clients chain-load iPXE) comes from Debian's `ipxe` package.
-- arm64 UKIs are not built yet (arm64 images are future work): no arm64 file, no arm64 offer.
+- BIOS (kernel + initrd through iPXE) is x86_64 only; arm64 boots UEFI only (its UKI).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ SYSTEM_FILES: dict[str, tuple[tuple[Path, ...], str]] = {
     "undionly.kpxe": ((Path("/usr/lib/ipxe/undionly.kpxe"),), "ipxe"),
 }
 UKI_NAMES = {"x86_64": "bootstrap-x86_64.efi", "arm64": "bootstrap-arm64.efi"}
+# UEFI arch name -> the bootstrap flow file for it (its lock beside it: flow.lock, flow-arm64.lock)
+FLOWS = {"x86_64": "flow.yaml", "arm64": "flow-arm64.yaml"}
+ARCH_ALIASES = {"amd64": "x86_64", "aarch64": "arm64"}
 KERNEL_NAME, INITRD_NAME = "bootstrap/vmlinuz", "bootstrap/initrd.img"
 BUILT_JSON = "built.json"
 
@@ -86,10 +91,26 @@ def _sources_digest() -> bytes:
     return h.digest()
 
 
-def cache_key(anchor: RootOfTrust) -> CID:
-    """The CID naming the cache entry: anchor, flow.yaml, flow.lock and the guest code."""
-    doc = {"anchor": _anchor_bytes(anchor), "flow": (BOOTSTRAP_IMAGE / "flow.yaml").read_bytes(),
-           "lock": (BOOTSTRAP_IMAGE / "flow.lock").read_bytes(), "sources": _sources_digest()}
+def uefi_arch(arch: str) -> str:
+    """`x86_64` / `arm64` (UEFI's names, the harness's --arch) from either those or Debian's."""
+    a = ARCH_ALIASES.get(arch, arch)
+    if a not in FLOWS:
+        raise BootFileError(f"no bootstrap for architecture {arch!r} (one of {', '.join(FLOWS)})")
+    return a
+
+
+def flow_file(arch: str = "x86_64") -> Path:
+    return BOOTSTRAP_IMAGE / FLOWS[uefi_arch(arch)]
+
+
+def cache_key(anchor: RootOfTrust, arch: str = "x86_64") -> CID:
+    """The CID naming the cache entry: anchor, the arch's flow file and lock, and the guest code."""
+    flow = flow_file(arch)
+    lock = flow.with_name("flow.lock") if flow.name == "flow.yaml" else flow.with_suffix(".lock")
+    doc: dict[str, bytes | str] = {"anchor": _anchor_bytes(anchor), "flow": flow.read_bytes(),
+                                   "lock": lock.read_bytes(), "sources": _sources_digest()}
+    if uefi_arch(arch) != "x86_64":
+        doc["arch"] = uefi_arch(arch)
     return CID.of(dagcbor.encode(doc), DAG_CBOR)
 
 
@@ -105,9 +126,11 @@ def load_entry(d: Path) -> BuiltBootstrap | None:
 
 
 def build_bootstrap(anchor: RootOfTrust, cache: Path, *, env: dict[str, str] | None = None,
-                    say: Callable[[str], None] = lambda _m: None) -> BuiltBootstrap:
-    """The bootstrap trusting `anchor`, from `cache` or built into it (`imagebuilder build --uki`)."""
-    key = cache_key(anchor)
+                    say: Callable[[str], None] = lambda _m: None, arch: str = "x86_64") -> BuiltBootstrap:
+    """The bootstrap for `arch` trusting `anchor`, from `cache` or built into it (`imagebuilder build --uki`)."""
+    arch = uefi_arch(arch)
+    flow_name = FLOWS[arch]
+    key = cache_key(anchor, arch)
     entry = cache / str(key)
     found = load_entry(entry)
     if found is not None:
@@ -121,20 +144,20 @@ def build_bootstrap(anchor: RootOfTrust, cache: Path, *, env: dict[str, str] | N
                         ignore=shutil.ignore_patterns("__pycache__", "keys", "built", "trust-anchor.json"))
         keys.write_keypair(keys.generate(), flow / "keys" / "signer-1")
         keys.write_root(anchor, flow / "trust-anchor.json")
-        say(f"building the bootstrap for this anchor into {entry} (imagebuilder build --uki)")
-        proc = subprocess.run([sys.executable, "-m", "imagebuilder", "build", str(flow / "flow.yaml"),
+        say(f"building the {arch} bootstrap for this anchor into {entry} (imagebuilder build --uki)")
+        proc = subprocess.run([sys.executable, "-m", "imagebuilder", "build", str(flow / flow_name),
                                "--store", str(tmp / "store"), "--json", "--uki", f"{tmp / 'uki'}/"],
                               capture_output=True, text=True, cwd=REPO, env=env)
         if proc.returncode != 0:
-            raise BootFileError(f"imagebuilder build {BOOTSTRAP_IMAGE / 'flow.yaml'} --uki failed:\n"
+            raise BootFileError(f"imagebuilder build {BOOTSTRAP_IMAGE / flow_name} --uki failed:\n"
                                 f"{proc.stderr.strip()[-3000:]}")
         result = json.loads(proc.stdout)
         kernel, initrd, measurements = _export(tmp / "store", CID.parse(result["manifest"]), tmp)
-        uki = tmp / "uki" / UKI_NAMES["x86_64"]
+        uki = tmp / "uki" / UKI_NAMES[arch]
         if not uki.is_file():
             raise BootFileError(f"imagebuilder wrote no {uki.name}")
         doc = {"manifest": result["manifest"], "kernel": kernel.name, "initrd": initrd.name,
-               "uki": {"x86_64": f"uki/{uki.name}"}, "measurements": measurements, "result": result}
+               "uki": {arch: f"uki/{uki.name}"}, "measurements": measurements, "result": result, "arch": arch}
         (tmp / BUILT_JSON).write_text(json.dumps(doc, indent=1) + "\n")
         try:
             os.rename(tmp, entry)
@@ -192,10 +215,13 @@ def resolve(names: list[str], *, overrides: Path | None, anchor: Callable[[], Ro
     if missing:
         if anchor is None:
             raise BootFileError(f"boot file {missing[0]} not found in {overrides} and no manifest to build it for")
-        built = build_bootstrap(anchor(), cache, say=say).files()
+        root = anchor()
+        arm64 = [n for n in missing if n == UKI_NAMES["arm64"]]
+        built = build_bootstrap(root, cache, say=say).files() if len(arm64) < len(missing) else {}
+        if arm64:
+            built[UKI_NAMES["arm64"]] = build_bootstrap(root, cache, say=say, arch="arm64").uki["arm64"]
         for name in missing:
             if name not in built:
-                raise BootFileError(f"boot file {name} is not built by imagebuilder yet"
-                                    + (" (arm64 images are not built yet)" if "arm64" in name else ""))
+                raise BootFileError(f"boot file {name} is not built by imagebuilder")
             out[name] = built[name]
     return out

@@ -30,7 +30,17 @@ from imagebuilder.cpio import archive_bytes, compress, source_date_epoch
 from imagebuilder.debpkg import read_deb
 from imagebuilder.flowfile import FlowFile
 from imagebuilder.layers import ROLES, UNIXFS, BuiltLayer, layer_cid
-from imagebuilder.lock import Lock, cache_dir, fetch_deb, fetch_wheel, lock_path, update_hint, wheel_name
+from imagebuilder.lock import (
+    Lock,
+    cache_dir,
+    fetch_deb,
+    fetch_wheel,
+    flow_arch,
+    flow_debs,
+    lock_path,
+    update_hint,
+    wheel_name,
+)
 from imagebuilder.uki import BuiltUki
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,6 +125,26 @@ def _kernel_from_deb(deb: Path) -> bytes:
     return images[0].data
 
 
+def _check_arch(lock: Lock, names: list[str], arch: str, lpath: Path) -> None:
+    """Every pinned .deb the build takes is for the flow's architecture (or `all`): an amd64 pin
+    in an arm64 flow's lock would ship x86 code the ELF check might never reach (a kernel, a stub)."""
+    for n in names:
+        pin = lock.pin(n)
+        if pin.arch not in (arch, "all"):
+            raise BuildError(f"{lpath}: {pin.name} is pinned for {pin.arch}, the flow is arch {arch}; "
+                             f"run `imagebuilder lock --update` on the flow")
+
+
+def _stub_from_deb(deb: Path, arch: str) -> bytes:
+    """The architecture's systemd-boot EFI stub from a pinned systemd-boot-efi .deb (never run,
+    only read: an arm64 stub for an amd64 build host cannot be installed beside the host's own)."""
+    want = "usr/lib/systemd/boot/efi/" + uki.ARCHES[arch][0]
+    found = [f.data for f in read_deb(deb) if f.kind == "file" and f.path == want]
+    if not found:
+        raise BuildError(f"{deb.name}: no {want} (image.uki.stub must name Debian's {uki.STUB_PACKAGE} for {arch})")
+    return found[0]
+
+
 def _module_entries(deb: Path, names: list[str]) -> list[initramfs.Entry]:
     """The named kernel modules and their depends= closure, flat in /lib/modules, plus
     /etc/cidboot/modules listing them in load order (read by cidboot.stage.pid1 at boot)."""
@@ -159,19 +189,24 @@ def _check_references(target: str, references: dict[str, bytes]) -> dict[str, by
 
 
 def build_uki(name: str, version: int, cmdline: str, layers: list[BuiltLayer], arch: str = "amd64",
-              stub: Path | None = None) -> BuiltUki:
+              stub: Path | None = None, stub_bytes: bytes | None = None) -> BuiltUki:
     """The stage as a UKI: its kernel layer as .linux, the other layers concatenated in manifest
     order as .initrd (the same initramfs iPXE and the firmware load, so the same code hash), the
-    manifest's cmdline and an os-release naming the flow. Deterministic: no clock, no paths."""
+    manifest's cmdline and an os-release naming the flow. Deterministic: no clock, no paths.
+    The stub: `stub_bytes` (from the pinned .deb the flow's image.uki.stub names; `stub` is then
+    that .deb, for the record), else the file `stub`, else the host's installed one."""
     try:
         stub_file = stub or uki.stub_path(arch)
     except uki.StubMissing as e:
-        raise BuildError(str(e)) from None
+        raise BuildError(f"{e}; or pin the stub: image.uki.stub: {uki.STUB_PACKAGE} in the flow") from None
     roles = [lyr.role for lyr in layers]
     if roles[:1] != ["kernel"]:
         raise BuildError(f"a UKI needs the kernel layer first, got layers {roles}")
-    data = uki.build_uki(stub_file.read_bytes(), layers[0].data, b"".join(lyr.data for lyr in layers[1:]),
-                         cmdline, uki.os_release(name, version), arch)
+    try:
+        data = uki.build_uki(stub_bytes if stub_bytes is not None else stub_file.read_bytes(), layers[0].data,
+                             b"".join(lyr.data for lyr in layers[1:]), cmdline, uki.os_release(name, version), arch)
+    except uki.UkiError as e:
+        raise BuildError(f"UKI for {arch}: {e}") from None
     return BuiltUki(uki.file_name("bootstrap", arch), data, layer_cid(data), stub_file)
 
 
@@ -196,6 +231,8 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     lock = Lock.load(lpath)
     flowfile.check_lock(ff, lock.named(), {k: asdict(v) for k, v in lock.wheels.items()})
     hint = f"the lock {lpath} is stale: {update_hint(ff)}"
+    arch = flow_arch(ff)
+    _check_arch(lock, sorted(flow_debs(ff)), arch, lpath)
     cache = BuildCache(cache_root or Path(os.environ.get("CIDBOOT_BUILD_CACHE") or cache_dir() / "layers"))
     image = ff.data["image"]
     comp = image.get("compression", "xz")
@@ -254,7 +291,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         if not graph_cache:
             sr = sysroot()
             for w in wheel_pins:
-                wheel_roots.append(initramfs.unpack_wheel(fetch_wheel(lock.wheels[w["name"]], hint),
+                wheel_roots.append(initramfs.unpack_wheel(fetch_wheel(lock.wheels[w["name"]], hint, arch),
                                                           cache_dir() / "wheels-unpacked"))
             roots = [REPO, ff.dir, sr / initramfs.STDLIB, sr / initramfs.STDLIB / "lib-dynload", *wheel_roots]
             say("analysing imports")
@@ -264,7 +301,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     kmods = sorted(kspec.get("modules", []))
 
     def runtime() -> bytes:
-        entries = initramfs.runtime_entries(sysroot(), graph(), wheel_roots=wheel_roots)
+        entries = initramfs.runtime_entries(sysroot(), graph(), arch, wheel_roots=wheel_roots)
         if kmods:
             entries += _module_entries(fetch_deb(lock.pin(kspec["package"]), hint), kmods)
         return compress(archive_bytes(entries, epoch), comp)
@@ -329,7 +366,10 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     built_uki = None
     if make_uki:
         say("assembling the UKI")
-        built_uki = build_uki(ff.name, int(ff.data["version"]), manifest.cmdline, layers, str(ff.data.get("arch", "amd64")))
+        stub_pkg = (image.get("uki") or {}).get("stub")
+        stub_deb = fetch_deb(lock.pin(stub_pkg), hint) if stub_pkg else None
+        built_uki = build_uki(ff.name, int(ff.data["version"]), manifest.cmdline, layers, arch, stub=stub_deb,
+                              stub_bytes=_stub_from_deb(stub_deb, arch) if stub_deb else None)
         import_bytes(built_uki.data, sink, UNIXFS)
     return BuildResult(mcid, manifest, layers, sink.blocks, flow_cid, operations, unresolved, built_uki)
 

@@ -17,16 +17,25 @@ so a build from the lock is exactly as reproducible as one that named the ABI pa
 `lock` keeps every existing pin the mirror still serves (same version, same SHA-256 in the apt
 index) and re-resolves only the others; `lock --update` re-resolves every pin to what the mirror
 serves now.
+
+A flow's `arch` (amd64, the default, or arm64) is the Debian architecture of every .deb and the
+manylinux platform of every wheel. Packages of the build host's own architecture come from the
+host's apt; another architecture's come from a private apt state under
+~/.cache/cidboot/apt/<arch>/ (the host's sources.list, its own package lists, an empty dpkg
+status), so locking an arm64 flow on an amd64 host needs no `dpkg --add-architecture` and
+changes nothing on the host: only the mirror must be reachable.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,9 +47,18 @@ from imagebuilder.debpkg import parse_stanza
 from imagebuilder.flowfile import FlowFile
 
 LOCK_VERSION = 1
-PY_TARGET = ["--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
-             "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64",
-             "--platform", "manylinux_2_17_x86_64"]
+ARCHES = ("amd64", "arm64")  # flow.yaml `arch` (Debian names)
+WHEEL_MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}  # manylinux platform tags name the machine
+
+
+def py_target(arch: str = "amd64") -> list[str]:
+    """`pip download` options selecting CPython 3.11 manylinux wheels for a flow architecture."""
+    m = WHEEL_MACHINE[arch]
+    return ["--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
+            "--platform", f"manylinux2014_{m}", "--platform", f"manylinux_2_28_{m}", "--platform", f"manylinux_2_17_{m}"]
+
+
+PY_TARGET = py_target("amd64")
 
 
 class LockError(CidbootError):
@@ -151,14 +169,64 @@ def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
 
 
+@functools.cache
+def host_arch() -> str:
+    """The build host's Debian architecture (`dpkg --print-architecture`)."""
+    proc = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True, check=False)
+    return proc.stdout.strip() or "amd64"
+
+
+def apt_state(arch: str) -> Path:
+    return cache_dir() / "apt" / arch
+
+
+def apt_options(arch: str) -> list[str]:
+    """apt-get/apt-cache options for `arch`: none for the host's own architecture, else a private
+    state (lists, cache, an empty dpkg status) whose native and only architecture is `arch`, so
+    plain package names resolve to `arch`'s packages (see the module docstring)."""
+    if arch not in ARCHES:
+        raise LockError(f"unknown architecture {arch!r} (one of {', '.join(ARCHES)})")
+    if arch == host_arch():
+        return []
+    d = apt_state(arch)
+    return ["-o", f"APT::Architecture={arch}", "-o", f"APT::Architectures::={arch}",
+            "-o", f"Dir::State::Lists={d / 'lists'}", "-o", f"Dir::State::status={d / 'status'}",
+            "-o", f"Dir::Cache={d / 'cache'}"]
+
+
+APT_LISTS_MAX_AGE = 24 * 3600  # seconds
+
+
+def apt_update(arch: str, *, force: bool = False) -> None:
+    """Fetch `arch`'s package lists into its private state (when missing or a day old, or with
+    `force`); a no-op for the host's architecture, whose lists are the host's (`apt-get update`)."""
+    opts = apt_options(arch)
+    if not opts:
+        return
+    d = apt_state(arch)
+    lists = sorted((d / "lists").glob("*_Packages*"))
+    # the host's lists are refreshed by its `apt-get update`; these by age: Debian's security
+    # archive drops superseded versions, and stale lists would point `apt-get download` at them
+    if not force and lists and time.time() - min(p.stat().st_mtime for p in lists) < APT_LISTS_MAX_AGE:
+        return
+    for sub in ("lists/partial", "cache/archives/partial"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    (d / "status").touch()
+    proc = _run(["apt-get", *opts, "update"])
+    if proc.returncode != 0 or not any((d / "lists").glob("*_Packages*")):
+        raise LockError(f"apt-get update for {arch} failed ({(proc.stderr.strip().splitlines() or ['no lists'])[-1]}); "
+                        "the Debian mirror in /etc/apt/sources.list* must be reachable")
+
+
 def _stanzas(text: str) -> list[dict[str, str]]:
     """Every stanza of `apt-cache show` output (blank-line separated)."""
     return [f for f in (parse_stanza(chunk) for chunk in re.split(r"\n\s*\n", text)) if f]
 
 
-def _show(name: str, version: str | None = None) -> dict[str, str]:
+def _show(name: str, version: str | None = None, arch: str = "amd64") -> dict[str, str]:
     spec = f"{name}={version}" if version else name
-    proc = _run(["apt-cache", "show", "--no-all-versions", spec])
+    apt_update(arch)
+    proc = _run(["apt-cache", *apt_options(arch), "show", "--no-all-versions", spec])
     found = _stanzas(proc.stdout) if proc.returncode == 0 else []
     if not found:
         raise LockError(f"Debian package {spec} is not known to apt ({proc.stderr.strip() or 'no such package'}); "
@@ -175,9 +243,9 @@ def _pin_of(f: dict[str, str], spec: str) -> DebPin:
         raise LockError(f"apt-cache show {spec}: no valid {e} field") from None
 
 
-def resolve_deb(name: str, version: str | None = None) -> DebPin:
-    """The candidate (or the given version) of a package, from the apt index."""
-    return _pin_of(_show(name, version), f"{name}={version}" if version else name)
+def resolve_deb(name: str, version: str | None = None, arch: str = "amd64") -> DebPin:
+    """The candidate (or the given version) of a package for `arch`, from the apt index."""
+    return _pin_of(_show(name, version, arch), f"{name}={version}" if version else name)
 
 
 _DEP = re.compile(r"^\s*([a-z0-9][a-z0-9+.-]*)(?::[a-z0-9-]+)?\s*(?:\(\s*([<>=]+)\s*([^)\s]+)\s*\))?")
@@ -197,7 +265,7 @@ def kernel_depends(depends: str) -> list[tuple[str, str | None]]:
 MAX_META_DEPTH = 3  # linux-image-cloud-amd64 -> linux-image-6.1.0-56-cloud-amd64 is one step
 
 
-def resolve_kernel(name: str, version: str | None = None) -> tuple[list[MetaPin], DebPin]:
+def resolve_kernel(name: str, version: str | None = None, arch: str = "amd64") -> tuple[list[MetaPin], DebPin]:
     """A kernel package a flow names, followed through metapackages to the concrete package.
 
     A package whose Depends names exactly one `linux-image-*` package is a metapackage: the
@@ -207,7 +275,7 @@ def resolve_kernel(name: str, version: str | None = None) -> tuple[list[MetaPin]
     metas: list[MetaPin] = []
     spec_name, spec_version = name, version
     for _ in range(MAX_META_DEPTH + 1):
-        f = _show(spec_name, spec_version)
+        f = _show(spec_name, spec_version, arch)
         spec = f"{spec_name}={spec_version}" if spec_version else spec_name
         pin = _pin_of(f, spec)
         deps = kernel_depends(f.get("Depends", ""))
@@ -232,10 +300,13 @@ def index_status(pins: Iterable[DebPin]) -> dict[DebPin, str]:
     want = set(pins)
     if not want:
         return {}
-    proc = _run(["apt-cache", "show", "--no-all-versions", *sorted({f"{p.name}={p.version}" for p in want})])
     listed: dict[tuple[str, str], set[str]] = {}
-    for f in _stanzas(proc.stdout):
-        listed.setdefault((f.get("Package", ""), f.get("Version", "")), set()).add(f.get("SHA256", ""))
+    for arch in sorted({p.arch for p in want}):
+        apt_update(arch)
+        specs = sorted({f"{p.name}={p.version}" for p in want if p.arch == arch})
+        proc = _run(["apt-cache", *apt_options(arch), "show", "--no-all-versions", *specs])
+        for f in _stanzas(proc.stdout):
+            listed.setdefault((f.get("Package", ""), f.get("Version", "")), set()).add(f.get("SHA256", ""))
     out = {}
     for p in want:
         hashes = listed.get((p.name, p.version))
@@ -256,7 +327,8 @@ def fetch_deb(pin: DebPin, refresh_hint: str) -> Path:
     path = d / pin.filename
     if path.is_file() and sha256_file(path) == pin.sha256:
         return path
-    proc = _run(["apt-get", "download", f"{pin.name}={pin.version}"], cwd=d)
+    apt_update(pin.arch)
+    proc = _run(["apt-get", *apt_options(pin.arch), "download", f"{pin.name}={pin.version}"], cwd=d)
     if proc.returncode != 0:
         raise LockError(f"pinned {pin.name} {pin.version} is not served by the configured apt mirrors "
                         f"({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'download failed'}); "
@@ -267,17 +339,17 @@ def fetch_deb(pin: DebPin, refresh_hint: str) -> Path:
     return path
 
 
-def resolve_wheel(name: str, version: str | None = None) -> tuple[WheelPin, Path]:
+def resolve_wheel(name: str, version: str | None = None, arch: str = "amd64") -> tuple[WheelPin, Path]:
     d = cache_dir() / "wheels"
     d.mkdir(parents=True, exist_ok=True)
     spec = f"{name}=={version}" if version else name
     before = set(d.iterdir())
     proc = _run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--only-binary", ":all:",
-                 "--no-deps", *PY_TARGET, "-d", str(d), spec])
+                 "--no-deps", *py_target(arch), "-d", str(d), spec])
     if proc.returncode != 0:
         raise LockError(f"wheel {spec} cannot be downloaded: {proc.stderr.strip().splitlines()[-1:] or ['pip failed']}")
     norm = name.lower().replace("-", "_")
-    cands = sorted(p for p in d.glob("*.whl") if p.name.lower().startswith(norm + "-"))
+    cands = sorted(p for p in d.glob("*.whl") if p.name.lower().startswith(norm + "-") and wheel_fits(p.name, arch))
     new = [p for p in cands if p not in before] or cands
     if version:
         new = [p for p in new if p.name.split("-")[1] == version] or new
@@ -285,11 +357,19 @@ def resolve_wheel(name: str, version: str | None = None) -> tuple[WheelPin, Path
     return WheelPin(name.lower(), path.name.split("-")[1], path.name, sha256_file(path)), path
 
 
-def fetch_wheel(pin: WheelPin, refresh_hint: str) -> Path:
+def wheel_fits(filename: str, arch: str) -> bool:
+    """A wheel file name whose platform tag runs on `arch`: pure Python (`any`) or manylinux for its machine."""
+    plat = filename[:-len(".whl")].split("-")[-1] if filename.endswith(".whl") else ""
+    return plat == "any" or all(t.endswith("_" + WHEEL_MACHINE[arch]) for t in plat.split("."))
+
+
+def fetch_wheel(pin: WheelPin, refresh_hint: str, arch: str = "amd64") -> Path:
     path = cache_dir() / "wheels" / pin.filename
+    if not wheel_fits(pin.filename, arch):
+        raise LockError(f"pinned wheel {pin.filename} is not built for {arch}; {refresh_hint}")
     if not (path.is_file() and sha256_file(path) == pin.sha256):
         try:
-            _, path = resolve_wheel(pin.name, pin.version)
+            _, path = resolve_wheel(pin.name, pin.version, arch)
         except LockError as e:
             raise LockError(f"pinned wheel {pin.name} {pin.version}: {e}; {refresh_hint}") from None
     got = sha256_file(path)
@@ -311,7 +391,15 @@ def flow_debs(ff: FlowFile) -> dict[str, str | None]:
         out[kernel["package"]] = kernel.get("version")
     for name in ((ff.data["image"].get("python") or {}).get("runtime") or {}).get("packages", []):
         out.setdefault(name, None)
+    stub = (ff.data["image"].get("uki") or {}).get("stub")
+    if stub:
+        out.setdefault(stub, None)
     return out
+
+
+def flow_arch(ff: FlowFile) -> str:
+    """The flow's Debian architecture (`arch:`, default amd64)."""
+    return str(ff.data.get("arch", "amd64"))
 
 
 def flow_kernel(ff: FlowFile) -> str | None:
@@ -348,6 +436,8 @@ def make_lock(ff: FlowFile, progress: Callable[[str], None] | None = None, *, pr
     re-locking moves only what must move; with `update` every pin is resolved anew."""
     hint = f"run `imagebuilder lock {ff.path}` again"
     say = progress or (lambda _m: None)
+    arch = flow_arch(ff)
+    apt_update(arch, force=update)  # a private foreign-arch index is refreshed by `lock --update`
     kernel = flow_kernel(ff)
     wanted = flow_debs(ff)
     keep: dict[str, list[DebPin]] = {}
@@ -371,7 +461,8 @@ def make_lock(ff: FlowFile, progress: Callable[[str], None] | None = None, *, pr
             pin = keep[name][-1]
             verb = "kept"
         else:
-            metas, pin = resolve_kernel(name, version) if name == kernel else ([], resolve_deb(name, version))
+            metas, pin = (resolve_kernel(name, version, arch) if name == kernel
+                          else ([], resolve_deb(name, version, arch)))
             fetch_deb(pin, hint)
             verb = "pinned"
         chain_names = [m.name for m in metas]
@@ -383,15 +474,15 @@ def make_lock(ff: FlowFile, progress: Callable[[str], None] | None = None, *, pr
     for spec in sorted((ff.data["image"].get("python") or {}).get("wheels", [])):
         name, _, version = spec.partition("==")
         old = previous.wheels.get(wheel_name(spec)) if previous is not None and not update else None
-        if old is not None and (not version or old.version == version):
+        if old is not None and (not version or old.version == version) and wheel_fits(old.filename, arch):
             try:
-                fetch_wheel(old, hint)  # the cache when its hash matches, else the index by exact version
+                fetch_wheel(old, hint, arch)  # the cache when its hash matches, else the index by exact version
                 wheels[old.name] = old
                 say(f"kept {old.name} {old.version}")
                 continue
             except (LockError, PinMismatchError):
                 pass
-        wpin, _ = resolve_wheel(name, version or None)
+        wpin, _ = resolve_wheel(name, version or None, arch)
         wheels[wpin.name] = wpin
         say(f"pinned {wpin.name} {wpin.version}")
     return Lock(debs, wheels, meta)

@@ -153,6 +153,19 @@ def _round_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+_AARCH64_NOP = struct.pack("<I", 0xD503201F)
+
+
+def _aarch64_nops(slack: bytes, machine: int) -> bool:
+    """Header padding of NOP instructions: Debian's arm64 stub (gnu-efi's hand-written PE header in
+    its crt0, aligned with `.align` in a code section) pads the headers with them. They are never
+    executed (the entry point is in .text), so they are as free as zeros to put section headers in."""
+    if machine != 0xAA64:
+        return False
+    body = slack.rstrip(b"\0")  # a NOP ends in 0xd5: stripping zeros never cuts one
+    return len(body) % 4 == 0 and all(body[i:i + 4] == _AARCH64_NOP for i in range(0, len(body), 4))
+
+
 def assemble(stub: bytes, sections: list[tuple[str, bytes]], what: str = "EFI stub") -> bytes:
     """The stub with `sections` (name, content) appended as read-only PE sections; see the
     module docstring for the layout. `.linux` is marked code (the stub jumps into it in place
@@ -173,7 +186,7 @@ def assemble(stub: bytes, sections: list[tuple[str, bytes]], what: str = "EFI st
         raise UkiError(f"{what}: no room for {len(sections)} more section headers "
                        f"(table would end at {table_end:#x}, headers end at {pe.size_of_headers:#x})")
     slack = stub[pe.section_table + len(pe.sections) * _SECTION_HEADER.size:table_end]
-    if slack.strip(b"\0"):
+    if slack.strip(b"\0") and not _aarch64_nops(slack, pe.machine):
         raise UkiError(f"{what}: the header space after the section table is not empty")
 
     valign = max(pe.section_alignment, _PAGE)

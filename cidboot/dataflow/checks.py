@@ -40,7 +40,7 @@ Path_ = tuple[str | int, ...]
 
 PRIMITIVES = ("str", "int", "float", "bool", "bytes", "map", "array")
 LAYERS = ("firmware", "bootstrap", "image")
-FILE_KEYS = frozenset({"name", "version", "target", "image", "dataflow", "placement", "policies", "trust"})
+FILE_KEYS = frozenset({"name", "version", "target", "arch", "image", "dataflow", "placement", "policies", "trust"})
 DATAFLOW_KEYS = frozenset({"definitions", "operations", "seed", "flow"})
 DEFINITION_KEYS = frozenset({"primitive", "lock"})
 OPERATION_KEYS = frozenset({"implementation", "inputs", "outputs", "conditions", "stage", "expand"})

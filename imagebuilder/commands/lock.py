@@ -18,7 +18,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                                    "version and SHA-256 of each to flow.lock beside it (sorted JSON). A kernel "
                                    "metapackage (linux-image-cloud-amd64) is followed to the concrete package its "
                                    "Depends names, and both are pinned. Pins of an existing lock that the mirror "
-                                   "still serves are kept; --update re-resolves every pin.")
+                                   "still serves are kept; --update re-resolves every pin. The flow's `arch:` (amd64 or "
+                                   "arm64) selects the packages' architecture and the wheels' manylinux platform; "
+                                   "another architecture than the host's is resolved through a private apt state "
+                                   "in ~/.cache/cidboot/apt/ARCH (the host's sources, nothing installed). A flow "
+                                   "other than flow.yaml is locked into NAME.lock (flow-arm64.yaml -> flow-arm64.lock).")
     p.add_argument("flow", type=Path)
     p.add_argument("--update", action="store_true",
                    help="re-resolve every pin to what the mirror serves now (default: keep pins still served)")

@@ -6,7 +6,8 @@ direct kernel boot, and QEMU with `-cpu host` aborts there ("failed to set MSR 0
 initrd and a short timeout, and waits for the kernel to reach the point where it looks for a
 root file system on the serial console. The verdict is cached per host, QEMU and kernel in
 ~/.cache/cidboot/kvm-probe.json (with what was seen, so a "no" can be read later).
-CIDBOOT_ACCEL=tcg|kvm|auto overrides; auto is the default.
+CIDBOOT_ACCEL=tcg|kvm|auto overrides; auto is the default. A guest of another architecture than
+the host's (arm64 on an x86_64 build machine) is always TCG: KVM runs only the host's own.
 """
 
 from __future__ import annotations
@@ -82,9 +83,17 @@ def cached_probe(kernel: Path) -> Probe:
     return result
 
 
-def choose(kernel: Path | None = None) -> str:
-    """"tcg" or "kvm", from CIDBOOT_ACCEL (default auto: the probe with `kernel`, TCG without one)."""
+HOST_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+def choose(kernel: Path | None = None, arch: str = "x86_64") -> str:
+    """"tcg" or "kvm", from CIDBOOT_ACCEL (default auto: the probe with `kernel`, TCG without one);
+    a guest `arch` other than the host's is TCG (and CIDBOOT_ACCEL=kvm for it is an error)."""
     want = os.environ.get("CIDBOOT_ACCEL", "auto")
+    if arch != HOST_ARCH.get(platform.machine(), platform.machine()):
+        if want == "kvm":
+            raise ValueError(f"CIDBOOT_ACCEL=kvm cannot run an {arch} guest on this {platform.machine()} host")
+        return "tcg"
     if want in ("tcg", "kvm"):
         return want
     if want != "auto":

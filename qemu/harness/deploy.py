@@ -7,6 +7,10 @@ deployment's bootstrap trusts that deployment's signers only). Builds run the re
 `imagebuilder build` CLI into one block store; flows are copied into the work dir so keys and
 the trust anchor never land in the source tree. Keys are generated once per work dir and
 reused, so rebuilding the same flow in the same work dir gives the same CIDs.
+
+`arch` (x86_64, or arm64): one flow file, lock and signed manifest per architecture
+(docs/adr/0008-one-manifest-per-arch.md); the arm64 twin of `DIR/flow.yaml` is
+`DIR/flow-arm64.yaml`, built with the arm64 bootstrap's code hash as its reference.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class Deployment:
     bootstrap: Built
     workload: Built
     signer_keys: list[Path] = field(default_factory=list)
+    arch: str = "x86_64"  # what the workload and bootstrap were built for (vm.ARCHES)
 
     @property
     def roles(self) -> list[str]:
@@ -74,8 +79,25 @@ class Deployment:
         return _root_of(self.flow_dir, self.flow)
 
 
-def _copy_flow(src: Path, dst: Path) -> Path:
-    """Copy a flow dir (not its keys or caches) and generate any trust key it names but lacks."""
+DEBIAN_ARCH = {"x86_64": "amd64", "arm64": "arm64"}
+
+
+def flow_for_arch(flow: Path, arch: str) -> Path:
+    """The flow file of `flow`'s appliance built for `arch`: `flow` itself when its `arch:` is that
+    one, else its twin beside it (flow.yaml for x86_64, flow-arm64.yaml for arm64)."""
+    if arch not in DEBIAN_ARCH:
+        raise DeployError(f"--arch {arch!r}: one of {', '.join(DEBIAN_ARCH)}")
+    want = DEBIAN_ARCH[arch]
+    for cand in (flow, flow.with_name("flow.yaml" if want == "amd64" else f"flow-{want}.yaml")):
+        if cand.is_file() and (yaml.safe_load(cand.read_text()) or {}).get("arch", "amd64") == want:
+            return cand
+    raise DeployError(f"{flow} is not built for {arch} and there is no {arch} flow beside it "
+                      f"(flow-{want}.yaml with `arch: {want}`)")
+
+
+def _copy_flow(src: Path, dst: Path, name: str = "flow.yaml") -> Path:
+    """Copy a flow dir (not its keys or caches) and generate any trust key it names but lacks;
+    the copy of the flow file `name` is returned."""
     if dst.exists():
         shutil.rmtree(dst / "__pycache__", ignore_errors=True)
         for p in src.iterdir():  # refresh sources, keep the generated keys
@@ -89,12 +111,12 @@ def _copy_flow(src: Path, dst: Path) -> Path:
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "keys"))
         if (src / "keys").is_dir():
             shutil.copytree(src / "keys", dst / "keys")
-    doc = yaml.safe_load((dst / "flow.yaml").read_text())
+    doc = yaml.safe_load((dst / name).read_text())
     for rel in doc["trust"]["keys"]:
         key = dst / rel
         if not key.exists():
             keys.write_keypair(keys.generate(), key.with_suffix(""))
-    return dst / "flow.yaml"
+    return dst / name
 
 
 def _root_of(flow_dir: Path, doc: dict[str, Any]) -> RootOfTrust:
@@ -179,27 +201,32 @@ def export(store: Path, mcid: CID, out: Path, result: dict[str, Any] | None = No
 
 
 def bootstrap_for(anchor: RootOfTrust, work: Path, *, env: dict[str, str] | None = None,
-                  say: Callable[[str], None] = lambda _m: None) -> Built:
-    """The bootstrap (kernel, initrd, UKI) trusting `anchor`: bootstrap.bootfiles, the code
-    `bootstrap serve` uses too, cached by (anchor, flow.lock, guest code) CID under the work dir."""
-    b = build_bootstrap(anchor, work / "bootfiles", env=env, say=say)
+                  say: Callable[[str], None] = lambda _m: None, arch: str = "x86_64") -> Built:
+    """The bootstrap (kernel, initrd, UKI) for `arch` trusting `anchor`: bootstrap.bootfiles, the code
+    `bootstrap serve` uses too, cached by (arch, anchor, flow lock, guest code) CID under the work dir."""
+    b = build_bootstrap(anchor, work / "bootfiles", env=env, say=say, arch=arch)
     return Built(b.manifest, b.kernel, b.initrd, b.measurements, b.result, dict(b.uki))
 
 
 def prepare(flow: Path, work: Path, *, anchor: RootOfTrust | None = None, env: dict[str, str] | None = None,
-            say: Callable[[str], None] = lambda _m: None) -> Deployment:
-    """Firmware, bootstrap (trusting `anchor`, default: the workload's own root) and workload."""
+            say: Callable[[str], None] = lambda _m: None, arch: str = "x86_64") -> Deployment:
+    """Firmware, bootstrap (trusting `anchor`, default: the workload's own root) and workload, for
+    `arch`. arm64 devices boot UEFI only: the (x86_64) firmware is built for the Deployment but is
+    no reference of an arm64 workload, whose only stage below is its arm64 bootstrap."""
     work.mkdir(parents=True, exist_ok=True)
     store = work / "store"
+    flow = flow_for_arch(flow, arch)
     check_flow(flow)
-    wl_flow = _copy_flow(flow.parent, work / "workload")
+    wl_flow = _copy_flow(flow.parent, work / "workload", flow.name)
     wl_doc = yaml.safe_load(wl_flow.read_text())
     fw = build(_copy_flow(FIRMWARE_FLOW.parent, work / "firmware"), store, env=env, say=say)
-    bs = bootstrap_for(anchor or _root_of(wl_flow.parent, wl_doc), work, env=env, say=say)
-    refs = {"firmware": fw.measurements["firmware"], "bootstrap": bs.measurements["bootstrap"]}
+    bs = bootstrap_for(anchor or _root_of(wl_flow.parent, wl_doc), work, env=env, say=say, arch=arch)
+    refs = {"bootstrap": bs.measurements["bootstrap"]}
+    if arch == "x86_64":
+        refs["firmware"] = fw.measurements["firmware"]
     wl = build(wl_flow, store, references=refs, env=env, say=say)
     return Deployment(work, store, wl_flow.parent, wl_doc, fw, bs, wl,
-                      [wl_flow.parent / k for k in wl_doc["trust"]["keys"]])
+                      [wl_flow.parent / k for k in wl_doc["trust"]["keys"]], arch)
 
 
 def prepare_manifest(mcid: CID, store: Path, work: Path, *, signer_keys: list[Path] | None = None,
@@ -232,6 +259,9 @@ def rebuild_workload(dep: Deployment, *, version: int | None = None, sign_with: 
             shutil.copy(key, variant / "keys" / f"other-{i}.pem")
             names.append(f"keys/other-{i}.pem")
         doc["trust"] = {**doc["trust"], "keys": names, "threshold": 1}
-    (variant / "flow.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    refs = {"firmware": dep.firmware.measurements["firmware"], "bootstrap": dep.bootstrap.measurements["bootstrap"]}
-    return build(variant / "flow.yaml", dep.store, references=refs, env=env)
+    name = "flow.yaml" if dep.arch == "x86_64" else f"flow-{DEBIAN_ARCH[dep.arch]}.yaml"  # its lock: flow{,-arm64}.lock
+    (variant / name).write_text(yaml.safe_dump(doc, sort_keys=False))
+    refs = {"bootstrap": dep.bootstrap.measurements["bootstrap"]}
+    if dep.arch == "x86_64":
+        refs["firmware"] = dep.firmware.measurements["firmware"]
+    return build(variant / name, dep.store, references=refs, env=env)

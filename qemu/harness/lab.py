@@ -175,6 +175,9 @@ class Lab:
         name = state.name
         fw_cfg: dict[str, Path] = {}
         dice = kind == "dice"
+        arch = self.dep.arch
+        if arch != "x86_64" and not kind.startswith("uefi"):
+            raise GuestError(f"firmware {kind!r} is x86_64 only; {arch} devices boot uefi-pxe or uefi-http (AAVMF)")
         if dice:
             fw = self.dep.firmware
             fw_cfg[dice_engine.FW_CFG_NAME] = dice_engine.provision(state, fw.kernel.read_bytes(), fw.initrd.read_bytes())
@@ -183,7 +186,7 @@ class Lab:
                          append=str(self.dep.firmware.result.get("cmdline") or "console=ttyS0 quiet panic=-1 no_timer_check"),
                          fw_cfg=fw_cfg, tap=self.net.taps[i], mac=device_mac(i), network_boot=not dice,
                          disk=state.nvram, accel=accel, firmware="uefi" if kind.startswith("uefi") else "bios",
-                         uefi_http=kind == "uefi-http")
+                         uefi_http=kind == "uefi-http", arch=arch)
         dev = Device(i, name, role, state, Guest(spec, state.dir / "run", self.net), kind)
         if self.tpm:
             from qemu.harness import tpm
@@ -313,7 +316,7 @@ class Lab:
             flow_results = self.results(dev)
             devices.append({
                 "name": dev.name, "role": dev.role, "mac": dev.guest.spec.mac, "boot": _boot_kind(dev),
-                "firmware": dev.firmware, "arch": "x86_64",
+                "firmware": dev.firmware, "arch": dev.guest.spec.arch,
                 "outcome": dev.outcome, "reason": dev.reason, "url": dev.url,
                 "appraisal": {"status": appraisal.get("status"), "reasons": [
                     f"{c.get('status')}: {c.get('check')}: {c.get('reason')}" for c in appraisal.get("checks", [])]

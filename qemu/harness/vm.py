@@ -30,6 +30,15 @@ from cidboot.errors import CidbootError
 from qemu.harness.netns import BootNetwork
 
 QEMU = "qemu-system-x86_64"
+ARCHES = ("x86_64", "arm64")
+# arm64: QEMU's `virt` machine (Debian's qemu-system-arm) with AAVMF, Debian's qemu-efi-aarch64
+# (EDK2's ArmVirtQemu: the same network stack as OVMF, VirtioNetDxe + PXE + HTTP Boot)
+QEMU_ARM64 = "qemu-system-aarch64"
+AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")
+AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
+# `-cpu max` under TCG with the cheap QEMU-defined pointer-authentication algorithm: the
+# architected one (QARMA) costs a large share of TCG's time in a pointer-authenticating kernel
+ARM64_TCG_CPU = "max,pauth-impdef=on"
 # firmware="uefi": Debian's ovmf (x86_64, no Secure Boot enforcement); the code is read-only, the
 # variable store a per-guest copy of the template (a guest may write boot entries into it)
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
@@ -75,9 +84,23 @@ class GuestSpec:
     # A TPM 2.0: the control socket of an swtpm started with `--ctrl type=unixio,path=...` (QEMU's
     # emulator backend passes it the data channel); a tpm-tis device, which OVMF finds and measures into
     tpm: Path | None = None
+    arch: str = "x86_64"  # one of ARCHES; arm64 is UEFI only (AAVMF on `-machine virt`)
+
+    def firmware_files(self) -> tuple[Path, Path, str]:
+        """(code, variables template, Debian package) of the UEFI firmware for this arch."""
+        if self.arch == "arm64":
+            return AAVMF_CODE, AAVMF_VARS, "qemu-efi-aarch64"
+        return OVMF_CODE, OVMF_VARS, "ovmf"
 
     def argv(self, qmp_socket: Path) -> list[str]:
-        a = [QEMU, "-machine", "q35", "-accel", self.accel, "-m", str(self.memory_mib), "-smp", "1",
+        if self.arch not in ARCHES:
+            raise GuestError(f"{self.name}: arch {self.arch!r} is not one of {', '.join(ARCHES)}")
+        arm64 = self.arch == "arm64"
+        if arm64 and (self.firmware != "uefi" or self.kernel is not None or self.tpm is not None):
+            raise GuestError(f"{self.name}: arm64 guests boot AAVMF (firmware uefi) from the network or a disk: "
+                             "no -kernel, no BIOS, no tpm-tis")
+        a = [QEMU_ARM64 if arm64 else QEMU, "-machine", "virt" if arm64 else "q35", "-accel", self.accel,
+             "-m", str(self.memory_mib), "-smp", "1",
              "-nographic", "-serial", "stdio", "-monitor", "none", "-S",
              "-qmp", f"unix:{qmp_socket},server=on,wait=off", "-name", self.name]
         if self.no_reboot:
@@ -88,9 +111,9 @@ class GuestSpec:
         if uefi:
             if self.uefi_vars is None:
                 raise GuestError(f"{self.name}: firmware uefi needs its OVMF_VARS copy (uefi_vars)")
-            a += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            a += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={self.firmware_files()[0]}",
                   "-drive", f"if=pflash,format=raw,unit=1,file={self.uefi_vars}"]
-        cpu = self.cpu or ("host" if self.accel == "kvm" else None)
+        cpu = self.cpu or ("host" if self.accel == "kvm" else ARM64_TCG_CPU if arm64 else None)
         if cpu:
             a += ["-cpu", cpu]
         if self.kernel is not None:
@@ -214,15 +237,16 @@ class Guest:
                nic: tuple[str, str] | None = None, boot_from_network: bool = False, disk: Path | None = None,
                memory_mib: int = 1024, accel: str = "tcg", cpu: str | None = None, no_reboot: bool = True,
                net: BootNetwork | None = None, firmware: str = "bios", user_tftp: Path | None = None,
-               bootfile: str | None = None, tpm: Path | None = None) -> Guest:
+               bootfile: str | None = None, tpm: Path | None = None, arch: str = "x86_64") -> Guest:
         """Keyword form: `nic` is (tap ifname, MAC); with `net` QEMU runs inside that namespace;
         `firmware` "bios" or "uefi" (OVMF); `user_tftp` + `bootfile`: a user-mode NIC whose
         DHCP offers `bootfile` from QEMU's TFTP server serving that directory; `tpm`: an swtpm's
-        control socket, exposed as a tpm-tis TPM 2.0."""
+        control socket, exposed as a tpm-tis TPM 2.0; `arch` "arm64": AAVMF on `-machine virt`."""
         spec = GuestSpec(name, kernel=kernel, initrd=initrd, append=append, fw_cfg=dict(fw_cfg or {}),
                          tap=nic[0] if nic else None, mac=nic[1] if nic else GuestSpec.mac,
                          network_boot=boot_from_network, disk=disk, memory_mib=memory_mib, accel=accel, cpu=cpu,
-                         no_reboot=no_reboot, firmware=firmware, user_tftp=user_tftp, bootfile=bootfile, tpm=tpm)
+                         no_reboot=no_reboot, firmware=firmware, user_tftp=user_tftp, bootfile=bootfile, tpm=tpm,
+                         arch=arch)
         return cls(spec, state_dir, net)
 
     def __init__(self, spec: GuestSpec, state_dir: Path, net: BootNetwork | None = None) -> None:
@@ -242,10 +266,11 @@ class Guest:
         """Start QEMU paused, connect QMP, then power on (`cont`)."""
         self.qmp_socket.unlink(missing_ok=True)
         if self.spec.firmware == "uefi" and self.spec.uefi_vars is None:
-            if not OVMF_CODE.is_file() or not OVMF_VARS.is_file():
-                raise GuestError(f"{self.spec.name}: {OVMF_CODE} / {OVMF_VARS} missing: install Debian's ovmf package")
-            self.spec.uefi_vars = self.dir / "OVMF_VARS.fd"
-            shutil.copyfile(OVMF_VARS, self.spec.uefi_vars)  # fresh variables: every boot starts from power-on state
+            code, template, package = self.spec.firmware_files()
+            if not code.is_file() or not template.is_file():
+                raise GuestError(f"{self.spec.name}: {code} / {template} missing: install Debian's {package} package")
+            self.spec.uefi_vars = self.dir / template.name
+            shutil.copyfile(template, self.spec.uefi_vars)  # fresh variables: every boot starts from power-on state
         argv = self.spec.argv(self.qmp_socket)
         (self.dir / "qemu.argv.json").write_text(json.dumps(argv) + "\n")
         cmd: Sequence[str] = self.net.cmd(argv) if self.net else argv

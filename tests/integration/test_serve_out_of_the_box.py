@@ -1,8 +1,8 @@
 """`bootstrap serve` out of the box (issue 14): started with nothing but --interface --dhcp-range
 --store --manifest, it builds the bootstrap for the manifest's root (bootstrap.bootfiles) and
 offers every client architecture its boot file: a scapy DISCOVER per RFC 4578 arch gets an
-offer whose file then downloads (TFTP or HTTP) byte-identical to what imagebuilder built; arm64
-(no image yet) and an unknown arch get no offer and a log line. A client on another subnet gets
+offer whose file then downloads (TFTP or HTTP) byte-identical to what imagebuilder built (the
+x86_64 UKI for 7, 9 and 16, the arm64 UKI for 11 and 19); an unknown arch gets no offer and a log line. A client on another subnet gets
 a lease from that subnet's range through a real DHCP relay (dnsmasq --dhcp-relay) in a second
 namespace. Unknown files: TFTP error / HTTP 404, and the server keeps serving."""
 
@@ -82,10 +82,15 @@ def test_serve_with_only_a_manifest_offers_every_arch_a_byte_identical_boot_file
             line = proc.stdout.readline()
             assert "serving on br0" in line, log.read_text()[-3000:]
             print(f"\nserver up (bootstrap built for the manifest's root) in {time.monotonic() - t0:.1f} s")
-            [entry] = [d for d in cache.iterdir() if not d.name.startswith(".")]
+            entries = {json.loads((d / "built.json").read_text()).get("arch", "x86_64"): d
+                       for d in cache.iterdir() if not d.name.startswith(".")}
+            assert sorted(entries) == ["arm64", "x86_64"]
+            entry = entries["x86_64"]
             built = json.loads((entry / "built.json").read_text())
             uki = (entry / built["uki"]["x86_64"]).read_bytes()
             assert built["result"]["uki"]["size"] == len(uki)
+            uki_arm64 = (entries["arm64"] / "uki" / "bootstrap-arm64.efi").read_bytes()
+            assert uki_arm64[:2] == b"MZ" and uki_arm64 != uki
             client = net.add_host()
             run = subprocess.run(net.host_cmd(client, [sys.executable, "-c", SCAPY_CLIENT]), capture_output=True,
                                  text=True, timeout=180, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -95,11 +100,13 @@ def test_serve_with_only_a_manifest_offers_every_arch_a_byte_identical_boot_file
             assert offers["0"]["file"] == "undionly.kpxe"
             assert offers["7"]["file"] == offers["9"]["file"] == "bootstrap-x86_64.efi"
             assert offers["16"]["file"] == http and offers["16"]["vendor"] == "HTTPClient"
+            http_arm64 = "http://10.77.0.1:8080/boot/bootstrap-arm64.efi"
+            assert offers["11"]["file"] == "bootstrap-arm64.efi"
+            assert offers["19"]["file"] == http_arm64 and offers["19"]["vendor"] == "HTTPClient"
             assert all(offers[a]["type"] == "OFFER" and offers[a]["yiaddr"].startswith("10.77.0.1")
-                       for a in ("0", "7", "9", "16"))
-            assert offers["11"] is None and offers["19"] is None and offers[str(0x1234)] is None
+                       for a in ("0", "7", "9", "11", "16", "19"))
+            assert offers[str(0x1234)] is None
             text = log.read_text()
-            assert "arm64 images are not built yet" in text
             assert "client architecture 0x1234" in text
             # the files, downloaded by a host with an address, are what imagebuilder built
             other = net.add_host("10.77.0.210")
@@ -111,6 +118,7 @@ def test_serve_with_only_a_manifest_offers_every_arch_a_byte_identical_boot_file
             assert get("tftp://10.77.0.1/undionly.kpxe").stdout == Path("/usr/lib/ipxe/undionly.kpxe").read_bytes()
             assert get("tftp://10.77.0.1/bootstrap-x86_64.efi").stdout == uki
             assert get(http).stdout == uki
+            assert get(http_arm64).stdout == uki_arm64
             assert get("tftp://10.77.0.1/bootstrap/vmlinuz").stdout == (entry / built["kernel"]).read_bytes()
             # bad input: precise errors, and the server keeps serving
             assert get("tftp://10.77.0.1/no-such-file.efi").returncode != 0

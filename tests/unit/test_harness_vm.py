@@ -12,7 +12,7 @@ import pytest
 from imagebuilder.debpkg import read_deb
 from imagebuilder.lock import Lock, fetch_deb
 from qemu.harness import accel, timeline
-from qemu.harness.vm import ConsoleLine, Guest, GuestSpec
+from qemu.harness.vm import ConsoleLine, Guest, GuestError, GuestSpec
 
 REPO = Path(__file__).resolve().parents[2]
 KERNEL_PKG = "linux-image-cloud-amd64"
@@ -81,3 +81,25 @@ def test_timeline_from_console_markers() -> None:
                                  ConsoleLine(9.0, "cidboot-stage: bootstrap handover manifest=bafyabc"),
                                  ConsoleLine(12.0, "cidboot-stage: agent ready url=http://x:8000")])
     assert unmeasured.stage_seconds() == {"bootstrap": 9.0, "image": 3.0}
+
+
+def test_arm64_guest_boots_aavmf_on_virt_under_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = GuestSpec("a", firmware="uefi", uefi_vars=Path("/s/AAVMF_VARS.fd"), tap="tap0", network_boot=True,
+                     uefi_http=True, disk=Path("/nv.img"), arch="arm64")
+    argv = spec.argv(Path("/s/qmp.sock"))
+    joined = " ".join(argv)
+    assert argv[0] == "qemu-system-aarch64" and argv[argv.index("-machine") + 1] == "virt"
+    assert argv[argv.index("-cpu") + 1] == "max,pauth-impdef=on"
+    assert "file=/usr/share/AAVMF/AAVMF_CODE.fd" in joined and "unit=1,file=/s/AAVMF_VARS.fd" in joined
+    assert "OVMF" not in joined and "virtio-net-pci,netdev=n0" in joined and ",romfile=,bootindex=0" in joined
+    assert spec.firmware_files()[2] == "qemu-efi-aarch64"
+    for bad in (GuestSpec("b", arch="arm64"), GuestSpec("b", firmware="uefi", uefi_vars=Path("/v"), arch="arm64",
+                                                        kernel=Path("/k")), GuestSpec("b", arch="riscv64")):
+        with pytest.raises(GuestError, match="arm64 guests boot AAVMF|not one of"):
+            bad.argv(Path("/s"))
+    monkeypatch.setattr(accel.platform, "machine", lambda: "x86_64")
+    monkeypatch.setenv("CIDBOOT_ACCEL", "auto")
+    assert accel.choose(None, "arm64") == "tcg"
+    monkeypatch.setenv("CIDBOOT_ACCEL", "kvm")
+    with pytest.raises(ValueError, match="cannot run an arm64 guest"):
+        accel.choose(None, "arm64")

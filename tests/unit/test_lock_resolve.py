@@ -257,7 +257,7 @@ def hello_copy(apt: FakeApt, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         apt.add(name, m["version"], f"{m['resolves_to']} (= {doc['debs'][m['resolves_to']]['version']})")
         m["sha256"], m["size"] = apt.sha(name, m["version"]), len(apt.pkgs[(name, m["version"])][0])
     (d / "flow.lock").write_text(json.dumps(doc))
-    monkeypatch.setattr(lockmod, "fetch_wheel", lambda pin, hint: Path(pin.filename))
+    monkeypatch.setattr(lockmod, "fetch_wheel", lambda pin, hint, arch="amd64": Path(pin.filename))
     return d / "flow.yaml"
 
 

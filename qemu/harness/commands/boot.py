@@ -50,6 +50,10 @@ def add_boot_args(p: argparse.ArgumentParser) -> None:
                    help="give each device a TPM 2.0 (swtpm, kept under its device dir; needs --firmware uefi-pxe or "
                         "uefi-http): the boot is TPM-measured. A device's first boot is the factory's known-good "
                         "boot: its firmware PCRs become the enrolled baseline (docs/tpm.md)")
+    p.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
+                   help="device architecture (default x86_64). arm64 builds the flow's arm64 twin "
+                        "(flow-arm64.yaml beside it) and boots AAVMF on qemu-system-aarch64 -machine virt "
+                        "(TCG) with --firmware uefi-pxe or uefi-http (default uefi-http)")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for every agent (default 600)")
     p.add_argument("--cluster", type=int, default=0, metavar="K",
                    help="start K Kubo + IPFS Cluster peers in the lab (CRDT, private secret and swarm key, no public "
@@ -106,7 +110,7 @@ def _boot(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     cluster, servers, replication = scale_out(args)
     if Path(args.flow).is_file():
         say(f"building firmware, bootstrap and {args.flow} (cached layers are reused)")
-        dep: Deployment = prepare(Path(args.flow), out / "work", say=say)
+        dep: Deployment = prepare(Path(args.flow), out / "work", say=say, arch=getattr(args, "arch", "x86_64"))
     else:
         try:
             mcid = CID.parse(args.flow)
@@ -114,17 +118,21 @@ def _boot(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             raise CidbootError(f"{args.flow}: neither a flow file nor a manifest CID") from None
         if args.store is None:
             raise CidbootError("booting a manifest CID needs --store (the block store that holds it)")
+        if getattr(args, "arch", "x86_64") != "x86_64":
+            raise CidbootError("--arch arm64 boots a flow file (its flow-arm64.yaml), not a manifest CID")
         say(f"building firmware and a bootstrap that trusts manifest {mcid}'s root")
         dep = prepare_manifest(mcid, args.store.resolve(), out / "work", signer_keys=args.keys, say=say)
     roles = dep.roles
     n = args.devices or len(roles)
     device_roles = [roles[i % len(roles)] for i in range(n)]
     say(f"manifest {dep.workload.manifest}; {n} device(s): {', '.join(device_roles)}")
-    mode = accel.choose(dep.firmware.kernel)
-    firmware = args.firmware or ("bios-ipxe" if args.legacy else "dice")
+    mode = accel.choose(dep.firmware.kernel if dep.arch == "x86_64" else None, dep.arch)
+    firmware = args.firmware or ("bios-ipxe" if args.legacy else "dice" if dep.arch == "x86_64" else "uefi-http")
     tpm = bool(getattr(args, "tpm", False))
     if tpm and not firmware.startswith("uefi"):
         raise CidbootError("--tpm needs --firmware uefi-pxe or uefi-http (UEFI measures the boot into the TPM)")
+    if tpm and dep.arch != "x86_64":
+        raise CidbootError("--tpm is x86_64 only for now (the arm64 virt machine gets no tpm-tis-device yet)")
     if cluster:
         say(f"lab: {cluster} cluster peers, {servers} boot server(s) with empty stores and --upstream")
     with lab(dep, out / "lab", device_roles, cluster=cluster, boot_servers=servers, replication=replication,
@@ -141,6 +149,7 @@ def _boot(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         report = lb.report(allow_unmeasured=False)
     report["accel"] = mode
     report["firmware"] = firmware
+    report["arch"] = dep.arch
     return report
 
 
