@@ -408,6 +408,51 @@ class TftpServer:
                 self._timed_out(timeouts, ch.peer)
                 ch.send(pkt)
 
+    def _spend(self, ch: _Channel, budget: int) -> int:
+        """Count one re-sent block against the transfer's budget; spent, the transfer ends with an ERROR."""
+        budget -= 1
+        if budget < 0:
+            self.metrics.inc("tftp_errors_total", code="retransmit_budget")
+            ch.send(tftp.error(ERR_UNDEFINED, "too many retransmissions"))
+            raise _GiveUp("retransmission budget spent")
+        self.metrics.inc("tftp_retransmitted_blocks_total")
+        return budget
+
+    def _send_lockstep(self, ch: _Channel, src: _Source, bs: int, budget: int) -> int:
+        """`_send_file` for a window of one block (RFC 1350 lock-step: every PXE ROM, and what
+        tftpd-hpa does), with the same rules, in a loop short enough that between an ACK and the
+        next DATA there is one recv, two compares and one send: the next packet is built while
+        the client works on this one."""
+        send, recv_ack, timeout = ch.send, ch.recv_ack, ch.timeout
+        n, timeouts, dup_resends = 1, 0, 0
+        data = src.block(1, bs)
+        pkt = _DATA_HEADER(tftp.DATA, 1) + data
+        nxt, nxt_pkt = b"", b""
+        while True:
+            send(pkt)
+            final = len(data) < bs
+            if not final:
+                nxt = src.block(n + 1, bs)
+                nxt_pkt = _DATA_HEADER(tftp.DATA, (n + 1) & 0xFFFF) + nxt
+            deadline = time.monotonic() + timeout  # ignored ACKs do not move it
+            want, prev = n & 0xFFFF, (n - 1) & 0xFFFF
+            while True:
+                acked = recv_ack(deadline)
+                if acked == want or acked is None or (acked == prev and dup_resends < MAX_DUP_RESENDS):
+                    break
+                # a stray ACK, or a duplicate beyond the early resends: ignored, the timeout decides
+            if acked == want:
+                if final:
+                    return (n - 1) * bs + len(data)
+                n, data, pkt, timeouts, dup_resends = n + 1, nxt, nxt_pkt, 0, 0
+                continue
+            if acked is None:
+                timeouts += 1
+                self._timed_out(timeouts, ch.peer)
+            else:
+                dup_resends += 1  # the client lost this block: resend it early
+            budget = self._spend(ch, budget)
+
     def _send_file(self, ch: _Channel, src: _Source, opts: TransferOptions) -> int:
         """Send the file in windows (RFC 7440); return the bytes sent (without retransmissions).
 
@@ -418,6 +463,8 @@ class TftpServer:
         bs, win, send, recv_ack = opts.blksize, opts.windowsize, ch.send, ch.recv_ack
         nblocks = src.size // bs + 1
         budget = self.resend_factor * nblocks + self.retries * win  # re-sent blocks this transfer may spend
+        if win == 1:
+            return self._send_lockstep(ch, src, bs, budget)
         base, highest, timeouts, dup_resends = 1, 0, 0, 0
         ahead, ahead_data, ahead_pkt = 0, b"", b""  # the next window's first block, built while the client works
         while True:
@@ -430,12 +477,7 @@ class TftpServer:
                     data = src.block(n, bs)
                     pkt = _DATA_HEADER(tftp.DATA, n & 0xFFFF) + data
                 if n <= highest:
-                    budget -= 1
-                    if budget < 0:
-                        self.metrics.inc("tftp_errors_total", code="retransmit_budget")
-                        send(tftp.error(ERR_UNDEFINED, "too many retransmissions"))
-                        raise _GiveUp("retransmission budget spent")
-                    self.metrics.inc("tftp_retransmitted_blocks_total")
+                    budget = self._spend(ch, budget)
                 else:
                     highest = n
                 send(pkt)
