@@ -4,7 +4,10 @@ timeout (2349) and windowsize (7440).
 Packets are read and written by cidboot.netboot.tftp, the one strict TFTP codec (the guests' client
 uses it too; tftpy's encoder, used here before, could not encode an ERROR with code 0 and once
 killed the server on its first "server busy"). Each transfer runs on its own socket
-(its TID) and thread, so one slow or hostile client never holds up the others. Paths are
+(its TID, connected to the client) and thread, so one slow or hostile client never holds up the
+others. Lock-step transfers (no windowsize, what PXE ROMs do) are paced by the server's work
+between an ACK and the next DATA, so that is kept to a recv, a compare and a send (`_Channel`,
+`_send_lockstep`). Paths are
 confined to the root after resolving symlinks; `..`, writes and unknown opcodes are refused
 with a TFTP error packet and logged.
 
@@ -14,7 +17,7 @@ Every resource a client can ask for is bounded (docs/boot-server.md, "Limits"):
 - the timeout option: values above `max_timeout` are declined (left out of the OACK, RFC 2347),
   so a client cannot make a stalled transfer hold its slot for 255 s x retries;
 - windowsize: negotiated down to `max_window` blocks and 1 MiB in the OACK (RFC 7440 allows it);
-  blocks are read from the file when sent, never a window held in memory;
+  blocks are cut from a bounded read buffer (READ_CHUNK) when sent, never a window held in memory;
 - retransmissions: a stalled client gets `retries` timeouts; duplicate ACKs (the client's "I
   lost the next block") make at most 2 early resends until the transfer progresses,
   later ones are ignored (Sorcerer's Apprentice, RFC 1123 4.2.3.1); and every transfer has a
