@@ -79,8 +79,8 @@ def main() -> int:
                         if digest != want:
                             raise SystemExit(f"{label} bs={bs} win={win}: wrong bytes")
                         best[label] = min(best[label], float(secs))
-                for label, secs in best.items():
-                    row[f"{label}_MiB_s"] = args.size_mib / secs
+                for label, best_secs in best.items():
+                    row[f"{label}_MiB_s"] = args.size_mib / best_secs
                 row["ours/hpa"] = float(row["ours_MiB_s"]) / float(row["tftpd-hpa_MiB_s"])  # type: ignore[arg-type]
                 if args.baseline:
                     row["baseline/hpa"] = float(row["baseline_MiB_s"]) / float(row["tftpd-hpa_MiB_s"])  # type: ignore[arg-type]

@@ -169,7 +169,12 @@ def test_group_commit_one_fsync_for_a_batch_of_bindings(tmp_path: Path, monkeypa
     _bind(db)  # creates the journal
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     for i in range(3):
         m = f"52:54:00:00:00:0{i + 1}"
         ip = db.offer(m)
