@@ -66,6 +66,7 @@ MAX_DUP_RESENDS = 2  # early resends on duplicate ACKs until the transfer progre
 MAX_PER_CLIENT = 8  # concurrent transfers per client address (a PXE client needs one)
 READ_CHUNK = 64 * 1024  # bytes a file transfer reads per syscall (its blocks are sliced from it)
 _DATA_HEADER = struct.Struct(">HH").pack  # opcode, block number
+RECV_MAX = 2048  # what a transfer reads of a client datagram: an ACK is 4 bytes, an ERROR a few dozen (longer: cut, ignored)
 WAIT_SLACK = 0.01  # seconds an ACK wait may overrun its deadline before the receive timeout is shortened
 
 # A file source for generated content (per-device boot configs) or for boot files kept outside the
@@ -179,6 +180,7 @@ class _Channel:
         sock.settimeout(None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))  # a full send buffer ends the transfer
         self.send = sock.send
+        self._buf = bytearray(RECV_MAX)
         self._wait = 0.0
         self._set_wait(timeout)
 
@@ -193,7 +195,7 @@ class _Channel:
         ever firing (it did: a 20%-loss transfer stalled until the client gave up). An ERROR from
         the client ends the transfer; anything else is ignored."""
         end = time.monotonic() + self.timeout if deadline is None else deadline
-        recv = self.sock.recv
+        recv_into, buf = self.sock.recv_into, self._buf
         while True:
             left = end - time.monotonic()
             if left <= 0:
@@ -201,7 +203,7 @@ class _Channel:
             if self._wait > left + WAIT_SLACK:
                 self._set_wait(left)
             try:
-                data = recv(65536)
+                n = recv_into(buf)  # no 64 KiB buffer allocated (and shrunk) per ACK
             except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO ran out (EAGAIN)
                 left = end - time.monotonic()
                 if left <= 0:
@@ -210,10 +212,10 @@ class _Channel:
                 continue
             except ConnectionRefusedError:  # ICMP port unreachable: the client is gone
                 raise _GiveUp("the client's port is closed (ICMP port unreachable)") from None
-            if len(data) == 4 and data[1] == tftp.ACK and data[0] == 0:
-                return (data[2] << 8) | data[3]  # the common case, without building a packet object
+            if n == 4 and buf[1] == tftp.ACK and buf[0] == 0:
+                return (buf[2] << 8) | buf[3]  # the common case, without building a packet object
             try:
-                pkt = tftp.parse(data)
+                pkt = tftp.parse(bytes(buf[:n]))
             except TftpFormatError:
                 continue
             if isinstance(pkt, tftp.Ack):
