@@ -153,8 +153,11 @@ class LeaseJournal:
 
     def due(self, live: int) -> bool:
         """Whether the next write must be a compaction: no journal opened yet (start, or the file
-        was moved aside), a failed write, or more appended records than the bound."""
-        return self._fd is None or self.broken or self._appended >= max(COMPACT_MIN, 2 * live)
+        was moved aside), a failed write, more appended records than the bound, or our file was
+        replaced under us (another LeaseDB on the same path compacted it on its start: appending
+        to the unlinked old file would lose the record)."""
+        return self._fd is None or self.broken or self._appended >= max(COMPACT_MIN, 2 * live) \
+            or os.fstat(self._fd).st_nlink == 0
 
     def append(self, rec: Record) -> None:
         assert self._fd is not None, "compact() opens the journal"
