@@ -107,7 +107,10 @@ DhcpServer(DhcpConfig("br0", {ip!r}, netmask="255.255.0.0", leases=leases), Metr
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         return client_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
-    args = parse_args(__doc__ or "", [("--clients", {"type": int, "default": 2000}), ("--inflight", {"type": int, "default": 64})])
+    args = parse_args(__doc__ or "", [
+        ("--clients", {"type": int, "default": 2000}), ("--inflight", {"type": int, "default": 64}),
+        ("--baseline", {"metavar": "DIR", "help": "also run the server of another checkout (e.g. main) with its lease "
+                                                  "file in the same run: before/after figures"})])
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as d, boot_network(prefixlen=16, taps=0) as net:
         work = Path(d)
@@ -121,10 +124,12 @@ def main() -> int:
                         f"--dhcp-leasefile={work / 'dnsmasq.leases'}", "--no-ping", "--dhcp-authoritative",
                         f"--pid-file={work / 'dnsmasq.pid'}", "--user=root", "--log-facility=/dev/null"],
         }
+        if args.baseline:
+            servers["baseline (lease file)"] = servers["ours (lease file)"]
         for label, argv in servers.items():
             for f in ("leases.json", "dnsmasq.leases"):
                 (work / f).unlink(missing_ok=True)
-            proc = net.popen(argv, cwd=os.getcwd())
+            proc = net.popen(argv, cwd=os.path.abspath(args.baseline) if label.startswith("baseline") else os.getcwd())
             try:
                 time.sleep(1.5)
                 if proc.poll() is not None:
@@ -147,7 +152,7 @@ def main() -> int:
         rows.append({"server": label, "exchanges": int(r["done"]), "failed": int(r["failed"]), "retries": int(r["retries"]), "naks": int(r["naks"]),
                      "seconds": r["seconds"], "exchanges_s": rate, "vs_dnsmasq": rate / ref_rate})
     write_results(args.out, "bench_dhcp", rows, {
-        "clients": args.clients, "inflight": args.inflight,
+        "clients": args.clients, "inflight": args.inflight, "baseline": args.baseline,
         "reference": "dnsmasq --no-ping --dhcp-authoritative with a lease file, same namespace and load client",
         "note": "our rate limits lifted for this run; the default of 50 new leases/s would cap it"})
     return 0

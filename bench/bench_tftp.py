@@ -21,7 +21,7 @@ from bench.common import parse_args, write_results
 from qemu.harness.netns import boot_network
 
 MIB = 1024 * 1024
-OURS, HPA = 6969, 6970
+OURS, HPA, BASELINE = 6969, 6970, 6971
 CASES = [(512, 1), (1468, 1), (1468, 8), (1468, 32)]
 
 
@@ -39,7 +39,10 @@ def client_main(argv: list[str]) -> int:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         return client_main(sys.argv[2:])
-    args = parse_args(__doc__ or "", [("--size-mib", {"type": int, "default": 16}), ("--repeat", {"type": int, "default": 4})])
+    args = parse_args(__doc__ or "", [
+        ("--size-mib", {"type": int, "default": 16}), ("--repeat", {"type": int, "default": 4}),
+        ("--baseline", {"metavar": "DIR", "help": "also run the server of another checkout (e.g. main) in the same "
+                                                  "alternation: before/after figures from one run"})])
     rows = []
     with tempfile.TemporaryDirectory() as d, boot_network(taps=0) as net:
         root = Path(d) / "root"
@@ -50,18 +53,23 @@ def main() -> int:
         os.chmod(root, 0o755)
         want = hashlib.sha256(blob).hexdigest()
         ip = net.server_ip
-        ours = net.popen([sys.executable, "-c", "import sys; from pathlib import Path; "
-                          "from bootstrap.server.tftp_server import TftpServer; "
-                          f"TftpServer(Path({str(root)!r}), {ip!r}, {OURS}).serve_forever()"], cwd=os.getcwd())
-        hpa = net.popen(["in.tftpd", "-L", "-s", str(root), "-a", f"{ip}:{HPA}"])
+        server_code = ("import sys; from pathlib import Path; from bootstrap.server.tftp_server import TftpServer; "
+                       "TftpServer(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])).serve_forever()")
+        procs = [net.popen([sys.executable, "-c", server_code, str(root), ip, str(OURS)], cwd=os.getcwd()),
+                 net.popen(["in.tftpd", "-L", "-s", str(root), "-a", f"{ip}:{HPA}"])]
+        servers = {"ours": OURS, "tftpd-hpa": HPA}
+        if args.baseline:
+            procs.append(net.popen([sys.executable, "-c", server_code, str(root), ip, str(BASELINE)],
+                                   cwd=os.path.abspath(args.baseline)))
+            servers["baseline"] = BASELINE
         try:
             host = net.add_host("10.77.0.50")
             time.sleep(1.0)
             for bs, win in CASES:
                 row: dict[str, object] = {"blksize": bs, "windowsize": win}
-                best = {"ours": float("inf"), "tftpd-hpa": float("inf")}
+                best = dict.fromkeys(servers, float("inf"))
                 for _ in range(args.repeat):  # alternating, so a burst of load on this shared machine hits both
-                    for label, port in (("ours", OURS), ("tftpd-hpa", HPA)):
+                    for label, port in servers.items():
                         out = subprocess.run(net.host_cmd(host, [sys.executable, "-m", "bench.bench_tftp", "--client", ip,
                                                                  str(port), "bootstrap.img", str(bs), str(win)]),
                                              capture_output=True, text=True, timeout=600)
@@ -71,17 +79,19 @@ def main() -> int:
                         if digest != want:
                             raise SystemExit(f"{label} bs={bs} win={win}: wrong bytes")
                         best[label] = min(best[label], float(secs))
-                for label, secs in best.items():
-                    row[f"{label}_MiB_s"] = args.size_mib / secs
+                for label, best_secs in best.items():
+                    row[f"{label}_MiB_s"] = args.size_mib / best_secs
                 row["ours/hpa"] = float(row["ours_MiB_s"]) / float(row["tftpd-hpa_MiB_s"])  # type: ignore[arg-type]
+                if args.baseline:
+                    row["baseline/hpa"] = float(row["baseline_MiB_s"]) / float(row["tftpd-hpa_MiB_s"])  # type: ignore[arg-type]
                 rows.append(row)
                 print(row, file=sys.stderr, flush=True)
         finally:
-            for p in (ours, hpa):
+            for p in procs:
                 p.terminate()
                 p.wait(10)
     write_results(args.out, "bench_tftp", rows, {
-        "size_mib": args.size_mib, "repeat": args.repeat, "client": "bench/tftp_client.py in a second namespace (veth + bridge)",
+        "size_mib": args.size_mib, "repeat": args.repeat, "baseline": args.baseline, "client": "bench/tftp_client.py in a second namespace (veth + bridge)",
         "reference": "in.tftpd -L -s DIR -a ADDR:PORT (tftpd-hpa) in the same namespace, the two alternating; it has no windowsize, "
                      "so its rows with windowsize > 1 run lock-step (window 1 after its OACK)"})
     return 0

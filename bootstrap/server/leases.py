@@ -26,8 +26,9 @@ import os
 import tempfile
 import threading
 import time
+import weakref
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +144,7 @@ class LeaseJournal:
         self.path = path
         self.broken = False
         self._fd: int | None = None  # open for appending once the file is ours (after a compaction)
+        self._closer: Callable[[], object] | None = None
         self._appended = 0  # records appended since the last compaction
         self._unsynced = False
 
@@ -151,8 +153,11 @@ class LeaseJournal:
 
     def due(self, live: int) -> bool:
         """Whether the next write must be a compaction: no journal opened yet (start, or the file
-        was moved aside), a failed write, or more appended records than the bound."""
-        return self._fd is None or self.broken or self._appended >= max(COMPACT_MIN, 2 * live)
+        was moved aside), a failed write, more appended records than the bound, or our file was
+        replaced under us (another LeaseDB on the same path compacted it on its start: appending
+        to the unlinked old file would lose the record)."""
+        return self._fd is None or self.broken or self._appended >= max(COMPACT_MIN, 2 * live) \
+            or os.fstat(self._fd).st_nlink == 0
 
     def append(self, rec: Record) -> None:
         assert self._fd is not None, "compact() opens the journal"
@@ -188,12 +193,13 @@ class LeaseJournal:
             os.close(dfd)
         self.close()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._closer = weakref.finalize(self, os.close, self._fd)  # a dropped LeaseDB does not leak its fd
         self._appended, self._unsynced, self.broken = 0, False, False
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._closer is not None:
+            self._closer()  # closes the fd once, however often it is called
+        self._fd, self._closer = None, None
 
 
 class LeaseDB:

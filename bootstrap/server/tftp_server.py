@@ -4,7 +4,10 @@ timeout (2349) and windowsize (7440).
 Packets are read and written by cidboot.netboot.tftp, the one strict TFTP codec (the guests' client
 uses it too; tftpy's encoder, used here before, could not encode an ERROR with code 0 and once
 killed the server on its first "server busy"). Each transfer runs on its own socket
-(its TID) and thread, so one slow or hostile client never holds up the others. Paths are
+(its TID, connected to the client) and thread, so one slow or hostile client never holds up the
+others. Lock-step transfers (no windowsize, what PXE ROMs do) are paced by the server's work
+between an ACK and the next DATA, so that is kept to a recv, a compare and a send (`_Channel`,
+`_send_lockstep`). Paths are
 confined to the root after resolving symlinks; `..`, writes and unknown opcodes are refused
 with a TFTP error packet and logged.
 
@@ -14,7 +17,7 @@ Every resource a client can ask for is bounded (docs/boot-server.md, "Limits"):
 - the timeout option: values above `max_timeout` are declined (left out of the OACK, RFC 2347),
   so a client cannot make a stalled transfer hold its slot for 255 s x retries;
 - windowsize: negotiated down to `max_window` blocks and 1 MiB in the OACK (RFC 7440 allows it);
-  blocks are read from the file when sent, never a window held in memory;
+  blocks are cut from a bounded read buffer (READ_CHUNK) when sent, never a window held in memory;
 - retransmissions: a stalled client gets `retries` timeouts; duplicate ACKs (the client's "I
   lost the next block") make at most 2 early resends until the transfer progresses,
   later ones are ignored (Sorcerer's Apprentice, RFC 1123 4.2.3.1); and every transfer has a
@@ -63,6 +66,7 @@ MAX_DUP_RESENDS = 2  # early resends on duplicate ACKs until the transfer progre
 MAX_PER_CLIENT = 8  # concurrent transfers per client address (a PXE client needs one)
 READ_CHUNK = 64 * 1024  # bytes a file transfer reads per syscall (its blocks are sliced from it)
 _DATA_HEADER = struct.Struct(">HH").pack  # opcode, block number
+RECV_MAX = 2048  # what a transfer reads of a client datagram: an ACK is 4 bytes, an ERROR a few dozen (longer: cut, ignored)
 WAIT_SLACK = 0.01  # seconds an ACK wait may overrun its deadline before the receive timeout is shortened
 
 # A file source for generated content (per-device boot configs) or for boot files kept outside the
@@ -176,6 +180,7 @@ class _Channel:
         sock.settimeout(None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))  # a full send buffer ends the transfer
         self.send = sock.send
+        self._buf = bytearray(RECV_MAX)
         self._wait = 0.0
         self._set_wait(timeout)
 
@@ -190,7 +195,7 @@ class _Channel:
         ever firing (it did: a 20%-loss transfer stalled until the client gave up). An ERROR from
         the client ends the transfer; anything else is ignored."""
         end = time.monotonic() + self.timeout if deadline is None else deadline
-        recv = self.sock.recv
+        recv_into, buf = self.sock.recv_into, self._buf
         while True:
             left = end - time.monotonic()
             if left <= 0:
@@ -198,7 +203,7 @@ class _Channel:
             if self._wait > left + WAIT_SLACK:
                 self._set_wait(left)
             try:
-                data = recv(65536)
+                n = recv_into(buf)  # no 64 KiB buffer allocated (and shrunk) per ACK
             except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO ran out (EAGAIN)
                 left = end - time.monotonic()
                 if left <= 0:
@@ -207,10 +212,10 @@ class _Channel:
                 continue
             except ConnectionRefusedError:  # ICMP port unreachable: the client is gone
                 raise _GiveUp("the client's port is closed (ICMP port unreachable)") from None
-            if len(data) == 4 and data[1] == tftp.ACK and data[0] == 0:
-                return (data[2] << 8) | data[3]  # the common case, without building a packet object
+            if n == 4 and buf[1] == tftp.ACK and buf[0] == 0:
+                return (buf[2] << 8) | buf[3]  # the common case, without building a packet object
             try:
-                pkt = tftp.parse(data)
+                pkt = tftp.parse(bytes(buf[:n]))
             except TftpFormatError:
                 continue
             if isinstance(pkt, tftp.Ack):
@@ -408,6 +413,51 @@ class TftpServer:
                 self._timed_out(timeouts, ch.peer)
                 ch.send(pkt)
 
+    def _spend(self, ch: _Channel, budget: int) -> int:
+        """Count one re-sent block against the transfer's budget; spent, the transfer ends with an ERROR."""
+        budget -= 1
+        if budget < 0:
+            self.metrics.inc("tftp_errors_total", code="retransmit_budget")
+            ch.send(tftp.error(ERR_UNDEFINED, "too many retransmissions"))
+            raise _GiveUp("retransmission budget spent")
+        self.metrics.inc("tftp_retransmitted_blocks_total")
+        return budget
+
+    def _send_lockstep(self, ch: _Channel, src: _Source, bs: int, budget: int) -> int:
+        """`_send_file` for a window of one block (RFC 1350 lock-step: every PXE ROM, and what
+        tftpd-hpa does), with the same rules, in a loop short enough that between an ACK and the
+        next DATA there is one recv, two compares and one send: the next packet is built while
+        the client works on this one."""
+        send, recv_ack, timeout = ch.send, ch.recv_ack, ch.timeout
+        n, timeouts, dup_resends = 1, 0, 0
+        data = src.block(1, bs)
+        pkt = _DATA_HEADER(tftp.DATA, 1) + data
+        nxt, nxt_pkt = b"", b""
+        while True:
+            send(pkt)
+            final = len(data) < bs
+            if not final:
+                nxt = src.block(n + 1, bs)
+                nxt_pkt = _DATA_HEADER(tftp.DATA, (n + 1) & 0xFFFF) + nxt
+            deadline = time.monotonic() + timeout  # ignored ACKs do not move it
+            want, prev = n & 0xFFFF, (n - 1) & 0xFFFF
+            while True:
+                acked = recv_ack(deadline)
+                if acked == want or acked is None or (acked == prev and dup_resends < MAX_DUP_RESENDS):
+                    break
+                # a stray ACK, or a duplicate beyond the early resends: ignored, the timeout decides
+            if acked == want:
+                if final:
+                    return (n - 1) * bs + len(data)
+                n, data, pkt, timeouts, dup_resends = n + 1, nxt, nxt_pkt, 0, 0
+                continue
+            if acked is None:
+                timeouts += 1
+                self._timed_out(timeouts, ch.peer)
+            else:
+                dup_resends += 1  # the client lost this block: resend it early
+            budget = self._spend(ch, budget)
+
     def _send_file(self, ch: _Channel, src: _Source, opts: TransferOptions) -> int:
         """Send the file in windows (RFC 7440); return the bytes sent (without retransmissions).
 
@@ -418,6 +468,8 @@ class TftpServer:
         bs, win, send, recv_ack = opts.blksize, opts.windowsize, ch.send, ch.recv_ack
         nblocks = src.size // bs + 1
         budget = self.resend_factor * nblocks + self.retries * win  # re-sent blocks this transfer may spend
+        if win == 1:
+            return self._send_lockstep(ch, src, bs, budget)
         base, highest, timeouts, dup_resends = 1, 0, 0, 0
         ahead, ahead_data, ahead_pkt = 0, b"", b""  # the next window's first block, built while the client works
         while True:
@@ -430,12 +482,7 @@ class TftpServer:
                     data = src.block(n, bs)
                     pkt = _DATA_HEADER(tftp.DATA, n & 0xFFFF) + data
                 if n <= highest:
-                    budget -= 1
-                    if budget < 0:
-                        self.metrics.inc("tftp_errors_total", code="retransmit_budget")
-                        send(tftp.error(ERR_UNDEFINED, "too many retransmissions"))
-                        raise _GiveUp("retransmission budget spent")
-                    self.metrics.inc("tftp_retransmitted_blocks_total")
+                    budget = self._spend(ch, budget)
                 else:
                     highest = n
                 send(pkt)

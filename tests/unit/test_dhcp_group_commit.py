@@ -64,7 +64,7 @@ def _watch_fsync(monkeypatch: pytest.MonkeyPatch, events: list[str], fail: bool 
 
 def test_a_batch_of_bindings_shares_one_fsync_before_any_ack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "leases.json"
-    srv, events = _server(path), []
+    srv, events = _server(path), list[str]()
     sock = Sock(events)
     srv.handle(sock, _requests(srv, sock)[0], ("0.0.0.0", 68))  # type: ignore[arg-type]  # creates the journal
     _watch_fsync(monkeypatch, events)
@@ -82,7 +82,7 @@ def test_a_batch_of_bindings_shares_one_fsync_before_any_ack(tmp_path: Path, mon
 
 def test_an_ack_whose_binding_cannot_be_synced_is_not_sent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              caplog: pytest.LogCaptureFixture) -> None:
-    srv, events = _server(tmp_path / "leases.json"), []
+    srv, events = _server(tmp_path / "leases.json"), list[str]()
     sock = Sock(events)
     srv.handle(sock, _requests(srv, sock)[0], ("0.0.0.0", 68))  # type: ignore[arg-type]
     raw = _requests(srv, sock)[1]
@@ -98,7 +98,7 @@ def test_an_ack_whose_binding_cannot_be_synced_is_not_sent(tmp_path: Path, monke
 
 def test_serve_forever_answers_queued_requests_as_one_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "leases.json"
-    srv, events = _server(path), []
+    srv, events = _server(path), list[str]()
     requests = _requests(srv, Sock(events))
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))

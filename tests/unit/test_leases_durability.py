@@ -169,7 +169,12 @@ def test_group_commit_one_fsync_for_a_batch_of_bindings(tmp_path: Path, monkeypa
     _bind(db)  # creates the journal
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     for i in range(3):
         m = f"52:54:00:00:00:0{i + 1}"
         ip = db.offer(m)
@@ -193,3 +198,14 @@ def test_after_a_failed_append_the_next_write_compacts(tmp_path: Path, monkeypat
     _bind(db, "52:54:00:00:00:02")  # not appended after the partial record: the journal is rewritten
     assert path.read_bytes().endswith(b"\n") and len(parse_lease_file(path.read_bytes())) == 3
     assert LeaseDB(*RANGE, path=path).recovered is None
+
+
+def test_a_journal_replaced_under_its_writer_is_rewritten_not_appended_to(tmp_path: Path) -> None:
+    """Opening the lease file again (an inspection, a second LeaseDB) compacts it on start, i.e.
+    renames a new file over it; the first writer must not append to the unlinked old one."""
+    path = tmp_path / "leases.json"
+    db = LeaseDB(*RANGE, path=path)
+    _bind(db)
+    LeaseDB(*RANGE, path=path)  # compacts: a new file at `path`
+    ip = _bind(db, "52:54:00:00:00:01")
+    assert LeaseDB(*RANGE, path=path).by_mac["52:54:00:00:00:01"].ip == ip

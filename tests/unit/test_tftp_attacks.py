@@ -153,12 +153,14 @@ def test_windowsize_65535_is_capped_and_memory_bounded(server: TftpServer) -> No
     assert peak < 1 << 20  # blocks are read when sent, not a window held in memory
 
 
-def test_duplicate_ack_amplification_is_bounded(server: TftpServer) -> None:
+@pytest.mark.parametrize("windowed", [True, False], ids=["windowsize", "lock-step"])
+def test_duplicate_ack_amplification_is_bounded(server: TftpServer, windowed: bool) -> None:
     """Ten 4-byte duplicate ACKs once made the server resend its whole window ten times."""
     a = _attacker(rcvbuf=128 << 20)
-    a.sendto(rrq("big.bin", blksize="8192", windowsize="65535", timeout="5"), ("127.0.0.1", server.port))
+    opts = {"windowsize": "65535"} if windowed else {}
+    a.sendto(rrq("big.bin", blksize="8192", timeout="5", **opts), ("127.0.0.1", server.port))
     pkt, peer = a.recvfrom(70000)
-    window = min(int(_oack(pkt)["windowsize"]) * 8192, BIG)
+    window = min(int(_oack(pkt).get("windowsize", "1")) * 8192, BIG)
     a.sendto(b"\0\4\0\0", peer)  # ACK of the OACK: the first window flows
     for _ in range(10):
         a.sendto(b"\0\4\0\0", peer)  # "I lost block 1", ten times
@@ -184,15 +186,16 @@ def test_exception_in_one_tftp_request_is_logged_counted_and_survived(server: Tf
     assert server.metrics.get("request_exceptions_total", server="tftp", exception="RuntimeError") == 1
 
 
-def test_repeated_duplicate_acks_do_not_stop_the_timeout_resend(server: TftpServer) -> None:
+@pytest.mark.parametrize("windowsize", ["4", None], ids=["windowsize", "lock-step"])
+def test_repeated_duplicate_acks_do_not_stop_the_timeout_resend(server: TftpServer, windowsize: str | None) -> None:
     """A client that lost block 1 keeps re-sending ACK 0 faster than the server's timeout (a
     windowed client re-ACKs on its own shorter timer). After its two early resends the server
     ignores those ACKs, but they must not keep its timeout from firing: it resends within about
     one timeout and the transfer goes on. (Seen as a stall at 20% loss until the client gave up.)"""
     a = _attacker()
-    a.sendto(rrq("f.bin", windowsize="4", timeout="1"), ("127.0.0.1", server.port))
+    a.sendto(rrq("f.bin", timeout="1", **({"windowsize": windowsize} if windowsize else {})), ("127.0.0.1", server.port))
     pkt, peer = a.recvfrom(70000)
-    assert _oack(pkt).get("windowsize") == "4"
+    assert _oack(pkt).get("windowsize") == windowsize
     a.sendto(b"\0\4\0\0", peer)  # ACK of the OACK: the first window flows; we "lose" it all
     a.settimeout(0.05)
     t0, seen_block1 = time.monotonic(), 0
@@ -208,3 +211,26 @@ def test_repeated_duplicate_acks_do_not_stop_the_timeout_resend(server: TftpServ
                 seen_block1 += 1
     # the first window + two early resends = 3 copies of block 1; a 4th only comes from the timeout
     assert seen_block1 >= 4, f"block 1 sent {seen_block1} times in 4 s: the timeout never fired"
+
+
+def test_lockstep_retransmission_budget_is_enforced(root: Path) -> None:
+    """Each round the client ACKs block n and then ACKs it again ("I lost n + 1"): progress
+    resets the early-resend limit, so only the budget of re-sent blocks (here `retries` x 1
+    block) stops the server resending every block twice."""
+    for srv in _running(TftpServer(root, "127.0.0.1", 0, resend_factor=0)):
+        a = _attacker()
+        a.sendto(rrq("f.bin"), ("127.0.0.1", srv.port))  # no options: no OACK, DATA 1 comes at once
+        pkt, peer = a.recvfrom(70000)
+        assert pkt[:4] == b"\0\3\0\1"
+        resends, errors = 0, []
+        for n in range(1, 20):
+            a.sendto(struct.pack(">HH", 4, n), peer)
+            a.sendto(struct.pack(">HH", 4, n), peer)
+            got = [a.recvfrom(70000)[0] for _ in range(2)]
+            assert got[0] == struct.pack(">HH", 3, n + 1) + DATA[n * 512:(n + 1) * 512]
+            errors = _errors(got)
+            if errors:
+                break
+            assert got[1] == got[0]  # the early resend
+            resends += 1
+        assert resends == srv.retries and errors == [(0, "too many retransmissions")]

@@ -127,3 +127,11 @@ def test_tftp_hpa_client(server: TftpServer, tmp_path: Path) -> None:
     out = tmp_path / "got"
     r = subprocess.run(["tftp", "127.0.0.1", str(server.port), "-m", "binary", "-c", "get", "f.bin", str(out)], capture_output=True, timeout=60)
     assert r.returncode == 0 and out.read_bytes() == DATA
+
+
+@pytest.mark.parametrize("opts", [{"blksize": "8"}, {"blksize": "8", "windowsize": "8"}], ids=["lock-step", "windowsize"])
+def test_block_numbers_wrap_past_65535(server: TftpServer, opts: dict[str, str]) -> None:
+    """A file of more than 65535 blocks: block numbers wrap to 0 (as tftpd-hpa and PXE clients do)."""
+    data = os.urandom(8 * 65536 + 100)  # 65549 blocks of 8 bytes
+    (server.root / "wrap.bin").write_bytes(data)
+    assert fetch(server, "wrap.bin", **opts)[0] == data
