@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import threading
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,13 @@ from cidboot.ipld.car import CarReader, CarWriter
 from cidboot.ipld.cid import CID, RAW
 from cidboot.ipld.unixfs import export_file, import_path
 from cidboot.store.blockstore import Blockstore
+from cidboot.store.cluster import ClusterClient, Replication
 from cidboot.store.gateway.client import fetch
 from cidboot.store.gateway.pathing import resolve
 from cidboot.store.gateway.upstream import CachingStore, UpstreamUnavailable
 from cidboot.store.kubo import KuboClient
 from cidboot.trust.manifest import SignedManifest
+from tests.support.cluster_node import Cluster
 from tests.support.gateway_fixtures import proxy_gateway, running_gateway
 from tests.support.kubo_node import KuboNode
 from tests.unit.test_cluster import make_signed_manifest
@@ -165,3 +168,38 @@ def test_bounded_cache_evicts_unpinned_blocks_only(kubo: KuboNode, published: Pu
     assert cache.stats.evictions > 0 and cache.cached_bytes <= bound
     local = Blockstore(tmp_path / "cache")
     assert sum(len(b) for _, b in dag.walk(published.manifest, local.get)) == published.dag_bytes  # all still here
+
+
+@pytest.mark.cluster
+def test_new_site_boot_server_fetches_from_cluster_members_after_one_is_killed(
+        cluster_factory: Callable[[int], Cluster], tmp_path: Path) -> None:
+    """Published 2:2 to a 3-peer cluster; one holder killed; a boot server with an empty store
+    and every member's gateway as upstream (the dead one first) serves the whole DAG, verified:
+    the dead member costs one failed request (marked down), not one per block."""
+    cluster = cluster_factory(3)
+    entry = cluster.peers[0]
+    source = Blockstore(tmp_path / "source")
+    manifest, layers = make_signed_manifest(source, seed=23)
+    car = tmp_path / "m.car"
+    with open(car, "wb") as f:
+        w = CarWriter(f, [manifest])
+        for cid, block in dag.walk(manifest, source.get):
+            w.write(cid, block)
+    client = ClusterClient(entry.rest_url)
+    client.add_car(car, Replication(2, 2), root=manifest, name="upstream test")
+    st = client.wait_for(manifest, Replication(2, 2), timeout=120)
+    holders = [cluster.by_id(p.peer) for p in st.pinned]
+    victim = holders[0]
+    victim.kill()
+    upstreams = [victim.kubo.gateway_url] + [p.kubo.gateway_url for p in cluster.peers if p is not victim]
+    cache = CachingStore(tmp_path / "cache", upstreams, timeout=5)
+    with running_gateway(cache) as gw:
+        device = Blockstore(tmp_path / "device")
+        res = fetch(manifest, [gw.url], device)
+    assert not res.dropped
+    for layer, data in layers.items():
+        assert b"".join(export_file(CID.parse(layer), device.get)) == data
+    n = len(dict(dag.walk(manifest, source.get)))
+    assert cache.stats.blocks == n and cache.stats.marked_down == 1
+    assert victim.kubo.gateway_url not in cache.stats.by_upstream
+    assert all_verified(cache) == n

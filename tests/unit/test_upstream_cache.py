@@ -256,3 +256,20 @@ def test_gateway_answers_502_when_no_upstream_delivers(tmp_path: Path) -> None:
         with pytest.raises(urllib.error.HTTPError) as e:  # the server keeps serving
             urllib.request.urlopen(f"{gw.url}/ipfs/{cid}?format=raw", timeout=10)
         assert e.value.code == 502
+
+
+def test_read_ahead_fetches_the_children_of_a_block_read_once_each(tmp_path: Path, origin: Blockstore) -> None:
+    leaves = blocks(origin, 12)
+    root = origin.put_block(encode({"leaves": leaves}), DAG_CBOR)
+    with counting_gateway(origin, delay=0.05) as (url, counts):
+        cache = CachingStore(tmp_path / "cache", [url], readahead=4)
+        cache.get(root)  # queues the 12 leaves for the background fetchers
+        for leaf in leaves:  # the walk, racing them: single flight keeps it to one request per block
+            assert cache.get(leaf) == origin.get(leaf)
+        deadline = time.monotonic() + 30
+        while cache.stats.blocks < 13 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert sum(counts.values()) == 13 and set(counts.values()) == {1}
+    assert cache.stats.read_ahead > 0 and cache.stats.blocks == 13
+    off = CachingStore(tmp_path / "off", [url], readahead=0)
+    assert off.readahead == 0
