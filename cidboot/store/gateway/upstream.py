@@ -186,6 +186,7 @@ class CachingStore(Blockstore):
                 if key not in pinned:
                     self._lru[key] = size
                     self._cached += size
+        self._evict()  # a smaller --cache-size than last time applies at once
 
     @property
     def cached_bytes(self) -> int:
