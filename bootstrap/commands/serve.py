@@ -74,6 +74,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "evicted first; pinned DAGs never are (default 8G; K/M/G/T)")
     p.add_argument("--upstream-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="deadline per block asked of an upstream; one that misses it is skipped for 30 s (default 10)")
+    p.add_argument("--pin-manifest", action="store_true",
+                   help="fetch the --manifest's whole DAG at start (in the background, through --upstream) and pin "
+                        "it: never evicted, and the site boots it with its uplink down")
     p.add_argument("--device-registry", metavar="CID", help="signed device registry put into every boot config")
     p.add_argument("--publish", metavar="cluster=URL[,replication=MIN:MAX]",
                    help="where agents publish results, provenance and audit logs, put into every boot config: an "
@@ -165,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
                       anchor, args.state_dir, args.agent_port,
                       CID.parse(args.device_registry) if args.device_registry else None, tuple(args.gateway),
                       relay_ranges=relays, netmask=netmask, upstreams=tuple(args.upstream),
-                      cache_max=cache_max, upstream_timeout=args.upstream_timeout, publish=publish)
+                      cache_max=cache_max, upstream_timeout=args.upstream_timeout, pin_manifest=args.pin_manifest,
+                      publish=publish)
     store = open_store(cfg)
     cfg.boot_files = boot_files(args, cache, store)  # the manifest may come from an upstream
     try:

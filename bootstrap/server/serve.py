@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from bootstrap.server.dhcp_server import DEFAULT_BOOT_FILES, HTTP_BOOT_PREFIX, D
 from bootstrap.server.leases import LeaseDB
 from bootstrap.server.metrics import Metrics
 from bootstrap.server.tftp_server import TftpServer
+from cidboot.errors import CidbootError
 from cidboot.ipld.cid import CID
 from cidboot.netboot.bootconfig import BootConfig
 from cidboot.store.blockstore import Blockstore
@@ -65,6 +67,7 @@ class ServeConfig:
     upstreams: tuple[str, ...] = ()  # gateways missing blocks are fetched from (verified, cached)
     cache_max: int | None = None  # bound on unpinned cached bytes with upstreams (None: unbounded)
     upstream_timeout: float = 10.0  # per upstream block request
+    pin_manifest: bool = False  # fetch the manifest's whole DAG at start and pin it (boots survive the uplink)
     publish: str | None = None  # where agents publish results ("cluster=URL[,replication=..]"): into boot configs
 
 
@@ -83,6 +86,20 @@ def boot_gateways(listed: tuple[str, ...], own_url: str) -> tuple[str, ...]:
     marks a dead one down for the rest of a fetch. Without "self" the server is not listed at
     all (a deliberate choice, e.g. to send devices to a gateway under test)."""
     return tuple(own_url if g == "self" else g for g in listed) or (own_url,)
+
+
+def pin_dag(store: Blockstore, root: CID) -> bool:
+    """Fetch `root`'s whole DAG into `store` (through its upstreams when it is a cache) and pin
+    it, so the site can boot it with its uplink down and the cache never evicts it. Logs and
+    returns False on failure: the server keeps serving (devices then pull through the cache)."""
+    t0 = time.monotonic()
+    try:
+        store.pin(root)
+    except CidbootError as e:
+        log.error("could not pin the manifest %s: %s", root, e, extra={"cid": str(root), "error": str(e)})
+        return False
+    log.info("manifest %s pinned in %.1f s", root, time.monotonic() - t0, extra={"cid": str(root)})
+    return True
 
 
 def cache_gauges(store: Blockstore) -> list[tuple[str, float]]:
@@ -195,6 +212,10 @@ class BootServer:
             t.start()
             self._threads.append(t)
         self.fleet.start()
+        if self.cfg.pin_manifest:  # in the background: devices may boot (through the cache) meanwhile
+            t = threading.Thread(target=pin_dag, args=(self.store, self.cfg.manifest), name="pin-manifest", daemon=True)
+            t.start()
+            self._threads.append(t)
         log.info("boot server up", extra={"interface": self.cfg.interface, "ip": self.cfg.server_ip,
                                           "mode": "dhcp" if self.cfg.dhcp_range else "proxydhcp",
                                           "tftp_port": self.tftp.port, "http": self.gateway_url})

@@ -33,9 +33,10 @@ class Dying:
 
 
 @contextmanager
-def dying_gateway(store: Blockstore, answers: int) -> Iterator[Dying]:
+def dying_gateway(store: Blockstore, answers: int, stalls: int | None = None) -> Iterator[Dying]:
     """A block-only gateway (406 to CARs, so every block is its own request) that answers
-    `answers` requests and then hangs: it accepts connections and never replies."""
+    `answers` requests and then hangs: it accepts connections and never replies (`stalls`:
+    only that many requests hang, then it answers again: a lossy link, not a dead server)."""
     state = Dying()
     stop = threading.Event()
 
@@ -47,7 +48,7 @@ def dying_gateway(store: Blockstore, answers: int) -> Iterator[Dying]:
 
         def do_GET(self) -> None:
             with state.lock:
-                dead = state.served >= answers
+                dead = state.served >= answers and (stalls is None or state.after_death < stalls)
                 if dead:
                     state.after_death += 1
                 else:
@@ -130,3 +131,13 @@ def test_boot_config_lists_the_site_boot_server_first_then_the_fallbacks() -> No
     assert boot_gateways((), own) == (own,)
     cfg = BootConfig(CID.of(b"m", RAW), listed, {}, "device")
     assert BootConfig.decode(cfg.encode()).gateways == listed  # the order survives to the device
+
+
+def test_a_lone_gateway_that_stalls_once_is_asked_again(wide: tuple[Blockstore, CID, list[CID]],
+                                                       tmp_path: Path) -> None:
+    store, root, leaves = wide
+    with dying_gateway(store, answers=4, stalls=1) as lossy:
+        local = Blockstore(tmp_path / "local")
+        res = fetch(root, [lossy.url], local, timeout=TIMEOUT, rounds=1, backoff=0)
+    assert all(local.has(c) for c in [root, *leaves])  # no other gateway: marked down, still used
+    assert lossy.after_death == 1 and lossy.url in res.down

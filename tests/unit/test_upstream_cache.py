@@ -256,3 +256,43 @@ def test_gateway_answers_502_when_no_upstream_delivers(tmp_path: Path) -> None:
         with pytest.raises(urllib.error.HTTPError) as e:  # the server keeps serving
             urllib.request.urlopen(f"{gw.url}/ipfs/{cid}?format=raw", timeout=10)
         assert e.value.code == 502
+
+
+def test_read_ahead_fetches_the_children_of_a_block_read_once_each(tmp_path: Path, origin: Blockstore) -> None:
+    leaves = blocks(origin, 12)
+    root = origin.put_block(encode({"leaves": leaves}), DAG_CBOR)
+    with counting_gateway(origin, delay=0.05) as (url, counts):
+        cache = CachingStore(tmp_path / "cache", [url], readahead=4)
+        cache.get(root)  # queues the 12 leaves for the background fetchers
+        for leaf in leaves:  # the walk, racing them: single flight keeps it to one request per block
+            assert cache.get(leaf) == origin.get(leaf)
+        deadline = time.monotonic() + 30
+        while cache.stats.blocks < 13 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert sum(counts.values()) == 13 and set(counts.values()) == {1}
+    assert cache.stats.read_ahead > 0 and cache.stats.blocks == 13
+    off = CachingStore(tmp_path / "off", [url], readahead=0)
+    assert off.readahead == 0
+
+
+def test_a_store_over_a_smaller_bound_is_trimmed_at_start(tmp_path: Path) -> None:
+    local = Blockstore(tmp_path / "cache")
+    first, *rest = blocks(local, 4)
+    cache = CachingStore(tmp_path / "cache", ["http://127.0.0.1:9"], max_bytes=3000)
+    assert cache.cached_bytes <= 3000 and cache.stats.evictions == 1
+    assert sum(cache.has(c) for c in [first, *rest]) == 3
+
+
+def test_pin_manifest_fetches_the_whole_dag_and_pins_it(tmp_path: Path, origin: Blockstore,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    from bootstrap.server.serve import pin_dag
+
+    leaves = blocks(origin, 5)
+    root = origin.put_block(encode({"leaves": leaves}), DAG_CBOR)
+    with running_gateway(origin) as gw:
+        cache = CachingStore(tmp_path / "cache", [gw.url], max_bytes=1000)
+        assert pin_dag(cache, root)
+    assert cache.pins() == [root] and all(cache.has(c) for c in [root, *leaves]) and cache.cached_bytes == 0
+    dead = CachingStore(tmp_path / "dead", ["http://127.0.0.1:9"])
+    assert not pin_dag(dead, root)  # logged, not raised: the server keeps serving
+    assert "could not pin the manifest" in caplog.text and dead.pins() == []

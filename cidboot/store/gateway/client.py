@@ -85,7 +85,7 @@ class FetchResult:
     bytes_fetched: int = 0
     blocks_present: int = 0  # already in the local store when the fetch started (resumed)
     dropped: dict[str, str] = field(default_factory=dict)  # gateway -> why it was dropped
-    down: dict[str, str] = field(default_factory=dict)  # gateway -> why it was marked down (timeout, refused)
+    down: dict[str, str] = field(default_factory=dict)  # gateway -> why it was last marked down (timeout, refused)
     errors: list[str] = field(default_factory=list)
 
 
@@ -250,6 +250,7 @@ class _Session:
         self.result = FetchResult(root)
         self.last_present = 0
         self.known: dict[bytes, list[CID]] = {}  # multihash -> links, for blocks verified in this fetch
+        self.down: set[str] = set()  # marked down (timeout, refused): skipped while another gateway is left
 
     def intact(self, cid: CID) -> bool:
         """Whether `cid` is verified in this fetch or intact in the store."""
@@ -261,6 +262,16 @@ class _Session:
             return False
         self.known[key] = dag.links(cid, block)
         return True
+
+    def live(self) -> list[str]:
+        """The gateways to ask, in order: neither dropped (lied) nor marked down. When every one
+        left is down they all get another chance (a lone gateway on a lossy link must not fail
+        the fetch on its first timeout)."""
+        live = [g for g in self.gateways if g not in self.result.dropped and g not in self.down]
+        if not live:
+            self.down.clear()
+            live = [g for g in self.gateways if g not in self.result.dropped]
+        return live
 
     def missing(self) -> list[CID]:
         """Walk what is local (verifying what this fetch has not yet); return the frontier of
@@ -368,7 +379,7 @@ def fetch(
     Each round walks what is already local and asks the gateways (in order) for each missing
     subtree as a CAR, falling back to single raw blocks when a gateway cannot do CARs. A gateway
     that times out or cannot be reached is marked down and skipped for the rest of the fetch
-    (until a round gets nothing at all), so one that dies mid-fetch costs one timeout. Rounds
+    while another gateway is left, so one that dies mid-fetch costs one timeout. Rounds
     repeat while they make progress; `retries` (alias `rounds`) passes that get nothing are
     allowed, with exponential `backoff` between them, before AllGatewaysFailed.
     """
@@ -403,9 +414,7 @@ def _fetch(root: CID, gateways: list[str], store: AnyStore, timeout: float, roun
         for sub in frontier:  # grows while iterating: children of blocks fetched one by one
             if _intact(store, sub) is not None:
                 continue
-            for gw in s.gateways:
-                if gw in s.result.dropped or gw in s.result.down:
-                    continue
+            for gw in s.live():
                 try:
                     frontier.extend(_fetch_subtree(s, gw, sub))
                     progressed = True
@@ -420,6 +429,7 @@ def _fetch(root: CID, gateways: list[str], store: AnyStore, timeout: float, roun
                     log.info("gateway %s failed, trying the next: %s", gw, e)
                     if isinstance(e, GatewayTimeout | GatewayUnreachable):
                         # dead or stalled, not just missing a block: one timeout, not one per block
+                        s.down.add(gw)
                         s.result.down[gw] = str(e)
                         log.warning("gateway %s marked down for this fetch: %s", gw, e)
                     if _intact(store, sub) is not None:
@@ -430,7 +440,6 @@ def _fetch(root: CID, gateways: list[str], store: AnyStore, timeout: float, roun
         failed_rounds += 1
         if failed_rounds >= rounds or all(g in s.result.dropped for g in s.gateways):
             break
-        s.result.down.clear()  # a round with nothing fetched: the gateways marked down get another chance
         time.sleep(backoff * (2 ** (failed_rounds - 1)))
     detail = "; ".join(str(last[g]) if g in last else f"{g}: no answer" for g in s.gateways)
     raise AllGatewaysFailed(f"could not fetch {root} ({len(s.missing())} subtrees missing): {detail}",

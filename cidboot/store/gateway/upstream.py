@@ -16,14 +16,20 @@ store. Why each rule:
   are all tried anyway (a dead link must not fail the server closed forever).
 - The cache is bounded: unpinned blocks beyond `max_bytes` are evicted least recently used
   first; blocks reachable from a pin are never evicted (nor counted against the bound).
+- Read-ahead: when a block with links is read, its children missing here are queued for
+  `readahead` background fetchers (through the same single flight), so a CAR walk over a cold
+  cache costs about one upstream round trip per `readahead` blocks instead of one per block.
+  The queue is bounded (skipped when full: the walk fetches those itself).
 - `has` answers for the local store only: `Cache-Control: only-if-cached` means "do not go
   upstream", and the verifying client's resume logic must not trigger fetches.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -47,6 +53,8 @@ from cidboot.store.gateway.client import (
 log = logging.getLogger("cidboot.store.gateway.upstream")
 
 USER_AGENT = "cidboot-bootserver"
+#: most blocks queued for read-ahead (CIDs only; each fetched block is on disk, under the cache bound)
+READAHEAD_QUEUE = 256
 
 
 class UpstreamUnavailable(BlockNotFound):
@@ -70,6 +78,7 @@ class UpstreamStats:
     rejected: int = 0  # upstream answers that did not hash to the CID (that upstream dropped for that block)
     coalesced: int = 0  # requests that waited for another request's fetch of the same block
     marked_down: int = 0  # times an upstream was marked down after a timeout or refused connection
+    read_ahead: int = 0  # blocks fetched ahead of the reader (children of a block just read)
     evictions: int = 0
     evicted_bytes: int = 0
     by_upstream: dict[str, int] = field(default_factory=dict)  # upstream -> bytes pulled from it
@@ -89,7 +98,8 @@ class CachingStore(Blockstore):
     `max_bytes` of unpinned blocks (None: unbounded)."""
 
     def __init__(self, path: str | os.PathLike[str] | None, upstreams: Iterable[str], *,
-                 max_bytes: int | None = None, timeout: float = 10.0, down_for: float = 30.0) -> None:
+                 max_bytes: int | None = None, timeout: float = 10.0, down_for: float = 30.0,
+                 readahead: int = 8) -> None:
         super().__init__(path)
         self.upstreams = tuple(upstreams)
         if max_bytes is not None and max_bytes < 0:
@@ -104,6 +114,10 @@ class CachingStore(Blockstore):
         self._pinned: set[bytes] = set()
         self._pins_stamp: int | None = -1  # pins.json mtime the pinned set was computed for
         self._held = threading.local()  # this thread's depth in the pin lock
+        self._evicting = threading.Lock()
+        self.readahead = readahead if self.upstreams else 0
+        self._ahead: queue.Queue[CID] = queue.Queue(maxsize=READAHEAD_QUEUE)
+        self._ahead_threads: list[threading.Thread] = []
         self._load()
 
     # -- accounting ---------------------------------------------------------------------
@@ -126,6 +140,36 @@ class CachingStore(Blockstore):
             finally:
                 self._held.depth = 0
 
+    @contextmanager
+    def _pins_try_locked(self) -> Iterator[bool]:
+        """The pin lock if it is free now (yields False if not): eviction must not wait for it.
+        A read-ahead fetch evicting while `pin()` walks would otherwise wait for the pin, and
+        the pin's walk for that fetch's block."""
+        if getattr(self._held, "depth", 0):
+            with self._pins_locked():
+                yield True
+            return
+        if not self._lock.acquire(blocking=False):
+            yield False
+            return
+        try:
+            fd = os.open(self._pins_lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    yield False
+                    return
+                self._held.depth = 1
+                try:
+                    yield True
+                finally:
+                    self._held.depth = 0
+            finally:
+                os.close(fd)  # releases the flock
+        finally:
+            self._lock.release()
+
     def _load(self) -> None:
         """Account for what is already in the store, oldest (by mtime) first."""
         found: list[tuple[int, bytes, int]] = []
@@ -142,6 +186,7 @@ class CachingStore(Blockstore):
                 if key not in pinned:
                     self._lru[key] = size
                     self._cached += size
+        self._evict()  # a smaller --cache-size than last time applies at once
 
     @property
     def cached_bytes(self) -> int:
@@ -199,7 +244,9 @@ class CachingStore(Blockstore):
         """Drop least recently used unpinned blocks until the cache fits its bound."""
         if self.max_bytes is None or self._cached <= self.max_bytes or getattr(self._held, "pinning", False):
             return
-        with self._pins_locked():  # a pin being added cannot lose blocks to an eviction
+        with self._evicting, self._pins_try_locked() as locked:  # evictions one at a time; a pin being
+            if not locked:  # added cannot lose blocks to one
+                return  # a pin or gc holds the pin set: a later put (or the pin's end) evicts
             pinned = self._refresh_pins()
             victims: list[tuple[bytes, int]] = []
             with self._mu:
@@ -233,9 +280,44 @@ class CachingStore(Blockstore):
         except (BlockNotFound, VerificationError):  # absent, or a damaged copy: fetch it again
             if not self.upstreams:
                 raise
-            return self._fetch_once(cid)
-        self._touch(cid)
+            data = self._fetch_once(cid)
+        else:
+            self._touch(cid)
+        if self.readahead and cid.codec != RAW:
+            self._read_ahead(cid, data)
         return data
+
+    def _read_ahead(self, cid: CID, data: bytes) -> None:
+        """Queue the children of `cid` that are not here for the background fetchers."""
+        try:
+            links = dag.links(cid, data)
+        except CidbootError:
+            return
+        for link in links:
+            if link.is_identity or self.has(link):
+                continue
+            if not self._ahead_threads:
+                with self._mu:
+                    while len(self._ahead_threads) < self.readahead:
+                        t = threading.Thread(target=self._ahead_worker, name="upstream-readahead", daemon=True)
+                        t.start()
+                        self._ahead_threads.append(t)
+            try:
+                self._ahead.put_nowait(link)
+            except queue.Full:
+                return  # the walk fetches the rest itself
+
+    def _ahead_worker(self) -> None:
+        while True:
+            cid = self._ahead.get()
+            if self.has(cid):
+                continue
+            try:
+                self._fetch_once(cid)
+                with self._mu:
+                    self.stats.read_ahead += 1
+            except CidbootError as e:  # the walk will ask again and report it
+                log.debug("read-ahead of %s failed: %s", cid, e)
 
     def get_local(self, cid: CID) -> bytes:
         """The block from the local store only (never upstream): for `only-if-cached`."""
