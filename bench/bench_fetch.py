@@ -5,6 +5,9 @@
 - `ipfs dag import` of the same CAR (as our gateway serves it, read from a file) into a second,
   empty Kubo node (Kubo's default flatfs store, its daemon doing the hashing and writing);
 - our client fetching from Kubo's gateway;
+- our client fetching the same CAR as a static file (`python -m http.server` serves it at
+  /ipfs/<cid>, the query ignored, with a Content-Length instead of chunks): the client alone,
+  with a gateway that costs nothing, so a gap between this and "from our gateway" is the gateway's;
 
 plus the client's peak RSS for 16 MiB and 256 MiB. Each figure is the median of --runs runs,
 the kinds alternating, so a busy spell of the machine hits all of them alike.
@@ -93,9 +96,11 @@ def main() -> int:
                 make_file(f, mib * MIB)
                 cid = str(import_file(f, store, ImportOptions(cid_version=1)).cid)
                 assert str(kc.add_file(f, cid_version=1).cid) == cid
-                car = work / f"f{mib}.car"
+                car = work / "ipfs" / cid  # http.server serves it as /ipfs/<cid>?format=car...
+                car.parent.mkdir(exist_ok=True)
                 curl(f"{ours}/ipfs/{cid}?format=car&dag-scope=all", car)
-                plain_s, ours_s, kubo_s, dag_s, rss, kubo_rss = [], [], [], [], [], []
+                static = f"http://127.0.0.1:{hport}"
+                plain_s, ours_s, kubo_s, dag_s, static_s, rss, kubo_rss = [], [], [], [], [], [], []
                 for i in range(max(1, args.runs)):
                     dl = work / f"download-{mib}"
                     plain_s.append(timed(curl, f"http://127.0.0.1:{hport}/f{mib}", dl))
@@ -106,22 +111,27 @@ def main() -> int:
                     sec, kb = client_child(cid, kubo.gateway_url, work / f"c2-{mib}-{i}")
                     kubo_s.append(sec)
                     kubo_rss.append(kb)
+                    sec, _kb = client_child(cid, static, work / f"c3-{mib}-{i}")
+                    static_s.append(sec)
                     dag_s.append(timed(sink.ipfs, "dag", "import", "--pin-roots=true", str(car)))
                     sink.ipfs("pin", "rm", cid)
                     sink.ipfs("repo", "gc")
-                    for tmp in (work / f"c1-{mib}-{i}", work / f"c2-{mib}-{i}"):
+                    for tmp in (work / f"c1-{mib}-{i}", work / f"c2-{mib}-{i}", work / f"c3-{mib}-{i}"):
                         shutil.rmtree(tmp)
                 mb = mib * MIB / 1e6
-                plain, mine, from_kubo, dag = (statistics.median(x) for x in (plain_s, ours_s, kubo_s, dag_s))
+                plain, mine, from_kubo, dag, from_file = (statistics.median(x) for x in
+                                                          (plain_s, ours_s, kubo_s, dag_s, static_s))
                 rows.append({
                     "file_MiB": mib,
                     "plain_http_MBps": round(mb / plain, 1),
                     "ours_from_our_gw_MBps": round(mb / mine, 1),
                     "ours_from_kubo_gw_MBps": round(mb / from_kubo, 1),
                     "kubo_dag_import_MBps": round(mb / dag, 1),
+                    "ours_from_static_car_MBps": round(mb / from_file, 1),
                     "ours/plain": round(plain / mine, 3),
                     "ours/dag_import": round(dag / mine, 3),
                     "our_gw/kubo_gw": round(from_kubo / mine, 3),
+                    "static_car/plain": round(plain / from_file, 3),
                     "client_rss_MiB_our_gw": round(max(rss) / 1024, 1),
                     "client_rss_MiB_kubo_gw": round(max(kubo_rss) / 1024, 1),
                 })

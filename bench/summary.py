@@ -145,6 +145,10 @@ def _fetch(doc: Doc) -> list[Row]:
             out.append(figure(b, f"verified fetch from our gateway vs from Kubo's gateway, {mib} MiB",
                               r["ours_from_our_gw_MBps"], r["ours_from_kubo_gw_MBps"], "MB/s",
                               ratio=r.get("our_gw/kubo_gw")))
+        if "ours_from_static_car_MBps" in r:  # the client alone: the same CAR from a static file server
+            out.append(figure(b, f"verified fetch of a static CAR file vs plain HTTP download, {mib} MiB",
+                              r["ours_from_static_car_MBps"], r["plain_http_MBps"], "MB/s",
+                              ratio=r.get("static_car/plain")))
         dag = next((k for k in r if "dag_import" in k and k.endswith("MBps")), None)
         if dag is not None:
             out.append(figure(b, f"verified fetch vs ipfs dag import of the same CAR, {mib} MiB",

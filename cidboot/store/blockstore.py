@@ -16,7 +16,6 @@ import fcntl
 import json
 import os
 import queue
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,6 +112,8 @@ class Blockstore:
         if path.parent not in self._dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(path.parent)
+        import tempfile  # not at import: a boot stage that keeps blocks in memory never writes files
+
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:

@@ -247,21 +247,10 @@ class _Session:
 
     def __init__(self, root: CID, gateways: list[str], store: AnyStore, timeout: float) -> None:
         self.root, self.gateways, self.store, self.timeout = root, gateways, store, timeout
+        self.known: dict[bytes, list[CID]] = {}  # multihash -> links, for blocks verified in this fetch
         self.result = FetchResult(root)
         self.last_present = 0
-        self.known: dict[bytes, list[CID]] = {}  # multihash -> links, for blocks verified in this fetch
         self.down: set[str] = set()  # marked down (timeout, refused): skipped while another gateway is left
-
-    def intact(self, cid: CID) -> bool:
-        """Whether `cid` is verified in this fetch or intact in the store."""
-        key = cid.multihash.encode()
-        if key in self.known:
-            return True
-        block = _intact(self.store, cid)
-        if block is None:
-            return False
-        self.known[key] = dag.links(cid, block)
-        return True
 
     def live(self) -> list[str]:
         """The gateways to ask, in order: neither dropped (lied) nor marked down. When every one
@@ -274,8 +263,8 @@ class _Session:
         return live
 
     def missing(self) -> list[CID]:
-        """Walk what is local (verifying what this fetch has not yet); return the frontier of
-        CIDs not yet present or damaged (in DAG order)."""
+        """Walk what is local (verifying it); return the frontier of CIDs not yet present or
+        damaged (in DAG order)."""
         out: list[CID] = []
         seen: set[bytes] = set()
         stack = [self.root]
@@ -293,6 +282,18 @@ class _Session:
             stack.extend(reversed(self.known[key]))
         self.last_present = present
         return out
+
+    def intact(self, cid: CID) -> bool:
+        """Whether `cid` is verified in this fetch or intact in the store (verified once, then
+        its links are remembered)."""
+        key = cid.multihash.encode()
+        if key in self.known:
+            return True
+        block = _intact(self.store, cid)
+        if block is None:
+            return False
+        self.known[key] = dag.links(cid, block)
+        return True
 
     def accept(self, gw: str, cid: CID, data: bytes) -> list[CID]:
         """Verify `data` as `cid` (once), queue it for the store, remember its links; return them."""
