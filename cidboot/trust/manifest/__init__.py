@@ -14,7 +14,7 @@ from cidboot.trust.manifest.errors import (
     ThresholdError,
     VersionConflictError,
 )
-from cidboot.trust.manifest.model import Layer, Manifest, ManifestFormatError, RootOfTrust
+from cidboot.trust.manifest.model import Layer, Manifest, ManifestFormatError, Plaintext, RootOfTrust
 from cidboot.trust.manifest.signed import SignedManifest, SignedRoot, sign_manifest, sign_root
 from cidboot.trust.manifest.verify import (
     Check,
@@ -26,7 +26,7 @@ from cidboot.trust.manifest.verify import (
 )
 
 __all__ = [
-    "Check", "ExpiredError", "Layer", "LayerNotListedError", "Manifest", "ManifestFormatError", "ManifestNameError",
+    "Check", "ExpiredError", "Layer", "LayerNotListedError", "Manifest", "ManifestFormatError", "ManifestNameError", "Plaintext",
     "ManifestVerificationError", "RegistryRollbackError", "RollbackError", "RootMismatchError", "RootOfTrust", "RootRotationError",
     "SignatureError", "SignedManifest", "SignedRoot", "SizeLimitError", "ThresholdError", "TrustState",
     "VersionConflictError", "check_layer", "rotated_root", "sign_manifest", "sign_root", "verify_manifest",
