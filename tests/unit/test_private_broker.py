@@ -263,3 +263,35 @@ def test_policy_file_and_json_log(tmp_path: Path) -> None:
 
 def test_stream_sizes_in_the_manifest_are_the_real_ones() -> None:
     assert OPS_LAYER.size == stream.ciphertext_size(len(MARKER))
+
+
+def test_tpm_rooted_device_through_the_same_broker() -> None:
+    """TPM evidence takes the same entry point: the quote's qualifying data carries the request
+    nonce, so it binds the ephemeral key too; a changed firmware baseline gets no key."""
+    import dataclasses
+
+    from tests.support.soft_tpm import SoftTpmDevice
+    tdev = SoftTpmDevice(SIGNED.cid, MANIFEST, [key_id(SIGNER.public_key())], role="worker")
+    roots = DeviceRoots()
+    roots.add_tpm(tdev.device(), "tpm-dev", "worker")
+    log = Log()
+    broker = KeyBroker(roots, Policy.from_obj(POLICY), {"private-hello": SECRET}, log=log,
+                       tpm_references=tdev.references())
+    broker.add_manifest(SIGNED, ROOT)
+
+    def ask() -> tuple[KeyRequest, X25519PrivateKey, bytes]:
+        ch = broker.challenge()
+        eph = X25519PrivateKey.generate()
+        pub = eph.public_key().public_bytes_raw()
+        return KeyRequest(ch, pub, tdev.evidence(request_nonce(ch, pub))), eph, ch
+
+    req, eph, ch = ask()
+    d = broker.request(req)
+    assert d.released, d.reason
+    assert any(c["check"] == "tpm.quote-signature" for c in log[-1]["checks"])
+    assert d.release is not None and str(OPS_LAYER.cid) in d.release.open(eph, ch)
+    did = next(iter(roots.tpm))
+    roots.tpm[did] = dataclasses.replace(roots.tpm[did], firmware_pcrs={0: bytes(32)})
+    req, _, _ = ask()
+    d = broker.request(req)
+    assert not d.released and d.check == "tpm.firmware"
