@@ -56,12 +56,12 @@ class Device:
     """A software device (as tests/unit/test_agent_attest.py): DICE firmware -> bootstrap -> image."""
 
     def __init__(self, role: str = "worker", *, debug: bool = False, boot_mode: str = "measured",
-                 bootstrap: bytes = BS) -> None:
+                 bootstrap: bytes = BS, signed: SignedManifest = SIGNED) -> None:
         mode = DiceMode.DEBUG if debug else DiceMode.NORMAL
         self.ident: DerivedIdentity = derive_layers(os.urandom(32), [
             DiceInputs(code_hash=FW), DiceInputs(code_hash=bootstrap, mode=mode),
-            image_inputs(SIGNED.cid, SIGNED.manifest, [key_id(SIGNER.public_key())])])
-        self.attester = Attester.from_derived(self.ident, manifest_cid=SIGNED.cid, boot_mode=boot_mode, role=role)
+            image_inputs(signed.cid, signed.manifest, [key_id(SIGNER.public_key())])])
+        self.attester = Attester.from_derived(self.ident, manifest_cid=signed.cid, boot_mode=boot_mode, role=role)
         self.role = role
 
     def ask(self, challenge: bytes) -> tuple[KeyRequest, X25519PrivateKey]:
