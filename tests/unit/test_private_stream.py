@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cidboot.errors import FormatError, VerificationError
 from cidboot.trust.private import stream
@@ -195,3 +197,28 @@ def test_extra_chunk_after_the_last() -> None:
 def test_wrong_key_sizes_are_refused() -> None:
     with pytest.raises(ValueError):
         stream.encrypt(b"short", b"")
+
+
+def test_memory_is_bounded_whatever_the_pieces() -> None:
+    """Decrypting 8 MiB given as one piece or as 1000-byte pieces holds a few chunks, not the layer."""
+    import tracemalloc
+    big = stream.encrypt(KEY, os.urandom(8 << 20))
+    for pieces in ([big], (big[i:i + 1000] for i in range(0, len(big), 1000))):
+        tracemalloc.start()
+        try:
+            for _ in stream.decrypt_chunks(KEY, pieces):
+                pass
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 6 * SEALED_CHUNK_SIZE, peak
+
+
+@given(pos=st.integers(0, len(CT) - 1), xor=st.integers(1, 255), cut=st.integers(0, 200))
+@settings(max_examples=60, deadline=None)
+def test_fuzz_damaged_streams_fail_with_a_stream_error(pos: int, xor: int, cut: int) -> None:
+    bad = bytearray(CT)
+    bad[pos] ^= xor
+    damaged = bytes(bad[:len(bad) - cut])
+    with pytest.raises((StreamFormatError, StreamVerificationError)):
+        stream.decrypt(KEY, damaged)

@@ -132,13 +132,23 @@ def _aead(key: bytes) -> ChaCha20Poly1305:
 
 def _rechunk(pieces: Iterable[bytes], size: int) -> Iterator[tuple[bytes, bool]]:
     """(chunk, is_last) over `pieces` cut into `size`-byte chunks: a chunk is given out only once
-    more data is known to follow it, so the flag is right; the last one has 0..size bytes."""
+    more data is known to follow it, so the flag is right; the last one has 0..size bytes. Holds
+    at most size + 1 bytes besides the piece being cut (a whole layer given as one piece is
+    sliced, not copied)."""
     buf = bytearray()
     for piece in pieces:
-        buf += piece
-        while len(buf) > size:
-            yield bytes(buf[:size]), False
-            del buf[:size]
+        mv = memoryview(piece)
+        while len(mv):
+            if not buf and len(mv) > size:
+                yield bytes(mv[:size]), False
+                mv = mv[size:]
+                continue
+            take = min(len(mv), size + 1 - len(buf))
+            buf += mv[:take]
+            mv = mv[take:]
+            if len(buf) > size:
+                yield bytes(buf[:size]), False
+                del buf[:size]
     yield bytes(buf), True
 
 
