@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.attestation_api import Attester
 from cidboot.ipld.cid import CID, RAW
@@ -295,3 +297,17 @@ def test_tpm_rooted_device_through_the_same_broker() -> None:
     req, _, _ = ask()
     d = broker.request(req)
     assert not d.released and d.check == "tpm.firmware"
+
+
+_FUZZ_DEV = Device()
+_FUZZ_BROKER, _ = broker_for(_FUZZ_DEV)
+
+
+@given(pos=st.integers(0, 4000), xor=st.integers(1, 255), cut=st.integers(0, 50))
+@settings(max_examples=50, deadline=None)
+def test_fuzz_mutated_evidence_never_raises_and_never_releases_unappraised(pos: int, xor: int, cut: int) -> None:
+    req, _ = _FUZZ_DEV.ask(_FUZZ_BROKER.challenge())
+    ev = bytearray(req.evidence)
+    ev[pos % len(ev)] ^= xor
+    d = _FUZZ_BROKER.request(KeyRequest(req.challenge, req.ephemeral_public, bytes(ev[:len(ev) - cut])))
+    assert not d.released or (d.appraisal is not None and d.appraisal.affirming)
