@@ -255,6 +255,11 @@ def _cose(doc: Doc) -> list[Row]:
             for r in doc["rows"]]
 
 
+def _private(doc: Doc) -> list[Row]:
+    return [figure("bench_private", f"{r['operation']} vs {r['reference']}", r["MiB_per_s"], r["ref_MiB_per_s"], "MiB/s")
+            for r in doc["rows"]]
+
+
 def _trust(doc: Doc) -> list[Row]:
     rows, b = doc["rows"], "bench_trust"
     bare = next((r for r in rows if "reference" in r["operation"]), None)
@@ -346,6 +351,7 @@ BENCHES: dict[str, Bench] = {b.stem: b for b in [
         ("UnixFS import CIDv0 vs ipfs add --only-hash, 256 MiB", "MB/s", AT_LEAST_1),
         ("UnixFS import CIDv1 vs ipfs add --only-hash, 256 MiB", "MB/s", Goal(">=", 1.3)),
         ("import peak RSS, 256 MiB vs 16 MiB", "MiB", FLAT))),
+    Bench("bench_private", "private", _private),
     Bench("bench_pxe200", "bench_pxe200", _pxe200),
     Bench("bench_scaleout", "bench_scaleout", _scaleout, (
         ("4 device(s): bytes pulled from upstream vs image size", "MB", ONCE),)),

@@ -3,7 +3,8 @@ that measure (firmware, bootstrap) and by the verifiers that compare.
 
 - firmware and bootstrap: `code_hash` = SHA-512 over the SHA-512 of each part in order
   (kernel, initrd, boot config...), so parts can be hashed as they stream in;
-- image (L2): code = SHA-512 of the image layer CIDs in manifest order, config = the manifest
+- image (L2): code = SHA-512 of the image layer CIDs in manifest order (an encrypted layer
+  counts as the raw CID of its plaintext: `layer_identity`), config = the manifest
   CID as the configuration descriptor (its SHA-512 enters the CDI), authority = SHA-512 of the
   sorted key ids that signed the manifest.
 """
@@ -13,9 +14,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from cidboot.ipld.cid import CID
+from cidboot.ipld.cid import CID, RAW
+from cidboot.ipld.multihash import SHA2_256, Multihash
 from cidboot.trust.dice.derive import DiceInputs, DiceMode
-from cidboot.trust.manifest.model import Manifest
+from cidboot.trust.manifest.model import Layer, Manifest
 
 
 def code_hash_of_parts(part_hashes: Iterable[bytes]) -> bytes:
@@ -26,8 +28,20 @@ def code_hash_of_blobs(blobs: Iterable[bytes]) -> bytes:
     return code_hash_of_parts(hashlib.sha512(b).digest() for b in blobs)
 
 
+def layer_identity(layer: Layer) -> bytes:
+    """What the image measurement takes of one layer: its CID's bytes; for an encrypted layer the
+    CIDv1 (raw, sha2-256) its plaintext would have as one block, i.e. the plaintext SHA-256 in a
+    self-delimiting form. The measurement thus names the code that runs, whatever key it was
+    stored under: a verifier can compute the reference value from a reproducible build of the
+    plaintext without the flow secret (which it must not hold). The bootstrap measures this only
+    after the decrypted bytes matched the plaintext hash."""
+    if layer.plaintext is None:
+        return bytes(layer.cid)
+    return bytes(CID(1, RAW, Multihash(SHA2_256, layer.plaintext.sha256)))
+
+
 def image_code_hash(manifest: Manifest) -> bytes:
-    return hashlib.sha512(b"".join(bytes(layer.cid) for layer in manifest.layers)).digest()
+    return hashlib.sha512(b"".join(layer_identity(layer) for layer in manifest.layers)).digest()
 
 
 def authority_hash(signer_key_ids: Iterable[bytes]) -> bytes:

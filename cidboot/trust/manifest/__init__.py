@@ -15,7 +15,7 @@ from cidboot.trust.manifest.errors import (
     ThresholdError,
     VersionConflictError,
 )
-from cidboot.trust.manifest.model import Layer, Manifest, ManifestFormatError, RootOfTrust
+from cidboot.trust.manifest.model import Layer, Manifest, ManifestFormatError, Plaintext, RootOfTrust
 from cidboot.trust.manifest.signed import (
     KIND_MANIFEST,
     KIND_REGISTRY,
@@ -37,7 +37,7 @@ from cidboot.trust.manifest.verify import (
 
 __all__ = [
     "KIND_MANIFEST", "KIND_REGISTRY", "KIND_ROOT", "SignatureKindError", "sign_kind",
-    "Check", "ExpiredError", "Layer", "LayerNotListedError", "Manifest", "ManifestFormatError", "ManifestNameError",
+    "Check", "ExpiredError", "Layer", "LayerNotListedError", "Manifest", "ManifestFormatError", "ManifestNameError", "Plaintext",
     "ManifestVerificationError", "RegistryRollbackError", "RollbackError", "RootMismatchError", "RootOfTrust", "RootRotationError",
     "SignatureError", "SignedManifest", "SignedRoot", "SizeLimitError", "ThresholdError", "TrustState",
     "VersionConflictError", "check_layer", "rotated_root", "sign_manifest", "sign_root", "verify_manifest",

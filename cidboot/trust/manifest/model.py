@@ -16,6 +16,7 @@ from cidboot.ipld import dagcbor
 from cidboot.ipld.cid import CID
 from cidboot.trust.cose import PublicKey
 from cidboot.trust.cose_key import decode_public_key, encode_public_key_bytes, key_id
+from cidboot.trust.private.stream import ciphertext_size
 
 MAX_VERSION = 2**53  # JSON-safe; a larger version would freeze out every later manifest
 LAYER_ROLES = ("kernel", "runtime", "agent", "operations", "config", "initrd", "other")
@@ -86,13 +87,52 @@ class RootOfTrust:
 
 
 @dataclass(frozen=True)
+class Plaintext:
+    """What an encrypted layer decrypts to (docs/privacy.md): its SHA-256 and size. The layer's
+    `cid` and `size` are then those of the ciphertext (what storage holds), and the measurement
+    uses this (cidboot.trust.measure.layer_identity), so it does not depend on the flow secret."""
+
+    sha256: bytes
+    size: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sha256, bytes) or len(self.sha256) != 32:
+            raise ManifestFormatError("layer plaintext: sha256 must be 32 bytes")
+        if type(self.size) is not int or self.size < 0:
+            raise ManifestFormatError("layer plaintext: size must be a non-negative integer")
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "size": self.size}
+
+    @classmethod
+    def from_obj(cls, d: Any, where: str) -> Plaintext:
+        if not isinstance(d, dict):
+            raise ManifestFormatError(f"{where}: plaintext must be a map")
+        _only(d, {"sha256", "size"}, f"{where} plaintext")
+        return cls(_req(d, "sha256", bytes, f"{where} plaintext"), _req(d, "size", int, f"{where} plaintext"))
+
+
+@dataclass(frozen=True)
 class Layer:
+    """One image layer: `cid`/`size` of the bytes storage holds; `plaintext` set when those bytes
+    are the layer encrypted (cidboot.trust.private: age STREAM under a key derived from the flow
+    secret). A layer without `plaintext` encodes exactly as before, so old manifests keep their
+    bytes and CIDs."""
+
     cid: CID
     size: int
     role: str
+    plaintext: Plaintext | None = None
 
     def to_obj(self) -> dict[str, Any]:
-        return {"cid": self.cid, "size": self.size, "role": self.role}
+        obj: dict[str, Any] = {"cid": self.cid, "size": self.size, "role": self.role}
+        if self.plaintext is not None:
+            obj["plaintext"] = self.plaintext.to_obj()
+        return obj
+
+    @property
+    def encrypted(self) -> bool:
+        return self.plaintext is not None
 
 
 @dataclass(frozen=True)
@@ -117,6 +157,9 @@ class Manifest:
         for layer in self.layers:
             if layer.size < 0 or layer.role not in LAYER_ROLES:
                 raise ManifestFormatError(f"manifest: layer {layer.cid}: bad size or role {layer.role!r}")
+            if layer.plaintext is not None and layer.size != ciphertext_size(layer.plaintext.size):
+                raise ManifestFormatError(f"manifest: layer {layer.cid}: {layer.size} bytes cannot be the encryption "
+                                          f"of {layer.plaintext.size} bytes ({ciphertext_size(layer.plaintext.size)})")
         for k, v in self.measurements.items():
             if k not in MEASURED_LAYERS or len(v) != 64:
                 raise ManifestFormatError(f"manifest: measurement {k!r} must be a 64-byte SHA-512 of a known layer")
@@ -145,8 +188,9 @@ class Manifest:
             lw = f"manifest layer {i}"
             if not isinstance(lyr, dict):
                 raise ManifestFormatError(f"{lw}: must be a map")
-            _only(lyr, {"cid", "size", "role"}, lw)
-            layers.append(Layer(_req(lyr, "cid", CID, lw), _req(lyr, "size", int, lw), _req(lyr, "role", str, lw)))
+            _only(lyr, {"cid", "size", "role", "plaintext"}, lw)
+            plain = Plaintext.from_obj(lyr["plaintext"], lw) if "plaintext" in lyr else None
+            layers.append(Layer(_req(lyr, "cid", CID, lw), _req(lyr, "size", int, lw), _req(lyr, "role", str, lw), plain))
         ops = d.get("operations", {})
         if not isinstance(ops, dict) or not all(isinstance(k, str) and isinstance(v, CID) for k, v in ops.items()):
             raise ManifestFormatError("manifest: operations must map names to CIDs")

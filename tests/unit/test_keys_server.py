@@ -1,0 +1,124 @@
+"""`bootstrap keys`: the key broker over the bounded HTTP server, in process and as the CLI."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from bootstrap.server.keys import KeyServer, serve_keys
+from cidboot.trust.keys import write_root
+from cidboot.trust.private import keys
+from cidboot.trust.private.broker import KeyRelease
+from tests.unit.test_private_broker import (
+    MARKER,
+    OPS,
+    OPS_LAYER,
+    POLICY,
+    ROOT,
+    SECRET,
+    SIGNED,
+    Device,
+    broker_for,
+)
+
+
+def call(url: str, method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:
+    host, port = url.removeprefix("http://").split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
+        c.request(method, path, body=data)
+        r = c.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def worker() -> Device:
+    return Device()
+
+
+@pytest.fixture
+def server(worker: Device) -> Iterator[KeyServer]:
+    broker, _ = broker_for(worker, Device(debug=True))
+    srv = serve_keys(broker, "127.0.0.1", 0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def ask(url: str, dev: Device) -> tuple[int, dict[str, Any], X25519PrivateKey, bytes]:
+    st, ch = call(url, "POST", "/keys/challenge")
+    assert st == 200
+    challenge = bytes.fromhex(ch["challenge"])
+    req, eph = dev.ask(challenge)
+    st, body = call(url, "POST", "/keys/request", req.to_json())
+    return st, body, eph, challenge
+
+
+def test_release_over_http(server: KeyServer, worker: Device) -> None:
+    st, body, eph, ch = ask(server.url, worker)
+    assert st == 200, body
+    got = KeyRelease.from_json(body["release"]).open(eph, ch)
+    plain = b"".join(keys.decrypt_layer(got[str(OPS_LAYER.cid)], [OPS.ciphertext], sha256=OPS.sha256, size=OPS.size))
+    assert plain == MARKER
+
+
+def test_refusals_and_bad_requests_keep_the_server_serving(server: KeyServer, worker: Device) -> None:
+    st, body, _, _ = ask(server.url, Device())  # not registered
+    assert st == 403 and body["refused"] == "device" and body["status"] == "contraindicated"
+    st, body = call(server.url, "POST", "/keys/request", b"{not json")
+    assert st == 400 and "not a key request" in body["error"]
+    st, body = call(server.url, "POST", "/keys/request", {"challenge": "00"})
+    assert st == 400
+    st, _ = call(server.url, "GET", "/keys/challenge")
+    assert st == 405
+    st, _ = call(server.url, "POST", "/nothing")
+    assert st == 404
+    st, body, _, _ = ask(server.url, worker)  # still serving
+    assert st == 200
+
+
+def test_cli(tmp_path: Path, worker: Device) -> None:
+    from cidboot.trust.appraisal import DeviceRoots
+    roots = DeviceRoots()
+    roots.add(worker.ident.root_public_key, "w", "worker")
+    roots.save(tmp_path / "roots.json")
+    write_root(ROOT, tmp_path / "root.json")
+    (tmp_path / "policy.json").write_text(json.dumps(POLICY))
+    (tmp_path / "manifest.cbor").write_bytes(SIGNED.encode())
+    keys.write_secret(tmp_path / "flow.secret", SECRET)
+    cmd = [sys.executable, "-m", "bootstrap", "keys", "--listen", "127.0.0.1:0", "--trust-anchor", str(tmp_path / "root.json"),
+           "--manifest", str(tmp_path / "manifest.cbor"), "--roots", str(tmp_path / "roots.json"),
+           "--policy", str(tmp_path / "policy.json"), "--secret", f"private-hello={tmp_path / 'flow.secret'}",
+           "--log", str(tmp_path / "keys.log")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert "key broker listening on" in line, p.stderr.read() if p.poll() is not None and p.stderr else line
+        url = line.split()[-1]
+        st, body, eph, ch = ask(url, worker)
+        assert st == 200 and str(OPS_LAYER.cid) in KeyRelease.from_json(body["release"]).open(eph, ch)
+        st, body, _, _ = ask(url, Device(debug=True))
+        assert st == 403 and body["refused"] == "device"  # not in this roots file
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+    entries = [json.loads(x) for x in (tmp_path / "keys.log").read_text().splitlines()]
+    assert [e["decision"] for e in entries] == ["release", "refuse"]
+    bad_cmd = [("nonsense" if a.startswith("private-hello=") else a) for a in cmd]
+    bad = subprocess.run(bad_cmd, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "NAME=PATH" in bad.stderr
