@@ -54,7 +54,7 @@ from cidboot.ipld.cid import CID
 from cidboot.trust.appraisal import AFFIRMING, WARNING, AppraisalResult, DeviceRoots, appraise
 from cidboot.trust.eat import parse_evidence
 from cidboot.trust.manifest.model import Manifest, RootOfTrust
-from cidboot.trust.manifest.signed import SignedManifest
+from cidboot.trust.manifest.signed import KIND_MANIFEST, SignedManifest
 from cidboot.trust.manifest.verify import rotated_root, verify_threshold
 from cidboot.trust.private.keys import layer_key
 from cidboot.trust.tpm.appraise import TpmReferences
@@ -362,7 +362,7 @@ class KeyBroker:
             now_root, _ = rotated_root(signed, root)
             if signed.manifest.root != now_root:
                 raise ManifestNotTrusted(f"manifest {signed.manifest.name} is not under the trusted root")
-            verify_threshold(signed.signatures, signed.payload(), now_root, "manifest")
+            verify_threshold(signed.signatures, signed.payload(), now_root, "manifest", kind=KIND_MANIFEST)
         except VerificationError as e:
             raise ManifestNotTrusted(f"manifest {signed.manifest.name}: {e}") from None
         cid = signed.cid if cid is None else cid
