@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import write_results
+from bootstrap.bootfiles import INITRD_NAME, KERNEL_NAME, SERVED_NAMES
 from imagebuilder.cpio import Entry, archive_bytes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,7 +108,7 @@ def reference_boot(kernel: Path, work: Path, *, accel: str = "tcg", timeout: flo
     (tftp / "bootstrap" / "initrd.img").write_bytes(busybox_initramfs())
     # the placeholder manifest has no root to build a bootstrap for, so every other boot file the
     # server offers is supplied too (the QEMU NIC's iPXE ROM asks only for boot.ipxe and bootstrap/)
-    for name in ("undionly.kpxe", "bootstrap-x86_64.efi"):
+    for name in set(SERVED_NAMES) - {KERNEL_NAME, INITRD_NAME}:
         (tftp / name).write_bytes(f"reference boot: placeholder {name}\n".encode())
     if uefi:
         (tftp / "bootstrap-x86_64.efi").write_bytes(busybox_uki(kernel))

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import parse_args, write_results
+from bootstrap.bootfiles import SERVED_NAMES
 from cidboot.ipld.cid import CID, DAG_CBOR, RAW
 from cidboot.ipld.dag import walk
 from cidboot.ipld.unixfs import import_bytes
@@ -116,7 +117,7 @@ def round_of(net: BootNetwork, n: int, mcid: CID, work: Path) -> tuple[float, li
 def start_server(net: BootNetwork, work: Path, mcid: CID, upstream: str) -> subprocess.Popen[str]:
     tftp = work / "tftp"  # placeholders: the clients fetch no boot files, and the server need not build any
     (tftp / "bootstrap").mkdir(parents=True, exist_ok=True)
-    for name in ("undionly.kpxe", "bootstrap-x86_64.efi", "bootstrap/vmlinuz", "bootstrap/initrd.img"):
+    for name in SERVED_NAMES:
         (tftp / name).write_bytes(f"scale-out bench: placeholder {name}\n".encode())
     store = work / "server-store"
     log = open(work / "server.log", "w")

@@ -50,6 +50,9 @@ UKI_NAMES = {"x86_64": "bootstrap-x86_64.efi", "arm64": "bootstrap-arm64.efi"}
 FLOWS = {"x86_64": "flow.yaml", "arm64": "flow-arm64.yaml"}
 ARCH_ALIASES = {"amd64": "x86_64", "aarch64": "arm64"}
 KERNEL_NAME, INITRD_NAME = "bootstrap/vmlinuz", "bootstrap/initrd.img"
+# every boot file `bootstrap serve` offers (the RFC 4578 arch map's targets): what it makes or finds
+# at start, and what a --tftp-root must hold for the server to build nothing
+SERVED_NAMES = ("undionly.kpxe", KERNEL_NAME, INITRD_NAME, UKI_NAMES["x86_64"], UKI_NAMES["arm64"])
 BUILT_JSON = "built.json"
 
 

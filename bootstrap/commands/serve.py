@@ -111,8 +111,7 @@ def manifest_root(store: Blockstore, manifest: str, where: str) -> RootOfTrust:
 
 def boot_files(args: argparse.Namespace, cache: Path, store: Blockstore) -> dict[str, Path]:
     """Every boot file the server offers, made or found for the manifest (exits naming a missing one)."""
-    names = ["undionly.kpxe", bootfiles.KERNEL_NAME, bootfiles.INITRD_NAME, bootfiles.UKI_NAMES["x86_64"],
-             bootfiles.UKI_NAMES["arm64"]]
+    names = list(bootfiles.SERVED_NAMES)
 
     def anchor() -> RootOfTrust:
         return manifest_root(store, args.manifest, f"{args.store} or its upstreams" if args.upstream else str(args.store))
