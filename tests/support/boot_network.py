@@ -50,7 +50,8 @@ def running_boot_server(tmp: Path, taps: int = 1, extra: list[str] | None = None
     (root / "bootstrap" / "big.bin").write_bytes(bytes(range(256)) * 4096)
     # the placeholder manifest has no root to build a bootstrap for: every boot file the server
     # offers comes from this root (bootstrap.bootfiles: a --tftp-root file overrides the built one)
-    for name in ("undionly.kpxe", "bootstrap-x86_64.efi", "bootstrap/vmlinuz", "bootstrap/initrd.img"):
+    for name in ("undionly.kpxe", "bootstrap-x86_64.efi", "bootstrap-arm64.efi", "bootstrap/vmlinuz",
+                 "bootstrap/initrd.img"):
         if not (root / name).exists():
             (root / name).write_bytes(f"placeholder {name}\n".encode())
     with boot_network(taps=taps) as net:
