@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from bootstrap import bootfiles
 from cidboot.ipld.unixfs.importer import ImportOptions, import_bytes
 from cidboot.store.blockstore import Blockstore
 from cidboot.trust import keys
@@ -121,6 +122,10 @@ def test_serve_with_only_a_manifest_offers_every_arch_a_byte_identical_boot_file
             assert get(http).stdout == uki
             assert get(http_arm64).stdout == uki_arm64
             assert get("tftp://10.77.0.1/bootstrap/vmlinuz").stdout == (entry / built["kernel"]).read_bytes()
+            # BIOS: boot.ipxe gives the bootstrap kernel its manifest's parameters (the same-kernel rule)
+            kernel_line = next(ln for ln in get("tftp://10.77.0.1/boot.ipxe").stdout.decode().splitlines()
+                               if ln.startswith("kernel "))
+            assert built["result"]["cmdline"] and kernel_line.endswith(" " + built["result"]["cmdline"]), kernel_line
             # bad input: precise errors, and the server keeps serving
             assert get("tftp://10.77.0.1/no-such-file.efi").returncode != 0
             missing = subprocess.run(net.host_cmd(other, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
@@ -223,6 +228,10 @@ def test_client_behind_a_dhcp_relay_gets_a_lease_from_its_subnets_range_and_its_
             assert tftp.returncode == 0 and tftp.stdout == boot_file, (tftp.returncode, len(tftp.stdout))
             got = in_client(["curl", "-s", "-f", "--max-time", "120", "-o", "-", http["boot_file"]])
             assert got.returncode == 0 and got.stdout == boot_file, (got.returncode, len(got.stdout))
+            # a BIOS client there chain-loads iPXE, whose script passes the bootstrap's parameters (a
+            # --tftp-root kernel: the bootstrap flow's)
+            ipxe = in_client(["curl", "-s", "-f", "--max-time", "60", "-o", "-", "tftp://10.77.0.1/boot.ipxe"])
+            assert ipxe.returncode == 0 and f"json {bootfiles.flow_cmdline()}\n" in ipxe.stdout.decode(), ipxe
         events = srv.events()
         assert any(e.get("giaddr") == "10.88.0.1" and str(e.get("msg", "")).startswith("lease ") for e in events)
         # the local subnet is still served from its own range, directly
