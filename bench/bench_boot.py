@@ -15,10 +15,15 @@ uefi-http`, x86_64), the hello flow boots once per kind. The dice and bios-ipxe 
 with the plain iPXE reference, the uefi-* boots with a plain UEFI PXE boot in the same run:
 OVMF's own PXE loads a UKI (the same systemd-boot stub our bootstrap UKI uses) of the same kernel
 and busybox initramfs.
+With `--arch arm64` the hello flow boots on AAVMF (`qemu-system-aarch64 -machine virt`, TCG) by
+each uefi-* kind given (default uefi-http): its row has no ratio, because the plain AAVMF
+reference (the same arm64 kernel with a busybox initramfs) would need an arm64 busybox, which
+nothing here builds yet; the x86_64 references still run, as context.
 Writes JSON, a table, and an SVG timeline (one bar per stage) to --out.
 
     python3 -m bench.bench_boot                      # boot the hello flow, then the reference
     python3 -m bench.bench_boot --firmware dice,bios-ipxe,uefi-pxe,uefi-http
+    python3 -m bench.bench_boot --arch arm64         # AAVMF UEFI HTTP Boot of the hello flow
     python3 -m bench.bench_boot --report R.json      # stages from an existing harness report
     python3 -m bench.bench_boot --reference-only     # just the plain iPXE boot
 """
@@ -44,6 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 MARKER = "cidboot-bench: busybox init reached"
 REF_IPXE = "plain iPXE + busybox (reference)"
 REF_UEFI = "plain UEFI PXE + busybox UKI (reference)"
+NO_ARM64_REF = "no plain AAVMF reference in this run: it needs an arm64 busybox initramfs, which nothing builds yet"
 UKI_CMDLINE = "console=ttyS0 quiet panic=-1 no_timer_check"  # the hello flow's, as our bootstrap UKI's
 KERNEL_PKG = "linux-image-cloud-amd64"  # the kernel firmware, bootstrap and hello all pin
 COLORS = {"firmware": "#4e79a7", "bootstrap": "#f28e2b", "image": "#59a14f", "reference": "#9c9c9c",
@@ -205,27 +211,32 @@ def svg_timeline(bars: Bars, path: Path) -> None:
     path.write_text("\n".join(out) + "\n")
 
 
-def firmware_rows(boots: dict[str, dict[str, Any]], refs: dict[str, float]) -> tuple[list[dict[str, Any]], Bars]:
+def firmware_rows(boots: dict[str, dict[str, Any]], refs: dict[str, float],
+                  arch: str = "x86_64") -> tuple[list[dict[str, Any]], Bars]:
     """One row per firmware kind other than dice: power-on to agent ready (from that boot's
-    report), with its ratio to the plain boot of the same firmware family (`reference` names it)."""
+    report), with its ratio to the plain boot of the same firmware family and arch (`reference`
+    names it; arm64 has none yet, so its rows say why instead of borrowing x86_64's)."""
     rows: list[dict[str, Any]] = []
     bars: Bars = []
     for kind, report in boots.items():
+        label = kind if arch == "x86_64" else f"{kind}, {arch}"
         stages = stages_from_report(report)
         if not stages:
-            rows.append({"boot": f"ours ({kind}): power-on to agent ready", "seconds": None, "note": "no timeline"})
+            rows.append({"boot": f"ours ({label}): power-on to agent ready", "seconds": None, "note": "no timeline",
+                         "arch": arch})
             continue
         total = sum(stages.values())
-        ref_name = REF_UEFI if kind.startswith("uefi") else REF_IPXE
-        ref = refs.get(ref_name)
-        rows.append({"boot": f"ours ({kind}): power-on to agent ready", "seconds": round(total, 2),
+        ref_name = (REF_UEFI if kind.startswith("uefi") else REF_IPXE) if arch == "x86_64" else None
+        ref = refs.get(ref_name) if ref_name else None
+        rows.append({"boot": f"ours ({label}): power-on to agent ready", "seconds": round(total, 2),
                      "ratio_vs_reference": round(total / ref, 2) if ref else None, "reference": ref_name,
-                     "appraisal": report["devices"][0].get("appraisal", {}).get("status")})
+                     "appraisal": report["devices"][0].get("appraisal", {}).get("status"), "arch": arch,
+                     **({} if ref_name else {"note": NO_ARM64_REF})})
         segs, t = [], 0.0
         for k, v in stages.items():
             segs.append((k, t, v))
             t += v
-        bars.append((f"ours {kind}", segs))
+        bars.append((f"ours {label}", segs))
     return rows, bars
 
 
@@ -258,12 +269,12 @@ def summarize(ref_s: float | None, stages: dict[str, float], extra: dict[str, fl
     return rows, bars
 
 
-def harness_boot(firmware: str, out: Path) -> dict[str, Any] | None:
-    """The hello flow, one device, booted by the harness with `firmware`; its report (None if none)."""
+def harness_boot(firmware: str, out: Path, arch: str = "x86_64") -> dict[str, Any] | None:
+    """The hello flow, one device, booted by the harness with `firmware` on `arch`; its report (None if none)."""
     t0 = time.monotonic()
     rc = subprocess.call([sys.executable, "-m", "qemu.harness", "boot", str(REPO / "examples/hello/flow.yaml"),
-                          "--devices", "1", "--firmware", firmware, "--out", str(out)], cwd=REPO)
-    print(f"harness boot ({firmware}): exit {rc} after {time.monotonic() - t0:.1f} s", flush=True)
+                          "--devices", "1", "--firmware", firmware, "--arch", arch, "--out", str(out)], cwd=REPO)
+    print(f"harness boot ({firmware}, {arch}): exit {rc} after {time.monotonic() - t0:.1f} s", flush=True)
     path = out / "report.json"
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -276,16 +287,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="reference boots (the median is reported)")
     ap.add_argument("--quick", action="store_true",
                     help="skip the context rows (direct -kernel boot; iPXE with no IPv6 router)")
-    ap.add_argument("--firmware", default="dice",
+    ap.add_argument("--firmware", default=None,
                     help="comma-separated firmware kinds to boot the hello flow with (dice, bios-ipxe, uefi-pxe, "
-                         "uefi-http; default dice); uefi-* adds the plain UEFI PXE reference")
+                         "uefi-http; default dice, with --arch arm64 uefi-http); uefi-* on x86_64 adds the plain "
+                         "UEFI PXE reference")
+    ap.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
+                    help="the architecture the hello flow boots on (arm64: AAVMF, uefi-* kinds only)")
     args = ap.parse_args(argv)
     from qemu.harness.lab import FIRMWARES
 
-    kinds = [k.strip() for k in args.firmware.split(",") if k.strip()]
+    kinds = [k.strip() for k in (args.firmware or ("uefi-http" if args.arch == "arm64" else "dice")).split(",")
+             if k.strip()]
     bad = [k for k in kinds if k not in FIRMWARES]
     if bad or not kinds:
         ap.error(f"--firmware: {', '.join(bad) or 'none given'}: choose from {', '.join(FIRMWARES)}")
+    if args.arch == "arm64" and any(not k.startswith("uefi") for k in kinds):
+        ap.error(f"--arch arm64 boots UEFI only (AAVMF): {', '.join(k for k in kinds if not k.startswith('uefi'))} "
+                 "is x86_64's")
     from qemu.harness import accel as accel_mod
 
     out = Path(args.out).resolve()  # the harness runs with cwd=REPO
@@ -304,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     def references(n: int) -> None:
         for _ in range(n):
             refs.append(reference_boot(kernel, work, accel=mode))
-            if any(k.startswith("uefi") for k in kinds):
+            if args.arch == "x86_64" and any(k.startswith("uefi") for k in kinds):
                 uefi_refs.append(reference_boot(kernel, work, accel=mode, uefi=True))
 
     # on a shared machine the load changes over minutes: one reference boot before ours, the
@@ -312,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     if booting:
         references(1)
         for kind in kinds:
-            got = harness_boot(kind, work / ("ours" if kind == "dice" else f"ours-{kind}"))
+            sub = "ours" if kind == "dice" else f"ours-{kind}" + ("" if args.arch == "x86_64" else f"-{args.arch}")
+            got = harness_boot(kind, work / sub, args.arch)
             if kind == "dice":
                 report = got
             elif got is not None:
@@ -335,12 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     if uefi_refs:
         rows.append({"boot": REF_UEFI, "seconds": round(ref_times[REF_UEFI], 2)})
         bars.append(("UEFI PXE+busybox", [("reference", 0.0, ref_times[REF_UEFI])]))
-    fw_rows, fw_bars = firmware_rows(others, ref_times)
+    fw_rows, fw_bars = firmware_rows(others, ref_times, args.arch)
     rows += fw_rows
     bars += fw_bars
     svg_timeline(bars, out / "boot_timeline.svg")
     write_results(str(out), "bench_boot", rows, {
-        "accel": mode, "reference_runs": refs, "uefi_reference_runs": uefi_refs, "firmware": kinds,
+        "accel": mode, "reference_runs": refs, "uefi_reference_runs": uefi_refs, "firmware": kinds, "arch": args.arch,
         "firmware_stages": {k: stages_from_report(r) for k, r in others.items()},
         "context_runs": context, "stages": stages,
         "phases": [{"phase": n, "start_s": st, "seconds": d} for n, st, d in phases], "goal": "ours / reference as low as verification allows",
