@@ -16,9 +16,10 @@ with the plain iPXE reference, the uefi-* boots with a plain UEFI PXE boot in th
 OVMF's own PXE loads a UKI (the same systemd-boot stub our bootstrap UKI uses) of the same kernel
 and busybox initramfs.
 With `--arch arm64` the hello flow boots on AAVMF (`qemu-system-aarch64 -machine virt`, TCG) by
-each uefi-* kind given (default uefi-http): its row has no ratio, because the plain AAVMF
-reference (the same arm64 kernel with a busybox initramfs) would need an arm64 busybox, which
-nothing here builds yet; the x86_64 references still run, as context.
+each uefi-* kind given (default uefi-http), compared with a plain AAVMF HTTP Boot in the same run of a UKI
+(Debian's pinned linuxaa64.efi.stub) of the same arm64 kernel with an initramfs holding no
+userspace at all (there is no arm64 busybox here): timed to the kernel's "no root, no init"
+panic, the moment busybox's init would start. The x86_64 references still run, as context.
 Writes JSON, a table, and an SVG timeline (one bar per stage) to --out.
 
     python3 -m bench.bench_boot                      # boot the hello flow, then the reference
@@ -49,7 +50,10 @@ REPO = Path(__file__).resolve().parent.parent
 MARKER = "cidboot-bench: busybox init reached"
 REF_IPXE = "plain iPXE + busybox (reference)"
 REF_UEFI = "plain UEFI PXE + busybox UKI (reference)"
-NO_ARM64_REF = "no plain AAVMF reference in this run: it needs an arm64 busybox initramfs, which nothing builds yet"
+REF_AAVMF = "plain AAVMF HTTP Boot, same kernel, no userspace (reference)"
+NO_ARM64_REF = "no plain AAVMF reference boot in this run"
+PANIC_MARKER = r"Kernel panic - not syncing"  # the arm64 reference's end: the kernel found no init to run
+ARM64_KERNEL_PKG = "linux-image-cloud-arm64"
 UKI_CMDLINE = "console=ttyS0 quiet panic=-1 no_timer_check"  # the hello flow's, as our bootstrap UKI's
 KERNEL_PKG = "linux-image-cloud-amd64"  # the kernel firmware, bootstrap and hello all pin
 COLORS = {"firmware": "#4e79a7", "bootstrap": "#f28e2b", "image": "#59a14f", "reference": "#9c9c9c",
@@ -72,13 +76,14 @@ def busybox_initramfs(script: str | None = None) -> bytes:
     return gzip.compress(archive_bytes(entries, 0), mtime=0)
 
 
-def pinned_kernel(dest: Path) -> Path:
-    """The Debian kernel the stages boot (from the hello flow's lock, via the .deb cache)."""
+def pinned_kernel(dest: Path, arch: str = "x86_64") -> Path:
+    """The Debian kernel the stages boot (from the hello flow's lock for `arch`, via the .deb cache)."""
     from imagebuilder.debpkg import read_deb
     from imagebuilder.lock import Lock, fetch_deb
 
     if not dest.exists():
-        deb = fetch_deb(Lock.load(REPO / "examples/hello/flow.lock").pin(KERNEL_PKG), "refresh examples/hello/flow.lock")
+        lock = REPO / "examples/hello" / ("flow.lock" if arch == "x86_64" else "flow-arm64.lock")
+        deb = fetch_deb(Lock.load(lock).pin(KERNEL_PKG if arch == "x86_64" else ARM64_KERNEL_PKG), f"refresh {lock}")
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(next(f.data for f in read_deb(deb) if f.path.startswith("boot/vmlinuz-")))
     return dest
@@ -93,19 +98,34 @@ def busybox_uki(kernel: Path) -> bytes:
                          uki.os_release("busybox-reference", 1))
 
 
+def arm64_reference_uki(kernel: Path) -> bytes:
+    """The arm64 kernel on the arm64 bootstrap's pinned stub with an initramfs of only
+    /dev/console: nothing to run, so the kernel panics where busybox's init would have started."""
+    from imagebuilder import uki
+    from imagebuilder.build import _stub_from_deb
+    from imagebuilder.lock import Lock, fetch_deb
+
+    lock = REPO / "bootstrap/image/flow-arm64.lock"
+    stub = _stub_from_deb(fetch_deb(Lock.load(lock).pin(uki.STUB_PACKAGE), f"refresh {lock}"), "arm64")
+    empty = gzip.compress(archive_bytes([Entry.directory("dev"), Entry.chardev("dev/console", 5, 1)], 0), mtime=0)
+    return uki.build_uki(stub, kernel.read_bytes(), empty, "console=ttyAMA0 quiet", uki.os_release("aavmf-reference", 1),
+                         "arm64")
+
+
 def reference_boot(kernel: Path, work: Path, *, accel: str = "tcg", timeout: float = 300,
-                   ipv6_router: bool = True, uefi: bool = False) -> dict[str, Any]:
+                   ipv6_router: bool = True, uefi: bool = False, arch: str = "x86_64") -> dict[str, Any]:
     """PXE via the NIC's iPXE ROM (or, `uefi`, OVMF's own PXE loading a busybox UKI) -> the same
     kernel + busybox initramfs, timed on the console.
 
     With `ipv6_router` an empty router advertisement answers iPXE's IPv6 solicitations (see
-    qemu/harness/ra.py); without, iPXE waits ~16 s for a router before it fetches anything."""
+    qemu/harness/ra.py); without, iPXE waits ~16 s for a router before it fetches anything.
+    `arch` "arm64": AAVMF's HTTP Boot of arm64_reference_uki(kernel), to its panic marker."""
     from cidboot.ipld.cid import RAW
     from cidboot.store.blockstore import Blockstore
     from qemu.harness.lab import device_mac
     from qemu.harness.netns import boot_network
     from qemu.harness.ra import router_advertiser
-    from qemu.harness.vm import Guest
+    from qemu.harness.vm import Guest, GuestSpec
 
     tftp = work / "tftp-ref"
     (tftp / "bootstrap").mkdir(parents=True, exist_ok=True)
@@ -113,9 +133,13 @@ def reference_boot(kernel: Path, work: Path, *, accel: str = "tcg", timeout: flo
     (tftp / "bootstrap" / "initrd.img").write_bytes(busybox_initramfs())
     # the placeholder manifest has no root to build a bootstrap for, so every other boot file the
     # server offers is supplied too (the QEMU NIC's iPXE ROM asks only for boot.ipxe and bootstrap/)
-    for name in ("undionly.kpxe", "bootstrap-x86_64.efi"):
+    for name in ("undionly.kpxe", "bootstrap-x86_64.efi", "bootstrap-arm64.efi"):
         (tftp / name).write_bytes(f"reference boot: placeholder {name}\n".encode())
-    if uefi:
+    arm64 = arch == "arm64"
+    if arm64:
+        (tftp / "bootstrap" / "vmlinuz").write_bytes(b"reference boot: placeholder (arm64 boots its UKI)\n")
+        (tftp / "bootstrap-arm64.efi").write_bytes(arm64_reference_uki(kernel))
+    elif uefi:
         (tftp / "bootstrap-x86_64.efi").write_bytes(busybox_uki(kernel))
     store = Blockstore(work / "ref-store")
     placeholder = store.put_block(b"reference boot: no manifest", RAW)
@@ -131,11 +155,18 @@ def reference_boot(kernel: Path, work: Path, *, accel: str = "tcg", timeout: flo
             assert server.stdout is not None
             if "serving on" not in server.stdout.readline():
                 raise RuntimeError(f"boot server did not start: {(work / 'ref-server.log').read_text()[-1500:]}")
-            g = Guest.create("reference", work / "ref-guest", nic=(net.taps[0], device_mac(0)),
-                             boot_from_network=True, memory_mib=512, accel=accel, net=net,
-                             firmware="uefi" if uefi else "bios")
+            if arm64:
+                g = Guest(GuestSpec("reference", tap=net.taps[0], mac=device_mac(0), network_boot=True, accel=accel,
+                                    firmware="uefi", uefi_http=True, arch="arm64"), work / "ref-guest", net)
+            else:
+                g = Guest.create("reference", work / "ref-guest", nic=(net.taps[0], device_mac(0)),
+                                 boot_from_network=True, memory_mib=512, accel=accel, net=net,
+                                 firmware="uefi" if uefi else "bios")
             with g:
-                line, _ = g.wait_for_console(MARKER, timeout)
+                line, _ = g.wait_for_console(PANIC_MARKER if arm64 else MARKER, timeout)
+                if arm64:  # the kernel waits there (no panic=): nothing more to time
+                    return {"to_marker_s": line.t, "firmware": "uefi-http", "arch": "arm64",
+                            "console": str(work / "ref-guest" / "console.log")}
                 found: dict[str, float | None] = {}
                 for key, rx in (() if uefi else (("ipxe_configured_s", r"^Configuring \(net0 .* ok"),
                                                   ("kernel_start_s", r"Linux version"),
@@ -226,12 +257,12 @@ def firmware_rows(boots: dict[str, dict[str, Any]], refs: dict[str, float],
                          "arch": arch})
             continue
         total = sum(stages.values())
-        ref_name = (REF_UEFI if kind.startswith("uefi") else REF_IPXE) if arch == "x86_64" else None
-        ref = refs.get(ref_name) if ref_name else None
+        ref_name = (REF_UEFI if kind.startswith("uefi") else REF_IPXE) if arch == "x86_64" else REF_AAVMF
+        ref = refs.get(ref_name)
         rows.append({"boot": f"ours ({label}): power-on to agent ready", "seconds": round(total, 2),
                      "ratio_vs_reference": round(total / ref, 2) if ref else None, "reference": ref_name,
                      "appraisal": report["devices"][0].get("appraisal", {}).get("status"), "arch": arch,
-                     **({} if ref_name else {"note": NO_ARM64_REF})})
+                     **({} if ref or arch == "x86_64" else {"note": NO_ARM64_REF})})
         segs, t = [], 0.0
         for k, v in stages.items():
             segs.append((k, t, v))
@@ -318,12 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     booting = not args.report and not args.reference_only
     refs: list[dict[str, Any]] = []
     uefi_refs: list[dict[str, Any]] = []
+    arm64_refs: list[dict[str, Any]] = []
+    arm64_kernel = pinned_kernel(work / "vmlinuz-arm64", "arm64") if args.arch == "arm64" and booting else None
 
     def references(n: int) -> None:
         for _ in range(n):
             refs.append(reference_boot(kernel, work, accel=mode))
             if args.arch == "x86_64" and any(k.startswith("uefi") for k in kinds):
                 uefi_refs.append(reference_boot(kernel, work, accel=mode, uefi=True))
+            if arm64_kernel is not None:
+                arm64_refs.append(reference_boot(arm64_kernel, work, accel=mode, arch="arm64"))
 
     # on a shared machine the load changes over minutes: one reference boot before ours, the
     # rest after, so a busy spell does not fall on one side of the ratio only
@@ -341,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     ref_times = {REF_IPXE: ref_s}
     if uefi_refs:
         ref_times[REF_UEFI] = statistics.median(r["to_marker_s"] for r in uefi_refs)
+    if arm64_refs:
+        ref_times[REF_AAVMF] = statistics.median(r["to_marker_s"] for r in arm64_refs)
     extra: dict[str, float] = {}
     context: dict[str, Any] = {}
     if not args.quick:
@@ -354,12 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     if uefi_refs:
         rows.append({"boot": REF_UEFI, "seconds": round(ref_times[REF_UEFI], 2)})
         bars.append(("UEFI PXE+busybox", [("reference", 0.0, ref_times[REF_UEFI])]))
+    if arm64_refs:
+        rows.append({"boot": REF_AAVMF, "seconds": round(ref_times[REF_AAVMF], 2), "arch": "arm64"})
+        bars.append(("AAVMF HTTP, no init", [("reference", 0.0, ref_times[REF_AAVMF])]))
     fw_rows, fw_bars = firmware_rows(others, ref_times, args.arch)
     rows += fw_rows
     bars += fw_bars
     svg_timeline(bars, out / "boot_timeline.svg")
     write_results(str(out), "bench_boot", rows, {
         "accel": mode, "reference_runs": refs, "uefi_reference_runs": uefi_refs, "firmware": kinds, "arch": args.arch,
+        "arm64_reference_runs": arm64_refs,
         "firmware_stages": {k: stages_from_report(r) for k, r in others.items()},
         "context_runs": context, "stages": stages,
         "phases": [{"phase": n, "start_s": st, "seconds": d} for n, st, d in phases], "goal": "ours / reference as low as verification allows",
