@@ -15,10 +15,16 @@ uefi-http`, x86_64), the hello flow boots once per kind. The dice and bios-ipxe 
 with the plain iPXE reference, the uefi-* boots with a plain UEFI PXE boot in the same run:
 OVMF's own PXE loads a UKI (the same systemd-boot stub our bootstrap UKI uses) of the same kernel
 and busybox initramfs.
+With `--arch arm64` the hello flow boots on AAVMF (`qemu-system-aarch64 -machine virt`, TCG) by
+each uefi-* kind given (default uefi-http), compared with a plain AAVMF HTTP Boot in the same run of a UKI
+(Debian's pinned linuxaa64.efi.stub) of the same arm64 kernel with an initramfs holding no
+userspace at all (there is no arm64 busybox here): timed to the kernel's "no root, no init"
+panic, the moment busybox's init would start. The x86_64 references still run, as context.
 Writes JSON, a table, and an SVG timeline (one bar per stage) to --out.
 
     python3 -m bench.bench_boot                      # boot the hello flow, then the reference
     python3 -m bench.bench_boot --firmware dice,bios-ipxe,uefi-pxe,uefi-http
+    python3 -m bench.bench_boot --arch arm64         # AAVMF UEFI HTTP Boot of the hello flow
     python3 -m bench.bench_boot --report R.json      # stages from an existing harness report
     python3 -m bench.bench_boot --reference-only     # just the plain iPXE boot
 """
@@ -45,6 +51,10 @@ REPO = Path(__file__).resolve().parent.parent
 MARKER = "cidboot-bench: busybox init reached"
 REF_IPXE = "plain iPXE + busybox (reference)"
 REF_UEFI = "plain UEFI PXE + busybox UKI (reference)"
+REF_AAVMF = "plain AAVMF HTTP Boot, same kernel, no userspace (reference)"
+NO_ARM64_REF = "no plain AAVMF reference boot in this run"
+PANIC_MARKER = r"Kernel panic - not syncing"  # the arm64 reference's end: the kernel found no init to run
+ARM64_KERNEL_PKG = "linux-image-cloud-arm64"
 UKI_CMDLINE = "console=ttyS0 quiet panic=-1 no_timer_check"  # the hello flow's, as our bootstrap UKI's
 KERNEL_PKG = "linux-image-cloud-amd64"  # the kernel firmware, bootstrap and hello all pin
 COLORS = {"firmware": "#4e79a7", "bootstrap": "#f28e2b", "image": "#59a14f", "reference": "#9c9c9c",
@@ -67,13 +77,14 @@ def busybox_initramfs(script: str | None = None) -> bytes:
     return gzip.compress(archive_bytes(entries, 0), mtime=0)
 
 
-def pinned_kernel(dest: Path) -> Path:
-    """The Debian kernel the stages boot (from the hello flow's lock, via the .deb cache)."""
+def pinned_kernel(dest: Path, arch: str = "x86_64") -> Path:
+    """The Debian kernel the stages boot (from the hello flow's lock for `arch`, via the .deb cache)."""
     from imagebuilder.debpkg import read_deb
     from imagebuilder.lock import Lock, fetch_deb
 
     if not dest.exists():
-        deb = fetch_deb(Lock.load(REPO / "examples/hello/flow.lock").pin(KERNEL_PKG), "refresh examples/hello/flow.lock")
+        lock = REPO / "examples/hello" / ("flow.lock" if arch == "x86_64" else "flow-arm64.lock")
+        deb = fetch_deb(Lock.load(lock).pin(KERNEL_PKG if arch == "x86_64" else ARM64_KERNEL_PKG), f"refresh {lock}")
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(next(f.data for f in read_deb(deb) if f.path.startswith("boot/vmlinuz-")))
     return dest
@@ -88,19 +99,34 @@ def busybox_uki(kernel: Path) -> bytes:
                          uki.os_release("busybox-reference", 1))
 
 
+def arm64_reference_uki(kernel: Path) -> bytes:
+    """The arm64 kernel on the arm64 bootstrap's pinned stub with an initramfs of only
+    /dev/console: nothing to run, so the kernel panics where busybox's init would have started."""
+    from imagebuilder import uki
+    from imagebuilder.build import _stub_from_deb
+    from imagebuilder.lock import Lock, fetch_deb
+
+    lock = REPO / "bootstrap/image/flow-arm64.lock"
+    stub = _stub_from_deb(fetch_deb(Lock.load(lock).pin(uki.STUB_PACKAGE), f"refresh {lock}"), "arm64")
+    empty = gzip.compress(archive_bytes([Entry.directory("dev"), Entry.chardev("dev/console", 5, 1)], 0), mtime=0)
+    return uki.build_uki(stub, kernel.read_bytes(), empty, "console=ttyAMA0 quiet", uki.os_release("aavmf-reference", 1),
+                         "arm64")
+
+
 def reference_boot(kernel: Path, work: Path, *, accel: str = "tcg", timeout: float = 300,
-                   ipv6_router: bool = True, uefi: bool = False) -> dict[str, Any]:
+                   ipv6_router: bool = True, uefi: bool = False, arch: str = "x86_64") -> dict[str, Any]:
     """PXE via the NIC's iPXE ROM (or, `uefi`, OVMF's own PXE loading a busybox UKI) -> the same
     kernel + busybox initramfs, timed on the console.
 
     With `ipv6_router` an empty router advertisement answers iPXE's IPv6 solicitations (see
-    qemu/harness/ra.py); without, iPXE waits ~16 s for a router before it fetches anything."""
+    qemu/harness/ra.py); without, iPXE waits ~16 s for a router before it fetches anything.
+    `arch` "arm64": AAVMF's HTTP Boot of arm64_reference_uki(kernel), to its panic marker."""
     from cidboot.ipld.cid import RAW
     from cidboot.store.blockstore import Blockstore
     from qemu.harness.lab import device_mac
     from qemu.harness.netns import boot_network
     from qemu.harness.ra import router_advertiser
-    from qemu.harness.vm import Guest
+    from qemu.harness.vm import Guest, GuestError, GuestSpec
 
     tftp = work / "tftp-ref"
     (tftp / "bootstrap").mkdir(parents=True, exist_ok=True)
@@ -110,7 +136,11 @@ def reference_boot(kernel: Path, work: Path, *, accel: str = "tcg", timeout: flo
     # server offers is supplied too (the QEMU NIC's iPXE ROM asks only for boot.ipxe and bootstrap/)
     for name in set(SERVED_NAMES) - {KERNEL_NAME, INITRD_NAME}:
         (tftp / name).write_bytes(f"reference boot: placeholder {name}\n".encode())
-    if uefi:
+    arm64 = arch == "arm64"
+    if arm64:
+        (tftp / "bootstrap" / "vmlinuz").write_bytes(b"reference boot: placeholder (arm64 boots its UKI)\n")
+        (tftp / "bootstrap-arm64.efi").write_bytes(arm64_reference_uki(kernel))
+    elif uefi:
         (tftp / "bootstrap-x86_64.efi").write_bytes(busybox_uki(kernel))
     store = Blockstore(work / "ref-store")
     placeholder = store.put_block(b"reference boot: no manifest", RAW)
@@ -126,17 +156,27 @@ def reference_boot(kernel: Path, work: Path, *, accel: str = "tcg", timeout: flo
             assert server.stdout is not None
             if "serving on" not in server.stdout.readline():
                 raise RuntimeError(f"boot server did not start: {(work / 'ref-server.log').read_text()[-1500:]}")
-            g = Guest.create("reference", work / "ref-guest", nic=(net.taps[0], device_mac(0)),
-                             boot_from_network=True, memory_mib=512, accel=accel, net=net,
-                             firmware="uefi" if uefi else "bios")
+            if arm64:
+                g = Guest(GuestSpec("reference", tap=net.taps[0], mac=device_mac(0), network_boot=True, accel=accel,
+                                    firmware="uefi", uefi_http=True, arch="arm64"), work / "ref-guest", net)
+            else:
+                g = Guest.create("reference", work / "ref-guest", nic=(net.taps[0], device_mac(0)),
+                                 boot_from_network=True, memory_mib=512, accel=accel, net=net,
+                                 firmware="uefi" if uefi else "bios")
             with g:
-                line, _ = g.wait_for_console(MARKER, timeout)
+                line, _ = g.wait_for_console(PANIC_MARKER if arm64 else MARKER, timeout)
+                if arm64:  # the kernel waits there (no panic=): nothing more to time
+                    return {"to_marker_s": line.t, "firmware": "uefi-http", "arch": "arm64",
+                            "console": str(work / "ref-guest" / "console.log")}
                 found: dict[str, float | None] = {}
                 for key, rx in (() if uefi else (("ipxe_configured_s", r"^Configuring \(net0 .* ok"),
                                                   ("kernel_start_s", r"Linux version"),
                                                   ("ipxe_first_line_s", r"iPXE"))):
-                    hit, _ = g.wait_for_console(rx, 5)
-                    found[key] = hit.t
+                    try:  # context only: boot.ipxe passes the bootstrap's `quiet`, so no `Linux version`
+                        hit, _ = g.wait_for_console(rx, 5)
+                        found[key] = hit.t
+                    except GuestError:
+                        found[key] = None
                 off_t, _ = g.wait_for_event("SHUTDOWN", 60)
         finally:
             server.terminate()
@@ -206,27 +246,32 @@ def svg_timeline(bars: Bars, path: Path) -> None:
     path.write_text("\n".join(out) + "\n")
 
 
-def firmware_rows(boots: dict[str, dict[str, Any]], refs: dict[str, float]) -> tuple[list[dict[str, Any]], Bars]:
+def firmware_rows(boots: dict[str, dict[str, Any]], refs: dict[str, float],
+                  arch: str = "x86_64") -> tuple[list[dict[str, Any]], Bars]:
     """One row per firmware kind other than dice: power-on to agent ready (from that boot's
-    report), with its ratio to the plain boot of the same firmware family (`reference` names it)."""
+    report), with its ratio to the plain boot of the same firmware family and arch (`reference`
+    names it; arm64 has none yet, so its rows say why instead of borrowing x86_64's)."""
     rows: list[dict[str, Any]] = []
     bars: Bars = []
     for kind, report in boots.items():
+        label = kind if arch == "x86_64" else f"{kind}, {arch}"
         stages = stages_from_report(report)
         if not stages:
-            rows.append({"boot": f"ours ({kind}): power-on to agent ready", "seconds": None, "note": "no timeline"})
+            rows.append({"boot": f"ours ({label}): power-on to agent ready", "seconds": None, "note": "no timeline",
+                         "arch": arch})
             continue
         total = sum(stages.values())
-        ref_name = REF_UEFI if kind.startswith("uefi") else REF_IPXE
+        ref_name = (REF_UEFI if kind.startswith("uefi") else REF_IPXE) if arch == "x86_64" else REF_AAVMF
         ref = refs.get(ref_name)
-        rows.append({"boot": f"ours ({kind}): power-on to agent ready", "seconds": round(total, 2),
+        rows.append({"boot": f"ours ({label}): power-on to agent ready", "seconds": round(total, 2),
                      "ratio_vs_reference": round(total / ref, 2) if ref else None, "reference": ref_name,
-                     "appraisal": report["devices"][0].get("appraisal", {}).get("status")})
+                     "appraisal": report["devices"][0].get("appraisal", {}).get("status"), "arch": arch,
+                     **({} if ref or arch == "x86_64" else {"note": NO_ARM64_REF})})
         segs, t = [], 0.0
         for k, v in stages.items():
             segs.append((k, t, v))
             t += v
-        bars.append((f"ours {kind}", segs))
+        bars.append((f"ours {label}", segs))
     return rows, bars
 
 
@@ -259,12 +304,12 @@ def summarize(ref_s: float | None, stages: dict[str, float], extra: dict[str, fl
     return rows, bars
 
 
-def harness_boot(firmware: str, out: Path) -> dict[str, Any] | None:
-    """The hello flow, one device, booted by the harness with `firmware`; its report (None if none)."""
+def harness_boot(firmware: str, out: Path, arch: str = "x86_64") -> dict[str, Any] | None:
+    """The hello flow, one device, booted by the harness with `firmware` on `arch`; its report (None if none)."""
     t0 = time.monotonic()
     rc = subprocess.call([sys.executable, "-m", "qemu.harness", "boot", str(REPO / "examples/hello/flow.yaml"),
-                          "--devices", "1", "--firmware", firmware, "--out", str(out)], cwd=REPO)
-    print(f"harness boot ({firmware}): exit {rc} after {time.monotonic() - t0:.1f} s", flush=True)
+                          "--devices", "1", "--firmware", firmware, "--arch", arch, "--out", str(out)], cwd=REPO)
+    print(f"harness boot ({firmware}, {arch}): exit {rc} after {time.monotonic() - t0:.1f} s", flush=True)
     path = out / "report.json"
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -277,16 +322,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="reference boots (the median is reported)")
     ap.add_argument("--quick", action="store_true",
                     help="skip the context rows (direct -kernel boot; iPXE with no IPv6 router)")
-    ap.add_argument("--firmware", default="dice",
+    ap.add_argument("--firmware", default=None,
                     help="comma-separated firmware kinds to boot the hello flow with (dice, bios-ipxe, uefi-pxe, "
-                         "uefi-http; default dice); uefi-* adds the plain UEFI PXE reference")
+                         "uefi-http; default dice, with --arch arm64 uefi-http); uefi-* on x86_64 adds the plain "
+                         "UEFI PXE reference")
+    ap.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
+                    help="the architecture the hello flow boots on (arm64: AAVMF, uefi-* kinds only)")
     args = ap.parse_args(argv)
     from qemu.harness.lab import FIRMWARES
 
-    kinds = [k.strip() for k in args.firmware.split(",") if k.strip()]
+    kinds = [k.strip() for k in (args.firmware or ("uefi-http" if args.arch == "arm64" else "dice")).split(",")
+             if k.strip()]
     bad = [k for k in kinds if k not in FIRMWARES]
     if bad or not kinds:
         ap.error(f"--firmware: {', '.join(bad) or 'none given'}: choose from {', '.join(FIRMWARES)}")
+    if args.arch == "arm64" and any(not k.startswith("uefi") for k in kinds):
+        ap.error(f"--arch arm64 boots UEFI only (AAVMF): {', '.join(k for k in kinds if not k.startswith('uefi'))} "
+                 "is x86_64's")
     from qemu.harness import accel as accel_mod
 
     out = Path(args.out).resolve()  # the harness runs with cwd=REPO
@@ -301,19 +353,24 @@ def main(argv: list[str] | None = None) -> int:
     booting = not args.report and not args.reference_only
     refs: list[dict[str, Any]] = []
     uefi_refs: list[dict[str, Any]] = []
+    arm64_refs: list[dict[str, Any]] = []
+    arm64_kernel = pinned_kernel(work / "vmlinuz-arm64", "arm64") if args.arch == "arm64" and booting else None
 
     def references(n: int) -> None:
         for _ in range(n):
             refs.append(reference_boot(kernel, work, accel=mode))
-            if any(k.startswith("uefi") for k in kinds):
+            if args.arch == "x86_64" and any(k.startswith("uefi") for k in kinds):
                 uefi_refs.append(reference_boot(kernel, work, accel=mode, uefi=True))
+            if arm64_kernel is not None:
+                arm64_refs.append(reference_boot(arm64_kernel, work, accel=mode, arch="arm64"))
 
     # on a shared machine the load changes over minutes: one reference boot before ours, the
     # rest after, so a busy spell does not fall on one side of the ratio only
     if booting:
         references(1)
         for kind in kinds:
-            got = harness_boot(kind, work / ("ours" if kind == "dice" else f"ours-{kind}"))
+            sub = "ours" if kind == "dice" else f"ours-{kind}" + ("" if args.arch == "x86_64" else f"-{args.arch}")
+            got = harness_boot(kind, work / sub, args.arch)
             if kind == "dice":
                 report = got
             elif got is not None:
@@ -323,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     ref_times = {REF_IPXE: ref_s}
     if uefi_refs:
         ref_times[REF_UEFI] = statistics.median(r["to_marker_s"] for r in uefi_refs)
+    if arm64_refs:
+        ref_times[REF_AAVMF] = statistics.median(r["to_marker_s"] for r in arm64_refs)
     extra: dict[str, float] = {}
     context: dict[str, Any] = {}
     if not args.quick:
@@ -336,12 +395,16 @@ def main(argv: list[str] | None = None) -> int:
     if uefi_refs:
         rows.append({"boot": REF_UEFI, "seconds": round(ref_times[REF_UEFI], 2)})
         bars.append(("UEFI PXE+busybox", [("reference", 0.0, ref_times[REF_UEFI])]))
-    fw_rows, fw_bars = firmware_rows(others, ref_times)
+    if arm64_refs:
+        rows.append({"boot": REF_AAVMF, "seconds": round(ref_times[REF_AAVMF], 2), "arch": "arm64"})
+        bars.append(("AAVMF HTTP, no init", [("reference", 0.0, ref_times[REF_AAVMF])]))
+    fw_rows, fw_bars = firmware_rows(others, ref_times, args.arch)
     rows += fw_rows
     bars += fw_bars
     svg_timeline(bars, out / "boot_timeline.svg")
     write_results(str(out), "bench_boot", rows, {
-        "accel": mode, "reference_runs": refs, "uefi_reference_runs": uefi_refs, "firmware": kinds,
+        "accel": mode, "reference_runs": refs, "uefi_reference_runs": uefi_refs, "firmware": kinds, "arch": args.arch,
+        "arm64_reference_runs": arm64_refs,
         "firmware_stages": {k: stages_from_report(r) for k, r in others.items()},
         "context_runs": context, "stages": stages,
         "phases": [{"phase": n, "start_s": st, "seconds": d} for n, st, d in phases], "goal": "ours / reference as low as verification allows",

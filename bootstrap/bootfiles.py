@@ -72,6 +72,12 @@ class BuiltBootstrap:
     measurements: dict[str, str]
     result: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def cmdline(self) -> str:
+        """The bootstrap manifest's kernel parameters (the build result's `cmdline`): what boot.ipxe
+        passes its kernel, so the bootstrap runs with every parameter its next stage may ask for."""
+        return str(self.result.get("cmdline") or "")
+
     def files(self) -> dict[str, Path]:
         """Served name -> file."""
         out = {KERNEL_NAME: self.kernel, INITRD_NAME: self.initrd}
@@ -188,6 +194,24 @@ def _export(store: Path, mcid: CID, out: Path) -> tuple[Path, Path, dict[str, st
     kernel.write_bytes(parts["kernel"])
     initrd.write_bytes(b"".join(parts[lyr.role] for lyr in m.layers if lyr.role != "kernel"))
     return kernel, initrd, {k: v.hex() for k, v in m.measurements.items()}
+
+
+def flow_cmdline(arch: str = "x86_64") -> str:
+    """The bootstrap flow's `image.cmdline` (what `imagebuilder build` writes into its manifest)."""
+    import yaml
+
+    doc = yaml.safe_load(flow_file(arch).read_text())
+    return str((doc.get("image") or {}).get("cmdline") or "")
+
+
+def bootstrap_cmdline(kernel: Path) -> str:
+    """The kernel parameters for the bootstrap whose kernel is `kernel` (boot.ipxe passes them):
+    its cache entry's build result when it was built here, else the bootstrap flow's (a
+    --tftp-root kernel, as the harness's, is built from that flow)."""
+    entry = load_entry(kernel.parent)
+    if entry is not None and entry.kernel == kernel:
+        return entry.cmdline
+    return flow_cmdline()
 
 
 def system_file(name: str) -> Path:

@@ -171,6 +171,9 @@ def run(args: argparse.Namespace) -> int:
                       publish=publish)
     store = open_store(cfg)
     cfg.boot_files = boot_files(args, cache, store)  # the manifest may come from an upstream
+    cfg.bootstrap_cmdline = bootfiles.bootstrap_cmdline(cfg.boot_files[bootfiles.KERNEL_NAME])
+    logging.getLogger("bootstrap.serve").info("boot.ipxe passes the bootstrap's kernel parameters: %s",
+                                              cfg.bootstrap_cmdline)
     try:
         server = BootServer(cfg, store)
     except OSError as e:  # a bind: the error does not say which of the three servers' ports

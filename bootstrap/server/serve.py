@@ -28,7 +28,7 @@ from bootstrap.server.dhcp_server import DEFAULT_BOOT_FILES, HTTP_BOOT_PREFIX, D
 from bootstrap.server.leases import LeaseDB
 from bootstrap.server.metrics import Metrics
 from bootstrap.server.tftp_server import TftpServer
-from cidboot.errors import CidbootError
+from cidboot.errors import CidbootError, FormatError
 from cidboot.ipld.cid import CID
 from cidboot.netboot.bootconfig import BootConfig
 from cidboot.store.blockstore import Blockstore
@@ -39,10 +39,30 @@ log = logging.getLogger("bootstrap.serve")
 
 IPXE_SCRIPT = """#!ipxe
 echo cidboot: booting the bootstrap for ${{mac}}
-kernel tftp://{ip}/bootstrap/vmlinuz cidboot.config=tftp://{ip}/bootconfig/${{mac:hexhyp}}.json console=ttyS0
+kernel tftp://{ip}/bootstrap/vmlinuz cidboot.config=tftp://{ip}/bootconfig/${{mac:hexhyp}}.json {cmdline}
 initrd tftp://{ip}/bootstrap/initrd.img
 boot
 """
+#: the bootstrap's kernel parameters when the server does not know the built ones (a --tftp-root
+#: kernel): what boot.ipxe always passed before
+DEFAULT_BOOTSTRAP_CMDLINE = "console=ttyS0"
+
+
+class BadCmdline(FormatError):
+    """A kernel command line that cannot go into boot.ipxe as it is."""
+
+
+def ipxe_script(ip: str, cmdline: str = DEFAULT_BOOTSTRAP_CMDLINE) -> str:
+    """boot.ipxe: the bootstrap's kernel and initrd with this device's config URL and the
+    bootstrap's own kernel parameters (`cmdline`, its manifest's). They must be the bootstrap
+    manifest's: the bootstrap keeps the running kernel for the next stage only if every parameter
+    that stage asks for is already in effect (cidboot.stage.switch_root.decide), so parameters
+    missing here send every BIOS iPXE boot to kexec. Refuses what iPXE would read as more than
+    arguments: a line break (a new script command) or `$` (an iPXE setting expanded in place)."""
+    if any(c in cmdline for c in "\r\n$") or any(w.startswith("cidboot.config=") for w in cmdline.split()):
+        raise BadCmdline(f"bootstrap command line {cmdline!r} cannot go into boot.ipxe: no line breaks, "
+                         "no '$', no cidboot.config= of its own (the server adds the device's)")
+    return IPXE_SCRIPT.format(ip=ip, cmdline=" ".join(cmdline.split()))
 
 
 @dataclass
@@ -69,6 +89,7 @@ class ServeConfig:
     upstream_timeout: float = 10.0  # per upstream block request
     pin_manifest: bool = False  # fetch the manifest's whole DAG at start and pin it (boots survive the uplink)
     publish: str | None = None  # where agents publish results ("cluster=URL[,replication=..]"): into boot configs
+    bootstrap_cmdline: str = DEFAULT_BOOTSTRAP_CMDLINE  # the bootstrap manifest's kernel parameters, into boot.ipxe
 
 
 def open_store(cfg: ServeConfig) -> Blockstore:
@@ -118,6 +139,7 @@ def cache_gauges(store: Blockstore) -> list[tuple[str, float]]:
 class BootServer:
     def __init__(self, cfg: ServeConfig, store: Blockstore | None = None) -> None:
         self.cfg = cfg
+        self._ipxe_script = ipxe_script(cfg.server_ip, cfg.bootstrap_cmdline).encode()  # bad: refused before any bind
         self.metrics = Metrics()
         self.devices = cfg.devices or Devices.empty()
         leases = None
@@ -184,7 +206,7 @@ class BootServer:
         if name in self.cfg.boot_files:  # resolved already: a --tftp-root file overrides the built one
             return self.cfg.boot_files[name]
         if name == "boot.ipxe":
-            return IPXE_SCRIPT.format(ip=self.cfg.server_ip).encode()
+            return self._ipxe_script
         if name.startswith("bootconfig/") and name.endswith(".json"):
             mac = name[len("bootconfig/") : -len(".json")].replace("-", ":").lower()
             pol = self.devices.lookup(mac, None)

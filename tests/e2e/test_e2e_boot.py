@@ -142,5 +142,7 @@ def test_g_legacy_ipxe_boot_works_and_is_appraised_unmeasured(hello: Deployment,
     d = report["devices"][0]
     assert "cidboot-stage: firmware" not in dev.guest.console.text()  # no L0: iPXE booted the bootstrap
     assert "cidboot-stage: bootstrap start mode=unmeasured" in dev.guest.console.text()
+    # boot.ipxe passed the bootstrap's own parameters, which include the hello flow's: same kernel kept
+    assert "cidboot-stage: handover switch_root" in dev.guest.console.text(), dev.guest.console.text()[-3000:]
     assert d["appraisal"]["status"] != "affirming"
     assert any("measured-boot" in r and "unmeasured" in r for r in d["appraisal"]["reasons"]), checks(d)

@@ -4,7 +4,8 @@ offers every client architecture its boot file: a scapy DISCOVER per RFC 4578 ar
 offer whose file then downloads (TFTP or HTTP) byte-identical to what imagebuilder built (the
 x86_64 UKI for 7, 9 and 16, the arm64 UKI for 11 and 19); an unknown arch gets no offer and a log line. A client on another subnet gets
 a lease from that subnet's range through a real DHCP relay (dnsmasq --dhcp-relay) in a second
-namespace. Unknown files: TFTP error / HTTP 404, and the server keeps serving."""
+namespace, with the relay as its router, and fetches the boot file it was offered (TFTP and
+HTTP, byte-identical) across the relay's routing. Unknown files: TFTP error / HTTP 404, and the server keeps serving."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from bootstrap import bootfiles
 from cidboot.ipld.unixfs.importer import ImportOptions, import_bytes
 from cidboot.store.blockstore import Blockstore
 from cidboot.trust import keys
@@ -120,6 +122,10 @@ def test_serve_with_only_a_manifest_offers_every_arch_a_byte_identical_boot_file
             assert get(http).stdout == uki
             assert get(http_arm64).stdout == uki_arm64
             assert get("tftp://10.77.0.1/bootstrap/vmlinuz").stdout == (entry / built["kernel"]).read_bytes()
+            # BIOS: boot.ipxe gives the bootstrap kernel its manifest's parameters (the same-kernel rule)
+            kernel_line = next(ln for ln in get("tftp://10.77.0.1/boot.ipxe").stdout.decode().splitlines()
+                               if ln.startswith("kernel "))
+            assert built["result"]["cmdline"] and kernel_line.endswith(" " + built["result"]["cmdline"]), kernel_line
             # bad input: precise errors, and the server keeps serving
             assert get("tftp://10.77.0.1/no-such-file.efi").returncode != 0
             missing = subprocess.run(net.host_cmd(other, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
@@ -164,7 +170,29 @@ def _relayed_client(srv_ns: str, host_ns: str) -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", client], capture_output=True)
 
 
-def test_client_behind_a_dhcp_relay_gets_a_lease_from_its_subnets_range(tmp_path: Path) -> None:
+#: udhcpc's script: on a lease, configure it as the server said (address, netmask, router: the
+#: relay) and keep what the offer carried, so the client can then fetch its boot file
+UDHCPC_SCRIPT = """#!/bin/sh
+[ "$1" = bound ] || exit 0
+ip addr flush dev "$interface"
+ip addr add "$ip/$mask" dev "$interface"
+ip route replace default via "$router"
+printf '{"ip": "%s", "router": "%s", "siaddr": "%s", "boot_file": "%s"}\\n' "$ip" "$router" "$siaddr" "$boot_file" >> "$LEASE_OUT"
+"""
+
+
+def test_client_behind_a_dhcp_relay_gets_a_lease_from_its_subnets_range_and_its_boot_file(tmp_path: Path) -> None:
+    """Through dnsmasq --dhcp-relay, a UEFI PXE client (arch 7) and a UEFI HTTP Boot client (arch 16) on
+    10.88.0.0/24 get leases from that subnet's range with the relay as router, then fetch the boot
+    file each was offered (TFTP from siaddr, the http:// URL) through the relay's routing:
+    byte-identical to the server's. The boot file is multi-block (TFTP windows, HTTP body) on purpose."""
+    boot_file = os.urandom(300_000)  # ~600 TFTP blocks
+    (tmp_path / "tftp").mkdir()
+    (tmp_path / "tftp" / "bootstrap-x86_64.efi").write_bytes(boot_file)
+    script = tmp_path / "udhcpc.sh"
+    script.write_text(UDHCPC_SCRIPT)
+    script.chmod(0o755)
+    leases = tmp_path / "leases.jsonl"
     extra = ["--dhcp-range", "10.77.0.100-10.77.0.119", "--dhcp-range", "10.88.0.100-10.88.0.119/24"]
     with running_boot_server(tmp_path, taps=0, extra=extra) as srv:
         relay_ns = srv.net.add_host("10.77.0.2")
@@ -173,17 +201,37 @@ def test_client_behind_a_dhcp_relay_gets_a_lease_from_its_subnets_range(tmp_path
                 "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0", "--log-dhcp",
                 "--dhcp-relay=10.88.0.1,10.77.0.1", "--interface=eth1", "--bind-dynamic",
                 f"--pid-file={tmp_path / 'relay.pid'}"]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+            def in_client(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
+                return subprocess.run(["ip", "netns", "exec", client, *cmd], capture_output=True, timeout=120,
+                                      env={**os.environ, "LEASE_OUT": str(leases)}, **kw)  # type: ignore[call-overload]
+
             try:
                 time.sleep(1.0)
-                out = subprocess.run(["ip", "netns", "exec", client, "busybox", "udhcpc", "-i", "eth0", "-V",
-                                      "PXEClient:Arch:00007:UNDI:003016", "-n", "-q", "-t", "6", "-T", "2", "-s",
-                                      "/bin/true"], capture_output=True, text=True, timeout=90)
+                outs = []
+                for arch, vendor in ((7, "PXEClient:Arch:00007:UNDI:003016"), (16, "HTTPClient:Arch:00016:UNDI:003016")):
+                    outs.append(in_client(["busybox", "udhcpc", "-i", "eth0", "-V", vendor, "-x", f"0x5d:{arch:04x}",
+                                           "-n", "-q", "-t", "6", "-T", "2", "-s", str(script)]))
             finally:
                 relay.terminate()
                 relay_out = relay.communicate(timeout=10)[0]
-            assert out.returncode == 0, out.stdout + out.stderr + relay_out[-2000:]
-            m = re.search(r"lease of (10\.\d+\.0\.\d+) obtained", out.stdout + out.stderr)
-            assert m and m[1].startswith("10.88.0.1"), out.stdout + out.stderr
+            text = "".join((o.stdout + o.stderr).decode() for o in outs)
+            assert all(o.returncode == 0 for o in outs), text + relay_out[-2000:]
+            assert len(re.findall(r"lease of 10\.88\.0\.1\d\d obtained", text)) == 2, text
+            pxe, http = (json.loads(ln) for ln in leases.read_text().splitlines())
+            assert pxe["router"] == http["router"] == "10.88.0.1" and pxe["ip"].startswith("10.88.0.1"), (pxe, http)
+            assert pxe["siaddr"] == "10.77.0.1" and pxe["boot_file"] == "bootstrap-x86_64.efi", pxe
+            assert http["boot_file"] == "http://10.77.0.1:8080/boot/bootstrap-x86_64.efi", http
+            # the boot files, fetched as the firmware would, across the relay's routing
+            tftp = in_client(["curl", "-s", "-f", "--max-time", "120", "-o", "-",
+                              f"tftp://{pxe['siaddr']}/{pxe['boot_file']}"])
+            assert tftp.returncode == 0 and tftp.stdout == boot_file, (tftp.returncode, len(tftp.stdout))
+            got = in_client(["curl", "-s", "-f", "--max-time", "120", "-o", "-", http["boot_file"]])
+            assert got.returncode == 0 and got.stdout == boot_file, (got.returncode, len(got.stdout))
+            # a BIOS client there chain-loads iPXE, whose script passes the bootstrap's parameters (a
+            # --tftp-root kernel: the bootstrap flow's)
+            ipxe = in_client(["curl", "-s", "-f", "--max-time", "60", "-o", "-", "tftp://10.77.0.1/boot.ipxe"])
+            assert ipxe.returncode == 0 and f"json {bootfiles.flow_cmdline()}\n" in ipxe.stdout.decode(), ipxe
         events = srv.events()
         assert any(e.get("giaddr") == "10.88.0.1" and str(e.get("msg", "")).startswith("lease ") for e in events)
         # the local subnet is still served from its own range, directly

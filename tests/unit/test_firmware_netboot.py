@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bootstrap.server.serve import IPXE_SCRIPT
+from bootstrap.server.serve import ipxe_script
 from cidboot.stage.handoff import Handoff
 from cidboot.trust.dice import DiceInputs, DiceMode, decode_handover, encode_handover
 from cidboot.trust.dice.software import derive_layers
@@ -30,7 +30,7 @@ def engine_handover() -> bytes:
 
 
 def test_parse_the_servers_script() -> None:
-    spec = parse_script(IPXE_SCRIPT.format(ip="10.77.0.1"), ipxe_variables(MAC, "10.77.0.100", "10.77.0.1"))
+    spec = parse_script(ipxe_script("10.77.0.1"), ipxe_variables(MAC, "10.77.0.100", "10.77.0.1"))
     assert spec == BootSpec("tftp://10.77.0.1/bootstrap/vmlinuz",
                             "cidboot.config=tftp://10.77.0.1/bootconfig/52-54-00-12-34-56.json console=ttyS0",
                             ("tftp://10.77.0.1/bootstrap/initrd.img",))

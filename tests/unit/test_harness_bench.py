@@ -101,3 +101,54 @@ def test_each_firmware_kind_is_compared_with_its_own_plain_boot(tmp_path: Path) 
     uefi = figs["boot (tcg) ours (uefi-pxe): power-on to agent ready vs plain UEFI PXE + busybox UKI"]
     assert uefi.reference == 20.0 and uefi.ratio == 1.32
     assert figs["boot (tcg) ours (bios-ipxe): power-on to agent ready vs plain iPXE + busybox"].reference == 10.0
+
+
+def test_an_arm64_row_is_not_divided_by_an_x86_64_reference() -> None:
+    """AAVMF's uefi-http boot of the hello flow gets its own row (arch named) and, with no plain
+    AAVMF boot in the run, no ratio (never an x86_64 one): the summary shows its seconds and says why."""
+    from bench import summary
+
+    report = sample_report(SAMPLE_CONSOLE)
+    refs = {bench_boot.REF_IPXE: 10.0, bench_boot.REF_UEFI: 20.0}
+    rows, bars = bench_boot.firmware_rows({"uefi-http": report}, refs, "arm64")
+    (row,) = rows
+    assert row["boot"] == "ours (uefi-http, arm64): power-on to agent ready" and row["arch"] == "arm64"
+    assert row["seconds"] == 26.5 and row["ratio_vs_reference"] is None and "AAVMF" in row["note"]
+    assert bars[0][0] == "ours uefi-http, arm64"
+    doc = {"rows": [{"boot": bench_boot.REF_IPXE, "seconds": 10.0}, *rows], "notes": {"accel": "tcg"}}
+    (fig,) = summary._boot(doc)
+    assert fig.name == "boot (tcg) ours (uefi-http, arm64): power-on to agent ready"
+    assert fig.ours == 26.5 and fig.reference is None and fig.ratio is None and "AAVMF" in (fig.note or "")
+    # with the plain AAVMF boot of the same run, the row is divided by it
+    rows, _ = bench_boot.firmware_rows({"uefi-http": report}, {**refs, bench_boot.REF_AAVMF: 13.25}, "arm64")
+    assert rows[0]["ratio_vs_reference"] == 2.0 and rows[0]["reference"] == bench_boot.REF_AAVMF
+    doc = {"rows": [{"boot": bench_boot.REF_AAVMF, "seconds": 13.25, "arch": "arm64"}, *rows], "notes": {"accel": "tcg"}}
+    (fig,) = summary._boot(doc)
+    assert fig.name.endswith("vs plain AAVMF HTTP Boot, same kernel, no userspace") and fig.ratio == 2.0
+
+
+def test_arm64_boots_uefi_only(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        bench_boot.main(["--arch", "arm64", "--firmware", "uefi-http,dice"])
+    assert e.value.code == 2 and "--arch arm64 boots UEFI only" in capsys.readouterr().err
+
+
+def test_arm64_boots_the_harness_with_its_arch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str]] = []
+
+    def boot(kind: str, out: Path, arch: str = "x86_64") -> dict[str, Any]:
+        calls.append((kind, arch))
+        return sample_report(SAMPLE_CONSOLE)
+
+    monkeypatch.setattr(bench_boot, "pinned_kernel", lambda dest, arch="x86_64": dest)
+    monkeypatch.setattr(bench_boot, "harness_boot", boot)
+    monkeypatch.setattr(bench_boot, "reference_boot", lambda kernel, work, accel="tcg", uefi=False, arch="x86_64":
+                        {"to_marker_s": 13.25 if arch == "arm64" else 10.0, "uefi": uefi, "arch": arch})
+    monkeypatch.setattr("qemu.harness.accel.choose", lambda kernel: "tcg")
+    assert bench_boot.main(["--out", str(tmp_path / "out"), "--arch", "arm64", "--quick", "--runs", "2"]) == 0
+    doc = json.loads((tmp_path / "out" / "bench_boot.json").read_text())
+    assert calls == [("uefi-http", "arm64")] and doc["notes"]["arch"] == "arm64"
+    assert not doc["notes"]["uefi_reference_runs"]  # the x86_64 UEFI reference is no arm64 reference
+    assert len(doc["notes"]["arm64_reference_runs"]) == 2  # one before our boot, one after
+    row = next(r for r in doc["rows"] if r["boot"] == "ours (uefi-http, arm64): power-on to agent ready")
+    assert row["ratio_vs_reference"] == 2.0 and row["reference"] == bench_boot.REF_AAVMF

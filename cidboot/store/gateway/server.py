@@ -308,6 +308,10 @@ class _Handler(BoundedHandler):
         except BlockNotFound as e:
             self._send_error(404, str(e))
             return
+        except VerificationError as e:  # the file on disk no longer hashes to its CID: say so
+            log.error("store corruption: %s", e)
+            self._send_error(500, f"block failed verification in the store: {e}")
+            return
         etag = f'"{cid}.raw"'
         if self._not_modified(etag):
             return
