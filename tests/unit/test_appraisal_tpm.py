@@ -215,3 +215,23 @@ def test_fuzz_mutated_tpm_evidence_is_never_affirming_and_never_raises(pos: int,
         res = appraise(candidate, expected_nonce=_NONCE, roots=_ROOTS, manifest=MANIFEST, manifest_cid=SIGNED.cid,
                        tpm_references=_REFS)
         assert res.status != AFFIRMING
+
+
+def test_own_boot_references_accept_a_peer_of_the_same_uki_only() -> None:
+    """A device without the UKI appraises peers against what it booted itself."""
+    from cidboot.trust.tpm.appraise import own_boot_references
+    from tests.support.soft_tpm import small_uki
+
+    me = SoftTpmDevice(SIGNED.cid, MANIFEST, SIGNERS, uki=small_uki())
+    peer = SoftTpmDevice(SIGNED.cid, MANIFEST, SIGNERS, uki=small_uki())
+    other = SoftTpmDevice(SIGNED.cid, MANIFEST, SIGNERS, uki=small_uki(b"console=ttyS1"))
+    refs = own_boot_references(me.tpm.log())
+    assert list(refs.applications) == list(me.references().applications)
+    nonce = os.urandom(32)
+    roots = roots_for(peer, other)
+    good = appraise(peer.evidence(nonce), expected_nonce=nonce, roots=roots, manifest=MANIFEST,
+                    manifest_cid=SIGNED.cid, tpm_references=refs)
+    assert good.status == AFFIRMING, [c.to_obj() for c in good.checks if c.status != AFFIRMING]
+    bad = appraise(other.evidence(nonce), expected_nonce=nonce, roots=roots, manifest=MANIFEST,
+                   manifest_cid=SIGNED.cid, tpm_references=refs)
+    assert {c.name: c.status for c in bad.checks}["tpm.pcr4-uki"] == CONTRAINDICATED

@@ -78,6 +78,24 @@ class TpmReferences:
         return cls(uki_applications(uki), uki_pcr11_events(uki), boot)
 
 
+def own_boot_references(uefi_log: bytes) -> TpmReferences:
+    """PCR 4 and 11 references taken from this device's own firmware log: the applications UEFI
+    started and the stub's section events, as this device booted them.
+
+    For an agent appraising its peers when it has no UKI to derive references from: a fleet boots
+    one bootstrap UKI, so "the bootstrap I booted" is the reference, as DICE agents without a
+    manifest take their own measurements (agent.identity.references). It is only as good as the
+    appraising agent: if it booted the good UKI, a peer that booted another differs at PCR 4/11 and
+    is refused; if it did not, it is a compromised verifier (whose answers are worthless with any
+    references), and its own evidence is refused by every verifier that has the real UKI
+    (TpmReferences.for_uki, `agent attest --uki`), which is what such verifiers use instead."""
+    log = eventlog.parse(uefi_log)
+    apps = [ev.sha256 for ev in log.events if ev.pcr == UKI_PCR and ev.event_type == EV_EFI_BOOT_SERVICES_APPLICATION]
+    stub = [ExpectedEvent(STUB_PCR, ev.event_type, ev.sha256, ev.data, f"PCR {STUB_PCR} event {ev.index}")
+            for ev in log.events if ev.pcr == STUB_PCR and ev.event_type != EV_NO_ACTION]
+    return TpmReferences(apps, stub)
+
+
 @dataclass(frozen=True)
 class TpmAppraisal:
     """What passed (`checks`) and what was not compared at all (`warnings`): evidence with a
