@@ -17,8 +17,10 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from cidboot.trust.appraisal import DeviceRoots, TpmDevice
+from cidboot.trust.tpm.appraise import TpmReferences
 from cidboot.trust.tpm.device import SocketTransport, Tpm
 from cidboot.trust.tpm.enrol import enrol_device
 from cidboot.trust.tpm.evidence import device_id
@@ -153,6 +155,15 @@ def register(bases: list[Path], names: list[str], roots_file: Path, roles: list[
         roots.add_tpm(dev, name, role)
     roots.save(roots_file)
     return roots
+
+
+def uki_references(dep: Any, arch: str = "x86_64") -> TpmReferences:
+    """The PCR 4/11 references of the bootstrap UKI as the deployment built it (`dep`: a
+    qemu.harness.deploy.Deployment), for the signed registry the agents appraise TPM peers with.
+    The registry is signed at each lab start (lab._factory), so a device's firmware baseline
+    recorded by `Lab.enrol` (the factory boot) is in the registry the next boot is served."""
+    uki = next(p for p in dep.bootstrap.uki.values() if arch in p.name)
+    return TpmReferences.for_uki(uki.read_bytes())
 
 
 def base(device_dir: Path) -> Path:

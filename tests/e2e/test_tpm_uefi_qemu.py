@@ -326,3 +326,45 @@ def _keys(ev: Evidence) -> tuple[bytes, bytes]:
     """(L1 public key, L2 alias public key) of a TPM device's evidence: functions of CDI_1, CDI_2."""
     vc = verify_chain(ev.chain, allow_debug=True)
     return raw_public_bytes(vc.root_public_key), raw_public_bytes(vc.leaf_public_key)
+
+
+def test_two_tpm_devices_attest_each_other_and_run_the_two_device_flow(tmp_path: Path) -> None:
+    """Two TPM devices (OVMF + swtpm, uefi-http) run examples/two-device, each appraising the other
+    with what its signed device registry carries: the peer's AK and firmware baseline, and the
+    bootstrap UKI's PCR 4/11 references (docs/tpm.md, "Peers"). Boot 1 is the factory's: both
+    devices boot, `Lab.enrol` records their firmware baselines; peers then have no baseline for
+    each other, so nothing is exchanged (not affirming). Boot 2: the lab signs the registry again
+    (now with the baselines), both devices boot and attest each other affirming, and the
+    aggregator's total is right (sum of the sensor's readings)."""
+    dep = prepare(REPO / "examples/two-device/flow.yaml", tmp_path / "work")
+    out = tmp_path / "lab"
+    roles = ["sensor", "aggregator"]
+    t0 = time.monotonic()
+    with lab(dep, out, roles, tpm=True) as lb:  # the factory boot
+        devs = [lb.add_device(r, firmware="uefi-http") for r in roles]
+        lb.power_on()
+        lb.wait_ready(BOOT_TIMEOUT)
+        for dev in devs:
+            assert dev.outcome == "ready", f"{dev.name}: {dev.outcome}: {dev.reason}\n{dev.guest.console.text()[-3000:]}"
+        baselines = [lb.enrol(dev) for dev in devs]
+        factory_text = devs[1].guest.console.text()
+    t_factory = time.monotonic() - t0
+    assert "cidboot: result total=" not in factory_text  # no baseline in the registry yet: no peer affirmed
+    with lab(dep, out, roles, tpm=True) as lb:  # in the field: the registry re-signed with the baselines
+        sensor, aggregator = (lb.add_device(r, firmware="uefi-http") for r in roles)
+        lb.power_on()
+        lb.wait_ready(BOOT_TIMEOUT)
+        for dev in (sensor, aggregator):
+            assert dev.outcome == "ready", f"{dev.name}: {dev.outcome}: {dev.reason}\n{dev.guest.console.text()[-3000:]}"
+        aggregator.guest.wait_for_console(r"cidboot: result total=", 600)
+        report = lb.report()
+    t_total = time.monotonic() - t0
+    assert [(d["boot"], d["appraisal"]["status"]) for d in report["devices"]] == [("tpm-measured", "affirming")] * 2
+    total = next(ln.text for ln in aggregator.guest.console.lines if "cidboot: result total=" in ln.text)
+    assert total.split("cidboot: result total=", 1)[1].strip() == str(sum((i * 7) % 10 for i in range(5))), total
+    for dev in (sensor, aggregator):  # each appraised the other affirming: nothing refused either way
+        assert "not affirming" not in dev.guest.console.text(), dev.guest.console.text()[-3000:]
+    roots = DeviceRoots.load(out / "device-roots.json")
+    assert [dict(d.firmware_pcrs) for d in roots.tpm.values()] != [{}, {}] and all(baselines)
+    print(f"\ntwo TPM devices, two-device flow with mutual attestation: factory boot {t_factory:.0f} s, "
+          f"factory + field boot to total {t_total:.0f} s; {total.strip()}")
