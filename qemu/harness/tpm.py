@@ -131,16 +131,13 @@ def _tpm(sw: Swtpm) -> Tpm:
 def factory(base: Path) -> TpmDevice:
     """Manufacture the device's TPM (once; the state is kept) and enrol it: the AK made
     persistent at AK_HANDLE, the EK certificate read from its NV index and checked against the
-    local CA that signed it. No firmware baseline yet (`firmware_baseline` after a known-good boot)."""
+    local CA that signed it, and make/activate credential with that EK and the AK's name. No
+    firmware baseline yet (`firmware_baseline` after a known-good boot)."""
     from cryptography import x509
 
-    with Swtpm(base) as sw, _tpm(sw) as tpm:
-        dev = enrol_device(tpm)
-    if dev.ek_cert is None:
-        raise RuntimeError(f"{base}: the swtpm has no EK certificate (swtpm_setup --create-ek-cert)")
-    ca = x509.load_pem_x509_certificate((base / "localca" / "issuercert.pem").read_bytes())
-    x509.load_der_x509_certificate(dev.ek_cert).verify_directly_issued_by(ca)  # a genuine (software) TPM
-    return dev
+    with Swtpm(base) as sw, _tpm(sw) as tpm:  # start() manufactures it first, so the local CA exists
+        ca = x509.load_pem_x509_certificate((base / "localca" / "issuercert.pem").read_bytes())
+        return enrol_device(tpm, ek_ca=ca)  # EK cert issued by the local CA, make/activate credential
 
 
 def register(bases: list[Path], names: list[str], roots_file: Path, roles: list[str]) -> DeviceRoots:
