@@ -213,6 +213,7 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
     say("cidboot-stage: agent start", console)
     events.emit("agent", "start")
     h, cfg, mcid = read_handoff(base)
+    quoter = None
     if h.dice is not None:
         ho = decode_handover(h.dice)
         quoter = None
@@ -248,7 +249,9 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
     mount_peers(server, agent.service)
     server.start()
     say(f"cidboot-stage: agent ready url={agent.url}", console)
-    events.emit("agent", "ready", identity=events.Identity(attester.leaf_key, attester.chain) if h.dice is not None else None, bootconfig=cfg, url=agent.url, port=server.server_address[1], manifest=mcid, role=cfg.role)
+    events.emit("agent", "ready", identity=events.Identity(attester.leaf_key, attester.chain,
+                                                            quoter.key_binding() if quoter is not None else None)
+                if h.dice is not None else None, bootconfig=cfg, url=agent.url, port=server.server_address[1], manifest=mcid, role=cfg.role)
     return agent
 
 

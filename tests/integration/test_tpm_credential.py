@@ -77,3 +77,44 @@ def test_make_activate_credential_binds_the_ak_to_the_ek_of_its_tpm(two: tuple[D
         credential.check_activated(cred, bytes(len(cred.secret)))
     # after all the refusals the TPM still activates the right AK (sessions and EK handles flushed)
     activate_ak(a.tpm, a.ak_public, a.ek_cert, a.ca)
+
+
+def test_the_bootstraps_key_binding_from_a_real_tpm_verifies_its_stage_events_at_the_fleet(tmp_path: Path) -> None:
+    """bootstrap.stage.tpm.key_binding on a real swtpm (the enrolled AK's quote over
+    qualifying_data(EVENTS_NONCE, L1 key)): the boot server's fleet verifies the bootstrap's signed
+    event as that TPM device's, and rejects it once the registry holds another AK."""
+    import os
+    import time
+
+    from bootstrap.server.fleet import REJECTED, VERIFIED, verify_event
+    from bootstrap.stage.tpm import key_binding
+    from cidboot.stage import events
+    from cidboot.trust.appraisal import DeviceRoots, TpmDevice
+    from cidboot.trust.dice.software import derive_layers
+    from cidboot.trust.tpm.evidence import device_id
+
+    a = Device(tmp_path / "a")
+    try:
+        d = derive_layers(os.urandom(32), [])  # CDI_1 -> [L1 key]
+        binding = key_binding(a.tpm, d.root_public_key)
+    finally:
+        a.close()
+    assert binding is not None
+    ev = {"v": 1, "stage": "bootstrap", "kind": "start", "seq": 1, "t": int(time.time() * 1000),
+          "mac": "52:54:00:00:00:01", "boot_mode": "measured", "arch": "x86_64", "detail": {}}
+    body = events.encode_event(ev, events.Identity(d.leaf_key, d.chain, binding))
+    roots = DeviceRoots()
+    roots.add_tpm(TpmDevice(a.ak_public, {}), "node", "worker")
+    v = verify_event(body, roots)
+    assert (v.trust, v.device_id) == (VERIFIED, device_id(a.ak_name)), v.reason
+    other = DeviceRoots()
+    other.add_tpm(TpmDevice(_other_ak(tmp_path), {}), "else", "worker")
+    assert verify_event(body, other).trust == REJECTED
+
+
+def _other_ak(tmp_path: Path) -> bytes:
+    b = Device(tmp_path / "b")
+    try:
+        return b.ak_public
+    finally:
+        b.close()
