@@ -373,6 +373,7 @@ class Fleet:
     roots: Callable[[], DeviceRoots | None] = lambda: None
     manifest_for: Callable[[str], tuple[Manifest, CID] | None] = lambda _mac: None
     role_for: Callable[[str], str | None] = lambda _mac: None
+    tpm_references: Callable[[], Any] = lambda: None  # the registry's bootstrap UKI PCR 4/11 references (TpmReferences)
     appraise_every: float = APPRAISE_EVERY
     agent_timeout: float = AGENT_TIMEOUT
     _subscribers: list[queue.Queue[str]] = field(default_factory=list)
@@ -457,7 +458,8 @@ class Fleet:
             else:
                 mf = self.manifest_for(mac)
                 res = appraise(evidence, expected_nonce=nonce, roots=self.roots() or DeviceRoots(),
-                               manifest=mf[0] if mf else None, manifest_cid=mf[1] if mf else None)
+                               manifest=mf[0] if mf else None, manifest_cid=mf[1] if mf else None,
+                               tpm_references=self.tpm_references())
                 out = appraisal_obj(res, url)
                 if d.get("device_id") and res.device_id and not hmac.compare_digest(d["device_id"], res.device_id):
                     out["checks"].append({"check": "identity", "status": CONTRAINDICATED,
@@ -708,7 +710,7 @@ def from_serve_config(cfg: Any, blocks: Blockstore, devices: Any) -> Fleet:
 
     db = (Path(cfg.state_dir) / "fleet.sqlite") if cfg.state_dir else ":memory:"
     cache = Blockstore(Path(cfg.state_dir) / "fleet-blocks") if cfg.state_dir else blocks
-    roots_cache: dict[str, DeviceRoots | None] = {}
+    roots_cache: dict[str, Any] = {}
 
     def manifest(cid: CID) -> Manifest | None:
         try:
@@ -722,13 +724,18 @@ def from_serve_config(cfg: Any, blocks: Blockstore, devices: Any) -> Fleet:
             roots_cache["r"] = None
             m = manifest(cfg.manifest)
             if cfg.device_registry is not None and m is not None:
-                from cidboot.trust.registry import verify_registry
+                from cidboot.trust.registry import verify_signed_registry
 
                 try:
-                    roots_cache["r"] = verify_registry(blocks.get(cfg.device_registry), m.root)
+                    reg = verify_signed_registry(blocks.get(cfg.device_registry), m.root)
+                    roots_cache["r"], roots_cache["tpm"] = reg.roots, reg.tpm_references
                 except CidbootError as e:
                     log.error("device registry %s: %s: signed events cannot be verified", cfg.device_registry, e)
         return roots_cache["r"]
+
+    def tpm_references() -> Any:
+        roots()
+        return roots_cache.get("tpm")
 
     def manifest_for(mac: str) -> tuple[Manifest, CID] | None:
         pol = devices.lookup(mac, None)
@@ -740,4 +747,4 @@ def from_serve_config(cfg: Any, blocks: Blockstore, devices: Any) -> Fleet:
         pol = devices.by_mac.get(mac)
         return pol.role if pol is not None else None
 
-    return Fleet(FleetStore(db), cache, roots, manifest_for, role_for)
+    return Fleet(FleetStore(db), cache, roots, manifest_for, role_for, tpm_references)

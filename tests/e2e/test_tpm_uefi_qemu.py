@@ -31,6 +31,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
@@ -322,6 +323,24 @@ def test_hello_on_a_tpm_device_is_affirming_and_a_one_byte_changed_bootstrap_is_
           f"L2 key {good_l2.hex()[:16]}.. -> {bad_l2.hex()[:16]}..; power-on to agent ready {t_ready_bad:.1f} s")
 
 
+def _fleet_device(lb: Lab, dev: Device) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The boot server's fleet row of a device (once its appraisal is in) and its event timeline."""
+    def api(path: str) -> Any:
+        proc = lb.net.run(["curl", "-sf", "--max-time", "30", f"http://10.77.0.1:8080{path}"], capture_output=True,
+                          text=True, timeout=60)
+        assert proc.returncode == 0, f"{path}: curl {proc.returncode}"
+        return json.loads(proc.stdout)
+
+    mac = dev.guest.spec.mac
+    row: dict[str, Any] = {}
+    for _ in range(60):  # the server appraises each agent when it reports ready
+        row = next((d for d in api("/api/devices")["devices"] if d["mac"] == mac), {})
+        if row.get("appraisal"):
+            break
+        time.sleep(2)
+    return row, api(f"/api/devices/{mac}")["events"]
+
+
 def _keys(ev: Evidence) -> tuple[bytes, bytes]:
     """(L1 public key, L2 alias public key) of a TPM device's evidence: functions of CDI_1, CDI_2."""
     vc = verify_chain(ev.chain, allow_debug=True)
@@ -358,6 +377,7 @@ def test_two_tpm_devices_attest_each_other_and_run_the_two_device_flow(tmp_path:
             assert dev.outcome == "ready", f"{dev.name}: {dev.outcome}: {dev.reason}\n{dev.guest.console.text()[-3000:]}"
         aggregator.guest.wait_for_console(r"cidboot: result total=", 600)
         report = lb.report()
+        fleet = {dev.name: _fleet_device(lb, dev) for dev in (sensor, aggregator)}
     t_total = time.monotonic() - t0
     assert [(d["boot"], d["appraisal"]["status"]) for d in report["devices"]] == [("tpm-measured", "affirming")] * 2
     total = next(ln.text for ln in aggregator.guest.console.lines if "cidboot: result total=" in ln.text)
@@ -366,5 +386,11 @@ def test_two_tpm_devices_attest_each_other_and_run_the_two_device_flow(tmp_path:
         assert "not affirming" not in dev.guest.console.text(), dev.guest.console.text()[-3000:]
     roots = DeviceRoots.load(out / "device-roots.json")
     assert [dict(d.firmware_pcrs) for d in roots.tpm.values()] != [{}, {}] and all(baselines)
+    for name, (row, timeline) in fleet.items():  # the boot server's fleet: TPM devices' signed events verify
+        stages = {(e["stage"], e["kind"]) for e in timeline}
+        assert {("bootstrap", "start"), ("bootstrap", "handover"), ("agent", "ready")} <= stages, (name, stages)
+        assert all(e["trust"] == "verified" for e in timeline), [e for e in timeline if e["trust"] != "verified"]
+        assert row["device_id"] in roots.tpm, row  # identified by its AK, as appraisal identifies it
+        assert row["appraisal"]["status"] == "affirming", row["appraisal"]  # with the registry's UKI references
     print(f"\ntwo TPM devices, two-device flow with mutual attestation: factory boot {t_factory:.0f} s, "
           f"factory + field boot to total {t_total:.0f} s; {total.strip()}")
