@@ -135,9 +135,21 @@ def factory(base: Path) -> TpmDevice:
     firmware baseline yet (`firmware_baseline` after a known-good boot)."""
     from cryptography import x509
 
+    from cidboot.trust.tpm import commands as c
+
     with Swtpm(base) as sw, _tpm(sw) as tpm:  # start() manufactures it first, so the local CA exists
+        # A lab TPM is powered off hard (QEMU killed, swtpm stopped): each TPM2_Startup after a
+        # non-orderly shutdown in which the DA-protected AK was used counts a dictionary-attack
+        # failure, and swtpm's default of 3 locks the AK out (TPM_RC_LOCKOUT, rc 0x921) after a few
+        # boots. The factory owns the lockout hierarchy (empty password): it clears the counter and
+        # makes the lab's limit generous, then shuts down orderly itself.
+        c.ok(tpm.run(c.dictionary_attack_lock_reset(), "TPM2_DictionaryAttackLockReset"), "TPM2_DictionaryAttackLockReset")
+        c.ok(tpm.run(c.dictionary_attack_parameters(1000, 1, 1), "TPM2_DictionaryAttackParameters"),
+             "TPM2_DictionaryAttackParameters")
         ca = x509.load_pem_x509_certificate((base / "localca" / "issuercert.pem").read_bytes())
-        return enrol_device(tpm, ek_ca=ca)  # EK cert issued by the local CA, make/activate credential
+        dev = enrol_device(tpm, ek_ca=ca)  # EK cert issued by the local CA, make/activate credential
+        c.ok(tpm.run(c.shutdown(), "TPM2_Shutdown"), "TPM2_Shutdown")
+    return dev
 
 
 def register(bases: list[Path], names: list[str], roots_file: Path, roles: list[str]) -> DeviceRoots:

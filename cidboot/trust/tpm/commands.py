@@ -37,6 +37,11 @@ CC_FLUSH_CONTEXT = 0x165
 CC_NV_READ = 0x14E
 CC_NV_READ_PUBLIC = 0x169
 CC_ACTIVATE_CREDENTIAL = 0x147
+CC_DA_LOCK_RESET = 0x139
+CC_DA_PARAMETERS = 0x13A
+CC_SHUTDOWN = 0x145
+RH_LOCKOUT = 0x4000000A
+SU_CLEAR = 0x0000
 CC_POLICY_SECRET = 0x151
 ALG_SHA1, ALG_HMAC, ALG_KEYEDHASH, ALG_SHA256, ALG_NULL = 0x0004, 0x0005, 0x0008, 0x000B, 0x0010
 SE_POLICY = 0x01
@@ -315,6 +320,22 @@ def parse_activate_credential(resp: bytes) -> bytes:
     _, params = _params(parse_response(resp, "TPM2_ActivateCredential"), 0, "TPM2_ActivateCredential")
     out, _ = _take2b(params, 0, "TPM2_ActivateCredential certInfo")
     return out
+
+
+def dictionary_attack_lock_reset() -> bytes:
+    """TPM2_DictionaryAttackLockReset(TPM_RH_LOCKOUT) with the (empty) lockout password."""
+    return command(CC_DA_LOCK_RESET, struct.pack(">I", RH_LOCKOUT), auth=_PW_SESSION)
+
+
+def dictionary_attack_parameters(max_tries: int, recovery_time: int, lockout_recovery: int) -> bytes:
+    """TPM2_DictionaryAttackParameters(TPM_RH_LOCKOUT): failures before lockout, seconds to forget one."""
+    return command(CC_DA_PARAMETERS, struct.pack(">I", RH_LOCKOUT),
+                   struct.pack(">III", max_tries, recovery_time, lockout_recovery), auth=_PW_SESSION)
+
+
+def shutdown(kind: int = SU_CLEAR) -> bytes:
+    """TPM2_Shutdown: an orderly shutdown, so the next TPM2_Startup counts no dictionary-attack failure."""
+    return command(CC_SHUTDOWN, params=struct.pack(">H", kind))
 
 
 def ok(resp: bytes, what: str) -> None:
