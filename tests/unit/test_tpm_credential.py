@@ -111,3 +111,11 @@ def test_activate_credential_and_policy_secret_marshalling() -> None:
     digest = hashlib.sha256(bytes(32) + struct.pack(">I", c.CC_POLICY_SECRET)
                             + b"\x40\x00\x00\x0b").digest()  # the name of a permanent handle is the handle
     assert hashlib.sha256(digest).digest() == c.EK_POLICY  # then policyRef (empty): SHA-256(digest || "")
+
+
+def test_dictionary_attack_and_shutdown_marshalling() -> None:
+    assert c.shutdown() == struct.pack(">HIIH", c.ST_NO_SESSIONS, 12, c.CC_SHUTDOWN, c.SU_CLEAR)
+    reset = c.dictionary_attack_lock_reset()
+    assert struct.unpack_from(">HIII", reset) == (c.ST_SESSIONS, len(reset), c.CC_DA_LOCK_RESET, c.RH_LOCKOUT)
+    params = c.dictionary_attack_parameters(1000, 1, 1)
+    assert struct.unpack_from(">I", params, 6)[0] == c.CC_DA_PARAMETERS and params.endswith(struct.pack(">III", 1000, 1, 1))
