@@ -334,12 +334,15 @@ def _fleet_device(lb: Lab, dev: Device, since: float) -> tuple[dict[str, Any], l
 
     mac = dev.guest.spec.mac
     row: dict[str, Any] = {}
-    for _ in range(60):  # the server appraises each agent when it reports ready
+    events: list[dict[str, Any]] = []
+    for _ in range(60):  # the server appraises each agent when it reports ready (this boot's ready event)
+        events = [e for e in api(f"/api/devices/{mac}")["events"] if e["received"] >= since]
+        ready = max((e["received"] for e in events if (e["stage"], e["kind"]) == ("agent", "ready")), default=None)
         row = next((d for d in api("/api/devices")["devices"] if d["mac"] == mac), {})
-        if (row.get("appraisal") or {}).get("time", 0) >= since:
+        if ready is not None and (row.get("appraisal") or {}).get("time", 0) >= ready:
             break
         time.sleep(2)
-    return row, [e for e in api(f"/api/devices/{mac}")["events"] if e.get("received", e.get("t", 0) / 1000) >= since]
+    return row, events
 
 
 def _keys(ev: Evidence) -> tuple[bytes, bytes]:
