@@ -50,6 +50,7 @@ from cidboot.trust.cose_key import decode_public_key, raw_public_bytes
 from cidboot.trust.dice import CDI_SIZE, decode_handover, encode_chain, key_from_cdi
 from cidboot.trust.manifest import RootOfTrust, SignedManifest, verify_threshold
 from cidboot.trust.manifest.signed import KIND_MANIFEST, MAX_ENVELOPE
+from cidboot.trust.tpm.appraise import TpmReferences
 
 USER_CLASS = b"cidboot-agent"
 PORT = 8000
@@ -187,12 +188,21 @@ def load_manifest(cid: CID, cfg: BootConfig, store: Blockstore) -> SignedManifes
 def load_registry(cfg: BootConfig, signed: SignedManifest, store: Blockstore, root: Path) -> DeviceRoots:
     """The signed registry named by the boot config, else a local device-roots.json (development);
     with neither, no peer can be affirmed and none is sent anything."""
-    if cfg.device_registry is not None:
-        from cidboot.trust.registry import verify_registry
+    return load_registry_references(cfg, signed, store, root)[0]
 
-        return verify_registry(fetch_block(cfg.device_registry, cfg.gateways, store), signed.manifest.root)
+
+def load_registry_references(cfg: BootConfig, signed: SignedManifest, store: Blockstore,
+                             root: Path) -> tuple[DeviceRoots, TpmReferences | None]:
+    """`load_registry` and the PCR 4/11 references of the fleet's bootstrap UKI the signed registry
+    carries (docs/tpm.md, "Peers"): the only source a booted agent takes them from, so without a
+    signed registry that has them a TPM peer is never affirming (its PCR 4/11 are a warning)."""
+    if cfg.device_registry is not None:
+        from cidboot.trust.registry import verify_signed_registry
+
+        reg = verify_signed_registry(fetch_block(cfg.device_registry, cfg.gateways, store), signed.manifest.root)
+        return reg.roots, reg.tpm_references
     local = root / "etc/cidboot/device-roots.json"
-    return DeviceRoots.load(local) if local.is_file() else DeviceRoots()
+    return (DeviceRoots.load(local) if local.is_file() else DeviceRoots()), None
 
 
 def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host: str = "0.0.0.0", port: int = PORT,
@@ -203,6 +213,7 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
     say("cidboot-stage: agent start", console)
     events.emit("agent", "start")
     h, cfg, mcid = read_handoff(base)
+    quoter = None
     if h.dice is not None:
         ho = decode_handover(h.dice)
         quoter = None
@@ -222,8 +233,8 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
     signed = load_manifest(mcid, cfg, store)
     if signed.manifest.flow is not None:
         fetch_block(signed.manifest.flow, cfg.gateways, store)  # the flow is one DAG-CBOR block
-    roots = load_registry(cfg, signed, store, base)
-    verifier = Verifier(roots, signed.manifest, mcid, allow_unmeasured=allow_unmeasured_peers)
+    roots, tpm_refs = load_registry_references(cfg, signed, store, base)
+    verifier = Verifier(roots, signed.manifest, mcid, allow_unmeasured=allow_unmeasured_peers, tpm_references=tpm_refs)
     server = serve_api(attester, host, port, store=store)
     peers = PeerClient(attester, verifier, {r: list(u) for r, u in cfg.peers.items()}, patience=peer_patience)
     attested, audit = AttestedAgents(), ConsoleAudit(attester.leaf_key, store, console)
@@ -243,7 +254,9 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
     mount_peers(server, agent.service)
     server.start()
     say(f"cidboot-stage: agent ready url={agent.url}", console)
-    events.emit("agent", "ready", identity=events.Identity(attester.leaf_key, attester.chain) if h.dice is not None else None, bootconfig=cfg, url=agent.url, port=server.server_address[1], manifest=mcid, role=cfg.role)
+    events.emit("agent", "ready", identity=events.Identity(attester.leaf_key, attester.chain,
+                                                            quoter.key_binding() if quoter is not None else None)
+                if h.dice is not None else None, bootconfig=cfg, url=agent.url, port=server.server_address[1], manifest=mcid, role=cfg.role)
     return agent
 
 

@@ -67,6 +67,18 @@ class TpmQuoter:
                 tpm.flush(handle)
         return ueid(parse_public(public).name)
 
+    def key_binding(self) -> bytes | None:
+        """The AK's quote binding L1's key for this agent's signed stage events (the bootstrap's
+        `key_binding`; bootstrap.server.fleet); None if the TPM cannot quote (events rejected)."""
+        from cidboot.trust.tpm.evidence import EVENTS_NONCE, KeyBinding
+
+        try:
+            with self.lock, _open(self.paths) as tpm:
+                attest, signature, ak_public = tpm.quote(qualifying_data(EVENTS_NONCE, self.l1_public_key), QUOTE_PCRS)
+            return KeyBinding(attest, signature, ak_public).encode()
+        except Exception:  # stage events are a report, never a reason not to serve
+            return None
+
     def evidence(self, nonce: bytes) -> TpmEvidence:
         q = qualifying_data(nonce, self.l1_public_key)
         with self.lock, _open(self.paths) as tpm:

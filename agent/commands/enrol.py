@@ -3,9 +3,10 @@ factory step, run once on the server on a trusted network; docs/tpm.md, "Enrolme
 
 Over /dev/tpmrm0 with raw TPM commands (or an swtpm's TCP port, `--swtpm HOST:PORT`): the AK is
 made persistent at 0x81010002 (the primary AK of a fixed template; a key already there, e.g. one
-tpm2_createak made and make/activate credential bound to the EK, is kept), the EK certificate is
-read from NV 0x01C00002 and, with `--ek-ca PEM`, checked to be issued by the TPM vendor's CA;
-the device is added to the verifiers' roots file. After the server's first boot from the boot
+tpm2_createak made, is kept), the EK certificate is read from NV 0x01C00002 and, with
+`--ek-ca PEM`, checked to be issued by the TPM vendor's CA; make/activate credential (a secret
+encrypted to that EK and bound to the AK's name, recovered by TPM2_ActivateCredential) shows the
+AK lives in that TPM; only then is the device added to the verifiers' roots file. After the server's first boot from the boot
 server, `--baseline EVIDENCE --nonce HEX` records its firmware PCRs (0-3, 5-7) from that boot's
 evidence (`curl URL/attestation?nonce=HEX`), once its quote verifies with the enrolled AK.
 """
@@ -19,6 +20,7 @@ from cidboot.cli import UsageError, print_json
 from cidboot.errors import CidbootError
 from cidboot.trust.appraisal import DeviceRoots
 from cidboot.trust.tpm.device import Tpm
+from cidboot.trust.tpm.errors import EkCertificateError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -66,20 +68,20 @@ def run(args: argparse.Namespace) -> int:
         dev = record_baseline(args.roots, args.device, baseline)
         out = {"id": args.device, **dev.to_json()}
     else:
-        with _open(args) as tpm:
-            dev = enrol_device(tpm)
+        ca = None
         if args.ek_ca is not None:
             from cryptography import x509
 
-            if dev.ek_cert is None:
-                raise CidbootError("the TPM has no EK certificate at NV 0x01C00002 to check against --ek-ca")
-            ca = x509.load_pem_x509_certificate(args.ek_ca.read_bytes())
-            from cryptography.exceptions import InvalidSignature
-
             try:
-                x509.load_der_x509_certificate(dev.ek_cert).verify_directly_issued_by(ca)
-            except (ValueError, TypeError, InvalidSignature) as e:
-                raise CidbootError(f"EK certificate not issued by {args.ek_ca}: {type(e).__name__} {e}") from None
+                ca = x509.load_pem_x509_certificate(args.ek_ca.read_bytes())
+            except (OSError, ValueError) as e:
+                raise UsageError(f"--ek-ca {args.ek_ca}: not a PEM certificate: {e}") from None
+        with _open(args) as tpm:
+            try:
+                dev = enrol_device(tpm, ek_ca=ca)
+            except EkCertificateError as e:
+                raise CidbootError(f"EK certificate not issued by {args.ek_ca}: {e}" if ca is not None
+                                   and "issued by" in str(e) else str(e)) from None
         roots = DeviceRoots.load(args.roots) if args.roots.exists() else DeviceRoots()
         did = roots.add_tpm(dev, args.name, args.role)
         roots.save(args.roots)

@@ -5,7 +5,11 @@ from the boot server's own appraisals of each ready device.
 - `POST /api/events`: one stage event. A signed one (`{"sign1", "chain"}`) must carry a DICE
   chain that verifies, whose root is a registered device root (the signed device registry of
   `--device-registry`, or the roots given), with exactly as many layers as the stage owns
-  (firmware 1, bootstrap 2, agent 3), and whose leaf key signed the event. Anything else is
+  (firmware 1, bootstrap 2, agent 3), and whose leaf key signed the event. A TPM device's event
+  (`{"sign1", "chain", "tpm"}`: no L0, the chain starts at L1's key, bootstrap 0 and agent 1
+  certificates) is identified as appraisal identifies it: `tpm` is a quote by an AK of the
+  registry's TPM entries (DeviceRoots.tpm) binding the chain's L1 key
+  (cidboot.trust.tpm.evidence.KeyBinding), and its device id is the AK's. Anything else is
   *rejected* and recorded as such (the timeline shows the attempt, the device's state does not
   move). An unsigned one (`{"event"}`) is recorded as *unsigned*, unless it claims a measured
   boot or its MAC belongs to a device that signs its events: then it is rejected too.
@@ -158,8 +162,9 @@ def verify_event(body: bytes, roots: DeviceRoots | None, bound: Callable[[str], 
         if owner:
             return Verdict(REJECTED, f"unsigned event for the MAC of device {owner}, which signs its events", ev)
         return Verdict(UNSIGNED, "unmeasured boot: no key to sign with", ev)
-    if set(doc) != {"sign1", "chain"} or not isinstance(doc["sign1"], bytes) or not isinstance(doc["chain"], bytes):
-        raise EventFormatError("body: must be {event} (unsigned) or {sign1, chain} (signed)")
+    if set(doc) - {"tpm"} != {"sign1", "chain"} or not isinstance(doc["sign1"], bytes) \
+            or not isinstance(doc["chain"], bytes) or not isinstance(doc.get("tpm", b""), bytes):
+        raise EventFormatError("body: must be {event} (unsigned) or {sign1, chain, tpm?} (signed)")
     try:
         s1 = cose.decode_sign1(doc["sign1"])
     except FormatError as e:
@@ -171,6 +176,8 @@ def verify_event(body: bytes, roots: DeviceRoots | None, bound: Callable[[str], 
         chain = verify_chain(doc["chain"], allow_debug=True)
     except CidbootError as e:
         return Verdict(REJECTED, f"broken DICE chain: {e}", ev)
+    if "tpm" in doc:
+        return _verify_tpm_event(s1, chain, doc["tpm"], ev, roots)
     did = chain.root_id
     want = STAGE_LAYERS[ev["stage"]]
     if len(chain.entries) != want:
@@ -190,6 +197,45 @@ def verify_event(body: bytes, roots: DeviceRoots | None, bound: Callable[[str], 
     name = roots.names.get(did) or did[:16]
     return Verdict(VERIFIED, f"signed by {name}'s {ev['stage']} key" + (f" (debug layers {debug})" if debug else ""),
                    ev, did, raw_public_bytes(chain.leaf_public_key).hex())
+
+
+def _verify_tpm_event(s1: Any, chain: Any, binding: bytes, ev: dict[str, Any], roots: DeviceRoots | None) -> Verdict:
+    """A TPM device's signed event: the key binding's AK must be a registered TPM device's, its
+    quote must verify with that AK over qualifying_data(EVENTS_NONCE, the chain's L1 key), the
+    chain must have the stage's certificates (a TPM boot has no L0: one fewer than DICE's
+    layer count less L1's own key), and the chain's leaf must have signed the event."""
+    from cidboot.trust.tpm import quote
+    from cidboot.trust.tpm.evidence import EVENTS_NONCE, KeyBinding, qualifying_data
+    from cidboot.trust.tpm.evidence import device_id as tpm_device_id
+
+    try:
+        kb = KeyBinding.decode(binding)
+        ak = quote.parse_public(kb.ak_public)
+    except FormatError as e:
+        return Verdict(REJECTED, f"malformed TPM key binding: {e}", ev)
+    did = tpm_device_id(ak.name)
+    want = STAGE_LAYERS[ev["stage"]] - 2  # firmware: none (UEFI), bootstrap: [L1], agent: [L1, L2 cert]
+    if want < 0 or len(chain.entries) != want:
+        return Verdict(REJECTED, f"a {ev['stage']} event of a TPM device must be signed at DICE layer "
+                                 f"{want + 2} (L1 key + {max(want, 0)} certificate(s)), the chain has "
+                                 f"{len(chain.entries)} certificate(s)", ev, did)
+    if roots is None or not roots.tpm:
+        return Verdict(REJECTED, "the boot server has no device registry with TPM devices to check the AK "
+                                 "against (--device-registry)", ev, did)
+    device = roots.tpm.get(did)
+    if device is None:
+        return Verdict(REJECTED, f"TPM device {did[:16]}... (its AK) is not in the device registry", ev, did)
+    try:
+        quote.verify_quote(kb.quote, kb.signature, ak, nonce=qualifying_data(EVENTS_NONCE, chain.root_public_key),
+                           enrolled=frozenset({device.ak_name}))
+    except CidbootError as e:
+        return Verdict(REJECTED, f"forged: the AK's quote does not bind this chain's L1 key: {e}", ev, did)
+    try:
+        cose.verify1_attached(s1, chain.leaf_public_key)
+    except CidbootError as e:
+        return Verdict(REJECTED, f"forged: not signed by the chain's layer-{want + 1} key: {e}", ev, did)
+    name = roots.names.get(did) or did[:16]
+    return Verdict(VERIFIED, f"signed by {name}'s {ev['stage']} key (TPM: AK-bound L1 key)", ev, did)
 
 
 # -- the SQLite store -------------------------------------------------------------------------
@@ -379,6 +425,7 @@ class Fleet:
     roots: Callable[[], DeviceRoots | None] = lambda: None
     manifest_for: Callable[[str], tuple[Manifest, CID] | None] = lambda _mac: None
     role_for: Callable[[str], str | None] = lambda _mac: None
+    tpm_references: Callable[[], Any] = lambda: None  # the registry's bootstrap UKI PCR 4/11 references (TpmReferences)
     appraise_every: float = APPRAISE_EVERY
     agent_timeout: float = AGENT_TIMEOUT
     _subscribers: list[queue.Queue[str]] = field(default_factory=list)
@@ -470,7 +517,8 @@ class Fleet:
             else:
                 mf = self.manifest_for(mac)
                 res = appraise(evidence, expected_nonce=nonce, roots=self.roots() or DeviceRoots(),
-                               manifest=mf[0] if mf else None, manifest_cid=mf[1] if mf else None)
+                               manifest=mf[0] if mf else None, manifest_cid=mf[1] if mf else None,
+                               tpm_references=self.tpm_references())
                 out = appraisal_obj(res, url)
                 if d.get("device_id") and res.device_id and not hmac.compare_digest(d["device_id"], res.device_id):
                     out["checks"].append({"check": "identity", "status": CONTRAINDICATED,
@@ -741,7 +789,7 @@ def from_serve_config(cfg: Any, blocks: Blockstore, devices: Any) -> Fleet:
 
     db = (Path(cfg.state_dir) / "fleet.sqlite") if cfg.state_dir else ":memory:"
     cache = Blockstore(Path(cfg.state_dir) / "fleet-blocks") if cfg.state_dir else blocks
-    roots_cache: dict[str, DeviceRoots | None] = {}
+    roots_cache: dict[str, Any] = {}
 
     def manifest(cid: CID) -> Manifest | None:
         try:
@@ -755,13 +803,18 @@ def from_serve_config(cfg: Any, blocks: Blockstore, devices: Any) -> Fleet:
             roots_cache["r"] = None
             m = manifest(cfg.manifest)
             if cfg.device_registry is not None and m is not None:
-                from cidboot.trust.registry import verify_registry
+                from cidboot.trust.registry import verify_signed_registry
 
                 try:
-                    roots_cache["r"] = verify_registry(blocks.get(cfg.device_registry), m.root)
+                    reg = verify_signed_registry(blocks.get(cfg.device_registry), m.root)
+                    roots_cache["r"], roots_cache["tpm"] = reg.roots, reg.tpm_references
                 except CidbootError as e:
                     log.error("device registry %s: %s: signed events cannot be verified", cfg.device_registry, e)
         return roots_cache["r"]
+
+    def tpm_references() -> Any:
+        roots()
+        return roots_cache.get("tpm")
 
     def manifest_for(mac: str) -> tuple[Manifest, CID] | None:
         pol = devices.lookup(mac, None)
@@ -773,4 +826,4 @@ def from_serve_config(cfg: Any, blocks: Blockstore, devices: Any) -> Fleet:
         pol = devices.by_mac.get(mac)
         return pol.role if pol is not None else None
 
-    return Fleet(FleetStore(db), cache, roots, manifest_for, role_for)
+    return Fleet(FleetStore(db), cache, roots, manifest_for, role_for, tpm_references)

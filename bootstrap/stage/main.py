@@ -196,7 +196,13 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
         pid1.power_off()
         return
     say(f"cidboot-stage: bootstrap start mode={start.boot_mode}" + (" root=tpm" if start.tpm is not None else ""))
-    events.emit("bootstrap", "start", dice=start.dice if start.boot_mode == "measured" else None, bootconfig=start.bootconfig, mode=start.boot_mode,
+    ident = None
+    if start.tpm is not None and start.tpm.key_binding is not None and start.dice:  # the AK vouches for L1's key
+        ident = events.identity_from_dice(start.dice)
+        if ident is not None:
+            ident.tpm = start.tpm.key_binding
+    events.emit("bootstrap", "start", dice=start.dice if start.boot_mode == "measured" else None, identity=ident,
+                bootconfig=start.bootconfig, mode=start.boot_mode,
                 firmware="uefi" if Path(root, "sys/firmware/efi").is_dir() else "bios")  # the fleet view's firmware kind
     while True:
         try:

@@ -55,6 +55,7 @@ class TpmRoot:
     device_id: str  # the registry id of this TPM (cidboot.trust.tpm.evidence.device_id of its AK's name)
     device_paths: tuple[str, ...] = device.DEVICES
     extended: bool = False  # PCR 15 holds this boot's events: never extend twice (a retry is refused)
+    key_binding: bytes | None = None  # the AK's quote binding L1's key, for signed stage events (fleet)
 
 
 def available(paths: tuple[str, ...] = device.DEVICES, log_path: str = device.EVENT_LOG) -> bool:
@@ -100,6 +101,7 @@ def start(paths: tuple[str, ...] = device.DEVICES, log_path: str = device.EVENT_
             attest = bytearray(tpm.cdi(LABEL_ATTEST, CDI_PCRS))
             seal = bytearray(tpm.cdi(LABEL_SEAL, CDI_PCRS))
             did = device_id(tpm)
+            binding = key_binding(tpm, key_from_cdi(bytes(attest)).public_key())
     except (CidbootError, OSError) as e:
         if isinstance(e, StageRefused):
             raise
@@ -110,7 +112,21 @@ def start(paths: tuple[str, ...] = device.DEVICES, log_path: str = device.EVENT_
     finally:
         wipe(attest)
         wipe(seal)
-    return out, TpmRoot(log, banks, did, paths)
+    return out, TpmRoot(log, banks, did, paths, key_binding=binding)
+
+
+def key_binding(tpm: device.Tpm, l1_public_key: object) -> bytes | None:
+    """The enrolled AK's quote over qualifying_data(EVENTS_NONCE, L1 key) (PCRs 4, 11, 15 as they
+    are now): how the boot server knows this boot's signed stage events are this device's
+    (cidboot.trust.tpm.evidence.KeyBinding, bootstrap.server.fleet). Best effort: without it the
+    events are rejected by the server, the boot is not affected (None)."""
+    from cidboot.trust.tpm.evidence import EVENTS_NONCE, KeyBinding, qualifying_data
+
+    try:
+        attest, signature, ak_public = tpm.quote(qualifying_data(EVENTS_NONCE, l1_public_key), CDI_PCRS)  # type: ignore[arg-type]
+        return KeyBinding(attest, signature, ak_public).encode()
+    except Exception:  # stage events are a report, never a reason not to boot
+        return None
 
 
 def device_id(tpm: device.Tpm) -> str:

@@ -10,7 +10,8 @@ is a DAG-CBOR map
      "detail": {str: str}}
 
 posted as `POST /api/events` (application/cbor) to the boot server: on a measured boot as
-`{"sign1": COSE_Sign1 (attached payload = the event), "chain": the stage's DICE chain}`, signed
+`{"sign1": COSE_Sign1 (attached payload = the event), "chain": the stage's DICE chain,
+"tpm"?: on a TPM-measured boot, the AK's quote binding the chain's L1 key}`, signed
 with the key the stage owns (the attestation key derived from its own CDI: L0's from CDI_0, the
 bootstrap's from CDI_1, the agent's alias key from CDI_2), so the server can check the chain
 against its device registry and the signature against the chain's leaf; on an unmeasured boot as
@@ -116,6 +117,7 @@ class Identity:
 
     key: Any  # cidboot.trust.cose.PrivateKey
     chain: bytes
+    tpm: bytes | None = None  # a TPM device's KeyBinding (cidboot.trust.tpm.evidence): its AK vouches for L1's key
 
 
 def identity_from_dice(dice: bytes | bytearray) -> Identity | None:
@@ -146,7 +148,10 @@ def encode_event(event: dict[str, Any], identity: Identity | None) -> bytes:
         return dagcbor.encode({"event": payload})
     from cidboot.trust import cose
 
-    return dagcbor.encode({"sign1": cose.sign1(payload, identity.key), "chain": identity.chain})
+    body = {"sign1": cose.sign1(payload, identity.key), "chain": identity.chain}
+    if identity.tpm is not None:
+        body["tpm"] = identity.tpm
+    return dagcbor.encode(body)
 
 
 @dataclass

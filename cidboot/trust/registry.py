@@ -8,7 +8,9 @@ authority. It is one DAG-CBOR block, like the signed manifest:
                             | {"id": hex, "name": str, "tpm": {"ak": TPM2B_PUBLIC bytes,    (TPM)
                                  "firmware": {"<pcr>": SHA-256 bytes, ...}, "ek_cert"?: DER bytes},
                                "role"?: str}, ...],
-                  "manifests"?: {role: manifest name}, "version"?: int},
+                  "manifests"?: {role: manifest name}, "version"?: int,
+                  "tpm_references"?: {"pcr4": [SHA-256 bytes, ...],
+                                      "pcr11": [[event type, SHA-256 bytes, event data bytes], ...]}},
      "signatures": COSE_Sign with detached payload = canonical encoding of "registry"}
 
 signed by a threshold of the manifest's root-of-trust keys (the same `verify_threshold` the
@@ -27,6 +29,12 @@ registries) has no role, so a device claiming one is not affirmed.
 A TPM device (docs/tpm.md) has no root key: its entry holds its enrolment instead (the AK,
 the firmware PCR baseline, the EK certificate), and its id is `tpm.evidence.device_id` of the
 AK's name. Registries without TPM devices keep their bytes.
+
+`tpm_references` are the PCR 4 and PCR 11 reference values of the bootstrap UKI the fleet boots
+(`TpmReferences.for_uki` of its bytes: the UKI's and its kernel's Authenticode digests, the stub's
+section events), signed with the devices: a booted agent appraising a TPM peer has no UKI to
+derive them from, and this is the signed source it takes them from (docs/tpm.md, "Peers").
+Without them an agent's TPM peers are never affirming.
 """
 
 from __future__ import annotations
@@ -45,7 +53,11 @@ from cidboot.trust.dice.derive import derive_id
 from cidboot.trust.manifest.model import MAX_VERSION, RootOfTrust
 from cidboot.trust.manifest.signed import KIND_REGISTRY, sign_kind
 from cidboot.trust.manifest.verify import verify_threshold
+from cidboot.trust.tpm.appraise import TpmReferences
 from cidboot.trust.tpm.evidence import device_id as tpm_device_id
+from cidboot.trust.tpm.reference import ExpectedEvent
+
+MAX_REFERENCE_EVENTS = 64  # PCR 4 applications or PCR 11 events a registry may list
 
 MAX_REGISTRY = 1024 * 1024  # bytes; a registry of ~10k devices, refused unread beyond that
 
@@ -70,6 +82,7 @@ class Registry:
     roots: DeviceRoots  # keys, names and roles: the one place a device's role is kept
     manifests: dict[str, str] = field(default_factory=dict)  # role -> manifest name
     version: int = 0
+    tpm_references: TpmReferences | None = None  # PCR 4/11 of the fleet's bootstrap UKI
 
     @property
     def roles(self) -> dict[str, str]:
@@ -96,7 +109,7 @@ class Registry:
 
 
 def registry_obj(roots: DeviceRoots, manifests: Mapping[str, str] | None = None,
-                 version: int | None = None) -> dict[str, Any]:
+                 version: int | None = None, tpm_references: TpmReferences | None = None) -> dict[str, Any]:
     """The signed content: devices sorted by id, so the same roots always give the same bytes.
     Optional parts (a device's role, manifests, version) are left out when unset, so registries
     signed before they existed keep their bytes."""
@@ -117,18 +130,22 @@ def registry_obj(roots: DeviceRoots, manifests: Mapping[str, str] | None = None,
         obj["manifests"] = dict(sorted(manifests.items()))
     if version is not None:
         obj["version"] = version
+    if tpm_references is not None:
+        obj["tpm_references"] = {"pcr4": [bytes(d) for d in tpm_references.applications],
+                                 "pcr11": [[e.event_type, e.digest, e.data or b""] for e in tpm_references.stub_events]}
     _check_extras(obj)
     return obj
 
 
 def sign_registry(roots: DeviceRoots, keys: Sequence[PrivateKey], *, manifests: Mapping[str, str] | None = None,
-                  version: int | None = None) -> bytes:
+                  version: int | None = None, tpm_references: TpmReferences | None = None) -> bytes:
     """The registry block, signed by each of `keys` (give at least the root's threshold).
     Roles come from `roots` (`DeviceRoots.add(key, name, role)`); `manifests`: role -> the
-    manifest name that role boots."""
+    manifest name that role boots; `tpm_references`: the fleet's bootstrap UKI's PCR 4/11
+    references (`TpmReferences.for_uki`; its bootstrap events are not carried: the manifest's)."""
     if not keys:
         raise RegistryFormatError("device registry: no signing keys given")
-    obj = registry_obj(roots, manifests, version)
+    obj = registry_obj(roots, manifests, version, tpm_references)
     payload = dagcbor.encode(obj)
     sigs = sign_kind(payload, keys, KIND_REGISTRY)
     return dagcbor.encode({"registry": obj, "signatures": sigs})
@@ -146,12 +163,37 @@ def _check_extras(obj: dict[str, Any]) -> None:
     v = obj.get("version", 0)
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_VERSION:
         raise RegistryFormatError(f"device registry: version must be an integer 0..{MAX_VERSION}")
+    if "tpm_references" in obj:
+        _parse_references(obj["tpm_references"])
+
+
+def _parse_references(r: Any) -> TpmReferences:
+    """`{pcr4: [digest], pcr11: [[type, digest, data]]}`: SHA-256 digests, at least one PCR 4
+    application (an empty list would compare with nothing), bounded lengths."""
+    where = "device registry: tpm_references"
+    if not isinstance(r, dict) or set(r) != {"pcr4", "pcr11"} or not isinstance(r["pcr4"], list) \
+            or not isinstance(r["pcr11"], list):
+        raise RegistryFormatError(f"{where} must be {{pcr4: [digest], pcr11: [[type, digest, data]]}}")
+    if not 1 <= len(r["pcr4"]) <= MAX_REFERENCE_EVENTS or len(r["pcr11"]) > MAX_REFERENCE_EVENTS:
+        raise RegistryFormatError(f"{where}: 1..{MAX_REFERENCE_EVENTS} PCR 4 digests, at most "
+                                  f"{MAX_REFERENCE_EVENTS} PCR 11 events")
+    if not all(isinstance(d, bytes) and len(d) == 32 for d in r["pcr4"]):
+        raise RegistryFormatError(f"{where}: pcr4 entries must be SHA-256 digests (32 bytes)")
+    events = []
+    for i, e in enumerate(r["pcr11"]):
+        if not isinstance(e, list) or len(e) != 3 or not isinstance(e[0], int) or isinstance(e[0], bool) \
+                or not 0 <= e[0] <= 0xFFFFFFFF or not isinstance(e[1], bytes) or len(e[1]) != 32 \
+                or not isinstance(e[2], bytes) or len(e[2]) > 1024:
+            raise RegistryFormatError(f"{where}: pcr11 event {i} must be [type (uint32), SHA-256, data (<= 1 KiB)]")
+        events.append(ExpectedEvent(11, e[0], e[1], e[2], f"PCR 11 event {i} (registry)"))
+    return TpmReferences(list(r["pcr4"]), events)
 
 
 def _parse(obj: Any) -> Registry:
-    if not isinstance(obj, dict) or "devices" not in obj or set(obj) - {"devices", "manifests", "version"} \
-            or not isinstance(obj["devices"], list):
-        raise RegistryFormatError("device registry: content must be {devices: [...], manifests?, version?}")
+    if not isinstance(obj, dict) or "devices" not in obj \
+            or set(obj) - {"devices", "manifests", "version", "tpm_references"} or not isinstance(obj["devices"], list):
+        raise RegistryFormatError("device registry: content must be {devices: [...], manifests?, version?, "
+                                  "tpm_references?}")
     _check_extras(obj)
     out = DeviceRoots()
     for i, d in enumerate(obj["devices"]):
@@ -183,7 +225,8 @@ def _parse(obj: Any) -> Registry:
         if did in out:
             raise RegistryFormatError(f"{where}: device {did} listed twice")
         out.add(key, d["name"], d.get("role"))
-    return Registry(out, dict(obj.get("manifests", {})), int(obj.get("version", 0)))
+    refs = _parse_references(obj["tpm_references"]) if "tpm_references" in obj else None
+    return Registry(out, dict(obj.get("manifests", {})), int(obj.get("version", 0)), refs)
 
 
 def _check_entry(d: dict[str, Any], where: str) -> None:

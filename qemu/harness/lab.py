@@ -371,7 +371,8 @@ def _factory(dep: Deployment, out: Path, names: list[str],
         return states, None
     signers = [keys.load_private_key(p) for p in dep.signer_keys]
     name = SignedManifest.decode(Blockstore(dep.store).get(dep.workload.manifest)).manifest.name
-    block = sign_registry(roots, signers, manifests={r: name for r in roles})
+    refs = tpm_factory.uki_references(dep) if tpm else None  # the bootstrap UKI's PCR 4/11, for TPM peers
+    block = sign_registry(roots, signers, manifests={r: name for r in roles}, tpm_references=refs)
     return states, Blockstore(dep.store).put_block(block, DAG_CBOR)
 
 

@@ -17,8 +17,10 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from cidboot.trust.appraisal import DeviceRoots, TpmDevice
+from cidboot.trust.tpm.appraise import TpmReferences
 from cidboot.trust.tpm.device import SocketTransport, Tpm
 from cidboot.trust.tpm.enrol import enrol_device
 from cidboot.trust.tpm.evidence import device_id
@@ -129,15 +131,24 @@ def _tpm(sw: Swtpm) -> Tpm:
 def factory(base: Path) -> TpmDevice:
     """Manufacture the device's TPM (once; the state is kept) and enrol it: the AK made
     persistent at AK_HANDLE, the EK certificate read from its NV index and checked against the
-    local CA that signed it. No firmware baseline yet (`firmware_baseline` after a known-good boot)."""
+    local CA that signed it, and make/activate credential with that EK and the AK's name. No
+    firmware baseline yet (`firmware_baseline` after a known-good boot)."""
     from cryptography import x509
 
-    with Swtpm(base) as sw, _tpm(sw) as tpm:
-        dev = enrol_device(tpm)
-    if dev.ek_cert is None:
-        raise RuntimeError(f"{base}: the swtpm has no EK certificate (swtpm_setup --create-ek-cert)")
-    ca = x509.load_pem_x509_certificate((base / "localca" / "issuercert.pem").read_bytes())
-    x509.load_der_x509_certificate(dev.ek_cert).verify_directly_issued_by(ca)  # a genuine (software) TPM
+    from cidboot.trust.tpm import commands as c
+
+    with Swtpm(base) as sw, _tpm(sw) as tpm:  # start() manufactures it first, so the local CA exists
+        # A lab TPM is powered off hard (QEMU killed, swtpm stopped): each TPM2_Startup after a
+        # non-orderly shutdown in which the DA-protected AK was used counts a dictionary-attack
+        # failure, and swtpm's default of 3 locks the AK out (TPM_RC_LOCKOUT, rc 0x921) after a few
+        # boots. The factory owns the lockout hierarchy (empty password): it clears the counter and
+        # makes the lab's limit generous, then shuts down orderly itself.
+        c.ok(tpm.run(c.dictionary_attack_lock_reset(), "TPM2_DictionaryAttackLockReset"), "TPM2_DictionaryAttackLockReset")
+        c.ok(tpm.run(c.dictionary_attack_parameters(1000, 1, 1), "TPM2_DictionaryAttackParameters"),
+             "TPM2_DictionaryAttackParameters")
+        ca = x509.load_pem_x509_certificate((base / "localca" / "issuercert.pem").read_bytes())
+        dev = enrol_device(tpm, ek_ca=ca)  # EK cert issued by the local CA, make/activate credential
+        c.ok(tpm.run(c.shutdown(), "TPM2_Shutdown"), "TPM2_Shutdown")
     return dev
 
 
@@ -153,6 +164,15 @@ def register(bases: list[Path], names: list[str], roots_file: Path, roles: list[
         roots.add_tpm(dev, name, role)
     roots.save(roots_file)
     return roots
+
+
+def uki_references(dep: Any, arch: str = "x86_64") -> TpmReferences:
+    """The PCR 4/11 references of the bootstrap UKI as the deployment built it (`dep`: a
+    qemu.harness.deploy.Deployment), for the signed registry the agents appraise TPM peers with.
+    The registry is signed at each lab start (lab._factory), so a device's firmware baseline
+    recorded by `Lab.enrol` (the factory boot) is in the registry the next boot is served."""
+    uki = next(p for p in dep.bootstrap.uki.values() if arch in p.name)
+    return TpmReferences.for_uki(uki.read_bytes())
 
 
 def base(device_dir: Path) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -22,13 +23,14 @@ from cidboot.trust.tpm import commands as c
 from cidboot.trust.tpm import quote
 from cidboot.trust.tpm.commands import TpmResponseError
 from cidboot.trust.tpm.device import SocketTransport, Tpm
+from qemu.harness import tpm as harness_tpm
 from tests.support.swtpm import Swtpm
 
 pytestmark = [pytest.mark.tpm]
 CDI_PCRS = (4, 11, 15)
 
 
-def _tpm(sw: Swtpm) -> Tpm:
+def _tpm(sw: harness_tpm.Swtpm) -> Tpm:
     return Tpm(SocketTransport("127.0.0.1", sw.port))
 
 
@@ -140,8 +142,9 @@ def test_bootstrap_tpm_boot_derives_cdi1_from_the_tpm_and_extends_pcr15(tmp_path
             sw.stop()
 
     a1, handed, _ = boot(b"good UKI")
-    assert [e["kind"] for e in handed["events"]] == ["manifest", "layer", "layer"]  # type: ignore[index]
-    assert handed["events"][0]["sha256"] == bootstrap_events(mcid, manifest)[0].digest.hex()  # type: ignore[index]
+    handed_events = cast(list[dict[str, str]], handed["events"])
+    assert [e["kind"] for e in handed_events] == ["manifest", "layer", "layer"]
+    assert handed_events[0]["sha256"] == bootstrap_events(mcid, manifest)[0].digest.hex()
     a2, _, _ = boot(b"good UKI")
     a3, _, _ = boot(b"good UKI with one byte changed")
     assert a1 == a2 and a1 != a3

@@ -149,3 +149,62 @@ def test_serve_uki_is_a_verifier_option(tmp_path: Path) -> None:
     from agent.cli import main
 
     assert main(["serve", "--identity", str(tmp_path / "id"), "--uki", str(tmp_path / "uki.efi")]) == 2
+
+
+def _registry_verifier(tmp_path: Path, roots: DeviceRoots, references: object) -> Verifier:
+    """The peer Verifier a booted agent builds (agent.device.boot_agent): roots and the UKI's
+    PCR 4/11 references both from the signed registry named by the boot config."""
+    from agent.device import load_registry_references
+    from cidboot.netboot.bootconfig import BootConfig
+    from cidboot.trust.registry import registry_cid, sign_registry
+    from tests.unit.test_agent_device import ANCHOR
+
+    store = Blockstore(tmp_path / "store")
+    block = sign_registry(roots, [SIGNER], tpm_references=references)  # type: ignore[arg-type]
+    store.put(registry_cid(block), block)
+    cfg = BootConfig(SIGNED.cid, ("http://127.0.0.1:9",), ANCHOR, "aggregator", device_registry=registry_cid(block))
+    got, refs = load_registry_references(cfg, SIGNED, store, tmp_path)
+    return Verifier(got, MANIFEST, SIGNED.cid, tpm_references=refs)
+
+
+def test_agent_peers_take_tpm_references_from_the_signed_registry(tmp_path: Path) -> None:
+    """A TPM peer is affirmed by an agent whose signed registry carries the bootstrap UKI's PCR 4/11
+    references; without them it is not (warning), with another UKI's it is refused at PCR 4."""
+    from cidboot.trust.appraisal import WARNING
+    from cidboot.trust.tpm.appraise import TpmReferences
+
+    sensor = tpm_device("sensor")
+    roots = roots_with(sensor)
+    nonce = b"\x42" * 32
+    evidence = sensor.attester().evidence(nonce)
+    res = _registry_verifier(tmp_path / "a", roots, TpmReferences.for_uki(UKI)).appraise(evidence, nonce)
+    assert res.status == AFFIRMING and res.role == "sensor", res.to_obj()
+    res = _registry_verifier(tmp_path / "b", roots, None).appraise(evidence, nonce)
+    assert res.status == WARNING and "PCR 4" in json.dumps(res.to_obj()), res.to_obj()
+    other = TpmReferences.for_uki(small_uki(b"console=ttyS1"))
+    res = _registry_verifier(tmp_path / "c", roots, other).appraise(evidence, nonce)
+    assert res.status == CONTRAINDICATED and "PCR 4" in json.dumps(res.to_obj()), res.to_obj()
+
+
+def test_registry_tpm_references_round_trip_and_refuse_malformed() -> None:
+    from cidboot.ipld import dagcbor
+    from cidboot.trust.manifest import RootOfTrust
+    from cidboot.trust.registry import RegistryFormatError, sign_registry, verify_signed_registry
+    from cidboot.trust.tpm.appraise import TpmReferences
+
+    root = RootOfTrust.from_public_keys([SIGNER.public_key()], 1)
+    refs = TpmReferences.for_uki(UKI)
+    reg = verify_signed_registry(sign_registry(DeviceRoots(), [SIGNER], tpm_references=refs), root)
+    assert reg.tpm_references is not None
+    assert list(reg.tpm_references.applications) == list(refs.applications)
+    assert [(e.pcr, e.event_type, e.digest, e.data) for e in reg.tpm_references.stub_events] == \
+        [(e.pcr, e.event_type, e.digest, e.data) for e in refs.stub_events]
+    assert verify_signed_registry(sign_registry(DeviceRoots(), [SIGNER]), root).tpm_references is None
+    good = dagcbor.decode(sign_registry(DeviceRoots(), [SIGNER], tpm_references=refs))
+    bad: object
+    for bad in ({"pcr4": []}, {"pcr4": [], "pcr11": []}, {"pcr4": [b"short"], "pcr11": []},
+                {"pcr4": [bytes(32)], "pcr11": [[13, b"x", b""]]}, {"pcr4": [bytes(32)], "pcr11": [[-1, bytes(32), b""]]},
+                {"pcr4": [bytes(32)] * 65, "pcr11": []}, [bytes(32)]):
+        env = {**good, "registry": {**good["registry"], "tpm_references": bad}}
+        with pytest.raises(RegistryFormatError, match="tpm_references"):
+            verify_signed_registry(dagcbor.encode(env), root)

@@ -523,3 +523,53 @@ def test_api_node_is_404_when_no_one_has_the_block_and_422_for_a_block_that_is_n
         fleet.blocks.put(CID.of(block, DAG_CBOR), block)
         status, obj = _get(gw.url, f"/api/node/{CID.of(block, DAG_CBOR)}")
         assert status == 422, obj
+
+# -- TPM devices: the AK of the registry's TPM entries vouches for the chain's L1 key ----------------
+def _tpm_identity(tpm: Any, cdi1: bytes, stage: str, *, bind_to: Any = None) -> events.Identity:
+    """A TPM device's stage identity: chain from L1 (bootstrap: [L1], agent: [L1, L2 cert]), and the
+    key binding: a quote by the device's AK over qualifying_data(EVENTS_NONCE, L1 key)."""
+    from cidboot.trust.tpm.evidence import EVENTS_NONCE, KeyBinding, qualifying_data
+
+    d = derive_layers(cdi1, LAYERS[2:3] if stage == "agent" else [])
+    attest, sig = tpm.quote(qualifying_data(EVENTS_NONCE, bind_to or d.root_public_key), [0])
+    return events.Identity(d.leaf_key, d.chain, KeyBinding(attest, sig, tpm.public).encode())
+
+
+def test_signed_stage_events_of_a_registered_tpm_device_are_verified_and_others_rejected() -> None:
+    from cidboot.trust.appraisal import TpmDevice
+    from cidboot.trust.tpm.evidence import device_id
+    from tests.support.soft_tpm import SoftTpm
+
+    tpm, other = SoftTpm("ecdsa"), SoftTpm("ecdsa")
+    roots = DeviceRoots()
+    roots.add_tpm(TpmDevice(tpm.public, {}), "tpm-node", "worker")
+    did = device_id(tpm.name)
+    cdi1 = os.urandom(32)
+    for stage in ("bootstrap", "agent"):
+        v = verify_event(events.encode_event(event(stage), _tpm_identity(tpm, cdi1, stage)), roots)
+        assert (v.trust, v.device_id) == (VERIFIED, did), v.reason
+        assert "tpm-node" in v.reason
+    # an AK that is not in the registry (another TPM), even for a correctly bound chain
+    v = verify_event(events.encode_event(event(), _tpm_identity(other, cdi1, "agent")), roots)
+    assert v.trust == REJECTED and "not in the device registry" in v.reason
+    # the registered AK's binding of another L1 key, moved under this chain
+    v = verify_event(events.encode_event(event(), _tpm_identity(tpm, cdi1, "agent",
+                                                                bind_to=derive_layers(os.urandom(32), []).root_public_key)),
+                     roots)
+    assert v.trust == REJECTED and "does not bind" in v.reason
+    # the right binding, the event signed by another key
+    good = _tpm_identity(tpm, cdi1, "agent")
+    forged = events.Identity(derive_layers(cdi1, []).leaf_key, good.chain, good.tpm)
+    v = verify_event(events.encode_event(event(), forged), roots)
+    assert v.trust == REJECTED and "not signed by" in v.reason
+    # an agent-stage chain used for a bootstrap event (one certificate too many), and a firmware event
+    for stage in ("bootstrap", "firmware"):
+        v = verify_event(events.encode_event(event(stage), good), roots)
+        assert v.trust == REJECTED and "TPM device must be signed at DICE layer" in v.reason
+    # a DICE-only registry, a garbled binding
+    assert verify_event(events.encode_event(event(), good), registered(UDS_A)).trust == REJECTED
+    v = verify_event(events.encode_event(event(), events.Identity(good.key, good.chain, b"\xa0")), roots)
+    assert v.trust == REJECTED and "malformed TPM key binding" in v.reason
+    # without the binding the same chain is a DICE chain whose root (L1) is no registered device root
+    v = verify_event(events.encode_event(event(), events.Identity(good.key, good.chain)), roots)
+    assert v.trust == REJECTED

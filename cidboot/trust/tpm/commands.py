@@ -36,6 +36,13 @@ CC_PCR_EXTEND = 0x182
 CC_FLUSH_CONTEXT = 0x165
 CC_NV_READ = 0x14E
 CC_NV_READ_PUBLIC = 0x169
+CC_ACTIVATE_CREDENTIAL = 0x147
+CC_DA_LOCK_RESET = 0x139
+CC_DA_PARAMETERS = 0x13A
+CC_SHUTDOWN = 0x145
+RH_LOCKOUT = 0x4000000A
+SU_CLEAR = 0x0000
+CC_POLICY_SECRET = 0x151
 ALG_SHA1, ALG_HMAC, ALG_KEYEDHASH, ALG_SHA256, ALG_NULL = 0x0004, 0x0005, 0x0008, 0x000B, 0x0010
 SE_POLICY = 0x01
 RC_SUCCESS = 0
@@ -54,6 +61,12 @@ AK_TEMPLATE = bytes.fromhex("0001" "000b" "00050072" "0000" "0010" "0014" "000b"
 # the persistent handle enrolment gives the AK (TCG "Provisioning Guidance": 0x81010000.. are the
 # endorsement hierarchy's; 0x81010001 is the usual EK slot, so the AK takes the next)
 AK_HANDLE = 0x81010002
+# The EK of the TCG EK Credential Profile (2.3, template L-1): RSA-2048, AES-128-CFB storage key,
+# adminWithPolicy with authPolicy = PolicySecret(TPM_RH_ENDORSEMENT), unique = 256 zero bytes. The
+# EK certificate at NV 0x01C00002 certifies the key CreatePrimary(endorsement, EK_TEMPLATE) gives.
+EK_POLICY = bytes.fromhex("837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa")
+EK_TEMPLATE = (bytes.fromhex("0001" "000b" "000300b2") + struct.pack(">H", 32) + EK_POLICY
+               + bytes.fromhex("0006" "0080" "0043" "0010" "0800" "00000000") + struct.pack(">H", 256) + bytes(256))
 CDI_UNIQUE = hashlib.sha256(b"cidboot L1 CDI key").digest()  # names the key: another template user gets another key
 
 
@@ -284,6 +297,45 @@ def parse_nv_read(resp: bytes) -> bytes:
     _, p = _params(parse_response(resp, "TPM2_NV_Read"), 0, "TPM2_NV_Read")
     data, _ = _take2b(p, 0, "TPM2_NV_Read data")
     return data
+
+
+def policy_secret(auth_handle: int, session: int) -> bytes:
+    """TPM2_PolicySecret(auth_handle, session) with empty nonceTPM, cpHashA, policyRef and no
+    expiration, authorized by auth_handle's (empty) password: the EK's policy for the endorsement."""
+    params = tpm2b(b"") + tpm2b(b"") + tpm2b(b"") + struct.pack(">i", 0)
+    return command(CC_POLICY_SECRET, struct.pack(">II", auth_handle, session), params, auth=_PW_SESSION)
+
+
+def activate_credential(activate: int, key: int, key_session: int, credential_blob: bytes, secret: bytes) -> bytes:
+    """TPM2_ActivateCredential(activate = the AK, key = the EK): the AK authorized by its empty
+    password (ADMIN role, its adminWithPolicy is clear), the EK by a policy session that has run
+    PolicySecret(endorsement). `credential_blob` (TPM2B_ID_OBJECT) and `secret`
+    (TPM2B_ENCRYPTED_SECRET) are given with their size prefixes, as MakeCredential returns them."""
+    auth = _PW_SESSION + policy_auth(key_session)
+    return command(CC_ACTIVATE_CREDENTIAL, struct.pack(">II", activate, key), credential_blob + secret, auth=auth)
+
+
+def parse_activate_credential(resp: bytes) -> bytes:
+    """certInfo: the secret the TPM recovered."""
+    _, params = _params(parse_response(resp, "TPM2_ActivateCredential"), 0, "TPM2_ActivateCredential")
+    out, _ = _take2b(params, 0, "TPM2_ActivateCredential certInfo")
+    return out
+
+
+def dictionary_attack_lock_reset() -> bytes:
+    """TPM2_DictionaryAttackLockReset(TPM_RH_LOCKOUT) with the (empty) lockout password."""
+    return command(CC_DA_LOCK_RESET, struct.pack(">I", RH_LOCKOUT), auth=_PW_SESSION)
+
+
+def dictionary_attack_parameters(max_tries: int, recovery_time: int, lockout_recovery: int) -> bytes:
+    """TPM2_DictionaryAttackParameters(TPM_RH_LOCKOUT): failures before lockout, seconds to forget one."""
+    return command(CC_DA_PARAMETERS, struct.pack(">I", RH_LOCKOUT),
+                   struct.pack(">III", max_tries, recovery_time, lockout_recovery), auth=_PW_SESSION)
+
+
+def shutdown(kind: int = SU_CLEAR) -> bytes:
+    """TPM2_Shutdown: an orderly shutdown, so the next TPM2_Startup counts no dictionary-attack failure."""
+    return command(CC_SHUTDOWN, params=struct.pack(">H", kind))
 
 
 def ok(resp: bytes, what: str) -> None:

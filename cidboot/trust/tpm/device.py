@@ -168,6 +168,37 @@ class Tpm:
             self.flush(handle)
         return attest, sig, public
 
+    def ek_public(self) -> bytes:
+        """The TPM2B_PUBLIC of the EK (CreatePrimary(endorsement, EK_TEMPLATE): what its certificate certifies)."""
+        handle, public = c.parse_create_primary(self.run(c.create_primary(c.RH_ENDORSEMENT, c.EK_TEMPLATE),
+                                                         "TPM2_CreatePrimary"))
+        self.flush(handle)
+        return public
+
+    def activate_credential(self, credential_blob: bytes, secret: bytes, ak_handle: int = c.AK_HANDLE) -> bytes:
+        """Enrolment's device side of make/activate credential: the EK (recreated from EK_TEMPLATE)
+        decrypts the seed, the TPM checks the credential is bound to the name of the AK at
+        `ak_handle` and returns the secret (TpmResponseError with the TPM's rc otherwise)."""
+        ek, _ = c.parse_create_primary(self.run(c.create_primary(c.RH_ENDORSEMENT, c.EK_TEMPLATE), "TPM2_CreatePrimary"))
+        try:
+            session = c.parse_start_session(self.run(c.start_policy_session(os.urandom(16)), "TPM2_StartAuthSession"))
+            try:
+                c.ok(self.run(c.policy_secret(c.RH_ENDORSEMENT, session), "TPM2_PolicySecret"), "TPM2_PolicySecret")
+                resp = self.run(c.activate_credential(ak_handle, ek, session, credential_blob, secret),
+                                "TPM2_ActivateCredential")
+            except BaseException:
+                with contextlib.suppress(TpmResponseError, OSError):
+                    self.flush(session)
+                raise
+            try:
+                return c.parse_activate_credential(resp)
+            except TpmResponseError:
+                with contextlib.suppress(TpmResponseError, OSError):
+                    self.flush(session)  # a failed command leaves the session loaded
+                raise
+        finally:
+            self.flush(ek)
+
     def nv_read(self, index: int, chunk: int = 512) -> bytes:
         """A whole NV index (e.g. the EK certificate at 0x01C00002), read by the owner in chunks."""
         size = c.parse_nv_size(self.run(c.nv_read_public(index), "TPM2_NV_ReadPublic"))

@@ -55,3 +55,12 @@ class PcrDigestMismatchError(TpmVerificationError):
 
 class ReferenceMismatchError(TpmVerificationError):
     """A measured event differs from the reference value derived from the signed manifest (names the PCR/event)."""
+
+
+class EkCertificateError(TpmVerificationError):
+    """An EK certificate is malformed, not issued by the TPM vendor's CA given, or not for an RSA-2048 EK."""
+
+
+class CredentialActivationError(TpmVerificationError):
+    """Make/activate credential failed: the TPM holding the EK of the certificate did not recover the
+    secret bound to the AK's name, so the AK is not shown to live in that TPM (never enrolled)."""

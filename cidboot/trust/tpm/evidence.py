@@ -247,3 +247,40 @@ def selection_of(pcrs: Sequence[int]) -> tuple[int, ...]:
 # the TCG type every bootstrap event is recorded with (exported for the device side)
 EVENT_TYPE = EV_IPL
 assert EVENT_TYPE == BOOTSTRAP_EVENT_TYPE
+
+
+# -- the stage key binding of a TPM device's signed stage events ----------------------------------
+#: the "nonce" of the quote that binds a stage's L1 key to the device's AK for its stage events
+#: (bootstrap.server.fleet): not a challenge, a label, so the binding is made once per boot stage
+EVENTS_NONCE = hashlib.sha256(b"cidboot stage events").digest()
+
+
+@dataclass(frozen=True)
+class KeyBinding:
+    """`{1: quote, 2: signature, 3: ak-public}`: a quote by the device's AK whose qualifying data
+    is `qualifying_data(EVENTS_NONCE, L1 key)`. It says "this TPM vouches for this L1 key", so a
+    stage event signed by a chain rooted at that key is that device's (the fleet looks the AK up
+    in the registry's TPM entries, as appraisal does). It is not fresh on purpose: replaying it
+    gains nothing without L1's private key, which only the TPM-bound CDI_1 gives."""
+
+    quote: bytes
+    signature: bytes
+    ak_public: bytes
+
+    def encode(self) -> bytes:
+        return cbor2.dumps({_Q: self.quote, _SIG: self.signature, _AK: self.ak_public}, canonical=True)
+
+    @classmethod
+    def decode(cls, data: bytes) -> KeyBinding:
+        try:
+            obj = cose.cbor_loads_exact(data, "TPM key binding")
+        except CoseFormatError as e:
+            raise TpmEvidenceFormatError(str(e)) from None
+        m = _map(obj, {_Q, _SIG, _AK}, "TPM key binding", "{1: quote, 2: signature, 3: ak-public}")
+        _bytes(m[_Q], "key binding quote (1)", 1, MAX_ATTEST)
+        _bytes(m[_SIG], "key binding signature (2)", 1, MAX_SIGNATURE)
+        _bytes(m[_AK], "key binding ak-public (3)", 1, MAX_AK_PUBLIC)
+        kb = cls(m[_Q], m[_SIG], m[_AK])
+        if kb.encode() != bytes(data):
+            raise TpmEvidenceFormatError("TPM key binding: not in its canonical encoding")
+        return kb
