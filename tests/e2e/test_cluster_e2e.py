@@ -48,6 +48,11 @@ def pulled_from_upstream(lb: Lab, srv: BootServer) -> float:
     return sum(pulled)
 
 
+def stored_bytes(store: Path) -> int:
+    """What a flatfs block store holds on disk, in bytes (block files only)."""
+    return sum(f.stat().st_size for f in Path(store).rglob("*.data"))
+
+
 def wait_pinned(client: ClusterClient, cid: CID, n: int, timeout: float = 180) -> Any:
     return client.wait_pinned(cid, n, timeout=timeout)
 
@@ -72,8 +77,12 @@ def test_two_sites_boot_from_a_cluster_that_lost_a_peer_and_publish_results_back
         victim = lb.cluster.by_id(next(h for h in holders if h != entry.peer_id))
         victim.kill()
         layers = signed.manifest.layers
-        for srv in lb.servers:  # the lab gave each an empty store: no layer is local before the devices ask
-            assert not any(Blockstore(srv.store).has(layer.cid) for layer in layers), srv.store
+        image = sum(layer.size for layer in layers)
+        for srv in lb.servers:  # the lab gave each an empty store: no layer's data is local before the
+            # devices ask (reading the manifest at start, for the bootstrap's anchor, lets the cache's
+            # read-ahead bring the manifest's direct links, the layers' root blocks: no more)
+            held = stored_bytes(srv.store)
+            assert held < image / 20, f"{srv.store} holds {held} bytes of a {image}-byte image before any device asked"
             assert len(set(srv.upstreams)) == 3
         devs = [lb.add_device("sensor"), lb.add_device("aggregator")]
         lb.power_on()
@@ -81,9 +90,12 @@ def test_two_sites_boot_from_a_cluster_that_lost_a_peer_and_publish_results_back
         for dev in devs:
             assert dev.outcome == "ready", f"{dev.name}: {dev.outcome}: {dev.reason}\n{dev.guest.console.text()[-3000:]}"
         assert [lb.server_of(d).site.index for d in devs] == [0, 1]
-        image = sum(layer.size for layer in layers)
-        for srv in lb.servers:  # each site's server pulled the whole image from upstream, verified
-            assert pulled_from_upstream(lb, srv) >= image, srv.url
+        # each site's server pulled from upstream, verified, every layer its device fetched: all but
+        # the kernel's, which a bootstrap running that same kernel checks by its root block and size
+        # and leaves unfetched (docs/boot-chain.md, "Not fetching the running kernel")
+        fetched = sum(layer.size for layer in layers if layer.role != "kernel")
+        for srv in lb.servers:
+            assert pulled_from_upstream(lb, srv) >= fetched, srv.url
             assert all(Blockstore(srv.store).has(layer.cid) for layer in layers), srv.store
         # a third party: fresh nonces, appraisal against the factory's roots and the signed manifest
         roots = DeviceRoots.load(lb.roots_file)
