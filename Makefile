@@ -19,7 +19,7 @@ check: lint test-unit ## the fast loop: ruff + mypy + the unit tier (no root, ne
 
 test: setup lint ## the whole test suite, as CI runs it: unit (parallel), then integration and e2e (one at a time: they share a namespace layout)
 	$(PYTHON) -m pytest tests/unit -n 4 $(PYTEST_ARGS)
-	$(PYTHON) -m pytest tests/integration tests/e2e $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests/integration tests/e2e --durations=25 $(PYTEST_ARGS)
 
 test-unit: ## tests/unit only
 	$(PYTHON) -m pytest tests/unit $(UNIT_ARGS) $(PYTEST_ARGS)

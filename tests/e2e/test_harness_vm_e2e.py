@@ -90,7 +90,9 @@ def test_powerdown_button_and_reset_over_qmp(kernel: Path, tmp_path: Path) -> No
 @pytest.mark.netns
 def test_pxe_boot_through_ipxe_from_the_real_boot_server_in_a_namespace(kernel: Path, tmp_path: Path) -> None:
     ref = reference_boot(kernel, tmp_path, timeout=240)  # with qemu.harness.ra answering iPXE's IPv6 RS
-    assert 0 < ref["ipxe_first_line_s"] < ref["ipxe_configured_s"] < ref["kernel_start_s"] < ref["to_marker_s"]
+    assert 0 < ref["ipxe_first_line_s"] < ref["ipxe_configured_s"] < ref["to_marker_s"]
+    if ref["kernel_start_s"] is not None:  # boot.ipxe passes the bootstrap's `quiet`: the banner may not show
+        assert ref["ipxe_configured_s"] < ref["kernel_start_s"] < ref["to_marker_s"]
     assert ref["to_marker_s"] <= ref["powered_off_s"]
     assert ref["ipxe_configured_s"] < 10  # no ~16 s wait for an IPv6 router
     console = (tmp_path / "ref-guest" / "console.log").read_text()
