@@ -132,15 +132,6 @@ def start_server(net: BootNetwork, work: Path, mcid: CID, upstream: str) -> subp
     return server
 
 
-def stop(proc: subprocess.Popen[Any]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def host_rows(ns: list[int], size: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as d, boot_network(taps=0) as net:
@@ -164,7 +155,7 @@ def host_rows(ns: list[int], size: int) -> tuple[list[dict[str, Any]], dict[str,
                     warm_s, warm_each = round_of(net, n, mcid, run / "warm")
                     after = pulled(server_metrics(net))
                 finally:
-                    stop(server)
+                    kubo_impl.stop(server, 10)
                 rows.append({
                     "devices": n, "image_MB": round(dag_bytes / 1e6, 1),
                     "cold_all_ready_s": round(cold_s, 2), "warm_all_ready_s": round(warm_s, 2),

@@ -30,6 +30,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cidboot.errors import CidbootError
 from cidboot.store.cluster import ClusterClient
@@ -120,11 +121,13 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, what: str, *, 
             time.sleep(0.2)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[Any], grace: float = 15.0) -> None:
+    """Stop a server process: SIGTERM, `grace` seconds to exit, then SIGKILL (the harness's
+    boot servers, Kubo and Cluster peers, and the benches' servers all stop this way)."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(15)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)

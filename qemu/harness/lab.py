@@ -42,6 +42,7 @@ from cidboot.trust.manifest import SignedManifest
 from cidboot.trust.registry import sign_registry
 from qemu.harness import dice_engine, problems, timeline
 from qemu.harness.cluster import Cluster, KuboNode, start_cluster
+from qemu.harness.cluster import stop as stop_process
 from qemu.harness.deploy import Deployment
 from qemu.harness.netns import BootNetwork, Site, boot_network, inside
 from qemu.harness.ra import router_advertiser
@@ -510,18 +511,10 @@ def _start_server(stack: ExitStack, lb: Lab, site: Site, mcid: str, tftp: Path, 
     stack.callback(log.close)
     cmd = lb.net.cmd(argv) if site.namespace is None else lb.net.host_cmd(site.namespace, argv)
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-    stack.callback(_stop, server)
+    stack.callback(stop_process, server, 10)
     assert server.stdout is not None
     line = server.stdout.readline()
     if "serving on" not in line:
         raise LabError(f"boot server {s} did not start: {log_path.read_text()[-1500:]}")
     return BootServer(site, store, upstreams, gateways or ("self",), server, log_path)
 
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
