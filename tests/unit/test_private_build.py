@@ -242,3 +242,19 @@ def test_agent_reads_the_flow_from_its_encrypted_image(tmp_path: Path) -> None:
     os.remove(tmp_path / carried.FLOW_PATH)
     with pytest.raises(Exception, match="flow.cbor"):
         flow_context(agent)  # type: ignore[arg-type]
+
+
+def test_host_agent_run_refuses_a_private_manifest(tmp_path: Path) -> None:
+    """On a host the store holds only ciphertext for a private manifest's flow and operations."""
+    from agent.commands.run import _from_manifest
+    from cidboot.errors import FormatError
+    from cidboot.trust.manifest import sign_manifest
+
+    signer = signing_keys.generate()
+    root = RootOfTrust.from_public_keys([signer.public_key()], 1)
+    store = Blockstore(tmp_path / "store")
+    m = _manifest(True, store.put_block(b"ciphertext of the flow", RAW))
+    cid = store.put_block(sign_manifest(Manifest(m.name, m.version, m.expires, m.layers, root, flow=m.flow,
+                                                 placement=m.placement), [signer]).encode(), DAG_CBOR)
+    with pytest.raises(FormatError, match="is a private image .encrypt: true.*run the flow file instead"):
+        _from_manifest(cid, store, tmp_path / "ops")
