@@ -169,6 +169,7 @@ def _manifest(m: Any) -> dict[str, Any]:
         "flow": str(man.flow) if man.flow else None,
         "operations": {k: str(v) for k, v in sorted(man.operations.items())},
         "placement": man.placement, "policies": plain(man.policies),
+        **({"owner": plain(man.owner)} if man.owner is not None else {}),
     }
 
 
