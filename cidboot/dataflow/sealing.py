@@ -35,14 +35,14 @@ from cidboot.errors import FormatError, VerificationError
 from cidboot.ipld import dagcbor
 from cidboot.ipld.cid import CID, DAG_CBOR
 from cidboot.trust.private import sealed as age
+from cidboot.trust.private.owner import SEAL_MODES, Owner, OwnerFormatError
+
+__all__ = ["FORMAT", "MAX_SEALED", "SEAL_MODES", "Owner", "OwnerFormatError", "SealedValue", "SealedValueError",
+           "SealedValueUnavailable", "decode_opening", "decode_sealed", "is_sealed_block", "make_opening", "open_value",
+           "open_with_opening", "seal_value"]
 
 FORMAT = "age-v1"
-SEAL_MODES = ("results", "all")
 MAX_SEALED = 1 << 20  # bytes of one sealed-value block (a provenance node is bounded the same way)
-
-
-class OwnerFormatError(FormatError):
-    """The flow's `owner` section is malformed (the message names the field)."""
 
 
 class SealedValueError(FormatError):
@@ -51,50 +51,6 @@ class SealedValueError(FormatError):
 
 class SealedValueUnavailable(VerificationError):
     """A value is sealed and this reader has neither the owner's identity nor an opening for it."""
-
-
-@dataclass(frozen=True)
-class Owner:
-    """Who may read the flow's values: age X25519 recipients; `seal` says which values."""
-
-    recipients: tuple[str, ...]
-    seal: str = "results"
-
-    def __post_init__(self) -> None:
-        if not self.recipients:
-            raise OwnerFormatError("owner.recipients: at least one age1... recipient")
-        for i, r in enumerate(self.recipients):
-            try:
-                age.parse_recipient(r)
-            except FormatError as e:
-                raise OwnerFormatError(f"owner.recipients[{i}]: {r!r:.80}: {e}") from None
-        if self.seal not in SEAL_MODES:
-            raise OwnerFormatError(f"owner.seal: must be one of {list(SEAL_MODES)}, got {self.seal!r}")
-
-    @property
-    def raw(self) -> list[bytes]:
-        return [age.parse_recipient(r) for r in self.recipients]
-
-    def to_obj(self) -> dict[str, Any]:
-        return {"recipients": list(self.recipients), "seal": self.seal}
-
-    @classmethod
-    def from_obj(cls, d: Any, where: str = "owner") -> Owner:
-        if not isinstance(d, Mapping):
-            raise OwnerFormatError(f"{where}: must be a map {{recipients: [age1...], seal: results|all}}")
-        extra = sorted(set(d) - {"recipients", "seal"})
-        if extra:
-            raise OwnerFormatError(f"{where}: unknown keys {extra}")
-        rec = d.get("recipients")
-        if not isinstance(rec, list | tuple) or not all(isinstance(r, str) for r in rec):
-            raise OwnerFormatError(f"{where}.recipients: must be a list of age1... strings")
-        if len(set(rec)) != len(rec):
-            raise OwnerFormatError(f"{where}.recipients: a recipient is listed twice")
-        return cls(tuple(rec), d.get("seal", "results"))
-
-    def seals(self, *, seed: bool, consumed: bool) -> bool:
-        """Is a value of this kind sealed? results: values nothing consumes; all: every value."""
-        return self.seal == "all" or (not seed and not consumed)
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,7 @@ class Manifest:
     placement: dict[str, list[str]] = field(default_factory=dict)
     policies: list[dict[str, Any]] = field(default_factory=list)
     cmdline: str = ""
-    # the flow owner (cidboot.dataflow.sealing.Owner.to_obj): values are sealed to it; signed
+    # the flow owner (cidboot.trust.private.owner.Owner.to_obj): values are sealed to it; signed
     # with the rest, so a boot server cannot swap the recipients. Absent: encodes as before.
     owner: dict[str, Any] | None = None
 
@@ -164,7 +164,7 @@ class Manifest:
                 raise ManifestFormatError(f"manifest: layer {layer.cid}: {layer.size} bytes cannot be the encryption "
                                           f"of {layer.plaintext.size} bytes ({ciphertext_size(layer.plaintext.size)})")
         if self.owner is not None:
-            from cidboot.dataflow.sealing import Owner
+            from cidboot.trust.private.owner import Owner
 
             try:
                 Owner.from_obj(self.owner, "manifest owner")
@@ -188,10 +188,10 @@ class Manifest:
 
     @property
     def sealing_owner(self) -> Any:
-        """The owner as a cidboot.dataflow.sealing.Owner, or None."""
+        """The owner as a cidboot.trust.private.owner.Owner, or None."""
         if self.owner is None:
             return None
-        from cidboot.dataflow.sealing import Owner
+        from cidboot.trust.private.owner import Owner
 
         return Owner.from_obj(self.owner, "manifest owner")
 
