@@ -368,3 +368,26 @@ def test_dataflow_model_unchanged_by_owner() -> None:
     assert DataFlow.from_obj(doc["dataflow"]).cid == flow.cid
     seed_cid, seed = make_input(value="w", definition="name", flow=flow.cid, parents=[flow.cid], key=keys.generate())
     assert "sealed" not in dagcbor.decode(seed)["input"]
+
+
+def test_agent_run_of_a_signed_manifest_with_an_owner_seals_every_value(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The owner comes from the signed manifest (not from anything unsigned); seal: all between the
+    two roles of `agent run` (openings through send/accept), every value sealed in the store."""
+    from agent import identity
+    from cidboot.store.blockstore import Blockstore
+    from tests.unit.test_agent_run import READINGS, agent_run, signed_two_device
+
+    alice = Identity.generate()
+    store = Blockstore(tmp_path / "store")
+    mcid = signed_two_device(store, {"firmware": identity.DEV_FIRMWARE, "bootstrap": identity.DEV_BOOTSTRAP},
+                             owner=owner_of(alice, seal="all").to_obj())
+    rc, out, err = agent_run(capsys, str(mcid), "--identity", str(tmp_path / "id"), "--store", str(store.path))
+    assert rc == 0, err
+    assert set(out["results"]) == {"readings", "total"}
+    total = CID.parse(out["results"]["total"]["sealed"])
+    assert open_value(store.get(total), [alice], total) == sum(READINGS)
+    readings = CID.parse(out["results"]["readings"]["sealed"])
+    assert open_value(store.get(readings), [alice], readings) == READINGS
+    node = decode(store.get(CID.parse(out["result_cids"]["total"])))
+    assert node.sealed == total
