@@ -171,6 +171,7 @@ class Orchestrator:
         self.send, self.validate_inputs, self.remote_wait = send, validate, remote_wait
         self.on_result = on_result
         self._opened: dict[CID, tuple[Any, bytes]] = {}  # sealed-value CID -> (plaintext, file key) known here
+        self._batch_opened: dict[CID, tuple[Any, bytes]] = {}  # opened in the `accept` being validated
         self.validator = Validator(ctx.flow, ctx.flow_cid, ctx.placement, self.attested, self._get, ctx.authority_keys,
                                    values=self._value_of)
         self.network: dict[CID, InputNode] = {}  # validated inputs available to local operations
@@ -209,7 +210,7 @@ class Orchestrator:
         return self.store.get(cid)
 
     def _value_of(self, sealed: CID) -> tuple[bool, Any]:
-        got = self._opened.get(sealed)
+        got = self._opened.get(sealed) or self._batch_opened.get(sealed)
         return (True, got[0]) if got is not None else (False, None)
 
     def _seal(self, definition: str, value: Any, *, seed: bool) -> CID | None:
@@ -294,6 +295,7 @@ class Orchestrator:
                                               else "from a peer")
             finally:
                 self._pending, self._from_pending, self._quota = {}, set(), None
+                self._keep_openings()
             if self._quieted:
                 self.audit.record("refused", f"{self._quieted} more input(s) refused in the same exchange "
                                   "(reasons not recorded one by one)")
@@ -392,11 +394,20 @@ class Orchestrator:
                 continue
             try:
                 block = sealed[scid] if scid in sealed else self.store.get(scid)
-                self._opened[scid] = (open_with_opening(block, file_key, scid), file_key)
+                self._batch_opened[scid] = (open_with_opening(block, file_key, scid), file_key)
             except (CidbootError, LookupError, OSError):
                 bad.append(scid)
         if bad:
             self._refuse_batch(bad, f"TamperedInput: {len(bad)} opening(s) {who} do not open their sealed value")
+
+    def _keep_openings(self) -> None:
+        """After an `accept`: keep the values of sealed blocks now held (a validated node links
+        them); the rest are forgotten, so a peer cannot make this agent hold values it refused."""
+        has = getattr(self.store, "has", None)
+        for scid, got in self._batch_opened.items():
+            if scid in self._kept or (has is not None and has(scid)):
+                self._opened[scid] = got
+        self._batch_opened = {}
 
     def _seed(self) -> None:
         for s in self.ctx.flow.seed:

@@ -495,7 +495,8 @@ def run(args: argparse.Namespace) -> int:
             raise NotFoundError(f"--key {args.key}: cannot read: {e.strerror}") from None
     tree = show(cid, store.get, args.depth, opener=opener)
     if args.key is not None and opener.opened == 0:
-        raise WrongOwnerKey(f"--key {args.key}: nothing sealed in what is shown (give a result's CID or --depth)")
+        raise WrongOwnerKey(f"--key {args.key}: no sealed value was opened: none in what is shown (give a result's "
+                            "CID, or --depth), or its sealed block is not in the store")
     if args.json:
         print_json(tree)
     else:

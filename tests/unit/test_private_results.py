@@ -391,3 +391,19 @@ def test_agent_run_of_a_signed_manifest_with_an_owner_seals_every_value(tmp_path
     assert open_value(store.get(readings), [alice], readings) == READINGS
     node = decode(store.get(CID.parse(out["result_cids"]["total"])))
     assert node.sealed == total
+
+
+def test_openings_of_refused_inputs_are_forgotten() -> None:
+    """A peer cannot make an agent hold values it refused: the openings of a refused exchange go."""
+    orchs, sent = _two_device(owner_of(Identity.generate(), seal="all"))
+    _run_all(orchs)
+    (blocks,) = sent
+    fresh, _ = _two_device(owner_of(Identity.generate(), seal="all"))
+    agg = fresh["aggregator"]
+    agg.attested = AttestedAgents()  # the sensor is not attested here
+    agg.validator.attested = agg.attested
+    assert agg.accept(blocks, None) == []
+    assert any("UnattestedProducer" in e.reason for e in agg.audit.find("refused"))
+    assert agg._opened == {} and agg._batch_opened == {}
+    # the same exchange, attested: the values the admitted input links are kept
+    assert orchs["aggregator"]._opened
