@@ -213,13 +213,19 @@ class Orchestrator:
         got = self._opened.get(sealed) or self._batch_opened.get(sealed)
         return (True, got[0]) if got is not None else (False, None)
 
-    def _seal(self, definition: str, value: Any, *, seed: bool) -> CID | None:
-        """Seal the value to the owner when the flow says so; store the sealed block; keep the
-        plaintext and file key in memory (for local operations and peers' openings)."""
+    def _seal(self, definition: str, value: Any, origin: str | tuple[str, str]) -> CID | None:
+        """Seal the value to the owner when the flow says so (`results`: nothing the flow connects
+        this origin to consumes it); store the sealed block; keep the plaintext and file key in
+        memory (for local operations and peers' openings)."""
         owner = self.ctx.owner
-        if owner is None or not owner.seals(seed=seed, consumed=bool(self.ctx.flow.consumers_of(definition))):
+        flow = self.ctx.flow
+        consumed = any(flow.allows(c, p, origin) for c, p in flow.consumers_of(definition))
+        if owner is None or not owner.seals(seed=origin == SEED, consumed=consumed):
             return None
-        scid, block, file_key = seal_value(value, owner.raw)
+        try:
+            scid, block, file_key = seal_value(value, owner.raw)
+        except FormatError as e:  # e.g. a set or a NaN: not DAG-CBOR, so neither a node nor a sealed value
+            raise ProvenanceFormatError(f"{definition} value: not DAG-CBOR data: {e}") from None
         self._put(scid, block)
         self._opened[scid] = (value, file_key)
         return scid
@@ -411,7 +417,7 @@ class Orchestrator:
 
     def _seed(self) -> None:
         for s in self.ctx.flow.seed:
-            sealed = self._seal(s.definition, s.value, seed=True)
+            sealed = self._seal(s.definition, s.value, SEED)
             cid, block = make_input(value=s.value, definition=s.definition, flow=self.ctx.flow_cid,
                                     parents=[self.ctx.flow_cid], key=self.ctx.seed_key or self.ctx.key, sealed=sealed)
             self._put(cid, block)
@@ -525,7 +531,7 @@ class Orchestrator:
 
     async def _emit(self, op: Operation, output: str, value: Any, parents: list[CID]) -> None:
         definition = op.outputs[output]
-        sealed = self._seal(definition, value, seed=False)
+        sealed = self._seal(definition, value, (op.name, output))
         cid, block = make_input(value=value, definition=definition, flow=self.ctx.flow_cid, parents=parents,
                                 key=self.ctx.key, operation=op.name, output=output, sealed=sealed)
         self._put(cid, block)

@@ -407,3 +407,16 @@ def test_openings_of_refused_inputs_are_forgotten() -> None:
     assert agg._opened == {} and agg._batch_opened == {}
     # the same exchange, attested: the values the admitted input links are kept
     assert orchs["aggregator"]._opened
+
+
+def test_a_value_that_cannot_be_sealed_is_an_audited_error_not_a_crash(tmp_path: Path) -> None:
+    doc, flow, fcid = example("hello")
+    ops = tmp_path / "ops"
+    ops.mkdir()
+    (ops / "ops.py").write_text("def hello(name):\n    return {'greeting': float('nan')}\n")
+    flow.definitions["greeting"] = type(flow.definitions["greeting"])("greeting", "float")
+    ctx = FlowContext(flow, fcid, "device", keys.generate(), doc["placement"], [], owner=owner_of(Identity.generate()))
+    o = Orchestrator(ctx, load_operations(flow, ops), MemoryBlocks())
+    assert asyncio.run(o.run()) == []
+    (err,) = o.audit.find("error")
+    assert "not DAG-CBOR" in err.reason
