@@ -151,6 +151,25 @@ def test_manifest_carries_the_owner_signed_and_strict() -> None:
         Manifest(name="m", version=1, expires=2**31, layers=(), root=root, owner={"recipients": ["age1nope"]})
 
 
+def test_a_swapped_owner_breaks_the_manifest_signature() -> None:
+    """A boot server that puts its own recipient in the manifest gets a manifest nobody accepts."""
+    from dataclasses import replace
+
+    from cidboot.errors import VerificationError
+    from cidboot.trust.manifest import SignedManifest, sign_manifest, verify_threshold
+    from cidboot.trust.manifest.signed import KIND_MANIFEST
+
+    signer = keys.generate()
+    root = RootOfTrust.from_public_keys([signer.public_key()], 1)
+    m = Manifest(name="m", version=1, expires=2**31, layers=(), root=root,
+                 owner=owner_of(Identity.generate()).to_obj())
+    signed = SignedManifest.decode(sign_manifest(m, [signer]).encode())
+    verify_threshold(signed.signatures, signed.payload(), root, "manifest", kind=KIND_MANIFEST)
+    swapped = replace(signed, manifest=replace(signed.manifest, owner=owner_of(Identity.generate()).to_obj()))
+    with pytest.raises(VerificationError):
+        verify_threshold(swapped.signatures, swapped.payload(), root, "manifest", kind=KIND_MANIFEST)
+
+
 # -- the agent seals, a third party validates -----------------------------------------------------
 
 def _hello_with(tmp_path: Path, owner: Owner | None) -> Orchestrator:
