@@ -316,8 +316,15 @@ def flow_context(agent: BootedAgent) -> tuple[Any, DataFlow]:
     authority = frozenset(raw_public_bytes(decode_public_key(k)) for k in m.root.keys)
     ctx = FlowContext(flow, m.flow, agent.config.role, agent.attester.leaf_key, placement=m.placement,
                       policies=m.policies, measurements=agent.attester.measurements,
-                      references=references(m, agent.attester.measurements), authority_keys=authority)
+                      references=references(m, agent.attester.measurements), authority_keys=authority,
+                      owner=m.sealing_owner)
     return ctx, flow
+
+
+def _shown(r: Any) -> Any:
+    """A result's value as the console, /results and the fleet events show it: a sealed one
+    (the flow has an owner) only as its sealed-value CID, never the plaintext."""
+    return r.value if r.sealed is None else {"sealed": str(r.sealed)}
 
 
 def run_flow(agent: BootedAgent, *, remote_wait: float = 300.0) -> list[Any]:
@@ -336,7 +343,7 @@ def run_flow(agent: BootedAgent, *, remote_wait: float = 300.0) -> list[Any]:
     ops = load_operations(flow, agent.root / OPS_DIR, names=local)
     orch = Orchestrator(ctx, ops, agent.store, attested=agent.attested, audit=agent.audit, send=agent.send,
                         remote_wait=remote_wait,
-                        on_result=lambda r: agent.record(Result(r.definition, r.value, r.cid)))
+                        on_result=lambda r: agent.record(Result(r.definition, _shown(r), r.cid)))
 
     agent.orchestrator = orch
 

@@ -12,6 +12,11 @@
   consume go to `send(role, blocks)` (agent.peers, after mutual attestation), with their
   provenance closure so the receiver can validate the parents; inputs from peers arrive
   through `accept(blocks, sender)`.
+- A flow with an owner (cidboot.dataflow.sealing) has its results (seal: results) or every
+  value (seal: all) sealed to the owner's age recipients before they are stored: the node links
+  the sealed-value block, the plaintext stays in this process (`Result.value`) and crosses to a
+  peer only as an opening (the age file key) beside the sealed block, over the attested channel.
+  With an owner, audit reasons carry no values (a refused output's value, an exception's text).
 - Before a run, every input is validated (agent.validate) and the policies are evaluated
   (agent.policy); every decision goes to the audit log. Outputs are signed provenance nodes
   (cidboot.dataflow.provenance) signed with the agent's DICE alias key.
@@ -47,7 +52,7 @@ import logging
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +63,14 @@ from agent.validate import PolicyVeto, Validator, check_policies
 from cidboot.dataflow.checks import PolicyScope, value_problem
 from cidboot.dataflow.model import SEED, STAGES, DataFlow, Operation
 from cidboot.dataflow.provenance import InputNode, ProvenanceFormatError, decode, make_input
+from cidboot.dataflow.sealing import (
+    Owner,
+    decode_opening,
+    decode_sealed,
+    make_opening,
+    open_with_opening,
+    seal_value,
+)
 from cidboot.errors import CidbootError, FormatError
 from cidboot.ipld.cid import CID
 from cidboot.trust.appraisal import AppraisalResult
@@ -84,6 +97,7 @@ class Result:
     value: Any
     cid: CID
     operation: str
+    sealed: CID | None = None  # the sealed-value block the node links (the value is then not stored in clear)
 
 
 @dataclass
@@ -100,6 +114,7 @@ class FlowContext:
     references: Mapping[str, bytes] = field(default_factory=dict)  # the manifest's
     authority_keys: frozenset[bytes] = frozenset()  # raw public keys that may sign seeds
     seed_key: PrivateKey | None = None  # signs this agent's seed inputs; None: the alias key
+    owner: Owner | None = None  # the flow owner (the signed manifest's): values sealed to it
 
     def local(self, op: str) -> bool:
         return not self.placement or op in self.placement.get(self.role, [])
@@ -155,7 +170,10 @@ class Orchestrator:
         self.audit = audit or AuditLog(ctx.key, store)
         self.send, self.validate_inputs, self.remote_wait = send, validate, remote_wait
         self.on_result = on_result
-        self.validator = Validator(ctx.flow, ctx.flow_cid, ctx.placement, self.attested, self._get, ctx.authority_keys)
+        self._opened: dict[CID, tuple[Any, bytes]] = {}  # sealed-value CID -> (plaintext, file key) known here
+        self._batch_opened: dict[CID, tuple[Any, bytes]] = {}  # opened in the `accept` being validated
+        self.validator = Validator(ctx.flow, ctx.flow_cid, ctx.placement, self.attested, self._get, ctx.authority_keys,
+                                   values=self._value_of)
         self.network: dict[CID, InputNode] = {}  # validated inputs available to local operations
         self._by_def: dict[str, dict[CID, InputNode]] = {}  # the same, by definition (dispatch looks up by it)
         self._order: dict[CID, bytes] = {}  # sort key per input: runs (and so audit logs) are deterministic
@@ -166,7 +184,8 @@ class Orchestrator:
                 for d in [*op.inputs.values(), *op.conditions]:
                     self._consumers.setdefault(d, set()).add(op.name)
         self._dirty: set[str] = {op for op in ctx.flow.operations if ctx.local(op)}
-        self._parents: dict[CID, tuple[CID, ...]] = {}  # of nodes decoded or made here: closures without decoding
+        # parents and sealed-value link of nodes decoded or made here: closures without decoding
+        self._links: dict[CID, tuple[tuple[CID, ...], CID | None]] = {}
         self.refused: dict[CID, str] = {}
         self.ran: set[tuple[str, tuple[CID, ...]]] = set()
         self.results: list[Result] = []
@@ -190,6 +209,27 @@ class Orchestrator:
             return block
         return self.store.get(cid)
 
+    def _value_of(self, sealed: CID) -> tuple[bool, Any]:
+        got = self._opened.get(sealed) or self._batch_opened.get(sealed)
+        return (True, got[0]) if got is not None else (False, None)
+
+    def _seal(self, definition: str, value: Any, origin: str | tuple[str, str]) -> CID | None:
+        """Seal the value to the owner when the flow says so (`results`: nothing the flow connects
+        this origin to consumes it); store the sealed block; keep the plaintext and file key in
+        memory (for local operations and peers' openings)."""
+        owner = self.ctx.owner
+        flow = self.ctx.flow
+        consumed = any(flow.allows(c, p, origin) for c, p in flow.consumers_of(definition))
+        if owner is None or not owner.seals(seed=origin == SEED, consumed=consumed):
+            return None
+        try:
+            scid, block, file_key = seal_value(value, owner.raw)
+        except FormatError as e:  # e.g. a set or a NaN: not DAG-CBOR, so neither a node nor a sealed value
+            raise ProvenanceFormatError(f"{definition} value: not DAG-CBOR data: {e}") from None
+        self._put(scid, block)
+        self._opened[scid] = (value, file_key)
+        return scid
+
     def _consumed_here(self, node: InputNode) -> bool:
         origin = SEED if node.is_seed else (str(node.operation), str(node.output))
         return any(self.ctx.local(op) and self.ctx.flow.allows(op, param, origin)
@@ -200,6 +240,13 @@ class Orchestrator:
             return True
         if node.cid in self.refused:
             return False
+        if node.sealed is not None:
+            known, value = self._value_of(node.sealed)
+            if not known:
+                self._refuse(node.cid, f"SealedValueUnknown: input {node.cid}: its {node.definition} value is sealed "
+                             "and no opening for it came with it")
+                return False
+            node = replace(node, value=value)
         if self.validate_inputs:
             try:
                 self.validator.validate(node.cid, node)
@@ -254,6 +301,7 @@ class Orchestrator:
                                               else "from a peer")
             finally:
                 self._pending, self._from_pending, self._quota = {}, set(), None
+                self._keep_openings()
             if self._quieted:
                 self.audit.record("refused", f"{self._quieted} more input(s) refused in the same exchange "
                                   "(reasons not recorded one by one)")
@@ -270,10 +318,12 @@ class Orchestrator:
             return []
         has = getattr(self.store, "has", None)
         nodes: dict[CID, InputNode] = {}
+        sealed: dict[CID, bytes] = {}  # sealed-value blocks (stored only if an admitted node links them)
+        openings: dict[CID, bytes] = {}  # sealed CID -> file key (never stored)
         known: list[CID] = []  # admitted before (a retry, or an ancestor of a later input)
         junk: dict[CID, int] = {}
         for cid, block in blocks:
-            if cid in nodes or cid in junk:
+            if cid in nodes or cid in junk or cid in sealed:
                 continue
             if cid in self.network:
                 known.append(cid)
@@ -282,12 +332,23 @@ class Orchestrator:
                 continue  # validated and stored before (a closure resends its ancestors each hop)
             try:
                 nodes[cid] = decode(block, cid)  # checks the block against its CID
+                continue
+            except CidbootError:
+                pass
+            try:
+                opening = decode_opening(block, cid)
+                if opening is not None:
+                    openings[opening[0]] = opening[1]
+                    continue
+                decode_sealed(block, cid)
+                sealed[cid] = block
             except CidbootError:
                 junk[cid] = len(block)
         if junk:
-            self._refuse_batch(list(junk), f"TamperedInput: {len(junk)} block(s) {who} are not provenance nodes of "
-                               f"their CID ({sum(junk.values())} bytes): not stored")
-        self._pending = {c: b for c, b in blocks if c in nodes and (has is None or not has(c))}
+            self._refuse_batch(list(junk), f"TamperedInput: {len(junk)} block(s) {who} are not provenance nodes, "
+                               f"sealed values or openings of their CID ({sum(junk.values())} bytes): not stored")
+        self._open(openings, sealed, who)
+        self._pending = {c: b for c, b in blocks if (c in nodes or c in sealed) and (has is None or not has(c))}
         new = sum(len(b) for b in self._pending.values())
         if self.peer_bytes + new > self.peer_budget:
             self._refuse_batch(list(self._pending), f"PeerLimit: {len(self._pending)} new block(s) of {new} bytes "
@@ -314,24 +375,51 @@ class Orchestrator:
                 self._refuse(cid, f"UnknownOperation: input {cid} {who}: {origin} feeds no operation of this role")
                 continue
             for c in sorted(read, key=bytes):  # validated: now it may be kept
-                self._store_peer(c, nodes[c])
+                self._store_peer(c, nodes.get(c))
             admitted.append(cid)
             self.audit.record("accepted", f"input {node.definition} {who}", inputs=[cid])
         return admitted
 
-    def _store_peer(self, cid: CID, node: InputNode) -> None:
+    def _store_peer(self, cid: CID, node: InputNode | None) -> None:
+        """A validated node (or, node None, a sealed-value block a validated node links)."""
         block = self._pending.pop(cid, None)
         if block is None:
             return  # already in the store
         self._put(cid, block)
         self.peer_bytes += len(block)
-        self._parents[cid] = node.parents
+        if node is not None:
+            self._links[cid] = (node.parents, node.sealed)
         self._kept.add(cid)
+
+    def _open(self, openings: Mapping[CID, bytes], sealed: Mapping[CID, bytes], who: str) -> None:
+        """Check each opening against its sealed block (in the batch or the store): only a file key
+        that opens exactly that block gives a value; a bad one is refused, its value stays unknown."""
+        bad: list[CID] = []
+        for scid, file_key in sorted(openings.items(), key=lambda kv: bytes(kv[0])):
+            if scid in self._opened:
+                continue
+            try:
+                block = sealed[scid] if scid in sealed else self.store.get(scid)
+                self._batch_opened[scid] = (open_with_opening(block, file_key, scid), file_key)
+            except (CidbootError, LookupError, OSError):
+                bad.append(scid)
+        if bad:
+            self._refuse_batch(bad, f"TamperedInput: {len(bad)} opening(s) {who} do not open their sealed value")
+
+    def _keep_openings(self) -> None:
+        """After an `accept`: keep the values of sealed blocks now held (a validated node links
+        them); the rest are forgotten, so a peer cannot make this agent hold values it refused."""
+        has = getattr(self.store, "has", None)
+        for scid, got in self._batch_opened.items():
+            if scid in self._kept or (has is not None and has(scid)):
+                self._opened[scid] = got
+        self._batch_opened = {}
 
     def _seed(self) -> None:
         for s in self.ctx.flow.seed:
+            sealed = self._seal(s.definition, s.value, SEED)
             cid, block = make_input(value=s.value, definition=s.definition, flow=self.ctx.flow_cid,
-                                    parents=[self.ctx.flow_cid], key=self.ctx.seed_key or self.ctx.key)
+                                    parents=[self.ctx.flow_cid], key=self.ctx.seed_key or self.ctx.key, sealed=sealed)
             self._put(cid, block)
             node = decode(block, cid)
             if self._consumed_here(node):
@@ -413,7 +501,8 @@ class Orchestrator:
                 out = await fn(**kwargs) if inspect.iscoroutinefunction(fn) else await asyncio.to_thread(fn, **kwargs)
             except Exception as e:  # an operation's own failure: an error, not a refusal; the flow goes on
                 log.info("operation %s raised", op.name, exc_info=True)  # the traceback, under -v
-                self.audit.record("error", f"{op.name} raised {type(e).__name__}: {e}{_where(e)}", operation=op.name,
+                text = "" if self.ctx.owner is not None else f": {e}"  # an exception's text may hold a value
+                self.audit.record("error", f"{op.name} raised {type(e).__name__}{text}{_where(e)}", operation=op.name,
                                   inputs=cids)
                 return
         # an operation that does not return what it declares failed (an error); an output that is
@@ -431,6 +520,8 @@ class Orchestrator:
                 # an output is a value of its definition, or it never becomes an input anywhere
                 wrong = value_problem(self.ctx.flow.definitions[op.outputs[name]], v)
                 if wrong is not None:
+                    if self.ctx.owner is not None:  # the message shows the value
+                        wrong = f"not a value of definition {op.outputs[name]!r} (value withheld: the flow has an owner)"
                     self.audit.record("refused", f"{op.name}.{name}: {wrong}", operation=op.name, inputs=cids)
                     continue
                 try:
@@ -440,12 +531,13 @@ class Orchestrator:
 
     async def _emit(self, op: Operation, output: str, value: Any, parents: list[CID]) -> None:
         definition = op.outputs[output]
+        sealed = self._seal(definition, value, (op.name, output))
         cid, block = make_input(value=value, definition=definition, flow=self.ctx.flow_cid, parents=parents,
-                                key=self.ctx.key, operation=op.name, output=output)
+                                key=self.ctx.key, operation=op.name, output=output, sealed=sealed)
         self._put(cid, block)
         node = decode(block, cid)
-        self._parents[cid] = node.parents
-        result = Result(definition, value, cid, op.name)
+        self._links[cid] = (node.parents, node.sealed)
+        result = Result(definition, value, cid, op.name, sealed)
         self.results.append(result)
         self.audit.record("result", f"{op.name}.{output} -> {definition}", operation=op.name, inputs=[cid])
         if self.on_result is not None:
@@ -458,13 +550,15 @@ class Orchestrator:
                                and self.ctx.flow.allows(c, p, (op.name, output)) for r in self.ctx.roles_of(c)})
         if remote_roles and self.send is not None:
             closure = self.closure(cid)
+            closure += self.openings(closure)
             for role in remote_roles:
                 res = self.send(role, closure)
                 if inspect.isawaitable(res):
                     await res
 
     def closure(self, cid: CID) -> list[Block]:
-        """The node and all its provenance ancestors (not the flow block): what a peer needs."""
+        """The node and all its provenance ancestors (not the flow block), with the sealed-value
+        blocks they link: what a peer needs."""
         out: dict[CID, bytes] = {}
         stack = [cid]
         while stack:
@@ -473,11 +567,20 @@ class Orchestrator:
                 continue
             block = self.store.get(c)
             out[c] = block
-            parents = self._parents.get(c)
-            if parents is None:
-                parents = self._parents[c] = decode(block, c).parents
+            links = self._links.get(c)
+            if links is None:
+                node = decode(block, c)
+                links = self._links[c] = (node.parents, node.sealed)
+            parents, sealed = links
+            if sealed is not None and sealed not in out:
+                out[sealed] = self.store.get(sealed)
             stack.extend(parents)
         return list(out.items())
+
+    def openings(self, blocks: Sequence[Block]) -> list[Block]:
+        """An opening (the age file key) for each sealed value among `blocks` this agent can open:
+        sent beside them to an attested peer, which needs the values it validates and computes on."""
+        return [make_opening(c, self._opened[c][1]) for c, _b in blocks if c in self._opened]
 
     async def run(self) -> list[Result]:
         """Seed, then each stage until nothing more runs (waiting for peers' inputs when a local

@@ -13,6 +13,14 @@ For an input node (cidboot.dataflow.provenance), in this order, each failure its
                                                             -> UnattestedProducer
 5. every parent validates, recursively;                     -> TamperedParent (naming the path)
 Results are memoised by CID: a DAG shared by many inputs is checked once.
+
+Sealed values (cidboot.dataflow.sealing): a node that links a sealed-value block is checked the
+same way, and its sealed block must be there, hash to its CID and be a well-formed age file
+(else MissingInput / TamperedInput). The two checks that read a value (a seed is one of the
+flow's, a condition was true) use `values(sealed CID)`: the plaintext this reader holds (its own
+outputs, a peer's opening, the owner's key). An agent has them all (fail closed:
+SealedValueUnavailable otherwise); a third party without keys validates `blind=True`: those
+checks are then listed in `unchecked`, not passed, and nothing else is skipped.
 Policies are per run, not per input: `check_policies` raises PolicyVeto with agent.policy's reason.
 
 Public API:
@@ -26,19 +34,20 @@ catch that; the orchestrator records type name and message in the audit log.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.attested import AttestedAgents
 from agent.policy import RunContext, veto_reason
 from cidboot.dataflow.model import DataFlow
 from cidboot.dataflow.provenance import ForgedSignature, InputNode, decode, verify_signature
+from cidboot.dataflow.sealing import SealedValueUnavailable, decode_sealed
 from cidboot.errors import FormatError, VerificationError
 from cidboot.ipld import dagcbor
 from cidboot.ipld.cid import CID
 from cidboot.trust.cose_key import raw_public_bytes
 
-__all__ = ["ForgedSignature", "MissingInput", "PolicyVeto", "ProvenanceError", "TamperedInput", "TamperedParent",
+__all__ = ["ForgedSignature", "MissingInput", "PolicyVeto", "ProvenanceError", "SealedValueUnknown", "TamperedInput", "TamperedParent",
            "UnattestedProducer", "UnknownOperation", "UnknownSeed", "Validator", "WrongFlow", "check_policies"]
 
 
@@ -75,6 +84,10 @@ class MissingInput(ProvenanceError):
     """A parent block is not available."""
 
 
+class SealedValueUnknown(ProvenanceError, SealedValueUnavailable):
+    """A check needs a sealed value this validator cannot open (not blind: fail closed)."""
+
+
 class PolicyVeto(ProvenanceError):
     """A manifest policy vetoes the operation."""
 
@@ -88,6 +101,10 @@ class Validator:
     get_block: Callable[[CID], bytes]
     authority_keys: frozenset[bytes] = frozenset()  # raw public keys of the flow authority
     memo: dict[CID, InputNode] = field(default_factory=dict)
+    # sealed values: sealed-value CID -> (known, plaintext); blind: a third party without keys
+    values: Callable[[CID], tuple[bool, Any]] | None = None
+    blind: bool = False
+    unchecked: list[str] = field(default_factory=list)  # value checks a blind validation could not make
 
     def validate(self, cid: CID, node: InputNode | None = None) -> InputNode:
         """Check `cid` and all its ancestors (iteratively: provenance chains can be thousands deep).
@@ -137,14 +154,18 @@ class Validator:
         """Everything about one node except its parents."""
         node = known if known is not None and known.cid == cid else self._load(cid)
         verify_signature(node)
+        if node.sealed is not None:
+            node = self._sealed(node)
         if node.flow != self.flow_cid:
             raise WrongFlow(f"input {cid}: belongs to flow {node.flow}, not {self.flow_cid}")
         producer = raw_public_bytes(node.producer_key())
         agent = self.attested.get(producer)
         if node.is_seed:
-            value = dagcbor.encode(node.value)  # by encoding: 1 is not true, 2.0 is not 2
-            if not any(s.definition == node.definition and dagcbor.encode(s.value) == value for s in self.flow.seed):
-                raise UnknownSeed(f"input {cid}: seed {node.definition}={node.value!r} is not in the flow")
+            if self._readable(node, "seed value not compared with the flow's seeds"):
+                value = dagcbor.encode(node.value)  # by encoding: 1 is not true, 2.0 is not 2
+                if not any(s.definition == node.definition and dagcbor.encode(s.value) == value for s in self.flow.seed):
+                    shown = "(sealed)" if node.sealed is not None else f"{node.value!r}"  # no plaintext in the audit
+                    raise UnknownSeed(f"input {cid}: seed {node.definition}={shown} is not in the flow")
             if producer not in self.authority_keys and agent is None:
                 raise UnattestedProducer(f"input {cid}: seed signed by a key that is neither the flow authority "
                                          "nor an attested agent")
@@ -180,8 +201,35 @@ class Validator:
             if p.definition != definition or not self.flow.allows(op.name, param, origin):
                 raise TamperedParent(f"input {n.cid}: parent {pcid} ({p.definition} from {p.origin}) cannot feed "
                                      f"{op.name}.{param}")
-            if condition and p.value is not True:
+            if condition and self._readable(p, f"condition {param} of {op.name} not checked true") \
+                    and p.value is not True:
                 raise TamperedParent(f"input {n.cid}: condition {param} of {op.name} was not true")
+
+    def _sealed(self, node: InputNode) -> InputNode:
+        """The sealed block is there and well formed; the value filled in when this reader has it."""
+        assert node.sealed is not None
+        try:
+            block = self.get_block(node.sealed)
+        except VerificationError as e:
+            raise TamperedInput(f"input {node.cid}: sealed value {node.sealed}: {e}") from None
+        except (LookupError, OSError, FormatError) as e:
+            raise MissingInput(f"input {node.cid}: sealed value {node.sealed} not available: {e}") from None
+        try:
+            decode_sealed(block, node.sealed)
+        except (VerificationError, FormatError) as e:
+            raise TamperedInput(f"input {node.cid}: sealed value {node.sealed}: {e}") from None
+        known, value = self.values(node.sealed) if self.values is not None else (False, None)
+        return replace(node, value=value) if known else node
+
+    def _readable(self, node: InputNode, what: str) -> bool:
+        """Can a check read this node's value? A sealed one unopened: blind -> noted, else refused."""
+        if node.sealed is None or (self.values is not None and self.values(node.sealed)[0]):
+            return True
+        if self.blind:
+            self.unchecked.append(f"input {node.cid} ({node.definition}, sealed): {what}")
+            return False
+        raise SealedValueUnknown(f"input {node.cid}: its {node.definition} value is sealed and this agent has no "
+                                 "opening for it")
 
 
 def check_policies(policies: Sequence[Mapping[str, Any]], ctx: RunContext) -> None:

@@ -263,6 +263,11 @@ def _private(doc: Doc) -> list[Row]:
             for r in doc["rows"]]
 
 
+def _private_results(doc: Doc) -> list[Row]:
+    return [figure("bench_private_results", f"{r['operation']} vs {r['reference']}", r["us_per_value"], r["ref_us"],
+                   "us") for r in doc["rows"]]
+
+
 def _trust(doc: Doc) -> list[Row]:
     rows, b = doc["rows"], "bench_trust"
     bare = next((r for r in rows if "reference" in r["operation"]), None)
@@ -355,6 +360,7 @@ BENCHES: dict[str, Bench] = {b.stem: b for b in [
         ("UnixFS import CIDv1 vs ipfs add --only-hash, 256 MiB", "MB/s", Goal(">=", 1.3)),
         ("import peak RSS, 256 MiB vs 16 MiB", "MiB", FLAT))),
     Bench("bench_private", "private", _private),
+    Bench("bench_private_results", "private_results", _private_results),
     Bench("bench_pxe200", "bench_pxe200", _pxe200),
     Bench("bench_scaleout", "bench_scaleout", _scaleout, (
         ("4 device(s): bytes pulled from upstream vs image size", "MB", ONCE),)),

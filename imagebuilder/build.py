@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from cidboot.cli import UsageError
 from cidboot.errors import CidbootError
@@ -152,6 +153,15 @@ def stage_entries(target: str, op_modules: list[str]) -> list[str]:
     """The modules whose import closure an image of `target` ships: PID 1, the stage's entry and
     the flow's operation modules."""
     return ["cidboot.stage.pid1", ENTRY[target], *op_modules]
+
+
+def _owner(raw: Any) -> dict[str, Any] | None:
+    """flow.yaml's `owner` as the manifest carries it (checked by cidboot.dataflow.checks already)."""
+    if raw is None:
+        return None
+    from cidboot.dataflow.sealing import Owner
+
+    return Owner.from_obj(raw).to_obj()
 
 
 def _expires(ff: FlowFile) -> int:
@@ -428,7 +438,8 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         layers=tuple(Layer(lyr.cid, lyr.size, lyr.role, lyr.plaintext) for lyr in layers), root=root,
         measurements=measurements, flow=flow_cid, operations=operations,
         placement={k: list(v) for k, v in sorted((ff.data.get("placement") or {}).items())},
-        policies=list(ff.data.get("policies") or []), cmdline=str(image.get("cmdline", "")))
+        policies=list(ff.data.get("policies") or []), cmdline=str(image.get("cmdline", "")),
+        owner=_owner(ff.data.get("owner")))
     if ff.target == "image":  # the bootstrap measures an image by its layer CIDs (cidboot.trust.measure.image_inputs)
         manifest = replace(manifest, measurements={**measurements, "image": image_code_hash(manifest)})
     signed = sign_manifest(manifest, signers[:threshold])

@@ -11,7 +11,12 @@ the flow authority: the first `trust.keys` entry beside a flow.yaml, else DIR/au
 manifest's root keys are the authority. Results, their provenance nodes and the audit logs go
 to the block store (pinned), so `imagebuilder cat`, the gateway and `car export` read them by CID.
 
-`--json` prints {"results": {definition: value}, "result_cids": {definition: cid},
+A flow with an `owner` (flow.yaml, or the signed manifest's) has its results (or, seal: all,
+every value) sealed to the owner's age recipients before they are stored or published
+(docs/privacy.md, "Private results"): such a result is printed as `sealed (age, N recipients)`
+with its sealed-value CID, and `imagebuilder show CID --key OWNER.key` opens it.
+
+`--json` prints {"results": {definition: value | {"sealed": CID}}, "result_cids": {definition: cid},
 "audit_head": {role: cid}, "flow": cid, "refused": [...], "vetoed": [...], "errors": [...]}; a definition
 produced more than once (expand, several input sets) maps to the list of its values/CIDs.
 Exit status 1 when an input was refused, an operation vetoed or failed (the reasons go to stderr; an
@@ -36,6 +41,7 @@ from agent.orchestrator import Block, FlowContext, Orchestrator, load_operations
 from cidboot.cli import EXIT_ERROR, EXIT_OK, UsageError, print_json
 from cidboot.dataflow import checks
 from cidboot.dataflow.model import DataFlow
+from cidboot.dataflow.sealing import Owner
 from cidboot.dataflow.source import load_yaml
 from cidboot.errors import CidbootError, FormatError
 from cidboot.ipld import dagcbor
@@ -79,6 +85,7 @@ class Loaded:
     authority: frozenset[bytes]
     manifest: Manifest | None = None
     manifest_cid: CID | None = None
+    owner: Owner | None = None
 
 
 def _from_yaml(path: Path, store: Blockstore, ident_dir: Path) -> Loaded:
@@ -93,8 +100,10 @@ def _from_yaml(path: Path, store: Blockstore, ident_dir: Path) -> Loaded:
     seed_key = keys.load_private_key(trust_keys[0]) if trust_keys and trust_keys[0].exists() \
         else identity.authority_key(ident_dir)
     flow_cid = store.put_block(dagcbor.encode(doc["dataflow"]), DAG_CBOR)
+    owner = Owner.from_obj(doc["owner"]) if doc.get("owner") is not None else None
     return Loaded(doc["dataflow"], flow_cid, path.parent, dict(doc.get("placement") or {}),
-                  list(doc.get("policies") or []), seed_key, frozenset({raw_public_bytes(seed_key.public_key())}))
+                  list(doc.get("policies") or []), seed_key, frozenset({raw_public_bytes(seed_key.public_key())}),
+                  owner=owner)
 
 
 def _from_manifest(cid: CID, store: Blockstore, tmp: Path) -> Loaded:
@@ -122,7 +131,8 @@ def _from_manifest(cid: CID, store: Blockstore, tmp: Path) -> Loaded:
     checks.checked({"dataflow": dataflow, "placement": m.placement, "policies": m.policies},
                    modules=checks.modules_beside(tmp), origin=f"manifest {cid}")
     authority = frozenset(raw_public_bytes(decode_public_key(k)) for k in m.root.keys)
-    return Loaded(dataflow, m.flow, tmp, dict(m.placement), list(m.policies), None, authority, m, cid)
+    return Loaded(dataflow, m.flow, tmp, dict(m.placement), list(m.policies), None, authority, m, cid,
+                  m.sealing_owner)
 
 
 def _load(args: argparse.Namespace, store: Blockstore, tmp: Path) -> Loaded:
@@ -169,7 +179,7 @@ def build(loaded: Loaded, store: Blockstore, ident_dir: Path, only_role: str | N
         appraisals[role] = identity.self_attestation(ident, role, refs, loaded.manifest_cid)
         registries[role] = attested = AttestedAgents()
         ctx = FlowContext(flow, loaded.flow_cid, role, ident.key, placement, loaded.policies, ident.measurements,
-                          refs, authority_keys=loaded.authority, seed_key=loaded.seed_key)
+                          refs, authority_keys=loaded.authority, seed_key=loaded.seed_key, owner=loaded.owner)
         local = [op for op in flow.operations if ctx.local(op)]
         orchs[role] = Orchestrator(ctx, load_operations(flow, loaded.ops_dir, names=local), store, attested=attested,
                                    audit=AuditLog(ident.key, store), validate=validate,
@@ -192,7 +202,7 @@ def _collect(orchs: dict[str, Orchestrator]) -> dict[str, Any]:
     cids: dict[str, list[str]] = {}
     for o in orchs.values():
         for r in o.results:
-            values.setdefault(r.definition, []).append(r.value)
+            values.setdefault(r.definition, []).append(r.value if r.sealed is None else {"sealed": str(r.sealed)})
             cids.setdefault(r.definition, []).append(str(r.cid))
     return {
         "results": {d: v[0] if len(v) == 1 else v for d, v in values.items()},
@@ -238,7 +248,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         for o in orchs.values():
             for r in o.results:
-                print(f"{r.definition} = {r.value!r}  ({r.cid})")
+                shown = repr(r.value) if r.sealed is None else f"sealed (age, {len(loaded.owner.recipients) if loaded.owner else 0} " \
+                    f"recipient(s)) in {r.sealed}"
+                print(f"{r.definition} = {shown}  ({r.cid})")
         for role, head in out["audit_head"].items():
             print(f"audit log ({role}): {head}")
     return EXIT_ERROR if out["refused"] or out["vetoed"] or out["errors"] else EXIT_OK

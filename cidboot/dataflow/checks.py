@@ -41,7 +41,7 @@ Path_ = tuple[str | int, ...]
 PRIMITIVES = ("str", "int", "float", "bool", "bytes", "map", "array")
 LAYERS = ("firmware", "bootstrap", "image")
 FILE_KEYS = frozenset({"name", "version", "target", "arch", "encrypt", "image", "dataflow", "placement", "policies",
-                       "trust"})
+                       "trust", "owner"})
 DATAFLOW_KEYS = frozenset({"definitions", "operations", "seed", "flow"})
 DEFINITION_KEYS = frozenset({"primitive", "lock"})
 OPERATION_KEYS = frozenset({"implementation", "inputs", "outputs", "conditions", "stage", "expand"})
@@ -289,6 +289,8 @@ def _shape(doc: Mapping[str, Any], file_keys: bool) -> tuple[list[Problem], set[
     _seed(s, df, defs)
     _connections(s, df, ops)
     roles = _placement(s, doc, ops)
+    if "owner" in doc:
+        _owner(s, doc["owner"])
     return s.out, set(ops), defs, roles
 
 
@@ -372,6 +374,33 @@ def _placement(s: _Shape, doc: Mapping[str, Any], ops: Mapping[str, Mapping[str,
             if s.name(n, ("placement", role, i)) is not None and n not in ops:
                 s.add("unknown-operation", ("placement", role, i), f"unknown operation {n!r}")
     return set(placement)
+
+
+def _owner(s: _Shape, raw: Any) -> None:
+    """The flow owner (cidboot.dataflow.sealing.Owner): each recipient an age X25519 public key.
+    A recipient nobody can decrypt for would make the results unreadable for good, so a typo
+    (a bad Bech32 checksum) is an error here, before anything is signed or sealed."""
+    from cidboot.dataflow.sealing import SEAL_MODES
+    from cidboot.trust.private.sealed import parse_recipient
+
+    o = s.map(raw, ("owner",), {"recipients", "seal"})
+    if isinstance(raw, Mapping) and "recipients" not in o:
+        s.add("missing", ("owner",), "'recipients' is a required property", key=True)
+    recipients = s.list(o.get("recipients", []), ("owner", "recipients"))
+    if "recipients" in o and not recipients:
+        s.add("owner", ("owner", "recipients"), "at least one age1... recipient")
+    for i, r in enumerate(recipients):
+        if not isinstance(r, str):
+            s.add("type", ("owner", "recipients", i), f"must be an age1... string, got {r!r}")
+            continue
+        try:
+            parse_recipient(r)
+        except FormatError as e:
+            s.add("owner", ("owner", "recipients", i), f"{r!r:.80} is not an age X25519 recipient: {e}")
+        if recipients.index(r) != i:
+            s.add("owner", ("owner", "recipients", i), "listed twice")
+    if "seal" in o and o["seal"] not in SEAL_MODES:
+        s.add("owner", ("owner", "seal"), f"{o['seal']!r} is not one of {list(SEAL_MODES)}")
 
 
 def _submap(m: Mapping[str, Any], key: str) -> Mapping[str, Any]:

@@ -9,6 +9,11 @@
                       "parents": [CID, ...]},      # the inputs it was computed from
             "sig": COSE_Sign1 (untagged, detached payload = DAG-CBOR of "input")}
 
+A value sealed to the flow owner (cidboot.dataflow.sealing) is not in the node: `"sealed": CID`
+(the sealed-value block) takes the place of `"value"`, so the signature covers the sealed block's
+CID and a verifier checks the chain without reading the value (`InputNode.value` is then None
+until a reader with the key or an opening fills it in).
+
 Choice: the node's CID is the CID of the whole *signed envelope* (DAG-CBOR, sha2-256), not of
 the unsigned payload, so a parent link names the exact signed bytes: change a value, a parent
 or a signature anywhere upstream and every CID below changes, and one CID fetch gives a
@@ -35,6 +40,7 @@ from cidboot.trust.cose_key import decode_public_key, encode_public_key_bytes
 MAX_NODE = 1 << 20
 SEED = "seed"
 FIELDS = frozenset({"value", "definition", "origin", "operation", "producer", "flow", "parents"})
+SEALED_FIELDS = FIELDS - {"value"} | {"sealed"}
 
 
 class ProvenanceFormatError(FormatError):
@@ -57,6 +63,7 @@ class InputNode:
     producer: bytes  # encoded COSE_Key
     sig: bytes
     payload: bytes  # the DAG-CBOR the signature covers
+    sealed: CID | None = None  # the sealed-value block, when the value is sealed (value: None unless opened)
 
     @property
     def is_seed(self) -> bool:
@@ -72,8 +79,9 @@ class InputNode:
 
 
 def make_input(*, value: Any, definition: str, flow: CID, parents: Sequence[CID], key: PrivateKey,
-               operation: str | None = None, output: str | None = None) -> tuple[CID, bytes]:
-    """Sign and encode one node; returns (CID, block)."""
+               operation: str | None = None, output: str | None = None, sealed: CID | None = None) -> tuple[CID, bytes]:
+    """Sign and encode one node; returns (CID, block). With `sealed` (a sealed-value block's
+    CID), the node links it in place of `value` (which is then not in the node)."""
     if (operation is None) != (output is None):
         raise ProvenanceFormatError("operation and output are both set (an operation's output) or both null (a seed)")
     if operation is not None and (":" in operation or not operation or not output):
@@ -81,6 +89,9 @@ def make_input(*, value: Any, definition: str, flow: CID, parents: Sequence[CID]
     payload = {"value": value, "definition": definition, "origin": SEED if operation is None else f"{operation}:{output}",
                "operation": operation, "flow": flow, "parents": list(parents),
                "producer": encode_public_key_bytes(key.public_key())}
+    if sealed is not None:
+        del payload["value"]
+        payload["sealed"] = sealed
     try:
         raw = dagcbor.encode(payload)
     except FormatError as e:
@@ -106,8 +117,9 @@ def decode(block: bytes, cid: CID | None = None) -> InputNode:
         raise ProvenanceFormatError("provenance node: sig must be a byte string (COSE_Sign1)")
     if not isinstance(inp, Mapping):
         raise ProvenanceFormatError(f"provenance node: input must be a map, not {type(inp).__name__}")
-    if set(inp) != FIELDS:
-        missing, unknown = sorted(FIELDS - set(inp)), sorted(set(inp) - FIELDS)
+    want = SEALED_FIELDS if "sealed" in inp else FIELDS
+    if set(inp) != want:
+        missing, unknown = sorted(want - set(inp)), sorted(set(inp) - want)
         raise ProvenanceFormatError(f"provenance node: input: missing {missing}, unknown {unknown}")
     if not isinstance(inp["definition"], str) or not inp["definition"]:
         raise ProvenanceFormatError("provenance node: definition must be a non-empty string")
@@ -131,12 +143,15 @@ def decode(block: bytes, cid: CID | None = None) -> InputNode:
         raise ProvenanceFormatError("provenance node: parents must be a list of CID links")
     if not isinstance(inp["producer"], bytes):
         raise ProvenanceFormatError("provenance node: producer must be an encoded COSE_Key")
+    sealed = inp.get("sealed")
+    if "sealed" in inp and not isinstance(sealed, CID):
+        raise ProvenanceFormatError("provenance node: sealed must be a CID link (a sealed-value block)")
     try:
         decode_public_key(inp["producer"])
     except FormatError as e:
         raise ProvenanceFormatError(f"provenance node: producer: {e}") from None
-    return InputNode(cid or CID.of(block, DAG_CBOR), inp["value"], inp["definition"], op, out, inp["flow"],
-                     tuple(parents), inp["producer"], sig, dagcbor.encode(dict(inp)))
+    return InputNode(cid or CID.of(block, DAG_CBOR), inp.get("value"), inp["definition"], op, out, inp["flow"],
+                     tuple(parents), inp["producer"], sig, dagcbor.encode(dict(inp)), sealed)
 
 
 decode_input = decode  # the name the issue uses

@@ -12,6 +12,11 @@ Readable form: times as ISO 8601 (UTC), bytes as hex, CIDs as strings, keys by k
 store is named, not fatal). A path (`CID/manifest/flow`) resolves through DAG-CBOR fields and
 UnixFS directories like the gateway does (cidboot.gateway.pathing); a path that ends inside a
 DAG-CBOR document shows that document.
+
+Sealed values (a flow with an owner, docs/privacy.md "Private results"): a provenance node's
+value and a sealed-value block show as `sealed (age, N recipients)`; `--key IDENTITY_FILE`
+(the owner's age identity, `imagebuilder keygen --owner`) opens them and shows the value. A key
+that opens none of them is an error (exit 1), never a silent "sealed".
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 import cbor2
 
 from cidboot.cli import print_json
-from cidboot.errors import CidbootError, FormatError, NotFoundError
+from cidboot.errors import CidbootError, FormatError, NotFoundError, VerificationError
 from cidboot.ipld import dagcbor, dagpb
 from cidboot.ipld.cid import CID, DAG_CBOR, DAG_PB, RAW
 from cidboot.store.blockstore import Blockstore
@@ -43,10 +48,45 @@ MANIFEST_REQUIRED = frozenset({"name", "version", "expires", "layers", "root"})
 PROVENANCE = frozenset({"input", "sig"})
 AUDIT = frozenset({"entry", "sig"})
 REGISTRY = frozenset({"registry", "signatures"})
+SEALED = frozenset({"format", "sealed"})
 
 
 class ShowError(FormatError):
     """A block claims to be one of ours (by its shape) but does not decode as that kind."""
+
+
+class WrongOwnerKey(VerificationError):
+    """`--key` was given but does not open a sealed value shown (not the owner's identity)."""
+
+
+@dataclass
+class Opener:
+    """What `show` needs to open sealed values: the block source and the owner's identities."""
+
+    get: GetBlock
+    identities: list[Any] = field(default_factory=list)  # cidboot.trust.private.sealed.Identity
+    opened: int = 0
+
+    def sealed(self, cid: CID, block: bytes | None = None) -> dict[str, Any]:
+        """A sealed value for people: its recipients count, and the value when a key opens it."""
+        from cidboot.dataflow.sealing import decode_sealed, open_value
+        from cidboot.trust.private.sealed import HeaderMacError, NoMatchingIdentity
+
+        try:
+            blk = block if block is not None else self.get(cid)
+        except NotFoundError:
+            return {"sealed": str(cid), "missing": "not in the store"}
+        sv = decode_sealed(blk, cid)
+        out: dict[str, Any] = {"sealed": str(cid), "summary": f"sealed (age, {sv.recipients} recipient"
+                               f"{'s' if sv.recipients != 1 else ''})"}
+        if self.identities:
+            try:
+                out["value"] = plain(open_value(blk, self.identities, cid))
+            except (NoMatchingIdentity, HeaderMacError) as e:
+                raise WrongOwnerKey(f"sealed value {cid}: the --key identity does not open it ({e}): "
+                                    "not the flow owner's key") from None
+            self.opened += 1
+        return out
 
 
 @dataclass
@@ -129,6 +169,7 @@ def _manifest(m: Any) -> dict[str, Any]:
         "flow": str(man.flow) if man.flow else None,
         "operations": {k: str(v) for k, v in sorted(man.operations.items())},
         "placement": man.placement, "policies": plain(man.policies),
+        **({"owner": plain(man.owner)} if man.owner is not None else {}),
     }
 
 
@@ -140,7 +181,7 @@ def _signed_manifest(doc: dict[str, Any], block: bytes) -> dict[str, Any]:
             "rotations": [{"root": _root(r.root), "signatures": _signers(r.signatures)} for r in sm.rotations]}
 
 
-def _provenance(cid: CID, block: bytes) -> dict[str, Any]:
+def _provenance(cid: CID, block: bytes, opener: Opener | None) -> dict[str, Any]:
     from cidboot.dataflow.provenance import decode, verify_signature
 
     node = decode(block, cid)
@@ -149,7 +190,14 @@ def _provenance(cid: CID, block: bytes) -> dict[str, Any]:
         sig = "valid (by the producer key it names)"
     except CidbootError as e:
         sig = f"INVALID: {e}"
-    return {"definition": node.definition, "value": plain(node.value), "origin": node.origin,
+    value: Any = plain(node.value)
+    if node.sealed is not None:
+        got = opener.sealed(node.sealed) if opener is not None else {"sealed": str(node.sealed)}
+        value = got["value"] if "value" in got else got.get("summary", f"sealed in {node.sealed}")
+        return {"definition": node.definition, "value": value, "sealed": str(node.sealed), "origin": node.origin,
+                "operation": node.operation, "producer": _key(node.producer), "flow": str(node.flow),
+                "parents": [str(p) for p in node.parents], "signature": sig}
+    return {"definition": node.definition, "value": value, "origin": node.origin,
             "operation": node.operation, "producer": _key(node.producer), "flow": str(node.flow),
             "parents": [str(p) for p in node.parents], "signature": sig}
 
@@ -214,7 +262,18 @@ def _eat(block: bytes) -> tuple[dict[str, Any], list[tuple[str, CID]]]:
     return out, [("manifest", ev.manifest_cid)] if ev.manifest_cid else []
 
 
-def _dag_cbor(cid: CID, block: bytes) -> Shown:
+def _sealed_value(cid: CID, block: bytes, opener: Opener | None) -> dict[str, Any]:
+    from cidboot.dataflow.sealing import FORMAT, decode_sealed
+
+    if opener is not None:
+        got = opener.sealed(cid, block)
+    else:
+        sv = decode_sealed(block, cid)
+        got = {"summary": f"sealed (age, {sv.recipients} recipient{'s' if sv.recipients != 1 else ''})"}
+    return {"format": FORMAT, "sealed": got["summary"], **({"value": got["value"]} if "value" in got else {})}
+
+
+def _dag_cbor(cid: CID, block: bytes, opener: Opener | None = None) -> Shown:
     doc = dagcbor.decode(block)
     generic = Shown(cid, "dag-cbor", len(block), plain(doc), links_in(doc))
     if not isinstance(doc, dict):
@@ -222,7 +281,8 @@ def _dag_cbor(cid: CID, block: bytes) -> Shown:
     keys = set(doc)
     decoders: list[tuple[str, bool, Callable[[], Any]]] = [
         ("signed-manifest", keys == SIGNED_MANIFEST, lambda: _signed_manifest(doc, block)),
-        ("provenance-node", keys == PROVENANCE, lambda: _provenance(cid, block)),
+        ("provenance-node", keys == PROVENANCE, lambda: _provenance(cid, block, opener)),
+        ("sealed-value", keys == SEALED, lambda: _sealed_value(cid, block, opener)),
         ("audit-entry", keys == AUDIT and isinstance(doc.get("entry"), dict), lambda: _audit(doc)),
         ("device-registry", keys == REGISTRY, lambda: _registry(doc)),
         ("manifest", MANIFEST_REQUIRED <= keys, lambda: _manifest(doc)),
@@ -232,6 +292,8 @@ def _dag_cbor(cid: CID, block: bytes) -> Shown:
         if matches:
             try:
                 return Shown(cid, kind, len(block), decode(), generic.links)
+            except WrongOwnerKey:
+                raise
             except (CidbootError, KeyError, TypeError, ValueError) as e:
                 generic.note = f"shaped like a {kind} but does not decode as one: {e}"
                 return generic
@@ -303,10 +365,11 @@ def _raw(cid: CID, block: bytes) -> Shown:
     return shown
 
 
-def decode_block(cid: CID, block: bytes) -> Shown:
-    """What this block is, by codec and shape (see the module docstring)."""
+def decode_block(cid: CID, block: bytes, opener: Opener | None = None) -> Shown:
+    """What this block is, by codec and shape (see the module docstring); `opener` shows
+    sealed values' recipients (and, with identities, opens them)."""
     if cid.codec == DAG_CBOR:
-        return _dag_cbor(cid, block)
+        return _dag_cbor(cid, block, opener)
     if cid.codec == DAG_PB:
         return _dag_pb(cid, block)
     if cid.codec == RAW:
@@ -314,22 +377,24 @@ def decode_block(cid: CID, block: bytes) -> Shown:
     return Shown(cid, cid.codec_name, len(block), _preview(block))
 
 
-def show(cid: CID, get: GetBlock, depth: int = 0, seen: set[CID] | None = None) -> dict[str, Any]:
+def show(cid: CID, get: GetBlock, depth: int = 0, seen: set[CID] | None = None,
+         opener: Opener | None = None) -> dict[str, Any]:
     """The block as a JSON-able tree; with depth > 0 its links' blocks under "linked"."""
     seen = set() if seen is None else seen
+    opener = opener if opener is not None else Opener(get)
     seen.add(cid)
     try:
         block = get(cid)
     except NotFoundError:
         return {"cid": str(cid), "missing": "not in the store"}
-    s = decode_block(cid, block)
+    s = decode_block(cid, block, opener)
     out: dict[str, Any] = {"cid": str(cid), "kind": s.kind, "size": s.size, "value": s.value}
     if s.note:
         out["note"] = s.note
     if s.links:
         out["links"] = [{"name": n, "cid": str(c)} for n, c in s.links]
     if depth > 0 and s.links:
-        out["linked"] = [{"name": n, **({"cid": str(c), "seen": "shown above"} if c in seen else show(c, get, depth - 1, seen))}
+        out["linked"] = [{"name": n, **({"cid": str(c), "seen": "shown above"} if c in seen else show(c, get, depth - 1, seen, opener))}
                          for n, c in s.links]
     return out
 
@@ -407,6 +472,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--store", type=Path, help="block store directory (default: $CIDBOOT_STORE)")
     p.add_argument("--depth", type=int, default=0, metavar="N", help="follow links N levels (default 0)")
     p.add_argument("--json", action="store_true", help="one JSON document instead of text")
+    p.add_argument("--key", type=Path, metavar="IDENTITY_FILE",
+                   help="the flow owner's age identity: open sealed values (a key that opens none is an error)")
     p.set_defaults(func=run)
 
 
@@ -418,7 +485,18 @@ def run(args: argparse.Namespace) -> int:
     store = Blockstore(args.store)
     cid = resolve_arg(args.cid, store.get)
     store.get(cid)  # a missing top block is an error, not a "missing" entry
-    tree = show(cid, store.get, args.depth)
+    opener = Opener(store.get)
+    if args.key is not None:
+        from cidboot.trust.private.sealed import load_identities
+
+        try:
+            opener.identities = load_identities(args.key.read_text())
+        except OSError as e:
+            raise NotFoundError(f"--key {args.key}: cannot read: {e.strerror}") from None
+    tree = show(cid, store.get, args.depth, opener=opener)
+    if args.key is not None and opener.opened == 0:
+        raise WrongOwnerKey(f"--key {args.key}: no sealed value was opened: none in what is shown (give a result's "
+                            "CID, or --depth), or its sealed block is not in the store")
     if args.json:
         print_json(tree)
     else:

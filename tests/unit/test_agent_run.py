@@ -79,7 +79,7 @@ def test_policy_veto_from_yaml_is_reported_and_fails(tmp_path: Path, capsys: pyt
     assert "veto: policy no-greetings-from-seeds vetoes hello" in err
 
 
-def signed_two_device(store: Blockstore, measurements: dict[str, bytes]) -> CID:
+def signed_two_device(store: Blockstore, measurements: dict[str, bytes], owner: dict[str, Any] | None = None) -> CID:
     doc = yaml.safe_load((REPO / "examples/two-device/flow.yaml").read_text())
     flow_cid = store.put_block(dagcbor.encode(doc["dataflow"]), DAG_CBOR)
     ops = import_bytes((REPO / "examples/two-device/ops.py").read_bytes(), store).cid
@@ -89,7 +89,7 @@ def signed_two_device(store: Blockstore, measurements: dict[str, bytes]) -> CID:
     m = Manifest("two-device", 1, int(time.time()) + 3600, (Layer(layer.cid, layer.size, "agent"),), root,
                  measurements, flow=flow_cid, operations={"sample": ops, "summarise": ops},
                  placement=doc["placement"], policies=[{"name": "measured", "veto": {"operation": "summarise"},
-                                                         "unless": {"measurement": "image"}}])
+                                                         "unless": {"measurement": "image"}}], owner=owner)
     signed = sign_manifest(m, [signer])
     store.put(signed.cid, signed.encode())
     return signed.cid

@@ -29,7 +29,8 @@ def keygen_lines() -> list[tuple[str, str]]:
 @pytest.mark.parametrize("where,cmd", keygen_lines())
 def test_every_documented_keygen_parses_and_names_its_output(where: str, cmd: str) -> None:
     args = build_parser("imagebuilder", "", "imagebuilder.commands").parse_args(shlex.split(cmd)[1:])
-    assert args.output or args.flow_secret, f"{where}: {cmd} (give -o STEM, or --flow-secret FILE for a flow secret)"
+    assert args.output or args.flow_secret or args.owner, (f"{where}: {cmd} (give -o STEM, --flow-secret FILE for a "
+                                                           f"flow secret, or --owner FILE for an owner identity)")
     assert args.stem is None, f"{where}: {cmd} (the docs use the -o form)"
 
 

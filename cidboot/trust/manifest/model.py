@@ -148,6 +148,9 @@ class Manifest:
     placement: dict[str, list[str]] = field(default_factory=dict)
     policies: list[dict[str, Any]] = field(default_factory=list)
     cmdline: str = ""
+    # the flow owner (cidboot.trust.private.owner.Owner.to_obj): values are sealed to it; signed
+    # with the rest, so a boot server cannot swap the recipients. Absent: encodes as before.
+    owner: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -160,18 +163,37 @@ class Manifest:
             if layer.plaintext is not None and layer.size != ciphertext_size(layer.plaintext.size):
                 raise ManifestFormatError(f"manifest: layer {layer.cid}: {layer.size} bytes cannot be the encryption "
                                           f"of {layer.plaintext.size} bytes ({ciphertext_size(layer.plaintext.size)})")
+        if self.owner is not None:
+            from cidboot.trust.private.owner import Owner
+
+            try:
+                Owner.from_obj(self.owner, "manifest owner")
+            except FormatError as e:
+                raise ManifestFormatError(str(e)) from None
         for k, v in self.measurements.items():
             if k not in MEASURED_LAYERS or len(v) != 64:
                 raise ManifestFormatError(f"manifest: measurement {k!r} must be a 64-byte SHA-512 of a known layer")
 
     def to_obj(self) -> dict[str, Any]:
-        return {
+        obj = {
             "name": self.name, "version": self.version, "expires": self.expires,
             "layers": [lyr.to_obj() for lyr in self.layers], "root": self.root.to_obj(),
             "measurements": dict(self.measurements), "flow": self.flow, "operations": dict(self.operations),
             "placement": {k: list(v) for k, v in self.placement.items()}, "policies": list(self.policies),
             "cmdline": self.cmdline,
         }
+        if self.owner is not None:
+            obj["owner"] = dict(self.owner)
+        return obj
+
+    @property
+    def sealing_owner(self) -> Any:
+        """The owner as a cidboot.trust.private.owner.Owner, or None."""
+        if self.owner is None:
+            return None
+        from cidboot.trust.private.owner import Owner
+
+        return Owner.from_obj(self.owner, "manifest owner")
 
     def encode(self) -> bytes:
         return dagcbor.encode(self.to_obj())
@@ -182,7 +204,7 @@ class Manifest:
         if not isinstance(d, dict):
             raise ManifestFormatError("manifest: must be a map")
         _only(d, {"name", "version", "expires", "layers", "root", "measurements", "flow", "operations",
-                  "placement", "policies", "cmdline"}, w)
+                  "placement", "policies", "cmdline", "owner"}, w)
         layers = []
         for i, lyr in enumerate(_req(d, "layers", list, w)):
             lw = f"manifest layer {i}"
@@ -215,7 +237,7 @@ class Manifest:
             name=_req(d, "name", str, w), version=_req(d, "version", int, w), expires=_req(d, "expires", int, w),
             layers=tuple(layers), root=RootOfTrust.from_obj(_req(d, "root", dict, w), "manifest root"),
             measurements=meas, flow=flow, operations=ops, placement=placement, policies=policies,
-            cmdline=cmdline,
+            cmdline=cmdline, owner=d.get("owner"),
         )
 
     def layer(self, cid: CID) -> Layer | None:

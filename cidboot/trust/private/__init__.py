@@ -8,6 +8,8 @@
   manifest's flow and operation CIDs name ciphertext; how the agent finds it.
 - `broker`: the key broker's core: appraise fresh evidence whose nonce binds an ephemeral X25519
   key, check the policy (data, per manifest), release the layer keys wrapped to that key.
+- `sealed`: the age file format with X25519 recipients (values sealed to a flow owner);
+  `owner`: the flow owner (recipients, what is sealed) as flow.yaml and the manifest carry it.
 
 Guest code may import this package (the bootstrap decrypts): stdlib, `cryptography` and
 cidboot only.

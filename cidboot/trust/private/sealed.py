@@ -165,6 +165,15 @@ def _mac(file_key: bytes, header: bytes) -> bytes:
 
 def seal(recipients: list[bytes], plaintext: bytes) -> bytes:
     """An age file of `plaintext` for the X25519 `recipients` (raw 32-byte public keys)."""
+    return seal_keyed(recipients, plaintext)[0]
+
+
+def seal_keyed(recipients: list[bytes], plaintext: bytes) -> tuple[bytes, bytes]:
+    """`seal`, also returning the file's random 16-byte file key: whoever is given it can open
+    this one file (`open_with_file_key`, e.g. an attested peer that needs the value as an input)
+    and nothing else; the owner's identity is never needed for that."""
+    if not recipients:
+        raise SealedFormatError("no recipients to seal to")
     file_key = os.urandom(16)
     header = INTRO
     for rcpt in recipients:
@@ -179,7 +188,7 @@ def seal(recipients: list[bytes], plaintext: bytes) -> bytes:
     header += b"---"
     nonce = os.urandom(16)
     return (header + b" " + _b64(_mac(file_key, header)) + b"\n" + nonce
-            + stream.encrypt(_hkdf(file_key, nonce, b"payload"), plaintext))
+            + stream.encrypt(_hkdf(file_key, nonce, b"payload"), plaintext)), file_key
 
 
 @dataclass
@@ -261,3 +270,31 @@ def open_sealed(identities: list[Identity], data: bytes) -> bytes:
     if len(rest) < 16:
         raise SealedFormatError("no payload nonce")
     return stream.decrypt(_hkdf(file_key, rest[:16], b"payload"), rest[16:])
+
+
+def recipient_count(data: bytes) -> int:
+    """How many X25519 recipient stanzas an age file has (parses the header; no key needed)."""
+    stanzas, _header, _mac_, _rest = _parse_header(data)
+    return sum(1 for st in stanzas if st.args[0] == b"X25519")
+
+
+def open_with_file_key(file_key: bytes, data: bytes) -> bytes:
+    """The plaintext of an age file given its file key (from `seal_keyed`): the header MAC
+    proves the key is this file's (`HeaderMacError` otherwise), the STREAM tags the payload."""
+    if len(file_key) != 16:
+        raise SealedFormatError("a file key is 16 bytes")
+    _stanzas, header, mac, rest = _parse_header(data)
+    if not hmac.compare_digest(_mac(file_key, header), mac):
+        raise HeaderMacError("the file key does not open this file (header MAC mismatch)")
+    if len(rest) < 16:
+        raise SealedFormatError("no payload nonce")
+    return stream.decrypt(_hkdf(file_key, rest[:16], b"payload"), rest[16:])
+
+
+def load_identities(text: str) -> list[Identity]:
+    """An age identity file: one `AGE-SECRET-KEY-1...` per line, `#` comments and blank lines
+    ignored (what `age-keygen` and `imagebuilder keygen --owner` write)."""
+    out = [Identity.parse(line) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not out:
+        raise SealedFormatError("no age identity (AGE-SECRET-KEY-1...) in the identity file")
+    return out
