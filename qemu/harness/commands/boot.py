@@ -131,8 +131,6 @@ def _boot(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     tpm = bool(getattr(args, "tpm", False))
     if tpm and not firmware.startswith("uefi"):
         raise CidbootError("--tpm needs --firmware uefi-pxe or uefi-http (UEFI measures the boot into the TPM)")
-    if tpm and dep.arch != "x86_64":
-        raise CidbootError("--tpm is x86_64 only for now (the arm64 virt machine gets no tpm-tis-device yet)")
     if cluster:
         say(f"lab: {cluster} cluster peers, {servers} boot server(s) with empty stores and --upstream")
     with lab(dep, out / "lab", device_roles, cluster=cluster, boot_servers=servers, replication=replication,
