@@ -108,12 +108,14 @@ def test_aavmf_swtpm_http_boots_arm64_hello_to_a_ready_agent_appraised_affirming
 
     ev = parse_evidence(evidence)
     assert ev.boot_mode == "tpm-measured" and ev.tpm is not None
+    (tmp_path / "aavmf-eventlog.bin").write_bytes(ev.tpm.uefi_log)  # for inspection: tpm2_eventlog FILE
     log = eventlog.parse(ev.tpm.uefi_log)
     apps = [e.sha256 for e in log.events if e.pcr == 4 and e.event_type == EV_EFI_BOOT_SERVICES_APPLICATION]
     assert apps[0] == uki_digest(uki)
+    per_pcr = {i: sum(1 for e in log.events if e.pcr == i and e.event_type != eventlog.EV_NO_ACTION) for i in range(16)}
     ready = next(ln.t for ln in dev.guest.console.lines if "agent ready" in ln.text)
     print(f"\nuefi-http arm64 --tpm: power-on to agent ready {ready:.1f} s, flow done at {line.t:.1f} s (TCG); "
           f"stages {d['boot_timeline']['stage_seconds']}; AAVMF log {len(ev.tpm.uefi_log)} bytes, "
           f"{len(log.events)} events, banks {log.spec_id.algorithms}; firmware baseline PCRs {sorted(baseline)}; "
-          f"PCR 15 events {len(ev.tpm.bootstrap_events)}")
+          f"PCR 15 events {len(ev.tpm.bootstrap_events)}; AAVMF events per PCR {per_pcr}")
     print(f"appraisal: {json.dumps(d['appraisal'])[:2500]}")
