@@ -44,7 +44,7 @@ def add_boot_args(p: argparse.ArgumentParser) -> None:
                    help="how devices boot (x86_64): dice = our L0 firmware from flash with the harness's DICE "
                         "engine (measured, the default); bios-ipxe = SeaBIOS + the NIC's iPXE ROM; uefi-pxe / "
                         "uefi-http = OVMF's own PXE / HTTP Boot loading the bootstrap UKI (no iPXE). The last "
-                        "three are unmeasured (no TPM yet): appraised so, never affirming")
+                        "three are unmeasured without --tpm: appraised so, never affirming")
     p.add_argument("--legacy", action="store_true", help="same as --firmware bios-ipxe")
     p.add_argument("--tpm", action="store_true",
                    help="give each device a TPM 2.0 (swtpm, kept under its device dir; needs --firmware uefi-pxe or "
