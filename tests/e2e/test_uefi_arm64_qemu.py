@@ -109,6 +109,7 @@ def test_aavmf_swtpm_http_boots_arm64_hello_to_a_ready_agent_appraised_affirming
     ev = parse_evidence(evidence)
     assert ev.boot_mode == "tpm-measured" and ev.tpm is not None
     (tmp_path / "aavmf-eventlog.bin").write_bytes(ev.tpm.uefi_log)  # for inspection: tpm2_eventlog FILE
+    (tmp_path / "aavmf-evidence.cbor").write_bytes(evidence)  # tests/vectors/tpm/aavmf-evidence.cbor comes from here
     log = eventlog.parse(ev.tpm.uefi_log)
     apps = [e.sha256 for e in log.events if e.pcr == 4 and e.event_type == EV_EFI_BOOT_SERVICES_APPLICATION]
     assert apps[0] == uki_digest(uki)

@@ -155,3 +155,28 @@ def test_fuzz_mutated_logs_raise_only_event_log_format_error(data: st.DataObject
     except EventLogFormatError:
         return
     log.replay()  # a log that parses always replays
+
+
+def test_real_aavmf_evidence_replays_to_the_pcrs_its_tpm_quoted() -> None:
+    """arm64: the TPM claim of a real AAVMF + swtpm boot (tests/e2e/test_uefi_arm64_qemu.py): AAVMF's
+    log, then the bootstrap's PCR 15 events, replay to the digest the TPM quoted (signed by the AK
+    it carries), with the same parser, event types and PCR 4/11 shape as OVMF's."""
+    from cidboot.trust.eat import parse_evidence
+    from cidboot.trust.tpm.errors import PcrDigestMismatchError
+    from cidboot.trust.tpm.quote import check_pcrs, parse_public, verify_signature
+
+    ev = parse_evidence((VECTORS / "aavmf-evidence.cbor").read_bytes())
+    assert ev.boot_mode == "tpm-measured" and ev.tpm is not None
+    fw = eventlog.parse(ev.tpm.uefi_log)
+    assert fw.spec_id.algorithms == ((ALG_SHA256, 32),)
+    both = eventlog.EventLog(fw.spec_id, fw.events + tuple(ev.tpm.log_events(len(fw.events))), fw.startup_locality)
+    q = verify_signature(ev.tpm.quote, ev.tpm.signature, parse_public(ev.tpm.ak_public))
+    check_pcrs(q, both.replay(), {0, 1, 2, 3, 4, 5, 6, 7, 11, 15})  # raises unless the replay is what was quoted
+    pcr4 = [e.event_type for e in fw.events if e.pcr == 4]
+    assert pcr4.count(EV_EFI_BOOT_SERVICES_APPLICATION) == 2 and EV_SEPARATOR in pcr4  # the UKI, its kernel
+    assert len([e for e in fw.events if e.pcr == 11]) == 8  # the arm64 systemd 252 stub: 4 sections x 2
+    cut = ev.tpm.uefi_log[:fw.events[-1].offset]
+    short = eventlog.parse(cut)
+    with pytest.raises(PcrDigestMismatchError):  # AAVMF's log without its last event
+        check_pcrs(q, eventlog.EventLog(short.spec_id, short.events + tuple(ev.tpm.log_events()),
+                                        short.startup_locality).replay(), {4})
