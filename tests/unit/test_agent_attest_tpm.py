@@ -197,10 +197,9 @@ def test_agent_peers_take_tpm_references_from_the_signed_registry(tmp_path: Path
 def test_registry_tpm_references_round_trip_and_refuse_malformed() -> None:
     from cidboot.ipld import dagcbor
     from cidboot.trust.manifest import RootOfTrust
+    from cidboot.trust.manifest.signed import KIND_REGISTRY, sign_kind
     from cidboot.trust.registry import RegistryFormatError, sign_registry, verify_signed_registry
     from cidboot.trust.tpm.appraise import TpmReferences
-
-    from cidboot.trust.manifest.signed import KIND_REGISTRY, sign_kind
 
     def same(a: TpmReferences, b: TpmReferences) -> bool:
         return list(a.applications) == list(b.applications) and \
