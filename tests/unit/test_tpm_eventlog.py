@@ -25,6 +25,18 @@ from cidboot.trust.tpm.eventlog import (
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "tpm"
 OVMF_LOG = (VECTORS / "ovmf-eventlog.bin").read_bytes()
 
+
+def _aavmf_log() -> bytes:
+    """AAVMF's log (arm64), from the saved evidence of a real boot (tests/vectors/tpm/README.md)."""
+    from cidboot.trust.eat import parse_evidence
+
+    tpm = parse_evidence((VECTORS / "aavmf-evidence.cbor").read_bytes()).tpm
+    assert tpm is not None
+    return tpm.uefi_log
+
+
+AAVMF_LOG = _aavmf_log()
+
 EVENTS = [(0, 0x80000008, hashlib.sha256(b"fw").digest(), b"blob"),
           (0, EV_SEPARATOR, hashlib.sha256(bytes(4)).digest(), bytes(4)),
           (4, EV_EFI_BOOT_SERVICES_APPLICATION, hashlib.sha256(b"uki").digest(), b"dp"),
@@ -143,9 +155,10 @@ def test_fuzz_random_bytes_raise_only_event_log_format_error(data: bytes) -> Non
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.data(), st.sampled_from(["synthetic", "ovmf"]))
+@given(st.data(), st.sampled_from(["synthetic", "ovmf", "aavmf"]))
 def test_fuzz_mutated_logs_raise_only_event_log_format_error(data: st.DataObject, base: str) -> None:
-    raw = bytearray(OVMF_LOG if base == "ovmf" else eventlog.build(EVENTS, algorithms=((ALG_SHA1, 20), (ALG_SHA256, 32))))
+    raw = bytearray({"ovmf": OVMF_LOG, "aavmf": AAVMF_LOG}.get(base)
+                    or eventlog.build(EVENTS, algorithms=((ALG_SHA1, 20), (ALG_SHA256, 32))))
     for _ in range(data.draw(st.integers(1, 6))):
         i = data.draw(st.integers(0, len(raw) - 1))
         raw[i] = data.draw(st.integers(0, 255))
