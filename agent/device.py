@@ -193,9 +193,9 @@ def load_registry(cfg: BootConfig, signed: SignedManifest, store: Blockstore, ro
 
 
 def load_registry_references(cfg: BootConfig, signed: SignedManifest, store: Blockstore,
-                             root: Path) -> tuple[DeviceRoots, TpmReferences | None]:
-    """`load_registry` and the PCR 4/11 references of the fleet's bootstrap UKI the signed registry
-    carries (docs/tpm.md, "Peers"): the only source a booted agent takes them from, so without a
+                             root: Path) -> tuple[DeviceRoots, dict[str, TpmReferences] | None]:
+    """`load_registry` and the PCR 4/11 references of the fleet's bootstrap UKIs (one set per
+    architecture) the signed registry carries (docs/tpm.md, "Peers"): the only source a booted agent takes them from, so without a
     signed registry that has them a TPM peer is never affirming (its PCR 4/11 are a warning)."""
     if cfg.device_registry is not None:
         from cidboot.trust.registry import verify_signed_registry

@@ -38,10 +38,10 @@ from cidboot.trust.appraisal import (
     AppraisalResult,
     DeviceRoots,
     appraise,
-    with_bootstrap_events,
+    with_bootstrap_events_all,
 )
 from cidboot.trust.manifest.model import Manifest
-from cidboot.trust.tpm.appraise import TpmReferences
+from cidboot.trust.tpm.appraise import References
 
 NONCE_BYTES = 32
 TTL = 60.0
@@ -152,12 +152,12 @@ class Verifier:
     manifest_cid: CID | None = None
     allow_unmeasured: bool = False
     challenges: Challenges = field(default_factory=Challenges)
-    tpm_references: TpmReferences | None = None
+    tpm_references: References | None = None  # one set, or one per architecture (a signed registry's)
 
     def __post_init__(self) -> None:
         # the manifest's PCR 15 events, derived once rather than per appraisal
         if self.tpm_references is not None:
-            self.tpm_references = with_bootstrap_events(self.tpm_references, self.manifest, self.manifest_cid)
+            self.tpm_references = with_bootstrap_events_all(self.tpm_references, self.manifest, self.manifest_cid)
 
     def appraise(self, evidence: bytes, nonce: bytes) -> AppraisalResult:
         return appraise(evidence, expected_nonce=nonce, roots=self.roots, manifest=self.manifest,

@@ -7,8 +7,10 @@ PCR-policy key, policy session, HMAC, twice), extends PCR 15, and the agent's ev
 fresh quote. Same deployment, same lab, one device each, sequentially; times from QMP `cont` to
 the console's `agent ready`, and the bootstrap stage from its start line to its hand-over line;
 plus the time of one `GET /attestation` (the quote included) on each. Writes JSON and a table.
+`--arch arm64`: the same on AAVMF (qemu-system-aarch64 -machine virt, TCG; the TPM a
+tpm-tis-device).
 
-    python3 -m bench.bench_tpm_boot --out out/bench
+    python3 -m bench.bench_tpm_boot --out out/bench [--arch arm64]
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def one(dep: Any, out: Path, tpm: bool) -> dict[str, Any]:
                    timeout=90, check=True)
         t_evidence = (time.perf_counter() - t0) * 1000
         start, handover, ready = (_t(dev, "bootstrap start"), _t(dev, "bootstrap handover"), _t(dev, "agent ready"))
-    return {"boot": "uefi-http --tpm" if tpm else "uefi-http", "power_on_to_agent_ready_s": ready,
+    return {"boot": ("uefi-http --tpm" if tpm else "uefi-http") + (f" {dep.arch}" if dep.arch != "x86_64" else ""),
+            "power_on_to_agent_ready_s": ready,
             "bootstrap_start_to_handover_s": (handover - start) if start is not None and handover is not None else None,
             "evidence_request_ms": t_evidence}
 
@@ -53,15 +56,18 @@ def one(dep: Any, out: Path, tpm: bool) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="out/bench", help="where the JSON goes")
+    ap.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
+                    help="device architecture (arm64: AAVMF on qemu-system-aarch64 -machine virt)")
     args = ap.parse_args()
     from qemu.harness.deploy import prepare
 
     work = Path(tempfile.mkdtemp(prefix="bench-tpm-"))
-    dep = prepare(REPO / "examples/hello/flow.yaml", work / "work")
+    dep = prepare(REPO / "examples/hello/flow.yaml", work / "work", arch=args.arch)
     rows = [one(dep, work / "plain", False), one(dep, work / "tpm", True)]
     base, tpm = rows[0]["power_on_to_agent_ready_s"], rows[1]["power_on_to_agent_ready_s"]
     rows[1]["ratio_vs_plain"] = tpm / base if base and tpm else None
-    write_results(args.out, "tpm_boot", rows, {"accel": "tcg", "flow": "examples/hello"})
+    write_results(args.out, "tpm_boot" if args.arch == "x86_64" else f"tpm_boot_{args.arch}", rows,
+                  {"accel": "tcg", "flow": "examples/hello", "arch": args.arch})
 
 
 if __name__ == "__main__":

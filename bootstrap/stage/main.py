@@ -158,6 +158,7 @@ def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, st
         log(f"ip={start.ip}")
     raw = start.bootconfig if start.bootconfig is not None else fetch_bootconfig(cmdline_path, start.dhcp_config_url)
     start.bootconfig = raw  # a retry does not fetch it again
+    events.learn_bootconfig(raw)  # a UEFI start: the queued start event (and what follows) can be posted now
     try:
         cfg = BootConfig.decode(raw)
     except BootConfigError as e:

@@ -26,7 +26,8 @@ server no longer knows (409) asks for a new one and posts the event again, once.
 
 Where: the boot config's `events` URL (`bootstrap serve` puts its own /api/events there), or
 `cidboot.events=URL` on the kernel command line. The stage learns it when it passes
-`bootconfig=` (raw bytes or a BootConfig); events emitted earlier wait in a bounded queue. A
+`bootconfig=` (raw bytes or a BootConfig) or calls `learn_bootconfig` (a UEFI-started bootstrap,
+which fetches its boot config after its start event); events emitted earlier wait in a bounded queue. A
 boot config without `events` means: do not post; the stage says so once on the console
 (`cidboot: events: ...`) and drops its events. `CIDBOOT_EVENTS=URL` in the environment
 overrides both (development runs outside a guest). A URL that does not end in /api/events is
@@ -299,6 +300,28 @@ def new_session(server: str, timeout: float = TIMEOUT) -> str | None:
 _reporter = Reporter()
 
 
+def _server(r: Reporter, bootconfig: Any) -> str | None:
+    """Where to post: CIDBOOT_EVENTS, `cidboot.events=`, else the boot config's `events` URL (a
+    boot config without one switches posting off)."""
+    server = os.environ.get("CIDBOOT_EVENTS") or _cmdline_url()
+    if server is None and bootconfig is not None:
+        server = server_from_bootconfig(bootconfig)
+        if server is None and r.server is None:
+            r.disable("the boot config names no events URL")
+    return server
+
+
+def learn_bootconfig(bootconfig: Any) -> None:
+    """The stage has its boot config now: post what is queued (and what follows) to its events
+    URL. A bootstrap started by UEFI has no hand-off, so its `start` event is queued before it
+    has a boot config to learn the boot server from (it fetches it only once the network is up);
+    without this call nothing would ever tell the reporter where to post. Never raises."""
+    try:
+        _reporter.configure(server=_server(_reporter, bootconfig))
+    except Exception:  # noqa: S110 -- best effort, as emit
+        pass
+
+
 def reporter() -> Reporter:
     return _reporter
 
@@ -318,12 +341,7 @@ def emit(stage: str, kind: str, *, dice: bytes | bytearray | None = None, identi
                 ident = identity_from_dice(dice)
             except Exception:
                 ident = None
-        server = os.environ.get("CIDBOOT_EVENTS") or _cmdline_url()
-        if server is None and bootconfig is not None:
-            server = server_from_bootconfig(bootconfig)
-            if server is None and r.server is None:
-                r.disable("the boot config names no events URL")
-        r.configure(server=server, identity=ident)
+        r.configure(server=_server(r, bootconfig), identity=ident)
         r.emit(stage, kind, detail)
         if kind == "fatal" or (kind in FINAL and stage != "agent"):  # the agent goes on serving after a refusal
             r.flush()
@@ -331,5 +349,6 @@ def emit(stage: str, kind: str, *, dice: bytes | bytearray | None = None, identi
         pass
 
 
-__all__ = ["Identity", "Reporter", "emit", "encode_event", "endpoint", "identity_from_dice", "new_session", "post",
+__all__ = ["Identity", "Reporter", "emit", "encode_event", "endpoint", "identity_from_dice", "learn_bootconfig",
+           "new_session", "post",
            "post_status", "reporter", "server_from_bootconfig", "PATH", "SESSION_PATH", "STAGES"]

@@ -40,9 +40,11 @@ from cidboot.trust.tpm.appraise import (
     QUOTE_SIGNATURE,
     REPLAY,
     WARN,
+    References,
     TpmEnrolment,
     TpmReferences,
     TpmState,
+    references_for_log,
     tpm_checks,
 )
 from cidboot.trust.tpm.evidence import TpmEvidence, qualifying_data
@@ -274,10 +276,12 @@ def _check_measurements(res: AppraisalResult, ev: Evidence, chain: VerifiedChain
 
 def appraise(evidence: bytes, *, expected_nonce: bytes, roots: DeviceRoots, manifest: Manifest | None = None,
              manifest_cid: CID | None = None, allow_unmeasured: bool = False,
-             tpm_references: TpmReferences | None = None) -> AppraisalResult:
+             tpm_references: References | None = None) -> AppraisalResult:
     """The one appraisal entry point: DICE-rooted or TPM-rooted evidence (the EAT says which),
     the same checks-list result. `tpm_references`: PCR 4/11 reference values derived from the
-    bootstrap UKI (`TpmReferences.for_uki`); PCR 15's come from `manifest` automatically."""
+    bootstrap UKI (`TpmReferences.for_uki`), or one set per architecture (a signed registry's: the
+    set of the UKI the device's log shows is used, `references_for_log`); PCR 15's come from
+    `manifest` automatically."""
     res = AppraisalResult()
     try:
         ev = parse_evidence(evidence)
@@ -349,10 +353,17 @@ def _check_manifest(res: AppraisalResult, ev: Evidence, manifest_cid: CID | None
 def with_bootstrap_events(refs: TpmReferences, manifest: Manifest | None, manifest_cid: CID | None) -> TpmReferences:
     """`refs` plus the PCR 15 events derived from the signed manifest (unless already there: a
     verifier that appraises many devices against one manifest derives them once, see
-    agent.verifier.Verifier)."""
+    agent.verifier.Verifier; `with_bootstrap_events_all` for a set per architecture)."""
     if manifest is None or manifest_cid is None or refs.bootstrap_events:
         return refs
     return TpmReferences(refs.applications, refs.stub_events, bootstrap_events(manifest_cid, manifest))
+
+
+def with_bootstrap_events_all(refs: References, manifest: Manifest | None, manifest_cid: CID | None) -> References:
+    """`with_bootstrap_events` of one set, or of each set of a per-architecture mapping."""
+    if isinstance(refs, TpmReferences):
+        return with_bootstrap_events(refs, manifest, manifest_cid)
+    return {arch: with_bootstrap_events(r, manifest, manifest_cid) for arch, r in refs.items()}
 
 
 # TPM appraisal steps (cidboot.trust.tpm.appraise) -> the checks-list names
@@ -365,7 +376,7 @@ _OUTCOME = {PASS: AFFIRMING, WARN: WARNING, FAIL: CONTRAINDICATED}
 
 def _appraise_tpm(res: AppraisalResult, ev: Evidence, tpm: TpmEvidence, *, expected_nonce: bytes, roots: DeviceRoots,
                   manifest: Manifest | None, manifest_cid: CID | None,
-                  references: TpmReferences | None) -> AppraisalResult:
+                  references: References | None) -> AppraisalResult:
     """TPM-rooted evidence: the quote (AK enrolled, signature, qualifying data = SHA-256(nonce ||
     L1 key)), the UEFI log plus the bootstrap's events replayed to the quoted PCRs, the firmware
     baseline, PCR 4/11 against the UKI, PCR 15 against the signed manifest; then the DICE chain
@@ -393,7 +404,8 @@ def _appraise_tpm(res: AppraisalResult, ev: Evidence, tpm: TpmEvidence, *, expec
         res.add("device", CONTRAINDICATED, f"unknown device: AK {ak_name.hex()[:20]}... (device {did}) is not enrolled")
     _check_role(res, ev.role, did, roots, device is not None)
     enrolment = device.enrolment() if device is not None else TpmEnrolment(frozenset())
-    refs = with_bootstrap_events(references or TpmReferences(()), manifest, manifest_cid)
+    chosen = references_for_log(references, tpm.uefi_log) if references is not None else None
+    refs = with_bootstrap_events(chosen or TpmReferences(()), manifest, manifest_cid)
     try:
         binding = qualifying_data(expected_nonce, chain.root_public_key)
         log_events = tpm.log_events()
@@ -403,7 +415,7 @@ def _appraise_tpm(res: AppraisalResult, ev: Evidence, tpm: TpmEvidence, *, expec
     quoted: tuple[int, ...] = ()
     for c in tpm_checks(attest=tpm.quote, signature=tpm.signature, ak_public=tpm.ak_public, event_log=tpm.uefi_log,
                         nonce=binding, enrolment=enrolment, references=refs, extra_events=log_events,
-                        uki_known=references is not None, state=(st := TpmState())):
+                        uki_known=chosen is not None, state=(st := TpmState())):
         reason = c.reason
         if c.name == NONCE_FRESH and c.outcome == PASS:
             reason = "the quote's qualifying data is SHA-256(this challenge || L1's key): fresh, and about this chain"

@@ -9,8 +9,8 @@ authority. It is one DAG-CBOR block, like the signed manifest:
                                  "firmware": {"<pcr>": SHA-256 bytes, ...}, "ek_cert"?: DER bytes},
                                "role"?: str}, ...],
                   "manifests"?: {role: manifest name}, "version"?: int,
-                  "tpm_references"?: {"pcr4": [SHA-256 bytes, ...],
-                                      "pcr11": [[event type, SHA-256 bytes, event data bytes], ...]}},
+                  "tpm_references"?: {arch: {"pcr4": [SHA-256 bytes, ...],
+                                             "pcr11": [[event type, SHA-256 bytes, event data bytes], ...]}}},
      "signatures": COSE_Sign with detached payload = canonical encoding of "registry"}
 
 signed by a threshold of the manifest's root-of-trust keys (the same `verify_threshold` the
@@ -30,11 +30,16 @@ A TPM device (docs/tpm.md) has no root key: its entry holds its enrolment instea
 the firmware PCR baseline, the EK certificate), and its id is `tpm.evidence.device_id` of the
 AK's name. Registries without TPM devices keep their bytes.
 
-`tpm_references` are the PCR 4 and PCR 11 reference values of the bootstrap UKI the fleet boots
-(`TpmReferences.for_uki` of its bytes: the UKI's and its kernel's Authenticode digests, the stub's
-section events), signed with the devices: a booted agent appraising a TPM peer has no UKI to
-derive them from, and this is the signed source it takes them from (docs/tpm.md, "Peers").
-Without them an agent's TPM peers are never affirming.
+`tpm_references` are the PCR 4 and PCR 11 reference values of the bootstrap UKIs the fleet boots,
+one set per UEFI architecture ("x86_64", "arm64": one UKI per arch, ADR 0008), each
+`TpmReferences.for_uki` of that UKI's bytes (the UKI's and its kernel's Authenticode digests, the
+stub's section events), signed with the devices: a booted agent appraising a TPM peer has no UKI
+to derive them from, and this is the signed source it takes them from (docs/tpm.md, "Peers").
+Appraisal uses the set whose UKI the device's log shows (`tpm.appraise.references_for_log`).
+Without them an agent's TPM peers are never affirming. Registries signed before references were
+per architecture carry one set, `{"pcr4", "pcr11"}`; they still decode, as that set under
+"x86_64" (the only UKI the harness signed in then; the label only names the set: appraisal picks
+a set by its UKI digest, never by the label).
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ class Registry:
     roots: DeviceRoots  # keys, names and roles: the one place a device's role is kept
     manifests: dict[str, str] = field(default_factory=dict)  # role -> manifest name
     version: int = 0
-    tpm_references: TpmReferences | None = None  # PCR 4/11 of the fleet's bootstrap UKI
+    tpm_references: dict[str, TpmReferences] | None = None  # PCR 4/11 of the fleet's bootstrap UKI, per arch
 
     @property
     def roles(self) -> dict[str, str]:
@@ -109,7 +114,7 @@ class Registry:
 
 
 def registry_obj(roots: DeviceRoots, manifests: Mapping[str, str] | None = None,
-                 version: int | None = None, tpm_references: TpmReferences | None = None) -> dict[str, Any]:
+                 version: int | None = None, tpm_references: Mapping[str, TpmReferences] | None = None) -> dict[str, Any]:
     """The signed content: devices sorted by id, so the same roots always give the same bytes.
     Optional parts (a device's role, manifests, version) are left out when unset, so registries
     signed before they existed keep their bytes."""
@@ -131,18 +136,19 @@ def registry_obj(roots: DeviceRoots, manifests: Mapping[str, str] | None = None,
     if version is not None:
         obj["version"] = version
     if tpm_references is not None:
-        obj["tpm_references"] = {"pcr4": [bytes(d) for d in tpm_references.applications],
-                                 "pcr11": [[e.event_type, e.digest, e.data or b""] for e in tpm_references.stub_events]}
+        obj["tpm_references"] = {arch: {"pcr4": [bytes(d) for d in r.applications],
+                                        "pcr11": [[e.event_type, e.digest, e.data or b""] for e in r.stub_events]}
+                                 for arch, r in sorted(tpm_references.items())}
     _check_extras(obj)
     return obj
 
 
 def sign_registry(roots: DeviceRoots, keys: Sequence[PrivateKey], *, manifests: Mapping[str, str] | None = None,
-                  version: int | None = None, tpm_references: TpmReferences | None = None) -> bytes:
+                  version: int | None = None, tpm_references: Mapping[str, TpmReferences] | None = None) -> bytes:
     """The registry block, signed by each of `keys` (give at least the root's threshold).
     Roles come from `roots` (`DeviceRoots.add(key, name, role)`); `manifests`: role -> the
-    manifest name that role boots; `tpm_references`: the fleet's bootstrap UKI's PCR 4/11
-    references (`TpmReferences.for_uki`; its bootstrap events are not carried: the manifest's)."""
+    manifest name that role boots; `tpm_references`: UEFI arch name -> that arch's bootstrap UKI's
+    PCR 4/11 references (`TpmReferences.for_uki`; its bootstrap events are not carried: the manifest's)."""
     if not keys:
         raise RegistryFormatError("device registry: no signing keys given")
     obj = registry_obj(roots, manifests, version, tpm_references)
@@ -164,13 +170,33 @@ def _check_extras(obj: dict[str, Any]) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_VERSION:
         raise RegistryFormatError(f"device registry: version must be an integer 0..{MAX_VERSION}")
     if "tpm_references" in obj:
-        _parse_references(obj["tpm_references"])
+        _parse_references_by_arch(obj["tpm_references"])
 
 
-def _parse_references(r: Any) -> TpmReferences:
+OLD_FORM_ARCH = "x86_64"  # what a registry's one reference set (before they were per arch) was for
+MAX_ARCHES = 8
+
+
+def _parse_references_by_arch(r: Any) -> dict[str, TpmReferences]:
+    """`{arch: {pcr4, pcr11}}` (arch: lower-case UEFI name, 1..16 of a-z 0-9 _), 1..MAX_ARCHES of
+    them; or the one set of an older registry, `{pcr4, pcr11}`, as OLD_FORM_ARCH's."""
+    where = "device registry: tpm_references"
+    if isinstance(r, dict) and set(r) == {"pcr4", "pcr11"}:
+        return {OLD_FORM_ARCH: _parse_references(r)}
+    if not isinstance(r, dict) or not 1 <= len(r) <= MAX_ARCHES:
+        raise RegistryFormatError(f"{where} must map 1..{MAX_ARCHES} architectures to {{pcr4, pcr11}}")
+    out = {}
+    for arch, refs in r.items():
+        if not isinstance(arch, str) or not 1 <= len(arch) <= 16 \
+                or not all(c.isdigit() or c == "_" or "a" <= c <= "z" for c in arch) or arch in ("pcr4", "pcr11"):
+            raise RegistryFormatError(f"{where}: architecture {arch!r} must be a UEFI arch name (a-z, 0-9, _)")
+        out[arch] = _parse_references(refs, f"{where}: {arch}")
+    return out
+
+
+def _parse_references(r: Any, where: str = "device registry: tpm_references") -> TpmReferences:
     """`{pcr4: [digest], pcr11: [[type, digest, data]]}`: SHA-256 digests, at least one PCR 4
     application (an empty list would compare with nothing), bounded lengths."""
-    where = "device registry: tpm_references"
     if not isinstance(r, dict) or set(r) != {"pcr4", "pcr11"} or not isinstance(r["pcr4"], list) \
             or not isinstance(r["pcr11"], list):
         raise RegistryFormatError(f"{where} must be {{pcr4: [digest], pcr11: [[type, digest, data]]}}")
@@ -225,7 +251,7 @@ def _parse(obj: Any) -> Registry:
         if did in out:
             raise RegistryFormatError(f"{where}: device {did} listed twice")
         out.add(key, d["name"], d.get("role"))
-    refs = _parse_references(obj["tpm_references"]) if "tpm_references" in obj else None
+    refs = _parse_references_by_arch(obj["tpm_references"]) if "tpm_references" in obj else None
     return Registry(out, dict(obj.get("manifests", {})), int(obj.get("version", 0)), refs)
 
 

@@ -143,6 +143,7 @@ class Lab:
     cluster: Cluster | None = None
     published: dict[str, Any] = field(default_factory=dict)  # `imagebuilder publish --json` of the manifest
     tpm: bool = False  # devices have a TPM (qemu.harness.tpm), not a DICE engine
+    registry: CID | None = None  # the signed device registry the boot servers hand out (in dep.store)
 
     def inside(self) -> Any:
         """`with lb.inside():` this thread (and what it starts) in the lab's namespace, where the
@@ -272,11 +273,12 @@ class Lab:
         except ValueError:
             return {"status": "none", "checks": [], "reason": f"agent attest failed: {proc.stderr.strip()[-500:]}"}
 
-    def built_uki(self, arch: str = "x86_64") -> Path:
-        """The bootstrap UKI as the deployment built it: what a UEFI device's PCR 4 must hold."""
-        return next(p for p in self.dep.bootstrap.uki.values() if arch in p.name)
+    def built_uki(self, arch: str | None = None) -> Path:
+        """The bootstrap UKI as the deployment built it for `arch` (default: the deployment's):
+        what a UEFI device's PCR 4 must hold."""
+        return self.dep.bootstrap.uki[arch or self.dep.arch]
 
-    def served_uki(self, arch: str = "x86_64") -> Path:
+    def served_uki(self, arch: str | None = None) -> Path:
         """The copy the boot server hands UEFI devices (a test may change it: the verifier does not use it)."""
         return self.out / "tftp" / self.built_uki(arch).name
 
@@ -372,7 +374,7 @@ def _factory(dep: Deployment, out: Path, names: list[str],
         return states, None
     signers = [keys.load_private_key(p) for p in dep.signer_keys]
     name = SignedManifest.decode(Blockstore(dep.store).get(dep.workload.manifest)).manifest.name
-    refs = tpm_factory.uki_references(dep) if tpm else None  # the bootstrap UKI's PCR 4/11, for TPM peers
+    refs = tpm_factory.uki_references(dep) if tpm else None  # the bootstrap UKIs' PCR 4/11 (per arch), for TPM peers
     block = sign_registry(roots, signers, manifests={r: name for r in roles}, tpm_references=refs)
     return states, Blockstore(dep.store).put_block(block, DAG_CBOR)
 
@@ -410,7 +412,8 @@ def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = 
         for s in site_of:
             net.add_tap(bridge=site_list[s].bridge)
         stack.enter_context(router_advertiser(net))  # else iPXE (--legacy) waits ~16 s for an IPv6 router
-        lb = Lab(dep, net, out, None, states, site_of=site_of, tpm=tpm)  # type: ignore[arg-type]  # server set below
+        lb = Lab(dep, net, out, None, states, site_of=site_of, tpm=tpm,  # type: ignore[arg-type]  # server set below
+                 registry=registry)
         if cluster:
             with lb.inside():
                 lb.cluster = start_cluster(_fresh(out / "cluster"), cluster, gateway_host="0.0.0.0",

@@ -166,13 +166,13 @@ def register(bases: list[Path], names: list[str], roots_file: Path, roles: list[
     return roots
 
 
-def uki_references(dep: Any, arch: str = "x86_64") -> TpmReferences:
-    """The PCR 4/11 references of the bootstrap UKI as the deployment built it (`dep`: a
-    qemu.harness.deploy.Deployment), for the signed registry the agents appraise TPM peers with.
-    The registry is signed at each lab start (lab._factory), so a device's firmware baseline
-    recorded by `Lab.enrol` (the factory boot) is in the registry the next boot is served."""
-    uki = next(p for p in dep.bootstrap.uki.values() if arch in p.name)
-    return TpmReferences.for_uki(uki.read_bytes())
+def uki_references(dep: Any) -> dict[str, TpmReferences]:
+    """The PCR 4/11 references of each bootstrap UKI as the deployment built it (`dep`: a
+    qemu.harness.deploy.Deployment), by UEFI arch ("x86_64", "arm64"), for the signed registry the
+    agents appraise TPM peers with. The registry is signed at each lab start (lab._factory), so a
+    device's firmware baseline recorded by `Lab.enrol` (the factory boot) is in the registry the
+    next boot is served."""
+    return {arch: TpmReferences.for_uki(uki.read_bytes()) for arch, uki in sorted(dep.bootstrap.uki.items())}
 
 
 def base(device_dir: Path) -> Path:

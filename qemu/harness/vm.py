@@ -82,7 +82,9 @@ class GuestSpec:
     user_tftp: Path | None = None
     bootfile: str | None = None
     # A TPM 2.0: the control socket of an swtpm started with `--ctrl type=unixio,path=...` (QEMU's
-    # emulator backend passes it the data channel); a tpm-tis device, which OVMF finds and measures into
+    # emulator backend passes it the data channel); a TIS device, which OVMF/AAVMF find and measure
+    # into: `tpm-tis` (ISA, x86_64) or `tpm-tis-device` (MMIO on arm64 `virt`, which describes it in
+    # ACPI as MSFT0101 and in its device tree as "tcg,tpm-tis-mmio")
     tpm: Path | None = None
     arch: str = "x86_64"  # one of ARCHES; arm64 is UEFI only (AAVMF on `-machine virt`)
 
@@ -96,9 +98,9 @@ class GuestSpec:
         if self.arch not in ARCHES:
             raise GuestError(f"{self.name}: arch {self.arch!r} is not one of {', '.join(ARCHES)}")
         arm64 = self.arch == "arm64"
-        if arm64 and (self.firmware != "uefi" or self.kernel is not None or self.tpm is not None):
+        if arm64 and (self.firmware != "uefi" or self.kernel is not None):
             raise GuestError(f"{self.name}: arm64 guests boot AAVMF (firmware uefi) from the network or a disk: "
-                             "no -kernel, no BIOS, no tpm-tis")
+                             "no -kernel, no BIOS")
         a = [QEMU_ARM64 if arm64 else QEMU, "-machine", "virt" if arm64 else "q35", "-accel", self.accel,
              "-m", str(self.memory_mib), "-smp", "1",
              "-nographic", "-serial", "stdio", "-monitor", "none", "-S",
@@ -145,7 +147,7 @@ class GuestSpec:
             a += ["-drive", f"file={self.disk},format=raw,if=virtio"]
         if self.tpm is not None:
             a += ["-chardev", f"socket,id=chrtpm,path={self.tpm}", "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
-                  "-device", "tpm-tis,tpmdev=tpm0"]
+                  "-device", f"{'tpm-tis-device' if arm64 else 'tpm-tis'},tpmdev=tpm0"]
         return a
 
 

@@ -177,34 +177,57 @@ def test_agent_peers_take_tpm_references_from_the_signed_registry(tmp_path: Path
     roots = roots_with(sensor)
     nonce = b"\x42" * 32
     evidence = sensor.attester().evidence(nonce)
-    res = _registry_verifier(tmp_path / "a", roots, TpmReferences.for_uki(UKI)).appraise(evidence, nonce)
+    res = _registry_verifier(tmp_path / "a", roots, {"x86_64": TpmReferences.for_uki(UKI)}).appraise(evidence, nonce)
     assert res.status == AFFIRMING and res.role == "sensor", res.to_obj()
     res = _registry_verifier(tmp_path / "b", roots, None).appraise(evidence, nonce)
     assert res.status == WARNING and "PCR 4" in json.dumps(res.to_obj()), res.to_obj()
     other = TpmReferences.for_uki(small_uki(b"console=ttyS1"))
-    res = _registry_verifier(tmp_path / "c", roots, other).appraise(evidence, nonce)
+    res = _registry_verifier(tmp_path / "c", roots, {"x86_64": other}).appraise(evidence, nonce)
     assert res.status == CONTRAINDICATED and "PCR 4" in json.dumps(res.to_obj()), res.to_obj()
+    # a mixed fleet's registry: one set per arch; the device's log picks the set of the UKI it
+    # booted, whichever arch it is filed under, and every event must then equal that set's
+    both = {"arm64": TpmReferences.for_uki(UKI), "x86_64": other}
+    res = _registry_verifier(tmp_path / "d", roots, both).appraise(evidence, nonce)
+    assert res.status == AFFIRMING, res.to_obj()
+    neither = {"arm64": TpmReferences.for_uki(small_uki(b"console=ttyAMA0")), "x86_64": other}
+    res = _registry_verifier(tmp_path / "e", roots, neither).appraise(evidence, nonce)
+    assert res.status == CONTRAINDICATED and "PCR 4 application 0" in json.dumps(res.to_obj()), res.to_obj()
 
 
 def test_registry_tpm_references_round_trip_and_refuse_malformed() -> None:
     from cidboot.ipld import dagcbor
     from cidboot.trust.manifest import RootOfTrust
+    from cidboot.trust.manifest.signed import KIND_REGISTRY, sign_kind
     from cidboot.trust.registry import RegistryFormatError, sign_registry, verify_signed_registry
     from cidboot.trust.tpm.appraise import TpmReferences
 
+    def same(a: TpmReferences, b: TpmReferences) -> bool:
+        return list(a.applications) == list(b.applications) and \
+            [(e.pcr, e.event_type, e.digest, e.data) for e in a.stub_events] == \
+            [(e.pcr, e.event_type, e.digest, e.data) for e in b.stub_events]
+
     root = RootOfTrust.from_public_keys([SIGNER.public_key()], 1)
     refs = TpmReferences.for_uki(UKI)
-    reg = verify_signed_registry(sign_registry(DeviceRoots(), [SIGNER], tpm_references=refs), root)
-    assert reg.tpm_references is not None
-    assert list(reg.tpm_references.applications) == list(refs.applications)
-    assert [(e.pcr, e.event_type, e.digest, e.data) for e in reg.tpm_references.stub_events] == \
-        [(e.pcr, e.event_type, e.digest, e.data) for e in refs.stub_events]
+    arm = TpmReferences.for_uki(small_uki(b"console=ttyAMA0"))
+    reg = verify_signed_registry(sign_registry(DeviceRoots(), [SIGNER], tpm_references={"x86_64": refs, "arm64": arm}),
+                                 root)
+    assert reg.tpm_references is not None and set(reg.tpm_references) == {"x86_64", "arm64"}
+    assert same(reg.tpm_references["x86_64"], refs) and same(reg.tpm_references["arm64"], arm)
     assert verify_signed_registry(sign_registry(DeviceRoots(), [SIGNER]), root).tpm_references is None
-    good = dagcbor.decode(sign_registry(DeviceRoots(), [SIGNER], tpm_references=refs))
+    good = dagcbor.decode(sign_registry(DeviceRoots(), [SIGNER], tpm_references={"x86_64": refs}))
+    # a registry signed before references were per arch (one set) still decodes: as x86_64's
+    old = {**good["registry"], "tpm_references": good["registry"]["tpm_references"]["x86_64"]}
+    old_block = dagcbor.encode({"registry": old, "signatures": sign_kind(dagcbor.encode(old), [SIGNER], KIND_REGISTRY)})
+    got = verify_signed_registry(old_block, root).tpm_references
+    assert got is not None and set(got) == {"x86_64"} and same(got["x86_64"], refs)
     bad: object
+    one = good["registry"]["tpm_references"]["x86_64"]
     for bad in ({"pcr4": []}, {"pcr4": [], "pcr11": []}, {"pcr4": [b"short"], "pcr11": []},
                 {"pcr4": [bytes(32)], "pcr11": [[13, b"x", b""]]}, {"pcr4": [bytes(32)], "pcr11": [[-1, bytes(32), b""]]},
-                {"pcr4": [bytes(32)] * 65, "pcr11": []}, [bytes(32)]):
+                {"pcr4": [bytes(32)] * 65, "pcr11": []}, [bytes(32)],
+                {}, {"ARM64": one}, {"arm 64": one}, {"": one}, {"a" * 17: one}, {"pcr4": one},
+                {f"arch{i}": one for i in range(9)}, {"arm64": {"pcr4": []}}, {"arm64": {"pcr4": [b"short"], "pcr11": []}},
+                {"arm64": one, "x86_64": [bytes(32)]}):
         env = {**good, "registry": {**good["registry"], "tpm_references": bad}}
         with pytest.raises(RegistryFormatError, match="tpm_references"):
             verify_signed_registry(dagcbor.encode(env), root)

@@ -235,3 +235,28 @@ def test_own_boot_references_accept_a_peer_of_the_same_uki_only() -> None:
     bad = appraise(other.evidence(nonce), expected_nonce=nonce, roots=roots, manifest=MANIFEST,
                    manifest_cid=SIGNED.cid, tpm_references=refs)
     assert {c.name: c.status for c in bad.checks}["tpm.pcr4-uki"] == CONTRAINDICATED
+
+
+def test_references_per_arch_are_chosen_by_the_uki_the_log_shows(dev: SoftTpmDevice) -> None:
+    """A registry's references, one set per arch: the set whose UKI digest is the log's first PCR 4
+    application; else (another UKI, no application, a log that does not parse) the first by arch
+    name, so that PCR 4 (or the replay) names what differs; one set is taken as it is."""
+    from cidboot.trust.tpm.appraise import TpmReferences, references_for_log
+
+    mine: TpmReferences = dev.references()
+    other = TpmReferences([os.urandom(32), os.urandom(32)])
+    log = dev.tpm.log()
+    assert references_for_log({"arm64": other, "x86_64": mine}, log) is mine
+    assert references_for_log({"arm64": mine, "x86_64": other}, log) is mine
+    third = TpmReferences([os.urandom(32)])
+    assert references_for_log({"x86_64": other, "arm64": third}, log) is third  # "arm64" sorts first
+    assert references_for_log({"x86_64": other, "arm64": third}, b"garbage") is third
+    assert references_for_log({}, log) is None
+    assert references_for_log(other, log) is other
+    nonce = os.urandom(32)
+    cases: list[tuple[dict[str, TpmReferences], str]] = [
+        ({"arm64": other, "x86_64": mine}, AFFIRMING), ({"arm64": other}, CONTRAINDICATED), ({}, WARNING)]
+    for refs, status in cases:
+        res = appraise(dev.evidence(nonce), expected_nonce=nonce, roots=roots_for(dev), manifest=MANIFEST,
+                       manifest_cid=SIGNED.cid, tpm_references=refs)
+        assert res.status == status, (refs, res.to_obj())

@@ -79,3 +79,46 @@ def test_tampered_layer_refusal_reaches_the_boot_server_with_reason_and_cid(
     assert d["trust"] == "verified" and d["stage"] == "bootstrap" and d["kind"] == "refused"
     (p,) = d["problems"]
     assert p["kind"] == "refused" and p["cid"] == str(bad) and f"layer {bad}: hash mismatch" in p["reason"]
+
+
+def test_a_uefi_started_bootstrap_posts_its_start_event_once_it_has_its_boot_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, boot_server: tuple[Fleet, GatewayServer, DeviceRoots]) -> None:
+    """UEFI starts the bootstrap UKI with no hand-off: its `start` event is emitted before it has a
+    boot config (it fetches it over the network afterwards), so it knows no boot server yet. Once
+    the boot config is in, the queued start event and the hand-over reach the config's events URL."""
+    from bootstrap.stage import tpm
+
+    _fleet, server, _roots = boot_server
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers)
+    monkeypatch.setattr(stage_main.events, "_reporter", stage_main.events.Reporter())  # this stage's own
+    monkeypatch.delenv("CIDBOOT_EVENTS", raising=False)
+    monkeypatch.setattr(tpm, "available", lambda: False)  # a UEFI machine without a TPM: unmeasured
+    with running_gateway(store) as gw:
+        raw = BootConfig(signed.cid, (_url(gw),), events=f"{server.url}/api/events").encode()
+        kw, calls = _main_env(tmp_path, monkeypatch, raw)
+        kw["root"] = tmp_path / "uefi-root"  # no /run/cidboot: no hand-off, as after UEFI HTTP Boot
+        fetched: list[str | None] = []
+
+        def fetch(cmdline_path: object, dhcp_url: str | None) -> bytes:  # the TFTP fetch from the DHCP reply's server
+            fetched.append(dhcp_url)
+            return raw
+
+        monkeypatch.setattr(stage_main, "network_up", lambda: ("10.0.0.2", "tftp://10.0.0.1/bootconfig/x.json"))
+        monkeypatch.setattr(stage_main, "fetch_bootconfig", fetch)
+        stage_main.main(**kw)  # type: ignore[arg-type]
+    assert fetched == ["tftp://10.0.0.1/bootconfig/x.json"] and calls[0][0] == "kexec", calls
+    deadline = time.monotonic() + 30  # a loaded machine: the stage posts in the background
+    kinds: list[str] = []
+    while time.monotonic() < deadline:
+        devs = _devices(server.url)
+        if devs:
+            host, port = server.url.removeprefix("http://").split(":")
+            c = http.client.HTTPConnection(host, int(port), timeout=10)
+            c.request("GET", f"/api/devices/{devs[0]['mac']}")
+            kinds = [f"{e['stage']} {e['kind']}" for e in json.loads(c.getresponse().read())["events"]]
+            c.close()
+            if "bootstrap handover" in kinds:
+                break
+        time.sleep(0.2)
+    assert kinds[:2] == ["bootstrap start", "bootstrap handover"], kinds

@@ -25,6 +25,18 @@ from cidboot.trust.tpm.eventlog import (
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "tpm"
 OVMF_LOG = (VECTORS / "ovmf-eventlog.bin").read_bytes()
 
+
+def _aavmf_log() -> bytes:
+    """AAVMF's log (arm64), from the saved evidence of a real boot (tests/vectors/tpm/README.md)."""
+    from cidboot.trust.eat import parse_evidence
+
+    tpm = parse_evidence((VECTORS / "aavmf-evidence.cbor").read_bytes()).tpm
+    assert tpm is not None
+    return tpm.uefi_log
+
+
+AAVMF_LOG = _aavmf_log()
+
 EVENTS = [(0, 0x80000008, hashlib.sha256(b"fw").digest(), b"blob"),
           (0, EV_SEPARATOR, hashlib.sha256(bytes(4)).digest(), bytes(4)),
           (4, EV_EFI_BOOT_SERVICES_APPLICATION, hashlib.sha256(b"uki").digest(), b"dp"),
@@ -143,9 +155,10 @@ def test_fuzz_random_bytes_raise_only_event_log_format_error(data: bytes) -> Non
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.data(), st.sampled_from(["synthetic", "ovmf"]))
+@given(st.data(), st.sampled_from(["synthetic", "ovmf", "aavmf"]))
 def test_fuzz_mutated_logs_raise_only_event_log_format_error(data: st.DataObject, base: str) -> None:
-    raw = bytearray(OVMF_LOG if base == "ovmf" else eventlog.build(EVENTS, algorithms=((ALG_SHA1, 20), (ALG_SHA256, 32))))
+    raw = bytearray({"ovmf": OVMF_LOG, "aavmf": AAVMF_LOG}.get(base)
+                    or eventlog.build(EVENTS, algorithms=((ALG_SHA1, 20), (ALG_SHA256, 32))))
     for _ in range(data.draw(st.integers(1, 6))):
         i = data.draw(st.integers(0, len(raw) - 1))
         raw[i] = data.draw(st.integers(0, 255))
@@ -155,3 +168,28 @@ def test_fuzz_mutated_logs_raise_only_event_log_format_error(data: st.DataObject
     except EventLogFormatError:
         return
     log.replay()  # a log that parses always replays
+
+
+def test_real_aavmf_evidence_replays_to_the_pcrs_its_tpm_quoted() -> None:
+    """arm64: the TPM claim of a real AAVMF + swtpm boot (tests/e2e/test_uefi_arm64_qemu.py): AAVMF's
+    log, then the bootstrap's PCR 15 events, replay to the digest the TPM quoted (signed by the AK
+    it carries), with the same parser, event types and PCR 4/11 shape as OVMF's."""
+    from cidboot.trust.eat import parse_evidence
+    from cidboot.trust.tpm.errors import PcrDigestMismatchError
+    from cidboot.trust.tpm.quote import check_pcrs, parse_public, verify_signature
+
+    ev = parse_evidence((VECTORS / "aavmf-evidence.cbor").read_bytes())
+    assert ev.boot_mode == "tpm-measured" and ev.tpm is not None
+    fw = eventlog.parse(ev.tpm.uefi_log)
+    assert fw.spec_id.algorithms == ((ALG_SHA256, 32),)
+    both = eventlog.EventLog(fw.spec_id, fw.events + tuple(ev.tpm.log_events(len(fw.events))), fw.startup_locality)
+    q = verify_signature(ev.tpm.quote, ev.tpm.signature, parse_public(ev.tpm.ak_public))
+    check_pcrs(q, both.replay(), {0, 1, 2, 3, 4, 5, 6, 7, 11, 15})  # raises unless the replay is what was quoted
+    pcr4 = [e.event_type for e in fw.events if e.pcr == 4]
+    assert pcr4.count(EV_EFI_BOOT_SERVICES_APPLICATION) == 2 and EV_SEPARATOR in pcr4  # the UKI, its kernel
+    assert len([e for e in fw.events if e.pcr == 11]) == 8  # the arm64 systemd 252 stub: 4 sections x 2
+    cut = ev.tpm.uefi_log[:fw.events[-1].offset]
+    short = eventlog.parse(cut)
+    with pytest.raises(PcrDigestMismatchError):  # AAVMF's log without its last event
+        check_pcrs(q, eventlog.EventLog(short.spec_id, short.events + tuple(ev.tpm.log_events()),
+                                        short.startup_locality).replay(), {4})

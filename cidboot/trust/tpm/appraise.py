@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeAlias
 
 from cidboot.ipld.cid import CID
 from cidboot.trust.manifest.model import Manifest
@@ -76,6 +77,34 @@ class TpmReferences:
         """Everything derivable from the UKI's bytes (fetched by its CID) and the signed manifest."""
         boot = bootstrap_events(manifest_cid, manifest) if manifest_cid is not None and manifest is not None else []
         return cls(uki_applications(uki), uki_pcr11_events(uki), boot)
+
+
+# The bootstrap UKIs a fleet boots, one reference set per UEFI architecture ("x86_64", "arm64"):
+# one signed manifest and one UKI per arch (ADR 0008), so a verifier of a mixed fleet holds several
+References: TypeAlias = "TpmReferences | Mapping[str, TpmReferences]"
+
+
+def references_for_log(refs: References, uefi_log: bytes) -> TpmReferences | None:
+    """The reference set to compare a device's log with: `refs` itself if it is one set; of
+    several (by arch), the one whose UKI digest is the first application the log says UEFI
+    measured into PCR 4, else the first by arch name (PCR 4 is then named as differing).
+
+    Choosing by the log is sound because it only chooses *which signed set* applies: every set is
+    a bootstrap UKI the fleet's signers vouch for, and once chosen every PCR 4/11 event must equal
+    that set's exactly, after the log has been shown to replay to the quoted PCRs (a log that lies
+    about PCR 4 fails the replay). The evidence names no architecture, and needs not. None: no set."""
+    if isinstance(refs, TpmReferences):
+        return refs
+    if not refs:
+        return None
+    by_arch = [refs[a] for a in sorted(refs)]
+    try:
+        log = eventlog.parse(uefi_log)
+    except TpmFormatError:
+        return by_arch[0]  # the replay check names the format error
+    first = next((ev.sha256 for ev in log.events
+                  if ev.pcr == UKI_PCR and ev.event_type == EV_EFI_BOOT_SERVICES_APPLICATION), None)
+    return next((r for r in by_arch if r.applications and r.applications[0] == first), by_arch[0])
 
 
 def own_boot_references(uefi_log: bytes) -> TpmReferences:

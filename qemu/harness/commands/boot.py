@@ -44,7 +44,7 @@ def add_boot_args(p: argparse.ArgumentParser) -> None:
                    help="how devices boot (x86_64): dice = our L0 firmware from flash with the harness's DICE "
                         "engine (measured, the default); bios-ipxe = SeaBIOS + the NIC's iPXE ROM; uefi-pxe / "
                         "uefi-http = OVMF's own PXE / HTTP Boot loading the bootstrap UKI (no iPXE). The last "
-                        "three are unmeasured (no TPM yet): appraised so, never affirming")
+                        "three are unmeasured without --tpm: appraised so, never affirming")
     p.add_argument("--legacy", action="store_true", help="same as --firmware bios-ipxe")
     p.add_argument("--tpm", action="store_true",
                    help="give each device a TPM 2.0 (swtpm, kept under its device dir; needs --firmware uefi-pxe or "
@@ -131,8 +131,6 @@ def _boot(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     tpm = bool(getattr(args, "tpm", False))
     if tpm and not firmware.startswith("uefi"):
         raise CidbootError("--tpm needs --firmware uefi-pxe or uefi-http (UEFI measures the boot into the TPM)")
-    if tpm and dep.arch != "x86_64":
-        raise CidbootError("--tpm is x86_64 only for now (the arm64 virt machine gets no tpm-tis-device yet)")
     if cluster:
         say(f"lab: {cluster} cluster peers, {servers} boot server(s) with empty stores and --upstream")
     with lab(dep, out / "lab", device_roles, cluster=cluster, boot_servers=servers, replication=replication,
