@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from cidboot.errors import CidbootError, NotFoundError, VerificationError
 from cidboot.httpd import BoundedHandler, BoundedHTTPServer, Limits
 from cidboot.ipld import dag, dagpb
-from cidboot.ipld.car import encode_header, encode_section
+from cidboot.ipld.car import encode_header, section_head
 from cidboot.ipld.cid import CID, DAG_PB, RAW
 from cidboot.ipld.unixfs import data as ufsdata
 from cidboot.ipld.unixfs.exporter import file_size, iter_file_blocks
@@ -323,9 +323,9 @@ class _Handler(BoundedHandler):
             self.end_headers()
             self.server.metrics.record(416, 0)
             return
-        body = block
+        body: bytes | memoryview = block
         if isinstance(span, tuple):
-            body = block[span[0] : span[1] + 1]
+            body = memoryview(block)[span[0] : span[1] + 1]
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {span[0]}-{span[1]}/{len(block)}")
         else:
@@ -339,7 +339,7 @@ class _Handler(BoundedHandler):
         self.end_headers()
         sent = 0
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self.send_parts((body,))  # with the headers, without joining them to the block
             sent = len(body)
         self.server.metrics.record(206 if isinstance(span, tuple) else 200, sent)
 
@@ -452,7 +452,11 @@ class _Handler(BoundedHandler):
                 seen.add(key)
                 if cid.is_identity:
                     continue
-                sent += self._chunk(encode_section(cid, block))
+                # one chunk per section, its block sent as read (and verified): no joined copy
+                head = section_head(cid, len(block))
+                size = len(head) + len(block)
+                self.send_parts((b"%x\r\n" % size + head, block, b"\r\n"))
+                sent += size
             self.wfile.write(b"0\r\n\r\n")
         except (BlockNotFound, VerificationError, _AbortStream) as e:
             # Headers are gone: the only honest signal left is a cut stream (no final chunk).
