@@ -329,6 +329,12 @@ def _scaleout(doc: Doc) -> list[Row]:
                               r["warm_all_ready_s"], "s", ratio=r.get("cold/warm")))
             out.append(figure(b, f"{n} device(s): bytes pulled from upstream vs image size", r["upstream_MB_cold"],
                               r["image_MB"], "MB", ratio=r.get("upstream/image"), goal=ONCE))
+            if "direct_all_ready_s" in r:  # older JSON: no such reference
+                out.append(figure(b, f"{n} device(s) all ready: warm boot server vs straight from the upstream gateway",
+                                  r["warm_all_ready_s"], r["direct_all_ready_s"], "s", ratio=r.get("warm/direct")))
+        elif r.get("cold/direct") is not None:  # the slow-uplink row
+            out.append(figure(b, f"{r['devices']} uplink: cold boot server (read-ahead) vs straight over the link",
+                              r["cold_all_ready_s"], r["direct_all_ready_s"], "s", ratio=r["cold/direct"]))
         elif r.get("cold/warm") is not None:  # the QEMU row pair: "1 QEMU (cold)" carries the ratio
             warm = next((w for w in doc["rows"] if w["devices"] == "1 QEMU (warm)"), None)
             out.append(figure(b, "1 QEMU device power-on to ready: cold boot server (--upstream) vs warm",
