@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cidboot.errors import VerificationError
 from cidboot.ipld import dag
 from cidboot.ipld.car import CarReader
 from cidboot.ipld.cid import CID, DAG_CBOR
@@ -214,3 +216,35 @@ def test_a_damaged_block_in_the_store_is_never_served_as_valid(tmp_path: Path) -
         conn.close()
     assert data[100_000:200_000] in got  # the leaf before it was sent (raw leaves: the bytes as they are)
     assert bytes(raw) not in got  # the damaged one was not
+
+
+def test_car_read_ahead_keeps_order_errors_and_stops_with_the_sender() -> None:
+    """The CAR path's read-ahead thread: blocks come in walk order, an error comes after every
+    block before it (never in place of one, never early), and a sender that stops (the client
+    went away) stops the thread within a block or two, not after the whole walk."""
+    from cidboot.store.gateway.server import CAR_READ_AHEAD, _read_ahead
+
+    cids = [CID.of(bytes([i])) for i in range(10)]
+
+    def walk(fail_at: int | None = None) -> Iterator[tuple[CID, bytes]]:
+        for i, c in enumerate(cids):
+            if i == fail_at:
+                raise VerificationError(f"block {i} damaged")
+            read.append(i)
+            yield c, bytes([i])
+
+    read: list[int] = []
+    assert [c for c, _ in _read_ahead(walk())] == cids
+    read.clear()
+    got = []
+    with pytest.raises(VerificationError, match="block 5"):
+        for c, _ in _read_ahead(walk(fail_at=5)):
+            got.append(c)
+    assert got == cids[:5]
+    read.clear()
+    ahead = _read_ahead(walk())
+    next(ahead)
+    ahead.close()
+    time.sleep(1.5)  # the thread notices the stop within its 0.5 s put timeout
+    assert not [t for t in threading.enumerate() if t.name == "car-read-ahead"]
+    assert len(read) <= 1 + CAR_READ_AHEAD + 1  # the one sent, the queue, the one in hand
