@@ -342,6 +342,18 @@ def _scaleout(doc: Doc) -> list[Row]:
     return out
 
 
+def _tpm_boot(doc: Doc) -> list[Row]:
+    rows = {str(r.get("boot")): r for r in doc["rows"]}
+    plain, tpm = rows.get("uefi-http"), rows.get("uefi-http --tpm")
+    accel = doc.get("notes", {}).get("accel", "?")
+    if plain is None or tpm is None:
+        return [absent("bench_tpm_boot", f"boot ({accel}) uefi-http with a TPM vs without", "s", "missing",
+                       "tpm_boot.json lacks the plain or the TPM row")]
+    return [figure("bench_tpm_boot", f"boot ({accel}) uefi-http with a TPM vs without, power-on to agent ready",
+                   tpm.get("power_on_to_agent_ready_s"), plain.get("power_on_to_agent_ready_s"), "s",
+                   ratio=tpm.get("ratio_vs_plain"))]
+
+
 ONCE = Goal("<=", 1.0)  # every block pulled from upstream once, however many devices ask
 
 
@@ -372,6 +384,7 @@ BENCHES: dict[str, Bench] = {b.stem: b for b in [
     Bench("bench_pxe200", "bench_pxe200", _pxe200),
     Bench("bench_scaleout", "bench_scaleout", _scaleout, (
         ("4 device(s): bytes pulled from upstream vs image size", "MB", ONCE),)),
+    Bench("bench_tpm_boot", "tpm_boot", _tpm_boot),
     Bench("bench_tftp", "bench_tftp", _tftp, (
         ("TFTP 16 MiB vs tftpd-hpa, blksize 512, no windowsize, C client", "MiB/s", AT_LEAST_1),
         ("TFTP 16 MiB vs tftpd-hpa, blksize 1468, no windowsize, C client", "MiB/s", AT_LEAST_1))),

@@ -73,6 +73,10 @@ SAMPLES: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
         {"case": "chain of 200 ops, validation on", "per_op_ms": 1.5, "ratio_vs_off": 1.5},
         {"case": "DFFML 0.4.0 MemoryOrchestrator, same chain", "per_op_ms": 3.0, "ratio_vs_off": 3.0},
     ], {}),
+    "tpm_boot": ([
+        {"boot": "uefi-http", "power_on_to_agent_ready_s": 20.0},
+        {"boot": "uefi-http --tpm", "power_on_to_agent_ready_s": 25.0, "ratio_vs_plain": 1.25},
+    ], {"accel": "tcg"}),
     "bench_pxe200": ([
         {"run": "1 client alone", "clients": 1, "failures": 0, "total_s": 0.7, "total_vs_alone": 1.0},
         {"run": "200 clients at once", "clients": 200, "failures": 0, "total_s": 35.0, "total_vs_alone": 50.0},
@@ -235,3 +239,18 @@ def test_run_all_quick_skips_slow_benches_and_summarises(tmp_path: Path, monkeyp
     assert run["quick"] is True and set(run["seconds"]) == {"bench_import", "bench_tftp", "total"}
     out = capsys.readouterr().out
     assert "goals met:" in out and "SKIPPED" in out and "FAILED" in out
+
+
+def test_every_bench_script_has_a_summary_declaration() -> None:
+    """`make bench` runs every bench/bench_*.py; each needs a declaration here, or its figures
+    show up as UNDECLARED (bench_tpm_boot did) instead of rows with a reference."""
+    from bench import run_all
+
+    assert set(run_all.discover()) <= set(summary.BENCHES), set(run_all.discover()) - set(summary.BENCHES)
+
+
+def test_tpm_boot_row(tmp_path: Path) -> None:
+    write_samples(tmp_path)
+    rows = by_name(summary.build(tmp_path, ["bench_tpm_boot"]))
+    tpm = rows["boot (tcg) uefi-http with a TPM vs without, power-on to agent ready"]
+    assert (tpm.ours, tpm.reference, tpm.ratio, tpm.goal) == (25.0, 20.0, 1.25, None)
