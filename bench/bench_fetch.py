@@ -10,7 +10,9 @@
   with a gateway that costs nothing, so a gap between this and "from our gateway" is the gateway's;
 
 plus the client's peak RSS for 16 MiB and 256 MiB. Each figure is the median of --runs runs,
-the kinds alternating, so a busy spell of the machine hits all of them alike.
+the kinds alternating, so a busy spell of the machine hits all of them alike. `--baseline DIR`
+also runs the gateway of another checkout (e.g. main) on the same store, in the same
+alternation: before/after figures of a gateway change from one run.
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ def wait_http(url: str) -> None:
 
 def main() -> int:
     args = parse_args(__doc__ or "", [("--size-mib", {"type": int, "default": 256}),
-                                      ("--runs", {"type": int, "default": 3})])
+                                      ("--runs", {"type": int, "default": 3}),
+                                      ("--baseline", {"metavar": "DIR", "help": "also fetch from the gateway of this "
+                                                      "checkout (same store): before/after from one run"})])
     rows = []
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
@@ -85,6 +89,14 @@ def main() -> int:
             procs.append(subprocess.Popen([sys.executable, "-m", "bootstrap", "gateway", "--store", str(store.path),
                                            "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL))
             ours = f"http://127.0.0.1:{port}"
+            base = None
+            if args.baseline:
+                bport = free_port()
+                procs.append(subprocess.Popen([sys.executable, "-m", "bootstrap", "gateway", "--store",
+                                               str(store.path), "--listen", f"127.0.0.1:{bport}"],
+                                              stdout=subprocess.DEVNULL, cwd=Path(args.baseline).resolve()))
+                base = f"http://127.0.0.1:{bport}"
+                wait_http(base + "/ipfs/bafkqaaa?format=raw")
             hport = free_port()
             procs.append(subprocess.Popen([sys.executable, "-m", "http.server", str(hport), "--bind", "127.0.0.1",
                                            "--directory", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -101,6 +113,7 @@ def main() -> int:
                 curl(f"{ours}/ipfs/{cid}?format=car&dag-scope=all", car)
                 static = f"http://127.0.0.1:{hport}"
                 plain_s, ours_s, kubo_s, dag_s, static_s, rss, kubo_rss = [], [], [], [], [], [], []
+                base_s: list[float] = []
                 for i in range(max(1, args.runs)):
                     dl = work / f"download-{mib}"
                     plain_s.append(timed(curl, f"http://127.0.0.1:{hport}/f{mib}", dl))
@@ -113,6 +126,10 @@ def main() -> int:
                     kubo_rss.append(kb)
                     sec, _kb = client_child(cid, static, work / f"c3-{mib}-{i}")
                     static_s.append(sec)
+                    if base is not None:
+                        sec, _kb = client_child(cid, base, work / f"c4-{mib}-{i}")
+                        base_s.append(sec)
+                        shutil.rmtree(work / f"c4-{mib}-{i}")
                     dag_s.append(timed(sink.ipfs, "dag", "import", "--pin-roots=true", str(car)))
                     sink.ipfs("pin", "rm", cid)
                     sink.ipfs("repo", "gc")
@@ -134,7 +151,11 @@ def main() -> int:
                     "static_car/plain": round(plain / from_file, 3),
                     "client_rss_MiB_our_gw": round(max(rss) / 1024, 1),
                     "client_rss_MiB_kubo_gw": round(max(kubo_rss) / 1024, 1),
+                    "ours_runs_s": [round(x, 3) for x in ours_s], "plain_runs_s": [round(x, 3) for x in plain_s],
                 })
+                if base_s:
+                    rows[-1]["ours_from_baseline_gw_MBps"] = round(mb / statistics.median(base_s), 1)
+                    rows[-1]["our_gw/baseline_gw"] = round(statistics.median(base_s) / mine, 3)
         finally:
             for p in procs:
                 p.terminate()
@@ -145,7 +166,8 @@ def main() -> int:
                       "empty second Kubo node; pinned, then unpinned and gc'd between runs",
         "ours": "cidboot.store.gateway.client.fetch: CAR stream, every block hashed once and written atomically to a "
                 "store by a batched writer, one sync at the end",
-        "runs": args.runs, "figures": "median of the runs; RSS the largest",
+        "runs": args.runs, "figures": "median of the runs (ours_runs_s, plain_runs_s: each run); RSS the largest",
+        "baseline": args.baseline,
     })
     return 0
 

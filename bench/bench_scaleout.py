@@ -13,6 +13,11 @@ the N-device figures use host processes, plus ONE QEMU figure (`--no-qemu` skips
 booted by `python -m qemu.harness boot` through a cold boot server fed by a 1-peer cluster vs
 the usual lab whose boot server holds the image.
 
+Two references beside the boot server (what bench_upstream.py measured in-process before it
+was folded in here): the same N devices fetching straight from the upstream Kubo gateway (no
+boot server), and a slow uplink: one device, every upstream request delayed --delay-ms by a
+proxy, through a cold boot server (the cache's read-ahead on) vs straight over the same link.
+
     python3 -m bench.bench_scaleout                       # N = 1, 2, 4; 32 MiB image; + the QEMU pair
     python3 -m bench.bench_scaleout --clients 1,2,4,8 --size-mib 64 --no-qemu
 """
@@ -41,6 +46,7 @@ from imagebuilder.commands.publish import write_car
 from qemu.harness import cluster as kubo_impl
 from qemu.harness.lab import parse_metrics
 from qemu.harness.netns import BootNetwork, boot_network, inside
+from tests.support.gateway_fixtures import proxy_gateway
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -88,12 +94,12 @@ def pulled(m: dict[str, float]) -> float:
     return sum(v for k, v in m.items() if k.endswith("upstream_bytes_total"))
 
 
-def round_of(net: BootNetwork, n: int, mcid: CID, work: Path) -> tuple[float, list[float]]:
+def round_of(net: BootNetwork, n: int, mcid: CID, work: Path, gateway: str = SERVER) -> tuple[float, list[float]]:
     """N clients, started together once all have imported their code; (wall s to the last done, each's s)."""
     procs = []
     for i in range(n):
         store = work / f"client{i}"
-        procs.append(subprocess.Popen(net.cmd([sys.executable, "-c", CLIENT, str(mcid), SERVER, str(store)]),
+        procs.append(subprocess.Popen(net.cmd([sys.executable, "-c", CLIENT, str(mcid), gateway, str(store)]),
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, cwd=REPO))
     for p in procs:
@@ -132,7 +138,26 @@ def start_server(net: BootNetwork, work: Path, mcid: CID, upstream: str) -> subp
     return server
 
 
-def host_rows(ns: list[int], size: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def slow_link_row(net: BootNetwork, work: Path, mcid: CID, upstream: str, delay_ms: int) -> dict[str, Any]:
+    """One device, the upstream behind a proxy that delays every request (a WAN uplink): through a
+    cold boot server (block by block from upstream, the cache's read-ahead on) vs straight over
+    the same link (one CAR request per layer)."""
+    def slow(path: str, body: bytes) -> bytes:
+        time.sleep(delay_ms / 1000)
+        return body
+
+    with inside(net.name), proxy_gateway(upstream, slow) as far:  # bound in the namespace, serving from there
+        direct_s, _ = round_of(net, 1, mcid, work / "far-direct", gateway=far)
+        server = start_server(net, work / "far", mcid, far)
+        try:
+            cold_s, _ = round_of(net, 1, mcid, work / "far" / "cold")
+        finally:
+            kubo_impl.stop(server, 10)
+    return {"devices": f"1 over +{delay_ms} ms", "cold_all_ready_s": round(cold_s, 2),
+            "direct_all_ready_s": round(direct_s, 2), "cold/direct": round(cold_s / direct_s, 3)}
+
+
+def host_rows(ns: list[int], size: int, delay_ms: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as d, boot_network(taps=0) as net:
         work = Path(d)
@@ -156,14 +181,18 @@ def host_rows(ns: list[int], size: int) -> tuple[list[dict[str, Any]], dict[str,
                     after = pulled(server_metrics(net))
                 finally:
                     kubo_impl.stop(server, 10)
+                direct_s, _ = round_of(net, n, mcid, run / "direct", gateway=kubo.gateway_url)
                 rows.append({
                     "devices": n, "image_MB": round(dag_bytes / 1e6, 1),
                     "cold_all_ready_s": round(cold_s, 2), "warm_all_ready_s": round(warm_s, 2),
-                    "cold/warm": round(cold_s / warm_s, 3),
+                    "direct_all_ready_s": round(direct_s, 2),
+                    "cold/warm": round(cold_s / warm_s, 3), "warm/direct": round(warm_s / direct_s, 3),
                     "cold_median_device_s": round(statistics.median(cold_each), 2),
                     "upstream_MB_cold": round((mid - before) / 1e6, 2), "upstream_MB_warm": round((after - mid) / 1e6, 2),
                     "upstream/image": round((mid - before) / dag_bytes, 3),
                 })
+            if delay_ms > 0:
+                rows.append(slow_link_row(net, work, mcid, kubo.gateway_url, delay_ms))
         finally:
             kubo_impl.stop(kproc)
     return rows, {"dag_bytes": dag_bytes}
@@ -197,9 +226,11 @@ def main() -> int:
         ("--clients", {"default": "1,2,4", "help": "comma-separated device counts (default 1,2,4: 2 cores)"}),
         ("--size-mib", {"type": int, "default": 32, "help": "image size (random layer bytes)"}),
         ("--no-qemu", {"action": "store_true", "help": "skip the one-device QEMU figure (two harness boots)"}),
+        ("--delay-ms", {"type": int, "default": 20, "help": "the slow-uplink row's delay per upstream request "
+                                                            "(0: no such row)"}),
     ])
     ns = [int(x) for x in str(args.clients).split(",") if x.strip()]
-    rows, facts = host_rows(ns, args.size_mib * MIB)
+    rows, facts = host_rows(ns, args.size_mib * MIB, args.delay_ms)
     if not args.no_qemu:
         rows += qemu_row(Path(args.out))
     write_results(args.out, "bench_scaleout", rows, {
@@ -208,6 +239,9 @@ def main() -> int:
                    "started together; QEMU rows: python -m qemu.harness boot of examples/hello",
         "cold": "bootstrap serve with an empty store and --upstream to an isolated Kubo gateway holding the image",
         "warm": "the same server again: its store now holds every block (the reference)",
+        "direct": "the same N devices straight from the upstream Kubo gateway, no boot server",
+        "slow link": f"one device; a proxy delays every upstream request {args.delay_ms} ms; cold boot server (its "
+                     "cache's read-ahead on) vs the device straight over the same link",
         "upstream": "the server's /metrics upstream_bytes_total: upstream/image 1.0 = each block pulled once",
         "why_not_n_qemu": "N TCG guests on 2 shared cores measure CPU contention, not the boot server",
     })

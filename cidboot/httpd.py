@@ -31,6 +31,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
@@ -115,6 +116,22 @@ class _DeadlineReader(io.RawIOBase):
         return self.sock.recv_into(b)
 
 
+def sendmsg_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
+    """`sendall` of the parts joined, without joining them: sendmsg until every byte is out
+    (a send may take only part, on a timeout socket or a signal)."""
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        sent = sock.sendmsg(views)
+        while sent:
+            first = views[0]
+            if sent >= len(first):
+                sent -= len(first)
+                views.pop(0)
+            else:
+                views[0] = first[sent:]
+                sent = 0
+
+
 class _Writer(io.BufferedIOBase):
     """Writes to the socket, sending any pending status line and headers with the first bytes."""
 
@@ -189,6 +206,17 @@ class BoundedHandler(BaseHTTPRequestHandler):
         self.connection.settimeout(self.server.limits.write_timeout)
         self._sent_any = True
         self.connection.sendall(out)
+
+    def send_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+        """Write `parts` with one gathering send (sendmsg), any pending status line and headers
+        in front: a large body part (a block) goes to the socket as it is, not first copied into
+        a joined bytes. Same write timeout as every other write."""
+        if self._pending:
+            parts = [self._pending, *parts]
+            self._pending = b""
+        self.connection.settimeout(self.server.limits.write_timeout)
+        self._sent_any = True
+        sendmsg_all(self.connection, parts)
 
     def _quick_error(self, status: int, message: str, stat: str | None = None) -> None:
         """Answer `status` and close: for requests refused before their handler runs."""

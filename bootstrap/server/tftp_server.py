@@ -6,8 +6,9 @@ uses it too; tftpy's encoder, used here before, could not encode an ERROR with c
 killed the server on its first "server busy"). Each transfer runs on its own socket
 (its TID, connected to the client) and thread, so one slow or hostile client never holds up the
 others. Lock-step transfers (no windowsize, what PXE ROMs do) are paced by the server's work
-between an ACK and the next DATA, so that is kept to a recv, a compare and a send (`_Channel`,
-`_send_lockstep`). Paths are
+between an ACK and the next DATA, so that is kept to a recv, a compare and a send of a packet
+already in place (`_send_lockstep`; file blocks are read by preadv straight into ready-made
+packets, `_Source.packets`; anything unusual goes to `_recover`). Paths are
 confined to the root after resolving symlinks; `..`, writes and unknown opcodes are refused
 with a TFTP error packet and logged.
 
@@ -28,13 +29,14 @@ Any exception one request raises is logged, counted in /metrics and survived.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -65,8 +67,12 @@ RESEND_FACTOR = 8  # a transfer may re-send this many times its blocks (plus `re
 MAX_DUP_RESENDS = 2  # early resends on duplicate ACKs until the transfer progresses; then the timeout decides
 MAX_PER_CLIENT = 8  # concurrent transfers per client address (a PXE client needs one)
 READ_CHUNK = 64 * 1024  # bytes a file transfer reads per syscall (its blocks are sliced from it)
+LOCKSTEP_CHUNK = 32 * 1024  # bytes a lock-step transfer reads per preadv, into one of its two packet buffers (64 KiB in all, as READ_CHUNK)
+MAX_IOV = 512  # blocks per preadv (below IOV_MAX, 1024; blksize 8 would otherwise ask for 8192)
 _DATA_HEADER = struct.Struct(">HH").pack  # opcode, block number
+_ACK_WORD = struct.Struct(">I").unpack_from  # an ACK's 4 bytes as one number: 0x0004_0000 | block
 RECV_MAX = 2048  # what a transfer reads of a client datagram: an ACK is 4 bytes, an ERROR a few dozen (longer: cut, ignored)
+NOTHING_YET = -2  # `_Channel.decide`: no datagram received yet (just resent)
 WAIT_SLACK = 0.01  # seconds an ACK wait may overrun its deadline before the receive timeout is shortened
 
 # A file source for generated content (per-device boot configs) or for boot files kept outside the
@@ -156,6 +162,49 @@ class _Source:
             self._buf_off, rel = off, 0
         return buf[rel : rel + bs]
 
+    def packets(self, bs: int) -> Iterator[bytes | memoryview]:
+        """The lock-step DATA packets, block 1 onwards, the last one short (header only when the
+        size is a multiple of `bs`); block numbers wrap at 65535.
+
+        A file is read with one preadv per LOCKSTEP_CHUNK bytes straight into the data part of
+        ready-made packets (header written in place), so no block is copied or concatenated in
+        Python: the loop sends memoryviews. Two buffers alternate, so a packet stays intact
+        while the caller holds it and the next one (all the lock-step loop ever holds: the one
+        it may resend and the one built ahead); it must not hold older ones. The transfer ends
+        at the size the file had when opened (what tsize announced), even if it grows.
+        """
+        if self.content is not None or self.file is None:
+            content = self.content or b""
+            for i in range(len(content) // bs + 1):
+                yield _DATA_HEADER(tftp.DATA, (i + 1) & 0xFFFF) + content[i * bs : (i + 1) * bs]
+            return
+        fd, stride = self.file.fileno(), bs + 4
+        k = max(1, min(MAX_IOV, LOCKSTEP_CHUNK // bs))  # blocks per read
+        rings = []
+        for _ in range(2):
+            buf = bytearray(stride * k)
+            view = memoryview(buf)
+            for i in range(k):
+                buf[i * stride : i * stride + 2] = b"\0\3"  # DATA
+            rings.append((buf, [view[i * stride + 4 : (i + 1) * stride] for i in range(k)],
+                          [view[i * stride : (i + 1) * stride] for i in range(k)]))
+        first, which, numbers = 1, 0, _block_numbers()
+        while True:
+            buf, iov, pkts = rings[which]
+            off = (first - 1) * bs
+            got = min(os.preadv(fd, iov, off) if off < self.size else 0, self.size - off)
+            full, rest = divmod(got, bs)
+            at = 2 * (first & 0xFFFF)  # the k block numbers from `first`, high and low bytes in place
+            buf[2 : 2 + k * stride : stride] = numbers[at : at + 2 * k : 2]
+            buf[3 : 3 + k * stride : stride] = numbers[at + 1 : at + 2 * k : 2]
+            if full == k:
+                yield from pkts
+                first, which = first + k, which ^ 1
+                continue
+            yield from pkts[:full]
+            yield pkts[full][: 4 + rest]
+            return
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
@@ -222,6 +271,49 @@ class _Channel:
                 return pkt.block
             if isinstance(pkt, tftp.Error):
                 raise _GiveUp(f"client aborted with error {pkt.code}: {pkt.message[:80]}")
+
+    def decide(self, got: int, want: int, prev: int, deadline: float, dup_ok: bool) -> int | None:
+        """The lock-step loop's slow path, after its first receive returned `got` bytes in the
+        buffer that were not the ACK of `want` (-1: it timed out; NOTHING_YET: no receive yet): the ACK that decides what to
+        send next. `want` (the block arrived), `prev` when `dup_ok` (the client lost `want`:
+        resend it early), or None once `deadline` has passed (resend on timeout). Anything else
+        (a stray ACK, a duplicate beyond the early resends, a malformed datagram) is ignored;
+        an ERROR ends the transfer."""
+        acked: int | None
+        if got >= 0:
+            acked = self._ack_in_buffer(got)
+        elif got == NOTHING_YET or time.monotonic() < deadline:
+            acked = -1  # wait on
+        else:
+            acked = None
+        while acked != want and acked is not None and not (acked == prev and dup_ok):
+            acked = self.recv_ack(deadline)
+        if self._wait < self.timeout:
+            self._set_wait(self.timeout)  # the fast path's receive waits a whole timeout
+        return acked
+
+    def _ack_in_buffer(self, n: int) -> int:
+        """The block number of the ACK in the receive buffer's first `n` bytes, or -1 if it is
+        no ACK (ignored); an ERROR ends the transfer."""
+        buf = self._buf
+        if n == 4 and buf[1] == tftp.ACK and buf[0] == 0:
+            return (buf[2] << 8) | buf[3]
+        try:
+            pkt = tftp.parse(bytes(buf[:n]))
+        except TftpFormatError:
+            return -1
+        if isinstance(pkt, tftp.Ack):
+            return pkt.block
+        if isinstance(pkt, tftp.Error):
+            raise _GiveUp(f"client aborted with error {pkt.code}: {pkt.message[:80]}")
+        return -1
+
+
+@functools.cache
+def _block_numbers() -> bytes:
+    """Every 16-bit block number big-endian, twice (a chunk's run may wrap past 65535): a
+    chunk's headers are two strided copies from here, not a pack per block. 256 KiB, built once."""
+    return struct.pack(">65536H", *range(65536)) * 2
 
 
 def _timeval(seconds: float) -> bytes:
@@ -425,38 +517,56 @@ class TftpServer:
 
     def _send_lockstep(self, ch: _Channel, src: _Source, bs: int, budget: int) -> int:
         """`_send_file` for a window of one block (RFC 1350 lock-step: every PXE ROM, and what
-        tftpd-hpa does), with the same rules, in a loop short enough that between an ACK and the
-        next DATA there is one recv, two compares and one send: the next packet is built while
-        the client works on this one."""
-        send, recv_ack, timeout = ch.send, ch.recv_ack, ch.timeout
-        n, timeouts, dup_resends = 1, 0, 0
-        data = src.block(1, bs)
-        pkt = _DATA_HEADER(tftp.DATA, 1) + data
-        nxt, nxt_pkt = b"", b""
+        tftpd-hpa does), with the same rules. In lock-step the server's work between an ACK and
+        the next DATA is the transfer's speed, so the loop is the common case only: one send of
+        a packet already in place (`_Source.packets`), the next one taken while the client
+        works, one recv_into and one compare of the ACK as a number. Anything else (a timeout,
+        a stray or duplicate ACK, an ERROR) goes to `_recover`, which resends by the rules."""
+        sock = ch.sock
+        send, recv_into, buf = sock.send, sock.recv_into, ch._buf
+        mono, timeout, full_len, ack_word = time.monotonic, ch.timeout, bs + 4, _ACK_WORD
+        if ch._wait < timeout:
+            ch._set_wait(timeout)  # the OACK's wait may have shortened it
+        packets = src.packets(bs)
+        pkt, n = next(packets), 1
         while True:
-            send(pkt)
-            final = len(data) < bs
-            if not final:
-                nxt = src.block(n + 1, bs)
-                nxt_pkt = _DATA_HEADER(tftp.DATA, (n + 1) & 0xFFFF) + nxt
-            deadline = time.monotonic() + timeout  # ignored ACKs do not move it
-            want, prev = n & 0xFFFF, (n - 1) & 0xFFFF
-            while True:
-                acked = recv_ack(deadline)
-                if acked == want or acked is None or (acked == prev and dup_resends < MAX_DUP_RESENDS):
-                    break
-                # a stray ACK, or a duplicate beyond the early resends: ignored, the timeout decides
-            if acked == want:
-                if final:
-                    return (n - 1) * bs + len(data)
-                n, data, pkt, timeouts, dup_resends = n + 1, nxt, nxt_pkt, 0, 0
-                continue
+            send(pkt)  # between the ACK before and this send: two compares and an assignment
+            final = len(pkt) < full_len
+            ack = 0x40000 | (n & 0xFFFF)  # the ACK of block n as its 4 bytes read big-endian
+            nxt = pkt if final else next(packets)
+            deadline = mono() + timeout  # ignored ACKs do not move it
+            try:
+                got = recv_into(buf)
+            except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO ran out
+                got = -1
+            except ConnectionRefusedError:  # ICMP port unreachable: the client is gone
+                raise _GiveUp("the client's port is closed (ICMP port unreachable)") from None
+            if got != 4 or ack_word(buf)[0] != ack:
+                budget = self._recover(ch, pkt, n, got, deadline, budget)
+            if final:
+                return (n - 1) * bs + len(pkt) - 4
+            pkt, n = nxt, n + 1
+
+    def _recover(self, ch: _Channel, pkt: bytes | memoryview, n: int, got: int, deadline: float, budget: int) -> int:
+        """The lock-step loop's slow path for block `n` (`pkt`), after its first receive got
+        something other than the block's ACK (`got` bytes in the buffer; -1: the wait ran out):
+        resend on a timeout (at most `retries` in a row) or on a duplicate ACK of the block
+        before (at most MAX_DUP_RESENDS), ignore anything else, until the ACK arrives. Returns
+        what is left of the resend budget (spent: ERROR and the transfer ends)."""
+        want, prev = n & 0xFFFF, (n - 1) & 0xFFFF
+        timeouts = dup_resends = 0
+        acked = ch.decide(got, want, prev, deadline, True)
+        while acked != want:
             if acked is None:
                 timeouts += 1
                 self._timed_out(timeouts, ch.peer)
             else:
                 dup_resends += 1  # the client lost this block: resend it early
             budget = self._spend(ch, budget)
+            ch.send(pkt)
+            deadline = time.monotonic() + ch.timeout
+            acked = ch.decide(NOTHING_YET, want, prev, deadline, dup_resends < MAX_DUP_RESENDS)
+        return budget
 
     def _send_file(self, ch: _Channel, src: _Source, opts: TransferOptions) -> int:
         """Send the file in windows (RFC 7440); return the bytes sent (without retransmissions).

@@ -49,8 +49,14 @@ def encode_header(roots: list[CID]) -> bytes:
 
 
 def encode_section(cid: CID, data: bytes) -> bytes:
+    return section_head(cid, len(data)) + data
+
+
+def section_head(cid: CID, size: int) -> bytes:
+    """A section's bytes before its block of `size` bytes (length varint, CID): a streaming
+    writer sends this and the block as they are, without joining them (a copy of the block)."""
     raw = bytes(cid)
-    return varint.encode(len(raw) + len(data)) + raw + data
+    return varint.encode(len(raw) + size) + raw
 
 
 class CarReader:

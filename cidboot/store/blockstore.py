@@ -51,7 +51,29 @@ def _key(mh: Multihash) -> str:
     return base64.b32encode(mh.encode()).decode().rstrip("=")
 
 
-class Blockstore:
+def check_block(cid: CID, data: bytes) -> None:
+    """What every way into a store checks first, before anything is written or queued: the
+    size bound (BlockstoreError) and the hash (CIDMismatch). Nothing unverified is stored."""
+    if len(data) > MAX_BLOCK:
+        raise BlockstoreError(f"block {cid} is {len(data)} bytes, above the {MAX_BLOCK}-byte limit")
+    cid.verify(data)
+
+
+class _Puts:
+    """What the file store and the memory store share: `put_block` on top of each one's `put`
+    (through `put`, so a subclass's bookkeeping there, e.g. CachingStore's, sees it too)."""
+
+    def put(self, cid: CID, data: bytes) -> None:
+        raise NotImplementedError
+
+    def put_block(self, data: bytes, codec: int = RAW, version: int = 1) -> CID:
+        """Store `data` under its CID (`codec`, CID `version`, SHA-256) and return the CID."""
+        cid = CID.of(data, codec, version)
+        self.put(cid, data)
+        return cid
+
+
+class Blockstore(_Puts):
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self._dirs: set[Path] = set()  # shard directories known to exist
         self._deferred = 0  # >0 while inside deferred_sync(): fsync once at the end instead
@@ -162,9 +184,7 @@ class Blockstore:
         if batch is not None:
             batch.put(cid, data)
             return
-        if len(data) > MAX_BLOCK:
-            raise BlockstoreError(f"block {cid} is {len(data)} bytes, above the {MAX_BLOCK}-byte limit")
-        cid.verify(data)
+        check_block(cid, data)
         if cid.is_identity:
             return
         path = self._file(cid)
@@ -174,11 +194,6 @@ class Blockstore:
         except FileNotFoundError:
             pass
         self._atomic_write(path, data)  # absent, or a damaged copy that reads would refuse: replace it
-
-    def put_block(self, data: bytes, codec: int = RAW, version: int = 1) -> CID:
-        cid = CID.of(data, codec, version)
-        self.put(cid, data)
-        return cid
 
     def get(self, cid: CID) -> bytes:
         """The block's bytes, verified against `cid` (corruption raises CIDMismatch)."""
@@ -311,9 +326,7 @@ class BatchWriter:
             raise self._error
         if self._closed:
             raise BlockstoreError("BatchWriter.put after close")
-        if len(data) > MAX_BLOCK:
-            raise BlockstoreError(f"block {cid} is {len(data)} bytes, above the {MAX_BLOCK}-byte limit")
-        cid.verify(data)
+        check_block(cid, data)
         if cid.is_identity:
             return
         key = cid.multihash.encode()
@@ -355,7 +368,7 @@ class BatchWriter:
             raise self._error
 
 
-class MemoryBlockstore:
+class MemoryBlockstore(_Puts):
     """Blocks in this process's memory, for a boot stage whose root file system is RAM anyway
     (the bootstrap): no files, no temp names, no sync. `put` verifies like Blockstore's; `get`
     does not hash again, since the only way in is `put` and nothing else can write to a dict
@@ -368,16 +381,9 @@ class MemoryBlockstore:
         self.path = Path("<memory>")
 
     def put(self, cid: CID, data: bytes) -> None:
-        if len(data) > MAX_BLOCK:
-            raise BlockstoreError(f"block {cid} is {len(data)} bytes, above the {MAX_BLOCK}-byte limit")
-        cid.verify(data)
+        check_block(cid, data)
         if not cid.is_identity:
             self._blocks[cid.multihash.encode()] = bytes(data)
-
-    def put_block(self, data: bytes, codec: int = RAW, version: int = 1) -> CID:
-        cid = CID.of(data, codec, version)
-        self.put(cid, data)
-        return cid
 
     def get(self, cid: CID) -> bytes:
         if cid.is_identity:

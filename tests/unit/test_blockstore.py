@@ -132,3 +132,23 @@ def test_memory_store_verifies_on_put() -> None:
     mem.clear()
     with pytest.raises(BlockNotFound):
         mem.get(cid)
+
+
+@pytest.mark.parametrize("kind", ["files", "files, batched", "memory"])
+def test_put_block_is_the_same_on_every_store(tmp_path: Path, kind: str) -> None:
+    """One put_block for both stores (and a batch writer's): the CID asked for (codec, version),
+    the bytes back, the size bound before anything is stored."""
+    from contextlib import nullcontext
+
+    from cidboot.store.blockstore import MAX_BLOCK, MemoryBlockstore
+
+    store: Blockstore | MemoryBlockstore = MemoryBlockstore() if kind == "memory" else Blockstore(tmp_path / "s")
+    with store.writer() if "batched" in kind else nullcontext():
+        raw = store.put_block(b"raw bytes")
+        node = store.put_block(encode({"a": 1}), DAG_CBOR)
+        assert raw == CID.of(b"raw bytes", RAW) and raw.version == 1
+        assert node == CID.of(encode({"a": 1}), DAG_CBOR) and node.codec == DAG_CBOR
+        assert store.get(raw) == b"raw bytes" and store.get(node) == encode({"a": 1})
+        with pytest.raises(BlockstoreError, match="limit"):
+            store.put_block(b"\0" * (MAX_BLOCK + 1))
+    assert store.get(raw) == b"raw bytes"  # after the batch: on disk

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cidboot.errors import VerificationError
 from cidboot.ipld import dag
 from cidboot.ipld.car import CarReader
 from cidboot.ipld.cid import CID, DAG_CBOR
@@ -183,3 +185,66 @@ def test_many_clients_at_once(gw: tuple[GatewayServer, dict[str, CID]], tmp_path
     with ThreadPoolExecutor(16) as ex:
         sizes = set(ex.map(one, range(32)))
     assert len(sizes) == 1 and sizes.pop() > len(DATA)
+
+
+def test_a_damaged_block_in_the_store_is_never_served_as_valid(tmp_path: Path) -> None:
+    """Verify-on-read on the serving side: the CAR path sends each block as read, without
+    copying it, but only after its hash matched. A leaf whose file was damaged on disk cuts the
+    CAR stream before that block (no terminating chunk: the client sees a broken stream, never a
+    complete CAR) and makes a raw request a 500; the damaged bytes are sent in neither."""
+    import http.client
+
+    store = Blockstore(tmp_path / "store")
+    data = random.Random(5).randbytes(500_000)
+    root = import_bytes(data, store, ImportOptions(cid_version=1, chunk_size=100_000)).cid
+    leaves = [cid for cid, _ in dag.walk(root, store.get) if cid != root]
+    bad = leaves[2]
+    path = store._file(bad)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with running_gateway(store) as server:
+        status, _, body = get(server, f"/ipfs/{bad}?format=raw")
+        assert status == 500 and bytes(raw) not in body
+        conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=10)
+        conn.request("GET", f"/ipfs/{root}?format=car")
+        resp = conn.getresponse()
+        assert resp.status == 200  # the headers went before the damage was found
+        with pytest.raises(http.client.IncompleteRead) as cut:
+            resp.read()
+        got = cut.value.partial
+        conn.close()
+    assert data[100_000:200_000] in got  # the leaf before it was sent (raw leaves: the bytes as they are)
+    assert bytes(raw) not in got  # the damaged one was not
+
+
+def test_car_read_ahead_keeps_order_errors_and_stops_with_the_sender() -> None:
+    """The CAR path's read-ahead thread: blocks come in walk order, an error comes after every
+    block before it (never in place of one, never early), and a sender that stops (the client
+    went away) stops the thread within a block or two, not after the whole walk."""
+    from cidboot.store.gateway.server import CAR_READ_AHEAD, _read_ahead
+
+    cids = [CID.of(bytes([i])) for i in range(10)]
+
+    def walk(fail_at: int | None = None) -> Iterator[tuple[CID, bytes]]:
+        for i, c in enumerate(cids):
+            if i == fail_at:
+                raise VerificationError(f"block {i} damaged")
+            read.append(i)
+            yield c, bytes([i])
+
+    read: list[int] = []
+    assert [c for c, _ in _read_ahead(walk())] == cids
+    read.clear()
+    got = []
+    with pytest.raises(VerificationError, match="block 5"):
+        for c, _ in _read_ahead(walk(fail_at=5)):
+            got.append(c)
+    assert got == cids[:5]
+    read.clear()
+    ahead = _read_ahead(walk())
+    next(ahead)
+    ahead.close()
+    time.sleep(1.5)  # the thread notices the stop within its 0.5 s put timeout
+    assert not [t for t in threading.enumerate() if t.name == "car-read-ahead"]
+    assert len(read) <= 1 + CAR_READ_AHEAD + 1  # the one sent, the queue, the one in hand

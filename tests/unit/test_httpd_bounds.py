@@ -172,6 +172,10 @@ class _SpySocket(socket.socket):
         _SpySocket.sends.append(bytes(data))
         return super().send(data, *a)
 
+    def sendmsg(self, buffers: Any, *a: Any) -> int:  # a gathering send is one send
+        _SpySocket.sends.append(b"".join(bytes(b) for b in buffers))
+        return super().sendmsg(buffers, *a)
+
 
 def test_small_response_is_one_send_headers_and_body(gw: tuple[GatewayServer, CID]) -> None:
     srv, cid = gw

@@ -135,3 +135,41 @@ def test_block_numbers_wrap_past_65535(server: TftpServer, opts: dict[str, str])
     data = os.urandom(8 * 65536 + 100)  # 65549 blocks of 8 bytes
     (server.root / "wrap.bin").write_bytes(data)
     assert fetch(server, "wrap.bin", **opts)[0] == data
+
+
+@pytest.mark.parametrize("bs", [8, 512, 1468, 65464])
+def test_lockstep_packets_at_chunk_edges(tmp_path: Path, bs: int) -> None:
+    """`_Source.packets` reads chunks straight into ready packets from two alternating buffers:
+    at every size around a chunk's edge, each packet holds the right block number and bytes,
+    while the one before it is still held (what the lock-step loop keeps), the last is short
+    (header only for a multiple of blksize), and nothing past the size at open is sent."""
+    from bootstrap.server.tftp_server import LOCKSTEP_CHUNK, MAX_IOV, _Source
+
+    k = max(1, min(MAX_IOV, LOCKSTEP_CHUNK // bs))
+    for size in (0, 1, bs - 1, bs, k * bs - 1, k * bs, k * bs + 1, 2 * k * bs, 2 * k * bs + 3):
+        data = os.urandom(size)
+        path = tmp_path / f"f{size}"
+        path.write_bytes(data)
+        with open(path, "rb") as f:
+            src = _Source(f, None, size)
+            path.write_bytes(data + b"grown after open")  # beyond tsize: never sent
+            got, held = bytearray(), None
+            for i, pkt in enumerate(src.packets(bs), start=1):
+                if held is not None:
+                    prev_no, prev_bytes, prev_view = held
+                    assert bytes(prev_view) == prev_bytes, f"size {size}: block {prev_no} overwritten while held"
+                assert bytes(pkt[:4]) == struct.pack(">HH", 3, i & 0xFFFF)
+                got += pkt[4:]
+                held = (i, bytes(pkt), pkt)
+        assert bytes(got) == data and len(pkt) - 4 < bs, size
+        gen = _Source(None, data, size)
+        assert b"".join(bytes(p[4:]) for p in gen.packets(bs)) == data
+
+
+def test_lockstep_block_numbers_wrap_in_one_chunk() -> None:
+    """A chunk whose run of block numbers passes 65535 continues at 0 (the header table wraps)."""
+    from bootstrap.server.tftp_server import _block_numbers
+
+    table = _block_numbers()
+    at = 2 * 65534
+    assert table[at : at + 8] == struct.pack(">4H", 65534, 65535, 0, 1)

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 
 from cidboot.errors import CidbootError, NotFoundError, VerificationError
 from cidboot.httpd import BoundedHandler, BoundedHTTPServer, Limits
 from cidboot.ipld import dag, dagpb
-from cidboot.ipld.car import encode_header, encode_section
+from cidboot.ipld.car import encode_header, section_head
 from cidboot.ipld.cid import CID, DAG_PB, RAW
 from cidboot.ipld.unixfs import data as ufsdata
 from cidboot.ipld.unixfs.exporter import file_size, iter_file_blocks
@@ -91,6 +93,61 @@ class _BlockCache:
                 self._blocks[key] = block
                 self._used += len(block)
         return block
+
+
+#: Blocks a CAR response reads (and verifies) ahead of the one it is sending, on a thread of its
+#: own: reading and hashing block n+1 (both release the GIL) overlaps sending block n. At most this
+#: many blocks wait, each at most MAX_BLOCK (4 MiB): a bound per response, like the walk's cache.
+CAR_READ_AHEAD = 2
+_END = object()
+
+
+class _Raised:
+    """An exception the read-ahead thread hit, handed to the sender in its place in the order."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _read_ahead(items: Iterator[tuple[CID, bytes]], depth: int = CAR_READ_AHEAD) -> Generator[tuple[CID, bytes], None, None]:
+    """`items` (a walk that reads and verifies each block) run on a thread up to `depth` blocks
+    ahead of the caller. Order and errors are kept: a block that fails to read or verify raises
+    here after every block before it, so a damaged block is never sent and the stream is cut at
+    the same place as without read-ahead. When the caller stops early (the client went away)
+    the thread stops at its next block."""
+    q: queue.Queue[object] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def hand(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not hand(item):
+                    return
+            hand(_END)
+        except BaseException as e:  # handed over in order; raised in the sender's thread
+            hand(_Raised(e))
+
+    worker = threading.Thread(target=run, name="car-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
 
 
 class _AbortStream(Exception):
@@ -323,9 +380,9 @@ class _Handler(BoundedHandler):
             self.end_headers()
             self.server.metrics.record(416, 0)
             return
-        body = block
+        body: bytes | memoryview = block
         if isinstance(span, tuple):
-            body = block[span[0] : span[1] + 1]
+            body = memoryview(block)[span[0] : span[1] + 1]
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {span[0]}-{span[1]}/{len(block)}")
         else:
@@ -339,7 +396,7 @@ class _Handler(BoundedHandler):
         self.end_headers()
         sent = 0
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self.send_parts((body,))  # with the headers, without joining them to the block
             sent = len(body)
         self.server.metrics.record(206 if isinstance(span, tuple) else 200, sent)
 
@@ -439,20 +496,26 @@ class _Handler(BoundedHandler):
         repeats = repeat_bytes = 0
         try:
             sent += self._chunk(encode_header([req.cid]))
-            for cid, block in self._car_blocks(req, res.terminal, res.path_blocks):
-                key = cid.multihash.encode()
-                if key in seen:
-                    # a repeat, emitted (dups=y) or skipped: either way the walk is bounded
-                    repeats += 1
-                    repeat_bytes += len(block)
-                    if repeats > MAX_DUP_VISITS or repeat_bytes > MAX_DUP_BYTES:
-                        raise _AbortStream(f"walk repeats more than {MAX_DUP_VISITS} blocks / {MAX_DUP_BYTES} bytes")
-                    if not req.car_dups:
+            blocks = _read_ahead(self._car_blocks(req, res.terminal, res.path_blocks))
+            with closing(blocks):
+                for cid, block in blocks:
+                    key = cid.multihash.encode()
+                    if key in seen:
+                        # a repeat, emitted (dups=y) or skipped: either way the walk is bounded
+                        repeats += 1
+                        repeat_bytes += len(block)
+                        if repeats > MAX_DUP_VISITS or repeat_bytes > MAX_DUP_BYTES:
+                            raise _AbortStream(f"walk repeats more than {MAX_DUP_VISITS} blocks / {MAX_DUP_BYTES} bytes")
+                        if not req.car_dups:
+                            continue
+                    seen.add(key)
+                    if cid.is_identity:
                         continue
-                seen.add(key)
-                if cid.is_identity:
-                    continue
-                sent += self._chunk(encode_section(cid, block))
+                    # one chunk per section, its block sent as read (and verified): no joined copy
+                    head = section_head(cid, len(block))
+                    size = len(head) + len(block)
+                    self.send_parts((b"%x\r\n" % size + head, block, b"\r\n"))
+                    sent += size
             self.wfile.write(b"0\r\n\r\n")
         except (BlockNotFound, VerificationError, _AbortStream) as e:
             # Headers are gone: the only honest signal left is a cut stream (no final chunk).
