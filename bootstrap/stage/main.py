@@ -6,7 +6,9 @@
    `cidboot.config=tftp://...` on the command line, and CDI_1 is random and ephemeral with a
    one-entry chain, so the image still has an identity whose evidence says "unmeasured";
 2. NIC up + DHCP (user class "cidboot-bootstrap");
-3. fetch + verify + measure (bootstrap.stage.verify.prepare), rollback state on NVRAM;
+3. fetch + verify + measure (bootstrap.stage.verify.prepare), and for a manifest with encrypted
+   layers the keys from the key broker and the layers decrypted in RAM (verify.unlock; plaintext
+   is never written to persistent storage), rollback state on NVRAM;
 4. zero the CDI_1 copies and hand over to the image (cidboot.stage.switch_root.hand_over): in this
    kernel when the image's kernel is byte-identical to ours, else kexec with the hand-off
    appended to its initrd.
@@ -224,6 +226,8 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
     kernel_note = f"{len(plan.kernel)}B" if plan.kernel is not None else "running"
     log(f"manifest={plan.manifest_cid} {plan.manifest.name} v{plan.manifest.version} kernel={kernel_note} "
         f"initrd={len(plan.initrd)}B {timings} total={time.monotonic() - t0:.2f}s")
+    if plan.unlocked is not None:  # a private image: keys from the broker, layers decrypted in RAM
+        say(f"cidboot-stage: bootstrap keys {plan.unlocked.line()}")
     say(f"cidboot-stage: bootstrap handover manifest={plan.manifest_cid}")
     events.emit("bootstrap", "handover", manifest=plan.manifest_cid, name=plan.manifest.name, version=plan.manifest.version)
     from cidboot.stage.switch_root import check_probes, debug_build, hand_over, kexec_forced

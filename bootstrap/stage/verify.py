@@ -18,6 +18,12 @@ unverified is ever handed on:
    what is measured (the manifest, which names the CID) does not change (docs/boot-chain.md,
    "Not fetching the running kernel");
 4. measure (cidboot.trust.measure.image_inputs) and derive CDI_2 + the L2 certificate from CDI_1;
+   a manifest with encrypted layers (docs/privacy.md) then needs their keys: the bootstrap asks the
+   key broker the boot config names (`keys`) with the evidence the agent will give, signed with the
+   L2 alias key derived from CDI_2 (`cidboot.trust.attester`, the agent's own code), whose nonce
+   binds the broker's challenge and an ephemeral X25519 key; it decrypts the layers in RAM and
+   checks each against the manifest's plaintext hash (`unlock`). No keys, no boot: the refusal
+   names the broker's failing check. An unencrypted manifest never asks a broker;
 5. persist the new rollback state, and return a `BootPlan`; kexec is the caller's last step.
 
 Every failure is a `Refused(check, detail)` whose detail names the CID, printed by main as
@@ -27,6 +33,7 @@ Every failure is a `Refused(check, detail)` whose detail names the CID, printed 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +91,28 @@ class BootPlan:
     handoff: Handoff
     timings: dict[str, float] = field(default_factory=dict)
     kernel_cid: CID | None = None
+    unlocked: Unlocked | None = None  # a manifest with encrypted layers: what getting and using the keys cost
+
+
+@dataclass(frozen=True)
+class Unlocked:
+    """What `unlock` did, for the console: how many layers and bytes, the time the broker took,
+    and decryption (STREAM + the plaintext SHA-256 check) against a SHA-256 pass over the same
+    ciphertext, which is what the CID check of those bytes costs (docs/privacy.md, "Speed")."""
+
+    layers: int
+    ciphertext_bytes: int
+    broker_seconds: float
+    decrypt_seconds: float
+    sha256_seconds: float
+
+    def line(self) -> str:
+        def rate(sec: float) -> str:
+            return f"{self.ciphertext_bytes / sec / 2**20:.1f}" if sec > 0 else "inf"
+
+        return (f"layers={self.layers} bytes={self.ciphertext_bytes} broker_s={self.broker_seconds:.3f} "
+                f"decrypt_s={self.decrypt_seconds:.3f} sha256_s={self.sha256_seconds:.3f} "
+                f"decrypt_mibps={rate(self.decrypt_seconds)} sha256_mibps={rate(self.sha256_seconds)}")
 
 
 def running_kernel_cid(path: str | Path = RUNNING_KERNEL_CID) -> CID | None:
@@ -311,6 +340,74 @@ def assemble(manifest: Manifest, blobs: dict[str, bytes | None], manifest_cid: C
     return blobs[str(kernels[0].cid)], initrd
 
 
+def encrypted_layers(manifest: Manifest) -> list[str]:
+    """CIDs of the manifest's encrypted layers (those with a plaintext hash)."""
+    return [str(lyr.cid) for lyr in manifest.layers if lyr.plaintext is not None]
+
+
+def key_evidence(next_dice: bytes | None, dice: bytes | None, cid: CID, role: str, *,
+                 device_id: str | None = None) -> Callable[[bytes], bytes]:
+    """nonce -> the evidence the bootstrap asks the key broker with: exactly what the agent will
+    give (`cidboot.trust.attester`, the one code): signed by the L2 alias key of CDI_2 with the
+    chain ending in the L2 certificate on a measured boot; on an unmeasured one (no CDI_2 is
+    carried) by the ephemeral identity's key with boot mode "unmeasured", which the broker's
+    appraisal refuses as it would the agent's. A TPM-rooted boot cannot ask yet (its evidence
+    needs a quote by the AK, not built here): refused, saying so."""
+    from cidboot.trust.attester import evidence_from_handover
+
+    what = f"manifest {cid} has encrypted layers"
+    if device_id is not None:
+        raise Refused("keys", f"{what}, and key requests from a TPM-rooted boot are not built yet "
+                              f"(the evidence would need a quote by the device's AK): not booting it")
+    if next_dice is not None:
+        return evidence_from_handover(next_dice, manifest_cid=cid, role=role, boot_mode="measured")
+    if dice is not None:
+        return evidence_from_handover(dice, manifest_cid=cid, role=role, boot_mode="unmeasured")
+    raise Refused("keys", f"{what}, and this boot has no identity to ask the key broker with")
+
+
+def unlock(config: BootConfig, cid: CID, manifest: Manifest, blobs: dict[str, bytes | None],
+           evidence: Callable[[bytes], bytes], *, timeout: float = 30.0) -> tuple[dict[str, bytes | None], Unlocked]:
+    """The layer keys from the key broker (`config.keys`), then every encrypted layer decrypted
+    in RAM and checked against the manifest's plaintext SHA-256 and size: the blobs with
+    plaintext in place of ciphertext. Refusals: `keys` (no broker configured, unreachable, or it
+    refused: its failing check named), `decrypt` (a layer that does not decrypt or whose plaintext
+    is not the manifest's: the layer's CID named)."""
+    import hashlib
+
+    from cidboot.trust.private import client
+
+    if config.keys is None:
+        raise Refused("keys", f"manifest {cid} has encrypted layers and the boot config names no key broker "
+                              f"(`keys`; bootstrap serve --key-policy or --keys)")
+    t0 = time.monotonic()
+    try:
+        keys = client.request_keys(config.keys, evidence, cid, timeout=timeout)
+    except client.KeyBrokerRefused as e:
+        raise Refused("keys", f"key broker {config.keys} refused the keys of manifest {cid}: {e.check}: {e.reason}") from None
+    except client.KeyBrokerUnavailable as e:
+        raise Refused("keys", f"no keys for manifest {cid}: {e}") from None
+    except CidbootError as e:  # a release for another manifest, or one that does not open
+        raise Refused("keys", f"key release for manifest {cid}: {type(e).__name__}: {e}") from None
+    t_broker = time.monotonic() - t0
+    fetched = {c: b for c, b in blobs.items() if b is not None}
+    enc = [c for c in encrypted_layers(manifest) if c in fetched]
+    t0 = time.monotonic()
+    try:
+        plain = client.decrypt_layers(manifest, fetched, keys)
+    except CidbootError as e:  # each names the layer's CID and role (client.decrypt_layers)
+        raise Refused("decrypt", f"{type(e).__name__}: {e}") from None
+    finally:
+        keys.clear()  # the keys are no use once the layers are open
+    t_decrypt = time.monotonic() - t0
+    t0 = time.monotonic()
+    for c in enc:  # the reference: what hashing these bytes once (the CID check) costs here
+        hashlib.sha256(fetched[c]).digest()
+    t_sha = time.monotonic() - t0
+    out: dict[str, bytes | None] = {c: plain.get(c) if b is not None else None for c, b in blobs.items()}
+    return out, Unlocked(len(enc), sum(len(fetched[c]) for c in enc), t_broker, t_decrypt, t_sha)
+
+
 def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, boot_mode: str, anchor: RootOfTrust,
             nvram: Nvram, store: AnyStore, now: int | None = None, timeout: float = 10.0,
             carry_dice: bool = True, running_kernel: CID | None = None,
@@ -343,19 +440,27 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
     m = signed.manifest
     t["manifest"] = time.monotonic() - t0
     t0 = time.monotonic()
-    reuse = reuses_running_kernel(m, running_kernel, running_cmdline)
+    # an encrypted kernel layer is fetched: the running kernel is only reused by a plain layer's CID
+    reuse = reuses_running_kernel(m, running_kernel, running_cmdline) and \
+        all(lyr.plaintext is None for lyr in m.layers if lyr.role == "kernel")
     blobs: dict[str, bytes | None] = {}
     for lyr in m.layers:
         blobs[str(lyr.cid)] = fetch_layer(m, lyr.cid, gws, store, timeout=timeout,
                                           root_only=reuse and lyr.role == "kernel")
         if isinstance(store, MemoryBlockstore):
             store.clear()  # this layer's bytes are in `blobs`: its blocks need not stay in RAM too
-    kernel, initrd = assemble(m, blobs, cid)
     t["layers"] = time.monotonic() - t0
     t0 = time.monotonic()
     # an unmeasured hand-off carries no dice.cbor (docs/boot-chain.md): measuring would be wasted work
     next_dice = measure(dice, cid, m, signers) if dice is not None and carry_dice else None
     t["measure"] = time.monotonic() - t0
+    unlocked = None
+    if encrypted_layers(m):  # keys only now: the evidence is signed with the key derived from CDI_2
+        t0 = time.monotonic()
+        blobs, unlocked = unlock(config, cid, m, blobs, key_evidence(next_dice, dice, cid, config.role,
+                                                                     device_id=device_id), timeout=max(timeout, 30.0))
+        t["keys"] = time.monotonic() - t0
+    kernel, initrd = assemble(m, blobs, cid)
     try:
         nvram.save_state(state)
     except NvramError as e:
@@ -368,4 +473,4 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
     except CidbootError as e:
         raise Refused("handoff", f"for manifest {cid}: {e}") from None
     kernel_cid = next(lyr.cid for lyr in m.layers if lyr.role == "kernel")
-    return BootPlan(cid, m, signers, kernel, initrd, m.cmdline, handoff, t, kernel_cid)
+    return BootPlan(cid, m, signers, kernel, initrd, m.cmdline, handoff, t, kernel_cid, unlocked)

@@ -18,7 +18,7 @@ from bootstrap.server.keys import KeyServer, serve_keys
 from cidboot.trust.keys import write_root
 from cidboot.trust.private import keys
 from cidboot.trust.private.broker import KeyRelease
-from tests.unit.test_private_broker import (
+from tests.support.private_devices import (
     MARKER,
     OPS,
     OPS_LAYER,
