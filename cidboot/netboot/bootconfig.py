@@ -93,7 +93,7 @@ class BootConfig:
         return cls(manifest, tuple(gws), doc.get("trust_anchor") or {}, str(doc.get("role", "default")),
                    doc.get("on_failure", "poweroff"), peers=_peers(doc.get("peers", {})),
                    device_registry=_registry(doc.get("device_registry")), publish=parse_publish(doc.get("publish")),
-                   events=_events(doc.get("events")), keys=_keys(doc.get("keys")))
+                   events=_events(doc.get("events")), keys=parse_keys(doc.get("keys")))
 
 
 def parse_publish(raw: Any) -> str | None:
@@ -113,7 +113,7 @@ def _events(raw: Any) -> str | None:
     return raw
 
 
-def _keys(raw: Any) -> str | None:
+def parse_keys(raw: Any) -> str | None:
     if raw is None:
         return None
     if not isinstance(raw, str) or not raw.startswith("http://") or len(raw) > 2048 or any(c.isspace() for c in raw):
