@@ -263,6 +263,20 @@ def _private(doc: Doc) -> list[Row]:
             for r in doc["rows"]]
 
 
+def _private_boot(doc: Doc) -> list[Row]:
+    b, out = "bench_private_boot", []
+    rows = {str(r["boot"]): r for r in doc["rows"]}
+    clear, enc = rows.get("hello, clear: power-on to agent ready"), rows.get("hello, encrypted: power-on to agent ready")
+    if clear and enc:
+        out.append(figure(b, "hello power-on to agent ready: encrypted vs clear", enc["seconds"], clear["seconds"], "s",
+                          ratio=enc.get("ratio_vs_clear")))
+    g = doc.get("notes", {}).get("guest") or {}
+    if g.get("decrypt_mibps") and g.get("sha256_mibps"):
+        out.append(figure(b, "guest layer decryption vs SHA-256 of the same ciphertext (the CID check)",
+                          g["decrypt_mibps"], g["sha256_mibps"], "MiB/s"))
+    return out
+
+
 def _trust(doc: Doc) -> list[Row]:
     rows, b = doc["rows"], "bench_trust"
     bare = next((r for r in rows if "reference" in r["operation"]), None)
@@ -355,6 +369,7 @@ BENCHES: dict[str, Bench] = {b.stem: b for b in [
         ("UnixFS import CIDv1 vs ipfs add --only-hash, 256 MiB", "MB/s", Goal(">=", 1.3)),
         ("import peak RSS, 256 MiB vs 16 MiB", "MiB", FLAT))),
     Bench("bench_private", "private", _private),
+    Bench("bench_private_boot", "bench_private_boot", _private_boot),
     Bench("bench_pxe200", "bench_pxe200", _pxe200),
     Bench("bench_scaleout", "bench_scaleout", _scaleout, (
         ("4 device(s): bytes pulled from upstream vs image size", "MB", ONCE),)),
