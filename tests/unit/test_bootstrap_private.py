@@ -210,3 +210,42 @@ def test_damaged_ciphertext_is_refused_at_the_cid_check_or_decryption_naming_the
         (tmp_path / "second").mkdir()
         _boot(tmp_path / "second", bad.cid, _url(gw), broker.url)
     assert e.value.check == "decrypt" and str(bad_rt) in e.value.detail and "ChunkReorderedError" in e.value.detail
+
+
+def test_main_prints_the_refusal_posts_the_event_and_powers_off(tmp_path: Path, broker: Broker,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """As PID 1: a broker refusal is `cidboot: refused: keys: ...` on the console naming the
+    broker's check, a `refused` stage event with check "keys", a power-off, and no kexec."""
+    from bootstrap.stage import main as stage_main
+    from cidboot.stage import kexec
+    from cidboot.stage.handoff import Handoff, canonical_json
+
+    store = Blockstore(tmp_path / "server-store")
+    signed = _publish(store, broker=broker)
+    calls: list[tuple[object, ...]] = []
+    emitted: list[tuple[str, str, dict[str, object]]] = []
+    monkeypatch.setattr(stage_main, "network_up", lambda: ("10.0.0.2", None))
+    monkeypatch.setattr(stage_main.pid1, "power_off", lambda reason="": calls.append(("power_off", reason)))
+    monkeypatch.setattr(kexec, "kexec_boot", lambda k, i, c: calls.append(("kexec",)))
+    monkeypatch.setattr(stage_main.events, "emit", lambda stage, event, **kw: emitted.append((stage, event, kw)))
+    anchor = tmp_path / "trust-anchor.json"
+    signing_keys.write_root(ANCHOR, anchor)
+    nv = tmp_path / "nvram.img"
+    nv.write_bytes(bytes(1 << 20))
+    with running_gateway(store) as gw:
+        raw = BootConfig(signed.cid, (_url(gw),), role="worker", keys=broker.url).encode()
+        _, dice = _firmware(raw, hashlib.sha512(b"bootstrap, patched").digest())
+        guest = tmp_path / "guest"
+        (guest / "run/cidboot").mkdir(parents=True)
+        (guest / "run/cidboot/dice.cbor").write_bytes(dice)
+        (guest / "run/cidboot/boot.json").write_bytes(canonical_json({"boot_mode": "measured", "bootconfig": raw.decode()}))
+        Handoff(dice, {"boot_mode": "measured", "bootconfig": raw.decode()}).validate()
+        stage_main.main(root=guest, anchor_path=anchor, nvram_path=nv, store_dir=None, cmdline_path=tmp_path / "none")
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("cidboot: refused: "))
+    assert line.startswith(f"cidboot: refused: keys: key broker {broker.url} refused the keys of manifest {signed.cid}: "
+                           "measurements: "), line
+    assert calls == [("power_off", "")] and "handover" not in out
+    refused = [kw for stage, event, kw in emitted if event == "refused"]
+    assert refused and refused[0]["check"] == "keys" and "measurements" in str(refused[0]["reason"])
