@@ -173,13 +173,15 @@ def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, st
         plan = prepare(cfg, raw, dice, boot_mode=start.boot_mode, anchor=anchor, nvram=nvram,
                        store=store, now=now, carry_dice=carry, running_kernel=running,
                        running_cmdline=proc_cmdline(cmdline_path),
-                       device_id=start.tpm.device_id if start.tpm is not None else None)
+                       device_id=start.tpm.device_id if start.tpm is not None else None, tpm=start.tpm)
     finally:
         if dice is not None:
             wipe(dice)  # this copy of CDI_1; start.dice stays for a retry until main wipes it
         for note in nvram.notes:  # a damaged slot beside a valid one (a torn write): boot, but say so
             log(f"nvram: {note}")
-    if start.tpm is not None:  # last: PCR 15 gets the manifest and layers only once all verified
+    # last: PCR 15 gets the manifest and layers only once all verified (a private image's got them
+    # in prepare, before its key request, whose quote must cover them)
+    if start.tpm is not None and "tpm" not in plan.handoff.boot:
         from bootstrap.stage import tpm
 
         plan.handoff.boot["tpm"] = tpm.measure(start.tpm, plan.manifest_cid, plan.manifest)

@@ -346,19 +346,32 @@ def encrypted_layers(manifest: Manifest) -> list[str]:
 
 
 def key_evidence(next_dice: bytes | None, dice: bytes | None, cid: CID, role: str, *,
-                 device_id: str | None = None) -> Callable[[bytes], bytes]:
+                 tpm_boot: dict[str, Any] | None = None, tpm_paths: tuple[str, ...] | None = None) -> Callable[[bytes], bytes]:
     """nonce -> the evidence the bootstrap asks the key broker with: exactly what the agent will
     give (`cidboot.trust.attester`, the one code): signed by the L2 alias key of CDI_2 with the
-    chain ending in the L2 certificate on a measured boot; on an unmeasured one (no CDI_2 is
-    carried) by the ephemeral identity's key with boot mode "unmeasured", which the broker's
-    appraisal refuses as it would the agent's. A TPM-rooted boot cannot ask yet (its evidence
-    needs a quote by the AK, not built here): refused, saying so."""
+    chain ending in the L2 certificate on a measured boot; on a TPM-rooted one (`tpm_boot`: the
+    boot.json "tpm" object, PCR 15 already extended with this manifest) with a fresh quote by the
+    enrolled AK over SHA-256(nonce || L1 key), the agent's `TpmQuoter`; on an unmeasured boot (no
+    CDI_2 is carried) by the ephemeral identity's key with boot mode "unmeasured", which the
+    broker's appraisal refuses as it would the agent's."""
     from cidboot.trust.attester import evidence_from_handover
 
     what = f"manifest {cid} has encrypted layers"
-    if device_id is not None:
-        raise Refused("keys", f"{what}, and key requests from a TPM-rooted boot are not built yet "
-                              f"(the evidence would need a quote by the device's AK): not booting it")
+    if tpm_boot is not None:
+        if next_dice is None:
+            raise Refused("keys", f"{what}, and this TPM-rooted boot derived no CDI_2 to ask the key broker with")
+        from cidboot.trust.dice import decode_handover
+        from cidboot.trust.tpm.quoter import TpmQuoter
+
+        h = decode_handover(next_dice)
+        wipe(h.cdi_attest)
+        wipe(h.cdi_seal)
+        try:
+            quoter = TpmQuoter.from_boot({"tpm": tpm_boot}, h.chain, *(() if tpm_paths is None else (tpm_paths,)))
+            ueid = quoter.ueid()
+        except (CidbootError, OSError) as e:
+            raise Refused("keys", f"{what}: the TPM cannot quote for the key request: {type(e).__name__}: {e}") from None
+        return evidence_from_handover(next_dice, manifest_cid=cid, role=role, tpm=quoter.evidence, ueid=ueid)
     if next_dice is not None:
         return evidence_from_handover(next_dice, manifest_cid=cid, role=role, boot_mode="measured")
     if dice is not None:
@@ -411,12 +424,15 @@ def unlock(config: BootConfig, cid: CID, manifest: Manifest, blobs: dict[str, by
 def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, boot_mode: str, anchor: RootOfTrust,
             nvram: Nvram, store: AnyStore, now: int | None = None, timeout: float = 10.0,
             carry_dice: bool = True, running_kernel: CID | None = None,
-            running_cmdline: str | None = None, device_id: str | None = None) -> BootPlan:
+            running_cmdline: str | None = None, device_id: str | None = None, tpm: Any = None) -> BootPlan:
     """Steps 1-5 of the module docstring. `dice` is the handover holding CDI_1 (from the firmware,
     or an ephemeral one for an unmeasured boot); `carry_dice=False` leaves dice.cbor out of the
     hand-off (the unmeasured contract, docs/boot-chain.md). `running_kernel` (the running
     kernel's layer CID; None when a kexec is forced) and `running_cmdline` (/proc/cmdline)
-    let the kernel layer go unfetched when it is the running kernel (reuses_running_kernel)."""
+    let the kernel layer go unfetched when it is the running kernel (reuses_running_kernel).
+    `tpm` (a TPM-rooted boot's bootstrap.stage.tpm.TpmRoot): with encrypted layers, PCR 15 is
+    extended here, before the key request whose quote must cover it (boot.json "tpm" is then set;
+    otherwise the caller extends it after `prepare`)."""
     t: dict[str, float] = {}
     cid = config.manifest
     gws = config.gateways
@@ -455,10 +471,18 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
     next_dice = measure(dice, cid, m, signers) if dice is not None and carry_dice else None
     t["measure"] = time.monotonic() - t0
     unlocked = None
+    tpm_boot: dict[str, Any] | None = None
     if encrypted_layers(m):  # keys only now: the evidence is signed with the key derived from CDI_2
         t0 = time.monotonic()
-        blobs, unlocked = unlock(config, cid, m, blobs, key_evidence(next_dice, dice, cid, config.role,
-                                                                     device_id=device_id), timeout=max(timeout, 30.0))
+        if device_id is not None and tpm is None:
+            raise Refused("keys", f"manifest {cid} has encrypted layers and this TPM-rooted boot has no TPM to quote with")
+        if tpm is not None:  # PCR 15 first: the quote in the key request must cover this manifest
+            from bootstrap.stage import tpm as stage_tpm
+
+            tpm_boot = stage_tpm.measure(tpm, cid, m)
+        evidence = key_evidence(next_dice, dice, cid, config.role, tpm_boot=tpm_boot,
+                                tpm_paths=tpm.device_paths if tpm is not None else None)
+        blobs, unlocked = unlock(config, cid, m, blobs, evidence, timeout=max(timeout, 30.0))
         t["keys"] = time.monotonic() - t0
     kernel, initrd = assemble(m, blobs, cid)
     try:
@@ -467,6 +491,8 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
         raise Refused("nvram", f"{e} (manifest {cid} not booted)") from None
     boot: dict[str, Any] = {"boot_mode": boot_mode, "bootconfig": bootconfig_raw.decode("utf-8", "replace"),
                             "manifest": str(cid)}
+    if tpm_boot is not None:
+        boot["tpm"] = tpm_boot
     handoff = Handoff(dice=next_dice, boot=boot)
     try:
         handoff.validate()

@@ -80,16 +80,17 @@ class Attester:
 
 
 def evidence_from_handover(handover: bytes, *, manifest_cid: CID | None, role: str | None,
-                           boot_mode: str = "measured") -> Callable[[bytes], bytes]:
+                           boot_mode: str = "measured", **tpm: Any) -> Callable[[bytes], bytes]:
     """nonce -> evidence signed by the alias key of the encoded DICE hand-over `handover` ({1:
     CDI_Attest, 2: CDI_Seal, 3: chain}), as the stage that receives it would sign (the agent's
-    `Attester.from_cdi`). The decoded CDI copies are wiped at once; the key stays in the closure."""
+    `Attester.from_cdi`; `tpm`: its `tpm=` quoter and `ueid=` on a TPM-rooted boot). The decoded
+    CDI copies are wiped at once; the key stays in the closure."""
     from cidboot.stage.console import wipe
     from cidboot.trust.dice import decode_handover
 
     h = decode_handover(handover)
     try:
-        att = Attester.from_cdi(h.cdi_attest, h.chain, manifest_cid=manifest_cid, boot_mode=boot_mode, role=role)
+        att = Attester.from_cdi(h.cdi_attest, h.chain, manifest_cid=manifest_cid, boot_mode=boot_mode, role=role, **tpm)
     finally:
         wipe(h.cdi_attest)
         wipe(h.cdi_seal)

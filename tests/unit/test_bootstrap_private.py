@@ -164,7 +164,7 @@ def test_tampered_bootstrap_gets_no_key(tmp_path: Path, broker: Broker) -> None:
     assert broker.log[-1]["check"] == "measurements" and broker.log[-1]["decision"] == "refuse"
 
 
-def test_no_broker_configured_unreachable_or_tpm_is_refused_and_says_why(tmp_path: Path) -> None:
+def test_no_broker_configured_unreachable_or_no_tpm_is_refused_and_says_why(tmp_path: Path) -> None:
     store = Blockstore(tmp_path / "server-store")
     signed = _publish(store)
     with running_gateway(store) as gw:
@@ -174,7 +174,7 @@ def test_no_broker_configured_unreachable_or_tpm_is_refused_and_says_why(tmp_pat
         with pytest.raises(Refused, match=f"no keys for manifest {signed.cid}") as e:
             _boot(tmp_path, signed.cid, _url(gw), "http://127.0.0.1:1")
         assert e.value.check == "keys"
-        with pytest.raises(Refused, match="TPM-rooted boot are not built yet"):
+        with pytest.raises(Refused, match="TPM-rooted boot has no TPM to quote with"):
             _boot(tmp_path, signed.cid, _url(gw), "http://127.0.0.1:1", device_id="ab" * 16)
 
 
@@ -249,3 +249,95 @@ def test_main_prints_the_refusal_posts_the_event_and_powers_off(tmp_path: Path, 
     assert calls == [("power_off", "")] and "handover" not in out
     refused = [kw for stage, event, kw in emitted if event == "refused"]
     assert refused and refused[0]["check"] == "keys" and "measurements" in str(refused[0]["reason"])
+
+
+class _SoftBootTpm:
+    """The TPM bootstrap.stage.tpm and the quoter talk to, in software: the firmware's PCRs are
+    the replay of tests.support.soft_tpm's event log, PCR 15 gets the bootstrap's extends, the
+    CDI is an HMAC keyed by PCR 15 (standing in for the PCR-bound TPM key), quotes are signed by
+    the soft AK over the log's PCRs plus PCR 15's extends: what swtpm does in the integration tests."""
+
+    def __init__(self, soft: object) -> None:
+        self.soft = soft
+        self.pcr15 = bytes(32)
+        self.extra: list[tuple[int, bytes]] = []
+
+    def __enter__(self) -> _SoftBootTpm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def pcr_values(self, pcrs: object) -> dict[int, bytes]:
+        return {i: self.pcr15 if i == 15 else bytes(32) for i in pcrs}  # type: ignore[attr-defined]
+
+    def cdi(self, label: bytes, pcrs: object) -> bytes:
+        import hmac
+
+        return hmac.new(b"tpm seed" + self.pcr15, label, hashlib.sha256).digest()
+
+    def extend(self, pcr: int, data: bytes, banks: object) -> dict[int, bytes]:
+        d = hashlib.sha256(data).digest()
+        self.pcr15 = hashlib.sha256(self.pcr15 + d).digest()
+        self.extra.append((pcr, d))
+        return {0x000B: d}
+
+    def read_public(self, handle: int) -> bytes:
+        return self.soft.tpm.public  # type: ignore[attr-defined]
+
+    def quote(self, qualifying: bytes, pcrs: object) -> tuple[bytes, bytes, bytes]:
+        a, sig = self.soft.tpm.quote(qualifying, list(pcrs), tuple(self.extra))  # type: ignore[attr-defined, call-overload]
+        return a, sig, self.soft.tpm.public  # type: ignore[attr-defined]
+
+
+def test_a_tpm_rooted_boot_asks_with_a_quote_covering_pcr15_and_gets_the_keys(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """UEFI + TPM, no L0: the bootstrap extends PCR 15 with this manifest before it asks, and asks
+    with the agent's TPM evidence (the quoter's fresh quote by the enrolled AK over the request
+    nonce and L1's key); the broker's TPM appraisal affirms it and releases; boot.json carries the
+    same "tpm" object the agent quotes with later. A changed firmware baseline gets no key."""
+    import dataclasses
+
+    from bootstrap.stage import tpm as stage_tpm
+    from cidboot.trust.tpm import quoter as tpm_quoter
+    from tests.support.soft_tpm import SoftTpmDevice
+
+    store = Blockstore(tmp_path / "server-store")
+    signed = _publish(store)
+    soft = SoftTpmDevice(signed.cid, signed.manifest, [key_id(K1.public_key())], role="worker")
+    fake = _SoftBootTpm(soft)
+    monkeypatch.setattr(stage_tpm, "_open", lambda paths: fake)
+    monkeypatch.setattr(tpm_quoter, "_open", lambda paths: fake)
+    (tmp_path / "uefi.log").write_bytes(soft.tpm.log())
+    roots = DeviceRoots()
+    roots.add_tpm(soft.device(), "tpm-dev", "worker")
+    log = Log()
+    b = KeyBroker(roots, POLICY, {"hello": SECRET}, log=log, tpm_references=soft.references())
+    b.add_manifest(signed, ANCHOR)
+    server = serve_keys(b, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with running_gateway(store) as gw:
+            def boot() -> BootPlan:
+                fake.pcr15, fake.extra = bytes(32), []  # a power cycle
+                dice, root = stage_tpm.start(log_path=str(tmp_path / "uefi.log"))
+                cfg = BootConfig(signed.cid, (_url(gw),), role="worker", keys=server.url)
+                nv = tmp_path / "nvram.img"
+                if not nv.exists():
+                    nv.write_bytes(bytes(1 << 20))
+                return prepare(cfg, cfg.encode(), bytes(dice), boot_mode="measured", anchor=ANCHOR, nvram=Nvram(nv),
+                               store=Blockstore(tmp_path / "dev-store"), timeout=5, device_id=root.device_id, tpm=root)
+
+            plan = boot()
+            assert plan.kernel == PLAIN["kernel"] and plan.initrd == PLAIN["runtime"] + PLAIN["operations"]
+            assert log[-1]["decision"] == "release" and log[-1]["status"] == "affirming", log[-1]
+            assert any(c["check"] == "tpm.pcr15-manifest" and c["status"] == "affirming" for c in log[-1]["checks"])
+            assert [e["kind"] for e in plan.handoff.boot["tpm"]["events"]] == ["manifest", "layer", "layer", "layer"]
+            did = next(iter(roots.tpm))
+            roots.tpm[did] = dataclasses.replace(roots.tpm[did], firmware_pcrs={0: bytes(32)})
+            with pytest.raises(Refused) as e:
+                boot()
+            assert e.value.check == "keys" and "tpm.firmware" in e.value.detail, e.value
+    finally:
+        server.shutdown()
+        server.server_close()
