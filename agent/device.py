@@ -50,6 +50,7 @@ from cidboot.trust.cose_key import decode_public_key, raw_public_bytes
 from cidboot.trust.dice import CDI_SIZE, decode_handover, encode_chain, key_from_cdi
 from cidboot.trust.manifest import RootOfTrust, SignedManifest, verify_threshold
 from cidboot.trust.manifest.signed import KIND_MANIFEST, MAX_ENVELOPE
+from cidboot.trust.private import carried
 from cidboot.trust.tpm.appraise import TpmReferences
 
 USER_CLASS = b"cidboot-agent"
@@ -304,7 +305,11 @@ def flow_context(agent: BootedAgent) -> tuple[Any, DataFlow]:
     m = agent.signed.manifest
     assert m.flow is not None
     try:  # the same checks imagebuilder ran before signing (cidboot.dataflow.checks): one reading of a flow
-        doc = {"dataflow": dagcbor.decode(agent.store.get(m.flow)), "placement": m.placement, "policies": m.policies}
+        # an encrypted image's manifest names the flow's ciphertext; the plain block is in the image
+        # (cidboot.trust.private.carried); the flow keeps its CID m.flow in provenance either way
+        block = carried.flow_block(agent.root, m)
+        doc = {"dataflow": dagcbor.decode(agent.store.get(m.flow) if block is None else block),
+               "placement": m.placement, "policies": m.policies}
         flow = checks.checked(doc, modules=checks.modules_beside(agent.root / OPS_DIR), origin=f"flow {m.flow}")
     except CidbootError as e:
         raise AgentBootError(f"flow {m.flow}: {e}") from None

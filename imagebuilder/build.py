@@ -17,19 +17,23 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from cidboot.cli import UsageError
 from cidboot.errors import CidbootError
 from cidboot.ipld import dagcbor
-from cidboot.ipld.cid import CID, DAG_CBOR
+from cidboot.ipld.cid import CID, DAG_CBOR, RAW
 from cidboot.ipld.unixfs import import_bytes
 from cidboot.trust import keys
 from cidboot.trust.manifest import Layer, Manifest, RootOfTrust, sign_manifest
 from cidboot.trust.measure import code_hash_of_blobs, image_code_hash
+from cidboot.trust.private import carried
+from cidboot.trust.private import keys as layer_keys
 from imagebuilder import flowfile, initramfs, pyimports, uki
 from imagebuilder.cache import BuildCache, key
 from imagebuilder.cpio import archive_bytes, compress, source_date_epoch
 from imagebuilder.debpkg import read_deb
 from imagebuilder.flowfile import FlowFile
 from imagebuilder.layers import ROLES, UNIXFS, BuiltLayer, layer_cid
+from imagebuilder.layers import encrypt as encrypt_layer
 from imagebuilder.lock import (
     Lock,
     cache_dir,
@@ -61,6 +65,41 @@ class BuildError(CidbootError):
     """The image cannot be built from this flow and lock."""
 
 
+class FlowSecretRequired(UsageError):
+    """`encrypt: true` and no flow secret file (neither --flow-secret nor the default beside the
+    signing keys): an encrypted image cannot be built without one (exit 2)."""
+
+
+class FlowSecretUnused(UsageError):
+    """A flow secret was given for a flow without `encrypt: true`: refused, so nobody publishes a
+    plain image believing it private (exit 2)."""
+
+
+def default_secret_path(ff: FlowFile) -> Path:
+    """Where a flow's secret lives unless --flow-secret says otherwise: beside the first signing
+    key, named after the flow (`keys/signer-1.pem` -> `keys/<name>.flow.secret`). The secret
+    never enters an image; whoever holds it (the builder, the key broker) can derive every
+    layer key of the flow."""
+    return (ff.dir / ff.data["trust"]["keys"][0]).parent / f"{ff.name}.flow.secret"
+
+
+def load_flow_secret(ff: FlowFile, flow_secret: str | os.PathLike[str] | None) -> bytes | None:
+    """The flow secret an `encrypt: true` build needs (None for a plain flow); see the two
+    errors above. A file others can read is refused (keys.FlowSecretExposedError)."""
+    if not ff.encrypt:
+        if flow_secret is not None:
+            raise FlowSecretUnused(f"--flow-secret {flow_secret}: {ff.path} does not set `encrypt: true`; "
+                                   f"add it to build a private image, or drop --flow-secret")
+        return None
+    path = Path(flow_secret) if flow_secret is not None else default_secret_path(ff)
+    if not path.exists():
+        raise FlowSecretRequired(f"{ff.path} sets `encrypt: true` but there is no flow secret at {path}"
+                                 f"{'' if flow_secret is not None else ' (the default, beside the signing keys)'}: "
+                                 f"make one with `imagebuilder keygen --flow-secret {path}` or pass "
+                                 f"--flow-secret FILE")
+    return layer_keys.load_secret(path)
+
+
 @dataclass
 class BuildResult:
     manifest_cid: CID
@@ -71,12 +110,16 @@ class BuildResult:
     operations: dict[str, CID] = field(default_factory=dict)
     unresolved_imports: list[str] = field(default_factory=list)
     uki: BuiltUki | None = None  # `build(..., make_uki=True)`: the bootstrap as one UEFI PE file
+    encrypted: bool = False  # `encrypt: true`: layers are ciphertext, flow + operations only inside them
 
     def to_json(self) -> dict[str, object]:
         return {
             "manifest": str(self.manifest_cid),
             "flow": str(self.flow_cid),
-            "layers": [{"role": lyr.role, "cid": str(lyr.cid), "size": lyr.size, "cached": lyr.cached}
+            "encrypted": self.encrypted,
+            "layers": [{"role": lyr.role, "cid": str(lyr.cid), "size": lyr.size, "cached": lyr.cached,
+                        **({"plaintext": {"sha256": lyr.plaintext.sha256.hex(), "size": lyr.plaintext.size}}
+                           if lyr.plaintext else {})}
                        for lyr in self.layers],
             "operations": {k: str(v) for k, v in sorted(self.operations.items())},
             "cmdline": self.manifest.cmdline,  # what the stage before hands this image's kernel
@@ -188,6 +231,28 @@ def _check_references(target: str, references: dict[str, bytes]) -> dict[str, by
     return dict(references)
 
 
+def _flow_blocks(ff: FlowFile, flow_block: bytes, secret: bytes | None,
+                 sink: _Collect) -> tuple[CID, dict[str, CID]]:
+    """The flow block and each operation's source into `sink`; their CIDs for the manifest. With a
+    secret (encrypt: true) each is encrypted first (roles `flow`, `operation`), so the manifest's
+    `flow` and `operations` name ciphertext, like its layers (cidboot.trust.private.carried)."""
+    def add(data: bytes, role: str) -> CID:
+        if secret is None:
+            return import_bytes(data, sink, UNIXFS).cid
+        return import_bytes(layer_keys.encrypt_layer(secret, data, role).ciphertext, sink, UNIXFS).cid
+
+    if secret is None:
+        flow_cid = CID.of(flow_block, DAG_CBOR)
+        sink.put(flow_cid, flow_block)
+    else:  # one raw block, as the plain flow is one DAG-CBOR block: a device fetches it alone (fetch_block)
+        sealed = layer_keys.encrypt_layer(secret, flow_block, carried.FLOW_ROLE).ciphertext
+        flow_cid = CID.of(sealed, RAW)
+        sink.put(flow_cid, sealed)
+    operations = {name: add(flowfile.implementation_file(ff, op["implementation"]).read_bytes(), carried.OPERATION_ROLE)
+                  for name, op in sorted(ff.data["dataflow"]["operations"].items())}
+    return flow_cid, operations
+
+
 def build_uki(name: str, version: int, cmdline: str, layers: list[BuiltLayer], arch: str = "amd64",
               stub: Path | None = None, stub_bytes: bytes | None = None) -> BuiltUki:
     """The stage as a UKI: its kernel layer as .linux, the other layers concatenated in manifest
@@ -212,7 +277,7 @@ def build_uki(name: str, version: int, cmdline: str, layers: list[BuiltLayer], a
 
 def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = None,
           cache_root: Path | None = None, references: dict[str, bytes] | None = None,
-          make_uki: bool = False) -> BuildResult:
+          make_uki: bool = False, flow_secret: str | os.PathLike[str] | None = None) -> BuildResult:
     """Build the flow into layers and a signed manifest (blocks returned, not yet stored).
 
     `references` are the reference measurements of the stages below this image (firmware,
@@ -221,9 +286,15 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     code hash (cidboot.trust.measure.image_code_hash: the layer CIDs, not their bytes).
     `make_uki` (bootstrap flows only) also assembles the bootstrap as a UKI (see build_uki) and
     puts its UnixFS blocks beside the layers'.
+    `flow_secret`: the flow secret file of an `encrypt: true` flow (default: `default_secret_path`);
+    every layer is then stored encrypted (layers.encrypt; the manifest's layers carry their
+    plaintext hash and size, the measurement uses those), and the flow and operation blocks the
+    manifest names are not returned for publishing: they travel inside the encrypted config layer
+    (cidboot.trust.private.blocks, docs/privacy.md).
     """
     say = progress or (lambda _msg: None)
     ff = flowfile.load(flow_path)
+    secret = load_flow_secret(ff, flow_secret)
     refs = _check_references(ff.target, references or {})
     if make_uki and ff.target != "bootstrap":
         raise BuildError(f"{ff.path}: a UKI is built for the bootstrap flow (target: bootstrap), not target {ff.target}")
@@ -315,6 +386,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     layer("operations", ops_digest,
           lambda: compress(archive_bytes(initramfs.code_entries(graph(), ff.dir, initramfs.OPS), epoch), comp))
     files = {dest: ff.dir / src for dest, src in (image.get("files") or {}).items()}
+    flow_block = dagcbor.encode(ff.data["dataflow"])
     flow_doc = {k: ff.data[k] for k in ("name", "version", "dataflow", "placement", "policies") if k in ff.data}
     flow_json = json.dumps(flow_doc, sort_keys=True, indent=1).encode()
     # the SHA-512 of the kernel this image is built to run on: a stage compares it with the next
@@ -323,32 +395,37 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     # and the kernel layer's CID: the bootstrap does not fetch a next stage's kernel layer with that CID
     # when it hands over in the same kernel (bootstrap.stage.verify.reuses_running_kernel)
     kernel_sha512 = hashlib.sha512(built["kernel"].data).hexdigest()
+    # (the plaintext kernel layer's CID, also in an encrypted image: the config layer's bytes, hence the
+    # image measurement, must not depend on the flow secret)
     kernel_cid = str(built["kernel"].cid)
-    layer("config", {"flow": hashlib.sha256(flow_json).hexdigest(), "files": _sources_digest(list(files.values())),
-                     "dests": sorted(files), "kernel_sha512": kernel_sha512, "kernel_cid": kernel_cid},
+    config_inputs: dict[str, object] = {
+        "flow": hashlib.sha256(flow_json).hexdigest(), "files": _sources_digest(list(files.values())),
+        "dests": sorted(files), "kernel_sha512": kernel_sha512, "kernel_cid": kernel_cid}
+    # an encrypted image carries its plain flow block (the manifest names the ciphertext's CID: carried.py)
+    carry = [initramfs.Entry.file(carried.FLOW_PATH, flow_block)] if secret is not None else []
+    if carry:
+        config_inputs["carried_flow"] = hashlib.sha256(flow_block).hexdigest()
+    layer("config", config_inputs,
           lambda: compress(archive_bytes([initramfs.Entry.file("etc/cidboot/flow.json", flow_json),
                                           initramfs.Entry.file(KERNEL_SHA512_PATH, kernel_sha512.encode() + b"\n"),
                                           initramfs.Entry.file(KERNEL_CID_PATH, kernel_cid.encode() + b"\n")]
-                                         + initramfs.data_entries(files), epoch), comp))
+                                         + carry + initramfs.data_entries(files), epoch), comp))
 
     sink = _Collect()
     layers = [built[r] for r in ROLES]
+    if secret is not None:
+        say("encrypting every layer (encrypt: true)")
+        layers = [encrypt_layer(lyr, secret) for lyr in layers]
     for lyr in layers:
         say(f"hashing {lyr.role} layer ({lyr.size} bytes)")
         import_bytes(lyr.data, sink, UNIXFS)
-    flow_block = dagcbor.encode(ff.data["dataflow"])
-    flow_cid = CID.of(flow_block, DAG_CBOR)
-    sink.put(flow_cid, flow_block)
-    operations: dict[str, CID] = {}
-    for name, op in sorted(ff.data["dataflow"]["operations"].items()):
-        operations[name] = import_bytes(flowfile.implementation_file(ff, op["implementation"]).read_bytes(), sink,
-                                        UNIXFS).cid
+    flow_cid, operations = _flow_blocks(ff, flow_block, secret, sink)
     measurements = dict(sorted(refs.items()))
     if ff.target in REFERENCE_NAMES:  # measured by the stage below as code_hash_of_blobs([kernel, initrd])
         measurements[ff.target] = code_hash_of_blobs([layers[0].data, b"".join(lyr.data for lyr in layers[1:])])
     manifest = Manifest(
         name=ff.name, version=int(ff.data["version"]), expires=_expires(ff),
-        layers=tuple(Layer(lyr.cid, lyr.size, lyr.role) for lyr in layers), root=root,
+        layers=tuple(Layer(lyr.cid, lyr.size, lyr.role, lyr.plaintext) for lyr in layers), root=root,
         measurements=measurements, flow=flow_cid, operations=operations,
         placement={k: list(v) for k, v in sorted((ff.data.get("placement") or {}).items())},
         policies=list(ff.data.get("policies") or []), cmdline=str(image.get("cmdline", "")))
@@ -371,5 +448,6 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         built_uki = build_uki(ff.name, int(ff.data["version"]), manifest.cmdline, layers, arch, stub=stub_deb,
                               stub_bytes=_stub_from_deb(stub_deb, arch) if stub_deb else None)
         import_bytes(built_uki.data, sink, UNIXFS)
-    return BuildResult(mcid, manifest, layers, sink.blocks, flow_cid, operations, unresolved, built_uki)
+    return BuildResult(mcid, manifest, layers, sink.blocks, flow_cid, operations, unresolved, built_uki,
+                       encrypted=secret is not None)
 

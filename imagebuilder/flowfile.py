@@ -52,6 +52,11 @@ class FlowFile(Located):
     def target(self) -> str:
         return str(self.data.get("target", "image"))
 
+    @property
+    def encrypt(self) -> bool:
+        """`encrypt: true`: every layer encrypted under the flow secret (docs/privacy.md)."""
+        return self.data.get("encrypt") is True
+
     def fail(self, problems: list[Problem]) -> FlowFileError:
         e = super().fail(problems)
         return FlowFileError(e.problems, e.details)
@@ -108,6 +113,10 @@ def implementation_file(ff: FlowFile, implementation: str) -> Path:
 def _image_problems(ff: FlowFile, require_keys: bool) -> list[Problem]:
     """The builder's own sections: trust keys and threshold, kernel and extra files."""
     p: list[Problem] = []
+    if ff.encrypt and ff.target != "image":  # nothing below an image can ask a key broker
+        p.append(Problem("encrypt-target", ("encrypt",),
+                         f"encrypt: true is for images (target: image); a {ff.target} is loaded by a stage "
+                         f"that holds no layer keys"))
     trust = ff.data["trust"]
     if trust["threshold"] > len(trust["keys"]):
         p.append(Problem("threshold", ("trust", "threshold"),

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from cidboot.ipld.cid import CID
 from cidboot.ipld.unixfs import ImportOptions, import_bytes
 from cidboot.ipld.unixfs.importer import BlockSink
+from cidboot.trust.manifest import Plaintext
+from cidboot.trust.private import keys as layer_keys
 
 ROLES = ("kernel", "runtime", "agent", "operations", "config")
 UNIXFS = ImportOptions(cid_version=1)  # CIDv1, raw leaves, 256 KiB chunks
@@ -20,14 +22,29 @@ UNIXFS = ImportOptions(cid_version=1)  # CIDv1, raw leaves, 256 KiB chunks
 
 @dataclass(frozen=True)
 class BuiltLayer:
+    """A layer as stored: `data`/`cid` are what storage holds (the ciphertext when `plaintext`
+    is set, i.e. the layer is encrypted: see `encrypt`)."""
+
     role: str
     data: bytes
     cid: CID
     cached: bool = False
+    plaintext: Plaintext | None = None
 
     @property
     def size(self) -> int:
         return len(self.data)
+
+
+def encrypt(layer: BuiltLayer, secret: bytes) -> BuiltLayer:
+    """The layer encrypted under its key from the flow secret (cidboot.trust.private.keys:
+    age STREAM, key = HKDF(secret, SHA-256(plaintext), role)): same secret and bytes, same
+    ciphertext and CID, so encrypted builds stay reproducible."""
+    if layer.plaintext is not None:
+        raise ValueError(f"{layer.role} layer is already encrypted")
+    enc = layer_keys.encrypt_layer(secret, layer.data, layer.role)
+    return BuiltLayer(layer.role, enc.ciphertext, layer_cid(enc.ciphertext), layer.cached,
+                      Plaintext(enc.sha256, enc.size))
 
 
 def layer_cid(data: bytes) -> CID:

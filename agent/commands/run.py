@@ -103,6 +103,12 @@ def _from_manifest(cid: CID, store: Blockstore, tmp: Path) -> Loaded:
     m = SignedManifest.decode(store.get(cid)).manifest
     if m.flow is None:
         raise FormatError(f"manifest {cid} names no flow")
+    from cidboot.trust.private.carried import private
+
+    if private(m):  # its flow and operation CIDs name ciphertext (docs/privacy.md)
+        raise FormatError(f"manifest {cid} is a private image (encrypt: true): its flow and operations are "
+                          f"stored encrypted and only a device holding the layer keys reads them; "
+                          f"run the flow file instead (agent run flow.yaml)")
     dataflow = dagcbor.decode(store.get(m.flow))
     flow = DataFlow.from_obj(dataflow)
     for name, op in flow.operations.items():  # each operation's module file, by its CID

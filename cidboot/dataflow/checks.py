@@ -40,7 +40,8 @@ Path_ = tuple[str | int, ...]
 
 PRIMITIVES = ("str", "int", "float", "bool", "bytes", "map", "array")
 LAYERS = ("firmware", "bootstrap", "image")
-FILE_KEYS = frozenset({"name", "version", "target", "arch", "image", "dataflow", "placement", "policies", "trust"})
+FILE_KEYS = frozenset({"name", "version", "target", "arch", "encrypt", "image", "dataflow", "placement", "policies",
+                       "trust"})
 DATAFLOW_KEYS = frozenset({"definitions", "operations", "seed", "flow"})
 DEFINITION_KEYS = frozenset({"primitive", "lock"})
 OPERATION_KEYS = frozenset({"implementation", "inputs", "outputs", "conditions", "stage", "expand"})
@@ -275,6 +276,8 @@ def _shape(doc: Mapping[str, Any], file_keys: bool) -> tuple[list[Problem], set[
     s = _Shape()
     if file_keys:
         s.map(doc, (), FILE_KEYS)
+        if "encrypt" in doc and not isinstance(doc["encrypt"], bool):  # the image builder's (docs/privacy.md)
+            s.add("type", ("encrypt",), f"must be true or false, got {type(doc['encrypt']).__name__}")
     if "dataflow" not in doc:
         s.add("missing", (), "no dataflow section")
     df = s.map(doc.get("dataflow", {}), ("dataflow",), DATAFLOW_KEYS)

@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "HTTP Boot), write it to FILE (a directory, or a name ending in /: into it as "
                         "bootstrap-x86_64.efi) and add its blocks "
                         "to the destination, pinned")
+    p.add_argument("--flow-secret", type=Path, metavar="FILE",
+                   help="flows with `encrypt: true`: the flow secret every layer key is derived from "
+                        "(default: beside the first signing key, KEYDIR/NAME.flow.secret; make one with "
+                        "`imagebuilder keygen --flow-secret FILE`); refused for a flow without `encrypt: true`")
     p.set_defaults(func=run)
 
 
@@ -90,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         if name in references and references[name] != value:
             raise BuildError(f"--reference {name} given twice with different values")
         references[name] = value
-    res = build(args.flow, progress=say, references=references, make_uki=args.uki is not None)
+    res = build(args.flow, progress=say, references=references, make_uki=args.uki is not None,
+                flow_secret=args.flow_secret)
     _write(res, args)
     unpinned = unpinned_layers(res.manifest)
     if unpinned:  # always, even with --quiet/--json: devices booting this image cannot be affirmed
@@ -109,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.quiet:
         for lyr in res.layers:
-            print(f"{lyr.role:<11} {lyr.cid} {lyr.size:>10}{'  (cached)' if lyr.cached else ''}")
+            enc = f"  encrypted, plaintext sha256:{lyr.plaintext.sha256.hex()[:16]}... {lyr.plaintext.size}" \
+                if lyr.plaintext else ""
+            print(f"{lyr.role:<11} {lyr.cid} {lyr.size:>10}{'  (cached)' if lyr.cached else ''}{enc}")
         if res.uki:
             print(f"{'uki':<11} {res.uki.cid} {res.uki.size:>10}  {uki_file}")
         if res.unresolved_imports:

@@ -5,6 +5,10 @@ flow does not pass cidboot.dataflow.checks. Shows the manifest's layers and size
 definitions that connect them), placement, policies and every file in the archive layers:
 that list is the image's attack surface.
 
+An encrypted image (`encrypt: true`, docs/privacy.md) shows each layer's ciphertext CID and size
+beside its plaintext SHA-256 and size; its file lists and flow graph are not readable without the
+flow secret (the manifest's flow and operation CIDs name ciphertext), and say so.
+
 Given a UKI instead (its CID in the store, or the .efi file itself), lists its PE sections
 (.linux, .initrd, .cmdline, .osrel and the stub's own) with the SHA-256 of each.
 """
@@ -25,6 +29,7 @@ from cidboot.store.blockstore import Blockstore, default_store_path
 from cidboot.trust.appraisal import LAYER_ORDER, reference_values
 from cidboot.trust.manifest import Manifest, ManifestFormatError, SignedManifest
 from cidboot.trust.manifest.verify import utc
+from cidboot.trust.private import carried
 from imagebuilder import uki
 from imagebuilder.cpio import decompress, read_newc
 
@@ -105,7 +110,10 @@ def unpinned(m: Manifest) -> list[str]:
 def describe(store: Blockstore, cid: CID, files: bool = True) -> dict[str, Any]:
     m = manifest_or_hint(cid, store.get(cid))
     flow: dict[str, Any] = {}
-    if m.flow is not None and store.has(m.flow):
+    private = carried.private(m)
+    if private:
+        flow = {"encrypted": True}
+    elif m.flow is not None and store.has(m.flow):
         df = dagcbor.decode(store.get(m.flow))
         # the checks lock, build and `agent run` apply: a signed flow the agent would read
         # another way (or not run at all) is refused here too, with the same message
@@ -119,7 +127,9 @@ def describe(store: Blockstore, cid: CID, files: bool = True) -> dict[str, Any]:
     layers = []
     for lyr in m.layers:
         entry: dict[str, Any] = {"role": lyr.role, "cid": str(lyr.cid), "size": lyr.size}
-        if files and lyr.role != "kernel":
+        if lyr.plaintext is not None:
+            entry["plaintext"] = {"sha256": lyr.plaintext.sha256.hex(), "size": lyr.plaintext.size}
+        elif files and lyr.role != "kernel":
             data = b"".join(export_file(lyr.cid, store.get))
             entry["files"] = [{"path": f.path, "kind": _kind(f.mode), "mode": oct(stat.S_IMODE(f.mode)),
                                "size": f.size, **({"target": f.target} if f.target else {})}
@@ -127,7 +137,7 @@ def describe(store: Blockstore, cid: CID, files: bool = True) -> dict[str, Any]:
         layers.append(entry)
     return {"manifest": str(cid), "name": m.name, "version": m.version, "expires": m.expires,
             "expires_utc": utc(m.expires),
-            "cmdline": m.cmdline, "layers": layers,
+            "cmdline": m.cmdline, "encrypted": private, "layers": layers,
             "measurements": {k: v.hex() for k, v in sorted(m.measurements.items())},
             "pinned": pinning(m),
             "flow_cid": str(m.flow) if m.flow else None, "flow": flow,
@@ -167,8 +177,15 @@ def run(args: argparse.Namespace) -> int:
     print("layers")
     for lyr in d["layers"]:
         n = f"  {len(lyr['files'])} files" if "files" in lyr else ""
+        if "plaintext" in lyr:
+            n = f"  encrypted: plaintext sha256 {lyr['plaintext']['sha256']} {lyr['plaintext']['size']} bytes"
         print(f"  {lyr['role']:<11} {lyr['cid']} {lyr['size']:>10}{n}")
-    if d["flow"]:
+    if d.get("encrypted"):
+        print(f"flow {d['flow_cid']}  encrypted (the flow, the operations' code and the layers' files are "
+              f"readable only with the flow secret)")
+        for name, cid in sorted(d["operations"].items()):
+            print(f"  {name}  code {cid} (encrypted)")
+    elif d["flow"]:
         print(f"flow {d['flow_cid']}")
         for name, op in sorted(d["flow"]["operations"].items()):
             print(f"  {name} = {op['implementation']}({_pairs(op['inputs'])}) -> {_pairs(op['outputs'])}"

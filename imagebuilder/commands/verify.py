@@ -56,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
             for layer in signed.manifest.layers:
                 size = sum(len(b) for b in export_file(layer.cid, store.get))
                 check_layer(signed.manifest, layer.cid, size)
-                checks.append(Check(f"layer {layer.role}", True, f"{layer.cid} present, {size} <= {layer.size} bytes"))
+                enc = (f"; encrypted, plaintext sha256 {layer.plaintext.sha256.hex()} {layer.plaintext.size} bytes "
+                       f"(not checked here: that needs the layer key)") if layer.plaintext is not None else ""
+                checks.append(Check(f"layer {layer.role}", True,
+                                    f"{layer.cid} present, {size} <= {layer.size} bytes{enc}"))
     except CidbootError as e:
         ok = False
         checks.append(Check(type(e).__name__, False, str(e)))
