@@ -13,9 +13,9 @@ reused, so rebuilding the same flow in the same work dir gives the same CIDs.
 `DIR/flow-arm64.yaml`, built with the arm64 bootstrap's code hash as its reference.
 
 A flow with `encrypt: true` (a private image, docs/privacy.md) gets a flow secret beside its
-signing keys (`keys/flow.secret` in the work dir's copy, made once like the keys, never in the
-image), given to `imagebuilder build --flow-secret`; the lab gives it to the boot server's key
-broker.
+signing keys (`keys/<name>.flow.secret` in the work dir's copy, made once like the keys, never in
+the image), given to `imagebuilder build --flow-secret`; the lab gives it to the boot server's
+key broker.
 """
 
 from __future__ import annotations
@@ -125,18 +125,18 @@ def _copy_flow(src: Path, dst: Path, name: str = "flow.yaml") -> Path:
     return dst / name
 
 
-FLOW_SECRET = "keys/flow.secret"
-
-
-def flow_secret_for(flow_dir: Path, doc: dict[str, Any]) -> Path | None:
-    """The flow secret of a work-dir flow copy whose flow says `encrypt: true` (made once, mode
-    0600, beside the signing keys, so a rebuild in the same work dir gives the same CIDs); None
-    for a flow in clear."""
+def flow_secret_for(flow: Path, doc: dict[str, Any]) -> Path | None:
+    """The flow secret of a work-dir flow copy whose flow says `encrypt: true`, where `imagebuilder
+    build` looks for it by default (beside the first signing key, `keys/<name>.flow.secret`),
+    made once (mode 0600) so a rebuild in the same work dir gives the same CIDs; None for a flow
+    in clear."""
     if not doc.get("encrypt"):
         return None
     from cidboot.trust.private.keys import write_secret
+    from imagebuilder import flowfile
+    from imagebuilder.build import default_secret_path
 
-    path = flow_dir / FLOW_SECRET
+    path = default_secret_path(flowfile.load(flow))
     if not path.exists():
         write_secret(path)
     return path
@@ -262,7 +262,7 @@ def prepare(flow: Path, work: Path, *, anchor: RootOfTrust | None = None, env: d
     refs = {"bootstrap": bs.measurements["bootstrap"]}
     if arch == "x86_64":
         refs["firmware"] = fw.measurements["firmware"]
-    secret = flow_secret_for(wl_flow.parent, wl_doc)
+    secret = flow_secret_for(wl_flow, wl_doc)
     wl = build(wl_flow, store, references=refs, env=env, say=say, flow_secret=secret)
     return Deployment(work, store, wl_flow.parent, wl_doc, fw, bs, wl,
                       [wl_flow.parent / k for k in wl_doc["trust"]["keys"]], arch, secret)
