@@ -270,6 +270,11 @@ def _private_boot(doc: Doc) -> list[Row]:
     if clear and enc:
         out.append(figure(b, "hello power-on to agent ready: encrypted vs clear", enc["seconds"], clear["seconds"], "s",
                           ratio=enc.get("ratio_vs_clear")))
+    touched = rows.get("hello, encrypted: bootstrap + image (what encryption changes)")
+    touched_ref = rows.get("hello, clear: bootstrap + image (what encryption changes)")
+    if touched and touched_ref:
+        out.append(figure(b, "hello bootstrap + image stages: encrypted vs clear", touched["seconds"],
+                          touched_ref["seconds"], "s", ratio=touched.get("ratio_vs_clear")))
     g = doc.get("notes", {}).get("guest") or {}
     if g.get("decrypt_mibps") and g.get("sha256_mibps"):
         out.append(figure(b, "guest layer decryption vs SHA-256 of the same ciphertext (the CID check)",
