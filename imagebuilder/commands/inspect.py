@@ -7,7 +7,10 @@ that list is the image's attack surface.
 
 An encrypted image (`encrypt: true`, docs/privacy.md) shows each layer's ciphertext CID and size
 beside its plaintext SHA-256 and size; its file lists and flow graph are not readable without the
-flow secret (the manifest's flow and operation CIDs name ciphertext), and say so.
+flow secret (the manifest's flow and operation CIDs name ciphertext), and say so. With
+`--flow-secret FILE` the layers are decrypted (each checked against its signed plaintext hash),
+the files listed, and the flow and operations the image carries checked against the manifest's
+ciphertext CIDs (re-encrypted, they must give exactly those CIDs) before the flow is shown.
 
 Given a UKI instead (its CID in the store, or the .efi file itself), lists its PE sections
 (.linux, .initrd, .cmdline, .osrel and the stub's own) with the SHA-256 of each.
@@ -20,18 +23,22 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from cidboot.cli import print_json
+from cidboot.cli import UsageError, print_json
 from cidboot.dataflow import checks
+from cidboot.errors import VerificationError
 from cidboot.ipld import dagcbor
-from cidboot.ipld.cid import CID, DAG_CBOR
+from cidboot.ipld.cid import CID, DAG_CBOR, RAW
+from cidboot.ipld.unixfs import ImportOptions, import_bytes
 from cidboot.ipld.unixfs.exporter import export_file
 from cidboot.store.blockstore import Blockstore, default_store_path
 from cidboot.trust.appraisal import LAYER_ORDER, reference_values
 from cidboot.trust.manifest import Manifest, ManifestFormatError, SignedManifest
 from cidboot.trust.manifest.verify import utc
-from cidboot.trust.private import carried
+from cidboot.trust.private import carried, stream
+from cidboot.trust.private import keys as layer_keys
 from imagebuilder import uki
 from imagebuilder.cpio import decompress, read_newc
+from imagebuilder.initramfs import OPS
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,8 +49,63 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="a manifest CID, or a UKI's CID or .efi file (then its PE sections are listed)")
     p.add_argument("--store", type=Path, help=f"block store directory (default: $CIDBOOT_STORE or {default_store_path()})")
     p.add_argument("--no-files", action="store_true", help="skip the per-layer file lists")
+    p.add_argument("--flow-secret", type=Path, metavar="FILE",
+                   help="an encrypted image's flow secret: decrypt its layers to list their files and check and "
+                        "show the flow it carries")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
+
+
+class CarriedMismatch(VerificationError):
+    """An encrypted image's carried flow or operation source does not re-encrypt to the CID the
+    manifest names: the image and the manifest disagree about the flow."""
+
+
+def open_layers(store: Blockstore, m: Manifest, secret: bytes) -> dict[str, bytes]:
+    """Role -> plaintext of every layer (encrypted ones decrypted under their key from `secret`
+    and checked against the manifest's plaintext hash and size)."""
+    out: dict[str, bytes] = {}
+    for lyr in m.layers:
+        data = b"".join(export_file(lyr.cid, store.get))
+        if lyr.plaintext is None:
+            out[lyr.role] = data
+            continue
+        key = layer_keys.layer_key(secret, lyr.plaintext.sha256, lyr.role)
+        try:
+            out[lyr.role] = b"".join(layer_keys.decrypt_layer(key, [data], sha256=lyr.plaintext.sha256,
+                                                              size=lyr.plaintext.size))
+        except (stream.StreamVerificationError, stream.StreamFormatError) as e:
+            e.args = (f"{lyr.role} layer {lyr.cid}: does not decrypt under this flow secret (another flow's "
+                      f"secret?): {e}",)
+            raise
+    return out
+
+
+def carried_flow(m: Manifest, layers: dict[str, bytes], secret: bytes) -> tuple[Any, dict[CID, bytes]]:
+    """The dataflow and operation sources (by manifest CID) an encrypted image carries, each checked
+    to re-encrypt to exactly the CID the manifest names (CarriedMismatch otherwise)."""
+    from cidboot.stage.switch_root import parse_initramfs
+
+    files = {mem.path: bytes(data) for role in ("config", "operations") if role in layers
+             for mem, data in parse_initramfs(layers[role]).members}
+    block = files.get(carried.FLOW_PATH)
+    if block is None:
+        raise CarriedMismatch(f"the config layer carries no {carried.FLOW_PATH}")
+    flow_cid = CID.of(layer_keys.encrypt_layer(secret, block, carried.FLOW_ROLE).ciphertext, RAW)
+    if flow_cid != m.flow:
+        raise CarriedMismatch(f"the image's flow block encrypts to {flow_cid}, the manifest names {m.flow}")
+    dataflow = dagcbor.decode(block)
+    sources: dict[CID, bytes] = {}
+    for name, op in sorted((dataflow.get("operations") or {}).items()):
+        path = f"{OPS}/{op['implementation'].partition(':')[0].replace('.', '/')}.py"
+        src, cid = files.get(path), m.operations.get(name)
+        if src is None or cid is None:
+            raise CarriedMismatch(f"operation {name}: {'no ' + path + ' in the operations layer' if src is None else 'no CID in the manifest'}")
+        sealed = layer_keys.encrypt_layer(secret, src, carried.OPERATION_ROLE).ciphertext
+        if import_bytes(sealed, None, ImportOptions(cid_version=1)).cid != cid:
+            raise CarriedMismatch(f"operation {name}: the image's {path} does not encrypt to the manifest's {cid}")
+        sources[cid] = src
+    return dataflow, sources
 
 
 def _cid_or_file(value: str) -> CID | Path:
@@ -107,19 +169,30 @@ def unpinned(m: Manifest) -> list[str]:
     return [name for name, ok in pinning(m).items() if not ok]
 
 
-def describe(store: Blockstore, cid: CID, files: bool = True) -> dict[str, Any]:
+def describe(store: Blockstore, cid: CID, files: bool = True, secret: bytes | None = None) -> dict[str, Any]:
     m = manifest_or_hint(cid, store.get(cid))
     flow: dict[str, Any] = {}
     private = carried.private(m)
-    if private:
+    if secret is not None and not private:
+        raise UsageError(f"--flow-secret: manifest {cid} is not encrypted")
+    plain = open_layers(store, m, secret) if secret is not None else {}
+    df: Any = None
+    sources: dict[CID, bytes] | None = None
+    if private and secret is None:
         flow = {"encrypted": True}
+    elif private and secret is not None:
+        df, sources = carried_flow(m, plain, secret)
     elif m.flow is not None and store.has(m.flow):
         df = dagcbor.decode(store.get(m.flow))
+
+    def read(c: CID) -> bytes:
+        return sources[c] if sources is not None else b"".join(export_file(c, store.get))
+
+    if df is not None:
         # the checks lock, build and `agent run` apply: a signed flow the agent would read
         # another way (or not run at all) is refused here too, with the same message
         model = checks.checked({"dataflow": df, "placement": m.placement, "policies": m.policies},
-                               modules=checks.modules_by_cid(df, m.operations,
-                                                             lambda c: b"".join(export_file(c, store.get))),
+                               modules=checks.modules_by_cid(df, m.operations, read),
                                origin=f"manifest {cid}")
         flow = {"operations": {n: {"inputs": dict(op.inputs), "outputs": dict(op.outputs),
                                    "implementation": op.implementation} for n, op in model.operations.items()},
@@ -129,8 +202,8 @@ def describe(store: Blockstore, cid: CID, files: bool = True) -> dict[str, Any]:
         entry: dict[str, Any] = {"role": lyr.role, "cid": str(lyr.cid), "size": lyr.size}
         if lyr.plaintext is not None:
             entry["plaintext"] = {"sha256": lyr.plaintext.sha256.hex(), "size": lyr.plaintext.size}
-        elif files and lyr.role != "kernel":
-            data = b"".join(export_file(lyr.cid, store.get))
+        if files and lyr.role != "kernel" and (lyr.plaintext is None or plain):
+            data = plain.get(lyr.role) or b"".join(export_file(lyr.cid, store.get))
             entry["files"] = [{"path": f.path, "kind": _kind(f.mode), "mode": oct(stat.S_IMODE(f.mode)),
                                "size": f.size, **({"target": f.target} if f.target else {})}
                               for f in read_newc(decompress(data))]
@@ -163,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             _print_uki(u)
         return 0
-    d = describe(Blockstore(args.store), args.cid, files=not args.no_files)
+    secret = layer_keys.load_secret(args.flow_secret) if args.flow_secret else None
+    d = describe(Blockstore(args.store), args.cid, files=not args.no_files, secret=secret)
     if args.json:
         print_json(d)
         return 0
@@ -178,9 +252,9 @@ def run(args: argparse.Namespace) -> int:
     for lyr in d["layers"]:
         n = f"  {len(lyr['files'])} files" if "files" in lyr else ""
         if "plaintext" in lyr:
-            n = f"  encrypted: plaintext sha256 {lyr['plaintext']['sha256']} {lyr['plaintext']['size']} bytes"
+            n = f"  encrypted: plaintext sha256 {lyr['plaintext']['sha256']} {lyr['plaintext']['size']} bytes{n}"
         print(f"  {lyr['role']:<11} {lyr['cid']} {lyr['size']:>10}{n}")
-    if d.get("encrypted"):
+    if d.get("encrypted") and d["flow"].get("encrypted"):
         print(f"flow {d['flow_cid']}  encrypted (the flow, the operations' code and the layers' files are "
               f"readable only with the flow secret)")
         for name, cid in sorted(d["operations"].items()):

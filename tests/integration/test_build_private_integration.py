@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from cidboot.errors import VerificationError
 from cidboot.ipld import dagcbor
 from cidboot.ipld.car import CarReader
 from cidboot.ipld.cid import CID
@@ -31,6 +32,7 @@ from cidboot.trust import keys as signing_keys
 from cidboot.trust.manifest import SignedManifest
 from cidboot.trust.measure import image_code_hash
 from cidboot.trust.private import carried, keys
+from imagebuilder.commands.inspect import describe
 from imagebuilder.commands.publish import write_car
 from imagebuilder.lock import relock_if_unavailable
 
@@ -115,6 +117,14 @@ def test_private_build_publishes_no_plaintext(hello: Path, tmp_path: Path) -> No
         flow_block = _files(plain["config"])[carried.FLOW_PATH]
         assert dagcbor.decode(flow_block)["operations"]["hello"]["implementation"] == "ops:hello"
         assert m.measurements["image"] == image_code_hash(m)
+
+        # inspect: without the secret the flow is "encrypted"; with it, the files and the checked flow
+        assert describe(bs, mcid)["flow"] == {"encrypted": True}
+        seen = describe(bs, mcid, secret=secret)
+        assert set(seen["flow"]["operations"]) == {"hello"}
+        assert any(f["path"] == "opt/cidboot/ops/ops.py" for f in seen["layers"][3]["files"])
+        with pytest.raises(VerificationError, match="does not decrypt under this flow secret"):
+            describe(bs, mcid, secret=bytes(32))
 
         # another secret: other ciphertext CIDs, the same plaintext and measurement
         other = tmp_path / "other.secret"

@@ -29,7 +29,7 @@ def keygen_lines() -> list[tuple[str, str]]:
 @pytest.mark.parametrize("where,cmd", keygen_lines())
 def test_every_documented_keygen_parses_and_names_its_output(where: str, cmd: str) -> None:
     args = build_parser("imagebuilder", "", "imagebuilder.commands").parse_args(shlex.split(cmd)[1:])
-    assert args.output, f"{where}: {cmd} (give -o STEM)"
+    assert args.output or args.flow_secret, f"{where}: {cmd} (give -o STEM, or --flow-secret FILE for a flow secret)"
     assert args.stem is None, f"{where}: {cmd} (the docs use the -o form)"
 
 

@@ -28,8 +28,8 @@ DESCRIBED: dict[str, Any] = {
 
 def test_inspect_text_has_iso_dates_and_no_python_reprs(monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    monkeypatch.setattr(inspect, "describe", lambda store, cid, files=True: DESCRIBED)
-    assert inspect.run(argparse.Namespace(cid=M, store=tmp_path, no_files=True, json=False)) == 0
+    monkeypatch.setattr(inspect, "describe", lambda store, cid, files=True, secret=None: DESCRIBED)
+    assert inspect.run(argparse.Namespace(cid=M, store=tmp_path, no_files=True, json=False, flow_secret=None)) == 0
     out = capsys.readouterr().out
     assert "expires 2030-01-01T00:00:00Z" in out and "1893456000" not in out
     assert "  count = ops:count(words: words) -> count: count  code bafkcode" in out

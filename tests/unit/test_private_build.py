@@ -258,3 +258,27 @@ def test_host_agent_run_refuses_a_private_manifest(tmp_path: Path) -> None:
                                                  placement=m.placement), [signer]).encode(), DAG_CBOR)
     with pytest.raises(FormatError, match="is a private image .encrypt: true.*run the flow file instead"):
         _from_manifest(cid, store, tmp_path / "ops")
+
+
+def test_inspect_checks_the_carried_flow_against_the_manifest() -> None:
+    """`inspect --flow-secret` trusts the flow an image carries only if it re-encrypts to the
+    manifest's CIDs (the device reads that flow under the manifest's flow CID)."""
+    from cidboot.ipld.unixfs import import_bytes
+    from imagebuilder.commands.inspect import CarriedMismatch, carried_flow
+    from imagebuilder.cpio import archive_bytes, compress
+    from imagebuilder.initramfs import OPS, Entry
+    from imagebuilder.layers import UNIXFS
+
+    block, src = dagcbor.encode(FLOW), b"def hello(name):\n    return {'greeting': name}\n"
+    layers = {"config": compress(archive_bytes([Entry.file(carried.FLOW_PATH, block)], 0), "gzip"),
+              "operations": compress(archive_bytes([Entry.file(f"{OPS}/ops.py", src)], 0), "gzip")}
+    flow_cid = CID.of(keys.encrypt_layer(SECRET, block, carried.FLOW_ROLE).ciphertext, RAW)
+    op_cid = import_bytes(keys.encrypt_layer(SECRET, src, carried.OPERATION_ROLE).ciphertext, None, UNIXFS).cid
+    m = _manifest(True, flow_cid)
+    good = Manifest(m.name, m.version, m.expires, m.layers, ROOT, flow=flow_cid, operations={"hello": op_cid})
+    assert carried_flow(good, layers, SECRET) == (FLOW, {op_cid: src})
+    with pytest.raises(CarriedMismatch, match="flow block encrypts to"):
+        carried_flow(good, layers, bytes(32))
+    other = Manifest(m.name, m.version, m.expires, m.layers, ROOT, flow=flow_cid, operations={"hello": flow_cid})
+    with pytest.raises(CarriedMismatch, match="operation hello: the image's opt/cidboot/ops/ops.py does not encrypt"):
+        carried_flow(other, layers, SECRET)
