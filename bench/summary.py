@@ -275,6 +275,10 @@ def _private_boot(doc: Doc) -> list[Row]:
     if touched and touched_ref:
         out.append(figure(b, "hello bootstrap + image stages: encrypted vs clear", touched["seconds"],
                           touched_ref["seconds"], "s", ratio=touched.get("ratio_vs_clear")))
+    work, work_ref = (rows.get(f"hello, {k}: the bootstrap's own work (in-guest timer)") for k in ("encrypted", "clear"))
+    if work and work_ref:
+        out.append(figure(b, "hello bootstrap work (in-guest timer): encrypted vs clear", work["seconds"],
+                          work_ref["seconds"], "s", ratio=work.get("ratio_vs_clear")))
     g = doc.get("notes", {}).get("guest") or {}
     if g.get("decrypt_mibps") and g.get("sha256_mibps"):
         out.append(figure(b, "guest layer decryption vs SHA-256 of the same ciphertext (the CID check)",
