@@ -27,7 +27,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -40,13 +40,8 @@ from cidboot.store.gateway.server import Route as GatewayRoute
 from cidboot.store.gateway.server import (
     _Handler as _GatewayHandler,  # /ipfs/ is served by the gateway's own code
 )
-from cidboot.trust.cose import PrivateKey
-from cidboot.trust.cose_key import raw_public_bytes
-from cidboot.trust.dice.chain import verify_chain
-from cidboot.trust.dice.derive import key_from_cdi
-from cidboot.trust.dice.software import DerivedIdentity
-from cidboot.trust.eat import NONCE_MAX, NONCE_MIN, TPM_MEASURED, build_evidence, ueid_for
-from cidboot.trust.tpm.evidence import TpmEvidence
+from cidboot.trust.attester import LAYERS, Attester  # noqa: F401  (moved to cidboot; imported from here)
+from cidboot.trust.eat import NONCE_MAX, NONCE_MIN
 
 log = logging.getLogger("agent.api")
 
@@ -54,7 +49,6 @@ EAT_TYPE = "application/eat+cwt"
 CBOR_TYPE = "application/cbor"
 JSON_TYPE = "application/json"
 MAX_BODY = 8 * 1024 * 1024  # bytes: input blocks of one exchange; more is refused unread
-LAYERS = ("firmware", "bootstrap", "image")
 
 
 class HttpError(CidbootError):
@@ -114,59 +108,6 @@ def nonce_from_hex(value: str | None, what: str = "nonce") -> bytes:
     if not NONCE_MIN <= len(nonce) <= NONCE_MAX:
         raise HttpError(400, f"{what} must be {NONCE_MIN} to {NONCE_MAX} bytes, got {len(nonce)}")
     return nonce
-
-
-@dataclass
-class Attester:
-    """What this agent signs evidence with: its DICE alias key and chain, and the claims it makes.
-
-    The measurements claimed are read back from the chain's certificates, so the evidence never
-    claims what the chain does not carry."""
-
-    leaf_key: PrivateKey
-    chain: bytes
-    ueid: bytes
-    manifest_cid: CID | None = None
-    boot_mode: str = "measured"
-    role: str | None = None
-    measurements: dict[str, bytes] = field(default_factory=dict)
-    # a TPM-rooted device: nonce -> its TpmEvidence, quoted with qualifying data
-    # cidboot.trust.tpm.evidence.qualifying_data(nonce, L1 key) (the chain's root)
-    tpm: Callable[[bytes], TpmEvidence] | None = None
-
-    @classmethod
-    def from_chain(cls, leaf_key: PrivateKey, chain: bytes, *, manifest_cid: CID | None, boot_mode: str = "measured",
-                   role: str | None = None, tpm: Callable[[bytes], TpmEvidence] | None = None,
-                   ueid: bytes | None = None) -> Attester:
-        """`tpm` (with the device's `ueid`, tpm.evidence.ueid of its AK name): a TPM-rooted
-        device, whose chain starts at L1 and measures the image only."""
-        vc = verify_chain(chain, allow_debug=True)  # appraisal judges debug mode; we only read it
-        layers = ("image",) if tpm is not None else LAYERS
-        meas = {layers[i]: e.code_hash for i, e in enumerate(vc.entries[:len(layers)])}
-        if tpm is not None:
-            boot_mode = TPM_MEASURED
-        return cls(leaf_key, chain, ueid or ueid_for(raw_public_bytes(vc.root_public_key)), manifest_cid, boot_mode,
-                   role, meas, tpm)
-
-    @classmethod
-    def from_cdi(cls, cdi_attest: bytes, chain: bytes, **kw: Any) -> Attester:
-        """The device case: the alias key derived from CDI_2 as the DICE profile defines it."""
-        return cls.from_chain(key_from_cdi(cdi_attest), chain, **kw)
-
-    @classmethod
-    def from_derived(cls, ident: DerivedIdentity, **kw: Any) -> Attester:
-        """A software identity (cidboot.trust.dice.software.derive_layers), for development and tests."""
-        return cls.from_chain(ident.leaf_key, ident.chain, **kw)
-
-    @property
-    def public_key_raw(self) -> bytes:
-        return raw_public_bytes(self.leaf_key.public_key())
-
-    def evidence(self, nonce: bytes) -> bytes:
-        return build_evidence(nonce=nonce, leaf_key=self.leaf_key, chain=self.chain, ueid=self.ueid,
-                              measurements=self.measurements, manifest_cid=self.manifest_cid,
-                              boot_mode=self.boot_mode, role=self.role,
-                              tpm=self.tpm(nonce) if self.tpm is not None else None)
 
 
 @dataclass(frozen=True)

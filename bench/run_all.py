@@ -27,6 +27,7 @@ QUICK: dict[str, list[str] | None] = {
     "bench_pxe200": None,  # 200 simultaneous clients
     "bench_cluster": None,  # a 3-peer IPFS Cluster
     "bench_tpm_boot": None,  # two more TCG boots (with and without swtpm); bench_boot is the quick run's boot
+    "bench_private_boot": None,  # two harness boots (hello in clear and encrypted)
     "bench_scaleout": ["--clients", "1,2", "--size-mib", "8", "--no-qemu"],
     "bench_import": ["--size-mib", "64", "--repeat", "1"],
     "bench_fetch": ["--size-mib", "64"],

@@ -274,6 +274,27 @@ def _private(doc: Doc) -> list[Row]:
 def _private_results(doc: Doc) -> list[Row]:
     return [figure("bench_private_results", f"{r['operation']} vs {r['reference']}", r["us_per_value"], r["ref_us"],
                    "us") for r in doc["rows"]]
+def _private_boot(doc: Doc) -> list[Row]:
+    b, out = "bench_private_boot", []
+    rows = {str(r["boot"]): r for r in doc["rows"]}
+    clear, enc = rows.get("hello, clear: power-on to agent ready"), rows.get("hello, encrypted: power-on to agent ready")
+    if clear and enc:
+        out.append(figure(b, "hello power-on to agent ready: encrypted vs clear", enc["seconds"], clear["seconds"], "s",
+                          ratio=enc.get("ratio_vs_clear")))
+    touched = rows.get("hello, encrypted: bootstrap + image (what encryption changes)")
+    touched_ref = rows.get("hello, clear: bootstrap + image (what encryption changes)")
+    if touched and touched_ref:
+        out.append(figure(b, "hello bootstrap + image stages: encrypted vs clear", touched["seconds"],
+                          touched_ref["seconds"], "s", ratio=touched.get("ratio_vs_clear")))
+    work, work_ref = (rows.get(f"hello, {k}: the bootstrap's own work (in-guest timer)") for k in ("encrypted", "clear"))
+    if work and work_ref:
+        out.append(figure(b, "hello bootstrap work (in-guest timer): encrypted vs clear", work["seconds"],
+                          work_ref["seconds"], "s", ratio=work.get("ratio_vs_clear")))
+    g = doc.get("notes", {}).get("guest") or {}
+    if g.get("decrypt_mibps") and g.get("sha256_mibps"):
+        out.append(figure(b, "guest layer decryption vs SHA-256 of the same ciphertext (the CID check)",
+                          g["decrypt_mibps"], g["sha256_mibps"], "MiB/s"))
+    return out
 
 
 def _trust(doc: Doc) -> list[Row]:
@@ -387,6 +408,7 @@ BENCHES: dict[str, Bench] = {b.stem: b for b in [
         ("import peak RSS, 256 MiB vs 16 MiB", "MiB", FLAT))),
     Bench("bench_private", "private", _private),
     Bench("bench_private_results", "private_results", _private_results),
+    Bench("bench_private_boot", "bench_private_boot", _private_boot),
     Bench("bench_pxe200", "bench_pxe200", _pxe200),
     Bench("bench_scaleout", "bench_scaleout", _scaleout, (
         ("4 device(s): bytes pulled from upstream vs image size", "MB", ONCE),)),

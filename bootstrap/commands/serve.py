@@ -81,7 +81,70 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--publish", metavar="cluster=URL[,replication=MIN:MAX]",
                    help="where agents publish results, provenance and audit logs, put into every boot config: an "
                         "IPFS Cluster REST API (cluster=URL) or one Kubo RPC (kubo=URL) as devices reach it")
+    keys = p.add_argument_group("private images (docs/privacy.md)")
+    where = keys.add_mutually_exclusive_group()
+    where.add_argument("--key-policy", type=Path, metavar="FILE",
+                       help="run the key broker on this server's HTTP port (/keys/*) with this key policy (JSON) and "
+                            "name it in every boot config (`keys`): devices get the layer keys of encrypted manifests "
+                            "when their evidence appraises as the policy asks. Needs --flow-secret and "
+                            "--device-registry (the devices and roles the broker trusts)")
+    where.add_argument("--keys", metavar="URL", dest="keys_url",
+                       help="a key broker running elsewhere (`bootstrap keys --listen`), named in every boot config")
+    keys.add_argument("--flow-secret", action="append", default=[], metavar="[NAME=]FILE",
+                      help="flow secret for the manifests named NAME (default: --manifest's name); repeatable")
+    keys.add_argument("--key-log", type=Path, metavar="FILE",
+                      help="the broker's decision log, one JSON line per release or refusal (default: "
+                           "STATE_DIR/keys.log)")
     p.set_defaults(func=run)
+
+
+def key_broker(args: argparse.Namespace, store: Blockstore) -> object | None:
+    """The key broker `--key-policy` asks for (cidboot.trust.private.broker), holding the
+    manifests this server boots whose names have a flow secret, or None. Devices and roles come
+    from the signed device registry, verified under the trust anchor (docs/privacy.md)."""
+    from cidboot.netboot.bootconfig import BootConfigError, parse_keys
+    from cidboot.trust.keys import load_root
+    from cidboot.trust.manifest import SignedManifest
+    from cidboot.trust.private.broker import JsonLinesLog, KeyBroker, Policy
+    from cidboot.trust.private.keys import load_secret
+    from cidboot.trust.registry import verify_signed_registry
+
+    if args.keys_url is not None:
+        try:
+            parse_keys(args.keys_url)
+        except BootConfigError as e:
+            raise UsageError(f"--keys: {e}") from None
+    if args.key_policy is None:
+        if args.flow_secret:
+            raise UsageError("--flow-secret is for the key broker: give --key-policy too")
+        return None
+    if not args.flow_secret:
+        raise UsageError("--key-policy needs --flow-secret (the secret the layer keys are derived from)")
+    if not args.device_registry:
+        raise UsageError("--key-policy needs --device-registry: the broker takes devices and roles from the signed registry")
+    log_path = args.key_log or (args.state_dir / "keys.log" if args.state_dir else None)
+    if log_path is None:
+        raise UsageError("--key-policy needs --key-log FILE or --state-dir (where decisions are logged)")
+    where = f"{args.store} or its upstreams" if args.upstream else str(args.store)
+    root = load_root(args.trust_anchor) if args.trust_anchor else manifest_root(store, args.manifest, where)
+    default = SignedManifest.decode(store.get(CID.parse(args.manifest)))
+    secrets: dict[str, bytes] = {}
+    for v in args.flow_secret:
+        name, sep, path = v.rpartition("=")
+        secrets[name if sep else default.manifest.name] = load_secret(path)
+    reg = verify_signed_registry(store.get(CID.parse(args.device_registry)), root)
+    broker = KeyBroker(reg.roots, Policy.load(args.key_policy), secrets, log=JsonLinesLog(log_path),
+                       tpm_references=reg.tpm_references)
+    cids = [args.manifest] + [pol.manifest for pol in (Devices.load(args.devices).by_mac.values() if args.devices else [])
+                              if pol.manifest]
+    logger = logging.getLogger("bootstrap.serve")
+    for c in dict.fromkeys(cids):
+        signed = default if c == args.manifest else SignedManifest.decode(store.get(CID.parse(c)))
+        if signed.manifest.name in secrets:
+            broker.add_manifest(signed, root, CID.parse(c))
+            logger.info("key broker: serving the keys of %s v%d (%s), decisions in %s", signed.manifest.name,
+                        signed.manifest.version, c, log_path)
+    return broker
 
 
 def parse_range(text: str) -> tuple[str, str, int]:
@@ -170,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
                       cache_max=cache_max, upstream_timeout=args.upstream_timeout, pin_manifest=args.pin_manifest,
                       publish=publish)
     store = open_store(cfg)
+    cfg.key_broker, cfg.keys_url = key_broker(args, store), args.keys_url
     cfg.boot_files = boot_files(args, cache, store)  # the manifest may come from an upstream
     cfg.bootstrap_cmdline = bootfiles.bootstrap_cmdline(cfg.boot_files[bootfiles.KERNEL_NAME])
     logging.getLogger("bootstrap.serve").info("boot.ipxe passes the bootstrap's kernel parameters: %s",

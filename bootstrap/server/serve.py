@@ -7,6 +7,8 @@ over HTTP at `/boot/<name>` (UEFI HTTP Boot). Two things are generated per reque
 (the iPXE script that boots the bootstrap with this device's config) and `bootconfig/<mac>.json`
 (the device's boot config from devices.yaml; its `events` URL is this server's /api/events, where
 the stages post their stage events). The gateway serves the block store and adds `/metrics`.
+With a key broker (`--key-policy`, docs/privacy.md) its `/keys/*` endpoints are on the same HTTP
+port and boot configs name it in `keys`; `--keys URL` names a broker running elsewhere instead.
 With upstreams (`--upstream`) the store is a bounded, verifying cache: blocks it lacks are
 fetched from the upstream gateways, so a new site's boot server starts empty.
 """
@@ -18,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from bootstrap.server.leases import LeaseDB
 from bootstrap.server.metrics import Metrics
 from bootstrap.server.tftp_server import TftpServer
 from cidboot.errors import CidbootError, FormatError
+from cidboot.httpd import Limits
 from cidboot.ipld.cid import CID
 from cidboot.netboot.bootconfig import BootConfig
 from cidboot.store.blockstore import Blockstore
@@ -90,6 +93,16 @@ class ServeConfig:
     pin_manifest: bool = False  # fetch the manifest's whole DAG at start and pin it (boots survive the uplink)
     publish: str | None = None  # where agents publish results ("cluster=URL[,replication=..]"): into boot configs
     bootstrap_cmdline: str = DEFAULT_BOOTSTRAP_CMDLINE  # the bootstrap manifest's kernel parameters, into boot.ipxe
+    key_broker: Any = None  # a cidboot.trust.private.broker.KeyBroker mounted at /keys/* (bootstrap serve --key-policy)
+    keys_url: str | None = None  # a key broker elsewhere (bootstrap serve --keys), put into boot configs
+
+
+def mount(*apps: Any) -> Callable[[Any], bool]:
+    """One gateway app from several (cidboot.store.gateway.server.App): each is asked in turn,
+    the first that answers (True) wins."""
+    def app(h: Any) -> bool:
+        return any(a(h) for a in apps)
+    return app
 
 
 def open_store(cfg: ServeConfig) -> Blockstore:
@@ -159,7 +172,16 @@ class BootServer:
         store = store if store is not None else open_store(cfg)  # the one the boot files were built from
         self.store = store
         self.fleet = fleet.from_serve_config(cfg, store, self.devices)  # the web view and /api/ (docs/boot-server.md)
-        self.gateway: GatewayServer = serve_gateway(store, "0.0.0.0", cfg.http_port, extra_routes=routes, app=self.fleet)
+        app: Any = self.fleet
+        limits = None
+        if cfg.key_broker is not None:  # the key broker beside the fleet view, on the same port
+            from bootstrap.server.keys import LIMITS as KEY_LIMITS
+            from bootstrap.server.keys import KeyService
+
+            app = mount(self.fleet, KeyService(cfg.key_broker))
+            limits = replace(Limits(), max_body=KEY_LIMITS.max_body)  # a key request carries evidence
+        self.gateway: GatewayServer = serve_gateway(store, "0.0.0.0", cfg.http_port, extra_routes=routes, app=app,
+                                                    limits=limits)
         # offer a boot file only for the architectures whose file exists (arm64: not built yet)
         offers = {arch: name for arch, name in DEFAULT_BOOT_FILES.items() if self._has_file(name)}
         for arch, name in sorted(DEFAULT_BOOT_FILES.items()):
@@ -216,8 +238,15 @@ class BootServer:
             gateways = boot_gateways(self.cfg.gateways, self.gateway_url)
             return BootConfig(manifest, gateways, self.cfg.trust_anchor or {}, pol.role,
                               peers=self.peers(mac), device_registry=self.cfg.device_registry,
-                              publish=self.cfg.publish, events=f"{self.gateway_url}{fleet.EVENTS_PATH}").encode()
+                              publish=self.cfg.publish, events=f"{self.gateway_url}{fleet.EVENTS_PATH}",
+                              keys=self.keys_url).encode()
         return None
+
+    @property
+    def keys_url(self) -> str | None:
+        """The key broker devices ask (boot config `keys`): this server when it runs one, else
+        `--keys`, else none (an encrypted manifest then cannot boot, and the bootstrap says so)."""
+        return self.gateway_url if self.cfg.key_broker is not None else self.cfg.keys_url
 
     def peers(self, mac: str) -> dict[str, tuple[str, ...]]:
         """role -> agent URLs of the other devices with fixed addresses in devices.yaml: where an

@@ -6,7 +6,9 @@
    `cidboot.config=tftp://...` on the command line, and CDI_1 is random and ephemeral with a
    one-entry chain, so the image still has an identity whose evidence says "unmeasured";
 2. NIC up + DHCP (user class "cidboot-bootstrap");
-3. fetch + verify + measure (bootstrap.stage.verify.prepare), rollback state on NVRAM;
+3. fetch + verify + measure (bootstrap.stage.verify.prepare), and for a manifest with encrypted
+   layers the keys from the key broker and the layers decrypted in RAM (verify.unlock; plaintext
+   is never written to persistent storage), rollback state on NVRAM;
 4. zero the CDI_1 copies and hand over to the image (cidboot.stage.switch_root.hand_over): in this
    kernel when the image's kernel is byte-identical to ours, else kexec with the hand-off
    appended to its initrd.
@@ -172,13 +174,15 @@ def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, st
         plan = prepare(cfg, raw, dice, boot_mode=start.boot_mode, anchor=anchor, nvram=nvram,
                        store=store, now=now, carry_dice=carry, running_kernel=running,
                        running_cmdline=proc_cmdline(cmdline_path),
-                       device_id=start.tpm.device_id if start.tpm is not None else None)
+                       device_id=start.tpm.device_id if start.tpm is not None else None, tpm=start.tpm)
     finally:
         if dice is not None:
             wipe(dice)  # this copy of CDI_1; start.dice stays for a retry until main wipes it
         for note in nvram.notes:  # a damaged slot beside a valid one (a torn write): boot, but say so
             log(f"nvram: {note}")
-    if start.tpm is not None:  # last: PCR 15 gets the manifest and layers only once all verified
+    # last: PCR 15 gets the manifest and layers only once all verified (a private image's got them
+    # in prepare, before its key request, whose quote must cover them)
+    if start.tpm is not None and "tpm" not in plan.handoff.boot:
         from bootstrap.stage import tpm
 
         plan.handoff.boot["tpm"] = tpm.measure(start.tpm, plan.manifest_cid, plan.manifest)
@@ -225,6 +229,8 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
     kernel_note = f"{len(plan.kernel)}B" if plan.kernel is not None else "running"
     log(f"manifest={plan.manifest_cid} {plan.manifest.name} v{plan.manifest.version} kernel={kernel_note} "
         f"initrd={len(plan.initrd)}B {timings} total={time.monotonic() - t0:.2f}s")
+    if plan.unlocked is not None:  # a private image: keys from the broker, layers decrypted in RAM
+        say(f"cidboot-stage: bootstrap keys {plan.unlocked.line()}")
     say(f"cidboot-stage: bootstrap handover manifest={plan.manifest_cid}")
     events.emit("bootstrap", "handover", manifest=plan.manifest_cid, name=plan.manifest.name, version=plan.manifest.version)
     from cidboot.stage.switch_root import check_probes, debug_build, hand_over, kexec_forced

@@ -18,6 +18,12 @@ unverified is ever handed on:
    what is measured (the manifest, which names the CID) does not change (docs/boot-chain.md,
    "Not fetching the running kernel");
 4. measure (cidboot.trust.measure.image_inputs) and derive CDI_2 + the L2 certificate from CDI_1;
+   a manifest with encrypted layers (docs/privacy.md) then needs their keys: the bootstrap asks the
+   key broker the boot config names (`keys`) with the evidence the agent will give, signed with the
+   L2 alias key derived from CDI_2 (`cidboot.trust.attester`, the agent's own code), whose nonce
+   binds the broker's challenge and an ephemeral X25519 key; it decrypts the layers in RAM and
+   checks each against the manifest's plaintext hash (`unlock`). No keys, no boot: the refusal
+   names the broker's failing check. An unencrypted manifest never asks a broker;
 5. persist the new rollback state, and return a `BootPlan`; kexec is the caller's last step.
 
 Every failure is a `Refused(check, detail)` whose detail names the CID, printed by main as
@@ -27,6 +33,7 @@ Every failure is a `Refused(check, detail)` whose detail names the CID, printed 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +75,9 @@ Refused = StageRefused  # check names what failed (e.g. "layer bafy...", "rollba
 RUNNING_KERNEL_CID = "/etc/cidboot/kernel.cid"  # the CID of the kernel layer this image was built with
 
 
+SHA256_SAMPLE = 4 << 20  # bytes of ciphertext hashed as the reference figure of a private boot
+
+
 @dataclass
 class BootPlan:
     """What to hand over: verified kernel and initrd, the manifest's command line, and the
@@ -84,6 +94,30 @@ class BootPlan:
     handoff: Handoff
     timings: dict[str, float] = field(default_factory=dict)
     kernel_cid: CID | None = None
+    unlocked: Unlocked | None = None  # a manifest with encrypted layers: what getting and using the keys cost
+
+
+@dataclass(frozen=True)
+class Unlocked:
+    """What `unlock` did, for the console: how many layers and bytes, the time the broker took,
+    and decryption (STREAM + the plaintext SHA-256 check) against a SHA-256 pass over the same
+    ciphertext (a sample of it), which is what the CID check of those bytes costs (docs/privacy.md)."""
+
+    layers: int
+    ciphertext_bytes: int
+    broker_seconds: float
+    decrypt_seconds: float
+    sha256_seconds: float
+    sha256_bytes: int  # the reference hashes a sample (SHA256_SAMPLE) of the ciphertext
+
+    def line(self) -> str:
+        def rate(n: int, sec: float) -> str:
+            return f"{n / sec / 2**20:.1f}" if sec > 0 else "inf"
+
+        return (f"layers={self.layers} bytes={self.ciphertext_bytes} broker_s={self.broker_seconds:.3f} "
+                f"decrypt_s={self.decrypt_seconds:.3f} sha256_bytes={self.sha256_bytes} sha256_s={self.sha256_seconds:.3f} "
+                f"decrypt_mibps={rate(self.ciphertext_bytes, self.decrypt_seconds)} "
+                f"sha256_mibps={rate(self.sha256_bytes, self.sha256_seconds)}")
 
 
 def running_kernel_cid(path: str | Path = RUNNING_KERNEL_CID) -> CID | None:
@@ -311,15 +345,101 @@ def assemble(manifest: Manifest, blobs: dict[str, bytes | None], manifest_cid: C
     return blobs[str(kernels[0].cid)], initrd
 
 
+def encrypted_layers(manifest: Manifest) -> list[str]:
+    """CIDs of the manifest's encrypted layers (those with a plaintext hash)."""
+    return [str(lyr.cid) for lyr in manifest.layers if lyr.plaintext is not None]
+
+
+def key_evidence(next_dice: bytes | None, dice: bytes | None, cid: CID, role: str, *,
+                 tpm_boot: dict[str, Any] | None = None, tpm_paths: tuple[str, ...] | None = None) -> Callable[[bytes], bytes]:
+    """nonce -> the evidence the bootstrap asks the key broker with: exactly what the agent will
+    give (`cidboot.trust.attester`, the one code): signed by the L2 alias key of CDI_2 with the
+    chain ending in the L2 certificate on a measured boot; on a TPM-rooted one (`tpm_boot`: the
+    boot.json "tpm" object, PCR 15 already extended with this manifest) with a fresh quote by the
+    enrolled AK over SHA-256(nonce || L1 key), the agent's `TpmQuoter`; on an unmeasured boot (no
+    CDI_2 is carried) by the ephemeral identity's key with boot mode "unmeasured", which the
+    broker's appraisal refuses as it would the agent's."""
+    from cidboot.trust.attester import evidence_from_handover
+
+    what = f"manifest {cid} has encrypted layers"
+    if tpm_boot is not None:
+        if next_dice is None:
+            raise Refused("keys", f"{what}, and this TPM-rooted boot derived no CDI_2 to ask the key broker with")
+        from cidboot.trust.dice import decode_handover
+        from cidboot.trust.tpm.quoter import TpmQuoter
+
+        h = decode_handover(next_dice)
+        wipe(h.cdi_attest)
+        wipe(h.cdi_seal)
+        try:
+            quoter = TpmQuoter.from_boot({"tpm": tpm_boot}, h.chain, *(() if tpm_paths is None else (tpm_paths,)))
+            ueid = quoter.ueid()
+        except (CidbootError, OSError) as e:
+            raise Refused("keys", f"{what}: the TPM cannot quote for the key request: {type(e).__name__}: {e}") from None
+        return evidence_from_handover(next_dice, manifest_cid=cid, role=role, tpm=quoter.evidence, ueid=ueid)
+    if next_dice is not None:
+        return evidence_from_handover(next_dice, manifest_cid=cid, role=role, boot_mode="measured")
+    if dice is not None:
+        return evidence_from_handover(dice, manifest_cid=cid, role=role, boot_mode="unmeasured")
+    raise Refused("keys", f"{what}, and this boot has no identity to ask the key broker with")
+
+
+def unlock(config: BootConfig, cid: CID, manifest: Manifest, blobs: dict[str, bytes | None],
+           evidence: Callable[[bytes], bytes], *, timeout: float = 30.0) -> tuple[dict[str, bytes | None], Unlocked]:
+    """The layer keys from the key broker (`config.keys`), then every encrypted layer decrypted
+    in RAM and checked against the manifest's plaintext SHA-256 and size: the blobs with
+    plaintext in place of ciphertext. Refusals: `keys` (no broker configured, unreachable, or it
+    refused: its failing check named), `decrypt` (a layer that does not decrypt or whose plaintext
+    is not the manifest's: the layer's CID named)."""
+    import hashlib
+
+    from cidboot.trust.private import client
+
+    if config.keys is None:
+        raise Refused("keys", f"manifest {cid} has encrypted layers and the boot config names no key broker "
+                              f"(`keys`; bootstrap serve --key-policy or --keys)")
+    t0 = time.monotonic()
+    try:
+        keys = client.request_keys(config.keys, evidence, cid, timeout=timeout)
+    except client.KeyBrokerRefused as e:
+        raise Refused("keys", f"key broker {config.keys} refused the keys of manifest {cid}: {e.check}: {e.reason}") from None
+    except client.KeyBrokerUnavailable as e:
+        raise Refused("keys", f"no keys for manifest {cid}: {e}") from None
+    except CidbootError as e:  # a release for another manifest, or one that does not open
+        raise Refused("keys", f"key release for manifest {cid}: {type(e).__name__}: {e}") from None
+    t_broker = time.monotonic() - t0
+    fetched = {c: b for c, b in blobs.items() if b is not None}
+    enc = [c for c in encrypted_layers(manifest) if c in fetched]
+    t0 = time.monotonic()
+    try:
+        plain = client.decrypt_layers(manifest, fetched, keys)
+    except CidbootError as e:  # each names the layer's CID and role (client.decrypt_layers)
+        raise Refused("decrypt", f"{type(e).__name__}: {e}") from None
+    finally:
+        keys.clear()  # the keys are no use once the layers are open
+    t_decrypt = time.monotonic() - t0
+    # the reference: what hashing ciphertext once (the CID check) costs here, on a sample of at
+    # most SHA256_SAMPLE bytes so that the figure costs the boot little
+    sample = memoryview(fetched[max(enc, key=lambda c: len(fetched[c]))])[:SHA256_SAMPLE] if enc else memoryview(b"")
+    t0 = time.monotonic()
+    hashlib.sha256(sample).digest()
+    t_sha = time.monotonic() - t0
+    out: dict[str, bytes | None] = {c: plain.get(c) if b is not None else None for c, b in blobs.items()}
+    return out, Unlocked(len(enc), sum(len(fetched[c]) for c in enc), t_broker, t_decrypt, t_sha, len(sample))
+
+
 def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, boot_mode: str, anchor: RootOfTrust,
             nvram: Nvram, store: AnyStore, now: int | None = None, timeout: float = 10.0,
             carry_dice: bool = True, running_kernel: CID | None = None,
-            running_cmdline: str | None = None, device_id: str | None = None) -> BootPlan:
+            running_cmdline: str | None = None, device_id: str | None = None, tpm: Any = None) -> BootPlan:
     """Steps 1-5 of the module docstring. `dice` is the handover holding CDI_1 (from the firmware,
     or an ephemeral one for an unmeasured boot); `carry_dice=False` leaves dice.cbor out of the
     hand-off (the unmeasured contract, docs/boot-chain.md). `running_kernel` (the running
     kernel's layer CID; None when a kexec is forced) and `running_cmdline` (/proc/cmdline)
-    let the kernel layer go unfetched when it is the running kernel (reuses_running_kernel)."""
+    let the kernel layer go unfetched when it is the running kernel (reuses_running_kernel).
+    `tpm` (a TPM-rooted boot's bootstrap.stage.tpm.TpmRoot): with encrypted layers, PCR 15 is
+    extended here, before the key request whose quote must cover it (boot.json "tpm" is then set;
+    otherwise the caller extends it after `prepare`)."""
     t: dict[str, float] = {}
     cid = config.manifest
     gws = config.gateways
@@ -343,29 +463,47 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
     m = signed.manifest
     t["manifest"] = time.monotonic() - t0
     t0 = time.monotonic()
-    reuse = reuses_running_kernel(m, running_kernel, running_cmdline)
+    # an encrypted kernel layer is fetched: the running kernel is only reused by a plain layer's CID
+    reuse = reuses_running_kernel(m, running_kernel, running_cmdline) and \
+        all(lyr.plaintext is None for lyr in m.layers if lyr.role == "kernel")
     blobs: dict[str, bytes | None] = {}
     for lyr in m.layers:
         blobs[str(lyr.cid)] = fetch_layer(m, lyr.cid, gws, store, timeout=timeout,
                                           root_only=reuse and lyr.role == "kernel")
         if isinstance(store, MemoryBlockstore):
             store.clear()  # this layer's bytes are in `blobs`: its blocks need not stay in RAM too
-    kernel, initrd = assemble(m, blobs, cid)
     t["layers"] = time.monotonic() - t0
     t0 = time.monotonic()
     # an unmeasured hand-off carries no dice.cbor (docs/boot-chain.md): measuring would be wasted work
     next_dice = measure(dice, cid, m, signers) if dice is not None and carry_dice else None
     t["measure"] = time.monotonic() - t0
+    unlocked = None
+    tpm_boot: dict[str, Any] | None = None
+    if encrypted_layers(m):  # keys only now: the evidence is signed with the key derived from CDI_2
+        t0 = time.monotonic()
+        if device_id is not None and tpm is None:
+            raise Refused("keys", f"manifest {cid} has encrypted layers and this TPM-rooted boot has no TPM to quote with")
+        if tpm is not None:  # PCR 15 first: the quote in the key request must cover this manifest
+            from bootstrap.stage import tpm as stage_tpm
+
+            tpm_boot = stage_tpm.measure(tpm, cid, m)
+        evidence = key_evidence(next_dice, dice, cid, config.role, tpm_boot=tpm_boot,
+                                tpm_paths=tpm.device_paths if tpm is not None else None)
+        blobs, unlocked = unlock(config, cid, m, blobs, evidence, timeout=max(timeout, 30.0))
+        t["keys"] = time.monotonic() - t0
+    kernel, initrd = assemble(m, blobs, cid)
     try:
         nvram.save_state(state)
     except NvramError as e:
         raise Refused("nvram", f"{e} (manifest {cid} not booted)") from None
     boot: dict[str, Any] = {"boot_mode": boot_mode, "bootconfig": bootconfig_raw.decode("utf-8", "replace"),
                             "manifest": str(cid)}
+    if tpm_boot is not None:
+        boot["tpm"] = tpm_boot
     handoff = Handoff(dice=next_dice, boot=boot)
     try:
         handoff.validate()
     except CidbootError as e:
         raise Refused("handoff", f"for manifest {cid}: {e}") from None
     kernel_cid = next(lyr.cid for lyr in m.layers if lyr.role == "kernel")
-    return BootPlan(cid, m, signers, kernel, initrd, m.cmdline, handoff, t, kernel_cid)
+    return BootPlan(cid, m, signers, kernel, initrd, m.cmdline, handoff, t, kernel_cid, unlocked)

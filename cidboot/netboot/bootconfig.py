@@ -5,8 +5,11 @@ gateways to fetch it from (in order), the trust anchor, the device's role and wh
 verification fails. Optional: `peers` ({role: [agent base URL]}, how an agent finds the devices
 its inputs go to), `device_registry` (CID of the signed device registry, cidboot.trust.registry)
 and `events` (the URL every stage posts its stage events to, cidboot.stage.events: the boot
-server's `/api/events`; without it the stages post nothing and say so on the console).
-They are left out of the encoding when unset, so older configs keep their exact bytes (and
+server's `/api/events`; without it the stages post nothing and say so on the console) and
+`keys` (the key broker's base URL, docs/privacy.md: where the bootstrap asks for the layer keys of
+a manifest with encrypted layers; unsigned like the gateways, since a broker the device reaches
+must still appraise the device's evidence and wraps the keys to its ephemeral key, so a wrong URL
+costs availability only). They are left out of the encoding when unset, so older configs keep their exact bytes (and
 measurement).
 
 The boot config is measured (the firmware puts it into L1's DICE config) but not signed: whoever
@@ -49,6 +52,7 @@ class BootConfig:
     # and every result's provenance is signed.
     publish: str | None = None
     events: str | None = None  # where the stages post their stage events (the boot server's /api/events)
+    keys: str | None = None  # the key broker's base URL (POST {keys}/keys/challenge, /keys/request)
 
     def encode(self) -> bytes:
         doc = {"version": self.version, "manifest": str(self.manifest), "gateways": list(self.gateways),
@@ -61,6 +65,8 @@ class BootConfig:
             doc["publish"] = self.publish
         if self.events is not None:
             doc["events"] = self.events
+        if self.keys is not None:
+            doc["keys"] = self.keys
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -72,7 +78,7 @@ class BootConfig:
         if not isinstance(doc, dict) or doc.get("version") != 1:
             raise BootConfigError("boot config must be a JSON object with version 1")
         extra = set(doc) - {"version", "manifest", "gateways", "trust_anchor", "role", "on_failure", "peers",
-                                 "device_registry", "publish", "events"}
+                                 "device_registry", "publish", "events", "keys"}
         if extra:
             raise BootConfigError(f"boot config: unknown keys {sorted(extra)}")
         gws = doc.get("gateways")
@@ -87,7 +93,7 @@ class BootConfig:
         return cls(manifest, tuple(gws), doc.get("trust_anchor") or {}, str(doc.get("role", "default")),
                    doc.get("on_failure", "poweroff"), peers=_peers(doc.get("peers", {})),
                    device_registry=_registry(doc.get("device_registry")), publish=parse_publish(doc.get("publish")),
-                   events=_events(doc.get("events")))
+                   events=_events(doc.get("events")), keys=parse_keys(doc.get("keys")))
 
 
 def parse_publish(raw: Any) -> str | None:
@@ -104,6 +110,14 @@ def _events(raw: Any) -> str | None:
         return None
     if not isinstance(raw, str) or not raw.startswith(("http://", "https://")) or len(raw) > 2048:
         raise BootConfigError("boot config: events must be an http(s) URL (the boot server's /api/events)")
+    return raw
+
+
+def parse_keys(raw: Any) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not raw.startswith("http://") or len(raw) > 2048 or any(c.isspace() for c in raw):
+        raise BootConfigError("boot config: keys must be the key broker's http:// URL")
     return raw
 
 

@@ -11,6 +11,11 @@ reused, so rebuilding the same flow in the same work dir gives the same CIDs.
 `arch` (x86_64, or arm64): one flow file, lock and signed manifest per architecture
 (docs/adr/0008-one-manifest-per-arch.md); the arm64 twin of `DIR/flow.yaml` is
 `DIR/flow-arm64.yaml`, built with the arm64 bootstrap's code hash as its reference.
+
+A flow with `encrypt: true` (a private image, docs/privacy.md) gets a flow secret beside its
+signing keys (`keys/<name>.flow.secret` in the work dir's copy, made once like the keys, never in
+the image), given to `imagebuilder build --flow-secret`; the lab gives it to the boot server's
+key broker.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class Deployment:
     workload: Built
     signer_keys: list[Path] = field(default_factory=list)
     arch: str = "x86_64"  # what the workload and bootstrap were built for (vm.ARCHES)
+    flow_secret: Path | None = None  # a private image's flow secret (flow.yaml `encrypt: true`)
 
     @property
     def roles(self) -> list[str]:
@@ -117,6 +123,23 @@ def _copy_flow(src: Path, dst: Path, name: str = "flow.yaml") -> Path:
         if not key.exists():
             keys.write_keypair(keys.generate(), key.with_suffix(""))
     return dst / name
+
+
+def flow_secret_for(flow: Path, doc: dict[str, Any]) -> Path | None:
+    """The flow secret of a work-dir flow copy whose flow says `encrypt: true`, where `imagebuilder
+    build` looks for it by default (beside the first signing key, `keys/<name>.flow.secret`),
+    made once (mode 0600) so a rebuild in the same work dir gives the same CIDs; None for a flow
+    in clear."""
+    if not doc.get("encrypt"):
+        return None
+    from cidboot.trust.private.keys import write_secret
+    from imagebuilder import flowfile
+    from imagebuilder.build import default_secret_path
+
+    path = default_secret_path(flowfile.load(flow))
+    if not path.exists():
+        write_secret(path)
+    return path
 
 
 def _root_of(flow_dir: Path, doc: dict[str, Any]) -> RootOfTrust:
@@ -167,7 +190,7 @@ def relock_copy(flow: Path) -> list[str]:
 
 
 def build(flow: Path, store: Path, *, references: dict[str, str] | None = None, env: dict[str, str] | None = None,
-          say: Callable[[str], None] = lambda _m: None) -> Built:
+          say: Callable[[str], None] = lambda _m: None, flow_secret: Path | None = None) -> Built:
     """`imagebuilder build` into `store`, then export the kernel and the concatenated initrd.
 
     `flow` is a copy in the work dir (see _copy_flow): when a pin its lock needs is neither
@@ -177,20 +200,24 @@ def build(flow: Path, store: Path, *, references: dict[str, str] | None = None, 
     refs = [a for name, hexval in sorted((references or {}).items()) for a in ("--reference", f"{name}={hexval}")]
     relock_copy(flow)
     say(f"building {flow}")
+    secret = ["--flow-secret", str(flow_secret)] if flow_secret is not None else []
     proc = subprocess.run([sys.executable, "-m", "imagebuilder", "build", str(flow), "--store", str(store), "--json",
-                           *refs], capture_output=True, text=True, cwd=REPO, env=env)
+                           *refs, *secret], capture_output=True, text=True, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise DeployError(f"imagebuilder build {flow} failed:\n{proc.stderr.strip()}")
     result = json.loads(proc.stdout)
-    return export(store, CID.parse(result["manifest"]), flow.parent / "built", result)
+    return export(store, CID.parse(result["manifest"]), flow.parent / "built", result, flow_secret=flow_secret)
 
 
-def export(store: Path, mcid: CID, out: Path, result: dict[str, Any] | None = None) -> Built:
-    """The manifest's kernel layer and its other layers concatenated (the initrd), as files."""
+def export(store: Path, mcid: CID, out: Path, result: dict[str, Any] | None = None, *,
+           flow_secret: Path | None = None) -> Built:
+    """The manifest's kernel layer and its other layers concatenated (the initrd), as files;
+    encrypted layers decrypted with `flow_secret` (the harness's own copy: a test that boots the
+    files directly needs the plaintext; what devices fetch stays ciphertext)."""
     bs = Blockstore(store)
     bs.pin(mcid)
     m = SignedManifest.decode(bs.get(mcid)).manifest
-    parts = {lyr.role: b"".join(export_file(lyr.cid, bs.get)) for lyr in m.layers}
+    parts = {lyr.role: _plaintext(lyr, b"".join(export_file(lyr.cid, bs.get)), flow_secret) for lyr in m.layers}
     out.mkdir(parents=True, exist_ok=True)
     kernel, initrd = out / "vmlinuz", out / "initrd.img"
     kernel.write_bytes(parts["kernel"])
@@ -198,6 +225,17 @@ def export(store: Path, mcid: CID, out: Path, result: dict[str, Any] | None = No
     info = result or {"manifest": str(mcid), "layers": [{"role": lyr.role, "cid": str(lyr.cid)} for lyr in m.layers],
                       "cmdline": m.cmdline}
     return Built(mcid, kernel, initrd, {k: v.hex() for k, v in m.measurements.items()}, info)
+
+
+def _plaintext(lyr: Any, data: bytes, flow_secret: Path | None) -> bytes:
+    if lyr.plaintext is None:
+        return data
+    if flow_secret is None:
+        raise DeployError(f"layer {lyr.cid} ({lyr.role}) is encrypted and no flow secret was given")
+    from cidboot.trust.private.keys import decrypt_layer, layer_key, load_secret
+
+    key = layer_key(load_secret(flow_secret), lyr.plaintext.sha256, lyr.role)
+    return b"".join(decrypt_layer(key, [data], sha256=lyr.plaintext.sha256, size=lyr.plaintext.size))
 
 
 def bootstrap_for(anchor: RootOfTrust, work: Path, *, env: dict[str, str] | None = None,
@@ -224,9 +262,10 @@ def prepare(flow: Path, work: Path, *, anchor: RootOfTrust | None = None, env: d
     refs = {"bootstrap": bs.measurements["bootstrap"]}
     if arch == "x86_64":
         refs["firmware"] = fw.measurements["firmware"]
-    wl = build(wl_flow, store, references=refs, env=env, say=say)
+    secret = flow_secret_for(wl_flow, wl_doc)
+    wl = build(wl_flow, store, references=refs, env=env, say=say, flow_secret=secret)
     return Deployment(work, store, wl_flow.parent, wl_doc, fw, bs, wl,
-                      [wl_flow.parent / k for k in wl_doc["trust"]["keys"]], arch)
+                      [wl_flow.parent / k for k in wl_doc["trust"]["keys"]], arch, secret)
 
 
 def prepare_manifest(mcid: CID, store: Path, work: Path, *, signer_keys: list[Path] | None = None,
@@ -264,4 +303,4 @@ def rebuild_workload(dep: Deployment, *, version: int | None = None, sign_with: 
     refs = {"bootstrap": dep.bootstrap.measurements["bootstrap"]}
     if dep.arch == "x86_64":
         refs["firmware"] = dep.firmware.measurements["firmware"]
-    return build(variant / name, dep.store, references=refs, env=env)
+    return build(variant / name, dep.store, references=refs, env=env, flow_secret=dep.flow_secret)

@@ -18,6 +18,10 @@ device registry to it, and gives every boot server an EMPTY store with `--upstre
 peer's gateway (and lists those gateways after itself in the boot config, for the devices'
 fail-over). `boot_servers=S` gives site s>0 its own LAN (bridge br{s}) and its own `bootstrap
 serve` in its own namespace at 10.77.{s}.1; device i goes to site `sites[i]` (default i % S).
+
+A private image (the deployment has a flow secret: flow.yaml `encrypt: true`, docs/privacy.md):
+every boot server runs the key broker (`--key-policy`, `--flow-secret`) with a policy allowing the
+flow's roles at affirming (`key_policy`), and logs its decisions to OUT/keys[-s].log.
 """
 
 from __future__ import annotations
@@ -337,6 +341,10 @@ class Lab:
             out["boot_servers"] = [{**srv.describe(), "upstream_metrics": {
                 k: v for k, v in srv.metrics(self.net).items() if "upstream" in k or "cache" in k}}
                 for srv in self.servers]
+        decisions = key_decisions(self.out)
+        if decisions:  # a private image: who got keys, who was refused and why
+            out["key_broker"] = [{k: e.get(k) for k in ("decision", "check", "reason", "device_id", "role", "status",
+                                                        "manifest")} for e in decisions]
         if self.cluster is not None:
             out["cluster"] = {"peers": [{"name": f"peer{p.index}", "id": p.peer_id, "alive": p.alive,
                                          "gateway": g} for p, g in zip(self.cluster.peers, self.cluster_gateways(), strict=True)],
@@ -346,6 +354,23 @@ class Lab:
 
 def _boot_kind(dev: Device) -> str:
     return "measured" if dev.firmware == "dice" else "tpm-measured" if dev.swtpm is not None else "unmeasured"
+
+
+def key_policy(name: str, roles: list[str]) -> dict[str, Any]:
+    """The lab's key policy: the flow's manifest name, its roles, affirming only."""
+    return {"version": 1, "manifests": {name: {"roles": sorted(set(roles)), "min_status": "affirming"}}}
+
+
+def key_log(out: Path, site: int = 0) -> Path:
+    return out / f"keys{f'-{site}' if site else ''}.log"
+
+
+def key_decisions(out: Path) -> list[dict[str, Any]]:
+    """Every key broker decision of the lab's boot servers (their JSON-lines logs), in order."""
+    entries: list[dict[str, Any]] = []
+    for log in sorted(out.glob("keys*.log")):
+        entries += [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return sorted(entries, key=lambda e: e.get("time", 0))
 
 
 def _devices_yaml(path: Path, roles: list[str], sites: list[int] | None = None) -> None:
@@ -421,6 +446,12 @@ def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = 
                 stack.callback(lb.cluster.stop)
                 lb.published = _publish(lb.cluster, dep.store, mcid, registry, replication)
         extra = list(server_args or [])
+        if dep.flow_secret is not None:  # a private image: the boot servers run the key broker
+            if registry is None:
+                raise LabError("a private image needs the device registry (the key broker's devices): no signer keys")
+            name = SignedManifest.decode(Blockstore(dep.store).get(CID.parse(mcid))).manifest.name
+            (out / "keys-policy.json").write_text(json.dumps(key_policy(name, roles), indent=1) + "\n")
+            extra += ["--key-policy", str(out / "keys-policy.json"), "--flow-secret", f"{name}={dep.flow_secret}"]
         if publish_results:
             if lb.cluster is None:
                 raise LabError("publish_results needs a cluster to publish to")
@@ -508,7 +539,7 @@ def _start_server(stack: ExitStack, lb: Lab, site: Site, mcid: str, tftp: Path, 
             "--agent-port", str(AGENT_PORT),
             *(["--device-registry", str(registry)] if registry else []),
             *[a for u in upstreams for a in ("--upstream", u)], *[a for g in gateways for a in ("--gateway", g)],
-            *extra]
+            *extra, *(["--key-log", str(key_log(out, s))] if "--key-policy" in extra else [])]
     log_path = out / f"boot-server{suffix}.log"
     log = open(log_path, "w")
     stack.callback(log.close)

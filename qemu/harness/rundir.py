@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # relative to OUT/lab: what a user reads after the run (everything else in OUT/work, OUT/lab goes)
-KEEP = ("boot-server.log", "devices.yaml", "device-roots.json", "devices/*/run/console.log",
+KEEP = ("boot-server.log", "keys*.log", "keys-policy.json", "devices.yaml", "device-roots.json", "devices/*/run/console.log",
         "devices/*/run/console.raw", "devices/*/run/qemu.argv.json", "devices/*/run/qemu.stderr",
         "server-state/fleet.sqlite", "server-state/fleet.sqlite-wal", "server-state/fleet.sqlite-shm")
 REMOVED = ("work", "lab")  # the subdirectories of OUT a run creates

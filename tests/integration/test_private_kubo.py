@@ -25,7 +25,7 @@ from cidboot.trust.private import keys
 from cidboot.trust.private.broker import KeyBroker, Policy
 from cidboot.trust.private.client import decrypt_layers, request_keys
 from tests.support.kubo_node import KuboNode
-from tests.unit.test_private_broker import BS, FW, POLICY, ROOT, SIGNER, Device, Log
+from tests.support.private_devices import BS, FW, POLICY, ROOT, SIGNER, Device, Log
 
 pytestmark = pytest.mark.kubo
 

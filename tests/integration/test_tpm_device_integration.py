@@ -90,6 +90,7 @@ def test_bootstrap_tpm_boot_derives_cdi1_from_the_tpm_and_extends_pcr15(tmp_path
     from cidboot.trust import keys
     from cidboot.trust.dice import decode_handover
     from cidboot.trust.manifest import Layer, Manifest, RootOfTrust
+    from cidboot.trust.tpm import quoter as tpm_quoter
     from cidboot.trust.tpm.errors import NonceMismatchError
     from cidboot.trust.tpm.evidence import TpmEvidence, qualifying_data
     from cidboot.trust.tpm.evidence import device_id as tpm_device_id
@@ -109,7 +110,7 @@ def test_bootstrap_tpm_boot_derives_cdi1_from_the_tpm_and_extends_pcr15(tmp_path
         try:
             tpm = _tpm(sw)
             monkeypatch.setattr(stage_tpm, "_open", lambda paths: _Borrowed(tpm))
-            monkeypatch.setattr(agent_tpm, "_open", lambda paths: _Borrowed(tpm))
+            monkeypatch.setattr(tpm_quoter, "_open", lambda paths: _Borrowed(tpm))
             tpm.extend(4, uki)  # what UEFI would have measured
             dice, root = stage_tpm.start(log_path=str(log))
             boot = stage_tpm.measure(root, mcid, manifest)

@@ -1,4 +1,4 @@
-"""BootConfig: the optional peers, device_registry and events keys, strict decoding, old configs unchanged."""
+"""BootConfig: the optional peers, device_registry, events and keys entries, strict decoding, old configs unchanged."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def test_old_config_bytes_unchanged() -> None:
     cfg = BootConfig(M, ("http://10.0.0.1:8080",), {}, "worker")
     raw = cfg.encode()
     assert b"peers" not in raw and b"device_registry" not in raw and b"events" not in raw
+    assert b"keys" not in raw
     assert BootConfig.decode(raw) == cfg
     assert raw == json.dumps({"gateways": ["http://10.0.0.1:8080"], "manifest": str(M), "on_failure": "poweroff",
                               "role": "worker", "trust_anchor": {}, "version": 1}, separators=(",", ":")).encode()
@@ -44,6 +45,10 @@ def test_peers_and_registry_round_trip() -> None:
     ({"peer": {}}, "unknown keys"),
     ({"events": "10.0.0.1:8080/api/events"}, "events must be an http"),
     ({"events": ["http://x"]}, "events must be an http"),
+    ({"keys": "https://broker"}, "keys must be the key broker's http:// URL"),
+    ({"keys": "10.0.0.1:8090"}, "keys must be"),
+    ({"keys": "http://a b"}, "keys must be"),
+    ({"keys": 8090}, "keys must be"),
 ])
 def test_strict(kw: dict[str, object], msg: str) -> None:
     with pytest.raises(BootConfigError, match=msg):
@@ -58,3 +63,9 @@ def test_events_url_round_trips() -> None:
     cfg = BootConfig(M, ("http://gw",), events="http://10.0.0.1:8080/api/events")
     assert BootConfig.decode(cfg.encode()) == cfg
     assert json.loads(cfg.encode())["events"] == "http://10.0.0.1:8080/api/events"
+
+
+def test_key_broker_url_round_trips() -> None:
+    cfg = BootConfig(M, ("http://gw",), keys="http://10.0.0.1:8080")
+    assert BootConfig.decode(cfg.encode()) == cfg
+    assert json.loads(cfg.encode())["keys"] == "http://10.0.0.1:8080"

@@ -109,3 +109,46 @@ def test_wait_flow_waits_for_flow_done_after_agent_ready(tmp_path: Path) -> None
     devs[2].outcome = "ready"
     lb.wait_flow(1.0)
     assert devs[2].reason.startswith("flow not done: c: no console line")
+
+
+def test_private_flow_gets_a_flow_secret_a_key_policy_and_its_decisions_in_the_report(tmp_path: Path) -> None:
+    """`encrypt: true`: the work-dir copy gets a flow secret where `imagebuilder build` looks
+    for it (made once, mode 0600); a clear flow gets none. The lab's key policy allows the flow's
+    roles at affirming; the broker's decisions are read back in time order, and the summary
+    lists them with the refusal's reason."""
+    import json
+    import shutil
+    import stat
+
+    import yaml
+
+    from cidboot.trust import keys
+    from cidboot.trust.private.broker import Policy
+    from qemu.harness.deploy import flow_secret_for
+
+    shutil.copytree(Path(__file__).parents[2] / "examples/hello", tmp_path / "hello",
+                    ignore=shutil.ignore_patterns("keys", "__pycache__"))
+    flow = tmp_path / "hello" / "flow.yaml"
+    doc = {**yaml.safe_load(flow.read_text()), "encrypt": True}
+    flow.write_text(yaml.safe_dump(doc))
+    keys.write_keypair(keys.generate(), tmp_path / "hello" / "keys" / "signer-1")  # as the harness's copy has
+    secret = flow_secret_for(flow, doc)
+    assert secret == tmp_path / "hello" / "keys" / "hello.flow.secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    before = secret.read_bytes()
+    assert flow_secret_for(flow, doc) == secret and secret.read_bytes() == before  # never overwritten
+    assert flow_secret_for(flow, {**doc, "encrypt": False}) is None
+
+    pol = Policy.from_obj(lab.key_policy("hello", ["sensor", "aggregator", "sensor"]))
+    assert pol.rules["hello"].roles == {"sensor", "aggregator"} and pol.rules["hello"].min_status == "affirming"
+
+    (tmp_path / "keys.log").write_text(json.dumps({"time": 2, "decision": "refuse", "check": "device",
+                                                   "reason": "appraisal contraindicated: measured-boot: unmeasured boot",
+                                                   "device_id": "bb" * 20}) + "\n")
+    (tmp_path / "keys-1.log").write_text(json.dumps({"time": 1, "decision": "release", "check": "released",
+                                                     "reason": "3 layer key(s)", "device_id": "aa" * 20}) + "\n")
+    decisions = lab.key_decisions(tmp_path)
+    assert [d["decision"] for d in decisions] == ["release", "refuse"]
+    text = boot.summary({**REPORT, "key_broker": decisions})
+    assert "key broker: release device aaaaaaaaaaaaaaaa: released" in text
+    assert "key broker: refuse device bbbbbbbbbbbbbbbb: device: appraisal contraindicated: measured-boot" in text

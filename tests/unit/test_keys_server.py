@@ -18,7 +18,7 @@ from bootstrap.server.keys import KeyServer, serve_keys
 from cidboot.trust.keys import write_root
 from cidboot.trust.private import keys
 from cidboot.trust.private.broker import KeyRelease
-from tests.unit.test_private_broker import (
+from tests.support.private_devices import (
     MARKER,
     OPS,
     OPS_LAYER,
@@ -122,3 +122,79 @@ def test_cli(tmp_path: Path, worker: Device) -> None:
     bad_cmd = [("nonsense" if a.startswith("private-hello=") else a) for a in cmd]
     bad = subprocess.run(bad_cmd, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "NAME=PATH" in bad.stderr
+
+
+def test_mounted_on_the_boot_servers_port_beside_the_fleet_view(tmp_path: Path, worker: Device) -> None:
+    """`bootstrap serve --key-policy`: /keys/* on the gateway's port, the fleet view still answers,
+    and the boot configs it generates name this server as the key broker (or `--keys` when given)."""
+    import argparse
+
+    from bootstrap.commands.serve import key_broker
+    from bootstrap.server.devices import Devices
+    from bootstrap.server.keys import KeyService
+    from bootstrap.server.serve import BootServer, ServeConfig, mount
+    from cidboot.errors import CidbootError
+    from cidboot.ipld.cid import DAG_CBOR
+    from cidboot.netboot.bootconfig import BootConfig
+    from cidboot.store.blockstore import Blockstore
+    from cidboot.store.gateway.server import serve_gateway
+    from cidboot.trust.appraisal import DeviceRoots
+    from cidboot.trust.registry import sign_registry
+    from tests.support.private_devices import SIGNER
+
+    store = Blockstore(tmp_path / "store")
+    store.put(SIGNED.cid, SIGNED.encode())
+    roots = DeviceRoots()
+    roots.add(worker.ident.root_public_key, "w", "worker")
+    registry = store.put_block(sign_registry(roots, [SIGNER], manifests={"worker": "private-hello"}), DAG_CBOR)
+    (tmp_path / "policy.json").write_text(json.dumps(POLICY))
+    keys.write_secret(tmp_path / "flow.secret", SECRET)
+    args = argparse.Namespace(keys_url=None, key_policy=tmp_path / "policy.json", flow_secret=[str(tmp_path / "flow.secret")],
+                              device_registry=str(registry), key_log=None, state_dir=tmp_path, upstream=[],
+                              store=tmp_path / "store", trust_anchor=None, manifest=str(SIGNED.cid), devices=None)
+    broker = key_broker(args, store)
+    assert broker is not None
+
+    def other_app(h: Any) -> bool:  # stands for the fleet view: answers its own paths only
+        if h.path.startswith("/api/"):
+            h.send_response(204)
+            h.end_headers()
+            return True
+        return False
+
+    gw = serve_gateway(store, "127.0.0.1", 0, app=mount(other_app, KeyService(broker)))  # type: ignore[arg-type]
+    t = threading.Thread(target=gw.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{gw.server_address[1]}"
+        st, body, eph, ch = ask(url, worker)
+        assert st == 200 and str(OPS_LAYER.cid) in KeyRelease.from_json(body["release"]).open(eph, ch)
+        c = http.client.HTTPConnection("127.0.0.1", gw.server_address[1], timeout=10)
+        c.request("GET", "/api/devices")
+        assert c.getresponse().status == 204
+        c.close()
+    finally:
+        gw.shutdown()
+        gw.server_close()
+    assert json.loads((tmp_path / "keys.log").read_text())["decision"] == "release"
+
+    srv = BootServer.__new__(BootServer)  # the boot-config generator only
+    srv.cfg = ServeConfig("eth0", "10.77.0.1", tmp_path, SIGNED.cid, None, key_broker=broker)
+    srv.devices = Devices.empty()
+
+    class Gw:
+        server_address = ("0.0.0.0", 8080)
+
+    srv.gateway = Gw()  # type: ignore[assignment]
+    raw = srv.generate("bootconfig/52-54-00-00-00-01.json", ("10.77.0.9", 1000))
+    assert isinstance(raw, bytes) and BootConfig.decode(raw).keys == "http://10.77.0.1:8080"
+    srv.cfg = ServeConfig("eth0", "10.77.0.1", tmp_path, SIGNED.cid, None, keys_url="http://10.77.0.5:8090")
+    raw = srv.generate("bootconfig/52-54-00-00-00-01.json", ("10.77.0.9", 1000))
+    assert isinstance(raw, bytes) and BootConfig.decode(raw).keys == "http://10.77.0.5:8090"
+    srv.cfg = ServeConfig("eth0", "10.77.0.1", tmp_path, SIGNED.cid, None)
+    raw = srv.generate("bootconfig/52-54-00-00-00-01.json", ("10.77.0.9", 1000))
+    assert isinstance(raw, bytes) and b'"keys"' not in raw  # no broker: old configs' bytes
+    for bad, msg in ((dict(device_registry=None), "--device-registry"), (dict(flow_secret=[]), "--flow-secret"),
+                     (dict(key_policy=None), "give --key-policy too"), (dict(keys_url="https://x"), "--keys")):
+        with pytest.raises(CidbootError, match=msg):
+            key_broker(argparse.Namespace(**{**vars(args), **bad}), store)

@@ -5,9 +5,6 @@ key the evidence binds; every refusal names its check and is logged."""
 from __future__ import annotations
 
 import json
-import os
-import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +14,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.attestation_api import Attester
 from cidboot.ipld.cid import CID, RAW
 from cidboot.trust.appraisal import DeviceRoots
 from cidboot.trust.cose_key import key_id
-from cidboot.trust.dice.derive import DiceInputs, DiceMode
-from cidboot.trust.dice.software import DerivedIdentity, derive_layers
-from cidboot.trust.manifest import Layer, Manifest, Plaintext, RootOfTrust, SignedManifest, sign_manifest
-from cidboot.trust.measure import code_hash_of_blobs, image_inputs
+from cidboot.trust.manifest import Manifest, sign_manifest
+from cidboot.trust.measure import code_hash_of_blobs
 from cidboot.trust.private import keys, stream
 from cidboot.trust.private.broker import (
     Challenges,
@@ -39,52 +33,20 @@ from cidboot.trust.private.broker import (
     UnwrapError,
     request_nonce,
 )
-
-SIGNER = ed25519.Ed25519PrivateKey.generate()
-ROOT = RootOfTrust.from_public_keys([SIGNER.public_key()], 1)
-FW, BS = code_hash_of_blobs([b"firmware"]), code_hash_of_blobs([b"bootstrap"])
-SECRET = os.urandom(32)
-MARKER = b"print('private-marker-5e1f')\n"
-OPS = keys.encrypt_layer(SECRET, MARKER, "operations")
-OPS_LAYER = Layer(CID.of(OPS.ciphertext, RAW), len(OPS.ciphertext), "operations", Plaintext(OPS.sha256, OPS.size))
-KERNEL = Layer(CID.of(b"kernel", RAW), 6, "kernel")
-MANIFEST = Manifest("private-hello", 1, int(time.time()) + 3600, (KERNEL, OPS_LAYER), ROOT,
-                    {"firmware": FW, "bootstrap": BS})
-SIGNED: SignedManifest = sign_manifest(MANIFEST, [SIGNER])
-POLICY = {"version": 1, "manifests": {"private-hello": {"roles": ["worker"]}}}
-
-
-class Device:
-    """A software device (as tests/unit/test_agent_attest.py): DICE firmware -> bootstrap -> image."""
-
-    def __init__(self, role: str = "worker", *, debug: bool = False, boot_mode: str = "measured",
-                 bootstrap: bytes = BS, signed: SignedManifest = SIGNED) -> None:
-        mode = DiceMode.DEBUG if debug else DiceMode.NORMAL
-        self.ident: DerivedIdentity = derive_layers(os.urandom(32), [
-            DiceInputs(code_hash=FW), DiceInputs(code_hash=bootstrap, mode=mode),
-            image_inputs(signed.cid, signed.manifest, [key_id(SIGNER.public_key())])])
-        self.attester = Attester.from_derived(self.ident, manifest_cid=signed.cid, boot_mode=boot_mode, role=role)
-        self.role = role
-
-    def ask(self, challenge: bytes) -> tuple[KeyRequest, X25519PrivateKey]:
-        eph = X25519PrivateKey.generate()
-        pub = eph.public_key().public_bytes_raw()
-        return KeyRequest(challenge, pub, self.attester.evidence(request_nonce(challenge, pub))), eph
-
-
-class Log(list[Mapping[str, Any]]):
-    def __call__(self, entry: Mapping[str, Any]) -> None:
-        self.append(entry)
-
-
-def broker_for(*devs: Device, policy: Mapping[str, Any] = POLICY, **kw: Any) -> tuple[KeyBroker, Log]:
-    roots = DeviceRoots()
-    for d in devs:
-        roots.add(d.ident.root_public_key, "", d.role)
-    log = Log()
-    b = KeyBroker(roots, Policy.from_obj(policy), {"private-hello": SECRET}, log=log, **kw)
-    b.add_manifest(SIGNED, ROOT)
-    return b, log
+from tests.support.private_devices import (
+    MANIFEST,
+    MARKER,
+    OPS,
+    OPS_LAYER,
+    POLICY,
+    ROOT,
+    SECRET,
+    SIGNED,
+    SIGNER,
+    Device,
+    Log,
+    broker_for,
+)
 
 
 def test_affirming_device_gets_keys_that_decrypt_the_layer() -> None:

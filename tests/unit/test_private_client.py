@@ -25,7 +25,7 @@ from cidboot.trust.private.client import (
     decrypt_layers,
     request_keys,
 )
-from tests.unit.test_private_broker import BS, FW, POLICY, ROOT, SECRET, SIGNER, Device, Log
+from tests.support.private_devices import BS, FW, POLICY, ROOT, SECRET, SIGNER, Device, Log
 
 RUNTIME = os.urandom(3 * stream.CHUNK_SIZE + 5)
 OPS_PLAIN = os.urandom(2 * stream.CHUNK_SIZE) + b"marker-private-ops"

@@ -1,7 +1,7 @@
 """The device side of private images: ask the key broker, decrypt the layers (docs/privacy.md).
 
-What the bootstrap's decrypt step will call, between "every layer verified by CID" and
-"measure + hand over" (bootstrap/stage is not wired yet):
+What the bootstrap's decrypt step calls (bootstrap.stage.verify.unlock), between "every layer
+verified by CID, CDI_2 derived" and the hand-over:
 
     keys = request_keys(broker_url, evidence_for_nonce, manifest_cid)   # KeyBrokerRefused says why
     plain = decrypt_layers(manifest, ciphertexts, keys)                  # each failure names the CID

@@ -189,6 +189,9 @@ def summary(report: dict[str, Any]) -> str:
         if isinstance(d["flow_results"], dict):
             res = d["flow_results"].get("results", d["flow_results"])
             lines.append(f"    results: {json.dumps(res, sort_keys=True)[:300]}")
+    for k in report.get("key_broker") or []:  # a private image: the boot server's key broker decisions
+        lines.append(f"key broker: {k['decision']} device {str(k.get('device_id'))[:16]}: {k['check']}"
+                     + ("" if k["decision"] == "release" else f": {str(k.get('reason'))[:300]}"))
     return "\n".join(lines)
 
 
