@@ -3,9 +3,11 @@
 1. read CDI_0 + the chain [root, cert L0] from the DICE engine (QEMU fw_cfg `opt/cidboot/dice`);
    without it, refuse and power off: an unmeasured L0 must not pretend to measure anything;
 2. NIC up, DHCP as a PXE client (user class "cidboot-firmware"), TFTP: boot.ipxe, then the
-   kernel, initrd(s) and boot config it names;
-3. measure L1: code_hash = code_hash_of_blobs([kernel, initrd]), config descriptor = the boot
-   config bytes, mode NORMAL; DICE main flow -> CDI_1 and the L1 certificate;
+   kernel, initrd(s) and boot config it names; not the kernel when the script's hint
+   (`#cidboot kernel-sha512=`) names the kernel already running (firmware.netboot.reuses_running_kernel);
+3. measure L1: code_hash = code_hash_of_blobs([kernel, initrd]) (the running kernel's SHA-512 when
+   it was not fetched: what runs is what is measured), config descriptor = the boot config bytes,
+   mode NORMAL; DICE main flow -> CDI_1 and the L1 certificate;
 4. wipe CDI_0 and hand over to L1 (cidboot.stage.switch_root.hand_over): in this kernel when the
    bootstrap's kernel is byte-identical to ours (switch_root into its initramfs, the hand-off
    as files, qemu_fw_cfg unloaded), else kexec with the hand-off appended to its initrd.
