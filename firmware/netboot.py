@@ -8,6 +8,8 @@ real boot server (tests/unit/test_firmware_netboot.py).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import time
 from collections.abc import Callable
@@ -102,6 +104,10 @@ class BootSpec:
     kernel: str
     cmdline: str
     initrds: tuple[str, ...] = field(default_factory=tuple)
+    #: the server's hint (`#cidboot kernel-sha512=HEX`, a comment iPXE skips): the SHA-512 of the
+    #: kernel at `kernel`. Untrusted: it only lets the firmware skip downloading a kernel it is
+    #: already running (`reuses_running_kernel`); what is measured is what then runs.
+    kernel_sha512: bytes | None = None
 
     @property
     def config_url(self) -> str | None:
@@ -113,6 +119,20 @@ class BootSpec:
 
 
 _VAR = re.compile(r"\$\{([^}]*)\}")
+HINT_PREFIX = "#cidboot kernel-sha512="  # bootstrap.server.serve.ipxe_script writes it
+
+
+def parse_hint(line: str) -> bytes | None:
+    """The kernel SHA-512 of a `#cidboot kernel-sha512=HEX` comment, or None for any other line
+    (a malformed hint is no hint: it can only ever save a download, never change a decision)."""
+    line = line.strip()
+    if not line.startswith(HINT_PREFIX):
+        return None
+    try:
+        value = bytes.fromhex(line[len(HINT_PREFIX):])
+    except ValueError:
+        return None
+    return value if len(value) == 64 else None
 
 
 def expand(text: str, variables: dict[str, str]) -> str:
@@ -141,10 +161,13 @@ def parse_script(script: str, variables: dict[str, str]) -> BootSpec:
     lines = script.splitlines()
     if not lines or not lines[0].strip().startswith("#!ipxe"):
         raise ScriptError("not an iPXE script (no #!ipxe first line)")
-    kernel, cmdline, initrds = None, "", []
+    kernel, cmdline, initrds, hint = None, "", [], None
     for n, line in enumerate(lines[1:], start=2):
         words = line.split(None, 1)
-        if not words or words[0].startswith("#") or words[0] in ("echo", "boot"):
+        if words and words[0].startswith("#"):
+            hint = parse_hint(line) or hint
+            continue
+        if not words or words[0] in ("echo", "boot"):
             continue
         cmd, rest = words[0], words[1] if len(words) > 1 else ""
         if cmd in ("kernel", "chain", "imgexec"):
@@ -165,23 +188,53 @@ def parse_script(script: str, variables: dict[str, str]) -> BootSpec:
         raise ScriptError("the script names no kernel")
     for url in (kernel, *initrds):
         tftp_url(url)
-    return BootSpec(kernel, cmdline.strip(), tuple(initrds))
+    return BootSpec(kernel, cmdline.strip(), tuple(initrds), hint)
 
 
 @dataclass(frozen=True)
 class Fetched:
-    """Everything fetched for the next stage, as bytes, with the time each took."""
+    """Everything fetched for the next stage, as bytes, with the time each took. `kernel` is None
+    when it was not fetched because it is the kernel already running (`reuses_running_kernel`):
+    `running_kernel` is then that kernel's SHA-512, from this image's own kernel.sha512."""
 
     script: bytes
     spec: BootSpec
-    kernel: bytes
+    kernel: bytes | None
     initrd: bytes
     bootconfig: bytes
     timings: dict[str, float] = field(default_factory=dict, compare=False)
+    running_kernel: bytes | None = None
+
+    def kernel_sha512(self) -> bytes:
+        """The SHA-512 of the kernel the next stage runs on: the fetched bytes', or the running one's."""
+        if self.kernel is not None:
+            return hashlib.sha512(self.kernel).digest()
+        if self.running_kernel is None:
+            raise NetbootError("no kernel: neither fetched nor the running one")
+        return self.running_kernel
 
 
-def fetch_boot(net: Network, *, boot_file: str | None = None, **tftp_kw: object) -> Fetched:
-    """Fetch the script the DHCP server named, then its kernel, initrds and boot config."""
+def reuses_running_kernel(spec: BootSpec, running: bytes | None, running_cmdline: str | None,
+                          forced: bool = False) -> bool:
+    """True when the next stage will run on the kernel already running, so its bytes need not be
+    fetched: the server's hint names this kernel's SHA-512 (`running`, from this image's measured
+    kernel.sha512), its parameters are in effect and no kexec is forced: the same-kernel rule of
+    cidboot.stage.switch_root.decide, checked on the hint instead of on downloaded bytes. A hint
+    that lies only changes which kernel runs: it is this one, and it is what gets measured
+    (docs/boot-chain.md, "Not fetching the running kernel")."""
+    from cidboot.stage.switch_root import kernel_params
+
+    if forced or running is None or spec.kernel_sha512 is None or running_cmdline is None:
+        return False
+    if not kernel_params(spec.cmdline) <= kernel_params(running_cmdline):
+        return False
+    return hmac.compare_digest(spec.kernel_sha512, running)
+
+
+def fetch_boot(net: Network, *, boot_file: str | None = None, running: bytes | None = None,
+               running_cmdline: str | None = None, forced: bool = False, **tftp_kw: object) -> Fetched:
+    """Fetch the script the DHCP server named, then its kernel, initrds and boot config. The
+    kernel is not fetched when reuses_running_kernel(spec, running, running_cmdline, forced)."""
     server = net.lease.next_server
     name = boot_file or net.lease.boot_file
     if not name:
@@ -213,9 +266,10 @@ def fetch_boot(net: Network, *, boot_file: str | None = None, **tftp_kw: object)
     except UnicodeDecodeError:
         raise ScriptError(f"{name}: not UTF-8 text") from None
     spec = parse_script(text, ipxe_variables(net.mac, net.lease.ip, server))
-    kernel = get("kernel", spec.kernel)
+    reuse = reuses_running_kernel(spec, running, running_cmdline, forced)
+    kernel = None if reuse else get("kernel", spec.kernel)
     initrd = b"".join(get("initrd", u) for u in spec.initrds)
     if spec.config_url is None:
         raise NetbootError("the kernel command line names no boot config (cidboot.config=tftp://...)")
     bootconfig = get("bootconfig", spec.config_url)
-    return Fetched(script, spec, kernel, initrd, bootconfig, t)
+    return Fetched(script, spec, kernel, initrd, bootconfig, t, running if reuse else None)

@@ -3,9 +3,11 @@
 1. read CDI_0 + the chain [root, cert L0] from the DICE engine (QEMU fw_cfg `opt/cidboot/dice`);
    without it, refuse and power off: an unmeasured L0 must not pretend to measure anything;
 2. NIC up, DHCP as a PXE client (user class "cidboot-firmware"), TFTP: boot.ipxe, then the
-   kernel, initrd(s) and boot config it names;
-3. measure L1: code_hash = code_hash_of_blobs([kernel, initrd]), config descriptor = the boot
-   config bytes, mode NORMAL; DICE main flow -> CDI_1 and the L1 certificate;
+   kernel, initrd(s) and boot config it names; not the kernel when the script's hint
+   (`#cidboot kernel-sha512=`) names the kernel already running (firmware.netboot.reuses_running_kernel);
+3. measure L1: code_hash = code_hash_of_blobs([kernel, initrd]) (the running kernel's SHA-512 when
+   it was not fetched: what runs is what is measured), config descriptor = the boot config bytes,
+   mode NORMAL; DICE main flow -> CDI_1 and the L1 certificate;
 4. wipe CDI_0 and hand over to L1 (cidboot.stage.switch_root.hand_over): in this kernel when the
    bootstrap's kernel is byte-identical to ours (switch_root into its initramfs, the hand-off
    as files, qemu_fw_cfg unloaded), else kexec with the hand-off appended to its initrd.
@@ -15,6 +17,8 @@ Every failure prints one clear console line and powers off.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ from pathlib import Path
 from cidboot.stage import events, pid1
 from cidboot.stage.console import StageRefused, say, wipe
 from cidboot.stage.handoff import Handoff
+from firmware import netboot
 from firmware.netboot import Fetched, Network, fetch_boot, network_up
 
 FW_CFG_HANDOVER = "/sys/firmware/qemu_fw_cfg/by_name/opt/cidboot/dice/raw"
@@ -57,7 +62,7 @@ def measure_and_derive(engine: bytes | bytearray, fetched: Fetched) -> Measured:
         main_flow,
     )
     from cidboot.trust.dice.chain import HandoverError
-    from cidboot.trust.measure import code_hash_of_blobs
+    from cidboot.trust.measure import code_hash_of_parts
 
     raw = bytes(engine)
     try:
@@ -66,7 +71,8 @@ def measure_and_derive(engine: bytes | bytearray, fetched: Fetched) -> Measured:
         raise Refused(f"DICE handover from the engine: {e}") from None
     finally:
         wipe(raw)
-    code_hash = code_hash_of_blobs([fetched.kernel, fetched.initrd])
+    # = code_hash_of_blobs([kernel, initrd]); the kernel's hash is the running kernel's when it was not fetched
+    code_hash = code_hash_of_parts([fetched.kernel_sha512(), hashlib.sha512(fetched.initrd).digest()])
     inputs = DiceInputs(code_hash=code_hash, config_value=None, config_descriptor=fetched.bootconfig,
                         mode=DiceMode.NORMAL)
     from cidboot.stage.switch_root import check_probes, debug_build
@@ -101,8 +107,12 @@ def run(fw_cfg: str | Path = FW_CFG_HANDOVER, *, kexec: bool = True) -> Measured
         t = time.monotonic()
         net: Network = network_up(log=lambda m: print(f"cidboot: firmware: {m}", file=sys.stderr, flush=True))
         timings["net+dhcp"] = time.monotonic() - t
+        from cidboot.stage.switch_root import kexec_forced, proc_cmdline, running_kernel_sha512
+
         t = time.monotonic()
-        fetched = fetch_boot(net)
+        # the bootstrap's kernel is not downloaded when the server's hint names the one running
+        fetched = fetch_boot(net, running=running_kernel_sha512(), running_cmdline=proc_cmdline(),
+                             forced=kexec_forced())
         timings["tftp"] = time.monotonic() - t
         t = time.monotonic()
         m = measure_and_derive(engine, fetched)
@@ -111,16 +121,35 @@ def run(fw_cfg: str | Path = FW_CFG_HANDOVER, *, kexec: bool = True) -> Measured
         wipe(engine)
     detail = " ".join(f"{k}={v:.2f}s" for k, v in timings.items())
     files = " ".join(f"{k}={v:.2f}s" for k, v in fetched.timings.items())
-    print(f"cidboot: firmware: ip={net.lease.ip} kernel={len(fetched.kernel)}B initrd={len(fetched.initrd)}B "
+    kernel_note = f"{len(fetched.kernel)}B" if fetched.kernel is not None else "running"
+    print(f"cidboot: firmware: ip={net.lease.ip} kernel={kernel_note} initrd={len(fetched.initrd)}B "
           f"{detail} ({files}) total={time.monotonic() - t0:.2f}s", flush=True)
     say(f"cidboot-stage: firmware handover code={m.code_hash.hex()[:16]}")
     events.emit("firmware", "handover", bootconfig=fetched.bootconfig, code=m.code_hash.hex(), ip=net.lease.ip)
     if kexec:  # same kernel: switch_root into the bootstrap's initramfs; else kexec (cidboot.stage.switch_root)
-        from cidboot.stage.switch_root import hand_over, kexec_forced
+        from cidboot.stage.switch_root import hand_over, hand_over_running
 
-        hand_over(fetched.kernel, fetched.initrd, fetched.spec.cmdline, m.handoff, forced=kexec_forced(),
-                  log=lambda msg: print(f"cidboot: firmware: {msg}", file=sys.stderr, flush=True))
+        def log(msg: str) -> None:
+            print(f"cidboot: firmware: {msg}", file=sys.stderr, flush=True)
+
+        if fetched.kernel is None:  # the running kernel, by the hint: nothing to hash, nothing to compare
+            hand_over_running(fetched.initrd, fetched.spec.cmdline, m.handoff, lambda: fetch_measured_kernel(fetched),
+                              log=log)
+        else:
+            hand_over(fetched.kernel, fetched.initrd, fetched.spec.cmdline, m.handoff, forced=kexec_forced(), log=log)
     return m
+
+
+def fetch_measured_kernel(fetched: Fetched) -> bytes:
+    """The bootstrap's kernel over TFTP after all, for a kexec (its initramfs cannot be unpacked
+    here). It must be the kernel L1 was measured with, the running one the hint named: a server
+    whose hint lied about it is refused, as the measurement would not describe what runs."""
+    host, port, path = netboot.tftp_url(fetched.spec.kernel)
+    kernel = netboot.tftp_get(host, path, port=port)
+    if not hmac.compare_digest(hashlib.sha512(kernel).digest(), fetched.kernel_sha512()):
+        raise Refused(f"tftp://{host}/{path}: not the kernel the boot script's hint named and L1 was measured "
+                      "with (the running one); refusing to kexec it")
+    return kernel
 
 
 def main(fw_cfg: str | Path = FW_CFG_HANDOVER) -> None:

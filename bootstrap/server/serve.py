@@ -15,6 +15,7 @@ fetched from the upstream gateways, so a new site's boot server starts empty.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import threading
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bootstrap.bootfiles import KERNEL_NAME
 from bootstrap.server import fleet
 from bootstrap.server.devices import Devices
 from bootstrap.server.dhcp_server import DEFAULT_BOOT_FILES, HTTP_BOOT_PREFIX, DhcpConfig, DhcpServer, Pool
@@ -55,17 +57,24 @@ class BadCmdline(FormatError):
     """A kernel command line that cannot go into boot.ipxe as it is."""
 
 
-def ipxe_script(ip: str, cmdline: str = DEFAULT_BOOTSTRAP_CMDLINE) -> str:
+def ipxe_script(ip: str, cmdline: str = DEFAULT_BOOTSTRAP_CMDLINE, kernel_sha512: bytes | None = None) -> str:
     """boot.ipxe: the bootstrap's kernel and initrd with this device's config URL and the
     bootstrap's own kernel parameters (`cmdline`, its manifest's). They must be the bootstrap
     manifest's: the bootstrap keeps the running kernel for the next stage only if every parameter
     that stage asks for is already in effect (cidboot.stage.switch_root.decide), so parameters
     missing here send every BIOS iPXE boot to kexec. Refuses what iPXE would read as more than
-    arguments: a line break (a new script command) or `$` (an iPXE setting expanded in place)."""
+    arguments: a line break (a new script command) or `$` (an iPXE setting expanded in place).
+    `kernel_sha512` (the served kernel's) goes in as a comment iPXE skips, `#cidboot
+    kernel-sha512=HEX`: our firmware then need not download a kernel it is already running
+    (firmware.netboot.reuses_running_kernel; a wrong hint fails appraisal, never passes it)."""
     if any(c in cmdline for c in "\r\n$") or any(w.startswith("cidboot.config=") for w in cmdline.split()):
         raise BadCmdline(f"bootstrap command line {cmdline!r} cannot go into boot.ipxe: no line breaks, "
                          "no '$', no cidboot.config= of its own (the server adds the device's)")
-    return IPXE_SCRIPT.format(ip=ip, cmdline=" ".join(cmdline.split()))
+    script = IPXE_SCRIPT.format(ip=ip, cmdline=" ".join(cmdline.split()))
+    if kernel_sha512 is None:
+        return script
+    head, rest = script.split("\n", 1)
+    return f"{head}\n#cidboot kernel-sha512={kernel_sha512.hex()}\n{rest}"
 
 
 @dataclass
@@ -153,6 +162,7 @@ class BootServer:
     def __init__(self, cfg: ServeConfig, store: Blockstore | None = None) -> None:
         self.cfg = cfg
         self._ipxe_script = ipxe_script(cfg.server_ip, cfg.bootstrap_cmdline).encode()  # bad: refused before any bind
+        self._ipxe_hinted: tuple[tuple[int, int, int], bytes] | None = None  # (kernel file stat, script)
         self.metrics = Metrics()
         self.devices = cfg.devices or Devices.empty()
         leases = None
@@ -224,11 +234,30 @@ class BootServer:
             self.metrics.gauge("dhcp_leases_active", self.dhcp.active_leases())
         return 200, "text/plain; version=0.0.4", self.metrics.render().encode()
 
+    def ipxe_script(self) -> bytes:
+        """boot.ipxe with the SHA-512 of the kernel served now (bootstrap/vmlinuz; re-hashed when
+        the file changes: a stale hint would only make firmware boots fail appraisal)."""
+        kernel = self.cfg.boot_files.get(KERNEL_NAME)
+        if kernel is None:
+            return self._ipxe_script
+        try:
+            st = kernel.stat()
+        except OSError:
+            return self._ipxe_script
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._ipxe_hinted
+        if cached is None or cached[0] != key:
+            with open(kernel, "rb") as f:
+                digest = hashlib.file_digest(f, "sha512").digest()
+            cached = self._ipxe_hinted = (key, ipxe_script(self.cfg.server_ip, self.cfg.bootstrap_cmdline,
+                                                           digest).encode())
+        return cached[1]
+
     def generate(self, name: str, peer: tuple[str, int]) -> bytes | Path | None:
         if name in self.cfg.boot_files:  # resolved already: a --tftp-root file overrides the built one
             return self.cfg.boot_files[name]
         if name == "boot.ipxe":
-            return self._ipxe_script
+            return self.ipxe_script()
         if name.startswith("bootconfig/") and name.endswith(".json"):
             mac = name[len("bootconfig/") : -len(".json")].replace("-", ":").lower()
             pol = self.devices.lookup(mac, None)

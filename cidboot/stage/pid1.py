@@ -93,6 +93,15 @@ def finit_module(path: Path) -> None:
         raise Pid1Error(f"finit_module {path.name}: {os.strerror(ctypes.get_errno())}")
 
 
+def loaded_modules(proc_modules: str = "/proc/modules") -> set[str]:
+    """Names of the modules the running kernel has loaded (none when /proc is not there)."""
+    try:
+        with open(proc_modules) as f:
+            return {line.split(" ", 1)[0] for line in f if line.strip()}
+    except OSError:
+        return set()
+
+
 def run_stage(module: str) -> None:
     """Entry of /init: PID-1 set-up, then `module`'s main(); power off on any fatal error.
 
@@ -107,8 +116,10 @@ def run_stage(module: str) -> None:
         listed = Path(MODULE_LIST)
         if listed.is_file():  # the image builder resolved depends= already: load in the listed order
             names = [n for n in listed.read_text().split() if n]
+            running = loaded_modules()
             for n in names:
-                finit_module(Path(MODULE_DIR, f"{n}.ko"))
+                if n not in running:  # after a same-kernel hand-over most are: the kernel would verify each signature again for EEXIST
+                    finit_module(Path(MODULE_DIR, f"{n}.ko"))
             print(f"cidboot: loaded {' '.join(names)}", file=sys.stderr, flush=True)
         __import__(module, fromlist=["main"]).main()
         power_off("stage exited")

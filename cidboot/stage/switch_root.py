@@ -440,6 +440,13 @@ def hand_over(kernel: bytes, initrd: bytes, cmdline: str, handoff: Handoff, *, s
         else:
             say(f"cidboot-stage: handover switch_root files={parsed.files}")
             switch_root(parsed, handoff, secrets=secrets, log=log)
+    kexec_hand_over(kernel, initrd, cmdline, handoff, secrets=secrets)
+
+
+def kexec_hand_over(kernel: bytes, initrd: bytes, cmdline: str, handoff: Handoff, *,
+                    secrets: Iterable[bytearray] = ()) -> None:
+    """The kexec path: the hand-off appended to `initrd` as a cpio, the secrets wiped, kexec.
+    Returns only if kexec_boot does."""
     from cidboot.stage.kexec import kexec_boot
 
     say("cidboot-stage: handover kexec")
@@ -449,6 +456,25 @@ def hand_over(kernel: bytes, initrd: bytes, cmdline: str, handoff: Handoff, *, s
     for s in secrets:
         wipe(s)
     kexec_boot(kernel, with_handoff, cmdline)
+
+
+def hand_over_running(initrd: bytes, cmdline: str, handoff: Handoff, fetch_kernel: Callable[[], bytes], *,
+                      secrets: Iterable[bytearray] = (), log: Callable[[str], None] = lambda _m: None) -> None:
+    """Start the next stage in the running kernel when its kernel's bytes were never fetched,
+    because the stage had already established that they are the running kernel's (by a hash or
+    CID, with the parameters in effect and no kexec forced). Returns only by raising. When the
+    initramfs cannot be unpacked here (a compression this stage cannot read), `fetch_kernel()`
+    fetches the bytes, which must be the kernel the stage measured (the callable checks that and
+    raises otherwise), and the next stage is kexec'ed."""
+    secrets = list(secrets)
+    try:
+        parsed = parse_initramfs(initrd)
+    except UnsupportedCompression as e:
+        log(f"{e}; kexec instead: fetching the kernel")
+    else:
+        say(f"cidboot-stage: handover switch_root files={parsed.files}")
+        switch_root(parsed, handoff, secrets=secrets, log=log)
+    kexec_hand_over(fetch_kernel(), initrd, cmdline, handoff, secrets=secrets)
 
 
 # -- debug builds: what the next stage can reach ----------------------------------------------

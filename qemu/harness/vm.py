@@ -39,6 +39,11 @@ AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
 # `-cpu max` under TCG with the cheap QEMU-defined pointer-authentication algorithm: the
 # architected one (QARMA) costs a large share of TCG's time in a pointer-authenticating kernel
 ARM64_TCG_CPU = "max,pauth-impdef=on"
+# x86_64 under TCG: QEMU's default model with RDRAND, which TCG emulates and every x86 board since
+# ~2012 (and `-cpu host` under KVM) has. Without it the kernel's RNG is not ready when the first
+# stage's Python reads /dev/urandom for its hash seed, and Linux 6.1 then runs its jitter-entropy
+# loop: ~1.2 s of the emulated CPU at every power-on (docs/qemu-harness.md, "Boot benchmark")
+X86_TCG_CPU = "qemu64,+rdrand"
 # firmware="uefi": Debian's ovmf (x86_64, no Secure Boot enforcement); the code is read-only, the
 # variable store a per-guest copy of the template (a guest may write boot entries into it)
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
@@ -66,7 +71,7 @@ class GuestSpec:
     disk: Path | None = None  # raw file as virtio-blk (the bootstrap's NVRAM)
     memory_mib: int = 1024
     accel: str = "tcg"
-    cpu: str | None = None  # default: "host" under KVM (what the accel probe tries), QEMU's own under TCG
+    cpu: str | None = None  # default: "host" under KVM (what the accel probe tries), X86_TCG_CPU / ARM64_TCG_CPU under TCG
     # A guest reset ends QEMU instead of rebooting: our stages reset only when they die (panic=-1),
     # and a dead guest must end the wait rather than loop. kexec is not a reset (the kernel jumps
     # to the next one in place), so hand-overs are unaffected; tests/e2e/test_firmware_qemu.py kexecs
@@ -115,7 +120,7 @@ class GuestSpec:
                 raise GuestError(f"{self.name}: firmware uefi needs its OVMF_VARS copy (uefi_vars)")
             a += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={self.firmware_files()[0]}",
                   "-drive", f"if=pflash,format=raw,unit=1,file={self.uefi_vars}"]
-        cpu = self.cpu or ("host" if self.accel == "kvm" else ARM64_TCG_CPU if arm64 else None)
+        cpu = self.cpu or ("host" if self.accel == "kvm" else ARM64_TCG_CPU if arm64 else X86_TCG_CPU)
         if cpu:
             a += ["-cpu", cpu]
         if self.kernel is not None:

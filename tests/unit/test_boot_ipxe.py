@@ -78,3 +78,28 @@ def test_the_cmdline_comes_from_the_build_result_else_the_flow(tmp_path: Path) -
 def test_what_ipxe_would_read_as_more_than_arguments_is_refused(cmdline: str, why: str) -> None:
     with pytest.raises(BadCmdline, match=why):
         ipxe_script("10.77.0.1", cmdline)
+
+
+def test_the_served_script_hints_the_served_kernel_and_follows_a_changed_file(tmp_path: Path) -> None:
+    """boot.ipxe names the SHA-512 of the kernel the server serves now (re-hashed when the file
+    changes), so the firmware never skips a download on a stale hint; no kernel, no hint."""
+    import os
+    from types import SimpleNamespace
+
+    from bootstrap.server.serve import BootServer
+
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(KERNEL)
+    cfg = SimpleNamespace(boot_files={bootfiles.KERNEL_NAME: kernel}, server_ip="10.77.0.1",
+                          bootstrap_cmdline=hello_cmdline())
+    srv = SimpleNamespace(cfg=cfg, _ipxe_script=ipxe_script("10.77.0.1", hello_cmdline()).encode(), _ipxe_hinted=None)
+
+    def hint() -> bytes | None:
+        return parse_script(BootServer.ipxe_script(srv).decode(), ipxe_variables(MAC)).kernel_sha512  # type: ignore[arg-type]
+
+    assert hint() == RUNNING
+    kernel.write_bytes(KERNEL + b" rebuilt")
+    os.utime(kernel, ns=(1, 1))  # a new mtime even within the filesystem's timestamp granularity
+    assert hint() == hashlib.sha512(KERNEL + b" rebuilt").digest()
+    cfg.boot_files = {}
+    assert hint() is None

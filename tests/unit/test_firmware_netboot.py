@@ -92,3 +92,93 @@ def test_boot_server_gives_the_firmware_user_class_the_script() -> None:
     assert file_for(b"iPXE") == "boot.ipxe"
     assert file_for(None) == "bootstrap-x86_64.efi"  # a plain UEFI PXE ROM loads the bootstrap UKI, no iPXE
     assert file_for(b"cidboot-firmware-x") == "bootstrap-x86_64.efi"
+
+
+# -- the kernel hint: not downloading the kernel the firmware is already running ----------------
+
+KERNEL = b"MZ the kernel the firmware runs " * 64
+OTHER = b"MZ a different kernel " * 64
+INITRD = b"the bootstrap's initrd"
+CMDLINE = "console=ttyS0 quiet no_timer_check"
+SERVER_FILES = {"boot.ipxe": b"", "bootstrap/vmlinuz": KERNEL, "bootstrap/initrd.img": INITRD,
+                "bootconfig/52-54-00-12-34-56.json": b'{"version":1}'}
+
+
+def sha512(b: bytes) -> bytes:
+    import hashlib
+
+    return hashlib.sha512(b).digest()
+
+
+def serve_files(monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes], hint: bytes | None) -> list[str]:
+    """netboot.tftp_get answered from `files`, boot.ipxe the server's own script with `hint`."""
+    fetched: list[str] = []
+    script = ipxe_script("10.77.0.1", CMDLINE, hint).encode()
+
+    def get(host: str, path: str, **_kw: object) -> bytes:
+        fetched.append(path)
+        return script if path == "boot.ipxe" else files[path]
+
+    monkeypatch.setattr(netboot, "tftp_get", get)
+    return fetched
+
+
+def network() -> netboot.Network:
+    from cidboot.netboot.dhcp_client import Lease
+
+    lease = Lease("10.77.0.100", 24, "255.255.255.0", "10.77.0.1", "10.77.0.1", "boot.ipxe")
+    return netboot.Network("eth0", MAC, lease)
+
+
+def test_the_servers_script_carries_the_kernel_hint_iPXE_skips() -> None:
+    text = ipxe_script("10.77.0.1", CMDLINE, sha512(KERNEL))
+    assert text.splitlines()[0] == "#!ipxe" and text.splitlines()[1].startswith("#")  # a comment to iPXE
+    spec = parse_script(text, ipxe_variables(MAC, "10.77.0.100", "10.77.0.1"))
+    assert spec.kernel_sha512 == sha512(KERNEL)
+    assert spec == BootSpec("tftp://10.77.0.1/bootstrap/vmlinuz", spec.cmdline,
+                            ("tftp://10.77.0.1/bootstrap/initrd.img",), sha512(KERNEL))
+    for bad in ("#cidboot kernel-sha512=zz", "#cidboot kernel-sha512=" + "ab" * 32, "# kernel-sha512=" + "ab" * 64):
+        assert netboot.parse_hint(bad) is None  # malformed or short: no hint, the kernel is downloaded
+
+
+def test_the_running_kernel_is_reused_only_when_the_hint_parameters_and_knob_allow() -> None:
+    spec = parse_script(ipxe_script("10.77.0.1", CMDLINE, sha512(KERNEL)), ipxe_variables(MAC))
+    running, cmdline = sha512(KERNEL), f"{CMDLINE} panic=-1"
+    assert netboot.reuses_running_kernel(spec, running, cmdline)
+    assert not netboot.reuses_running_kernel(spec, sha512(OTHER), cmdline)  # the hint names another kernel
+    assert not netboot.reuses_running_kernel(spec, None, cmdline)  # this image does not know its kernel
+    assert not netboot.reuses_running_kernel(spec, running, "console=ttyS0")  # parameters not in effect
+    assert not netboot.reuses_running_kernel(spec, running, cmdline, forced=True)
+    unhinted = parse_script(ipxe_script("10.77.0.1", CMDLINE), ipxe_variables(MAC))
+    assert not netboot.reuses_running_kernel(unhinted, running, cmdline)
+
+
+def test_an_honest_hint_skips_the_download_and_measures_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hinted boot measures exactly what the downloading one did: the bootstrap's reference
+    value (code_hash_of_blobs([kernel, initrd])) is the same either way."""
+    fetched_paths = serve_files(monkeypatch, SERVER_FILES, sha512(KERNEL))
+    hinted = netboot.fetch_boot(network(), running=sha512(KERNEL), running_cmdline=CMDLINE)
+    assert hinted.kernel is None and "bootstrap/vmlinuz" not in fetched_paths
+    full = netboot.fetch_boot(network(), running=sha512(OTHER), running_cmdline=CMDLINE)  # not ours: downloaded
+    assert full.kernel == KERNEL and fetched_paths.count("bootstrap/vmlinuz") == 1
+    reference = code_hash_of_blobs([KERNEL, INITRD])
+    assert measure_and_derive(bytearray(engine_handover()), hinted).code_hash == reference
+    assert measure_and_derive(bytearray(engine_handover()), full).code_hash == reference
+
+
+def test_a_lying_hint_measures_the_kernel_that_runs_so_appraisal_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server serves OTHER but hints the firmware's own kernel: the firmware runs its own kernel
+    and measures exactly that, which is not the served bootstrap's reference value."""
+    serve_files(monkeypatch, {**SERVER_FILES, "bootstrap/vmlinuz": OTHER}, sha512(KERNEL))
+    f = netboot.fetch_boot(network(), running=sha512(KERNEL), running_cmdline=CMDLINE)
+    assert f.kernel is None
+    m = measure_and_derive(bytearray(engine_handover()), f)
+    assert m.code_hash == code_hash_of_blobs([KERNEL, INITRD])  # what runs: the running kernel + the initrd
+    assert m.code_hash != code_hash_of_blobs([OTHER, INITRD])  # the served bootstrap's reference: no match
+    # if it must kexec after all (an initramfs it cannot unpack), the served kernel is refused
+    from firmware.stage import fetch_measured_kernel
+
+    with pytest.raises(Refused, match="not the kernel the boot script's hint named"):
+        fetch_measured_kernel(f)
+    serve_files(monkeypatch, SERVER_FILES, sha512(KERNEL))
+    assert fetch_measured_kernel(f) == KERNEL

@@ -122,3 +122,52 @@ def test_a_uefi_started_bootstrap_posts_its_start_event_once_it_has_its_boot_con
                 break
         time.sleep(0.2)
     assert kinds[:2] == ["bootstrap start", "bootstrap handover"], kinds
+
+
+def _one_answer(answer: bytes, keep_open: bool) -> tuple[str, list[bytes]]:
+    """A TCP server answering one request with `answer` (and then holding the connection open)."""
+    import socket
+    import threading
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    got: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            got.append(data)
+            conn.sendall(answer)
+            if keep_open:
+                conn.recv(1)  # until the client closes
+        srv.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}/api/events", got
+
+
+def test_plain_http_posts_read_the_answer_by_its_length_without_http_client() -> None:
+    """The guests post events over a socket of their own (no http.client: email + ssl at start-up)."""
+    from cidboot.stage import events
+
+    url, got = _one_answer(b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\nhello", keep_open=True)
+    t0 = time.monotonic()
+    assert events._request(url, b"body", timeout=5) == (201, b"hello")
+    assert time.monotonic() - t0 < 4  # by Content-Length, not by waiting for the close
+    assert got[0].startswith(b"POST /api/events HTTP/1.1\r\n") and b"Content-Length: 4\r\n" in got[0]
+    url, _ = _one_answer(b"garbage\r\n\r\n", keep_open=False)
+    assert events._request(url, b"", timeout=5) is None  # no status line: retried later
+    url, _ = _one_answer(b"HTTP/1.0 409 Conflict\r\n\r\nsession unknown", keep_open=False)
+    assert events._request(url, b"", timeout=5) == (409, b"session unknown")  # no length: read to close
+
+
+def test_the_events_module_does_not_import_http_client_at_start() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, cidboot.stage.events, firmware.stage; print(sorted(m for m in ('http.client', 'email', 'ssl') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]"

@@ -32,3 +32,13 @@ def test_syscall_numbers_are_known_for_both_machines_and_refused_elsewhere(monke
     monkeypatch.setattr(os, "uname", lambda: riscv)
     with pytest.raises(syscalls.SyscallError, match="finit_module: unsupported machine riscv64"):
         syscalls.number("finit_module")
+
+
+def test_modules_already_loaded_are_read_from_proc_modules(tmp_path: object) -> None:
+    """run_stage skips finit_module for these (after a same-kernel hand-over the NIC's are loaded)."""
+    from pathlib import Path
+
+    p = Path(str(tmp_path)) / "modules"
+    p.write_text("virtio_net 61440 0 - Live 0x0000000000000000\nnet_failover 20480 1 virtio_net, Live 0x0\n\n")
+    assert pid1.loaded_modules(str(p)) == {"virtio_net", "net_failover"}
+    assert pid1.loaded_modules(str(p.with_name("absent"))) == set()

@@ -268,6 +268,36 @@ def test_an_unreadable_compression_falls_back_to_kexec(fakes: dict[str, Any]) ->
     assert "switch_root" not in fakes and fakes["kexec"][0] == KERNEL
 
 
+def test_a_kernel_known_to_be_the_running_one_is_never_fetched_for_a_switch_root(fakes: dict[str, Any]) -> None:
+    """hand_over_running (the firmware with the server's kernel hint): no kernel bytes, no hash."""
+    calls: list[int] = []
+    secret = bytearray(b"\x42" * 32)
+
+    def fetch() -> bytes:
+        calls.append(1)
+        return KERNEL
+
+    sr.hand_over_running(image_initrd(), "", handoff(), fetch, secrets=[secret])
+    parsed, _h, kw = fakes["switch_root"]
+    assert parsed.files == 5 and kw["secrets"] == [secret]
+    # the fake returned, as a failed switch_root would raise: kexec of the fetched kernel, never nothing
+    assert calls == [1] and fakes["kexec"][0] == KERNEL
+
+
+def test_the_running_kernel_is_fetched_for_a_kexec_and_a_refusal_stops_it(fakes: dict[str, Any]) -> None:
+    zstd = b"\x28\xb5\x2f\xfd" + b"\0" * 64
+    sr.hand_over_running(zstd, "quiet", handoff(), lambda: KERNEL)
+    assert "switch_root" not in fakes and fakes["kexec"][0] == KERNEL and fakes["kexec"][2] == "quiet"
+    del fakes["kexec"]
+
+    def wrong() -> bytes:
+        raise sr.SwitchRootError("not the measured kernel")
+
+    with pytest.raises(sr.SwitchRootError):
+        sr.hand_over_running(zstd, "", handoff(), wrong)
+    assert "kexec" not in fakes
+
+
 # -- debug builds: the handover check -------------------------------------------------------------
 
 

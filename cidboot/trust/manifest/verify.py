@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +123,8 @@ class TrustState:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        import tempfile  # here: tempfile pulls in shutil, random, bz2, lzma; the guests keep their state in NVRAM
+
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-")
         with os.fdopen(fd, "w") as f:
             json.dump(self._doc(), f, indent=1)
