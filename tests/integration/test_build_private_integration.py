@@ -130,6 +130,11 @@ def test_private_build_publishes_no_plaintext(hello: Path, tmp_path: Path) -> No
                                                           sha256=lyr.plaintext.sha256, size=lyr.plaintext.size))
         assert any(MARKER in data for data in _files(plain["operations"]).values())
         flow_block = _files(plain["config"])[carried.FLOW_PATH]
+        # the image records its kernel layer's SHA-256, which is the signed plaintext hash: a bootstrap
+        # running this kernel knows an encrypted kernel layer is its own (docs/boot-chain.md)
+        kernel_layer = m.layers[0]
+        assert kernel_layer.role == "kernel" and kernel_layer.plaintext is not None
+        assert _files(plain["config"])["etc/cidboot/kernel.sha256"] == kernel_layer.plaintext.sha256.hex().encode() + b"\n"
         assert dagcbor.decode(flow_block)["operations"]["hello"]["implementation"] == "ops:hello"
         assert m.measurements["image"] == image_code_hash(m)
 
