@@ -155,7 +155,7 @@ def test_an_encrypted_running_kernel_layer_is_not_fetched_nor_decrypted(tmp_path
     signed = _publish(store, broker=broker)
     kernel = signed.manifest.layers[0]
     assert kernel.role == "kernel" and kernel.plaintext is not None
-    running = {"running_kernel_sha256": hashlib.sha256(PLAIN["kernel"]).digest(),
+    running: dict[str, Any] = {"running_kernel_sha256": hashlib.sha256(PLAIN["kernel"]).digest(),
                "running_cmdline": "console=ttyS0 quiet"}
     paths: list[str] = []
 
