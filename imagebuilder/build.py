@@ -52,6 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 COMPONENT = {"image": "agent", "bootstrap": "bootstrap", "firmware": "firmware"}
 KERNEL_SHA512_PATH = "etc/cidboot/kernel.sha512"  # read by cidboot.stage.switch_root.RUNNING_KERNEL
 KERNEL_CID_PATH = "etc/cidboot/kernel.cid"  # read by bootstrap.stage.verify.RUNNING_KERNEL_CID
+KERNEL_SHA256_PATH = "etc/cidboot/kernel.sha256"  # read by bootstrap.stage.verify.RUNNING_KERNEL_SHA256
 # each target's stage entry: /init calls its main() (cidboot.stage.pid1.run_stage), and the image
 # ships the import closure of this module (plus pid1 and the flow's operations), nothing else of the
 # component: no CLI, no boot server, no host tool (tests/unit/test_image_closure.py)
@@ -408,9 +409,13 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     # (the plaintext kernel layer's CID, also in an encrypted image: the config layer's bytes, hence the
     # image measurement, must not depend on the flow secret)
     kernel_cid = str(built["kernel"].cid)
+    # and its SHA-256: what an encrypted image's manifest signs as the kernel layer's plaintext hash,
+    # so the bootstrap can tell a next stage's encrypted kernel layer is its own kernel too
+    kernel_sha256 = hashlib.sha256(built["kernel"].data).hexdigest()
     config_inputs: dict[str, object] = {
         "flow": hashlib.sha256(flow_json).hexdigest(), "files": _sources_digest(list(files.values())),
-        "dests": sorted(files), "kernel_sha512": kernel_sha512, "kernel_cid": kernel_cid}
+        "dests": sorted(files), "kernel_sha512": kernel_sha512, "kernel_cid": kernel_cid,
+        "kernel_sha256": kernel_sha256}
     # an encrypted image carries its plain flow block (the manifest names the ciphertext's CID: carried.py)
     carry = [initramfs.Entry.file(carried.FLOW_PATH, flow_block)] if secret is not None else []
     if carry:
@@ -418,7 +423,8 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     layer("config", config_inputs,
           lambda: compress(archive_bytes([initramfs.Entry.file("etc/cidboot/flow.json", flow_json),
                                           initramfs.Entry.file(KERNEL_SHA512_PATH, kernel_sha512.encode() + b"\n"),
-                                          initramfs.Entry.file(KERNEL_CID_PATH, kernel_cid.encode() + b"\n")]
+                                          initramfs.Entry.file(KERNEL_CID_PATH, kernel_cid.encode() + b"\n"),
+                                          initramfs.Entry.file(KERNEL_SHA256_PATH, kernel_sha256.encode() + b"\n")]
                                          + carry + initramfs.data_entries(files), epoch), comp))
 
     sink = _Collect()

@@ -150,7 +150,7 @@ def fetch_bootconfig(cmdline_path: str | Path = "/proc/cmdline", dhcp_url: str |
 def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, store_dir: str | Path | None,
             cmdline_path: str | Path, network: bool = True, now: int | None = None) -> tuple[BootPlan, BootConfig]:
     """One try: network, boot config, prepare. Raises Refused (or any CidbootError/OSError)."""
-    from bootstrap.stage.verify import running_kernel_cid
+    from bootstrap.stage.verify import running_kernel_cid, running_kernel_sha256
     from cidboot.stage.switch_root import kexec_forced, proc_cmdline
     from cidboot.store.blockstore import Blockstore, MemoryBlockstore
 
@@ -169,11 +169,13 @@ def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, st
     dice = bytes(start.dice) if start.dice is not None else None
     nvram = Nvram(nvram_path)
     store = MemoryBlockstore() if store_dir is None else Blockstore(store_dir)
-    running = None if kexec_forced(start.boot, cmdline_path) else running_kernel_cid()
+    forced = kexec_forced(start.boot, cmdline_path)
+    running = None if forced else running_kernel_cid()
+    running_sha256 = None if forced else running_kernel_sha256()
     try:
         plan = prepare(cfg, raw, dice, boot_mode=start.boot_mode, anchor=anchor, nvram=nvram,
                        store=store, now=now, carry_dice=carry, running_kernel=running,
-                       running_cmdline=proc_cmdline(cmdline_path),
+                       running_cmdline=proc_cmdline(cmdline_path), running_kernel_sha256=running_sha256,
                        device_id=start.tpm.device_id if start.tpm is not None else None, tpm=start.tpm)
     finally:
         if dice is not None:
@@ -259,8 +261,9 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
 def same_kernel(plan: BootPlan, cfg: BootConfig) -> bytes:
     """Hand over in the running kernel, whose bytes were not fetched (verify.reuses_running_kernel).
     Returns only when the image's initramfs cannot be unpacked here (a compression this stage
-    cannot read): then with the kernel layer's bytes, fetched and verified now, for a kexec."""
-    from bootstrap.stage.verify import fetch_layer
+    cannot read): then with the kernel layer's bytes, fetched and verified now (an encrypted layer
+    also decrypted with the key kept for this, and checked against its plaintext hash), for a kexec."""
+    from bootstrap.stage.verify import Refused, fetch_layer
     from cidboot.stage.switch_root import UnsupportedCompression, parse_initramfs, switch_root
     from cidboot.store.blockstore import MemoryBlockstore
 
@@ -274,7 +277,19 @@ def same_kernel(plan: BootPlan, cfg: BootConfig) -> bytes:
     assert plan.kernel_cid is not None
     kernel = fetch_layer(plan.manifest, plan.kernel_cid, cfg.gateways, MemoryBlockstore())
     assert kernel is not None
-    return kernel
+    layer = next(lyr for lyr in plan.manifest.layers if lyr.cid == plan.kernel_cid)
+    if layer.plaintext is None:
+        return kernel
+    from cidboot.errors import CidbootError
+    from cidboot.trust.private.keys import decrypt_layer
+
+    if plan.kernel_key is None:
+        raise Refused("decrypt", f"kernel layer {plan.kernel_cid}: encrypted, and no key was kept for it")
+    try:
+        return b"".join(decrypt_layer(plan.kernel_key, [kernel], sha256=layer.plaintext.sha256,
+                                      size=layer.plaintext.size))
+    except CidbootError as e:
+        raise Refused("decrypt", f"kernel layer {plan.kernel_cid}: {type(e).__name__}: {e}") from None
 
 
 def describe(e: Exception) -> str:

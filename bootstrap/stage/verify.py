@@ -13,9 +13,10 @@ unverified is ever handed on:
    before the rest is fetched (check_layer), then the DAG through cidboot.store.gateway.client.fetch
    as one CAR into RAM (every block hashed once, as it arrives; a lying gateway is dropped, the
    next one tried), then the exact bytes checked again. The kernel layer stops after its root
-   block when its CID is the running kernel's (/etc/cidboot/kernel.cid, in this image's measured
-   initrd) and the same-kernel hand-over will be taken: those bytes are already running, and
-   what is measured (the manifest, which names the CID) does not change (docs/boot-chain.md,
+   block when it is the running kernel (a plain layer: its CID is /etc/cidboot/kernel.cid; an
+   encrypted one: its signed plaintext SHA-256 is /etc/cidboot/kernel.sha256; both in this image's
+   measured initrd) and the same-kernel hand-over will be taken: those bytes are already running,
+   and what is measured (the manifest, which names the CID) does not change (docs/boot-chain.md,
    "Not fetching the running kernel");
 4. measure (cidboot.trust.measure.image_inputs) and derive CDI_2 + the L2 certificate from CDI_1;
    a manifest with encrypted layers (docs/privacy.md) then needs their keys: the bootstrap asks the
@@ -73,6 +74,7 @@ Refused = StageRefused  # check names what failed (e.g. "layer bafy...", "rollba
 
 
 RUNNING_KERNEL_CID = "/etc/cidboot/kernel.cid"  # the CID of the kernel layer this image was built with
+RUNNING_KERNEL_SHA256 = "/etc/cidboot/kernel.sha256"  # that layer's SHA-256 (an encrypted layer's plaintext hash)
 
 
 SHA256_SAMPLE = 4 << 20  # bytes of ciphertext hashed as the reference figure of a private boot
@@ -95,6 +97,9 @@ class BootPlan:
     timings: dict[str, float] = field(default_factory=dict)
     kernel_cid: CID | None = None
     unlocked: Unlocked | None = None  # a manifest with encrypted layers: what getting and using the keys cost
+    # an encrypted kernel layer left unfetched (the running kernel): its key, kept for the late kexec
+    # fallback (main.same_kernel) only; the running kernel's plaintext is no secret from this device
+    kernel_key: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -128,17 +133,39 @@ def running_kernel_cid(path: str | Path = RUNNING_KERNEL_CID) -> CID | None:
         return None
 
 
-def reuses_running_kernel(manifest: Manifest, running: CID | None, running_cmdline: str | None) -> bool:
+def running_kernel_sha256(path: str | Path = RUNNING_KERNEL_SHA256) -> bytes | None:
+    """The SHA-256 of the kernel layer the image builder recorded for this image's kernel, or None."""
+    try:
+        digest = bytes.fromhex(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return digest if len(digest) == 32 else None
+
+
+def reuses_running_kernel(manifest: Manifest, running: CID | None, running_cmdline: str | None,
+                          running_sha256: bytes | None = None) -> bool:
     """Whether the manifest's kernel layer is the running kernel and the next stage can start in
-    it (cidboot.stage.switch_root.decide's rule, by CID instead of by the fetched bytes' SHA-512):
-    the same CID (multihash compared) and every kernel parameter the manifest asks for in effect."""
+    it (cidboot.stage.switch_root.decide's rule, by what identifies the bytes instead of by the
+    fetched bytes' SHA-512): a plain layer by its CID (multihash compared with `running`, the
+    running image's kernel.cid); an encrypted layer, whose CID is its ciphertext's, by the
+    signed plaintext SHA-256 (compared with `running_sha256`, the running image's kernel.sha256);
+    and every kernel parameter the manifest asks for in effect. Callers pass None for both when a
+    kexec is forced."""
+    import hmac
+
     from cidboot.stage.switch_root import kernel_params
 
-    if running is None or running_cmdline is None:
+    if running_cmdline is None:
         return False
     kernels = [lyr for lyr in manifest.layers if lyr.role == "kernel"]
-    return (len(kernels) == 1 and kernels[0].cid.multihash == running.multihash
-            and kernel_params(manifest.cmdline) <= kernel_params(running_cmdline))
+    if len(kernels) != 1:
+        return False
+    k = kernels[0]
+    if k.plaintext is None:
+        same = running is not None and k.cid.multihash == running.multihash
+    else:
+        same = running_sha256 is not None and hmac.compare_digest(k.plaintext.sha256, running_sha256)
+    return same and kernel_params(manifest.cmdline) <= kernel_params(running_cmdline)
 
 
 def load_anchor(path: str | Path = TRUST_ANCHOR) -> RootOfTrust:
@@ -385,12 +412,15 @@ def key_evidence(next_dice: bytes | None, dice: bytes | None, cid: CID, role: st
 
 
 def unlock(config: BootConfig, cid: CID, manifest: Manifest, blobs: dict[str, bytes | None],
-           evidence: Callable[[bytes], bytes], *, timeout: float = 30.0) -> tuple[dict[str, bytes | None], Unlocked]:
+           evidence: Callable[[bytes], bytes], *, timeout: float = 30.0
+           ) -> tuple[dict[str, bytes | None], Unlocked, bytes | None]:
     """The layer keys from the key broker (`config.keys`), then every encrypted layer decrypted
     in RAM and checked against the manifest's plaintext SHA-256 and size: the blobs with
-    plaintext in place of ciphertext. Refusals: `keys` (no broker configured, unreachable, or it
-    refused: its failing check named), `decrypt` (a layer that does not decrypt or whose plaintext
-    is not the manifest's: the layer's CID named)."""
+    plaintext in place of ciphertext, and the key of an encrypted kernel layer left unfetched (a
+    blob None: the running kernel), kept for a late kexec; every other key is dropped. Refusals:
+    `keys` (no broker configured, unreachable, or it refused: its failing check named), `decrypt`
+    (a layer that does not decrypt or whose plaintext is not the manifest's: the layer's CID
+    named)."""
     import hashlib
 
     from cidboot.trust.private import client
@@ -410,9 +440,12 @@ def unlock(config: BootConfig, cid: CID, manifest: Manifest, blobs: dict[str, by
     t_broker = time.monotonic() - t0
     fetched = {c: b for c, b in blobs.items() if b is not None}
     enc = [c for c in encrypted_layers(manifest) if c in fetched]
+    unfetched = frozenset(c for c, b in blobs.items() if b is None)
     t0 = time.monotonic()
     try:
-        plain = client.decrypt_layers(manifest, fetched, keys)
+        plain = client.decrypt_layers(manifest, fetched, keys, skip=unfetched)
+        kernel_key = next((keys[str(lyr.cid)] for lyr in manifest.layers if lyr.role == "kernel"
+                           and str(lyr.cid) in unfetched and str(lyr.cid) in keys), None)
     except CidbootError as e:  # each names the layer's CID and role (client.decrypt_layers)
         raise Refused("decrypt", f"{type(e).__name__}: {e}") from None
     finally:
@@ -425,18 +458,22 @@ def unlock(config: BootConfig, cid: CID, manifest: Manifest, blobs: dict[str, by
     hashlib.sha256(sample).digest()
     t_sha = time.monotonic() - t0
     out: dict[str, bytes | None] = {c: plain.get(c) if b is not None else None for c, b in blobs.items()}
-    return out, Unlocked(len(enc), sum(len(fetched[c]) for c in enc), t_broker, t_decrypt, t_sha, len(sample))
+    return (out, Unlocked(len(enc), sum(len(fetched[c]) for c in enc), t_broker, t_decrypt, t_sha, len(sample)),
+            kernel_key)
 
 
 def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, boot_mode: str, anchor: RootOfTrust,
             nvram: Nvram, store: AnyStore, now: int | None = None, timeout: float = 10.0,
             carry_dice: bool = True, running_kernel: CID | None = None,
-            running_cmdline: str | None = None, device_id: str | None = None, tpm: Any = None) -> BootPlan:
+            running_cmdline: str | None = None, device_id: str | None = None, tpm: Any = None,
+            running_kernel_sha256: bytes | None = None) -> BootPlan:
     """Steps 1-5 of the module docstring. `dice` is the handover holding CDI_1 (from the firmware,
     or an ephemeral one for an unmeasured boot); `carry_dice=False` leaves dice.cbor out of the
     hand-off (the unmeasured contract, docs/boot-chain.md). `running_kernel` (the running
-    kernel's layer CID; None when a kexec is forced) and `running_cmdline` (/proc/cmdline)
-    let the kernel layer go unfetched when it is the running kernel (reuses_running_kernel).
+    kernel's layer CID; None when a kexec is forced), `running_kernel_sha256` (that layer's
+    SHA-256, for an encrypted kernel layer; None when a kexec is forced) and `running_cmdline`
+    (/proc/cmdline) let the kernel layer go unfetched when it is the running kernel
+    (reuses_running_kernel).
     `tpm` (a TPM-rooted boot's bootstrap.stage.tpm.TpmRoot): with encrypted layers, PCR 15 is
     extended here, before the key request whose quote must cover it (boot.json "tpm" is then set;
     otherwise the caller extends it after `prepare`)."""
@@ -463,9 +500,8 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
     m = signed.manifest
     t["manifest"] = time.monotonic() - t0
     t0 = time.monotonic()
-    # an encrypted kernel layer is fetched: the running kernel is only reused by a plain layer's CID
-    reuse = reuses_running_kernel(m, running_kernel, running_cmdline) and \
-        all(lyr.plaintext is None for lyr in m.layers if lyr.role == "kernel")
+    # a plain kernel layer is the running kernel by its CID, an encrypted one by its plaintext SHA-256
+    reuse = reuses_running_kernel(m, running_kernel, running_cmdline, running_kernel_sha256)
     blobs: dict[str, bytes | None] = {}
     for lyr in m.layers:
         blobs[str(lyr.cid)] = fetch_layer(m, lyr.cid, gws, store, timeout=timeout,
@@ -478,6 +514,7 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
     next_dice = measure(dice, cid, m, signers) if dice is not None and carry_dice else None
     t["measure"] = time.monotonic() - t0
     unlocked = None
+    kernel_key: bytes | None = None
     tpm_boot: dict[str, Any] | None = None
     if encrypted_layers(m):  # keys only now: the evidence is signed with the key derived from CDI_2
         t0 = time.monotonic()
@@ -489,7 +526,7 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
             tpm_boot = stage_tpm.measure(tpm, cid, m)
         evidence = key_evidence(next_dice, dice, cid, config.role, tpm_boot=tpm_boot,
                                 tpm_paths=tpm.device_paths if tpm is not None else None)
-        blobs, unlocked = unlock(config, cid, m, blobs, evidence, timeout=max(timeout, 30.0))
+        blobs, unlocked, kernel_key = unlock(config, cid, m, blobs, evidence, timeout=max(timeout, 30.0))
         t["keys"] = time.monotonic() - t0
     kernel, initrd = assemble(m, blobs, cid)
     try:
@@ -506,4 +543,4 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
     except CidbootError as e:
         raise Refused("handoff", f"for manifest {cid}: {e}") from None
     kernel_cid = next(lyr.cid for lyr in m.layers if lyr.role == "kernel")
-    return BootPlan(cid, m, signers, kernel, initrd, m.cmdline, handoff, t, kernel_cid, unlocked)
+    return BootPlan(cid, m, signers, kernel, initrd, m.cmdline, handoff, t, kernel_cid, unlocked, kernel_key)

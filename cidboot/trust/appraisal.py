@@ -56,6 +56,20 @@ AFFIRMING, WARNING, CONTRAINDICATED, NONE = "affirming", "warning", "contraindic
 _RANK = {AFFIRMING: 0, NONE: 1, WARNING: 2, CONTRAINDICATED: 3}
 LAYER_ORDER = ("firmware", "bootstrap", "image")
 
+# Which failing check is *the* reason (docs/trust.md, "Which failing check a refusal names"): when
+# several checks fail, the most fundamental one explains the others, so a refusal
+# names it first. The order: the evidence can be read (format); it is authentic (the chain, the
+# quote's and the evidence's signatures); it is fresh (nonce, the quote's binding, the replay of
+# the log); how the device booted (measured-boot, debug-mode: an unmeasured or debug boot has no
+# firmware-derived identity, so it also fails `device` and the measurement checks, as effects);
+# who it is (device, the AK's enrolment, the registered role); what code ran (firmware and UKI
+# PCRs, the measurements against the manifest's references); which manifest it booted. A check
+# not listed (a new one) ranks after these, in appraisal order.
+ROOT_CAUSE_ORDER = ("format", "dice-chain", "tpm.quote-signature", "signature", "nonce", "tpm.nonce-binding",
+                    "tpm.replay", "measured-boot", "debug-mode", "device", "tpm.ak-enrolled", "role",
+                    "tpm.firmware", "tpm.pcr4-uki", "tpm.pcr11-sections", "tpm.pcr15-manifest", "measurements",
+                    "manifest")
+
 
 @dataclass
 class CheckResult:
@@ -65,6 +79,14 @@ class CheckResult:
 
     def to_obj(self) -> dict[str, str]:
         return {"check": self.name, "status": self.status, "reason": self.reason}
+
+
+def root_cause_first(checks: list[CheckResult]) -> list[CheckResult]:
+    """`checks` (the failing ones) ordered by ROOT_CAUSE_ORDER, unlisted checks last; ties keep
+    the order they were made in. The first is the check a refusal names (the key broker's
+    decision, the device console's `refused:` line)."""
+    rank = {name: i for i, name in enumerate(ROOT_CAUSE_ORDER)}
+    return sorted(checks, key=lambda c: rank.get(c.name, len(rank)))
 
 
 @dataclass
@@ -89,6 +111,10 @@ class AppraisalResult:
 
     def add(self, name: str, status: str, reason: str) -> None:
         self.checks.append(CheckResult(name, status, reason))
+
+    def failing(self) -> list[CheckResult]:
+        """The checks that are not affirming, root cause first (`root_cause_first`)."""
+        return root_cause_first([c for c in self.checks if c.status != AFFIRMING])
 
     def to_obj(self) -> dict[str, Any]:
         return {"status": self.status, "device_id": self.device_id, "manifest_cid": self.manifest_cid,

@@ -3,13 +3,16 @@ a marker in an operation's source is in no file of the block store `imagebuilder
 no block of the CAR `imagebuilder publish` sends, while the same flow built plain has it (so the
 check can fail); two builds with the same secret give the same manifest CID; another secret gives
 other CIDs but the same image measurement (verifiers need no secret); the image does carry the
-operation and its flow, readable with the layer keys.
+operation and its flow, readable with the layer keys. The private build also names a flow owner
+(flow.yaml `owner:`): the manifest carries it, under its signatures (another recipient swapped in
+breaks them).
 
 Builds use the default layer cache (hello's kernel, runtime and agent layers are shared with the
 other hello builds of a run): a warm encrypted build costs the encryption and hashing of ~30 MB."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +33,8 @@ from cidboot.stage.switch_root import parse_initramfs
 from cidboot.store.blockstore import Blockstore
 from cidboot.trust import keys as signing_keys
 from cidboot.trust.manifest import SignedManifest
+from cidboot.trust.manifest.signed import KIND_MANIFEST
+from cidboot.trust.manifest.verify import verify_threshold
 from cidboot.trust.measure import image_code_hash
 from cidboot.trust.private import carried, keys
 from imagebuilder.commands.inspect import describe
@@ -79,7 +84,10 @@ def test_private_build_publishes_no_plaintext(hello: Path, tmp_path: Path) -> No
         _build(hello, "--store", str(tmp_path / "plain"))
         assert _holding(tmp_path / "plain", MARKER)
 
-        hello.write_text(hello.read_text() + "encrypt: true\n")
+        owner, other_owner = (subprocess.run([sys.executable, "-m", "imagebuilder", "keygen", "--owner",
+                                              str(tmp_path / f"{n}.key")], check=True, cwd=REPO, capture_output=True,
+                                             text=True).stdout.strip() for n in ("owner", "other-owner"))
+        hello.write_text(hello.read_text() + f"encrypt: true\nowner: {{recipients: [{owner}], seal: all}}\n")
         secret_file = hello.parent / "keys/hello.flow.secret"  # the default: beside the signing key
         subprocess.run([sys.executable, "-m", "imagebuilder", "keygen", "--flow-secret", str(secret_file)],
                        check=True, cwd=REPO, capture_output=True)
@@ -99,8 +107,15 @@ def test_private_build_publishes_no_plaintext(hello: Path, tmp_path: Path) -> No
                 sent = dict(CarReader(f))
         finally:
             car.path.unlink()
-        m = SignedManifest.decode(bs.get(mcid)).manifest
+        signed = SignedManifest.decode(bs.get(mcid))
+        m = signed.manifest
         assert all(lyr.encrypted for lyr in m.layers) and carried.private(m)
+        # the owner, as flow.yaml names it, in the manifest and under its signatures
+        assert m.owner == {"recipients": [owner], "seal": "all"}
+        assert verify_threshold(signed.signatures, signed.payload(), m.root, "manifest", kind=KIND_MANIFEST)
+        swapped = dataclasses.replace(m, owner={"recipients": [other_owner], "seal": "all"})
+        with pytest.raises(VerificationError):
+            verify_threshold(signed.signatures, swapped.encode(), m.root, "manifest", kind=KIND_MANIFEST)
         assert m.flow in sent and set(m.operations.values()) <= set(sent)  # ciphertext, linked and published
         assert b"ops:hello" not in b"".join(sent.values())  # nor the flow in clear
 
@@ -115,6 +130,11 @@ def test_private_build_publishes_no_plaintext(hello: Path, tmp_path: Path) -> No
                                                           sha256=lyr.plaintext.sha256, size=lyr.plaintext.size))
         assert any(MARKER in data for data in _files(plain["operations"]).values())
         flow_block = _files(plain["config"])[carried.FLOW_PATH]
+        # the image records its kernel layer's SHA-256, which is the signed plaintext hash: a bootstrap
+        # running this kernel knows an encrypted kernel layer is its own (docs/boot-chain.md)
+        kernel_layer = m.layers[0]
+        assert kernel_layer.role == "kernel" and kernel_layer.plaintext is not None
+        assert _files(plain["config"])["etc/cidboot/kernel.sha256"] == kernel_layer.plaintext.sha256.hex().encode() + b"\n"
         assert dagcbor.decode(flow_block)["operations"]["hello"]["implementation"] == "ops:hello"
         assert m.measurements["image"] == image_code_hash(m)
 
@@ -133,7 +153,7 @@ def test_private_build_publishes_no_plaintext(hello: Path, tmp_path: Path) -> No
         mc = SignedManifest.decode(Blockstore(tmp_path / "other").get(CID.parse(str(c["manifest"])))).manifest
         assert not {lyr.cid for lyr in mc.layers} & {lyr.cid for lyr in m.layers} and mc.flow != m.flow
         assert [lyr.plaintext for lyr in mc.layers] == [lyr.plaintext for lyr in m.layers]
-        assert mc.measurements["image"] == m.measurements["image"]
+        assert mc.measurements["image"] == m.measurements["image"] and mc.owner == m.owner
         assert hashlib.sha256(plain["kernel"]).digest() == m.layers[0].plaintext.sha256  # type: ignore[union-attr]
     finally:
         ops.write_text(original)

@@ -6,19 +6,21 @@ plaintext never reaches the device's block store; an unencrypted manifest never 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bootstrap.server.keys import KeyServer, serve_keys
 from bootstrap.stage.main import ephemeral_dice
 from bootstrap.stage.nvram import Nvram
-from bootstrap.stage.verify import BootPlan, Refused, prepare
+from bootstrap.stage.verify import BootPlan, Refused, prepare, reuses_running_kernel, running_kernel_sha256
 from cidboot.ipld.cid import CID
 from cidboot.ipld.unixfs.importer import ImportOptions, import_bytes
 from cidboot.netboot.bootconfig import BootConfig
@@ -107,7 +109,7 @@ def _url(gw: object) -> str:
 
 
 def _boot(tmp: Path, cid: CID, gateway: str, keys_url: str | None, *, mode: str = "measured",
-          bootstrap: bytes = BS, device_id: str | None = None) -> tuple[BootPlan, Path]:
+          bootstrap: bytes = BS, device_id: str | None = None, **running: Any) -> tuple[BootPlan, Path]:
     cfg = BootConfig(cid, (gateway,), role="worker", keys=keys_url)
     raw = cfg.encode()
     dice = _firmware(raw, bootstrap)[1] if mode == "measured" else bytes(ephemeral_dice())
@@ -116,7 +118,7 @@ def _boot(tmp: Path, cid: CID, gateway: str, keys_url: str | None, *, mode: str 
         nv.write_bytes(bytes(1 << 20))
     dev_store = tmp / f"dev-store-{time.monotonic_ns()}"
     plan = prepare(cfg, raw, dice, boot_mode=mode, anchor=ANCHOR, nvram=Nvram(nv), store=Blockstore(dev_store),
-                   timeout=5, carry_dice=mode == "measured", device_id=device_id)
+                   timeout=5, carry_dice=mode == "measured", device_id=device_id, **running)
     return plan, dev_store
 
 
@@ -141,6 +143,97 @@ def test_measured_device_gets_the_keys_and_boots_the_plaintext(tmp_path: Path, b
     # ciphertext only in the device's store and the server's: the marker is in neither
     assert not _files_contain(dev_store, MARKER) and not _files_contain(tmp_path / "server-store", MARKER)
     assert Nvram(tmp_path / "nvram.img").load_state(ANCHOR).highest == {"hello": 1}
+
+
+def test_an_encrypted_running_kernel_layer_is_not_fetched_nor_decrypted(tmp_path: Path, broker: Broker,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encrypted kernel layer's signed plaintext SHA-256 is the running kernel's (kernel.sha256)
+    and its parameters are in effect: only its root block is fetched (its size checked), nothing
+    of it decrypted, the plan has no kernel bytes but keeps its key (a late kexec decrypts with
+    it), and CDI_2 is what the boot that fetched and decrypted it got."""
+    store = Blockstore(tmp_path / "server-store")
+    signed = _publish(store, broker=broker)
+    kernel = signed.manifest.layers[0]
+    assert kernel.role == "kernel" and kernel.plaintext is not None
+    running: dict[str, Any] = {"running_kernel_sha256": hashlib.sha256(PLAIN["kernel"]).digest(),
+               "running_cmdline": "console=ttyS0 quiet"}
+    paths: list[str] = []
+
+    def record(path: str, body: bytes) -> bytes:
+        paths.append(path)
+        return body
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with running_gateway(store) as gw, proxy_gateway(_url(gw), record) as counted:
+        plan, _ = _boot(tmp_path / "a", signed.cid, counted, broker.url, **running)
+        kernel_requests = [p for p in paths if str(kernel.cid) in p]
+        full, _ = _boot(tmp_path / "b", signed.cid, counted, broker.url, running_cmdline="console=ttyS0 quiet")
+        # late: the image's initramfs cannot be unpacked here, so kexec: the kernel layer is fetched
+        # now and decrypted with the key kept for it (checked against its plaintext hash)
+        from bootstrap.stage import main as stage_main
+        from cidboot.stage import switch_root
+
+        def unreadable(_data: bytes) -> None:
+            raise switch_root.UnsupportedCompression("initramfs: zstd at 0: this stage reads gzip and xz")
+
+        monkeypatch.setattr(switch_root, "parse_initramfs", unreadable)
+        cfg = BootConfig(signed.cid, (counted,), role="worker", keys=broker.url)
+        assert stage_main.same_kernel(plan, cfg) == PLAIN["kernel"]
+        wrong = dataclasses.replace(plan, kernel_key=os.urandom(32))
+        with pytest.raises(Refused, match=f"decrypt: kernel layer {kernel.cid}"):
+            stage_main.same_kernel(wrong, cfg)
+    assert kernel_requests == [f"/ipfs/{kernel.cid}?format=raw"]
+    assert plan.kernel is None and plan.kernel_cid == kernel.cid and full.kernel == PLAIN["kernel"]
+    assert plan.initrd == full.initrd == PLAIN["runtime"] + PLAIN["operations"]
+    assert plan.unlocked is not None and plan.unlocked.layers == 2 and full.unlocked is not None \
+        and full.unlocked.layers == 3 and full.kernel_key is None
+    assert plan.kernel_key is not None and b"".join(keys.decrypt_layer(
+        plan.kernel_key, [_cat(store, kernel.cid)], sha256=kernel.plaintext.sha256,
+        size=kernel.plaintext.size)) == PLAIN["kernel"]
+    assert plan.handoff.dice is not None and full.handoff.dice is not None
+    mine, theirs = decode_handover(plan.handoff.dice), decode_handover(full.handoff.dice)
+    assert (mine.cdi_attest, mine.cdi_seal) == (theirs.cdi_attest, theirs.cdi_seal)
+
+
+def _cat(store: Blockstore, cid: CID) -> bytes:
+    from cidboot.ipld.unixfs.exporter import export_file
+
+    return b"".join(export_file(cid, store.get))
+
+
+def test_the_running_kernel_rule_by_plaintext_hash_and_by_cid() -> None:
+    """An encrypted kernel layer is the running kernel by its plaintext SHA-256 only (its CID is
+    the ciphertext's, never the running image's kernel.cid), a plain one by its CID only; the
+    parameters must be in effect either way, and nothing to compare with (a forced kexec: None)
+    is no reuse."""
+    plain_k = Layer(import_bytes(PLAIN["kernel"], None, OPTS).cid, len(PLAIN["kernel"]), "kernel")
+    sha = hashlib.sha256(PLAIN["kernel"]).digest()
+    enc_k = Layer(CID.of(b"ciphertext"), stream.ciphertext_size(len(PLAIN["kernel"])), "kernel",
+                  Plaintext(sha, len(PLAIN["kernel"])))
+
+    def m(k: Layer) -> Manifest:
+        return Manifest("hello", 1, 2**31, (k,), ANCHOR, {}, cmdline="console=ttyS0")
+
+    on = "console=ttyS0 quiet"
+    assert reuses_running_kernel(m(enc_k), None, on, sha)
+    assert not reuses_running_kernel(m(enc_k), enc_k.cid, on, None)  # the ciphertext CID says nothing
+    assert not reuses_running_kernel(m(enc_k), None, on, hashlib.sha256(b"another kernel").digest())
+    assert not reuses_running_kernel(m(enc_k), None, "quiet", sha)  # console=ttyS0 not in effect
+    assert not reuses_running_kernel(m(enc_k), None, None, sha)
+    assert reuses_running_kernel(m(plain_k), plain_k.cid, on, None)
+    assert not reuses_running_kernel(m(plain_k), None, on, sha)  # a plain layer: by CID, as before
+
+
+def test_running_kernel_sha256_file(tmp_path: Path) -> None:
+    f = tmp_path / "kernel.sha256"
+    assert running_kernel_sha256(f) is None
+    f.write_text("not hex\n")
+    assert running_kernel_sha256(f) is None
+    f.write_text("ab" * 31 + "\n")  # 31 bytes: not a SHA-256
+    assert running_kernel_sha256(f) is None
+    f.write_text(hashlib.sha256(b"k").hexdigest() + "\n")
+    assert running_kernel_sha256(f) == hashlib.sha256(b"k").digest()
 
 
 def test_unmeasured_boot_gets_no_key_and_the_refusal_names_the_check(tmp_path: Path, broker: Broker) -> None:

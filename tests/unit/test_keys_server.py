@@ -113,7 +113,7 @@ def test_cli(tmp_path: Path, worker: Device) -> None:
         st, body, eph, ch = ask(url, worker)
         assert st == 200 and str(OPS_LAYER.cid) in KeyRelease.from_json(body["release"]).open(eph, ch)
         st, body, _, _ = ask(url, Device(debug=True))
-        assert st == 403 and body["refused"] == "device"  # not in this roots file
+        assert st == 403 and body["refused"] == "debug-mode"  # unregistered too: the debug boot is the root cause
     finally:
         p.terminate()
         p.wait(timeout=30)

@@ -15,7 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cidboot.ipld.cid import CID, RAW
-from cidboot.trust.appraisal import DeviceRoots
+from cidboot.trust.appraisal import (
+    AFFIRMING,
+    CONTRAINDICATED,
+    ROOT_CAUSE_ORDER,
+    TPM_CHECKS,
+    WARNING,
+    AppraisalResult,
+    DeviceRoots,
+    root_cause_first,
+)
 from cidboot.trust.cose_key import key_id
 from cidboot.trust.manifest import Manifest, sign_manifest
 from cidboot.trust.measure import code_hash_of_blobs
@@ -95,6 +104,36 @@ def test_unregistered_device_and_policy() -> None:
     broker3, _ = broker_for(worker, policy={"version": 1, "manifests": {"other": {"roles": ["worker"]}}})
     d = broker3.request(worker.ask(broker3.challenge())[0])
     assert not d.released and d.check == "policy" and "no rule" in d.reason
+
+
+@pytest.mark.parametrize("kw, check", [
+    ({"boot_mode": "unmeasured"}, "measured-boot"),  # the lab's unmeasured boot: its root key is no registered one
+    ({"debug": True}, "debug-mode"),
+    ({"bootstrap": code_hash_of_blobs([b"tampered bootstrap"])}, "device"),  # who, before what code ran
+])
+def test_an_unregistered_device_is_refused_for_the_root_cause(kw: dict[str, Any], check: str) -> None:
+    """Several checks fail; the decision names the most fundamental (appraisal.ROOT_CAUSE_ORDER), the
+    reason lists it first, then the others (an unmeasured boot also fails `device`: its effect)."""
+    dev, registered = Device(**kw), Device()
+    broker, log = broker_for(registered)
+    d = broker.request(dev.ask(broker.challenge())[0])
+    assert not d.released and d.check == check and log[-1]["check"] == check
+    named = d.reason.split(": ", 1)[1]
+    assert named.startswith(f"{check}: ") and "device: unknown device" in named, d.reason
+    assert d.appraisal is not None and len(d.appraisal.failing()) >= 2
+
+
+def test_root_cause_order() -> None:
+    res = AppraisalResult()
+    for name, status in [("nonce", AFFIRMING), ("new-check", CONTRAINDICATED), ("manifest", CONTRAINDICATED),
+                         ("device", CONTRAINDICATED), ("measurements", WARNING), ("measured-boot", CONTRAINDICATED),
+                         ("other-new", WARNING)]:
+        res.add(name, status, "")
+    assert [c.name for c in res.failing()] == ["measured-boot", "device", "measurements", "manifest", "new-check",
+                                                "other-new"]  # unlisted ones last, in appraisal order
+    assert [c.name for c in root_cause_first([])] == []
+    assert len(set(ROOT_CAUSE_ORDER)) == len(ROOT_CAUSE_ORDER)
+    assert set(TPM_CHECKS.values()) <= set(ROOT_CAUSE_ORDER)  # every TPM check has its place
 
 
 def _did(dev: Device) -> str:

@@ -51,7 +51,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cidboot.errors import FormatError, VerificationError
 from cidboot.ipld import dagcbor
 from cidboot.ipld.cid import CID
-from cidboot.trust.appraisal import AFFIRMING, WARNING, AppraisalResult, DeviceRoots, appraise
+from cidboot.trust.appraisal import (
+    AFFIRMING,
+    WARNING,
+    AppraisalResult,
+    DeviceRoots,
+    appraise,
+    root_cause_first,
+)
 from cidboot.trust.eat import parse_evidence
 from cidboot.trust.manifest.model import Manifest, RootOfTrust
 from cidboot.trust.manifest.signed import KIND_MANIFEST, SignedManifest
@@ -407,7 +414,10 @@ class KeyBroker:
             return Decision(False, "policy", f"the key policy has no rule for manifest {m.name!r}", str(cid), m.name, res)
         status = res.status
         if status not in _RANK or _RANK[status] > _RANK[rule.min_status]:
-            bad = [c for c in res.checks if c.status not in _RANK or _RANK[c.status] > _RANK[rule.min_status]]
+            # the most fundamental failing check names the refusal (appraisal.ROOT_CAUSE_ORDER): an
+            # unmeasured boot is refused for `measured-boot`, not for its effect `device`
+            bad = root_cause_first([c for c in res.checks
+                                    if c.status not in _RANK or _RANK[c.status] > _RANK[rule.min_status]])
             first = bad[0] if bad else None
             return Decision(False, first.name if first else "appraisal",
                             f"appraisal {status} (policy needs {rule.min_status}): "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -105,9 +105,11 @@ def request_keys(url: str, evidence: Callable[[bytes], bytes], manifest_cid: CID
     return release.open(eph, challenge)
 
 
-def decrypt_layers(manifest: Manifest, blobs: Mapping[str, bytes], keys: Mapping[str, bytes]) -> dict[str, bytes]:
-    """Layer CID string -> plaintext for every layer of `manifest` (`blobs`: CID string -> the
-    bytes fetched and verified by CID). Encrypted layers are decrypted and checked against the
+def decrypt_layers(manifest: Manifest, blobs: Mapping[str, bytes], keys: Mapping[str, bytes], *,
+                   skip: Collection[str] = ()) -> dict[str, bytes]:
+    """Layer CID string -> plaintext for every layer of `manifest` but those in `skip` (the
+    running kernel's, left unfetched) (`blobs`: CID string -> the bytes fetched and verified by
+    CID). Encrypted layers are decrypted and checked against the
     manifest's plaintext hash and size; the others pass through. A failure keeps its type
     (stream.*, keys.PlaintextMismatchError, MissingLayerKey) and names the layer's CID and role;
     the other layers' keys are given so that a chunk swapped between layers is named."""
@@ -115,6 +117,8 @@ def decrypt_layers(manifest: Manifest, blobs: Mapping[str, bytes], keys: Mapping
     out: dict[str, bytes] = {}
     for lyr in manifest.layers:
         cid = str(lyr.cid)
+        if cid in skip:
+            continue
         if lyr.plaintext is None:
             out[cid] = blobs[cid]
             continue
