@@ -64,7 +64,7 @@ from cidboot.trust.manifest.model import Manifest, RootOfTrust
 from cidboot.trust.manifest.signed import KIND_MANIFEST, SignedManifest
 from cidboot.trust.manifest.verify import rotated_root, verify_threshold
 from cidboot.trust.private.keys import layer_key
-from cidboot.trust.tpm.appraise import TpmReferences
+from cidboot.trust.tpm.appraise import References
 
 REQUEST_DOMAIN = b"cidboot key request v1\x00"
 WRAP_INFO = b"cidboot key wrap v1"
@@ -355,7 +355,7 @@ class KeyBroker:
     the flow's owner signed, so nobody can obtain the key of a plaintext hash of their choosing."""
 
     def __init__(self, roots: DeviceRoots, policy: Policy, secrets: Mapping[str, bytes], *,
-                 log: Callable[[Mapping[str, Any]], None], tpm_references: TpmReferences | None = None,
+                 log: Callable[[Mapping[str, Any]], None], tpm_references: References | None = None,
                  challenges: Challenges | None = None, clock: Callable[[], float] = time.time) -> None:
         self.roots, self.policy, self.secrets, self.log = roots, policy, dict(secrets), log
         self.tpm_references = tpm_references
