@@ -219,6 +219,14 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
             say(f"cidboot: refused: {describe(e)}")
             events.emit("bootstrap", "refused", bootconfig=start.bootconfig, reason=describe(e), check=getattr(e, "check", None))
             if start.bootconfig is not None and _on_failure(start.bootconfig) == "retry":
+                if start.tpm is not None and start.tpm.extended:  # PCR 15 holds this try's events
+                    log(f"rebooting in {RETRY_PAUSE:.0f} s to try again (on_failure=retry; PCR 15 is "
+                        f"extended once per power-on)")
+                    time.sleep(RETRY_PAUSE)
+                    if start.dice is not None:
+                        wipe(start.dice)
+                    pid1.power_off(restart=True)
+                    return
                 log(f"retrying in {RETRY_PAUSE:.0f} s (on_failure=retry)")
                 time.sleep(RETRY_PAUSE)
                 continue

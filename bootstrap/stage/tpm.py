@@ -156,7 +156,8 @@ def event_lines(manifest_cid: CID, manifest: Manifest) -> list[tuple[str, CID, b
 def measure(root: TpmRoot, manifest_cid: CID, manifest: Manifest) -> dict[str, Any]:
     """Step 2: extend PCR 15; the boot.json "tpm" object the agent quotes with."""
     if root.extended:
-        raise StageRefused("tpm", f"PCR {BOOTSTRAP_PCR} was already extended for this boot")
+        raise StageRefused("tpm", f"PCR {BOOTSTRAP_PCR} was already extended for this boot: only a power cycle "
+                                  f"or reboot resets it, so reboot the device to try again")
     root.extended = True
     events = []
     try:

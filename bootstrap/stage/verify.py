@@ -78,6 +78,9 @@ RUNNING_KERNEL_SHA256 = "/etc/cidboot/kernel.sha256"  # that layer's SHA-256 (an
 
 
 SHA256_SAMPLE = 4 << 20  # bytes of ciphertext hashed as the reference figure of a private boot
+# pauses between key requests when the broker is unreachable or answers with an error (never after
+# a refusal): a TPM boot cannot simply try the whole boot again (PCR 15 is extended once per power-on)
+KEY_RETRY_PAUSES = (2.0, 5.0)
 
 
 @dataclass
@@ -429,14 +432,22 @@ def unlock(config: BootConfig, cid: CID, manifest: Manifest, blobs: dict[str, by
         raise Refused("keys", f"manifest {cid} has encrypted layers and the boot config names no key broker "
                               f"(`keys`; bootstrap serve --key-policy or --keys)")
     t0 = time.monotonic()
-    try:
-        keys = client.request_keys(config.keys, evidence, cid, timeout=timeout)
-    except client.KeyBrokerRefused as e:
-        raise Refused("keys", f"key broker {config.keys} refused the keys of manifest {cid}: {e.check}: {e.reason}") from None
-    except client.KeyBrokerUnavailable as e:
-        raise Refused("keys", f"no keys for manifest {cid}: {e}") from None
-    except CidbootError as e:  # a release for another manifest, or one that does not open
-        raise Refused("keys", f"key release for manifest {cid}: {type(e).__name__}: {e}") from None
+    pauses = list(KEY_RETRY_PAUSES)
+    while True:  # each try: a new challenge, a new ephemeral key, new evidence (a fresh quote)
+        try:
+            keys = client.request_keys(config.keys, evidence, cid, timeout=timeout)
+            break
+        except client.KeyBrokerRefused as e:  # an appraisal's verdict: asking again changes nothing
+            raise Refused("keys", f"key broker {config.keys} refused the keys of manifest {cid}: "
+                                  f"{e.check}: {e.reason}") from None
+        except client.KeyBrokerUnavailable as e:
+            if not pauses:
+                tries = len(KEY_RETRY_PAUSES) + 1
+                raise Refused("keys", f"no keys for manifest {cid}: {e} ({tries} tr{'ies' if tries > 1 else 'y'})") from None
+            print(f"cidboot: bootstrap: keys: {e}: asking again in {pauses[0]:.0f} s", flush=True)
+            time.sleep(pauses.pop(0))
+        except CidbootError as e:  # a release for another manifest, or one that does not open
+            raise Refused("keys", f"key release for manifest {cid}: {type(e).__name__}: {e}") from None
     t_broker = time.monotonic() - t0
     fetched = {c: b for c, b in blobs.items() if b is not None}
     enc = [c for c in encrypted_layers(manifest) if c in fetched]
@@ -524,9 +535,15 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
             from bootstrap.stage import tpm as stage_tpm
 
             tpm_boot = stage_tpm.measure(tpm, cid, m)
-        evidence = key_evidence(next_dice, dice, cid, config.role, tpm_boot=tpm_boot,
-                                tpm_paths=tpm.device_paths if tpm is not None else None)
-        blobs, unlocked, kernel_key = unlock(config, cid, m, blobs, evidence, timeout=max(timeout, 30.0))
+        try:
+            evidence = key_evidence(next_dice, dice, cid, config.role, tpm_boot=tpm_boot,
+                                    tpm_paths=tpm.device_paths if tpm is not None else None)
+            blobs, unlocked, kernel_key = unlock(config, cid, m, blobs, evidence, timeout=max(timeout, 30.0))
+        except Refused as e:
+            if tpm is None:
+                raise
+            raise Refused(e.check, f"{e.detail} (PCR {tpm_boot['pcr'] if tpm_boot else 15} already holds this "
+                                   f"boot's events: only a reboot lets this device ask again)") from None
         t["keys"] = time.monotonic() - t0
     kernel, initrd = assemble(m, blobs, cid)
     try:

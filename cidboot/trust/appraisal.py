@@ -98,6 +98,9 @@ class AppraisalResult:
     role: str | None = None  # the device registry's role for the device (None unless registered)
     claimed_role: str | None = None  # what the evidence claims: diagnostics only, never authority
     leaf_public_key: PublicKey | None = None
+    # TPM evidence: the quoted PCRs as the event log replays them (set once the replay matched the
+    # quote), so a log can say which PCR values were appraised (the key broker's does)
+    tpm_pcrs: dict[int, bytes] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
@@ -451,6 +454,7 @@ def _appraise_tpm(res: AppraisalResult, ev: Evidence, tpm: TpmEvidence, *, expec
                 res.add("tpm.replay", CONTRAINDICATED, f"the evidence says PCRs {list(tpm.pcrs)} were quoted, "
                                                        f"the quote selects {list(quoted)}")
                 return res
+            res.tpm_pcrs = {i: st.pcrs[i] for i in quoted}
         res.add(TPM_CHECKS[c.name], _OUTCOME[c.outcome], reason)
     if manifest is None or manifest_cid is None:
         res.add("tpm.pcr15-manifest", WARNING, "no manifest given: the bootstrap's events are not compared")

@@ -356,9 +356,10 @@ def _boot_kind(dev: Device) -> str:
     return "measured" if dev.firmware == "dice" else "tpm-measured" if dev.swtpm is not None else "unmeasured"
 
 
-def key_policy(name: str, roles: list[str]) -> dict[str, Any]:
-    """The lab's key policy: the flow's manifest name, its roles, affirming only."""
-    return {"version": 1, "manifests": {name: {"roles": sorted(set(roles)), "min_status": "affirming"}}}
+def key_policy(name: str, roles: list[str], min_status: str = "affirming") -> dict[str, Any]:
+    """The lab's key policy: the flow's manifest name, its roles, affirming only (or `min_status`:
+    "warning" for a TPM factory boot, whose firmware baseline is not enrolled yet)."""
+    return {"version": 1, "manifests": {name: {"roles": sorted(set(roles)), "min_status": min_status}}}
 
 
 def key_log(out: Path, site: int = 0) -> Path:
@@ -408,12 +409,13 @@ def _factory(dep: Deployment, out: Path, names: list[str],
 def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = None, loss_percent: int = 0,
         server_args: list[str] | None = None, names: list[str] | None = None, cluster: int = 0,
         boot_servers: int = 1, sites: list[int] | None = None, replication: str = "2:2",
-        publish_results: bool = False, tpm: bool = False) -> Iterator[Lab]:
+        publish_results: bool = False, tpm: bool = False, key_min_status: str = "affirming") -> Iterator[Lab]:
     """Boot network + `bootstrap serve` for devices with these roles (one tap each); with
     `cluster`/`boot_servers`, the scale-out lab of the module docstring; `publish_results`: the
     boot servers' configs tell agents to publish results and audit logs to the cluster
     (`bootstrap serve --publish cluster=URL`, the REST API of peer 0 as devices reach it); `tpm`: TPM
-    devices (qemu.harness.tpm)."""
+    devices (qemu.harness.tpm); `key_min_status`: a private image's key policy's minimum appraisal
+    ("warning" lets a TPM factory boot, appraised before its firmware baseline exists, get keys)."""
     if boot_servers < 1 or cluster < 0:
         raise LabError(f"a lab needs at least one boot server and no negative cluster size "
                        f"(got {boot_servers} boot servers, {cluster} peers)")
@@ -450,7 +452,7 @@ def lab(dep: Deployment, out: Path, roles: list[str], *, manifest: str | None = 
             if registry is None:
                 raise LabError("a private image needs the device registry (the key broker's devices): no signer keys")
             name = SignedManifest.decode(Blockstore(dep.store).get(CID.parse(mcid))).manifest.name
-            (out / "keys-policy.json").write_text(json.dumps(key_policy(name, roles), indent=1) + "\n")
+            (out / "keys-policy.json").write_text(json.dumps(key_policy(name, roles, key_min_status), indent=1) + "\n")
             extra += ["--key-policy", str(out / "keys-policy.json"), "--flow-secret", f"{name}={dep.flow_secret}"]
         if publish_results:
             if lb.cluster is None:

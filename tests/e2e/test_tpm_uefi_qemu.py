@@ -36,6 +36,7 @@ from typing import Any
 import cbor2
 import pytest
 
+from cidboot.ipld.cid import CID
 from cidboot.stage.cpio import Entry, archive_bytes
 from cidboot.store.blockstore import Blockstore
 from cidboot.trust.appraisal import DeviceRoots, TpmDevice
@@ -351,19 +352,42 @@ def _keys(ev: Evidence) -> tuple[bytes, bytes]:
     return raw_public_bytes(vc.root_public_key), raw_public_bytes(vc.leaf_public_key)
 
 
+def _private_copy(flow_dir: Path, dest: Path) -> Path:
+    """A copy of an example flow with `encrypt: true` (the harness makes its flow secret and the
+    boot servers' key policy): its devices' bootstraps must get the layer keys from the broker."""
+    import yaml
+
+    shutil.copytree(flow_dir, dest, ignore=shutil.ignore_patterns("keys", "__pycache__"))
+    doc = yaml.safe_load((dest / "flow.yaml").read_text())
+    doc["encrypt"] = True
+    (dest / "flow.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return dest / "flow.yaml"
+
+
 def test_two_tpm_devices_attest_each_other_and_run_the_two_device_flow(tmp_path: Path) -> None:
-    """Two TPM devices (OVMF + swtpm, uefi-http) run examples/two-device, each appraising the other
-    with what its signed device registry carries: the peer's AK and firmware baseline, and the
-    bootstrap UKI's PCR 4/11 references (docs/tpm.md, "Peers"). Boot 1 is the factory's: both
-    devices boot, `Lab.enrol` records their firmware baselines; peers then have no baseline for
-    each other, so nothing is exchanged (not affirming). Boot 2: the lab signs the registry again
-    (now with the baselines), both devices boot and attest each other affirming, and the
-    aggregator's total is right (sum of the sensor's readings)."""
-    dep = prepare(REPO / "examples/two-device/flow.yaml", tmp_path / "work")
+    """Two TPM devices (OVMF + swtpm, uefi-http) run examples/two-device as a private image
+    (`encrypt: true`), each appraising the other with what its signed device registry carries: the
+    peer's AK and firmware baseline, and the bootstrap UKI's PCR 4/11 references (docs/tpm.md,
+    "Peers"). Each bootstrap extends PCR 15, asks the boot server's key broker with its agent's TPM
+    evidence (a fresh quote) and decrypts the layers in RAM (docs/privacy.md, "The device side").
+    Boot 1 is the factory's: the key policy allows "warning" (no firmware baseline is enrolled
+    yet, so the broker's TPM appraisal can be no better), both devices get keys and boot, and
+    `Lab.enrol` records their firmware baselines; peers then have no baseline for each other, so
+    nothing is exchanged (not affirming). Boot 2: the lab signs the registry again (now with the
+    baselines), the policy needs affirming, both devices get their keys on an affirming TPM
+    appraisal, attest each other affirming, and the aggregator's total is right (sum of the
+    sensor's readings). The PCR values the broker appraised (PCR 15: this manifest's events,
+    extended before the request) are the ones the agents' later quotes show."""
+    from cidboot.trust.tpm.evidence import device_id as tpm_device_id
+    from qemu.harness.lab import key_decisions
+
+    dep = prepare(_private_copy(REPO / "examples/two-device", tmp_path / "flow" / "two-device"), tmp_path / "work")
+    assert dep.flow_secret is not None
+    n_layers = len(dep.workload.result["layers"])
     out = tmp_path / "lab"
     roles = ["sensor", "aggregator"]
     t0 = time.monotonic()
-    with lab(dep, out, roles, tpm=True) as lb:  # the factory boot
+    with lab(dep, out, roles, tpm=True, key_min_status="warning") as lb:  # the factory boot
         devs = [lb.add_device(r, firmware="uefi-http") for r in roles]
         lb.power_on()
         lb.wait_ready(BOOT_TIMEOUT)
@@ -373,6 +397,9 @@ def test_two_tpm_devices_attest_each_other_and_run_the_two_device_flow(tmp_path:
         factory_text = devs[1].guest.console.text()
     t_factory = time.monotonic() - t0
     assert "cidboot: result total=" not in factory_text  # no baseline in the registry yet: no peer affirmed
+    factory_keys = key_decisions(out)
+    assert [(e["decision"], e["status"]) for e in factory_keys] == [("release", "warning")] * 2, factory_keys
+    assert all(any(c["check"] == "tpm.firmware" and c["status"] == "warning" for c in e["checks"]) for e in factory_keys)
     t_field = time.time()  # the boot server's fleet state survives the lab: its appraisals after this
     with lab(dep, out, roles, tpm=True) as lb:  # in the field: the registry re-signed with the baselines
         sensor, aggregator = (lb.add_device(r, firmware="uefi-http") for r in roles)
@@ -383,6 +410,8 @@ def test_two_tpm_devices_attest_each_other_and_run_the_two_device_flow(tmp_path:
         aggregator.guest.wait_for_console(r"cidboot: result total=", 600)
         report = lb.report()
         fleet = {dev.name: _fleet_device(lb, dev, t_field) for dev in (sensor, aggregator)}
+        agent_evidence = {dev.name: _evidence(lb, dev) for dev in (sensor, aggregator)}  # the agents' own quotes
+        built_uki = lb.built_uki().read_bytes()  # the signed UKI references'
     t_total = time.monotonic() - t0
     assert [(d["boot"], d["appraisal"]["status"]) for d in report["devices"]] == [("tpm-measured", "affirming")] * 2
     total = next(ln.text for ln in aggregator.guest.console.lines if "cidboot: result total=" in ln.text)
@@ -399,5 +428,36 @@ def test_two_tpm_devices_attest_each_other_and_run_the_two_device_flow(tmp_path:
         assert all(e["trust"] == "verified" for e in timeline), [e for e in timeline if e["trust"] != "verified"]
         assert row["device_id"] in roots.tpm, row  # identified by its AK, as appraisal identifies it
         assert row["appraisal"]["status"] == "affirming", row["appraisal"]  # with the registry's UKI references
-    print(f"\ntwo TPM devices, two-device flow with mutual attestation: factory boot {t_factory:.0f} s, "
-          f"factory + field boot to total {t_total:.0f} s; {total.strip()}")
+
+    # the private image: each bootstrap got its keys from the broker on an affirming TPM appraisal
+    field_keys = [e for e in key_decisions(out) if e["time"] >= t_field]
+    assert [(e["decision"], e["status"]) for e in field_keys] == [("release", "affirming")] * 2, field_keys
+    assert sorted(e["device_id"] for e in field_keys) == sorted(roots.tpm)
+    keys_lines = {}
+    for e in field_keys:
+        got = {c["check"]: c["status"] for c in e["checks"]}
+        for check in ("tpm.ak-enrolled", "tpm.quote-signature", "tpm.nonce-binding", "tpm.replay", "tpm.firmware",
+                      "tpm.pcr4-uki", "tpm.pcr11-sections", "tpm.pcr15-manifest", "measurements"):
+            assert got.get(check) == "affirming", (check, e)
+        assert len(e["layers"]) == n_layers and e["manifest"] == str(dep.workload.manifest), e
+    for dev in (sensor, aggregator):  # the decrypt step ran in the guest before the hand-over
+        text = dev.guest.console.text()
+        assert "cidboot-stage: bootstrap start mode=measured root=tpm" in text
+        keys_lines[dev.name] = next(ln.text.strip() for ln in dev.guest.console.lines
+                                    if "cidboot-stage: bootstrap keys layers=" in ln.text)
+        assert text.index("cidboot-stage: bootstrap keys layers=") < text.index("cidboot-stage: bootstrap handover")
+    # the bootstrap's key request and the agent's later evidence: the same quoted PCRs, PCR 15 included
+    for name, (nonce, ev) in agent_evidence.items():
+        assert ev.tpm is not None
+        did = tpm_device_id(quote.parse_public(ev.tpm.ak_public).name)
+        agent = _appraise_evidence(nonce, ev, roots.tpm[did], built_uki, dep)
+        assert agent.affirming, (name, agent.warnings)
+        broker_pcrs = next(e["pcrs"] for e in field_keys if e["device_id"] == did)
+        assert broker_pcrs["15"] == agent.pcrs[15].hex(), (name, broker_pcrs, agent.pcrs[15].hex())
+        assert broker_pcrs == {str(i): agent.pcrs[i].hex() for i in map(int, broker_pcrs)}, name
+        assert [str(CID.decode(e.cid)) for e in ev.tpm.bootstrap_events] == [str(dep.workload.manifest)] + [
+            str(lyr["cid"]) for lyr in dep.workload.result["layers"]]  # ciphertext CIDs, after the manifest's
+    print(f"\ntwo TPM devices, private two-device flow with mutual attestation: factory boot {t_factory:.0f} s, "
+          f"factory + field boot to total {t_total:.0f} s; {total.strip()}; broker: 2 + 2 releases (warning, "
+          f"then affirming), PCRs {sorted(map(int, field_keys[0]['pcrs']))} as the agents quote them later; "
+          + "; ".join(f"{n}: {t}" for n, t in keys_lines.items()))

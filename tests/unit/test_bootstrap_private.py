@@ -257,7 +257,12 @@ def test_tampered_bootstrap_gets_no_key(tmp_path: Path, broker: Broker) -> None:
     assert broker.log[-1]["check"] == "measurements" and broker.log[-1]["decision"] == "refuse"
 
 
-def test_no_broker_configured_unreachable_or_no_tpm_is_refused_and_says_why(tmp_path: Path) -> None:
+def test_no_broker_configured_unreachable_or_no_tpm_is_refused_and_says_why(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from bootstrap.stage import verify
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(verify.time, "sleep", sleeps.append)
     store = Blockstore(tmp_path / "server-store")
     signed = _publish(store)
     with running_gateway(store) as gw:
@@ -266,7 +271,8 @@ def test_no_broker_configured_unreachable_or_no_tpm_is_refused_and_says_why(tmp_
         assert e.value.check == "keys"
         with pytest.raises(Refused, match=f"no keys for manifest {signed.cid}") as e:
             _boot(tmp_path, signed.cid, _url(gw), "http://127.0.0.1:1")
-        assert e.value.check == "keys"
+        assert e.value.check == "keys" and "(3 tries)" in e.value.detail, e.value
+        assert sleeps == list(verify.KEY_RETRY_PAUSES)  # an unreachable broker is asked again before refusing
         with pytest.raises(Refused, match="TPM-rooted boot has no TPM to quote with"):
             _boot(tmp_path, signed.cid, _url(gw), "http://127.0.0.1:1", device_id="ab" * 16)
 
@@ -431,6 +437,8 @@ def test_a_tpm_rooted_boot_asks_with_a_quote_covering_pcr15_and_gets_the_keys(tm
             with pytest.raises(Refused) as e:
                 boot()
             assert e.value.check == "keys" and "tpm.firmware" in e.value.detail, e.value
+            assert "only a reboot lets this device ask again" in e.value.detail  # PCR 15 holds this boot's events
+            assert "pcrs" in log[-1] and log[-1]["pcrs"]["15"] == fake.pcr15.hex()  # what the broker appraised
     finally:
         server.shutdown()
         server.server_close()

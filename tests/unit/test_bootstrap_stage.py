@@ -548,3 +548,35 @@ def test_a_tpm_boot_derives_cdi1_from_the_tpm_and_hands_on_its_pcr15_events(tmp_
     with pytest.raises(stage_main.Refused, match="already extended"):  # a retry cannot extend again
         stage_main.attempt(start, anchor_path=anchor, nvram_path=_nvram(tmp_path), store_dir=tmp_path / "dev-store",
                            cmdline_path=tmp_path / "none", network=False)
+
+
+def test_a_tpm_boot_that_extended_pcr15_retries_by_rebooting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """on_failure=retry after PCR 15 got this try's events (a private image's key request failed):
+    trying again in the same boot could only be refused ("already extended"), so the bootstrap
+    reboots, which resets PCR 15; a boot that never extended it retries in place as before."""
+    from bootstrap.stage.tpm import TpmRoot
+
+    cid = CID.parse("bafyreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy")
+    kw, calls = _main_env(tmp_path, monkeypatch, BootConfig(cid, ("http://127.0.0.1:1",), on_failure="retry").encode())
+    monkeypatch.setattr(stage_main.pid1, "power_off",
+                        lambda reason="", restart=False: calls.append(("power_off", reason, restart)))
+    sleeps: list[float] = []
+    monkeypatch.setattr(stage_main.time, "sleep", sleeps.append)
+    real_read = stage_main.read_start
+
+    def read_start(root: Path) -> stage_main.Start:
+        start = real_read(root)
+        start.tpm = TpmRoot(b"", (), "ab" * 16)
+        return start
+
+    def fails(start: stage_main.Start, **_: object) -> None:
+        start.tpm.extended = True  # as prepare's stage_tpm.measure does before the key request
+        raise Refused("keys", "no keys for manifest X: key broker unreachable")
+
+    monkeypatch.setattr(stage_main, "read_start", read_start)
+    monkeypatch.setattr(stage_main, "attempt", fails)
+    stage_main.main(**kw)  # type: ignore[arg-type]
+    cap = capsys.readouterr()
+    assert cap.out.count("cidboot: refused: keys") == 1 and "rebooting in" in cap.out + cap.err
+    assert calls == [("power_off", "", True)] and sleeps == [stage_main.RETRY_PAUSE]

@@ -323,7 +323,9 @@ class Decision:
                 "check": self.check, "reason": self.reason, "manifest": self.manifest_cid,
                 "name": self.manifest_name, "device_id": a.device_id if a else None, "role": a.role if a else None,
                 "status": a.status if a else None, "layers": list(self.layers),
-                "checks": [c.to_obj() for c in a.checks] if a else []}
+                "checks": [c.to_obj() for c in a.checks] if a else [],
+                # TPM evidence: the quoted PCR values the appraisal replayed (PCR 15: this manifest's events)
+                **({"pcrs": {str(i): v.hex() for i, v in sorted(a.tpm_pcrs.items())}} if a and a.tpm_pcrs else {})}
 
 
 class JsonLinesLog:
