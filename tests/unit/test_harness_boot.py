@@ -152,3 +152,17 @@ def test_private_flow_gets_a_flow_secret_a_key_policy_and_its_decisions_in_the_r
     text = boot.summary({**REPORT, "key_broker": decisions})
     assert "key broker: release device aaaaaaaaaaaaaaaa: released" in text
     assert "key broker: refuse device bbbbbbbbbbbbbbbb: device: appraisal contraindicated: measured-boot" in text
+
+
+def test_demo_resets_earlier_demos_rollback_state_and_keeps_the_device_identity(tmp_path: Path) -> None:
+    """A second `make demo` after a change of image CIDs at the same flow version must not be
+    refused by the first demo's NVRAM (it was: "one version, one content")."""
+    from qemu.harness.commands.demo import reset_boot_state
+
+    dev = tmp_path / "lab" / "devices" / "device"
+    dev.mkdir(parents=True)
+    (dev / "nvram.img").write_bytes(b"\0" * 16)
+    (dev / "uds").write_bytes(b"u" * 32)
+    assert reset_boot_state(tmp_path) == [dev / "nvram.img"]
+    assert not (dev / "nvram.img").exists() and (dev / "uds").read_bytes() == b"u" * 32
+    assert reset_boot_state(tmp_path) == []  # nothing to reset: a first demo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from qemu.harness.commands import boot
@@ -18,7 +19,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run)
 
 
+def reset_boot_state(out: Path) -> list[Path]:
+    """Forget what earlier demos' devices accepted: their NVRAM (rollback state: the manifest
+    accepted per version). The demo shows one boot from power-on, not an upgrade: after a
+    cidboot change that alters image CIDs at the same flow version, a kept NVRAM would refuse the
+    new build as "one version, one content" (right for a real device, where the fix is a new
+    version; wrong for the demo). The UDS stays: the device keeps its identity."""
+    gone = []
+    for nvram in sorted((out / "lab" / "devices").glob("*/nvram.img")):
+        nvram.unlink()
+        gone.append(nvram)
+    return gone
+
+
 def run(args: argparse.Namespace) -> int:
+    for p in reset_boot_state(args.out):
+        print(f"==> {p}: an earlier demo's boot state, reset (the demo boots a device without rollback history)",
+              file=sys.stderr)
     ns = argparse.Namespace(flow=str(HELLO), store=None, keys=[], devices=1, out=args.out, keep=True, legacy=False, firmware=None, timeout=args.timeout,
                             cluster=0, boot_servers=1, replication="2:2",
                             json=args.json)
