@@ -512,10 +512,7 @@ class _Handler(BoundedHandler):
                     if cid.is_identity:
                         continue
                     # one chunk per section, its block sent as read (and verified): no joined copy
-                    head = section_head(cid, len(block))
-                    size = len(head) + len(block)
-                    self.send_parts((b"%x\r\n" % size + head, block, b"\r\n"))
-                    sent += size
+                    sent += self._chunk(section_head(cid, len(block)), block)
             self.wfile.write(b"0\r\n\r\n")
         except (BlockNotFound, VerificationError, _AbortStream) as e:
             # Headers are gone: the only honest signal left is a cut stream (no final chunk).
@@ -529,7 +526,10 @@ class _Handler(BoundedHandler):
             self.close_connection = True
         self.server.metrics.record(200, sent)
 
-    def _chunk(self, data: bytes) -> int:
-        self.wfile.write(b"%x\r\n" % len(data) + data + b"\r\n")
-        return len(data)
+    def _chunk(self, head: bytes, body: bytes | memoryview = b"") -> int:
+        """One chunk of a chunked body holding `head` then `body`, sent with one gathering send
+        (the body, a block, is not copied into a joined bytes); returns the payload size."""
+        size = len(head) + len(body)
+        self.send_parts((b"%x\r\n" % size + head, body, b"\r\n"))
+        return size
 
