@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from cidboot.ipld.cid import CID
 from cidboot.store.blockstore import Blockstore
 from cidboot.store.gateway.server import GatewayServer, serve_gateway
+
+if TYPE_CHECKING:
+    from agent.device import BootedAgent
+
+NetFixture = tuple[GatewayServer, Blockstore, list["BootedAgent"]]
 
 
 @contextmanager
@@ -22,6 +30,23 @@ def running_gateway(store: Blockstore) -> Iterator[GatewayServer]:
     finally:
         gw.shutdown()
         gw.server_close()
+
+
+@contextmanager
+def agents_net(store_dir: Path, blocks: Iterable[tuple[CID, bytes]]) -> Iterator[NetFixture]:
+    """A gateway over a store holding `blocks`, and a list the test appends the agents it boots
+    from it to: every agent's API server and the gateway are shut down after the block."""
+    store = Blockstore(store_dir)
+    for cid, block in blocks:
+        store.put(cid, block)
+    agents: list[BootedAgent] = []
+    with running_gateway(store) as gw:
+        try:
+            yield gw, store, agents
+        finally:
+            for a in agents:
+                a.server.shutdown()
+                a.server.server_close()
 
 
 @contextmanager

@@ -32,31 +32,19 @@ from agent.verifier import Challenges, serve_verifier
 from cidboot.dataflow.provenance import make_input
 from cidboot.ipld.cid import CID, RAW
 from cidboot.store.blockstore import Blockstore
-from cidboot.store.gateway.server import GatewayServer, serve_gateway
 from cidboot.trust import keys
 from cidboot.trust.appraisal import AFFIRMING
+from tests.support.gateway_fixtures import NetFixture, agents_net
 from tests.unit.test_agent_attest import make_device, request, verifier_for
 from tests.unit.test_agent_flow import affirmed, sensor_output, two_device_aggregator
 from tests.unit.test_agent_peers_flow import FLOW_BLOCK, FLOW_CID, SIGNED, boot, registry
-
-NetFixture = tuple[GatewayServer, Blockstore, list[BootedAgent]]
 
 
 @pytest.fixture
 def two_devices(tmp_path: Path) -> Iterator[NetFixture]:
     """A gateway with examples/two-device's signed manifest and flow, and the agents booted from it."""
-    store = Blockstore(tmp_path / "gw")
-    store.put(SIGNED.cid, SIGNED.encode())
-    store.put(FLOW_CID, FLOW_BLOCK)
-    gw = serve_gateway(store, "127.0.0.1", 0)
-    threading.Thread(target=gw.serve_forever, daemon=True).start()
-    agents: list[BootedAgent] = []
-    yield gw, store, agents
-    for a in agents:
-        a.server.shutdown()
-        a.server.server_close()
-    gw.shutdown()
-    gw.server_close()
+    with agents_net(tmp_path / "gw", [(SIGNED.cid, SIGNED.encode()), (FLOW_CID, FLOW_BLOCK)]) as net:
+        yield net
 
 
 def store_bytes(agent: BootedAgent) -> int:

@@ -24,11 +24,12 @@ from cidboot.ipld.car import CarReader
 from cidboot.ipld.cid import CID, DAG_CBOR, RAW
 from cidboot.netboot.bootconfig import BootConfig
 from cidboot.store.blockstore import Blockstore
-from cidboot.store.gateway.server import GatewayServer, serve_gateway
+from cidboot.store.gateway.server import GatewayServer
 from cidboot.trust.appraisal import DeviceRoots
 from cidboot.trust.dice import encode_handover
 from cidboot.trust.manifest import Layer, Manifest, RootOfTrust, SignedManifest, sign_manifest
 from cidboot.trust.registry import registry_cid, sign_registry
+from tests.support.gateway_fixtures import NetFixture, agents_net
 from tests.unit.test_agent_attest import BS, FW, SIGNER, Device, make_device, request
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples/two-device"
@@ -43,19 +44,9 @@ TOTAL = sum((i * 7) % 10 for i in range(5))
 
 
 @pytest.fixture
-def net(tmp_path: Path) -> Iterator[tuple[GatewayServer, Blockstore, list[BootedAgent]]]:
-    store = Blockstore(tmp_path / "gw")
-    store.put(SIGNED.cid, SIGNED.encode())
-    store.put(FLOW_CID, FLOW_BLOCK)
-    gw = serve_gateway(store, "127.0.0.1", 0)
-    threading.Thread(target=gw.serve_forever, daemon=True).start()
-    agents: list[BootedAgent] = []
-    yield gw, store, agents
-    for a in agents:
-        a.server.shutdown()
-        a.server.server_close()
-    gw.shutdown()
-    gw.server_close()
+def net(tmp_path: Path) -> Iterator[NetFixture]:
+    with agents_net(tmp_path / "gw", [(SIGNED.cid, SIGNED.encode()), (FLOW_CID, FLOW_BLOCK)]) as net:
+        yield net
 
 
 def registry(store: Blockstore, *devs: Device) -> CID:

@@ -25,10 +25,11 @@ from cidboot.ipld.car import CarReader
 from cidboot.ipld.cid import CID, RAW
 from cidboot.netboot.bootconfig import BootConfig
 from cidboot.store.blockstore import Blockstore
-from cidboot.store.gateway.server import GatewayServer, serve_gateway
+from cidboot.store.gateway.server import GatewayServer
 from cidboot.trust.manifest import Layer, Manifest, RootOfTrust, SignedManifest, sign_manifest
 from cidboot.trust.private.owner import Owner
 from cidboot.trust.private.sealed import Identity
+from tests.support.gateway_fixtures import NetFixture, agents_net
 from tests.unit.test_agent_attest import BS, FW, SIGNER, make_device, request
 from tests.unit.test_agent_peers_flow import EXAMPLE, FLOW_BLOCK, FLOW_CID, TOTAL, registry
 
@@ -43,19 +44,9 @@ READINGS = [0, 7, 4, 1, 8]
 
 
 @pytest.fixture
-def net(tmp_path: Path) -> Iterator[tuple[GatewayServer, Blockstore, list[BootedAgent]]]:
-    store = Blockstore(tmp_path / "gw")
-    store.put(SIGNED.cid, SIGNED.encode())
-    store.put(FLOW_CID, FLOW_BLOCK)
-    gw = serve_gateway(store, "127.0.0.1", 0)
-    threading.Thread(target=gw.serve_forever, daemon=True).start()
-    agents: list[BootedAgent] = []
-    yield gw, store, agents
-    for a in agents:
-        a.server.shutdown()
-        a.server.server_close()
-    gw.shutdown()
-    gw.server_close()
+def net(tmp_path: Path) -> Iterator[NetFixture]:
+    with agents_net(tmp_path / "gw", [(SIGNED.cid, SIGNED.encode()), (FLOW_CID, FLOW_BLOCK)]) as net:
+        yield net
 
 
 def _boot(root: Path, gw: GatewayServer, dev: Any, role: str, reg: CID, agents: list[BootedAgent],
