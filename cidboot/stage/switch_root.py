@@ -17,12 +17,18 @@ parsed completely (a malformed archive refuses with the old stage intact; a comp
 stage cannot read falls back to kexec, which lets the kernel read it):
 
 1. decompress and parse the initramfs (concatenated newc archives, each uncompressed, gzip or
-   xz, zero padding between them; as the kernel's unpacker reads them);
+   xz, zero padding between them; as the kernel's unpacker reads them). When it begins with the
+   running image's runtime layer (/etc/cidboot/runtime.json: its first `size` bytes have that
+   `sha256`) and every path runtime.json lists is still in the running root, that segment is
+   neither decompressed nor written: its files are kept (`Runtime`, `plan`; the caller may also
+   say it never fetched the layer because it is the running one: `fetch_runtime`);
 2. unload `qemu_fw_cfg` (delete_module(2)): the next stage must not reach the DICE engine's CDI_0;
 3. delete the old root's files (not crossing mounts; frees the RAM, as switch_root(8) does) and
    unmount /proc, /sys, /dev and anything else mounted there;
 4. mount a fresh tmpfs, `mount --move` it onto /, chroot into it, and unpack the archive there
-   (after the chroot, so absolute symlinks in the archive resolve inside the new root);
+   (after the chroot, so absolute symlinks in the archive resolve inside the new root). Keeping
+   the runtime: no new tmpfs; step 3 deletes everything but the listed paths (also what the
+   unmounted mount points hid) and the other segments are unpacked onto the same root;
 5. write the hand-off (run/cidboot/boot.json, run/cidboot/dice.cbor 0600: the same files
    cidboot.stage.handoff appends as a cpio for kexec), wipe the caller's secrets and our copy;
 6. close every fd above stderr and execve /init: PID 1 stays PID 1 and the old interpreter's
@@ -40,6 +46,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import hmac
+import json
 import lzma
 import os
 import stat
@@ -56,6 +63,7 @@ from cidboot.stage.cpio import MAGIC, CpioError, Member, normalize_path, read_he
 from cidboot.stage.handoff import BOOT_PATH, DICE_PATH, Handoff, canonical_json
 
 RUNNING_KERNEL = "/etc/cidboot/kernel.sha512"
+RUNTIME_JSON = "etc/cidboot/runtime.json"  # the running image's runtime layer (imagebuilder writes it), under the root
 CHECK_FLAG = "/etc/cidboot/handover-check"  # debug/test builds only
 FORCE_ARG = "cidboot.handover=kexec"
 NEW_ROOT = "/newroot"
@@ -130,6 +138,69 @@ def proc_cmdline(path: str | os.PathLike[str] = "/proc/cmdline") -> str | None:
         return None
 
 
+# -- the running runtime ----------------------------------------------------------------------
+
+
+class RuntimeMissing(SwitchRootError):
+    """The runtime layer was not fetched (it is the running one) and the running root cannot
+    supply it: the caller must fetch it after all."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The running image's runtime layer, as /etc/cidboot/runtime.json (written by the image
+    builder into the config layer, so inside this stage's measured initrd) describes it: the
+    layer's CID, size and hashes of its compressed bytes, and every member path of its archive in
+    archive order (`normalize_path`'s form). Every stage flow of an arch ships a byte-identical
+    runtime layer, so the next stage's initramfs usually begins with exactly these bytes."""
+
+    cid: str
+    size: int
+    sha256: bytes
+    sha512: bytes
+    paths: tuple[str, ...]
+
+    def begins(self, initrd: bytes | memoryview) -> bool:
+        """True when `initrd`'s first `size` bytes are this layer (the length first, then SHA-256)."""
+        if self.size <= 0 or len(initrd) < self.size:
+            return False
+        return hmac.compare_digest(hashlib.sha256(memoryview(initrd)[:self.size]).digest(), self.sha256)
+
+    def missing(self, root: str = "/") -> str | None:
+        """The first listed path the running root lacks (None: all present). A root another stage
+        pruned or a file deleted at run time cannot stand in for the layer."""
+        for p in self.paths:
+            if not os.path.lexists(os.path.join(root, p)):
+                return p
+        return None
+
+
+def _runtime_from(doc: Any) -> Runtime:
+    if not isinstance(doc, dict) or set(doc) != {"cid", "size", "sha256", "sha512", "paths"}:
+        raise ValueError("keys are not cid, paths, sha256, sha512, size")
+    cid, size, paths = doc["cid"], doc["size"], doc["paths"]
+    if not isinstance(cid, str) or not cid or type(size) is not int or size <= 0:
+        raise ValueError("cid or size")
+    sha256, sha512 = bytes.fromhex(doc["sha256"]), bytes.fromhex(doc["sha512"])
+    if len(sha256) != 32 or len(sha512) != 64:
+        raise ValueError("hash lengths")
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        raise ValueError("paths")
+    if any(normalize_path(p) != p for p in paths) or len(set(paths)) != len(paths):
+        raise ValueError("paths are not normalised, or repeat")
+    return Runtime(cid, size, sha256, sha512, tuple(paths))
+
+
+def running_runtime(root: str = "/") -> Runtime | None:
+    """This image's runtime.json, or None when it is missing or anything in it is not exactly the
+    contract (no reuse then: the full unpack; fail safe, never open)."""
+    try:
+        doc = json.loads(Path(root, RUNTIME_JSON).read_bytes())
+        return _runtime_from(doc)
+    except (OSError, ValueError, TypeError, CpioError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+
+
 # -- reading the initramfs --------------------------------------------------------------------
 
 
@@ -157,10 +228,10 @@ def _archive(buf: memoryview, off: int, out: list[tuple[Member, memoryview]]) ->
         off = h.end
 
 
-def _walk(buf: memoryview, out: list[tuple[Member, memoryview]], where: str = "") -> None:
-    """Every archive in `buf`, as the kernel's unpacker finds them: zero padding skipped, each
-    one uncompressed (at a 4-byte boundary), or a gzip or xz stream holding archives itself."""
-    off = 0
+def _walk(buf: memoryview, out: list[tuple[Member, memoryview]], where: str = "", off: int = 0) -> None:
+    """Every archive in `buf` from `off`, as the kernel's unpacker finds them: zero padding
+    skipped, each one uncompressed (at a 4-byte boundary), or a gzip or xz stream holding archives
+    itself."""
     while off < len(buf):
         if buf[off] == 0:
             off += 1
@@ -195,23 +266,28 @@ def _walk(buf: memoryview, out: list[tuple[Member, memoryview]], where: str = ""
 
 @dataclass(frozen=True)
 class Parsed:
-    """The next stage's root, parsed and checked before anything is torn down."""
+    """The next stage's root, parsed and checked before anything is torn down: the members to
+    write, and the paths of the running root to keep instead of writing them (the running
+    runtime layer's, `Runtime.paths`; empty: a fresh root)."""
 
     members: list[tuple[Member, memoryview]]
+    keep: tuple[str, ...] = ()
 
     @property
     def files(self) -> int:
         return sum(1 for m, _ in self.members if stat.S_ISREG(m.mode))
 
 
-def parse_initramfs(data: bytes) -> Parsed:
-    """Every member of every archive in `data`, paths normalised (none may escape the root).
-    Raises InitramfsError (UnsupportedCompression for a compression we cannot read)."""
+def parse_initramfs(data: bytes, *, start: int = 0, keep: tuple[str, ...] = ()) -> Parsed:
+    """Every member of every archive in `data` from offset `start`, paths normalised (none may
+    escape the root); `keep`: the running root's paths that stand for `data[:start]` (or for a
+    layer the caller never fetched). Raises InitramfsError (UnsupportedCompression for a
+    compression we cannot read)."""
     members: list[tuple[Member, memoryview]] = []
-    _walk(memoryview(data), members)
+    _walk(memoryview(data), members, off=start)
     if not members:
-        raise InitramfsError("initramfs: no files")
-    return Parsed(members)
+        raise InitramfsError("initramfs: no files" + (f" after the kept runtime ({start} bytes)" if keep else ""))
+    return Parsed(members, keep)
 
 
 def _remove(path: str) -> None:
@@ -239,9 +315,11 @@ def extract(parsed: Parsed, root: str = "/") -> None:
                 os.mkdir(path, perm)
             os.chmod(path, perm)
         elif stat.S_ISREG(m.mode):
-            if os.path.islink(path) or os.path.isdir(path):
+            # a new inode, never an old one truncated: a kept file may be mapped by this process
+            # (a shared library, the interpreter), and a hard-linked one must not change elsewhere
+            if os.path.lexists(path):
                 _remove(path)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, perm)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, perm)
             try:
                 view = memoryview(content)
                 while view:
@@ -308,11 +386,14 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def delete_tree(top: str, dev: int) -> None:
+def delete_tree(top: str, dev: int, keep: frozenset[str] = frozenset(), rel: str = "") -> int:
     """Delete everything under `top` on device `dev`, never crossing into another mount (as
-    switch_root(8) frees the initramfs before moving the new root onto /)."""
+    switch_root(8) frees the initramfs before moving the new root onto /), except the entries
+    whose path relative to the root (`rel` is `top`'s, with a trailing slash) is in `keep` (a
+    kept directory stays, its unlisted entries go). Returns how many entries were kept."""
     with os.scandir(top) as it:
         entries = list(it)
+    kept = 0
     for e in entries:
         try:
             st = e.stat(follow_symlinks=False)
@@ -320,14 +401,45 @@ def delete_tree(top: str, dev: int) -> None:
             continue
         if st.st_dev != dev:
             continue  # a mount point (proc, sys, dev, the new root): left for umount
+        r = rel + e.name
         if stat.S_ISDIR(st.st_mode):
-            delete_tree(e.path, dev)
+            kept += delete_tree(e.path, dev, keep, r + "/") if keep else delete_tree(e.path, dev)
+            if r in keep:
+                kept += 1
+                continue
             try:
                 os.rmdir(e.path)
             except OSError:
                 pass  # holds a mount point further down
+        elif r in keep:
+            kept += 1
         else:
             os.unlink(e.path)
+    return kept
+
+
+def prune_mount_points(points: Iterable[str], dev: int, keep: frozenset[str], root: str = "/") -> None:
+    """After the unmounts, on a root that stays: delete what the old mount points hid (the
+    archive's /dev nodes under devtmpfs...) and the mount point directories themselves, keeping
+    only `keep`, so nothing of the old stage's root remains but the listed paths."""
+    for point in sorted(points, key=len):
+        try:
+            rel = normalize_path(point)
+        except CpioError:
+            continue
+        path = os.path.join(root, rel)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue  # under a mount point deleted already
+        if st.st_dev != dev or not stat.S_ISDIR(st.st_mode):
+            continue  # still a mount (one we could not detach), or not ours
+        delete_tree(path, dev, keep, rel + "/")
+        if rel not in keep:
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
 
 
 def close_fds(keep: int = 2) -> None:
@@ -368,32 +480,41 @@ def handoff_files(handoff: Handoff) -> list[tuple[str, bytes, int]]:
 def switch_root(parsed: Parsed, handoff: Handoff, *, secrets: Iterable[bytearray] = (), new_root: str = NEW_ROOT,
                 unload_modules: Iterable[str] = UNLOAD, init: str = INIT,
                 log: Callable[[str], None] = lambda _m: None) -> None:
-    """Steps 2-6 of the module docstring. Only as PID 1; returns only by raising."""
+    """Steps 2-6 of the module docstring. Only as PID 1; returns only by raising. With
+    `parsed.keep` (the running runtime's paths) the root stays where it is: everything but those
+    paths is deleted, and `parsed` is unpacked onto it."""
     if os.getpid() != 1:
         raise SwitchRootError("refusing to switch root: not PID 1 (this would take the host's root away)")
     files = handoff_files(handoff)
     gone = unload(unload_modules)
     if gone:
         log(f"unloaded {' '.join(gone)}")
-    old = [m for m in mounts() if m not in ("/", new_root)]
-    os.makedirs(new_root, exist_ok=True)
-    try:
-        syscalls.mount("tmpfs", new_root, "tmpfs", 0, "mode=0755")
-    except syscalls.SyscallError as e:
-        raise SwitchRootError(f"tmpfs for the new root: {e}") from None
+    keep = frozenset(parsed.keep)
+    old = [m for m in mounts() if m != "/" and (keep or m != new_root)]
+    if not keep:
+        os.makedirs(new_root, exist_ok=True)
+        try:
+            syscalls.mount("tmpfs", new_root, "tmpfs", 0, "mode=0755")
+        except syscalls.SyscallError as e:
+            raise SwitchRootError(f"tmpfs for the new root: {e}") from None
     gc.collect()  # the old stage's garbage goes now, not as file objects closing fds later
     # from here the old root is being dismantled: no imports, nothing that opens files in it
-    delete_tree("/", os.lstat("/").st_dev)
+    dev = os.lstat("/").st_dev
+    delete_tree("/", dev, keep)
     for target in sorted(old, key=len, reverse=True):
         try:
             syscalls.umount2(target, syscalls.MNT_DETACH)
         except syscalls.SyscallError as e:
             raise SwitchRootError(str(e)) from None
     try:
-        os.chdir(new_root)
-        syscalls.mount(".", "/", None, syscalls.MS_MOVE)
-        os.chroot(".")
-        os.chdir("/")
+        if keep:  # this root stays: what the mounts hid goes too, then the next stage's other layers
+            os.chdir("/")
+            prune_mount_points(old, dev, keep)
+        else:
+            os.chdir(new_root)
+            syscalls.mount(".", "/", None, syscalls.MS_MOVE)
+            os.chroot(".")
+            os.chdir("/")
         extract(parsed)
         for path, data, mode in files:
             os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
@@ -416,13 +537,62 @@ def switch_root(parsed: Parsed, handoff: Handoff, *, secrets: Iterable[bytearray
     os.execve(init, [init], {"PATH": "/usr/bin:/bin", "TERM": os.environ.get("TERM", "linux")})
 
 
+def keep_plan(initrd: bytes, runtime: Runtime | None, *, omitted: bool = False, image_root: str = "/",
+              log: Callable[[str], None] = lambda _m: None) -> tuple[int, tuple[str, ...]]:
+    """(start, keep): how many leading bytes of `initrd` the running root stands for, and the
+    paths it keeps for them. The running runtime layer (`runtime`, this image's runtime.json) is
+    kept when `initrd` begins with exactly its bytes (size, then SHA-256) and the running root
+    still has every path it lists; otherwise (0, ()): the full unpack. `omitted`: the caller did
+    not fetch that layer because it is the running one (by CID or signed hash), so `initrd` is
+    only the layers after it: (0, paths), or RuntimeMissing when the running root cannot supply it."""
+    if runtime is None:
+        if omitted:
+            raise RuntimeMissing("the runtime layer was not fetched and this image has no valid runtime.json")
+        return 0, ()
+    if not omitted and not runtime.begins(initrd):
+        return 0, ()
+    gap = runtime.missing(image_root)
+    if gap is not None:
+        if omitted:
+            raise RuntimeMissing(f"the runtime layer was not fetched and the running root lacks {gap}")
+        log(f"the running root lacks {gap}: unpacking the runtime layer too")
+        return 0, ()
+    return (0 if omitted else runtime.size), runtime.paths
+
+
+def _switch_root_or_initrd(initrd: bytes, handoff: Handoff, *, secrets: list[bytearray],
+                           log: Callable[[str], None], runtime: Runtime | None,
+                           fetch_runtime: Callable[[], bytes] | None, image_root: str) -> bytes:
+    """Switch root into the next stage (returns only by raising); when this stage cannot unpack
+    its initramfs, the whole initramfs for a kexec instead (the runtime layer fetched first when
+    the caller had left it out)."""
+    try:
+        start, keep = keep_plan(initrd, runtime, omitted=fetch_runtime is not None, image_root=image_root, log=log)
+    except RuntimeMissing as e:
+        assert fetch_runtime is not None
+        log(f"{e}: fetching it")
+        initrd, fetch_runtime = fetch_runtime() + initrd, None
+        start, keep = 0, ()
+    try:
+        parsed = parse_initramfs(initrd, start=start, keep=keep)
+    except UnsupportedCompression as e:
+        log(f"{e}; kexec instead")
+    else:
+        say(f"cidboot-stage: handover switch_root files={parsed.files} kept={len(parsed.keep)}")
+        switch_root(parsed, handoff, secrets=secrets, log=log)
+    return initrd if fetch_runtime is None else fetch_runtime() + initrd
+
+
 def hand_over(kernel: bytes, initrd: bytes, cmdline: str, handoff: Handoff, *, secrets: Iterable[bytearray] = (),
               forced: bool = False, running: bytes | None = None, running_cmdline: str | None = None,
-              log: Callable[[str], None] = lambda _m: None) -> None:
+              log: Callable[[str], None] = lambda _m: None, runtime: Runtime | None = None,
+              fetch_runtime: Callable[[], bytes] | None = None, image_root: str = "/") -> None:
     """Start the next stage (kernel, initrd, cmdline, hand-off) the cheapest sound way: in this
     kernel when it is the same kernel (`decide`), by kexec otherwise. Wipes `secrets` either way.
     Returns only by raising. `running` defaults to this image's /etc/cidboot/kernel.sha512,
-    `running_cmdline` to /proc/cmdline."""
+    `running_cmdline` to /proc/cmdline, `runtime` to this image's runtime.json (`keep_plan`).
+    `fetch_runtime`: `initrd` lacks its first layer, the runtime, because it is the running one;
+    the callable fetches and verifies it when it is needed after all (a kexec)."""
     secrets = list(secrets)
     if forced:  # a stage started by kexec cannot see the command line that forced it: tell it
         handoff.boot["handover"] = "kexec"
@@ -432,14 +602,11 @@ def hand_over(kernel: bytes, initrd: bytes, cmdline: str, handoff: Handoff, *, s
         running_cmdline = proc_cmdline()
     how = decide(kernel, running=running, forced=forced, cmdline=cmdline, running_cmdline=running_cmdline)
     if how == "switch_root":
-        try:
-            parsed = parse_initramfs(initrd)
-        except UnsupportedCompression as e:
-            log(f"{e}; kexec instead")
-            how = "kexec"
-        else:
-            say(f"cidboot-stage: handover switch_root files={parsed.files}")
-            switch_root(parsed, handoff, secrets=secrets, log=log)
+        initrd = _switch_root_or_initrd(initrd, handoff, secrets=secrets, log=log,
+                                        runtime=runtime or running_runtime(image_root),
+                                        fetch_runtime=fetch_runtime, image_root=image_root)
+    elif fetch_runtime is not None:
+        initrd = fetch_runtime() + initrd
     kexec_hand_over(kernel, initrd, cmdline, handoff, secrets=secrets)
 
 
@@ -459,21 +626,21 @@ def kexec_hand_over(kernel: bytes, initrd: bytes, cmdline: str, handoff: Handoff
 
 
 def hand_over_running(initrd: bytes, cmdline: str, handoff: Handoff, fetch_kernel: Callable[[], bytes], *,
-                      secrets: Iterable[bytearray] = (), log: Callable[[str], None] = lambda _m: None) -> None:
+                      secrets: Iterable[bytearray] = (), log: Callable[[str], None] = lambda _m: None,
+                      runtime: Runtime | None = None, fetch_runtime: Callable[[], bytes] | None = None,
+                      image_root: str = "/") -> None:
     """Start the next stage in the running kernel when its kernel's bytes were never fetched,
     because the stage had already established that they are the running kernel's (by a hash or
     CID, with the parameters in effect and no kexec forced). Returns only by raising. When the
     initramfs cannot be unpacked here (a compression this stage cannot read), `fetch_kernel()`
     fetches the bytes, which must be the kernel the stage measured (the callable checks that and
-    raises otherwise), and the next stage is kexec'ed."""
+    raises otherwise), and the next stage is kexec'ed. `runtime`, `fetch_runtime`: as for
+    `hand_over` (the runtime layer kept, or left out of `initrd` and fetched only for a kexec)."""
     secrets = list(secrets)
-    try:
-        parsed = parse_initramfs(initrd)
-    except UnsupportedCompression as e:
-        log(f"{e}; kexec instead: fetching the kernel")
-    else:
-        say(f"cidboot-stage: handover switch_root files={parsed.files}")
-        switch_root(parsed, handoff, secrets=secrets, log=log)
+    initrd = _switch_root_or_initrd(initrd, handoff, secrets=secrets, log=log,
+                                    runtime=runtime or running_runtime(image_root),
+                                    fetch_runtime=fetch_runtime, image_root=image_root)
+    log("fetching the kernel for the kexec")
     kexec_hand_over(fetch_kernel(), initrd, cmdline, handoff, secrets=secrets)
 
 

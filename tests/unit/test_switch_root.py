@@ -323,3 +323,206 @@ def test_probes_do_not_carry_the_secret() -> None:
     secret = os.urandom(32)
     (probe,) = sr.check_probes([secret])
     assert bytes.fromhex(probe["prefix"]) == secret[:4] and secret.hex() not in str(probe)
+
+
+# -- keeping the running runtime (runtime.json) ----------------------------------------------------
+
+RT_ENTRIES = [Entry.file("usr/bin/python3.11", b"\x7fELF python", 0o755), Entry.symlink("usr/bin/python3", "python3.11"),
+              Entry.file("usr/lib/python3.11/os.py", b"# os"), Entry.file("usr/lib/libz.so.1", b"\x7fELF z", 0o644)]
+
+
+def runtime_layer() -> bytes:
+    return gzip.compress(layer(RT_ENTRIES), mtime=0)
+
+
+def rest_layers(init: bytes = b"#!/usr/bin/python3.11 -IS\n") -> bytes:
+    agent = gzip.compress(layer([Entry.file("init", init, 0o755), Entry.directory("tmp", 0o1777),
+                                 Entry.directory("dev"), Entry.file("opt/cidboot/app/stage.py", b"# next")]), mtime=0)
+    config = gzip.compress(layer([Entry.file("etc/cidboot/flow.json", b"{}")]), mtime=0)
+    return agent + config
+
+
+def runtime_doc(data: bytes | None = None) -> dict[str, Any]:
+    data = runtime_layer() if data is None else data
+    return {"cid": "bafkreiruntime", "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "sha512": hashlib.sha512(data).hexdigest(),
+            "paths": [m.path for m, _ in sr.parse_initramfs(data).members]}
+
+
+def write_runtime_json(root: Path, doc: Any) -> None:
+    import json
+
+    (root / "etc/cidboot").mkdir(parents=True, exist_ok=True)
+    (root / sr.RUNTIME_JSON).write_text(json.dumps(doc, sort_keys=True))
+
+
+def running_root(root: Path) -> sr.Runtime:
+    """A running stage's root: its initramfs (runtime + its own layers + runtime.json) unpacked,
+    plus what the stage left at run time (a hand-off, a secret in /run, bytecode it wrote)."""
+    sr.extract(sr.parse_initramfs(runtime_layer() + rest_layers(b"#!old init\n")), str(root))
+    write_runtime_json(root, runtime_doc())
+    (root / "run/cidboot").mkdir(parents=True)
+    (root / "run/cidboot/secret").write_bytes(b"CDI")
+    (root / "usr/lib/python3.11/__pycache__").mkdir()
+    (root / "usr/lib/python3.11/__pycache__/os.cpython-311.pyc").write_bytes(b"written at run time")
+    rt = sr.running_runtime(str(root))
+    assert rt is not None
+    return rt
+
+
+def tree(root: Path) -> dict[str, bytes | str]:
+    out: dict[str, bytes | str] = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = ("link:" + os.readlink(p)) if p.is_symlink() else ("dir" if p.is_dir() else p.read_bytes())
+    return out
+
+
+def test_runtime_json_is_read_exactly_or_not_at_all(tmp_path: Path) -> None:
+    assert sr.running_runtime(str(tmp_path)) is None  # missing: no reuse
+    doc = runtime_doc()
+    write_runtime_json(tmp_path, doc)
+    rt = sr.running_runtime(str(tmp_path))
+    assert rt is not None and rt.size == len(runtime_layer()) and rt.paths[0] == "usr"
+    for bad in ({**doc, "size": 0}, {**doc, "size": "12"}, {**doc, "sha256": doc["sha256"][:-2]},
+                {**doc, "sha512": "zz" * 64}, {**doc, "paths": []}, {**doc, "paths": ["/usr"]},
+                {**doc, "paths": ["usr", "usr"]}, {**doc, "paths": ["../etc"]}, {**doc, "extra": 1},
+                {k: v for k, v in doc.items() if k != "cid"}, [doc]):
+        write_runtime_json(tmp_path, bad)
+        assert sr.running_runtime(str(tmp_path)) is None, bad
+    (tmp_path / sr.RUNTIME_JSON).write_bytes(b"{not json")
+    assert sr.running_runtime(str(tmp_path)) is None
+
+
+def test_the_runtime_is_kept_only_when_the_initramfs_begins_with_exactly_its_bytes(tmp_path: Path) -> None:
+    rt = running_root(tmp_path)
+    rtl, rest = runtime_layer(), rest_layers()
+    assert sr.keep_plan(rtl + rest, rt, image_root=str(tmp_path)) == (len(rtl), rt.paths)
+    other = gzip.compress(layer(RT_ENTRIES + [Entry.file("usr/lib/extra.so", b"x")]), mtime=0)
+    assert sr.keep_plan(other + rest, rt, image_root=str(tmp_path)) == (0, ())  # another runtime
+    flipped = bytearray(rtl)
+    flipped[len(flipped) // 2] ^= 1
+    assert sr.keep_plan(bytes(flipped) + rest, rt, image_root=str(tmp_path)) == (0, ())  # wrong hash
+    assert sr.keep_plan(rtl[:-1], rt, image_root=str(tmp_path)) == (0, ())  # truncated: shorter than size
+    longer = sr.Runtime(rt.cid, rt.size + 1, rt.sha256, rt.sha512, rt.paths)
+    assert sr.keep_plan(rtl + rest, longer, image_root=str(tmp_path)) == (0, ())  # wrong size
+    assert sr.keep_plan(rtl + rest, None, image_root=str(tmp_path)) == (0, ())  # no runtime.json
+    (tmp_path / "usr/lib/libz.so.1").unlink()  # the running root cannot stand for the layer any more
+    assert sr.keep_plan(rtl + rest, rt, image_root=str(tmp_path)) == (0, ())
+    with pytest.raises(sr.RuntimeMissing, match="lacks usr/lib/libz.so.1"):
+        sr.keep_plan(rest, rt, omitted=True, image_root=str(tmp_path))
+    with pytest.raises(sr.RuntimeMissing, match="no valid runtime.json"):
+        sr.keep_plan(rest, None, omitted=True, image_root=str(tmp_path))
+
+
+def test_only_the_layers_after_the_kept_runtime_are_parsed_and_they_must_parse(tmp_path: Path) -> None:
+    rtl = runtime_layer()
+    parsed = sr.parse_initramfs(rtl + rest_layers(), start=len(rtl), keep=("usr",))
+    paths = [m.path for m, _ in parsed.members]
+    assert "init" in paths and not any(p.startswith("usr/") for p in paths) and parsed.keep == ("usr",)
+    with pytest.raises(sr.InitramfsError, match=f"offset {len(rtl)}"):
+        sr.parse_initramfs(rtl + b"\x01garbage", start=len(rtl), keep=("usr",))
+    with pytest.raises(sr.InitramfsError, match="no files after the kept runtime"):
+        sr.parse_initramfs(rtl, start=len(rtl), keep=("usr",))
+
+
+def test_keeping_the_runtime_gives_the_root_a_full_unpack_gives(tmp_path: Path) -> None:
+    """Prune the running root to the listed paths, unpack the other layers: the same tree, byte for
+    byte, as unpacking the whole next initramfs into an empty root; nothing the old stage left stays."""
+    old, fresh = tmp_path / "old", tmp_path / "fresh"
+    old.mkdir()
+    fresh.mkdir()
+    rt = running_root(old)
+    nxt = runtime_layer() + rest_layers()
+    start, keep = sr.keep_plan(nxt, rt, image_root=str(old))
+    kept = sr.delete_tree(str(old), os.lstat(old).st_dev, frozenset(keep))
+    assert kept == len(rt.paths)
+    assert not (old / "run").exists() and not (old / "etc/cidboot/runtime.json").exists()
+    assert not (old / "usr/lib/python3.11/__pycache__").exists()  # an unlisted directory under a kept one
+    sr.extract(sr.parse_initramfs(nxt, start=start, keep=keep), str(old))
+    sr.extract(sr.parse_initramfs(nxt), str(fresh))
+    assert tree(old) == tree(fresh)
+    assert (old / "init").read_bytes() == b"#!/usr/bin/python3.11 -IS\n"
+
+
+def test_a_kept_file_is_replaced_not_truncated_when_a_later_layer_writes_it(tmp_path: Path) -> None:
+    (tmp_path / "lib.so").write_bytes(b"mapped by the running stage")
+    before = os.lstat(tmp_path / "lib.so").st_ino
+    with open(tmp_path / "lib.so", "rb") as f:
+        sr.extract(sr.parse_initramfs(layer([Entry.file("lib.so", b"new")])), str(tmp_path))
+        assert f.read() == b"mapped by the running stage"  # the old inode is untouched
+    assert (tmp_path / "lib.so").read_bytes() == b"new" and os.lstat(tmp_path / "lib.so").st_ino != before
+
+
+def test_what_a_mount_point_hid_is_deleted_on_a_kept_root(tmp_path: Path) -> None:
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev/console").write_bytes(b"")  # stands for the archive's node under devtmpfs
+    (tmp_path / "usr").mkdir()
+    (tmp_path / "proc").mkdir()
+    dev = os.lstat(tmp_path).st_dev
+    sr.prune_mount_points(["/dev", "/proc", "/sys", "/dev/pts"], dev, frozenset({"proc"}), root=str(tmp_path))
+    assert not (tmp_path / "dev").exists() and (tmp_path / "proc").is_dir() and (tmp_path / "usr").is_dir()
+
+
+def test_same_kernel_with_the_running_runtime_keeps_it_and_unpacks_the_rest(
+        fakes: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rt = running_root(tmp_path)
+    rtl = runtime_layer()
+    sr.hand_over(KERNEL, rtl + rest_layers(), "", handoff(), running=hashlib.sha512(KERNEL).digest(),
+                 running_cmdline="", image_root=str(tmp_path))
+    parsed, _h, _kw = fakes["switch_root"]
+    assert parsed.keep == rt.paths and parsed.files == 3
+    assert "cidboot-stage: handover switch_root files=3 kept=8" in capsys.readouterr().out
+    assert fakes["kexec"][1].startswith(rtl + rest_layers())  # a switch_root that returns: kexec, whole initrd
+
+
+def test_a_different_runtime_or_none_is_unpacked_in_full(fakes: dict[str, Any], tmp_path: Path) -> None:
+    other = gzip.compress(layer(RT_ENTRIES[:2]), mtime=0)
+    sr.hand_over(KERNEL, other + rest_layers(), "", handoff(), running=hashlib.sha512(KERNEL).digest(),
+                 running_cmdline="", image_root=str(tmp_path))  # no runtime.json at all
+    assert fakes["switch_root"][0].keep == () and fakes["switch_root"][0].files == 4
+    running_root(tmp_path)
+    sr.hand_over(KERNEL, other + rest_layers(), "", handoff(), running=hashlib.sha512(KERNEL).digest(),
+                 running_cmdline="", image_root=str(tmp_path))
+    assert fakes["switch_root"][0].keep == () and fakes["switch_root"][0].files == 4
+
+
+def test_a_malformed_rest_refuses_before_anything_is_torn_down(fakes: dict[str, Any], tmp_path: Path) -> None:
+    running_root(tmp_path)
+    with pytest.raises(sr.InitramfsError):
+        sr.hand_over(KERNEL, runtime_layer() + rest_layers()[:-9], "", handoff(),
+                     running=hashlib.sha512(KERNEL).digest(), running_cmdline="", image_root=str(tmp_path))
+    assert "switch_root" not in fakes and "kexec" not in fakes
+    assert (tmp_path / "run/cidboot/secret").exists()
+
+
+def test_an_unfetched_runtime_is_kept_and_fetched_only_for_a_kexec(fakes: dict[str, Any], tmp_path: Path) -> None:
+    rt = running_root(tmp_path)
+    calls: list[str] = []
+
+    def fetch_runtime() -> bytes:
+        calls.append("runtime")
+        return runtime_layer()
+
+    sr.hand_over_running(rest_layers(), "", handoff(), lambda: KERNEL, fetch_runtime=fetch_runtime,
+                         image_root=str(tmp_path))
+    assert fakes["switch_root"][0].keep == rt.paths and fakes["switch_root"][0].files == 3
+    # the fake switch_root returned: the kexec gets the whole initramfs, runtime fetched first
+    assert calls == ["runtime"] and fakes["kexec"][1].startswith(runtime_layer() + rest_layers())
+    del fakes["switch_root"], fakes["kexec"]
+    zstd = b"\x28\xb5\x2f\xfd" + b"\0" * 64  # the other layers cannot be read here: kexec
+    sr.hand_over_running(zstd, "", handoff(), lambda: KERNEL, fetch_runtime=fetch_runtime, image_root=str(tmp_path))
+    assert "switch_root" not in fakes and fakes["kexec"][1].startswith(runtime_layer() + zstd)
+    del fakes["kexec"]
+    (tmp_path / "usr/bin/python3.11").unlink()  # the running root cannot supply it: fetched, unpacked in full
+    calls.clear()
+    sr.hand_over_running(rest_layers(), "", handoff(), lambda: KERNEL, fetch_runtime=fetch_runtime,
+                         image_root=str(tmp_path))
+    assert calls == ["runtime"] and fakes["switch_root"][0].keep == () and fakes["switch_root"][0].files == 6
+
+
+def test_an_unfetched_runtime_is_fetched_for_a_different_kernel(fakes: dict[str, Any], tmp_path: Path) -> None:
+    running_root(tmp_path)
+    sr.hand_over(OTHER_KERNEL, rest_layers(), "", handoff(), running=hashlib.sha512(KERNEL).digest(),
+                 running_cmdline="", fetch_runtime=runtime_layer, image_root=str(tmp_path))
+    assert "switch_root" not in fakes and fakes["kexec"][1].startswith(runtime_layer() + rest_layers())
