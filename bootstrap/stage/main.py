@@ -151,7 +151,7 @@ def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, st
             cmdline_path: str | Path, network: bool = True, now: int | None = None) -> tuple[BootPlan, BootConfig]:
     """One try: network, boot config, prepare. Raises Refused (or any CidbootError/OSError)."""
     from bootstrap.stage.verify import running_kernel_cid, running_kernel_sha256
-    from cidboot.stage.switch_root import kexec_forced, proc_cmdline
+    from cidboot.stage.switch_root import kexec_forced, proc_cmdline, running_runtime
     from cidboot.store.blockstore import Blockstore, MemoryBlockstore
 
     anchor = load_anchor(anchor_path)
@@ -176,6 +176,7 @@ def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, st
         plan = prepare(cfg, raw, dice, boot_mode=start.boot_mode, anchor=anchor, nvram=nvram,
                        store=store, now=now, carry_dice=carry, running_kernel=running,
                        running_cmdline=proc_cmdline(cmdline_path), running_kernel_sha256=running_sha256,
+                       running_runtime=None if forced else running_runtime(),
                        device_id=start.tpm.device_id if start.tpm is not None else None, tpm=start.tpm)
     finally:
         if dice is not None:
@@ -237,7 +238,8 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
         break
     timings = " ".join(f"{k}={v:.2f}s" for k, v in plan.timings.items())
     kernel_note = f"{len(plan.kernel)}B" if plan.kernel is not None else "running"
-    log(f"manifest={plan.manifest_cid} {plan.manifest.name} v{plan.manifest.version} kernel={kernel_note} "
+    runtime_note = " runtime=running" if plan.runtime_cid is not None else ""
+    log(f"manifest={plan.manifest_cid} {plan.manifest.name} v{plan.manifest.version} kernel={kernel_note}{runtime_note} "
         f"initrd={len(plan.initrd)}B {timings} total={time.monotonic() - t0:.2f}s")
     if plan.unlocked is not None:  # a private image: keys from the broker, layers decrypted in RAM
         say(f"cidboot-stage: bootstrap keys {plan.unlocked.line()}")
@@ -267,37 +269,23 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
 
 
 def same_kernel(plan: BootPlan, cfg: BootConfig) -> bytes:
-    """Hand over in the running kernel, whose bytes were not fetched (verify.reuses_running_kernel).
-    Returns only when the image's initramfs cannot be unpacked here (a compression this stage
-    cannot read): then with the kernel layer's bytes, fetched and verified now (an encrypted layer
-    also decrypted with the key kept for this, and checked against its plaintext hash), for a kexec."""
-    from bootstrap.stage.verify import Refused, fetch_layer
-    from cidboot.stage.switch_root import UnsupportedCompression, parse_initramfs, switch_root
-    from cidboot.store.blockstore import MemoryBlockstore
+    """Hand over in the running kernel, whose bytes were not fetched (verify.reuses_running_kernel),
+    keeping the running runtime (cidboot.stage.switch_root.try_switch_root; its layer left
+    unfetched too when verify.reuses_running_runtime held). Returns only when the image's
+    initramfs cannot be unpacked here (a compression this stage cannot read): then with the
+    kernel layer's bytes, fetched and verified now (an encrypted layer also decrypted with the key
+    kept for this, and checked against its plaintext hash), for a kexec; `plan.initrd` is then the
+    whole initramfs (an unfetched runtime layer fetched and checked the same way)."""
+    from bootstrap.stage.verify import fetch_left_out
+    from cidboot.stage.switch_root import try_switch_root
 
-    try:
-        parsed = parse_initramfs(plan.initrd)
-    except UnsupportedCompression as e:
-        log(f"{e}; kexec instead: fetching the kernel layer")
-    else:
-        say(f"cidboot-stage: handover switch_root files={parsed.files}")
-        switch_root(parsed, plan.handoff, log=log)  # returns only by raising
+    rt = plan.runtime_cid
+    fetch_runtime = None if rt is None else (lambda: fetch_left_out(plan.manifest, rt, cfg.gateways, plan.runtime_key))
+    plan.initrd = try_switch_root(plan.initrd, plan.handoff, log=log, fetch_runtime=fetch_runtime)
+    plan.runtime_cid = None  # `initrd` is whole now
+    log("kexec instead: fetching the kernel layer")
     assert plan.kernel_cid is not None
-    kernel = fetch_layer(plan.manifest, plan.kernel_cid, cfg.gateways, MemoryBlockstore())
-    assert kernel is not None
-    layer = next(lyr for lyr in plan.manifest.layers if lyr.cid == plan.kernel_cid)
-    if layer.plaintext is None:
-        return kernel
-    from cidboot.errors import CidbootError
-    from cidboot.trust.private.keys import decrypt_layer
-
-    if plan.kernel_key is None:
-        raise Refused("decrypt", f"kernel layer {plan.kernel_cid}: encrypted, and no key was kept for it")
-    try:
-        return b"".join(decrypt_layer(plan.kernel_key, [kernel], sha256=layer.plaintext.sha256,
-                                      size=layer.plaintext.size))
-    except CidbootError as e:
-        raise Refused("decrypt", f"kernel layer {plan.kernel_cid}: {type(e).__name__}: {e}") from None
+    return fetch_left_out(plan.manifest, plan.kernel_cid, cfg.gateways, plan.kernel_key)
 
 
 def describe(e: Exception) -> str:

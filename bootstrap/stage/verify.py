@@ -17,7 +17,10 @@ unverified is ever handed on:
    encrypted one: its signed plaintext SHA-256 is /etc/cidboot/kernel.sha256; both in this image's
    measured initrd) and the same-kernel hand-over will be taken: those bytes are already running,
    and what is measured (the manifest, which names the CID) does not change (docs/boot-chain.md,
-   "Not fetching the running kernel");
+   "Not fetching the running kernel"). Likewise the runtime layer, on that same-kernel path,
+   when it is this image's own (/etc/cidboot/runtime.json: a plain layer by CID, an encrypted
+   one by its signed plaintext SHA-256) and the initramfs begins with it: the hand-over keeps
+   the running runtime's files (`reuses_running_runtime`, "Keeping the running runtime");
 4. measure (cidboot.trust.measure.image_inputs) and derive CDI_2 + the L2 certificate from CDI_1;
    a manifest with encrypted layers (docs/privacy.md) then needs their keys: the bootstrap asks the
    key broker the boot config names (`keys`) with the evidence the agent will give, signed with the
@@ -103,6 +106,10 @@ class BootPlan:
     # an encrypted kernel layer left unfetched (the running kernel): its key, kept for the late kexec
     # fallback (main.same_kernel) only; the running kernel's plaintext is no secret from this device
     kernel_key: bytes | None = None
+    # the runtime layer left unfetched (the running one, kept by the hand-over): `initrd` is then the
+    # layers after it; its CID and (encrypted) key for the late fallback (fetch_left_out)
+    runtime_cid: CID | None = None
+    runtime_key: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,32 @@ def reuses_running_kernel(manifest: Manifest, running: CID | None, running_cmdli
     else:
         same = running_sha256 is not None and hmac.compare_digest(k.plaintext.sha256, running_sha256)
     return same and kernel_params(manifest.cmdline) <= kernel_params(running_cmdline)
+
+
+def reuses_running_runtime(manifest: Manifest, runtime: Any) -> bool:
+    """Whether the manifest's runtime layer is this image's own runtime layer (`runtime`, a
+    cidboot.stage.switch_root.Runtime from /etc/cidboot/runtime.json, in this stage's measured
+    initrd) and the initramfs begins with it, so the hand-over can keep the running files instead
+    of fetching the layer: a plain layer by its CID (codec and multihash equal to runtime.json's
+    cid) and size; an encrypted one, whose CID is its ciphertext's, by its signed plaintext
+    SHA-256 and size. Call it only when the kernel is the running one too (the same-kernel path:
+    `reuses_running_kernel`, no kexec forced); None: no reuse."""
+    import hmac
+
+    if runtime is None:
+        return False
+    initramfs = [lyr for lyr in manifest.layers if lyr.role != "kernel"]
+    runtimes = [lyr for lyr in initramfs if lyr.role == "runtime"]
+    if len(runtimes) != 1 or initramfs[0] is not runtimes[0]:
+        return False
+    r = runtimes[0]
+    if r.plaintext is None:
+        try:
+            cid = CID.parse(runtime.cid)
+        except (FormatError, ValueError):
+            return False
+        return cid.codec == r.cid.codec and cid.multihash == r.cid.multihash and r.size == runtime.size
+    return hmac.compare_digest(r.plaintext.sha256, runtime.sha256) and r.plaintext.size == runtime.size
 
 
 def load_anchor(path: str | Path = TRUST_ANCHOR) -> RootOfTrust:
@@ -341,6 +374,28 @@ def fetch_layer(manifest: Manifest, cid: CID, gateways: list[str] | tuple[str, .
     return data
 
 
+def fetch_left_out(manifest: Manifest, cid: CID, gateways: list[str] | tuple[str, ...], key: bytes | None, *,
+                   timeout: float = 10.0) -> bytes:
+    """A layer `prepare` left unfetched because it is running (the kernel, the runtime), fetched
+    now that a fallback needs its bytes after all (a kexec): every block verified, an encrypted
+    layer decrypted with the key kept for it and checked against its signed plaintext hash."""
+    from cidboot.store.blockstore import MemoryBlockstore
+
+    data = fetch_layer(manifest, cid, gateways, MemoryBlockstore(), timeout=timeout)
+    assert data is not None
+    layer = manifest.layer(cid)
+    if layer is None or layer.plaintext is None:
+        return data
+    from cidboot.trust.private.keys import decrypt_layer
+
+    if key is None:
+        raise Refused("decrypt", f"{layer.role} layer {cid}: encrypted, and no key was kept for it")
+    try:
+        return b"".join(decrypt_layer(key, [data], sha256=layer.plaintext.sha256, size=layer.plaintext.size))
+    except CidbootError as e:
+        raise Refused("decrypt", f"{layer.role} layer {cid}: {type(e).__name__}: {e}") from None
+
+
 def measure(dice: bytes, manifest_cid: CID, manifest: Manifest, signers: list[bytes]) -> bytes:
     """CDI_1 handover -> CDI_2 handover: DICE main flow over the image's inputs, the L2
     certificate appended to the chain. Wipes the decoded CDI_1 copies."""
@@ -416,11 +471,12 @@ def key_evidence(next_dice: bytes | None, dice: bytes | None, cid: CID, role: st
 
 def unlock(config: BootConfig, cid: CID, manifest: Manifest, blobs: dict[str, bytes | None],
            evidence: Callable[[bytes], bytes], *, timeout: float = 30.0
-           ) -> tuple[dict[str, bytes | None], Unlocked, bytes | None]:
+           ) -> tuple[dict[str, bytes | None], Unlocked, dict[str, bytes]]:
     """The layer keys from the key broker (`config.keys`), then every encrypted layer decrypted
     in RAM and checked against the manifest's plaintext SHA-256 and size: the blobs with
-    plaintext in place of ciphertext, and the key of an encrypted kernel layer left unfetched (a
-    blob None: the running kernel), kept for a late kexec; every other key is dropped. Refusals:
+    plaintext in place of ciphertext, and the keys (by CID) of the encrypted layers left
+    unfetched (a blob None: the running kernel, the running runtime), kept for a late kexec;
+    every other key is dropped. Refusals:
     `keys` (no broker configured, unreachable, or it refused: its failing check named), `decrypt`
     (a layer that does not decrypt or whose plaintext is not the manifest's: the layer's CID
     named)."""
@@ -455,8 +511,7 @@ def unlock(config: BootConfig, cid: CID, manifest: Manifest, blobs: dict[str, by
     t0 = time.monotonic()
     try:
         plain = client.decrypt_layers(manifest, fetched, keys, skip=unfetched)
-        kernel_key = next((keys[str(lyr.cid)] for lyr in manifest.layers if lyr.role == "kernel"
-                           and str(lyr.cid) in unfetched and str(lyr.cid) in keys), None)
+        kept = {c: keys[c] for c in unfetched if c in keys}
     except CidbootError as e:  # each names the layer's CID and role (client.decrypt_layers)
         raise Refused("decrypt", f"{type(e).__name__}: {e}") from None
     finally:
@@ -470,21 +525,23 @@ def unlock(config: BootConfig, cid: CID, manifest: Manifest, blobs: dict[str, by
     t_sha = time.monotonic() - t0
     out: dict[str, bytes | None] = {c: plain.get(c) if b is not None else None for c, b in blobs.items()}
     return (out, Unlocked(len(enc), sum(len(fetched[c]) for c in enc), t_broker, t_decrypt, t_sha, len(sample)),
-            kernel_key)
+            kept)
 
 
 def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, boot_mode: str, anchor: RootOfTrust,
             nvram: Nvram, store: AnyStore, now: int | None = None, timeout: float = 10.0,
             carry_dice: bool = True, running_kernel: CID | None = None,
             running_cmdline: str | None = None, device_id: str | None = None, tpm: Any = None,
-            running_kernel_sha256: bytes | None = None) -> BootPlan:
+            running_kernel_sha256: bytes | None = None, running_runtime: Any = None) -> BootPlan:
     """Steps 1-5 of the module docstring. `dice` is the handover holding CDI_1 (from the firmware,
     or an ephemeral one for an unmeasured boot); `carry_dice=False` leaves dice.cbor out of the
     hand-off (the unmeasured contract, docs/boot-chain.md). `running_kernel` (the running
     kernel's layer CID; None when a kexec is forced), `running_kernel_sha256` (that layer's
     SHA-256, for an encrypted kernel layer; None when a kexec is forced) and `running_cmdline`
     (/proc/cmdline) let the kernel layer go unfetched when it is the running kernel
-    (reuses_running_kernel).
+    (reuses_running_kernel); `running_runtime` (this image's runtime.json as a
+    cidboot.stage.switch_root.Runtime; None when a kexec is forced) lets the runtime layer go
+    unfetched on that same-kernel path when it is this image's (reuses_running_runtime).
     `tpm` (a TPM-rooted boot's bootstrap.stage.tpm.TpmRoot): with encrypted layers, PCR 15 is
     extended here, before the key request whose quote must cover it (boot.json "tpm" is then set;
     otherwise the caller extends it after `prepare`)."""
@@ -513,10 +570,13 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
     t0 = time.monotonic()
     # a plain kernel layer is the running kernel by its CID, an encrypted one by its plaintext SHA-256
     reuse = reuses_running_kernel(m, running_kernel, running_cmdline, running_kernel_sha256)
+    # and on that same-kernel path, the runtime layer when it is this image's own (kept by the hand-over)
+    reuse_runtime = reuse and reuses_running_runtime(m, running_runtime)
+    running_roles = {"kernel"} | ({"runtime"} if reuse_runtime else set())
     blobs: dict[str, bytes | None] = {}
     for lyr in m.layers:
         blobs[str(lyr.cid)] = fetch_layer(m, lyr.cid, gws, store, timeout=timeout,
-                                          root_only=reuse and lyr.role == "kernel")
+                                          root_only=reuse and lyr.role in running_roles)
         if isinstance(store, MemoryBlockstore):
             store.clear()  # this layer's bytes are in `blobs`: its blocks need not stay in RAM too
     t["layers"] = time.monotonic() - t0
@@ -525,7 +585,7 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
     next_dice = measure(dice, cid, m, signers) if dice is not None and carry_dice else None
     t["measure"] = time.monotonic() - t0
     unlocked = None
-    kernel_key: bytes | None = None
+    kept_keys: dict[str, bytes] = {}
     tpm_boot: dict[str, Any] | None = None
     if encrypted_layers(m):  # keys only now: the evidence is signed with the key derived from CDI_2
         t0 = time.monotonic()
@@ -538,7 +598,7 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
         try:
             evidence = key_evidence(next_dice, dice, cid, config.role, tpm_boot=tpm_boot,
                                     tpm_paths=tpm.device_paths if tpm is not None else None)
-            blobs, unlocked, kernel_key = unlock(config, cid, m, blobs, evidence, timeout=max(timeout, 30.0))
+            blobs, unlocked, kept_keys = unlock(config, cid, m, blobs, evidence, timeout=max(timeout, 30.0))
         except Refused as e:
             if tpm is None:
                 raise
@@ -560,4 +620,7 @@ def prepare(config: BootConfig, bootconfig_raw: bytes, dice: bytes | None, *, bo
     except CidbootError as e:
         raise Refused("handoff", f"for manifest {cid}: {e}") from None
     kernel_cid = next(lyr.cid for lyr in m.layers if lyr.role == "kernel")
-    return BootPlan(cid, m, signers, kernel, initrd, m.cmdline, handoff, t, kernel_cid, unlocked, kernel_key)
+    runtime_cid = next((lyr.cid for lyr in m.layers if lyr.role == "runtime"), None) if reuse_runtime else None
+    return BootPlan(cid, m, signers, kernel, initrd, m.cmdline, handoff, t, kernel_cid, unlocked,
+                    kept_keys.get(str(kernel_cid)), runtime_cid,
+                    kept_keys.get(str(runtime_cid)) if runtime_cid is not None else None)

@@ -174,7 +174,7 @@ def test_an_encrypted_running_kernel_layer_is_not_fetched_nor_decrypted(tmp_path
         from bootstrap.stage import main as stage_main
         from cidboot.stage import switch_root
 
-        def unreadable(_data: bytes) -> None:
+        def unreadable(_data: bytes, **_kw: Any) -> None:
             raise switch_root.UnsupportedCompression("initramfs: zstd at 0: this stage reads gzip and xz")
 
         monkeypatch.setattr(switch_root, "parse_initramfs", unreadable)
@@ -200,6 +200,41 @@ def _cat(store: Blockstore, cid: CID) -> bytes:
     from cidboot.ipld.unixfs.exporter import export_file
 
     return b"".join(export_file(cid, store.get))
+
+
+def test_an_encrypted_running_runtime_layer_is_not_fetched_and_its_key_is_kept(tmp_path: Path, broker: Broker,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encrypted runtime layer's signed plaintext SHA-256 and size are runtime.json's, on the
+    same-kernel path: neither fetched beyond its root block nor decrypted, its key kept; a late
+    kexec fetches it, decrypts it with that key and checks it (a wrong key is refused with its CID)."""
+    from bootstrap.stage import main as stage_main
+    from cidboot.stage import switch_root
+
+    store = Blockstore(tmp_path / "server-store")
+    signed = _publish(store, broker=broker)
+    runtime = signed.manifest.layers[1]
+    assert runtime.role == "runtime" and runtime.plaintext is not None
+    data = PLAIN["runtime"]
+    rt = switch_root.Runtime("bafkreiplaintextcid", len(data), hashlib.sha256(data).digest(),
+                             hashlib.sha512(data).digest(), ("usr",))
+    running: dict[str, Any] = {"running_kernel_sha256": hashlib.sha256(PLAIN["kernel"]).digest(),
+                               "running_cmdline": "console=ttyS0", "running_runtime": rt}
+    with running_gateway(store) as gw:
+        plan, _ = _boot(tmp_path, signed.cid, _url(gw), broker.url, **running)
+        assert plan.runtime_cid == runtime.cid and plan.runtime_key is not None and plan.kernel_key is not None
+        assert plan.initrd == PLAIN["operations"] and plan.unlocked is not None and plan.unlocked.layers == 1
+
+        def unreadable(_data: bytes, **_kw: Any) -> None:
+            raise switch_root.UnsupportedCompression("initramfs: zstd at 0: this stage reads gzip and xz")
+
+        monkeypatch.setattr(switch_root, "parse_initramfs", unreadable)
+        monkeypatch.setattr(switch_root, "running_runtime", lambda _root="/": rt)
+        cfg = BootConfig(signed.cid, (_url(gw),), role="worker", keys=broker.url)
+        wrong = dataclasses.replace(plan, runtime_key=os.urandom(32))
+        with pytest.raises(Refused, match=f"decrypt: runtime layer {runtime.cid}"):
+            stage_main.same_kernel(wrong, cfg)
+        assert stage_main.same_kernel(plan, cfg) == PLAIN["kernel"]
+    assert plan.initrd == PLAIN["runtime"] + PLAIN["operations"]
 
 
 def test_the_running_kernel_rule_by_plaintext_hash_and_by_cid() -> None:

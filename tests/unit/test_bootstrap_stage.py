@@ -580,3 +580,89 @@ def test_a_tpm_boot_that_extended_pcr15_retries_by_rebooting(tmp_path: Path, mon
     cap = capsys.readouterr()
     assert cap.out.count("cidboot: refused: keys") == 1 and "rebooting in" in cap.out + cap.err
     assert calls == [("power_off", "", True)] and sleeps == [stage_main.RETRY_PAUSE]
+
+
+def _runtime_of(data: bytes, cid: CID, paths: tuple[str, ...] = ("usr",)) -> Any:
+    from cidboot.stage.switch_root import Runtime
+
+    return Runtime(str(cid), len(data), hashlib.sha256(data).digest(), hashlib.sha512(data).digest(), paths)
+
+
+def _run_keeping(tmp: Path, cid: CID, gateways: list[str], running: CID | None, runtime: Any) -> BootPlan:
+    from cidboot.store.blockstore import MemoryBlockstore
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = BootConfig(cid, tuple(gateways))
+    raw = cfg.encode()
+    _inputs, dice = _firmware(raw)
+    return prepare(cfg, raw, dice, boot_mode="measured", anchor=ANCHOR, nvram=Nvram(_nvram(tmp)),
+                   store=MemoryBlockstore(), timeout=3, running_kernel=running, running_cmdline="console=ttyS0 quiet",
+                   running_runtime=runtime)
+
+
+def test_the_running_runtime_layer_is_not_fetched_on_the_same_kernel_path_and_the_measurement_is_the_same(
+        tmp_path: Path) -> None:
+    """The runtime layer's CID is this image's runtime.json cid, on the same-kernel path: only its
+    root block is fetched (size checked), the initrd is the layers after it, CDI_2 is unchanged."""
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers)
+    kernel, runtime = layers[0].cid, layers[1].cid
+    rt = _runtime_of(BLOBS["runtime"], runtime)
+    paths: list[str] = []
+
+    def record(path: str, body: bytes) -> bytes:
+        paths.append(path)
+        return body
+
+    with running_gateway(store) as gw, proxy_gateway(_url(gw), record) as counted:
+        plan = _run_keeping(tmp_path / "a", signed.cid, [counted], kernel, rt)
+        runtime_requests = [p for p in paths if str(runtime) in p]
+        full = _run_keeping(tmp_path / "b", signed.cid, [counted], kernel, None)
+    assert runtime_requests == [f"/ipfs/{runtime}?format=raw"]
+    assert plan.runtime_cid == runtime and plan.initrd == BLOBS["agent"] + BLOBS["config"]
+    assert full.runtime_cid is None and full.initrd == BLOBS["runtime"] + plan.initrd
+    assert plan.handoff.dice is not None and full.handoff.dice is not None
+    mine, theirs = decode_handover(plan.handoff.dice), decode_handover(full.handoff.dice)
+    assert (mine.cdi_attest, mine.cdi_seal) == (theirs.cdi_attest, theirs.cdi_seal)
+
+
+def test_the_runtime_layer_is_fetched_unless_it_is_the_running_one_on_the_same_kernel_path(tmp_path: Path) -> None:
+    from bootstrap.stage.verify import reuses_running_runtime
+
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers)
+    runtime = layers[1].cid
+    rt = _runtime_of(BLOBS["runtime"], runtime)
+    with running_gateway(store) as gw:
+        kexec = _run_keeping(tmp_path / "a", signed.cid, [_url(gw)], None, rt)  # the kernel is not the running one
+    assert kexec.runtime_cid is None and kexec.initrd.startswith(BLOBS["runtime"])
+    m = signed.manifest
+    assert reuses_running_runtime(m, rt)
+    assert not reuses_running_runtime(m, _runtime_of(BLOBS["agent"], layers[2].cid))  # another runtime
+    assert not reuses_running_runtime(m, _runtime_of(BLOBS["runtime"] + b"x", runtime))  # its size is not the layer's
+    raw_codec = CID(1, 0x55, runtime.multihash)  # same digest, another codec: not the same DAG
+    assert not reuses_running_runtime(m, _runtime_of(BLOBS["runtime"], raw_codec))
+    reordered = Manifest(m.name, m.version, m.expires, (layers[0], layers[2], layers[1], layers[3]), m.root)
+    assert not reuses_running_runtime(reordered, rt)  # the initramfs does not begin with it
+    assert not reuses_running_runtime(m, None)
+
+
+def test_an_unfetched_runtime_is_kept_and_fetched_for_a_late_kexec(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from cidboot.stage import switch_root as sr
+
+    store, layers = _store(tmp_path)
+    signed = _publish(store, layers)
+    rt = _runtime_of(BLOBS["runtime"], layers[1].cid)
+    seen: list[Any] = []
+    monkeypatch.setattr(sr, "running_runtime", lambda _root="/": rt)  # "usr" is in this root
+    monkeypatch.setattr(sr, "switch_root", lambda parsed, h, **kw: seen.append(parsed))  # returns: kexec follows
+    monkeypatch.setattr(sr, "parse_initramfs", lambda data, start=0, keep=(): sr.Parsed([], keep))
+    with running_gateway(store) as gw:
+        plan = _run_keeping(tmp_path, signed.cid, [_url(gw)], layers[0].cid, rt)
+        assert plan.runtime_cid is not None and plan.kernel is None
+        cfg = BootConfig(signed.cid, (_url(gw),))
+        assert stage_main.same_kernel(plan, cfg) == BLOBS["kernel"]
+    [parsed] = seen
+    assert parsed.keep == ("usr",)
+    assert plan.initrd == b"".join(BLOBS[r] for r in ("runtime", "agent", "config")) and plan.runtime_cid is None
