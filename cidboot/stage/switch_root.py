@@ -560,12 +560,16 @@ def keep_plan(initrd: bytes, runtime: Runtime | None, *, omitted: bool = False, 
     return (0 if omitted else runtime.size), runtime.paths
 
 
-def _switch_root_or_initrd(initrd: bytes, handoff: Handoff, *, secrets: list[bytearray],
-                           log: Callable[[str], None], runtime: Runtime | None,
-                           fetch_runtime: Callable[[], bytes] | None, image_root: str) -> bytes:
-    """Switch root into the next stage (returns only by raising); when this stage cannot unpack
-    its initramfs, the whole initramfs for a kexec instead (the runtime layer fetched first when
-    the caller had left it out)."""
+def try_switch_root(initrd: bytes, handoff: Handoff, *, secrets: Iterable[bytearray] = (),
+                    log: Callable[[str], None] = lambda _m: None, runtime: Runtime | None = None,
+                    fetch_runtime: Callable[[], bytes] | None = None, image_root: str = "/") -> bytes:
+    """Switch root into the next stage, which runs on this kernel (returns only by raising);
+    when this stage cannot unpack its initramfs, the whole initramfs for a kexec instead (the
+    runtime layer fetched first when the caller had left it out). `runtime` defaults to this
+    image's runtime.json; `fetch_runtime` as for `hand_over`."""
+    secrets = list(secrets)
+    if runtime is None:
+        runtime = running_runtime(image_root)
     try:
         start, keep = keep_plan(initrd, runtime, omitted=fetch_runtime is not None, image_root=image_root, log=log)
     except RuntimeMissing as e:
@@ -602,9 +606,8 @@ def hand_over(kernel: bytes, initrd: bytes, cmdline: str, handoff: Handoff, *, s
         running_cmdline = proc_cmdline()
     how = decide(kernel, running=running, forced=forced, cmdline=cmdline, running_cmdline=running_cmdline)
     if how == "switch_root":
-        initrd = _switch_root_or_initrd(initrd, handoff, secrets=secrets, log=log,
-                                        runtime=runtime or running_runtime(image_root),
-                                        fetch_runtime=fetch_runtime, image_root=image_root)
+        initrd = try_switch_root(initrd, handoff, secrets=secrets, log=log, runtime=runtime,
+                                 fetch_runtime=fetch_runtime, image_root=image_root)
     elif fetch_runtime is not None:
         initrd = fetch_runtime() + initrd
     kexec_hand_over(kernel, initrd, cmdline, handoff, secrets=secrets)
@@ -637,9 +640,8 @@ def hand_over_running(initrd: bytes, cmdline: str, handoff: Handoff, fetch_kerne
     raises otherwise), and the next stage is kexec'ed. `runtime`, `fetch_runtime`: as for
     `hand_over` (the runtime layer kept, or left out of `initrd` and fetched only for a kexec)."""
     secrets = list(secrets)
-    initrd = _switch_root_or_initrd(initrd, handoff, secrets=secrets, log=log,
-                                    runtime=runtime or running_runtime(image_root),
-                                    fetch_runtime=fetch_runtime, image_root=image_root)
+    initrd = try_switch_root(initrd, handoff, secrets=secrets, log=log, runtime=runtime,
+                             fetch_runtime=fetch_runtime, image_root=image_root)
     log("fetching the kernel for the kexec")
     kexec_hand_over(fetch_kernel(), initrd, cmdline, handoff, secrets=secrets)
 
