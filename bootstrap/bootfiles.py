@@ -38,8 +38,11 @@ from cidboot.trust.manifest import RootOfTrust
 
 REPO = Path(__file__).resolve().parents[1]
 BOOTSTRAP_IMAGE = REPO / "bootstrap" / "image"
-# the guest code the bootstrap image carries (imagebuilder packs the imported modules): part of the key
-GUEST_SOURCES = (REPO / "cidboot", REPO / "bootstrap" / "stage", BOOTSTRAP_IMAGE)
+# the guest code the bootstrap image carries (imagebuilder packs the imported modules): part of the key;
+# with the builder itself and the other stages' code, whose imports decide the shared runtime layer
+# (imagebuilder.build.PLATFORM_ENTRIES): a stale cached bootstrap would carry another runtime
+GUEST_SOURCES = (REPO / "cidboot", REPO / "bootstrap" / "stage", BOOTSTRAP_IMAGE, REPO / "firmware", REPO / "agent",
+                 REPO / "imagebuilder")
 
 # served name -> where Debian puts it and the package that provides it
 SYSTEM_FILES: dict[str, tuple[tuple[Path, ...], str]] = {

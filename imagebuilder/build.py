@@ -30,7 +30,14 @@ from cidboot.trust.private import carried
 from cidboot.trust.private import keys as layer_keys
 from imagebuilder import flowfile, initramfs, pyimports, uki
 from imagebuilder.cache import BuildCache, key
-from imagebuilder.cpio import archive_bytes, compress, source_date_epoch
+from imagebuilder.cpio import (
+    archive_bytes,
+    compress,
+    decompress,
+    normalize_path,
+    read_newc,
+    source_date_epoch,
+)
 from imagebuilder.debpkg import read_deb
 from imagebuilder.flowfile import FlowFile
 from imagebuilder.layers import ROLES, UNIXFS, BuiltLayer, layer_cid
@@ -60,6 +67,16 @@ ENTRY = {"image": "agent.device", "bootstrap": "bootstrap.stage.main", "firmware
 # host-only project code that stage modules import lazily on paths a device never takes
 # (agent.publish -> Kubo: the device agent never publishes); never shipped, never followed
 HOST_ONLY = ("cidboot.store.kubo",)
+# the platform: PID 1 and every stage entry. The runtime layer carries the stdlib and wheel modules of
+# the union of their import closures (plus the interpreter and the libraries reached), and nothing a
+# single stage or flow adds, so every stage flow of an arch with the same pins has a byte-identical
+# runtime layer: a same-kernel hand-over can keep the running one (docs/images.md, BOOT-PLAN contract)
+PLATFORM_ENTRIES = ("cidboot.stage.pid1", *sorted(ENTRY.values()))
+# modules the platform loads by name at run time, invisible to import analysis: _cffi_backend (loaded
+# by cryptography's Rust extension) and encodings.idna (socket's codec for str host names)
+PLATFORM_MODULES = ("_cffi_backend", "encodings.idna")
+PLATFORM_COMPONENTS = ("cidboot", *sorted(set(COMPONENT.values())))
+RUNTIME_JSON_PATH = "etc/cidboot/runtime.json"  # the runtime layer's identity and paths (runtime_json)
 REFERENCE_NAMES = ("firmware", "bootstrap")  # stages measured from their kernel + initrd (cidboot.trust.measure)
 
 
@@ -154,6 +171,48 @@ def stage_entries(target: str, op_modules: list[str]) -> list[str]:
     """The modules whose import closure an image of `target` ships: PID 1, the stage's entry and
     the flow's operation modules."""
     return ["cidboot.stage.pid1", ENTRY[target], *op_modules]
+
+
+def runtime_pins(ff: FlowFile, lock: Lock) -> dict[str, object]:
+    """What of a flow and its lock decides its runtime layer's bytes (with the platform's code): the
+    pinned runtime .debs and wheels and the arch. Stage flows of one arch pin the same, so their
+    runtime layers are one (tests/unit/test_runtime_layer.py checks the committed flows agree)."""
+    py = ff.data["image"].get("python") or {}
+    return {"debs": [asdict(lock.debs[n]) for n in sorted((py.get("runtime") or {}).get("packages", []))],
+            "wheels": [asdict(lock.wheels[wheel_name(n)]) for n in sorted(py.get("wheels") or [])],
+            "arch": flow_arch(ff)}
+
+
+def runtime_json(layer: bytes) -> bytes:
+    """/etc/cidboot/runtime.json for a (plaintext) runtime layer: its CIDv1, size, SHA-256 and
+    SHA-512 and every member path in archive order (normalized as cidboot.stage.cpio.normalize_path
+    gives them), sorted-key JSON. It goes into the config layer, inside the measured initrd: a
+    stage whose running runtime has these hashes can keep it at a same-kernel hand-over and
+    unpack only the other layers (whose paths never repeat these: check_layer_paths)."""
+    doc = {"cid": str(layer_cid(layer)), "size": len(layer), "sha256": hashlib.sha256(layer).hexdigest(),
+           "sha512": hashlib.sha512(layer).hexdigest(), "paths": archive_paths(layer)}
+    return json.dumps(doc, sort_keys=True).encode() + b"\n"
+
+
+def archive_paths(layer: bytes) -> list[str]:
+    """Member paths of a compressed newc layer, in archive order, normalized."""
+    return [normalize_path(m.path) for m in read_newc(decompress(layer))]
+
+
+def check_layer_paths(runtime: bytes, later: dict[str, bytes]) -> None:
+    """No later layer repeats a runtime path, except a directory with the same mode (creating it
+    again changes nothing): the kernel's unpacker and cidboot.stage.switch_root.extract let a later
+    member replace an earlier one, so a repeated file would make the unpacked root differ from the
+    runtime a stage keeps. Raises BuildError naming the path and the layer."""
+    import stat
+
+    rt = {normalize_path(m.path): m.mode for m in read_newc(decompress(runtime))}
+    for role, data in later.items():
+        for m in read_newc(decompress(data)):
+            mode = rt.get(normalize_path(m.path))
+            if mode is not None and not (stat.S_ISDIR(m.mode) and m.mode == mode):
+                raise BuildError(f"the {role} layer repeats the runtime layer's {m.path!r} "
+                                 f"({oct(m.mode)} over {oct(mode)}): a later member would replace it")
 
 
 def _owner(raw: Any) -> dict[str, Any] | None:
@@ -347,6 +406,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     # python code: the component, cidboot and the operations, analysed against the Debian stdlib
     component = COMPONENT[ff.target]
     code_files = _py_files(REPO / "cidboot") + _py_files(REPO / component)
+    platform_files = sorted({f for c in PLATFORM_COMPONENTS for f in _py_files(REPO / c)})
     op_modules = sorted({op["implementation"].split(":", 1)[0] for op in ff.data["dataflow"]["operations"].values()})
     op_files = sorted({flowfile.implementation_file(ff, op["implementation"])
                        for op in ff.data["dataflow"]["operations"].values()})
@@ -356,8 +416,9 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     wheel_pins = [asdict(lock.wheels[wheel_name(n)]) for n in sorted((image.get("python") or {}).get("wheels", []))]
     wheel_roots: list[Path] = []
     code_digest = _sources_digest(code_files)
+    platform_digest = _sources_digest(platform_files)
     ops_digest = _sources_digest(op_files)
-    graph_cache: list[pyimports.ImportGraph] = []
+    graph_cache: dict[str, pyimports.ImportGraph] = {}
     sysroot_cache: list[Path] = []
 
     def sysroot() -> Path:
@@ -369,33 +430,59 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
             sysroot_cache.append(initramfs.stage_sysroot(debs, cache_dir() / "sysroots"))
         return sysroot_cache[0]
 
-    def graph() -> pyimports.ImportGraph:
-        if not graph_cache:
-            sr = sysroot()
+    def roots() -> list[Path]:
+        sr = sysroot()
+        if not wheel_roots:
             for w in wheel_pins:
                 wheel_roots.append(initramfs.unpack_wheel(fetch_wheel(lock.wheels[w["name"]], hint, arch),
                                                           cache_dir() / "wheels-unpacked"))
-            roots = [REPO, ff.dir, sr / initramfs.STDLIB, sr / initramfs.STDLIB / "lib-dynload", *wheel_roots]
+        return [REPO, sr / initramfs.STDLIB, sr / initramfs.STDLIB / "lib-dynload", *wheel_roots]
+
+    def graph() -> pyimports.ImportGraph:
+        """This stage's closure: PID 1, its entry, the flow's operations and extra modules."""
+        if "stage" not in graph_cache:
+            r = roots()
             say("analysing imports")
-            graph_cache.append(pyimports.analyse(stage_entries(ff.target, op_modules), roots, extra, HOST_ONLY))
-        return graph_cache[0]
+            graph_cache["stage"] = pyimports.analyse(stage_entries(ff.target, op_modules), [r[0], ff.dir, *r[1:]],
+                                                     extra, HOST_ONLY)
+        return graph_cache["stage"]
+
+    def platform_graph() -> pyimports.ImportGraph:
+        """The union of every stage's closure (PLATFORM_ENTRIES): what the runtime layer carries.
+        Not the flow's directory: an operation module never decides what the runtime holds."""
+        if "platform" not in graph_cache:
+            graph_cache["platform"] = pyimports.analyse(PLATFORM_ENTRIES, roots(), PLATFORM_MODULES, HOST_ONLY)
+        return graph_cache["platform"]
 
     kmods = sorted(kspec.get("modules", []))
 
     def runtime() -> bytes:
-        entries = initramfs.runtime_entries(sysroot(), graph(), arch, wheel_roots=wheel_roots)
+        entries = initramfs.runtime_entries(sysroot(), platform_graph(), arch, wheel_roots=wheel_roots)
+        return compress(archive_bytes(entries, epoch), comp)
+
+    # the runtime's inputs name nothing of the target, the flow or its kernel: same pins, same bytes
+    layer("runtime", {**runtime_pins(ff, lock), "code": platform_digest, "platform": PLATFORM_ENTRIES,
+                      "modules": PLATFORM_MODULES, "exclude": HOST_ONLY}, runtime)
+    runtime_paths = archive_paths(built["runtime"].data)
+
+    def agent() -> bytes:
+        entries = initramfs.init_entries(ENTRY[ff.target]) + initramfs.code_entries(graph(), REPO, initramfs.APP)
         if kmods:
             entries += _module_entries(fetch_deb(lock.pin(kspec["package"]), hint), kmods)
         return compress(archive_bytes(entries, epoch), comp)
 
-    layer("runtime", {"debs": rt_pins, "wheels": wheel_pins, "code": code_digest, "ops": ops_digest, "extra": extra,
-                      "entry": ENTRY[ff.target],
-                      "kmods": kmods, "kernel": asdict(lock.pin(kspec["package"])) if kmods else None}, runtime)
-    layer("agent", {"code": code_digest, "component": component, "entry": ENTRY[ff.target]},
-          lambda: compress(archive_bytes(initramfs.init_entries(ENTRY[ff.target])
-                                         + initramfs.code_entries(graph(), REPO, initramfs.APP), epoch), comp))
-    layer("operations", ops_digest,
-          lambda: compress(archive_bytes(initramfs.code_entries(graph(), ff.dir, initramfs.OPS), epoch), comp))
+    def ops_layer() -> bytes:
+        # the operations' code, and what only they (or the flow's extra modules) import beyond the
+        # platform: stdlib and wheel modules, their extension modules' libraries
+        entries = initramfs.code_entries(graph(), ff.dir, initramfs.OPS)
+        entries += initramfs.runtime_entries(sysroot(), graph(), arch, wheel_roots=wheel_roots, skip=runtime_paths)
+        return compress(archive_bytes(entries, epoch), comp)
+
+    layer("agent", {"code": code_digest, "component": component, "entry": ENTRY[ff.target],
+                    "kmods": kmods, "kernel": asdict(lock.pin(kspec["package"])) if kmods else None}, agent)
+    layer("operations", {"ops": ops_digest, "code": code_digest, "entry": ENTRY[ff.target], "debs": rt_pins,
+                         "wheels": wheel_pins, "extra": extra, "arch": arch, "runtime": str(built["runtime"].cid)},
+          ops_layer)
     files = {dest: ff.dir / src for dest, src in (image.get("files") or {}).items()}
     flow_block = dagcbor.encode(ff.data["dataflow"])
     flow_doc = {k: ff.data[k] for k in ("name", "version", "dataflow", "placement", "policies") if k in ff.data}
@@ -415,7 +502,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     config_inputs: dict[str, object] = {
         "flow": hashlib.sha256(flow_json).hexdigest(), "files": _sources_digest(list(files.values())),
         "dests": sorted(files), "kernel_sha512": kernel_sha512, "kernel_cid": kernel_cid,
-        "kernel_sha256": kernel_sha256}
+        "kernel_sha256": kernel_sha256, "runtime": str(built["runtime"].cid)}
     # an encrypted image carries its plain flow block (the manifest names the ciphertext's CID: carried.py)
     carry = [initramfs.Entry.file(carried.FLOW_PATH, flow_block)] if secret is not None else []
     if carry:
@@ -424,9 +511,11 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
           lambda: compress(archive_bytes([initramfs.Entry.file("etc/cidboot/flow.json", flow_json),
                                           initramfs.Entry.file(KERNEL_SHA512_PATH, kernel_sha512.encode() + b"\n"),
                                           initramfs.Entry.file(KERNEL_CID_PATH, kernel_cid.encode() + b"\n"),
-                                          initramfs.Entry.file(KERNEL_SHA256_PATH, kernel_sha256.encode() + b"\n")]
+                                          initramfs.Entry.file(KERNEL_SHA256_PATH, kernel_sha256.encode() + b"\n"),
+                                          initramfs.Entry.file(RUNTIME_JSON_PATH, runtime_json(built["runtime"].data))]
                                          + carry + initramfs.data_entries(files), epoch), comp))
 
+    check_layer_paths(built["runtime"].data, {r: built[r].data for r in ("agent", "operations", "config")})
     sink = _Collect()
     layers = [built[r] for r in ROLES]
     if secret is not None:
@@ -453,10 +542,11 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     mcid = CID.of(block, DAG_CBOR)
     sink.put(mcid, block)
     unresolved: list[str] = []
-    if graph_cache:  # names whose parent module was found are attributes (`from x import y`), not modules
-        found = graph_cache[0].modules
-        unresolved = sorted(n for n in graph_cache[0].unresolved if n.rpartition(".")[0] not in found
-                            and not any(u != n and n.startswith(u + ".") for u in graph_cache[0].unresolved))
+    for g in graph_cache.values():  # names whose parent module was found are attributes (`from x import y`)
+        found = g.modules
+        unresolved += [n for n in g.unresolved if n.rpartition(".")[0] not in found
+                       and not any(u != n and n.startswith(u + ".") for u in g.unresolved)]
+    unresolved = sorted(set(unresolved))
     built_uki = None
     if make_uki:
         say("assembling the UKI")

@@ -91,17 +91,26 @@ def unpack_wheel(wheel: Path, base: Path) -> Path:
 
 
 def runtime_entries(sysroot: Path, graph: ImportGraph, arch: str = "amd64",
-                    wheel_roots: Iterable[Path] = ()) -> list[Entry]:
-    """The interpreter, the imported stdlib and wheel modules and every library they reach."""
+                    wheel_roots: Iterable[Path] = (), skip: Iterable[str] = ()) -> list[Entry]:
+    """The interpreter, the imported stdlib and wheel modules and every library they reach.
+
+    `skip`: archive paths another layer already holds (the shared runtime layer, when this is
+    the operations layer's share: the modules only a flow's operations import, and the libraries
+    only their extension modules reach). Skipped paths are neither compiled nor repeated, so a
+    later layer never replaces a runtime member; with a skip set the interpreter itself is not
+    added (the runtime has it)."""
+    have = {p.lstrip("/") for p in skip}
     stdlib_root = sysroot / STDLIB
     py: dict[str, bytes] = {}
-    elves = [PYTHON]
+    elves = [PYTHON] if not have else []
     wheel_elves: list[Entry] = []
     wroots = list(wheel_roots)
     for path in graph.files():
         wroot = next((w for w in wroots if path.is_relative_to(w)), None)
         if wroot is not None:  # wheel code goes to /opt/cidboot/lib
             dest = f"{APP}/lib/{path.relative_to(wroot)}"
+            if dest in have:
+                continue
             if path.suffix == ".py":
                 py[dest] = path.read_bytes()
             else:
@@ -111,10 +120,14 @@ def runtime_entries(sysroot: Path, graph: ImportGraph, arch: str = "amd64",
             rel = path.relative_to(sysroot)
         except ValueError:
             continue  # not a runtime file (project code, ops)
+        if str(rel) in have:
+            continue
         if path.suffix == ".py":
             py[str(rel)] = path.read_bytes()
         else:
             elves.append("/" + str(rel))
+    if have and not elves and not wheel_elves:
+        return python_entries(py)
     # wheel extensions: their libraries must be in the Debian tree too (manylinux: libc and friends)
     tree = elfdeps.MemTree()
     for e in wheel_elves:
@@ -126,10 +139,13 @@ def runtime_entries(sysroot: Path, graph: ImportGraph, arch: str = "amd64",
     shipped = {"/" + e.path for e in wheel_elves}
     closure.files = [f for f in closure.files if f not in shipped]
     for f in closure.files:
+        if f.lstrip("/") in have:
+            continue
         host = sysroot / f.lstrip("/")
         out.append(Entry.file(f.lstrip("/"), host.read_bytes(), 0o755))
     for link, target in closure.links.items():
-        out.append(Entry.symlink(link.lstrip("/"), target))
+        if link.lstrip("/") not in have:
+            out.append(Entry.symlink(link.lstrip("/"), target))
     return out
 
 

@@ -129,9 +129,16 @@ def measure_stage(stage: str, kernel: Path, initrd: Path, cmdline: str, work: Pa
 def build_stages(work: Path) -> dict[str, tuple[Path, Path, str]]:
     """Firmware, bootstrap and hello built as a deployment does (qemu.harness.deploy.prepare):
     stage -> (kernel, initrd, cmdline)."""
+    return stages_of(build_deployment(work))
+
+
+def build_deployment(work: Path) -> Any:
     from qemu.harness.deploy import prepare
 
-    dep = prepare(HELLO, work / "deploy")
+    return prepare(HELLO, work / "deploy")
+
+
+def stages_of(dep: Any) -> dict[str, tuple[Path, Path, str]]:
     out = {}
     for stage, built in (("firmware", dep.firmware), ("bootstrap", dep.bootstrap), ("image", dep.workload)):
         # the build result's cmdline: the bootstrap's manifest lives in the boot-file cache, not dep.store
@@ -152,8 +159,53 @@ def table(figs: list[StartupFigures]) -> str:
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, str]]:
-    return build_stages(tmp_path_factory.mktemp("startup"))
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return build_deployment(tmp_path_factory.mktemp("startup"))
+
+
+@pytest.fixture(scope="module")
+def stages(deployment: Any) -> dict[str, tuple[Path, Path, str]]:
+    return stages_of(deployment)
+
+
+@pytest.mark.build
+def test_stages_share_one_runtime_layer_named_by_runtime_json(deployment: Any) -> None:
+    """firmware, bootstrap and hello, built from the committed flows and locks as a deployment
+    does, carry one runtime layer (same CID): the first archive of each initrd. Each config layer's
+    /etc/cidboot/runtime.json names exactly those bytes and their member paths in archive order,
+    and no later layer repeats a runtime member (a same-kernel hand-over keeps the runtime by this
+    list: docs/images.md)."""
+    import hashlib
+
+    from cidboot.stage.cpio import iter_newc, read_newc
+    from imagebuilder.build import RUNTIME_JSON_PATH
+    from imagebuilder.cpio import decompress
+    from imagebuilder.layers import layer_cid
+
+    cids = {}
+    for stage, built in (("firmware", deployment.firmware), ("bootstrap", deployment.bootstrap),
+                         ("image", deployment.workload)):
+        layers = [lyr for lyr in built.result["layers"] if lyr["role"] != "kernel"]
+        assert [lyr["role"] for lyr in layers] == ["runtime", "agent", "operations", "config"]
+        initrd = built.initrd.read_bytes()
+        assert len(initrd) == sum(lyr["size"] for lyr in layers)
+        parts, off = {}, 0
+        for lyr in layers:
+            parts[lyr["role"]], off = initrd[off:off + lyr["size"]], off + lyr["size"]
+        rt = parts["runtime"]
+        cids[stage] = layers[0]["cid"]
+        assert str(layer_cid(rt)) == layers[0]["cid"]
+        doc = json.loads(next(data for m, data in iter_newc(decompress(parts["config"])) if m.path == RUNTIME_JSON_PATH))
+        members = read_newc(decompress(rt))
+        assert doc == {"cid": layers[0]["cid"], "size": len(rt), "sha256": hashlib.sha256(rt).hexdigest(),
+                       "sha512": hashlib.sha512(rt).hexdigest(), "paths": [m.path for m in members]}, stage
+        assert not [m.path for m in members if m.path.startswith(("lib/modules", "etc/"))
+                    or (m.path.startswith("opt/cidboot/") and not m.path.startswith("opt/cidboot/lib"))]
+        files = {m.path for m in members if not m.path.endswith("/") and (m.mode & 0o170000) != 0o040000}
+        for role in ("agent", "operations", "config"):
+            repeated = files & {m.path for m in read_newc(decompress(parts[role]))}
+            assert not repeated, f"{stage}: the {role} layer repeats runtime members {sorted(repeated)[:5]}"
+    assert len(set(cids.values())) == 1, f"the stages' runtime layers differ: {cids}"
 
 
 @pytest.mark.build

@@ -1,4 +1,5 @@
-"""What a stage image carries: the import closure of its own entry, nothing else of the project.
+"""What a stage image carries: the import closure of its own entry, nothing else of the project
+(its stdlib and wheel modules come from the shared runtime layer, the platform closure: below).
 
 The closure is computed as `imagebuilder build` does (imagebuilder.build.stage_entries through
 imagebuilder.pyimports.analyse), here over the project tree alone: stdlib and wheel names stay
@@ -91,3 +92,19 @@ def test_every_shipped_module_has_unchecked_hash_bytecode() -> None:
         assert pyc[:4] == pycompile.TARGET_MAGIC
         assert struct.unpack("<I", pyc[4:8])[0] == 0b01, f"{src}: not unchecked-hash bytecode"
         assert pyc[8:16] == importlib.util.source_hash(files[src])
+
+
+def test_platform_closure_is_the_union_of_the_stage_closures() -> None:
+    """The shared runtime layer carries the stdlib and wheel modules of the platform closure
+    (imagebuilder.build.PLATFORM_ENTRIES): every stage's own closure (without its operations) is
+    inside it, so no stage needs a stdlib or wheel module the runtime lacks; and it carries no
+    host-side code either."""
+    platform = pyimports.analyse(build.PLATFORM_ENTRIES, [REPO], build.PLATFORM_MODULES, build.HOST_ONLY)
+    for target in build.ENTRY:
+        own = pyimports.analyse(build.stage_entries(target, []), [REPO], exclude=build.HOST_ONLY)
+        assert set(own.modules) <= set(platform.modules), target
+        assert own.unresolved <= platform.unresolved, f"{target}: {sorted(own.unresolved - platform.unresolved)}"
+    found = sorted(n for n in [*platform.modules, *platform.unresolved]
+                   if any(n == h or n.startswith(h + ".") for h in HOST_SIDE))
+    assert not found, f"the platform runtime would carry host-side modules: {found}"
+    assert {"_cffi_backend", "encodings.idna"} <= platform.unresolved  # names looked up at run time

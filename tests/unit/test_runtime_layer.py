@@ -1,0 +1,228 @@
+"""One runtime layer per arch, shared byte for byte by every stage flow (docs/images.md).
+
+The runtime layer holds the interpreter, the shared libraries and the stdlib + wheel modules of the
+union of the platform entries' closures (imagebuilder.build.PLATFORM_ENTRIES), nothing of a stage
+or a flow: kernel modules go to the agent layer, modules only a flow's operations import to the
+operations layer. The config layer's /etc/cidboot/runtime.json names the runtime layer (CID, size,
+hashes, paths in archive order), so a same-kernel hand-over can keep the running one.
+
+The builds here are the real `imagebuilder.build.build` over the real flows (firmware, bootstrap,
+hello), with the downloads replaced: a small staged tree (a gcc-built `python3.11` linked to the
+host's libc, a few stdlib modules, one extension module), fake wheels, fake kernel modules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cidboot.trust import keys
+from imagebuilder import build, flowfile, initramfs, pycompile
+from imagebuilder.cpio import Entry, archive_bytes, compress, decompress, iter_newc, read_newc
+from imagebuilder.layers import layer_cid
+from imagebuilder.lock import Lock, lock_path
+
+REPO = Path(__file__).resolve().parents[2]
+STAGE_FLOWS = {
+    "amd64": ["firmware/image/flow.yaml", "bootstrap/image/flow.yaml", "examples/hello/flow.yaml",
+              "examples/two-device/flow.yaml"],
+    "arm64": ["bootstrap/image/flow-arm64.yaml", "examples/hello/flow-arm64.yaml",
+              "examples/two-device/flow-arm64.yaml"],
+}
+TRIPLET = "x86_64-linux-gnu"
+
+
+@pytest.mark.parametrize("arch", sorted(STAGE_FLOWS))
+def test_committed_stage_flows_of_an_arch_pin_one_runtime(arch: str) -> None:
+    """The runtime layer's bytes follow from the runtime pins (and the platform's code): every stage
+    flow of an arch must pin the same .debs and wheels, or each would ship its own runtime (the
+    firmware and hello flows pinned pyelftools, which no guest code imports, the bootstrap did not)."""
+    pins = {}
+    for rel in STAGE_FLOWS[arch]:
+        path = REPO / rel
+        ff = flowfile.parse(path.read_text(), path)
+        pins[rel] = build.runtime_pins(ff, Lock.load(lock_path(path)))
+    first = pins[STAGE_FLOWS[arch][0]]
+    assert first["arch"] == arch and first["debs"] and first["wheels"]
+    differ = [rel for rel, p in pins.items() if p != first]
+    assert not differ, f"{differ} pin another runtime than {STAGE_FLOWS[arch][0]}"
+
+
+def test_platform_is_pid1_and_every_stage_entry() -> None:
+    assert set(build.PLATFORM_ENTRIES) == {"cidboot.stage.pid1", *build.ENTRY.values()}
+    assert len(build.PLATFORM_ENTRIES) == len(set(build.PLATFORM_ENTRIES))
+
+
+def test_a_later_layer_may_not_repeat_a_runtime_member() -> None:
+    rt = compress(archive_bytes([Entry.file("usr/bin/python3.11", b"elf"), Entry.directory("opt/cidboot/lib")]),
+                  "gzip")
+    same_dir = compress(archive_bytes([Entry.file("opt/cidboot/cidboot/x.py", b"")]), "gzip")
+    build.check_layer_paths(rt, {"agent": same_dir})  # opt, opt/cidboot again: mkdir of what exists
+    for bad, what in (([Entry.file("usr/bin/python3.11", b"other")], "usr/bin/python3.11"),
+                      ([Entry.directory("opt/cidboot/lib", 0o700)], "opt/cidboot/lib"),
+                      ([Entry.symlink("usr/bin/python3.11", "x")], "usr/bin/python3.11")):
+        with pytest.raises(build.BuildError, match=f"the agent layer repeats the runtime layer's '{what}'"):
+            build.check_layer_paths(rt, {"agent": compress(archive_bytes(bad), "gzip")})
+
+
+def test_runtime_json_names_the_layer_and_its_paths_in_archive_order() -> None:
+    rt = compress(archive_bytes([Entry.file("usr/lib/python3.11/os.py", b"x"), Entry.file("usr/bin/python3.11", b"e")]),
+                  "gzip")
+    doc = json.loads(build.runtime_json(rt))
+    assert list(doc) == sorted(doc) == ["cid", "paths", "sha256", "sha512", "size"]
+    assert doc["cid"] == str(layer_cid(rt)) and doc["size"] == len(rt)
+    assert doc["sha256"] == hashlib.sha256(rt).hexdigest() and doc["sha512"] == hashlib.sha512(rt).hexdigest()
+    assert doc["paths"] == ["usr", "usr/bin", "usr/bin/python3.11", "usr/lib", "usr/lib/python3.11",
+                            "usr/lib/python3.11/os.py"]
+
+
+# -- real builds over a staged tree made here --------------------------------------------------
+
+
+def _gcc(args: list[str]) -> None:
+    subprocess.run(["gcc", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def sysroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Debian's layout in miniature: /usr/bin/python3.11 (a gcc-built program needing libc),
+    libc and the loader in /lib/<triplet> with /lib64's loader link, a stdlib of a few modules and
+    one extension module that only the hello copy's operation imports."""
+    if shutil.which("gcc") is None or not Path(f"/lib/{TRIPLET}/libc.so.6").exists():
+        pytest.skip("needs gcc and an x86_64 glibc")
+    root = tmp_path_factory.mktemp("sysroot")
+    src = root.parent / "src"
+    src.mkdir(exist_ok=True)
+    (src / "main.c").write_text("int main(void){return 0;}\n")
+    (src / "ext.c").write_text("int PyInit__fakeext(void){return 0;}\n")
+    (root / "usr/bin").mkdir(parents=True)
+    _gcc(["-o", str(root / "usr/bin/python3.11"), str(src / "main.c")])
+    libdir = root / "lib" / TRIPLET
+    libdir.mkdir(parents=True)
+    for name in ("libc.so.6", "ld-linux-x86-64.so.2"):
+        shutil.copy(Path(f"/lib/{TRIPLET}") / name, libdir / name)
+    (root / "lib64").mkdir()
+    (root / "lib64/ld-linux-x86-64.so.2").symlink_to(f"/lib/{TRIPLET}/ld-linux-x86-64.so.2")
+    std = root / initramfs.STDLIB
+    (std / "json").mkdir(parents=True)
+    (std / "lib-dynload").mkdir()
+    (std / "os.py").write_text("import stat\n")
+    (std / "stat.py").write_text("X = 1\n")
+    (std / "json/__init__.py").write_text("from json import decoder\n")
+    (std / "json/decoder.py").write_text("Y = 2\n")
+    (std / "fakeonly.py").write_text("import os\n")  # only the hello copy's operation imports it
+    _gcc(["-shared", "-fPIC", "-o", str(std / "lib-dynload" / f"_fakeext.cpython-311-{TRIPLET}.so"),
+          str(src / "ext.c")])
+    return root
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = {}
+    for name in ("cbor2", "cryptography", "cffi"):
+        root = tmp_path_factory.mktemp(f"wheel-{name}")
+        (root / name).mkdir()
+        (root / name / "__init__.py").write_text("import json\n")
+        out[name] = root
+    return out
+
+
+def _flow(src: str, dest: Path) -> Path:
+    shutil.copytree(REPO / src, dest, ignore=shutil.ignore_patterns("keys", "__pycache__"))
+    keys.write_keypair(keys.generate(), dest / "keys/signer-1")
+    (dest / "trust-anchor.json").write_text("{}\n")
+    return dest / "flow.yaml"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, sysroot: Path,
+          wheels: dict[str, Path]) -> dict[str, build.BuildResult]:
+    """firmware, bootstrap and hello built with separate layer caches (no layer is shared by a
+    cache hit: equal runtime bytes must come from equal inputs)."""
+    if importlib.util.MAGIC_NUMBER != pycompile.TARGET_MAGIC:
+        pytest.skip("host Python is not 3.11: it cannot compile the target's bytecode")
+    tmp = tmp_path_factory.mktemp("flows")
+    flows = {"firmware": _flow("firmware/image", tmp / "firmware"),
+             "bootstrap": _flow("bootstrap/image", tmp / "bootstrap"),
+             "hello": _flow("examples/hello", tmp / "hello")}
+    ops = flows["hello"].parent / "ops.py"
+    ops.write_text(ops.read_text() + "\nimport fakeonly  # noqa\nimport _fakeext  # noqa\n")
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(build, "fetch_deb", lambda pin, hint: tmp / f"{pin.name}.deb")
+        mp.setattr(build, "_kernel_from_deb", lambda deb: b"a kernel\n")
+        mp.setattr(build, "_module_entries", lambda deb, names: [
+            initramfs.Entry.file(f"lib/modules/{n}.ko", n.encode()) for n in sorted(names)]
+            + [initramfs.Entry.file("etc/cidboot/modules", "\n".join(sorted(names)).encode() + b"\n")])
+        mp.setattr(build, "fetch_wheel", lambda pin, hint, arch: Path(pin.name))
+        mp.setattr(initramfs, "stage_sysroot", lambda debs, base: sysroot)
+        mp.setattr(initramfs, "unpack_wheel", lambda whl, base: wheels[whl.name])
+        return {name: build.build(flow, cache_root=tmp / f"cache-{name}") for name, flow in flows.items()}
+    finally:
+        mp.undo()
+
+
+def _layers(res: build.BuildResult) -> dict[str, bytes]:
+    return {lyr.role: lyr.data for lyr in res.layers}
+
+
+def _members(layer: bytes) -> dict[str, tuple[int, bytes]]:
+    return {m.path: (m.mode, data) for m, data in iter_newc(decompress(layer))}
+
+
+def test_stage_flows_build_one_runtime_layer(built: dict[str, build.BuildResult]) -> None:
+    runtimes = {name: _layers(res)["runtime"] for name, res in built.items()}
+    assert len(set(runtimes.values())) == 1, "the stages' runtime layers differ"
+    cids = {name: next(lyr.cid for lyr in res.manifest.layers if lyr.role == "runtime") for name, res in built.items()}
+    assert len(set(cids.values())) == 1
+    assert not any(lyr.cached for res in built.values() for lyr in res.layers)
+
+
+def test_runtime_holds_the_platform_runtime_only(built: dict[str, build.BuildResult]) -> None:
+    rt = _members(_layers(built["firmware"])["runtime"])
+    for want in ("usr/bin/python3.11", f"lib/{TRIPLET}/libc.so.6", "lib64/ld-linux-x86-64.so.2",
+                 "usr/lib/python3.11/os.py", "usr/lib/python3.11/json/decoder.py",
+                 "usr/lib/python3.11/json/__pycache__/decoder.cpython-311.pyc", "opt/cidboot/lib/cbor2/__init__.py"):
+        assert want in rt, want
+    files = [p for p, (mode, _) in rt.items() if not stat.S_ISDIR(mode)]
+    assert not [p for p in files if not p.startswith(("usr/", "lib/", "lib64/", "opt/cidboot/lib/"))]
+    assert not [p for p in rt if p.startswith(("lib/modules", "etc"))], "kernel modules or config in the runtime"
+    assert not [p for p in rt if "fakeonly" in p or "_fakeext" in p], "an operation's import in the runtime"
+
+
+def test_kernel_modules_in_the_agent_layer_and_ops_imports_in_the_operations_layer(
+        built: dict[str, build.BuildResult]) -> None:
+    for name, mods in (("firmware", "qemu_fw_cfg"), ("bootstrap", "virtio_blk"), ("hello", "virtio_net")):
+        agent = _members(_layers(built[name])["agent"])
+        assert f"lib/modules/{mods}.ko" in agent and "etc/cidboot/modules" in agent, name
+        assert "init" in agent and "opt/cidboot/cidboot/stage/pid1.py" in agent
+    ops = _members(_layers(built["hello"])["operations"])
+    assert {"usr/lib/python3.11/fakeonly.py", "usr/lib/python3.11/__pycache__/fakeonly.cpython-311.pyc",
+            f"usr/lib/python3.11/lib-dynload/_fakeext.cpython-311-{TRIPLET}.so", "opt/cidboot/ops/ops.py"} <= set(ops)
+    assert "usr/lib/python3.11/os.py" not in ops and f"lib/{TRIPLET}/libc.so.6" not in ops  # the runtime has them
+    assert not [p for p in _members(_layers(built["firmware"])["operations"]) if p.startswith("usr")]
+
+
+def test_runtime_json_in_the_config_layer_matches_the_runtime_layer(built: dict[str, build.BuildResult]) -> None:
+    for name, res in built.items():
+        layers = _layers(res)
+        rt = layers["runtime"]
+        cfg = _members(layers["config"])
+        mode, raw = cfg[build.RUNTIME_JSON_PATH]
+        doc = json.loads(raw)
+        assert raw == json.dumps(doc, sort_keys=True).encode() + b"\n"
+        assert doc["cid"] == str(next(lyr.cid for lyr in res.manifest.layers if lyr.role == "runtime"))
+        assert doc["size"] == len(rt) == next(lyr.size for lyr in res.manifest.layers if lyr.role == "runtime")
+        assert doc["sha256"] == hashlib.sha256(rt).hexdigest() and doc["sha512"] == hashlib.sha512(rt).hexdigest()
+        assert doc["paths"] == [m.path for m in read_newc(decompress(rt))]
+        # and no later layer repeats a runtime member other than a directory
+        files = {p for p, (mode, _) in _members(rt).items() if not stat.S_ISDIR(mode)}
+        for role in ("agent", "operations", "config"):
+            assert not files & set(_members(layers[role])), (name, role)
