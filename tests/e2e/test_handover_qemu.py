@@ -6,9 +6,11 @@ prefix of its CDIs) into the hand-off and the next stage prints what it can reac
 (`cidboot: handover-check: ...`, cidboot.stage.switch_root). The flag is inside the measured
 initrd: a debug firmware has its own code hash, never a production one.
 
-- boot 1: every stage pins the same kernel, so both hand-overs are switch_root; appraised
-  affirming with the right result; the next stages find no dice.cbor, no qemu_fw_cfg, none of
-  the previous stage's CDI bytes in any file they can reach;
+- boot 1: every stage pins the same kernel, so both hand-overs are switch_root, and every stage
+  ships the same runtime layer, so both keep the running runtime's files (the bootstrap does not
+  even fetch the image's runtime layer); appraised affirming with the right result; the next
+  stages find no dice.cbor, no qemu_fw_cfg, none of the previous stage's CDI bytes in any file
+  they can reach (kept runtime files included);
 - boot 2: the same images with `cidboot.handover=kexec` on the firmware's command line: both
   hand-overs kexec, appraised affirming against the same reference values.
 """
@@ -98,6 +100,11 @@ def test_same_kernel_handover_is_affirming_and_leaves_nothing_of_the_previous_st
     text = dev.guest.console.text()
     assert text.count("cidboot-stage: handover switch_root") == 2, text[-3000:]
     assert "cidboot-stage: handover kexec" not in text
+    # both hand-overs kept the running runtime (every stage ships the same runtime layer), and the
+    # bootstrap did not fetch the image's runtime layer: it is its own (docs/boot-chain.md)
+    kept = [int(k) for k in re.findall(r"cidboot-stage: handover switch_root files=\d+ kept=(\d+)", text)]
+    assert len(kept) == 2 and all(k > 100 for k in kept), kept
+    assert re.search(r"cidboot: bootstrap: manifest=\S+ .* kernel=running runtime=running ", text), text[-3000:]
     assert d["appraisal"]["status"] == "affirming", checks(d)
     assert console_results(dev)["greeting"] == "hello, world"
     assert d["measurements"] == {k: v for k, v in debug_hello.workload.measurements.items()
