@@ -500,7 +500,7 @@ def switch_root(parsed: Parsed, handoff: Handoff, *, secrets: Iterable[bytearray
     gc.collect()  # the old stage's garbage goes now, not as file objects closing fds later
     # from here the old root is being dismantled: no imports, nothing that opens files in it
     dev = os.lstat("/").st_dev
-    delete_tree("/", dev, keep)
+    kept = delete_tree("/", dev, keep)
     for target in sorted(old, key=len, reverse=True):
         try:
             syscalls.umount2(target, syscalls.MNT_DETACH)
@@ -533,6 +533,7 @@ def switch_root(parsed: Parsed, handoff: Handoff, *, secrets: Iterable[bytearray
             wipe(handoff.dice)
         for _p, data, _m in files:
             wipe(data)
+    log(f"new root ready: {kept} entries kept, {parsed.files} files written")  # the console's timeline
     close_fds()
     os.execve(init, [init], {"PATH": "/usr/bin:/bin", "TERM": os.environ.get("TERM", "linux")})
 
