@@ -108,6 +108,10 @@ class BootSpec:
     #: kernel at `kernel`. Untrusted: it only lets the firmware skip downloading a kernel it is
     #: already running (`reuses_running_kernel`); what is measured is what then runs.
     kernel_sha512: bytes | None = None
+    #: the server's hint (`#cidboot runtime-sha512=HEX`): the SHA-512 of the first initrd, the
+    #: bootstrap's runtime layer. Untrusted too: it only lets the firmware skip downloading a
+    #: runtime layer it is running (`reuses_running_runtime`); what is measured is what then runs.
+    runtime_sha512: bytes | None = None
 
     @property
     def config_url(self) -> str | None:
@@ -120,16 +124,18 @@ class BootSpec:
 
 _VAR = re.compile(r"\$\{([^}]*)\}")
 HINT_PREFIX = "#cidboot kernel-sha512="  # bootstrap.server.serve.ipxe_script writes it
+RUNTIME_HINT_PREFIX = "#cidboot runtime-sha512="  # and this one when it lists the runtime layer as the first initrd
 
 
-def parse_hint(line: str) -> bytes | None:
-    """The kernel SHA-512 of a `#cidboot kernel-sha512=HEX` comment, or None for any other line
-    (a malformed hint is no hint: it can only ever save a download, never change a decision)."""
+def parse_hint(line: str, prefix: str = HINT_PREFIX) -> bytes | None:
+    """The SHA-512 of a `#cidboot kernel-sha512=HEX` comment (`prefix`: or of another hint), or
+    None for any other line (a malformed hint is no hint: it can only ever save a download, never
+    change a decision)."""
     line = line.strip()
-    if not line.startswith(HINT_PREFIX):
+    if not line.startswith(prefix):
         return None
     try:
-        value = bytes.fromhex(line[len(HINT_PREFIX):])
+        value = bytes.fromhex(line[len(prefix):])
     except ValueError:
         return None
     return value if len(value) == 64 else None
@@ -161,11 +167,12 @@ def parse_script(script: str, variables: dict[str, str]) -> BootSpec:
     lines = script.splitlines()
     if not lines or not lines[0].strip().startswith("#!ipxe"):
         raise ScriptError("not an iPXE script (no #!ipxe first line)")
-    kernel, cmdline, initrds, hint = None, "", [], None
+    kernel, cmdline, initrds, hint, runtime_hint = None, "", [], None, None
     for n, line in enumerate(lines[1:], start=2):
         words = line.split(None, 1)
         if words and words[0].startswith("#"):
             hint = parse_hint(line) or hint
+            runtime_hint = parse_hint(line, RUNTIME_HINT_PREFIX) or runtime_hint
             continue
         if not words or words[0] in ("echo", "boot"):
             continue
@@ -188,14 +195,18 @@ def parse_script(script: str, variables: dict[str, str]) -> BootSpec:
         raise ScriptError("the script names no kernel")
     for url in (kernel, *initrds):
         tftp_url(url)
-    return BootSpec(kernel, cmdline.strip(), tuple(initrds), hint)
+    return BootSpec(kernel, cmdline.strip(), tuple(initrds), hint, runtime_hint)
 
 
 @dataclass(frozen=True)
 class Fetched:
     """Everything fetched for the next stage, as bytes, with the time each took. `kernel` is None
     when it was not fetched because it is the kernel already running (`reuses_running_kernel`):
-    `running_kernel` is then that kernel's SHA-512, from this image's own kernel.sha512."""
+    `running_kernel` is then that kernel's SHA-512, from this image's own kernel.sha512.
+    `initrd` is the script's initrds concatenated, `initrd_sizes` the size of each (empty: one);
+    None for the first: the runtime layer, not fetched because it is the one running
+    (`reuses_running_runtime`), `running_runtime` then its SHA-512 from this image's runtime.json,
+    and `initrd` the others only."""
 
     script: bytes
     spec: BootSpec
@@ -204,6 +215,8 @@ class Fetched:
     bootconfig: bytes
     timings: dict[str, float] = field(default_factory=dict, compare=False)
     running_kernel: bytes | None = None
+    initrd_sizes: tuple[int | None, ...] = ()
+    running_runtime: bytes | None = None
 
     def kernel_sha512(self) -> bytes:
         """The SHA-512 of the kernel the next stage runs on: the fetched bytes', or the running one's."""
@@ -212,6 +225,27 @@ class Fetched:
         if self.running_kernel is None:
             raise NetbootError("no kernel: neither fetched nor the running one")
         return self.running_kernel
+
+    @property
+    def runtime_skipped(self) -> bool:
+        return bool(self.initrd_sizes) and self.initrd_sizes[0] is None
+
+    def initrd_sha512s(self) -> list[bytes]:
+        """The SHA-512 of each initrd the script lists, in order: of the fetched bytes, or the
+        running runtime layer's for one not fetched."""
+        sizes = self.initrd_sizes or (len(self.initrd),)
+        view, off, out = memoryview(self.initrd), 0, []
+        for n in sizes:
+            if n is None:
+                if self.running_runtime is None:
+                    raise NetbootError("no runtime layer: neither fetched nor the running one")
+                out.append(self.running_runtime)
+                continue
+            out.append(hashlib.sha512(view[off:off + n]).digest())
+            off += n
+        if off != len(self.initrd):
+            raise NetbootError(f"initrd sizes {sizes} do not add up to {len(self.initrd)} bytes")
+        return out
 
 
 def reuses_running_kernel(spec: BootSpec, running: bytes | None, running_cmdline: str | None,
@@ -231,10 +265,25 @@ def reuses_running_kernel(spec: BootSpec, running: bytes | None, running_cmdline
     return hmac.compare_digest(spec.kernel_sha512, running)
 
 
+def reuses_running_runtime(spec: BootSpec, running_runtime: bytes | None, kernel_reused: bool) -> bool:
+    """True when the script's first initrd is the runtime layer this image runs, so it need not be
+    fetched: the server's hint (`#cidboot runtime-sha512=`) names the SHA-512 in this image's
+    measured runtime.json (`running_runtime`), the script lists more initrds after it, and the
+    next stage runs on this kernel (`kernel_reused`: reuses_running_kernel held), so the hand-over
+    keeps the running runtime's files. A lying hint only changes what runs (this runtime), and
+    that is what is measured (docs/boot-chain.md, "Not fetching the running runtime")."""
+    if not kernel_reused or running_runtime is None or spec.runtime_sha512 is None or len(spec.initrds) < 2:
+        return False
+    return hmac.compare_digest(spec.runtime_sha512, running_runtime)
+
+
 def fetch_boot(net: Network, *, boot_file: str | None = None, running: bytes | None = None,
-               running_cmdline: str | None = None, forced: bool = False, **tftp_kw: object) -> Fetched:
+               running_cmdline: str | None = None, forced: bool = False, running_runtime: bytes | None = None,
+               **tftp_kw: object) -> Fetched:
     """Fetch the script the DHCP server named, then its kernel, initrds and boot config. The
-    kernel is not fetched when reuses_running_kernel(spec, running, running_cmdline, forced)."""
+    kernel is not fetched when reuses_running_kernel(spec, running, running_cmdline, forced); then
+    neither is the first initrd when reuses_running_runtime(spec, running_runtime, True)
+    (`running_runtime`: the SHA-512 in this image's runtime.json)."""
     server = net.lease.next_server
     name = boot_file or net.lease.boot_file
     if not name:
@@ -268,8 +317,12 @@ def fetch_boot(net: Network, *, boot_file: str | None = None, running: bytes | N
     spec = parse_script(text, ipxe_variables(net.mac, net.lease.ip, server))
     reuse = reuses_running_kernel(spec, running, running_cmdline, forced)
     kernel = None if reuse else get("kernel", spec.kernel)
-    initrd = b"".join(get("initrd", u) for u in spec.initrds)
+    skip = reuses_running_runtime(spec, running_runtime, reuse)
+    parts = [None if skip and i == 0 else get("initrd", u) for i, u in enumerate(spec.initrds)]
+    initrd = b"".join(p for p in parts if p is not None)
     if spec.config_url is None:
         raise NetbootError("the kernel command line names no boot config (cidboot.config=tftp://...)")
     bootconfig = get("bootconfig", spec.config_url)
-    return Fetched(script, spec, kernel, initrd, bootconfig, t, running if reuse else None)
+    sizes = tuple(None if p is None else len(p) for p in parts) if len(parts) > 1 else ()
+    return Fetched(script, spec, kernel, initrd, bootconfig, t, running if reuse else None, sizes,
+                   running_runtime if skip else None)

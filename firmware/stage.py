@@ -4,10 +4,13 @@
    without it, refuse and power off: an unmeasured L0 must not pretend to measure anything;
 2. NIC up, DHCP as a PXE client (user class "cidboot-firmware"), TFTP: boot.ipxe, then the
    kernel, initrd(s) and boot config it names; not the kernel when the script's hint
-   (`#cidboot kernel-sha512=`) names the kernel already running (firmware.netboot.reuses_running_kernel);
-3. measure L1: code_hash = code_hash_of_blobs([kernel, initrd]) (the running kernel's SHA-512 when
-   it was not fetched: what runs is what is measured), config descriptor = the boot config bytes,
-   mode NORMAL; DICE main flow -> CDI_1 and the L1 certificate;
+   (`#cidboot kernel-sha512=`) names the kernel already running (firmware.netboot.reuses_running_kernel),
+   and then not the first initrd either when its hint (`#cidboot runtime-sha512=`) names the
+   runtime layer this image runs (firmware.netboot.reuses_running_runtime);
+3. measure L1: code_hash = boot_code_hash(kernel, initrds) (cidboot.trust.measure: over the kernel
+   and each initrd the script lists; the running kernel's or runtime layer's SHA-512 for one not
+   fetched: what runs is what is measured), config descriptor = the boot config bytes, mode
+   NORMAL; DICE main flow -> CDI_1 and the L1 certificate;
 4. wipe CDI_0 and hand over to L1 (cidboot.stage.switch_root.hand_over): in this kernel when the
    bootstrap's kernel is byte-identical to ours (switch_root into its initramfs, the hand-off
    as files, qemu_fw_cfg unloaded), else kexec with the hand-off appended to its initrd.
@@ -62,7 +65,7 @@ def measure_and_derive(engine: bytes | bytearray, fetched: Fetched) -> Measured:
         main_flow,
     )
     from cidboot.trust.dice.chain import HandoverError
-    from cidboot.trust.measure import code_hash_of_parts
+    from cidboot.trust.measure import boot_code_hash_of_parts
 
     raw = bytes(engine)
     try:
@@ -71,8 +74,8 @@ def measure_and_derive(engine: bytes | bytearray, fetched: Fetched) -> Measured:
         raise Refused(f"DICE handover from the engine: {e}") from None
     finally:
         wipe(raw)
-    # = code_hash_of_blobs([kernel, initrd]); the kernel's hash is the running kernel's when it was not fetched
-    code_hash = code_hash_of_parts([fetched.kernel_sha512(), hashlib.sha512(fetched.initrd).digest()])
+    # = boot_code_hash(kernel, initrds); the running kernel's and runtime layer's hashes for those not fetched
+    code_hash = boot_code_hash_of_parts(fetched.kernel_sha512(), fetched.initrd_sha512s())
     inputs = DiceInputs(code_hash=code_hash, config_value=None, config_descriptor=fetched.bootconfig,
                         mode=DiceMode.NORMAL)
     from cidboot.stage.switch_root import check_probes, debug_build
@@ -107,12 +110,19 @@ def run(fw_cfg: str | Path = FW_CFG_HANDOVER, *, kexec: bool = True) -> Measured
         t = time.monotonic()
         net: Network = network_up(log=lambda m: print(f"cidboot: firmware: {m}", file=sys.stderr, flush=True))
         timings["net+dhcp"] = time.monotonic() - t
-        from cidboot.stage.switch_root import kexec_forced, proc_cmdline, running_kernel_sha512
+        from cidboot.stage.switch_root import (
+            kexec_forced,
+            proc_cmdline,
+            running_kernel_sha512,
+            running_runtime,
+        )
 
         t = time.monotonic()
-        # the bootstrap's kernel is not downloaded when the server's hint names the one running
+        # the bootstrap's kernel is not downloaded when the server's hint names the one running, nor then
+        # its runtime layer when the hint names the one running
+        runtime = running_runtime()
         fetched = fetch_boot(net, running=running_kernel_sha512(), running_cmdline=proc_cmdline(),
-                             forced=kexec_forced())
+                             forced=kexec_forced(), running_runtime=runtime.sha512 if runtime else None)
         timings["tftp"] = time.monotonic() - t
         t = time.monotonic()
         m = measure_and_derive(engine, fetched)
@@ -122,6 +132,7 @@ def run(fw_cfg: str | Path = FW_CFG_HANDOVER, *, kexec: bool = True) -> Measured
     detail = " ".join(f"{k}={v:.2f}s" for k, v in timings.items())
     files = " ".join(f"{k}={v:.2f}s" for k, v in fetched.timings.items())
     kernel_note = f"{len(fetched.kernel)}B" if fetched.kernel is not None else "running"
+    kernel_note += " runtime=running" if fetched.runtime_skipped else ""
     print(f"cidboot: firmware: ip={net.lease.ip} kernel={kernel_note} initrd={len(fetched.initrd)}B "
           f"{detail} ({files}) total={time.monotonic() - t0:.2f}s", flush=True)
     say(f"cidboot-stage: firmware handover code={m.code_hash.hex()[:16]}")
@@ -133,8 +144,10 @@ def run(fw_cfg: str | Path = FW_CFG_HANDOVER, *, kexec: bool = True) -> Measured
             print(f"cidboot: firmware: {msg}", file=sys.stderr, flush=True)
 
         if fetched.kernel is None:  # the running kernel, by the hint: nothing to hash, nothing to compare
+            # and the running runtime, by its hint: kept; fetched (and checked) only for a kexec
+            fetch_runtime = (lambda: fetch_measured_runtime(fetched)) if fetched.runtime_skipped else None
             hand_over_running(fetched.initrd, fetched.spec.cmdline, m.handoff, lambda: fetch_measured_kernel(fetched),
-                              log=log)
+                              log=log, runtime=runtime, fetch_runtime=fetch_runtime)
         else:
             hand_over(fetched.kernel, fetched.initrd, fetched.spec.cmdline, m.handoff, forced=kexec_forced(), log=log)
     return m
@@ -150,6 +163,19 @@ def fetch_measured_kernel(fetched: Fetched) -> bytes:
         raise Refused(f"tftp://{host}/{path}: not the kernel the boot script's hint named and L1 was measured "
                       "with (the running one); refusing to kexec it")
     return kernel
+
+
+def fetch_measured_runtime(fetched: Fetched) -> bytes:
+    """The bootstrap's runtime layer (the script's first initrd) over TFTP after all (a kexec, or a
+    running root that cannot stand for it): it must be the one L1 was measured with, the running
+    runtime the hint named; a server whose hint lied about it is refused, as for the kernel."""
+    host, port, path = netboot.tftp_url(fetched.spec.initrds[0])
+    data = netboot.tftp_get(host, path, port=port)
+    if fetched.running_runtime is None or not hmac.compare_digest(hashlib.sha512(data).digest(),
+                                                                  fetched.running_runtime):
+        raise Refused(f"tftp://{host}/{path}: not the runtime layer the boot script's hint named and L1 was "
+                      "measured with (the running one); refusing to boot it")
+    return data
 
 
 def main(fw_cfg: str | Path = FW_CFG_HANDOVER) -> None:

@@ -25,7 +25,7 @@ from cidboot.ipld.cid import CID, DAG_CBOR, RAW
 from cidboot.ipld.unixfs import import_bytes
 from cidboot.trust import keys
 from cidboot.trust.manifest import Layer, Manifest, RootOfTrust, sign_manifest
-from cidboot.trust.measure import code_hash_of_blobs, image_code_hash
+from cidboot.trust.measure import boot_code_hash, image_code_hash, served_initrds
 from cidboot.trust.private import carried
 from cidboot.trust.private import keys as layer_keys
 from imagebuilder import flowfile, initramfs, pyimports, uki
@@ -526,8 +526,12 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         import_bytes(lyr.data, sink, UNIXFS)
     flow_cid, operations = _flow_blocks(ff, flow_block, secret, sink)
     measurements = dict(sorted(refs.items()))
-    if ff.target in REFERENCE_NAMES:  # measured by the stage below as code_hash_of_blobs([kernel, initrd])
-        measurements[ff.target] = code_hash_of_blobs([layers[0].data, b"".join(lyr.data for lyr in layers[1:])])
+    if ff.target in REFERENCE_NAMES:  # measured by the stage below from its files (cidboot.trust.measure.boot_code_hash)
+        parts = [lyr.data for lyr in layers[1:]]
+        # the firmware: one initrd on the flash, as the DICE engine loads it; the bootstrap: the initrds
+        # the boot server lists in boot.ipxe, runtime layer first (bootstrap.server.serve.split_initrd)
+        initrds = served_initrds(parts) if ff.target == "bootstrap" else [b"".join(parts)]
+        measurements[ff.target] = boot_code_hash(layers[0].data, initrds)
     manifest = Manifest(
         name=ff.name, version=int(ff.data["version"]), expires=_expires(ff),
         layers=tuple(Layer(lyr.cid, lyr.size, lyr.role, lyr.plaintext) for lyr in layers), root=root,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bootstrap.bootfiles import KERNEL_NAME
+from bootstrap.bootfiles import INITRD_NAME, KERNEL_NAME
 from bootstrap.server import fleet
 from bootstrap.server.devices import Devices
 from bootstrap.server.dhcp_server import DEFAULT_BOOT_FILES, HTTP_BOOT_PREFIX, DhcpConfig, DhcpServer, Pool
@@ -48,6 +48,44 @@ kernel tftp://{ip}/bootstrap/vmlinuz cidboot.config=tftp://{ip}/bootconfig/${{ma
 initrd tftp://{ip}/bootstrap/initrd.img
 boot
 """
+#: the bootstrap initrd as two files (split_initrd): its runtime layer, then the other layers; boot.ipxe
+#: lists both (iPXE loads and the kernel unpacks them in order: the same root as the one initrd)
+RUNTIME_NAME, REST_NAME = "bootstrap/runtime.img", "bootstrap/initrd-rest.img"
+
+
+@dataclass(frozen=True)
+class SplitInitrd:
+    """The bootstrap initrd cut after its runtime layer, and that layer's SHA-512 (the hint)."""
+
+    runtime: bytes
+    rest: bytes
+    runtime_sha512: bytes
+
+
+def split_initrd(data: bytes) -> SplitInitrd | None:
+    """The bootstrap initrd as the initrds boot.ipxe lists (cidboot.trust.measure.served_initrds:
+    the runtime layer alone, then the rest), cut where its own /etc/cidboot/runtime.json says the
+    runtime layer ends (its size and SHA-256 checked against the bytes). None for an initrd
+    without one (made by hand, or an older build): it is served whole, as before, and its
+    reference value is the one-initrd code hash."""
+    import stat
+
+    from cidboot.stage.switch_root import RUNTIME_JSON, InitramfsError, parse_initramfs, parse_runtime_json
+
+    try:
+        members = parse_initramfs(data).members
+    except InitramfsError:
+        return None
+    raw = next((bytes(c) for m, c in reversed(members) if m.path == RUNTIME_JSON and stat.S_ISREG(m.mode)), None)
+    if raw is None:
+        return None
+    try:
+        rt = parse_runtime_json(raw)
+    except ValueError:
+        return None
+    if rt.size >= len(data) or not rt.begins(data):
+        return None
+    return SplitInitrd(data[:rt.size], data[rt.size:], hashlib.sha512(memoryview(data)[:rt.size]).digest())
 #: the bootstrap's kernel parameters when the server does not know the built ones (a --tftp-root
 #: kernel): what boot.ipxe always passed before
 DEFAULT_BOOTSTRAP_CMDLINE = "console=ttyS0"
@@ -57,7 +95,8 @@ class BadCmdline(FormatError):
     """A kernel command line that cannot go into boot.ipxe as it is."""
 
 
-def ipxe_script(ip: str, cmdline: str = DEFAULT_BOOTSTRAP_CMDLINE, kernel_sha512: bytes | None = None) -> str:
+def ipxe_script(ip: str, cmdline: str = DEFAULT_BOOTSTRAP_CMDLINE, kernel_sha512: bytes | None = None,
+                runtime_sha512: bytes | None = None) -> str:
     """boot.ipxe: the bootstrap's kernel and initrd with this device's config URL and the
     bootstrap's own kernel parameters (`cmdline`, its manifest's). They must be the bootstrap
     manifest's: the bootstrap keeps the running kernel for the next stage only if every parameter
@@ -66,15 +105,32 @@ def ipxe_script(ip: str, cmdline: str = DEFAULT_BOOTSTRAP_CMDLINE, kernel_sha512
     arguments: a line break (a new script command) or `$` (an iPXE setting expanded in place).
     `kernel_sha512` (the served kernel's) goes in as a comment iPXE skips, `#cidboot
     kernel-sha512=HEX`: our firmware then need not download a kernel it is already running
-    (firmware.netboot.reuses_running_kernel; a wrong hint fails appraisal, never passes it)."""
+    (firmware.netboot.reuses_running_kernel; a wrong hint fails appraisal, never passes it).
+    `runtime_sha512` (the initrd split after its runtime layer, split_initrd): two initrd lines,
+    the runtime layer's first, and `#cidboot runtime-sha512=HEX`: our firmware then need not
+    download a runtime layer it is running (firmware.netboot.reuses_running_runtime)."""
     if any(c in cmdline for c in "\r\n$") or any(w.startswith("cidboot.config=") for w in cmdline.split()):
         raise BadCmdline(f"bootstrap command line {cmdline!r} cannot go into boot.ipxe: no line breaks, "
                          "no '$', no cidboot.config= of its own (the server adds the device's)")
     script = IPXE_SCRIPT.format(ip=ip, cmdline=" ".join(cmdline.split()))
-    if kernel_sha512 is None:
-        return script
+    hints = []
+    if kernel_sha512 is not None:
+        hints.append(f"#cidboot kernel-sha512={kernel_sha512.hex()}\n")
+    if runtime_sha512 is not None:
+        hints.append(f"#cidboot runtime-sha512={runtime_sha512.hex()}\n")
+        script = script.replace(f"initrd tftp://{ip}/bootstrap/initrd.img\n",
+                                f"initrd tftp://{ip}/{RUNTIME_NAME}\ninitrd tftp://{ip}/{REST_NAME}\n")
     head, rest = script.split("\n", 1)
-    return f"{head}\n#cidboot kernel-sha512={kernel_sha512.hex()}\n{rest}"
+    return f"{head}\n{''.join(hints)}{rest}"
+
+
+def _stat_key(path: Path | None) -> tuple[int, int, int] | None:
+    """What identifies a served file's version (inode, size, mtime), or None when it is not there."""
+    try:
+        st = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @dataclass
@@ -162,7 +218,8 @@ class BootServer:
     def __init__(self, cfg: ServeConfig, store: Blockstore | None = None) -> None:
         self.cfg = cfg
         self._ipxe_script = ipxe_script(cfg.server_ip, cfg.bootstrap_cmdline).encode()  # bad: refused before any bind
-        self._ipxe_hinted: tuple[tuple[int, int, int], bytes] | None = None  # (kernel file stat, script)
+        self._ipxe_hinted: tuple[object, bytes] | None = None  # (kernel and initrd file stats, script)
+        self._split: tuple[object, SplitInitrd | None] | None = None  # (initrd file stat, its split)
         self.metrics = Metrics()
         self.devices = cfg.devices or Devices.empty()
         leases = None
@@ -234,23 +291,36 @@ class BootServer:
             self.metrics.gauge("dhcp_leases_active", self.dhcp.active_leases())
         return 200, "text/plain; version=0.0.4", self.metrics.render().encode()
 
+    def initrd_split(self) -> SplitInitrd | None:
+        """The served bootstrap initrd split after its runtime layer (split_initrd), redone when
+        the file changes; None when it has no runtime layer to split off."""
+        initrd = self.cfg.boot_files.get(INITRD_NAME)
+        key = _stat_key(initrd)
+        if key is None or initrd is None:
+            return None
+        cached = self._split
+        if cached is None or cached[0] != key:
+            cached = self._split = (key, split_initrd(initrd.read_bytes()))
+        return cached[1]
+
     def ipxe_script(self) -> bytes:
-        """boot.ipxe with the SHA-512 of the kernel served now (bootstrap/vmlinuz; re-hashed when
-        the file changes: a stale hint would only make firmware boots fail appraisal)."""
+        """boot.ipxe with the SHA-512 of the kernel served now (bootstrap/vmlinuz) and, for an initrd
+        that splits after its runtime layer, the two initrds and that layer's SHA-512; redone when a
+        file changes (a stale hint would only make firmware boots fail appraisal)."""
         kernel = self.cfg.boot_files.get(KERNEL_NAME)
-        if kernel is None:
+        kkey = _stat_key(kernel)
+        split = self.initrd_split()
+        if kkey is None and split is None:
             return self._ipxe_script
-        try:
-            st = kernel.stat()
-        except OSError:
-            return self._ipxe_script
-        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        key = (kkey, self._split[0] if self._split is not None and split is not None else None)
         cached = self._ipxe_hinted
         if cached is None or cached[0] != key:
-            with open(kernel, "rb") as f:
-                digest = hashlib.file_digest(f, "sha512").digest()
-            cached = self._ipxe_hinted = (key, ipxe_script(self.cfg.server_ip, self.cfg.bootstrap_cmdline,
-                                                           digest).encode())
+            digest = None
+            if kernel is not None and kkey is not None:
+                with open(kernel, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha512").digest()
+            cached = self._ipxe_hinted = (key, ipxe_script(self.cfg.server_ip, self.cfg.bootstrap_cmdline, digest,
+                                                           split.runtime_sha512 if split else None).encode())
         return cached[1]
 
     def generate(self, name: str, peer: tuple[str, int]) -> bytes | Path | None:
@@ -258,6 +328,11 @@ class BootServer:
             return self.cfg.boot_files[name]
         if name == "boot.ipxe":
             return self.ipxe_script()
+        if name in (RUNTIME_NAME, REST_NAME):
+            split = self.initrd_split()
+            if split is None:
+                return None
+            return split.runtime if name == RUNTIME_NAME else split.rest
         if name.startswith("bootconfig/") and name.endswith(".json"):
             mac = name[len("bootconfig/") : -len(".json")].replace("-", ":").lower()
             pol = self.devices.lookup(mac, None)

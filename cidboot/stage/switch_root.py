@@ -175,6 +175,14 @@ class Runtime:
         return None
 
 
+def parse_runtime_json(raw: bytes) -> Runtime:
+    """A runtime.json's bytes as a Runtime; ValueError when it is not exactly the contract."""
+    try:
+        return _runtime_from(json.loads(raw))
+    except (TypeError, CpioError) as e:
+        raise ValueError(f"runtime.json: {e}") from None
+
+
 def _runtime_from(doc: Any) -> Runtime:
     if not isinstance(doc, dict) or set(doc) != {"cid", "size", "sha256", "sha512", "paths"}:
         raise ValueError("keys are not cid, paths, sha256, sha512, size")
@@ -195,9 +203,8 @@ def running_runtime(root: str = "/") -> Runtime | None:
     """This image's runtime.json, or None when it is missing or anything in it is not exactly the
     contract (no reuse then: the full unpack; fail safe, never open)."""
     try:
-        doc = json.loads(Path(root, RUNTIME_JSON).read_bytes())
-        return _runtime_from(doc)
-    except (OSError, ValueError, TypeError, CpioError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return parse_runtime_json(Path(root, RUNTIME_JSON).read_bytes())
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
 
 

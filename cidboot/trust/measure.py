@@ -2,7 +2,8 @@
 that measure (firmware, bootstrap) and by the verifiers that compare.
 
 - firmware and bootstrap: `code_hash` = SHA-512 over the SHA-512 of each part in order
-  (kernel, initrd, boot config...), so parts can be hashed as they stream in;
+  (kernel, then each initrd as it is served: `boot_code_hash`), so parts can be hashed as they
+  stream in, and a part already running can be named by its recorded hash;
 - image (L2): code = SHA-512 of the image layer CIDs in manifest order (an encrypted layer
   counts as the raw CID of its plaintext: `layer_identity`), config = the manifest
   CID as the configuration descriptor (its SHA-512 enters the CDI), authority = SHA-512 of the
@@ -26,6 +27,29 @@ def code_hash_of_parts(part_hashes: Iterable[bytes]) -> bytes:
 
 def code_hash_of_blobs(blobs: Iterable[bytes]) -> bytes:
     return code_hash_of_parts(hashlib.sha512(b).digest() for b in blobs)
+
+
+def boot_code_hash_of_parts(kernel_sha512: bytes, initrd_sha512s: Iterable[bytes]) -> bytes:
+    """`boot_code_hash` from the parts' SHA-512s (a part not fetched because it is running is
+    named by the SHA-512 the running image records for it)."""
+    return code_hash_of_parts([kernel_sha512, *initrd_sha512s])
+
+
+def boot_code_hash(kernel: bytes, initrds: Iterable[bytes]) -> bytes:
+    """The code hash a stage takes of a next stage it boots from files (L0 of L1: boot.ipxe's
+    kernel and each of its initrds, in order; the DICE engine of L0: its kernel and initrd), and
+    so the reference value for it: SHA-512 over the SHA-512 of the kernel and of each initrd. The
+    one definition the firmware, `firmware measure`, the image builder's reference values and the
+    verifiers share (docs/boot-chain.md, "DICE layers")."""
+    return code_hash_of_blobs([kernel, *initrds])
+
+
+def served_initrds(layers: list[bytes]) -> list[bytes]:
+    """An image's initramfs layers (manifest order, the kernel left out) as a boot server lists
+    them for a stage that boots it over TFTP (boot.ipxe): the runtime layer on its own (the
+    first, shared by every stage, so a stage running it need not fetch it), then the others
+    concatenated. The reference value of such a stage is `boot_code_hash(kernel, served_initrds(...))`."""
+    return [layers[0], b"".join(layers[1:])] if len(layers) > 1 else list(layers)
 
 
 def layer_identity(layer: Layer) -> bytes:

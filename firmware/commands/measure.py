@@ -1,11 +1,12 @@
 """`firmware measure KERNEL INITRD... [--bootconfig FILE]`: the DICE inputs L0 derives CDI_1 from.
 
-The firmware measures what it fetched exactly so (cidboot.measure): code hash = SHA-512 over
-the SHA-512 of the kernel and of the initrds concatenated in boot.ipxe order; the boot config
-is the configuration descriptor (its SHA-512 enters the CDI). Run it on the bootstrap's
-`vmlinuz` and `initrd.img` to get the reference value for
-`imagebuilder build --reference bootstrap=HEX`; the DICE engine measures the firmware's own
-kernel + initrd the same way (`--reference firmware=HEX`).
+The firmware measures what it fetched exactly so (cidboot.trust.measure.boot_code_hash): code
+hash = SHA-512 over the SHA-512 of the kernel and of each initrd, in boot.ipxe order; the boot
+config is the configuration descriptor (its SHA-512 enters the CDI). Run it on the files the
+boot server lists for the bootstrap (`vmlinuz`, then `runtime.img` and `initrd-rest.img` when it
+splits the initrd after its runtime layer, as `bootstrap serve` does for a built bootstrap; else
+`initrd.img`) to get the reference value for `imagebuilder build --reference bootstrap=HEX`; the
+DICE engine measures the firmware's own kernel + initrd the same way (`--reference firmware=HEX`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import hashlib
 from pathlib import Path
 
 from cidboot.cli import print_json
-from cidboot.trust.measure import code_hash_of_blobs
+from cidboot.trust.measure import boot_code_hash
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,8 +31,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     kernel = args.kernel.read_bytes()
-    initrd = b"".join(p.read_bytes() for p in args.initrd)
-    out: dict[str, object] = {"code_hash": code_hash_of_blobs([kernel, initrd]).hex(), "kernel": str(args.kernel),
+    out: dict[str, object] = {"code_hash": boot_code_hash(kernel, [p.read_bytes() for p in args.initrd]).hex(),
+                              "kernel": str(args.kernel),
                               "initrds": [str(p) for p in args.initrd]}
     if args.bootconfig:
         out["config_hash"] = hashlib.sha512(args.bootconfig.read_bytes()).hexdigest()

@@ -30,7 +30,7 @@ from cidboot.trust import keys
 from cidboot.trust.dice import DiceInputs, DiceMode, encode_handover
 from cidboot.trust.dice.software import derive_layers
 from cidboot.trust.manifest import Manifest, RootOfTrust, SignedManifest
-from cidboot.trust.measure import code_hash_of_blobs
+from cidboot.trust.measure import boot_code_hash, code_hash_of_blobs, served_initrds
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns]
 REPO = Path(__file__).resolve().parents[2]
@@ -70,10 +70,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     keys.write_root(hello_m.root, bs_dir / "trust-anchor.json")
     bres = _build(bs_dir / "flow.yaml", base / "bs-store")
     bm, parts = _parts(base / "bs-store", str(bres["manifest"]))
-    initrd = b"".join(parts[lyr.role] for lyr in bm.layers if lyr.role != "kernel")
-    assert bm.measurements["bootstrap"] == code_hash_of_blobs([parts["kernel"], initrd])
-    return {"kernel": parts["kernel"], "initrd": initrd, "store": store, "manifest": str(res["manifest"]),
-            "build_s": time.monotonic() - t}
+    layers = [parts[lyr.role] for lyr in bm.layers if lyr.role != "kernel"]
+    initrd = b"".join(layers)
+    # the reference: over the kernel and each initrd boot.ipxe lists (the runtime layer, then the rest)
+    assert bm.measurements["bootstrap"] == boot_code_hash(parts["kernel"], served_initrds(layers))
+    return {"kernel": parts["kernel"], "initrd": initrd, "initrds": served_initrds(layers), "store": store,
+            "manifest": str(res["manifest"]), "build_s": time.monotonic() - t}
 
 
 POWER_DOWN = r"reboot: Power down"
@@ -87,7 +89,9 @@ def _boot(tmp: Path, images: dict[str, object], bootconfig: bytes, *, until: str
     kernel, initrd = images["kernel"], images["initrd"]
     assert isinstance(kernel, bytes) and isinstance(initrd, bytes)
     fw = DiceInputs(code_hash=code_hash_of_blobs([b"firmware stand-in"]), mode=DiceMode.NORMAL)
-    l1 = DiceInputs(code_hash=code_hash_of_blobs([kernel, initrd]), config_value=None, config_descriptor=bootconfig,
+    initrds = images["initrds"]
+    assert isinstance(initrds, list)
+    l1 = DiceInputs(code_hash=boot_code_hash(kernel, initrds), config_value=None, config_descriptor=bootconfig,
                     mode=DiceMode.NORMAL)
     ident = derive_layers(UDS, [fw, l1])
     handoff = Handoff(encode_handover(ident.cdi_attest, ident.cdi_seal, ident.chain),

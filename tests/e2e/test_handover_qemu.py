@@ -105,6 +105,8 @@ def test_same_kernel_handover_is_affirming_and_leaves_nothing_of_the_previous_st
     kept = [int(k) for k in re.findall(r"cidboot-stage: handover switch_root files=\d+ kept=(\d+)", text)]
     assert len(kept) == 2 and all(k > 100 for k in kept), kept
     assert re.search(r"cidboot: bootstrap: manifest=\S+ .* kernel=running runtime=running ", text), text[-3000:]
+    # nor the firmware the bootstrap's runtime layer over TFTP: boot.ipxe lists it as its own initrd
+    assert re.search(r"cidboot: firmware: ip=\S+ kernel=running runtime=running ", text), text[-3000:]
     assert d["appraisal"]["status"] == "affirming", checks(d)
     assert console_results(dev)["greeting"] == "hello, world"
     assert d["measurements"] == {k: v for k, v in debug_hello.workload.measurements.items()

@@ -92,7 +92,9 @@ def test_the_served_script_hints_the_served_kernel_and_follows_a_changed_file(tm
     kernel.write_bytes(KERNEL)
     cfg = SimpleNamespace(boot_files={bootfiles.KERNEL_NAME: kernel}, server_ip="10.77.0.1",
                           bootstrap_cmdline=hello_cmdline())
-    srv = SimpleNamespace(cfg=cfg, _ipxe_script=ipxe_script("10.77.0.1", hello_cmdline()).encode(), _ipxe_hinted=None)
+    srv = SimpleNamespace(cfg=cfg, _ipxe_script=ipxe_script("10.77.0.1", hello_cmdline()).encode(), _ipxe_hinted=None,
+                          _split=None)
+    srv.initrd_split = lambda: BootServer.initrd_split(srv)  # type: ignore[arg-type]
 
     def hint() -> bytes | None:
         return parse_script(BootServer.ipxe_script(srv).decode(), ipxe_variables(MAC)).kernel_sha512  # type: ignore[arg-type]
@@ -103,3 +105,32 @@ def test_the_served_script_hints_the_served_kernel_and_follows_a_changed_file(tm
     assert hint() == hashlib.sha512(KERNEL + b" rebuilt").digest()
     cfg.boot_files = {}
     assert hint() is None
+
+
+def test_the_served_script_lists_a_built_initrd_as_its_runtime_layer_and_the_rest(tmp_path: Path) -> None:
+    """A built bootstrap initrd (its runtime.json names its first layer) is served as two initrds,
+    runtime first, with the runtime layer's SHA-512 as a hint; both are generated from initrd.img
+    (a harness or --tftp-root gives only that) and follow it when it changes."""
+    from types import SimpleNamespace
+
+    from bootstrap.server.serve import REST_NAME, RUNTIME_NAME, BootServer
+    from tests.unit.test_firmware_netboot import bootstrap_initrd
+
+    runtime, rest = bootstrap_initrd()
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.img"
+    kernel.write_bytes(KERNEL)
+    initrd.write_bytes(runtime + rest)
+    cfg = SimpleNamespace(boot_files={bootfiles.KERNEL_NAME: kernel, bootfiles.INITRD_NAME: initrd},
+                          server_ip="10.77.0.1", bootstrap_cmdline=hello_cmdline())
+    srv = SimpleNamespace(cfg=cfg, _ipxe_script=b"", _ipxe_hinted=None, _split=None)
+    srv.initrd_split = lambda: BootServer.initrd_split(srv)  # type: ignore[arg-type]
+    spec = parse_script(BootServer.ipxe_script(srv).decode(), ipxe_variables(MAC))  # type: ignore[arg-type]
+    assert spec.initrds == (f"tftp://10.77.0.1/{RUNTIME_NAME}", f"tftp://10.77.0.1/{REST_NAME}")
+    assert spec.runtime_sha512 == hashlib.sha512(runtime).digest() and spec.kernel_sha512 == RUNNING
+    peer = ("10.77.0.100", 1234)
+    assert BootServer.generate(srv, RUNTIME_NAME, peer) == runtime  # type: ignore[arg-type]
+    assert BootServer.generate(srv, REST_NAME, peer) == rest  # type: ignore[arg-type]
+    initrd.write_bytes(b"a hand-made initrd")  # no runtime layer to split off: one initrd, as before
+    spec = parse_script(BootServer.ipxe_script(srv).decode(), ipxe_variables(MAC))  # type: ignore[arg-type]
+    assert spec.initrds == ("tftp://10.77.0.1/bootstrap/initrd.img",) and spec.runtime_sha512 is None
+    assert BootServer.generate(srv, RUNTIME_NAME, peer) is None  # type: ignore[arg-type]

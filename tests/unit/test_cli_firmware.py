@@ -40,8 +40,9 @@ def test_measure_is_the_code_hash_l0_derives_cdi_1_from(tmp_path: Path, capsys: 
     args = [str(tmp_path / "vmlinuz"), str(tmp_path / "a.img"), str(tmp_path / "b.img")]
     assert main(["measure", *args]) == 0
     hexhash = capsys.readouterr().out.strip()
-    # firmware.stage: code_hash_of_blobs([kernel, b"".join(initrds)])
-    assert hexhash == code_hash_of_blobs([b"kernel" * 1000, b"initrd part ainitrd part b"]).hex()
+    # firmware.stage: boot_code_hash(kernel, initrds), each initrd on its own, in the script's order
+    assert hexhash == code_hash_of_blobs([b"kernel" * 1000, b"initrd part a", b"initrd part b"]).hex()
+    assert hexhash != code_hash_of_blobs([b"kernel" * 1000, b"initrd part ainitrd part b"]).hex()
     assert parse_reference(f"bootstrap={hexhash}")[1] == bytes.fromhex(hexhash)  # what --reference takes
     assert main(["measure", *args, "--bootconfig", str(tmp_path / "boot.cfg"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -182,3 +182,98 @@ def test_a_lying_hint_measures_the_kernel_that_runs_so_appraisal_fails(monkeypat
         fetch_measured_kernel(f)
     serve_files(monkeypatch, SERVER_FILES, sha512(KERNEL))
     assert fetch_measured_kernel(f) == KERNEL
+
+
+# -- the runtime hint: not downloading the runtime layer the firmware is running --------------------
+
+
+def bootstrap_initrd() -> tuple[bytes, bytes]:
+    """(runtime layer, the other layers) of a bootstrap-like initrd: the rest carries the
+    runtime.json naming the runtime layer, as imagebuilder writes it."""
+    import gzip
+    import json
+
+    from cidboot.stage.cpio import Entry, archive_bytes
+
+    runtime = gzip.compress(archive_bytes([Entry.file("usr/bin/python3.11", b"\x7fELF", 0o755)], 0), mtime=0)
+    doc = {"cid": "bafkreiruntime", "size": len(runtime), "sha256": __import__("hashlib").sha256(runtime).hexdigest(),
+           "sha512": sha512(runtime).hex(), "paths": ["usr", "usr/bin", "usr/bin/python3.11"]}
+    rest = gzip.compress(archive_bytes([Entry.file("init", b"#!/usr/bin/python3.11\n", 0o755),
+                                        Entry.file("etc/cidboot/runtime.json", json.dumps(doc).encode())], 0), mtime=0)
+    return runtime, rest
+
+
+def split_files(runtime: bytes, rest: bytes) -> dict[str, bytes]:
+    from bootstrap.server.serve import REST_NAME, RUNTIME_NAME
+
+    return {**SERVER_FILES, RUNTIME_NAME: runtime, REST_NAME: rest}
+
+
+def serve_split(monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes], runtime_hint: bytes) -> list[str]:
+    fetched: list[str] = []
+    script = ipxe_script("10.77.0.1", CMDLINE, sha512(KERNEL), runtime_hint).encode()
+
+    def get(host: str, path: str, **_kw: object) -> bytes:
+        fetched.append(path)
+        return script if path == "boot.ipxe" else files[path]
+
+    monkeypatch.setattr(netboot, "tftp_get", get)
+    return fetched
+
+
+def test_the_server_splits_a_built_initrd_after_its_runtime_layer_and_hints_it() -> None:
+    from bootstrap.server.serve import REST_NAME, RUNTIME_NAME, split_initrd
+
+    runtime, rest = bootstrap_initrd()
+    split = split_initrd(runtime + rest)
+    assert split is not None and (split.runtime, split.rest) == (runtime, rest)
+    assert split.runtime_sha512 == sha512(runtime)
+    assert split_initrd(rest) is None  # runtime.json names bytes this initrd does not begin with
+    assert split_initrd(INITRD) is None  # a hand-made initrd: served whole, as before
+    text = ipxe_script("10.77.0.1", CMDLINE, sha512(KERNEL), split.runtime_sha512)
+    spec = parse_script(text, ipxe_variables(MAC, "10.77.0.100", "10.77.0.1"))
+    assert spec.initrds == (f"tftp://10.77.0.1/{RUNTIME_NAME}", f"tftp://10.77.0.1/{REST_NAME}")
+    assert spec.runtime_sha512 == sha512(runtime) and spec.kernel_sha512 == sha512(KERNEL)
+    assert netboot.parse_hint("#cidboot runtime-sha512=" + "ab" * 64) is None  # not the kernel's hint
+
+
+def test_an_honest_runtime_hint_skips_its_download_and_measures_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runtime layer is not fetched when its hint is this image's runtime.json sha512 and the
+    kernel is the running one; L1 measures boot_code_hash(kernel, [runtime, rest]) either way,
+    the bootstrap's reference value (imagebuilder: served_initrds)."""
+    from cidboot.trust.measure import boot_code_hash, served_initrds
+
+    runtime, rest = bootstrap_initrd()
+    fetched_paths = serve_split(monkeypatch, split_files(runtime, rest), sha512(runtime))
+    hinted = netboot.fetch_boot(network(), running=sha512(KERNEL), running_cmdline=CMDLINE,
+                                running_runtime=sha512(runtime))
+    assert hinted.runtime_skipped and hinted.initrd == rest and "bootstrap/runtime.img" not in fetched_paths
+    other_kernel = netboot.fetch_boot(network(), running=sha512(OTHER), running_cmdline=CMDLINE,
+                                      running_runtime=sha512(runtime))  # a kexec needs every byte
+    other_runtime = netboot.fetch_boot(network(), running=sha512(KERNEL), running_cmdline=CMDLINE,
+                                       running_runtime=sha512(b"another runtime"))
+    assert not other_kernel.runtime_skipped and other_kernel.initrd == runtime + rest
+    assert not other_runtime.runtime_skipped and other_runtime.initrd == runtime + rest
+    reference = boot_code_hash(KERNEL, served_initrds([runtime, rest]))
+    for f in (hinted, other_kernel, other_runtime):
+        assert measure_and_derive(bytearray(engine_handover()), f).code_hash == reference
+    assert reference != code_hash_of_blobs([KERNEL, runtime + rest])  # each initrd on its own
+
+
+def test_a_lying_runtime_hint_measures_the_running_runtime_and_its_late_fetch_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from cidboot.trust.measure import boot_code_hash
+    from firmware.stage import fetch_measured_runtime
+
+    runtime, rest = bootstrap_initrd()
+    served = b"\x1f\x8b another runtime layer"
+    serve_split(monkeypatch, split_files(served, rest), sha512(runtime))  # hints ours, serves another
+    f = netboot.fetch_boot(network(), running=sha512(KERNEL), running_cmdline=CMDLINE, running_runtime=sha512(runtime))
+    assert f.runtime_skipped
+    m = measure_and_derive(bytearray(engine_handover()), f)
+    assert m.code_hash == boot_code_hash(KERNEL, [runtime, rest])  # what runs: the running runtime
+    assert m.code_hash != boot_code_hash(KERNEL, [served, rest])  # the served bootstrap's reference: no match
+    with pytest.raises(Refused, match="not the runtime layer the boot script's hint named"):
+        fetch_measured_runtime(f)
+    serve_split(monkeypatch, split_files(runtime, rest), sha512(runtime))
+    assert fetch_measured_runtime(f) == runtime
