@@ -49,3 +49,23 @@ def test_measure_is_the_code_hash_l0_derives_cdi_1_from(tmp_path: Path, capsys: 
     assert doc["code_hash"] == hexhash and doc["config_hash"] == hashlib.sha512(b'{"manifest": "x"}').hexdigest()
     assert main(["measure", str(tmp_path / "nope"), str(tmp_path / "a.img")]) == 1
     assert "No such file or directory" in capsys.readouterr().err
+
+
+def test_measure_takes_a_built_bootstrap_initrd_as_the_server_lists_it(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """initrd.img carrying its runtime layer's runtime.json: measured as boot.ipxe lists it (runtime
+    layer, then the rest), the bootstrap's reference value; the two served files give the same."""
+    from cidboot.trust.measure import boot_code_hash
+    from tests.unit.test_firmware_netboot import bootstrap_initrd
+
+    runtime, rest = bootstrap_initrd()
+    (tmp_path / "vmlinuz").write_bytes(b"kernel")
+    (tmp_path / "initrd.img").write_bytes(runtime + rest)
+    (tmp_path / "runtime.img").write_bytes(runtime)
+    (tmp_path / "initrd-rest.img").write_bytes(rest)
+    want = boot_code_hash(b"kernel", [runtime, rest]).hex()
+    assert main(["measure", str(tmp_path / "vmlinuz"), str(tmp_path / "initrd.img")]) == 0
+    assert capsys.readouterr().out.strip() == want
+    assert main(["measure", str(tmp_path / "vmlinuz"), str(tmp_path / "runtime.img"),
+                 str(tmp_path / "initrd-rest.img")]) == 0
+    assert capsys.readouterr().out.strip() == want
