@@ -65,27 +65,17 @@ class SplitInitrd:
 def split_initrd(data: bytes) -> SplitInitrd | None:
     """The bootstrap initrd as the initrds boot.ipxe lists (cidboot.trust.measure.served_initrds:
     the runtime layer alone, then the rest), cut where its own /etc/cidboot/runtime.json says the
-    runtime layer ends (its size and SHA-256 checked against the bytes). None for an initrd
-    without one (made by hand, or an older build): it is served whole, as before, and its
-    reference value is the one-initrd code hash."""
-    import stat
+    runtime layer ends (cidboot.stage.switch_root.runtime_prefix: its size and SHA-256 checked
+    against the bytes). None for an initrd without one (made by hand, or an older build): it is
+    served whole, as before, and its reference value is the one-initrd code hash."""
+    from cidboot.stage.switch_root import runtime_prefix
 
-    from cidboot.stage.switch_root import RUNTIME_JSON, InitramfsError, parse_initramfs, parse_runtime_json
+    n = runtime_prefix(data)
+    if n == 0:
+        return None
+    return SplitInitrd(data[:n], data[n:], hashlib.sha512(memoryview(data)[:n]).digest())
 
-    try:
-        members = parse_initramfs(data).members
-    except InitramfsError:
-        return None
-    raw = next((bytes(c) for m, c in reversed(members) if m.path == RUNTIME_JSON and stat.S_ISREG(m.mode)), None)
-    if raw is None:
-        return None
-    try:
-        rt = parse_runtime_json(raw)
-    except ValueError:
-        return None
-    if rt.size >= len(data) or not rt.begins(data):
-        return None
-    return SplitInitrd(data[:rt.size], data[rt.size:], hashlib.sha512(memoryview(data)[:rt.size]).digest())
+
 #: the bootstrap's kernel parameters when the server does not know the built ones (a --tftp-root
 #: kernel): what boot.ipxe always passed before
 DEFAULT_BOOTSTRAP_CMDLINE = "console=ttyS0"

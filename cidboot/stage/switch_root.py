@@ -199,6 +199,26 @@ def _runtime_from(doc: Any) -> Runtime:
     return Runtime(cid, size, sha256, sha512, tuple(paths))
 
 
+def runtime_prefix(initrd: bytes) -> int:
+    """How many leading bytes of an image's initrd are its runtime layer, by the runtime.json the
+    initrd itself carries (size and SHA-256 checked against the bytes); 0 when it carries none or
+    it does not match, or nothing follows the layer. How a boot server splits a built bootstrap's
+    initrd into the initrds boot.ipxe lists (cidboot.trust.measure.served_initrds), and how
+    `firmware measure` reproduces that split. Host side: it decompresses the whole initrd."""
+    try:
+        members = parse_initramfs(initrd).members
+    except InitramfsError:
+        return 0
+    raw = next((bytes(c) for m, c in reversed(members) if m.path == RUNTIME_JSON and stat.S_ISREG(m.mode)), None)
+    if raw is None:
+        return 0
+    try:
+        rt = parse_runtime_json(raw)
+    except ValueError:
+        return 0
+    return rt.size if rt.size < len(initrd) and rt.begins(initrd) else 0
+
+
 def running_runtime(root: str = "/") -> Runtime | None:
     """This image's runtime.json, or None when it is missing or anything in it is not exactly the
     contract (no reuse then: the full unpack; fail safe, never open)."""

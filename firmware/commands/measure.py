@@ -2,11 +2,11 @@
 
 The firmware measures what it fetched exactly so (cidboot.trust.measure.boot_code_hash): code
 hash = SHA-512 over the SHA-512 of the kernel and of each initrd, in boot.ipxe order; the boot
-config is the configuration descriptor (its SHA-512 enters the CDI). Run it on the files the
-boot server lists for the bootstrap (`vmlinuz`, then `runtime.img` and `initrd-rest.img` when it
-splits the initrd after its runtime layer, as `bootstrap serve` does for a built bootstrap; else
-`initrd.img`) to get the reference value for `imagebuilder build --reference bootstrap=HEX`; the
-DICE engine measures the firmware's own kernel + initrd the same way (`--reference firmware=HEX`).
+config is the configuration descriptor (its SHA-512 enters the CDI). Run it on the bootstrap's
+`vmlinuz` and `initrd.img` to get the reference value for `imagebuilder build --reference
+bootstrap=HEX`: an initrd that carries its runtime layer's runtime.json is taken as the boot
+server lists it (`bootstrap serve` splits it: the runtime layer, then the rest). The DICE engine
+measures the firmware's own kernel + initrd the same way (`--reference firmware=HEX`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cidboot.stage.switch_root import runtime_prefix
+
     kernel = args.kernel.read_bytes()
-    out: dict[str, object] = {"code_hash": boot_code_hash(kernel, [p.read_bytes() for p in args.initrd]).hex(),
-                              "kernel": str(args.kernel),
+    initrds: list[bytes] = []
+    for p in args.initrd:  # a built bootstrap's initrd.img: as the boot server lists it, runtime layer first
+        data = p.read_bytes()
+        n = runtime_prefix(data)
+        initrds += [data[:n], data[n:]] if n else [data]
+    out: dict[str, object] = {"code_hash": boot_code_hash(kernel, initrds).hex(), "kernel": str(args.kernel),
                               "initrds": [str(p) for p in args.initrd]}
     if args.bootconfig:
         out["config_hash"] = hashlib.sha512(args.bootconfig.read_bytes()).hexdigest()
