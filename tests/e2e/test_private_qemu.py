@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -143,10 +144,13 @@ def test_private_hello_boots_affirming_and_the_unmeasured_device_gets_no_key(
     d_good, d_bad = report["devices"]
     assert d_good["appraisal"]["status"] == "affirming", "\n".join(d_good["appraisal"]["reasons"])
     console = good.guest.console.text()
-    # the kernel layer is the bootstrap's own kernel (its signed plaintext SHA-256 is kernel.sha256):
-    # left unfetched and undecrypted, the hand-over in the running kernel; every other layer decrypted
-    assert f"cidboot-stage: bootstrap keys layers={len(m.layers) - 1} " in console
-    assert "cidboot-stage: handover switch_root" in console
+    # the kernel layer is the bootstrap's own kernel (its signed plaintext SHA-256 is kernel.sha256),
+    # and the runtime layer its own runtime (its signed plaintext SHA-256 is runtime.json's): both left
+    # unfetched and undecrypted, the hand-over in the running kernel keeping the running runtime;
+    # every other layer decrypted
+    assert f"cidboot-stage: bootstrap keys layers={len(m.layers) - 2} " in console
+    assert re.search(r"cidboot: bootstrap: manifest=\S+ .* kernel=running runtime=running ", console), console[-3000:]
+    assert re.search(r"cidboot-stage: handover switch_root files=\d+ kept=[1-9]", console), console[-3000:]
 
     # the owner's result: on the device only as a sealed CID, nowhere in clear
     assert f'cidboot: result greeting={{"sealed": "{sealed}"}}' in console
