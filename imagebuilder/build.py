@@ -9,6 +9,7 @@ re-hashes its inputs.
 from __future__ import annotations
 
 import calendar
+import functools
 import hashlib
 import json
 import os
@@ -196,7 +197,14 @@ def runtime_json(layer: bytes) -> bytes:
 
 def archive_paths(layer: bytes) -> list[str]:
     """Member paths of a compressed newc layer, in archive order, normalized."""
-    return [normalize_path(m.path) for m in read_newc(decompress(layer))]
+    return [path for path, _ in _members(layer)]
+
+
+@functools.lru_cache(maxsize=4)
+def _members(layer: bytes) -> tuple[tuple[str, int], ...]:
+    """(normalized path, mode) of each member, in archive order; cached: a build reads its runtime
+    layer three times (the operations layer's skip list, runtime.json, check_layer_paths)."""
+    return tuple((normalize_path(m.path), m.mode) for m in read_newc(decompress(layer)))
 
 
 def check_layer_paths(runtime: bytes, later: dict[str, bytes]) -> None:
@@ -206,13 +214,13 @@ def check_layer_paths(runtime: bytes, later: dict[str, bytes]) -> None:
     runtime a stage keeps. Raises BuildError naming the path and the layer."""
     import stat
 
-    rt = {normalize_path(m.path): m.mode for m in read_newc(decompress(runtime))}
+    rt = dict(_members(runtime))
     for role, data in later.items():
-        for m in read_newc(decompress(data)):
-            mode = rt.get(normalize_path(m.path))
-            if mode is not None and not (stat.S_ISDIR(m.mode) and m.mode == mode):
-                raise BuildError(f"the {role} layer repeats the runtime layer's {m.path!r} "
-                                 f"({oct(m.mode)} over {oct(mode)}): a later member would replace it")
+        for path, mode in _members(data):
+            have = rt.get(path)
+            if have is not None and not (stat.S_ISDIR(mode) and mode == have):
+                raise BuildError(f"the {role} layer repeats the runtime layer's {path!r} "
+                                 f"({oct(mode)} over {oct(have)}): a later member would replace it")
 
 
 def _owner(raw: Any) -> dict[str, Any] | None:
