@@ -296,7 +296,8 @@ class Blockstore(_Puts):
                 os.unlink(self._block_path(key))
             except FileNotFoundError:
                 pass
-        for name, keep in self.packs.remove(keys).items():
+        in_packs = {k for k in keys if self.packs.lookup(k) is not None}  # most deletes touch no pack
+        for name, keep in (self.packs.remove(in_packs) if in_packs else {}).items():
             if sum(e.length for e in keep.values()) * 2 >= self.packs.pack_size(name):
                 continue
             with self.deferred_sync():
