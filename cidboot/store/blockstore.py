@@ -259,6 +259,14 @@ class Blockstore(_Puts):
         entry = self.packs.lookup(cid.multihash.encode())
         data_or_none = self.packs.read(entry) if entry is not None else None
         if data_or_none is None:
+            if entry is not None and damaged is None:  # the pack went (gc in another process moved
+                self.packs.refresh(force=True)  # its survivors to flatfs): look once more
+                try:
+                    data = self._file(cid).read_bytes()
+                    cid.verify(data)
+                    return data
+                except FileNotFoundError:
+                    pass
             if damaged is not None:
                 raise damaged
             raise BlockNotFound(f"block {cid} is not in the store {self.path}") from None

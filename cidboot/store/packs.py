@@ -54,25 +54,26 @@ class PackIndex:
         self._entries: dict[bytes, Entry] = {}  # published (.idx) and this process's live packs
         self._live: dict[str, dict[bytes, Entry]] = {}  # packs being written in this process
         self._fds: dict[str, int] = {}  # read fds, one per pack
-        self._seen: int | None = None  # the directory's mtime_ns at the last load (None: never)
+        self._seen: tuple[int, tuple[str, ...]] | None = None  # what the last load saw (None: never)
 
     # -- reading -------------------------------------------------------------------------
-    def _stamp(self) -> int:
+    def _stamp(self) -> tuple[int, tuple[str, ...]]:
+        """The directory's mtime and its indexes' names: a new pack always changes the names
+        (an mtime alone can miss a change made within the same clock tick as the last load)."""
         try:
-            return os.stat(self.dir).st_mtime_ns
+            mtime = os.stat(self.dir).st_mtime_ns
+            return mtime, tuple(sorted(n[:-4] for n in os.listdir(self.dir) if n.endswith(".idx")))
         except FileNotFoundError:
-            return 0
+            return 0, ()
 
     def refresh(self, *, force: bool = False) -> None:
-        """Re-read the indexes if the directory changed since the last load (cheap: one stat)."""
+        """Re-read the indexes if the directory changed since the last load (one stat and one
+        listing of a small directory when it did not)."""
         stamp = self._stamp()
         if not force and stamp == self._seen:
             return
         entries: dict[bytes, Entry] = {}
-        try:
-            names = sorted(n[:-4] for n in os.listdir(self.dir) if n.endswith(".idx"))
-        except FileNotFoundError:
-            names = []
+        names = list(stamp[1])
         for name in names:  # sorted by stamp: a later pack's copy of a block wins
             for key, e in self._load(name).items():
                 entries[key] = e
@@ -133,13 +134,16 @@ class PackIndex:
             self._entries[key] = e
 
     def publish(self, name: str) -> None:
-        """Write the index of the live pack `name` (temp file + rename; the caller syncs)."""
+        """Write the index of the live pack `name` (temp file + rename; the caller syncs). Its
+        entries stay live until the index is in place, so no read in between misses them."""
         with self._lock:
-            entries = self._live.pop(name)
+            entries = dict(self._live[name])
         body = json.dumps({"version": 1, "blocks": [[k.hex(), e.offset, e.length] for k, e in entries.items()]})
         tmp = self.dir / f".tmp-{name}.idx"
         tmp.write_text(body)
         os.replace(tmp, self.dir / f"{name}.idx")
+        with self._lock:
+            del self._live[name]
 
     def abandon(self, name: str) -> None:
         """A batch that failed: its pack is removed (its blocks were never published)."""
