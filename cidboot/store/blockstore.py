@@ -6,8 +6,9 @@ naming the scheme. Every way in hashes a block before anything is written (nothi
 is ever stored), every read is verified against the CID asked for (a damaged or torn file is
 refused, never served), a damaged copy is replaced by the next `put` of good bytes, and pins
 (recursive, by root) survive `gc`. A single `put` is atomic and durable (temp file, fsync,
-rename); a batch (`writer()`, a fetch) writes each block straight to its name and makes the
-whole batch durable with one `syncfs` at the end: see `BatchWriter` for why that is safe. The
+rename); a batch (`writer()`, a fetch) writes its first blocks straight to their names and
+appends the rest to one pack file beside flatfs (`cidboot.store.packs`), and makes the whole
+batch durable with one `syncfs` at the end: see `BatchWriter` for why that is safe. The
 pin set is read, changed and written under an exclusive `flock` on `pins.lock`, so processes
 sharing a store (the CLI, `bootstrap serve`, an agent) neither lose each other's pins nor
 collect blocks a pin being added protects.
