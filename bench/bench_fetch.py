@@ -11,8 +11,9 @@
 
 plus the client's peak RSS for 16 MiB and 256 MiB. Each figure is the median of --runs runs,
 the kinds alternating, so a busy spell of the machine hits all of them alike. `--baseline DIR`
-also runs the gateway of another checkout (e.g. main) on the same store, in the same
-alternation: before/after figures of a gateway change from one run.
+also runs the gateway of another checkout (e.g. main) on the same store, and
+`--baseline-client DIR` that checkout's client (its store code too) from our gateway, in the
+same alternation: before/after figures of a gateway or a client change from one run.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from tests.support.kubo_node import free_port, start_kubo
 MIB = 1024 * 1024
 
 
-def client_child(cid: str, gateway: str, store: Path) -> tuple[float, int]:
+def client_child(cid: str, gateway: str, store: Path, cwd: str | None = None) -> tuple[float, int]:
+    """Our client in a fresh interpreter (seconds, peak RSS in KiB); `cwd`: another checkout's."""
     code = (
         "import resource,time\n"
         "from cidboot.store.blockstore import Blockstore\n"
@@ -45,7 +47,8 @@ def client_child(cid: str, gateway: str, store: Path) -> tuple[float, int]:
         f"fetch({cid!r}, [{gateway!r}], Blockstore({str(store)!r}))\n"
         "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         cwd=cwd).stdout.split()
     return float(out[0]), int(out[1])
 
 
@@ -75,7 +78,9 @@ def main() -> int:
     args = parse_args(__doc__ or "", [("--size-mib", {"type": int, "default": 256}),
                                       ("--runs", {"type": int, "default": 3}),
                                       ("--baseline", {"metavar": "DIR", "help": "also fetch from the gateway of this "
-                                                      "checkout (same store): before/after from one run"})])
+                                                      "checkout (same store): before/after from one run"}),
+                                      ("--baseline-client", {"metavar": "DIR", "help": "also fetch with the client (and "
+                                                             "store) of this checkout, from our gateway"})])
     rows = []
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
@@ -114,6 +119,7 @@ def main() -> int:
                 static = f"http://127.0.0.1:{hport}"
                 plain_s, ours_s, kubo_s, dag_s, static_s, rss, kubo_rss = [], [], [], [], [], [], []
                 base_s: list[float] = []
+                base_client_s: list[float] = []
                 for i in range(max(1, args.runs)):
                     dl = work / f"download-{mib}"
                     plain_s.append(timed(curl, f"http://127.0.0.1:{hport}/f{mib}", dl))
@@ -126,6 +132,11 @@ def main() -> int:
                     kubo_rss.append(kb)
                     sec, _kb = client_child(cid, static, work / f"c3-{mib}-{i}")
                     static_s.append(sec)
+                    if args.baseline_client:
+                        sec, _kb = client_child(cid, ours, work / f"c5-{mib}-{i}",
+                                                str(Path(args.baseline_client).resolve()))
+                        base_client_s.append(sec)
+                        shutil.rmtree(work / f"c5-{mib}-{i}")
                     if base is not None:
                         sec, _kb = client_child(cid, base, work / f"c4-{mib}-{i}")
                         base_s.append(sec)
@@ -153,6 +164,12 @@ def main() -> int:
                     "client_rss_MiB_kubo_gw": round(max(kubo_rss) / 1024, 1),
                     "ours_runs_s": [round(x, 3) for x in ours_s], "plain_runs_s": [round(x, 3) for x in plain_s],
                 })
+                if base_client_s:
+                    b = statistics.median(base_client_s)
+                    rows[-1]["baseline_client_MBps"] = round(mb / b, 1)
+                    rows[-1]["baseline_client/plain"] = round(plain / b, 3)
+                    rows[-1]["client/baseline_client"] = round(b / mine, 3)
+                    rows[-1]["baseline_client_runs_s"] = [round(x, 3) for x in base_client_s]
                 if base_s:
                     rows[-1]["ours_from_baseline_gw_MBps"] = round(mb / statistics.median(base_s), 1)
                     rows[-1]["our_gw/baseline_gw"] = round(statistics.median(base_s) / mine, 3)
@@ -164,10 +181,10 @@ def main() -> int:
         "plain_http": "curl of the same file from python -m http.server on loopback to a file (no hashing, no store)",
         "dag_import": "ipfs dag import (CLI -> the daemon's API) of the CAR our gateway serves, from a file, into an "
                       "empty second Kubo node; pinned, then unpinned and gc'd between runs",
-        "ours": "cidboot.store.gateway.client.fetch: CAR stream, every block hashed once and written atomically to a "
-                "store by a batched writer, one sync at the end",
+        "ours": "cidboot.store.gateway.client.fetch: CAR stream, every block hashed once, written by a batched writer "
+                "(first 16 blocks to flatfs files, the rest appended to one pack file), one syncfs at the end",
         "runs": args.runs, "figures": "median of the runs (ours_runs_s, plain_runs_s: each run); RSS the largest",
-        "baseline": args.baseline,
+        "baseline": args.baseline, "baseline_client": args.baseline_client,
     })
     return 0
 

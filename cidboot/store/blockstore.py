@@ -2,11 +2,16 @@
 
 Blocks are keyed by multihash (as Kubo's are, so a CIDv0 and a CIDv1 of the same bytes share
 one file) under `blocks/<next-to-last two chars>/<BASE32 KEY>.data`, with a `SHARDING` file
-naming the scheme. Writes are atomic (temp file, fsync, rename), every read is verified
-against the CID asked for, a damaged copy is replaced by the next `put` of good bytes, and pins
-(recursive, by root) survive `gc`. The pin set is read, changed and written under an exclusive
-`flock` on `pins.lock`, so processes sharing a store (the CLI, `bootstrap serve`, an agent)
-neither lose each other's pins nor collect blocks a pin being added protects.
+naming the scheme. Every way in hashes a block before anything is written (nothing unverified
+is ever stored), every read is verified against the CID asked for (a damaged or torn file is
+refused, never served), a damaged copy is replaced by the next `put` of good bytes, and pins
+(recursive, by root) survive `gc`. A single `put` is atomic and durable (temp file, fsync,
+rename); a batch (`writer()`, a fetch) writes its first blocks straight to their names and
+appends the rest to one pack file beside flatfs (`cidboot.store.packs`), and makes the whole
+batch durable with one `syncfs` at the end: see `BatchWriter` for why that is safe. The
+pin set is read, changed and written under an exclusive `flock` on `pins.lock`, so processes
+sharing a store (the CLI, `bootstrap serve`, an agent) neither lose each other's pins nor
+collect blocks a pin being added protects.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from cidboot.errors import FormatError, NotFoundError
 from cidboot.ipld import dag
-from cidboot.ipld.cid import CID, RAW
+from cidboot.ipld.cid import CID, RAW, CIDMismatch
 from cidboot.ipld.multihash import Multihash
+from cidboot.store.packs import FLATFS_FIRST, Entry, PackIndex
 
 SHARDING = "/repo/flatfs/shard/v1/next-to-last/2"
 MAX_BLOCK = 4 * 1024 * 1024
@@ -49,6 +56,26 @@ def default_store_path() -> Path:
 
 def _key(mh: Multihash) -> str:
     return base64.b32encode(mh.encode()).decode().rstrip("=")
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """Make everything written to the file system holding `path` durable, and report a write
+    error the kernel saw (Linux >= 5.8), unlike `os.sync`, which syncs every file system on the
+    machine and reports nothing. Falls back to `os.sync` where libc has no syncfs."""
+    try:
+        import ctypes  # not at import: only a batch that wrote files gets here
+
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if fn(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs: {os.strerror(err)}", str(path))
+    finally:
+        os.close(fd)
 
 
 def check_block(cid: CID, data: bytes) -> None:
@@ -81,6 +108,7 @@ class Blockstore(_Puts):
         self.path = Path(path) if path is not None else default_store_path()
         self.blocks_dir = self.path / "blocks"
         self.blocks_dir.mkdir(parents=True, exist_ok=True)
+        self._blocks_str = str(self.blocks_dir)
         shard = self.blocks_dir / "SHARDING"
         if shard.exists():
             if shard.read_text().strip() != SHARDING:
@@ -90,19 +118,20 @@ class Blockstore(_Puts):
         self._pins_file = self.path / "pins.json"
         self._pins_lock_file = self.path / "pins.lock"
         self._lock = threading.RLock()
+        self.packs = PackIndex(self.path / "packs")  # a large batch's blocks (see cidboot.store.packs)
 
     @contextmanager
     def deferred_sync(self) -> Iterator[None]:
-        """Batch many puts: each write is still atomic (temp file + rename, so a crash leaves
-        no partial block under its name), but durability comes from one sync at the end
-        instead of an fsync per block. Verify-on-read catches anything a crash damaged."""
+        """Batch many puts: each `put` is still atomic (temp file + rename), but durability
+        comes from one `syncfs` of the store's file system at the end instead of an fsync per
+        block. Verify-on-read catches anything a crash damaged before that sync."""
         self._deferred += 1
         try:
             yield
         finally:
             self._deferred -= 1
             if not self._deferred:
-                os.sync()
+                syncfs(self.blocks_dir)
 
     @contextmanager
     def writer(self, *, depth: int = 16) -> Iterator[BatchWriter]:
@@ -151,30 +180,43 @@ class Blockstore(_Puts):
                 pass
             raise
 
-    def _write_block(self, path: Path, data: bytes, tmp: str) -> None:
-        """Atomic write of one block (temp name given by the caller, O_EXCL, rename), no fsync:
-        BatchWriter's path, whose durability is deferred_sync's one sync at the end."""
-        if path.parent not in self._dirs:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._dirs.add(path.parent)
-        tmp_path = os.path.join(path.parent, tmp)
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    def _block_path(self, mh: bytes) -> str:
+        """`_file` of the encoded multihash `mh`, as a string, without pathlib (the batch
+        writer's per-block path)."""
+        key = base64.b32encode(mh).decode().rstrip("=")
+        return f"{self._blocks_str}/{key[-3:-1]}/{key}.data"
+
+    def _write_new(self, path: str, data: bytes) -> None:
+        """One block the caller verified, straight to its final name: create (O_EXCL), write,
+        close; no temp name, no rename, no fsync (BatchWriter's path: the batch's one syncfs
+        makes it durable). Until the write completes, or if a crash cuts it, the file under the
+        name is short or empty, and every read refuses it (it does not hash to its CID): it
+        counts as absent-and-damaged, and the next put or fetch of the block replaces it. A
+        file already there (a damaged copy the caller is replacing, or another process's
+        write) is replaced atomically instead (temp file + rename), never written into."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            with memoryview(data) as view:
-                done = 0
-                while done < len(view):
-                    done += os.write(fd, view[done:])
-            os.close(fd)
-            fd = -1
-            os.replace(tmp_path, path)
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:  # a new shard directory
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, flags, 0o644)
+        except FileExistsError:
+            self._atomic_write(Path(path), data)
+            return
+        try:
+            done = os.write(fd, data)
+            if done < len(data):
+                with memoryview(data) as view:
+                    while done < len(view):
+                        done += os.write(fd, view[done:])
         except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            try:
-                os.unlink(tmp_path)
-            except FileNotFoundError:
+            os.close(fd)
+            try:  # do not leave a torn file behind when we know it is one (reads would refuse it anyway)
+                os.unlink(path)
+            except OSError:
                 pass
             raise
+        os.close(fd)
 
     # -- blocks -------------------------------------------------------------------------
     def put(self, cid: CID, data: bytes) -> None:
@@ -204,16 +246,38 @@ class Blockstore(_Puts):
             queued = batch.queued(cid)
             if queued is not None:
                 return queued  # verified by put a moment ago, still in this process's memory
+        damaged: CIDMismatch | None = None
         try:
             data = self._file(cid).read_bytes()
         except FileNotFoundError:
+            pass
+        else:
+            try:
+                cid.verify(data)
+                return data
+            except CIDMismatch as e:  # a pack may hold a good copy (a fetch that replaced it)
+                damaged = e
+        entry = self.packs.lookup(cid.multihash.encode())
+        data_or_none = self.packs.read(entry) if entry is not None else None
+        if data_or_none is None:
+            if entry is not None and damaged is None:  # the pack went (gc in another process moved
+                self.packs.refresh(force=True)  # its survivors to flatfs): look once more
+                try:
+                    data = self._file(cid).read_bytes()
+                    cid.verify(data)
+                    return data
+                except FileNotFoundError:
+                    pass
+            if damaged is not None:
+                raise damaged
             raise BlockNotFound(f"block {cid} is not in the store {self.path}") from None
-        cid.verify(data)
-        return data
+        cid.verify(data_or_none)
+        return data_or_none
 
     def has(self, cid: CID) -> bool:
         batch = self._batch
-        return cid.is_identity or (batch is not None and batch.queued(cid) is not None) or self._file(cid).exists()
+        return (cid.is_identity or (batch is not None and batch.queued(cid) is not None) or self._file(cid).exists()
+                or self.packs.lookup(cid.multihash.encode()) is not None)
 
     def size(self, cid: CID) -> int:
         if cid.is_identity:
@@ -225,22 +289,46 @@ class Blockstore(_Puts):
         try:
             return self._file(cid).stat().st_size
         except FileNotFoundError:
+            entry = self.packs.lookup(cid.multihash.encode())
+            if entry is not None:
+                return entry.length
             raise BlockNotFound(f"block {cid} is not in the store {self.path}") from None
 
     def delete(self, cid: CID) -> None:
-        try:
-            self._file(cid).unlink()
-        except FileNotFoundError:
-            pass
+        self._delete({cid.multihash.encode()})
+
+    def _delete(self, keys: set[bytes]) -> None:
+        """Remove the blocks `keys` (encoded multihashes) from flatfs and from the packs. A pack
+        left with less than half its bytes live has them moved to flatfs files and is removed."""
+        for key in keys:
+            try:
+                os.unlink(self._block_path(key))
+            except FileNotFoundError:
+                pass
+        in_packs = {k for k in keys if self.packs.lookup(k) is not None}  # most deletes touch no pack
+        for name, keep in (self.packs.remove(in_packs) if in_packs else {}).items():
+            if sum(e.length for e in keep.values()) * 2 >= self.packs.pack_size(name):
+                continue
+            with self.deferred_sync():
+                for key, e in keep.items():
+                    data = self.packs.read(e)
+                    if data is not None and Multihash.decode(key).matches(data):  # a damaged copy is dropped
+                        self._atomic_write(Path(self._block_path(key)), data)
+            self.packs.drop_pack(name)
 
     def multihashes(self) -> Iterator[Multihash]:
         """Every stored block's multihash (the store does not remember codecs, like Kubo)."""
+        seen: set[bytes] = set()
         for shard in sorted(self.blocks_dir.iterdir()):
             if not shard.is_dir():
                 continue
             for f in sorted(shard.glob("*.data")):
                 raw = base64.b32decode(f.stem + "=" * (-len(f.stem) % 8))
+                seen.add(raw)
                 yield Multihash.decode(raw)
+        for key in sorted(self.packs.keys()):
+            if key not in seen:
+                yield Multihash.decode(key)
 
     # -- pins and gc --------------------------------------------------------------------
     def pins(self) -> list[CID]:
@@ -288,35 +376,78 @@ class Blockstore(_Puts):
             for root in self.pins():
                 for cid, _ in dag.walk(root, self.get):
                     keep.add(cid.multihash.encode())
-            removed = 0
-            for mh in list(self.multihashes()):
-                if mh.encode() not in keep:
-                    self.delete(CID(1, RAW, mh))
-                    removed += 1
-            return removed
+            doomed = {mh.encode() for mh in self.multihashes()} - keep
+            self._delete(doomed)
+            self.packs.remove_orphans()
+            return len(doomed)
+
+
+#: a batch's pack is handed to the disk in steps of this many bytes while it is written, so the
+#: batch's closing sync waits for the last step, not for the whole batch
+WRITEBACK_STEP = 8 * 1024 * 1024
+_sync_file_range: Any = None
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing `length` bytes at `offset` of `fd` to the disk, without waiting
+    (sync_file_range(SYNC_FILE_RANGE_WRITE)); a no-op where libc lacks it. Not a durability
+    point: only the batch's syncfs is."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+            _sync_file_range = fn
+        except (OSError, AttributeError):
+            _sync_file_range = False
+    if _sync_file_range:
+        _sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE; an error shows at the sync
 
 
 class BatchWriter:
-    """Blocks into a Blockstore at the speed of the disk, not of one fsync per block.
+    """Blocks into a Blockstore at the speed of the disk, not of one fsync (or one file) per block.
 
     `put` checks the size and the hash (CIDMismatch before anything is queued: nothing
     unverified reaches the store, and each block is hashed exactly once), then queues the write;
-    one background thread writes each block atomically (temp file + rename, as `put` does, so a
-    crash never leaves a partial block under its name). The queue holds at most `depth` blocks,
-    so memory stays flat however large the batch. A write error stops the writer; the next `put`
-    or `close` raises it. Unlike `Blockstore.put`, a block already present is written again
-    rather than read back and compared: callers batch blocks they found missing or damaged."""
+    one background thread writes while the caller reads the next block. The first
+    `FLATFS_FIRST` blocks go to flatfs files, straight to their names (one create, one write,
+    one close: `Blockstore._write_new`), so a small batch (a manifest, a flow) makes no pack;
+    every later block is appended to one pack file (`cidboot.store.packs`), whose index is
+    written when the batch ends. Then `writer()` makes the whole batch durable with one
+    `syncfs`.
+
+    Why no temp file and rename per block, and an index written before the sync: they would buy
+    "a crash never leaves a partial block under its name", but the store never trusts a name
+    or an index anyway. Every read hashes the block against the CID asked for, so a short,
+    empty or torn file, or an index entry whose bytes a crash kept off the disk, is refused as
+    damaged, never served, and the next put or fetch replaces it. What a crash mid-batch
+    leaves, then: some blocks whole, some absent, some torn (refused on read, fetched again),
+    perhaps a pack with no index (invisible; `gc` removes it); nothing that reads as a wrong
+    block. The durability point is the `syncfs` at the end of the batch: a fetch that returned
+    has every block on disk, and only then may a caller pin the root.
+
+    The queue holds at most `depth` blocks, so memory stays flat however large the batch. A
+    write error stops the writer (its pack is removed, unpublished); the next `put` or `close`
+    raises it. Unlike `Blockstore.put`, a block already present is not read back and compared:
+    callers batch blocks they found missing or damaged (a good copy in a pack wins over a
+    damaged flatfs file on read, and a file found at the name is replaced atomically)."""
 
     def __init__(self, store: Blockstore, depth: int = 16) -> None:
         self.store = store
         self.blocks = 0
         self.bytes = 0
-        self._queue: queue.Queue[tuple[bytes, Path, bytes] | None] = queue.Queue(maxsize=max(1, depth))
-        self._pending: dict[bytes, bytes] = {}  # multihash -> bytes queued, not yet renamed into place
+        self._queue: queue.Queue[tuple[bytes, bytes] | None] = queue.Queue(maxsize=max(1, depth))
+        self._pending: dict[bytes, bytes] = {}  # multihash -> bytes queued, not yet written
         self._pending_lock = threading.Lock()
         self._error: BaseException | None = None
-        self._tmp = f".tmp-{os.getpid()}-{id(self):x}-"
         self._closed = False
+        self._written = 0
+        self._pack: str | None = None  # this batch's pack, once it has one
+        self._pack_fd = -1
+        self._pack_size = 0
+        self._flushed = 0  # pack bytes handed to the disk so far (early writeback)
         self._thread = threading.Thread(target=self._run, name="blockstore-writer", daemon=True)
         self._thread.start()
 
@@ -334,24 +465,50 @@ class BatchWriter:
             self._pending[key] = data
         self.blocks += 1
         self.bytes += len(data)
-        self._queue.put((key, self.store._file(cid), data))
+        self._queue.put((key, data))
 
     def queued(self, cid: CID) -> bytes | None:
         """The bytes of `cid` if queued and not yet written (verified on put)."""
         with self._pending_lock:
             return self._pending.get(cid.multihash.encode())
 
+    def _append(self, key: bytes, data: bytes) -> None:
+        """Append one block to this batch's pack (created, and locked against gc, on first use)."""
+        packs = self.store.packs
+        if self._pack is None:
+            import time
+
+            packs.dir.mkdir(exist_ok=True)
+            name = f"{time.time_ns():020d}-{os.getpid()}-{id(self):x}"
+            fd = os.open(packs.dir / f"{name}.pack", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # gc leaves a pack without an index alone while this is held
+            self._pack, self._pack_fd = name, fd
+            packs.start(name)
+        done = os.write(self._pack_fd, data)
+        if done < len(data):
+            with memoryview(data) as view:
+                while done < len(view):
+                    done += os.write(self._pack_fd, view[done:])
+        packs.add(key, Entry(self._pack, self._pack_size, len(data)))
+        self._pack_size += len(data)
+        if self._pack_size - self._flushed >= WRITEBACK_STEP:
+            _start_writeback(self._pack_fd, self._flushed, self._pack_size - self._flushed)
+            self._flushed = self._pack_size
+
     def _run(self) -> None:
-        n = 0
+        store = self.store
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            key, path, data = item
+            key, data = item
             if self._error is None:  # after an error: drain, so a blocked put() wakes up and sees it
-                n += 1
                 try:
-                    self.store._write_block(path, data, f"{self._tmp}{n}")
+                    if self._written < FLATFS_FIRST:
+                        store._write_new(store._block_path(key), data)
+                    else:
+                        self._append(key, data)
+                    self._written += 1
                 except BaseException as e:  # handed to the caller's thread
                     self._error = e
             with self._pending_lock:
@@ -359,11 +516,22 @@ class BatchWriter:
                     del self._pending[key]
 
     def close(self) -> None:
-        """Wait for every queued write; raise the first write error."""
+        """Wait for every queued write, publish the pack's index; raise the first write error."""
         if not self._closed:
             self._closed = True
             self._queue.put(None)
             self._thread.join()
+            if self._pack is not None:
+                try:
+                    if self._error is None:
+                        try:
+                            self.store.packs.publish(self._pack)
+                        except OSError as e:
+                            self._error = e
+                    if self._error is not None:
+                        self.store.packs.abandon(self._pack)
+                finally:
+                    os.close(self._pack_fd)  # releases the lock
         if self._error is not None:
             raise self._error
 

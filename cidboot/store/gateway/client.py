@@ -122,9 +122,14 @@ class _Watchdog:
         self._thread.start()
 
     def arm(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
         with self._cond:
-            self._deadline = time.monotonic() + seconds
-            self._cond.notify()
+            # A later deadline needs no wake-up: the thread, waking at the old one, sees the new
+            # one and sleeps on. Waking it per block of a CAR cost a thread switch per block.
+            earlier = self._deadline is None or deadline < self._deadline
+            self._deadline = deadline
+            if earlier:
+                self._cond.notify()
 
     def close(self) -> None:
         with self._cond:
