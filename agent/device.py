@@ -25,18 +25,14 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from agent.attestation_api import AgentServer, Attester, HttpError, Result, serve_api
 from agent.attested import AttestedAgents
 from agent.audit import AuditLog, Entry
 from agent.peers import PeerClient, PeerError, PeerRefused, PeerService, mount_peers, reasons
-from agent.publish import PublishTarget, publish
 from agent.verifier import Verifier
-from cidboot.dataflow import checks
-from cidboot.dataflow.model import DataFlow
 from cidboot.errors import CidbootError, FormatError, VerificationError
-from cidboot.ipld import dagcbor
 from cidboot.ipld.cid import CID
 from cidboot.netboot.bootconfig import BootConfig
 from cidboot.stage import events
@@ -50,8 +46,11 @@ from cidboot.trust.cose_key import decode_public_key, raw_public_bytes
 from cidboot.trust.dice import CDI_SIZE, decode_handover, encode_chain, key_from_cdi
 from cidboot.trust.manifest import RootOfTrust, SignedManifest, verify_threshold
 from cidboot.trust.manifest.signed import KIND_MANIFEST, MAX_ENVELOPE
-from cidboot.trust.private import carried
-from cidboot.trust.tpm.appraise import TpmReferences
+
+if TYPE_CHECKING:  # imported where used: the flow's modules run after `agent ready`, TPM and publishing only when configured
+    from agent.publish import PublishTarget
+    from cidboot.dataflow.model import DataFlow
+    from cidboot.trust.tpm.appraise import TpmReferences
 
 USER_CLASS = b"cidboot-agent"
 PORT = 8000
@@ -152,6 +151,8 @@ class BootedAgent:
         say(f"cidboot: result {result.definition}={json.dumps(result.value, sort_keys=True, default=str)}", self.console)
         events.emit("agent", "result", definition=result.definition, value=json.dumps(result.value, sort_keys=True, default=str), cid=result.provenance)
         if self.publish_to is not None and result.provenance is not None:
+            from agent.publish import publish
+
             publish(self.store, [result.provenance], self.publish_to)
 
     async def send(self, role: str, blocks: list[tuple[CID, bytes]]) -> None:
@@ -242,6 +243,8 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
     agent = BootedAgent(h, cfg, mcid, signed, roots, store, attester, server, verifier, peers,
                         PeerService(attester, verifier, _not_ready), ip, base, attested, audit, console)
     if cfg.publish:  # the boot config says where results go (bootstrap serve --publish)
+        from agent.publish import PublishTarget
+
         try:
             agent.publish_to = PublishTarget.parse(cfg.publish)
         except FormatError as e:
@@ -301,6 +304,9 @@ def flow_context(agent: BootedAgent) -> tuple[Any, DataFlow]:
     authority = the manifest's root-of-trust keys."""
     from agent.identity import references
     from agent.orchestrator import FlowContext
+    from cidboot.dataflow import checks
+    from cidboot.ipld import dagcbor
+    from cidboot.trust.private import carried
 
     m = agent.signed.manifest
     assert m.flow is not None
@@ -362,6 +368,8 @@ def run_flow(agent: BootedAgent, *, remote_wait: float = 300.0) -> list[Any]:
 
     results = asyncio.run(go())
     if agent.publish_to is not None and agent.audit.head is not None:
+        from agent.publish import publish
+
         publish(agent.store, [agent.audit.head], agent.publish_to)  # results went one by one (record)
     say(f"cidboot: agent: flow done: {len(results)} result(s), audit {agent.audit.head}", agent.console)
     return results
