@@ -108,14 +108,12 @@ def read_handoff(root: str | os.PathLike[str]) -> tuple[Handoff, BootConfig, CID
         raise AgentBootError(f"handoff: manifest CID: {e}") from None
 
 
-def network_up(log: Callable[[str], None]) -> str:
-    """NIC up, DHCP lease (user class cidboot-agent), address configured; returns the address."""
-    from cidboot.netboot import dhcp_client, netif
+def network_up(log: Callable[[str], None], handed: Any = None) -> str:
+    """The NIC's address: the bootstrap's lease after a same-kernel hand-over (`handed`, the
+    hand-off's "lease"), else NIC up, DHCP (user class cidboot-agent), address configured."""
+    from cidboot.netboot import dhcp_client
 
-    name, mac = netif.bring_up(carrier_timeout=15.0)
-    lease = dhcp_client.acquire(name, mac, vendor_class=None, arch=None, user_class=USER_CLASS, log=log)
-    netif.configure(name, lease.ip, lease.prefixlen, router=lease.router)
-    return lease.ip
+    return dhcp_client.network_up(user_class=USER_CLASS, handed=handed, log=log)[2].ip
 
 
 @dataclass
@@ -230,7 +228,8 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
                                          ueid=quoter.ueid())
     else:
         attester = ephemeral_attester(manifest_cid=mcid, boot_mode="unmeasured", role=cfg.role)
-    ip = network_up(lambda m: print(f"cidboot: agent: {m}", file=sys.stderr, flush=True)) if network else host
+    ip = network_up(lambda m: print(f"cidboot: agent: {m}", file=sys.stderr, flush=True),
+                    h.boot.get("lease")) if network else host  # dhcp_client.HANDOFF_KEY
     store = Blockstore(base / STORE_DIR)
     signed = load_manifest(mcid, cfg, store)
     if signed.manifest.flow is not None:
