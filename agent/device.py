@@ -4,7 +4,8 @@ attesting agent running its role's part of the flow.
 1. `cidboot-stage: agent start`; read the hand-off (cidboot.stage.handoff.load erases dice.cbor at
    once): CDI_2 + chain for a measured boot; none for an unmeasured one, which then gets an
    ephemeral identity whose evidence says so (verifiers refuse it by default);
-2. NIC up + DHCP (user class "cidboot-agent");
+2. the bootstrap's DHCP lease after a same-kernel hand-over (cidboot.netboot.dhcp_client.reusable),
+   else NIC up + DHCP (user class "cidboot-agent");
 3. fetch through the boot config's gateways, verifying each block: the signed manifest (its
    signatures checked again against the boot config's trust anchor), its flow, the signed
    device registry (cidboot.trust.registry, under the manifest's root of trust);

@@ -5,7 +5,8 @@
    iPXE ROM booted us) the boot is unmeasured: the boot config comes over TFTP from the
    `cidboot.config=tftp://...` on the command line, and CDI_1 is random and ephemeral with a
    one-entry chain, so the image still has an identity whose evidence says "unmeasured";
-2. NIC up + DHCP (user class "cidboot-bootstrap");
+2. the firmware's DHCP lease after a same-kernel hand-over (cidboot.netboot.dhcp_client.reusable),
+   else NIC up + DHCP (user class "cidboot-bootstrap");
 3. fetch + verify + measure (bootstrap.stage.verify.prepare), and for a manifest with encrypted
    layers the keys from the key broker and the layers decrypted in RAM (verify.unlock; plaintext
    is never written to persistent storage), rollback state on NVRAM;
