@@ -4,7 +4,8 @@ attesting agent running its role's part of the flow.
 1. `cidboot-stage: agent start`; read the hand-off (cidboot.stage.handoff.load erases dice.cbor at
    once): CDI_2 + chain for a measured boot; none for an unmeasured one, which then gets an
    ephemeral identity whose evidence says so (verifiers refuse it by default);
-2. NIC up + DHCP (user class "cidboot-agent");
+2. the bootstrap's DHCP lease after a same-kernel hand-over (cidboot.netboot.dhcp_client.reusable),
+   else NIC up + DHCP (user class "cidboot-agent");
 3. fetch through the boot config's gateways, verifying each block: the signed manifest (its
    signatures checked again against the boot config's trust anchor), its flow, the signed
    device registry (cidboot.trust.registry, under the manifest's root of trust);
@@ -25,18 +26,14 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from agent.attestation_api import AgentServer, Attester, HttpError, Result, serve_api
 from agent.attested import AttestedAgents
 from agent.audit import AuditLog, Entry
 from agent.peers import PeerClient, PeerError, PeerRefused, PeerService, mount_peers, reasons
-from agent.publish import PublishTarget, publish
 from agent.verifier import Verifier
-from cidboot.dataflow import checks
-from cidboot.dataflow.model import DataFlow
 from cidboot.errors import CidbootError, FormatError, VerificationError
-from cidboot.ipld import dagcbor
 from cidboot.ipld.cid import CID
 from cidboot.netboot.bootconfig import BootConfig
 from cidboot.stage import events
@@ -50,8 +47,11 @@ from cidboot.trust.cose_key import decode_public_key, raw_public_bytes
 from cidboot.trust.dice import CDI_SIZE, decode_handover, encode_chain, key_from_cdi
 from cidboot.trust.manifest import RootOfTrust, SignedManifest, verify_threshold
 from cidboot.trust.manifest.signed import KIND_MANIFEST, MAX_ENVELOPE
-from cidboot.trust.private import carried
-from cidboot.trust.tpm.appraise import TpmReferences
+
+if TYPE_CHECKING:  # imported where used: the flow's modules run after `agent ready`, TPM and publishing only when configured
+    from agent.publish import PublishTarget
+    from cidboot.dataflow.model import DataFlow
+    from cidboot.trust.tpm.appraise import TpmReferences
 
 USER_CLASS = b"cidboot-agent"
 PORT = 8000
@@ -109,14 +109,12 @@ def read_handoff(root: str | os.PathLike[str]) -> tuple[Handoff, BootConfig, CID
         raise AgentBootError(f"handoff: manifest CID: {e}") from None
 
 
-def network_up(log: Callable[[str], None]) -> str:
-    """NIC up, DHCP lease (user class cidboot-agent), address configured; returns the address."""
-    from cidboot.netboot import dhcp_client, netif
+def network_up(log: Callable[[str], None], handed: Any = None) -> str:
+    """The NIC's address: the bootstrap's lease after a same-kernel hand-over (`handed`, the
+    hand-off's "lease"), else NIC up, DHCP (user class cidboot-agent), address configured."""
+    from cidboot.netboot import dhcp_client
 
-    name, mac = netif.bring_up(carrier_timeout=15.0)
-    lease = dhcp_client.acquire(name, mac, vendor_class=None, arch=None, user_class=USER_CLASS, log=log)
-    netif.configure(name, lease.ip, lease.prefixlen, router=lease.router)
-    return lease.ip
+    return dhcp_client.network_up(user_class=USER_CLASS, handed=handed, log=log)[2].ip
 
 
 @dataclass
@@ -152,6 +150,8 @@ class BootedAgent:
         say(f"cidboot: result {result.definition}={json.dumps(result.value, sort_keys=True, default=str)}", self.console)
         events.emit("agent", "result", definition=result.definition, value=json.dumps(result.value, sort_keys=True, default=str), cid=result.provenance)
         if self.publish_to is not None and result.provenance is not None:
+            from agent.publish import publish
+
             publish(self.store, [result.provenance], self.publish_to)
 
     async def send(self, role: str, blocks: list[tuple[CID, bytes]]) -> None:
@@ -229,7 +229,8 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
                                          ueid=quoter.ueid())
     else:
         attester = ephemeral_attester(manifest_cid=mcid, boot_mode="unmeasured", role=cfg.role)
-    ip = network_up(lambda m: print(f"cidboot: agent: {m}", file=sys.stderr, flush=True)) if network else host
+    ip = network_up(lambda m: print(f"cidboot: agent: {m}", file=sys.stderr, flush=True),
+                    h.boot.get("lease")) if network else host  # dhcp_client.HANDOFF_KEY
     store = Blockstore(base / STORE_DIR)
     signed = load_manifest(mcid, cfg, store)
     if signed.manifest.flow is not None:
@@ -242,6 +243,8 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
     agent = BootedAgent(h, cfg, mcid, signed, roots, store, attester, server, verifier, peers,
                         PeerService(attester, verifier, _not_ready), ip, base, attested, audit, console)
     if cfg.publish:  # the boot config says where results go (bootstrap serve --publish)
+        from agent.publish import PublishTarget
+
         try:
             agent.publish_to = PublishTarget.parse(cfg.publish)
         except FormatError as e:
@@ -301,6 +304,9 @@ def flow_context(agent: BootedAgent) -> tuple[Any, DataFlow]:
     authority = the manifest's root-of-trust keys."""
     from agent.identity import references
     from agent.orchestrator import FlowContext
+    from cidboot.dataflow import checks
+    from cidboot.ipld import dagcbor
+    from cidboot.trust.private import carried
 
     m = agent.signed.manifest
     assert m.flow is not None
@@ -362,6 +368,8 @@ def run_flow(agent: BootedAgent, *, remote_wait: float = 300.0) -> list[Any]:
 
     results = asyncio.run(go())
     if agent.publish_to is not None and agent.audit.head is not None:
+        from agent.publish import publish
+
         publish(agent.store, [agent.audit.head], agent.publish_to)  # results went one by one (record)
     say(f"cidboot: agent: flow done: {len(results)} result(s), audit {agent.audit.head}", agent.console)
     return results

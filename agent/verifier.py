@@ -30,6 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from agent.attestation_api import AgentServer, HttpError, Request, Response, Route
 from cidboot.ipld.cid import CID
@@ -41,7 +42,9 @@ from cidboot.trust.appraisal import (
     with_bootstrap_events_all,
 )
 from cidboot.trust.manifest.model import Manifest
-from cidboot.trust.tpm.appraise import References
+
+if TYPE_CHECKING:
+    from cidboot.trust.tpm.appraise import References
 
 NONCE_BYTES = 32
 TTL = 60.0

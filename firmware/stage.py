@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cidboot.netboot import dhcp_client
 from cidboot.stage import events, pid1
 from cidboot.stage.console import StageRefused, say, wipe
 from cidboot.stage.handoff import Handoff
@@ -127,6 +128,8 @@ def run(fw_cfg: str | Path = FW_CFG_HANDOVER, *, kexec: bool = True) -> Measured
         t = time.monotonic()
         m = measure_and_derive(engine, fetched)
         timings["measure+derive"] = time.monotonic() - t
+        # the bootstrap uses this lease when it starts in this kernel (cidboot.netboot.dhcp_client.reusable)
+        m.handoff.boot[dhcp_client.HANDOFF_KEY] = dhcp_client.handoff_record(net.lease, net.ifname, net.mac)
     finally:
         wipe(engine)
     detail = " ".join(f"{k}={v:.2f}s" for k, v in timings.items())

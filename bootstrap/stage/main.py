@@ -5,7 +5,8 @@
    iPXE ROM booted us) the boot is unmeasured: the boot config comes over TFTP from the
    `cidboot.config=tftp://...` on the command line, and CDI_1 is random and ephemeral with a
    one-entry chain, so the image still has an identity whose evidence says "unmeasured";
-2. NIC up + DHCP (user class "cidboot-bootstrap");
+2. the firmware's DHCP lease after a same-kernel hand-over (cidboot.netboot.dhcp_client.reusable),
+   else NIC up + DHCP (user class "cidboot-bootstrap");
 3. fetch + verify + measure (bootstrap.stage.verify.prepare), and for a manifest with encrypted
    layers the keys from the key broker and the layers decrypted in RAM (verify.unlock; plaintext
    is never written to persistent storage), rollback state on NVRAM;
@@ -57,6 +58,7 @@ class Start:
     dhcp_config_url: str | None = None  # the boot config the DHCP reply names (for UKIs: no cmdline URL)
     boot: dict[str, Any] = field(default_factory=dict)  # the boot.json received (e.g. "handover": "kexec")
     tpm: Any = None  # bootstrap.stage.tpm.TpmRoot on a TPM-measured boot (UEFI + TPM, no L0)
+    lease: dict[str, Any] | None = None  # this boot's lease, for the image's hand-off (dhcp_client.handoff_record)
 
 
 def ephemeral_dice() -> bytearray:
@@ -118,16 +120,18 @@ def dhcp_config_url(next_server: str, boot_file: str, mac: str) -> str | None:
     return f"tftp://{next_server}/{path}"
 
 
-def network_up() -> tuple[str, str | None]:
-    """NIC up, DHCP lease, address configured; returns the address (for the log) and the boot
-    config URL the reply names (dhcp_config_url)."""
-    from cidboot.netboot import dhcp_client, netif
+def network_up(start: Start) -> tuple[str, str | None]:
+    """The NIC's address: the firmware's lease after a same-kernel hand-over (boot.json "lease",
+    dhcp_client.reusable), else NIC up, DHCP lease, address configured. Returns the address (for
+    the log) and the boot config URL the reply names (dhcp_config_url); keeps the lease in
+    `start.lease` for the image's hand-off."""
+    from cidboot.netboot import dhcp_client
 
-    name, mac = netif.bring_up(carrier_timeout=15.0)
     # not a PXE client any more (no vendor class/arch): the server answers user class
     # cidboot-bootstrap with the path of this device's boot config as boot file
-    lease = dhcp_client.acquire(name, mac, vendor_class=None, arch=None, user_class=USER_CLASS, log=log)
-    netif.configure(name, lease.ip, lease.prefixlen, router=lease.router)
+    name, mac, lease = dhcp_client.network_up(user_class=USER_CLASS, handed=start.boot.get(dhcp_client.HANDOFF_KEY),
+                                              log=log)
+    start.lease = dhcp_client.handoff_record(lease, name, mac)
     return lease.ip, dhcp_config_url(lease.next_server, lease.boot_file, mac)
 
 
@@ -156,7 +160,7 @@ def attempt(start: Start, *, anchor_path: str | Path, nvram_path: str | Path, st
 
     anchor = load_anchor(anchor_path)
     if network and start.ip is None:
-        start.ip, start.dhcp_config_url = network_up()
+        start.ip, start.dhcp_config_url = network_up(start)
         log(f"ip={start.ip}")
     raw = start.bootconfig if start.bootconfig is not None else fetch_bootconfig(cmdline_path, start.dhcp_config_url)
     start.bootconfig = raw  # a retry does not fetch it again
@@ -256,6 +260,10 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
         wipe(h.cdi_seal)
     if start.dice is not None:
         wipe(start.dice)  # CDI_1: the image gets only CDI_2, inside the hand-off
+    if start.lease is not None:  # the image's agent uses it when it starts in this kernel
+        from cidboot.netboot.dhcp_client import HANDOFF_KEY
+
+        plan.handoff.boot[HANDOFF_KEY] = start.lease
     # same kernel: switch_root into the image's initramfs; a different one (or forced): kexec
     try:
         if plan.kernel is None:  # the running kernel (by CID): not fetched, so switch_root needs no hash of it

@@ -13,6 +13,14 @@ loss (20 % netem in the tests).
 
     lease = acquire("eth0", "52:54:00:12:34:56", user_class=b"cidboot-firmware")
     cidboot.netboot.netif.configure("eth0", lease.ip, lease.prefixlen, router=lease.router)
+
+One lease per power-on, not one per stage: a stage puts its lease in the hand-off
+(`handoff_record` -> boot.json "lease"), and the next stage, when it runs in the same kernel
+(switch_root) and the interface still holds that address with more than half the lease left
+(RFC 2131's T1), uses it instead of asking again (`network_up`, `reusable`). After a kexec (a
+new kernel: another boot id, an unconfigured NIC) or with anything that does not match, it asks
+again as before. The boot server sees the same binding either way: the firmware's ACK bound the
+address to the MAC for the whole lease, and the later stages' DHCP only renewed it.
 """
 
 from __future__ import annotations
@@ -26,12 +34,30 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from cidboot.errors import CidbootError, FormatError
-from cidboot.netboot import dhcp
+from cidboot.netboot import dhcp, netif
 
 PXE_VENDOR_CLASS = b"PXEClient:Arch:00007:UNDI:003016"  # as an x86_64 UEFI PXE ROM sends it
 CLIENT_PORT, SERVER_PORT = 68, 67
+HANDOFF_KEY = "lease"  # boot.json (cidboot.stage.handoff): the lease a stage passes the next
+BOOT_ID = "/proc/sys/kernel/random/boot_id"  # new for every kernel boot, kexec included
+
+
+def boot_clock() -> float:
+    """Seconds on CLOCK_BOOTTIME: one clock for every stage of one kernel (a switch_root keeps
+    it; a kexec'ed kernel starts it again, and its boot id differs anyway)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def boot_id(path: str = BOOT_ID) -> str | None:
+    """This kernel boot's id, None when it cannot be read (then no lease is reused)."""
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 class DhcpClientError(CidbootError):
@@ -52,6 +78,7 @@ class Lease:
     router: str | None = None
     lease_seconds: int | None = None
     options: dict[int, bytes] = field(default_factory=dict, repr=False, compare=False)
+    obtained: float = field(default=0.0, compare=False)  # boot_clock() when the ACK came
 
 
 def open_socket(ifname: str) -> socket.socket:
@@ -68,8 +95,8 @@ def open_socket(ifname: str) -> socket.socket:
     return s
 
 
-def lease_from(ack: dhcp.DhcpPacket) -> Lease:
-    """Turn an ACK into a Lease; rejects one without an address."""
+def lease_from(ack: dhcp.DhcpPacket, obtained: float | None = None) -> Lease:
+    """Turn an ACK into a Lease (obtained now unless given); rejects one without an address."""
     if ack.yiaddr == "0.0.0.0":
         raise DhcpClientError("the ACK assigns no address (a ProxyDHCP-only network?)")
     o = ack.options
@@ -91,7 +118,8 @@ def lease_from(ack: dhcp.DhcpPacket) -> Lease:
         tftp = o.get(dhcp.OPT_TFTP_SERVER, b"").decode("ascii", "replace").strip("\0")
         next_server = tftp or server_id
     boot_file = (o.get(dhcp.OPT_BOOTFILE) or ack.file).decode("ascii", "replace").rstrip("\0")
-    return Lease(ack.yiaddr, prefixlen, netmask, server_id, next_server, boot_file, router, lease_seconds, dict(o))
+    return Lease(ack.yiaddr, prefixlen, netmask, server_id, next_server, boot_file, router, lease_seconds, dict(o),
+                 boot_clock() if obtained is None else obtained)
 
 
 class _Exchange:
@@ -175,3 +203,87 @@ def acquire(ifname: str, mac: str, *, vendor_class: bytes | None = PXE_VENDOR_CL
                 continue
             return lease_from(ack)
         raise DhcpClientError(f"DHCP on {ifname} failed after {rounds} rounds: {why}")
+
+
+# -- one lease per power-on: passing it on at a same-kernel hand-over ------------------------------
+
+class LeaseNotReusable(DhcpClientError):
+    """The previous stage's lease cannot be used here (the message says why); the stage asks again."""
+
+
+def handoff_record(lease: Lease, ifname: str, mac: str) -> dict[str, Any]:
+    """The lease as boot.json carries it: where it is configured, what it is, when it was
+    obtained (boot_clock) and in which kernel boot (boot id)."""
+    return {"ifname": ifname, "mac": mac.lower(), "ip": lease.ip, "prefixlen": lease.prefixlen,
+            "router": lease.router, "server": lease.server_ip, "next_server": lease.next_server,
+            "boot_file": lease.boot_file, "lease_seconds": lease.lease_seconds, "obtained": lease.obtained,
+            "boot_id": boot_id()}
+
+
+def _field(rec: dict[str, Any], key: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+    v = rec.get(key)
+    if (v is None and optional) or (isinstance(v, kind) and not isinstance(v, bool)):
+        return v
+    raise LeaseNotReusable(f"{key} is {v!r}")
+
+
+def reusable(record: Any, *, this_boot: str | None = None, now: float | None = None,
+             interfaces: Callable[[], list[tuple[str, str]]] | None = None,
+             address_of: Callable[[str], tuple[str, int] | None] | None = None,
+             carrier: Callable[[str], bool] | None = None) -> tuple[str, str, Lease]:
+    """(ifname, mac, lease) of the hand-off's lease record when every check holds: same kernel
+    boot (boot id), the lease obtained in it and not yet at T1 (half its time), the interface
+    there with the same MAC, carrier, and exactly that address and prefix configured. Raises
+    LeaseNotReusable naming the first check that failed. The keyword arguments are this
+    kernel's facts (tests give their own)."""
+    if not isinstance(record, dict):
+        raise LeaseNotReusable("no lease in the hand-off" if record is None else "the lease record is not an object")
+    ifname, mac, ip = _field(record, "ifname", str), _field(record, "mac", str).lower(), _field(record, "ip", str)
+    prefixlen, seconds = _field(record, "prefixlen", int), _field(record, "lease_seconds", int)
+    obtained, rec_boot = _field(record, "obtained", (int, float)), _field(record, "boot_id", str)
+    router = _field(record, "router", str, optional=True)
+    server, next_server = _field(record, "server", str), _field(record, "next_server", str)
+    boot_file = _field(record, "boot_file", str)
+    try:
+        netmask = str(ipaddress.IPv4Network(f"0.0.0.0/{prefixlen}").netmask)
+        for a in (ip, server, next_server, *([router] if router else [])):
+            ipaddress.IPv4Address(a)
+    except ValueError as e:
+        raise LeaseNotReusable(f"not an IPv4 lease: {e}") from None
+    this_boot = boot_id() if this_boot is None else this_boot
+    if this_boot is None or rec_boot != this_boot:
+        raise LeaseNotReusable("obtained in another kernel boot (kexec)")
+    now = boot_clock() if now is None else now
+    if not 0 <= now - obtained < seconds / 2:
+        raise LeaseNotReusable(f"obtained {now - obtained:.0f} s ago, of {seconds} s: past T1 (or not from this clock)")
+    found = dict((interfaces or netif.ethernet_interfaces)())
+    if found.get(ifname, "").lower() != mac:
+        raise LeaseNotReusable(f"no interface {ifname} with MAC {mac}")
+    if not (carrier or netif.has_carrier)(ifname):
+        raise LeaseNotReusable(f"{ifname} has no carrier")
+    have = (address_of or netif.address)(ifname)
+    if have != (ip, prefixlen):
+        raise LeaseNotReusable(f"{ifname} holds {'/'.join(map(str, have)) if have else 'no address'}, not {ip}/{prefixlen}")
+    return ifname, mac, Lease(ip, prefixlen, netmask, server, next_server, boot_file, router, seconds, {}, obtained)
+
+
+def network_up(*, user_class: bytes, handed: Any = None, log: Callable[[str], None] = lambda _m: None,
+               carrier_timeout: float = 15.0) -> tuple[str, str, Lease]:
+    """The boot NIC with an address for a stage after the firmware: the lease `handed` (the
+    hand-off's boot.json "lease") when `reusable`, else NIC up, DHCP (`user_class`, no PXE
+    vendor class or arch) and the address configured. Returns (ifname, mac, lease)."""
+    if handed is not None:
+        try:
+            ifname, mac, lease = reusable(handed)
+        except LeaseNotReusable as e:
+            log(f"dhcp: not reusing the previous stage's lease: {e}")
+        else:
+            if lease.router:
+                netif.add_default_route(ifname, lease.router)  # kept by the kernel; re-added if it was not
+            log(f"dhcp: {lease.ip}/{lease.prefixlen} from the previous stage's lease (same kernel, "
+                f"{(lease.lease_seconds or 0) - (boot_clock() - lease.obtained):.0f} s left)")
+            return ifname, mac, lease
+    ifname, mac = netif.bring_up(carrier_timeout=carrier_timeout)
+    lease = acquire(ifname, mac, vendor_class=None, arch=None, user_class=user_class, log=log)
+    netif.configure(ifname, lease.ip, lease.prefixlen, router=lease.router)
+    return ifname, mac, lease

@@ -31,6 +31,7 @@ from cidboot.errors import CidbootError, NotFoundError
 ARPHRD_ETHER = 1
 SYS_NET = Path("/sys/class/net")
 SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFADDR, SIOCSIFNETMASK, SIOCADDRT = 0x8913, 0x8914, 0x8916, 0x891C, 0x890B
+SIOCGIFADDR, SIOCGIFNETMASK = 0x8915, 0x891B
 IFF_UP = 0x1
 RTF_UP, RTF_GATEWAY = 0x1, 0x2
 
@@ -145,19 +146,40 @@ def configure(ifname: str, address: str, prefixlen: int, *, router: str | None =
     _ioctl(SIOCSIFADDR, _ifreq(ifname, _sockaddr_in(address)), f"{ifname}: set address {address}")
     _ioctl(SIOCSIFNETMASK, _ifreq(ifname, _sockaddr_in(netmask)), f"{ifname}: set netmask {netmask}")
     if router:
-        rt = _RtEntry()
-        sockaddr = ctypes.c_ubyte * 16  # not c_char: its setter stops at the first NUL
-        rt.rt_dst = sockaddr.from_buffer_copy(_sockaddr_in("0.0.0.0"))
-        rt.rt_gateway = sockaddr.from_buffer_copy(_sockaddr_in(router))
-        rt.rt_genmask = sockaddr.from_buffer_copy(_sockaddr_in("0.0.0.0"))
-        rt.rt_flags = RTF_UP | RTF_GATEWAY
-        rt.rt_dev = ifname.encode()
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:
-                fcntl.ioctl(s.fileno(), SIOCADDRT, bytes(rt))
-            except OSError as e:
-                if e.errno != errno.EEXIST:
-                    raise NetifError(f"{ifname}: default route via {router}: {e.strerror}") from None
+        add_default_route(ifname, router)
+
+
+def address(ifname: str) -> tuple[str, int] | None:
+    """The interface's IPv4 address and prefix length, None when it has none (how a stage started
+    by switch_root sees what the previous stage configured: the kernel kept it)."""
+    try:
+        got = _ioctl(SIOCGIFADDR, _ifreq(ifname), f"{ifname}: get address")
+        mask = _ioctl(SIOCGIFNETMASK, _ifreq(ifname), f"{ifname}: get netmask")
+    except NetifError:  # EADDRNOTAVAIL: no address configured
+        return None
+    ip = str(ipaddress.IPv4Address(got[20:24]))
+    try:
+        prefixlen = ipaddress.IPv4Network(f"0.0.0.0/{ipaddress.IPv4Address(mask[20:24])}").prefixlen
+    except ValueError:  # a non-contiguous mask: not one this code set
+        return None
+    return ip, prefixlen
+
+
+def add_default_route(ifname: str, router: str) -> None:
+    """A default route via `router` on `ifname` (an existing one is fine)."""
+    rt = _RtEntry()
+    sockaddr = ctypes.c_ubyte * 16  # not c_char: its setter stops at the first NUL
+    rt.rt_dst = sockaddr.from_buffer_copy(_sockaddr_in("0.0.0.0"))
+    rt.rt_gateway = sockaddr.from_buffer_copy(_sockaddr_in(router))
+    rt.rt_genmask = sockaddr.from_buffer_copy(_sockaddr_in("0.0.0.0"))
+    rt.rt_flags = RTF_UP | RTF_GATEWAY
+    rt.rt_dev = ifname.encode()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            fcntl.ioctl(s.fileno(), SIOCADDRT, bytes(rt))
+        except OSError as e:
+            if e.errno != errno.EEXIST:
+                raise NetifError(f"{ifname}: default route via {router}: {e.strerror}") from None
 
 
 def bring_up(ifname: str | None = None, *, carrier_timeout: float = 10.0) -> tuple[str, str]:

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from cidboot.errors import FormatError, NotFoundError
-from cidboot.stage.cpio import Entry, archive_bytes
 
 DIR = "run/cidboot"
 DICE_PATH = f"{DIR}/dice.cbor"
@@ -86,6 +85,9 @@ class Handoff:
 
     def to_cpio(self) -> bytes:
         """The uncompressed newc archive (reproducible: mtime 0, fixed inode order)."""
+        # only a kexec sender writes one: cpio is not every stage's to import at start
+        from cidboot.stage.cpio import Entry, archive_bytes
+
         self.validate()
         try:
             boot = canonical_json(self.boot)

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cidboot.errors import FormatError, VerificationError
 from cidboot.ipld.cid import CID
@@ -28,29 +28,13 @@ from cidboot.trust.dice.derive import DiceMode, derive_id
 from cidboot.trust.eat import Evidence, parse_evidence
 from cidboot.trust.manifest.model import Manifest
 from cidboot.trust.measure import image_code_hash
-from cidboot.trust.tpm.appraise import (
-    AK_ENROLLED,
-    FAIL,
-    FIRMWARE,
-    NONCE_FRESH,
-    PASS,
-    PCR4,
-    PCR11,
-    PCR15,
-    QUOTE_SIGNATURE,
-    REPLAY,
-    WARN,
-    References,
-    TpmEnrolment,
-    TpmReferences,
-    TpmState,
-    references_for_log,
-    tpm_checks,
-)
-from cidboot.trust.tpm.evidence import TpmEvidence, qualifying_data
-from cidboot.trust.tpm.evidence import device_id as tpm_device_id
-from cidboot.trust.tpm.quote import parse_public
-from cidboot.trust.tpm.reference import bootstrap_events
+
+if TYPE_CHECKING:
+    from cidboot.trust.tpm.appraise import References, TpmEnrolment, TpmReferences
+    from cidboot.trust.tpm.evidence import TpmEvidence
+# cidboot.trust.tpm (quote, event log, evidence, appraisal steps) is imported where a TPM device,
+# TPM evidence or TPM references are in play: every agent appraises, few fleets have TPMs, and
+# under TCG those modules cost an agent ~0.2 s before `agent ready`
 
 AFFIRMING, WARNING, CONTRAINDICATED, NONE = "affirming", "warning", "contraindicated", "none"
 _RANK = {AFFIRMING: 0, NONE: 1, WARNING: 2, CONTRAINDICATED: 3}
@@ -136,6 +120,8 @@ class TpmDevice:
     ek_cert: bytes | None = None
 
     def __post_init__(self) -> None:
+        from cidboot.trust.tpm.quote import parse_public
+
         parse_public(self.ak_public)  # raises PublicKeyFormatError: not an attestation key
         for i, v in self.firmware_pcrs.items():
             if type(i) is not int or not 0 <= i < 24 or not isinstance(v, bytes) or len(v) != 32:
@@ -143,10 +129,14 @@ class TpmDevice:
 
     @cached_property
     def ak_name(self) -> bytes:
+        from cidboot.trust.tpm.quote import parse_public
+
         return parse_public(self.ak_public).name
 
     @cached_property
     def _enrolment(self) -> TpmEnrolment:
+        from cidboot.trust.tpm.appraise import TpmEnrolment
+
         return TpmEnrolment(frozenset({self.ak_name}), dict(self.firmware_pcrs))
 
     def enrolment(self) -> TpmEnrolment:
@@ -190,6 +180,8 @@ class DeviceRoots:
 
     def add_tpm(self, device: TpmDevice, name: str = "", role: str | None = None) -> str:
         """Enrol a TPM device; returns its id (`tpm.evidence.device_id` of the AK name)."""
+        from cidboot.trust.tpm.evidence import device_id as tpm_device_id
+
         did = tpm_device_id(device.ak_name)
         self.tpm[did] = device
         self.names[did] = name
@@ -383,6 +375,9 @@ def with_bootstrap_events(refs: TpmReferences, manifest: Manifest | None, manife
     """`refs` plus the PCR 15 events derived from the signed manifest (unless already there: a
     verifier that appraises many devices against one manifest derives them once, see
     agent.verifier.Verifier; `with_bootstrap_events_all` for a set per architecture)."""
+    from cidboot.trust.tpm.appraise import TpmReferences
+    from cidboot.trust.tpm.reference import bootstrap_events
+
     if manifest is None or manifest_cid is None or refs.bootstrap_events:
         return refs
     return TpmReferences(refs.applications, refs.stub_events, bootstrap_events(manifest_cid, manifest))
@@ -390,17 +385,14 @@ def with_bootstrap_events(refs: TpmReferences, manifest: Manifest | None, manife
 
 def with_bootstrap_events_all(refs: References, manifest: Manifest | None, manifest_cid: CID | None) -> References:
     """`with_bootstrap_events` of one set, or of each set of a per-architecture mapping."""
+    from cidboot.trust.tpm.appraise import TpmReferences
+
     if isinstance(refs, TpmReferences):
         return with_bootstrap_events(refs, manifest, manifest_cid)
     return {arch: with_bootstrap_events(r, manifest, manifest_cid) for arch, r in refs.items()}
 
 
-# TPM appraisal steps (cidboot.trust.tpm.appraise) -> the checks-list names
-TPM_CHECKS = {AK_ENROLLED: "tpm.ak-enrolled", QUOTE_SIGNATURE: "tpm.quote-signature", NONCE_FRESH: "tpm.nonce-binding",
-              REPLAY: "tpm.replay", FIRMWARE: "tpm.firmware", PCR4: "tpm.pcr4-uki", PCR11: "tpm.pcr11-sections",
-              PCR15: "tpm.pcr15-manifest"}
 TPM_LAYERS = ("image",)  # a TPM device's DICE chain starts at L1: its one certificate measures the image
-_OUTCOME = {PASS: AFFIRMING, WARN: WARNING, FAIL: CONTRAINDICATED}
 
 
 def _appraise_tpm(res: AppraisalResult, ev: Evidence, tpm: TpmEvidence, *, expected_nonce: bytes, roots: DeviceRoots,
@@ -410,6 +402,23 @@ def _appraise_tpm(res: AppraisalResult, ev: Evidence, tpm: TpmEvidence, *, expec
     L1 key)), the UEFI log plus the bootstrap's events replayed to the quoted PCRs, the firmware
     baseline, PCR 4/11 against the UKI, PCR 15 against the signed manifest; then the DICE chain
     from L1 down to the alias key that signed the EAT, and the role from the registry."""
+    from cidboot.trust.tpm import appraise as steps
+    from cidboot.trust.tpm.appraise import (
+        TpmEnrolment,
+        TpmReferences,
+        TpmState,
+        references_for_log,
+        tpm_checks,
+    )
+    from cidboot.trust.tpm.evidence import device_id as tpm_device_id
+    from cidboot.trust.tpm.evidence import qualifying_data
+    from cidboot.trust.tpm.quote import parse_public
+
+    # TPM appraisal steps -> the checks-list names, and their outcomes -> ours
+    names = {steps.AK_ENROLLED: "tpm.ak-enrolled", steps.QUOTE_SIGNATURE: "tpm.quote-signature",
+             steps.NONCE_FRESH: "tpm.nonce-binding", steps.REPLAY: "tpm.replay", steps.FIRMWARE: "tpm.firmware",
+             steps.PCR4: "tpm.pcr4-uki", steps.PCR11: "tpm.pcr11-sections", steps.PCR15: "tpm.pcr15-manifest"}
+    outcome = {steps.PASS: AFFIRMING, steps.WARN: WARNING, steps.FAIL: CONTRAINDICATED}
     res.add("format", AFFIRMING, f"well-formed EAT, TPM-rooted: quote over PCRs {list(tpm.pcrs)}, "
                                  f"{len(tpm.bootstrap_events)} bootstrap event(s)")
     _check_nonce(res, ev, expected_nonce)
@@ -446,16 +455,16 @@ def _appraise_tpm(res: AppraisalResult, ev: Evidence, tpm: TpmEvidence, *, expec
                         nonce=binding, enrolment=enrolment, references=refs, extra_events=log_events,
                         uki_known=chosen is not None, state=(st := TpmState())):
         reason = c.reason
-        if c.name == NONCE_FRESH and c.outcome == PASS:
+        if c.name == steps.NONCE_FRESH and c.outcome == steps.PASS:
             reason = "the quote's qualifying data is SHA-256(this challenge || L1's key): fresh, and about this chain"
-        if c.name == REPLAY and c.outcome == PASS and st.quote is not None:
+        if c.name == steps.REPLAY and c.outcome == steps.PASS and st.quote is not None:
             quoted = tuple(sorted({i for _, idx in st.quote.selection for i in idx}))
             if quoted != tpm.pcrs:
                 res.add("tpm.replay", CONTRAINDICATED, f"the evidence says PCRs {list(tpm.pcrs)} were quoted, "
                                                        f"the quote selects {list(quoted)}")
                 return res
             res.tpm_pcrs = {i: st.pcrs[i] for i in quoted}
-        res.add(TPM_CHECKS[c.name], _OUTCOME[c.outcome], reason)
+        res.add(names[c.name], outcome[c.outcome], reason)
     if manifest is None or manifest_cid is None:
         res.add("tpm.pcr15-manifest", WARNING, "no manifest given: the bootstrap's events are not compared")
     _check_signature_and_debug(res, ev, chain)

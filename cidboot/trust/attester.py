@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cidboot.ipld.cid import CID
 from cidboot.trust.cose import PrivateKey
@@ -21,7 +21,9 @@ from cidboot.trust.dice.chain import verify_chain
 from cidboot.trust.dice.derive import key_from_cdi
 from cidboot.trust.dice.software import DerivedIdentity
 from cidboot.trust.eat import TPM_MEASURED, build_evidence, ueid_for
-from cidboot.trust.tpm.evidence import TpmEvidence
+
+if TYPE_CHECKING:  # a TPM-rooted device's quoter passes these in; cidboot.trust.tpm is not every agent's to import
+    from cidboot.trust.tpm.evidence import TpmEvidence
 
 LAYERS = ("firmware", "bootstrap", "image")
 

@@ -17,7 +17,7 @@ import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cbor2
 
@@ -25,7 +25,9 @@ from cidboot.errors import FormatError
 from cidboot.ipld.cid import CID
 from cidboot.trust import cose
 from cidboot.trust.cose import CoseFormatError, PrivateKey
-from cidboot.trust.tpm.evidence import TpmEvidence
+
+if TYPE_CHECKING:  # imported where TPM evidence is parsed: not every agent's start
+    from cidboot.trust.tpm.evidence import TpmEvidence
 
 EAT_NONCE, UEID, IAT = 10, 256, 6
 MEASUREMENTS, MANIFEST_CID, DICE_CHAIN, BOOT_MODE, ROLE = -75000, -75001, -75002, -75003, -75004
@@ -133,6 +135,8 @@ def parse_evidence(data: bytes) -> Evidence:
     if (TPM_EVIDENCE in c) != (mode == TPM_MEASURED):
         raise EvidenceFormatError(f"evidence: the TPM claim must be present exactly when the boot mode is {TPM_MEASURED!r}")
     if TPM_EVIDENCE in c:
+        from cidboot.trust.tpm.evidence import TpmEvidence
+
         try:
             tpm = TpmEvidence.from_obj(c[TPM_EVIDENCE])
         except FormatError as e:

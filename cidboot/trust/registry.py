@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cidboot.errors import FormatError, VerificationError
 from cidboot.ipld import dagcbor
@@ -58,9 +58,9 @@ from cidboot.trust.dice.derive import derive_id
 from cidboot.trust.manifest.model import MAX_VERSION, RootOfTrust
 from cidboot.trust.manifest.signed import KIND_REGISTRY, sign_kind
 from cidboot.trust.manifest.verify import verify_threshold
-from cidboot.trust.tpm.appraise import TpmReferences
-from cidboot.trust.tpm.evidence import device_id as tpm_device_id
-from cidboot.trust.tpm.reference import ExpectedEvent
+
+if TYPE_CHECKING:  # cidboot.trust.tpm is imported where a registry has TPM devices or references
+    from cidboot.trust.tpm.appraise import TpmReferences
 
 MAX_REFERENCE_EVENTS = 64  # PCR 4 applications or PCR 11 events a registry may list
 
@@ -205,6 +205,9 @@ def _parse_references(r: Any, where: str = "device registry: tpm_references") ->
                                   f"{MAX_REFERENCE_EVENTS} PCR 11 events")
     if not all(isinstance(d, bytes) and len(d) == 32 for d in r["pcr4"]):
         raise RegistryFormatError(f"{where}: pcr4 entries must be SHA-256 digests (32 bytes)")
+    from cidboot.trust.tpm.appraise import TpmReferences
+    from cidboot.trust.tpm.reference import ExpectedEvent
+
     events = []
     for i, e in enumerate(r["pcr11"]):
         if not isinstance(e, list) or len(e) != 3 or not isinstance(e[0], int) or isinstance(e[0], bool) \
@@ -228,6 +231,8 @@ def _parse(obj: Any) -> Registry:
             if set(d) - {"id", "name", "tpm", "role"} or not {"id", "name"} <= set(d):
                 raise RegistryFormatError(f"{where}: must be {{id, name, tpm, role?}}")
             _check_entry(d, where)
+            from cidboot.trust.tpm.evidence import device_id as tpm_device_id
+
             tdev = _parse_tpm(d["tpm"], where)
             did = tpm_device_id(tdev.ak_name)
             if d["id"] != did:

@@ -92,6 +92,9 @@ class GuestSpec:
     # ACPI as MSFT0101 and in its device tree as "tcg,tpm-tis-mmio")
     tpm: Path | None = None
     arch: str = "x86_64"  # one of ARCHES; arm64 is UEFI only (AAVMF on `-machine virt`)
+    # TCG only, for measuring: `-icount shift=N`: the guest's clock counts executed instructions
+    # (2**N ns each), so in-guest timings (e.g. `-X importtime`) do not move with the host's load
+    icount: int | None = None
 
     def firmware_files(self) -> tuple[Path, Path, str]:
         """(code, variables template, Debian package) of the UEFI firmware for this arch."""
@@ -112,6 +115,8 @@ class GuestSpec:
              "-qmp", f"unix:{qmp_socket},server=on,wait=off", "-name", self.name]
         if self.no_reboot:
             a.append("-no-reboot")
+        if self.icount is not None:
+            a += ["-icount", f"shift={self.icount},sleep=on"]
         if self.firmware not in FIRMWARES:
             raise GuestError(f"{self.name}: firmware {self.firmware!r} is not one of {', '.join(FIRMWARES)}")
         uefi = self.firmware == "uefi"
@@ -244,16 +249,18 @@ class Guest:
                nic: tuple[str, str] | None = None, boot_from_network: bool = False, disk: Path | None = None,
                memory_mib: int = 1024, accel: str = "tcg", cpu: str | None = None, no_reboot: bool = True,
                net: BootNetwork | None = None, firmware: str = "bios", user_tftp: Path | None = None,
-               bootfile: str | None = None, tpm: Path | None = None, arch: str = "x86_64") -> Guest:
+               bootfile: str | None = None, tpm: Path | None = None, arch: str = "x86_64",
+               icount: int | None = None) -> Guest:
         """Keyword form: `nic` is (tap ifname, MAC); with `net` QEMU runs inside that namespace;
         `firmware` "bios" or "uefi" (OVMF); `user_tftp` + `bootfile`: a user-mode NIC whose
         DHCP offers `bootfile` from QEMU's TFTP server serving that directory; `tpm`: an swtpm's
-        control socket, exposed as a tpm-tis TPM 2.0; `arch` "arm64": AAVMF on `-machine virt`."""
+        control socket, exposed as a tpm-tis TPM 2.0; `arch` "arm64": AAVMF on `-machine virt`;
+        `icount`: GuestSpec.icount."""
         spec = GuestSpec(name, kernel=kernel, initrd=initrd, append=append, fw_cfg=dict(fw_cfg or {}),
                          tap=nic[0] if nic else None, mac=nic[1] if nic else GuestSpec.mac,
                          network_boot=boot_from_network, disk=disk, memory_mib=memory_mib, accel=accel, cpu=cpu,
                          no_reboot=no_reboot, firmware=firmware, user_tftp=user_tftp, bootfile=bootfile, tpm=tpm,
-                         arch=arch)
+                         arch=arch, icount=icount)
         return cls(spec, state_dir, net)
 
     def __init__(self, spec: GuestSpec, state_dir: Path, net: BootNetwork | None = None) -> None:

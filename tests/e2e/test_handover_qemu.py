@@ -107,6 +107,9 @@ def test_same_kernel_handover_is_affirming_and_leaves_nothing_of_the_previous_st
     assert re.search(r"cidboot: bootstrap: manifest=\S+ .* kernel=running runtime=running ", text), text[-3000:]
     # nor the firmware the bootstrap's runtime layer over TFTP: boot.ipxe lists it as its own initrd
     assert re.search(r"cidboot: firmware: ip=\S+ kernel=running runtime=running ", text), text[-3000:]
+    # one DHCP exchange per power-on: the bootstrap and the agent use the firmware's lease
+    assert text.count("from the previous stage's lease (same kernel") == 2, text[-3000:]
+    assert "bootstrap: dhcp: offer" not in text and "agent: dhcp: offer" not in text, text[-3000:]
     assert d["appraisal"]["status"] == "affirming", checks(d)
     assert console_results(dev)["greeting"] == "hello, world"
     assert d["measurements"] == {k: v for k, v in debug_hello.workload.measurements.items()
@@ -123,6 +126,8 @@ def test_forced_kexec_handover_is_affirming_with_the_same_measurements(debug_hel
     text = dev.guest.console.text()
     assert text.count("cidboot-stage: handover kexec") == 2, text[-3000:]
     assert "cidboot-stage: handover switch_root" not in text
+    # a kexec'ed kernel has another boot id (and an unconfigured NIC): each stage asks DHCP again
+    assert text.count("not reusing the previous stage's lease: obtained in another kernel boot") == 2, text[-3000:]
     assert d["appraisal"]["status"] == "affirming", checks(d)
     assert console_results(dev)["greeting"] == "hello, world"
     assert d["measurements"] == {k: v for k, v in debug_hello.workload.measurements.items()

@@ -74,14 +74,16 @@ def parse_importtime(lines: list[str]) -> tuple[int, list[tuple[str, int]], list
     return total, sorted(top, key=lambda x: -x[1]), names
 
 
-def boot_once(name: str, kernel: Path, initrd: Path, append: str, work: Path, timeout: float = 300) -> list[Any]:
-    """Boot until power-off; the console lines (t since power-on, text)."""
+def boot_once(name: str, kernel: Path, initrd: Path, append: str, work: Path, timeout: float = 300,
+              icount: int | None = None) -> list[Any]:
+    """Boot until power-off; the console lines (t since power-on, text). `icount`: the guest's
+    clock counts instructions (qemu.harness.vm.GuestSpec.icount)."""
     from qemu.harness.vm import Guest, GuestError
 
     for attempt in range(2):  # QMP can refuse the first connection on a loaded host: one more power-on
         state = work / name
         shutil.rmtree(state, ignore_errors=True)
-        g = Guest.create(name, state, kernel=kernel, initrd=initrd, append=append, memory_mib=1024)
+        g = Guest.create(name, state, kernel=kernel, initrd=initrd, append=append, memory_mib=1024, icount=icount)
         try:
             g.start()
         except Exception:
@@ -105,7 +107,8 @@ def _first(lines: list[Any], rx: re.Pattern[str]) -> Any | None:
     return next((ln for ln in lines if rx.search(ln.text)), None)
 
 
-def measure_stage(stage: str, kernel: Path, initrd: Path, cmdline: str, work: Path) -> StartupFigures:
+def measure_stage(stage: str, kernel: Path, initrd: Path, cmdline: str, work: Path,
+                  icount: int | None = None) -> StartupFigures:
     fig = StartupFigures(stage, initrd.stat().st_size)
     plain = boot_once(f"{stage}-plain", kernel, initrd, cmdline, work)
     first = _first(plain, FIRST_LINE)
@@ -116,7 +119,7 @@ def measure_stage(stage: str, kernel: Path, initrd: Path, cmdline: str, work: Pa
                      ("verbose_to_first_line_s", FIRST_LINE.pattern)):
         ln = _first(verbose, re.compile(rx))
         setattr(fig, attr, round(ln.t, 3) if ln else None)
-    timed = boot_once(f"{stage}-importtime", kernel, initrd, f"{cmdline} cidboot_importtime=1", work)
+    timed = boot_once(f"{stage}-importtime", kernel, initrd, f"{cmdline} cidboot_importtime=1", work, icount=icount)
     texts = [ln.text for ln in timed]
     cut = next((i for i, t in enumerate(texts) if FIRST_LINE.search(t)), len(texts))
     fig.imports_to_first_line_us, fig.top, fig.imported = parse_importtime(texts[:cut])
@@ -278,9 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--stage", choices=STAGES, action="append")
+    ap.add_argument("--icount", type=int, metavar="SHIFT",
+                    help="import times in instructions, not wall-clock: the import-time boot runs with "
+                         "-icount shift=SHIFT (0: 1 ns per instruction), so the machine's load does not move them")
     a = ap.parse_args(argv)
     built = build_stages(a.work)
-    figs = [measure_stage(s, *built[s], a.work) for s in (a.stage or STAGES)]
+    figs = [measure_stage(s, *built[s], a.work, icount=a.icount) for s in (a.stage or STAGES)]
     print(table(figs))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -131,7 +131,6 @@ def test_manifest_missing_from_gateways(tmp_path: Path, gateway: tuple[GatewaySe
 
 def test_record_prints_and_publishes(tmp_path: Path, gateway: tuple[GatewayServer, Blockstore],
                                      agents: list[BootedAgent], monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent import device
     from agent.attestation_api import Result
     from agent.publish import PublishTarget
     from cidboot.ipld import dagcbor
@@ -143,7 +142,7 @@ def test_record_prints_and_publishes(tmp_path: Path, gateway: tuple[GatewayServe
     parent = agent.store.put_block(dagcbor.encode({"v": 1}), DAG_CBOR)
     node = agent.store.put_block(dagcbor.encode({"parents": [parent], "v": 20}), DAG_CBOR)
     sent: list[object] = []
-    monkeypatch.setattr(device, "publish", lambda st, roots, t: sent.append((list(roots), t)))
+    monkeypatch.setattr("agent.publish.publish", lambda st, roots, t: sent.append((list(roots), t)))
     agent.publish_to = PublishTarget.parse("kubo=http://127.0.0.1:5001")
     out = io.StringIO()
     agent.console = out

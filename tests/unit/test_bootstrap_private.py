@@ -359,7 +359,7 @@ def test_main_prints_the_refusal_posts_the_event_and_powers_off(tmp_path: Path, 
     signed = _publish(store, broker=broker)
     calls: list[tuple[object, ...]] = []
     emitted: list[tuple[str, str, dict[str, object]]] = []
-    monkeypatch.setattr(stage_main, "network_up", lambda: ("10.0.0.2", None))
+    monkeypatch.setattr(stage_main, "network_up", lambda start: ("10.0.0.2", None))
     monkeypatch.setattr(stage_main.pid1, "power_off", lambda reason="": calls.append(("power_off", reason)))
     monkeypatch.setattr(kexec, "kexec_boot", lambda k, i, c: calls.append(("kexec",)))
     monkeypatch.setattr(stage_main.events, "emit", lambda stage, event, **kw: emitted.append((stage, event, kw)))

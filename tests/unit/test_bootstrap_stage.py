@@ -318,7 +318,7 @@ def _main_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cfg_raw: bytes) -
     anchor = tmp_path / "trust-anchor.json"
     keys.write_root(ANCHOR, anchor)
     calls: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(stage_main, "network_up", lambda: ("10.0.0.2", None))
+    monkeypatch.setattr(stage_main, "network_up", lambda start: ("10.0.0.2", None))
     monkeypatch.setattr(stage_main.pid1, "power_off", lambda reason="": calls.append(("power_off", reason)))
     monkeypatch.setattr(kexec, "kexec_boot", lambda k, i, c: calls.append(("kexec", k, i, c)))
     kw: dict[str, object] = {"root": guest, "anchor_path": anchor, "nvram_path": _nvram(tmp_path),

@@ -104,7 +104,7 @@ def test_a_uefi_started_bootstrap_posts_its_start_event_once_it_has_its_boot_con
             fetched.append(dhcp_url)
             return raw
 
-        monkeypatch.setattr(stage_main, "network_up", lambda: ("10.0.0.2", "tftp://10.0.0.1/bootconfig/x.json"))
+        monkeypatch.setattr(stage_main, "network_up", lambda start: ("10.0.0.2", "tftp://10.0.0.1/bootconfig/x.json"))
         monkeypatch.setattr(stage_main, "fetch_bootconfig", fetch)
         stage_main.main(**kw)  # type: ignore[arg-type]
     assert fetched == ["tftp://10.0.0.1/bootconfig/x.json"] and calls[0][0] == "kexec", calls

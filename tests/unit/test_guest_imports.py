@@ -77,3 +77,35 @@ def test_stage_entry_point_imports_without_host_tools(entry: str) -> None:
     proc = subprocess.run([sys.executable, "-c", BLOCKER, entry, ",".join(sorted(HOST_ONLY))],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# what a stage's entry must not import at start (docs/images.md, "Start-up"): each is imported where
+# its path runs (the agent's flow after `agent ready`, TPM and private-image code when a boot or a
+# peer needs it, cpio only to write a kexec hand-off); under TCG each costs tens of ms at every boot
+NOT_AT_START = {
+    "firmware.stage": ("cidboot.stage.cpio", "cidboot.trust", "cryptography"),
+    "bootstrap.stage.main": ("cidboot.stage.cpio", "cidboot.trust.tpm", "cidboot.trust.private",
+                             "cidboot.ipld.unixfs.importer", "cryptography.hazmat.primitives.serialization",
+                             "bootstrap.stage.tpm", "asyncio"),
+    "agent.device": ("cidboot.stage.cpio", "cidboot.trust.tpm", "cidboot.trust.private", "cidboot.dataflow",
+                     "cidboot.ipld.unixfs.importer", "cryptography.hazmat.primitives.serialization",
+                     "agent.publish", "agent.orchestrator", "agent.tpm", "asyncio", "tempfile"),
+}
+
+
+# imported later on every path to the stage's ready line: they must not bring the above back
+ON_THE_WAY = {"firmware.stage": "firmware.netboot", "bootstrap.stage.main": "bootstrap.stage.verify",
+              "agent.device": "cidboot.trust.registry, cidboot.netboot.dhcp_client"}
+
+
+@pytest.mark.parametrize("entry", STAGE_ENTRY_POINTS)
+def test_stage_entry_point_imports_only_what_its_start_needs(entry: str) -> None:
+    code = f"import sys, cidboot.stage.pid1, {entry}, {ON_THE_WAY[entry]}; print('\\n'.join(sorted(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); {code}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bare = subprocess.run([sys.executable, "-I", "-c", "import sys; print('\\n'.join(sorted(sys.modules)))"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120).stdout.split()
+    loaded = set(proc.stdout.split()) - set(bare)  # not what the host's site (.pth files) imports
+    early = sorted(m for m in loaded if any(m == n or m.startswith(n + ".") for n in NOT_AT_START[entry]))
+    assert not early, f"{entry} imports at start what only later paths need: {early}"

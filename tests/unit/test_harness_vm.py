@@ -40,6 +40,9 @@ def test_keyword_guest_argv() -> None:
     assert argv[argv.index("-cpu") + 1] == "qemu64,+rdrand"  # TCG: the RNG is seeded at boot, no jitter-entropy wait
     kvm = GuestSpec("k", kernel=Path("/k"), accel="kvm").argv(Path("/s"))
     assert kvm[kvm.index("-cpu") + 1] == "host" and "-no-reboot" in kvm
+    assert "-icount" not in argv
+    counted = GuestSpec("k", kernel=Path("/k"), icount=0).argv(Path("/s"))  # measuring: instructions, not wall-clock
+    assert counted[counted.index("-icount") + 1] == "shift=0,sleep=on"
 
 
 def test_kvm_is_only_used_when_forced_or_proven(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -5,6 +5,8 @@
 serves the local store, the gateway and a verifying network fetch.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from cidboot.ipld.unixfs.data import UnixFSData, UnixFSError
 from cidboot.ipld.unixfs.exporter import (
     DirEntry,
@@ -14,14 +16,29 @@ from cidboot.ipld.unixfs.exporter import (
     list_dir,
     resolve_path,
 )
-from cidboot.ipld.unixfs.importer import (
-    DEFAULT_CHUNK,
-    ImportOptions,
-    ImportResult,
-    import_bytes,
-    import_file,
-    import_path,
-)
+
+if TYPE_CHECKING:
+    from cidboot.ipld.unixfs.importer import (
+        DEFAULT_CHUNK,
+        ImportOptions,
+        ImportResult,
+        import_bytes,
+        import_file,
+        import_path,
+    )
+
+# the importer's names are loaded on first use (PEP 562): a boot stage reads UnixFS (the
+# exporter, through cidboot.store.gateway.client) and never builds it, and importing this
+# package for its exporter should not cost the stage the importer's start-up
+_IMPORTER = frozenset({"DEFAULT_CHUNK", "ImportOptions", "ImportResult", "import_bytes", "import_file", "import_path"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _IMPORTER:
+        from cidboot.ipld.unixfs import importer
+
+        return getattr(importer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_CHUNK",

@@ -16,7 +16,6 @@ from cidboot.ipld import dagcbor
 from cidboot.ipld.cid import CID
 from cidboot.trust.cose import PublicKey
 from cidboot.trust.cose_key import decode_public_key, encode_public_key_bytes, key_id
-from cidboot.trust.private.stream import ciphertext_size
 
 MAX_VERSION = 2**53  # JSON-safe; a larger version would freeze out every later manifest
 LAYER_ROLES = ("kernel", "runtime", "agent", "operations", "config", "initrd", "other")
@@ -160,7 +159,12 @@ class Manifest:
         for layer in self.layers:
             if layer.size < 0 or layer.role not in LAYER_ROLES:
                 raise ManifestFormatError(f"manifest: layer {layer.cid}: bad size or role {layer.role!r}")
-            if layer.plaintext is not None and layer.size != ciphertext_size(layer.plaintext.size):
+            if layer.plaintext is None:
+                continue
+            # a private image's layer: only then the AEAD's module
+            from cidboot.trust.private.stream import ciphertext_size
+
+            if layer.size != ciphertext_size(layer.plaintext.size):
                 raise ManifestFormatError(f"manifest: layer {layer.cid}: {layer.size} bytes cannot be the encryption "
                                           f"of {layer.plaintext.size} bytes ({ciphertext_size(layer.plaintext.size)})")
         if self.owner is not None:
