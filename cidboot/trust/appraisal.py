@@ -395,6 +395,16 @@ def with_bootstrap_events_all(refs: References, manifest: Manifest | None, manif
 TPM_LAYERS = ("image",)  # a TPM device's DICE chain starts at L1: its one certificate measures the image
 
 
+
+def tpm_check_names() -> dict[str, str]:
+    """TPM appraisal steps -> the names they have in the checks list (and in ROOT_CAUSE_ORDER).
+    A function, not a table, so that only TPM evidence imports the TPM modules."""
+    from cidboot.trust.tpm import appraise as steps
+
+    return {steps.AK_ENROLLED: "tpm.ak-enrolled", steps.QUOTE_SIGNATURE: "tpm.quote-signature",
+            steps.NONCE_FRESH: "tpm.nonce-binding", steps.REPLAY: "tpm.replay", steps.FIRMWARE: "tpm.firmware",
+            steps.PCR4: "tpm.pcr4-uki", steps.PCR11: "tpm.pcr11-sections", steps.PCR15: "tpm.pcr15-manifest"}
+
 def _appraise_tpm(res: AppraisalResult, ev: Evidence, tpm: TpmEvidence, *, expected_nonce: bytes, roots: DeviceRoots,
                   manifest: Manifest | None, manifest_cid: CID | None,
                   references: References | None) -> AppraisalResult:
@@ -414,10 +424,7 @@ def _appraise_tpm(res: AppraisalResult, ev: Evidence, tpm: TpmEvidence, *, expec
     from cidboot.trust.tpm.evidence import qualifying_data
     from cidboot.trust.tpm.quote import parse_public
 
-    # TPM appraisal steps -> the checks-list names, and their outcomes -> ours
-    names = {steps.AK_ENROLLED: "tpm.ak-enrolled", steps.QUOTE_SIGNATURE: "tpm.quote-signature",
-             steps.NONCE_FRESH: "tpm.nonce-binding", steps.REPLAY: "tpm.replay", steps.FIRMWARE: "tpm.firmware",
-             steps.PCR4: "tpm.pcr4-uki", steps.PCR11: "tpm.pcr11-sections", steps.PCR15: "tpm.pcr15-manifest"}
+    names = tpm_check_names()
     outcome = {steps.PASS: AFFIRMING, steps.WARN: WARNING, steps.FAIL: CONTRAINDICATED}
     res.add("format", AFFIRMING, f"well-formed EAT, TPM-rooted: quote over PCRs {list(tpm.pcrs)}, "
                                  f"{len(tpm.bootstrap_events)} bootstrap event(s)")
