@@ -184,8 +184,10 @@ class _Request:
             raise GatewayError(f"{target}: HTTP {status} {body}", gateway=gw, status=status)
 
     def failure(self, e: BaseException) -> GatewayError:
-        """What went wrong, typed: the deadline, or the transport."""
-        if self.watchdog.expired:
+        """What went wrong, typed: the deadline, or the transport. The socket's own timeout is the
+        same length as the deadline, so whichever fires first (under load the watchdog's thread
+        may wake after the read timed out) it is the same stall."""
+        if self.watchdog.expired or isinstance(e, TimeoutError):
             return GatewayTimeout(f"{self.target}: stalled: no block within {self.timeout} s (deadline per block)",
                                   gateway=self.gw)
         return GatewayUnreachable(f"{self.target}: {type(e).__name__}: {e}", gateway=self.gw)
