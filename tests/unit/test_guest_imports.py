@@ -89,7 +89,8 @@ NOT_AT_START = {
                              "bootstrap.stage.tpm", "asyncio"),
     "agent.device": ("cidboot.stage.cpio", "cidboot.trust.tpm", "cidboot.trust.private", "cidboot.dataflow",
                      "cidboot.ipld.unixfs.importer", "cryptography.hazmat.primitives.serialization",
-                     "agent.publish", "agent.orchestrator", "agent.tpm", "asyncio", "tempfile"),
+                     "agent.publish", "agent.orchestrator", "agent.tpm", "asyncio", "tempfile",
+                     "cidboot.store.gateway.upstream", "cidboot.store.gateway.request", "cidboot.store.gateway.pathing"),
 }
 
 
