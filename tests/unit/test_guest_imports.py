@@ -95,7 +95,7 @@ NOT_AT_START = {
 
 
 # imported later on every path to the stage's ready line: they must not bring the above back
-ON_THE_WAY = {"firmware.stage": "firmware.netboot", "bootstrap.stage.main": "bootstrap.stage.verify",
+ON_THE_WAY = {"firmware.stage": "firmware.netboot", "bootstrap.stage.main": "bootstrap.stage.verify, cidboot.trust.keys",
               "agent.device": "cidboot.trust.registry, cidboot.netboot.dhcp_client"}
 
 
