@@ -35,6 +35,7 @@ from imagebuilder.cpio import (
     archive_bytes,
     compress,
     decompress,
+    flash_initrd,
     normalize_path,
     read_newc,
     source_date_epoch,
@@ -538,7 +539,8 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         parts = [lyr.data for lyr in layers[1:]]
         # the firmware: one initrd on the flash, as the DICE engine loads it; the bootstrap: the initrds
         # the boot server lists in boot.ipxe, runtime layer first (bootstrap.server.serve.split_initrd)
-        initrds = served_initrds(parts) if ff.target == "bootstrap" else [b"".join(parts)]
+        # (uncompressed: imagebuilder.cpio.flash_initrd, what the harness writes to the flash)
+        initrds = served_initrds(parts) if ff.target == "bootstrap" else [flash_initrd(parts)]
         measurements[ff.target] = boot_code_hash(layers[0].data, initrds)
     manifest = Manifest(
         name=ff.name, version=int(ff.data["version"]), expires=_expires(ff),

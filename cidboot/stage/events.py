@@ -48,8 +48,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
+
+TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; importing `typing` cost the firmware ~9 ms of instructions (TCG)
+if TYPE_CHECKING:
+    from typing import Any
 
 PATH = "/api/events"
 SESSION_PATH = PATH + "/session"

@@ -7,7 +7,6 @@ import json
 import os
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from cidboot.errors import FormatError
@@ -37,6 +36,8 @@ def write_keypair(key: PrivateKey, stem: str | os.PathLike[str]) -> tuple[Path, 
     if priv.exists():
         raise KeyFileError(f"{priv} exists; refusing to overwrite a private key")
     priv.parent.mkdir(parents=True, exist_ok=True)
+    from cryptography.hazmat.primitives import serialization
+
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -46,6 +47,10 @@ def write_keypair(key: PrivateKey, stem: str | os.PathLike[str]) -> tuple[Path, 
 
 
 def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
+    # imported here, not at the top: the package pulls its SSH module and with it ciphers, RSA and
+    # DSA (ten modules); the bootstrap imports this module for load_root on every boot
+    from cryptography.hazmat.primitives import serialization
+
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as e:

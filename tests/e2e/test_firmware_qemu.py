@@ -65,7 +65,9 @@ def firmware_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, byt
     bs = Blockstore(store)
     m = SignedManifest.decode(bs.get(CID.parse(res["manifest"]))).manifest
     parts = {lyr.role: b"".join(export_file(lyr.cid, bs.get)) for lyr in m.layers}
-    initrd = b"".join(parts[r] for r in ("runtime", "agent", "operations", "config"))
+    from imagebuilder.cpio import flash_initrd
+
+    initrd = flash_initrd([parts[r] for r in ("runtime", "agent", "operations", "config")])  # as on the flash
     assert m.measurements["firmware"] == code_hash_of_blobs([parts["kernel"], initrd])
     return parts["kernel"], initrd, build_s
 

@@ -10,6 +10,8 @@ import hashlib
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -518,6 +520,7 @@ def test_a_tpm_boot_derives_cdi1_from_the_tpm_and_hands_on_its_pcr15_events(tmp_
     log = tmp_path / "binary_bios_measurements"
     log.write_bytes((Path(__file__).parents[1] / "vectors/tpm/ovmf-eventlog.bin").read_bytes())
     monkeypatch.setattr(stage_tpm, "_open", lambda paths: fake)
+    monkeypatch.setattr(stage_main, "tpm_device_present", lambda: True)
     monkeypatch.setattr(stage_tpm, "available", lambda: True)
     real_start = stage_tpm.start
     monkeypatch.setattr(stage_tpm, "start", lambda: real_start(log_path=str(log)))
@@ -666,3 +669,20 @@ def test_an_unfetched_runtime_is_kept_and_fetched_for_a_late_kexec(tmp_path: Pat
     [parsed] = seen
     assert parsed.keep == ("usr",)
     assert plan.initrd == b"".join(BLOBS[r] for r in ("runtime", "agent", "config")) and plan.runtime_cid is None
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_no_tpm_device_means_unmeasured_without_importing_the_tpm_stack(tmp_path: Path) -> None:
+    """No hand-off and no TPM device node: read_start says unmeasured and has not imported
+    bootstrap.stage.tpm (nor cidboot.trust.tpm); the device names are the TPM driver's."""
+    from cidboot.trust.tpm.device import DEVICES
+
+    assert stage_main.TPM_DEVICES == DEVICES
+    code = ("import sys; from bootstrap.stage import main; main.TPM_DEVICES = ('/nonexistent/tpm0',); "
+            f"s = main.read_start({str(tmp_path)!r}); "
+            "print(s.boot_mode, sorted(m for m in sys.modules if 'tpm' in m))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["unmeasured", "[]"]

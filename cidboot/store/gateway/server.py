@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from cidboot.errors import CidbootError, NotFoundError, VerificationError
 from cidboot.httpd import BoundedHandler, BoundedHTTPServer, Limits
@@ -24,9 +25,14 @@ from cidboot.ipld.cid import CID, DAG_PB, RAW
 from cidboot.ipld.unixfs import data as ufsdata
 from cidboot.ipld.unixfs.exporter import file_size, iter_file_blocks
 from cidboot.store.blockstore import BlockNotFound, Blockstore
-from cidboot.store.gateway.pathing import Resolved, resolve
-from cidboot.store.gateway.request import CAR_TYPE, RAW_TYPE, BadRequest, GatewayRequest, NotAcceptable, parse
-from cidboot.store.gateway.upstream import CachingStore, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from cidboot.store.gateway.pathing import Resolved
+    from cidboot.store.gateway.request import GatewayRequest
+# the request parser, the path resolver and the caching store (with the upstream client) are imported
+# by the first /ipfs/ request (`_Handler._handle`), not with this module: the agent serves its
+# attestation API through this handler, and under TCG every module and dataclass created before
+# `agent ready` costs its boot time (docs/images.md, "What an image carries, and start-up")
 
 log = logging.getLogger("cidboot.store.gateway")
 
@@ -294,6 +300,9 @@ class _Handler(BoundedHandler):
         if not self.path.startswith("/ipfs/"):
             self._send_error(404, "not found: this gateway serves /ipfs/{cid} only")
             return
+        from cidboot.store.gateway.request import BadRequest, NotAcceptable, parse
+        from cidboot.store.gateway.upstream import UpstreamUnavailable
+
         try:
             req = parse(self.path, self.headers.get("Accept", ""))
         except BadRequest as e:
@@ -331,12 +340,17 @@ class _Handler(BoundedHandler):
     def _getter(self) -> Callable[[CID], bytes]:
         """How this request reads blocks: through the store (a caching store fetches what it
         lacks from its upstreams), or from local blocks only under `only-if-cached`."""
+        from cidboot.store.gateway.upstream import CachingStore
+
         store = self.server.store
         if self._only_if_cached() and isinstance(store, CachingStore):
             return store.get_local
         return store.get
 
     def _resolve(self, req: GatewayRequest) -> Resolved:
+        from cidboot.store.gateway.pathing import resolve
+        from cidboot.store.gateway.upstream import UpstreamUnavailable
+
         store = self.server.store
         r = resolve(req.cid, req.path, self._getter())
         if not store.has(r.terminal):
@@ -387,6 +401,8 @@ class _Handler(BoundedHandler):
             self.send_header("Content-Range", f"bytes {span[0]}-{span[1]}/{len(block)}")
         else:
             self.send_response(200)
+        from cidboot.store.gateway.request import RAW_TYPE
+
         self.send_header("Content-Type", RAW_TYPE)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Accept-Ranges", "bytes")
@@ -480,6 +496,8 @@ class _Handler(BoundedHandler):
         if self._not_modified(etag):
             return
         self.send_response(200)
+        from cidboot.store.gateway.request import CAR_TYPE
+
         self.send_header("Content-Type", f"{CAR_TYPE}; version=1; order=dfs; dups={'y' if req.car_dups else 'n'}")
         self.send_header("ETag", etag)
         self.send_header("Content-Disposition", f'attachment; filename="{req.filename or f"{req.cid}.car"}"')
