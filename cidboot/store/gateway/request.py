@@ -68,7 +68,10 @@ def _accept_format(accept: str) -> tuple[str | None, dict[str, str]]:
 
 def parse(target: str, accept: str = "") -> GatewayRequest:
     """Parse an HTTP request target (path and query) and Accept header."""
-    url = urlsplit(target)
+    try:
+        url = urlsplit(target)
+    except ValueError as e:  # "//[" is an unterminated IPv6 authority to urlsplit
+        raise BadRequest(f"request target {target[:80]!r}: {e}") from None
     parts = [unquote(p) for p in url.path.split("/")]
     if len(parts) < 3 or parts[0] != "" or parts[1] != "ipfs" or not parts[2]:
         raise BadRequest(f"path must be /ipfs/{{cid}}[/path], got {url.path!r}")
