@@ -67,6 +67,8 @@ SAMPLES: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
         {"operation": "bare cryptography Ed25519 verify (reference)", "ops_per_s": 8000, "us_per_op": 125.0, "vs_bare": 1.0},
         {"operation": "appraisal, 3-layer DICE chain (goal < 1000 us)", "ops_per_s": 500, "us_per_op": 2000.0,
          "vs_bare": 16.0},
+        {"operation": "appraisal, TPM quote + 38-event OVMF log (goal < 5000 us)", "ops_per_s": 400,
+         "us_per_op": 2500.0, "vs_bare": 20.0},
     ], {}),
     "bench_agent": ([
         {"case": "chain of 200 ops, validation off", "per_op_ms": 1.0},
@@ -127,6 +129,8 @@ def test_every_sample_maps_to_rows_with_ratio_goal_and_verdict(tmp_path: Path) -
     cose = rows["COSE Ed25519 COSE_Sign1 sign vs bare Ed25519 sign"]
     assert (cose.ratio, cose.goal, cose.met) == (0.5, None, None)  # ours / reference, in ops/s
     assert rows["trust appraisal, 3-layer DICE chain vs 1000 us budget"].met is False
+    tpm = rows["trust appraisal, TPM quote + 38-event OVMF log vs 5000 us budget"]  # its own budget, not the DICE one
+    assert (tpm.ratio, tpm.met) == (0.5, True)
     assert rows["build bootstrap: initramfs compressed vs 8 MiB budget"].met is False
     assert rows["build bootstrap: warm rebuild vs 2 s budget"].met is True
     assert rows["agent chain of 200 ops: validation on vs off"].met is True
