@@ -405,7 +405,10 @@ def test_main_fails_closed_on_an_unexpected_error(tmp_path: Path, monkeypatch: p
     assert seen and seen[0] == bytearray(len(seen[0]))  # CDI_1 handover zeroed before power-off
 
 
-def _run_reusing(tmp: Path, cid: CID, gateways: list[str], running: CID | None, running_cmdline: str) -> BootPlan:
+def _run_reusing(tmp: Path, cid: CID, gateways: list[str], running: CID | None, running_cmdline: str, *,
+                 runtime: Any = None) -> BootPlan:
+    """`prepare` as a measured bootstrap running the kernel `running` (its layer CID) with
+    `running_cmdline` in effect and `runtime` (a switch_root.Runtime) as its own runtime.json."""
     from cidboot.store.blockstore import MemoryBlockstore
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -413,7 +416,15 @@ def _run_reusing(tmp: Path, cid: CID, gateways: list[str], running: CID | None, 
     raw = cfg.encode()
     _inputs, dice = _firmware(raw)
     return prepare(cfg, raw, dice, boot_mode="measured", anchor=ANCHOR, nvram=Nvram(_nvram(tmp)),
-                   store=MemoryBlockstore(), timeout=3, running_kernel=running, running_cmdline=running_cmdline)
+                   store=MemoryBlockstore(), timeout=3, running_kernel=running, running_cmdline=running_cmdline,
+                   running_runtime=runtime)
+
+
+def _assert_same_cdi_2(plan: BootPlan, full: BootPlan) -> None:
+    """A plan that left a running layer unfetched hands on the CDI_2 a plan with every layer fetched does."""
+    assert plan.handoff.dice is not None and full.handoff.dice is not None
+    mine, theirs = decode_handover(plan.handoff.dice), decode_handover(full.handoff.dice)
+    assert (mine.cdi_attest, mine.cdi_seal) == (theirs.cdi_attest, theirs.cdi_seal)
 
 
 def test_the_running_kernel_layer_is_not_fetched_and_the_measurement_is_the_same(tmp_path: Path) -> None:
@@ -436,9 +447,7 @@ def test_the_running_kernel_layer_is_not_fetched_and_the_measurement_is_the_same
     assert plan.kernel is None and plan.kernel_cid == kernel
     assert kernel_requests == [f"/ipfs/{kernel}?format=raw"]
     assert plan.initrd == full.initrd and full.kernel == BLOBS["kernel"]
-    assert plan.handoff.dice is not None and full.handoff.dice is not None
-    mine, theirs = decode_handover(plan.handoff.dice), decode_handover(full.handoff.dice)
-    assert (mine.cdi_attest, mine.cdi_seal) == (theirs.cdi_attest, theirs.cdi_seal)
+    _assert_same_cdi_2(plan, full)
 
 
 def test_the_kernel_is_fetched_when_the_cid_or_the_parameters_differ(tmp_path: Path) -> None:
@@ -591,18 +600,6 @@ def _runtime_of(data: bytes, cid: CID, paths: tuple[str, ...] = ("usr",)) -> Any
     return Runtime(str(cid), len(data), hashlib.sha256(data).digest(), hashlib.sha512(data).digest(), paths)
 
 
-def _run_keeping(tmp: Path, cid: CID, gateways: list[str], running: CID | None, runtime: Any) -> BootPlan:
-    from cidboot.store.blockstore import MemoryBlockstore
-
-    tmp.mkdir(parents=True, exist_ok=True)
-    cfg = BootConfig(cid, tuple(gateways))
-    raw = cfg.encode()
-    _inputs, dice = _firmware(raw)
-    return prepare(cfg, raw, dice, boot_mode="measured", anchor=ANCHOR, nvram=Nvram(_nvram(tmp)),
-                   store=MemoryBlockstore(), timeout=3, running_kernel=running, running_cmdline="console=ttyS0 quiet",
-                   running_runtime=runtime)
-
-
 def test_the_running_runtime_layer_is_not_fetched_on_the_same_kernel_path_and_the_measurement_is_the_same(
         tmp_path: Path) -> None:
     """The runtime layer's CID is this image's runtime.json cid, on the same-kernel path: only its
@@ -618,15 +615,13 @@ def test_the_running_runtime_layer_is_not_fetched_on_the_same_kernel_path_and_th
         return body
 
     with running_gateway(store) as gw, proxy_gateway(_url(gw), record) as counted:
-        plan = _run_keeping(tmp_path / "a", signed.cid, [counted], kernel, rt)
+        plan = _run_reusing(tmp_path / "a", signed.cid, [counted], kernel, "console=ttyS0 quiet", runtime=rt)
         runtime_requests = [p for p in paths if str(runtime) in p]
-        full = _run_keeping(tmp_path / "b", signed.cid, [counted], kernel, None)
+        full = _run_reusing(tmp_path / "b", signed.cid, [counted], kernel, "console=ttyS0 quiet", runtime=None)
     assert runtime_requests == [f"/ipfs/{runtime}?format=raw"]
     assert plan.runtime_cid == runtime and plan.initrd == BLOBS["agent"] + BLOBS["config"]
     assert full.runtime_cid is None and full.initrd == BLOBS["runtime"] + plan.initrd
-    assert plan.handoff.dice is not None and full.handoff.dice is not None
-    mine, theirs = decode_handover(plan.handoff.dice), decode_handover(full.handoff.dice)
-    assert (mine.cdi_attest, mine.cdi_seal) == (theirs.cdi_attest, theirs.cdi_seal)
+    _assert_same_cdi_2(plan, full)
 
 
 def test_the_runtime_layer_is_fetched_unless_it_is_the_running_one_on_the_same_kernel_path(tmp_path: Path) -> None:
@@ -637,7 +632,8 @@ def test_the_runtime_layer_is_fetched_unless_it_is_the_running_one_on_the_same_k
     runtime = layers[1].cid
     rt = _runtime_of(BLOBS["runtime"], runtime)
     with running_gateway(store) as gw:
-        kexec = _run_keeping(tmp_path / "a", signed.cid, [_url(gw)], None, rt)  # the kernel is not the running one
+        # the kernel is not the running one
+        kexec = _run_reusing(tmp_path / "a", signed.cid, [_url(gw)], None, "console=ttyS0 quiet", runtime=rt)
     assert kexec.runtime_cid is None and kexec.initrd.startswith(BLOBS["runtime"])
     m = signed.manifest
     assert reuses_running_runtime(m, rt)
@@ -662,7 +658,7 @@ def test_an_unfetched_runtime_is_kept_and_fetched_for_a_late_kexec(tmp_path: Pat
     monkeypatch.setattr(sr, "switch_root", lambda parsed, h, **kw: seen.append(parsed))  # returns: kexec follows
     monkeypatch.setattr(sr, "parse_initramfs", lambda data, start=0, keep=(): sr.Parsed([], keep))
     with running_gateway(store) as gw:
-        plan = _run_keeping(tmp_path, signed.cid, [_url(gw)], layers[0].cid, rt)
+        plan = _run_reusing(tmp_path, signed.cid, [_url(gw)], layers[0].cid, "console=ttyS0 quiet", runtime=rt)
         assert plan.runtime_cid is not None and plan.kernel is None
         cfg = BootConfig(signed.cid, (_url(gw),))
         assert stage_main.same_kernel(plan, cfg) == BLOBS["kernel"]
