@@ -261,7 +261,7 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
         say(f"cidboot-stage: bootstrap keys {plan.unlocked.line()}")
     say(f"cidboot-stage: bootstrap handover manifest={plan.manifest_cid}")
     events.emit("bootstrap", "handover", manifest=plan.manifest_cid, name=plan.manifest.name, version=plan.manifest.version)
-    from cidboot.stage.switch_root import check_probes, debug_build, hand_over, kexec_forced
+    from cidboot.stage.switch_root import check_probes, debug_build, hand_over, kexec_forced, kexec_hand_over
 
     if debug_build() and start.dice is not None and start.boot_mode == "measured":  # test builds only
         from cidboot.trust.dice import decode_handover
@@ -279,9 +279,13 @@ def main(*, root: str | Path = "/", anchor_path: str | Path = TRUST_ANCHOR, nvra
     # same kernel: switch_root into the image's initramfs; a different one (or forced): kexec
     try:
         if plan.kernel is None:  # the running kernel (by CID): not fetched, so switch_root needs no hash of it
-            plan.kernel = same_kernel(plan, cfg)
-        hand_over(plan.kernel, plan.initrd, plan.cmdline, plan.handoff, forced=kexec_forced(start.boot), log=log)
-        reason = "kexec returned"  # hand_over returns only if kexec_boot does
+            # returns only when the initramfs cannot be unpacked here: straight to kexec then (hand_over
+            # would hash the kernel, decide on switch_root again and parse the same initramfs again)
+            kernel = same_kernel(plan, cfg)  # plan.initrd is the whole initramfs from here
+            kexec_hand_over(kernel, plan.initrd, plan.cmdline, plan.handoff)
+        else:
+            hand_over(plan.kernel, plan.initrd, plan.cmdline, plan.handoff, forced=kexec_forced(start.boot), log=log)
+        reason = "kexec returned"  # both return only if kexec_boot does
     except CidbootError as e:
         reason = f"bootstrap: {e}"
     events.emit("bootstrap", "fatal", reason=reason)
