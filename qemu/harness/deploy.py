@@ -42,7 +42,7 @@ from cidboot.ipld.unixfs.exporter import export_file
 from cidboot.store.blockstore import Blockstore
 from cidboot.trust import keys
 from cidboot.trust.manifest import Manifest, RootOfTrust, SignedManifest
-from imagebuilder.cpio import flash_initrd
+from imagebuilder.flash import flash_image
 from imagebuilder.lock import lock_path, relock_if_unavailable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -209,9 +209,9 @@ def build(flow: Path, store: Path, *, references: dict[str, str] | None = None, 
     result = json.loads(proc.stdout)
     built = export(store, CID.parse(result["manifest"]), flow.parent / "built", result, flow_secret=flow_secret)
     if (yaml.safe_load(flow.read_text()) or {}).get("target") == "firmware":
-        # the firmware's initrd as the flash holds it: uncompressed (imagebuilder.cpio.flash_initrd;
-        # the L0 reference value the build gives is over these bytes)
-        built.initrd.write_bytes(flash_initrd([built.initrd.read_bytes()]))
+        # the firmware's files as a board's flash holds them (`imagebuilder flash`: the initrd uncompressed,
+        # checked against the L0 reference value the build pinned)
+        flash_image(Blockstore(store), built.manifest).write(built.kernel.parent)
     return built
 
 
