@@ -17,6 +17,9 @@ from cidboot.ipld.cid import CID, CIDError
 MAX_HEADER = 1024 * 1024
 DEFAULT_MAX_BLOCK = 4 * 1024 * 1024
 CARV2_PRAGMA = bytes.fromhex("0aa16776657273696f6e02")
+#: bytes `CarReader.views` reads first of each section: the longest CID it can meet (an identity
+#: multihash of 128 bytes with its varints) and, for a block, its first bytes
+SECTION_HEAD = 160
 
 
 class CarError(FormatError):
@@ -149,3 +152,41 @@ class CarReader:
             if self.verify:
                 cid.verify(data)
             yield cid, data
+
+    def views(self) -> Iterator[tuple[CID, memoryview]]:
+        """Iterate like `iter(reader)`, but each block is a memoryview into one buffer the
+        reader reuses (replaced by a larger one when a block needs it), valid only until the
+        next step: for a consumer that hashes and stores each block before asking for the next
+        (the fetch client). Read with the stream's `readinto` (an HTTP response de-chunks into
+        it), so a block's bytes are copied once, from the socket into the buffer, and no bytes
+        object is made per block. The CID comes with the block's first bytes in one small read
+        (`SECTION_HEAD`), which are copied to the buffer's start."""
+        readinto = self.stream.readinto  # type: ignore[attr-defined]  # BinaryIO lacks it; files and HTTP responses have it
+        buf = memoryview(bytearray(0))
+        while True:
+            start = self.offset
+            n = self._varint("section length")
+            if n is None:
+                return
+            if n == 0 or n > self.max_block_size + 128:
+                raise CarError(f"section at byte {start}: length {n} out of range")
+            head = self._read(min(n, SECTION_HEAD), f"section at byte {start}")
+            try:
+                cid, off = CID.read(head)
+            except CIDError as e:
+                raise CarError(f"section at byte {start}: bad CID: {e}") from None
+            size = n - off
+            if len(buf) < size:  # a new buffer, not a resize: a view the consumer kept stays valid
+                buf = memoryview(bytearray(max(size, 2 * len(buf))))
+            got = len(head) - off
+            buf[:got] = head[off:]
+            while got < size:
+                r = readinto(buf[got:size])
+                if not r:
+                    raise CarError(f"truncated section at byte {start}: wanted {n} bytes, got {off + got}")
+                got += r
+            self.offset += size - (len(head) - off)
+            block = buf[:size]
+            if self.verify:
+                cid.verify(block)
+            yield cid, block

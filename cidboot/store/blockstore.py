@@ -20,7 +20,6 @@ import base64
 import fcntl
 import json
 import os
-import queue
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +34,9 @@ from cidboot.store.packs import FLATFS_FIRST, Entry, PackIndex
 
 SHARDING = "/repo/flatfs/shard/v1/next-to-last/2"
 MAX_BLOCK = 4 * 1024 * 1024
+#: what `put` takes: a block's bytes, or a view of a buffer the caller reuses once `put` returns
+#: (no store keeps a reference to it: the memory store copies, the file store writes)
+Buffer = bytes | bytearray | memoryview
 
 
 class BlockstoreError(FormatError):
@@ -78,7 +80,7 @@ def syncfs(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def check_block(cid: CID, data: bytes) -> None:
+def check_block(cid: CID, data: Buffer) -> None:
     """What every way into a store checks first, before anything is written or queued: the
     size bound (BlockstoreError) and the hash (CIDMismatch). Nothing unverified is stored."""
     if len(data) > MAX_BLOCK:
@@ -90,7 +92,7 @@ class _Puts:
     """What the file store and the memory store share: `put_block` on top of each one's `put`
     (through `put`, so a subclass's bookkeeping there, e.g. CachingStore's, sees it too)."""
 
-    def put(self, cid: CID, data: bytes) -> None:
+    def put(self, cid: CID, data: Buffer) -> None:
         raise NotImplementedError
 
     def put_block(self, data: bytes, codec: int = RAW, version: int = 1) -> CID:
@@ -104,7 +106,7 @@ class Blockstore(_Puts):
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self._dirs: set[Path] = set()  # shard directories known to exist
         self._deferred = 0  # >0 while inside deferred_sync(): fsync once at the end instead
-        self._batch: BatchWriter | None = None  # set while inside writer(): puts are queued to it
+        self._batch: BatchWriter | None = None  # set while inside writer(): puts go to it
         self.path = Path(path) if path is not None else default_store_path()
         self.blocks_dir = self.path / "blocks"
         self.blocks_dir.mkdir(parents=True, exist_ok=True)
@@ -135,12 +137,12 @@ class Blockstore(_Puts):
 
     @contextmanager
     def writer(self, *, depth: int = 16) -> Iterator[BatchWriter]:
-        """Batch many puts (a fetch, an import): while this is open, `put` (from any thread)
-        hashes the block once, in the caller's thread, and queues it for a background thread
-        that writes while the caller reads the next one. Queued blocks already count for `has`
-        and `get` (read your writes). On leaving, the queue drains, the first write error (if
-        any) is raised, and one sync makes the batch durable (deferred_sync). At most `depth`
-        blocks wait in memory. Nested calls share the outer writer."""
+        """Batch many puts (a fetch): while this is open, `put` hashes the block once and writes
+        it through a `BatchWriter` (first blocks to flatfs files, the rest to one pack), readable
+        at once (read your writes). On leaving, the pack's index is written, the first write
+        error (if any) is raised, and one sync makes the batch durable (deferred_sync).
+        `depth` is accepted for callers of the threaded writer this replaced; nothing is
+        queued. Nested calls share the outer writer."""
         if self._batch is not None:
             yield self._batch
             return
@@ -158,7 +160,7 @@ class Blockstore(_Puts):
         key = _key(cid.multihash)
         return self.blocks_dir / key[-3:-1] / f"{key}.data"
 
-    def _atomic_write(self, path: Path, data: bytes, *, durable: bool = False) -> None:
+    def _atomic_write(self, path: Path, data: Buffer, *, durable: bool = False) -> None:
         """Temp file + rename; fsynced unless inside deferred_sync() (always when `durable`)."""
         if path.parent not in self._dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +188,7 @@ class Blockstore(_Puts):
         key = base64.b32encode(mh).decode().rstrip("=")
         return f"{self._blocks_str}/{key[-3:-1]}/{key}.data"
 
-    def _write_new(self, path: str, data: bytes) -> None:
+    def _write_new(self, path: str, data: Buffer) -> None:
         """One block the caller verified, straight to its final name: create (O_EXCL), write,
         close; no temp name, no rename, no fsync (BatchWriter's path: the batch's one syncfs
         makes it durable). Until the write completes, or if a crash cuts it, the file under the
@@ -204,11 +206,7 @@ class Blockstore(_Puts):
             self._atomic_write(Path(path), data)
             return
         try:
-            done = os.write(fd, data)
-            if done < len(data):
-                with memoryview(data) as view:
-                    while done < len(view):
-                        done += os.write(fd, view[done:])
+            _write_all(fd, data)
         except BaseException:
             os.close(fd)
             try:  # do not leave a torn file behind when we know it is one (reads would refuse it anyway)
@@ -219,9 +217,9 @@ class Blockstore(_Puts):
         os.close(fd)
 
     # -- blocks -------------------------------------------------------------------------
-    def put(self, cid: CID, data: bytes) -> None:
+    def put(self, cid: CID, data: Buffer) -> None:
         """Store `data` under `cid` after checking it hashes to it (CIDMismatch otherwise).
-        Inside writer(), the write is queued to the batch (see there)."""
+        Inside writer(), the batch writes it (see there)."""
         batch = self._batch
         if batch is not None:
             batch.put(cid, data)
@@ -241,11 +239,6 @@ class Blockstore(_Puts):
         """The block's bytes, verified against `cid` (corruption raises CIDMismatch)."""
         if cid.is_identity:
             return cid.multihash.digest
-        batch = self._batch
-        if batch is not None:
-            queued = batch.queued(cid)
-            if queued is not None:
-                return queued  # verified by put a moment ago, still in this process's memory
         damaged: CIDMismatch | None = None
         try:
             data = self._file(cid).read_bytes()
@@ -275,17 +268,12 @@ class Blockstore(_Puts):
         return data_or_none
 
     def has(self, cid: CID) -> bool:
-        batch = self._batch
-        return (cid.is_identity or (batch is not None and batch.queued(cid) is not None) or self._file(cid).exists()
+        return (cid.is_identity or self._file(cid).exists()
                 or self.packs.lookup(cid.multihash.encode()) is not None)
 
     def size(self, cid: CID) -> int:
         if cid.is_identity:
             return len(cid.multihash.digest)
-        batch = self._batch
-        queued = batch.queued(cid) if batch is not None else None
-        if queued is not None:
-            return len(queued)
         try:
             return self._file(cid).stat().st_size
         except FileNotFoundError:
@@ -409,14 +397,20 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
 class BatchWriter:
     """Blocks into a Blockstore at the speed of the disk, not of one fsync (or one file) per block.
 
-    `put` checks the size and the hash (CIDMismatch before anything is queued: nothing
-    unverified reaches the store, and each block is hashed exactly once), then queues the write;
-    one background thread writes while the caller reads the next block. The first
-    `FLATFS_FIRST` blocks go to flatfs files, straight to their names (one create, one write,
-    one close: `Blockstore._write_new`), so a small batch (a manifest, a flow) makes no pack;
-    every later block is appended to one pack file (`cidboot.store.packs`), whose index is
-    written when the batch ends. Then `writer()` makes the whole batch durable with one
-    `syncfs`.
+    `put` checks the size and the hash (CIDMismatch before anything is written: nothing
+    unverified reaches the store, and each block is hashed exactly once), then writes the block
+    at once, in the caller's thread, and keeps no reference to it: the caller may pass a view of
+    a buffer it reuses for the next block (the fetch client reads every block into one buffer).
+    The first `FLATFS_FIRST` blocks go to flatfs files, straight to their names (one create, one
+    write, one close: `Blockstore._write_new`), so a small batch (a manifest, a flow) makes no
+    pack; every later block is appended to one pack file (`cidboot.store.packs`), whose index is
+    written when the batch ends. Then `writer()` makes the whole batch durable with one `syncfs`.
+
+    Why in the caller's thread: writing a block into the page cache costs less than handing it
+    to a writer thread did (a queue, a lock and a thread wake-up per block, and a bytes object
+    per block that the thread kept alive), and the socket's buffer keeps the gateway sending
+    while the caller writes. A block put is readable at once (read your writes): from its file,
+    or from the pack through the live index.
 
     Why no temp file and rename per block, and an index written before the sync: they would buy
     "a crash never leaves a partial block under its name", but the store never trusts a name
@@ -428,31 +422,26 @@ class BatchWriter:
     block. The durability point is the `syncfs` at the end of the batch: a fetch that returned
     has every block on disk, and only then may a caller pin the root.
 
-    The queue holds at most `depth` blocks, so memory stays flat however large the batch. A
-    write error stops the writer (its pack is removed, unpublished); the next `put` or `close`
-    raises it. Unlike `Blockstore.put`, a block already present is not read back and compared:
-    callers batch blocks they found missing or damaged (a good copy in a pack wins over a
-    damaged flatfs file on read, and a file found at the name is replaced atomically)."""
+    A write error stops the writer (its pack is removed, unpublished); that `put`, every later
+    one and `close` raise it. Unlike `Blockstore.put`, a block already present is not read back
+    and compared: callers batch blocks they found missing or damaged (a good copy in a pack
+    wins over a damaged flatfs file on read, and a file found at the name is replaced
+    atomically). Puts from several threads take turns (a lock per put)."""
 
     def __init__(self, store: Blockstore, depth: int = 16) -> None:
         self.store = store
         self.blocks = 0
         self.bytes = 0
-        self._queue: queue.Queue[tuple[bytes, bytes] | None] = queue.Queue(maxsize=max(1, depth))
-        self._pending: dict[bytes, bytes] = {}  # multihash -> bytes queued, not yet written
-        self._pending_lock = threading.Lock()
         self._error: BaseException | None = None
         self._closed = False
-        self._written = 0
         self._pack: str | None = None  # this batch's pack, once it has one
         self._pack_fd = -1
         self._pack_size = 0
         self._flushed = 0  # pack bytes handed to the disk so far (early writeback)
-        self._thread = threading.Thread(target=self._run, name="blockstore-writer", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()  # a put from another thread (a caching store's fetch) waits its turn
 
-    def put(self, cid: CID, data: bytes) -> None:
-        """Verify `data` against `cid` (CIDMismatch, BlockstoreError above MAX_BLOCK) and queue it."""
+    def put(self, cid: CID, data: Buffer) -> None:
+        """Verify `data` against `cid` (CIDMismatch, BlockstoreError above MAX_BLOCK) and write it."""
         if self._error is not None:
             raise self._error
         if self._closed:
@@ -461,18 +450,23 @@ class BatchWriter:
         if cid.is_identity:
             return
         key = cid.multihash.encode()
-        with self._pending_lock:
-            self._pending[key] = data
-        self.blocks += 1
-        self.bytes += len(data)
-        self._queue.put((key, data))
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            if self._closed:
+                raise BlockstoreError("BatchWriter.put after close")
+            try:
+                if self.blocks < FLATFS_FIRST:
+                    self.store._write_new(self.store._block_path(key), data)
+                else:
+                    self._append(key, data)
+            except BaseException as e:
+                self._error = e
+                raise
+            self.blocks += 1
+            self.bytes += len(data)
 
-    def queued(self, cid: CID) -> bytes | None:
-        """The bytes of `cid` if queued and not yet written (verified on put)."""
-        with self._pending_lock:
-            return self._pending.get(cid.multihash.encode())
-
-    def _append(self, key: bytes, data: bytes) -> None:
+    def _append(self, key: bytes, data: Buffer) -> None:
         """Append one block to this batch's pack (created, and locked against gc, on first use)."""
         packs = self.store.packs
         if self._pack is None:
@@ -484,43 +478,21 @@ class BatchWriter:
             fcntl.flock(fd, fcntl.LOCK_EX)  # gc leaves a pack without an index alone while this is held
             self._pack, self._pack_fd = name, fd
             packs.start(name)
-        done = os.write(self._pack_fd, data)
-        if done < len(data):
-            with memoryview(data) as view:
-                while done < len(view):
-                    done += os.write(self._pack_fd, view[done:])
+        _write_all(self._pack_fd, data)
         packs.add(key, Entry(self._pack, self._pack_size, len(data)))
         self._pack_size += len(data)
         if self._pack_size - self._flushed >= WRITEBACK_STEP:
             _start_writeback(self._pack_fd, self._flushed, self._pack_size - self._flushed)
             self._flushed = self._pack_size
 
-    def _run(self) -> None:
-        store = self.store
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            key, data = item
-            if self._error is None:  # after an error: drain, so a blocked put() wakes up and sees it
-                try:
-                    if self._written < FLATFS_FIRST:
-                        store._write_new(store._block_path(key), data)
-                    else:
-                        self._append(key, data)
-                    self._written += 1
-                except BaseException as e:  # handed to the caller's thread
-                    self._error = e
-            with self._pending_lock:
-                if self._pending.get(key) is data:
-                    del self._pending[key]
-
     def close(self) -> None:
-        """Wait for every queued write, publish the pack's index; raise the first write error."""
+        """Publish the pack's index; raise the first write error."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._queue.put(None)
-            self._thread.join()
             if self._pack is not None:
                 try:
                     if self._error is None:
@@ -536,6 +508,15 @@ class BatchWriter:
             raise self._error
 
 
+def _write_all(fd: int, data: Buffer) -> None:
+    """os.write until every byte of `data` is written (a short write is rare, not an error)."""
+    done = os.write(fd, data)
+    if done < len(data):
+        with memoryview(data) as view:
+            while done < len(view):
+                done += os.write(fd, view[done:])
+
+
 class MemoryBlockstore(_Puts):
     """Blocks in this process's memory, for a boot stage whose root file system is RAM anyway
     (the bootstrap): no files, no temp names, no sync. `put` verifies like Blockstore's; `get`
@@ -548,7 +529,7 @@ class MemoryBlockstore(_Puts):
         self._blocks: dict[bytes, bytes] = {}
         self.path = Path("<memory>")
 
-    def put(self, cid: CID, data: bytes) -> None:
+    def put(self, cid: CID, data: Buffer) -> None:
         check_block(cid, data)
         if not cid.is_identity:
             self._blocks[cid.multihash.encode()] = bytes(data)

@@ -111,6 +111,22 @@ def test_batch_writer_verifies_before_queueing_and_writes_atomically(tmp_path: P
     assert not list((tmp_path / "s" / "blocks").rglob(".tmp-*"))
 
 
+def test_batch_writer_keeps_no_reference_to_a_reused_buffer(tmp_path: Path) -> None:
+    """The fetch client reads every block into one buffer and puts a view of it: once put
+    returns, the block is stored (flatfs file or pack) and the buffer may be overwritten."""
+    store = Blockstore(tmp_path / "s")
+    blocks = [bytes([i]) * 5000 for i in range(40)]  # past FLATFS_FIRST: into a pack too
+    cids = [CID.of(d, RAW) for d in blocks]
+    buf = bytearray(5000)
+    with store.writer() as w:
+        for c, d in zip(cids, blocks, strict=True):
+            buf[:] = d
+            w.put(c, memoryview(buf))
+            buf[:] = b"\xff" * 5000  # the next block's bytes arrive in the same buffer
+        assert [store.get(c) for c in cids] == blocks  # read your writes
+    assert [Blockstore(store.path).get(c) for c in cids] == blocks
+
+
 def test_batch_writer_raises_a_write_error(tmp_path: Path) -> None:
     store = Blockstore(tmp_path / "s")
     data = b"x" * 100

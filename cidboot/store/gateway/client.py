@@ -22,9 +22,9 @@ from urllib.parse import urlsplit
 from cidboot.errors import CidbootError, VerificationError
 from cidboot.ipld import dag
 from cidboot.ipld.car import CarReader
-from cidboot.ipld.cid import CID
+from cidboot.ipld.cid import CID, RAW
 from cidboot.ipld.unixfs.exporter import export_file
-from cidboot.store.blockstore import MAX_BLOCK, AnyStore, Blockstore, MemoryBlockstore
+from cidboot.store.blockstore import MAX_BLOCK, AnyStore, Blockstore, Buffer, MemoryBlockstore
 
 log = logging.getLogger("cidboot.store.gateway.client")
 
@@ -214,7 +214,7 @@ class _Request:
         self.conn.close()
 
 
-def _store_verified(store: AnyStore, gw: str, cid: CID, data: bytes) -> None:
+def _store_verified(store: AnyStore, gw: str, cid: CID, data: Buffer) -> None:
     """Put `data` under `cid` (the store hashes it first): a mismatch is the gateway lying."""
     try:
         store.put(cid, data)
@@ -224,7 +224,7 @@ def _store_verified(store: AnyStore, gw: str, cid: CID, data: bytes) -> None:
         raise GatewayError(f"block {cid} refused by the store: {e}", gateway=gw) from None
 
 
-def _check(gw: str, cid: CID, data: bytes) -> None:
+def _check(gw: str, cid: CID, data: Buffer) -> None:
     """`data` hashes to `cid`, or the gateway lied."""
     try:
         cid.verify(data)
@@ -302,14 +302,18 @@ class _Session:
         self.known[key] = dag.links(cid, block)
         return True
 
-    def accept(self, gw: str, cid: CID, data: bytes) -> list[CID]:
-        """Verify `data` as `cid` (once), queue it for the store, remember its links; return them."""
-        key = cid.multihash.encode()
+    def accept(self, gw: str, cid: CID, data: Buffer, key: bytes | None = None) -> list[CID]:
+        """Verify `data` as `cid` (once), store it, remember its links; return them. `data` may
+        be a view of the CAR reader's buffer: the store copies or writes it before returning,
+        and the links are read before the next block overwrites it. `key`: the CID's encoded
+        multihash when the caller has it."""
+        if key is None:
+            key = cid.multihash.encode()
         if key in self.known:  # sent again (the root of a whole-DAG CAR): verify it, store nothing new
             _check(gw, cid, data)
             return self.known[key]
-        _store_verified(self.store, gw, cid, data)  # nothing unverified is stored (queued by the store's writer)
-        links = dag.links(cid, data)
+        _store_verified(self.store, gw, cid, data)  # nothing unverified is stored (hashed by put)
+        links = [] if cid.codec == RAW else dag.links(cid, bytes(data))
         self.known[key] = links
         self.result.blocks_fetched += 1
         self.result.bytes_fetched += len(data)
@@ -324,14 +328,14 @@ class _Session:
         got: set[bytes] = set()
         try:
             reader = CarReader(req.resp, verify=False, max_block_size=MAX_BLOCK)
-            for cid, data in reader:
+            for cid, data in reader.views():  # each block read into one reused buffer, hashed by put
                 key = cid.multihash.encode()
                 if key not in wanted:
                     raise BadGateway(f"sent block {cid}, which is not linked from what was fetched", gateway=gw)
                 if key in got:
                     raise GatewayError(f"sent block {cid} twice in one CAR", gateway=gw)
                 got.add(key)
-                for link in self.accept(gw, cid, data):
+                for link in self.accept(gw, cid, data, key):
                     wanted.add(link.multihash.encode())
                 req.watchdog.arm(self.timeout)  # the next block gets its own deadline
             if req.watchdog.expired:
@@ -381,8 +385,8 @@ def fetch(
 ) -> FetchResult:
     """Fetch the whole DAG under `root` into `dest` (a Blockstore, or a directory to open one
     in, or a MemoryBlockstore), verifying every block exactly once: a CAR is read as it
-    streams, each block hashed as it arrives and queued to the store's BatchWriter, which
-    writes while the next block is read; one sync at the end.
+    streams, each block into one reused buffer (`CarReader.views`), hashed there and written
+    from there by the store's BatchWriter (a memory store copies it); one sync at the end.
 
     Each round walks what is already local and asks the gateways (in order) for each missing
     subtree as a CAR, falling back to single raw blocks when a gateway cannot do CARs. A gateway
