@@ -8,7 +8,7 @@ out, so a CAR from anywhere can be imported without trusting its source.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from cidboot.errors import FormatError
 from cidboot.ipld import dagcbor, varint
@@ -20,6 +20,14 @@ CARV2_PRAGMA = bytes.fromhex("0aa16776657273696f6e02")
 #: bytes `CarReader.views` reads first of each section: the longest CID it can meet (an identity
 #: multihash of 128 bytes with its varints) and, for a block, its first bytes
 SECTION_HEAD = 160
+
+
+class Readable(Protocol):
+    """What CarReader reads from besides a file: an HTTP response body (the fetch client's)."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+    def readinto(self, b: bytearray | memoryview, /) -> int: ...
 
 
 class CarError(FormatError):
@@ -65,7 +73,8 @@ def section_head(cid: CID, size: int) -> bytes:
 class CarReader:
     """Iterate `(cid, block)` over a CARv1 stream (a CARv2 is unwrapped to its inner CARv1)."""
 
-    def __init__(self, stream: BinaryIO, *, verify: bool = True, max_block_size: int = DEFAULT_MAX_BLOCK) -> None:
+    def __init__(self, stream: BinaryIO | Readable, *, verify: bool = True,
+                 max_block_size: int = DEFAULT_MAX_BLOCK) -> None:
         self.stream, self.verify, self.max_block_size = stream, verify, max_block_size
         self.offset = 0
         self._remaining: int | None = None
@@ -161,7 +170,7 @@ class CarReader:
         it), so a block's bytes are copied once, from the socket into the buffer, and no bytes
         object is made per block. The CID comes with the block's first bytes in one small read
         (`SECTION_HEAD`), which are copied to the buffer's start."""
-        readinto = self.stream.readinto  # type: ignore[attr-defined]  # BinaryIO lacks it; files and HTTP responses have it
+        readinto = self.stream.readinto  # type: ignore[union-attr]  # BinaryIO lacks it; files and HTTP responses have it
         buf = memoryview(bytearray(0))
         while True:
             start = self.offset

@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-
-log = logging.getLogger("cidboot.store.packs")
 
 #: a batch writes its first this many blocks as flatfs files (a small fetch makes no pack)
 FLATFS_FIRST = 16
@@ -114,7 +111,10 @@ class PackIndex:
         except FileNotFoundError:
             return {}
         except (ValueError, KeyError, TypeError) as e:  # a torn index: its blocks count as absent
-            log.warning("ignoring damaged pack index %s: %s", self.dir / f"{name}.idx", e)
+            import logging  # only here: a boot stage's start-up does not import logging for nothing
+
+            logging.getLogger("cidboot.store.packs").warning("ignoring damaged pack index %s: %s",
+                                                             self.dir / f"{name}.idx", e)
             return {}
 
     def lookup(self, key: bytes) -> Entry | None:

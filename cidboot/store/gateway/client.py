@@ -9,8 +9,6 @@ in a local `Blockstore`, so an interrupted fetch resumes where it stopped.
 
 from __future__ import annotations
 
-import http.client
-import logging
 import os
 import socket
 import threading
@@ -25,8 +23,28 @@ from cidboot.ipld.car import CarReader
 from cidboot.ipld.cid import CID, RAW
 from cidboot.ipld.unixfs.exporter import export_file
 from cidboot.store.blockstore import MAX_BLOCK, AnyStore, Blockstore, Buffer, MemoryBlockstore
+from cidboot.store.gateway.wire import Connection, ResponseError
 
-log = logging.getLogger("cidboot.store.gateway.client")
+
+class _Log:
+    """`logging.getLogger("cidboot.store.gateway.client")`, imported on the first message: a
+    boot stage that fetches without a warning never imports logging (~15 ms of instructions
+    of the bootstrap's start-up under TCG)."""
+
+    @staticmethod
+    def _emit(level: str, msg: str, *args: object) -> None:
+        import logging
+
+        getattr(logging.getLogger("cidboot.store.gateway.client"), level)(msg, *args, stacklevel=3)
+
+    def warning(self, msg: str, *args: object) -> None:
+        self._emit("warning", msg, *args)
+
+    def info(self, msg: str, *args: object) -> None:
+        self._emit("info", msg, *args)
+
+
+log = _Log()
 
 #: HTTP statuses that mean "this gateway does not do CARs", so its raw blocks are tried instead
 CAR_REFUSED = (400, 406, 501)
@@ -97,12 +115,15 @@ def block_size_limit(cid: CID, max_size: int = MAX_BLOCK) -> int:
     return min(max_size, MAX_BLOCK)
 
 
-def _connect(base: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+def _connect(base: str, timeout: float) -> tuple[Connection, str]:
     u = urlsplit(base)
-    if u.scheme not in ("http", "https") or not u.hostname:
+    try:
+        port = u.port
+    except ValueError:
+        port = -1
+    if u.scheme not in ("http", "https") or not u.hostname or port == -1:
         raise GatewayError(f"gateway URL must be http(s)://host[:port][/prefix], got {base!r}", gateway=base)
-    cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-    return cls(u.hostname, u.port, timeout=timeout), u.path.rstrip("/")
+    return Connection(u.hostname, port, tls=u.scheme == "https", timeout=timeout), u.path.rstrip("/")
 
 
 class _Watchdog:
@@ -169,15 +190,15 @@ class _Request:
             self.watchdog.sock = self.conn.sock
             if self.watchdog.expired:
                 raise TimeoutError("connect took the whole deadline")
-            self.conn.request("GET", prefix + target, headers={"Accept": accept, "User-Agent": user_agent})
+            self.conn.request(prefix + target, {"Accept": accept, "User-Agent": user_agent})
             self.resp = self.conn.getresponse()
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, ResponseError) as e:
             self.close()
             raise self.failure(e) from None
         if self.resp.status != 200:
             try:
                 body = self.resp.read(200).decode(errors="replace").strip()
-            except (OSError, http.client.HTTPException):
+            except (OSError, ResponseError):
                 body = ""
             status = self.resp.status
             self.close()
@@ -200,7 +221,7 @@ class _Request:
                                    gateway=self.gw)
         try:
             data = self.resp.read(limit + 1)
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, ResponseError) as e:
             raise self.failure(e) from None
         if self.watchdog.expired:
             raise self.failure(TimeoutError())
@@ -340,7 +361,7 @@ class _Session:
                 req.watchdog.arm(self.timeout)  # the next block gets its own deadline
             if req.watchdog.expired:
                 raise req.failure(TimeoutError())
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, ResponseError) as e:
             raise req.failure(e) from None
         except (BadGateway, GatewayError):
             raise
@@ -478,7 +499,7 @@ def _whole_dag(s: _Session, last: dict[str, CidbootError]) -> None:
             s.result.errors.append(str(e))
             if e.status in CAR_REFUSED or s.result.blocks_fetched:
                 return  # a block-only gateway, or a partial CAR: the rounds take it from here
-        except (CidbootError, OSError, http.client.HTTPException) as e:
+        except (CidbootError, OSError, ResponseError) as e:
             last[gw] = GatewayError(f"{type(e).__name__}: {e}", gateway=gw)
             s.result.errors.append(str(last[gw]))
 
@@ -497,7 +518,7 @@ def _fetch_subtree(s: _Session, gw: str, sub: CID) -> list[CID]:
         return s.fetch_raw(gw, sub)  # a block-only gateway: one block at a time
     except (GatewayError, BadGateway):
         raise
-    except (CidbootError, OSError, http.client.HTTPException) as e:
+    except (CidbootError, OSError, ResponseError) as e:
         raise GatewayError(f"{type(e).__name__}: {e}", gateway=gw) from None
 
 
