@@ -13,7 +13,9 @@ plus the client's peak RSS for 16 MiB and 256 MiB. Each figure is the median of 
 the kinds alternating, so a busy spell of the machine hits all of them alike. `--baseline DIR`
 also runs the gateway of another checkout (e.g. main) on the same store, and
 `--baseline-client DIR` that checkout's client (its store code too) from our gateway, in the
-same alternation: before/after figures of a gateway or a client change from one run.
+same alternation: before/after figures of a gateway or a client change from one run. With both
+(the same DIR), that checkout's client also fetches from its own gateway (`baseline_both`):
+the whole before, beside the whole after.
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ def main() -> int:
                 plain_s, ours_s, kubo_s, dag_s, static_s, rss, kubo_rss = [], [], [], [], [], [], []
                 base_s: list[float] = []
                 base_client_s: list[float] = []
+                base_both_s: list[float] = []  # the baseline's client from the baseline's gateway
                 for i in range(max(1, args.runs)):
                     dl = work / f"download-{mib}"
                     plain_s.append(timed(curl, f"http://127.0.0.1:{hport}/f{mib}", dl))
@@ -141,6 +144,11 @@ def main() -> int:
                         sec, _kb = client_child(cid, base, work / f"c4-{mib}-{i}")
                         base_s.append(sec)
                         shutil.rmtree(work / f"c4-{mib}-{i}")
+                    if base is not None and args.baseline_client:  # before: that checkout's client and gateway
+                        sec, _kb = client_child(cid, base, work / f"c6-{mib}-{i}",
+                                                str(Path(args.baseline_client).resolve()))
+                        base_both_s.append(sec)
+                        shutil.rmtree(work / f"c6-{mib}-{i}")
                     dag_s.append(timed(sink.ipfs, "dag", "import", "--pin-roots=true", str(car)))
                     sink.ipfs("pin", "rm", cid)
                     sink.ipfs("repo", "gc")
@@ -173,6 +181,11 @@ def main() -> int:
                 if base_s:
                     rows[-1]["ours_from_baseline_gw_MBps"] = round(mb / statistics.median(base_s), 1)
                     rows[-1]["our_gw/baseline_gw"] = round(statistics.median(base_s) / mine, 3)
+                if base_both_s:
+                    b = statistics.median(base_both_s)
+                    rows[-1]["baseline_both_MBps"] = round(mb / b, 1)
+                    rows[-1]["baseline_both/plain"] = round(plain / b, 3)
+                    rows[-1]["ours/baseline_both"] = round(b / mine, 3)
         finally:
             for p in procs:
                 p.terminate()
@@ -181,8 +194,9 @@ def main() -> int:
         "plain_http": "curl of the same file from python -m http.server on loopback to a file (no hashing, no store)",
         "dag_import": "ipfs dag import (CLI -> the daemon's API) of the CAR our gateway serves, from a file, into an "
                       "empty second Kubo node; pinned, then unpinned and gc'd between runs",
-        "ours": "cidboot.store.gateway.client.fetch: CAR stream, every block hashed once, written by a batched writer "
-                "(first 16 blocks to flatfs files, the rest appended to one pack file), one syncfs at the end",
+        "ours": "cidboot.store.gateway.client.fetch: CAR stream, each block read into one reused buffer, hashed and "
+                "written from there (first 16 blocks to flatfs files, the rest appended to one pack file), one "
+                "syncfs at the end; our gateway hashes every block it sends",
         "runs": args.runs, "figures": "median of the runs (ours_runs_s, plain_runs_s: each run); RSS the largest",
         "baseline": args.baseline, "baseline_client": args.baseline_client,
     })
