@@ -7,7 +7,7 @@ out, so a CAR from anywhere can be imported without trusting its source.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO, Protocol
 
 from cidboot.errors import FormatError
@@ -162,14 +162,15 @@ class CarReader:
                 cid.verify(data)
             yield cid, data
 
-    def views(self) -> Iterator[tuple[CID, memoryview]]:
-        """Iterate like `iter(reader)`, but each block is a memoryview into one buffer the
-        reader reuses (replaced by a larger one when a block needs it), valid only until the
-        next step: for a consumer that hashes and stores each block before asking for the next
-        (the fetch client). Read with the stream's `readinto` (an HTTP response de-chunks into
-        it), so a block's bytes are copied once, from the socket into the buffer, and no bytes
-        object is made per block. The CID comes with the block's first bytes in one small read
-        (`SECTION_HEAD`), which are copied to the buffer's start."""
+    def views(self, take: Callable[[int], bytearray] | None = None) -> Iterator[tuple[CID, memoryview]]:
+        """Iterate like `iter(reader)`, but each block is a memoryview into a buffer instead of
+        a bytes object of its own. Without `take`: one buffer the reader reuses (replaced by a
+        larger one when a block needs it), so a view is valid only until the next step. With
+        `take(size)`: a buffer of at least `size` bytes from the caller for each block (the
+        fetch client's come from the store's batch writer, which reuses them once written).
+        Read with the stream's `readinto` (an HTTP response de-chunks into it), so a block's
+        bytes are copied once, from the socket into the buffer. The CID comes with the block's
+        first bytes in one small read (`SECTION_HEAD`), which are copied to the buffer's start."""
         readinto = self.stream.readinto  # type: ignore[union-attr]  # BinaryIO lacks it; files and HTTP responses have it
         buf = memoryview(bytearray(0))
         while True:
@@ -185,7 +186,9 @@ class CarReader:
             except CIDError as e:
                 raise CarError(f"section at byte {start}: bad CID: {e}") from None
             size = n - off
-            if len(buf) < size:  # a new buffer, not a resize: a view the consumer kept stays valid
+            if take is not None:
+                buf = memoryview(take(size))
+            elif len(buf) < size:  # a new buffer, not a resize: a view the consumer kept stays valid
                 buf = memoryview(bytearray(max(size, 2 * len(buf))))
             got = len(head) - off
             buf[:got] = head[off:]

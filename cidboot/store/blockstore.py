@@ -106,7 +106,7 @@ class Blockstore(_Puts):
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self._dirs: set[Path] = set()  # shard directories known to exist
         self._deferred = 0  # >0 while inside deferred_sync(): fsync once at the end instead
-        self._batch: BatchWriter | None = None  # set while inside writer(): puts go to it
+        self._batch: BatchWriter | None = None  # set while inside writer(): puts are queued to it
         self.path = Path(path) if path is not None else default_store_path()
         self.blocks_dir = self.path / "blocks"
         self.blocks_dir.mkdir(parents=True, exist_ok=True)
@@ -137,12 +137,13 @@ class Blockstore(_Puts):
 
     @contextmanager
     def writer(self, *, depth: int = 16) -> Iterator[BatchWriter]:
-        """Batch many puts (a fetch): while this is open, `put` hashes the block once and writes
-        it through a `BatchWriter` (first blocks to flatfs files, the rest to one pack), readable
-        at once (read your writes). On leaving, the pack's index is written, the first write
-        error (if any) is raised, and one sync makes the batch durable (deferred_sync).
-        `depth` is accepted for callers of the threaded writer this replaced; nothing is
-        queued. Nested calls share the outer writer."""
+        """Batch many puts (a fetch): while this is open, `put` (from any thread) hashes the
+        block once, in the caller's thread, and queues it for a `BatchWriter` thread that writes
+        while the caller reads the next one (first blocks to flatfs files, the rest to one pack).
+        Queued blocks already count for `has` and `get` (read your writes). On leaving, the queue
+        drains, the pack's index is written, the first write error (if any) is raised, and one
+        sync makes the batch durable (deferred_sync). At most `depth` blocks wait in memory.
+        Nested calls share the outer writer."""
         if self._batch is not None:
             yield self._batch
             return
@@ -239,6 +240,11 @@ class Blockstore(_Puts):
         """The block's bytes, verified against `cid` (corruption raises CIDMismatch)."""
         if cid.is_identity:
             return cid.multihash.digest
+        batch = self._batch
+        if batch is not None:
+            queued = batch.queued(cid)
+            if queued is not None:
+                return queued  # verified by put a moment ago, still in this process's memory
         damaged: CIDMismatch | None = None
         try:
             data = self._file(cid).read_bytes()
@@ -294,12 +300,17 @@ class Blockstore(_Puts):
         return memoryview(self.get(cid))
 
     def has(self, cid: CID) -> bool:
-        return (cid.is_identity or self._file(cid).exists()
+        batch = self._batch
+        return (cid.is_identity or (batch is not None and batch.queued(cid) is not None) or self._file(cid).exists()
                 or self.packs.lookup(cid.multihash.encode()) is not None)
 
     def size(self, cid: CID) -> int:
         if cid.is_identity:
             return len(cid.multihash.digest)
+        batch = self._batch
+        queued = batch.queued(cid) if batch is not None else None
+        if queued is not None:
+            return len(queued)
         try:
             return self._file(cid).stat().st_size
         except FileNotFoundError:
@@ -420,51 +431,24 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE; an error shows at the sync
 
 
-class _Writeback:
-    """`_start_writeback` of a pack's steps on a thread of its own. Submitting a step's pages
-    (the file system allocating blocks and building the I/O) is CPU work, ~1 ms per 8 MiB step
-    here, that would otherwise sit between two blocks of the fetch; on its own thread it runs
-    while the fetch reads and hashes the next blocks (ctypes lets go of the GIL for the call).
-    One hand-off per step, not per block. `close` waits for the submitted steps (before the
-    pack's fd is closed and the batch's syncfs)."""
-
-    def __init__(self, fd: int) -> None:
-        import queue
-
-        self.fd = fd
-        self._steps: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="pack-writeback", daemon=True)
-        self._thread.start()
-
-    def step(self, offset: int, length: int) -> None:
-        self._steps.put((offset, length))
-
-    def _run(self) -> None:
-        while (step := self._steps.get()) is not None:
-            _start_writeback(self.fd, *step)
-
-    def close(self) -> None:
-        self._steps.put(None)
-        self._thread.join()
-
-
 class BatchWriter:
     """Blocks into a Blockstore at the speed of the disk, not of one fsync (or one file) per block.
 
-    `put` checks the size and the hash (CIDMismatch before anything is written: nothing
-    unverified reaches the store, and each block is hashed exactly once), then writes the block
-    at once, in the caller's thread, and keeps no reference to it: the caller may pass a view of
-    a buffer it reuses for the next block (the fetch client reads every block into one buffer).
-    The first `FLATFS_FIRST` blocks go to flatfs files, straight to their names (one create, one
-    write, one close: `Blockstore._write_new`), so a small batch (a manifest, a flow) makes no
-    pack; every later block is appended to one pack file (`cidboot.store.packs`), whose index is
-    written when the batch ends. Then `writer()` makes the whole batch durable with one `syncfs`.
+    `put` checks the size and the hash (CIDMismatch before anything is queued: nothing
+    unverified reaches the store, and each block is hashed exactly once), then queues the write;
+    one background thread writes while the caller reads and hashes the next block (writing a
+    256 KiB block into the page cache costs ~40 % of hashing it: on a core of its own it is off
+    the fetch's path). The first `FLATFS_FIRST` blocks go to flatfs files, straight to their
+    names (one create, one write, one close: `Blockstore._write_new`), so a small batch (a
+    manifest, a flow) makes no pack; every later block is appended to one pack file
+    (`cidboot.store.packs`), whose index is written when the batch ends. Then `writer()` makes
+    the whole batch durable with one `syncfs`.
 
-    Why in the caller's thread: writing a block into the page cache costs less than handing it
-    to a writer thread did (a queue, a lock and a thread wake-up per block, and a bytes object
-    per block that the thread kept alive), and the socket's buffer keeps the gateway sending
-    while the caller writes. A block put is readable at once (read your writes): from its file,
-    or from the pack through the live index.
+    Buffers: a caller that reads blocks into memory of its own (the fetch client's CAR reader)
+    takes it from `buffer(size)` and puts a view of it: the writer owns that buffer until the
+    block is written, then hands it out again, so a fetch neither allocates nor copies per block
+    (at most `depth` + a few buffers exist). Any other buffer is copied when queued (bytes are
+    queued as they are): once `put` returns, the caller may reuse what it passed.
 
     Why no temp file and rename per block, and an index written before the sync: they would buy
     "a crash never leaves a partial block under its name", but the store never trusts a name
@@ -476,27 +460,52 @@ class BatchWriter:
     block. The durability point is the `syncfs` at the end of the batch: a fetch that returned
     has every block on disk, and only then may a caller pin the root.
 
-    A write error stops the writer (its pack is removed, unpublished); that `put`, every later
-    one and `close` raise it. Unlike `Blockstore.put`, a block already present is not read back
-    and compared: callers batch blocks they found missing or damaged (a good copy in a pack
-    wins over a damaged flatfs file on read, and a file found at the name is replaced
-    atomically). Puts from several threads take turns (a lock per put)."""
+    The queue holds at most `depth` blocks, so memory stays flat however large the batch. Queued
+    blocks already count for `has` and `get` (read your writes). A write error stops the writer
+    (its pack is removed, unpublished); the next `put` or `close` raises it. Unlike
+    `Blockstore.put`, a block already present is not read back and compared: callers batch
+    blocks they found missing or damaged (a good copy in a pack wins over a damaged flatfs file
+    on read, and a file found at the name is replaced atomically)."""
 
     def __init__(self, store: Blockstore, depth: int = 16) -> None:
+        import queue
+        from collections import deque
+
         self.store = store
         self.blocks = 0
         self.bytes = 0
+        self.depth = max(1, depth)
+        self._queue: queue.Queue[tuple[bytes, Buffer, bytearray | None] | None] = queue.Queue(maxsize=self.depth)
+        self._pending: dict[bytes, Buffer] = {}  # multihash -> bytes queued, not yet written
+        self._pending_lock = threading.Lock()
+        self._free: deque[bytearray] = deque()  # buffers written out, to hand out again
+        self._lent: dict[int, bytearray] = {}  # id -> buffer handed out by `buffer`, not yet put
         self._error: BaseException | None = None
         self._closed = False
+        self._written = 0
         self._pack: str | None = None  # this batch's pack, once it has one
         self._pack_fd = -1
         self._pack_size = 0
         self._flushed = 0  # pack bytes handed to the disk so far (early writeback)
-        self._writeback: _Writeback | None = None  # its thread, from the first step on
-        self._lock = threading.Lock()  # a put from another thread (a caching store's fetch) waits its turn
+        self._thread = threading.Thread(target=self._run, name="blockstore-writer", daemon=True)
+        self._thread.start()
+
+    def buffer(self, size: int) -> bytearray:
+        """A buffer of at least `size` bytes to read a block into and `put` a view of (see the
+        class): one the writer has finished with, or a new one."""
+        try:
+            buf = self._free.pop()
+        except IndexError:
+            buf = bytearray(size)
+        if len(buf) < size:
+            buf = bytearray(size)
+        if len(self._lent) > self.depth + 4:  # handed out and never put (a block sent twice): forget them;
+            self._lent.clear()  # one put after all is copied, as any buffer not ours
+        self._lent[id(buf)] = buf
+        return buf
 
     def put(self, cid: CID, data: Buffer) -> None:
-        """Verify `data` against `cid` (CIDMismatch, BlockstoreError above MAX_BLOCK) and write it."""
+        """Verify `data` against `cid` (CIDMismatch, BlockstoreError above MAX_BLOCK) and queue it."""
         if self._error is not None:
             raise self._error
         if self._closed:
@@ -504,22 +513,27 @@ class BatchWriter:
         check_block(cid, data)
         if cid.is_identity:
             return
+        owned: bytearray | None = None
+        if isinstance(data, memoryview):
+            owned = self._lent.get(id(data.obj))
+            if owned is not None and owned is data.obj:
+                del self._lent[id(owned)]  # ours until written: queued as it is
+            else:
+                owned, data = None, bytes(data)
+        elif not isinstance(data, bytes):
+            data = bytes(data)  # a buffer the caller may reuse once put returns
         key = cid.multihash.encode()
-        with self._lock:
-            if self._error is not None:
-                raise self._error
-            if self._closed:
-                raise BlockstoreError("BatchWriter.put after close")
-            try:
-                if self.blocks < FLATFS_FIRST:
-                    self.store._write_new(self.store._block_path(key), data)
-                else:
-                    self._append(key, data)
-            except BaseException as e:
-                self._error = e
-                raise
-            self.blocks += 1
-            self.bytes += len(data)
+        with self._pending_lock:
+            self._pending[key] = data
+        self.blocks += 1
+        self.bytes += len(data)
+        self._queue.put((key, data, owned))
+
+    def queued(self, cid: CID) -> bytes | None:
+        """The bytes of `cid` if queued and not yet written (verified on put)."""
+        with self._pending_lock:
+            data = self._pending.get(cid.multihash.encode())
+            return None if data is None else bytes(data)
 
     def _append(self, key: bytes, data: Buffer) -> None:
         """Append one block to this batch's pack (created, and locked against gc, on first use)."""
@@ -537,21 +551,39 @@ class BatchWriter:
         packs.add(key, Entry(self._pack, self._pack_size, len(data)))
         self._pack_size += len(data)
         if self._pack_size - self._flushed >= WRITEBACK_STEP:
-            if self._writeback is None:
-                self._writeback = _Writeback(self._pack_fd)
-            self._writeback.step(self._flushed, self._pack_size - self._flushed)
+            _start_writeback(self._pack_fd, self._flushed, self._pack_size - self._flushed)
             self._flushed = self._pack_size
 
-    def close(self) -> None:
-        """Publish the pack's index; raise the first write error."""
-        with self._lock:
-            self._close()
+    def _run(self) -> None:
+        store = self.store
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            key, data, owned = item
+            if self._error is None:  # after an error: drain, so a blocked put() wakes up and sees it
+                try:
+                    if self._written < FLATFS_FIRST:
+                        store._write_new(store._block_path(key), data)
+                    else:
+                        self._append(key, data)
+                    self._written += 1
+                except BaseException as e:  # handed to the caller's thread
+                    self._error = e
+            with self._pending_lock:
+                if self._pending.get(key) is data:
+                    del self._pending[key]
+            if owned is not None:
+                self._free.append(owned)  # written: it may be read into again
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Wait for every queued write, publish the pack's index; raise the first write error."""
         if not self._closed:
             self._closed = True
-            if self._writeback is not None:
-                self._writeback.close()
+            self._queue.put(None)
+            self._thread.join()
+            self._free.clear()
+            self._lent.clear()
             if self._pack is not None:
                 try:
                     if self._error is None:

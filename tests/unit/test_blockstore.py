@@ -127,6 +127,25 @@ def test_batch_writer_keeps_no_reference_to_a_reused_buffer(tmp_path: Path) -> N
     assert [Blockstore(store.path).get(c) for c in cids] == blocks
 
 
+def test_batch_writer_lends_buffers_and_reuses_them_only_once_written(tmp_path: Path) -> None:
+    """The fetch client reads each block into a buffer the writer lends (`buffer`): put queues
+    a view of it without a copy, and the writer hands it out again only after writing it, so
+    every block lands intact while at most `depth` + a few buffers ever exist."""
+    store = Blockstore(tmp_path / "s")
+    blocks = [random.Random(i).randbytes(5000) for i in range(200)]
+    cids = [CID.of(d, RAW) for d in blocks]
+    seen: set[int] = set()
+    with store.writer(depth=4) as w:
+        for c, d in zip(cids, blocks, strict=True):
+            buf = w.buffer(len(d))
+            seen.add(id(buf))
+            buf[: len(d)] = d
+            w.put(c, memoryview(buf)[: len(d)])
+            assert store.get(c) == d  # queued or written: readable at once
+    assert [Blockstore(store.path).get(c) for c in cids] == blocks
+    assert len(seen) <= 4 + 4
+
+
 def test_batch_writer_raises_a_write_error(tmp_path: Path) -> None:
     store = Blockstore(tmp_path / "s")
     data = b"x" * 100

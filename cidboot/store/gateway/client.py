@@ -334,6 +334,7 @@ class _Session:
             _check(gw, cid, data)
             return self.known[key]
         _store_verified(self.store, gw, cid, data)  # nothing unverified is stored (hashed by put)
+        # after put: a lent buffer stays as it is until the next block is read into it (this thread)
         links = [] if cid.codec == RAW else dag.links(cid, bytes(data))
         self.known[key] = links
         self.result.blocks_fetched += 1
@@ -349,7 +350,10 @@ class _Session:
         got: set[bytes] = set()
         try:
             reader = CarReader(req.resp, verify=False, max_block_size=MAX_BLOCK)
-            for cid, data in reader.views():  # each block read into one reused buffer, hashed by put
+            batch = self.store._batch if isinstance(self.store, Blockstore) else None
+            # each block read into a buffer the store's batch writer lends (and takes back, written),
+            # or into one reused buffer (a memory store copies what it keeps); hashed by put
+            for cid, data in reader.views(batch.buffer if batch is not None else None):
                 key = cid.multihash.encode()
                 if key not in wanted:
                     raise BadGateway(f"sent block {cid}, which is not linked from what was fetched", gateway=gw)
@@ -406,8 +410,10 @@ def fetch(
 ) -> FetchResult:
     """Fetch the whole DAG under `root` into `dest` (a Blockstore, or a directory to open one
     in, or a MemoryBlockstore), verifying every block exactly once: a CAR is read as it
-    streams, each block into one reused buffer (`CarReader.views`), hashed there and written
-    from there by the store's BatchWriter (a memory store copies it); one sync at the end.
+    streams, each block into a buffer the store's BatchWriter lends (`CarReader.views`),
+    hashed there and queued to the writer's thread, which writes it from there while the next
+    block is read, then lends the buffer again (a memory store copies what it keeps); one sync
+    at the end.
 
     Each round walks what is already local and asks the gateways (in order) for each missing
     subtree as a CAR, falling back to single raw blocks when a gateway cannot do CARs. A gateway
