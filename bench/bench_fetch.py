@@ -215,6 +215,7 @@ def main() -> int:
                     rows[-1]["baseline_both_MBps"] = round(mb / b, 1)
                     rows[-1]["baseline_both/plain"] = round(plain / b, 3)
                     rows[-1]["ours/baseline_both"] = round(b / mine, 3)
+                    rows[-1]["baseline_both_runs_s"] = [round(x, 3) for x in base_both_s]
         finally:
             for p in procs:
                 p.terminate()
