@@ -35,7 +35,8 @@ from cidboot.store.packs import FLATFS_FIRST, Entry, PackIndex, read_into_buffer
 SHARDING = "/repo/flatfs/shard/v1/next-to-last/2"
 MAX_BLOCK = 4 * 1024 * 1024
 #: what `put` takes: a block's bytes, or a view of a buffer the caller reuses once `put` returns
-#: (no store keeps a reference to it: the memory store copies, the file store writes)
+#: (no store keeps a reference to such a buffer: the memory store copies it, a batch writer copies
+#: it when queued unless it lent the buffer itself, `BatchWriter.buffer`)
 Buffer = bytes | bytearray | memoryview
 
 
@@ -220,7 +221,7 @@ class Blockstore(_Puts):
     # -- blocks -------------------------------------------------------------------------
     def put(self, cid: CID, data: Buffer) -> None:
         """Store `data` under `cid` after checking it hashes to it (CIDMismatch otherwise).
-        Inside writer(), the batch writes it (see there)."""
+        Inside writer(), the write is queued to the batch (see there)."""
         batch = self._batch
         if batch is not None:
             batch.put(cid, data)
