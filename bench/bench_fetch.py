@@ -13,11 +13,14 @@ plus the client's peak RSS for 16 MiB and 256 MiB. Each figure is the median of 
 the kinds alternating, so a busy spell of the machine hits all of them alike. `--baseline DIR`
 also runs the gateway of another checkout (e.g. main) on the same store, and
 `--baseline-client DIR` that checkout's client (its store code too) from our gateway, in the
-same alternation: before/after figures of a gateway or a client change from one run.
+same alternation: before/after figures of a gateway or a client change from one run. With both
+(the same DIR), that checkout's client also fetches from its own gateway (`baseline_both`):
+the whole before, beside the whole after.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import subprocess
@@ -37,18 +40,39 @@ from tests.support.kubo_node import free_port, start_kubo
 MIB = 1024 * 1024
 
 
-def client_child(cid: str, gateway: str, store: Path, cwd: str | None = None) -> tuple[float, int]:
-    """Our client in a fresh interpreter (seconds, peak RSS in KiB); `cwd`: another checkout's."""
+#: CPU seconds (user + system) of the fetches, by kind: on 2 cores shared with other work the
+#: wall times swing with the load; the CPU a fetch costs each side swings much less
+CPU: dict[str, list[float]] = {}
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def client_child(cid: str, gateway: str, store: Path, cwd: str | None = None, *, kind: str = "",
+                 gw_pid: int | None = None) -> tuple[float, int]:
+    """Our client in a fresh interpreter (seconds, peak RSS in KiB); `cwd`: another checkout's.
+    With `kind`, the fetch's CPU (client, and the gateway process `gw_pid`) goes to CPU."""
     code = (
         "import resource,time\n"
         "from cidboot.store.blockstore import Blockstore\n"
         "from cidboot.store.gateway.client import fetch\n"
+        "r=resource.getrusage(resource.RUSAGE_SELF)\n"
         "t=time.perf_counter()\n"
         f"fetch({cid!r}, [{gateway!r}], Blockstore({str(store)!r}))\n"
-        "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "e=time.perf_counter()-t\n"
+        "q=resource.getrusage(resource.RUSAGE_SELF)\n"
+        "print(e, q.ru_maxrss, q.ru_utime+q.ru_stime-r.ru_utime-r.ru_stime)\n"
     )
+    g0 = proc_cpu(gw_pid) if gw_pid else 0.0
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                          cwd=cwd).stdout.split()
+    if kind:
+        CPU.setdefault(f"{kind}_client_cpu_s", []).append(float(out[2]))
+        if gw_pid:
+            CPU.setdefault(f"{kind}_gateway_cpu_s", []).append(proc_cpu(gw_pid) - g0)
     return float(out[0]), int(out[1])
 
 
@@ -91,15 +115,18 @@ def main() -> int:
         try:
             store = Blockstore(work / "origin")
             port = free_port()
-            procs.append(subprocess.Popen([sys.executable, "-m", "bootstrap", "gateway", "--store", str(store.path),
-                                           "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL))
+            gw = subprocess.Popen([sys.executable, "-m", "bootstrap", "gateway", "--store", str(store.path),
+                                   "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL)
+            procs.append(gw)
             ours = f"http://127.0.0.1:{port}"
             base = None
+            bgw: subprocess.Popen[bytes] | None = None
             if args.baseline:
                 bport = free_port()
-                procs.append(subprocess.Popen([sys.executable, "-m", "bootstrap", "gateway", "--store",
-                                               str(store.path), "--listen", f"127.0.0.1:{bport}"],
-                                              stdout=subprocess.DEVNULL, cwd=Path(args.baseline).resolve()))
+                bgw = subprocess.Popen([sys.executable, "-m", "bootstrap", "gateway", "--store",
+                                        str(store.path), "--listen", f"127.0.0.1:{bport}"],
+                                       stdout=subprocess.DEVNULL, cwd=Path(args.baseline).resolve())
+                procs.append(bgw)
                 base = f"http://127.0.0.1:{bport}"
                 wait_http(base + "/ipfs/bafkqaaa?format=raw")
             hport = free_port()
@@ -120,11 +147,12 @@ def main() -> int:
                 plain_s, ours_s, kubo_s, dag_s, static_s, rss, kubo_rss = [], [], [], [], [], [], []
                 base_s: list[float] = []
                 base_client_s: list[float] = []
+                base_both_s: list[float] = []  # the baseline's client from the baseline's gateway
                 for i in range(max(1, args.runs)):
                     dl = work / f"download-{mib}"
                     plain_s.append(timed(curl, f"http://127.0.0.1:{hport}/f{mib}", dl))
                     dl.unlink()
-                    sec, kb = client_child(cid, ours, work / f"c1-{mib}-{i}")
+                    sec, kb = client_child(cid, ours, work / f"c1-{mib}-{i}", kind=f"ours_{mib}", gw_pid=gw.pid)
                     ours_s.append(sec)
                     rss.append(kb)
                     sec, kb = client_child(cid, kubo.gateway_url, work / f"c2-{mib}-{i}")
@@ -141,6 +169,12 @@ def main() -> int:
                         sec, _kb = client_child(cid, base, work / f"c4-{mib}-{i}")
                         base_s.append(sec)
                         shutil.rmtree(work / f"c4-{mib}-{i}")
+                    if base is not None and args.baseline_client:  # before: that checkout's client and gateway
+                        sec, _kb = client_child(cid, base, work / f"c6-{mib}-{i}",
+                                                str(Path(args.baseline_client).resolve()),
+                                                kind=f"baseline_both_{mib}", gw_pid=bgw.pid if bgw else None)
+                        base_both_s.append(sec)
+                        shutil.rmtree(work / f"c6-{mib}-{i}")
                     dag_s.append(timed(sink.ipfs, "dag", "import", "--pin-roots=true", str(car)))
                     sink.ipfs("pin", "rm", cid)
                     sink.ipfs("repo", "gc")
@@ -173,6 +207,15 @@ def main() -> int:
                 if base_s:
                     rows[-1]["ours_from_baseline_gw_MBps"] = round(mb / statistics.median(base_s), 1)
                     rows[-1]["our_gw/baseline_gw"] = round(statistics.median(base_s) / mine, 3)
+                for key, values in CPU.items():
+                    if key.endswith(f"_{mib}_client_cpu_s") or key.endswith(f"_{mib}_gateway_cpu_s"):
+                        rows[-1][key.replace(f"_{mib}_", "_")] = round(statistics.median(values), 3)
+                if base_both_s:
+                    b = statistics.median(base_both_s)
+                    rows[-1]["baseline_both_MBps"] = round(mb / b, 1)
+                    rows[-1]["baseline_both/plain"] = round(plain / b, 3)
+                    rows[-1]["ours/baseline_both"] = round(b / mine, 3)
+                    rows[-1]["baseline_both_runs_s"] = [round(x, 3) for x in base_both_s]
         finally:
             for p in procs:
                 p.terminate()
@@ -181,9 +224,12 @@ def main() -> int:
         "plain_http": "curl of the same file from python -m http.server on loopback to a file (no hashing, no store)",
         "dag_import": "ipfs dag import (CLI -> the daemon's API) of the CAR our gateway serves, from a file, into an "
                       "empty second Kubo node; pinned, then unpinned and gc'd between runs",
-        "ours": "cidboot.store.gateway.client.fetch: CAR stream, every block hashed once, written by a batched writer "
-                "(first 16 blocks to flatfs files, the rest appended to one pack file), one syncfs at the end",
+        "ours": "cidboot.store.gateway.client.fetch: CAR stream, each block read into one reused buffer, hashed and "
+                "written from there (first 16 blocks to flatfs files, the rest appended to one pack file), one "
+                "syncfs at the end; our gateway hashes every block it sends",
         "runs": args.runs, "figures": "median of the runs (ours_runs_s, plain_runs_s: each run); RSS the largest",
+        "cpu": "*_client_cpu_s: user + system CPU of the fetch in the client process; *_gateway_cpu_s: of the "
+               "gateway process (all threads) during that fetch; medians. Steadier than wall time on shared cores",
         "baseline": args.baseline, "baseline_client": args.baseline_client,
     })
     return 0

@@ -7,8 +7,8 @@ out, so a CAR from anywhere can be imported without trusting its source.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import BinaryIO
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, Protocol
 
 from cidboot.errors import FormatError
 from cidboot.ipld import dagcbor, varint
@@ -17,6 +17,17 @@ from cidboot.ipld.cid import CID, CIDError
 MAX_HEADER = 1024 * 1024
 DEFAULT_MAX_BLOCK = 4 * 1024 * 1024
 CARV2_PRAGMA = bytes.fromhex("0aa16776657273696f6e02")
+#: bytes `CarReader.views` reads first of each section: the longest CID it can meet (an identity
+#: multihash of 128 bytes with its varints) and, for a block, its first bytes
+SECTION_HEAD = 160
+
+
+class Readable(Protocol):
+    """What CarReader reads from besides a file: an HTTP response body (the fetch client's)."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+    def readinto(self, b: bytearray | memoryview, /) -> int: ...
 
 
 class CarError(FormatError):
@@ -62,7 +73,8 @@ def section_head(cid: CID, size: int) -> bytes:
 class CarReader:
     """Iterate `(cid, block)` over a CARv1 stream (a CARv2 is unwrapped to its inner CARv1)."""
 
-    def __init__(self, stream: BinaryIO, *, verify: bool = True, max_block_size: int = DEFAULT_MAX_BLOCK) -> None:
+    def __init__(self, stream: BinaryIO | Readable, *, verify: bool = True,
+                 max_block_size: int = DEFAULT_MAX_BLOCK) -> None:
         self.stream, self.verify, self.max_block_size = stream, verify, max_block_size
         self.offset = 0
         self._remaining: int | None = None
@@ -149,3 +161,44 @@ class CarReader:
             if self.verify:
                 cid.verify(data)
             yield cid, data
+
+    def views(self, take: Callable[[int], bytearray] | None = None) -> Iterator[tuple[CID, memoryview]]:
+        """Iterate like `iter(reader)`, but each block is a memoryview into a buffer instead of
+        a bytes object of its own. Without `take`: one buffer the reader reuses (replaced by a
+        larger one when a block needs it), so a view is valid only until the next step. With
+        `take(size)`: a buffer of at least `size` bytes from the caller for each block (the
+        fetch client's come from the store's batch writer, which reuses them once written).
+        Read with the stream's `readinto` (an HTTP response de-chunks into it), so a block's
+        bytes are copied once, from the socket into the buffer. The CID comes with the block's
+        first bytes in one small read (`SECTION_HEAD`), which are copied to the buffer's start."""
+        readinto = self.stream.readinto  # type: ignore[union-attr]  # BinaryIO lacks it; files and HTTP responses have it
+        buf = memoryview(bytearray(0))
+        while True:
+            start = self.offset
+            n = self._varint("section length")
+            if n is None:
+                return
+            if n == 0 or n > self.max_block_size + 128:
+                raise CarError(f"section at byte {start}: length {n} out of range")
+            head = self._read(min(n, SECTION_HEAD), f"section at byte {start}")
+            try:
+                cid, off = CID.read(head)
+            except CIDError as e:
+                raise CarError(f"section at byte {start}: bad CID: {e}") from None
+            size = n - off
+            if take is not None:
+                buf = memoryview(take(size))
+            elif len(buf) < size:  # a new buffer, not a resize: a view the consumer kept stays valid
+                buf = memoryview(bytearray(max(size, 2 * len(buf))))
+            got = len(head) - off
+            buf[:got] = head[off:]
+            while got < size:
+                r = readinto(buf[got:size])
+                if not r:
+                    raise CarError(f"truncated section at byte {start}: wanted {n} bytes, got {off + got}")
+                got += r
+            self.offset += size - (len(head) - off)
+            block = buf[:size]
+            if self.verify:
+                cid.verify(block)
+            yield cid, block

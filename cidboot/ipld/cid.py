@@ -143,7 +143,8 @@ class CID:
         return self.multihash.code == IDENTITY
 
     # -- verification --------------------------------------------------------------------
-    def verify(self, data: bytes) -> None:
-        """Raise CIDMismatch unless `data` hashes to this CID's multihash."""
+    def verify(self, data: bytes | bytearray | memoryview) -> None:
+        """Raise CIDMismatch unless `data` (any buffer: the fetch client hashes views of its
+        receive buffer) hashes to this CID's multihash."""
         if not self.multihash.matches(data):
             raise CIDMismatch(f"block does not match CID {self}")

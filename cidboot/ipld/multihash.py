@@ -30,7 +30,7 @@ class DigestMismatch(VerificationError):
     """Data does not hash to the expected digest."""
 
 
-def _digest(code: int, data: bytes) -> bytes:
+def _digest(code: int, data: bytes | bytearray | memoryview) -> bytes:
     if code == SHA2_256:
         return hashlib.sha256(data).digest()
     if code == SHA2_512:
@@ -90,9 +90,9 @@ class Multihash:
             raise MultihashError(f"{len(raw) - end} trailing bytes after multihash")
         return mh
 
-    def matches(self, data: bytes) -> bool:
+    def matches(self, data: bytes | bytearray | memoryview) -> bool:
         return hmac.compare_digest(_digest(self.code, data), self.digest)
 
-    def verify(self, data: bytes) -> None:
+    def verify(self, data: bytes | bytearray | memoryview) -> None:
         if not self.matches(data):
             raise DigestMismatch(f"data does not match {self.name} digest {self.digest.hex()}")

@@ -20,7 +20,6 @@ import base64
 import fcntl
 import json
 import os
-import queue
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,10 +30,14 @@ from cidboot.errors import FormatError, NotFoundError
 from cidboot.ipld import dag
 from cidboot.ipld.cid import CID, RAW, CIDMismatch
 from cidboot.ipld.multihash import Multihash
-from cidboot.store.packs import FLATFS_FIRST, Entry, PackIndex
+from cidboot.store.packs import FLATFS_FIRST, Entry, PackIndex, read_into_buffer
 
 SHARDING = "/repo/flatfs/shard/v1/next-to-last/2"
 MAX_BLOCK = 4 * 1024 * 1024
+#: what `put` takes: a block's bytes, or a view of a buffer the caller reuses once `put` returns
+#: (no store keeps a reference to such a buffer: the memory store copies it, a batch writer copies
+#: it when queued unless it lent the buffer itself, `BatchWriter.buffer`)
+Buffer = bytes | bytearray | memoryview
 
 
 class BlockstoreError(FormatError):
@@ -78,7 +81,7 @@ def syncfs(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def check_block(cid: CID, data: bytes) -> None:
+def check_block(cid: CID, data: Buffer) -> None:
     """What every way into a store checks first, before anything is written or queued: the
     size bound (BlockstoreError) and the hash (CIDMismatch). Nothing unverified is stored."""
     if len(data) > MAX_BLOCK:
@@ -90,7 +93,7 @@ class _Puts:
     """What the file store and the memory store share: `put_block` on top of each one's `put`
     (through `put`, so a subclass's bookkeeping there, e.g. CachingStore's, sees it too)."""
 
-    def put(self, cid: CID, data: bytes) -> None:
+    def put(self, cid: CID, data: Buffer) -> None:
         raise NotImplementedError
 
     def put_block(self, data: bytes, codec: int = RAW, version: int = 1) -> CID:
@@ -135,12 +138,13 @@ class Blockstore(_Puts):
 
     @contextmanager
     def writer(self, *, depth: int = 16) -> Iterator[BatchWriter]:
-        """Batch many puts (a fetch, an import): while this is open, `put` (from any thread)
-        hashes the block once, in the caller's thread, and queues it for a background thread
-        that writes while the caller reads the next one. Queued blocks already count for `has`
-        and `get` (read your writes). On leaving, the queue drains, the first write error (if
-        any) is raised, and one sync makes the batch durable (deferred_sync). At most `depth`
-        blocks wait in memory. Nested calls share the outer writer."""
+        """Batch many puts (a fetch): while this is open, `put` (from any thread) hashes the
+        block once, in the caller's thread, and queues it for a `BatchWriter` thread that writes
+        while the caller reads the next one (first blocks to flatfs files, the rest to one pack).
+        Queued blocks already count for `has` and `get` (read your writes). On leaving, the queue
+        drains, the pack's index is written, the first write error (if any) is raised, and one
+        sync makes the batch durable (deferred_sync). At most `depth` blocks wait in memory.
+        Nested calls share the outer writer."""
         if self._batch is not None:
             yield self._batch
             return
@@ -158,7 +162,7 @@ class Blockstore(_Puts):
         key = _key(cid.multihash)
         return self.blocks_dir / key[-3:-1] / f"{key}.data"
 
-    def _atomic_write(self, path: Path, data: bytes, *, durable: bool = False) -> None:
+    def _atomic_write(self, path: Path, data: Buffer, *, durable: bool = False) -> None:
         """Temp file + rename; fsynced unless inside deferred_sync() (always when `durable`)."""
         if path.parent not in self._dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +190,7 @@ class Blockstore(_Puts):
         key = base64.b32encode(mh).decode().rstrip("=")
         return f"{self._blocks_str}/{key[-3:-1]}/{key}.data"
 
-    def _write_new(self, path: str, data: bytes) -> None:
+    def _write_new(self, path: str, data: Buffer) -> None:
         """One block the caller verified, straight to its final name: create (O_EXCL), write,
         close; no temp name, no rename, no fsync (BatchWriter's path: the batch's one syncfs
         makes it durable). Until the write completes, or if a crash cuts it, the file under the
@@ -204,11 +208,7 @@ class Blockstore(_Puts):
             self._atomic_write(Path(path), data)
             return
         try:
-            done = os.write(fd, data)
-            if done < len(data):
-                with memoryview(data) as view:
-                    while done < len(view):
-                        done += os.write(fd, view[done:])
+            _write_all(fd, data)
         except BaseException:
             os.close(fd)
             try:  # do not leave a torn file behind when we know it is one (reads would refuse it anyway)
@@ -219,7 +219,7 @@ class Blockstore(_Puts):
         os.close(fd)
 
     # -- blocks -------------------------------------------------------------------------
-    def put(self, cid: CID, data: bytes) -> None:
+    def put(self, cid: CID, data: Buffer) -> None:
         """Store `data` under `cid` after checking it hashes to it (CIDMismatch otherwise).
         Inside writer(), the write is queued to the batch (see there)."""
         batch = self._batch
@@ -273,6 +273,32 @@ class Blockstore(_Puts):
             raise BlockNotFound(f"block {cid} is not in the store {self.path}") from None
         cid.verify(data_or_none)
         return data_or_none
+
+    def get_into(self, cid: CID, buf: bytearray) -> memoryview:
+        """`get`, read into `buf` instead of a new bytes object: a view of the verified block,
+        in `buf` or, when the block does not fit, in a new larger bytearray (the view's `obj`,
+        for a caller that reuses its buffers). The bytes are hashed after the read, in the
+        buffer they are returned in, so what the view shows is what was verified for as long
+        as the caller does not write into `buf`. For a reader that sends each block before it
+        reads another into the same buffer (the gateway's CAR stream): no allocation and no
+        fresh pages per block. Anything but an intact block in its file or pack (absent,
+        damaged, a pack gone) goes through `get`, with its errors."""
+        if cid.is_identity:
+            return memoryview(cid.multihash.digest)
+        key = cid.multihash.encode()
+        try:
+            fd = os.open(self._block_path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            entry = self.packs.lookup(key)
+            view = self.packs.read_into(entry, buf) if entry is not None else None
+        else:
+            try:
+                view = read_into_buffer(fd, buf, os.fstat(fd).st_size, 0)
+            finally:
+                os.close(fd)
+        if view is not None and cid.multihash.matches(view):
+            return view
+        return memoryview(self.get(cid))
 
     def has(self, cid: CID) -> bool:
         batch = self._batch
@@ -411,12 +437,19 @@ class BatchWriter:
 
     `put` checks the size and the hash (CIDMismatch before anything is queued: nothing
     unverified reaches the store, and each block is hashed exactly once), then queues the write;
-    one background thread writes while the caller reads the next block. The first
-    `FLATFS_FIRST` blocks go to flatfs files, straight to their names (one create, one write,
-    one close: `Blockstore._write_new`), so a small batch (a manifest, a flow) makes no pack;
-    every later block is appended to one pack file (`cidboot.store.packs`), whose index is
-    written when the batch ends. Then `writer()` makes the whole batch durable with one
-    `syncfs`.
+    one background thread writes while the caller reads and hashes the next block (writing a
+    256 KiB block into the page cache costs ~40 % of hashing it: on a core of its own it is off
+    the fetch's path). The first `FLATFS_FIRST` blocks go to flatfs files, straight to their
+    names (one create, one write, one close: `Blockstore._write_new`), so a small batch (a
+    manifest, a flow) makes no pack; every later block is appended to one pack file
+    (`cidboot.store.packs`), whose index is written when the batch ends. Then `writer()` makes
+    the whole batch durable with one `syncfs`.
+
+    Buffers: a caller that reads blocks into memory of its own (the fetch client's CAR reader)
+    takes it from `buffer(size)` and puts a view of it: the writer owns that buffer until the
+    block is written, then hands it out again, so a fetch neither allocates nor copies per block
+    (at most `depth` + a few buffers exist). Any other buffer is copied when queued (bytes are
+    queued as they are): once `put` returns, the caller may reuse what it passed.
 
     Why no temp file and rename per block, and an index written before the sync: they would buy
     "a crash never leaves a partial block under its name", but the store never trusts a name
@@ -428,19 +461,26 @@ class BatchWriter:
     block. The durability point is the `syncfs` at the end of the batch: a fetch that returned
     has every block on disk, and only then may a caller pin the root.
 
-    The queue holds at most `depth` blocks, so memory stays flat however large the batch. A
-    write error stops the writer (its pack is removed, unpublished); the next `put` or `close`
-    raises it. Unlike `Blockstore.put`, a block already present is not read back and compared:
-    callers batch blocks they found missing or damaged (a good copy in a pack wins over a
-    damaged flatfs file on read, and a file found at the name is replaced atomically)."""
+    The queue holds at most `depth` blocks, so memory stays flat however large the batch. Queued
+    blocks already count for `has` and `get` (read your writes). A write error stops the writer
+    (its pack is removed, unpublished); the next `put` or `close` raises it. Unlike
+    `Blockstore.put`, a block already present is not read back and compared: callers batch
+    blocks they found missing or damaged (a good copy in a pack wins over a damaged flatfs file
+    on read, and a file found at the name is replaced atomically)."""
 
     def __init__(self, store: Blockstore, depth: int = 16) -> None:
+        import queue
+        from collections import deque
+
         self.store = store
         self.blocks = 0
         self.bytes = 0
-        self._queue: queue.Queue[tuple[bytes, bytes] | None] = queue.Queue(maxsize=max(1, depth))
-        self._pending: dict[bytes, bytes] = {}  # multihash -> bytes queued, not yet written
+        self.depth = max(1, depth)
+        self._queue: queue.Queue[tuple[bytes, Buffer, bytearray | None] | None] = queue.Queue(maxsize=self.depth)
+        self._pending: dict[bytes, Buffer] = {}  # multihash -> bytes queued, not yet written
         self._pending_lock = threading.Lock()
+        self._free: deque[bytearray] = deque()  # buffers written out, to hand out again
+        self._lent: dict[int, bytearray] = {}  # id -> buffer handed out by `buffer`, not yet put
         self._error: BaseException | None = None
         self._closed = False
         self._written = 0
@@ -451,7 +491,21 @@ class BatchWriter:
         self._thread = threading.Thread(target=self._run, name="blockstore-writer", daemon=True)
         self._thread.start()
 
-    def put(self, cid: CID, data: bytes) -> None:
+    def buffer(self, size: int) -> bytearray:
+        """A buffer of at least `size` bytes to read a block into and `put` a view of (see the
+        class): one the writer has finished with, or a new one."""
+        try:
+            buf = self._free.pop()
+        except IndexError:
+            buf = bytearray(size)
+        if len(buf) < size:
+            buf = bytearray(size)
+        if len(self._lent) > self.depth + 4:  # handed out and never put (a block sent twice): forget them;
+            self._lent.clear()  # one put after all is copied, as any buffer not ours
+        self._lent[id(buf)] = buf
+        return buf
+
+    def put(self, cid: CID, data: Buffer) -> None:
         """Verify `data` against `cid` (CIDMismatch, BlockstoreError above MAX_BLOCK) and queue it."""
         if self._error is not None:
             raise self._error
@@ -460,19 +514,29 @@ class BatchWriter:
         check_block(cid, data)
         if cid.is_identity:
             return
+        owned: bytearray | None = None
+        if isinstance(data, memoryview):
+            owned = self._lent.get(id(data.obj))
+            if owned is not None and owned is data.obj:
+                del self._lent[id(owned)]  # ours until written: queued as it is
+            else:
+                owned, data = None, bytes(data)
+        elif not isinstance(data, bytes):
+            data = bytes(data)  # a buffer the caller may reuse once put returns
         key = cid.multihash.encode()
         with self._pending_lock:
             self._pending[key] = data
         self.blocks += 1
         self.bytes += len(data)
-        self._queue.put((key, data))
+        self._queue.put((key, data, owned))
 
     def queued(self, cid: CID) -> bytes | None:
         """The bytes of `cid` if queued and not yet written (verified on put)."""
         with self._pending_lock:
-            return self._pending.get(cid.multihash.encode())
+            data = self._pending.get(cid.multihash.encode())
+            return None if data is None else bytes(data)
 
-    def _append(self, key: bytes, data: bytes) -> None:
+    def _append(self, key: bytes, data: Buffer) -> None:
         """Append one block to this batch's pack (created, and locked against gc, on first use)."""
         packs = self.store.packs
         if self._pack is None:
@@ -484,11 +548,7 @@ class BatchWriter:
             fcntl.flock(fd, fcntl.LOCK_EX)  # gc leaves a pack without an index alone while this is held
             self._pack, self._pack_fd = name, fd
             packs.start(name)
-        done = os.write(self._pack_fd, data)
-        if done < len(data):
-            with memoryview(data) as view:
-                while done < len(view):
-                    done += os.write(self._pack_fd, view[done:])
+        _write_all(self._pack_fd, data)
         packs.add(key, Entry(self._pack, self._pack_size, len(data)))
         self._pack_size += len(data)
         if self._pack_size - self._flushed >= WRITEBACK_STEP:
@@ -501,7 +561,7 @@ class BatchWriter:
             item = self._queue.get()
             if item is None:
                 return
-            key, data = item
+            key, data, owned = item
             if self._error is None:  # after an error: drain, so a blocked put() wakes up and sees it
                 try:
                     if self._written < FLATFS_FIRST:
@@ -514,6 +574,8 @@ class BatchWriter:
             with self._pending_lock:
                 if self._pending.get(key) is data:
                     del self._pending[key]
+            if owned is not None:
+                self._free.append(owned)  # written: it may be read into again
 
     def close(self) -> None:
         """Wait for every queued write, publish the pack's index; raise the first write error."""
@@ -521,6 +583,8 @@ class BatchWriter:
             self._closed = True
             self._queue.put(None)
             self._thread.join()
+            self._free.clear()
+            self._lent.clear()
             if self._pack is not None:
                 try:
                     if self._error is None:
@@ -536,6 +600,15 @@ class BatchWriter:
             raise self._error
 
 
+def _write_all(fd: int, data: Buffer) -> None:
+    """os.write until every byte of `data` is written (a short write is rare, not an error)."""
+    done = os.write(fd, data)
+    if done < len(data):
+        with memoryview(data) as view:
+            while done < len(view):
+                done += os.write(fd, view[done:])
+
+
 class MemoryBlockstore(_Puts):
     """Blocks in this process's memory, for a boot stage whose root file system is RAM anyway
     (the bootstrap): no files, no temp names, no sync. `put` verifies like Blockstore's; `get`
@@ -548,7 +621,7 @@ class MemoryBlockstore(_Puts):
         self._blocks: dict[bytes, bytes] = {}
         self.path = Path("<memory>")
 
-    def put(self, cid: CID, data: bytes) -> None:
+    def put(self, cid: CID, data: Buffer) -> None:
         check_block(cid, data)
         if not cid.is_identity:
             self._blocks[cid.multihash.encode()] = bytes(data)

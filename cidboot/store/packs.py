@@ -22,17 +22,31 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("cidboot.store.packs")
-
 #: a batch writes its first this many blocks as flatfs files (a small fetch makes no pack)
 FLATFS_FIRST = 16
 MAX_LENGTH = 4 * 1024 * 1024  # an index entry longer than the block size limit is refused
+
+
+def read_into_buffer(fd: int, buf: bytearray, size: int, offset: int) -> memoryview:
+    """Up to `size` bytes of `fd` from `offset` into `buf` (a new bytearray when it is too
+    small); a view of what was read (short if the file is). A size above the block limit is
+    read only to just past it: such a file cannot hash to its CID, and `get` reports it."""
+    size = min(size, MAX_LENGTH + 1)
+    if len(buf) < size:
+        buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.preadv(fd, [view[got:size]], offset + got)
+        if not n:
+            break
+        got += n
+    return view[:got]
 
 
 @dataclass(frozen=True)
@@ -97,7 +111,10 @@ class PackIndex:
         except FileNotFoundError:
             return {}
         except (ValueError, KeyError, TypeError) as e:  # a torn index: its blocks count as absent
-            log.warning("ignoring damaged pack index %s: %s", self.dir / f"{name}.idx", e)
+            import logging  # only here: a boot stage's start-up does not import logging for nothing
+
+            logging.getLogger("cidboot.store.packs").warning("ignoring damaged pack index %s: %s",
+                                                             self.dir / f"{name}.idx", e)
             return {}
 
     def lookup(self, key: bytes) -> Entry | None:
@@ -109,15 +126,24 @@ class PackIndex:
 
     def read(self, e: Entry) -> bytes | None:
         """The bytes the entry names (as many as the pack has), or None if the pack is gone."""
+        fd = self._fd(e.pack)
+        return None if fd is None else os.pread(fd, e.length, e.offset)
+
+    def read_into(self, e: Entry, buf: bytearray) -> memoryview | None:
+        """`read` into `buf` (Blockstore.get_into): a view of the bytes, or None if the pack is gone."""
+        fd = self._fd(e.pack)
+        return None if fd is None else read_into_buffer(fd, buf, e.length, e.offset)
+
+    def _fd(self, pack: str) -> int | None:
         with self._lock:
-            fd = self._fds.get(e.pack)
+            fd = self._fds.get(pack)
             if fd is None:
                 try:
-                    fd = os.open(self.dir / f"{e.pack}.pack", os.O_RDONLY | os.O_CLOEXEC)
+                    fd = os.open(self.dir / f"{pack}.pack", os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
                     return None
-                self._fds[e.pack] = fd
-        return os.pread(fd, e.length, e.offset)
+                self._fds[pack] = fd
+        return fd
 
     def keys(self) -> list[bytes]:
         self.refresh()

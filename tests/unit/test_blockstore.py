@@ -111,6 +111,41 @@ def test_batch_writer_verifies_before_queueing_and_writes_atomically(tmp_path: P
     assert not list((tmp_path / "s" / "blocks").rglob(".tmp-*"))
 
 
+def test_batch_writer_keeps_no_reference_to_a_reused_buffer(tmp_path: Path) -> None:
+    """The fetch client reads every block into one buffer and puts a view of it: once put
+    returns, the block is stored (flatfs file or pack) and the buffer may be overwritten."""
+    store = Blockstore(tmp_path / "s")
+    blocks = [bytes([i]) * 5000 for i in range(40)]  # past FLATFS_FIRST: into a pack too
+    cids = [CID.of(d, RAW) for d in blocks]
+    buf = bytearray(5000)
+    with store.writer() as w:
+        for c, d in zip(cids, blocks, strict=True):
+            buf[:] = d
+            w.put(c, memoryview(buf))
+            buf[:] = b"\xff" * 5000  # the next block's bytes arrive in the same buffer
+        assert [store.get(c) for c in cids] == blocks  # read your writes
+    assert [Blockstore(store.path).get(c) for c in cids] == blocks
+
+
+def test_batch_writer_lends_buffers_and_reuses_them_only_once_written(tmp_path: Path) -> None:
+    """The fetch client reads each block into a buffer the writer lends (`buffer`): put queues
+    a view of it without a copy, and the writer hands it out again only after writing it, so
+    every block lands intact while at most `depth` + a few buffers ever exist."""
+    store = Blockstore(tmp_path / "s")
+    blocks = [random.Random(i).randbytes(5000) for i in range(200)]
+    cids = [CID.of(d, RAW) for d in blocks]
+    seen: set[int] = set()
+    with store.writer(depth=4) as w:
+        for c, d in zip(cids, blocks, strict=True):
+            buf = w.buffer(len(d))
+            seen.add(id(buf))
+            buf[: len(d)] = d
+            w.put(c, memoryview(buf)[: len(d)])
+            assert store.get(c) == d  # queued or written: readable at once
+    assert [Blockstore(store.path).get(c) for c in cids] == blocks
+    assert len(seen) <= 4 + 4
+
+
 def test_batch_writer_raises_a_write_error(tmp_path: Path) -> None:
     store = Blockstore(tmp_path / "s")
     data = b"x" * 100

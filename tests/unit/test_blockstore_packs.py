@@ -186,3 +186,35 @@ def test_gc_keeps_a_mostly_live_pack_and_drops_a_damaged_index_and_orphans(origi
     with running_gateway(src) as gw:
         fetch(root, [gw.url], fresh)
     assert b"".join(export_file(root, Blockstore(local.path).get)) == DATA
+
+
+@pytest.mark.parametrize("where", ["flatfs", "pack"])
+def test_get_into_reads_a_verified_block_into_the_callers_buffer(origin: tuple[Blockstore, CID], tmp_path: Path,
+                                                                 where: str) -> None:
+    """The gateway's CAR walk reads each block into a reused buffer (Blockstore.get_into): the
+    view holds the block's bytes, verified in that buffer; a buffer too small is replaced by a
+    larger one (the view's obj); a damaged copy is refused as by get, an absent one too."""
+    src, root = origin
+    local = Blockstore(tmp_path / "local")
+    with running_gateway(src) as gw:
+        fetch(root, [gw.url], local)
+    packed_leaves = set(in_pack(local, root))
+    victim = next(c for c, _ in dag.walk(root, local.get) if c != root and (c in packed_leaves) == (where == "pack"))
+    good = src.get(victim)
+    buf = bytearray(64 * 1024)
+    view = local.get_into(victim, buf)
+    assert bytes(view) == good and view.obj is buf
+    small = local.get_into(victim, bytearray(10))
+    assert bytes(small) == good and len(small.obj) >= len(good)  # type: ignore[arg-type]
+    if where == "flatfs":
+        local._file(victim).write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    else:
+        entry = local.packs.lookup(victim.multihash.encode())
+        assert entry is not None
+        with open(packed(local)[0], "r+b") as f:
+            f.seek(entry.offset)
+            f.write(bytes([good[0] ^ 1]))
+    with pytest.raises(CIDMismatch):
+        Blockstore(local.path).get_into(victim, buf)
+    with pytest.raises(BlockNotFound):
+        local.get_into(CID.of(b"absent", RAW), buf)

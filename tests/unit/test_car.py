@@ -121,3 +121,56 @@ def test_trailing_garbage_after_last_section_is_refused() -> None:
         read_all(car_bytes() + b"\x05abc")  # a section that claims 5 bytes but has 3
     with pytest.raises(CarError, match="bad CID"):
         read_all(car_bytes() + b"\x03abc")  # a complete section whose CID is garbage
+
+
+class _Dribble(io.RawIOBase):
+    """A stream that hands out at most `step` bytes per read/readinto (a socket, a chunked
+    HTTP body): views() must fill each block across many reads."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self.data, self.pos, self.step = data, 0, step
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(b), self.step, len(self.data) - self.pos)
+        b[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+        n = len(self.data) - self.pos if n < 0 else n
+        out = b""
+        while len(out) < n:  # a short read only at the end, like an HTTP response's read(n)
+            chunk = self.data[self.pos : self.pos + min(n - len(out), self.step)]
+            if not chunk:
+                break
+            self.pos += len(chunk)
+            out += chunk
+        return out
+
+
+@pytest.mark.parametrize("step", [1, 7, 1 << 20])
+def test_views_yield_the_same_blocks_read_into_one_reused_buffer(step: int) -> None:
+    big = [bytes([i]) * (300 + 1000 * i) for i in range(5)]  # each larger than SECTION_HEAD and the last
+    blocks = [(CA, A), *((CID.of(d, RAW), d) for d in big), (CB, B)]
+    data = car_bytes(blocks=blocks)
+    r = CarReader(_Dribble(data, step))
+    got = [(c, bytes(v)) for c, v in r.views()]
+    assert got == blocks and r.offset == len(data)
+    # the buffer is reused: a view kept past its step shows a later block's bytes, not its own
+    views = [(c, v) for c, v in CarReader(io.BytesIO(car_bytes(blocks=[(CB, B), (CA, A)]))).views()]
+    assert bytes(views[0][1]) != B
+
+
+@pytest.mark.parametrize("cut", [1, 5, 100])
+def test_views_refuse_a_truncated_or_lying_car(cut: int) -> None:
+    blob = bytes(range(256)) * 4
+    data = car_bytes(blocks=[(CA, A), (CID.of(blob, RAW), blob)])
+    with pytest.raises(CarError, match="truncated"):
+        list(CarReader(_Dribble(data[:-cut], 3)).views())
+    lying = car_bytes(blocks=[(CA, B)])
+    with pytest.raises(CIDMismatch):
+        list(CarReader(io.BytesIO(lying)).views())
+    assert [bytes(v) for _, v in CarReader(io.BytesIO(lying), verify=False).views()] == [B]

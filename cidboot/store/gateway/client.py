@@ -9,8 +9,6 @@ in a local `Blockstore`, so an interrupted fetch resumes where it stopped.
 
 from __future__ import annotations
 
-import http.client
-import logging
 import os
 import socket
 import threading
@@ -22,11 +20,31 @@ from urllib.parse import urlsplit
 from cidboot.errors import CidbootError, VerificationError
 from cidboot.ipld import dag
 from cidboot.ipld.car import CarReader
-from cidboot.ipld.cid import CID
+from cidboot.ipld.cid import CID, RAW
 from cidboot.ipld.unixfs.exporter import export_file
-from cidboot.store.blockstore import MAX_BLOCK, AnyStore, Blockstore, MemoryBlockstore
+from cidboot.store.blockstore import MAX_BLOCK, AnyStore, Blockstore, Buffer, MemoryBlockstore
+from cidboot.store.gateway.wire import Connection, ResponseError
 
-log = logging.getLogger("cidboot.store.gateway.client")
+
+class _Log:
+    """`logging.getLogger("cidboot.store.gateway.client")`, imported on the first message: a
+    boot stage that fetches without a warning never imports logging (~15 ms of instructions
+    of the bootstrap's start-up under TCG)."""
+
+    @staticmethod
+    def _emit(level: str, msg: str, *args: object) -> None:
+        import logging
+
+        getattr(logging.getLogger("cidboot.store.gateway.client"), level)(msg, *args, stacklevel=3)
+
+    def warning(self, msg: str, *args: object) -> None:
+        self._emit("warning", msg, *args)
+
+    def info(self, msg: str, *args: object) -> None:
+        self._emit("info", msg, *args)
+
+
+log = _Log()
 
 #: HTTP statuses that mean "this gateway does not do CARs", so its raw blocks are tried instead
 CAR_REFUSED = (400, 406, 501)
@@ -97,12 +115,15 @@ def block_size_limit(cid: CID, max_size: int = MAX_BLOCK) -> int:
     return min(max_size, MAX_BLOCK)
 
 
-def _connect(base: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+def _connect(base: str, timeout: float) -> tuple[Connection, str]:
     u = urlsplit(base)
-    if u.scheme not in ("http", "https") or not u.hostname:
+    try:
+        port = u.port
+    except ValueError:
+        port = -1
+    if u.scheme not in ("http", "https") or not u.hostname or port == -1:
         raise GatewayError(f"gateway URL must be http(s)://host[:port][/prefix], got {base!r}", gateway=base)
-    cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-    return cls(u.hostname, u.port, timeout=timeout), u.path.rstrip("/")
+    return Connection(u.hostname, port, tls=u.scheme == "https", timeout=timeout), u.path.rstrip("/")
 
 
 class _Watchdog:
@@ -169,15 +190,15 @@ class _Request:
             self.watchdog.sock = self.conn.sock
             if self.watchdog.expired:
                 raise TimeoutError("connect took the whole deadline")
-            self.conn.request("GET", prefix + target, headers={"Accept": accept, "User-Agent": user_agent})
+            self.conn.request(prefix + target, {"Accept": accept, "User-Agent": user_agent})
             self.resp = self.conn.getresponse()
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, ResponseError) as e:
             self.close()
             raise self.failure(e) from None
         if self.resp.status != 200:
             try:
                 body = self.resp.read(200).decode(errors="replace").strip()
-            except (OSError, http.client.HTTPException):
+            except (OSError, ResponseError):
                 body = ""
             status = self.resp.status
             self.close()
@@ -200,7 +221,7 @@ class _Request:
                                    gateway=self.gw)
         try:
             data = self.resp.read(limit + 1)
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, ResponseError) as e:
             raise self.failure(e) from None
         if self.watchdog.expired:
             raise self.failure(TimeoutError())
@@ -214,7 +235,7 @@ class _Request:
         self.conn.close()
 
 
-def _store_verified(store: AnyStore, gw: str, cid: CID, data: bytes) -> None:
+def _store_verified(store: AnyStore, gw: str, cid: CID, data: Buffer) -> None:
     """Put `data` under `cid` (the store hashes it first): a mismatch is the gateway lying."""
     try:
         store.put(cid, data)
@@ -224,7 +245,7 @@ def _store_verified(store: AnyStore, gw: str, cid: CID, data: bytes) -> None:
         raise GatewayError(f"block {cid} refused by the store: {e}", gateway=gw) from None
 
 
-def _check(gw: str, cid: CID, data: bytes) -> None:
+def _check(gw: str, cid: CID, data: Buffer) -> None:
     """`data` hashes to `cid`, or the gateway lied."""
     try:
         cid.verify(data)
@@ -302,14 +323,19 @@ class _Session:
         self.known[key] = dag.links(cid, block)
         return True
 
-    def accept(self, gw: str, cid: CID, data: bytes) -> list[CID]:
-        """Verify `data` as `cid` (once), queue it for the store, remember its links; return them."""
-        key = cid.multihash.encode()
+    def accept(self, gw: str, cid: CID, data: Buffer, key: bytes | None = None) -> list[CID]:
+        """Verify `data` as `cid` (once), store it, remember its links; return them. `data` may
+        be a view of the CAR reader's buffer: the store copies or writes it before returning,
+        and the links are read before the next block overwrites it. `key`: the CID's encoded
+        multihash when the caller has it."""
+        if key is None:
+            key = cid.multihash.encode()
         if key in self.known:  # sent again (the root of a whole-DAG CAR): verify it, store nothing new
             _check(gw, cid, data)
             return self.known[key]
-        _store_verified(self.store, gw, cid, data)  # nothing unverified is stored (queued by the store's writer)
-        links = dag.links(cid, data)
+        _store_verified(self.store, gw, cid, data)  # nothing unverified is stored (hashed by put)
+        # after put: a lent buffer stays as it is until the next block is read into it (this thread)
+        links = [] if cid.codec == RAW else dag.links(cid, bytes(data))
         self.known[key] = links
         self.result.blocks_fetched += 1
         self.result.bytes_fetched += len(data)
@@ -324,19 +350,22 @@ class _Session:
         got: set[bytes] = set()
         try:
             reader = CarReader(req.resp, verify=False, max_block_size=MAX_BLOCK)
-            for cid, data in reader:
+            batch = self.store._batch if isinstance(self.store, Blockstore) else None
+            # each block read into a buffer the store's batch writer lends (and takes back, written),
+            # or into one reused buffer (a memory store copies what it keeps); hashed by put
+            for cid, data in reader.views(batch.buffer if batch is not None else None):
                 key = cid.multihash.encode()
                 if key not in wanted:
                     raise BadGateway(f"sent block {cid}, which is not linked from what was fetched", gateway=gw)
                 if key in got:
                     raise GatewayError(f"sent block {cid} twice in one CAR", gateway=gw)
                 got.add(key)
-                for link in self.accept(gw, cid, data):
+                for link in self.accept(gw, cid, data, key):
                     wanted.add(link.multihash.encode())
                 req.watchdog.arm(self.timeout)  # the next block gets its own deadline
             if req.watchdog.expired:
                 raise req.failure(TimeoutError())
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, ResponseError) as e:
             raise req.failure(e) from None
         except (BadGateway, GatewayError):
             raise
@@ -381,8 +410,10 @@ def fetch(
 ) -> FetchResult:
     """Fetch the whole DAG under `root` into `dest` (a Blockstore, or a directory to open one
     in, or a MemoryBlockstore), verifying every block exactly once: a CAR is read as it
-    streams, each block hashed as it arrives and queued to the store's BatchWriter, which
-    writes while the next block is read; one sync at the end.
+    streams, each block into a buffer the store's BatchWriter lends (`CarReader.views`),
+    hashed there and queued to the writer's thread, which writes it from there while the next
+    block is read, then lends the buffer again (a memory store copies what it keeps); one sync
+    at the end.
 
     Each round walks what is already local and asks the gateways (in order) for each missing
     subtree as a CAR, falling back to single raw blocks when a gateway cannot do CARs. A gateway
@@ -474,7 +505,7 @@ def _whole_dag(s: _Session, last: dict[str, CidbootError]) -> None:
             s.result.errors.append(str(e))
             if e.status in CAR_REFUSED or s.result.blocks_fetched:
                 return  # a block-only gateway, or a partial CAR: the rounds take it from here
-        except (CidbootError, OSError, http.client.HTTPException) as e:
+        except (CidbootError, OSError, ResponseError) as e:
             last[gw] = GatewayError(f"{type(e).__name__}: {e}", gateway=gw)
             s.result.errors.append(str(last[gw]))
 
@@ -493,7 +524,7 @@ def _fetch_subtree(s: _Session, gw: str, sub: CID) -> list[CID]:
         return s.fetch_raw(gw, sub)  # a block-only gateway: one block at a time
     except (GatewayError, BadGateway):
         raise
-    except (CidbootError, OSError, http.client.HTTPException) as e:
+    except (CidbootError, OSError, ResponseError) as e:
         raise GatewayError(f"{type(e).__name__}: {e}", gateway=gw) from None
 
 

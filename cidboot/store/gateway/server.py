@@ -12,6 +12,7 @@ import hashlib
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field, replace
@@ -115,7 +116,8 @@ class _Raised:
         self.exc = exc
 
 
-def _read_ahead(items: Iterator[tuple[CID, bytes]], depth: int = CAR_READ_AHEAD) -> Generator[tuple[CID, bytes], None, None]:
+def _read_ahead(items: Iterator[tuple[CID, bytes | memoryview]],
+                depth: int = CAR_READ_AHEAD) -> Generator[tuple[CID, bytes | memoryview], None, None]:
     """`items` (a walk that reads and verifies each block) run on a thread up to `depth` blocks
     ahead of the caller. Order and errors are kept: a block that fails to read or verify raises
     here after every block before it, so a damaged block is never sent and the stream is cut at
@@ -154,6 +156,51 @@ def _read_ahead(items: Iterator[tuple[CID, bytes]], depth: int = CAR_READ_AHEAD)
             yield item  # type: ignore[misc]
     finally:
         stop.set()
+
+
+class _Buffers:
+    """The read buffers of one CAR response: the walk reads each block into one it takes
+    (Blockstore.get_into), the sender gives it back once the block is on the socket. Never
+    more exist than are in use at once (the block in hand, the read-ahead queue, the one being
+    sent), so with read-ahead that is CAR_READ_AHEAD + 2 buffers of the largest block, and no
+    allocation (nor fresh pages) per block. A taker never waits: an empty pool makes a buffer."""
+
+    def __init__(self) -> None:
+        self._free: deque[bytearray] = deque()
+
+    def take(self) -> bytearray:
+        try:
+            return self._free.pop()
+        except IndexError:
+            return bytearray(256 * 1024)
+
+    def give(self, block: object) -> None:
+        """Give back the buffer under `block` if it is one of ours (a view of a bytearray; a
+        path block or an identity digest is bytes and is dropped)."""
+        if isinstance(block, memoryview) and isinstance(block.obj, bytearray):
+            self._free.append(block.obj)
+
+
+def _walk_into(store: Blockstore, root: CID, buffers: _Buffers) -> Iterator[tuple[CID, bytes | memoryview]]:
+    """`dag.walk(root, store.get)` (depth-first, links in order, each block once), each block
+    read into a buffer from `buffers` and verified there (Blockstore.get_into), its links read
+    before it is handed on: the sender sends the very bytes that were hashed, then gives the
+    buffer back. For a plain Blockstore (no upstream to fetch from)."""
+    seen: set[bytes] = set()
+    stack = [root]
+    while stack:
+        cid = stack.pop()
+        key = cid.multihash.encode()
+        if key in seen:
+            continue
+        seen.add(key)
+        if cid.is_identity:
+            yield cid, cid.multihash.digest
+            continue
+        block = store.get_into(cid, buffers.take())
+        links = [] if cid.codec == RAW else dag.links(cid, bytes(block))
+        yield cid, block
+        stack.extend(reversed(links))
 
 
 class _AbortStream(Exception):
@@ -416,9 +463,20 @@ class _Handler(BoundedHandler):
             sent = len(body)
         self.server.metrics.record(206 if isinstance(span, tuple) else 200, sent)
 
-    def _car_blocks(self, req: GatewayRequest, terminal: CID, path_blocks: list[tuple[CID, bytes]]) -> Iterator[tuple[CID, bytes]]:
-        get = _BlockCache(self._getter())
+    def _plain_store(self) -> Blockstore | None:
+        """The store when reading a block is only reading it (a Blockstore, not a caching store
+        that fetches what it lacks): then a CAR walk reads into reused buffers (`_walk_into`)."""
+        store = getattr(self.server, "store", None)
+        return store if isinstance(store, Blockstore) and type(store).get is Blockstore.get else None
+
+    def _car_blocks(self, req: GatewayRequest, terminal: CID, path_blocks: list[tuple[CID, bytes]],
+                    buffers: _Buffers) -> Iterator[tuple[CID, bytes | memoryview]]:
         yield from path_blocks
+        plain = self._plain_store() if not req.car_dups else None
+        if req.dag_scope == "all" and plain is not None:  # the common case: a whole DAG, each block once
+            yield from _walk_into(plain, terminal, buffers)
+            return
+        get = _BlockCache(self._getter())
         if req.dag_scope == "all":
             yield from dag.walk(terminal, get, skip_dups=not req.car_dups)
             return
@@ -429,7 +487,10 @@ class _Handler(BoundedHandler):
         # entity
         if _is_unixfs_file(terminal, block):
             if req.entity_bytes is None:  # the whole file is its whole DAG: same order, each block once
-                yield from dag.walk(terminal, get, skip_dups=not req.car_dups)
+                if plain is not None:
+                    yield from _walk_into(plain, terminal, buffers)
+                else:
+                    yield from dag.walk(terminal, get, skip_dups=not req.car_dups)
                 return
             start, end = 0, None
             if req.entity_bytes is not None:
@@ -514,7 +575,8 @@ class _Handler(BoundedHandler):
         repeats = repeat_bytes = 0
         try:
             sent += self._chunk(encode_header([req.cid]))
-            blocks = _read_ahead(self._car_blocks(req, res.terminal, res.path_blocks))
+            buffers = _Buffers()
+            blocks = _read_ahead(self._car_blocks(req, res.terminal, res.path_blocks, buffers))
             with closing(blocks):
                 for cid, block in blocks:
                     key = cid.multihash.encode()
@@ -525,12 +587,14 @@ class _Handler(BoundedHandler):
                         if repeats > MAX_DUP_VISITS or repeat_bytes > MAX_DUP_BYTES:
                             raise _AbortStream(f"walk repeats more than {MAX_DUP_VISITS} blocks / {MAX_DUP_BYTES} bytes")
                         if not req.car_dups:
+                            buffers.give(block)
                             continue
                     seen.add(key)
-                    if cid.is_identity:
-                        continue
-                    # one chunk per section, its block sent as read (and verified): no joined copy
-                    sent += self._chunk(section_head(cid, len(block)), block)
+                    if not cid.is_identity:
+                        # one chunk per section, its block sent from the buffer it was read and
+                        # verified in: no joined copy
+                        sent += self._chunk(section_head(cid, len(block)), block)
+                    buffers.give(block)  # on the socket (copied by the kernel): the walk may reuse it
             self.wfile.write(b"0\r\n\r\n")
         except (BlockNotFound, VerificationError, _AbortStream) as e:
             # Headers are gone: the only honest signal left is a cut stream (no final chunk).

@@ -41,7 +41,7 @@ from cidboot.errors import CidbootError, VerificationError
 from cidboot.ipld import dag
 from cidboot.ipld.cid import CID, RAW
 from cidboot.ipld.multihash import Multihash
-from cidboot.store.blockstore import MAX_BLOCK, BlockNotFound, Blockstore
+from cidboot.store.blockstore import MAX_BLOCK, BlockNotFound, Blockstore, Buffer
 from cidboot.store.gateway.client import (
     BadGateway,
     GatewayError,
@@ -267,7 +267,7 @@ class CachingStore(Blockstore):
                      sum(s for _, s in victims))
 
     # -- the Blockstore interface -------------------------------------------------------
-    def put(self, cid: CID, data: bytes) -> None:
+    def put(self, cid: CID, data: Buffer) -> None:
         super().put(cid, data)  # verifies first: a block that does not hash to its CID never lands
         self._touch(cid, len(data))
         self._evict()
