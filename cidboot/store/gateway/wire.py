@@ -14,6 +14,8 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING
 
+from cidboot.errors import FormatError
+
 if TYPE_CHECKING:
     from io import BufferedReader
 
@@ -21,7 +23,7 @@ MAX_LINE = 65536  # a status, header or chunk-size line (http.client's _MAXLINE)
 MAX_HEADERS = 100  # http.client's _MAXHEADERS
 
 
-class ResponseError(Exception):
+class ResponseError(FormatError):
     """The answer is not HTTP/1.x as framed (status line, headers, chunks), or its body was cut
     before the length it announced."""
 
