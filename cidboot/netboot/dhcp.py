@@ -43,6 +43,8 @@ class DhcpFormatError(FormatError):
 
 @dataclass
 class DhcpPacket:
+    """One BOOTP/DHCP message, fixed fields and options (`parse` fills it, strictly)."""
+
     op: int
     xid: int
     secs: int

@@ -1,0 +1,135 @@
+"""Deferred imports of a few stdlib modules a stage imports but does not use at start.
+
+Why: under TCG every module a stage imports costs its bytecode's execution, and the three
+stages each pay it again. The stdlib `dataclasses` imports `inspect` at its top (and with it
+`ast`, `dis`, `tokenize`, `linecache`, `importlib.machinery`: about 30 M guest instructions,
+a tenth of a second or more of wall time per stage under TCG), yet calls it in one place only:
+`inspect.signature(cls)`, to make a docstring for a dataclass that has none. Every dataclass on
+the stages' start paths has a docstring, so none of that code runs at start.
+
+`install()` (called by cidboot.stage.pid1.run_stage before the stage is imported) puts a
+`DeferredModule` into `sys.modules` for each name in DEFERRED that is not imported yet. An
+`import inspect` then binds that object without running the module; the first access of any
+other attribute (`inspect.signature`, `from inspect import x`) runs the real module into that
+same object, under a lock (the stages have threads), and from then on it is the plain module.
+So a deferred module behaves as if imported eagerly, only later: nothing is skipped, no check is
+turned off. It must exist at install time (a stage image without it fails at start, as the
+eager import would have), and if running it fails on first use, the error propagates to the
+code that used it, every time it is used: never a half-initialised module.
+
+Why not importlib.util.LazyLoader: in 3.11 the import system reads `__spec__` of a module
+found in sys.modules at every `import` statement (import_ensure_initialized), and LazyLoader
+loads on any attribute access, so dataclasses' own `import inspect` would load it at once;
+3.11's LazyLoader also has no lock. Here the attributes the import system reads
+(NOT_A_USE) do not count as a use.
+
+The list, and why each is safe (tests/unit/test_deferred.py checks the stage entries import
+without running any of them):
+- inspect: only dataclasses' docstring for a dataclass without one, and tracebacks (pid1's
+  fatal path imports traceback, which uses linecache, not inspect). A start-path dataclass
+  without a docstring would load it: the test names it.
+"""
+
+from __future__ import annotations
+
+import sys
+from _thread import RLock
+
+TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; typing is not imported at start
+if TYPE_CHECKING:
+    from typing import Any
+
+DEFERRED = ("inspect",)
+NOT_A_USE = frozenset({"__spec__", "__name__", "__loader__", "__package__", "__class__", "__dict__", "__path__",
+                       "__file__", "__cached__"})
+_ModuleType = type(sys)  # types.ModuleType without importing types
+_lock = RLock()
+_running: set[str] = set()  # names whose module runs right now (in the thread holding _lock)
+
+
+class DeferredModuleError(ImportError):
+    """A deferred module cannot be found (at install) or failed to run (at its first use)."""
+
+
+class DeferredModule(_ModuleType):  # type: ignore[misc,valid-type]
+    """A module in sys.modules whose code runs at the first use of one of its attributes."""
+
+    def __getattribute__(self, attr: str) -> Any:
+        if attr in NOT_A_USE:  # the import system's own look-ups (an `import` statement) are not a use
+            return _ModuleType.__getattribute__(self, attr)
+        with _lock:  # reentrant: the module's own code, run below, reads its globals through here
+            if type(self) is DeferredModule and self.__name__ not in _running:
+                _run(self)
+        return _ModuleType.__getattribute__(self, attr)
+
+
+def _run(module: DeferredModule) -> None:
+    name = module.__name__
+    spec = module.__spec__
+    _running.add(name)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as e:
+        raise DeferredModuleError(f"deferred module {name} failed to load at its first use: "
+                                  f"{type(e).__name__}: {e}") from e
+    finally:
+        _running.discard(name)
+    module.__class__ = _ModuleType  # type: ignore[assignment]  # a plain module from now on: no look-up goes through here again
+
+
+def defer(name: str) -> bool:
+    """Put a DeferredModule for top-level stdlib module `name` into sys.modules; False when it is
+    imported already. Raises DeferredModuleError when the module cannot be found."""
+    if name in sys.modules:
+        return False
+    spec = None
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if find is not None and (spec := find(name, None)) is not None:
+            break
+    if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module") or \
+            spec.submodule_search_locations is not None:
+        raise DeferredModuleError(f"cannot defer {name}: not a plain module on sys.path")
+    module = DeferredModule(name)
+    module.__spec__, module.__loader__ = spec, spec.loader
+    module.__package__ = spec.parent
+    if spec.has_location:
+        module.__file__, module.__cached__ = spec.origin, spec.cached
+    sys.modules[name] = module
+    return True
+
+
+def install(names: tuple[str, ...] = DEFERRED) -> list[str]:
+    """Defer each of `names` not imported yet; returns those deferred."""
+    return [n for n in names if defer(n)]
+
+
+class Prefetch:
+    """Imports `names` on a daemon thread, for a stage that waits on the network before it needs
+    them (the firmware: carrier and DHCP). The same modules are imported as before, only while
+    the CPU would idle; `join()` before the first use. A module that fails to import here is
+    simply not in sys.modules: the stage's own import of it then raises, in the stage's thread,
+    as it always did (`failed` keeps the error for the record)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        import threading
+
+        self.names = names
+        self.failed: dict[str, BaseException] = {}
+        self._thread = threading.Thread(target=self._run, daemon=True, name="cidboot-prefetch")
+        self._thread.start()
+
+    def _run(self) -> None:
+        for name in self.names:
+            try:
+                __import__(name)
+            except BaseException as e:  # the stage's own import raises it again where it matters
+                self.failed[name] = e
+
+    def join(self) -> None:
+        self._thread.join()
+
+
+def deferred(name: str) -> bool:
+    """True while `name` is a deferred module that has not run yet."""
+    return type(sys.modules.get(name)) is DeferredModule
