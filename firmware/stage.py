@@ -28,15 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cidboot.netboot import dhcp_client
-from cidboot.stage import deferred, events, pid1
+from cidboot.stage import events, pid1
 from cidboot.stage.console import StageRefused, say, wipe
 from cidboot.stage.handoff import Handoff
 from firmware import netboot
 from firmware.netboot import Fetched, Network, fetch_boot, network_up
 
 FW_CFG_HANDOVER = "/sys/firmware/qemu_fw_cfg/by_name/opt/cidboot/dice/raw"
-# imported on a thread while the network comes up (run): what measuring L1 and the hand-over use
-PREFETCH = ("cidboot.stage.switch_root", "cidboot.trust.measure")
 
 
 Refused = StageRefused  # a check failed: `cidboot: refused: <why>`, then power off
@@ -109,19 +107,11 @@ def run(fw_cfg: str | Path = FW_CFG_HANDOVER, *, kexec: bool = True) -> Measured
     if engine is None:
         raise Refused("no DICE handover from the engine")
     say("cidboot-stage: firmware start")
-    # While the NIC waits for carrier and DHCP for its answer, import what comes after on two
-    # threads: L0's signing identity (cidboot.trust.dice, cryptography: the start event waits for
-    # it, signed) and the hand-over's modules. Nothing new is imported here until they are joined.
-    identity_ready = events.identity_later(engine)
-    events.emit("firmware", "start")
-    prefetch = deferred.Prefetch(PREFETCH)
+    events.emit("firmware", "start", dice=engine)
     timings: dict[str, float] = {}
     try:
         t = time.monotonic()
-        try:
-            net: Network = network_up(log=lambda m: print(f"cidboot: firmware: {m}", file=sys.stderr, flush=True))
-        finally:
-            prefetch.join()
+        net: Network = network_up(log=lambda m: print(f"cidboot: firmware: {m}", file=sys.stderr, flush=True))
         timings["net+dhcp"] = time.monotonic() - t
         from cidboot.stage.switch_root import (
             kexec_forced,
@@ -137,7 +127,6 @@ def run(fw_cfg: str | Path = FW_CFG_HANDOVER, *, kexec: bool = True) -> Measured
         fetched = fetch_boot(net, running=running_kernel_sha512(), running_cmdline=proc_cmdline(),
                              forced=kexec_forced(), running_runtime=runtime.sha512 if runtime else None)
         timings["tftp"] = time.monotonic() - t
-        identity_ready()  # its thread imported cidboot.trust.dice, which measure_and_derive uses
         t = time.monotonic()
         m = measure_and_derive(engine, fetched)
         timings["measure+derive"] = time.monotonic() - t

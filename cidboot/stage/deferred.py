@@ -104,32 +104,6 @@ def install(names: tuple[str, ...] = DEFERRED) -> list[str]:
     return [n for n in names if defer(n)]
 
 
-class Prefetch:
-    """Imports `names` on a daemon thread, for a stage that waits on the network before it needs
-    them (the firmware: carrier and DHCP). The same modules are imported as before, only while
-    the CPU would idle; `join()` before the first use. A module that fails to import here is
-    simply not in sys.modules: the stage's own import of it then raises, in the stage's thread,
-    as it always did (`failed` keeps the error for the record)."""
-
-    def __init__(self, names: tuple[str, ...]) -> None:
-        import threading
-
-        self.names = names
-        self.failed: dict[str, BaseException] = {}
-        self._thread = threading.Thread(target=self._run, daemon=True, name="cidboot-prefetch")
-        self._thread.start()
-
-    def _run(self) -> None:
-        for name in self.names:
-            try:
-                __import__(name)
-            except BaseException as e:  # the stage's own import raises it again where it matters
-                self.failed[name] = e
-
-    def join(self) -> None:
-        self._thread.join()
-
-
 def deferred(name: str) -> bool:
     """True while `name` is a deferred module that has not run yet."""
     return type(sys.modules.get(name)) is DeferredModule

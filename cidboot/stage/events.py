@@ -52,7 +52,6 @@ from urllib.parse import urlsplit
 
 TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; importing `typing` cost the firmware ~9 ms of instructions (TCG)
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from typing import Any
 
 PATH = "/api/events"
@@ -143,40 +142,6 @@ def identity_from_dice(dice: bytes | bytearray) -> Identity | None:
         wipe(h.cdi_seal)
 
 
-def identity_later(dice: bytes | bytearray, reporter: Reporter | None = None) -> Callable[[], None]:
-    """Derive the stage's signing identity from its DICE handover on a thread, as `emit(dice=)`
-    would at once, and configure the reporter with it; returns a function that waits for it.
-
-    Why: the derivation imports cidboot.trust.dice and with it cryptography and cbor2, about a
-    third of a second of the firmware's start under TCG, right when its NIC waits for carrier
-    and the DHCP server's answer. The firmware needs those modules anyway (measure and derive
-    L1), so the work is the same, only done while the CPU would otherwise idle. Until the
-    identity is set the reporter posts nothing: a measured stage's events are never sent
-    unsigned because their key was not ready (a derivation that fails leaves them unsigned, as
-    with `emit(dice=)`). The thread's copy of the handover is wiped."""
-    r = _reporter if reporter is None else reporter
-    raw = bytearray(dice)
-    with r._cond:
-        r._holds += 1
-
-    def derive() -> None:
-        ident = None
-        try:
-            ident = identity_from_dice(raw)
-        except Exception:  # noqa: S110 -- best effort, as emit
-            pass
-        finally:
-            raw[:] = bytes(len(raw))
-            r.configure(identity=ident)
-            with r._cond:
-                r._holds -= 1
-                r._cond.notify_all()
-
-    t = threading.Thread(target=derive, daemon=True, name="cidboot-identity")
-    t.start()
-    return t.join
-
-
 def encode_event(event: dict[str, Any], identity: Identity | None) -> bytes:
     """The POST body for one event: signed (COSE_Sign1 + chain) with an identity, else unsigned."""
     from cidboot.ipld import dagcbor
@@ -211,7 +176,6 @@ class Reporter:
     _seq: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _thread: threading.Thread | None = None
-    _holds: int = 0  # identities being derived (identity_later): nothing is posted until they are set
 
     def configure(self, *, server: str | None = None, identity: Identity | None = None, mac: str | None = None) -> None:
         with self._cond:
@@ -260,7 +224,7 @@ class Reporter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._queue and self.server) or self._holds:
+                while not (self._queue and self.server):
                     self._cond.wait()
                 ev = dict(self._queue[0])
                 server, identity = self.server, self.identity
@@ -429,7 +393,6 @@ def emit(stage: str, kind: str, *, dice: bytes | bytearray | None = None, identi
         pass
 
 
-__all__ = ["Identity", "Reporter", "emit", "encode_event", "endpoint", "identity_from_dice", "identity_later",
-           "learn_bootconfig",
+__all__ = ["Identity", "Reporter", "emit", "encode_event", "endpoint", "identity_from_dice", "learn_bootconfig",
            "new_session", "post",
            "post_status", "reporter", "server_from_bootconfig", "PATH", "SESSION_PATH", "STAGES"]

@@ -1,7 +1,6 @@
 """cidboot.stage.deferred: stdlib modules the stages import but do not run at start (inspect, for
 dataclasses) run at their first use, exactly once, in the same module object; a module missing
-or failing says so loudly; the start paths keep inspect deferred. Also the firmware's Prefetch
-and events.identity_later (work moved onto a thread while the NIC comes up)."""
+or failing says so loudly; the start paths keep inspect deferred."""
 
 from __future__ import annotations
 
@@ -9,13 +8,12 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cidboot.stage import deferred, events
+from cidboot.stage import deferred
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -155,47 +153,3 @@ print(json.dumps([undocumented, deferred.deferred('inspect')]))
     assert set(undocumented) <= KNOWN_UNDOCUMENTED, "document these dataclasses (cidboot.stage.deferred)"
     if not undocumented:
         assert still_deferred
-
-
-def test_prefetch_imports_on_a_thread_and_leaves_a_failure_to_the_stage() -> None:
-    sys.modules.pop("colorsys", None)
-    p = deferred.Prefetch(("colorsys", "cidboot_no_such_module"))
-    p.join()
-    assert "colorsys" in sys.modules
-    assert isinstance(p.failed["cidboot_no_such_module"], ModuleNotFoundError)
-    with pytest.raises(ModuleNotFoundError):
-        __import__("cidboot_no_such_module")
-
-
-def test_identity_later_holds_the_events_until_they_can_be_signed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A measured stage's start event, queued while its key is derived on a thread, is posted
-    signed by that key once it is there, never unsigned before (the server is known at once)."""
-    from tests.unit.test_firmware_netboot import engine_handover
-
-    posted: list[bytes] = []
-    release = threading.Event()
-    real = events.identity_from_dice
-
-    def slow(dice: bytes | bytearray) -> events.Identity | None:
-        release.wait(10)
-        return real(dice)
-
-    monkeypatch.setattr(events, "identity_from_dice", slow)
-    monkeypatch.setattr(events, "new_session", lambda server, timeout=0: "s1")
-    monkeypatch.setattr(events, "post_status", lambda server, body, timeout=0: posted.append(body) or 201)
-    r = events.Reporter()
-    r.configure(server="http://boot.example/api/events")
-    dice = bytearray(engine_handover())
-    ready = events.identity_later(dice, r)
-    dice[:] = bytes(len(dice))  # the stage wipes its own copy whenever it likes: the thread has its own
-    r.emit("firmware", "start", {})
-    time.sleep(0.3)
-    assert posted == []  # held: the key is not there yet
-    release.set()
-    ready()
-    assert r.flush(5)
-    from cidboot.ipld import dagcbor
-
-    body = dagcbor.decode(posted[0])
-    assert set(body) == {"sign1", "chain"}
-    assert r.boot_mode == "measured"
