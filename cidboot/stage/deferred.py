@@ -23,23 +23,36 @@ loads on any attribute access, so dataclasses' own `import inspect` would load i
 3.11's LazyLoader also has no lock. Here the attributes the import system reads
 (NOT_A_USE) do not count as a use.
 
-The list, and why each is safe (tests/unit/test_deferred.py checks the stage entries import
-without running any of them):
-- inspect: only dataclasses' docstring for a dataclass without one, and tracebacks (pid1's
-  fatal path imports traceback, which uses linecache, not inspect). A start-path dataclass
-  without a docstring would load it: the test names it.
+The list, and why each is safe. Any one is, by construction: its first real use runs it, so the
+worst case is the eager import's cost, paid later. Each is on the list because the stages import it
+(through the stdlib) and, on the way to their job, never use it; tests/unit/test_deferred.py
+imports the three stages' start paths and checks every one stays deferred:
+- inspect (with ast, dis, tokenize, ~30 M instructions): dataclasses imports it to write a
+  docstring for a dataclass that has none; every start-path dataclass has its own (the test
+  names one that does not).
+- traceback (with linecache, tokenize, token, textwrap): logging imports it to format an
+  exception; pid1's fatal path and an error being logged use it.
+- ssl (and the _ssl extension, OpenSSL's initialisation): http.client imports it to define
+  HTTPSConnection; only an https:// gateway or events URL uses it.
+- calendar (and locale): email._parseaddr imports it to parse dates in mail headers; nothing on
+  the boot path parses one.
+- mimetypes: http.server imports it for SimpleHTTPRequestHandler, which no stage serves.
+
+With `-X importtime` (cidboot_importtime=1 on the kernel command line) a deferred module that runs
+says so on stderr, with its time, so a start-up profile shows what the deferral moved and where.
 """
 
 from __future__ import annotations
 
 import sys
 from _thread import RLock
+from time import perf_counter_ns as _perf_ns
 
 TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; typing is not imported at start
 if TYPE_CHECKING:
     from typing import Any
 
-DEFERRED = ("inspect",)
+DEFERRED = ("inspect", "traceback", "ssl", "calendar", "mimetypes")
 NOT_A_USE = frozenset({"__spec__", "__name__", "__loader__", "__package__", "__class__", "__dict__", "__path__",
                        "__file__", "__cached__"})
 _ModuleType = type(sys)  # types.ModuleType without importing types
@@ -67,6 +80,8 @@ def _run(module: DeferredModule) -> None:
     name = module.__name__
     spec = module.__spec__
     _running.add(name)
+    timed = "importtime" in sys._xoptions
+    t0 = _perf_ns() if timed else 0
     try:
         spec.loader.exec_module(module)
     except BaseException as e:
@@ -75,6 +90,8 @@ def _run(module: DeferredModule) -> None:
     finally:
         _running.discard(name)
     module.__class__ = _ModuleType  # type: ignore[assignment]  # a plain module from now on: no look-up goes through here again
+    if timed:
+        sys.stderr.write(f"cidboot: deferred module {name} ran at its first use: {(_perf_ns() - t0) // 1000} us\n")
 
 
 def defer(name: str) -> bool:

@@ -137,7 +137,10 @@ def run_stage(module: str) -> None:
     except SystemExit as e:
         power_off(f"stage exited with status {e.code}")
     except BaseException as e:  # PID 1 must never just die: report, then power off
-        import traceback  # only on the way down: linecache, tokenize are not start-up's to pay
+        try:
+            import traceback  # only on the way down: linecache, tokenize are not start-up's to pay
 
-        traceback.print_exc()
+            traceback.print_exc()
+        except BaseException:  # noqa: S110 -- power off regardless; its line below names the failure
+            pass
         power_off(f"{type(e).__name__}: {e}")
