@@ -25,7 +25,6 @@ address to the MAC for the whole lease, and the later stages' DHCP only renewed 
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import select
 import socket
@@ -35,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cidboot.errors import CidbootError, FormatError
-from cidboot.netboot import netif
+from cidboot.netboot import ipv4, netif
 
 TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; importing `typing` cost the firmware ~9 ms of instructions (TCG)
 if TYPE_CHECKING:
@@ -113,13 +112,13 @@ def lease_from(ack: dhcp.DhcpPacket, obtained: float | None = None) -> Lease:
     mask_raw = o.get(dhcp.OPT_SUBNET_MASK)
     if mask_raw is not None and len(mask_raw) != 4:
         raise DhcpClientError(f"option 1 (subnet mask) must be 4 bytes, got {len(mask_raw)}")
-    netmask = str(ipaddress.IPv4Address(mask_raw)) if mask_raw else "255.255.255.0"
+    netmask = ipv4.text(mask_raw) if mask_raw else "255.255.255.0"
     try:
-        prefixlen = ipaddress.IPv4Network(f"0.0.0.0/{netmask}").prefixlen
+        prefixlen = ipv4.prefixlen(netmask)
     except ValueError:
         raise DhcpClientError(f"option 1: {netmask} is not a contiguous netmask") from None
     router_raw = o.get(dhcp.OPT_ROUTER)
-    router = str(ipaddress.IPv4Address(router_raw[:4])) if router_raw and len(router_raw) >= 4 else None
+    router = ipv4.text(router_raw[:4]) if router_raw and len(router_raw) >= 4 else None
     lt = o.get(dhcp.OPT_LEASE_TIME)
     lease_seconds = struct.unpack(">I", lt)[0] if lt and len(lt) == 4 else None
     server_id = ack.server_id or ack.siaddr
@@ -266,9 +265,9 @@ def reusable(record: Any, *, this_boot: str | None = None, now: float | None = N
     server, next_server = _field(record, "server", str), _field(record, "next_server", str)
     boot_file = _field(record, "boot_file", str)
     try:
-        netmask = str(ipaddress.IPv4Network(f"0.0.0.0/{prefixlen}").netmask)
+        netmask = ipv4.netmask(prefixlen)
         for a in (ip, server, next_server, *([router] if router else [])):
-            ipaddress.IPv4Address(a)
+            ipv4.packed(a)
     except ValueError as e:
         raise LeaseNotReusable(f"not an IPv4 lease: {e}") from None
     this_boot = boot_id() if this_boot is None else this_boot

@@ -19,8 +19,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _fresh(code: str) -> str:
-    """Run `code` in a fresh interpreter (sys.modules as at a stage's start), from the repo."""
-    out = subprocess.run([sys.executable, "-I", "-c", "import sys; sys.path.insert(0, '.')\n" + code],
+    """Run `code` in a fresh interpreter started as /init starts one (-I -S: no site, whose .pth
+    hooks import pathlib and with it ipaddress on a host), from the repo, with the host's
+    site-packages after it for the wheels the images carry (cryptography, cbor2)."""
+    import site
+
+    paths = [".", *site.getsitepackages()]
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", f"import sys; sys.path[:0] = {paths!r}\n" + code],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
