@@ -39,6 +39,9 @@ imports the three stages' start paths and checks every one stays deferred:
 - mimetypes: http.server imports it for SimpleHTTPRequestHandler, which no stage serves.
 - ipaddress: urllib.parse imports it (pathlib imports urllib.parse) to check a bracketed IPv6
   host; the stages' own address conversions use cidboot.netboot.ipv4.
+- datetime: email.utils imports it (through http.client and http.server) to format and parse
+  dates in headers; the agent's API answers its first request with a Date header, after `agent
+  ready` (that request pays it, ~4 M instructions); code that uses it earlier runs it then.
 
 With `-X importtime` (cidboot_importtime=1 on the kernel command line) a deferred module that runs
 says so on stderr, with its time, so a start-up profile shows what the deferral moved and where.
@@ -54,7 +57,7 @@ TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; typing is not imp
 if TYPE_CHECKING:
     from typing import Any
 
-DEFERRED = ("inspect", "traceback", "ssl", "calendar", "mimetypes", "ipaddress")
+DEFERRED = ("inspect", "traceback", "ssl", "calendar", "mimetypes", "ipaddress", "datetime")
 NOT_A_USE = frozenset({"__spec__", "__name__", "__loader__", "__package__", "__class__", "__dict__", "__path__",
                        "__file__", "__cached__"})
 _ModuleType = type(sys)  # types.ModuleType without importing types
