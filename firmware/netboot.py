@@ -35,6 +35,8 @@ class ScriptError(FormatError):
 
 @dataclass(frozen=True)
 class Network:
+    """The boot NIC once configured: its name, MAC and the lease it holds."""
+
     ifname: str
     mac: str
     lease: dhcp_client.Lease

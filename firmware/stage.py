@@ -50,6 +50,8 @@ def read_engine_handover(path: str | Path = FW_CFG_HANDOVER) -> bytearray | None
 
 @dataclass
 class Measured:
+    """L1's code hash and the hand-off carrying CDI_1 and the chain."""
+
     code_hash: bytes
     handoff: Handoff
 

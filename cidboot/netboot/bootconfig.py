@@ -38,6 +38,9 @@ class BootConfigError(FormatError):
 
 @dataclass(frozen=True)
 class BootConfig:
+    """A device's boot config: the manifest to boot, where blocks come from, and the rest of the
+    fields `decode` checks (docs/boot-chain.md)."""
+
     manifest: CID
     gateways: tuple[str, ...]
     trust_anchor: dict[str, Any] = field(default_factory=dict)  # root-of-trust file content

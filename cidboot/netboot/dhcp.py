@@ -9,11 +9,11 @@ the wire format and the guests never import scapy (which stays a test and load-g
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from dataclasses import dataclass, field
 
 from cidboot.errors import FormatError
+from cidboot.netboot import ipv4
 
 MAGIC = b"\x63\x82\x53\x63"
 BOOTP_HEADER = 236
@@ -43,6 +43,8 @@ class DhcpFormatError(FormatError):
 
 @dataclass
 class DhcpPacket:
+    """One BOOTP/DHCP message, fixed fields and options (`parse` fills it, strictly)."""
+
     op: int
     xid: int
     secs: int
@@ -98,12 +100,12 @@ class DhcpPacket:
     @property
     def requested_ip(self) -> str | None:
         raw = self.options.get(OPT_REQUESTED_IP)
-        return str(ipaddress.IPv4Address(raw)) if raw else None
+        return ipv4.text(raw) if raw else None
 
     @property
     def server_id(self) -> str | None:
         raw = self.options.get(OPT_SERVER_ID)
-        return str(ipaddress.IPv4Address(raw)) if raw else None
+        return ipv4.text(raw) if raw else None
 
 
 def _check_option(code: int, value: bytes) -> None:
@@ -137,7 +139,7 @@ def parse(data: bytes) -> DhcpPacket:
         raise DhcpFormatError(f"op {op} is neither BOOTREQUEST nor BOOTREPLY")
     if htype != 1 or hlen != 6:
         raise DhcpFormatError(f"only Ethernet clients are served (htype {htype}, hlen {hlen})")
-    ips = [str(ipaddress.IPv4Address(data[i : i + 4])) for i in (12, 16, 20, 24)]
+    ips = [ipv4.text(data[i : i + 4]) for i in (12, 16, 20, 24)]
     mac = data[28:34].hex(":")
     if data[BOOTP_HEADER : BOOTP_HEADER + 4] != MAGIC:
         raise DhcpFormatError("no DHCP magic cookie: a plain BOOTP packet is not served")
@@ -211,12 +213,12 @@ def encode_request(mac: str, msg_type: int, *, xid: int, vendor_class: bytes | N
     if not 1 <= msg_type <= 8:
         raise DhcpFormatError(f"unknown message type {msg_type}")
     head = struct.pack(">BBBBIHH", 1, 1, 6, 0, xid & 0xFFFFFFFF, secs & 0xFFFF, 0x8000 if broadcast else 0)
-    head += ipaddress.IPv4Address(ciaddr).packed + bytes(12) + chaddr + bytes(10) + bytes(64 + 128)
+    head += ipv4.packed(ciaddr) + bytes(12) + chaddr + bytes(10) + bytes(64 + 128)
     opts = [_opt(OPT_MSG_TYPE, bytes([msg_type]))]
     if requested_ip:
-        opts.append(_opt(OPT_REQUESTED_IP, ipaddress.IPv4Address(requested_ip).packed))
+        opts.append(_opt(OPT_REQUESTED_IP, ipv4.packed(requested_ip)))
     if server_id:
-        opts.append(_opt(OPT_SERVER_ID, ipaddress.IPv4Address(server_id).packed))
+        opts.append(_opt(OPT_SERVER_ID, ipv4.packed(server_id)))
     opts.append(_opt(OPT_MAX_SIZE, struct.pack(">H", 1500)))
     if params:
         opts.append(_opt(OPT_PARAMS, params))
@@ -255,11 +257,11 @@ def build_reply(req: DhcpPacket, msg_type: int, *, server_ip: str, yiaddr: str =
         raise DhcpFormatError(f"boot file name of {len(name)} bytes does not fit the BOOTP file field (127)")
     try:
         chaddr = bytes.fromhex(req.mac.replace(":", ""))
-        ips = b"".join(ipaddress.IPv4Address(a).packed for a in (
+        ips = b"".join(ipv4.packed(a) for a in (
             req.ciaddr if msg_type == ACK else "0.0.0.0", yiaddr, siaddr or "0.0.0.0", req.giaddr))
-        server = ipaddress.IPv4Address(server_ip).packed
-        mask = ipaddress.IPv4Address(netmask).packed if netmask else None
-        gw = ipaddress.IPv4Address(router).packed if router else None
+        server = ipv4.packed(server_ip)
+        mask = ipv4.packed(netmask) if netmask else None
+        gw = ipv4.packed(router) if router else None
     except ValueError as e:
         raise DhcpFormatError(f"reply: {e}") from None
     head = struct.pack(">BBBBIHH", 2, 1, 6, 0, req.xid & 0xFFFFFFFF, 0, req.flags & 0xFFFF) + ips

@@ -25,9 +25,7 @@ address to the MAC for the whole lease, and the later stages' DHCP only renewed 
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import random
 import select
 import socket
 import struct
@@ -36,11 +34,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cidboot.errors import CidbootError, FormatError
-from cidboot.netboot import dhcp, netif
+from cidboot.netboot import ipv4, netif
 
 TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; importing `typing` cost the firmware ~9 ms of instructions (TCG)
 if TYPE_CHECKING:
     from typing import Any
+
+    from cidboot.netboot import dhcp
+
+# cidboot.netboot.dhcp (the packet codec) is imported where a packet is built or read: a stage that
+# reuses the previous stage's lease (`network_up` -> `reusable`) exchanges none and does not load it.
+ARCH_X86_64_UEFI_BC = 7  # = dhcp.ARCH_X86_64_UEFI_BC (RFC 4578 option 93), the default arch
 
 PXE_VENDOR_CLASS = b"PXEClient:Arch:00007:UNDI:003016"  # as an x86_64 UEFI PXE ROM sends it
 CLIENT_PORT, SERVER_PORT = 68, 67
@@ -100,19 +104,21 @@ def open_socket(ifname: str) -> socket.socket:
 
 def lease_from(ack: dhcp.DhcpPacket, obtained: float | None = None) -> Lease:
     """Turn an ACK into a Lease (obtained now unless given); rejects one without an address."""
+    from cidboot.netboot import dhcp
+
     if ack.yiaddr == "0.0.0.0":
         raise DhcpClientError("the ACK assigns no address (a ProxyDHCP-only network?)")
     o = ack.options
     mask_raw = o.get(dhcp.OPT_SUBNET_MASK)
     if mask_raw is not None and len(mask_raw) != 4:
         raise DhcpClientError(f"option 1 (subnet mask) must be 4 bytes, got {len(mask_raw)}")
-    netmask = str(ipaddress.IPv4Address(mask_raw)) if mask_raw else "255.255.255.0"
+    netmask = ipv4.text(mask_raw) if mask_raw else "255.255.255.0"
     try:
-        prefixlen = ipaddress.IPv4Network(f"0.0.0.0/{netmask}").prefixlen
+        prefixlen = ipv4.prefixlen(netmask)
     except ValueError:
         raise DhcpClientError(f"option 1: {netmask} is not a contiguous netmask") from None
     router_raw = o.get(dhcp.OPT_ROUTER)
-    router = str(ipaddress.IPv4Address(router_raw[:4])) if router_raw and len(router_raw) >= 4 else None
+    router = ipv4.text(router_raw[:4]) if router_raw and len(router_raw) >= 4 else None
     lt = o.get(dhcp.OPT_LEASE_TIME)
     lease_seconds = struct.unpack(">I", lt)[0] if lt and len(lt) == 4 else None
     server_id = ack.server_id or ack.siaddr
@@ -136,6 +142,8 @@ class _Exchange:
 
     def ask(self, build: Callable[[int], bytes], xid: int, want: set[int]) -> dhcp.DhcpPacket | None:
         """Send build(secs) up to `attempts` times; the first matching reply, or None."""
+        from cidboot.netboot import dhcp
+
         wait = self.timeout
         for attempt in range(self.attempts):
             if attempt:
@@ -145,7 +153,7 @@ class _Exchange:
                 self.sock.sendto(build(secs), ("255.255.255.255", SERVER_PORT))
             except OSError as e:  # e.g. ENETDOWN while the link settles: retry like a lost packet
                 self.log(f"dhcp: send failed: {e}")
-            deadline = time.monotonic() + wait * random.uniform(0.9, 1.1)
+            deadline = time.monotonic() + wait * jitter()
             while (left := deadline - time.monotonic()) > 0:
                 ready, _, _ = select.select([self.sock], [], [], left)
                 if not ready:
@@ -162,8 +170,15 @@ class _Exchange:
         return None
 
 
+def jitter() -> float:
+    """A factor in [0.9, 1.1] for a retransmission timeout (RFC 2131 4.1's +-1 s, relative here), so
+    clients powered on together do not retransmit in step. From os.urandom: `random` would be one
+    more module to import at start for one number per retransmission."""
+    return 0.9 + 0.2 * int.from_bytes(os.urandom(2), "big") / 0xFFFF
+
+
 def acquire(ifname: str, mac: str, *, vendor_class: bytes | None = PXE_VENDOR_CLASS,
-            arch: int | None = dhcp.ARCH_X86_64_UEFI_BC, user_class: bytes | None = None, attempts: int = 6,
+            arch: int | None = ARCH_X86_64_UEFI_BC, user_class: bytes | None = None, attempts: int = 6,
             timeout: float = 1.0, max_timeout: float = 8.0, rounds: int = 4,
             log: Callable[[str], None] = lambda _m: None) -> Lease:
     """DISCOVER/OFFER/REQUEST/ACK on `ifname` (link up, no address needed) for `mac`.
@@ -172,6 +187,8 @@ def acquire(ifname: str, mac: str, *, vendor_class: bytes | None = PXE_VENDOR_CL
     `max_timeout`; a NAK or an unanswered REQUEST starts over with a new DISCOVER, `rounds` times.
     Raises DhcpClientError when no lease could be had.
     """
+    from cidboot.netboot import dhcp
+
     with open_socket(ifname) as sock:
         ex = _Exchange(sock, mac, attempts=attempts, timeout=timeout, max_timeout=max_timeout, log=log)
 
@@ -248,9 +265,9 @@ def reusable(record: Any, *, this_boot: str | None = None, now: float | None = N
     server, next_server = _field(record, "server", str), _field(record, "next_server", str)
     boot_file = _field(record, "boot_file", str)
     try:
-        netmask = str(ipaddress.IPv4Network(f"0.0.0.0/{prefixlen}").netmask)
+        netmask = ipv4.netmask(prefixlen)
         for a in (ip, server, next_server, *([router] if router else [])):
-            ipaddress.IPv4Address(a)
+            ipv4.packed(a)
     except ValueError as e:
         raise LeaseNotReusable(f"not an IPv4 lease: {e}") from None
     this_boot = boot_id() if this_boot is None else this_boot

@@ -20,13 +20,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import ipaddress
 import socket
 import struct
 import time
 from pathlib import Path
 
 from cidboot.errors import CidbootError, NotFoundError
+from cidboot.netboot import ipv4
 
 ARPHRD_ETHER = 1
 SYS_NET = Path("/sys/class/net")
@@ -126,7 +126,7 @@ def wait_carrier(ifname: str, timeout: float = 10.0) -> float:
 
 
 def _sockaddr_in(ip: str) -> bytes:
-    return struct.pack("<H2s4s8s", socket.AF_INET, b"\0\0", ipaddress.IPv4Address(ip).packed, b"")
+    return struct.pack("<H2s4s8s", socket.AF_INET, b"\0\0", ipv4.packed(ip), b"")
 
 
 class _RtEntry(ctypes.Structure):
@@ -142,7 +142,7 @@ class _RtEntry(ctypes.Structure):
 def configure(ifname: str, address: str, prefixlen: int, *, router: str | None = None) -> None:
     """Set `address/prefixlen` as the interface's address (the kernel adds the subnet route) and,
     if given, a default route via `router` (an existing one is fine)."""
-    netmask = str(ipaddress.IPv4Network(f"0.0.0.0/{prefixlen}").netmask)
+    netmask = ipv4.netmask(prefixlen)
     _ioctl(SIOCSIFADDR, _ifreq(ifname, _sockaddr_in(address)), f"{ifname}: set address {address}")
     _ioctl(SIOCSIFNETMASK, _ifreq(ifname, _sockaddr_in(netmask)), f"{ifname}: set netmask {netmask}")
     if router:
@@ -157,9 +157,9 @@ def address(ifname: str) -> tuple[str, int] | None:
         mask = _ioctl(SIOCGIFNETMASK, _ifreq(ifname), f"{ifname}: get netmask")
     except NetifError:  # EADDRNOTAVAIL: no address configured
         return None
-    ip = str(ipaddress.IPv4Address(got[20:24]))
+    ip = ipv4.text(got[20:24])
     try:
-        prefixlen = ipaddress.IPv4Network(f"0.0.0.0/{ipaddress.IPv4Address(mask[20:24])}").prefixlen
+        prefixlen = ipv4.prefixlen(mask[20:24])
     except ValueError:  # a non-contiguous mask: not one this code set
         return None
     return ip, prefixlen

@@ -51,23 +51,31 @@ class Request:
 
 @dataclass(frozen=True)
 class Data:
+    """DATA: block number and up to blksize bytes."""
+
     block: int
     data: bytes
 
 
 @dataclass(frozen=True)
 class Ack:
+    """ACK of a block number (0: of the OACK)."""
+
     block: int
 
 
 @dataclass(frozen=True)
 class Error:
+    """ERROR: code and message."""
+
     code: int
     message: str = ""
 
 
 @dataclass(frozen=True)
 class OAck:
+    """OACK: the options the server accepted (RFC 2347)."""
+
     options: dict[str, str]
 
 

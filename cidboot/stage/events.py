@@ -157,7 +157,7 @@ def encode_event(event: dict[str, Any], identity: Identity | None) -> bytes:
     return dagcbor.encode(body)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (it holds a lock and a thread): no generated __eq__ to compile at start
 class Reporter:
     """One stage's event sender: a bounded queue and a daemon thread posting it in order."""
 

@@ -11,15 +11,18 @@ console and powers off, because a PID 1 that exits panics the kernel and hides t
 
 from __future__ import annotations
 
-import ctypes
+import _signal  # signal's builtin core: the same handler, without signal.py's enum classes
 import errno
 import os
-import signal
 import sys
-from pathlib import Path
 
 from cidboot.errors import CidbootError
-from cidboot.stage import syscalls
+from cidboot.stage import deferred
+
+# Imports here are what every stage pays (three times a boot): os, sys and errno are loaded by the
+# interpreter anyway. Not pathlib (re, fnmatch, urllib.parse, ipaddress), not signal (enum: the
+# builtin _signal does the same here), not ctypes (only for a mount or a module load that is
+# actually needed: cidboot.stage.syscalls imports it then).
 
 MODULE_DIR = "/lib/modules"
 MODULE_LIST = "/etc/cidboot/modules"
@@ -32,19 +35,22 @@ class Pid1Error(CidbootError):
 
 def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
     """mount(2); an already mounted target is fine (EBUSY)."""
+    from cidboot.stage import syscalls
+
     os.makedirs(target, exist_ok=True)
-    rc = syscalls.libc().mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags),
-                       data.encode() or None)
-    if rc != 0:
-        err = ctypes.get_errno()
-        if err != errno.EBUSY:
-            raise Pid1Error(f"mount {fstype} on {target}: {os.strerror(err)}")
+    try:
+        syscalls.mount(source, target, fstype, flags, data or None)
+    except syscalls.SyscallError as e:
+        if e.errno != errno.EBUSY:
+            raise Pid1Error(f"mount {fstype} on {target}: {os.strerror(e.errno or 0)}") from None
 
 
 def mount_basics() -> None:
-    """devtmpfs first (Python needs /dev/urandom), then proc and sys."""
+    """devtmpfs first (Python needs /dev/urandom), then proc and sys; one already mounted there
+    (another file system than the root's) is left as it is, without a mount(2) call."""
     for source, target, fstype in MOUNTS:
-        mount(source, target, fstype)
+        if not os.path.ismount(target):
+            mount(source, target, fstype)
 
 
 def reap() -> list[tuple[int, int]]:
@@ -68,6 +74,8 @@ def power_off(reason: str = "", *, restart: bool = False) -> None:
     """
     if os.getpid() != 1:
         raise Pid1Error(f"refusing to power off: not PID 1 (reason was: {reason or 'none'})")
+    from cidboot.stage import syscalls
+
     if reason:
         try:
             with open("/dev/console", "w") as con:
@@ -81,16 +89,18 @@ def power_off(reason: str = "", *, restart: bool = False) -> None:
         raise Pid1Error(str(e)) from None
 
 
-def finit_module(path: Path) -> None:
+def finit_module(path: str | os.PathLike[str]) -> None:
     """Load one module; EEXIST (already loaded or built in) is fine."""
-    libc = syscalls.libc()
+    from cidboot.stage import syscalls
+
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        rc = libc.syscall(syscalls.number("finit_module"), fd, b"", 0)
+        syscalls.finit_module(fd)
+    except syscalls.SyscallError as e:
+        if e.errno != errno.EEXIST:
+            raise Pid1Error(f"finit_module {os.path.basename(path)}: {os.strerror(e.errno or 0)}") from None
     finally:
         os.close(fd)
-    if rc != 0 and ctypes.get_errno() != errno.EEXIST:
-        raise Pid1Error(f"finit_module {path.name}: {os.strerror(ctypes.get_errno())}")
 
 
 def loaded_modules(proc_modules: str = "/proc/modules") -> set[str]:
@@ -112,21 +122,25 @@ def run_stage(module: str) -> None:
         raise Pid1Error("run_stage is the /init of a boot image and must run as PID 1")
     try:
         mount_basics()
-        signal.signal(signal.SIGCHLD, lambda *_: reap())
-        listed = Path(MODULE_LIST)
-        if listed.is_file():  # the image builder resolved depends= already: load in the listed order
-            names = [n for n in listed.read_text().split() if n]
+        _signal.signal(_signal.SIGCHLD, lambda *_: reap())
+        if os.path.isfile(MODULE_LIST):  # the image builder resolved depends= already: load in the listed order
+            with open(MODULE_LIST) as f:
+                names = f.read().split()
             running = loaded_modules()
             for n in names:
                 if n not in running:  # after a same-kernel hand-over most are: the kernel would verify each signature again for EEXIST
-                    finit_module(Path(MODULE_DIR, f"{n}.ko"))
+                    finit_module(os.path.join(MODULE_DIR, f"{n}.ko"))
             print(f"cidboot: loaded {' '.join(names)}", file=sys.stderr, flush=True)
+        deferred.install()  # stdlib modules the stages import but do not run at start (cidboot.stage.deferred)
         __import__(module, fromlist=["main"]).main()
         power_off("stage exited")
     except SystemExit as e:
         power_off(f"stage exited with status {e.code}")
     except BaseException as e:  # PID 1 must never just die: report, then power off
-        import traceback  # only on the way down: linecache, tokenize are not start-up's to pay
+        try:
+            import traceback  # only on the way down: linecache, tokenize are not start-up's to pay
 
-        traceback.print_exc()
+            traceback.print_exc()
+        except BaseException:  # noqa: S110 -- power off regardless; its line below names the failure
+            pass
         power_off(f"{type(e).__name__}: {e}")

@@ -15,10 +15,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from cidboot.ipld.cid import CID, RAW
-from cidboot.ipld.multihash import SHA2_256, Multihash
 from cidboot.trust.dice.derive import DiceInputs, DiceMode
-from cidboot.trust.manifest.model import Layer, Manifest
+
+TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true
+if TYPE_CHECKING:
+    from cidboot.ipld.cid import CID
+    from cidboot.trust.manifest.model import Layer, Manifest
+
+# The manifest model and the CID classes are imported where an image is measured, not with this
+# module: the firmware measures L1 from file hashes only (boot_code_hash_of_parts) and, under
+# TCG, creating the manifest's dataclasses and their CID/multihash imports cost it ~0.1 s.
 
 
 def code_hash_of_parts(part_hashes: Iterable[bytes]) -> bytes:
@@ -61,6 +67,9 @@ def layer_identity(layer: Layer) -> bytes:
     after the decrypted bytes matched the plaintext hash."""
     if layer.plaintext is None:
         return bytes(layer.cid)
+    from cidboot.ipld.cid import CID, RAW
+    from cidboot.ipld.multihash import SHA2_256, Multihash
+
     return bytes(CID(1, RAW, Multihash(SHA2_256, layer.plaintext.sha256)))
 
 

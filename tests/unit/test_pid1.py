@@ -42,3 +42,24 @@ def test_modules_already_loaded_are_read_from_proc_modules(tmp_path: object) -> 
     p.write_text("virtio_net 61440 0 - Live 0x0000000000000000\nnet_failover 20480 1 virtio_net, Live 0x0\n\n")
     assert pid1.loaded_modules(str(p)) == {"virtio_net", "net_failover"}
     assert pid1.loaded_modules(str(p.with_name("absent"))) == set()
+
+
+def test_mount_basics_mounts_only_what_is_not_mounted_yet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a same-kernel hand-over a mount point may still hold its file system: no mount(2)
+    (and no ctypes) for it; the others are mounted, devtmpfs first."""
+    import os
+
+    done: list[str] = []
+    monkeypatch.setattr(os.path, "ismount", lambda p: p == "/proc")
+    monkeypatch.setattr(pid1, "mount", lambda source, target, fstype: done.append(target))
+    pid1.mount_basics()
+    assert done == ["/dev", "/sys"]
+
+
+def test_a_failed_syscall_carries_its_errno() -> None:
+    """pid1 tells EBUSY/EEXIST (fine) from real failures by the number, not the message."""
+    import errno
+
+    e = syscalls.SyscallError("mount x on /y: Device or resource busy (errno 16)", errno.EBUSY)
+    assert e.errno == errno.EBUSY and "busy" in str(e)
+    assert syscalls.SyscallError("no such call").errno is None
