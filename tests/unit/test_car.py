@@ -139,7 +139,7 @@ class _Dribble(io.RawIOBase):
         self.pos += n
         return n
 
-    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+    def read(self, n: int = -1) -> bytes:
         n = len(self.data) - self.pos if n < 0 else n
         out = b""
         while len(out) < n:  # a short read only at the end, like an HTTP response's read(n)

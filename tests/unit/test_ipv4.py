@@ -42,4 +42,4 @@ def test_wrong_lengths_masks_and_prefixes_are_refused() -> None:
             ipv4.prefixlen(mask)
     for n in (-1, 33, True):
         with pytest.raises(ValueError, match="not an IPv4 prefix length"):
-            ipv4.netmask(n)  # type: ignore[arg-type]
+            ipv4.netmask(n)
