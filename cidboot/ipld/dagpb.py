@@ -23,6 +23,8 @@ class DagPbError(FormatError):
 
 @dataclass(frozen=True, slots=True)
 class PBLink:
+    """A dag-pb link: the target CID, its name and cumulative size (both optional on the wire)."""
+
     cid: CID
     name: str | None = None
     tsize: int | None = None
@@ -38,6 +40,8 @@ class PBLink:
 
 @dataclass(slots=True)
 class PBNode:
+    """A dag-pb node: its links, in encoded order, and its opaque data."""
+
     links: list[PBLink] = field(default_factory=list)
     data: bytes | None = None
 

@@ -250,6 +250,9 @@ class _HeaderAccess:
 
 @dataclass(frozen=True)
 class Sign1(_HeaderAccess):
+    """A decoded COSE_Sign1: headers as sent (`protected_raw` is what the signature covers), the
+    payload (None when detached) and the signature."""
+
     protected: dict[int, Any]
     protected_raw: bytes
     unprotected: dict[int, Any]
@@ -335,6 +338,8 @@ def verify1_attached(msg: bytes | Sign1, public_key: PublicKey, *, external_aad:
 
 @dataclass(frozen=True)
 class Signature(_HeaderAccess):
+    """One signer's entry of a COSE_Sign: its own headers (raw bytes kept for the Sig_structure) and signature."""
+
     protected: dict[int, Any]
     protected_raw: bytes
     unprotected: dict[int, Any]
@@ -343,6 +348,8 @@ class Signature(_HeaderAccess):
 
 @dataclass(frozen=True)
 class SignMulti:
+    """A decoded COSE_Sign: body headers, payload and one `Signature` per signer."""
+
     protected: dict[int, Any]
     protected_raw: bytes
     unprotected: dict[int, Any]

@@ -31,6 +31,8 @@ def file_leaf_frame(n: int) -> tuple[bytes, bytes]:
 
 @dataclass(slots=True)
 class UnixFSData:
+    """The UnixFS Data message inside a dag-pb node (type, inline data, sizes, HAMT fields, mode)."""
+
     type: int
     data: bytes | None = None
     filesize: int | None = None

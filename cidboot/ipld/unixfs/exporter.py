@@ -21,6 +21,8 @@ MAX_DEPTH = 64
 
 @dataclass(frozen=True)
 class DirEntry:
+    """One entry of a UnixFS directory: its name, CID and the link's cumulative size."""
+
     name: str
     cid: CID
     tsize: int | None

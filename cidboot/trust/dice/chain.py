@@ -48,6 +48,8 @@ def append_to_chain(chain: bytes, cert: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class VerifiedChain:
+    """A DICE chain whose every certificate verified: the root key and the entries, root side first."""
+
     root_public_key: PublicKey
     entries: list[DiceCert]
 
@@ -114,6 +116,8 @@ def verify_chain(chain: bytes, *, allow_debug: bool = False, expected_profile: s
 
 @dataclass(frozen=True)
 class Handover:
+    """What one DICE layer gives the next: CDI_Attest, CDI_Seal and the chain up to it."""
+
     cdi_attest: bytes
     cdi_seal: bytes
     chain: bytes

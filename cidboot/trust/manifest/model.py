@@ -136,6 +136,9 @@ class Layer:
 
 @dataclass(frozen=True)
 class Manifest:
+    """What a device boots: the layers, reference measurements, flow and operations, placement and
+    policies, under a version (no rollback) and an expiry (no freeze); `encode` is its one DAG-CBOR form."""
+
     name: str
     version: int
     expires: int  # unix seconds

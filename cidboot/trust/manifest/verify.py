@@ -40,6 +40,8 @@ from cidboot.trust.manifest.signed import KIND_MANIFEST, KIND_ROOT, SignedManife
 
 @dataclass
 class Check:
+    """One named verification step and its outcome, for reports that list every check."""
+
     name: str
     ok: bool
     detail: str
