@@ -64,10 +64,9 @@ from cidboot.trust.manifest import (
     VersionConflictError,
     check_layer,
     rotated_root,
-    verify_manifest,
-    verify_threshold,
+    verify_manifest_signers,
 )
-from cidboot.trust.manifest.signed import KIND_MANIFEST, MAX_ENVELOPE
+from cidboot.trust.manifest.signed import MAX_ENVELOPE
 from cidboot.trust.manifest.verify import utc
 
 TRUST_ANCHOR = "/etc/cidboot/trust-anchor.json"
@@ -238,7 +237,7 @@ def verify_signed(cid: CID, raw: bytes, state: TrustState, *, now: int | None = 
     m = signed.manifest
     seen = state.highest.get(m.name)
     try:
-        verify_manifest(signed, state, now=now, persist=False, cid=cid, expected_name=expected_name)
+        _, signers = verify_manifest_signers(signed, state, now=now, persist=False, cid=cid, expected_name=expected_name)
     except ManifestNameError as e:
         raise Refused("manifest name", str(e)) from None
     except VersionConflictError as e:
@@ -255,7 +254,6 @@ def verify_signed(cid: CID, raw: bytes, state: TrustState, *, now: int | None = 
             kids = ", ".join(untrusted)
             raise Refused(what, f"signed by unknown key {kids} (not in the trust anchor): {e}") from None
         raise Refused(what, str(e)) from None
-    signers = verify_threshold(signed.signatures, signed.payload(), state.root, what, kind=KIND_MANIFEST)
     return signed, [bytes.fromhex(k) for k in signers]
 
 
@@ -277,10 +275,12 @@ def allowed_name(config: BootConfig, cid: CID, raw: bytes, state: TrustState, di
     boot config's role on an unmeasured one (no identity to look up); `device_id` given (a TPM
     boot: the id of its enrolled AK, bootstrap.stage.tpm) is used as is. None without a registry:
     the name pinned in NVRAM then applies (docs/trust.md, "What a device may boot")."""
-    from cidboot.trust.registry import MAX_REGISTRY, RegistryRoleError, verify_signed_registry
-
     if config.device_registry is None:
         return None
+    # only now: the registry module pulls in cidboot.trust.appraisal (~40 M guest instructions of
+    # imports), which a boot config without a registry never needs
+    from cidboot.trust.registry import MAX_REGISTRY, RegistryRoleError, verify_signed_registry
+
     rcid = config.device_registry
     try:
         signed = SignedManifest.decode(raw)

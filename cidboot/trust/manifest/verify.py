@@ -199,7 +199,16 @@ def rotated_root(signed: SignedManifest, root: RootOfTrust) -> tuple[RootOfTrust
 
 def verify_manifest(signed: SignedManifest, state: TrustState, *, now: int | None = None, persist: bool = True,
                     cid: CID | None = None, expected_name: str | None = None) -> list[Check]:
+    """Run every check; on success record the version, its CID, the name (and any rotation) in
+    `state`; returns the checks (`verify_manifest_signers`, which also says who signed)."""
+    return verify_manifest_signers(signed, state, now=now, persist=persist, cid=cid, expected_name=expected_name)[0]
+
+
+def verify_manifest_signers(signed: SignedManifest, state: TrustState, *, now: int | None = None, persist: bool = True,
+                            cid: CID | None = None, expected_name: str | None = None) -> tuple[list[Check], list[str]]:
     """Run every check; on success record the version, its CID, the name (and any rotation) in `state`.
+    Returns the checks and the key ids (hex, sorted) of the trusted keys whose signatures verified
+    (a caller that needs them does not verify the signatures a second time).
 
     `cid` is the CID the manifest was fetched by (default: the CID of its encoding).
     `expected_name` is the manifest name this device may boot, from a signed source (its role's
@@ -245,7 +254,7 @@ def verify_manifest(signed: SignedManifest, state: TrustState, *, now: int | Non
         state.registry = 0  # TUF's recovery after a rotation, as for the manifest versions
     if persist:
         state.save()
-    return checks
+    return checks, signers
 
 
 def check_layer(manifest: Manifest, cid: CID, size: int) -> Layer:
