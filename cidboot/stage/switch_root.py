@@ -355,13 +355,13 @@ def extract(parsed: Parsed, root: str = "/") -> None:
             path = os.path.join(root, m.path)
             perm = stat.S_IMODE(m.mode)
             if stat.S_ISDIR(m.mode):
-                try:
-                    st = os.lstat(path)
-                except FileNotFoundError:
+                try:  # the root holds only the kept paths and what this loop wrote: most are new
                     os.mkdir(path, perm)
                     if perm & 0o7000:
                         os.chmod(path, perm)
                     continue
+                except FileExistsError:
+                    st = os.lstat(path)
                 if not stat.S_ISDIR(st.st_mode):  # a file or symlink (even to a directory) of that name
                     _remove(path)
                     os.mkdir(path, perm)
@@ -372,8 +372,12 @@ def extract(parsed: Parsed, root: str = "/") -> None:
             elif stat.S_ISREG(m.mode):
                 # a new inode, never an old one truncated: a kept file may be mapped by this process
                 # (a shared library, the interpreter), and a hard-linked one must not change elsewhere
-                _remove(path)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, perm)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                try:
+                    fd = os.open(path, flags, perm)
+                except FileExistsError:
+                    _remove(path)
+                    fd = os.open(path, flags, perm)
                 try:
                     view = memoryview(content)
                     while view:
