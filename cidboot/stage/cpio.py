@@ -147,15 +147,34 @@ def source_date_epoch() -> int:
     return value
 
 
-@dataclass(frozen=True)
 class Member:
-    """One member read back from an archive (for `inspect`: the image's attack surface)."""
+    """One member read back from an archive (for `inspect`: the image's attack surface; for the
+    hand-over: what to write). A value: compared and hashed by its fields, never changed. Written
+    out rather than a frozen dataclass, whose generated methods cost every stage importing this
+    module ~3 M instructions, and whose __init__ (object.__setattr__ per field) runs for each of
+    the hundreds of members a hand-over parses."""
 
-    path: str
-    mode: int
-    size: int
-    target: str = ""
-    rdev: tuple[int, int] = (0, 0)  # (major, minor) of a device node
+    __slots__ = ("path", "mode", "size", "target", "rdev")
+
+    def __init__(self, path: str, mode: int, size: int, target: str = "", rdev: tuple[int, int] = (0, 0)) -> None:
+        self.path = path
+        self.mode = mode
+        self.size = size
+        self.target = target  # a symlink's target
+        self.rdev = rdev  # (major, minor) of a device node
+
+    def _key(self) -> tuple[str, int, int, str, tuple[int, int]]:
+        return self.path, self.mode, self.size, self.target, self.rdev
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Member and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"Member(path={self.path!r}, mode={self.mode:#o}, size={self.size}, target={self.target!r}, "
+                f"rdev={self.rdev!r})")
 
 
 class Header:

@@ -47,7 +47,6 @@ import gc
 import hashlib
 import hmac
 import json
-import lzma
 import os
 import stat
 import time
@@ -284,6 +283,8 @@ def _walk(buf: memoryview, out: list[tuple[Member, memoryview]], where: str = ""
             off = _archive(buf, off, out)
             continue
         if head == XZ_MAGIC:
+            import lzma  # here: the layers the stages build are gzip; an xz segment is rare
+
             d: Any = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
             bad: tuple[type[Exception], ...] = (lzma.LZMAError,)
             kind = "xz"
@@ -304,14 +305,16 @@ def _walk(buf: memoryview, out: list[tuple[Member, memoryview]], where: str = ""
         off = len(buf) - len(d.unused_data)
 
 
-@dataclass(frozen=True)
 class Parsed:
     """The next stage's root, parsed and checked before anything is torn down: the members to
     write, and the paths of the running root to keep instead of writing them (the running
-    runtime layer's, `Runtime.paths`; empty: a fresh root)."""
+    runtime layer's, `Runtime.paths`; empty: a fresh root). A plain class: only read once made."""
 
-    members: list[tuple[Member, memoryview]]
-    keep: tuple[str, ...] = ()
+    __slots__ = ("members", "keep")
+
+    def __init__(self, members: list[tuple[Member, memoryview]], keep: tuple[str, ...] = ()) -> None:
+        self.members = members
+        self.keep = keep
 
     @property
     def files(self) -> int:
