@@ -161,7 +161,8 @@ class Nvram:
             raise NvramError(f"{self.path}: device is {len(raw[0])} bytes, smaller than the "
                              f"{LEGACY_HEADER.size}-byte header")
         # a device too small for slot B (or a format-1 device cut short) has B empty
-        return [decode_slot(raw[0], "A"), decode_slot(raw[1], "B") if any(raw[1]) else Slot("B")]
+        # (an all-zero test by comparison: any() over 128 KiB walks it byte by byte, ~10 ms under TCG)
+        return [decode_slot(raw[0], "A"), decode_slot(raw[1], "B") if raw[1] != bytes(len(raw[1])) else Slot("B")]
 
     def read(self) -> bytes | None:
         """The newest valid state's bytes, or None on a fresh device."""
