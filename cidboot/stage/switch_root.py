@@ -43,6 +43,7 @@ prints `cidboot: handover-check: ...` after searching its reachable files for th
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import hmac
@@ -459,14 +460,18 @@ def delete_tree(top: str, dev: int, keep: frozenset[str] = frozenset(), rel: str
         entries = list(it)
     kept = 0
     for e in entries:
+        r = rel + e.name
         try:
-            st = e.stat(follow_symlinks=False)
+            is_dir = e.is_dir(follow_symlinks=False)  # the directory entry's type: no lstat
         except FileNotFoundError:
             continue
-        if st.st_dev != dev:
-            continue  # a mount point (proc, sys, dev, the new root): left for umount
-        r = rel + e.name
-        if stat.S_ISDIR(st.st_mode):
+        if is_dir:  # only a directory needs its device: a mount point is one (proc, sys, dev, the new root)
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if st.st_dev != dev:
+                continue  # a mount point: left for umount
             kept += delete_tree(e.path, dev, keep, r + "/") if keep else delete_tree(e.path, dev)
             if r in keep:
                 kept += 1
@@ -478,7 +483,14 @@ def delete_tree(top: str, dev: int, keep: frozenset[str] = frozenset(), rel: str
         elif r in keep:
             kept += 1
         else:
-            os.unlink(e.path)
+            try:
+                os.unlink(e.path)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                if err.errno != errno.EBUSY:
+                    raise
+                # a file mount point (unlink(2) refuses those): left for umount, as a directory one
     return kept
 
 

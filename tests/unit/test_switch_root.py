@@ -246,6 +246,33 @@ def test_delete_tree_empties_a_directory_on_its_device(tmp_path: Path) -> None:
     assert Path("/etc").is_dir()  # a symlink is removed, never followed
 
 
+
+def test_delete_tree_leaves_a_file_mount_point_for_umount_and_raises_on_other_errors(tmp_path: Path,
+                                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files are deleted without an lstat each (only directories are checked for another device);
+    a file that is a mount point (unlink(2): EBUSY) stays for umount, any other failure raises."""
+    import errno
+
+    (tmp_path / "busy").write_bytes(b"x")
+    (tmp_path / "gone").write_bytes(b"x")
+    real_unlink = os.unlink
+
+    def unlink(path: str) -> None:
+        if path.endswith("busy"):
+            raise OSError(errno.EBUSY, "Device or resource busy", path)
+        real_unlink(path)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    sr.delete_tree(str(tmp_path), os.lstat(tmp_path).st_dev)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+
+    def denied(path: str) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(os, "unlink", denied)
+    with pytest.raises(PermissionError):
+        sr.delete_tree(str(tmp_path), os.lstat(tmp_path).st_dev)
+
 def test_switch_root_refuses_outside_pid1() -> None:
     with pytest.raises(sr.SwitchRootError, match="not PID 1"):
         sr.switch_root(sr.parse_initramfs(image_initrd()), handoff())
