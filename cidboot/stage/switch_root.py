@@ -53,7 +53,6 @@ import stat
 import time
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -147,19 +146,35 @@ class RuntimeMissing(SwitchRootError):
     supply it: the caller must fetch it after all."""
 
 
-@dataclass(frozen=True)
 class Runtime:
     """The running image's runtime layer, as /etc/cidboot/runtime.json (written by the image
     builder into the config layer, so inside this stage's measured initrd) describes it: the
     layer's CID, size and hashes of its compressed bytes, and every member path of its archive in
     archive order (`normalize_path`'s form). Every stage flow of an arch ships a byte-identical
-    runtime layer, so the next stage's initramfs usually begins with exactly these bytes."""
+    runtime layer, so the next stage's initramfs usually begins with exactly these bytes. A value
+    (compared by its fields, never changed), written out rather than a frozen dataclass, whose
+    generated methods cost the firmware and the bootstrap ~3 M guest instructions at import."""
 
-    cid: str
-    size: int
-    sha256: bytes
-    sha512: bytes
-    paths: tuple[str, ...]
+    __slots__ = ("cid", "size", "sha256", "sha512", "paths")
+
+    def __init__(self, cid: str, size: int, sha256: bytes, sha512: bytes, paths: tuple[str, ...]) -> None:
+        self.cid = cid
+        self.size = size
+        self.sha256 = sha256
+        self.sha512 = sha512
+        self.paths = paths
+
+    def _key(self) -> tuple[str, int, bytes, bytes, tuple[str, ...]]:
+        return self.cid, self.size, self.sha256, self.sha512, self.paths
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Runtime and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Runtime(cid={self.cid!r}, size={self.size}, paths=<{len(self.paths)}>)"
 
     def begins(self, initrd: bytes | memoryview) -> bool:
         """True when `initrd`'s first `size` bytes are this layer (the length first, then SHA-256)."""
