@@ -111,18 +111,22 @@ class BootPlan:
     runtime_key: bytes | None = None
 
 
-@dataclass(frozen=True)
 class Unlocked:
     """What `unlock` did, for the console: how many layers and bytes, the time the broker took,
     and decryption (STREAM + the plaintext SHA-256 check) against a SHA-256 pass over the same
-    ciphertext (a sample of it), which is what the CID check of those bytes costs (docs/privacy.md)."""
+    ciphertext (a sample of it), which is what the CID check of those bytes costs (docs/privacy.md).
+    A plain record (a frozen dataclass costs ~3 M guest instructions at the stage's import)."""
 
-    layers: int
-    ciphertext_bytes: int
-    broker_seconds: float
-    decrypt_seconds: float
-    sha256_seconds: float
-    sha256_bytes: int  # the reference hashes a sample (SHA256_SAMPLE) of the ciphertext
+    __slots__ = ("layers", "ciphertext_bytes", "broker_seconds", "decrypt_seconds", "sha256_seconds", "sha256_bytes")
+
+    def __init__(self, layers: int, ciphertext_bytes: int, broker_seconds: float, decrypt_seconds: float,
+                 sha256_seconds: float, sha256_bytes: int) -> None:
+        self.layers = layers
+        self.ciphertext_bytes = ciphertext_bytes
+        self.broker_seconds = broker_seconds
+        self.decrypt_seconds = decrypt_seconds
+        self.sha256_seconds = sha256_seconds
+        self.sha256_bytes = sha256_bytes  # the reference hashes a sample (SHA256_SAMPLE) of the ciphertext
 
     def line(self) -> str:
         def rate(n: int, sec: float) -> str:
@@ -257,14 +261,17 @@ def verify_signed(cid: CID, raw: bytes, state: TrustState, *, now: int | None = 
     return signed, [bytes.fromhex(k) for k in signers]
 
 
-@dataclass(frozen=True)
 class AllowedName:
     """The manifest name the signed device registry lets this device boot, and that registry's
-    version (recorded in NVRAM once the boot is accepted, so an older registry cannot be replayed)."""
+    version (recorded in NVRAM once the boot is accepted, so an older registry cannot be replayed).
+    A plain record, as `Unlocked`."""
 
-    name: str
-    registry: CID
-    version: int
+    __slots__ = ("name", "registry", "version")
+
+    def __init__(self, name: str, registry: CID, version: int) -> None:
+        self.name = name
+        self.registry = registry
+        self.version = version
 
 
 def allowed_name(config: BootConfig, cid: CID, raw: bytes, state: TrustState, dice: bytes | None, *, boot_mode: str,
