@@ -15,7 +15,6 @@ import os
 import posixpath
 import stat
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import BinaryIO
 
 from cidboot.errors import FormatError
@@ -29,13 +28,26 @@ class CpioError(FormatError):
     """An entry cannot go into an archive (bad path, duplicate, wrong kind)."""
 
 
-@dataclass(frozen=True)
 class Entry:
-    """One archive member. `path` is relative ("usr/bin/python3"); kind comes from `mode`."""
+    """One archive member. `path` is relative ("usr/bin/python3"); kind comes from `mode`. A value
+    (field equality and hash, never changed), written out rather than a frozen dataclass, whose
+    generated methods cost every stage that imports this module ~3 M guest instructions."""
 
-    path: str
-    mode: int
-    data: bytes = b""
+    __slots__ = ("path", "mode", "data")
+
+    def __init__(self, path: str, mode: int, data: bytes = b"") -> None:
+        self.path = path
+        self.mode = mode
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Entry and (self.path, self.mode, self.data) == (other.path, other.mode, other.data)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.mode, self.data))
+
+    def __repr__(self) -> str:
+        return f"Entry(path={self.path!r}, mode={self.mode:#o}, data=<{len(self.data)} bytes>)"
 
     @classmethod
     def file(cls, path: str, data: bytes, perm: int = 0o644) -> Entry:
