@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,18 +46,23 @@ def log(msg: str) -> None:
     print(f"cidboot: bootstrap: {msg}", file=sys.stderr, flush=True)
 
 
-@dataclass
 class Start:
-    """What the previous stage (or iPXE) gave us."""
+    """What the previous stage (or iPXE) gave us. A plain record (a dataclass's generated methods
+    cost ~2-3 M guest instructions at the stage's import)."""
 
-    boot_mode: str
-    dice: bytearray | None  # the encoded CDI_1 handover; ephemeral for unmeasured boots
-    bootconfig: bytes | None  # None: fetch it over TFTP once the network is up
-    ip: str | None = None  # set once the network is up, so a retry does not redo DHCP
-    dhcp_config_url: str | None = None  # the boot config the DHCP reply names (for UKIs: no cmdline URL)
-    boot: dict[str, Any] = field(default_factory=dict)  # the boot.json received (e.g. "handover": "kexec")
-    tpm: Any = None  # bootstrap.stage.tpm.TpmRoot on a TPM-measured boot (UEFI + TPM, no L0)
-    lease: dict[str, Any] | None = None  # this boot's lease, for the image's hand-off (dhcp_client.handoff_record)
+    __slots__ = ("boot_mode", "dice", "bootconfig", "ip", "dhcp_config_url", "boot", "tpm", "lease")
+
+    def __init__(self, boot_mode: str, dice: bytearray | None, bootconfig: bytes | None, ip: str | None = None,
+                 dhcp_config_url: str | None = None, boot: dict[str, Any] | None = None, tpm: Any = None,
+                 lease: dict[str, Any] | None = None) -> None:
+        self.boot_mode = boot_mode
+        self.dice = dice  # the encoded CDI_1 handover; ephemeral for unmeasured boots
+        self.bootconfig = bootconfig  # None: fetch it over TFTP once the network is up
+        self.ip = ip  # set once the network is up, so a retry does not redo DHCP
+        self.dhcp_config_url = dhcp_config_url  # the boot config the DHCP reply names (for UKIs: no cmdline URL)
+        self.boot: dict[str, Any] = {} if boot is None else boot  # the boot.json received (e.g. "handover": "kexec")
+        self.tpm = tpm  # bootstrap.stage.tpm.TpmRoot on a TPM-measured boot (UEFI + TPM, no L0)
+        self.lease = lease  # this boot's lease, for the image's hand-off (dhcp_client.handoff_record)
 
 
 def ephemeral_dice() -> bytearray:

@@ -64,10 +64,9 @@ from cidboot.trust.manifest import (
     VersionConflictError,
     check_layer,
     rotated_root,
-    verify_manifest,
-    verify_threshold,
+    verify_manifest_signers,
 )
-from cidboot.trust.manifest.signed import KIND_MANIFEST, MAX_ENVELOPE
+from cidboot.trust.manifest.signed import MAX_ENVELOPE
 from cidboot.trust.manifest.verify import utc
 
 TRUST_ANCHOR = "/etc/cidboot/trust-anchor.json"
@@ -112,18 +111,22 @@ class BootPlan:
     runtime_key: bytes | None = None
 
 
-@dataclass(frozen=True)
 class Unlocked:
     """What `unlock` did, for the console: how many layers and bytes, the time the broker took,
     and decryption (STREAM + the plaintext SHA-256 check) against a SHA-256 pass over the same
-    ciphertext (a sample of it), which is what the CID check of those bytes costs (docs/privacy.md)."""
+    ciphertext (a sample of it), which is what the CID check of those bytes costs (docs/privacy.md).
+    A plain record (a frozen dataclass costs ~3 M guest instructions at the stage's import)."""
 
-    layers: int
-    ciphertext_bytes: int
-    broker_seconds: float
-    decrypt_seconds: float
-    sha256_seconds: float
-    sha256_bytes: int  # the reference hashes a sample (SHA256_SAMPLE) of the ciphertext
+    __slots__ = ("layers", "ciphertext_bytes", "broker_seconds", "decrypt_seconds", "sha256_seconds", "sha256_bytes")
+
+    def __init__(self, layers: int, ciphertext_bytes: int, broker_seconds: float, decrypt_seconds: float,
+                 sha256_seconds: float, sha256_bytes: int) -> None:
+        self.layers = layers
+        self.ciphertext_bytes = ciphertext_bytes
+        self.broker_seconds = broker_seconds
+        self.decrypt_seconds = decrypt_seconds
+        self.sha256_seconds = sha256_seconds
+        self.sha256_bytes = sha256_bytes  # the reference hashes a sample (SHA256_SAMPLE) of the ciphertext
 
     def line(self) -> str:
         def rate(n: int, sec: float) -> str:
@@ -238,7 +241,7 @@ def verify_signed(cid: CID, raw: bytes, state: TrustState, *, now: int | None = 
     m = signed.manifest
     seen = state.highest.get(m.name)
     try:
-        verify_manifest(signed, state, now=now, persist=False, cid=cid, expected_name=expected_name)
+        _, signers = verify_manifest_signers(signed, state, now=now, persist=False, cid=cid, expected_name=expected_name)
     except ManifestNameError as e:
         raise Refused("manifest name", str(e)) from None
     except VersionConflictError as e:
@@ -255,18 +258,20 @@ def verify_signed(cid: CID, raw: bytes, state: TrustState, *, now: int | None = 
             kids = ", ".join(untrusted)
             raise Refused(what, f"signed by unknown key {kids} (not in the trust anchor): {e}") from None
         raise Refused(what, str(e)) from None
-    signers = verify_threshold(signed.signatures, signed.payload(), state.root, what, kind=KIND_MANIFEST)
     return signed, [bytes.fromhex(k) for k in signers]
 
 
-@dataclass(frozen=True)
 class AllowedName:
     """The manifest name the signed device registry lets this device boot, and that registry's
-    version (recorded in NVRAM once the boot is accepted, so an older registry cannot be replayed)."""
+    version (recorded in NVRAM once the boot is accepted, so an older registry cannot be replayed).
+    A plain record, as `Unlocked`."""
 
-    name: str
-    registry: CID
-    version: int
+    __slots__ = ("name", "registry", "version")
+
+    def __init__(self, name: str, registry: CID, version: int) -> None:
+        self.name = name
+        self.registry = registry
+        self.version = version
 
 
 def allowed_name(config: BootConfig, cid: CID, raw: bytes, state: TrustState, dice: bytes | None, *, boot_mode: str,
@@ -277,10 +282,12 @@ def allowed_name(config: BootConfig, cid: CID, raw: bytes, state: TrustState, di
     boot config's role on an unmeasured one (no identity to look up); `device_id` given (a TPM
     boot: the id of its enrolled AK, bootstrap.stage.tpm) is used as is. None without a registry:
     the name pinned in NVRAM then applies (docs/trust.md, "What a device may boot")."""
-    from cidboot.trust.registry import MAX_REGISTRY, RegistryRoleError, verify_signed_registry
-
     if config.device_registry is None:
         return None
+    # only now: the registry module pulls in cidboot.trust.appraisal (~40 M guest instructions of
+    # imports), which a boot config without a registry never needs
+    from cidboot.trust.registry import MAX_REGISTRY, RegistryRoleError, verify_signed_registry
+
     rcid = config.device_registry
     try:
         signed = SignedManifest.decode(raw)

@@ -33,6 +33,8 @@ class CIDMismatch(VerificationError):
 
 @dataclass(frozen=True, slots=True)
 class CID:
+    """A content identifier: version, codec and multihash; `str()` is its canonical multibase form."""
+
     version: int
     codec: int
     multihash: Multihash

@@ -7,8 +7,6 @@ types and trailing garbage instead of skipping them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from cidboot.errors import FormatError
 from cidboot.ipld import protobuf as pb
 from cidboot.ipld import varint
@@ -21,11 +19,28 @@ class DagPbError(FormatError):
     """A block is not valid dag-pb."""
 
 
-@dataclass(frozen=True, slots=True)
 class PBLink:
-    cid: CID
-    name: str | None = None
-    tsize: int | None = None
+    """A dag-pb link: the target CID, its name and cumulative size (both optional on the wire).
+    A value (field equality and hash, never changed), written out rather than a frozen slotted
+    dataclass: that one is built twice and generates six methods at import (~3 M guest
+    instructions in each stage importing the block store), and its __init__ goes through
+    object.__setattr__ for every field of every link decoded."""
+
+    __slots__ = ("cid", "name", "tsize")
+
+    def __init__(self, cid: CID, name: str | None = None, tsize: int | None = None) -> None:
+        self.cid = cid
+        self.name = name
+        self.tsize = tsize
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is PBLink and self.cid == other.cid and self.name == other.name and self.tsize == other.tsize
+
+    def __hash__(self) -> int:
+        return hash((self.cid, self.name, self.tsize))
+
+    def __repr__(self) -> str:
+        return f"PBLink(cid={self.cid!r}, name={self.name!r}, tsize={self.tsize!r})"
 
     def encode(self) -> bytes:
         out = pb.field_bytes(1, bytes(self.cid))
@@ -36,10 +51,23 @@ class PBLink:
         return out
 
 
-@dataclass(slots=True)
 class PBNode:
-    links: list[PBLink] = field(default_factory=list)
-    data: bytes | None = None
+    """A dag-pb node: its links, in encoded order, and its opaque data (field equality; written
+    out for the same reason as PBLink)."""
+
+    __slots__ = ("links", "data")
+
+    def __init__(self, links: list[PBLink] | None = None, data: bytes | None = None) -> None:
+        self.links: list[PBLink] = [] if links is None else links
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is PBNode and self.links == other.links and self.data == other.data
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass was
+
+    def __repr__(self) -> str:
+        return f"PBNode(links={self.links!r}, data={self.data!r})"
 
 
 def encode(node: PBNode) -> bytes:

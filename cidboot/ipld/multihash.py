@@ -51,6 +51,8 @@ def hasher(code: int) -> hashlib._Hash:
 
 @dataclass(frozen=True, slots=True)
 class Multihash:
+    """A hash function code with its digest, checked for the code's length on construction."""
+
     code: int
     digest: bytes
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import cbor2
@@ -232,9 +231,27 @@ def _signer_headers(key: PrivateKey, kid: bytes | None, protected: Mapping[int, 
 # -- COSE_Sign1 -------------------------------------------------------------------------
 
 
-class _HeaderAccess:
+class _Decoded:
+    """What the decoders below return: values, compared field by field (never changed once
+    made), shown with their fields. Written out, not frozen dataclasses: generating a frozen
+    dataclass's methods costs ~3 M guest instructions per class at import, in every stage (all
+    three import this module), for records that are only ever built here and read."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]  # the headers are dicts: as unhashable as the dataclasses were
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in self.__slots__)})"
+
+
+class _HeaderAccess(_Decoded):
     """alg and kid as a verifier reads them (kid may sit in either header bucket)."""
 
+    __slots__ = ()
     protected: dict[int, Any]
     unprotected: dict[int, Any]
 
@@ -248,13 +265,19 @@ class _HeaderAccess:
         return kid if isinstance(kid, bytes) else None
 
 
-@dataclass(frozen=True)
 class Sign1(_HeaderAccess):
-    protected: dict[int, Any]
-    protected_raw: bytes
-    unprotected: dict[int, Any]
-    payload: bytes | None
-    signature: bytes
+    """A decoded COSE_Sign1: headers as sent (`protected_raw` is what the signature covers), the
+    payload (None when detached) and the signature."""
+
+    __slots__ = ("protected", "protected_raw", "unprotected", "payload", "signature")
+
+    def __init__(self, protected: dict[int, Any], protected_raw: bytes, unprotected: dict[int, Any],
+                 payload: bytes | None, signature: bytes) -> None:
+        self.protected = protected
+        self.protected_raw = protected_raw
+        self.unprotected = unprotected
+        self.payload = payload
+        self.signature = signature
 
 
 def sign1(
@@ -333,21 +356,31 @@ def verify1_attached(msg: bytes | Sign1, public_key: PublicKey, *, external_aad:
 # -- COSE_Sign (several signers over one payload) -----------------------------------------
 
 
-@dataclass(frozen=True)
 class Signature(_HeaderAccess):
-    protected: dict[int, Any]
-    protected_raw: bytes
-    unprotected: dict[int, Any]
-    signature: bytes
+    """One signer's entry of a COSE_Sign: its own headers (raw bytes kept for the Sig_structure) and signature."""
+
+    __slots__ = ("protected", "protected_raw", "unprotected", "signature")
+
+    def __init__(self, protected: dict[int, Any], protected_raw: bytes, unprotected: dict[int, Any],
+                 signature: bytes) -> None:
+        self.protected = protected
+        self.protected_raw = protected_raw
+        self.unprotected = unprotected
+        self.signature = signature
 
 
-@dataclass(frozen=True)
-class SignMulti:
-    protected: dict[int, Any]
-    protected_raw: bytes
-    unprotected: dict[int, Any]
-    payload: bytes | None  # None when detached (the manifest keeps its payload beside it)
-    signatures: list[Signature]
+class SignMulti(_Decoded):
+    """A decoded COSE_Sign: body headers, payload and one `Signature` per signer."""
+
+    __slots__ = ("protected", "protected_raw", "unprotected", "payload", "signatures")
+
+    def __init__(self, protected: dict[int, Any], protected_raw: bytes, unprotected: dict[int, Any],
+                 payload: bytes | None, signatures: list[Signature]) -> None:
+        self.protected = protected
+        self.protected_raw = protected_raw
+        self.unprotected = unprotected
+        self.payload = payload  # None when detached (the manifest keeps its payload beside it)
+        self.signatures = signatures
 
 
 def sign_multi(payload: bytes, signers: list[tuple[PrivateKey, bytes]], *, protected: dict[int, Any] | None = None,

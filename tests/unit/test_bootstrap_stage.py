@@ -682,3 +682,18 @@ def test_no_tpm_device_means_unmeasured_without_importing_the_tpm_stack(tmp_path
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["unmeasured", "[]"]
+
+
+def test_a_boot_config_without_a_device_registry_does_not_import_the_registry(tmp_path: Path) -> None:
+    """allowed_name returns None for a boot config that names no registry before importing
+    cidboot.trust.registry, whose import pulls in the verifier's appraisal modules (~40 M guest
+    instructions in the bootstrap's manifest step); with a registry named it is imported."""
+    code = ("import sys; from bootstrap.stage import verify; from cidboot.netboot.bootconfig import BootConfig; "
+            "from cidboot.ipld.cid import CID; "
+            "cid = CID.parse('bafyreigunxpi2nqx4vmde4nofludpuu3jkoaka36uio6fzpy6v7kl5c26m'); "
+            "print(verify.allowed_name(BootConfig(cid, ('http://127.0.0.1:9',)), cid, b'', None, None, "
+            "boot_mode='unmeasured', store=None), "
+            "'cidboot.trust.registry' in sys.modules, 'cidboot.trust.appraisal' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["None", "False", "False"]

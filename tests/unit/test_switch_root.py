@@ -158,6 +158,38 @@ def test_extract_writes_files_links_and_modes_and_later_members_win(tmp_path: Pa
     assert stat.S_IMODE((tmp_path / "tmp").stat().st_mode) == 0o1777
 
 
+
+def test_extract_over_an_existing_root_gives_exact_modes_new_inodes_and_replaces_kinds(tmp_path: Path) -> None:
+    """Whatever the umask, the archive's permission bits (set-id and sticky included) exactly;
+    an existing file is replaced by a new inode, never written through; a directory where the
+    archive has a file (and a file or symlink where it has a directory) is replaced; an existing
+    directory gets the archive's mode. The caller's umask is back afterwards."""
+    (tmp_path / "d").mkdir(mode=0o700)
+    (tmp_path / "f").write_bytes(b"old")
+    old_inode = (tmp_path / "f").stat().st_ino
+    keep_open = (tmp_path / "f").open("rb")  # a kept file mapped or open elsewhere keeps its bytes
+    (tmp_path / "was_dir").mkdir()
+    (tmp_path / "was_dir/inner").write_bytes(b"x")
+    (tmp_path / "was_file").write_bytes(b"x")
+    (tmp_path / "was_link").symlink_to(tmp_path / "d")
+    arc = archive_bytes([Entry.directory("d", 0o755), Entry.file("f", b"new", 0o640), Entry.file("was_dir", b"file"),
+                         Entry.directory("was_file", 0o750), Entry.directory("was_link"), Entry.file("suid", b"s", 0o4755),
+                         Entry.directory("sticky", 0o1777), Entry.file("new/g", b"g", 0o600)])
+    mask = os.umask(0o077)
+    try:
+        sr.extract(sr.parse_initramfs(arc), str(tmp_path))
+        assert os.umask(0o077) == 0o077
+    finally:
+        os.umask(mask)
+    modes = {p: stat.S_IMODE(os.lstat(tmp_path / p).st_mode) for p in ("d", "f", "was_file", "suid", "sticky", "new", "new/g")}
+    assert modes == {"d": 0o755, "f": 0o640, "was_file": 0o750, "suid": 0o4755, "sticky": 0o1777, "new": 0o755,
+                     "new/g": 0o600}
+    assert (tmp_path / "f").read_bytes() == b"new" and (tmp_path / "f").stat().st_ino != old_inode
+    assert keep_open.read() == b"old"
+    keep_open.close()
+    assert (tmp_path / "was_dir").read_bytes() == b"file"
+    assert (tmp_path / "was_link").is_dir() and not (tmp_path / "was_link").is_symlink()
+
 # -- the hand-off as files ----------------------------------------------------------------------
 
 
@@ -213,6 +245,33 @@ def test_delete_tree_empties_a_directory_on_its_device(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     assert Path("/etc").is_dir()  # a symlink is removed, never followed
 
+
+
+def test_delete_tree_leaves_a_file_mount_point_for_umount_and_raises_on_other_errors(tmp_path: Path,
+                                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files are deleted without an lstat each (only directories are checked for another device);
+    a file that is a mount point (unlink(2): EBUSY) stays for umount, any other failure raises."""
+    import errno
+
+    (tmp_path / "busy").write_bytes(b"x")
+    (tmp_path / "gone").write_bytes(b"x")
+    real_unlink = os.unlink
+
+    def unlink(path: str) -> None:
+        if path.endswith("busy"):
+            raise OSError(errno.EBUSY, "Device or resource busy", path)
+        real_unlink(path)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    sr.delete_tree(str(tmp_path), os.lstat(tmp_path).st_dev)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+
+    def denied(path: str) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(os, "unlink", denied)
+    with pytest.raises(PermissionError):
+        sr.delete_tree(str(tmp_path), os.lstat(tmp_path).st_dev)
 
 def test_switch_root_refuses_outside_pid1() -> None:
     with pytest.raises(sr.SwitchRootError, match="not PID 1"):

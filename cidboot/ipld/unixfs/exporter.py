@@ -8,7 +8,6 @@ only has to check that the DAG has a valid UnixFS shape.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from cidboot.ipld import dagpb
 from cidboot.ipld.cid import CID, DAG_PB, RAW
@@ -19,11 +18,26 @@ GetBlock = Callable[[CID], bytes]
 MAX_DEPTH = 64
 
 
-@dataclass(frozen=True)
 class DirEntry:
-    name: str
-    cid: CID
-    tsize: int | None
+    """One entry of a UnixFS directory: its name, CID and the link's cumulative size. A value
+    (field equality and hash), written out rather than a frozen dataclass (import cost, as
+    dagpb.PBLink)."""
+
+    __slots__ = ("name", "cid", "tsize")
+
+    def __init__(self, name: str, cid: CID, tsize: int | None) -> None:
+        self.name = name
+        self.cid = cid
+        self.tsize = tsize
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is DirEntry and (self.name, self.cid, self.tsize) == (other.name, other.cid, other.tsize)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.cid, self.tsize))
+
+    def __repr__(self) -> str:
+        return f"DirEntry(name={self.name!r}, cid={self.cid!r}, tsize={self.tsize!r})"
 
 
 def _node(cid: CID, get_block: GetBlock) -> tuple[dagpb.PBNode, UnixFSData]:

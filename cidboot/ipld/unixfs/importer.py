@@ -35,6 +35,8 @@ class BlockSink(Protocol):
 
 @dataclass(frozen=True)
 class ImportOptions:
+    """How to chunk and link a file (CID version, chunk size, raw leaves): Kubo's defaults."""
+
     cid_version: int = 0
     chunk_size: int = DEFAULT_CHUNK
     raw_leaves: bool | None = None  # None: Kubo's default (on for CIDv1, off for CIDv0); with
@@ -69,6 +71,8 @@ class ImportOptions:
 
 @dataclass
 class ImportResult:
+    """What an import produced: the root CID, content size, blocks written and the DAG's size."""
+
     cid: CID
     size: int  # bytes of file content (for a directory: sum over its files)
     blocks: int = 0

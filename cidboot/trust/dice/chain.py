@@ -8,7 +8,6 @@ error names the chain entry that failed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import cbor2
@@ -46,10 +45,25 @@ def append_to_chain(chain: bytes, cert: bytes) -> bytes:
     return cbor2.dumps(items)
 
 
-@dataclass(frozen=True)
 class VerifiedChain:
-    root_public_key: PublicKey
-    entries: list[DiceCert]
+    """A DICE chain whose every certificate verified: the root key and the entries, root side first.
+    A value (compared by its fields, never changed), written out rather than a frozen dataclass:
+    generating one's methods costs ~3 M guest instructions at import, in every stage."""
+
+    __slots__ = ("root_public_key", "entries")
+
+    def __init__(self, root_public_key: PublicKey, entries: list[DiceCert]) -> None:
+        self.root_public_key = root_public_key
+        self.entries = entries
+
+    def __eq__(self, other: object) -> bool:
+        return (type(other) is VerifiedChain and self.root_public_key == other.root_public_key
+                and self.entries == other.entries)
+
+    __hash__ = None  # type: ignore[assignment]  # holds a list, as the dataclass did
+
+    def __repr__(self) -> str:
+        return f"VerifiedChain(root_public_key={self.root_public_key!r}, entries={self.entries!r})"
 
     @property
     def leaf_public_key(self) -> PublicKey:
@@ -112,11 +126,28 @@ def verify_chain(chain: bytes, *, allow_debug: bool = False, expected_profile: s
     return VerifiedChain(root, entries)
 
 
-@dataclass(frozen=True)
 class Handover:
-    cdi_attest: bytes
-    cdi_seal: bytes
-    chain: bytes
+    """What one DICE layer gives the next: CDI_Attest, CDI_Seal and the chain up to it. Written
+    out rather than a frozen dataclass (import cost, as VerifiedChain); its repr shows the CDIs'
+    lengths only, so a log or traceback never carries the secrets."""
+
+    __slots__ = ("cdi_attest", "cdi_seal", "chain")
+
+    def __init__(self, cdi_attest: bytes, cdi_seal: bytes, chain: bytes) -> None:
+        self.cdi_attest = cdi_attest
+        self.cdi_seal = cdi_seal
+        self.chain = chain
+
+    def __eq__(self, other: object) -> bool:
+        return (type(other) is Handover and self.cdi_attest == other.cdi_attest and self.cdi_seal == other.cdi_seal
+                and self.chain == other.chain)
+
+    def __hash__(self) -> int:
+        return hash((self.cdi_attest, self.cdi_seal, self.chain))
+
+    def __repr__(self) -> str:
+        return (f"Handover(cdi_attest=<{len(self.cdi_attest)} bytes>, cdi_seal=<{len(self.cdi_seal)} bytes>, "
+                f"chain=<{len(self.chain)} bytes>)")
 
 
 def encode_handover(cdi_attest: bytes, cdi_seal: bytes, chain: bytes) -> bytes:

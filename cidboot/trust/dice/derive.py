@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
 from enum import IntEnum
 
 from cryptography.hazmat.primitives import hashes
@@ -58,19 +57,42 @@ class DiceConfigType(IntEnum):
     DESCRIPTOR = 1
 
 
-@dataclass(frozen=True)
 class DiceInputs:
-    """One layer's DICE input values (open-dice's DiceInputValues)."""
+    """One layer's DICE input values (open-dice's DiceInputValues). A value (field equality and
+    hash, never changed; the constructor validates), written out rather than a frozen dataclass,
+    whose generated methods cost each stage ~3-4 M guest instructions at import (all three
+    derive or check a layer)."""
 
-    code_hash: bytes = bytes(HASH_SIZE)
-    code_descriptor: bytes = b""
-    config_value: bytes | None = bytes(INLINE_CONFIG_SIZE)  # inline config (64 B) ...
-    config_descriptor: bytes | None = None  # ... or a descriptor whose SHA-512 is the config
-    authority_hash: bytes = bytes(HASH_SIZE)
-    authority_descriptor: bytes = b""
-    mode: DiceMode = DiceMode.NOT_INITIALIZED
-    hidden: bytes = bytes(HIDDEN_SIZE)
-    profile_name: str | None = None
+    __slots__ = ("code_hash", "code_descriptor", "config_value", "config_descriptor", "authority_hash",
+                 "authority_descriptor", "mode", "hidden", "profile_name")
+
+    def __init__(self, code_hash: bytes = bytes(HASH_SIZE), code_descriptor: bytes = b"",
+                 config_value: bytes | None = bytes(INLINE_CONFIG_SIZE), config_descriptor: bytes | None = None,
+                 authority_hash: bytes = bytes(HASH_SIZE), authority_descriptor: bytes = b"",
+                 mode: DiceMode = DiceMode.NOT_INITIALIZED, hidden: bytes = bytes(HIDDEN_SIZE),
+                 profile_name: str | None = None) -> None:
+        self.code_hash = code_hash
+        self.code_descriptor = code_descriptor
+        self.config_value = config_value  # inline config (64 B) ...
+        self.config_descriptor = config_descriptor  # ... or a descriptor whose SHA-512 is the config
+        self.authority_hash = authority_hash
+        self.authority_descriptor = authority_descriptor
+        self.mode = mode
+        self.hidden = hidden
+        self.profile_name = profile_name
+        self.__post_init__()
+
+    def _key(self) -> tuple[object, ...]:
+        return tuple(getattr(self, n) for n in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is DiceInputs and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"DiceInputs({', '.join(f'{n}={getattr(self, n)!r}' for n in self.__slots__)})"
 
     def __post_init__(self) -> None:
         for name, size in (("code_hash", HASH_SIZE), ("authority_hash", HASH_SIZE), ("hidden", HIDDEN_SIZE)):

@@ -17,6 +17,8 @@ from cidboot.trust.dice.derive import DiceInputs, key_from_cdi
 
 @dataclass(frozen=True)
 class DerivedIdentity:
+    """The end of a software derivation: the root key, the last layer's CDIs, chain and key."""
+
     root_public_key: PublicKey
     cdi_attest: bytes
     cdi_seal: bytes

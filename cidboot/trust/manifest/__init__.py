@@ -32,6 +32,7 @@ from cidboot.trust.manifest.verify import (
     check_layer,
     rotated_root,
     verify_manifest,
+    verify_manifest_signers,
     verify_threshold,
 )
 
@@ -41,5 +42,5 @@ __all__ = [
     "ManifestVerificationError", "RegistryRollbackError", "RollbackError", "RootMismatchError", "RootOfTrust", "RootRotationError",
     "SignatureError", "SignedManifest", "SignedRoot", "SizeLimitError", "ThresholdError", "TrustState",
     "VersionConflictError", "check_layer", "rotated_root", "sign_manifest", "sign_root", "verify_manifest",
-    "verify_threshold",
+    "verify_manifest_signers", "verify_threshold",
 ]

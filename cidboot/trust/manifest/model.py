@@ -41,13 +41,37 @@ def _only(d: dict[str, Any], allowed: set[str], where: str) -> None:
         raise ManifestFormatError(f"{where}: unknown keys {extra}")
 
 
-@dataclass(frozen=True)
-class RootOfTrust:
+class _Value:
+    """Field equality, hash and repr from `__slots__` for the model's small frozen records, which
+    are written out rather than frozen dataclasses: generating a frozen dataclass's methods costs
+    ~3 M guest instructions at import per class, in the bootstrap and the agent. The records are
+    never changed once made (their constructors validate)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _key(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, n) for n in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in self.__slots__)})"
+
+
+class RootOfTrust(_Value):
     """Keys and how many of them must sign; `version` increases by one with each rotation."""
 
-    keys: tuple[bytes, ...]  # encoded COSE_Keys
-    threshold: int
-    version: int = 1
+    __slots__ = ("keys", "threshold", "version")
+
+    def __init__(self, keys: tuple[bytes, ...], threshold: int, version: int = 1) -> None:
+        self.keys = keys  # encoded COSE_Keys
+        self.threshold = threshold
+        self.version = version
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         if not self.keys:
@@ -85,14 +109,17 @@ class RootOfTrust:
         return cls(tuple(keys), _req(d, "threshold", int, where), _req(d, "version", int, where))
 
 
-@dataclass(frozen=True)
-class Plaintext:
+class Plaintext(_Value):
     """What an encrypted layer decrypts to (docs/privacy.md): its SHA-256 and size. The layer's
     `cid` and `size` are then those of the ciphertext (what storage holds), and the measurement
     uses this (cidboot.trust.measure.layer_identity), so it does not depend on the flow secret."""
 
-    sha256: bytes
-    size: int
+    __slots__ = ("sha256", "size")
+
+    def __init__(self, sha256: bytes, size: int) -> None:
+        self.sha256 = sha256
+        self.size = size
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         if not isinstance(self.sha256, bytes) or len(self.sha256) != 32:
@@ -111,17 +138,19 @@ class Plaintext:
         return cls(_req(d, "sha256", bytes, f"{where} plaintext"), _req(d, "size", int, f"{where} plaintext"))
 
 
-@dataclass(frozen=True)
-class Layer:
+class Layer(_Value):
     """One image layer: `cid`/`size` of the bytes storage holds; `plaintext` set when those bytes
     are the layer encrypted (cidboot.trust.private: age STREAM under a key derived from the flow
     secret). A layer without `plaintext` encodes exactly as before, so old manifests keep their
     bytes and CIDs."""
 
-    cid: CID
-    size: int
-    role: str
-    plaintext: Plaintext | None = None
+    __slots__ = ("cid", "size", "role", "plaintext")
+
+    def __init__(self, cid: CID, size: int, role: str, plaintext: Plaintext | None = None) -> None:
+        self.cid = cid
+        self.size = size
+        self.role = role
+        self.plaintext = plaintext
 
     def to_obj(self) -> dict[str, Any]:
         obj: dict[str, Any] = {"cid": self.cid, "size": self.size, "role": self.role}
@@ -136,6 +165,9 @@ class Layer:
 
 @dataclass(frozen=True)
 class Manifest:
+    """What a device boots: the layers, reference measurements, flow and operations, placement and
+    policies, under a version (no rollback) and an expiry (no freeze); `encode` is its one DAG-CBOR form."""
+
     name: str
     version: int
     expires: int  # unix seconds

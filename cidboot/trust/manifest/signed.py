@@ -47,6 +47,9 @@ class SignedRoot:
 
 @dataclass(frozen=True)
 class SignedManifest:
+    """A manifest with its COSE_Sign signatures (detached: they cover the manifest's encoding) and
+    the signed root rotations a device needs to get from its trusted root to the signing one."""
+
     manifest: Manifest
     signatures: bytes
     rotations: tuple[SignedRoot, ...] = field(default_factory=tuple)

@@ -38,11 +38,25 @@ from cidboot.trust.manifest.model import Layer, Manifest, ManifestFormatError, R
 from cidboot.trust.manifest.signed import KIND_MANIFEST, KIND_ROOT, SignedManifest
 
 
-@dataclass
 class Check:
-    name: str
-    ok: bool
-    detail: str
+    """One named verification step and its outcome, for reports that list every check. A plain
+    record with field equality (a dataclass's generated methods cost ~2 M guest instructions at
+    import, in the bootstrap and the agent)."""
+
+    __slots__ = ("name", "ok", "detail")
+
+    def __init__(self, name: str, ok: bool, detail: str) -> None:
+        self.name = name
+        self.ok = ok
+        self.detail = detail
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Check and (self.name, self.ok, self.detail) == (other.name, other.ok, other.detail)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass was
+
+    def __repr__(self) -> str:
+        return f"Check(name={self.name!r}, ok={self.ok!r}, detail={self.detail!r})"
 
     def to_obj(self) -> dict[str, Any]:
         return {"check": self.name, "ok": self.ok, "detail": self.detail}
@@ -197,7 +211,16 @@ def rotated_root(signed: SignedManifest, root: RootOfTrust) -> tuple[RootOfTrust
 
 def verify_manifest(signed: SignedManifest, state: TrustState, *, now: int | None = None, persist: bool = True,
                     cid: CID | None = None, expected_name: str | None = None) -> list[Check]:
+    """Run every check; on success record the version, its CID, the name (and any rotation) in
+    `state`; returns the checks (`verify_manifest_signers`, which also says who signed)."""
+    return verify_manifest_signers(signed, state, now=now, persist=persist, cid=cid, expected_name=expected_name)[0]
+
+
+def verify_manifest_signers(signed: SignedManifest, state: TrustState, *, now: int | None = None, persist: bool = True,
+                            cid: CID | None = None, expected_name: str | None = None) -> tuple[list[Check], list[str]]:
     """Run every check; on success record the version, its CID, the name (and any rotation) in `state`.
+    Returns the checks and the key ids (hex, sorted) of the trusted keys whose signatures verified
+    (a caller that needs them does not verify the signatures a second time).
 
     `cid` is the CID the manifest was fetched by (default: the CID of its encoding).
     `expected_name` is the manifest name this device may boot, from a signed source (its role's
@@ -243,7 +266,7 @@ def verify_manifest(signed: SignedManifest, state: TrustState, *, now: int | Non
         state.registry = 0  # TUF's recovery after a rotation, as for the manifest versions
     if persist:
         state.save()
-    return checks
+    return checks, signers
 
 
 def check_layer(manifest: Manifest, cid: CID, size: int) -> Layer:
