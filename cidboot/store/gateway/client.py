@@ -98,6 +98,9 @@ class AllGatewaysFailed(CidbootError):
 
 @dataclass
 class FetchResult:
+    """What one fetch did: blocks and bytes it pulled, what was already local, and which gateways
+    it dropped or found down and why (the CLI's summary and the bootstrap's console line)."""
+
     root: CID
     blocks_fetched: int = 0
     bytes_fetched: int = 0
