@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -95,6 +95,23 @@ class Route:
         if self.path.endswith("/"):
             return path.startswith(self.path) and len(path) > len(self.path)
         return path == self.path
+
+
+def deferred_route(method: str, path: str, load: Callable[[], Sequence[Route]]) -> Route:
+    """A route mounted now whose handler is found at its first request: `load()` imports and
+    builds what serves it (agent.device mounts the peer endpoints this way, so agent.peers and
+    appraisal are not imported before `agent ready`) and returns its routes; the one with this
+    method and path answers. `load` caches what it builds. A load that fails (an import error in
+    a broken image) fails that request loudly: 500, logged with its traceback, counted as an
+    internal error; it is tried again on the next request, and no check is ever skipped."""
+
+    def handle(req: Request) -> Response:
+        for r in load():
+            if r.method == method and r.path == path:
+                return r.handler(req)
+        raise LookupError(f"{method} {path}: the deferred routes do not serve it")  # a bug: 500
+
+    return Route(method, path, handle)
 
 
 def nonce_from_hex(value: str | None, what: str = "nonce") -> bytes:

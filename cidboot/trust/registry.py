@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from cidboot.errors import FormatError, VerificationError
 from cidboot.ipld import dagcbor
 from cidboot.ipld.cid import CID, DAG_CBOR
-from cidboot.trust.appraisal import DeviceRoots, TpmDevice
+from cidboot.trust.appraisal_roots import DeviceRoots, TpmDevice
 from cidboot.trust.cose import PrivateKey
 from cidboot.trust.cose_key import decode_public_key, encode_public_key_bytes, raw_public_bytes
 from cidboot.trust.dice.derive import derive_id
