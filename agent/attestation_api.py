@@ -59,8 +59,13 @@ class HttpError(CidbootError):
         self.status, self.obj = status, obj
 
 
-@dataclass(frozen=True)
+# Request, Response, Route and Result are plain (not frozen) dataclasses: a frozen one costs twice
+# the generated code at import, ~2.5 M guest instructions each under TCG before `agent ready`, and
+# nothing holds these as keys or shares them between threads to mutate.
+@dataclass
 class Request:
+    """One parsed request as a route's handler sees it (the body already read, within MAX_BODY)."""
+
     method: str
     path: str
     query: dict[str, list[str]]
@@ -69,8 +74,10 @@ class Request:
     client: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class Response:
+    """What a route answers: status, content type and the whole body."""
+
     status: int
     content_type: str
     body: bytes
@@ -83,7 +90,7 @@ class Response:
 Handler = Callable[[Request], Response]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Route:
     """`path` matches exactly, or as a prefix when it ends with "/" (the rest is an argument)."""
 
@@ -127,8 +134,10 @@ def nonce_from_hex(value: str | None, what: str = "nonce") -> bytes:
     return nonce
 
 
-@dataclass(frozen=True)
+@dataclass
 class Result:
+    """One result of the flow as /results shows it, with its provenance CID."""
+
     definition: str
     value: Any
     provenance: CID | None = None
