@@ -190,21 +190,6 @@ def test_device_path_imports_only_the_minimal_image() -> None:
     assert out.stdout.strip() == ""
 
 
-def test_agent_start_does_not_import_appraisal_of_other_devices() -> None:
-    """`agent ready` needs the API and this device's own evidence; appraising other devices
-    (cidboot.trust.appraisal, agent.verifier, agent.peers) and the flow's audit log are imported
-    on first use (docs/images.md, "Start-up"), not by `import agent.device`."""
-    import subprocess
-    import sys
-
-    deferred = ("cidboot.trust.appraisal", "agent.verifier", "agent.peers", "agent.attested", "agent.audit",
-                "agent.orchestrator", "cidboot.trust.tpm", "asyncio")
-    code = ("import sys\nimport agent.device, cidboot.trust.registry\n"
-            f"print(' '.join(sorted(m for m in {deferred!r} if m in sys.modules)))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
-    assert out.stdout.strip() == ""
-
-
 def test_peer_endpoints_load_on_first_request(tmp_path: Path, gateway: tuple[GatewayServer, Blockstore],
                                               agents: list[BootedAgent]) -> None:
     """The peer endpoints are mounted at start and built by their first request: a session is

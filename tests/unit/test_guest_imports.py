@@ -90,7 +90,10 @@ NOT_AT_START = {
     "agent.device": ("cidboot.stage.cpio", "cidboot.trust.tpm", "cidboot.trust.private", "cidboot.dataflow",
                      "cidboot.ipld.unixfs.importer", "cryptography.hazmat.primitives.serialization",
                      "agent.publish", "agent.orchestrator", "agent.tpm", "asyncio", "tempfile",
-                     "cidboot.store.gateway.upstream", "cidboot.store.gateway.request", "cidboot.store.gateway.pathing"),
+                     "cidboot.store.gateway.upstream", "cidboot.store.gateway.request", "cidboot.store.gateway.pathing",
+                     # appraising other devices, and the flow's audit log: on first use (agent.device.BootedAgent)
+                     "cidboot.trust.appraisal", "agent.peers", "agent.verifier", "agent.attested", "agent.audit",
+                     "cidboot.trust.dice.software"),
 }
 
 
