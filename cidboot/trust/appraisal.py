@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from cidboot.errors import FormatError, VerificationError
 from cidboot.ipld.cid import CID
 from cidboot.trust import cose
-from cidboot.trust.appraisal_roots import DeviceRoots, TpmDevice  # noqa: F401  (re-exported: callers take them from here)
+from cidboot.trust.appraisal_roots import DeviceRoots
+from cidboot.trust.appraisal_tpmdevice import TpmDevice  # noqa: F401  (re-exported)
 from cidboot.trust.cose import PublicKey
 from cidboot.trust.cose_key import raw_public_bytes
 from cidboot.trust.dice.chain import VerifiedChain, verify_chain
