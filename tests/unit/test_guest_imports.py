@@ -93,7 +93,10 @@ NOT_AT_START = {
                      "cidboot.store.gateway.upstream", "cidboot.store.gateway.request", "cidboot.store.gateway.pathing",
                      # appraising other devices, and the flow's audit log: on first use (agent.device.BootedAgent)
                      "cidboot.trust.appraisal", "agent.peers", "agent.verifier", "agent.attested", "agent.audit",
-                     "cidboot.trust.dice.software"),
+                     "cidboot.trust.dice.software",
+                     # the API reads requests with cidboot.httpd_lite; /ipfs/ connections load the gateway's handler
+                     "http.server", "socketserver", "html", "mimetypes", "cidboot.httpd", "cidboot.store.gateway.server",
+                     "agent.api_gateway"),
 }
 
 
