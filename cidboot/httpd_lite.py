@@ -269,8 +269,7 @@ class LiteHTTPServer:
             raise
         self.server_address: tuple[str, int] = self.socket.getsockname()
         self._stop = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
+        self._idle = threading.Event()  # set when serve_forever has returned (socketserver's __is_shut_down)
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -283,6 +282,8 @@ class LiteHTTPServer:
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         self._idle.clear()
         try:
+            if self._stop.is_set():  # shut down before this thread got here
+                return
             with selectors.DefaultSelector() as sel:
                 sel.register(self.socket, selectors.EVENT_READ)
                 while not self._stop.is_set():
@@ -298,10 +299,11 @@ class LiteHTTPServer:
             self._idle.set()
 
     def shutdown(self) -> None:
-        """Stop `serve_forever` and wait until it has returned."""
-        if not self._idle.is_set():
-            self._stop.set()
-            self._idle.wait()
+        """Stop `serve_forever` and wait until it has returned: called before the serving thread
+        got there, it returns once that thread has started and stopped (as socketserver's; and
+        as there, never call it without a `serve_forever` running or about to run)."""
+        self._stop.set()
+        self._idle.wait()
 
     def server_close(self) -> None:
         self.socket.close()
