@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from agent import blockfetch
 from agent.attestation_api import AgentServer, Attester, HttpError, Result, deferred_route, serve_api
 from cidboot.errors import CidbootError, FormatError, VerificationError
 from cidboot.ipld.cid import CID
@@ -36,7 +37,6 @@ from cidboot.stage import events
 from cidboot.stage.console import say
 from cidboot.stage.handoff import Handoff, HandoffNotFound, load
 from cidboot.store.blockstore import Blockstore
-from cidboot.store.gateway import client as gateway_client
 from cidboot.trust.appraisal_roots import DeviceRoots
 from cidboot.trust.cose_key import decode_public_key, raw_public_bytes
 from cidboot.trust.dice import CDI_SIZE, decode_handover, encode_chain, key_from_cdi
@@ -71,12 +71,17 @@ class AgentBootError(CidbootError):
 
 def fetch_block(cid: CID, gateways: Sequence[str], store: Blockstore, *, timeout: float = 10.0,
                 max_size: int = MAX_ENVELOPE) -> bytes:
-    """cidboot.store.gateway.client.fetch_block, its failure as the agent's boot error."""
+    """cidboot.store.gateway.client.fetch_block (after one plain GET: agent.blockfetch), its
+    failure as the agent's boot error."""
     try:
-        return gateway_client.fetch_block(cid, tuple(gateways), store, timeout=timeout, max_size=max_size,
-                                          user_agent="cidboot-agent")
-    except gateway_client.BlockUnavailable as e:
-        raise AgentBootError(f"could not fetch {cid}: {e}") from None
+        return blockfetch.fetch_block(cid, tuple(gateways), store, timeout=timeout, max_size=max_size,
+                                      user_agent="cidboot-agent")
+    except CidbootError as e:
+        from cidboot.store.gateway.client import BlockUnavailable  # imported already if it raised this
+
+        if isinstance(e, BlockUnavailable):
+            raise AgentBootError(f"could not fetch {cid}: {e}") from None
+        raise
 
 
 def ephemeral_attester(**kw: Any) -> Attester:

@@ -96,7 +96,9 @@ NOT_AT_START = {
                      "cidboot.trust.dice.software",
                      # the API reads requests with cidboot.httpd_lite; /ipfs/ connections load the gateway's handler
                      "http.server", "socketserver", "html", "mimetypes", "cidboot.httpd", "cidboot.store.gateway.server",
-                     "agent.api_gateway"),
+                     "agent.api_gateway",
+                     # the boot blocks come with one plain GET (agent.blockfetch); the full client on a fallback
+                     "cidboot.store.gateway.client", "http.client", "ssl", "email"),
 }
 
 
