@@ -115,19 +115,21 @@ class HttpRefusal(Exception):
         self.status, self.stat = status, stat
 
 
-@dataclass
 class RawRequest:
-    """One request as read off the connection: the head parsed, the body read (within limits)."""
+    """One request as read off the connection: the head parsed, the body read (within limits).
+    (A plain class: a dataclass is generated code, created at every agent start.)"""
 
-    method: str
-    target: str
-    version: str
-    headers: dict[str, str]  # names as sent (the last of repeated ones)
-    lower: dict[str, str]  # names lower-cased, for lookups
-    head: bytes  # the request line and headers as received (to hand the connection on)
-    body: bytes = b""
-    keep_alive: bool = True
-    reserved: int = 0  # bytes of the body budget this request holds until `LiteHTTPServer.done`
+    __slots__ = ("method", "target", "version", "headers", "lower", "head", "body", "keep_alive", "reserved")
+
+    def __init__(self, method: str, target: str, version: str, headers: dict[str, str], lower: dict[str, str],
+                 head: bytes, *, keep_alive: bool = True) -> None:
+        self.method, self.target, self.version = method, target, version
+        self.headers = headers  # names as sent (the last of repeated ones)
+        self.lower = lower  # names lower-cased, for lookups
+        self.head = head  # the request line and headers as received (to hand the connection on)
+        self.body = b""
+        self.keep_alive = keep_alive
+        self.reserved = 0  # bytes of the body budget this request holds until `LiteHTTPServer.done`
 
 
 class Connection:
