@@ -213,7 +213,10 @@ def parse_head(head: bytes, max_line: int) -> RawRequest:
         name, sep, value = line.partition(":")
         if not sep or not name or name != name.strip():
             raise HttpRefusal(400, f"malformed header line {line[:80]!r}")
-        headers[name] = lower[name.lower()] = value.strip()
+        key = name.lower()
+        if key in ("content-length", "transfer-encoding") and key in lower:  # which one frames the body?
+            raise HttpRefusal(400, f"{name} given more than once")
+        headers[name] = lower[key] = value.strip()
         last = name
     conn = lower.get("connection", "").lower()
     keep = conn != "close" and (minor >= 1 or conn == "keep-alive")

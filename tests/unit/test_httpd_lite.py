@@ -90,6 +90,7 @@ def test_one_keep_alive_connection_api_then_ipfs_then_api(servers: list[AgentSer
     (b"POST /results HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400, b"bad Content-Length"),
     (b"POST /results HTTP/1.1\r\nHost: x\r\n\r\n", 411, b"Content-Length required"),
     (b"GET /results HTTP/1.1\r\nno colon here\r\n\r\n", 400, b"malformed header"),
+    (b"POST /results HTTP/1.1\r\nContent-Length: 1\r\ncontent-length: 2\r\n\r\nab", 400, b"more than once"),
     (b"GET /results HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431, b"header lines"),
     (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414, b"too long"),
     (b"GET /results?a=1&" + b"&".join(b"k%d=v" % i for i in range(40)) + b" HTTP/1.1\r\n\r\n", 400, b"bad query string"),
