@@ -1,7 +1,9 @@
 """The device-side HTTP API: attestation evidence, results and the agent's blocks.
 
-Runs on the L2 image, so it uses only the stdlib HTTP server (plus cbor2 and cryptography
-through cidboot). One `AgentServer` carries a small route table so the verifier
+Runs on the L2 image: requests are read by cidboot.httpd_lite (sockets and threads, the bounds
+of cidboot.httpd, without importing `http.server` before `agent ready`); a connection that asks
+for `/ipfs/` goes to the trustless gateway's own handler (agent.api_gateway, imported then). One
+`AgentServer` carries a small route table so the verifier
 (agent.verifier) and the peer protocol (agent.peers) mount their endpoints on the same
 port. Every bad request gets a 4xx with a one-line reason and the server keeps serving.
 
@@ -25,23 +27,21 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from cidboot.errors import CidbootError
-from cidboot.httpd import BoundedHTTPServer, Limits
+from cidboot.httpd_lite import Connection, HttpRefusal, Limits, LiteHTTPServer, RawRequest, response_bytes
 from cidboot.ipld.cid import CID
-from cidboot.store.blockstore import Blockstore
-from cidboot.store.gateway.server import GatewayMetrics
-from cidboot.store.gateway.server import Route as GatewayRoute
-from cidboot.store.gateway.server import (
-    _Handler as _GatewayHandler,  # /ipfs/ is served by the gateway's own code
-)
 from cidboot.trust.attester import LAYERS, Attester  # noqa: F401  (moved to cidboot; imported from here)
 from cidboot.trust.eat import NONCE_MAX, NONCE_MIN
+
+if TYPE_CHECKING:
+    from cidboot.store.blockstore import Blockstore
 
 log = logging.getLogger("agent.api")
 
@@ -59,8 +59,13 @@ class HttpError(CidbootError):
         self.status, self.obj = status, obj
 
 
-@dataclass(frozen=True)
+# Request, Response, Route and Result are plain (not frozen) dataclasses: a frozen one costs twice
+# the generated code at import, ~2.5 M guest instructions each under TCG before `agent ready`, and
+# nothing holds these as keys or shares them between threads to mutate.
+@dataclass
 class Request:
+    """One parsed request as a route's handler sees it (the body already read, within MAX_BODY)."""
+
     method: str
     path: str
     query: dict[str, list[str]]
@@ -69,8 +74,10 @@ class Request:
     client: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class Response:
+    """What a route answers: status, content type and the whole body."""
+
     status: int
     content_type: str
     body: bytes
@@ -83,7 +90,7 @@ class Response:
 Handler = Callable[[Request], Response]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Route:
     """`path` matches exactly, or as a prefix when it ends with "/" (the rest is an argument)."""
 
@@ -95,6 +102,23 @@ class Route:
         if self.path.endswith("/"):
             return path.startswith(self.path) and len(path) > len(self.path)
         return path == self.path
+
+
+def deferred_route(method: str, path: str, load: Callable[[], Sequence[Route]]) -> Route:
+    """A route mounted now whose handler is found at its first request: `load()` imports and
+    builds what serves it (agent.device mounts the peer endpoints this way, so agent.peers and
+    appraisal are not imported before `agent ready`) and returns its routes; the one with this
+    method and path answers. `load` caches what it builds. A load that fails (an import error in
+    a broken image) fails that request loudly: 500, logged with its traceback, counted as an
+    internal error; it is tried again on the next request, and no check is ever skipped."""
+
+    def handle(req: Request) -> Response:
+        for r in load():
+            if r.method == method and r.path == path:
+                return r.handler(req)
+        raise LookupError(f"{method} {path}: the deferred routes do not serve it")  # a bug: 500
+
+    return Route(method, path, handle)
 
 
 def nonce_from_hex(value: str | None, what: str = "nonce") -> bytes:
@@ -110,8 +134,10 @@ def nonce_from_hex(value: str | None, what: str = "nonce") -> bytes:
     return nonce
 
 
-@dataclass(frozen=True)
+@dataclass
 class Result:
+    """One result of the flow as /results shows it, with its provenance CID."""
+
     definition: str
     value: Any
     provenance: CID | None = None
@@ -145,11 +171,33 @@ class ResultLog:
             return next((r for r in self._items if r.definition == definition), None)
 
 
-class AgentServer(BoundedHTTPServer):
+class ApiMetrics:
+    """Requests and responses by status, for /metrics (what the gateway's handler records too)."""
+
+    def __init__(self) -> None:
+        self.requests = self.bytes_sent = self.errors = 0
+        self.by_status: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def record(self, status: int, nbytes: int) -> None:
+        with self.lock:
+            self.requests += 1
+            self.bytes_sent += nbytes
+            self.by_status[status] = self.by_status.get(status, 0) + 1
+            if status >= 400:
+                self.errors += 1
+
+
+class AgentServer(LiteHTTPServer):
     """The agent's one HTTP port: the attestation API plus any routes mounted with `mount`.
 
-    `cidboot.httpd` bounds it: a body above MAX_BODY is refused unread (413) and all bodies held
-    at once share `Limits.body_budget`, so 30 clients posting 8 MiB cannot make 240 MiB."""
+    Requests are read by cidboot.httpd_lite (not `http.server`: its imports were ~0.08 s of the
+    agent's start under TCG), with the same bounds: a body above MAX_BODY is refused unread (413)
+    and all bodies held at once share `Limits.body_budget`, so 30 clients posting 8 MiB cannot
+    make 240 MiB. A connection that asks for `/ipfs/` is handed to the trustless gateway's own
+    handler (agent.api_gateway, imported then), which serves it to the end."""
+
+    server_version = "cidboot-agent"
 
     def __init__(self, address: tuple[str, int], *, attester: Attester | None, store: Blockstore | None = None,
                  results: ResultLog | None = None, limits: Limits | None = None) -> None:
@@ -157,13 +205,13 @@ class AgentServer(BoundedHTTPServer):
         self.results = results if results is not None else ResultLog()
         self.audit_head: Callable[[], CID | None] = lambda: None  # the audit log's head, shown on /results
         self.routes: list[Route] = []
-        self.metrics = GatewayMetrics()  # what the gateway handler expects of its server
-        self.extra_routes: dict[str, GatewayRoute] = {}
+        self.metrics = ApiMetrics()
+        self.extra_routes: dict[str, Any] = {}  # what the gateway's handler expects of its server
         if attester is not None:
             self.mount(Route("GET", "/attestation", self._attestation))
         self.mount(Route("GET", "/results", self._results))
         self.mount(Route("GET", "/metrics", self._metrics))
-        super().__init__(address, _Handler, limits or Limits(max_body=MAX_BODY, body_budget=4 * MAX_BODY))
+        super().__init__(address, limits or Limits(max_body=MAX_BODY, body_budget=4 * MAX_BODY))
 
     @property
     def url(self) -> str:
@@ -189,6 +237,76 @@ class AgentServer(BoundedHTTPServer):
             raise HttpError(405, f"{req.method} not allowed on {req.path}; use {', '.join(sorted({r.method for r in known}))}")
         raise HttpError(404, f"not found: {req.path}")
 
+    def handle_connection(self, conn: socket.socket, addr: Any) -> None:
+        """Requests on one connection until it closes; `/ipfs/` hands the connection over."""
+        c = Connection(conn, self.limits)
+        while True:
+            raw = self.read_request(c)
+            if raw is None:
+                return
+            if self.store is not None and raw.method in ("GET", "HEAD") and raw.target.startswith("/ipfs/"):
+                self.done(raw)
+                from agent.api_gateway import serve_connection
+
+                serve_connection(self, conn, addr, raw.head + raw.body + c.buf)
+                return
+            self.stats.bump("requests")
+            try:
+                keep = self._answer(c, raw, addr)
+            finally:
+                self.done(raw)
+            if not keep:
+                return
+
+    def _answer(self, c: Connection, raw: RawRequest, addr: Any) -> bool:
+        """One request: route it, answer it; False when the connection must close."""
+        keep = raw.keep_alive
+        if raw.method not in ("GET", "HEAD", "POST"):
+            self.refuse(c, HttpRefusal(501, f"unsupported method {raw.method!r}"))
+            return False
+        try:
+            resp = self.dispatch(self._request(raw, addr))
+        except HttpError as e:
+            obj = dict(e.obj) if e.obj is not None else None
+            resp = (Response.json({**obj, "error": str(e)}, e.status) if obj is not None else
+                    Response(e.status, "text/plain; charset=utf-8", (str(e) + "\n").encode()))
+            log.info("%s %s -> %d: %s", raw.method, raw.target, e.status, e)
+            if e.status in (411, 413) or (e.status == 400 and str(e).startswith("bad Content-Length")):
+                keep = False
+        except CidbootError as e:
+            resp = Response(400, "text/plain; charset=utf-8", (f"{e}\n").encode())
+        except Exception as e:  # a bug must cost one request, not the server (RecursionError, MemoryError...)
+            log.exception("internal error on %s %s", raw.method, raw.target)
+            self.stats.bump("internal_errors")
+            resp = Response(500, "text/plain; charset=utf-8", f"internal error: {type(e).__name__}\n".encode())
+            keep = False
+        head_only = raw.method == "HEAD"
+        self.metrics.record(resp.status, 0 if head_only else len(resp.body))
+        headers = [("Content-Type", resp.content_type), ("Content-Length", str(len(resp.body))),
+                   ("Cache-Control", "no-store")]
+        if not keep:
+            headers.append(("Connection", "close"))
+        try:
+            self._send(c, response_bytes(resp.status, headers, b"" if head_only else resp.body, self.server_version))
+        except TimeoutError:
+            self.stats.bump("timeouts")
+            return False
+        except OSError:  # the client went away: nothing to answer
+            self.stats.bump("client_gone")
+            return False
+        return keep
+
+    @staticmethod
+    def _request(raw: RawRequest, addr: Any) -> Request:
+        u = urlsplit(raw.target)
+        try:
+            query = parse_qs(u.query, keep_blank_values=True, strict_parsing=False, max_num_fields=32)
+        except ValueError as e:
+            raise HttpError(400, f"bad query string: {e}") from None
+        if raw.method == "POST" and "content-length" not in raw.lower:
+            raise HttpError(411, "Content-Length required")
+        return Request(raw.method, u.path, query, raw.headers, raw.body, addr[0] if addr else "")
+
     # -- the attestation API ------------------------------------------------------------------
     def _attestation(self, req: Request) -> Response:
         vals = req.query.get("nonce")
@@ -211,108 +329,6 @@ class AgentServer(BoundedHTTPServer):
                  f"cidboot_agent_internal_errors_total {by_status.get(500, 0)}"]
         lines += [f'cidboot_agent_responses_total{{status="{k}"}} {v}' for k, v in sorted(by_status.items())]
         return Response(200, "text/plain; version=0.0.4", ("\n".join(lines) + "\n").encode())
-
-
-class _Handler(_GatewayHandler):
-    """The agent's routes; `/ipfs/` (GET, HEAD) goes to the trustless gateway's handler."""
-
-    server: AgentServer  # type: ignore[assignment]  # has the gateway server's store/metrics/extra_routes
-    protocol_version = "HTTP/1.1"
-    server_version = "cidboot-agent"
-    sys_version = ""
-
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
-
-    def _gateway(self) -> bool:
-        return self.server.store is not None and self.path.startswith("/ipfs/")
-
-    _responded = False  # a status line went out for the current request (then a 500 cannot follow)
-
-    def send_response(self, code: int, message: str | None = None) -> None:
-        self._responded = True
-        super().send_response(code, message)
-
-    def do_GET(self) -> None:
-        if self._gateway():
-            self._guarded_gateway()
-        else:
-            self._agent()
-
-    def do_HEAD(self) -> None:
-        if self._gateway():
-            self._guarded_gateway()
-        else:
-            self._agent()
-
-    def _guarded_gateway(self) -> None:
-        """The gateway's handler, with the agent's rule: a bug costs one request (500, logged,
-        counted), never the connection thread's silent death or the server."""
-        self._responded = False
-        try:
-            super()._handle()
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as e:
-            log.exception("internal error on %s %s", self.command, self.path)
-            if self._responded:  # part of a response is out: the connection cannot carry a 500
-                self.close_connection = True
-                self.server.metrics.record(500, 0)
-                return
-            self._send_error(500, f"internal error: {type(e).__name__}")
-
-    def do_POST(self) -> None:
-        self._agent()
-
-    def _agent(self) -> None:
-        self._responded = False
-        try:
-            resp = self.server.dispatch(self._request())
-        except HttpError as e:
-            obj = dict(e.obj) if e.obj is not None else None
-            resp = (Response.json({**obj, "error": str(e)}, e.status) if obj is not None else
-                    Response(e.status, "text/plain; charset=utf-8", (str(e) + "\n").encode()))
-            log.info("%s %s -> %d: %s", self.command, self.path, e.status, e)
-        except CidbootError as e:
-            resp = Response(400, "text/plain; charset=utf-8", (f"{e}\n").encode())
-        except Exception as e:  # a bug must cost one request, not the server (RecursionError, MemoryError...)
-            log.exception("internal error on %s %s", self.command, self.path)
-            resp = Response(500, "text/plain; charset=utf-8", f"internal error: {type(e).__name__}\n".encode())
-            self.close_connection = True  # the body may not have been read: do not parse it as a request
-        self.server.metrics.record(resp.status, len(resp.body) if self.command != "HEAD" else 0)
-        try:
-            self.send_response(resp.status)
-            self.send_header("Content-Type", resp.content_type)
-            self.send_header("Content-Length", str(len(resp.body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(resp.body)
-        except OSError:  # the client went away: nothing to answer
-            self.close_connection = True
-
-    def _request(self) -> Request:
-        u = urlsplit(self.path)
-        try:
-            query = parse_qs(u.query, keep_blank_values=True, strict_parsing=False, max_num_fields=32)
-        except ValueError as e:
-            raise HttpError(400, f"bad query string: {e}") from None
-        body = b""
-        if self.command == "POST":
-            length = self.headers.get("Content-Length")
-            if length is None:
-                self.close_connection = True
-                raise HttpError(411, "Content-Length required")
-            try:
-                n = int(length)
-            except ValueError:
-                self.close_connection = True
-                raise HttpError(400, f"bad Content-Length {length!r}") from None
-            if not 0 <= n <= MAX_BODY:
-                self.close_connection = True
-                raise HttpError(413, f"body of {n} bytes exceeds {MAX_BODY}")
-            body = self.rfile.read(n)
-        return Request(self.command, u.path, query, dict(self.headers.items()), body, self.client_address[0])
 
 
 def serve_api(attester: Attester | None, host: str = "0.0.0.0", port: int = 8000, *, store: Blockstore | None = None,

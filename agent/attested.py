@@ -10,20 +10,28 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cidboot.errors import VerificationError
-from cidboot.trust.appraisal import AppraisalResult
 from cidboot.trust.cose_key import raw_public_bytes
+
+if TYPE_CHECKING:  # appraisal runs when a peer is appraised, after `agent ready`: not imported at start
+    from cidboot.trust.appraisal import AppraisalResult
 
 
 @dataclass(frozen=True)
 class AttestedAgent:
+    """One trusted producer: the role it was attested in, and how (None: this agent itself)."""
+
     role: str
     appraisal: AppraisalResult | None  # None: this agent itself (its identity is its boot)
 
 
 @dataclass
 class AttestedAgents:
+    """The producers this agent trusts, by raw alias public key (thread-safe: peers register from
+    the HTTP threads, the validator reads from the flow's loop)."""
+
     by_key: dict[bytes, AttestedAgent] = field(default_factory=dict)  # raw alias public key -> entry
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

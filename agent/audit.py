@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from cidboot.errors import CidbootError, VerificationError
 from cidboot.ipld import dagcbor
@@ -87,6 +87,27 @@ class AuditLog:
 
     def find(self, decision: str, operation: str | None = None) -> list[Entry]:
         return [e for e in self.entries if e.decision == decision and (operation is None or e.operation == operation)]
+
+
+class ConsoleAudit(AuditLog):
+    """The device's audit log (agent.device), also printing each refusal and veto on the console
+    (`cidboot: audit: ...`) and as a fleet event, so a device's refusals are visible in the boot
+    log without fetching the log."""
+
+    def __init__(self, key: PrivateKey, store: BlockSink, console: TextIO | None) -> None:
+        super().__init__(key, store)
+        self.console = console
+
+    def record(self, decision: str, reason: str, *, operation: str | None = None,
+               inputs: list[CID] | None = None) -> Entry:
+        entry = super().record(decision, reason, operation=operation, inputs=inputs)
+        if decision in ("refused", "veto", "error"):
+            from cidboot.stage import events  # the device's: already imported by agent.device
+            from cidboot.stage.console import say
+
+            say(f"cidboot: audit: {decision}: {reason}", self.console)
+            events.emit("agent", decision, reason=reason, operation=operation, cid=inputs[0] if inputs else None, entry=entry.cid)
+        return entry
 
 
 class AuditLogError(VerificationError):

@@ -24,15 +24,12 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from agent.attestation_api import AgentServer, Attester, HttpError, Result, serve_api
-from agent.attested import AttestedAgents
-from agent.audit import AuditLog, Entry
-from agent.peers import PeerClient, PeerError, PeerRefused, PeerService, mount_peers, reasons
-from agent.verifier import Verifier
+from agent import blockfetch
+from agent.attestation_api import AgentServer, Attester, HttpError, Result, deferred_route, serve_api
 from cidboot.errors import CidbootError, FormatError, VerificationError
 from cidboot.ipld.cid import CID
 from cidboot.netboot.bootconfig import BootConfig
@@ -40,17 +37,20 @@ from cidboot.stage import events
 from cidboot.stage.console import say
 from cidboot.stage.handoff import Handoff, HandoffNotFound, load
 from cidboot.store.blockstore import Blockstore
-from cidboot.store.gateway import client as gateway_client
-from cidboot.trust.appraisal import AppraisalResult, DeviceRoots
-from cidboot.trust.cose import PrivateKey
+from cidboot.trust.appraisal_roots import DeviceRoots
 from cidboot.trust.cose_key import decode_public_key, raw_public_bytes
 from cidboot.trust.dice import CDI_SIZE, decode_handover, encode_chain, key_from_cdi
 from cidboot.trust.manifest import RootOfTrust, SignedManifest, verify_threshold
 from cidboot.trust.manifest.signed import KIND_MANIFEST, MAX_ENVELOPE
 
 if TYPE_CHECKING:  # imported where used: the flow's modules run after `agent ready`, TPM and publishing only when configured
+    from agent.attested import AttestedAgents
+    from agent.audit import ConsoleAudit
+    from agent.peers import PeerClient, PeerService
     from agent.publish import PublishTarget
+    from agent.verifier import Verifier
     from cidboot.dataflow.model import DataFlow
+    from cidboot.trust.appraisal import AppraisalResult
     from cidboot.trust.tpm.appraise import TpmReferences
 
 USER_CLASS = b"cidboot-agent"
@@ -71,12 +71,17 @@ class AgentBootError(CidbootError):
 
 def fetch_block(cid: CID, gateways: Sequence[str], store: Blockstore, *, timeout: float = 10.0,
                 max_size: int = MAX_ENVELOPE) -> bytes:
-    """cidboot.store.gateway.client.fetch_block, its failure as the agent's boot error."""
+    """cidboot.store.gateway.client.fetch_block (after one plain GET: agent.blockfetch), its
+    failure as the agent's boot error."""
     try:
-        return gateway_client.fetch_block(cid, tuple(gateways), store, timeout=timeout, max_size=max_size,
-                                          user_agent="cidboot-agent")
-    except gateway_client.BlockUnavailable as e:
-        raise AgentBootError(f"could not fetch {cid}: {e}") from None
+        return blockfetch.fetch_block(cid, tuple(gateways), store, timeout=timeout, max_size=max_size,
+                                      user_agent="cidboot-agent")
+    except CidbootError as e:
+        from cidboot.store.gateway.client import BlockUnavailable  # imported already if it raised this
+
+        if isinstance(e, BlockUnavailable):
+            raise AgentBootError(f"could not fetch {cid}: {e}") from None
+        raise
 
 
 def ephemeral_attester(**kw: Any) -> Attester:
@@ -119,7 +124,15 @@ def network_up(log: Callable[[str], None], handed: Any = None) -> str:
 
 @dataclass
 class BootedAgent:
-    """Everything the running agent holds once it serves; the flow step uses it."""
+    """Everything the running agent holds once it serves; the flow step uses it.
+
+    What only appraising OTHER devices needs (cidboot.trust.appraisal, agent.verifier, agent.peers)
+    and what only the flow needs (the audit log, the attested producers) is built on first use,
+    not before `agent ready` (`verifier`, `peers`, `service`, `attested`, `audit`): under TCG those
+    imports were ~0.15 s of the agent's start. The registry they appraise against (`roots`,
+    `tpm_references`) is fetched and verified at start, so a bad registry still stops the boot.
+    A failed deferred import fails the request or the flow step that needed it (500, logged;
+    the flow's exception), never a check."""
 
     handoff: Handoff
     config: BootConfig
@@ -129,16 +142,76 @@ class BootedAgent:
     store: Blockstore
     attester: Attester
     server: AgentServer
-    verifier: Verifier
-    peers: PeerClient
-    service: PeerService
     ip: str
     root: Path
-    attested: AttestedAgents
-    audit: AuditLog
     console: TextIO | None = None
     publish_to: PublishTarget | None = None  # results' provenance DAGs and the audit log also go there (boot config)
     orchestrator: Any = None  # agent.orchestrator.Orchestrator once the flow runs
+    tpm_references: dict[str, TpmReferences] | None = None  # the signed registry's (docs/tpm.md, "Peers")
+    allow_unmeasured_peers: bool = False
+    peer_patience: float = PEER_PATIENCE
+    _built: dict[str, Any] = field(default_factory=dict, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def _get(self, name: str, build: Callable[[], Any]) -> Any:
+        """The deferred part `name`, built once (an HTTP thread and the flow may ask at once)."""
+        with self._lock:
+            if name not in self._built:
+                self._built[name] = build()
+            return self._built[name]
+
+    @property
+    def verifier(self) -> Verifier:
+        """Appraises peers' evidence against the registry and the signed manifest."""
+        def build() -> Verifier:
+            from agent.verifier import Verifier
+
+            return Verifier(self.roots, self.signed.manifest, self.manifest_cid,
+                            allow_unmeasured=self.allow_unmeasured_peers, tpm_references=self.tpm_references)
+        return self._get("verifier", build)
+
+    @property
+    def attested(self) -> AttestedAgents:
+        from agent.attested import AttestedAgents
+
+        return self._get("attested", AttestedAgents)
+
+    @property
+    def audit(self) -> ConsoleAudit:
+        from agent.audit import ConsoleAudit
+
+        return self._get("audit", lambda: ConsoleAudit(self.attester.leaf_key, self.store, self.console))
+
+    @property
+    def peers(self) -> PeerClient:
+        """The sending side of the peer protocol (boot config `peers`)."""
+        def build() -> PeerClient:
+            from agent.peers import PeerClient
+
+            return PeerClient(self.attester, self.verifier, {r: list(u) for r, u in self.config.peers.items()},
+                              patience=self.peer_patience)
+        return self._get("peers", build)
+
+    @property
+    def service(self) -> PeerService:
+        """The receiving side of the peer protocol, its refusals recorded in the audit log."""
+        def build() -> PeerService:
+            from agent.peers import PeerService, reasons
+
+            audit = self.audit
+            service = PeerService(self.attester, self.verifier, _not_ready)
+            service.register = _register(self.attested)
+            service.refused = lambda client, res: audit.record(
+                "refused", f"inputs from peer {client} ({res.role or (f'claims {res.claimed_role}' if res.claimed_role else 'no role')}, "
+                           f"device {res.device_id}): {reasons(res.to_obj())}")
+            service.refused_request = lambda client, reason: audit.record("refused", f"inputs from peer {client}: {reason}")
+            return service
+        return self._get("service", build)
+
+    def audit_head(self) -> CID | None:
+        """The audit log's head (None while nothing was recorded, so the log was never built)."""
+        audit = self._built.get("audit")
+        return audit.head if audit is not None else None
 
     @property
     def url(self) -> str:
@@ -158,6 +231,8 @@ class BootedAgent:
         """The orchestrator's `send`: to every agent of `role` after mutual attestation. A peer
         that cannot be reached or is not affirming gets nothing; that is recorded in the audit
         log and on the console, and the flow goes on (it never crashes PID 1)."""
+        from agent.peers import PeerError, PeerRefused
+
         try:
             for res in await self.peers.asend(role, blocks):
                 self.audit.record("accepted", f"{role} device {res.device_id} (attested affirming) accepted "
@@ -236,12 +311,10 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
     if signed.manifest.flow is not None:
         fetch_block(signed.manifest.flow, cfg.gateways, store)  # the flow is one DAG-CBOR block
     roots, tpm_refs = load_registry_references(cfg, signed, store, base)
-    verifier = Verifier(roots, signed.manifest, mcid, allow_unmeasured=allow_unmeasured_peers, tpm_references=tpm_refs)
     server = serve_api(attester, host, port, store=store)
-    peers = PeerClient(attester, verifier, {r: list(u) for r, u in cfg.peers.items()}, patience=peer_patience)
-    attested, audit = AttestedAgents(), ConsoleAudit(attester.leaf_key, store, console)
-    agent = BootedAgent(h, cfg, mcid, signed, roots, store, attester, server, verifier, peers,
-                        PeerService(attester, verifier, _not_ready), ip, base, attested, audit, console)
+    agent = BootedAgent(h, cfg, mcid, signed, roots, store, attester, server, ip, base, console,
+                        tpm_references=tpm_refs, allow_unmeasured_peers=allow_unmeasured_peers,
+                        peer_patience=peer_patience)
     if cfg.publish:  # the boot config says where results go (bootstrap serve --publish)
         from agent.publish import PublishTarget
 
@@ -249,36 +322,16 @@ def boot_agent(root: str | os.PathLike[str] = "/", *, network: bool = True, host
             agent.publish_to = PublishTarget.parse(cfg.publish)
         except FormatError as e:
             raise AgentBootError(f"boot config publish: {e}") from None
-    agent.service.register = _register(attested)
-    agent.service.refused = lambda client, res: audit.record(
-        "refused", f"inputs from peer {client} ({res.role or (f'claims {res.claimed_role}' if res.claimed_role else 'no role')}, device {res.device_id}): "
-                   f"{reasons(res.to_obj())}")
-    agent.service.refused_request = lambda client, reason: audit.record("refused", f"inputs from peer {client}: {reason}")
-    server.audit_head = lambda: audit.head
-    mount_peers(server, agent.service)
+    server.audit_head = agent.audit_head
+    # the peer endpoints: agent.peers and appraisal are imported by the first request (agent.peers)
+    server.mount(deferred_route("POST", "/peer/session", lambda: agent.service.routes()),
+                 deferred_route("POST", "/peer/inputs/", lambda: agent.service.routes()))
     server.start()
     say(f"cidboot-stage: agent ready url={agent.url}", console)
     events.emit("agent", "ready", identity=events.Identity(attester.leaf_key, attester.chain,
                                                             quoter.key_binding() if quoter is not None else None)
                 if h.dice is not None else None, bootconfig=cfg, url=agent.url, port=server.server_address[1], manifest=mcid, role=cfg.role)
     return agent
-
-
-class ConsoleAudit(AuditLog):
-    """The audit log, also printing each refusal and veto on the console (`cidboot: audit: ...`),
-    so a device's refusals are visible in the boot log without fetching the log."""
-
-    def __init__(self, key: PrivateKey, store: Blockstore, console: TextIO | None) -> None:
-        super().__init__(key, store)
-        self.console = console
-
-    def record(self, decision: str, reason: str, *, operation: str | None = None,
-               inputs: list[CID] | None = None) -> Entry:
-        entry = super().record(decision, reason, operation=operation, inputs=inputs)
-        if decision in ("refused", "veto", "error"):
-            say(f"cidboot: audit: {decision}: {reason}", self.console)
-            events.emit("agent", decision, reason=reason, operation=operation, cid=inputs[0] if inputs else None, entry=entry.cid)
-        return entry
 
 
 def _register(attested: AttestedAgents) -> Callable[[AppraisalResult], None]:

@@ -22,6 +22,10 @@ keeps the stdlib parser (stdlib only: it runs in the guests too) and bounds ever
 - any exception in a handler is a `500` (when nothing was sent yet), a log line with the
   traceback and a counter (`HttpStats.internal_errors`); the server keeps serving. A client
   that resets or goes away is logged at debug level, without a traceback.
+
+`Limits`, `HttpStats` and the body budget are defined in cidboot.httpd_lite, whose small server
+reads the agent's API requests without `http.server`; a connection it started parsing can be
+handed to a `BoundedHandler` here with `PrefixedSocket` (the agent's `/ipfs/` requests).
 """
 
 from __future__ import annotations
@@ -32,67 +36,40 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
+
+# the bounds themselves live in cidboot.httpd_lite, which the agent's API uses without http.server
+from cidboot.httpd_lite import Budget, HttpStats, Limits, large_allocations_return_to_os
+
+__all__ = ["BoundedHTTPServer", "BoundedHandler", "HttpStats", "Limits", "PrefixedSocket", "sendmsg_all"]
 
 log = logging.getLogger("cidboot.httpd")
 
 _GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one server may spend; the defaults suit the boot server, the gateway and the agent."""
+class PrefixedSocket:
+    """A connection whose first bytes were already read (by cidboot.httpd_lite): reads return
+    them first, everything else is the socket's. Lets a `BoundedHandler` take over a
+    connection another server started parsing."""
 
-    backlog: int = 1024
-    max_workers: int = 512  # connections served at once (each a thread)
-    queue_wait: float = 1.0  # seconds a connection beyond max_workers waits for a slot before 503
-    header_timeout: float = 10.0  # request line + headers (also the keep-alive idle time)
-    body_timeout: float = 60.0  # the whole request body
-    write_timeout: float = 30.0  # each write of the response (a client that stops reading)
-    max_body: int = 64 * 1024  # bytes per request body
-    body_budget: int = 32 * 1024 * 1024  # bytes of bodies held at once, all connections together
-    max_header_line: int = 65536
+    def __init__(self, sock: socket.socket, prefix: bytes) -> None:
+        self._sock, self._prefix = sock, prefix
 
+    def recv_into(self, b: Any, n: int = 0) -> int:
+        if self._prefix:
+            k = min(len(b), n or len(b), len(self._prefix))
+            b[:k] = self._prefix[:k]
+            self._prefix = self._prefix[k:]
+            return k
+        return self._sock.recv_into(b, n)
 
-@dataclass
-class HttpStats:
-    """Counters the servers export on /metrics (read without the lock: they only grow)."""
-
-    connections: int = 0
-    requests: int = 0
-    busy_rejected: int = 0  # 503: no worker slot / no body budget in time
-    timeouts: int = 0  # headers or body did not arrive in time, or a write stalled
-    bodies_refused: int = 0  # 413 / 411
-    internal_errors: int = 0  # a handler raised: 500
-    client_gone: int = 0  # resets and broken pipes
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def bump(self, name: str) -> None:
-        with self.lock:
-            setattr(self, name, getattr(self, name) + 1)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
-class _Budget:
-    """Bytes that may be held at once; `take` waits up to `timeout` for room."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.used = total, 0
-        self._cond = threading.Condition()
-
-    def take(self, n: int, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self.used + n <= self.total, timeout) and self._grab(n)
-
-    def _grab(self, n: int) -> bool:
-        self.used += n
-        return True
-
-    def give(self, n: int) -> None:
-        with self._cond:
-            self.used -= n
-            self._cond.notify_all()
+_Budget = Budget  # the body budget (cidboot.httpd_lite, shared with the agent's API server)
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -342,29 +319,7 @@ class BoundedHandler(BaseHTTPRequestHandler):
         return n
 
 
-_MMAP_THRESHOLD_SET = False
-
-
-def _large_allocations_return_to_os() -> None:
-    """Fix glibc's mmap threshold at 1 MiB (best effort, once per process).
-
-    The body budget bounds the bodies alive at once, but glibc raises its mmap threshold after
-    the first large free, so each worker thread's arena then keeps its freed 8 MiB bodies: 30
-    bodies read by 30 threads left the agent at 177 MiB although at most 32 MiB were ever live.
-    With a fixed threshold every large buffer is its own mapping and goes back on free.
-    Elsewhere (musl, other libcs) large allocations are mapped anyway: nothing to do."""
-    global _MMAP_THRESHOLD_SET
-    if _MMAP_THRESHOLD_SET:
-        return
-    _MMAP_THRESHOLD_SET = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (ImportError, OSError, AttributeError):
-        return
-    mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+_large_allocations_return_to_os = large_allocations_return_to_os
 
 
 class BoundedHTTPServer(HTTPServer):

@@ -19,10 +19,11 @@ from cidboot.trust.cose import PrivateKey
 from cidboot.trust.cose_key import raw_public_bytes
 from cidboot.trust.dice.chain import verify_chain
 from cidboot.trust.dice.derive import key_from_cdi
-from cidboot.trust.dice.software import DerivedIdentity
 from cidboot.trust.eat import TPM_MEASURED, build_evidence, ueid_for
 
 if TYPE_CHECKING:  # a TPM-rooted device's quoter passes these in; cidboot.trust.tpm is not every agent's to import
+    # (a software identity is for development and tests: not imported by the agent's start)
+    from cidboot.trust.dice.software import DerivedIdentity
     from cidboot.trust.tpm.evidence import TpmEvidence
 
 LAYERS = ("firmware", "bootstrap", "image")

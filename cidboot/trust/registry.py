@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from cidboot.errors import FormatError, VerificationError
 from cidboot.ipld import dagcbor
 from cidboot.ipld.cid import CID, DAG_CBOR
-from cidboot.trust.appraisal import DeviceRoots, TpmDevice
+from cidboot.trust.appraisal_roots import DeviceRoots
 from cidboot.trust.cose import PrivateKey
 from cidboot.trust.cose_key import decode_public_key, encode_public_key_bytes, raw_public_bytes
 from cidboot.trust.dice.derive import derive_id
@@ -60,6 +60,7 @@ from cidboot.trust.manifest.signed import KIND_REGISTRY, sign_kind
 from cidboot.trust.manifest.verify import verify_threshold
 
 if TYPE_CHECKING:  # cidboot.trust.tpm is imported where a registry has TPM devices or references
+    from cidboot.trust.appraisal_tpmdevice import TpmDevice
     from cidboot.trust.tpm.appraise import TpmReferences
 
 MAX_REFERENCE_EVENTS = 64  # PCR 4 applications or PCR 11 events a registry may list
@@ -278,6 +279,8 @@ def _parse_tpm(t: Any, where: str) -> TpmDevice:
         if not isinstance(k, str) or not k.isdigit() or str(int(k)) != k or not isinstance(v, bytes):
             raise RegistryFormatError(f"{where}: tpm firmware must map PCR numbers (text) to digests")
         pcrs[int(k)] = v
+    from cidboot.trust.appraisal_tpmdevice import TpmDevice  # only a registry with a TPM device needs it
+
     try:
         return TpmDevice(t["ak"], pcrs, t.get("ek_cert"))
     except FormatError as e:

@@ -96,6 +96,32 @@ def test_fresh_nonce_affirming(running: list[AgentServer], tmp_path: Path) -> No
     assert res.role == "worker" and set(res.measurements) == {"firmware", "bootstrap", "image"}
 
 
+def test_appraisal_per_manifest_values_follow_the_manifest_given() -> None:
+    """Appraisal keeps what it derives from a manifest (the image code hash, the CID's text) by the
+    manifest's identity: appraising against another manifest, even an equal-looking one built
+    with other layers, uses that manifest's values, and the first manifest's again afterwards."""
+    from dataclasses import replace
+
+    dev = make_device()
+    nonce = os.urandom(32)
+    ev = dev.attester.evidence(nonce)
+
+    def status(m: Manifest, mcid: CID) -> tuple[str, dict[str, str]]:
+        res = appraise(ev, expected_nonce=nonce, roots=roots_of(dev), manifest=m, manifest_cid=mcid)
+        return res.status, {c.name: c.status for c in res.checks}
+
+    assert status(MANIFEST, SIGNED.cid)[0] == AFFIRMING
+    other = replace(MANIFEST, layers=(Layer(CID.of(b"another layer", RAW), 13, "agent"),))
+    st, checks = status(other, SIGNED.cid)
+    assert st == CONTRAINDICATED and checks["measurements"] == CONTRAINDICATED
+    other_cid = sign_manifest(other, [SIGNER]).cid
+    st, checks = status(MANIFEST, other_cid)
+    assert checks["manifest"] == CONTRAINDICATED and checks["measurements"] == CONTRAINDICATED
+    res = appraise(ev, expected_nonce=nonce, roots=roots_of(dev), manifest=MANIFEST, manifest_cid=SIGNED.cid)
+    assert res.affirming and res.manifest_cid == str(SIGNED.cid)
+    assert f"booted manifest {SIGNED.cid}" in [c.reason for c in res.checks if c.name == "manifest"]
+
+
 def test_device_not_in_roots(running: list[AgentServer]) -> None:
     dev, other = make_device(), make_device()
     srv = start(running, serve_api(dev.attester, "127.0.0.1", 0))

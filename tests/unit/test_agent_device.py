@@ -190,6 +190,51 @@ def test_device_path_imports_only_the_minimal_image() -> None:
     assert out.stdout.strip() == ""
 
 
+def test_peer_endpoints_load_on_first_request(tmp_path: Path, gateway: tuple[GatewayServer, Blockstore],
+                                              agents: list[BootedAgent]) -> None:
+    """The peer endpoints are mounted at start and built by their first request: a session is
+    issued with this agent's evidence; until then the peer side is not built."""
+    gw, store = gateway
+    dev = make_device("worker")
+    agent, _ = boot(tmp_path, gw, dev, [dev], store, agents)
+    assert "service" not in agent._built and "verifier" not in agent._built
+    nonce = os.urandom(32)
+    status, _, body = request(agent.url, "POST", "/peer/session", json.dumps({"nonce": nonce.hex()}).encode(),
+                              {"Content-Type": "application/json"})
+    assert status == 201, body
+    doc = json.loads(body)
+    res = appraise(bytes.fromhex(doc["evidence"]), expected_nonce=nonce, roots=agent.roots, manifest=MANIFEST,
+                   manifest_cid=SIGNED.cid)
+    assert res.status == AFFIRMING
+    assert {"service", "verifier", "audit", "attested"} <= set(agent._built)
+
+
+def test_deferred_route_that_cannot_load_fails_the_request_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    """A deferred part that fails to load (a broken image) is a 500 naming the error, logged and
+    counted, for that request only; the server keeps serving, and the next request tries again."""
+    from agent.attestation_api import deferred_route, serve_api
+    calls = []
+
+    def load() -> list[Any]:
+        calls.append(1)
+        raise ImportError("No module named 'agent.peers'")
+
+    srv = serve_api(None, "127.0.0.1", 0)
+    srv.mount(deferred_route("POST", "/peer/session", load))
+    srv.start()
+    try:
+        for _ in range(2):
+            status, _, body = request(srv.url, "POST", "/peer/session", b"{}")
+            assert status == 500 and b"ImportError" in body
+        assert len(calls) == 2
+        assert request(srv.url, "GET", "/results")[0] == 200
+        assert "internal error on POST /peer/session" in caplog.text
+        assert b'cidboot_agent_internal_errors_total 2' in request(srv.url, "GET", "/metrics")[2]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 # -- examples/two-device across two in-process agents ------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[2]

@@ -90,7 +90,15 @@ NOT_AT_START = {
     "agent.device": ("cidboot.stage.cpio", "cidboot.trust.tpm", "cidboot.trust.private", "cidboot.dataflow",
                      "cidboot.ipld.unixfs.importer", "cryptography.hazmat.primitives.serialization",
                      "agent.publish", "agent.orchestrator", "agent.tpm", "asyncio", "tempfile",
-                     "cidboot.store.gateway.upstream", "cidboot.store.gateway.request", "cidboot.store.gateway.pathing"),
+                     "cidboot.store.gateway.upstream", "cidboot.store.gateway.request", "cidboot.store.gateway.pathing",
+                     # appraising other devices, and the flow's audit log: on first use (agent.device.BootedAgent)
+                     "cidboot.trust.appraisal", "agent.peers", "agent.verifier", "agent.attested", "agent.audit",
+                     "cidboot.trust.dice.software",
+                     # the API reads requests with cidboot.httpd_lite; /ipfs/ connections load the gateway's handler
+                     "http.server", "socketserver", "html", "mimetypes", "cidboot.httpd", "cidboot.store.gateway.server",
+                     "agent.api_gateway",
+                     # the boot blocks come with one plain GET (agent.blockfetch); the full client on a fallback
+                     "cidboot.store.gateway.client", "http.client", "ssl", "email"),
 }
 
 

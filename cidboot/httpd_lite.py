@@ -1,0 +1,452 @@
+"""The bounds every cidboot HTTP server shares (`Limits`, `HttpStats`, the body budget), and a
+small HTTP/1.1 front door on sockets and threads (`LiteHTTPServer`) for the agent's start.
+
+cidboot.httpd bounds the stdlib `http.server` for the gateway, the boot server and the agent's
+`/ipfs/` connections. Importing `http.server` costs a device more than its parser is worth to
+the agent's own API (`html`, `shutil`, `socketserver`, `mimetypes`: ~20 M guest instructions
+under TCG, ~0.08 s of every agent's start), so the agent's API reads its requests here: the same
+`Limits` (backlog, worker slots with 503 beyond them, a wall-clock deadline for the request line
+and headers and another for the body, bodies above `max_body` refused unread with 413, chunked
+bodies with 411, all bodies held at once within `body_budget`), TCP_NODELAY and one send per
+response. A subclass implements `handle_connection`; `read_request` gives it one parsed request
+at a time. This module imports only what the agent's start has loaded anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("cidboot.httpd")
+
+GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+MAX_HEADERS = 100  # header lines per request (http.client's bound): more is 431
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one server may spend; the defaults suit the boot server, the gateway and the agent."""
+
+    backlog: int = 1024
+    max_workers: int = 512  # connections served at once (each a thread)
+    queue_wait: float = 1.0  # seconds a connection beyond max_workers waits for a slot before 503
+    header_timeout: float = 10.0  # request line + headers (also the keep-alive idle time)
+    body_timeout: float = 60.0  # the whole request body
+    write_timeout: float = 30.0  # each write of the response (a client that stops reading)
+    max_body: int = 64 * 1024  # bytes per request body
+    body_budget: int = 32 * 1024 * 1024  # bytes of bodies held at once, all connections together
+    max_header_line: int = 65536
+
+
+@dataclass
+class HttpStats:
+    """Counters the servers export on /metrics (read without the lock: they only grow)."""
+
+    connections: int = 0
+    requests: int = 0
+    busy_rejected: int = 0  # 503: no worker slot / no body budget in time
+    timeouts: int = 0  # headers or body did not arrive in time, or a write stalled
+    bodies_refused: int = 0  # 413 / 411
+    internal_errors: int = 0  # a handler raised: 500
+    client_gone: int = 0  # resets and broken pipes
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def bump(self, name: str) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+
+class Budget:
+    """Bytes that may be held at once; `take` waits up to `timeout` for room."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used = total, 0
+        self._cond = threading.Condition()
+
+    def take(self, n: int, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.used + n <= self.total, timeout) and self._grab(n)
+
+    def _grab(self, n: int) -> bool:
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+_MMAP_THRESHOLD_SET = False
+
+
+def large_allocations_return_to_os() -> None:
+    """Fix glibc's mmap threshold at 1 MiB (best effort, once per process).
+
+    The body budget bounds the bodies alive at once, but glibc raises its mmap threshold after
+    the first large free, so each worker thread's arena then keeps its freed 8 MiB bodies: 30
+    bodies read by 30 threads left the agent at 177 MiB although at most 32 MiB were ever live.
+    With a fixed threshold every large buffer is its own mapping and goes back on free.
+    Elsewhere (musl, other libcs) large allocations are mapped anyway: nothing to do."""
+    global _MMAP_THRESHOLD_SET
+    if _MMAP_THRESHOLD_SET:
+        return
+    _MMAP_THRESHOLD_SET = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (ImportError, OSError, AttributeError):
+        return
+    mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+class HttpRefusal(Exception):
+    """A request refused before its handler runs: answer `status` with `reason`, then close."""
+
+    def __init__(self, status: int, reason: str, stat: str | None = None) -> None:
+        super().__init__(reason)
+        self.status, self.stat = status, stat
+
+
+class RawRequest:
+    """One request as read off the connection: the head parsed, the body read (within limits).
+    (A plain class: a dataclass is generated code, created at every agent start.)"""
+
+    __slots__ = ("method", "target", "version", "headers", "lower", "head", "body", "keep_alive", "reserved")
+
+    def __init__(self, method: str, target: str, version: str, headers: dict[str, str], lower: dict[str, str],
+                 head: bytes, *, keep_alive: bool = True) -> None:
+        self.method, self.target, self.version = method, target, version
+        self.headers = headers  # names as sent (the last of repeated ones)
+        self.lower = lower  # names lower-cased, for lookups
+        self.head = head  # the request line and headers as received (to hand the connection on)
+        self.body = b""
+        self.keep_alive = keep_alive
+        self.reserved = 0  # bytes of the body budget this request holds until `LiteHTTPServer.done`
+
+
+class Connection:
+    """One client connection: buffered reads that fail once the phase's `deadline` has passed
+    (a per-read timeout would let a client dripping a byte at a time hold it forever)."""
+
+    def __init__(self, sock: socket.socket, limits: Limits) -> None:
+        self.sock, self.limits = sock, limits
+        self.buf = b""
+        self.deadline = time.monotonic() + limits.header_timeout
+
+    def _fill(self) -> bool:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request not received in time")
+        self.sock.settimeout(left)
+        data = self.sock.recv(65536)
+        self.buf += data
+        return bool(data)
+
+    def read_head(self) -> bytes | None:
+        """The request line and headers up to the blank line; None when the client closed
+        before sending a byte of a new request."""
+        lim = self.limits.max_header_line
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            first = self.buf.find(b"\n")
+            if end >= 0 and first <= lim:
+                head, self.buf = self.buf[:end + 4], self.buf[end + 4:]
+                return head
+            if (first < 0 and len(self.buf) > lim) or first > lim:
+                raise HttpRefusal(414, "request line too long")
+            if len(self.buf) > lim * 4:
+                raise HttpRefusal(431, "request headers too large")
+            if not self._fill():
+                if self.buf.strip():
+                    raise HttpRefusal(400, "connection closed in the middle of the request headers")
+                return None
+
+    def read_exact(self, n: int) -> bytes | None:
+        """`n` body bytes, or None when the client closed first."""
+        while len(self.buf) < n:
+            if not self._fill():
+                return None
+        body, self.buf = self.buf[:n], self.buf[n:]
+        return body
+
+
+def parse_head(head: bytes, max_line: int) -> RawRequest:
+    """The request line and headers, as `http.server` reads them, minus HTTP/0.9 (a two-word
+    request line would be answered with a bare body no client of ours can tell from garbage)."""
+    lines = head.decode("iso-8859-1").split("\r\n")[:-2]
+    words = lines[0].split() if lines else []
+    if len(words) == 2:
+        raise HttpRefusal(400, "HTTP/0.9 requests are not supported")
+    if len(words) != 3:
+        raise HttpRefusal(400, f"bad request syntax {lines[0][:80]!r}" if lines else "empty request")
+    method, target, version = words
+    try:
+        if not version.startswith("HTTP/"):
+            raise ValueError
+        major, minor = (int(x) for x in version[5:].split(".", 1))
+    except ValueError:
+        raise HttpRefusal(400, f"bad request version {version[:20]!r}") from None
+    if major != 1:
+        raise HttpRefusal(505, f"HTTP version {version[:20]} not supported")
+    if target.startswith("//"):  # as http.server: never a scheme-relative URL
+        target = "/" + target.lstrip("/")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HttpRefusal(431, f"more than {MAX_HEADERS} header lines")
+    headers: dict[str, str] = {}
+    lower: dict[str, str] = {}
+    last = ""
+    for line in lines[1:]:
+        if len(line) > max_line:
+            raise HttpRefusal(431, "header line too long")
+        if line[:1] in (" ", "\t") and last:  # obsolete line folding: part of the previous value
+            headers[last] += " " + line.strip()
+            lower[last.lower()] = headers[last]
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise HttpRefusal(400, f"malformed header line {line[:80]!r}")
+        key = name.lower()
+        if key in ("content-length", "transfer-encoding") and key in lower:  # which one frames the body?
+            raise HttpRefusal(400, f"{name} given more than once")
+        headers[name] = lower[key] = value.strip()
+        last = name
+    conn = lower.get("connection", "").lower()
+    keep = conn != "close" and (minor >= 1 or conn == "keep-alive")
+    return RawRequest(method, target, version, headers, lower, head, keep_alive=keep)
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(t: float | None = None) -> str:
+    """RFC 9110's IMF-fixdate, independent of the locale."""
+    g = time.gmtime(t)
+    return (f"{_DAYS[g.tm_wday]}, {g.tm_mday:02d} {_MONTHS[g.tm_mon - 1]} {g.tm_year} "
+            f"{g.tm_hour:02d}:{g.tm_min:02d}:{g.tm_sec:02d} GMT")
+
+
+_REASONS = {100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 403: "Forbidden",
+            404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 410: "Gone", 411: "Length Required",
+            413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
+            505: "HTTP Version Not Supported"}
+
+
+def response_bytes(status: int, headers: list[tuple[str, str]], body: bytes, server: str) -> bytes:
+    """Status line, headers and body as one buffer: one send, so Nagle and delayed ACK never
+    hold a response back."""
+    head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Server: {server}", f"Date: {http_date()}"]
+    head += [f"{k}: {v}" for k, v in headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+class LiteHTTPServer:
+    """Accepts connections and serves each on a thread, at most `Limits.max_workers` at once
+    (one more waits `queue_wait` for a slot, then gets 503 and is closed); the subclass's
+    `handle_connection` serves one connection. `serve_forever`, `shutdown` and `server_close`
+    behave as `socketserver`'s."""
+
+    server_version = "cidboot"
+
+    def __init__(self, address: tuple[str, int], limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.stats = HttpStats()
+        self.body_budget = Budget(self.limits.body_budget)
+        self._slots = threading.BoundedSemaphore(self.limits.max_workers)
+        if self.limits.max_body >= 1 << 20:
+            large_allocations_return_to_os()
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind(address)
+            self.socket.listen(self.limits.backlog)
+        except OSError:
+            self.socket.close()
+            raise
+        self.server_address: tuple[str, int] = self.socket.getsockname()
+        self._stop = threading.Event()
+        self._idle = threading.Event()  # set when serve_forever has returned (socketserver's __is_shut_down)
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    @property
+    def busy(self) -> int:
+        """Connections being served right now."""
+        return self.limits.max_workers - self._slots._value
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._idle.clear()
+        try:
+            if self._stop.is_set():  # shut down before this thread got here
+                return
+            with selectors.DefaultSelector() as sel:
+                sel.register(self.socket, selectors.EVENT_READ)
+                while not self._stop.is_set():
+                    if not sel.select(poll_interval):
+                        continue
+                    try:
+                        conn, addr = self.socket.accept()
+                    except OSError:
+                        continue
+                    self.process_request(conn, addr)
+        finally:
+            self._stop.clear()
+            self._idle.set()
+
+    def shutdown(self) -> None:
+        """Stop `serve_forever` and wait until it has returned: called before the serving thread
+        got there, it returns once that thread has started and stopped (as socketserver's; and
+        as there, never call it without a `serve_forever` running or about to run)."""
+        self._stop.set()
+        self._idle.wait()
+
+    def server_close(self) -> None:
+        self.socket.close()
+
+    def process_request(self, conn: socket.socket, addr: Any) -> None:
+        if not self._slots.acquire(timeout=self.limits.queue_wait):
+            self.stats.bump("busy_rejected")
+            try:
+                conn.settimeout(1.0)
+                conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")
+            except OSError:
+                pass
+            self._close(conn)
+            return
+        try:
+            threading.Thread(target=self._work, args=(conn, addr), daemon=True, name="httpd-worker").start()
+        except RuntimeError:  # cannot start a thread: shed the connection, keep serving
+            self._slots.release()
+            self._close(conn)
+
+    def _work(self, conn: socket.socket, addr: Any) -> None:
+        try:
+            self.stats.bump("connections")
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            self.handle_connection(conn, addr)
+        except GONE:
+            self.stats.bump("client_gone")
+        except Exception:
+            self.stats.bump("internal_errors")
+            log.exception("connection from %s failed", addr)
+        finally:
+            self._close(conn)
+            self._slots.release()
+
+    @staticmethod
+    def _close(conn: socket.socket) -> None:
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        conn.close()
+
+    def handle_connection(self, conn: socket.socket, addr: Any) -> None:
+        raise NotImplementedError
+
+    def read_request(self, c: Connection) -> RawRequest | None:
+        """The next request on `c` with its body, within the limits; None when the connection is
+        done (closed by the client, timed out, or refused: the refusal was answered)."""
+        lim = self.limits
+        c.deadline = time.monotonic() + lim.header_timeout
+        try:
+            head = c.read_head()
+            if head is None:
+                return None
+            req = parse_head(head, lim.max_header_line)
+        except HttpRefusal as e:
+            self.refuse(c, e)
+            return None
+        except TimeoutError:
+            self.stats.bump("timeouts")
+            return None
+        except GONE:
+            self.stats.bump("client_gone")
+            return None
+        except OSError:
+            return None
+        try:
+            req.body = self._read_body(c, req)
+        except HttpRefusal as e:
+            self.refuse(c, e)
+            return None
+        req.reserved = len(req.body)
+        return req
+
+    def done(self, req: RawRequest) -> None:
+        """The request was answered: its body's share of the budget is free again."""
+        if req.reserved:
+            self.body_budget.give(req.reserved)
+            req.reserved = 0
+
+    def _read_body(self, c: Connection, req: RawRequest) -> bytes:
+        """The body, read before any handler runs (a handler that ignores it cannot
+        desynchronise keep-alive); it holds its bytes of the budget until `done`."""
+        lim = self.limits
+        if "transfer-encoding" in req.lower:
+            raise HttpRefusal(411, "chunked request bodies are not accepted: send Content-Length", "bodies_refused")
+        length = req.lower.get("content-length")
+        if length is None:
+            return b""
+        n = int(length) if length.isdigit() and len(length) < 20 else -1
+        if n < 0:
+            raise HttpRefusal(400, f"bad Content-Length {length[:40]!r}")
+        if n > lim.max_body:
+            raise HttpRefusal(413, f"request body of {n} bytes exceeds the {lim.max_body}-byte limit", "bodies_refused")
+        if n == 0:
+            return b""
+        if req.lower.get("expect", "").lower() == "100-continue" and req.version == "HTTP/1.1":
+            self._send(c, b"HTTP/1.1 100 Continue\r\n\r\n")
+        if not self.body_budget.take(n, lim.queue_wait):
+            raise HttpRefusal(503, "server busy: too many request bodies in flight", "busy_rejected")
+        try:
+            c.deadline = time.monotonic() + lim.body_timeout
+            body = c.read_exact(n)
+        except TimeoutError:
+            self.stats.bump("timeouts")
+            body = None
+        except OSError:
+            body = None
+        if body is None:
+            self.body_budget.give(n)
+            raise _Dropped()
+        return body
+
+    def refuse(self, c: Connection, e: HttpRefusal) -> None:
+        """Answer a refusal and let the connection close."""
+        if isinstance(e, _Dropped):
+            return
+        if e.stat:
+            self.stats.bump(e.stat)
+        body = (str(e) + "\n").encode()
+        try:
+            self._send(c, response_bytes(e.status, [("Content-Type", "text/plain; charset=utf-8"),
+                                                    ("Content-Length", str(len(body))), ("Connection", "close")],
+                                         body, self.server_version))
+        except OSError:
+            pass
+
+    def _send(self, c: Connection, data: bytes) -> None:
+        c.sock.settimeout(self.limits.write_timeout)
+        c.sock.sendall(data)
+
+
+class _Dropped(HttpRefusal):
+    """The body did not arrive (timeout, client gone): nothing to answer."""
+
+    def __init__(self) -> None:
+        super().__init__(0, "request body not received")
