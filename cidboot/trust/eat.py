@@ -56,6 +56,8 @@ def ueid_for(root_public_key_raw: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Evidence:
+    """A parsed cidboot EAT's claims (the COSE signature is checked by the appraisal, not here)."""
+
     nonce: bytes
     ueid: bytes
     iat: int

@@ -113,18 +113,6 @@ def test_threads_using_it_at_once_all_see_the_whole_module(tmp_path: Path) -> No
 # dataclasses on the start paths without a docstring of their own, in modules other helpers own
 # this session: each loads inspect at start (dataclasses makes its docstring with
 # inspect.signature) until it gets one. The list may only shrink.
-KNOWN_UNDOCUMENTED = {
-    "cidboot.trust.cose.Sign1", "cidboot.trust.cose.Signature", "cidboot.trust.cose.SignMulti",
-    "cidboot.trust.dice.chain.VerifiedChain", "cidboot.trust.dice.chain.Handover",
-    "cidboot.trust.dice.software.DerivedIdentity", "cidboot.ipld.multihash.Multihash", "cidboot.ipld.cid.CID",
-    "cidboot.ipld.dagpb.PBLink", "cidboot.ipld.dagpb.PBNode", "cidboot.ipld.unixfs.data.UnixFSData",
-    "cidboot.ipld.unixfs.exporter.DirEntry", "cidboot.trust.manifest.model.Manifest",
-    "cidboot.trust.manifest.signed.SignedManifest", "cidboot.trust.manifest.verify.Check",
-    "cidboot.store.gateway.client.FetchResult", "cidboot.trust.eat.Evidence",
-    "cidboot.trust.appraisal.CheckResult", "cidboot.trust.appraisal.AppraisalResult",
-    "agent.attestation_api.Request", "agent.attestation_api.Response", "agent.attestation_api.Result",
-    "agent.attested.AttestedAgent", "agent.attested.AttestedAgents", "agent.audit.Entry", "agent.verifier.Challenge",
-}
 # each stage's entry and what it imports on its way to its job (measure, hand over, serve)
 START_PATHS = {
     "firmware": ("firmware.stage", *("cidboot.stage.switch_root", "cidboot.trust.measure"), "cidboot.trust.dice"),
@@ -155,9 +143,7 @@ for m in {START_PATHS[stage]!r}:
 print(json.dumps([undocumented, [n for n in deferred.DEFERRED if not deferred.deferred(n)]]))
 """)
     undocumented, ran = json.loads(out.splitlines()[-1])
-    assert set(undocumented) <= KNOWN_UNDOCUMENTED, "document these dataclasses (cidboot.stage.deferred)"
-    if undocumented:  # inspect runs for those (until their owners document them); the others must not
-        ran.remove("inspect")
+    assert undocumented == [], "document these dataclasses (cidboot.stage.deferred)"
     assert ran == [], "the start path uses these: take them off DEFERRED or find who uses them"
 
 
