@@ -37,6 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 from cidboot.errors import CidbootError
 from cidboot.httpd_lite import Connection, HttpRefusal, Limits, LiteHTTPServer, RawRequest, response_bytes
 from cidboot.ipld.cid import CID
+from cidboot.request_metrics import RequestMetrics
 from cidboot.trust.attester import LAYERS, Attester  # noqa: F401  (moved to cidboot; imported from here)
 from cidboot.trust.eat import NONCE_MAX, NONCE_MIN
 
@@ -171,23 +172,6 @@ class ResultLog:
             return next((r for r in self._items if r.definition == definition), None)
 
 
-class ApiMetrics:
-    """Requests and responses by status, for /metrics (what the gateway's handler records too)."""
-
-    def __init__(self) -> None:
-        self.requests = self.bytes_sent = self.errors = 0
-        self.by_status: dict[int, int] = {}
-        self.lock = threading.Lock()
-
-    def record(self, status: int, nbytes: int) -> None:
-        with self.lock:
-            self.requests += 1
-            self.bytes_sent += nbytes
-            self.by_status[status] = self.by_status.get(status, 0) + 1
-            if status >= 400:
-                self.errors += 1
-
-
 class AgentServer(LiteHTTPServer):
     """The agent's one HTTP port: the attestation API plus any routes mounted with `mount`.
 
@@ -205,7 +189,7 @@ class AgentServer(LiteHTTPServer):
         self.results = results if results is not None else ResultLog()
         self.audit_head: Callable[[], CID | None] = lambda: None  # the audit log's head, shown on /results
         self.routes: list[Route] = []
-        self.metrics = ApiMetrics()
+        self.metrics = RequestMetrics()
         self.extra_routes: dict[str, Any] = {}  # what the gateway's handler expects of its server
         if attester is not None:
             self.mount(Route("GET", "/attestation", self._attestation))

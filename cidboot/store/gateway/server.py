@@ -15,7 +15,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import closing
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from cidboot.errors import CidbootError, NotFoundError, VerificationError
@@ -25,6 +25,7 @@ from cidboot.ipld.car import encode_header, section_head
 from cidboot.ipld.cid import CID, DAG_PB, RAW
 from cidboot.ipld.unixfs import data as ufsdata
 from cidboot.ipld.unixfs.exporter import file_size, iter_file_blocks
+from cidboot.request_metrics import RequestMetrics
 from cidboot.store.blockstore import BlockNotFound, Blockstore
 
 if TYPE_CHECKING:
@@ -60,25 +61,6 @@ CORS_HEADERS = (
                                       "X-Content-Type-Options"),
 )
 PREFLIGHT_MAX_AGE = 86400
-
-
-@dataclass
-class GatewayMetrics:
-    """Counters the boot server exports on /metrics."""
-
-    requests: int = 0
-    bytes_sent: int = 0
-    errors: int = 0
-    by_status: dict[int, int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def record(self, status: int, nbytes: int) -> None:
-        with self.lock:
-            self.requests += 1
-            self.bytes_sent += nbytes
-            self.by_status[status] = self.by_status.get(status, 0) + 1
-            if status >= 400:
-                self.errors += 1
 
 
 class _BlockCache:
@@ -212,7 +194,7 @@ class GatewayServer(BoundedHTTPServer):
     def __init__(self, store: Blockstore, address: tuple[str, int], extra_routes: Mapping[str, Route] | None = None,
                  limits: Limits | None = None, app: App | None = None):
         self.store = store
-        self.metrics = GatewayMetrics()
+        self.metrics = RequestMetrics()
         self.extra_routes = dict(extra_routes or {})
         self.app = app
         super().__init__(address, _Handler, limits)
