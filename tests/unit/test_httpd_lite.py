@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from agent.attestation_api import AgentServer, serve_api
-from cidboot.httpd_lite import Limits
+from cidboot.httpd_lite import HttpRefusal, Limits, parse_head
 from cidboot.store.blockstore import Blockstore
 from tests.unit.test_agent_attest import make_device
 
@@ -154,3 +156,23 @@ def test_http_1_0_closes_and_head_has_no_body(servers: list[AgentServer]) -> Non
         assert status == 405 and int(headers["content-length"]) > 0
         status, _, body = read_response(s)
         assert status == 200 and body.startswith(b"{")
+
+
+HEAD_PIECES = [b"GET", b"POST", b" ", b"/results", b"//x", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/", b"HTTP/2", b"1.",
+               b"\r\n", b":", b"Host", b"Content-Length", b"content-length", b"Transfer-Encoding", b"Connection",
+               b"close", b"keep-alive", b"\t", b"-1", b"\xff", b"\x00", b"_", b"+"]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(HEAD_PIECES), max_size=30).map(b"".join) | st.binary(max_size=200))
+@example(b"GET / HTTP/1.1\r\n folded\r\n")  # a continuation line with no header before it
+@example(b"GET / HTTP/1.-1\r\n")
+def test_the_head_parser_refuses_with_an_http_status_or_parses(head: bytes) -> None:
+    """Whatever bytes end in the blank line, parse_head gives a request or an HttpRefusal with a
+    4xx/5xx status: never another exception (which would be an internal error, not an answer)."""
+    try:
+        req = parse_head(head + b"\r\n\r\n", 8192)
+    except HttpRefusal as e:
+        assert 400 <= e.status < 600
+    else:
+        assert req.version.startswith("HTTP/1.") and len(req.target) > 0
