@@ -1,10 +1,11 @@
 """The agent's boot blocks (its manifest, flow and device registry) with one plain GET each.
 
-cidboot.store.gateway.client is the fetcher (rounds, backoff, liars dropped, HTTPS, whole DAGs as
-CARs); the agent needs three small blocks from the boot server that answered the bootstrap a
-second ago, before `agent ready`, where every module and round costs under TCG. `fetch_block` first asks the first plain-HTTP gateway once, with the
-client's own HTTP/1.1 exchange (cidboot.store.gateway.wire; a Content-Length response only), and keeps
-the bytes only if they hash to the CID (the store checks again as it writes them). Anything
+cidboot.store.gateway.client is the fetcher (rounds, backoff, liars dropped, HTTPS, whole DAGs
+as CARs); the agent needs three small blocks from the boot server that answered the bootstrap
+a second ago, before `agent ready`, where every module and round costs under TCG.
+`fetch_block` first asks the first plain-HTTP gateway once, with the client's own HTTP/1.1
+exchange (cidboot.store.gateway.wire; a Content-Length response only), and keeps the bytes
+only if they hash to the CID (the store checks again as it writes them). Anything
 else, an error, a timeout, another framing, a non-200, bytes that do not match, an HTTPS gateway,
 falls back to the full client, imported then, which asks every gateway again with its own
 rules: the quick path can only save time, never accept a block the client would refuse.
