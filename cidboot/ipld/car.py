@@ -144,14 +144,19 @@ class CarReader:
         self._remaining = base + data_size
         return roots
 
+    def _section_length(self, start: int) -> int | None:
+        """The next section's length (None at the end of the CAR), bounded by max_block_size."""
+        n = self._varint("section length")
+        if n is not None and (n == 0 or n > self.max_block_size + 128):
+            raise CarError(f"section at byte {start}: length {n} out of range")
+        return n
+
     def __iter__(self) -> Iterator[tuple[CID, bytes]]:
         while True:
             start = self.offset
-            n = self._varint("section length")
+            n = self._section_length(start)
             if n is None:
                 return
-            if n == 0 or n > self.max_block_size + 128:
-                raise CarError(f"section at byte {start}: length {n} out of range")
             section = self._read(n, f"section at byte {start}")
             try:
                 cid, off = CID.read(section)
@@ -175,11 +180,9 @@ class CarReader:
         buf = memoryview(bytearray(0))
         while True:
             start = self.offset
-            n = self._varint("section length")
+            n = self._section_length(start)
             if n is None:
                 return
-            if n == 0 or n > self.max_block_size + 128:
-                raise CarError(f"section at byte {start}: length {n} out of range")
             head = self._read(min(n, SECTION_HEAD), f"section at byte {start}")
             try:
                 cid, off = CID.read(head)
