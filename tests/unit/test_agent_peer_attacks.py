@@ -236,15 +236,6 @@ def test_refusals_of_a_flood_are_audited_at_a_bounded_rate() -> None:
 # -- #12: session eviction --------------------------------------------------------------------
 
 
-@pytest.fixture
-def servers() -> Iterator[list[AgentServer]]:
-    out: list[AgentServer] = []
-    yield out
-    for s in out:
-        s.shutdown()
-        s.server_close()
-
-
 def test_4096_unauthenticated_sessions_do_not_evict_a_pending_challenge(servers: list[AgentServer]) -> None:
     dev = make_device()
     vsrv = serve_verifier(verifier_for(dev))

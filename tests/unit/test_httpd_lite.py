@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,6 @@ from agent.attestation_api import AgentServer, serve_api
 from cidboot.httpd_lite import HttpRefusal, Limits, parse_head
 from cidboot.store.blockstore import Blockstore
 from tests.unit.test_agent_attest import make_device
-
-
-@pytest.fixture
-def servers() -> Iterator[list[AgentServer]]:
-    out: list[AgentServer] = []
-    yield out
-    for s in out:
-        s.shutdown()
-        s.server_close()
 
 
 def start(servers: list[AgentServer], srv: AgentServer) -> AgentServer:

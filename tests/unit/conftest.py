@@ -1,0 +1,20 @@
+"""Fixtures more than one unit test module uses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from agent.attestation_api import AgentServer
+
+
+@pytest.fixture
+def servers() -> Iterator[list[AgentServer]]:
+    """Agent API servers a test started: each is shut down and closed when the test ends,
+    passed or failed, so no listener outlives its test."""
+    out: list[AgentServer] = []
+    yield out
+    for s in out:
+        s.shutdown()
+        s.server_close()
