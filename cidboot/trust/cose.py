@@ -298,7 +298,11 @@ def sign1(
 def _decode_envelope(data: bytes, what: str, tag: int) -> tuple[dict[int, Any], bytes, Any, bytes | None, Any]:
     """The part COSE_Sign1 and COSE_Sign share: optional tag, 4-item array, protected and
     unprotected headers, payload. Returns (protected, protected_raw, unprotected, payload, 4th item)."""
-    obj = cbor_loads_exact(data, what)
+    return _envelope_of_item(cbor_loads_exact(data, what), what, tag)
+
+
+def _envelope_of_item(obj: Any, what: str, tag: int) -> tuple[dict[int, Any], bytes, Any, bytes | None, Any]:
+    """`_decode_envelope` of an item already decoded (and scanned) as part of a larger message."""
     if isinstance(obj, cbor2.CBORTag):
         if obj.tag != tag:
             raise CoseFormatError(f"{what}: wrong tag {obj.tag} (expected {tag})")
@@ -314,7 +318,18 @@ def _decode_envelope(data: bytes, what: str, tag: int) -> tuple[dict[int, Any], 
 
 
 def decode_sign1(data: bytes) -> Sign1:
-    prot, prot_raw, unprot, payload, sig = _decode_envelope(data, "COSE_Sign1", TAG_SIGN1)
+    return _sign1(_decode_envelope(data, "COSE_Sign1", TAG_SIGN1))
+
+
+def sign1_of_item(obj: Any) -> Sign1:
+    """A COSE_Sign1 nested in a message the caller decoded with `cbor_loads_exact` (a DICE
+    chain's certificates): the same checks as `decode_sign1`, without encoding the item again
+    to decode it a second time."""
+    return _sign1(_envelope_of_item(obj, "COSE_Sign1", TAG_SIGN1))
+
+
+def _sign1(envelope: tuple[dict[int, Any], bytes, Any, bytes | None, Any]) -> Sign1:
+    prot, prot_raw, unprot, payload, sig = envelope
     if not isinstance(sig, bytes):
         raise CoseFormatError("COSE_Sign1: signature must be a byte string")
     if not isinstance(prot.get(HDR_ALG), int):

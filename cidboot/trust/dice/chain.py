@@ -50,11 +50,12 @@ class VerifiedChain:
     A value (compared by its fields, never changed), written out rather than a frozen dataclass:
     generating one's methods costs ~3 M guest instructions at import, in every stage."""
 
-    __slots__ = ("root_public_key", "entries")
+    __slots__ = ("root_public_key", "entries", "_root_id")
 
-    def __init__(self, root_public_key: PublicKey, entries: list[DiceCert]) -> None:
+    def __init__(self, root_public_key: PublicKey, entries: list[DiceCert], root_id: str | None = None) -> None:
         self.root_public_key = root_public_key
         self.entries = entries
+        self._root_id = root_id  # verify_chain derives it anyway (an HKDF); given, it is not derived twice
 
     def __eq__(self, other: object) -> bool:
         return (type(other) is VerifiedChain and self.root_public_key == other.root_public_key
@@ -71,7 +72,9 @@ class VerifiedChain:
 
     @property
     def root_id(self) -> str:
-        return derive_id(raw_public_bytes(self.root_public_key)).hex()
+        if self._root_id is None:
+            self._root_id = derive_id(raw_public_bytes(self.root_public_key)).hex()
+        return self._root_id
 
 
 def verify_chain(chain: bytes, *, allow_debug: bool = False, expected_profile: str | None = None) -> VerifiedChain:
@@ -88,14 +91,14 @@ def verify_chain(chain: bytes, *, allow_debug: bool = False, expected_profile: s
     except CoseFormatError as e:
         raise DiceChainError(f"chain entry 0 (root key): {e}") from None
     prev_key = root
-    prev_subject = derive_id(raw_public_bytes(root)).hex()
+    prev_subject = root_id = derive_id(raw_public_bytes(root)).hex()
     seen_subjects = {prev_subject}
     seen_keys = {raw_public_bytes(root)}
     entries: list[DiceCert] = []
     for i, item in enumerate(items[1:], start=1):
         where = f"chain entry {i}"
         try:
-            cert = parse_certificate(cbor2.dumps(item))
+            cert = parse_certificate(cose.sign1_of_item(item))
         except FormatError as e:
             raise DiceChainError(f"{where}: {e}") from None
         try:
@@ -123,7 +126,7 @@ def verify_chain(chain: bytes, *, allow_debug: bool = False, expected_profile: s
         seen_keys.add(key_raw)
         entries.append(cert)
         prev_key, prev_subject = cert.subject_public_key, cert.subject
-    return VerifiedChain(root, entries)
+    return VerifiedChain(root, entries, root_id)
 
 
 class Handover:
