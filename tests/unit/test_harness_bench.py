@@ -48,6 +48,18 @@ def test_each_stage_splits_into_its_boot_and_its_work() -> None:
     assert bars[-1] == ("boot | work", phases) and rows[-1] == {"boot": "ours: image work", "seconds": 2.38}
 
 
+def test_the_median_boot_is_one_real_boot_of_the_runs() -> None:
+    slow = sample_report(SAMPLE_CONSOLE)
+    fast = sample_report(SAMPLE_CONSOLE.replace("[  26.500] cidboot-stage: agent ready",
+                                                "[  25.000] cidboot-stage: agent ready"))
+    slower = sample_report(SAMPLE_CONSOLE.replace("[  26.500] cidboot-stage: agent ready",
+                                                  "[  40.000] cidboot-stage: agent ready"))
+    assert sum(bench_boot.stages_from_report(fast).values()) == 25.0
+    assert bench_boot.median_boot([slower, fast, slow]) is slow  # not the first, not the fastest
+    assert bench_boot.median_boot([slower, fast]) is fast  # an even count: the lower middle
+    assert bench_boot.median_boot([slow]) is slow
+
+
 def test_rows_and_svg(tmp_path: Path) -> None:
     rows, bars = bench_boot.summarize(20.0, bench_boot.stages_from_report(sample_report(SAMPLE_CONSOLE)))
     assert rows[0] == {"boot": "plain iPXE + busybox (reference)", "seconds": 20.0}
