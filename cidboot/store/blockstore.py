@@ -8,7 +8,8 @@ refused, never served), a damaged copy is replaced by the next `put` of good byt
 (recursive, by root) survive `gc`. A single `put` is atomic and durable (temp file, fsync,
 rename); a batch (`writer()`, a fetch) writes its first blocks straight to their names and
 appends the rest to one pack file beside flatfs (`cidboot.store.packs`), and makes the whole
-batch durable with one `syncfs` at the end: see `BatchWriter` for why that is safe. The
+batch durable at the end with an fsync of each file it wrote: see `BatchWriter` for why that
+is safe. The
 pin set is read, changed and written under an exclusive `flock` on `pins.lock`, so processes
 sharing a store (the CLI, `bootstrap serve`, an agent) neither lose each other's pins nor
 collect blocks a pin being added protects.
@@ -151,7 +152,7 @@ class Blockstore(_Puts):
         drains, the pack's index is written, the first write error (if any) is raised, and the
         files the batch wrote are made durable, each by its own fsync (`BatchWriter.close`), not
         by a sync of the whole file system, which would also wait for whatever other programs
-        left dirty on it. At most `depth` blocks wait in memory. Nested calls share the outer
+        left dirty on it. At most about 1.5 x `depth` blocks wait in memory. Nested calls share the outer
         writer."""
         if self._batch is not None:
             yield self._batch
@@ -208,8 +209,8 @@ class Blockstore(_Puts):
 
     def _write_new(self, path: str, data: Buffer) -> None:
         """One block the caller verified, straight to its final name: create (O_EXCL), write,
-        close; no temp name, no rename, no fsync (BatchWriter's path: the batch's one syncfs
-        makes it durable). Until the write completes, or if a crash cuts it, the file under the
+        close; no temp name, no rename, no fsync (BatchWriter's path: the batch fsyncs it when
+        it ends). Until the write completes, or if a crash cuts it, the file under the
         name is short or empty, and every read refuses it (it does not hash to its CID): it
         counts as absent-and-damaged, and the next put or fetch of the block replaces it. A
         file already there (a damaged copy the caller is replacing, or another process's
@@ -443,7 +444,7 @@ _sync_file_range: Any = None
 def _start_writeback(fd: int, offset: int, length: int) -> None:
     """Start writing `length` bytes at `offset` of `fd` to the disk, without waiting
     (sync_file_range(SYNC_FILE_RANGE_WRITE)); a no-op where libc lacks it. Not a durability
-    point: only the batch's syncfs is."""
+    point: only the batch's fsyncs are. (For a pack that fell back to the page cache.)"""
     global _sync_file_range
     if _sync_file_range is None:
         try:
@@ -467,18 +468,18 @@ class BatchWriter:
 
     `put` checks the size and the hash (CIDMismatch before anything is queued: nothing
     unverified reaches the store, and each block is hashed exactly once), then queues the write;
-    one background thread writes while the caller reads and hashes the next block (writing a
-    256 KiB block into the page cache costs ~40 % of hashing it: on a core of its own it is off
-    the fetch's path). The first `FLATFS_FIRST` blocks go to flatfs files, straight to their
+    one background thread writes while the caller reads and hashes the next block, in groups
+    (one wake-up and one write per group). The first `FLATFS_FIRST` blocks go to flatfs files, straight to their
     names (one create, one write, one close: `Blockstore._write_new`), so a small batch (a
     manifest, a flow) makes no pack; every later block is appended to one pack file
-    (`cidboot.store.packs`), whose index is written when the batch ends. Then `writer()` makes
-    the whole batch durable with one `syncfs`.
+    (`cidboot.store.packs`) around the page cache where the file system allows (`PACK_DIRECT`),
+    whose index is written when the batch ends. Then `close` fsyncs what the batch wrote.
 
     Buffers: a caller that reads blocks into memory of its own (the fetch client's CAR reader)
     takes it from `buffer(size)` and puts a view of it: the writer owns that buffer until the
     block is written, then hands it out again, so a fetch neither allocates nor copies per block
-    (at most `depth` + a few buffers exist). Any other buffer is copied when queued (bytes are
+    (at most about 1.5 x `depth` + a few buffers exist: a group being filled, one queued, one
+    being written). Any other buffer is copied when queued (bytes are
     queued as they are): once `put` returns, the caller may reuse what it passed.
 
     Why no temp file and rename per block, and an index written before the sync: they would buy
@@ -488,10 +489,10 @@ class BatchWriter:
     damaged, never served, and the next put or fetch replaces it. What a crash mid-batch
     leaves, then: some blocks whole, some absent, some torn (refused on read, fetched again),
     perhaps a pack with no index (invisible; `gc` removes it); nothing that reads as a wrong
-    block. The durability point is the `syncfs` at the end of the batch: a fetch that returned
+    block. The durability point is the fsyncs at the end of the batch: a fetch that returned
     has every block on disk, and only then may a caller pin the root.
 
-    The queue holds at most `depth` blocks, so memory stays flat however large the batch. Queued
+    The queue holds one group, so memory stays flat however large the batch. Queued
     blocks already count for `has` and `get` (read your writes). A write error stops the writer
     (its pack is removed, unpublished); the next `put` or `close` raises it. Unlike
     `Blockstore.put`, a block already present is not read back and compared: callers batch

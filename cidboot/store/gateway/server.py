@@ -153,8 +153,9 @@ def _read_ahead(items: Iterator[tuple[CID, bytes | memoryview]], depth: int = CA
 class _Buffers:
     """The read buffers of one CAR response: the walk reads each block into one it takes
     (Blockstore.get_into), the sender gives it back once the block is on the socket. Never
-    more exist than are in use at once (the block in hand, the read-ahead queue, the one being
-    sent), so with read-ahead that is CAR_READ_AHEAD + 2 buffers of the largest block, and no
+    more exist than are in use at once (the group in hand, the read-ahead queue, the group being
+    sent), so with read-ahead that is (CAR_READ_AHEAD + 2) x READ_AHEAD_GROUP buffers of the
+    largest block, and no
     allocation (nor fresh pages) per block. A taker never waits: an empty pool makes a buffer."""
 
     def __init__(self) -> None:
