@@ -518,7 +518,9 @@ class BatchWriter:
         self._free: deque[bytearray | mmap.mmap] = deque()  # buffers written out, to hand out again
         self._lent: dict[int, bytearray | mmap.mmap] = {}  # id -> buffer handed out by `buffer`, not yet put
         self._direct = False  # the pack is written around the page cache (O_DIRECT)
-        self._files: list[str] = []  # flatfs files this batch created: fsynced when it closes
+        self._files: list[str] = []  # flatfs files this batch created: fsynced before it closes
+        self._syncer: threading.Thread | None = None  # fsyncs them while the pack is written
+        self._sync_error: OSError | None = None
         self._error: BaseException | None = None
         self._closed = False
         self._written = 0
@@ -655,6 +657,10 @@ class BatchWriter:
                         self._written += 1
                         self._done([items.pop(0)])
                     if items:
+                        if self._pack is None and self._files:  # the files are all written: their
+                            self._syncer = threading.Thread(target=self._sync_files, name="blockstore-fsync",
+                                                            daemon=True)  # fsyncs overlap the rest
+                            self._syncer.start()
                         self._append(items)  # the rest: one write to the pack
                         self._written += len(items)
                 except BaseException as e:  # handed to the caller's thread
@@ -702,6 +708,8 @@ class BatchWriter:
                     if self._error is not None:
                         self.store.packs.abandon(self._pack)
             finally:
+                if self._syncer is not None:
+                    self._syncer.join()
                 if self._pack_fd >= 0:
                     os.close(self._pack_fd)  # releases the lock
                     self._pack_fd = -1
@@ -711,19 +719,39 @@ class BatchWriter:
     def _sync(self) -> None:
         """fsync what this batch wrote, and only that: the pack (fdatasync: after direct writes
         only the disk's cache and the file's size are left to write), each flatfs file, and the
-        directories they were created in (so the names survive a crash too)."""
+        directories they were created in (so the names survive a crash too). The files were
+        fsynced while the pack was being written when the batch got that far (`_syncer`)."""
+        if self._syncer is not None:
+            self._syncer.join()
+            if self._sync_error is not None:
+                raise self._sync_error
+        else:
+            self._sync_files()
+            if self._sync_error is not None:
+                raise self._sync_error
+        if self._pack is not None:
+            os.fdatasync(self._pack_fd)
+            _fsync_path(str(self.store.path))  # `packs` may be new (its own entries: PackIndex.publish)
+
+    def _sync_files(self) -> None:
+        """fsync the flatfs files this batch created and their directories (an error is kept
+        for `close` to raise)."""
         dirs = {os.path.dirname(p) for p in self._files}
         if dirs:
             dirs.add(self.store._blocks_str)  # a shard directory may be new
-        if self._pack is not None:
-            os.fdatasync(self._pack_fd)
-            dirs.add(str(self.store.path))  # so may `packs` (its own entries: PackIndex.publish)
-        for path in (*self._files, *sorted(dirs)):
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        try:
+            for path in (*self._files, *sorted(dirs)):
+                _fsync_path(path)
+        except OSError as e:
+            self._sync_error = e
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _aligned(size: int) -> mmap.mmap:
