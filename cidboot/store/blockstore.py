@@ -518,6 +518,7 @@ class BatchWriter:
         self._free: deque[bytearray | mmap.mmap] = deque()  # buffers written out, to hand out again
         self._lent: dict[int, bytearray | mmap.mmap] = {}  # id -> buffer handed out by `buffer`, not yet put
         self._direct = False  # the pack is written around the page cache (O_DIRECT)
+        self._flatfs_first = FLATFS_FIRST  # blocks to flatfs files before the pack (0 after `expect_many`)
         self._files: list[str] = []  # flatfs files this batch created: fsynced before it closes
         self._syncer: threading.Thread | None = None  # fsyncs them while the pack is written
         self._sync_error: OSError | None = None
@@ -545,6 +546,13 @@ class BatchWriter:
             self._lent.clear()  # one put after all is copied, as any buffer not ours
         self._lent[id(buf)] = buf
         return buf
+
+    def expect_many(self) -> None:
+        """The caller knows this batch will pass FLATFS_FIRST blocks (a CAR whose blocks so far
+        link to more): the blocks not yet written go straight to the pack. Flatfs files are
+        for batches too small to make a pack; each one costs its own fsync (and its
+        directory's) when the batch ends."""
+        self._flatfs_first = 0
 
     def put(self, cid: CID, data: Buffer) -> None:
         """Verify `data` against `cid` (CIDMismatch, BlockstoreError above MAX_BLOCK) and queue it."""
@@ -649,7 +657,7 @@ class BatchWriter:
                 return
             if self._error is None:  # after an error: drain, so a blocked put() wakes up and sees it
                 try:
-                    while items and self._written < FLATFS_FIRST:  # a small batch's blocks: files
+                    while items and self._written < self._flatfs_first:  # a small batch's blocks: files
                         key, data, _ = items[0]
                         path = store._block_path(key)
                         store._write_new(path, data)

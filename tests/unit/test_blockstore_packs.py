@@ -31,6 +31,15 @@ def origin(tmp_path: Path) -> tuple[Blockstore, CID]:
     return store, import_bytes(DATA, store, ImportOptions(cid_version=1, chunk_size=20_000)).cid
 
 
+@pytest.fixture()
+def flatfs_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fetch's first FLATFS_FIRST blocks go to flatfs files even when the DAG is larger (as a
+    batch writer nobody tells the size of does): the tests that need both kinds of blocks."""
+    from cidboot.store.blockstore import BatchWriter
+
+    monkeypatch.setattr(BatchWriter, "expect_many", lambda self: None)
+
+
 def packed(store: Blockstore) -> list[Path]:
     return sorted((store.path / "packs").glob("*.pack"))
 
@@ -40,7 +49,7 @@ def in_pack(store: Blockstore, root: CID) -> list[CID]:
 
 
 def test_a_fetch_puts_its_first_blocks_in_flatfs_and_the_rest_in_one_pack(origin: tuple[Blockstore, CID],
-                                                                         tmp_path: Path) -> None:
+                                                                         tmp_path: Path, flatfs_first: None) -> None:
     src, root = origin
     local = Blockstore(tmp_path / "local")
     with running_gateway(src) as gw:
@@ -75,7 +84,8 @@ def test_pack_blocks_are_invisible_to_other_processes_until_the_batch_ends(tmp_p
 @pytest.mark.parametrize("where", ["flatfs", "pack"])
 @pytest.mark.parametrize("how", ["short", "flipped", "empty"])
 def test_a_torn_block_is_refused_on_read_and_replaced_by_the_next_fetch(origin: tuple[Blockstore, CID],
-                                                                        tmp_path: Path, where: str, how: str) -> None:
+                                                                        tmp_path: Path, where: str, how: str,
+                                                                        flatfs_first: None) -> None:
     """A crash before the batch's sync can leave a block file or a pack region short, empty or
     wrong: a read refuses it (CIDMismatch, never the bytes), and the next fetch replaces it."""
     src, root = origin
@@ -191,7 +201,7 @@ def test_gc_keeps_a_mostly_live_pack_and_drops_a_damaged_index_and_orphans(origi
 
 @pytest.mark.parametrize("where", ["flatfs", "pack"])
 def test_get_into_reads_a_verified_block_into_the_callers_buffer(origin: tuple[Blockstore, CID], tmp_path: Path,
-                                                                 where: str) -> None:
+                                                                 where: str, flatfs_first: None) -> None:
     """The gateway's CAR walk reads each block into a reused buffer (Blockstore.get_into): the
     view holds the block's bytes, verified in that buffer; a buffer too small is replaced by a
     larger one (the view's obj); a damaged copy is refused as by get, an absent one too."""
@@ -249,7 +259,8 @@ def _pack_flags(monkeypatch: pytest.MonkeyPatch, refuse_direct: str = "") -> lis
 
 @pytest.mark.parametrize("refuse", ["", "open", "write"])
 def test_pack_blocks_go_around_the_page_cache_where_the_file_system_takes_it(
-        origin: tuple[Blockstore, CID], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse: str) -> None:
+        origin: tuple[Blockstore, CID], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse: str,
+        flatfs_first: None) -> None:
     """The pack is opened O_DIRECT, each block at a multiple of DIRECT_ALIGN; a file system that
     refuses direct I/O (at the open or at a write) gets the same blocks through the page cache,
     packed without padding (from the write it refused on). Every block reads back verified."""
@@ -270,7 +281,8 @@ def test_pack_blocks_go_around_the_page_cache_where_the_file_system_takes_it(
 
 
 def test_a_batch_fsyncs_its_own_files_not_the_whole_file_system(origin: tuple[Blockstore, CID], tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  flatfs_first: None) -> None:
     """A fetch makes durable exactly what it wrote (the pack, its index, each flatfs file and
     the directories their names are in) with fsyncs of its own, not with a syncfs of the file
     system, which would also wait for whatever other programs left dirty on it."""
@@ -301,3 +313,22 @@ def test_a_batch_fsyncs_its_own_files_not_the_whole_file_system(origin: tuple[Bl
     assert files | {str(pack), str(pack.with_suffix(".idx")).replace(".idx", ".idx")} <= {
         s.replace(f".tmp-{pack.stem}.idx", f"{pack.stem}.idx") for s in synced}
     assert {os.path.dirname(f) for f in files} | {str(pack.parent)} <= set(synced)
+
+
+def test_a_fetch_that_will_pass_flatfs_first_blocks_puts_them_all_in_the_pack(origin: tuple[Blockstore, CID],
+                                                                              tmp_path: Path) -> None:
+    """Once the blocks of a CAR link to more than FLATFS_FIRST blocks, the client tells the
+    batch writer, and the rest go straight to the pack: no flatfs file (each would cost an
+    fsync and its directory's when the batch ends). A fetch of a few blocks still makes no pack."""
+    src, root = origin
+    local = Blockstore(tmp_path / "local")
+    small = import_bytes(b"a small file", src).cid
+    with running_gateway(src) as gw:
+        fetch(root, [gw.url], local)
+        assert not list((local.path / "blocks").rglob("*.data"))
+        (pack,) = packed(local)
+        fetch(small, [gw.url], local)
+    assert packed(local) == [pack] and len(list((local.path / "blocks").rglob("*.data"))) == 1
+    fresh = Blockstore(local.path)
+    assert len(in_pack(fresh, root)) == 41
+    assert b"".join(export_file(root, fresh.get)) == DATA
