@@ -1,7 +1,9 @@
 """Fetch throughput of our verifying client into a store, against, in the same run:
 
 - a plain HTTP download of the same bytes to a file (curl from `python -m http.server`, no
-  verification, no store);
+  verification, no store, no fsync: the goal's reference); and, as context, the same download
+  followed by an fdatasync of the file (`sync -d`), since our fetch returns only once every block
+  it wrote is on the disk (an fsync of each file it wrote; curl leaves its file in the page cache);
 - `ipfs dag import` of the same CAR (as our gateway serves it, read from a file) into a second,
   empty Kubo node (Kubo's default flatfs store, its daemon doing the hashing and writing);
 - our client fetching from Kubo's gateway;
@@ -86,6 +88,12 @@ def curl(url: str, dest: Path) -> None:
     subprocess.run(["curl", "-sf", "-o", str(dest), url], check=True)
 
 
+def curl_synced(url: str, dest: Path) -> None:
+    """curl, then the file made durable as our fetch makes its files (fdatasync)."""
+    curl(url, dest)
+    subprocess.run(["sync", "-d", str(dest)], check=True)
+
+
 def wait_http(url: str) -> None:
     import urllib.request
 
@@ -100,7 +108,7 @@ def wait_http(url: str) -> None:
 
 def main() -> int:
     args = parse_args(__doc__ or "", [("--size-mib", {"type": int, "default": 256}),
-                                      ("--runs", {"type": int, "default": 3}),
+                                      ("--runs", {"type": int, "default": 5}),
                                       ("--baseline", {"metavar": "DIR", "help": "also fetch from the gateway of this "
                                                       "checkout (same store): before/after from one run"}),
                                       ("--baseline-client", {"metavar": "DIR", "help": "also fetch with the client (and "
@@ -145,12 +153,15 @@ def main() -> int:
                 curl(f"{ours}/ipfs/{cid}?format=car&dag-scope=all", car)
                 static = f"http://127.0.0.1:{hport}"
                 plain_s, ours_s, kubo_s, dag_s, static_s, rss, kubo_rss = [], [], [], [], [], [], []
+                synced_s: list[float] = []
                 base_s: list[float] = []
                 base_client_s: list[float] = []
                 base_both_s: list[float] = []  # the baseline's client from the baseline's gateway
                 for i in range(max(1, args.runs)):
                     dl = work / f"download-{mib}"
                     plain_s.append(timed(curl, f"http://127.0.0.1:{hport}/f{mib}", dl))
+                    dl.unlink()
+                    synced_s.append(timed(curl_synced, f"http://127.0.0.1:{hport}/f{mib}", dl))
                     dl.unlink()
                     sec, kb = client_child(cid, ours, work / f"c1-{mib}-{i}", kind=f"ours_{mib}", gw_pid=gw.pid)
                     ours_s.append(sec)
@@ -191,12 +202,15 @@ def main() -> int:
                     "kubo_dag_import_MBps": round(mb / dag, 1),
                     "ours_from_static_car_MBps": round(mb / from_file, 1),
                     "ours/plain": round(plain / mine, 3),
+                    "plain_http_fsync_MBps": round(mb / statistics.median(synced_s), 1),
+                    "ours/plain_fsync": round(statistics.median(synced_s) / mine, 3),
                     "ours/dag_import": round(dag / mine, 3),
                     "our_gw/kubo_gw": round(from_kubo / mine, 3),
                     "static_car/plain": round(plain / from_file, 3),
                     "client_rss_MiB_our_gw": round(max(rss) / 1024, 1),
                     "client_rss_MiB_kubo_gw": round(max(kubo_rss) / 1024, 1),
                     "ours_runs_s": [round(x, 3) for x in ours_s], "plain_runs_s": [round(x, 3) for x in plain_s],
+                    "ours/plain_runs": [round(p / o, 3) for p, o in zip(plain_s, ours_s, strict=True)],
                 })
                 if base_client_s:
                     b = statistics.median(base_client_s)
@@ -221,12 +235,15 @@ def main() -> int:
                 p.terminate()
                 p.wait(10)
     write_results(args.out, "fetch", rows, {
-        "plain_http": "curl of the same file from python -m http.server on loopback to a file (no hashing, no store)",
+        "plain_http": "curl of the same file from python -m http.server on loopback to a file (no hashing, no store, "
+                      "no fsync: the file is left in the page cache)",
+        "plain_http_fsync": "the same curl followed by `sync -d` of the file (fdatasync): durable, as our fetch is",
         "dag_import": "ipfs dag import (CLI -> the daemon's API) of the CAR our gateway serves, from a file, into an "
                       "empty second Kubo node; pinned, then unpinned and gc'd between runs",
-        "ours": "cidboot.store.gateway.client.fetch: CAR stream, each block read into one reused buffer, hashed and "
-                "written from there (first 16 blocks to flatfs files, the rest appended to one pack file), one "
-                "syncfs at the end; our gateway hashes every block it sends",
+        "ours": "cidboot.store.gateway.client.fetch: CAR stream, each block read into a page-aligned buffer the "
+                "store lends, hashed there and written from there (a DAG of more than 16 blocks: all of them "
+                "appended to one pack file with O_DIRECT), then an fsync of each file it wrote (not a syncfs of the "
+                "file system); our gateway reads and hashes every block it sends",
         "runs": args.runs, "figures": "median of the runs (ours_runs_s, plain_runs_s: each run); RSS the largest",
         "cpu": "*_client_cpu_s: user + system CPU of the fetch in the client process; *_gateway_cpu_s: of the "
                "gateway process (all threads) during that fetch; medians. Steadier than wall time on shared cores",

@@ -159,15 +159,26 @@ class PackIndex:
             self._live[e.pack][key] = e
             self._entries[key] = e
 
-    def publish(self, name: str) -> None:
-        """Write the index of the live pack `name` (temp file + rename; the caller syncs). Its
+    def publish(self, name: str, *, durable: bool = False) -> None:
+        """Write the index of the live pack `name` (temp file + rename; `durable`: the index is
+        fsynced before the rename and the directory after it, else the caller syncs). Its
         entries stay live until the index is in place, so no read in between misses them."""
         with self._lock:
             entries = dict(self._live[name])
         body = json.dumps({"version": 1, "blocks": [[k.hex(), e.offset, e.length] for k, e in entries.items()]})
         tmp = self.dir / f".tmp-{name}.idx"
-        tmp.write_text(body)
+        with open(tmp, "w") as f:
+            f.write(body)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, self.dir / f"{name}.idx")
+        if durable:
+            fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)  # the pack's name and the index's
+            finally:
+                os.close(fd)
         with self._lock:
             del self._live[name]
 

@@ -16,7 +16,7 @@ from cidboot.ipld import dag
 from cidboot.ipld.car import CarReader, CarWriter
 from cidboot.ipld.cid import CID, RAW, CIDMismatch
 from cidboot.ipld.unixfs import ImportOptions, export_file, import_bytes
-from cidboot.store.blockstore import BlockNotFound, Blockstore
+from cidboot.store.blockstore import DIRECT_ALIGN, BlockNotFound, Blockstore
 from cidboot.store.gateway.client import AllGatewaysFailed, fetch
 from cidboot.store.packs import FLATFS_FIRST
 from tests.support.gateway_fixtures import proxy_gateway, running_gateway
@@ -31,6 +31,15 @@ def origin(tmp_path: Path) -> tuple[Blockstore, CID]:
     return store, import_bytes(DATA, store, ImportOptions(cid_version=1, chunk_size=20_000)).cid
 
 
+@pytest.fixture()
+def flatfs_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fetch's first FLATFS_FIRST blocks go to flatfs files even when the DAG is larger (as a
+    batch writer nobody tells the size of does): the tests that need both kinds of blocks."""
+    from cidboot.store.blockstore import BatchWriter
+
+    monkeypatch.setattr(BatchWriter, "expect_many", lambda self: None)
+
+
 def packed(store: Blockstore) -> list[Path]:
     return sorted((store.path / "packs").glob("*.pack"))
 
@@ -40,7 +49,7 @@ def in_pack(store: Blockstore, root: CID) -> list[CID]:
 
 
 def test_a_fetch_puts_its_first_blocks_in_flatfs_and_the_rest_in_one_pack(origin: tuple[Blockstore, CID],
-                                                                         tmp_path: Path) -> None:
+                                                                         tmp_path: Path, flatfs_first: None) -> None:
     src, root = origin
     local = Blockstore(tmp_path / "local")
     with running_gateway(src) as gw:
@@ -48,7 +57,8 @@ def test_a_fetch_puts_its_first_blocks_in_flatfs_and_the_rest_in_one_pack(origin
     assert res.blocks_fetched == 41
     assert len(list((local.path / "blocks").rglob("*.data"))) == FLATFS_FIRST
     (pack,) = packed(local)
-    assert pack.with_suffix(".idx").exists() and pack.stat().st_size == (41 - FLATFS_FIRST) * 20_000
+    # each block at a multiple of DIRECT_ALIGN (written around the page cache), padded to the next
+    assert pack.with_suffix(".idx").exists() and pack.stat().st_size == (41 - FLATFS_FIRST) * 5 * DIRECT_ALIGN
     assert not list((local.path / "packs").glob(".tmp-*"))
     # another process (a fresh store object) reads them, verified
     other = Blockstore(local.path)
@@ -74,7 +84,8 @@ def test_pack_blocks_are_invisible_to_other_processes_until_the_batch_ends(tmp_p
 @pytest.mark.parametrize("where", ["flatfs", "pack"])
 @pytest.mark.parametrize("how", ["short", "flipped", "empty"])
 def test_a_torn_block_is_refused_on_read_and_replaced_by_the_next_fetch(origin: tuple[Blockstore, CID],
-                                                                        tmp_path: Path, where: str, how: str) -> None:
+                                                                        tmp_path: Path, where: str, how: str,
+                                                                        flatfs_first: None) -> None:
     """A crash before the batch's sync can leave a block file or a pack region short, empty or
     wrong: a read refuses it (CIDMismatch, never the bytes), and the next fetch replaces it."""
     src, root = origin
@@ -190,7 +201,7 @@ def test_gc_keeps_a_mostly_live_pack_and_drops_a_damaged_index_and_orphans(origi
 
 @pytest.mark.parametrize("where", ["flatfs", "pack"])
 def test_get_into_reads_a_verified_block_into_the_callers_buffer(origin: tuple[Blockstore, CID], tmp_path: Path,
-                                                                 where: str) -> None:
+                                                                 where: str, flatfs_first: None) -> None:
     """The gateway's CAR walk reads each block into a reused buffer (Blockstore.get_into): the
     view holds the block's bytes, verified in that buffer; a buffer too small is replaced by a
     larger one (the view's obj); a damaged copy is refused as by get, an absent one too."""
@@ -218,3 +229,106 @@ def test_get_into_reads_a_verified_block_into_the_callers_buffer(origin: tuple[B
         Blockstore(local.path).get_into(victim, buf)
     with pytest.raises(BlockNotFound):
         local.get_into(CID.of(b"absent", RAW), buf)
+
+
+def _pack_flags(monkeypatch: pytest.MonkeyPatch, refuse_direct: str = "") -> list[int]:
+    """Record the flags packs are opened with for writing; `refuse_direct`: "open" makes an
+    O_DIRECT open fail, "write" makes a write through an O_DIRECT descriptor fail (EINVAL, as
+    a file system without direct I/O, or wanting another alignment, answers)."""
+    import errno
+
+    flags_seen: list[int] = []
+    real_open, real_pwritev = os.open, os.pwritev
+
+    def fake_open(path: object, flags: int, *a: object, **k: object) -> int:
+        if str(path).endswith(".pack") and flags & os.O_WRONLY:
+            flags_seen.append(flags)
+            if refuse_direct == "open" and flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a, **k)  # type: ignore[arg-type]
+
+    def fake_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if refuse_direct == "write" and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "pwritev", fake_pwritev)
+    return flags_seen
+
+
+@pytest.mark.parametrize("refuse", ["", "open", "write"])
+def test_pack_blocks_go_around_the_page_cache_where_the_file_system_takes_it(
+        origin: tuple[Blockstore, CID], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse: str,
+        flatfs_first: None) -> None:
+    """The pack is opened O_DIRECT, each block at a multiple of DIRECT_ALIGN; a file system that
+    refuses direct I/O (at the open or at a write) gets the same blocks through the page cache,
+    packed without padding (from the write it refused on). Every block reads back verified."""
+    src, root = origin
+    flags = _pack_flags(monkeypatch, refuse)
+    local = Blockstore(tmp_path / "local")
+    with running_gateway(src) as gw:
+        fetch(root, [gw.url], local)
+    assert flags and flags[0] & os.O_DIRECT
+    fresh = Blockstore(local.path)
+    offsets = sorted(fresh.packs.lookup(c.multihash.encode()).offset for c in in_pack(fresh, root))  # type: ignore[union-attr]
+    assert len(offsets) == 41 - FLATFS_FIRST
+    if refuse:
+        assert offsets == [i * 20_000 for i in range(len(offsets))]
+    else:
+        assert all(o % DIRECT_ALIGN == 0 for o in offsets) and offsets[1] - offsets[0] == 5 * DIRECT_ALIGN
+    assert b"".join(export_file(root, fresh.get)) == DATA
+
+
+def test_a_batch_fsyncs_its_own_files_not_the_whole_file_system(origin: tuple[Blockstore, CID], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  flatfs_first: None) -> None:
+    """A fetch makes durable exactly what it wrote (the pack, its index, each flatfs file and
+    the directories their names are in) with fsyncs of its own, not with a syncfs of the file
+    system, which would also wait for whatever other programs left dirty on it."""
+    import cidboot.store.blockstore as bs
+
+    synced: list[str] = []
+    fs_syncs: list[object] = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+
+    def record(real: object) -> object:
+        def sync(fd: int) -> None:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real(fd)  # type: ignore[operator]
+        return sync
+
+    monkeypatch.setattr(os, "fsync", record(real_fsync))
+    monkeypatch.setattr(os, "fdatasync", record(real_fdatasync))
+    monkeypatch.setattr(bs, "syncfs", fs_syncs.append)
+    monkeypatch.setattr(os, "sync", lambda: fs_syncs.append("sync"))
+    src, root = origin
+    local = Blockstore(tmp_path / "local")
+    with running_gateway(src) as gw:
+        fetch(root, [gw.url], local)
+    assert not fs_syncs
+    files = {str(p) for p in (local.path / "blocks").rglob("*.data")}
+    (pack,) = packed(local)
+    assert len(files) == FLATFS_FIRST
+    assert files | {str(pack), str(pack.with_suffix(".idx")).replace(".idx", ".idx")} <= {
+        s.replace(f".tmp-{pack.stem}.idx", f"{pack.stem}.idx") for s in synced}
+    assert {os.path.dirname(f) for f in files} | {str(pack.parent)} <= set(synced)
+
+
+def test_a_fetch_that_will_pass_flatfs_first_blocks_puts_them_all_in_the_pack(origin: tuple[Blockstore, CID],
+                                                                              tmp_path: Path) -> None:
+    """Once the blocks of a CAR link to more than FLATFS_FIRST blocks, the client tells the
+    batch writer, and the rest go straight to the pack: no flatfs file (each would cost an
+    fsync and its directory's when the batch ends). A fetch of a few blocks still makes no pack."""
+    src, root = origin
+    local = Blockstore(tmp_path / "local")
+    small = import_bytes(b"a small file", src).cid
+    with running_gateway(src) as gw:
+        fetch(root, [gw.url], local)
+        assert not list((local.path / "blocks").rglob("*.data"))
+        (pack,) = packed(local)
+        fetch(small, [gw.url], local)
+    assert packed(local) == [pack] and len(list((local.path / "blocks").rglob("*.data"))) == 1
+    fresh = Blockstore(local.path)
+    assert len(in_pack(fresh, root)) == 41
+    assert b"".join(export_file(root, fresh.get)) == DATA

@@ -24,6 +24,7 @@ from cidboot.ipld.cid import CID, RAW
 from cidboot.ipld.unixfs.exporter import export_file
 from cidboot.store.blockstore import MAX_BLOCK, AnyStore, Blockstore, Buffer, MemoryBlockstore
 from cidboot.store.gateway.wire import Connection, ResponseError
+from cidboot.store.packs import FLATFS_FIRST
 
 
 class _Log:
@@ -365,6 +366,8 @@ class _Session:
                 got.add(key)
                 for link in self.accept(gw, cid, data, key):
                     wanted.add(link.multihash.encode())
+                if batch is not None and len(wanted) > FLATFS_FIRST:  # more blocks coming than go to
+                    batch.expect_many()  # flatfs files: the rest straight to the pack
                 req.watchdog.arm(self.timeout)  # the next block gets its own deadline
             if req.watchdog.expired:
                 raise req.failure(TimeoutError())

@@ -88,6 +88,9 @@ class _BlockCache:
 #: own: reading and hashing block n+1 (both release the GIL) overlaps sending block n. At most this
 #: many blocks wait, each at most MAX_BLOCK (4 MiB): a bound per response, like the walk's cache.
 CAR_READ_AHEAD = 2
+#: blocks the read-ahead thread hands over at once from a plain store: one thread wake-up (a
+#: cross-CPU interrupt, dear in a VM) per group rather than per block
+READ_AHEAD_GROUP = 2
 _END = object()
 
 
@@ -98,8 +101,8 @@ class _Raised:
         self.exc = exc
 
 
-def _read_ahead(items: Iterator[tuple[CID, bytes | memoryview]],
-                depth: int = CAR_READ_AHEAD) -> Generator[tuple[CID, bytes | memoryview], None, None]:
+def _read_ahead(items: Iterator[tuple[CID, bytes | memoryview]], depth: int = CAR_READ_AHEAD,
+                group: int = 1) -> Generator[tuple[CID, bytes | memoryview], None, None]:
     """`items` (a walk that reads and verifies each block) run on a thread up to `depth` blocks
     ahead of the caller. Order and errors are kept: a block that fails to read or verify raises
     here after every block before it, so a damaged block is never sent and the stream is cut at
@@ -118,24 +121,31 @@ def _read_ahead(items: Iterator[tuple[CID, bytes | memoryview]],
         return False
 
     def run() -> None:
+        batch: list[object] = []
         try:
             for item in items:
-                if not hand(item):
-                    return
+                batch.append(item)
+                if len(batch) >= group:
+                    if not hand(batch):
+                        return
+                    batch = []
+            if batch and not hand(batch):
+                return
             hand(_END)
-        except BaseException as e:  # handed over in order; raised in the sender's thread
-            hand(_Raised(e))
+        except BaseException as e:  # handed over in order (after the blocks before it); raised in the sender's thread
+            if not batch or hand(batch):
+                hand(_Raised(e))
 
     worker = threading.Thread(target=run, name="car-read-ahead", daemon=True)
     worker.start()
     try:
         while True:
-            item = q.get()
-            if item is _END:
+            got = q.get()
+            if got is _END:
                 return
-            if isinstance(item, _Raised):
-                raise item.exc
-            yield item  # type: ignore[misc]
+            if isinstance(got, _Raised):
+                raise got.exc
+            yield from got  # type: ignore[misc]
     finally:
         stop.set()
 
@@ -143,8 +153,9 @@ def _read_ahead(items: Iterator[tuple[CID, bytes | memoryview]],
 class _Buffers:
     """The read buffers of one CAR response: the walk reads each block into one it takes
     (Blockstore.get_into), the sender gives it back once the block is on the socket. Never
-    more exist than are in use at once (the block in hand, the read-ahead queue, the one being
-    sent), so with read-ahead that is CAR_READ_AHEAD + 2 buffers of the largest block, and no
+    more exist than are in use at once (the group in hand, the read-ahead queue, the group being
+    sent), so with read-ahead that is (CAR_READ_AHEAD + 2) x READ_AHEAD_GROUP buffers of the
+    largest block, and no
     allocation (nor fresh pages) per block. A taker never waits: an empty pool makes a buffer."""
 
     def __init__(self) -> None:
@@ -558,7 +569,10 @@ class _Handler(BoundedHandler):
         try:
             sent += self._chunk(encode_header([req.cid]))
             buffers = _Buffers()
-            blocks = _read_ahead(self._car_blocks(req, res.terminal, res.path_blocks, buffers))
+            # local reads are quick: blocks go over in groups (one thread wake-up per group); a caching
+            # store's may wait on an upstream, so it hands each block over as soon as it has it
+            group = READ_AHEAD_GROUP if self._plain_store() is not None else 1
+            blocks = _read_ahead(self._car_blocks(req, res.terminal, res.path_blocks, buffers), group=group)
             with closing(blocks):
                 for cid, block in blocks:
                     key = cid.multihash.encode()
