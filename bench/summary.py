@@ -142,6 +142,10 @@ def _fetch(doc: Doc) -> list[Row]:
         out.append(figure(b, f"verified fetch into the store vs plain HTTP download, {mib} MiB",
                           r["ours_from_our_gw_MBps"], r["plain_http_MBps"], "MB/s", ratio=r.get("ours/plain"),
                           goal=plain_goal if is_big else None, moonshot=Goal(">=", 0.9) if is_big else None))
+        if "plain_http_fsync_MBps" in r:  # context: the reference made durable, as our fetch returns durable
+            out.append(figure(b, f"verified fetch into the store vs plain HTTP download + fdatasync, {mib} MiB",
+                              r["ours_from_our_gw_MBps"], r["plain_http_fsync_MBps"], "MB/s",
+                              ratio=r.get("ours/plain_fsync")))
         if "ours_from_kubo_gw_MBps" in r:
             out.append(figure(b, f"verified fetch from our gateway vs from Kubo's gateway, {mib} MiB",
                               r["ours_from_our_gw_MBps"], r["ours_from_kubo_gw_MBps"], "MB/s",
