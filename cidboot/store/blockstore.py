@@ -109,7 +109,9 @@ class _Puts:
 
 
 class Blockstore(_Puts):
-    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, direct_packs: bool | None = None) -> None:
+        #: batches write their packs around the page cache (see PACK_DIRECT: off unless asked for)
+        self.direct_packs = PACK_DIRECT if direct_packs is None else direct_packs
         self._dirs: set[Path] = set()  # shard directories known to exist
         self._deferred = 0  # >0 while inside deferred_sync(): fsync once at the end instead
         self._unsynced = False  # a write skipped its fsync (deferred): the end of the batch syncs the file system
@@ -428,10 +430,13 @@ class Blockstore(_Puts):
 #: a batch's pack is handed to the disk in steps of this many bytes while it is written, so the
 #: batch's closing sync waits for the last step, not for the whole batch
 WRITEBACK_STEP = 8 * 1024 * 1024
-#: pack writes go around the page cache (O_DIRECT) where the file system takes them: no copy into
-#: the page cache and no writeback work in the fetch's process (its CPU per 256 MiB fell ~8-12 %),
-#: at the price of the blocks not being in the page cache afterwards (a later read goes to the disk)
-PACK_DIRECT = True
+#: the default of `Blockstore.direct_packs`: pack writes around the page cache (O_DIRECT, where the
+#: file system takes it). Off: it saves a fetch ~0.05 s of CPU per 256 MiB (no page-cache copy,
+#: no writeback work in its process), but the blocks are then not in the page cache, and the
+#: first read of them goes to the disk: serving a 256 MiB image right after fetching it took
+#: ~0.5 s more, wall and CPU (docs/gateway.md). For a caller that will not read the blocks soon
+#: (filling a mirror, a bench) to opt into: `Blockstore(path, direct_packs=True)`.
+PACK_DIRECT = False
 #: the alignment of a direct write's memory, offset and length (a page: what any disk needs at most)
 DIRECT_ALIGN = 4096
 #: blocks handed to the writer's thread together (and written to the pack with one write): at most
@@ -484,7 +489,7 @@ class BatchWriter:
     (one wake-up and one write per group). The first `FLATFS_FIRST` blocks go to flatfs files, straight to their
     names (one create, one write, one close: `Blockstore._write_new`), so a small batch (a
     manifest, a flow) makes no pack; every later block is appended to one pack file
-    (`cidboot.store.packs`) around the page cache where the file system allows (`PACK_DIRECT`),
+    (`cidboot.store.packs`), around the page cache if the store asks for it (`PACK_DIRECT`),
     whose index is written when the batch ends. Then `close` fsyncs what the batch wrote.
 
     Buffers: a caller that reads blocks into memory of its own (the fetch client's CAR reader)
@@ -616,7 +621,7 @@ class BatchWriter:
         path = packs.dir / f"{name}.pack"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         fd = -1
-        if PACK_DIRECT and hasattr(os, "O_DIRECT"):
+        if self.store.direct_packs and hasattr(os, "O_DIRECT"):
             try:
                 fd = os.open(path, flags | os.O_DIRECT, 0o644)
                 self._direct = True

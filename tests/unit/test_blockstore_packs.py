@@ -257,6 +257,25 @@ def _pack_flags(monkeypatch: pytest.MonkeyPatch, refuse_direct: str = "") -> lis
     return flags_seen
 
 
+def test_packs_go_through_the_page_cache_unless_the_store_asks_otherwise(origin: tuple[Blockstore, CID],
+                                                                           tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default a pack is written through the page cache (what is fetched is often served
+    or exported next, and direct writes leave nothing cached: the first read would go to the
+    disk), its blocks one after the other; a store made with direct_packs=True opts in."""
+    src, root = origin
+    flags = _pack_flags(monkeypatch)
+    local = Blockstore(tmp_path / "local")
+    with running_gateway(src) as gw:
+        fetch(root, [gw.url], local)
+        assert flags and not any(f & os.O_DIRECT for f in flags)
+        (pack,) = packed(local)
+        assert pack.stat().st_size == sum(len(d) for _, d in dag.walk(root, src.get))
+        fetch(root, [gw.url], Blockstore(tmp_path / "direct", direct_packs=True))
+    assert flags[-1] & os.O_DIRECT
+    assert b"".join(export_file(root, Blockstore(local.path).get)) == DATA
+
+
 @pytest.mark.parametrize("refuse", ["", "open", "write"])
 def test_pack_blocks_go_around_the_page_cache_where_the_file_system_takes_it(
         origin: tuple[Blockstore, CID], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse: str,
@@ -267,7 +286,7 @@ def test_pack_blocks_go_around_the_page_cache_where_the_file_system_takes_it(
     verified."""
     src, root = origin
     flags = _pack_flags(monkeypatch, refuse)
-    local = Blockstore(tmp_path / "local")
+    local = Blockstore(tmp_path / "local", direct_packs=True)
     with running_gateway(src) as gw:
         fetch(root, [gw.url], local)
     assert flags and flags[0] & os.O_DIRECT
@@ -359,7 +378,7 @@ def test_a_dag_of_small_blocks_packs_at_its_size(tmp_path: Path, monkeypatch: py
     flags = _pack_flags(monkeypatch, refuse)
     rng = random.Random(5)
     blocks = [rng.randbytes(rng.randint(50, 3000)) for _ in range(2500)]  # ~3.8 MB: several stages
-    store = Blockstore(tmp_path / "s")
+    store = Blockstore(tmp_path / "s", direct_packs=True)
     cids = _put_lent(store, blocks)
     assert flags and flags[0] & os.O_DIRECT
     (pack,) = packed(store)
@@ -388,14 +407,14 @@ def test_large_blocks_go_out_from_their_own_buffers_with_bounded_padding(tmp_pat
     monkeypatch.setattr(os, "pwritev", pwritev)
     rng = random.Random(6)
     raw = [rng.randbytes(256 * 1024) for _ in range(24)]
-    store = Blockstore(tmp_path / "raw")
+    store = Blockstore(tmp_path / "raw", direct_packs=True)
     _put_lent(store, raw)
     (pack,) = packed(store)
     assert pack.stat().st_size == 24 * 256 * 1024
     assert 256 * 1024 in direct_bytes  # written from the blocks' buffers, not through the stage
     odd = [rng.randbytes(256 * 1024 + 14) for _ in range(24)]
     mixed = [b for big in odd for b in (big, rng.randbytes(300))]
-    store = Blockstore(tmp_path / "odd")
+    store = Blockstore(tmp_path / "odd", direct_packs=True)
     cids = _put_lent(store, mixed)
     (pack,) = packed(store)
     total = sum(map(len, mixed))
