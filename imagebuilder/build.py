@@ -492,8 +492,14 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
                       "modules": PLATFORM_MODULES, "exclude": HOST_ONLY}, runtime, rt_comp)
     runtime_paths = archive_paths(built["runtime"].data)
 
+    # the project's code as bytecode alone unless the flow asks for its sources (image.python.sources:
+    # tracebacks with source lines, for debugging); the operations keep theirs always: an operation's
+    # source is what the manifest names by CID (cidboot.trust.private.carried reads it from the image)
+    code_sources = bool((image.get("python") or {}).get("sources", False))
+
     def agent() -> bytes:
-        entries = initramfs.init_entries(ENTRY[ff.target]) + initramfs.code_entries(graph(), REPO, initramfs.APP)
+        entries = (initramfs.init_entries(ENTRY[ff.target])
+                   + initramfs.code_entries(graph(), REPO, initramfs.APP, sources=code_sources))
         if kmods:
             entries += _module_entries(fetch_deb(lock.pin(kspec["package"]), hint), kmods)
         return compress(archive_bytes(entries, epoch), comp)
@@ -506,7 +512,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         return compress(archive_bytes(entries, epoch), comp)
 
     layer("agent", {"code": code_digest, "component": component, "entry": ENTRY[ff.target],
-                    "kmods": kmods, "kernel": asdict(lock.pin(kspec["package"])) if kmods else None}, agent)
+                    "sources": code_sources, "kmods": kmods, "kernel": asdict(lock.pin(kspec["package"])) if kmods else None}, agent)
     layer("operations", {"ops": ops_digest, "code": code_digest, "entry": ENTRY[ff.target], "debs": rt_pins,
                          "wheels": wheel_pins, "extra": extra, "arch": arch, "runtime": str(built["runtime"].cid)},
           ops_layer)

@@ -176,8 +176,9 @@ class _Overlay:
         return self.base.readlink(path)
 
 
-def code_entries(graph: ImportGraph, src_root: Path, dest: str) -> list[Entry]:
-    """Project modules of the graph that live under `src_root`, placed under `dest`."""
+def code_entries(graph: ImportGraph, src_root: Path, dest: str, sources: bool = True) -> list[Entry]:
+    """Project modules of the graph that live under `src_root`, placed under `dest`, with their
+    sources or as bytecode alone (`python_entries`)."""
     files: dict[str, bytes] = {}
     for path in graph.files():
         try:
@@ -186,7 +187,7 @@ def code_entries(graph: ImportGraph, src_root: Path, dest: str) -> list[Entry]:
             continue
         if path.suffix == ".py":
             files[f"{dest}/{rel}"] = path.read_bytes()
-    return python_entries(files)
+    return python_entries(files, sources)
 
 
 def data_entries(files: dict[str, Path]) -> list[Entry]:

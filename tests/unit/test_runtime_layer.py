@@ -205,7 +205,8 @@ def test_kernel_modules_in_the_agent_layer_and_ops_imports_in_the_operations_lay
     for name, mods in (("firmware", "qemu_fw_cfg"), ("bootstrap", "virtio_blk"), ("hello", "virtio_net")):
         agent = _members(_layers(built[name])["agent"])
         assert f"lib/modules/{mods}.ko" in agent and "etc/cidboot/modules" in agent, name
-        assert "init" in agent and "opt/cidboot/cidboot/stage/pid1.py" in agent
+        assert "init" in agent and "opt/cidboot/cidboot/stage/pid1.pyc" in agent
+        assert not [p for p in agent if p.endswith(".py") or "__pycache__" in p], "project sources shipped"
     ops = _members(_layers(built["hello"])["operations"])
     assert {"usr/lib/python3.11/fakeonly.pyc", f"usr/lib/python3.11/lib-dynload/_fakeext.cpython-311-{TRIPLET}.so",
             "opt/cidboot/ops/ops.py", "opt/cidboot/ops/__pycache__/ops.cpython-311.pyc"} <= set(ops)
