@@ -78,14 +78,9 @@ PLATFORM_ENTRIES = ("cidboot.stage.pid1", *sorted(ENTRY.values()))
 # by cryptography's Rust extension) and encodings.idna (socket's codec for str host names)
 PLATFORM_MODULES = ("_cffi_backend", "encodings.idna")
 PLATFORM_COMPONENTS = ("cidboot", *sorted(set(COMPONENT.values())))
-# the runtime layer's compression unless the flow says otherwise (image.python.runtime.compression):
-# zstd, not the flows' gzip. The runtime is 90 % of an initramfs and is the one layer no stage
-# unpacks in Python in a normal chain (the firmware's flash is uncompressed, and a same-kernel
-# hand-over keeps the running runtime: docs/boot-chain.md), so only the kernel reads it (iPXE and
-# UEFI HTTP boots of the bootstrap, kexec), and the kernel unpacks zstd as fast as gzip; zstd -19 is
-# ~25 % smaller. Python 3.11 has no zstd: a hand-over that would have to unpack it falls back to
-# kexec (cidboot.stage.switch_root.UnsupportedCompression). docs/images.md, "Compression".
-RUNTIME_COMPRESSION = "zstd"
+# image.compression's default (every layer's, and the runtime layer's unless the flow's
+# image.python.runtime.compression says otherwise: docs/images.md, "Compression")
+DEFAULT_COMPRESSION = "xz"
 RUNTIME_JSON_PATH = "etc/cidboot/runtime.json"  # the runtime layer's identity and paths (runtime_json)
 REFERENCE_NAMES = ("firmware", "bootstrap")  # stages measured from their kernel + initrd (cidboot.trust.measure)
 
@@ -184,10 +179,15 @@ def stage_entries(target: str, op_modules: list[str]) -> list[str]:
 
 
 def runtime_compression(ff: FlowFile) -> str:
-    """The runtime layer's compression: image.python.runtime.compression, else RUNTIME_COMPRESSION
-    (whatever image.compression says for the other layers)."""
-    py = ff.data["image"].get("python") or {}
-    return str((py.get("runtime") or {}).get("compression", RUNTIME_COMPRESSION))
+    """The runtime layer's compression: image.python.runtime.compression, else image.compression.
+    zstd there is smaller (~20 %) and faster for the kernel to unpack than gzip, and only the
+    kernel reads the runtime layer in a normal chain; but the boot server finds where a served
+    bootstrap's runtime layer ends with cidboot.stage.switch_root.runtime_prefix, which cannot
+    read zstd yet (the initrd is then served whole and the L1 reference value is missed):
+    docs/images.md, "Compression"."""
+    image = ff.data["image"]
+    py = image.get("python") or {}
+    return str((py.get("runtime") or {}).get("compression", image.get("compression", DEFAULT_COMPRESSION)))
 
 
 def runtime_pins(ff: FlowFile, lock: Lock) -> dict[str, object]:
@@ -401,7 +401,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     _check_arch(lock, sorted(flow_debs(ff)), arch, lpath)
     cache = BuildCache(cache_root or Path(os.environ.get("CIDBOOT_BUILD_CACHE") or cache_dir() / "layers"))
     image = ff.data["image"]
-    comp = image.get("compression", "xz")
+    comp = image.get("compression", DEFAULT_COMPRESSION)
     epoch = source_date_epoch()
     signers = [keys.load_private_key(ff.dir / k) for k in ff.data["trust"]["keys"]]
     threshold = int(ff.data["trust"]["threshold"])

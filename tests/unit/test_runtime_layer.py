@@ -216,13 +216,20 @@ def test_kernel_modules_in_the_agent_layer_and_ops_imports_in_the_operations_lay
     assert not [p for p in _members(_layers(built["firmware"])["operations"]) if p.startswith("usr")]
 
 
-def test_the_runtime_layer_is_zstd_and_the_others_the_flows_compression(built: dict[str, build.BuildResult]) -> None:
-    """Only the kernel reads the runtime layer in a normal chain (build.RUNTIME_COMPRESSION); the
-    layers a same-kernel hand-over unpacks in Python stay in the flow's gzip."""
-    for name, res in built.items():
-        layers = _layers(res)
-        assert layers["runtime"][:4] == b"\x28\xb5\x2f\xfd", name
-        assert all(layers[r][:2] == b"\x1f\x8b" for r in ("agent", "operations", "config")), name
+def test_the_runtime_layer_follows_the_flows_compression_unless_it_names_its_own(tmp_path: Path) -> None:
+    """image.python.runtime.compression sets the runtime layer's alone (and is part of what makes
+    it one per arch); without it, the runtime layer is compressed as the others."""
+    path = REPO / "bootstrap/image/flow.yaml"
+    text = path.read_text()
+    ff = flowfile.parse(text, path)
+    assert build.runtime_compression(ff) == ff.data["image"]["compression"] == "gzip"
+    own = text.replace("    runtime:\n      packages:", "    runtime:\n      compression: zstd\n      packages:", 1)
+    assert own != text
+    ff2 = flowfile.parse(own, path)
+    assert build.runtime_compression(ff2) == "zstd"
+    lock = Lock.load(lock_path(path))
+    assert build.runtime_pins(ff2, lock) != build.runtime_pins(ff, lock)
+    assert build.runtime_pins(ff2, lock)["compression"] == "zstd"
 
 
 def test_runtime_json_in_the_config_layer_matches_the_runtime_layer(built: dict[str, build.BuildResult]) -> None:
