@@ -79,7 +79,7 @@ def strip_symbols(data: bytes) -> bytes:
             cut = max(cut, s[4] + s[5])
     if any(secs[i][1] != SHT_NOBITS and secs[i][5] and secs[i][4] < cut for i in drop):
         return data  # a removable section before kept content: cutting it out would move what follows
-    index = {}
+    index: dict[int, int] = {}
     for i in range(e_shnum):
         if i not in drop:
             index[i] = len(index)
