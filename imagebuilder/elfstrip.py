@@ -11,8 +11,8 @@ Why not `strip`: its output depends on the build host's binutils version, and th
 must follow from the pinned inputs alone (tests/integration build repro tests). This only
 removes whole non-allocated sections that lie after everything the program loads: the file up
 to the end of the last kept section or segment stays byte-identical, then `.shstrtab` (moved)
-and the section header table follow. Anything else (a removable section in the middle of the
-file, a kept section linking to a removed one, an odd ELF) returns the object unchanged.
+and the section header table follow. A removable section in the middle of the file (or one a
+kept section names) is kept; an odd ELF is returned unchanged.
 """
 
 from __future__ import annotations
@@ -68,17 +68,25 @@ def strip_symbols(data: bytes) -> bytes:
     drop.discard(0)
     if not drop:
         return data
-    # the cut: the end of everything kept (sections other than .shstrtab, segments, headers)
-    cut = max(ehdr.size, e_phoff + e_phnum * e_phentsize if e_phnum else 0)
-    for i in range(e_phnum):
-        p = phdr.unpack_from(data, e_phoff + i * e_phentsize)
-        offset, filesz = (p[2], p[5]) if is64 else (p[1], p[4])
-        cut = max(cut, offset + filesz)
-    for i, s in enumerate(secs):
-        if i not in drop and i != e_shstrndx and s[1] != SHT_NOBITS:
-            cut = max(cut, s[4] + s[5])
-    if any(secs[i][1] != SHT_NOBITS and secs[i][5] and secs[i][4] < cut for i in drop):
-        return data  # a removable section before kept content: cutting it out would move what follows
+    phdrs = [phdr.unpack_from(data, e_phoff + i * e_phentsize) for i in range(e_phnum)]
+    segs_end = max([ehdr.size, e_phoff + e_phnum * e_phentsize if e_phnum else 0]
+                   + [(p[2] + p[5]) if is64 else (p[1] + p[4]) for p in phdrs])
+
+    def cut_for(dropped: set[int]) -> int:
+        """The end of everything kept: segments, headers, sections other than .shstrtab."""
+        ends = [s[4] + s[5] for i, s in enumerate(secs) if i not in dropped and i != e_shstrndx and s[1] != SHT_NOBITS]
+        return max([segs_end, *ends])
+
+    while True:  # keep what cannot be cut off the end, and what a kept section names
+        cut = cut_for(drop)
+        keep = {i for i in drop if secs[i][1] != SHT_NOBITS and secs[i][5] and secs[i][4] < cut}
+        keep |= {s[6] for i, s in enumerate(secs) if i not in drop and s[6] in drop}
+        keep |= {s[7] for i, s in enumerate(secs) if i not in drop and s[2] & SHF_INFO_LINK and s[7] in drop}
+        if not keep:
+            break
+        drop -= keep
+    if not drop:
+        return data
     index: dict[int, int] = {}
     for i in range(e_shnum):
         if i not in drop:
@@ -90,13 +98,9 @@ def strip_symbols(data: bytes) -> bytes:
             continue
         s = list(s)
         if s[6]:
-            if s[6] in drop:
-                return data  # a kept section names a dropped one (a relocation section of .symtab...)
-            s[6] = index.get(s[6], s[6])
+            s[6] = index[s[6]]
         if s[2] & SHF_INFO_LINK and s[7]:
-            if s[7] in drop:
-                return data
-            s[7] = index.get(s[7], s[7])
+            s[7] = index[s[7]]
         if i == e_shstrndx:
             s[4] = len(out)
             out += names_raw
