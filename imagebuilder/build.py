@@ -78,6 +78,9 @@ PLATFORM_ENTRIES = ("cidboot.stage.pid1", *sorted(ENTRY.values()))
 # by cryptography's Rust extension) and encodings.idna (socket's codec for str host names)
 PLATFORM_MODULES = ("_cffi_backend", "encodings.idna")
 PLATFORM_COMPONENTS = ("cidboot", *sorted(set(COMPONENT.values())))
+# image.compression's default (every layer's, and the runtime layer's unless the flow's
+# image.python.runtime.compression says otherwise: docs/images.md, "Compression")
+DEFAULT_COMPRESSION = "xz"
 RUNTIME_JSON_PATH = "etc/cidboot/runtime.json"  # the runtime layer's identity and paths (runtime_json)
 REFERENCE_NAMES = ("firmware", "bootstrap")  # stages measured from their kernel + initrd (cidboot.trust.measure)
 
@@ -175,14 +178,27 @@ def stage_entries(target: str, op_modules: list[str]) -> list[str]:
     return ["cidboot.stage.pid1", ENTRY[target], *op_modules]
 
 
+def runtime_compression(ff: FlowFile) -> str:
+    """The runtime layer's compression: image.python.runtime.compression, else image.compression.
+    zstd there is smaller (~20 %) and faster for the kernel to unpack than gzip, and only the
+    kernel reads the runtime layer in a normal chain; but the boot server finds where a served
+    bootstrap's runtime layer ends with cidboot.stage.switch_root.runtime_prefix, which cannot
+    read zstd yet (the initrd is then served whole and the L1 reference value is missed):
+    docs/images.md, "Compression"."""
+    image = ff.data["image"]
+    py = image.get("python") or {}
+    return str((py.get("runtime") or {}).get("compression", image.get("compression", DEFAULT_COMPRESSION)))
+
+
 def runtime_pins(ff: FlowFile, lock: Lock) -> dict[str, object]:
     """What of a flow and its lock decides its runtime layer's bytes (with the platform's code): the
-    pinned runtime .debs and wheels and the arch. Stage flows of one arch pin the same, so their
-    runtime layers are one (tests/unit/test_runtime_layer.py checks the committed flows agree)."""
+    pinned runtime .debs and wheels, the arch and the runtime's compression. Stage flows of one arch
+    pin the same, so their runtime layers are one (tests/unit/test_runtime_layer.py checks the
+    committed flows agree)."""
     py = ff.data["image"].get("python") or {}
     return {"debs": [asdict(lock.debs[n]) for n in sorted((py.get("runtime") or {}).get("packages", []))],
             "wheels": [asdict(lock.wheels[wheel_name(n)]) for n in sorted(py.get("wheels") or [])],
-            "arch": flow_arch(ff)}
+            "arch": flow_arch(ff), "compression": runtime_compression(ff)}
 
 
 def runtime_json(layer: bytes) -> bytes:
@@ -385,7 +401,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     _check_arch(lock, sorted(flow_debs(ff)), arch, lpath)
     cache = BuildCache(cache_root or Path(os.environ.get("CIDBOOT_BUILD_CACHE") or cache_dir() / "layers"))
     image = ff.data["image"]
-    comp = image.get("compression", "xz")
+    comp = image.get("compression", DEFAULT_COMPRESSION)
     epoch = source_date_epoch()
     signers = [keys.load_private_key(ff.dir / k) for k in ff.data["trust"]["keys"]]
     threshold = int(ff.data["trust"]["threshold"])
@@ -393,8 +409,8 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
 
     built: dict[str, BuiltLayer] = {}
 
-    def layer(role: str, inputs: object, make: Callable[[], bytes]) -> None:
-        k = key(role, {"inputs": inputs, "compression": comp, "epoch": epoch})
+    def layer(role: str, inputs: object, make: Callable[[], bytes], compression: str = comp) -> None:
+        k = key(role, {"inputs": inputs, "compression": compression, "epoch": epoch})
         data = cache.get(k)
         cached = data is not None
         if data is None:
@@ -465,17 +481,25 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
 
     kmods = sorted(kspec.get("modules", []))
 
+    rt_comp = runtime_compression(ff)
+
     def runtime() -> bytes:
         entries = initramfs.runtime_entries(sysroot(), platform_graph(), arch, wheel_roots=wheel_roots)
-        return compress(archive_bytes(entries, epoch), comp)
+        return compress(archive_bytes(entries, epoch), rt_comp)
 
     # the runtime's inputs name nothing of the target, the flow or its kernel: same pins, same bytes
     layer("runtime", {**runtime_pins(ff, lock), "code": platform_digest, "platform": PLATFORM_ENTRIES,
-                      "modules": PLATFORM_MODULES, "exclude": HOST_ONLY}, runtime)
+                      "modules": PLATFORM_MODULES, "exclude": HOST_ONLY}, runtime, rt_comp)
     runtime_paths = archive_paths(built["runtime"].data)
 
+    # the project's code as bytecode alone unless the flow asks for its sources (image.python.sources:
+    # tracebacks with source lines, for debugging); the operations keep theirs always: an operation's
+    # source is what the manifest names by CID (cidboot.trust.private.carried reads it from the image)
+    code_sources = bool((image.get("python") or {}).get("sources", False))
+
     def agent() -> bytes:
-        entries = initramfs.init_entries(ENTRY[ff.target]) + initramfs.code_entries(graph(), REPO, initramfs.APP)
+        entries = (initramfs.init_entries(ENTRY[ff.target])
+                   + initramfs.code_entries(graph(), REPO, initramfs.APP, sources=code_sources))
         if kmods:
             entries += _module_entries(fetch_deb(lock.pin(kspec["package"]), hint), kmods)
         return compress(archive_bytes(entries, epoch), comp)
@@ -488,7 +512,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         return compress(archive_bytes(entries, epoch), comp)
 
     layer("agent", {"code": code_digest, "component": component, "entry": ENTRY[ff.target],
-                    "kmods": kmods, "kernel": asdict(lock.pin(kspec["package"])) if kmods else None}, agent)
+                    "sources": code_sources, "kmods": kmods, "kernel": asdict(lock.pin(kspec["package"])) if kmods else None}, agent)
     layer("operations", {"ops": ops_digest, "code": code_digest, "entry": ENTRY[ff.target], "debs": rt_pins,
                          "wheels": wheel_pins, "extra": extra, "arch": arch, "runtime": str(built["runtime"].cid)},
           ops_layer)

@@ -12,6 +12,7 @@ import gzip
 import io
 import lzma
 import subprocess
+import zlib
 
 from cidboot.stage.cpio import (
     MAGIC,
@@ -22,6 +23,7 @@ from cidboot.stage.cpio import (
     archive_bytes,
     iter_newc,
     normalize_path,
+    read_header,
     read_newc,
     source_date_epoch,
     write_newc,
@@ -47,7 +49,7 @@ def compress(data: bytes, method: str) -> bytes:
         return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32,
                              filters=[{"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": 1 << 20}])
     if method == "zstd":
-        proc = subprocess.run(["zstd", "-q", "-19", "--no-check", "-c", "-"], input=data,
+        proc = subprocess.run(["zstd", "-q", "-19", "-T2", "--no-check", "-c", "-"], input=data,
                               capture_output=True, check=False)
         if proc.returncode != 0:
             raise CpioError(f"zstd failed: {proc.stderr.decode(errors='replace').strip()}")
@@ -56,17 +58,85 @@ def compress(data: bytes, method: str) -> bytes:
 
 
 def decompress(data: bytes) -> bytes:
-    """Undo `compress`, recognising the method by its magic bytes."""
-    if data[:2] == b"\x1f\x8b":
-        return gzip.decompress(data)
-    if data[:6] == b"\xfd7zXZ\x00":
-        return lzma.decompress(data)
-    if data[:4] == b"\x28\xb5\x2f\xfd":
-        proc = subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=False)
+    """Undo `compress`, recognising the method by its magic bytes. `data` may be several
+    archives one after the other, each compressed its own way (an initrd: the runtime layer in
+    zstd, the others in gzip), with zero padding between them: each is undone in turn and the
+    results concatenated, as the kernel's unpacker reads them."""
+    out = bytearray()
+    off = 0
+    while off < len(data):
+        if data[off] == 0:  # padding between archives (iPXE aligns each initrd)
+            off += 1
+            continue
+        end, raw = _segment(data, off)
+        out += raw
+        off = end
+    return bytes(out)
+
+
+def _segment(data: bytes, off: int) -> tuple[int, bytes]:
+    """(end offset, uncompressed bytes) of the archive that starts at `off`."""
+    head = data[off:off + 6]
+    if head[:2] == b"\x1f\x8b":
+        gz = zlib.decompressobj(wbits=31)
+        raw = gz.decompress(data[off:])
+        if not gz.eof:
+            raise CpioError(f"gzip stream at offset {off} is truncated")
+        return len(data) - len(gz.unused_data), raw
+    if head == b"\xfd7zXZ\x00":
+        xz = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+        raw = xz.decompress(data[off:])
+        if not xz.eof:
+            raise CpioError(f"xz stream at offset {off} is truncated")
+        return len(data) - len(xz.unused_data), raw
+    if head[:4] == ZSTD_MAGIC:
+        end = zstd_frame_end(data, off)
+        proc = subprocess.run(["zstd", "-dc"], input=data[off:end], capture_output=True, check=False)
         if proc.returncode != 0:
             raise CpioError("zstd: cannot decompress")
-        return proc.stdout
-    return data
+        return end, proc.stdout
+    if head == MAGIC:
+        end = _newc_end(data, off)
+        return end, data[off:end]
+    return len(data), data[off:]  # not an archive this module wrote: handed back as it is
+
+
+def _newc_end(data: bytes, off: int) -> int:
+    """The end of the uncompressed newc archive at `off`: after its trailer member."""
+    start = off
+    while True:
+        h = read_header(data, off, start)
+        if h.is_trailer:
+            return h.end
+        off = h.end
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def zstd_frame_end(data: bytes, off: int) -> int:
+    """The end of the zstd frame at `off` (RFC 8878 3.1.1: header, blocks up to the last one,
+    optional checksum), so the archive after it can be read on its own."""
+    try:
+        fhd = data[off + 4]
+        single = fhd >> 5 & 1
+        pos = off + 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + ((1 if single else 0), 2, 4, 8)[fhd >> 6]
+        while True:
+            bh = int.from_bytes(data[pos:pos + 3], "little")
+            if len(data) < pos + 3:
+                raise IndexError
+            kind, size = bh >> 1 & 3, bh >> 3
+            if kind == 3:
+                raise CpioError(f"zstd frame at offset {off}: reserved block type")
+            pos += 3 + (1 if kind == 1 else size)
+            if bh & 1:
+                break
+        pos += 4 if fhd & 4 else 0
+    except IndexError:
+        raise CpioError(f"zstd frame at offset {off} is truncated") from None
+    if pos > len(data):
+        raise CpioError(f"zstd frame at offset {off} is truncated")
+    return pos
 
 
 def flash_initrd(layers: list[bytes]) -> bytes:

@@ -39,6 +39,12 @@ def pyc_path(image_path: str) -> str:
     return f"{d}/__pycache__/{f[:-3]}.{CACHE_TAG}.pyc"
 
 
+def sourceless_path(image_path: str) -> str:
+    """Where bytecode shipped without its source must be: dir/mod.pyc (PEP 3147's sourceless
+    case; the import system reads __pycache__/ only for a module whose .py exists)."""
+    return image_path[:-3] + ".pyc"
+
+
 def compile_source(source: bytes, image_path: str) -> bytes:
     """Bytecode for `source` as if it lived at `image_path` in the image (that path goes in
     tracebacks, not the build directory)."""

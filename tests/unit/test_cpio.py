@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imagebuilder.cpio import CpioError, Entry, archive_bytes, compress
+from imagebuilder.cpio import CpioError, Entry, archive_bytes, compress, decompress, zstd_frame_end
 
 ENTRIES = [
     Entry.file("usr/bin/hello", b"#!/bin/true\n", 0o755),
@@ -103,3 +103,22 @@ def test_bad_entries(entries: list[Entry], message: str) -> None:
 def test_unknown_compression() -> None:
     with pytest.raises(CpioError, match="unknown compression 'lz4'"):
         compress(b"", "lz4")
+
+
+@pytest.mark.parametrize("first", ["gzip", "xz", "zstd", "none"])
+@pytest.mark.parametrize("second", ["gzip", "xz", "zstd", "none"])
+def test_decompress_reads_archives_compressed_each_its_own_way_one_after_the_other(first: str, second: str) -> None:
+    """An initrd is the runtime layer (zstd) followed by the other layers (gzip), maybe with zero
+    padding between them (iPXE aligns each initrd): undone segment by segment, as the kernel reads it."""
+    a = archive_bytes([Entry.file("usr/bin/python3.11", b"elf" * 5000)], 0)
+    b = archive_bytes([Entry.file("etc/cidboot/flow.json", b"{}" * 300)], 0)
+    joined = compress(a, first) + b"\0" * 4 + compress(b, second)
+    assert decompress(joined) == a + b
+    assert decompress(compress(a, first)) == a
+
+
+def test_a_truncated_zstd_frame_is_refused_not_half_read() -> None:
+    a = compress(archive_bytes([Entry.file("x", os.urandom(300_000))], 0), "zstd")
+    assert zstd_frame_end(a, 0) == len(a)
+    with pytest.raises(CpioError, match="zstd frame at offset 0 is truncated"):
+        decompress(a[:-10])

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,27 @@ def test_every_shipped_module_has_unchecked_hash_bytecode() -> None:
         assert pyc[:4] == pycompile.TARGET_MAGIC
         assert struct.unpack("<I", pyc[4:8])[0] == 0b01, f"{src}: not unchecked-hash bytecode"
         assert pyc[8:16] == importlib.util.source_hash(files[src])
+
+
+def test_sourceless_bytecode_is_the_same_bytes_where_the_interpreter_loads_it_without_a_source(
+        tmp_path: Path) -> None:
+    """Without sources (the runtime layer; project code unless image.python.sources) each module is
+    its bytecode alone at mod.pyc, the same bytes as __pycache__/ would hold, and the interpreter
+    imports it from there (it reads __pycache__/ only beside a .py)."""
+    if importlib.util.MAGIC_NUMBER != pycompile.TARGET_MAGIC:
+        pytest.skip("host Python is not 3.11: it cannot compile the target's bytecode")
+    files = {"pkg/__init__.py": b"from pkg.mod import VALUE\n", "pkg/mod.py": b'"""doc"""\nVALUE = 42\n'}
+    with_src = {e.path: e.data for e in initramfs.python_entries(files)}
+    without = {e.path: e.data for e in initramfs.python_entries(files, sources=False)}
+    assert set(without) == {"pkg/__init__.pyc", "pkg/mod.pyc"}
+    assert without["pkg/mod.pyc"] == with_src[pycompile.pyc_path("pkg/mod.py")]
+    for path, data in without.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(data)
+    proc = subprocess.run([sys.executable, "-I", "-B", "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
+                           "import pkg, pkg.mod; print(pkg.VALUE, pkg.mod.__doc__, pkg.mod.__file__.endswith('pkg/mod.pyc'))"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["42", "doc", "True"], proc.stderr
 
 
 def test_platform_closure_is_the_union_of_the_stage_closures() -> None:

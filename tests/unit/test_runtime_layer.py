@@ -153,7 +153,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, sysroot: Path,
              "bootstrap": _flow("bootstrap/image", tmp / "bootstrap"),
              "hello": _flow("examples/hello", tmp / "hello")}
     ops = flows["hello"].parent / "ops.py"
-    ops.write_text(ops.read_text() + "\nimport fakeonly  # noqa\nimport _fakeext  # noqa\n")
+    ops.write_text(ops.read_text() + "\nimport fakeonly  # noqa\nimport _fakeext  # noqa\nimport json.decoder  # noqa\n")
     mp = pytest.MonkeyPatch()
     try:
         mp.setattr(build, "fetch_deb", lambda pin, hint: tmp / f"{pin.name}.deb")
@@ -188,10 +188,13 @@ def test_stage_flows_build_one_runtime_layer(built: dict[str, build.BuildResult]
 def test_runtime_holds_the_platform_runtime_only(built: dict[str, build.BuildResult]) -> None:
     rt = _members(_layers(built["firmware"])["runtime"])
     for want in ("usr/bin/python3.11", f"lib/{TRIPLET}/libc.so.6", "lib64/ld-linux-x86-64.so.2",
-                 "usr/lib/python3.11/os.py", "usr/lib/python3.11/json/decoder.py",
-                 "usr/lib/python3.11/json/__pycache__/decoder.cpython-311.pyc", "opt/cidboot/lib/cbor2/__init__.py"):
+                 "usr/lib/python3.11/os.pyc", "usr/lib/python3.11/json/decoder.pyc",
+                 "opt/cidboot/lib/cbor2/__init__.pyc"):
         assert want in rt, want
     files = [p for p, (mode, _) in rt.items() if not stat.S_ISDIR(mode)]
+    # stdlib and wheel modules as bytecode alone, where the import system loads it without a source
+    assert not [p for p in files if p.endswith(".py") or "__pycache__" in p], "sources or __pycache__ in the runtime"
+    assert rt["usr/lib/python3.11/os.pyc"][1][:4] == pycompile.TARGET_MAGIC
     assert not [p for p in files if not p.startswith(("usr/", "lib/", "lib64/", "opt/cidboot/lib/"))]
     assert not [p for p in rt if p.startswith(("lib/modules", "etc"))], "kernel modules or config in the runtime"
     assert not [p for p in rt if "fakeonly" in p or "_fakeext" in p], "an operation's import in the runtime"
@@ -202,12 +205,31 @@ def test_kernel_modules_in_the_agent_layer_and_ops_imports_in_the_operations_lay
     for name, mods in (("firmware", "qemu_fw_cfg"), ("bootstrap", "virtio_blk"), ("hello", "virtio_net")):
         agent = _members(_layers(built[name])["agent"])
         assert f"lib/modules/{mods}.ko" in agent and "etc/cidboot/modules" in agent, name
-        assert "init" in agent and "opt/cidboot/cidboot/stage/pid1.py" in agent
+        assert "init" in agent and "opt/cidboot/cidboot/stage/pid1.pyc" in agent
+        assert not [p for p in agent if p.endswith(".py") or "__pycache__" in p], "project sources shipped"
     ops = _members(_layers(built["hello"])["operations"])
-    assert {"usr/lib/python3.11/fakeonly.py", "usr/lib/python3.11/__pycache__/fakeonly.cpython-311.pyc",
-            f"usr/lib/python3.11/lib-dynload/_fakeext.cpython-311-{TRIPLET}.so", "opt/cidboot/ops/ops.py"} <= set(ops)
-    assert "usr/lib/python3.11/os.py" not in ops and f"lib/{TRIPLET}/libc.so.6" not in ops  # the runtime has them
+    assert {"usr/lib/python3.11/fakeonly.pyc", f"usr/lib/python3.11/lib-dynload/_fakeext.cpython-311-{TRIPLET}.so",
+            "opt/cidboot/ops/ops.py", "opt/cidboot/ops/__pycache__/ops.cpython-311.pyc"} <= set(ops)
+    # the runtime has them (as sourceless bytecode: the operations layer must not add their sources either)
+    assert not [p for p in ops if p.startswith(("usr/lib/python3.11/os.", "usr/lib/python3.11/json"))]
+    assert f"lib/{TRIPLET}/libc.so.6" not in ops
     assert not [p for p in _members(_layers(built["firmware"])["operations"]) if p.startswith("usr")]
+
+
+def test_the_runtime_layer_follows_the_flows_compression_unless_it_names_its_own(tmp_path: Path) -> None:
+    """image.python.runtime.compression sets the runtime layer's alone (and is part of what makes
+    it one per arch); without it, the runtime layer is compressed as the others."""
+    path = REPO / "bootstrap/image/flow.yaml"
+    text = path.read_text()
+    ff = flowfile.parse(text, path)
+    assert build.runtime_compression(ff) == ff.data["image"]["compression"] == "gzip"
+    own = text.replace("    runtime:\n      packages:", "    runtime:\n      compression: zstd\n      packages:", 1)
+    assert own != text
+    ff2 = flowfile.parse(own, path)
+    assert build.runtime_compression(ff2) == "zstd"
+    lock = Lock.load(lock_path(path))
+    assert build.runtime_pins(ff2, lock) != build.runtime_pins(ff, lock)
+    assert build.runtime_pins(ff2, lock)["compression"] == "zstd"
 
 
 def test_runtime_json_in_the_config_layer_matches_the_runtime_layer(built: dict[str, build.BuildResult]) -> None:
