@@ -8,8 +8,11 @@ here with gcc (never committed as a binary), cheap per packet, so in lock-step t
 servers' work (the goal is judged on it); and bench/tftp_client.py, the Python client the
 figures were taken with before, which spends more per block than either server and so pulls
 every ratio towards 1. Each figure is the median of --repeat runs, the servers alternating in
-every round (a burst of load on this shared machine hits all of them); `ratio_min`/`ratio_max`
-are the spread of the per-round ratios. Every download is checked byte for byte.
+every round (a burst of load on this shared machine hits all of them), the order reversed every
+other round (no server always runs right after another); `ratio_min`/`ratio_max` are the spread
+of the per-round ratios. Every download is checked byte for byte. The served file and the
+downloads live in /dev/shm when there is one: both servers read the same page-cache pages, and no
+disk writeback of earlier downloads runs during a later one.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def main() -> int:
         return client_main(sys.argv[2:])
     args = parse_args(__doc__ or "", [
         ("--size-mib", {"type": int, "default": 16}), ("--repeat", {"type": int, "default": 5}),
+        ("--cases", {"default": ",".join(f"{bs}x{win}" for bs, win in CASES),
+                     "help": "comma-separated BLKSIZExWINDOWSIZE, e.g. 512x1,1468x1 (lock-step only)"}),
         ("--clients", {"default": "c,python", "help": "comma-separated: c, python"}),
         ("--baseline", {"metavar": "DIR", "help": "also run the server of another checkout (e.g. main) in the same "
                                                   "alternation: before/after figures from one run"})])
@@ -66,8 +71,14 @@ def main() -> int:
     if not clients or any(c not in ("c", "python") for c in clients):
         print(f"bench_tftp: --clients takes c and/or python, not {args.clients!r}", file=sys.stderr)
         return 2
+    try:
+        cases = [(int(bs), int(win)) for bs, _, win in (c.strip().partition("x") for c in args.cases.split(","))]
+    except ValueError:
+        print(f"bench_tftp: --cases takes BLKSIZExWINDOWSIZE,..., not {args.cases!r}", file=sys.stderr)
+        return 2
     rows = []
-    with tempfile.TemporaryDirectory() as d, boot_network(taps=0) as net:
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(dir=shm) as d, boot_network(taps=0) as net:
         work = Path(d)
         root = work / "root"
         root.mkdir()
@@ -114,12 +125,14 @@ def main() -> int:
                 return float(secs)
 
             for client in clients:
-                for bs, win in CASES:
+                for bs, win in cases:
                     row: dict[str, object] = {"client": client, "blksize": bs, "windowsize": win}
                     runs: dict[str, list[float]] = {label: [] for label in servers}
+                    order = list(servers.items())
                     for _ in range(args.repeat):  # alternating, so a burst of load hits every server
-                        for label, port in servers.items():
+                        for label, port in order:
                             runs[label].append(download(client, label, port, bs, win))
+                        order.reverse()
                     for label, secs in runs.items():
                         row[f"{label}_MiB_s"] = round(args.size_mib / statistics.median(secs), 2)
                     row["ours/hpa"] = round(statistics.median(runs["tftpd-hpa"]) / statistics.median(runs["ours"]), 3)
