@@ -110,7 +110,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         return client_main(sys.argv[2:])
     args = parse_args(__doc__ or "", [
-        ("--size-mib", {"type": int, "default": 16}), ("--repeat", {"type": int, "default": 5}),
+        ("--size-mib", {"type": int, "default": 16}), ("--repeat", {"type": int, "default": 9}),
         ("--cases", {"default": ",".join(f"{bs}x{win}" for bs, win in CASES),
                      "help": "comma-separated BLKSIZExWINDOWSIZE, e.g. 512x1,1468x1 (lock-step only)"}),
         ("--clients", {"default": "c,python", "help": "comma-separated: c, python"}),
@@ -204,7 +204,7 @@ def main() -> int:
                     if all(len(c) == args.repeat for c in cpus.values()):
                         for label, used in cpus.items():
                             row[f"cpu_us_blk_{label}"] = round(statistics.median(used) / blocks * 1e6, 2)
-                        row["cpu ours/hpa"] = round(statistics.median(cpus["tftpd-hpa"]) / statistics.median(cpus["ours"]), 3)
+                        row["cpu ours/hpa"] = round(statistics.median(cpus["ours"]) / statistics.median(cpus["tftpd-hpa"]), 3)
                     rows.append(row)
                     print(row, file=sys.stderr, flush=True)
         finally:
@@ -218,8 +218,8 @@ def main() -> int:
         "size_mib": args.size_mib, "repeat": args.repeat, "baseline": args.baseline,
         "figures": "median MiB/s of --repeat runs per server, servers alternating in each round; ours/hpa = ratio of "
                    "the medians; ratio_min/max = spread of the per-round ratios; cpu_us_blk_* = median server CPU "
-                   "(its cgroup, children included) per block; cpu ours/hpa = tftpd-hpa's CPU / ours (> 1: ours "
-                   "does less work per block)",
+                   "(its cgroup, children included) per block; cpu ours/hpa = our CPU / tftpd-hpa's (<= 1: ours "
+                   "does no more work per block)",
         "client": {"c": "bench/tftp_client.c (gcc -O2) in a second namespace (veth + bridge): measures the servers",
                    "python": "bench/tftp_client.py, same namespace: its per-block cost is larger than either "
                              "server's, so it compresses the ratios towards 1"},
