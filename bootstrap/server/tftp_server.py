@@ -162,7 +162,7 @@ class _Source:
             self._buf_off, rel = off, 0
         return buf[rel : rel + bs]
 
-    def runs(self, bs: int) -> Iterator[tuple[list[bytes | memoryview], list[int]]]:
+    def runs(self, bs: int) -> Iterator[tuple[list[bytes | memoryview], memoryview]]:
         """The lock-step DATA packets, block 1 onwards, in runs of up to k (one read each), each
         run with the ACK words its packets wait for (`_ack_words`); the last packet is short
         (header only when the size is a multiple of `bs`); block numbers wrap at 65535. Runs, not
@@ -176,7 +176,7 @@ class _Source:
         hold older ones. The transfer ends at the size the file had when opened (what tsize
         announced), even if it grows. `self.sent` counts the data bytes in the runs so far.
         """
-        numbers = _block_numbers()
+        numbers, words = _block_numbers(), _ack_words()
         if self.content is not None or self.file is None:
             content = self.content or b""
             k = max(1, min(MAX_IOV, LOCKSTEP_CHUNK // bs))
@@ -185,7 +185,7 @@ class _Source:
                 idx = range(first, min(first + k, last + 1))
                 self.sent = min(len(content), (idx[-1] + 1) * bs)
                 yield ([_DATA_HEADER(tftp.DATA, (i + 1) & 0xFFFF) + content[i * bs : (i + 1) * bs] for i in idx],
-                       _ack_words(numbers, first + 1, len(idx)))
+                       words[(first + 1) & 0xFFFF : ((first + 1) & 0xFFFF) + len(idx)])
             return
         fd, stride = self.file.fileno(), bs + 4
         k = max(1, min(MAX_IOV, LOCKSTEP_CHUNK // bs))  # blocks per read
@@ -208,10 +208,10 @@ class _Source:
             buf[3 : 3 + k * stride : stride] = numbers[at + 1 : at + 2 * k : 2]
             self.sent = off + got
             if full == k:
-                yield pkts, _ack_words(numbers, first, k)
+                yield pkts, words[first & 0xFFFF : (first & 0xFFFF) + k]
                 first, which = first + k, which ^ 1
                 continue
-            yield pkts[:full] + [pkts[full][: 4 + rest]], _ack_words(numbers, first, full + 1)
+            yield pkts[:full] + [pkts[full][: 4 + rest]], words[first & 0xFFFF : (first & 0xFFFF) + full + 1]
             return
 
     def close(self) -> None:
@@ -326,16 +326,13 @@ def _block_numbers() -> bytes:
     return struct.pack(">65536H", *range(65536)) * 2
 
 
-def _ack_words(numbers: bytes, first: int, count: int) -> list[int]:
-    """The ACKs of blocks `first`.. (`count` of them) as the lock-step loop reads a received
-    ACK: its 4 bytes as one native-order word (`_Channel.word`), so the check per block is one
-    subscript and one integer compare. Built from the block-number table like the headers."""
-    acks = bytearray(4 * count)
-    acks[1::4] = b"\4" * count  # ACK
-    at = 2 * (first & 0xFFFF)
-    acks[2::4] = numbers[at : at + 2 * count : 2]
-    acks[3::4] = numbers[at + 1 : at + 2 * count : 2]
-    return memoryview(acks).cast("I").tolist()
+@functools.cache
+def _ack_words() -> memoryview:
+    """Every ACK packet, blocks 0..65535 twice (a run may wrap past 65535), as native-order
+    words: a received ACK read as `_Channel.word` is compared with the word of the block it
+    acknowledges, so the check per block is one subscript and one integer compare, and a run's
+    words are a slice of this table (no list built per run). 512 KiB, built once."""
+    return memoryview(struct.pack(">131072I", *(0x40000 | (i & 0xFFFF) for i in range(131072)))).cast("I")
 
 
 def _timeval(seconds: float) -> bytes:
