@@ -8,12 +8,24 @@ here with gcc (never committed as a binary), cheap per packet, so in lock-step t
 servers' work (the goal is judged on it); and bench/tftp_client.py, the Python client the
 figures were taken with before, which spends more per block than either server and so pulls
 every ratio towards 1. Each figure is the median of --repeat runs, the servers alternating in
-every round (a burst of load on this shared machine hits all of them); `ratio_min`/`ratio_max`
-are the spread of the per-round ratios. Every download is checked byte for byte.
+every round (a burst of load on this shared machine hits all of them), the order reversed every
+other round (no server always runs right after another); `ratio_min`/`ratio_max` are the spread
+of the per-round ratios. Every download is checked byte for byte. The served file and the
+downloads live in /dev/shm when there is one: both servers read the same page-cache pages, and no
+disk writeback of earlier downloads runs during a later one.
+
+Wall time in lock-step is mostly scheduling on this VM (per-round ratios swing 0.2-5x; rounds
+are bimodal, a fast mode and slow ones in which every server's wakeups cost several times more),
+so the bench also gives the ratio of each server's best round (`best ours/hpa`: the fast mode)
+and each server's CPU per block (`cpu_us_blk_*`, `cpu ours/hpa`: the servers' own work, which
+load moves far less): each server runs in its own cgroup (v2, or v1 cpuacct), tftpd-hpa's
+per-transfer children with it, and the cgroup's CPU usage is read around every download.
+Without a cgroup to make, the CPU columns are left out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -43,6 +55,48 @@ def client_main(argv: list[str]) -> int:
     return 0
 
 
+class CpuMeter:
+    """CPU seconds used by one process and the children it forks (tftpd-hpa forks one per
+    transfer and does not wait for them, so no rusage sees them): a cgroup of its own, read
+    around each download. `None` from `start` when no cgroup can be made (not root, a cgroup
+    hierarchy delegated elsewhere): the bench then leaves the CPU columns out."""
+
+    def __init__(self, path: Path, usage: Path, scale: float) -> None:
+        self.path, self.usage, self.scale = path, usage, scale
+
+    @classmethod
+    def start(cls, label: str, pid: int) -> CpuMeter | None:
+        base = Path("/sys/fs/cgroup")
+        if (base / "cgroup.controllers").exists():  # v2: cpu.stat's usage_usec needs no controller
+            path, usage, scale = base / f"cidboot-bench-tftp-{label}-{pid}", "cpu.stat", 1e-6
+        elif (base / "cpuacct").is_dir():  # v1
+            path, usage, scale = base / "cpuacct" / f"cidboot-bench-tftp-{label}-{pid}", "cpuacct.usage", 1e-9
+        else:
+            return None
+        try:
+            path.mkdir()
+            (path / "cgroup.procs").write_text(str(pid))
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+            return None
+        return cls(path, path / usage, scale)
+
+    def seconds(self) -> float:
+        text = self.usage.read_text()
+        if self.usage.name == "cpu.stat":
+            text = next(line.split()[1] for line in text.splitlines() if line.startswith("usage_usec"))
+        return int(text) * self.scale
+
+    def close(self) -> None:
+        for _ in range(50):  # the processes are gone; the kernel may take a moment to empty the group
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
 def build_c_client(work: Path) -> Path:
     """bench/tftp_client.c compiled into `work` (gcc -O2); SystemExit without gcc: a bench
     that silently fell back to another client would change what its figures mean."""
@@ -58,7 +112,9 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         return client_main(sys.argv[2:])
     args = parse_args(__doc__ or "", [
-        ("--size-mib", {"type": int, "default": 16}), ("--repeat", {"type": int, "default": 5}),
+        ("--size-mib", {"type": int, "default": 16}), ("--repeat", {"type": int, "default": 9}),
+        ("--cases", {"default": ",".join(f"{bs}x{win}" for bs, win in CASES),
+                     "help": "comma-separated BLKSIZExWINDOWSIZE, e.g. 512x1,1468x1 (lock-step only)"}),
         ("--clients", {"default": "c,python", "help": "comma-separated: c, python"}),
         ("--baseline", {"metavar": "DIR", "help": "also run the server of another checkout (e.g. main) in the same "
                                                   "alternation: before/after figures from one run"})])
@@ -66,8 +122,14 @@ def main() -> int:
     if not clients or any(c not in ("c", "python") for c in clients):
         print(f"bench_tftp: --clients takes c and/or python, not {args.clients!r}", file=sys.stderr)
         return 2
+    try:
+        cases = [(int(bs), int(win)) for bs, _, win in (c.strip().partition("x") for c in args.cases.split(","))]
+    except ValueError:
+        print(f"bench_tftp: --cases takes BLKSIZExWINDOWSIZE,..., not {args.cases!r}", file=sys.stderr)
+        return 2
     rows = []
-    with tempfile.TemporaryDirectory() as d, boot_network(taps=0) as net:
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(dir=shm) as d, boot_network(taps=0) as net:
         work = Path(d)
         root = work / "root"
         root.mkdir()
@@ -87,12 +149,16 @@ def main() -> int:
             procs.append(net.popen([sys.executable, "-c", server_code, str(root), ip, str(BASELINE)],
                                    cwd=os.path.abspath(args.baseline)))
             servers["baseline"] = BASELINE
+        meters = {label: CpuMeter.start(label, proc.pid) for label, proc in zip(servers, procs, strict=True)}
         try:
             host = net.add_host("10.77.0.50")
             time.sleep(1.0)
 
-            def download(client: str, label: str, port: int, bs: int, win: int) -> float:
-                """One download in the client namespace; its seconds (bytes checked)."""
+            def download(client: str, label: str, port: int, bs: int, win: int) -> tuple[float, float | None]:
+                """One download in the client namespace: its seconds (bytes checked) and the
+                server's CPU seconds for it (None without a meter)."""
+                meter = meters[label]
+                cpu0 = meter.seconds() if meter else 0.0
                 if client == "c":
                     assert c_client is not None
                     dest = work / "got.bin"
@@ -111,35 +177,53 @@ def main() -> int:
                     secs, digest, _n = out.stdout.split()
                 if digest != want:
                     raise SystemExit(f"{label} {client} client bs={bs} win={win}: wrong bytes")
-                return float(secs)
+                return float(secs), (meter.seconds() - cpu0 if meter else None)
 
             for client in clients:
-                for bs, win in CASES:
+                for bs, win in cases:
                     row: dict[str, object] = {"client": client, "blksize": bs, "windowsize": win}
                     runs: dict[str, list[float]] = {label: [] for label in servers}
+                    cpus: dict[str, list[float]] = {label: [] for label in servers}
+                    order = list(servers.items())
                     for _ in range(args.repeat):  # alternating, so a burst of load hits every server
-                        for label, port in servers.items():
-                            runs[label].append(download(client, label, port, bs, win))
-                    for label, secs in runs.items():
-                        row[f"{label}_MiB_s"] = round(args.size_mib / statistics.median(secs), 2)
+                        for label, port in order:
+                            secs, cpu = download(client, label, port, bs, win)
+                            runs[label].append(secs)
+                            if cpu is not None:
+                                cpus[label].append(cpu)
+                        order.reverse()
+                    for label, times in runs.items():
+                        row[f"{label}_MiB_s"] = round(args.size_mib / statistics.median(times), 2)
                     row["ours/hpa"] = round(statistics.median(runs["tftpd-hpa"]) / statistics.median(runs["ours"]), 3)
                     paired = [h / o for o, h in zip(runs["ours"], runs["tftpd-hpa"], strict=True)]
                     row["ratio_min"], row["ratio_max"] = round(min(paired), 3), round(max(paired), 3)
+                    row["best ours/hpa"] = round(min(runs["tftpd-hpa"]) / min(runs["ours"]), 3)
                     if args.baseline:
                         row["baseline/hpa"] = round(statistics.median(runs["tftpd-hpa"])
                                                     / statistics.median(runs["baseline"]), 3)
                         row["ours/baseline"] = round(statistics.median(runs["baseline"])
                                                      / statistics.median(runs["ours"]), 3)
+                    blocks = args.size_mib * MIB // bs + 1
+                    if all(len(c) == args.repeat for c in cpus.values()):
+                        for label, used in cpus.items():
+                            row[f"cpu_us_blk_{label}"] = round(statistics.median(used) / blocks * 1e6, 2)
+                        row["cpu ours/hpa"] = round(statistics.median(cpus["ours"]) / statistics.median(cpus["tftpd-hpa"]), 3)
                     rows.append(row)
                     print(row, file=sys.stderr, flush=True)
         finally:
             for p in procs:
                 p.terminate()
                 p.wait(10)
+            for m in meters.values():
+                if m is not None:
+                    m.close()
     write_results(args.out, "bench_tftp", rows, {
         "size_mib": args.size_mib, "repeat": args.repeat, "baseline": args.baseline,
         "figures": "median MiB/s of --repeat runs per server, servers alternating in each round; ours/hpa = ratio of "
-                   "the medians; ratio_min/max = spread of the per-round ratios",
+                   "the medians; ratio_min/max = spread of the per-round ratios; best ours/hpa = ratio of each server's "
+                   "fastest round; cpu_us_blk_* = median server CPU "
+                   "(its cgroup, children included) per block; cpu ours/hpa = our CPU / tftpd-hpa's (<= 1: ours "
+                   "does no more work per block)",
         "client": {"c": "bench/tftp_client.c (gcc -O2) in a second namespace (veth + bridge): measures the servers",
                    "python": "bench/tftp_client.py, same namespace: its per-block cost is larger than either "
                              "server's, so it compresses the ratios towards 1"},

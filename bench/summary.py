@@ -191,6 +191,9 @@ def _tftp(doc: Doc) -> list[Row]:
         out.append(figure(b, f"TFTP {size} MiB vs tftpd-hpa, blksize {bs}, {what}, {TFTP_CLIENTS[client]}",
                           r["ours_MiB_s"], r["tftpd-hpa_MiB_s"], "MiB/s", ratio=r.get("ours/hpa"),
                           goal=AT_LEAST_1 if judged else None, spread=spread))
+        if judged and "cpu ours/hpa" in r:  # context: the servers' own work, which load moves far less
+            out.append(figure(b, f"TFTP server CPU per block vs tftpd-hpa, blksize {bs}, no windowsize (<= 1: no more work)",
+                              r["cpu_us_blk_ours"], r["cpu_us_blk_tftpd-hpa"], "us"))
     for bs in (512, 1468):  # issue 13: at least tftpd-hpa at both, without windowsize
         if bs not in seen:
             out.append(absent(b, f"TFTP {size} MiB vs tftpd-hpa, blksize {bs}, no windowsize, {TFTP_CLIENTS['c']}",

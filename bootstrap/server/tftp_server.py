@@ -8,7 +8,7 @@ killed the server on its first "server busy"). Each transfer runs on its own soc
 others. Lock-step transfers (no windowsize, what PXE ROMs do) are paced by the server's work
 between an ACK and the next DATA, so that is kept to a recv, a compare and a send of a packet
 already in place (`_send_lockstep`; file blocks are read by preadv straight into ready-made
-packets, `_Source.packets`; anything unusual goes to `_recover`). Paths are
+packets, `_Source.runs`; anything unusual goes to `_recover`). Paths are
 confined to the root after resolving symlinks; `..`, writes and unknown opcodes are refused
 with a TFTP error packet and logged.
 
@@ -70,7 +70,6 @@ READ_CHUNK = 64 * 1024  # bytes a file transfer reads per syscall (its blocks ar
 LOCKSTEP_CHUNK = 32 * 1024  # bytes a lock-step transfer reads per preadv, into one of its two packet buffers (64 KiB in all, as READ_CHUNK)
 MAX_IOV = 512  # blocks per preadv (below IOV_MAX, 1024; blksize 8 would otherwise ask for 8192)
 _DATA_HEADER = struct.Struct(">HH").pack  # opcode, block number
-_ACK_WORD = struct.Struct(">I").unpack_from  # an ACK's 4 bytes as one number: 0x0004_0000 | block
 RECV_MAX = 2048  # what a transfer reads of a client datagram: an ACK is 4 bytes, an ERROR a few dozen (longer: cut, ignored)
 NOTHING_YET = -2  # `_Channel.decide`: no datagram received yet (just resent)
 WAIT_SLACK = 0.01  # seconds an ACK wait may overrun its deadline before the receive timeout is shortened
@@ -149,6 +148,7 @@ class _Source:
     size: int
     _buf: bytes = b""
     _buf_off: int = 0
+    sent: int = 0  # data bytes in the lock-step runs handed out so far (`runs`)
 
     def block(self, n: int, bs: int) -> bytes:
         """Block `n` (counting from 1, no wrap-around) of `bs` bytes; short at the end."""
@@ -162,21 +162,30 @@ class _Source:
             self._buf_off, rel = off, 0
         return buf[rel : rel + bs]
 
-    def packets(self, bs: int) -> Iterator[bytes | memoryview]:
-        """The lock-step DATA packets, block 1 onwards, the last one short (header only when the
-        size is a multiple of `bs`); block numbers wrap at 65535.
+    def runs(self, bs: int) -> Iterator[tuple[list[bytes | memoryview], memoryview]]:
+        """The lock-step DATA packets, block 1 onwards, in runs of up to k (one read each), each
+        run with the ACK words its packets wait for (`_ack_words`); the last packet is short
+        (header only when the size is a multiple of `bs`); block numbers wrap at 65535. Runs, not
+        packets, so the loop walks a list (`for`), not a generator resumed per block.
 
         A file is read with one preadv per LOCKSTEP_CHUNK bytes straight into the data part of
         ready-made packets (header written in place), so no block is copied or concatenated in
-        Python: the loop sends memoryviews. Two buffers alternate, so a packet stays intact
-        while the caller holds it and the next one (all the lock-step loop ever holds: the one
-        it may resend and the one built ahead); it must not hold older ones. The transfer ends
-        at the size the file had when opened (what tsize announced), even if it grows.
+        Python: the loop sends memoryviews. Two buffers alternate, so a run stays intact while
+        the caller holds it and the next one (the lock-step loop reads the next run while the
+        client works on this run's last block, which it may still have to resend); it must not
+        hold older ones. The transfer ends at the size the file had when opened (what tsize
+        announced), even if it grows. `self.sent` counts the data bytes in the runs so far.
         """
+        numbers, words = _block_numbers(), _ack_words()
         if self.content is not None or self.file is None:
             content = self.content or b""
-            for i in range(len(content) // bs + 1):
-                yield _DATA_HEADER(tftp.DATA, (i + 1) & 0xFFFF) + content[i * bs : (i + 1) * bs]
+            k = max(1, min(MAX_IOV, LOCKSTEP_CHUNK // bs))
+            last = len(content) // bs  # index of the short block
+            for first in range(0, last + 1, k):  # `first`: index of the run's first block
+                idx = range(first, min(first + k, last + 1))
+                self.sent = min(len(content), (idx[-1] + 1) * bs)
+                yield ([_DATA_HEADER(tftp.DATA, (i + 1) & 0xFFFF) + content[i * bs : (i + 1) * bs] for i in idx],
+                       words[(first + 1) & 0xFFFF : ((first + 1) & 0xFFFF) + len(idx)])
             return
         fd, stride = self.file.fileno(), bs + 4
         k = max(1, min(MAX_IOV, LOCKSTEP_CHUNK // bs))  # blocks per read
@@ -186,9 +195,9 @@ class _Source:
             view = memoryview(buf)
             for i in range(k):
                 buf[i * stride : i * stride + 2] = b"\0\3"  # DATA
-            rings.append((buf, [view[i * stride + 4 : (i + 1) * stride] for i in range(k)],
-                          [view[i * stride : (i + 1) * stride] for i in range(k)]))
-        first, which, numbers = 1, 0, _block_numbers()
+            whole: list[bytes | memoryview] = [view[i * stride : (i + 1) * stride] for i in range(k)]
+            rings.append((buf, [view[i * stride + 4 : (i + 1) * stride] for i in range(k)], whole))
+        first, which = 1, 0
         while True:
             buf, iov, pkts = rings[which]
             off = (first - 1) * bs
@@ -197,12 +206,12 @@ class _Source:
             at = 2 * (first & 0xFFFF)  # the k block numbers from `first`, high and low bytes in place
             buf[2 : 2 + k * stride : stride] = numbers[at : at + 2 * k : 2]
             buf[3 : 3 + k * stride : stride] = numbers[at + 1 : at + 2 * k : 2]
+            self.sent = off + got
             if full == k:
-                yield from pkts
+                yield pkts, words[first & 0xFFFF : (first & 0xFFFF) + k]
                 first, which = first + k, which ^ 1
                 continue
-            yield from pkts[:full]
-            yield pkts[full][: 4 + rest]
+            yield pkts[:full] + [pkts[full][: 4 + rest]], words[first & 0xFFFF : (first & 0xFFFF) + full + 1]
             return
 
     def close(self) -> None:
@@ -230,6 +239,7 @@ class _Channel:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))  # a full send buffer ends the transfer
         self.send = sock.send
         self._buf = bytearray(RECV_MAX)
+        self.word = memoryview(self._buf).cast("I")  # word[0]: a received ACK's 4 bytes as one native number (`_ack_words`)
         self._wait = 0.0
         self._set_wait(timeout)
 
@@ -314,6 +324,15 @@ def _block_numbers() -> bytes:
     """Every 16-bit block number big-endian, twice (a chunk's run may wrap past 65535): a
     chunk's headers are two strided copies from here, not a pack per block. 256 KiB, built once."""
     return struct.pack(">65536H", *range(65536)) * 2
+
+
+@functools.cache
+def _ack_words() -> memoryview:
+    """Every ACK packet, blocks 0..65535 twice (a run may wrap past 65535), as native-order
+    words: a received ACK read as `_Channel.word` is compared with the word of the block it
+    acknowledges, so the check per block is one subscript and one integer compare, and a run's
+    words are a slice of this table (no list built per run). 512 KiB, built once."""
+    return memoryview(struct.pack(">131072I", *(0x40000 | (i & 0xFFFF) for i in range(131072)))).cast("I")
 
 
 def _timeval(seconds: float) -> bytes:
@@ -518,42 +537,51 @@ class TftpServer:
     def _send_lockstep(self, ch: _Channel, src: _Source, bs: int, budget: int) -> int:
         """`_send_file` for a window of one block (RFC 1350 lock-step: every PXE ROM, and what
         tftpd-hpa does), with the same rules. In lock-step the server's work between an ACK and
-        the next DATA is the transfer's speed, so the loop is the common case only: one send of
-        a packet already in place (`_Source.packets`), the next one taken while the client
-        works, one recv_into and one compare of the ACK as a number. Anything else (a timeout,
-        a stray or duplicate ACK, an ERROR) goes to `_recover`, which resends by the rules."""
+        the next DATA is the transfer's speed, so the loop is the common case only, line by line:
+        - `send(pkt)`: a packet already in place (`_Source.runs`), a memoryview into a buffer
+          the block was read into; nothing built per block;
+        - `sent = mono()`: the ACK wait's deadline is `sent + timeout` (ignored ACKs must not
+          move it), added only on the slow path;
+        - `pkt is last`: after a run's last send, the next run is read (one preadv) while the
+          client works, so no read sits between an ACK and the next DATA;
+        - `recv_into(buf)`: the blocking socket waits with SO_RCVTIMEO (`_Channel`), no poll;
+        - `got != 4 or word[0] != ack`: the ACK's 4 bytes as one native word against the one
+          this block waits for (`_ack_words`): no tuple, no packet object.
+        Anything else (a timeout, a stray or duplicate ACK, an ERROR, a malformed datagram) goes
+        to `_recover`, which resends by the rules. Returns the data bytes sent."""
         sock = ch.sock
-        send, recv_into, buf = sock.send, sock.recv_into, ch._buf
-        mono, timeout, full_len, ack_word = time.monotonic, ch.timeout, bs + 4, _ACK_WORD
+        send, recv_into, buf, word = sock.send, sock.recv_into, ch._buf, ch.word
+        mono, timeout = time.monotonic, ch.timeout
         if ch._wait < timeout:
             ch._set_wait(timeout)  # the OACK's wait may have shortened it
-        packets = src.packets(bs)
-        pkt, n = next(packets), 1
-        while True:
-            send(pkt)  # between the ACK before and this send: two compares and an assignment
-            final = len(pkt) < full_len
-            ack = 0x40000 | (n & 0xFFFF)  # the ACK of block n as its 4 bytes read big-endian
-            nxt = pkt if final else next(packets)
-            deadline = mono() + timeout  # ignored ACKs do not move it
-            try:
-                got = recv_into(buf)
-            except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO ran out
-                got = -1
-            except ConnectionRefusedError:  # ICMP port unreachable: the client is gone
-                raise _GiveUp("the client's port is closed (ICMP port unreachable)") from None
-            if got != 4 or ack_word(buf)[0] != ack:
-                budget = self._recover(ch, pkt, n, got, deadline, budget)
-            if final:
-                return (n - 1) * bs + len(pkt) - 4
-            pkt, n = nxt, n + 1
+        runs = src.runs(bs)
+        run = next(runs, None)
+        while run is not None:
+            packets, acks = run
+            last = packets[-1]  # distinct objects: each packet is its own view or bytes
+            for pkt, ack in zip(packets, acks, strict=True):
+                send(pkt)
+                sent = mono()
+                if pkt is last:
+                    run = next(runs, None)  # None: that was the final block
+                try:
+                    got = recv_into(buf)
+                except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO ran out
+                    got = -1
+                except ConnectionRefusedError:  # ICMP port unreachable: the client is gone
+                    raise _GiveUp("the client's port is closed (ICMP port unreachable)") from None
+                if got != 4 or word[0] != ack:
+                    budget = self._recover(ch, pkt, got, sent + timeout, budget)
+        return src.sent
 
-    def _recover(self, ch: _Channel, pkt: bytes | memoryview, n: int, got: int, deadline: float, budget: int) -> int:
-        """The lock-step loop's slow path for block `n` (`pkt`), after its first receive got
+    def _recover(self, ch: _Channel, pkt: bytes | memoryview, got: int, deadline: float, budget: int) -> int:
+        """The lock-step loop's slow path for the block in `pkt`, after its first receive got
         something other than the block's ACK (`got` bytes in the buffer; -1: the wait ran out):
         resend on a timeout (at most `retries` in a row) or on a duplicate ACK of the block
         before (at most MAX_DUP_RESENDS), ignore anything else, until the ACK arrives. Returns
         what is left of the resend budget (spent: ERROR and the transfer ends)."""
-        want, prev = n & 0xFFFF, (n - 1) & 0xFFFF
+        want = (pkt[2] << 8) | pkt[3]  # the block number in the packet's header
+        prev = (want - 1) & 0xFFFF
         timeouts = dup_resends = 0
         acked = ch.decide(got, want, prev, deadline, True)
         while acked != want:

@@ -37,7 +37,7 @@ SAMPLES: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
     ], {}),
     "bench_tftp": ([
         {"client": "c", "blksize": 512, "windowsize": 1, "ours_MiB_s": 12.9, "tftpd-hpa_MiB_s": 20.7, "ours/hpa": 0.623,
-         "ratio_min": 0.6, "ratio_max": 0.7},
+         "ratio_min": 0.6, "ratio_max": 0.7, "cpu_us_blk_ours": 4.0, "cpu_us_blk_tftpd-hpa": 4.2, "cpu ours/hpa": 0.952},
         {"client": "c", "blksize": 1468, "windowsize": 1, "ours_MiB_s": 62.0, "tftpd-hpa_MiB_s": 62.0, "ours/hpa": 1.0},
         {"client": "c", "blksize": 1468, "windowsize": 8, "ours_MiB_s": 74.5, "tftpd-hpa_MiB_s": 59.2, "ours/hpa": 1.26},
         {"client": "python", "blksize": 1468, "windowsize": 1, "ours_MiB_s": 50.0, "tftpd-hpa_MiB_s": 40.0,
@@ -119,6 +119,9 @@ def test_every_sample_maps_to_rows_with_ratio_goal_and_verdict(tmp_path: Path) -
     assert rows["fetch client peak RSS, 256 MiB vs 16 MiB"].met is False  # 60 vs 30 MiB: not flat
     tftp = rows["TFTP 16 MiB vs tftpd-hpa, blksize 512, no windowsize, C client"]
     assert (tftp.ratio, tftp.met, tftp.spread) == (0.623, False, [0.6, 0.7])
+    cpu = rows["TFTP server CPU per block vs tftpd-hpa, blksize 512, no windowsize (<= 1: no more work)"]
+    assert (cpu.ours, cpu.reference, cpu.ratio, cpu.goal, cpu.met) == (4.0, 4.2, 0.952, None, None)
+    assert "TFTP server CPU per block vs tftpd-hpa, blksize 1468, no windowsize (<= 1: no more work)" not in rows
     assert rows["TFTP 16 MiB vs tftpd-hpa, blksize 1468, no windowsize, C client"].met is True  # 1.0 >= 1.0
     win = rows["TFTP 16 MiB vs tftpd-hpa, blksize 1468, windowsize 8 (tftpd-hpa: none), C client"]
     assert (win.ratio, win.goal, win.met) == (1.26, None, None)

@@ -138,14 +138,32 @@ def test_block_numbers_wrap_past_65535(server: TftpServer, opts: dict[str, str])
 
 
 @pytest.mark.parametrize("bs", [8, 512, 1468, 65464])
-def test_lockstep_packets_at_chunk_edges(tmp_path: Path, bs: int) -> None:
-    """`_Source.packets` reads chunks straight into ready packets from two alternating buffers:
-    at every size around a chunk's edge, each packet holds the right block number and bytes,
-    while the one before it is still held (what the lock-step loop keeps), the last is short
-    (header only for a multiple of blksize), and nothing past the size at open is sent."""
+def test_lockstep_runs_at_chunk_edges(tmp_path: Path, bs: int) -> None:
+    """`_Source.runs` reads chunks straight into ready packets from two alternating buffers:
+    at every size around a chunk's edge, each packet holds the right block number and bytes and
+    comes with the ACK word it waits for, the run before is still intact while the next is
+    handed out (the lock-step loop may resend the last block of a run after reading the next),
+    the last packet is short (header only for a multiple of blksize), nothing past the size at
+    open is sent, and `sent` counts the data bytes."""
     from bootstrap.server.tftp_server import LOCKSTEP_CHUNK, MAX_IOV, _Source
 
     k = max(1, min(MAX_IOV, LOCKSTEP_CHUNK // bs))
+
+    def walk(src: _Source, size: int) -> bytes:
+        got, held, i = bytearray(), None, 0
+        for packets, acks in src.runs(bs):
+            if held is not None:
+                assert [bytes(p) for p in held[1]] == held[0], f"size {size}: a run overwritten while held"
+            assert len(packets) == len(acks) and 0 < len(packets) <= k
+            for pkt, ack in zip(packets, acks, strict=True):
+                i += 1
+                assert bytes(pkt[:4]) == struct.pack(">HH", 3, i & 0xFFFF)
+                assert struct.pack("=I", ack) == struct.pack(">HH", 4, i & 0xFFFF)
+                got += pkt[4:]
+            held = ([bytes(p) for p in packets], packets)
+        assert len(pkt) - 4 < bs and src.sent == size, size
+        return bytes(got)
+
     for size in (0, 1, bs - 1, bs, k * bs - 1, k * bs, k * bs + 1, 2 * k * bs, 2 * k * bs + 3):
         data = os.urandom(size)
         path = tmp_path / f"f{size}"
@@ -153,17 +171,8 @@ def test_lockstep_packets_at_chunk_edges(tmp_path: Path, bs: int) -> None:
         with open(path, "rb") as f:
             src = _Source(f, None, size)
             path.write_bytes(data + b"grown after open")  # beyond tsize: never sent
-            got, held = bytearray(), None
-            for i, pkt in enumerate(src.packets(bs), start=1):
-                if held is not None:
-                    prev_no, prev_bytes, prev_view = held
-                    assert bytes(prev_view) == prev_bytes, f"size {size}: block {prev_no} overwritten while held"
-                assert bytes(pkt[:4]) == struct.pack(">HH", 3, i & 0xFFFF)
-                got += pkt[4:]
-                held = (i, bytes(pkt), pkt)
-        assert bytes(got) == data and len(pkt) - 4 < bs, size
-        gen = _Source(None, data, size)
-        assert b"".join(bytes(p[4:]) for p in gen.packets(bs)) == data
+            assert walk(src, size) == data
+        assert walk(_Source(None, data, size), size) == data
 
 
 def test_lockstep_block_numbers_wrap_in_one_chunk() -> None:
