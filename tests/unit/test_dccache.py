@@ -1,0 +1,141 @@
+"""The dataclass method code table: the stage's hook (cidboot.stage.dccache) and the builder's
+recording (imagebuilder.dccache). The whole-image side (the table in the agent layer, the same
+bytes from two builds) is in tests/integration/test_build_repro_integration.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import marshal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cidboot.stage import dccache
+from imagebuilder import dccache as builder
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def hooked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dataclasses.exec is put back after each test (install sets it on the real module)."""
+    monkeypatch.delattr(dataclasses, "exec", raising=False)
+    monkeypatch.setattr(dccache, "stats", {"hits": 0, "misses": 0})
+
+
+def _recording() -> list[str]:
+    texts: list[str] = []
+
+    def rec(source: object, g: dict[str, object] | None = None, ns: dict[str, object] | None = None, /) -> None:
+        if isinstance(source, str):
+            texts.append(source)
+        exec(source, g, ns)  # type: ignore[arg-type]
+
+    dataclasses.exec = rec  # type: ignore[attr-defined]
+    return texts
+
+
+def _point() -> type:
+    @dataclasses.dataclass(frozen=True)
+    class Point:
+        """A frozen dataclass: __init__, __repr__, __eq__, __hash__, __setattr__, __delattr__."""
+
+        x: int
+        y: int = 0
+        tags: list[str] = dataclasses.field(default_factory=list, compare=False)
+
+    return Point
+
+
+def test_a_class_made_from_the_table_is_the_class_compiled_now(hooked: None, tmp_path: Path) -> None:
+    texts = _recording()
+    _point()
+    assert len(texts) == 6
+    path = tmp_path / "t.marshal"
+    path.write_bytes(dccache.encode({t: dccache.compile_text(t) for t in texts}))
+    assert dccache.install(str(path)) == 6
+    P = _point()
+    assert dccache.stats == {"hits": 6, "misses": 0}
+    p = P(1)
+    assert p == P(1, 0, ["other"]) and p != P(2) and hash(p) == hash(P(1))
+    assert repr(p) == "_point.<locals>.Point(x=1, y=0, tags=[])"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.x = 3
+    assert P(1).tags is not P(1).tags
+    assert vars(P)["__init__"].__code__.co_filename == "<string>"
+
+
+def test_a_text_not_in_the_table_compiles_as_dataclasses_would(hooked: None, tmp_path: Path) -> None:
+    path = tmp_path / "t.marshal"
+    path.write_bytes(dccache.encode({"x = 1": dccache.compile_text("x = 1")}))
+    assert dccache.install(str(path)) == 1
+    P = _point()
+    assert dccache.stats == {"hits": 0, "misses": 6}
+    assert P(1, 2) == P(1, 2) and repr(P(1, 2)).endswith("Point(x=1, y=2, tags=[])")
+    # this module has `from __future__ import annotations`; dataclasses.py does not, and neither does
+    # the code the hook compiles (or the builder's): annotations are evaluated, not strings
+    ns: dict[str, object] = {}
+    dataclasses.exec("def f(a: int) -> None: pass", {}, ns)  # type: ignore[attr-defined]
+    assert ns["f"].__annotations__ == {"a": int, "return": None}
+    assert dccache.compile_text("def f(a: int): pass").co_flags == compile("def f(a: int): pass", "<string>", "exec",
+                                                                          dont_inherit=True).co_flags
+
+
+def test_a_bad_entry_is_compiled_instead(hooked: None) -> None:
+    text = "y = 2"
+    for raw in (b"garbage", marshal.dumps("not code")):
+        dccache.stats.update(hits=0, misses=0)
+        ns: dict[str, object] = {}
+        dccache.hook({text: raw})(text, {}, ns)
+        assert ns["y"] == 2 and dccache.stats == {"hits": 0, "misses": 1}
+    ns = {}
+    dccache.hook({text: marshal.dumps(compile("y = 3", "<string>", "exec"))})(text, {}, ns)
+    assert ns["y"] == 3 and dccache.stats["hits"] == 1  # the table's code runs: it is the measured one
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00junk", marshal.dumps(("other/1", sys.implementation.cache_tag, ())),
+                                  marshal.dumps((dccache.FORMAT, "cpython-399", ())),
+                                  marshal.dumps((dccache.FORMAT, sys.implementation.cache_tag, (("t", 1),)))])
+def test_no_table_or_a_foreign_one_leaves_dataclasses_alone(hooked: None, tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "t.marshal"
+    path.write_bytes(data)
+    assert dccache.install(str(path)) == 0
+    assert dccache.install(str(tmp_path / "absent")) == 0
+    assert "exec" not in vars(dataclasses)
+    with pytest.raises(ValueError):
+        dccache.decode(data)
+
+
+def test_encode_sorts_and_decodes_lazily() -> None:
+    code = {t: dccache.compile_text(t) for t in ("b = 1", "a = 2")}
+    data = dccache.encode(code)
+    assert data == dccache.encode(list(reversed(code.items())))
+    doc = marshal.loads(data)
+    assert [t for t, _ in doc[2]] == ["a = 2", "b = 1"]
+    assert dccache.decode(data) == {t: marshal.dumps(c) for t, c in code.items()}
+
+
+def test_builder_records_the_stage_start_path_and_compiles_the_same_bytes_twice() -> None:
+    roots = ["cidboot.stage.pid1", "firmware.stage"]
+    texts = builder.record(roots, [REPO])
+    assert texts == sorted(set(texts)) and len(texts) > 20
+    assert any("def __init__(" in t and "ifname:_type_ifname" in t for t in texts)  # firmware.netboot.Network
+    a, b = builder.compile_table(texts, REPO), builder.compile_table(reversed(texts), REPO)
+    assert a == b
+    assert set(dccache.decode(a)) == set(texts)
+    # a fresh interpreter with the table importing the same start path compiles nothing
+    out = subprocess.run([sys.executable, "-I", "-B", "-c",
+                          "import sys; sys.path[:0] = [sys.argv[1]]\n"
+                          "from cidboot.stage import dccache, deferred\n"
+                          "deferred.install(); dccache.install(sys.argv[2])\n"
+                          "import cidboot.stage.pid1, firmware.stage\n"
+                          "print(dccache.stats['hits'], dccache.stats['misses'])",
+                          str(REPO), "/dev/stdin"], input=a, capture_output=True, check=True)
+    assert out.stdout.split() == [str(len(texts)).encode(), b"0"]
+
+
+def test_builder_names_the_step_that_failed() -> None:
+    with pytest.raises(builder.DataclassTableError, match="record failed: ModuleNotFoundError"):
+        builder.record(["cidboot.no_such_module"], [REPO])
