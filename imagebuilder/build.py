@@ -477,8 +477,8 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
 
     def agent() -> bytes:
         entries = initramfs.init_entries(ENTRY[ff.target]) + initramfs.code_entries(graph(), REPO, initramfs.APP)
-        # the start path's dataclass method code, compiled here (cidboot.stage.dccache)
-        entries.append(dccache.table_entry(["cidboot.stage.pid1", ENTRY[ff.target]], REPO))
+        # the stage's dataclass method code, compiled here (cidboot.stage.dccache)
+        entries.append(dccache.table_entry(graph().modules, REPO))
         if kmods:
             entries += _module_entries(fetch_deb(lock.pin(kspec["package"]), hint), kmods)
         return compress(archive_bytes(entries, epoch), comp)

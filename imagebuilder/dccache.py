@@ -3,9 +3,9 @@
 Two steps, each in a subprocess of the builder's interpreter (the one that compiles the stage's
 bytecode: same magic number as the target's, imagebuilder.pycompile):
 
-1. record: import PID 1 and the stage's entry module (imagebuilder.build.ENTRY) with
-   `dataclasses.exec` hooked, and collect each source text `dataclasses` compiles: every
-   dataclass of the modules the stage imports before it starts its work;
+1. record: import every project module the stage ships (its import graph's modules under the
+   repository, in name order; not `__main__` modules, whose import runs a CLI) with
+   `dataclasses.exec` hooked, and collect each source text `dataclasses` compiles;
 2. compile: in a fresh `-I -S` interpreter that imports nothing but what it needs to read the
    texts, compile each (as `dataclasses`' own `exec` would: cidboot.stage.dccache.compile_text)
    and marshal the sorted table.
@@ -15,10 +15,10 @@ reference, so the bytes of a code object depend on what else the process holds; 
 only reads the texts and compiles them holds the same things every time: the same texts give
 the same bytes (tests/integration/test_build_repro.py builds twice and compares).
 
-Only the start path's: a module a stage imports later, inside a function, compiles its dataclasses
-as before, and a flow's operation modules are never run at build time. Every module the graph
-holds would be ~4x the bytes (the agent's: 450 KB instead of 107 KB, which every hand-over writes
-and the bootstrap fetches) for classes most boots never create.
+Every module the stage ships, not only those it imports before its first line: the stages import
+much of their work path inside functions (the DHCP codec, the gateway client, DICE), and those
+classes are created before the hand-over too. A flow's operation modules are not run at build
+time (the builder never executes a flow's code); their dataclasses compile as before.
 
 The table goes into the stage's app layer at cidboot.stage.dccache.TABLE_PATH, inside the
 measurement, beside the modules' bytecode. A text the target's `dataclasses` writes differently
@@ -70,6 +70,20 @@ class DataclassTableError(CidbootError):
     """Recording or compiling the stage's dataclass code table failed (names the step)."""
 
 
+def project_modules(modules: dict[str, Path], repo: Path) -> list[str]:
+    """The module names of an import graph (name -> file) whose files live under `repo`: the
+    project code the app layer ships; `__main__` modules left out (importing one runs it)."""
+    out = []
+    for name, path in modules.items():
+        try:
+            path.relative_to(repo)
+        except ValueError:
+            continue
+        if path.suffix == ".py" and name.rsplit(".", 1)[-1] != "__main__":
+            out.append(name)
+    return sorted(out)
+
+
 def _run(code: str, args: list[str], stdin: bytes, step: str, *, site: bool = False) -> bytes:
     """`code` in a new interpreter: isolated (-I: no PYTHONPATH, no user site), no bytecode
     written, a fixed hash seed; without `site` no site-packages either."""
@@ -98,11 +112,11 @@ def compile_table(texts: Iterable[str], repo: Path) -> bytes:
     return _run(_COMPILE, [str(repo)], json.dumps(sorted(set(texts))).encode(), "compile")
 
 
-def table(roots: Iterable[str], repo: Path) -> bytes:
-    """The table for a stage whose code starts at `roots` (PID 1 and the stage's entry)."""
-    return compile_table(record(roots, [repo]), repo)
+def table(modules: dict[str, Path], repo: Path) -> bytes:
+    """The table for a stage whose import graph is `modules` (name -> file)."""
+    return compile_table(record(project_modules(modules, repo), [repo]), repo)
 
 
-def table_entry(roots: Iterable[str], repo: Path) -> Entry:
+def table_entry(modules: dict[str, Path], repo: Path) -> Entry:
     """The table as the app layer's archive member."""
-    return Entry.file(TABLE_PATH, table(roots, repo))
+    return Entry.file(TABLE_PATH, table(modules, repo))

@@ -136,6 +136,13 @@ def test_builder_records_the_stage_start_path_and_compiles_the_same_bytes_twice(
     assert out.stdout.split() == [str(len(texts)).encode(), b"0"]
 
 
+def test_builder_records_the_project_modules_a_stage_ships_but_runs_no_main(tmp_path: Path) -> None:
+    graph = {"firmware.stage": REPO / "firmware/stage.py", "firmware.__main__": REPO / "firmware/__main__.py",
+             "cidboot.stage": REPO / "cidboot/stage/__init__.py", "json": tmp_path / "json/__init__.py",
+             "_ssl": tmp_path / "_ssl.so"}
+    assert builder.project_modules(graph, REPO) == ["cidboot.stage", "firmware.stage"]
+
+
 def test_builder_names_the_step_that_failed() -> None:
     with pytest.raises(builder.DataclassTableError, match="record failed: ModuleNotFoundError"):
         builder.record(["cidboot.no_such_module"], [REPO])
