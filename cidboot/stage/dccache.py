@@ -18,20 +18,30 @@ dataclasses, a module imported only at run time) is compiled as without the tabl
 missing, unreadable or foreign table (another format or interpreter) leaves `dataclasses` as it
 is. Nothing else changes: the function objects are made by the same `exec` into the same
 namespaces, so the classes are the same as without the table.
+
+The file: a marshalled header (FORMAT, the interpreter's cache tag, an index from the CRC-32 of
+a text's UTF-8 to where its entries lie, counted from the file's end) followed by the entries,
+each a marshalled (text, code). Loading reads only the header (a few hundred integers); a
+lookup unmarshals the entries under its text's CRC and runs one only if its text is the very
+text `dataclasses` wrote (the CRC only narrows the search). So a stage pays for the classes it
+creates, not for the whole table (which also holds classes of modules it imports late or never).
 """
 
 from __future__ import annotations
 
 import marshal
 import sys
+import zlib  # built into Debian's python3.11, as marshal is
 
 TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; typing is not imported at start
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
     from types import CodeType
 
+    Index = dict[int, tuple[tuple[int, int], ...]]
+
 TABLE_PATH = "/opt/cidboot/dataclass-code.marshal"
-FORMAT = "cidboot-dataclass-code/1"
+FORMAT = "cidboot-dataclass-code/2"
 
 _builtin_exec = exec
 _builtin_compile = compile
@@ -39,30 +49,60 @@ _CODE = type(compile("", "<string>", "exec"))
 stats: dict[str, int] = {"hits": 0, "misses": 0}  # for tests and profiles: texts found in / compiled beside the table
 
 
+class Table:
+    """A loaded table: the index and the file's bytes (entries are unmarshalled at lookup)."""
+
+    __slots__ = ("index", "data")
+
+    def __init__(self, index: Index, data: bytes) -> None:
+        self.index = index
+        self.data = data
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.index.values())
+
+    def get(self, text: str) -> CodeType | None:
+        """The code compiled from exactly `text`, or None (not in the table, or an entry that is
+        not a (text, code) pair: then as if it were not there)."""
+        end = len(self.data)
+        for back, size in self.index.get(zlib.crc32(text.encode()), ()):
+            try:
+                entry = marshal.loads(memoryview(self.data)[end - back:end - back + size])
+            except (EOFError, ValueError, TypeError):
+                continue
+            if type(entry) is tuple and len(entry) == 2 and entry[0] == text and type(entry[1]) is _CODE:
+                return entry[1]
+        return None
+
+
 def encode(pairs: Mapping[str, CodeType] | Iterable[tuple[str, CodeType]], cache_tag: str | None = None) -> bytes:
-    """The table's bytes: FORMAT, the interpreter's cache tag and (text, marshalled code) pairs
-    sorted by text. Each code object is marshalled on its own, so a stage unmarshals only the
-    ones it uses (the table also holds classes of modules a stage imports late or never)."""
-    items = sorted((text, marshal.dumps(code)) for text, code in dict(pairs).items())
-    return marshal.dumps((FORMAT, cache_tag or sys.implementation.cache_tag, tuple(items)))
+    """The table's bytes for text -> code `pairs` (entries in text order; the builder's compile
+    step calls this in a fresh interpreter)."""
+    entries = [marshal.dumps((text, code)) for text, code in sorted(dict(pairs).items())]
+    total = sum(map(len, entries))
+    index: dict[int, list[tuple[int, int]]] = {}
+    at = 0
+    for (text, _), raw in zip(sorted(dict(pairs).items()), entries, strict=True):
+        index.setdefault(zlib.crc32(text.encode()), []).append((total - at, len(raw)))
+        at += len(raw)
+    head = (FORMAT, cache_tag or sys.implementation.cache_tag, {k: tuple(v) for k, v in sorted(index.items())})
+    return marshal.dumps(head) + b"".join(entries)
 
 
-def decode(data: bytes) -> dict[str, bytes]:
-    """text -> marshalled code of a table's bytes; ValueError when they are not a table for this interpreter."""
+def decode(data: bytes) -> Table:
+    """A table's bytes, loaded (only the header is read); ValueError when they are not a table
+    for this interpreter."""
     try:
-        doc = marshal.loads(data)
+        doc = marshal.loads(data)  # the header: marshal stops at its end
     except (EOFError, ValueError, TypeError) as e:
         raise ValueError(f"not a dataclass code table: {e}") from None
     if type(doc) is not tuple or len(doc) != 3 or doc[0] != FORMAT:
         raise ValueError("not a dataclass code table (format)")
     if doc[1] != sys.implementation.cache_tag:
         raise ValueError(f"a table for {doc[1]}, not {sys.implementation.cache_tag}")
-    table: dict[str, bytes] = {}
-    for item in doc[2]:
-        if type(item) is not tuple or len(item) != 2 or type(item[0]) is not str or type(item[1]) is not bytes:
-            raise ValueError("not a dataclass code table (entry)")
-        table[item[0]] = item[1]
-    return table
+    if type(doc[2]) is not dict:
+        raise ValueError("not a dataclass code table (index)")
+    return Table(doc[2], data)
 
 
 def compile_text(text: str) -> CodeType:
@@ -70,23 +110,17 @@ def compile_text(text: str) -> CodeType:
     return _builtin_compile(text, "<string>", "exec", dont_inherit=True)
 
 
-def code_for(table: Mapping[str, bytes], text: str) -> CodeType:
-    """The code of `text`: the table's, else compiled now (also when the table's entry is not a
-    code object: then as if it were not there)."""
-    raw = table.get(text)
-    if raw is not None:
-        try:
-            code = marshal.loads(raw)
-        except (EOFError, ValueError, TypeError):
-            code = None
-        if type(code) is _CODE:
-            stats["hits"] += 1
-            return code
+def code_for(table: Table, text: str) -> CodeType:
+    """The code of `text`: the table's, else compiled now."""
+    code = table.get(text)
+    if code is not None:
+        stats["hits"] += 1
+        return code
     stats["misses"] += 1
     return compile_text(text)
 
 
-def hook(table: Mapping[str, bytes]) -> Callable[..., None]:
+def hook(table: Table) -> Callable[..., None]:
     """The `exec` dataclasses calls: a text runs the code `code_for` gives it, any other source
     is run as the builtin `exec` runs it."""
 

@@ -8,6 +8,7 @@ import dataclasses
 import marshal
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -83,21 +84,25 @@ def test_a_text_not_in_the_table_compiles_as_dataclasses_would(hooked: None, tmp
                                                                           dont_inherit=True).co_flags
 
 
-def test_a_bad_entry_is_compiled_instead(hooked: None) -> None:
+def test_a_bad_entry_or_another_text_under_the_same_crc_is_compiled_instead(hooked: None) -> None:
     text = "y = 2"
-    for raw in (b"garbage", marshal.dumps("not code")):
+    good = dccache.decode(dccache.encode({text: compile("y = 3", "<string>", "exec")}))
+    ns: dict[str, object] = {}
+    dccache.hook(good)(text, {}, ns)
+    assert ns["y"] == 3 and dccache.stats == {"hits": 1, "misses": 0}  # the table's code runs: it is the measured one
+    (back, size), = good.index[zlib.crc32(text.encode())]
+    for entry in (b"garbage", marshal.dumps("not a pair"), marshal.dumps(("y = 22", compile("y = 3", "<s>", "exec"))),
+                  marshal.dumps((text, "not code"))):
+        data = marshal.dumps((dccache.FORMAT, sys.implementation.cache_tag, {zlib.crc32(text.encode()): ((len(entry), len(entry)),)})) + entry
         dccache.stats.update(hits=0, misses=0)
-        ns: dict[str, object] = {}
-        dccache.hook({text: raw})(text, {}, ns)
-        assert ns["y"] == 2 and dccache.stats == {"hits": 0, "misses": 1}
-    ns = {}
-    dccache.hook({text: marshal.dumps(compile("y = 3", "<string>", "exec"))})(text, {}, ns)
-    assert ns["y"] == 3 and dccache.stats["hits"] == 1  # the table's code runs: it is the measured one
+        ns = {}
+        dccache.hook(dccache.decode(data))(text, {}, ns)
+        assert ns["y"] == 2 and dccache.stats == {"hits": 0, "misses": 1}, entry
 
 
-@pytest.mark.parametrize("data", [b"", b"\x00junk", marshal.dumps(("other/1", sys.implementation.cache_tag, ())),
-                                  marshal.dumps((dccache.FORMAT, "cpython-399", ())),
-                                  marshal.dumps((dccache.FORMAT, sys.implementation.cache_tag, (("t", 1),)))])
+@pytest.mark.parametrize("data", [b"", b"\x00junk", marshal.dumps(("other/1", sys.implementation.cache_tag, {})),
+                                  marshal.dumps((dccache.FORMAT, "cpython-399", {})),
+                                  marshal.dumps((dccache.FORMAT, sys.implementation.cache_tag, [("t", 1)]))])
 def test_no_table_or_a_foreign_one_leaves_dataclasses_alone(hooked: None, tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "t.marshal"
     path.write_bytes(data)
@@ -108,13 +113,13 @@ def test_no_table_or_a_foreign_one_leaves_dataclasses_alone(hooked: None, tmp_pa
         dccache.decode(data)
 
 
-def test_encode_sorts_and_decodes_lazily() -> None:
+def test_encode_is_in_text_order_and_a_lookup_reads_only_its_entry() -> None:
     code = {t: dccache.compile_text(t) for t in ("b = 1", "a = 2")}
     data = dccache.encode(code)
     assert data == dccache.encode(list(reversed(code.items())))
-    doc = marshal.loads(data)
-    assert [t for t, _ in doc[2]] == ["a = 2", "b = 1"]
-    assert dccache.decode(data) == {t: marshal.dumps(c) for t, c in code.items()}
+    table = dccache.decode(data)
+    assert len(table) == 2 and data.index(b"a = 2") < data.index(b"b = 1")
+    assert table.get("a = 2") == code["a = 2"] and table.get("b = 1") == code["b = 1"] and table.get("c = 3") is None
 
 
 def test_builder_records_the_stage_start_path_and_compiles_the_same_bytes_twice() -> None:
@@ -124,7 +129,7 @@ def test_builder_records_the_stage_start_path_and_compiles_the_same_bytes_twice(
     assert any("def __init__(" in t and "ifname:_type_ifname" in t for t in texts)  # firmware.netboot.Network
     a, b = builder.compile_table(texts, REPO), builder.compile_table(reversed(texts), REPO)
     assert a == b
-    assert set(dccache.decode(a)) == set(texts)
+    assert len(dccache.decode(a)) == len(texts) and all(dccache.decode(a).get(t) is not None for t in texts)
     # a fresh interpreter with the table importing the same start path compiles nothing
     out = subprocess.run([sys.executable, "-I", "-B", "-c",
                           "import sys; sys.path[:0] = [sys.argv[1]]\n"
