@@ -5,7 +5,8 @@ bytecode: same magic number as the target's, imagebuilder.pycompile):
 
 1. record: import every project module the stage ships (its import graph's modules under the
    repository, in name order; not `__main__` modules, whose import runs a CLI) with
-   `dataclasses.exec` hooked, and collect each source text `dataclasses` compiles;
+   `dataclasses.exec` and `collections.eval` hooked, and collect each source text they compile
+   (dataclass methods, namedtuple `__new__`s);
 2. compile: in a fresh `-I -S` interpreter that imports nothing but what it needs to read the
    texts, compile each (as `dataclasses`' own `exec` would: cidboot.stage.dccache.compile_text)
    and marshal the sorted table.
@@ -42,18 +43,25 @@ TABLE_PATH = dccache.TABLE_PATH.lstrip("/")
 FORMAT = dccache.FORMAT
 
 _RECORD = r"""
-import json, sys
-sys.path[:0] = json.loads(sys.argv[1])
-import dataclasses
+import collections
 texts = set()
-_exec = exec
-def record(source, globals=None, locals=None, /):
+_exec, _eval = exec, eval
+def record_eval(source, globals=None, locals=None, /):
     if type(source) is str:
-        texts.add(source)
+        texts.add(("eval", source))
+    return _eval(source, globals, locals)
+collections.eval = record_eval  # first: dataclasses imports functools, whose _CacheInfo is a namedtuple
+import dataclasses
+def record_exec(source, globals=None, locals=None, /):
+    if type(source) is str:
+        texts.add(("exec", source))
     return _exec(source, globals, locals)
-dataclasses.exec = record
-for name in json.loads(sys.argv[2]):
+dataclasses.exec = record_exec
+import sys
+sys.path[:0] = sys.argv[1].split(":")
+for name in sys.argv[2].split():
     __import__(name)
+import json
 sys.stdout.write(json.dumps(sorted(texts)))
 """
 
@@ -62,7 +70,7 @@ import json, sys
 sys.path[:0] = [sys.argv[1]]
 from cidboot.stage import dccache
 texts = json.loads(sys.stdin.buffer.read())
-sys.stdout.buffer.write(dccache.encode({t: dccache.compile_text(t) for t in texts}))
+sys.stdout.buffer.write(dccache.encode([(mode, t, dccache.compile_text(t, mode)) for mode, t in texts]))
 """
 
 
@@ -84,11 +92,11 @@ def project_modules(modules: dict[str, Path], repo: Path) -> list[str]:
     return sorted(out)
 
 
-def _run(code: str, args: list[str], stdin: bytes, step: str, *, site: bool = False) -> bytes:
-    """`code` in a new interpreter: isolated (-I: no PYTHONPATH, no user site), no bytecode
-    written, a fixed hash seed; without `site` no site-packages either."""
+def _run(code: str, args: list[str], stdin: bytes, step: str) -> bytes:
+    """`code` in a new interpreter: isolated (-I: no PYTHONPATH, no user site), no `site`
+    (-S), no bytecode written, a fixed hash seed."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8"}
-    proc = subprocess.run([sys.executable, "-I", *([] if site else ["-S"]), "-B", "-c", code, *args], input=stdin, capture_output=True,
+    proc = subprocess.run([sys.executable, "-I", "-S", "-B", "-c", code, *args], input=stdin, capture_output=True,
                           env=env, check=False)
     if proc.returncode != 0:
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
@@ -96,19 +104,23 @@ def _run(code: str, args: list[str], stdin: bytes, step: str, *, site: bool = Fa
     return proc.stdout
 
 
-def record(modules: Iterable[str], paths: Iterable[Path]) -> list[str]:
-    """Every text `dataclasses` compiles while `modules` are imported (with `paths` first on
-    sys.path), sorted."""
-    out = _run(_RECORD, [json.dumps([str(p) for p in paths]), json.dumps(list(modules))], b"", "record",
-               site=True)  # the stage's wheels (cryptography, cbor2) are the build host's site packages here
-    texts = json.loads(out)
-    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise DataclassTableError("dataclass code table: record gave no list of texts")
-    return texts
+def record(modules: Iterable[str], paths: Iterable[Path]) -> list[tuple[str, str]]:
+    """Every (mode, text) `dataclasses` ("exec") and `collections.namedtuple` ("eval") compile
+    while `modules` are imported (with `paths` first on sys.path, then this interpreter's
+    site-packages: the stage's wheels, cryptography and cbor2, are the build host's here), sorted.
+    The recording interpreter runs no `site` and hooks both before it imports anything else: a
+    module imported before the hooks would create its classes unseen (the stdlib's too)."""
+    site = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    out = _run(_RECORD, [":".join([*map(str, paths), *site]), " ".join(modules)], b"", "record")
+    got = json.loads(out)
+    if not isinstance(got, list) or not all(isinstance(t, list) and len(t) == 2 and t[0] in dccache.MODES
+                                            and isinstance(t[1], str) for t in got):
+        raise DataclassTableError("dataclass code table: record gave no list of (mode, text)")
+    return [(m, t) for m, t in got]
 
 
-def compile_table(texts: Iterable[str], repo: Path) -> bytes:
-    """The marshalled table for `texts` (cidboot.stage.dccache.encode), from a fresh interpreter."""
+def compile_table(texts: Iterable[tuple[str, str]], repo: Path) -> bytes:
+    """The marshalled table for (mode, text) pairs (cidboot.stage.dccache.encode), from a fresh interpreter."""
     return _run(_COMPILE, [str(repo)], json.dumps(sorted(set(texts))).encode(), "compile")
 
 

@@ -19,9 +19,15 @@ missing, unreadable or foreign table (another format or interpreter) leaves `dat
 is. Nothing else changes: the function objects are made by the same `exec` into the same
 namespaces, so the classes are the same as without the table.
 
+`collections.namedtuple` does the same for one method (`__new__`, a lambda it compiles with
+`eval`; the stdlib's `urllib.parse`, `selectors` and `functools` make five at start), so its
+`eval` global is hooked to the same table (entries compiled in "eval" mode). With both, a stage's
+start runs no compiler at all: under TCG the compiler's code is translated anew in every
+interpreter (each stage's, after its exec), so not running it saves that translation too.
+
 The file: a marshalled header (FORMAT, the interpreter's cache tag, an index from the CRC-32 of
 a text's UTF-8 to where its entries lie, counted from the file's end) followed by the entries,
-each a marshalled (text, code). Loading reads only the header (a few hundred integers); a
+each a marshalled (mode, text, code) with mode "exec" (dataclasses) or "eval" (namedtuple). Loading reads only the header (a few hundred integers); a
 lookup unmarshals the entries under its text's CRC and runs one only if its text is the very
 text `dataclasses` wrote (the CRC only narrows the search). So a stage pays for the classes it
 creates, not for the whole table (which also holds classes of modules it imports late or never).
@@ -44,8 +50,10 @@ TABLE_PATH = "/opt/cidboot/dataclass-code.marshal"
 FORMAT = "cidboot-dataclass-code/2"
 
 _builtin_exec = exec
+_builtin_eval = eval
 _builtin_compile = compile
-_CODE = type(compile("", "<string>", "exec"))
+_CODE = type((lambda: None).__code__)  # not compile(): importing this module must not run the compiler
+MODES = ("exec", "eval")
 stats: dict[str, int] = {"hits": 0, "misses": 0}  # for tests and profiles: texts found in / compiled beside the table
 
 
@@ -61,32 +69,34 @@ class Table:
     def __len__(self) -> int:
         return sum(len(v) for v in self.index.values())
 
-    def get(self, text: str) -> CodeType | None:
-        """The code compiled from exactly `text`, or None (not in the table, or an entry that is
-        not a (text, code) pair: then as if it were not there)."""
+    def get(self, text: str, mode: str = "exec") -> CodeType | None:
+        """The code compiled from exactly `text` in `mode`, or None (not in the table, or an entry
+        that is not a (mode, text, code) triple: then as if it were not there)."""
         end = len(self.data)
         for back, size in self.index.get(zlib.crc32(text.encode()), ()):
             try:
                 entry = marshal.loads(memoryview(self.data)[end - back:end - back + size])
             except (EOFError, ValueError, TypeError):
                 continue
-            if type(entry) is tuple and len(entry) == 2 and entry[0] == text and type(entry[1]) is _CODE:
-                return entry[1]
+            if (type(entry) is tuple and len(entry) == 3 and entry[0] == mode and entry[1] == text
+                    and type(entry[2]) is _CODE):
+                return entry[2]
         return None
 
 
-def encode(pairs: Mapping[str, CodeType] | Iterable[tuple[str, CodeType]], cache_tag: str | None = None) -> bytes:
-    """The table's bytes for text -> code `pairs` (entries in text order; the builder's compile
-    step calls this in a fresh interpreter)."""
-    entries = [marshal.dumps((text, code)) for text, code in sorted(dict(pairs).items())]
-    total = sum(map(len, entries))
+def encode(entries: Iterable[tuple[str, str, CodeType]], cache_tag: str | None = None) -> bytes:
+    """The table's bytes for (mode, text, code) `entries` (in (text, mode) order; the builder's
+    compile step calls this in a fresh interpreter)."""
+    items = sorted({(text, mode): code for mode, text, code in entries}.items())
+    raws = [marshal.dumps((mode, text, code)) for (text, mode), code in items]
+    total = sum(map(len, raws))
     index: dict[int, list[tuple[int, int]]] = {}
     at = 0
-    for (text, _), raw in zip(sorted(dict(pairs).items()), entries, strict=True):
+    for ((text, _mode), _code), raw in zip(items, raws, strict=True):
         index.setdefault(zlib.crc32(text.encode()), []).append((total - at, len(raw)))
         at += len(raw)
     head = (FORMAT, cache_tag or sys.implementation.cache_tag, {k: tuple(v) for k, v in sorted(index.items())})
-    return marshal.dumps(head) + b"".join(entries)
+    return marshal.dumps(head) + b"".join(raws)
 
 
 def decode(data: bytes) -> Table:
@@ -105,19 +115,20 @@ def decode(data: bytes) -> Table:
     return Table(doc[2], data)
 
 
-def compile_text(text: str) -> CodeType:
-    """`text` compiled as `exec(text)` in `dataclasses` compiles it (no __future__ flags there)."""
-    return _builtin_compile(text, "<string>", "exec", dont_inherit=True)
+def compile_text(text: str, mode: str = "exec") -> CodeType:
+    """`text` compiled as `exec(text)` in `dataclasses` (or `eval(text)` in `collections`)
+    compiles it: filename "<string>", no __future__ flags (neither module has any)."""
+    return _builtin_compile(text, "<string>", mode, dont_inherit=True)
 
 
-def code_for(table: Table, text: str) -> CodeType:
+def code_for(table: Table, text: str, mode: str = "exec") -> CodeType:
     """The code of `text`: the table's, else compiled now."""
-    code = table.get(text)
+    code = table.get(text, mode)
     if code is not None:
         stats["hits"] += 1
         return code
     stats["misses"] += 1
-    return compile_text(text)
+    return compile_text(text, mode)
 
 
 def hook(table: Table) -> Callable[..., None]:
@@ -133,15 +144,30 @@ def hook(table: Table) -> Callable[..., None]:
     return _exec
 
 
+def eval_hook(table: Table) -> Callable[..., object]:
+    """The `eval` collections.namedtuple calls, the same way."""
+
+    def _eval(source: object, globals: dict[str, object] | None = None, locals: Mapping[str, object] | None = None,
+              /) -> object:
+        if type(source) is str:
+            source = code_for(table, source, "eval")
+        return _builtin_eval(source, globals, locals)  # type: ignore[arg-type]
+
+    return _eval
+
+
 def install(path: str = TABLE_PATH) -> int:
-    """Load the table at `path` and hook `dataclasses` to it; returns how many texts it holds
-    (0: no table, or not one for this interpreter: `dataclasses` is left as it is)."""
+    """Load the table at `path` and hook `dataclasses` and `collections` to it; returns how many
+    texts it holds (0: no table, or not one for this interpreter: both are left as they are)."""
     try:
         with open(path, "rb") as f:
             table = decode(f.read())
     except (OSError, ValueError):
         return 0
-    import dataclasses
+    import collections
+
+    collections.eval = eval_hook(table)  # type: ignore[attr-defined]  # first: dataclasses imports functools,
+    import dataclasses  # whose _CacheInfo is a namedtuple
 
     dataclasses.exec = hook(table)  # type: ignore[attr-defined]
     return len(table)

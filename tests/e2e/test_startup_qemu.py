@@ -280,17 +280,26 @@ def test_image_interpreter_loads_every_module_from_shipped_bytecode(stages: dict
                                                                     tmp_path: Path) -> None:
     """The image's own python3.11 (chroot into the unpacked initramfs, -v, no bytecode writing)
     imports the stage entry and every module comes from the layer's unchecked-hash .pyc: none is
-    compiled from source at boot (a magic or cache-tag mismatch would show up here)."""
+    compiled from source at boot (a magic or cache-tag mismatch would show up here). With the
+    image's dataclass code table installed as PID 1 installs it, the image's own `dataclasses`
+    finds every text of the entry's import in the table (cidboot.stage.dccache): the build host's
+    Python wrote the same texts."""
     for stage, (_k, initrd, _c) in stages.items():
         root = tmp_path / stage
         unpack_initrd(initrd.read_bytes(), root)
-        code = f"import sys; sys.path[:0] = ['/opt/cidboot', '/opt/cidboot/lib', '/opt/cidboot/ops']; import {ENTRY[stage]}"
+        code = ("import sys; sys.path[:0] = ['/opt/cidboot', '/opt/cidboot/lib', '/opt/cidboot/ops']\n"
+                "from cidboot.stage import dccache, deferred\n"
+                "deferred.install(); n = dccache.install()\n"
+                f"import {ENTRY[stage]}\n"
+                "print('dataclass code', n, dccache.stats['hits'], dccache.stats['misses'])")
         proc = subprocess.run(["chroot", str(root), "/usr/bin/python3.11", "-IS", "-B", "-v", "-c", code],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         loaded = re.findall(r"# code object from '?([^'\n]+)'?", proc.stderr)
         from_source = [f for f in loaded if not f.endswith(".pyc")]
         assert len(loaded) > 40 and not from_source, f"{stage}: compiled from source at import: {from_source}"
+        _, size, hits, misses = proc.stdout.split()[-4:]
+        assert int(size) > 0 and int(hits) > 20 and misses == "0", f"{stage}: dataclass code table: {proc.stdout}"
 
 
 def main(argv: list[str] | None = None) -> int:
