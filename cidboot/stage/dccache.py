@@ -27,10 +27,11 @@ interpreter (each stage's, after its exec), so not running it saves that transla
 
 The file: a marshalled header (FORMAT, the interpreter's cache tag, an index from the CRC-32 of
 a text's UTF-8 to where its entries lie, counted from the file's end) followed by the entries,
-each a marshalled (mode, text, code) with mode "exec" (dataclasses) or "eval" (namedtuple). Loading reads only the header (a few hundred integers); a
-lookup unmarshals the entries under its text's CRC and runs one only if its text is the very
-text `dataclasses` wrote (the CRC only narrows the search). So a stage pays for the classes it
-creates, not for the whole table (which also holds classes of modules it imports late or never).
+each a marshalled (mode, text, code), mode "exec" (dataclasses) or "eval" (namedtuple). Loading
+reads only the header (a few hundred integers); a lookup unmarshals the entries under its text's
+CRC and runs one only if its mode and text are the very ones asked for (the CRC only narrows the
+search). So a stage pays for the classes it creates, not for the whole table (which also holds
+classes of modules it imports late or never).
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from cidboot.stage import dccache, deferred
 # Imports here are what every stage pays (three times a boot): os, sys and errno are loaded by the
 # interpreter anyway. Not pathlib (re, fnmatch, urllib.parse, ipaddress), not signal (enum: the
 # builtin _signal does the same here), not ctypes (only for a mount or a module load that is
-# actually needed: cidboot.stage.syscalls imports it then).
+# actually needed: cidboot.stage.syscalls imports it then). cidboot.stage.dccache (marshal, zlib: built
+# in) loads the image's table of dataclass and namedtuple code before the stage imports anything.
 
 MODULE_DIR = "/lib/modules"
 MODULE_LIST = "/etc/cidboot/modules"
