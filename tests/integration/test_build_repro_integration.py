@@ -53,7 +53,7 @@ def test_same_flow_twice_same_manifest_then_one_op_changes_one_layer(hello: Path
     agent_layer = next(lyr for lyr in signed.manifest.layers if lyr.role == "agent")
     members = parse_initramfs(b"".join(export_file(agent_layer.cid, bs.get))).members
     table = dccache.decode(next(bytes(c) for m, c in members if m.path == dccache.TABLE_PATH.lstrip("/")))
-    assert any("def __init__(" in t and "_type_" in t for t in table)
+    assert len(table) > 100  # the hello image's agent, cidboot and their stdlib: ~400 texts
     assert len(b"".join(export_file(ops_layer.cid, bs.get))) == ops_layer.size
     assert signed.manifest.placement == {"device": ["hello"]}
 
