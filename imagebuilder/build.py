@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -29,7 +30,7 @@ from cidboot.trust.manifest import Layer, Manifest, RootOfTrust, sign_manifest
 from cidboot.trust.measure import boot_code_hash, image_code_hash, served_initrds
 from cidboot.trust.private import carried
 from cidboot.trust.private import keys as layer_keys
-from imagebuilder import flowfile, initramfs, pyimports, uki
+from imagebuilder import dccache, flowfile, initramfs, pyimports, uki
 from imagebuilder.cache import BuildCache, key
 from imagebuilder.cpio import (
     archive_bytes,
@@ -500,6 +501,8 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     def agent() -> bytes:
         entries = (initramfs.init_entries(ENTRY[ff.target])
                    + initramfs.code_entries(graph(), REPO, initramfs.APP, sources=code_sources))
+        # the stage's dataclass method code, compiled here (cidboot.stage.dccache)
+        entries.append(dccache.table_entry(graph().modules, REPO))
         if kmods:
             entries += _module_entries(fetch_deb(lock.pin(kspec["package"]), hint), kmods)
         return compress(archive_bytes(entries, epoch), comp)
@@ -512,7 +515,8 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         return compress(archive_bytes(entries, epoch), comp)
 
     layer("agent", {"code": code_digest, "component": component, "entry": ENTRY[ff.target],
-                    "sources": code_sources, "kmods": kmods, "kernel": asdict(lock.pin(kspec["package"])) if kmods else None}, agent)
+                    "sources": code_sources, "dataclass_code": [dccache.FORMAT, sys.version.split()[0]],
+                    "kmods": kmods, "kernel": asdict(lock.pin(kspec["package"])) if kmods else None}, agent)
     layer("operations", {"ops": ops_digest, "code": code_digest, "entry": ENTRY[ff.target], "debs": rt_pins,
                          "wheels": wheel_pins, "extra": extra, "arch": arch, "runtime": str(built["runtime"].cid)},
           ops_layer)

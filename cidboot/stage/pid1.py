@@ -17,12 +17,13 @@ import os
 import sys
 
 from cidboot.errors import CidbootError
-from cidboot.stage import deferred
+from cidboot.stage import dccache, deferred
 
 # Imports here are what every stage pays (three times a boot): os, sys and errno are loaded by the
 # interpreter anyway. Not pathlib (re, fnmatch, urllib.parse, ipaddress), not signal (enum: the
 # builtin _signal does the same here), not ctypes (only for a mount or a module load that is
-# actually needed: cidboot.stage.syscalls imports it then).
+# actually needed: cidboot.stage.syscalls imports it then). cidboot.stage.dccache (marshal, zlib: built
+# in) loads the image's table of dataclass and namedtuple code before the stage imports anything.
 
 MODULE_DIR = "/lib/modules"
 MODULE_LIST = "/etc/cidboot/modules"
@@ -132,7 +133,12 @@ def run_stage(module: str) -> None:
                     finit_module(os.path.join(MODULE_DIR, f"{n}.ko"))
             print(f"cidboot: loaded {' '.join(names)}", file=sys.stderr, flush=True)
         deferred.install()  # stdlib modules the stages import but do not run at start (cidboot.stage.deferred)
-        __import__(module, fromlist=["main"]).main()
+        dccache.install()  # dataclass method code compiled at build time (cidboot.stage.dccache)
+        stage = __import__(module, fromlist=["main"])
+        if "importtime" in sys._xoptions:  # a start-up profile (cidboot_importtime=1): what the table saved
+            print(f"cidboot: dataclass code: hits={dccache.stats['hits']} misses={dccache.stats['misses']}",
+                  file=sys.stderr, flush=True)
+        stage.main()
         power_off("stage exited")
     except SystemExit as e:
         power_off(f"stage exited with status {e.code}")

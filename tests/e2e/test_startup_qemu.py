@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "examples" / "hello" / "flow.yaml"
 # a stage's own first console line: its start marker, or its refusal / fatal error when it stops earlier
 FIRST_LINE = re.compile(r"cidboot-stage: |cidboot: (refused|fatal): |cidboot: (firmware|bootstrap|agent): ")
+DCCODE_RX = re.compile(r"cidboot: dataclass code: hits=(\d+) misses=(\d+)")
 IMPORT_RX = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
 # never imported by a booting stage: host tools, servers, CLIs
 HOST_SIDE = ("imagebuilder", "qemu", "bootstrap.server", "bootstrap.cli", "bootstrap.commands", "firmware.cli",
@@ -58,6 +59,7 @@ class StartupFigures:
     modules_to_first_line: int = 0
     top: list[tuple[str, int]] = field(default_factory=list)  # (module, cumulative us), top-level imports
     imported: list[str] = field(default_factory=list)  # every module imported before the first line
+    dataclass_code: tuple[int, int] | None = None  # (hits, misses) of the table on the start path (cidboot.stage.dccache)
 
 
 def parse_importtime(lines: list[str]) -> tuple[int, list[tuple[str, int]], list[str]]:
@@ -125,6 +127,8 @@ def measure_stage(stage: str, kernel: Path, initrd: Path, cmdline: str, work: Pa
     fig.imports_to_first_line_us, fig.top, fig.imported = parse_importtime(texts[:cut])
     fig.imports_total_us, _, _ = parse_importtime(texts)
     fig.modules_to_first_line = len(fig.imported)
+    dc = next((m for m in map(DCCODE_RX.search, texts) if m), None)
+    fig.dataclass_code = (int(dc[1]), int(dc[2])) if dc else None
     fig.top = fig.top[:15]
     return fig
 
@@ -157,7 +161,9 @@ def table(figs: list[StartupFigures]) -> str:
                     f"{f.imports_to_first_line_us / 1000:.0f} | {f.modules_to_first_line} | {f.imports_total_us / 1000:.0f} |")
     for f in figs:
         rows.append(f"\n{f.stage}: first line `{f.first_line}`; top imports (cumulative ms): "
-                    + ", ".join(f"{n} {us / 1000:.0f}" for n, us in f.top[:10]))
+                    + ", ".join(f"{n} {us / 1000:.0f}" for n, us in f.top[:10])
+                    + (f"; dataclass code table hits/misses {f.dataclass_code[0]}/{f.dataclass_code[1]}"
+                       if f.dataclass_code else ""))
     return "\n".join(rows)
 
 
@@ -229,6 +235,9 @@ def test_stages_import_no_host_side_code_at_start(stages: dict[str, tuple[Path, 
         assert f.imported, f"{f.stage}: no -X importtime output: the cidboot_importtime knob did not work"
         leaked = sorted(n for n in f.imported if any(n == h or n.startswith(h + ".") for h in HOST_SIDE))
         assert not leaked, f"{f.stage} imports host-side modules at start: {leaked}"
+        # the image builder's table (cidboot.stage.dccache) held every dataclass the start path creates
+        assert f.dataclass_code is not None and f.dataclass_code[0] > 0 and f.dataclass_code[1] == 0, \
+            f"{f.stage}: dataclass code table hits, misses: {f.dataclass_code}"
 
 
 def unpack_initrd(initrd: bytes, root: Path) -> None:
@@ -271,17 +280,26 @@ def test_image_interpreter_loads_every_module_from_shipped_bytecode(stages: dict
                                                                     tmp_path: Path) -> None:
     """The image's own python3.11 (chroot into the unpacked initramfs, -v, no bytecode writing)
     imports the stage entry and every module comes from the layer's unchecked-hash .pyc: none is
-    compiled from source at boot (a magic or cache-tag mismatch would show up here)."""
+    compiled from source at boot (a magic or cache-tag mismatch would show up here). With the
+    image's dataclass code table installed as PID 1 installs it, the image's own `dataclasses`
+    finds every text of the entry's import in the table (cidboot.stage.dccache): the build host's
+    Python wrote the same texts."""
     for stage, (_k, initrd, _c) in stages.items():
         root = tmp_path / stage
         unpack_initrd(initrd.read_bytes(), root)
-        code = f"import sys; sys.path[:0] = ['/opt/cidboot', '/opt/cidboot/lib', '/opt/cidboot/ops']; import {ENTRY[stage]}"
+        code = ("import sys; sys.path[:0] = ['/opt/cidboot', '/opt/cidboot/lib', '/opt/cidboot/ops']\n"
+                "from cidboot.stage import dccache, deferred\n"
+                "deferred.install(); n = dccache.install()\n"
+                f"import {ENTRY[stage]}\n"
+                "print('dataclass code', n, dccache.stats['hits'], dccache.stats['misses'])")
         proc = subprocess.run(["chroot", str(root), "/usr/bin/python3.11", "-IS", "-B", "-v", "-c", code],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         loaded = re.findall(r"# code object from '?([^'\n]+)'?", proc.stderr)
         from_source = [f for f in loaded if not f.endswith(".pyc")]
         assert len(loaded) > 40 and not from_source, f"{stage}: compiled from source at import: {from_source}"
+        _, size, hits, misses = proc.stdout.split()[-4:]
+        assert int(size) > 0 and int(hits) > 20 and misses == "0", f"{stage}: dataclass code table: {proc.stdout}"
 
 
 def main(argv: list[str] | None = None) -> int:

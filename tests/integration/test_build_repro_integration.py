@@ -15,6 +15,8 @@ import pytest
 
 from cidboot.ipld.car import CarReader
 from cidboot.ipld.unixfs.exporter import export_file
+from cidboot.stage import dccache
+from cidboot.stage.switch_root import parse_initramfs
 from cidboot.store.blockstore import Blockstore
 from cidboot.trust.manifest import SignedManifest
 from tests.support.hello_flow import build_json
@@ -47,6 +49,11 @@ def test_same_flow_twice_same_manifest_then_one_op_changes_one_layer(hello: Path
     signed = SignedManifest.decode(bs.get(CID.parse(str(a["manifest"]))))
     assert {str(lyr.cid): lyr.role for lyr in signed.manifest.layers} == {v: k for k, v in _roles(a).items()}
     ops_layer = next(lyr for lyr in signed.manifest.layers if lyr.role == "operations")
+    # the agent layer carries its start path's dataclass code (cidboot.stage.dccache), the same bytes in both builds
+    agent_layer = next(lyr for lyr in signed.manifest.layers if lyr.role == "agent")
+    members = parse_initramfs(b"".join(export_file(agent_layer.cid, bs.get))).members
+    table = dccache.decode(next(bytes(c) for m, c in members if m.path == dccache.TABLE_PATH.lstrip("/")))
+    assert len(table) > 100  # the hello image's agent, cidboot and their stdlib: ~400 texts
     assert len(b"".join(export_file(ops_layer.cid, bs.get))) == ops_layer.size
     assert signed.manifest.placement == {"device": ["hello"]}
 
