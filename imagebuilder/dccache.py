@@ -79,15 +79,17 @@ class DataclassTableError(CidbootError):
 
 
 def project_modules(modules: dict[str, Path], repo: Path) -> list[str]:
-    """The module names of an import graph (name -> file) whose files live under `repo`: the
-    project code the app layer ships; `__main__` modules left out (importing one runs it)."""
+    """The module names of an import graph (name -> file) that are the project's own code: the
+    file is where its name puts it under `repo` (`a/b.py` or `a/b/__init__.py` for `a.b`), so
+    the recorder, with `repo` first on its path, imports that very file. Not a flow's operations
+    when the flow lives inside the checkout (`make demo` builds under out/: its `ops` would be
+    "under the repo" but not importable from it), and not `__main__` modules (importing one runs it)."""
     out = []
     for name, path in modules.items():
-        try:
-            path.relative_to(repo)
-        except ValueError:
+        rel = Path(*name.split("."))
+        if path.suffix != ".py" or name.rsplit(".", 1)[-1] == "__main__":
             continue
-        if path.suffix == ".py" and name.rsplit(".", 1)[-1] != "__main__":
+        if path in (repo / rel.with_suffix(".py"), repo / rel / "__init__.py"):
             out.append(name)
     return sorted(out)
 

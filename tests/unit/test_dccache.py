@@ -163,7 +163,9 @@ def test_builder_records_the_stage_start_path_and_compiles_the_same_bytes_twice(
 def test_builder_records_the_project_modules_a_stage_ships_but_runs_no_main(tmp_path: Path) -> None:
     graph = {"firmware.stage": REPO / "firmware/stage.py", "firmware.__main__": REPO / "firmware/__main__.py",
              "cidboot.stage": REPO / "cidboot/stage/__init__.py", "json": tmp_path / "json/__init__.py",
-             "_ssl": tmp_path / "_ssl.so"}
+             "_ssl": tmp_path / "_ssl.so",
+             # a flow inside the checkout (make demo builds under out/): its operations are not project code
+             "ops": REPO / "out/demo/work/firmware/ops.py"}
     assert builder.project_modules(graph, REPO) == ["cidboot.stage", "firmware.stage"]
 
 
