@@ -38,6 +38,7 @@ from pathlib import Path
 from cidboot.errors import CidbootError
 from cidboot.stage import dccache
 from imagebuilder.cpio import Entry
+from imagebuilder.pyimports import sources_under
 
 TABLE_PATH = dccache.TABLE_PATH.lstrip("/")
 FORMAT = dccache.FORMAT
@@ -79,19 +80,10 @@ class DataclassTableError(CidbootError):
 
 
 def project_modules(modules: dict[str, Path], repo: Path) -> list[str]:
-    """The module names of an import graph (name -> file) that are the project's own code: the
-    file is where its name puts it under `repo` (`a/b.py` or `a/b/__init__.py` for `a.b`), so
-    the recorder, with `repo` first on its path, imports that very file. Not a flow's operations
-    when the flow lives inside the checkout (`make demo` builds under out/: its `ops` would be
-    "under the repo" but not importable from it), and not `__main__` modules (importing one runs it)."""
-    out = []
-    for name, path in modules.items():
-        rel = Path(*name.split("."))
-        if path.suffix != ".py" or name.rsplit(".", 1)[-1] == "__main__":
-            continue
-        if path in (repo / rel.with_suffix(".py"), repo / rel / "__init__.py"):
-            out.append(name)
-    return sorted(out)
+    """The project code the app layer ships, by module name (`pyimports.sources_under`: the
+    files the recorder, with `repo` first on its path, imports), `__main__` modules left out
+    (importing one runs it)."""
+    return sorted(n for n in sources_under(modules, repo) if n.rsplit(".", 1)[-1] != "__main__")
 
 
 def _run(code: str, args: list[str], stdin: bytes, step: str) -> bytes:

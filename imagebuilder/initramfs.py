@@ -177,16 +177,12 @@ class _Overlay:
 
 
 def code_entries(graph: ImportGraph, src_root: Path, dest: str, sources: bool = True) -> list[Entry]:
-    """Project modules of the graph that live under `src_root`, placed under `dest`, with their
-    sources or as bytecode alone (`python_entries`)."""
+    """The graph's modules that are `src_root`'s own (`ImportGraph.sources_under`: the file is
+    where the module's name puts it), placed under `dest`, with their sources or as bytecode
+    alone (`python_entries`)."""
     files: dict[str, bytes] = {}
-    for path in graph.files():
-        try:
-            rel = path.relative_to(src_root)
-        except ValueError:
-            continue
-        if path.suffix == ".py":
-            files[f"{dest}/{rel}"] = path.read_bytes()
+    for path in sorted(set(graph.sources_under(src_root).values())):
+        files[f"{dest}/{path.relative_to(src_root)}"] = path.read_bytes()
     return python_entries(files, sources)
 
 

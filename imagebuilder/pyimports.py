@@ -57,6 +57,25 @@ class ImportGraph:
     def files(self) -> list[Path]:
         return sorted(set(self.modules.values()))
 
+    def sources_under(self, root: Path) -> dict[str, Path]:
+        """The Python modules of the graph that are `root`'s own (`sources_under`)."""
+        return sources_under(self.modules, root)
+
+
+def sources_under(modules: dict[str, Path], root: Path) -> dict[str, Path]:
+    """The `.py` modules (name -> file) whose file is where the name puts it under `root`
+    (`a/b.py` or `a/b/__init__.py` for `a.b`): what an importer with `root` on its path loads.
+    Not every file that merely lies below `root`: a flow kept inside the checkout (`make demo`
+    builds under out/, the examples sit in examples/) has its `ops` below the project's root
+    without being the project's code, and copying it into the app layer would make the layer
+    (and its CID) depend on where the flow file sits."""
+    out: dict[str, Path] = {}
+    for name, path in modules.items():
+        rel = Path(*name.split("."))
+        if path.suffix == ".py" and path in (root / rel.with_suffix(".py"), root / rel / "__init__.py"):
+            out[name] = path
+    return out
+
 
 def find_module(name: str, roots: list[Path]) -> Path | None:
     """The file defining `name` in the first root that has it (package, module or extension)."""

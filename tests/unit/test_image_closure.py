@@ -131,3 +131,21 @@ def test_platform_closure_is_the_union_of_the_stage_closures() -> None:
                    if any(n == h or n.startswith(h + ".") for h in HOST_SIDE))
     assert not found, f"the platform runtime would carry host-side modules: {found}"
     assert {"_cffi_backend", "encodings.idna"} <= platform.unresolved  # names looked up at run time
+
+
+def test_the_app_layer_ships_the_projects_modules_not_a_flow_kept_inside_the_checkout(tmp_path: Path) -> None:
+    """A flow under the project's root (make demo builds under out/, examples/ sit in the
+    checkout) must not put its operations into the app layer: the layer, and its CID, would
+    then depend on where the flow file lies. Its operations go to the operations layer."""
+    root = tmp_path / "repo"
+    for rel in ("cidboot/__init__.py", "cidboot/stage.py", "out/demo/work/workload/ops.py"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("X = 1\n")
+    flow_dir = root / "out/demo/work/workload"
+    graph = pyimports.ImportGraph(modules={"cidboot": root / "cidboot/__init__.py", "cidboot.stage": root / "cidboot/stage.py",
+                                           "ops": flow_dir / "ops.py"})
+    app = [e.path for e in initramfs.code_entries(graph, root, initramfs.APP, sources=True)]
+    assert sorted(p for p in app if p.endswith(".py")) == [f"{initramfs.APP}/cidboot/__init__.py",
+                                                           f"{initramfs.APP}/cidboot/stage.py"]
+    ops = [e.path for e in initramfs.code_entries(graph, flow_dir, initramfs.OPS, sources=True)]
+    assert [p for p in ops if p.endswith(".py")] == [f"{initramfs.OPS}/ops.py"]
