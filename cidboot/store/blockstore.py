@@ -824,17 +824,18 @@ class BatchWriter:
                 except BaseException as e:  # handed to the caller's thread
                     self._error = e
             if items:  # dropped after an error: no longer pending (their buffers are not reused)
-                with self._pending_lock:
-                    for key, data, _ in items:
-                        if self._pending.get(key) is data:
-                            del self._pending[key]
+                self._unpend(items)
 
-    def _done(self, items: list[_Item]) -> None:
-        """Blocks written (or dropped after an error): no longer pending, their buffers free."""
+    def _unpend(self, items: list[_Item]) -> None:
+        """Blocks no longer pending (unless a later put queued the same block again)."""
         with self._pending_lock:
             for key, data, _ in items:
                 if self._pending.get(key) is data:
                     del self._pending[key]
+
+    def _done(self, items: list[_Item]) -> None:
+        """Blocks written: no longer pending, their buffers free."""
+        self._unpend(items)
         for _, _, owned in items:
             if owned is not None:
                 self._free.append(owned)  # written: it may be read into again
@@ -887,12 +888,10 @@ class BatchWriter:
         fsynced while the pack was being written when the batch got that far (`_syncer`)."""
         if self._syncer is not None:
             self._syncer.join()
-            if self._sync_error is not None:
-                raise self._sync_error
         else:
             self._sync_files()
-            if self._sync_error is not None:
-                raise self._sync_error
+        if self._sync_error is not None:
+            raise self._sync_error
         if self._pack is not None:
             os.fdatasync(self._pack_fd)
             _fsync_path(str(self.store.path))  # `packs` may be new (its own entries: PackIndex.publish)
