@@ -132,29 +132,19 @@ def code_for(table: Table, text: str, mode: str = "exec") -> CodeType:
     return compile_text(text, mode)
 
 
-def hook(table: Table) -> Callable[..., None]:
-    """The `exec` dataclasses calls: a text runs the code `code_for` gives it, any other source
-    is run as the builtin `exec` runs it."""
+def hook(table: Table, mode: str = "exec") -> Callable[..., object]:
+    """The `exec` dataclasses calls (`mode` "exec") or the `eval` collections.namedtuple calls
+    ("eval"): a text runs the code `code_for` gives it, any other source is run as the builtin
+    runs it."""
+    builtin = _builtin_exec if mode == "exec" else _builtin_eval
 
-    def _exec(source: object, globals: dict[str, object] | None = None, locals: Mapping[str, object] | None = None,
-              /) -> None:
+    def _run(source: object, globals: dict[str, object] | None = None, locals: Mapping[str, object] | None = None,
+             /) -> object:
         if type(source) is str:
-            source = code_for(table, source)
-        _builtin_exec(source, globals, locals)  # type: ignore[arg-type]
+            source = code_for(table, source, mode)
+        return builtin(source, globals, locals)  # type: ignore[arg-type]
 
-    return _exec
-
-
-def eval_hook(table: Table) -> Callable[..., object]:
-    """The `eval` collections.namedtuple calls, the same way."""
-
-    def _eval(source: object, globals: dict[str, object] | None = None, locals: Mapping[str, object] | None = None,
-              /) -> object:
-        if type(source) is str:
-            source = code_for(table, source, "eval")
-        return _builtin_eval(source, globals, locals)  # type: ignore[arg-type]
-
-    return _eval
+    return _run
 
 
 def install(path: str = TABLE_PATH) -> int:
@@ -167,7 +157,7 @@ def install(path: str = TABLE_PATH) -> int:
         return 0
     import collections
 
-    collections.eval = eval_hook(table)  # type: ignore[attr-defined]  # first: dataclasses imports functools,
+    collections.eval = hook(table, "eval")  # type: ignore[attr-defined]  # first: dataclasses imports functools,
     import dataclasses  # whose _CacheInfo is a namedtuple
 
     dataclasses.exec = hook(table)  # type: ignore[attr-defined]
