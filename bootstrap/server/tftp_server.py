@@ -6,7 +6,7 @@ uses it too; tftpy's encoder, used here before, could not encode an ERROR with c
 killed the server on its first "server busy"). Each transfer runs on its own socket
 (its TID, connected to the client) and thread, so one slow or hostile client never holds up the
 others. Lock-step transfers (no windowsize, what PXE ROMs do) are paced by the server's work
-between an ACK and the next DATA, so that is kept to a recv, a compare and a send of a packet
+between an ACK and the next DATA, so that is kept to a read, a compare and a write of a packet
 already in place (`_send_lockstep`; file blocks are read by preadv straight into ready-made
 packets, `_Source.runs`; anything unusual goes to `_recover`). Paths are
 confined to the root after resolving symlinks; `..`, writes and unknown opcodes are refused
@@ -71,6 +71,7 @@ LOCKSTEP_CHUNK = 32 * 1024  # bytes a lock-step transfer reads per preadv, into 
 MAX_IOV = 512  # blocks per preadv (below IOV_MAX, 1024; blksize 8 would otherwise ask for 8192)
 _DATA_HEADER = struct.Struct(">HH").pack  # opcode, block number
 RECV_MAX = 2048  # what a transfer reads of a client datagram: an ACK is 4 bytes, an ERROR a few dozen (longer: cut, ignored)
+FAST_READ = 512 - 33  # what the lock-step loop reads per ACK: as bytes, within CPython's small-object allocator (a cut ERROR still ends the transfer)
 NOTHING_YET = -2  # `_Channel.decide`: no datagram received yet (just resent)
 WAIT_SLACK = 0.01  # seconds an ACK wait may overrun its deadline before the receive timeout is shortened
 
@@ -228,7 +229,7 @@ class _Channel:
     lookup and each receive the source address. The socket is blocking with SO_RCVTIMEO for the
     ACK wait, not a Python socket timeout: with a timeout CPython polls before every send and
     receive and a settimeout is an ioctl, so a lock-step block cost six syscalls; now it costs
-    a send and a recv. The receive timeout is only changed when a deadline needs a shorter one
+    a write and a read (`_send_lockstep`). The receive timeout is only changed when a deadline needs a shorter one
     (by more than WAIT_SLACK).
     """
 
@@ -239,7 +240,6 @@ class _Channel:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))  # a full send buffer ends the transfer
         self.send = sock.send
         self._buf = bytearray(RECV_MAX)
-        self.word = memoryview(self._buf).cast("I")  # word[0]: a received ACK's 4 bytes as one native number (`_ack_words`)
         self._wait = 0.0
         self._set_wait(timeout)
 
@@ -311,6 +311,9 @@ class _Channel:
         try:
             pkt = tftp.parse(bytes(buf[:n]))
         except TftpFormatError:
+            if n == FAST_READ and buf[1] == tftp.ERROR and buf[0] == 0:  # an ERROR the lock-step loop cut
+                raise _GiveUp(f"client aborted with error {(buf[2] << 8) | buf[3]}: "
+                              f"{bytes(buf[4:84]).decode('utf-8', 'replace')}") from None
             return -1
         if isinstance(pkt, tftp.Ack):
             return pkt.block
@@ -329,9 +332,9 @@ def _block_numbers() -> bytes:
 @functools.cache
 def _ack_words() -> memoryview:
     """Every ACK packet, blocks 0..65535 twice (a run may wrap past 65535), as native-order
-    words: a received ACK read as `_Channel.word` is compared with the word of the block it
-    acknowledges, so the check per block is one subscript and one integer compare, and a run's
-    words are a slice of this table (no list built per run). 512 KiB, built once."""
+    words: a run's ACKs are a slice of this table (`_Source.runs`), which the lock-step loop
+    turns into the run's ACK packets in wire order (`tobytes`) once per run, so the check per
+    block is one bytes compare with the datagram it read. 512 KiB, built once."""
     return memoryview(struct.pack(">131072I", *(0x40000 | (i & 0xFFFF) for i in range(131072)))).cast("I")
 
 
@@ -537,42 +540,64 @@ class TftpServer:
     def _send_lockstep(self, ch: _Channel, src: _Source, bs: int, budget: int) -> int:
         """`_send_file` for a window of one block (RFC 1350 lock-step: every PXE ROM, and what
         tftpd-hpa does), with the same rules. In lock-step the server's work between an ACK and
-        the next DATA is the transfer's speed, so the loop is the common case only, line by line:
-        - `send(pkt)`: a packet already in place (`_Source.runs`), a memoryview into a buffer
-          the block was read into; nothing built per block;
-        - `sent = mono()`: the ACK wait's deadline is `sent + timeout` (ignored ACKs must not
-          move it), added only on the slow path;
-        - `pkt is last`: after a run's last send, the next run is read (one preadv) while the
-          client works, so no read sits between an ACK and the next DATA;
-        - `recv_into(buf)`: the blocking socket waits with SO_RCVTIMEO (`_Channel`), no poll;
-        - `got != 4 or word[0] != ack`: the ACK's 4 bytes as one native word against the one
-          this block waits for (`_ack_words`): no tuple, no packet object.
+        the next DATA is the transfer's speed, so the loop is the common case only, and ordered so
+        that the least possible runs between the ACK's arrival and the next DATA's send:
+        - `read(fd, FAST_READ)`: the blocking socket waits with SO_RCVTIMEO (`_Channel`), no
+          poll; `os.read`, not `recv_into`: a call without keyword parsing and the datagram as a
+          small bytes object;
+        - `got != want`: compared with the ACK this block waits for (a bytes object of the run,
+          built from `_ack_words` before its first send): one bytes compare, no packet object;
+        - `write(fd, pkt)`: a packet already in place (`_Source.runs`), a memoryview into a buffer
+          the block was read into; nothing built per block.
+        Everything else happens after the send, while the client works: the next packet and its
+        ACK (`for`), the deadline (`sent = mono()`: the ACK wait ends at `sent + timeout`, which
+        ignored ACKs must not move; added only on the slow path), and after a run's last send
+        the next run's read (one preadv). This matters most when every wake-up of the server
+        costs a VM exit and finds its caches cold (the client on another vCPU): then the
+        interpreter's work per block costs several times what it does warm, and only what
+        sits between the receive and the send delays the next block.
         Anything else (a timeout, a stray or duplicate ACK, an ERROR, a malformed datagram) goes
         to `_recover`, which resends by the rules. Returns the data bytes sent."""
-        sock = ch.sock
-        send, recv_into, buf, word = sock.send, sock.recv_into, ch._buf, ch.word
+        fd, read, write = ch.sock.fileno(), os.read, os.write
         mono, timeout = time.monotonic, ch.timeout
         if ch._wait < timeout:
             ch._set_wait(timeout)  # the OACK's wait may have shortened it
-        runs = src.runs(bs)
-        run = next(runs, None)
-        while run is not None:
-            packets, acks = run
-            last = packets[-1]  # distinct objects: each packet is its own view or bytes
-            for pkt, ack in zip(packets, acks, strict=True):
-                send(pkt)
+        prev: bytes | memoryview | None = None  # the packet sent last, waiting for its ACK `want`
+        want, sent = b"", 0.0
+        for packets, acks in src.runs(bs):  # the next run is read right after the last send of this one
+            wire = acks.tobytes()  # this run's ACK packets as they come off the wire
+            for pkt, ack in zip(packets, [wire[i : i + 4] for i in range(0, len(wire), 4)], strict=True):
+                if prev is not None:
+                    try:
+                        got = read(fd, FAST_READ)
+                    except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO ran out
+                        got = None
+                    except ConnectionRefusedError:  # ICMP port unreachable: the client is gone
+                        raise _GiveUp("the client's port is closed (ICMP port unreachable)") from None
+                    if got != want:
+                        budget = self._recover_from(ch, prev, got, sent + timeout, budget)
+                write(fd, pkt)
                 sent = mono()
-                if pkt is last:
-                    run = next(runs, None)  # None: that was the final block
-                try:
-                    got = recv_into(buf)
-                except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO ran out
-                    got = -1
-                except ConnectionRefusedError:  # ICMP port unreachable: the client is gone
-                    raise _GiveUp("the client's port is closed (ICMP port unreachable)") from None
-                if got != 4 or word[0] != ack:
-                    budget = self._recover(ch, pkt, got, sent + timeout, budget)
+                prev, want = pkt, ack
+        if prev is not None:  # the final block's ACK
+            try:
+                got = read(fd, FAST_READ)
+            except (BlockingIOError, TimeoutError):
+                got = None
+            except ConnectionRefusedError:
+                raise _GiveUp("the client's port is closed (ICMP port unreachable)") from None
+            if got != want:
+                self._recover_from(ch, prev, got, sent + timeout, budget)
         return src.sent
+
+    def _recover_from(self, ch: _Channel, pkt: bytes | memoryview, got: bytes | None, deadline: float,
+                      budget: int) -> int:
+        """`_recover` for what the lock-step loop read (None: the wait ran out)."""
+        n = -1
+        if got is not None:
+            n = len(got)
+            ch._buf[:n] = got
+        return self._recover(ch, pkt, n, deadline, budget)
 
     def _recover(self, ch: _Channel, pkt: bytes | memoryview, got: int, deadline: float, budget: int) -> int:
         """The lock-step loop's slow path for the block in `pkt`, after its first receive got

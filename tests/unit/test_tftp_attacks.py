@@ -234,3 +234,22 @@ def test_lockstep_retransmission_budget_is_enforced(root: Path) -> None:
             assert got[1] == got[0]  # the early resend
             resends += 1
         assert resends == srv.retries and errors == [(0, "too many retransmissions")]
+
+
+def test_lockstep_long_client_error_ends_the_transfer(server: TftpServer) -> None:
+    """The lock-step loop reads at most FAST_READ bytes of a datagram: a client's ERROR with a
+    longer message arrives cut (no NUL), and must still end the transfer at once, not be
+    ignored as malformed until the timeouts give up."""
+    from bootstrap.server.tftp_server import FAST_READ
+
+    a = _attacker()
+    a.sendto(rrq("big.bin", timeout="5"), ("127.0.0.1", server.port))
+    pkt, peer = a.recvfrom(70000)
+    a.sendto(b"\0\4\0\0", peer)  # ACK of the OACK
+    assert a.recvfrom(70000)[0][:4] == b"\0\3\0\1"
+    a.sendto(b"\0\5\0\3" + b"x" * (2 * FAST_READ) + b"\0", peer)  # ERROR 3 "disk full", a long message
+    deadline = time.monotonic() + 2.0  # well before one 5 s timeout
+    while server.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.active == 0
+    assert _replies(a, 1, wait=0.5) == []  # nothing more was sent
