@@ -21,6 +21,14 @@ and each server's CPU per block (`cpu_us_blk_*`, `cpu ours/hpa`: the servers' ow
 load moves far less): each server runs in its own cgroup (v2, or v1 cpuacct), tftpd-hpa's
 per-transfer children with it, and the cgroup's CPU usage is read around every download.
 Without a cgroup to make, the CPU columns are left out.
+
+The slow mode is the client and the server woken on different vCPUs: on an otherwise idle
+machine the kernel wakes each side on the idle vCPU, so every block costs each side an IPI (a
+VM exit) and each wake-up waits for the host to run a halted vCPU; with other load on the
+machine both often share one vCPU (the fast mode). In the slow mode about 1 % of the blocks
+wait 1.5-5 ms for a vCPU (the host's doing, for any server) and those few are 40-60 % of the
+seconds, so the C client also reports its median time between two DATA packets (`blk_us_*`,
+`blk ours/hpa`): the usual round trip, which those delays do not move.
 """
 
 from __future__ import annotations
@@ -154,9 +162,11 @@ def main() -> int:
             host = net.add_host("10.77.0.50")
             time.sleep(1.0)
 
-            def download(client: str, label: str, port: int, bs: int, win: int) -> tuple[float, float | None]:
-                """One download in the client namespace: its seconds (bytes checked) and the
-                server's CPU seconds for it (None without a meter)."""
+            def download(client: str, label: str, port: int, bs: int,
+                         win: int) -> tuple[float, float | None, float | None]:
+                """One download in the client namespace: its seconds (bytes checked), the
+                server's CPU seconds for it (None without a meter) and the C client's median
+                microseconds between two DATA packets (None for the Python client)."""
                 meter = meters[label]
                 cpu0 = meter.seconds() if meter else 0.0
                 if client == "c":
@@ -169,26 +179,31 @@ def main() -> int:
                 out = subprocess.run(net.host_cmd(host, cmd), capture_output=True, text=True, timeout=600)
                 if out.returncode != 0:
                     raise SystemExit(f"{label} {client} client bs={bs} win={win}: {out.stderr.strip()[-500:]}")
+                block_us = None
                 if client == "c":
-                    secs, _n = out.stdout.split()
+                    secs, _n, median_us = out.stdout.split()
+                    block_us = float(median_us)
                     digest = hashlib.sha256(dest.read_bytes()).hexdigest()
                     dest.unlink()
                 else:
                     secs, digest, _n = out.stdout.split()
                 if digest != want:
                     raise SystemExit(f"{label} {client} client bs={bs} win={win}: wrong bytes")
-                return float(secs), (meter.seconds() - cpu0 if meter else None)
+                return float(secs), (meter.seconds() - cpu0 if meter else None), block_us
 
             for client in clients:
                 for bs, win in cases:
                     row: dict[str, object] = {"client": client, "blksize": bs, "windowsize": win}
                     runs: dict[str, list[float]] = {label: [] for label in servers}
                     cpus: dict[str, list[float]] = {label: [] for label in servers}
+                    blk: dict[str, list[float]] = {label: [] for label in servers}
                     order = list(servers.items())
                     for _ in range(args.repeat):  # alternating, so a burst of load hits every server
                         for label, port in order:
-                            secs, cpu = download(client, label, port, bs, win)
+                            secs, cpu, block_us = download(client, label, port, bs, win)
                             runs[label].append(secs)
+                            if block_us is not None:
+                                blk[label].append(block_us)
                             if cpu is not None:
                                 cpus[label].append(cpu)
                         order.reverse()
@@ -208,6 +223,10 @@ def main() -> int:
                         for label, used in cpus.items():
                             row[f"cpu_us_blk_{label}"] = round(statistics.median(used) / blocks * 1e6, 2)
                         row["cpu ours/hpa"] = round(statistics.median(cpus["ours"]) / statistics.median(cpus["tftpd-hpa"]), 3)
+                    if all(len(v) == args.repeat for v in blk.values()):
+                        for label, used in blk.items():
+                            row[f"blk_us_{label}"] = round(statistics.median(used), 2)
+                        row["blk ours/hpa"] = round(statistics.median(blk["tftpd-hpa"]) / statistics.median(blk["ours"]), 3)
                     rows.append(row)
                     print(row, file=sys.stderr, flush=True)
         finally:
@@ -223,7 +242,10 @@ def main() -> int:
                    "the medians; ratio_min/max = spread of the per-round ratios; best ours/hpa = ratio of each server's "
                    "fastest round; cpu_us_blk_* = median server CPU "
                    "(its cgroup, children included) per block; cpu ours/hpa = our CPU / tftpd-hpa's (<= 1: ours "
-                   "does no more work per block)",
+                   "does no more work per block); blk_us_* = median over the rounds of the C client's median "
+                   "microseconds between two DATA packets (the usual round trip, which the rare wake-ups "
+                   "delayed by milliseconds do not move); blk ours/hpa = tftpd-hpa's / ours (>= 1: ours is "
+                   "no slower per usual block)",
         "client": {"c": "bench/tftp_client.c (gcc -O2) in a second namespace (veth + bridge): measures the servers",
                    "python": "bench/tftp_client.py, same namespace: its per-block cost is larger than either "
                              "server's, so it compresses the ratios towards 1"},

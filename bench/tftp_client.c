@@ -6,7 +6,10 @@
  *
  *   tftp_client HOST PORT NAME BLKSIZE WINDOWSIZE OUTFILE
  *
- * Writes the file to OUTFILE and prints "<seconds> <bytes>" (RRQ sent to last ACK sent).
+ * Writes the file to OUTFILE and prints "<seconds> <bytes> <median us per block>": seconds from
+ * the RRQ sent to the last ACK sent, and the median time between two in-order DATA packets (one
+ * clock read per block), which a few very slow round trips do not move: on a VM whose idle vCPUs
+ * are sometimes woken milliseconds late, those few can be half of the seconds, for any server.
  * Exit 1 with a message on stderr on any failure (error packet, timeout, protocol violation).
  */
 #include <arpa/inet.h>
@@ -21,6 +24,11 @@
 static void die(const char *why, long block) {
     fprintf(stderr, "tftp_client: %s (block %ld)\n", why, block);
     exit(1);
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
 }
 
 static double now(void) {
@@ -76,6 +84,8 @@ int main(int argc, char **argv) {
     double t0 = now();
     if (sendto(s, req, n, 0, (struct sockaddr *)&srv, sizeof srv) < 0) die("sendto failed", 0);
     long bs = 512, win = 1, expect = 1, since_ack = 0, total = 0, tries = 0;
+    double *gaps = NULL, last_data = 0;
+    size_t ngaps = 0, cap = 0;
     int connected = 0;
     for (;;) {
         socklen_t fl = sizeof from;
@@ -118,6 +128,13 @@ int main(int argc, char **argv) {
             }
             continue;
         }
+        double t = now();
+        if (last_data > 0) {
+            if (ngaps == cap && !(gaps = realloc(gaps, (cap = cap ? 2 * cap : 65536) * sizeof *gaps)))
+                die("out of memory", expect);
+            gaps[ngaps++] = t - last_data;
+        }
+        last_data = t;
         long len = got - 4;
         if (len && fwrite(pkt + 4, 1, len, out) != (size_t)len) die("write failed", expect);
         total += len;
@@ -132,6 +149,11 @@ int main(int argc, char **argv) {
     }
     double dt = now() - t0;
     if (fclose(out) != 0) die("close failed", expect);
-    printf("%.6f %ld\n", dt, total);
+    double median = 0;
+    if (ngaps) {
+        qsort(gaps, ngaps, sizeof *gaps, cmp_double);
+        median = gaps[ngaps / 2];
+    }
+    printf("%.6f %ld %.3f\n", dt, total, median * 1e6);
     return 0;
 }
