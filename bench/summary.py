@@ -194,6 +194,9 @@ def _tftp(doc: Doc) -> list[Row]:
         if judged and "cpu ours/hpa" in r:  # context: the servers' own work, which load moves far less
             out.append(figure(b, f"TFTP server CPU per block vs tftpd-hpa, blksize {bs}, no windowsize (<= 1: no more work)",
                               r["cpu_us_blk_ours"], r["cpu_us_blk_tftpd-hpa"], "us"))
+        if judged and "blk ours/hpa" in r:  # context: the usual block, without the rare wake-ups delayed by ms
+            out.append(figure(b, f"TFTP median time per block vs tftpd-hpa, blksize {bs}, no windowsize (<= 1: no slower)",
+                              r["blk_us_ours"], r["blk_us_tftpd-hpa"], "us"))
     for bs in (512, 1468):  # issue 13: at least tftpd-hpa at both, without windowsize
         if bs not in seen:
             out.append(absent(b, f"TFTP {size} MiB vs tftpd-hpa, blksize {bs}, no windowsize, {TFTP_CLIENTS['c']}",
