@@ -136,6 +136,7 @@ def main() -> int:
         print(f"bench_tftp: --cases takes BLKSIZExWINDOWSIZE,..., not {args.cases!r}", file=sys.stderr)
         return 2
     rows = []
+    rounds: dict[str, dict[str, dict[str, list[float]]]] = {}  # every round's figures, for the JSON
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     with tempfile.TemporaryDirectory(dir=shm) as d, boot_network(taps=0) as net:
         work = Path(d)
@@ -227,6 +228,10 @@ def main() -> int:
                         for label, used in blk.items():
                             row[f"blk_us_{label}"] = round(statistics.median(used), 2)
                         row["blk ours/hpa"] = round(statistics.median(blk["tftpd-hpa"]) / statistics.median(blk["ours"]), 3)
+                    rounds[f"{client} {bs}x{win}"] = {
+                        label: {"seconds": [round(x, 4) for x in runs[label]],
+                                "cpu_us_blk": [round(x / blocks * 1e6, 2) for x in cpus[label]],
+                                "blk_us": blk[label]} for label in servers}
                     rows.append(row)
                     print(row, file=sys.stderr, flush=True)
         finally:
@@ -237,7 +242,7 @@ def main() -> int:
                 if m is not None:
                     m.close()
     write_results(args.out, "bench_tftp", rows, {
-        "size_mib": args.size_mib, "repeat": args.repeat, "baseline": args.baseline,
+        "size_mib": args.size_mib, "repeat": args.repeat, "baseline": args.baseline, "rounds": rounds,
         "figures": "median MiB/s of --repeat runs per server, servers alternating in each round; ours/hpa = ratio of "
                    "the medians; ratio_min/max = spread of the per-round ratios; best ours/hpa = ratio of each server's "
                    "fastest round; cpu_us_blk_* = median server CPU "
