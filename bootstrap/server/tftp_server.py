@@ -542,7 +542,7 @@ class TftpServer:
         tftpd-hpa does), with the same rules. In lock-step the server's work between an ACK and
         the next DATA is the transfer's speed, so the loop is the common case only, and ordered so
         that the least possible runs between the ACK's arrival and the next DATA's send:
-        - `read(fd, FAST_READ)`: the blocking socket waits with SO_RCVTIMEO (`_Channel`), no
+        - `read(fd, most)` (FAST_READ bytes): the blocking socket waits with SO_RCVTIMEO (`_Channel`), no
           poll; `os.read`, not `recv_into`: a call without keyword parsing and the datagram as a
           small bytes object;
         - `got != want`: compared with the ACK this block waits for (a bytes object of the run,
@@ -558,7 +558,7 @@ class TftpServer:
         sits between the receive and the send delays the next block.
         Anything else (a timeout, a stray or duplicate ACK, an ERROR, a malformed datagram) goes
         to `_recover`, which resends by the rules. Returns the data bytes sent."""
-        fd, read, write = ch.sock.fileno(), os.read, os.write
+        fd, read, write, most = ch.sock.fileno(), os.read, os.write, FAST_READ
         mono, timeout = time.monotonic, ch.timeout
         if ch._wait < timeout:
             ch._set_wait(timeout)  # the OACK's wait may have shortened it
@@ -569,7 +569,7 @@ class TftpServer:
             for pkt, ack in zip(packets, [wire[i : i + 4] for i in range(0, len(wire), 4)], strict=True):
                 if prev is not None:
                     try:
-                        got = read(fd, FAST_READ)
+                        got = read(fd, most)
                     except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO ran out
                         got = None
                     except ConnectionRefusedError:  # ICMP port unreachable: the client is gone
@@ -581,7 +581,7 @@ class TftpServer:
                 prev, want = pkt, ack
         if prev is not None:  # the final block's ACK
             try:
-                got = read(fd, FAST_READ)
+                got = read(fd, most)
             except (BlockingIOError, TimeoutError):
                 got = None
             except ConnectionRefusedError:
