@@ -240,9 +240,9 @@ def main() -> int:
         "plain_http_fsync": "the same curl followed by `sync -d` of the file (fdatasync): durable, as our fetch is",
         "dag_import": "ipfs dag import (CLI -> the daemon's API) of the CAR our gateway serves, from a file, into an "
                       "empty second Kubo node; pinned, then unpinned and gc'd between runs",
-        "ours": "cidboot.store.gateway.client.fetch: CAR stream, each block read into a page-aligned buffer the "
+        "ours": "cidboot.store.gateway.client.fetch: CAR stream, each block read into a buffer the "
                 "store lends, hashed there and written from there (a DAG of more than 16 blocks: all of them "
-                "appended to one pack file with O_DIRECT), then an fsync of each file it wrote (not a syncfs of the "
+                "appended to one pack file), then an fsync of each file it wrote (not a syncfs of the "
                 "file system); our gateway reads and hashes every block it sends",
         "runs": args.runs, "figures": "median of the runs (ours_runs_s, plain_runs_s: each run); RSS the largest",
         "cpu": "*_client_cpu_s: user + system CPU of the fetch in the client process; *_gateway_cpu_s: of the "
