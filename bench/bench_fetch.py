@@ -23,6 +23,7 @@ the whole before, beside the whole after.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -88,6 +89,12 @@ def curl(url: str, dest: Path) -> None:
     subprocess.run(["curl", "-sf", "-o", str(dest), url], check=True)
 
 
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's waited-for children so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def curl_synced(url: str, dest: Path) -> None:
     """curl, then the file made durable as our fetch makes its files (fdatasync)."""
     curl(url, dest)
@@ -138,8 +145,9 @@ def main() -> int:
                 base = f"http://127.0.0.1:{bport}"
                 wait_http(base + "/ipfs/bafkqaaa?format=raw")
             hport = free_port()
-            procs.append(subprocess.Popen([sys.executable, "-m", "http.server", str(hport), "--bind", "127.0.0.1",
-                                           "--directory", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            hserver = subprocess.Popen([sys.executable, "-m", "http.server", str(hport), "--bind", "127.0.0.1",
+                                        "--directory", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(hserver)
             wait_http(ours + "/ipfs/bafkqaaa?format=raw")
             wait_http(f"http://127.0.0.1:{hport}/")
             kc = KuboClient(kubo.api_url)
@@ -159,7 +167,10 @@ def main() -> int:
                 base_both_s: list[float] = []  # the baseline's client from the baseline's gateway
                 for i in range(max(1, args.runs)):
                     dl = work / f"download-{mib}"
+                    c0, h0 = children_cpu(), proc_cpu(hserver.pid)
                     plain_s.append(timed(curl, f"http://127.0.0.1:{hport}/f{mib}", dl))
+                    CPU.setdefault(f"plain_{mib}_client_cpu_s", []).append(children_cpu() - c0)
+                    CPU.setdefault(f"plain_{mib}_server_cpu_s", []).append(proc_cpu(hserver.pid) - h0)
                     dl.unlink()
                     synced_s.append(timed(curl_synced, f"http://127.0.0.1:{hport}/f{mib}", dl))
                     dl.unlink()
@@ -222,8 +233,15 @@ def main() -> int:
                     rows[-1]["ours_from_baseline_gw_MBps"] = round(mb / statistics.median(base_s), 1)
                     rows[-1]["our_gw/baseline_gw"] = round(statistics.median(base_s) / mine, 3)
                 for key, values in CPU.items():
-                    if key.endswith(f"_{mib}_client_cpu_s") or key.endswith(f"_{mib}_gateway_cpu_s"):
+                    if key.endswith((f"_{mib}_client_cpu_s", f"_{mib}_gateway_cpu_s", f"_{mib}_server_cpu_s")):
                         rows[-1][key.replace(f"_{mib}_", "_")] = round(statistics.median(values), 3)
+                # CPU seconds of both sides, the reference's over ours: what the fetch costs the machine,
+                # which other work on shared cores moves far less than it moves the wall-clock ratio
+                plain_cpu = [c + h for c, h in zip(CPU[f"plain_{mib}_client_cpu_s"], CPU[f"plain_{mib}_server_cpu_s"],
+                                                   strict=True)]
+                ours_cpu = [c + g for c, g in zip(CPU[f"ours_{mib}_client_cpu_s"], CPU[f"ours_{mib}_gateway_cpu_s"],
+                                                  strict=True)]
+                rows[-1]["plain_cpu/ours_cpu"] = round(statistics.median(plain_cpu) / statistics.median(ours_cpu), 3)
                 if base_both_s:
                     b = statistics.median(base_both_s)
                     rows[-1]["baseline_both_MBps"] = round(mb / b, 1)
@@ -245,8 +263,10 @@ def main() -> int:
                 "appended to one pack file), then an fsync of each file it wrote (not a syncfs of the "
                 "file system); our gateway reads and hashes every block it sends",
         "runs": args.runs, "figures": "median of the runs (ours_runs_s, plain_runs_s: each run); RSS the largest",
-        "cpu": "*_client_cpu_s: user + system CPU of the fetch in the client process; *_gateway_cpu_s: of the "
-               "gateway process (all threads) during that fetch; medians. Steadier than wall time on shared cores",
+        "cpu": "*_client_cpu_s: user + system CPU of the fetch in the client process (plain: curl's whole run); "
+               "*_gateway_cpu_s / plain_server_cpu_s: of the gateway / http.server process (all threads) during "
+               "that fetch; medians. plain_cpu/ours_cpu: both sides' CPU, the reference's over ours. Steadier "
+               "than wall time on shared cores",
         "baseline": args.baseline, "baseline_client": args.baseline_client,
     })
     return 0
