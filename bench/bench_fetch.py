@@ -12,7 +12,8 @@
   with a gateway that costs nothing, so a gap between this and "from our gateway" is the gateway's;
 
 plus the client's peak RSS for 16 MiB and 256 MiB. Each figure is the median of --runs runs,
-the kinds alternating, so a busy spell of the machine hits all of them alike. `--baseline DIR`
+the kinds alternating, so a busy spell of the machine hits all of them alike, and each run
+starting one kind later than the one before, so no kind always runs right after the same other. `--baseline DIR`
 also runs the gateway of another checkout (e.g. main) on the same store, and
 `--baseline-client DIR` that checkout's client (its store code too) from our gateway, in the
 same alternation: before/after figures of a gateway or a client change from one run. With both
@@ -23,6 +24,7 @@ the whole before, beside the whole after.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -88,6 +90,12 @@ def curl(url: str, dest: Path) -> None:
     subprocess.run(["curl", "-sf", "-o", str(dest), url], check=True)
 
 
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's waited-for children so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def curl_synced(url: str, dest: Path) -> None:
     """curl, then the file made durable as our fetch makes its files (fdatasync)."""
     curl(url, dest)
@@ -138,8 +146,9 @@ def main() -> int:
                 base = f"http://127.0.0.1:{bport}"
                 wait_http(base + "/ipfs/bafkqaaa?format=raw")
             hport = free_port()
-            procs.append(subprocess.Popen([sys.executable, "-m", "http.server", str(hport), "--bind", "127.0.0.1",
-                                           "--directory", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            hserver = subprocess.Popen([sys.executable, "-m", "http.server", str(hport), "--bind", "127.0.0.1",
+                                        "--directory", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(hserver)
             wait_http(ours + "/ipfs/bafkqaaa?format=raw")
             wait_http(f"http://127.0.0.1:{hport}/")
             kc = KuboClient(kubo.api_url)
@@ -152,45 +161,59 @@ def main() -> int:
                 car.parent.mkdir(exist_ok=True)
                 curl(f"{ours}/ipfs/{cid}?format=car&dag-scope=all", car)
                 static = f"http://127.0.0.1:{hport}"
-                plain_s, ours_s, kubo_s, dag_s, static_s, rss, kubo_rss = [], [], [], [], [], [], []
+                plain_s: list[float] = []
+                ours_s: list[float] = []
+                kubo_s: list[float] = []
+                dag_s: list[float] = []
+                static_s: list[float] = []
+                rss: list[int] = []
+                kubo_rss: list[int] = []
                 synced_s: list[float] = []
                 base_s: list[float] = []
                 base_client_s: list[float] = []
                 base_both_s: list[float] = []  # the baseline's client from the baseline's gateway
+                base_dir = str(Path(args.baseline_client).resolve()) if args.baseline_client else None
+                # each fetch kind: (store dir tag, gateway, times, RSS list, client checkout, CPU kind, gateway pid)
+                fetches: dict[str, tuple[str, str, list[float], list[int] | None, str | None, str, int | None]] = {
+                    "ours": ("c1", ours, ours_s, rss, None, f"ours_{mib}", gw.pid),
+                    "kubo_gw": ("c2", kubo.gateway_url, kubo_s, kubo_rss, None, "", None),
+                    "static": ("c3", static, static_s, None, None, "", None),
+                }
+                if base_dir:
+                    fetches["baseline_client"] = ("c5", ours, base_client_s, None, base_dir, "", None)
+                if base is not None:
+                    fetches["baseline_gw"] = ("c4", base, base_s, None, None, "", None)
+                if base is not None and base_dir:  # before: that checkout's client and gateway
+                    fetches["baseline_both"] = ("c6", base, base_both_s, None, base_dir, f"baseline_both_{mib}",
+                                                bgw.pid if bgw else None)
+                order = ["plain", "plain_fsync", *fetches, "dag_import"]
+                dl = work / f"download-{mib}"
                 for i in range(max(1, args.runs)):
-                    dl = work / f"download-{mib}"
-                    plain_s.append(timed(curl, f"http://127.0.0.1:{hport}/f{mib}", dl))
-                    dl.unlink()
-                    synced_s.append(timed(curl_synced, f"http://127.0.0.1:{hport}/f{mib}", dl))
-                    dl.unlink()
-                    sec, kb = client_child(cid, ours, work / f"c1-{mib}-{i}", kind=f"ours_{mib}", gw_pid=gw.pid)
-                    ours_s.append(sec)
-                    rss.append(kb)
-                    sec, kb = client_child(cid, kubo.gateway_url, work / f"c2-{mib}-{i}")
-                    kubo_s.append(sec)
-                    kubo_rss.append(kb)
-                    sec, _kb = client_child(cid, static, work / f"c3-{mib}-{i}")
-                    static_s.append(sec)
-                    if args.baseline_client:
-                        sec, _kb = client_child(cid, ours, work / f"c5-{mib}-{i}",
-                                                str(Path(args.baseline_client).resolve()))
-                        base_client_s.append(sec)
-                        shutil.rmtree(work / f"c5-{mib}-{i}")
-                    if base is not None:
-                        sec, _kb = client_child(cid, base, work / f"c4-{mib}-{i}")
-                        base_s.append(sec)
-                        shutil.rmtree(work / f"c4-{mib}-{i}")
-                    if base is not None and args.baseline_client:  # before: that checkout's client and gateway
-                        sec, _kb = client_child(cid, base, work / f"c6-{mib}-{i}",
-                                                str(Path(args.baseline_client).resolve()),
-                                                kind=f"baseline_both_{mib}", gw_pid=bgw.pid if bgw else None)
-                        base_both_s.append(sec)
-                        shutil.rmtree(work / f"c6-{mib}-{i}")
-                    dag_s.append(timed(sink.ipfs, "dag", "import", "--pin-roots=true", str(car)))
-                    sink.ipfs("pin", "rm", cid)
-                    sink.ipfs("repo", "gc")
-                    for tmp in (work / f"c1-{mib}-{i}", work / f"c2-{mib}-{i}", work / f"c3-{mib}-{i}"):
-                        shutil.rmtree(tmp)
+                    # each run starts one kind later: no kind always follows the same other one (with the
+                    # order fixed, what the kind before left behind moved some kinds' times by up to 1.5x)
+                    k = i % len(order)
+                    for name in order[k:] + order[:k]:
+                        if name == "plain":
+                            c0, h0 = children_cpu(), proc_cpu(hserver.pid)
+                            plain_s.append(timed(curl, f"http://127.0.0.1:{hport}/f{mib}", dl))
+                            CPU.setdefault(f"plain_{mib}_client_cpu_s", []).append(children_cpu() - c0)
+                            CPU.setdefault(f"plain_{mib}_server_cpu_s", []).append(proc_cpu(hserver.pid) - h0)
+                            dl.unlink()
+                        elif name == "plain_fsync":
+                            synced_s.append(timed(curl_synced, f"http://127.0.0.1:{hport}/f{mib}", dl))
+                            dl.unlink()
+                        elif name == "dag_import":
+                            dag_s.append(timed(sink.ipfs, "dag", "import", "--pin-roots=true", str(car)))
+                            sink.ipfs("pin", "rm", cid)
+                            sink.ipfs("repo", "gc")
+                        else:
+                            tag, url, out, rss_out, cwd, kind, gw_pid = fetches[name]
+                            dest = work / f"{tag}-{mib}-{i}"
+                            sec, kb = client_child(cid, url, dest, cwd, kind=kind, gw_pid=gw_pid)
+                            out.append(sec)
+                            if rss_out is not None:
+                                rss_out.append(kb)
+                            shutil.rmtree(dest)
                 mb = mib * MIB / 1e6
                 plain, mine, from_kubo, dag, from_file = (statistics.median(x) for x in
                                                           (plain_s, ours_s, kubo_s, dag_s, static_s))
@@ -222,8 +245,15 @@ def main() -> int:
                     rows[-1]["ours_from_baseline_gw_MBps"] = round(mb / statistics.median(base_s), 1)
                     rows[-1]["our_gw/baseline_gw"] = round(statistics.median(base_s) / mine, 3)
                 for key, values in CPU.items():
-                    if key.endswith(f"_{mib}_client_cpu_s") or key.endswith(f"_{mib}_gateway_cpu_s"):
+                    if key.endswith((f"_{mib}_client_cpu_s", f"_{mib}_gateway_cpu_s", f"_{mib}_server_cpu_s")):
                         rows[-1][key.replace(f"_{mib}_", "_")] = round(statistics.median(values), 3)
+                # CPU seconds of both sides, the reference's over ours: what the fetch costs the machine,
+                # which other work on shared cores moves far less than it moves the wall-clock ratio
+                plain_cpu = [c + h for c, h in zip(CPU[f"plain_{mib}_client_cpu_s"], CPU[f"plain_{mib}_server_cpu_s"],
+                                                   strict=True)]
+                ours_cpu = [c + g for c, g in zip(CPU[f"ours_{mib}_client_cpu_s"], CPU[f"ours_{mib}_gateway_cpu_s"],
+                                                  strict=True)]
+                rows[-1]["plain_cpu/ours_cpu"] = round(statistics.median(plain_cpu) / statistics.median(ours_cpu), 3)
                 if base_both_s:
                     b = statistics.median(base_both_s)
                     rows[-1]["baseline_both_MBps"] = round(mb / b, 1)
@@ -240,13 +270,15 @@ def main() -> int:
         "plain_http_fsync": "the same curl followed by `sync -d` of the file (fdatasync): durable, as our fetch is",
         "dag_import": "ipfs dag import (CLI -> the daemon's API) of the CAR our gateway serves, from a file, into an "
                       "empty second Kubo node; pinned, then unpinned and gc'd between runs",
-        "ours": "cidboot.store.gateway.client.fetch: CAR stream, each block read into a page-aligned buffer the "
+        "ours": "cidboot.store.gateway.client.fetch: CAR stream, each block read into a buffer the "
                 "store lends, hashed there and written from there (a DAG of more than 16 blocks: all of them "
-                "appended to one pack file with O_DIRECT), then an fsync of each file it wrote (not a syncfs of the "
+                "appended to one pack file), then an fsync of each file it wrote (not a syncfs of the "
                 "file system); our gateway reads and hashes every block it sends",
         "runs": args.runs, "figures": "median of the runs (ours_runs_s, plain_runs_s: each run); RSS the largest",
-        "cpu": "*_client_cpu_s: user + system CPU of the fetch in the client process; *_gateway_cpu_s: of the "
-               "gateway process (all threads) during that fetch; medians. Steadier than wall time on shared cores",
+        "cpu": "*_client_cpu_s: user + system CPU of the fetch in the client process (plain: curl's whole run); "
+               "*_gateway_cpu_s / plain_server_cpu_s: of the gateway / http.server process (all threads) during "
+               "that fetch; medians. plain_cpu/ours_cpu: both sides' CPU, the reference's over ours. Steadier "
+               "than wall time on shared cores",
         "baseline": args.baseline, "baseline_client": args.baseline_client,
     })
     return 0

@@ -8,14 +8,11 @@ out, so a CAR from anywhere can be imported without trusting its source.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
 from cidboot.errors import FormatError
 from cidboot.ipld import dagcbor, varint
 from cidboot.ipld.cid import CID, CIDError
-
-if TYPE_CHECKING:
-    import mmap
 
 MAX_HEADER = 1024 * 1024
 DEFAULT_MAX_BLOCK = 4 * 1024 * 1024
@@ -170,13 +167,12 @@ class CarReader:
                 cid.verify(data)
             yield cid, data
 
-    def views(self, take: Callable[[int], bytearray | mmap.mmap] | None = None) -> Iterator[tuple[CID, memoryview]]:
+    def views(self, take: Callable[[int], bytearray] | None = None) -> Iterator[tuple[CID, memoryview]]:
         """Iterate like `iter(reader)`, but each block is a memoryview into a buffer instead of
         a bytes object of its own. Without `take`: one buffer the reader reuses (replaced by a
         larger one when a block needs it), so a view is valid only until the next step. With
         `take(size)`: a buffer of at least `size` bytes from the caller for each block (the
-        fetch client's come from the store's batch writer, which reuses them once written:
-        page-aligned anonymous memory, so it can write them around the page cache).
+        fetch client's come from the store's batch writer, which reuses them once written).
         Read with the stream's `readinto` (an HTTP response de-chunks into it), so a block's
         bytes are copied once, from the socket into the buffer. The CID comes with the block's
         first bytes in one small read (`SECTION_HEAD`), which are copied to the buffer's start."""

@@ -18,7 +18,6 @@ collect blocks a pin being added protects.
 from __future__ import annotations
 
 import base64
-import errno
 import fcntl
 import json
 import os
@@ -26,16 +25,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cidboot.errors import FormatError, NotFoundError
 from cidboot.ipld import dag
 from cidboot.ipld.cid import CID, RAW, CIDMismatch
 from cidboot.ipld.multihash import Multihash
 from cidboot.store.packs import FLATFS_FIRST, Entry, PackIndex, read_into_buffer
-
-if TYPE_CHECKING:
-    import mmap  # BatchWriter's buffers; imported where they are made (a boot stage in RAM never needs it)
 
 SHARDING = "/repo/flatfs/shard/v1/next-to-last/2"
 MAX_BLOCK = 4 * 1024 * 1024
@@ -109,9 +105,7 @@ class _Puts:
 
 
 class Blockstore(_Puts):
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, direct_packs: bool | None = None) -> None:
-        #: batches write their packs around the page cache (see PACK_DIRECT: off unless asked for)
-        self.direct_packs = PACK_DIRECT if direct_packs is None else direct_packs
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self._dirs: set[Path] = set()  # shard directories known to exist
         self._deferred = 0  # >0 while inside deferred_sync(): fsync once at the end instead
         self._unsynced = False  # a write skipped its fsync (deferred): the end of the batch syncs the file system
@@ -430,36 +424,17 @@ class Blockstore(_Puts):
 #: a batch's pack is handed to the disk in steps of this many bytes while it is written, so the
 #: batch's closing sync waits for the last step, not for the whole batch
 WRITEBACK_STEP = 8 * 1024 * 1024
-#: the default of `Blockstore.direct_packs`: pack writes around the page cache (O_DIRECT, where the
-#: file system takes it). Off: it saves a fetch ~0.05 s of CPU per 256 MiB (no page-cache copy,
-#: no writeback work in its process), but the blocks are then not in the page cache, and the
-#: first read of them goes to the disk: serving a 256 MiB image right after fetching it took
-#: ~0.5 s more, wall and CPU (docs/gateway.md). For a caller that will not read the blocks soon
-#: (filling a mirror, a bench) to opt into: `Blockstore(path, direct_packs=True)`.
-PACK_DIRECT = False
-#: the alignment of a direct write's memory, offset and length (a page: what any disk needs at most)
-DIRECT_ALIGN = 4096
 #: blocks handed to the writer's thread together (and written to the pack with one write): at most
 #: this many, of at most WRITE_GATHER bytes together
 GROUP = 8
 WRITE_GATHER = 2 * 1024 * 1024
-#: direct pack writes keep padding bounded: a block of at least DIRECT_MIN bytes, in a buffer of
-#: ours, is written from that buffer (its whole pages; its last partial page is carried in the
-#: stage) when aligning its start wastes at most 1/PAD_RATIO of its size; every other block is
-#: copied, unpadded, into a page-aligned stage of STAGE bytes that is written when full. So the
-#: only padding left in a pack is the zeros before such a block (< 1/PAD_RATIO of the bytes
-#: written from their own buffers: 0 for 256 KiB raw leaves, <= 1.6 % for blocks of odd sizes),
-#: and the last page's, which `close` truncates away. A DAG of small blocks packs at its size.
-DIRECT_MIN = 64 * 1024
-PAD_RATIO = 64
-STAGE = 1024 * 1024
 _sync_file_range: Any = None
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
     """Start writing `length` bytes at `offset` of `fd` to the disk, without waiting
     (sync_file_range(SYNC_FILE_RANGE_WRITE)); a no-op where libc lacks it. Not a durability
-    point: only the batch's fsyncs are. (For a pack that fell back to the page cache.)"""
+    point: only the batch's fsyncs are."""
     global _sync_file_range
     if _sync_file_range is None:
         try:
@@ -475,9 +450,7 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
 
 
 #: one queued write: the block's multihash, its bytes, the lent buffer they are in (or None)
-_Item = tuple[bytes, Buffer, "bytearray | mmap.mmap | None"]
-#: one block in a direct pack: released (indexed, no longer pending, its buffer free) once written
-_Staged = tuple[bytes, Buffer, "bytearray | mmap.mmap | None", Entry]
+_Item = tuple[bytes, Buffer, "bytearray | None"]
 
 
 class BatchWriter:
@@ -489,8 +462,7 @@ class BatchWriter:
     (one wake-up and one write per group). The first `FLATFS_FIRST` blocks go to flatfs files, straight to their
     names (one create, one write, one close: `Blockstore._write_new`), so a small batch (a
     manifest, a flow) makes no pack; every later block is appended to one pack file
-    (`cidboot.store.packs`), around the page cache if the store asks for it (`PACK_DIRECT`),
-    whose index is written when the batch ends. Then `close` fsyncs what the batch wrote.
+    (`cidboot.store.packs`), whose index is written when the batch ends. Then `close` fsyncs what the batch wrote.
 
     Buffers: a caller that reads blocks into memory of its own (the fetch client's CAR reader)
     takes it from `buffer(size)` and puts a view of it: the writer owns that buffer until the
@@ -532,9 +504,8 @@ class BatchWriter:
         self._queue: queue.Queue[list[_Item] | None] = queue.Queue(maxsize=max(1, self.depth // self._group_max - 1))
         self._pending: dict[bytes, Buffer] = {}  # multihash -> bytes queued, not yet written
         self._pending_lock = threading.Lock()
-        self._free: deque[bytearray | mmap.mmap] = deque()  # buffers written out, to hand out again
-        self._lent: dict[int, bytearray | mmap.mmap] = {}  # id -> buffer handed out by `buffer`, not yet put
-        self._direct = False  # the pack is written around the page cache (O_DIRECT)
+        self._free: deque[bytearray] = deque()  # buffers written out, to hand out again
+        self._lent: dict[int, bytearray] = {}  # id -> buffer handed out by `buffer`, not yet put
         self._flatfs_first = FLATFS_FIRST  # blocks to flatfs files before the pack (0 after `expect_many`)
         self._files: list[str] = []  # flatfs files this batch created: fsynced before it closes
         self._syncer: threading.Thread | None = None  # fsyncs them while the pack is written
@@ -544,27 +515,20 @@ class BatchWriter:
         self._written = 0
         self._pack: str | None = None  # this batch's pack, once it has one
         self._pack_fd = -1
-        self._pack_size = 0  # the pack's true length (its index's end; the file may hold a padded last page)
+        self._pack_size = 0  # bytes in the pack so far
         self._flushed = 0  # pack bytes handed to the disk so far (early writeback)
-        # a direct pack's stage: blocks copied after one another, written when full (see DIRECT_MIN)
-        self._stage: mmap.mmap | None = None
-        self._stage_at = 0  # the file offset of the stage's first byte (a multiple of DIRECT_ALIGN)
-        self._fill = 0  # bytes in the stage
-        self._stage_items: list[_Staged] = []  # blocks whose last byte is in the stage: released with it
-        self._stages: list[mmap.mmap] = []  # stages written out, to fill again
         self._thread = threading.Thread(target=self._run, name="blockstore-writer", daemon=True)
         self._thread.start()
 
-    def buffer(self, size: int) -> bytearray | mmap.mmap:
+    def buffer(self, size: int) -> bytearray:
         """A buffer of at least `size` bytes to read a block into and `put` a view of (see the
-        class): one the writer has finished with, or a new one. Page-aligned and a whole number
-        of `DIRECT_ALIGN` blocks long, so the pack can be written from it around the page cache."""
+        class): one the writer has finished with, or a new one."""
         try:
             buf = self._free.pop()
         except IndexError:
-            buf = _aligned(size)
+            buf = bytearray(size)
         if len(buf) < size:
-            buf = _aligned(size)
+            buf = bytearray(size)
         if len(self._lent) > self.depth + 4:  # handed out and never put (a block sent twice): forget them;
             self._lent.clear()  # one put after all is copied, as any buffer not ours
         self._lent[id(buf)] = buf
@@ -586,7 +550,7 @@ class BatchWriter:
         check_block(cid, data)
         if cid.is_identity:
             return
-        owned: bytearray | mmap.mmap | None = None
+        owned: bytearray | None = None
         if isinstance(data, memoryview):
             owned = self._lent.get(id(data.obj))
             if owned is not None and owned is data.obj:
@@ -612,37 +576,24 @@ class BatchWriter:
             return None if data is None else bytes(data)
 
     def _open_pack(self) -> None:
-        """Create this batch's pack (locked against gc), around the page cache where it can be."""
+        """Create this batch's pack (locked against gc)."""
         import time
 
         packs = self.store.packs
         packs.dir.mkdir(exist_ok=True)
         name = f"{time.time_ns():020d}-{os.getpid()}-{id(self):x}"
         path = packs.dir / f"{name}.pack"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        fd = -1
-        if self.store.direct_packs and hasattr(os, "O_DIRECT"):
-            try:
-                fd = os.open(path, flags | os.O_DIRECT, 0o644)
-                self._direct = True
-            except OSError as e:  # a file system without O_DIRECT (EINVAL): the page cache, then
-                if e.errno != errno.EINVAL:
-                    raise
-        if fd < 0:
-            fd = os.open(path, flags, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)  # gc leaves a pack without an index alone while this is held
         self._pack, self._pack_fd = name, fd
         packs.start(name)
 
     def _append(self, items: list[_Item]) -> None:
         """Append blocks to this batch's pack (created on first use) and release them (indexed,
-        no longer pending, their buffers free) once their bytes are in the file. Through the
-        page cache: one gathering write of the blocks as they are. Direct: see `_append_direct`."""
+        no longer pending, their buffers free) once their bytes are in the file: one gathering
+        write of the blocks as they are."""
         if self._pack is None:
             self._open_pack()
-        if self._direct:
-            self._append_direct(items)
-            return
         pack = self._pack
         assert pack is not None
         offset = self._pack_size
@@ -659,131 +610,11 @@ class BatchWriter:
             _start_writeback(self._pack_fd, self._flushed, self._pack_size - self._flushed)
             self._flushed = self._pack_size
 
-    def _append_direct(self, items: list[_Item]) -> None:
-        """Direct writes (offsets, lengths and memory aligned to DIRECT_ALIGN) with bounded
-        padding: a large block in a buffer of ours goes out from that buffer, every other block
-        is copied into the stage (see DIRECT_MIN). One gathering write per call, of the stages
-        filled and the large blocks' pages, from where the current stage starts; the stage
-        being filled stays in memory (its blocks pending, so reads get them from there) until
-        it is full, a large block follows it, or the batch ends (`_finish`)."""
-        pack = self._pack
-        assert pack is not None
-        views: list[memoryview] = []
-        start = self._stage_at
-        done: list[_Staged] = []  # released once this call's write is done
-        spent: list[mmap.mmap] = []  # stages this write empties
-        for key, data, owned in items:
-            n = len(data)
-            pos = self._stage_at + self._fill
-            gap = -pos % DIRECT_ALIGN
-            if owned is not None and n >= DIRECT_MIN and gap * PAD_RATIO <= n:
-                if self._fill:
-                    self._seal(views, done, spent, pad=True)  # the zeros before it: <= n / PAD_RATIO
-                at = self._stage_at
-                whole = n - n % DIRECT_ALIGN
-                views.append(memoryview(owned)[:whole])
-                self._stage_at = at + whole
-                if whole < n:  # its last partial page starts the next stage: released with that
-                    self._stage_buf()[:n - whole] = memoryview(data)[whole:]
-                    self._fill = n - whole
-                    self._stage_items.append((key, data, owned, Entry(pack, at, n)))
-                else:
-                    done.append((key, data, owned, Entry(pack, at, n)))
-                continue
-            entry = Entry(pack, pos, n)
-            src = memoryview(data)
-            if self._fill + n <= STAGE:  # within one stage: pending now reads the stage's copy
-                stage = self._stage_buf()
-                stage[self._fill:self._fill + n] = src
-                view = memoryview(stage)[self._fill:self._fill + n]
-                with self._pending_lock:
-                    if self._pending.get(key) is data:
-                        self._pending[key] = view
-                if owned is not None:
-                    self._free.append(owned)
-                self._stage_items.append((key, view, None, entry))
-                self._fill += n
-                if self._fill == STAGE:
-                    self._seal(views, done, spent, pad=False)
-                continue
-            copied = 0  # across stages: held as it is until the stage with its last byte is written
-            while copied < n:
-                stage = self._stage_buf()
-                k = min(STAGE - self._fill, n - copied)
-                stage[self._fill:self._fill + k] = src[copied:copied + k]
-                self._fill += k
-                copied += k
-                if copied == n:
-                    self._stage_items.append((key, data, owned, entry))
-                if self._fill == STAGE:
-                    self._seal(views, done, spent, pad=False)
-        self._pack_size = self._stage_at + self._fill
-        if views:
-            self._write(views, start)
-        self._release(done)
-        self._stages.extend(spent)
-        if not self._direct:  # the file system refused direct I/O at that write: the stage as it is
-            self._write([memoryview(self._stage_buf())[:self._fill]], self._stage_at)
-            self._release(self._stage_items)
-            self._stage_items, self._stage = [], None
-
-    def _stage_buf(self) -> mmap.mmap:
-        if self._stage is None:
-            self._stage = self._stages.pop() if self._stages else _aligned(STAGE)
-        return self._stage
-
-    def _seal(self, views: list[memoryview], done: list[_Staged], spent: list[mmap.mmap], *, pad: bool) -> None:
-        """Add the stage to the write being gathered (`pad`: its last page filled with zeros) and
-        start the next one where it ends."""
-        stage = self._stage_buf()
-        end = self._fill + (-self._fill % DIRECT_ALIGN if pad else 0)
-        stage[self._fill:end] = bytes(end - self._fill)  # a stage used before holds old bytes there
-        views.append(memoryview(stage)[:end])
-        done.extend(self._stage_items)
-        spent.append(stage)
-        self._stage_items, self._stage = [], None
-        self._stage_at += end
-        self._fill = 0
-
-    def _release(self, staged: list[_Staged]) -> None:
-        """Blocks now in the file: indexed (before they stop being pending, so no read misses
-        them), no longer pending, their buffers free."""
-        for key, _, _, e in staged:
-            self.store.packs.add(key, e)
-        self._done([(key, data, owned) for key, data, owned, _ in staged])
-
-    def _finish(self) -> None:
-        """The batch's last pack bytes: a direct pack's stage, its last page padded, then the
-        file cut to the pack's true length (no padding after the last block)."""
-        if self._pack is None or not self._direct:
-            return
-        views: list[memoryview] = []
-        done: list[_Staged] = []
-        spent: list[mmap.mmap] = []
-        start = self._stage_at
-        if self._fill:
-            self._seal(views, done, spent, pad=True)
-            self._write(views, start)
-        self._release(done)
-        if os.fstat(self._pack_fd).st_size != self._pack_size:
-            os.ftruncate(self._pack_fd, self._pack_size)
-
     def _write(self, views: list[memoryview], offset: int) -> None:
-        """pwritev until every byte of `views` is at `offset` of the pack. A direct write the
-        file system refuses (EINVAL: no direct I/O there, or another alignment) switches the
-        pack to the page cache, and the same bytes go out through it (padding included, if
-        any: the index has the blocks' offsets)."""
+        """pwritev until every byte of `views` is at `offset` of the pack."""
         views = [v for v in views if len(v)]
         while views:
-            try:
-                n = os.pwritev(self._pack_fd, views, offset)
-            except OSError as e:
-                if not (self._direct and e.errno == errno.EINVAL):
-                    raise
-                fd = self._pack_fd
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                self._direct = False
-                continue
+            n = os.pwritev(self._pack_fd, views, offset)
             offset += n
             while n:
                 if n >= len(views[0]):
@@ -797,11 +628,6 @@ class BatchWriter:
         while True:
             items = self._queue.get()
             if items is None:
-                if self._error is None:
-                    try:
-                        self._finish()
-                    except BaseException as e:  # handed to the caller's thread
-                        self._error = e
                 return
             if self._error is None:  # after an error: drain, so a blocked put() wakes up and sees it
                 try:
@@ -854,10 +680,10 @@ class BatchWriter:
             self._hand_over()
             self._queue.put(None)
             self._thread.join()
+            if self._syncer is not None:  # started by the writer's thread, which has ended: joined
+                self._syncer.join()  # once, here, on every path (an error included)
             self._free.clear()
             self._lent.clear()
-            self._stages.clear()
-            self._stage = None
             try:
                 if self._error is None:
                     try:
@@ -873,8 +699,6 @@ class BatchWriter:
                     if self._error is not None:
                         self.store.packs.abandon(self._pack)
             finally:
-                if self._syncer is not None:
-                    self._syncer.join()
                 if self._pack_fd >= 0:
                     os.close(self._pack_fd)  # releases the lock
                     self._pack_fd = -1
@@ -882,13 +706,11 @@ class BatchWriter:
             raise self._error
 
     def _sync(self) -> None:
-        """fsync what this batch wrote, and only that: the pack (fdatasync: after direct writes
-        only the disk's cache and the file's size are left to write), each flatfs file, and the
-        directories they were created in (so the names survive a crash too). The files were
-        fsynced while the pack was being written when the batch got that far (`_syncer`)."""
-        if self._syncer is not None:
-            self._syncer.join()
-        else:
+        """fsync what this batch wrote, and only that: the pack (fdatasync: its data and size),
+        each flatfs file, and the directories they were created in (so the names survive a
+        crash too). The files were fsynced while the pack was being written when the batch got
+        that far (`_syncer`, joined by `close`)."""
+        if self._syncer is None:
             self._sync_files()
         if self._sync_error is not None:
             raise self._sync_error
@@ -915,13 +737,6 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _aligned(size: int) -> mmap.mmap:
-    """Zeroed anonymous memory (page-aligned) of `size` bytes rounded up to DIRECT_ALIGN."""
-    import mmap
-
-    return mmap.mmap(-1, max(1, -(-size // DIRECT_ALIGN)) * DIRECT_ALIGN)
 
 
 def _write_all(fd: int, data: Buffer) -> None:

@@ -6,9 +6,7 @@ deleted: ~0.1-0.3 ms per file on the bench machine, more than writing the block'
 batch writer therefore puts its first blocks in flatfs files, as ever, and from then on
 appends blocks to one pack file:
 
-    packs/<stamp>.pack   the blocks' bytes, one after the other (a pack written around the page
-                         cache may have a few zeros before a large block, to align it: at most
-                         1/64 of that block; see blockstore.DIRECT_MIN)
+    packs/<stamp>.pack   the blocks' bytes, one after the other
     packs/<stamp>.idx    JSON {"version": 1, "blocks": [[multihash hex, offset, length], ...]}
 
 The index is written (temp file + rename) when the batch ends, before the batch's one sync.

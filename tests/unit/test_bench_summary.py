@@ -33,7 +33,8 @@ SAMPLES: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
          "ours/plain": 0.1, "our_gw/kubo_gw": 1.25, "client_rss_MiB_our_gw": 30.0, "client_rss_MiB_kubo_gw": 30.0},
         {"file_MiB": 256, "plain_http_MBps": 1000.0, "ours_from_our_gw_MBps": 270.0, "ours_from_kubo_gw_MBps": 100.0,
          "ours/plain": 0.27, "our_gw/kubo_gw": 2.7, "client_rss_MiB_our_gw": 60.0, "client_rss_MiB_kubo_gw": 61.0,
-         "plain_http_fsync_MBps": 300.0, "ours/plain_fsync": 0.9},
+         "plain_http_fsync_MBps": 300.0, "ours/plain_fsync": 0.9, "ours_client_cpu_s": 0.45,
+         "ours_gateway_cpu_s": 0.35, "plain_client_cpu_s": 0.25, "plain_server_cpu_s": 0.08, "plain_cpu/ours_cpu": 0.413},
     ], {}),
     "bench_tftp": ([
         {"client": "c", "blksize": 512, "windowsize": 1, "ours_MiB_s": 12.9, "tftpd-hpa_MiB_s": 20.7, "ours/hpa": 0.623,
@@ -116,6 +117,9 @@ def test_every_sample_maps_to_rows_with_ratio_goal_and_verdict(tmp_path: Path) -
     durable = rows["verified fetch into the store vs plain HTTP download + fdatasync, 256 MiB"]
     assert (durable.ratio, durable.goal) == (0.9, None)  # context, beside the goal row
     assert "verified fetch into the store vs plain HTTP download + fdatasync, 16 MiB" not in rows  # no figure, no row
+    cpu_row = rows["verified fetch vs plain HTTP download, MB per CPU second of both sides, 256 MiB"]
+    assert (cpu_row.ours, cpu_row.reference, cpu_row.ratio, cpu_row.goal) == (335.5, 813.4, 0.413, None)  # context
+    assert "verified fetch vs plain HTTP download, MB per CPU second of both sides, 16 MiB" not in rows
     assert rows["fetch client peak RSS, 256 MiB vs 16 MiB"].met is False  # 60 vs 30 MiB: not flat
     tftp = rows["TFTP 16 MiB vs tftpd-hpa, blksize 512, no windowsize, C client"]
     assert (tftp.ratio, tftp.met, tftp.spread) == (0.623, False, [0.6, 0.7])

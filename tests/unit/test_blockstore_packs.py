@@ -16,7 +16,7 @@ from cidboot.ipld import dag
 from cidboot.ipld.car import CarReader, CarWriter
 from cidboot.ipld.cid import CID, RAW, CIDMismatch
 from cidboot.ipld.unixfs import ImportOptions, export_file, import_bytes
-from cidboot.store.blockstore import DIRECT_ALIGN, BlockNotFound, Blockstore
+from cidboot.store.blockstore import BlockNotFound, Blockstore
 from cidboot.store.gateway.client import AllGatewaysFailed, fetch
 from cidboot.store.packs import FLATFS_FIRST
 from tests.support.gateway_fixtures import proxy_gateway, running_gateway
@@ -57,7 +57,7 @@ def test_a_fetch_puts_its_first_blocks_in_flatfs_and_the_rest_in_one_pack(origin
     assert res.blocks_fetched == 41
     assert len(list((local.path / "blocks").rglob("*.data"))) == FLATFS_FIRST
     (pack,) = packed(local)
-    # the blocks one after the other, no padding (blocks this small go through the direct writer's stage)
+    # the blocks one after the other, no padding
     assert pack.with_suffix(".idx").exists() and pack.stat().st_size == (41 - FLATFS_FIRST) * 20_000
     assert not list((local.path / "packs").glob(".tmp-*"))
     # another process (a fresh store object) reads them, verified
@@ -231,72 +231,18 @@ def test_get_into_reads_a_verified_block_into_the_callers_buffer(origin: tuple[B
         local.get_into(CID.of(b"absent", RAW), buf)
 
 
-def _pack_flags(monkeypatch: pytest.MonkeyPatch, refuse_direct: str = "") -> list[int]:
-    """Record the flags packs are opened with for writing; `refuse_direct`: "open" makes an
-    O_DIRECT open fail, "write" makes a write through an O_DIRECT descriptor fail (EINVAL, as
-    a file system without direct I/O, or wanting another alignment, answers)."""
-    import errno
-
-    flags_seen: list[int] = []
-    real_open, real_pwritev = os.open, os.pwritev
-
-    def fake_open(path: object, flags: int, *a: object, **k: object) -> int:
-        if str(path).endswith(".pack") and flags & os.O_WRONLY:
-            flags_seen.append(flags)
-            if refuse_direct == "open" and flags & os.O_DIRECT:
-                raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *a, **k)  # type: ignore[arg-type]
-
-    def fake_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
-        if refuse_direct == "write" and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwritev(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "open", fake_open)
-    monkeypatch.setattr(os, "pwritev", fake_pwritev)
-    return flags_seen
-
-
-def test_packs_go_through_the_page_cache_unless_the_store_asks_otherwise(origin: tuple[Blockstore, CID],
-                                                                           tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """By default a pack is written through the page cache (what is fetched is often served
-    or exported next, and direct writes leave nothing cached: the first read would go to the
-    disk), its blocks one after the other; a store made with direct_packs=True opts in."""
+def test_packs_go_through_the_page_cache_their_blocks_one_after_the_other(origin: tuple[Blockstore, CID],
+                                                                          tmp_path: Path) -> None:
+    """A pack is written through the page cache (what is fetched is often served or exported
+    next: its blocks are then read from memory, not from the disk), its blocks one after the
+    other, no padding."""
     src, root = origin
-    flags = _pack_flags(monkeypatch)
     local = Blockstore(tmp_path / "local")
     with running_gateway(src) as gw:
         fetch(root, [gw.url], local)
-        assert flags and not any(f & os.O_DIRECT for f in flags)
-        (pack,) = packed(local)
-        assert pack.stat().st_size == sum(len(d) for _, d in dag.walk(root, src.get))
-        fetch(root, [gw.url], Blockstore(tmp_path / "direct", direct_packs=True))
-    assert flags[-1] & os.O_DIRECT
+    (pack,) = packed(local)
+    assert pack.stat().st_size == sum(len(d) for _, d in dag.walk(root, src.get))
     assert b"".join(export_file(root, Blockstore(local.path).get)) == DATA
-
-
-@pytest.mark.parametrize("refuse", ["", "open", "write"])
-def test_pack_blocks_go_around_the_page_cache_where_the_file_system_takes_it(
-        origin: tuple[Blockstore, CID], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse: str,
-        flatfs_first: None) -> None:
-    """The pack is opened O_DIRECT; a file system that refuses direct I/O (at the open or at a
-    write) gets the same blocks through the page cache. Blocks of 20 kB are packed one after
-    the other either way (they go through the direct writer's stage). Every block reads back
-    verified."""
-    src, root = origin
-    flags = _pack_flags(monkeypatch, refuse)
-    local = Blockstore(tmp_path / "local", direct_packs=True)
-    with running_gateway(src) as gw:
-        fetch(root, [gw.url], local)
-    assert flags and flags[0] & os.O_DIRECT
-    fresh = Blockstore(local.path)
-    offsets = sorted(fresh.packs.lookup(c.multihash.encode()).offset for c in in_pack(fresh, root))  # type: ignore[union-attr]
-    assert len(offsets) == 41 - FLATFS_FIRST
-    assert offsets == [i * 20_000 for i in range(len(offsets))]
-    (pack,) = packed(fresh)
-    assert pack.stat().st_size == len(offsets) * 20_000
-    assert b"".join(export_file(root, fresh.get)) == DATA
 
 
 def test_a_batch_fsyncs_its_own_files_not_the_whole_file_system(origin: tuple[Blockstore, CID], tmp_path: Path,
@@ -355,7 +301,7 @@ def test_a_fetch_that_will_pass_flatfs_first_blocks_puts_them_all_in_the_pack(or
 
 def _put_lent(store: Blockstore, blocks: list[bytes]) -> list[CID]:
     """Put `blocks` in one batch the way the fetch client does: each read into a buffer the
-    writer lends (page-aligned: what a direct write can go out from)."""
+    writer lends."""
     cids = []
     with store.writer() as w:
         w.expect_many()
@@ -369,56 +315,14 @@ def _put_lent(store: Blockstore, blocks: list[bytes]) -> list[CID]:
     return cids
 
 
-@pytest.mark.parametrize("refuse", ["", "write"])
-def test_a_dag_of_small_blocks_packs_at_its_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse: str) -> None:
-    """Direct pack writes need 4 KiB-aligned offsets, but a DAG of small blocks (a rootfs of
-    small files, directory nodes, dag-cbor) does not get a page per block: they are staged
-    one after the other, and the pack is their total size (the last page's padding cut off).
-    The same through the page cache (a file system that refuses direct I/O)."""
-    flags = _pack_flags(monkeypatch, refuse)
+def test_a_dag_of_small_blocks_packs_at_its_size(tmp_path: Path) -> None:
+    """A DAG of small blocks (a rootfs of small files, directory nodes, dag-cbor) is packed one
+    block after the other: the pack is their total size, and each reads back."""
     rng = random.Random(5)
-    blocks = [rng.randbytes(rng.randint(50, 3000)) for _ in range(2500)]  # ~3.8 MB: several stages
-    store = Blockstore(tmp_path / "s", direct_packs=True)
+    blocks = [rng.randbytes(rng.randint(50, 3000)) for _ in range(2500)]  # ~3.8 MB: many groups
+    store = Blockstore(tmp_path / "s")
     cids = _put_lent(store, blocks)
-    assert flags and flags[0] & os.O_DIRECT
     (pack,) = packed(store)
     assert pack.stat().st_size == sum(map(len, blocks))
     fresh = Blockstore(store.path)
     assert all(fresh.get(c) == b for c, b in zip(cids, blocks, strict=True))
-
-
-def test_large_blocks_go_out_from_their_own_buffers_with_bounded_padding(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A block of 64 KiB or more in a buffer the writer lent is written from that buffer at a
-    4 KiB-aligned offset (no copy); the zeros before it are at most 1/64 of its size, so a
-    pack of 256 KiB raw leaves has no padding at all, one of leaves a few bytes longer (dag-pb
-    wrapped) at most 1/64, and small blocks between them cost at most a page per switch."""
-    import cidboot.store.blockstore as bs
-
-    direct_bytes: list[int] = []
-    real_pwritev = os.pwritev
-
-    def pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            direct_bytes.extend(len(b) for b in buffers)
-            assert offset % DIRECT_ALIGN == 0 and all(len(b) % DIRECT_ALIGN == 0 for b in buffers)
-        return real_pwritev(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "pwritev", pwritev)
-    rng = random.Random(6)
-    raw = [rng.randbytes(256 * 1024) for _ in range(24)]
-    store = Blockstore(tmp_path / "raw", direct_packs=True)
-    _put_lent(store, raw)
-    (pack,) = packed(store)
-    assert pack.stat().st_size == 24 * 256 * 1024
-    assert 256 * 1024 in direct_bytes  # written from the blocks' buffers, not through the stage
-    odd = [rng.randbytes(256 * 1024 + 14) for _ in range(24)]
-    mixed = [b for big in odd for b in (big, rng.randbytes(300))]
-    store = Blockstore(tmp_path / "odd", direct_packs=True)
-    cids = _put_lent(store, mixed)
-    (pack,) = packed(store)
-    total = sum(map(len, mixed))
-    assert total < pack.stat().st_size <= total + sum(map(len, odd)) // bs.PAD_RATIO
-    offsets = [Blockstore(store.path).packs.lookup(c.multihash.encode()).offset for c in cids[::2]]  # type: ignore[union-attr]
-    assert all(o % DIRECT_ALIGN == 0 for o in offsets)
-    assert b"".join(Blockstore(store.path).get(c) for c in cids) == b"".join(mixed)

@@ -84,13 +84,11 @@ class _BlockCache:
         return block
 
 
-#: Blocks a CAR response reads (and verifies) ahead of the one it is sending, on a thread of its
-#: own: reading and hashing block n+1 (both release the GIL) overlaps sending block n. At most this
-#: many blocks wait, each at most MAX_BLOCK (4 MiB): a bound per response, like the walk's cache.
+#: Blocks a CAR response from a caching store reads (and verifies) ahead of the one it is
+#: sending, on a thread of its own: a block its upstreams must deliver is waited for while the
+#: one before it is sent. At most this many blocks wait, each at most MAX_BLOCK (4 MiB): a bound
+#: per response, like the walk's cache. A plain store's CAR needs no such thread (`_send_car`).
 CAR_READ_AHEAD = 2
-#: blocks the read-ahead thread hands over at once from a plain store: one thread wake-up (a
-#: cross-CPU interrupt, dear in a VM) per group rather than per block
-READ_AHEAD_GROUP = 2
 _END = object()
 
 
@@ -101,8 +99,8 @@ class _Raised:
         self.exc = exc
 
 
-def _read_ahead(items: Iterator[tuple[CID, bytes | memoryview]], depth: int = CAR_READ_AHEAD,
-                group: int = 1) -> Generator[tuple[CID, bytes | memoryview], None, None]:
+def _read_ahead(items: Iterator[tuple[CID, bytes | memoryview]],
+                depth: int = CAR_READ_AHEAD) -> Generator[tuple[CID, bytes | memoryview], None, None]:
     """`items` (a walk that reads and verifies each block) run on a thread up to `depth` blocks
     ahead of the caller. Order and errors are kept: a block that fails to read or verify raises
     here after every block before it, so a damaged block is never sent and the stream is cut at
@@ -121,20 +119,13 @@ def _read_ahead(items: Iterator[tuple[CID, bytes | memoryview]], depth: int = CA
         return False
 
     def run() -> None:
-        batch: list[object] = []
         try:
             for item in items:
-                batch.append(item)
-                if len(batch) >= group:
-                    if not hand(batch):
-                        return
-                    batch = []
-            if batch and not hand(batch):
-                return
+                if not hand(item):
+                    return
             hand(_END)
         except BaseException as e:  # handed over in order (after the blocks before it); raised in the sender's thread
-            if not batch or hand(batch):
-                hand(_Raised(e))
+            hand(_Raised(e))
 
     worker = threading.Thread(target=run, name="car-read-ahead", daemon=True)
     worker.start()
@@ -145,7 +136,7 @@ def _read_ahead(items: Iterator[tuple[CID, bytes | memoryview]], depth: int = CA
                 return
             if isinstance(got, _Raised):
                 raise got.exc
-            yield from got  # type: ignore[misc]
+            yield got  # type: ignore[misc]
     finally:
         stop.set()
 
@@ -153,10 +144,9 @@ def _read_ahead(items: Iterator[tuple[CID, bytes | memoryview]], depth: int = CA
 class _Buffers:
     """The read buffers of one CAR response: the walk reads each block into one it takes
     (Blockstore.get_into), the sender gives it back once the block is on the socket. Never
-    more exist than are in use at once (the group in hand, the read-ahead queue, the group being
-    sent), so with read-ahead that is (CAR_READ_AHEAD + 2) x READ_AHEAD_GROUP buffers of the
-    largest block, and no
-    allocation (nor fresh pages) per block. A taker never waits: an empty pool makes a buffer."""
+    more exist than are in use at once: the walk and the send take turns on one thread, so one
+    buffer of the largest block serves the whole response, with no allocation (nor fresh pages)
+    per block. A taker never waits: an empty pool makes a buffer."""
 
     def __init__(self) -> None:
         self._free: deque[bytearray] = deque()
@@ -463,7 +453,7 @@ class _Handler(BoundedHandler):
         return store if isinstance(store, Blockstore) and type(store).get is Blockstore.get else None
 
     def _car_blocks(self, req: GatewayRequest, terminal: CID, path_blocks: list[tuple[CID, bytes]],
-                    buffers: _Buffers) -> Iterator[tuple[CID, bytes | memoryview]]:
+                    buffers: _Buffers) -> Generator[tuple[CID, bytes | memoryview], None, None]:
         yield from path_blocks
         plain = self._plain_store() if not req.car_dups else None
         if req.dag_scope == "all" and plain is not None:  # the common case: a whole DAG, each block once
@@ -569,10 +559,13 @@ class _Handler(BoundedHandler):
         try:
             sent += self._chunk(encode_header([req.cid]))
             buffers = _Buffers()
-            # local reads are quick: blocks go over in groups (one thread wake-up per group); a caching
-            # store's may wait on an upstream, so it hands each block over as soon as it has it
-            group = READ_AHEAD_GROUP if self._plain_store() is not None else 1
-            blocks = _read_ahead(self._car_blocks(req, res.terminal, res.path_blocks, buffers), group=group)
+            blocks = self._car_blocks(req, res.terminal, res.path_blocks, buffers)
+            if self._plain_store() is None:  # a caching store's reads may wait on an upstream: read ahead
+                blocks = _read_ahead(blocks)
+            # A plain store's reads are quick: the walk reads and hashes a block, the send hands it
+            # to the socket, on this one thread, and the socket's buffer keeps the two overlapping
+            # with the client's work. A read-ahead thread cost ~0.05 s of CPU per 256 MiB in
+            # hand-overs and wake-ups, and on cores the client shares there is no idle CPU for it.
             with closing(blocks):
                 for cid, block in blocks:
                     key = cid.multihash.encode()
