@@ -39,7 +39,7 @@ __all__ = ["COMPRESSIONS", "MAGIC", "TRAILER", "ZSTD_LEVEL", "ZSTD_MAGIC", "Cpio
            "read_newc", "source_date_epoch", "write_newc", "zstd_frame_end"]
 
 #: zstd's level (docs/images.md, "Compression": size against build time, measured)
-ZSTD_LEVEL = 19
+ZSTD_LEVEL = 18
 
 
 def _zstandard() -> Any:

@@ -220,12 +220,12 @@ def test_the_runtime_layer_follows_the_flows_compression_unless_it_names_its_own
     """image.python.runtime.compression sets the runtime layer's alone (and is part of what makes
     it one per arch); without it, the runtime layer is compressed as the others."""
     path = REPO / "bootstrap/image/flow.yaml"
-    text = path.read_text()
+    own = path.read_text()
+    line = next(x for x in own.splitlines(keepends=True) if x.startswith("      compression: zstd"))
+    text = own.replace(line, "", 1)
     ff = flowfile.parse(text, path)
     assert build.runtime_compression(ff) == ff.data["image"]["compression"] == "gzip"
-    own = text.replace("    runtime:\n      packages:", "    runtime:\n      compression: zstd\n      packages:", 1)
-    assert own != text
-    ff2 = flowfile.parse(own, path)
+    ff2 = flowfile.parse(own, path)  # the stage flows name zstd for the runtime alone
     assert build.runtime_compression(ff2) == "zstd"
     lock = Lock.load(lock_path(path))
     assert build.runtime_pins(ff2, lock) != build.runtime_pins(ff, lock)
