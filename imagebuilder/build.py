@@ -35,6 +35,7 @@ from imagebuilder.cache import BuildCache, key
 from imagebuilder.cpio import (
     archive_bytes,
     compress,
+    compression_id,
     decompress,
     flash_initrd,
     normalize_path,
@@ -181,14 +182,29 @@ def stage_entries(target: str, op_modules: list[str]) -> list[str]:
 
 def runtime_compression(ff: FlowFile) -> str:
     """The runtime layer's compression: image.python.runtime.compression, else image.compression.
-    zstd there is smaller (~20 %) and faster for the kernel to unpack than gzip, and only the
-    kernel reads the runtime layer in a normal chain; but the boot server finds where a served
-    bootstrap's runtime layer ends with cidboot.stage.switch_root.runtime_prefix, which cannot
-    read zstd yet (the initrd is then served whole and the L1 reference value is missed):
+    zstd there is smaller (~20 %) and cheaper for the kernel to unpack than gzip, and only the
+    kernel reads the runtime layer in a normal chain (the boot server finds where a served
+    bootstrap's zstd runtime ends from its frame headers: cidboot.stage.switch_root.runtime_prefix);
     docs/images.md, "Compression"."""
     image = ff.data["image"]
     py = image.get("python") or {}
     return str((py.get("runtime") or {}).get("compression", image.get("compression", DEFAULT_COMPRESSION)))
+
+
+def _check_served_split(ff: FlowFile, parts: list[bytes]) -> None:
+    """Refuse a bootstrap whose initrd a boot server would not cut where its reference value does:
+    the reference is measured over the runtime layer and the rest as two initrds (served_initrds),
+    the server cuts with runtime_prefix, which must find runtime.json in the layers after the
+    runtime (which it reads in Python: gzip, xz or none; a zstd runtime it skips by its frame
+    headers). A bootstrap it would serve whole is measured as one initrd by the firmware and the
+    device is never affirmed: fail the build instead, naming the cause."""
+    from cidboot.stage.switch_root import runtime_prefix
+
+    if len(parts) > 1 and runtime_prefix(b"".join(parts)) != len(parts[0]):
+        raise BuildError(f"{ff.path}: a boot server could not split this bootstrap's initrd after its runtime layer "
+                         f"(runtime compression {runtime_compression(ff)}, the other layers "
+                         f"{ff.data['image'].get('compression', DEFAULT_COMPRESSION)}: they must be gzip, xz or "
+                         "none, which the boot server and the stages read); its reference value would never match")
 
 
 def runtime_pins(ff: FlowFile, lock: Lock) -> dict[str, object]:
@@ -411,7 +427,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     built: dict[str, BuiltLayer] = {}
 
     def layer(role: str, inputs: object, make: Callable[[], bytes], compression: str = comp) -> None:
-        k = key(role, {"inputs": inputs, "compression": compression, "epoch": epoch})
+        k = key(role, {"inputs": inputs, "compression": compression_id(compression), "epoch": epoch})
         data = cache.get(k)
         cached = data is not None
         if data is None:
@@ -569,6 +585,8 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         # the boot server lists in boot.ipxe, runtime layer first (bootstrap.server.serve.split_initrd)
         # (uncompressed: imagebuilder.cpio.flash_initrd, what the harness writes to the flash)
         initrds = served_initrds(parts) if ff.target == "bootstrap" else [flash_initrd(parts)]
+        if ff.target == "bootstrap" and secret is None:
+            _check_served_split(ff, parts)
         measurements[ff.target] = boot_code_hash(layers[0].data, initrds)
     manifest = Manifest(
         name=ff.name, version=int(ff.data["version"]), expires=_expires(ff),

@@ -3,7 +3,7 @@
 The newc writer and reader live in cidboot.stage.cpio (the boot stages use them for the hand-off
 archive); this module adds what only the builder needs: compressors run with fixed settings so
 equal input gives equal output (gzip without a name or timestamp; xz with the CRC32 check the
-kernel's decompressor requires; zstd through the `zstd` program).
+kernel's decompressor requires; zstd through the pinned `zstandard` wheel, not the host's `zstd`).
 """
 
 from __future__ import annotations
@@ -11,15 +11,17 @@ from __future__ import annotations
 import gzip
 import io
 import lzma
-import subprocess
 import zlib
+from typing import Any
 
 from cidboot.stage.cpio import (
     MAGIC,
     TRAILER,
+    ZSTD_MAGIC,
     CpioError,
     Entry,
     Member,
+    ZstdFrameError,
     archive_bytes,
     iter_newc,
     normalize_path,
@@ -27,12 +29,35 @@ from cidboot.stage.cpio import (
     read_newc,
     source_date_epoch,
     write_newc,
+    zstd_frame_end,
 )
 
 COMPRESSIONS = ("none", "gzip", "xz", "zstd")
 
-__all__ = ["COMPRESSIONS", "MAGIC", "TRAILER", "CpioError", "Entry", "Member", "archive_bytes", "compress",
-           "decompress", "flash_initrd", "iter_newc", "normalize_path", "read_newc", "source_date_epoch", "write_newc"]
+__all__ = ["COMPRESSIONS", "MAGIC", "TRAILER", "ZSTD_LEVEL", "ZSTD_MAGIC", "CpioError", "Entry", "Member", "ZstdFrameError",
+           "archive_bytes", "compress", "compression_id", "decompress", "flash_initrd", "iter_newc", "normalize_path",
+           "read_newc", "source_date_epoch", "write_newc", "zstd_frame_end"]
+
+#: zstd's level (docs/images.md, "Compression": size against build time, measured)
+ZSTD_LEVEL = 18
+
+
+def _zstandard() -> Any:
+    """The pinned `zstandard` wheel (pyproject.toml), imported when a zstd layer is made or read:
+    it carries its own libzstd, so the bytes follow the pin, not the build host's `zstd`."""
+    import zstandard
+
+    return zstandard
+
+
+def compression_id(method: str) -> str:
+    """`method` with what decides its bytes beyond the input, for the layer cache's key: a layer
+    cached by another zstd library or level is not taken for this one's. gzip, xz and none are
+    their names alone (their settings are fixed here, zlib and liblzma are stable in output)."""
+    if method != "zstd":
+        return method
+    z = _zstandard()
+    return f"zstd-{ZSTD_LEVEL} zstandard-{z.__version__} libzstd-{'.'.join(map(str, z.ZSTD_VERSION))}"
 
 
 def compress(data: bytes, method: str) -> bytes:
@@ -49,11 +74,13 @@ def compress(data: bytes, method: str) -> bytes:
         return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32,
                              filters=[{"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": 1 << 20}])
     if method == "zstd":
-        proc = subprocess.run(["zstd", "-q", "-19", "-T2", "--no-check", "-c", "-"], input=data,
-                              capture_output=True, check=False)
-        if proc.returncode != 0:
-            raise CpioError(f"zstd failed: {proc.stderr.decode(errors='replace').strip()}")
-        return proc.stdout
+        # one frame, content size in the header, no checksum (the layer is hashed whole: its CID);
+        # threads=2 is zstd's multi-threaded mode, whose output is the same for any number of
+        # workers >= 1 (not the same as threads=0's): same bytes on a 2-core CI and a 64-core host
+        z = _zstandard()
+        params = z.ZstdCompressionParameters.from_level(ZSTD_LEVEL, threads=2, write_checksum=False,
+                                                        write_content_size=True)
+        return bytes(z.ZstdCompressor(compression_params=params).compress(data))
     raise CpioError(f"unknown compression {method!r} (one of {', '.join(COMPRESSIONS)})")
 
 
@@ -91,10 +118,15 @@ def _segment(data: bytes, off: int) -> tuple[int, bytes]:
         return len(data) - len(xz.unused_data), raw
     if head[:4] == ZSTD_MAGIC:
         end = zstd_frame_end(data, off)
-        proc = subprocess.run(["zstd", "-dc"], input=data[off:end], capture_output=True, check=False)
-        if proc.returncode != 0:
-            raise CpioError("zstd: cannot decompress")
-        return end, proc.stdout
+        z = _zstandard()
+        d = z.ZstdDecompressor().decompressobj()
+        try:
+            raw = d.decompress(data[off:end])
+        except z.ZstdError as e:
+            raise ZstdFrameError(f"zstd frame at offset {off}: {e}") from None
+        if not d.eof:
+            raise ZstdFrameError(f"zstd frame at offset {off} is truncated")
+        return end, raw
     if head == MAGIC:
         end = _newc_end(data, off)
         return end, data[off:end]
@@ -109,34 +141,6 @@ def _newc_end(data: bytes, off: int) -> int:
         if h.is_trailer:
             return h.end
         off = h.end
-
-
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-def zstd_frame_end(data: bytes, off: int) -> int:
-    """The end of the zstd frame at `off` (RFC 8878 3.1.1: header, blocks up to the last one,
-    optional checksum), so the archive after it can be read on its own."""
-    try:
-        fhd = data[off + 4]
-        single = fhd >> 5 & 1
-        pos = off + 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + ((1 if single else 0), 2, 4, 8)[fhd >> 6]
-        while True:
-            bh = int.from_bytes(data[pos:pos + 3], "little")
-            if len(data) < pos + 3:
-                raise IndexError
-            kind, size = bh >> 1 & 3, bh >> 3
-            if kind == 3:
-                raise CpioError(f"zstd frame at offset {off}: reserved block type")
-            pos += 3 + (1 if kind == 1 else size)
-            if bh & 1:
-                break
-        pos += 4 if fhd & 4 else 0
-    except IndexError:
-        raise CpioError(f"zstd frame at offset {off} is truncated") from None
-    if pos > len(data):
-        raise CpioError(f"zstd frame at offset {off} is truncated")
-    return pos
 
 
 def flash_initrd(layers: list[bytes]) -> bytes:

@@ -242,6 +242,77 @@ def read_header(buf: bytes | memoryview, off: int, start: int = 0) -> Header:
     return Header(mode, size, (major, minor), bytes(buf[off + 110:name_end - 1]), body, end)
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_BLOCK_MAX = 128 << 10  # RFC 8878 3.1.1.2.3: no block regenerates more than min(window, 128 KiB)
+
+
+class ZstdFrameError(CpioError):
+    """A zstd frame whose end cannot be found from its headers: truncated, or not a frame
+    (the message names the frame's offset and what is wrong at which offset)."""
+
+
+def zstd_frame_end(data: bytes | memoryview, off: int = 0) -> int:
+    """The end offset of the zstd frame at `off`, read from its frame and block headers alone
+    (RFC 8878 3.1.1: magic, frame header, blocks up to the one marked last, optional 4-byte
+    checksum): no decompression, so no zstd library, which Python 3.11 lacks. How a boot server
+    finds where a zstd runtime layer ends in a bootstrap initrd (switch_root.runtime_prefix) and
+    how the image builder cuts an initrd into its segments.
+
+    A frame that runs past the end of `data`, sets the header's reserved bit, uses the reserved
+    block type, or has a block larger than its window allows raises ZstdFrameError naming the
+    offset (a corrupt size field would otherwise send the walk anywhere). The blocks' contents are
+    not checked: the kernel's decompressor does that when it unpacks them."""
+    where = f"zstd frame at offset {off}"
+    n = len(data)
+    if bytes(data[off:off + 4]) != ZSTD_MAGIC:
+        raise ZstdFrameError(f"no zstd frame at offset {off} (magic {bytes(data[off:off + 4]).hex() or 'missing'})")
+    if off + 5 > n:
+        raise ZstdFrameError(f"{where} is truncated in its frame header")
+    fhd = data[off + 4]
+    if fhd & 0x08:
+        raise ZstdFrameError(f"{where}: the frame header's reserved bit is set (not a zstd frame)")
+    single = fhd >> 5 & 1
+    fcs_size = (single, 2, 4, 8)[fhd >> 6]
+    pos = off + 5
+    if single:
+        window = None  # the window is the content size, read below
+    else:
+        if pos + 1 > n:
+            raise ZstdFrameError(f"{where} is truncated in its frame header")
+        wd = data[pos]
+        base = 1 << (10 + (wd >> 3))
+        window = base + (base >> 3) * (wd & 7)
+        pos += 1
+    pos += (0, 1, 2, 4)[fhd & 3]  # dictionary ID
+    if pos + fcs_size > n:
+        raise ZstdFrameError(f"{where} is truncated in its frame header")
+    if window is None:
+        window = int.from_bytes(bytes(data[pos:pos + fcs_size]), "little") + (256 if fcs_size == 2 else 0)
+    pos += fcs_size
+    block_max = min(window, _ZSTD_BLOCK_MAX)
+    while True:
+        if pos + 3 > n:
+            raise ZstdFrameError(f"{where} is truncated: a block header at offset {pos} needs 3 bytes, "
+                                 f"{max(n - pos, 0)} left")
+        bh = int.from_bytes(bytes(data[pos:pos + 3]), "little")
+        kind, size = bh >> 1 & 3, bh >> 3
+        if kind == 3:
+            raise ZstdFrameError(f"{where}: the block at offset {pos} has the reserved block type")
+        if size > block_max:
+            raise ZstdFrameError(f"{where}: the block at offset {pos} is {size} bytes, more than the "
+                                 f"{block_max} its window allows")
+        pos += 3 + (1 if kind == 1 else size)  # an RLE block holds one byte, repeated `size` times
+        if pos > n:
+            raise ZstdFrameError(f"{where} is truncated: its block ends at offset {pos}, the data at {n}")
+        if bh & 1:
+            break
+    if fhd & 0x04:
+        pos += 4  # content checksum
+        if pos > n:
+            raise ZstdFrameError(f"{where} is truncated in its checksum")
+    return pos
+
+
 def iter_newc(data: bytes) -> Iterator[tuple[Member, bytes]]:
     """Each member of one newc archive with its data (file content or link target), in archive
     order, up to the trailer; anything malformed raises CpioError with the offset."""

@@ -59,7 +59,17 @@ from typing import Any
 from cidboot.errors import CidbootError, FormatError
 from cidboot.stage import syscalls
 from cidboot.stage.console import say, wipe
-from cidboot.stage.cpio import MAGIC, TRAILER_NAME, CpioError, Member, header_fields, normalize_path
+from cidboot.stage.cpio import (
+    MAGIC,
+    TRAILER_NAME,
+    ZSTD_MAGIC,
+    CpioError,
+    Member,
+    ZstdFrameError,
+    header_fields,
+    normalize_path,
+    zstd_frame_end,
+)
 from cidboot.stage.handoff import BOOT_PATH, DICE_PATH, Handoff, canonical_json
 
 RUNNING_KERNEL = "/etc/cidboot/kernel.sha512"
@@ -220,10 +230,16 @@ def runtime_prefix(initrd: bytes) -> int:
     initrd itself carries (size and SHA-256 checked against the bytes); 0 when it carries none or
     it does not match, or nothing follows the layer. How a boot server splits a built bootstrap's
     initrd into the initrds boot.ipxe lists (cidboot.trust.measure.served_initrds), and how
-    `firmware measure` reproduces that split. Host side: it decompresses the whole initrd."""
+    `firmware measure` reproduces that split. Host side: it decompresses the whole initrd, except
+    a leading zstd frame (a runtime layer in zstd, which only the kernel unpacks): its end is read
+    from its block headers (cpio.zstd_frame_end) and the archives after it are parsed, so the
+    runtime.json found there must describe exactly the bytes up to that end."""
+    start = 0
     try:
-        members = parse_initramfs(initrd).members
-    except InitramfsError:
+        if bytes(initrd[:4]) == ZSTD_MAGIC:
+            start = zstd_frame_end(initrd, 0)
+        members = parse_initramfs(initrd, start=start).members
+    except (InitramfsError, ZstdFrameError):
         return 0
     raw = next((bytes(c) for m, c in reversed(members) if m.path == RUNTIME_JSON and stat.S_ISREG(m.mode)), None)
     if raw is None:
@@ -231,6 +247,8 @@ def runtime_prefix(initrd: bytes) -> int:
     try:
         rt = parse_runtime_json(raw)
     except ValueError:
+        return 0
+    if start and rt.size != start:  # runtime.json names another cut than the frame's end
         return 0
     return rt.size if rt.size < len(initrd) and rt.begins(initrd) else 0
 
@@ -309,7 +327,8 @@ def _walk(buf: memoryview, out: list[tuple[Member, memoryview]], where: str = ""
         else:
             for magic, name in KNOWN_MAGICS.items():
                 if head.startswith(magic):
-                    raise UnsupportedCompression(f"initramfs: {name} at {at}: this stage reads gzip and xz")
+                    raise UnsupportedCompression(f"initramfs: {name} at {at}: this stage unpacks gzip and xz only "
+                                                 f"(Python 3.11 has no {name})")
             raise InitramfsError(f"initramfs: unknown data at {at}: {head.hex()}")
         try:
             data = d.decompress(buf[off:])
@@ -678,8 +697,8 @@ def try_switch_root(initrd: bytes, handoff: Handoff, *, secrets: Iterable[bytear
         start, keep = 0, ()
     try:
         parsed = parse_initramfs(initrd, start=start, keep=keep)
-    except UnsupportedCompression as e:
-        log(f"{e}; kexec instead")
+    except UnsupportedCompression as e:  # the kernel reads it (CONFIG_RD_ZSTD...): kexec, never a half-unpacked root
+        log(f"{e}: kexec instead, the kernel unpacks it")
     else:
         say(f"cidboot-stage: handover switch_root files={parsed.files} kept={len(parsed.keep)} "
             f"parse={time.monotonic() - t0:.2f}s")

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from imagebuilder.cpio import CpioError, Entry, archive_bytes, compress, decompress, zstd_frame_end
+from imagebuilder.cpio import (
+    CpioError,
+    Entry,
+    ZstdFrameError,
+    archive_bytes,
+    compress,
+    compression_id,
+    decompress,
+    zstd_frame_end,
+)
 
 ENTRIES = [
     Entry.file("usr/bin/hello", b"#!/bin/true\n", 0o755),
@@ -84,7 +93,7 @@ def test_compression_is_reproducible_and_decodes(method: str) -> None:
         assert a[4:8] == b"\0\0\0\0"  # no mtime in the gzip header
     elif method == "xz":
         assert lzma.decompress(a) == raw
-    else:
+    else:  # the host's zstd program reads what the pinned library wrote
         assert subprocess.run(["zstd", "-dc"], input=a, capture_output=True, check=True).stdout == raw
 
 
@@ -122,3 +131,94 @@ def test_a_truncated_zstd_frame_is_refused_not_half_read() -> None:
     assert zstd_frame_end(a, 0) == len(a)
     with pytest.raises(CpioError, match="zstd frame at offset 0 is truncated"):
         decompress(a[:-10])
+
+
+# -- zstd frames: their end from the headers alone (cidboot.stage.cpio.zstd_frame_end) ------------
+
+
+def _zstd(data: bytes, **kw: object) -> bytes:
+    import zstandard
+
+    return bytes(zstandard.ZstdCompressor(**kw).compress(data))  # type: ignore[arg-type]
+
+
+ZSTD_SAMPLES = {
+    "layer": lambda: compress(archive_bytes([Entry.file("x", os.urandom(300_000)), Entry.file("y", b"a" * 400_000)],
+                                            0), "zstd"),  # raw, RLE and compressed blocks, several of each
+    "empty": lambda: _zstd(b""),
+    "small, single segment": lambda: _zstd(b"hello " * 10),
+    "checksum": lambda: _zstd(os.urandom(200_000) + b"\0" * 300_000, write_checksum=True),
+    "no content size": lambda: _zstd(b"xyz" * 100_000, write_content_size=False),
+    # by hand (RFC 8878 3.1.1): a 1-byte dictionary ID and a window descriptor, one raw last block
+    # of 3 bytes; a 4-byte dictionary ID, a 2-byte content size, an RLE last block and a checksum
+    "dictionary id": lambda: b"\x28\xb5\x2f\xfd" + bytes([0b0000_0001, 0x00, 0x07])
+    + (3 << 3 | 0 << 1 | 1).to_bytes(3, "little") + b"abc",
+    "rle, checksum": lambda: b"\x28\xb5\x2f\xfd" + bytes([0b0100_0111, 0x00]) + b"\x01\x02\x03\x04" + b"\x01\x00"
+    + (257 << 3 | 1 << 1 | 1).to_bytes(3, "little") + b"z" + b"\xaa\xbb\xcc\xdd",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZSTD_SAMPLES))
+def test_a_zstd_frames_end_is_found_from_its_headers_as_the_decoder_finds_it(name: str) -> None:
+    import zstandard
+
+    frame = ZSTD_SAMPLES[name]()
+    after = b"\x1f\x8b more archives after it"
+    for lead in (b"", b"\0" * 12):
+        data = lead + frame + after
+        assert zstd_frame_end(data, len(lead)) == len(lead) + len(frame)
+        if name in ("dictionary id", "rle, checksum"):
+            continue  # made by hand: no dictionary to decode with, a made-up checksum
+        d = zstandard.ZstdDecompressor().decompressobj()
+        d.decompress(data[len(lead):])
+        assert d.unused_data == after  # the library's own idea of where the frame ends
+
+
+def test_a_zstd_frame_cut_anywhere_is_refused_as_truncated() -> None:
+    frame = ZSTD_SAMPLES["checksum"]()
+    for cut in (4, 5, 7, 9, 12, 100, len(frame) // 2, len(frame) - 5, len(frame) - 1):
+        with pytest.raises(ZstdFrameError, match=r"zstd frame at offset 0 is truncated"):
+            zstd_frame_end(frame[:cut])
+
+
+def test_a_corrupt_zstd_frame_is_refused_with_what_and_where() -> None:
+    frame = bytearray(_zstd(os.urandom(1000) + b"abc" * 50_000))
+    assert frame[4] == 0b1010_0000  # single segment, 4-byte content size, no checksum: the first block is at 9
+    first_block = 9
+    bad = bytearray(frame)
+    bad[4] |= 0x08
+    with pytest.raises(ZstdFrameError, match="reserved bit is set"):
+        zstd_frame_end(bytes(bad))
+    bad = bytearray(frame)
+    bad[first_block] |= 0b110  # block type 3
+    with pytest.raises(ZstdFrameError, match=f"block at offset {first_block} has the reserved block type"):
+        zstd_frame_end(bytes(bad))
+    bad = bytearray(frame)
+    bad[first_block + 2] = 0xFF  # a size field far past the 128 KiB a block may hold
+    with pytest.raises(ZstdFrameError, match=f"block at offset {first_block} is \\d+ bytes, more than the 131072"):
+        zstd_frame_end(bytes(bad))
+    with pytest.raises(ZstdFrameError, match="no zstd frame at offset 0"):
+        zstd_frame_end(b"\x1f\x8b" + bytes(frame[2:]))
+    # decompress() takes the frame's end from the walk, then lets the library check the blocks
+    bad = bytearray(frame)
+    bad[first_block + 3: first_block + 40] = b"\xff" * 37
+    with pytest.raises(ZstdFrameError, match="zstd frame at offset 0: "):
+        decompress(bytes(bad))
+
+
+def test_zstd_layers_are_the_same_bytes_whatever_the_number_of_threads() -> None:
+    """compress() uses zstd's multi-threaded mode (threads=2), whose output does not depend on the
+    number of workers: a 2-core CI and a many-core host build the same layer."""
+    import zstandard
+
+    from imagebuilder.cpio import ZSTD_LEVEL
+
+    raw = archive_bytes([Entry.file(f"f{i}", os.urandom(64) * 4000) for i in range(8)], 0)
+    ours = compress(raw, "zstd")
+    for threads in (1, 4):
+        p = zstandard.ZstdCompressionParameters.from_level(ZSTD_LEVEL, threads=threads, write_checksum=False,
+                                                           write_content_size=True)
+        assert zstandard.ZstdCompressor(compression_params=p).compress(raw) == ours
+    assert compression_id("zstd") == (f"zstd-{ZSTD_LEVEL} zstandard-{zstandard.__version__} "
+                                      f"libzstd-{'.'.join(map(str, zstandard.ZSTD_VERSION))}")
+    assert compression_id("gzip") == "gzip"  # the gzip layers' cache keys are unchanged

@@ -166,7 +166,7 @@ def test_seed_producer_as_documented_is_accepted_by_lock(tmp_path: Path) -> None
 def test_operation_name_as_producer_is_refused_by_lock_and_vetoes_everything_on_the_agent(tmp_path: Path) -> None:
     flow = _copy("hello", tmp_path)
     _edit(flow, "    veto: {operation: hello}", "    veto: {producer: hello}")
-    assert _problems(flow) == ["F:35:22: policies.0.veto.producer: producer 'hello' is neither \"seed\" nor "
+    assert _problems(flow) == ["F:36:22: policies.0.veto.producer: producer 'hello' is neither \"seed\" nor "
                                "a role of the placement ['device']"]
     # a manifest carrying it anyway: the agent enforces the same rule, so it vetoes every run
     doc = yaml.safe_load(flow.read_text())
@@ -186,17 +186,17 @@ def test_unknown_keys_and_primitives_are_refused_by_agent_run(tmp_path: Path, ca
     flow = _copy("hello", tmp_path)
     _edit(flow, "policies:", "polices:")  # a misspelt section drops every policy if it is ignored
     rc, err = _agent_run(flow, tmp_path, capsys)
-    assert rc == 1 and f"{flow}:33:1: polices: unknown key" in err
+    assert rc == 1 and f"{flow}:34:1: polices: unknown key" in err
     _edit(flow, "polices:", "policies:")
     _edit(flow, "    name: {primitive: str}", "    name: {primitive: string}")
     rc, err = _agent_run(flow, tmp_path, capsys)
-    assert rc == 1 and f"{flow}:21:23: dataflow.definitions.name.primitive: 'string' is not one of" in err
+    assert rc == 1 and f"{flow}:22:23: dataflow.definitions.name.primitive: 'string' is not one of" in err
 
 
 def test_seed_of_the_wrong_primitive_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     flow = _copy("two-device", tmp_path)
     _edit(flow, "    - {definition: count, value: 5}", "    - {definition: count, value: five}")
-    line = "F:32:34: dataflow.seed.0.value: 'five' (str) is not a int (definition 'count')"
+    line = "F:33:34: dataflow.seed.0.value: 'five' (str) is not a int (definition 'count')"
     assert _problems(flow) == [line]
     rc, err = _agent_run(flow, tmp_path, capsys)
     assert rc == 1 and line.replace("F:", f"{flow}:") in err
@@ -206,14 +206,14 @@ def test_input_name_that_is_not_a_parameter_of_the_function_is_refused(tmp_path:
     flow = _copy("hello", tmp_path)
     _edit(flow, "      inputs: {name: name}", "      inputs: {nam: name}")
     assert _problems(flow) == [
-        "F:26:7: dataflow.operations.hello.inputs: ops:hello requires parameter 'name', which no input of hello feeds",
-        "F:26:16: dataflow.operations.hello.inputs.nam: ops:hello has no parameter 'nam' (it takes ['name'])"]
+        "F:27:7: dataflow.operations.hello.inputs: ops:hello requires parameter 'name', which no input of hello feeds",
+        "F:27:16: dataflow.operations.hello.inputs.nam: ops:hello has no parameter 'nam' (it takes ['name'])"]
 
 
 def test_operation_placed_on_no_role_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     flow = _copy("two-device", tmp_path)
     _edit(flow, "  aggregator: [summarise]\n", "")
-    line = ("F:26:5: dataflow.operations.summarise: operation 'summarise' is placed on no role "
+    line = ("F:27:5: dataflow.operations.summarise: operation 'summarise' is placed on no role "
             "(placement has ['sensor']): it would never run")
     assert _problems(flow) == [line]
     rc, err = _agent_run(flow, tmp_path, capsys)

@@ -53,7 +53,7 @@ def test_unknown_key(hello: Path) -> None:
 
 def test_unknown_top_level_key(hello: Path) -> None:
     hello.write_text(hello.read_text() + "extra: 1\n")
-    assert _errors(hello) == ["F:41:1: extra: unknown key"]
+    assert _errors(hello) == ["F:42:1: extra: unknown key"]
 
 
 def test_wrong_type(hello: Path) -> None:
@@ -63,7 +63,7 @@ def test_wrong_type(hello: Path) -> None:
 
 def test_missing_required(hello: Path) -> None:
     _edit(hello, "  threshold: 1\n", "")
-    assert _errors(hello) == ["F:37:1: trust: 'threshold' is a required property"]
+    assert _errors(hello) == ["F:38:1: trust: 'threshold' is a required property"]
 
 
 def test_duplicate_key(hello: Path) -> None:
@@ -79,7 +79,7 @@ def test_yaml_syntax_error(hello: Path) -> None:
 
 def test_cycle(hello: Path) -> None:
     _edit(hello, "      outputs: {greeting: greeting}", "      outputs: {greeting: name}")
-    assert _errors(hello) == ["F:24:5: dataflow.operations.hello: cycle: hello -> hello"]
+    assert _errors(hello) == ["F:25:5: dataflow.operations.hello: cycle: hello -> hello"]
 
 
 def test_two_operation_cycle(tmp_path: Path) -> None:
@@ -90,38 +90,38 @@ def test_two_operation_cycle(tmp_path: Path) -> None:
     flow = _edit(d / "flow.yaml", "    sample: {inputs: {count: [seed]}}",
                  "    sample: {inputs: {count: [{summarise: total}]}}")
     # summarise.total is a `total`: the agent refuses to feed it to a `count` parameter, and so does the builder
-    assert _errors(flow) == ["F:34:43: dataflow.flow.sample.inputs.count.0.summarise: "
+    assert _errors(flow) == ["F:35:43: dataflow.flow.sample.inputs.count.0.summarise: "
                              "summarise.total is a total, not a count (definitions are locked to parameters)"]
     _edit(flow, "      outputs: {total: total}", "      outputs: {total: count}")
-    assert _errors(flow) == ["F:22:5: dataflow.operations.sample: cycle: sample -> summarise -> sample"]
+    assert _errors(flow) == ["F:23:5: dataflow.operations.sample: cycle: sample -> summarise -> sample"]
 
 
 def test_undefined_definition(hello: Path) -> None:
     _edit(hello, "      inputs: {name: name}", "      inputs: {name: nme}")
-    assert _errors(hello) == ["F:26:22: dataflow.operations.hello.inputs.name: undefined definition 'nme'"]
+    assert _errors(hello) == ["F:27:22: dataflow.operations.hello.inputs.name: undefined definition 'nme'"]
 
 
 def test_missing_implementation_function(hello: Path) -> None:
     _edit(hello, "implementation: ops:hello", "implementation: ops:goodbye")
-    assert _errors(hello) == ["F:25:23: dataflow.operations.hello.implementation: "
+    assert _errors(hello) == ["F:26:23: dataflow.operations.hello.implementation: "
                               "missing implementation: ops.py defines no function 'goodbye'"]
 
 
 def test_missing_implementation_module(hello: Path) -> None:
     _edit(hello, "implementation: ops:hello", "implementation: greet.ops:hello")
-    assert _errors(hello) == ["F:25:23: dataflow.operations.hello.implementation: "
+    assert _errors(hello) == ["F:26:23: dataflow.operations.hello.implementation: "
                               "missing implementation: module file greet/ops.py not found beside the flow"]
 
 
 def test_malformed_implementation(hello: Path) -> None:
     _edit(hello, "implementation: ops:hello", "implementation: ops.hello")
     (err,) = _errors(hello)
-    assert err.startswith("F:25:23: dataflow.operations.hello.implementation: 'ops.hello' does not match")
+    assert err.startswith("F:26:23: dataflow.operations.hello.implementation: 'ops.hello' does not match")
 
 
 def test_placement_of_unknown_operation(hello: Path) -> None:
     _edit(hello, "  device: [hello]", "  device: [hello, bye]")
-    assert _errors(hello) == ["F:32:19: placement.device.1: unknown operation 'bye'"]
+    assert _errors(hello) == ["F:33:19: placement.device.1: unknown operation 'bye'"]
 
 
 def test_every_problem_is_listed(hello: Path) -> None:
@@ -132,7 +132,7 @@ def test_every_problem_is_listed(hello: Path) -> None:
 
 def test_threshold_above_keys(hello: Path) -> None:
     _edit(hello, "  threshold: 1", "  threshold: 2")
-    assert _errors(hello) == ["F:39:14: trust.threshold: threshold 2 exceeds the 1 key(s)"]
+    assert _errors(hello) == ["F:40:14: trust.threshold: threshold 2 exceeds the 1 key(s)"]
 
 
 def test_absolute_path_rejected(hello: Path) -> None:

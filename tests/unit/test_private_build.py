@@ -71,12 +71,12 @@ def test_encrypt_is_off_unless_set(hello: Path) -> None:
 @pytest.mark.parametrize("value, shown", [("1", "1"), ('"yes"', "'yes'"), ("[true]", "[True]")])
 def test_encrypt_must_be_a_bool(hello: Path, value: str, shown: str) -> None:
     hello.write_text(hello.read_text() + f"encrypt: {value}\n")
-    assert _errors(hello) == [f"F:41:10: encrypt: {shown} is not of type 'boolean' (schema: type)"]
+    assert _errors(hello) == [f"F:42:10: encrypt: {shown} is not of type 'boolean' (schema: type)"]
 
 
 def test_unknown_top_level_keys_are_still_refused(hello: Path) -> None:
     hello.write_text(hello.read_text() + "encrypted: true\n")
-    assert _errors(hello) == ["F:41:1: encrypted: unknown key"]
+    assert _errors(hello) == ["F:42:1: encrypted: unknown key"]
 
 
 def test_the_flow_validator_knows_encrypt() -> None:
@@ -94,7 +94,7 @@ def test_the_flow_validator_knows_encrypt() -> None:
 
 def test_encrypt_is_for_images_only(hello: Path) -> None:
     hello.write_text(hello.read_text().replace("version: 1\n", "version: 1\ntarget: bootstrap\n") + "encrypt: true\n")
-    assert _errors(hello) == ["F:42:10: encrypt: encrypt: true is for images (target: image); a bootstrap is "
+    assert _errors(hello) == ["F:43:10: encrypt: encrypt: true is for images (target: image); a bootstrap is "
                               "loaded by a stage that holds no layer keys"]
 
 

@@ -323,8 +323,12 @@ def test_a_forced_kexec_tells_the_next_stage(fakes: dict[str, Any]) -> None:
 
 def test_an_unreadable_compression_falls_back_to_kexec(fakes: dict[str, Any]) -> None:
     zstd = b"\x28\xb5\x2f\xfd" + b"\0" * 64
-    sr.hand_over(KERNEL, zstd, "", handoff(), running=hashlib.sha512(KERNEL).digest(), running_cmdline="")
+    said: list[str] = []
+    sr.hand_over(KERNEL, zstd, "", handoff(), running=hashlib.sha512(KERNEL).digest(), running_cmdline="",
+                 log=said.append)
     assert "switch_root" not in fakes and fakes["kexec"][0] == KERNEL
+    assert said == ["initramfs: zstd at offset 0: this stage unpacks gzip and xz only (Python 3.11 has no zstd): "
+                    "kexec instead, the kernel unpacks it"]
 
 
 def test_a_kernel_known_to_be_the_running_one_is_never_fetched_for_a_switch_root(fakes: dict[str, Any]) -> None:
@@ -585,3 +589,52 @@ def test_an_unfetched_runtime_is_fetched_for_a_different_kernel(fakes: dict[str,
     sr.hand_over(OTHER_KERNEL, rest_layers(), "", handoff(), running=hashlib.sha512(KERNEL).digest(),
                  running_cmdline="", fetch_runtime=runtime_layer, image_root=str(tmp_path))
     assert "switch_root" not in fakes and fakes["kexec"][1].startswith(runtime_layer() + rest_layers())
+
+
+# -- a zstd runtime layer: the boot server's split (runtime_prefix) ---------------------------------
+
+
+def zstd_bootstrap_initrd(runtime_size_delta: int = 0) -> tuple[bytes, bytes]:
+    """(runtime layer in zstd, the rest in gzip with a runtime.json naming that layer), as
+    `imagebuilder build` makes a bootstrap whose image.python.runtime.compression is zstd."""
+    import json
+
+    from imagebuilder.cpio import compress
+
+    runtime = compress(layer(RT_ENTRIES + [Entry.file("usr/lib/big.so", os.urandom(200_000) + b"\0" * 300_000)]),
+                       "zstd")
+    doc = {"cid": "bafkreiruntime", "size": len(runtime) + runtime_size_delta,
+           "sha256": hashlib.sha256(runtime).hexdigest(), "sha512": hashlib.sha512(runtime).hexdigest(),
+           "paths": sorted({e.path for e in RT_ENTRIES} | {"usr", "usr/bin", "usr/lib", "usr/lib/python3.11",
+                                                           "usr/lib/big.so"})}
+    config = gzip.compress(layer([Entry.file(sr.RUNTIME_JSON, json.dumps(doc, sort_keys=True).encode())]), mtime=0)
+    return runtime, rest_layers() + config
+
+
+def test_the_server_cuts_a_zstd_runtime_off_where_its_frame_ends() -> None:
+    """The stage's reader cannot decompress zstd: runtime_prefix finds the frame's end from its
+    headers and parses the rest (without it the initrd was served whole, measured as one initrd,
+    and the device never affirmed)."""
+    runtime, rest = zstd_bootstrap_initrd()
+    assert sr.runtime_prefix(runtime + rest) == len(runtime)
+    with pytest.raises(sr.UnsupportedCompression):  # the stage itself still cannot unpack it
+        sr.parse_initramfs(runtime + rest)
+
+
+def test_a_zstd_runtime_the_json_does_not_describe_exactly_is_not_cut() -> None:
+    runtime, rest = zstd_bootstrap_initrd()
+    assert sr.runtime_prefix(runtime) == 0  # nothing after it: no runtime.json
+    flipped = bytearray(runtime)
+    flipped[len(runtime) // 2] ^= 1  # same frame layout, other bytes: SHA-256 differs
+    assert sr.runtime_prefix(bytes(flipped) + rest) == 0
+    for delta in (-1, 1):  # runtime.json's size is not the frame's end
+        r2, rest2 = zstd_bootstrap_initrd(delta)
+        assert sr.runtime_prefix(r2 + rest2) == 0
+
+
+def test_a_truncated_or_corrupt_zstd_runtime_is_served_whole_not_cut_anywhere() -> None:
+    runtime, rest = zstd_bootstrap_initrd()
+    for data in (runtime[:-7] + rest,  # truncated: the frame's last block runs into the gzip
+                 runtime[:-7],  # truncated, nothing after it
+                 runtime[:4] + bytes([runtime[4] | 0x08]) + runtime[5:] + rest):  # reserved header bit
+        assert sr.runtime_prefix(data) == 0  # never an exception: a boot server keeps serving
