@@ -249,11 +249,14 @@ def main() -> int:
                         rows[-1][key.replace(f"_{mib}_", "_")] = round(statistics.median(values), 3)
                 # CPU seconds of both sides, the reference's over ours: what the fetch costs the machine,
                 # which other work on shared cores moves far less than it moves the wall-clock ratio
-                plain_cpu = [c + h for c, h in zip(CPU[f"plain_{mib}_client_cpu_s"], CPU[f"plain_{mib}_server_cpu_s"],
-                                                   strict=True)]
-                ours_cpu = [c + g for c, g in zip(CPU[f"ours_{mib}_client_cpu_s"], CPU[f"ours_{mib}_gateway_cpu_s"],
-                                                  strict=True)]
-                rows[-1]["plain_cpu/ours_cpu"] = round(statistics.median(plain_cpu) / statistics.median(ours_cpu), 3)
+                # (medians of each run's sum, written beside the ratio so the summary's row is made of them)
+                plain_cpu = statistics.median(c + h for c, h in zip(CPU[f"plain_{mib}_client_cpu_s"],
+                                                                    CPU[f"plain_{mib}_server_cpu_s"], strict=True))
+                ours_cpu = statistics.median(c + g for c, g in zip(CPU[f"ours_{mib}_client_cpu_s"],
+                                                                   CPU[f"ours_{mib}_gateway_cpu_s"], strict=True))
+                rows[-1]["plain_cpu_s"] = round(plain_cpu, 3)
+                rows[-1]["ours_cpu_s"] = round(ours_cpu, 3)
+                rows[-1]["plain_cpu/ours_cpu"] = round(plain_cpu / ours_cpu, 3)
                 if base_both_s:
                     b = statistics.median(base_both_s)
                     rows[-1]["baseline_both_MBps"] = round(mb / b, 1)
