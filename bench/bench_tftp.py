@@ -125,7 +125,9 @@ def main() -> int:
                      "help": "comma-separated BLKSIZExWINDOWSIZE, e.g. 512x1,1468x1 (lock-step only)"}),
         ("--clients", {"default": "c,python", "help": "comma-separated: c, python"}),
         ("--baseline", {"metavar": "DIR", "help": "also run the server of another checkout (e.g. main) in the same "
-                                                  "alternation: before/after figures from one run"})])
+                                                  "alternation: before/after figures from one run"}),
+        ("--gaps", {"metavar": "DIR", "help": "diagnosis: the C client writes every round's gaps between DATA packets "
+                                              "to DIR/<server>-<blksize>x<window>-<n>.f64 (native doubles, seconds)"})])
     clients = [c.strip() for c in args.clients.split(",") if c.strip()]
     if not clients or any(c not in ("c", "python") for c in clients):
         print(f"bench_tftp: --clients takes c and/or python, not {args.clients!r}", file=sys.stderr)
@@ -135,6 +137,8 @@ def main() -> int:
     except ValueError:
         print(f"bench_tftp: --cases takes BLKSIZExWINDOWSIZE,..., not {args.cases!r}", file=sys.stderr)
         return 2
+    if args.gaps:
+        os.makedirs(args.gaps, exist_ok=True)
     rows = []
     rounds: dict[str, dict[str, dict[str, list[float]]]] = {}  # every round's figures, for the JSON
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -163,6 +167,9 @@ def main() -> int:
             host = net.add_host("10.77.0.50")
             time.sleep(1.0)
 
+            # the C client's tail per round: (blocks that took over 1 ms, their seconds), per server
+            tails: dict[str, list[tuple[int, float]]] = {label: [] for label in servers}
+
             def download(client: str, label: str, port: int, bs: int,
                          win: int) -> tuple[float, float | None, float | None]:
                 """One download in the client namespace: its seconds (bytes checked), the
@@ -174,6 +181,9 @@ def main() -> int:
                     assert c_client is not None
                     dest = work / "got.bin"
                     cmd = [str(c_client), ip, str(port), "bootstrap.img", str(bs), str(win), str(dest)]
+                    if args.gaps:
+                        n = len(tails[label])
+                        cmd = ["env", f"TFTP_CLIENT_GAPS={os.path.abspath(args.gaps)}/{label}-{bs}x{win}-{n}.f64", *cmd]
                 else:
                     cmd = [sys.executable, "-m", "bench.bench_tftp", "--client", ip, str(port), "bootstrap.img",
                            str(bs), str(win)]
@@ -182,8 +192,9 @@ def main() -> int:
                     raise SystemExit(f"{label} {client} client bs={bs} win={win}: {out.stderr.strip()[-500:]}")
                 block_us = None
                 if client == "c":
-                    secs, _n, median_us = out.stdout.split()
+                    secs, _n, median_us, slow, slow_s = out.stdout.split()
                     block_us = float(median_us)
+                    tails[label].append((int(slow), float(slow_s)))
                     digest = hashlib.sha256(dest.read_bytes()).hexdigest()
                     dest.unlink()
                 else:
@@ -199,6 +210,8 @@ def main() -> int:
                     cpus: dict[str, list[float]] = {label: [] for label in servers}
                     blk: dict[str, list[float]] = {label: [] for label in servers}
                     order = list(servers.items())
+                    for t in tails.values():
+                        t.clear()
                     for _ in range(args.repeat):  # alternating, so a burst of load hits every server
                         for label, port in order:
                             secs, cpu, block_us = download(client, label, port, bs, win)
@@ -228,10 +241,16 @@ def main() -> int:
                         for label, used in blk.items():
                             row[f"blk_us_{label}"] = round(statistics.median(used), 2)
                         row["blk ours/hpa"] = round(statistics.median(blk["tftpd-hpa"]) / statistics.median(blk["ours"]), 3)
+                    if all(len(v) == args.repeat for v in tails.values()):
+                        for label, tail in tails.items():
+                            row[f"slow_blk_{label}"] = statistics.median(n for n, _ in tail)
+                            row[f"slow_s_{label}"] = round(statistics.median(x for _, x in tail), 3)
                     rounds[f"{client} {bs}x{win}"] = {
                         label: {"seconds": [round(x, 4) for x in runs[label]],
                                 "cpu_us_blk": [round(x / blocks * 1e6, 2) for x in cpus[label]],
-                                "blk_us": blk[label]} for label in servers}
+                                "blk_us": blk[label],
+                                "slow_blocks": [n for n, _ in tails[label]],
+                                "slow_s": [round(x, 4) for _, x in tails[label]]} for label in servers}
                     rows.append(row)
                     print(row, file=sys.stderr, flush=True)
         finally:
@@ -250,7 +269,8 @@ def main() -> int:
                    "does no more work per block); blk_us_* = median over the rounds of the C client's median "
                    "microseconds between two DATA packets (the usual round trip, which the rare wake-ups "
                    "delayed by milliseconds do not move); blk ours/hpa = tftpd-hpa's / ours (>= 1: ours is "
-                   "no slower per usual block)",
+                   "no slower per usual block); slow_blk_* / slow_s_* = median over the rounds of the C client's "
+                   "count of blocks that took over 1 ms and their seconds in all (the tail that decides the wall time)",
         "client": {"c": "bench/tftp_client.c (gcc -O2) in a second namespace (veth + bridge): measures the servers",
                    "python": "bench/tftp_client.py, same namespace: its per-block cost is larger than either "
                              "server's, so it compresses the ratios towards 1"},
