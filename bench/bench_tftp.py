@@ -28,7 +28,10 @@ VM exit) and each wake-up waits for the host to run a halted vCPU; with other lo
 machine both often share one vCPU (the fast mode). In the slow mode about 1 % of the blocks
 wait 1.5-5 ms for a vCPU (the host's doing, for any server) and those few are 40-60 % of the
 seconds, so the C client also reports its median time between two DATA packets (`blk_us_*`,
-`blk ours/hpa`): the usual round trip, which those delays do not move.
+`blk ours/hpa`): the usual round trip, which those delays do not move; and that tail itself
+(`slow_blk_*`, `slow_s_*`: the blocks that took over 1 ms and their seconds, medians of the
+rounds; every round's in the JSON), so whether it falls on one server more than another shows.
+`--gaps DIR` keeps every gap of every round, for diagnosis.
 """
 
 from __future__ import annotations

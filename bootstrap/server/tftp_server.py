@@ -7,8 +7,9 @@ killed the server on its first "server busy"). Each transfer runs on its own soc
 (its TID, connected to the client) and thread, so one slow or hostile client never holds up the
 others. Lock-step transfers (no windowsize, what PXE ROMs do) are paced by the server's work
 between an ACK and the next DATA, so that is kept to a read, a compare and a write of a packet
-already in place (`_send_lockstep`; file blocks are read by preadv straight into ready-made
-packets, `_Source.runs`; anything unusual goes to `_recover`). Paths are
+already in place: in C when `_tftp_lockstep` is built (one call per transfer, the GIL released,
+`lockstep_impl` picks), else in Python (`_send_lockstep`; file blocks are read by preadv straight
+into ready-made packets, `_Source.runs`; anything unusual goes to `_recover`). Paths are
 confined to the root after resolving symlinks; `..`, writes and unknown opcodes are refused
 with a TFTP error packet and logged.
 
@@ -377,7 +378,7 @@ class TftpServer:
         impl = lockstep_impl() if native is not False else None
         if native and impl is None:
             raise TftpConfigError("the native lock-step loop (bootstrap/server/_tftp_lockstep.c) is not built: "
-                                  "run `python3 -m pip install -e .`")
+                                  "run `python3 -m pip install -e .` (docs/boot-server.md, TFTP)")
         self._native = impl
         self.root = Path(os.path.realpath(root))
         self.metrics = metrics or Metrics()
