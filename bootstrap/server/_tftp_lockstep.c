@@ -239,6 +239,7 @@ PyDoc_STRVAR(send_doc,
 "(`code` is the errno). `sent`: data bytes acknowledged; `resends`: blocks sent again.");
 
 static PyObject *lockstep_send(PyObject *self, PyObject *args) {
+    (void)self;
     int sock, fd;
     Py_buffer content;
     unsigned long long size;
