@@ -119,6 +119,19 @@ def build_c_client(work: Path) -> Path:
     return exe
 
 
+LOOP_CODE = ("import logging; logging.disable()\n"
+             "try:\n    from bootstrap.server.tftp_server import lockstep_impl\n"
+             "except ImportError:\n    print('python')\n"
+             "else:\n    print('python' if lockstep_impl() is None else 'c')")
+
+
+def lockstep_loop(cwd: str) -> str:
+    """Which lock-step loop the server of the checkout at `cwd` runs ("c" or "python"): the
+    figures of a server whose C module was not built are the Python loop's, and say so."""
+    out = subprocess.run([sys.executable, "-c", LOOP_CODE], cwd=cwd, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         return client_main(sys.argv[2:])
@@ -161,6 +174,10 @@ def main() -> int:
         procs = [net.popen([sys.executable, "-c", server_code, str(root), ip, str(OURS)], cwd=os.getcwd()),
                  net.popen(["in.tftpd", "-L", "-s", str(root), "-a", f"{ip}:{HPA}"])]
         servers = {"ours": OURS, "tftpd-hpa": HPA}
+        loops = {"ours": lockstep_loop(os.getcwd())}
+        if args.baseline:
+            loops["baseline"] = lockstep_loop(os.path.abspath(args.baseline))
+        print(f"bench_tftp: lock-step loop {loops}", file=sys.stderr, flush=True)
         if args.baseline:
             procs.append(net.popen([sys.executable, "-c", server_code, str(root), ip, str(BASELINE)],
                                    cwd=os.path.abspath(args.baseline)))
@@ -265,6 +282,7 @@ def main() -> int:
                     m.close()
     write_results(args.out, "bench_tftp", rows, {
         "size_mib": args.size_mib, "repeat": args.repeat, "baseline": args.baseline, "rounds": rounds,
+        "lockstep_loop": loops,
         "figures": "median MiB/s of --repeat runs per server, servers alternating in each round; ours/hpa = ratio of "
                    "the medians; ratio_min/max = spread of the per-round ratios; best ours/hpa = ratio of each server's "
                    "fastest round; cpu_us_blk_* = median server CPU "
