@@ -28,7 +28,10 @@ VM exit) and each wake-up waits for the host to run a halted vCPU; with other lo
 machine both often share one vCPU (the fast mode). In the slow mode about 1 % of the blocks
 wait 1.5-5 ms for a vCPU (the host's doing, for any server) and those few are 40-60 % of the
 seconds, so the C client also reports its median time between two DATA packets (`blk_us_*`,
-`blk ours/hpa`): the usual round trip, which those delays do not move.
+`blk ours/hpa`): the usual round trip, which those delays do not move; and that tail itself
+(`slow_blk_*`, `slow_s_*`: the blocks that took over 1 ms and their seconds, medians of the
+rounds; every round's in the JSON), so whether it falls on one server more than another shows.
+`--gaps DIR` keeps every gap of every round, for diagnosis.
 """
 
 from __future__ import annotations
@@ -116,6 +119,19 @@ def build_c_client(work: Path) -> Path:
     return exe
 
 
+LOOP_CODE = ("import logging; logging.disable()\n"
+             "try:\n    from bootstrap.server.tftp_server import lockstep_impl\n"
+             "except ImportError:\n    print('python')\n"
+             "else:\n    print('python' if lockstep_impl() is None else 'c')")
+
+
+def lockstep_loop(cwd: str) -> str:
+    """Which lock-step loop the server of the checkout at `cwd` runs ("c" or "python"): the
+    figures of a server whose C module was not built are the Python loop's, and say so."""
+    out = subprocess.run([sys.executable, "-c", LOOP_CODE], cwd=cwd, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         return client_main(sys.argv[2:])
@@ -125,7 +141,9 @@ def main() -> int:
                      "help": "comma-separated BLKSIZExWINDOWSIZE, e.g. 512x1,1468x1 (lock-step only)"}),
         ("--clients", {"default": "c,python", "help": "comma-separated: c, python"}),
         ("--baseline", {"metavar": "DIR", "help": "also run the server of another checkout (e.g. main) in the same "
-                                                  "alternation: before/after figures from one run"})])
+                                                  "alternation: before/after figures from one run"}),
+        ("--gaps", {"metavar": "DIR", "help": "diagnosis: the C client writes every round's gaps between DATA packets "
+                                              "to DIR/<server>-<blksize>x<window>-<n>.f64 (native doubles, seconds)"})])
     clients = [c.strip() for c in args.clients.split(",") if c.strip()]
     if not clients or any(c not in ("c", "python") for c in clients):
         print(f"bench_tftp: --clients takes c and/or python, not {args.clients!r}", file=sys.stderr)
@@ -135,6 +153,8 @@ def main() -> int:
     except ValueError:
         print(f"bench_tftp: --cases takes BLKSIZExWINDOWSIZE,..., not {args.cases!r}", file=sys.stderr)
         return 2
+    if args.gaps:
+        os.makedirs(args.gaps, exist_ok=True)
     rows = []
     rounds: dict[str, dict[str, dict[str, list[float]]]] = {}  # every round's figures, for the JSON
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -154,6 +174,10 @@ def main() -> int:
         procs = [net.popen([sys.executable, "-c", server_code, str(root), ip, str(OURS)], cwd=os.getcwd()),
                  net.popen(["in.tftpd", "-L", "-s", str(root), "-a", f"{ip}:{HPA}"])]
         servers = {"ours": OURS, "tftpd-hpa": HPA}
+        loops = {"ours": lockstep_loop(os.getcwd())}
+        if args.baseline:
+            loops["baseline"] = lockstep_loop(os.path.abspath(args.baseline))
+        print(f"bench_tftp: lock-step loop {loops}", file=sys.stderr, flush=True)
         if args.baseline:
             procs.append(net.popen([sys.executable, "-c", server_code, str(root), ip, str(BASELINE)],
                                    cwd=os.path.abspath(args.baseline)))
@@ -162,6 +186,9 @@ def main() -> int:
         try:
             host = net.add_host("10.77.0.50")
             time.sleep(1.0)
+
+            # the C client's tail per round: (blocks that took over 1 ms, their seconds), per server
+            tails: dict[str, list[tuple[int, float]]] = {label: [] for label in servers}
 
             def download(client: str, label: str, port: int, bs: int,
                          win: int) -> tuple[float, float | None, float | None]:
@@ -174,6 +201,9 @@ def main() -> int:
                     assert c_client is not None
                     dest = work / "got.bin"
                     cmd = [str(c_client), ip, str(port), "bootstrap.img", str(bs), str(win), str(dest)]
+                    if args.gaps:
+                        n = len(tails[label])
+                        cmd = ["env", f"TFTP_CLIENT_GAPS={os.path.abspath(args.gaps)}/{label}-{bs}x{win}-{n}.f64", *cmd]
                 else:
                     cmd = [sys.executable, "-m", "bench.bench_tftp", "--client", ip, str(port), "bootstrap.img",
                            str(bs), str(win)]
@@ -182,8 +212,9 @@ def main() -> int:
                     raise SystemExit(f"{label} {client} client bs={bs} win={win}: {out.stderr.strip()[-500:]}")
                 block_us = None
                 if client == "c":
-                    secs, _n, median_us = out.stdout.split()
+                    secs, _n, median_us, slow, slow_s = out.stdout.split()
                     block_us = float(median_us)
+                    tails[label].append((int(slow), float(slow_s)))
                     digest = hashlib.sha256(dest.read_bytes()).hexdigest()
                     dest.unlink()
                 else:
@@ -199,6 +230,8 @@ def main() -> int:
                     cpus: dict[str, list[float]] = {label: [] for label in servers}
                     blk: dict[str, list[float]] = {label: [] for label in servers}
                     order = list(servers.items())
+                    for t in tails.values():
+                        t.clear()
                     for _ in range(args.repeat):  # alternating, so a burst of load hits every server
                         for label, port in order:
                             secs, cpu, block_us = download(client, label, port, bs, win)
@@ -228,10 +261,16 @@ def main() -> int:
                         for label, used in blk.items():
                             row[f"blk_us_{label}"] = round(statistics.median(used), 2)
                         row["blk ours/hpa"] = round(statistics.median(blk["tftpd-hpa"]) / statistics.median(blk["ours"]), 3)
+                    if all(len(v) == args.repeat for v in tails.values()):
+                        for label, tail in tails.items():
+                            row[f"slow_blk_{label}"] = statistics.median(n for n, _ in tail)
+                            row[f"slow_s_{label}"] = round(statistics.median(x for _, x in tail), 3)
                     rounds[f"{client} {bs}x{win}"] = {
                         label: {"seconds": [round(x, 4) for x in runs[label]],
                                 "cpu_us_blk": [round(x / blocks * 1e6, 2) for x in cpus[label]],
-                                "blk_us": blk[label]} for label in servers}
+                                "blk_us": blk[label],
+                                "slow_blocks": [n for n, _ in tails[label]],
+                                "slow_s": [round(x, 4) for _, x in tails[label]]} for label in servers}
                     rows.append(row)
                     print(row, file=sys.stderr, flush=True)
         finally:
@@ -243,6 +282,7 @@ def main() -> int:
                     m.close()
     write_results(args.out, "bench_tftp", rows, {
         "size_mib": args.size_mib, "repeat": args.repeat, "baseline": args.baseline, "rounds": rounds,
+        "lockstep_loop": loops,
         "figures": "median MiB/s of --repeat runs per server, servers alternating in each round; ours/hpa = ratio of "
                    "the medians; ratio_min/max = spread of the per-round ratios; best ours/hpa = ratio of each server's "
                    "fastest round; cpu_us_blk_* = median server CPU "
@@ -250,7 +290,8 @@ def main() -> int:
                    "does no more work per block); blk_us_* = median over the rounds of the C client's median "
                    "microseconds between two DATA packets (the usual round trip, which the rare wake-ups "
                    "delayed by milliseconds do not move); blk ours/hpa = tftpd-hpa's / ours (>= 1: ours is "
-                   "no slower per usual block)",
+                   "no slower per usual block); slow_blk_* / slow_s_* = median over the rounds of the C client's "
+                   "count of blocks that took over 1 ms and their seconds in all (the tail that decides the wall time)",
         "client": {"c": "bench/tftp_client.c (gcc -O2) in a second namespace (veth + bridge): measures the servers",
                    "python": "bench/tftp_client.py, same namespace: its per-block cost is larger than either "
                              "server's, so it compresses the ratios towards 1"},

@@ -7,8 +7,9 @@ killed the server on its first "server busy"). Each transfer runs on its own soc
 (its TID, connected to the client) and thread, so one slow or hostile client never holds up the
 others. Lock-step transfers (no windowsize, what PXE ROMs do) are paced by the server's work
 between an ACK and the next DATA, so that is kept to a read, a compare and a write of a packet
-already in place (`_send_lockstep`; file blocks are read by preadv straight into ready-made
-packets, `_Source.runs`; anything unusual goes to `_recover`). Paths are
+already in place: in C when `_tftp_lockstep` is built (one call per transfer, the GIL released,
+`lockstep_impl` picks), else in Python (`_send_lockstep`; file blocks are read by preadv straight
+into ready-made packets, `_Source.runs`; anything unusual goes to `_recover`). Paths are
 confined to the root after resolving symlinks; `..`, writes and unknown opcodes are refused
 with a TFTP error packet and logged.
 
@@ -349,11 +350,36 @@ class _GiveUp(Exception):
     """The transfer ends (client gone, aborted, or over its retransmission budget)."""
 
 
+class TftpConfigError(CidbootError):
+    """The server was asked for a lock-step implementation it does not have."""
+
+
+@functools.cache
+def lockstep_impl() -> Callable[..., tuple[str, int, int, int, bytes]] | None:
+    """The native lock-step loop (`_tftp_lockstep.send`, built from _tftp_lockstep.c by
+    `pip install -e .`) or None when it is not built: then the Python loop runs. The one place
+    that picks; it says once in the log which one this process uses."""
+    try:
+        from bootstrap.server import _tftp_lockstep
+    except ImportError as e:
+        log.info("TFTP lock-step loop: Python (the C module is not built: %s)", e)
+        return None
+    log.info("TFTP lock-step loop: C (%s)", _tftp_lockstep.__file__)
+    return _tftp_lockstep.send
+
+
 class TftpServer:
     def __init__(self, root: Path, host: str = "0.0.0.0", port: int = 69, *, metrics: Metrics | None = None,
                  generator: Generator | None = None, max_transfers: int = 512, max_per_client: int = MAX_PER_CLIENT,
                  retries: int = 5, resend_factor: int = RESEND_FACTOR, max_window: int = MAX_WINDOW,
-                 max_timeout: int = MAX_TIMEOUT) -> None:
+                 max_timeout: int = MAX_TIMEOUT, native: bool | None = None) -> None:
+        """`native`: the lock-step loop in C (True: required, TftpConfigError if it is not
+        built), in Python (False), or C when it is built (None, the default)."""
+        impl = lockstep_impl() if native is not False else None
+        if native and impl is None:
+            raise TftpConfigError("the native lock-step loop (bootstrap/server/_tftp_lockstep.c) is not built: "
+                                  "run `python3 -m pip install -e .` (docs/boot-server.md, TFTP)")
+        self._native = impl
         self.root = Path(os.path.realpath(root))
         self.metrics = metrics or Metrics()
         self.generator = generator
@@ -531,11 +557,41 @@ class TftpServer:
         """Count one re-sent block against the transfer's budget; spent, the transfer ends with an ERROR."""
         budget -= 1
         if budget < 0:
-            self.metrics.inc("tftp_errors_total", code="retransmit_budget")
-            ch.send(tftp.error(ERR_UNDEFINED, "too many retransmissions"))
-            raise _GiveUp("retransmission budget spent")
+            self._budget_spent(ch)
         self.metrics.inc("tftp_retransmitted_blocks_total")
         return budget
+
+    def _budget_spent(self, ch: _Channel) -> None:
+        self.metrics.inc("tftp_errors_total", code="retransmit_budget")
+        ch.send(tftp.error(ERR_UNDEFINED, "too many retransmissions"))
+        raise _GiveUp("retransmission budget spent")
+
+    def _send_lockstep_native(self, ch: _Channel, src: _Source, bs: int, budget: int) -> int:
+        """`_send_lockstep` by the C loop (`lockstep_impl`): one call runs the whole transfer
+        with the GIL released and the same rules; what it reports is logged and counted here
+        exactly as the Python loop does (the metrics, the ERROR when the budget is spent, the
+        _GiveUp messages, OSError for a failing syscall). Returns the data bytes sent."""
+        assert self._native is not None
+        if ch._wait < ch.timeout:
+            ch._set_wait(ch.timeout)  # the OACK's wait may have shortened it
+        fd = src.file.fileno() if src.content is None and src.file is not None else -1
+        reason, sent, resends, code, message = self._native(
+            ch.sock.fileno(), fd, src.content or b"", src.size, bs, ch.timeout, self.retries, budget, MAX_DUP_RESENDS)
+        if resends:
+            self.metrics.inc("tftp_retransmitted_blocks_total", resends)
+        src.sent = sent
+        if reason == "done":
+            return sent
+        if reason == "error":
+            raise _GiveUp(f"client aborted with error {code}: {message.decode('utf-8', 'replace')[:80]}")
+        if reason == "timeout":
+            self._timed_out(self.retries + 1, ch.peer)
+        if reason == "budget":
+            self._budget_spent(ch)
+        if reason == "refused":
+            raise _GiveUp("the client's port is closed (ICMP port unreachable)")
+        assert reason == "oserror", reason
+        raise OSError(code, os.strerror(code))
 
     def _send_lockstep(self, ch: _Channel, src: _Source, bs: int, budget: int) -> int:
         """`_send_file` for a window of one block (RFC 1350 lock-step: every PXE ROM, and what
@@ -632,6 +688,8 @@ class TftpServer:
         nblocks = src.size // bs + 1
         budget = self.resend_factor * nblocks + self.retries * win  # re-sent blocks this transfer may spend
         if win == 1:
+            if self._native is not None:
+                return self._send_lockstep_native(ch, src, bs, budget)
             return self._send_lockstep(ch, src, bs, budget)
         base, highest, timeouts, dup_resends = 1, 0, 0, 0
         ahead, ahead_data, ahead_pkt = 0, b"", b""  # the next window's first block, built while the client works

@@ -18,3 +18,11 @@ def servers() -> Iterator[list[AgentServer]]:
     for s in out:
         s.shutdown()
         s.server_close()
+
+
+@pytest.fixture(params=[True, False], ids=["c", "python"])
+def tftp_native(request: pytest.FixtureRequest) -> bool:
+    """The TFTP server's lock-step loop: the C module (`native=True`) and the Python fallback
+    both run every test that takes this fixture, so the two cannot drift. The C one must be
+    built (`pip install -e .`): without it those tests fail, they do not skip."""
+    return bool(request.param)

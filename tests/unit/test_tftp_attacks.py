@@ -42,8 +42,8 @@ def _running(srv: TftpServer) -> Iterator[TftpServer]:
 
 
 @pytest.fixture()
-def server(root: Path) -> Iterator[TftpServer]:
-    yield from _running(TftpServer(root, "127.0.0.1", 0))
+def server(root: Path, tftp_native: bool) -> Iterator[TftpServer]:
+    yield from _running(TftpServer(root, "127.0.0.1", 0, native=tftp_native))
 
 
 def _attacker(addr: str = "127.0.0.2", rcvbuf: int = 0) -> socket.socket:
@@ -213,11 +213,11 @@ def test_repeated_duplicate_acks_do_not_stop_the_timeout_resend(server: TftpServ
     assert seen_block1 >= 4, f"block 1 sent {seen_block1} times in 4 s: the timeout never fired"
 
 
-def test_lockstep_retransmission_budget_is_enforced(root: Path) -> None:
+def test_lockstep_retransmission_budget_is_enforced(root: Path, tftp_native: bool) -> None:
     """Each round the client ACKs block n and then ACKs it again ("I lost n + 1"): progress
     resets the early-resend limit, so only the budget of re-sent blocks (here `retries` x 1
     block) stops the server resending every block twice."""
-    for srv in _running(TftpServer(root, "127.0.0.1", 0, resend_factor=0)):
+    for srv in _running(TftpServer(root, "127.0.0.1", 0, resend_factor=0, native=tftp_native)):
         a = _attacker()
         a.sendto(rrq("f.bin"), ("127.0.0.1", srv.port))  # no options: no OACK, DATA 1 comes at once
         pkt, peer = a.recvfrom(70000)
@@ -234,14 +234,40 @@ def test_lockstep_retransmission_budget_is_enforced(root: Path) -> None:
             assert got[1] == got[0]  # the early resend
             resends += 1
         assert resends == srv.retries and errors == [(0, "too many retransmissions")]
+        assert srv.metrics.get("tftp_retransmitted_blocks_total") == resends
+        assert srv.metrics.get("tftp_errors_total", code="retransmit_budget") == 1
 
 
-def test_lockstep_long_client_error_ends_the_transfer(server: TftpServer) -> None:
+def test_lockstep_silent_client_is_given_up_after_its_retries(root: Path, tftp_native: bool,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A client that acknowledges the OACK and then goes silent gets block 1 once and `retries`
+    times again, one timeout apart, and then the transfer ends and frees its slot."""
+    caplog.set_level("WARNING", logger="bootstrap.tftp")
+    for srv in _running(TftpServer(root, "127.0.0.1", 0, retries=2, native=tftp_native)):
+        a = _attacker()
+        a.sendto(rrq("f.bin", timeout="1"), ("127.0.0.1", srv.port))
+        pkt, peer = a.recvfrom(70000)
+        a.sendto(b"\0\4\0\0", peer)  # ACK of the OACK, then silence
+        t0 = time.monotonic()
+        got = _replies(a, 10, wait=1.6)
+        took = time.monotonic() - t0
+        assert got == [struct.pack(">HH", 3, 1) + DATA[:512]] * 3 and 2.0 <= took < 4.5, (len(got), took)
+        deadline = time.monotonic() + 3
+        while srv.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.active == 0
+        assert srv.metrics.get("tftp_errors_total", code="timeout") == 1
+        assert srv.metrics.get("tftp_retransmitted_blocks_total") == 2
+        assert "client stopped answering (2 retries)" in caplog.text
+
+
+def test_lockstep_long_client_error_ends_the_transfer(server: TftpServer, caplog: pytest.LogCaptureFixture) -> None:
     """The lock-step loop reads at most FAST_READ bytes of a datagram: a client's ERROR with a
     longer message arrives cut (no NUL), and must still end the transfer at once, not be
     ignored as malformed until the timeouts give up."""
     from bootstrap.server.tftp_server import FAST_READ
 
+    caplog.set_level("WARNING", logger="bootstrap.tftp")
     a = _attacker()
     a.sendto(rrq("big.bin", timeout="5"), ("127.0.0.1", server.port))
     pkt, peer = a.recvfrom(70000)
@@ -253,3 +279,4 @@ def test_lockstep_long_client_error_ends_the_transfer(server: TftpServer) -> Non
         time.sleep(0.05)
     assert server.active == 0
     assert _replies(a, 1, wait=0.5) == []  # nothing more was sent
+    assert f"client aborted with error 3: {'x' * 80}\n" in caplog.text  # the message cut at 80 characters

@@ -19,7 +19,7 @@ DATA = os.urandom(300_000)
 
 
 @pytest.fixture()
-def server(tmp_path: Path) -> Iterator[TftpServer]:
+def server(tmp_path: Path, tftp_native: bool) -> Iterator[TftpServer]:
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "f.bin").write_bytes(DATA)
     (tmp_path / "root" / "empty").write_bytes(b"")
@@ -27,7 +27,7 @@ def server(tmp_path: Path) -> Iterator[TftpServer]:
     (tmp_path / "root" / "out").symlink_to("/etc/hostname")
     # every test client is 127.0.0.1: allow the 64 (32 at a time) ones of test_many_concurrent_transfers
     srv = TftpServer(tmp_path / "root", "127.0.0.1", 0, generator=lambda n, p: b"generated" if n == "gen" else None,
-                     max_per_client=64)
+                     max_per_client=64, native=tftp_native)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     yield srv
@@ -182,3 +182,57 @@ def test_lockstep_block_numbers_wrap_in_one_chunk() -> None:
     table = _block_numbers()
     at = 2 * 65534
     assert table[at : at + 8] == struct.pack(">4H", 65534, 65535, 0, 1)
+
+
+def _native_transfer(fd: int, content: bytes, size: int, bs: int) -> tuple[str, int, bytes]:
+    """A whole transfer by the C loop to a client on the other end of a datagram socketpair
+    that ACKs every block: (reason, data bytes it reports, the bytes the client got)."""
+    from bootstrap.server.tftp_server import MAX_DUP_RESENDS, _timeval, lockstep_impl
+
+    send = lockstep_impl()
+    assert send is not None, "the C lock-step module is not built (pip install -e .)"
+    ours, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(2.0))
+    client.settimeout(3)
+    got = bytearray()
+
+    def ack_all() -> None:
+        while True:
+            pkt = client.recv(70000)
+            got.extend(pkt[4:])
+            client.send(b"\0\4" + pkt[2:4])
+            if len(pkt) - 4 < bs:
+                return
+
+    t = threading.Thread(target=ack_all)
+    t.start()
+    try:
+        reason, sent, resends, _code, _msg = send(ours.fileno(), fd, content, size, bs, 2.0, 5, 100, MAX_DUP_RESENDS)
+    finally:
+        t.join(5)
+        ours.close()
+        client.close()
+    assert resends == 0
+    return reason, sent, bytes(got)
+
+
+@pytest.mark.parametrize("bs", [8, 512, 1468, 65464])
+def test_native_lockstep_at_chunk_edges(tmp_path: Path, bs: int) -> None:
+    """The C loop reads a file in 64 KiB chunks (and generated content from memory): at every size
+    around a chunk's edge each block is the right bytes, the last is short (empty for a multiple
+    of blksize), nothing past the size at open is sent (the file grew), and a file that shrank
+    since it was opened ends at its new end."""
+    chunk = 64 * 1024 - 64 * 1024 % bs or bs
+    for size in sorted({0, 1, bs - 1, bs, chunk - 1, chunk, chunk + 1, 2 * chunk, 2 * chunk + 3}):
+        data = os.urandom(size)
+        path = tmp_path / f"f{size}"
+        path.write_bytes(data + b"grown after open")
+        with open(path, "rb") as f:
+            assert _native_transfer(f.fileno(), b"", size, bs) == ("done", size, data), size
+        assert _native_transfer(-1, data, size, bs) == ("done", size, data), size
+    data = os.urandom(3 * bs + 5)
+    path = tmp_path / "shrinks"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        os.truncate(path, 2 * bs + 1)  # after the open that took the size
+        assert _native_transfer(f.fileno(), b"", len(data), bs) == ("done", 2 * bs + 1, data[: 2 * bs + 1])

@@ -1,0 +1,3 @@
+# The C module built from _tftp_lockstep.c (see there and tftp_server.lockstep_impl).
+def send(sock_fd: int, file_fd: int, content: bytes, size: int, blksize: int, timeout: float, retries: int,
+         budget: int, max_dup: int, /) -> tuple[str, int, int, int, bytes]: ...
