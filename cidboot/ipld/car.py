@@ -174,8 +174,11 @@ class CarReader:
         `take(size)`: a buffer of at least `size` bytes from the caller for each block (the
         fetch client's come from the store's batch writer, which reuses them once written).
         Read with the stream's `readinto` (an HTTP response de-chunks into it), so a block's
-        bytes are copied once, from the socket into the buffer. The CID comes with the block's
-        first bytes in one small read (`SECTION_HEAD`), which are copied to the buffer's start."""
+        bytes are copied once, from the socket into the buffer. The section's length varint, its
+        CID and the block's first bytes come in one small read (`SECTION_HEAD` plus a varint's
+        worth; those block bytes are copied to the buffer's start); a read that took the start
+        of the next section (a section shorter than that) keeps it for the next step, and none
+        reads past a CARv2's inner CARv1."""
         readinto = self.stream.readinto  # type: ignore[union-attr]  # BinaryIO lacks it; files and HTTP responses have it
         read = self.stream.read
         buf = memoryview(bytearray(0))
