@@ -174,21 +174,44 @@ class CarReader:
         `take(size)`: a buffer of at least `size` bytes from the caller for each block (the
         fetch client's come from the store's batch writer, which reuses them once written).
         Read with the stream's `readinto` (an HTTP response de-chunks into it), so a block's
-        bytes are copied once, from the socket into the buffer. The CID comes with the block's
-        first bytes in one small read (`SECTION_HEAD`), which are copied to the buffer's start."""
+        bytes are copied once, from the socket into the buffer. The section's length varint, its
+        CID and the block's first bytes come in one small read (`SECTION_HEAD` plus a varint's
+        worth; those block bytes are copied to the buffer's start); a read that took the start
+        of the next section (a section shorter than that) keeps it for the next step, and none
+        reads past a CARv2's inner CARv1."""
         readinto = self.stream.readinto  # type: ignore[union-attr]  # BinaryIO lacks it; files and HTTP responses have it
+        read = self.stream.read
         buf = memoryview(bytearray(0))
+        carry = b""  # bytes read past the end of the last section (one shorter than a section head)
         while True:
             start = self.offset
-            n = self._section_length(start)
-            if n is None:
+            # One read for the section's length varint, its CID and its block's first bytes
+            # (never past the data of a CARv2): the three came in four reads, each through
+            # the HTTP body's de-chunking.
+            want = SECTION_HEAD + varint.MAX_BYTES
+            if self._remaining is not None:
+                want = min(want, self._remaining - start)
+            head = carry + read(want - len(carry)) if len(carry) < want else carry
+            carry = b""
+            if not head:
                 return
-            head = self._read(min(n, SECTION_HEAD), f"section at byte {start}")
             try:
-                cid, off = CID.read(head)
+                n, vlen = varint.decode(head)
+            except FormatError as e:
+                what = "truncated" if len(head) < want and len(head) < varint.MAX_BYTES else "bad"
+                raise CarError(f"{what} section length varint at byte {start}: {e}") from None
+            if n == 0 or n > self.max_block_size + 128:
+                raise CarError(f"section at byte {start}: length {n} out of range")
+            if len(head) - vlen > n:  # the next section starts in what was read
+                carry = head[vlen + n:]
+                head = head[: vlen + n]
+            if len(head) - vlen < min(n, SECTION_HEAD):
+                raise CarError(f"truncated section at byte {start}: wanted {n} bytes, got {len(head) - vlen}")
+            try:
+                cid, off = CID.read(head, vlen)
             except CIDError as e:
                 raise CarError(f"section at byte {start}: bad CID: {e}") from None
-            size = n - off
+            size = n + vlen - off
             if take is not None:
                 buf = memoryview(take(size))
             elif len(buf) < size:  # a new buffer, not a resize: a view the consumer kept stays valid
@@ -198,9 +221,9 @@ class CarReader:
             while got < size:
                 r = readinto(buf[got:size])
                 if not r:
-                    raise CarError(f"truncated section at byte {start}: wanted {n} bytes, got {off + got}")
+                    raise CarError(f"truncated section at byte {start}: wanted {n} bytes, got {got + off - vlen}")
                 got += r
-            self.offset += size - (len(head) - off)
+            self.offset = start + vlen + n
             block = buf[:size]
             if self.verify:
                 cid.verify(block)

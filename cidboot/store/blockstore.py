@@ -541,8 +541,9 @@ class BatchWriter:
         directory's) when the batch ends."""
         self._flatfs_first = 0
 
-    def put(self, cid: CID, data: Buffer) -> None:
-        """Verify `data` against `cid` (CIDMismatch, BlockstoreError above MAX_BLOCK) and queue it."""
+    def put(self, cid: CID, data: Buffer, key: bytes | None = None) -> None:
+        """Verify `data` against `cid` (CIDMismatch, BlockstoreError above MAX_BLOCK) and queue it.
+        `key`: the CID's encoded multihash, when the caller has it already (the fetch client)."""
         if self._error is not None:
             raise self._error
         if self._closed:
@@ -552,14 +553,13 @@ class BatchWriter:
             return
         owned: bytearray | None = None
         if isinstance(data, memoryview):
-            owned = self._lent.get(id(data.obj))
-            if owned is not None and owned is data.obj:
-                del self._lent[id(owned)]  # ours until written: queued as it is
-            else:
-                owned, data = None, bytes(data)
+            owned = self._lent.pop(id(data.obj), None)
+            if owned is None or owned is not data.obj:  # not a buffer we lent: copied
+                owned, data = None, bytes(data)  # (else ours until written: queued as it is)
         elif not isinstance(data, bytes):
             data = bytes(data)  # a buffer the caller may reuse once put returns
-        key = cid.multihash.encode()
+        if key is None:
+            key = cid.multihash.encode()
         with self._pending_lock:
             self._pending[key] = data
         self.blocks += 1

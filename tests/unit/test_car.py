@@ -174,3 +174,27 @@ def test_views_refuse_a_truncated_or_lying_car(cut: int) -> None:
     with pytest.raises(CIDMismatch):
         list(CarReader(io.BytesIO(lying)).views())
     assert [bytes(v) for _, v in CarReader(io.BytesIO(lying), verify=False).views()] == [B]
+
+
+@pytest.mark.parametrize("step", [1, 5, 1 << 20])
+def test_views_of_many_tiny_sections_read_ahead_in_one_read(step: int) -> None:
+    """views() reads a section's length, CID and first bytes in one read, so several small
+    sections arrive together: each must come out whole and in order, and a CARv2's read-ahead
+    must stop at the end of its inner CARv1 (the index after it is not a section)."""
+    tiny = [bytes([i]) * i for i in range(1, 40)]  # each section far shorter than one read-ahead
+    blocks = [(CID.of(d, RAW), d) for d in tiny]
+    inner = car_bytes(roots=[blocks[0][0]], blocks=blocks)
+    for data in (inner, carv2(inner, trailer=b"\x05index bytes that are not a section")):
+        r = CarReader(_Dribble(data, step))
+        assert [(c, bytes(v)) for c, v in r.views()] == blocks
+
+
+def test_views_refuse_a_car_cut_anywhere_in_its_last_small_section() -> None:
+    """A cut inside the length varint, the CID or the block of a section that came with the one
+    before it is a CarError saying truncated (or, cut just after a whole section, a clean end)."""
+    data = car_bytes(blocks=[(CA, A), (CB, B)])
+    last = len(encode_section(CB, B))
+    for cut in range(1, last):
+        with pytest.raises(CarError, match="truncated"):
+            list(CarReader(_Dribble(data[:-cut], 1 << 20)).views())
+    assert [c for c, _ in CarReader(io.BytesIO(data[:-last])).views()] == [CA]

@@ -207,11 +207,18 @@ class _Request:
             status = self.resp.status
             self.close()
             raise GatewayError(f"{target}: HTTP {status} {body}", gateway=gw, status=status)
+        # The body is read with no socket timeout: the watchdog bounds every block (it shuts the
+        # socket down, and the blocked read returns), and a socket with a timeout makes CPython
+        # poll() before every recv, one more system call per read (~2,000 per 256 MiB).
+        sock = self.conn.sock
+        if sock is not None:
+            sock.settimeout(None)
 
     def failure(self, e: BaseException) -> GatewayError:
-        """What went wrong, typed: the deadline, or the transport. The socket's own timeout is the
-        same length as the deadline, so whichever fires first (under load the watchdog's thread
-        may wake after the read timed out) it is the same stall."""
+        """What went wrong, typed: the deadline, or the transport. Until the answer's headers are
+        in, the socket's own timeout is the same length as the deadline, so whichever fires first
+        (under load the watchdog's thread may wake after the read timed out) it is the same
+        stall; the body is bounded by the watchdog alone (see __init__)."""
         if self.watchdog.expired or isinstance(e, TimeoutError):
             return GatewayTimeout(f"{self.target}: stalled: no block within {self.timeout} s (deadline per block)",
                                   gateway=self.gw)
@@ -239,10 +246,15 @@ class _Request:
         self.conn.close()
 
 
-def _store_verified(store: AnyStore, gw: str, cid: CID, data: Buffer) -> None:
-    """Put `data` under `cid` (the store hashes it first): a mismatch is the gateway lying."""
+def _store_verified(store: AnyStore, gw: str, cid: CID, data: Buffer, key: bytes | None = None) -> None:
+    """Put `data` under `cid` (the store hashes it first): a mismatch is the gateway lying.
+    `key`: the CID's encoded multihash, for a batch writer (one encoding per block)."""
     try:
-        store.put(cid, data)
+        batch = store._batch if isinstance(store, Blockstore) else None
+        if batch is not None:
+            batch.put(cid, data, key)
+        else:
+            store.put(cid, data)
     except VerificationError as e:
         raise BadGateway(f"sent a block that does not match its CID: {e}", gateway=gw) from None
     except CidbootError as e:
@@ -337,7 +349,7 @@ class _Session:
         if key in self.known:  # sent again (the root of a whole-DAG CAR): verify it, store nothing new
             _check(gw, cid, data)
             return self.known[key]
-        _store_verified(self.store, gw, cid, data)  # nothing unverified is stored (hashed by put)
+        _store_verified(self.store, gw, cid, data, key)  # nothing unverified is stored (hashed by put)
         # after put: a lent buffer stays as it is until the next block is read into it (this thread)
         links = [] if cid.codec == RAW else dag.links(cid, bytes(data))
         self.known[key] = links
@@ -355,6 +367,7 @@ class _Session:
         try:
             reader = CarReader(req.resp, verify=False, max_block_size=MAX_BLOCK)
             batch = self.store._batch if isinstance(self.store, Blockstore) else None
+            arm, timeout = req.watchdog.arm, self.timeout
             # each block read into a buffer the store's batch writer lends (and takes back, written),
             # or into one reused buffer (a memory store copies what it keeps); hashed by put
             for cid, data in reader.views(batch.buffer if batch is not None else None):
@@ -364,11 +377,12 @@ class _Session:
                 if key in got:
                     raise GatewayError(f"sent block {cid} twice in one CAR", gateway=gw)
                 got.add(key)
-                for link in self.accept(gw, cid, data, key):
-                    wanted.add(link.multihash.encode())
-                if batch is not None and len(wanted) > FLATFS_FIRST:  # more blocks coming than go to
-                    batch.expect_many()  # flatfs files: the rest straight to the pack
-                req.watchdog.arm(self.timeout)  # the next block gets its own deadline
+                links = self.accept(gw, cid, data, key)
+                if links:
+                    wanted.update(link.multihash.encode() for link in links)
+                    if batch is not None and len(wanted) > FLATFS_FIRST:  # more blocks coming than go to
+                        batch.expect_many()  # flatfs files: the rest straight to the pack
+                arm(timeout)  # the next block gets its own deadline
             if req.watchdog.expired:
                 raise req.failure(TimeoutError())
         except (OSError, ResponseError) as e:
