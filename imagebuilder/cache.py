@@ -94,32 +94,43 @@ def entry_size(p: Path) -> int:
 
 
 def prune(dirs: Iterable[Path], older_than: float | None = None, *, now: float | None = None,
-          dry_run: bool = False) -> Pruned:
-    """Remove every top-level entry of `dirs` (all, or those whose mtime is more than
-    `older_than` seconds ago); return how many and how many bytes. Everything in the cache is
-    rebuilt or re-downloaded (and re-verified against flow.lock) on the next build, so pruning
-    costs time, never correctness."""
+          dry_run: bool = False, max_bytes: int | None = None, keep_since: float | None = None) -> Pruned:
+    """Remove top-level entries of `dirs`: all of them, those whose mtime is more than
+    `older_than` seconds ago, and/or the least recently used beyond `max_bytes` in total (the
+    newest are kept while they fit). Entries used at or after `keep_since` (the build that is
+    pruning) are always kept, so a cap smaller than one build does not undo that build.
+    Everything in the cache is rebuilt or re-downloaded (and re-verified against flow.lock) on
+    the next build, so pruning costs time, never correctness."""
     now = time.time() if now is None else now
     out = Pruned()
+    entries: list[tuple[float, Path]] = []
     for d in dirs:
         if not d.is_dir():
             continue
-        for p in sorted(d.iterdir()):
+        for p in d.iterdir():
             try:
-                mtime = p.lstat().st_mtime
+                entries.append((p.lstat().st_mtime, p))
             except FileNotFoundError:
                 continue
-            size = entry_size(p)
-            if older_than is not None and now - mtime <= older_than:
-                out.kept += 1
-                out.kept_bytes += size
-                continue
-            if not dry_run:
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-            out.entries += 1
-            out.bytes += size
-            out.removed.append(str(p))
+    selective = older_than is not None or max_bytes is not None
+    kept_total = 0
+    for mtime, p in sorted(entries, key=lambda e: (-e[0], str(e[1]))):  # newest first: LRU order for the cap
+        size = entry_size(p)
+        protected = keep_since is not None and mtime >= keep_since
+        young = older_than is None or now - mtime <= older_than
+        fits = max_bytes is None or kept_total + size <= max_bytes
+        if selective and (protected or (young and fits)):
+            out.kept += 1
+            out.kept_bytes += size
+            kept_total += size
+            continue
+        if not dry_run:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        out.entries += 1
+        out.bytes += size
+        out.removed.append(str(p))
+    out.removed.sort()
     return out

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from cidboot.cli import print_json
+from cidboot.cli import human_bytes, print_json
 from cidboot.ipld.car import CarWriter
 from cidboot.store.blockstore import Blockstore, default_store_path
 from imagebuilder.build import BuildError, BuildResult, build, parse_reference
+from imagebuilder.cache import prune
+from imagebuilder.commands.cache import kind_dir, layer_cache_max
 from imagebuilder.commands.inspect import unpinned as unpinned_layers
 
 
@@ -81,8 +85,21 @@ def _write_uki(res: BuildResult, dest: str) -> Path:
     return path
 
 
+def _cap_layer_cache(cap: int | None, started: float, say: Callable[[str], None]) -> None:
+    """Keep the layer cache under $CIDBOOT_LAYER_CACHE_MAX, never removing what this build used
+    (its hits and new layers have an mtime after `started`, less the file system's coarse clock)."""
+    if cap is None:
+        return
+    res = prune([kind_dir("layers")], max_bytes=cap, keep_since=started - 1.0)
+    if res.entries:
+        say(f"layer cache over {human_bytes(cap)} (CIDBOOT_LAYER_CACHE_MAX): removed the {res.entries} least "
+            f"recently used entries ({human_bytes(res.bytes)}), kept {res.kept} ({human_bytes(res.kept_bytes)})")
+
+
 def run(args: argparse.Namespace) -> int:
     quiet = args.quiet or args.json
+    started = time.time()
+    cap = layer_cache_max()  # read before the build: a bad value is a usage error, not a lost build
 
     def say(msg: str) -> None:
         if not quiet:
@@ -97,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     res = build(args.flow, progress=say, references=references, make_uki=args.uki is not None,
                 flow_secret=args.flow_secret)
     _write(res, args)
+    _cap_layer_cache(cap, started, say)
     unpinned = unpinned_layers(res.manifest)
     if unpinned:  # always, even with --quiet/--json: devices booting this image cannot be affirmed
         print(f"imagebuilder: WARNING: no reference value for {', '.join(unpinned)}: the manifest does not pin "

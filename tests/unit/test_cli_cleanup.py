@@ -105,3 +105,58 @@ def test_cache_prune_older_than_keeps_recently_used_layers(cache_home: Path, cap
 def test_cache_prune_bad_age_is_a_usage_error(cache_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["cache", "prune", "--older-than", "soon"]) == 2
     assert "--older-than" in capsys.readouterr().err
+
+
+def _aged_layers(cache_home: Path, ages_days: dict[str, float], size: int = 1000) -> BuildCache:
+    cache = BuildCache(cache_home / "layers")
+    now = time.time()
+    for k, days in ages_days.items():
+        cache.put(k, b"x" * size)
+        t = now - days * 86400
+        os.utime(cache_home / "layers" / k, (t, t))
+    return cache
+
+
+def test_cache_prune_max_size_keeps_the_most_recently_used(cache_home: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    cache = _aged_layers(cache_home, {"a": 4, "b": 3, "c": 2, "d": 1})
+    assert cache.get("a") is not None  # a hit makes the oldest the newest
+    assert main(["cache", "prune", "--max-size", "2.5K", "--json"]) == 0  # 2560 bytes: two 1000-byte entries
+    out = json.loads(capsys.readouterr().out)
+    assert (out["removed"], out["bytes"], out["kept"], out["kept_bytes"]) == (2, 2000, 2, 2000)
+    assert sorted(p.name for p in (cache_home / "layers").iterdir()) == ["a", "d"]
+
+    # with --older-than too, an entry must pass both: "d" fits but is older than 12 h
+    assert main(["cache", "prune", "--max-size", "1G", "--older-than", "12h"]) == 0
+    assert sorted(p.name for p in (cache_home / "layers").iterdir()) == ["a"]
+
+
+def test_prune_never_removes_what_the_running_build_used(tmp_path: Path) -> None:
+    from imagebuilder.cache import prune
+
+    d = tmp_path / "layers"
+    cache = BuildCache(d)
+    for k in ("old", "mine1", "mine2"):
+        cache.put(k, b"y" * 1000)
+    t = time.time() - 3600
+    os.utime(d / "old", (t, t))
+    res = prune([d], max_bytes=500, keep_since=time.time() - 60)  # a cap below one build's own layers
+    assert res.entries == 1 and res.removed == [str(d / "old")]
+    assert sorted(p.name for p in d.iterdir()) == ["mine1", "mine2"]
+
+
+def test_cache_sizes_are_checked(cache_home: Path, capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from imagebuilder.commands.cache import layer_cache_max, parse_size
+
+    assert main(["cache", "prune", "--max-size", "lots"]) == 2
+    assert "--max-size" in capsys.readouterr().err
+    assert [parse_size(t) for t in ("512", "1k", "1.5M", "8G", "8GiB", "2gb")] == \
+        [512, 1024, 3 << 19, 8 << 30, 8 << 30, 2 << 30]
+    monkeypatch.setenv("CIDBOOT_LAYER_CACHE_MAX", "off")
+    assert layer_cache_max() is None
+    monkeypatch.delenv("CIDBOOT_LAYER_CACHE_MAX")
+    assert layer_cache_max() == 8 << 30
+    monkeypatch.setenv("CIDBOOT_LAYER_CACHE_MAX", "eight gigs")
+    assert main(["build", str(cache_home / "no-such-flow.yaml")]) == 2  # refused before any build work
+    assert "CIDBOOT_LAYER_CACHE_MAX" in capsys.readouterr().err
