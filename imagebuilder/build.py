@@ -475,6 +475,12 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     def roots() -> list[Path]:
         sr = sysroot()
         if not wheel_roots:
+            # Debian's Python packages (python3-cryptography, python3-cffi-backend: the runtime's
+            # .debs) ship as the wheels do, under /opt/cidboot/lib; first, so the import analysis and
+            # the dataclass recorder see the guest's copy of a module, never the build host's
+            dist = sr / initramfs.DIST_PACKAGES
+            if dist.is_dir():
+                wheel_roots.append(dist)
             for w in wheel_pins:
                 wheel_roots.append(initramfs.unpack_wheel(fetch_wheel(lock.wheels[w["name"]], hint, arch),
                                                           cache_dir() / "wheels-unpacked"))
@@ -518,7 +524,8 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         entries = (initramfs.init_entries(ENTRY[ff.target])
                    + initramfs.code_entries(graph(), REPO, initramfs.APP, sources=code_sources))
         # the stage's dataclass method code, compiled here (cidboot.stage.dccache)
-        entries.append(dccache.table_entry(graph().modules, REPO))
+        # (recorded with the image's own packages first on the path: roots() after REPO and the stdlib)
+        entries.append(dccache.table_entry(graph().modules, REPO, roots()[3:]))
         if kmods:
             entries += _module_entries(fetch_deb(lock.pin(kspec["package"]), hint), kmods)
         return compress(archive_bytes(entries, epoch), comp)
@@ -532,6 +539,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
 
     layer("agent", {"code": code_digest, "component": component, "entry": ENTRY[ff.target],
                     "sources": code_sources, "dataclass_code": [dccache.FORMAT, sys.version.split()[0]],
+                    "packages": [rt_pins, wheel_pins],  # the recorder imports them (dccache)
                     "kmods": kmods, "kernel": asdict(lock.pin(kspec["package"])) if kmods else None}, agent)
     layer("operations", {"ops": ops_digest, "code": code_digest, "entry": ENTRY[ff.target], "debs": rt_pins,
                          "wheels": wheel_pins, "extra": extra, "arch": arch, "runtime": str(built["runtime"].cid)},

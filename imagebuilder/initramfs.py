@@ -24,6 +24,7 @@ from imagebuilder.pyimports import ImportGraph
 
 PYTHON = "/usr/bin/python3.11"
 STDLIB = "usr/lib/python3.11"
+DIST_PACKAGES = "usr/lib/python3/dist-packages"  # Debian's python3-* packages; shipped like wheels, under APP/lib
 APP = "opt/cidboot"  # project code and wheels
 OPS = "opt/cidboot/ops"
 

@@ -120,13 +120,21 @@ def sysroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (std / "fakeonly.py").write_text("import os\n")  # only the hello copy's operation imports it
     _gcc(["-shared", "-fPIC", "-o", str(std / "lib-dynload" / f"_fakeext.cpython-311-{TRIPLET}.so"),
           str(src / "ext.c")])
+    # Debian's python3-* packages (python3-cryptography, python3-cffi-backend in the stage flows; fakes
+    # only the hello copy's operation imports, not names the build host's cryptography imports when
+    # the dataclass recorder runs)
+    dist = root / initramfs.DIST_PACKAGES
+    dist.mkdir(parents=True)
+    (dist / "fakedist.py").write_text("import json.decoder\n")
+    (src / "distext.c").write_text("int PyInit__fakedistext(void){return 0;}\n")
+    _gcc(["-shared", "-fPIC", "-o", str(dist / f"_fakedistext.cpython-311-{TRIPLET}.so"), str(src / "distext.c")])
     return root
 
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
-    for name in ("cbor2", "cryptography", "cffi"):
+    for name in ("cbor2",):  # cryptography and cffi: Debian's .debs (the sysroot's dist-packages)
         root = tmp_path_factory.mktemp(f"wheel-{name}")
         (root / name).mkdir()
         (root / name / "__init__.py").write_text("import json\n")
@@ -153,7 +161,8 @@ def built(tmp_path_factory: pytest.TempPathFactory, sysroot: Path,
              "bootstrap": _flow("bootstrap/image", tmp / "bootstrap"),
              "hello": _flow("examples/hello", tmp / "hello")}
     ops = flows["hello"].parent / "ops.py"
-    ops.write_text(ops.read_text() + "\nimport fakeonly  # noqa\nimport _fakeext  # noqa\nimport json.decoder  # noqa\n")
+    ops.write_text(ops.read_text() + "\nimport fakeonly  # noqa\nimport _fakeext  # noqa\nimport json.decoder  # noqa\n"
+                   "import fakedist  # noqa\nimport _fakedistext  # noqa\n")
     mp = pytest.MonkeyPatch()
     try:
         mp.setattr(build, "fetch_deb", lambda pin, hint: tmp / f"{pin.name}.deb")
@@ -210,6 +219,9 @@ def test_kernel_modules_in_the_agent_layer_and_ops_imports_in_the_operations_lay
     ops = _members(_layers(built["hello"])["operations"])
     assert {"usr/lib/python3.11/fakeonly.pyc", f"usr/lib/python3.11/lib-dynload/_fakeext.cpython-311-{TRIPLET}.so",
             "opt/cidboot/ops/ops.py", "opt/cidboot/ops/__pycache__/ops.cpython-311.pyc"} <= set(ops)
+    # Debian's dist-packages ship as the wheels do, under /opt/cidboot/lib (on the stage's sys.path)
+    assert {"opt/cidboot/lib/fakedist.pyc", f"opt/cidboot/lib/_fakedistext.cpython-311-{TRIPLET}.so"} <= set(ops)
+    assert not [p for p in ops if p.startswith("usr/lib/python3/")]
     # the runtime has them (as sourceless bytecode: the operations layer must not add their sources either)
     assert not [p for p in ops if p.startswith(("usr/lib/python3.11/os.", "usr/lib/python3.11/json"))]
     assert f"lib/{TRIPLET}/libc.so.6" not in ops
