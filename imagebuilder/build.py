@@ -77,7 +77,7 @@ HOST_ONLY = ("cidboot.store.kubo",)
 # runtime layer: a same-kernel hand-over can keep the running one (docs/images.md, BOOT-PLAN contract)
 PLATFORM_ENTRIES = ("cidboot.stage.pid1", *sorted(ENTRY.values()))
 # modules the platform loads by name at run time, invisible to import analysis: _cffi_backend (loaded
-# by cryptography's Rust extension) and encodings.idna (socket's codec for str host names)
+# by cryptography's cffi bindings, _openssl) and encodings.idna (socket's codec for str host names)
 PLATFORM_MODULES = ("_cffi_backend", "encodings.idna")
 PLATFORM_COMPONENTS = ("cidboot", *sorted(set(COMPONENT.values())))
 # image.compression's default (every layer's, and the runtime layer's unless the flow's
@@ -512,7 +512,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
 
     # the runtime's inputs name nothing of the target, the flow or its kernel: same pins, same bytes
     layer("runtime", {**runtime_pins(ff, lock), "code": platform_digest, "platform": PLATFORM_ENTRIES,
-                      "modules": PLATFORM_MODULES, "exclude": HOST_ONLY}, runtime, rt_comp)
+                      "modules": PLATFORM_MODULES, "exclude": HOST_ONLY, "docstrings": False}, runtime, rt_comp)
     runtime_paths = archive_paths(built["runtime"].data)
 
     # the project's code as bytecode alone unless the flow asks for its sources (image.python.sources:
@@ -542,7 +542,8 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
                     "packages": [rt_pins, wheel_pins],  # the recorder imports them (dccache)
                     "kmods": kmods, "kernel": asdict(lock.pin(kspec["package"])) if kmods else None}, agent)
     layer("operations", {"ops": ops_digest, "code": code_digest, "entry": ENTRY[ff.target], "debs": rt_pins,
-                         "wheels": wheel_pins, "extra": extra, "arch": arch, "runtime": str(built["runtime"].cid)},
+                         "wheels": wheel_pins, "extra": extra, "arch": arch, "runtime": str(built["runtime"].cid),
+                         "docstrings": False},
           ops_layer)
     files = {dest: ff.dir / src for dest, src in (image.get("files") or {}).items()}
     flow_block = dagcbor.encode(ff.data["dataflow"])

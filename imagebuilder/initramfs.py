@@ -64,15 +64,16 @@ def stage_sysroot(debs: Iterable[Path], root_base: Path) -> Path:
     return root
 
 
-def python_entries(files: dict[str, bytes], sources: bool = True) -> list[Entry]:
+def python_entries(files: dict[str, bytes], sources: bool = True, docstrings: bool = True) -> list[Entry]:
     """Unchecked-hash bytecode for each image path -> source: with `sources`, the source and its
     bytecode in __pycache__/; without, the bytecode alone at the sourceless location (`mod.pyc`
     beside where `mod.py` would be), which the import system loads when there is no source (it
     ignores __pycache__/ then). The bytecode is the same bytes either way (its code objects name
-    the `.py` path, so a traceback points at the file in the pinned package or the repository)."""
+    the `.py` path, so a traceback points at the file in the pinned package or the repository).
+    `docstrings=False`: `__doc__` None throughout (pycompile.compile_source)."""
     out = []
     for path, src in sorted(files.items()):
-        code = compile_source(src, path)
+        code = compile_source(src, path, docstrings)
         if sources:
             out.append(Entry.file(path, src))
             out.append(Entry.file(pyc_path(path), code))
@@ -108,6 +109,8 @@ def runtime_entries(sysroot: Path, graph: ImportGraph, arch: str = "amd64",
     sources are in the pinned packages, and they were a fifth of the runtime layer (5.1 of 44 MB,
     1.3 of 15.8 MB gzip). ELF objects ship without their static symbol table
     (`elfstrip.strip_symbols`: the wheels' extensions are not stripped; Debian's are already).
+    Their bytecode has no docstrings (`__doc__` None, as under -OO, asserts kept:
+    `pycompile.compile_source`); the project's own code (`code_entries`) keeps its.
 
     `skip`: archive paths another layer already holds (the shared runtime layer, when this is
     the operations layer's share: the modules only a flow's operations import, and the libraries
@@ -142,7 +145,7 @@ def runtime_entries(sysroot: Path, graph: ImportGraph, arch: str = "amd64",
         else:
             elves.append("/" + str(rel))
     if have and not elves and not wheel_elves:
-        return python_entries(py, sources=False)
+        return python_entries(py, sources=False, docstrings=False)
     # wheel extensions: their libraries must be in the Debian tree too (manylinux: libc and friends)
     tree = elfdeps.MemTree()
     for e in wheel_elves:
@@ -150,7 +153,7 @@ def runtime_entries(sysroot: Path, graph: ImportGraph, arch: str = "amd64",
     # the interpreter locates its prefix by the landmark os.py, which analysis already included
     assert (stdlib_root / "os.py").is_file()
     closure = elfdeps.closure(_Overlay(tree, elfdeps.DirTree(sysroot)), elves + sorted(tree.files), arch)
-    out = python_entries(py, sources=False) + wheel_elves
+    out = python_entries(py, sources=False, docstrings=False) + wheel_elves
     shipped = {"/" + e.path for e in wheel_elves}
     closure.files = [f for f in closure.files if f not in shipped]
     for f in closure.files:
