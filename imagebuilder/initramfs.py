@@ -30,17 +30,23 @@ OPS = "opt/cidboot/ops"
 
 
 def stage_sysroot(debs: Iterable[Path], root_base: Path) -> Path:
-    """Unpack pinned .debs into a directory named for their hashes (reused while unchanged)."""
+    """Unpack pinned .debs into a directory named for their hashes (reused while unchanged).
+
+    Builds run concurrently (a test session's boot servers build the amd64 and arm64 bootstraps at
+    once, over one cache): each unpacks into its own temporary directory and renames it into place
+    whole; a build that finds the tree already there when it is done keeps that one and drops its
+    own. A shared `.tmp` name, removed by whichever build came second, once left a tree without
+    its stdlib marked complete."""
+    import shutil
+    import tempfile
+
     debs = sorted(debs)
     key = hashlib.sha256("\n".join(p.name for p in debs).encode()).hexdigest()[:20]
     root = root_base / key
     if (root / ".complete").exists():
         return root
-    tmp = root.with_name(root.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    root_base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", suffix=".tmp", dir=root_base))
     for deb in debs:
         for f in read_deb(deb):
             dest = tmp / f.path
@@ -56,11 +62,14 @@ def stage_sysroot(debs: Iterable[Path], root_base: Path) -> Path:
                 dest.write_bytes(f.data)
                 dest.chmod(f.mode & 0o755 | 0o600)
     (tmp / ".complete").touch()
-    if root.exists():
-        import shutil
-
-        shutil.rmtree(root)
-    tmp.rename(root)
+    if root.exists() and not (root / ".complete").exists():
+        shutil.rmtree(root, ignore_errors=True)  # an unfinished tree of an older builder
+    try:
+        tmp.rename(root)
+    except OSError:  # another build put the same tree there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / ".complete").exists():
+            raise
     return root
 
 
@@ -83,21 +92,34 @@ def python_entries(files: dict[str, bytes], sources: bool = True, docstrings: bo
 
 
 def unpack_wheel(wheel: Path, base: Path) -> Path:
-    """A wheel's files in a directory named for its content hash (a wheel is a zip, never run)."""
+    """A wheel's files in a directory named for its content hash (a wheel is a zip, never run);
+    unpacked aside and renamed into place whole, as `stage_sysroot` (concurrent builds)."""
+    import shutil
+    import tempfile
     import zipfile
 
     root = base / hashlib.sha256(wheel.read_bytes()).hexdigest()[:20]
     if (root / ".complete").exists():
         return root
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{root.name}.", suffix=".tmp", dir=base))
     with zipfile.ZipFile(wheel) as z:
         for info in z.infolist():
             name = os.path.normpath(info.filename)
             if name.startswith(("/", "..")) or info.is_dir():
                 continue
-            dest = root / name
+            dest = tmp / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(z.read(info))
-    (root / ".complete").touch()
+    (tmp / ".complete").touch()
+    if root.exists() and not (root / ".complete").exists():
+        shutil.rmtree(root, ignore_errors=True)
+    try:
+        tmp.rename(root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / ".complete").exists():
+            raise
     return root
 
 
