@@ -53,6 +53,7 @@ from imagebuilder.lock import (
     fetch_wheel,
     flow_arch,
     flow_debs,
+    host_arch,
     lock_path,
     update_hint,
     wheel_name,
@@ -524,8 +525,12 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         entries = (initramfs.init_entries(ENTRY[ff.target])
                    + initramfs.code_entries(graph(), REPO, initramfs.APP, sources=code_sources))
         # the stage's dataclass method code, compiled here (cidboot.stage.dccache)
-        # (recorded with the image's own packages first on the path: roots() after REPO and the stdlib)
-        entries.append(dccache.table_entry(graph().modules, REPO, roots()[3:]))
+        # recorded with the image's own packages first on the path (roots() after REPO and the
+        # stdlib) when the builder can load them: an image of another arch (arm64 on an amd64
+        # host) is recorded with the host's site-packages as before; a text its packages would
+        # compile differently is only a miss on the device (compiled then), never other code
+        own = roots()[3:] if arch == host_arch() else []
+        entries.append(dccache.table_entry(graph().modules, REPO, own))
         if kmods:
             entries += _module_entries(fetch_deb(lock.pin(kspec["package"]), hint), kmods)
         return compress(archive_bytes(entries, epoch), comp)
@@ -539,7 +544,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
 
     layer("agent", {"code": code_digest, "component": component, "entry": ENTRY[ff.target],
                     "sources": code_sources, "dataclass_code": [dccache.FORMAT, sys.version.split()[0]],
-                    "packages": [rt_pins, wheel_pins],  # the recorder imports them (dccache)
+                    "packages": [rt_pins, wheel_pins, arch == host_arch()],  # the recorder imports them (dccache)
                     "kmods": kmods, "kernel": asdict(lock.pin(kspec["package"])) if kmods else None}, agent)
     layer("operations", {"ops": ops_digest, "code": code_digest, "entry": ENTRY[ff.target], "debs": rt_pins,
                          "wheels": wheel_pins, "extra": extra, "arch": arch, "runtime": str(built["runtime"].cid),
