@@ -166,6 +166,15 @@ def runtime_entries(sysroot: Path, graph: ImportGraph, arch: str = "amd64",
             py[str(rel)] = path.read_bytes()
         else:
             elves.append("/" + str(rel))
+    _, _, triplet = elfdeps.target(arch)
+    for name, paths in DLOPENED.items():
+        if name in graph.modules:
+            for where in paths:
+                loaded = where.format(triplet=triplet)
+                if loaded not in have:
+                    if not (sysroot / loaded).is_file():
+                        raise elfdeps.MissingLibraryError(f"{name} loads /{loaded} at run time; no runtime package has it")
+                    elves.append("/" + loaded)
     if have and not elves and not wheel_elves:
         return python_entries(py, sources=False, docstrings=False)
     # wheel extensions: their libraries must be in the Debian tree too (manylinux: libc and friends)
@@ -217,6 +226,13 @@ def data_entries(files: dict[str, Path]) -> list[Entry]:
     return [Entry.file(dest, src.read_bytes(), stat.S_IMODE(os.stat(src).st_mode) & 0o755 | 0o444)
             for dest, src in sorted(files.items())]
 
+
+# shared objects a module's native code loads by path at run time (dlopen), which neither the
+# import analysis nor the ELF closure sees: Debian's cryptography 38 loads OpenSSL's "legacy"
+# provider when its bindings initialise and fails to import without it (`DSO support routines::could
+# not load the shared library`); OpenSSL looks for it in its built-in MODULESDIR, libssl3's
+# /usr/lib/<triplet>/ossl-modules. Paths in the sysroot, `{triplet}` the arch's multiarch triplet.
+DLOPENED = {"cryptography.hazmat.bindings._openssl": ("usr/lib/{triplet}/ossl-modules/legacy.so",)}
 
 IMPORTTIME_ENV = "cidboot_importtime"  # kernel command line `cidboot_importtime=1`: see init_entries
 

@@ -277,3 +277,34 @@ def test_a_bootstrap_the_boot_server_could_not_split_is_refused_at_build_time() 
     build._check_served_split(ff, [runtime, gzip.compress(rest, mtime=0)])
     with pytest.raises(build.BuildError, match="could not split this bootstrap's initrd after its runtime layer"):
         build._check_served_split(ff, [runtime, compress(rest, "zstd")])
+
+
+def test_a_library_a_module_dlopens_comes_with_it_or_the_build_fails(sysroot: Path, tmp_path: Path) -> None:
+    """Debian's cryptography 38 loads OpenSSL's legacy provider (ossl-modules/legacy.so) when its
+    bindings initialise, by path: no import and no DT_NEEDED names it. The runtime carries it
+    (with what it links) wherever the bindings are shipped; a runtime whose packages lack it is
+    refused at build time, not found missing at boot."""
+    from imagebuilder import elfdeps, pyimports
+
+    root = tmp_path / "sysroot"
+    shutil.copytree(sysroot, root, symlinks=True)
+    dist = root / initramfs.DIST_PACKAGES
+    bindings = dist / "cryptography/hazmat/bindings"
+    bindings.mkdir(parents=True)
+    (tmp_path / "b.c").write_text("int PyInit__openssl(void){return 0;}\n")
+    _gcc(["-shared", "-fPIC", "-o", str(bindings / "_openssl.abi3.so"), str(tmp_path / "b.c")])
+    legacy = root / f"usr/lib/{TRIPLET}/ossl-modules/legacy.so"
+    legacy.parent.mkdir(parents=True)
+    (tmp_path / "l.c").write_text("int OSSL_provider_init(void){return 0;}\n")
+    _gcc(["-shared", "-fPIC", "-o", str(legacy), str(tmp_path / "l.c")])
+    graph = pyimports.ImportGraph(modules={"os": root / initramfs.STDLIB / "os.py",
+                                           "cryptography.hazmat.bindings._openssl": bindings / "_openssl.abi3.so"})
+    got = {e.path for e in initramfs.runtime_entries(root, graph, "amd64", wheel_roots=[dist])}
+    assert {f"usr/lib/{TRIPLET}/ossl-modules/legacy.so", "opt/cidboot/lib/cryptography/hazmat/bindings/_openssl.abi3.so",
+            f"lib/{TRIPLET}/libc.so.6"} <= got
+    del graph.modules["cryptography.hazmat.bindings._openssl"]
+    assert not [p for p in initramfs.runtime_entries(root, graph, "amd64", wheel_roots=[dist]) if "ossl" in p.path]
+    graph.modules["cryptography.hazmat.bindings._openssl"] = bindings / "_openssl.abi3.so"
+    legacy.unlink()
+    with pytest.raises(elfdeps.MissingLibraryError, match="ossl-modules/legacy.so"):
+        initramfs.runtime_entries(root, graph, "amd64", wheel_roots=[dist])
