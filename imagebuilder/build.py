@@ -53,6 +53,7 @@ from imagebuilder.lock import (
     fetch_wheel,
     flow_arch,
     flow_debs,
+    host_arch,
     lock_path,
     update_hint,
     wheel_name,
@@ -77,7 +78,7 @@ HOST_ONLY = ("cidboot.store.kubo",)
 # runtime layer: a same-kernel hand-over can keep the running one (docs/images.md, BOOT-PLAN contract)
 PLATFORM_ENTRIES = ("cidboot.stage.pid1", *sorted(ENTRY.values()))
 # modules the platform loads by name at run time, invisible to import analysis: _cffi_backend (loaded
-# by cryptography's Rust extension) and encodings.idna (socket's codec for str host names)
+# by cryptography's cffi bindings, _openssl) and encodings.idna (socket's codec for str host names)
 PLATFORM_MODULES = ("_cffi_backend", "encodings.idna")
 PLATFORM_COMPONENTS = ("cidboot", *sorted(set(COMPONENT.values())))
 # image.compression's default (every layer's, and the runtime layer's unless the flow's
@@ -475,6 +476,12 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
     def roots() -> list[Path]:
         sr = sysroot()
         if not wheel_roots:
+            # Debian's Python packages (python3-cryptography, python3-cffi-backend: the runtime's
+            # .debs) ship as the wheels do, under /opt/cidboot/lib; first, so the import analysis and
+            # the dataclass recorder see the guest's copy of a module, never the build host's
+            dist = sr / initramfs.DIST_PACKAGES
+            if dist.is_dir():
+                wheel_roots.append(dist)
             for w in wheel_pins:
                 wheel_roots.append(initramfs.unpack_wheel(fetch_wheel(lock.wheels[w["name"]], hint, arch),
                                                           cache_dir() / "wheels-unpacked"))
@@ -506,7 +513,7 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
 
     # the runtime's inputs name nothing of the target, the flow or its kernel: same pins, same bytes
     layer("runtime", {**runtime_pins(ff, lock), "code": platform_digest, "platform": PLATFORM_ENTRIES,
-                      "modules": PLATFORM_MODULES, "exclude": HOST_ONLY}, runtime, rt_comp)
+                      "modules": PLATFORM_MODULES, "exclude": HOST_ONLY, "docstrings": False}, runtime, rt_comp)
     runtime_paths = archive_paths(built["runtime"].data)
 
     # the project's code as bytecode alone unless the flow asks for its sources (image.python.sources:
@@ -518,7 +525,12 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
         entries = (initramfs.init_entries(ENTRY[ff.target])
                    + initramfs.code_entries(graph(), REPO, initramfs.APP, sources=code_sources))
         # the stage's dataclass method code, compiled here (cidboot.stage.dccache)
-        entries.append(dccache.table_entry(graph().modules, REPO))
+        # recorded with the image's own packages first on the path (roots() after REPO and the
+        # stdlib) when the builder can load them: an image of another arch (arm64 on an amd64
+        # host) is recorded with the host's site-packages as before; a text its packages would
+        # compile differently is only a miss on the device (compiled then), never other code
+        own = roots()[3:] if arch == host_arch() else []
+        entries.append(dccache.table_entry(graph().modules, REPO, own))
         if kmods:
             entries += _module_entries(fetch_deb(lock.pin(kspec["package"]), hint), kmods)
         return compress(archive_bytes(entries, epoch), comp)
@@ -532,9 +544,11 @@ def build(flow_path: str | Path, *, progress: Callable[[str], None] | None = Non
 
     layer("agent", {"code": code_digest, "component": component, "entry": ENTRY[ff.target],
                     "sources": code_sources, "dataclass_code": [dccache.FORMAT, sys.version.split()[0]],
+                    "packages": [rt_pins, wheel_pins, arch == host_arch()],  # the recorder imports them (dccache)
                     "kmods": kmods, "kernel": asdict(lock.pin(kspec["package"])) if kmods else None}, agent)
     layer("operations", {"ops": ops_digest, "code": code_digest, "entry": ENTRY[ff.target], "debs": rt_pins,
-                         "wheels": wheel_pins, "extra": extra, "arch": arch, "runtime": str(built["runtime"].cid)},
+                         "wheels": wheel_pins, "extra": extra, "arch": arch, "runtime": str(built["runtime"].cid),
+                         "docstrings": False},
           ops_layer)
     files = {dest: ff.dir / src for dest, src in (image.get("files") or {}).items()}
     flow_block = dagcbor.encode(ff.data["dataflow"])

@@ -100,8 +100,10 @@ def _run(code: str, args: list[str], stdin: bytes, step: str) -> bytes:
 
 def record(modules: Iterable[str], paths: Iterable[Path]) -> list[tuple[str, str]]:
     """Every (mode, text) `dataclasses` ("exec") and `collections.namedtuple` ("eval") compile
-    while `modules` are imported (with `paths` first on sys.path, then this interpreter's
-    site-packages: the stage's wheels, cryptography and cbor2, are the build host's here), sorted.
+    while `modules` are imported (with `paths` first on sys.path: the repository, then the image's
+    own Python packages, Debian's dist-packages (cryptography, _cffi_backend) and the unpacked
+    wheels (cbor2), so the guest's copy of a module is the one recorded; this interpreter's
+    site-packages only after them, for anything else), sorted.
     The recording interpreter runs no `site` and hooks both before it imports anything else: a
     module imported before the hooks would create its classes unseen (the stdlib's too)."""
     site = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
@@ -118,11 +120,12 @@ def compile_table(texts: Iterable[tuple[str, str]], repo: Path) -> bytes:
     return _run(_COMPILE, [str(repo)], json.dumps(sorted(set(texts))).encode(), "compile")
 
 
-def table(modules: dict[str, Path], repo: Path) -> bytes:
-    """The table for a stage whose import graph is `modules` (name -> file)."""
-    return compile_table(record(project_modules(modules, repo), [repo]), repo)
+def table(modules: dict[str, Path], repo: Path, packages: Iterable[Path] = ()) -> bytes:
+    """The table for a stage whose import graph is `modules` (name -> file), `packages` the
+    directories of the image's own non-stdlib modules (searched after `repo`)."""
+    return compile_table(record(project_modules(modules, repo), [repo, *packages]), repo)
 
 
-def table_entry(modules: dict[str, Path], repo: Path) -> Entry:
+def table_entry(modules: dict[str, Path], repo: Path, packages: Iterable[Path] = ()) -> Entry:
     """The table as the app layer's archive member."""
-    return Entry.file(TABLE_PATH, table(modules, repo))
+    return Entry.file(TABLE_PATH, table(modules, repo, packages))

@@ -24,22 +24,29 @@ from imagebuilder.pyimports import ImportGraph
 
 PYTHON = "/usr/bin/python3.11"
 STDLIB = "usr/lib/python3.11"
+DIST_PACKAGES = "usr/lib/python3/dist-packages"  # Debian's python3-* packages; shipped like wheels, under APP/lib
 APP = "opt/cidboot"  # project code and wheels
 OPS = "opt/cidboot/ops"
 
 
 def stage_sysroot(debs: Iterable[Path], root_base: Path) -> Path:
-    """Unpack pinned .debs into a directory named for their hashes (reused while unchanged)."""
+    """Unpack pinned .debs into a directory named for their hashes (reused while unchanged).
+
+    Builds run concurrently (a test session's boot servers build the amd64 and arm64 bootstraps at
+    once, over one cache): each unpacks into its own temporary directory and renames it into place
+    whole; a build that finds the tree already there when it is done keeps that one and drops its
+    own. A shared `.tmp` name, removed by whichever build came second, once left a tree without
+    its stdlib marked complete."""
+    import shutil
+    import tempfile
+
     debs = sorted(debs)
     key = hashlib.sha256("\n".join(p.name for p in debs).encode()).hexdigest()[:20]
     root = root_base / key
     if (root / ".complete").exists():
         return root
-    tmp = root.with_name(root.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    root_base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", suffix=".tmp", dir=root_base))
     for deb in debs:
         for f in read_deb(deb):
             dest = tmp / f.path
@@ -55,23 +62,27 @@ def stage_sysroot(debs: Iterable[Path], root_base: Path) -> Path:
                 dest.write_bytes(f.data)
                 dest.chmod(f.mode & 0o755 | 0o600)
     (tmp / ".complete").touch()
-    if root.exists():
-        import shutil
-
-        shutil.rmtree(root)
-    tmp.rename(root)
+    if root.exists() and not (root / ".complete").exists():
+        shutil.rmtree(root, ignore_errors=True)  # an unfinished tree of an older builder
+    try:
+        tmp.rename(root)
+    except OSError:  # another build put the same tree there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / ".complete").exists():
+            raise
     return root
 
 
-def python_entries(files: dict[str, bytes], sources: bool = True) -> list[Entry]:
+def python_entries(files: dict[str, bytes], sources: bool = True, docstrings: bool = True) -> list[Entry]:
     """Unchecked-hash bytecode for each image path -> source: with `sources`, the source and its
     bytecode in __pycache__/; without, the bytecode alone at the sourceless location (`mod.pyc`
     beside where `mod.py` would be), which the import system loads when there is no source (it
     ignores __pycache__/ then). The bytecode is the same bytes either way (its code objects name
-    the `.py` path, so a traceback points at the file in the pinned package or the repository)."""
+    the `.py` path, so a traceback points at the file in the pinned package or the repository).
+    `docstrings=False`: `__doc__` None throughout (pycompile.compile_source)."""
     out = []
     for path, src in sorted(files.items()):
-        code = compile_source(src, path)
+        code = compile_source(src, path, docstrings)
         if sources:
             out.append(Entry.file(path, src))
             out.append(Entry.file(pyc_path(path), code))
@@ -81,21 +92,34 @@ def python_entries(files: dict[str, bytes], sources: bool = True) -> list[Entry]
 
 
 def unpack_wheel(wheel: Path, base: Path) -> Path:
-    """A wheel's files in a directory named for its content hash (a wheel is a zip, never run)."""
+    """A wheel's files in a directory named for its content hash (a wheel is a zip, never run);
+    unpacked aside and renamed into place whole, as `stage_sysroot` (concurrent builds)."""
+    import shutil
+    import tempfile
     import zipfile
 
     root = base / hashlib.sha256(wheel.read_bytes()).hexdigest()[:20]
     if (root / ".complete").exists():
         return root
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{root.name}.", suffix=".tmp", dir=base))
     with zipfile.ZipFile(wheel) as z:
         for info in z.infolist():
             name = os.path.normpath(info.filename)
             if name.startswith(("/", "..")) or info.is_dir():
                 continue
-            dest = root / name
+            dest = tmp / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(z.read(info))
-    (root / ".complete").touch()
+    (tmp / ".complete").touch()
+    if root.exists() and not (root / ".complete").exists():
+        shutil.rmtree(root, ignore_errors=True)
+    try:
+        tmp.rename(root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / ".complete").exists():
+            raise
     return root
 
 
@@ -107,6 +131,8 @@ def runtime_entries(sysroot: Path, graph: ImportGraph, arch: str = "amd64",
     sources are in the pinned packages, and they were a fifth of the runtime layer (5.1 of 44 MB,
     1.3 of 15.8 MB gzip). ELF objects ship without their static symbol table
     (`elfstrip.strip_symbols`: the wheels' extensions are not stripped; Debian's are already).
+    Their bytecode has no docstrings (`__doc__` None, as under -OO, asserts kept:
+    `pycompile.compile_source`); the project's own code (`code_entries`) keeps its.
 
     `skip`: archive paths another layer already holds (the shared runtime layer, when this is
     the operations layer's share: the modules only a flow's operations import, and the libraries
@@ -140,8 +166,17 @@ def runtime_entries(sysroot: Path, graph: ImportGraph, arch: str = "amd64",
             py[str(rel)] = path.read_bytes()
         else:
             elves.append("/" + str(rel))
+    _, _, triplet = elfdeps.target(arch)
+    for name, paths in DLOPENED.items():
+        if name in graph.modules:
+            for where in paths:
+                loaded = where.format(triplet=triplet)
+                if loaded not in have:
+                    if not (sysroot / loaded).is_file():
+                        raise elfdeps.MissingLibraryError(f"{name} loads /{loaded} at run time; no runtime package has it")
+                    elves.append("/" + loaded)
     if have and not elves and not wheel_elves:
-        return python_entries(py, sources=False)
+        return python_entries(py, sources=False, docstrings=False)
     # wheel extensions: their libraries must be in the Debian tree too (manylinux: libc and friends)
     tree = elfdeps.MemTree()
     for e in wheel_elves:
@@ -149,7 +184,7 @@ def runtime_entries(sysroot: Path, graph: ImportGraph, arch: str = "amd64",
     # the interpreter locates its prefix by the landmark os.py, which analysis already included
     assert (stdlib_root / "os.py").is_file()
     closure = elfdeps.closure(_Overlay(tree, elfdeps.DirTree(sysroot)), elves + sorted(tree.files), arch)
-    out = python_entries(py, sources=False) + wheel_elves
+    out = python_entries(py, sources=False, docstrings=False) + wheel_elves
     shipped = {"/" + e.path for e in wheel_elves}
     closure.files = [f for f in closure.files if f not in shipped]
     for f in closure.files:
@@ -191,6 +226,13 @@ def data_entries(files: dict[str, Path]) -> list[Entry]:
     return [Entry.file(dest, src.read_bytes(), stat.S_IMODE(os.stat(src).st_mode) & 0o755 | 0o444)
             for dest, src in sorted(files.items())]
 
+
+# shared objects a module's native code loads by path at run time (dlopen), which neither the
+# import analysis nor the ELF closure sees: Debian's cryptography 38 loads OpenSSL's "legacy"
+# provider when its bindings initialise and fails to import without it (`DSO support routines::could
+# not load the shared library`); OpenSSL looks for it in its built-in MODULESDIR, libssl3's
+# /usr/lib/<triplet>/ossl-modules. Paths in the sysroot, `{triplet}` the arch's multiarch triplet.
+DLOPENED = {"cryptography.hazmat.bindings._openssl": ("usr/lib/{triplet}/ossl-modules/legacy.so",)}
 
 IMPORTTIME_ENV = "cidboot_importtime"  # kernel command line `cidboot_importtime=1`: see init_entries
 

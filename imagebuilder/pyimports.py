@@ -34,6 +34,12 @@ EXCLUDED = frozenset({"doctest", "pdb", "unittest", "test", "pydoc", "pydoc_data
                       # bootstrap image ships bootstrap/ whole but never serves, and carries no libsqlite3
                       "sqlite3", "_sqlite3"})
 
+# pure-Python twins of C modules the runtime has: decimal imports _pydecimal only when _decimal
+# fails to import, abc _py_abc only without the built-in _abc (built into CPython since 3.7). Not
+# followed when the twin's C module is there (None: built in): 244 KB of bytecode in the runtime,
+# ~40 KB of the L1 download (docs/images.md, 8 MiB budget)
+TWINS = {"_pydecimal": "_decimal", "_py_abc": None}
+
 
 def _is_main_guard(node: ast.AST) -> bool:
     """`if __name__ == "__main__":`: code that only runs as a script, not on import."""
@@ -135,6 +141,10 @@ def analyse(entries: Iterable[str], roots: list[Path], extra: Iterable[str] = ()
         if name in g.modules or name in g.unresolved or name in g.excluded:
             continue
         if name.split(".")[0] in EXCLUDED or any(name == x or name.startswith(x + ".") for x in skip):
+            g.excluded.add(name)
+            continue
+        c_module = TWINS.get(name, "")
+        if name in TWINS and (c_module is None or find_module(c_module, roots) is not None):
             g.excluded.add(name)
             continue
         # importing a.b.c imports a and a.b first

@@ -23,6 +23,7 @@ from cidboot.trust.cose import (
     alg_for_key,
     cbor_loads_exact,
 )
+from cidboot.trust.rawkey import public_raw
 
 KTY, ALG, KEY_OPS, CRV, X, Y, D = 1, 3, 4, -1, -2, -3, -4
 KTY_OKP, KTY_EC2 = 1, 2
@@ -38,7 +39,7 @@ def raw_public_bytes(pub: PublicKey) -> bytes:
     imports its SSH module, and with it ciphers, RSA, DSA and padding, ~0.1 s at a stage's start
     under TCG for a stage that only needs these bytes."""
     if isinstance(pub, ed25519.Ed25519PublicKey):
-        return pub.public_bytes_raw()
+        return public_raw(pub)
     n = pub.public_numbers()
     size = (pub.curve.key_size + 7) // 8
     return n.x.to_bytes(size, "big") + n.y.to_bytes(size, "big")

@@ -102,3 +102,61 @@ def test_stale_pin_fails_with_refresh_hint_and_writes_nothing(hello: Path, tmp_p
     assert not store.exists()
 
 
+
+
+_CRYPTO_PROBE = """
+import sys
+sys.path[:0] = sys.argv[1:]
+import cryptography, hashlib, ssl
+from cidboot.trust.cose_key import raw_public_bytes
+from cidboot.trust.dice import derive
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+cdi = bytes(range(64))
+out = [raw_public_bytes(derive.key_from_cdi(cdi, alg).public_key()).hex() for alg in ("ed25519", "p256", "p384")]
+out.append(derive.key_from_cdi(cdi).sign(b"manifest").hex())  # Ed25519: deterministic (RFC 8032)
+out.append(derive.kdf(64, b"ikm", b"salt", b"info").hex())
+out.append(ChaCha20Poly1305(bytes(32)).encrypt(bytes(12), b"layer", b"aad").hex())
+out.append(hashlib.sha256(b"block").hexdigest())
+print(cryptography.__version__, *out)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chroot into the built image needs root")
+def test_the_images_crypto_stack_makes_the_hosts_bytes(hello: Path, tmp_path: Path, warm_cache: Path) -> None:
+    """The image runs Debian's python3-cryptography 38 over the runtime's libssl3, the host the
+    pinned wheel 48 (docs/images.md, "One OpenSSL"): in a chroot of the built hello image (its
+    own interpreter, libraries and OpenSSL modules, nothing of the host), DICE key derivation
+    (Ed25519, P-256, P-384), an Ed25519 signature, HKDF, ChaCha20-Poly1305 and SHA-256 give the
+    host's bytes."""
+    from imagebuilder.cpio import decompress, iter_newc
+
+    store = tmp_path / "store"
+    res = build_json(hello, warm_cache, "--store", str(store))
+    bs = Blockstore(store)
+    from cidboot.ipld.cid import CID
+
+    root = tmp_path / "root"
+    for lyr in res["layers"]:  # type: ignore[attr-defined]
+        if lyr["role"] == "kernel":
+            continue
+        for m, data in iter_newc(decompress(b"".join(export_file(CID.parse(lyr["cid"]), bs.get)))):
+            dest = root / m.path
+            if m.mode & 0o170000 == 0o040000:
+                dest.mkdir(parents=True, exist_ok=True)
+            elif m.mode & 0o170000 == 0o120000:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.unlink(missing_ok=True)
+                dest.symlink_to(data.decode())
+            elif m.mode & 0o170000 == 0o100000:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(data)
+                dest.chmod(m.mode & 0o777)
+    (root / "probe.py").write_text(_CRYPTO_PROBE)
+    guest = subprocess.run(["chroot", str(root), "/usr/bin/python3.11", "-IS", "/probe.py", "/opt/cidboot",
+                            "/opt/cidboot/lib"], capture_output=True, text=True, timeout=120)
+    assert guest.returncode == 0, guest.stderr[-2000:]
+    host = subprocess.run([sys.executable, "-c", _CRYPTO_PROBE, str(REPO)], capture_output=True, text=True, timeout=120)
+    assert host.returncode == 0, host.stderr[-2000:]
+    (g_version, *g_bytes), (h_version, *h_bytes) = guest.stdout.split(), host.stdout.split()
+    assert g_version.startswith("38.") and g_version != h_version
+    assert g_bytes == h_bytes and len(g_bytes) == 7

@@ -172,3 +172,17 @@ def test_builder_records_the_project_modules_a_stage_ships_but_runs_no_main(tmp_
 def test_builder_names_the_step_that_failed() -> None:
     with pytest.raises(builder.DataclassTableError, match="record failed: ModuleNotFoundError"):
         builder.record(["cidboot.no_such_module"], [REPO])
+
+
+def test_builder_records_the_images_own_packages_not_the_build_hosts(tmp_path: Path) -> None:
+    """The image's packages (Debian's dist-packages, the unpacked wheels) come before this
+    interpreter's site-packages: a module the guest carries is recorded from the guest's copy
+    (python3-cryptography 38 in the image, the wheel 48 on the host), never from the host's."""
+    (tmp_path / "cbor2").mkdir()
+    (tmp_path / "cbor2/__init__.py").write_text(
+        "import dataclasses\n@dataclasses.dataclass\nclass GuestCopy:\n    only_in_the_guest_copy: int\n")
+    graph = {"cidboot.trust.cose": REPO / "cidboot/trust/cose.py"}
+    texts = builder.record(builder.project_modules(graph, REPO), [REPO, tmp_path])
+    assert any("only_in_the_guest_copy" in t for _, t in texts)
+    assert not any("only_in_the_guest_copy" in t for _, t in builder.record(["cidboot.trust.cose"], [REPO]))
+    assert builder.table(graph, REPO, [tmp_path]) != builder.table(graph, REPO)  # table() passes them on

@@ -117,6 +117,29 @@ def test_sourceless_bytecode_is_the_same_bytes_where_the_interpreter_loads_it_wi
     assert proc.stdout.split() == ["42", "doc", "True"], proc.stderr
 
 
+def test_runtime_bytecode_has_no_docstrings_but_keeps_asserts_and_line_numbers(tmp_path: Path) -> None:
+    """The runtime layer's modules (stdlib, packages) are compiled without docstrings: `__doc__`
+    None in the module, its classes and functions (a body that was only a docstring still runs),
+    asserts still raise (not -OO's optimize=2), a traceback names the source's line, and the
+    header is the same unchecked-hash one, with the hash of the source as shipped."""
+    if importlib.util.MAGIC_NUMBER != pycompile.TARGET_MAGIC:
+        pytest.skip("host Python is not 3.11: it cannot compile the target's bytecode")
+    src = (b'"""module doc"""\nfrom __future__ import annotations\nclass C:\n    """class doc"""\n'
+           b'def only_doc():\n    """just a docstring"""\nasync def a():\n    "doc"\n    return 1\n'
+           b'def fails(x: int):\n    """doc"""\n    assert x, "assert kept"\n')
+    kept = initramfs.python_entries({"m.py": src}, sources=False)[0].data
+    (stripped,) = initramfs.python_entries({"m.py": src}, sources=False, docstrings=False)
+    assert stripped.path == "m.pyc" and stripped.data[:16] == kept[:16] and len(stripped.data) < len(kept)
+    (tmp_path / "m.pyc").write_bytes(stripped.data)
+    proc = subprocess.run([sys.executable, "-I", "-B", "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
+                           "import m, traceback\n"
+                           "print(m.__doc__, m.C.__doc__, m.only_doc.__doc__, m.a.__doc__, m.only_doc(), m.fails.__annotations__)\n"
+                           "try: m.fails(0)\n"
+                           "except AssertionError as e: print(e, traceback.extract_tb(e.__traceback__)[-1].lineno)"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.splitlines() == ["None None None None None {'x': 'int'}", "assert kept 12"], proc.stderr
+
+
 def test_platform_closure_is_the_union_of_the_stage_closures() -> None:
     """The shared runtime layer carries the stdlib and wheel modules of the platform closure
     (imagebuilder.build.PLATFORM_ENTRIES): every stage's own closure (without its operations) is
@@ -149,3 +172,23 @@ def test_the_app_layer_ships_the_projects_modules_not_a_flow_kept_inside_the_che
                                                            f"{initramfs.APP}/cidboot/stage.py"]
     ops = [e.path for e in initramfs.code_entries(graph, flow_dir, initramfs.OPS, sources=True)]
     assert [p for p in ops if p.endswith(".py")] == [f"{initramfs.OPS}/ops.py"]
+
+
+def test_pure_python_twins_are_left_out_only_beside_their_c_module(tmp_path: Path) -> None:
+    """decimal falls back to _pydecimal only when _decimal does not import, abc to _py_abc only
+    without the built-in _abc: the twin is not followed when its C module is in the roots (or
+    built in), and is, as any import, when it is not."""
+    std = tmp_path / "std"
+    (std / "lib-dynload").mkdir(parents=True)
+    (std / "decimal.py").write_text("try:\n    from _decimal import *\nexcept ImportError:\n    from _pydecimal import *\n")
+    (std / "_pydecimal.py").write_text("import numbers\n")
+    (std / "numbers.py").write_text("")
+    (std / "abc.py").write_text("try:\n    from _abc import get_cache_token\nexcept ImportError:\n    from _py_abc import ABCMeta\n")
+    (std / "_py_abc.py").write_text("")
+    roots = [std, std / "lib-dynload"]
+    without = pyimports.analyse(["decimal", "abc"], roots)
+    assert "_pydecimal" in without.modules and "_py_abc" not in without.modules
+    (std / "lib-dynload/_decimal.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    with_c = pyimports.analyse(["decimal", "abc"], roots)
+    assert "_decimal" in with_c.modules and "decimal" in with_c.modules
+    assert {"_pydecimal", "_py_abc"} <= with_c.excluded and "numbers" not in with_c.modules

@@ -120,13 +120,21 @@ def sysroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (std / "fakeonly.py").write_text("import os\n")  # only the hello copy's operation imports it
     _gcc(["-shared", "-fPIC", "-o", str(std / "lib-dynload" / f"_fakeext.cpython-311-{TRIPLET}.so"),
           str(src / "ext.c")])
+    # Debian's python3-* packages (python3-cryptography, python3-cffi-backend in the stage flows; fakes
+    # only the hello copy's operation imports, not names the build host's cryptography imports when
+    # the dataclass recorder runs)
+    dist = root / initramfs.DIST_PACKAGES
+    dist.mkdir(parents=True)
+    (dist / "fakedist.py").write_text("import json.decoder\n")
+    (src / "distext.c").write_text("int PyInit__fakedistext(void){return 0;}\n")
+    _gcc(["-shared", "-fPIC", "-o", str(dist / f"_fakedistext.cpython-311-{TRIPLET}.so"), str(src / "distext.c")])
     return root
 
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
-    for name in ("cbor2", "cryptography", "cffi"):
+    for name in ("cbor2",):  # cryptography and cffi: Debian's .debs (the sysroot's dist-packages)
         root = tmp_path_factory.mktemp(f"wheel-{name}")
         (root / name).mkdir()
         (root / name / "__init__.py").write_text("import json\n")
@@ -153,7 +161,8 @@ def built(tmp_path_factory: pytest.TempPathFactory, sysroot: Path,
              "bootstrap": _flow("bootstrap/image", tmp / "bootstrap"),
              "hello": _flow("examples/hello", tmp / "hello")}
     ops = flows["hello"].parent / "ops.py"
-    ops.write_text(ops.read_text() + "\nimport fakeonly  # noqa\nimport _fakeext  # noqa\nimport json.decoder  # noqa\n")
+    ops.write_text(ops.read_text() + "\nimport fakeonly  # noqa\nimport _fakeext  # noqa\nimport json.decoder  # noqa\n"
+                   "import fakedist  # noqa\nimport _fakedistext  # noqa\n")
     mp = pytest.MonkeyPatch()
     try:
         mp.setattr(build, "fetch_deb", lambda pin, hint: tmp / f"{pin.name}.deb")
@@ -210,6 +219,9 @@ def test_kernel_modules_in_the_agent_layer_and_ops_imports_in_the_operations_lay
     ops = _members(_layers(built["hello"])["operations"])
     assert {"usr/lib/python3.11/fakeonly.pyc", f"usr/lib/python3.11/lib-dynload/_fakeext.cpython-311-{TRIPLET}.so",
             "opt/cidboot/ops/ops.py", "opt/cidboot/ops/__pycache__/ops.cpython-311.pyc"} <= set(ops)
+    # Debian's dist-packages ship as the wheels do, under /opt/cidboot/lib (on the stage's sys.path)
+    assert {"opt/cidboot/lib/fakedist.pyc", f"opt/cidboot/lib/_fakedistext.cpython-311-{TRIPLET}.so"} <= set(ops)
+    assert not [p for p in ops if p.startswith("usr/lib/python3/")]
     # the runtime has them (as sourceless bytecode: the operations layer must not add their sources either)
     assert not [p for p in ops if p.startswith(("usr/lib/python3.11/os.", "usr/lib/python3.11/json"))]
     assert f"lib/{TRIPLET}/libc.so.6" not in ops
@@ -265,3 +277,34 @@ def test_a_bootstrap_the_boot_server_could_not_split_is_refused_at_build_time() 
     build._check_served_split(ff, [runtime, gzip.compress(rest, mtime=0)])
     with pytest.raises(build.BuildError, match="could not split this bootstrap's initrd after its runtime layer"):
         build._check_served_split(ff, [runtime, compress(rest, "zstd")])
+
+
+def test_a_library_a_module_dlopens_comes_with_it_or_the_build_fails(sysroot: Path, tmp_path: Path) -> None:
+    """Debian's cryptography 38 loads OpenSSL's legacy provider (ossl-modules/legacy.so) when its
+    bindings initialise, by path: no import and no DT_NEEDED names it. The runtime carries it
+    (with what it links) wherever the bindings are shipped; a runtime whose packages lack it is
+    refused at build time, not found missing at boot."""
+    from imagebuilder import elfdeps, pyimports
+
+    root = tmp_path / "sysroot"
+    shutil.copytree(sysroot, root, symlinks=True)
+    dist = root / initramfs.DIST_PACKAGES
+    bindings = dist / "cryptography/hazmat/bindings"
+    bindings.mkdir(parents=True)
+    (tmp_path / "b.c").write_text("int PyInit__openssl(void){return 0;}\n")
+    _gcc(["-shared", "-fPIC", "-o", str(bindings / "_openssl.abi3.so"), str(tmp_path / "b.c")])
+    legacy = root / f"usr/lib/{TRIPLET}/ossl-modules/legacy.so"
+    legacy.parent.mkdir(parents=True)
+    (tmp_path / "l.c").write_text("int OSSL_provider_init(void){return 0;}\n")
+    _gcc(["-shared", "-fPIC", "-o", str(legacy), str(tmp_path / "l.c")])
+    graph = pyimports.ImportGraph(modules={"os": root / initramfs.STDLIB / "os.py",
+                                           "cryptography.hazmat.bindings._openssl": bindings / "_openssl.abi3.so"})
+    got = {e.path for e in initramfs.runtime_entries(root, graph, "amd64", wheel_roots=[dist])}
+    assert {f"usr/lib/{TRIPLET}/ossl-modules/legacy.so", "opt/cidboot/lib/cryptography/hazmat/bindings/_openssl.abi3.so",
+            f"lib/{TRIPLET}/libc.so.6"} <= got
+    del graph.modules["cryptography.hazmat.bindings._openssl"]
+    assert not [p for p in initramfs.runtime_entries(root, graph, "amd64", wheel_roots=[dist]) if "ossl" in p.path]
+    graph.modules["cryptography.hazmat.bindings._openssl"] = bindings / "_openssl.abi3.so"
+    legacy.unlink()
+    with pytest.raises(elfdeps.MissingLibraryError, match="ossl-modules/legacy.so"):
+        initramfs.runtime_entries(root, graph, "amd64", wheel_roots=[dist])

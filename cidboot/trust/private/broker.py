@@ -64,6 +64,7 @@ from cidboot.trust.manifest.model import Manifest, RootOfTrust
 from cidboot.trust.manifest.signed import KIND_MANIFEST, SignedManifest
 from cidboot.trust.manifest.verify import rotated_root, verify_threshold
 from cidboot.trust.private.keys import layer_key
+from cidboot.trust.rawkey import public_raw
 from cidboot.trust.tpm.appraise import References
 
 REQUEST_DOMAIN = b"cidboot key request v1\x00"
@@ -218,7 +219,7 @@ class KeyRelease:
     @classmethod
     def seal(cls, keys: Mapping[str, bytes], device_public: bytes, challenge: bytes, manifest_cid: CID) -> KeyRelease:
         eph = X25519PrivateKey.generate()
-        bpub = eph.public_key().public_bytes_raw()
+        bpub = public_raw(eph.public_key())
         try:
             shared = eph.exchange(X25519PublicKey.from_public_bytes(device_public))
         except ValueError as e:  # a low-order point: the shared secret would be all zeros
@@ -228,7 +229,7 @@ class KeyRelease:
 
     def open(self, device_private: X25519PrivateKey, challenge: bytes) -> dict[str, bytes]:
         """The layer keys (CID string -> key), or UnwrapError."""
-        dpub = device_private.public_key().public_bytes_raw()
+        dpub = public_raw(device_private.public_key())
         try:
             shared = device_private.exchange(X25519PublicKey.from_public_bytes(self.broker_public))
             plain = ChaCha20Poly1305(_wrap_key(shared, self.broker_public, dpub)).decrypt(

@@ -27,6 +27,7 @@ from cidboot.trust.manifest.model import Manifest
 from cidboot.trust.private import keys as layer_keys
 from cidboot.trust.private import stream
 from cidboot.trust.private.broker import KeyRelease, KeyRequest, KeyRequestFormatError, request_nonce
+from cidboot.trust.rawkey import public_raw
 
 MAX_RESPONSE = 1 << 20
 
@@ -89,7 +90,7 @@ def request_keys(url: str, evidence: Callable[[bytes], bytes], manifest_cid: CID
     except ValueError:
         raise KeyBrokerUnavailable(f"key broker {url}: challenge is not hex") from None
     eph = X25519PrivateKey.generate()
-    pub = eph.public_key().public_bytes_raw()
+    pub = public_raw(eph.public_key())
     req = KeyRequest(challenge, pub, evidence(request_nonce(challenge, pub)))
     st, obj = _post(url, "/keys/request", req.to_json(), timeout)
     if st == 403:

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cidboot.errors import FormatError, VerificationError
 from cidboot.trust.private import stream
+from cidboot.trust.rawkey import private_raw, public_raw
 
 INTRO = b"age-encryption.org/v1\n"
 X25519_INFO = b"age-encryption.org/v1/X25519"
@@ -141,11 +142,11 @@ class Identity:
         return cls(X25519PrivateKey.from_private_bytes(raw))
 
     def __str__(self) -> str:
-        return bech32_encode("age-secret-key-", self.key.private_bytes_raw()).upper()
+        return bech32_encode("age-secret-key-", private_raw(self.key)).upper()
 
     @property
     def recipient(self) -> str:
-        return bech32_encode("age", self.key.public_key().public_bytes_raw())
+        return bech32_encode("age", public_raw(self.key.public_key()))
 
 
 def parse_recipient(text: str) -> bytes:
@@ -178,7 +179,7 @@ def seal_keyed(recipients: list[bytes], plaintext: bytes) -> tuple[bytes, bytes]
     header = INTRO
     for rcpt in recipients:
         eph = X25519PrivateKey.generate()
-        share = eph.public_key().public_bytes_raw()
+        share = public_raw(eph.public_key())
         shared = eph.exchange(X25519PublicKey.from_public_bytes(rcpt))
         body = _b64(ChaCha20Poly1305(_wrap_key(shared, share, rcpt)).encrypt(bytes(12), file_key, None))
         lines = [body[i:i + 64] for i in range(0, len(body), 64)]
@@ -255,7 +256,7 @@ def open_sealed(identities: list[Identity], data: bytes) -> bytes:
                 raise SealedFormatError("X25519 share is a low-order point (all-zero shared secret)") from None
             if shared == bytes(32):
                 raise SealedFormatError("X25519 share is a low-order point (all-zero shared secret)")
-            rcpt = ident.key.public_key().public_bytes_raw()
+            rcpt = public_raw(ident.key.public_key())
             try:
                 file_key = ChaCha20Poly1305(_wrap_key(shared, share, rcpt)).decrypt(bytes(12), st.body, None)
                 break
