@@ -78,7 +78,7 @@ HOST_ONLY = ("cidboot.store.kubo",)
 # runtime layer: a same-kernel hand-over can keep the running one (docs/images.md, BOOT-PLAN contract)
 PLATFORM_ENTRIES = ("cidboot.stage.pid1", *sorted(ENTRY.values()))
 # modules the platform loads by name at run time, invisible to import analysis: _cffi_backend (loaded
-# by cryptography's cffi bindings, _openssl) and encodings.idna (socket's codec for str host names)
+# by cryptography's extension: the wheel's Rust one, or Debian's cffi bindings) and encodings.idna (socket's codec for str host names)
 PLATFORM_MODULES = ("_cffi_backend", "encodings.idna")
 PLATFORM_COMPONENTS = ("cidboot", *sorted(set(COMPONENT.values())))
 # image.compression's default (every layer's, and the runtime layer's unless the flow's

@@ -123,15 +123,19 @@ print(cryptography.__version__, *out)
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chroot into the built image needs root")
 def test_the_images_crypto_stack_makes_the_hosts_bytes(hello: Path, tmp_path: Path, warm_cache: Path) -> None:
-    """The image runs Debian's python3-cryptography 38 over the runtime's libssl3, the host the
-    pinned wheel 48 (docs/images.md, "One OpenSSL"): in a chroot of the built hello image (its
-    own interpreter, libraries and OpenSSL modules, nothing of the host), DICE key derivation
-    (Ed25519, P-256, P-384), an Ed25519 signature, HKDF, ChaCha20-Poly1305 and SHA-256 give the
-    host's bytes."""
+    """The small-L1 hello variant (examples/hello/flow-small.yaml) runs Debian's
+    python3-cryptography 38 over the runtime's libssl3, the host the pinned wheel 48
+    (docs/images.md, "One OpenSSL"): in a chroot of the built image (its own interpreter,
+    libraries and OpenSSL modules, nothing of the host), DICE key derivation (Ed25519, P-256,
+    P-384), an Ed25519 signature, HKDF, ChaCha20-Poly1305 and SHA-256 give the host's bytes."""
+    from imagebuilder import flowfile
     from imagebuilder.cpio import decompress, iter_newc
+    from imagebuilder.lock import lock_path, make_lock
 
+    small = hello.with_name("flow-small.yaml")  # locked afresh like hello (tests/support/hello_flow.py)
+    lock_path(small).write_text(make_lock(flowfile.load(small)).to_json())
     store = tmp_path / "store"
-    res = build_json(hello, warm_cache, "--store", str(store))
+    res = build_json(small, warm_cache, "--store", str(store))
     bs = Blockstore(store)
     from cidboot.ipld.cid import CID
 
