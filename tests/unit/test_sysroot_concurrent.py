@@ -8,13 +8,24 @@ from __future__ import annotations
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from imagebuilder import initramfs
 from imagebuilder.debpkg import DebFile
+
+
+def _four_at_once(unpack: Callable[[], Path]) -> list[Path]:
+    """The trees four threads got from `unpack` run at the same time."""
+    roots: list[Path] = []
+    threads = [threading.Thread(target=lambda: roots.append(unpack())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return roots
 
 
 def test_concurrent_sysroots_are_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -25,13 +36,7 @@ def test_concurrent_sysroots_are_whole(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(initramfs, "read_deb", slow_deb)
     debs = [tmp_path / "a.deb", tmp_path / "b.deb", tmp_path / "c.deb"]
-    roots: list[Path] = []
-    threads = [threading.Thread(target=lambda: roots.append(initramfs.stage_sysroot(debs, tmp_path / "sr")))
-               for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    roots = _four_at_once(lambda: initramfs.stage_sysroot(debs, tmp_path / "sr"))
     assert len(set(roots)) == 1 and len(roots) == 4
     files = sorted(p.relative_to(roots[0]).as_posix() for p in roots[0].rglob("*") if p.is_file())
     assert files == [".complete", *sorted(f"usr/lib/{d}/f{i}" for d in "abc" for i in range(20))]
@@ -43,13 +48,7 @@ def test_concurrent_wheel_unpacks_are_whole(tmp_path: Path) -> None:
     with zipfile.ZipFile(whl, "w") as z:
         for i in range(200):
             z.writestr(f"pkg/m{i}.py", f"X = {i}\n")
-    roots: list[Path] = []
-    threads = [threading.Thread(target=lambda: roots.append(initramfs.unpack_wheel(whl, tmp_path / "wh")))
-               for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(set(roots)) == 1
+    roots = _four_at_once(lambda: initramfs.unpack_wheel(whl, tmp_path / "wh"))
+    assert len(set(roots)) == 1 and len(roots) == 4
     assert len(list((roots[0] / "pkg").iterdir())) == 200 and (roots[0] / "pkg/m199.py").read_text() == "X = 199\n"
     assert [p.name for p in (tmp_path / "wh").iterdir()] == [roots[0].name]
