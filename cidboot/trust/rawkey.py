@@ -1,8 +1,9 @@
 """Raw 32-byte Ed25519/X25519 key bytes through the API every cryptography release since 2.5 has.
 
-`public_bytes_raw()` / `private_bytes_raw()` appeared in cryptography 40; the guest runs Debian's
-python3-cryptography (bookworm: 38.0.4, linked against the system libssl3: docs/images.md, "The L1
-initramfs and its 8 MiB budget"), the host the pinned wheel. `public_bytes(Encoding.Raw,
+`public_bytes_raw()` / `private_bytes_raw()` appeared in cryptography 40; a guest may run Debian's
+python3-cryptography (bookworm: 38.0.4, linked against the system libssl3, as
+examples/hello/flow-small.yaml does for a smaller L1: docs/images.md, "One OpenSSL"), the host
+and the stage flows the pinned wheel. `public_bytes(Encoding.Raw,
 PublicFormat.Raw)` gives the same bytes in both, and its enums come from
 `cryptography.hazmat.primitives._serialization`, which the ed25519 and x25519 modules import
 themselves in 38 and 48: no `serialization` package (and its SSH module) at a stage's start.
