@@ -357,15 +357,30 @@ class TftpConfigError(CidbootError):
 @functools.cache
 def lockstep_impl() -> Callable[..., tuple[str, int, int, int, bytes]] | None:
     """The native lock-step loop (`_tftp_lockstep.send`, built from _tftp_lockstep.c by
-    `pip install -e .`) or None when it is not built: then the Python loop runs. The one place
-    that picks; it says once in the log which one this process uses."""
+    `pip install -e .`) or None when it is not built, or built from an older source (it might
+    not follow the rules the source now says): then the Python loop runs. The one place that
+    picks; it says once in the log which one this process uses."""
     try:
         from bootstrap.server import _tftp_lockstep
     except ImportError as e:
         log.info("TFTP lock-step loop: Python (the C module is not built: %s)", e)
         return None
-    log.info("TFTP lock-step loop: C (%s)", _tftp_lockstep.__file__)
+    built = Path(_tftp_lockstep.__file__ or "")
+    if is_stale(built, Path(__file__).with_name("_tftp_lockstep.c")):
+        log.warning("TFTP lock-step loop: Python (the C module %s is older than its source: rebuild it, "
+                    "`python3 -m pip install -e .`)", built)
+        return None
+    log.info("TFTP lock-step loop: C (%s)", built)
     return _tftp_lockstep.send
+
+
+def is_stale(built: Path, source: Path) -> bool:
+    """The compiled module is older than its source (changed since by a checkout or an edit).
+    No source beside it (an installed wheel ships the module alone): not stale."""
+    try:
+        return source.stat().st_mtime > built.stat().st_mtime
+    except FileNotFoundError:
+        return False
 
 
 class TftpServer:
@@ -377,7 +392,8 @@ class TftpServer:
         built), in Python (False), or C when it is built (None, the default)."""
         impl = lockstep_impl() if native is not False else None
         if native and impl is None:
-            raise TftpConfigError("the native lock-step loop (bootstrap/server/_tftp_lockstep.c) is not built: "
+            raise TftpConfigError("the native lock-step loop (bootstrap/server/_tftp_lockstep.c) is not built, "
+                                  "or is older than its source: "
                                   "run `python3 -m pip install -e .` (docs/boot-server.md, TFTP)")
         self._native = impl
         self.root = Path(os.path.realpath(root))

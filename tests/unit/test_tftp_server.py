@@ -236,3 +236,20 @@ def test_native_lockstep_at_chunk_edges(tmp_path: Path, bs: int) -> None:
     with open(path, "rb") as f:
         os.truncate(path, 2 * bs + 1)  # after the open that took the size
         assert _native_transfer(f.fileno(), b"", len(data), bs) == ("done", 2 * bs + 1, data[: 2 * bs + 1])
+
+
+def test_a_c_loop_older_than_its_source_is_stale(tmp_path: Path) -> None:
+    """A checkout or an edit that changes _tftp_lockstep.c after the build makes the built
+    module stale: lockstep_impl then runs the Python loop (and says so) rather than old rules."""
+    from bootstrap.server.tftp_server import is_stale
+
+    built, source = tmp_path / "_tftp_lockstep.so", tmp_path / "_tftp_lockstep.c"
+    built.write_bytes(b"\x7fELF")
+    source.write_text("/* the loop */\n")
+    os.utime(source, (1_000_000, 1_000_000))
+    os.utime(built, (2_000_000, 2_000_000))
+    assert not is_stale(built, source)
+    os.utime(source, (3_000_000, 3_000_000))
+    assert is_stale(built, source)
+    source.unlink()  # an installed wheel: the module alone
+    assert not is_stale(built, source)
