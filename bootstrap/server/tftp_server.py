@@ -271,7 +271,7 @@ class _Channel:
                 self._set_wait(left)  # the wait was shorter than this deadline: wait the rest
                 continue
             except ConnectionRefusedError:  # ICMP port unreachable: the client is gone
-                raise _GiveUp("the client's port is closed (ICMP port unreachable)") from None
+                raise _GiveUp.port_closed() from None
             if n == 4 and buf[1] == tftp.ACK and buf[0] == 0:
                 return (buf[2] << 8) | buf[3]  # the common case, without building a packet object
             try:
@@ -281,7 +281,7 @@ class _Channel:
             if isinstance(pkt, tftp.Ack):
                 return pkt.block
             if isinstance(pkt, tftp.Error):
-                raise _GiveUp(f"client aborted with error {pkt.code}: {pkt.message[:80]}")
+                raise _GiveUp.aborted(pkt.code, pkt.message)
 
     def decide(self, got: int, want: int, prev: int, deadline: float, dup_ok: bool) -> int | None:
         """The lock-step loop's slow path, after its first receive returned `got` bytes in the
@@ -313,13 +313,12 @@ class _Channel:
             pkt = tftp.parse(bytes(buf[:n]))
         except TftpFormatError:
             if n == FAST_READ and buf[1] == tftp.ERROR and buf[0] == 0:  # an ERROR the lock-step loop cut
-                raise _GiveUp(f"client aborted with error {(buf[2] << 8) | buf[3]}: "
-                              f"{bytes(buf[4:84]).decode('utf-8', 'replace')}") from None
+                raise _GiveUp.aborted((buf[2] << 8) | buf[3], bytes(buf[4:84]).decode("utf-8", "replace")) from None
             return -1
         if isinstance(pkt, tftp.Ack):
             return pkt.block
         if isinstance(pkt, tftp.Error):
-            raise _GiveUp(f"client aborted with error {pkt.code}: {pkt.message[:80]}")
+            raise _GiveUp.aborted(pkt.code, pkt.message)
         return -1
 
 
@@ -348,6 +347,15 @@ def _timeval(seconds: float) -> bytes:
 
 class _GiveUp(Exception):
     """The transfer ends (client gone, aborted, or over its retransmission budget)."""
+
+    @classmethod
+    def aborted(cls, code: int, message: str) -> _GiveUp:
+        """The client sent an ERROR (both lock-step loops and the windowed one say it alike)."""
+        return cls(f"client aborted with error {code}: {message[:80]}")
+
+    @classmethod
+    def port_closed(cls) -> _GiveUp:
+        return cls("the client's port is closed (ICMP port unreachable)")
 
 
 class TftpConfigError(CidbootError):
@@ -599,13 +607,13 @@ class TftpServer:
         if reason == "done":
             return sent
         if reason == "error":
-            raise _GiveUp(f"client aborted with error {code}: {message.decode('utf-8', 'replace')[:80]}")
+            raise _GiveUp.aborted(code, message.decode("utf-8", "replace"))
         if reason == "timeout":
             self._timed_out(self.retries + 1, ch.peer)
         if reason == "budget":
             self._budget_spent(ch)
         if reason == "refused":
-            raise _GiveUp("the client's port is closed (ICMP port unreachable)")
+            raise _GiveUp.port_closed()
         assert reason == "oserror", reason
         raise OSError(code, os.strerror(code))
 
@@ -645,7 +653,7 @@ class TftpServer:
                     except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO ran out
                         got = None
                     except ConnectionRefusedError:  # ICMP port unreachable: the client is gone
-                        raise _GiveUp("the client's port is closed (ICMP port unreachable)") from None
+                        raise _GiveUp.port_closed() from None
                     if got != want:
                         budget = self._recover_from(ch, prev, got, sent + timeout, budget)
                 write(fd, pkt)
@@ -657,7 +665,7 @@ class TftpServer:
             except (BlockingIOError, TimeoutError):
                 got = None
             except ConnectionRefusedError:
-                raise _GiveUp("the client's port is closed (ICMP port unreachable)") from None
+                raise _GiveUp.port_closed() from None
             if got != want:
                 self._recover_from(ch, prev, got, sent + timeout, budget)
         return src.sent
