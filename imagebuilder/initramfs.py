@@ -29,6 +29,23 @@ APP = "opt/cidboot"  # project code and wheels
 OPS = "opt/cidboot/ops"
 
 
+def _into_place(tmp: Path, root: Path) -> Path:
+    """Mark the tree unpacked in `tmp` complete and rename it to `root` whole; if another build
+    put the same tree there first, keep that one and drop ours."""
+    import shutil
+
+    (tmp / ".complete").touch()
+    if root.exists() and not (root / ".complete").exists():
+        shutil.rmtree(root, ignore_errors=True)  # an unfinished tree of an older builder
+    try:
+        tmp.rename(root)
+    except OSError:  # another build put the same tree there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / ".complete").exists():
+            raise
+    return root
+
+
 def stage_sysroot(debs: Iterable[Path], root_base: Path) -> Path:
     """Unpack pinned .debs into a directory named for their hashes (reused while unchanged).
 
@@ -37,7 +54,6 @@ def stage_sysroot(debs: Iterable[Path], root_base: Path) -> Path:
     whole; a build that finds the tree already there when it is done keeps that one and drops its
     own. A shared `.tmp` name, removed by whichever build came second, once left a tree without
     its stdlib marked complete."""
-    import shutil
     import tempfile
 
     debs = sorted(debs)
@@ -61,16 +77,7 @@ def stage_sysroot(debs: Iterable[Path], root_base: Path) -> Path:
             else:
                 dest.write_bytes(f.data)
                 dest.chmod(f.mode & 0o755 | 0o600)
-    (tmp / ".complete").touch()
-    if root.exists() and not (root / ".complete").exists():
-        shutil.rmtree(root, ignore_errors=True)  # an unfinished tree of an older builder
-    try:
-        tmp.rename(root)
-    except OSError:  # another build put the same tree there first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (root / ".complete").exists():
-            raise
-    return root
+    return _into_place(tmp, root)
 
 
 def python_entries(files: dict[str, bytes], sources: bool = True, docstrings: bool = True) -> list[Entry]:
@@ -94,7 +101,6 @@ def python_entries(files: dict[str, bytes], sources: bool = True, docstrings: bo
 def unpack_wheel(wheel: Path, base: Path) -> Path:
     """A wheel's files in a directory named for its content hash (a wheel is a zip, never run);
     unpacked aside and renamed into place whole, as `stage_sysroot` (concurrent builds)."""
-    import shutil
     import tempfile
     import zipfile
 
@@ -111,16 +117,7 @@ def unpack_wheel(wheel: Path, base: Path) -> Path:
             dest = tmp / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(z.read(info))
-    (tmp / ".complete").touch()
-    if root.exists() and not (root / ".complete").exists():
-        shutil.rmtree(root, ignore_errors=True)
-    try:
-        tmp.rename(root)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (root / ".complete").exists():
-            raise
-    return root
+    return _into_place(tmp, root)
 
 
 def runtime_entries(sysroot: Path, graph: ImportGraph, arch: str = "amd64",
