@@ -46,7 +46,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench.common import write_results
+from bench.common import add_memory_option, settle_memory, write_results
 from bootstrap.bootfiles import INITRD_NAME, KERNEL_NAME, SERVED_NAMES
 from imagebuilder.cpio import Entry, archive_bytes
 
@@ -341,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                          "UEFI PXE reference")
     ap.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
                     help="the architecture the hello flow boots on (arm64: AAVMF, uefi-* kinds only)")
+    add_memory_option(ap)
     args = ap.parse_args(argv)
+    settle_memory(args)
     from qemu.harness.lab import FIRMWARES
 
     kinds = [k.strip() for k in (args.firmware or ("uefi-http" if args.arch == "arm64" else "dice")).split(",")

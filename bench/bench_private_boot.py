@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from bench.common import write_results
+from bench.common import add_memory_option, settle_memory, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("firmware", "bootstrap", "image")
@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/bench")
     ap.add_argument("--runs", type=int, default=1, help="pairs of boots (clear, encrypted); medians reported")
+    add_memory_option(ap)
     args = ap.parse_args(argv)
+    settle_memory(args)
     out = Path(args.out).resolve()
     work = out / "private-boot"
     work.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import write_results
+from bench.common import add_memory_option, settle_memory, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 900
@@ -58,7 +58,9 @@ def main() -> None:
     ap.add_argument("--out", default="out/bench", help="where the JSON goes")
     ap.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
                     help="device architecture (arm64: AAVMF on qemu-system-aarch64 -machine virt)")
+    add_memory_option(ap)
     args = ap.parse_args()
+    settle_memory(args)
     from qemu.harness.deploy import prepare
 
     work = Path(tempfile.mkdtemp(prefix="bench-tpm-"))

@@ -7,6 +7,8 @@ instead of three times plus context boots, and runs the rest smaller (figures fr
 files are not comparable with a full run's); the summary then lists the skipped benches' goals as "skipped", not as passes.
 `--summary-only` rebuilds the table and summary.json from the JSON already in --out.
 Each bench's wall time is printed and written to out/bench/run.json.
+On a VM that hands freed memory back to its host at once, the run keeps it in the guest while it
+lasts (bench/common.py `hold_freed_memory`; `--page-reporting leave` measures the VM as it is).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench import summary
+from bench.common import hold_freed_memory
 
 # stem -> extra arguments in --quick mode, or None to skip the bench there
 QUICK: dict[str, list[str] | None] = {
@@ -46,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", default=[], help="run only benches whose name contains this")
     ap.add_argument("--quick", action="store_true", help="skip the slow benches, run the others smaller")
     ap.add_argument("--summary-only", action="store_true", help="run nothing: summarise the JSON already in --out")
+    ap.add_argument("--page-reporting", choices=("hold", "leave"), default="hold",
+                    help="hold (default): keep freed memory in the guest for the run where the VM reports it "
+                         "to the host at once; leave: measure the VM as it is (passed on to every bench)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     since = None
     if not args.summary_only:
         since = time.time() - 1.0  # JSON older than this run is stale, not a result of it
+        memory = hold_freed_memory() if args.page_reporting == "hold" else {"page_reporting": "left"}
+        print("== memory: " + ", ".join(f"{k} {v}" for k, v in memory.items()), flush=True)
         t_all = time.monotonic()
         for stem in benches:
             extra: list[str] = []
@@ -70,14 +78,15 @@ def main(argv: list[str] | None = None) -> int:
                 extra = quick
             print(f"== {stem}", flush=True)
             t0 = time.monotonic()
-            rc = subprocess.call([sys.executable, "-m", f"bench.{stem}", "--out", str(out), *extra])
+            rc = subprocess.call([sys.executable, "-m", f"bench.{stem}", "--out", str(out),
+                                  "--page-reporting", args.page_reporting, *extra])
             durations[stem] = round(time.monotonic() - t0, 1)
             print(f"== {stem}: exit {rc} after {durations[stem]:.1f} s", flush=True)
             if rc:
                 failed.append(stem)
         durations["total"] = round(time.monotonic() - t_all, 1)
         (out / "run.json").write_text(json.dumps({"quick": args.quick, "seconds": durations, "failed": failed,
-                                                  "skipped": skipped}, indent=2) + "\n")
+                                                  "skipped": skipped, "memory": memory}, indent=2) + "\n")
     rows = summary.build(out, benches, failed=failed, skipped=skipped, since=since)
     summary.write(rows, out / "summary.json")
     print()

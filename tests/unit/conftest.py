@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from agent.attestation_api import AgentServer
+from bench import common as bench_common
+
+
+@pytest.fixture(autouse=True)
+def _no_vm_memory_knob(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A bench's main run in a unit test (bench_boot's, run_all's) must not set this machine's
+    page reporting knob (bench/common.py `hold_freed_memory`): it finds none."""
+    monkeypatch.setattr(bench_common, "PAGE_REPORTING_DELAY", tmp_path / "no-page-reporting-knob")
 
 
 @pytest.fixture

@@ -242,10 +242,11 @@ def test_run_all_quick_skips_slow_benches_and_summarises(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(run_all, "discover", lambda: ["bench_build", "bench_import", "bench_tftp"])
     monkeypatch.setattr(run_all.subprocess, "call", fake_call)
+    monkeypatch.setattr(run_all, "hold_freed_memory", lambda: {"page_reporting_min_free_ms": 60000})  # not this VM's
     rc = run_all.main(["--out", str(tmp_path), "--quick"])
     assert rc == 1  # a bench failed
     assert [c[2] for c in calls] == ["bench.bench_import", "bench.bench_tftp"]  # build skipped
-    assert calls[0][-4:] == ["--size-mib", "64", "--repeat", "1"]
+    assert calls[0][-6:] == ["--page-reporting", "hold", "--size-mib", "64", "--repeat", "1"]
     doc = json.loads((tmp_path / "summary.json").read_text())
     status = {r["name"]: r["status"] for r in doc}
     assert status["bench_build: no result"] == "skipped"
@@ -253,6 +254,7 @@ def test_run_all_quick_skips_slow_benches_and_summarises(tmp_path: Path, monkeyp
     assert status["UnixFS import CIDv0 vs ipfs add --only-hash, 256 MiB"] == "ok"
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["quick"] is True and set(run["seconds"]) == {"bench_import", "bench_tftp", "total"}
+    assert run["memory"] == {"page_reporting_min_free_ms": 60000}
     out = capsys.readouterr().out
     assert "goals met:" in out and "SKIPPED" in out and "FAILED" in out
 
