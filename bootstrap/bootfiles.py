@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,9 +53,18 @@ UKI_NAMES = {"x86_64": "bootstrap-x86_64.efi", "arm64": "bootstrap-arm64.efi"}
 FLOWS = {"x86_64": "flow.yaml", "arm64": "flow-arm64.yaml"}
 ARCH_ALIASES = {"amd64": "x86_64", "aarch64": "arm64"}
 KERNEL_NAME, INITRD_NAME = "bootstrap/vmlinuz", "bootstrap/initrd.img"
-# every boot file `bootstrap serve` offers (the RFC 4578 arch map's targets): what it makes or finds
-# at start, and what a --tftp-root must hold for the server to build nothing
-SERVED_NAMES = ("undionly.kpxe", KERNEL_NAME, INITRD_NAME, UKI_NAMES["x86_64"], UKI_NAMES["arm64"])
+# the boot files `bootstrap serve` offers for each device architecture it serves (the RFC 4578 arch
+# map's targets: x86_64 BIOS chain-loads iPXE, which loads kernel and initrd; UEFI loads the UKI):
+# what it makes or finds at start, and what a --tftp-root must hold for the server to build nothing
+ARCH_FILES = {"x86_64": ("undionly.kpxe", KERNEL_NAME, INITRD_NAME, UKI_NAMES["x86_64"]),
+              "arm64": (UKI_NAMES["arm64"],)}
+SERVED_NAMES = tuple(name for names in ARCH_FILES.values() for name in names)
+
+
+def served_names(arches: Iterable[str]) -> list[str]:
+    """The boot files a server offering `arches` (UEFI names, as `serve --arch`) resolves at start."""
+    return [name for arch, names in ARCH_FILES.items() if arch in set(arches) for name in names]
+
 BUILT_JSON = "built.json"
 
 

@@ -54,6 +54,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--tftp-root", type=Path,
                    help="boot files that override the built ones (same names: undionly.kpxe, bootstrap-x86_64.efi, "
                         "bootstrap/vmlinuz, bootstrap/initrd.img), and any other files to serve")
+    p.add_argument("--arch", action="append", choices=tuple(bootfiles.ARCH_FILES), metavar="ARCH",
+                   help="device architecture to offer boot files for: x86_64 (BIOS via iPXE, and UEFI), arm64 (UEFI); "
+                        "repeat for more (default: all). Each one's bootstrap is built at start unless --tftp-root "
+                        "has it, which needs the Debian mirror the first time; devices of another architecture get "
+                        "no offer, and the log says so")
     p.add_argument("--tftp-port", type=int, default=69)
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--trust-anchor", type=Path, help="root-of-trust file put into every boot config")
@@ -174,7 +179,7 @@ def manifest_root(store: Blockstore, manifest: str, where: str) -> RootOfTrust:
 
 def boot_files(args: argparse.Namespace, cache: Path, store: Blockstore) -> dict[str, Path]:
     """Every boot file the server offers, made or found for the manifest (exits naming a missing one)."""
-    names = list(bootfiles.SERVED_NAMES)
+    names = bootfiles.served_names(args.arch or bootfiles.ARCH_FILES)
 
     def anchor() -> RootOfTrust:
         return manifest_root(store, args.manifest, f"{args.store} or its upstreams" if args.upstream else str(args.store))
@@ -235,9 +240,11 @@ def run(args: argparse.Namespace) -> int:
     store = open_store(cfg)
     cfg.key_broker, cfg.keys_url = key_broker(args, store), args.keys_url
     cfg.boot_files = boot_files(args, cache, store)  # the manifest may come from an upstream
-    cfg.bootstrap_cmdline = bootfiles.bootstrap_cmdline(cfg.boot_files[bootfiles.KERNEL_NAME])
-    logging.getLogger("bootstrap.serve").info("boot.ipxe passes the bootstrap's kernel parameters: %s",
-                                              cfg.bootstrap_cmdline)
+    kernel = cfg.boot_files.get(bootfiles.KERNEL_NAME)  # none when x86_64 is not offered: no iPXE boots
+    if kernel is not None:
+        cfg.bootstrap_cmdline = bootfiles.bootstrap_cmdline(kernel)
+        logging.getLogger("bootstrap.serve").info("boot.ipxe passes the bootstrap's kernel parameters: %s",
+                                                  cfg.bootstrap_cmdline)
     try:
         server = BootServer(cfg, store)
     except OSError as e:  # a bind: the error does not say which of the three servers' ports

@@ -538,6 +538,8 @@ def _start_server(stack: ExitStack, lb: Lab, site: Site, mcid: str, tftp: Path, 
             "--dhcp-range", f"10.77.{s}.100-10.77.{s}.199{pfx}", "--store", str(store),
             "--manifest", mcid, "--devices", str(out / "devices.yaml"),
             "--tftp-root", str(tftp), "--state-dir", str(out / f"server-state{suffix}"),
+            # only what the harness built into tftp/: a server in the lab's namespace has no mirror to build more from
+            *[a for arch in sorted(lb.dep.bootstrap.uki) for a in ("--arch", arch)],
             "--agent-port", str(AGENT_PORT),
             *(["--device-registry", str(registry)] if registry else []),
             *[a for u in upstreams for a in ("--upstream", u)], *[a for g in gateways for a in ("--gateway", g)],
