@@ -140,21 +140,40 @@ class Blockstore(_Puts):
                 syncfs(self.blocks_dir)
 
     @contextmanager
-    def writer(self, *, depth: int = 16) -> Iterator[BatchWriter]:
-        """Batch many puts (a fetch): while this is open, `put` (from any thread) hashes the
+    def writer(self, *, depth: int = 16, expect: int | None = None,
+               skip_present: bool = False) -> Iterator[BatchWriter]:
+        """Batch many puts (a fetch, an import): while this is open, `put` (from any thread) hashes the
         block once, in the caller's thread, and queues it for a `BatchWriter` thread that writes
         while the caller reads the next one (first blocks to flatfs files, the rest to one pack).
         Queued blocks already count for `has` and `get` (read your writes). On leaving, the queue
         drains, the pack's index is written, the first write error (if any) is raised, and the
         files the batch wrote are made durable, each by its own fsync (`BatchWriter.close`), not
         by a sync of the whole file system, which would also wait for whatever other programs
-        left dirty on it. At most about 1.5 x `depth` blocks wait in memory. Nested calls share the outer
-        writer."""
-        if self._batch is not None:
-            yield self._batch
+        left dirty on it. At most about 1.5 x `depth` blocks wait in memory.
+
+        `expect`: how many blocks the caller will put, when it knows (an import knows from the
+        file's size): more than FLATFS_FIRST, and all of them go to the pack (`expect_many`), as
+        a fetch's do once its CAR links to that many. `skip_present`: for a producer that does
+        not know what the store holds (an import, a build): a block the store already holds
+        intact, or that this batch already took, is not written again (`BatchWriter.put`).
+        Nested calls share the outer writer (`expect` and `skip_present` apply to it while the
+        inner one is open)."""
+        outer = self._batch
+        if outer is not None:
+            if expect is not None and expect > FLATFS_FIRST:
+                outer.expect_many()
+            was = outer.skip_present
+            outer.skip_present = was or skip_present
+            try:
+                yield outer
+            finally:
+                outer.skip_present = was
             return
         self._deferred += 1
         w = BatchWriter(self, depth)
+        w.skip_present = skip_present
+        if expect is not None and expect > FLATFS_FIRST:
+            w.expect_many()
         self._batch = w
         try:
             yield w
@@ -230,6 +249,23 @@ class Blockstore(_Puts):
                 pass
             raise
         os.close(fd)
+
+    def _holds(self, key: bytes, data: Buffer) -> bool:
+        """Whether the store holds an intact copy of the block `data` (multihash `key`): its
+        flatfs file, or else its pack entry, has exactly these bytes (compared, as `put`
+        compares, rather than hashed again: `data` was verified by the caller)."""
+        try:
+            fd = os.open(self._block_path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pass
+        else:
+            try:
+                if os.fstat(fd).st_size == len(data) and os.pread(fd, len(data) + 1, 0) == data:
+                    return True
+            finally:
+                os.close(fd)
+        entry = self.packs.lookup(key)
+        return entry is not None and entry.length == len(data) and self.packs.read(entry) == data
 
     # -- blocks -------------------------------------------------------------------------
     def put(self, cid: CID, data: Buffer) -> None:
@@ -507,6 +543,11 @@ class BatchWriter:
         self._free: deque[bytearray] = deque()  # buffers written out, to hand out again
         self._lent: dict[int, bytearray] = {}  # id -> buffer handed out by `buffer`, not yet put
         self._flatfs_first = FLATFS_FIRST  # blocks to flatfs files before the pack (0 after `expect_many`)
+        #: an import's batch (`Blockstore.writer(skip_present=True)`): `put` skips what the store
+        #: holds intact or this batch took already (`_taken`)
+        self.skip_present = False
+        self._taken: set[bytes] = set()
+        self.skipped = 0  # puts skip_present found already stored or taken
         self._files: list[str] = []  # flatfs files this batch created: fsynced before it closes
         self._syncer: threading.Thread | None = None  # fsyncs them while the pack is written
         self._sync_error: OSError | None = None
@@ -543,7 +584,11 @@ class BatchWriter:
 
     def put(self, cid: CID, data: Buffer, key: bytes | None = None) -> None:
         """Verify `data` against `cid` (CIDMismatch, BlockstoreError above MAX_BLOCK) and queue it.
-        `key`: the CID's encoded multihash, when the caller has it already (the fetch client)."""
+        `key`: the CID's encoded multihash, when the caller has it already (the fetch client).
+        With `skip_present` (an import), a block this batch already took (a file's repeated
+        chunk) or that the store holds intact (`Blockstore._holds`: a file imported again) is
+        not queued, as a lone `Blockstore.put` writes nothing for it; a damaged copy is
+        replaced (a new copy: a flatfs file atomically, or the pack's, which reads prefer)."""
         if self._error is not None:
             raise self._error
         if self._closed:
@@ -551,6 +596,14 @@ class BatchWriter:
         check_block(cid, data)
         if cid.is_identity:
             return
+        if self.skip_present:
+            if key is None:
+                key = cid.multihash.encode()
+            if key in self._taken or self.store._holds(key, data):
+                self.skipped += 1
+                self._taken.add(key)
+                return
+            self._taken.add(key)
         owned: bytearray | None = None
         if isinstance(data, memoryview):
             owned = self._lent.pop(id(data.obj), None)
@@ -787,8 +840,10 @@ class MemoryBlockstore(_Puts):
         self._blocks.clear()
 
     @contextmanager
-    def writer(self, *, depth: int = 16) -> Iterator[MemoryBlockstore]:
-        """Batching is moot in memory: the store is its own writer (`put` verifies, stores)."""
+    def writer(self, *, depth: int = 16, expect: int | None = None,
+               skip_present: bool = False) -> Iterator[MemoryBlockstore]:
+        """Batching is moot in memory: the store is its own writer (`put` verifies, stores; a
+        block stored twice is one dict entry, so `skip_present` holds anyway)."""
         yield self
 
     @contextmanager
