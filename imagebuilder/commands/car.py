@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from cidboot.ipld import dag
 from cidboot.ipld.car import CarReader, CarWriter
 from cidboot.ipld.cid import CID
 from cidboot.store.blockstore import Blockstore
+from cidboot.store.packs import FLATFS_FIRST
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -46,14 +48,21 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    """Every block verified and stored in one batch, as a fetch stores a CAR: the first
+    FLATFS_FIRST + 1 blocks are read before any is written, and a CAR that has that many goes
+    to one pack file from its first block, a smaller one to flatfs files. Blocks the store
+    holds intact are not written again. Durable (the batch's fsyncs) before the roots are pinned."""
     store = Blockstore(args.store)
     src = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
     try:
         reader = CarReader(src)
+        blocks = iter(reader)
+        head = list(itertools.islice(blocks, FLATFS_FIRST + 1))
         n = 0
-        for cid, block in reader:
-            store.put(cid, block)
-            n += 1
+        with store.writer(expect=len(head), skip_present=True):
+            for cid, block in itertools.chain(head, blocks):
+                store.put(cid, block)
+                n += 1
     finally:
         if src is not sys.stdin.buffer:
             src.close()
