@@ -6,7 +6,7 @@ naming the scheme. Every way in hashes a block before anything is written (nothi
 is ever stored), every read is verified against the CID asked for (a damaged or torn file is
 refused, never served), a damaged copy is replaced by the next `put` of good bytes, and pins
 (recursive, by root) survive `gc`. A single `put` is atomic and durable (temp file, fsync,
-rename); a batch (`writer()`, a fetch) writes its first blocks straight to their names and
+rename); a batch (`writer()`: a fetch, an import) writes its first blocks straight to their names and
 appends the rest to one pack file beside flatfs (`cidboot.store.packs`), and makes the whole
 batch durable at the end with an fsync of each file it wrote: see `BatchWriter` for why that
 is safe. The
