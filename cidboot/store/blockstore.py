@@ -140,8 +140,7 @@ class Blockstore(_Puts):
                 syncfs(self.blocks_dir)
 
     @contextmanager
-    def writer(self, *, depth: int = 16, expect: int | None = None,
-               skip_present: bool = False) -> Iterator[BatchWriter]:
+    def writer(self, *, depth: int = 16, skip_present: bool = False) -> Iterator[BatchWriter]:
         """Batch many puts (a fetch, an import): while this is open, `put` (from any thread) hashes the
         block once, in the caller's thread, and queues it for a `BatchWriter` thread that writes
         while the caller reads the next one (first blocks to flatfs files, the rest to one pack).
@@ -151,17 +150,19 @@ class Blockstore(_Puts):
         by a sync of the whole file system, which would also wait for whatever other programs
         left dirty on it. At most about 1.5 x `depth` blocks wait in memory.
 
-        `expect`: how many blocks the caller will put, when it knows (an import knows from the
-        file's size): more than FLATFS_FIRST, and all of them go to the pack (`expect_many`), as
-        a fetch's do once its CAR links to that many. `skip_present`: for a producer that does
-        not know what the store holds (an import, a build): a block the store already holds
-        intact, or that this batch already took, is not written again (`BatchWriter.put`).
-        Nested calls share the outer writer (`expect` and `skip_present` apply to it while the
-        inner one is open)."""
+        `skip_present`: for a producer that does not know what the store holds (an import, a
+        build, a CAR file), where a fetch knows what it is missing. A block the store already
+        holds intact, or that this batch already took, is not written again; and since the
+        producer cannot say how many new blocks will come (the fetch's `expect_many`), the batch
+        counts them: the first FLATFS_FIRST new blocks are held until one more arrives (then
+        they all go to the pack) or the batch ends (then they go to flatfs files), so a new
+        large file lands in one pack and a small change to a stored one in a few flatfs files
+        (`BatchWriter.put`). Nested calls share the outer writer (`skip_present` applies to it
+        while the inner one is open; the outer one's way of choosing flatfs or pack stays)."""
+        if skip_present:
+            self.packs.refresh()  # what `_holds` looks in for the whole batch
         outer = self._batch
         if outer is not None:
-            if expect is not None and expect > FLATFS_FIRST:
-                outer.expect_many()
             was = outer.skip_present
             outer.skip_present = was or skip_present
             try:
@@ -171,9 +172,8 @@ class Blockstore(_Puts):
             return
         self._deferred += 1
         w = BatchWriter(self, depth)
-        w.skip_present = skip_present
-        if expect is not None and expect > FLATFS_FIRST:
-            w.expect_many()
+        if skip_present:
+            w.skip_present = w._holding = True
         self._batch = w
         try:
             yield w
@@ -253,7 +253,9 @@ class Blockstore(_Puts):
     def _holds(self, key: bytes, data: Buffer) -> bool:
         """Whether the store holds an intact copy of the block `data` (multihash `key`): its
         flatfs file, or else its pack entry, has exactly these bytes (compared, as `put`
-        compares, rather than hashed again: `data` was verified by the caller)."""
+        compares, rather than hashed again: `data` was verified by the caller). Packs as last
+        loaded (`PackIndex.known`): one another process published since is missed, and the
+        block is written again, which costs space, never correctness."""
         try:
             fd = os.open(self._block_path(key), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -264,7 +266,7 @@ class Blockstore(_Puts):
                     return True
             finally:
                 os.close(fd)
-        entry = self.packs.lookup(key)
+        entry = self.packs.known(key)  # as loaded when the batch began (`writer`): no listing per block
         return entry is not None and entry.length == len(data) and self.packs.read(entry) == data
 
     # -- blocks -------------------------------------------------------------------------
@@ -547,6 +549,9 @@ class BatchWriter:
         #: holds intact or this batch took already (`_taken`)
         self.skip_present = False
         self._taken: set[bytes] = set()
+        #: an import's batch: new blocks are held in `_group` until there are more than
+        #: FLATFS_FIRST (then all to the pack) or the batch ends (flatfs files)
+        self._holding = False
         self.skipped = 0  # puts skip_present found already stored or taken
         self._files: list[str] = []  # flatfs files this batch created: fsynced before it closes
         self._syncer: threading.Thread | None = None  # fsyncs them while the pack is written
@@ -581,6 +586,7 @@ class BatchWriter:
         for batches too small to make a pack; each one costs its own fsync (and its
         directory's) when the batch ends."""
         self._flatfs_first = 0
+        self._holding = False
 
     def put(self, cid: CID, data: Buffer, key: bytes | None = None) -> None:
         """Verify `data` against `cid` (CIDMismatch, BlockstoreError above MAX_BLOCK) and queue it.
@@ -588,7 +594,9 @@ class BatchWriter:
         With `skip_present` (an import), a block this batch already took (a file's repeated
         chunk) or that the store holds intact (`Blockstore._holds`: a file imported again) is
         not queued, as a lone `Blockstore.put` writes nothing for it; a damaged copy is
-        replaced (a new copy: a flatfs file atomically, or the pack's, which reads prefer)."""
+        replaced (a new copy: a flatfs file atomically, or the pack's, which reads prefer).
+        The first FLATFS_FIRST blocks it does queue are held here (read-your-writes already)
+        until the next one decides for the pack, or `close` sends them to flatfs files."""
         if self._error is not None:
             raise self._error
         if self._closed:
@@ -619,6 +627,14 @@ class BatchWriter:
         self.bytes += len(data)
         self._group.append((key, data, owned))
         self._group_bytes += len(data)
+        if self._holding:  # an import's first new blocks: flatfs files or the pack, not known yet
+            if len(self._group) <= FLATFS_FIRST:
+                return
+            self.expect_many()  # one more than flatfs takes: all to the pack, in groups as ever
+            held, self._group, self._group_bytes = self._group, [], 0
+            for i in range(0, len(held), self._group_max):
+                self._queue.put(held[i : i + self._group_max])
+            return
         if len(self._group) >= self._group_max or self._group_bytes >= WRITE_GATHER:
             self._hand_over()
 
@@ -840,8 +856,7 @@ class MemoryBlockstore(_Puts):
         self._blocks.clear()
 
     @contextmanager
-    def writer(self, *, depth: int = 16, expect: int | None = None,
-               skip_present: bool = False) -> Iterator[MemoryBlockstore]:
+    def writer(self, *, depth: int = 16, skip_present: bool = False) -> Iterator[MemoryBlockstore]:
         """Batching is moot in memory: the store is its own writer (`put` verifies, stores; a
         block stored twice is one dict entry, so `skip_present` holds anyway)."""
         yield self
