@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -12,7 +11,6 @@ from cidboot.ipld import dag
 from cidboot.ipld.car import CarReader, CarWriter
 from cidboot.ipld.cid import CID
 from cidboot.store.blockstore import Blockstore
-from cidboot.store.packs import FLATFS_FIRST
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,19 +46,17 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    """Every block verified and stored in one batch, as a fetch stores a CAR: the first
-    FLATFS_FIRST + 1 blocks are read before any is written, and a CAR that has that many goes
-    to one pack file from its first block, a smaller one to flatfs files. Blocks the store
-    holds intact are not written again. Durable (the batch's fsyncs) before the roots are pinned."""
+    """Every block verified and stored in one batch, as a fetch stores a CAR: more than 16 new
+    blocks go to one pack file, fewer to flatfs files; blocks the store holds intact are not
+    written again (`Blockstore.writer(skip_present=True)`). Durable (the batch's fsyncs) before
+    the roots are pinned."""
     store = Blockstore(args.store)
     src = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
     try:
         reader = CarReader(src)
-        blocks = iter(reader)
-        head = list(itertools.islice(blocks, FLATFS_FIRST + 1))
         n = 0
-        with store.writer(expect=len(head), skip_present=True):
-            for cid, block in itertools.chain(head, blocks):
+        with store.writer(skip_present=True):
+            for cid, block in reader:
                 store.put(cid, block)
                 n += 1
     finally:

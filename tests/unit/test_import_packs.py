@@ -11,6 +11,7 @@ import argparse
 import io
 import os
 import random
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +22,6 @@ from cidboot.ipld import dag
 from cidboot.ipld.car import CarWriter
 from cidboot.ipld.cid import CID, CIDMismatch
 from cidboot.ipld.unixfs import ImportOptions, export_file, import_bytes, import_file, import_path
-from cidboot.ipld.unixfs.importer import blocks_of
 from cidboot.store.blockstore import BlockNotFound, Blockstore, MemoryBlockstore
 from cidboot.store.packs import FLATFS_FIRST
 
@@ -41,14 +41,6 @@ def packs(store: Blockstore) -> list[Path]:
     return sorted((store.path / "packs").glob("*.pack"))
 
 
-def test_blocks_of_counts_the_balanced_layout() -> None:
-    for size, chunk in [(0, 10), (1, 10), (10, 10), (11, 10), (15 * CHUNK, CHUNK), (40 * CHUNK, CHUNK),
-                        (174 * 10, 10), (174 * 10 + 1, 10), (174 * 174 * 10 + 5, 10)]:
-        data = random.Random(size).randbytes(size)
-        assert blocks_of(size, chunk) == import_bytes(data, None, ImportOptions(cid_version=1, chunk_size=chunk)).blocks
-    assert blocks_of(len(SMALL), CHUNK) == FLATFS_FIRST and blocks_of(len(LARGE), CHUNK) == 41
-
-
 @pytest.mark.parametrize("source", ["path", "file", "bytes"])
 def test_a_large_import_lands_in_one_pack(tmp_path: Path, source: str) -> None:
     f = tmp_path / "large"
@@ -63,7 +55,7 @@ def test_a_large_import_lands_in_one_pack(tmp_path: Path, source: str) -> None:
         res = import_bytes(LARGE, store, OPTS)
     assert res.cid == import_bytes(LARGE, None, OPTS).cid  # the same CIDs as a hash-only import
     assert res.blocks == 41
-    assert flatfs(store) == []  # known to be large from its size: every block in the pack
+    assert flatfs(store) == []  # more than FLATFS_FIRST new blocks: every one in the pack
     (pack,) = packs(store)
     assert pack.with_suffix(".idx").exists()
     assert pack.stat().st_size == sum(len(b) for _, b in dag.walk(res.cid, store.get))
@@ -74,12 +66,10 @@ def test_a_large_import_lands_in_one_pack(tmp_path: Path, source: str) -> None:
     assert len(list(again.multihashes())) == 41
 
 
-def test_an_import_from_a_pipe_puts_its_first_blocks_in_flatfs_and_the_rest_in_a_pack(tmp_path: Path) -> None:
-    """Size unknown in advance (a pipe): as a batch nobody told the size, the first FLATFS_FIRST
-    blocks go to flatfs files, the rest to one pack."""
+def test_an_import_from_a_pipe_lands_in_one_pack_too(tmp_path: Path) -> None:
+    """The size is not known in advance (a pipe): the batch counts the new blocks itself."""
     store = Blockstore(tmp_path / "store")
     r, w = os.pipe()
-    import threading
 
     def feed() -> None:
         with open(w, "wb") as out:
@@ -91,16 +81,35 @@ def test_an_import_from_a_pipe_puts_its_first_blocks_in_flatfs_and_the_rest_in_a
         res = import_file(src, store, OPTS)
     t.join()
     assert res.cid == import_bytes(LARGE, None, OPTS).cid
-    assert len(flatfs(store)) == FLATFS_FIRST and len(packs(store)) == 1
+    assert flatfs(store) == [] and len(packs(store)) == 1
     assert b"".join(export_file(res.cid, Blockstore(store.path).get)) == LARGE
 
 
-def test_a_small_import_stays_in_flatfs(tmp_path: Path) -> None:
+def test_a_small_import_stays_in_flatfs_and_one_block_more_makes_a_pack(tmp_path: Path) -> None:
     store = Blockstore(tmp_path / "store")
     res = import_bytes(SMALL, store, OPTS)
     assert res.blocks == FLATFS_FIRST
     assert len(flatfs(store)) == FLATFS_FIRST and packs(store) == []
     assert b"".join(export_file(res.cid, Blockstore(store.path).get)) == SMALL
+    other = Blockstore(tmp_path / "other")
+    one_more = SMALL + b"x"  # 16 leaves and a root
+    res = import_bytes(one_more, other, OPTS)
+    assert res.blocks == FLATFS_FIRST + 1 and flatfs(other) == [] and len(packs(other)) == 1
+    assert b"".join(export_file(res.cid, Blockstore(other.path).get)) == one_more
+
+
+def test_a_small_change_to_a_stored_file_goes_to_flatfs_files(tmp_path: Path) -> None:
+    """Only the new blocks count: a file the store holds, two chunks changed, adds three flatfs
+    files (the two leaves and the root) and no pack, as a fetch of three missing blocks would."""
+    store = Blockstore(tmp_path / "store")
+    import_bytes(LARGE, store, OPTS)
+    (pack,) = packs(store)
+    changed = bytearray(LARGE)
+    changed[3 * CHUNK] ^= 1
+    changed[30 * CHUNK + 5] ^= 1
+    root = import_bytes(bytes(changed), Blockstore(store.path), OPTS).cid
+    assert packs(store) == [pack] and len(flatfs(store)) == 3
+    assert b"".join(export_file(root, Blockstore(store.path).get)) == changed
 
 
 def test_a_directory_import_batches_the_whole_tree(tmp_path: Path) -> None:
@@ -111,7 +120,7 @@ def test_a_directory_import_batches_the_whole_tree(tmp_path: Path) -> None:
     store = Blockstore(tmp_path / "store")
     res = import_path(tree, store, OPTS)
     assert res.cid == import_path(tree, None, OPTS).cid
-    assert len(flatfs(store)) == FLATFS_FIRST and len(packs(store)) == 1  # size unknown up front
+    assert flatfs(store) == [] and len(packs(store)) == 1  # 41 new blocks in all: one pack
     other = Blockstore(store.path)
     assert {c for c, _ in dag.walk(res.cid, other.get)} == {c for c, _ in dag.walk(res.cid, store.get)}
 
@@ -149,12 +158,13 @@ def test_a_damaged_pack_block_is_refused_after_an_import_and_an_import_repairs_i
             reader.get_into(leaf, bytearray(CHUNK))
         with pytest.raises(CIDMismatch):
             b"".join(export_file(root, reader.get))
-    # importing the file again writes the damaged block (and only it) again, in a newer pack,
-    # whose copy reads prefer
+    # importing the file again writes the damaged block (and only it) again, as a flatfs file,
+    # which reads look at first
     again = Blockstore(store.path)
     assert import_bytes(LARGE, again, OPTS).cid == root
-    (new,) = [p for p in packs(again) if p != pack]
-    assert new.stat().st_size == CHUNK and flatfs(again) == []
+    assert packs(again) == [pack]
+    (repaired,) = flatfs(again)
+    assert repaired.read_bytes() == import_store(LARGE)(leaf)
     assert b"".join(export_file(root, Blockstore(store.path).get)) == LARGE
 
 
@@ -174,10 +184,10 @@ def test_an_import_writes_each_block_once(tmp_path: Path) -> None:
     size = pack.stat().st_size
     assert import_bytes(LARGE, Blockstore(store.path), OPTS).cid == root
     assert packs(store) == [pack] and pack.stat().st_size == size and flatfs(store) == []
-    zeros = bytes(30 * CHUNK)  # 30 identical leaves and a root: two blocks, in a new pack
+    zeros = bytes(30 * CHUNK)  # 30 identical leaves and a root: two blocks, two flatfs files
     zroot = import_bytes(zeros, store, OPTS).cid
-    (new,) = [p for p in packs(store) if p != pack]
-    assert flatfs(store) == [] and new.stat().st_size == CHUNK + len(store.get(zroot))
+    assert packs(store) == [pack]
+    assert sorted(p.stat().st_size for p in flatfs(store)) == sorted([CHUNK, len(store.get(zroot))])
     assert b"".join(export_file(zroot, Blockstore(store.path).get)) == zeros
 
 
@@ -284,7 +294,7 @@ def test_imagebuilder_car_import_batches_like_a_fetch(tmp_path: Path, data: byte
     args = argparse.Namespace(file=str(car), store=tmp_path / "store", pin=True, json=True)
     assert run_import(args) == 0
     store = Blockstore(tmp_path / "store")
-    n = blocks_of(len(data), CHUNK)
+    n = sum(1 for _ in dag.walk(root, mem.get))
     if packed:
         assert flatfs(store) == [] and len(packs(store)) == 1
     else:

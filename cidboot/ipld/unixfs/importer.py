@@ -34,49 +34,22 @@ class BlockSink(Protocol):
     def put(self, cid: CID, data: bytes) -> None: ...
 
 
-def blocks_of(size: int, chunk_size: int = DEFAULT_CHUNK) -> int:
-    """How many blocks the balanced layout makes of a file of `size` bytes (before dedup):
-    its leaves (at least one) and, above one leaf, a level of parents per MAX_LINKS-fold."""
-    n = max(1, -(-size // chunk_size))
-    total = n
-    while n > 1:
-        n = -(-n // MAX_LINKS)
-        total += n
-    return total
-
-
-def _size_left(source: BinaryIO) -> int | None:
-    """Bytes from the stream's position to its end, when that is known without reading: a
-    regular file (fstat), an in-memory buffer (getbuffer); None otherwise (a pipe, a socket)."""
-    try:
-        if isinstance(source, io.BytesIO):
-            return source.getbuffer().nbytes - source.tell()
-        st = os.fstat(source.fileno())
-        if stat.S_ISREG(st.st_mode):
-            return max(0, st.st_size - source.tell())
-    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
-        pass
-    return None
-
-
 @contextmanager
-def _batch(sink: BlockSink | None, blocks: int | None) -> Iterator[None]:
+def _batch(sink: BlockSink | None) -> Iterator[None]:
     """Around an import: when the sink batches (a `Blockstore`: its `writer`), one batch for the
-    whole import, as a fetch writes: a file of more than FLATFS_FIRST blocks (16) lands in one
-    pack file, a smaller one in flatfs files, and the import returns once what it wrote is
-    durable (the batch's fsyncs). `blocks`: how many blocks the import makes, when known in
-    advance (a file's size), so a large one goes to the pack from its first block; unknown (a
-    directory, a pipe), the first 16 go to flatfs files and the rest to the pack.
-    `skip_present`: an import, unlike a fetch, does not know which blocks the store holds, so
-    a block already stored intact, or repeated in the file, is not written again (as a lone
-    `put` writes nothing for it). The blocks still go through the sink's own `put` (a
-    subclass's bookkeeping sees them); inside the batch, `put` queues to it. A sink with no
-    `writer` (Kubo, a CAR, a build's collector) is written block by block, as ever."""
+    whole import, written as a fetch is: more than FLATFS_FIRST (16) new blocks land in one pack
+    file, fewer in flatfs files, and the import returns once what it wrote is durable (the
+    batch's fsyncs). `skip_present`: an import, unlike a fetch, does not know which blocks the
+    store holds, so a block already stored intact, or repeated in the file, is not written
+    again (as a lone `put` writes nothing for it), and the batch counts the new ones itself to
+    choose pack or flatfs. The blocks still go through the sink's own `put` (a subclass's
+    bookkeeping sees them); inside the batch, `put` queues to it. A sink with no `writer`
+    (Kubo, a CAR, a build's collector) is written block by block, as ever."""
     writer = getattr(sink, "writer", None) if sink is not None else None
     if writer is None:
         yield
         return
-    with writer(expect=blocks, skip_present=True):
+    with writer(skip_present=True):
         yield
 
 
@@ -266,7 +239,8 @@ def import_file(
     """Import one file's bytes; `sink=None` only hashes (`--only-hash`).
 
     Into a `Blockstore`, the import is one batch of its writer (`_batch`): a file of more than
-    16 blocks lands in one pack file, a smaller one in flatfs files, and every block is on
+    16 new blocks lands in one pack file, a smaller one (or a small change to a file the
+    store holds) in flatfs files, and every block is on
     the disk when this returns (an fsync of each file the batch wrote), as a lone `put`'s is.
     What a crash mid-import leaves is what a crash mid-fetch leaves: blocks whole, absent,
     or torn (a short flatfs file, an index entry naming bytes that never reached the disk, a
@@ -275,21 +249,13 @@ def import_file(
     next import or fetch of it writes it again. The caller pins the root after the return."""
     opts = opts or ImportOptions()
     b = _Builder(sink, opts, progress)
-    if isinstance(source, str | os.PathLike):
-        with open(source, "rb", buffering=0) as f:  # unbuffered: readinto lands in our buffer
-            node = _import_stream(b, f, sink)
-    else:
-        node = _import_stream(b, source, sink)
+    with _batch(sink):
+        if isinstance(source, str | os.PathLike):
+            with open(source, "rb", buffering=0) as f:  # unbuffered: readinto lands in our buffer
+                node = b.file(f)
+        else:
+            node = b.file(source)
     return ImportResult(node.cid, node.filesize, b.blocks, node.tsize)
-
-
-def _import_stream(b: _Builder, stream: BinaryIO, sink: BlockSink | None) -> _Node:
-    """One file's DAG from `stream`, in one batch of the sink's (sized from the stream's length)."""
-    if sink is None:
-        return b.file(stream)
-    size = _size_left(stream)
-    with _batch(sink, None if size is None else blocks_of(size, b.opts.chunk_size)):
-        return b.file(stream)
 
 
 def import_bytes(data: bytes, sink: BlockSink | None, opts: ImportOptions | None = None) -> ImportResult:
@@ -314,8 +280,7 @@ def import_path(
     Directories are plain UnixFS directories; Kubo switches to a HAMT shard above ~256 KiB of
     links, which this importer does not produce (such directories get a different CID).
     Into a `Blockstore`, the whole tree is one batch, written and made durable as `import_file`
-    says (a single file's size is known in advance; a directory's first 16 blocks go to flatfs
-    files and the rest to one pack).
+    says (more than 16 new blocks in all: one pack).
     """
     opts = opts or ImportOptions()
     b = _Builder(sink, opts, progress)
@@ -342,11 +307,6 @@ def import_path(
         listing.append((rel, node.cid))
         return node
 
-    p = Path(path)
-    if sink is None:
-        root = walk(p, "")
-    else:
-        st = p.lstat()
-        with _batch(sink, blocks_of(st.st_size, opts.chunk_size) if stat.S_ISREG(st.st_mode) else None):
-            root = walk(p, "")
+    with _batch(sink):
+        root = walk(Path(path), "")
     return ImportResult(root.cid, root.filesize, b.blocks, root.tsize, sorted(listing))
