@@ -157,7 +157,7 @@ class Blockstore(_Puts):
         counts them: the first FLATFS_FIRST new blocks are held until one more arrives (then
         they all go to the pack) or the batch ends (then they go to flatfs files), so a new
         large file lands in one pack and a small change to a stored one in a few flatfs files
-        (`BatchWriter.put`). Nested calls share the outer writer (`skip_present` applies to it
+        (`BatchWriter.put`; up to FLATFS_FIRST + 1 blocks held, whatever `depth`). Nested calls share the outer writer (`skip_present` applies to it
         while the inner one is open; the outer one's way of choosing flatfs or pack stays)."""
         if skip_present:
             self.packs.refresh()  # what `_holds` looks in for the whole batch

@@ -252,6 +252,20 @@ def test_a_memory_store_and_an_import_error_behave(tmp_path: Path) -> None:
     store.put_block(b"after")
 
 
+def test_an_import_inside_an_open_batch_shares_it(tmp_path: Path) -> None:
+    """An import while a batch is open (a fetch's, say) writes through that batch, skipping what
+    is present only while it runs; the outer batch keeps its own choice of flatfs or pack."""
+    store = Blockstore(tmp_path / "store")
+    kept = import_bytes(SMALL, store, OPTS).cid
+    with store.writer() as outer:
+        assert not outer.skip_present
+        root = import_bytes(LARGE, store, OPTS).cid
+        assert import_bytes(SMALL, store, OPTS).cid == kept
+        assert not outer.skip_present and outer.skipped == FLATFS_FIRST and outer.blocks == 41
+    assert len(flatfs(store)) == 2 * FLATFS_FIRST and len(packs(store)) == 1  # the outer batch's way
+    assert b"".join(export_file(root, Blockstore(store.path).get)) == LARGE
+
+
 def test_imagebuilder_build_writes_its_blocks_in_one_pack(tmp_path: Path) -> None:
     """`imagebuilder build --store`: the build's blocks in one batch, in the order they were made;
     a second write of the same build adds nothing."""
