@@ -155,6 +155,8 @@ def main() -> int:
             for mib in (16, args.size_mib):
                 f = work / f"f{mib}"
                 make_file(f, mib * MIB)
+                # the origin as `imagebuilder add` makes it: since session 11 an import of more than 16
+                # blocks lands in one pack file (before: a flatfs file per block; docs/gateway.md)
                 cid = str(import_file(f, store, ImportOptions(cid_version=1)).cid)
                 assert str(kc.add_file(f, cid_version=1).cid) == cid
                 car = work / "ipfs" / cid  # http.server serves it as /ipfs/<cid>?format=car...

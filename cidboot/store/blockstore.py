@@ -6,7 +6,7 @@ naming the scheme. Every way in hashes a block before anything is written (nothi
 is ever stored), every read is verified against the CID asked for (a damaged or torn file is
 refused, never served), a damaged copy is replaced by the next `put` of good bytes, and pins
 (recursive, by root) survive `gc`. A single `put` is atomic and durable (temp file, fsync,
-rename); a batch (`writer()`, a fetch) writes its first blocks straight to their names and
+rename); a batch (`writer()`: a fetch, an import) writes its first blocks straight to their names and
 appends the rest to one pack file beside flatfs (`cidboot.store.packs`), and makes the whole
 batch durable at the end with an fsync of each file it wrote: see `BatchWriter` for why that
 is safe. The
@@ -140,21 +140,40 @@ class Blockstore(_Puts):
                 syncfs(self.blocks_dir)
 
     @contextmanager
-    def writer(self, *, depth: int = 16) -> Iterator[BatchWriter]:
-        """Batch many puts (a fetch): while this is open, `put` (from any thread) hashes the
+    def writer(self, *, depth: int = 16, skip_present: bool = False) -> Iterator[BatchWriter]:
+        """Batch many puts (a fetch, an import): while this is open, `put` (from any thread) hashes the
         block once, in the caller's thread, and queues it for a `BatchWriter` thread that writes
         while the caller reads the next one (first blocks to flatfs files, the rest to one pack).
         Queued blocks already count for `has` and `get` (read your writes). On leaving, the queue
         drains, the pack's index is written, the first write error (if any) is raised, and the
         files the batch wrote are made durable, each by its own fsync (`BatchWriter.close`), not
         by a sync of the whole file system, which would also wait for whatever other programs
-        left dirty on it. At most about 1.5 x `depth` blocks wait in memory. Nested calls share the outer
-        writer."""
-        if self._batch is not None:
-            yield self._batch
+        left dirty on it. At most about 1.5 x `depth` blocks wait in memory.
+
+        `skip_present`: for a producer that does not know what the store holds (an import, a
+        build, a CAR file), where a fetch knows what it is missing. A block the store already
+        holds intact, or that this batch already took, is not written again; and since the
+        producer cannot say how many new blocks will come (the fetch's `expect_many`), the batch
+        counts them: the first FLATFS_FIRST new blocks are held until one more arrives (then
+        they all go to the pack) or the batch ends (then they go to flatfs files), so a new
+        large file lands in one pack and a small change to a stored one in a few flatfs files
+        (`BatchWriter.put`; up to FLATFS_FIRST + 1 blocks held, whatever `depth`). Nested calls share the outer writer (`skip_present` applies to it
+        while the inner one is open; the outer one's way of choosing flatfs or pack stays)."""
+        if skip_present:
+            self.packs.refresh()  # what `_holds` looks in for the whole batch
+        outer = self._batch
+        if outer is not None:
+            was = outer.skip_present
+            outer.skip_present = was or skip_present
+            try:
+                yield outer
+            finally:
+                outer.skip_present = was
             return
         self._deferred += 1
         w = BatchWriter(self, depth)
+        if skip_present:
+            w.skip_present = w._holding = True
         self._batch = w
         try:
             yield w
@@ -230,6 +249,25 @@ class Blockstore(_Puts):
                 pass
             raise
         os.close(fd)
+
+    def _holds(self, key: bytes, data: Buffer) -> bool:
+        """Whether the store holds an intact copy of the block `data` (multihash `key`): its
+        flatfs file, or else its pack entry, has exactly these bytes (compared, as `put`
+        compares, rather than hashed again: `data` was verified by the caller). Packs as last
+        loaded (`PackIndex.known`): one another process published since is missed, and the
+        block is written again, which costs space, never correctness."""
+        try:
+            fd = os.open(self._block_path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pass
+        else:
+            try:
+                if os.fstat(fd).st_size == len(data) and os.pread(fd, len(data) + 1, 0) == data:
+                    return True
+            finally:
+                os.close(fd)
+        entry = self.packs.known(key)  # as loaded when the batch began (`writer`): no listing per block
+        return entry is not None and entry.length == len(data) and self.packs.read(entry) == data
 
     # -- blocks -------------------------------------------------------------------------
     def put(self, cid: CID, data: Buffer) -> None:
@@ -507,6 +545,14 @@ class BatchWriter:
         self._free: deque[bytearray] = deque()  # buffers written out, to hand out again
         self._lent: dict[int, bytearray] = {}  # id -> buffer handed out by `buffer`, not yet put
         self._flatfs_first = FLATFS_FIRST  # blocks to flatfs files before the pack (0 after `expect_many`)
+        #: an import's batch (`Blockstore.writer(skip_present=True)`): `put` skips what the store
+        #: holds intact or this batch took already (`_taken`)
+        self.skip_present = False
+        self._taken: set[bytes] = set()
+        #: an import's batch: new blocks are held in `_group` until there are more than
+        #: FLATFS_FIRST (then all to the pack) or the batch ends (flatfs files)
+        self._holding = False
+        self.skipped = 0  # puts skip_present found already stored or taken
         self._files: list[str] = []  # flatfs files this batch created: fsynced before it closes
         self._syncer: threading.Thread | None = None  # fsyncs them while the pack is written
         self._sync_error: OSError | None = None
@@ -540,10 +586,17 @@ class BatchWriter:
         for batches too small to make a pack; each one costs its own fsync (and its
         directory's) when the batch ends."""
         self._flatfs_first = 0
+        self._holding = False
 
     def put(self, cid: CID, data: Buffer, key: bytes | None = None) -> None:
         """Verify `data` against `cid` (CIDMismatch, BlockstoreError above MAX_BLOCK) and queue it.
-        `key`: the CID's encoded multihash, when the caller has it already (the fetch client)."""
+        `key`: the CID's encoded multihash, when the caller has it already (the fetch client).
+        With `skip_present` (an import), a block this batch already took (a file's repeated
+        chunk) or that the store holds intact (`Blockstore._holds`: a file imported again) is
+        not queued, as a lone `Blockstore.put` writes nothing for it; a damaged copy is
+        replaced (a new copy: a flatfs file atomically, or the pack's, which reads prefer).
+        The first FLATFS_FIRST blocks it does queue are held here (read-your-writes already)
+        until the next one decides for the pack, or `close` sends them to flatfs files."""
         if self._error is not None:
             raise self._error
         if self._closed:
@@ -551,6 +604,14 @@ class BatchWriter:
         check_block(cid, data)
         if cid.is_identity:
             return
+        if self.skip_present:
+            if key is None:
+                key = cid.multihash.encode()
+            if key in self._taken or self.store._holds(key, data):
+                self.skipped += 1
+                self._taken.add(key)
+                return
+            self._taken.add(key)
         owned: bytearray | None = None
         if isinstance(data, memoryview):
             owned = self._lent.pop(id(data.obj), None)
@@ -566,6 +627,14 @@ class BatchWriter:
         self.bytes += len(data)
         self._group.append((key, data, owned))
         self._group_bytes += len(data)
+        if self._holding:  # an import's first new blocks: flatfs files or the pack, not known yet
+            if len(self._group) <= FLATFS_FIRST:
+                return
+            self.expect_many()  # one more than flatfs takes: all to the pack, in groups as ever
+            held, self._group, self._group_bytes = self._group, [], 0
+            for i in range(0, len(held), self._group_max):
+                self._queue.put(held[i : i + self._group_max])
+            return
         if len(self._group) >= self._group_max or self._group_bytes >= WRITE_GATHER:
             self._hand_over()
 
@@ -787,8 +856,9 @@ class MemoryBlockstore(_Puts):
         self._blocks.clear()
 
     @contextmanager
-    def writer(self, *, depth: int = 16) -> Iterator[MemoryBlockstore]:
-        """Batching is moot in memory: the store is its own writer (`put` verifies, stores)."""
+    def writer(self, *, depth: int = 16, skip_present: bool = False) -> Iterator[MemoryBlockstore]:
+        """Batching is moot in memory: the store is its own writer (`put` verifies, stores; a
+        block stored twice is one dict entry, so `skip_present` holds anyway)."""
         yield self
 
     @contextmanager

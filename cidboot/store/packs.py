@@ -124,6 +124,13 @@ class PackIndex:
             e = self._entries.get(key)
         return e
 
+    def known(self, key: bytes) -> Entry | None:
+        """`lookup` in the indexes as last loaded, without looking at the directory: for a caller
+        that asks about many absent blocks and may miss one another process just published
+        (an import's `skip_present`, which then writes a second copy). `lookup`'s refresh on
+        each miss lists the directory: ~25 us a miss with one pack here, ~300 us with 200."""
+        return self._entries.get(key)
+
     def read(self, e: Entry) -> bytes | None:
         """The bytes the entry names (as many as the pack has), or None if the pack is gone."""
         fd = self._fd(e.pack)

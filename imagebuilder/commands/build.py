@@ -64,9 +64,13 @@ def _write(res: BuildResult, args: argparse.Namespace) -> None:
         if res.uki:
             kubo.pin(res.uki.cid)
     else:
+        # one batch, as a fetch writes: more than 16 new blocks land in one pack, in the order
+        # the build made them (layer by layer, each file's leaves in order, which is how the
+        # gateway reads them back); blocks the store holds already (a cached layer) are not
+        # written again; durable (the batch's fsyncs) before the pin
         store = Blockstore(args.store)
-        with store.deferred_sync():
-            for cid, data in blocks:
+        with store.writer(skip_present=True):
+            for cid, data in res.blocks.items():
                 store.put(cid, data)
         store.pin(res.manifest_cid)
         if res.uki:

@@ -15,6 +15,7 @@ import io
 import os
 import stat
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -31,6 +32,25 @@ MAX_CHUNK = 1024 * 1024  # Kubo refuses larger chunks (blocks above 1 MiB are no
 
 class BlockSink(Protocol):
     def put(self, cid: CID, data: bytes) -> None: ...
+
+
+@contextmanager
+def _batch(sink: BlockSink | None) -> Iterator[None]:
+    """Around an import: when the sink batches (a `Blockstore`: its `writer`), one batch for the
+    whole import, written as a fetch is: more than FLATFS_FIRST (16) new blocks land in one pack
+    file, fewer in flatfs files, and the import returns once what it wrote is durable (the
+    batch's fsyncs). `skip_present`: an import, unlike a fetch, does not know which blocks the
+    store holds, so a block already stored intact, or repeated in the file, is not written
+    again (as a lone `put` writes nothing for it), and the batch counts the new ones itself to
+    choose pack or flatfs. The blocks still go through the sink's own `put` (a subclass's
+    bookkeeping sees them); inside the batch, `put` queues to it. A sink with no `writer`
+    (Kubo, a CAR, a build's collector) is written block by block, as ever."""
+    writer = getattr(sink, "writer", None) if sink is not None else None
+    if writer is None:
+        yield
+        return
+    with writer(skip_present=True):
+        yield
 
 
 @dataclass(frozen=True)
@@ -216,14 +236,25 @@ def import_file(
     opts: ImportOptions | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ImportResult:
-    """Import one file's bytes; `sink=None` only hashes (`--only-hash`)."""
+    """Import one file's bytes; `sink=None` only hashes (`--only-hash`).
+
+    Into a `Blockstore`, the import is one batch of its writer (`_batch`): a file of more than
+    16 new blocks lands in one pack file, a smaller one (or a small change to a file the
+    store holds) in flatfs files, and every block is on
+    the disk when this returns (an fsync of each file the batch wrote), as a lone `put`'s is.
+    What a crash mid-import leaves is what a crash mid-fetch leaves: blocks whole, absent,
+    or torn (a short flatfs file, an index entry naming bytes that never reached the disk, a
+    pack with no index, which is invisible and removed by `gc`); every read hashes the block
+    against its CID, so a torn one is refused as damaged (CIDMismatch), never served, and the
+    next import or fetch of it writes it again. The caller pins the root after the return."""
     opts = opts or ImportOptions()
     b = _Builder(sink, opts, progress)
-    if isinstance(source, str | os.PathLike):
-        with open(source, "rb", buffering=0) as f:  # unbuffered: readinto lands in our buffer
-            node = b.file(f)
-    else:
-        node = b.file(source)
+    with _batch(sink):
+        if isinstance(source, str | os.PathLike):
+            with open(source, "rb", buffering=0) as f:  # unbuffered: readinto lands in our buffer
+                node = b.file(f)
+        else:
+            node = b.file(source)
     return ImportResult(node.cid, node.filesize, b.blocks, node.tsize)
 
 
@@ -248,6 +279,8 @@ def import_path(
 
     Directories are plain UnixFS directories; Kubo switches to a HAMT shard above ~256 KiB of
     links, which this importer does not produce (such directories get a different CID).
+    Into a `Blockstore`, the whole tree is one batch, written and made durable as `import_file`
+    says (more than 16 new blocks in all: one pack).
     """
     opts = opts or ImportOptions()
     b = _Builder(sink, opts, progress)
@@ -274,5 +307,6 @@ def import_path(
         listing.append((rel, node.cid))
         return node
 
-    root = walk(Path(path), "")
+    with _batch(sink):
+        root = walk(Path(path), "")
     return ImportResult(root.cid, root.filesize, b.blocks, root.tsize, sorted(listing))
