@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import select
+import selectors
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 from bootstrap.server.devices import Devices
 from bootstrap.server.leases import LeaseDB
 from bootstrap.server.metrics import Metrics
 from cidboot.errors import FormatError
+from cidboot.httpd_lite import StopBell
 from cidboot.netboot import dhcp
 
 log = logging.getLogger("bootstrap.dhcp")
@@ -115,7 +116,7 @@ class DhcpServer:
         """`bind=False` opens no sockets: tests and fuzzers drive `handle()` (or set `socks`)."""
         self.cfg, self.metrics = cfg, metrics
         self.socks: list[socket.socket] = []
-        self._stop = threading.Event()
+        self._bell = StopBell(wait_for_start=False)
         self._gauge_at = -1.0  # when the active-leases gauge was last refreshed (monotonic)
         # 4011 in both modes: a UEFI PXE client (edk2's PxeBcDxe) given a full DHCP offer with
         # "PXEClient" and a boot file (a "BINL" offer) asks the server again on port 4011 for the
@@ -138,12 +139,24 @@ class DhcpServer:
         the batch's bindings durable with one fsync of each lease journal (group commit), then
         send the replies. An ACK is never sent before its binding is on disk, and a burst of
         REQUESTs shares one fsync instead of paying one each."""
-        while not self._stop.is_set():
-            ready, _, _ = select.select(self.socks, [], [], 0.5)
-            outbox: list[tuple[socket.socket, Reply]] = []
-            for s in ready:
-                self._drain(s, outbox)
-            self._commit_and_send(outbox)
+        if not self._bell.enter():  # shut down before this thread got here
+            return
+        try:
+            with selectors.DefaultSelector() as sel:
+                for s in self.socks:
+                    sel.register(s, selectors.EVENT_READ)
+                sel.register(self._bell, selectors.EVENT_READ)
+                while True:
+                    ready = sel.select()  # no timeout: asleep until a datagram or `shutdown` (StopBell)
+                    if self._bell.asked:
+                        return
+                    outbox: list[tuple[socket.socket, Reply]] = []
+                    for key, _ in ready:
+                        if key.fileobj is not self._bell:
+                            self._drain(cast(socket.socket, key.fileobj), outbox)
+                    self._commit_and_send(outbox)
+        finally:
+            self._bell.leave()
 
     def _drain(self, s: socket.socket, outbox: list[tuple[socket.socket, Reply]]) -> None:
         """Answer up to BATCH datagrams queued on `s` into `outbox`; one failing request is logged,
@@ -162,9 +175,13 @@ class DhcpServer:
                 outbox.append((s, reply))
 
     def shutdown(self) -> None:
-        self._stop.set()
+        """Stop answering and close the sockets: returns once a running `serve_forever` has
+        returned (its last batch answered), at once when none runs (one that starts later
+        returns at once)."""
+        self._bell.stop()
         for s in self.socks:
             s.close()
+        self._bell.close()
 
     def handle(self, sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
         """Answer one datagram now (its binding durable before the reply goes out)."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import selectors
 import socket
 import struct
 import threading
@@ -44,6 +45,7 @@ from typing import BinaryIO
 
 from bootstrap.server.metrics import Metrics
 from cidboot.errors import CidbootError
+from cidboot.httpd_lite import StopBell
 from cidboot.netboot import tftp
 from cidboot.netboot.tftp import (
     BLKSIZE_RANGE,
@@ -417,25 +419,42 @@ class TftpServer:
         self.sock.bind((host, port))
         self.host = host
         self.port = self.sock.getsockname()[1]
-        self._stop = threading.Event()
+        self._bell = StopBell(wait_for_start=False)
 
     def serve_forever(self) -> None:
-        self.sock.settimeout(0.5)
-        while not self._stop.is_set():
-            try:
-                data, peer = self.sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                self.handle_request(data, peer)
-            except Exception as e:  # one request never stops TFTP for everyone
-                self.metrics.request_failed("tftp", e, peer[0], log)
+        """Answer requests until `shutdown`, asleep in select() while none come (`StopBell`:
+        no timeout to poll a stop flag with, so an idle server never wakes)."""
+        if not self._bell.enter():  # shut down before this thread got here
+            return
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(self.sock, selectors.EVENT_READ)
+                sel.register(self._bell, selectors.EVENT_READ)
+                while True:
+                    sel.select()
+                    if self._bell.asked:
+                        return
+                    try:
+                        data, peer = self.sock.recvfrom(65536, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        continue
+                    except OSError as e:  # nothing a client sends does this: say why TFTP stops
+                        log.error("TFTP request port failed, no more requests are answered: %s", e)
+                        return
+                    try:
+                        self.handle_request(data, peer)
+                    except Exception as e:  # one request never stops TFTP for everyone
+                        self.metrics.request_failed("tftp", e, peer[0], log)
+        finally:
+            self._bell.leave()
 
     def shutdown(self) -> None:
-        self._stop.set()
+        """Stop answering requests and close the request port: returns once a running
+        `serve_forever` has returned, at once when none runs (one that starts later returns at
+        once). Transfers in flight go on to their end, each on its own socket and thread."""
+        self._bell.stop()
         self.sock.close()
+        self._bell.close()
 
     @property
     def active(self) -> int:
