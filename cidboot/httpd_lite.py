@@ -24,8 +24,9 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 log = logging.getLogger("cidboot.httpd")
 
@@ -263,9 +264,10 @@ class StopBell:
     for its stop flag woke 2 times a second for nothing, and made each shutdown wait up to 0.5 s:
     paid by every test that starts and stops a server).
 
-    The loop watches `fileno()` beside its sockets; `stop()` sets `asked` and, when a loop is
-    running, writes a byte to a socketpair that makes `fileno()` readable (the self-pipe trick:
-    closing or shutting down the loop's own socket from another thread wakes nothing reliably).
+    `serve` is the loop (each server gives its sockets and what to do when they are readable): it
+    watches `fileno()` beside the sockets; `stop()` sets `asked` and, when a loop is running,
+    writes a byte to a socketpair that makes `fileno()` readable (the self-pipe trick: closing
+    or shutting down the loop's own socket from another thread wakes nothing reliably).
     A stop asked before any loop ran is taken by the next one to `enter`, which returns at once;
     a stop asked after the loop returned is kept for the next one too (as socketserver's).
 
@@ -309,6 +311,24 @@ class StopBell:
             except OSError:  # BlockingIOError: drained; or closed
                 pass
             self._idle.set()
+
+    def serve(self, socks: list[_Socket], on_ready: Callable[[list[_Socket]], None]) -> None:
+        """The serve loop: asleep until some of `socks` are readable, then `on_ready(those)`,
+        until `stop`. What `on_ready` raises ends the loop (it catches what one request raises)."""
+        if not self.enter():  # stopped before this thread got here
+            return
+        try:
+            with selectors.DefaultSelector() as sel:
+                for s in socks:
+                    sel.register(s, selectors.EVENT_READ)
+                sel.register(self, selectors.EVENT_READ)
+                while True:
+                    ready = sel.select()
+                    if self.asked:
+                        return
+                    on_ready([cast(_Socket, key.fileobj) for key, _ in ready if key.fileobj is not self])
+        finally:
+            self.leave()
 
     def stop(self) -> None:
         """Ask the loop to return and wait until no loop runs (see `wait_for_start`)."""
@@ -354,28 +374,19 @@ class ThreadedServer:
     def serve_forever(self, poll_interval: float | None = None) -> None:
         """Accept connections until `shutdown`. `poll_interval` is accepted for socketserver's
         callers and ignored: nothing is polled."""
-        if not self._bell.enter():  # shut down before this thread got here
+        self._bell.serve([self.socket], self._accept)
+
+    def _accept(self, ready: list[_Socket]) -> None:
+        try:
+            conn, addr = self.get_request()
+        except OSError:  # the client gave up already, or out of descriptors: keep serving
             return
         try:
-            with selectors.DefaultSelector() as sel:
-                sel.register(self.socket, selectors.EVENT_READ)
-                sel.register(self._bell, selectors.EVENT_READ)
-                while True:
-                    sel.select()
-                    if self._bell.asked:
-                        return
-                    try:
-                        conn, addr = self.get_request()
-                    except OSError:  # the client gave up already, or out of descriptors: keep serving
-                        continue
-                    try:
-                        self.process_request(conn, addr)
-                    except Exception:  # as socketserver: never the end of the server
-                        self.stats.bump("internal_errors")
-                        log.exception("connection from %s failed", addr)
-                        self._close(conn)
-        finally:
-            self._bell.leave()
+            self.process_request(conn, addr)
+        except Exception:  # as socketserver: never the end of the server
+            self.stats.bump("internal_errors")
+            log.exception("connection from %s failed", addr)
+            self._close(conn)
 
     def get_request(self) -> tuple[_Socket, Any]:
         """The next connection (socketserver's hook, which tests override to spy on one)."""

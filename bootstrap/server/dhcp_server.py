@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import selectors
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import cast
 
 from bootstrap.server.devices import Devices
 from bootstrap.server.leases import LeaseDB
@@ -139,24 +137,13 @@ class DhcpServer:
         the batch's bindings durable with one fsync of each lease journal (group commit), then
         send the replies. An ACK is never sent before its binding is on disk, and a burst of
         REQUESTs shares one fsync instead of paying one each."""
-        if not self._bell.enter():  # shut down before this thread got here
-            return
-        try:
-            with selectors.DefaultSelector() as sel:
-                for s in self.socks:
-                    sel.register(s, selectors.EVENT_READ)
-                sel.register(self._bell, selectors.EVENT_READ)
-                while True:
-                    ready = sel.select()  # no timeout: asleep until a datagram or `shutdown` (StopBell)
-                    if self._bell.asked:
-                        return
-                    outbox: list[tuple[socket.socket, Reply]] = []
-                    for key, _ in ready:
-                        if key.fileobj is not self._bell:
-                            self._drain(cast(socket.socket, key.fileobj), outbox)
-                    self._commit_and_send(outbox)
-        finally:
-            self._bell.leave()
+        self._bell.serve(self.socks, self._answer_batch)  # asleep until a datagram or `shutdown`
+
+    def _answer_batch(self, ready: list[socket.socket]) -> None:
+        outbox: list[tuple[socket.socket, Reply]] = []
+        for s in ready:
+            self._drain(s, outbox)
+        self._commit_and_send(outbox)
 
     def _drain(self, s: socket.socket, outbox: list[tuple[socket.socket, Reply]]) -> None:
         """Answer up to BATCH datagrams queued on `s` into `outbox`; one failing request is logged,

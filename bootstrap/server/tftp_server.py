@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import selectors
 import socket
 import struct
 import threading
@@ -423,30 +422,19 @@ class TftpServer:
 
     def serve_forever(self) -> None:
         """Answer requests until `shutdown`, asleep in select() while none come (`StopBell`:
-        no timeout to poll a stop flag with, so an idle server never wakes)."""
-        if not self._bell.enter():  # shut down before this thread got here
+        no timeout to poll a stop flag with, so an idle server never wakes). An OSError reading
+        the request port (none a client can cause) ends it, raised."""
+        self._bell.serve([self.sock], self._next_request)
+
+    def _next_request(self, ready: list[socket.socket]) -> None:
+        try:
+            data, peer = self.sock.recvfrom(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:  # gone meanwhile
             return
         try:
-            with selectors.DefaultSelector() as sel:
-                sel.register(self.sock, selectors.EVENT_READ)
-                sel.register(self._bell, selectors.EVENT_READ)
-                while True:
-                    sel.select()
-                    if self._bell.asked:
-                        return
-                    try:
-                        data, peer = self.sock.recvfrom(65536, socket.MSG_DONTWAIT)
-                    except BlockingIOError:
-                        continue
-                    except OSError as e:  # nothing a client sends does this: say why TFTP stops
-                        log.error("TFTP request port failed, no more requests are answered: %s", e)
-                        return
-                    try:
-                        self.handle_request(data, peer)
-                    except Exception as e:  # one request never stops TFTP for everyone
-                        self.metrics.request_failed("tftp", e, peer[0], log)
-        finally:
-            self._bell.leave()
+            self.handle_request(data, peer)
+        except Exception as e:  # one request never stops TFTP for everyone
+            self.metrics.request_failed("tftp", e, peer[0], log)
 
     def shutdown(self) -> None:
         """Stop answering requests and close the request port: returns once a running
