@@ -282,7 +282,7 @@ class StopBell:
         self._w.setblocking(False)
         self._lock = threading.Lock()
         self.asked = False  # a stop was asked that no loop has taken yet
-        self._running = False
+        self._running = self._close_on_leave = False
         self._idle = threading.Event()  # no loop running (socketserver's __is_shut_down)
         if not wait_for_start:
             self._idle.set()
@@ -310,6 +310,9 @@ class StopBell:
                     pass
             except OSError:  # BlockingIOError: drained; or closed
                 pass
+            if self._close_on_leave:
+                self._r.close()
+                self._w.close()
             self._idle.set()
 
     def serve(self, socks: list[_Socket], on_ready: Callable[[list[_Socket]], None]) -> None:
@@ -342,6 +345,12 @@ class StopBell:
         self._idle.wait()
 
     def close(self) -> None:
+        """Close the socketpair; while a loop runs (a `server_close` before the `shutdown`), only
+        once it has returned: the shutdown must still be able to ring."""
+        with self._lock:
+            self._close_on_leave = self._running
+            if self._running:
+                return
         self._r.close()
         self._w.close()
 

@@ -179,6 +179,18 @@ def test_an_http_server_serves_again_after_a_shutdown(kind: str, tmp_path: Path)
         s.close()
 
 
+@pytest.mark.parametrize("kind", ["lite", "bounded"])
+def test_server_close_before_shutdown_leaves_the_shutdown_working(kind: str, tmp_path: Path) -> None:
+    s = _make(kind, tmp_path)
+    loop = Loop(s.server)
+    s.exchange()
+    s.server.server_close()
+    t0 = time.monotonic()
+    assert _returns_within(s.server.shutdown, 2)
+    loop.thread.join(2)
+    assert not loop.thread.is_alive() and time.monotonic() - t0 < PROMPT
+
+
 def test_a_failing_process_request_does_not_stop_the_accept_loop(tmp_path: Path) -> None:
     s = _make("lite", tmp_path)
     real = s.server.process_request
