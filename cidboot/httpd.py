@@ -33,14 +33,13 @@ from __future__ import annotations
 import io
 import logging
 import socket
-import threading
 import time
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 # the bounds themselves live in cidboot.httpd_lite, which the agent's API uses without http.server
-from cidboot.httpd_lite import Budget, HttpStats, Limits, large_allocations_return_to_os
+from cidboot.httpd_lite import HttpStats, Limits, ThreadedServer
 
 __all__ = ["BoundedHTTPServer", "BoundedHandler", "HttpStats", "Limits", "PrefixedSocket", "sendmsg_all"]
 
@@ -67,9 +66,6 @@ class PrefixedSocket:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
-
-
-_Budget = Budget  # the body budget (cidboot.httpd_lite, shared with the agent's API server)
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -319,60 +315,22 @@ class BoundedHandler(BaseHTTPRequestHandler):
         return n
 
 
-_large_allocations_return_to_os = large_allocations_return_to_os
-
-
-class BoundedHTTPServer(HTTPServer):
+class BoundedHTTPServer(ThreadedServer, HTTPServer):
     """`HTTPServer` with a 1024 backlog, a bounded number of worker threads, and the handler
-    bounds of `BoundedHandler`; use with a `BoundedHandler` subclass."""
+    bounds of `BoundedHandler`; use with a `BoundedHandler` subclass. The accept loop, the
+    worker threads and `shutdown` are cidboot.httpd_lite's `ThreadedServer`, shared with the
+    agent's API server; socketserver's own `serve_forever` polls every 0.5 s for a shutdown."""
 
     allow_reuse_address = True
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], handler: type[BoundedHandler], limits: Limits | None = None) -> None:
-        self.limits = limits or Limits()
+        self._init_front(limits)
         self.request_queue_size = self.limits.backlog
-        self.stats = HttpStats()
-        self.body_budget = _Budget(self.limits.body_budget)
-        self._slots = threading.BoundedSemaphore(self.limits.max_workers)
-        if self.limits.max_body >= 1 << 20:
-            _large_allocations_return_to_os()
-        super().__init__(address, handler)
+        super().__init__(address, handler)  # a failed bind calls server_close: the bell is closed too
 
-    @property
-    def busy(self) -> int:
-        """Connections being served right now."""
-        return self.limits.max_workers - self._slots._value
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(timeout=self.limits.queue_wait):
-            self.stats.bump("busy_rejected")
-            try:
-                request.settimeout(1.0)
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
-                                b"Connection: close\r\n\r\n")
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            threading.Thread(target=self._work, args=(request, client_address), daemon=True,
-                             name="httpd-worker").start()
-        except RuntimeError:  # cannot start a thread: shed the connection, keep serving
-            self._slots.release()
-            self.shutdown_request(request)
-
-    def _work(self, request: Any, client_address: Any) -> None:
-        try:
-            self.finish_request(request, client_address)
-        except _GONE:
-            self.stats.bump("client_gone")
-        except Exception:
-            self.stats.bump("internal_errors")
-            log.exception("connection from %s failed", client_address)
-        finally:
-            self.shutdown_request(request)
-            self._slots.release()
+    def serve_connection(self, conn: socket.socket, addr: Any) -> None:
+        self.finish_request(conn, addr)  # the handler: TCP_NODELAY, the stats, the requests
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         self.stats.bump("internal_errors")

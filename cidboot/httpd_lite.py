@@ -10,6 +10,11 @@ and headers and another for the body, bodies above `max_body` refused unread wit
 bodies with 411, all bodies held at once within `body_budget`), TCP_NODELAY and one send per
 response. A subclass implements `handle_connection`; `read_request` gives it one parsed request
 at a time. This module imports only what the agent's start has loaded anyway.
+
+The accept loop and worker threads of both HTTP servers (`ThreadedServer`, which cidboot.httpd's
+`BoundedHTTPServer` inherits too) and the wake-up every cidboot serve loop sleeps on instead of
+polling (`StopBell`: the HTTP servers, TFTP and DHCP) live here for the same reason: one more
+module would be one more import in the agent's start.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 log = logging.getLogger("cidboot.httpd")
 
@@ -249,71 +255,163 @@ def response_bytes(status: int, headers: list[tuple[str, str]], body: bytes, ser
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
-class LiteHTTPServer:
-    """Accepts connections and serves each on a thread, at most `Limits.max_workers` at once
+_Socket = socket.socket  # in ThreadedServer, `socket` is the listening socket
+
+
+class StopBell:
+    """How `shutdown` stops a serve loop that sleeps in select() with no timeout, so an idle
+    server makes no wake-ups and a shutdown takes effect at once (a loop that polled every 0.5 s
+    for its stop flag woke 2 times a second for nothing, and made each shutdown wait up to 0.5 s:
+    paid by every test that starts and stops a server).
+
+    `serve` is the loop (each server gives its sockets and what to do when they are readable): it
+    watches `fileno()` beside the sockets; `stop()` sets `asked` and, when a loop is running,
+    writes a byte to a socketpair that makes `fileno()` readable (the self-pipe trick: closing
+    or shutting down the loop's own socket from another thread wakes nothing reliably).
+    A stop asked before any loop ran is taken by the next one to `enter`, which returns at once;
+    a stop asked after the loop returned is kept for the next one too (as socketserver's).
+
+    `wait_for_start`: `stop` waits for a loop to have run and returned even when none has started
+    yet (socketserver's `shutdown`, which the HTTP servers keep: the caller's serving thread may
+    not have got there yet); without it `stop` waits only for a loop that is running (the UDP
+    servers, whose callers may never have run one)."""
+
+    def __init__(self, *, wait_for_start: bool) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._lock = threading.Lock()
+        self.asked = False  # a stop was asked that no loop has taken yet
+        self._running = self._close_on_leave = False
+        self._idle = threading.Event()  # no loop running (socketserver's __is_shut_down)
+        if not wait_for_start:
+            self._idle.set()
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def enter(self) -> bool:
+        """A serve loop starts: False when a stop was asked before (taken: return at once)."""
+        with self._lock:
+            if self.asked:
+                self.asked = False
+                self._idle.set()
+                return False
+            self._running = True
+            self._idle.clear()
+            return True
+
+    def leave(self) -> None:
+        """The serve loop returns (whatever the reason): the stop it took is spent."""
+        with self._lock:
+            self.asked = self._running = False
+            try:
+                while self._r.recv(64):
+                    pass
+            except OSError:  # BlockingIOError: drained; or closed
+                pass
+            if self._close_on_leave:
+                self._r.close()
+                self._w.close()
+            self._idle.set()
+
+    def serve(self, socks: list[_Socket], on_ready: Callable[[list[_Socket]], None]) -> None:
+        """The serve loop: asleep until some of `socks` are readable, then `on_ready(those)`,
+        until `stop`. What `on_ready` raises ends the loop (it catches what one request raises)."""
+        if not self.enter():  # stopped before this thread got here
+            return
+        try:
+            with selectors.DefaultSelector() as sel:
+                for s in socks:
+                    sel.register(s, selectors.EVENT_READ)
+                sel.register(self, selectors.EVENT_READ)
+                while True:
+                    ready = sel.select()
+                    if self.asked:
+                        return
+                    on_ready([cast(_Socket, key.fileobj) for key, _ in ready if key.fileobj is not self])
+        finally:
+            self.leave()
+
+    def stop(self) -> None:
+        """Ask the loop to return and wait until no loop runs (see `wait_for_start`)."""
+        with self._lock:
+            self.asked = True
+            if self._running:
+                try:
+                    self._w.send(b"\0")
+                except OSError:  # BlockingIOError: full of bytes, readable already
+                    pass
+        self._idle.wait()
+
+    def close(self) -> None:
+        """Close the socketpair; while a loop runs (a `server_close` before the `shutdown`), only
+        once it has returned: the shutdown must still be able to ring."""
+        with self._lock:
+            self._close_on_leave = self._running
+            if self._running:
+                return
+        self._r.close()
+        self._w.close()
+
+
+class ThreadedServer:
+    """The accept loop and worker threads both cidboot HTTP servers share (this module's
+    `LiteHTTPServer` and cidboot.httpd's `BoundedHTTPServer`, which also inherits socketserver's
+    `HTTPServer`): a connection is served on its own thread, at most `Limits.max_workers` at once
     (one more waits `queue_wait` for a slot, then gets 503 and is closed); the subclass's
-    `handle_connection` serves one connection. `serve_forever`, `shutdown` and `server_close`
-    behave as `socketserver`'s."""
+    `serve_connection` serves one connection, and whatever it raises is logged and counted, never
+    the server's end. `serve_forever`, `shutdown` and `server_close` behave as socketserver's,
+    except that an idle server sleeps (`StopBell`)."""
 
-    server_version = "cidboot"
+    socket: _Socket  # the listening socket (an attribute named as socketserver names it)
 
-    def __init__(self, address: tuple[str, int], limits: Limits | None = None) -> None:
+    def _init_front(self, limits: Limits | None) -> None:
         self.limits = limits or Limits()
         self.stats = HttpStats()
         self.body_budget = Budget(self.limits.body_budget)
         self._slots = threading.BoundedSemaphore(self.limits.max_workers)
+        self._bell = StopBell(wait_for_start=True)
         if self.limits.max_body >= 1 << 20:
             large_allocations_return_to_os()
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.socket.bind(address)
-            self.socket.listen(self.limits.backlog)
-        except OSError:
-            self.socket.close()
-            raise
-        self.server_address: tuple[str, int] = self.socket.getsockname()
-        self._stop = threading.Event()
-        self._idle = threading.Event()  # set when serve_forever has returned (socketserver's __is_shut_down)
-
-    def fileno(self) -> int:
-        return self.socket.fileno()
 
     @property
     def busy(self) -> int:
         """Connections being served right now."""
         return self.limits.max_workers - self._slots._value
 
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
-        self._idle.clear()
+    def serve_forever(self, poll_interval: float | None = None) -> None:
+        """Accept connections until `shutdown`. `poll_interval` is accepted for socketserver's
+        callers and ignored: nothing is polled."""
+        self._bell.serve([self.socket], self._accept)
+
+    def _accept(self, ready: list[_Socket]) -> None:
         try:
-            if self._stop.is_set():  # shut down before this thread got here
-                return
-            with selectors.DefaultSelector() as sel:
-                sel.register(self.socket, selectors.EVENT_READ)
-                while not self._stop.is_set():
-                    if not sel.select(poll_interval):
-                        continue
-                    try:
-                        conn, addr = self.socket.accept()
-                    except OSError:
-                        continue
-                    self.process_request(conn, addr)
-        finally:
-            self._stop.clear()
-            self._idle.set()
+            conn, addr = self.get_request()
+        except OSError:  # the client gave up already, or out of descriptors: keep serving
+            return
+        try:
+            self.process_request(conn, addr)
+        except Exception:  # as socketserver: never the end of the server
+            self.stats.bump("internal_errors")
+            log.exception("connection from %s failed", addr)
+            self._close(conn)
+
+    def get_request(self) -> tuple[_Socket, Any]:
+        """The next connection (socketserver's hook, which tests override to spy on one)."""
+        return self.socket.accept()
 
     def shutdown(self) -> None:
         """Stop `serve_forever` and wait until it has returned: called before the serving thread
         got there, it returns once that thread has started and stopped (as socketserver's; and
         as there, never call it without a `serve_forever` running or about to run)."""
-        self._stop.set()
-        self._idle.wait()
+        self._bell.stop()
 
     def server_close(self) -> None:
         self.socket.close()
+        self._bell.close()
 
-    def process_request(self, conn: socket.socket, addr: Any) -> None:
+    def process_request(self, conn: Any, addr: Any) -> None:  # Any: as socketserver's
         if not self._slots.acquire(timeout=self.limits.queue_wait):
             self.stats.bump("busy_rejected")
             try:
@@ -330,14 +428,9 @@ class LiteHTTPServer:
             self._slots.release()
             self._close(conn)
 
-    def _work(self, conn: socket.socket, addr: Any) -> None:
+    def _work(self, conn: _Socket, addr: Any) -> None:
         try:
-            self.stats.bump("connections")
-            try:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-            self.handle_connection(conn, addr)
+            self.serve_connection(conn, addr)
         except GONE:
             self.stats.bump("client_gone")
         except Exception:
@@ -348,12 +441,46 @@ class LiteHTTPServer:
             self._slots.release()
 
     @staticmethod
-    def _close(conn: socket.socket) -> None:
+    def _close(conn: _Socket) -> None:
         try:
             conn.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         conn.close()
+
+    def serve_connection(self, conn: _Socket, addr: Any) -> None:
+        """Serve one accepted connection, on its worker thread (closed after it returns)."""
+        raise NotImplementedError
+
+
+class LiteHTTPServer(ThreadedServer):
+    """Serves each connection with the subclass's `handle_connection` (`ThreadedServer`)."""
+
+    server_version = "cidboot"
+
+    def __init__(self, address: tuple[str, int], limits: Limits | None = None) -> None:
+        self._init_front(limits)
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind(address)
+            self.socket.listen(self.limits.backlog)
+        except OSError:
+            self.socket.close()
+            self._bell.close()
+            raise
+        self.server_address: tuple[str, int] = self.socket.getsockname()
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def serve_connection(self, conn: socket.socket, addr: Any) -> None:
+        self.stats.bump("connections")
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.handle_connection(conn, addr)
 
     def handle_connection(self, conn: socket.socket, addr: Any) -> None:
         raise NotImplementedError

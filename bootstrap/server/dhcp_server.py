@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import select
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +30,7 @@ from bootstrap.server.devices import Devices
 from bootstrap.server.leases import LeaseDB
 from bootstrap.server.metrics import Metrics
 from cidboot.errors import FormatError
+from cidboot.httpd_lite import StopBell
 from cidboot.netboot import dhcp
 
 log = logging.getLogger("bootstrap.dhcp")
@@ -115,7 +114,7 @@ class DhcpServer:
         """`bind=False` opens no sockets: tests and fuzzers drive `handle()` (or set `socks`)."""
         self.cfg, self.metrics = cfg, metrics
         self.socks: list[socket.socket] = []
-        self._stop = threading.Event()
+        self._bell = StopBell(wait_for_start=False)
         self._gauge_at = -1.0  # when the active-leases gauge was last refreshed (monotonic)
         # 4011 in both modes: a UEFI PXE client (edk2's PxeBcDxe) given a full DHCP offer with
         # "PXEClient" and a boot file (a "BINL" offer) asks the server again on port 4011 for the
@@ -138,12 +137,13 @@ class DhcpServer:
         the batch's bindings durable with one fsync of each lease journal (group commit), then
         send the replies. An ACK is never sent before its binding is on disk, and a burst of
         REQUESTs shares one fsync instead of paying one each."""
-        while not self._stop.is_set():
-            ready, _, _ = select.select(self.socks, [], [], 0.5)
-            outbox: list[tuple[socket.socket, Reply]] = []
-            for s in ready:
-                self._drain(s, outbox)
-            self._commit_and_send(outbox)
+        self._bell.serve(self.socks, self._answer_batch)  # asleep until a datagram or `shutdown`
+
+    def _answer_batch(self, ready: list[socket.socket]) -> None:
+        outbox: list[tuple[socket.socket, Reply]] = []
+        for s in ready:
+            self._drain(s, outbox)
+        self._commit_and_send(outbox)
 
     def _drain(self, s: socket.socket, outbox: list[tuple[socket.socket, Reply]]) -> None:
         """Answer up to BATCH datagrams queued on `s` into `outbox`; one failing request is logged,
@@ -162,9 +162,13 @@ class DhcpServer:
                 outbox.append((s, reply))
 
     def shutdown(self) -> None:
-        self._stop.set()
+        """Stop answering and close the sockets: returns once a running `serve_forever` has
+        returned (its last batch answered), at once when none runs (one that starts later
+        returns at once)."""
+        self._bell.stop()
         for s in self.socks:
             s.close()
+        self._bell.close()
 
     def handle(self, sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
         """Answer one datagram now (its binding durable before the reply goes out)."""

@@ -44,6 +44,7 @@ from typing import BinaryIO
 
 from bootstrap.server.metrics import Metrics
 from cidboot.errors import CidbootError
+from cidboot.httpd_lite import StopBell
 from cidboot.netboot import tftp
 from cidboot.netboot.tftp import (
     BLKSIZE_RANGE,
@@ -417,25 +418,31 @@ class TftpServer:
         self.sock.bind((host, port))
         self.host = host
         self.port = self.sock.getsockname()[1]
-        self._stop = threading.Event()
+        self._bell = StopBell(wait_for_start=False)
 
     def serve_forever(self) -> None:
-        self.sock.settimeout(0.5)
-        while not self._stop.is_set():
-            try:
-                data, peer = self.sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                self.handle_request(data, peer)
-            except Exception as e:  # one request never stops TFTP for everyone
-                self.metrics.request_failed("tftp", e, peer[0], log)
+        """Answer requests until `shutdown`, asleep in select() while none come (`StopBell`:
+        no timeout to poll a stop flag with, so an idle server never wakes). An OSError reading
+        the request port (none a client can cause) ends it, raised."""
+        self._bell.serve([self.sock], self._next_request)
+
+    def _next_request(self, ready: list[socket.socket]) -> None:
+        try:
+            data, peer = self.sock.recvfrom(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:  # gone meanwhile
+            return
+        try:
+            self.handle_request(data, peer)
+        except Exception as e:  # one request never stops TFTP for everyone
+            self.metrics.request_failed("tftp", e, peer[0], log)
 
     def shutdown(self) -> None:
-        self._stop.set()
+        """Stop answering requests and close the request port: returns once a running
+        `serve_forever` has returned, at once when none runs (one that starts later returns at
+        once). Transfers in flight go on to their end, each on its own socket and thread."""
+        self._bell.stop()
         self.sock.close()
+        self._bell.close()
 
     @property
     def active(self) -> int:

@@ -1,5 +1,5 @@
 """cidboot.netboot.tftp_client in a network namespace: against the real boot server (sizes, tsize,
-missing file, 20 % loss both ways) and tftpd-hpa (interop without windowsize). The scripted
+missing file, windowed and lock-step, the lock-step loop in C and in Python; 20 % loss both ways) and tftpd-hpa (interop without windowsize). The scripted
 fake-server cases are unit tests (tests/unit/test_tftp_client.py)."""
 
 from __future__ import annotations
@@ -59,20 +59,43 @@ def make_files(root: Path, bs: int = 1468, win: int = 16) -> dict[str, bytes]:
     return files
 
 
+# the TFTP server alone with the Python lock-step loop (`native=False`), on the boot server's address
+PYTHON_LOOP_SERVER = r'''
+import sys
+from pathlib import Path
+from bootstrap.server.tftp_server import TftpServer
+srv = TftpServer(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), native=False)
+print("ready", flush=True)
+srv.serve_forever()
+'''
+PYTHON_LOOP_PORT = 6969
+
+
 @pytest.mark.netns
 def test_against_the_boot_server(tmp_path: Path) -> None:
+    """Windowed, then lock-step (no windowsize: what PXE ROMs do) from the boot server, whose
+    lock-step loop is the C one when it is built, and from a TFTP server running the Python loop
+    (the fallback where the module is not built; the unit tests run both loops on loopback)."""
     from tests.support.boot_network import running_boot_server
 
     with running_boot_server(tmp_path, taps=0) as srv:
         files = make_files(srv.tftp_root)
         host = srv.net.add_host("10.77.0.60")
-        got = fetch_all(srv.net, host, srv.net.server_ip, [*files, "no/such.img"])
-        for name, b in files.items():
-            assert got[name].get("sha256") == sha(b) and got[name]["len"] == len(b), got[name]
-            assert got[name]["tsize"] == len(b)  # the server's OACK tsize, checked by the client too
-        miss = got["no/such.img"]
-        assert miss["type"] == "TftpServerError" and "no/such.img" in miss["error"], miss
-        print("0 % loss:", {n: round(o["secs"], 3) for n, o in got.items()})
+        python_loop = srv.net.popen([sys.executable, "-c", PYTHON_LOOP_SERVER, str(srv.tftp_root), srv.net.server_ip,
+                                     str(PYTHON_LOOP_PORT)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        try:
+            assert python_loop.stdout is not None and python_loop.stdout.readline() == "ready\n"
+            for port, win in ((69, 16), (69, 1), (PYTHON_LOOP_PORT, 1)):
+                got = fetch_all(srv.net, host, srv.net.server_ip, [*files, "no/such.img"], port=port, win=win)
+                for name, b in files.items():
+                    assert got[name].get("sha256") == sha(b) and got[name]["len"] == len(b), (port, win, got[name])
+                    assert got[name]["tsize"] == len(b)  # the server's OACK tsize, checked by the client too
+                miss = got["no/such.img"]
+                assert miss["type"] == "TftpServerError" and "no/such.img" in miss["error"], miss
+                print(f"port {port}, windowsize {win}, 0 % loss:", {n: round(o["secs"], 3) for n, o in got.items()})
+        finally:
+            python_loop.terminate()
+            python_loop.wait(10)
 
 
 @pytest.mark.netns
