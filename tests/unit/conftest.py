@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from agent.attestation_api import AgentServer
 from bench import common as bench_common
+from tests.support.sync_log import SyncLog
 
 
 @pytest.fixture(autouse=True)
@@ -35,3 +37,23 @@ def tftp_native(request: pytest.FixtureRequest) -> bool:
     both run every test that takes this fixture, so the two cannot drift. The C one must be
     built (`pip install -e .`): without it those tests fail, they do not skip."""
     return bool(request.param)
+
+
+@pytest.fixture
+def sync_log(monkeypatch: pytest.MonkeyPatch) -> SyncLog:
+    """fsync, fdatasync (still done), the block store's syncfs and os.sync (not done), recorded."""
+    import cidboot.store.blockstore as bs
+
+    log = SyncLog()
+
+    def record(real: object) -> object:
+        def sync(fd: int) -> None:
+            log.files.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real(fd)  # type: ignore[operator]
+        return sync
+
+    monkeypatch.setattr(os, "fsync", record(os.fsync))
+    monkeypatch.setattr(os, "fdatasync", record(os.fdatasync))
+    monkeypatch.setattr(bs, "syncfs", log.whole.append)
+    monkeypatch.setattr(os, "sync", lambda: log.whole.append("sync"))
+    return log

@@ -20,6 +20,7 @@ from cidboot.store.blockstore import BlockNotFound, Blockstore
 from cidboot.store.gateway.client import AllGatewaysFailed, fetch
 from cidboot.store.packs import FLATFS_FIRST
 from tests.support.gateway_fixtures import proxy_gateway, running_gateway
+from tests.support.sync_log import SyncLog
 
 # 40 leaves of 20 kB: the first FLATFS_FIRST blocks of a fetch go to flatfs files, the rest to a pack
 DATA = random.Random(29).randbytes(800_000)
@@ -246,27 +247,12 @@ def test_packs_go_through_the_page_cache_their_blocks_one_after_the_other(origin
 
 
 def test_a_batch_fsyncs_its_own_files_not_the_whole_file_system(origin: tuple[Blockstore, CID], tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  sync_log: SyncLog,
                                                                   flatfs_first: None) -> None:
     """A fetch makes durable exactly what it wrote (the pack, its index, each flatfs file and
     the directories their names are in) with fsyncs of its own, not with a syncfs of the file
     system, which would also wait for whatever other programs left dirty on it."""
-    import cidboot.store.blockstore as bs
-
-    synced: list[str] = []
-    fs_syncs: list[object] = []
-    real_fsync, real_fdatasync = os.fsync, os.fdatasync
-
-    def record(real: object) -> object:
-        def sync(fd: int) -> None:
-            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-            real(fd)  # type: ignore[operator]
-        return sync
-
-    monkeypatch.setattr(os, "fsync", record(real_fsync))
-    monkeypatch.setattr(os, "fdatasync", record(real_fdatasync))
-    monkeypatch.setattr(bs, "syncfs", fs_syncs.append)
-    monkeypatch.setattr(os, "sync", lambda: fs_syncs.append("sync"))
+    synced, fs_syncs = sync_log.files, sync_log.whole
     src, root = origin
     local = Blockstore(tmp_path / "local")
     with running_gateway(src) as gw:

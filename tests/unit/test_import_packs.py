@@ -24,6 +24,7 @@ from cidboot.ipld.cid import CID, CIDMismatch
 from cidboot.ipld.unixfs import ImportOptions, export_file, import_bytes, import_file, import_path
 from cidboot.store.blockstore import BlockNotFound, Blockstore, MemoryBlockstore
 from cidboot.store.packs import FLATFS_FIRST
+from tests.support.sync_log import SyncLog
 
 CHUNK = 20_000
 OPTS = ImportOptions(cid_version=1, chunk_size=CHUNK)
@@ -191,24 +192,10 @@ def test_an_import_writes_each_block_once(tmp_path: Path) -> None:
     assert b"".join(export_file(zroot, Blockstore(store.path).get)) == zeros
 
 
-def test_an_import_is_durable_when_it_returns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_import_is_durable_when_it_returns(tmp_path: Path, sync_log: SyncLog) -> None:
     """As a fetch: the pack (fdatasync), its index and their directory are fsynced before the
     import returns (no syncfs of the whole file system), as a lone put fsyncs its file."""
-    import cidboot.store.blockstore as bs
-
-    synced: list[str] = []
-    real_fsync, real_fdatasync = os.fsync, os.fdatasync
-
-    def record(real: object) -> object:
-        def sync(fd: int) -> None:
-            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-            real(fd)  # type: ignore[operator]
-        return sync
-
-    fs_syncs: list[object] = []
-    monkeypatch.setattr(os, "fsync", record(real_fsync))
-    monkeypatch.setattr(os, "fdatasync", record(real_fdatasync))
-    monkeypatch.setattr(bs, "syncfs", fs_syncs.append)
+    synced, fs_syncs = sync_log.files, sync_log.whole
     store = Blockstore(tmp_path / "store")
     synced.clear()
     import_bytes(LARGE, store, OPTS)
