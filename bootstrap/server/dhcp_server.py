@@ -246,8 +246,9 @@ class DhcpServer:
             log.warning("no offer for %s: client architecture %s (%s) has no boot file%s", req.mac,
                         f"{arch:#x}" if arch is not None else "none",
                         dhcp.ARCH_NAMES.get(arch, "unknown") if arch is not None else "unknown",
-                        " (arm64 images are not built yet)" if arch in (dhcp.ARCH_ARM64_UEFI, dhcp.ARCH_ARM64_UEFI_HTTP)
-                        else "", extra={"mac": req.mac, "arch": arch})
+                        " (this server does not offer arm64: `bootstrap serve --arch arm64`)"
+                        if arch in (dhcp.ARCH_ARM64_UEFI, dhcp.ARCH_ARM64_UEFI_HTTP) else "",
+                        extra={"mac": req.mac, "arch": arch})
         return boot_file
 
     def _answer(self, ask: _Ask, on_4011: bool) -> tuple[bytes, bool] | None:

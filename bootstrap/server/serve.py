@@ -239,13 +239,12 @@ class BootServer:
             limits = replace(Limits(), max_body=KEY_LIMITS.max_body)  # a key request carries evidence
         self.gateway: GatewayServer = serve_gateway(store, "0.0.0.0", cfg.http_port, extra_routes=routes, app=app,
                                                     limits=limits)
-        # offer a boot file only for the architectures whose file exists (arm64: not built yet)
+        # offer a boot file only for the architectures whose file exists (`serve --arch` names those made at start)
         offers = {arch: name for arch, name in DEFAULT_BOOT_FILES.items() if self._has_file(name)}
         for arch, name in sorted(DEFAULT_BOOT_FILES.items()):
             if arch not in offers:
-                log.warning("no offers for client architecture %d: no %s%s", arch, name,
-                            " (arm64 images are not built yet)" if "arm64" in name else "",
-                            extra={"arch": arch, "file": name})
+                log.warning("no offers for client architecture %d: no %s (not among `serve --arch`, "
+                            "nor in --tftp-root)", arch, name, extra={"arch": arch, "file": name})
         self.dhcp = DhcpServer(DhcpConfig(cfg.interface, cfg.server_ip, netmask=cfg.netmask, leases=leases,
                                           devices=self.devices, boot_files=offers, relay_pools=pools,
                                           http_url=f"http://{cfg.server_ip}:{self.gateway.server_address[1]}"),
