@@ -39,13 +39,11 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 # the bounds themselves live in cidboot.httpd_lite, which the agent's API uses without http.server
-from cidboot.httpd_lite import HttpStats, Limits, ThreadedServer
+from cidboot.httpd_lite import GONE, HttpStats, Limits, ThreadedServer
 
 __all__ = ["BoundedHTTPServer", "BoundedHandler", "HttpStats", "Limits", "PrefixedSocket", "sendmsg_all"]
 
 log = logging.getLogger("cidboot.httpd")
-
-_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
 class PrefixedSocket:
@@ -235,7 +233,7 @@ class BoundedHandler(BaseHTTPRequestHandler):
             self.server.stats.bump("timeouts")
             self.close_connection = True
             return
-        except _GONE + (OSError,) as e:
+        except GONE + (OSError,) as e:
             self._gone(e)
             return
         self.server.stats.bump("requests")
@@ -252,7 +250,7 @@ class BoundedHandler(BaseHTTPRequestHandler):
         except TimeoutError:
             self.server.stats.bump("timeouts")
             self.close_connection = True
-        except _GONE as e:
+        except GONE as e:
             self._gone(e)
         except Exception as e:  # a bug costs one request, never the server
             self.server.stats.bump("internal_errors")
@@ -331,10 +329,6 @@ class BoundedHTTPServer(ThreadedServer, HTTPServer):
 
     def serve_connection(self, conn: socket.socket, addr: Any) -> None:
         self.finish_request(conn, addr)  # the handler: TCP_NODELAY, the stats, the requests
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        self.stats.bump("internal_errors")
-        log.exception("connection from %s failed", client_address)
 
     @property
     def url(self) -> str:
